@@ -1,0 +1,1 @@
+"""Storage: engine, unit of work, shared table metadata and Alembic migrations."""

@@ -1,0 +1,100 @@
+"""The unit of work: one transaction per use case, opened and committed by the caller.
+
+Services take a :class:`UnitOfWork` and never commit; whoever opened it (an HTTP request,
+a CLI command, a job step) commits once, so several services can share one transaction.
+:meth:`Database.run` is the usual way in: it runs a function in a fresh unit of work and
+runs it again from the start when the database says the transaction lost a race
+(deadlock, serialization failure, a concurrent insert of the same idempotency key, SQLite
+busy) — the function must therefore do nothing outside the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from jifen.clock import Clock, SystemClock
+from jifen.db.engine import READ_ONLY, make_engine
+
+T = TypeVar("T")
+
+# PostgreSQL SQLSTATEs that mean "try the whole transaction again".
+_RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+_UNIQUE_VIOLATION = "23505"
+# A unique violation is transient only on the keys that concurrent twins race for: running
+# again finds the winner's row and answers as a replay.
+RACE_CONSTRAINTS = ("uq_postings_program_id", "postings.program_id, postings.idempotency_key")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` means the transaction lost a race and may simply be run again."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _RETRY_SQLSTATES:
+        return True
+    text = str(orig)
+    if sqlstate == _UNIQUE_VIOLATION or "UNIQUE constraint failed" in text:
+        return any(name in text for name in RACE_CONSTRAINTS)
+    return "database is locked" in text  # SQLite busy beyond its timeout
+
+
+@dataclass
+class UnitOfWork:
+    """One open transaction and the clock its use case reads."""
+
+    conn: Connection
+    clock: Clock
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dialect(self) -> str:
+        return self.conn.dialect.name
+
+
+class Database:
+    """An engine and a clock: where units of work come from."""
+
+    def __init__(self, url: str, *, clock: Clock | None = None, pool_size: int = 20) -> None:
+        self.engine: Engine = make_engine(url, pool_size=pool_size)
+        self.clock: Clock = clock or SystemClock()
+        # Ids of programmes' system accounts never change once created; cached per database.
+        self.cache: dict[str, Any] = {}
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self, *, read_only: bool = False) -> Iterator[UnitOfWork]:
+        """Open a unit of work; it commits when the block ends and rolls back on error."""
+        with self.engine.connect() as conn:
+            if read_only:
+                conn = conn.execution_options(**{READ_ONLY: True})
+            with conn.begin():
+                yield UnitOfWork(conn, self.clock, self.cache)
+
+    def run(
+        self, fn: Callable[[UnitOfWork], T], *, read_only: bool = False, attempts: int = 50
+    ) -> T:
+        """Run ``fn`` in a unit of work and commit, retrying lost races from the start."""
+        for attempt in Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(attempts),
+            wait=wait_random_exponential(multiplier=0.002, max=0.25),
+            reraise=True,
+        ):
+            with attempt, self.transaction(read_only=read_only) as uow:
+                return fn(uow)
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,340 @@
+"""Plans for every posting: pure functions from the current state to what must be written.
+
+Each ``plan_*`` function checks its input, decides which lots are consumed or restored,
+and returns a :class:`Plan` whose lines sum to zero. None of them reads a clock or a
+database; "now" is an argument.
+
+Allocation order: a debit consumes spendable lots earliest expiry first (lots that never
+expire last), ties oldest first. A refund or unfreeze gives back exactly the lots the
+original debit took, last taken first, so that a partial refund returns the longest-lived
+points and the member loses the least to expiry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+
+from jifen.ledger.errors import (
+    ExceedsOriginal,
+    InsufficientPoints,
+    InvalidDates,
+    LedgerCorrupt,
+    MissingReason,
+    NonPositiveAmount,
+)
+from jifen.ledger.model import (
+    AccountState,
+    Allocation,
+    Kind,
+    Line,
+    Lot,
+    NewLot,
+    Party,
+    Plan,
+    SystemAccount,
+)
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def fifo_order(lot: Lot) -> tuple[datetime, int]:
+    """Sort key: earliest expiry first, never-expiring last, then oldest (lowest id) first."""
+    return (lot.expires_at or _NEVER, lot.id)
+
+
+def spendable(lots: Iterable[Lot], now: datetime) -> list[Lot]:
+    """The lots a debit at ``now`` may take, in the order it takes them."""
+    return sorted((lot for lot in lots if lot.is_spendable(now)), key=fifo_order)
+
+
+def require_positive(value: int, field: str = "amount") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise NonPositiveAmount(field=field, value=value)
+    return value
+
+
+def consume(
+    lots: Iterable[Lot], amount: int, now: datetime, *, account_id: int = 0
+) -> list[Allocation]:
+    """Take ``amount`` from the spendable lots, FIFO by expiry; refuse if they fall short."""
+    allocations: list[Allocation] = []
+    needed = amount
+    for lot in spendable(lots, now):
+        if needed == 0:
+            break
+        take = min(lot.remaining, needed)
+        allocations.append(Allocation(lot.id, -take))
+        needed -= take
+    if needed:
+        raise InsufficientPoints(account_id=account_id, available=amount - needed, requested=amount)
+    return allocations
+
+
+def restore(
+    consumed: Sequence[Allocation],
+    already_restored: Mapping[int, int],
+    amount: int,
+) -> list[Allocation]:
+    """Give back ``amount`` to the lots a debit consumed, last taken first.
+
+    ``consumed`` are the debit's own allocations (negative), ``already_restored`` how much
+    earlier refunds or unfreezes of the same debit gave back to each lot.
+    """
+    allocations: list[Allocation] = []
+    needed = amount
+    # A debit takes each lot at most once, so a lot's open amount is what this debit took
+    # from it less what earlier give-backs of the same debit returned to it.
+    for allocation in reversed(consumed):
+        if needed == 0:
+            break
+        open_here = -allocation.amount - already_restored.get(allocation.lot_id, 0)
+        give = min(open_here, needed)
+        if give > 0:
+            allocations.append(Allocation(allocation.lot_id, give))
+            needed -= give
+    if needed:  # the caller checked the total, so the stored history contradicts itself
+        raise LedgerCorrupt(
+            problem=f"a debit's lots can take back only {amount - needed} of {amount}"
+        )
+    return allocations
+
+
+def _check_dates(now: datetime, available_at: datetime, expires_at: datetime | None) -> None:
+    if expires_at is None:
+        return
+    if expires_at <= now:
+        raise InvalidDates(
+            problem=f"expires_at {expires_at.isoformat()} is not after now ({now.isoformat()}).",
+            problem_zh=f"到期时间 {expires_at.isoformat()} 早于当前时间。",
+        )
+    if expires_at <= available_at:
+        raise InvalidDates(
+            problem=f"expires_at {expires_at.isoformat()} is not after available_at "
+            f"{available_at.isoformat()}.",
+            problem_zh=f"到期时间 {expires_at.isoformat()} 不晚于可用时间 "
+            f"{available_at.isoformat()}。",
+        )
+
+
+def plan_earn(
+    *,
+    account: AccountState,
+    amount: int,
+    now: datetime,
+    available_at: datetime | None = None,
+    expires_at: datetime | None = None,
+) -> Plan:
+    """Credit ``amount`` from the issuing account; any debt of the member is paid off first."""
+    require_positive(amount)
+    available_at = max(available_at or now, now)
+    _check_dates(now, available_at, expires_at)
+    repaid = min(account.debt, amount)
+    credited = amount - repaid
+    lines = [Line(SystemAccount.ISSUED, -amount)]
+    if credited:
+        lines.append(Line(Party.MEMBER, credited))
+    if repaid:
+        lines.append(Line(SystemAccount.RECEIVABLE, repaid))
+    new_lots = (NewLot(credited, available_at, expires_at),) if credited else ()
+    return Plan(Kind.EARN, amount, tuple(lines), new_lots=new_lots, debt_change=-repaid)
+
+
+def plan_spend(*, lots: Iterable[Lot], amount: int, now: datetime, account_id: int = 0) -> Plan:
+    """Debit ``amount`` of spendable points into the redeemed account."""
+    require_positive(amount)
+    allocations = consume(lots, amount, now, account_id=account_id)
+    lines = (Line(Party.MEMBER, -amount), Line(SystemAccount.REDEEMED, amount))
+    return Plan(Kind.SPEND, amount, lines, allocations=tuple(allocations))
+
+
+def _give_back(
+    kind: Kind,
+    holder: SystemAccount,
+    *,
+    original_id: int,
+    original_amount: int,
+    original_allocations: Sequence[Allocation],
+    earlier: Sequence[Allocation],
+    earlier_amount: int,
+    amount: int | None,
+    labels: tuple[str, str],
+) -> Plan:
+    open_amount = original_amount - earlier_amount
+    amount = open_amount if amount is None else require_positive(amount)
+    if amount > open_amount or open_amount == 0:
+        raise ExceedsOriginal(
+            operation=labels[0],
+            operation_zh=labels[1],
+            requested=amount,
+            remaining=open_amount,
+            posting_id=original_id,
+        )
+    already: dict[int, int] = {}
+    for allocation in earlier:
+        already[allocation.lot_id] = already.get(allocation.lot_id, 0) + allocation.amount
+    allocations = restore(original_allocations, already, amount)
+    lines = (Line(holder, -amount), Line(Party.MEMBER, amount))
+    frozen_change = -amount if kind is Kind.UNFREEZE else 0
+    return Plan(kind, amount, lines, allocations=tuple(allocations), frozen_change=frozen_change)
+
+
+def plan_refund(
+    *,
+    spend_id: int,
+    spend_amount: int,
+    spend_allocations: Sequence[Allocation],
+    earlier_refunds: Sequence[Allocation],
+    earlier_refunded: int,
+    amount: int | None = None,
+) -> Plan:
+    """Give back all or part of a spend to exactly the lots it took (``amount=None``: the rest)."""
+    return _give_back(
+        Kind.REFUND,
+        SystemAccount.REDEEMED,
+        original_id=spend_id,
+        original_amount=spend_amount,
+        original_allocations=spend_allocations,
+        earlier=earlier_refunds,
+        earlier_amount=earlier_refunded,
+        amount=amount,
+        labels=("A refund", "退还"),
+    )
+
+
+def plan_unfreeze(
+    *,
+    freeze_id: int,
+    freeze_amount: int,
+    freeze_allocations: Sequence[Allocation],
+    earlier_unfreezes: Sequence[Allocation],
+    earlier_unfrozen: int,
+    amount: int | None = None,
+) -> Plan:
+    """Release all or part of a freeze back to exactly the lots it held."""
+    return _give_back(
+        Kind.UNFREEZE,
+        SystemAccount.FROZEN,
+        original_id=freeze_id,
+        original_amount=freeze_amount,
+        original_allocations=freeze_allocations,
+        earlier=earlier_unfreezes,
+        earlier_amount=earlier_unfrozen,
+        amount=amount,
+        labels=("An unfreeze", "解冻"),
+    )
+
+
+def plan_reverse(
+    *,
+    earn_id: int,
+    earn_amount: int,
+    earlier_reversed: int,
+    own_lot: Lot | None,
+    lots: Iterable[Lot],
+    now: datetime,
+    amount: int | None = None,
+) -> Plan:
+    """Claw back all or part of an earn.
+
+    Takes first from the earn's own lot (pending or not), then from the member's other
+    spendable lots; whatever the member has already spent and cannot cover becomes debt,
+    which later earnings pay off. The balance never goes negative.
+    """
+    open_amount = earn_amount - earlier_reversed
+    amount = open_amount if amount is None else require_positive(amount)
+    if amount > open_amount or open_amount == 0:
+        raise ExceedsOriginal(
+            operation="A reversal",
+            operation_zh="冲正",
+            requested=amount,
+            remaining=open_amount,
+            posting_id=earn_id,
+        )
+    allocations: list[Allocation] = []
+    taken = 0
+    if own_lot is not None and own_lot.remaining > 0:
+        taken = min(own_lot.remaining, amount)
+        allocations.append(Allocation(own_lot.id, -taken))
+    others = [lot for lot in lots if own_lot is None or lot.id != own_lot.id]
+    short = amount - taken
+    if short:
+        cover = min(short, sum(lot.remaining for lot in spendable(others, now)))
+        if cover:
+            allocations.extend(consume(others, cover, now))
+            taken += cover
+    debt = amount - taken
+    lines = [Line(SystemAccount.ISSUED, amount)]
+    if taken:
+        lines.append(Line(Party.MEMBER, -taken))
+    if debt:
+        lines.append(Line(SystemAccount.RECEIVABLE, -debt))
+    return Plan(
+        Kind.REVERSE, amount, tuple(lines), allocations=tuple(allocations), debt_change=debt
+    )
+
+
+def plan_adjust(
+    *,
+    lots: Iterable[Lot],
+    amount: int,
+    now: datetime,
+    reason: str,
+    actor: str,
+    expires_at: datetime | None = None,
+    account_id: int = 0,
+) -> Plan:
+    """A manual correction: positive credits a new lot, negative debits FIFO."""
+    if not reason.strip() or not actor.strip():
+        raise MissingReason(kind="adjustment")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0:
+        raise NonPositiveAmount(field="amount (its size)", value=amount)
+    if amount > 0:
+        _check_dates(now, now, expires_at)
+        lines = (Line(SystemAccount.ADJUSTMENTS, -amount), Line(Party.MEMBER, amount))
+        return Plan(Kind.ADJUST, amount, lines, new_lots=(NewLot(amount, now, expires_at),))
+    allocations = consume(lots, -amount, now, account_id=account_id)
+    lines = (Line(Party.MEMBER, amount), Line(SystemAccount.ADJUSTMENTS, -amount))
+    return Plan(Kind.ADJUST, -amount, lines, allocations=tuple(allocations))
+
+
+def plan_transfer(*, lots: Iterable[Lot], amount: int, now: datetime, account_id: int = 0) -> Plan:
+    """Move spendable points to another member; the receiver's lots keep their expiry dates."""
+    require_positive(amount)
+    by_id = {lot.id: lot for lot in lots}
+    allocations = consume(by_id.values(), amount, now, account_id=account_id)
+    new_lots = tuple(
+        NewLot(
+            -allocation.amount,
+            now,
+            by_id[allocation.lot_id].expires_at,
+            owner=Party.COUNTERPARTY,
+            source_lot_id=allocation.lot_id,
+        )
+        for allocation in allocations
+    )
+    lines = (Line(Party.MEMBER, -amount), Line(Party.COUNTERPARTY, amount))
+    return Plan(Kind.TRANSFER, amount, lines, allocations=tuple(allocations), new_lots=new_lots)
+
+
+def plan_freeze(
+    *, lots: Iterable[Lot], amount: int, now: datetime, reason: str, actor: str, account_id: int = 0
+) -> Plan:
+    """Hold spendable points away from the member until they are unfrozen."""
+    require_positive(amount)
+    if not reason.strip() or not actor.strip():
+        raise MissingReason(kind="freeze")
+    allocations = consume(lots, amount, now, account_id=account_id)
+    lines = (Line(Party.MEMBER, -amount), Line(SystemAccount.FROZEN, amount))
+    return Plan(Kind.FREEZE, amount, lines, allocations=tuple(allocations), frozen_change=amount)
+
+
+def plan_expire(*, lots: Iterable[Lot], now: datetime) -> Plan | None:
+    """Expire what remains of every lot due at ``now``; ``None`` when nothing is due."""
+    due = sorted((lot for lot in lots if lot.is_due(now)), key=fifo_order)
+    total = sum(lot.remaining for lot in due)
+    if not total:
+        return None
+    allocations = tuple(Allocation(lot.id, -lot.remaining) for lot in due)
+    lines = (Line(Party.MEMBER, -total), Line(SystemAccount.EXPIRED, total))
+    return Plan(Kind.EXPIRE, total, lines, allocations=allocations)

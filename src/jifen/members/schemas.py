@@ -1,0 +1,16 @@
+"""What the members use cases answer with."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class MemberRead(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    program_id: int
+    external_ref: str
+    created_at: datetime

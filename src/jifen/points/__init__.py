@@ -1,0 +1,1 @@
+"""Points: the stored ledger (accounts, postings, lines, lots) and its use cases."""

@@ -1,0 +1,185 @@
+"""Tables of the points ledger.
+
+Append-only: ``postings``, ``lines``, ``allocations`` and the creation facts of ``lots``
+are never updated or deleted. Three columns are caches kept in the same transaction as the
+rows they summarise and checked by ``jifen ledger reconcile``: ``accounts.balance /
+frozen / debt`` (plus the chain head) and ``lots.remaining``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+
+from jifen.db.base import BigId, UTCDateTime, metadata
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("program_id", BigId, ForeignKey("programs.id"), nullable=False),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=True),
+    Column(
+        "system_code",
+        String(32),
+        nullable=True,
+        comment="for a programme's own accounts: issued, redeemed, expired, ...",
+    ),
+    Column("currency", String(32), nullable=False, server_default="points"),
+    Column(
+        "balance",
+        BigInteger,
+        nullable=False,
+        server_default="0",
+        comment="member accounts: sum of lines = sum of lots' remaining; system accounts: 0, "
+        "their balance is derived from lines so they never become hot rows",
+    ),
+    Column("frozen", BigInteger, nullable=False, server_default="0"),
+    Column("debt", BigInteger, nullable=False, server_default="0"),
+    Column("head_seq", BigInteger, nullable=False, server_default="0"),
+    Column("head_hash", String(64), nullable=False, server_default="0" * 64),
+    Column("created_at", UTCDateTime(), nullable=False),
+    CheckConstraint("balance >= 0", name="balance_not_negative"),
+    CheckConstraint("frozen >= 0", name="frozen_not_negative"),
+    CheckConstraint("debt >= 0", name="debt_not_negative"),
+    CheckConstraint("(member_id IS NULL) <> (system_code IS NULL)", name="member_or_system"),
+    UniqueConstraint("member_id", "currency"),
+    UniqueConstraint("program_id", "system_code", "currency"),
+)
+
+postings = Table(
+    "postings",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("program_id", BigId, ForeignKey("programs.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("idempotency_key", String(200), nullable=False),
+    Column(
+        "request_hash",
+        String(64),
+        nullable=False,
+        comment="fingerprint of the request, to refuse a key reused for a different one",
+    ),
+    Column(
+        "account_id",
+        BigId,
+        ForeignKey("accounts.id"),
+        nullable=False,
+        comment="the member account the posting is about",
+    ),
+    Column("counterparty_id", BigId, ForeignKey("accounts.id"), nullable=True),
+    Column(
+        "ref_posting_id",
+        BigId,
+        ForeignKey("postings.id"),
+        nullable=True,
+        comment="the spend a refund gives back, the earn a reversal claws back, ...",
+    ),
+    Column("amount", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("actor", String(200), nullable=False, server_default=""),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("digest", String(64), nullable=False, comment="sha256 of the posting's facts"),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    UniqueConstraint("program_id", "idempotency_key"),
+    Index("ix_postings_ref_posting_id", "ref_posting_id"),
+    Index("ix_postings_account_id_id", "account_id", "id"),
+)
+
+lines = Table(
+    "lines",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("posting_id", BigId, ForeignKey("postings.id"), nullable=False),
+    Column("account_id", BigId, ForeignKey("accounts.id"), nullable=False),
+    Column("amount", BigInteger, nullable=False, comment="into the account when positive"),
+    Column(
+        "account_seq",
+        BigInteger,
+        nullable=True,
+        comment="position in the member account's hash chain (1, 2, ...); null on system lines",
+    ),
+    Column("chain_hash", String(64), nullable=True),
+    CheckConstraint("amount <> 0", name="amount_not_zero"),
+    UniqueConstraint("account_id", "account_seq"),
+    Index("ix_lines_posting_id", "posting_id"),
+)
+
+lots = Table(
+    "lots",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("account_id", BigId, ForeignKey("accounts.id"), nullable=False),
+    Column("posting_id", BigId, ForeignKey("postings.id"), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),
+    Column("available_at", UTCDateTime(), nullable=False, comment="pending until then"),
+    Column("expires_at", UTCDateTime(), nullable=True, comment="null: never expires"),
+    Column(
+        "source_lot_id",
+        BigId,
+        ForeignKey("lots.id"),
+        nullable=True,
+        comment="for a transfer's lots: the sender's lot they came from",
+    ),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_in_range"),
+    # The FIFO scan reads only open lots, in expiry order.
+    Index(
+        "ix_lots_open",
+        "account_id",
+        "expires_at",
+        "id",
+        postgresql_where=text("remaining > 0"),
+        sqlite_where=text("remaining > 0"),
+    ),
+    Index("ix_lots_posting_id", "posting_id"),
+)
+
+allocations = Table(
+    "allocations",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("posting_id", BigId, ForeignKey("postings.id"), nullable=False),
+    Column("lot_id", BigId, ForeignKey("lots.id"), nullable=False),
+    Column(
+        "amount",
+        BigInteger,
+        nullable=False,
+        comment="change to the lot's remaining: negative consumes, positive restores",
+    ),
+    CheckConstraint("amount <> 0", name="amount_not_zero"),
+    Index("ix_allocations_posting_id", "posting_id"),
+    Index("ix_allocations_lot_id", "lot_id"),
+)
+
+checkpoints = Table(
+    "ledger_checkpoints",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("program_id", BigId, ForeignKey("programs.id"), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("accounts", Integer, nullable=False),
+    Column("previous_root", String(64), nullable=False),
+    Column("root_hash", String(64), nullable=False),
+)
+
+checkpoint_heads = Table(
+    "ledger_checkpoint_heads",
+    metadata,
+    Column("checkpoint_id", BigId, ForeignKey("ledger_checkpoints.id"), primary_key=True),
+    Column("account_id", BigId, ForeignKey("accounts.id"), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("chain_hash", String(64), nullable=False),
+)

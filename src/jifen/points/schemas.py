@@ -1,0 +1,91 @@
+"""What the points use cases answer with."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class PostingRead(_Read):
+    """One posting as the caller sees it; ``replayed`` is true when an idempotency key
+    returned an earlier result instead of posting again."""
+
+    id: int
+    kind: str
+    amount: int
+    member_id: int
+    counterparty_member_id: int | None = None
+    ref_posting_id: int | None = None
+    reason: str = ""
+    actor: str = ""
+    created_at: datetime
+    replayed: bool = False
+    debt_change: int = 0
+    """How this posting moved the member's debt (claw-backs raise it, earnings pay it off)."""
+
+
+class ExpiringAmount(_Read):
+    date: date
+    """Day (in the programme's time zone) on which ``amount`` points expire."""
+    amount: int
+
+
+class BalanceSummary(_Read):
+    member_id: int
+    balance: int
+    """All points the member holds: available + pending + overdue."""
+    available: int
+    """Spendable now."""
+    pending: int
+    """Credited but not usable yet (for example during an order's return window)."""
+    overdue: int
+    """Past their expiry date, waiting for the expiry run; not spendable."""
+    frozen: int
+    """Held away from the member by a freeze; comes back on unfreeze."""
+    debt: int
+    """Owed after a claw-back the balance could not cover; paid off by the next earnings."""
+    expiring: list[ExpiringAmount]
+
+
+class LotRead(_Read):
+    id: int
+    posting_id: int
+    amount: int
+    remaining: int
+    available_at: datetime
+    expires_at: datetime | None
+    source_lot_id: int | None
+
+
+class LineRead(_Read):
+    account_id: int
+    account: str
+    """``member:<external ref>`` for a member account, else the system account's code."""
+    amount: int
+
+
+class HistoryEntry(_Read):
+    seq: int
+    posting_id: int
+    kind: str
+    change: int
+    """How this posting changed this member's balance."""
+    amount: int
+    counterpart: str
+    """Where the points came from or went to."""
+    reason: str
+    actor: str
+    ref_posting_id: int | None
+    created_at: datetime
+    lines: list[LineRead]
+
+
+class HistoryPage(_Read):
+    items: list[HistoryEntry]
+    next_cursor: str | None
+    """Pass back as ``cursor`` for the next (older) page; ``None`` on the last page."""

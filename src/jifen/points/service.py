@@ -1,0 +1,1020 @@
+"""Points use cases: every change of points, over the pure ledger core.
+
+Each write locks the member account(s) it changes (PostgreSQL ``SELECT … FOR UPDATE``, in
+account id order; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), looks up its
+idempotency key in the same statement, asks the core for a plan, and writes the plan:
+one posting, its lines, lot allocations, new lots and the account caches, all in the
+caller's transaction. A key seen before returns the first posting (``replayed=True``) if
+the request is the same and raises :class:`IdempotencyConflict` if it is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy.engine import Row
+
+from jifen import ledger
+from jifen.db.uow import UnitOfWork
+from jifen.errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    SameAccount,
+    UnknownMember,
+    UnknownPosting,
+)
+from jifen.ledger import (
+    AccountState,
+    Allocation,
+    Kind,
+    Lot,
+    Party,
+    Plan,
+    PostingFacts,
+    SystemAccount,
+)
+from jifen.points.models import accounts, allocations, lines, lots, postings
+from jifen.points.schemas import (
+    BalanceSummary,
+    ExpiringAmount,
+    HistoryEntry,
+    HistoryPage,
+    LineRead,
+    LotRead,
+    PostingRead,
+)
+from jifen.programs import service as programs_service
+
+CURRENCY = "points"
+_FIFO_BATCH = 64  # open lots read per round trip; most debits need far fewer
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+def open_system_accounts(uow: UnitOfWork, *, program_id: int) -> None:
+    """Create a programme's own accounts (issued, redeemed, expired, …)."""
+    now = uow.clock.now()
+    uow.conn.execute(
+        accounts.insert(),
+        [
+            {"program_id": program_id, "system_code": code.value, "created_at": now}
+            for code in SystemAccount
+        ],
+    )
+
+
+def open_member_account(uow: UnitOfWork, *, program_id: int, member_id: int) -> int:
+    """Create a member's points account; returns its id."""
+    result = uow.conn.execute(
+        accounts.insert().returning(accounts.c.id),
+        {"program_id": program_id, "member_id": member_id, "created_at": uow.clock.now()},
+    )
+    return int(result.scalar_one())
+
+
+def system_account_ids(uow: UnitOfWork, program_id: int) -> dict[SystemAccount, int]:
+    cache_key = f"system_accounts:{program_id}"
+    cached: dict[SystemAccount, int] | None = uow.cache.get(cache_key)
+    if cached is None:
+        rows = uow.conn.execute(
+            select(accounts.c.system_code, accounts.c.id).where(
+                accounts.c.program_id == program_id,
+                accounts.c.system_code.is_not(None),
+                accounts.c.currency == CURRENCY,
+            )
+        )
+        cached = {SystemAccount(code): int(account_id) for code, account_id in rows}
+        uow.cache[cache_key] = cached
+    return cached
+
+
+@dataclass(frozen=True, slots=True)
+class _Account:
+    """A member account row, locked for this transaction."""
+
+    id: int
+    program_id: int
+    member_id: int
+    balance: int
+    frozen: int
+    debt: int
+    head_seq: int
+    head_hash: str
+
+    @property
+    def state(self) -> AccountState:
+        return AccountState(balance=self.balance, frozen=self.frozen, debt=self.debt)
+
+
+_ACCOUNT_COLUMNS = (
+    accounts.c.id,
+    accounts.c.program_id,
+    accounts.c.member_id,
+    accounts.c.balance,
+    accounts.c.frozen,
+    accounts.c.debt,
+    accounts.c.head_seq,
+    accounts.c.head_hash,
+)
+
+
+def _lock(
+    uow: UnitOfWork, member_ids: Sequence[int], key: str
+) -> tuple[list[_Account], int | None]:
+    """Lock the members' accounts in id order and find a posting already made with ``key``."""
+    replay = (
+        select(postings.c.id)
+        .where(
+            postings.c.program_id == accounts.c.program_id,
+            postings.c.idempotency_key == key,
+        )
+        .scalar_subquery()
+    )
+    rows = uow.conn.execute(
+        select(*_ACCOUNT_COLUMNS, replay.label("replay_id"))
+        .where(accounts.c.member_id.in_(member_ids), accounts.c.currency == CURRENCY)
+        .order_by(accounts.c.id)
+        .with_for_update(of=accounts)
+    ).all()
+    found = {row.member_id: _Account(*row[:8]) for row in rows}
+    for member_id in member_ids:
+        if member_id not in found:
+            raise UnknownMember(member_id=member_id)
+    replay_ids = {row.replay_id for row in rows}
+    return [found[m] for m in member_ids], next(iter(replay_ids), None)
+
+
+def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
+    locked, replay_id = _lock(uow, [member_id], key)
+    return locked[0], replay_id
+
+
+def _member_of_account(uow: UnitOfWork, account_id: int) -> int:
+    member_id = uow.conn.execute(
+        select(accounts.c.member_id).where(accounts.c.id == account_id)
+    ).scalar_one()
+    return int(member_id)
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+def _fingerprint(operation: str, **params: Any) -> str:
+    body = json.dumps({"op": operation, **params}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _require_key(key: str) -> str:
+    if not isinstance(key, str) or not key.strip() or len(key) > 200:
+        raise InvalidInput(
+            field="key",
+            problem="an idempotency key of 1 to 200 characters is required for every write",
+        )
+    return key
+
+
+def _replay(uow: UnitOfWork, posting_id: int, key: str, request_hash: str) -> PostingRead:
+    row = uow.conn.execute(select(postings).where(postings.c.id == posting_id)).one()
+    if row.request_hash != request_hash:
+        raise IdempotencyConflict(key=key)
+    return _posting_read(uow, row, replayed=True)
+
+
+def _posting_read(uow: UnitOfWork, row: Row[Any], *, replayed: bool) -> PostingRead:
+    receivable = system_account_ids(uow, row.program_id)[SystemAccount.RECEIVABLE]
+    debt_lines = uow.conn.execute(
+        select(func.coalesce(func.sum(lines.c.amount), 0)).where(
+            lines.c.posting_id == row.id, lines.c.account_id == receivable
+        )
+    ).scalar_one()
+    counterparty = (
+        _member_of_account(uow, row.counterparty_id) if row.counterparty_id is not None else None
+    )
+    return PostingRead(
+        id=row.id,
+        kind=row.kind,
+        amount=row.amount,
+        member_id=_member_of_account(uow, row.account_id),
+        counterparty_member_id=counterparty,
+        ref_posting_id=row.ref_posting_id,
+        reason=row.reason,
+        actor=row.actor,
+        created_at=row.created_at,
+        replayed=replayed,
+        debt_change=-int(debt_lines),
+    )
+
+
+# --------------------------------------------------------------------------- writing a plan
+
+
+def _write(
+    uow: UnitOfWork,
+    plan: Plan,
+    *,
+    member: _Account,
+    counterparty: _Account | None = None,
+    key: str,
+    request_hash: str,
+    now: datetime,
+    ref_posting_id: int | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Store ``plan`` as one posting with its lines, allocations, lots and account caches."""
+    conn = uow.conn
+    system = system_account_ids(uow, member.program_id)
+    parties = {Party.MEMBER: member}
+    if counterparty is not None:
+        parties[Party.COUNTERPARTY] = counterparty
+
+    def account_id(account: ledger.model.Account) -> int:
+        return parties[account].id if isinstance(account, Party) else system[account]
+
+    line_facts = tuple((account_id(line.account), line.amount) for line in plan.lines)
+    lot_facts = tuple(
+        (parties[lot.owner].id, lot.amount, lot.available_at, lot.expires_at, lot.source_lot_id)
+        for lot in plan.new_lots
+    )
+    digest = ledger.posting_digest(
+        PostingFacts(
+            program_id=member.program_id,
+            kind=plan.kind.value,
+            idempotency_key=key,
+            created_at=now,
+            amount=plan.amount,
+            ref_posting_id=ref_posting_id,
+            reason=reason,
+            actor=actor,
+            lines=line_facts,
+            allocations=tuple((a.lot_id, a.amount) for a in plan.allocations),
+            new_lots=lot_facts,
+        )
+    )
+    posting_id = conn.execute(
+        postings.insert().returning(postings.c.id),
+        {
+            "program_id": member.program_id,
+            "kind": plan.kind.value,
+            "idempotency_key": key,
+            "request_hash": request_hash,
+            "account_id": member.id,
+            "counterparty_id": counterparty.id if counterparty else None,
+            "ref_posting_id": ref_posting_id,
+            "amount": plan.amount,
+            "reason": reason,
+            "actor": actor,
+            "created_at": now,
+            "digest": digest,
+        },
+    ).scalar_one()
+
+    # Each member account the posting touches appends one link to its own chain.
+    heads: dict[int, tuple[int, str]] = {}
+    line_rows = []
+    for party, holder in parties.items():
+        if any(line.account == party for line in plan.lines):
+            seq = holder.head_seq + 1
+            heads[holder.id] = (seq, ledger.chain_link(holder.head_hash, seq, digest))
+    for account, amount in line_facts:
+        seq_hash = heads.get(account)
+        line_rows.append(
+            {
+                "posting_id": posting_id,
+                "account_id": account,
+                "amount": amount,
+                "account_seq": seq_hash[0] if seq_hash else None,
+                "chain_hash": seq_hash[1] if seq_hash else None,
+            }
+        )
+    conn.execute(lines.insert(), line_rows)
+
+    if plan.allocations:
+        conn.execute(
+            allocations.insert(),
+            [
+                {"posting_id": posting_id, "lot_id": a.lot_id, "amount": a.amount}
+                for a in plan.allocations
+            ],
+        )
+        conn.execute(
+            update(lots)
+            .where(lots.c.id == bindparam("lot"))
+            .values(remaining=lots.c.remaining + bindparam("delta")),
+            [{"lot": a.lot_id, "delta": a.amount} for a in plan.allocations],
+        )
+    if lot_facts:
+        conn.execute(
+            lots.insert(),
+            [
+                {
+                    "account_id": owner,
+                    "posting_id": posting_id,
+                    "amount": amount,
+                    "remaining": amount,
+                    "available_at": available_at,
+                    "expires_at": expires_at,
+                    "source_lot_id": source,
+                }
+                for owner, amount, available_at, expires_at, source in lot_facts
+            ],
+        )
+    for party, holder in parties.items():
+        seq, head = heads.get(holder.id, (holder.head_seq, holder.head_hash))
+        is_member = party is Party.MEMBER
+        conn.execute(
+            update(accounts)
+            .where(accounts.c.id == holder.id)
+            .values(
+                balance=accounts.c.balance + plan.change_of(party),
+                frozen=accounts.c.frozen + (plan.frozen_change if is_member else 0),
+                debt=accounts.c.debt + (plan.debt_change if is_member else 0),
+                head_seq=seq,
+                head_hash=head,
+            )
+        )
+    return PostingRead(
+        id=posting_id,
+        kind=plan.kind.value,
+        amount=plan.amount,
+        member_id=member.member_id,
+        counterparty_member_id=counterparty.member_id if counterparty else None,
+        ref_posting_id=ref_posting_id,
+        reason=reason,
+        actor=actor,
+        created_at=now,
+        debt_change=plan.debt_change,
+    )
+
+
+# --------------------------------------------------------------------------- reading lots
+
+
+def _lot(row: Row[Any]) -> Lot:
+    return Lot(row.id, row.amount, row.remaining, row.available_at, row.expires_at)
+
+
+def _lot_columns() -> tuple[Any, ...]:
+    return (lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at, lots.c.expires_at)
+
+
+def _spendable_lots(uow: UnitOfWork, account_id: int, now: datetime, needed: int) -> list[Lot]:
+    """Spendable lots in FIFO order, reading only as many as ``needed`` calls for."""
+    query = (
+        select(*_lot_columns())
+        .where(
+            lots.c.account_id == account_id,
+            lots.c.remaining > 0,
+            lots.c.available_at <= now,
+            or_(lots.c.expires_at.is_(None), lots.c.expires_at > now),
+        )
+        .order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id)
+    )
+    first = [_lot(row) for row in uow.conn.execute(query.limit(_FIFO_BATCH))]
+    if len(first) < _FIFO_BATCH or sum(lot.remaining for lot in first) >= needed:
+        return first
+    return [_lot(row) for row in uow.conn.execute(query)]
+
+
+def _open_lots(uow: UnitOfWork, account_id: int) -> list[Lot]:
+    rows = uow.conn.execute(
+        select(*_lot_columns()).where(lots.c.account_id == account_id, lots.c.remaining > 0)
+    )
+    return [_lot(row) for row in rows]
+
+
+# --------------------------------------------------------------------------- the operations
+
+
+def earn(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    amount: int,
+    key: str,
+    available_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Credit points from the programme's issuing account.
+
+    ``available_at`` in the future makes them pending until then; ``expires_at`` is when the
+    lot lapses (``None``: never). Any debt of the member is paid off first.
+    """
+    _require_key(key)
+    request = _fingerprint(
+        "earn",
+        member=member_id,
+        amount=amount,
+        available_at=available_at,
+        expires_at=expires_at,
+        reason=reason,
+        actor=actor,
+    )
+    member, replay_id = _lock_one(uow, member_id, key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    now = uow.clock.now()
+    plan = ledger.plan_earn(
+        account=member.state,
+        amount=amount,
+        now=now,
+        available_at=available_at,
+        expires_at=expires_at,
+    )
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def spend(
+    uow: UnitOfWork, *, member_id: int, amount: int, key: str, reason: str = "", actor: str = ""
+) -> PostingRead:
+    """Debit spendable points, earliest-expiring first, into the redeemed account."""
+    _require_key(key)
+    request = _fingerprint("spend", member=member_id, amount=amount, reason=reason, actor=actor)
+    member, replay_id = _lock_one(uow, member_id, key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    ledger.postings.require_positive(amount)
+    now = uow.clock.now()
+    lots_now = _spendable_lots(uow, member.id, now, amount)
+    plan = ledger.plan_spend(lots=lots_now, amount=amount, now=now, account_id=member.id)
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Original:
+    """A posting that a refund, reversal or unfreeze refers to, with what was done to it since."""
+
+    id: int
+    account_id: int
+    amount: int
+    allocations: list[Allocation]  # the original's own
+    later: list[Allocation]  # those of the give-backs that refer to it
+    later_amount: int
+
+
+def _original(uow: UnitOfWork, posting_id: int, kind: Kind, follow_up: Kind) -> _Original:
+    row = uow.conn.execute(
+        select(postings.c.id, postings.c.account_id, postings.c.amount).where(
+            postings.c.id == posting_id, postings.c.kind == kind.value
+        )
+    ).one_or_none()
+    if row is None:
+        raise UnknownPosting(posting_id=posting_id, expected=kind.value, expected_zh=_KIND_ZH[kind])
+    related = uow.conn.execute(
+        select(postings.c.id, postings.c.amount).where(
+            postings.c.ref_posting_id == posting_id, postings.c.kind == follow_up.value
+        )
+    ).all()
+    later_ids = [r.id for r in related]
+    allocation_rows = uow.conn.execute(
+        select(allocations.c.posting_id, allocations.c.lot_id, allocations.c.amount)
+        .where(allocations.c.posting_id.in_([posting_id, *later_ids]))
+        .order_by(allocations.c.id)
+    ).all()
+    return _Original(
+        id=row.id,
+        account_id=row.account_id,
+        amount=row.amount,
+        allocations=[
+            Allocation(a.lot_id, a.amount) for a in allocation_rows if a.posting_id == posting_id
+        ],
+        later=[
+            Allocation(a.lot_id, a.amount) for a in allocation_rows if a.posting_id != posting_id
+        ],
+        later_amount=sum(r.amount for r in related),
+    )
+
+
+_KIND_ZH = {
+    Kind.EARN: "获取",
+    Kind.SPEND: "消费",
+    Kind.FREEZE: "冻结",
+    Kind.REFUND: "退还",
+    Kind.REVERSE: "冲正",
+    Kind.ADJUST: "调整",
+    Kind.TRANSFER: "转赠",
+    Kind.UNFREEZE: "解冻",
+    Kind.EXPIRE: "过期",
+}
+
+
+def _member_of_posting(uow: UnitOfWork, posting_id: int, kind: Kind) -> int:
+    row = uow.conn.execute(
+        select(accounts.c.member_id)
+        .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
+        .where(postings.c.id == posting_id, postings.c.kind == kind.value)
+    ).one_or_none()
+    if row is None:
+        raise UnknownPosting(posting_id=posting_id, expected=kind.value, expected_zh=_KIND_ZH[kind])
+    return int(row.member_id)
+
+
+def refund(
+    uow: UnitOfWork,
+    *,
+    spend_id: int,
+    key: str,
+    amount: int | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took."""
+    _require_key(key)
+    request = _fingerprint("refund", spend=spend_id, amount=amount, reason=reason, actor=actor)
+    member, replay_id = _lock_one(uow, _member_of_posting(uow, spend_id, Kind.SPEND), key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    original = _original(uow, spend_id, Kind.SPEND, Kind.REFUND)
+    plan = ledger.plan_refund(
+        spend_id=spend_id,
+        spend_amount=original.amount,
+        spend_allocations=original.allocations,
+        earlier_refunds=original.later,
+        earlier_refunded=original.later_amount,
+        amount=amount,
+    )
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=uow.clock.now(),
+        ref_posting_id=spend_id,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def reverse(
+    uow: UnitOfWork,
+    *,
+    earn_id: int,
+    key: str,
+    amount: int | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Claw back all (``amount=None``) or part of an earn.
+
+    What is left of the earn's own lot goes first, then other spendable points; what the
+    member already spent and cannot cover becomes debt that later earnings pay off.
+    """
+    _require_key(key)
+    request = _fingerprint("reverse", earn=earn_id, amount=amount, reason=reason, actor=actor)
+    member, replay_id = _lock_one(uow, _member_of_posting(uow, earn_id, Kind.EARN), key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    original = _original(uow, earn_id, Kind.EARN, Kind.REVERSE)
+    now = uow.clock.now()
+    own = uow.conn.execute(
+        select(*_lot_columns()).where(lots.c.posting_id == earn_id, lots.c.account_id == member.id)
+    ).one_or_none()
+    needed = original.amount - original.later_amount if amount is None else amount
+    plan = ledger.plan_reverse(
+        earn_id=earn_id,
+        earn_amount=original.amount,
+        earlier_reversed=original.later_amount,
+        own_lot=_lot(own) if own is not None else None,
+        lots=_spendable_lots(uow, member.id, now, max(needed, 0)),
+        now=now,
+        amount=amount,
+    )
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=now,
+        ref_posting_id=earn_id,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def adjust(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    amount: int,
+    key: str,
+    reason: str,
+    actor: str,
+    expires_at: datetime | None = None,
+) -> PostingRead:
+    """A manual correction by ``actor``: positive credits, negative debits (never below 0)."""
+    _require_key(key)
+    request = _fingerprint(
+        "adjust",
+        member=member_id,
+        amount=amount,
+        reason=reason,
+        actor=actor,
+        expires_at=expires_at,
+    )
+    member, replay_id = _lock_one(uow, member_id, key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    now = uow.clock.now()
+    needed = -amount if isinstance(amount, int) and amount < 0 else 0
+    plan = ledger.plan_adjust(
+        lots=_spendable_lots(uow, member.id, now, needed) if needed else (),
+        amount=amount,
+        now=now,
+        reason=reason,
+        actor=actor,
+        expires_at=expires_at,
+        account_id=member.id,
+    )
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def transfer(
+    uow: UnitOfWork,
+    *,
+    from_member_id: int,
+    to_member_id: int,
+    amount: int,
+    key: str,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Move spendable points between two members of one programme; expiry dates travel along."""
+    _require_key(key)
+    if from_member_id == to_member_id:
+        raise SameAccount(member_id=from_member_id)
+    request = _fingerprint(
+        "transfer",
+        sender=from_member_id,
+        receiver=to_member_id,
+        amount=amount,
+        reason=reason,
+        actor=actor,
+    )
+    (sender, receiver), replay_id = _lock(uow, [from_member_id, to_member_id], key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    if sender.program_id != receiver.program_id:
+        raise InvalidInput(
+            field="to_member_id",
+            problem=f"member {to_member_id} belongs to another programme; points can move "
+            "only between members of the same programme",
+        )
+    ledger.postings.require_positive(amount)
+    now = uow.clock.now()
+    plan = ledger.plan_transfer(
+        lots=_spendable_lots(uow, sender.id, now, amount),
+        amount=amount,
+        now=now,
+        account_id=sender.id,
+    )
+    return _write(
+        uow,
+        plan,
+        member=sender,
+        counterparty=receiver,
+        key=key,
+        request_hash=request,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def freeze(
+    uow: UnitOfWork, *, member_id: int, amount: int, key: str, reason: str, actor: str
+) -> PostingRead:
+    """Hold ``amount`` spendable points away from the member (for example during a review)."""
+    _require_key(key)
+    request = _fingerprint("freeze", member=member_id, amount=amount, reason=reason, actor=actor)
+    member, replay_id = _lock_one(uow, member_id, key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    ledger.postings.require_positive(amount)
+    now = uow.clock.now()
+    plan = ledger.plan_freeze(
+        lots=_spendable_lots(uow, member.id, now, amount),
+        amount=amount,
+        now=now,
+        reason=reason,
+        actor=actor,
+        account_id=member.id,
+    )
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def unfreeze(
+    uow: UnitOfWork,
+    *,
+    freeze_id: int,
+    key: str,
+    amount: int | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Release all (``amount=None``) or part of a freeze back to the lots it held."""
+    _require_key(key)
+    request = _fingerprint("unfreeze", freeze=freeze_id, amount=amount, reason=reason, actor=actor)
+    member, replay_id = _lock_one(uow, _member_of_posting(uow, freeze_id, Kind.FREEZE), key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    original = _original(uow, freeze_id, Kind.FREEZE, Kind.UNFREEZE)
+    plan = ledger.plan_unfreeze(
+        freeze_id=freeze_id,
+        freeze_amount=original.amount,
+        freeze_allocations=original.allocations,
+        earlier_unfreezes=original.later,
+        earlier_unfrozen=original.later_amount,
+        amount=amount,
+    )
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=uow.clock.now(),
+        ref_posting_id=freeze_id,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def expire_member(uow: UnitOfWork, *, member_id: int) -> PostingRead | None:
+    """Expire what remains of the member's lots that are due now; ``None`` if none are."""
+    now = uow.clock.now()
+    stamp = round(now.timestamp() * 1_000_000)
+    member, _ = _lock_one(uow, member_id, key="")
+    due = uow.conn.execute(
+        select(*_lot_columns()).where(
+            lots.c.account_id == member.id, lots.c.remaining > 0, lots.c.expires_at <= now
+        )
+    )
+    plan = ledger.plan_expire(lots=[_lot(row) for row in due], now=now)
+    if plan is None:
+        return None
+    # The chain position makes the key unique even if lots become due again at the same time
+    # (a refund restoring an already expired lot).
+    key = f"expire:{member.id}:{stamp}:{member.head_seq}"
+    request = _fingerprint("expire", member=member_id, at=stamp, seq=member.head_seq)
+    return _write(
+        uow,
+        plan,
+        member=member,
+        key=key,
+        request_hash=request,
+        now=now,
+        reason="lots reached their expiry date",
+        actor="system",
+    )
+
+
+def members_with_due_lots(
+    uow: UnitOfWork, *, program_id: int, limit: int = 500, after_member_id: int = 0
+) -> list[int]:
+    """Members of a programme holding lots due to expire now, by member id, for chunked jobs."""
+    now = uow.clock.now()
+    rows = uow.conn.execute(
+        select(accounts.c.member_id)
+        .select_from(lots.join(accounts, accounts.c.id == lots.c.account_id))
+        .where(
+            accounts.c.program_id == program_id,
+            accounts.c.member_id > after_member_id,
+            lots.c.remaining > 0,
+            lots.c.expires_at <= now,
+        )
+        .group_by(accounts.c.member_id)
+        .order_by(accounts.c.member_id)
+        .limit(limit)
+    )
+    return [int(member_id) for (member_id,) in rows]
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def _account_of(uow: UnitOfWork, member_id: int) -> Any:
+    row = uow.conn.execute(
+        select(*_ACCOUNT_COLUMNS).where(
+            accounts.c.member_id == member_id, accounts.c.currency == CURRENCY
+        )
+    ).one_or_none()
+    if row is None:
+        raise UnknownMember(member_id=member_id)
+    return row
+
+
+def balance(uow: UnitOfWork, *, member_id: int) -> BalanceSummary:
+    """Balance, what is available, pending, overdue, frozen and owed, and what expires when."""
+    account = _account_of(uow, member_id)
+    now = uow.clock.now()
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=account.program_id))
+    available = pending = overdue = 0
+    expiring: dict[Any, int] = {}
+    for lot in _open_lots(uow, account.id):
+        if lot.is_pending(now):
+            pending += lot.remaining
+        elif lot.is_due(now):
+            overdue += lot.remaining
+        else:
+            available += lot.remaining
+        if lot.expires_at is not None:
+            day = lot.expires_at.astimezone(zone).date()
+            expiring[day] = expiring.get(day, 0) + lot.remaining
+    return BalanceSummary(
+        member_id=member_id,
+        balance=account.balance,
+        available=available,
+        pending=pending,
+        overdue=overdue,
+        frozen=account.frozen,
+        debt=account.debt,
+        expiring=[ExpiringAmount(date=d, amount=n) for d, n in sorted(expiring.items())],
+    )
+
+
+def member_lots(uow: UnitOfWork, *, member_id: int, open_only: bool = True) -> list[LotRead]:
+    """The member's lots, earliest expiry first."""
+    account = _account_of(uow, member_id)
+    query = select(lots).where(lots.c.account_id == account.id)
+    if open_only:
+        query = query.where(lots.c.remaining > 0)
+    rows = uow.conn.execute(query.order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id))
+    return [
+        LotRead(
+            id=r.id,
+            posting_id=r.posting_id,
+            amount=r.amount,
+            remaining=r.remaining,
+            available_at=r.available_at,
+            expires_at=r.expires_at,
+            source_lot_id=r.source_lot_id,
+        )
+        for r in rows
+    ]
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, seq = text.split(":")
+        if prefix != "seq":
+            raise ValueError(prefix)
+        return int(seq)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(
+            field="cursor", problem="not a cursor this API gave out; start again without one"
+        ) from exc
+
+
+def history(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    cursor: str | None = None,
+    limit: int = 50,
+    kinds: Iterable[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> HistoryPage:
+    """The member's postings, newest first, each with its lines, counterpart and reason."""
+    if not 1 <= limit <= 500:
+        raise InvalidInput(field="limit", problem=f"must be between 1 and 500, got {limit}")
+    account = _account_of(uow, member_id)
+    conditions = [lines.c.account_id == account.id]
+    if cursor is not None:
+        conditions.append(lines.c.account_seq < _decode_cursor(cursor))
+    if kinds:
+        kind_list = list(kinds)
+        unknown = sorted(set(kind_list) - {k.value for k in Kind})
+        if unknown:
+            raise InvalidInput(
+                field="kinds", problem=f"unknown kind(s) {unknown}; use {[k.value for k in Kind]}"
+            )
+        conditions.append(postings.c.kind.in_(kind_list))
+    if since is not None:
+        conditions.append(postings.c.created_at >= since)
+    if until is not None:
+        conditions.append(postings.c.created_at < until)
+    rows = uow.conn.execute(
+        select(
+            lines.c.account_seq,
+            lines.c.amount.label("change"),
+            postings.c.id,
+            postings.c.kind,
+            postings.c.amount,
+            postings.c.reason,
+            postings.c.actor,
+            postings.c.ref_posting_id,
+            postings.c.created_at,
+        )
+        .select_from(lines.join(postings, postings.c.id == lines.c.posting_id))
+        .where(and_(*conditions))
+        .order_by(lines.c.account_seq.desc())
+        .limit(limit + 1)
+    ).all()
+    page, more = rows[:limit], len(rows) > limit
+    labelled = _lines_of(uow, [r.id for r in page])
+    items = []
+    for r in page:
+        posting_lines = labelled.get(r.id, [])
+        others = [line.account for line in posting_lines if line.account_id != account.id]
+        items.append(
+            HistoryEntry(
+                seq=r.account_seq,
+                posting_id=r.id,
+                kind=r.kind,
+                change=r.change,
+                amount=r.amount,
+                counterpart=", ".join(others),
+                reason=r.reason,
+                actor=r.actor,
+                ref_posting_id=r.ref_posting_id,
+                created_at=r.created_at,
+                lines=posting_lines,
+            )
+        )
+    next_cursor = _encode_cursor(page[-1].account_seq) if more and page else None
+    return HistoryPage(items=items, next_cursor=next_cursor)
+
+
+def _lines_of(uow: UnitOfWork, posting_ids: list[int]) -> dict[int, list[LineRead]]:
+    if not posting_ids:
+        return {}
+    # Imported here: members' service opens points accounts, so it imports this module.
+    from jifen.members import service as members_service
+
+    rows = uow.conn.execute(
+        select(
+            lines.c.posting_id,
+            lines.c.account_id,
+            lines.c.amount,
+            accounts.c.system_code,
+            accounts.c.member_id,
+        )
+        .select_from(lines.join(accounts, accounts.c.id == lines.c.account_id))
+        .where(lines.c.posting_id.in_(posting_ids))
+        .order_by(lines.c.id)
+    ).all()
+    refs = members_service.external_refs(
+        uow, member_ids={r.member_id for r in rows if r.member_id is not None}
+    )
+    result: dict[int, list[LineRead]] = {}
+    for r in rows:
+        label = r.system_code if r.system_code else f"member:{refs.get(r.member_id, r.member_id)}"
+        result.setdefault(r.posting_id, []).append(
+            LineRead(account_id=r.account_id, account=label, amount=r.amount)
+        )
+    return result

@@ -1,0 +1,1 @@
+"""Programmes: each scopes its own points currency, accounts, rules and time zone."""

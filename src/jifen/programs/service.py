@@ -1,0 +1,65 @@
+"""Programme use cases."""
+
+from __future__ import annotations
+
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+
+from jifen.db.uow import UnitOfWork
+from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
+from jifen.programs.models import programs
+from jifen.programs.schemas import ProgramRead
+
+
+def create_program(
+    uow: UnitOfWork, *, code: str, name: str, time_zone: str = "Asia/Shanghai"
+) -> ProgramRead:
+    """Create a programme with its own system accounts."""
+    from jifen.points import service as points_service  # points imports programs for zones
+
+    code = code.strip()
+    if not code or len(code) > 64:
+        raise InvalidInput(field="code", problem="give a programme code of 1 to 64 characters")
+    try:
+        ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidInput(
+            field="time_zone",
+            problem=f"{time_zone!r} is not an IANA time zone such as Asia/Shanghai",
+        ) from exc
+    if uow.conn.execute(select(programs.c.id).where(programs.c.code == code)).first():
+        raise DuplicateReference(what="Programme code", what_zh="计划代码", value=code)
+    now = uow.clock.now()
+    program_id = uow.conn.execute(
+        programs.insert().returning(programs.c.id),
+        {"code": code, "name": name, "time_zone": time_zone, "created_at": now},
+    ).scalar_one()
+    points_service.open_system_accounts(uow, program_id=program_id)
+    return ProgramRead(id=program_id, code=code, name=name, time_zone=time_zone, created_at=now)
+
+
+def get_program(uow: UnitOfWork, *, code: str) -> ProgramRead:
+    row = uow.conn.execute(select(programs).where(programs.c.code == code)).one_or_none()
+    if row is None:
+        raise UnknownProgram(program=code)
+    return ProgramRead.model_validate(row._mapping)
+
+
+def list_programs(uow: UnitOfWork) -> list[ProgramRead]:
+    rows = uow.conn.execute(select(programs).order_by(programs.c.id))
+    return [ProgramRead.model_validate(row._mapping) for row in rows]
+
+
+def time_zone(uow: UnitOfWork, *, program_id: int) -> str:
+    """The programme's IANA time zone (cached: it is read on every balance query)."""
+    cache_key = f"time_zone:{program_id}"
+    zone: str | None = uow.cache.get(cache_key)
+    if zone is None:
+        zone = uow.conn.execute(
+            select(programs.c.time_zone).where(programs.c.id == program_id)
+        ).scalar_one_or_none()
+        if zone is None:
+            raise UnknownProgram(program=program_id)
+        uow.cache[cache_key] = zone
+    return zone
