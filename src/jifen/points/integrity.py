@@ -24,6 +24,7 @@ from jifen.ledger import GENESIS, Kind, PostingFacts, SystemAccount
 from jifen.points.models import (
     accounts,
     allocations,
+    chain_entries,
     checkpoint_heads,
     checkpoints,
     lines,
@@ -174,7 +175,8 @@ def _verify_chains(
         )
     }
     report.accounts = len(member_accounts)
-    chained: set[int] = set()
+    chained: set[tuple[int, int]] = set()  # (posting, account)
+    seen: set[int] = set()
     current: int | None = None
     link, seq, last_posting = GENESIS, 0, None
 
@@ -190,67 +192,66 @@ def _verify_chains(
                 )
             )
 
-    rows = uow.conn.execute(
-        select(lines.c.account_id, lines.c.account_seq, lines.c.chain_hash, lines.c.posting_id)
-        .join(accounts, accounts.c.id == lines.c.account_id)
-        .where(
-            accounts.c.member_id.is_not(None), *_program_filter(accounts.c.program_id, program_id)
-        )
-        .order_by(lines.c.account_id, lines.c.account_seq)
+    entries = uow.conn.execute(
+        select(chain_entries)
+        .join(accounts, accounts.c.id == chain_entries.c.account_id)
+        .where(*_program_filter(accounts.c.program_id, program_id))
+        .order_by(chain_entries.c.account_id, chain_entries.c.seq)
     )
-    seen: set[int] = set()
-    for row in rows:
+    for row in entries:
         if row.account_id != current:
             if current is not None:
                 close(current)
             current, link, seq, last_posting = row.account_id, GENESIS, 0, None
             seen.add(current)
-        if row.account_seq is None:
+        chained.add((row.posting_id, row.account_id))
+        if row.seq != seq + 1:
             report.problems.append(
                 Problem(
-                    "has a member line outside the account's chain: inserted out of band",
-                    row.posting_id,
-                    row.account_id,
-                )
-            )
-            continue
-        chained.add(row.posting_id)
-        if row.account_seq != seq + 1:
-            report.problems.append(
-                Problem(
-                    f"entries {seq + 1}..{row.account_seq - 1} of the chain are missing: "
+                    f"entries {seq + 1}..{row.seq - 1} of the account's chain are missing: "
                     f"postings between {last_posting} and {row.posting_id} were deleted",
                     row.posting_id,
                     row.account_id,
                 )
             )
-        digest = digests.get(row.posting_id, "")
-        expected = ledger.chain_link(link, row.account_seq, digest)
+        expected = ledger.chain_link(link, row.seq, digests.get(row.posting_id, ""))
         if row.chain_hash != expected:
             report.problems.append(
                 Problem(
-                    f"breaks the chain at entry {row.account_seq}: edited, or inserted out of band",
+                    f"breaks the chain at entry {row.seq}: edited, or inserted out of band",
                     row.posting_id,
                     row.account_id,
                 )
             )
         # Carry on from the stored link, so one bad entry is reported once, not to the end.
-        link, seq, last_posting = row.chain_hash or expected, row.account_seq, row.posting_id
+        link, seq, last_posting = row.chain_hash, row.seq, row.posting_id
     if current is not None:
         close(current)
     for account_id, head in member_accounts.items():
         if head.head_seq and account_id not in seen:
             report.problems.append(
-                Problem(
-                    f"head says {head.head_seq} entries but none are stored: deleted",
-                    None,
-                    account_id,
-                )
-            )
-    for posting_id in sorted(set(digests) - chained):
+                Problem(f"head says {head.head_seq} entries but none are stored: deleted",
+                        None, account_id)
+            )  # fmt: skip
+    concerned = {posting_id for posting_id, _ in chained}
+    for posting_id in sorted(set(digests) - concerned):
         report.problems.append(
             Problem("is in no member account's chain: inserted out of band", posting_id)
         )
+    member_lines = uow.conn.execute(
+        select(lines.c.posting_id, lines.c.account_id)
+        .join(accounts, accounts.c.id == lines.c.account_id)
+        .where(
+            accounts.c.member_id.is_not(None),
+            *_program_filter(accounts.c.program_id, program_id),
+        )
+    )
+    for posting_id, account_id in member_lines:
+        if (posting_id, account_id) not in chained:
+            report.problems.append(
+                Problem("moves points of an account whose chain does not hold it: inserted "
+                        "out of band", posting_id, account_id)
+            )  # fmt: skip
 
 
 def _verify_checkpoints(uow: UnitOfWork, program_id: int | None, report: VerifyReport) -> None:
@@ -267,13 +268,13 @@ def _verify_checkpoints(uow: UnitOfWork, program_id: int | None, report: VerifyR
                 checkpoint_heads.c.account_id,
                 checkpoint_heads.c.seq,
                 checkpoint_heads.c.chain_hash,
-                lines.c.chain_hash.label("stored"),
+                chain_entries.c.chain_hash.label("stored"),
             )
             .select_from(
                 checkpoint_heads.outerjoin(
-                    lines,
-                    (lines.c.account_id == checkpoint_heads.c.account_id)
-                    & (lines.c.account_seq == checkpoint_heads.c.seq),
+                    chain_entries,
+                    (chain_entries.c.account_id == checkpoint_heads.c.account_id)
+                    & (chain_entries.c.seq == checkpoint_heads.c.seq),
                 )
             )
             .where(checkpoint_heads.c.checkpoint_id == cp.id)

@@ -1,9 +1,11 @@
 """Tables of the points ledger.
 
-Append-only: ``postings``, ``lines``, ``allocations`` and the creation facts of ``lots``
-are never updated or deleted. Three columns are caches kept in the same transaction as the
-rows they summarise and checked by ``jifen ledger reconcile``: ``accounts.balance /
-frozen / debt`` (plus the chain head) and ``lots.remaining``.
+Append-only: ``postings``, ``lines``, ``allocations``, ``chain_entries`` and the creation
+facts of ``lots`` are never updated or deleted. A member account's history is its chain
+entries: one per posting that concerns it (even one that moves none of its points, such as
+an earning that only pays off debt), in order, hash-linked. Three things are caches, kept in
+the same transaction as the rows they summarise and checked by ``jifen ledger reconcile``:
+``accounts.balance / frozen / debt``, the account's chain head, and ``lots.remaining``.
 """
 
 from __future__ import annotations
@@ -104,16 +106,24 @@ lines = Table(
     Column("posting_id", BigId, ForeignKey("postings.id"), nullable=False),
     Column("account_id", BigId, ForeignKey("accounts.id"), nullable=False),
     Column("amount", BigInteger, nullable=False, comment="into the account when positive"),
-    Column(
-        "account_seq",
-        BigInteger,
-        nullable=True,
-        comment="position in the member account's hash chain (1, 2, ...); null on system lines",
-    ),
-    Column("chain_hash", String(64), nullable=True),
     CheckConstraint("amount <> 0", name="amount_not_zero"),
-    UniqueConstraint("account_id", "account_seq"),
     Index("ix_lines_posting_id", "posting_id"),
+    Index("ix_lines_account_id", "account_id"),
+)
+
+chain_entries = Table(
+    "chain_entries",
+    metadata,
+    Column("account_id", BigId, ForeignKey("accounts.id"), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, comment="1, 2, ... per member account"),
+    Column("posting_id", BigId, ForeignKey("postings.id"), nullable=False),
+    Column(
+        "chain_hash",
+        String(64),
+        nullable=False,
+        comment="sha256(previous entry's hash | seq | posting digest)",
+    ),
+    Index("ix_chain_entries_posting_id", "posting_id"),
 )
 
 lots = Table(

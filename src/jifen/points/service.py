@@ -41,7 +41,7 @@ from jifen.ledger import (
     PostingFacts,
     SystemAccount,
 )
-from jifen.points.models import accounts, allocations, lines, lots, postings
+from jifen.points.models import accounts, allocations, chain_entries, lines, lots, postings
 from jifen.points.schemas import (
     BalanceSummary,
     ExpiringAmount,
@@ -278,25 +278,28 @@ def _write(
         },
     ).scalar_one()
 
-    # Each member account the posting touches appends one link to its own chain.
-    heads: dict[int, tuple[int, str]] = {}
-    line_rows = []
-    for party, holder in parties.items():
-        if any(line.account == party for line in plan.lines):
-            seq = holder.head_seq + 1
-            heads[holder.id] = (seq, ledger.chain_link(holder.head_hash, seq, digest))
-    for account, amount in line_facts:
-        seq_hash = heads.get(account)
-        line_rows.append(
-            {
-                "posting_id": posting_id,
-                "account_id": account,
-                "amount": amount,
-                "account_seq": seq_hash[0] if seq_hash else None,
-                "chain_hash": seq_hash[1] if seq_hash else None,
-            }
+    conn.execute(
+        lines.insert(),
+        [
+            {"posting_id": posting_id, "account_id": account, "amount": amount}
+            for account, amount in line_facts
+        ],
+    )
+    # Each member account the posting concerns appends one link to its own chain.
+    heads = {
+        holder.id: (
+            holder.head_seq + 1,
+            ledger.chain_link(holder.head_hash, holder.head_seq + 1, digest),
         )
-    conn.execute(lines.insert(), line_rows)
+        for holder in parties.values()
+    }
+    conn.execute(
+        chain_entries.insert(),
+        [
+            {"account_id": account, "seq": seq, "posting_id": posting_id, "chain_hash": link}
+            for account, (seq, link) in heads.items()
+        ],
+    )
 
     if plan.allocations:
         conn.execute(
@@ -329,7 +332,7 @@ def _write(
             ],
         )
     for party, holder in parties.items():
-        seq, head = heads.get(holder.id, (holder.head_seq, holder.head_hash))
+        seq, head = heads[holder.id]
         is_member = party is Party.MEMBER
         conn.execute(
             update(accounts)
@@ -933,9 +936,9 @@ def history(
     if not 1 <= limit <= 500:
         raise InvalidInput(field="limit", problem=f"must be between 1 and 500, got {limit}")
     account = _account_of(uow, member_id)
-    conditions = [lines.c.account_id == account.id]
+    conditions = [chain_entries.c.account_id == account.id]
     if cursor is not None:
-        conditions.append(lines.c.account_seq < _decode_cursor(cursor))
+        conditions.append(chain_entries.c.seq < _decode_cursor(cursor))
     if kinds:
         kind_list = list(kinds)
         unknown = sorted(set(kind_list) - {k.value for k in Kind})
@@ -949,20 +952,10 @@ def history(
     if until is not None:
         conditions.append(postings.c.created_at < until)
     rows = uow.conn.execute(
-        select(
-            lines.c.account_seq,
-            lines.c.amount.label("change"),
-            postings.c.id,
-            postings.c.kind,
-            postings.c.amount,
-            postings.c.reason,
-            postings.c.actor,
-            postings.c.ref_posting_id,
-            postings.c.created_at,
-        )
-        .select_from(lines.join(postings, postings.c.id == lines.c.posting_id))
+        select(chain_entries.c.seq, postings)
+        .select_from(chain_entries.join(postings, postings.c.id == chain_entries.c.posting_id))
         .where(and_(*conditions))
-        .order_by(lines.c.account_seq.desc())
+        .order_by(chain_entries.c.seq.desc())
         .limit(limit + 1)
     ).all()
     page, more = rows[:limit], len(rows) > limit
@@ -970,13 +963,14 @@ def history(
     items = []
     for r in page:
         posting_lines = labelled.get(r.id, [])
+        mine = [line for line in posting_lines if line.account_id == account.id]
         others = [line.account for line in posting_lines if line.account_id != account.id]
         items.append(
             HistoryEntry(
-                seq=r.account_seq,
+                seq=r.seq,
                 posting_id=r.id,
                 kind=r.kind,
-                change=r.change,
+                change=sum(line.amount for line in mine),
                 amount=r.amount,
                 counterpart=", ".join(others),
                 reason=r.reason,
@@ -986,7 +980,7 @@ def history(
                 lines=posting_lines,
             )
         )
-    next_cursor = _encode_cursor(page[-1].account_seq) if more and page else None
+    next_cursor = _encode_cursor(page[-1].seq) if more and page else None
     return HistoryPage(items=items, next_cursor=next_cursor)
 
 

@@ -1,9 +1,9 @@
 """The points ledger: programmes, members, accounts, postings, lines, lots, allocations,
-hash-chain checkpoints.
+per-account hash chains and their checkpoints.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 11:10:51.374190
+Create Date: 2026-11-22 11:14:44.596411
 """
 
 from collections.abc import Sequence
@@ -235,6 +235,32 @@ def upgrade() -> None:
         batch_op.create_index("ix_postings_ref_posting_id", ["ref_posting_id"], unique=False)
 
     op.create_table(
+        "chain_entries",
+        sa.Column(
+            "account_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column("seq", sa.BigInteger(), nullable=False, comment="1, 2, ... per member account"),
+        sa.Column(
+            "posting_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column(
+            "chain_hash",
+            sa.String(length=64),
+            nullable=False,
+            comment="sha256(previous entry's hash | seq | posting digest)",
+        ),
+        sa.ForeignKeyConstraint(
+            ["account_id"], ["accounts.id"], name=op.f("fk_chain_entries_account_id_accounts")
+        ),
+        sa.ForeignKeyConstraint(
+            ["posting_id"], ["postings.id"], name=op.f("fk_chain_entries_posting_id_postings")
+        ),
+        sa.PrimaryKeyConstraint("account_id", "seq", name=op.f("pk_chain_entries")),
+    )
+    with op.batch_alter_table("chain_entries", schema=None) as batch_op:
+        batch_op.create_index("ix_chain_entries_posting_id", ["posting_id"], unique=False)
+
+    op.create_table(
         "lines",
         sa.Column(
             "id",
@@ -251,13 +277,6 @@ def upgrade() -> None:
         sa.Column(
             "amount", sa.BigInteger(), nullable=False, comment="into the account when positive"
         ),
-        sa.Column(
-            "account_seq",
-            sa.BigInteger(),
-            nullable=True,
-            comment="position in the member account's hash chain (1, 2, ...); null on system lines",
-        ),
-        sa.Column("chain_hash", sa.String(length=64), nullable=True),
         sa.CheckConstraint("amount <> 0", name=op.f("ck_lines_amount_not_zero")),
         sa.ForeignKeyConstraint(
             ["account_id"], ["accounts.id"], name=op.f("fk_lines_account_id_accounts")
@@ -266,11 +285,9 @@ def upgrade() -> None:
             ["posting_id"], ["postings.id"], name=op.f("fk_lines_posting_id_postings")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_lines")),
-        sa.UniqueConstraint(
-            "account_id", "account_seq", name=op.f("uq_lines_account_id_account_seq")
-        ),
     )
     with op.batch_alter_table("lines", schema=None) as batch_op:
+        batch_op.create_index("ix_lines_account_id", ["account_id"], unique=False)
         batch_op.create_index("ix_lines_posting_id", ["posting_id"], unique=False)
 
     op.create_table(
@@ -379,8 +396,13 @@ def downgrade() -> None:
     op.drop_table("lots")
     with op.batch_alter_table("lines", schema=None) as batch_op:
         batch_op.drop_index("ix_lines_posting_id")
+        batch_op.drop_index("ix_lines_account_id")
 
     op.drop_table("lines")
+    with op.batch_alter_table("chain_entries", schema=None) as batch_op:
+        batch_op.drop_index("ix_chain_entries_posting_id")
+
+    op.drop_table("chain_entries")
     with op.batch_alter_table("postings", schema=None) as batch_op:
         batch_op.drop_index("ix_postings_ref_posting_id")
         batch_op.drop_index("ix_postings_account_id_id")

@@ -1,0 +1,247 @@
+"""The pure ledger core: plans, FIFO allocation, give-backs, claw-backs, digests."""
+
+from __future__ import annotations
+
+import ast
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jifen import ledger
+from jifen.errors import (
+    ExceedsOriginal,
+    InsufficientPoints,
+    InvalidDates,
+    MissingReason,
+    NonPositiveAmount,
+)
+from jifen.ledger import AccountState, Allocation, Kind, Lot, Party, SystemAccount
+
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def lot(lot_id: int, remaining: int, *, expires_in: int | None, pending_for: int = 0) -> Lot:
+    return Lot(
+        id=lot_id,
+        amount=remaining,
+        remaining=remaining,
+        available_at=NOW + pending_for * DAY,
+        expires_at=None if expires_in is None else NOW + expires_in * DAY,
+    )
+
+
+def test_the_core_imports_nothing_but_the_standard_library_and_itself() -> None:
+    package = Path(ledger.__file__).parent
+    for source in package.glob("*.py"):
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top != "sqlalchemy" and top != "fastapi", f"{source.name} imports {name}"
+                if top == "jifen":
+                    assert name.startswith("jifen.ledger"), f"{source.name} imports {name}"
+
+
+def test_spend_takes_earliest_expiry_first_never_expiring_last_ties_oldest_first() -> None:
+    # given lots expiring in 30 days, never, 10 days, and 10 days again (newer)
+    lots = [
+        lot(1, 50, expires_in=30),
+        lot(2, 50, expires_in=None),
+        lot(3, 50, expires_in=10),
+        lot(4, 50, expires_in=10),
+    ]
+    # when 120 points are spent
+    plan = ledger.plan_spend(lots=lots, amount=120, now=NOW)
+    # then the 10-day lots go first (older first), then the 30-day one
+    assert plan.allocations == (Allocation(3, -50), Allocation(4, -50), Allocation(1, -20))
+    assert plan.lines == (
+        ledger.Line(Party.MEMBER, -120),
+        ledger.Line(SystemAccount.REDEEMED, 120),
+    )
+
+
+def test_pending_and_overdue_lots_are_not_spendable() -> None:
+    lots = [
+        lot(1, 40, expires_in=30, pending_for=7),
+        lot(2, 30, expires_in=0),
+        lot(3, 20, expires_in=5),
+    ]
+    with pytest.raises(InsufficientPoints) as refused:
+        ledger.plan_spend(lots=lots, amount=21, now=NOW)
+    assert refused.value.params["available"] == 20
+    assert "20" in refused.value.message("zh")
+
+
+@pytest.mark.parametrize("amount", [0, -5, True, 1.5])
+def test_amounts_must_be_positive_integers(amount: object) -> None:
+    with pytest.raises(NonPositiveAmount):
+        ledger.plan_spend(lots=[lot(1, 10, expires_in=None)], amount=amount, now=NOW)  # type: ignore[arg-type]
+    with pytest.raises(NonPositiveAmount):
+        ledger.plan_earn(account=AccountState(), amount=amount, now=NOW)  # type: ignore[arg-type]
+
+
+def test_earn_pays_off_debt_first() -> None:
+    plan = ledger.plan_earn(account=AccountState(debt=30), amount=100, now=NOW)
+    assert plan.change_of(Party.MEMBER) == 70
+    assert plan.debt_change == -30
+    assert sum(line.amount for line in plan.lines) == 0
+    assert plan.new_lots[0].amount == 70
+
+
+def test_earn_that_only_pays_debt_creates_no_lot() -> None:
+    plan = ledger.plan_earn(account=AccountState(debt=300), amount=100, now=NOW)
+    assert plan.change_of(Party.MEMBER) == 0 and plan.new_lots == () and plan.debt_change == -100
+
+
+def test_earn_refuses_expiry_before_availability() -> None:
+    with pytest.raises(InvalidDates):
+        ledger.plan_earn(
+            account=AccountState(), amount=5, now=NOW, available_at=NOW + 10 * DAY,
+            expires_at=NOW + 5 * DAY,
+        )  # fmt: skip
+    with pytest.raises(InvalidDates):
+        ledger.plan_earn(account=AccountState(), amount=5, now=NOW, expires_at=NOW - DAY)
+
+
+def test_refund_restores_last_taken_first_and_never_more_than_spent() -> None:
+    spent = [Allocation(1, -30), Allocation(2, -70)]
+    first = ledger.plan_refund(
+        spend_id=9, spend_amount=100, spend_allocations=spent, earlier_refunds=[],
+        earlier_refunded=0, amount=80,
+    )  # fmt: skip
+    assert first.allocations == (Allocation(2, 70), Allocation(1, 10))
+    second = ledger.plan_refund(
+        spend_id=9, spend_amount=100, spend_allocations=spent,
+        earlier_refunds=list(first.allocations), earlier_refunded=80,
+    )  # fmt: skip
+    assert second.amount == 20 and second.allocations == (Allocation(1, 20),)
+    with pytest.raises(ExceedsOriginal):
+        ledger.plan_refund(
+            spend_id=9, spend_amount=100, spend_allocations=spent,
+            earlier_refunds=[*first.allocations, *second.allocations], earlier_refunded=100,
+        )  # fmt: skip
+
+
+def test_reverse_takes_own_lot_then_others_then_records_debt() -> None:
+    own = lot(5, 40, expires_in=60, pending_for=3)  # pending: still taken back first
+    others = [lot(6, 25, expires_in=20)]
+    plan = ledger.plan_reverse(
+        earn_id=1, earn_amount=100, earlier_reversed=0, own_lot=own, lots=[own, *others], now=NOW
+    )
+    assert plan.allocations == (Allocation(5, -40), Allocation(6, -25))
+    assert plan.change_of(Party.MEMBER) == -65
+    assert plan.debt_change == 35
+    assert sum(line.amount for line in plan.lines) == 0
+
+
+def test_transfer_keeps_expiry_dates_on_the_receivers_lots() -> None:
+    lots = [lot(1, 10, expires_in=5), lot(2, 50, expires_in=50)]
+    plan = ledger.plan_transfer(lots=lots, amount=30, now=NOW)
+    assert [(n.amount, n.expires_at, n.source_lot_id, n.owner) for n in plan.new_lots] == [
+        (10, NOW + 5 * DAY, 1, Party.COUNTERPARTY),
+        (20, NOW + 50 * DAY, 2, Party.COUNTERPARTY),
+    ]
+
+
+def test_manual_adjustment_and_freeze_need_reason_and_actor() -> None:
+    with pytest.raises(MissingReason):
+        ledger.plan_adjust(lots=[], amount=10, now=NOW, reason=" ", actor="ops")
+    with pytest.raises(MissingReason):
+        ledger.plan_freeze(lots=[], amount=10, now=NOW, reason="review", actor="")
+
+
+def test_expire_takes_only_due_lots_and_nothing_when_none_are() -> None:
+    lots = [lot(1, 10, expires_in=0), lot(2, 20, expires_in=1), lot(3, 5, expires_in=None)]
+    plan = ledger.plan_expire(lots=lots, now=NOW)
+    assert plan is not None and plan.kind is Kind.EXPIRE and plan.amount == 10
+    assert ledger.plan_expire(lots=lots[1:], now=NOW) is None
+
+
+lot_lists = st.lists(
+    st.tuples(
+        st.integers(1, 500),
+        st.one_of(st.none(), st.integers(-3, 400)),
+        st.integers(-2, 5),
+    ),
+    min_size=0,
+    max_size=12,
+).map(
+    lambda specs: [
+        lot(i + 1, remaining, expires_in=expiry, pending_for=pending)
+        for i, (remaining, expiry, pending) in enumerate(specs)
+    ]
+)
+
+
+@given(lots=lot_lists, amount=st.integers(1, 3000))
+def test_fifo_consumes_exactly_the_amount_or_refuses_without_partial_plan(
+    lots: list[Lot], amount: int
+) -> None:
+    spendable_total = sum(x.remaining for x in lots if x.is_spendable(NOW))
+    if amount > spendable_total:
+        with pytest.raises(InsufficientPoints):
+            ledger.consume(lots, amount, NOW)
+        return
+    allocations = ledger.consume(lots, amount, NOW)
+    by_id = {x.id: x for x in lots}
+    assert -sum(a.amount for a in allocations) == amount
+    assert all(by_id[a.lot_id].is_spendable(NOW) for a in allocations)
+    assert all(-a.amount <= by_id[a.lot_id].remaining for a in allocations)
+    # FIFO: every lot taken from expires no later than any spendable lot left untouched,
+    # and all but the last lot taken are emptied.
+    taken = [by_id[a.lot_id] for a in allocations]
+    untouched = [x for x in lots if x.is_spendable(NOW) and x.id not in {t.id for t in taken}]
+    for t in taken:
+        for u in untouched:
+            assert ledger.fifo_order(t) <= ledger.fifo_order(u)
+    assert all(-a.amount == by_id[a.lot_id].remaining for a in allocations[:-1])
+
+
+@given(
+    lots=lot_lists.filter(lambda ls: any(x.is_spendable(NOW) for x in ls)),
+    data=st.data(),
+)
+def test_refunds_in_any_pieces_restore_each_lot_exactly(
+    lots: list[Lot], data: st.DataObject
+) -> None:
+    total = sum(x.remaining for x in lots if x.is_spendable(NOW))
+    amount = data.draw(st.integers(1, total))
+    spend = ledger.plan_spend(lots=lots, amount=amount, now=NOW)
+    restored: list[Allocation] = []
+    refunded = 0
+    while refunded < amount:
+        piece = data.draw(st.integers(1, amount - refunded))
+        plan = ledger.plan_refund(
+            spend_id=1, spend_amount=amount, spend_allocations=spend.allocations,
+            earlier_refunds=restored, earlier_refunded=refunded, amount=piece,
+        )  # fmt: skip
+        restored.extend(plan.allocations)
+        refunded += piece
+    net: dict[int, int] = {}
+    for a in [*spend.allocations, *restored]:
+        net[a.lot_id] = net.get(a.lot_id, 0) + a.amount
+    assert all(v == 0 for v in net.values())
+
+
+def test_posting_digest_changes_with_any_fact() -> None:
+    facts = ledger.PostingFacts(
+        program_id=1, kind="earn", idempotency_key="k", created_at=NOW, amount=10,
+        ref_posting_id=None, reason="", actor="", lines=((1, -10), (2, 10)), allocations=(),
+        new_lots=((2, 10, NOW, None, None),),
+    )  # fmt: skip
+    base = ledger.posting_digest(facts)
+    from dataclasses import replace
+
+    assert ledger.posting_digest(replace(facts, lines=((1, -11), (2, 11)))) != base
+    assert ledger.posting_digest(replace(facts, created_at=NOW + DAY)) != base
+    assert ledger.posting_digest(replace(facts, new_lots=((2, 10, NOW, NOW + DAY, None),))) != base
+    assert ledger.chain_link(ledger.GENESIS, 1, base) != ledger.chain_link(ledger.GENESIS, 2, base)

@@ -1,0 +1,329 @@
+"""The points use cases on both backends: what each does, and what bad input does not do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import (
+    ExceedsOriginal,
+    IdempotencyConflict,
+    InsufficientPoints,
+    InvalidDates,
+    InvalidInput,
+    JifenError,
+    MissingReason,
+    NonPositiveAmount,
+    SameAccount,
+    UnknownMember,
+    UnknownPosting,
+)
+from jifen.points import service as points
+from jifen.points.models import accounts, lines, lots, postings
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+DAY = timedelta(days=1)
+
+
+def snapshot(db: Database, program_id: int) -> tuple[Any, ...]:
+    """Everything a failed call must leave as it was."""
+
+    def read(uow: UnitOfWork) -> tuple[Any, ...]:
+        in_program = accounts.c.program_id == program_id
+        counts = tuple(
+            uow.conn.execute(
+                select(func.count()).select_from(t.join(accounts)).where(in_program)
+            ).scalar_one()
+            for t in (lines, lots)
+        )
+        posted = uow.conn.execute(
+            select(func.count()).where(postings.c.program_id == program_id)
+        ).scalar_one()
+        state = uow.conn.execute(
+            select(
+                accounts.c.id,
+                accounts.c.balance,
+                accounts.c.frozen,
+                accounts.c.debt,
+                accounts.c.head_hash,
+            )
+            .where(in_program)
+            .order_by(accounts.c.id)
+        ).all()
+        remaining = uow.conn.execute(
+            select(lots.c.id, lots.c.remaining).join(accounts).where(in_program).order_by(lots.c.id)
+        ).all()
+        return (counts, posted, tuple(map(tuple, state)), tuple(map(tuple, remaining)))
+
+    return db.run(read, read_only=True)
+
+
+@pytest.fixture
+def setup(db: Database) -> tuple[Database, int, int, int]:
+    program = new_program(db)
+    alice, bob = new_members(db, program.id, 2)
+    return db, program.id, alice, bob
+
+
+def call(db: Database, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    return db.run(lambda uow: fn(uow, **kwargs))
+
+
+def test_earn_then_spend_then_full_refund_restores_the_same_lots(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    # given two lots with different expiry
+    call(db, points.earn, member_id=alice, amount=100, key="e1", expires_at=clock.now() + 90 * DAY)
+    call(db, points.earn, member_id=alice, amount=50, key="e2", expires_at=clock.now() + 30 * DAY)
+    before = call(db, points.member_lots, member_id=alice)
+    # when 120 are spent and then refunded in full
+    spend = call(db, points.spend, member_id=alice, amount=120, key="s1")
+    after_spend = {lot.id: lot.remaining for lot in call(db, points.member_lots, member_id=alice)}
+    call(db, points.refund, spend_id=spend.id, key="r1")
+    # then the spend took the 30-day lot first and the refund put every lot back
+    assert list(after_spend.values()) == [30]
+    assert call(db, points.member_lots, member_id=alice) == before
+    assert call(db, points.balance, member_id=alice).available == 150
+    assert_ledger_sound(db, program_id)
+
+
+def test_balance_summary_separates_available_pending_overdue_and_expiry_days(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    # given: 100 pending for 7 days, 40 expiring tomorrow, 10 never expiring
+    call(db, points.earn, member_id=alice, amount=100, key="p", available_at=clock.now() + 7 * DAY,
+         expires_at=clock.now() + 365 * DAY)  # fmt: skip
+    call(db, points.earn, member_id=alice, amount=40, key="x", expires_at=clock.now() + DAY)
+    call(db, points.earn, member_id=alice, amount=10, key="n")
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.available, summary.pending, summary.overdue) == (
+        150,
+        50,
+        100,
+        0,
+    )
+    # the programme's day (Asia/Shanghai, UTC+8): 2026-01-01 09:00 + 1 day
+    assert [(e.date, e.amount) for e in summary.expiring] == [
+        (date(2026, 1, 2), 40),
+        (date(2027, 1, 1), 100),
+    ]
+    # when two days pass, the 40 are overdue (not spendable) until the expiry run
+    clock.advance(2 * DAY)
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.available, summary.pending, summary.overdue) == (10, 100, 40)
+    expired = call(db, points.expire_member, member_id=alice)
+    assert expired is not None and expired.amount == 40
+    assert call(db, points.expire_member, member_id=alice) is None
+    # and after the return window the pending points are spendable
+    clock.advance(6 * DAY)
+    assert call(db, points.balance, member_id=alice).available == 110
+    assert_ledger_sound(db, program_id)
+
+
+def test_reversal_after_spending_leaves_debt_that_the_next_earning_pays(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    earned = call(db, points.earn, member_id=alice, amount=100, key="e")
+    call(db, points.spend, member_id=alice, amount=80, key="s")
+    # when the order is returned and its points clawed back
+    reversal = call(db, points.reverse, earn_id=earned.id, key="rv")
+    # then the 20 left are taken, 80 are owed, and the balance is 0, not negative
+    summary = call(db, points.balance, member_id=alice)
+    assert (reversal.debt_change, summary.balance, summary.debt) == (80, 0, 80)
+    # when the member earns 50 then 50 more
+    call(db, points.earn, member_id=alice, amount=50, key="e2")
+    call(db, points.earn, member_id=alice, amount=50, key="e3")
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.debt) == (20, 0)
+    assert_ledger_sound(db, program_id)
+
+
+def test_transfer_moves_lots_with_their_expiry_and_freeze_holds_points(setup: Any) -> None:
+    db, program_id, alice, bob = setup
+    clock: ManualClock = db.clock
+    call(db, points.earn, member_id=alice, amount=60, key="e", expires_at=clock.now() + 10 * DAY)
+    call(db, points.transfer, from_member_id=alice, to_member_id=bob, amount=25, key="t")
+    bob_lots = call(db, points.member_lots, member_id=bob)
+    assert [(lot.remaining, lot.expires_at) for lot in bob_lots] == [(25, clock.now() + 10 * DAY)]
+    frozen = call(db, points.freeze, member_id=alice, amount=30, key="f", reason="risk review",
+                  actor="officer-1")  # fmt: skip
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.available, summary.frozen) == (5, 30)
+    with pytest.raises(InsufficientPoints):
+        call(db, points.spend, member_id=alice, amount=6, key="s")
+    call(db, points.unfreeze, freeze_id=frozen.id, key="u1", amount=10)
+    call(db, points.unfreeze, freeze_id=frozen.id, key="u2")
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.available, summary.frozen) == (35, 0)
+    assert_ledger_sound(db, program_id)
+
+
+def test_manual_adjustments_credit_and_debit_with_reason(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    call(db, points.adjust, member_id=alice, amount=70, key="a1", reason="goodwill", actor="ops")
+    call(db, points.adjust, member_id=alice, amount=-20, key="a2", reason="typo", actor="ops")
+    page = call(db, points.history, member_id=alice)
+    assert [(i.kind, i.change, i.reason, i.counterpart) for i in page.items] == [
+        ("adjust", -20, "typo", "adjustments"),
+        ("adjust", 70, "goodwill", "adjustments"),
+    ]
+    assert_ledger_sound(db, program_id)
+
+
+def test_history_pages_by_cursor_and_filters_by_kind(setup: Any) -> None:
+    db, _, alice, bob = setup
+    for i in range(7):
+        call(db, points.earn, member_id=alice, amount=10 + i, key=f"e{i}")
+    call(db, points.transfer, from_member_id=alice, to_member_id=bob, amount=5, key="t")
+    seen, cursor = [], None
+    while True:
+        page = call(db, points.history, member_id=alice, limit=3, cursor=cursor)
+        seen.extend(item.seq for item in page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == [8, 7, 6, 5, 4, 3, 2, 1]
+    transfers = call(db, points.history, member_id=alice, kinds=["transfer"]).items
+    assert [(t.change, t.counterpart) for t in transfers] == [(-5, "member:m1")]
+    with pytest.raises(InvalidInput):
+        call(db, points.history, member_id=alice, cursor="not-a-cursor")
+
+
+def test_same_key_same_request_replays_the_first_result(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    first = call(db, points.earn, member_id=alice, amount=10, key="k")
+    again = call(db, points.earn, member_id=alice, amount=10, key="k")
+    assert again.id == first.id and again.replayed and not first.replayed
+    assert call(db, points.balance, member_id=alice).balance == 10
+    spend = call(db, points.spend, member_id=alice, amount=10, key="s")
+    # replaying the spend returns it, even though the balance could not pay it again now
+    assert call(db, points.spend, member_id=alice, amount=10, key="s").id == spend.id
+    assert_ledger_sound(db, program_id)
+
+
+BAD_CALLS: list[tuple[str, type[JifenError], Callable[[int, int, int, int], dict[str, Any]]]] = [
+    (
+        "unknown member",
+        UnknownMember,
+        lambda a, b, e, s: {"fn": points.earn, "member_id": 10**9, "amount": 5},
+    ),
+    (
+        "zero amount",
+        NonPositiveAmount,
+        lambda a, b, e, s: {"fn": points.earn, "member_id": a, "amount": 0},
+    ),
+    (
+        "negative spend",
+        NonPositiveAmount,
+        lambda a, b, e, s: {"fn": points.spend, "member_id": a, "amount": -3},
+    ),
+    (
+        "overdraft",
+        InsufficientPoints,
+        lambda a, b, e, s: {"fn": points.spend, "member_id": a, "amount": 61},
+    ),
+    (
+        "overdraft by transfer",
+        InsufficientPoints,
+        lambda a, b, e, s: {
+            "fn": points.transfer,
+            "from_member_id": a,
+            "to_member_id": b,
+            "amount": 500,
+        },
+    ),
+    (
+        "transfer to self",
+        SameAccount,
+        lambda a, b, e, s: {
+            "fn": points.transfer,
+            "from_member_id": a,
+            "to_member_id": a,
+            "amount": 1,
+        },
+    ),
+    (
+        "refund larger than spend",
+        ExceedsOriginal,
+        lambda a, b, e, s: {"fn": points.refund, "spend_id": s, "amount": 41},
+    ),
+    ("refund of an earn", UnknownPosting, lambda a, b, e, s: {"fn": points.refund, "spend_id": e}),
+    (
+        "reverse more than earned",
+        ExceedsOriginal,
+        lambda a, b, e, s: {"fn": points.reverse, "earn_id": e, "amount": 101},
+    ),
+    (
+        "reused key, other content",
+        IdempotencyConflict,
+        lambda a, b, e, s: {"fn": points.earn, "member_id": a, "amount": 99, "key": "earn-1"},
+    ),
+    (
+        "adjust without reason",
+        MissingReason,
+        lambda a, b, e, s: {
+            "fn": points.adjust,
+            "member_id": a,
+            "amount": 5,
+            "reason": "",
+            "actor": "ops",
+        },
+    ),
+    (
+        "expiry in the past",
+        InvalidDates,
+        lambda a, b, e, s: {
+            "fn": points.earn,
+            "member_id": a,
+            "amount": 5,
+            "expires_at": START_MINUS_DAY,
+        },
+    ),
+    (
+        "empty key",
+        InvalidInput,
+        lambda a, b, e, s: {"fn": points.earn, "member_id": a, "amount": 5, "key": ""},
+    ),
+    (
+        "freeze more than available",
+        InsufficientPoints,
+        lambda a, b, e, s: {
+            "fn": points.freeze,
+            "member_id": a,
+            "amount": 61,
+            "reason": "x",
+            "actor": "y",
+        },
+    ),
+]
+
+from tests.conftest import START  # noqa: E402
+
+START_MINUS_DAY = START - DAY
+
+
+@pytest.mark.parametrize(("label", "error", "make"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_a_typed_error_and_changes_nothing(
+    setup: Any, label: str, error: type[JifenError], make: Callable[..., dict[str, Any]]
+) -> None:
+    db, program_id, alice, bob = setup
+    earned = call(db, points.earn, member_id=alice, amount=100, key="earn-1")
+    spent = call(db, points.spend, member_id=alice, amount=40, key="spend-1")
+    before = snapshot(db, program_id)
+    kwargs = make(alice, bob, earned.id, spent.id)
+    fn = kwargs.pop("fn")
+    kwargs.setdefault("key", f"bad-{label}")
+    with pytest.raises(error) as raised:
+        call(db, fn, **kwargs)
+    # the message says what was wrong in both languages, with no template holes left
+    for language in ("en", "zh"):
+        text = raised.value.message(language)
+        assert text and "{" not in text
+    assert raised.value.code
+    assert snapshot(db, program_id) == before
+    assert_ledger_sound(db, program_id)
