@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -42,7 +42,7 @@ from jifen.points import service as points
 from tests.factories import assert_ledger_sound, new_members, new_program
 
 MEMBERS = 3
-FAR = datetime.max.replace(tzinfo=None)
+FAR = datetime.max.replace(tzinfo=UTC)
 SHANGHAI = ZoneInfo("Asia/Shanghai")  # the programmes' default zone, for expiry days
 
 
@@ -61,8 +61,7 @@ class RefLot:
         )
 
     def fifo(self) -> tuple[datetime, int]:
-        expiry = FAR if self.expires_at is None else self.expires_at.replace(tzinfo=None)
-        return (expiry, self.order)
+        return (self.expires_at or FAR, self.order)
 
 
 @dataclass

@@ -143,7 +143,7 @@ def _lock(
         select(*_ACCOUNT_COLUMNS, replay.label("replay_id"))
         .where(accounts.c.member_id.in_(member_ids), accounts.c.currency == CURRENCY)
         .order_by(accounts.c.id)
-        .with_for_update(of=accounts)
+        .with_for_update(of=accounts, key_share=True)
     ).all()
     found = {row.member_id: _Account(*row[:8]) for row in rows}
     for member_id in member_ids:
