@@ -10,6 +10,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
@@ -84,30 +85,28 @@ def test_bank_many_writers_and_a_reader_keep_every_invariant(pg: Database) -> No
         outcome: Counter[str] = Counter()
         my_spends: list[int] = []
         for n in range(OPERATIONS):
-            key = f"w{worker}-{n}"
             a, b = rng.sample(members, 2)
             choice = rng.random()
+            # Everything random is drawn here, outside the retried transaction.
+            if choice < 0.35:
+                op, kind = partial(points.spend, member_id=a, amount=rng.randint(1, 60)), "spend"
+            elif choice < 0.65:
+                op = partial(points.transfer, from_member_id=a, to_member_id=b,
+                             amount=rng.randint(1, 80))  # fmt: skip
+                kind = "transfer"
+            elif choice < 0.85 or not my_spends:
+                op = partial(points.earn, member_id=a, amount=rng.randint(1, 50),
+                             expires_at=now + timedelta(days=rng.randint(1, 365)))  # fmt: skip
+                kind = "earn"
+            else:
+                op = partial(points.refund, spend_id=rng.choice(my_spends),
+                             amount=rng.randint(1, 10))  # fmt: skip
+                kind = "refund"
             try:
-                if choice < 0.35:
-                    spent = pg.run(lambda uow: points.spend(
-                        uow, member_id=a, amount=rng.randint(1, 60), key=key))  # fmt: skip
-                    my_spends.append(spent.id)
-                    outcome["spend"] += 1
-                elif choice < 0.65:
-                    pg.run(lambda uow: points.transfer(
-                        uow, from_member_id=a, to_member_id=b, amount=rng.randint(1, 80),
-                        key=key))  # fmt: skip
-                    outcome["transfer"] += 1
-                elif choice < 0.85:
-                    pg.run(lambda uow: points.earn(
-                        uow, member_id=a, amount=rng.randint(1, 50), key=key,
-                        expires_at=now + timedelta(days=rng.randint(1, 365))))  # fmt: skip
-                    outcome["earn"] += 1
-                elif my_spends:
-                    spend_id = rng.choice(my_spends)
-                    pg.run(lambda uow: points.refund(
-                        uow, spend_id=spend_id, amount=rng.randint(1, 10), key=key))  # fmt: skip
-                    outcome["refund"] += 1
+                posted = pg.run(partial(op, key=f"w{worker}-{n}"))
+                outcome[kind] += 1
+                if kind == "spend":
+                    my_spends.append(posted.id)
             except (InsufficientPoints, ExceedsOriginal):
                 outcome["refused"] += 1
         return outcome
