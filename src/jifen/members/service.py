@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownMember
@@ -36,13 +36,6 @@ def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> M
     )
 
 
-def register_members(uow: UnitOfWork, *, program_id: int, external_refs: list[str]) -> list[int]:
-    """Register many members at once (imports, demo data); returns their ids in order."""
-    return [
-        register_member(uow, program_id=program_id, external_ref=ref).id for ref in external_refs
-    ]
-
-
 def find_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> MemberRead:
     row = uow.conn.execute(
         select(members).where(
@@ -62,3 +55,11 @@ def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, st
         select(members.c.id, members.c.external_ref).where(members.c.id.in_(ids))
     )
     return {int(member_id): ref for member_id, ref in rows}
+
+
+def count_members(uow: UnitOfWork, *, program_id: int) -> int:
+    return int(
+        uow.conn.execute(
+            select(func.count()).where(members.c.program_id == program_id)
+        ).scalar_one()
+    )

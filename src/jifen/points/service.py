@@ -1012,3 +1012,13 @@ def _lines_of(uow: UnitOfWork, posting_ids: list[int]) -> dict[int, list[LineRea
             LineRead(account_id=r.account_id, account=label, amount=r.amount)
         )
     return result
+
+
+def posting_counts(uow: UnitOfWork, *, program_id: int) -> dict[str, int]:
+    """How many postings of each kind the programme has."""
+    rows = uow.conn.execute(
+        select(postings.c.kind, func.count())
+        .where(postings.c.program_id == program_id)
+        .group_by(postings.c.kind)
+    )
+    return {kind: int(count) for kind, count in rows}

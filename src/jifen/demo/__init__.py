@@ -1,0 +1,1 @@
+"""The demo programme that `jifen demo` builds on the embedded database."""
