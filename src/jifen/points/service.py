@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Row
 
 from jifen import ledger
@@ -41,6 +41,7 @@ from jifen.ledger import (
     PostingFacts,
     SystemAccount,
 )
+from jifen.points import store
 from jifen.points.models import accounts, allocations, chain_entries, lines, lots, postings
 from jifen.points.schemas import (
     BalanceSummary,
@@ -231,7 +232,6 @@ def _write(
     actor: str = "",
 ) -> PostingRead:
     """Store ``plan`` as one posting with its lines, allocations, lots and account caches."""
-    conn = uow.conn
     system = system_account_ids(uow, member.program_id)
     parties = {Party.MEMBER: member}
     if counterparty is not None:
@@ -260,91 +260,50 @@ def _write(
             new_lots=lot_facts,
         )
     )
-    posting_id = conn.execute(
-        postings.insert().returning(postings.c.id),
-        {
-            "program_id": member.program_id,
-            "kind": plan.kind.value,
-            "idempotency_key": key,
-            "request_hash": request_hash,
-            "account_id": member.id,
-            "counterparty_id": counterparty.id if counterparty else None,
-            "ref_posting_id": ref_posting_id,
-            "amount": plan.amount,
-            "reason": reason,
-            "actor": actor,
-            "created_at": now,
-            "digest": digest,
-        },
-    ).scalar_one()
-
-    conn.execute(
-        lines.insert(),
-        [
-            {"posting_id": posting_id, "account_id": account, "amount": amount}
-            for account, amount in line_facts
-        ],
-    )
-    # Each member account the posting concerns appends one link to its own chain.
-    heads = {
-        holder.id: (
+    # Each member account the posting concerns appends one link to its own chain, even when
+    # the posting moves none of its points (an earning that only pays off debt).
+    chain = [
+        (
+            holder.id,
             holder.head_seq + 1,
             ledger.chain_link(holder.head_hash, holder.head_seq + 1, digest),
         )
         for holder in parties.values()
-    }
-    conn.execute(
-        chain_entries.insert(),
-        [
-            {"account_id": account, "seq": seq, "posting_id": posting_id, "chain_hash": link}
-            for account, (seq, link) in heads.items()
-        ],
+    ]
+    heads = {account: (seq, link) for account, seq, link in chain}
+    posting_id = store.write_posting(
+        uow.conn,
+        store.PostingRows(
+            posting={
+                "program_id": member.program_id,
+                "kind": plan.kind.value,
+                "idempotency_key": key,
+                "request_hash": request_hash,
+                "account_id": member.id,
+                "counterparty_id": counterparty.id if counterparty else None,
+                "ref_posting_id": ref_posting_id,
+                "amount": plan.amount,
+                "reason": reason,
+                "actor": actor,
+                "created_at": now,
+                "digest": digest,
+            },
+            lines=list(line_facts),
+            chain=chain,
+            allocations=[(a.lot_id, a.amount) for a in plan.allocations],
+            new_lots=list(lot_facts),
+            accounts=[
+                (
+                    holder.id,
+                    plan.change_of(party),
+                    plan.frozen_change if party is Party.MEMBER else 0,
+                    plan.debt_change if party is Party.MEMBER else 0,
+                    *heads[holder.id],
+                )
+                for party, holder in parties.items()
+            ],
+        ),
     )
-
-    if plan.allocations:
-        conn.execute(
-            allocations.insert(),
-            [
-                {"posting_id": posting_id, "lot_id": a.lot_id, "amount": a.amount}
-                for a in plan.allocations
-            ],
-        )
-        conn.execute(
-            update(lots)
-            .where(lots.c.id == bindparam("lot"))
-            .values(remaining=lots.c.remaining + bindparam("delta")),
-            [{"lot": a.lot_id, "delta": a.amount} for a in plan.allocations],
-        )
-    if lot_facts:
-        conn.execute(
-            lots.insert(),
-            [
-                {
-                    "account_id": owner,
-                    "posting_id": posting_id,
-                    "amount": amount,
-                    "remaining": amount,
-                    "available_at": available_at,
-                    "expires_at": expires_at,
-                    "source_lot_id": source,
-                }
-                for owner, amount, available_at, expires_at, source in lot_facts
-            ],
-        )
-    for party, holder in parties.items():
-        seq, head = heads[holder.id]
-        is_member = party is Party.MEMBER
-        conn.execute(
-            update(accounts)
-            .where(accounts.c.id == holder.id)
-            .values(
-                balance=accounts.c.balance + plan.change_of(party),
-                frozen=accounts.c.frozen + (plan.frozen_change if is_member else 0),
-                debt=accounts.c.debt + (plan.debt_change if is_member else 0),
-                head_seq=seq,
-                head_hash=head,
-            )
-        )
     return PostingRead(
         id=posting_id,
         kind=plan.kind.value,
