@@ -10,11 +10,13 @@ busy) — the function must therefore do nothing outside the transaction.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -35,9 +37,10 @@ RACE_CONSTRAINTS = ("uq_postings_program_id", "postings.program_id, postings.ide
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` means the transaction lost a race and may simply be run again."""
-    if not isinstance(exc, DBAPIError):
+    # SQLAlchemy wraps driver errors; the ledger's hot path calls the driver directly.
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(orig, psycopg.Error | sqlite3.Error):
         return False
-    orig = exc.orig
     sqlstate = getattr(orig, "sqlstate", None)
     if sqlstate in _RETRY_SQLSTATES:
         return True

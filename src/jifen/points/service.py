@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Row
 
 from jifen import ledger
@@ -132,26 +132,12 @@ def _lock(
     uow: UnitOfWork, member_ids: Sequence[int], key: str
 ) -> tuple[list[_Account], int | None]:
     """Lock the members' accounts in id order and find a posting already made with ``key``."""
-    replay = (
-        select(postings.c.id)
-        .where(
-            postings.c.program_id == accounts.c.program_id,
-            postings.c.idempotency_key == key,
-        )
-        .scalar_subquery()
-    )
-    rows = uow.conn.execute(
-        select(*_ACCOUNT_COLUMNS, replay.label("replay_id"))
-        .where(accounts.c.member_id.in_(member_ids), accounts.c.currency == CURRENCY)
-        .order_by(accounts.c.id)
-        .with_for_update(of=accounts, key_share=True)
-    ).all()
-    found = {row.member_id: _Account(*row[:8]) for row in rows}
+    rows = store.lock_accounts(uow.conn, member_ids, key)
+    found = {row[2]: _Account(*row[:8]) for row in rows}
     for member_id in member_ids:
         if member_id not in found:
             raise UnknownMember(member_id=member_id)
-    replay_ids = {row.replay_id for row in rows}
-    return [found[m] for m in member_ids], next(iter(replay_ids), None)
+    return [found[m] for m in member_ids], rows[0][8]
 
 
 def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
@@ -331,20 +317,10 @@ def _lot_columns() -> tuple[Any, ...]:
 
 def _spendable_lots(uow: UnitOfWork, account_id: int, now: datetime, needed: int) -> list[Lot]:
     """Spendable lots in FIFO order, reading only as many as ``needed`` calls for."""
-    query = (
-        select(*_lot_columns())
-        .where(
-            lots.c.account_id == account_id,
-            lots.c.remaining > 0,
-            lots.c.available_at <= now,
-            or_(lots.c.expires_at.is_(None), lots.c.expires_at > now),
-        )
-        .order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id)
-    )
-    first = [_lot(row) for row in uow.conn.execute(query.limit(_FIFO_BATCH))]
+    first = [Lot(*row) for row in store.spendable_lots(uow.conn, account_id, now, _FIFO_BATCH)]
     if len(first) < _FIFO_BATCH or sum(lot.remaining for lot in first) >= needed:
         return first
-    return [_lot(row) for row in uow.conn.execute(query)]
+    return [Lot(*row) for row in store.spendable_lots(uow.conn, account_id, now, None)]
 
 
 def _open_lots(uow: UnitOfWork, account_id: int) -> list[Lot]:
