@@ -89,9 +89,15 @@ class Database:
         self, fn: Callable[[UnitOfWork], T], *, read_only: bool = False, attempts: int = 50
     ) -> T:
         """Run ``fn`` in a unit of work and commit, retrying lost races from the start."""
+        try:  # the common case, without the retry machinery's cost
+            with self.transaction(read_only=read_only) as uow:
+                return fn(uow)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
         for attempt in Retrying(
             retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(attempts),
+            stop=stop_after_attempt(attempts - 1),
             wait=wait_random_exponential(multiplier=0.002, max=0.25),
             reraise=True,
         ):
