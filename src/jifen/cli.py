@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -74,8 +75,9 @@ def _database() -> Iterator[Database]:
         yield database
     except JifenError as exc:
         raise fail(exc.code, exc.message(get_settings().language)) from None
-    except OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    except (OperationalError, psycopg.OperationalError) as exc:
+        orig = exc.orig if isinstance(exc, OperationalError) else exc
+        reason = str(orig).strip().splitlines()[0] if orig else str(exc)
         raise fail(
             "database_unreachable",
             f"cannot use the database at {_safe(state.database_url)}: {reason}. "

@@ -1,6 +1,6 @@
 """Points use cases: every change of points, over the pure ledger core.
 
-Each write locks the member account(s) it changes (PostgreSQL ``SELECT … FOR UPDATE``, in
+Each write locks the member account(s) it changes (PostgreSQL ``FOR NO KEY UPDATE``, in
 account id order; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), looks up its
 idempotency key in the same statement, asks the core for a plan, and writes the plan:
 one posting, its lines, lot allocations, new lots and the account caches, all in the
@@ -113,18 +113,6 @@ class _Account:
     @property
     def state(self) -> AccountState:
         return AccountState(balance=self.balance, frozen=self.frozen, debt=self.debt)
-
-
-_ACCOUNT_COLUMNS = (
-    accounts.c.id,
-    accounts.c.program_id,
-    accounts.c.member_id,
-    accounts.c.balance,
-    accounts.c.frozen,
-    accounts.c.debt,
-    accounts.c.head_seq,
-    accounts.c.head_hash,
-)
 
 
 def _lock(
@@ -787,7 +775,7 @@ def members_with_due_lots(
 
 def _account_of(uow: UnitOfWork, member_id: int) -> Any:
     row = uow.conn.execute(
-        select(*_ACCOUNT_COLUMNS).where(
+        select(*store.ACCOUNT_COLUMNS).where(
             accounts.c.member_id == member_id, accounts.c.currency == CURRENCY
         )
     ).one_or_none()

@@ -40,6 +40,17 @@ LotRow = tuple[int, int, int, datetime, datetime | None]
 """id, amount, remaining, available_at, expires_at"""
 
 
+ACCOUNT_COLUMNS = (
+    accounts.c.id,
+    accounts.c.program_id,
+    accounts.c.member_id,
+    accounts.c.balance,
+    accounts.c.frozen,
+    accounts.c.debt,
+    accounts.c.head_seq,
+    accounts.c.head_hash,
+)
+
 _POSTGRESQL_LOCK = """
 SELECT a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash,
        (SELECT p.id FROM postings p
@@ -66,17 +77,7 @@ def lock_accounts(conn: Connection, member_ids: Sequence[int], key: str) -> list
         .scalar_subquery()
     )
     rows = conn.execute(
-        select(
-            accounts.c.id,
-            accounts.c.program_id,
-            accounts.c.member_id,
-            accounts.c.balance,
-            accounts.c.frozen,
-            accounts.c.debt,
-            accounts.c.head_seq,
-            accounts.c.head_hash,
-            replay,
-        )
+        select(*ACCOUNT_COLUMNS, replay)
         .where(accounts.c.member_id.in_(member_ids), accounts.c.currency == "points")
         .order_by(accounts.c.id)
     )
