@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from jifen.cli import app
 from jifen.db.uow import Database
-from jifen.demo import service as demo
 from jifen.points import service as points
 from jifen.programs.schemas import ProgramRead
-from tests.factories import assert_ledger_sound, new_members, new_program
+from jifen.settings import get_settings
+from tests.factories import new_members, new_program
 
 runner = CliRunner()
 
@@ -155,28 +155,76 @@ def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
-def test_demo_builds_once_and_summarises_a_sound_ledger(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'demo.db'}"
-    code, output = jifen(url, "demo", "--members", "40")
+def test_a_problem_is_one_line_naming_its_posting_however_long(history: tuple) -> None:
+    # given a posting edited behind the ledger's back
+    db, program, ids = history
+    execute(db, "UPDATE postings SET reason = 'rewritten' WHERE id = :p", p=ids["refund"])
+    # when verify reports it in an 80-column terminal
+    code, output = jifen(db, "ledger", "verify", "--program", program.code)
+    # then the whole problem is on one line, for grep
+    assert code == 1
+    assert (
+        f"  PROBLEM posting {ids['refund']}: was edited: its lines, lots or fields no longer "
+        "match its digest\n"
+    ) in output
+
+
+def test_verify_asks_for_a_migration_on_a_database_without_the_schema(tmp_path: Path) -> None:
+    # given an empty SQLite file
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    # when the ledger is verified
+    code, output = jifen(url, "ledger", "verify")
+    # then the operator is told to migrate first
+    assert code == 2
+    assert "error[schema_not_current]" in output
+    assert "jifen db upgrade" in output
+    # and after `jifen db upgrade` the empty ledger verifies
+    code, output = jifen(url, "db", "upgrade")
+    assert code == 0
+    assert "schema at revision 0001" in output
+    code, output = jifen(url, "ledger", "verify")
     assert code == 0, output
-    assert "40 members" in output
-    assert "reconcile: ok" in output
-    assert "verify: ok" in output
-    code, again = jifen(url, "demo", "--members", "40")
-    assert code == 0
-    counts_line = [line for line in output.splitlines() if "members," in line]
-    assert counts_line  # e.g. "40 members, 387 postings"
-    assert counts_line == [line for line in again.splitlines() if "members," in line]
-    database = Database(url)
+    assert "verified 0 postings" in output
+
+
+@pytest.mark.parametrize(
+    "url", ["nonsense", "nonsense://", "mysql://someone@host/db", "postgresql://u:pw@h:port/x"]
+)
+def test_a_database_url_jifen_cannot_use_is_a_clear_error(url: str) -> None:
+    code, output = jifen(url, "ledger", "verify")
+    assert code == 2
+    assert "error[invalid_database_url]" in output
+    assert "Traceback" not in output
+    assert ":pw@" not in output  # a password is never echoed
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, just notes\n" * 100)
+    code, output = jifen(f"sqlite:///{path}", "ledger", "verify")
+    assert code == 2
+    assert "error[database_unreachable]" in output
+    assert "file is not a database" in output
+    assert "Traceback" not in output
+
+
+def test_an_sqlite_file_that_cannot_be_created_is_a_clear_error() -> None:
+    code, output = jifen("sqlite:////dev/null/jifen/jifen.db", "db", "upgrade")
+    assert code == 2
+    assert "error[database_unreachable]" in output
+    assert "Traceback" not in output
+
+
+def test_errors_speak_chinese_when_asked(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given JIFEN_LANGUAGE=zh
+    monkeypatch.setenv("JIFEN_LANGUAGE", "zh")
+    get_settings.cache_clear()
     try:
-        program_id = database.run(lambda u: demo.programs.get_program(u, code="demo").id)
-        assert_ledger_sound(database, program_id)
-        counts = database.run(lambda u: points.posting_counts(u, program_id=program_id))
-        assert {"earn", "spend", "refund", "reverse", "transfer", "freeze", "expire"} <= set(counts)
+        # when a programme that does not exist is checkpointed
+        code, output = jifen(db, "ledger", "checkpoint", "--program", "nope")
     finally:
-        database.dispose()
-    code, _ = jifen(url, "demo", "--members", "5", "--reset")
-    assert code == 0
-    code, output = jifen(url, "db", "current")
-    assert code == 0
-    assert "current: 0001" in output
+        monkeypatch.delenv("JIFEN_LANGUAGE")
+        get_settings.cache_clear()
+    # then the one-line error is in Chinese, under the same code
+    assert code == 2
+    assert "error[unknown_program]: 积分计划 nope 不存在。" in output

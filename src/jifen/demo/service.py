@@ -4,20 +4,22 @@ Everything goes through the same use cases a real installation calls, so the dem
 year-long exercise of the ledger: orders earn pending points that become available after a
 7-day return window and expire after 12 months; members spend, get refunds, return orders
 (within the window, or after spending, which leaves a debt), give points to each other, have
-points frozen during a review, receive manual adjustments; a monthly run expires due lots.
-The history is a deterministic function of the seed and ends at the real current time.
+points frozen during a review, receive manual adjustments; a monthly run expires due lots,
+and a checkpoint seals the year. The history is a deterministic function of the seed and
+ends at the real current time, so balances and expiry dates look current.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy.engine import make_url
 
 from jifen.clock import Clock, ManualClock, SystemClock
@@ -29,17 +31,24 @@ from jifen.points import service as points
 from jifen.programs import service as programs
 
 DEMO_CODE = "demo"
-DEMO_NAME = "示例会员计划 Demo loyalty programme"
+DEMO_NAME = "示例会员计划 / Demo loyalty programme"
+DEMO_TIME_ZONE = "Asia/Shanghai"
 DAYS = 365
-RETURN_WINDOW = timedelta(days=7)
+DAY = timedelta(days=1)
+RETURN_WINDOW = timedelta(days=7)  # order points stay pending this long
+RETURNS_ACCEPTED = 30  # days after an order during which it may still be returned
 VALIDITY = timedelta(days=365)
 BONUS_VALIDITY = timedelta(days=90)  # campaign points lapse sooner, so expiry runs have work
+REVIEW_DAYS = 7  # a freeze is lifted after this many days
+EXPIRY_RUN_EVERY = 30  # days
 
 
-def exists(db: Database) -> bool:
+def exists(db: Database, *, code: str = DEMO_CODE) -> bool:
+    """Whether the demo programme has been created on this database."""
+
     def look(uow: UnitOfWork) -> bool:
         try:
-            programs.get_program(uow, code=DEMO_CODE)
+            programs.get_program(uow, code=code)
         except UnknownProgram:
             return False
         return True
@@ -48,32 +57,47 @@ def exists(db: Database) -> bool:
 
 
 def reset_sqlite(url: str) -> None:
-    """Delete the embedded database file; refuses anything but SQLite."""
+    """Delete the embedded database file; refuses anything but an SQLite file."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+    path = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if not path or path == ":memory:":
         raise InvalidInput(
             field="--reset",
-            problem="only the embedded SQLite demo database can be reset; drop other "
+            problem="only the embedded SQLite demo database can be reset; drop or clean other "
             "databases with their own tools",
         )
     for suffix in ("", "-wal", "-shm"):
-        Path(parsed.database + suffix).unlink(missing_ok=True)
+        Path(path + suffix).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- generating
 
 
 @dataclass
 class _History:
     """What the generator remembers to act on later: orders that may be returned, spends
-    that may be refunded, freezes to lift."""
+    that may be refunded, freezes to lift; and how many requests the rules refused."""
 
     members: list[int] = field(default_factory=list)
     orders: list[tuple[int, int]] = field(default_factory=list)  # (earn id, day)
     spends: list[int] = field(default_factory=list)
     freezes: list[tuple[int, int]] = field(default_factory=list)  # (freeze id, day)
+    refused: Counter[str] = field(default_factory=Counter)
     keys: int = 0
 
     def key(self, kind: str) -> str:
         self.keys += 1
         return f"demo-{kind}-{self.keys}"
+
+
+@dataclass(frozen=True)
+class Built:
+    """What :func:`build` made."""
+
+    program_id: int
+    refused: dict[str, int]
+    """Requests the ledger refused (not enough points, …), by error code: a real programme
+    sees those too, and each left the day's transaction usable."""
 
 
 def build(
@@ -83,107 +107,90 @@ def build(
     seed: int = 7,
     on_day: Callable[[int], None] | None = None,
     end: Clock | None = None,
-) -> int:
-    """Create the demo programme and a year of history ending now; returns its id."""
+    code: str = DEMO_CODE,
+    name: str = DEMO_NAME,
+    days: int = DAYS,
+) -> Built:
+    """Create the demo programme and ``days`` (a year) of history ending at ``end`` (now).
+
+    One transaction per simulated day, so the year takes a few hundred commits. The
+    checkpoint that seals the year is written last: a programme without one is an
+    interrupted build (see :attr:`Summary.complete`).
+    """
+    if members < 1 or days < 1:
+        raise InvalidInput(
+            field="members" if members < 1 else "days",
+            problem=f"give at least 1, got {min(members, days)}",
+        )
     rng = random.Random(seed)
+    finish = (end or SystemClock()).now()
+    clock = ManualClock(finish - days * DAY)
     real_clock = db.clock
-    clock = ManualClock((end or SystemClock()).now() - timedelta(days=DAYS))
-    db.clock = clock
+    db.clock = clock  # every unit of work opened below reads the simulated time
     try:
         program_id = db.run(
-            lambda uow: programs.create_program(uow, code=DEMO_CODE, name=DEMO_NAME).id
+            lambda uow: (
+                programs.create_program(uow, code=code, name=name, time_zone=DEMO_TIME_ZONE).id
+            )
         )
         history = _History()
         # Members join over the first ten months, most of them early.
-        joins = sorted(int(rng.triangular(0, 300, 0)) for _ in range(members))
-        for day in range(DAYS):
+        joins = Counter(int(rng.triangular(0, days * 300 / 365, 0)) for _ in range(members))
+        for day in range(days):
             start_of_day = clock.now()
             with db.transaction() as uow:
-                while joins and joins[0] <= day:
-                    joins.pop(0)
+                for _ in range(joins[day]):
                     ref = f"M{len(history.members) + 1:06d}"
                     member = members_service.register_member(
                         uow, program_id=program_id, external_ref=ref
                     )
                     history.members.append(member.id)
                 if history.members:
-                    _one_day(uow, rng, clock, history, day)
-                if day % 30 == 29:
+                    _one_day(uow, rng, clock, start_of_day, history, day)
+                if day % EXPIRY_RUN_EVERY == EXPIRY_RUN_EVERY - 1:
                     _expiry_run(uow, program_id)
-            clock.set(start_of_day + timedelta(days=1))
+            # Next day; the last one ends exactly at ``finish``, never after it.
+            clock.set(start_of_day + DAY)
             if on_day is not None:
                 on_day(day + 1)
         db.run(lambda uow: integrity.checkpoint(uow, program_id=program_id))
-        return program_id
+        return Built(program_id=program_id, refused=dict(history.refused))
     finally:
         db.clock = real_clock
 
 
+def _moments(rng: random.Random, start_of_day: datetime, count: int) -> list[datetime]:
+    """``count`` times within the day, in order: however many actions a day has, the
+    clock never runs past the start of the next day (so never past the real now)."""
+    seconds = sorted(rng.randrange(1, 86_400) for _ in range(count))
+    return [start_of_day + timedelta(seconds=s) for s in seconds]
+
+
 def _one_day(
-    uow: UnitOfWork, rng: random.Random, clock: ManualClock, history: _History, day: int
+    uow: UnitOfWork,
+    rng: random.Random,
+    clock: ManualClock,
+    start_of_day: datetime,
+    history: _History,
+    day: int,
 ) -> None:
     people = history.members
     actions = max(1, int(len(people) * rng.uniform(0.035, 0.06)))
-    for _ in range(actions):
-        clock.advance(timedelta(seconds=rng.randint(30, 600)))
-        now = clock.now()
+    for moment in _moments(rng, start_of_day, actions):
+        clock.set(moment)
         who = rng.choice(people)
-        roll = rng.random()
         try:
-            if roll < 0.45:  # an order paid: 1 point per yuan, pending for the return window
-                earned = points.earn(
-                    uow, member_id=who, amount=rng.randint(20, 800), key=history.key("order"),
-                    available_at=now + RETURN_WINDOW, expires_at=now + VALIDITY,
-                    reason="order paid 订单支付",
-                )  # fmt: skip
-                history.orders.append((earned.id, day))
-            elif roll < 0.72:  # a redemption
-                spent = points.spend(
-                    uow, member_id=who, amount=rng.choice([100, 200, 500, 1000]),
-                    key=history.key("redeem"), reason="reward redeemed 兑换礼品",
-                )  # fmt: skip
-                history.spends.append(spent.id)
-            elif roll < 0.77 and history.spends:  # a redemption cancelled, wholly or in part
-                spend_id = history.spends.pop(rng.randrange(len(history.spends)))
-                points.refund(
-                    uow, spend_id=spend_id, key=history.key("refund"),
-                    amount=None if rng.random() < 0.6 else rng.randint(1, 100),
-                    reason="redemption cancelled 兑换取消",
-                )  # fmt: skip
-            elif roll < 0.82 and history.orders:  # an order returned: its points clawed back
-                earn_id, _ = history.orders.pop(rng.randrange(len(history.orders)))
-                points.reverse(
-                    uow, earn_id=earn_id, key=history.key("return"), reason="order returned 退货"
-                )
-            elif roll < 0.88:  # points given to another member
-                points.transfer(
-                    uow, from_member_id=who, to_member_id=rng.choice(people),
-                    amount=rng.randint(10, 200), key=history.key("gift"), reason="gift 转赠",
-                )  # fmt: skip
-            elif roll < 0.91:  # a risk review holds points for a while
-                frozen = points.freeze(
-                    uow, member_id=who, amount=rng.randint(50, 300), key=history.key("freeze"),
-                    reason="risk review 风控审核", actor="risk-officer",
-                )  # fmt: skip
-                history.freezes.append((frozen.id, day))
-            elif roll < 0.95:  # goodwill or correction by an operator
-                points.adjust(
-                    uow, member_id=who, amount=rng.choice([100, 50, -30]),
-                    key=history.key("adjust"), reason="customer care 客服关怀", actor="operator",
-                )  # fmt: skip
-            else:  # registration and profile bonuses, available at once
-                points.earn(
-                    uow, member_id=who, amount=rng.choice([10, 50, 100]), key=history.key("bonus"),
-                    expires_at=now + BONUS_VALIDITY, reason="activity bonus 活动奖励",
-                )  # fmt: skip
-        except (Refused, SameAccount):
-            # Refused before anything was written (not enough points, a gift to oneself drawn
-            # at random): the day's transaction goes on.
-            continue
+            _one_action(uow, rng, moment, history, day, who)
+        except (Refused, SameAccount) as refusal:
+            # The services check before they write, so a refusal (not enough points, a gift
+            # to oneself drawn at random) leaves nothing half-written and the day's
+            # transaction goes on; the PostgreSQL test of the demo proves it, since there a
+            # failed statement would abort the transaction.
+            history.refused[refusal.code] += 1
     # Lift reviews that have lasted a week.
     still_frozen = []
     for freeze_id, since in history.freezes:
-        if day - since >= 7:
+        if day - since >= REVIEW_DAYS:
             points.unfreeze(
                 uow, freeze_id=freeze_id, key=history.key("unfreeze"),
                 reason="review passed 审核通过", actor="risk-officer",
@@ -191,8 +198,62 @@ def _one_day(
         else:
             still_frozen.append((freeze_id, since))
     history.freezes = still_frozen
-    # Orders older than the return window can no longer be returned.
-    history.orders = [(e, d) for e, d in history.orders if day - d < 30]
+    # Orders are accepted back for a month; after that they can no longer be returned.
+    history.orders = [(e, d) for e, d in history.orders if day - d < RETURNS_ACCEPTED]
+
+
+def _one_action(
+    uow: UnitOfWork, rng: random.Random, now: datetime, history: _History, day: int, who: int
+) -> None:
+    roll = rng.random()
+    if roll < 0.45:  # an order paid: 1 point per yuan, pending for the return window
+        earned = points.earn(
+            uow, member_id=who, amount=rng.randint(20, 800), key=history.key("order"),
+            available_at=now + RETURN_WINDOW, expires_at=now + VALIDITY,
+            reason="order paid 订单支付",
+        )  # fmt: skip
+        history.orders.append((earned.id, day))
+    elif roll < 0.72:  # a redemption
+        spent = points.spend(
+            uow, member_id=who, amount=rng.choice([100, 200, 500, 1000]),
+            key=history.key("redeem"), reason="reward redeemed 兑换礼品",
+        )  # fmt: skip
+        history.spends.append(spent.id)
+    elif roll < 0.77 and history.spends:  # a redemption cancelled, wholly or in part
+        spend_id = history.spends.pop(rng.randrange(len(history.spends)))
+        points.refund(
+            uow, spend_id=spend_id, key=history.key("refund"),
+            amount=None if rng.random() < 0.6 else rng.randint(1, 100),  # spends are >= 100
+            reason="redemption cancelled 兑换取消",
+        )  # fmt: skip
+    elif roll < 0.82 and history.orders:  # an order returned: its points clawed back
+        # Within the return window the pending points simply go; later, what the member
+        # has spent meanwhile and cannot cover becomes a debt.
+        earn_id, _ = history.orders.pop(rng.randrange(len(history.orders)))
+        points.reverse(
+            uow, earn_id=earn_id, key=history.key("return"), reason="order returned 退货"
+        )
+    elif roll < 0.88:  # points given to another member
+        points.transfer(
+            uow, from_member_id=who, to_member_id=rng.choice(history.members),
+            amount=rng.randint(10, 200), key=history.key("gift"), reason="gift 转赠",
+        )  # fmt: skip
+    elif roll < 0.91:  # a risk review holds points for a while
+        frozen = points.freeze(
+            uow, member_id=who, amount=rng.randint(50, 300), key=history.key("freeze"),
+            reason="risk review 风控审核", actor="risk-officer",
+        )  # fmt: skip
+        history.freezes.append((frozen.id, day))
+    elif roll < 0.95:  # goodwill or a correction by an operator
+        points.adjust(
+            uow, member_id=who, amount=rng.choice([100, 50, -30]),
+            key=history.key("adjust"), reason="customer care 客服关怀", actor="operator",
+        )  # fmt: skip
+    else:  # registration and profile bonuses, available at once
+        points.earn(
+            uow, member_id=who, amount=rng.choice([10, 50, 100]), key=history.key("bonus"),
+            expires_at=now + BONUS_VALIDITY, reason="activity bonus 活动奖励",
+        )  # fmt: skip
 
 
 def _expiry_run(uow: UnitOfWork, program_id: int) -> None:
@@ -206,21 +267,44 @@ def _expiry_run(uow: UnitOfWork, program_id: int) -> None:
         after = due[-1]
 
 
+# --------------------------------------------------------------------------- summary
+
+
 @dataclass(frozen=True)
 class Summary:
+    """The demo programme at a glance, with the results of reconcile and verify."""
+
     program_code: str
     program_name: str
     members: int
     postings: dict[str, int]
     system_balances: dict[str, int]
     member_total: int
+    checkpoints: int
     reconcile_problems: list[str]
     verify_problems: list[str]
 
+    @property
+    def complete(self) -> bool:
+        """Whether the build ran to its end (it seals the year with a checkpoint last)."""
+        return self.checkpoints > 0
 
-def summary(db: Database) -> Summary:
+    @property
+    def ok(self) -> bool:
+        return not self.reconcile_problems and not self.verify_problems
+
+    def figure(self, account: str) -> int:
+        """A system account's balance with the sign an operator expects (issued: positive)."""
+        balance = self.system_balances.get(account, 0)
+        # issued, adjustments and receivable are sources: their balances are negative.
+        return -balance if account in ("issued", "adjustments", "receivable") else balance
+
+
+def summary(db: Database, *, code: str = DEMO_CODE) -> Summary:
+    """Read the demo programme's figures and check its ledger (reconcile and verify)."""
+
     def read(uow: UnitOfWork) -> Summary:
-        program = programs.get_program(uow, code=DEMO_CODE)
+        program = programs.get_program(uow, code=code)
         reconciled = integrity.reconcile(uow, program_id=program.id)
         verified = integrity.verify(uow, program_id=program.id)
         return Summary(
@@ -230,6 +314,7 @@ def summary(db: Database) -> Summary:
             postings=points.posting_counts(uow, program_id=program.id),
             system_balances=reconciled.system_balances,
             member_total=reconciled.member_total,
+            checkpoints=verified.checkpoints,
             reconcile_problems=[str(p) for p in reconciled.problems],
             verify_problems=[str(p) for p in verified.problems],
         )
@@ -238,27 +323,32 @@ def summary(db: Database) -> Summary:
 
 
 def print_summary(result: Summary, console: Console) -> None:
-    console.print(f"[bold]{result.program_name}[/bold] (programme `{result.program_code}`)")
+    console.print(f"{result.program_name} (programme `{result.program_code}`)", markup=False)
     console.print(f"{result.members:,} members, {sum(result.postings.values()):,} postings")
-    kinds = Table("kind", "postings", title="postings by kind")
-    for kind, count in sorted(result.postings.items(), key=lambda item: -item[1]):
+    kinds = Table("kind", Column("postings", justify="right"), title="postings by kind")
+    for kind, count in sorted(result.postings.items(), key=lambda item: (-item[1], item[0])):
         kinds.add_row(kind, f"{count:,}")
-    console.print(kinds)
-    balances = result.system_balances
-    figures = Table("points", "amount", title="where the points are")
-    figures.add_row("issued 已发放", f"{-balances.get('issued', 0):,}")
-    figures.add_row("redeemed 已兑换", f"{balances.get('redeemed', 0):,}")
-    figures.add_row("expired 已过期", f"{balances.get('expired', 0):,}")
-    figures.add_row("frozen 冻结中", f"{balances.get('frozen', 0):,}")
-    figures.add_row("adjusted 人工调整", f"{-balances.get('adjustments', 0):,}")
-    figures.add_row("held by members 会员持有", f"{result.member_total:,}")
-    figures.add_row("owed by members 会员欠分", f"{-balances.get('receivable', 0):,}")
-    console.print(figures)
+    console.print(kinds, soft_wrap=False)
+    figures = Table("points", Column("amount", justify="right"), title="where the points are")
+    figures.add_row("issued 已发放", f"{result.figure('issued'):,}")
+    figures.add_row("redeemed 已兑换", f"{result.figure('redeemed'):,}")
+    figures.add_row("expired 已过期", f"{result.figure('expired'):,}")
+    figures.add_row("frozen 冻结中", f"{result.figure('frozen'):,}")
+    figures.add_row("adjusted (net) 人工调整", f"{result.figure('adjustments'):,}")
+    figures.add_row("outstanding, held by members 会员持有", f"{result.member_total:,}")
+    figures.add_row("owed by members as debt 会员欠分", f"{result.figure('receivable'):,}")
+    console.print(figures, soft_wrap=False)
     for label, problems in (("reconcile", result.reconcile_problems),
                             ("verify", result.verify_problems)):  # fmt: skip
         if problems:
             console.print(f"[red]{label}: {len(problems)} problem(s)[/red]")
             for problem in problems:
-                console.print(f"  {problem}", markup=False)
+                console.print(f"  {problem}", markup=False, soft_wrap=True)
         else:
             console.print(f"{label}: ok")
+    if not result.complete:
+        console.print(
+            "[yellow]this demo was not built to the end (interrupted?); "
+            "run `jifen demo --reset` to build it again[/yellow]",
+            soft_wrap=True,
+        )
