@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+# A fixed installation key for the whole run, set before anything reads the settings.
+os.environ.setdefault("JIFEN_SECRET_KEY", "test-secret-key-" + "x" * 32)
+
 from jifen.clock import ManualClock
 from jifen.db.migrate import upgrade
 from jifen.db.uow import Database

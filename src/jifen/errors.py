@@ -15,7 +15,12 @@
     │   ├── ExceedsOriginal         refund / reversal / unfreeze larger than what is open
     │   ├── IdempotencyConflict     a key reused for a different request
     │   └── DuplicateReference
-    └── LedgerCorrupt               stored history contradicts itself
+    ├── LedgerCorrupt               stored history contradicts itself
+    ├── Unauthenticated             no valid credentials (HTTP 401)
+    │   └── SignInLocked            too many failed sign-ins: slowed, then locked (429)
+    ├── Forbidden                   authenticated, but not allowed (HTTP 403)
+    ├── RateLimited                 too many requests (HTTP 429, Retry-After)
+    └── AuditCorrupt                the audit log's chain is broken
 
 The root and the ledger's own errors live in :mod:`jifen.ledger.errors` so that the pure
 core needs nothing else from jifen; this module is where everyone else imports them from.
@@ -40,9 +45,59 @@ from jifen.ledger.errors import (
     UnknownProgram,
 )
 
+
+class Unauthenticated(JifenError):
+    """No credentials, or credentials that are wrong, expired or revoked."""
+
+    code = "unauthenticated"
+    en = "{problem} Sign in again, or send a valid API key."
+    zh = "{problem_zh} 请重新登录,或提供有效的 API 密钥。"
+
+
+class SignInLocked(Unauthenticated):
+    code = "sign_in_locked"
+    en = (
+        "Too many failed sign-ins for this account; try again in {retry_after} seconds, or ask "
+        "an administrator to unlock it."
+    )
+    zh = "该账户登录失败次数过多,请在 {retry_after} 秒后重试,或联系管理员解锁。"
+
+
+class Forbidden(JifenError):
+    code = "forbidden"
+    en = "{problem} Ask an administrator for a role that grants it."
+    zh = "{problem_zh} 如需此权限,请联系管理员分配相应角色。"
+
+
+class RateLimited(JifenError):
+    code = "rate_limited"
+    en = "Too many requests {scope}; wait {retry_after} seconds and try again."
+    zh = "请求过于频繁({scope_zh}),请等待 {retry_after} 秒后重试。"
+
+
+class StateConflict(Refused):
+    """The target is in a state that does not allow the request."""
+
+    code = "state_conflict"
+    en = "{problem}"
+    zh = "{problem_zh}"
+
+
+class AuditCorrupt(JifenError):
+    code = "audit_corrupt"
+    en = "The audit log is inconsistent: {problem}. Run `jifen audit verify`."
+    zh = "审计日志不一致:{problem}。请运行 `jifen audit verify`。"
+
+
+STATUS: dict[type[JifenError], int] = {}
+"""Filled below: the HTTP status for each kind of error (the most specific class wins)."""
+
 __all__ = [
+    "STATUS",
+    "AuditCorrupt",
     "DuplicateReference",
     "ExceedsOriginal",
+    "Forbidden",
     "IdempotencyConflict",
     "InsufficientPoints",
     "InvalidDates",
@@ -52,9 +107,37 @@ __all__ = [
     "MissingReason",
     "NonPositiveAmount",
     "NotFound",
+    "RateLimited",
     "Refused",
     "SameAccount",
+    "SignInLocked",
+    "StateConflict",
+    "Unauthenticated",
     "UnknownMember",
     "UnknownPosting",
     "UnknownProgram",
+    "http_status",
 ]
+
+STATUS.update(
+    {
+        JifenError: 400,
+        InvalidInput: 422,
+        NotFound: 404,
+        Refused: 409,
+        LedgerCorrupt: 500,
+        AuditCorrupt: 500,
+        Unauthenticated: 401,
+        SignInLocked: 429,
+        Forbidden: 403,
+        RateLimited: 429,
+    }
+)
+
+
+def http_status(error: JifenError) -> int:
+    """The HTTP status of ``error``: that of its nearest class in :data:`STATUS`."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,10 +28,46 @@ class Settings(BaseSettings):
     language: str = "en"
     """Language of CLI messages: ``en`` or ``zh``."""
 
+    secret_key: str = ""
+    """Key for keyed hashes (phone and ID lookups, API key and token digests) and for the
+    encryption of personal data and TOTP seeds. Empty: a random key is created once in
+    ``<data_dir>/secret.key`` (mode 0600). Losing it makes encrypted fields unreadable."""
+
+    redis_url: str = ""
+    """When set (``redis://127.0.0.1:6379/0``), rate limits are shared through Redis by
+    every API process; otherwise each process counts on its own."""
+
+    rate_limit_ip: str = "1200/minute"
+    """Requests per client address (``limits`` notation: ``100/second``, ``1200/minute``)."""
+
+    rate_limit_key: str = "6000/minute"
+    """Requests per API key."""
+
+    rate_limit_member: str = "120/minute"
+    """Requests per signed-in member."""
+
     def resolved_database_url(self) -> str:
         return normalise_database_url(self.database_url) or (
             f"sqlite:///{self.data_dir / 'jifen.db'}"
         )
+
+
+def secret_key(settings: Settings) -> bytes:
+    """The installation's secret, from ``JIFEN_SECRET_KEY`` or its key file (made once)."""
+    if settings.secret_key:
+        return settings.secret_key.encode()
+    path = settings.data_dir / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: two processes starting at once cannot both write a different key.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(48))
+    return path.read_text().strip().encode()
 
 
 def normalise_database_url(url: str) -> str:

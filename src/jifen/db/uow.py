@@ -32,7 +32,12 @@ _RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detecte
 _UNIQUE_VIOLATION = "23505"
 # A unique violation is transient only on the keys that concurrent twins race for: running
 # again finds the winner's row and answers as a replay.
-RACE_CONSTRAINTS = ("uq_postings_program_id", "postings.program_id, postings.idempotency_key")
+RACE_CONSTRAINTS = (
+    "uq_postings_program_id",
+    "postings.program_id, postings.idempotency_key",
+    "uq_idempotency_records_scope_key",  # the API's stored answers
+    "idempotency_records.scope, idempotency_records.key",
+)
 
 
 def is_transient(exc: BaseException) -> bool:

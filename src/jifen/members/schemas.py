@@ -13,4 +13,5 @@ class MemberRead(BaseModel):
     id: int
     program_id: int
     external_ref: str
+    state: str = "active"
     created_at: datetime

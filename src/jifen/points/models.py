@@ -193,3 +193,12 @@ checkpoint_heads = Table(
     Column("seq", BigInteger, nullable=False),
     Column("chain_hash", String(64), nullable=False),
 )
+
+posting_origins = Table(
+    "posting_origins",
+    metadata,
+    Column("posting_id", BigId, ForeignKey("postings.id"), primary_key=True, autoincrement=False),
+    Column("merchant", String(64), nullable=True),
+    Column("store", String(64), nullable=True),
+    comment="where a posting was made, when a merchant or store made it (API keys, cashiers)",
+)

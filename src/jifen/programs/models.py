@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, String, Table, UniqueConstraint
+from sqlalchemy import JSON, Column, String, Table, UniqueConstraint
 
 from jifen.db.base import BigId, UTCDateTime, metadata
 
@@ -20,5 +20,12 @@ programs = Table(
         comment="IANA zone for calendar rules: days for caps, birthdays, year-end clearing",
     ),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column(
+        "settings",
+        JSON,
+        nullable=False,
+        server_default="{}",
+        comment="programme policy (see ProgramSettings); changed only through an approval",
+    ),
     UniqueConstraint("code"),
 )

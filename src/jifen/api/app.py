@@ -1,0 +1,84 @@
+"""The HTTP API's application: ``create_app`` wires the domains' routers under ``/v1``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from jifen import __version__
+from jifen.api import problems
+from jifen.api.deps import annotate_permissions
+from jifen.api.limits import Limiter
+from jifen.approvals import api as approvals_api
+from jifen.audit import api as audit_api
+from jifen.auth import api as auth_api
+from jifen.db import migrate
+from jifen.db.uow import Database
+from jifen.members import api as members_api
+from jifen.points import api as points_api
+from jifen.programs import api as programs_api
+from jifen.settings import Settings, get_settings
+
+DESCRIPTION = """
+jifen (积分) keeps every member's points on an exact double-entry ledger.
+
+* **Authentication**: staff sign in with a password and a TOTP code
+  (`POST /v1/auth/staff/sign-in`), members with a password or a one-time SMS code, and
+  merchants' systems send an API key. Send the token as `Authorization: Bearer <token>`.
+* **Writes** need an `Idempotency-Key` header: repeat it with the same body to get the first
+  answer again (safe retries); another body with the same key is refused.
+* **Errors** are `application/problem+json` with a stable `code`; `Accept-Language: zh`
+  gives Chinese messages.
+* **Permissions**: each operation's `x-permission` names the permission it needs.
+"""
+
+
+def create_app(db: Database | None = None, settings: Settings | None = None) -> FastAPI:
+    """The API over ``db`` (default: the configured database)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="jifen",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        responses=problems.ERROR_RESPONSES,
+    )
+    app.state.db = db or Database(settings.resolved_database_url())
+    app.state.settings = settings
+    app.state.limiter = Limiter(settings)
+    app.state.principal_cache = {}
+    app.state.program_cache = {}
+    problems.install(app)
+
+    for module in (auth_api, programs_api, members_api, points_api, approvals_api, audit_api):
+        app.include_router(module.router, prefix="/v1")
+
+    @app.get("/healthz", tags=["health"], responses={503: {"model": problems.Problem}})
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": problems.Problem}})
+    def readyz(request: Request) -> Any:
+        """The database answers and its schema is current; the rate-limit store answers."""
+        database: Database = request.app.state.db
+        try:
+            current = migrate.is_current(database.engine)
+        except Exception as exc:  # any failure to reach the database means "not ready"
+            return problems.problem(503, "not_ready", f"database unreachable: {type(exc).__name__}")
+        if not current:
+            return problems.problem(503, "not_ready", "schema not current: run `jifen db upgrade`")
+        try:
+            limiter_ok = request.app.state.limiter.check_storage()
+        except Exception:  # a Redis outage is a readiness failure, not a crash
+            limiter_ok = False
+        if not limiter_ok:
+            return problems.problem(503, "not_ready", "rate-limit store (Redis) unreachable")
+        return JSONResponse({"status": "ready"})
+
+    annotate_permissions(app)
+    return app

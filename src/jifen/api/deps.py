@@ -1,0 +1,316 @@
+"""What every route depends on: who is asking, whether it may, and how a write is run.
+
+A route declares its permission with :class:`Read` or :class:`Write`; both authenticate,
+apply the rate limits, resolve the ``{program}`` in the path, and refuse with 403 what the
+principal's grants do not cover. A member may act only on itself: a route with a
+``{member_id}`` in its path refuses any other member. :class:`Write` also requires an
+``Idempotency-Key`` header, and :meth:`Context.execute` runs the change, its audit entry
+and the stored answer in one transaction, replaying the stored answer for a repeated key.
+
+The permission each route needs is written into the OpenAPI document as ``x-permission``
+(and ``x-member-scoped``), so tests and integrators read it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from jifen.api.limits import Limiter
+from jifen.api.models import idempotency_records
+from jifen.api.problems import language
+from jifen.audit import service as audit_service
+from jifen.audit.schemas import AuditEntryCreate
+from jifen.auth import service as auth_service
+from jifen.auth.core import Grant, Principal
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import Forbidden, IdempotencyConflict, Unauthenticated
+from jifen.programs import service as programs_service
+from jifen.programs.schemas import ProgramRead
+
+API_KEY_CACHE_SECONDS = 5.0
+"""An API key's principal is reused this long: a revocation takes effect within it."""
+
+
+def database(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def authenticate(request: Request) -> Principal:
+    """The principal behind the request's bearer token or ``X-API-Key``; 401 without one."""
+    limiter: Limiter = request.app.state.limiter
+    limiter.hit("ip", client_ip(request))
+    token = _token(request)
+    if token is None:
+        raise Unauthenticated(
+            problem="No credentials were sent (Authorization: Bearer <token>, or X-API-Key).",
+            problem_zh="请求未携带凭据(Authorization: Bearer <令牌> 或 X-API-Key)。",
+        )
+    cache: dict[str, tuple[float, Principal]] = request.app.state.principal_cache
+    cached = cache.get(token)
+    if cached is not None and cached[0] > time.monotonic():
+        principal = cached[1]
+    else:
+        principal = database(request).run(lambda uow: auth_service.authenticate(uow, token))
+        if principal.kind == "key":
+            cache[token] = (time.monotonic() + API_KEY_CACHE_SECONDS, principal)
+    if principal.kind == "key":
+        limiter.hit("key", str(principal.id))
+    elif principal.kind == "member":
+        limiter.hit("member", str(principal.id))
+    return principal
+
+
+@dataclass
+class Context:
+    """One authorised request: who, in which programme, under which grant, from where."""
+
+    request: Request
+    db: Database
+    principal: Principal
+    permission: str
+    program: ProgramRead | None = None
+    grant: Grant | None = None
+    idempotency_key: str | None = None
+    request_hash: str = ""
+    language: str = "en"
+    audit_before: dict[str, Any] | None = field(default=None)
+
+    @property
+    def program_id(self) -> int:
+        assert self.program is not None, "a programme route has a programme"
+        return self.program.id
+
+    @property
+    def actor(self) -> str:
+        return self.principal.name
+
+    def ledger_key(self) -> str:
+        """The ledger's idempotency key for this request: unique per principal and key."""
+        assert self.idempotency_key is not None, "only writes post to the ledger"
+        return f"{self.principal.scope}:{self.idempotency_key}"
+
+    def merchant(
+        self, requested: str | None, store: str | None = None
+    ) -> tuple[str | None, str | None]:
+        """The merchant and store a write is made for: the grant's own, or one it covers."""
+        grant = self.grant
+        if grant is None or grant.merchant is None:
+            return requested, store
+        if requested is not None and requested != grant.merchant:
+            raise Forbidden(
+                problem=f"These credentials act for merchant {grant.merchant!r} only, not "
+                f"{requested!r}.",
+                problem_zh=f"该凭据只能代表商户 {grant.merchant!r},不能代表 {requested!r}。",
+            )
+        if grant.store is not None and store is not None and store != grant.store:
+            raise Forbidden(
+                problem=f"These credentials act for store {grant.store!r} only, not {store!r}.",
+                problem_zh=f"该凭据只能代表门店 {grant.store!r},不能代表 {store!r}。",
+            )
+        return grant.merchant, grant.store or store
+
+    def audit(
+        self,
+        uow: UnitOfWork,
+        *,
+        target: str,
+        after: dict[str, Any] | None,
+        before: dict[str, Any] | None = None,
+        action: str | None = None,
+    ) -> None:
+        """Record this request's change in the audit log (writes by staff and API keys)."""
+        if self.principal.kind == "member":
+            return
+        audit_service.record(
+            uow,
+            AuditEntryCreate(
+                program_id=self.program.id if self.program else None,
+                actor=self.principal.name,
+                role=",".join(self.principal.roles),
+                api_key_id=self.principal.api_key_id,
+                ip=client_ip(self.request),
+                user_agent=self.request.headers.get("user-agent", "")[:300],
+                action=action or self.permission,
+                target=target,
+                before=jsonable_encoder(before) if before is not None else None,
+                after=jsonable_encoder(after) if after is not None else None,
+            ),
+        )
+
+    def execute(
+        self,
+        fn: Callable[[UnitOfWork], BaseModel],
+        *,
+        target: str,
+        status: int = 200,
+        audit: bool = True,
+    ) -> JSONResponse:
+        """Run a write once: the change, its audit entry and its stored answer commit
+        together; a repeated ``Idempotency-Key`` with the same request replays the answer,
+        with a different one is refused (409)."""
+        key = self.idempotency_key
+        assert key is not None, "Write routes carry an Idempotency-Key"
+        scope = self.principal.scope
+
+        def work(uow: UnitOfWork) -> tuple[int, Any, bool]:
+            stored = uow.conn.execute(
+                select(
+                    idempotency_records.c.request_hash,
+                    idempotency_records.c.status_code,
+                    idempotency_records.c.body,
+                ).where(idempotency_records.c.scope == scope, idempotency_records.c.key == key)
+            ).one_or_none()
+            if stored is not None:
+                if stored.request_hash != self.request_hash:
+                    raise IdempotencyConflict(key=key)
+                return stored.status_code, stored.body, True
+            result = fn(uow)
+            body = jsonable_encoder(result)
+            if audit:
+                self.audit(uow, target=target, after=body, before=self.audit_before)
+            uow.conn.execute(
+                idempotency_records.insert(),
+                {
+                    "scope": scope,
+                    "key": key,
+                    "request_hash": self.request_hash,
+                    "status_code": status,
+                    "body": body,
+                    "created_at": uow.clock.now(),
+                },
+            )
+            return status, body, False
+
+        status_code, body, replayed = self.db.run(work)
+        headers = {"Idempotent-Replayed": "true"} if replayed else None
+        return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _program(request: Request, db: Database) -> ProgramRead | None:
+    code = request.path_params.get("program")
+    if code is None:
+        return None
+    cache: dict[str, ProgramRead] = request.app.state.program_cache
+    program = cache.get(code)
+    if program is None:
+        program = db.run(lambda uow: programs_service.get_program(uow, code=code), read_only=True)
+        cache[code] = program
+    return program
+
+
+def _authorise(request: Request, principal: Principal, permission: str) -> Context:
+    db = database(request)
+    program = _program(request, db)
+    program_id = program.id if program else None
+    grant = principal.allows(permission, program_id=program_id)
+    if grant is not None and principal.kind == "member":
+        member_id = request.path_params.get("member_id")
+        if member_id is None or str(member_id) != str(principal.member_id):
+            grant = None  # a member acts only on itself, through routes that name it
+    if grant is None:
+        raise Forbidden(
+            problem=f"{principal.name} may not {permission}"
+            + (f" in programme {program.code!r}." if program else "."),
+            problem_zh=f"{principal.name} 无权执行 {permission}"
+            + (f"(计划 {program.code!r})。" if program else "。"),
+        )
+    return Context(
+        request=request,
+        db=db,
+        principal=principal,
+        permission=permission,
+        program=program,
+        grant=grant,
+        language=language(request),
+    )
+
+
+class Read:
+    """Dependency of a route that reads: authenticate and check ``permission``."""
+
+    def __init__(self, permission: str) -> None:
+        self.permission = permission
+
+    def __call__(
+        self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
+    ) -> Context:
+        return _authorise(request, principal, self.permission)
+
+
+IdempotencyKeyHeader = Annotated[
+    str,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any unique string per intended change (a UUID is best). Sending the "
+        "same key and body again returns the first answer; another body with it is refused.",
+    ),
+]
+
+
+class Write(Read):
+    """Dependency of a route that changes something: :class:`Read` plus an
+    ``Idempotency-Key`` header and the request's fingerprint."""
+
+    async def __call__(  # type: ignore[override]
+        self,
+        request: Request,
+        principal: Annotated[Principal, Depends(authenticate)],
+        idempotency_key: IdempotencyKeyHeader,
+    ) -> Context:
+        context = _authorise(request, principal, self.permission)
+        context.idempotency_key = idempotency_key
+        context.request_hash = await request_fingerprint(request)
+        return context
+
+
+async def request_fingerprint(request: Request) -> str:
+    """SHA-256 of method, path, query and body (JSON compared by meaning, not spacing)."""
+    raw = await request.body()
+    try:
+        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")) if raw else ""
+    except ValueError:
+        body = raw.decode(errors="replace")
+    text = f"{request.method} {request.url.path}?{request.url.query}\n{body}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def annotate_permissions(app: FastAPI) -> None:
+    """Write each route's permission into its OpenAPI operation (``x-permission``)."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        for dependency in route.dependant.dependencies:
+            call = dependency.call
+            if isinstance(call, Read):
+                extra = dict(route.openapi_extra or {})
+                extra["x-permission"] = call.permission
+                extra["x-member-scoped"] = "{member_id}" in route.path
+                route.openapi_extra = extra

@@ -1,0 +1,196 @@
+"""Who may do what: the permission table, the built-in roles and the decision itself.
+
+Pure: no database, no HTTP. A permission is ``"resource.action"``. A principal holds grants,
+each a set of permissions scoped to a programme (or every programme) and optionally a
+merchant and a store; a request is allowed when one grant covers its permission, its
+programme and its merchant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PERMISSIONS: dict[str, str] = {
+    "programs.read": "see programmes and their settings",
+    "programs.write": "create programmes",
+    "programs.settings": "request a change of programme policy (approved by a second person)",
+    "members.read": "see members and their profiles",
+    "members.write": "register members, change profiles, bind real names, family groups",
+    "members.state": "freeze, ban, close or reactivate a member",
+    "members.pii": "see decrypted phone and ID numbers",
+    "points.read": "see balances, lots and history",
+    "points.earn": "credit points",
+    "points.spend": "debit points",
+    "points.refund": "refund a spend",
+    "points.reverse": "claw back an earning",
+    "points.adjust": "manual adjustments (large ones need approval)",
+    "points.transfer": "move points between members",
+    "points.freeze": "freeze and unfreeze points",
+    "points.clear": "request clearing a member's points (needs approval)",
+    "staff.read": "see staff users",
+    "staff.write": "create staff users, grant roles, unlock accounts",
+    "roles.read": "see roles",
+    "roles.write": "define custom roles",
+    "api_keys.read": "see API keys",
+    "api_keys.write": "issue and revoke API keys",
+    "approvals.read": "see approval requests",
+    "approvals.decide": "approve or reject another person's request",
+    "audit.read": "read and export the audit log",
+}
+
+READ_ONLY_PERMISSIONS = frozenset(p for p in PERMISSIONS if p.endswith(".read"))
+
+_LEDGER_WRITES = [
+    "points.earn",
+    "points.spend",
+    "points.refund",
+    "points.reverse",
+    "points.adjust",
+    "points.transfer",
+    "points.freeze",
+    "points.clear",
+]
+
+BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
+    # code: (English name, Chinese name, permissions)
+    "super_admin": ("Super administrator", "超级管理员", frozenset(PERMISSIONS)),
+    "operator": (
+        "Operator",
+        "运营",
+        frozenset(
+            [
+                "programs.read",
+                "programs.settings",
+                "members.read",
+                "members.write",
+                "members.state",
+                "points.read",
+                *_LEDGER_WRITES,
+                "roles.read",
+                "roles.write",
+                "api_keys.read",
+                "api_keys.write",
+                "staff.read",
+                "approvals.read",
+            ]
+        ),
+    ),
+    "reviewer": (
+        "Reviewer",
+        "审核员",
+        frozenset(
+            ["programs.read", "members.read", "points.read", "approvals.read", "approvals.decide"]
+        ),
+    ),
+    "risk_officer": (
+        "Risk officer",
+        "风控专员",
+        frozenset(
+            [
+                "programs.read",
+                "members.read",
+                "members.state",
+                "members.pii",
+                "points.read",
+                "points.freeze",
+                "approvals.read",
+                "approvals.decide",
+            ]
+        ),
+    ),
+    "finance": (
+        "Finance",
+        "财务",
+        frozenset(["programs.read", "members.read", "points.read", "approvals.read"]),
+    ),
+    "auditor": ("Auditor", "审计员", frozenset(["programs.read", "audit.read"])),
+    "cashier": (
+        "Cashier",
+        "收银员",
+        frozenset(
+            [
+                "programs.read",
+                "members.read",
+                "points.read",
+                "points.earn",
+                "points.spend",
+                "points.refund",
+            ]
+        ),
+    ),
+}
+
+MEMBER_PERMISSIONS = frozenset(["members.read", "members.write", "points.read", "points.transfer"])
+"""What a signed-in member may do, and only to itself."""
+
+API_KEY_PERMISSIONS = frozenset(
+    ["members.read", "members.write", "points.read", "points.earn", "points.spend",
+     "points.refund", "points.reverse", "points.transfer", "points.freeze"]
+)  # fmt: skip
+"""What an API key may be given: the integration surface, never staff administration."""
+
+DEFAULT_API_KEY_PERMISSIONS = frozenset(
+    ["members.read", "members.write", "points.read", "points.earn", "points.spend",
+     "points.refund", "points.reverse"]
+)  # fmt: skip
+
+
+def is_write(permission: str) -> bool:
+    return permission not in READ_ONLY_PERMISSIONS
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Permissions in a scope: a programme (None: all), a merchant and a store (None: all)."""
+
+    permissions: frozenset[str]
+    program_id: int | None = None
+    merchant: str | None = None
+    store: str | None = None
+    role: str = ""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a staff user, a member or an API key, with what it may do."""
+
+    kind: str  # "staff", "member", "key"
+    id: int
+    name: str
+    """For the audit log and ledger ``actor``: ``staff:alice``, ``member:42``, ``key:jf_ab12``."""
+    grants: tuple[Grant, ...] = ()
+    program_id: int | None = None
+    """A member's or an API key's own programme."""
+    member_id: int | None = None
+    api_key_id: int | None = None
+    session_id: int | None = None
+    roles: tuple[str, ...] = field(default=())
+
+    @property
+    def scope(self) -> str:
+        """Namespace of this principal's idempotency keys."""
+        return f"{self.kind}:{self.id}"
+
+    def allows(
+        self, permission: str, *, program_id: int | None, merchant: str | None = None
+    ) -> Grant | None:
+        """The grant that allows ``permission`` in that programme and merchant, if any."""
+        for grant in self.grants:
+            if permission not in grant.permissions:
+                continue
+            if grant.program_id is not None and grant.program_id != program_id:
+                continue
+            if grant.merchant is not None and merchant is not None and grant.merchant != merchant:
+                continue
+            return grant
+        return None
+
+    def programs(self, permission: str) -> set[int] | None:
+        """Programmes where ``permission`` is held; None means every programme."""
+        found: set[int] = set()
+        for grant in self.grants:
+            if permission in grant.permissions:
+                if grant.program_id is None:
+                    return None
+                found.add(grant.program_id)
+        return found

@@ -1,0 +1,64 @@
+"""Keyed hashes and field encryption, both from the installation's secret key.
+
+Personal data that staff must be able to look up but that must not leak (phone numbers, ID
+numbers) is stored twice: a keyed hash to find it, and an AES-GCM ciphertext (Fernet) to
+show it to permitted staff. Secrets that are only ever compared (API key secrets, session
+tokens, one-time codes) are stored as keyed hashes alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from functools import lru_cache
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from jifen.settings import get_settings, secret_key
+
+
+def _derive(purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(
+        secret_key(get_settings())
+    )
+
+
+@lru_cache(maxsize=1)
+def _hash_key() -> bytes:
+    return _derive(b"jifen keyed hash v1")
+
+
+@lru_cache(maxsize=1)
+def _fernet() -> Fernet:
+    return Fernet(base64.urlsafe_b64encode(_derive(b"jifen field encryption v1")))
+
+
+def keyed_hash(value: str) -> str:
+    """HMAC-SHA256 of ``value`` under the installation's key, as 64 hex digits."""
+    return hmac.new(_hash_key(), value.encode(), hashlib.sha256).hexdigest()
+
+
+def same_hash(value: str, stored: str) -> bool:
+    """Whether ``value`` hashes to ``stored``, in constant time."""
+    return hmac.compare_digest(keyed_hash(value), stored)
+
+
+def encrypt(value: str) -> str:
+    return _fernet().encrypt(value.encode()).decode()
+
+
+def decrypt(token: str) -> str:
+    """The plain text of ``token``; raises ValueError if it was not made with this key."""
+    try:
+        return _fernet().decrypt(token.encode()).decode()
+    except InvalidToken as exc:
+        raise ValueError("the encrypted field cannot be read with this installation's key") from exc
+
+
+def forget_keys() -> None:
+    """Drop the derived keys (tests that change ``JIFEN_SECRET_KEY``)."""
+    _hash_key.cache_clear()
+    _fernet.cache_clear()

@@ -1,0 +1,46 @@
+"""HTTP routes of programmes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from jifen.api.deps import Context, Read, Write
+from jifen.api.schemas import Page
+from jifen.programs import service
+from jifen.programs.schemas import ProgramCreate, ProgramRead
+
+router = APIRouter(tags=["programmes"])
+
+
+@router.get("/programs")
+def list_programs(ctx: Annotated[Context, Depends(Read("programs.read"))]) -> Page[ProgramRead]:
+    """The programmes the caller can see."""
+    visible = ctx.principal.programs("programs.read")
+    items = ctx.db.run(service.list_programs, read_only=True)
+    return Page(items=[p for p in items if visible is None or p.id in visible])
+
+
+@router.post("/programs", status_code=201, response_model=ProgramRead)
+def create_program(
+    body: ProgramCreate, ctx: Annotated[Context, Depends(Write("programs.write"))]
+) -> JSONResponse:
+    """Create a programme with its own system accounts."""
+    return ctx.execute(
+        lambda uow: service.create_program(
+            uow, code=body.code, name=body.name, time_zone=body.time_zone
+        ),
+        target=f"program:{body.code}",
+        status=201,
+    )
+
+
+@router.get("/programs/{program}")
+def get_program(
+    program: str, ctx: Annotated[Context, Depends(Read("programs.read"))]
+) -> ProgramRead:
+    """One programme, by its code."""
+    assert ctx.program is not None
+    return ctx.db.run(lambda uow: service.get_program(uow, code=program), read_only=True)

@@ -1,0 +1,57 @@
+"""The API's conventions: problem answers, authentication, idempotent writes, health."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi.testclient import TestClient
+
+from jifen.db.uow import Database
+from tests.api import support
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_no_credentials_is_a_401_problem_in_the_callers_language(client: TestClient) -> None:
+    # when a route is called without credentials
+    answer = client.get("/v1/programs", headers={"Accept-Language": "zh-CN,zh;q=0.9"})
+    # then it is a problem+json 401 with a stable code and a Chinese detail
+    assert answer.status_code == 401
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert problem["code"] == "unauthenticated"
+    assert "凭据" in problem["detail"]
+
+
+def test_an_idempotent_write_replays_and_refuses_a_different_body(
+    client: TestClient, db: Database
+) -> None:
+    admin = support.staff(db, "super_admin")
+    code = f"p-{uuid.uuid4().hex[:8]}"
+    headers = {**admin, **support.key()}
+    body = {"code": code, "name": "Shop"}
+    # when the same creation is sent twice with one key
+    first = client.post("/v1/programs", json=body, headers=headers)
+    again = client.post("/v1/programs", json=body, headers=headers)
+    # then the second is the first's answer, replayed
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    # and another body with that key is refused
+    other = client.post("/v1/programs", json={**body, "name": "Other"}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["code"] == "idempotency_conflict"
+
+
+def test_unknown_fields_are_refused_per_field(client: TestClient, db: Database) -> None:
+    admin = support.staff(db, "super_admin")
+    answer = client.post(
+        "/v1/programs",
+        json={"code": "x1", "name": "X", "balance": 5},
+        headers={**admin, **support.key()},
+    )
+    assert answer.status_code == 422
+    assert [e["field"] for e in answer.json()["errors"]] == ["body.balance"]
