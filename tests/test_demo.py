@@ -138,7 +138,7 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
     assert "6 members, " in output
     code, output = jifen(url, "db", "current")
     assert code == 0
-    assert "current: 0001" in output
+    assert "current: 0002" in output
 
 
 def test_jifen_demo_reset_refuses_a_database_that_is_not_embedded() -> None:
