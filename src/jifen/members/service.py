@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import func, select
 
 from jifen.db.uow import UnitOfWork
-from jifen.errors import DuplicateReference, InvalidInput, UnknownMember
+from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
 from jifen.members.models import members
 from jifen.members.schemas import MemberRead
 from jifen.points import service as points_service
@@ -57,6 +57,24 @@ def get_member_by_id(uow: UnitOfWork, *, member_id: int) -> MemberRead:
     if row is None:
         raise UnknownMember(member_id=member_id)
     return MemberRead.model_validate(row._mapping)
+
+
+def require_member(
+    uow: UnitOfWork, *, program_id: int, member_id: int, transacting: bool = False
+) -> MemberRead:
+    """The member, if it belongs to the programme; with ``transacting``, only if its state
+    lets it earn and spend (active)."""
+    member = get_member_by_id(uow, member_id=member_id)
+    if member.program_id != program_id:
+        raise UnknownMember(member_id=member_id)
+    if transacting and member.state != "active":
+        raise StateConflict(
+            problem=f"Member {member_id} is {member.state}: it cannot earn or spend until "
+            "staff make it active again.",
+            problem_zh=f"会员 {member_id} 当前状态为 {member.state},"
+            "恢复正常状态前不能获取或使用积分。",
+        )
+    return member
 
 
 def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
