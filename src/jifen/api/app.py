@@ -55,6 +55,8 @@ def create_app(db: Database | None = None, settings: Settings | None = None) -> 
     problems.install(app)
 
     for module in (auth_api, programs_api, members_api, points_api, approvals_api, audit_api):
+        # Before including: the permission each route needs goes into its OpenAPI entry.
+        annotate_permissions(module.router)
         app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", tags=["health"], responses={503: {"model": problems.Problem}})
@@ -80,5 +82,4 @@ def create_app(db: Database | None = None, settings: Settings | None = None) -> 
             return problems.problem(503, "not_ready", "rate-limit store (Redis) unreachable")
         return JSONResponse({"status": "ready"})
 
-    annotate_permissions(app)
     return app

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -302,9 +302,9 @@ async def request_fingerprint(request: Request) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def annotate_permissions(app: FastAPI) -> None:
+def annotate_permissions(router: APIRouter) -> None:
     """Write each route's permission into its OpenAPI operation (``x-permission``)."""
-    for route in app.routes:
+    for route in router.routes:
         if not isinstance(route, APIRoute):
             continue
         for dependency in route.dependant.dependencies:

@@ -178,7 +178,9 @@ class Principal:
         for grant in self.grants:
             if permission not in grant.permissions:
                 continue
-            if grant.program_id is not None and grant.program_id != program_id:
+            # A route outside any programme (lists, staff, audit) is open to every grant of
+            # the permission; its handler shows only the programmes the grants cover.
+            if program_id is not None and grant.program_id not in (None, program_id):
                 continue
             if grant.merchant is not None and merchant is not None and grant.merchant != merchant:
                 continue
