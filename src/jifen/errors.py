@@ -9,12 +9,14 @@
     ├── NotFound
     │   ├── UnknownMember
     │   ├── UnknownPosting
-    │   └── UnknownProgram
+    │   ├── UnknownProgram
+    │   └── UnknownApproval
     ├── Refused                     well-formed, but the rules forbid it now
     │   ├── InsufficientPoints
     │   ├── ExceedsOriginal         refund / reversal / unfreeze larger than what is open
     │   ├── IdempotencyConflict     a key reused for a different request
-    │   └── DuplicateReference
+    │   ├── DuplicateReference
+    │   └── StateConflict           the target's state does not allow it (member, approval)
     ├── LedgerCorrupt               stored history contradicts itself
     ├── Unauthenticated             no valid credentials (HTTP 401)
     │   └── SignInLocked            too many failed sign-ins: slowed, then locked (429)
@@ -83,6 +85,12 @@ class StateConflict(Refused):
     zh = "{problem_zh}"
 
 
+class UnknownApproval(NotFound):
+    code = "unknown_approval"
+    en = "There is no approval request {approval_id} in this programme. Check the id."
+    zh = "本计划中不存在编号为 {approval_id} 的审批申请。请检查编号。"
+
+
 class AuditCorrupt(JifenError):
     code = "audit_corrupt"
     en = "The audit log is inconsistent: {problem}. Run `jifen audit verify`."
@@ -113,6 +121,7 @@ __all__ = [
     "SignInLocked",
     "StateConflict",
     "Unauthenticated",
+    "UnknownApproval",
     "UnknownMember",
     "UnknownPosting",
     "UnknownProgram",

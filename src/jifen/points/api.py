@@ -1,7 +1,442 @@
-"""HTTP routes of the points domain."""
+"""HTTP routes of the points domain: balances, lots, history and every change of points.
+
+Each write checks, in the transaction that posts, that the members it names belong to the
+programme (and, to earn, spend or transfer, are active), posts through the points service
+with the request's ledger key, and records the merchant and store it was made for. Manual
+adjustments above the programme's threshold and clearing a member's points are filed as
+approval requests instead (202).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from jifen.api.deps import Context, Read, Write
+from jifen.approvals import service as approvals_service
+from jifen.approvals.api import requester
+from jifen.approvals.schemas import ApprovalRead
+from jifen.db.uow import UnitOfWork
+from jifen.errors import Forbidden, InvalidInput, StateConflict
+from jifen.members import service as members_service
+from jifen.points import service
+from jifen.points.schemas import (
+    LATEST,
+    AdjustCreate,
+    BalanceSummary,
+    ClearCreate,
+    EarnCreate,
+    FreezeCreate,
+    GiveBackCreate,
+    HistoryPage,
+    Instant,
+    LotRead,
+    PostingRead,
+    SpendCreate,
+    TransferCreate,
+)
+from jifen.programs import service as programs_service
+from jifen.programs.schemas import ProgramSettings
 
 router = APIRouter(tags=["points"])
+
+MEMBER = "/programs/{program}/members/{member_id}"
+POSTING = "/programs/{program}/postings/{posting_id}"
+
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+KindName = Literal[
+    "earn", "spend", "refund", "reverse", "adjust", "transfer", "freeze", "unfreeze", "expire"
+]
+APPROVAL: dict[int | str, dict[str, Any]] = {
+    202: {"model": ApprovalRead, "description": "Filed for a second person's approval"}
+}
+
+
+def _member(uow: UnitOfWork, ctx: Context, member_id: int, *, transacting: bool = False) -> None:
+    members_service.require_member(
+        uow, program_id=ctx.program_id, member_id=member_id, transacting=transacting
+    )
+
+
+def _settings(ctx: Context) -> ProgramSettings:
+    return ctx.db.run(
+        lambda uow: programs_service.get_settings(uow, program_id=ctx.program_id), read_only=True
+    )
+
+
+# --------------------------------------------------------------------------- reads
+
+
+@router.get(f"{MEMBER}/points", response_model=BalanceSummary)
+def get_balance(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("points.read"))]
+) -> BalanceSummary:
+    """Balance, what is available, pending, overdue, frozen and owed, and what expires when."""
+
+    def read(uow: UnitOfWork) -> BalanceSummary:
+        _member(uow, ctx, member_id)
+        return service.balance(uow, member_id=member_id)
+
+    return ctx.db.run(read, read_only=True)
+
+
+@router.get(f"{MEMBER}/points/lots", response_model=list[LotRead])
+def list_lots(
+    program: str,
+    member_id: Id,
+    ctx: Annotated[Context, Depends(Read("points.read"))],
+    open_only: bool = True,
+) -> list[LotRead]:
+    """The member's lots, earliest expiry first; ``open_only`` leaves out spent ones."""
+
+    def read(uow: UnitOfWork) -> list[LotRead]:
+        _member(uow, ctx, member_id)
+        return service.member_lots(uow, member_id=member_id, open_only=open_only)
+
+    return ctx.db.run(read, read_only=True)
+
+
+@router.get(f"{MEMBER}/points/history", response_model=HistoryPage)
+def get_history(
+    program: str,
+    member_id: Id,
+    ctx: Annotated[Context, Depends(Read("points.read"))],
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    kind: Annotated[list[KindName] | None, Query()] = None,
+    since: Annotated[Instant | None, Query()] = None,
+    until: Annotated[Instant | None, Query()] = None,
+) -> HistoryPage:
+    """The member's postings, newest first; filter by ``kind`` (repeatable) and time."""
+
+    def read(uow: UnitOfWork) -> HistoryPage:
+        _member(uow, ctx, member_id)
+        return service.history(
+            uow,
+            member_id=member_id,
+            cursor=cursor,
+            limit=limit,
+            kinds=kind,
+            since=since,
+            until=until,
+        )
+
+    return ctx.db.run(read, read_only=True)
+
+
+@router.get(POSTING, response_model=PostingRead)
+def get_posting(
+    program: str, posting_id: Id, ctx: Annotated[Context, Depends(Read("points.read"))]
+) -> PostingRead:
+    """One posting of the programme."""
+    return ctx.db.run(
+        lambda uow: service.get_posting(uow, program_id=ctx.program_id, posting_id=posting_id),
+        read_only=True,
+    )
+
+
+# --------------------------------------------------------------------------- member writes
+
+
+def _default_expiry(
+    uow: UnitOfWork, ctx: Context, available_at: datetime | None, days: int | None
+) -> datetime | None:
+    """The end of the programme's calendar day ``days`` after the points become available.
+
+    A whole day, not an instant, so that twins of one request compute the same expiry.
+    """
+    if days is None:
+        return None
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=ctx.program_id))
+    start = max(uow.clock.now(), available_at) if available_at else uow.clock.now()
+    day = start.astimezone(zone).date() + timedelta(days=days + 1)
+    expires_at = datetime(day.year, day.month, day.day, tzinfo=zone)
+    if expires_at >= LATEST:
+        raise InvalidInput(
+            field="available_at", problem="too far in the future to give the points a validity"
+        )
+    return expires_at
+
+
+@router.post(f"{MEMBER}/points/earn", status_code=201, response_model=PostingRead)
+def earn(
+    program: str,
+    member_id: Id,
+    body: EarnCreate,
+    ctx: Annotated[Context, Depends(Write("points.earn"))],
+) -> JSONResponse:
+    """Credit points; without ``expires_at`` they keep the programme's default validity."""
+    merchant, store = ctx.merchant(body.merchant, body.store)
+    validity = _settings(ctx).default_validity_days if body.expires_at is None else None
+
+    def post(uow: UnitOfWork) -> PostingRead:
+        _member(uow, ctx, member_id, transacting=True)
+        expires_at = body.expires_at or _default_expiry(uow, ctx, body.available_at, validity)
+        posting = service.earn(
+            uow,
+            member_id=member_id,
+            amount=body.amount,
+            key=ctx.ledger_key(),
+            available_at=body.available_at,
+            expires_at=expires_at,
+            reason=body.reason,
+            actor=ctx.actor,
+        )
+        service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
+        return posting
+
+    return ctx.execute(post, target=f"member:{member_id}", status=201)
+
+
+@router.post(f"{MEMBER}/points/spend", status_code=201, response_model=PostingRead)
+def spend(
+    program: str,
+    member_id: Id,
+    body: SpendCreate,
+    ctx: Annotated[Context, Depends(Write("points.spend"))],
+) -> JSONResponse:
+    """Debit spendable points, earliest-expiring first."""
+    merchant, store = ctx.merchant(body.merchant, body.store)
+
+    def post(uow: UnitOfWork) -> PostingRead:
+        _member(uow, ctx, member_id, transacting=True)
+        posting = service.spend(
+            uow,
+            member_id=member_id,
+            amount=body.amount,
+            key=ctx.ledger_key(),
+            reason=body.reason,
+            actor=ctx.actor,
+        )
+        service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
+        return posting
+
+    return ctx.execute(post, target=f"member:{member_id}", status=201)
+
+
+@router.post(
+    f"{MEMBER}/points/adjust", status_code=201, response_model=PostingRead, responses=APPROVAL
+)
+def adjust(
+    program: str,
+    member_id: Id,
+    body: AdjustCreate,
+    ctx: Annotated[Context, Depends(Write("points.adjust"))],
+) -> JSONResponse:
+    """A manual correction; above the programme's threshold it waits for approval (202)."""
+    threshold = _settings(ctx).adjust_approval_threshold
+    if abs(body.amount) > threshold:
+        requested_by = requester(ctx)
+
+        def file(uow: UnitOfWork) -> ApprovalRead:
+            _member(uow, ctx, member_id)
+            return approvals_service.request(
+                uow,
+                program_id=ctx.program_id,
+                action="points.adjust",
+                params={
+                    "member_id": member_id,
+                    "amount": body.amount,
+                    "reason": body.reason,
+                    "expires_at": body.expires_at.isoformat() if body.expires_at else None,
+                    "actor": ctx.actor,
+                },
+                summary=f"Adjust member {member_id} by {body.amount:+d} points: {body.reason}",
+                requested_by=requested_by,
+            )
+
+        return ctx.execute(file, target=f"member:{member_id}", status=202)
+
+    def post(uow: UnitOfWork) -> PostingRead:
+        _member(uow, ctx, member_id)
+        return service.adjust(
+            uow,
+            member_id=member_id,
+            amount=body.amount,
+            key=ctx.ledger_key(),
+            reason=body.reason,
+            actor=ctx.actor,
+            expires_at=body.expires_at,
+        )
+
+    return ctx.execute(post, target=f"member:{member_id}", status=201)
+
+
+@router.post(f"{MEMBER}/points/freeze", status_code=201, response_model=PostingRead)
+def freeze(
+    program: str,
+    member_id: Id,
+    body: FreezeCreate,
+    ctx: Annotated[Context, Depends(Write("points.freeze"))],
+) -> JSONResponse:
+    """Hold spendable points away from the member, for example during a review."""
+
+    def post(uow: UnitOfWork) -> PostingRead:
+        _member(uow, ctx, member_id)
+        return service.freeze(
+            uow,
+            member_id=member_id,
+            amount=body.amount,
+            key=ctx.ledger_key(),
+            reason=body.reason,
+            actor=ctx.actor,
+        )
+
+    return ctx.execute(post, target=f"member:{member_id}", status=201)
+
+
+@router.post(
+    f"{MEMBER}/points/clear", status_code=202, response_model=ApprovalRead, responses=APPROVAL
+)
+def clear(
+    program: str,
+    member_id: Id,
+    body: ClearCreate,
+    ctx: Annotated[Context, Depends(Write("points.clear"))],
+) -> JSONResponse:
+    """Request clearing the member's available points; executes when a second person approves."""
+    requested_by = requester(ctx)
+
+    def file(uow: UnitOfWork) -> ApprovalRead:
+        _member(uow, ctx, member_id)
+        return approvals_service.request(
+            uow,
+            program_id=ctx.program_id,
+            action="points.clear",
+            params={"member_id": member_id, "reason": body.reason, "actor": ctx.actor},
+            summary=f"Clear the available points of member {member_id}: {body.reason}",
+            requested_by=requested_by,
+        )
+
+    return ctx.execute(file, target=f"member:{member_id}", status=202)
+
+
+@router.post(f"{MEMBER}/points/transfer", status_code=201, response_model=PostingRead)
+def transfer(
+    program: str,
+    member_id: Id,
+    body: TransferCreate,
+    ctx: Annotated[Context, Depends(Write("points.transfer"))],
+) -> JSONResponse:
+    """Move spendable points to another member of the programme, where the programme allows."""
+    settings = _settings(ctx)
+    if not settings.transfers_enabled:
+        raise StateConflict(
+            problem="This programme does not allow transfers between members.",
+            problem_zh="本计划不允许会员之间转赠积分。",
+        )
+    if settings.transfer_max is not None and body.amount > settings.transfer_max:
+        raise StateConflict(
+            problem=f"A transfer may move at most {settings.transfer_max} points in this "
+            f"programme; {body.amount} were asked for.",
+            problem_zh=f"本计划单次转赠最多 {settings.transfer_max} 积分,本次申请 {body.amount}。",
+        )
+
+    def post(uow: UnitOfWork) -> PostingRead:
+        _member(uow, ctx, member_id, transacting=True)
+        _member(uow, ctx, body.to_member_id, transacting=True)
+        return service.transfer(
+            uow,
+            from_member_id=member_id,
+            to_member_id=body.to_member_id,
+            amount=body.amount,
+            key=ctx.ledger_key(),
+            reason=body.reason,
+            actor=ctx.actor,
+        )
+
+    return ctx.execute(post, target=f"member:{member_id}", status=201)
+
+
+# --------------------------------------------------------------------------- give-backs
+
+
+def _own_posting(
+    uow: UnitOfWork, ctx: Context, posting_id: int, *, check_merchant: bool
+) -> PostingRead:
+    """The programme's posting, if the caller's merchant scope covers the one who made it."""
+    posting = service.get_posting(uow, program_id=ctx.program_id, posting_id=posting_id)
+    scope = ctx.grant.merchant if ctx.grant is not None else None
+    if check_merchant and scope is not None:
+        origin, _ = service.origin_of(uow, posting_id=posting_id)
+        if origin != scope:
+            raise Forbidden(
+                problem=f"Posting {posting_id} was not made for merchant {scope!r}; these "
+                "credentials cannot give it back.",
+                problem_zh=f"记录 {posting_id} 不属于商户 {scope!r},该凭据无权退还或冲正。",
+            )
+    return posting
+
+
+def _give_back(
+    ctx: Context,
+    posting_id: int,
+    body: GiveBackCreate,
+    operation: Any,
+    *,
+    check_merchant: bool = True,
+) -> JSONResponse:
+    merchant, store = ctx.merchant(None)
+
+    def post(uow: UnitOfWork) -> PostingRead:
+        original = _own_posting(uow, ctx, posting_id, check_merchant=check_merchant)
+        posting: PostingRead = operation(
+            uow,
+            posting_id,
+            key=ctx.ledger_key(),
+            amount=body.amount,
+            reason=body.reason,
+            actor=ctx.actor,
+        )
+        service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
+        ctx.audit_before = {"posting_id": original.id, "kind": original.kind}
+        return posting
+
+    return ctx.execute(post, target=f"posting:{posting_id}", status=201)
+
+
+@router.post(f"{POSTING}/refund", status_code=201, response_model=PostingRead)
+def refund(
+    program: str,
+    posting_id: Id,
+    body: GiveBackCreate,
+    ctx: Annotated[Context, Depends(Write("points.refund"))],
+) -> JSONResponse:
+    """Give back all (no ``amount``) or part of a spend, to exactly the lots it took."""
+    return _give_back(
+        ctx, posting_id, body, lambda uow, p, **kw: service.refund(uow, spend_id=p, **kw)
+    )
+
+
+@router.post(f"{POSTING}/reverse", status_code=201, response_model=PostingRead)
+def reverse(
+    program: str,
+    posting_id: Id,
+    body: GiveBackCreate,
+    ctx: Annotated[Context, Depends(Write("points.reverse"))],
+) -> JSONResponse:
+    """Claw back all or part of an earning; what was already spent becomes debt."""
+    return _give_back(
+        ctx, posting_id, body, lambda uow, p, **kw: service.reverse(uow, earn_id=p, **kw)
+    )
+
+
+@router.post(f"{POSTING}/unfreeze", status_code=201, response_model=PostingRead)
+def unfreeze(
+    program: str,
+    posting_id: Id,
+    body: GiveBackCreate,
+    ctx: Annotated[Context, Depends(Write("points.freeze"))],
+) -> JSONResponse:
+    """Release all or part of a freeze back to the lots it held."""
+    return _give_back(
+        ctx,
+        posting_id,
+        body,
+        lambda uow, p, **kw: service.unfreeze(uow, freeze_id=p, **kw),
+        check_merchant=False,  # freezes are risk control, made for no merchant
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from jifen.api.schemas import RequestBody
 
 
 class _Read(BaseModel):
@@ -89,3 +92,90 @@ class HistoryPage(_Read):
     items: list[HistoryEntry]
     next_cursor: str | None
     """Pass back as ``cursor`` for the next (older) page; ``None`` on the last page."""
+
+
+# --------------------------------------------------------------------------- request bodies
+
+MAX_POINTS = 10**12
+"""The largest amount one request may move: far above any real posting, far below 2**63."""
+
+Amount = Annotated[int, Field(ge=1, le=MAX_POINTS, description="Points, a whole number > 0.")]
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _in_range(value: datetime) -> datetime:
+    # Far ends of the calendar cannot be shifted to UTC or stored; no real date is near them.
+    try:
+        in_utc = value.astimezone(UTC)
+    except OverflowError:
+        in_utc = None
+    if in_utc is None or not EARLIEST <= in_utc < LATEST:
+        raise ValueError("give a time between 1970 and 9000, with its UTC offset")
+    return value
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_in_range)]
+"""A point in time with its offset, within the years the ledger stores."""
+
+NO_NUL = r"^[^\x00]*$"
+"""Text fields refuse NUL, which PostgreSQL cannot store in text."""
+Reason = Annotated[str, Field(max_length=500, pattern=NO_NUL)]
+RequiredReason = Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
+Merchant = Annotated[str | None, Field(min_length=1, max_length=64, pattern=NO_NUL)]
+
+
+class EarnCreate(RequestBody):
+    amount: Amount
+    available_at: Instant | None = None
+    """Pending until then (for example the end of the return window); default: now."""
+    expires_at: Instant | None = None
+    """When the points lapse; default: never."""
+    reason: Reason = ""
+    merchant: Merchant = None
+    store: Merchant = None
+
+
+class SpendCreate(RequestBody):
+    amount: Amount
+    reason: Reason = ""
+    merchant: Merchant = None
+    store: Merchant = None
+
+
+class AdjustCreate(RequestBody):
+    amount: int = Field(ge=-MAX_POINTS, le=MAX_POINTS)
+    """Positive credits, negative debits; never 0. Above the programme's threshold (in
+    absolute value) the adjustment waits for a second person's approval."""
+    reason: RequiredReason
+    expires_at: Instant | None = None
+
+    @field_validator("amount")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("an adjustment of 0 points changes nothing; give a non-zero amount")
+        return value
+
+
+class FreezeCreate(RequestBody):
+    amount: Amount
+    reason: RequiredReason
+
+
+class ClearCreate(RequestBody):
+    reason: RequiredReason
+
+
+class TransferCreate(RequestBody):
+    to_member_id: int = Field(ge=1, le=2**63 - 1)
+    amount: Amount
+    reason: Reason = ""
+
+
+class GiveBackCreate(RequestBody):
+    """A refund, reversal or unfreeze of an earlier posting: all of what is open (no
+    ``amount``) or part of it."""
+
+    amount: int | None = Field(None, ge=1, le=MAX_POINTS)
+    reason: Reason = ""

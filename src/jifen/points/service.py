@@ -41,7 +41,15 @@ from jifen.ledger import (
     SystemAccount,
 )
 from jifen.points import store
-from jifen.points.models import accounts, allocations, chain_entries, lines, lots, postings
+from jifen.points.models import (
+    accounts,
+    allocations,
+    chain_entries,
+    lines,
+    lots,
+    posting_origins,
+    postings,
+)
 from jifen.points.schemas import (
     BalanceSummary,
     ExpiringAmount,
@@ -842,9 +850,10 @@ def _decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, seq = text.split(":")
-        if prefix != "seq":
-            raise ValueError(prefix)
-        return int(seq)
+        number = int(seq)
+        if prefix != "seq" or not 0 <= number < 2**63:  # beyond BIGINT: not one of ours
+            raise ValueError(text)
+        return number
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(
             field="cursor", problem="not a cursor this API gave out; start again without one"
@@ -951,3 +960,39 @@ def posting_counts(uow: UnitOfWork, *, program_id: int) -> dict[str, int]:
         .group_by(postings.c.kind)
     )
     return {kind: int(count) for kind, count in rows}
+
+
+def get_posting(uow: UnitOfWork, *, program_id: int, posting_id: int) -> PostingRead:
+    """One posting of the programme; a posting of another programme is not found here."""
+    row = uow.conn.execute(
+        select(postings).where(postings.c.id == posting_id, postings.c.program_id == program_id)
+    ).one_or_none()
+    if row is None:
+        raise UnknownPosting(posting_id=posting_id, expected="points", expected_zh="积分")
+    return _posting_read(uow, row, replayed=False)
+
+
+def record_origin(
+    uow: UnitOfWork, *, posting_id: int, merchant: str | None, store: str | None
+) -> None:
+    """Remember the merchant and store a posting was made for (nothing when neither)."""
+    if merchant is None and store is None:
+        return
+    exists = uow.conn.execute(
+        select(posting_origins.c.posting_id).where(posting_origins.c.posting_id == posting_id)
+    ).first()
+    if exists is None:  # a replayed posting already has its origin
+        uow.conn.execute(
+            posting_origins.insert(),
+            {"posting_id": posting_id, "merchant": merchant, "store": store},
+        )
+
+
+def origin_of(uow: UnitOfWork, *, posting_id: int) -> tuple[str | None, str | None]:
+    """The merchant and store a posting was made for; ``(None, None)`` when not recorded."""
+    row = uow.conn.execute(
+        select(posting_origins.c.merchant, posting_origins.c.store).where(
+            posting_origins.c.posting_id == posting_id
+        )
+    ).one_or_none()
+    return (row.merchant, row.store) if row is not None else (None, None)

@@ -9,8 +9,12 @@ from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Read, Write
 from jifen.api.schemas import Page
+from jifen.approvals import service as approvals_service
+from jifen.approvals.api import requester
+from jifen.approvals.schemas import ApprovalRead
+from jifen.db.uow import UnitOfWork
 from jifen.programs import service
-from jifen.programs.schemas import ProgramCreate, ProgramRead
+from jifen.programs.schemas import ProgramCreate, ProgramRead, ProgramSettings
 
 router = APIRouter(tags=["programmes"])
 
@@ -44,3 +48,40 @@ def get_program(
     """One programme, by its code."""
     assert ctx.program is not None
     return ctx.db.run(lambda uow: service.get_program(uow, code=program), read_only=True)
+
+
+@router.get("/programs/{program}/settings", response_model=ProgramSettings)
+def get_settings(
+    program: str, ctx: Annotated[Context, Depends(Read("programs.read"))]
+) -> ProgramSettings:
+    """The programme's policy: approval threshold, transfers, return window, validity."""
+    return ctx.db.run(
+        lambda uow: service.get_settings(uow, program_id=ctx.program_id), read_only=True
+    )
+
+
+@router.put(
+    "/programs/{program}/settings",
+    status_code=202,
+    response_model=ApprovalRead,
+    responses={202: {"model": ApprovalRead, "description": "Filed for a second person's approval"}},
+)
+def put_settings(
+    program: str,
+    body: ProgramSettings,
+    ctx: Annotated[Context, Depends(Write("programs.settings"))],
+) -> JSONResponse:
+    """Request new settings (the whole policy); they apply when a second person approves."""
+    requested_by = requester(ctx)
+
+    def file(uow: UnitOfWork) -> ApprovalRead:
+        return approvals_service.request(
+            uow,
+            program_id=ctx.program_id,
+            action="programs.settings",
+            params={"settings": body.model_dump(mode="json")},
+            summary=f"Change the settings of programme {program}",
+            requested_by=requested_by,
+        )
+
+    return ctx.execute(file, target=f"program:{program}", status=202)

@@ -25,3 +25,19 @@ class ProgramCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     time_zone: str = Field("Asia/Shanghai", max_length=64)
     """IANA time zone for calendar rules."""
+
+
+class ProgramSettings(RequestBody):
+    """A programme's policy. Read by anyone who may see the programme; changed only through
+    an approval (``PUT /programs/{program}/settings`` files the request)."""
+
+    adjust_approval_threshold: int = Field(1000, ge=0, le=10**12)
+    """Manual adjustments larger than this (in absolute points) need a second person."""
+    transfers_enabled: bool = True
+    """Whether members' points may be moved to other members."""
+    transfer_max: int | None = Field(None, ge=1, le=10**12)
+    """The most points one transfer may move; ``None``: no limit."""
+    return_window_days: int = Field(7, ge=0, le=365)
+    """Days an order's points stay pending, while the goods may still be returned."""
+    default_validity_days: int | None = Field(365, ge=1, le=36500)
+    """Days earned points stay valid when an earning names no expiry; ``None``: forever."""

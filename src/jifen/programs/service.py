@@ -9,7 +9,7 @@ from sqlalchemy import select
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
-from jifen.programs.schemas import ProgramRead
+from jifen.programs.schemas import ProgramRead, ProgramSettings
 
 
 def create_program(
@@ -63,3 +63,27 @@ def time_zone(uow: UnitOfWork, *, program_id: int) -> str:
             raise UnknownProgram(program=program_id)
         uow.cache[cache_key] = zone
     return zone
+
+
+def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
+    """The programme's policy; what was never set has its default."""
+    stored = uow.conn.execute(
+        select(programs.c.settings).where(programs.c.id == program_id)
+    ).scalar_one_or_none()
+    if stored is None:
+        raise UnknownProgram(program=program_id)
+    known = set(ProgramSettings.model_fields)
+    # A key an older release wrote and this one dropped must not make the settings unreadable.
+    return ProgramSettings.model_validate({k: v for k, v in dict(stored).items() if k in known})
+
+
+def set_settings(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> ProgramSettings:
+    """Replace the programme's policy (callers go through an approval)."""
+    result = uow.conn.execute(
+        programs.update()
+        .where(programs.c.id == program_id)
+        .values(settings=settings.model_dump(mode="json"))
+    )
+    if result.rowcount != 1:
+        raise UnknownProgram(program=program_id)
+    return settings

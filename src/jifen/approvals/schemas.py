@@ -1,0 +1,42 @@
+"""What the approvals use cases take and answer with."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jifen.api.schemas import RequestBody
+from jifen.points.schemas import NO_NUL
+
+ApprovalAction = Literal["points.adjust", "points.clear", "programs.settings"]
+ApprovalStatus = Literal["pending", "approved", "rejected", "failed"]
+
+
+class ApprovalRead(BaseModel):
+    """A maker–checker request: what would execute, who asked, who decided, what came of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    program_id: int
+    action: ApprovalAction
+    params: dict[str, Any]
+    """What executes on approval."""
+    summary: str
+    status: ApprovalStatus
+    requested_by: int
+    """The staff user who asked."""
+    requested_at: datetime
+    decided_by: int | None = None
+    decided_at: datetime | None = None
+    decision_note: str = ""
+    result: dict[str, Any] | None = None
+    """What the execution produced (the posting, the new settings), or, when it failed, the
+    error: ``code``, ``message`` and ``message_zh``."""
+
+
+class ApprovalDecision(RequestBody):
+    note: str = Field("", max_length=1000, pattern=NO_NUL)
+    """Why, for the record."""

@@ -1,0 +1,244 @@
+"""Maker–checker: a sensitive change is filed as a request and executes, exactly once, when
+a second staff user approves it.
+
+Exactly once rests on two guards in the approving transaction: the request moves from
+``pending`` to ``approved`` by a conditional update that only one transaction can win, and
+a ledger write made on approval uses the key ``approval:<id>``, which the ledger accepts
+once. The execution runs in a savepoint: when the rules refuse it (the balance fell below
+the adjustment), its writes are undone while the request is kept, marked ``failed`` with
+the error, so that the requester sees why.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Row
+
+from jifen.approvals.models import approvals
+from jifen.approvals.schemas import ApprovalAction, ApprovalRead, ApprovalStatus
+from jifen.db.uow import UnitOfWork
+from jifen.errors import Forbidden, InvalidInput, JifenError, StateConflict, UnknownApproval
+from jifen.members import service as members_service
+from jifen.points import service as points_service
+from jifen.programs import service as programs_service
+from jifen.programs.schemas import ProgramSettings
+
+
+def request(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    action: ApprovalAction,
+    params: dict[str, Any],
+    summary: str,
+    requested_by: int,
+) -> ApprovalRead:
+    """File a request; nothing executes until another staff user approves it."""
+    if action not in _EXECUTORS:
+        raise InvalidInput(
+            field="action", problem=f"{action!r} is not a change that needs approval"
+        )
+    now = uow.clock.now()
+    approval_id = uow.conn.execute(
+        approvals.insert().returning(approvals.c.id),
+        {
+            "program_id": program_id,
+            "action": action,
+            "params": params,
+            "summary": summary,
+            "status": "pending",
+            "requested_by": requested_by,
+            "requested_at": now,
+        },
+    ).scalar_one()
+    return get(uow, program_id=program_id, approval_id=int(approval_id))
+
+
+def get(uow: UnitOfWork, *, program_id: int, approval_id: int) -> ApprovalRead:
+    """One request of the programme."""
+    return _read(_row(uow, program_id, approval_id))
+
+
+def list_approvals(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    status: ApprovalStatus | None = None,
+    action: ApprovalAction | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[list[ApprovalRead], str | None]:
+    """The programme's requests, newest first, and the cursor of the next page (if any)."""
+    query = select(approvals).where(approvals.c.program_id == program_id)
+    if status is not None:
+        query = query.where(approvals.c.status == status)
+    if action is not None:
+        query = query.where(approvals.c.action == action)
+    if cursor is not None:
+        query = query.where(approvals.c.id < _decode_cursor(cursor))
+    rows = uow.conn.execute(query.order_by(approvals.c.id.desc()).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = _encode_cursor(page[-1].id) if len(rows) > limit and page else None
+    return [_read(row) for row in page], next_cursor
+
+
+def approve(
+    uow: UnitOfWork, *, approval_id: int, program_id: int, decided_by: int, note: str = ""
+) -> ApprovalRead:
+    """Approve and execute the request, once. A refused execution leaves it ``failed``."""
+    row = _decide(uow, program_id, approval_id, decided_by, note, "approved")
+    execute = _EXECUTORS[row.action]
+    try:
+        # A savepoint: a refused execution's writes are undone, the decision is kept.
+        with uow.conn.begin_nested():
+            outcome = execute(uow, row)
+    except JifenError as exc:
+        outcome = {"code": exc.code, "message": exc.message("en"), "message_zh": exc.message("zh")}
+        uow.conn.execute(
+            approvals.update()
+            .where(approvals.c.id == approval_id)
+            .values(status="failed", result=outcome)
+        )
+    else:
+        uow.conn.execute(
+            approvals.update().where(approvals.c.id == approval_id).values(result=outcome)
+        )
+    return get(uow, program_id=program_id, approval_id=approval_id)
+
+
+def reject(
+    uow: UnitOfWork, *, approval_id: int, program_id: int, decided_by: int, note: str = ""
+) -> ApprovalRead:
+    """Reject the request: nothing executes."""
+    _decide(uow, program_id, approval_id, decided_by, note, "rejected")
+    return get(uow, program_id=program_id, approval_id=approval_id)
+
+
+# --------------------------------------------------------------------------- deciding
+
+
+def _decide(
+    uow: UnitOfWork,
+    program_id: int,
+    approval_id: int,
+    decided_by: int,
+    note: str,
+    status: str,
+) -> Row[Any]:
+    row = _row(uow, program_id, approval_id)
+    if row.requested_by == decided_by:
+        raise Forbidden(
+            problem=f"Approval request {approval_id} is your own; another person must decide it.",
+            problem_zh=f"审批申请 {approval_id} 是您本人提交的,须由他人审批。",
+        )
+    if row.status != "pending":
+        raise _already_decided(approval_id, row.status)
+    # Only one transaction can move the request out of 'pending': a concurrent twin waits on
+    # the row and then matches nothing.
+    moved = uow.conn.execute(
+        approvals.update()
+        .where(approvals.c.id == approval_id, approvals.c.status == "pending")
+        .values(
+            status=status, decided_by=decided_by, decided_at=uow.clock.now(), decision_note=note
+        )
+    )
+    if moved.rowcount != 1:
+        raise _already_decided(approval_id, "decided")
+    return row
+
+
+def _already_decided(approval_id: int, status: str) -> StateConflict:
+    return StateConflict(
+        problem=f"Approval request {approval_id} is already {status}; it can be decided only once.",
+        problem_zh=f"审批申请 {approval_id} 已处理({status}),只能审批一次。",
+    )
+
+
+# --------------------------------------------------------------------------- executing
+
+
+def _adjust(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
+    params = row.params
+    members_service.require_member(uow, program_id=row.program_id, member_id=params["member_id"])
+    expires_at = params.get("expires_at")
+    posting = points_service.adjust(
+        uow,
+        member_id=params["member_id"],
+        amount=params["amount"],
+        key=f"approval:{row.id}",
+        reason=params["reason"],
+        actor=params["actor"],
+        expires_at=datetime.fromisoformat(expires_at) if expires_at else None,
+    )
+    return {"posting": posting.model_dump(mode="json")}
+
+
+def _clear(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
+    params = row.params
+    member_id = params["member_id"]
+    members_service.require_member(uow, program_id=row.program_id, member_id=member_id)
+    # What is available when the request is approved, not when it was filed.
+    available = points_service.balance(uow, member_id=member_id).available
+    if available == 0:
+        return {"posting": None, "cleared": 0}
+    posting = points_service.adjust(
+        uow,
+        member_id=member_id,
+        amount=-available,
+        key=f"approval:{row.id}",
+        reason=params["reason"],
+        actor=params["actor"],
+    )
+    return {"posting": posting.model_dump(mode="json"), "cleared": available}
+
+
+def _settings(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
+    settings = ProgramSettings.model_validate(row.params["settings"])
+    programs_service.set_settings(uow, program_id=row.program_id, settings=settings)
+    return {"settings": settings.model_dump(mode="json")}
+
+
+_EXECUTORS: dict[str, Callable[[UnitOfWork, Row[Any]], dict[str, Any]]] = {
+    "points.adjust": _adjust,
+    "points.clear": _clear,
+    "programs.settings": _settings,
+}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _row(uow: UnitOfWork, program_id: int, approval_id: int) -> Row[Any]:
+    row = uow.conn.execute(
+        select(approvals).where(approvals.c.id == approval_id, approvals.c.program_id == program_id)
+    ).one_or_none()
+    if row is None:
+        raise UnknownApproval(approval_id=approval_id)
+    return row
+
+
+def _read(row: Row[Any]) -> ApprovalRead:
+    return ApprovalRead.model_validate(row._mapping)
+
+
+def _encode_cursor(approval_id: int) -> str:
+    return base64.urlsafe_b64encode(f"approval:{approval_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, value = text.split(":")
+        number = int(value)
+        if prefix != "approval" or not 0 < number < 2**63:
+            raise ValueError(text)
+        return number
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(
+            field="cursor", problem="not a cursor this API gave out; start again without one"
+        ) from exc

@@ -1,0 +1,244 @@
+"""Maker–checker over HTTP: large adjustments, clearing and settings wait for a second person,
+nobody approves their own request, and an approved request executes exactly once."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from jifen.api.app import create_app
+from jifen.db.uow import Database
+from jifen.points.models import postings
+from tests.api import support
+from tests.api.conftest import api_settings
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+
+class Desk:
+    """A programme with a member, an operator (the maker) and a reviewer (the checker)."""
+
+    def __init__(self, client: TestClient, db: Database) -> None:
+        self.client = client
+        self.db = db
+        self.program = new_program(db)
+        (self.member,) = new_members(db, self.program.id, 1)
+        self.operator = support.staff(db, "operator", program_id=self.program.id)
+        self.reviewer = support.staff(db, "reviewer", program_id=self.program.id)
+        self.base = f"/v1/programs/{self.program.code}"
+
+    def post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+        return self.client.post(self.base + path, json=body, headers={**headers, **support.key()})
+
+    def points(self, tail: str) -> str:
+        return f"/members/{self.member}/points{tail}"
+
+    def earn(self, amount: int) -> None:
+        answer = self.post(self.points("/earn"), {"amount": amount}, self.operator)
+        assert answer.status_code == 201, answer.text
+
+    def adjust(self, amount: int) -> Any:
+        return self.post(
+            self.points("/adjust"), {"amount": amount, "reason": "goodwill"}, self.operator
+        )
+
+    def decide(self, approval_id: int, verb: str, headers: dict[str, str] | None = None) -> Any:
+        return self.post(
+            f"/approvals/{approval_id}/{verb}", {"note": "checked"}, headers or self.reviewer
+        )
+
+    def balance(self) -> dict[str, Any]:
+        answer = self.client.get(self.base + self.points(""), headers=self.operator)
+        assert answer.status_code == 200, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def approval(self, approval_id: int) -> dict[str, Any]:
+        answer = self.client.get(f"{self.base}/approvals/{approval_id}", headers=self.reviewer)
+        assert answer.status_code == 200, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def posting_count(self) -> int:
+        return int(
+            self.db.run(
+                lambda uow: uow.conn.execute(
+                    select(func.count()).where(postings.c.program_id == self.program.id)
+                ).scalar_one()
+            )
+        )
+
+
+def test_a_large_adjustment_waits_for_another_person_and_executes_once(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    # a small adjustment (at most the default threshold of 1000) posts at once
+    small = desk.adjust(1000)
+    assert small.status_code == 201, small.text
+    assert small.json()["kind"] == "adjust"
+    # a larger one is filed for approval and changes nothing yet
+    filed = desk.adjust(5000)
+    assert filed.status_code == 202, filed.text
+    request = filed.json()
+    assert request["status"] == "pending" and request["action"] == "points.adjust"
+    assert desk.balance()["available"] == 1000
+    # the maker cannot approve it (operators lack approvals.decide) ...
+    assert desk.decide(request["id"], "approve", desk.operator).status_code == 403
+    # ... and neither can a checker approve their own request
+    admin = support.staff(db, "super_admin", program_id=desk.program.id)
+    own = desk.post(desk.points("/adjust"), {"amount": 2000, "reason": "mine"}, admin)
+    assert own.status_code == 202
+    self_approval = desk.decide(own.json()["id"], "approve", admin)
+    assert self_approval.status_code == 403
+    assert desk.approval(own.json()["id"])["status"] == "pending"
+    # another reviewer approves: posted once
+    approved = desk.decide(request["id"], "approve")
+    assert approved.status_code == 200, approved.text
+    decided = approved.json()
+    assert decided["status"] == "approved"
+    assert decided["result"]["posting"]["amount"] == 5000
+    assert desk.balance()["available"] == 6000
+    # approving again is refused and posts nothing
+    again = desk.decide(request["id"], "approve")
+    assert again.status_code == 409
+    assert again.json()["code"] == "state_conflict"
+    assert desk.balance()["available"] == 6000
+    assert desk.posting_count() == 2
+    # the queue lists the requests, filterable by status
+    pending = client.get(
+        f"{desk.base}/approvals", params={"status": "pending"}, headers=desk.reviewer
+    ).json()
+    assert [a["id"] for a in pending["items"]] == [own.json()["id"]]
+    assert_ledger_sound(db, desk.program.id)
+
+
+def test_concurrent_approvals_execute_once(pg: Database) -> None:
+    with TestClient(create_app(pg, api_settings())) as client:
+        desk = Desk(client, pg)
+        filed = desk.adjust(-5000)
+        desk.earn(9000)
+        assert filed.status_code == 202
+        reviewers = [support.staff(pg, "reviewer", program_id=desk.program.id) for _ in range(4)]
+        statuses: list[int] = []
+        barrier = threading.Barrier(len(reviewers))
+
+        def approve(headers: dict[str, str]) -> None:
+            barrier.wait()
+            statuses.append(desk.decide(filed.json()["id"], "approve", headers).status_code)
+
+        threads = [threading.Thread(target=approve, args=(h,)) for h in reviewers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # then one approval executed and the others were refused
+        assert sorted(statuses) == [200, 409, 409, 409]
+        assert desk.balance()["available"] == 4000
+        assert desk.posting_count() == 2
+        assert_ledger_sound(pg, desk.program.id)
+
+
+def test_clearing_via_approval_empties_the_available_balance(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    desk.earn(300)
+    filed = desk.post(desk.points("/clear"), {"reason": "account closed"}, desk.operator)
+    assert filed.status_code == 202, filed.text
+    # points earned after the request are cleared too: the balance at execution counts
+    desk.earn(200)
+    approved = desk.decide(filed.json()["id"], "approve")
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["result"]["cleared"] == 500
+    assert desk.balance()["available"] == 0
+    assert_ledger_sound(db, desk.program.id)
+
+
+def test_settings_change_only_through_an_approval(client: TestClient, db: Database) -> None:
+    desk = Desk(client, db)
+    url = f"{desk.base}/settings"
+    before = client.get(url, headers=desk.operator).json()
+    assert before["adjust_approval_threshold"] == 1000
+    # when new settings are put, they are only a request
+    wanted = {**before, "adjust_approval_threshold": 10}
+    filed = client.put(url, json=wanted, headers={**desk.operator, **support.key()})
+    assert filed.status_code == 202, filed.text
+    assert client.get(url, headers=desk.operator).json() == before
+    # and apply when a reviewer approves
+    assert desk.decide(filed.json()["id"], "approve").status_code == 200
+    assert client.get(url, headers=desk.operator).json() == wanted
+    # so that an adjustment of 11 now needs approval
+    assert desk.adjust(11).status_code == 202
+    # out-of-range settings are refused outright
+    bad = client.put(
+        url, json={"return_window_days": 400}, headers={**desk.operator, **support.key()}
+    )
+    assert bad.status_code == 422
+
+
+def test_a_rejected_request_executes_nothing(client: TestClient, db: Database) -> None:
+    desk = Desk(client, db)
+    filed = desk.adjust(5000)
+    rejected = desk.decide(filed.json()["id"], "reject")
+    assert rejected.status_code == 200, rejected.text
+    assert rejected.json()["status"] == "rejected"
+    assert rejected.json()["decision_note"] == "checked"
+    assert desk.decide(filed.json()["id"], "approve").status_code == 409
+    assert desk.balance()["balance"] == 0
+    assert desk.posting_count() == 0
+
+
+def test_a_failed_execution_is_recorded_as_failed(client: TestClient, db: Database) -> None:
+    desk = Desk(client, db)
+    # given a request to take away more points than the member will have
+    desk.earn(100)
+    filed = desk.adjust(-5000)
+    assert filed.status_code == 202
+    # when it is approved, the ledger refuses it
+    approved = client.post(
+        f"{desk.base}/approvals/{filed.json()['id']}/approve",
+        json={},
+        headers={**desk.reviewer, **support.key(), "Accept-Language": "zh"},
+    )
+    assert approved.status_code == 409
+    assert approved.json()["code"] == "insufficient_points"
+    assert "执行失败" in approved.json()["detail"]
+    # then the request is kept as failed, with the error, and nothing was posted
+    kept = desk.approval(filed.json()["id"])
+    assert kept["status"] == "failed"
+    assert kept["result"]["code"] == "insufficient_points"
+    assert desk.balance()["available"] == 100
+    assert desk.posting_count() == 1
+    assert_ledger_sound(db, desk.program.id)
+
+
+def test_only_staff_file_requests(client: TestClient, db: Database) -> None:
+    desk = Desk(client, db)
+    key = support.api_key(
+        db, desk.program.id, permissions=["points.read", "points.earn", "points.freeze"]
+    )
+    member = support.member(db, desk.member)
+    for headers in (key, member):
+        answer = desk.post(desk.points("/clear"), {"reason": "x"}, headers)
+        assert answer.status_code == 403
+    listed = client.get(f"{desk.base}/approvals", headers=desk.reviewer).json()
+    assert listed["items"] == []
+
+
+def test_the_queue_pages_with_a_cursor_and_an_unknown_request_is_not_found(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    filed = [desk.adjust(2000 + i).json()["id"] for i in range(3)]
+    url = f"{desk.base}/approvals"
+    first = client.get(url, params={"limit": 2}, headers=desk.reviewer).json()
+    second = client.get(
+        url, params={"limit": 2, "cursor": first["next_cursor"]}, headers=desk.reviewer
+    ).json()
+    assert [a["id"] for a in first["items"] + second["items"]] == filed[::-1]
+    assert second["next_cursor"] is None
+    assert client.get(f"{url}/{filed[-1] + 1000}", headers=desk.reviewer).status_code == 404
+    assert desk.decide(filed[-1] + 1000, "approve").status_code == 404

@@ -1,0 +1,296 @@
+"""The points ledger over HTTP: every change, idempotency, states, merchant scope."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from jifen.api.app import create_app
+from jifen.db.uow import Database
+from jifen.members.models import members
+from jifen.points.models import postings
+from tests.api import support
+from tests.api.conftest import api_settings
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+
+class Shop:
+    """A programme with two members and an operator, over one backend."""
+
+    def __init__(self, client: TestClient, db: Database) -> None:
+        self.client = client
+        self.db = db
+        self.program = new_program(db)
+        self.alice, self.bob = new_members(db, self.program.id, 2)
+        self.operator = support.staff(db, "operator", program_id=self.program.id)
+
+    def member_url(self, member_id: int, tail: str = "") -> str:
+        return f"/v1/programs/{self.program.code}/members/{member_id}/points{tail}"
+
+    def posting_url(self, posting_id: int, tail: str = "") -> str:
+        return f"/v1/programs/{self.program.code}/postings/{posting_id}{tail}"
+
+    def post(self, url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+        return self.client.post(
+            url, json=body, headers={**(headers or self.operator), **support.key()}
+        )
+
+    def earn(self, member_id: int, amount: int, **extra: Any) -> dict[str, Any]:
+        answer = self.post(self.member_url(member_id, "/earn"), {"amount": amount, **extra})
+        assert answer.status_code == 201, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def balance(self, member_id: int) -> dict[str, Any]:
+        answer = self.client.get(self.member_url(member_id), headers=self.operator)
+        assert answer.status_code == 200, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+
+def _shop(client: TestClient, db: Database) -> Shop:
+    return Shop(client, db)
+
+
+def test_earn_spend_refund_reverse_transfer_freeze_unfreeze_keep_the_ledger_sound(
+    client: TestClient, db: Database
+) -> None:
+    shop = _shop(client, db)
+    # given 1000 points earned by alice
+    earned = shop.earn(shop.alice, 1000, reason="order 1")
+    assert earned["kind"] == "earn" and earned["member_id"] == shop.alice
+    # when she spends, gets part refunded, has part of an earning reversed, transfers,
+    # and has points frozen and released
+    spent = shop.post(shop.member_url(shop.alice, "/spend"), {"amount": 300})
+    assert spent.status_code == 201, spent.text
+    refunded = shop.post(shop.posting_url(spent.json()["id"], "/refund"), {"amount": 100})
+    assert refunded.status_code == 201, refunded.text
+    assert refunded.json()["ref_posting_id"] == spent.json()["id"]
+    reversed_ = shop.post(shop.posting_url(earned["id"], "/reverse"), {"amount": 50})
+    assert reversed_.status_code == 201, reversed_.text
+    moved = shop.post(
+        shop.member_url(shop.alice, "/transfer"), {"to_member_id": shop.bob, "amount": 200}
+    )
+    assert moved.status_code == 201, moved.text
+    frozen = shop.post(shop.member_url(shop.alice, "/freeze"), {"amount": 150, "reason": "review"})
+    assert frozen.status_code == 201, frozen.text
+    after_freeze = shop.balance(shop.alice)
+    released = shop.post(shop.posting_url(frozen.json()["id"], "/unfreeze"), {"amount": 100})
+    assert released.status_code == 201, released.text
+    # then the balances are what the postings say
+    assert after_freeze["frozen"] == 150
+    alice = shop.balance(shop.alice)
+    assert alice["available"] == 1000 - 300 + 100 - 50 - 200 - 150 + 100
+    assert alice["frozen"] == 50
+    assert shop.balance(shop.bob)["available"] == 200
+    # and the history lists every posting, newest first, filterable by kind
+    history = client.get(shop.member_url(shop.alice, "/history"), headers=shop.operator).json()
+    assert [e["kind"] for e in history["items"]] == [
+        "unfreeze", "freeze", "transfer", "reverse", "refund", "spend", "earn",
+    ]  # fmt: skip
+    only = client.get(
+        shop.member_url(shop.alice, "/history"),
+        params={"kind": ["spend", "refund"]},
+        headers=shop.operator,
+    ).json()
+    assert [e["kind"] for e in only["items"]] == ["refund", "spend"]
+    # and one posting can be read back, but not through another programme
+    one = client.get(shop.posting_url(spent.json()["id"]), headers=shop.operator)
+    assert one.status_code == 200 and one.json()["amount"] == 300
+    other = new_program(db)
+    admin = support.staff(db, "super_admin")
+    elsewhere = client.get(
+        f"/v1/programs/{other.code}/postings/{spent.json()['id']}", headers=admin
+    )
+    assert elsewhere.status_code == 404
+    # and the ledger is sound
+    assert_ledger_sound(db, shop.program.id)
+
+
+def test_history_pages_with_a_cursor_and_lots_show_the_default_validity(
+    client: TestClient, db: Database
+) -> None:
+    shop = _shop(client, db)
+    for amount in (10, 20, 30):
+        shop.earn(shop.alice, amount)
+    first = client.get(
+        shop.member_url(shop.alice, "/history"), params={"limit": 2}, headers=shop.operator
+    ).json()
+    second = client.get(
+        shop.member_url(shop.alice, "/history"),
+        params={"limit": 2, "cursor": first["next_cursor"]},
+        headers=shop.operator,
+    ).json()
+    assert [e["amount"] for e in first["items"] + second["items"]] == [30, 20, 10]
+    assert second["next_cursor"] is None
+    lots = client.get(shop.member_url(shop.alice, "/lots"), headers=shop.operator).json()
+    # the programme default: valid 365 days, to the end of the day (Asia/Shanghai)
+    assert {datetime.fromisoformat(lot["expires_at"]) for lot in lots} == {
+        datetime(2027, 1, 2, tzinfo=ZoneInfo("Asia/Shanghai"))
+    }
+
+
+def test_a_replayed_earn_returns_the_first_posting_and_a_changed_body_is_refused(
+    client: TestClient, db: Database
+) -> None:
+    shop = _shop(client, db)
+    headers = {**shop.operator, **support.key()}
+    url = shop.member_url(shop.alice, "/earn")
+    # when the same earn is sent twice with one key
+    first = client.post(url, json={"amount": 70}, headers=headers)
+    again = client.post(url, json={"amount": 70}, headers=headers)
+    # then the second is the first's answer, replayed, and only one posting exists
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert shop.balance(shop.alice)["available"] == 70
+    # and another body with that key is refused
+    other = client.post(url, json={"amount": 71}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["code"] == "idempotency_conflict"
+
+
+def test_eight_threads_with_one_key_make_one_posting(pg: Database) -> None:
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    operator = support.staff(pg, "operator", program_id=program.id)
+    headers = {**operator, **support.key()}
+    url = f"/v1/programs/{program.code}/members/{member_id}/points/earn"
+    answers: list[tuple[int, Any]] = []
+    barrier = threading.Barrier(8)
+    with TestClient(create_app(pg, api_settings())) as client:
+
+        def send() -> None:
+            barrier.wait()
+            answer = client.post(url, json={"amount": 5}, headers=headers)
+            answers.append((answer.status_code, answer.json()))
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    # then all eight got the same posting and the ledger holds it once
+    assert {status for status, _ in answers} == {201}
+    assert len({body["id"] for _, body in answers}) == 1
+    count = pg.run(
+        lambda uow: uow.conn.execute(
+            select(func.count()).where(postings.c.program_id == program.id)
+        ).scalar_one()
+    )
+    assert count == 1
+    assert_ledger_sound(pg, program.id)
+
+
+def test_an_overdraft_is_refused_in_the_callers_language(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    shop.earn(shop.alice, 10)
+    answer = client.post(
+        shop.member_url(shop.alice, "/spend"),
+        json={"amount": 11},
+        headers={**shop.operator, **support.key(), "Accept-Language": "zh"},
+    )
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "insufficient_points"
+    assert "可用积分为 10" in answer.json()["detail"]
+    assert shop.balance(shop.alice)["available"] == 10
+
+
+def test_a_frozen_member_cannot_earn(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    db.run(
+        lambda uow: uow.conn.execute(
+            update(members).where(members.c.id == shop.alice).values(state="frozen")
+        )
+    )
+    answer = shop.post(shop.member_url(shop.alice, "/earn"), {"amount": 10})
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "state_conflict"
+    assert shop.balance(shop.alice)["balance"] == 0
+
+
+def test_a_member_of_another_programme_is_not_found(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    other = new_program(db)
+    (stranger,) = new_members(db, other.id, 1)
+    shop.earn(shop.alice, 10)
+    assert shop.post(shop.member_url(stranger, "/earn"), {"amount": 10}).status_code == 404
+    moved = shop.post(
+        shop.member_url(shop.alice, "/transfer"), {"to_member_id": stranger, "amount": 5}
+    )
+    assert moved.status_code == 404
+    assert shop.balance(shop.alice)["available"] == 10
+
+
+def test_a_merchant_key_acts_only_for_its_merchant(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    x = support.api_key(db, shop.program.id, merchant="merchant-x")
+    y = support.api_key(db, shop.program.id, merchant="merchant-y")
+    # given a spend made by merchant Y
+    shop.post(shop.member_url(shop.alice, "/earn"), {"amount": 100}, y)
+    y_spend = shop.post(shop.member_url(shop.alice, "/spend"), {"amount": 40}, y)
+    assert y_spend.status_code == 201
+    # when merchant X's key earns for Y, or refunds Y's spend
+    for_y = shop.post(
+        shop.member_url(shop.alice, "/earn"), {"amount": 5, "merchant": "merchant-y"}, x
+    )
+    refund = shop.post(shop.posting_url(y_spend.json()["id"], "/refund"), {}, x)
+    # then both are refused, and Y's own refund goes through
+    assert for_y.status_code == 403
+    assert refund.status_code == 403
+    own = shop.post(shop.posting_url(y_spend.json()["id"], "/refund"), {}, y)
+    assert own.status_code == 201, own.text
+    assert shop.balance(shop.alice)["available"] == 100
+    assert_ledger_sound(db, shop.program.id)
+
+
+def test_transfers_follow_the_programme_settings(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    shop.earn(shop.alice, 100)
+    # given settings, approved, that cap transfers at 30 points
+    settings = {"transfers_enabled": True, "transfer_max": 30}
+    filed = client.put(
+        f"/v1/programs/{shop.program.code}/settings",
+        json=settings,
+        headers={**shop.operator, **support.key()},
+    )
+    assert filed.status_code == 202, filed.text
+    reviewer = support.staff(db, "reviewer", program_id=shop.program.id)
+    approvals = f"/v1/programs/{shop.program.code}/approvals/{filed.json()['id']}"
+    approved = client.post(approvals + "/approve", json={}, headers={**reviewer, **support.key()})
+    assert approved.status_code == 200, approved.text
+    # when alice transfers more than the cap, then less
+    url = shop.member_url(shop.alice, "/transfer")
+    too_much = shop.post(url, {"to_member_id": shop.bob, "amount": 31})
+    enough = shop.post(url, {"to_member_id": shop.bob, "amount": 30})
+    # then only the second moves points
+    assert too_much.status_code == 409
+    assert enough.status_code == 201
+    assert shop.balance(shop.bob)["available"] == 30
+
+
+def test_unknown_fields_and_bad_amounts_are_refused(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    url = shop.member_url(shop.alice, "/earn")
+    for body in ({"amount": 0}, {"amount": 10**12 + 1}, {"amount": 5, "balance": 9}):
+        answer = shop.post(url, body)
+        assert answer.status_code == 422, body
+    zero = shop.post(shop.member_url(shop.alice, "/adjust"), {"amount": 0, "reason": "x"})
+    assert zero.status_code == 422
+    assert shop.balance(shop.alice)["balance"] == 0
+
+
+def test_a_member_reads_its_own_points_only(client: TestClient, db: Database) -> None:
+    shop = _shop(client, db)
+    shop.earn(shop.alice, 12)
+    alice = support.member(db, shop.alice)
+    mine = client.get(shop.member_url(shop.alice), headers=alice)
+    assert mine.status_code == 200 and mine.json()["available"] == 12
+    assert client.get(shop.member_url(shop.bob), headers=alice).status_code == 403
+    # and may not earn for itself
+    assert shop.post(shop.member_url(shop.alice, "/earn"), {"amount": 1}, alice).status_code == 403
