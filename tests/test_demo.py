@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import stat
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from jifen.api.app import create_app
+from jifen.auth.core import BUILTIN_ROLES
 from jifen.cli import app
 from jifen.clock import ManualClock
 from jifen.db import migrate
 from jifen.db.uow import Database
+from jifen.demo import credentials
 from jifen.demo import service as demo
+from jifen.members import service as members_service
 from jifen.points.models import postings
 from jifen.programs import service as programs
+from jifen.settings import get_settings
+from tests.api.conftest import api_settings
 from tests.factories import assert_ledger_sound
 
 runner = CliRunner()
@@ -24,8 +34,20 @@ EVERY_KIND = {"earn", "spend", "refund", "reverse", "transfer", "freeze", "unfre
 
 
 def jifen(url: str, *args: str) -> tuple[int, str]:
+    """Run the command; ``demo`` without serving the API afterwards."""
+    if args and args[0] == "demo":
+        args = (*args, "--no-serve")
     result = runner.invoke(app, ["--database-url", url, *args])
     return result.exit_code, result.output
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A data directory of the test's own (the demo keeps its credentials there)."""
+    monkeypatch.setenv("JIFEN_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    yield tmp_path / "data"
+    get_settings.cache_clear()
 
 
 def unique_code() -> str:
@@ -139,6 +161,60 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
     code, output = jifen(url, "db", "current")
     assert code == 0
     assert "current: 0002" in output
+
+
+def test_jifen_demo_prints_credentials_that_work(tmp_path: Path, data_dir: Path) -> None:
+    # given the demo, built
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    code, output = jifen(url, "demo", "--members", "5")
+    assert code == 0, output
+    # then it printed one sign-in per built-in role, the member and a merchant key
+    kept = credentials.load(data_dir, "demo")
+    assert kept is not None
+    assert [c.who for c in kept] == [f"staff:{role}" for role in BUILTIN_ROLES] + [
+        "member", "api_key"
+    ]  # fmt: skip
+    for item in kept:
+        assert item.login in output and (item.password or item.token) in output
+    assert stat.S_IMODE((data_dir / "demo-credentials.json").stat().st_mode) == 0o600
+    by_who = {c.who: c for c in kept}
+    database = Database(url)
+    try:
+        with TestClient(create_app(database, api_settings())) as client:
+            # the merchant key reads the demo member's balance
+            member = database.run(
+                lambda u: members_service.find_member(
+                    u, program_id=programs.get_program(u, code="demo").id, external_ref="M000001"
+                )
+            )
+            balance = client.get(
+                f"/v1/programs/demo/members/{member.id}/points",
+                headers={"Authorization": f"Bearer {by_who['api_key'].token}"},
+            )
+            assert balance.status_code == 200, balance.text
+            # the operator signs in with its password and the code `jifen totp` prints
+            code, totp = jifen(url, "totp", by_who["staff:operator"].totp_secret)
+            operator = by_who["staff:operator"]
+            signed_in = client.post(
+                "/v1/auth/staff/sign-in",
+                json={"username": operator.login, "password": operator.password,
+                      "totp_code": totp.strip()},
+            )  # fmt: skip
+            assert signed_in.status_code == 200, signed_in.text
+            # the member signs in with its password
+            member_in = client.post(
+                "/v1/auth/members/sign-in",
+                json={"program": "demo", "login": "M000001",
+                      "password": by_who["member"].password},
+            )  # fmt: skip
+            assert member_in.status_code == 200, member_in.text
+    finally:
+        database.dispose()
+    # when the demo runs again, the same credentials are printed; after --reset, new ones
+    code, again = jifen(url, "demo")
+    assert code == 0 and by_who["member"].password in again
+    code, rebuilt = jifen(url, "demo", "--members", "5", "--reset")
+    assert code == 0 and by_who["member"].password not in rebuilt
 
 
 def test_jifen_demo_reset_refuses_a_database_that_is_not_embedded() -> None:

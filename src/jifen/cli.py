@@ -7,6 +7,8 @@ an unreachable database likewise, never a traceback.
 
 from __future__ import annotations
 
+import binascii
+import os
 import re
 import sys
 import time
@@ -15,7 +17,9 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import psycopg
+import pyotp
 import typer
+import uvicorn
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -30,11 +34,12 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
 from jifen.db import migrate
 from jifen.db.uow import Database, UnitOfWork
+from jifen.demo import credentials
 from jifen.demo import service as demo_service
 from jifen.errors import JifenError
 from jifen.points import integrity
 from jifen.programs import service as programs
-from jifen.settings import get_settings, normalise_database_url
+from jifen.settings import get_settings, normalise_database_url, secret_key
 
 app = typer.Typer(
     help="jifen (积分): a membership loyalty points platform with an exact ledger.",
@@ -58,6 +63,9 @@ class _State:
 
 
 state = _State()
+
+HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
 
 
 @app.callback()
@@ -309,8 +317,14 @@ def demo(
         bool,
         typer.Option("--reset", help="Delete the embedded SQLite database and build it again."),
     ] = False,
+    serve_api: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve the API on the demo afterwards.")
+    ] = True,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
 ) -> None:
-    """Build the demo programme (a year of history) on the embedded database; print its summary.
+    """Build the demo programme (a year of history) on the embedded database, print its
+    summary and sign-in credentials, and serve the API on it until interrupted.
 
     If it exists already, only its summary is printed.
     """
@@ -341,9 +355,81 @@ def demo(
     demo_service.print_summary(summary, out)
     if not (summary.ok and summary.complete):
         raise typer.Exit(1)
-    # The web console comes here (a later issue): `jifen demo` will go on to serve it on
-    # this database, opened on the demo programme, until interrupted (options such as
-    # --host/--port/--no-serve then join the ones above). Until then it ends with the summary.
+    with _database() as database:
+        made = credentials.ensure(
+            database, data_dir=get_settings().data_dir, code=demo_service.DEMO_CODE
+        )
+    _print_credentials(made, f"http://{host}:{port}")
+    if serve_api:
+        _serve(host=host, port=port, workers=1, log_level="warning")
+
+
+def _print_credentials(made: list[credentials.Credential], base: str) -> None:
+    # Plain lines, not a table: a token must stay whole for copying, at any width.
+    out.print(_say("demo credentials (who, sign in as, password or token, TOTP seed):",
+                   "示例账户(身份、登录名、密码或令牌、动态码种子):"))  # fmt: skip
+    for item in made:
+        fields = [item.who, item.login, item.password or item.token, item.totp_secret]
+        out.print("  " + "  ".join(field for field in fields if field), markup=False)
+    out.print(
+        _say(
+            f"API: {base}/docs — staff whose role can write also give a TOTP code "
+            "(`jifen totp SEED` prints the current one); kept in "
+            f"{get_settings().data_dir}.",
+            f"API:{base}/docs —— 可写角色的员工登录还需动态验证码"
+            f"(`jifen totp 种子` 显示当前验证码);账户信息保存在 {get_settings().data_dir}。",
+        ),
+        markup=False,
+    )
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@app.command("serve")
+def serve(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+) -> None:
+    """Serve the HTTP API (OpenAPI document at /openapi.json, docs at /docs)."""
+    with _database() as database:
+        _require_schema(database)
+    _serve(host=host, port=port, workers=workers, log_level=log_level)
+
+
+def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
+    # Made once here, before any worker starts, so every worker reads the same key.
+    secret_key(get_settings())
+    os.environ["JIFEN_DATABASE_URL"] = state.database_url  # the workers' settings
+    out.print(
+        _say(
+            f"jifen API on http://{host}:{port} (docs: /docs); Ctrl+C stops it",
+            f"jifen API 运行于 http://{host}:{port}(文档:/docs);按 Ctrl+C 停止",
+        ),
+        markup=False,
+    )
+    uvicorn.run(
+        "jifen.api.app:app_from_settings",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+    )
+
+
+@app.command("totp")
+def totp(seed: Annotated[str, typer.Argument(help="The TOTP seed (base32).")]) -> None:
+    """Print the current TOTP code of a seed, as an authenticator app would (for the demo)."""
+    try:
+        out.print(pyotp.TOTP(seed).now())
+    except (ValueError, TypeError, binascii.Error):
+        raise fail(
+            "invalid_input",
+            _say("that is not a base32 TOTP seed", "这不是 base32 格式的动态码种子"),
+        ) from None
 
 
 def _build_demo(database: Database, *, members: int, seed: int) -> None:

@@ -10,7 +10,10 @@
     │   ├── UnknownMember
     │   ├── UnknownPosting
     │   ├── UnknownProgram
-    │   └── UnknownApproval
+    │   ├── UnknownApproval
+    │   ├── UnknownStaff
+    │   ├── UnknownRole
+    │   └── UnknownApiKey
     ├── Refused                     well-formed, but the rules forbid it now
     │   ├── InsufficientPoints
     │   ├── ExceedsOriginal         refund / reversal / unfreeze larger than what is open
@@ -91,6 +94,24 @@ class UnknownApproval(NotFound):
     zh = "本计划中不存在编号为 {approval_id} 的审批申请。请检查编号。"
 
 
+class UnknownStaff(NotFound):
+    code = "unknown_staff"
+    en = "There is no staff user {staff_id}. Check the id."
+    zh = "不存在编号为 {staff_id} 的员工。请检查编号。"
+
+
+class UnknownRole(NotFound):
+    code = "unknown_role"
+    en = "This programme has no custom role {role!r}. List roles with GET …/roles."
+    zh = "本计划没有自定义角色 {role!r}。可通过 GET …/roles 查看角色。"
+
+
+class UnknownApiKey(NotFound):
+    code = "unknown_api_key"
+    en = "This programme has no API key {key_id}. Check the id."
+    zh = "本计划中不存在编号为 {key_id} 的 API 密钥。请检查编号。"
+
+
 class AuditCorrupt(JifenError):
     code = "audit_corrupt"
     en = "The audit log is inconsistent: {problem}. Run `jifen audit verify`."
@@ -121,10 +142,13 @@ __all__ = [
     "SignInLocked",
     "StateConflict",
     "Unauthenticated",
+    "UnknownApiKey",
     "UnknownApproval",
     "UnknownMember",
     "UnknownPosting",
     "UnknownProgram",
+    "UnknownRole",
+    "UnknownStaff",
     "http_status",
 ]
 

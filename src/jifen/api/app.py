@@ -17,6 +17,7 @@ from jifen.auth import api as auth_api
 from jifen.db import migrate
 from jifen.db.uow import Database
 from jifen.members import api as members_api
+from jifen.notify.sms import OutboxSmsProvider, SmsProvider
 from jifen.points import api as points_api
 from jifen.programs import api as programs_api
 from jifen.settings import Settings, get_settings
@@ -35,8 +36,14 @@ jifen (积分) keeps every member's points on an exact double-entry ledger.
 """
 
 
-def create_app(db: Database | None = None, settings: Settings | None = None) -> FastAPI:
-    """The API over ``db`` (default: the configured database)."""
+def create_app(
+    db: Database | None = None,
+    settings: Settings | None = None,
+    *,
+    sms: SmsProvider | None = None,
+) -> FastAPI:
+    """The API over ``db`` (default: the configured database), texting through ``sms``
+    (default: the built-in outbox provider)."""
     settings = settings or get_settings()
     app = FastAPI(
         title="jifen",
@@ -52,6 +59,7 @@ def create_app(db: Database | None = None, settings: Settings | None = None) -> 
     app.state.limiter = Limiter(settings)
     app.state.principal_cache = {}
     app.state.program_cache = {}
+    app.state.sms = sms or OutboxSmsProvider()
     problems.install(app)
 
     for module in (auth_api, programs_api, members_api, points_api, approvals_api, audit_api):
@@ -83,3 +91,8 @@ def create_app(db: Database | None = None, settings: Settings | None = None) -> 
         return JSONResponse({"status": "ready"})
 
     return app
+
+
+def app_from_settings() -> FastAPI:
+    """The application ``jifen serve`` runs in each worker, configured from the environment."""
+    return create_app()

@@ -35,10 +35,11 @@ from jifen.audit.schemas import AuditEntryCreate
 from jifen.auth import service as auth_service
 from jifen.auth.core import Grant, Principal
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import Forbidden, IdempotencyConflict, Unauthenticated
+from jifen.errors import Forbidden, IdempotencyConflict, InvalidInput, Unauthenticated
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramRead
 
+SHOWN_ONCE = "(shown once, when it was created)"
 API_KEY_CACHE_SECONDS = 5.0
 """An API key's principal is reused this long: a revocation takes effect within it."""
 
@@ -50,6 +51,21 @@ def database(request: Request) -> Database:
 
 def client_ip(request: Request) -> str:
     return request.client.host if request.client else ""
+
+
+def limit_ip(request: Request) -> None:
+    """Dependency of routes open to anyone (signing in): the per-address limit."""
+    limiter: Limiter = request.app.state.limiter
+    limiter.hit("ip", client_ip(request))
+
+
+def id_cursor(cursor: str | None) -> int:
+    """The last id of the previous page, from an opaque ``cursor`` (0 for the first page)."""
+    if cursor is None:
+        return 0
+    if not cursor.isdigit() or len(cursor) > 19:
+        raise InvalidInput(field="cursor", problem="pass back a next_cursor from a previous page")
+    return int(cursor)
 
 
 def _token(request: Request) -> str | None:
@@ -169,10 +185,14 @@ class Context:
         target: str,
         status: int = 200,
         audit: bool = True,
+        shown_once: frozenset[str] = frozenset(),
     ) -> JSONResponse:
         """Run a write once: the change, its audit entry and its stored answer commit
         together; a repeated ``Idempotency-Key`` with the same request replays the answer,
-        with a different one is refused (409)."""
+        with a different one is refused (409).
+
+        Fields named in ``shown_once`` (a new key's token, a TOTP seed) are answered this
+        time only: the stored answer, the replay and the audit entry carry a placeholder."""
         key = self.idempotency_key
         assert key is not None, "Write routes carry an Idempotency-Key"
         scope = self.principal.scope
@@ -190,7 +210,8 @@ class Context:
                     raise IdempotencyConflict(key=key)
                 return stored.status_code, stored.body, True
             result = fn(uow)
-            body = jsonable_encoder(result)
+            answer = jsonable_encoder(result)
+            body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
             if audit:
                 self.audit(uow, target=target, after=body, before=self.audit_before)
             uow.conn.execute(
@@ -204,7 +225,7 @@ class Context:
                     "created_at": uow.clock.now(),
                 },
             )
-            return status, body, False
+            return status, answer, False
 
         status_code, body, replayed = self.db.run(work)
         headers = {"Idempotent-Replayed": "true"} if replayed else None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -24,3 +25,29 @@ class Page(BaseModel, Generic[T]):
 
 
 LIMIT = Field(50, ge=1, le=200, description="Items per page.")
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _in_range(value: datetime) -> datetime:
+    # Far ends of the calendar cannot be shifted to UTC or stored; no real date is near them.
+    try:
+        in_utc = value.astimezone(UTC)
+    except OverflowError:
+        in_utc = None
+    if in_utc is None or not EARLIEST <= in_utc < LATEST:
+        raise ValueError("give a time between 1970 and 9000, with its UTC offset")
+    return value
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_in_range)]
+"""A point in time with its offset, within the years the ledger stores."""
+
+NO_NUL = r"^[^\x00]*$"
+"""Text fields refuse NUL, which PostgreSQL cannot store in text."""
+
+
+def text(max_length: int, *, min_length: int = 0) -> Any:
+    """A text field of at most ``max_length`` characters, without NUL."""
+    return Field(min_length=min_length, max_length=max_length, pattern=NO_NUL)

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jifen.api.schemas import RequestBody
-from jifen.points.schemas import NO_NUL
+from jifen.api.schemas import NO_NUL, RequestBody
 
 ApprovalAction = Literal["points.adjust", "points.clear", "programs.settings"]
 ApprovalStatus = Literal["pending", "approved", "rejected", "failed"]

@@ -1,7 +1,470 @@
-"""HTTP routes of the auth domain."""
+"""HTTP routes of identity and access: signing in and out, staff users, roles, API keys.
+
+Signing in is open to anyone (limited per address); everything else needs a permission.
+Nobody hands out more than it holds: a grant, a custom role or an API key may carry only
+permissions its maker holds in that programme.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from jifen.api.deps import (
+    Context,
+    Read,
+    Write,
+    authenticate,
+    database,
+    id_cursor,
+    limit_ip,
+)
+from jifen.api.schemas import LIMIT, Page
+from jifen.auth import service
+from jifen.auth.core import (
+    API_KEY_PERMISSIONS,
+    DEFAULT_API_KEY_PERMISSIONS,
+    PERMISSIONS,
+    Principal,
+)
+from jifen.auth.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyRead,
+    CodeRequest,
+    CodeSent,
+    CodeSignIn,
+    GrantIn,
+    GrantRead,
+    GrantSummary,
+    Me,
+    MemberSignIn,
+    PasswordChange,
+    PermissionRead,
+    RoleCreate,
+    RoleRead,
+    RoleUpdate,
+    SessionCreated,
+    StaffCreate,
+    StaffCreated,
+    StaffRead,
+    StaffSignIn,
+    StaffUpdate,
+)
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import Forbidden, InvalidInput
+from jifen.members import service as members_service
+from jifen.notify.sms import SmsProvider
+from jifen.programs import service as programs_service
 
 router = APIRouter(tags=["auth"])
+
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+RoleCode = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+Cursor = Annotated[str | None, Query(max_length=40)]
+Limit = Annotated[int, LIMIT]
+Public = Depends(limit_ip)
+SignedIn = Annotated[Principal, Depends(authenticate)]
+
+
+def _program_id(db: Database, code: str) -> int:
+    return db.run(lambda uow: programs_service.get_program(uow, code=code), read_only=True).id
+
+
+def _page(items: list[object], limit: int) -> str | None:
+    return str(items[-1].id) if len(items) == limit else None  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- signing in
+
+
+@router.post("/auth/staff/sign-in", response_model=SessionCreated, dependencies=[Public])
+def staff_sign_in(body: StaffSignIn, db: Annotated[Database, Depends(database)]) -> SessionCreated:
+    """Password and, for any role that can write, the authenticator's current code.
+
+    After 3 failures in a row each attempt must wait (1 s, 2 s, 4 s, …); after 10 the
+    account is locked for 15 minutes (429 with ``Retry-After``)."""
+    return db.run(
+        lambda uow: service.staff_sign_in(
+            uow, username=body.username, password=body.password, totp_code=body.totp_code
+        )
+    ).unwrap()
+
+
+@router.post("/auth/members/sign-in", response_model=SessionCreated, dependencies=[Public])
+def member_sign_in(
+    body: MemberSignIn, db: Annotated[Database, Depends(database)]
+) -> SessionCreated:
+    """A member's reference or bound phone number, and its password."""
+    program_id = _program_id(db, body.program)
+    return db.run(
+        lambda uow: service.member_sign_in(
+            uow, program_id=program_id, login=body.login, password=body.password
+        )
+    ).unwrap()
+
+
+@router.post("/auth/members/codes", status_code=202, response_model=CodeSent, dependencies=[Public])
+def send_code(
+    body: CodeRequest, request: Request, db: Annotated[Database, Depends(database)]
+) -> CodeSent:
+    """Text a six-digit sign-in code to a member's bound phone (valid 5 minutes, one a
+    minute). The answer is the same whether or not the number belongs to a member."""
+    program_id = _program_id(db, body.program)
+    sms: SmsProvider = request.app.state.sms
+    expires_at = db.run(
+        lambda uow: service.send_code(uow, program_id=program_id, phone=body.phone, sms=sms)
+    )
+    return CodeSent(expires_at=expires_at)
+
+
+@router.post(
+    "/auth/members/sign-in-with-code", response_model=SessionCreated, dependencies=[Public]
+)
+def code_sign_in(body: CodeSignIn, db: Annotated[Database, Depends(database)]) -> SessionCreated:
+    """The phone number and the code texted to it; a code works once, for 5 guesses."""
+    program_id = _program_id(db, body.program)
+    return db.run(
+        lambda uow: service.code_sign_in(
+            uow, program_id=program_id, phone=body.phone, code=body.code
+        )
+    ).unwrap()
+
+
+@router.get("/auth/me", response_model=Me)
+def me(principal: SignedIn) -> Me:
+    """Who the credentials belong to and what they may do, where."""
+    return Me(
+        kind=principal.kind,
+        id=principal.id,
+        name=principal.name,
+        program_id=principal.program_id,
+        member_id=principal.member_id,
+        grants=[
+            GrantSummary(
+                role=grant.role,
+                program_id=grant.program_id,
+                merchant=grant.merchant,
+                store=grant.store,
+                permissions=sorted(grant.permissions),
+            )
+            for grant in principal.grants
+        ],
+    )
+
+
+@router.post("/auth/sign-out", status_code=204)
+def sign_out(principal: SignedIn, db: Annotated[Database, Depends(database)]) -> Response:
+    """End this session (API keys are revoked through their own route instead)."""
+    session_id = principal.session_id
+    if session_id is not None:
+        db.run(lambda uow: service.sign_out(uow, session_id=session_id))
+    return Response(status_code=204)
+
+
+@router.put("/auth/staff/password", status_code=204)
+def change_staff_password(
+    body: PasswordChange, principal: SignedIn, db: Annotated[Database, Depends(database)]
+) -> Response:
+    """A signed-in staff user changes its own password."""
+    if principal.kind != "staff":
+        raise Forbidden(
+            problem="Only a signed-in staff user changes its password here.",
+            problem_zh="只有已登录的员工可在此修改密码。",
+        )
+    if body.current_password is None:
+        raise InvalidInput(field="current_password", problem="give the present password")
+    current = body.current_password
+    db.run(
+        lambda uow: service.change_staff_password(
+            uow, staff_id=principal.id, current=current, new=body.new_password
+        )
+    )
+    return Response(status_code=204)
+
+
+@router.put("/programs/{program}/members/{member_id}/password", status_code=200, response_model=Me)
+def set_member_password(
+    program: str,
+    member_id: Id,
+    body: PasswordChange,
+    ctx: Annotated[Context, Depends(Write("members.write"))],
+) -> JSONResponse:
+    """A member sets its password (giving the present one if it has one); staff may reset
+    a member's password without it."""
+    own = ctx.principal.kind == "member"
+
+    def change(uow: UnitOfWork) -> Me:
+        members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
+        service.set_member_password(
+            uow, member_id=member_id, password=body.new_password,
+            current=body.current_password, check_current=own,
+        )  # fmt: skip
+        return Me(
+            kind="member", id=member_id, name=f"member:{member_id}",
+            program_id=ctx.program_id, member_id=member_id, grants=[],
+        )  # fmt: skip
+
+    return ctx.execute(change, target=f"member:{member_id}")
+
+
+# --------------------------------------------------------------------------- staff
+
+
+def _may_hand_out(ctx: Context, permissions: frozenset[str], program_id: int | None) -> None:
+    """Refuse to hand out a permission the asker does not hold in that scope."""
+    if program_id is None:
+        beyond = sorted(p for p in permissions if ctx.principal.programs(p) is not None)
+    else:
+        beyond = sorted(
+            p for p in permissions if ctx.principal.allows(p, program_id=program_id) is None
+        )
+    if beyond:
+        where = "in every programme" if program_id is None else "in that programme"
+        raise Forbidden(
+            problem=f"You cannot hand out {', '.join(beyond)}: you do not hold it {where}.",
+            problem_zh=f"不能授予 {', '.join(beyond)}:你本人在该范围内没有此权限。",
+        )
+
+
+def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
+    program_id = None
+    if grant.program is not None:
+        program_id = programs_service.get_program(uow, code=grant.program).id
+    permissions = service.role_permissions(uow, role=grant.role, program_id=program_id)
+    _may_hand_out(ctx, permissions | {"staff.write"}, program_id)
+    return service.grant_role(
+        uow, staff_id=staff_id, role=grant.role, program_id=program_id,
+        merchant=grant.merchant, store=grant.store,
+    )  # fmt: skip
+
+
+@router.get("/staff", response_model=Page[StaffRead])
+def list_staff(
+    ctx: Annotated[Context, Depends(Read("staff.read"))], cursor: Cursor = None, limit: Limit = 50
+) -> Page[StaffRead]:
+    """Staff users, in the order they were created."""
+    after = id_cursor(cursor)
+    items = ctx.db.run(
+        lambda uow: service.list_staff(uow, after_id=after, limit=limit), read_only=True
+    )
+    return Page(items=items, next_cursor=_page(list(items), limit))
+
+
+@router.post("/staff", status_code=201, response_model=StaffCreated)
+def create_staff(
+    body: StaffCreate, ctx: Annotated[Context, Depends(Write("staff.write"))]
+) -> JSONResponse:
+    """A staff user with its grants; the TOTP seed for its authenticator is shown once."""
+
+    def create(uow: UnitOfWork) -> StaffCreated:
+        created = service.create_staff(
+            uow, username=body.username, password=body.password, display_name=body.display_name
+        )
+        for grant in body.grants:
+            _grant(uow, ctx, created.id, grant)
+        return created
+
+    return ctx.execute(
+        create,
+        target=f"staff:{body.username}",
+        status=201,
+        shown_once=frozenset({"totp_secret", "totp_uri"}),
+    )
+
+
+@router.get("/staff/{staff_id}", response_model=StaffRead)
+def get_staff(staff_id: Id, ctx: Annotated[Context, Depends(Read("staff.read"))]) -> StaffRead:
+    return ctx.db.run(lambda uow: service.get_staff(uow, staff_id=staff_id), read_only=True)
+
+
+@router.patch("/staff/{staff_id}", response_model=StaffRead)
+def update_staff(
+    staff_id: Id, body: StaffUpdate, ctx: Annotated[Context, Depends(Write("staff.write"))]
+) -> JSONResponse:
+    """Rename, disable (which ends its sessions), enable, or unlock after failed sign-ins."""
+    ctx.audit_before = ctx.db.run(
+        lambda uow: service.get_staff(uow, staff_id=staff_id), read_only=True
+    ).model_dump(mode="json")
+    return ctx.execute(
+        lambda uow: service.update_staff(
+            uow, staff_id=staff_id, display_name=body.display_name, active=body.active,
+            unlock=body.unlock,
+        ),
+        target=f"staff:{staff_id}",
+    )  # fmt: skip
+
+
+@router.post("/staff/{staff_id}/grants", status_code=201, response_model=GrantRead)
+def add_grant(
+    staff_id: Id, body: GrantIn, ctx: Annotated[Context, Depends(Write("staff.write"))]
+) -> JSONResponse:
+    """Give a staff user a role in a programme (or every programme), merchant and store."""
+
+    def add(uow: UnitOfWork) -> GrantRead:
+        service.get_staff(uow, staff_id=staff_id)
+        return service.grant_of(uow, grant_id=_grant(uow, ctx, staff_id, body))
+
+    return ctx.execute(add, target=f"staff:{staff_id}", status=201)
+
+
+@router.delete("/staff/{staff_id}/grants/{grant_id}", response_model=GrantRead)
+def revoke_grant(
+    staff_id: Id, grant_id: Id, ctx: Annotated[Context, Depends(Write("staff.write"))]
+) -> JSONResponse:
+    def revoke(uow: UnitOfWork) -> GrantRead:
+        grant = next(
+            (g for g in service.get_staff(uow, staff_id=staff_id).grants if g.id == grant_id),
+            None,
+        )
+        if grant is not None:
+            permissions = service.role_permissions(
+                uow, role=grant.role, program_id=grant.program_id
+            )
+            _may_hand_out(ctx, permissions, grant.program_id)
+        return service.revoke_grant(uow, staff_id=staff_id, grant_id=grant_id)
+
+    return ctx.execute(revoke, target=f"staff:{staff_id}")
+
+
+@router.get("/permissions", response_model=list[PermissionRead])
+def list_permissions(
+    ctx: Annotated[Context, Depends(Read("roles.read"))],
+) -> list[PermissionRead]:
+    """Every permission a role can hold (``resource.action``)."""
+    return [PermissionRead(code=code, description=text) for code, text in PERMISSIONS.items()]
+
+
+# --------------------------------------------------------------------------- roles
+
+ROLES = "/programs/{program}/roles"
+
+
+@router.get(ROLES, response_model=list[RoleRead])
+def list_roles(
+    program: str, ctx: Annotated[Context, Depends(Read("roles.read"))]
+) -> list[RoleRead]:
+    """The built-in roles and this programme's custom ones."""
+    return ctx.db.run(
+        lambda uow: service.list_roles(uow, program_id=ctx.program_id), read_only=True
+    )
+
+
+@router.post(ROLES, status_code=201, response_model=RoleRead)
+def create_role(
+    program: str, body: RoleCreate, ctx: Annotated[Context, Depends(Write("roles.write"))]
+) -> JSONResponse:
+    """A custom role of this programme, with permissions its maker holds here."""
+    permissions = service.check_permissions(body.permissions, holder=None)
+    _may_hand_out(ctx, frozenset(permissions), ctx.program_id)
+    return ctx.execute(
+        lambda uow: service.create_role(
+            uow, program_id=ctx.program_id, code=body.code, name=body.name,
+            permissions=permissions,
+        ),
+        target=f"role:{ctx.program_id}:{body.code}",
+        status=201,
+    )  # fmt: skip
+
+
+@router.patch(f"{ROLES}/{{code}}", response_model=RoleRead)
+def update_role(
+    program: str,
+    code: RoleCode,
+    body: RoleUpdate,
+    ctx: Annotated[Context, Depends(Write("roles.write"))],
+) -> JSONResponse:
+    permissions = None
+    if body.permissions is not None:
+        permissions = service.check_permissions(body.permissions, holder=None)
+        _may_hand_out(ctx, frozenset(permissions), ctx.program_id)
+
+    def update(uow: UnitOfWork) -> RoleRead:
+        before, after = service.update_role(
+            uow, program_id=ctx.program_id, code=code, name=body.name, permissions=permissions
+        )
+        ctx.audit_before = before.model_dump(mode="json")
+        return after
+
+    return ctx.execute(update, target=f"role:{ctx.program_id}:{code}")
+
+
+@router.delete(f"{ROLES}/{{code}}", response_model=RoleRead)
+def delete_role(
+    program: str, code: RoleCode, ctx: Annotated[Context, Depends(Write("roles.write"))]
+) -> JSONResponse:
+    """Remove a custom role that nobody holds any more."""
+    return ctx.execute(
+        lambda uow: service.delete_role(uow, program_id=ctx.program_id, code=code),
+        target=f"role:{ctx.program_id}:{code}",
+    )
+
+
+# --------------------------------------------------------------------------- API keys
+
+KEYS = "/programs/{program}/api-keys"
+
+
+@router.get(KEYS, response_model=Page[ApiKeyRead])
+def list_api_keys(
+    program: str,
+    ctx: Annotated[Context, Depends(Read("api_keys.read"))],
+    cursor: Cursor = None,
+    limit: Limit = 50,
+) -> Page[ApiKeyRead]:
+    """The programme's keys: prefix, scope, permissions, expiry, revocation, last use."""
+    after = id_cursor(cursor)
+    items = ctx.db.run(
+        lambda uow: service.list_api_keys(
+            uow, program_id=ctx.program_id, after_id=after, limit=limit
+        ),
+        read_only=True,
+    )
+    return Page(items=items, next_cursor=_page(list(items), limit))
+
+
+@router.post(KEYS, status_code=201, response_model=ApiKeyCreated)
+def create_api_key(
+    program: str, body: ApiKeyCreate, ctx: Annotated[Context, Depends(Write("api_keys.write"))]
+) -> JSONResponse:
+    """Issue a key for a merchant's or partner's system; its token is shown only now.
+
+    A key may hold only integration permissions (``GET /v1/permissions``), and only ones
+    its maker holds here."""
+    merchant, store = ctx.merchant(body.merchant, body.store)
+    wanted = DEFAULT_API_KEY_PERMISSIONS
+    if body.permissions is not None:
+        wanted = frozenset(service.check_permissions(body.permissions, holder=None))
+        outside = sorted(wanted - API_KEY_PERMISSIONS)
+        if outside:
+            raise InvalidInput(
+                field="permissions",
+                problem=f"an API key cannot hold {', '.join(outside)}; choose from "
+                f"{', '.join(sorted(API_KEY_PERMISSIONS))}",
+            )
+    _may_hand_out(ctx, wanted, ctx.program_id)
+    if body.expires_at is not None and body.expires_at <= ctx.db.clock.now():
+        raise InvalidInput(field="expires_at", problem="give a time in the future")
+    return ctx.execute(
+        lambda uow: service.create_api_key(
+            uow, program_id=ctx.program_id, name=body.name, created_by=ctx.actor,
+            permissions=body.permissions, merchant=merchant, store=store,
+            expires_at=body.expires_at,
+        ),
+        target=f"program:{ctx.program_id}:api-keys",
+        status=201,
+        shown_once=frozenset({"token"}),
+    )  # fmt: skip
+
+
+@router.post(f"{KEYS}/{{key_id}}/revoke", response_model=ApiKeyRead)
+def revoke_api_key(
+    program: str, key_id: Id, ctx: Annotated[Context, Depends(Write("api_keys.write"))]
+) -> JSONResponse:
+    """Revoke a key at once (servers that cached it stop accepting it within 5 seconds)."""
+    return ctx.execute(
+        lambda uow: service.revoke_api_key(uow, program_id=ctx.program_id, key_id=key_id),
+        target=f"api-key:{key_id}",
+    )

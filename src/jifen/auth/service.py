@@ -2,30 +2,65 @@
 
 from __future__ import annotations
 
+import hmac
+import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import pyotp
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Table, func, select
 
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
     BUILTIN_ROLES,
     DEFAULT_API_KEY_PERMISSIONS,
     MEMBER_PERMISSIONS,
+    PERMISSIONS,
     Grant,
     Principal,
     is_write,
 )
-from jifen.auth.models import api_keys, role_grants, roles, sessions, staff_users
-from jifen.auth.schemas import ApiKeyCreated, SessionCreated, StaffCreated
-from jifen.crypto import encrypt, keyed_hash, same_hash
+from jifen.auth.models import (
+    api_keys,
+    member_credentials,
+    one_time_codes,
+    role_grants,
+    roles,
+    sessions,
+    staff_users,
+)
+from jifen.auth.schemas import (
+    ApiKeyCreated,
+    ApiKeyRead,
+    GrantRead,
+    RoleRead,
+    SessionCreated,
+    StaffCreated,
+    StaffRead,
+)
+from jifen.crypto import decrypt, encrypt, keyed_hash, same_hash
 from jifen.db.uow import UnitOfWork
-from jifen.errors import DuplicateReference, InvalidInput, Unauthenticated
+from jifen.errors import (
+    DuplicateReference,
+    InvalidInput,
+    JifenError,
+    RateLimited,
+    SignInLocked,
+    StateConflict,
+    Unauthenticated,
+    UnknownApiKey,
+    UnknownRole,
+    UnknownStaff,
+)
+from jifen.members import core as members_core
 from jifen.members import service as members_service
+from jifen.members.models import members
+from jifen.notify.sms import SmsMessage, SmsProvider
 
 API_KEY_MARK = "jf_"
 LAST_USED_EVERY = timedelta(minutes=1)
@@ -318,3 +353,581 @@ def create_api_key(
         expires_at=expires_at,
         created_at=now,
     )
+
+
+# --------------------------------------------------------------------------- signing in
+
+SLOW_AFTER = 3
+"""Failed sign-ins in a row before each further attempt must wait (1 s, 2 s, 4 s, …)."""
+LOCK_AFTER = 10
+"""Failed sign-ins in a row that lock the account for :data:`LOCK_FOR`."""
+LOCK_FOR = timedelta(minutes=15)
+CODE_VALID_FOR = timedelta(minutes=5)
+CODE_EVERY = timedelta(seconds=60)
+"""At most one one-time code per member per this interval."""
+CODE_ATTEMPTS = 5
+"""Wrong guesses that spend a one-time code."""
+
+_WRONG_STAFF = _refused(
+    "The username, password or TOTP code is wrong.", "用户名、密码或动态验证码错误。"
+)
+_WRONG_MEMBER = _refused("The account or password is wrong.", "账号或密码错误。")
+_WRONG_CODE = _refused(
+    "The code is wrong or has expired; ask for a new one.", "验证码错误或已过期,请重新获取。"
+)
+# Checked against when the user does not exist, so that an unknown name takes as long.
+_DUMMY_HASH = PASSWORDS.hash("jifen: no such user")
+
+
+@dataclass(frozen=True)
+class SignInOutcome:
+    """A sign-in's result: a session, or the error to answer with once the failure (its
+    count, its lock) has been committed."""
+
+    session: SessionCreated | None = None
+    error: JifenError | None = None
+
+    def unwrap(self) -> SessionCreated:
+        if self.error is not None:
+            raise self.error
+        assert self.session is not None
+        return self.session
+
+
+def wait_after(failures: int) -> timedelta | None:
+    """How long an account must wait after ``failures`` failed sign-ins in a row."""
+    if failures >= LOCK_AFTER:
+        return LOCK_FOR
+    if failures >= SLOW_AFTER:
+        return timedelta(seconds=2 ** (failures - SLOW_AFTER))
+    return None
+
+
+def _locked(locked_until: datetime | None, now: datetime) -> SignInLocked | None:
+    if locked_until is None or locked_until <= now:
+        return None
+    return SignInLocked(retry_after=max(1, math.ceil((locked_until - now).total_seconds())))
+
+
+def _fail(uow: UnitOfWork, table: Table, where: ColumnElement[bool]) -> None:
+    """Count one more failure and set the wait it brings (atomically, in SQL)."""
+    failures = uow.conn.execute(
+        table.update()
+        .where(where)
+        .values(failed_sign_ins=table.c.failed_sign_ins + 1)
+        .returning(table.c.failed_sign_ins)
+    ).scalar_one()
+    wait = wait_after(int(failures))
+    if wait is not None:
+        uow.conn.execute(table.update().where(where).values(locked_until=uow.clock.now() + wait))
+
+
+def _succeed(uow: UnitOfWork, table: Table, where: ColumnElement[bool]) -> None:
+    uow.conn.execute(table.update().where(where).values(failed_sign_ins=0, locked_until=None))
+
+
+def totp_step(seed: str, code: str, at: datetime) -> int | None:
+    """The 30-second step ``code`` belongs to, within one step of ``at``; None if none."""
+    totp = pyotp.TOTP(seed)
+    now_step = totp.timecode(at)
+    for step in (now_step, now_step - 1, now_step + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
+
+
+def staff_sign_in(
+    uow: UnitOfWork, *, username: str, password: str, totp_code: str | None
+) -> SignInOutcome:
+    """Check a staff user's password and, for anyone who can write, a fresh TOTP code."""
+    now = uow.clock.now()
+    row = uow.conn.execute(select(staff_users).where(staff_users.c.username == username)).first()
+    if row is None:
+        password_matches(_DUMMY_HASH, password)
+        return SignInOutcome(error=_WRONG_STAFF)
+    locked = _locked(row.locked_until, now)
+    if locked is not None:
+        return SignInOutcome(error=locked)
+    this = staff_users.c.id == row.id
+    if not password_matches(row.password_hash, password):
+        _fail(uow, staff_users, this)
+        return SignInOutcome(error=_WRONG_STAFF)
+    if not row.active:
+        return SignInOutcome(
+            error=_refused("This staff account is disabled.", "该员工账户已停用。")
+        )
+    if needs_totp(staff_grants(uow, row.id)) or totp_code:
+        if row.totp_secret_enc is None:
+            return SignInOutcome(
+                error=_refused(
+                    "This account has no TOTP authenticator yet; ask an administrator to set "
+                    "one up.",
+                    "该账户尚未绑定动态验证码,请联系管理员设置。",
+                )
+            )
+        if not totp_code:
+            return SignInOutcome(
+                error=_refused(
+                    "A TOTP code is required: this account's roles can change data.",
+                    "该账户的角色可以修改数据,登录需要动态验证码。",
+                )
+            )
+        step = totp_step(decrypt(row.totp_secret_enc), totp_code, now)
+        fresh = False
+        if step is not None:
+            fresh = (
+                uow.conn.execute(
+                    staff_users.update()
+                    .where(this, staff_users.c.totp_last_step < step)
+                    .values(totp_last_step=step)
+                ).rowcount
+                == 1
+            )
+        if not fresh:  # wrong, or already used once: a TOTP code is never accepted twice
+            _fail(uow, staff_users, this)
+            return SignInOutcome(error=_WRONG_STAFF)
+    _succeed(uow, staff_users, this)
+    return SignInOutcome(session=new_session(uow, subject="staff", subject_id=row.id))
+
+
+def member_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
+    """The member whose external reference, or bound phone number, is ``login``."""
+    found = uow.conn.execute(
+        select(members.c.id).where(
+            members.c.program_id == program_id, members.c.external_ref == login
+        )
+    ).scalar()
+    if found is None:
+        phone = members_core.normalise_phone_or_none(login)
+        if phone is not None:
+            found = uow.conn.execute(
+                select(members.c.id).where(
+                    members.c.program_id == program_id,
+                    members.c.phone_hash == keyed_hash(phone),
+                )
+            ).scalar()
+    return int(found) if found is not None else None
+
+
+def set_member_password(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    password: str,
+    current: str | None = None,
+    check_current: bool = False,
+) -> None:
+    """Set a member's password; with ``check_current``, only if ``current`` is its present one
+    (a member changing its own password; staff resetting one do not know it)."""
+    now = uow.clock.now()
+    row = uow.conn.execute(
+        select(member_credentials.c.password_hash).where(
+            member_credentials.c.member_id == member_id
+        )
+    ).first()
+    stored = row.password_hash if row is not None else None
+    if check_current and stored is not None and not password_matches(stored, current or ""):
+        raise InvalidInput(
+            field="current_password", problem="give the present password to change it"
+        )
+    values = {
+        "password_hash": hash_password(password),
+        "updated_at": now,
+        "failed_sign_ins": 0,
+        "locked_until": None,
+    }
+    if row is None:
+        uow.conn.execute(member_credentials.insert(), {"member_id": member_id, **values})
+    else:
+        uow.conn.execute(
+            member_credentials.update()
+            .where(member_credentials.c.member_id == member_id)
+            .values(**values)
+        )
+
+
+def member_sign_in(uow: UnitOfWork, *, program_id: int, login: str, password: str) -> SignInOutcome:
+    """Check a member's password; the login is its reference or its bound phone number."""
+    now = uow.clock.now()
+    member_id = member_by_login(uow, program_id=program_id, login=login)
+    row = None
+    if member_id is not None:
+        row = uow.conn.execute(
+            select(member_credentials).where(member_credentials.c.member_id == member_id)
+        ).first()
+    if member_id is None or row is None or row.password_hash is None:
+        password_matches(_DUMMY_HASH, password)
+        return SignInOutcome(error=_WRONG_MEMBER)
+    locked = _locked(row.locked_until, now)
+    if locked is not None:
+        return SignInOutcome(error=locked)
+    this = member_credentials.c.member_id == member_id
+    if not password_matches(row.password_hash, password):
+        _fail(uow, member_credentials, this)
+        return SignInOutcome(error=_WRONG_MEMBER)
+    member_principal(uow, member_id, session_id=None)  # refuses banned and closed members
+    _succeed(uow, member_credentials, this)
+    return SignInOutcome(session=new_session(uow, subject="member", subject_id=member_id))
+
+
+def _code_hash(member_id: int, code: str) -> str:
+    return keyed_hash(f"one-time code:{member_id}:{code}")
+
+
+def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider) -> datetime:
+    """Send a six-digit sign-in code to the member whose bound phone is ``phone``.
+
+    Answers the same whether or not such a member exists (no one learns which numbers are
+    members); a member gets at most one code a minute."""
+    number = members_core.normalise_phone(phone)
+    now = uow.clock.now()
+    expires_at = now + CODE_VALID_FOR
+    member_id = member_by_login(uow, program_id=program_id, login=number)
+    if member_id is None:
+        return expires_at
+    last = uow.conn.execute(
+        select(func.max(one_time_codes.c.created_at)).where(one_time_codes.c.member_id == member_id)
+    ).scalar()
+    if last is not None and now - last < CODE_EVERY:
+        wait = math.ceil((CODE_EVERY - (now - last)).total_seconds())
+        raise RateLimited(scope="per phone number", scope_zh="同一手机号", retry_after=wait)
+    code = f"{secrets.randbelow(10**6):06d}"
+    uow.conn.execute(
+        one_time_codes.insert(),
+        {"member_id": member_id, "code_hash": _code_hash(member_id, code),
+         "expires_at": expires_at, "created_at": now},
+    )  # fmt: skip
+    minutes = int(CODE_VALID_FOR.total_seconds() // 60)
+    sms.send(
+        uow,
+        SmsMessage(
+            program_id=program_id,
+            phone=number,
+            template="sign_in_code",
+            text=f"【jifen】验证码 {code},{minutes} 分钟内有效。Your sign-in code is {code}.",
+            secret=code,
+        ),
+    )
+    return expires_at
+
+
+def code_sign_in(uow: UnitOfWork, *, program_id: int, phone: str, code: str) -> SignInOutcome:
+    """Sign a member in with the latest code sent to its phone: once, before it expires,
+    within :data:`CODE_ATTEMPTS` guesses."""
+    now = uow.clock.now()
+    number = members_core.normalise_phone_or_none(phone)
+    member_id = (
+        None if number is None else member_by_login(uow, program_id=program_id, login=number)
+    )
+    if member_id is None:
+        return SignInOutcome(error=_WRONG_CODE)
+    row = uow.conn.execute(
+        select(one_time_codes)
+        .where(one_time_codes.c.member_id == member_id)
+        .order_by(one_time_codes.c.created_at.desc(), one_time_codes.c.id.desc())
+        .limit(1)
+    ).first()
+    if row is None or row.used_at is not None or row.expires_at <= now:
+        return SignInOutcome(error=_WRONG_CODE)
+    this = one_time_codes.c.id == row.id
+    spent_guesses = row.attempts >= CODE_ATTEMPTS
+    if spent_guesses or not same_hash(f"one-time code:{member_id}:{code}", row.code_hash):
+        uow.conn.execute(
+            one_time_codes.update().where(this).values(attempts=one_time_codes.c.attempts + 1)
+        )
+        return SignInOutcome(error=_WRONG_CODE)
+    spent = uow.conn.execute(
+        one_time_codes.update()
+        .where(this, one_time_codes.c.used_at.is_(None), one_time_codes.c.attempts < CODE_ATTEMPTS)
+        .values(used_at=now)
+    ).rowcount
+    if spent != 1:  # used by a concurrent request a moment ago
+        return SignInOutcome(error=_WRONG_CODE)
+    member_principal(uow, member_id, session_id=None)
+    return SignInOutcome(session=new_session(uow, subject="member", subject_id=member_id))
+
+
+def sign_out(uow: UnitOfWork, *, session_id: int) -> None:
+    uow.conn.execute(
+        sessions.update()
+        .where(sessions.c.id == session_id, sessions.c.revoked_at.is_(None))
+        .values(revoked_at=uow.clock.now())
+    )
+
+
+def change_staff_password(uow: UnitOfWork, *, staff_id: int, current: str, new: str) -> None:
+    row = uow.conn.execute(
+        select(staff_users.c.password_hash).where(staff_users.c.id == staff_id)
+    ).one()
+    if not password_matches(row.password_hash, current):
+        raise InvalidInput(field="current_password", problem="the present password is wrong")
+    uow.conn.execute(
+        staff_users.update()
+        .where(staff_users.c.id == staff_id)
+        .values(password_hash=hash_password(new))
+    )
+
+
+# --------------------------------------------------------------------------- administration
+
+
+def _grants_of(uow: UnitOfWork, staff_ids: Sequence[int]) -> dict[int, list[GrantRead]]:
+    found: dict[int, list[GrantRead]] = {staff_id: [] for staff_id in staff_ids}
+    if not staff_ids:
+        return found
+    rows = uow.conn.execute(
+        select(role_grants, roles.c.code)
+        .join(roles, roles.c.id == role_grants.c.role_id)
+        .where(role_grants.c.staff_id.in_(staff_ids))
+        .order_by(role_grants.c.id)
+    )
+    for row in rows:
+        found[row.staff_id].append(
+            GrantRead(
+                id=row.id,
+                role=row.code,
+                program_id=row.program_id,
+                merchant=row.merchant,
+                store=row.store,
+            )
+        )
+    return found
+
+
+def _staff_reads(uow: UnitOfWork, rows: Sequence[Any]) -> list[StaffRead]:
+    grants = _grants_of(uow, [row.id for row in rows])
+    return [
+        StaffRead(
+            id=row.id,
+            username=row.username,
+            display_name=row.display_name,
+            active=row.active,
+            locked_until=row.locked_until,
+            failed_sign_ins=row.failed_sign_ins,
+            totp=row.totp_secret_enc is not None,
+            grants=grants[row.id],
+            created_at=row.created_at,
+        )
+        for row in rows
+    ]
+
+
+def list_staff(uow: UnitOfWork, *, after_id: int, limit: int) -> list[StaffRead]:
+    rows = uow.conn.execute(
+        select(staff_users)
+        .where(staff_users.c.id > after_id)
+        .order_by(staff_users.c.id)
+        .limit(limit)
+    ).all()
+    return _staff_reads(uow, rows)
+
+
+def get_staff(uow: UnitOfWork, *, staff_id: int) -> StaffRead:
+    row = uow.conn.execute(select(staff_users).where(staff_users.c.id == staff_id)).first()
+    if row is None:
+        raise UnknownStaff(staff_id=staff_id)
+    return _staff_reads(uow, [row])[0]
+
+
+def update_staff(
+    uow: UnitOfWork, *, staff_id: int, display_name: str | None, active: bool | None,
+    unlock: bool,
+) -> StaffRead:  # fmt: skip
+    get_staff(uow, staff_id=staff_id)
+    values: dict[str, Any] = {}
+    if display_name is not None:
+        values["display_name"] = display_name
+    if active is not None:
+        values["active"] = active
+    if unlock:
+        values.update(failed_sign_ins=0, locked_until=None)
+    if values:
+        uow.conn.execute(staff_users.update().where(staff_users.c.id == staff_id).values(**values))
+    if active is False:  # a disabled account's open sessions end now
+        uow.conn.execute(
+            sessions.update()
+            .where(sessions.c.subject == "staff", sessions.c.subject_id == staff_id,
+                   sessions.c.revoked_at.is_(None))
+            .values(revoked_at=uow.clock.now())
+        )  # fmt: skip
+    return get_staff(uow, staff_id=staff_id)
+
+
+def revoke_grant(uow: UnitOfWork, *, staff_id: int, grant_id: int) -> GrantRead:
+    grant = next((g for g in get_staff(uow, staff_id=staff_id).grants if g.id == grant_id), None)
+    if grant is None:
+        raise UnknownStaff(staff_id=f"{staff_id} (grant {grant_id})")
+    uow.conn.execute(role_grants.delete().where(role_grants.c.id == grant_id))
+    return grant
+
+
+def grant_of(uow: UnitOfWork, *, grant_id: int) -> GrantRead:
+    row = uow.conn.execute(
+        select(role_grants, roles.c.code)
+        .join(roles, roles.c.id == role_grants.c.role_id)
+        .where(role_grants.c.id == grant_id)
+    ).one()
+    return GrantRead.model_validate({**row._mapping, "role": row.code})
+
+
+def role_permissions(uow: UnitOfWork, *, role: str, program_id: int | None) -> frozenset[str]:
+    """The permissions of a built-in role, or of a custom role of ``program_id``."""
+    sync_builtin_roles(uow)
+    row = uow.conn.execute(
+        select(roles.c.permissions)
+        .where(roles.c.code == role)
+        .where((roles.c.program_id.is_(None)) | (roles.c.program_id == program_id))
+    ).first()
+    if row is None:
+        raise InvalidInput(field="role", problem=f"there is no role {role!r} in this scope")
+    return frozenset(row.permissions)
+
+
+def _role_read(row: Any) -> RoleRead:
+    return RoleRead.model_validate({**row._mapping, "permissions": sorted(row.permissions)})
+
+
+def list_roles(uow: UnitOfWork, *, program_id: int) -> list[RoleRead]:
+    """The built-in roles and the programme's own."""
+    sync_builtin_roles(uow)
+    rows = uow.conn.execute(
+        select(roles)
+        .where((roles.c.program_id.is_(None)) | (roles.c.program_id == program_id))
+        .order_by(roles.c.builtin.desc(), roles.c.code)
+    )
+    return [_role_read(row) for row in rows]
+
+
+def check_permissions(wanted: Sequence[str], *, holder: frozenset[str] | None) -> list[str]:
+    """``wanted`` as a sorted list, if each is a known permission that ``holder`` (the
+    person defining the role; None: anyone) holds itself — nobody hands out more than it has."""
+    unknown = sorted(p for p in set(wanted) if p not in PERMISSIONS)
+    if unknown:
+        raise InvalidInput(
+            field="permissions",
+            problem=f"unknown permission {', '.join(unknown)}; see GET /v1/permissions",
+        )
+    if holder is not None:
+        beyond = sorted(p for p in set(wanted) if p not in holder)
+        if beyond:
+            raise InvalidInput(
+                field="permissions",
+                problem=f"you cannot give {', '.join(beyond)}, which you do not hold yourself",
+            )
+    return sorted(set(wanted))
+
+
+def _custom_role(uow: UnitOfWork, *, program_id: int, code: str) -> Any:
+    row = uow.conn.execute(
+        select(roles).where(roles.c.program_id == program_id, roles.c.code == code)
+    ).first()
+    if row is None:
+        builtin = code in BUILTIN_ROLES
+        raise (
+            StateConflict(
+                problem=f"Role {code!r} is built in and cannot be changed.",
+                problem_zh=f"角色 {code!r} 为内置角色,不能修改。",
+            )
+            if builtin
+            else UnknownRole(role=code)
+        )
+    return row
+
+
+def create_role(
+    uow: UnitOfWork, *, program_id: int, code: str, name: str, permissions: list[str]
+) -> RoleRead:
+    sync_builtin_roles(uow)
+    taken = (
+        code in BUILTIN_ROLES
+        or uow.conn.execute(
+            select(roles.c.id).where(roles.c.program_id == program_id, roles.c.code == code)
+        ).first()
+    )
+    if taken:
+        raise DuplicateReference(what="Role code", what_zh="角色代码", value=code)
+    uow.conn.execute(
+        roles.insert(),
+        {"code": code, "name": name, "program_id": program_id, "builtin": False,
+         "permissions": permissions, "created_at": uow.clock.now()},
+    )  # fmt: skip
+    return _role_read(_custom_role(uow, program_id=program_id, code=code))
+
+
+def update_role(
+    uow: UnitOfWork, *, program_id: int, code: str, name: str | None,
+    permissions: list[str] | None,
+) -> tuple[RoleRead, RoleRead]:  # fmt: skip
+    """Change a custom role; answers (before, after)."""
+    row = _custom_role(uow, program_id=program_id, code=code)
+    values: dict[str, Any] = {}
+    if name is not None:
+        values["name"] = name
+    if permissions is not None:
+        values["permissions"] = permissions
+    if values:
+        uow.conn.execute(roles.update().where(roles.c.id == row.id).values(**values))
+    return _role_read(row), _role_read(_custom_role(uow, program_id=program_id, code=code))
+
+
+def delete_role(uow: UnitOfWork, *, program_id: int, code: str) -> RoleRead:
+    row = _custom_role(uow, program_id=program_id, code=code)
+    held = uow.conn.execute(
+        select(func.count()).where(role_grants.c.role_id == row.id)
+    ).scalar_one()
+    if held:
+        raise StateConflict(
+            problem=f"Role {code!r} is still granted {held} time(s); revoke those grants first.",
+            problem_zh=f"角色 {code!r} 仍被授予 {held} 次,请先撤销这些授权。",
+        )
+    uow.conn.execute(roles.delete().where(roles.c.id == row.id))
+    return _role_read(row)
+
+
+def _key_read(row: Any) -> ApiKeyRead:
+    return ApiKeyRead.model_validate({**row._mapping, "permissions": sorted(row.permissions)})
+
+
+def list_api_keys(
+    uow: UnitOfWork, *, program_id: int, after_id: int, limit: int
+) -> list[ApiKeyRead]:
+    rows = uow.conn.execute(
+        select(api_keys)
+        .where(api_keys.c.program_id == program_id, api_keys.c.id > after_id)
+        .order_by(api_keys.c.id)
+        .limit(limit)
+    )
+    return [_key_read(row) for row in rows]
+
+
+def revoke_api_key(uow: UnitOfWork, *, program_id: int, key_id: int) -> ApiKeyRead:
+    where = (api_keys.c.id == key_id) & (api_keys.c.program_id == program_id)
+    uow.conn.execute(
+        api_keys.update()
+        .where(where, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=uow.clock.now())
+    )
+    row = uow.conn.execute(select(api_keys).where(where)).first()
+    if row is None:
+        raise UnknownApiKey(key_id=key_id)
+    return _key_read(row)
+
+
+def password_of_staff_matches(uow: UnitOfWork, *, username: str, password: str) -> bool:
+    stored = uow.conn.execute(
+        select(staff_users.c.password_hash).where(staff_users.c.username == username)
+    ).scalar()
+    return stored is not None and password_matches(stored, password)
+
+
+def reset_staff_secrets(uow: UnitOfWork, *, username: str, password: str) -> str | None:
+    """Give an existing staff user a new password and TOTP seed (returned); None if there
+    is no such user. For installers and the demo: the old secrets stop working."""
+    seed = pyotp.random_base32()
+    changed = uow.conn.execute(
+        staff_users.update()
+        .where(staff_users.c.username == username)
+        .values(password_hash=hash_password(password), totp_secret_enc=encrypt(seed),
+                totp_last_step=0, failed_sign_ins=0, locked_until=None)
+    ).rowcount  # fmt: skip
+    return seed if changed else None

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Read, Write
+from jifen.api.schemas import LATEST, Instant
 from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
@@ -25,7 +26,6 @@ from jifen.errors import Forbidden, InvalidInput, StateConflict
 from jifen.members import service as members_service
 from jifen.points import service
 from jifen.points.schemas import (
-    LATEST,
     AdjustCreate,
     BalanceSummary,
     ClearCreate,
@@ -33,7 +33,6 @@ from jifen.points.schemas import (
     FreezeCreate,
     GiveBackCreate,
     HistoryPage,
-    Instant,
     LotRead,
     PostingRead,
     SpendCreate,

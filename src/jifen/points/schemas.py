@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jifen.api.schemas import RequestBody
+from jifen.api.schemas import NO_NUL, Instant, RequestBody
 
 
 class _Read(BaseModel):
@@ -100,26 +100,6 @@ MAX_POINTS = 10**12
 """The largest amount one request may move: far above any real posting, far below 2**63."""
 
 Amount = Annotated[int, Field(ge=1, le=MAX_POINTS, description="Points, a whole number > 0.")]
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(9000, 1, 1, tzinfo=UTC)
-
-
-def _in_range(value: datetime) -> datetime:
-    # Far ends of the calendar cannot be shifted to UTC or stored; no real date is near them.
-    try:
-        in_utc = value.astimezone(UTC)
-    except OverflowError:
-        in_utc = None
-    if in_utc is None or not EARLIEST <= in_utc < LATEST:
-        raise ValueError("give a time between 1970 and 9000, with its UTC offset")
-    return value
-
-
-Instant = Annotated[AwareDatetime, AfterValidator(_in_range)]
-"""A point in time with its offset, within the years the ledger stores."""
-
-NO_NUL = r"^[^\x00]*$"
-"""Text fields refuse NUL, which PostgreSQL cannot store in text."""
 Reason = Annotated[str, Field(max_length=500, pattern=NO_NUL)]
 RequiredReason = Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
 Merchant = Annotated[str | None, Field(min_length=1, max_length=64, pattern=NO_NUL)]

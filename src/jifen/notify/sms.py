@@ -1,0 +1,54 @@
+"""Text messages to members, behind one interface that every SMS gateway implements.
+
+The built-in :class:`OutboxSmsProvider` needs no gateway: it writes the message to the
+outbox, in the transaction that caused it, with the number and any secret in it masked, and
+writes the whole message to the ``jifen.sms`` log, so that a developer or a demo can read a
+one-time code there. A real gateway plugs in as another :class:`SmsProvider`
+(``create_app(sms=...)``); it must keep numbers and codes out of its own logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from jifen.db.uow import UnitOfWork
+from jifen.notify.models import outbox
+
+log = logging.getLogger("jifen.sms")
+
+
+@dataclass(frozen=True)
+class SmsMessage:
+    program_id: int | None
+    phone: str
+    """The normalised number, for the gateway only: masked everywhere it is stored."""
+    template: str
+    text: str
+    secret: str = ""
+    """A one-time code inside ``text``: masked in the outbox."""
+
+
+def mask_phone(phone: str) -> str:
+    """``13800138000`` → ``138****8000``: enough to recognise, not to dial."""
+    return phone[:3] + "****" + phone[-4:] if len(phone) >= 8 else "****"
+
+
+class SmsProvider(Protocol):
+    def send(self, uow: UnitOfWork, message: SmsMessage) -> None:
+        """Send ``message``, or queue it in ``uow``'s transaction for sending after commit."""
+
+
+class OutboxSmsProvider:
+    """The built-in provider: the outbox (masked) and the log (whole)."""
+
+    def send(self, uow: UnitOfWork, message: SmsMessage) -> None:
+        stored = message.text.replace(message.secret, "*" * len(message.secret))
+        uow.conn.execute(
+            outbox.insert(),
+            {"program_id": message.program_id, "channel": "sms",
+             "recipient": mask_phone(message.phone), "template": message.template,
+             "body": stored, "created_at": uow.clock.now()},
+        )  # fmt: skip
+        log.info("SMS to %s: %s", mask_phone(message.phone), message.text)

@@ -1,0 +1,497 @@
+"""Signing in and out, secrets at rest, staff, roles and API keys over HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pyotp
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from jifen.audit.models import audit_entries
+from jifen.auth import service as auth
+from jifen.auth.models import api_keys, one_time_codes, staff_users
+from jifen.clock import ManualClock
+from jifen.crypto import keyed_hash
+from jifen.db.uow import Database, UnitOfWork
+from jifen.members.models import members
+from jifen.notify.models import outbox
+from jifen.notify.sms import OutboxSmsProvider, SmsMessage
+from tests.api import support
+from tests.api.conftest import api_settings
+from tests.factories import new_members, new_program
+
+PASSWORD = "correct horse 1"
+
+
+class RecordingSms(OutboxSmsProvider):
+    """The built-in provider, also keeping each message for the test to read (the member's
+    phone, which a real gateway would reach)."""
+
+    def __init__(self) -> None:
+        self.sent: list[SmsMessage] = []
+
+    def send(self, uow: UnitOfWork, message: SmsMessage) -> None:
+        super().send(uow, message)
+        self.sent.append(message)
+
+
+@pytest.fixture
+def sms() -> RecordingSms:
+    return RecordingSms()
+
+
+@pytest.fixture
+def app_client(db: Database, sms: RecordingSms) -> Iterator[TestClient]:
+    from jifen.api.app import create_app
+
+    with TestClient(create_app(db, api_settings(), sms=sms)) as client:
+        yield client
+
+
+def _staff(db: Database, role: str, **grant: Any) -> tuple[str, str]:
+    """A staff user with ``role``: its username and TOTP seed."""
+    username = f"{role}-{uuid.uuid4().hex[:8]}"
+
+    def make(uow: UnitOfWork) -> str:
+        created = auth.create_staff(uow, username=username, password=PASSWORD)
+        auth.grant_role(uow, staff_id=created.id, role=role, **grant)
+        return created.totp_secret
+
+    return username, db.run(make)
+
+
+def _code(db: Database, seed: str) -> str:
+    return pyotp.TOTP(seed).at(db.clock.now())
+
+
+def _sign_in(
+    client: TestClient, username: str, password: str = PASSWORD, code: str | None = None
+) -> Any:
+    body: dict[str, Any] = {"username": username, "password": password}
+    if code is not None:
+        body["totp_code"] = code
+    return client.post("/v1/auth/staff/sign-in", json=body)
+
+
+# --------------------------------------------------------------------------- staff
+
+
+def test_staff_who_can_write_need_a_fresh_totp_code_each_time(
+    app_client: TestClient, db: Database, clock: ManualClock
+) -> None:
+    username, seed = _staff(db, "operator")
+    # without a code: refused, and the reason says so
+    refused = _sign_in(app_client, username)
+    assert refused.status_code == 401
+    assert "TOTP" in refused.json()["detail"]
+    # with the current code: a session that works
+    code = _code(db, seed)
+    signed_in = _sign_in(app_client, username, code=code)
+    assert signed_in.status_code == 200, signed_in.text
+    token = signed_in.json()["token"]
+    me = app_client.get("/v1/auth/me", headers=support.bearer(token))
+    assert me.status_code == 200
+    assert me.json()["kind"] == "staff" and me.json()["grants"][0]["role"] == "operator"
+    # the same code again (even with the right password): refused — a code is used once
+    assert _sign_in(app_client, username, code=code).status_code == 401
+    # the next step's code works
+    clock.advance(timedelta(seconds=30))
+    assert _sign_in(app_client, username, code=_code(db, seed)).status_code == 200
+    # a code from another seed does not
+    clock.advance(timedelta(seconds=30))
+    other = pyotp.TOTP(pyotp.random_base32()).at(db.clock.now())
+    assert _sign_in(app_client, username, code=other).status_code == 401
+
+
+def test_read_only_staff_sign_in_without_totp(app_client: TestClient, db: Database) -> None:
+    username, _ = _staff(db, "auditor")
+    answer = _sign_in(app_client, username)
+    assert answer.status_code == 200, answer.text
+
+
+def test_failed_sign_ins_are_slowed_then_locked_until_unlocked(
+    app_client: TestClient, db: Database, clock: ManualClock
+) -> None:
+    username, _ = _staff(db, "auditor")
+    for _ in range(3):
+        assert _sign_in(app_client, username, password="wrong password").status_code == 401
+    # after three failures, even the right password must wait
+    slowed = _sign_in(app_client, username)
+    assert slowed.status_code == 429
+    assert slowed.headers["Retry-After"] == "1"
+    assert slowed.json()["code"] == "sign_in_locked"
+    # each further failure doubles the wait; ten in a row lock the account for 15 minutes
+    for _ in range(7):
+        clock.advance(timedelta(minutes=2))
+        assert _sign_in(app_client, username, password="wrong password").status_code == 401
+    clock.advance(timedelta(minutes=2))
+    locked = _sign_in(app_client, username)
+    assert locked.status_code == 429
+    assert 700 < int(locked.headers["Retry-After"]) <= 900
+    # an administrator unlocks it
+    admin = support.staff(db, "super_admin")
+    staff_id = db.run(
+        lambda uow: uow.conn.execute(
+            select(staff_users.c.id).where(staff_users.c.username == username)
+        ).scalar_one()
+    )
+    unlocked = app_client.patch(
+        f"/v1/staff/{staff_id}", json={"unlock": True}, headers={**admin, **support.key()}
+    )
+    assert unlocked.status_code == 200, unlocked.text
+    assert unlocked.json()["failed_sign_ins"] == 0
+    assert _sign_in(app_client, username).status_code == 200
+
+
+def test_unknown_user_and_wrong_password_get_the_same_answer(
+    app_client: TestClient, db: Database
+) -> None:
+    username, _ = _staff(db, "auditor")
+    unknown = _sign_in(app_client, "nobody-" + username)
+    wrong = _sign_in(app_client, username, password="wrong password")
+    assert unknown.status_code == wrong.status_code == 401
+    assert unknown.json()["detail"] == wrong.json()["detail"]
+
+
+def test_passwords_are_stored_as_argon2id_at_owasp_strength(db: Database) -> None:
+    username, _ = _staff(db, "auditor")
+    stored = db.run(
+        lambda uow: uow.conn.execute(
+            select(staff_users.c.password_hash).where(staff_users.c.username == username)
+        ).scalar_one()
+    )
+    assert stored.startswith("$argon2id$v=19$")
+    params = dict(item.split("=") for item in stored.split("$")[3].split(","))
+    assert int(params["m"]) >= 19 * 1024 and int(params["t"]) >= 2 and int(params["p"]) >= 1
+    assert PASSWORD not in stored
+
+
+def test_sign_out_ends_the_session(app_client: TestClient, db: Database) -> None:
+    headers = support.staff(db, "auditor")
+    assert app_client.get("/v1/auth/me", headers=headers).status_code == 200
+    assert app_client.post("/v1/auth/sign-out", headers=headers).status_code == 204
+    assert app_client.get("/v1/auth/me", headers=headers).status_code == 401
+
+
+def test_staff_change_their_own_password(app_client: TestClient, db: Database) -> None:
+    username, _ = _staff(db, "auditor")
+    token = _sign_in(app_client, username).json()["token"]
+    headers = support.bearer(token)
+    wrong = app_client.put(
+        "/v1/auth/staff/password",
+        json={"current_password": "not it at all", "new_password": "a new password 2"},
+        headers=headers,
+    )
+    assert wrong.status_code == 422
+    changed = app_client.put(
+        "/v1/auth/staff/password",
+        json={"current_password": PASSWORD, "new_password": "a new password 2"},
+        headers=headers,
+    )
+    assert changed.status_code == 204
+    assert _sign_in(app_client, username).status_code == 401
+    assert _sign_in(app_client, username, password="a new password 2").status_code == 200
+
+
+def test_a_new_staff_users_totp_seed_is_shown_once(app_client: TestClient, db: Database) -> None:
+    admin = support.staff(db, "super_admin")
+    program = new_program(db)
+    headers = {**admin, **support.key()}
+    body = {
+        "username": f"cashier-{uuid.uuid4().hex[:8]}",
+        "password": "a long password",
+        "grants": [{"role": "cashier", "program": program.code, "merchant": "m1", "store": "s1"}],
+    }
+    created = app_client.post("/v1/staff", json=body, headers=headers)
+    assert created.status_code == 201, created.text
+    seed = created.json()["totp_secret"]
+    assert len(seed) >= 16
+    replayed = app_client.post("/v1/staff", json=body, headers=headers)
+    assert replayed.status_code == 201
+    assert replayed.json()["totp_secret"] != seed
+    assert replayed.json()["id"] == created.json()["id"]
+    staff = app_client.get(f"/v1/staff/{created.json()['id']}", headers=admin).json()
+    assert staff["grants"][0]["role"] == "cashier" and staff["grants"][0]["store"] == "s1"
+    assert staff["totp"] is True
+    entries = db.run(
+        lambda uow: (
+            uow.conn.execute(
+                select(audit_entries.c.after).where(
+                    audit_entries.c.target == f"staff:{body['username']}"
+                )
+            )
+            .scalars()
+            .all()
+        )
+    )
+    assert entries and all(seed not in str(entry) for entry in entries)
+
+
+def test_nobody_hands_out_what_it_does_not_hold(app_client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    operator = support.staff(db, "operator", program_id=program.id)
+    # a custom role with what the operator holds: made
+    role = app_client.post(
+        f"/v1/programs/{program.code}/roles",
+        json={"code": "store_manager", "name": "Store manager",
+              "permissions": ["members.read", "points.read", "points.earn"]},
+        headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert role.status_code == 201, role.text
+    # with audit.read, which an operator does not hold: refused
+    beyond = app_client.post(
+        f"/v1/programs/{program.code}/roles",
+        json={"code": "snoop", "name": "Snoop", "permissions": ["audit.read"]},
+        headers={**operator, **support.key()},
+    )
+    assert beyond.status_code == 403
+    unknown = app_client.post(
+        f"/v1/programs/{program.code}/roles",
+        json={"code": "odd", "name": "Odd", "permissions": ["points.print_money"]},
+        headers={**operator, **support.key()},
+    )
+    assert unknown.status_code == 422
+    # an API key cannot carry staff administration
+    key = app_client.post(
+        f"/v1/programs/{program.code}/api-keys",
+        json={"name": "pos", "permissions": ["staff.write"]},
+        headers={**operator, **support.key()},
+    )
+    assert key.status_code == 422
+    # the custom role, granted, gives exactly its permissions
+    admin = support.staff(db, "super_admin")
+    created = app_client.post(
+        "/v1/staff",
+        json={"username": f"manager-{uuid.uuid4().hex[:6]}", "password": "a long password",
+              "grants": [{"role": "store_manager", "program": program.code}]},
+        headers={**admin, **support.key()},
+    ).json()  # fmt: skip
+    token = db.run(lambda uow: auth.new_session(uow, subject="staff", subject_id=created["id"]))
+    me = app_client.get("/v1/auth/me", headers=support.bearer(token.token)).json()
+    assert me["grants"][0]["permissions"] == ["members.read", "points.earn", "points.read"]
+    # a granted role cannot be deleted; a custom role can be changed, a built-in one cannot
+    assert (
+        app_client.delete(
+            f"/v1/programs/{program.code}/roles/store_manager",
+            headers={**operator, **support.key()},
+        ).status_code
+        == 409
+    )
+    assert (
+        app_client.patch(
+            f"/v1/programs/{program.code}/roles/cashier",
+            json={"name": "Till"},
+            headers={**operator, **support.key()},
+        ).status_code
+        == 409
+    )
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+def test_api_keys_are_stored_hashed_shown_once_and_revocable(
+    app_client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    operator = {**support.staff(db, "operator", program_id=program.id), **support.key()}
+    body = {"name": "till 3", "merchant": "m1", "store": "s3"}
+    created = app_client.post(f"/v1/programs/{program.code}/api-keys", json=body, headers=operator)
+    assert created.status_code == 201, created.text
+    token = created.json()["token"]
+    prefix, secret = token.removeprefix("jf_").split("_", 1)
+    row = db.run(
+        lambda uow: uow.conn.execute(select(api_keys).where(api_keys.c.prefix == prefix)).one()
+    )
+    assert secret not in str(tuple(row)) and row.secret_hash == keyed_hash(secret)
+    # replaying the creation does not show the token again
+    again = app_client.post(f"/v1/programs/{program.code}/api-keys", json=body, headers=operator)
+    assert again.json()["id"] == created.json()["id"] and token not in again.text
+    # the key works, and its use is recorded
+    balance = app_client.get(
+        f"/v1/programs/{program.code}/members/{member_id}/points", headers=support.bearer(token)
+    )
+    assert balance.status_code == 200
+    listed = app_client.get(f"/v1/programs/{program.code}/api-keys", headers=operator).json()
+    (item,) = [k for k in listed["items"] if k["id"] == created.json()["id"]]
+    assert item["last_used_at"] is not None and "token" not in item
+    # revoked: refused (once the 5-second cache of the key has passed)
+    revoked = app_client.post(
+        f"/v1/programs/{program.code}/api-keys/{item['id']}/revoke",
+        headers={**operator, **support.key()},
+    )
+    assert revoked.json()["revoked_at"] is not None
+    app_client.app.state.principal_cache.clear()  # type: ignore[attr-defined]
+    after = app_client.get(
+        f"/v1/programs/{program.code}/members/{member_id}/points", headers=support.bearer(token)
+    )
+    assert after.status_code == 401 and "revoked" in after.json()["detail"]
+
+
+def test_an_expired_api_key_is_refused(
+    app_client: TestClient, db: Database, clock: ManualClock
+) -> None:
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    operator = {**support.staff(db, "operator", program_id=program.id), **support.key()}
+    created = app_client.post(
+        f"/v1/programs/{program.code}/api-keys",
+        json={"name": "short", "expires_at": (clock.now() + timedelta(hours=1)).isoformat()},
+        headers=operator,
+    ).json()
+    clock.advance(timedelta(hours=2))
+    answer = app_client.get(
+        f"/v1/programs/{program.code}/members/{member_id}/points",
+        headers=support.bearer(created["token"]),
+    )
+    assert answer.status_code == 401 and "expired" in answer.json()["detail"]
+
+
+# --------------------------------------------------------------------------- members
+
+
+def _bind_phone(db: Database, member_id: int, phone: str) -> None:
+    db.run(
+        lambda uow: uow.conn.execute(
+            update(members).where(members.c.id == member_id).values(phone_hash=keyed_hash(phone))
+        )
+    )
+
+
+def test_members_sign_in_with_their_password(app_client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    member_id, other_id = new_members(db, program.id, 2)
+    ref = db.run(
+        lambda uow: uow.conn.execute(
+            select(members.c.external_ref).where(members.c.id == member_id)
+        ).scalar_one()
+    )
+    staff = {**support.staff(db, "operator", program_id=program.id), **support.key()}
+    # staff set a first password; the member signs in with its reference
+    reset = app_client.put(
+        f"/v1/programs/{program.code}/members/{member_id}/password",
+        json={"new_password": "member pass 1"},
+        headers=staff,
+    )
+    assert reset.status_code == 200, reset.text
+    signed_in = app_client.post(
+        "/v1/auth/members/sign-in",
+        json={"program": program.code, "login": ref, "password": "member pass 1"},
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    headers = support.bearer(signed_in.json()["token"])
+    assert app_client.get("/v1/auth/me", headers=headers).json()["member_id"] == member_id
+    # the member changes its own password only by giving the present one
+    own = f"/v1/programs/{program.code}/members/{member_id}/password"
+    refused = app_client.put(
+        own, json={"new_password": "member pass 2"}, headers={**headers, **support.key()}
+    )
+    assert refused.status_code == 422
+    changed = app_client.put(
+        own,
+        json={"current_password": "member pass 1", "new_password": "member pass 2"},
+        headers={**headers, **support.key()},
+    )
+    assert changed.status_code == 200
+    # and never another member's
+    theirs = app_client.put(
+        f"/v1/programs/{program.code}/members/{other_id}/password",
+        json={"new_password": "member pass 3"},
+        headers={**headers, **support.key()},
+    )
+    assert theirs.status_code == 403
+    wrong = app_client.post(
+        "/v1/auth/members/sign-in",
+        json={"program": program.code, "login": ref, "password": "member pass 1"},
+    )
+    assert wrong.status_code == 401
+
+
+def test_members_sign_in_with_a_one_time_code_sent_by_sms(
+    app_client: TestClient, db: Database, sms: RecordingSms, clock: ManualClock
+) -> None:
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    _bind_phone(db, member_id, "13800138000")
+    ask = {"program": program.code, "phone": "+86 138 0013 8000"}
+    sent = app_client.post("/v1/auth/members/codes", json=ask)
+    assert sent.status_code == 202, sent.text
+    (message,) = sms.sent
+    code = message.secret
+    assert code in message.text and len(code) == 6
+    # the outbox keeps the message with the number and the code masked; the code is stored
+    # only as a hash
+    row = db.run(
+        lambda uow: uow.conn.execute(select(outbox).where(outbox.c.program_id == program.id)).one()
+    )
+    assert row.recipient == "138****8000" and code not in row.body and "******" in row.body
+    stored = db.run(
+        lambda uow: uow.conn.execute(
+            select(one_time_codes.c.code_hash).where(one_time_codes.c.member_id == member_id)
+        ).scalar_one()
+    )
+    assert code not in stored
+    # another code within the minute: 429
+    again = app_client.post("/v1/auth/members/codes", json=ask)
+    assert again.status_code == 429 and int(again.headers["Retry-After"]) <= 60
+    # the code signs the member in, once
+    body = {"program": program.code, "phone": "13800138000", "code": code}
+    first = app_client.post("/v1/auth/members/sign-in-with-code", json=body)
+    assert first.status_code == 200, first.text
+    assert first.json()["subject_id"] == member_id
+    assert app_client.post("/v1/auth/members/sign-in-with-code", json=body).status_code == 401
+    # an unknown number gets the same answer and no message
+    unknown = app_client.post(
+        "/v1/auth/members/codes", json={"program": program.code, "phone": "13900000000"}
+    )
+    assert unknown.status_code == 202 and len(sms.sent) == 1
+
+
+def test_a_one_time_code_is_spent_by_five_wrong_guesses_or_by_time(
+    app_client: TestClient, db: Database, sms: RecordingSms, clock: ManualClock
+) -> None:
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    _bind_phone(db, member_id, "13700137000")
+    ask = {"program": program.code, "phone": "13700137000"}
+    assert app_client.post("/v1/auth/members/codes", json=ask).status_code == 202
+    code = sms.sent[-1].secret
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    for _ in range(5):
+        guess = {**ask, "code": wrong}
+        assert app_client.post("/v1/auth/members/sign-in-with-code", json=guess).status_code == 401
+    right = {**ask, "code": code}
+    assert app_client.post("/v1/auth/members/sign-in-with-code", json=right).status_code == 401
+    # a new code, but too late
+    clock.advance(timedelta(minutes=1))
+    assert app_client.post("/v1/auth/members/codes", json=ask).status_code == 202
+    late = {**ask, "code": sms.sent[-1].secret}
+    clock.advance(timedelta(minutes=6))
+    assert app_client.post("/v1/auth/members/sign-in-with-code", json=late).status_code == 401
+
+
+def test_a_banned_member_cannot_sign_in(app_client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    db.run(lambda uow: auth.set_member_password(uow, member_id=member_id, password="member pass 1"))
+    ref = db.run(
+        lambda uow: uow.conn.execute(
+            select(members.c.external_ref).where(members.c.id == member_id)
+        ).scalar_one()
+    )
+    db.run(
+        lambda uow: uow.conn.execute(
+            update(members).where(members.c.id == member_id).values(state="banned")
+        )
+    )
+    answer = app_client.post(
+        "/v1/auth/members/sign-in",
+        json={"program": program.code, "login": ref, "password": "member pass 1"},
+    )
+    assert answer.status_code == 401 and "banned" in answer.json()["detail"]
