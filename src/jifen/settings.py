@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     rate_limit_member: str = "120/minute"
     """Requests per signed-in member."""
 
+    rate_limit_namespace: str = "jifen"
+    """Prefix of the counters, so that installations sharing one Redis count apart."""
+
     def resolved_database_url(self) -> str:
         return normalise_database_url(self.database_url) or (
             f"sqlite:///{self.data_dir / 'jifen.db'}"

@@ -25,6 +25,7 @@ class Limiter:
         uri = settings.redis_url or "memory://"
         self.storage = storage.storage_from_string(uri)
         self.strategy = strategies.SlidingWindowCounterRateLimiter(self.storage)
+        self.namespace = settings.rate_limit_namespace
         self.items: dict[str, RateLimitItem] = {
             "ip": parse(settings.rate_limit_ip),
             "key": parse(settings.rate_limit_key),
@@ -34,9 +35,9 @@ class Limiter:
     def hit(self, scope: str, identity: str) -> None:
         """Count one request of ``identity``; raise RateLimited when over its limit."""
         item = self.items[scope]
-        if self.strategy.hit(item, "jifen", scope, identity):
+        if self.strategy.hit(item, self.namespace, scope, identity):
             return
-        reset_time, _ = self.strategy.get_window_stats(item, "jifen", scope, identity)
+        reset_time, _ = self.strategy.get_window_stats(item, self.namespace, scope, identity)
         retry_after = max(1, math.ceil(reset_time - time.time()))
         raise RateLimited(scope=f"per {scope}", scope_zh=_SCOPES_ZH[scope], retry_after=retry_after)
 
