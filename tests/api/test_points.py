@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 from jifen.api.app import create_app
 from jifen.db.uow import Database
 from jifen.members.models import members
+from jifen.points import service as points
 from jifen.points.models import postings
 from tests.api import support
 from tests.api.conftest import api_settings
@@ -128,11 +129,46 @@ def test_history_pages_with_a_cursor_and_lots_show_the_default_validity(
     ).json()
     assert [e["amount"] for e in first["items"] + second["items"]] == [30, 20, 10]
     assert second["next_cursor"] is None
-    lots = client.get(shop.member_url(shop.alice, "/lots"), headers=shop.operator).json()
+    lots = client.get(shop.member_url(shop.alice, "/lots"), headers=shop.operator).json()["items"]
     # the programme default: valid 365 days, to the end of the day (Asia/Shanghai)
     assert {datetime.fromisoformat(lot["expires_at"]) for lot in lots} == {
         datetime(2027, 1, 2, tzinfo=ZoneInfo("Asia/Shanghai"))
     }
+
+
+def test_lots_page_by_expiry_with_never_expiring_ones_last(
+    client: TestClient, db: Database
+) -> None:
+    shop = _shop(client, db)
+    start = db.clock.now()
+    expiries = [start + timedelta(days=d) for d in (90, 30, 30, 60)]
+    for amount, expires_at in zip((1, 2, 3, 4), expiries, strict=True):
+        db.run(
+            lambda uow, a=amount, e=expires_at: points.earn(
+                uow, member_id=shop.alice, amount=a, key=f"lot-{a}", expires_at=e
+            )
+        )
+    db.run(lambda uow: points.earn(uow, member_id=shop.alice, amount=5, key="lot-5"))
+    seen: list[int] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"limit": 2}
+        if cursor is not None:
+            params["cursor"] = cursor
+        page = client.get(
+            shop.member_url(shop.alice, "/lots"), params=params, headers=shop.operator
+        ).json()
+        seen += [lot["amount"] for lot in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [2, 3, 4, 1, 5] and pages == 3
+    bad = client.get(
+        shop.member_url(shop.alice, "/lots"), params={"cursor": "nonsense"}, headers=shop.operator
+    )
+    assert bad.status_code == 422
 
 
 def test_a_replayed_earn_returns_the_first_posting_and_a_changed_body_is_refused(

@@ -33,7 +33,7 @@ from jifen.points.schemas import (
     FreezeCreate,
     GiveBackCreate,
     HistoryPage,
-    LotRead,
+    LotPage,
     PostingRead,
     SpendCreate,
     TransferCreate,
@@ -83,18 +83,22 @@ def get_balance(
     return ctx.db.run(read, read_only=True)
 
 
-@router.get(f"{MEMBER}/points/lots", response_model=list[LotRead])
+@router.get(f"{MEMBER}/points/lots", response_model=LotPage)
 def list_lots(
     program: str,
     member_id: Id,
     ctx: Annotated[Context, Depends(Read("points.read"))],
     open_only: bool = True,
-) -> list[LotRead]:
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> LotPage:
     """The member's lots, earliest expiry first; ``open_only`` leaves out spent ones."""
 
-    def read(uow: UnitOfWork) -> list[LotRead]:
+    def read(uow: UnitOfWork) -> LotPage:
         _member(uow, ctx, member_id)
-        return service.member_lots(uow, member_id=member_id, open_only=open_only)
+        return service.lots_page(
+            uow, member_id=member_id, open_only=open_only, cursor=cursor, limit=limit
+        )
 
     return ctx.db.run(read, read_only=True)
 

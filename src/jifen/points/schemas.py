@@ -65,6 +65,12 @@ class LotRead(_Read):
     source_lot_id: int | None
 
 
+class LotPage(_Read):
+    items: list[LotRead]
+    next_cursor: str | None
+    """Pass back as ``cursor`` for the next page; ``None`` on the last page."""
+
+
 class LineRead(_Read):
     account_id: int
     account: str

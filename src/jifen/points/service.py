@@ -14,7 +14,7 @@ import base64
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -56,10 +56,13 @@ from jifen.points.schemas import (
     HistoryEntry,
     HistoryPage,
     LineRead,
+    LotPage,
     LotRead,
     PostingRead,
 )
 from jifen.programs import service as programs_service
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 CURRENCY = "points"
 _FIFO_BATCH = 64  # open lots read per round trip; most debits need far fewer
@@ -822,13 +825,38 @@ def balance(uow: UnitOfWork, *, member_id: int) -> BalanceSummary:
 
 
 def member_lots(uow: UnitOfWork, *, member_id: int, open_only: bool = True) -> list[LotRead]:
-    """The member's lots, earliest expiry first."""
+    """All the member's lots, earliest expiry first."""
+    return lots_page(uow, member_id=member_id, open_only=open_only).items
+
+
+def lots_page(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    open_only: bool = True,
+    cursor: str | None = None,
+    limit: int | None = None,
+) -> LotPage:
+    """The member's lots, earliest expiry first (those that never expire last), a page at a
+    time: ``cursor`` is the previous page's ``next_cursor``."""
     account = _account_of(uow, member_id)
     query = select(lots).where(lots.c.account_id == account.id)
     if open_only:
         query = query.where(lots.c.remaining > 0)
-    rows = uow.conn.execute(query.order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id))
-    return [
+    if cursor is not None:
+        after_expiry, after_id = _decode_lot_cursor(cursor)
+        if after_expiry is None:
+            query = query.where(lots.c.expires_at.is_(None), lots.c.id > after_id)
+        else:
+            query = query.where(
+                (lots.c.expires_at > after_expiry)
+                | ((lots.c.expires_at == after_expiry) & (lots.c.id > after_id))
+                | lots.c.expires_at.is_(None)
+            )
+    query = query.order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id)
+    if limit is not None:
+        query = query.limit(limit)
+    items = [
         LotRead(
             id=r.id,
             posting_id=r.posting_id,
@@ -838,8 +866,34 @@ def member_lots(uow: UnitOfWork, *, member_id: int, open_only: bool = True) -> l
             expires_at=r.expires_at,
             source_lot_id=r.source_lot_id,
         )
-        for r in rows
+        for r in uow.conn.execute(query)
     ]
+    last = items[-1] if items and limit is not None and len(items) == limit else None
+    return LotPage(items=items, next_cursor=_encode_lot_cursor(last) if last else None)
+
+
+def _encode_lot_cursor(lot: LotRead) -> str:
+    expiry = "none" if lot.expires_at is None else str(_micros(lot.expires_at))
+    return base64.urlsafe_b64encode(f"lot:{expiry}:{lot.id}".encode()).decode().rstrip("=")
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def _decode_lot_cursor(cursor: str) -> tuple[datetime | None, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, expiry, lot_id = text.split(":")
+        number = int(lot_id)
+        moment = None if expiry == "none" else EPOCH + timedelta(microseconds=int(expiry))
+        if prefix != "lot" or not 0 <= number < 2**63:
+            raise ValueError(cursor)
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        raise InvalidInput(
+            field="cursor", problem="pass back a next_cursor from a previous page"
+        ) from None
+    return moment, number
 
 
 def _encode_cursor(seq: int) -> str:
