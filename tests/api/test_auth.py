@@ -495,3 +495,46 @@ def test_a_banned_member_cannot_sign_in(app_client: TestClient, db: Database) ->
         json={"program": program.code, "login": ref, "password": "member pass 1"},
     )
     assert answer.status_code == 401 and "banned" in answer.json()["detail"]
+
+
+def test_staff_and_key_lists_page_and_filter(app_client: TestClient, db: Database) -> None:
+    admin = support.staff(db, "super_admin")
+    tag = uuid.uuid4().hex[:6]
+    for n in range(3):
+        db.run(
+            lambda uow, n=n: auth.create_staff(
+                uow, username=f"t_{tag}-{n}", password=PASSWORD, roles_in=[("finance", None)]
+            )
+        )
+    # a username prefix (its underscore taken literally), in pages of two
+    first = app_client.get("/v1/staff", params={"username": f"t_{tag}", "limit": 2}, headers=admin)
+    assert [s["username"] for s in first.json()["items"]] == [f"t_{tag}-0", f"t_{tag}-1"]
+    second = app_client.get(
+        "/v1/staff",
+        params={"username": f"t_{tag}", "limit": 2, "cursor": first.json()["next_cursor"]},
+        headers=admin,
+    ).json()
+    assert [s["username"] for s in second["items"]] == [f"t_{tag}-2"]
+    assert second["next_cursor"] is None
+    assert (
+        app_client.get("/v1/staff", params={"username": f"t%{tag}"}, headers=admin).json()["items"]
+        == []
+    )
+    by_role = app_client.get("/v1/staff", params={"role": "finance", "limit": 200}, headers=admin)
+    assert {f"t_{tag}-0", f"t_{tag}-1"} <= {s["username"] for s in by_role.json()["items"]}
+    assert app_client.get("/v1/staff", params={"cursor": "x1"}, headers=admin).status_code == 422
+    # keys by merchant and revocation
+    program = new_program(db)
+    support.api_key(db, program.id, merchant="m1")
+    support.api_key(db, program.id, merchant="m2")
+    keys = f"/v1/programs/{program.code}/api-keys"
+    assert [
+        k["merchant"]
+        for k in app_client.get(keys, params={"merchant": "m2"}, headers=admin).json()["items"]
+    ] == ["m2"]
+    key_id = app_client.get(keys, params={"merchant": "m1"}, headers=admin).json()["items"][0]["id"]
+    app_client.post(f"{keys}/{key_id}/revoke", headers={**admin, **support.key()})
+    revoked = app_client.get(keys, params={"revoked": True}, headers=admin).json()["items"]
+    live = app_client.get(keys, params={"revoked": False}, headers=admin).json()["items"]
+    assert [k["id"] for k in revoked] == [key_id]
+    assert [k["merchant"] for k in live] == ["m2"]

@@ -21,7 +21,7 @@ from jifen.api.deps import (
     id_cursor,
     limit_ip,
 )
-from jifen.api.schemas import LIMIT, Page
+from jifen.api.schemas import LIMIT, NO_NUL, Page
 from jifen.auth import service
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
@@ -243,12 +243,21 @@ def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
 
 @router.get("/staff", response_model=Page[StaffRead])
 def list_staff(
-    ctx: Annotated[Context, Depends(Read("staff.read"))], cursor: Cursor = None, limit: Limit = 50
+    ctx: Annotated[Context, Depends(Read("staff.read"))],
+    cursor: Cursor = None,
+    limit: Limit = 50,
+    active: bool | None = None,
+    username: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    role: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
 ) -> Page[StaffRead]:
-    """Staff users, in the order they were created."""
+    """Staff users, in the order they were created; filter by ``active``, a ``username``
+    prefix, or a ``role`` they hold."""
     after = id_cursor(cursor)
     items = ctx.db.run(
-        lambda uow: service.list_staff(uow, after_id=after, limit=limit), read_only=True
+        lambda uow: service.list_staff(
+            uow, after_id=after, limit=limit, active=active, username=username, role=role
+        ),
+        read_only=True,
     )
     return Page(items=items, next_cursor=_page(list(items), limit))
 
@@ -413,12 +422,20 @@ def list_api_keys(
     ctx: Annotated[Context, Depends(Read("api_keys.read"))],
     cursor: Cursor = None,
     limit: Limit = 50,
+    merchant: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    revoked: bool | None = None,
 ) -> Page[ApiKeyRead]:
-    """The programme's keys: prefix, scope, permissions, expiry, revocation, last use."""
+    """The programme's keys: prefix, scope, permissions, expiry, revocation, last use;
+    filter by ``merchant`` and ``revoked``."""
     after = id_cursor(cursor)
     items = ctx.db.run(
         lambda uow: service.list_api_keys(
-            uow, program_id=ctx.program_id, after_id=after, limit=limit
+            uow,
+            program_id=ctx.program_id,
+            after_id=after,
+            limit=limit,
+            merchant=merchant,
+            revoked=revoked,
         ),
         read_only=True,
     )

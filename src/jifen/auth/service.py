@@ -712,13 +712,30 @@ def _staff_reads(uow: UnitOfWork, rows: Sequence[Any]) -> list[StaffRead]:
     ]
 
 
-def list_staff(uow: UnitOfWork, *, after_id: int, limit: int) -> list[StaffRead]:
-    rows = uow.conn.execute(
-        select(staff_users)
-        .where(staff_users.c.id > after_id)
-        .order_by(staff_users.c.id)
-        .limit(limit)
-    ).all()
+def list_staff(
+    uow: UnitOfWork,
+    *,
+    after_id: int,
+    limit: int,
+    active: bool | None = None,
+    username: str | None = None,
+    role: str | None = None,
+) -> list[StaffRead]:
+    """Staff in the order they were created; filters: active, username prefix, holding a role."""
+    query = select(staff_users).where(staff_users.c.id > after_id)
+    if active is not None:
+        query = query.where(staff_users.c.active == active)
+    if username:
+        escaped = username.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(staff_users.c.username.like(f"{escaped}%", escape="\\"))
+    if role is not None:
+        holders = (
+            select(role_grants.c.staff_id)
+            .join(roles, roles.c.id == role_grants.c.role_id)
+            .where(roles.c.code == role)
+        )
+        query = query.where(staff_users.c.id.in_(holders))
+    rows = uow.conn.execute(query.order_by(staff_users.c.id).limit(limit)).all()
     return _staff_reads(uow, rows)
 
 
@@ -889,14 +906,22 @@ def _key_read(row: Any) -> ApiKeyRead:
 
 
 def list_api_keys(
-    uow: UnitOfWork, *, program_id: int, after_id: int, limit: int
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    after_id: int,
+    limit: int,
+    merchant: str | None = None,
+    revoked: bool | None = None,
 ) -> list[ApiKeyRead]:
-    rows = uow.conn.execute(
-        select(api_keys)
-        .where(api_keys.c.program_id == program_id, api_keys.c.id > after_id)
-        .order_by(api_keys.c.id)
-        .limit(limit)
-    )
+    query = select(api_keys).where(api_keys.c.program_id == program_id, api_keys.c.id > after_id)
+    if merchant is not None:
+        query = query.where(api_keys.c.merchant == merchant)
+    if revoked is not None:
+        query = query.where(
+            api_keys.c.revoked_at.is_not(None) if revoked else api_keys.c.revoked_at.is_(None)
+        )
+    rows = uow.conn.execute(query.order_by(api_keys.c.id).limit(limit))
     return [_key_read(row) for row in rows]
 
 
