@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from fastapi.testclient import TestClient
@@ -55,3 +56,14 @@ def test_unknown_fields_are_refused_per_field(client: TestClient, db: Database) 
     )
     assert answer.status_code == 422
     assert [e["field"] for e in answer.json()["errors"]] == ["body.balance"]
+
+
+def test_the_docs_page_loads_everything_from_jifen_itself(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    links = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.text)
+    assert links, "the page links its script, style and document"
+    for link in links:
+        assert link.startswith(("http://testserver/", "/")), link
+        asset = client.get(link)
+        assert asset.status_code == 200, link

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from jifen import __version__
 from jifen.api import problems
@@ -50,8 +53,9 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # served below from jifen's own copy of Swagger UI, not a CDN
         redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
         responses=problems.ERROR_RESPONSES,
     )
     app.state.db = db or Database(settings.resolved_database_url())
@@ -61,6 +65,7 @@ def create_app(
     app.state.program_cache = {}
     app.state.sms = sms or OutboxSmsProvider()
     problems.install(app)
+    _serve_docs(app)
 
     for module in (auth_api, programs_api, members_api, points_api, approvals_api, audit_api):
         # Before including: the permission each route needs goes into its OpenAPI entry.
@@ -91,6 +96,24 @@ def create_app(
         return JSONResponse({"status": "ready"})
 
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the copy the ``fastapi-swagger`` package ships, so that
+    the page works without reaching any CDN."""
+    assets = resources.files("fastapi_swagger") / "resources"
+    app.mount("/docs/assets", StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="jifen API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+            swagger_ui_parameters={"persistAuthorization": True, "filter": True},
+        )
 
 
 def app_from_settings() -> FastAPI:
