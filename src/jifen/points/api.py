@@ -174,11 +174,15 @@ def earn(
 ) -> JSONResponse:
     """Credit points; without ``expires_at`` they keep the programme's default validity."""
     merchant, store = ctx.merchant(body.merchant, body.store)
-    validity = _settings(ctx).default_validity_days if body.expires_at is None else None
 
     def post(uow: UnitOfWork) -> PostingRead:
         _member(uow, ctx, member_id, transacting=True)
-        expires_at = body.expires_at or _default_expiry(uow, ctx, body.available_at, validity)
+        expires_at = body.expires_at
+        if expires_at is None:  # the programme's policy as of this very transaction
+            validity = programs_service.get_settings(uow, program_id=ctx.program_id)
+            expires_at = _default_expiry(
+                uow, ctx, body.available_at, validity.default_validity_days
+            )
         posting = service.earn(
             uow,
             member_id=member_id,
