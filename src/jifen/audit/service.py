@@ -1,20 +1,51 @@
-"""Audit use cases: record a write in the caller's transaction; search; verify the chains."""
+"""Audit use cases: record a write in the caller's transaction; search and export; verify
+the chains."""
 
 from __future__ import annotations
 
-from datetime import UTC
+import base64
+import csv
+import io
+import json
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, and_, or_, select
 
-from jifen.audit.core import entry_digest, stripe_of
+from jifen.audit.core import (
+    CHAINED_FIELDS,
+    ChainVerifier,
+    Problem,
+    StoredEntry,
+    chained_fields,
+    entry_digest,
+    stripe_of,
+)
 from jifen.audit.models import STRIPES, audit_entries, audit_heads
-from jifen.audit.schemas import AuditEntryCreate
-from jifen.db.uow import UnitOfWork
+from jifen.audit.schemas import AuditEntryCreate, AuditEntryRead
+from jifen.db.engine import READ_ONLY
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import InvalidInput
 
-CHAINED_FIELDS = (
-    "program_id", "actor", "role", "api_key_id", "ip", "user_agent", "action", "target",
-    "before", "after",
-)  # fmt: skip
+__all__ = [
+    "CHAINED_FIELDS",
+    "CSV_COLUMNS",
+    "AuditFilter",
+    "AuditReport",
+    "Problem",
+    "csv_chunks",
+    "record",
+    "search",
+    "snapshot",
+    "verify",
+    "verify_report",
+]
+
+_CHUNK = 2000
+"""Entries read at a time by verify and export: memory stays flat however long the log."""
 
 
 def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
@@ -27,7 +58,7 @@ def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     seq += 1
     # Microseconds are kept by both backends; the digest covers the stored value exactly.
     at = uow.clock.now().astimezone(UTC)
-    fields = entry.model_dump(include=set(CHAINED_FIELDS))
+    fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
     digest = entry_digest(prev_hash, seq, at, fields)
     entry_id = uow.conn.execute(
         audit_entries.insert().returning(audit_entries.c.id),
@@ -37,3 +68,199 @@ def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
         audit_heads.update().where(audit_heads.c.stripe == stripe).values(seq=seq, hash=digest)
     )
     return int(entry_id)
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which entries to list. ``programs``: the programmes whose entries may be shown; None
+    means every entry, including those outside any programme (staff, roles)."""
+
+    programs: Collection[int] | None = None
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+    since: datetime | None = None
+    """Inclusive."""
+    until: datetime | None = None
+    """Exclusive."""
+
+
+EntryPage = tuple[list[AuditEntryRead], str | None]
+"""A page of entries and the cursor of the next one (None after the last)."""
+
+
+def search(
+    uow: UnitOfWork, filters: AuditFilter, *, cursor: str | None = None, limit: int = 50
+) -> EntryPage:
+    """Entries matching ``filters``, newest first, and the cursor of the next page (if any)."""
+    if not 1 <= limit <= 5000:
+        raise InvalidInput(field="limit", problem=f"must be between 1 and 5000, got {limit}")
+    entries = audit_entries.c
+    conditions: list[Any] = []
+    if filters.programs is not None:
+        conditions.append(entries.program_id.in_(sorted(filters.programs)))
+    for column, value in (
+        (entries.actor, filters.actor),
+        (entries.action, filters.action),
+        (entries.target, filters.target),
+    ):
+        if value is not None:
+            conditions.append(column == value)
+    if filters.since is not None:
+        conditions.append(entries.at >= filters.since)
+    if filters.until is not None:
+        conditions.append(entries.at < filters.until)
+    if cursor is not None:
+        conditions.append(entries.id < decode_cursor(cursor))
+    rows = uow.conn.execute(
+        select(audit_entries).where(*conditions).order_by(entries.id.desc()).limit(limit + 1)
+    ).all()
+    page = rows[:limit]
+    next_cursor = _encode_cursor(page[-1].id) if len(rows) > limit and page else None
+    return [AuditEntryRead.model_validate(row._mapping) for row in page], next_cursor
+
+
+def _encode_cursor(entry_id: int) -> str:
+    return base64.urlsafe_b64encode(f"audit:{entry_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The id a page continues below, from a ``next_cursor``; InvalidInput for anything else."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, value = text.split(":")
+        number = int(value)
+        if prefix != "audit" or not value.isdigit() or not 0 < number < 2**63:
+            raise ValueError(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(
+            field="cursor", problem="not a cursor this API gave out; start again without one"
+        ) from exc
+    return number
+
+
+# --------------------------------------------------------------------------- export
+
+CSV_COLUMNS = (
+    "id", "at", "program_id", "actor", "role", "api_key_id", "ip", "user_agent", "action",
+    "target", "before", "after", "stripe", "seq", "prev_hash", "hash",
+)  # fmt: skip
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may read as the start of a formula (CSV injection)."""
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    elif isinstance(value, datetime):
+        value = value.astimezone(UTC).isoformat()
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value  # shown as text, never run as a formula
+    return value
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def csv_chunks(db: Database, filters: AuditFilter, *, chunk: int = 500) -> Iterator[str]:
+    """The entries matching ``filters`` as CSV text, newest first, a page at a time (each
+    read in its own short transaction): a UTF-8 BOM, so that Excel reads Chinese right, a
+    header row, then one row per entry, with ``before`` and ``after`` as JSON text."""
+    yield "\ufeff" + _csv_text([list(CSV_COLUMNS)])
+    cursor: str | None = None
+
+    def page_after(after: str | None) -> Callable[[UnitOfWork], EntryPage]:
+        return lambda uow: search(uow, filters, cursor=after, limit=chunk)
+
+    while True:
+        page, cursor = db.run(page_after(cursor), read_only=True)
+        if page:
+            rows = [[_cell(getattr(entry, name)) for name in CSV_COLUMNS] for entry in page]
+            yield _csv_text(rows)
+        if cursor is None:
+            return
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class AuditReport:
+    """What :func:`verify_report` checked and found."""
+
+    entries: int = 0
+    chains: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@contextmanager
+def snapshot(db: Database) -> Iterator[UnitOfWork]:
+    """A read-only unit of work that sees the whole log at one moment, however long it takes
+    to read: REPEATABLE READ on PostgreSQL (a deferred transaction on SQLite is one
+    already). Verify in one, so that writers appending meanwhile cannot look like damage."""
+    with db.engine.connect() as conn:
+        options: dict[str, Any] = {READ_ONLY: True}
+        if db.dialect == "postgresql":
+            options["isolation_level"] = "REPEATABLE READ"
+        conn = conn.execution_options(**options)
+        with conn.begin():
+            yield UnitOfWork(conn, db.clock, db.cache)
+
+
+def _stored_entries(uow: UnitOfWork) -> Iterator[Row[Any]]:
+    """Every entry in stripe and seq order, read a chunk at a time."""
+    c = audit_entries.c
+    last: tuple[int, int] | None = None
+    while True:
+        query = select(audit_entries).order_by(c.stripe, c.seq).limit(_CHUNK)
+        if last is not None:
+            query = query.where(or_(c.stripe > last[0], and_(c.stripe == last[0], c.seq > last[1])))
+        chunk = uow.conn.execute(query).all()
+        yield from chunk
+        if len(chunk) < _CHUNK:
+            return
+        last = (chunk[-1].stripe, chunk[-1].seq)
+
+
+def verify_report(uow: UnitOfWork) -> AuditReport:
+    """Recompute every entry's hash, follow each stripe's chain link by link and compare its
+    end with its head in ``audit_heads``. Run it in a :func:`snapshot` when others write."""
+    checker = ChainVerifier(STRIPES)
+    for row in _stored_entries(uow):
+        checker.add(
+            StoredEntry(
+                id=row.id,
+                stripe=row.stripe,
+                seq=row.seq,
+                at=row.at,
+                fields={name: row._mapping[name] for name in CHAINED_FIELDS},
+                prev_hash=row.prev_hash,
+                hash=row.hash,
+            )
+        )
+    stored_heads = uow.conn.execute(
+        select(audit_heads.c.stripe, audit_heads.c.seq, audit_heads.c.hash)
+    )
+    heads = {row.stripe: (row.seq, row.hash) for row in stored_heads}
+    problems = checker.finish(heads)
+    return AuditReport(entries=checker.entries, chains=checker.chains, problems=problems)
+
+
+def verify(uow: UnitOfWork) -> list[Problem]:
+    """Every problem in the audit log: an entry edited (its hash no longer matches its
+    fields), removed or inserted (a gap or a broken link in its chain), or a head that is not
+    its chain's last entry. Empty when the log is as it was written."""
+    return verify_report(uow).problems
