@@ -438,9 +438,12 @@ def serve(
 
 
 def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
+    # The app reads its settings from the environment, in this process (one worker) or in
+    # each worker process: the URL given on the command line goes there first.
+    os.environ["JIFEN_DATABASE_URL"] = state.database_url
+    get_settings.cache_clear()
     # Made once here, before any worker starts, so every worker reads the same key.
     secret_key(get_settings())
-    os.environ["JIFEN_DATABASE_URL"] = state.database_url  # the workers' settings
     out.print(
         _say(
             f"jifen API on http://{host}:{port} (docs: /docs); Ctrl+C stops it",

@@ -1,0 +1,459 @@
+"""HTTP API throughput and latency, against the in-process points service in the same run.
+
+What it measures, in order, each timed measure after a warm-up:
+
+1. ``pgbench`` TPC-B with ``--clients`` clients on the same PostgreSQL, for reference
+   (``--no-pgbench`` leaves it out; it is printed, not a RESULT).
+2. In-process earn: ``jifen.points.service.earn`` through ``Database.run`` from
+   ``--clients`` threads, over ``--scale`` members: the limit of the HTTP figure.
+3. HTTP earn: ``POST …/points/earn`` from ``--clients`` threads, each with its own
+   keep-alive connection, against ``jifen serve --workers <--server-workers>``.
+4. HTTP balance, closed loop: ``GET …/points`` as fast as ``--clients`` threads can: the
+   peak read rate.
+5. HTTP balance, open loop: ``GET …/points`` sent on a fixed schedule at half that peak
+   (or ``--read-rate``); each latency runs from the request's scheduled send time, so a
+   queue in the client or the server counts against it.
+
+It prints every figure (with the CPU the client and the server used: they share the
+machine with PostgreSQL), then, last:
+``RESULT http_earn <tps> tps ratio=<http / in-process earn>`` (target ≥ 0.5) and
+``RESULT http_balance_p99 <ms> ms ratio=<p99 / 20 ms>`` (target ≤ 1).
+
+Run: ``python bench/api.py [--database-url URL] [--seconds 10] [--warmup 2] [--scale 2000]
+[--clients 32] [--server-workers 2] [--no-pgbench]``. It works in schemas of its own
+(``bench_api``, and ``bench_pgbench`` for pgbench) and drops them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from jifen.auth import service as auth
+from jifen.db.migrate import upgrade
+from jifen.db.uow import Database, UnitOfWork
+from jifen.members import service as members
+from jifen.points import service as points
+from jifen.programs import service as programs
+from jifen.settings import get_settings
+from ledger import PGBENCH_SCHEMA, admin_sql, percentile, pgbench_tps, result, say, with_schema
+
+API_SCHEMA = "bench_api"
+BALANCE_TARGET_MS = 20.0
+EARN_TARGET = 0.5
+HIGH_LIMIT = "100000000/minute"
+"""Rate limits for the benchmark's server: high enough never to refuse it."""
+
+
+@dataclass
+class Phase:
+    """What the threads of one timed measure did."""
+
+    name: str
+    seconds: float
+    done: int = 0
+    errors: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds
+
+    def add(self, latencies_ms: list[float], errors: list[str]) -> None:
+        with self.lock:
+            self.done += len(latencies_ms)
+            self.latencies_ms.extend(latencies_ms)
+            self.errors.extend(errors)
+
+    def report(self, extra: str = "") -> None:
+        say(
+            f"{self.name}: {self.rate:,.0f} /s ({self.done:,} in {self.seconds:.0f} s)"
+            f"  p50 {percentile(self.latencies_ms, 0.5):.2f} ms"
+            f"  p99 {percentile(self.latencies_ms, 0.99):.2f} ms"
+            f"  errors {len(self.errors)}{extra}"
+        )
+        for error in self.errors[:3]:
+            say(f"  error: {error}")
+
+
+# An operation: given the thread's session (a Database or an httpx client), its random
+# source and a unique number, do one thing; raise on anything but success.
+Operation = Callable[[Any, random.Random, str], None]
+Session = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def closed_loop(
+    name: str, session: Session, operation: Operation, clients: int, seconds: float,
+    warmup: float,
+) -> Phase:  # fmt: skip
+    """``clients`` threads each doing ``operation`` back to back; counted after ``warmup``."""
+    phase = Phase(name, seconds)
+    start = time.perf_counter() + warmup
+    end = start + seconds
+    tag = slug(name)
+
+    def work(index: int) -> None:
+        rng = random.Random(f"{name}-{index}")
+        latencies: list[float] = []
+        errors: list[str] = []
+        with session() as handle:
+            for n in itertools.count():
+                began = time.perf_counter()
+                if began >= end:
+                    break
+                try:
+                    operation(handle, rng, f"{tag}-{index}-{n}")
+                except Exception as exc:
+                    errors.append(repr(exc)[:300])
+                    continue
+                if began >= start:
+                    latencies.append((time.perf_counter() - began) * 1000)
+        phase.add(latencies, errors)
+
+    run_threads(work, clients)
+    return phase
+
+
+def open_loop(
+    name: str, session: Session, operation: Operation, clients: int, rate: float,
+    seconds: float, warmup: float,
+) -> Phase:  # fmt: skip
+    """Requests sent on a fixed schedule, ``rate`` a second, by whichever of ``clients``
+    threads is free; each latency runs from the scheduled send time. A warm-up at the
+    same rate goes first, uncounted."""
+    phase = Phase(name, seconds)
+    total = int(rate * (warmup + seconds))
+    counted_from = int(rate * warmup)
+    start = time.perf_counter() + 0.2
+    tickets = itertools.count()
+    tag = slug(name)
+    lock = threading.Lock()
+
+    def work(index: int) -> None:
+        rng = random.Random(f"{name}-{index}")
+        latencies: list[float] = []
+        errors: list[str] = []
+        with session() as handle:
+            while True:
+                with lock:
+                    ticket = next(tickets)
+                if ticket >= total:
+                    break
+                due = start + ticket / rate
+                time.sleep(max(0.0, due - time.perf_counter()))
+                try:
+                    operation(handle, rng, f"{tag}-{ticket}")
+                except Exception as exc:
+                    errors.append(repr(exc)[:300])
+                    continue
+                if ticket >= counted_from:
+                    latencies.append((time.perf_counter() - due) * 1000)
+        phase.add(latencies, errors)
+
+    run_threads(work, clients)
+    return phase
+
+
+def slug(name: str) -> str:
+    """``name`` as the start of an idempotency key (printable ASCII, no spaces)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + f"-{secrets.token_hex(4)}"
+
+
+def run_threads(work: Callable[[int], None], count: int) -> None:
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def process_cpu(pgrp: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each process of process group ``pgrp``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgrp:  # fields after the name: state, ppid, pgrp, ...
+                used[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from ``/proc/stat``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+@contextlib.contextmanager
+def cpu_meter(server_pgrp: int | None = None) -> Iterator[Callable[[], str]]:
+    """Yields a function that describes the CPU used since the block began: by this
+    process (the clients), by each server process, and by the whole machine (the rest is
+    mostly PostgreSQL)."""
+    wall0, client0 = time.perf_counter(), time.process_time()
+    server0 = process_cpu(server_pgrp) if server_pgrp is not None else {}
+    busy0 = machine_cpu()[0]
+
+    def describe() -> str:
+        wall = time.perf_counter() - wall0
+        client = (time.process_time() - client0) / wall
+        busy = (machine_cpu()[0] - busy0) / wall
+        if server_pgrp is None:
+            return (
+                f"\n  CPU in cores: this process {client:.2f}, "
+                f"whole machine {busy:.2f} of {os.cpu_count()}"
+            )
+        server = {
+            pid: (used - server0.get(pid, 0.0)) / wall
+            for pid, used in process_cpu(server_pgrp).items()
+        }
+        each = " + ".join(f"{v:.2f}" for v in sorted(server.values(), reverse=True) if v >= 0.005)
+        return (
+            f"\n  CPU in cores: clients {client:.2f}, server {sum(server.values()):.2f} "
+            f"({each}), whole machine {busy:.2f} of {os.cpu_count()}"
+        )
+
+    yield describe
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    program_code: str
+    member_ids: list[int]
+    token: str
+
+
+def seed(url: str, scale: int) -> Setup:
+    """A programme, ``scale`` members and an API key (points.earn, spend, read)."""
+    database = Database(url, pool_size=2)
+    try:
+        upgrade(database.engine)
+        code = f"bench-api-{int(time.time())}"
+
+        def build(uow: UnitOfWork) -> Setup:
+            program = programs.create_program(uow, code=code, name=code)
+            ids = [
+                members.register_member(uow, program_id=program.id, external_ref=f"a{i}").id
+                for i in range(scale)
+            ]
+            key = auth.create_api_key(uow, program_id=program.id, name="bench", created_by="bench")
+            return Setup(code, ids, key.token)
+
+        return database.run(build)
+    finally:
+        database.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(url: str, workers: int, data_dir: str) -> Iterator[tuple[str, int]]:
+    """``jifen serve --workers N`` on ``url``; yields its address and process group."""
+    port = free_port()
+    env = {
+        **os.environ,
+        # Also in the environment: with one worker `serve` would read its settings before
+        # it exports --database-url (see the report of bench/api.py).
+        "JIFEN_DATABASE_URL": url,
+        "JIFEN_DATA_DIR": data_dir,
+        "JIFEN_REDIS_URL": "",
+        "JIFEN_RATE_LIMIT_IP": HIGH_LIMIT,
+        "JIFEN_RATE_LIMIT_KEY": HIGH_LIMIT,
+    }
+    command = [
+        sys.executable, "-m", "jifen", "--database-url", url, "serve", "--port", str(port),
+        "--workers", str(workers), "--log-level", "warning",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        with httpx.Client(timeout=2) as probe:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if probe.get(f"{base}/readyz").status_code == 200:
+                        break
+                if server.poll() is not None:
+                    raise RuntimeError(f"jifen serve exited with {server.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("jifen serve did not become ready in 60 s")
+                time.sleep(0.1)
+        say(f"jifen serve --workers {workers} ready on {base}")
+        yield base, server.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def in_process_earn(url: str, setup: Setup, args: argparse.Namespace) -> Phase:
+    database = Database(url, pool_size=args.clients)
+
+    def earn(db: Database, rng: random.Random, key: str) -> None:
+        member, amount = rng.choice(setup.member_ids), rng.randint(1, 100)
+        db.run(
+            lambda uow: points.earn(uow, member_id=member, amount=amount, key=key, actor="bench")
+        )
+
+    try:
+        with cpu_meter() as cpu:
+            phase = closed_loop(
+                "in-process earn", lambda: contextlib.nullcontext(database), earn, args.clients,
+                args.seconds, args.warmup,
+            )  # fmt: skip
+            phase.report(f"  ({args.clients} threads, one process){cpu()}")
+        return phase
+    finally:
+        database.dispose()
+
+
+def http_measures(url: str, setup: Setup, args: argparse.Namespace) -> tuple[Phase, Phase, Phase]:
+    """HTTP earn, balance at peak, and balance at half the peak; against one server."""
+    prefix = f"/v1/programs/{setup.program_code}/members"
+    headers = {"Authorization": f"Bearer {setup.token}"}
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+
+    def earn(http: httpx.Client, rng: random.Random, key: str) -> None:
+        member, amount = rng.choice(setup.member_ids), rng.randint(1, 100)
+        response = http.post(
+            f"{prefix}/{member}/points/earn",
+            json={"amount": amount},
+            headers={"Idempotency-Key": key},
+        )
+        if response.status_code != 201:
+            raise RuntimeError(f"{response.status_code} {response.text[:200]}")
+
+    def balance(http: httpx.Client, rng: random.Random, key: str) -> None:
+        response = http.get(f"{prefix}/{rng.choice(setup.member_ids)}/points")
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code} {response.text[:200]}")
+
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        served(url, args.server_workers, data_dir) as (base, pgrp),
+    ):
+
+        def session() -> httpx.Client:  # one keep-alive connection per thread
+            return httpx.Client(base_url=base, headers=headers, limits=limits, timeout=30)
+
+        with cpu_meter(pgrp) as cpu:
+            http_earn = closed_loop(
+                "HTTP earn", session, earn, args.clients, args.seconds, args.warmup
+            )
+            http_earn.report(cpu())
+        with cpu_meter(pgrp) as cpu:
+            peak = closed_loop(
+                "HTTP balance (closed loop)", session, balance, args.clients, args.seconds,
+                args.warmup,
+            )  # fmt: skip
+            peak.report(cpu())
+        rate = args.read_rate or peak.rate / 2
+        say(f"balance latency: open loop at {rate:,.0f} requests/s ...")
+        with cpu_meter(pgrp) as cpu:
+            paced = open_loop(
+                f"HTTP balance at {rate:,.0f}/s", session, balance, args.clients, rate,
+                args.seconds, args.warmup,
+            )  # fmt: skip
+            paced.report(cpu())
+    return http_earn, peak, paced
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--seconds", type=float, default=10, help="length of each timed measure")
+    parser.add_argument("--warmup", type=float, default=2, help="warm-up before each measure")
+    parser.add_argument("--scale", type=int, default=2000, help="members")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients / threads")
+    parser.add_argument("--server-workers", type=int, default=2, help="jifen serve --workers")
+    parser.add_argument(
+        "--read-rate", type=float, default=None, help="balance reads/s (default: half the peak)"
+    )
+    parser.add_argument(
+        "--pgbench", action=argparse.BooleanOptionalAction, default=True,
+        help="measure pgbench TPC-B with --clients clients first, for reference",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+
+    # The server must hash API keys with the key this process issued them with.
+    os.environ.setdefault("JIFEN_SECRET_KEY", secrets.token_urlsafe(48))
+    get_settings.cache_clear()
+
+    url = args.database_url
+    api_url = with_schema(url, API_SCHEMA)
+    schemas = [API_SCHEMA, *([PGBENCH_SCHEMA] if args.pgbench else [])]
+    try:
+        for schema in schemas:
+            admin_sql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            admin_sql(url, f"CREATE SCHEMA {schema}")
+        if args.pgbench:
+            tpcb = pgbench_tps(url, args.clients, int(args.seconds))
+            say(f"pgbench TPC-B: {tpcb:,.0f} tps ({args.clients} clients)")
+        say(f"seeding {args.scale:,} members ...")
+        setup = seed(api_url, args.scale)
+        inproc = in_process_earn(api_url, setup, args)
+        http_earn, peak, paced = http_measures(api_url, setup, args)
+    finally:
+        for schema in schemas:
+            admin_sql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+    if args.pgbench:
+        say(
+            f"in-process earn is {inproc.rate / tpcb:.2f} of TPC-B, "
+            f"HTTP earn {http_earn.rate / tpcb:.2f}"
+        )
+    failed = [p.name for p in (inproc, http_earn, peak, paced) if p.errors]
+    if failed:
+        say(f"FAIL: errors surfaced in {', '.join(failed)}")
+    say(
+        f"targets: http_earn ratio >= {EARN_TARGET}; "
+        f"http_balance_p99 <= {BALANCE_TARGET_MS:.0f} ms (ratio <= 1)"
+    )
+    say("")
+    say(result("http_earn", http_earn.rate, "tps", inproc.rate))
+    # The limit for a read is the 20 ms target: a ratio <= 1 meets it.
+    say(result("http_balance_p99", percentile(paced.latencies_ms, 0.99), "ms", BALANCE_TARGET_MS))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
