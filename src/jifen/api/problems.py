@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jifen.errors import JifenError, RateLimited, SignInLocked, http_status
+from jifen.errors import InvalidInput, JifenError, RateLimited, SignInLocked, http_status
 
 log = logging.getLogger("jifen.api")
 
@@ -117,7 +117,11 @@ def install(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, RateLimited | SignInLocked):
             headers = {"Retry-After": str(exc.params.get("retry_after", 1))}
-        return problem(http_status(exc), exc.code, exc.message(language(request)), headers=headers)
+        message = exc.message(language(request))
+        errors = None
+        if isinstance(exc, InvalidInput) and "field" in exc.params:  # the field it is about
+            errors = [FieldError(field=str(exc.params["field"]), message=message, type=exc.code)]
+        return problem(http_status(exc), exc.code, message, errors=errors, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -18,6 +18,7 @@ PERMISSIONS: dict[str, str] = {
     "members.write": "register members, change profiles, bind real names, family groups",
     "members.state": "freeze, ban, close or reactivate a member",
     "members.pii": "see decrypted phone and ID numbers",
+    "members.family": "add members to a family group (a member cannot do it by itself)",
     "points.read": "see balances, lots and history",
     "points.earn": "credit points",
     "points.spend": "debit points",
@@ -64,6 +65,7 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "members.read",
                 "members.write",
                 "members.state",
+                "members.family",
                 "points.read",
                 *_LEDGER_WRITES,
                 "roles.read",
@@ -124,8 +126,8 @@ MEMBER_PERMISSIONS = frozenset(["members.read", "members.write", "points.read", 
 """What a signed-in member may do, and only to itself."""
 
 API_KEY_PERMISSIONS = frozenset(
-    ["members.read", "members.write", "points.read", "points.earn", "points.spend",
-     "points.refund", "points.reverse", "points.transfer", "points.freeze"]
+    ["members.read", "members.write", "members.family", "points.read", "points.earn",
+     "points.spend", "points.refund", "points.reverse", "points.transfer", "points.freeze"]
 )  # fmt: skip
 """What an API key may be given: the integration surface, never staff administration."""
 

@@ -1,1 +1,1 @@
-"""Members of a programme. Minimal for now: what the ledger needs to own an account."""
+"""Members of a programme: profiles, states, real-name binding and family groups."""

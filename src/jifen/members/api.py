@@ -1,7 +1,207 @@
-"""HTTP routes of the members domain."""
+"""HTTP routes of the members domain: registration, profiles, states, real-name binding and
+family groups.
+
+Personal numbers (phone, resident ID) appear masked everywhere except the identity route,
+which needs ``members.pii`` and leaves an audit entry for every read.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from jifen.api.deps import Context, Read, Write, id_cursor
+from jifen.api.schemas import LIMIT, NO_NUL, Instant
+from jifen.db.uow import UnitOfWork
+from jifen.members import core, service
+from jifen.members.schemas import (
+    FamilyRead,
+    IdentityBind,
+    IdentityRead,
+    MemberCreate,
+    MemberPage,
+    MemberProfile,
+    MemberUpdate,
+    State,
+    StateChange,
+)
 
 router = APIRouter(tags=["members"])
+
+MEMBERS = "/programs/{program}/members"
+MEMBER = f"{MEMBERS}/{{member_id}}"
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+def _masked(profile: MemberProfile) -> dict[str, Any]:
+    return profile.model_dump(mode="json")
+
+
+@router.post(MEMBERS, status_code=201, response_model=MemberProfile)
+def register(
+    program: str, body: MemberCreate, ctx: Annotated[Context, Depends(Write("members.write"))]
+) -> JSONResponse:
+    """Register a member and open its points account."""
+    return ctx.execute(
+        lambda uow: service.register(uow, program_id=ctx.program_id, body=body),
+        target=f"member-ref:{body.external_ref}",
+        status=201,
+    )
+
+
+@router.get(MEMBERS, response_model=MemberPage)
+def list_members(
+    program: str,
+    ctx: Annotated[Context, Depends(Read("members.read"))],
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, LIMIT] = 50,
+    state: State | None = None,
+    tag: Annotated[str | None, Query(max_length=32, pattern=r"^[\w.-]+$")] = None,
+    region: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+    external_ref: Annotated[str | None, Query(max_length=128, pattern=NO_NUL)] = None,
+    phone: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
+    since: Annotated[Instant | None, Query(description="Registered at or after.")] = None,
+    until: Annotated[Instant | None, Query(description="Registered before.")] = None,
+) -> MemberPage:
+    """The programme's members in the order they registered; filter by state, tag, region,
+    reference, phone number (found by its keyed hash) and registration time."""
+    after = id_cursor(cursor)
+    items = ctx.db.run(
+        lambda uow: service.list_members(
+            uow, program_id=ctx.program_id, after_id=after, limit=limit, state=state, tag=tag,
+            region=region, external_ref=external_ref, phone=phone, since=since, until=until,
+        ),
+        read_only=True,
+    )  # fmt: skip
+    return MemberPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
+
+
+@router.get(MEMBER, response_model=MemberProfile)
+def get_member(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("members.read"))]
+) -> MemberProfile:
+    """The member's profile, personal numbers masked."""
+    return ctx.db.run(
+        lambda uow: service.get_profile(uow, program_id=ctx.program_id, member_id=member_id),
+        read_only=True,
+    )
+
+
+@router.patch(MEMBER, response_model=MemberProfile)
+def update_member(
+    program: str,
+    member_id: Id,
+    body: MemberUpdate,
+    ctx: Annotated[Context, Depends(Write("members.write"))],
+) -> JSONResponse:
+    """Change profile fields. Any other field (state, phone, tier, balance) is refused."""
+
+    def update(uow: UnitOfWork) -> MemberProfile:
+        before, after = service.update_profile(
+            uow, program_id=ctx.program_id, member_id=member_id, body=body
+        )
+        ctx.audit_before = _masked(before)
+        return after
+
+    return ctx.execute(update, target=f"member:{member_id}")
+
+
+@router.post(f"{MEMBER}/state", response_model=MemberProfile)
+def change_state(
+    program: str,
+    member_id: Id,
+    body: StateChange,
+    ctx: Annotated[Context, Depends(Write("members.state"))],
+) -> JSONResponse:
+    """Freeze, ban, close or reactivate a member (closed is final). Only an active member
+    earns and spends; a banned or closed one is signed out at once."""
+
+    def change(uow: UnitOfWork) -> MemberProfile:
+        before, after = service.change_state(
+            uow, program_id=ctx.program_id, member_id=member_id, state=body.state
+        )
+        ctx.audit_before = {"state": before.state}
+        return after
+
+    return ctx.execute(change, target=f"member:{member_id}")
+
+
+@router.put(f"{MEMBER}/identity", response_model=MemberProfile)
+def bind_identity(
+    program: str,
+    member_id: Id,
+    body: IdentityBind,
+    ctx: Annotated[Context, Depends(Write("members.write"))],
+) -> JSONResponse:
+    """Real-name binding: a resident ID number (its check character is verified) and a
+    mobile number, each unique in the programme. The answer shows them masked."""
+    return ctx.execute(
+        lambda uow: service.bind_identity(
+            uow, program_id=ctx.program_id, member_id=member_id, body=body
+        ),
+        target=f"member:{member_id}",
+    )
+
+
+@router.get(f"{MEMBER}/identity", response_model=IdentityRead)
+def read_identity(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("members.pii"))]
+) -> IdentityRead:
+    """The bound numbers in full; each read is recorded in the audit log."""
+
+    def read(uow: UnitOfWork) -> IdentityRead:
+        found = service.identity(uow, program_id=ctx.program_id, member_id=member_id)
+        masked = {
+            "phone": core.mask_phone(found.phone) if found.phone else None,
+            "id_number": core.mask_id_number(found.id_number) if found.id_number else None,
+        }
+        ctx.audit(uow, target=f"member:{member_id}", after=masked, action="members.pii")
+        return found
+
+    return ctx.db.run(read)
+
+
+@router.get(f"{MEMBER}/family", response_model=FamilyRead)
+def get_family(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("members.read"))]
+) -> FamilyRead:
+    """The member's family group; each member's points are shown to staff and to the
+    group's main account only."""
+    balances = None if ctx.principal.kind == "member" else True
+    return ctx.db.run(
+        lambda uow: service.family(
+            uow, program_id=ctx.program_id, member_id=member_id, balances=balances
+        ),
+        read_only=True,
+    )
+
+
+@router.put(f"{MEMBER}/family/members/{{other_id}}", response_model=FamilyRead)
+def add_to_family(
+    program: str,
+    member_id: Id,
+    other_id: Id,
+    ctx: Annotated[Context, Depends(Write("members.family"))],
+) -> JSONResponse:
+    """Add ``other_id`` to the group whose main account is ``member_id`` (a new group if
+    it has none). Needs ``members.family``, which members do not hold: a member cannot gain
+    sight of another's points by itself; staff link accounts with both members' consent."""
+    return ctx.execute(
+        lambda uow: service.link_family(
+            uow, program_id=ctx.program_id, main_id=member_id, member_id=other_id
+        ),
+        target=f"member:{member_id}",
+    )
+
+
+@router.delete(f"{MEMBER}/family", response_model=FamilyRead)
+def leave_family(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Write("members.write"))]
+) -> JSONResponse:
+    """The member leaves its family group; if it is the main account, the group dissolves."""
+    return ctx.execute(
+        lambda uow: service.leave_family(uow, program_id=ctx.program_id, member_id=member_id),
+        target=f"member:{member_id}",
+    )

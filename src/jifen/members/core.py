@@ -1,12 +1,27 @@
-"""Pure rules about members' personal data: phone numbers, ID numbers, masking."""
+"""Pure rules about members' personal data: phone numbers, ID numbers, masking, states."""
 
 from __future__ import annotations
 
 import re
+from datetime import date
 
 from jifen.errors import InvalidInput
 
 _NOT_DIGITS = re.compile(r"[\s().-]")
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+
+STATES = ("active", "frozen", "banned", "closed")
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("active", "frozen"), ("frozen", "active"),
+        ("active", "banned"), ("frozen", "banned"), ("banned", "active"),
+        ("active", "closed"), ("frozen", "closed"), ("banned", "closed"),
+    }
+)  # fmt: skip
+"""Which state a member may move to from which; ``closed`` is final."""
+FAMILY_SIZE = 8
+"""Members of a family group at most, its main account included."""
 
 
 def normalise_phone(phone: str) -> str:
@@ -32,3 +47,40 @@ def normalise_phone_or_none(phone: str) -> str | None:
     if len(digits) == 11 and digits.isdigit() and digits.startswith("1"):
         return digits
     return None
+
+
+def id_check_digit(first17: str) -> str:
+    """The check character of a resident ID number (GB 11643, ISO 7064 MOD 11-2)."""
+    return _ID_CHECK[sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS, strict=True)) % 11]
+
+
+def check_id_number(value: str) -> str:
+    """An 18-character PRC resident ID number, upper-cased; refused with the reason when its
+    form, birth date or check character is wrong."""
+    number = value.strip().upper()
+
+    def refuse(problem: str) -> InvalidInput:
+        return InvalidInput(field="id_number", problem=problem)
+
+    last = number[17:]
+    if len(number) != 18 or not number[:17].isdigit() or not (last.isdigit() or last == "X"):
+        raise refuse("give the 18 characters of a resident ID: 17 digits, then a digit or X")
+    try:
+        born = date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
+    except ValueError:
+        raise refuse("characters 7 to 14 are not a real birth date (YYYYMMDD)") from None
+    if born.year < 1900:
+        raise refuse("characters 7 to 14 give a birth date before 1900")
+    if id_check_digit(number[:17]) != number[17]:
+        raise refuse("the last character does not match the others: check for a typing error")
+    return number
+
+
+def mask_phone(phone: str) -> str:
+    """``13800138000`` → ``138****8000``: enough to recognise, not to dial."""
+    return phone[:3] + "****" + phone[-4:] if len(phone) >= 8 else "****"
+
+
+def mask_id_number(number: str) -> str:
+    """``11010519491231002X`` → ``1101**********002X``."""
+    return number[:4] + "*" * (len(number) - 8) + number[-4:] if len(number) > 8 else "****"

@@ -1,10 +1,14 @@
-"""What the members use cases answer with."""
+"""What the members use cases take and answer with."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from jifen.api.schemas import NO_NUL, RequestBody
+from jifen.points.schemas import BalanceSummary
 
 
 class MemberRead(BaseModel):
@@ -15,3 +19,120 @@ class MemberRead(BaseModel):
     external_ref: str
     state: str = "active"
     created_at: datetime
+
+
+# --------------------------------------------------------------------------- requests
+
+State = Literal["active", "frozen", "banned", "closed"]
+Gender = Literal["female", "male", "other", "undisclosed"]
+Tag = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\w.-]+$")]
+"""Letters (any script), digits, ``_``, ``.`` and ``-``."""
+Email = Annotated[str, Field(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")]
+Name = Annotated[str, Field(max_length=100, pattern=NO_NUL)]
+Region = Annotated[str, Field(max_length=100, pattern=NO_NUL)]
+
+
+def _plausible_birthday(value: date) -> date:
+    if not date(1900, 1, 1) <= value <= date(2100, 1, 1):
+        raise ValueError("give a birthday from 1900 on")
+    return value
+
+
+Birthday = Annotated[date, AfterValidator(_plausible_birthday)]
+Phone = Annotated[str, Field(min_length=1, max_length=32, pattern=NO_NUL)]
+
+
+class MemberCreate(RequestBody):
+    """A new member; ``external_ref`` is its id in the merchant's own systems."""
+
+    external_ref: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
+    name: Name = ""
+    email: Email | None = None
+    birthday: Birthday | None = None
+    gender: Gender | None = None
+    region: Region | None = None
+    tags: Annotated[list[Tag], Field(max_length=20)] = []  # noqa: RUF012 (pydantic copies it)
+    phone: Phone | None = None
+    """A mainland mobile number: stored as a keyed hash and encrypted, shown masked."""
+
+
+class MemberUpdate(RequestBody):
+    """The profile fields a member or staff may change; what is left out stays as it is.
+    State, phone, ID number, tier and balance have routes of their own."""
+
+    name: Name | None = None
+    email: Email | None = None
+    birthday: Birthday | None = None
+    gender: Gender | None = None
+    region: Region | None = None
+    tags: Annotated[list[Tag] | None, Field(max_length=20)] = None
+
+
+class StateChange(RequestBody):
+    state: State
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
+
+
+class IdentityBind(RequestBody):
+    """Real-name binding: a resident ID number and a mobile number."""
+
+    id_number: Annotated[str, Field(min_length=1, max_length=32, pattern=NO_NUL)]
+    phone: Phone
+
+
+# --------------------------------------------------------------------------- answers
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class MemberProfile(_Read):
+    id: int
+    program_id: int
+    external_ref: str
+    name: str
+    email: str | None
+    birthday: date | None
+    gender: str | None
+    region: str | None
+    tags: list[str]
+    state: str
+    phone: str | None
+    """Masked (``138****8000``); the full number needs ``members.pii``."""
+    id_number: str | None
+    """Masked; the full number needs ``members.pii``."""
+    verified_at: datetime | None
+    """When the real-name binding was made."""
+    family_main_id: int | None
+    created_at: datetime
+    updated_at: datetime | None
+
+
+class MemberPage(_Read):
+    items: list[MemberProfile]
+    next_cursor: str | None
+
+
+class IdentityRead(_Read):
+    """The bound identity in full, for staff holding ``members.pii``; every read is audited."""
+
+    member_id: int
+    phone: str | None
+    id_number: str | None
+    verified_at: datetime | None
+
+
+class FamilyMember(_Read):
+    member_id: int
+    external_ref: str
+    name: str
+    main: bool
+    points: BalanceSummary | None
+    """Shown to the main account and to staff, not to the other members."""
+
+
+class FamilyRead(_Read):
+    main_member_id: int | None
+    """None when the member is in no family group."""
+    members: list[FamilyMember]

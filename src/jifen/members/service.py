@@ -1,15 +1,30 @@
-"""Member use cases (minimal: registration and lookup, what the ledger needs)."""
+"""Member use cases: registration, profiles, states, real-name binding, family groups."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Text, cast, func, select
 
+from jifen.auth.models import sessions
+from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
+from jifen.members import core
 from jifen.members.models import members
-from jifen.members.schemas import MemberRead
+from jifen.members.schemas import (
+    FamilyMember,
+    FamilyRead,
+    IdentityBind,
+    IdentityRead,
+    MemberCreate,
+    MemberProfile,
+    MemberRead,
+    MemberUpdate,
+)
 from jifen.points import service as points_service
 
 
@@ -93,3 +108,293 @@ def count_members(uow: UnitOfWork, *, program_id: int) -> int:
             select(func.count()).where(members.c.program_id == program_id)
         ).scalar_one()
     )
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def _profile(row: Any) -> MemberProfile:
+    """A member as staff and the member see it: personal numbers masked."""
+    phone = core.mask_phone(decrypt(row.phone_enc)) if row.phone_enc else None
+    id_number = core.mask_id_number(decrypt(row.id_number_enc)) if row.id_number_enc else None
+    return MemberProfile.model_validate(
+        {**row._mapping, "tags": list(row.tags or []), "phone": phone, "id_number": id_number}
+    )
+
+
+def _row(uow: UnitOfWork, program_id: int, member_id: int) -> Any:
+    row = uow.conn.execute(
+        select(members).where(members.c.id == member_id, members.c.program_id == program_id)
+    ).first()
+    if row is None:
+        raise UnknownMember(member_id=member_id)
+    return row
+
+
+def get_profile(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberProfile:
+    return _profile(_row(uow, program_id, member_id))
+
+
+def _phone_taken(uow: UnitOfWork, program_id: int, phone: str, member_id: int | None) -> None:
+    query = select(members.c.id).where(
+        members.c.program_id == program_id, members.c.phone_hash == keyed_hash(phone)
+    )
+    if member_id is not None:
+        query = query.where(members.c.id != member_id)
+    if uow.conn.execute(query).first():
+        raise DuplicateReference(
+            what="Phone number", what_zh="手机号", value=core.mask_phone(phone)
+        )
+
+
+def register(uow: UnitOfWork, *, program_id: int, body: MemberCreate) -> MemberProfile:
+    """Register a member with its profile (and phone, if given) and open its account."""
+    phone = core.normalise_phone(body.phone) if body.phone is not None else None
+    if phone is not None:
+        _phone_taken(uow, program_id, phone, None)
+    member = register_member(uow, program_id=program_id, external_ref=body.external_ref)
+    values: dict[str, Any] = body.model_dump(exclude={"external_ref", "phone"})
+    if phone is not None:
+        values.update(phone_hash=keyed_hash(phone), phone_enc=encrypt(phone))
+    uow.conn.execute(members.update().where(members.c.id == member.id).values(**values))
+    return get_profile(uow, program_id=program_id, member_id=member.id)
+
+
+def update_profile(
+    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate
+) -> tuple[MemberProfile, MemberProfile]:
+    """Change the fields given; answers (before, after)."""
+    before = get_profile(uow, program_id=program_id, member_id=member_id)
+    values = body.model_dump(exclude_unset=True)
+    if values:
+        values["updated_at"] = uow.clock.now()
+        uow.conn.execute(members.update().where(members.c.id == member_id).values(**values))
+    return before, get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def list_members(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    after_id: int,
+    limit: int,
+    state: str | None = None,
+    tag: str | None = None,
+    region: str | None = None,
+    external_ref: str | None = None,
+    phone: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[MemberProfile]:
+    """The programme's members in the order they registered, filtered."""
+    query = select(members).where(members.c.program_id == program_id, members.c.id > after_id)
+    if state is not None:
+        query = query.where(members.c.state == state)
+    if region is not None:
+        query = query.where(members.c.region == region)
+    if external_ref is not None:
+        query = query.where(members.c.external_ref == external_ref)
+    if phone is not None:
+        query = query.where(members.c.phone_hash == keyed_hash(core.normalise_phone(phone)))
+    if since is not None:
+        query = query.where(members.c.created_at >= since)
+    if until is not None:
+        query = query.where(members.c.created_at < until)
+    if tag is not None:
+        # Tags are a JSON list, stored as the same text on both backends: match the quoted tag.
+        quoted = json.dumps(tag).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(cast(members.c.tags, Text).like(f"%{quoted}%", escape="\\"))
+    rows = uow.conn.execute(query.order_by(members.c.id).limit(limit))
+    return [_profile(row) for row in rows]
+
+
+# --------------------------------------------------------------------------- states
+
+
+def change_state(
+    uow: UnitOfWork, *, program_id: int, member_id: int, state: str
+) -> tuple[MemberProfile, MemberProfile]:
+    """Move a member to ``state`` if the move is allowed; answers (before, after). A banned or
+    closed member's sessions end at once."""
+    before = get_profile(uow, program_id=program_id, member_id=member_id)
+    if (before.state, state) not in core.TRANSITIONS:
+        final = " A closed account stays closed." if before.state == "closed" else ""
+        raise StateConflict(
+            problem=f"Member {member_id} is {before.state}; it cannot become {state}.{final}",
+            problem_zh=f"会员 {member_id} 当前状态为 {before.state},不能变更为 {state}。"
+            + ("已注销的账户不能恢复。" if final else ""),
+        )
+    moved = uow.conn.execute(
+        members.update()
+        .where(members.c.id == member_id, members.c.state == before.state)
+        .values(state=state, updated_at=uow.clock.now())
+    ).rowcount
+    if moved != 1:  # changed by a concurrent request a moment ago
+        raise StateConflict(
+            problem=f"Member {member_id}'s state changed meanwhile; read it and try again.",
+            problem_zh=f"会员 {member_id} 的状态刚被修改,请重新读取后再试。",
+        )
+    if state in ("banned", "closed"):
+        end_sessions(uow, member_id=member_id)
+    return before, get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def end_sessions(uow: UnitOfWork, *, member_id: int) -> None:
+    uow.conn.execute(
+        sessions.update()
+        .where(sessions.c.subject == "member", sessions.c.subject_id == member_id,
+               sessions.c.revoked_at.is_(None))
+        .values(revoked_at=uow.clock.now())
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def bind_identity(
+    uow: UnitOfWork, *, program_id: int, member_id: int, body: IdentityBind
+) -> MemberProfile:
+    """Bind a resident ID number and a mobile number to the member (real-name verification),
+    each stored as a keyed hash to find it and encrypted to show it."""
+    number = core.check_id_number(body.id_number)
+    phone = core.normalise_phone(body.phone)
+    _row(uow, program_id, member_id)
+    _phone_taken(uow, program_id, phone, member_id)
+    other = uow.conn.execute(
+        select(members.c.id).where(
+            members.c.program_id == program_id,
+            members.c.id_number_hash == keyed_hash(number),
+            members.c.id != member_id,
+        )
+    ).first()
+    if other:
+        raise DuplicateReference(
+            what="ID number", what_zh="证件号码", value=core.mask_id_number(number)
+        )
+    now = uow.clock.now()
+    uow.conn.execute(
+        members.update()
+        .where(members.c.id == member_id)
+        .values(
+            id_number_hash=keyed_hash(number), id_number_enc=encrypt(number),
+            phone_hash=keyed_hash(phone), phone_enc=encrypt(phone),
+            verified_at=now, updated_at=now,
+        )
+    )  # fmt: skip
+    return get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def identity(uow: UnitOfWork, *, program_id: int, member_id: int) -> IdentityRead:
+    """The bound numbers in full (for staff holding ``members.pii``)."""
+    row = _row(uow, program_id, member_id)
+    return IdentityRead(
+        member_id=member_id,
+        phone=decrypt(row.phone_enc) if row.phone_enc else None,
+        id_number=decrypt(row.id_number_enc) if row.id_number_enc else None,
+        verified_at=row.verified_at,
+    )
+
+
+# --------------------------------------------------------------------------- family groups
+
+
+def family(
+    uow: UnitOfWork, *, program_id: int, member_id: int, balances: bool | None
+) -> FamilyRead:
+    """The family group the member belongs to. Balances are shown when ``balances`` is
+    true, or — when it is None (a member asking) — only if the member is the main account."""
+    row = _row(uow, program_id, member_id)
+    main_id = row.family_main_id
+    if main_id is None:
+        return FamilyRead(main_member_id=None, members=[])
+    show = balances if balances is not None else member_id == main_id
+    rows = uow.conn.execute(
+        select(members.c.id, members.c.external_ref, members.c.name)
+        .where(members.c.family_main_id == main_id)
+        .order_by((members.c.id != main_id), members.c.id)
+    ).all()
+    return FamilyRead(
+        main_member_id=main_id,
+        members=[
+            FamilyMember(
+                member_id=r.id,
+                external_ref=r.external_ref,
+                name=r.name,
+                main=r.id == main_id,
+                points=points_service.balance(uow, member_id=r.id) if show else None,
+            )
+            for r in rows
+        ],
+    )
+
+
+def link_family(uow: UnitOfWork, *, program_id: int, main_id: int, member_id: int) -> FamilyRead:
+    """Add ``member_id`` to the family group whose main account is ``main_id`` (made the
+    main of a new group if it is in none)."""
+    if main_id == member_id:
+        raise InvalidInput(field="member_id", problem="a member cannot join its own group")
+    main = _row(uow, program_id, main_id)
+    other = _row(uow, program_id, member_id)
+    if main.family_main_id not in (None, main_id):
+        raise StateConflict(
+            problem=f"Member {main_id} belongs to another member's family group; only a "
+            "group's main account adds members.",
+            problem_zh=f"会员 {main_id} 已属于其他会员的家庭组,只有主账户可以添加成员。",
+        )
+    if other.family_main_id is not None:
+        raise StateConflict(
+            problem=f"Member {member_id} is in a family group already; it leaves that first.",
+            problem_zh=f"会员 {member_id} 已在一个家庭组中,需先退出。",
+        )
+    if uow.dialect == "postgresql":  # one addition to a group at a time: the size holds
+        uow.conn.execute(select(members.c.id).where(members.c.id == main_id).with_for_update())
+    size = uow.conn.execute(
+        select(func.count()).where(members.c.family_main_id == main_id)
+    ).scalar_one()
+    if max(size, 1) >= core.FAMILY_SIZE:
+        raise StateConflict(
+            problem=f"A family group has at most {core.FAMILY_SIZE} members.",
+            problem_zh=f"家庭组最多 {core.FAMILY_SIZE} 名成员。",
+        )
+    uow.conn.execute(members.update().where(members.c.id == main_id).values(family_main_id=main_id))
+    joined = uow.conn.execute(
+        members.update()
+        .where(members.c.id == member_id, members.c.family_main_id.is_(None))
+        .values(family_main_id=main_id)
+    ).rowcount
+    if joined != 1:
+        raise StateConflict(
+            problem=f"Member {member_id} joined another group meanwhile.",
+            problem_zh=f"会员 {member_id} 刚加入了其他家庭组。",
+        )
+    return family(uow, program_id=program_id, member_id=main_id, balances=True)
+
+
+def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyRead:
+    """The member leaves its group; when the main account leaves, the group dissolves."""
+    row = _row(uow, program_id, member_id)
+    if row.family_main_id is None:
+        raise StateConflict(
+            problem=f"Member {member_id} is in no family group.",
+            problem_zh=f"会员 {member_id} 不在任何家庭组中。",
+        )
+    if row.family_main_id == member_id:
+        uow.conn.execute(
+            members.update()
+            .where(members.c.family_main_id == member_id)
+            .values(family_main_id=None)
+        )
+    else:
+        uow.conn.execute(
+            members.update().where(members.c.id == member_id).values(family_main_id=None)
+        )
+        rest = uow.conn.execute(
+            select(func.count()).where(members.c.family_main_id == row.family_main_id)
+        ).scalar_one()
+        if rest <= 1:  # only the main is left: no group any more
+            uow.conn.execute(
+                members.update()
+                .where(members.c.id == row.family_main_id)
+                .values(family_main_id=None)
+            )
+    return FamilyRead(main_member_id=None, members=[])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from jifen.db.uow import UnitOfWork
+from jifen.members.core import mask_phone
 from jifen.notify.models import outbox
 
 log = logging.getLogger("jifen.sms")
@@ -28,11 +29,6 @@ class SmsMessage:
     text: str
     secret: str = ""
     """A one-time code inside ``text``: masked in the outbox."""
-
-
-def mask_phone(phone: str) -> str:
-    """``13800138000`` → ``138****8000``: enough to recognise, not to dial."""
-    return phone[:3] + "****" + phone[-4:] if len(phone) >= 8 else "****"
 
 
 class SmsProvider(Protocol):

@@ -1,0 +1,264 @@
+"""Members over HTTP: registration, profiles, states, real-name binding, family groups."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from jifen.audit.models import audit_entries
+from jifen.db.uow import Database
+from jifen.members.core import id_check_digit
+from jifen.members.models import members
+from tests.api import support
+from tests.factories import new_program
+
+VALID_ID = "11010519491231002X"
+
+
+def other_id_number(seed: int) -> str:
+    first17 = f"3101151990010{seed:04d}"
+    return first17 + id_check_digit(first17)
+
+
+class Club:
+    """A programme, an operator and an API key, and shortcuts to its member routes."""
+
+    def __init__(self, client: TestClient, db: Database) -> None:
+        self.client = client
+        self.db = db
+        self.program = new_program(db)
+        self.base = f"/v1/programs/{self.program.code}/members"
+        self.operator = support.staff(db, "operator", program_id=self.program.id)
+
+    def post(self, url: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+        return self.client.post(url, json=body, headers={**(headers or self.operator),
+                                                          **support.key()})  # fmt: skip
+
+    def put(self, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        return self.client.put(
+            url, json=body, headers={**(headers or self.operator), **support.key()}
+        )
+
+    def register(self, ref: str, **fields: Any) -> dict[str, Any]:
+        answer = self.post(self.base, {"external_ref": ref, **fields})
+        assert answer.status_code == 201, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def url(self, member_id: int, tail: str = "") -> str:
+        return f"{self.base}/{member_id}{tail}"
+
+
+def test_registration_with_profile_and_phone(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    member = club.register(
+        "C1", name="王芳", email="wang@example.cn", birthday="1990-05-01", gender="female",
+        region="上海", tags=["vip", "新客"], phone="+86 138 0013 8000",
+    )  # fmt: skip
+    assert member["name"] == "王芳" and member["tags"] == ["vip", "新客"]
+    assert member["phone"] == "138****8000" and member["state"] == "active"
+    # the account is open: the member has a balance of 0
+    balance = client.get(f"{club.url(member['id'])}/points", headers=club.operator)
+    assert balance.json()["balance"] == 0
+    # the phone is stored as a keyed hash and ciphertext, never in plain
+    row = db.run(
+        lambda uow: uow.conn.execute(select(members).where(members.c.id == member["id"])).one()
+    )
+    assert "13800138000" not in json.dumps([str(v) for v in row])
+    # the same reference or the same phone again: refused
+    assert club.post(club.base, {"external_ref": "C1"}).status_code == 409
+    again = club.post(club.base, {"external_ref": "C2", "phone": "13800138000"})
+    assert again.status_code == 409 and "13800138000" not in again.text
+    bad = club.post(club.base, {"external_ref": "C3", "phone": "12345"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "phone"
+
+
+def test_list_filters_and_pages(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    ids = [
+        club.register(f"L{n}", region="北京" if n % 2 else "上海", tags=["vip"] if n < 3 else [])[
+            "id"
+        ]
+        for n in range(5)
+    ]
+    club.register("L-phone", phone="13900139000")
+    seen: list[int] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = client.get(club.base, params=params, headers=club.operator).json()
+        seen += [m["id"] for m in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen[:5] == ids and len(seen) == 6
+
+    def find(**params: Any) -> list[str]:
+        answer = client.get(club.base, params=params, headers=club.operator)
+        assert answer.status_code == 200, answer.text
+        return [m["external_ref"] for m in answer.json()["items"]]
+
+    assert find(tag="vip") == ["L0", "L1", "L2"]
+    assert find(tag="vi") == []  # a whole tag, not a part of one
+    assert find(region="北京") == ["L1", "L3"]
+    assert find(external_ref="L4") == ["L4"]
+    assert find(phone="+86 139 0013 9000") == ["L-phone"]
+    assert find(state="frozen") == []
+    assert client.get(club.base, params={"cursor": "abc"}, headers=club.operator).status_code == 422
+
+
+def test_a_profile_update_cannot_set_state_balance_tier_or_phone(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    member = club.register("P1", name="Li")
+    url = club.url(member["id"])
+    forbidden = [
+        ("state", "active"),
+        ("balance", 10**6),
+        ("tier", "gold"),
+        ("phone", "13800138000"),
+        ("verified_at", "2026-01-01T00:00:00Z"),
+    ]
+    for field, value in forbidden:
+        refused = club.client.patch(
+            url, json={field: value}, headers={**club.operator, **support.key()}
+        )
+        assert refused.status_code == 422, field
+        assert refused.json()["errors"][0]["field"] == f"body.{field}"
+    changed = club.client.patch(
+        url, json={"name": "李雷", "tags": ["a"]}, headers={**club.operator, **support.key()}
+    )
+    assert changed.status_code == 200
+    assert changed.json()["name"] == "李雷" and changed.json()["region"] is None
+    # the audit entry carries the profile before and after
+    entry = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.before, audit_entries.c.after)
+            .where(audit_entries.c.target == f"member:{member['id']}",
+                   audit_entries.c.action == "members.write")
+            .order_by(audit_entries.c.id.desc())
+        ).first()
+    )  # fmt: skip
+    assert entry is not None
+    assert entry.before["name"] == "Li" and entry.after["name"] == "李雷"
+
+
+def test_states_move_as_allowed_and_only_an_active_member_earns(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    member = club.register("S1")
+    state = club.url(member["id"], "/state")
+    earn = club.url(member["id"], "/points/earn")
+    frozen = club.post(state, {"state": "frozen", "reason": "suspicious orders"})
+    assert frozen.status_code == 200 and frozen.json()["state"] == "frozen"
+    refused = club.post(earn, {"amount": 10})
+    assert refused.status_code == 409 and refused.json()["code"] == "state_conflict"
+    assert club.post(state, {"state": "active", "reason": "cleared"}).status_code == 200
+    assert club.post(earn, {"amount": 10}).status_code == 201
+    assert club.post(state, {"state": "closed", "reason": "asked to leave"}).status_code == 200
+    final = club.post(state, {"state": "active", "reason": "changed mind"})
+    assert final.status_code == 409 and "closed" in final.json()["detail"]
+    assert club.post(state, {"state": "deleted", "reason": "x"}).status_code == 422
+    assert club.post(state, {"state": "banned"}).status_code == 422  # a reason is required
+
+
+def test_a_banned_member_is_signed_out(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    member = club.register("B1")
+    own = support.member(db, member["id"])
+    assert client.get(club.url(member["id"]), headers=own).status_code == 200
+    club.post(club.url(member["id"], "/state"), {"state": "banned", "reason": "fraud"})
+    assert client.get(club.url(member["id"]), headers=own).status_code == 401
+
+
+def test_real_name_binding_is_checked_masked_and_shown_in_full_only_with_pii(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    first, second = club.register("R1")["id"], club.register("R2")["id"]
+    identity = club.url(first, "/identity")
+    wrong = club.put(identity, {"id_number": VALID_ID[:-1] + "1", "phone": "13800138000"})
+    assert wrong.status_code == 422 and "last character" in wrong.json()["errors"][0]["message"]
+    bound = club.put(identity, {"id_number": VALID_ID.lower(), "phone": "13800138000"})
+    assert bound.status_code == 200, bound.text
+    assert bound.json()["id_number"] == "1101**********002X"
+    assert bound.json()["phone"] == "138****8000" and bound.json()["verified_at"]
+    # the same ID number for another member: refused, without echoing it
+    taken = club.put(club.url(second, "/identity"), {"id_number": VALID_ID, "phone": "13700137000"})
+    assert taken.status_code == 409 and VALID_ID not in taken.text
+    # masked in the profile and in the audit log; in full only for members.pii
+    profile = client.get(club.url(first), headers=club.operator).json()
+    assert profile["id_number"] == "1101**********002X"
+    reviewer = support.staff(db, "reviewer", program_id=club.program.id)
+    assert client.get(identity, headers=reviewer).status_code == 403
+    risk = support.staff(db, "risk_officer", program_id=club.program.id)
+    full = client.get(identity, headers=risk)
+    assert full.status_code == 200
+    assert full.json()["id_number"] == VALID_ID and full.json()["phone"] == "13800138000"
+    logged = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.action, audit_entries.c.after)
+            .where(audit_entries.c.target == f"member:{first}")
+        ).all()
+    )  # fmt: skip
+    assert "members.pii" in [entry.action for entry in logged]
+    assert all(VALID_ID not in json.dumps(entry.after) for entry in logged)
+    assert all("13800138000" not in json.dumps(entry.after) for entry in logged)
+
+
+def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    mine, theirs = club.register("A1")["id"], club.register("A2")["id"]
+    own = support.member(db, mine)
+    assert client.get(club.url(mine), headers=own).status_code == 200
+    assert client.get(club.url(theirs), headers=own).status_code == 403
+    patched = client.patch(club.url(mine), json={"name": "me"}, headers={**own, **support.key()})
+    assert patched.status_code == 200
+    other = client.patch(club.url(theirs), json={"name": "x"}, headers={**own, **support.key()})
+    assert other.status_code == 403
+    assert client.get(club.base, headers=own).status_code == 403  # no list of members
+    state = club.post(club.url(mine, "/state"), {"state": "closed", "reason": "x"}, headers=own)
+    assert state.status_code == 403
+
+
+def test_family_groups_show_balances_to_the_main_account_only(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    main, kid, gran, stranger = (club.register(f"F{n}")["id"] for n in range(4))
+    club.post(club.url(kid, "/points/earn"), {"amount": 70})
+    # a member cannot link another member by itself
+    own = support.member(db, main)
+    assert club.put(club.url(main, f"/family/members/{stranger}"), headers=own).status_code == 403
+    # staff link two members to the main account
+    for member_id in (kid, gran):
+        linked = club.put(club.url(main, f"/family/members/{member_id}"))
+        assert linked.status_code == 200, linked.text
+    group = client.get(club.url(main, "/family"), headers=own).json()
+    assert group["main_member_id"] == main
+    assert [m["member_id"] for m in group["members"]] == [main, kid, gran]
+    assert {m["member_id"]: m["points"]["balance"] for m in group["members"]}[kid] == 70
+    # another member of the group sees who is in it, not their points
+    seen_by_kid = client.get(club.url(kid, "/family"), headers=support.member(db, kid)).json()
+    assert [m["points"] for m in seen_by_kid["members"]] == [None, None, None]
+    # a member of one group cannot join another, nor be a main elsewhere
+    assert club.put(club.url(stranger, f"/family/members/{kid}")).status_code == 409
+    assert club.put(club.url(kid, f"/family/members/{stranger}")).status_code == 409
+    # the kid leaves by itself; when the main leaves, the group dissolves
+    left = client.delete(
+        club.url(kid, "/family"), headers={**support.member(db, kid), **support.key()}
+    )
+    assert left.status_code == 200
+    assert client.get(club.url(kid, "/family"), headers=club.operator).json()["members"] == []
+    assert (
+        client.delete(club.url(main, "/family"), headers={**own, **support.key()}).status_code
+        == 200
+    )
+    assert client.get(club.url(gran, "/family"), headers=club.operator).json()["members"] == []
