@@ -196,6 +196,17 @@ def test_staff_change_their_own_password(app_client: TestClient, db: Database) -
     assert changed.status_code == 204
     assert _sign_in(app_client, username).status_code == 401
     assert _sign_in(app_client, username, password="a new password 2").status_code == 200
+    staff_id = app_client.get("/v1/auth/me", headers=headers).json()["id"]
+    logged = db.run(
+        lambda uow: (
+            uow.conn.execute(
+                select(audit_entries.c.action).where(audit_entries.c.target == f"staff:{staff_id}")
+            )
+            .scalars()
+            .all()
+        )
+    )
+    assert logged == ["staff.password"]
 
 
 def test_a_new_staff_users_totp_seed_is_shown_once(app_client: TestClient, db: Database) -> None:

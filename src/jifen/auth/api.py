@@ -17,11 +17,14 @@ from jifen.api.deps import (
     Read,
     Write,
     authenticate,
+    client_ip,
     database,
     id_cursor,
     limit_ip,
 )
 from jifen.api.schemas import LIMIT, NO_NUL, Page
+from jifen.audit import service as audit_service
+from jifen.audit.schemas import AuditEntryCreate
 from jifen.auth import service
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
@@ -166,9 +169,12 @@ def sign_out(principal: SignedIn, db: Annotated[Database, Depends(database)]) ->
 
 @router.put("/auth/staff/password", status_code=204)
 def change_staff_password(
-    body: PasswordChange, principal: SignedIn, db: Annotated[Database, Depends(database)]
+    body: PasswordChange,
+    principal: SignedIn,
+    request: Request,
+    db: Annotated[Database, Depends(database)],
 ) -> Response:
-    """A signed-in staff user changes its own password."""
+    """A signed-in staff user changes its own password (recorded in the audit log)."""
     if principal.kind != "staff":
         raise Forbidden(
             problem="Only a signed-in staff user changes its password here.",
@@ -177,11 +183,26 @@ def change_staff_password(
     if body.current_password is None:
         raise InvalidInput(field="current_password", problem="give the present password")
     current = body.current_password
-    db.run(
-        lambda uow: service.change_staff_password(
+
+    def change(uow: UnitOfWork) -> None:
+        service.change_staff_password(
             uow, staff_id=principal.id, current=current, new=body.new_password
         )
-    )
+        audit_service.record(
+            uow,
+            AuditEntryCreate(
+                program_id=None,
+                actor=principal.name,
+                role=",".join(principal.roles),
+                ip=client_ip(request),
+                user_agent=request.headers.get("user-agent", "")[:300],
+                action="staff.password",
+                target=f"staff:{principal.id}",
+                after={"changed": True},
+            ),
+        )
+
+    db.run(change)
     return Response(status_code=204)
 
 
