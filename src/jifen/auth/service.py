@@ -59,7 +59,6 @@ from jifen.errors import (
 )
 from jifen.members import core as members_core
 from jifen.members import service as members_service
-from jifen.members.models import members
 from jifen.notify.sms import SmsMessage, SmsProvider
 
 API_KEY_MARK = "jf_"
@@ -490,25 +489,6 @@ def staff_sign_in(
     return SignInOutcome(session=new_session(uow, subject="staff", subject_id=row.id))
 
 
-def member_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
-    """The member whose external reference, or bound phone number, is ``login``."""
-    found = uow.conn.execute(
-        select(members.c.id).where(
-            members.c.program_id == program_id, members.c.external_ref == login
-        )
-    ).scalar()
-    if found is None:
-        phone = members_core.normalise_phone_or_none(login)
-        if phone is not None:
-            found = uow.conn.execute(
-                select(members.c.id).where(
-                    members.c.program_id == program_id,
-                    members.c.phone_hash == keyed_hash(phone),
-                )
-            ).scalar()
-    return int(found) if found is not None else None
-
-
 def set_member_password(
     uow: UnitOfWork,
     *,
@@ -549,7 +529,7 @@ def set_member_password(
 def member_sign_in(uow: UnitOfWork, *, program_id: int, login: str, password: str) -> SignInOutcome:
     """Check a member's password; the login is its reference or its bound phone number."""
     now = uow.clock.now()
-    member_id = member_by_login(uow, program_id=program_id, login=login)
+    member_id = members_service.find_by_login(uow, program_id=program_id, login=login)
     row = None
     if member_id is not None:
         row = uow.conn.execute(
@@ -582,7 +562,7 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
     number = members_core.normalise_phone(phone)
     now = uow.clock.now()
     expires_at = now + CODE_VALID_FOR
-    member_id = member_by_login(uow, program_id=program_id, login=number)
+    member_id = members_service.find_by_login(uow, program_id=program_id, login=number)
     if member_id is None:
         return expires_at
     last = uow.conn.execute(
@@ -617,7 +597,9 @@ def code_sign_in(uow: UnitOfWork, *, program_id: int, phone: str, code: str) -> 
     now = uow.clock.now()
     number = members_core.normalise_phone_or_none(phone)
     member_id = (
-        None if number is None else member_by_login(uow, program_id=program_id, login=number)
+        None
+        if number is None
+        else members_service.find_by_login(uow, program_id=program_id, login=number)
     )
     if member_id is None:
         return SignInOutcome(error=_WRONG_CODE)
@@ -956,3 +938,16 @@ def reset_staff_secrets(uow: UnitOfWork, *, username: str, password: str) -> str
                 totp_last_step=0, failed_sign_ins=0, locked_until=None)
     ).rowcount  # fmt: skip
     return seed if changed else None
+
+
+def end_member_sessions(uow: UnitOfWork, *, member_id: int) -> None:
+    """Sign a member out everywhere (banned or closed)."""
+    uow.conn.execute(
+        sessions.update()
+        .where(
+            sessions.c.subject == "member",
+            sessions.c.subject_id == member_id,
+            sessions.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=uow.clock.now())
+    )

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Read, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
+from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
 from jifen.members import core, service
 from jifen.members.schemas import (
@@ -122,6 +123,8 @@ def change_state(
         before, after = service.change_state(
             uow, program_id=ctx.program_id, member_id=member_id, state=body.state
         )
+        if after.state in ("banned", "closed"):  # signed out everywhere, at once
+            auth_service.end_member_sessions(uow, member_id=member_id)
         ctx.audit_before = {"state": before.state}
         return after
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import Text, cast, func, select
 
-from jifen.auth.models import sessions
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
@@ -131,6 +130,25 @@ def _row(uow: UnitOfWork, program_id: int, member_id: int) -> Any:
     return row
 
 
+def find_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
+    """The member whose external reference, or bound phone number, is ``login``."""
+    found = uow.conn.execute(
+        select(members.c.id).where(
+            members.c.program_id == program_id, members.c.external_ref == login
+        )
+    ).scalar()
+    if found is None:
+        phone = core.normalise_phone_or_none(login)
+        if phone is not None:
+            found = uow.conn.execute(
+                select(members.c.id).where(
+                    members.c.program_id == program_id,
+                    members.c.phone_hash == keyed_hash(phone),
+                )
+            ).scalar()
+    return int(found) if found is not None else None
+
+
 def get_profile(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberProfile:
     return _profile(_row(uow, program_id, member_id))
 
@@ -214,8 +232,7 @@ def list_members(
 def change_state(
     uow: UnitOfWork, *, program_id: int, member_id: int, state: str
 ) -> tuple[MemberProfile, MemberProfile]:
-    """Move a member to ``state`` if the move is allowed; answers (before, after). A banned or
-    closed member's sessions end at once."""
+    """Move a member to ``state`` if the move is allowed; answers (before, after)."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     if (before.state, state) not in core.TRANSITIONS:
         final = " A closed account stays closed." if before.state == "closed" else ""
@@ -234,18 +251,7 @@ def change_state(
             problem=f"Member {member_id}'s state changed meanwhile; read it and try again.",
             problem_zh=f"会员 {member_id} 的状态刚被修改,请重新读取后再试。",
         )
-    if state in ("banned", "closed"):
-        end_sessions(uow, member_id=member_id)
     return before, get_profile(uow, program_id=program_id, member_id=member_id)
-
-
-def end_sessions(uow: UnitOfWork, *, member_id: int) -> None:
-    uow.conn.execute(
-        sessions.update()
-        .where(sessions.c.subject == "member", sessions.c.subject_id == member_id,
-               sessions.c.revoked_at.is_(None))
-        .values(revoked_at=uow.clock.now())
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- identity
