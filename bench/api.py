@@ -283,9 +283,6 @@ def served(url: str, workers: int, data_dir: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {
         **os.environ,
-        # Also in the environment: with one worker `serve` would read its settings before
-        # it exports --database-url (see the report of bench/api.py).
-        "JIFEN_DATABASE_URL": url,
         "JIFEN_DATA_DIR": data_dir,
         "JIFEN_REDIS_URL": "",
         "JIFEN_RATE_LIMIT_IP": HIGH_LIMIT,
