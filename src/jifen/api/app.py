@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -9,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from jifen import __version__
 from jifen.api import problems
@@ -48,7 +51,14 @@ def create_app(
     """The API over ``db`` (default: the configured database), texting through ``sms``
     (default: the built-in outbox provider)."""
     settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.limiter.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="jifen",
         version=__version__,
         description=DESCRIPTION,
@@ -78,17 +88,17 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": problems.Problem}})
-    def readyz(request: Request) -> Any:
+    async def readyz(request: Request) -> Any:
         """The database answers and its schema is current; the rate-limit store answers."""
         database: Database = request.app.state.db
         try:
-            current = migrate.is_current(database.engine)
+            current = await run_in_threadpool(migrate.is_current, database.engine)
         except Exception as exc:  # any failure to reach the database means "not ready"
             return problems.problem(503, "not_ready", f"database unreachable: {type(exc).__name__}")
         if not current:
             return problems.problem(503, "not_ready", "schema not current: run `jifen db upgrade`")
         try:
-            limiter_ok = request.app.state.limiter.check_storage()
+            limiter_ok = await request.app.state.limiter.check_storage()
         except Exception:  # a Redis outage is a readiness failure, not a crash
             limiter_ok = False
         if not limiter_ok:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from jifen.api.limits import Limiter
 from jifen.api.models import idempotency_records
@@ -53,10 +54,10 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def limit_ip(request: Request) -> None:
+async def limit_ip(request: Request) -> None:
     """Dependency of routes open to anyone (signing in): the per-address limit."""
     limiter: Limiter = request.app.state.limiter
-    limiter.hit("ip", client_ip(request))
+    await limiter.hit("ip", client_ip(request))
 
 
 def id_cursor(cursor: str | None) -> int:
@@ -76,10 +77,12 @@ def _token(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def authenticate(request: Request) -> Principal:
-    """The principal behind the request's bearer token or ``X-API-Key``; 401 without one."""
+async def authenticate(request: Request) -> Principal:
+    """The principal behind the request's bearer token or ``X-API-Key``; 401 without one.
+
+    Runs on the event loop: only a token not in the cache costs a worker thread."""
     limiter: Limiter = request.app.state.limiter
-    limiter.hit("ip", client_ip(request))
+    await limiter.hit("ip", client_ip(request))
     token = _token(request)
     if token is None:
         raise Unauthenticated(
@@ -91,13 +94,15 @@ def authenticate(request: Request) -> Principal:
     if cached is not None and cached[0] > time.monotonic():
         principal = cached[1]
     else:
-        principal = database(request).run(lambda uow: auth_service.authenticate(uow, token))
+        principal = await run_in_threadpool(
+            database(request).run, lambda uow: auth_service.authenticate(uow, token)
+        )
         if principal.kind == "key":
             cache[token] = (time.monotonic() + API_KEY_CACHE_SECONDS, principal)
     if principal.kind == "key":
-        limiter.hit("key", str(principal.id))
+        await limiter.hit("key", str(principal.id))
     elif principal.kind == "member":
-        limiter.hit("member", str(principal.id))
+        await limiter.hit("member", str(principal.id))
     return principal
 
 
@@ -232,21 +237,23 @@ class Context:
         return JSONResponse(body, status_code=status_code, headers=headers)
 
 
-def _program(request: Request, db: Database) -> ProgramRead | None:
+async def _program(request: Request, db: Database) -> ProgramRead | None:
     code = request.path_params.get("program")
     if code is None:
         return None
     cache: dict[str, ProgramRead] = request.app.state.program_cache
     program = cache.get(code)
     if program is None:
-        program = db.run(lambda uow: programs_service.get_program(uow, code=code), read_only=True)
+        program = await run_in_threadpool(
+            db.run, lambda uow: programs_service.get_program(uow, code=code), read_only=True
+        )
         cache[code] = program
     return program
 
 
-def _authorise(request: Request, principal: Principal, permission: str) -> Context:
+async def _authorise(request: Request, principal: Principal, permission: str) -> Context:
     db = database(request)
-    program = _program(request, db)
+    program = await _program(request, db)
     program_id = program.id if program else None
     grant = principal.allows(permission, program_id=program_id)
     if grant is not None and principal.kind == "member":
@@ -277,10 +284,10 @@ class Read:
     def __init__(self, permission: str) -> None:
         self.permission = permission
 
-    def __call__(
+    async def __call__(
         self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
     ) -> Context:
-        return _authorise(request, principal, self.permission)
+        return await _authorise(request, principal, self.permission)
 
 
 IdempotencyKeyHeader = Annotated[
@@ -300,13 +307,13 @@ class Write(Read):
     """Dependency of a route that changes something: :class:`Read` plus an
     ``Idempotency-Key`` header and the request's fingerprint."""
 
-    async def __call__(  # type: ignore[override]
+    async def __call__(  # type: ignore[override]  # one more parameter than Read's
         self,
         request: Request,
         principal: Annotated[Principal, Depends(authenticate)],
         idempotency_key: IdempotencyKeyHeader,
     ) -> Context:
-        context = _authorise(request, principal, self.permission)
+        context = await _authorise(request, principal, self.permission)
         context.idempotency_key = idempotency_key
         context.request_hash = await request_fingerprint(request)
         return context

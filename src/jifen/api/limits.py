@@ -3,6 +3,9 @@
 Counted by the ``limits`` library with a sliding-window counter: in Redis when
 ``JIFEN_REDIS_URL`` is set, so that every API process shares one count, and in the
 process's memory otherwise. A refused request gets 429 with ``Retry-After``.
+
+The counting is asynchronous (``limits.aio``, Redis through redis-py's asyncio client): it
+runs on the server's event loop, so a request spends no worker thread on it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import math
 import time
 
-from limits import RateLimitItem, parse, storage, strategies
+import redis.asyncio
+from limits import RateLimitItem, parse
+from limits.aio import storage, strategies
 
 from jifen.errors import RateLimited
 from jifen.settings import Settings
@@ -22,8 +27,18 @@ class Limiter:
     """The three limits of one API process."""
 
     def __init__(self, settings: Settings) -> None:
-        uri = settings.redis_url or "memory://"
-        self.storage = storage.storage_from_string(uri)
+        self.pool: redis.asyncio.ConnectionPool | None = None
+        self.storage: storage.Storage
+        if settings.redis_url:
+            # A pool of our own, so that the server can close its connections on shutdown.
+            self.pool = redis.asyncio.ConnectionPool.from_url(settings.redis_url)
+            self.storage = storage.RedisStorage(
+                f"async+{settings.redis_url}",
+                implementation="redispy",
+                connection_pool=self.pool,  # type: ignore[arg-type]  # passed on to redis-py
+            )
+        else:
+            self.storage = storage.MemoryStorage()
         self.strategy = strategies.SlidingWindowCounterRateLimiter(self.storage)
         self.namespace = settings.rate_limit_namespace
         self.items: dict[str, RateLimitItem] = {
@@ -32,15 +47,20 @@ class Limiter:
             "member": parse(settings.rate_limit_member),
         }
 
-    def hit(self, scope: str, identity: str) -> None:
+    async def hit(self, scope: str, identity: str) -> None:
         """Count one request of ``identity``; raise RateLimited when over its limit."""
         item = self.items[scope]
-        if self.strategy.hit(item, self.namespace, scope, identity):
+        if await self.strategy.hit(item, self.namespace, scope, identity):
             return
-        reset_time, _ = self.strategy.get_window_stats(item, self.namespace, scope, identity)
+        reset_time, _ = await self.strategy.get_window_stats(item, self.namespace, scope, identity)
         retry_after = max(1, math.ceil(reset_time - time.time()))
         raise RateLimited(scope=f"per {scope}", scope_zh=_SCOPES_ZH[scope], retry_after=retry_after)
 
-    def check_storage(self) -> bool:
+    async def close(self) -> None:
+        """Close the connections to Redis (at the server's shutdown)."""
+        if self.pool is not None:
+            await self.pool.disconnect()
+
+    async def check_storage(self) -> bool:
         """Whether the counting store answers (for /readyz)."""
-        return bool(self.storage.check())
+        return bool(await self.storage.check())
