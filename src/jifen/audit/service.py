@@ -60,13 +60,15 @@ def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     at = uow.clock.now().astimezone(UTC)
     fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
     digest = entry_digest(prev_hash, seq, at, fields)
-    entry_id = uow.conn.execute(
-        audit_entries.insert().returning(audit_entries.c.id),
-        {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash, "hash": digest},
-    ).scalar_one()
-    uow.conn.execute(
+    row = {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash, "hash": digest}
+    move_head = (
         audit_heads.update().where(audit_heads.c.stripe == stripe).values(seq=seq, hash=digest)
     )
+    append = audit_entries.insert().values(row).returning(audit_entries.c.id)
+    if uow.dialect == "postgresql":  # one round trip: the head moves in the same statement
+        return int(uow.conn.execute(append.add_cte(move_head.cte("moved_head"))).scalar_one())
+    entry_id = uow.conn.execute(append).scalar_one()
+    uow.conn.execute(move_head)
     return int(entry_id)
 
 
