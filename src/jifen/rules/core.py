@@ -1,0 +1,626 @@
+"""Rule evaluation, pure: an event, the member facts, the programme's rules and caps in; the
+awards, each with its reason and the cap that bit, out. Nothing here reads a database or a
+clock: the caller passes the time (the event's own) and what has been awarded so far.
+
+The order of work for one event:
+
+1. The rules for the event's type, by priority (lower first, then by code). Each is skipped,
+   with the reason recorded, when the event is outside its window, the member outside its
+   gray-release share, its condition false, or its exclusive group already taken; a rule that
+   fires with ``stop_after`` ends the pass.
+2. Each firing rule computes its points from its kind's parameters. Multipliers do not award
+   on their own: after the pass they multiply, compounding in priority order, the awards of
+   the kinds they apply to.
+3. Caps, award by award in that order: the member's tier limits per day and month, the
+   rule's per-member limits per day, week, month and lifetime, the rule's budget and the
+   programme's budget. An award posts the part that fits; the rest is recorded as capped,
+   with the cap that bit. Held awards (reviewed kinds) are capped when they are approved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from fractions import Fraction
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from jifen.ledger.errors import InvalidInput
+from jifen.rules.schemas import (
+    BirthdayGift,
+    FirstOfKind,
+    FixedAward,
+    Multiplier,
+    PerUnit,
+    ProgramCaps,
+    RandomBonus,
+    Referral,
+    Reviewed,
+    RuleSpec,
+    SpendRate,
+    StreakLadder,
+    Threshold,
+    active_at,
+)
+
+Condition = Callable[[Mapping[str, Any]], bool]
+"""A compiled condition: the activation (``event``, ``member``, ``now``) in, true or false
+out. It raises :class:`ConditionFailed` when the expression cannot be evaluated."""
+
+_ROUNDING = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING}
+_GRAY_SCALE = 2**64
+
+
+class EventRefused(InvalidInput):
+    """The event cannot be evaluated as it is: nothing is stored or awarded for it."""
+
+    code = "event_refused"
+    en = "rule {rule}: {problem}"
+    zh = "规则 {rule}:{problem}"
+
+
+class ConditionFailed(Exception):
+    """A condition could not be evaluated (a missing field, a wrong type); ``str()`` says why."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class OrderLine:
+    sku: str
+    category: str
+    quantity: int
+    amount_fen: int
+    paid_with_points: bool = False
+    """Bought by redeeming points: earns nothing (积分兑换产生的行为不再累积积分)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    key: str
+    """Unique and stable per event (source and external id): seeds the random draws."""
+    type: str
+    occurred_at: datetime
+    member_id: int
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    lines: tuple[OrderLine, ...] = ()
+    """The order's lines (``order.paid``)."""
+
+
+@dataclass(frozen=True)
+class Streak:
+    last_day: date
+    length: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Points a member has already been awarded in the windows the caps count over (the
+    event's day, week and month in the programme's time zone)."""
+
+    day: int = 0
+    month: int = 0
+    by_rule: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(rule code, period) → points; periods ``day``, ``week``, ``month``, ``lifetime``."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    member_id: int
+    tier: str | None = None
+    tags: frozenset[str] = frozenset()
+    registered_at: datetime | None = None
+    region: str | None = None
+    birthday: date | None = None
+    counts: Mapping[str, int] = field(default_factory=dict)
+    """Events of each type the member had before this one."""
+    streaks: Mapping[str, Streak] = field(default_factory=dict)
+    """The member's current run of daily events, by event type."""
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Points already awarded over all members: by rule code, and by the whole programme."""
+
+    by_rule: Mapping[str, int] = field(default_factory=dict)
+    program: int = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule version, ready to evaluate."""
+
+    spec: RuleSpec
+    version: int = 1
+    condition: Condition | None = None
+
+
+class RuleSet:
+    """A programme's rules, grouped by event type and sorted once."""
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.rules = sorted(rules, key=lambda r: (r.spec.priority, r.spec.code))
+        self.by_type: dict[str, list[Rule]] = {}
+        for rule in self.rules:
+            for event_type in rule.spec.event_types:
+                self.by_type.setdefault(event_type, []).append(rule)
+
+
+@dataclass(frozen=True)
+class Program:
+    zone: ZoneInfo
+    caps: ProgramCaps = field(default_factory=ProgramCaps)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class Award:
+    rule: str
+    version: int
+    kind: str
+    member_id: int
+    points: int
+    """What posts (after caps)."""
+    wanted: int
+    """What the rule computed (before caps)."""
+    cap: str | None = None
+    """The cap that bit, when ``points < wanted``."""
+    held: bool = False
+    """Waiting for a reviewer; nothing posts yet."""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def capped(self) -> int:
+        return self.wanted - self.points
+
+
+@dataclass(frozen=True)
+class Skip:
+    rule: str
+    why: str
+
+
+@dataclass
+class Evaluation:
+    awards: list[Award] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    streaks: dict[tuple[int, str], Streak] = field(default_factory=dict)
+    """(member id, event type) → the run after this event, for the caller to keep."""
+
+    @property
+    def total(self) -> int:
+        return sum(a.points for a in self.awards if not a.held)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rounded(value: Fraction | Decimal, rounding: str) -> int:
+    """``value`` as whole points by the rule's rounding policy."""
+    as_decimal = (
+        Decimal(value.numerator) / Decimal(value.denominator)
+        if isinstance(value, Fraction)
+        else value
+    )
+    return int(as_decimal.to_integral_value(rounding=_ROUNDING[rounding]))
+
+
+def in_gray_share(code: str, member_id: int, share: Decimal) -> bool:
+    """Whether the member is in the rule's share: a stable hash of the two, so that a member
+    stays in (or out) as long as the share does not shrink below it."""
+    if share >= 1:
+        return True
+    digest = hashlib.sha256(f"{code}:{member_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < int(share * _GRAY_SCALE)
+
+
+def local_day(moment: datetime, zone: ZoneInfo) -> date:
+    return moment.astimezone(zone).date()
+
+
+def draw(event_key: str, rule: Rule) -> random.Random:
+    """The random source of one rule on one event: seeded by both, so a replay draws the same."""
+    seed = hashlib.sha256(f"{event_key}|{rule.spec.code}|{rule.version}".encode()).digest()
+    return random.Random(int.from_bytes(seed, "big"))
+
+
+def reversal_due(
+    *, awarded: int, eligible_fen: int, refunded_fen: int, already_reversed: int
+) -> int:
+    """Points to take back after a refund: the awarded points in the proportion of the
+    eligible amount refunded so far (``refunded_fen``, all refunds together), less what
+    earlier refunds took back. Counting from the whole each time keeps the rounding from
+    drifting: refunding everything, in any number of parts, takes back exactly ``awarded``."""
+    if eligible_fen <= 0 or awarded <= 0:
+        return 0
+    share = Fraction(min(refunded_fen, eligible_fen), eligible_fen)
+    return max(0, rounded(awarded * share, "half_up") - already_reversed)
+
+
+def activation(event: Event, facts: Facts) -> dict[str, Any]:
+    """What a condition sees: the event (its payload, type and time), the member's facts and
+    ``now`` (the event's time)."""
+    return {
+        "event": {
+            **event.payload,
+            "type": event.type,
+            "time": event.occurred_at,
+            "amount_fen": sum(line.amount_fen for line in event.lines),
+        },
+        "member": {
+            "id": facts.member_id,
+            "tier": facts.tier or "",
+            "tags": sorted(facts.tags),
+            "region": facts.region or "",
+            "registered_at": facts.registered_at,
+            "birthday": facts.birthday.isoformat() if facts.birthday else "",
+            "counts": dict(facts.counts),
+        },
+        "now": event.occurred_at,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Pass:
+    """The state of one evaluation while the rules are walked."""
+
+    event: Event
+    program: Program
+    facts: Mapping[int, Facts]
+    result: Evaluation = field(default_factory=Evaluation)
+    taken_groups: dict[str, str] = field(default_factory=dict)
+    wanted: list[Award] = field(default_factory=list)
+    multipliers: list[tuple[Rule, Decimal]] = field(default_factory=list)
+    specs: dict[str, RuleSpec] = field(default_factory=dict)
+    bindings: dict[str, Any] | None = None
+
+    @property
+    def member(self) -> Facts:
+        return self.facts[self.event.member_id]
+
+    def skip(self, rule: Rule, why: str) -> None:
+        self.result.skipped.append(Skip(rule.spec.code, why))
+
+    def award(self, rule: Rule, points: int, *, member_id: int | None = None,
+              held: bool = False, **detail: Any) -> None:  # fmt: skip
+        self.specs[rule.spec.code] = rule.spec
+        self.wanted.append(
+            Award(
+                rule=rule.spec.code,
+                version=rule.version,
+                kind=rule.spec.params.kind,
+                member_id=self.event.member_id if member_id is None else member_id,
+                points=points,
+                wanted=points,
+                held=held,
+                detail=detail,
+            )
+        )
+
+
+def evaluate(
+    event: Event,
+    rules: RuleSet,
+    program: Program,
+    facts: Mapping[int, Facts],
+    budgets: Budgets | None = None,
+) -> Evaluation:
+    """The awards ``rules`` give for ``event``. ``facts`` holds the event's member and anyone
+    else an award may go to (a referral's inviter)."""
+    if event.member_id not in facts:
+        raise EventRefused(rule="-", problem=f"no facts were given for member {event.member_id}")
+    state = _Pass(event, program, facts)
+    for rule in rules.by_type.get(event.type, ()):
+        if _fires(state, rule) and rule.spec.stop_after:
+            break
+    _multiply(state)
+    _apply_caps(state, budgets or Budgets())
+    return state.result
+
+
+def _fires(state: _Pass, rule: Rule) -> bool:
+    spec, event = rule.spec, state.event
+    if not active_at(spec, event.occurred_at):
+        state.skip(rule, "outside the rule's window")
+        return False
+    if not in_gray_share(spec.code, event.member_id, spec.gray_share):
+        state.skip(rule, f"member outside the gray-release share {spec.gray_share}")
+        return False
+    if spec.exclusive_group is not None and spec.exclusive_group in state.taken_groups:
+        taken_by = state.taken_groups[spec.exclusive_group]
+        state.skip(rule, f"exclusive group {spec.exclusive_group!r} taken by {taken_by}")
+        return False
+    if rule.condition is not None:
+        if state.bindings is None:
+            state.bindings = activation(event, state.member)
+        try:
+            holds = rule.condition(state.bindings)
+        except ConditionFailed as exc:
+            raise EventRefused(rule=spec.code, problem=f"its condition failed: {exc}") from exc
+        if not holds:
+            state.skip(rule, "condition false")
+            return False
+    before = len(state.wanted) + len(state.multipliers)
+    _KINDS[type(spec.params)](state, rule)
+    fired = len(state.wanted) + len(state.multipliers) > before
+    if fired and spec.exclusive_group is not None:
+        state.taken_groups[spec.exclusive_group] = spec.code
+    return fired
+
+
+def _spend_rate(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, SpendRate)
+    event = state.event
+    if params.channels is not None and event.payload.get("channel") not in params.channels:
+        state.skip(
+            rule, f"channel {event.payload.get('channel')!r} not among {sorted(params.channels)}"
+        )
+        return
+    if params.stores is not None and event.payload.get("store") not in params.stores:
+        state.skip(rule, f"store {event.payload.get('store')!r} not among {sorted(params.stores)}")
+        return
+    eligible = 0
+    exact = Fraction(0)
+    whole = 0
+    for line in event.lines:
+        if (
+            line.paid_with_points
+            or line.sku in params.excluded_skus
+            or line.category in params.excluded_categories
+        ):
+            continue
+        rate = params.category_rates.get(line.category, params.rate)
+        points = Fraction(line.amount_fen) * Fraction(rate) / 100
+        eligible += line.amount_fen
+        exact += points
+        whole += rounded(points, params.rounding)
+    total = whole if params.round_each_line else rounded(exact, params.rounding)
+    if total <= 0:
+        state.skip(rule, "no eligible amount")
+        return
+    state.award(rule, total, eligible_fen=eligible)
+
+
+def _fixed(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, FixedAward)
+    state.award(rule, params.points)
+
+
+def _number(state: _Pass, rule: Rule, name: str) -> Decimal:
+    value = state.event.payload.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        raise EventRefused(rule=rule.spec.code, problem=f"the event needs a number in {name!r}")
+    try:
+        number = Decimal(str(value))
+    except ArithmeticError as exc:
+        raise EventRefused(rule=rule.spec.code, problem=f"{name!r} is not a number") from exc
+    if not number.is_finite() or number < 0:
+        raise EventRefused(rule=rule.spec.code, problem=f"{name!r} must be 0 or more")
+    return number
+
+
+def _per_unit(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, PerUnit)
+    units = _number(state, rule, params.field)
+    points = rounded(units * params.points_per_unit, params.rounding)
+    if points <= 0:
+        state.skip(rule, f"{params.field} gives no points")
+        return
+    state.award(rule, points, units=str(units))
+
+
+def _multiplier(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, Multiplier)
+    member = state.member
+    if params.birthday_month:
+        month = state.event.occurred_at.astimezone(state.program.zone).month
+        if member.birthday is None or member.birthday.month != month:
+            state.skip(rule, "not the member's birthday month")
+            return
+    factor = params.by_tier.get(member.tier or "", params.factor)
+    if factor <= 1:
+        state.skip(rule, f"factor {factor} for tier {member.tier!r}")
+        return
+    state.multipliers.append((rule, factor))
+
+
+def _eligible_fen(event: Event) -> int:
+    return sum(line.amount_fen for line in event.lines if not line.paid_with_points)
+
+
+def _threshold(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, Threshold)
+    amount = _eligible_fen(state.event)
+    times = amount // params.min_amount_fen
+    if not params.repeat:
+        times = min(times, 1)
+    if times == 0:
+        state.skip(rule, f"{amount} fen is below {params.min_amount_fen}")
+        return
+    state.award(rule, times * params.points, eligible_fen=amount, times=times)
+
+
+def _first_of_kind(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, FirstOfKind)
+    before = state.member.counts.get(state.event.type, 0)
+    if before:
+        state.skip(rule, f"not the first {state.event.type} ({before} before)")
+        return
+    state.award(rule, params.points)
+
+
+def _streak(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, StreakLadder)
+    event, member = state.event, state.member
+    today = local_day(event.occurred_at, state.program.zone)
+    key = (member.member_id, event.type)
+    current = state.result.streaks.get(key) or member.streaks.get(event.type)
+    if current is not None and current.last_day == today and key not in state.result.streaks:
+        state.skip(rule, f"already counted on {today}")
+        return
+    if key in state.result.streaks:  # a second streak rule on the same event: same run
+        length = state.result.streaks[key].length
+    elif current is not None and current.last_day == today - timedelta(days=1):
+        length = current.length + 1
+        if params.cycle and length > max(params.ladder):
+            length = 1
+    else:
+        length = 1
+    state.result.streaks[key] = Streak(today, length)
+    rung = max(day for day in params.ladder if day <= length)
+    state.award(rule, params.ladder[rung], day=length)
+
+
+def _random(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, RandomBonus)
+    rng = draw(state.event.key, rule)
+    roll = rng.randrange(1_000_000)
+    if roll >= int(params.probability * 1_000_000):
+        state.skip(rule, f"draw {roll} of 1000000 missed (needs below {params.probability})")
+        return
+    state.award(rule, rng.randint(params.minimum, params.maximum), roll=roll)
+
+
+def _referral(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, Referral)
+    inviter = state.event.payload.get("inviter_member_id")
+    if isinstance(inviter, bool) or not isinstance(inviter, int):
+        raise EventRefused(rule=rule.spec.code, problem="the event needs inviter_member_id")
+    if inviter == state.event.member_id:
+        raise EventRefused(rule=rule.spec.code, problem="a member cannot invite itself")
+    if inviter not in state.facts:
+        raise EventRefused(rule=rule.spec.code, problem=f"unknown inviter {inviter}")
+    if params.inviter_points:
+        state.award(rule, params.inviter_points, member_id=inviter, side="inviter")
+    if params.invitee_points:
+        state.award(rule, params.invitee_points, side="invitee")
+
+
+def _birthday_gift(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, BirthdayGift)
+    tier = state.member.tier or ""
+    points = params.by_tier.get(tier, params.default)
+    if points <= 0:
+        state.skip(rule, f"no gift for tier {tier!r}")
+        return
+    state.award(rule, points, tier=tier)
+
+
+def _reviewed(state: _Pass, rule: Rule) -> None:
+    params = rule.spec.params
+    assert isinstance(params, Reviewed)
+    asked = state.event.payload.get("requested_points", params.points)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+        raise EventRefused(rule=rule.spec.code, problem="requested_points must be 0 or more")
+    points = min(asked, params.max_points)
+    if points <= 0:
+        state.skip(rule, "nothing requested")
+        return
+    state.award(rule, points, held=True, requested=asked)
+
+
+_KINDS: dict[type, Callable[[_Pass, Rule], None]] = {
+    SpendRate: _spend_rate,
+    FixedAward: _fixed,
+    PerUnit: _per_unit,
+    Multiplier: _multiplier,
+    Threshold: _threshold,
+    FirstOfKind: _first_of_kind,
+    StreakLadder: _streak,
+    RandomBonus: _random,
+    Referral: _referral,
+    BirthdayGift: _birthday_gift,
+    Reviewed: _reviewed,
+}
+
+
+def _multiply(state: _Pass) -> None:
+    """Each multiplier adds ``(factor - 1)`` times what the awards it applies to come to so
+    far, its own earlier multiplied bonuses included (so 1.5 and 2 make 3)."""
+    for rule, factor in state.multipliers:
+        params = rule.spec.params
+        assert isinstance(params, Multiplier)
+        by_member: dict[int, int] = {}
+        for award in state.wanted:
+            if award.kind in params.applies_to or (
+                award.kind == "multiplier" and award.detail.get("base_kinds") == params.applies_to
+            ):
+                by_member[award.member_id] = by_member.get(award.member_id, 0) + award.wanted
+        for member_id, base in by_member.items():
+            bonus = rounded(Decimal(base) * (factor - 1), params.rounding)
+            if bonus > 0:
+                state.award(
+                    rule, bonus, member_id=member_id, factor=str(factor), base=base,
+                    base_kinds=params.applies_to,
+                )  # fmt: skip
+
+
+def _apply_caps(state: _Pass, budgets: Budgets) -> None:
+    caps = state.program.caps
+    used_day: dict[int, int] = {}
+    used_month: dict[int, int] = {}
+    used_rule: dict[tuple[int, str, str], int] = {}
+    spent_rule = dict(budgets.by_rule)
+    spent_program = budgets.program
+    for award in state.wanted:
+        if award.held:
+            state.result.awards.append(award)
+            continue
+        member = state.facts.get(award.member_id)
+        if member is None:  # an award can only go to a member whose facts were given
+            raise EventRefused(rule=award.rule, problem=f"no facts for member {award.member_id}")
+        spec_caps = state.specs[award.rule].caps
+        room: list[tuple[int, str]] = []
+        tier_cap = caps.by_tier.get(member.tier or "")
+        if tier_cap is not None and tier_cap.day is not None:
+            used = member.usage.day + used_day.get(award.member_id, 0)
+            room.append((tier_cap.day - used, f"tier_day ({member.tier}: {tier_cap.day})"))
+        if tier_cap is not None and tier_cap.month is not None:
+            used = member.usage.month + used_month.get(award.member_id, 0)
+            room.append((tier_cap.month - used, f"tier_month ({member.tier}: {tier_cap.month})"))
+        for period, limit in spec_caps.per_member.items():
+            used = member.usage.by_rule.get((award.rule, period), 0) + used_rule.get(
+                (award.member_id, award.rule, period), 0
+            )
+            room.append((limit - used, f"rule_{period} ({award.rule}: {limit})"))
+        if spec_caps.budget is not None:
+            spent = spent_rule.get(award.rule, 0)
+            room.append(
+                (spec_caps.budget - spent, f"rule_budget ({award.rule}: {spec_caps.budget})")
+            )
+        if caps.budget is not None:
+            room.append((caps.budget - spent_program, f"program_budget ({caps.budget})"))
+        points, cap = award.wanted, None
+        for left, name in sorted(room, key=lambda item: item[0]):
+            if max(left, 0) < points:
+                points, cap = max(left, 0), name
+            break
+        state.result.awards.append(replace(award, points=points, cap=cap))
+        used_day[award.member_id] = used_day.get(award.member_id, 0) + points
+        used_month[award.member_id] = used_month.get(award.member_id, 0) + points
+        for period in spec_caps.per_member:
+            slot = (award.member_id, award.rule, period)
+            used_rule[slot] = used_rule.get(slot, 0) + points
+        spent_rule[award.rule] = spent_rule.get(award.rule, 0) + points
+        spent_program += points
