@@ -144,11 +144,14 @@ __all__ = [
     "Unauthenticated",
     "UnknownApiKey",
     "UnknownApproval",
+    "UnknownEvent",
     "UnknownMember",
     "UnknownPosting",
     "UnknownProgram",
     "UnknownRole",
+    "UnknownRule",
     "UnknownStaff",
+    "UnknownTier",
     "http_status",
 ]
 
@@ -174,3 +177,21 @@ def http_status(error: JifenError) -> int:
         if cls in STATUS:
             return STATUS[cls]
     return 400
+
+
+class UnknownTier(NotFound):
+    code = "unknown_tier"
+    en = "This programme has no tier {tier!r}; its tiers are {known}."
+    zh = "本计划没有等级 {tier!r};已有等级:{known}。"
+
+
+class UnknownRule(NotFound):
+    code = "unknown_rule"
+    en = "This programme has no rule version {version_id}. List them with GET …/rules."
+    zh = "本计划中不存在规则版本 {version_id}。可通过 GET …/rules 查看。"
+
+
+class UnknownEvent(NotFound):
+    code = "unknown_event"
+    en = "This programme has no event {event_id}. Check the id."
+    zh = "本计划中不存在事件 {event_id}。请检查编号。"

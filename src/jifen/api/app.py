@@ -22,11 +22,14 @@ from jifen.audit import api as audit_api
 from jifen.auth import api as auth_api
 from jifen.db import migrate
 from jifen.db.uow import Database
+from jifen.events import api as events_api
 from jifen.members import api as members_api
 from jifen.notify.sms import OutboxSmsProvider, SmsProvider
 from jifen.points import api as points_api
 from jifen.programs import api as programs_api
+from jifen.rules import api as rules_api
 from jifen.settings import Settings, get_settings
+from jifen.tiers import api as tiers_api
 
 DESCRIPTION = """
 jifen (积分) keeps every member's points on an exact double-entry ledger.
@@ -77,7 +80,10 @@ def create_app(
     problems.install(app)
     _serve_docs(app)
 
-    for module in (auth_api, programs_api, members_api, points_api, approvals_api, audit_api):
+    for module in (
+        auth_api, programs_api, members_api, points_api, approvals_api, audit_api, tiers_api,
+        rules_api, events_api,
+    ):  # fmt: skip
         # Before including: the permission each route needs goes into its OpenAPI entry.
         annotate_permissions(module.router)
         app.include_router(module.router, prefix="/v1")

@@ -191,6 +191,7 @@ class Context:
         status: int = 200,
         audit: bool = True,
         shown_once: frozenset[str] = frozenset(),
+        action: str | None = None,
     ) -> JSONResponse:
         """Run a write once: the change, its audit entry and its stored answer commit
         together; a repeated ``Idempotency-Key`` with the same request replays the answer,
@@ -218,7 +219,7 @@ class Context:
             answer = jsonable_encoder(result)
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
             if audit:
-                self.audit(uow, target=target, after=body, before=self.audit_before)
+                self.audit(uow, target=target, after=body, before=self.audit_before, action=action)
             uow.conn.execute(
                 idempotency_records.insert(),
                 {

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jifen.api.schemas import NO_NUL, RequestBody
 
-ApprovalAction = Literal["points.adjust", "points.clear", "programs.settings"]
+ApprovalAction = Literal[
+    "points.adjust", "points.clear", "programs.settings", "rules.approve", "rules.caps"
+]
 ApprovalStatus = Literal["pending", "approved", "rejected", "failed"]
 
 

@@ -27,6 +27,8 @@ from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramSettings
+from jifen.rules import service as rules_service
+from jifen.rules.schemas import ProgramCaps
 
 
 def request(
@@ -115,7 +117,10 @@ def reject(
     uow: UnitOfWork, *, approval_id: int, program_id: int, decided_by: int, note: str = ""
 ) -> ApprovalRead:
     """Reject the request: nothing executes."""
-    _decide(uow, program_id, approval_id, decided_by, note, "rejected")
+    row = _decide(uow, program_id, approval_id, decided_by, note, "rejected")
+    on_reject = _ON_REJECT.get(row.action)
+    if on_reject is not None:
+        on_reject(uow, row)
     return get(uow, program_id=program_id, approval_id=approval_id)
 
 
@@ -203,11 +208,47 @@ def _settings(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     return {"settings": settings.model_dump(mode="json")}
 
 
+def _approve_rule(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
+    activate_at = row.params.get("activate_at")
+    version = rules_service.approve(
+        uow,
+        program_id=row.program_id,
+        version_id=row.params["version_id"],
+        approved_by=_decider(uow, row),
+        activate_at=datetime.fromisoformat(activate_at) if activate_at else None,
+    )
+    return {"rule": version.model_dump(mode="json")}
+
+
+def _reject_rule(uow: UnitOfWork, row: Row[Any]) -> None:
+    rules_service.reject(uow, program_id=row.program_id, version_id=row.params["version_id"])
+
+
+def _caps(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
+    caps = ProgramCaps.model_validate(row.params["caps"])
+    rules_service.set_caps(uow, program_id=row.program_id, caps=caps)
+    return {"caps": caps.model_dump(mode="json")}
+
+
+def _decider(uow: UnitOfWork, row: Row[Any]) -> str:
+    decided_by = uow.conn.execute(
+        select(approvals.c.decided_by).where(approvals.c.id == row.id)
+    ).scalar_one()
+    return f"staff:{decided_by}"
+
+
 _EXECUTORS: dict[str, Callable[[UnitOfWork, Row[Any]], dict[str, Any]]] = {
     "points.adjust": _adjust,
     "points.clear": _clear,
     "programs.settings": _settings,
+    "rules.approve": _approve_rule,
+    "rules.caps": _caps,
 }
+
+_ON_REJECT: dict[str, Callable[[UnitOfWork, Row[Any]], None]] = {
+    "rules.approve": _reject_rule,
+}
+"""What a rejection undoes besides the decision (a submitted rule goes back to rejected)."""
 
 
 # --------------------------------------------------------------------------- reading

@@ -37,6 +37,12 @@ PERMISSIONS: dict[str, str] = {
     "approvals.read": "see approval requests",
     "approvals.decide": "approve or reject another person's request",
     "audit.read": "read and export the audit log",
+    "events.read": "see events and what they earned",
+    "events.write": "send events (orders, check-ins, reviews…) that earn through the rules",
+    "rules.read": "see earning rules and the earning caps",
+    "rules.write": "draft, submit, dry-run, pause, resume and retire earning rules; request caps",
+    "tiers.read": "see the tiers and members' tiers",
+    "tiers.write": "define tiers and set a member's tier",
 }
 
 READ_ONLY_PERMISSIONS = frozenset(p for p in PERMISSIONS if p.endswith(".read"))
@@ -74,6 +80,12 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "api_keys.write",
                 "staff.read",
                 "approvals.read",
+                "events.read",
+                "events.write",
+                "rules.read",
+                "rules.write",
+                "tiers.read",
+                "tiers.write",
             ]
         ),
     ),
@@ -81,7 +93,16 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
         "Reviewer",
         "审核员",
         frozenset(
-            ["programs.read", "members.read", "points.read", "approvals.read", "approvals.decide"]
+            [
+                "programs.read",
+                "members.read",
+                "points.read",
+                "approvals.read",
+                "approvals.decide",
+                "events.read",
+                "rules.read",
+                "tiers.read",
+            ]
         ),
     ),
     "risk_officer": (
@@ -97,13 +118,26 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "points.freeze",
                 "approvals.read",
                 "approvals.decide",
+                "events.read",
+                "rules.read",
+                "tiers.read",
             ]
         ),
     ),
     "finance": (
         "Finance",
         "财务",
-        frozenset(["programs.read", "members.read", "points.read", "approvals.read"]),
+        frozenset(
+            [
+                "programs.read",
+                "members.read",
+                "points.read",
+                "approvals.read",
+                "events.read",
+                "rules.read",
+                "tiers.read",
+            ]
+        ),
     ),
     "auditor": ("Auditor", "审计员", frozenset(["programs.read", "audit.read"])),
     "cashier": (
@@ -117,6 +151,8 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "points.earn",
                 "points.spend",
                 "points.refund",
+                "events.write",
+                "tiers.read",
             ]
         ),
     ),
@@ -127,13 +163,14 @@ MEMBER_PERMISSIONS = frozenset(["members.read", "members.write", "points.read", 
 
 API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "members.family", "points.read", "points.earn",
-     "points.spend", "points.refund", "points.reverse", "points.transfer", "points.freeze"]
+     "points.spend", "points.refund", "points.reverse", "points.transfer", "points.freeze",
+     "events.read", "events.write", "rules.read", "tiers.read", "tiers.write"]
 )  # fmt: skip
 """What an API key may be given: the integration surface, never staff administration."""
 
 DEFAULT_API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "points.read", "points.earn", "points.spend",
-     "points.refund", "points.reverse"]
+     "points.refund", "points.reverse", "events.read", "events.write"]
 )  # fmt: skip
 
 

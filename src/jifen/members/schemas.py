@@ -136,3 +136,13 @@ class FamilyRead(_Read):
     main_member_id: int | None
     """None when the member is in no family group."""
     members: list[FamilyMember]
+
+
+class MemberFacts(_Read):
+    """What earning rules read about a member."""
+
+    id: int
+    tags: list[str]
+    region: str | None
+    birthday: date | None
+    created_at: datetime

@@ -20,6 +20,7 @@ from jifen.members.schemas import (
     IdentityBind,
     IdentityRead,
     MemberCreate,
+    MemberFacts,
     MemberProfile,
     MemberRead,
     MemberUpdate,
@@ -99,6 +100,22 @@ def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, st
         select(members.c.id, members.c.external_ref).where(members.c.id.in_(ids))
     )
     return {int(member_id): ref for member_id, ref in rows}
+
+
+def rule_facts(
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]
+) -> dict[int, MemberFacts]:
+    """What earning rules read about each member (no personal numbers are decrypted)."""
+    rows = uow.conn.execute(
+        select(
+            members.c.id, members.c.tags, members.c.region, members.c.birthday,
+            members.c.created_at,
+        ).where(members.c.program_id == program_id, members.c.id.in_(sorted(set(member_ids))))
+    ).all()  # fmt: skip
+    return {
+        row.id: MemberFacts.model_validate({**row._mapping, "tags": list(row.tags or [])})
+        for row in rows
+    }
 
 
 def count_members(uow: UnitOfWork, *, program_id: int) -> int:

@@ -9,20 +9,19 @@ approval requests instead (202).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Read, Write
-from jifen.api.schemas import LATEST, Instant
+from jifen.api.schemas import Instant
 from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
 from jifen.db.uow import UnitOfWork
-from jifen.errors import Forbidden, InvalidInput, StateConflict
+from jifen.errors import Forbidden, StateConflict
 from jifen.members import service as members_service
 from jifen.points import service
 from jifen.points.schemas import (
@@ -148,21 +147,9 @@ def get_posting(
 def _default_expiry(
     uow: UnitOfWork, ctx: Context, available_at: datetime | None, days: int | None
 ) -> datetime | None:
-    """The end of the programme's calendar day ``days`` after the points become available.
-
-    A whole day, not an instant, so that twins of one request compute the same expiry.
-    """
-    if days is None:
-        return None
-    zone = ZoneInfo(programs_service.time_zone(uow, program_id=ctx.program_id))
+    """The programme's default validity, counted from when the points become available."""
     start = max(uow.clock.now(), available_at) if available_at else uow.clock.now()
-    day = start.astimezone(zone).date() + timedelta(days=days + 1)
-    expires_at = datetime(day.year, day.month, day.day, tzinfo=zone)
-    if expires_at >= LATEST:
-        raise InvalidInput(
-            field="available_at", problem="too far in the future to give the points a validity"
-        )
-    return expires_at
+    return programs_service.default_expiry(uow, program_id=ctx.program_id, start=start, days=days)
 
 
 @router.post(f"{MEMBER}/points/earn", status_code=201, response_model=PostingRead)

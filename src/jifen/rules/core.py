@@ -247,12 +247,12 @@ def reversal_due(
 
 def activation(event: Event, facts: Facts) -> dict[str, Any]:
     """What a condition sees: the event (its payload, type and time), the member's facts and
-    ``now`` (the event's time)."""
+    ``now`` (the event's time). Times inside ``event`` and ``member`` are RFC 3339 text."""
     return {
         "event": {
             **event.payload,
             "type": event.type,
-            "time": event.occurred_at,
+            "time": event.occurred_at.isoformat(),
             "amount_fen": sum(line.amount_fen for line in event.lines),
         },
         "member": {
@@ -260,7 +260,7 @@ def activation(event: Event, facts: Facts) -> dict[str, Any]:
             "tier": facts.tier or "",
             "tags": sorted(facts.tags),
             "region": facts.region or "",
-            "registered_at": facts.registered_at,
+            "registered_at": facts.registered_at.isoformat() if facts.registered_at else "",
             "birthday": facts.birthday.isoformat() if facts.birthday else "",
             "counts": dict(facts.counts),
         },

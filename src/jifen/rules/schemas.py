@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
 from jifen.api.schemas import RequestBody
 
@@ -228,3 +228,34 @@ def active_at(spec: RuleSpec, moment: datetime) -> bool:
     return (spec.starts_at is None or spec.starts_at <= moment) and (
         spec.ends_at is None or moment < spec.ends_at
     )
+
+
+RuleState = Literal["draft", "submitted", "approved", "active", "paused", "retired", "rejected"]
+RuleStatus = Literal[
+    "draft", "submitted", "scheduled", "active", "paused", "retired", "rejected", "approved"
+]
+
+
+class RuleVersionRead(BaseModel):
+    """One version of a rule: what it says, where it is in its lifecycle, and when it was
+    (or will be) active."""
+
+    id: int
+    code: str
+    version: int
+    spec: RuleSpec
+    status: RuleStatus
+    """``scheduled`` is an approved version whose activation lies in the future."""
+    created_by: str
+    created_at: datetime
+    approval_id: int | None = None
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    active_from: datetime | None = None
+    active_to: datetime | None = None
+
+
+class RuleActivate(RequestBody):
+    """When an approved version goes live (default: at approval)."""
+
+    activate_at: AwareDatetime | None = None

@@ -1,0 +1,70 @@
+"""HTTP routes of the events domain: send one event or a batch of up to 1,000, and read
+what an event earned. Each event is keyed by its ``source`` and ``external_id``: sending it
+again answers what it produced the first time."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse
+
+from jifen.api.deps import Context, Read, Write
+from jifen.db.uow import UnitOfWork
+from jifen.errors import JifenError
+from jifen.events import service
+from jifen.events.schemas import BatchIn, BatchItem, BatchResult, EventIn, EventResult
+
+router = APIRouter(tags=["events"])
+
+EVENTS = "/programs/{program}/events"
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+@router.post(EVENTS, status_code=201, response_model=EventResult)
+def send_event(
+    program: str, body: EventIn, ctx: Annotated[Context, Depends(Write("events.write"))]
+) -> JSONResponse:
+    """Take one event in: stored once, evaluated against the rules live at its own time,
+    its awards posted."""
+    return ctx.execute(
+        lambda uow: service.ingest(uow, program_id=ctx.program_id, event=body),
+        target=f"event:{body.source}:{body.external_id}",
+        status=201,
+    )
+
+
+@router.post(EVENTS + "/batch", response_model=BatchResult)
+def send_batch(
+    program: str, body: BatchIn, ctx: Annotated[Context, Depends(Write("events.write"))]
+) -> JSONResponse:
+    """Up to 1,000 events in one request, with a result per item: a refused event (with its
+    reason) does not keep the others out."""
+
+    def work(uow: UnitOfWork) -> BatchResult:
+        items: list[BatchItem] = []
+        for index, event in enumerate(body.events):
+            try:
+                with uow.conn.begin_nested():  # a refused event leaves nothing behind
+                    result = service.ingest(uow, program_id=ctx.program_id, event=event)
+            except JifenError as exc:
+                items.append(BatchItem(index=index, ok=False, code=exc.code,
+                                       detail=exc.message(ctx.language)))  # fmt: skip
+            else:
+                items.append(BatchItem(index=index, ok=True, result=result))
+        accepted = sum(item.ok for item in items)
+        return BatchResult(accepted=accepted, refused=len(items) - accepted, items=items)
+
+    return ctx.execute(work, target=f"events:batch:{len(body.events)}")
+
+
+@router.get(EVENTS + "/{event_id}", response_model=EventResult)
+def get_event(
+    program: str, event_id: Id, ctx: Annotated[Context, Depends(Read("events.read"))]
+) -> EventResult:
+    """An event and the awards it produced, each with the rule, the cap that bit, and the
+    posting."""
+    return ctx.db.run(
+        lambda uow: service.get_event(uow, program_id=ctx.program_id, event_id=event_id),
+        read_only=True,
+    )

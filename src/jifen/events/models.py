@@ -1,0 +1,78 @@
+"""Tables of the events domain: each event once, the awards it produced and why, and the
+per-member counters the rules read (how many of each event, the current daily streak)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+from jifen.db.base import BigId, UTCDateTime, metadata
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("program_id", BigId, ForeignKey("programs.id"), nullable=False),
+    Column("source", String(64), nullable=False, comment="the sending system, e.g. pos, app"),
+    Column("external_id", String(128), nullable=False, comment="the event's id in its source"),
+    Column("type", String(64), nullable=False),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("subject", String(128), nullable=True, comment="the order id of order events"),
+    Column(
+        "amount_fen",
+        BigInteger,
+        nullable=True,
+        comment="an order's amount paid in money, or the amount a refund gives back",
+    ),
+    Column("points", BigInteger, nullable=False, server_default="0"),
+    UniqueConstraint("program_id", "source", "external_id"),
+    Index("ix_events_subject", "program_id", "subject", "type"),
+    Index("ix_events_member", "member_id", "occurred_at"),
+)
+
+event_awards = Table(
+    "event_awards",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("event_id", BigId, ForeignKey("events.id"), nullable=False),
+    Column("program_id", BigId, ForeignKey("programs.id"), nullable=False),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("rule_code", String(64), nullable=False),
+    Column("rule_version", Integer, nullable=False),
+    Column("kind", String(32), nullable=False, comment="the rule's kind, or 'reversal'"),
+    Column("wanted", BigInteger, nullable=False, comment="what the rule computed"),
+    Column("points", BigInteger, nullable=False, comment="what posted (negative: taken back)"),
+    Column("cap", String(120), nullable=True, comment="the cap that bit"),
+    Column("held", Boolean, nullable=False, server_default="0"),
+    Column("posting_id", BigId, ForeignKey("postings.id"), nullable=True),
+    Column("reverses_id", BigId, ForeignKey("event_awards.id"), nullable=True),
+    Column("local_day", Date, nullable=False, comment="the event's day in the programme's zone"),
+    Column("detail", JSON, nullable=False, server_default="{}"),
+    Index("ix_event_awards_member_day", "member_id", "local_day"),
+    Index("ix_event_awards_event", "event_id"),
+)
+
+member_counters = Table(
+    "member_counters",
+    metadata,
+    Column("member_id", BigId, ForeignKey("members.id"), primary_key=True),
+    Column("event_type", String(64), primary_key=True),
+    Column("seen", BigInteger, nullable=False, server_default="0"),
+    Column("streak_day", Date, nullable=True),
+    Column("streak_length", Integer, nullable=False, server_default="0"),
+)

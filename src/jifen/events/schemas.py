@@ -1,0 +1,182 @@
+"""The event catalogue: each event type with its typed payload, and what ingesting one
+answers. A payload field that is missing, misspelt or of the wrong type is refused with the
+field named; amounts are integer fen, never negative."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jifen.api.schemas import Instant, RequestBody
+
+Fen = Annotated[int, Field(ge=0, le=10**12)]
+Ref = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class OrderLineIn(RequestBody):
+    sku: Ref
+    category: Annotated[str, Field(min_length=1, max_length=64)] = "default"
+    quantity: Annotated[int, Field(ge=1, le=10**6)] = 1
+    amount_fen: Fen
+    """What the line cost in money, after discounts."""
+    paid_with_points: bool = False
+    """Bought by redeeming points: such a line earns nothing."""
+
+
+class OrderPaid(RequestBody):
+    order_id: Ref
+    store: Annotated[str, Field(max_length=64)] | None = None
+    channel: Annotated[str, Field(max_length=32)] = "store"
+    pickup: bool = False
+    """Collected in store (到店核销)."""
+    lines: Annotated[list[OrderLineIn], Field(min_length=1, max_length=500)]
+
+
+class RefundLineIn(RequestBody):
+    sku: Ref
+    amount_fen: Fen
+
+
+class OrderRefunded(RequestBody):
+    order_id: Ref
+    lines: Annotated[list[RefundLineIn], Field(max_length=500)] = Field(default_factory=list)
+    """The refunded lines; leave it empty with ``whole`` for the whole order."""
+    whole: bool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> OrderRefunded:
+        if not self.whole and not self.lines:
+            raise ValueError("give the refunded lines, or whole: true")
+        return self
+
+
+class Nothing(RequestBody):
+    """An event that carries no data of its own."""
+
+
+class ReviewPosted(RequestBody):
+    review_id: Ref
+    media: Literal["text", "image", "video"] = "text"
+
+
+class ReviewLiked(RequestBody):
+    review_id: Ref
+    likes: Annotated[int, Field(ge=0, le=10**9)]
+
+
+class ReviewFeatured(RequestBody):
+    review_id: Ref
+
+
+class ReferralCompleted(RequestBody):
+    """The invited member (the event's member) completed its first order."""
+
+    inviter_member_id: Annotated[int, Field(ge=1)]
+
+
+class QuizAnswered(RequestBody):
+    quiz_id: Ref
+    correct_answers: Annotated[int, Field(ge=0, le=1000)]
+    completed: bool = False
+
+
+class ActivityAttended(RequestBody):
+    activity_id: Ref
+    hours: Annotated[float, Field(ge=0, le=24, allow_inf_nan=False)]
+
+
+class Birthday(RequestBody):
+    year: Annotated[int, Field(ge=1900, le=9999)]
+
+
+class Custom(RequestBody):
+    """``custom.<name>``: any JSON object (its declared schema is checked by the service)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+CATALOGUE: dict[str, type[RequestBody]] = {
+    "order.paid": OrderPaid,
+    "order.refunded": OrderRefunded,
+    "member.registered": Nothing,
+    "member.profile_completed": Nothing,
+    "member.logged_in": Nothing,
+    "member.checked_in": Nothing,
+    "review.posted": ReviewPosted,
+    "review.liked": ReviewLiked,
+    "review.featured": ReviewFeatured,
+    "referral.completed": ReferralCompleted,
+    "quiz.answered": QuizAnswered,
+    "activity.attended": ActivityAttended,
+    "member.birthday": Birthday,
+}
+
+
+class EventIn(RequestBody):
+    """One event from a source system."""
+
+    source: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+    """The sending system (pos, app, crm): with ``external_id``, what makes the event unique."""
+    external_id: Ref
+    type: Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[a-z_]+\.[a-z_.]+$")]
+    occurred_at: Instant
+    member_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    member_ref: Ref | None = None
+    """The member's external reference, instead of ``member_id``."""
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_member(self) -> EventIn:
+        if (self.member_id is None) == (self.member_ref is None):
+            raise ValueError("name the member by member_id or by member_ref (exactly one)")
+        return self
+
+
+class AwardRead(BaseModel):
+    rule: str
+    version: int
+    kind: str
+    member_id: int
+    points: int
+    wanted: int
+    cap: str | None = None
+    held: bool = False
+    posting_id: int | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventResult(BaseModel):
+    """What an event produced; the same answer when the event is sent again."""
+
+    id: int
+    source: str
+    external_id: str
+    type: str
+    member_id: int
+    occurred_at: datetime
+    points: int
+    """Points posted for it (negative for a refund's take-back)."""
+    awards: list[AwardRead]
+    skipped: list[dict[str, str]] = Field(default_factory=list)
+    """Rules that did not fire, and why (only when it was first evaluated)."""
+    replayed: bool = False
+
+
+class BatchIn(RequestBody):
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=1000)]
+
+
+class BatchItem(BaseModel):
+    index: int
+    ok: bool
+    result: EventResult | None = None
+    code: str | None = None
+    detail: str | None = None
+
+
+class BatchResult(BaseModel):
+    accepted: int
+    refused: int
+    items: list[BatchItem]

@@ -1,0 +1,556 @@
+"""Event use cases: take an event in once, evaluate it against the rules live at its own
+time, post what it earns, and keep why.
+
+Every door (the API, a batch, a CSV import, a stream consumer) ends in :func:`ingest`, in
+the caller's transaction. An event is keyed by (programme, source, external id): sent again
+with the same content it answers what it produced the first time; with other content it is
+refused. ``order.refunded`` takes back, through the ledger's claw-back, the points its order
+earned in the proportion of the money refunded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import date, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import ValidationError
+from sqlalchemy import Row, func, select
+
+from jifen.db.uow import UnitOfWork
+from jifen.errors import IdempotencyConflict, InvalidInput, UnknownEvent
+from jifen.events.models import event_awards, events, member_counters
+from jifen.events.schemas import (
+    CATALOGUE,
+    AwardRead,
+    EventIn,
+    EventResult,
+    OrderPaid,
+    OrderRefunded,
+)
+from jifen.members import service as members_service
+from jifen.points import service as points_service
+from jifen.programs import service as programs_service
+from jifen.rules import core
+from jifen.rules import service as rules_service
+from jifen.rules.schemas import ProgramCaps, RuleSpec
+from jifen.tiers import service as tiers_service
+
+ACTOR = "rules"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def parse_payload(event_type: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload checked against the event type's schema, as plain JSON values;
+    InvalidInput naming the field otherwise."""
+    model = CATALOGUE.get(event_type)
+    if model is None and not event_type.startswith("custom."):
+        known = ", ".join(sorted(CATALOGUE))
+        raise InvalidInput(
+            field="type", problem=f"unknown event type {event_type!r}; use one of {known}, or "
+            "custom.<name>",
+        )  # fmt: skip
+    if model is None:
+        plain: dict[str, Any] = json.loads(json.dumps(dict(payload), default=str))
+        return plain
+    try:
+        return model.model_validate(dict(payload)).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in ("payload", *first["loc"]))
+        raise InvalidInput(field=where, problem=first["msg"]) from exc
+
+
+def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
+    text = json.dumps(
+        {
+            "type": event.type,
+            "occurred_at": event.occurred_at.isoformat(),
+            "member_id": event.member_id,
+            "member_ref": event.member_ref,
+            "payload": payload,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest(uow: UnitOfWork, *, program_id: int, event: EventIn) -> EventResult:
+    """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction."""
+    payload = parse_payload(event.type, event.payload)
+    request_hash = _fingerprint(event, payload)
+    stored = uow.conn.execute(
+        select(events).where(
+            events.c.program_id == program_id,
+            events.c.source == event.source,
+            events.c.external_id == event.external_id,
+        )
+    ).one_or_none()
+    if stored is not None:
+        if stored.request_hash != request_hash:
+            raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
+        return _result(uow, stored, replayed=True)
+
+    member_id = _member_id(uow, program_id, event)
+    members_service.require_member(
+        uow, program_id=program_id, member_id=member_id, transacting=True
+    )
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    subject, amount = _order_fields(event.type, payload)
+    event_id = int(
+        uow.conn.execute(
+            events.insert().returning(events.c.id),
+            {
+                "program_id": program_id,
+                "source": event.source,
+                "external_id": event.external_id,
+                "type": event.type,
+                "member_id": member_id,
+                "occurred_at": event.occurred_at,
+                "received_at": uow.clock.now(),
+                "payload": payload,
+                "request_hash": request_hash,
+                "subject": subject,
+                "amount_fen": amount,
+            },
+        ).scalar_one()
+    )
+    core_event = to_core_event(event, member_id, payload)
+    if event.type == "order.refunded":
+        skipped = _refund(uow, program_id, event_id, core_event, zone)
+    else:
+        skipped = _evaluate_and_post(uow, program_id, event_id, core_event, zone)
+    _count(uow, member_id, event.type)
+    row = uow.conn.execute(select(events).where(events.c.id == event_id)).one()
+    return _result(uow, row, replayed=False, skipped=skipped)
+
+
+def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) -> core.Event:
+    """The event as the pure evaluation sees it."""
+    lines: tuple[core.OrderLine, ...] = ()
+    if event.type == "order.paid":
+        order = OrderPaid.model_validate(payload)
+        lines = tuple(
+            core.OrderLine(line.sku, line.category, line.quantity, line.amount_fen,
+                           line.paid_with_points)
+            for line in order.lines
+        )  # fmt: skip
+    return core.Event(
+        key=f"{event.source}:{event.external_id}",
+        type=event.type,
+        occurred_at=event.occurred_at,
+        member_id=member_id,
+        payload=payload,
+        lines=lines,
+    )
+
+
+def _order_fields(event_type: str, payload: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    if event_type == "order.paid":
+        order = OrderPaid.model_validate(payload)
+        return order.order_id, sum(li.amount_fen for li in order.lines if not li.paid_with_points)
+    if event_type == "order.refunded":
+        return OrderRefunded.model_validate(payload).order_id, None
+    return None, None
+
+
+def facts_of(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    member_ids: Iterable[int],
+    event_type: str,
+    day: date,
+    rule_codes: Iterable[str],
+) -> dict[int, core.Facts]:
+    """What the rules read about each member, as of the event's day."""
+    ids = sorted(set(member_ids))
+    tiers = tiers_service.tiers_of(uow, member_ids=ids)
+    profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=ids)
+    codes = set(rule_codes)
+    facts: dict[int, core.Facts] = {}
+    for member_id in ids:
+        profile = profiles[member_id]
+        counters = uow.conn.execute(
+            select(member_counters).where(member_counters.c.member_id == member_id)
+        ).all()
+        streaks = {
+            c.event_type: core.Streak(c.streak_day, c.streak_length)
+            for c in counters
+            if c.streak_day is not None
+        }
+        facts[member_id] = core.Facts(
+            member_id=member_id,
+            tier=tiers.get(member_id),
+            tags=frozenset(profile.tags),
+            registered_at=profile.created_at,
+            region=profile.region,
+            birthday=profile.birthday,
+            counts={c.event_type: int(c.seen) for c in counters},
+            streaks=streaks,
+            usage=_usage(uow, member_id, day, codes),
+        )
+    return facts
+
+
+def _usage(uow: UnitOfWork, member_id: int, day: date, codes: set[str]) -> core.Usage:
+    """Points awarded to the member (held ones aside) on ``day``, in its week and month, and
+    by rule over those periods and its whole life."""
+    month_start = day.replace(day=1)
+    week_start = day - timedelta(days=day.weekday())
+    since = min(month_start, week_start)
+    rows = uow.conn.execute(
+        select(event_awards.c.rule_code, event_awards.c.local_day, func.sum(event_awards.c.points))
+        .where(
+            event_awards.c.member_id == member_id,
+            event_awards.c.held.is_(False),
+            event_awards.c.local_day >= since,
+            event_awards.c.local_day <= day,
+        )
+        .group_by(event_awards.c.rule_code, event_awards.c.local_day)
+    ).all()
+    total_day = total_month = 0
+    by_rule: dict[tuple[str, str], int] = {}
+    for code, when, points in rows:
+        points = int(points or 0)
+        periods = []
+        if when == day:
+            total_day += points
+            periods.append("day")
+        if when >= month_start:
+            total_month += points
+            periods.append("month")
+        if when >= week_start:
+            periods.append("week")
+        if code in codes:
+            for period in periods:
+                by_rule[(code, period)] = by_rule.get((code, period), 0) + points
+    if codes:
+        lifetime = uow.conn.execute(
+            select(event_awards.c.rule_code, func.sum(event_awards.c.points))
+            .where(
+                event_awards.c.member_id == member_id,
+                event_awards.c.held.is_(False),
+                event_awards.c.rule_code.in_(sorted(codes)),
+            )
+            .group_by(event_awards.c.rule_code)
+        ).all()
+        for code, points in lifetime:
+            by_rule[(code, "lifetime")] = int(points or 0)
+    return core.Usage(day=total_day, month=total_month, by_rule=by_rule)
+
+
+def _evaluate(
+    uow: UnitOfWork,
+    program_id: int,
+    event: core.Event,
+    zone: ZoneInfo,
+    rules: core.RuleSet,
+    *,
+    lock_budgets: bool,
+) -> tuple[core.Evaluation, ProgramCaps, list[str]]:
+    """The pure evaluation with what it needs loaded: the members' facts, the caps and the
+    budgets spent (locked when the awards are going to be posted)."""
+    candidates = rules.by_type.get(event.type, [])
+    caps = rules_service.get_caps(uow, program_id=program_id)
+    day = core.local_day(event.occurred_at, zone)
+    recipients = {event.member_id}
+    inviter = event.payload.get("inviter_member_id")
+    if event.type == "referral.completed" and isinstance(inviter, int):
+        members_service.require_member(uow, program_id=program_id, member_id=inviter)
+        recipients.add(inviter)
+    facts = facts_of(
+        uow, program_id=program_id, member_ids=recipients, event_type=event.type, day=day,
+        rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
+    )  # fmt: skip
+    budgeted = sorted(r.spec.code for r in candidates if r.spec.caps.budget is not None)
+    if caps.budget is not None:
+        budgeted.append(rules_service.PROGRAM_BUDGET)
+    spent = rules_service.budgets_spent(
+        uow, program_id=program_id, codes=budgeted, lock=lock_budgets
+    )
+    budgets = core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0))
+    return core.evaluate(event, rules, core.Program(zone, caps), facts, budgets), caps, budgeted
+
+
+def dry_run(
+    uow: UnitOfWork, *, program_id: int, event: EventIn, specs: list[RuleSpec] | None = None
+) -> core.Evaluation:
+    """What ``event`` would earn under ``specs`` (or the rules live at its time), with the
+    members' facts as they are now; nothing is stored or posted."""
+    payload = parse_payload(event.type, event.payload)
+    member_id = _member_id(uow, program_id, event)
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    if specs is None:
+        rules = rules_service.rules_at(uow, program_id=program_id, moment=event.occurred_at)
+    else:
+        rules = core.RuleSet(rules_service.compile_rule(spec) for spec in specs)
+    core_event = to_core_event(event, member_id, payload)
+    return _evaluate(uow, program_id, core_event, zone, rules, lock_budgets=False)[0]
+
+
+def _member_id(uow: UnitOfWork, program_id: int, event: EventIn) -> int:
+    if event.member_id is not None:
+        members_service.require_member(uow, program_id=program_id, member_id=event.member_id)
+        return event.member_id
+    assert event.member_ref is not None
+    return members_service.find_member(uow, program_id=program_id, external_ref=event.member_ref).id
+
+
+def _evaluate_and_post(
+    uow: UnitOfWork, program_id: int, event_id: int, event: core.Event, zone: ZoneInfo
+) -> list[dict[str, str]]:
+    rules = rules_service.rules_at(uow, program_id=program_id, moment=event.occurred_at)
+    result, caps, budgeted = _evaluate(uow, program_id, event, zone, rules, lock_budgets=True)
+    day = core.local_day(event.occurred_at, zone)
+
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    now = uow.clock.now()
+    available_at = None
+    if event.type == "order.paid" and settings.return_window_days:
+        pending_until = event.occurred_at + timedelta(days=settings.return_window_days)
+        available_at = pending_until if pending_until > now else None
+    expires_at = programs_service.default_expiry(
+        uow, program_id=program_id, start=max(available_at or now, event.occurred_at),
+        days=settings.default_validity_days,
+    )  # fmt: skip
+    new_spent: dict[str, int] = {}
+    for award in result.awards:
+        posting_id = None
+        points, cap = award.points, award.cap
+        if points > 0 and not award.held:
+            if expires_at is not None and expires_at <= now:
+                points, cap = 0, "expired before it was recorded"
+            else:
+                posting_id = points_service.earn(
+                    uow,
+                    member_id=award.member_id,
+                    amount=points,
+                    key=f"event:{event_id}:{award.rule}:{award.member_id}",
+                    available_at=available_at,
+                    expires_at=expires_at,
+                    reason=f"rule {award.rule} v{award.version} on {event.type}",
+                    actor=ACTOR,
+                ).id
+                if award.rule in budgeted:
+                    new_spent[award.rule] = new_spent.get(award.rule, 0) + points
+                if caps.budget is not None:
+                    key = rules_service.PROGRAM_BUDGET
+                    new_spent[key] = new_spent.get(key, 0) + points
+        _store_award(uow, program_id, event_id, award, points, cap, posting_id, day)
+    rules_service.add_to_budgets(uow, program_id=program_id, spent=new_spent)
+    for (member_id, event_type), streak in result.streaks.items():
+        _keep_streak(uow, member_id, event_type, streak)
+    _set_points(uow, event_id)
+    return [{"rule": s.rule, "why": s.why} for s in result.skipped]
+
+
+def _store_award(
+    uow: UnitOfWork,
+    program_id: int,
+    event_id: int,
+    award: core.Award,
+    points: int,
+    cap: str | None,
+    posting_id: int | None,
+    day: date,
+    *,
+    reverses_id: int | None = None,
+) -> None:
+    uow.conn.execute(
+        event_awards.insert(),
+        {
+            "event_id": event_id,
+            "program_id": program_id,
+            "member_id": award.member_id,
+            "rule_code": award.rule,
+            "rule_version": award.version,
+            "kind": award.kind,
+            "wanted": award.wanted,
+            "points": points,
+            "cap": cap,
+            "held": award.held,
+            "posting_id": posting_id,
+            "reverses_id": reverses_id,
+            "local_day": day,
+            "detail": json.loads(json.dumps(dict(award.detail), default=_json_default)),
+        },
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, frozenset | set):
+        return sorted(value)
+    return str(value)
+
+
+def _set_points(uow: UnitOfWork, event_id: int) -> None:
+    total = uow.conn.execute(
+        select(func.coalesce(func.sum(event_awards.c.points), 0)).where(
+            event_awards.c.event_id == event_id, event_awards.c.held.is_(False)
+        )
+    ).scalar_one()
+    uow.conn.execute(events.update().where(events.c.id == event_id).values(points=int(total)))
+
+
+def _refund(
+    uow: UnitOfWork, program_id: int, event_id: int, event: core.Event, zone: ZoneInfo
+) -> list[dict[str, str]]:
+    """Take back the order's points in the proportion of the money refunded so far."""
+    refund = OrderRefunded.model_validate(event.payload)
+    order = uow.conn.execute(
+        select(events).where(
+            events.c.program_id == program_id,
+            events.c.subject == refund.order_id,
+            events.c.type == "order.paid",
+        )
+    ).one_or_none()
+    if order is None:
+        raise InvalidInput(
+            field="payload.order_id",
+            problem=f"no order.paid event for order {refund.order_id!r}; send the order first",
+        )
+    if order.member_id != event.member_id:
+        raise InvalidInput(
+            field="member", problem=f"order {refund.order_id!r} belongs to another member"
+        )
+    paid = int(order.amount_fen or 0)
+    earlier = int(
+        uow.conn.execute(
+            select(func.coalesce(func.sum(events.c.amount_fen), 0)).where(
+                events.c.program_id == program_id,
+                events.c.subject == refund.order_id,
+                events.c.type == "order.refunded",
+                events.c.id != event_id,
+            )
+        ).scalar_one()
+    )
+    asked = paid - earlier if refund.whole else sum(line.amount_fen for line in refund.lines)
+    amount = min(asked, paid - earlier)
+    if amount <= 0:
+        raise InvalidInput(
+            field="payload", problem=f"order {refund.order_id!r} has nothing left to refund"
+        )
+    uow.conn.execute(events.update().where(events.c.id == event_id).values(amount_fen=amount))
+    day = core.local_day(event.occurred_at, zone)
+    originals = uow.conn.execute(
+        select(event_awards).where(
+            event_awards.c.event_id == order.id,
+            event_awards.c.reverses_id.is_(None),
+            event_awards.c.posting_id.is_not(None),
+        )
+    ).all()
+    for original in originals:
+        taken = -int(
+            uow.conn.execute(
+                select(func.coalesce(func.sum(event_awards.c.points), 0)).where(
+                    event_awards.c.reverses_id == original.id
+                )
+            ).scalar_one()
+        )
+        due = core.reversal_due(
+            awarded=int(original.points), eligible_fen=paid, refunded_fen=earlier + amount,
+            already_reversed=taken,
+        )  # fmt: skip
+        if due <= 0:
+            continue
+        posting = points_service.reverse(
+            uow,
+            earn_id=int(original.posting_id),
+            key=f"event:{event_id}:reverse:{original.id}",
+            amount=due,
+            reason=f"order {refund.order_id} refunded",
+            actor=ACTOR,
+        )
+        reversal = core.Award(
+            rule=original.rule_code, version=original.rule_version, kind="reversal",
+            member_id=original.member_id, points=-due, wanted=-due,
+            detail={"order_id": refund.order_id, "refunded_fen": amount},
+        )  # fmt: skip
+        _store_award(uow, program_id, event_id, reversal, -due, None, posting.id, day,
+                     reverses_id=original.id)  # fmt: skip
+    _set_points(uow, event_id)
+    return []
+
+
+def _count(uow: UnitOfWork, member_id: int, event_type: str) -> None:
+    changed = uow.conn.execute(
+        member_counters.update()
+        .where(member_counters.c.member_id == member_id, member_counters.c.event_type == event_type)
+        .values(seen=member_counters.c.seen + 1)
+    ).rowcount
+    if not changed:
+        uow.conn.execute(
+            member_counters.insert(),
+            {"member_id": member_id, "event_type": event_type, "seen": 1},
+        )
+
+
+def _keep_streak(uow: UnitOfWork, member_id: int, event_type: str, streak: core.Streak) -> None:
+    values = {"streak_day": streak.last_day, "streak_length": streak.length}
+    changed = uow.conn.execute(
+        member_counters.update()
+        .where(member_counters.c.member_id == member_id, member_counters.c.event_type == event_type)
+        .values(**values)
+    ).rowcount
+    if not changed:
+        uow.conn.execute(
+            member_counters.insert(),
+            {"member_id": member_id, "event_type": event_type, "seen": 0, **values},
+        )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def get_event(uow: UnitOfWork, *, program_id: int, event_id: int) -> EventResult:
+    row = uow.conn.execute(
+        select(events).where(events.c.id == event_id, events.c.program_id == program_id)
+    ).one_or_none()
+    if row is None:
+        raise UnknownEvent(event_id=event_id)
+    return _result(uow, row, replayed=False)
+
+
+def _result(
+    uow: UnitOfWork, row: Row[Any], *, replayed: bool, skipped: list[dict[str, str]] | None = None
+) -> EventResult:
+    awards = uow.conn.execute(
+        select(event_awards).where(event_awards.c.event_id == row.id).order_by(event_awards.c.id)
+    ).all()
+    return EventResult(
+        id=row.id,
+        source=row.source,
+        external_id=row.external_id,
+        type=row.type,
+        member_id=row.member_id,
+        occurred_at=row.occurred_at,
+        points=int(row.points),
+        awards=[
+            AwardRead(
+                rule=a.rule_code,
+                version=a.rule_version,
+                kind=a.kind,
+                member_id=a.member_id,
+                points=int(a.points),
+                wanted=int(a.wanted),
+                cap=a.cap,
+                held=a.held,
+                posting_id=a.posting_id,
+                detail=dict(a.detail or {}),
+            )
+            for a in awards
+        ],
+        skipped=skipped or [],
+        replayed=replayed,
+    )

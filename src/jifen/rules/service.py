@@ -1,0 +1,341 @@
+"""Rule use cases: versions and their lifecycle (draft → submitted → approved by a second
+person → scheduled / active → paused → retired), the programme's caps, the budgets of
+budgeted rules, and the rule set that was active at a given moment.
+
+An approved version is immutable: editing a rule makes a new version. Activating a version
+ends the activation of the rule's earlier versions at the same instant, so at any moment at
+most one version of a rule is live, and an event is evaluated against the versions live at
+the event's own time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Row, and_, func, or_, select
+
+from jifen.db.uow import UnitOfWork
+from jifen.errors import InvalidInput, StateConflict, UnknownRule
+from jifen.rules import conditions
+from jifen.rules.core import Rule, RuleSet
+from jifen.rules.models import earning_caps, rule_activations, rule_budgets, rule_versions
+from jifen.rules.schemas import ProgramCaps, RuleSpec, RuleVersionRead
+
+PROGRAM_BUDGET = "*"
+
+
+def compile_rule(spec: RuleSpec, version: int = 1) -> Rule:
+    """``spec`` ready to evaluate; InvalidInput when its condition does not compile."""
+    condition = conditions.compile_condition(spec.condition) if spec.condition else None
+    return Rule(spec, version, condition)
+
+
+@lru_cache(maxsize=4096)
+def _compiled(version_id: int, spec_json: str, version: int) -> Rule:
+    # Keyed by the version's id and text: an approved version never changes.
+    return compile_rule(RuleSpec.model_validate_json(spec_json), version)
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def create_version(
+    uow: UnitOfWork, *, program_id: int, spec: RuleSpec, created_by: str
+) -> RuleVersionRead:
+    """A new draft: version 1 of a new rule, or the next version of an existing one."""
+    compile_rule(spec)  # refuse a condition that does not compile before storing it
+    latest = uow.conn.execute(
+        select(func.max(rule_versions.c.version)).where(
+            rule_versions.c.program_id == program_id, rule_versions.c.code == spec.code
+        )
+    ).scalar_one()
+    version_id = uow.conn.execute(
+        rule_versions.insert().returning(rule_versions.c.id),
+        {
+            "program_id": program_id,
+            "code": spec.code,
+            "version": (latest or 0) + 1,
+            "spec": spec.model_dump(mode="json"),
+            "state": "draft",
+            "created_by": created_by,
+            "created_at": uow.clock.now(),
+        },
+    ).scalar_one()
+    return get_version(uow, program_id=program_id, version_id=int(version_id))
+
+
+def update_draft(
+    uow: UnitOfWork, *, program_id: int, version_id: int, spec: RuleSpec
+) -> RuleVersionRead:
+    """Change a draft. Anything past draft is frozen: create a new version instead."""
+    row = _row(uow, program_id, version_id)
+    _require_state(row, "draft", "changed")
+    if spec.code != row.code:
+        raise InvalidInput(field="code", problem=f"a version of {row.code!r} keeps its code")
+    compile_rule(spec)
+    uow.conn.execute(
+        rule_versions.update()
+        .where(rule_versions.c.id == version_id)
+        .values(spec=spec.model_dump(mode="json"))
+    )
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def submit(
+    uow: UnitOfWork, *, program_id: int, version_id: int, approval_id: int | None
+) -> RuleVersionRead:
+    """Mark a draft as waiting for approval (under ``approval_id`` when filed through the
+    API's approvals; a rule pack loaded by the CLI passes None)."""
+    row = _row(uow, program_id, version_id)
+    _require_state(row, "draft", "submitted")
+    _move(uow, version_id, "draft", state="submitted", approval_id=approval_id)
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def approve(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    version_id: int,
+    approved_by: str,
+    activate_at: datetime | None = None,
+) -> RuleVersionRead:
+    """The second person's yes: the version is frozen and goes live at ``activate_at``
+    (default now), ending the live activation of the rule's other versions then."""
+    row = _row(uow, program_id, version_id)
+    _require_state(row, "submitted", "approved")
+    compile_rule(RuleSpec.model_validate(row.spec))  # still valid under today's compiler
+    now = uow.clock.now()
+    start = max(activate_at or now, now)
+    _move(uow, version_id, "submitted", state="active", approved_by=approved_by, approved_at=now)
+    _end_other_versions(uow, row, start)
+    _activate(uow, program_id, version_id, start)
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def reject(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    row = _row(uow, program_id, version_id)
+    _require_state(row, "submitted", "rejected")
+    _move(uow, version_id, "submitted", state="rejected")
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def pause(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    row = _row(uow, program_id, version_id)
+    _require_state(row, "active", "paused")
+    _close_activation(uow, version_id, uow.clock.now())
+    _move(uow, version_id, "active", state="paused")
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def resume(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    row = _row(uow, program_id, version_id)
+    _require_state(row, "paused", "resumed")
+    now = uow.clock.now()
+    _end_other_versions(uow, row, now)
+    _activate(uow, program_id, version_id, now)
+    _move(uow, version_id, "paused", state="active")
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def retire(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    row = _row(uow, program_id, version_id)
+    if row.state not in ("active", "paused"):
+        _require_state(row, "active", "retired")
+    _close_activation(uow, version_id, uow.clock.now())
+    _move(uow, version_id, row.state, state="retired")
+    return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def get_version(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    return _read(uow, _row(uow, program_id, version_id))
+
+
+def list_versions(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    code: str | None = None,
+    state: str | None = None,
+    after_id: int = 0,
+    limit: int = 50,
+) -> list[RuleVersionRead]:
+    """Versions in the order they were created, after ``after_id``; filter by rule code and
+    stored state."""
+    query = select(rule_versions).where(
+        rule_versions.c.program_id == program_id, rule_versions.c.id > after_id
+    )
+    if code is not None:
+        query = query.where(rule_versions.c.code == code)
+    if state is not None:
+        query = query.where(rule_versions.c.state == state)
+    rows = uow.conn.execute(query.order_by(rule_versions.c.id).limit(limit)).all()
+    return [_read(uow, row) for row in rows]
+
+
+def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
+    """The rule versions that were live at ``moment``: what an event of that time meets."""
+    rows = uow.conn.execute(
+        select(rule_versions.c.id, rule_versions.c.spec, rule_versions.c.version)
+        .join(rule_activations, rule_activations.c.version_id == rule_versions.c.id)
+        .where(
+            rule_activations.c.program_id == program_id,
+            rule_activations.c.active_from <= moment,
+            or_(rule_activations.c.active_to.is_(None), rule_activations.c.active_to > moment),
+        )
+    ).all()
+    return RuleSet(_compiled(r.id, _canonical(r.spec), r.version) for r in rows)
+
+
+def _canonical(spec: Mapping[str, Any]) -> str:
+    return RuleSpec.model_validate(spec).model_dump_json()
+
+
+# --------------------------------------------------------------------------- caps, budgets
+
+
+def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
+    stored = uow.conn.execute(
+        select(earning_caps.c.caps).where(earning_caps.c.program_id == program_id)
+    ).scalar_one_or_none()
+    return ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
+
+
+def set_caps(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> ProgramCaps:
+    values = {"caps": caps.model_dump(mode="json"), "updated_at": uow.clock.now()}
+    changed = uow.conn.execute(
+        earning_caps.update().where(earning_caps.c.program_id == program_id).values(**values)
+    ).rowcount
+    if not changed:
+        uow.conn.execute(earning_caps.insert(), {"program_id": program_id, **values})
+    return caps
+
+
+def budgets_spent(
+    uow: UnitOfWork, *, program_id: int, codes: list[str], lock: bool = True
+) -> dict[str, int]:
+    """What budgeted rules (and the programme, under ``"*"``) have awarded so far; with
+    ``lock``, their rows stay locked until the transaction ends so that two events cannot
+    both take the last points of a budget."""
+    if not codes:
+        return {}
+    query = (
+        select(rule_budgets.c.rule_code, rule_budgets.c.spent)
+        .where(rule_budgets.c.program_id == program_id, rule_budgets.c.rule_code.in_(codes))
+        .order_by(rule_budgets.c.rule_code)
+    )
+    if lock and uow.dialect == "postgresql":
+        query = query.with_for_update()
+    return {r.rule_code: int(r.spent) for r in uow.conn.execute(query).all()}
+
+
+def add_to_budgets(uow: UnitOfWork, *, program_id: int, spent: Mapping[str, int]) -> None:
+    for code, points in sorted(spent.items()):
+        if points == 0:
+            continue
+        changed = uow.conn.execute(
+            rule_budgets.update()
+            .where(rule_budgets.c.program_id == program_id, rule_budgets.c.rule_code == code)
+            .values(spent=rule_budgets.c.spent + points)
+        ).rowcount
+        if not changed:
+            uow.conn.execute(
+                rule_budgets.insert(),
+                {"program_id": program_id, "rule_code": code, "spent": points},
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _row(uow: UnitOfWork, program_id: int, version_id: int) -> Row[Any]:
+    row = uow.conn.execute(
+        select(rule_versions).where(
+            rule_versions.c.id == version_id, rule_versions.c.program_id == program_id
+        )
+    ).one_or_none()
+    if row is None:
+        raise UnknownRule(version_id=version_id)
+    return row
+
+
+def _require_state(row: Row[Any], expected: str, becoming: str) -> None:
+    if row.state != expected:
+        raise StateConflict(
+            problem=f"Rule {row.code} version {row.version} is {row.state}; only a "
+            f"{expected} version can be {becoming}.",
+            problem_zh=f"规则 {row.code} 第 {row.version} 版当前为 {row.state},"
+            f"只有 {expected} 状态的版本才能变为 {becoming}。",
+        )
+
+
+def _move(uow: UnitOfWork, version_id: int, expected: str, **values: Any) -> None:
+    """Change the version's state, only from ``expected``: of two racing transitions one
+    matches nothing and is refused."""
+    moved = uow.conn.execute(
+        rule_versions.update()
+        .where(rule_versions.c.id == version_id, rule_versions.c.state == expected)
+        .values(**values)
+    ).rowcount
+    if moved != 1:
+        raise StateConflict(
+            problem=f"Rule version {version_id} changed meanwhile; read it again.",
+            problem_zh=f"规则版本 {version_id} 已被他人修改,请重新读取。",
+        )
+
+
+def _activate(uow: UnitOfWork, program_id: int, version_id: int, start: datetime) -> None:
+    uow.conn.execute(
+        rule_activations.insert(),
+        {"version_id": version_id, "program_id": program_id, "active_from": start},
+    )
+
+
+def _close_activation(uow: UnitOfWork, version_id: int, end: datetime) -> None:
+    open_ = and_(
+        rule_activations.c.version_id == version_id, rule_activations.c.active_to.is_(None)
+    )
+    # A scheduled activation that has not begun is dropped rather than ended before it starts.
+    uow.conn.execute(rule_activations.delete().where(open_, rule_activations.c.active_from > end))
+    uow.conn.execute(rule_activations.update().where(open_).values(active_to=end))
+
+
+def _end_other_versions(uow: UnitOfWork, row: Row[Any], at: datetime) -> None:
+    others = select(rule_versions.c.id).where(
+        rule_versions.c.program_id == row.program_id,
+        rule_versions.c.code == row.code,
+        rule_versions.c.id != row.id,
+        rule_versions.c.state == "active",
+    )
+    for other_id in uow.conn.execute(others).scalars().all():
+        _close_activation(uow, other_id, at)
+        _move(uow, other_id, "active", state="retired")
+
+
+def _read(uow: UnitOfWork, row: Row[Any]) -> RuleVersionRead:
+    latest = uow.conn.execute(
+        select(rule_activations.c.active_from, rule_activations.c.active_to)
+        .where(rule_activations.c.version_id == row.id)
+        .order_by(rule_activations.c.active_from.desc())
+        .limit(1)
+    ).one_or_none()
+    status = row.state
+    if status == "active" and latest is not None and latest.active_from > uow.clock.now():
+        status = "scheduled"
+    return RuleVersionRead(
+        id=row.id,
+        code=row.code,
+        version=row.version,
+        spec=RuleSpec.model_validate(row.spec),
+        status=status,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        approval_id=row.approval_id,
+        approved_by=row.approved_by,
+        approved_at=row.approved_at,
+        active_from=latest.active_from if latest else None,
+        active_to=latest.active_to if latest else None,
+    )

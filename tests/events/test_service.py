@@ -1,0 +1,434 @@
+"""Events in, points out, through the service on both backends: awards posted through the
+ledger, replays, rule versions by event time, caps across events, refunds, bad events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import IdempotencyConflict, InvalidInput, JifenError, StateConflict
+from jifen.events import service
+from jifen.events.models import events
+from jifen.events.schemas import EventIn, EventResult
+from jifen.points import service as points
+from jifen.rules import service as rules
+from jifen.rules.core import EventRefused
+from jifen.rules.schemas import ProgramCaps, RuleSpec
+from jifen.tiers import service as tiers
+from jifen.tiers.schemas import TierDef
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+RATES = {"kind": "spend_rate", "rate": "1", "category_rates": {"日用品": "1", "家电": "3"}}
+TIERS = [
+    TierDef(code="普通", name="普通", rank=0),
+    TierDef(code="银卡", name="银卡", rank=1),
+    TierDef(code="金卡", name="金卡", rank=2),
+]
+
+
+def activate(
+    db: Database,
+    program_id: int,
+    code: str,
+    params: dict[str, Any],
+    events_: tuple[str, ...] = ("order.paid",),
+    **spec: Any,
+) -> int:
+    """A rule version drafted, submitted and approved: live from now."""
+    body = RuleSpec.model_validate(
+        {"code": code, "name": code, "event_types": list(events_), "params": params, **spec}
+    )
+
+    def go(uow: UnitOfWork) -> int:
+        draft = rules.create_version(uow, program_id=program_id, spec=body, created_by="maker")
+        rules.submit(uow, program_id=program_id, version_id=draft.id, approval_id=None)
+        return rules.approve(
+            uow, program_id=program_id, version_id=draft.id, approved_by="checker"
+        ).id
+
+    return db.run(go)
+
+
+def send(
+    db: Database,
+    program_id: int,
+    member: int,
+    kind: str,
+    when: datetime,
+    external_id: str,
+    **payload: Any,
+) -> EventResult:
+    event = EventIn(
+        source="pos",
+        external_id=external_id,
+        type=kind,
+        occurred_at=when,
+        member_id=member,
+        payload=payload,
+    )
+    return db.run(lambda uow: service.ingest(uow, program_id=program_id, event=event))
+
+
+def lines(*items: tuple[str, str, int]) -> list[dict[str, Any]]:
+    return [{"sku": s, "category": c, "amount_fen": yuan * 100} for s, c, yuan in items]
+
+
+def balance(db: Database, member: int) -> Any:
+    return db.run(lambda uow: points.balance(uow, member_id=member), read_only=True)
+
+
+def setup_tiers(db: Database, program_id: int, **member_tiers: str) -> None:
+    def go(uow: UnitOfWork) -> None:
+        tiers.set_tiers(uow, program_id=program_id, definitions=TIERS)
+        for member, tier in member_tiers.items():
+            tiers.set_member_tier(
+                uow,
+                program_id=program_id,
+                member_id=int(member[1:]),
+                tier=tier,
+                reason="test",
+                set_by="test",
+            )
+
+    db.run(go)
+
+
+def test_an_order_earns_by_category_and_tier_pending_for_the_return_window(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    setup_tiers(db, program.id, **{f"m{member}": "金卡"})
+    activate(db, program.id, "base", RATES)
+    activate(
+        db,
+        program.id,
+        "tier",
+        {"kind": "multiplier", "by_tier": {"银卡": "1.2", "金卡": "1.5"}},
+        priority=150,
+    )
+    now = db.clock.now()
+    result = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        now,
+        "o1",
+        order_id="A1",
+        lines=lines(("T1", "日用品", 200), ("TV", "家电", 1000)),
+    )
+    assert [(a.rule, a.points) for a in result.awards] == [("base", 3200), ("tier", 1600)]
+    assert result.points == 4800
+    summary = balance(db, member)
+    assert (summary.balance, summary.pending, summary.available) == (4800, 4800, 0)
+    assert isinstance(db.clock, ManualClock)
+    db.clock.advance(timedelta(days=7, seconds=1))
+    assert balance(db, member).available == 4800
+    assert_ledger_sound(db, program.id)
+
+
+def test_sending_an_event_twice_changes_nothing(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATES)
+    now = db.clock.now()
+    first = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        now,
+        "o1",
+        order_id="A1",
+        lines=lines(("T1", "日用品", 200)),
+    )
+    again = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        now,
+        "o1",
+        order_id="A1",
+        lines=lines(("T1", "日用品", 200)),
+    )
+    assert again.replayed and again.awards == first.awards and again.id == first.id
+    assert balance(db, member).balance == 200
+    with pytest.raises(IdempotencyConflict):
+        send(
+            db,
+            program.id,
+            member,
+            "order.paid",
+            now,
+            "o1",
+            order_id="A1",
+            lines=lines(("T1", "日用品", 300)),
+        )
+
+
+def test_events_meet_the_rule_versions_live_at_their_own_time(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    clock = db.clock
+    assert isinstance(clock, ManualClock)
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    before = clock.now() + timedelta(hours=1)
+    clock.advance(timedelta(hours=2))
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "2"})  # version 2
+    clock.advance(timedelta(hours=1))
+    late = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        before,
+        "late",
+        order_id="L",
+        lines=lines(("A", "x", 100)),
+    )
+    fresh = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        clock.now(),
+        "fresh",
+        order_id="F",
+        lines=lines(("A", "x", 100)),
+    )
+    assert [(a.version, a.points) for a in late.awards] == [(1, 100)]
+    assert [(a.version, a.points) for a in fresh.awards] == [(2, 200)]
+
+
+def test_tier_day_cap_across_events_and_the_next_day(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    setup_tiers(db, program.id, **{f"m{member}": "普通"})
+    caps = ProgramCaps.model_validate({"by_tier": {"普通": {"day": 1000, "month": 5000}}})
+    db.run(lambda uow: rules.set_caps(uow, program_id=program.id, caps=caps))
+    activate(db, program.id, "base", RATES)
+    noon = datetime(2026, 1, 5, 4, 0, tzinfo=UTC)  # 12:00 in Shanghai
+    first = send(
+        db, program.id, member, "order.paid", noon, "o1", order_id="1", lines=lines(("A", "x", 800))
+    )
+    second = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        noon + timedelta(hours=1),
+        "o2",
+        order_id="2",
+        lines=lines(("A", "x", 800)),
+    )
+    next_day = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        noon + timedelta(days=1),
+        "o3",
+        order_id="3",
+        lines=lines(("A", "x", 800)),
+    )
+    assert [a.points for a in first.awards] == [800]
+    (capped,) = second.awards
+    assert (capped.points, capped.wanted, capped.cap) == (200, 800, "tier_day (普通: 1000)")
+    assert [a.points for a in next_day.awards] == [800]
+
+
+def test_a_refund_takes_back_the_points_in_proportion(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATES)
+    activate(
+        db, program.id, "full", {"kind": "threshold", "min_amount_fen": 100_000, "points": 200}
+    )
+    now = db.clock.now()
+    send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        now,
+        "o1",
+        order_id="A1",
+        lines=lines(("T1", "日用品", 600), ("T2", "日用品", 600)),
+    )  # 1200 + 200
+    part = send(
+        db,
+        program.id,
+        member,
+        "order.refunded",
+        now,
+        "r1",
+        order_id="A1",
+        lines=[{"sku": "T1", "amount_fen": 60_000}],
+    )
+    assert part.points == -(600 + 100)
+    assert balance(db, member).balance == 700
+    rest = send(db, program.id, member, "order.refunded", now, "r2", order_id="A1", whole=True)
+    assert rest.points == -700
+    assert balance(db, member).balance == 0
+    with pytest.raises(InvalidInput, match="nothing left to refund"):
+        send(db, program.id, member, "order.refunded", now, "r3", order_id="A1", whole=True)
+    assert_ledger_sound(db, program.id)
+
+
+def test_check_in_streak_kept_between_events(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(
+        db,
+        program.id,
+        "checkin",
+        {"kind": "streak", "ladder": {"1": 10, "3": 15, "7": 50}},
+        events_=("member.checked_in",),
+    )
+    start = datetime(2026, 3, 1, 1, 0, tzinfo=UTC)
+    got = [
+        send(db, program.id, member, "member.checked_in", start + timedelta(days=d), f"c{d}").points
+        for d in (0, 1, 2, 3, 5)
+    ]
+    assert got == [10, 10, 15, 15, 10]
+
+
+def test_referral_awards_both_members(db: Database) -> None:
+    program = new_program(db)
+    inviter, invitee = new_members(db, program.id, 2)
+    activate(
+        db,
+        program.id,
+        "invite",
+        {"kind": "referral", "inviter_points": 200, "invitee_points": 100},
+        events_=("referral.completed",),
+    )
+    send(
+        db,
+        program.id,
+        invitee,
+        "referral.completed",
+        db.clock.now(),
+        "ref1",
+        inviter_member_id=inviter,
+    )
+    assert (balance(db, inviter).balance, balance(db, invitee).balance) == (200, 100)
+
+
+def _count(db: Database, program_id: int) -> int:
+    return db.run(
+        lambda uow: uow.conn.execute(
+            select(func.count()).where(events.c.program_id == program_id)
+        ).scalar_one(),
+        read_only=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "error", "says"),
+    [
+        ("order.teleported", {}, InvalidInput, "unknown event type"),
+        ("order.paid", {"order_id": "1"}, InvalidInput, "payload.lines"),
+        (
+            "order.paid",
+            {"order_id": "1", "lines": [{"sku": "A", "amount_fen": -5}]},
+            InvalidInput,
+            "payload.lines.0.amount_fen",
+        ),
+        ("activity.attended", {"activity_id": "a"}, InvalidInput, "payload.hours"),
+    ],
+)
+def test_bad_events_are_refused_and_leave_nothing(
+    db: Database, kind: str, payload: dict[str, Any], error: type[JifenError], says: str
+) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATES)
+    with pytest.raises(error, match=says):
+        send(db, program.id, member, kind, db.clock.now(), "bad", **payload)
+    assert _count(db, program.id) == 0
+
+
+def test_unknown_member_and_failing_condition_are_refused(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(
+        db, program.id, "picky", {"kind": "fixed", "points": 5}, condition='event.coupon == "X"'
+    )
+    with pytest.raises(JifenError, match=r"There is no member"):
+        send(
+            db,
+            program.id,
+            10**12,
+            "order.paid",
+            db.clock.now(),
+            "u",
+            order_id="1",
+            lines=lines(("A", "x", 1)),
+        )
+    with pytest.raises(EventRefused, match=r'picky: its condition failed.*"coupon"'):
+        send(
+            db,
+            program.id,
+            member,
+            "order.paid",
+            db.clock.now(),
+            "c",
+            order_id="1",
+            lines=lines(("A", "x", 1)),
+        )
+    assert _count(db, program.id) == 0
+
+
+@pytest.mark.parametrize(
+    ("condition", "says"),
+    [
+        ("event.amount_fen >>> 3", "Syntax error"),
+        ('"a" + 1', "no matching overload"),
+        ("event.amount_fen + 1", "must be true or false"),
+    ],
+)
+def test_a_rule_whose_condition_cannot_work_is_refused(
+    db: Database, condition: str, says: str
+) -> None:
+    program = new_program(db)
+    spec = RuleSpec.model_validate(
+        {
+            "code": "bad",
+            "name": "bad",
+            "event_types": ["order.paid"],
+            "params": {"kind": "fixed", "points": 1},
+            "condition": condition,
+        }
+    )
+    with pytest.raises(InvalidInput, match=says):
+        db.run(
+            lambda uow: rules.create_version(
+                uow, program_id=program.id, spec=spec, created_by="maker"
+            )
+        )
+
+
+def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
+    program = new_program(db)
+    version = activate(db, program.id, "base", RATES)
+    with pytest.raises(StateConflict, match="only a draft version"):
+        db.run(
+            lambda uow: rules.update_draft(
+                uow,
+                program_id=program.id,
+                version_id=version,
+                spec=RuleSpec.model_validate(
+                    {"code": "base", "name": "b", "event_types": ["order.paid"], "params": RATES}
+                ),
+            )
+        )
+    paused = db.run(lambda uow: rules.pause(uow, program_id=program.id, version_id=version))
+    assert paused.status == "paused" and paused.active_to is not None
+    with pytest.raises(StateConflict):
+        db.run(lambda uow: rules.pause(uow, program_id=program.id, version_id=version))
