@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
@@ -24,10 +25,13 @@ import uvicorn
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Column, Table
 from sqlalchemy.engine import make_url
@@ -38,6 +42,8 @@ from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
 from jifen.demo import service as demo_service
 from jifen.errors import JifenError
+from jifen.imports import service as imports
+from jifen.imports.core import Kind
 from jifen.points import integrity
 from jifen.programs import service as programs
 from jifen.settings import get_settings, normalise_database_url, secret_key
@@ -468,6 +474,103 @@ def _log_config() -> dict[str, Any]:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["loggers"]["jifen"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
+
+
+import_app = typer.Typer(
+    help="Import events, orders or members from a CSV file (streamed, resumable).",
+    no_args_is_help=True,
+)
+app.add_typer(import_app, name="import")
+
+FileArgument = Annotated[
+    Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The CSV file.")
+]
+RequiredProgram = Annotated[str, typer.Option("--program", help="The programme's code.")]
+SourceOption = Annotated[
+    str, typer.Option(help="The source the events are keyed by, where a row names none.")
+]
+ErrorsOption = Annotated[
+    Path | None,
+    typer.Option("--errors", help="Where rejected rows go (default: FILE.errors.csv)."),
+]
+BatchOption = Annotated[int, typer.Option(min=1, max=10_000, help="Records per transaction.")]
+RestartOption = Annotated[
+    bool, typer.Option(help="Start from the top even if an earlier run was interrupted.")
+]
+
+
+def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | None,
+            batch: int, restart: bool) -> None:  # fmt: skip
+    with _database() as database:
+        _require_schema(database)
+        program_id = _program_id(database, program)
+        assert program_id is not None
+        with Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[counts]}"), console=err, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task(f"{kind} {path.name}", total=path.stat().st_size, counts="")
+
+            def show(report: imports.Report) -> None:
+                bar.update(
+                    task,
+                    completed=report.bytes_read,
+                    counts=f"{report.records:,} done, {report.refused:,} refused",
+                )
+
+            report = imports.run_import(
+                database, program_id=program_id, kind=kind, path=path, source=source,
+                errors_path=errors, batch=batch, restart=restart, progress=show,
+            )  # fmt: skip
+    if report.resumed_from:
+        out.print(_say(f"resumed after {report.resumed_from:,} records committed earlier",
+                       f"从上次已提交的 {report.resumed_from:,} 条之后继续"))  # fmt: skip
+    out.print(
+        _say(
+            f"{report.records:,} {kind} read in {report.seconds:.1f} s: {report.accepted:,} "
+            f"applied, {report.replayed:,} already there, {report.refused:,} refused; "
+            f"{report.points:,} points",
+            f"共读取 {report.records:,} 条({report.seconds:.1f} 秒):导入 {report.accepted:,},"
+            f"已存在 {report.replayed:,},拒绝 {report.refused:,};积分 {report.points:,}",
+        ),
+        markup=False,
+    )
+    if report.refused:
+        out.print(_say(f"rejected rows and why: {report.errors_path}",
+                       f"被拒绝的行及原因:{report.errors_path}"), markup=False)  # fmt: skip
+        raise typer.Exit(1)
+
+
+@import_app.command("events")
+def import_events(
+    file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
+    errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+) -> None:  # fmt: skip
+    """Events, one per row: external_id, type, occurred_at, member_ref or member_id, and a
+    JSON payload (source optional)."""
+    _import("events", file, program, source, errors, batch, restart)
+
+
+@import_app.command("orders")
+def import_orders(
+    file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
+    errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+) -> None:  # fmt: skip
+    """Paid orders, one row per order line (order_id, member_ref, occurred_at, sku,
+    amount_fen; category, quantity, store, channel, paid_with_points, pickup optional):
+    each order becomes one order.paid event."""
+    _import("orders", file, program, source, errors, batch, restart)
+
+
+@import_app.command("members")
+def import_members(
+    file: FileArgument, program: RequiredProgram, errors: ErrorsOption = None,
+    batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+) -> None:  # fmt: skip
+    """Members, one per row: external_ref (name, email, birthday, gender, region, tags,
+    phone, tier optional); members already there are left as they are."""
+    _import("members", file, program, "csv", errors, batch, restart)
 
 
 @app.command("totp")

@@ -40,6 +40,8 @@ from jifen.rules.schemas import ProgramCaps, RuleSpec
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
+FUTURE_TOLERANCE = timedelta(minutes=5)
+"""How far ahead of jifen's clock an event's time may be (the sender's clock may be fast)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -88,6 +90,12 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
 def ingest(uow: UnitOfWork, *, program_id: int, event: EventIn) -> EventResult:
     """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction."""
     payload = parse_payload(event.type, event.payload)
+    if event.occurred_at > uow.clock.now() + FUTURE_TOLERANCE:
+        raise InvalidInput(
+            field="occurred_at",
+            problem=f"{event.occurred_at.isoformat()} is in the future; send an event once it "
+            "has happened (a sender's clock may be at most 5 minutes fast)",
+        )
     request_hash = _fingerprint(event, payload)
     stored = uow.conn.execute(
         select(events).where(

@@ -1,0 +1,179 @@
+"""CSV rows to what the services take, pure: each kind of import names its columns, and a
+row that cannot become a valid request gives a :class:`RowError` saying which column and
+why. Orders arrive one row per line and become one ``order.paid`` event per order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from jifen.events.schemas import EventIn
+from jifen.members.schemas import MemberCreate
+
+Kind = Literal["events", "orders", "members"]
+
+COLUMNS: dict[Kind, tuple[list[str], list[str]]] = {
+    # kind: (required columns, optional columns)
+    "events": (
+        ["external_id", "type", "occurred_at"],
+        ["source", "member_ref", "member_id", "payload"],
+    ),
+    "orders": (
+        ["order_id", "member_ref", "occurred_at", "sku", "amount_fen"],
+        ["source", "category", "quantity", "store", "channel", "paid_with_points", "pickup"],
+    ),
+    "members": (
+        ["external_ref"],
+        ["name", "email", "birthday", "gender", "region", "tags", "phone", "tier"],
+    ),
+}
+
+
+class RowError(Exception):
+    """A row that cannot be imported; ``column`` and ``reason`` say what to fix."""
+
+    def __init__(self, column: str, reason: str) -> None:
+        super().__init__(f"{column}: {reason}")
+        self.column = column
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Record:
+    """One unit of import: the CSV line numbers it came from and the request it makes."""
+
+    lines: tuple[int, ...]
+    request: EventIn | tuple[MemberCreate, str | None]
+    """An event, or a member with its tier (or None)."""
+
+
+def check_header(kind: Kind, header: list[str]) -> None:
+    """Refuse a file whose header lacks a required column or has an unknown one."""
+    required, optional = COLUMNS[kind]
+    missing = [c for c in required if c not in header]
+    unknown = [c for c in header if c not in required and c not in optional]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing column(s) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown column(s) {', '.join(unknown)}")
+        raise RowError(
+            "header",
+            "; ".join(parts) + f". The columns of a {kind} file are: "
+            + ", ".join(required) + " (required), " + ", ".join(optional) + " (optional).",
+        )  # fmt: skip
+
+
+def _validation(exc: ValidationError, prefix: str = "") -> RowError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "row"
+    return RowError(prefix + where, first["msg"])
+
+
+def event_record(line: int, row: Mapping[str, str], default_source: str) -> Record:
+    payload: Any = {}
+    if row.get("payload"):
+        try:
+            payload = json.loads(row["payload"])
+        except ValueError as exc:
+            raise RowError("payload", f"not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise RowError("payload", "must be a JSON object")
+    data: dict[str, Any] = {
+        "source": row.get("source") or default_source,
+        "external_id": row["external_id"],
+        "type": row["type"],
+        "occurred_at": row["occurred_at"],
+        "payload": payload,
+    }
+    if row.get("member_id"):
+        data["member_id"] = row["member_id"]
+    if row.get("member_ref"):
+        data["member_ref"] = row["member_ref"]
+    try:
+        return Record((line,), EventIn.model_validate(data))
+    except ValidationError as exc:
+        raise _validation(exc) from exc
+
+
+def _flag(value: str | None, column: str) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "0", "false", "no", "n"):
+        return False
+    if text in ("1", "true", "yes", "y"):
+        return True
+    raise RowError(column, f"{value!r} is not true or false (use 1/0, true/false, yes/no)")
+
+
+def order_records(
+    rows: Iterable[tuple[int, Mapping[str, str]]], default_source: str
+) -> Iterator[Record | tuple[tuple[int, ...], RowError]]:
+    """Consecutive rows with the same ``order_id`` as one ``order.paid`` event; a bad order
+    yields its line numbers and the error instead."""
+    group: list[tuple[int, Mapping[str, str]]] = []
+    for line, row in rows:
+        if group and row.get("order_id") != group[0][1].get("order_id"):
+            yield _order(group, default_source)
+            group = []
+        group.append((line, row))
+    if group:
+        yield _order(group, default_source)
+
+
+def _order(
+    group: list[tuple[int, Mapping[str, str]]], default_source: str
+) -> Record | tuple[tuple[int, ...], RowError]:
+    lines = tuple(line for line, _ in group)
+    first = group[0][1]
+    try:
+        for column in ("member_ref", "occurred_at", "store", "channel"):
+            values = {row.get(column, "") for _, row in group}
+            if len(values) > 1:
+                raise RowError(column, f"differs between the lines of order {first['order_id']}")
+        payload = {
+            "order_id": first["order_id"],
+            "store": first.get("store") or None,
+            "channel": first.get("channel") or "store",
+            "pickup": _flag(first.get("pickup"), "pickup"),
+            "lines": [
+                {
+                    "sku": row["sku"],
+                    "category": row.get("category") or "default",
+                    "quantity": row.get("quantity") or 1,
+                    "amount_fen": row["amount_fen"],
+                    "paid_with_points": _flag(row.get("paid_with_points"), "paid_with_points"),
+                }
+                for _, row in group
+            ],
+        }
+        event = EventIn.model_validate(
+            {
+                "source": first.get("source") or default_source,
+                "external_id": f"order:{first['order_id']}",
+                "type": "order.paid",
+                "occurred_at": first["occurred_at"],
+                "member_ref": first["member_ref"],
+                "payload": payload,
+            }
+        )
+    except RowError as exc:
+        return lines, exc
+    except ValidationError as exc:
+        return lines, _validation(exc)
+    return Record(lines, event)
+
+
+def member_record(line: int, row: Mapping[str, str]) -> Record:
+    data: dict[str, Any] = {k: v for k, v in row.items() if v and k != "tier"}
+    if "tags" in data:
+        data["tags"] = [t.strip() for t in data["tags"].replace(";", ",").split(",") if t.strip()]
+    try:
+        member = MemberCreate.model_validate(data)
+    except ValidationError as exc:
+        raise _validation(exc) from exc
+    return Record((line,), (member, row.get("tier") or None))

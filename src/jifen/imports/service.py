@@ -1,0 +1,277 @@
+"""CSV imports of events, orders and members: streamed in batches (memory stays flat
+however long the file), each batch one transaction with a savepoint per record, so a bad
+record is written to the error file with its line and reason while the good ones go in.
+
+An import can be interrupted at any point and run again: a progress file beside the CSV
+records how many records are committed, and the next run continues after them. Even
+without it nothing is applied twice: events are keyed by (source, external id), members by
+their reference.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import DuplicateReference, InvalidInput, JifenError
+from jifen.events import service as events_service
+from jifen.events.schemas import EventIn
+from jifen.imports.core import (
+    Kind,
+    Record,
+    RowError,
+    check_header,
+    event_record,
+    member_record,
+    order_records,
+)
+from jifen.members import service as members_service
+from jifen.tiers import service as tiers_service
+
+BATCH = 500
+
+
+@dataclass
+class Report:
+    kind: str
+    path: str
+    records: int = 0
+    """Records committed so far (events, orders or members), this run and earlier ones."""
+    accepted: int = 0
+    replayed: int = 0
+    """Already there from an earlier run: nothing changed."""
+    refused: int = 0
+    points: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+    errors_path: str = ""
+    bytes_read: int = 0
+    bytes_total: int = 0
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """A row that could not even become a request; counted as a record, so that a resumed
+    import skips it too (and does not write it to the error file twice)."""
+
+    lines: tuple[int, ...]
+    column: str
+    reason: str
+
+
+@dataclass
+class _Outcome:
+    accepted: int = 0
+    replayed: int = 0
+    points: int = 0
+    refused: list[tuple[Record | tuple[int, ...], str, str, str]] = field(default_factory=list)
+    """(record or its lines, column, code, reason)."""
+
+
+Progress = Callable[[Report], None]
+
+
+def progress_path(path: Path) -> Path:
+    return path.with_name(path.name + ".progress.json")
+
+
+def errors_path_for(path: Path) -> Path:
+    return path.with_name(path.stem + ".errors.csv")
+
+
+def run_import(
+    db: Database,
+    *,
+    program_id: int,
+    kind: Kind,
+    path: Path,
+    source: str = "csv",
+    errors_path: Path | None = None,
+    batch: int = BATCH,
+    restart: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Import ``path``; continue after the records an earlier, interrupted run committed
+    (unless ``restart``)."""
+    started = time.monotonic()
+    errors_path = errors_path or errors_path_for(path)
+    checkpoint = progress_path(path)
+    stat = path.stat()
+    fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "kind": kind,
+                   "program_id": program_id}  # fmt: skip
+    done = 0
+    if checkpoint.exists() and not restart:
+        saved = json.loads(checkpoint.read_text())
+        if {k: saved.get(k) for k in fingerprint} == fingerprint:
+            done = int(saved["records"])
+    report = Report(kind=kind, path=str(path), records=done, resumed_from=done,
+                    errors_path=str(errors_path), bytes_total=stat.st_size)  # fmt: skip
+
+    with path.open("rb") as raw, _ErrorFile(errors_path, append=done > 0) as errors:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        reader = csv.reader(text)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise InvalidInput(field="file", problem=f"{path} is empty") from None
+        try:
+            check_header(kind, header)
+        except RowError as exc:
+            raise InvalidInput(field=exc.column, problem=exc.reason) from exc
+        errors.header(header)
+        records = _records(kind, reader, header, source)
+        pending: list[Record | _Rejected] = []
+        for index, record in enumerate(records):
+            if index < done:
+                continue  # committed by an earlier run
+            pending.append(record)
+            if len(pending) >= batch:
+                _commit(db, program_id, kind, pending, report, errors)
+                pending = []
+                report.bytes_read = raw.tell()
+                _save(checkpoint, fingerprint, report)
+                if progress:
+                    progress(report)
+        if pending:
+            _commit(db, program_id, kind, pending, report, errors)
+        report.bytes_read = stat.st_size
+        _save(checkpoint, fingerprint, report)
+    checkpoint.unlink(missing_ok=True)  # finished: a new run starts from the top
+    report.seconds = time.monotonic() - started
+    if progress:
+        progress(report)
+    return report
+
+
+def _records(
+    kind: Kind, reader: Iterator[list[str]], header: list[str], source: str
+) -> Iterator[Record | _Rejected]:
+    """Records from the rows, and the rows that cannot make one."""
+
+    def rows() -> Iterator[tuple[int, dict[str, str]]]:
+        for line, values in enumerate(reader, start=2):
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                yield line, {"": f"has {len(values)} fields, the header {len(header)}"}
+                continue
+            yield line, {h: v.strip() for h, v in zip(header, values, strict=True)}
+
+    if kind == "orders":
+        for item in order_records(rows(), source):
+            if isinstance(item, Record):
+                yield item
+            else:
+                lines, exc = item
+                yield _Rejected(lines, exc.column, exc.reason)
+        return
+    for line, row in rows():
+        if "" in row:
+            yield _Rejected((line,), "row", row[""])
+            continue
+        try:
+            yield event_record(line, row, source) if kind == "events" else member_record(line, row)
+        except RowError as exc:
+            yield _Rejected((line,), exc.column, exc.reason)
+
+
+def _commit(
+    db: Database, program_id: int, kind: Kind, items: list[Record | _Rejected], report: Report,
+    errors: _ErrorFile,
+) -> None:  # fmt: skip
+    records = [item for item in items if isinstance(item, Record)]
+
+    def work(uow: UnitOfWork) -> _Outcome:
+        outcome = _Outcome()  # built afresh if the transaction is retried
+        for record in records:
+            try:
+                with uow.conn.begin_nested():
+                    _apply(uow, program_id, kind, record, outcome)
+            except JifenError as exc:
+                column = str(exc.params.get("field", ""))
+                outcome.refused.append((record, column, exc.code, exc.message("en")))
+        return outcome
+
+    outcome = db.run(work) if records else _Outcome()
+    for item in items:
+        if isinstance(item, _Rejected):
+            outcome.refused.append((item.lines, item.column, "invalid_input", item.reason))
+    report.records += len(items)
+    report.accepted += outcome.accepted
+    report.replayed += outcome.replayed
+    report.points += outcome.points
+    report.refused += len(outcome.refused)
+    for record, column, code, reason in outcome.refused:
+        lines = record.lines if isinstance(record, Record) else record
+        errors.write(lines, {}, column, code, reason)
+
+
+def _apply(uow: UnitOfWork, program_id: int, kind: Kind, record: Record, outcome: _Outcome) -> None:
+    if isinstance(record.request, EventIn):
+        result = events_service.ingest(uow, program_id=program_id, event=record.request)
+        if result.replayed:
+            outcome.replayed += 1
+        else:
+            outcome.accepted += 1
+            outcome.points += result.points
+        return
+    member, tier = record.request
+    try:
+        profile = members_service.register(uow, program_id=program_id, body=member)
+    except DuplicateReference:
+        outcome.replayed += 1
+        return
+    if tier is not None:
+        tiers_service.set_member_tier(uow, program_id=program_id, member_id=profile.id,
+                                      tier=tier, reason="import", set_by="import")  # fmt: skip
+    outcome.accepted += 1
+
+
+def _save(checkpoint: Path, fingerprint: Mapping[str, Any], report: Report) -> None:
+    """Write the progress file atomically (a crash leaves the old one or the new one)."""
+    temporary = checkpoint.with_suffix(".tmp")
+    temporary.write_text(json.dumps({**fingerprint, "records": report.records,
+                                     "report": asdict(report)}))  # fmt: skip
+    os.replace(temporary, checkpoint)
+
+
+class _ErrorFile:
+    """The rejected records: line, column, code and reason (opened only when needed)."""
+
+    def __init__(self, path: Path, *, append: bool) -> None:
+        self.path = path
+        self.append = append
+        self.handle: io.TextIOWrapper | None = None
+        self.writer: Any = None
+        self.columns: list[str] = []
+        self.count = 0
+
+    def __enter__(self) -> _ErrorFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+    def header(self, columns: list[str]) -> None:
+        self.columns = columns
+
+    def write(self, lines: tuple[int, ...], row: Mapping[str, str], column: str, code: str,
+              reason: str) -> None:  # fmt: skip
+        if self.writer is None:
+            exists = self.append and self.path.exists()
+            self.handle = self.path.open("a" if exists else "w", encoding="utf-8", newline="")
+            self.writer = csv.writer(self.handle)
+            if not exists:
+                self.writer.writerow(["line", "column", "code", "reason"])
+        self.writer.writerow([";".join(str(n) for n in lines), column, code, reason])
+        self.handle.flush()  # type: ignore[union-attr]
+        self.count += 1
