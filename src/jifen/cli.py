@@ -22,6 +22,7 @@ import psycopg
 import pyotp
 import typer
 import uvicorn
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -46,6 +47,8 @@ from jifen.imports import service as imports
 from jifen.imports.core import Kind
 from jifen.points import integrity
 from jifen.programs import service as programs
+from jifen.rules import service as rules_service
+from jifen.rules.schemas import RulePack
 from jifen.settings import get_settings, normalise_database_url, secret_key
 
 app = typer.Typer(
@@ -571,6 +574,49 @@ def import_members(
     """Members, one per row: external_ref (name, email, birthday, gender, region, tags,
     phone, tier optional); members already there are left as they are."""
     _import("members", file, program, "csv", errors, batch, restart)
+
+
+rules_app = typer.Typer(help="Earning rules: load a rule pack.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("load")
+def rules_load(
+    pack: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="The rule pack (JSON)."),
+    ],
+    program: RequiredProgram,
+    activate: Annotated[
+        bool,
+        typer.Option(
+            help="Approve and activate the rules at once (for an installation; over the API "
+            "every version needs a second person). Without it they are drafts to submit."
+        ),
+    ] = False,
+) -> None:
+    """Load a rule pack: its tiers, its caps and a new version of each rule."""
+    try:
+        body = RulePack.model_validate_json(pack.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise fail("invalid_input", f"{pack}: {where}: {first['msg']}") from None
+    with _database() as database:
+        _require_schema(database)
+        program_id = _program_id(database, program)
+        assert program_id is not None
+        versions = database.run(
+            lambda uow: rules_service.load_pack(
+                uow, program_id=program_id, pack=body, actor="cli", activate=activate
+            )
+        )
+    state_word = _say("active", "已生效") if activate else _say("drafts", "草稿")
+    out.print(
+        _say(f"{len(versions)} rules loaded into {program} ({state_word})",
+             f"已向 {program} 载入 {len(versions)} 条规则({state_word})"),
+        markup=False,
+    )  # fmt: skip
 
 
 @app.command("totp")

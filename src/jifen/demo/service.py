@@ -1,8 +1,11 @@
 """The demo programme: members and a year of varied history, generated through the services.
 
 Everything goes through the same use cases a real installation calls, so the demo is also a
-year-long exercise of the ledger: orders earn pending points that become available after a
-7-day return window and expire after 12 months; members spend, get refunds, return orders
+year-long exercise of the ledger and the rules. The earning scheme is the rule pack
+``rules.json`` beside this file (the scheme documents' numbers), loaded at the start of the
+year; members get tiers, and their orders, check-ins and reviews are events that earn through
+those rules: order points stay pending for the 7-day return window and expire after 12
+months. Members spend, get refunds, return orders
 (within the window, or after spending, which leaves a debt), give points to each other, have
 points frozen during a review, receive manual adjustments; a monthly run expires due lots,
 and a checkpoint seals the year. The history is a deterministic function of the seed and
@@ -11,12 +14,15 @@ ends at the real current time, so balances and expiry dates look current.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Column, Table
@@ -25,10 +31,16 @@ from sqlalchemy.engine import make_url
 from jifen.clock import Clock, ManualClock, SystemClock
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InvalidInput, Refused, SameAccount, UnknownProgram
+from jifen.events import service as events_service
+from jifen.events.schemas import EventIn
 from jifen.members import service as members_service
+from jifen.members.schemas import MemberUpdate
 from jifen.points import integrity
 from jifen.points import service as points
 from jifen.programs import service as programs
+from jifen.rules import service as rules_service
+from jifen.rules.schemas import RulePack
+from jifen.tiers import service as tiers_service
 
 DEMO_CODE = "demo"
 DEMO_NAME = "示例会员计划 / Demo loyalty programme"
@@ -41,6 +53,15 @@ VALIDITY = timedelta(days=365)
 BONUS_VALIDITY = timedelta(days=90)  # campaign points lapse sooner, so expiry runs have work
 REVIEW_DAYS = 7  # a freeze is lifted after this many days
 EXPIRY_RUN_EVERY = 30  # days
+TIERS = (("普通", 70), ("银卡", 20), ("金卡", 8), ("钻石", 2))  # code, share in %
+CATEGORIES = (("日用品", 10, 300), ("食品", 10, 200), ("服饰", 50, 800), ("家电", 200, 3000))
+"""Order line categories with their price range in yuan."""
+
+
+def rule_pack() -> RulePack:
+    """The demo's earning scheme, shipped with jifen."""
+    text = resources.files("jifen.demo").joinpath("rules.json").read_text(encoding="utf-8")
+    return RulePack.model_validate(json.loads(text))
 
 
 def exists(db: Database, *, code: str = DEMO_CODE) -> bool:
@@ -78,8 +99,10 @@ class _History:
     """What the generator remembers to act on later: orders that may be returned, spends
     that may be refunded, freezes to lift; and how many requests the rules refused."""
 
+    program_id: int = 0
     members: list[int] = field(default_factory=list)
-    orders: list[tuple[int, int]] = field(default_factory=list)  # (earn id, day)
+    orders: list[tuple[str, int, int, int]] = field(default_factory=list)
+    """(order id, member, first line's amount in fen, day) of orders that may be returned."""
     spends: list[int] = field(default_factory=list)
     freezes: list[tuple[int, int]] = field(default_factory=list)  # (freeze id, day)
     refused: Counter[str] = field(default_factory=Counter)
@@ -128,23 +151,23 @@ def build(
     real_clock = db.clock
     db.clock = clock  # every unit of work opened below reads the simulated time
     try:
-        program_id = db.run(
-            lambda uow: (
-                programs.create_program(uow, code=code, name=name, time_zone=DEMO_TIME_ZONE).id
+
+        def create(uow: UnitOfWork) -> int:
+            made = programs.create_program(uow, code=code, name=name, time_zone=DEMO_TIME_ZONE)
+            rules_service.load_pack(
+                uow, program_id=made.id, pack=rule_pack(), actor="jifen demo", activate=True
             )
-        )
-        history = _History()
+            return made.id
+
+        program_id = db.run(create)
+        history = _History(program_id=program_id)
         # Members join over the first ten months, most of them early.
         joins = Counter(int(rng.triangular(0, days * 300 / 365, 0)) for _ in range(members))
         for day in range(days):
             start_of_day = clock.now()
             with db.transaction() as uow:
                 for _ in range(joins[day]):
-                    ref = f"M{len(history.members) + 1:06d}"
-                    member = members_service.register_member(
-                        uow, program_id=program_id, external_ref=ref
-                    )
-                    history.members.append(member.id)
+                    _join(uow, rng, program_id, start_of_day, history)
                 if history.members:
                     _one_day(uow, rng, clock, start_of_day, history, day)
                 if day % EXPIRY_RUN_EVERY == EXPIRY_RUN_EVERY - 1:
@@ -157,6 +180,37 @@ def build(
         return Built(program_id=program_id, refused=dict(history.refused))
     finally:
         db.clock = real_clock
+
+
+def _join(
+    uow: UnitOfWork, rng: random.Random, program_id: int, now: datetime, history: _History
+) -> None:
+    """A new member: a tier, a birthday for most, and the welcome points of the rules."""
+    ref = f"M{len(history.members) + 1:06d}"
+    member = members_service.register_member(uow, program_id=program_id, external_ref=ref)
+    history.members.append(member.id)
+    tier = rng.choices([t for t, _ in TIERS], weights=[w for _, w in TIERS])[0]
+    tiers_service.set_member_tier(uow, program_id=program_id, member_id=member.id, tier=tier,
+                                  reason="demo", set_by="jifen demo")  # fmt: skip
+    if rng.random() < 0.7:
+        birthday = date(rng.randint(1960, 2005), rng.randint(1, 12), rng.randint(1, 28))
+        members_service.update_profile(
+            uow, program_id=program_id, member_id=member.id, body=MemberUpdate(birthday=birthday)
+        )
+    _event(uow, history, member.id, "member.registered", now, {})
+
+
+def _event(
+    uow: UnitOfWork, history: _History, member_id: int, kind: str, now: datetime,
+    payload: dict[str, Any],
+) -> int:  # fmt: skip
+    """Send an event through the rules as a source system would; the points it earned."""
+    program_id = history.program_id
+    event = EventIn(
+        source="demo", external_id=history.key(kind), type=kind, occurred_at=now,
+        member_id=member_id, payload=payload,
+    )  # fmt: skip
+    return events_service.ingest(uow, program_id=program_id, event=event).points
 
 
 def _moments(rng: random.Random, start_of_day: datetime, count: int) -> list[datetime]:
@@ -199,20 +253,27 @@ def _one_day(
             still_frozen.append((freeze_id, since))
     history.freezes = still_frozen
     # Orders are accepted back for a month; after that they can no longer be returned.
-    history.orders = [(e, d) for e, d in history.orders if day - d < RETURNS_ACCEPTED]
+    history.orders = [order for order in history.orders if day - order[3] < RETURNS_ACCEPTED]
 
 
 def _one_action(
     uow: UnitOfWork, rng: random.Random, now: datetime, history: _History, day: int, who: int
 ) -> None:
     roll = rng.random()
-    if roll < 0.45:  # an order paid: 1 point per yuan, pending for the return window
-        earned = points.earn(
-            uow, member_id=who, amount=rng.randint(20, 800), key=history.key("order"),
-            available_at=now + RETURN_WINDOW, expires_at=now + VALIDITY,
-            reason="order paid 订单支付",
-        )  # fmt: skip
-        history.orders.append((earned.id, day))
+    if roll < 0.45:  # an order paid: it earns through the rules, pending for the return window
+        order_id = history.key("order")
+        lines: list[dict[str, Any]] = []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            category, low, high = rng.choice(CATEGORIES)
+            lines.append({"sku": f"{category}-{rng.randint(1, 300):03d}", "category": category,
+                          "amount_fen": rng.randint(low, high) * 100})  # fmt: skip
+        payload = {
+            "order_id": order_id, "store": f"S{rng.randint(1, 12):02d}", "lines": lines,
+            "channel": rng.choice(["store", "store", "online", "livestream"]),
+            "pickup": rng.random() < 0.2,
+        }  # fmt: skip
+        _event(uow, history, who, "order.paid", now, payload)
+        history.orders.append((order_id, who, int(lines[0]["amount_fen"]), day))
     elif roll < 0.72:  # a redemption
         spent = points.spend(
             uow, member_id=who, amount=rng.choice([100, 200, 500, 1000]),
@@ -226,13 +287,14 @@ def _one_action(
             amount=None if rng.random() < 0.6 else rng.randint(1, 100),  # spends are >= 100
             reason="redemption cancelled 兑换取消",
         )  # fmt: skip
-    elif roll < 0.82 and history.orders:  # an order returned: its points clawed back
+    elif roll < 0.82 and history.orders:  # an order returned, wholly or a line of it
         # Within the return window the pending points simply go; later, what the member
         # has spent meanwhile and cannot cover becomes a debt.
-        earn_id, _ = history.orders.pop(rng.randrange(len(history.orders)))
-        points.reverse(
-            uow, earn_id=earn_id, key=history.key("return"), reason="order returned 退货"
-        )
+        order_id, buyer, first_line, _ = history.orders.pop(rng.randrange(len(history.orders)))
+        whole = rng.random() < 0.6
+        returned = [] if whole else [{"sku": "returned", "amount_fen": first_line}]
+        payload = {"order_id": order_id, "whole": whole, "lines": returned}
+        _event(uow, history, buyer, "order.refunded", now, payload)
     elif roll < 0.88:  # points given to another member
         points.transfer(
             uow, from_member_id=who, to_member_id=rng.choice(history.members),
@@ -244,16 +306,22 @@ def _one_action(
             reason="risk review 风控审核", actor="risk-officer",
         )  # fmt: skip
         history.freezes.append((frozen.id, day))
-    elif roll < 0.95:  # goodwill or a correction by an operator
+    elif roll < 0.93:  # goodwill or a correction by an operator
         points.adjust(
             uow, member_id=who, amount=rng.choice([100, 50, -30]),
             key=history.key("adjust"), reason="customer care 客服关怀", actor="operator",
         )  # fmt: skip
-    else:  # registration and profile bonuses, available at once
+    elif roll < 0.975:  # a campaign bonus granted by hand, available at once, short-lived
         points.earn(
             uow, member_id=who, amount=rng.choice([10, 50, 100]), key=history.key("bonus"),
             expires_at=now + BONUS_VALIDITY, reason="activity bonus 活动奖励",
         )  # fmt: skip
+    elif roll < 0.99:  # a daily check-in
+        _event(uow, history, who, "member.checked_in", now, {})
+    else:  # a review of an order
+        media = rng.choice(["text", "image", "image", "video"])
+        _event(uow, history, who, "review.posted", now,
+               {"review_id": history.key("review"), "media": media})  # fmt: skip
 
 
 def _expiry_run(uow: UnitOfWork, program_id: int) -> None:

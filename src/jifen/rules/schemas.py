@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
 from jifen.api.schemas import RequestBody
+from jifen.tiers.schemas import TierDef
 
 Rounding = Literal["floor", "half_up", "ceil"]
 Points = Annotated[int, Field(ge=0, le=10**9)]
@@ -259,3 +260,21 @@ class RuleActivate(RequestBody):
     """When an approved version goes live (default: at approval)."""
 
     activate_at: AwareDatetime | None = None
+
+
+class RulePack(RequestBody):
+    """A programme's earning scheme as data: its tiers, its caps and its rules, loaded
+    through the same use cases an operator's requests go through."""
+
+    description: Annotated[str, Field(max_length=2000)] = ""
+    tiers: Annotated[list[TierDef], Field(max_length=50)] = Field(default_factory=list)
+    caps: ProgramCaps | None = None
+    rules: Annotated[list[RuleSpec], Field(min_length=1, max_length=500)]
+
+    @model_validator(mode="after")
+    def _unique_codes(self) -> RulePack:
+        codes = [rule.code for rule in self.rules]
+        twice = sorted({code for code in codes if codes.count(code) > 1})
+        if twice:
+            raise ValueError(f"rule codes must be unique in a pack; repeated: {', '.join(twice)}")
+        return self

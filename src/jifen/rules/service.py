@@ -22,7 +22,8 @@ from jifen.errors import InvalidInput, StateConflict, UnknownRule
 from jifen.rules import conditions
 from jifen.rules.core import Rule, RuleSet
 from jifen.rules.models import earning_caps, rule_activations, rule_budgets, rule_versions
-from jifen.rules.schemas import ProgramCaps, RuleSpec, RuleVersionRead
+from jifen.rules.schemas import ProgramCaps, RulePack, RuleSpec, RuleVersionRead
+from jifen.tiers import service as tiers_service
 
 PROGRAM_BUDGET = "*"
 
@@ -339,3 +340,31 @@ def _read(uow: UnitOfWork, row: Row[Any]) -> RuleVersionRead:
         active_from=latest.active_from if latest else None,
         active_to=latest.active_to if latest else None,
     )
+
+
+def load_pack(
+    uow: UnitOfWork, *, program_id: int, pack: RulePack, actor: str, activate: bool
+) -> list[RuleVersionRead]:
+    """Install a rule pack: its tiers and caps, and a new version of each of its rules —
+    drafts for operators to submit, or (``activate``, for an installation or the demo run by
+    whoever runs the server) approved and live at once. Every rule is compiled first, so a
+    pack with a bad rule changes nothing."""
+    for spec in pack.rules:
+        try:
+            compile_rule(spec)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                field=f"rules.{spec.code}.{exc.params['field']}", problem=exc.params["problem"]
+            ) from exc
+    if pack.tiers:
+        tiers_service.set_tiers(uow, program_id=program_id, definitions=pack.tiers)
+    if pack.caps is not None:
+        set_caps(uow, program_id=program_id, caps=pack.caps)
+    versions = []
+    for spec in pack.rules:
+        version = create_version(uow, program_id=program_id, spec=spec, created_by=actor)
+        if activate:
+            submit(uow, program_id=program_id, version_id=version.id, approval_id=None)
+            version = approve(uow, program_id=program_id, version_id=version.id, approved_by=actor)
+        versions.append(version)
+    return versions
