@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import copy
+import logging.config
 import os
 import re
 import sys
@@ -43,6 +44,7 @@ from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
 from jifen.demo import service as demo_service
 from jifen.errors import JifenError
+from jifen.events import stream as event_stream
 from jifen.imports import service as imports
 from jifen.imports.core import Kind
 from jifen.points import integrity
@@ -617,6 +619,40 @@ def rules_load(
              f"已向 {program} 载入 {len(versions)} 条规则({state_word})"),
         markup=False,
     )  # fmt: skip
+
+
+@app.command("worker")
+def worker(
+    batch: Annotated[
+        int, typer.Option(min=1, max=1000, help="Messages per fetch, hence per transaction.")
+    ] = 200,
+    ack_wait: Annotated[
+        float,
+        typer.Option(min=1.0, help="Seconds before an unacknowledged message is handed out again."),
+    ] = 30.0,
+) -> None:
+    """Ingest events from NATS JetStream (JIFEN_NATS_URL) until Ctrl+C or SIGTERM; run as
+    many workers as needed: they share one durable consumer."""
+    settings = get_settings()
+    logging.config.dictConfig(_log_config())
+    with _database() as database:
+        _require_schema(database)
+        out.print(
+            _say(f"jifen worker: events from {settings.nats_url}, stream {settings.nats_stream}",
+                 f"jifen worker:从 {settings.nats_url}(流 {settings.nats_stream})接收事件"),
+            markup=False,
+        )  # fmt: skip
+        stats = event_stream.run_worker(
+            database,
+            url=settings.nats_url,
+            stop=event_stream.stop_on_signals(),
+            stream=settings.nats_stream,
+            subject_prefix=settings.nats_subject_prefix,
+            durable=settings.nats_durable,
+            batch=batch,
+            ack_wait=ack_wait,
+        )
+    out.print(_say(f"stopped: {stats.describe()}", f"已停止:{stats.describe()}"), markup=False)
 
 
 @app.command("totp")

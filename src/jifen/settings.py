@@ -49,6 +49,23 @@ class Settings(BaseSettings):
     rate_limit_namespace: str = "jifen"
     """Prefix of the counters, so that installations sharing one Redis count apart."""
 
+    nats_url: str = "nats://127.0.0.1:4222"
+    """NATS server(s) with JetStream for the event stream that ``jifen worker`` ingests;
+    several comma-separated for a cluster."""
+
+    nats_stream: str = "JIFEN_EVENTS"
+    """The JetStream stream of events; made on first use when missing (an existing one keeps
+    its configuration: replicas, limits)."""
+
+    nats_subject_prefix: str = "jifen.events"
+    """Events of a programme are published to ``<prefix>.<programme code>``; refused ones are
+    recorded on ``<prefix>.dead.<programme code>``."""
+
+    nats_durable: str = "jifen-worker"
+    """The durable consumer all workers share: each message goes to one of them, so running
+    more workers splits the stream. Another installation reading the same stream needs a name
+    of its own (each durable consumer sees every event)."""
+
     def resolved_database_url(self) -> str:
         return normalise_database_url(self.database_url) or (
             f"sqlite:///{self.data_dir / 'jifen.db'}"

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Row
 
 from jifen.approvals.models import approvals
 from jifen.approvals.schemas import ApprovalAction, ApprovalRead, ApprovalStatus
+from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden, InvalidInput, JifenError, StateConflict, UnknownApproval
 from jifen.members import service as members_service
@@ -231,10 +232,11 @@ def _caps(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
 
 
 def _decider(uow: UnitOfWork, row: Row[Any]) -> str:
+    """The approver named as staff are everywhere else (``staff:<username>``)."""
     decided_by = uow.conn.execute(
         select(approvals.c.decided_by).where(approvals.c.id == row.id)
     ).scalar_one()
-    return f"staff:{decided_by}"
+    return f"staff:{auth_service.get_staff(uow, staff_id=decided_by).username}"
 
 
 _EXECUTORS: dict[str, Callable[[UnitOfWork, Row[Any]], dict[str, Any]]] = {

@@ -151,6 +151,7 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "points.earn",
                 "points.spend",
                 "points.refund",
+                "events.read",
                 "events.write",
                 "tiers.read",
             ]
@@ -158,7 +159,9 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
     ),
 }
 
-MEMBER_PERMISSIONS = frozenset(["members.read", "members.write", "points.read", "points.transfer"])
+MEMBER_PERMISSIONS = frozenset(
+    ["members.read", "members.write", "points.read", "points.transfer", "tiers.read"]
+)
 """What a signed-in member may do, and only to itself."""
 
 API_KEY_PERMISSIONS = frozenset(

@@ -37,6 +37,8 @@ RACE_CONSTRAINTS = (
     "postings.program_id, postings.idempotency_key",
     "uq_idempotency_records_scope_key",  # the API's stored answers
     "idempotency_records.scope, idempotency_records.key",
+    "uq_events_program_id_source_external_id",  # an event sent twice at once
+    "events.program_id, events.source, events.external_id",
 )
 
 

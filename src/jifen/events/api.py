@@ -27,11 +27,19 @@ def send_event(
 ) -> JSONResponse:
     """Take one event in: stored once, evaluated against the rules live at its own time,
     its awards posted."""
+    origin = _origin(ctx, body)
     return ctx.execute(
-        lambda uow: service.ingest(uow, program_id=ctx.program_id, event=body),
+        lambda uow: service.ingest(uow, program_id=ctx.program_id, event=body, origin=origin),
         target=f"event:{body.source}:{body.external_id}",
         status=201,
     )
+
+
+def _origin(ctx: Context, event: EventIn) -> tuple[str | None, str | None]:
+    """The merchant and store the event's points are posted for: a key scoped to a store
+    sends only its own store's events (Forbidden otherwise)."""
+    store = event.payload.get("store")
+    return ctx.merchant(None, store if isinstance(store, str) else None)
 
 
 @router.post(EVENTS + "/batch", response_model=BatchResult)
@@ -45,8 +53,11 @@ def send_batch(
         items: list[BatchItem] = []
         for index, event in enumerate(body.events):
             try:
+                origin = _origin(ctx, event)
                 with uow.conn.begin_nested():  # a refused event leaves nothing behind
-                    result = service.ingest(uow, program_id=ctx.program_id, event=event)
+                    result = service.ingest(
+                        uow, program_id=ctx.program_id, event=event, origin=origin
+                    )
             except JifenError as exc:
                 items.append(BatchItem(index=index, ok=False, code=exc.code,
                                        detail=exc.message(ctx.language)))  # fmt: skip

@@ -7,9 +7,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from jifen.api.schemas import Instant, RequestBody
+from jifen.rules.schemas import RuleSpec
 
 Fen = Annotated[int, Field(ge=0, le=10**12)]
 Ref = Annotated[str, Field(min_length=1, max_length=128)]
@@ -180,3 +181,49 @@ class BatchResult(BaseModel):
     accepted: int
     refused: int
     items: list[BatchItem]
+
+
+class BacktestIn(RequestBody):
+    """Replay the stored events of ``since``–``until`` under a proposed change of the rules:
+    ``rules`` replace the live versions with the same code (or add new rules), ``drop``
+    takes rules out."""
+
+    since: Instant
+    until: Instant
+    rules: Annotated[list[RuleSpec], Field(max_length=200)] = Field(default_factory=list)
+    drop: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=200)] = Field(
+        default_factory=list
+    )
+    top: Annotated[int, Field(ge=1, le=200)] = 20
+
+    @model_validator(mode="after")
+    def _range(self) -> BacktestIn:
+        if self.until <= self.since:
+            raise ValueError("until must be after since")
+        return self
+
+
+class Compared(BaseModel):
+    """Points actually awarded and what the proposal would have awarded."""
+
+    key: str
+    actual: int = 0
+    proposed: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def difference(self) -> int:
+        return self.proposed - self.actual
+
+
+class BacktestReport(BaseModel):
+    events: int
+    """Events replayed (refunds are not replayed: they take back what their order earned)."""
+    actual: int
+    proposed: int
+    by_rule: list[Compared]
+    by_tier: list[Compared]
+    by_day: list[Compared]
+    members: list[Compared]
+    """The members whose points change most, largest change first."""
+    notes: list[str]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from datetime import date, timedelta
+from dataclasses import replace
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,6 +27,9 @@ from jifen.events.models import event_awards, events, member_counters
 from jifen.events.schemas import (
     CATALOGUE,
     AwardRead,
+    BacktestIn,
+    BacktestReport,
+    Compared,
     EventIn,
     EventResult,
     OrderPaid,
@@ -54,9 +58,10 @@ def parse_payload(event_type: str, payload: Mapping[str, Any]) -> dict[str, Any]
     if model is None and not event_type.startswith("custom."):
         known = ", ".join(sorted(CATALOGUE))
         raise InvalidInput(
-            field="type", problem=f"unknown event type {event_type!r}; use one of {known}, or "
-            "custom.<name>",
-        )  # fmt: skip
+            field="type",
+            problem=f"unknown event type {event_type!r}; use one of {known}, or custom.<name>",
+            problem_zh=f"未知的事件类型 {event_type!r};可用类型:{known},或 custom.<名称>",
+        )
     if model is None:
         plain: dict[str, Any] = json.loads(json.dumps(dict(payload), default=str))
         return plain
@@ -65,7 +70,9 @@ def parse_payload(event_type: str, payload: Mapping[str, Any]) -> dict[str, Any]
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in ("payload", *first["loc"]))
-        raise InvalidInput(field=where, problem=first["msg"]) from exc
+        raise InvalidInput(
+            field=where, problem=first["msg"], problem_zh=f"取值不符合要求({first['msg']})"
+        ) from exc
 
 
 def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
@@ -87,8 +94,15 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- ingest
 
 
-def ingest(uow: UnitOfWork, *, program_id: int, event: EventIn) -> EventResult:
-    """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction."""
+def ingest(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    event: EventIn,
+    origin: tuple[str | None, str | None] = (None, None),
+) -> EventResult:
+    """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction;
+    the postings record ``origin``, the merchant and store they were made for."""
     payload = parse_payload(event.type, event.payload)
     if event.occurred_at > uow.clock.now() + FUTURE_TOLERANCE:
         raise InvalidInput(
@@ -137,7 +151,7 @@ def ingest(uow: UnitOfWork, *, program_id: int, event: EventIn) -> EventResult:
     if event.type == "order.refunded":
         skipped = _refund(uow, program_id, event_id, core_event, zone)
     else:
-        skipped = _evaluate_and_post(uow, program_id, event_id, core_event, zone)
+        skipped = _evaluate_and_post(uow, program_id, event_id, core_event, zone, origin)
     _count(uow, member_id, event.type)
     row = uow.conn.execute(select(events).where(events.c.id == event_id)).one()
     return _result(uow, row, replayed=False, skipped=skipped)
@@ -277,6 +291,10 @@ def _evaluate(
     if event.type == "referral.completed" and isinstance(inviter, int):
         members_service.require_member(uow, program_id=program_id, member_id=inviter)
         recipients.add(inviter)
+    if lock_budgets:
+        # One event of a member at a time: the caps, counters and streaks read below are
+        # written back before a concurrent event of the same member reads them.
+        members_service.lock_members(uow, member_ids=recipients)
     facts = facts_of(
         uow, program_id=program_id, member_ids=recipients, event_type=event.type, day=day,
         rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
@@ -316,7 +334,12 @@ def _member_id(uow: UnitOfWork, program_id: int, event: EventIn) -> int:
 
 
 def _evaluate_and_post(
-    uow: UnitOfWork, program_id: int, event_id: int, event: core.Event, zone: ZoneInfo
+    uow: UnitOfWork,
+    program_id: int,
+    event_id: int,
+    event: core.Event,
+    zone: ZoneInfo,
+    origin: tuple[str | None, str | None],
 ) -> list[dict[str, str]]:
     rules = rules_service.rules_at(uow, program_id=program_id, moment=event.occurred_at)
     result, caps, budgeted = _evaluate(uow, program_id, event, zone, rules, lock_budgets=True)
@@ -350,6 +373,10 @@ def _evaluate_and_post(
                     reason=f"rule {award.rule} v{award.version} on {event.type}",
                     actor=ACTOR,
                 ).id
+                merchant, store = origin
+                points_service.record_origin(
+                    uow, posting_id=posting_id, merchant=merchant, store=store
+                )
                 if award.rule in budgeted:
                     new_spent[award.rule] = new_spent.get(award.rule, 0) + points
                 if caps.budget is not None:
@@ -562,3 +589,219 @@ def _result(
         skipped=skipped or [],
         replayed=replayed,
     )
+
+
+# --------------------------------------------------------------------------- backtest
+
+_BACKTEST_CHUNK = 1000
+
+
+def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> BacktestReport:
+    """What the stored events of a period would have earned under a proposed change of the
+    rules, against what they did earn: per rule, per tier, per day and per member. Nothing
+    is stored or posted; events are read a chunk at a time."""
+    proposed_specs = request.rules
+    replacing = {spec.code for spec in proposed_specs} | set(request.drop)
+    proposed_rules = [rules_service.compile_rule(spec, version=0) for spec in proposed_specs]
+    live = rules_service.activations(uow, program_id=program_id)
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    caps = rules_service.get_caps(uow, program_id=program_id)
+    program = core.Program(zone, caps)
+    sums: dict[str, dict[str, Compared]] = {"rule": {}, "tier": {}, "day": {}, "member": {}}
+    replay = _Replay(uow, program_id, request.since, zone)
+    total_actual = total_proposed = replayed = 0
+    after: tuple[datetime, int] | None = None
+    while True:
+        query = select(events).where(
+            events.c.program_id == program_id,
+            events.c.occurred_at >= request.since,
+            events.c.occurred_at < request.until,
+            events.c.type != "order.refunded",
+        )
+        if after is not None:
+            query = query.where(
+                (events.c.occurred_at > after[0])
+                | ((events.c.occurred_at == after[0]) & (events.c.id > after[1]))
+            )
+        chunk = uow.conn.execute(
+            query.order_by(events.c.occurred_at, events.c.id).limit(_BACKTEST_CHUNK)
+        ).all()
+        if not chunk:
+            break
+        after = (chunk[-1].occurred_at, chunk[-1].id)
+        actual_awards = _actual_awards(uow, [row.id for row in chunk])
+        for row in chunk:
+            replayed += 1
+            moment = row.occurred_at
+            live_now = [
+                r for r, start, end in live if start <= moment and (not end or moment < end)
+            ]
+            rule_set = core.RuleSet(
+                [r for r in live_now if r.spec.code not in replacing] + proposed_rules
+            )
+            event = _stored_event(row)
+            facts = replay.facts(event, rule_set)
+            result = core.evaluate(event, rule_set, program, facts, replay.budgets)
+            replay.record(event, result)
+            day = core.local_day(moment, zone).isoformat()
+            for award in result.awards:
+                if award.held or not award.points:
+                    continue
+                tier = facts[award.member_id].tier or "-"
+                for kind, key in (("rule", award.rule), ("tier", tier), ("day", day),
+                                  ("member", str(award.member_id))):  # fmt: skip
+                    sums[kind].setdefault(key, Compared(key=key)).proposed += award.points
+                total_proposed += award.points
+            for member_id, rule, points in actual_awards.get(row.id, []):
+                tier = replay.tier(member_id)
+                for kind, key in (("rule", rule), ("tier", tier), ("day", day),
+                                  ("member", str(member_id))):  # fmt: skip
+                    sums[kind].setdefault(key, Compared(key=key)).actual += points
+                total_actual += points
+    members = sorted(sums["member"].values(), key=lambda c: (-abs(c.difference), c.key))
+    return BacktestReport(
+        events=replayed,
+        actual=total_actual,
+        proposed=total_proposed,
+        by_rule=sorted(sums["rule"].values(), key=lambda c: c.key),
+        by_tier=sorted(sums["tier"].values(), key=lambda c: c.key),
+        by_day=sorted(sums["day"].values(), key=lambda c: c.key),
+        members=[m for m in members[: request.top] if m.difference],
+        notes=[
+            "Members are taken at their current tier and profile.",
+            "Caps, budgets and streaks count from the start of the period.",
+            "Refunds are not replayed; actual points are those first awarded, before refunds.",
+        ],
+    )
+
+
+def _stored_event(row: Row[Any]) -> core.Event:
+    request = EventIn(
+        source=row.source, external_id=row.external_id, type=row.type,
+        occurred_at=row.occurred_at, member_id=row.member_id, payload=row.payload,
+    )  # fmt: skip
+    return to_core_event(request, row.member_id, row.payload)
+
+
+def _actual_awards(uow: UnitOfWork, event_ids: list[int]) -> dict[int, list[tuple[int, str, int]]]:
+    rows = uow.conn.execute(
+        select(
+            event_awards.c.event_id,
+            event_awards.c.member_id,
+            event_awards.c.rule_code,
+            event_awards.c.points,
+        ).where(
+            event_awards.c.event_id.in_(event_ids),
+            event_awards.c.held.is_(False),
+            event_awards.c.reverses_id.is_(None),
+        )
+    ).all()
+    found: dict[int, list[tuple[int, str, int]]] = {}
+    for event_id, member_id, rule, points in rows:
+        found.setdefault(event_id, []).append((member_id, rule, int(points)))
+    return found
+
+
+class _Replay:
+    """The members' facts as the replay goes: profiles and tiers as they are now, counts of
+    earlier events, and streaks, usage and budgets counted within the replay."""
+
+    def __init__(self, uow: UnitOfWork, program_id: int, since: datetime, zone: ZoneInfo) -> None:
+        self.uow = uow
+        self.zone = zone
+        self.program_id = program_id
+        self.since = since
+        self.known: dict[int, core.Facts] = {}
+        self.tiers: dict[int, str | None] = {}
+        self.usage: dict[tuple[int, str, str], int] = {}
+        self.budgets = core.Budgets(by_rule={}, program=0)
+
+    def tier(self, member_id: int) -> str:
+        if member_id not in self.tiers:
+            self._load([member_id])
+        return self.tiers.get(member_id) or "-"
+
+    def _load(self, member_ids: list[int]) -> None:
+        missing = [m for m in member_ids if m not in self.known]
+        if not missing:
+            return
+        tiers = tiers_service.tiers_of(self.uow, member_ids=missing)
+        profiles = members_service.rule_facts(self.uow, program_id=self.program_id,
+                                              member_ids=missing)  # fmt: skip
+        before = self.uow.conn.execute(
+            select(events.c.member_id, events.c.type, func.count())
+            .where(events.c.member_id.in_(missing), events.c.occurred_at < self.since)
+            .group_by(events.c.member_id, events.c.type)
+        ).all()
+        counts: dict[int, dict[str, int]] = {}
+        for member_id, kind, count in before:
+            counts.setdefault(member_id, {})[kind] = int(count)
+        for member_id in missing:
+            profile = profiles.get(member_id)
+            self.tiers[member_id] = tiers.get(member_id)
+            self.known[member_id] = core.Facts(
+                member_id=member_id,
+                tier=tiers.get(member_id),
+                tags=frozenset(profile.tags) if profile else frozenset(),
+                registered_at=profile.created_at if profile else None,
+                region=profile.region if profile else None,
+                birthday=profile.birthday if profile else None,
+                counts=counts.get(member_id, {}),
+            )
+
+    def _buckets(self, moment: datetime) -> dict[str, str]:
+        """The period each cap counts over, for an event at ``moment`` (programme days)."""
+        day = core.local_day(moment, self.zone)
+        year, week, _ = day.isocalendar()
+        return {"day": f"day:{day}", "week": f"week:{year}-{week}", "month": f"month:{day:%Y-%m}",
+                "lifetime": "lifetime"}  # fmt: skip
+
+    def facts(self, event: core.Event, rules: core.RuleSet) -> dict[int, core.Facts]:
+        ids = [event.member_id]
+        inviter = event.payload.get("inviter_member_id")
+        if isinstance(inviter, int):
+            ids.append(inviter)
+        self._load(ids)
+        buckets = self._buckets(event.occurred_at)
+        codes = {rule.spec.code for rule in rules.by_type.get(event.type, [])}
+        out = {}
+        for member_id in ids:
+            by_rule = {
+                (code, period): self.usage.get((member_id, code, bucket), 0)
+                for code in codes
+                for period, bucket in buckets.items()
+            }
+            out[member_id] = replace(
+                self.known[member_id],
+                usage=core.Usage(
+                    day=self.usage.get((member_id, "*", buckets["day"]), 0),
+                    month=self.usage.get((member_id, "*", buckets["month"]), 0),
+                    by_rule=by_rule,
+                ),
+            )
+        return out
+
+    def record(self, event: core.Event, result: core.Evaluation) -> None:
+        member = self.known[event.member_id]
+        counts = dict(member.counts)
+        counts[event.type] = counts.get(event.type, 0) + 1
+        streaks = dict(member.streaks)
+        for (member_id, kind), streak in result.streaks.items():
+            if member_id == event.member_id:
+                streaks[kind] = streak
+        self.known[event.member_id] = replace(member, counts=counts, streaks=streaks)
+        buckets = self._buckets(event.occurred_at)
+        spent = dict(self.budgets.by_rule)
+        program = self.budgets.program
+        for award in result.awards:
+            if award.held or not award.points:
+                continue
+            for slot in (
+                (award.member_id, "*", buckets["day"]),
+                (award.member_id, "*", buckets["month"]),
+                *((award.member_id, award.rule, bucket) for bucket in buckets.values()),
+            ):
+                self.usage[slot] = self.usage.get(slot, 0) + award.points
+            spent[award.rule] = spent.get(award.rule, 0) + award.points
+            program += award.points
+        self.budgets = core.Budgets(by_rule=spent, program=program)

@@ -29,11 +29,17 @@ class JifenError(Exception):
 
 
 class InvalidInput(JifenError):
-    """The request itself is malformed; nothing was looked up or changed."""
+    """The request itself is malformed; nothing was looked up or changed. ``problem_zh``
+    says it in Chinese (without it the Chinese message repeats ``problem``)."""
 
     code = "invalid_input"
     en = "{field}: {problem}"
-    zh = "{field}:{problem}"
+    zh = "{field}:{problem_zh}"
+
+    def __init__(self, **params: Any) -> None:
+        if "problem" in params:
+            params.setdefault("problem_zh", params["problem"])
+        super().__init__(**params)
 
 
 class NonPositiveAmount(InvalidInput):

@@ -118,6 +118,20 @@ def rule_facts(
     }
 
 
+def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
+    """Hold the members' rows (in id order, so that two transactions cannot wait on each
+    other) until the transaction ends: one change of a member's facts at a time. SQLite's
+    writers are serial already."""
+    if uow.dialect != "postgresql":
+        return
+    uow.conn.execute(
+        select(members.c.id)
+        .where(members.c.id.in_(sorted(set(member_ids))))
+        .order_by(members.c.id)
+        .with_for_update(key_share=True)
+    )
+
+
 def count_members(uow: UnitOfWork, *, program_id: int) -> int:
     return int(
         uow.conn.execute(

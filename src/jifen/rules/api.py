@@ -17,7 +17,7 @@ from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
 from jifen.db.uow import UnitOfWork
 from jifen.events import service as events_service
-from jifen.events.schemas import EventIn
+from jifen.events.schemas import BacktestIn, BacktestReport, EventIn
 from jifen.rules import service
 from jifen.rules.schemas import (
     ProgramCaps,
@@ -219,6 +219,18 @@ def dry_run(
         ],
         skipped=[{"rule": s.rule, "why": s.why} for s in result.skipped],
         total=result.total,
+    )
+
+
+@router.post(RULES + "/backtest", response_model=BacktestReport)
+def backtest(
+    program: str, body: BacktestIn, ctx: Annotated[Context, Depends(Read("rules.read"))]
+) -> BacktestReport:
+    """What the stored events of a period would have earned under proposed rules, against
+    what they did earn: per rule, per tier, per day, and the members most affected."""
+    return ctx.db.run(
+        lambda uow: events_service.backtest(uow, program_id=ctx.program_id, request=body),
+        read_only=True,
     )
 
 

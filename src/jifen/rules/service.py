@@ -191,6 +191,24 @@ def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     return RuleSet(_compiled(r.id, _canonical(r.spec), r.version) for r in rows)
 
 
+def activations(
+    uow: UnitOfWork, *, program_id: int
+) -> list[tuple[Rule, datetime, datetime | None]]:
+    """Every period a rule version was (or is) live, with the version ready to evaluate:
+    for replaying many events without a query each."""
+    rows = uow.conn.execute(
+        select(
+            rule_versions.c.id, rule_versions.c.spec, rule_versions.c.version,
+            rule_activations.c.active_from, rule_activations.c.active_to,
+        )
+        .join(rule_activations, rule_activations.c.version_id == rule_versions.c.id)
+        .where(rule_activations.c.program_id == program_id)
+    ).all()  # fmt: skip
+    return [
+        (_compiled(r.id, _canonical(r.spec), r.version), r.active_from, r.active_to) for r in rows
+    ]
+
+
 def _canonical(spec: Mapping[str, Any]) -> str:
     return RuleSpec.model_validate(spec).model_dump_json()
 
@@ -314,6 +332,18 @@ def _end_other_versions(uow: UnitOfWork, row: Row[Any], at: datetime) -> None:
     for other_id in uow.conn.execute(others).scalars().all():
         _close_activation(uow, other_id, at)
         _move(uow, other_id, "active", state="retired")
+    # A version already retired by a scheduled successor is live until that one starts:
+    # it ends at ``at`` too, so that one version of the rule is live at a time.
+    same_rule = select(rule_versions.c.id).where(
+        rule_versions.c.program_id == row.program_id,
+        rule_versions.c.code == row.code,
+        rule_versions.c.id != row.id,
+    )
+    uow.conn.execute(
+        rule_activations.update()
+        .where(rule_activations.c.version_id.in_(same_rule), rule_activations.c.active_to > at)
+        .values(active_to=at)
+    )
 
 
 def _read(uow: UnitOfWork, row: Row[Any]) -> RuleVersionRead:

@@ -1,0 +1,146 @@
+"""Tiers over HTTP: the programme defines its tiers, a member is put in one, an unknown tier
+is refused with the known ones named, and rules read a member's tier (a tier multiplier)."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from jifen.db.uow import Database
+from tests.api import support
+from tests.api.earning import RATES, TIERS, Shop, body, order, rule
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+
+def test_tiers_are_defined_and_a_member_is_put_in_one(client: TestClient, db: Database) -> None:
+    shop = Shop(client, db)
+    # given the programme's tiers, sent out of order
+    defined = body(shop.put("/tiers", {"tiers": TIERS[::-1]}), 200)
+    # then they are kept entry tier first
+    assert [t["code"] for t in defined["items"]] == ["普通", "银卡", "金卡"]
+    assert body(shop.get("/tiers"), 200) == defined
+    # a member has no tier until put in one
+    assert body(shop.get(f"/members/{shop.alice}/tier"), 200)["tier"] is None
+    put = shop.set_tier(shop.alice, "金卡")
+    assert put["tier"] == "金卡" and put["reason"] == "test"
+    me = body(client.get("/v1/auth/me", headers=shop.operator), 200)
+    read = body(shop.get(f"/members/{shop.alice}/tier", shop.reviewer), 200)
+    assert (read["tier"], read["set_by"], read["since"]) == ("金卡", me["name"], put["since"])
+    # and can be moved to another
+    shop.set_tier(shop.alice, "银卡")
+    assert body(shop.get(f"/members/{shop.alice}/tier"), 200)["tier"] == "银卡"
+    assert body(shop.get(f"/members/{shop.bob}/tier"), 200)["tier"] is None
+
+
+def test_an_unknown_tier_is_refused_with_the_known_ones(client: TestClient, db: Database) -> None:
+    shop = Shop(client, db)
+    # before any tier is defined
+    none = shop.put(f"/members/{shop.alice}/tier", {"tier": "金卡"})
+    assert none.status_code == 404 and none.json()["code"] == "unknown_tier"
+    assert "(none defined)" in none.json()["detail"]
+    shop.define_tiers()
+    # after: in English and in Chinese, with the tiers it does have
+    english = shop.put(f"/members/{shop.alice}/tier", {"tier": "钻石"})
+    assert english.status_code == 404, english.text
+    assert english.json()["code"] == "unknown_tier"
+    assert english.json()["detail"] == (
+        "This programme has no tier '钻石'; its tiers are 普通, 银卡, 金卡."
+    )
+    chinese = shop.put(f"/members/{shop.alice}/tier", {"tier": "钻石"}, language="zh")
+    assert chinese.status_code == 404
+    assert chinese.json()["detail"] == "本计划没有等级 '钻石';已有等级:普通, 银卡, 金卡。"
+    assert body(shop.get(f"/members/{shop.alice}/tier"), 200)["tier"] is None
+    # a member of another programme is not found here
+    other = new_program(db)
+    (stranger,) = new_members(db, other.id, 1)
+    elsewhere = shop.put(f"/members/{stranger}/tier", {"tier": "金卡"})
+    assert elsewhere.status_code == 404 and elsewhere.json()["code"] == "unknown_member"
+
+
+def test_tier_definitions_are_checked_and_a_held_tier_is_kept(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    shop.set_tier(shop.alice, "金卡")
+    # two tiers with one rank, or one code twice, are refused
+    for tiers in (
+        [{"code": "a", "name": "a", "rank": 0}, {"code": "b", "name": "b", "rank": 0}],
+        [{"code": "a", "name": "a", "rank": 0}, {"code": "a", "name": "a", "rank": 1}],
+    ):
+        answer = shop.put("/tiers", {"tiers": tiers})
+        assert answer.status_code == 422
+        assert [e["field"] for e in answer.json()["errors"]] == ["tiers"]
+    # a tier that a member holds cannot be removed
+    dropped = shop.put("/tiers", {"tiers": TIERS[:2]})
+    assert dropped.status_code == 409 and dropped.json()["code"] == "state_conflict"
+    assert "'金卡'" in dropped.json()["detail"]
+    assert [t["code"] for t in body(shop.get("/tiers"), 200)["items"]] == ["普通", "银卡", "金卡"]
+    # an unknown field is refused
+    extra = shop.put("/tiers", {"tiers": [{**TIERS[0], "multiplier": 2}]})
+    assert extra.status_code == 422
+    assert extra.json()["errors"][0]["field"] == "body.tiers.0.multiplier"
+
+
+def test_a_tier_multiplier_multiplies_that_members_order_points(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    carol = shop.carol
+    shop.define_tiers()
+    shop.set_tier(shop.alice, "金卡")
+    shop.set_tier(shop.bob, "银卡")
+    shop.set_tier(carol, "普通")
+    shop.activate(rule("base", RATES))
+    shop.activate(
+        rule(
+            "tier", {"kind": "multiplier", "by_tier": {"银卡": "1.2", "金卡": "1.5"}}, priority=150
+        )
+    )
+    cart = order("A", ("T1", "日用品", 1000))
+    # when each orders 1,000 yuan
+    sent = {
+        member: shop.earn(shop.event(member, f"o{member}", cart))
+        for member in (shop.alice, shop.bob, carol)
+    }
+    # then the tier's factor multiplies the base points
+    awards = {m: [(a["rule"], a["points"]) for a in s["awards"]] for m, s in sent.items()}
+    assert awards[shop.alice] == [("base", 1000), ("tier", 500)]
+    assert awards[shop.bob] == [("base", 1000), ("tier", 200)]
+    assert awards[carol] == [("base", 1000)]
+    assert sent[carol]["skipped"] == [{"rule": "tier", "why": "factor 1 for tier '普通'"}]
+    tier_award = sent[shop.alice]["awards"][1]
+    assert tier_award["kind"] == "multiplier"
+    assert (tier_award["detail"]["factor"], tier_award["detail"]["base"]) == ("1.5", 1000)
+    assert [shop.balance(m)["balance"] for m in (shop.alice, shop.bob, carol)] == [1500, 1200, 1000]
+    # a dry run for the member shows the same
+    tried = body(
+        client.post(
+            f"{shop.base}/rules/dry-run",
+            json={"event": shop.event(shop.alice, "dry", cart)},
+            headers=shop.operator,
+        ),
+        200,
+    )
+    assert tried["total"] == 1500
+    # and a member moved up a tier earns at the new factor from then on
+    shop.set_tier(carol, "金卡")
+    later = shop.earn(shop.event(carol, "o-later", cart))
+    assert later["points"] == 1500
+    assert_ledger_sound(db, shop.program.id)
+
+
+def test_who_may_set_tiers(client: TestClient, db: Database) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    # a cashier and finance see tiers but do not set them
+    for role in ("cashier", "finance"):
+        headers = support.staff(db, role, program_id=shop.program.id)
+        assert shop.get("/tiers", headers).status_code == 200
+        assert shop.get(f"/members/{shop.alice}/tier", headers).status_code == 200
+        assert shop.put("/tiers", {"tiers": TIERS}, headers).status_code == 403
+        answer = shop.put(f"/members/{shop.alice}/tier", {"tier": "金卡"}, headers)
+        assert answer.status_code == 403
+    # a member cannot put itself in a tier
+    alice = support.member(db, shop.alice)
+    assert shop.put(f"/members/{shop.alice}/tier", {"tier": "金卡"}, alice).status_code == 403
+    assert body(shop.get(f"/members/{shop.alice}/tier"), 200)["tier"] is None

@@ -1,0 +1,94 @@
+"""A backtest replays stored events under proposed rules and compares with what they earned,
+changing nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from jifen.db.uow import Database
+from jifen.events import service
+from jifen.events.schemas import BacktestIn
+from jifen.rules.schemas import RuleSpec
+from tests.events.test_service import activate, balance, lines, send, setup_tiers
+from tests.factories import new_members, new_program
+
+BASE = {
+    "code": "base",
+    "name": "base",
+    "event_types": ["order.paid"],
+    "params": {"kind": "spend_rate", "rate": "1"},
+}
+
+
+def test_a_proposal_is_compared_per_rule_tier_day_and_member(db: Database) -> None:
+    program = new_program(db)
+    plain, gold = new_members(db, program.id, 2)
+    setup_tiers(db, program.id, **{f"m{plain}": "普通", f"m{gold}": "金卡"})
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    start = datetime(2026, 1, 2, 4, 0, tzinfo=UTC)
+    for day in range(3):
+        for member, yuan in ((plain, 100), (gold, 300)):
+            send(
+                db,
+                program.id,
+                member,
+                "order.paid",
+                start + timedelta(days=day),
+                f"o{day}-{member}",
+                order_id=f"{day}-{member}",
+                lines=lines(("A", "x", yuan)),
+            )
+    before = (balance(db, plain).balance, balance(db, gold).balance)
+    proposal = BacktestIn(
+        since=start,
+        until=start + timedelta(days=2),  # the first two days only
+        rules=[
+            RuleSpec.model_validate({**BASE, "params": {"kind": "spend_rate", "rate": "2"}}),
+            RuleSpec.model_validate(
+                {
+                    "code": "gold-bonus",
+                    "name": "g",
+                    "event_types": ["order.paid"],
+                    "condition": 'member.tier == "金卡"',
+                    "params": {"kind": "fixed", "points": 10},
+                }
+            ),
+        ],
+    )
+    report = db.run(
+        lambda uow: service.backtest(uow, program_id=program.id, request=proposal), read_only=True
+    )
+    assert report.events == 4
+    assert (report.actual, report.proposed) == (800, 1600 + 20)
+    assert [(c.key, c.actual, c.proposed) for c in report.by_rule] == [
+        ("base", 800, 1600),
+        ("gold-bonus", 0, 20),
+    ]
+    assert [(c.key, c.actual, c.proposed) for c in report.by_tier] == [
+        ("普通", 200, 400),
+        ("金卡", 600, 1220),
+    ]
+    assert [c.key for c in report.by_day] == ["2026-01-02", "2026-01-03"]
+    assert [(c.key, c.difference) for c in report.members] == [(str(gold), 620), (str(plain), 200)]
+    assert (balance(db, plain).balance, balance(db, gold).balance) == before  # nothing posted
+
+
+def test_dropping_a_rule_shows_what_it_cost(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    activate(db, program.id, "full", {"kind": "threshold", "min_amount_fen": 50_000, "points": 200})
+    when = datetime(2026, 1, 3, 4, 0, tzinfo=UTC)
+    send(
+        db, program.id, member, "order.paid", when, "o1", order_id="1", lines=lines(("A", "x", 600))
+    )
+    proposal = BacktestIn(
+        since=when - timedelta(hours=1), until=when + timedelta(hours=1), drop=["full"]
+    )
+    report = db.run(
+        lambda uow: service.backtest(uow, program_id=program.id, request=proposal), read_only=True
+    )
+    assert [(c.key, c.actual, c.proposed, c.difference) for c in report.by_rule] == [
+        ("base", 600, 600, 0),
+        ("full", 200, 0, -200),
+    ]
