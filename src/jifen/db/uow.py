@@ -64,6 +64,10 @@ class UnitOfWork:
     conn: Connection
     clock: Clock
     cache: dict[str, Any] = field(default_factory=dict)
+    """Shared by every unit of work of the database: only what never changes once made."""
+    local: dict[str, Any] = field(default_factory=dict)
+    """This transaction's own: what it read and may read again (a batch of events reads the
+    rules once); a use case that changes such a thing drops its entry."""
 
     @property
     def dialect(self) -> str:

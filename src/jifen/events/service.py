@@ -14,12 +14,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, RowMapping, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jifen.db.uow import UnitOfWork
 from jifen.errors import IdempotencyConflict, InvalidInput, UnknownEvent
@@ -123,10 +125,7 @@ def ingest(
             raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
         return _result(uow, stored, replayed=True)
 
-    member_id = _member_id(uow, program_id, event)
-    members_service.require_member(
-        uow, program_id=program_id, member_id=member_id, transacting=True
-    )
+    member_id = _member_id(uow, program_id, event, transacting=True)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     subject, amount = _order_fields(event.type, payload)
     event_id = int(
@@ -149,12 +148,23 @@ def ingest(
     )
     core_event = to_core_event(event, member_id, payload)
     if event.type == "order.refunded":
-        skipped = _refund(uow, program_id, event_id, core_event, zone)
+        awards, points, skipped = _refund(uow, program_id, event_id, core_event, zone)
     else:
-        skipped = _evaluate_and_post(uow, program_id, event_id, core_event, zone, origin)
+        awards, points, skipped = _evaluate_and_post(
+            uow, program_id, event_id, core_event, zone, origin
+        )
     _count(uow, member_id, event.type)
-    row = uow.conn.execute(select(events).where(events.c.id == event_id)).one()
-    return _result(uow, row, replayed=False, skipped=skipped)
+    return EventResult(
+        id=event_id,
+        source=event.source,
+        external_id=event.external_id,
+        type=event.type,
+        member_id=member_id,
+        occurred_at=event.occurred_at.astimezone(UTC),
+        points=points,
+        awards=awards,
+        skipped=skipped,
+    )
 
 
 def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) -> core.Event:
@@ -163,10 +173,11 @@ def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) ->
     if event.type == "order.paid":
         order = OrderPaid.model_validate(payload)
         lines = tuple(
-            core.OrderLine(line.sku, line.category, line.quantity, line.amount_fen,
-                           line.paid_with_points)
+            core.OrderLine(
+                line.sku, line.category, line.quantity, line.amount_fen, line.paid_with_points
+            )
             for line in order.lines
-        )  # fmt: skip
+        )
     return core.Event(
         key=f"{event.source}:{event.external_id}",
         type=event.type,
@@ -194,11 +205,15 @@ def facts_of(
     event_type: str,
     day: date,
     rule_codes: Iterable[str],
+    lock: bool = False,
 ) -> dict[int, core.Facts]:
-    """What the rules read about each member, as of the event's day."""
+    """What the rules read about each member, as of the event's day. With ``lock`` the
+    members are held first (in id order) until the transaction ends: one event of a member
+    at a time, so that the caps, counters and streaks read here are written back before a
+    concurrent event of the same member reads them."""
     ids = sorted(set(member_ids))
+    profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=ids, lock=lock)
     tiers = tiers_service.tiers_of(uow, member_ids=ids)
-    profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=ids)
     codes = set(rule_codes)
     facts: dict[int, core.Facts] = {}
     for member_id in ids:
@@ -291,14 +306,15 @@ def _evaluate(
     if event.type == "referral.completed" and isinstance(inviter, int):
         members_service.require_member(uow, program_id=program_id, member_id=inviter)
         recipients.add(inviter)
-    if lock_budgets:
-        # One event of a member at a time: the caps, counters and streaks read below are
-        # written back before a concurrent event of the same member reads them.
-        members_service.lock_members(uow, member_ids=recipients)
     facts = facts_of(
-        uow, program_id=program_id, member_ids=recipients, event_type=event.type, day=day,
+        uow,
+        program_id=program_id,
+        member_ids=recipients,
+        event_type=event.type,
+        day=day,
         rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
-    )  # fmt: skip
+        lock=lock_budgets,
+    )
     budgeted = sorted(r.spec.code for r in candidates if r.spec.caps.budget is not None)
     if caps.budget is not None:
         budgeted.append(rules_service.PROGRAM_BUDGET)
@@ -325,12 +341,22 @@ def dry_run(
     return _evaluate(uow, program_id, core_event, zone, rules, lock_budgets=False)[0]
 
 
-def _member_id(uow: UnitOfWork, program_id: int, event: EventIn) -> int:
+def _member_id(
+    uow: UnitOfWork, program_id: int, event: EventIn, *, transacting: bool = False
+) -> int:
+    """The event's member, of this programme (and, ``transacting``, able to earn now)."""
     if event.member_id is not None:
-        members_service.require_member(uow, program_id=program_id, member_id=event.member_id)
+        members_service.require_member(
+            uow, program_id=program_id, member_id=event.member_id, transacting=transacting
+        )
         return event.member_id
     assert event.member_ref is not None
-    return members_service.find_member(uow, program_id=program_id, external_ref=event.member_ref).id
+    member = members_service.find_member(uow, program_id=program_id, external_ref=event.member_ref)
+    if transacting:
+        members_service.require_member(
+            uow, program_id=program_id, member_id=member.id, transacting=True
+        )
+    return member.id
 
 
 def _evaluate_and_post(
@@ -340,7 +366,8 @@ def _evaluate_and_post(
     event: core.Event,
     zone: ZoneInfo,
     origin: tuple[str | None, str | None],
-) -> list[dict[str, str]]:
+) -> tuple[list[AwardRead], int, list[dict[str, str]]]:
+    """Evaluate and post; the awards, the points posted, and the rules skipped with why."""
     rules = rules_service.rules_at(uow, program_id=program_id, moment=event.occurred_at)
     result, caps, budgeted = _evaluate(uow, program_id, event, zone, rules, lock_budgets=True)
     day = core.local_day(event.occurred_at, zone)
@@ -352,58 +379,81 @@ def _evaluate_and_post(
         pending_until = event.occurred_at + timedelta(days=settings.return_window_days)
         available_at = pending_until if pending_until > now else None
     expires_at = programs_service.default_expiry(
-        uow, program_id=program_id, start=max(available_at or now, event.occurred_at),
+        uow,
+        program_id=program_id,
+        start=max(available_at or now, event.occurred_at),
         days=settings.default_validity_days,
-    )  # fmt: skip
-    new_spent: dict[str, int] = {}
+    )
+    # What each award posts: nothing held, nothing that would be expired already.
+    posted: list[tuple[core.Award, int, str | None]] = []
     for award in result.awards:
-        posting_id = None
         points, cap = award.points, award.cap
+        if points > 0 and not award.held and expires_at is not None and expires_at <= now:
+            points, cap = 0, "expired before it was recorded"
+        posted.append((award, points, cap))
+    # One posting a member: the event's points arrive together, as one line of its history;
+    # the awards keep the detail of which rule gave how much.
+    postings: dict[int, int] = {}
+    for member_id in sorted({a.member_id for a, points, _ in posted if points > 0 and not a.held}):
+        mine = [(a, p) for a, p, _ in posted if a.member_id == member_id and p > 0 and not a.held]
+        postings[member_id] = points_service.earn(
+            uow,
+            member_id=member_id,
+            amount=sum(p for _, p in mine),
+            key=f"event:{event_id}:{member_id}",
+            available_at=available_at,
+            expires_at=expires_at,
+            reason=f"{event.type} {event.key}: " + ", ".join(f"{a.rule} {p}" for a, p in mine),
+            actor=ACTOR,
+        ).id
+        merchant, store = origin
+        points_service.record_origin(
+            uow, posting_id=postings[member_id], merchant=merchant, store=store
+        )
+    new_spent: dict[str, int] = {}
+    for award, points, _ in posted:
         if points > 0 and not award.held:
-            if expires_at is not None and expires_at <= now:
-                points, cap = 0, "expired before it was recorded"
-            else:
-                posting_id = points_service.earn(
-                    uow,
-                    member_id=award.member_id,
-                    amount=points,
-                    key=f"event:{event_id}:{award.rule}:{award.member_id}",
-                    available_at=available_at,
-                    expires_at=expires_at,
-                    reason=f"rule {award.rule} v{award.version} on {event.type}",
-                    actor=ACTOR,
-                ).id
-                merchant, store = origin
-                points_service.record_origin(
-                    uow, posting_id=posting_id, merchant=merchant, store=store
-                )
-                if award.rule in budgeted:
-                    new_spent[award.rule] = new_spent.get(award.rule, 0) + points
-                if caps.budget is not None:
-                    key = rules_service.PROGRAM_BUDGET
-                    new_spent[key] = new_spent.get(key, 0) + points
-        _store_award(uow, program_id, event_id, award, points, cap, posting_id, day)
+            if award.rule in budgeted:
+                new_spent[award.rule] = new_spent.get(award.rule, 0) + points
+            if caps.budget is not None:
+                key = rules_service.PROGRAM_BUDGET
+                new_spent[key] = new_spent.get(key, 0) + points
+    stored = _store_awards(
+        uow,
+        program_id,
+        event_id,
+        [
+            (
+                award,
+                points,
+                cap,
+                postings.get(award.member_id) if points > 0 and not award.held else None,
+                None,
+            )
+            for award, points, cap in posted
+        ],
+        day,
+    )
     rules_service.add_to_budgets(uow, program_id=program_id, spent=new_spent)
     for (member_id, event_type), streak in result.streaks.items():
         _keep_streak(uow, member_id, event_type, streak)
-    _set_points(uow, event_id)
-    return [{"rule": s.rule, "why": s.why} for s in result.skipped]
+    total = sum(points for award, points, _ in posted if not award.held)
+    _set_points(uow, event_id, total)
+    return stored, total, [{"rule": s.rule, "why": s.why} for s in result.skipped]
 
 
-def _store_award(
+def _store_awards(
     uow: UnitOfWork,
     program_id: int,
     event_id: int,
-    award: core.Award,
-    points: int,
-    cap: str | None,
-    posting_id: int | None,
+    awards: list[tuple[core.Award, int, str | None, int | None, int | None]],
     day: date,
-    *,
-    reverses_id: int | None = None,
-) -> None:
-    uow.conn.execute(
-        event_awards.insert(),
+) -> list[AwardRead]:
+    """Each (award, points posted, cap that bit, posting, award it reverses), in one go;
+    the awards as an answer shows them."""
+    if not awards:
+        return []
+    rows = [
         {
             "event_id": event_id,
             "program_id": program_id,
@@ -419,7 +469,25 @@ def _store_award(
             "reverses_id": reverses_id,
             "local_day": day,
             "detail": json.loads(json.dumps(dict(award.detail), default=_json_default)),
-        },
+        }
+        for award, points, cap, posting_id, reverses_id in awards
+    ]
+    uow.conn.execute(event_awards.insert(), rows)
+    return [_award_read(row) for row in rows]
+
+
+def _award_read(row: Mapping[str, Any] | RowMapping) -> AwardRead:
+    return AwardRead(
+        rule=row["rule_code"],
+        version=row["rule_version"],
+        kind=row["kind"],
+        member_id=row["member_id"],
+        points=int(row["points"]),
+        wanted=int(row["wanted"]),
+        cap=row["cap"],
+        held=bool(row["held"]),
+        posting_id=row["posting_id"],
+        detail=dict(row["detail"] or {}),
     )
 
 
@@ -429,18 +497,14 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _set_points(uow: UnitOfWork, event_id: int) -> None:
-    total = uow.conn.execute(
-        select(func.coalesce(func.sum(event_awards.c.points), 0)).where(
-            event_awards.c.event_id == event_id, event_awards.c.held.is_(False)
-        )
-    ).scalar_one()
-    uow.conn.execute(events.update().where(events.c.id == event_id).values(points=int(total)))
+def _set_points(uow: UnitOfWork, event_id: int, total: int) -> None:
+    if total:
+        uow.conn.execute(events.update().where(events.c.id == event_id).values(points=total))
 
 
 def _refund(
     uow: UnitOfWork, program_id: int, event_id: int, event: core.Event, zone: ZoneInfo
-) -> list[dict[str, str]]:
+) -> tuple[list[AwardRead], int, list[dict[str, str]]]:
     """Take back the order's points in the proportion of the money refunded so far."""
     refund = OrderRefunded.model_validate(event.payload)
     order = uow.conn.execute(
@@ -485,64 +549,93 @@ def _refund(
             event_awards.c.posting_id.is_not(None),
         )
     ).all()
-    for original in originals:
-        taken = -int(
+    taken = (
+        dict(
             uow.conn.execute(
-                select(func.coalesce(func.sum(event_awards.c.points), 0)).where(
-                    event_awards.c.reverses_id == original.id
-                )
-            ).scalar_one()
+                select(event_awards.c.reverses_id, func.sum(event_awards.c.points))
+                .where(event_awards.c.reverses_id.in_([o.id for o in originals]))
+                .group_by(event_awards.c.reverses_id)
+            ).all()
         )
+        if originals
+        else {}
+    )
+    dues: list[tuple[Row[Any], int]] = []
+    for original in originals:
         due = core.reversal_due(
-            awarded=int(original.points), eligible_fen=paid, refunded_fen=earlier + amount,
-            already_reversed=taken,
-        )  # fmt: skip
-        if due <= 0:
-            continue
-        posting = points_service.reverse(
+            awarded=int(original.points),
+            eligible_fen=paid,
+            refunded_fen=earlier + amount,
+            already_reversed=-int(taken.get(original.id) or 0),
+        )
+        if due > 0:
+            dues.append((original, due))
+    # One claw-back a posting (the order's points of one member), the awards it covers kept.
+    reversals: dict[int, int] = {}
+    for posting_id in sorted({int(o.posting_id) for o, _ in dues}):
+        reversals[posting_id] = points_service.reverse(
             uow,
-            earn_id=int(original.posting_id),
-            key=f"event:{event_id}:reverse:{original.id}",
-            amount=due,
+            earn_id=posting_id,
+            key=f"event:{event_id}:reverse:{posting_id}",
+            amount=sum(due for o, due in dues if o.posting_id == posting_id),
             reason=f"order {refund.order_id} refunded",
             actor=ACTOR,
-        )
-        reversal = core.Award(
-            rule=original.rule_code, version=original.rule_version, kind="reversal",
-            member_id=original.member_id, points=-due, wanted=-due,
-            detail={"order_id": refund.order_id, "refunded_fen": amount},
-        )  # fmt: skip
-        _store_award(uow, program_id, event_id, reversal, -due, None, posting.id, day,
-                     reverses_id=original.id)  # fmt: skip
-    _set_points(uow, event_id)
-    return []
+        ).id
+    stored = _store_awards(
+        uow,
+        program_id,
+        event_id,
+        [
+            (
+                core.Award(
+                    rule=o.rule_code,
+                    version=o.rule_version,
+                    kind="reversal",
+                    member_id=o.member_id,
+                    points=-due,
+                    wanted=-due,
+                    detail={"order_id": refund.order_id, "refunded_fen": amount},
+                ),
+                -due,
+                None,
+                reversals[int(o.posting_id)],
+                o.id,
+            )
+            for o, due in dues
+        ],
+        day,
+    )
+    total = -sum(due for _, due in dues)
+    _set_points(uow, event_id, total)
+    return stored, total, []
 
 
 def _count(uow: UnitOfWork, member_id: int, event_type: str) -> None:
-    changed = uow.conn.execute(
-        member_counters.update()
-        .where(member_counters.c.member_id == member_id, member_counters.c.event_type == event_type)
-        .values(seen=member_counters.c.seen + 1)
-    ).rowcount
-    if not changed:
-        uow.conn.execute(
-            member_counters.insert(),
-            {"member_id": member_id, "event_type": event_type, "seen": 1},
-        )
+    _counter(uow, member_id, event_type, {"seen": 1}, {"seen": member_counters.c.seen + 1})
 
 
 def _keep_streak(uow: UnitOfWork, member_id: int, event_type: str, streak: core.Streak) -> None:
     values = {"streak_day": streak.last_day, "streak_length": streak.length}
-    changed = uow.conn.execute(
-        member_counters.update()
-        .where(member_counters.c.member_id == member_id, member_counters.c.event_type == event_type)
-        .values(**values)
-    ).rowcount
-    if not changed:
-        uow.conn.execute(
-            member_counters.insert(),
-            {"member_id": member_id, "event_type": event_type, "seen": 0, **values},
+    _counter(uow, member_id, event_type, {"seen": 0, **values}, values)
+
+
+def _counter(
+    uow: UnitOfWork,
+    member_id: int,
+    event_type: str,
+    new: Mapping[str, Any],
+    change: Mapping[str, Any],
+) -> None:
+    """Insert the member's counter row for ``event_type``, or change the one there (one
+    statement on either backend)."""
+    insert = postgresql_insert if uow.dialect == "postgresql" else sqlite_insert
+    statement = insert(member_counters).values(member_id=member_id, event_type=event_type, **new)
+    uow.conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[member_counters.c.member_id, member_counters.c.event_type],
+            set_=dict(change),
         )
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -571,21 +664,7 @@ def _result(
         member_id=row.member_id,
         occurred_at=row.occurred_at,
         points=int(row.points),
-        awards=[
-            AwardRead(
-                rule=a.rule_code,
-                version=a.rule_version,
-                kind=a.kind,
-                member_id=a.member_id,
-                points=int(a.points),
-                wanted=int(a.wanted),
-                cap=a.cap,
-                held=a.held,
-                posting_id=a.posting_id,
-                detail=dict(a.detail or {}),
-            )
-            for a in awards
-        ],
+        awards=[_award_read(a._mapping) for a in awards],
         skipped=skipped or [],
         replayed=replayed,
     )
@@ -648,14 +727,22 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
                 if award.held or not award.points:
                     continue
                 tier = facts[award.member_id].tier or "-"
-                for kind, key in (("rule", award.rule), ("tier", tier), ("day", day),
-                                  ("member", str(award.member_id))):  # fmt: skip
+                for kind, key in (
+                    ("rule", award.rule),
+                    ("tier", tier),
+                    ("day", day),
+                    ("member", str(award.member_id)),
+                ):
                     sums[kind].setdefault(key, Compared(key=key)).proposed += award.points
                 total_proposed += award.points
             for member_id, rule, points in actual_awards.get(row.id, []):
                 tier = replay.tier(member_id)
-                for kind, key in (("rule", rule), ("tier", tier), ("day", day),
-                                  ("member", str(member_id))):  # fmt: skip
+                for kind, key in (
+                    ("rule", rule),
+                    ("tier", tier),
+                    ("day", day),
+                    ("member", str(member_id)),
+                ):
                     sums[kind].setdefault(key, Compared(key=key)).actual += points
                 total_actual += points
     members = sorted(sums["member"].values(), key=lambda c: (-abs(c.difference), c.key))
@@ -677,9 +764,13 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
 
 def _stored_event(row: Row[Any]) -> core.Event:
     request = EventIn(
-        source=row.source, external_id=row.external_id, type=row.type,
-        occurred_at=row.occurred_at, member_id=row.member_id, payload=row.payload,
-    )  # fmt: skip
+        source=row.source,
+        external_id=row.external_id,
+        type=row.type,
+        occurred_at=row.occurred_at,
+        member_id=row.member_id,
+        payload=row.payload,
+    )
     return to_core_event(request, row.member_id, row.payload)
 
 
@@ -726,8 +817,9 @@ class _Replay:
         if not missing:
             return
         tiers = tiers_service.tiers_of(self.uow, member_ids=missing)
-        profiles = members_service.rule_facts(self.uow, program_id=self.program_id,
-                                              member_ids=missing)  # fmt: skip
+        profiles = members_service.rule_facts(
+            self.uow, program_id=self.program_id, member_ids=missing
+        )
         before = self.uow.conn.execute(
             select(events.c.member_id, events.c.type, func.count())
             .where(events.c.member_id.in_(missing), events.c.occurred_at < self.since)
@@ -753,8 +845,12 @@ class _Replay:
         """The period each cap counts over, for an event at ``moment`` (programme days)."""
         day = core.local_day(moment, self.zone)
         year, week, _ = day.isocalendar()
-        return {"day": f"day:{day}", "week": f"week:{year}-{week}", "month": f"month:{day:%Y-%m}",
-                "lifetime": "lifetime"}  # fmt: skip
+        return {
+            "day": f"day:{day}",
+            "week": f"week:{year}-{week}",
+            "month": f"month:{day:%Y-%m}",
+            "lifetime": "lifetime",
+        }
 
     def facts(self, event: core.Event, rules: core.RuleSet) -> dict[int, core.Facts]:
         ids = [event.member_id]

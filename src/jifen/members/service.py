@@ -51,7 +51,10 @@ def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> M
     )
 
 
-def find_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> MemberRead:
+def find_member(
+    uow: UnitOfWork, *, program_id: int, external_ref: str, transacting: bool = False
+) -> MemberRead:
+    """The member with this reference; with ``transacting``, only if it may earn and spend."""
     row = uow.conn.execute(
         select(members).where(
             members.c.program_id == program_id, members.c.external_ref == external_ref
@@ -59,7 +62,10 @@ def find_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> Membe
     ).one_or_none()
     if row is None:
         raise UnknownMember(member_id=external_ref)
-    return MemberRead.model_validate(row._mapping)
+    member = MemberRead.model_validate(row._mapping)
+    if transacting:
+        _require_active(member)
+    return member
 
 
 def get_member_by_id(uow: UnitOfWork, *, member_id: int) -> MemberRead:
@@ -82,14 +88,19 @@ def require_member(
     member = get_member_by_id(uow, member_id=member_id)
     if member.program_id != program_id:
         raise UnknownMember(member_id=member_id)
-    if transacting and member.state != "active":
+    if transacting:
+        _require_active(member)
+    return member
+
+
+def _require_active(member: MemberRead) -> None:
+    if member.state != "active":
         raise StateConflict(
-            problem=f"Member {member_id} is {member.state}: it cannot earn or spend until "
+            problem=f"Member {member.id} is {member.state}: it cannot earn or spend until "
             "staff make it active again.",
-            problem_zh=f"会员 {member_id} 当前状态为 {member.state},"
+            problem_zh=f"会员 {member.id} 当前状态为 {member.state},"
             "恢复正常状态前不能获取或使用积分。",
         )
-    return member
 
 
 def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
@@ -103,15 +114,21 @@ def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, st
 
 
 def rule_facts(
-    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], lock: bool = False
 ) -> dict[int, MemberFacts]:
-    """What earning rules read about each member (no personal numbers are decrypted)."""
-    rows = uow.conn.execute(
+    """What earning rules read about each member (no personal numbers are decrypted); with
+    ``lock``, the members are held as :func:`lock_members` holds them."""
+    query = (
         select(
             members.c.id, members.c.tags, members.c.region, members.c.birthday,
             members.c.created_at,
-        ).where(members.c.program_id == program_id, members.c.id.in_(sorted(set(member_ids))))
-    ).all()  # fmt: skip
+        )
+        .where(members.c.program_id == program_id, members.c.id.in_(sorted(set(member_ids))))
+        .order_by(members.c.id)
+    )  # fmt: skip
+    if lock and uow.dialect == "postgresql":
+        query = query.with_for_update(key_share=True)
+    rows = uow.conn.execute(query).all()
     return {
         row.id: MemberFacts.model_validate({**row._mapping, "tags": list(row.tags or [])})
         for row in rows

@@ -68,7 +68,11 @@ def time_zone(uow: UnitOfWork, *, program_id: int) -> str:
 
 
 def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
-    """The programme's policy; what was never set has its default."""
+    """The programme's policy; what was never set has its default (read once a transaction)."""
+    key = f"settings:{program_id}"
+    if key in uow.local:
+        cached: ProgramSettings = uow.local[key]
+        return cached
     stored = uow.conn.execute(
         select(programs.c.settings).where(programs.c.id == program_id)
     ).scalar_one_or_none()
@@ -76,11 +80,14 @@ def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
         raise UnknownProgram(program=program_id)
     known = set(ProgramSettings.model_fields)
     # A key an older release wrote and this one dropped must not make the settings unreadable.
-    return ProgramSettings.model_validate({k: v for k, v in dict(stored).items() if k in known})
+    settings = ProgramSettings.model_validate({k: v for k, v in dict(stored).items() if k in known})
+    uow.local[key] = settings
+    return settings
 
 
 def set_settings(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> ProgramSettings:
     """Replace the programme's policy (callers go through an approval)."""
+    uow.local.pop(f"settings:{program_id}", None)
     result = uow.conn.execute(
         programs.update()
         .where(programs.c.id == program_id)

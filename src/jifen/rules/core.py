@@ -53,6 +53,10 @@ out. It raises :class:`ConditionFailed` when the expression cannot be evaluated.
 
 _ROUNDING = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING}
 _GRAY_SCALE = 2**64
+_MICRO = 10**6
+"""Rates carry at most six decimals (the schemas say so)."""
+_POINT = 100 * _MICRO
+"""Fen × rate × 10⁶ per point."""
 
 
 class EventRefused(InvalidInput):
@@ -213,6 +217,15 @@ def rounded(value: Fraction | Decimal, rounding: str) -> int:
     return int(as_decimal.to_integral_value(rounding=_ROUNDING[rounding]))
 
 
+def _divide(numerator: int, denominator: int, rounding: str) -> int:
+    """``numerator / denominator`` (neither negative) as whole points by ``rounding``."""
+    if rounding == "floor":
+        return numerator // denominator
+    if rounding == "ceil":
+        return -(-numerator // denominator)
+    return (2 * numerator + denominator) // (2 * denominator)  # half up
+
+
 def in_gray_share(code: str, member_id: int, share: Decimal) -> bool:
     """Whether the member is in the rule's share: a stable hash of the two, so that a member
     stays in (or out) as long as the share does not shrink below it."""
@@ -371,8 +384,10 @@ def _spend_rate(state: _Pass, rule: Rule) -> None:
     if params.stores is not None and event.payload.get("store") not in params.stores:
         state.skip(rule, f"store {event.payload.get('store')!r} not among {sorted(params.stores)}")
         return
+    # In integers: a rate has at most six decimals, so fen × rate × 10⁶ is exact, and the
+    # points are that divided by 10⁸ (fen to yuan, and the rate's decimals).
     eligible = 0
-    exact = Fraction(0)
+    exact = 0
     whole = 0
     for line in event.lines:
         if (
@@ -382,11 +397,11 @@ def _spend_rate(state: _Pass, rule: Rule) -> None:
         ):
             continue
         rate = params.category_rates.get(line.category, params.rate)
-        points = Fraction(line.amount_fen) * Fraction(rate) / 100
+        scaled = line.amount_fen * int(rate * _MICRO)
         eligible += line.amount_fen
-        exact += points
-        whole += rounded(points, params.rounding)
-    total = whole if params.round_each_line else rounded(exact, params.rounding)
+        exact += scaled
+        whole += _divide(scaled, _POINT, params.rounding)
+    total = whole if params.round_each_line else _divide(exact, _POINT, params.rounding)
     if total <= 0:
         state.skip(rule, "no eligible amount")
         return
@@ -591,32 +606,32 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
         if member is None:  # an award can only go to a member whose facts were given
             raise EventRefused(rule=award.rule, problem=f"no facts for member {award.member_id}")
         spec_caps = state.specs[award.rule].caps
-        room: list[tuple[int, str]] = []
+        # (room left, the cap's name and the figures it names): formatted only if it bites.
+        room: list[tuple[int, str, object, object]] = []
         tier_cap = caps.by_tier.get(member.tier or "")
         if tier_cap is not None and tier_cap.day is not None:
             used = member.usage.day + used_day.get(award.member_id, 0)
-            room.append((tier_cap.day - used, f"tier_day ({member.tier}: {tier_cap.day})"))
+            room.append((tier_cap.day - used, "tier_day", member.tier, tier_cap.day))
         if tier_cap is not None and tier_cap.month is not None:
             used = member.usage.month + used_month.get(award.member_id, 0)
-            room.append((tier_cap.month - used, f"tier_month ({member.tier}: {tier_cap.month})"))
+            room.append((tier_cap.month - used, "tier_month", member.tier, tier_cap.month))
         for period, limit in spec_caps.per_member.items():
             used = member.usage.by_rule.get((award.rule, period), 0) + used_rule.get(
                 (award.member_id, award.rule, period), 0
             )
-            room.append((limit - used, f"rule_{period} ({award.rule}: {limit})"))
+            room.append((limit - used, f"rule_{period}", award.rule, limit))
         if spec_caps.budget is not None:
             spent = spent_rule.get(award.rule, 0)
-            room.append(
-                (spec_caps.budget - spent, f"rule_budget ({award.rule}: {spec_caps.budget})")
-            )
+            room.append((spec_caps.budget - spent, "rule_budget", award.rule, spec_caps.budget))
         if caps.budget is not None:
-            room.append((caps.budget - spent_program, f"program_budget ({caps.budget})"))
+            room.append((caps.budget - spent_program, "program_budget", None, caps.budget))
         points, cap = award.wanted, None
-        for left, name in sorted(room, key=lambda item: item[0]):
+        if room:
+            left, name, whose, bound = min(room, key=lambda item: item[0])
             if max(left, 0) < points:
-                points, cap = max(left, 0), name
-            break
-        state.result.awards.append(replace(award, points=points, cap=cap))
+                points = max(left, 0)
+                cap = f"{name} ({whose}: {bound})" if whose is not None else f"{name} ({bound})"
+        state.result.awards.append(award if cap is None else replace(award, points=points, cap=cap))
         used_day[award.member_id] = used_day.get(award.member_id, 0) + points
         used_month[award.member_id] = used_month.get(award.member_id, 0) + points
         for period in spec_caps.per_member:

@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, and_, func, or_, select
+from sqlalchemy import Row, and_, func, select
 
 from jifen.db.uow import UnitOfWork
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
@@ -178,17 +178,17 @@ def list_versions(
 
 
 def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
-    """The rule versions that were live at ``moment``: what an event of that time meets."""
-    rows = uow.conn.execute(
-        select(rule_versions.c.id, rule_versions.c.spec, rule_versions.c.version)
-        .join(rule_activations, rule_activations.c.version_id == rule_versions.c.id)
-        .where(
-            rule_activations.c.program_id == program_id,
-            rule_activations.c.active_from <= moment,
-            or_(rule_activations.c.active_to.is_(None), rule_activations.c.active_to > moment),
-        )
-    ).all()
-    return RuleSet(_compiled(r.id, _canonical(r.spec), r.version) for r in rows)
+    """The rule versions that were live at ``moment``: what an event of that time meets.
+    The programme's activations are read once a transaction (a batch of events shares them)."""
+    key = f"activations:{program_id}"
+    if key not in uow.local:
+        uow.local[key] = activations(uow, program_id=program_id)
+    live = [
+        rule
+        for rule, start, end in uow.local[key]
+        if start <= moment and (end is None or moment < end)
+    ]
+    return RuleSet(live)
 
 
 def activations(
@@ -217,13 +217,19 @@ def _canonical(spec: Mapping[str, Any]) -> str:
 
 
 def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
-    stored = uow.conn.execute(
-        select(earning_caps.c.caps).where(earning_caps.c.program_id == program_id)
-    ).scalar_one_or_none()
-    return ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
+    """The programme's caps (read once a transaction)."""
+    key = f"caps:{program_id}"
+    if key not in uow.local:
+        stored = uow.conn.execute(
+            select(earning_caps.c.caps).where(earning_caps.c.program_id == program_id)
+        ).scalar_one_or_none()
+        uow.local[key] = ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
+    caps: ProgramCaps = uow.local[key]
+    return caps
 
 
 def set_caps(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> ProgramCaps:
+    uow.local.pop(f"caps:{program_id}", None)
     values = {"caps": caps.model_dump(mode="json"), "updated_at": uow.clock.now()}
     changed = uow.conn.execute(
         earning_caps.update().where(earning_caps.c.program_id == program_id).values(**values)
@@ -307,6 +313,7 @@ def _move(uow: UnitOfWork, version_id: int, expected: str, **values: Any) -> Non
 
 
 def _activate(uow: UnitOfWork, program_id: int, version_id: int, start: datetime) -> None:
+    uow.local.pop(f"activations:{program_id}", None)
     uow.conn.execute(
         rule_activations.insert(),
         {"version_id": version_id, "program_id": program_id, "active_from": start},
@@ -314,6 +321,8 @@ def _activate(uow: UnitOfWork, program_id: int, version_id: int, start: datetime
 
 
 def _close_activation(uow: UnitOfWork, version_id: int, end: datetime) -> None:
+    for key in [k for k in uow.local if k.startswith("activations:")]:
+        del uow.local[key]
     open_ = and_(
         rule_activations.c.version_id == version_id, rule_activations.c.active_to.is_(None)
     )
