@@ -16,8 +16,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pyotp
@@ -44,6 +46,7 @@ from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
 from jifen.demo import service as demo_service
 from jifen.errors import JifenError
+from jifen.events import service as events_service
 from jifen.events import stream as event_stream
 from jifen.imports import service as imports
 from jifen.imports.core import Kind
@@ -619,6 +622,39 @@ def rules_load(
              f"已向 {program} 载入 {len(versions)} 条规则({state_word})"),
         markup=False,
     )  # fmt: skip
+
+
+events_app = typer.Typer(help="Events raised by jifen itself.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("birthdays")
+def events_birthdays(
+    program: RequiredProgram,
+    on: Annotated[
+        str | None,
+        typer.Option("--date", help="The day (YYYY-MM-DD); default: today in the programme."),
+    ] = None,
+) -> None:
+    """Raise member.birthday for the members born on a day (run daily; running it twice
+    raises nothing twice)."""
+    with _database() as database:
+        _require_schema(database)
+        program_id = _program_id(database, program)
+        assert program_id is not None
+        if on is None:
+            zone = database.run(lambda uow: programs.time_zone(uow, program_id=program_id))
+            day = database.clock.now().astimezone(ZoneInfo(zone)).date()
+        else:
+            try:
+                day = date.fromisoformat(on)
+            except ValueError:
+                raise fail(
+                    "invalid_input", f"--date: {on!r} is not a date like 2026-06-18"
+                ) from None
+        raised = events_service.raise_birthdays(database, program_id=program_id, day=day)
+    out.print(_say(f"{raised} birthday events raised for {day}",
+                   f"已为 {day} 生成 {raised} 个生日事件"), markup=False)  # fmt: skip
 
 
 @app.command("worker")

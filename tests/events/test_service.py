@@ -3,7 +3,7 @@ ledger, replays, rule versions by event time, caps across events, refunds, bad e
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,10 +15,12 @@ from jifen.errors import IdempotencyConflict, InvalidInput, JifenError, StateCon
 from jifen.events import service
 from jifen.events.models import events
 from jifen.events.schemas import EventIn, EventResult
+from jifen.members import service as members
+from jifen.members.schemas import MemberUpdate
 from jifen.points import service as points
 from jifen.rules import service as rules
 from jifen.rules.core import EventRefused
-from jifen.rules.schemas import ProgramCaps, RuleSpec
+from jifen.rules.schemas import EventTypeDeclare, ProgramCaps, RuleSpec
 from jifen.tiers import service as tiers
 from jifen.tiers.schemas import TierDef
 from tests.factories import assert_ledger_sound, new_members, new_program
@@ -443,3 +445,66 @@ def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
     assert paused.status == "paused" and paused.active_to is not None
     with pytest.raises(StateConflict):
         db.run(lambda uow: rules.pause(uow, program_id=program.id, version_id=version))
+
+
+def test_custom_events_must_match_their_declared_fields(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(
+        db,
+        program.id,
+        "tree",
+        {"kind": "per_unit", "field": "trees", "points_per_unit": "20"},
+        events_=("custom.tree_planted",),
+    )
+    now = db.clock.now()
+    with pytest.raises(InvalidInput, match="not declared in this programme"):
+        send(db, program.id, member, "custom.tree_planted", now, "t0", trees=2)
+    declared = EventTypeDeclare.model_validate(
+        {"fields": {"trees": {"type": "integer"}, "site": {"type": "string", "required": False}}}
+    )
+    db.run(
+        lambda uow: rules.declare_event_type(
+            uow, program_id=program.id, name="custom.tree_planted", body=declared
+        )
+    )
+    for bad, field in (
+        ({"trees": "two"}, "payload.trees"),
+        ({}, "payload.trees"),
+        ({"trees": 2, "colour": "green"}, "payload.colour"),
+    ):
+        with pytest.raises(InvalidInput, match=field.replace(".", r"\.")):
+            send(db, program.id, member, "custom.tree_planted", now, "t1", **bad)
+    planted = send(db, program.id, member, "custom.tree_planted", now, "t1", trees=3, site="东湖")
+    assert planted.points == 60
+    assert _count(db, program.id) == 1
+
+
+def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
+    program = new_program(db)
+    june, leap, other = new_members(db, program.id, 3)
+    for member, born in (
+        (june, date(1990, 6, 2)),
+        (leap, date(2000, 2, 29)),
+        (other, date(1985, 6, 3)),
+    ):
+        db.run(
+            lambda uow, m=member, b=born: members.update_profile(
+                uow, program_id=program.id, member_id=m, body=MemberUpdate(birthday=b)
+            )
+        )
+    activate(
+        db,
+        program.id,
+        "gift",
+        {"kind": "birthday_gift", "by_tier": {}, "default": 200},
+        events_=("member.birthday",),
+    )
+    assert isinstance(db.clock, ManualClock)
+    db.clock.set(datetime(2026, 6, 2, 9, 0, tzinfo=UTC))
+    assert service.raise_birthdays(db, program_id=program.id, day=date(2026, 6, 2), chunk=1) == 1
+    assert service.raise_birthdays(db, program_id=program.id, day=date(2026, 6, 2)) == 0
+    assert (balance(db, june).balance, balance(db, other).balance) == (200, 0)
+    db.clock.set(datetime(2027, 3, 1, 9, 0, tzinfo=UTC))
+    assert service.raise_birthdays(db, program_id=program.id, day=date(2027, 2, 28)) == 1
+    assert balance(db, leap).balance == 200

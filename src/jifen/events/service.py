@@ -10,20 +10,22 @@ earned in the proportion of the money refunded.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from functools import lru_cache
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import Row, RowMapping, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from jifen.db.uow import UnitOfWork
+from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import IdempotencyConflict, InvalidInput, UnknownEvent
 from jifen.events.models import event_awards, events, member_counters
 from jifen.events.schemas import (
@@ -42,7 +44,7 @@ from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
-from jifen.rules.schemas import ProgramCaps, RuleSpec
+from jifen.rules.schemas import EventTypeRead, ProgramCaps, RuleSpec
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
@@ -53,10 +55,13 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 # --------------------------------------------------------------------------- validation
 
 
-def parse_payload(event_type: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The payload checked against the event type's schema, as plain JSON values;
-    InvalidInput naming the field otherwise."""
-    model = CATALOGUE.get(event_type)
+def parse_payload(
+    event_type: str, payload: Mapping[str, Any], declared: EventTypeRead | None = None
+) -> dict[str, Any]:
+    """The payload checked against the event type's schema (for ``custom.<name>``, the one
+    the programme ``declared``), as plain JSON values; InvalidInput naming the field
+    otherwise."""
+    model: type[BaseModel] | None = CATALOGUE.get(event_type)
     if model is None and not event_type.startswith("custom."):
         known = ", ".join(sorted(CATALOGUE))
         raise InvalidInput(
@@ -65,16 +70,56 @@ def parse_payload(event_type: str, payload: Mapping[str, Any]) -> dict[str, Any]
             problem_zh=f"未知的事件类型 {event_type!r};可用类型:{known},或 custom.<名称>",
         )
     if model is None:
-        plain: dict[str, Any] = json.loads(json.dumps(dict(payload), default=str))
-        return plain
+        if declared is None:
+            raise InvalidInput(
+                field="type",
+                problem=f"{event_type!r} is not declared in this programme; declare its "
+                f"fields first (PUT …/event-types/{event_type})",
+                problem_zh=f"本计划尚未声明事件类型 {event_type!r};"
+                f"请先声明其字段(PUT …/event-types/{event_type})",
+            )
+        model = _custom_model(event_type, declared.model_dump_json())
     try:
-        return model.model_validate(dict(payload)).model_dump(mode="json")
+        parsed = model.model_validate(dict(payload))
+        return parsed.model_dump(mode="json", exclude_none=declared is not None)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in ("payload", *first["loc"]))
         raise InvalidInput(
             field=where, problem=first["msg"], problem_zh=f"取值不符合要求({first['msg']})"
         ) from exc
+
+
+_FIELD_TYPES: dict[str, Any] = {
+    "string": Annotated[str, Field(max_length=2000)],
+    "integer": Annotated[int, Field(ge=-(2**62), le=2**62)],
+    "number": Annotated[float, Field(allow_inf_nan=False)],
+    "boolean": bool,
+}
+
+
+@lru_cache(maxsize=1024)
+def _custom_model(name: str, declared_json: str) -> type[BaseModel]:
+    """A model of a declared custom event type (cached by its declaration)."""
+    declared = EventTypeRead.model_validate_json(declared_json)
+    fields: dict[str, Any] = {
+        field: (
+            _FIELD_TYPES[spec.type] if spec.required else _FIELD_TYPES[spec.type] | None,
+            ... if spec.required else None,
+        )
+        for field, spec in declared.fields.items()
+    }
+    model: type[BaseModel] = create_model(
+        name.replace(".", "_"), __config__=ConfigDict(extra="forbid", strict=True), **fields
+    )
+    return model
+
+
+def _parsed(uow: UnitOfWork, program_id: int, event: EventIn) -> dict[str, Any]:
+    declared = None
+    if event.type.startswith("custom."):
+        declared = rules_service.event_type(uow, program_id=program_id, name=event.type)
+    return parse_payload(event.type, event.payload, declared)
 
 
 def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
@@ -105,7 +150,7 @@ def ingest(
 ) -> EventResult:
     """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction;
     the postings record ``origin``, the merchant and store they were made for."""
-    payload = parse_payload(event.type, event.payload)
+    payload = _parsed(uow, program_id, event)
     if event.occurred_at > uow.clock.now() + FUTURE_TOLERANCE:
         raise InvalidInput(
             field="occurred_at",
@@ -330,7 +375,7 @@ def dry_run(
 ) -> core.Evaluation:
     """What ``event`` would earn under ``specs`` (or the rules live at its time), with the
     members' facts as they are now; nothing is stored or posted."""
-    payload = parse_payload(event.type, event.payload)
+    payload = _parsed(uow, program_id, event)
     member_id = _member_id(uow, program_id, event)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     if specs is None:
@@ -668,6 +713,44 @@ def _result(
         skipped=skipped or [],
         replayed=replayed,
     )
+
+
+# --------------------------------------------------------------------------- birthdays
+
+
+def raise_birthdays(db: Database, *, program_id: int, day: date, chunk: int = 500) -> int:
+    """Send ``member.birthday`` for every active member born on ``day`` (in the programme's
+    calendar; those born on 29 February on the 28th in other years), at the start of that
+    day, a chunk of members a transaction. Keyed by member and year: running it again for
+    the same day raises nothing new. Returns the events raised this time."""
+    zone = ZoneInfo(db.run(lambda uow: programs_service.time_zone(uow, program_id=program_id)))
+    start = datetime(day.year, day.month, day.day, tzinfo=zone)
+    days = {day.day}
+    if day.month == 2 and day.day == 28 and not calendar.isleap(day.year):
+        days.add(29)
+    raised, after = 0, 0
+    while True:
+
+        def one_chunk(uow: UnitOfWork, after: int = after) -> tuple[int, int | None]:
+            ids = members_service.born_on(
+                uow, program_id=program_id, month=day.month, days=days, after_id=after,
+                limit=chunk,
+            )  # fmt: skip
+            made = 0
+            for member_id in ids:
+                event = EventIn(
+                    source="jifen", external_id=f"birthday:{member_id}:{day.year}",
+                    type="member.birthday", occurred_at=start, member_id=member_id,
+                    payload={"year": day.year},
+                )  # fmt: skip
+                made += not ingest(uow, program_id=program_id, event=event).replayed
+            return made, (ids[-1] if len(ids) == chunk else None)
+
+        made, after_next = db.run(one_chunk)
+        raised += made
+        if after_next is None:
+            return raised
+        after = after_next
 
 
 # --------------------------------------------------------------------------- backtest

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, func, select
+from sqlalchemy import Text, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.uow import UnitOfWork
@@ -147,6 +147,32 @@ def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
         .order_by(members.c.id)
         .with_for_update(key_share=True)
     )
+
+
+def born_on(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    month: int,
+    days: Iterable[int],
+    after_id: int = 0,
+    limit: int = 500,
+) -> list[int]:
+    """Active members whose birthday is on ``month`` and one of ``days``, in id order after
+    ``after_id`` (a chunk at a time)."""
+    rows = uow.conn.execute(
+        select(members.c.id)
+        .where(
+            members.c.program_id == program_id,
+            members.c.state == "active",
+            extract("month", members.c.birthday) == month,
+            extract("day", members.c.birthday).in_(sorted(set(days))),
+            members.c.id > after_id,
+        )
+        .order_by(members.c.id)
+        .limit(limit)
+    ).scalars()
+    return [int(member_id) for member_id in rows]
 
 
 def count_members(uow: UnitOfWork, *, program_id: int) -> int:

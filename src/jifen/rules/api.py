@@ -20,6 +20,8 @@ from jifen.events import service as events_service
 from jifen.events.schemas import BacktestIn, BacktestReport, EventIn
 from jifen.rules import service
 from jifen.rules.schemas import (
+    EventTypeDeclare,
+    EventTypeRead,
     ProgramCaps,
     RuleActivate,
     RuleSpec,
@@ -231,6 +233,39 @@ def backtest(
     return ctx.db.run(
         lambda uow: events_service.backtest(uow, program_id=ctx.program_id, request=body),
         read_only=True,
+    )
+
+
+class EventTypeList(BaseModel):
+    items: list[EventTypeRead]
+
+
+@router.get("/programs/{program}/event-types", response_model=EventTypeList)
+def list_event_types(
+    program: str, ctx: Annotated[Context, Depends(Read("rules.read"))]
+) -> EventTypeList:
+    """The programme's custom event types and their fields."""
+    return EventTypeList(
+        items=ctx.db.run(
+            lambda uow: service.list_event_types(uow, program_id=ctx.program_id), read_only=True
+        )
+    )
+
+
+@router.put("/programs/{program}/event-types/{name}", response_model=EventTypeRead)
+def declare_event_type(
+    program: str,
+    name: Annotated[str, Path(pattern=r"^custom\.[a-z][a-z0-9_]{0,55}$")],
+    body: EventTypeDeclare,
+    ctx: Annotated[Context, Depends(Write("rules.write"))],
+) -> JSONResponse:
+    """Declare the fields of ``custom.<name>`` events (their type, whether required); an
+    event of the type that does not match is refused with the field."""
+    return ctx.execute(
+        lambda uow: service.declare_event_type(
+            uow, program_id=ctx.program_id, name=name, body=body
+        ),
+        target=f"event_type:{name}",
     )
 
 

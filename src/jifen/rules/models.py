@@ -71,3 +71,13 @@ rule_budgets = Table(
     ),
     Column("spent", BigInteger, nullable=False, server_default="0"),
 )
+
+event_types = Table(
+    "event_types",
+    metadata,
+    Column("program_id", BigId, ForeignKey("programs.id"), primary_key=True),
+    Column("name", String(64), primary_key=True, comment="custom.<name>"),
+    Column("fields", JSON, nullable=False, comment="field name → {type, required}"),
+    Column("description", String(500), nullable=False, server_default=""),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)

@@ -262,6 +262,32 @@ class RuleActivate(RequestBody):
     activate_at: AwareDatetime | None = None
 
 
+FieldType = Literal["string", "integer", "number", "boolean"]
+CustomName = Annotated[
+    str, Field(min_length=8, max_length=64, pattern=r"^custom\.[a-z][a-z0-9_]*$")
+]
+
+
+class CustomField(RequestBody):
+    type: FieldType
+    required: bool = True
+
+
+class EventTypeDeclare(RequestBody):
+    """The payload of a ``custom.<name>`` event: its fields, their types, which are required.
+    An event of the type with a field missing, unknown or of another type is refused."""
+
+    fields: Annotated[
+        dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")], CustomField],
+        Field(max_length=50),
+    ] = Field(default_factory=dict)
+    description: Annotated[str, Field(max_length=500)] = ""
+
+
+class EventTypeRead(EventTypeDeclare):
+    name: str
+
+
 class RulePack(RequestBody):
     """A programme's earning scheme as data: its tiers, its caps and its rules, loaded
     through the same use cases an operator's requests go through."""
@@ -269,6 +295,10 @@ class RulePack(RequestBody):
     description: Annotated[str, Field(max_length=2000)] = ""
     tiers: Annotated[list[TierDef], Field(max_length=50)] = Field(default_factory=list)
     caps: ProgramCaps | None = None
+    event_types: Annotated[dict[CustomName, EventTypeDeclare], Field(max_length=100)] = Field(
+        default_factory=dict
+    )
+    """The custom events its rules read."""
     rules: Annotated[list[RuleSpec], Field(min_length=1, max_length=500)]
 
     @model_validator(mode="after")

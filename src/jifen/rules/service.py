@@ -21,8 +21,21 @@ from jifen.db.uow import UnitOfWork
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
 from jifen.rules import conditions
 from jifen.rules.core import Rule, RuleSet
-from jifen.rules.models import earning_caps, rule_activations, rule_budgets, rule_versions
-from jifen.rules.schemas import ProgramCaps, RulePack, RuleSpec, RuleVersionRead
+from jifen.rules.models import (
+    earning_caps,
+    event_types,
+    rule_activations,
+    rule_budgets,
+    rule_versions,
+)
+from jifen.rules.schemas import (
+    EventTypeDeclare,
+    EventTypeRead,
+    ProgramCaps,
+    RulePack,
+    RuleSpec,
+    RuleVersionRead,
+)
 from jifen.tiers import service as tiers_service
 
 PROGRAM_BUDGET = "*"
@@ -399,6 +412,8 @@ def load_pack(
         tiers_service.set_tiers(uow, program_id=program_id, definitions=pack.tiers)
     if pack.caps is not None:
         set_caps(uow, program_id=program_id, caps=pack.caps)
+    for name, declared in pack.event_types.items():
+        declare_event_type(uow, program_id=program_id, name=name, body=declared)
     versions = []
     for spec in pack.rules:
         version = create_version(uow, program_id=program_id, spec=spec, created_by=actor)
@@ -407,3 +422,49 @@ def load_pack(
             version = approve(uow, program_id=program_id, version_id=version.id, approved_by=actor)
         versions.append(version)
     return versions
+
+
+# --------------------------------------------------------------------------- custom events
+
+
+def declare_event_type(
+    uow: UnitOfWork, *, program_id: int, name: str, body: EventTypeDeclare
+) -> EventTypeRead:
+    """Declare (or change) the payload of the programme's ``custom.<name>`` events."""
+    values = {
+        "fields": {k: v.model_dump() for k, v in body.fields.items()},
+        "description": body.description,
+        "updated_at": uow.clock.now(),
+    }
+    changed = uow.conn.execute(
+        event_types.update()
+        .where(event_types.c.program_id == program_id, event_types.c.name == name)
+        .values(**values)
+    ).rowcount
+    if not changed:
+        uow.conn.execute(event_types.insert(), {"program_id": program_id, "name": name, **values})
+    uow.local.pop(f"event_types:{program_id}", None)
+    return EventTypeRead(name=name, fields=body.fields, description=body.description)
+
+
+def list_event_types(uow: UnitOfWork, *, program_id: int) -> list[EventTypeRead]:
+    """The programme's custom event types (read once a transaction)."""
+    key = f"event_types:{program_id}"
+    if key not in uow.local:
+        rows = uow.conn.execute(
+            select(event_types)
+            .where(event_types.c.program_id == program_id)
+            .order_by(event_types.c.name)
+        ).all()
+        uow.local[key] = [
+            EventTypeRead(name=r.name, fields=r.fields, description=r.description) for r in rows
+        ]
+    declared: list[EventTypeRead] = uow.local[key]
+    return declared
+
+
+def event_type(uow: UnitOfWork, *, program_id: int, name: str) -> EventTypeRead | None:
+    for declared in list_event_types(uow, program_id=program_id):
+        if declared.name == name:
+            return declared
+    return None

@@ -140,6 +140,20 @@ def upgrade() -> None:
         batch_op.create_index("ix_events_subject", ["program_id", "subject", "type"], unique=False)
 
     op.create_table(
+        "event_types",
+        sa.Column(
+            "program_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column("name", sa.String(length=64), nullable=False, comment="custom.<name>"),
+        sa.Column("fields", sa.JSON(), nullable=False, comment="field name → {type, required}"),
+        sa.Column("description", sa.String(length=500), server_default="", nullable=False),
+        sa.Column("updated_at", jifen.db.base.UTCDateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["program_id"], ["programs.id"], name=op.f("fk_event_types_program_id_programs")
+        ),
+        sa.PrimaryKeyConstraint("program_id", "name", name=op.f("pk_event_types")),
+    )
+    op.create_table(
         "member_counters",
         sa.Column(
             "member_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
@@ -327,6 +341,7 @@ def downgrade() -> None:
 
     op.drop_table("rule_activations")
     op.drop_table("rule_versions")
+    op.drop_table("event_types")
     op.drop_table("member_tiers")
     op.drop_table("member_counters")
     with op.batch_alter_table("events", schema=None) as batch_op:
