@@ -165,7 +165,19 @@ def test_sending_an_event_twice_changes_nothing(db: Database) -> None:
         lines=lines(("T1", "日用品", 200)),
     )
     assert again.replayed and again.awards == first.awards and again.id == first.id
+    assert again.skipped == first.skipped  # the why is kept with the event
     assert balance(db, member).balance == 200
+    with pytest.raises(InvalidInput, match="order 'A1' was already sent as event pos:o1"):
+        send(
+            db,
+            program.id,
+            member,
+            "order.paid",
+            now,
+            "o1-again",
+            order_id="A1",
+            lines=lines(("T1", "日用品", 200)),
+        )
     with pytest.raises(IdempotencyConflict):
         send(
             db,

@@ -40,6 +40,13 @@ events = Table(
         comment="an order's amount paid in money, or the amount a refund gives back",
     ),
     Column("points", BigInteger, nullable=False, server_default="0"),
+    Column(
+        "skipped",
+        JSON,
+        nullable=False,
+        server_default="[]",
+        comment="the rules that did not fire, and why",
+    ),
     UniqueConstraint("program_id", "source", "external_id"),
     Index("ix_events_subject", "program_id", "subject", "type"),
     Index("ix_events_member", "member_id", "occurred_at"),

@@ -161,7 +161,7 @@ class EventResult(BaseModel):
     """Points posted for it (negative for a refund's take-back)."""
     awards: list[AwardRead]
     skipped: list[dict[str, str]] = Field(default_factory=list)
-    """Rules that did not fire, and why (only when it was first evaluated)."""
+    """Rules that did not fire, and why."""
     replayed: bool = False
 
 

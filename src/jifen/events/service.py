@@ -173,6 +173,8 @@ def ingest(
     member_id = _member_id(uow, program_id, event, transacting=True)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     subject, amount = _order_fields(event.type, payload)
+    if event.type == "order.paid":
+        _refuse_second_order(uow, program_id, str(subject))
     event_id = int(
         uow.conn.execute(
             events.insert().returning(events.c.id),
@@ -210,6 +212,26 @@ def ingest(
         awards=awards,
         skipped=skipped,
     )
+
+
+def _refuse_second_order(uow: UnitOfWork, program_id: int, order_id: str) -> None:
+    """An order earns once: the same order id sent again under another event id is refused
+    (a till that retries must keep the event's id)."""
+    earlier = uow.conn.execute(
+        select(events.c.source, events.c.external_id).where(
+            events.c.program_id == program_id,
+            events.c.subject == order_id,
+            events.c.type == "order.paid",
+        )
+    ).first()
+    if earlier is not None:
+        raise InvalidInput(
+            field="payload.order_id",
+            problem=f"order {order_id!r} was already sent as event {earlier.source}:"
+            f"{earlier.external_id}; resend that event to get its result",
+            problem_zh=f"订单 {order_id!r} 已作为事件 {earlier.source}:{earlier.external_id} "
+            "发送过;如需结果请重发该事件",
+        )
 
 
 def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) -> core.Event:
@@ -483,8 +505,9 @@ def _evaluate_and_post(
     for (member_id, event_type), streak in result.streaks.items():
         _keep_streak(uow, member_id, event_type, streak)
     total = sum(points for award, points, _ in posted if not award.held)
-    _set_points(uow, event_id, total)
-    return stored, total, [{"rule": s.rule, "why": s.why} for s in result.skipped]
+    skipped = [{"rule": s.rule, "why": s.why} for s in result.skipped]
+    _set_outcome(uow, event_id, total, skipped)
+    return stored, total, skipped
 
 
 def _store_awards(
@@ -542,9 +565,12 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _set_points(uow: UnitOfWork, event_id: int, total: int) -> None:
-    if total:
-        uow.conn.execute(events.update().where(events.c.id == event_id).values(points=total))
+def _set_outcome(uow: UnitOfWork, event_id: int, total: int, skipped: list[dict[str, str]]) -> None:
+    """Keep on the event what it posted and why the other rules did not fire."""
+    if total or skipped:
+        uow.conn.execute(
+            events.update().where(events.c.id == event_id).values(points=total, skipped=skipped)
+        )
 
 
 def _refund(
@@ -651,7 +677,7 @@ def _refund(
         day,
     )
     total = -sum(due for _, due in dues)
-    _set_points(uow, event_id, total)
+    _set_outcome(uow, event_id, total, [])
     return stored, total, []
 
 
@@ -710,7 +736,7 @@ def _result(
         occurred_at=row.occurred_at,
         points=int(row.points),
         awards=[_award_read(a._mapping) for a in awards],
-        skipped=skipped or [],
+        skipped=list(row.skipped or []) if skipped is None else skipped,
         replayed=replayed,
     )
 

@@ -121,6 +121,13 @@ def upgrade() -> None:
             comment="an order's amount paid in money, or the amount a refund gives back",
         ),
         sa.Column("points", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column(
+            "skipped",
+            sa.JSON(),
+            server_default="[]",
+            nullable=False,
+            comment="the rules that did not fire, and why",
+        ),
         sa.ForeignKeyConstraint(
             ["member_id"], ["members.id"], name=op.f("fk_events_member_id_members")
         ),
