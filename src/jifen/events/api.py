@@ -50,6 +50,7 @@ def send_batch(
     reason) does not keep the others out."""
 
     def work(uow: UnitOfWork) -> BatchResult:
+        service.lock_for_batch(uow, program_id=ctx.program_id, batch=body.events)
         items: list[BatchItem] = []
         for index, event in enumerate(body.events):
             try:

@@ -215,6 +215,13 @@ def apply_batch(uow: UnitOfWork, items: Sequence[Incoming]) -> list[Outcome]:
     became of each. Errors that concern the whole transaction (a lost race, the connection
     gone) are raised: :meth:`Database.run` retries the former, the worker hands the whole
     batch back for the latter."""
+    by_program: dict[str, list[EventIn]] = {}
+    for item in items:
+        if item.event is not None:
+            by_program.setdefault(item.program_code, []).append(item.event)
+    for code in sorted(by_program):
+        with suppress(JifenError):  # an unknown programme is refused below, event by event
+            service.lock_for_batch(uow, program_id=_program_id(uow, code), batch=by_program[code])
     outcomes: list[Outcome] = []
     for item in items:
         if item.event is None:

@@ -191,6 +191,11 @@ def _commit(
 
     def work(uow: UnitOfWork) -> _Outcome:
         outcome = _Outcome()  # built afresh if the transaction is retried
+        events_service.lock_for_batch(
+            uow,
+            program_id=program_id,
+            batch=[r.request for r in records if isinstance(r.request, EventIn)],
+        )
         for record in records:
             try:
                 with uow.conn.begin_nested():

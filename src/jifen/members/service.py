@@ -135,6 +135,19 @@ def rule_facts(
     }
 
 
+def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dict[str, int]:
+    """The ids of the members with these references (those that exist)."""
+    wanted = sorted(set(refs))
+    if not wanted:
+        return {}
+    rows = uow.conn.execute(
+        select(members.c.external_ref, members.c.id).where(
+            members.c.program_id == program_id, members.c.external_ref.in_(wanted)
+        )
+    ).all()
+    return {ref: int(member_id) for ref, member_id in rows}
+
+
 def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
     """Hold the members' rows (in id order, so that two transactions cannot wait on each
     other) until the transaction ends: one change of a member's facts at a time. SQLite's
