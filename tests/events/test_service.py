@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import func, select
@@ -520,3 +521,43 @@ def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database
     db.clock.set(datetime(2027, 3, 1, 9, 0, tzinfo=UTC))
     assert service.raise_birthdays(db, program_id=program.id, day=date(2027, 2, 28)) == 1
     assert balance(db, leap).balance == 200
+
+
+def test_late_events_keep_the_validity_they_would_have_had(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATES)
+    assert isinstance(db.clock, ManualClock)
+    earned_at = db.clock.now() + timedelta(hours=1)
+    db.clock.set(earned_at + timedelta(days=200))  # sent 200 days late: still valid
+    late = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        earned_at,
+        "late",
+        order_id="L1",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    (lot,) = db.run(lambda uow: points.member_lots(uow, member_id=member))
+    assert late.points == 100 and lot.expires_at is not None
+    shanghai = ZoneInfo("Asia/Shanghai")  # the end of the programme's day, a year after
+    assert (
+        lot.expires_at.astimezone(shanghai).date()
+        == (earned_at.astimezone(shanghai) + timedelta(days=7 + 365 + 1)).date()
+    )
+    db.clock.set(earned_at + timedelta(days=400))  # past its validity: nothing to post
+    stale = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        earned_at,
+        "stale",
+        order_id="S1",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    (award,) = stale.awards
+    assert (stale.points, award.points, award.cap) == (0, 0, "expired before it was recorded")
+    assert balance(db, member).balance == 100

@@ -459,15 +459,15 @@ def _evaluate_and_post(
 
     settings = programs_service.get_settings(uow, program_id=program_id)
     now = uow.clock.now()
-    available_at = None
+    # When the points become available, in the event's own time: an order's after the
+    # return window. Validity counts from then, so an event sent late (an import of last
+    # year's orders) earns points that expire when they would have.
+    usable_from = event.occurred_at
     if event.type == "order.paid" and settings.return_window_days:
-        pending_until = event.occurred_at + timedelta(days=settings.return_window_days)
-        available_at = pending_until if pending_until > now else None
+        usable_from += timedelta(days=settings.return_window_days)
+    available_at = usable_from if usable_from > now else None
     expires_at = programs_service.default_expiry(
-        uow,
-        program_id=program_id,
-        start=max(available_at or now, event.occurred_at),
-        days=settings.default_validity_days,
+        uow, program_id=program_id, start=usable_from, days=settings.default_validity_days
     )
     # What each award posts: nothing held, nothing that would be expired already.
     posted: list[tuple[core.Award, int, str | None]] = []
