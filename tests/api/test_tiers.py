@@ -99,7 +99,7 @@ def test_a_tier_multiplier_multiplies_that_members_order_points(
     cart = order("A", ("T1", "日用品", 1000))
     # when each orders 1,000 yuan
     sent = {
-        member: shop.earn(shop.event(member, f"o{member}", cart))
+        member: shop.earn(shop.event(member, f"o{member}", {**cart, "order_id": f"o{member}"}))
         for member in (shop.alice, shop.bob, carol)
     }
     # then the tier's factor multiplies the base points
