@@ -3,6 +3,8 @@ ledger, replays, rule versions by event time, caps across events, refunds, bad e
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -561,3 +563,143 @@ def test_late_events_keep_the_validity_they_would_have_had(db: Database) -> None
     (award,) = stale.awards
     assert (stale.points, award.points, award.cap) == (0, 0, "expired before it was recorded")
     assert balance(db, member).balance == 100
+
+
+def test_a_late_event_sees_what_its_month_already_earned(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATES, caps={"per_member": {"month": 100}})
+    day20 = datetime(2026, 1, 20, 4, 0, tzinfo=UTC)
+    first = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        day20,
+        "o20",
+        order_id="20",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    late = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        day20 - timedelta(days=10),
+        "o10",
+        order_id="10",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    assert (first.points, late.points) == (100, 0)
+    assert late.awards[0].cap == "rule_month (base: 100)"
+
+
+def test_a_refund_gives_no_room_under_todays_cap(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATES, caps={"per_member": {"day": 100}})
+    yesterday = datetime(2026, 1, 5, 4, 0, tzinfo=UTC)
+    today = yesterday + timedelta(days=1)
+    send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        yesterday,
+        "o1",
+        order_id="1",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        today,
+        "o2",
+        order_id="2",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    send(db, program.id, member, "order.refunded", today, "r1", order_id="1", whole=True)
+    again = send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        today,
+        "o3",
+        order_id="3",
+        lines=lines(("T1", "日用品", 100)),
+    )
+    assert again.points == 0 and again.awards[0].cap == "rule_day (base: 100)"
+
+
+def test_text_with_a_nul_byte_is_refused_before_it_reaches_the_database() -> None:
+    with pytest.raises(ValueError, match="external_id"):
+        EventIn(
+            source="pos",
+            external_id="a\x00b",
+            type="member.checked_in",
+            occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+            member_id=1,
+        )
+
+
+def _concurrently(count: int, work: Callable[[int], None]) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            work(n)
+        except BaseException as exc:  # the test reports what each thread met
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_one_order_sent_at_once_under_eight_event_ids_earns_once(pg: Database) -> None:
+    program = new_program(pg)
+    (member,) = new_members(pg, program.id, 1)
+    activate(pg, program.id, "base", RATES)
+    now = pg.clock.now()
+    errors = _concurrently(
+        8,
+        lambda n: send(
+            pg,
+            program.id,
+            member,
+            "order.paid",
+            now,
+            f"retry-{n}",
+            order_id="SAME",
+            lines=lines(("T1", "日用品", 100)),
+        ),
+    )
+    assert len(errors) == 7 and all(isinstance(e, InvalidInput) for e in errors), errors
+    assert balance(pg, member).balance == 100
+    assert_ledger_sound(pg, program.id)
+
+
+def test_a_budget_holds_from_its_first_spend_under_concurrency(pg: Database) -> None:
+    program = new_program(pg)
+    members_ = new_members(pg, program.id, 6)
+    activate(
+        pg,
+        program.id,
+        "launch",
+        {"kind": "fixed", "points": 60},
+        caps={"budget": 100},
+        events_=("member.checked_in",),
+    )
+    now = pg.clock.now()
+    errors = _concurrently(
+        6, lambda n: send(pg, program.id, members_[n], "member.checked_in", now, f"c{n}")
+    )
+    assert errors == []
+    assert sum(balance(pg, m).balance for m in members_) == 100  # 60 + 40, then nothing
+    assert_ledger_sound(pg, program.id)

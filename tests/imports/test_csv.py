@@ -188,3 +188,16 @@ def test_events_file_and_a_bad_header(db: Database, tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.csv", ["external_id", "kind"], [["1", "x"]])
     with pytest.raises(InvalidInput, match=r"missing column.*type.*unknown column.*kind"):
         imports.run_import(db, program_id=program.id, kind="events", path=bad)
+
+
+def test_a_misshapen_order_row_is_rejected_alone(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    rows = order_rows(2)
+    rows.insert(1, ["short", "c0"])
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
+    assert (report.records, report.accepted, report.refused) == (3, 2, 1)
+    assert '3,row,invalid_input,"has 2 fields' in (tmp_path / "orders.errors.csv").read_text()
+    assert sum(balances(db, ids).values()) == 700

@@ -229,7 +229,7 @@ def test_per_unit_hours_and_quiz_answers() -> None:
     assert run(Event("q", "quiz.answered", NOON, 1, {"correct_answers": 4}), quiz) == {"quiz": 40}
     with pytest.raises(EventRefused, match="hours"):
         run(Event("a", "activity.attended", NOON, 1, {}), hours)
-    with pytest.raises(EventRefused, match="0 or more"):
+    with pytest.raises(EventRefused, match="from 0 to"):
         run(Event("a", "activity.attended", NOON, 1, {"hours": -1}), hours)
 
 
@@ -541,3 +541,24 @@ def test_a_window_must_end_after_it_starts() -> None:
             starts_at=start,
             ends_at=(NOON - timedelta(days=1)).isoformat(),
         )
+
+
+def test_a_late_check_in_neither_grows_nor_resets_the_run() -> None:
+    ladder = rule("checkin", CHECK_IN, events=("member.checked_in",))
+    facts = Facts(1, streaks={"member.checked_in": Streak(date(2026, 3, 4), 4)})
+    late = Event("c-late", "member.checked_in", datetime(2026, 3, 2, 9, tzinfo=SHANGHAI), 1)
+    result = evaluate(late, RuleSet([ladder]), PROGRAM, {1: facts})
+    assert result.total == 0 and result.streaks == {}
+    assert "before the run's last day 2026-03-04" in result.skipped[0].why
+
+
+def test_an_award_too_large_refuses_the_event() -> None:
+    huge = rule(
+        "huge",
+        {"kind": "per_unit", "field": "n", "points_per_unit": "1000"},
+        events=("custom.big",),
+    )
+    with pytest.raises(EventRefused, match="more than"):
+        run(Event("b", "custom.big", NOON, 1, {"n": 10**10}), huge)
+    with pytest.raises(EventRefused, match="from 0 to"):
+        run(Event("b", "custom.big", NOON, 1, {"n": "1e999999"}), huge)

@@ -39,6 +39,8 @@ RACE_CONSTRAINTS = (
     "idempotency_records.scope, idempotency_records.key",
     "uq_events_program_id_source_external_id",  # an event sent twice at once
     "events.program_id, events.source, events.external_id",
+    "uq_events_once",  # one order (or birthday) sent twice at once under two event ids
+    "events.program_id, events.subject",
 )
 
 

@@ -15,9 +15,14 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    text,
 )
 
 from jifen.db.base import BigId, UTCDateTime, metadata
+
+ONCE = "type IN ('order.paid', 'member.birthday')"
+"""Events that happen once: an order is paid once, a member has one birthday a year (their
+``subject`` is the order id, or the member and the year)."""
 
 events = Table(
     "events",
@@ -49,6 +54,14 @@ events = Table(
     ),
     UniqueConstraint("program_id", "source", "external_id"),
     Index("ix_events_subject", "program_id", "subject", "type"),
+    Index(
+        "uq_events_once",
+        "program_id",
+        "subject",
+        unique=True,
+        postgresql_where=text(ONCE),
+        sqlite_where=text(ONCE),
+    ),
     Index("ix_events_member", "member_id", "occurred_at"),
 )
 

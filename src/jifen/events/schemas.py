@@ -9,16 +9,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from jifen.api.schemas import Instant, RequestBody
+from jifen.api.schemas import NO_NUL, Instant, RequestBody
 from jifen.rules.schemas import RuleSpec
 
 Fen = Annotated[int, Field(ge=0, le=10**12)]
-Ref = Annotated[str, Field(min_length=1, max_length=128)]
+Ref = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
+Short = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
 class OrderLineIn(RequestBody):
     sku: Ref
-    category: Annotated[str, Field(min_length=1, max_length=64)] = "default"
+    category: Short = "default"
     quantity: Annotated[int, Field(ge=1, le=10**6)] = 1
     amount_fen: Fen
     """What the line cost in money, after discounts."""
@@ -28,8 +29,8 @@ class OrderLineIn(RequestBody):
 
 class OrderPaid(RequestBody):
     order_id: Ref
-    store: Annotated[str, Field(max_length=64)] | None = None
-    channel: Annotated[str, Field(max_length=32)] = "store"
+    store: Short | None = None
+    channel: Annotated[str, Field(min_length=1, max_length=32, pattern=NO_NUL)] = "store"
     pickup: bool = False
     """Collected in store (到店核销)."""
     lines: Annotated[list[OrderLineIn], Field(min_length=1, max_length=500)]
@@ -74,7 +75,7 @@ class ReviewFeatured(RequestBody):
 class ReferralCompleted(RequestBody):
     """The invited member (the event's member) completed its first order."""
 
-    inviter_member_id: Annotated[int, Field(ge=1)]
+    inviter_member_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
 class QuizAnswered(RequestBody):
@@ -121,7 +122,9 @@ class EventIn(RequestBody):
     source: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
     """The sending system (pos, app, crm): with ``external_id``, what makes the event unique."""
     external_id: Ref
-    type: Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[a-z_]+\.[a-z_.]+$")]
+    type: Annotated[
+        str, Field(min_length=3, max_length=64, pattern=r"^[a-z][a-z0-9_]*\.[a-z0-9_.]+$")
+    ]
     occurred_at: Instant
     member_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
     member_ref: Ref | None = None

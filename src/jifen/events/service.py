@@ -25,6 +25,7 @@ from sqlalchemy import Row, RowMapping, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from jifen.api.schemas import NO_NUL
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import IdempotencyConflict, InvalidInput, UnknownEvent
 from jifen.events.models import event_awards, events, member_counters
@@ -91,7 +92,7 @@ def parse_payload(
 
 
 _FIELD_TYPES: dict[str, Any] = {
-    "string": Annotated[str, Field(max_length=2000)],
+    "string": Annotated[str, Field(max_length=2000, pattern=NO_NUL)],
     "integer": Annotated[int, Field(ge=-(2**62), le=2**62)],
     "number": Annotated[float, Field(allow_inf_nan=False)],
     "boolean": bool,
@@ -172,9 +173,15 @@ def ingest(
 
     member_id = _member_id(uow, program_id, event, transacting=True)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    subject, amount = _order_fields(event.type, payload)
-    if event.type == "order.paid":
-        _refuse_second_order(uow, program_id, str(subject))
+    # The event's members are held from here to the commit: one event of a member at a
+    # time, so that the checks and the facts read below stay true until it is written.
+    inviter = payload.get("inviter_member_id")
+    members_service.lock_members(
+        uow, member_ids=[member_id, *([inviter] if isinstance(inviter, int) else [])]
+    )
+    subject, amount = _order_fields(event.type, payload, member_id)
+    if event.type in ("order.paid", "member.birthday"):
+        _refuse_twice(uow, program_id, event.type, str(subject))
     event_id = int(
         uow.conn.execute(
             events.insert().returning(events.c.id),
@@ -214,24 +221,30 @@ def ingest(
     )
 
 
-def _refuse_second_order(uow: UnitOfWork, program_id: int, order_id: str) -> None:
-    """An order earns once: the same order id sent again under another event id is refused
-    (a till that retries must keep the event's id)."""
+def _refuse_twice(uow: UnitOfWork, program_id: int, event_type: str, subject: str) -> None:
+    """An order earns once, a birthday once a year: the same one under another event id is
+    refused (a sender that retries must keep the event's id)."""
     earlier = uow.conn.execute(
         select(events.c.source, events.c.external_id).where(
             events.c.program_id == program_id,
-            events.c.subject == order_id,
-            events.c.type == "order.paid",
+            events.c.subject == subject,
+            events.c.type == event_type,
         )
     ).first()
-    if earlier is not None:
-        raise InvalidInput(
-            field="payload.order_id",
-            problem=f"order {order_id!r} was already sent as event {earlier.source}:"
-            f"{earlier.external_id}; resend that event to get its result",
-            problem_zh=f"订单 {order_id!r} 已作为事件 {earlier.source}:{earlier.external_id} "
-            "发送过;如需结果请重发该事件",
-        )
+    if earlier is None:
+        return
+    what, what_zh = (
+        (f"order {subject!r}", f"订单 {subject!r}")
+        if event_type == "order.paid"
+        else (f"the birthday {subject!r}", f"生日 {subject!r}")
+    )
+    raise InvalidInput(
+        field="payload.order_id" if event_type == "order.paid" else "payload.year",
+        problem=f"{what} was already sent as event {earlier.source}:{earlier.external_id}; "
+        "resend that event to get its result",
+        problem_zh=f"{what_zh} 已作为事件 {earlier.source}:{earlier.external_id} "
+        "发送过;如需结果请重发该事件",
+    )
 
 
 def lock_for_batch(uow: UnitOfWork, *, program_id: int, batch: Sequence[EventIn]) -> None:
@@ -250,6 +263,7 @@ def lock_for_batch(uow: UnitOfWork, *, program_id: int, batch: Sequence[EventIn]
         if isinstance(inviter, int) and not isinstance(inviter, bool):
             ids.add(inviter)
     members_service.lock_members(uow, member_ids=ids)
+    rules_service.lock_budgets(uow, program_id=program_id)
 
 
 def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) -> core.Event:
@@ -273,12 +287,16 @@ def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) ->
     )
 
 
-def _order_fields(event_type: str, payload: Mapping[str, Any]) -> tuple[str | None, int | None]:
+def _order_fields(
+    event_type: str, payload: Mapping[str, Any], member_id: int
+) -> tuple[str | None, int | None]:
     if event_type == "order.paid":
         order = OrderPaid.model_validate(payload)
         return order.order_id, sum(li.amount_fen for li in order.lines if not li.paid_with_points)
     if event_type == "order.refunded":
         return OrderRefunded.model_validate(payload).order_id, None
+    if event_type == "member.birthday":
+        return f"{member_id}:{payload['year']}", None
     return None, None
 
 
@@ -328,16 +346,20 @@ def facts_of(
 def _usage(uow: UnitOfWork, member_id: int, day: date, codes: set[str]) -> core.Usage:
     """Points awarded to the member (held ones aside) on ``day``, in its week and month, and
     by rule over those periods and its whole life."""
+    # Whole periods, not up to the event's day: an event that arrives late (its day earlier
+    # than awards already made) still sees everything its week and month have earned.
     month_start = day.replace(day=1)
+    month_end = (month_start + timedelta(days=32)).replace(day=1) - timedelta(days=1)
     week_start = day - timedelta(days=day.weekday())
-    since = min(month_start, week_start)
+    week_end = week_start + timedelta(days=6)
+    since, until = min(month_start, week_start), max(month_end, week_end)
     rows = uow.conn.execute(
         select(event_awards.c.rule_code, event_awards.c.local_day, func.sum(event_awards.c.points))
         .where(
             event_awards.c.member_id == member_id,
             event_awards.c.held.is_(False),
             event_awards.c.local_day >= since,
-            event_awards.c.local_day <= day,
+            event_awards.c.local_day <= until,
         )
         .group_by(event_awards.c.rule_code, event_awards.c.local_day)
     ).all()
@@ -349,10 +371,10 @@ def _usage(uow: UnitOfWork, member_id: int, day: date, codes: set[str]) -> core.
         if when == day:
             total_day += points
             periods.append("day")
-        if when >= month_start:
+        if month_start <= when <= month_end:
             total_month += points
             periods.append("month")
-        if when >= week_start:
+        if week_start <= when <= week_end:
             periods.append("week")
         if code in codes:
             for period in periods:
@@ -602,7 +624,7 @@ def _refund(
             events.c.subject == refund.order_id,
             events.c.type == "order.paid",
         )
-    ).one_or_none()
+    ).first()
     if order is None:
         raise InvalidInput(
             field="payload.order_id",
@@ -630,7 +652,6 @@ def _refund(
             field="payload", problem=f"order {refund.order_id!r} has nothing left to refund"
         )
     uow.conn.execute(events.update().where(events.c.id == event_id).values(amount_fen=amount))
-    day = core.local_day(event.occurred_at, zone)
     originals = uow.conn.execute(
         select(event_awards).where(
             event_awards.c.event_id == order.id,
@@ -670,30 +691,35 @@ def _refund(
             reason=f"order {refund.order_id} refunded",
             actor=ACTOR,
         ).id
-    stored = _store_awards(
-        uow,
-        program_id,
-        event_id,
-        [
-            (
-                core.Award(
-                    rule=o.rule_code,
-                    version=o.rule_version,
-                    kind="reversal",
-                    member_id=o.member_id,
-                    points=-due,
-                    wanted=-due,
-                    detail={"order_id": refund.order_id, "refunded_fen": amount},
-                ),
-                -due,
-                None,
-                reversals[int(o.posting_id)],
-                o.id,
-            )
-            for o, due in dues
-        ],
-        day,
-    )
+    # A reversal counts on the day of the award it takes back, so that a refund gives no
+    # room under today's caps (nor the lifetime's) to earn again.
+    stored: list[AwardRead] = []
+    for original_day in sorted({o.local_day for o, _ in dues}):
+        stored += _store_awards(
+            uow,
+            program_id,
+            event_id,
+            [
+                (
+                    core.Award(
+                        rule=o.rule_code,
+                        version=o.rule_version,
+                        kind="reversal",
+                        member_id=o.member_id,
+                        points=-due,
+                        wanted=-due,
+                        detail={"order_id": refund.order_id, "refunded_fen": amount},
+                    ),
+                    -due,
+                    None,
+                    reversals[int(o.posting_id)],
+                    o.id,
+                )
+                for o, due in dues
+                if o.local_day == original_day
+            ],
+            original_day,
+        )
     total = -sum(due for _, due in dues)
     _set_outcome(uow, event_id, total, [])
     return stored, total, []

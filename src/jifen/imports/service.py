@@ -166,12 +166,24 @@ def _records(
             yield line, {h: v.strip() for h, v in zip(header, values, strict=True)}
 
     if kind == "orders":
-        for item in order_records(rows(), source):
+        misshapen: list[_Rejected] = []
+
+        def well_formed() -> Iterator[tuple[int, dict[str, str]]]:
+            for line, row in rows():
+                if "" in row:
+                    misshapen.append(_Rejected((line,), "row", row[""]))
+                else:
+                    yield line, row
+
+        for item in order_records(well_formed(), source):
+            yield from misshapen
+            misshapen.clear()
             if isinstance(item, Record):
                 yield item
             else:
                 lines, exc = item
                 yield _Rejected(lines, exc.column, exc.reason)
+        yield from misshapen
         return
     for line, row in rows():
         if "" in row:

@@ -53,6 +53,8 @@ out. It raises :class:`ConditionFailed` when the expression cannot be evaluated.
 
 _ROUNDING = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING}
 _GRAY_SCALE = 2**64
+MAX_AWARD = 10**12
+"""No award is larger: a rule that computes more refuses the event rather than overflow."""
 _MICRO = 10**6
 """Rates carry at most six decimals (the schemas say so)."""
 _POINT = 100 * _MICRO
@@ -307,6 +309,11 @@ class _Pass:
 
     def award(self, rule: Rule, points: int, *, member_id: int | None = None,
               held: bool = False, **detail: Any) -> None:  # fmt: skip
+        if points > MAX_AWARD:
+            raise EventRefused(
+                rule=rule.spec.code,
+                problem=f"computes {points} points, more than the {MAX_AWARD} an award may be",
+            )
         self.specs[rule.spec.code] = rule.spec
         self.wanted.append(
             Award(
@@ -420,11 +427,13 @@ def _number(state: _Pass, rule: Rule, name: str) -> Decimal:
         raise EventRefused(rule=rule.spec.code, problem=f"the event needs a number in {name!r}")
     try:
         number = Decimal(str(value))
-    except ArithmeticError as exc:
-        raise EventRefused(rule=rule.spec.code, problem=f"{name!r} is not a number") from exc
-    if not number.is_finite() or number < 0:
-        raise EventRefused(rule=rule.spec.code, problem=f"{name!r} must be 0 or more")
-    return number
+        if not number.is_finite() or number < 0 or number > MAX_AWARD:
+            raise ValueError(number)
+        return number
+    except (ArithmeticError, ValueError) as exc:
+        raise EventRefused(
+            rule=rule.spec.code, problem=f"{name!r} must be a number from 0 to {MAX_AWARD}"
+        ) from exc
 
 
 def _per_unit(state: _Pass, rule: Rule) -> None:
@@ -488,8 +497,15 @@ def _streak(state: _Pass, rule: Rule) -> None:
     today = local_day(event.occurred_at, state.program.zone)
     key = (member.member_id, event.type)
     current = state.result.streaks.get(key) or member.streaks.get(event.type)
-    if current is not None and current.last_day == today and key not in state.result.streaks:
-        state.skip(rule, f"already counted on {today}")
+    if current is not None and current.last_day >= today and key not in state.result.streaks:
+        # the same day again, or a day before the run's last (an event that came late): the
+        # run neither grows nor goes back
+        state.skip(
+            rule,
+            f"already counted on {today}"
+            if current.last_day == today
+            else f"{today} is before the run's last day {current.last_day}",
+        )
         return
     if key in state.result.streaks:  # a second streak rule on the same event: same run
         length = state.result.streaks[key].length

@@ -23,8 +23,10 @@ Points = Annotated[int, Field(ge=0, le=10**9)]
 PositivePoints = Annotated[int, Field(ge=1, le=10**9)]
 Rate = Annotated[Decimal, Field(ge=0, le=10**6, max_digits=12, decimal_places=6)]
 Factor = Annotated[Decimal, Field(ge=1, le=100, max_digits=8, decimal_places=4)]
-Name = Annotated[str, Field(min_length=1, max_length=64)]
-EventType = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_]+\.[a-z_.]+$")]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00]*$")]
+EventType = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*\.[a-z0-9_.]+$")
+]
 
 
 class SpendRate(RequestBody):

@@ -16,6 +16,8 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Row, and_, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jifen.db.uow import UnitOfWork
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
@@ -260,6 +262,13 @@ def budgets_spent(
     both take the last points of a budget."""
     if not codes:
         return {}
+    if lock:  # a budget's row exists before it is locked: the first two spends queue too
+        insert = postgresql_insert if uow.dialect == "postgresql" else sqlite_insert
+        uow.conn.execute(
+            insert(rule_budgets)
+            .values([{"program_id": program_id, "rule_code": code, "spent": 0} for code in codes])
+            .on_conflict_do_nothing()
+        )
     query = (
         select(rule_budgets.c.rule_code, rule_budgets.c.spent)
         .where(rule_budgets.c.program_id == program_id, rule_budgets.c.rule_code.in_(codes))
@@ -268,6 +277,19 @@ def budgets_spent(
     if lock and uow.dialect == "postgresql":
         query = query.with_for_update()
     return {r.rule_code: int(r.spent) for r in uow.conn.execute(query).all()}
+
+
+def lock_budgets(uow: UnitOfWork, *, program_id: int) -> None:
+    """Hold every budget row of the programme, in code order (a batch of events takes them
+    before any event does, so two batches cannot hold them in opposite orders)."""
+    if uow.dialect != "postgresql":
+        return
+    uow.conn.execute(
+        select(rule_budgets.c.rule_code)
+        .where(rule_budgets.c.program_id == program_id)
+        .order_by(rule_budgets.c.rule_code)
+        .with_for_update()
+    )
 
 
 def add_to_budgets(uow: UnitOfWork, *, program_id: int, spent: Mapping[str, int]) -> None:

@@ -145,6 +145,13 @@ def upgrade() -> None:
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index("ix_events_member", ["member_id", "occurred_at"], unique=False)
         batch_op.create_index("ix_events_subject", ["program_id", "subject", "type"], unique=False)
+        batch_op.create_index(
+            "uq_events_once",
+            ["program_id", "subject"],
+            unique=True,
+            postgresql_where=sa.text("type IN ('order.paid', 'member.birthday')"),
+            sqlite_where=sa.text("type IN ('order.paid', 'member.birthday')"),
+        )
 
     op.create_table(
         "event_types",
@@ -352,6 +359,7 @@ def downgrade() -> None:
     op.drop_table("member_tiers")
     op.drop_table("member_counters")
     with op.batch_alter_table("events", schema=None) as batch_op:
+        batch_op.drop_index("uq_events_once")
         batch_op.drop_index("ix_events_subject")
         batch_op.drop_index("ix_events_member")
 
