@@ -7,6 +7,11 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+"""The times jifen stores lie between these: the far ends of the calendar cannot be shifted
+to UTC or stored, and no real date is near them."""
+
 
 class Clock(Protocol):
     def now(self) -> datetime:

@@ -450,3 +450,21 @@ def test_finance_reads_rules_and_events_but_writes_neither(
     assert shop.version(draft["id"])["status"] == "draft"
     assert shop.version(version["id"])["status"] == "active"
     assert shop.balance(shop.alice)["balance"] == 10
+
+
+def test_a_rules_author_cannot_approve_it_even_when_another_submitted_it(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    author = support.staff(db, "super_admin", program_id=shop.program.id)
+    # the author drafts, the operator submits
+    draft = body(shop.post("/rules", rule("base", RATES), author), 201)
+    filed = shop.submit(draft["id"])
+    # the author may decide approvals, but not of its own rule: refused, still pending
+    refused = shop.decide(filed["id"], "approve", author)
+    assert refused.status_code == 403, refused.text
+    assert "another person must approve it" in refused.json()["detail"]
+    assert shop.version(draft["id"])["status"] == "submitted"
+    # a reviewer, a second person, approves it
+    body(shop.decide(filed["id"], "approve"), 200)
+    assert shop.version(draft["id"])["status"] == "active"

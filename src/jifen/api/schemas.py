@@ -7,6 +7,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
+from jifen.clock import EARLIEST, LATEST
+
 T = TypeVar("T")
 
 
@@ -26,8 +28,7 @@ class Page(BaseModel, Generic[T]):
 
 LIMIT = Field(50, ge=1, le=200, description="Items per page.")
 
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+__all__ = ["EARLIEST", "LATEST"]  # with the shapes below; defined beside the clock
 
 
 def _in_range(value: datetime) -> datetime:

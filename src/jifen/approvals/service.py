@@ -94,6 +94,10 @@ def approve(
     uow: UnitOfWork, *, approval_id: int, program_id: int, decided_by: int, note: str = ""
 ) -> ApprovalRead:
     """Approve and execute the request, once. A refused execution leaves it ``failed``."""
+    filed = _row(uow, program_id, approval_id)
+    check = _BEFORE_APPROVING.get(filed.action)
+    if check is not None and filed.requested_by != decided_by and filed.status == "pending":
+        check(uow, filed, decided_by)
     row = _decide(uow, program_id, approval_id, decided_by, note, "approved")
     execute = _EXECUTORS[row.action]
     try:
@@ -211,14 +215,28 @@ def _settings(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
 
 def _approve_rule(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     activate_at = row.params.get("activate_at")
+    decider = _decider(uow, row)
     version = rules_service.approve(
         uow,
         program_id=row.program_id,
         version_id=row.params["version_id"],
-        approved_by=_decider(uow, row),
+        approved_by=decider,
         activate_at=datetime.fromisoformat(activate_at) if activate_at else None,
     )
     return {"rule": version.model_dump(mode="json")}
+
+
+def _not_the_rules_author(uow: UnitOfWork, row: Row[Any], decided_by: int) -> None:
+    """Whoever submitted it, a rule's author is no second person to approve it."""
+    draft = rules_service.get_version(
+        uow, program_id=row.program_id, version_id=row.params["version_id"]
+    )
+    if draft.created_by == f"staff:{auth_service.get_staff(uow, staff_id=decided_by).username}":
+        raise Forbidden(
+            problem=f"You wrote rule {draft.code} version {draft.version}; another person "
+            "must approve it.",
+            problem_zh=f"规则 {draft.code} 第 {draft.version} 版由您编写,须由他人审批。",
+        )
 
 
 def _reject_rule(uow: UnitOfWork, row: Row[Any]) -> None:
@@ -246,6 +264,11 @@ _EXECUTORS: dict[str, Callable[[UnitOfWork, Row[Any]], dict[str, Any]]] = {
     "rules.approve": _approve_rule,
     "rules.caps": _caps,
 }
+
+_BEFORE_APPROVING: dict[str, Callable[[UnitOfWork, Row[Any], int], None]] = {
+    "rules.approve": _not_the_rules_author,
+}
+"""Checks that refuse an approval and leave the request pending for someone else."""
 
 _ON_REJECT: dict[str, Callable[[UnitOfWork, Row[Any]], None]] = {
     "rules.approve": _reject_rule,

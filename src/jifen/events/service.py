@@ -159,17 +159,9 @@ def ingest(
             "has happened (a sender's clock may be at most 5 minutes fast)",
         )
     request_hash = _fingerprint(event, payload)
-    stored = uow.conn.execute(
-        select(events).where(
-            events.c.program_id == program_id,
-            events.c.source == event.source,
-            events.c.external_id == event.external_id,
-        )
-    ).one_or_none()
-    if stored is not None:
-        if stored.request_hash != request_hash:
-            raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
-        return _result(uow, stored, replayed=True)
+    replay = _replay(uow, program_id, event, request_hash)
+    if replay is not None:
+        return replay
 
     member_id = _member_id(uow, program_id, event, transacting=True)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
@@ -179,6 +171,9 @@ def ingest(
     members_service.lock_members(
         uow, member_ids=[member_id, *([inviter] if isinstance(inviter, int) else [])]
     )
+    replay = _replay(uow, program_id, event, request_hash)  # a twin may have committed meanwhile
+    if replay is not None:
+        return replay
     subject, amount = _order_fields(event.type, payload, member_id)
     if event.type in ("order.paid", "member.birthday"):
         _refuse_twice(uow, program_id, event.type, str(subject))
@@ -219,6 +214,25 @@ def ingest(
         awards=awards,
         skipped=skipped,
     )
+
+
+def _replay(
+    uow: UnitOfWork, program_id: int, event: EventIn, request_hash: str
+) -> EventResult | None:
+    """The stored result when this event was taken in before; a conflict when its id was
+    used for another event."""
+    stored = uow.conn.execute(
+        select(events).where(
+            events.c.program_id == program_id,
+            events.c.source == event.source,
+            events.c.external_id == event.external_id,
+        )
+    ).one_or_none()
+    if stored is None:
+        return None
+    if stored.request_hash != request_hash:
+        raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
+    return _result(uow, stored, replayed=True)
 
 
 def _refuse_twice(uow: UnitOfWork, program_id: int, event_type: str, subject: str) -> None:

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import select
 
-from jifen.api.schemas import LATEST
+from jifen.clock import LATEST
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
