@@ -703,3 +703,74 @@ def test_a_budget_holds_from_its_first_spend_under_concurrency(pg: Database) -> 
     assert errors == []
     assert sum(balance(pg, m).balance for m in members_) == 100  # 60 + 40, then nothing
     assert_ledger_sound(pg, program.id)
+
+
+def test_a_refund_takes_back_what_its_lines_earned(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", {**RATES, "excluded_categories": ["烟酒"]})
+    activate(db, program.id, "full", {"kind": "threshold", "min_amount_fen": 30_000, "points": 200})
+    now = db.clock.now()
+    # 日用品 100 yuan (100 points), 家电 100 yuan (300), 烟酒 100 yuan (nothing); 满300 +200
+    send(
+        db,
+        program.id,
+        member,
+        "order.paid",
+        now,
+        "o1",
+        order_id="A1",
+        lines=lines(("T1", "日用品", 100), ("TV", "家电", 100), ("W1", "烟酒", 100)),
+    )
+    assert balance(db, member).balance == 600
+    # the tobacco back: the spend award loses nothing, the bonus a third (its money share)
+    tobacco = send(
+        db,
+        program.id,
+        member,
+        "order.refunded",
+        now,
+        "r1",
+        order_id="A1",
+        lines=[{"sku": "W1", "amount_fen": 10_000}],
+    )
+    assert {a.rule: a.points for a in tobacco.awards} == {"full": -67}
+    # the television back: its 300 points, and the bonus's second third
+    tv = send(
+        db,
+        program.id,
+        member,
+        "order.refunded",
+        now,
+        "r2",
+        order_id="A1",
+        lines=[{"sku": "TV", "amount_fen": 10_000}],
+    )
+    assert {a.rule: a.points for a in tv.awards} == {"base": -300, "full": -66}
+    # a line the order does not have, or more than a line cost, is refused
+    with pytest.raises(InvalidInput, match="not a line of order"):
+        send(
+            db,
+            program.id,
+            member,
+            "order.refunded",
+            now,
+            "r3",
+            order_id="A1",
+            lines=[{"sku": "XX", "amount_fen": 1}],
+        )
+    with pytest.raises(InvalidInput, match="more than the 10000 it cost"):
+        send(
+            db,
+            program.id,
+            member,
+            "order.refunded",
+            now,
+            "r4",
+            order_id="A1",
+            lines=[{"sku": "TV", "amount_fen": 1}],
+        )
+    rest = send(db, program.id, member, "order.refunded", now, "r5", order_id="A1", whole=True)
+    assert rest.points == -(100 + 67)
+    assert balance(db, member).balance == 0
+    assert_ledger_sound(db, program.id)

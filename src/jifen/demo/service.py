@@ -101,8 +101,8 @@ class _History:
 
     program_id: int = 0
     members: list[int] = field(default_factory=list)
-    orders: list[tuple[str, int, int, int]] = field(default_factory=list)
-    """(order id, member, first line's amount in fen, day) of orders that may be returned."""
+    orders: list[tuple[str, int, dict[str, Any], int]] = field(default_factory=list)
+    """(order id, member, its first line, day) of orders that may be returned."""
     spends: list[int] = field(default_factory=list)
     freezes: list[tuple[int, int]] = field(default_factory=list)  # (freeze id, day)
     refused: Counter[str] = field(default_factory=Counter)
@@ -273,7 +273,7 @@ def _one_action(
             "pickup": rng.random() < 0.2,
         }  # fmt: skip
         _event(uow, history, who, "order.paid", now, payload)
-        history.orders.append((order_id, who, int(lines[0]["amount_fen"]), day))
+        history.orders.append((order_id, who, lines[0], day))
     elif roll < 0.72:  # a redemption
         spent = points.spend(
             uow, member_id=who, amount=rng.choice([100, 200, 500, 1000]),
@@ -292,7 +292,9 @@ def _one_action(
         # has spent meanwhile and cannot cover becomes a debt.
         order_id, buyer, first_line, _ = history.orders.pop(rng.randrange(len(history.orders)))
         whole = rng.random() < 0.6
-        returned = [] if whole else [{"sku": "returned", "amount_fen": first_line}]
+        returned = (
+            [] if whole else [{"sku": first_line["sku"], "amount_fen": first_line["amount_fen"]}]
+        )
         payload = {"order_id": order_id, "whole": whole, "lines": returned}
         _event(uow, history, buyer, "order.refunded", now, payload)
     elif roll < 0.88:  # points given to another member

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from fractions import Fraction
 from functools import lru_cache
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -648,20 +649,47 @@ def _refund(
         raise InvalidInput(
             field="member", problem=f"order {refund.order_id!r} belongs to another member"
         )
-    paid = int(order.amount_fen or 0)
-    earlier = int(
-        uow.conn.execute(
-            select(func.coalesce(func.sum(events.c.amount_fen), 0)).where(
-                events.c.program_id == program_id,
-                events.c.subject == refund.order_id,
-                events.c.type == "order.refunded",
-                events.c.id != event_id,
+    # Money by sku: what the order paid (lines bought with points earned nothing), and what
+    # the refunds so far, this one included, gave back.
+    paid_by_sku: dict[str, int] = {}
+    for bought in OrderPaid.model_validate(order.payload).lines:
+        if not bought.paid_with_points:
+            paid_by_sku[bought.sku] = paid_by_sku.get(bought.sku, 0) + bought.amount_fen
+    paid = sum(paid_by_sku.values())
+    refunded_by_sku: dict[str, int] = {}
+    earlier_whole = False
+    earlier_refunds = uow.conn.execute(
+        select(events.c.payload).where(
+            events.c.program_id == program_id,
+            events.c.subject == refund.order_id,
+            events.c.type == "order.refunded",
+            events.c.id != event_id,
+        )
+    ).scalars()
+    for earlier_payload in earlier_refunds:
+        before = OrderRefunded.model_validate(earlier_payload)
+        earlier_whole = earlier_whole or before.whole
+        for back in before.lines:
+            refunded_by_sku[back.sku] = refunded_by_sku.get(back.sku, 0) + back.amount_fen
+    earlier = paid if earlier_whole else min(paid, sum(refunded_by_sku.values()))
+    for index, line in enumerate(refund.lines):
+        if line.sku not in paid_by_sku:
+            raise InvalidInput(
+                field=f"payload.lines.{index}.sku",
+                problem=f"{line.sku!r} is not a line of order {refund.order_id!r} paid in money",
             )
-        ).scalar_one()
-    )
-    asked = paid - earlier if refund.whole else sum(line.amount_fen for line in refund.lines)
-    amount = min(asked, paid - earlier)
-    if amount <= 0:
+        refunded_by_sku[line.sku] = refunded_by_sku.get(line.sku, 0) + line.amount_fen
+        if refunded_by_sku[line.sku] > paid_by_sku[line.sku]:
+            raise InvalidInput(
+                field=f"payload.lines.{index}.amount_fen",
+                problem=f"refunds of {line.sku!r} would come to {refunded_by_sku[line.sku]} "
+                f"fen, more than the {paid_by_sku[line.sku]} it cost",
+            )
+    everything = refund.whole or earlier_whole
+    if everything:
+        refunded_by_sku = dict(paid_by_sku)
+    amount = paid - earlier if refund.whole else sum(line.amount_fen for line in refund.lines)
+    if amount <= 0 or earlier >= paid:
         raise InvalidInput(
             field="payload", problem=f"order {refund.order_id!r} has nothing left to refund"
         )
@@ -686,10 +714,18 @@ def _refund(
     )
     dues: list[tuple[Row[Any], int]] = []
     for original in originals:
+        # An award weighs its lines as it was computed (points by sku for a spend rate and
+        # what multiplies it), any other award by the money of each line.
+        weights = (original.detail or {}).get("weights") or paid_by_sku
+        share = (
+            Fraction(1)
+            if everything
+            else core.refunded_share(weights, paid_by_sku, refunded_by_sku)
+        )
         due = core.reversal_due(
             awarded=int(original.points),
-            eligible_fen=paid,
-            refunded_fen=earlier + amount,
+            eligible_fen=share.denominator,
+            refunded_fen=share.numerator,
             already_reversed=-int(taken.get(original.id) or 0),
         )
         if due > 0:

@@ -396,6 +396,7 @@ def _spend_rate(state: _Pass, rule: Rule) -> None:
     eligible = 0
     exact = 0
     whole = 0
+    weights: dict[str, int] = {}
     for line in event.lines:
         if (
             line.paid_with_points
@@ -408,11 +409,13 @@ def _spend_rate(state: _Pass, rule: Rule) -> None:
         eligible += line.amount_fen
         exact += scaled
         whole += _divide(scaled, _POINT, params.rounding)
+        weights[line.sku] = weights.get(line.sku, 0) + scaled
     total = whole if params.round_each_line else _divide(exact, _POINT, params.rounding)
     if total <= 0:
         state.skip(rule, "no eligible amount")
         return
-    state.award(rule, total, eligible_fen=eligible)
+    # What each sku contributed: a refund of some lines takes back their share of the award.
+    state.award(rule, total, eligible_fen=eligible, weights=weights)
 
 
 def _fixed(state: _Pass, rule: Rule) -> None:
@@ -593,18 +596,56 @@ def _multiply(state: _Pass) -> None:
         params = rule.spec.params
         assert isinstance(params, Multiplier)
         by_member: dict[int, int] = {}
+        weights: dict[int, dict[str, int] | None] = {}
         for award in state.wanted:
             if award.kind in params.applies_to or (
                 award.kind == "multiplier" and award.detail.get("base_kinds") == params.applies_to
             ):
                 by_member[award.member_id] = by_member.get(award.member_id, 0) + award.wanted
+                weights[award.member_id] = _merged(
+                    weights.get(award.member_id, {}), award.detail.get("weights")
+                )
         for member_id, base in by_member.items():
             bonus = rounded(Decimal(base) * (factor - 1), params.rounding)
             if bonus > 0:
                 state.award(
-                    rule, bonus, member_id=member_id, factor=str(factor), base=base,
+                    rule,
+                    bonus,
+                    member_id=member_id,
+                    factor=str(factor),
+                    base=base,
                     base_kinds=params.applies_to,
-                )  # fmt: skip
+                    weights=weights.get(member_id),
+                )
+
+
+def _merged(
+    into: dict[str, int] | None, weights: Mapping[str, int] | None
+) -> dict[str, int] | None:
+    """Weights by sku added up; None as soon as one award has none (then a refund weighs
+    the multiplied award by money)."""
+    if into is None or weights is None:
+        return None
+    merged = dict(into)
+    for sku, weight in weights.items():
+        merged[sku] = merged.get(sku, 0) + weight
+    return merged
+
+
+def refunded_share(
+    weights: Mapping[str, int], paid_by_sku: Mapping[str, int], refunded_by_sku: Mapping[str, int]
+) -> Fraction:
+    """The share of an award that refunds so far take back: each sku's weight in the award,
+    times the share of that sku's money refunded (all refunds together)."""
+    total = sum(weights.values())
+    if total <= 0:
+        return Fraction(0)
+    taken = Fraction(0)
+    for sku, weight in weights.items():
+        paid = paid_by_sku.get(sku, 0)
+        if paid > 0:
+            taken += Fraction(weight) * Fraction(min(refunded_by_sku.get(sku, 0), paid), paid)
+    return taken / total
 
 
 def _apply_caps(state: _Pass, budgets: Budgets) -> None:
