@@ -136,6 +136,7 @@ __all__ = [
     "MissingReason",
     "NonPositiveAmount",
     "NotFound",
+    "OrderNotSeen",
     "RateLimited",
     "Refused",
     "SameAccount",
@@ -195,3 +196,12 @@ class UnknownEvent(NotFound):
     code = "unknown_event"
     en = "This programme has no event {event_id}. Check the id."
     zh = "本计划中不存在事件 {event_id}。请检查编号。"
+
+
+class OrderNotSeen(Refused):
+    """A refund of an order jifen has not received (yet): send the order first. The stream
+    hands such a refund back until its order arrives."""
+
+    code = "order_not_seen"
+    en = "No order.paid event for order {order_id!r} has arrived; send the order first."
+    zh = "订单 {order_id!r} 的 order.paid 事件尚未收到;请先发送该订单。"

@@ -185,7 +185,7 @@ def test_a_batch_answers_each_item_and_a_refused_item_leaves_nothing_behind(
     code, detail = refused[4]
     assert code == "unknown_member" and f"no member {10**12}" in detail
     code, detail = refused[5]
-    assert code == "invalid_input" and "no order.paid event for order 'NOPE'" in detail
+    assert code == "order_not_seen" and "No order.paid event for order 'NOPE'" in detail
     # and the refused items left nothing: two events, and only their points
     assert shop.stored_events() == 2
     assert shop.balance(shop.alice)["balance"] == 100

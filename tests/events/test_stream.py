@@ -310,6 +310,9 @@ def test_the_decisions_of_the_door() -> None:
     assert stream.action_for(stream.Applied(1, 10, replayed=True)) is stream.Action.ACK
     assert stream.action_for(stream.Refused("x", "y")) is stream.Action.DEAD_LETTER
     assert stream.action_for(stream.Failed("z")) is stream.Action.RETRY
+    waiting = stream.Waiting(stream.Refused("order_not_seen", "not yet"))
+    assert stream.action_for(waiting, 1) is stream.Action.RETRY
+    assert stream.action_for(waiting, stream.WAIT_DELIVERIES) is stream.Action.DEAD_LETTER
     assert [stream.retry_delay(n) for n in (1, 2, 3, 7, 8, 1000)] == [
         0.5, 1.0, 2.0, 30.0, 30.0, 30.0,
     ]  # fmt: skip
@@ -661,3 +664,36 @@ def test_the_worker_rides_out_a_nats_restart(db: Database, tmp_path: Path) -> No
     assert stats.applied == len(orders)
     assert_each_once(db, program.id, orders)
     assert balances(db, members) == expected_balances(orders, members)
+
+
+def test_a_refund_before_its_order_waits_for_it(db: Database, names: Names) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", RATE)
+    refund = EventIn(
+        source="pos",
+        external_id="r1",
+        type="order.refunded",
+        occurred_at=START,
+        member_id=member,
+        payload={"order_id": "late", "whole": True},
+    )
+    with running(db, names):
+        stream.publish_sync(
+            names.url, program.code, [refund], subject_prefix=names.prefix, stream=names.stream
+        )
+        time.sleep(1.0)  # the refund is tried, and handed back
+        stream.publish_sync(
+            names.url,
+            program.code,
+            [order("late", member, 30)],
+            subject_prefix=names.prefix,
+            stream=names.stream,
+        )
+        # (a message handed back with a delay counts as neither pending nor unacknowledged
+        # while it waits: wait for the refund itself)
+        wait_until("the refund applied", lambda: stored_count(db, program.id) == 2)
+        wait_drained(names)
+    assert balances(db, [member]) == [0]  # earned 30, then taken back
+    assert dead_letters(names) == []
+    assert_ledger_sound(db, program.id)

@@ -28,7 +28,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jifen.api.schemas import NO_NUL
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import IdempotencyConflict, InvalidInput, UnknownEvent
+from jifen.errors import IdempotencyConflict, InvalidInput, OrderNotSeen, UnknownEvent
 from jifen.events.models import event_awards, events, member_counters
 from jifen.events.schemas import (
     CATALOGUE,
@@ -641,10 +641,7 @@ def _refund(
         )
     ).first()
     if order is None:
-        raise InvalidInput(
-            field="payload.order_id",
-            problem=f"no order.paid event for order {refund.order_id!r}; send the order first",
-        )
+        raise OrderNotSeen(order_id=refund.order_id)
     if order.member_id != event.member_id:
         raise InvalidInput(
             field="member", problem=f"order {refund.order_id!r} belongs to another member"

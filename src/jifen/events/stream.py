@@ -142,7 +142,20 @@ class Failed:
     error: str
 
 
-Outcome: TypeAlias = Applied | Refused | Failed
+@dataclass(frozen=True)
+class Waiting:
+    """The event needs another that has not arrived yet (a refund before its order): handed
+    back until it has, or refused after :data:`WAIT_DELIVERIES` tries."""
+
+    refused: Refused
+
+
+WAIT_FOR = frozenset({"order_not_seen"})
+"""Error codes that mean "not yet" rather than "never"."""
+WAIT_DELIVERIES = 20
+"""How often a waiting event is tried (with the growing delay, about eight minutes)."""
+
+Outcome: TypeAlias = Applied | Refused | Failed | Waiting
 
 
 @dataclass(frozen=True)
@@ -172,12 +185,15 @@ class Action(Enum):
     """Hand it back (nak with a delay) to be delivered again."""
 
 
-def action_for(outcome: Outcome) -> Action:
-    """What to tell the server about a message once its batch has committed."""
+def action_for(outcome: Outcome, delivered: int = 1) -> Action:
+    """What to tell the server about a message once its batch has committed (``delivered``:
+    how often it has been delivered, this time included)."""
     if isinstance(outcome, Applied):
         return Action.ACK
     if isinstance(outcome, Refused):
         return Action.DEAD_LETTER
+    if isinstance(outcome, Waiting):
+        return Action.DEAD_LETTER if delivered >= WAIT_DELIVERIES else Action.RETRY
     return Action.RETRY
 
 
@@ -233,7 +249,8 @@ def apply_batch(uow: UnitOfWork, items: Sequence[Incoming]) -> list[Outcome]:
                 program_id = _program_id(uow, item.program_code)
                 result = service.ingest(uow, program_id=program_id, event=item.event)
         except JifenError as exc:
-            outcomes.append(Refused.of(exc))
+            refused = Refused.of(exc)
+            outcomes.append(Waiting(refused) if exc.code in WAIT_FOR else refused)
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, OperationalError | InterfaceError):
                 raise
@@ -599,7 +616,7 @@ async def _handle(
         return False
     # Committed: from here on, each message is settled on its own.
     for msg, item, outcome in zip(msgs, items, outcomes, strict=True):
-        action = action_for(outcome)
+        action = action_for(outcome, msg.metadata.num_delivered)
         if action is Action.ACK:
             assert isinstance(outcome, Applied)
             if outcome.replayed:
@@ -608,13 +625,16 @@ async def _handle(
                 stats.applied += 1
             await _tell(msg.ack())
         elif action is Action.DEAD_LETTER:
-            assert isinstance(outcome, Refused)
-            await _refuse(js, msg, item, outcome, subject_prefix, stats)
+            refused = outcome.refused if isinstance(outcome, Waiting) else outcome
+            assert isinstance(refused, Refused)
+            await _refuse(js, msg, item, refused, subject_prefix, stats)
         else:
-            assert isinstance(outcome, Failed)
-            log.error(
-                "could not apply the message at stream sequence %d (%s); handed back",
-                msg.metadata.sequence.stream, outcome.error,
+            assert isinstance(outcome, Failed | Waiting)
+            reason = outcome.error if isinstance(outcome, Failed) else outcome.refused.message
+            log.log(
+                logging.ERROR if isinstance(outcome, Failed) else logging.INFO,
+                "could not apply the message at stream sequence %d yet (%s); handed back",
+                msg.metadata.sequence.stream, reason,
             )  # fmt: skip
             stats.retried += 1
             await _tell(msg.nak(delay=retry_delay(msg.metadata.num_delivered)))
