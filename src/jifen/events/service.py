@@ -23,11 +23,10 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import Row, RowMapping, func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jifen.api.schemas import NO_NUL
 from jifen.db.uow import Database, UnitOfWork
+from jifen.db.upsert import upsert
 from jifen.errors import IdempotencyConflict, InvalidInput, OrderNotSeen, UnknownEvent
 from jifen.events.models import event_awards, events, member_counters
 from jifen.events.schemas import (
@@ -788,16 +787,8 @@ def _counter(
     new: Mapping[str, Any],
     change: Mapping[str, Any],
 ) -> None:
-    """Insert the member's counter row for ``event_type``, or change the one there (one
-    statement on either backend)."""
-    insert = postgresql_insert if uow.dialect == "postgresql" else sqlite_insert
-    statement = insert(member_counters).values(member_id=member_id, event_type=event_type, **new)
-    uow.conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[member_counters.c.member_id, member_counters.c.event_type],
-            set_=dict(change),
-        )
-    )
+    """Insert the member's counter row for ``event_type``, or change the one there."""
+    upsert(uow, member_counters, {"member_id": member_id, "event_type": event_type, **new}, change)
 
 
 # --------------------------------------------------------------------------- reading

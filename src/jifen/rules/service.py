@@ -16,10 +16,9 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Row, and_, func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jifen.db.uow import UnitOfWork
+from jifen.db.upsert import insert_missing, upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
 from jifen.rules import conditions
 from jifen.rules.core import Rule, RuleSet
@@ -198,12 +197,17 @@ def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     key = f"activations:{program_id}"
     if key not in uow.local:
         uow.local[key] = activations(uow, program_id=program_id)
-    live = [
+    live = tuple(
         rule
         for rule, start, end in uow.local[key]
         if start <= moment and (end is None or moment < end)
-    ]
-    return RuleSet(live)
+    )
+    # Most events of a batch meet the same versions: their rule set is sorted once.
+    sets: dict[tuple[int, ...], RuleSet] = uow.local.setdefault(f"rule_sets:{program_id}", {})
+    identity = tuple(id(rule) for rule in live)
+    if identity not in sets:
+        sets[identity] = RuleSet(live)
+    return sets[identity]
 
 
 def activations(
@@ -245,12 +249,12 @@ def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
 
 def set_caps(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> ProgramCaps:
     uow.local.pop(f"caps:{program_id}", None)
-    values = {"caps": caps.model_dump(mode="json"), "updated_at": uow.clock.now()}
-    changed = uow.conn.execute(
-        earning_caps.update().where(earning_caps.c.program_id == program_id).values(**values)
-    ).rowcount
-    if not changed:
-        uow.conn.execute(earning_caps.insert(), {"program_id": program_id, **values})
+    upsert(
+        uow,
+        earning_caps,
+        {"program_id": program_id, "caps": caps.model_dump(mode="json"),
+         "updated_at": uow.clock.now()},
+    )  # fmt: skip
     return caps
 
 
@@ -263,11 +267,10 @@ def budgets_spent(
     if not codes:
         return {}
     if lock:  # a budget's row exists before it is locked: the first two spends queue too
-        insert = postgresql_insert if uow.dialect == "postgresql" else sqlite_insert
-        uow.conn.execute(
-            insert(rule_budgets)
-            .values([{"program_id": program_id, "rule_code": code, "spent": 0} for code in codes])
-            .on_conflict_do_nothing()
+        insert_missing(
+            uow,
+            rule_budgets,
+            [{"program_id": program_id, "rule_code": code, "spent": 0} for code in codes],
         )
     query = (
         select(rule_budgets.c.rule_code, rule_budgets.c.spent)
@@ -296,16 +299,12 @@ def add_to_budgets(uow: UnitOfWork, *, program_id: int, spent: Mapping[str, int]
     for code, points in sorted(spent.items()):
         if points == 0:
             continue
-        changed = uow.conn.execute(
-            rule_budgets.update()
-            .where(rule_budgets.c.program_id == program_id, rule_budgets.c.rule_code == code)
-            .values(spent=rule_budgets.c.spent + points)
-        ).rowcount
-        if not changed:
-            uow.conn.execute(
-                rule_budgets.insert(),
-                {"program_id": program_id, "rule_code": code, "spent": points},
-            )
+        upsert(
+            uow,
+            rule_budgets,
+            {"program_id": program_id, "rule_code": code, "spent": points},
+            {"spent": rule_budgets.c.spent + points},
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -347,8 +346,14 @@ def _move(uow: UnitOfWork, version_id: int, expected: str, **values: Any) -> Non
         )
 
 
+def _forget_activations(uow: UnitOfWork) -> None:
+    """Drop what this transaction read of the rules' activations (they are changing)."""
+    for key in [k for k in uow.local if k.startswith(("activations:", "rule_sets:"))]:
+        del uow.local[key]
+
+
 def _activate(uow: UnitOfWork, program_id: int, version_id: int, start: datetime) -> None:
-    uow.local.pop(f"activations:{program_id}", None)
+    _forget_activations(uow)
     uow.conn.execute(
         rule_activations.insert(),
         {"version_id": version_id, "program_id": program_id, "active_from": start},
@@ -356,8 +361,7 @@ def _activate(uow: UnitOfWork, program_id: int, version_id: int, start: datetime
 
 
 def _close_activation(uow: UnitOfWork, version_id: int, end: datetime) -> None:
-    for key in [k for k in uow.local if k.startswith("activations:")]:
-        del uow.local[key]
+    _forget_activations(uow)
     open_ = and_(
         rule_activations.c.version_id == version_id, rule_activations.c.active_to.is_(None)
     )
@@ -453,18 +457,17 @@ def declare_event_type(
     uow: UnitOfWork, *, program_id: int, name: str, body: EventTypeDeclare
 ) -> EventTypeRead:
     """Declare (or change) the payload of the programme's ``custom.<name>`` events."""
-    values = {
-        "fields": {k: v.model_dump() for k, v in body.fields.items()},
-        "description": body.description,
-        "updated_at": uow.clock.now(),
-    }
-    changed = uow.conn.execute(
-        event_types.update()
-        .where(event_types.c.program_id == program_id, event_types.c.name == name)
-        .values(**values)
-    ).rowcount
-    if not changed:
-        uow.conn.execute(event_types.insert(), {"program_id": program_id, "name": name, **values})
+    upsert(
+        uow,
+        event_types,
+        {
+            "program_id": program_id,
+            "name": name,
+            "fields": {k: v.model_dump() for k, v in body.fields.items()},
+            "description": body.description,
+            "updated_at": uow.clock.now(),
+        },
+    )
     uow.local.pop(f"event_types:{program_id}", None)
     return EventTypeRead(name=name, fields=body.fields, description=body.description)
 

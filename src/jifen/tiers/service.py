@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from sqlalchemy import delete, select
 
 from jifen.db.uow import UnitOfWork
+from jifen.db.upsert import upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownTier
 from jifen.members import service as members_service
 from jifen.tiers.models import member_tiers, tiers
@@ -43,9 +44,11 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
     uow.conn.execute(delete(tiers).where(tiers.c.program_id == program_id))
     uow.conn.execute(
         tiers.insert(),
-        [{"program_id": program_id, "code": d.code, "name": d.name, "rank": d.rank}
-         for d in definitions],
-    )  # fmt: skip
+        [
+            {"program_id": program_id, "code": d.code, "name": d.name, "rank": d.rank}
+            for d in definitions
+        ],
+    )
     return list_tiers(uow, program_id=program_id)
 
 
@@ -58,14 +61,18 @@ def set_member_tier(
     if tier not in known:
         raise UnknownTier(tier=tier, known=", ".join(known) or "(none defined)")
     now = uow.clock.now()
-    values = {"tier_code": tier, "since": now, "reason": reason, "set_by": set_by}
-    changed = uow.conn.execute(
-        member_tiers.update().where(member_tiers.c.member_id == member_id).values(**values)
-    ).rowcount
-    if not changed:
-        uow.conn.execute(
-            member_tiers.insert(), {"member_id": member_id, "program_id": program_id, **values}
-        )
+    upsert(
+        uow,
+        member_tiers,
+        {
+            "member_id": member_id,
+            "program_id": program_id,
+            "tier_code": tier,
+            "since": now,
+            "reason": reason,
+            "set_by": set_by,
+        },
+    )
     return MemberTierRead(member_id=member_id, tier=tier, since=now, reason=reason, set_by=set_by)
 
 
@@ -77,9 +84,12 @@ def member_tier(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberTi
     if row is None:
         return MemberTierRead(member_id=member_id, tier=None)
     return MemberTierRead(
-        member_id=member_id, tier=row.tier_code, since=row.since, reason=row.reason,
+        member_id=member_id,
+        tier=row.tier_code,
+        since=row.since,
+        reason=row.reason,
         set_by=row.set_by,
-    )  # fmt: skip
+    )
 
 
 def tiers_of(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
