@@ -275,6 +275,11 @@ def run_phase(
     outcomes = workers.run(
         [(url, phase, member_ids, hot, i, start_at, seconds) for i in range(processes)]
     )
+    return report(phase, outcomes, seconds, "ops/s")
+
+
+def report(phase: str, outcomes: list[Outcome], seconds: float, unit: str) -> tuple[float, Outcome]:
+    """Merge the workers' outcomes of a phase and print its figures; (rate, merged)."""
     merged = Outcome()
     for o in outcomes:
         merged.done += o.done
@@ -283,8 +288,8 @@ def run_phase(
         merged.latencies_ms.extend(o.latencies_ms)
     rate = merged.done / seconds
     say(
-        f"{phase}: {rate:,.0f} ops/s ({merged.done:,} in {seconds:.0f} s, {processes} processes)"
-        f"  p50 {percentile(merged.latencies_ms, 0.5):.2f} ms"
+        f"{phase}: {rate:,.0f} {unit} ({merged.done:,} in {seconds:.0f} s, {len(outcomes)} "
+        f"processes)  p50 {percentile(merged.latencies_ms, 0.5):.2f} ms"
         f"  p99 {percentile(merged.latencies_ms, 0.99):.2f} ms"
         f"  refused {merged.refused}  errors surfaced: {len(merged.errors)}"
     )

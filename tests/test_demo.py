@@ -84,13 +84,14 @@ def test_a_built_year_is_sound_ends_now_and_has_every_kind_of_posting(db: Databa
     # Refusals happened and were survived: on PostgreSQL a failed statement would have
     # aborted the day's transaction, so a refusal must come before any write.
     assert built.refused.get("insufficient_points", 0) > 0
-    # The figures account for every point: what was issued is redeemed, expired, frozen,
-    # held by members or owed by them.
+    # The figures account for every point: what was issued is redeemed, donated, exchanged
+    # out, expired, frozen, held by members or owed by them.
     assert (
         summary.figure("issued") + summary.figure("adjustments") + summary.figure("receivable")
-        == summary.figure("redeemed") + summary.figure("expired") + summary.figure("frozen")
-        + summary.member_total
+        == summary.figure("redeemed") + summary.figure("charity") + summary.figure("partners")
+        + summary.figure("expired") + summary.figure("frozen") + summary.member_total
     )  # fmt: skip
+    assert summary.figure("charity") > 0 and summary.figure("partners") > 0
     # The postings fill the year before now, up to its last day, and time never ran back.
     moments = [row[2] for row in history_of(db, built.program_id)]
     assert end - timedelta(days=365) <= min(moments) <= end - timedelta(days=300)
@@ -160,7 +161,7 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
     assert "6 members, " in output
     code, output = jifen(url, "db", "current")
     assert code == 0
-    assert "current: 0003" in output
+    assert "current: 0004" in output
 
 
 def test_jifen_demo_prints_credentials_that_work(tmp_path: Path, data_dir: Path) -> None:

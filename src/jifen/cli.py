@@ -52,6 +52,7 @@ from jifen.imports import service as imports
 from jifen.imports.core import Kind
 from jifen.points import integrity
 from jifen.programs import service as programs
+from jifen.rewards import service as rewards_service
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import RulePack
 from jifen.settings import get_settings, normalise_database_url, secret_key
@@ -655,6 +656,69 @@ def events_birthdays(
         raised = events_service.raise_birthdays(database, program_id=program_id, day=day)
     out.print(_say(f"{raised} birthday events raised for {day}",
                    f"已为 {day} 生成 {raised} 个生日事件"), markup=False)  # fmt: skip
+
+
+rewards_app = typer.Typer(
+    help="Rewards: the daily runs that expire vouchers and lapse held redemptions.",
+    no_args_is_help=True,
+)
+app.add_typer(rewards_app, name="rewards")
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Report what would change; change nothing.")
+]
+
+
+@rewards_app.command("expire-vouchers")
+def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    """Expire vouchers unused at the end of their validity: the points go back less the
+    programme's fee. Runs in chunks, each its own transaction; running it twice does nothing
+    the second time."""
+    with _database() as database:
+        _require_schema(database)
+        program_id = _program_id(database, program)
+        assert program_id is not None
+        vouchers = returned = fees = 0
+        while True:
+            report = database.run(
+                lambda uow: rewards_service.expire_vouchers(
+                    uow, program_id=program_id, dry_run=dry_run, limit=200
+                )
+            )
+            vouchers += report.vouchers
+            returned += report.points_returned
+            fees += report.fees
+            if report.vouchers < 200 or dry_run:
+                break
+            err.print(_say(f"… {vouchers} vouchers so far", f"… 已处理 {vouchers} 张券"))
+    verb = ("would expire", "将过期") if dry_run else ("expired", "已过期")
+    out.print(
+        _say(f"{vouchers} vouchers {verb[0]}: {returned} points back, {fees} kept as fees",
+             f"{vouchers} 张券{verb[1]}:退回 {returned} 积分,扣除 {fees} 积分手续费"),
+        markup=False,
+    )  # fmt: skip
+
+
+@rewards_app.command("expire-holds")
+def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    """Cancel held (cooling-off) redemptions the member never confirmed: the points are
+    released and the stock returns."""
+    with _database() as database:
+        _require_schema(database)
+        program_id = _program_id(database, program)
+        assert program_id is not None
+        cancelled = 0
+        while True:
+            report = database.run(
+                lambda uow: rewards_service.expire_holds(
+                    uow, program_id=program_id, dry_run=dry_run, limit=200
+                )
+            )
+            cancelled += report.cancelled
+            if report.cancelled < 200 or dry_run:
+                break
+    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
+    out.print(_say(f"{cancelled} held redemptions {verb[0]}",
+                   f"{cancelled} 笔待确认兑换{verb[1]}"), markup=False)  # fmt: skip
 
 
 @app.command("worker")

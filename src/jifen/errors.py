@@ -205,3 +205,78 @@ class OrderNotSeen(Refused):
     code = "order_not_seen"
     en = "No order.paid event for order {order_id!r} has arrived; send the order first."
     zh = "订单 {order_id!r} 的 order.paid 事件尚未收到;请先发送该订单。"
+
+
+class UnknownReward(NotFound):
+    code = "unknown_reward"
+    en = "This programme has no reward {reward!r}. List the catalogue with GET …/rewards."
+    zh = "本计划没有礼品 {reward!r}。可通过 GET …/rewards 查看礼品目录。"
+
+
+class UnknownOrder(NotFound):
+    code = "unknown_order"
+    en = "This programme has no redemption order {order_id} for that member. Check the id."
+    zh = "本计划中不存在该会员编号为 {order_id} 的兑换订单。请检查编号。"
+
+
+class UnknownVoucher(NotFound):
+    code = "unknown_voucher"
+    en = "There is no voucher {code!r} in this programme. Check the code the member shows."
+    zh = "本计划中不存在券码 {code!r}。请核对会员出示的券码。"
+
+
+class OutOfStock(Refused):
+    code = "out_of_stock"
+    en = "Reward {reward!r} has {left} left, {wanted} asked for. Choose fewer or another reward."
+    zh = "礼品 {reward!r} 仅剩 {left} 件,本次需要 {wanted} 件。请减少数量或选择其他礼品。"
+
+
+class NotOnSale(Refused):
+    """Outside the sales window, paused or retired."""
+
+    code = "not_on_sale"
+    en = "Reward {reward!r} cannot be redeemed now: {problem}"
+    zh = "礼品 {reward!r} 当前不可兑换:{problem_zh}"
+
+
+class TierNotAllowed(Refused):
+    code = "tier_not_allowed"
+    en = "Reward {reward!r} is for members of {tiers}; this member's tier is {tier}."
+    zh = "礼品 {reward!r} 仅限 {tiers} 会员兑换;该会员等级为 {tier}。"
+
+
+class LimitReached(Refused):
+    code = "limit_reached"
+    en = "{problem}"
+    zh = "{problem_zh}"
+
+
+class PriceChanged(Refused):
+    code = "price_changed"
+    en = (
+        "Reward {reward!r} now costs this member {points} points, not the {expected} expected. "
+        "Show the member the new price and send it again."
+    )
+    zh = (
+        "礼品 {reward!r} 对该会员的价格已变为 {points} 积分,而不是预期的 {expected}。"
+        "请告知会员新价格后重新提交。"
+    )
+
+
+class VoucherNotUsable(Refused):
+    code = "voucher_not_usable"
+    en = "Voucher {code!r} cannot be used: {problem}"
+    zh = "券码 {code!r} 无法使用:{problem_zh}"
+
+
+__all__ += [
+    "LimitReached",
+    "NotOnSale",
+    "OutOfStock",
+    "PriceChanged",
+    "TierNotAllowed",
+    "UnknownOrder",
+    "UnknownReward",
+    "UnknownVoucher",
+    "VoucherNotUsable",
+]

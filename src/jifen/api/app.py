@@ -27,6 +27,7 @@ from jifen.members import api as members_api
 from jifen.notify.sms import OutboxSmsProvider, SmsProvider
 from jifen.points import api as points_api
 from jifen.programs import api as programs_api
+from jifen.rewards import api as rewards_api
 from jifen.rules import api as rules_api
 from jifen.settings import Settings, get_settings
 from jifen.tiers import api as tiers_api
@@ -82,7 +83,7 @@ def create_app(
 
     for module in (
         auth_api, programs_api, members_api, points_api, approvals_api, audit_api, tiers_api,
-        rules_api, events_api,
+        rules_api, events_api, rewards_api,
     ):  # fmt: skip
         # Before including: the permission each route needs goes into its OpenAPI entry.
         annotate_permissions(module.router)

@@ -43,6 +43,12 @@ PERMISSIONS: dict[str, str] = {
     "rules.write": "draft, submit, dry-run, pause, resume and retire earning rules; request caps",
     "tiers.read": "see the tiers and members' tiers",
     "tiers.write": "define tiers and set a member's tier",
+    "rewards.read": "see the rewards catalogue, prices and stock alerts",
+    "rewards.write": "add, change, pause and restock rewards",
+    "rewards.redeem": "redeem rewards for a member, confirm or cancel its redemptions",
+    "orders.read": "see redemption orders and vouchers",
+    "orders.fulfil": "confirm, ship, deliver, cancel and return redemption orders",
+    "vouchers.redeem": "accept a member's voucher or coupon at a till",
 }
 
 READ_ONLY_PERMISSIONS = frozenset(p for p in PERMISSIONS if p.endswith(".read"))
@@ -86,6 +92,11 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "rules.write",
                 "tiers.read",
                 "tiers.write",
+                "rewards.read",
+                "rewards.write",
+                "rewards.redeem",
+                "orders.read",
+                "orders.fulfil",
             ]
         ),
     ),
@@ -102,6 +113,8 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "events.read",
                 "rules.read",
                 "tiers.read",
+                "rewards.read",
+                "orders.read",
             ]
         ),
     ),
@@ -136,6 +149,8 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "events.read",
                 "rules.read",
                 "tiers.read",
+                "rewards.read",
+                "orders.read",
             ]
         ),
     ),
@@ -154,26 +169,33 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "events.read",
                 "events.write",
                 "tiers.read",
+                "rewards.read",
+                "rewards.redeem",
+                "orders.read",
+                "vouchers.redeem",
             ]
         ),
     ),
 }
 
 MEMBER_PERMISSIONS = frozenset(
-    ["members.read", "members.write", "points.read", "points.transfer", "tiers.read"]
-)
+    ["members.read", "members.write", "points.read", "points.transfer", "tiers.read",
+     "rewards.read", "rewards.redeem", "orders.read"]
+)  # fmt: skip
 """What a signed-in member may do, and only to itself."""
 
 API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "members.family", "points.read", "points.earn",
      "points.spend", "points.refund", "points.reverse", "points.transfer", "points.freeze",
-     "events.read", "events.write", "rules.read", "tiers.read", "tiers.write"]
+     "events.read", "events.write", "rules.read", "tiers.read", "tiers.write",
+     "rewards.read", "rewards.redeem", "orders.read", "vouchers.redeem"]
 )  # fmt: skip
 """What an API key may be given: the integration surface, never staff administration."""
 
 DEFAULT_API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "points.read", "points.earn", "points.spend",
-     "points.refund", "points.reverse", "events.read", "events.write"]
+     "points.refund", "points.reverse", "events.read", "events.write", "rewards.read",
+     "rewards.redeem", "orders.read", "vouchers.redeem"]
 )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from jifen.members import models as _members  # noqa: F401
 from jifen.notify import models as _notify  # noqa: F401
 from jifen.points import models as _points  # noqa: F401
 from jifen.programs import models as _programs  # noqa: F401
+from jifen.rewards import models as _rewards  # noqa: F401
 from jifen.rules import models as _rules  # noqa: F401
 from jifen.tiers import models as _tiers  # noqa: F401
 

@@ -41,11 +41,23 @@ RACE_CONSTRAINTS = (
     "events.program_id, events.source, events.external_id",
     "uq_events_once",  # one order (or birthday) sent twice at once under two event ids
     "events.program_id, events.subject",
+    "uq_vouchers_program_id_code",  # a new voucher's random code clashed: draw another
+    "vouchers.program_id, vouchers.code",
+    "uq_reward_orders_program_id_idempotency_key",  # twins of one redemption
+    "reward_orders.program_id, reward_orders.idempotency_key",
 )
+
+
+class LostRace(Exception):
+    """Raised by a use case whose last conditional write found that a concurrent
+    transaction took what it had checked was there (the last unit of a stock): the whole
+    transaction runs again, and its checks, made before any write, refuse it cleanly."""
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` means the transaction lost a race and may simply be run again."""
+    if isinstance(exc, LostRace):
+        return True
     # SQLAlchemy wraps driver errors; the ledger's hot path calls the driver directly.
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if not isinstance(orig, psycopg.Error | sqlite3.Error):

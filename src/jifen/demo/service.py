@@ -5,7 +5,9 @@ year-long exercise of the ledger and the rules. The earning scheme is the rule p
 ``rules.json`` beside this file (the scheme documents' numbers), loaded at the start of the
 year; members get tiers, and their orders, check-ins and reviews are events that earn through
 those rules: order points stay pending for the 7-day return window and expire after 12
-months. Members spend, get refunds, return orders
+months. Members redeem from the catalogue ``rewards.json`` (goods, vouchers, coupons, air
+miles, the lucky wheel, donations, votes, a salon) under its redemption terms, cancel some
+redemptions, use or let lapse their vouchers; they return orders
 (within the window, or after spending, which leaves a debt), give points to each other, have
 points frozen during a review, receive manual adjustments; a monthly run expires due lots,
 and a checkpoint seals the year. The history is a deterministic function of the seed and
@@ -38,6 +40,8 @@ from jifen.members.schemas import MemberUpdate
 from jifen.points import integrity
 from jifen.points import service as points
 from jifen.programs import service as programs
+from jifen.rewards import service as rewards_service
+from jifen.rewards.schemas import RedemptionCreate, RedemptionPolicy, RewardCreate
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import RulePack
 from jifen.tiers import service as tiers_service
@@ -53,6 +57,7 @@ VALIDITY = timedelta(days=365)
 BONUS_VALIDITY = timedelta(days=90)  # campaign points lapse sooner, so expiry runs have work
 REVIEW_DAYS = 7  # a freeze is lifted after this many days
 EXPIRY_RUN_EVERY = 30  # days
+SHIP_EVERY = 3  # days between the fulfilment team's rounds
 TIERS = (("普通", 70), ("银卡", 20), ("金卡", 8), ("钻石", 2))  # code, share in %
 CATEGORIES = (("日用品", 10, 300), ("食品", 10, 200), ("服饰", 50, 800), ("家电", 200, 3000))
 """Order line categories with their price range in yuan."""
@@ -62,6 +67,38 @@ def rule_pack() -> RulePack:
     """The demo's earning scheme, shipped with jifen."""
     text = resources.files("jifen.demo").joinpath("rules.json").read_text(encoding="utf-8")
     return RulePack.model_validate(json.loads(text))
+
+
+def catalogue() -> dict[str, Any]:
+    """The demo's redemption policy and rewards (``rewards.json``)."""
+    text = resources.files("jifen.demo").joinpath("rewards.json").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _open_shop(uow: UnitOfWork, program_id: int, start: datetime) -> list[str]:
+    """Set the demo's redemption terms and stock its catalogue; the codes of the rewards.
+    Days in the file (``opens_after_days``, ``starts_after_days``) count from ``start``."""
+    shop = catalogue()
+    settings = programs.get_settings(uow, program_id=program_id)
+    policy = RedemptionPolicy.model_validate(shop["policy"])
+    programs.set_settings(
+        uow, program_id=program_id, settings=settings.model_copy(update={"redemption": policy})
+    )
+    codes = []
+    for spec in shop["rewards"]:
+        fields = dict(spec)
+        opens = fields.pop("opens_after_days", None)
+        if opens is not None:
+            fields["sales_start"] = start + opens * DAY
+        if "event" in fields:
+            event = dict(fields["event"])
+            event["starts_at"] = start + event.pop("starts_after_days") * DAY
+            fields["event"] = event
+        body = RewardCreate.model_validate(fields)
+        rewards_service.create_reward(uow, program_id=program_id, body=body)
+        codes.append(body.code)
+    return codes
 
 
 def exists(db: Database, *, code: str = DEMO_CODE) -> bool:
@@ -103,7 +140,10 @@ class _History:
     members: list[int] = field(default_factory=list)
     orders: list[tuple[str, int, dict[str, Any], int]] = field(default_factory=list)
     """(order id, member, its first line, day) of orders that may be returned."""
-    spends: list[int] = field(default_factory=list)
+    rewards: list[str] = field(default_factory=list)
+    redemptions: list[int] = field(default_factory=list)
+    """Orders that may still be cancelled."""
+    vouchers: list[str] = field(default_factory=list)
     freezes: list[tuple[int, int]] = field(default_factory=list)  # (freeze id, day)
     refused: Counter[str] = field(default_factory=Counter)
     keys: int = 0
@@ -161,6 +201,7 @@ def build(
 
         program_id = db.run(create)
         history = _History(program_id=program_id)
+        history.rewards = db.run(lambda uow: _open_shop(uow, program_id, clock.now()))
         # Members join over the first ten months, most of them early.
         joins = Counter(int(rng.triangular(0, days * 300 / 365, 0)) for _ in range(members))
         for day in range(days):
@@ -170,6 +211,8 @@ def build(
                     _join(uow, rng, program_id, start_of_day, history)
                 if history.members:
                     _one_day(uow, rng, clock, start_of_day, history, day)
+                if day % SHIP_EVERY == SHIP_EVERY - 1:
+                    _ship(uow, program_id)
                 if day % EXPIRY_RUN_EVERY == EXPIRY_RUN_EVERY - 1:
                     _expiry_run(uow, program_id)
             # Next day; the last one ends exactly at ``finish``, never after it.
@@ -274,19 +317,21 @@ def _one_action(
         }  # fmt: skip
         _event(uow, history, who, "order.paid", now, payload)
         history.orders.append((order_id, who, lines[0], day))
-    elif roll < 0.72:  # a redemption
-        spent = points.spend(
-            uow, member_id=who, amount=rng.choice([100, 200, 500, 1000]),
-            key=history.key("redeem"), reason="reward redeemed 兑换礼品",
-        )  # fmt: skip
-        history.spends.append(spent.id)
-    elif roll < 0.77 and history.spends:  # a redemption cancelled, wholly or in part
-        spend_id = history.spends.pop(rng.randrange(len(history.spends)))
-        points.refund(
-            uow, spend_id=spend_id, key=history.key("refund"),
-            amount=None if rng.random() < 0.6 else rng.randint(1, 100),  # spends are >= 100
-            reason="redemption cancelled 兑换取消",
-        )  # fmt: skip
+    elif roll < 0.72:  # a redemption from the catalogue, under the tier's terms
+        _redeem(uow, rng, history, who)
+    elif roll < 0.77 and (history.redemptions or history.vouchers):
+        if history.vouchers and rng.random() < 0.6:  # a voucher used at a till
+            code = history.vouchers.pop(rng.randrange(len(history.vouchers)))
+            rewards_service.use_voucher(
+                uow, program_id=history.program_id, code=code, store=f"S{rng.randint(1, 12):02d}",
+                actor="cashier", order_amount_fen=rng.randint(50, 400) * 100,
+            )  # fmt: skip
+        elif history.redemptions:  # a redemption cancelled before it shipped
+            redemption = history.redemptions.pop(rng.randrange(len(history.redemptions)))
+            rewards_service.move(
+                uow, program_id=history.program_id, order_id=redemption, action="cancel",
+                actor=f"member:{who}", note="changed my mind 不想要了",
+            )  # fmt: skip
     elif roll < 0.82 and history.orders:  # an order returned, wholly or a line of it
         # Within the return window the pending points simply go; later, what the member
         # has spent meanwhile and cannot cover becomes a debt.
@@ -326,7 +371,57 @@ def _one_action(
                {"review_id": history.key("review"), "media": media})  # fmt: skip
 
 
+def _redeem(uow: UnitOfWork, rng: random.Random, history: _History, who: int) -> None:
+    """One redemption of a reward drawn at random, with what its kind asks for."""
+    code = rng.choice(history.rewards)
+    fields: dict[str, Any] = {"reward": code}
+    if code == "kettle":
+        fields["payment_ref"] = history.key("pay")
+    elif code == "miles":
+        fields.update(partner_account=f"MU{who:08d}", quantity=rng.randint(1, 3))
+    elif code == "hope":
+        fields["quantity"] = rng.choice([1, 5, 10])
+    elif code == "vote-new":
+        fields["choice"] = rng.choice(["定制运动鞋", "家庭体检", "咖啡月卡"])
+    order = rewards_service.redeem(
+        uow, program_id=history.program_id, member_id=who,
+        body=RedemptionCreate.model_validate(fields), key=history.key("redeem"),
+        actor=f"member:{who}",
+    )  # fmt: skip
+    if order.state in ("created", "held") and order.kind == "physical":
+        history.redemptions.append(order.id)
+    if order.voucher is not None and rng.random() < 0.7:  # the rest lapse: 90 % comes back
+        history.vouchers.append(order.voucher.code)
+
+
+def _ship(uow: UnitOfWork, program_id: int) -> None:
+    """Staff ship and deliver the goods waiting, and members confirm held redemptions."""
+    while True:
+        waiting, _ = rewards_service.list_orders(
+            uow, program_id=program_id, state="created", limit=200
+        )
+        movable = [o for o in waiting if o.voucher is None]
+        for order in movable:
+            for action in ("ship", "deliver"):
+                rewards_service.move(uow, program_id=program_id, order_id=order.id,
+                                     action=action, actor="fulfilment")  # fmt: skip
+        if len(waiting) < 200 or not movable:
+            break
+    held, _ = rewards_service.list_orders(uow, program_id=program_id, state="held", limit=200)
+    for order in held:
+        if order.hold_until is not None and order.hold_until <= uow.clock.now():
+            try:
+                rewards_service.confirm_held(uow, program_id=program_id,
+                                             member_id=order.member_id, order_id=order.id,
+                                             actor=f"member:{order.member_id}")  # fmt: skip
+            except Refused:
+                continue
+
+
 def _expiry_run(uow: UnitOfWork, program_id: int) -> None:
+    while rewards_service.expire_vouchers(uow, program_id=program_id, limit=500).vouchers:
+        pass
+    rewards_service.expire_holds(uow, program_id=program_id, limit=10_000)
     after = 0
     while True:
         due = points.members_with_due_lots(uow, program_id=program_id, after_member_id=after)
@@ -402,6 +497,8 @@ def print_summary(result: Summary, console: Console) -> None:
     figures = Table("points", Column("amount", justify="right"), title="where the points are")
     figures.add_row("issued 已发放", f"{result.figure('issued'):,}")
     figures.add_row("redeemed 已兑换", f"{result.figure('redeemed'):,}")
+    figures.add_row("donated 已捐赠", f"{result.figure('charity'):,}")
+    figures.add_row("exchanged to partners 兑出联盟", f"{result.figure('partners'):,}")
     figures.add_row("expired 已过期", f"{result.figure('expired'):,}")
     figures.add_row("frozen 冻结中", f"{result.figure('frozen'):,}")
     figures.add_row("adjusted (net) 人工调整", f"{result.figure('adjustments'):,}")

@@ -35,6 +35,8 @@ class SystemAccount(StrEnum):
     ADJUSTMENTS = "adjustments"  # counterpart of manual adjustments
     FROZEN = "frozen"  # points held away from members by a freeze
     RECEIVABLE = "receivable"  # minus what members owe after a claw-back they could not cover
+    CHARITY = "charity"  # points members donated
+    PARTNERS = "partners"  # points members exchanged out to partner programmes
 
 
 class Party(StrEnum):

@@ -36,6 +36,8 @@ from jifen.ledger.model import (
 )
 
 _NEVER = datetime.max.replace(tzinfo=UTC)
+SPEND_TARGETS = frozenset({SystemAccount.REDEEMED, SystemAccount.CHARITY, SystemAccount.PARTNERS})
+"""Where spent points may go: redeemed for rewards, donated, or exchanged out to a partner."""
 
 
 def fifo_order(lot: Lot) -> tuple[datetime, int]:
@@ -140,11 +142,21 @@ def plan_earn(
     return Plan(Kind.EARN, amount, tuple(lines), new_lots=new_lots, debt_change=-repaid)
 
 
-def plan_spend(*, lots: Iterable[Lot], amount: int, now: datetime, account_id: int = 0) -> Plan:
-    """Debit ``amount`` of spendable points into the redeemed account."""
+def plan_spend(
+    *,
+    lots: Iterable[Lot],
+    amount: int,
+    now: datetime,
+    account_id: int = 0,
+    into: SystemAccount = SystemAccount.REDEEMED,
+) -> Plan:
+    """Debit ``amount`` of spendable points into ``into`` (redeemed, unless the points are
+    donated or exchanged out to a partner)."""
     require_positive(amount)
+    if into not in SPEND_TARGETS:
+        raise ValueError(f"points are not spent into the {into.value} account")
     allocations = consume(lots, amount, now, account_id=account_id)
-    lines = (Line(Party.MEMBER, -amount), Line(SystemAccount.REDEEMED, amount))
+    lines = (Line(Party.MEMBER, -amount), Line(into, amount))
     return Plan(Kind.SPEND, amount, lines, allocations=tuple(allocations))
 
 
@@ -187,11 +199,13 @@ def plan_refund(
     earlier_refunds: Sequence[Allocation],
     earlier_refunded: int,
     amount: int | None = None,
+    holder: SystemAccount = SystemAccount.REDEEMED,
 ) -> Plan:
-    """Give back all or part of a spend to exactly the lots it took (``amount=None``: the rest)."""
+    """Give back all or part of a spend to exactly the lots it took (``amount=None``: the rest),
+    from ``holder``, the account the spend went into."""
     return _give_back(
         Kind.REFUND,
-        SystemAccount.REDEEMED,
+        holder,
         original_id=spend_id,
         original_amount=spend_amount,
         original_allocations=spend_allocations,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, extract, func, select
+from sqlalchemy import Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.uow import UnitOfWork
@@ -93,7 +93,23 @@ def require_member(
     return member
 
 
-def _require_active(member: MemberRead) -> None:
+def active_birthday(uow: UnitOfWork, *, program_id: int, member_id: int) -> date | None:
+    """The member's birthday, after the checks of :func:`require_member` with
+    ``transacting`` (the member is the programme's and active), in one read."""
+    row = uow.conn.execute(_ACTIVE_BIRTHDAY, {"member": member_id}).one_or_none()
+    if row is None or row.program_id != program_id:
+        raise UnknownMember(member_id=member_id)
+    _require_active(row)
+    birthday: date | None = row.birthday
+    return birthday
+
+
+_ACTIVE_BIRTHDAY = select(
+    members.c.id, members.c.program_id, members.c.state, members.c.birthday
+).where(members.c.id == bindparam("member"))  # fmt: skip
+
+
+def _require_active(member: MemberRead | Any) -> None:
     if member.state != "active":
         raise StateConflict(
             problem=f"Member {member.id} is {member.state}: it cannot earn or spend until "

@@ -143,6 +143,15 @@ def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int 
     return locked[0], replay_id
 
 
+def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "") -> bool:
+    """Hold the member's points account until the transaction ends, as every posting to it
+    does: a use case that decides by what the member did before (redemption limits) reads
+    under the same lock its posting will take, so two of them cannot both pass. Answers
+    whether a posting was already made with ``key`` (a replay), in the same statement."""
+    _, replay_id = _lock_one(uow, member_id, key)
+    return replay_id is not None
+
+
 def _member_of_account(uow: UnitOfWork, account_id: int) -> int:
     member_id = uow.conn.execute(
         select(accounts.c.member_id).where(accounts.c.id == account_id)
@@ -388,18 +397,29 @@ def earn(
 
 
 def spend(
-    uow: UnitOfWork, *, member_id: int, amount: int, key: str, reason: str = "", actor: str = ""
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    amount: int,
+    key: str,
+    reason: str = "",
+    actor: str = "",
+    into: SystemAccount = SystemAccount.REDEEMED,
 ) -> PostingRead:
-    """Debit spendable points, earliest-expiring first, into the redeemed account."""
+    """Debit spendable points, earliest-expiring first, into the redeemed account (or into
+    the charity or partners account for a donation or an exchange out)."""
     _require_key(key)
-    request = _fingerprint("spend", member=member_id, amount=amount, reason=reason, actor=actor)
+    request = _fingerprint(
+        "spend", member=member_id, amount=amount, reason=reason, actor=actor,
+        **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
+    )  # fmt: skip
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
     lots_now = _spendable_lots(uow, member.id, now, amount)
-    plan = ledger.plan_spend(lots=lots_now, amount=amount, now=now, account_id=member.id)
+    plan = ledger.plan_spend(lots=lots_now, amount=amount, now=now, account_id=member.id, into=into)
     return _write(
         uow,
         plan,
@@ -481,6 +501,15 @@ def _member_of_posting(uow: UnitOfWork, posting_id: int, kind: Kind) -> int:
     return int(row.member_id)
 
 
+def _spent_into(uow: UnitOfWork, spend_id: int, program_id: int) -> SystemAccount:
+    """The system account a spend's points went into (what its refund takes back from)."""
+    by_id = {account_id: code for code, account_id in system_account_ids(uow, program_id).items()}
+    credited = uow.conn.execute(
+        select(lines.c.account_id).where(lines.c.posting_id == spend_id, lines.c.amount > 0)
+    ).scalars()
+    return next((by_id[a] for a in credited if a in by_id), SystemAccount.REDEEMED)
+
+
 def refund(
     uow: UnitOfWork,
     *,
@@ -498,6 +527,7 @@ def refund(
         return _replay(uow, replay_id, key, request)
     original = _original(uow, spend_id, Kind.SPEND, Kind.REFUND)
     plan = ledger.plan_refund(
+        holder=_spent_into(uow, spend_id, member.program_id),
         spend_id=spend_id,
         spend_amount=original.amount,
         spend_allocations=original.allocations,

@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from jifen.api.schemas import RequestBody
+from jifen.rewards.schemas import RedemptionPolicy
 
 
 class ProgramRead(BaseModel):
@@ -41,3 +42,5 @@ class ProgramSettings(RequestBody):
     """Days an order's points stay pending, while the goods may still be returned."""
     default_validity_days: int | None = Field(365, ge=1, le=36500)
     """Days earned points stay valid when an earning names no expiry; ``None``: forever."""
+    redemption: RedemptionPolicy = RedemptionPolicy()
+    """How members redeem: terms by tier, pricing factors, voucher validity and fees."""

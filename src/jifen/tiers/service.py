@@ -57,9 +57,7 @@ def set_member_tier(
 ) -> MemberTierRead:
     """Put the member in ``tier`` from now on."""
     members_service.require_member(uow, program_id=program_id, member_id=member_id)
-    known = [t.code for t in list_tiers(uow, program_id=program_id)]
-    if tier not in known:
-        raise UnknownTier(tier=tier, known=", ".join(known) or "(none defined)")
+    require_tiers(uow, program_id=program_id, codes=[tier])
     now = uow.clock.now()
     upsert(
         uow,
@@ -74,6 +72,14 @@ def set_member_tier(
         },
     )
     return MemberTierRead(member_id=member_id, tier=tier, since=now, reason=reason, set_by=set_by)
+
+
+def require_tiers(uow: UnitOfWork, *, program_id: int, codes: Iterable[str]) -> None:
+    """Refuse any of ``codes`` that is not a tier of the programme."""
+    known = [t.code for t in list_tiers(uow, program_id=program_id)]
+    for code in sorted(set(codes)):
+        if code not in known:
+            raise UnknownTier(tier=code, known=", ".join(known) or "(none defined)")
 
 
 def member_tier(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberTierRead:

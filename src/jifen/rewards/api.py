@@ -1,0 +1,389 @@
+"""HTTP routes of the rewards domain: the catalogue, what a member can get, redemptions,
+orders and their fulfilment, and vouchers at the till."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from jifen.api.deps import Context, Read, Write, id_cursor
+from jifen.api.schemas import LIMIT, Page
+from jifen.db.uow import UnitOfWork
+from jifen.members import service as members_service
+from jifen.rewards import service
+from jifen.rewards.schemas import (
+    OrderAction,
+    OrderRead,
+    OrderState,
+    Quote,
+    RedemptionCreate,
+    Restock,
+    RewardCreate,
+    RewardDef,
+    RewardKind,
+    RewardRead,
+    RewardState,
+    RewardStateSet,
+    StockAlert,
+    VoucherRead,
+    VoucherState,
+    VoucherUse,
+    VoucherUsed,
+    WhatCanIGet,
+)
+
+router = APIRouter(tags=["rewards"])
+
+PROGRAM = "/programs/{program}"
+MEMBER = "/programs/{program}/members/{member_id}"
+Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
+RewardCode = Annotated[str, Path(min_length=1, max_length=64)]
+VoucherCode = Annotated[str, Path(min_length=1, max_length=32)]
+Cursor = Annotated[str | None, Query(max_length=20)]
+Action = Literal["confirm", "ship", "deliver", "cancel", "return"]
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+
+@router.get(f"{PROGRAM}/rewards", response_model=Page[RewardRead])
+def list_rewards(
+    program: str,
+    ctx: Annotated[Context, Depends(Read("rewards.read"))],
+    kind: RewardKind | None = None,
+    category: Annotated[str | None, Query(max_length=64)] = None,
+    state: RewardState | None = None,
+    min_points: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+    max_points: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+    cursor: Cursor = None,
+    limit: Annotated[int, LIMIT] = 50,
+) -> Page[RewardRead]:
+    """The catalogue, filtered by kind, category, state and a range of base points (a price
+    band: ``min_points=500&max_points=999``)."""
+    after = id_cursor(cursor)
+    items, next_cursor = ctx.db.run(
+        lambda uow: service.list_rewards(
+            uow, program_id=ctx.program_id, kind=kind, category=category, state=state,
+            min_points=min_points, max_points=max_points, after_id=after, limit=limit,
+        ),
+        read_only=True,
+    )  # fmt: skip
+    return Page(items=items, next_cursor=next_cursor)
+
+
+@router.post(f"{PROGRAM}/rewards", status_code=201, response_model=RewardRead)
+def create_reward(
+    program: str, body: RewardCreate, ctx: Annotated[Context, Depends(Write("rewards.write"))]
+) -> JSONResponse:
+    """Add a reward to the catalogue."""
+    return ctx.execute(
+        lambda uow: service.create_reward(uow, program_id=ctx.program_id, body=body),
+        target=f"reward:{body.code}",
+        status=201,
+    )
+
+
+@router.get(f"{PROGRAM}/rewards/{{code}}", response_model=RewardRead)
+def get_reward(
+    program: str, code: RewardCode, ctx: Annotated[Context, Depends(Read("rewards.read"))]
+) -> RewardRead:
+    """One reward, with its stock left."""
+    return ctx.db.run(
+        lambda uow: service.get_reward(uow, program_id=ctx.program_id, code=code), read_only=True
+    )
+
+
+@router.put(f"{PROGRAM}/rewards/{{code}}", response_model=RewardRead)
+def update_reward(
+    program: str,
+    code: RewardCode,
+    body: RewardDef,
+    ctx: Annotated[Context, Depends(Write("rewards.write"))],
+) -> JSONResponse:
+    """Replace a reward's terms (its kind and stock stay; orders made keep their price)."""
+    return ctx.execute(
+        lambda uow: service.update_reward(uow, program_id=ctx.program_id, code=code, body=body),
+        target=f"reward:{code}",
+    )
+
+
+@router.post(f"{PROGRAM}/rewards/{{code}}/state", response_model=RewardRead)
+def set_reward_state(
+    program: str,
+    code: RewardCode,
+    body: RewardStateSet,
+    ctx: Annotated[Context, Depends(Write("rewards.write"))],
+) -> JSONResponse:
+    """Pause, resume (``active``) or retire a reward."""
+    return ctx.execute(
+        lambda uow: service.set_state(uow, program_id=ctx.program_id, code=code, state=body.state),
+        target=f"reward:{code}",
+    )
+
+
+@router.post(f"{PROGRAM}/rewards/{{code}}/stock", response_model=RewardRead)
+def restock(
+    program: str,
+    code: RewardCode,
+    body: Restock,
+    ctx: Annotated[Context, Depends(Write("rewards.write"))],
+) -> JSONResponse:
+    """Add units to the stock; clears the restock alert once above the safety stock."""
+    return ctx.execute(
+        lambda uow: service.restock(uow, program_id=ctx.program_id, code=code, add=body.add),
+        target=f"reward:{code}",
+    )
+
+
+@router.get(f"{PROGRAM}/rewards/{{code}}/votes", response_model=dict[str, int])
+def vote_tally(
+    program: str, code: RewardCode, ctx: Annotated[Context, Depends(Read("rewards.read"))]
+) -> dict[str, int]:
+    """Votes cast for each option of a vote."""
+    return ctx.db.run(
+        lambda uow: service.vote_tally(uow, program_id=ctx.program_id, code=code), read_only=True
+    )
+
+
+@router.get(f"{PROGRAM}/stock-alerts", response_model=list[StockAlert])
+def stock_alerts(
+    program: str, ctx: Annotated[Context, Depends(Read("rewards.read"))]
+) -> list[StockAlert]:
+    """Rewards at or below their safety stock, until restocked."""
+    return ctx.db.run(
+        lambda uow: service.open_alerts(uow, program_id=ctx.program_id), read_only=True
+    )
+
+
+# --------------------------------------------------------------------------- for a member
+
+
+def _member(uow: UnitOfWork, ctx: Context, member_id: int) -> None:
+    members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
+
+
+@router.get(f"{MEMBER}/rewards", response_model=WhatCanIGet)
+def what_can_i_get(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("rewards.read"))]
+) -> WhatCanIGet:
+    """What the member can redeem now, and what is within reach and how many points short."""
+    return ctx.db.run(
+        lambda uow: service.what_can_i_get(uow, program_id=ctx.program_id, member_id=member_id),
+        read_only=True,
+    )
+
+
+@router.get(f"{MEMBER}/rewards/{{code}}/quote", response_model=Quote)
+def quote(
+    program: str,
+    member_id: Id,
+    code: RewardCode,
+    ctx: Annotated[Context, Depends(Read("rewards.read"))],
+    quantity: Annotated[int, Query(ge=1, le=1000)] = 1,
+) -> Quote:
+    """The member's price for the reward now, with how it was reached."""
+    return ctx.db.run(
+        lambda uow: service.quote(
+            uow, program_id=ctx.program_id, member_id=member_id, code=code, quantity=quantity
+        ),
+        read_only=True,
+    )
+
+
+@router.post(f"{MEMBER}/redemptions", status_code=201, response_model=OrderRead)
+def redeem(
+    program: str,
+    member_id: Id,
+    body: RedemptionCreate,
+    ctx: Annotated[Context, Depends(Write("rewards.redeem"))],
+) -> JSONResponse:
+    """Redeem a reward: stock, points and the order in one transaction. Above the tier's
+    cooling-off line the order is ``held`` with the points frozen until the member confirms
+    it after ``hold_until``."""
+    merchant, store = ctx.merchant(body.merchant, body.store)
+    return ctx.execute(
+        lambda uow: service.redeem(
+            uow, program_id=ctx.program_id, member_id=member_id, body=body,
+            key=ctx.ledger_key(), actor=ctx.actor, merchant=merchant, store=store,
+        ),
+        target=f"member:{member_id}",
+        status=201,
+    )  # fmt: skip
+
+
+@router.get(f"{MEMBER}/orders", response_model=Page[OrderRead])
+def member_orders(
+    program: str,
+    member_id: Id,
+    ctx: Annotated[Context, Depends(Read("orders.read"))],
+    state: OrderState | None = None,
+    cursor: Cursor = None,
+    limit: Annotated[int, LIMIT] = 50,
+) -> Page[OrderRead]:
+    """The member's redemption orders, newest first."""
+    before = id_cursor(cursor)
+
+    def read(uow: UnitOfWork) -> tuple[list[OrderRead], str | None]:
+        _member(uow, ctx, member_id)
+        return service.list_orders(
+            uow, program_id=ctx.program_id, member_id=member_id, state=state,
+            after_id=before, limit=limit,
+        )  # fmt: skip
+
+    items, next_cursor = ctx.db.run(read, read_only=True)
+    return Page(items=items, next_cursor=next_cursor)
+
+
+@router.get(f"{MEMBER}/orders/{{order_id}}", response_model=OrderRead)
+def member_order(
+    program: str,
+    member_id: Id,
+    order_id: Id,
+    ctx: Annotated[Context, Depends(Read("orders.read"))],
+) -> OrderRead:
+    """One of the member's orders, with how its price was reached and every step."""
+    return ctx.db.run(
+        lambda uow: service.get_order(
+            uow, program_id=ctx.program_id, order_id=order_id, member_id=member_id
+        ),
+        read_only=True,
+    )
+
+
+@router.post(f"{MEMBER}/orders/{{order_id}}/confirm", response_model=OrderRead)
+def confirm_held(
+    program: str,
+    member_id: Id,
+    order_id: Id,
+    ctx: Annotated[Context, Depends(Write("rewards.redeem"))],
+) -> JSONResponse:
+    """Confirm a held redemption once its cooling-off has passed."""
+    return ctx.execute(
+        lambda uow: service.confirm_held(
+            uow, program_id=ctx.program_id, member_id=member_id, order_id=order_id,
+            actor=ctx.actor,
+        ),
+        target=f"order:{order_id}",
+    )  # fmt: skip
+
+
+@router.post(f"{MEMBER}/orders/{{order_id}}/cancel", response_model=OrderRead)
+def cancel_own(
+    program: str,
+    member_id: Id,
+    order_id: Id,
+    body: OrderAction,
+    ctx: Annotated[Context, Depends(Write("rewards.redeem"))],
+) -> JSONResponse:
+    """Cancel a redemption not yet shipped: the points go back to the lots they came from."""
+    return ctx.execute(
+        lambda uow: service.move(
+            uow, program_id=ctx.program_id, order_id=order_id, action="cancel",
+            actor=ctx.actor, note=body.note, member_id=member_id,
+        ),
+        target=f"order:{order_id}",
+    )  # fmt: skip
+
+
+@router.get(f"{MEMBER}/vouchers", response_model=list[VoucherRead])
+def member_vouchers(
+    program: str,
+    member_id: Id,
+    ctx: Annotated[Context, Depends(Read("orders.read"))],
+    state: VoucherState | None = None,
+) -> list[VoucherRead]:
+    """The member's vouchers, newest first."""
+
+    def read(uow: UnitOfWork) -> list[VoucherRead]:
+        _member(uow, ctx, member_id)
+        return service.member_vouchers(
+            uow, program_id=ctx.program_id, member_id=member_id, state=state
+        )
+
+    return ctx.db.run(read, read_only=True)
+
+
+# --------------------------------------------------------------------------- staff
+
+
+@router.get(f"{PROGRAM}/orders", response_model=Page[OrderRead])
+def list_orders(
+    program: str,
+    ctx: Annotated[Context, Depends(Read("orders.read"))],
+    state: OrderState | None = None,
+    reward: Annotated[str | None, Query(max_length=64)] = None,
+    member_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    cursor: Cursor = None,
+    limit: Annotated[int, LIMIT] = 50,
+) -> Page[OrderRead]:
+    """Redemption orders, newest first: ``state=created`` is the fulfilment queue."""
+    before = id_cursor(cursor)
+    items, next_cursor = ctx.db.run(
+        lambda uow: service.list_orders(
+            uow, program_id=ctx.program_id, member_id=member_id, state=state, reward=reward,
+            after_id=before, limit=limit,
+        ),
+        read_only=True,
+    )  # fmt: skip
+    return Page(items=items, next_cursor=next_cursor)
+
+
+@router.get(f"{PROGRAM}/orders/{{order_id}}", response_model=OrderRead)
+def get_order(
+    program: str, order_id: Id, ctx: Annotated[Context, Depends(Read("orders.read"))]
+) -> OrderRead:
+    return ctx.db.run(
+        lambda uow: service.get_order(uow, program_id=ctx.program_id, order_id=order_id),
+        read_only=True,
+    )
+
+
+@router.post(f"{PROGRAM}/orders/{{order_id}}/{{action}}", response_model=OrderRead)
+def move_order(
+    program: str,
+    order_id: Id,
+    action: Action,
+    body: OrderAction,
+    ctx: Annotated[Context, Depends(Write("orders.fulfil"))],
+) -> JSONResponse:
+    """Move an order on: ``confirm``, ``ship`` (with ``tracking``), ``deliver``, ``cancel``
+    (before shipping) or ``return`` (after): the last two give the points and stock back."""
+    return ctx.execute(
+        lambda uow: service.move(
+            uow, program_id=ctx.program_id, order_id=order_id, action=action,
+            actor=ctx.actor, note=body.note, tracking=body.tracking,
+        ),
+        target=f"order:{order_id}",
+    )  # fmt: skip
+
+
+@router.get(f"{PROGRAM}/vouchers/{{code}}", response_model=VoucherRead)
+def get_voucher(
+    program: str, code: VoucherCode, ctx: Annotated[Context, Depends(Read("orders.read"))]
+) -> VoucherRead:
+    """A voucher by the code the member shows."""
+    return ctx.db.run(
+        lambda uow: service.get_voucher(uow, program_id=ctx.program_id, code=code),
+        read_only=True,
+    )
+
+
+@router.post(f"{PROGRAM}/vouchers/{{code}}/use", response_model=VoucherUsed)
+def use_voucher(
+    program: str,
+    code: VoucherCode,
+    body: VoucherUse,
+    ctx: Annotated[Context, Depends(Write("vouchers.redeem"))],
+) -> JSONResponse:
+    """Accept a voucher at a till (a cashier's own store); a coupon also answers what it
+    takes off ``order_amount_fen``. A voucher is accepted once, whichever till asks first."""
+    _, store = ctx.merchant(None, body.store)
+    return ctx.execute(
+        lambda uow: service.use_voucher(
+            uow, program_id=ctx.program_id, code=code, store=store, actor=ctx.actor,
+            order_amount_fen=body.order_amount_fen,
+        ),
+        target=f"voucher:{code}",
+    )  # fmt: skip

@@ -1,0 +1,436 @@
+"""What the rewards use cases take and answer with: the catalogue, the redemption policy,
+quotes, orders and vouchers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, Field, model_validator
+
+from jifen.api.schemas import NO_NUL, Instant, RequestBody, text
+
+RewardKind = Literal[
+    "physical", "virtual", "coupon", "service", "partner", "lottery", "charity", "vote", "event"
+]
+"""physical goods (fulfilled by staff), virtual goods, coupons, service vouchers, partner
+exchanges, lottery draws, charity donations, votes, event registrations."""
+
+VOUCHER_KINDS = frozenset({"virtual", "coupon", "service", "event"})
+"""Kinds whose order is a code the member shows: a voucher (also physical goods for pickup)."""
+
+UNDISCOUNTED_KINDS = frozenset({"partner", "lottery", "charity", "vote"})
+"""Kinds whose price tier discounts and birthday factors leave alone unless a reward says so:
+an exchange rate, a stake, a gift or a ballot is the same for everyone."""
+
+RewardState = Literal["active", "paused", "retired"]
+OrderState = Literal[
+    "held", "created", "confirmed", "shipped", "delivered", "cancelled", "returned"
+]
+VoucherState = Literal["issued", "used", "expired", "cancelled"]
+LimitPeriod = Literal["day", "week", "month", "year", "ever"]
+
+Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+TierCode = Annotated[str, Field(min_length=1, max_length=64)]
+Percent = Annotated[int, Field(ge=1, le=100)]
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=NO_NUL)]
+Short = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]
+Line = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+
+
+class Texts(RequestBody):
+    """A text in Chinese and English; either may be left empty, not both."""
+
+    zh: str = Field("", max_length=2000, pattern=NO_NUL)
+    en: str = Field("", max_length=2000, pattern=NO_NUL)
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        if not self.zh and not self.en:
+            raise ValueError("give the text in Chinese (zh), English (en) or both")
+        return self
+
+
+class OptionalTexts(RequestBody):
+    zh: str = Field("", max_length=4000, pattern=NO_NUL)
+    en: str = Field("", max_length=4000, pattern=NO_NUL)
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+class CouponTerms(RequestBody):
+    """A discount coupon (``percent_off``) or a cash coupon (``amount_fen``) for a till."""
+
+    percent_off: int | None = Field(None, ge=1, le=99)
+    """20 means 20 % off the order (a 8折 coupon)."""
+    amount_fen: int | None = Field(None, ge=1, le=10**9)
+    min_spend_fen: int = Field(0, ge=0, le=10**12)
+    """The order must be at least this much for the coupon to apply."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        if (self.percent_off is None) == (self.amount_fen is None):
+            raise ValueError("give exactly one of percent_off (a discount) or amount_fen (cash)")
+        return self
+
+
+class PartnerTerms(RequestBody):
+    """Points out to a partner programme: each unit of the reward gives ``units`` of the
+    partner's own (1,000 points = 100 km: points 1000, units 100, unit 公里)."""
+
+    partner: str = text(100, min_length=1)
+    unit: str = text(20, min_length=1)
+    units: int = Field(ge=1, le=10**9)
+
+
+class Prize(RequestBody):
+    code: Code
+    name: Texts
+    chance_ppm: int = Field(ge=0, le=1_000_000)
+    """Chance of this prize per draw, in millionths (50,000 = 5 %)."""
+    quantity: int | None = Field(None, ge=0, le=10**9)
+    """How many of this prize there are; ``None``: no limit but the budget."""
+    points: int = Field(0, ge=0, le=10**9)
+    """Points credited to the winner (0 for a prize that staff hand over)."""
+    value: int | None = Field(None, ge=0, le=10**9)
+    """What the prize costs the budget, in points (default: its points)."""
+
+    @property
+    def cost(self) -> int:
+        return self.points if self.value is None else self.value
+
+
+class LotteryTerms(RequestBody):
+    prizes: list[Prize] = Field(min_length=1, max_length=50)
+    budget: int | None = Field(None, ge=0, le=10**12)
+    """The most the prizes together may cost, in points; ``None``: only their quantities."""
+
+    @model_validator(mode="after")
+    def _odds(self) -> Self:
+        if sum(prize.chance_ppm for prize in self.prizes) > 1_000_000:
+            raise ValueError("the prizes' chances add up to more than 1,000,000 ppm (100 %)")
+        if len({prize.code for prize in self.prizes}) != len(self.prizes):
+            raise ValueError("two prizes have the same code")
+        return self
+
+
+class CharityTerms(RequestBody):
+    charity: str = text(200, min_length=1)
+    """Who receives the donation, as printed on the receipt."""
+
+
+class VoteTerms(RequestBody):
+    options: list[Name] = Field(min_length=2, max_length=50)
+
+
+class EventTerms(RequestBody):
+    starts_at: Instant
+    venue: str = Field("", max_length=200, pattern=NO_NUL)
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+
+class RewardDef(RequestBody):
+    """What a reward is: its kind, texts, price and the rules of redeeming it."""
+
+    code: Code
+    kind: RewardKind
+    name: Texts
+    description: OptionalTexts = OptionalTexts()
+    images: list[Annotated[str, Field(min_length=1, max_length=500, pattern=r"^\S+$")]] = Field(
+        default_factory=list, max_length=10
+    )
+    """Paths or URLs of images, shown as given."""
+    category: str = Field("", max_length=64, pattern=NO_NUL)
+    """For browsing and for the programme's category coefficients (数码 0.8)."""
+    points: int = Field(ge=1, le=10**9)
+    """The points price of one unit, before tier discounts and the other factors."""
+    cash_fen: int = Field(0, ge=0, le=10**10)
+    """The cash part of one unit (90 yuan + 1,000 points: cash_fen 9000, points 1000)."""
+    point_value_fen: Decimal = Field(Decimal(1), ge=0, le=10_000, decimal_places=4)
+    """What a point redeemed for this reward is worth in reports, in fen (1 point = 0.01 yuan)."""
+    safety_stock: int = Field(0, ge=0, le=10**9)
+    """At or below this many left, a restock alert is raised."""
+    sales_start: Instant | None = None
+    sales_end: Instant | None = None
+    visible_tiers: list[TierCode] | None = None
+    """Only members of these tiers see and redeem it; ``None``: everyone."""
+    early_access: dict[TierCode, Annotated[int, Field(ge=1, le=720)]] = Field(default_factory=dict)
+    """Hours before ``sales_start`` that members of a tier may redeem (金卡: 24)."""
+    limit_per_member: int | None = Field(None, ge=1, le=10**6)
+    """Units one member may redeem in ``limit_period``."""
+    limit_period: LimitPeriod = "ever"
+    max_quantity: int = Field(1, ge=1, le=1000)
+    """Units in one redemption."""
+    validity_days: int | None = Field(None, ge=1, le=3650)
+    """Days a voucher stays valid; default: the programme's days for the kind."""
+    pickup: bool = False
+    """Physical goods collected at a store with a voucher instead of shipped."""
+    discounts: bool | None = None
+    """Whether tier discounts and the birthday factor apply; default by kind."""
+    coupon: CouponTerms | None = None
+    partner: PartnerTerms | None = None
+    lottery: LotteryTerms | None = None
+    charity: CharityTerms | None = None
+    vote: VoteTerms | None = None
+    event: EventTerms | None = None
+
+    @model_validator(mode="after")
+    def _kind_terms(self) -> Self:
+        sections = ("coupon", "partner", "lottery", "charity", "vote", "event")
+        for section in sections:
+            given = getattr(self, section) is not None
+            if section == self.kind and not given:
+                raise ValueError(f"a {self.kind} reward needs its {section} terms")
+            if section != self.kind and given:
+                raise ValueError(f"{section} terms belong to {section} rewards, not {self.kind}")
+        if self.sales_start and self.sales_end and self.sales_end <= self.sales_start:
+            raise ValueError("sales_end must be after sales_start")
+        if self.pickup and self.kind != "physical":
+            raise ValueError("pickup is for physical goods")
+        if self.early_access and self.sales_start is None:
+            raise ValueError("early access counts back from sales_start; give sales_start")
+        return self
+
+    @property
+    def discountable(self) -> bool:
+        return self.kind not in UNDISCOUNTED_KINDS if self.discounts is None else self.discounts
+
+    @property
+    def has_voucher(self) -> bool:
+        return self.kind in VOUCHER_KINDS or self.pickup
+
+
+class RewardCreate(RewardDef):
+    stock: int | None = Field(None, ge=0, le=10**9)
+    """Units in stock; ``None``: unlimited."""
+
+
+class RewardStateSet(RequestBody):
+    state: RewardState
+
+
+class Restock(RequestBody):
+    add: int = Field(ge=1, le=10**9)
+    """Units added to the stock."""
+
+
+class RewardRead(RewardDef):
+    id: int
+    state: RewardState
+    stock_left: int | None
+    """Units left; ``None``: unlimited."""
+    stock_total: int | None
+    """Units ever stocked."""
+    sold: int
+    """Units redeemed and not given back (limited stock only)."""
+    band: str
+    """The price band of its points price (``500-1000``)."""
+    created_at: datetime
+    updated_at: datetime
+
+
+class StockAlert(BaseModel):
+    reward: str
+    stock_left: int
+    safety_stock: int
+    raised_at: datetime
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+class TierTerms(RequestBody):
+    """How members of one tier redeem."""
+
+    discount_pct: Percent = 100
+    """Share of the points price the tier pays: 90 for 9折."""
+    max_points: int | None = Field(None, ge=1, le=10**12)
+    """The most points one redemption may cost (普通 2,000)."""
+    per_month: int | None = Field(None, ge=0, le=10**6)
+    """Redemptions a calendar month (普通 3); ``None``: no limit."""
+    cooling_off_above: int | None = Field(None, ge=1, le=10**12)
+    """A redemption above this many points waits ``cooling_off_hours`` for the member's
+    confirmation (钻石: 5,000 points, 24 hours)."""
+    cooling_off_hours: int = Field(24, ge=1, le=720)
+
+
+class DynamicPricing(RequestBody):
+    """When this share of a reward's stock has been redeemed, its price rises by a share."""
+
+    threshold_pct: Percent = 80
+    rise_pct: int = Field(20, ge=1, le=1000)
+
+
+def _default_validity() -> dict[str, int]:
+    return {"physical": 30, "virtual": 90, "coupon": 90, "service": 90, "event": 90}
+
+
+class RedemptionPolicy(RequestBody):
+    """A programme's rules of redemption (part of its settings, so changed by approval)."""
+
+    tiers: dict[TierCode, TierTerms] = Field(default_factory=dict)
+    """Terms by tier; a member of a tier not named here (or of none) gets ``default``."""
+    default: TierTerms = TierTerms()
+    birthday_pct: int = Field(100, ge=100, le=1000)
+    """In the member's birthday month a point is worth this share (120: 1.2倍)."""
+    category_pct: dict[Annotated[str, Field(max_length=64)], Percent] = Field(default_factory=dict)
+    """What a point is worth in a category (数码 80: 100 points buy 0.8 yuan of it)."""
+    dynamic: DynamicPricing | None = None
+    validity_days: dict[str, Annotated[int, Field(ge=1, le=3650)]] = Field(
+        default_factory=_default_validity
+    )
+    """Days a voucher stays valid, by reward kind (goods 30, services 90)."""
+    voucher_fee_pct: int = Field(10, ge=0, le=100)
+    """Share of the points kept when a voucher expires unused; the rest goes back."""
+    hold_days: int = Field(7, ge=1, le=365)
+    """Days after its cooling-off that a held redemption waits before it is cancelled."""
+    price_bands: list[int] = Field(default_factory=lambda: [100, 500, 1000, 2000, 5000])
+
+    def for_tier(self, tier: str | None) -> TierTerms:
+        return self.tiers.get(tier, self.default) if tier is not None else self.default
+
+
+# --------------------------------------------------------------------------- quotes
+
+
+class PriceStep(BaseModel):
+    """One step of how a price was reached."""
+
+    what: str
+    what_zh: str
+    factor: str
+    """The factor applied, as an exact fraction or decimal ("0.9", "1/1.2")."""
+    points: str
+    """The unrounded points price after this step."""
+
+
+class Quote(BaseModel):
+    reward: str
+    quantity: int
+    points: int
+    """What the member pays in points (rounded up to a whole point)."""
+    cash_fen: int
+    value_fen: int
+    """What the points are worth, for reports."""
+    steps: list[PriceStep]
+
+
+class QuoteRequest(RequestBody):
+    member_id: int = Field(ge=1, le=2**63 - 1)
+    quantity: int = Field(1, ge=1, le=1000)
+
+
+# --------------------------------------------------------------------------- redemption
+
+
+class RedemptionCreate(RequestBody):
+    reward: Code
+    quantity: int = Field(1, ge=1, le=1000)
+    payment_ref: Line | None = None
+    """The payment of the cash part, as the caller's payment system names it."""
+    choice: Name | None = None
+    """The option voted for (votes)."""
+    partner_account: Name | None = None
+    """The member's account at the partner (partner exchanges)."""
+    expected_points: int | None = Field(None, ge=0, le=10**12)
+    """Refuse if the price is no longer this (a price shown and then changed)."""
+    store: Short | None = None
+    merchant: Short | None = None
+
+
+class OrderStep(BaseModel):
+    state: str
+    at: datetime
+    by: str
+    note: str = ""
+
+
+class VoucherRead(BaseModel):
+    code: str
+    state: VoucherState
+    order_id: int
+    member_id: int
+    reward: str
+    valid_until: datetime
+    used_at: datetime | None = None
+    used_store: str | None = None
+    refund_posting_id: int | None = None
+    """The posting that returned the points (less the fee) when it expired unused."""
+    coupon: CouponTerms | None = None
+
+
+class OrderRead(BaseModel):
+    id: int
+    member_id: int
+    reward: str
+    kind: RewardKind
+    quantity: int
+    state: OrderState
+    points: int
+    cash_fen: int
+    value_fen: int
+    payment_ref: str | None = None
+    hold_until: datetime | None = None
+    """Cooling-off: the member may confirm from this time on."""
+    spend_posting_id: int | None = None
+    hold_posting_id: int | None = None
+    refund_posting_id: int | None = None
+    price: list[PriceStep]
+    outcome: dict[str, Any] = Field(default_factory=dict)
+    """What the redemption gave: a lottery prize, partner units, a receipt, a vote."""
+    voucher: VoucherRead | None = None
+    steps: list[OrderStep] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+    replayed: bool = False
+
+
+class OrderAction(RequestBody):
+    note: str = Field("", max_length=500, pattern=NO_NUL)
+    tracking: Name | None = None
+
+
+class VoucherUse(RequestBody):
+    store: Short | None = None
+    order_amount_fen: int | None = Field(None, ge=0, le=10**12)
+    """The till's order, to check a coupon's minimum spend and compute its discount."""
+
+
+class VoucherUsed(BaseModel):
+    voucher: VoucherRead
+    discount_fen: int | None = None
+    """What a coupon takes off the till's order."""
+
+
+class Available(BaseModel):
+    reward: RewardRead
+    quote: Quote
+    short: int
+    """Points still needed (0: redeemable now)."""
+
+
+class WhatCanIGet(BaseModel):
+    """Given the member's balance: what is redeemable now (the dearest first) and what is
+    within reach (the nearest first)."""
+
+    available: int
+    now: list[Available]
+    within_reach: list[Available]
+
+
+class ExpiryReport(BaseModel):
+    dry_run: bool
+    vouchers: int
+    points_returned: int
+    fees: int
+    codes: list[str] = Field(default_factory=list)
+
+
+class HoldsReport(BaseModel):
+    dry_run: bool
+    cancelled: int
+    order_ids: list[int] = Field(default_factory=list)

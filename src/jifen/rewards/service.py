@@ -1,0 +1,1219 @@
+"""Rewards use cases: the catalogue, quotes, redemption, orders, vouchers and lotteries.
+
+A redemption is one transaction: it holds the member's points account (as every posting to
+it does), so the member's limits are counted under the same lock the debit takes; prices the
+reward with the pure core; debits the points (FIFO lots) or, above the tier's cooling-off
+line, freezes them until the member confirms; writes the order, its voucher or its draw; and
+takes the stock last, by a conditional decrement, so the reward's row is held only for the
+last moment of the transaction and can never go below zero. Cancelling or returning refunds
+the very lots the debit took and puts the stock back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Row, bindparam, func, or_, select, update
+
+from jifen import crypto
+from jifen.db.uow import LostRace, UnitOfWork
+from jifen.errors import (
+    DuplicateReference,
+    IdempotencyConflict,
+    InsufficientPoints,
+    InvalidInput,
+    LimitReached,
+    NotOnSale,
+    OutOfStock,
+    PriceChanged,
+    StateConflict,
+    TierNotAllowed,
+    UnknownOrder,
+    UnknownReward,
+    UnknownVoucher,
+    VoucherNotUsable,
+)
+from jifen.ledger import SystemAccount
+from jifen.members import service as members_service
+from jifen.points import service as points_service
+from jifen.programs import service as programs_service
+from jifen.rewards import core
+from jifen.rewards.models import order_steps, prize_stock, reward_orders, rewards, stock_alerts
+from jifen.rewards.models import vouchers as vouchers_table
+from jifen.rewards.schemas import (
+    Available,
+    ExpiryReport,
+    HoldsReport,
+    OrderRead,
+    OrderState,
+    OrderStep,
+    PriceStep,
+    Quote,
+    RedemptionCreate,
+    RedemptionPolicy,
+    RewardCreate,
+    RewardDef,
+    RewardRead,
+    StockAlert,
+    VoucherRead,
+    VoucherUsed,
+    WhatCanIGet,
+)
+from jifen.tiers import service as tiers_service
+
+_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud at a till
+_BUDGET = "*"
+_FINAL_KINDS = frozenset({"lottery", "charity", "partner", "vote"})
+"""Redemptions that are done once made: a draw, a gift, an exchange out, a ballot."""
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+
+def _policy(uow: UnitOfWork, program_id: int) -> RedemptionPolicy:
+    return programs_service.get_settings(uow, program_id=program_id).redemption
+
+
+def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
+    """The reward's terms, parsed once per version (keyed by its id and last change)."""
+    key = f"reward_terms:{row.id}:{row.updated_at.isoformat()}"
+    cached: RewardDef | None = uow.cache.get(key)
+    if cached is None:
+        cached = RewardDef.model_validate(row.terms)
+        uow.cache[key] = cached
+    return cached
+
+
+_REWARD_BY_CODE = select(rewards).where(
+    rewards.c.program_id == bindparam("program"), rewards.c.code == bindparam("code")
+)
+
+
+def _reward_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
+    row = uow.conn.execute(_REWARD_BY_CODE, {"program": program_id, "code": code}).one_or_none()
+    if row is None:
+        raise UnknownReward(reward=code)
+    return row
+
+
+def _reward_read(uow: UnitOfWork, row: Any, policy: RedemptionPolicy) -> RewardRead:
+    terms = _terms(uow, row)
+    return RewardRead(
+        **terms.model_dump(),
+        id=row.id,
+        state=row.state,
+        stock_left=row.stock_left,
+        stock_total=row.stock_total,
+        sold=row.sold,
+        band=core.band(terms.points, policy.price_bands),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _terms_json(body: RewardDef) -> dict[str, Any]:
+    return body.model_dump(mode="json", include=set(RewardDef.model_fields))
+
+
+def _check_tiers(uow: UnitOfWork, program_id: int, body: RewardDef) -> None:
+    named = set(body.visible_tiers or []) | set(body.early_access)
+    if named:
+        tiers_service.require_tiers(uow, program_id=program_id, codes=named)
+
+
+def create_reward(uow: UnitOfWork, *, program_id: int, body: RewardCreate) -> RewardRead:
+    """Add a reward to the catalogue, active at once (its sales window still applies)."""
+    _check_tiers(uow, program_id, body)
+    exists = uow.conn.execute(
+        select(rewards.c.id).where(rewards.c.program_id == program_id, rewards.c.code == body.code)
+    ).first()
+    if exists is not None:
+        raise DuplicateReference(what="Reward", what_zh="礼品", value=body.code)
+    now = uow.clock.now()
+    reward_id = uow.conn.execute(
+        rewards.insert()
+        .values(
+            program_id=program_id,
+            code=body.code,
+            kind=body.kind,
+            category=body.category,
+            points=body.points,
+            terms=_terms_json(body),
+            stock_left=body.stock,
+            stock_total=body.stock,
+            safety_stock=body.safety_stock,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(rewards.c.id)
+    ).scalar_one()
+    if body.lottery is not None:
+        _set_prizes(uow, reward_id, body)
+    return get_reward(uow, program_id=program_id, code=body.code)
+
+
+def _set_prizes(uow: UnitOfWork, reward_id: int, body: RewardDef) -> None:
+    """Make the lottery's prize stock and budget match its terms, keeping what was given."""
+    assert body.lottery is not None
+    given = dict(
+        uow.conn.execute(
+            select(prize_stock.c.prize_code, prize_stock.c.given).where(
+                prize_stock.c.reward_id == reward_id
+            )
+        ).all()
+    )
+    uow.conn.execute(prize_stock.delete().where(prize_stock.c.reward_id == reward_id))
+    rows = [(prize.code, prize.quantity) for prize in body.lottery.prizes] + [
+        (_BUDGET, body.lottery.budget)
+    ]
+    uow.conn.execute(
+        prize_stock.insert(),
+        [
+            {
+                "reward_id": reward_id,
+                "prize_code": code,
+                "given": given.get(code, 0),
+                "remaining": None if total is None else max(total - given.get(code, 0), 0),
+            }
+            for code, total in rows
+        ],
+    )
+
+
+def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDef) -> RewardRead:
+    """Replace a reward's terms (its kind and stock stay; restock changes the stock)."""
+    if body.code != code:
+        raise InvalidInput(field="code", problem=f"the body names {body.code!r}, the path {code!r}")
+    row = _reward_row(uow, program_id, code)
+    if body.kind != row.kind:
+        raise InvalidInput(
+            field="kind",
+            problem=f"a {row.kind} reward cannot become {body.kind}; add a new reward instead",
+            problem_zh=f"{row.kind} 类礼品不能改为 {body.kind};请新建礼品。",
+        )
+    _check_tiers(uow, program_id, body)
+    uow.conn.execute(
+        rewards.update()
+        .where(rewards.c.id == row.id)
+        .values(
+            category=body.category,
+            points=body.points,
+            terms=_terms_json(body),
+            safety_stock=body.safety_stock,
+            updated_at=_later(uow, row.updated_at),
+        )
+    )
+    if body.lottery is not None:
+        _set_prizes(uow, row.id, body)
+    return get_reward(uow, program_id=program_id, code=code)
+
+
+def _later(uow: UnitOfWork, previous: datetime) -> datetime:
+    """Now, or just after ``previous``: each version of a reward has its own stamp."""
+    return max(uow.clock.now(), previous + timedelta(microseconds=1))
+
+
+def set_state(uow: UnitOfWork, *, program_id: int, code: str, state: str) -> RewardRead:
+    """Pause, resume or retire a reward (orders already made are not touched)."""
+    row = _reward_row(uow, program_id, code)
+    if row.state == "retired" and state != "retired":
+        raise StateConflict(
+            problem=f"Reward {code!r} is retired and cannot come back; add a new reward.",
+            problem_zh=f"礼品 {code!r} 已下架,不能恢复;请新建礼品。",
+        )
+    uow.conn.execute(
+        rewards.update()
+        .where(rewards.c.id == row.id)
+        .values(state=state, updated_at=_later(uow, row.updated_at))
+    )
+    return get_reward(uow, program_id=program_id, code=code)
+
+
+def restock(uow: UnitOfWork, *, program_id: int, code: str, add: int) -> RewardRead:
+    """Add units to a reward's stock; an open restock alert clears once above safety stock."""
+    row = _reward_row(uow, program_id, code)
+    if row.stock_left is None:
+        raise StateConflict(
+            problem=f"Reward {code!r} has unlimited stock; there is nothing to add to.",
+            problem_zh=f"礼品 {code!r} 库存不限,无需补货。",
+        )
+    left = uow.conn.execute(
+        update(rewards)
+        .where(rewards.c.id == row.id)
+        .values(stock_left=rewards.c.stock_left + add, stock_total=rewards.c.stock_total + add)
+        .returning(rewards.c.stock_left)
+    ).scalar_one()
+    if left > row.safety_stock:
+        uow.conn.execute(
+            stock_alerts.update()
+            .where(stock_alerts.c.reward_id == row.id, stock_alerts.c.cleared_at.is_(None))
+            .values(cleared_at=uow.clock.now())
+        )
+    return get_reward(uow, program_id=program_id, code=code)
+
+
+def get_reward(uow: UnitOfWork, *, program_id: int, code: str) -> RewardRead:
+    return _reward_read(uow, _reward_row(uow, program_id, code), _policy(uow, program_id))
+
+
+def list_rewards(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    kind: str | None = None,
+    category: str | None = None,
+    state: str | None = None,
+    min_points: int | None = None,
+    max_points: int | None = None,
+    after_id: int = 0,
+    limit: int = 50,
+) -> tuple[list[RewardRead], str | None]:
+    """The catalogue in id order, filtered; the cursor is the last id of the page."""
+    query = select(rewards).where(rewards.c.program_id == program_id, rewards.c.id > after_id)
+    for column, value in ((rewards.c.kind, kind), (rewards.c.category, category),
+                          (rewards.c.state, state)):  # fmt: skip
+        if value is not None:
+            query = query.where(column == value)
+    if min_points is not None:
+        query = query.where(rewards.c.points >= min_points)
+    if max_points is not None:
+        query = query.where(rewards.c.points <= max_points)
+    rows = uow.conn.execute(query.order_by(rewards.c.id).limit(limit + 1)).all()
+    policy = _policy(uow, program_id)
+    items = [_reward_read(uow, row, policy) for row in rows[:limit]]
+    return items, str(items[-1].id) if len(rows) > limit else None
+
+
+def open_alerts(uow: UnitOfWork, *, program_id: int) -> list[StockAlert]:
+    """Rewards at or below their safety stock, since when (cleared by a restock)."""
+    rows = uow.conn.execute(
+        select(rewards.c.code, stock_alerts.c.stock_left, stock_alerts.c.safety_stock,
+               stock_alerts.c.raised_at)
+        .join(rewards, rewards.c.id == stock_alerts.c.reward_id)
+        .where(stock_alerts.c.program_id == program_id, stock_alerts.c.cleared_at.is_(None))
+        .order_by(stock_alerts.c.id)
+    ).all()  # fmt: skip
+    return [
+        StockAlert(reward=r.code, stock_left=r.stock_left, safety_stock=r.safety_stock,
+                   raised_at=r.raised_at)
+        for r in rows
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- quotes
+
+
+def _buyer(
+    uow: UnitOfWork, program_id: int, member_id: int, birthday: date | bool | None = False
+) -> core.Buyer:
+    """The member's tier and whether this is its birthday month (``birthday``: the date if
+    the caller has read it already, ``False`` to read it here)."""
+    tier = tiers_service.tiers_of(uow, member_ids=[member_id]).get(member_id)
+    if birthday is False:
+        facts = members_service.rule_facts(uow, program_id=program_id, member_ids=[member_id])
+        birthday = facts[member_id].birthday if member_id in facts else None
+    born = birthday if isinstance(birthday, date) else None
+    return core.Buyer(tier=tier, birthday_month=_birthday_month(uow, program_id, born))
+
+
+def _birthday_month(uow: UnitOfWork, program_id: int, birthday: date | None) -> bool:
+    if birthday is None:
+        return False
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    return uow.clock.now().astimezone(zone).month == birthday.month
+
+
+def _quote(
+    uow: UnitOfWork, row: Any, terms: RewardDef, buyer: core.Buyer, quantity: int,
+    policy: RedemptionPolicy,
+) -> Quote:  # fmt: skip
+    return core.quote(
+        terms, quantity=quantity, buyer=buyer, policy=policy, sold=row.sold,
+        stock_total=row.stock_total,
+    )  # fmt: skip
+
+
+def quote(
+    uow: UnitOfWork, *, program_id: int, member_id: int, code: str, quantity: int = 1
+) -> Quote:
+    """What ``quantity`` of the reward costs the member now, and how the price was reached."""
+    members_service.require_member(uow, program_id=program_id, member_id=member_id)
+    row = _reward_row(uow, program_id, code)
+    buyer = _buyer(uow, program_id, member_id)
+    return _quote(uow, row, _terms(uow, row), buyer, quantity, _policy(uow, program_id))
+
+
+# --------------------------------------------------------------------------- redemption
+
+
+def _fingerprint(member_id: int, body: RedemptionCreate, merchant: str | None) -> str:
+    payload = {"member": member_id, "merchant": merchant, **body.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _counts(
+    uow: UnitOfWork, program_id: int, member_id: int, reward_id: int, terms: RewardDef
+) -> tuple[int, int]:
+    """Units of this reward the member redeemed in its limit period, and the member's
+    redemptions this calendar month (cancelled and returned ones do not count)."""
+    zone = programs_service.time_zone(uow, program_id=program_id)
+    now = uow.clock.now()
+    counted = reward_orders.c.state.not_in(["cancelled", "returned"])
+    month_start = core.period_start("month", now, zone)
+    reward_start = core.period_start(terms.limit_period, now, zone)
+    of_reward = func.coalesce(
+        func.sum(reward_orders.c.quantity).filter(
+            reward_orders.c.reward_id == reward_id,
+            *([reward_orders.c.created_at >= reward_start] if reward_start else []),
+        ),
+        0,
+    )
+    this_month = func.count().filter(reward_orders.c.created_at >= month_start)
+    row = uow.conn.execute(
+        select(of_reward, this_month).where(reward_orders.c.member_id == member_id, counted)
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def _replay(uow: UnitOfWork, program_id: int, key: str, request_hash: str) -> OrderRead:
+    """The order a key already made, if the request is the same one."""
+    row = uow.conn.execute(
+        select(reward_orders).where(
+            reward_orders.c.program_id == program_id, reward_orders.c.idempotency_key == key
+        )
+    ).one_or_none()
+    if row is None or row.request_hash != request_hash:  # or the key posted something else
+        raise IdempotencyConflict(key=key)
+    return _order_read(uow, _order_row(uow, program_id, row.id), replayed=True)
+
+
+def redeem(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    member_id: int,
+    body: RedemptionCreate,
+    key: str,
+    actor: str,
+    merchant: str | None = None,
+    store: str | None = None,
+) -> OrderRead:
+    """Redeem ``body.quantity`` of a reward for the member, all or nothing. Every check comes
+    before the first write; the stock is taken last."""
+    request_hash = _fingerprint(member_id, body, merchant)
+    birthday = members_service.active_birthday(uow, program_id=program_id, member_id=member_id)
+    if points_service.lock_account(uow, member_id=member_id, key=key):
+        return _replay(uow, program_id, key, request_hash)
+    now = uow.clock.now()
+    row = _reward_row(uow, program_id, body.reward)
+    terms = _terms(uow, row)
+    policy = _policy(uow, program_id)
+    if policy.tiers or terms.visible_tiers is not None or terms.early_access:
+        buyer = _buyer(uow, program_id, member_id, birthday)
+    else:  # nothing here depends on the member's tier: one read fewer
+        buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
+    core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+    _check_details(terms, body)
+    price = _quote(uow, row, terms, buyer, body.quantity, policy)
+    if body.expected_points is not None and body.expected_points != price.points:
+        raise PriceChanged(reward=terms.code, points=price.points, expected=body.expected_points)
+    tier_terms = policy.for_tier(buyer.tier)
+    of_reward = this_month = 0
+    if terms.limit_per_member is not None or tier_terms.per_month is not None:
+        of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
+    core.check_limits(
+        terms, quantity=body.quantity, points=price.points, terms=tier_terms, tier=buyer.tier,
+        redeemed_of_reward=of_reward, redemptions_this_month=this_month,
+    )  # fmt: skip
+    if row.stock_left is not None and row.stock_left < body.quantity:
+        raise OutOfStock(reward=terms.code, left=row.stock_left, wanted=body.quantity)
+    if terms.cash_fen and body.payment_ref is None:
+        raise InvalidInput(
+            field="payment_ref",
+            problem=f"reward {terms.code!r} has a cash part of {price.cash_fen} fen; give the "
+            "payment's reference from the payment system",
+            problem_zh=f"礼品 {terms.code!r} 含现金部分 {price.cash_fen} 分,请提供支付流水号。",
+        )
+    wait = core.cooling_off(price.points, tier_terms)
+    reason = f"redeem {terms.code} × {body.quantity}"
+    hold_posting = spend_posting = None
+    if wait is not None:
+        hold_posting = points_service.freeze(
+            uow, member_id=member_id, amount=price.points, key=key, reason=f"hold: {reason}",
+            actor=actor,
+        ).id  # fmt: skip
+    else:
+        spend_posting = _spend(uow, member_id, price.points, key, reason, actor, terms)
+    steps = [step.model_dump() for step in price.steps]
+    order = {
+        "program_id": program_id, "member_id": member_id, "reward_id": row.id,
+        "idempotency_key": key, "request_hash": request_hash,
+        "state": "held" if wait else "created", "quantity": body.quantity,
+        "points": price.points, "cash_fen": price.cash_fen, "value_fen": price.value_fen,
+        "payment_ref": body.payment_ref, "price": steps, "outcome": _request_outcome(body),
+        "hold_until": now + wait if wait else None, "spend_posting_id": spend_posting,
+        "hold_posting_id": hold_posting, "refund_posting_id": None, "merchant": merchant,
+        "store": store, "created_at": now, "updated_at": now,
+    }  # fmt: skip
+    order["id"] = uow.conn.execute(_INSERT_ORDER, order).scalar_one()
+    voucher = None
+    if wait is not None:
+        made = [_step(uow, order["id"], "held", actor, f"cooling-off until {order['hold_until']}")]
+    else:
+        made = [_step(uow, order["id"], "created", actor)]
+        state, outcome, voucher, more = _fulfil(uow, program_id, order, terms, policy, actor)
+        order.update(state=state, outcome=outcome)
+        made += more
+    _take_stock(uow, program_id, row, body.quantity)
+    return OrderRead(
+        **{k: v for k, v in order.items() if k in OrderRead.model_fields and k != "price"},
+        reward=terms.code,
+        kind=terms.kind,
+        price=price.steps,
+        voucher=voucher,
+        steps=made,
+    )
+
+
+_INSERT_ORDER = reward_orders.insert().returning(reward_orders.c.id)
+_INSERT_STEP = order_steps.insert()
+
+
+def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
+    if terms.vote is not None:
+        if body.choice not in terms.vote.options:
+            raise InvalidInput(
+                field="choice",
+                problem=f"vote for one of {', '.join(terms.vote.options)}",
+                problem_zh=f"请从以下选项中投票:{'、'.join(terms.vote.options)}",
+            )
+    elif body.choice is not None:
+        raise InvalidInput(field="choice", problem="only a vote takes a choice")
+    if terms.partner is not None and body.partner_account is None:
+        raise InvalidInput(
+            field="partner_account",
+            problem=f"give the member's account at {terms.partner.partner}",
+            problem_zh=f"请提供会员在 {terms.partner.partner} 的账号。",
+        )
+    if terms.partner is None and body.partner_account is not None:
+        raise InvalidInput(field="partner_account", problem="only a partner exchange takes one")
+
+
+def _request_outcome(body: RedemptionCreate) -> dict[str, Any]:
+    outcome: dict[str, Any] = {}
+    if body.choice is not None:
+        outcome["choice"] = body.choice
+    if body.partner_account is not None:
+        outcome["partner_account"] = body.partner_account
+    return outcome
+
+
+def _spend(
+    uow: UnitOfWork, member_id: int, points: int, key: str, reason: str, actor: str,
+    terms: RewardDef,
+) -> int:  # fmt: skip
+    into = {"charity": SystemAccount.CHARITY, "partner": SystemAccount.PARTNERS}.get(
+        terms.kind, SystemAccount.REDEEMED
+    )
+    return points_service.spend(
+        uow, member_id=member_id, amount=points, key=key, reason=reason, actor=actor, into=into
+    ).id
+
+
+def _step(uow: UnitOfWork, order_id: int, state: str, by: str, note: str = "") -> OrderStep:
+    step = OrderStep(state=state, at=uow.clock.now(), by=by, note=note)
+    uow.conn.execute(_INSERT_STEP, {"order_id": order_id, **step.model_dump()})
+    return step
+
+
+def _set_order(uow: UnitOfWork, order_id: int, **values: Any) -> None:
+    uow.conn.execute(
+        reward_orders.update()
+        .where(reward_orders.c.id == order_id)
+        .values(updated_at=uow.clock.now(), **values)
+    )
+
+
+def _fulfil(
+    uow: UnitOfWork,
+    program_id: int,
+    order: dict[str, Any],
+    terms: RewardDef,
+    policy: RedemptionPolicy,
+    actor: str,
+) -> tuple[OrderState, dict[str, Any], VoucherRead | None, list[OrderStep]]:
+    """What the points bought, once they are debited: a voucher, a draw, a receipt, a ballot,
+    partner units, or goods waiting for staff to ship them. Answers the order's state and
+    outcome, its voucher and the steps it added (goods to ship change nothing)."""
+    order_id: int = order["id"]
+    outcome = dict(order["outcome"])
+    if terms.kind == "physical" and not terms.pickup:
+        return "created", outcome, None, []
+    state: OrderState = "delivered"
+    voucher = None
+    if terms.has_voucher:
+        days = terms.validity_days or policy.validity_days.get(terms.kind, 90)
+        voucher = _issue_voucher(uow, program_id, order, terms, days)
+        outcome["voucher"] = voucher.code
+        if terms.pickup:
+            state = "created"  # delivered when the voucher is used at the store
+    elif terms.lottery is not None:
+        outcome.update(_draw(uow, program_id, order, terms, actor))
+        if outcome.get("prize") and not outcome.get("prize_points"):
+            state = "created"  # a prize staff hand over
+    elif terms.partner is not None:
+        outcome.update(
+            partner=terms.partner.partner,
+            unit=terms.partner.unit,
+            units=terms.partner.units * order["quantity"],
+        )
+    elif terms.charity is not None:
+        outcome["receipt"] = {
+            "number": f"JF-{program_id}-{order_id:08d}",
+            "charity": terms.charity.charity,
+            "points": order["points"],
+            "value_fen": order["value_fen"],
+            "at": uow.clock.now().isoformat(),
+        }
+    _set_order(uow, order_id, outcome=outcome, state=state)
+    steps = [] if state == "created" else [_step(uow, order_id, state, actor)]
+    return state, outcome, voucher, steps
+
+
+def _issue_voucher(
+    uow: UnitOfWork, program_id: int, order: dict[str, Any], terms: RewardDef, days: int
+) -> VoucherRead:
+    """A new voucher with a random code of 12 characters (60 bits): guessing one is hopeless,
+    and in the rare clash the unique index refuses it and the transaction runs again with a
+    new code (the index is one of the races :func:`jifen.db.uow.is_transient` knows)."""
+    voucher = VoucherRead(
+        code="".join(secrets.choice(_CODE_ALPHABET) for _ in range(12)),
+        state="issued",
+        order_id=order["id"],
+        member_id=order["member_id"],
+        reward=terms.code,
+        valid_until=uow.clock.now() + timedelta(days=days),
+        coupon=terms.coupon,
+    )
+    uow.conn.execute(
+        _INSERT_VOUCHER,
+        {"program_id": program_id, "code": voucher.code, "order_id": voucher.order_id,
+         "member_id": voucher.member_id, "valid_until": voucher.valid_until},
+    )  # fmt: skip
+    return voucher
+
+
+_INSERT_VOUCHER = vouchers_table.insert()
+
+
+def _draw(
+    uow: UnitOfWork, program_id: int, order: dict[str, Any], terms: RewardDef, actor: str
+) -> dict[str, Any]:  # fmt: skip
+    """Draw a prize. The seed is a keyed hash of the order's key under the installation's
+    secret: recorded with the roll, so anyone can check the roll from the seed, yet no member
+    can choose a key that wins. A prize whose quantity or the budget is used up gives
+    nothing instead."""
+    assert terms.lottery is not None
+    key = order["idempotency_key"]
+    seed = crypto.keyed_hash(f"lottery draw {key}")
+    drawn = core.roll(seed)
+    prize = core.prize_for(terms.lottery, drawn)
+    result: dict[str, Any] = {"draw": {"seed": seed, "roll": drawn, "ppm": core.PPM}}
+    if prize is None:
+        result["prize"] = None
+        return result
+    if not _take_prize(uow, order["reward_id"], prize.code, prize.cost):
+        result.update(prize=None, missed=prize.code)
+        return result
+    result["prize"] = prize.code
+    result["prize_name"] = prize.name.model_dump()
+    if prize.points:
+        settings = programs_service.get_settings(uow, program_id=program_id)
+        now = uow.clock.now()
+        expires_at = programs_service.default_expiry(
+            uow, program_id=program_id, start=now, days=settings.default_validity_days
+        )
+        posting = points_service.earn(
+            uow, member_id=order["member_id"], amount=prize.points, key=f"{key}:prize",
+            expires_at=expires_at, reason=f"prize {prize.code} of {terms.code}", actor=actor,
+        )  # fmt: skip
+        result["prize_points"] = prize.points
+        result["prize_posting_id"] = posting.id
+    return result
+
+
+def _take_prize(uow: UnitOfWork, reward_id: int, prize_code: str, cost: int) -> bool:
+    """One of the prize, and its cost from the budget, if both are there (conditional
+    decrements: two draws at once cannot both take the last one)."""
+    budget = uow.conn.execute(
+        update(prize_stock)
+        .where(
+            prize_stock.c.reward_id == reward_id,
+            prize_stock.c.prize_code == _BUDGET,
+            or_(prize_stock.c.remaining.is_(None), prize_stock.c.remaining >= cost),
+        )
+        .values(remaining=prize_stock.c.remaining - cost, given=prize_stock.c.given + cost)
+    )
+    if budget.rowcount != 1:
+        return False
+    taken = uow.conn.execute(
+        update(prize_stock)
+        .where(
+            prize_stock.c.reward_id == reward_id,
+            prize_stock.c.prize_code == prize_code,
+            or_(prize_stock.c.remaining.is_(None), prize_stock.c.remaining >= 1),
+        )
+        .values(remaining=prize_stock.c.remaining - 1, given=prize_stock.c.given + 1)
+    )
+    if taken.rowcount == 1:
+        return True
+    uow.conn.execute(  # give the budget back: this prize is gone
+        update(prize_stock)
+        .where(prize_stock.c.reward_id == reward_id, prize_stock.c.prize_code == _BUDGET)
+        .values(remaining=prize_stock.c.remaining + cost, given=prize_stock.c.given - cost)
+    )
+    return False
+
+
+def _take_stock(uow: UnitOfWork, program_id: int, row: Any, quantity: int) -> None:
+    """Take ``quantity`` from a limited stock, as the last write of the redemption: the
+    decrement is conditional, so stock never goes below zero, and the row's lock is held
+    only until the commit that follows (the hot row of a popular reward is held for
+    microseconds, not for the whole redemption). At or below safety stock, raise a restock
+    alert."""
+    if row.stock_left is None:
+        return
+    left = uow.conn.execute(
+        _TAKE_STOCK, {"reward": row.id, "quantity": quantity}
+    ).scalar_one_or_none()
+    if left is None:
+        # Another redemption took the last units after this one checked: run it again,
+        # and the check, made before any write, refuses it with nothing half-written.
+        raise LostRace(f"stock of reward {row.code} taken by a concurrent redemption")
+    if left <= row.safety_stock < left + quantity:
+        uow.conn.execute(
+            stock_alerts.insert().values(
+                program_id=program_id, reward_id=row.id, stock_left=left,
+                safety_stock=row.safety_stock, raised_at=uow.clock.now(),
+            )
+        )  # fmt: skip
+
+
+_TAKE_STOCK = (
+    update(rewards)
+    .where(rewards.c.id == bindparam("reward"), rewards.c.stock_left >= bindparam("quantity"))
+    .values(
+        stock_left=rewards.c.stock_left - bindparam("quantity"),
+        sold=rewards.c.sold + bindparam("quantity"),
+    )
+    .returning(rewards.c.stock_left)
+)
+
+
+def _give_stock(uow: UnitOfWork, reward_id: int, quantity: int) -> None:
+    uow.conn.execute(
+        update(rewards)
+        .where(rewards.c.id == reward_id, rewards.c.stock_left.is_not(None))
+        .values(stock_left=rewards.c.stock_left + quantity, sold=rewards.c.sold - quantity)
+    )
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def _order_row(
+    uow: UnitOfWork, program_id: int, order_id: int, member_id: int | None = None
+) -> Row[Any]:
+    query = (
+        select(reward_orders, rewards.c.code, rewards.c.kind)
+        .join(rewards, rewards.c.id == reward_orders.c.reward_id)
+        .where(reward_orders.c.program_id == program_id, reward_orders.c.id == order_id)
+    )
+    if member_id is not None:
+        query = query.where(reward_orders.c.member_id == member_id)
+    row = uow.conn.execute(query).one_or_none()
+    if row is None:
+        raise UnknownOrder(order_id=order_id)
+    return row
+
+
+def get_order(
+    uow: UnitOfWork, *, program_id: int, order_id: int, member_id: int | None = None
+) -> OrderRead:
+    return _order_read(uow, _order_row(uow, program_id, order_id, member_id))
+
+
+def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRead:
+    steps = uow.conn.execute(
+        select(order_steps).where(order_steps.c.order_id == row.id).order_by(order_steps.c.id)
+    ).all()
+    voucher = uow.conn.execute(
+        select(vouchers_table).where(vouchers_table.c.order_id == row.id)
+    ).one_or_none()
+    return OrderRead(
+        id=row.id,
+        member_id=row.member_id,
+        reward=row.code,
+        kind=row.kind,
+        quantity=row.quantity,
+        state=row.state,
+        points=row.points,
+        cash_fen=row.cash_fen,
+        value_fen=row.value_fen,
+        payment_ref=row.payment_ref,
+        hold_until=row.hold_until,
+        spend_posting_id=row.spend_posting_id,
+        hold_posting_id=row.hold_posting_id,
+        refund_posting_id=row.refund_posting_id,
+        price=[PriceStep.model_validate(step) for step in row.price],
+        outcome=dict(row.outcome),
+        voucher=_voucher_read(uow, voucher, row.code) if voucher is not None else None,
+        steps=[OrderStep(state=s.state, at=s.at, by=s.by, note=s.note) for s in steps],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        replayed=replayed,
+    )
+
+
+def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str) -> VoucherRead:
+    reward = _reward_row(uow, row.program_id, reward_code)
+    return VoucherRead(
+        code=row.code,
+        state=row.state,
+        order_id=row.order_id,
+        member_id=row.member_id,
+        reward=reward_code,
+        valid_until=row.valid_until,
+        used_at=row.used_at,
+        used_store=row.used_store,
+        refund_posting_id=row.refund_posting_id,
+        coupon=_terms(uow, reward).coupon,
+    )
+
+
+def list_orders(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    member_id: int | None = None,
+    state: str | None = None,
+    reward: str | None = None,
+    after_id: int = 0,
+    limit: int = 50,
+) -> tuple[list[OrderRead], str | None]:
+    """Orders newest first (the cursor is the last id of the page), filtered."""
+    query = (
+        select(reward_orders, rewards.c.code, rewards.c.kind)
+        .join(rewards, rewards.c.id == reward_orders.c.reward_id)
+        .where(reward_orders.c.program_id == program_id)
+    )
+    if after_id:
+        query = query.where(reward_orders.c.id < after_id)
+    if member_id is not None:
+        query = query.where(reward_orders.c.member_id == member_id)
+    if state is not None:
+        query = query.where(reward_orders.c.state == state)
+    if reward is not None:
+        query = query.where(rewards.c.code == reward)
+    rows = uow.conn.execute(query.order_by(reward_orders.c.id.desc()).limit(limit + 1)).all()
+    items = [_order_read(uow, row) for row in rows[:limit]]
+    return items, str(items[-1].id) if len(rows) > limit else None
+
+
+_MOVES: dict[str, tuple[frozenset[str], str]] = {
+    # action: (states it may start from, the state it leads to)
+    "confirm": (frozenset({"created"}), "confirmed"),
+    "ship": (frozenset({"created", "confirmed"}), "shipped"),
+    "deliver": (frozenset({"shipped"}), "delivered"),
+    "cancel": (frozenset({"held", "created", "confirmed"}), "cancelled"),
+    "return": (frozenset({"shipped", "delivered"}), "returned"),
+}
+_VOUCHER_ZH = {"used": "使用", "expired": "过期", "cancelled": "作废"}
+_STATE_ZH = {"held": "冷静期待确认", "created": "已创建", "confirmed": "已确认",
+             "shipped": "已发货",
+             "delivered": "已交付", "cancelled": "已取消", "returned": "已退货"}  # fmt: skip
+
+
+def move(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    order_id: int,
+    action: str,
+    actor: str,
+    note: str = "",
+    tracking: str | None = None,
+    member_id: int | None = None,
+) -> OrderRead:
+    """Move an order on: confirm, ship, deliver, cancel or return. Cancelling or returning
+    gives the points back to the very lots they came from, and the stock back."""
+    if action not in _MOVES:
+        raise InvalidInput(field="action", problem=f"one of {', '.join(_MOVES)}")
+    row = _order_row(uow, program_id, order_id, member_id)
+    points_service.lock_account(uow, member_id=row.member_id)
+    row = _order_row(uow, program_id, order_id, member_id)  # as it is under the lock
+    starts, target = _MOVES[action]
+    terms = _terms(uow, _reward_row(uow, program_id, row.code))
+    if row.state not in starts or not _fits(action, row, terms):
+        raise StateConflict(
+            problem=f"Order {order_id} is {row.state}; a {row.kind} order cannot be "
+            f"{target} from there.",
+            problem_zh=f"订单 {order_id} 当前为{_STATE_ZH[row.state]},"
+            f"不能变为{_STATE_ZH[target]}。",
+        )
+    values: dict[str, Any] = {"state": target}
+    outcome = dict(row.outcome)
+    if target in ("cancelled", "returned"):
+        values.update(_give_back(uow, row, terms, actor, note or action))
+        if row.cash_fen:  # the payment system refunds the cash part; the order says so
+            outcome["cash_refund_due_fen"] = row.cash_fen
+    if tracking is not None:
+        outcome["tracking"] = tracking
+    if outcome != row.outcome:
+        values["outcome"] = outcome
+    _set_order(uow, order_id, **values)
+    _step(uow, order_id, target, actor, note)
+    return get_order(uow, program_id=program_id, order_id=order_id)
+
+
+def _fits(action: str, row: Any, terms: RewardDef) -> bool:
+    """Whether ``action`` makes sense for this kind of order."""
+    if action in ("ship", "deliver", "confirm"):
+        return (terms.kind == "physical" and not terms.pickup) or row.kind == "lottery"
+    if action == "return":
+        return row.kind not in _FINAL_KINDS
+    if action == "cancel":
+        return row.kind not in _FINAL_KINDS or row.state == "held"
+    return True
+
+
+def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str) -> dict[str, Any]:
+    """Undo a redemption's points, stock and voucher; answers the order's new columns."""
+    voucher = uow.conn.execute(
+        select(vouchers_table.c.id, vouchers_table.c.state).where(
+            vouchers_table.c.order_id == row.id
+        )
+    ).one_or_none()
+    if voucher is not None:
+        if voucher.state != "issued":
+            raise StateConflict(
+                problem=f"The voucher of order {row.id} is {voucher.state}; only an unused "
+                "voucher can be given back.",
+                problem_zh=f"订单 {row.id} 的券已{_VOUCHER_ZH[voucher.state]},"
+                "只有未使用的券可以退回。",
+            )
+        uow.conn.execute(
+            vouchers_table.update()
+            .where(vouchers_table.c.id == voucher.id)
+            .values(state="cancelled")
+        )
+    key = f"{row.idempotency_key}:give-back"
+    if row.hold_posting_id is not None and row.spend_posting_id is None:
+        posting = points_service.unfreeze(
+            uow, freeze_id=row.hold_posting_id, key=key, reason=why, actor=actor
+        )
+    else:
+        posting = points_service.refund(
+            uow, spend_id=row.spend_posting_id, key=key, reason=why, actor=actor
+        )
+    _give_stock(uow, row.reward_id, row.quantity)
+    return {"refund_posting_id": posting.id}
+
+
+def confirm_held(
+    uow: UnitOfWork, *, program_id: int, member_id: int, order_id: int, actor: str
+) -> OrderRead:
+    """The member confirms a held redemption after its cooling-off: the frozen points are
+    released and debited, and the redemption completes."""
+    points_service.lock_account(uow, member_id=member_id)
+    row = _order_row(uow, program_id, order_id, member_id)
+    if row.state != "held":
+        raise StateConflict(
+            problem=f"Order {order_id} is {row.state}, not waiting for confirmation.",
+            problem_zh=f"订单 {order_id} 当前为{_STATE_ZH[row.state]},无需确认。",
+        )
+    now = uow.clock.now()
+    if now < row.hold_until:
+        raise StateConflict(
+            problem=f"Order {order_id} is in its cooling-off period until "
+            f"{row.hold_until.isoformat()}; confirm it after that.",
+            problem_zh=f"订单 {order_id} 处于冷静期,请于 {row.hold_until.isoformat()} 之后确认。",
+        )
+    reward = _reward_row(uow, program_id, row.code)
+    terms = _terms(uow, reward)
+    reason = f"redeem {terms.code} × {row.quantity}"
+    try:
+        # Release and debit together, or neither: held points whose lots expired during the
+        # cooling-off come back overdue and cannot be spent.
+        with uow.conn.begin_nested():
+            points_service.unfreeze(
+                uow, freeze_id=row.hold_posting_id, key=f"{row.idempotency_key}:release",
+                reason=f"confirmed: {reason}", actor=actor,
+            )  # fmt: skip
+            spent = _spend(
+                uow, member_id, row.points, f"{row.idempotency_key}:confirmed", reason, actor,
+                terms,
+            )  # fmt: skip
+    except InsufficientPoints:
+        raise StateConflict(
+            problem=f"Order {order_id} cannot be completed: some of the points held for it "
+            "expired during the cooling-off. Cancel it (the rest comes back) and redeem again.",
+            problem_zh=f"订单 {order_id} 无法完成:冷静期内部分冻结积分已过期。"
+            "请取消该订单(其余积分将退回)后重新兑换。",
+        ) from None
+    _set_order(uow, order_id, state="created", spend_posting_id=spent)
+    _step(uow, order_id, "created", actor, "confirmed after cooling-off")
+    order = {**row._mapping, "outcome": dict(row.outcome)}
+    _fulfil(uow, program_id, order, terms, _policy(uow, program_id), actor)
+    return get_order(uow, program_id=program_id, order_id=order_id)
+
+
+def expire_holds(
+    uow: UnitOfWork, *, program_id: int, limit: int = 200, dry_run: bool = False
+) -> HoldsReport:
+    """Cancel held redemptions the member did not confirm within the programme's
+    ``hold_days`` after their cooling-off ended: the points are released, the stock returns."""
+    days = _policy(uow, program_id).hold_days
+    cutoff = uow.clock.now() - timedelta(days=days)
+    ids = list(
+        uow.conn.execute(
+            select(reward_orders.c.id)
+            .where(
+                reward_orders.c.program_id == program_id,
+                reward_orders.c.state == "held",
+                reward_orders.c.hold_until <= cutoff,
+            )
+            .order_by(reward_orders.c.id)
+            .limit(limit)
+        ).scalars()
+    )
+    if not dry_run:
+        for order_id in ids:
+            move(uow, program_id=program_id, order_id=order_id, action="cancel",
+                 actor="system", note=f"not confirmed within {days} days")  # fmt: skip
+    return HoldsReport(dry_run=dry_run, cancelled=len(ids), order_ids=ids)
+
+
+# --------------------------------------------------------------------------- vouchers
+
+
+def _voucher_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
+    row = uow.conn.execute(
+        select(vouchers_table, rewards.c.code.label("reward_code"))
+        .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
+        .join(rewards, rewards.c.id == reward_orders.c.reward_id)
+        .where(vouchers_table.c.program_id == program_id, vouchers_table.c.code == code.upper())
+    ).one_or_none()
+    if row is None:
+        raise UnknownVoucher(code=code)
+    return row
+
+
+def get_voucher(uow: UnitOfWork, *, program_id: int, code: str) -> VoucherRead:
+    row = _voucher_row(uow, program_id, code)
+    return _voucher_read(uow, row, row.reward_code)
+
+
+def use_voucher(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    code: str,
+    store: str | None,
+    actor: str,
+    order_amount_fen: int | None = None,
+) -> VoucherUsed:
+    """Accept a voucher at a till, once: of two tills at once, one is told it is used."""
+    row = _voucher_row(uow, program_id, code)
+    coupon = _terms(uow, _reward_row(uow, program_id, row.reward_code)).coupon
+    discount = None
+    if coupon is not None:
+        if order_amount_fen is None:
+            raise InvalidInput(
+                field="order_amount_fen",
+                problem="a coupon needs the till's order amount, to check its minimum spend",
+                problem_zh="使用优惠券需提供订单金额,以核对最低消费。",
+            )
+        discount = core.coupon_discount(coupon, order_amount_fen)
+        if discount is None:
+            raise VoucherNotUsable(
+                code=row.code,
+                problem=f"the order must be at least {coupon.min_spend_fen} fen; it is "
+                f"{order_amount_fen}.",
+                problem_zh=f"订单金额须满 {coupon.min_spend_fen} 分,当前为 {order_amount_fen} 分。",
+            )
+    now = uow.clock.now()
+    used = uow.conn.execute(
+        vouchers_table.update()
+        .where(
+            vouchers_table.c.id == row.id,
+            vouchers_table.c.state == "issued",
+            vouchers_table.c.valid_until > now,
+        )
+        .values(state="used", used_at=now, used_store=store, used_by=actor)
+    )
+    if used.rowcount != 1:
+        _refuse_voucher(uow, program_id, row.code, now)
+    order = _order_row(uow, program_id, row.order_id)
+    if order.state == "created":  # goods collected at the store
+        _set_order(uow, order.id, state="delivered")
+        _step(uow, order.id, "delivered", actor, f"collected at {store or 'a store'}")
+    return VoucherUsed(voucher=get_voucher(uow, program_id=program_id, code=row.code),
+                       discount_fen=discount)  # fmt: skip
+
+
+def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) -> None:
+    row = _voucher_row(uow, program_id, code)
+    if row.state == "used":
+        where = f" at {row.used_store}" if row.used_store else ""
+        raise VoucherNotUsable(
+            code=code,
+            problem=f"it was already used{where} at {row.used_at.isoformat()}.",
+            problem_zh=f"该券已于 {row.used_at.isoformat()} 在{row.used_store or '门店'}使用。",
+        )
+    if (row.state == "issued" and row.valid_until <= now) or row.state == "expired":
+        raise VoucherNotUsable(
+            code=code,
+            problem=f"it expired at {row.valid_until.isoformat()}.",
+            problem_zh=f"该券已于 {row.valid_until.isoformat()} 过期。",
+        )
+    raise VoucherNotUsable(
+        code=code, problem="its order was cancelled.", problem_zh="该券所属订单已取消。"
+    )
+
+
+def expire_vouchers(
+    uow: UnitOfWork, *, program_id: int, limit: int = 200, dry_run: bool = False
+) -> ExpiryReport:
+    """Expire vouchers unused at the end of their validity: the points come back to the lots
+    they were taken from, less the programme's fee (10 %); goods never collected go back to
+    the stock and their order is cancelled. Runs in chunks of ``limit``; on
+    PostgreSQL, chunks of two workers never overlap (``SKIP LOCKED``)."""
+    policy = _policy(uow, program_id)
+    now = uow.clock.now()
+    query = (
+        select(vouchers_table.c.id, vouchers_table.c.code, vouchers_table.c.order_id)
+        .where(
+            vouchers_table.c.program_id == program_id,
+            vouchers_table.c.state == "issued",
+            vouchers_table.c.valid_until <= now,
+        )
+        .order_by(vouchers_table.c.valid_until, vouchers_table.c.id)
+        .limit(limit)
+    )
+    if uow.dialect == "postgresql" and not dry_run:
+        query = query.with_for_update(skip_locked=True)
+    due = uow.conn.execute(query).all()
+    returned = fees = 0
+    for voucher in due:
+        order = _order_row(uow, program_id, voucher.order_id)
+        back, fee = core.expiry_refund(order.points, policy.voucher_fee_pct)
+        returned += back
+        fees += fee
+        if dry_run:
+            continue
+        posting_id = None
+        if back > 0:
+            posting_id = points_service.refund(
+                uow, spend_id=order.spend_posting_id, amount=back,
+                key=f"{order.idempotency_key}:voucher-expired",
+                reason=f"voucher {voucher.code} expired unused; fee {fee}", actor="system",
+            ).id  # fmt: skip
+        uow.conn.execute(
+            vouchers_table.update()
+            .where(vouchers_table.c.id == voucher.id)
+            .values(state="expired", refund_posting_id=posting_id)
+        )
+        note = f"voucher expired unused: {back} points returned, fee {fee}"
+        if order.state == "created":  # goods never collected: back on the shelf
+            _give_stock(uow, order.reward_id, order.quantity)
+            _set_order(uow, order.id, state="cancelled", refund_posting_id=posting_id)
+            _step(uow, order.id, "cancelled", "system", note)
+        else:
+            _step(uow, order.id, order.state, "system", note)
+    return ExpiryReport(
+        dry_run=dry_run, vouchers=len(due), points_returned=returned, fees=fees,
+        codes=[v.code for v in due],
+    )  # fmt: skip
+
+
+def member_vouchers(
+    uow: UnitOfWork, *, program_id: int, member_id: int, state: str | None = None
+) -> list[VoucherRead]:
+    query = (
+        select(vouchers_table, rewards.c.code.label("reward_code"))
+        .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
+        .join(rewards, rewards.c.id == reward_orders.c.reward_id)
+        .where(vouchers_table.c.program_id == program_id, vouchers_table.c.member_id == member_id)
+        .order_by(vouchers_table.c.id.desc())
+        .limit(500)
+    )
+    if state is not None:
+        query = query.where(vouchers_table.c.state == state)
+    return [_voucher_read(uow, row, row.reward_code) for row in uow.conn.execute(query)]
+
+
+# --------------------------------------------------------------------------- for members
+
+
+def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatCanIGet:
+    """Rewards the member may redeem now (the dearest first: the most its points can buy),
+    and those within reach (the fewest points short first). Left out: rewards not on sale to
+    the member now, sold out, or beyond its limits."""
+    members_service.require_member(uow, program_id=program_id, member_id=member_id)
+    available = points_service.balance(uow, member_id=member_id).available
+    buyer = _buyer(uow, program_id, member_id)
+    policy = _policy(uow, program_id)
+    terms_of_tier = policy.for_tier(buyer.tier)
+    now = uow.clock.now()
+    rows = uow.conn.execute(
+        select(rewards)
+        .where(rewards.c.program_id == program_id, rewards.c.state == "active",
+               or_(rewards.c.stock_left.is_(None), rewards.c.stock_left > 0))
+        .order_by(rewards.c.id)
+    ).all()  # fmt: skip
+    ready: list[Available] = []
+    reach: list[Available] = []
+    for row in rows:
+        terms = _terms(uow, row)
+        try:
+            core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+            price = _quote(uow, row, terms, buyer, 1, policy)
+            of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
+            core.check_limits(
+                terms, quantity=1, points=price.points, terms=terms_of_tier, tier=buyer.tier,
+                redeemed_of_reward=of_reward, redemptions_this_month=this_month,
+            )  # fmt: skip
+        except (NotOnSale, TierNotAllowed, LimitReached):
+            continue
+        short = max(price.points - available, 0)
+        entry = Available(reward=_reward_read(uow, row, policy), quote=price, short=short)
+        (ready if short == 0 else reach).append(entry)
+    ready.sort(key=lambda a: (-a.quote.points, a.reward.id))
+    reach.sort(key=lambda a: (a.short, a.reward.id))
+    return WhatCanIGet(available=available, now=ready, within_reach=reach[:20])
+
+
+def vote_tally(uow: UnitOfWork, *, program_id: int, code: str) -> dict[str, int]:
+    """Votes cast for each option of a vote reward (units redeemed, cancelled ones left out)."""
+    row = _reward_row(uow, program_id, code)
+    terms = _terms(uow, row)
+    if terms.vote is None:
+        raise InvalidInput(field="reward", problem=f"{code!r} is a {terms.kind} reward, not a vote")
+    tally = dict.fromkeys(terms.vote.options, 0)
+    orders = uow.conn.execute(
+        select(reward_orders.c.outcome, reward_orders.c.quantity).where(
+            reward_orders.c.reward_id == row.id,
+            reward_orders.c.state.not_in(["cancelled", "returned", "held"]),
+        )
+    )
+    for outcome, quantity in orders:
+        choice = dict(outcome).get("choice")
+        if choice in tally:
+            tally[choice] += quantity
+    return tally

@@ -1,0 +1,183 @@
+"""Rewards over HTTP: operators keep the catalogue, members redeem for themselves (once per
+key), cashiers accept vouchers at their own store once, staff fulfil orders, and every
+refusal is a problem document in the caller's language."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from jifen.db.uow import Database
+from tests.api import support
+from tests.api.earning import body
+from tests.rewards.shop import Shop
+
+Json = dict[str, Any]
+
+
+class Till:
+    """A programme with the documents' redemption terms, staff of each kind, and members."""
+
+    def __init__(self, client: TestClient, db: Database) -> None:
+        self.client = client
+        self.shop = Shop.open(db)
+        program = db.run(lambda uow: _code(uow, self.shop.program_id))
+        self.base = f"/v1/programs/{program}"
+        self.operator = support.staff(db, "operator", program_id=self.shop.program_id)
+        self.reviewer = support.staff(db, "reviewer", program_id=self.shop.program_id)
+        self.cashier = support.staff(
+            db, "cashier", program_id=self.shop.program_id, merchant="hq", store="S1"
+        )
+        (self.alice,) = self.shop.member(5000, tier="银卡")
+        (self.bob,) = self.shop.member(100, tier="普通")
+        self.as_alice = support.member(db, self.alice)
+        self.as_bob = support.member(db, self.bob)
+
+    def get(self, path: str, headers: support.Headers, **params: Any) -> Any:
+        return self.client.get(self.base + path, params=params, headers=headers)
+
+    def post(self, path: str, json: Any, headers: support.Headers, *, language: str = "en",
+             key: support.Headers | None = None) -> Any:  # fmt: skip
+        return self.client.post(
+            self.base + path, json=json,
+            headers={**headers, **(key or support.key()), "Accept-Language": language},
+        )  # fmt: skip
+
+
+def _code(uow: Any, program_id: int) -> str:
+    from jifen.programs.models import programs
+
+    return str(uow.conn.execute(programs.select().where(programs.c.id == program_id)).one().code)
+
+
+MUG = {"code": "mug", "kind": "physical", "name": {"zh": "马克杯", "en": "Mug"}, "points": 1000,
+       "stock": 2, "category": "家居", "images": ["/static/mug.png"]}  # fmt: skip
+
+
+def test_operators_keep_the_catalogue_and_members_only_read_it(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    created = body(till.post("/rewards", MUG, till.operator), 201)
+    assert (created["stock_left"], created["band"], created["state"]) == (2, "1000-2000", "active")
+    duplicate = till.post("/rewards", MUG, till.operator)
+    assert duplicate.status_code == 409 and duplicate.json()["code"] == "duplicate_reference"
+    bad = till.post("/rewards", {**MUG, "code": "c1", "kind": "coupon"}, till.operator)
+    assert bad.status_code == 422, bad.text
+    assert "coupon terms" in bad.text
+    assert till.post("/rewards", {**MUG, "code": "m2"}, till.as_alice).status_code == 403
+    assert till.post("/rewards", {**MUG, "code": "m2"}, till.reviewer).status_code == 403
+    listed = body(till.get("/rewards", till.reviewer, kind="physical", min_points=500), 200)
+    assert [r["code"] for r in listed["items"]] == ["mug"]
+    assert body(till.get("/rewards", till.reviewer, kind="coupon"), 200)["items"] == []
+    restocked = body(till.post("/rewards/mug/stock", {"add": 3}, till.operator), 200)
+    assert restocked["stock_left"] == 5
+    paused = body(till.post("/rewards/mug/state", {"state": "paused"}, till.operator), 200)
+    assert paused["state"] == "paused"
+    # a member does not see the staff list, only what it can get
+    assert till.get("/rewards", till.as_alice).status_code == 403
+
+
+def test_a_member_redeems_for_itself_once_per_key(client: TestClient, db: Database) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", MUG, till.operator), 201)
+    offer = body(till.get(f"/members/{till.alice}/rewards", till.as_alice), 200)
+    assert [(a["reward"]["code"], a["quote"]["points"]) for a in offer["now"]] == [("mug", 900)]
+    quote = body(till.get(f"/members/{till.alice}/rewards/mug/quote", till.as_alice), 200)
+    assert [s["factor"] for s in quote["steps"]] == ["1", "0.9"]
+    key = support.key()
+    first = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug"}, till.as_alice,
+                      key=key)  # fmt: skip
+    order = body(first, 201)
+    assert (order["state"], order["points"]) == ("created", 900)
+    again = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug"}, till.as_alice,
+                      key=key)  # fmt: skip
+    assert body(again, 201)["id"] == order["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert body(till.get("/rewards/mug", till.operator), 200)["stock_left"] == 1
+    # a member acts only on itself
+    other = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug"}, till.as_bob)
+    assert other.status_code == 403
+    assert till.get(f"/members/{till.alice}/orders", till.as_bob).status_code == 403
+    mine = body(till.get(f"/members/{till.alice}/orders", till.as_alice), 200)
+    assert [o["id"] for o in mine["items"]] == [order["id"]]
+    # and cancels its own order: the points come back
+    cancelled = body(till.post(f"/members/{till.alice}/orders/{order['id']}/cancel", {},
+                               till.as_alice), 200)  # fmt: skip
+    assert cancelled["state"] == "cancelled"
+    balance = body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)
+    assert balance["available"] == 5000
+
+
+def test_refusals_are_problems_in_the_callers_language(client: TestClient, db: Database) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", {**MUG, "stock": 1}, till.operator), 201)
+    poor = till.post(f"/members/{till.bob}/redemptions", {"reward": "mug"}, till.as_bob,
+                     language="zh")  # fmt: skip
+    assert poor.status_code == 409
+    assert poor.headers["content-type"].startswith("application/problem+json")
+    assert poor.json()["code"] == "insufficient_points"
+    body(till.post(f"/members/{till.alice}/redemptions", {"reward": "mug"}, till.as_alice), 201)
+    gone = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug"}, till.as_alice,
+                     language="zh")  # fmt: skip
+    assert gone.status_code == 409 and gone.json()["code"] == "out_of_stock"
+    assert gone.json()["detail"] == "礼品 'mug' 仅剩 0 件,本次需要 1 件。请减少数量或选择其他礼品。"
+    unknown = till.post(f"/members/{till.alice}/redemptions", {"reward": "nope"}, till.as_alice)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_reward"
+    extra = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug", "points": 1},
+                      till.as_alice)  # fmt: skip
+    assert extra.status_code == 422  # no field can set a price
+
+
+def test_cashiers_accept_a_voucher_once_at_their_own_store(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    wash = {"code": "wash", "kind": "service", "name": {"zh": "洗车券"}, "points": 300}
+    body(till.post("/rewards", wash, till.operator), 201)
+    order = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "wash"},
+                           till.as_alice), 201)  # fmt: skip
+    code = order["voucher"]["code"]
+    vouchers = body(till.get(f"/members/{till.alice}/vouchers", till.as_alice), 200)
+    assert [v["code"] for v in vouchers] == [code]
+    elsewhere = till.post(f"/vouchers/{code}/use", {"store": "S2"}, till.cashier)
+    assert elsewhere.status_code == 403, elsewhere.text
+    assert till.post(f"/vouchers/{code}/use", {}, till.as_alice).status_code == 403
+    used = body(till.post(f"/vouchers/{code}/use", {}, till.cashier), 200)
+    assert (used["voucher"]["state"], used["voucher"]["used_store"]) == ("used", "S1")
+    twice = till.post(f"/vouchers/{code}/use", {}, till.cashier, language="zh")
+    assert twice.status_code == 409 and twice.json()["code"] == "voucher_not_usable"
+    assert "已于" in twice.json()["detail"] and "S1" in twice.json()["detail"]
+
+
+def test_staff_fulfil_orders_and_a_return_gives_points_and_stock_back(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", MUG, till.operator), 201)
+    order = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "mug"},
+                           till.as_alice), 201)  # fmt: skip
+    queue = body(till.get("/orders", till.operator, state="created"), 200)
+    assert [o["id"] for o in queue["items"]] == [order["id"]]
+    path = f"/orders/{order['id']}"
+    assert till.post(f"{path}/ship", {}, till.reviewer).status_code == 403
+    shipped = body(till.post(f"{path}/ship", {"tracking": "SF1"}, till.operator), 200)
+    assert shipped["outcome"]["tracking"] == "SF1"
+    wrong = till.post(f"{path}/cancel", {}, till.operator)
+    assert wrong.status_code == 409 and wrong.json()["code"] == "state_conflict"
+    body(till.post(f"{path}/deliver", {}, till.operator), 200)
+    returned = body(till.post(f"{path}/return", {"note": "damaged"}, till.operator), 200)
+    assert returned["state"] == "returned" and returned["steps"][-1]["note"] == "damaged"
+    assert body(till.get("/rewards/mug", till.operator), 200)["stock_left"] == 2
+    balance = body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)
+    assert balance["available"] == 5000
+
+
+def test_the_redemption_policy_is_part_of_the_programmes_settings(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    settings = body(till.get("/settings", till.reviewer), 200)
+    assert settings["redemption"]["tiers"]["钻石"]["cooling_off_above"] == 5000
+    assert settings["redemption"]["voucher_fee_pct"] == 10

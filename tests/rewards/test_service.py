@@ -1,0 +1,565 @@
+"""Redemption end to end on both backends: prices, limits, early access, cooling-off,
+cancellation and return, vouchers and their expiry, lotteries, donations, partner exchanges,
+votes, "what can I get", and refusals that change nothing."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database
+from jifen.errors import (
+    IdempotencyConflict,
+    InsufficientPoints,
+    InvalidInput,
+    JifenError,
+    LimitReached,
+    NotOnSale,
+    OutOfStock,
+    PriceChanged,
+    StateConflict,
+    TierNotAllowed,
+    UnknownReward,
+    UnknownVoucher,
+    VoucherNotUsable,
+)
+from jifen.ledger import SystemAccount
+from jifen.members.models import members as members_table
+from jifen.points import integrity
+from jifen.points import service as points
+from jifen.points.models import accounts, lots
+from jifen.rewards import core
+from jifen.rewards import service as rewards
+from jifen.rewards.models import prize_stock
+from tests.factories import assert_ledger_sound
+from tests.rewards.shop import Shop
+
+
+def clock(db: Database) -> ManualClock:
+    assert isinstance(db.clock, ManualClock)
+    return db.clock
+
+
+def open_lots(db: Database, member_id: int) -> list[tuple[int, int]]:
+    return [(lot.id, lot.remaining) for lot in db.run(
+        lambda uow: points.member_lots(uow, member_id=member_id), read_only=True)]  # fmt: skip
+
+
+def test_a_redemption_debits_points_fifo_takes_stock_and_makes_an_order(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(0, tier="银卡")
+    db.run(lambda uow: [points.earn(uow, member_id=member, amount=600, key=f"e{i}",
+                                    expires_at=uow.clock.now() + timedelta(days=30 * (i + 1)))
+                        for i in range(3)])  # fmt: skip
+    mug = shop.reward(points=1000, stock=5, safety_stock=1)
+    order = shop.redeem(member, mug.code)
+    assert (order.state, order.points, order.kind) == ("created", 900, "physical")
+    assert [step.factor for step in order.price] == ["1", "0.9"]
+    assert shop.available(member) == 900
+    # the earliest-expiring lot went first
+    assert [remaining for _, remaining in open_lots(db, member)] == [300, 600]
+    assert shop.get(mug.code).stock_left == 4
+    assert order.steps[0].state == "created"
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_points_plus_cash_records_the_payment_and_requires_its_reference(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(points=1000, cash_fen=9000)
+    before = shop.counts()
+    with pytest.raises(InvalidInput, match="payment"):
+        shop.redeem(member, kettle.code)
+    assert shop.counts() == before
+    order = shop.redeem(member, kettle.code, payment_ref="pay-123")
+    assert (order.points, order.cash_fen, order.payment_ref) == (800, 9000, "pay-123")
+    cancelled = shop.move(order.id, "cancel")
+    assert cancelled.outcome["cash_refund_due_fen"] == 9000  # for the payment system to refund
+
+
+def test_birthday_month_and_category_coefficient(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="普通")
+    today = clock(db).now()
+    db.run(lambda uow: uow.conn.execute(
+        members_table.update().where(members_table.c.id == member)
+        .values(birthday=date(1990, today.month, 15))))  # fmt: skip
+    phone = shop.reward(points=1000, category="数码")
+    quoted = db.run(lambda uow: rewards.quote(uow, program_id=shop.program_id, member_id=member,
+                                              code=phone.code))  # fmt: skip
+    assert quoted.points == 1042  # 1000 / 0.8 / 1.2 = 1041.67 → 1042
+    assert [s.factor for s in quoted.steps] == ["1", "1/0.8", "1/1.2"]
+
+
+def test_dynamic_price_rises_after_80_percent_is_redeemed(db: Database) -> None:
+    shop = Shop.open(db)
+    buyers = shop.member(10000, tier="金卡", count=9)
+    scarce = shop.reward(points=1000, stock=10)
+    paid = [shop.redeem(m, scarce.code).points for m in buyers]
+    assert paid == [800] * 8 + [960]  # 8 of 10 gone: +20 %
+    order = shop.redeem(buyers[0], scarce.code, expected_points=960)
+    assert order.points == 960
+    with pytest.raises(OutOfStock):
+        shop.redeem(buyers[1], scarce.code)
+
+
+def test_a_changed_price_is_refused_when_the_caller_expected_another(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="银卡")
+    mug = shop.reward(points=1000)
+    before = shop.counts()
+    with pytest.raises(PriceChanged, match="900 points, not the 1000"):
+        shop.redeem(member, mug.code, expected_points=1000)
+    assert shop.counts() == before
+
+
+def test_limits_by_tier_per_redemption_and_per_month(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="普通")
+    small = shop.reward(points=500)
+    big = shop.reward(points=2500)
+    with pytest.raises(LimitReached, match="at most 2000 points"):
+        shop.redeem(member, big.code)
+    for _ in range(3):
+        shop.redeem(member, small.code)
+    before = shop.counts()
+    with pytest.raises(LimitReached, match="3 times a month"):
+        shop.redeem(member, small.code)
+    assert shop.counts() == before
+    # a cancelled redemption does not count, and a new month starts afresh
+    orders, _ = db.run(lambda uow: rewards.list_orders(uow, program_id=shop.program_id))
+    shop.move(orders[0].id, "cancel")
+    shop.redeem(member, small.code)
+    clock(db).advance(timedelta(days=31))
+    shop.redeem(member, small.code)
+
+
+def test_per_member_limit_of_a_reward(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="金卡")
+    once = shop.reward(points=100, limit_per_member=2, limit_period="ever", max_quantity=3)
+    with pytest.raises(LimitReached, match="has 2 left"):
+        shop.redeem(member, once.code, quantity=3)
+    shop.redeem(member, once.code, quantity=2)
+    with pytest.raises(LimitReached, match="has 0 left"):
+        shop.redeem(member, once.code)
+
+
+def test_early_access_for_gold_and_diamond_and_the_sales_window(db: Database) -> None:
+    shop = Shop.open(db)
+    (gold,) = shop.member(5000, tier="金卡")
+    (plain,) = shop.member(5000, tier="普通")
+    start = clock(db).now() + timedelta(hours=12)
+    drop = shop.reward(points=100, sales_start=start, sales_end=start + timedelta(days=2),
+                       early_access={"金卡": 24, "钻石": 24})  # fmt: skip
+    shop.redeem(gold, drop.code)
+    with pytest.raises(NotOnSale, match="opens at"):
+        shop.redeem(plain, drop.code)
+    clock(db).advance(timedelta(hours=12))
+    shop.redeem(plain, drop.code)
+    clock(db).advance(timedelta(days=2))
+    with pytest.raises(NotOnSale, match="ended"):
+        shop.redeem(gold, drop.code)
+
+
+def test_a_reward_for_some_tiers_only(db: Database) -> None:
+    shop = Shop.open(db)
+    (plain,) = shop.member(5000, tier="普通")
+    vip = shop.reward(points=100, visible_tiers=["金卡", "钻石"])
+    with pytest.raises(TierNotAllowed, match="金卡, 钻石"):
+        shop.redeem(plain, vip.code)
+
+
+def test_cooling_off_holds_a_large_diamond_redemption_until_confirmed(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    watch = shop.reward(points=10000, stock=3)  # 7,000 points for 钻石: above 5,000
+    order = shop.redeem(member, watch.code)
+    assert order.state == "held" and order.hold_posting_id and order.spend_posting_id is None
+    assert order.hold_until == clock(db).now() + timedelta(hours=24)
+    summary = db.run(lambda uow: points.balance(uow, member_id=member))
+    assert (summary.available, summary.frozen) == (13000, 7000)
+    assert shop.get(watch.code).stock_left == 2  # reserved while held
+
+    def confirm() -> Any:
+        return db.run(
+            lambda uow: rewards.confirm_held(
+                uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
+            )
+        )
+
+    with pytest.raises(StateConflict, match="cooling-off period until"):
+        confirm()
+    clock(db).advance(timedelta(hours=24))
+    done = confirm()
+    assert done.state == "created" and done.spend_posting_id is not None
+    summary = db.run(lambda uow: points.balance(uow, member_id=member))
+    assert (summary.available, summary.frozen) == (13000, 0)
+    with pytest.raises(StateConflict, match="not waiting"):
+        confirm()
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_held_redemption_can_be_cancelled_or_lapses(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(30000, tier="钻石")
+    watch = shop.reward(points=10000, stock=3)
+    first = shop.redeem(member, watch.code)
+    second = shop.redeem(member, watch.code)
+    cancelled = shop.move(first.id, "cancel")
+    assert cancelled.state == "cancelled"
+    clock(db).advance(timedelta(days=8, hours=1))  # 24 h cooling-off + 7 hold days
+    dry = db.run(lambda uow: rewards.expire_holds(uow, program_id=shop.program_id, dry_run=True))
+    assert dry.order_ids == [second.id]
+    assert shop.get(watch.code).stock_left == 2
+    report = db.run(lambda uow: rewards.expire_holds(uow, program_id=shop.program_id))
+    assert report.order_ids == [second.id]
+    assert shop.available(member) == 30000
+    assert shop.get(watch.code).stock_left == 3
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_cancel_and_return_restore_the_same_lots_and_the_stock(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(0, tier="金卡")
+    db.run(lambda uow: [points.earn(uow, member_id=member, amount=700, key=f"e{i}",
+                                    expires_at=uow.clock.now() + timedelta(days=60 * (i + 1)))
+                        for i in range(3)])  # fmt: skip
+    before = open_lots(db, member)
+    lamp = shop.reward(points=2000, stock=2)  # 1,600 for 金卡: takes two lots and part of one
+    order = shop.redeem(member, lamp.code)
+    assert open_lots(db, member) != before
+    cancelled = shop.move(order.id, "cancel", note="changed mind")
+    assert cancelled.refund_posting_id is not None
+    assert open_lots(db, member) == before
+    assert shop.get(lamp.code).stock_left == 2
+    # shipped, delivered, then returned
+    order = shop.redeem(member, lamp.code)
+    shop.move(order.id, "ship", tracking="SF123")
+    with pytest.raises(StateConflict, match="cannot be cancelled"):
+        shop.move(order.id, "cancel")
+    delivered = shop.move(order.id, "deliver")
+    assert delivered.outcome["tracking"] == "SF123"
+    returned = shop.move(order.id, "return")
+    assert [s.state for s in returned.steps] == [
+        "created", "shipped", "delivered", "returned"
+    ]  # fmt: skip
+    assert open_lots(db, member) == before
+    lamp_now = shop.get(lamp.code)
+    assert (lamp_now.stock_left, lamp_now.sold) == (2, 0)
+    with pytest.raises(StateConflict):
+        shop.move(order.id, "return")
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_vouchers_are_used_once_at_a_store_and_expire_with_a_fee(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(10000, tier="普通")
+    wash = shop.reward(kind="service", points=1000, name={"zh": "洗车券"})
+    used = shop.redeem(member, wash.code)
+    kept = shop.redeem(member, wash.code)
+    assert used.state == "delivered" and used.voucher is not None
+    assert used.voucher.valid_until == clock(db).now() + timedelta(days=90)
+    code = used.voucher.code
+
+    def use(c: str, store: str = "S1") -> Any:
+        return db.run(
+            lambda uow: rewards.use_voucher(
+                uow, program_id=shop.program_id, code=c, store=store, actor="cashier"
+            )
+        )
+
+    result = use(code.lower())  # codes are read aloud: case does not matter
+    assert (result.voucher.state, result.voucher.used_store) == ("used", "S1")
+    with pytest.raises(VoucherNotUsable, match="already used at S1"):
+        use(code, "S2")
+    with pytest.raises(UnknownVoucher):
+        use("NOSUCHCODE")
+    # the other one expires unused: 90 % comes back, to the lots it came from
+    assert kept.voucher is not None
+    clock(db).advance(timedelta(days=91))
+    available = shop.available(member)
+    with pytest.raises(VoucherNotUsable, match="expired"):
+        use(kept.voucher.code)
+    assert shop.available(member) == available  # the refusal changed nothing
+    dry = db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id,
+                                                     dry_run=True))  # fmt: skip
+    assert (dry.vouchers, dry.points_returned, dry.fees) == (1, 900, 100)
+    assert shop.available(member) == available
+    report = db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    assert (report.vouchers, report.points_returned, report.fees) == (1, 900, 100)
+    assert shop.available(member) == available + 900
+    again = db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    assert again.vouchers == 0
+    voucher = db.run(lambda uow: rewards.get_voucher(uow, program_id=shop.program_id,
+                                                     code=kept.voucher.code))  # fmt: skip
+    assert voucher.state == "expired" and voucher.refund_posting_id is not None
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    coupon = shop.reward(kind="coupon", points=500,
+                         coupon={"amount_fen": 2000, "min_spend_fen": 10000})  # fmt: skip
+    order = shop.redeem(member, coupon.code)
+    assert order.voucher is not None and order.voucher.coupon is not None
+    code = order.voucher.code
+
+    def use(amount: int) -> Any:
+        return db.run(
+            lambda uow: rewards.use_voucher(
+                uow, program_id=shop.program_id, code=code, store="S1", actor="c",
+                order_amount_fen=amount,
+            )
+        )  # fmt: skip
+
+    with pytest.raises(VoucherNotUsable, match="at least 10000 fen"):
+        use(9000)
+    assert use(15000).discount_fen == 2000
+
+
+def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=10)
+    order = shop.redeem(member, towel.code)
+    assert order.state == "created" and order.voucher is not None
+    assert order.voucher.valid_until == clock(db).now() + timedelta(days=30)
+    code = order.voucher.code
+    db.run(lambda uow: rewards.use_voucher(uow, program_id=shop.program_id, code=code,
+                                           store="S9", actor="c"))  # fmt: skip
+    after = db.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
+                                                 order_id=order.id))  # fmt: skip
+    assert after.state == "delivered" and after.steps[-1].note == "collected at S9"
+    # a towel never collected: its points come back less the fee, and it goes back on the shelf
+    lapsed = shop.redeem(member, towel.code)
+    assert shop.get(towel.code).stock_left == 8
+    clock(db).advance(timedelta(days=31))
+    db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    final = db.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
+                                                 order_id=lapsed.id))  # fmt: skip
+    assert final.state == "cancelled" and final.voucher and final.voucher.state == "expired"
+    assert shop.get(towel.code).stock_left == 9
+    assert shop.available(member) == 5000 - 300 - 30
+
+
+def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Database) -> None:
+    shop = Shop.open(db)
+    players = shop.member(100_000, tier="金卡", count=3)
+    wheel = shop.reward(
+        kind="lottery", points=10, max_quantity=1,
+        lottery={"budget": 2000, "prizes": [
+            {"code": "p500", "name": {"zh": "500分"}, "chance_ppm": 100_000, "points": 500},
+            {"code": "p20", "name": {"zh": "20分"}, "chance_ppm": 300_000, "points": 20},
+            {"code": "cup", "name": {"zh": "杯子"}, "chance_ppm": 100_000, "quantity": 2,
+             "value": 100},
+        ]},
+    )  # fmt: skip
+    orders = [shop.redeem(players[i % 3], wheel.code, key=f"draw-{i}") for i in range(150)]
+    cost = {"p500": 500, "p20": 20, "cup": 100}
+    won = [o.outcome["prize"] for o in orders if o.outcome["prize"]]
+    assert sum(cost[p] for p in won) <= 2000
+    assert won.count("cup") <= 2
+    assert any(o.outcome.get("missed") for o in orders)  # the budget ran out
+    for order in orders:  # each draw replays from its seed
+        draw = order.outcome["draw"]
+        assert core.roll(draw["seed"]) == draw["roll"]
+        if order.outcome["prize"] == "cup":
+            assert order.state == "created"  # staff hand it over
+        elif order.outcome["prize"]:
+            assert order.state == "delivered" and order.outcome["prize_points"] > 0
+    given = dict(db.run(lambda uow: uow.conn.execute(
+        select(prize_stock.c.prize_code, prize_stock.c.given)
+        .where(prize_stock.c.reward_id == wheel.id)).all()))  # fmt: skip
+    assert given["*"] == sum(cost[p] for p in won)
+    with pytest.raises(StateConflict):  # a draw is final
+        shop.move(orders[0].id, "cancel")
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_donation_moves_points_to_the_charity_account_with_a_receipt(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="钻石")
+    gift = shop.reward(kind="charity", points=100, max_quantity=50,
+                       charity={"charity": "希望工程"})  # fmt: skip
+    order = shop.redeem(member, gift.code, quantity=30)
+    receipt = order.outcome["receipt"]
+    assert (receipt["charity"], receipt["points"], receipt["value_fen"]) == ("希望工程", 3000, 3000)
+    assert receipt["number"].startswith("JF-")
+    reconciled = db.run(lambda uow: integrity.reconcile(uow, program_id=shop.program_id))
+    assert reconciled.system_balances[SystemAccount.CHARITY.value] == 3000
+
+
+def test_a_partner_exchange_1000_points_for_100_km(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    miles = shop.reward(kind="partner", points=1000, max_quantity=5,
+                        partner={"partner": "东方航空", "unit": "公里", "units": 100})  # fmt: skip
+    with pytest.raises(InvalidInput, match="account at 东方航空"):
+        shop.redeem(member, miles.code)
+    order = shop.redeem(member, miles.code, quantity=3, partner_account="MU-778899")
+    assert order.points == 3000  # an exchange rate is not discounted by tier
+    assert (order.outcome["units"], order.outcome["unit"]) == (300, "公里")
+    reconciled = db.run(lambda uow: integrity.reconcile(uow, program_id=shop.program_id))
+    assert reconciled.system_balances[SystemAccount.PARTNERS.value] == 3000
+
+
+def test_votes_are_tallied(db: Database) -> None:
+    shop = Shop.open(db)
+    voters = shop.member(1000, count=3)
+    poll = shop.reward(kind="vote", points=10, vote={"options": ["红", "蓝"]})
+    with pytest.raises(InvalidInput, match="红, 蓝"):
+        shop.redeem(voters[0], poll.code, choice="绿")
+    for member, choice in zip(voters, ["红", "蓝", "红"], strict=True):
+        shop.redeem(member, poll.code, choice=choice)
+    tally = db.run(lambda uow: rewards.vote_tally(uow, program_id=shop.program_id,
+                                                  code=poll.code))  # fmt: skip
+    assert tally == {"红": 2, "蓝": 1}
+
+
+def test_what_can_i_get_dearest_first_then_nearest(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(1500, tier="银卡")
+    cheap = shop.reward(points=500)  # 450
+    mid = shop.reward(points=1500)  # 1,350
+    near = shop.reward(points=1800)  # 1,620: 120 short
+    far = shop.reward(points=5000)  # 4,500: 3,000 short
+    shop.reward(points=100, stock=0)  # sold out: left out
+    shop.reward(points=100, visible_tiers=["钻石"])  # not for this tier
+    answer = db.run(lambda uow: rewards.what_can_i_get(uow, program_id=shop.program_id,
+                                                       member_id=member))  # fmt: skip
+    assert answer.available == 1500
+    assert [a.reward.code for a in answer.now] == [mid.code, cheap.code]
+    assert [(a.reward.code, a.short) for a in answer.within_reach] == [
+        (near.code, 120), (far.code, 3000)
+    ]  # fmt: skip
+
+
+def test_restock_alert_at_safety_stock_clears_on_restock(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(10000, tier="金卡")
+    cup = shop.reward(points=100, stock=3, safety_stock=1, max_quantity=2)
+    shop.redeem(member, cup.code, quantity=2)
+    alerts = db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id))
+    assert [(a.reward, a.stock_left) for a in alerts] == [(cup.code, 1)]
+    db.run(lambda uow: rewards.restock(uow, program_id=shop.program_id, code=cup.code, add=10))
+    assert db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id)) == []
+    restocked = shop.get(cup.code)
+    assert (restocked.stock_left, restocked.stock_total, restocked.sold) == (11, 13, 2)
+
+
+def test_a_redemption_twice_with_one_key_is_one_order(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    mug = shop.reward(points=100, stock=5)
+    first = shop.redeem(member, mug.code, key="k1")
+    again = shop.redeem(member, mug.code, key="k1")
+    assert again.id == first.id and again.replayed
+    assert shop.get(mug.code).stock_left == 4
+    with pytest.raises(IdempotencyConflict):
+        shop.redeem(member, mug.code, key="k1", quantity=1, payment_ref="other")
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "message"),
+    [
+        ({"stock": 0}, OutOfStock, "has 0 left"),
+        ({"state": "paused"}, NotOnSale, "paused"),
+        ({"ended": True}, NotOnSale, "ended"),
+        ({"visible_tiers": ["钻石"]}, TierNotAllowed, "钻石"),
+        ({"points": 900, "limit_per_member": 1, "again": True}, LimitReached, "has 0 left"),
+        ({"points": 1900}, InsufficientPoints, "needed"),
+        ({"code": "missing"}, UnknownReward, "no reward"),
+    ],
+)
+def test_bad_redemptions_are_refused_with_a_reason_and_change_nothing(
+    db: Database, setup: dict[str, Any], error: type[JifenError], message: str
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(1000, tier="普通")
+    fields: dict[str, Any] = {"points": setup.get("points", 100), "stock": setup.get("stock", 5)}
+    if "visible_tiers" in setup:
+        fields["visible_tiers"] = setup["visible_tiers"]
+    if "limit_per_member" in setup:
+        fields["limit_per_member"] = setup["limit_per_member"]
+    if setup.get("ended"):
+        fields["sales_start"] = clock(db).now() - timedelta(days=10)
+        fields["sales_end"] = clock(db).now() - timedelta(days=1)
+    reward = shop.reward(**fields)
+    if "state" in setup:
+        db.run(lambda uow: rewards.set_state(uow, program_id=shop.program_id, code=reward.code,
+                                             state=setup["state"]))  # fmt: skip
+    if setup.get("again"):
+        shop.redeem(member, reward.code)
+    before = (shop.counts(), shop.available(member), shop.get(reward.code).stock_left)
+    with pytest.raises(error, match=message) as refused:
+        shop.redeem(member, setup.get("code", reward.code))
+    assert refused.value.message("zh") != refused.value.message("en")
+    assert (shop.counts(), shop.available(member), shop.get(reward.code).stock_left) == before
+
+
+def test_a_retired_reward_cannot_return_and_a_kind_cannot_change(db: Database) -> None:
+    shop = Shop.open(db)
+    mug = shop.reward(points=100)
+
+    def set_state(state: str) -> Any:
+        return db.run(
+            lambda uow: rewards.set_state(
+                uow, program_id=shop.program_id, code=mug.code, state=state
+            )
+        )
+
+    set_state("retired")
+    with pytest.raises(StateConflict, match="retired"):
+        set_state("active")
+    body = rewards.RewardDef.model_validate({**mug.model_dump(include=set(
+        rewards.RewardDef.model_fields)), "kind": "virtual"})  # fmt: skip
+    with pytest.raises(InvalidInput, match="cannot become virtual"):
+        db.run(lambda uow: rewards.update_reward(uow, program_id=shop.program_id,
+                                                 code=mug.code, body=body))  # fmt: skip
+
+
+def test_cancelled_points_go_back_even_to_lots_that_expired_meanwhile(db: Database) -> None:
+    """A refund restores the lots a redemption took; a lot past its date comes back
+    overdue and the expiry run takes it, as the ledger does for any refund."""
+    shop = Shop.open(db)
+    (member,) = shop.member(0, tier="金卡")
+    db.run(lambda uow: points.earn(uow, member_id=member, amount=1000, key="short",
+                                   expires_at=uow.clock.now() + timedelta(days=5)))  # fmt: skip
+    mug = shop.reward(points=1000, stock=1)
+    order = shop.redeem(member, mug.code)
+    clock(db).advance(timedelta(days=6))
+    shop.move(order.id, "cancel")
+    summary = db.run(lambda uow: points.balance(uow, member_id=member))
+    assert (summary.available, summary.overdue) == (0, 1000)
+    remaining = db.run(lambda uow: uow.conn.execute(
+        select(lots.c.remaining).join(accounts, accounts.c.id == lots.c.account_id)
+        .where(accounts.c.member_id == member)).scalars().all())  # fmt: skip
+    assert remaining == [1000]
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_hold_whose_points_expired_meanwhile_is_refused_whole(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(0, tier="钻石")
+    db.run(lambda uow: points.earn(uow, member_id=member, amount=8000, key="short",
+                                   expires_at=uow.clock.now() + timedelta(hours=12)))  # fmt: skip
+    watch = shop.reward(points=10000, stock=1)  # 7,000 for 钻石: held 24 hours
+    order = shop.redeem(member, watch.code)
+    clock(db).advance(timedelta(hours=25))
+    before = shop.counts()
+    with pytest.raises(StateConflict, match="expired during the cooling-off"):
+        db.run(
+            lambda uow: rewards.confirm_held(
+                uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
+            )
+        )
+    assert shop.counts() == before  # neither the release nor the debit happened
+    cancelled = shop.move(order.id, "cancel")
+    assert cancelled.state == "cancelled" and shop.get(watch.code).stock_left == 1
+    assert_ledger_sound(db, shop.program_id)
