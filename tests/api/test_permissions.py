@@ -185,6 +185,8 @@ def _example(schema: dict[str, Any], spec: dict[str, Any]) -> Any:
         return _example(spec["components"]["schemas"][schema["$ref"].split("/")[-1]], spec)
     if "anyOf" in schema:
         return _example(next(s for s in schema["anyOf"] if s.get("type") != "null"), spec)
+    if schema.get("examples"):
+        return schema["examples"][0]
     kind = schema.get("type")
     if kind == "object":
         return {

@@ -29,7 +29,7 @@ from tests.api import support
 from tests.api.conftest import api_settings
 from tests.factories import new_members, new_program
 
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = 15
 MINIMUM_REQUESTS = 1000
 CHECKS = [
     not_a_server_error,

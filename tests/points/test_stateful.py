@@ -354,10 +354,12 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
 
 
 def test_random_operations_agree_with_the_model_and_keep_every_invariant(db: Database) -> None:
+    # The model and the core are the same on both backends; PostgreSQL's round trips make
+    # each step dearer there, so it runs half the sequences SQLite does.
     run_state_machine_as_test(
         make_machine(db),
         settings=settings(
-            max_examples=30,
+            max_examples=30 if db.dialect == "sqlite" else 15,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

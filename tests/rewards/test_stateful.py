@@ -151,8 +151,8 @@ def test_random_redemptions_keep_stock_points_and_the_ledger_exact(db: Database)
     run_state_machine_as_test(
         make_machine(db),
         settings=settings(
-            max_examples=15,
-            stateful_step_count=30,
+            max_examples=10,
+            stateful_step_count=25,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),

@@ -195,7 +195,7 @@ API_KEY_PERMISSIONS = frozenset(
 DEFAULT_API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "points.read", "points.earn", "points.spend",
      "points.refund", "points.reverse", "events.read", "events.write", "rewards.read",
-     "rewards.redeem", "orders.read", "vouchers.redeem"]
+     "rewards.redeem", "orders.read"]
 )  # fmt: skip
 
 

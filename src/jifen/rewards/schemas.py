@@ -31,7 +31,10 @@ OrderState = Literal[
 VoucherState = Literal["issued", "used", "expired", "cancelled"]
 LimitPeriod = Literal["day", "week", "month", "year", "ever"]
 
-Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Code = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", examples=["mug"]),
+]
 TierCode = Annotated[str, Field(min_length=1, max_length=64)]
 Percent = Annotated[int, Field(ge=1, le=100)]
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=NO_NUL)]
