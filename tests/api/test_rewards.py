@@ -161,6 +161,10 @@ def test_staff_fulfil_orders_and_a_return_gives_points_and_stock_back(
     queue = body(till.get("/orders", till.operator, state="created"), 200)
     assert [o["id"] for o in queue["items"]] == [order["id"]]
     path = f"/orders/{order['id']}"
+    # the order's payment is given back by the order, never behind its back
+    behind = till.post(f"/postings/{order['spend_posting_id']}/refund", {"reason": "x"},
+                       till.operator)  # fmt: skip
+    assert behind.status_code == 409 and f"orders/{order['id']}/cancel" in behind.text
     assert till.post(f"{path}/ship", {}, till.reviewer).status_code == 403
     shipped = body(till.post(f"{path}/ship", {"tracking": "SF1"}, till.operator), 200)
     assert shipped["outcome"]["tracking"] == "SF1"

@@ -3,16 +3,29 @@ one voucher at two tills. SQLite serialises every writer, so it cannot show a ra
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 
+from jifen.clock import ManualClock
 from jifen.db.uow import Database
-from jifen.errors import InsufficientPoints, LimitReached, OutOfStock, VoucherNotUsable
+from jifen.errors import (
+    InsufficientPoints,
+    LimitReached,
+    OutOfStock,
+    StateConflict,
+    VoucherNotUsable,
+)
 from jifen.points.models import accounts, lines
 from jifen.rewards import service as rewards
 from jifen.rewards.models import reward_orders
+from jifen.rewards.schemas import RedemptionCreate, RewardDef
 from tests.factories import assert_ledger_sound
 from tests.points.test_concurrency import run_together
 from tests.rewards.shop import Shop
@@ -115,3 +128,107 @@ def test_the_ledger_total_is_zero_after_the_races(pg: Database) -> None:
                reward_orders.c.state.not_in(["cancelled", "returned"]))).scalar_one())  # fmt: skip
     assert after.sold == live and after.stock_left == 40 - live
     assert_ledger_sound(pg, shop.program_id)
+
+
+# Interleavings made on purpose: one transaction is held open at the moment of the race
+# while a second request runs in a thread and waits on it; then the first commits.
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except Exception as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def test_a_voucher_accepted_at_a_till_cannot_be_cancelled_at_the_same_moment(
+    pg: Database,
+) -> None:
+    shop = Shop.open(pg)
+    (member,) = shop.member(10_000, tier="金卡")
+    goods = shop.reward(points=1000, stock=5, pickup=True)
+    order = shop.redeem(member, goods.code)
+    assert order.voucher is not None
+    before = shop.available(member)
+    with pg.transaction() as till:  # the till accepts it and has not committed yet
+        rewards.use_voucher(till, program_id=shop.program_id, code=order.voucher.code,
+                            store="S1", actor="cashier")  # fmt: skip
+        thread, box = in_background(lambda: shop.move(order.id, "cancel"))
+        time.sleep(0.5)  # the cancel waits on the voucher's row
+    thread.join()
+    assert isinstance(box.get("error"), StateConflict), box
+    after = pg.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
+                                                 order_id=order.id))  # fmt: skip
+    assert after.state == "delivered" and after.voucher and after.voucher.state == "used"
+    assert shop.available(member) == before and shop.get(goods.code).stock_left == 4
+
+
+def test_a_twin_that_waited_for_the_first_gets_its_order_not_a_refusal(pg: Database) -> None:
+    shop = Shop.open(pg)
+    (member,) = shop.member(10_000, tier="金卡")
+    once = shop.reward(points=100, limit_per_member=1)
+    body = RedemptionCreate.model_validate({"reward": once.code})
+
+    def redeem(uow: Any) -> Any:
+        return rewards.redeem(uow, program_id=shop.program_id, member_id=member, body=body,
+                              key="twin", actor="m")  # fmt: skip
+
+    with pg.transaction() as first:
+        made = redeem(first)
+        thread, box = in_background(lambda: pg.run(redeem))
+        time.sleep(0.5)  # the twin waits on the member's lock
+    thread.join()
+    assert "error" not in box, box
+    assert box["result"].id == made.id and box["result"].replayed
+
+
+def test_a_hold_confirmed_while_the_lapse_job_runs_is_left_alone(pg: Database) -> None:
+    shop = Shop.open(pg)
+    (member,) = shop.member(50_000, tier="钻石")
+    watch = shop.reward(points=10_000)  # 7,000 for 钻石: held
+    order = shop.redeem(member, watch.code)
+    assert isinstance(pg.clock, ManualClock)
+    pg.clock.advance(timedelta(days=9))  # past the cooling-off and the 7 days to confirm
+    with pg.transaction() as uow:
+        rewards.confirm_held(uow, program_id=shop.program_id, member_id=member,
+                             order_id=order.id, actor="m")  # fmt: skip
+        thread, box = in_background(
+            lambda: pg.run(lambda u: rewards.expire_holds(u, program_id=shop.program_id))
+        )
+        time.sleep(0.5)
+    thread.join()
+    assert box.get("result") is not None and box["result"].cancelled == 0, box
+    after = pg.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
+                                                 order_id=order.id))  # fmt: skip
+    assert after.state == "created"
+
+
+def test_editing_a_lottery_during_a_draw_never_gives_a_prize_twice(pg: Database) -> None:
+    shop = Shop.open(pg)
+    (member,) = shop.member(50_000, tier="金卡")
+    terms: dict[str, Any] = {
+        "kind": "lottery", "points": 10,
+        "lottery": {"prizes": [{"code": "p", "name": {"en": "P"}, "chance_ppm": 1_000_000,
+                                "quantity": 1, "value": 1}]},
+    }  # fmt: skip
+    wheel = shop.reward(**terms)
+    edit = RewardDef.model_validate({"code": wheel.code, "name": {"en": "Wheel"}, **terms})
+    with pg.transaction() as uow:
+        draw = RedemptionCreate(reward=wheel.code)
+        first = rewards.redeem(uow, program_id=shop.program_id, member_id=member, body=draw,
+                               key="d1", actor="m")  # fmt: skip
+        assert first.outcome["prize"] == "p"
+        thread, box = in_background(lambda: pg.run(lambda u: rewards.update_reward(
+            u, program_id=shop.program_id, code=wheel.code, body=edit)))  # fmt: skip
+        time.sleep(0.5)
+    thread.join()
+    assert "error" not in box, box
+    second = shop.redeem(member, wheel.code, key="d2")
+    assert second.outcome["prize"] is None and second.outcome["missed"] == "p"

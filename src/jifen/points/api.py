@@ -39,6 +39,7 @@ from jifen.points.schemas import (
 )
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramSettings
+from jifen.rewards import service as rewards_service
 
 router = APIRouter(tags=["points"])
 
@@ -378,6 +379,14 @@ def _give_back(
 
     def post(uow: UnitOfWork) -> PostingRead:
         original = _own_posting(uow, ctx, posting_id, check_merchant=check_merchant)
+        order = rewards_service.order_paid_by(uow, program_id=ctx.program_id, posting_id=posting_id)
+        if order is not None:  # its stock, voucher and state must follow: the order does it
+            raise StateConflict(
+                problem=f"Posting {posting_id} paid for redemption order {order}; cancel or "
+                f"return the order (POST …/orders/{order}/cancel or /return) instead.",
+                problem_zh=f"记录 {posting_id} 是兑换订单 {order} 的支付;请取消或退回该订单"
+                f"(POST …/orders/{order}/cancel 或 /return)。",
+            )
         posting: PostingRead = operation(
             uow,
             posting_id,

@@ -70,6 +70,8 @@ reward_orders = Table(
     CheckConstraint("quantity > 0", name="quantity_positive"),
     Index("ix_reward_orders_member_created", "member_id", "created_at"),
     Index("ix_reward_orders_program_state", "program_id", "state", "id"),
+    Index("ix_reward_orders_spend_posting", "spend_posting_id"),
+    Index("ix_reward_orders_hold_posting", "hold_posting_id"),
 )
 
 order_steps = Table(

@@ -31,6 +31,7 @@ from jifen.errors import (
     NotOnSale,
     OutOfStock,
     PriceChanged,
+    Refused,
     StateConflict,
     TierNotAllowed,
     UnknownOrder,
@@ -60,6 +61,7 @@ from jifen.rewards.schemas import (
     RewardDef,
     RewardRead,
     StockAlert,
+    TierTerms,
     VoucherRead,
     VoucherUsed,
     WhatCanIGet,
@@ -158,31 +160,40 @@ def create_reward(uow: UnitOfWork, *, program_id: int, body: RewardCreate) -> Re
 
 
 def _set_prizes(uow: UnitOfWork, reward_id: int, body: RewardDef) -> None:
-    """Make the lottery's prize stock and budget match its terms, keeping what was given."""
+    """Make the lottery's prize stock and budget match its terms, keeping what was given.
+    The rows are locked first and changed in place, so a draw running meanwhile is counted
+    (it waits, or this waits for it) and never given out twice."""
     assert body.lottery is not None
-    given = dict(
-        uow.conn.execute(
-            select(prize_stock.c.prize_code, prize_stock.c.given).where(
-                prize_stock.c.reward_id == reward_id
+    query = select(prize_stock.c.prize_code, prize_stock.c.given).where(
+        prize_stock.c.reward_id == reward_id
+    )
+    if uow.dialect == "postgresql":
+        query = query.order_by(prize_stock.c.prize_code).with_for_update()
+    given = dict(uow.conn.execute(query).all())
+    wanted = {prize.code: prize.quantity for prize in body.lottery.prizes}
+    wanted[_BUDGET] = body.lottery.budget
+    for code, total in wanted.items():
+        taken = given.get(code, 0)
+        remaining = None if total is None else max(total - taken, 0)
+        if code in given:
+            uow.conn.execute(
+                prize_stock.update()
+                .where(prize_stock.c.reward_id == reward_id, prize_stock.c.prize_code == code)
+                .values(remaining=remaining)
             )
-        ).all()
-    )
-    uow.conn.execute(prize_stock.delete().where(prize_stock.c.reward_id == reward_id))
-    rows = [(prize.code, prize.quantity) for prize in body.lottery.prizes] + [
-        (_BUDGET, body.lottery.budget)
-    ]
-    uow.conn.execute(
-        prize_stock.insert(),
-        [
-            {
-                "reward_id": reward_id,
-                "prize_code": code,
-                "given": given.get(code, 0),
-                "remaining": None if total is None else max(total - given.get(code, 0), 0),
-            }
-            for code, total in rows
-        ],
-    )
+        else:
+            uow.conn.execute(
+                prize_stock.insert().values(
+                    reward_id=reward_id, prize_code=code, given=0, remaining=remaining
+                )
+            )
+    gone = [code for code in given if code not in wanted]
+    if gone:  # prizes no longer offered: none left to draw
+        uow.conn.execute(
+            prize_stock.update()
+            .where(prize_stock.c.reward_id == reward_id, prize_stock.c.prize_code.in_(gone))
+            .values(remaining=0)
+        )
 
 
 def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDef) -> RewardRead:
@@ -410,35 +421,16 @@ def redeem(
     if points_service.lock_account(uow, member_id=member_id, key=key):
         return _replay(uow, program_id, key, request_hash)
     now = uow.clock.now()
-    row = _reward_row(uow, program_id, body.reward)
-    terms = _terms(uow, row)
-    policy = _policy(uow, program_id)
-    if policy.tiers or terms.visible_tiers is not None or terms.early_access:
-        buyer = _buyer(uow, program_id, member_id, birthday)
-    else:  # nothing here depends on the member's tier: one read fewer
-        buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
-    core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
-    _check_details(terms, body)
-    price = _quote(uow, row, terms, buyer, body.quantity, policy)
-    if body.expected_points is not None and body.expected_points != price.points:
-        raise PriceChanged(reward=terms.code, points=price.points, expected=body.expected_points)
-    tier_terms = policy.for_tier(buyer.tier)
-    of_reward = this_month = 0
-    if terms.limit_per_member is not None or tier_terms.per_month is not None:
-        of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
-    core.check_limits(
-        terms, quantity=body.quantity, points=price.points, terms=tier_terms, tier=buyer.tier,
-        redeemed_of_reward=of_reward, redemptions_this_month=this_month,
-    )  # fmt: skip
-    if row.stock_left is not None and row.stock_left < body.quantity:
-        raise OutOfStock(reward=terms.code, left=row.stock_left, wanted=body.quantity)
-    if terms.cash_fen and body.payment_ref is None:
-        raise InvalidInput(
-            field="payment_ref",
-            problem=f"reward {terms.code!r} has a cash part of {price.cash_fen} fen; give the "
-            "payment's reference from the payment system",
-            problem_zh=f"礼品 {terms.code!r} 含现金部分 {price.cash_fen} 分,请提供支付流水号。",
+    try:
+        row, terms, policy, price, tier_terms = _admit(
+            uow, program_id, member_id, body, birthday, now
         )
+    except Refused:
+        # A twin of this request (same key) may have committed while this one waited for
+        # the member's lock; the lock statement's own look-up ran before it did. Look again.
+        if _order_with_key(uow, program_id, key):
+            return _replay(uow, program_id, key, request_hash)
+        raise
     wait = core.cooling_off(price.points, tier_terms)
     reason = f"redeem {terms.code} × {body.quantity}"
     hold_posting = spend_posting = None
@@ -482,6 +474,67 @@ def redeem(
 
 _INSERT_ORDER = reward_orders.insert().returning(reward_orders.c.id)
 _INSERT_STEP = order_steps.insert()
+
+
+def _admit(
+    uow: UnitOfWork, program_id: int, member_id: int, body: RedemptionCreate,
+    birthday: date | None, now: datetime,
+) -> tuple[Any, RewardDef, RedemptionPolicy, Quote, TierTerms]:  # fmt: skip
+    """Every check of a redemption, before anything is written: the reward on sale to the
+    member, its details, the price, the limits, the stock, the payment of a cash part."""
+    row = _reward_row(uow, program_id, body.reward)
+    terms = _terms(uow, row)
+    policy = _policy(uow, program_id)
+    if policy.tiers or terms.visible_tiers is not None or terms.early_access:
+        buyer = _buyer(uow, program_id, member_id, birthday)
+    else:  # nothing here depends on the member's tier: one read fewer
+        buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
+    core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+    _check_details(terms, body)
+    price = _quote(uow, row, terms, buyer, body.quantity, policy)
+    if body.expected_points is not None and body.expected_points != price.points:
+        raise PriceChanged(reward=terms.code, points=price.points, expected=body.expected_points)
+    tier_terms = policy.for_tier(buyer.tier)
+    of_reward = this_month = 0
+    if terms.limit_per_member is not None or tier_terms.per_month is not None:
+        of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
+    core.check_limits(
+        terms, quantity=body.quantity, points=price.points, terms=tier_terms, tier=buyer.tier,
+        redeemed_of_reward=of_reward, redemptions_this_month=this_month,
+    )  # fmt: skip
+    if row.stock_left is not None and row.stock_left < body.quantity:
+        raise OutOfStock(reward=terms.code, left=row.stock_left, wanted=body.quantity)
+    if terms.cash_fen and body.payment_ref is None:
+        raise InvalidInput(
+            field="payment_ref",
+            problem=f"reward {terms.code!r} has a cash part of {price.cash_fen} fen; give the "
+            "payment's reference from the payment system",
+            problem_zh=f"礼品 {terms.code!r} 含现金部分 {price.cash_fen} 分,请提供支付流水号。",
+        )
+    return row, terms, policy, price, tier_terms
+
+
+def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int | None:
+    """The redemption order a spend or a hold posting paid for, if any."""
+    found = uow.conn.execute(
+        select(reward_orders.c.id).where(
+            reward_orders.c.program_id == program_id,
+            or_(
+                reward_orders.c.spend_posting_id == posting_id,
+                reward_orders.c.hold_posting_id == posting_id,
+            ),
+        )
+    ).first()
+    return None if found is None else int(found.id)
+
+
+def _order_with_key(uow: UnitOfWork, program_id: int, key: str) -> bool:
+    found = uow.conn.execute(
+        select(reward_orders.c.id).where(
+            reward_orders.c.program_id == program_id, reward_orders.c.idempotency_key == key
+        )
+    ).first()
+    return found is not None
 
 
 def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
@@ -639,8 +692,9 @@ def _draw(
             uow, program_id=program_id, start=now, days=settings.default_validity_days
         )
         posting = points_service.earn(
-            uow, member_id=order["member_id"], amount=prize.points, key=f"{key}:prize",
-            expires_at=expires_at, reason=f"prize {prize.code} of {terms.code}", actor=actor,
+            uow, member_id=order["member_id"], amount=prize.points,
+            key=f"order:{order['id']}:prize", expires_at=expires_at,
+            reason=f"prize {prize.code} of {terms.code}", actor=actor,
         )  # fmt: skip
         result["prize_points"] = prize.points
         result["prize_posting_id"] = posting.id
@@ -893,26 +947,24 @@ def _fits(action: str, row: Any, terms: RewardDef) -> bool:
 
 
 def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str) -> dict[str, Any]:
-    """Undo a redemption's points, stock and voucher; answers the order's new columns."""
-    voucher = uow.conn.execute(
-        select(vouchers_table.c.id, vouchers_table.c.state).where(
-            vouchers_table.c.order_id == row.id
+    """Undo a redemption's points, stock and voucher; answers the order's new columns.
+
+    The voucher's row is locked before it is checked (a till using it at this moment is
+    waited for, then seen), and written only after the points are back: a refusal comes
+    before any write."""
+    query = select(vouchers_table.c.id, vouchers_table.c.state).where(
+        vouchers_table.c.order_id == row.id
+    )
+    if uow.dialect == "postgresql":
+        query = query.with_for_update()
+    voucher = uow.conn.execute(query).one_or_none()
+    if voucher is not None and voucher.state != "issued":
+        raise StateConflict(
+            problem=f"The voucher of order {row.id} is {voucher.state}; only an unused "
+            "voucher can be given back.",
+            problem_zh=f"订单 {row.id} 的券已{_VOUCHER_ZH[voucher.state]},只有未使用的券可以退回。",
         )
-    ).one_or_none()
-    if voucher is not None:
-        if voucher.state != "issued":
-            raise StateConflict(
-                problem=f"The voucher of order {row.id} is {voucher.state}; only an unused "
-                "voucher can be given back.",
-                problem_zh=f"订单 {row.id} 的券已{_VOUCHER_ZH[voucher.state]},"
-                "只有未使用的券可以退回。",
-            )
-        uow.conn.execute(
-            vouchers_table.update()
-            .where(vouchers_table.c.id == voucher.id)
-            .values(state="cancelled")
-        )
-    key = f"{row.idempotency_key}:give-back"
+    key = f"order:{row.id}:give-back"
     if row.hold_posting_id is not None and row.spend_posting_id is None:
         posting = points_service.unfreeze(
             uow, freeze_id=row.hold_posting_id, key=key, reason=why, actor=actor
@@ -920,6 +972,12 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
     else:
         posting = points_service.refund(
             uow, spend_id=row.spend_posting_id, key=key, reason=why, actor=actor
+        )
+    if voucher is not None:
+        uow.conn.execute(
+            vouchers_table.update()
+            .where(vouchers_table.c.id == voucher.id)
+            .values(state="cancelled")
         )
     _give_stock(uow, row.reward_id, row.quantity)
     return {"refund_posting_id": posting.id}
@@ -952,11 +1010,11 @@ def confirm_held(
         # cooling-off come back overdue and cannot be spent.
         with uow.conn.begin_nested():
             points_service.unfreeze(
-                uow, freeze_id=row.hold_posting_id, key=f"{row.idempotency_key}:release",
+                uow, freeze_id=row.hold_posting_id, key=f"order:{row.id}:release",
                 reason=f"confirmed: {reason}", actor=actor,
             )  # fmt: skip
             spent = _spend(
-                uow, member_id, row.points, f"{row.idempotency_key}:confirmed", reason, actor,
+                uow, member_id, row.points, f"order:{row.id}:confirmed", reason, actor,
                 terms,
             )  # fmt: skip
     except InsufficientPoints:
@@ -973,30 +1031,46 @@ def confirm_held(
     return get_order(uow, program_id=program_id, order_id=order_id)
 
 
+def _lock_members(uow: UnitOfWork, member_ids: set[int]) -> None:
+    """Hold several members' accounts, in id order (as every job here does before touching
+    their orders or vouchers: the order a redemption takes its locks in, account first)."""
+    for member_id in sorted(member_ids):
+        points_service.lock_account(uow, member_id=member_id)
+
+
 def expire_holds(
     uow: UnitOfWork, *, program_id: int, limit: int = 200, dry_run: bool = False
 ) -> HoldsReport:
     """Cancel held redemptions the member did not confirm within the programme's
-    ``hold_days`` after their cooling-off ended: the points are released, the stock returns."""
+    ``hold_days`` after their cooling-off ended: the points are released, the stock returns.
+    Each is looked at again under its member's lock: one confirmed meanwhile is left alone."""
     days = _policy(uow, program_id).hold_days
     cutoff = uow.clock.now() - timedelta(days=days)
+    lapsed = (
+        reward_orders.c.program_id == program_id,
+        reward_orders.c.state == "held",
+        reward_orders.c.hold_until <= cutoff,
+    )
+    found = uow.conn.execute(
+        select(reward_orders.c.id, reward_orders.c.member_id)
+        .where(*lapsed)
+        .order_by(reward_orders.c.id)
+        .limit(limit)
+    ).all()
+    if dry_run:
+        return HoldsReport(dry_run=True, cancelled=len(found), order_ids=[f.id for f in found])
+    _lock_members(uow, {f.member_id for f in found})
     ids = list(
         uow.conn.execute(
             select(reward_orders.c.id)
-            .where(
-                reward_orders.c.program_id == program_id,
-                reward_orders.c.state == "held",
-                reward_orders.c.hold_until <= cutoff,
-            )
+            .where(reward_orders.c.id.in_([f.id for f in found]), *lapsed)
             .order_by(reward_orders.c.id)
-            .limit(limit)
         ).scalars()
     )
-    if not dry_run:
-        for order_id in ids:
-            move(uow, program_id=program_id, order_id=order_id, action="cancel",
-                 actor="system", note=f"not confirmed within {days} days")  # fmt: skip
-    return HoldsReport(dry_run=dry_run, cancelled=len(ids), order_ids=ids)
+    for order_id in ids:
+        move(uow, program_id=program_id, order_id=order_id, action="cancel",
+             actor="system", note=f"not confirmed within {days} days")  # fmt: skip
+    return HoldsReport(dry_run=False, cancelled=len(ids), order_ids=ids)
 
 
 # --------------------------------------------------------------------------- vouchers
@@ -1059,10 +1133,13 @@ def use_voucher(
     )
     if used.rowcount != 1:
         _refuse_voucher(uow, program_id, row.code, now)
-    order = _order_row(uow, program_id, row.order_id)
-    if order.state == "created":  # goods collected at the store
-        _set_order(uow, order.id, state="delivered")
-        _step(uow, order.id, "delivered", actor, f"collected at {store or 'a store'}")
+    collected = uow.conn.execute(  # goods collected at the store (if still waiting)
+        reward_orders.update()
+        .where(reward_orders.c.id == row.order_id, reward_orders.c.state == "created")
+        .values(state="delivered", updated_at=now)
+    )
+    if collected.rowcount == 1:
+        _step(uow, row.order_id, "delivered", actor, f"collected at {store or 'a store'}")
     return VoucherUsed(voucher=get_voucher(uow, program_id=program_id, code=row.code),
                        discount_fen=discount)  # fmt: skip
 
@@ -1092,54 +1169,67 @@ def expire_vouchers(
 ) -> ExpiryReport:
     """Expire vouchers unused at the end of their validity: the points come back to the lots
     they were taken from, less the programme's fee (10 %); goods never collected go back to
-    the stock and their order is cancelled. Runs in chunks of ``limit``; on
-    PostgreSQL, chunks of two workers never overlap (``SKIP LOCKED``)."""
+    the stock and their order is cancelled. Runs in chunks of ``limit``. The members'
+    accounts are locked first (in id order), then each voucher is expired by a conditional
+    update: one a till accepted or an order cancelled meanwhile is left alone."""
     policy = _policy(uow, program_id)
     now = uow.clock.now()
-    query = (
-        select(vouchers_table.c.id, vouchers_table.c.code, vouchers_table.c.order_id)
-        .where(
-            vouchers_table.c.program_id == program_id,
-            vouchers_table.c.state == "issued",
-            vouchers_table.c.valid_until <= now,
-        )
+    due_now = (
+        vouchers_table.c.program_id == program_id,
+        vouchers_table.c.state == "issued",
+        vouchers_table.c.valid_until <= now,
+    )
+    found = uow.conn.execute(
+        select(vouchers_table.c.id, vouchers_table.c.code, vouchers_table.c.order_id,
+               vouchers_table.c.member_id)
+        .where(*due_now)
         .order_by(vouchers_table.c.valid_until, vouchers_table.c.id)
         .limit(limit)
-    )
-    if uow.dialect == "postgresql" and not dry_run:
-        query = query.with_for_update(skip_locked=True)
-    due = uow.conn.execute(query).all()
+    ).all()  # fmt: skip
+    if not dry_run:
+        _lock_members(uow, {v.member_id for v in found})
     returned = fees = 0
-    for voucher in due:
+    expired: list[str] = []
+    for voucher in found:
         order = _order_row(uow, program_id, voucher.order_id)
         back, fee = core.expiry_refund(order.points, policy.voucher_fee_pct)
+        if not dry_run:
+            taken = uow.conn.execute(
+                vouchers_table.update().where(vouchers_table.c.id == voucher.id, *due_now)
+                .values(state="expired")
+            )  # fmt: skip
+            if taken.rowcount != 1:
+                continue  # used, cancelled or expired by someone else since it was found
+            _expire_one(uow, order, voucher, back, fee)
         returned += back
         fees += fee
-        if dry_run:
-            continue
-        posting_id = None
-        if back > 0:
-            posting_id = points_service.refund(
-                uow, spend_id=order.spend_posting_id, amount=back,
-                key=f"{order.idempotency_key}:voucher-expired",
-                reason=f"voucher {voucher.code} expired unused; fee {fee}", actor="system",
-            ).id  # fmt: skip
+        expired.append(voucher.code)
+    return ExpiryReport(
+        dry_run=dry_run, vouchers=len(expired), points_returned=returned, fees=fees,
+        codes=expired,
+    )  # fmt: skip
+
+
+def _expire_one(uow: UnitOfWork, order: Any, voucher: Any, back: int, fee: int) -> None:
+    posting_id = None
+    if back > 0:
+        posting_id = points_service.refund(
+            uow, spend_id=order.spend_posting_id, amount=back,
+            key=f"order:{order.id}:voucher-expired",
+            reason=f"voucher {voucher.code} expired unused; fee {fee}", actor="system",
+        ).id  # fmt: skip
         uow.conn.execute(
             vouchers_table.update()
             .where(vouchers_table.c.id == voucher.id)
-            .values(state="expired", refund_posting_id=posting_id)
+            .values(refund_posting_id=posting_id)
         )
-        note = f"voucher expired unused: {back} points returned, fee {fee}"
-        if order.state == "created":  # goods never collected: back on the shelf
-            _give_stock(uow, order.reward_id, order.quantity)
-            _set_order(uow, order.id, state="cancelled", refund_posting_id=posting_id)
-            _step(uow, order.id, "cancelled", "system", note)
-        else:
-            _step(uow, order.id, order.state, "system", note)
-    return ExpiryReport(
-        dry_run=dry_run, vouchers=len(due), points_returned=returned, fees=fees,
-        codes=[v.code for v in due],
-    )  # fmt: skip
+    note = f"voucher expired unused: {back} points returned, fee {fee}"
+    if order.state == "created":  # goods never collected: back on the shelf
+        _give_stock(uow, order.reward_id, order.quantity)
+        _set_order(uow, order.id, state="cancelled", refund_posting_id=posting_id)
+        _step(uow, order.id, "cancelled", "system", note)
+    else:
+        _step(uow, order.id, order.state, "system", note)
 
 
 def member_vouchers(

@@ -191,6 +191,8 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_reward_orders_program_state", ["program_id", "state", "id"], unique=False
         )
+        batch_op.create_index("ix_reward_orders_spend_posting", ["spend_posting_id"], unique=False)
+        batch_op.create_index("ix_reward_orders_hold_posting", ["hold_posting_id"], unique=False)
 
     op.create_table(
         "reward_order_steps",
@@ -294,6 +296,8 @@ def downgrade() -> None:
 
     op.drop_table("reward_order_steps")
     with op.batch_alter_table("reward_orders", schema=None) as batch_op:
+        batch_op.drop_index("ix_reward_orders_hold_posting")
+        batch_op.drop_index("ix_reward_orders_spend_posting")
         batch_op.drop_index("ix_reward_orders_program_state")
         batch_op.drop_index("ix_reward_orders_member_created")
 
