@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
+from sqlalchemy import Text, bindparam, cast, select
 
 from jifen.clock import LATEST
 from jifen.db.uow import UnitOfWork
@@ -73,16 +74,24 @@ def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
     if key in uow.local:
         cached: ProgramSettings = uow.local[key]
         return cached
-    stored = uow.conn.execute(
-        select(programs.c.settings).where(programs.c.id == program_id)
-    ).scalar_one_or_none()
-    if stored is None:
+    text = uow.conn.execute(_SETTINGS_TEXT, {"program": program_id}).scalar_one_or_none()
+    if text is None:
         raise UnknownProgram(program=program_id)
-    known = set(ProgramSettings.model_fields)
-    # A key an older release wrote and this one dropped must not make the settings unreadable.
-    settings = ProgramSettings.model_validate({k: v for k, v in dict(stored).items() if k in known})
+    # Parsed once per distinct text and shared (read-only) by every transaction after.
+    settings: ProgramSettings | None = uow.cache.get(f"settings_text:{text}")
+    if settings is None:
+        known = set(ProgramSettings.model_fields)
+        # A key an older release wrote and this one dropped must not make them unreadable.
+        stored = json.loads(text)
+        settings = ProgramSettings.model_validate({k: v for k, v in stored.items() if k in known})
+        uow.cache[f"settings_text:{text}"] = settings
     uow.local[key] = settings
     return settings
+
+
+_SETTINGS_TEXT = select(cast(programs.c.settings, Text)).where(
+    programs.c.id == bindparam("program")
+)
 
 
 def set_settings(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> ProgramSettings:

@@ -44,6 +44,7 @@ from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.rewards import core
+from jifen.rewards import store as storage
 from jifen.rewards.models import order_steps, prize_stock, reward_orders, rewards, stock_alerts
 from jifen.rewards.models import vouchers as vouchers_table
 from jifen.rewards.schemas import (
@@ -452,16 +453,26 @@ def redeem(
         "hold_posting_id": hold_posting, "refund_posting_id": None, "merchant": merchant,
         "store": store, "created_at": now, "updated_at": now,
     }  # fmt: skip
-    order["id"] = uow.conn.execute(_INSERT_ORDER, order).scalar_one()
+    limited = row.stock_left is not None
     voucher = None
-    if wait is not None:
-        made = [_step(uow, order["id"], "held", actor, f"cooling-off until {order['hold_until']}")]
+    if wait is not None or (terms.kind == "physical" and not terms.pickup):
+        # Nothing to fulfil now: the order, its step and the stock in one write.
+        note = f"cooling-off until {(now + wait).isoformat()}" if wait else ""
+        first = OrderStep(state=str(order["state"]), at=now, by=actor, note=note)
+        order_id, left = storage.finish(uow.conn, order, first.model_dump(), limited=limited)
+        if order_id is None:
+            raise LostRace(f"stock of reward {row.code} taken by a concurrent redemption")
+        order["id"] = order_id
+        made = [first]
     else:
-        made = [_step(uow, order["id"], "created", actor)]
+        first = OrderStep(state="created", at=now, by=actor)
+        order["id"] = storage.insert_order(uow.conn, order, first.model_dump())
         state, outcome, voucher, more = _fulfil(uow, program_id, order, terms, policy, actor)
         order.update(state=state, outcome=outcome)
-        made += more
-    _take_stock(uow, program_id, row, body.quantity)
+        made = [first, *more]
+        left = _take_stock(uow, row, body.quantity) if limited else None
+    if left is not None:
+        _alert(uow, program_id, row, left, body.quantity)
     return OrderRead(
         **{k: v for k, v in order.items() if k in OrderRead.model_fields and k != "price"},
         reward=terms.code,
@@ -470,10 +481,6 @@ def redeem(
         voucher=voucher,
         steps=made,
     )
-
-
-_INSERT_ORDER = reward_orders.insert().returning(reward_orders.c.id)
-_INSERT_STEP = order_steps.insert()
 
 
 def _admit(
@@ -580,7 +587,7 @@ def _spend(
 
 def _step(uow: UnitOfWork, order_id: int, state: str, by: str, note: str = "") -> OrderStep:
     step = OrderStep(state=state, at=uow.clock.now(), by=by, note=note)
-    uow.conn.execute(_INSERT_STEP, {"order_id": order_id, **step.model_dump()})
+    storage.insert_step(uow.conn, order_id, step.model_dump())
     return step
 
 
@@ -734,21 +741,21 @@ def _take_prize(uow: UnitOfWork, reward_id: int, prize_code: str, cost: int) -> 
     return False
 
 
-def _take_stock(uow: UnitOfWork, program_id: int, row: Any, quantity: int) -> None:
+def _take_stock(uow: UnitOfWork, row: Any, quantity: int) -> int:
     """Take ``quantity`` from a limited stock, as the last write of the redemption: the
     decrement is conditional, so stock never goes below zero, and the row's lock is held
     only until the commit that follows (the hot row of a popular reward is held for
-    microseconds, not for the whole redemption). At or below safety stock, raise a restock
-    alert."""
-    if row.stock_left is None:
-        return
-    left = uow.conn.execute(
-        _TAKE_STOCK, {"reward": row.id, "quantity": quantity}
-    ).scalar_one_or_none()
+    microseconds, not for the whole redemption). The units left."""
+    left = storage.take_stock(uow.conn, row.id, quantity)
     if left is None:
         # Another redemption took the last units after this one checked: run it again,
         # and the check, made before any write, refuses it with nothing half-written.
         raise LostRace(f"stock of reward {row.code} taken by a concurrent redemption")
+    return left
+
+
+def _alert(uow: UnitOfWork, program_id: int, row: Any, left: int, quantity: int) -> None:
+    """A restock alert when this redemption took the stock down to its safety level."""
     if left <= row.safety_stock < left + quantity:
         uow.conn.execute(
             stock_alerts.insert().values(
@@ -756,17 +763,6 @@ def _take_stock(uow: UnitOfWork, program_id: int, row: Any, quantity: int) -> No
                 safety_stock=row.safety_stock, raised_at=uow.clock.now(),
             )
         )  # fmt: skip
-
-
-_TAKE_STOCK = (
-    update(rewards)
-    .where(rewards.c.id == bindparam("reward"), rewards.c.stock_left >= bindparam("quantity"))
-    .values(
-        stock_left=rewards.c.stock_left - bindparam("quantity"),
-        sold=rewards.c.sold + bindparam("quantity"),
-    )
-    .returning(rewards.c.stock_left)
-)
 
 
 def _give_stock(uow: UnitOfWork, reward_id: int, quantity: int) -> None:
