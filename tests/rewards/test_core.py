@@ -259,3 +259,5 @@ def test_kind_terms_must_match_the_kind() -> None:
         reward(vote={"options": ["a", "b"]})
     with pytest.raises(ValueError, match="give sales_start"):
         reward(early_access={"金卡": 24})
+    with pytest.raises(ValueError, match="draws once a redemption"):
+        reward(kind="lottery", max_quantity=3, lottery=WHEEL.model_dump())

@@ -192,6 +192,8 @@ class RewardDef(RequestBody):
                 raise ValueError(f"{section} terms belong to {section} rewards, not {self.kind}")
         if self.sales_start and self.sales_end and self.sales_end <= self.sales_start:
             raise ValueError("sales_end must be after sales_start")
+        if self.kind == "lottery" and self.max_quantity != 1:
+            raise ValueError("a lottery draws once a redemption: max_quantity must be 1")
         if self.pickup and self.kind != "physical":
             raise ValueError("pickup is for physical goods")
         if self.early_access and self.sales_start is None:
