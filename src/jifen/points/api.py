@@ -379,7 +379,11 @@ def _give_back(
 
     def post(uow: UnitOfWork) -> PostingRead:
         original = _own_posting(uow, ctx, posting_id, check_merchant=check_merchant)
-        order = rewards_service.order_paid_by(uow, program_id=ctx.program_id, posting_id=posting_id)
+        order = (  # only a spend or a hold pays for a redemption
+            rewards_service.order_paid_by(uow, program_id=ctx.program_id, posting_id=posting_id)
+            if original.kind in ("spend", "freeze")
+            else None
+        )
         if order is not None:  # its stock, voucher and state must follow: the order does it
             raise StateConflict(
                 problem=f"Posting {posting_id} paid for redemption order {order}; cancel or "

@@ -392,14 +392,16 @@ def _counts(
     return int(row[0]), int(row[1])
 
 
-def _replay(uow: UnitOfWork, program_id: int, key: str, request_hash: str) -> OrderRead:
-    """The order a key already made, if the request is the same one."""
+def _replay(uow: UnitOfWork, program_id: int, key: str, request_hash: str) -> OrderRead | None:
+    """The order a key already made (``None``: none), if the request is the same one."""
     row = uow.conn.execute(
-        select(reward_orders).where(
+        select(reward_orders.c.id, reward_orders.c.request_hash).where(
             reward_orders.c.program_id == program_id, reward_orders.c.idempotency_key == key
         )
     ).one_or_none()
-    if row is None or row.request_hash != request_hash:  # or the key posted something else
+    if row is None:
+        return None
+    if row.request_hash != request_hash:
         raise IdempotencyConflict(key=key)
     return _order_read(uow, _order_row(uow, program_id, row.id), replayed=True)
 
@@ -420,7 +422,10 @@ def redeem(
     request_hash = _fingerprint(member_id, body, merchant)
     birthday = members_service.active_birthday(uow, program_id=program_id, member_id=member_id)
     if points_service.lock_account(uow, member_id=member_id, key=key):
-        return _replay(uow, program_id, key, request_hash)
+        replayed = _replay(uow, program_id, key, request_hash)
+        if replayed is None:  # the key already posted something that is not an order
+            raise IdempotencyConflict(key=key)
+        return replayed
     now = uow.clock.now()
     try:
         row, terms, policy, price, tier_terms = _admit(
@@ -429,8 +434,9 @@ def redeem(
     except Refused:
         # A twin of this request (same key) may have committed while this one waited for
         # the member's lock; the lock statement's own look-up ran before it did. Look again.
-        if _order_with_key(uow, program_id, key):
-            return _replay(uow, program_id, key, request_hash)
+        replayed = _replay(uow, program_id, key, request_hash)
+        if replayed is not None:
+            return replayed
         raise
     wait = core.cooling_off(price.points, tier_terms)
     reason = f"redeem {terms.code} × {body.quantity}"
@@ -533,15 +539,6 @@ def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int |
         )
     ).first()
     return None if found is None else int(found.id)
-
-
-def _order_with_key(uow: UnitOfWork, program_id: int, key: str) -> bool:
-    found = uow.conn.execute(
-        select(reward_orders.c.id).where(
-            reward_orders.c.program_id == program_id, reward_orders.c.idempotency_key == key
-        )
-    ).first()
-    return found is not None
 
 
 def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
