@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -50,6 +50,9 @@ from jifen.events import service as events_service
 from jifen.events import stream as event_stream
 from jifen.imports import service as imports
 from jifen.imports.core import Kind
+from jifen.jobs import core as jobs_core
+from jifen.jobs import scheduler as jobs_scheduler
+from jifen.jobs import service as jobs_service
 from jifen.points import integrity
 from jifen.programs import service as programs
 from jifen.rewards import service as rewards_service
@@ -721,6 +724,72 @@ def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> N
                    f"{cancelled} 笔待确认兑换{verb[1]}"), markup=False)  # fmt: skip
 
 
+jobs_app = typer.Typer(
+    help="Jobs: expiry, dormancy, reminders, tiers, birthdays, reconciliation, vouchers…",
+    no_args_is_help=True,
+)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list() -> None:
+    """The jobs and when the worker runs them (in each programme's time zone)."""
+    table = Table("job", "what 做什么", "schedule 计划")
+    for name, job in jobs_service.jobs().items():
+        schedule = jobs_core.SCHEDULES.get(name)
+        table.add_row(name, f"{job.title} {job.title_zh}", schedule.describe() if schedule else "")
+    out.print(table)
+
+
+@jobs_app.command("run")
+def jobs_run(
+    name: Annotated[str, typer.Argument(help="The job, as `jifen jobs list` names it.")],
+    program: RequiredProgram,
+    now: Annotated[
+        str | None,
+        typer.Option("--now", help="The moment the run works for (ISO 8601); default: now."),
+    ] = None,
+    size: Annotated[int | None, typer.Option(min=1, max=100_000, help="Chunk size.")] = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Run a job once for a programme. A run for a moment that already finished does
+    nothing; one cut short continues where it stopped."""
+    moment = None
+    if now is not None:
+        try:
+            moment = datetime.fromisoformat(now)
+        except ValueError:
+            raise fail(
+                "invalid_input", f"--now: {now!r} is not a time like 2027-01-01T00:10+08:00"
+            ) from None
+        if moment.tzinfo is None:
+            raise fail("invalid_input", f"--now: {now!r} needs a UTC offset, e.g. +08:00")
+    with _database() as database:
+        _require_schema(database)
+        program_id = _program_id(database, program)
+        assert program_id is not None
+
+        def progress(chunks: int, figures: dict[str, int]) -> None:
+            shown = ", ".join(f"{k} {v:,}" for k, v in figures.items())
+            err.print(_say(f"… chunk {chunks}: {shown}", f"… 第 {chunks} 批:{shown}"), markup=False)
+
+        report = jobs_service.run(
+            database, name, program_id=program_id, now=moment, size=size, dry_run=dry_run,
+            progress=progress,
+        )  # fmt: skip
+    shown = ", ".join(f"{k} {v:,}" for k, v in report.figures.items()) or "-"
+    verb = {"done": ("done", "完成"), "already-done": ("already done", "此前已完成"),
+            "dry-run": ("dry run, nothing changed", "演练,未做任何更改")}[report.state]  # fmt: skip
+    at = report.run_at.isoformat()
+    out.print(
+        _say(f"{name} for {at}: {verb[0]} in {report.chunks} chunks: {shown}",
+             f"{name}({at}):{verb[1]},共 {report.chunks} 批:{shown}"),
+        markup=False,
+    )  # fmt: skip
+    if report.figures.get("problems"):
+        raise typer.Exit(1)
+
+
 @app.command("worker")
 def worker(
     batch: Annotated[
@@ -730,29 +799,57 @@ def worker(
         float,
         typer.Option(min=1.0, help="Seconds before an unacknowledged message is handed out again."),
     ] = 30.0,
+    events: Annotated[
+        bool, typer.Option("--events/--no-events", help="Ingest events from NATS JetStream.")
+    ] = True,
+    run_jobs: Annotated[
+        bool,
+        typer.Option("--jobs/--no-jobs", help="Run the scheduled jobs (`jifen jobs list`)."),
+    ] = True,
 ) -> None:
-    """Ingest events from NATS JetStream (JIFEN_NATS_URL) until Ctrl+C or SIGTERM; run as
-    many workers as needed: they share one durable consumer."""
+    """Ingest events from NATS JetStream (JIFEN_NATS_URL) and run the scheduled jobs, until
+    Ctrl+C or SIGTERM. Run as many workers as needed: they share one durable consumer, and
+    each job run is shared chunk by chunk."""
     settings = get_settings()
     logging.config.dictConfig(_log_config())
+    if not events and not run_jobs:
+        raise fail("invalid_input", "--no-events with --no-jobs leaves the worker nothing to do")
     with _database() as database:
         _require_schema(database)
-        out.print(
-            _say(f"jifen worker: events from {settings.nats_url}, stream {settings.nats_stream}",
-                 f"jifen worker:从 {settings.nats_url}(流 {settings.nats_stream})接收事件"),
-            markup=False,
-        )  # fmt: skip
-        stats = event_stream.run_worker(
-            database,
-            url=settings.nats_url,
-            stop=event_stream.stop_on_signals(),
-            stream=settings.nats_stream,
-            subject_prefix=settings.nats_subject_prefix,
-            durable=settings.nats_durable,
-            batch=batch,
-            ack_wait=ack_wait,
-        )
-    out.print(_say(f"stopped: {stats.describe()}", f"已停止:{stats.describe()}"), markup=False)
+        stop = event_stream.stop_on_signals()
+        scheduler = None
+        if run_jobs:
+            scheduler = jobs_scheduler.Scheduler(database)
+            scheduler.start()
+            out.print(_say(f"jifen worker: {len(scheduler.scheduled)} scheduled jobs",
+                           f"jifen worker:已计划 {len(scheduler.scheduled)} 个任务"),
+                      markup=False)  # fmt: skip
+        try:
+            if not events:
+                stop.wait()
+                return
+            source = f"{settings.nats_url}, stream {settings.nats_stream}"
+            out.print(
+                _say(f"jifen worker: events from {source}",
+                     f"jifen worker:从 {settings.nats_url}(流 {settings.nats_stream})接收事件"),
+                markup=False,
+            )  # fmt: skip
+            stats = event_stream.run_worker(
+                database,
+                url=settings.nats_url,
+                stop=stop,
+                stream=settings.nats_stream,
+                subject_prefix=settings.nats_subject_prefix,
+                durable=settings.nats_durable,
+                batch=batch,
+                ack_wait=ack_wait,
+            )
+            out.print(
+                _say(f"stopped: {stats.describe()}", f"已停止:{stats.describe()}"), markup=False
+            )
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
 
 
 @app.command("totp")

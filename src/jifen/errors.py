@@ -280,3 +280,30 @@ __all__ += [
     "UnknownVoucher",
     "VoucherNotUsable",
 ]
+
+
+class UnknownWebhook(NotFound):
+    code = "unknown_webhook"
+    en = "This programme has no webhook subscription {webhook_id}. List them with GET …/webhooks."
+    zh = "本计划中不存在编号为 {webhook_id} 的 Webhook 订阅。可通过 GET …/webhooks 查看。"
+
+
+class UnknownDelivery(NotFound):
+    code = "unknown_delivery"
+    en = "Webhook subscription {webhook_id} has no delivery {delivery_id}. Check its deliveries."
+    zh = "Webhook 订阅 {webhook_id} 中不存在投递 {delivery_id}。请查看其投递记录。"
+
+
+class UnknownInboxMessage(NotFound):
+    code = "unknown_inbox_message"
+    en = "Member {member_id} has no inbox message {message_id}. Check the id."
+    zh = "会员 {member_id} 的站内信中不存在编号为 {message_id} 的消息。请检查编号。"
+
+
+class WebhookTargetRefused(InvalidInput):
+    """A webhook address that cannot be used: not http(s), unresolvable, or private."""
+
+    code = "webhook_target_refused"
+
+
+__all__ += ["UnknownDelivery", "UnknownInboxMessage", "UnknownWebhook", "WebhookTargetRefused"]

@@ -66,6 +66,22 @@ class Settings(BaseSettings):
     more workers splits the stream. Another installation reading the same stream needs a name
     of its own (each durable consumer sees every event)."""
 
+    smtp_host: str = ""
+    """SMTP server for email notifications; empty: emails wait in the outbox (nothing is
+    lost) until one is configured."""
+
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_from: str = "jifen <noreply@localhost>"
+    """The From header of notification emails."""
+
+    smtp_starttls: bool = True
+    """Upgrade the SMTP connection with STARTTLS before signing in."""
+
+    webhook_timeout_seconds: float = 5.0
+    """How long a webhook receiver has to connect and answer before the attempt fails."""
+
     def resolved_database_url(self) -> str:
         return normalise_database_url(self.database_url) or (
             f"sqlite:///{self.data_dir / 'jifen.db'}"

@@ -144,3 +144,129 @@ def test_who_may_set_tiers(client: TestClient, db: Database) -> None:
     alice = support.member(db, shop.alice)
     assert shop.put(f"/members/{shop.alice}/tier", {"tier": "金卡"}, alice).status_code == 403
     assert body(shop.get(f"/members/{shop.alice}/tier"), 200)["tier"] is None
+
+
+# --------------------------------------------------------------------------- tiers by score
+
+SCHEME = {
+    "parts": {
+        "spend": {"per_yuan": 1000, "score": 40},
+        "earned": {"per_points": 1000, "score": 40},
+    },
+    "levels": [
+        {"tier": "普通", "min_score": 0},
+        {"tier": "银卡", "min_score": 101, "retention": 80},
+        {"tier": "金卡", "min_score": 301, "retention": 240},
+    ],
+    "schedule": "quarterly",
+    "upgrade_at_once": True,
+    "benefits": {
+        "银卡": {"earn_multiplier": "1.2", "discount_pct": 90, "early_access_hours": 24},
+        "金卡": {"earn_multiplier": "1.5", "discount_pct": 80, "daily_earn_cap": 2000},
+    },
+}
+
+
+def _set_scheme(shop: Shop, scheme: dict[str, object]) -> dict[str, object]:
+    filed = body(shop.put("/tiers/scheme", scheme), 202)
+    assert filed["action"] == "programs.settings"
+    body(shop.decide(filed["id"], "approve"), 200)
+    return filed
+
+
+def test_a_tier_scheme_goes_through_approval_and_moves_members_by_score(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    assert body(shop.get("/tiers/scheme"), 200) == {"scheme": None}
+    # levels that are not the programme's tiers are refused before anything is filed
+    two = {**SCHEME, "levels": SCHEME["levels"][:2], "benefits": {}}  # type: ignore[index]
+    wrong = shop.put("/tiers/scheme", two)
+    assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "levels"
+    zh = shop.put("/tiers/scheme", two, language="zh")
+    assert "必须与本计划的等级按级别顺序一致" in zh.json()["detail"]
+    # filed, then applied when the reviewer approves
+    filed = body(shop.put("/tiers/scheme", SCHEME), 202)
+    assert body(shop.get("/tiers/scheme"), 200) == {"scheme": None}
+    body(shop.decide(filed["id"], "approve"), 200)
+    scheme = body(shop.get("/tiers/scheme"), 200)["scheme"]
+    assert scheme["levels"][1] == {"tier": "银卡", "min_score": 101, "retention": 80}
+    assert body(shop.get("/tiers/benefits"), 200)["benefits"]["银卡"]["earn_multiplier"] == "1.2"
+
+    # an earning by the rules upgrades at once: 3,000 yuan at 1 point a yuan is 120 + 120
+    shop.activate(rule("base", RATES))
+    earned = shop.earn(shop.event(shop.alice, "o1", order("o1", ("T1", "日用品", 3000))))
+    assert earned["points"] == 3000
+    tier = body(shop.get(f"/members/{shop.alice}/tier"), 200)
+    assert tier["tier"] == "银卡" and tier["set_by"] == "tiers"
+    # from then on the matrix's 1.2 multiplies her spend awards
+    again = shop.earn(shop.event(shop.alice, "o2", order("o2", ("T1", "日用品", 1000))))
+    assert [(a["rule"], a["points"]) for a in again["awards"]] == [
+        ("base", 1000), ("tier_benefit", 200),
+    ]  # fmt: skip
+    assert again["awards"][1]["detail"]["factor"] == "1.2"
+    # (5,200 points = 200, 4,000 yuan = 160: 360, 金卡)
+    changes = body(shop.get(f"/members/{shop.alice}/tier/changes"), 200)
+    assert [(c["from_tier"], c["to_tier"], c["kind"]) for c in changes["items"]] == [
+        ("银卡", "金卡", "upgrade"), (None, "银卡", "upgrade"),
+    ]  # fmt: skip
+    first = body(shop.get(f"/members/{shop.alice}/tier/changes", limit=1), 200)
+    assert first["next_cursor"] is not None
+    rest = body(shop.get(f"/members/{shop.alice}/tier/changes", cursor=first["next_cursor"]), 200)
+    assert [c["to_tier"] for c in rest["items"]] == ["银卡"] and rest["next_cursor"] is None
+    # the member sees its own history
+    alice = support.member(db, shop.alice)
+    assert shop.get(f"/members/{shop.alice}/tier/changes", alice).status_code == 200
+    assert shop.get(f"/members/{shop.bob}/tier/changes", alice).status_code == 403
+
+    # bob is put in 金卡 by hand; a dry run sees he would go down, and writes nothing
+    shop.set_tier(shop.bob, "金卡")
+    dry = body(shop.post("/tiers/dry-run", {}), 200)
+    assert (dry["evaluated"], dry["upgraded"], dry["downgraded"]) == (3, 1, 1)
+    assert body(shop.get(f"/members/{shop.bob}/tier"), 200)["tier"] == "金卡"
+    # evaluated on demand, he goes down
+    evaluated = body(shop.post(f"/members/{shop.bob}/tier/evaluate", {}), 200)
+    assert evaluated["tier"]["tier"] == "普通" and evaluated["score"]["score"] == 0
+    assert (
+        evaluated["change"]["reason"]
+        == "evaluated on demand; score 0 is below 金卡's retention line 240"
+    )
+    assert evaluated["change"]["kind"] == "evaluation"
+    assert_ledger_sound(db, shop.program.id)
+
+
+def test_the_benefits_matrix_is_changed_by_approval(client: TestClient, db: Database) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    # no scheme yet: nothing to put the matrix in
+    none = shop.put("/tiers/benefits", {"benefits": {}})
+    assert none.status_code == 409 and none.json()["code"] == "state_conflict"
+    assert body(shop.get("/tiers/benefits"), 200) == {"benefits": {}}
+    _set_scheme(shop, SCHEME)
+    unknown = shop.put("/tiers/benefits", {"benefits": {"钻石": {}}})
+    assert unknown.status_code == 422
+    filed = body(shop.put("/tiers/benefits", {"benefits": {"金卡": {"discount_pct": 70}}}), 202)
+    body(shop.decide(filed["id"], "approve"), 200)
+    assert body(shop.get("/tiers/benefits"), 200)["benefits"] == {
+        "金卡": {
+            "earn_multiplier": "1", "discount_pct": 70, "daily_earn_cap": None,
+            "monthly_earn_cap": None, "validity_months": None, "early_access_hours": 0,
+            "birthday_gift": 0,
+        }
+    }  # fmt: skip
+    # the levels stayed as they were
+    assert len(body(shop.get("/tiers/scheme"), 200)["scheme"]["levels"]) == 3
+
+
+def test_who_may_change_the_scheme_and_evaluate(client: TestClient, db: Database) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    for role in ("cashier", "finance", "reviewer"):
+        headers = support.staff(db, role, program_id=shop.program.id)
+        assert shop.get("/tiers/scheme", headers).status_code == 200
+        assert shop.put("/tiers/scheme", SCHEME, headers).status_code == 403
+        assert shop.post(f"/members/{shop.alice}/tier/evaluate", {}, headers).status_code == 403
+        assert shop.post("/tiers/dry-run", {}, headers).status_code == 403
+    alice = support.member(db, shop.alice)
+    assert shop.post(f"/members/{shop.alice}/tier/evaluate", {}, alice).status_code == 403

@@ -49,6 +49,12 @@ PERMISSIONS: dict[str, str] = {
     "orders.read": "see redemption orders and vouchers",
     "orders.fulfil": "confirm, ship, deliver, cancel and return redemption orders",
     "vouchers.redeem": "accept a member's voucher or coupon at a till",
+    "inbox.read": "see a member's in-app messages and how many are unread",
+    "inbox.write": "mark a member's in-app messages read",
+    "notifications.read": "see the notification outbox: every message and its delivery state",
+    "webhooks.read": "see webhook subscriptions and their delivery log",
+    "webhooks.write": "create, change, delete webhook subscriptions, rotate secrets, redeliver",
+    "webhooks.allow_private": "let a webhook reach a private or loopback address",
 }
 
 READ_ONLY_PERMISSIONS = frozenset(p for p in PERMISSIONS if p.endswith(".read"))
@@ -97,6 +103,11 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "rewards.redeem",
                 "orders.read",
                 "orders.fulfil",
+                "inbox.read",
+                "inbox.write",
+                "notifications.read",
+                "webhooks.read",
+                "webhooks.write",
             ]
         ),
     ),
@@ -180,7 +191,7 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
 
 MEMBER_PERMISSIONS = frozenset(
     ["members.read", "members.write", "points.read", "points.transfer", "tiers.read",
-     "rewards.read", "rewards.redeem", "orders.read"]
+     "rewards.read", "rewards.redeem", "orders.read", "inbox.read", "inbox.write"]
 )  # fmt: skip
 """What a signed-in member may do, and only to itself."""
 
@@ -188,7 +199,8 @@ API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "members.family", "points.read", "points.earn",
      "points.spend", "points.refund", "points.reverse", "points.transfer", "points.freeze",
      "events.read", "events.write", "rules.read", "tiers.read", "tiers.write",
-     "rewards.read", "rewards.redeem", "orders.read", "vouchers.redeem"]
+     "rewards.read", "rewards.redeem", "orders.read", "vouchers.redeem", "inbox.read",
+     "inbox.write"]
 )  # fmt: skip
 """What an API key may be given: the integration surface, never staff administration."""
 

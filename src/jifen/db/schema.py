@@ -6,6 +6,7 @@ from jifen.audit import models as _audit  # noqa: F401
 from jifen.auth import models as _auth  # noqa: F401
 from jifen.db.base import metadata
 from jifen.events import models as _events  # noqa: F401
+from jifen.jobs import models as _jobs  # noqa: F401
 from jifen.members import models as _members  # noqa: F401
 from jifen.notify import models as _notify  # noqa: F401
 from jifen.points import models as _points  # noqa: F401

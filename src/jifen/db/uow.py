@@ -130,5 +130,13 @@ class Database:
                 return fn(uow)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
+    def with_clock(self, clock: Clock) -> Database:
+        """The same database (engine, caches) read at another clock: a job run for a given
+        moment."""
+        other = object.__new__(Database)
+        other.__dict__.update(self.__dict__)
+        other.clock = clock
+        return other
+
     def dispose(self) -> None:
         self.engine.dispose()

@@ -35,6 +35,7 @@ from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InvalidInput, Refused, SameAccount, UnknownProgram
 from jifen.events import service as events_service
 from jifen.events.schemas import EventIn
+from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
 from jifen.members.schemas import MemberUpdate
 from jifen.points import integrity
@@ -422,14 +423,8 @@ def _expiry_run(uow: UnitOfWork, program_id: int) -> None:
     while rewards_service.expire_vouchers(uow, program_id=program_id, limit=500).vouchers:
         pass
     rewards_service.expire_holds(uow, program_id=program_id, limit=10_000)
-    after = 0
-    while True:
-        due = points.members_with_due_lots(uow, program_id=program_id, after_member_id=after)
-        if not due:
-            return
-        for member_id in due:
-            points.expire_member(uow, member_id=member_id)
-        after = due[-1]
+    while expiry_service.expire_chunk(uow, program_id=program_id, limit=1000).accounts:
+        pass
 
 
 # --------------------------------------------------------------------------- summary

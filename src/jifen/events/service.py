@@ -40,12 +40,13 @@ from jifen.events.schemas import (
     OrderPaid,
     OrderRefunded,
 )
+from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
-from jifen.rules.schemas import EventTypeRead, ProgramCaps, RuleSpec
+from jifen.rules.schemas import EventTypeRead, ProgramCaps, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
@@ -443,7 +444,13 @@ def _evaluate(
         uow, program_id=program_id, codes=budgeted, lock=lock_budgets
     )
     budgets = core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0))
-    return core.evaluate(event, rules, core.Program(zone, caps), facts, budgets), caps, budgeted
+    multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
+    if tier_caps:
+        # The benefits matrix's caps, for the tiers the earning caps leave without one.
+        matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
+        caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
+    program = core.Program(zone, caps, tier_multipliers=multipliers)
+    return core.evaluate(event, rules, program, facts, budgets), caps, budgeted
 
 
 def dry_run(
@@ -502,13 +509,16 @@ def _evaluate_and_post(
     if event.type == "order.paid" and settings.return_window_days:
         usable_from += timedelta(days=settings.return_window_days)
     available_at = usable_from if usable_from > now else None
-    expires_at = programs_service.default_expiry(
-        uow, program_id=program_id, start=usable_from, days=settings.default_validity_days
-    )
+    # Validity by the policy (and the member's tier where the policy says so).
+    expiries = expiry_service.lot_expiries(
+        uow, program_id=program_id, start=usable_from,
+        member_ids=sorted({a.member_id for a in result.awards}),
+    )  # fmt: skip
     # What each award posts: nothing held, nothing that would be expired already.
     posted: list[tuple[core.Award, int, str | None]] = []
     for award in result.awards:
         points, cap = award.points, award.cap
+        expires_at = expiries[award.member_id]
         if points > 0 and not award.held and expires_at is not None and expires_at <= now:
             points, cap = 0, "expired before it was recorded"
         posted.append((award, points, cap))
@@ -523,7 +533,7 @@ def _evaluate_and_post(
             amount=sum(p for _, p in mine),
             key=f"event:{event_id}:{member_id}",
             available_at=available_at,
-            expires_at=expires_at,
+            expires_at=expiries[member_id],
             reason=f"{event.type} {event.key}: " + ", ".join(f"{a.rule} {p}" for a, p in mine),
             actor=ACTOR,
         ).id
@@ -561,6 +571,10 @@ def _evaluate_and_post(
     total = sum(points for award, points, _ in posted if not award.held)
     skipped = [{"rule": s.rule, "why": s.why} for s in result.skipped]
     _set_outcome(uow, event_id, total, skipped)
+    if postings:
+        # A tier scheme that upgrades at once (or a campaign of temporary upgrades) moves
+        # the members up now; without one this reads only the settings, already read.
+        tiers_service.after_earning(uow, program_id=program_id, member_ids=postings, now=now)
     return stored, total, skipped
 
 
@@ -1092,3 +1106,41 @@ class _Replay:
             spent[award.rule] = spent.get(award.rule, 0) + award.points
             program += award.points
         self.budgets = core.Budgets(by_rule=spent, program=program)
+
+
+def spend_and_counts(
+    uow: UnitOfWork,
+    *,
+    member_ids: Iterable[int],
+    since: datetime,
+    until: datetime,
+    counted_types: Iterable[str] = (),
+) -> dict[int, tuple[int, int]]:
+    """For each of ``member_ids``: the money its orders paid in (``since``, ``until``] less
+    what refunds gave back, in fen, and how many events of ``counted_types`` it had then.
+    One grouped query; members with nothing are left out."""
+    ids = sorted(set(member_ids))
+    if not ids:
+        return {}
+    counted = sorted(set(counted_types))
+    rows = uow.conn.execute(
+        select(events.c.member_id, events.c.type, func.sum(events.c.amount_fen), func.count())
+        .where(
+            events.c.member_id.in_(ids),
+            events.c.occurred_at > since,
+            events.c.occurred_at <= until,
+            events.c.type.in_(sorted({"order.paid", "order.refunded", *counted})),
+        )
+        .group_by(events.c.member_id, events.c.type)
+    ).all()
+    found: dict[int, tuple[int, int]] = {}
+    for member_id, event_type, amount, count in rows:
+        spend, seen = found.get(int(member_id), (0, 0))
+        if event_type == "order.paid":
+            spend += int(amount or 0)
+        elif event_type == "order.refunded":
+            spend -= int(amount or 0)
+        if event_type in counted:
+            seen += int(count)
+        found[int(member_id)] = (spend, seen)
+    return found

@@ -343,12 +343,44 @@ def plan_freeze(
     return Plan(Kind.FREEZE, amount, lines, allocations=tuple(allocations), frozen_change=amount)
 
 
-def plan_expire(*, lots: Iterable[Lot], now: datetime) -> Plan | None:
-    """Expire what remains of every lot due at ``now``; ``None`` when nothing is due."""
+def plan_expire(*, lots: Iterable[Lot], now: datetime, freeze: bool = False) -> Plan | None:
+    """Expire what remains of every lot due at ``now``; ``None`` when nothing is due.
+
+    With ``freeze`` the lapsed points are not cleared but frozen (a freeze posting into the
+    frozen account): staff can give them back later with :func:`plan_release`."""
     due = sorted((lot for lot in lots if lot.is_due(now)), key=fifo_order)
     total = sum(lot.remaining for lot in due)
     if not total:
         return None
     allocations = tuple(Allocation(lot.id, -lot.remaining) for lot in due)
+    if freeze:
+        lines = (Line(Party.MEMBER, -total), Line(SystemAccount.FROZEN, total))
+        return Plan(Kind.FREEZE, total, lines, allocations=allocations, frozen_change=total)
     lines = (Line(Party.MEMBER, -total), Line(SystemAccount.EXPIRED, total))
     return Plan(Kind.EXPIRE, total, lines, allocations=allocations)
+
+
+def plan_release(
+    *,
+    freeze_id: int,
+    freeze_amount: int,
+    earlier_unfrozen: int,
+    amount: int | None,
+    now: datetime,
+    expires_at: datetime | None,
+) -> Plan:
+    """Give back all or part of a freeze as a new lot valid until ``expires_at``, not to the
+    lots it held: for points frozen when they lapsed, whose own lots are past their date."""
+    open_amount = freeze_amount - earlier_unfrozen
+    amount = open_amount if amount is None else require_positive(amount)
+    if amount > open_amount or open_amount == 0:
+        raise ExceedsOriginal(
+            operation="A release", operation_zh="解冻", requested=amount, remaining=open_amount,
+            posting_id=freeze_id,
+        )  # fmt: skip
+    _check_dates(now, now, expires_at)
+    lines = (Line(SystemAccount.FROZEN, -amount), Line(Party.MEMBER, amount))
+    return Plan(
+        Kind.UNFREEZE, amount, lines, new_lots=(NewLot(amount, now, expires_at),),
+        frozen_change=-amount,
+    )  # fmt: skip

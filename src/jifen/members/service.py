@@ -507,3 +507,16 @@ def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyR
                 .values(family_main_id=None)
             )
     return FamilyRead(main_member_id=None, members=[])
+
+
+def ids_page(
+    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int = 1000
+) -> list[int]:
+    """The ids of the programme's members after ``after_id``, in id order (for chunked jobs)."""
+    rows = uow.conn.execute(
+        select(members.c.id)
+        .where(members.c.program_id == program_id, members.c.id > after_id)
+        .order_by(members.c.id)
+        .limit(limit)
+    ).scalars()
+    return [int(member_id) for member_id in rows]

@@ -45,6 +45,9 @@ class OutboxSmsProvider:
             outbox.insert(),
             {"program_id": message.program_id, "channel": "sms",
              "recipient": mask_phone(message.phone), "template": message.template,
-             "body": stored, "created_at": uow.clock.now()},
+             "body": stored, "created_at": uow.clock.now(),
+             # The log line below is the delivery: the outbox keeps the record, and the
+             # sender (deliver_due) must not pick it up again.
+             "status": "sent", "sent_at": uow.clock.now()},
         )  # fmt: skip
         log.info("SMS to %s: %s", mask_phone(message.phone), message.text)

@@ -22,6 +22,7 @@ from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden, StateConflict
+from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
 from jifen.points import service
 from jifen.points.schemas import (
@@ -146,11 +147,14 @@ def get_posting(
 
 
 def _default_expiry(
-    uow: UnitOfWork, ctx: Context, available_at: datetime | None, days: int | None
+    uow: UnitOfWork, ctx: Context, member_id: int, available_at: datetime | None
 ) -> datetime | None:
-    """The programme's default validity, counted from when the points become available."""
+    """The programme's validity for the member, counted from when the points become
+    available."""
     start = max(uow.clock.now(), available_at) if available_at else uow.clock.now()
-    return programs_service.default_expiry(uow, program_id=ctx.program_id, start=start, days=days)
+    return expiry_service.lot_expiries(
+        uow, program_id=ctx.program_id, start=start, member_ids=[member_id]
+    )[member_id]
 
 
 @router.post(f"{MEMBER}/points/earn", status_code=201, response_model=PostingRead)
@@ -167,10 +171,7 @@ def earn(
         _member(uow, ctx, member_id, transacting=True)
         expires_at = body.expires_at
         if expires_at is None:  # the programme's policy as of this very transaction
-            validity = programs_service.get_settings(uow, program_id=ctx.program_id)
-            expires_at = _default_expiry(
-                uow, ctx, body.available_at, validity.default_validity_days
-            )
+            expires_at = _default_expiry(uow, ctx, member_id, body.available_at)
         posting = service.earn(
             uow,
             member_id=member_id,

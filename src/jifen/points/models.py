@@ -155,6 +155,13 @@ lots = Table(
         sqlite_where=text("remaining > 0"),
     ),
     Index("ix_lots_posting_id", "posting_id"),
+    # The expiry run reads due lots across all accounts, earliest first.
+    Index(
+        "ix_lots_due",
+        "expires_at",
+        postgresql_where=text("remaining > 0"),
+        sqlite_where=text("remaining > 0"),
+    ),
 )
 
 allocations = Table(

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Row
 
 from jifen import ledger
@@ -231,6 +231,40 @@ def _write(
     actor: str = "",
 ) -> PostingRead:
     """Store ``plan`` as one posting with its lines, allocations, lots and account caches."""
+    rows = _rows(
+        uow, plan, member=member, counterparty=counterparty, key=key, request_hash=request_hash,
+        now=now, ref_posting_id=ref_posting_id, reason=reason, actor=actor,
+    )  # fmt: skip
+    posting_id = store.write_posting(uow.conn, rows)
+    # Built from values this function made itself: no validation needed on the hot path.
+    return PostingRead.model_construct(
+        id=posting_id,
+        kind=plan.kind.value,
+        amount=plan.amount,
+        member_id=member.member_id,
+        counterparty_member_id=counterparty.member_id if counterparty else None,
+        ref_posting_id=ref_posting_id,
+        reason=reason,
+        actor=actor,
+        created_at=now,
+        debt_change=plan.debt_change,
+    )
+
+
+def _rows(
+    uow: UnitOfWork,
+    plan: Plan,
+    *,
+    member: _Account,
+    counterparty: _Account | None,
+    key: str,
+    request_hash: str,
+    now: datetime,
+    ref_posting_id: int | None,
+    reason: str,
+    actor: str,
+) -> store.PostingRows:
+    """The rows that store ``plan``: its digest, lines, chain links, lots and account caches."""
     system = system_account_ids(uow, member.program_id)
     parties = {Party.MEMBER: member}
     if counterparty is not None:
@@ -270,51 +304,35 @@ def _write(
         for holder in parties.values()
     ]
     heads = {account: (seq, link) for account, seq, link in chain}
-    posting_id = store.write_posting(
-        uow.conn,
-        store.PostingRows(
-            posting={
-                "program_id": member.program_id,
-                "kind": plan.kind.value,
-                "idempotency_key": key,
-                "request_hash": request_hash,
-                "account_id": member.id,
-                "counterparty_id": counterparty.id if counterparty else None,
-                "ref_posting_id": ref_posting_id,
-                "amount": plan.amount,
-                "reason": reason,
-                "actor": actor,
-                "created_at": now,
-                "digest": digest,
-            },
-            lines=list(line_facts),
-            chain=chain,
-            allocations=[(a.lot_id, a.amount) for a in plan.allocations],
-            new_lots=list(lot_facts),
-            accounts=[
-                (
-                    holder.id,
-                    plan.change_of(party),
-                    plan.frozen_change if party is Party.MEMBER else 0,
-                    plan.debt_change if party is Party.MEMBER else 0,
-                    *heads[holder.id],
-                )
-                for party, holder in parties.items()
-            ],
-        ),
-    )
-    # Built from values this function made itself: no validation needed on the hot path.
-    return PostingRead.model_construct(
-        id=posting_id,
-        kind=plan.kind.value,
-        amount=plan.amount,
-        member_id=member.member_id,
-        counterparty_member_id=counterparty.member_id if counterparty else None,
-        ref_posting_id=ref_posting_id,
-        reason=reason,
-        actor=actor,
-        created_at=now,
-        debt_change=plan.debt_change,
+    return store.PostingRows(
+        posting={
+            "program_id": member.program_id,
+            "kind": plan.kind.value,
+            "idempotency_key": key,
+            "request_hash": request_hash,
+            "account_id": member.id,
+            "counterparty_id": counterparty.id if counterparty else None,
+            "ref_posting_id": ref_posting_id,
+            "amount": plan.amount,
+            "reason": reason,
+            "actor": actor,
+            "created_at": now,
+            "digest": digest,
+        },
+        lines=list(line_facts),
+        chain=chain,
+        allocations=[(a.lot_id, a.amount) for a in plan.allocations],
+        new_lots=list(lot_facts),
+        accounts=[
+            (
+                holder.id,
+                plan.change_of(party),
+                plan.frozen_change if party is Party.MEMBER else 0,
+                plan.debt_change if party is Party.MEMBER else 0,
+                *heads[holder.id],
+            )
+            for party, holder in parties.items()
+        ],
     )
 
 
@@ -761,54 +779,249 @@ def unfreeze(
     )
 
 
-def expire_member(uow: UnitOfWork, *, member_id: int) -> PostingRead | None:
+EXPIRED_REASON = "lots reached their expiry date"
+FROZEN_AT_EXPIRY = "lots reached their expiry date: frozen instead of cleared"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryChunk:
+    accounts: int
+    """Member accounts whose due lots this chunk expired (or froze)."""
+    lots: int
+    points: int
+
+
+def expire_member(uow: UnitOfWork, *, member_id: int, freeze: bool = False) -> PostingRead | None:
     """Expire what remains of the member's lots that are due now; ``None`` if none are."""
-    now = uow.clock.now()
-    stamp = round(now.timestamp() * 1_000_000)
     member, _ = _lock_one(uow, member_id, key="")
-    due = uow.conn.execute(
-        select(*_lot_columns()).where(
-            lots.c.account_id == member.id, lots.c.remaining > 0, lots.c.expires_at <= now
-        )
-    )
-    plan = ledger.plan_expire(lots=[_lot(row) for row in due], now=now)
-    if plan is None:
-        return None
-    # The chain position makes the key unique even if lots become due again at the same time
-    # (a refund restoring an already expired lot).
-    key = f"expire:{member.id}:{stamp}:{member.head_seq}"
-    request = _fingerprint("expire", member=member_id, at=stamp, seq=member.head_seq)
-    return _write(
-        uow,
-        plan,
-        member=member,
-        key=key,
-        request_hash=request,
-        now=now,
-        reason="lots reached their expiry date",
-        actor="system",
-    )
+    written, _ = _expire_locked(uow, [member], uow.clock.now(), freeze=freeze)
+    return written[0] if written else None
 
 
-def members_with_due_lots(
-    uow: UnitOfWork, *, program_id: int, limit: int = 500, after_member_id: int = 0
-) -> list[int]:
-    """Members of a programme holding lots due to expire now, by member id, for chunked jobs."""
+def expire_due(
+    uow: UnitOfWork, *, program_id: int, limit: int = 1000, freeze: bool = False
+) -> ExpiryChunk:
+    """Expire (or with ``freeze``, freeze) the due lots of up to ``limit`` member accounts
+    of the programme, one posting per account, written together.
+
+    A lot once expired has nothing remaining, so the next call takes the next accounts: a
+    run is a loop of calls until one answers zero accounts, and a run cut short anywhere
+    simply continues — no lot is expired twice, none is missed."""
     now = uow.clock.now()
+    account_ids = store.accounts_with_due_lots(uow.conn, program_id, now, limit)
+    if not account_ids:
+        return ExpiryChunk(0, 0, 0)
+    locked = [_Account(*row[:8]) for row in store.lock_accounts_by_id(uow.conn, account_ids)]
+    written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
+    return ExpiryChunk(
+        accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written)
+    )
+
+
+def _expire_locked(
+    uow: UnitOfWork, holders: Sequence[_Account], now: datetime, *, freeze: bool
+) -> tuple[list[PostingRead], int]:
+    """One expiry posting for each of the locked ``holders`` with due lots; and how many
+    lots they took."""
+    due: dict[int, list[Lot]] = {}
+    for row in store.due_lots(uow.conn, [h.id for h in holders], now):
+        due.setdefault(row[0], []).append(Lot(*row[1:]))
+    stamp = round(now.timestamp() * 1_000_000)
+    reason = FROZEN_AT_EXPIRY if freeze else EXPIRED_REASON
+    batch: list[tuple[_Account, Plan, store.PostingRows]] = []
+    for holder in holders:
+        plan = ledger.plan_expire(lots=due.get(holder.id, ()), now=now, freeze=freeze)
+        if plan is None:
+            continue
+        # The chain position makes the key unique even if lots become due again at the same
+        # time (a refund restoring an already expired lot).
+        key = f"expire:{holder.id}:{stamp}:{holder.head_seq}"
+        request = _fingerprint("expire", member=holder.member_id, at=stamp, seq=holder.head_seq)
+        rows = _rows(
+            uow, plan, member=holder, counterparty=None, key=key, request_hash=request, now=now,
+            ref_posting_id=None, reason=reason, actor="system",
+        )  # fmt: skip
+        batch.append((holder, plan, rows))
+    ids = store.write_postings(uow.conn, [rows for _, _, rows in batch])
+    written = [
+        PostingRead.model_construct(
+            id=posting_id,
+            kind=plan.kind.value,
+            amount=plan.amount,
+            member_id=holder.member_id,
+            counterparty_member_id=None,
+            ref_posting_id=None,
+            reason=reason,
+            actor="system",
+            created_at=now,
+            debt_change=0,
+        )
+        for posting_id, (holder, plan, _) in zip(ids, batch, strict=True)
+    ]
+    return written, sum(len(plan.allocations) for _, plan, _ in batch)
+
+
+def release(
+    uow: UnitOfWork,
+    *,
+    freeze_id: int,
+    key: str,
+    expires_at: datetime | None,
+    amount: int | None = None,
+    reason: str = "",
+    actor: str = "",
+) -> PostingRead:
+    """Give back all or part of a freeze as a new lot valid until ``expires_at`` (points that
+    were frozen when they lapsed: their own lots are past their date)."""
+    _require_key(key)
+    request = _fingerprint(
+        "release", freeze=freeze_id, amount=amount, expires_at=expires_at, reason=reason,
+        actor=actor,
+    )  # fmt: skip
+    member, replay_id = _lock_one(uow, _member_of_posting(uow, freeze_id, Kind.FREEZE), key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    original = _original(uow, freeze_id, Kind.FREEZE, Kind.UNFREEZE)
+    now = uow.clock.now()
+    plan = ledger.plan_release(
+        freeze_id=freeze_id,
+        freeze_amount=original.amount,
+        earlier_unfrozen=original.later_amount,
+        amount=amount,
+        now=now,
+        expires_at=expires_at,
+    )
+    return _write(
+        uow, plan, member=member, key=key, request_hash=request, now=now,
+        ref_posting_id=freeze_id, reason=reason, actor=actor,
+    )  # fmt: skip
+
+
+def open_freezes(
+    uow: UnitOfWork, *, member_id: int, reason: str | None = None, key_prefix: str | None = None
+) -> list[tuple[int, int, datetime]]:
+    """The member's freezes not wholly given back: (freeze id, points still frozen, when),
+    oldest first; only those with ``reason`` or a key starting with ``key_prefix``."""
+    account = _account_of(uow, member_id)
+    query = select(postings.c.id, postings.c.amount, postings.c.created_at).where(
+        postings.c.account_id == account.id, postings.c.kind == Kind.FREEZE.value
+    )
+    if reason is not None:
+        query = query.where(postings.c.reason == reason)
+    if key_prefix is not None:
+        query = query.where(postings.c.idempotency_key.startswith(key_prefix, autoescape=True))
+    freezes = uow.conn.execute(query.order_by(postings.c.id)).all()
+    if not freezes:
+        return []
+    released = dict(
+        uow.conn.execute(
+            select(postings.c.ref_posting_id, func.sum(postings.c.amount))
+            .where(
+                postings.c.ref_posting_id.in_([f.id for f in freezes]),
+                postings.c.kind == Kind.UNFREEZE.value,
+            )
+            .group_by(postings.c.ref_posting_id)
+        ).all()
+    )
+    return [
+        (f.id, f.amount - int(released.get(f.id, 0)), f.created_at)
+        for f in freezes
+        if f.amount > int(released.get(f.id, 0))
+    ]
+
+
+def last_activity(
+    uow: UnitOfWork,
+    *,
+    member_ids: Sequence[int],
+    kinds: Sequence[str] = ("earn", "spend", "transfer"),
+) -> dict[int, datetime]:
+    """When each member last earned, spent or gave points (postings it started)."""
+    if not member_ids:
+        return {}
     rows = uow.conn.execute(
+        select(accounts.c.member_id, func.max(postings.c.created_at))
+        .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
+        .where(accounts.c.member_id.in_(member_ids), postings.c.kind.in_(kinds))
+        .group_by(accounts.c.member_id)
+    ).all()
+    return {int(m): when for m, when in rows}
+
+
+def holders_page(
+    uow: UnitOfWork, *, program_id: int, after_member_id: int, limit: int
+) -> list[int]:
+    """Members of the programme holding points (or frozen points), by member id, for jobs
+    that walk them in chunks."""
+    rows = uow.conn.execute(
+        select(accounts.c.member_id)
+        .where(
+            accounts.c.program_id == program_id,
+            accounts.c.member_id > after_member_id,
+            (accounts.c.balance > 0) | (accounts.c.frozen > 0),
+        )
+        .order_by(accounts.c.member_id)
+        .limit(limit)
+    )
+    return [int(member_id) for (member_id,) in rows]
+
+
+def count_postings(uow: UnitOfWork, *, member_id: int, key_prefix: str) -> int:
+    """How many of the member's postings have a key starting with ``key_prefix``."""
+    account = _account_of(uow, member_id)
+    return int(
+        uow.conn.execute(
+            select(func.count()).where(
+                postings.c.account_id == account.id,
+                postings.c.idempotency_key.startswith(key_prefix, autoescape=True),
+            )
+        ).scalar_one()
+    )
+
+
+def expiring_between(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    start: datetime,
+    end: datetime,
+    after_member_id: int,
+    limit: int,
+) -> dict[int, dict[datetime, int]]:
+    """For up to ``limit`` members (after ``after_member_id``, by id): the points of their
+    lots lapsing in (``start``, ``end``], by expiry date."""
+    members = (
         select(accounts.c.member_id)
         .select_from(lots.join(accounts, accounts.c.id == lots.c.account_id))
         .where(
             accounts.c.program_id == program_id,
             accounts.c.member_id > after_member_id,
             lots.c.remaining > 0,
-            lots.c.expires_at <= now,
+            lots.c.expires_at > start,
+            lots.c.expires_at <= end,
         )
         .group_by(accounts.c.member_id)
         .order_by(accounts.c.member_id)
         .limit(limit)
     )
-    return [int(member_id) for (member_id,) in rows]
+    ids = [int(m) for (m,) in uow.conn.execute(members)]
+    if not ids:
+        return {}
+    rows = uow.conn.execute(
+        select(accounts.c.member_id, lots.c.expires_at, func.sum(lots.c.remaining))
+        .select_from(lots.join(accounts, accounts.c.id == lots.c.account_id))
+        .where(
+            accounts.c.member_id.in_(ids),
+            lots.c.remaining > 0,
+            lots.c.expires_at > start,
+            lots.c.expires_at <= end,
+        )
+        .group_by(accounts.c.member_id, lots.c.expires_at)
+    )
+    found: dict[int, dict[datetime, int]] = {m: {} for m in ids}
+    for member_id, expires_at, points in rows:
+        found[int(member_id)][expires_at] = int(points)
+    return found
 
 
 # --------------------------------------------------------------------------- queries
@@ -1080,3 +1293,27 @@ def origin_of(uow: UnitOfWork, *, posting_id: int) -> tuple[str | None, str | No
         )
     ).one_or_none()
     return (row.merchant, row.store) if row is not None else (None, None)
+
+
+def earned_by(
+    uow: UnitOfWork, *, member_ids: Iterable[int], since: datetime, until: datetime
+) -> dict[int, int]:
+    """Points each of ``member_ids`` earned in (``since``, ``until``], less what was clawed
+    back in it; one grouped query (members who earned nothing are left out)."""
+    ids = sorted(set(member_ids))
+    if not ids:
+        return {}
+    signed = case((postings.c.kind == "reverse", -postings.c.amount), else_=postings.c.amount)
+    rows = uow.conn.execute(
+        select(accounts.c.member_id, func.sum(signed))
+        .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
+        .where(
+            accounts.c.member_id.in_(ids),
+            accounts.c.currency == CURRENCY,
+            postings.c.kind.in_(("earn", "reverse")),
+            postings.c.created_at > since,
+            postings.c.created_at <= until,
+        )
+        .group_by(accounts.c.member_id)
+    ).all()
+    return {int(member_id): int(total or 0) for member_id, total in rows}

@@ -114,6 +114,56 @@ def spendable_lots(
     return [tuple(row) for row in conn.execute(query)]
 
 
+def accounts_with_due_lots(
+    conn: Connection, program_id: int, now: datetime, limit: int
+) -> list[int]:
+    """Up to ``limit`` member accounts of the programme holding lots due to expire at
+    ``now``, in account id order. Reads the due lots through their expiry index and stops
+    after ``limit`` of them, so a chunk costs the same however many lots are due."""
+    query = (
+        select(lots.c.account_id)
+        .select_from(lots.join(accounts, accounts.c.id == lots.c.account_id))
+        .where(lots.c.remaining > 0, lots.c.expires_at <= now, accounts.c.program_id == program_id)
+        .order_by(lots.c.expires_at)
+        .limit(limit)
+    )
+    return sorted({int(account_id) for (account_id,) in conn.execute(query)})
+
+
+def lock_accounts_by_id(conn: Connection, account_ids: Sequence[int]) -> list[AccountRow]:
+    """Lock member accounts by their own ids, in id order (see :func:`lock_accounts`)."""
+    query = select(*ACCOUNT_COLUMNS).where(accounts.c.id.in_(account_ids)).order_by(accounts.c.id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(key_share=True, of=accounts)  # FOR NO KEY UPDATE
+    return [(*row, None) for row in conn.execute(query)]
+
+
+def due_lots(
+    conn: Connection, account_ids: Sequence[int], now: datetime
+) -> list[tuple[int, int, int, int, datetime, datetime | None]]:
+    """(account id, lot id, amount, remaining, available_at, expires_at) of the accounts'
+    lots due to expire at ``now``."""
+    query = select(
+        lots.c.account_id, lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at,
+        lots.c.expires_at,
+    ).where(
+        lots.c.account_id.in_(account_ids), lots.c.remaining > 0, lots.c.expires_at <= now
+    )  # fmt: skip
+    return [tuple(row) for row in conn.execute(query)]
+
+
+def write_postings(conn: Connection, batch: Sequence[PostingRows]) -> list[int]:
+    """Store many postings (of distinct accounts) at once; their ids, in order."""
+    if not batch:
+        return []
+    if conn.dialect.name != "postgresql":
+        return [write_posting(conn, rows) for rows in batch]
+    for rows in batch:
+        if len({lot for lot, _ in rows.allocations}) != len(rows.allocations):
+            raise ValueError("a posting changes each lot at most once")
+    return _write_many_postgresql(conn, batch)
+
+
 def write_posting(conn: Connection, rows: PostingRows) -> int:
     """Store the rows; returns the new posting's id."""
     if len({lot for lot, _ in rows.allocations}) != len(rows.allocations):
@@ -216,6 +266,104 @@ def _write_postgresql(conn: Connection, rows: PostingRows) -> int:
     }
     cursor = _driver(conn).execute(_POSTGRESQL_WRITE, params, prepare=True)
     return int(cursor.fetchone()[0])
+
+
+_POSTING_FIELDS = (
+    "program_id", "kind", "idempotency_key", "request_hash", "account_id", "counterparty_id",
+    "ref_posting_id", "amount", "reason", "actor", "created_at", "digest",
+)  # fmt: skip
+
+_POSTGRESQL_WRITE_MANY = """
+WITH p AS (
+    INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
+                          counterparty_id, ref_posting_id, amount, reason, actor, created_at,
+                          digest)
+    SELECT x.program_id, x.kind, x.idempotency_key, x.request_hash, x.account_id,
+           x.counterparty_id, x.ref_posting_id, x.amount, x.reason, x.actor, x.created_at,
+           x.digest
+    FROM unnest(%(program_id)s::bigint[], %(kind)s::text[], %(idempotency_key)s::text[],
+                %(request_hash)s::text[], %(account_id)s::bigint[], %(counterparty_id)s::bigint[],
+                %(ref_posting_id)s::bigint[], %(amount)s::bigint[], %(reason)s::text[],
+                %(actor)s::text[], %(created_at)s::timestamptz[], %(digest)s::text[])
+         WITH ORDINALITY AS x(program_id, kind, idempotency_key, request_hash, account_id,
+                              counterparty_id, ref_posting_id, amount, reason, actor,
+                              created_at, digest, n)
+    ORDER BY x.n
+    RETURNING id, idempotency_key
+), l AS (
+    INSERT INTO lines (posting_id, account_id, amount)
+    SELECT p.id, y.account_id, y.amount
+    FROM unnest(%(line_keys)s::text[], %(line_accounts)s::bigint[], %(line_amounts)s::bigint[])
+         WITH ORDINALITY AS y(key, account_id, amount, n)
+    JOIN p ON p.idempotency_key = y.key
+    ORDER BY y.n
+), c AS (
+    INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
+    SELECT y.account_id, y.seq, p.id, y.link
+    FROM unnest(%(chain_keys)s::text[], %(chain_accounts)s::bigint[], %(chain_seqs)s::bigint[],
+                %(chain_links)s::text[]) AS y(key, account_id, seq, link)
+    JOIN p ON p.idempotency_key = y.key
+), a AS (
+    INSERT INTO allocations (posting_id, lot_id, amount)
+    SELECT p.id, y.lot_id, y.amount
+    FROM unnest(%(alloc_keys)s::text[], %(alloc_lots)s::bigint[], %(alloc_amounts)s::bigint[])
+         WITH ORDINALITY AS y(key, lot_id, amount, n)
+    JOIN p ON p.idempotency_key = y.key
+    ORDER BY y.n
+), lu AS (
+    UPDATE lots SET remaining = lots.remaining + y.amount
+    FROM unnest(%(alloc_lots)s::bigint[], %(alloc_amounts)s::bigint[]) AS y(lot_id, amount)
+    WHERE lots.id = y.lot_id
+), nl AS (
+    INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at,
+                      source_lot_id)
+    SELECT y.account_id, p.id, y.amount, y.amount, y.available_at, y.expires_at, y.source
+    FROM unnest(%(lot_keys)s::text[], %(lot_accounts)s::bigint[], %(lot_amounts)s::bigint[],
+                %(lot_available)s::timestamptz[], %(lot_expires)s::timestamptz[],
+                %(lot_sources)s::bigint[])
+         WITH ORDINALITY AS y(key, account_id, amount, available_at, expires_at, source, n)
+    JOIN p ON p.idempotency_key = y.key
+    ORDER BY y.n
+), au AS (
+    UPDATE accounts
+    SET balance = accounts.balance + y.balance, frozen = accounts.frozen + y.frozen,
+        debt = accounts.debt + y.debt, head_seq = y.seq, head_hash = y.link
+    FROM unnest(%(acc_ids)s::bigint[], %(acc_balance)s::bigint[], %(acc_frozen)s::bigint[],
+                %(acc_debt)s::bigint[], %(acc_seq)s::bigint[], %(acc_link)s::text[])
+         AS y(id, balance, frozen, debt, seq, link)
+    WHERE accounts.id = y.id
+)
+SELECT id, idempotency_key FROM p
+"""
+
+
+def _write_many_postgresql(conn: Connection, batch: Sequence[PostingRows]) -> list[int]:
+    """All the postings in one data-modifying statement; each row finds its posting by the
+    posting's idempotency key (unique in a programme)."""
+    params: dict[str, list[Any]] = {
+        field: [rows.posting[field] for rows in batch] for field in _POSTING_FIELDS
+    }
+
+    def keyed(name: str, fields: tuple[str, ...], of: Any) -> None:
+        flat = [(rows.posting["idempotency_key"], *item) for rows in batch for item in of(rows)]
+        for field, column in zip(("key", *fields), _columns(flat, len(fields) + 1), strict=True):
+            params[f"{name}_{field}" if field != "key" else f"{name}_keys"] = column
+
+    keyed("line", ("accounts", "amounts"), lambda r: r.lines)
+    keyed("chain", ("accounts", "seqs", "links"), lambda r: r.chain)
+    keyed("alloc", ("lots", "amounts"), lambda r: r.allocations)
+    keyed("lot", ("accounts", "amounts", "available", "expires", "sources"), lambda r: r.new_lots)
+    accounts_flat = [item for rows in batch for item in rows.accounts]
+    for field, column in zip(
+        ("acc_ids", "acc_balance", "acc_frozen", "acc_debt", "acc_seq", "acc_link"),
+        _columns(accounts_flat, 6),
+        strict=True,
+    ):
+        params[field] = column
+    if len({a for a, *_ in accounts_flat}) != len(accounts_flat):
+        raise ValueError("a batch of postings changes each account at most once")
+    ids = {key: int(i) for i, key in _driver(conn).execute(_POSTGRESQL_WRITE_MANY, params)}
+    return [ids[rows.posting["idempotency_key"]] for rows in batch]
 
 
 _INSERT_POSTING = postings.insert().returning(postings.c.id)

@@ -7,7 +7,9 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from jifen.api.schemas import RequestBody
+from jifen.expiry.schemas import ExpiryPolicy
 from jifen.rewards.schemas import RedemptionPolicy
+from jifen.tiers.schemas import TierScheme
 
 
 class ProgramRead(BaseModel):
@@ -44,3 +46,8 @@ class ProgramSettings(RequestBody):
     """Days earned points stay valid when an earning names no expiry; ``None``: forever."""
     redemption: RedemptionPolicy = RedemptionPolicy()
     """How members redeem: terms by tier, pricing factors, voucher validity and fees."""
+    expiry: ExpiryPolicy = ExpiryPolicy()
+    """How long points stay valid (by tier), what lapsing does, dormancy and reminders."""
+    tier_scheme: TierScheme | None = None
+    """How members' tiers follow their scores, and what each tier gives; ``None``: tiers
+    are set by hand only."""

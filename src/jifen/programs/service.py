@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Text, bindparam, cast, select
 
-from jifen.clock import LATEST
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
@@ -105,21 +103,3 @@ def set_settings(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings)
     if result.rowcount != 1:
         raise UnknownProgram(program=program_id)
     return settings
-
-
-def default_expiry(
-    uow: UnitOfWork, *, program_id: int, start: datetime, days: int | None
-) -> datetime | None:
-    """The end of the programme's calendar day ``days`` after ``start`` (when points become
-    available): a whole day, not an instant, so that twins of one request compute the same
-    expiry. ``None`` when ``days`` is None (points that never expire)."""
-    if days is None:
-        return None
-    zone = ZoneInfo(time_zone(uow, program_id=program_id))
-    day = start.astimezone(zone).date() + timedelta(days=days + 1)
-    expires_at = datetime(day.year, day.month, day.day, tzinfo=zone)
-    if expires_at >= LATEST:
-        raise InvalidInput(
-            field="available_at", problem="too far in the future to give the points a validity"
-        )
-    return expires_at

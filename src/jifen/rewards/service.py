@@ -39,6 +39,7 @@ from jifen.errors import (
     UnknownVoucher,
     VoucherNotUsable,
 )
+from jifen.expiry import service as expiry_service
 from jifen.ledger import SystemAccount
 from jifen.members import service as members_service
 from jifen.points import service as points_service
@@ -79,7 +80,9 @@ _FINAL_KINDS = frozenset({"lottery", "charity", "partner", "vote"})
 
 
 def _policy(uow: UnitOfWork, program_id: int) -> RedemptionPolicy:
-    return programs_service.get_settings(uow, program_id=program_id).redemption
+    # The settings' policy, with the tier benefits matrix's discounts for the tiers it has
+    # no terms for.
+    return tiers_service.redemption_policy(uow, program_id=program_id)
 
 
 def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
@@ -690,11 +693,10 @@ def _draw(
     result["prize"] = prize.code
     result["prize_name"] = prize.name.model_dump()
     if prize.points:
-        settings = programs_service.get_settings(uow, program_id=program_id)
         now = uow.clock.now()
-        expires_at = programs_service.default_expiry(
-            uow, program_id=program_id, start=now, days=settings.default_validity_days
-        )
+        expires_at = expiry_service.lot_expiries(
+            uow, program_id=program_id, start=now, member_ids=[order["member_id"]]
+        )[order["member_id"]]
         posting = points_service.earn(
             uow, member_id=order["member_id"], amount=prize.points,
             key=f"order:{order['id']}:prize", expires_at=expires_at,

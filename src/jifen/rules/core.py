@@ -40,6 +40,7 @@ from jifen.rules.schemas import (
     RandomBonus,
     Referral,
     Reviewed,
+    RuleCaps,
     RuleSpec,
     SpendRate,
     StreakLadder,
@@ -162,6 +163,13 @@ class RuleSet:
 class Program:
     zone: ZoneInfo
     caps: ProgramCaps = field(default_factory=ProgramCaps)
+    tier_multipliers: Mapping[str, Decimal] = field(default_factory=dict)
+    """The tier benefits matrix's earn multipliers: an implicit multiplier of spend awards
+    (award rule ``TIER_BENEFIT``), unless a rule of the event names factors by tier."""
+
+
+TIER_BENEFIT = "tier_benefit"
+"""The rule code of the awards the benefits matrix's earn multiplier gives."""
 
 
 # --------------------------------------------------------------------------- outputs
@@ -344,9 +352,44 @@ def evaluate(
     for rule in rules.by_type.get(event.type, ()):
         if _fires(state, rule) and rule.spec.stop_after:
             break
+    _tier_benefit(state, rules.by_type.get(event.type, ()))
     _multiply(state)
     _apply_caps(state, budgets or Budgets())
     return state.result
+
+
+def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:
+    """The benefits matrix's multiplier of the member's tier, on its spend awards. It comes
+    before the rules' multipliers, which compound on it (1.5 and a 双11 2 make 3)."""
+    tier = state.member.tier
+    factor = state.program.tier_multipliers.get(tier or "")
+    if factor is None or factor <= 1:
+        return
+    # A rule that names factors by tier says what tiers earn: the matrix does not add to it.
+    if any(isinstance(r.spec.params, Multiplier) and r.spec.params.by_tier for r in candidates):
+        return
+    base_kinds = frozenset({"spend_rate"})
+    member_id = state.event.member_id
+    mine = [a for a in state.wanted if a.kind in base_kinds and a.member_id == member_id]
+    base = sum(a.wanted for a in mine)
+    bonus = rounded(Decimal(base) * (factor - 1), "floor")
+    if bonus <= 0:
+        return
+    weights: dict[str, int] | None = {}
+    for award in mine:
+        weights = _merged(weights, award.detail.get("weights"))
+    state.wanted.append(
+        Award(
+            rule=TIER_BENEFIT,
+            version=0,
+            kind="multiplier",
+            member_id=member_id,
+            points=bonus,
+            wanted=bonus,
+            detail={"factor": str(factor), "base": base, "base_kinds": base_kinds,
+                    "weights": weights, "tier": tier},
+        )
+    )  # fmt: skip
 
 
 def _fires(state: _Pass, rule: Rule) -> bool:
@@ -648,6 +691,9 @@ def refunded_share(
     return taken / total
 
 
+_NO_RULE_CAPS = RuleCaps()
+
+
 def _apply_caps(state: _Pass, budgets: Budgets) -> None:
     caps = state.program.caps
     used_day: dict[int, int] = {}
@@ -662,7 +708,8 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
         member = state.facts.get(award.member_id)
         if member is None:  # an award can only go to a member whose facts were given
             raise EventRefused(rule=award.rule, problem=f"no facts for member {award.member_id}")
-        spec_caps = state.specs[award.rule].caps
+        spec = state.specs.get(award.rule)  # none for the tier benefit: no caps of its own
+        spec_caps = spec.caps if spec is not None else _NO_RULE_CAPS
         # (room left, the cap's name and the figures it names): formatted only if it bites.
         room: list[tuple[int, str, object, object]] = []
         tier_cap = caps.by_tier.get(member.tier or "")

@@ -1,19 +1,76 @@
-"""Tier use cases: a programme's tiers, and each member's current tier (set by staff, by
-import or by the API; scoring by rules comes later). Rules and caps read the tier as a fact.
+"""Tier use cases: a programme's tiers; each member's current tier, set by staff or moved by
+its score; evaluation of members chunk by chunk; upgrades as soon as an earning crosses a
+threshold; temporary upgrades and their end; the record of every change; and the benefits
+matrix that rules and pricing read.
+
+For the job runner, one chunk at a time, each in its own transaction::
+
+    ids = member_ids_page(uow, program_id=p, after_member_id=last, limit=1000)
+    report = evaluate(uow, program_id=p, member_ids=ids, now=now, reason="2027-Q1")
+    # ... until ids is empty; and, as often as wanted:
+    ended = end_temporary(uow, program_id=p, now=now, limit=1000)  # until it returns 0
+
+An evaluation reads a chunk's facts with three grouped queries (the members' tiers, their
+orders and activity, their earnings) and writes only the members whose tier changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownTier
 from jifen.members import service as members_service
-from jifen.tiers.models import member_tiers, tiers
-from jifen.tiers.schemas import MemberTierRead, TierDef, TierRead
+from jifen.notify import service as notify_service
+from jifen.notify.service import Notification
+from jifen.points import service as points_service
+from jifen.programs import service as programs_service
+from jifen.programs.schemas import ProgramSettings
+from jifen.rewards.schemas import RedemptionPolicy
+from jifen.tiers import core
+from jifen.tiers.models import member_tiers, tier_changes, tiers
+from jifen.tiers.schemas import (
+    EvaluationReport,
+    MemberEvaluation,
+    MemberTierRead,
+    ScoreRead,
+    TierChangeRead,
+    TierDef,
+    TierRead,
+    TierScheme,
+)
+
+__all__ = [
+    "after_earning",
+    "dry_run",
+    "earning_terms",
+    "end_temporary",
+    "evaluate",
+    "evaluate_member",
+    "history",
+    "list_tiers",
+    "member_ids_page",
+    "member_tier",
+    "next_evaluation_at",
+    "redemption_policy",
+    "require_tiers",
+    "scheme_of",
+    "set_member_tier",
+    "set_tiers",
+    "settings_with_scheme",
+    "tiers_of",
+]
+
+EVALUATOR = "tiers"
+"""The actor of scheduled evaluations and of upgrades made by earnings."""
 
 
 def list_tiers(uow: UnitOfWork, *, program_id: int) -> list[TierRead]:
@@ -49,15 +106,19 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
             for d in definitions
         ],
     )
+    uow.local.pop(f"tier_codes:{program_id}", None)
     return list_tiers(uow, program_id=program_id)
 
 
 def set_member_tier(
     uow: UnitOfWork, *, program_id: int, member_id: int, tier: str, reason: str, set_by: str
 ) -> MemberTierRead:
-    """Put the member in ``tier`` from now on."""
+    """Put the member in ``tier`` from now on (ending any temporary upgrade); recorded as a
+    manual change."""
     members_service.require_member(uow, program_id=program_id, member_id=member_id)
     require_tiers(uow, program_id=program_id, codes=[tier])
+    members_service.lock_members(uow, member_ids=[member_id])
+    before = _standings(uow, [member_id]).get(member_id, core.Standing(None))
     now = uow.clock.now()
     upsert(
         uow,
@@ -69,8 +130,18 @@ def set_member_tier(
             "since": now,
             "reason": reason,
             "set_by": set_by,
+            "base_tier_code": None,
+            "temporary_until": None,
         },
     )
+    if before.tier != tier:
+        _record(
+            uow,
+            program_id,
+            [(member_id, before.tier, tier, "manual", reason or "set by hand", None)],
+            now,
+            set_by,
+        )
     return MemberTierRead(member_id=member_id, tier=tier, since=now, reason=reason, set_by=set_by)
 
 
@@ -95,6 +166,8 @@ def member_tier(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberTi
         since=row.since,
         reason=row.reason,
         set_by=row.set_by,
+        temporary_until=row.temporary_until,
+        returns_to=row.base_tier_code if row.temporary_until is not None else None,
     )
 
 
@@ -109,3 +182,516 @@ def tiers_of(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
         )
     ).all()
     return {r.member_id: r.tier_code for r in rows}
+
+
+# --------------------------------------------------------------------------- the scheme
+
+
+def scheme_of(uow: UnitOfWork, *, program_id: int) -> TierScheme | None:
+    """The programme's tier scheme (None: tiers are set by hand only)."""
+    return programs_service.get_settings(uow, program_id=program_id).tier_scheme
+
+
+def _levels_match(uow: UnitOfWork, program_id: int, scheme: TierScheme) -> bool:
+    key = f"tier_codes:{program_id}"
+    codes: list[str] | None = uow.local.get(key)
+    if codes is None:
+        codes = [t.code for t in list_tiers(uow, program_id=program_id)]
+        uow.local[key] = codes
+    return codes == [level.tier for level in scheme.levels]
+
+
+def _require_levels_match(uow: UnitOfWork, program_id: int, scheme: TierScheme) -> None:
+    if not _levels_match(uow, program_id, scheme):
+        known = ", ".join(t.code for t in list_tiers(uow, program_id=program_id))
+        named = ", ".join(level.tier for level in scheme.levels)
+        raise InvalidInput(
+            field="levels",
+            problem=f"the levels ({named}) must be the programme's tiers in rank order "
+            f"({known or 'none defined'})",
+            problem_zh=f"分数区间({named})必须与本计划的等级按级别顺序一致"
+            f"({known or '尚未定义等级'})",
+        )
+
+
+def settings_with_scheme(
+    uow: UnitOfWork, *, program_id: int, scheme: TierScheme | None
+) -> ProgramSettings:
+    """The programme's settings with ``scheme`` in place of its tier scheme, checked against
+    the programme's tiers (what a request for approval carries)."""
+    if scheme is not None:
+        _require_levels_match(uow, program_id, scheme)
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    return settings.model_copy(update={"tier_scheme": scheme})
+
+
+def next_evaluation_at(uow: UnitOfWork, *, program_id: int, after: datetime) -> datetime | None:
+    """When the next scheduled evaluation after ``after`` is due (None: no scheme)."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None:
+        return None
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    return core.next_evaluation_at(scheme.schedule, after, zone)
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def member_ids_page(
+    uow: UnitOfWork, *, program_id: int, after_member_id: int = 0, limit: int = 1000
+) -> list[int]:
+    """The next chunk of the programme's member ids, in id order."""
+    return members_service.ids_page(
+        uow, program_id=program_id, after_id=after_member_id, limit=limit
+    )
+
+
+def _facts(
+    uow: UnitOfWork, scheme: TierScheme, ids: list[int], since: datetime, until: datetime
+) -> dict[int, core.ScoreFacts]:
+    """What the score of each member counts over (since, until]: two grouped queries."""
+    from jifen.events import service as events_service  # events reads tiers for its facts
+
+    parts = scheme.parts
+    activity_types = parts.activity.event_types if parts.activity is not None else frozenset()
+    spent: Mapping[int, tuple[int, int]] = {}
+    if parts.spend is not None or parts.activity is not None:
+        spent = events_service.spend_and_counts(
+            uow, member_ids=ids, since=since, until=until, counted_types=activity_types
+        )
+    earned: Mapping[int, int] = {}
+    if parts.earned is not None:
+        earned = points_service.earned_by(uow, member_ids=ids, since=since, until=until)
+    return {
+        member_id: core.ScoreFacts(
+            spend_fen=spent.get(member_id, (0, 0))[0],
+            earned_points=earned.get(member_id, 0),
+            activity=spent.get(member_id, (0, 0))[1],
+        )
+        for member_id in ids
+    }
+
+
+def _standings(uow: UnitOfWork, ids: Iterable[int]) -> dict[int, core.Standing]:
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = uow.conn.execute(
+        select(
+            member_tiers.c.member_id,
+            member_tiers.c.tier_code,
+            member_tiers.c.base_tier_code,
+            member_tiers.c.temporary_until,
+        ).where(member_tiers.c.member_id.in_(wanted))
+    ).all()
+    return {
+        int(r.member_id): core.Standing(
+            r.tier_code,
+            r.base_tier_code if r.temporary_until is not None else None,
+            r.temporary_until,
+        )
+        for r in rows
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class _Move:
+    member_id: int
+    before: core.Standing
+    decision: core.Decision
+    score: int | None
+
+
+def evaluate(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    member_ids: Iterable[int],
+    now: datetime,
+    reason: str = "",
+    actor: str = EVALUATOR,
+    dry_run: bool = False,
+) -> EvaluationReport:
+    """Evaluate a chunk of the programme's members (ids as :func:`member_ids_page` gives
+    them) as of ``now``: up to the tier their score reaches, down when it is below their
+    tier's retention line. Writes only the members whose tier changes (nothing when
+    ``dry_run``); each change is recorded with ``reason`` and announced."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None:
+        raise StateConflict(
+            problem="This programme has no tier scheme; set one before evaluating tiers.",
+            problem_zh="本计划尚未设置等级评定方案,请先设置再评定。",
+        )
+    _require_levels_match(uow, program_id, scheme)
+    return _run(
+        uow, program_id, scheme, sorted(set(member_ids)), now,
+        evaluation=True, reason=reason, actor=actor, dry_run=dry_run,
+    )  # fmt: skip
+
+
+def after_earning(
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], now: datetime
+) -> None:
+    """Move up members whose earning just took their score over a threshold, when the
+    scheme upgrades at once or a campaign of temporary upgrades runs. Cheap when neither:
+    the settings are read once a transaction already."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None or (not scheme.upgrade_at_once and core.active_campaign(scheme, now) is None):
+        return
+    if not _levels_match(uow, program_id, scheme):
+        return  # a scheme that no longer fits the tiers must not refuse an earning
+    _run(
+        uow, program_id, scheme, sorted(set(member_ids)), now,
+        evaluation=False, reason="", actor=EVALUATOR, dry_run=False,
+    )  # fmt: skip
+
+
+def _scores(
+    uow: UnitOfWork, scheme: TierScheme, ids: list[int], since: datetime, until: datetime
+) -> dict[int, int]:
+    facts = _facts(uow, scheme, ids, since, until)
+    return {member_id: core.score(scheme.parts, facts[member_id]) for member_id in ids}
+
+
+def _run(
+    uow: UnitOfWork,
+    program_id: int,
+    scheme: TierScheme,
+    ids: list[int],
+    now: datetime,
+    *,
+    evaluation: bool,
+    reason: str,
+    actor: str,
+    dry_run: bool,
+) -> EvaluationReport:
+    report = EvaluationReport(evaluated=len(ids), last_member_id=ids[-1] if ids else None)
+    if not ids:
+        return report
+    values = _scores(uow, scheme, ids, core.window_start(scheme, now), now)
+    campaign = core.active_campaign(scheme, now)
+    campaign_values = (
+        _scores(uow, scheme, ids, campaign.starts_at, now) if campaign is not None else {}
+    )
+    standings = _standings(uow, ids)
+
+    def decide(member_id: int, standing: core.Standing) -> core.Decision | None:
+        return core.decide(
+            scheme, standing, values[member_id], now=now, evaluation=evaluation,
+            campaign_score=campaign_values.get(member_id),
+        )  # fmt: skip
+
+    moves: dict[int, core.Decision] = {}
+    for member_id in ids:
+        decision = decide(member_id, standings.get(member_id, core.Standing(None)))
+        if decision is not None:
+            moves[member_id] = decision
+    if moves and not dry_run:
+        # Hold the movers (in id order, as earnings do) and decide again on what is stored
+        # now: an earning may have moved one of them since the read above.
+        members_service.lock_members(uow, member_ids=moves)
+        standings = _standings(uow, moves)
+        moves = {
+            member_id: decision
+            for member_id in sorted(moves)
+            if (decision := decide(member_id, standings.get(member_id, core.Standing(None))))
+        }
+    for member_id in ids:
+        before = standings.get(member_id, core.Standing(None))
+        decision = moves.get(member_id)
+        if decision is None or decision.standing.tier == before.tier:
+            report.unchanged += 1
+        elif decision.kind == "temporary":
+            report.temporary += 1
+        elif core.rank(scheme, decision.standing.tier) > core.rank(scheme, before.tier):
+            report.upgraded += 1
+        else:
+            report.downgraded += 1
+    if not dry_run:
+        report.changes = _apply(
+            uow,
+            program_id,
+            [
+                _Move(
+                    m,
+                    standings.get(m, core.Standing(None)),
+                    d,
+                    campaign_values.get(m) if d.kind == "temporary" else values[m],
+                )
+                for m, d in moves.items()
+            ],
+            now,
+            actor,
+            reason,
+        )
+    return report
+
+
+def _apply(
+    uow: UnitOfWork,
+    program_id: int,
+    moves: list[_Move],
+    now: datetime,
+    actor: str,
+    reason: str = "",
+) -> list[TierChangeRead]:
+    """Write the moves (one statement per kind of write) and record the visible changes."""
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    quiet: list[dict[str, Any]] = []
+    changes: list[tuple[int, str | None, str, core.Kind, str, int | None]] = []
+    for move in moves:
+        after = move.decision.standing
+        assert after.tier is not None, "a decision always names a tier"
+        why = "; ".join(part for part in (reason, move.decision.reason) if part)
+        values = {
+            "b_member": move.member_id,
+            "b_tier": after.tier,
+            "b_base": after.base_tier if after.temporary else None,
+            "b_until": after.temporary_until,
+        }
+        if after.tier == move.before.tier:
+            quiet.append(values)  # only what a temporary upgrade goes back to changed
+            continue
+        values |= {"b_since": now, "b_reason": why, "b_by": actor}
+        (inserts if move.before.tier is None else updates).append(values)
+        changes.append(
+            (move.member_id, move.before.tier, after.tier, move.decision.kind, why, move.score)
+        )
+    fields: dict[str, Any] = {
+        "tier_code": bindparam("b_tier"),
+        "since": bindparam("b_since"),
+        "reason": bindparam("b_reason"),
+        "set_by": bindparam("b_by"),
+        "base_tier_code": bindparam("b_base"),
+        "temporary_until": bindparam("b_until"),
+    }
+    if inserts:
+        uow.conn.execute(
+            member_tiers.insert().values(
+                member_id=bindparam("b_member"), program_id=program_id, **fields
+            ),
+            inserts,
+        )
+    if updates:
+        uow.conn.execute(
+            member_tiers.update()
+            .where(member_tiers.c.member_id == bindparam("b_member"))
+            .values(**fields),
+            updates,
+        )
+    if quiet:
+        uow.conn.execute(
+            member_tiers.update()
+            .where(member_tiers.c.member_id == bindparam("b_member"))
+            .values(base_tier_code=bindparam("b_base"), temporary_until=bindparam("b_until")),
+            quiet,
+        )
+    return _record(uow, program_id, changes, now, actor)
+
+
+def _record(
+    uow: UnitOfWork,
+    program_id: int,
+    changes: list[tuple[int, str | None, str, core.Kind, str, int | None]],
+    now: datetime,
+    actor: str,
+) -> list[TierChangeRead]:
+    """Record each change (member, from, to, kind, reason, score) and announce it."""
+    if not changes:
+        return []
+    rows = [
+        {
+            "program_id": program_id,
+            "member_id": member_id,
+            "from_tier": from_tier,
+            "to_tier": to_tier,
+            "kind": kind,
+            "reason": reason[:2000],
+            "score": score,
+            "at": now,
+            "actor": actor[:120],
+        }
+        for member_id, from_tier, to_tier, kind, reason, score in changes
+    ]
+    ids = uow.conn.execute(
+        tier_changes.insert().returning(tier_changes.c.id, sort_by_parameter_order=True), rows
+    ).scalars()
+    recorded = [
+        TierChangeRead(id=int(change_id), **{k: v for k, v in row.items() if k != "program_id"})
+        for change_id, row in zip(ids, rows, strict=True)
+    ]
+    for change in recorded:
+        _announce(uow, program_id, change)
+    return recorded
+
+
+def _announce(uow: UnitOfWork, program_id: int, change: TierChangeRead) -> None:
+    """Raise ``member.tier_changed`` and put a note in the member's inbox, both in this
+    transaction (the outbox sends them after commit), keyed by the change."""
+    data: dict[str, Any] = {
+        "member_id": change.member_id,
+        "previous_tier": change.from_tier or "-",
+        "tier": change.to_tier,
+        "kind": change.kind,
+        "reason": change.reason,
+        "score": change.score,
+        "at": change.at.isoformat(),
+    }
+    key = f"tier:{change.id}"
+    notify_service.publish(
+        uow, program_id=program_id, event_type="member.tier_changed", data=data, key=key
+    )
+    if change.from_tier is None:
+        return  # a first placement is no news to the member (and costs a profile read each)
+    notify_service.notify(
+        uow,
+        Notification(
+            program_id, change.member_id, template="tier.changed", data=data, key=key,
+            channels=("inbox",),
+        ),
+    )  # fmt: skip
+
+
+def end_temporary(uow: UnitOfWork, *, program_id: int, now: datetime, limit: int = 1000) -> int:
+    """End up to ``limit`` temporary upgrades due by ``now`` (members go back to the tier
+    their evaluations gave them); how many ended. Call again until it answers 0."""
+    due = uow.conn.execute(
+        select(member_tiers.c.member_id)
+        .where(
+            member_tiers.c.program_id == program_id,
+            member_tiers.c.temporary_until.is_not(None),
+            member_tiers.c.temporary_until <= now,
+        )
+        .order_by(member_tiers.c.temporary_until, member_tiers.c.member_id)
+        .limit(limit)
+    ).scalars()
+    ids = sorted(int(member_id) for member_id in due)
+    if not ids:
+        return 0
+    members_service.lock_members(uow, member_ids=ids)
+    standings = _standings(uow, ids)
+    moves = [
+        _Move(member_id, standing, decision, None)
+        for member_id, standing in standings.items()
+        if (decision := core.end_temporary(standing, now)) is not None
+    ]
+    _apply(uow, program_id, moves, now, EVALUATOR)
+    return len(moves)
+
+
+def evaluate_member(
+    uow: UnitOfWork, *, program_id: int, member_id: int, actor: str
+) -> MemberEvaluation:
+    """Evaluate one member now, on demand (up or down, as a scheduled evaluation would)."""
+    members_service.require_member(uow, program_id=program_id, member_id=member_id)
+    now = uow.clock.now()
+    report = evaluate(
+        uow, program_id=program_id, member_ids=[member_id], now=now,
+        reason="evaluated on demand", actor=actor,
+    )  # fmt: skip
+    return MemberEvaluation(
+        member_id=member_id,
+        score=member_score(uow, program_id=program_id, member_id=member_id, now=now),
+        tier=member_tier(uow, program_id=program_id, member_id=member_id),
+        change=report.changes[0] if report.changes else None,
+    )
+
+
+def member_score(uow: UnitOfWork, *, program_id: int, member_id: int, now: datetime) -> ScoreRead:
+    """The member's score as of ``now`` and what it is made of."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None:
+        raise StateConflict(
+            problem="This programme has no tier scheme.", problem_zh="本计划尚未设置等级评定方案。"
+        )
+    since = core.window_start(scheme, now)
+    facts = _facts(uow, scheme, [member_id], since, now)[member_id]
+    return ScoreRead(
+        spend_fen=facts.spend_fen,
+        earned_points=facts.earned_points,
+        activity=facts.activity,
+        score=core.score(scheme.parts, facts),
+        since=since,
+        until=now,
+    )
+
+
+def dry_run(
+    uow: UnitOfWork, *, program_id: int, now: datetime, chunk: int = 1000
+) -> EvaluationReport:
+    """What an evaluation of the whole programme at ``now`` would do; nothing is written."""
+    total = EvaluationReport()
+    after = 0
+    while ids := member_ids_page(uow, program_id=program_id, after_member_id=after, limit=chunk):
+        part = evaluate(uow, program_id=program_id, member_ids=ids, now=now, dry_run=True)
+        total.add(part)
+        after = ids[-1]
+    return total
+
+
+def history(
+    uow: UnitOfWork, *, program_id: int, member_id: int, before_id: int | None, limit: int
+) -> tuple[list[TierChangeRead], int | None]:
+    """The member's tier changes, newest first, before ``before_id``; and the cursor of the
+    next page (None: no more)."""
+    members_service.require_member(uow, program_id=program_id, member_id=member_id)
+    query = select(tier_changes).where(tier_changes.c.member_id == member_id)
+    if before_id is not None:
+        query = query.where(tier_changes.c.id < before_id)
+    rows = uow.conn.execute(query.order_by(tier_changes.c.id.desc()).limit(limit + 1)).all()
+    items = [
+        TierChangeRead(
+            id=r.id, member_id=r.member_id, from_tier=r.from_tier, to_tier=r.to_tier,
+            kind=r.kind, reason=r.reason, score=r.score, at=r.at, actor=r.actor,
+        )
+        for r in rows[:limit]
+    ]  # fmt: skip
+    return items, (items[-1].id if len(rows) > limit else None)
+
+
+# --------------------------------------------------------------------------- benefits
+
+
+def earning_terms(
+    uow: UnitOfWork, *, program_id: int
+) -> tuple[dict[str, Decimal], dict[str, tuple[int | None, int | None]]]:
+    """What the benefits matrix gives earning: each tier's multiplier (those above 1), and
+    each tier's daily and monthly caps (those it names)."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None or not scheme.benefits:
+        return {}, {}
+    multipliers = {
+        tier: b.earn_multiplier for tier, b in scheme.benefits.items() if b.earn_multiplier > 1
+    }
+    caps = {
+        tier: (b.daily_earn_cap, b.monthly_earn_cap)
+        for tier, b in scheme.benefits.items()
+        if b.daily_earn_cap is not None or b.monthly_earn_cap is not None
+    }
+    return multipliers, caps
+
+
+def redemption_policy(uow: UnitOfWork, *, program_id: int) -> RedemptionPolicy:
+    """The programme's redemption policy, with the benefits matrix's discount for each tier
+    the policy gives no terms of its own (read once a transaction)."""
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    key = f"redemption_policy:{id(settings)}"  # new settings in this transaction: recomputed
+    cached: RedemptionPolicy | None = uow.local.get(key)
+    if cached is not None:
+        return cached
+    policy = settings.redemption
+    scheme = settings.tier_scheme
+    if scheme is not None:
+        added = {
+            tier: policy.default.model_copy(update={"discount_pct": b.discount_pct})
+            for tier, b in scheme.benefits.items()
+            if b.discount_pct is not None and tier not in policy.tiers
+        }
+        if added:
+            policy = policy.model_copy(update={"tiers": {**added, **policy.tiers}})
+    uow.local[key] = policy
+    return policy

@@ -1,0 +1,257 @@
+"""Expiry use cases: the validity new lots get, the expiry run (clear or freeze), giving
+frozen lapsed points back, dormancy decay and its restoration, and expiry reminders.
+
+Every function here writes points only through the points service, so each change is a
+posting with its history; the job runner calls the ``*_chunk`` functions one transaction
+at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from jifen.clock import LATEST
+from jifen.db.uow import UnitOfWork
+from jifen.errors import InvalidInput
+from jifen.expiry import core
+from jifen.expiry.schemas import ExpiryPolicy
+from jifen.points import service as points_service
+from jifen.points.schemas import PostingRead
+from jifen.programs import service as programs_service
+from jifen.tiers import service as tiers_service
+
+
+def policy(uow: UnitOfWork, *, program_id: int) -> ExpiryPolicy:
+    return programs_service.get_settings(uow, program_id=program_id).expiry
+
+
+def _zone(uow: UnitOfWork, program_id: int) -> ZoneInfo:
+    return ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+
+
+def lot_expiry(
+    uow: UnitOfWork, *, program_id: int, start: datetime, tier: str | None = None
+) -> datetime | None:
+    """When a lot of a member of ``tier`` whose points become usable at ``start`` lapses
+    under the programme's policy; ``None``: never."""
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    validity = core.validity_for(
+        settings.expiry, default_days=settings.default_validity_days, tier=tier
+    )
+    expires_at = core.expires_at(validity, start, _zone(uow, program_id))
+    if expires_at is not None and expires_at >= LATEST:
+        raise InvalidInput(
+            field="available_at", problem="too far in the future to give the points a validity"
+        )
+    return expires_at
+
+
+def lot_expiries(
+    uow: UnitOfWork, *, program_id: int, start: datetime, member_ids: Sequence[int]
+) -> dict[int, datetime | None]:
+    """:func:`lot_expiry` for each member, reading tiers only when the policy depends on them."""
+    tiers: dict[int, str] = {}
+    if policy(uow, program_id=program_id).by_tier:
+        tiers = tiers_service.tiers_of(uow, member_ids=member_ids)
+    dates: dict[str | None, datetime | None] = {}
+    for tier in {tiers.get(m) for m in member_ids}:
+        dates[tier] = lot_expiry(uow, program_id=program_id, start=start, tier=tier)
+    return {m: dates[tiers.get(m)] for m in member_ids}
+
+
+# --------------------------------------------------------------------------- the expiry run
+
+
+def expire_chunk(
+    uow: UnitOfWork, *, program_id: int, limit: int = 1000
+) -> points_service.ExpiryChunk:
+    """Expire — or freeze, when the policy says so — the due lots of up to ``limit``
+    member accounts; zero accounts means the run is over."""
+    freeze = policy(uow, program_id=program_id).on_expiry == "freeze"
+    return points_service.expire_due(uow, program_id=program_id, limit=limit, freeze=freeze)
+
+
+def restore_frozen(
+    uow: UnitOfWork, *, program_id: int, member_id: int, key: str, actor: str, reason: str
+) -> list[PostingRead]:
+    """Give back every point of the member that was frozen when it lapsed, as new lots with
+    the validity a new earning would get now. Answers the releases (none when nothing is
+    frozen); ``key`` makes the whole call idempotent."""
+    now = uow.clock.now()
+    tier = tiers_service.tiers_of(uow, member_ids=[member_id]).get(member_id)
+    expires_at = lot_expiry(uow, program_id=program_id, start=now, tier=tier)
+    released = []
+    frozen = points_service.open_freezes(
+        uow, member_id=member_id, reason=points_service.FROZEN_AT_EXPIRY
+    )
+    for freeze_id, _, _ in frozen:
+        released.append(
+            points_service.release(
+                uow, freeze_id=freeze_id, key=f"{key}:{freeze_id}", expires_at=expires_at,
+                reason=reason, actor=actor,
+            )
+        )  # fmt: skip
+    return released
+
+
+# --------------------------------------------------------------------------- dormancy
+
+
+@dataclass
+class DormancyChunk:
+    members: int = 0
+    """Members looked at."""
+    decays: int = 0
+    decayed: int = 0
+    """Points held back this run."""
+    restored_members: int = 0
+    restored: int = 0
+    last_member_id: int = 0
+
+
+DORMANCY_KEY = "dormancy:{member}:{since}:"
+
+
+def dormancy_chunk(
+    uow: UnitOfWork, *, program_id: int, after_member_id: int, limit: int = 500
+) -> DormancyChunk:
+    """Dormancy for the next ``limit`` members holding points (by member id): a member
+    active again gets back what its dormancy held back; a dormant one loses the monthly
+    share of what is available for each month due (each month once, whenever it runs)."""
+    report = DormancyChunk(last_member_id=after_member_id)
+    rule = policy(uow, program_id=program_id).dormancy
+    holders = points_service.holders_page(
+        uow, program_id=program_id, after_member_id=after_member_id, limit=limit
+    )
+    if not holders:
+        return report
+    report.last_member_id = holders[-1]
+    report.members = len(holders)
+    if rule is None:
+        return report
+    zone = _zone(uow, program_id)
+    now = uow.clock.now()
+    active = points_service.last_activity(uow, member_ids=holders)
+    for member_id in holders:
+        last = active.get(member_id)
+        points_service.lock_account(uow, member_id=member_id)
+        open_decays = points_service.open_freezes(uow, member_id=member_id, key_prefix="dormancy:")
+        for freeze_id, _, created_at in open_decays:
+            if last is not None and last > created_at:
+                back = points_service.unfreeze(
+                    uow, freeze_id=freeze_id, key=f"dormancy-restore:{freeze_id}",
+                    reason="active again: dormancy decay given back", actor="system",
+                )  # fmt: skip
+                report.restored += back.amount
+                report.restored_members += 1
+        if last is None:
+            continue
+        state = core.dormancy_state(rule, last_activity=last, now=now, zone=zone)
+        if not state.decays_due:
+            continue
+        prefix = DORMANCY_KEY.format(member=member_id, since=round(state.dormant_from.timestamp()))
+        done = points_service.count_postings(uow, member_id=member_id, key_prefix=prefix)
+        for month in range(done + 1, state.decays_due + 1):
+            available = points_service.balance(uow, member_id=member_id).available
+            amount = core.decay_amount(available, rule.decay_pct)
+            if not amount:
+                break
+            points_service.freeze(
+                uow, member_id=member_id, amount=amount, key=f"{prefix}{month}",
+                reason=f"dormant since {state.dormant_from.date()}: month {month} decay",
+                actor="system",
+            )  # fmt: skip
+            report.decays += 1
+            report.decayed += amount
+    return report
+
+
+# --------------------------------------------------------------------------- reminders
+
+
+@dataclass
+class ReminderChunk:
+    members: int = 0
+    reminders: int = 0
+    last_member_id: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def reminders_chunk(
+    uow: UnitOfWork, *, program_id: int, after_member_id: int, limit: int = 500
+) -> ReminderChunk:
+    """Queue the expiry reminders due now for the next ``limit`` members with points that
+    lapse within the longest reminder offset (or at the year end being announced): what
+    lapses when, and rewards the member can afford. A reminder is queued once, ever."""
+    from jifen.notify import service as notify_service
+    from jifen.rewards import service as rewards_service
+
+    rules = policy(uow, program_id=program_id).reminders
+    zone = _zone(uow, program_id)
+    now = uow.clock.now()
+    horizon = now + timedelta(days=max(rules.days_before, default=0) + 1)
+    year = None
+    if rules.year_end_from is not None:
+        year = core.year_end_reminder_due(rules.year_end_from, now=now, zone=zone)
+        if year is not None:
+            horizon = max(horizon, datetime(year + 1, 1, 1, tzinfo=zone) + timedelta(days=1))
+    report = ReminderChunk(last_member_id=after_member_id)
+    expiring = points_service.expiring_between(
+        uow, program_id=program_id, start=now, end=horizon, after_member_id=after_member_id,
+        limit=limit,
+    )  # fmt: skip
+    if not expiring:
+        return report
+    report.last_member_id = max(expiring)
+    report.members = len(expiring)
+    for member_id, dates in sorted(expiring.items()):
+        due: list[tuple[str, datetime, int | None]] = [
+            (f"expiry-reminder:{member_id}:{when.astimezone(zone):%Y%m%d}:{offset}", when, offset)
+            for when, offset in core.reminders_due(dates, now=now, days_before=rules.days_before)
+        ]
+        if year is not None:
+            year_end = datetime(year + 1, 1, 1, tzinfo=zone)
+            if year_end in dates:
+                due.append((f"year-end-reminder:{member_id}:{year}", year_end, None))
+        if not due:
+            continue
+        schedule = "\n".join(
+            f"  {when.astimezone(zone).date().isoformat()}  {points:,}"
+            for when, points in sorted(dates.items())
+        )
+        offers: list[tuple[str, str, int]] = []
+        if rules.suggestions:
+            offer = rewards_service.what_can_i_get(uow, program_id=program_id, member_id=member_id)
+            offers = [
+                (a.reward.name.zh or a.reward.name.en, a.reward.name.en or a.reward.name.zh,
+                 a.quote.points)
+                for a in offer.now[: rules.suggestions]
+            ]  # fmt: skip
+        for key, when, offset in due:
+            queued = notify_service.notify(
+                uow,
+                notify_service.Notification(
+                    program_id=program_id,
+                    member_id=member_id,
+                    template="expiry.reminder",
+                    data={
+                        "expires_on": when.astimezone(zone).date().isoformat(),
+                        "points": dates[when],
+                        "days_before": offset if offset is not None else "",
+                        "schedule": schedule,
+                        "suggestions_zh": "\n".join(f"  {zh}({n:,} 积分)" for zh, _, n in offers)
+                        or "  (暂无)",
+                        "suggestions_en": "\n".join(f"  {en} ({n:,} points)" for _, en, n in offers)
+                        or "  (none yet)",
+                    },
+                    key=key,
+                    channels=tuple(rules.channels),
+                ),
+            )
+            if queued:
+                report.reminders += 1
+                report.keys.append(key)
+    return report

@@ -1,0 +1,183 @@
+"""Every job jifen runs on a schedule: each a few lines calling its domain's service."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+from jifen.db.uow import Database, UnitOfWork
+from jifen.events import service as events_service
+from jifen.expiry import service as expiry_service
+from jifen.jobs.core import Chunk
+from jifen.jobs.service import Job, register
+from jifen.notify import service as notify_service
+from jifen.points import integrity
+from jifen.programs import service as programs_service
+from jifen.rewards import service as rewards_service
+from jifen.tiers import service as tiers_service
+
+log = logging.getLogger("jifen.jobs")
+
+
+def _expire(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    done = expiry_service.expire_chunk(uow, program_id=program_id, limit=size)
+    figures = {"accounts": done.accounts, "lots": done.lots, "points": done.points}
+    return Chunk(cursor=cursor + done.accounts, finished=done.accounts == 0, figures=figures)
+
+
+register(
+    Job("points.expire", "Expire (or freeze) lots due", "到期积分清零(或冻结)", _expire, size=1000)
+)
+
+
+def _dormancy(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    done = expiry_service.dormancy_chunk(
+        uow, program_id=program_id, after_member_id=cursor, limit=size
+    )
+    figures = {
+        "members": done.members, "decays": done.decays, "decayed": done.decayed,
+        "restored_members": done.restored_members, "restored": done.restored,
+    }  # fmt: skip
+    return Chunk(cursor=done.last_member_id, finished=done.members < size, figures=figures)
+
+
+register(Job("points.dormancy", "Dormancy decay and restoration", "休眠递减与恢复", _dormancy))
+
+
+def _reminders(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    done = expiry_service.reminders_chunk(
+        uow, program_id=program_id, after_member_id=cursor, limit=size
+    )
+    figures = {"members": done.members, "reminders": done.reminders}
+    return Chunk(cursor=done.last_member_id, finished=done.members < size, figures=figures)
+
+
+register(Job("points.reminders", "Expiry reminders", "积分到期提醒", _reminders))
+
+
+def _reconcile(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    report = integrity.reconcile(uow, program_id=program_id)
+    for problem in report.problems:
+        log.error("reconciliation: %s", problem)
+    figures = {"accounts": report.accounts, "lots": report.lots, "problems": len(report.problems)}
+    return Chunk(cursor=cursor, finished=True, figures=figures)
+
+
+register(
+    Job("ledger.reconcile", "Reconcile balances with lines", "对账", _reconcile, changes=False)
+)
+
+
+def _vouchers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    done = rewards_service.expire_vouchers(uow, program_id=program_id, limit=size)
+    figures = {"vouchers": done.vouchers, "points_returned": done.points_returned,
+               "fees": done.fees}  # fmt: skip
+    return Chunk(cursor=cursor + done.vouchers, finished=done.vouchers < size, figures=figures)
+
+
+register(
+    Job("rewards.expire_vouchers", "Expire unused vouchers", "过期未用券", _vouchers, size=200)
+)
+
+
+def _holds(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    done = rewards_service.expire_holds(uow, program_id=program_id, limit=size)
+    return Chunk(cursor + done.cancelled, done.cancelled < size, {"cancelled": done.cancelled})
+
+
+register(
+    Job("rewards.expire_holds", "Lapse unconfirmed held redemptions", "取消未确认兑换", _holds)
+)
+
+
+def _birthdays(db: Database, program_id: int) -> dict[str, int]:
+    zone = ZoneInfo(db.run(lambda uow: programs_service.time_zone(uow, program_id=program_id)))
+    day = db.clock.now().astimezone(zone).date()
+    return {"events": events_service.raise_birthdays(db, program_id=program_id, day=day)}
+
+
+register(Job("events.birthdays", "Birthday events", "生日事件", whole=_birthdays))
+
+
+def _evaluate_tiers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    if tiers_service.scheme_of(uow, program_id=program_id) is None:
+        return Chunk(cursor, True, {"evaluated": 0})
+    ids = tiers_service.member_ids_page(
+        uow, program_id=program_id, after_member_id=cursor, limit=size
+    )
+    if not ids:
+        return Chunk(cursor, True)
+    now = uow.clock.now()
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    done = tiers_service.evaluate(
+        uow, program_id=program_id, member_ids=ids, now=now,
+        reason=f"evaluation of {now.astimezone(zone).date().isoformat()}",
+    )  # fmt: skip
+    figures = {"evaluated": done.evaluated, "upgraded": done.upgraded,
+               "downgraded": done.downgraded, "temporary": done.temporary,
+               "unchanged": done.unchanged}  # fmt: skip
+    return Chunk(ids[-1], len(ids) < size, figures)
+
+
+def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
+    """Whether the scheme's schedule (monthly, quarterly…) has an evaluation in the last
+    day: the worker fires the job daily and runs it on those days only."""
+    now = uow.clock.now()
+    due = tiers_service.next_evaluation_at(
+        uow, program_id=program_id, after=now - timedelta(days=1)
+    )
+    return due is not None and due <= now
+
+
+register(
+    Job("tiers.evaluate", "Tier evaluation by score", "按积分评定等级", _evaluate_tiers,
+        size=2000, due=_evaluation_due)
+)  # fmt: skip
+
+
+def _end_temporary(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    ended = tiers_service.end_temporary(uow, program_id=program_id, now=uow.clock.now(), limit=size)
+    return Chunk(cursor + ended, ended < size, {"ended": ended})
+
+
+register(Job("tiers.end_temporary", "End temporary upgrades", "临时升级到期", _end_temporary))
+
+
+def _restock_alerts(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    """Tell staff (outbox) and subscribers (webhook ``reward.stock_low``) of each open
+    restock alert, once per alert."""
+    told = 0
+    for alert in rewards_service.open_alerts(uow, program_id=program_id):
+        key = f"stock-low:{alert.reward}:{round(alert.raised_at.timestamp())}"
+        data = {
+            "reward": alert.reward, "left": alert.stock_left,
+            "safety_stock": alert.safety_stock, "raised_at": alert.raised_at.isoformat(),
+        }  # fmt: skip
+        notify_service.publish(
+            uow, program_id=program_id, event_type="reward.stock_low", data=data, key=key
+        )
+        told += notify_service.notify(
+            uow,
+            notify_service.Notification(
+                program_id=program_id, member_id=None, template="stock.low", data=data, key=key
+            ),
+        )
+    return Chunk(cursor, True, {"alerts": told})
+
+
+register(Job("rewards.restock_alerts", "Restock alerts to staff", "补货提醒", _restock_alerts))
+
+
+def _deliver(db: Database, program_id: int) -> dict[str, int]:
+    """Send what the outbox holds that is due (every programme's)."""
+    sent = {"sent": 0, "retrying": 0, "dead": 0, "lost": 0}
+    while True:
+        report = notify_service.deliver_due(db, limit=200)
+        for name in sent:
+            sent[name] += getattr(report, name)
+        if report.sent + report.retrying + report.dead + report.lost < 200:
+            return sent
+
+
+register(Job("notify.deliver", "Send the outbox", "发送通知", whole=_deliver))

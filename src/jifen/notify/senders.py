@@ -1,0 +1,180 @@
+"""What actually sends: small protocols for email, SMS and webhooks, and jifen's own
+adapters behind them (SMTP through :mod:`smtplib`, SMS to the ``jifen.sms`` log, webhooks
+over HTTP through :mod:`http.client`). ``deliver_due`` takes a :class:`Senders`; tests and
+deployments pass their own (a real SMS gateway, for one).
+
+A sender raises on failure: any exception is a failed attempt, retried with backoff, and
+:class:`PermanentFailure` one that retrying cannot mend (the message goes dead at once).
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Protocol
+
+from jifen.members.core import mask_phone
+from jifen.notify import core
+from jifen.settings import Settings, get_settings
+
+sms_log = logging.getLogger("jifen.sms")
+
+MAX_ANSWER_BYTES = 64 * 1024
+"""A receiver's answer is read this far and no further: only its status matters."""
+
+
+class PermanentFailure(Exception):
+    """The attempt cannot succeed by being repeated."""
+
+
+class EmailSender(Protocol):
+    def send(self, message: EmailMessage) -> None:
+        """Send ``message`` (To, Subject, Message-ID set; From when the sender has none)."""
+
+
+class SmsGateway(Protocol):
+    def send(self, *, phone: str, text: str, message_id: str) -> None:
+        """Send ``text`` to ``phone``; ``message_id`` is the same on every retry."""
+
+
+class WebhookSender(Protocol):
+    def post(
+        self, *, url: str, body: bytes, headers: Mapping[str, str], allow_private: bool
+    ) -> int:
+        """POST ``body`` to ``url`` and answer the receiver's HTTP status."""
+
+
+class SmtpEmailSender:
+    """Email through an SMTP server (``JIFEN_SMTP_*`` settings)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        user: str = "",
+        password: str = "",
+        starttls: bool = True,
+        timeout: float = 10.0,
+    ) -> None:
+        self.host, self.port, self.sender = host, port, sender
+        self.user, self.password = user, password
+        self.starttls, self.timeout = starttls, timeout
+
+    def send(self, message: EmailMessage) -> None:
+        if "From" not in message:
+            message["From"] = self.sender
+        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+            if self.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if self.user:
+                smtp.login(self.user, self.password)
+            smtp.send_message(message)
+
+
+class LogSmsGateway:
+    """The built-in gateway: the text goes to the ``jifen.sms`` log, the number masked.
+    A real gateway replaces it (``Senders(sms=...)``) and keeps numbers out of its logs."""
+
+    def send(self, *, phone: str, text: str, message_id: str) -> None:
+        sms_log.info("SMS %s to %s: %s", message_id, mask_phone(phone), text)
+
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (A and AAAA); OSError when it resolves to none."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    return addresses
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the address that was checked, not to whatever the name resolves to a
+    moment later (a DNS answer that changes between the check and the connection)."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        self._tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
+        self._address = address
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+
+
+class HttpWebhookSender:
+    """POSTs over HTTP(S) with short timeouts, following no redirects. The host name is
+    resolved on every attempt and refused when any of its addresses is private, loopback,
+    link-local or reserved (unless the subscription allows it); the connection then goes to
+    the address that was checked."""
+
+    def __init__(self, *, timeout: float = 5.0, resolver: Resolver = resolve) -> None:
+        self.timeout = timeout
+        self.resolver = resolver
+
+    def post(
+        self, *, url: str, body: bytes, headers: Mapping[str, str], allow_private: bool
+    ) -> int:
+        try:
+            target = core.parse_target(url)
+        except ValueError as exc:
+            raise PermanentFailure(f"{url}: {exc}") from exc
+        addresses = self.resolver(target.host, target.port)
+        refused = core.refused_addresses(addresses)
+        if refused and not allow_private:
+            raise PermanentFailure(
+                f"{target.host} resolves to {', '.join(refused)}: a private or reserved "
+                "address, which this subscription may not reach"
+            )
+        cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+        connection = cls(target.host, target.port, addresses[0], self.timeout)
+        try:
+            connection.request("POST", target.path, body=body, headers=dict(headers))
+            answer = connection.getresponse()
+            answer.read(MAX_ANSWER_BYTES)
+            return answer.status
+        finally:
+            connection.close()
+
+
+@dataclass
+class Senders:
+    """The senders ``deliver_due`` uses. ``email=None``: no SMTP server is configured, and
+    emails wait in the outbox (unclaimed, no attempt spent) until one is."""
+
+    email: EmailSender | None = None
+    sms: SmsGateway = field(default_factory=LogSmsGateway)
+    webhook: WebhookSender = field(default_factory=HttpWebhookSender)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Senders:
+        """jifen's own senders, configured from ``settings`` (default: the environment)."""
+        settings = settings or get_settings()
+        email = None
+        if settings.smtp_host:
+            email = SmtpEmailSender(
+                host=settings.smtp_host, port=settings.smtp_port, sender=settings.smtp_from,
+                user=settings.smtp_user, password=settings.smtp_password,
+                starttls=settings.smtp_starttls,
+            )  # fmt: skip
+        return cls(email=email, webhook=HttpWebhookSender(timeout=settings.webhook_timeout_seconds))

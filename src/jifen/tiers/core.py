@@ -1,0 +1,255 @@
+"""The pure rules of tiers by score: a score from its parts, the tier a score reaches, what
+an evaluation or an earning does to a member's tier, temporary upgrades and their end, and
+when the scheduled evaluations fall.
+
+Plain Python: the scheme, the member's standing, its score and the time come in, a decision
+comes out. The rules, in short:
+
+- a member moves **up** to the best tier its score reaches: at once when the scheme says
+  ``upgrade_at_once``, otherwise at the next evaluation;
+- a member moves **down** only at evaluation, and only when its score is below the retention
+  line of the tier it holds; it then goes to the tier its score reaches;
+- during a campaign, a score over the campaign that reaches ``share`` times a higher tier's
+  threshold gives that tier for some months (a temporary upgrade); when it ends, the member
+  goes back to the tier its evaluations gave it (``base_tier``), which evaluations during
+  the upgrade keep moving.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fractions import Fraction
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from jifen.tiers.schemas import Schedule, ScoreParts, TemporaryUpgrade, TierLevel, TierScheme
+
+Kind = Literal["evaluation", "upgrade", "temporary", "temporary_end", "manual"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreFacts:
+    """What a member did in the window the score counts over."""
+
+    spend_fen: int = 0
+    """Money paid for orders, less refunds."""
+    earned_points: int = 0
+    """Points earned, less claw-backs."""
+    activity: int = 0
+    """Events of the activity part's types."""
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A member's tier as stored."""
+
+    tier: str | None
+    """The tier the member holds now (what rules and pricing read)."""
+    base_tier: str | None = None
+    """While a temporary upgrade lasts: the tier its evaluations give it."""
+    temporary_until: datetime | None = None
+
+    @property
+    def temporary(self) -> bool:
+        return self.temporary_until is not None
+
+    @property
+    def earned_tier(self) -> str | None:
+        """The tier the member holds by its score, temporary upgrades aside."""
+        return self.base_tier if self.temporary else self.tier
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A member's standing after a decision, and why."""
+
+    standing: Standing
+    kind: Kind
+    reason: str
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def _part(amount: int, per: int, score: int, weight_pct: int) -> Fraction:
+    # Whole blocks only (每满1000元): 999 yuan of a 1,000-yuan block counts nothing.
+    return Fraction(max(amount, 0) // per * score * weight_pct, 100)
+
+
+def score(parts: ScoreParts, facts: ScoreFacts) -> int:
+    """The tier score of ``facts``: the weighted sum of the parts, rounded down."""
+    total = Fraction(0)
+    if parts.spend is not None:
+        spend = parts.spend
+        total += _part(facts.spend_fen, spend.per_yuan * 100, spend.score, spend.weight_pct)
+    if parts.earned is not None:
+        earned = parts.earned
+        total += _part(facts.earned_points, earned.per_points, earned.score, earned.weight_pct)
+    if parts.activity is not None:
+        activity = parts.activity
+        total += _part(facts.activity, activity.per_events, activity.score, activity.weight_pct)
+    return math.floor(total)
+
+
+def rank(scheme: TierScheme, tier: str | None) -> int:
+    """The tier's place among the scheme's levels (0: entry); -1 for no tier or one the
+    scheme does not name."""
+    for index, level in enumerate(scheme.levels):
+        if level.tier == tier:
+            return index
+    return -1
+
+
+def reached(scheme: TierScheme, value: int) -> TierLevel:
+    """The best tier whose range ``value`` is in."""
+    best = scheme.levels[0]
+    for level in scheme.levels:
+        if value >= level.min_score:
+            best = level
+    return best
+
+
+def retention_line(level: TierLevel) -> int:
+    return level.min_score if level.retention is None else level.retention
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def earned_tier(
+    scheme: TierScheme, held: str | None, value: int, *, evaluation: bool
+) -> tuple[str, Kind, str] | None:
+    """Where ``value`` takes a member holding ``held`` (by its score), and why; None: it
+    stays. Outside evaluation a member only moves up, and only with ``upgrade_at_once``."""
+    target = reached(scheme, value)
+    held_rank, target_rank = rank(scheme, held), rank(scheme, target.tier)
+    kind: Kind = "evaluation" if evaluation else "upgrade"
+    if target_rank > held_rank:
+        if not evaluation and (not scheme.upgrade_at_once or target_rank == 0):
+            # Outside evaluation the entry tier is not worth a change of its own.
+            return None
+        return target.tier, kind, f"score {value} reaches {target.tier} (from {target.min_score})"
+    if target_rank < held_rank and evaluation:
+        level = scheme.levels[held_rank]
+        line = retention_line(level)
+        if value < line:
+            return (
+                target.tier,
+                kind,
+                f"score {value} is below {level.tier}'s retention line {line}",
+            )
+    return None
+
+
+def active_campaign(scheme: TierScheme, now: datetime) -> TemporaryUpgrade | None:
+    """The campaign of temporary upgrades running at ``now`` (the first, if several)."""
+    for campaign in scheme.temporary_upgrades:
+        if campaign.starts_at <= now < campaign.ends_at:
+            return campaign
+    return None
+
+
+def temporary_target(
+    scheme: TierScheme, shown: str | None, campaign: TemporaryUpgrade, campaign_score: int
+) -> TierLevel | None:
+    """The best tier above ``shown`` whose threshold ``campaign_score`` passes by the
+    campaign's share; None when there is none."""
+    best = None
+    for level in scheme.levels[rank(scheme, shown) + 1 :]:
+        if level.min_score > 0 and campaign_score >= level.min_score * campaign.share:
+            best = level
+    return best
+
+
+def decide(
+    scheme: TierScheme,
+    standing: Standing,
+    value: int,
+    *,
+    now: datetime,
+    evaluation: bool,
+    campaign_score: int | None = None,
+) -> Decision | None:
+    """What an evaluation (``evaluation``) or an earning does to ``standing`` given the
+    member's score ``value`` and, during a campaign, its score over the campaign. None:
+    nothing changes."""
+    held = standing.earned_tier
+    moved = earned_tier(scheme, held, value, evaluation=evaluation)
+    base = moved[0] if moved is not None else held
+    result: Decision | None = None
+    if standing.temporary and rank(scheme, base) < rank(scheme, standing.tier):
+        if base != standing.base_tier:
+            # The member keeps its temporary tier; it will go back to this one instead.
+            result = Decision(
+                Standing(standing.tier, base, standing.temporary_until),
+                moved[1] if moved else "evaluation",
+                moved[2] if moved else "",
+            )
+    elif moved is not None:
+        result = Decision(Standing(base), moved[1], moved[2])
+    elif standing.temporary and rank(scheme, base) >= rank(scheme, standing.tier):
+        # Its score now holds what the campaign lent it: the tier is its own.
+        result = Decision(
+            Standing(base),
+            "evaluation" if evaluation else "upgrade",
+            f"score {value} holds {base} without the temporary upgrade",
+        )
+    campaign = active_campaign(scheme, now)
+    if campaign is not None and campaign_score is not None:
+        current = result.standing if result is not None else standing
+        target = temporary_target(scheme, current.tier, campaign, campaign_score)
+        if target is not None:
+            until = add_months(now, campaign.months)
+            return Decision(
+                Standing(target.tier, current.earned_tier, until),
+                "temporary",
+                f"{campaign.name}: campaign score {campaign_score} reaches "
+                f"{campaign.share} × {target.tier}'s {target.min_score}; until "
+                f"{until.isoformat()}",
+            )
+    return result
+
+
+def end_temporary(standing: Standing, now: datetime) -> Decision | None:
+    """The end of a temporary upgrade that is due: back to the tier evaluations gave."""
+    if standing.temporary_until is None or standing.temporary_until > now:
+        return None
+    return Decision(
+        Standing(standing.base_tier),
+        "temporary_end",
+        f"temporary {standing.tier} ended at {standing.temporary_until.isoformat()}",
+    )
+
+
+# --------------------------------------------------------------------------- time
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """``moment`` moved by ``months`` calendar months (the day clamped to the month's end)."""
+    total = moment.year * 12 + moment.month - 1 + months
+    year, month = divmod(total, 12)
+    day = min(moment.day, calendar.monthrange(year, month + 1)[1])
+    return moment.replace(year=year, month=month + 1, day=day)
+
+
+_PERIOD_MONTHS = {"monthly": 1, "quarterly": 3, "half_yearly": 6, "yearly": 12}
+
+
+def next_evaluation_at(schedule: Schedule, after: datetime, zone: ZoneInfo) -> datetime:
+    """The first scheduled evaluation strictly after ``after``: the start of a month,
+    quarter, half-year or year in the programme's time zone, in UTC."""
+    step = _PERIOD_MONTHS[schedule]
+    local = after.astimezone(zone)
+    month_index = (local.month - 1) // step * step  # start of the current period
+    start = datetime(local.year, month_index + 1, 1, tzinfo=zone)
+    while start <= local:
+        start = add_months(start, step)
+    return start.astimezone(UTC)
+
+
+def window_start(scheme: TierScheme, now: datetime) -> datetime:
+    """Where the score's window starts for an evaluation at ``now``."""
+    return add_months(now, -scheme.window_months)

@@ -1,0 +1,274 @@
+"""Expiry policies through the job runner, on both backends, across two simulated years,
+with the ledger's invariants checked after every job."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database, UnitOfWork
+from jifen.expiry import service as expiry
+from jifen.expiry.schemas import Dormancy, ExpiryPolicy, Reminders, Validity
+from jifen.jobs import service as jobs
+from jifen.points import service as points
+from jifen.programs import service as programs
+from jifen.rewards.schemas import Texts
+from jifen.tiers import service as tiers
+from jifen.tiers.schemas import TierDef
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def at(*args: int) -> datetime:
+    return datetime(*args, tzinfo=SHANGHAI)  # type: ignore[misc]
+
+
+def with_policy(db: Database, policy: ExpiryPolicy) -> tuple[int, list[int]]:
+    program_id = new_program(db).id
+
+    def configure(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program_id)
+        programs.set_settings(
+            uow, program_id=program_id, settings=settings.model_copy(update={"expiry": policy})
+        )
+
+    db.run(configure)
+    return program_id, new_members(db, program_id, 3)
+
+
+def move(db: Database, to: datetime) -> None:
+    assert isinstance(db.clock, ManualClock)
+    db.clock.set(to)
+
+
+def earn(db: Database, program_id: int, member_id: int, amount: int, key: str) -> Any:
+    def run(uow: UnitOfWork) -> Any:
+        expires_at = expiry.lot_expiries(
+            uow, program_id=program_id, start=uow.clock.now(), member_ids=[member_id]
+        )[member_id]
+        return points.earn(uow, member_id=member_id, amount=amount, key=key, expires_at=expires_at)
+
+    return db.run(run)
+
+
+def summary(db: Database, member_id: int) -> Any:
+    return db.run(lambda uow: points.balance(uow, member_id=member_id), read_only=True)
+
+
+def job(db: Database, name: str, program_id: int, when: datetime) -> jobs.RunReport:
+    move(db, when)
+    report = jobs.run(db, name, program_id=program_id)
+    assert_ledger_sound(db, program_id)
+    return report
+
+
+def test_calendar_clearing_expires_each_year_at_new_year_exactly_once(db: Database) -> None:
+    program_id, (alice, bob, _) = with_policy(
+        db, ExpiryPolicy(validity=Validity(kind="calendar", years=1))
+    )
+    move(db, at(2026, 3, 1, 10))
+    earn(db, program_id, alice, 500, "a1")
+    move(db, at(2026, 12, 31, 22))
+    earn(db, program_id, bob, 300, "b1")
+    earn(db, program_id, alice, 200, "a2")
+    # The last minute of 2026 takes nothing; ten past midnight clears the year.
+    assert job(db, "points.expire", program_id, at(2026, 12, 31, 23, 59)).figures["points"] == 0
+    report = job(db, "points.expire", program_id, at(2027, 1, 1, 0, 10))
+    assert report.state == "done"
+    assert report.figures == {"accounts": 2, "lots": 3, "points": 1000}
+    assert summary(db, alice).balance == 0 and summary(db, bob).balance == 0
+    # The same moment again: the run is already done; a later one finds nothing.
+    assert jobs.run(db, "points.expire", program_id=program_id).state == "already-done"
+    assert job(db, "points.expire", program_id, at(2027, 1, 2, 0, 10)).figures["points"] == 0
+    # Points of 2027 last until 2028-01-01.
+    move(db, at(2027, 6, 1))
+    earn(db, program_id, bob, 50, "b2")
+    assert job(db, "points.expire", program_id, at(2027, 12, 31, 12)).figures["points"] == 0
+    assert job(db, "points.expire", program_id, at(2028, 1, 1, 0, 10)).figures["points"] == 50
+
+
+def test_rolling_and_tier_dependent_validity_apply_to_new_lots(db: Database) -> None:
+    policy = ExpiryPolicy(
+        validity=Validity(kind="rolling", months=12),
+        by_tier={
+            "普通": Validity(kind="calendar"),
+            "银卡": Validity(kind="rolling", months=18),
+            "金卡": Validity(kind="never"),
+        },
+    )
+    program_id, (plain, silver, gold) = with_policy(db, policy)
+
+    def set_tiers(uow: UnitOfWork) -> None:
+        tiers.set_tiers(uow, program_id=program_id, definitions=[
+            TierDef(code="普通", name="普通", rank=0), TierDef(code="银卡", name="银卡", rank=1),
+            TierDef(code="金卡", name="金卡", rank=2),
+        ])  # fmt: skip
+        for member, tier in ((silver, "银卡"), (gold, "金卡")):
+            tiers.set_member_tier(uow, program_id=program_id, member_id=member, tier=tier,
+                                  reason="test", set_by="test")  # fmt: skip
+
+    db.run(set_tiers)
+    move(db, at(2026, 5, 10, 12))
+    for member in (plain, silver, gold):
+        earn(db, program_id, member, 100, f"e{member}")
+
+    def lapses(member: int) -> list[datetime | None]:
+        lots = db.run(lambda uow: points.member_lots(uow, member_id=member), read_only=True)
+        return [lot.expires_at for lot in lots]
+
+    assert lapses(plain) == [at(2027, 5, 11)]  # no tier: the programme's 12 months
+    assert lapses(silver) == [at(2027, 11, 11)]
+    assert lapses(gold) == [None]
+    # Two years on, only what had a date has gone.
+    for day in (at(2027, 5, 11, 0, 10), at(2027, 11, 11, 0, 10), at(2028, 5, 11)):
+        job(db, "points.expire", program_id, day)
+    assert [summary(db, m).balance for m in (plain, silver, gold)] == [0, 0, 100]
+
+
+def test_freeze_instead_of_expiry_holds_lapsed_points_until_staff_restore_them(
+    db: Database,
+) -> None:
+    policy = ExpiryPolicy(validity=Validity(kind="rolling", days=30), on_expiry="freeze")
+    program_id, (alice, *_) = with_policy(db, policy)
+    move(db, at(2026, 1, 5, 9))
+    earn(db, program_id, alice, 400, "a1")
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=150, key="s1"))
+    report = job(db, "points.expire", program_id, at(2026, 2, 6, 0, 10))
+    assert report.figures == {"accounts": 1, "lots": 1, "points": 250}
+    after = summary(db, alice)
+    assert (after.balance, after.frozen) == (0, 250)
+    # Restored as a fresh lot with the validity a new earning gets now.
+    move(db, at(2026, 3, 1, 15))
+
+    def restore(uow: UnitOfWork) -> Any:
+        return expiry.restore_frozen(
+            uow, program_id=program_id, member_id=alice, key="restore-1", actor="staff:1",
+            reason="goodwill",
+        )  # fmt: skip
+
+    released = db.run(restore)
+    assert [r.amount for r in released] == [250]
+    assert db.run(restore) == []  # nothing is frozen any more: again changes nothing
+    restored = summary(db, alice)
+    assert (restored.available, restored.frozen) == (250, 0)
+    lots = db.run(lambda uow: points.member_lots(uow, member_id=alice), read_only=True)
+    assert [lot.expires_at for lot in lots] == [at(2026, 4, 1)]
+    assert_ledger_sound(db, program_id)
+
+
+def test_dormancy_decays_monthly_and_activity_gives_it_all_back(db: Database) -> None:
+    # 连续12个月未使用进入休眠, 每月递减10%, 任意行为激活后恢复.
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, bob, _) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    earn(db, program_id, bob, 1000, "b1")
+    move(db, at(2026, 6, 1, 9))
+    earn(db, program_id, bob, 1, "b2")  # bob stays active longer
+
+    def decays(when: datetime) -> dict[str, int]:
+        return job(db, "points.dormancy", program_id, when).figures
+
+    # Monthly runs through the first year: nothing.
+    for month in range(2, 13):
+        assert decays(at(2026, month, 15, 1))["decays"] == 0
+    # 2027-01-10 09:00 alice is dormant: 100, then 90, then 81 held back.
+    assert decays(at(2027, 1, 10, 10))["decayed"] == 100
+    assert decays(at(2027, 1, 20, 10))["decays"] == 0  # the same month again: nothing
+    assert decays(at(2027, 3, 10, 10))["decayed"] == 90 + 81  # a missed month is caught up
+    alice_now = summary(db, alice)
+    assert (alice_now.available, alice_now.frozen) == (729, 271)
+    # She spends 9 points: the next run gives back everything the dormancy held.
+    move(db, at(2027, 3, 12, 18))
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=9, key="s1"))
+    figures = decays(at(2027, 3, 13, 1))
+    assert figures["restored"] == 271
+    back = summary(db, alice)
+    assert (back.available, back.frozen) == (1000 - 9, 0)
+    # bob went dormant on 2027-06-01 and decays from then.
+    assert decays(at(2027, 6, 1, 10))["decayed"] == 100
+    # Nine months later bob's nine more decays are caught up in one run: 10 % each month.
+    assert decays(at(2028, 3, 11, 10))["decayed"] == 90 + 81 + 73 + 65 + 59 + 53 + 48 + 43 + 38
+    assert summary(db, bob).available == 351
+    # Alice's clock restarted with her spend: dormant again from 2028-03-12 18:00.
+    assert summary(db, alice).frozen == 0
+    assert decays(at(2028, 3, 13, 10))["decayed"] == 99  # 10 % of 991
+    assert summary(db, alice).frozen == 99
+
+
+def test_a_dry_run_reports_what_the_run_would_do_and_changes_nothing(db: Database) -> None:
+    program_id, (alice, bob, _) = with_policy(
+        db, ExpiryPolicy(validity=Validity(kind="rolling", days=10))
+    )
+    move(db, at(2026, 1, 1, 12))
+    earn(db, program_id, alice, 70, "a1")
+    earn(db, program_id, bob, 30, "b1")
+    move(db, at(2026, 1, 20))
+    preview = jobs.run(db, "points.expire", program_id=program_id, dry_run=True)
+    assert (preview.state, preview.figures["points"]) == ("dry-run", 100)
+    assert summary(db, alice).balance == 70
+    assert jobs.run(db, "points.expire", program_id=program_id).figures["points"] == 100
+
+
+def test_an_unknown_job_is_refused_with_the_list_of_jobs(db: Database) -> None:
+    from jifen.errors import InvalidInput
+
+    program_id = new_program(db).id
+    with pytest.raises(InvalidInput, match=r"points\.expire"):
+        jobs.run(db, "points.expyre", program_id=program_id)
+
+
+def test_reminders_at_90_and_30_days_and_from_1_october_list_what_lapses_and_what_to_buy(
+    db: Database,
+) -> None:
+    from jifen.notify import service as notify
+    from jifen.rewards import service as rewards
+    from jifen.rewards.schemas import RewardCreate
+
+    policy = ExpiryPolicy(
+        validity=Validity(kind="calendar"),
+        reminders=Reminders(days_before=[90, 30], year_end_from="10-01", suggestions=2),
+    )
+    program_id, (alice, bob, _) = with_policy(db, policy)
+    db.run(lambda uow: rewards.create_reward(uow, program_id=program_id, body=RewardCreate(
+        code="mug", kind="physical", name=Texts(zh="马克杯", en="Mug"), points=300)))  # fmt: skip
+    move(db, at(2026, 3, 1, 10))
+    earn(db, program_id, alice, 500, "a1")
+    move(db, at(2026, 9, 1, 10))
+    earn(db, program_id, bob, 100, "b1")
+
+    def remind(when: datetime) -> list[str]:
+        report = job(db, "points.reminders", program_id, when)
+        assert report.figures["reminders"] >= 0
+        return [m.title for m in inbox(alice)]
+
+    def inbox(member: int) -> list[Any]:
+        return db.run(
+            lambda uow: notify.list_inbox(uow, program_id=program_id, member_id=member)[0],
+            read_only=True,
+        )
+
+    assert remind(at(2026, 9, 30, 10)) == []
+    # 1 October: the year-end clearing is announced to both; 3 October is 90 days before.
+    assert remind(at(2026, 10, 1, 10)) == ["您有 500 积分将于 2027-01-01 到期"]
+    assert len(inbox(bob)) == 1
+    assert len(remind(at(2026, 10, 3, 10))) == 2
+    assert len(remind(at(2026, 10, 3, 11))) == 2  # later the same day: nothing again
+    assert len(remind(at(2026, 11, 1, 10))) == 2
+    assert len(remind(at(2026, 12, 2, 10))) == 3  # 30 days before
+    body = inbox(alice)[0].body
+    assert "2027-01-01  500" in body and "马克杯(300 积分)" in body
+    assert "(暂无)" in inbox(bob)[0].body  # 100 points buy nothing yet
+    # The year after, the announcement comes again for 2027's points only.
+    job(db, "points.expire", program_id, at(2027, 1, 1, 0, 10))
+    move(db, at(2027, 2, 1, 10))
+    earn(db, program_id, alice, 50, "a2")
+    assert len(remind(at(2027, 10, 1, 10))) == 4
+    assert "50 积分" in inbox(alice)[0].title

@@ -1,0 +1,88 @@
+"""The jobs of other domains through the runner: tier evaluation on the scheme's dates,
+restock alerts told once, and the outbox sent."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from jifen.db.uow import Database, UnitOfWork
+from jifen.jobs import service as jobs
+from jifen.notify import service as notify
+from jifen.notify.models import outbox
+from jifen.tiers import service as tiers
+from tests.rewards.shop import Shop
+from tests.tiers.scheme import scheme
+from tests.tiers.test_service import World
+
+SHANGHAI_OFFSET = timedelta(hours=-8)
+
+
+def test_tier_evaluation_runs_on_the_schemes_dates_through_the_runner(db: Database) -> None:
+    world = World(db, scheme(upgrade_at_once=False), members=5)
+    alice, bob, *_ = world.members
+    world.at(datetime(2026, 2, 10, tzinfo=UTC))
+    world.order(alice, 3000)  # 3 × 40 = 120 × 40 % weight … see the scheme: 银卡 at 101
+    world.order(bob, 20000)
+    evaluation_day = datetime(2026, 4, 1, tzinfo=UTC) + SHANGHAI_OFFSET  # 00:00 in Shanghai
+    job = jobs.get("tiers.evaluate")
+    assert job.due is not None
+    world.at(evaluation_day - timedelta(days=3))
+    assert not db.run(lambda uow: job.due(uow, world.program.id), read_only=True)  # type: ignore[misc]
+    world.at(evaluation_day + timedelta(hours=2))
+    assert db.run(lambda uow: job.due(uow, world.program.id), read_only=True)  # type: ignore[misc]
+    report = jobs.run(db, "tiers.evaluate", program_id=world.program.id, size=2)
+    assert (report.state, report.chunks, report.figures["evaluated"]) == ("done", 3, 5)
+    assert world.tier(bob) is not None and world.tier(bob) != "普通"
+    changes, _ = db.run(
+        lambda uow: tiers.history(
+            uow, program_id=world.program.id, member_id=bob, before_id=None, limit=10
+        ),
+        read_only=True,
+    )
+    assert changes[0].kind == "evaluation"
+    assert changes[0].reason.startswith("evaluation of 2026-04-01")
+    again = jobs.run(db, "tiers.evaluate", program_id=world.program.id, size=2)
+    assert again.state == "already-done"
+
+
+def test_restock_alerts_reach_staff_once_and_the_outbox_is_sent(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    reward = shop.reward(stock=3, safety_stock=2)
+    shop.redeem(member, reward.code)
+    first = jobs.run(db, "rewards.restock_alerts", program_id=shop.program_id)
+    assert first.figures == {"alerts": 1}
+    db.clock.advance(timedelta(minutes=30))  # type: ignore[attr-defined]
+    assert jobs.run(db, "rewards.restock_alerts", program_id=shop.program_id).figures == {
+        "alerts": 0
+    }
+    rows = db.run(
+        lambda uow: uow.conn.execute(
+            select(outbox.c.template, outbox.c.body).where(
+                outbox.c.program_id == shop.program_id, outbox.c.template == "stock.low"
+            )
+        ).all(),
+        read_only=True,
+    )
+    assert len(rows) == 1 and reward.code in rows[0].body
+
+    def text_ops(uow: UnitOfWork) -> int:
+        return notify.notify(uow, notify.Notification(
+            program_id=shop.program_id, member_id=None, template="stock.low",
+            data={"phone": "13800138000", "reward": reward.code, "left": 2, "safety_stock": 2},
+            key="sms-ops-1", channels=("sms",),
+        ))  # fmt: skip
+
+    assert db.run(text_ops) == 1
+    sent = jobs.run_global(db, "notify.deliver")
+    assert sent["sent"] >= 1 and sent["dead"] == 0
+    assert jobs.run_global(db, "notify.deliver")["sent"] == 0
+
+
+def test_the_tier_jobs_leave_a_programme_without_a_scheme_alone(db: Database) -> None:
+    shop = Shop.open(db)
+    report = jobs.run(db, "tiers.evaluate", program_id=shop.program_id)
+    assert report.figures == {"evaluated": 0}
+    assert jobs.run(db, "tiers.end_temporary", program_id=shop.program_id).figures == {"ended": 0}

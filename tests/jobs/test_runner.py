@@ -1,0 +1,207 @@
+"""The job runner: runs are idempotent, resumable after a crash (SIGKILL included), and
+safe with several workers; every due lot is expired exactly once and nothing else moves."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from jifen.db.uow import Database, UnitOfWork
+from jifen.jobs import core
+from jifen.jobs import service as jobs
+from jifen.jobs.models import job_runs
+from jifen.ledger import Kind
+from jifen.points import service as points
+from jifen.points.models import accounts, allocations, lots, postings
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+
+def seed(db: Database, members: int, *, due: int = 60, later: int = 40) -> tuple[int, str]:
+    """A programme whose members each hold a lot due in ten days and one due in a year."""
+    program = new_program(db)
+    program_id = program.id
+    ids = new_members(db, program_id, members)
+    now = db.clock.now()
+
+    def earn_all(uow: UnitOfWork) -> None:
+        for member_id in ids:
+            points.earn(uow, member_id=member_id, amount=due, key=f"soon-{member_id}",
+                        expires_at=now + timedelta(days=10))  # fmt: skip
+            points.earn(uow, member_id=member_id, amount=later, key=f"later-{member_id}",
+                        expires_at=now + timedelta(days=400))  # fmt: skip
+
+    db.run(earn_all)
+    return program_id, program.code
+
+
+def expire_allocations(db: Database, program_id: int) -> dict[int, list[int]]:
+    """For every lot of the programme: the amounts expiry postings took from it."""
+
+    def read(uow: UnitOfWork) -> dict[int, list[int]]:
+        rows = uow.conn.execute(
+            select(lots.c.id, allocations.c.amount)
+            .select_from(
+                lots.join(accounts, accounts.c.id == lots.c.account_id)
+                .outerjoin(allocations, allocations.c.lot_id == lots.c.id)
+                .outerjoin(postings, postings.c.id == allocations.c.posting_id)
+            )
+            .where(accounts.c.program_id == program_id)
+            .where((postings.c.kind == Kind.EXPIRE.value) | (postings.c.id.is_(None)))
+        ).all()
+        found: dict[int, list[int]] = {}
+        for lot_id, amount in rows:
+            found.setdefault(lot_id, [])
+            if amount is not None:
+                found[lot_id].append(amount)
+        return found
+
+    return db.run(read, read_only=True)
+
+
+def lot_amounts(db: Database, program_id: int) -> dict[int, tuple[int, int]]:
+    rows = db.run(
+        lambda uow: uow.conn.execute(
+            select(lots.c.id, lots.c.amount, lots.c.remaining)
+            .join(accounts, accounts.c.id == lots.c.account_id)
+            .where(accounts.c.program_id == program_id)
+        ).all(),
+        read_only=True,
+    )
+    return {lot_id: (amount, remaining) for lot_id, amount, remaining in rows}
+
+
+def assert_each_due_lot_expired_once(db: Database, program_id: int, members: int) -> None:
+    taken = expire_allocations(db, program_id)
+    amounts = lot_amounts(db, program_id)
+    due = {lot for lot, (amount, _) in amounts.items() if amount == 60}
+    assert len(due) == members
+    for lot_id, (amount, remaining) in amounts.items():
+        if lot_id in due:
+            assert taken[lot_id] == [-60] and remaining == 0, lot_id
+        else:
+            assert taken[lot_id] == [] and remaining == amount == 40, lot_id
+    assert_ledger_sound(db, program_id)
+
+
+@pytest.fixture
+def crashing_job() -> Iterator[dict[str, int]]:
+    """``test.expire``: the expiry job, made to fail at a given chunk while ``fail_at`` is set."""
+    state = {"calls": 0, "fail_at": 0}
+    real = jobs.get("points.expire").chunk
+    assert real is not None
+
+    def chunk(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> core.Chunk:
+        state["calls"] += 1
+        done = real(uow, program_id, cursor, size)  # the work is done, then the crash
+        if state["calls"] == state["fail_at"]:
+            raise RuntimeError("worker lost in the middle of a chunk")
+        return done
+
+    jobs.register(jobs.Job("test.expire", "test", "测试", chunk, size=3))
+    yield state
+    jobs._JOBS.pop("test.expire")
+
+
+def test_a_run_cut_short_continues_where_it_stopped_and_never_runs_twice(
+    db: Database, crashing_job: dict[str, int]
+) -> None:
+    program_id, _ = seed(db, 10)
+    db.clock.advance(timedelta(days=11))  # type: ignore[attr-defined]
+    crashing_job["fail_at"] = 3
+    with pytest.raises(RuntimeError, match="worker lost"):
+        jobs.run(db, "test.expire", program_id=program_id)
+    run = db.run(lambda uow: uow.conn.execute(select(job_runs)).all()[-1], read_only=True)
+    # Two chunks of three accounts committed with the cursor; the third rolled back whole.
+    assert (run.state, run.chunks) == ("running", 2)
+    assert sum(1 for taken in expire_allocations(db, program_id).values() if taken) == 6
+    crashing_job["fail_at"] = 0
+    report = jobs.run(db, "test.expire", program_id=program_id)
+    assert report.state == "done"
+    assert report.figures == {"accounts": 10, "lots": 10, "points": 600}
+    assert jobs.run(db, "test.expire", program_id=program_id).state == "already-done"
+    assert_each_due_lot_expired_once(db, program_id, 10)
+
+
+def test_two_workers_on_one_run_share_it_chunk_by_chunk(pg: Database) -> None:
+    program_id, _ = seed(pg, 80)
+    moment = pg.clock.now() + timedelta(days=11)
+    reports: list[jobs.RunReport] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            reports.append(jobs.run(pg, "points.expire", program_id=program_id, now=moment, size=7))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert {r.state for r in reports} <= {"done", "already-done"}
+    assert {r.figures["points"] for r in reports} == {80 * 60}
+    assert_each_due_lot_expired_once(pg, program_id, 80)
+
+
+def test_expiry_killed_with_sigkill_then_run_again_expires_each_due_lot_once(
+    pg: Database, postgres_url: str, tmp_path: Path
+) -> None:
+    members = 1500
+    program_id, code = seed(pg, members)
+    moment = (pg.clock.now() + timedelta(days=11)).isoformat()
+    command = [
+        sys.executable, "-m", "jifen", "--database-url", postgres_url, "jobs", "run",
+        "points.expire", "--program", code, "--now", moment, "--size", "10",
+    ]  # fmt: skip
+    env = {**os.environ, "JIFEN_DATA_DIR": str(tmp_path)}
+    log = (tmp_path / "job.log").open("wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+
+    def chunks_done() -> int:
+        return int(
+            pg.run(
+                lambda uow: uow.conn.execute(
+                    select(func.coalesce(func.max(job_runs.c.chunks), 0)).where(
+                        job_runs.c.program_id == program_id
+                    )
+                ).scalar_one(),
+                read_only=True,
+            )
+        )
+
+    deadline = time.monotonic() + 60
+    while chunks_done() < 5:
+        assert process.poll() is None, (tmp_path / "job.log").read_text()
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    log.close()
+    interrupted = chunks_done()
+    assert interrupted < members // 10, "the job finished before it could be killed"
+    partly = sum(1 for taken in expire_allocations(pg, program_id).values() if taken)
+    assert 0 < partly < members
+    # Run again for the same moment: it continues from its cursor and finishes.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "done" in again.stdout
+    assert_each_due_lot_expired_once(pg, program_id, members)
+
+
+def test_the_schedules_name_only_jobs_that_exist() -> None:
+    assert set(core.SCHEDULES) == set(jobs.jobs())
+    assert core.run_moment(datetime(2027, 1, 1, 0, 10, 42, 5)) == datetime(2027, 1, 1, 0, 10)  # noqa: DTZ001

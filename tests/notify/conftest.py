@@ -1,0 +1,121 @@
+"""Real receivers started by the tests: an SMTP server (aiosmtpd) and an HTTP webhook
+receiver that checks every signature, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from jifen.clock import Clock
+from jifen.notify import core
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.recipients: list[list[str]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        parsed = message_from_bytes(envelope.content, policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        self.messages.append(parsed)
+        self.recipients.append(list(envelope.rcpt_tos))
+        return "250 Message accepted for delivery"
+
+
+@dataclass
+class SmtpServer:
+    host: str
+    port: int
+    inbox: _Collect
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A real SMTP server on loopback, keeping what it receives."""
+    handler = _Collect()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield SmtpServer(controller.hostname, controller.port, handler)
+    finally:
+        controller.stop()
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: checks each request's signature against ``secrets`` at the
+    clock's time, answers 500 to the first ``fail_first`` good ones, then 200, and accepts
+    each ``Jifen-Delivery`` id once (a duplicate is answered 200 and dropped)."""
+
+    clock: Clock
+    secrets: list[str] = field(default_factory=list)
+    fail_first: int = 0
+    url: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    bad_signatures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handle(self, headers: dict[str, str], body: bytes) -> int:
+        with self._lock:
+            self.requests.append({"headers": headers, "body": body})
+            signed = core.verify(
+                headers.get(core.SIGNATURE_HEADER, ""), body, self.secrets, self.clock.now()
+            )
+            if not signed:
+                self.bad_signatures += 1
+                return 401
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return 500
+            delivery = headers[core.DELIVERY_HEADER]
+            if all(seen["delivery"] != delivery for seen in self.accepted):
+                self.accepted.append({"delivery": delivery, "headers": headers, "body": body})
+            return 200
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[Callable[[Clock], Receiver]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(clock: Clock) -> Receiver:
+        receiver = Receiver(clock=clock)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                status = receiver.handle(dict(self.headers.items()), body)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep test output clean
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jifen?src=test"
+        return receiver
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,145 @@
+"""The notify routes: a member reads its own inbox only; operators keep webhooks, whose
+secret is shown once; only a holder of webhooks.allow_private lets one reach loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from jifen.api.app import create_app
+from jifen.api.deps import SHOWN_ONCE
+from jifen.db.uow import Database
+from jifen.notify import service
+from jifen.notify.service import Notification
+from tests.api import support
+from tests.api.conftest import api_settings
+from tests.factories import new_program
+from tests.notify.helpers import member
+
+
+@pytest.fixture
+def client(db: Database) -> Iterator[TestClient]:
+    with TestClient(create_app(db, api_settings())) as test_client:
+        yield test_client
+
+
+def _tell(db: Database, program_id: int, member_id: int, key: str, **data: Any) -> None:
+    note = Notification(
+        program_id=program_id, member_id=member_id, template="tier.changed",
+        data={"tier": "金卡", "previous_tier": "银卡", **data}, key=key,
+    )  # fmt: skip
+    db.run(lambda uow: service.notify(uow, note))
+
+
+def test_a_member_reads_and_marks_its_own_inbox_and_no_one_elses(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    alice, bob = member(db, program.id), member(db, program.id)
+    _tell(db, program.id, alice, "a1")
+    _tell(db, program.id, alice, "a2", language="en")
+    _tell(db, program.id, bob, "b1")
+    base = f"/v1/programs/{program.code}/members"
+    as_alice = support.member(db, alice)
+    # alice sees her two messages, newest first, both unread
+    page = client.get(f"{base}/{alice}/inbox", headers=as_alice).json()
+    assert [m["title"] for m in page["items"]] == [
+        "Your membership tier is now 金卡", "您的会员等级已变为 金卡",
+    ]  # fmt: skip
+    count = client.get(f"{base}/{alice}/inbox/unread-count", headers=as_alice)
+    assert count.json() == {"unread": 2}
+    # she marks one read
+    first = page["items"][0]["id"]
+    marked = client.post(
+        f"{base}/{alice}/inbox/{first}/read", headers={**as_alice, **support.key()}
+    )
+    assert marked.status_code == 200 and marked.json()["read_at"] is not None
+    unread = client.get(f"{base}/{alice}/inbox", params={"unread_only": True}, headers=as_alice)
+    assert [m["id"] for m in unread.json()["items"]] == [page["items"][1]["id"]]
+    # bob's inbox and messages are not hers
+    assert client.get(f"{base}/{bob}/inbox", headers=as_alice).status_code == 403
+    (bobs,) = client.get(f"{base}/{bob}/inbox", headers=support.member(db, bob)).json()["items"]
+    stranger = client.post(
+        f"{base}/{alice}/inbox/{bobs['id']}/read", headers={**as_alice, **support.key()}
+    )
+    assert stranger.status_code == 404 and stranger.json()["code"] == "unknown_inbox_message"
+    # read-all leaves none unread
+    done = client.post(f"{base}/{alice}/inbox/read-all", headers={**as_alice, **support.key()})
+    assert done.json() == {"unread": 0}
+    # an operator (customer service) may read a member's inbox; the outbox lists them all
+    operator = support.staff(db, "operator", program_id=program.id)
+    assert len(client.get(f"{base}/{bob}/inbox", headers=operator).json()["items"]) == 1
+    outbox = client.get(
+        f"/v1/programs/{program.code}/outbox", params={"channel": "inbox"}, headers=operator
+    )
+    assert outbox.status_code == 200 and len(outbox.json()["items"]) == 3
+    assert client.get(f"/v1/programs/{program.code}/outbox", headers=as_alice).status_code == 403
+
+
+def test_operators_keep_webhooks_and_see_the_secret_once(client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    base = f"/v1/programs/{program.code}/webhooks"
+    operator = support.staff(db, "operator", program_id=program.id)
+    body = {"url": "http://93.184.216.34/jifen", "event_types": ["points.earned"]}
+    key = support.key()
+    # when an operator subscribes
+    created = client.post(base, json=body, headers={**operator, **key})
+    assert created.status_code == 201, created.text
+    hook = created.json()
+    assert hook["secret"].startswith("whsec_") and not hook["allow_private"]
+    # then a replay of the request does not show the secret again
+    replay = client.post(base, json=body, headers={**operator, **key})
+    assert replay.json()["secret"] == SHOWN_ONCE and replay.json()["id"] == hook["id"]
+    listed = client.get(base, headers=operator).json()["items"]
+    assert [h["id"] for h in listed] == [hook["id"]] and "secret" not in listed[0]
+    # the secret rotates, the previous one valid for the hours asked
+    rotated = client.post(
+        f"{base}/{hook['id']}/rotate", json={"previous_valid_hours": 2},
+        headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert rotated.status_code == 200
+    assert rotated.json()["secret"] not in (hook["secret"], SHOWN_ONCE)
+    assert rotated.json()["previous_secret_valid_until"] is not None
+    # it can be paused, changed and deleted
+    patched = client.patch(
+        f"{base}/{hook['id']}", json={"active": False, "event_types": ["*"]},
+        headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert (patched.json()["active"], patched.json()["event_types"]) == (False, ["*"])
+    assert client.get(f"{base}/{hook['id']}/deliveries", headers=operator).json()["items"] == []
+    missing = client.post(
+        f"{base}/{hook['id']}/deliveries/999999/redeliver", headers={**operator, **support.key()}
+    )
+    assert missing.status_code == 404 and missing.json()["code"] == "unknown_delivery"
+    gone = client.delete(f"{base}/{hook['id']}", headers={**operator, **support.key()})
+    assert gone.status_code == 200 and gone.json()["deleted_at"] is not None
+    assert client.get(base, headers=operator).json()["items"] == []
+    # a cashier may not see webhooks at all
+    cashier = support.staff(db, "cashier", program_id=program.id)
+    assert client.get(base, headers=cashier).status_code == 403
+
+
+def test_only_a_holder_of_allow_private_lets_a_webhook_reach_loopback(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    base = f"/v1/programs/{program.code}/webhooks"
+    operator = support.staff(db, "operator", program_id=program.id)
+    admin = support.staff(db, "super_admin", program_id=program.id)
+    loopback = {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}
+    # without allow_private the address is refused, in the caller's language
+    refused = client.post(
+        base, json=loopback, headers={**operator, **support.key(), "Accept-Language": "zh"}
+    )
+    assert refused.status_code == 422 and refused.json()["code"] == "webhook_target_refused"
+    assert "私有" in refused.json()["detail"]
+    # an operator may not set allow_private
+    asked = {**loopback, "allow_private": True}
+    forbidden = client.post(base, json=asked, headers={**operator, **support.key()})
+    assert forbidden.status_code == 403 and "webhooks.allow_private" in forbidden.json()["detail"]
+    # a super administrator (who holds webhooks.allow_private) may
+    allowed = client.post(base, json=asked, headers={**admin, **support.key()})
+    assert allowed.status_code == 201 and allowed.json()["allow_private"] is True

@@ -1,0 +1,291 @@
+"""The channels against real servers started by the tests: email through an SMTP server
+(aiosmtpd), webhooks to an HTTP receiver that checks every signature."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+from jifen.clock import Clock, ManualClock
+from jifen.db.uow import Database
+from jifen.errors import StateConflict, WebhookTargetRefused
+from jifen.notify import core, service
+from jifen.notify.schemas import WebhookCreate, WebhookUpdate
+from jifen.notify.senders import HttpWebhookSender, Senders, SmtpEmailSender
+from jifen.notify.service import Notification
+from tests.factories import new_program
+from tests.notify.conftest import Receiver, SmtpServer
+from tests.notify.helpers import member, outbox_rows, public_resolver, settle
+
+# --------------------------------------------------------------------------- email
+
+
+def test_templated_emails_in_chinese_and_english_reach_a_real_smtp_server(
+    db: Database, smtp_server: SmtpServer
+) -> None:
+    settle(db)
+    program = new_program(db)
+    li = member(db, program.id, email="li@example.com")
+    ann = member(db, program.id, email="ann@example.com")
+    data = {"points": 300, "expires_on": "2026-03-31"}
+    # given one reminder in Chinese (the default) and one in English
+    for who, key, extra in [(li, "li", {}), (ann, "ann", {"language": "en"})]:
+        note = Notification(
+            program_id=program.id, member_id=who, template="expiry.reminder",
+            data={**data, **extra}, key=f"expiry:{key}", channels=("email",),
+        )  # fmt: skip
+        db.run(lambda uow, n=note: service.notify(uow, n))
+    smtp = SmtpEmailSender(
+        host=smtp_server.host, port=smtp_server.port, sender="积分 <points@example.com>",
+        starttls=False,
+    )  # fmt: skip
+    # when the sender runs
+    report = service.deliver_due(db, senders=Senders(email=smtp))
+    # then the server received both, each in its language, with its outbox Message-ID
+    assert report.sent == 2
+    by_to = {m["To"]: m for m in smtp_server.inbox.messages}
+    zh, en = by_to["li@example.com"], by_to["ann@example.com"]
+    assert zh["Subject"] == "您有 300 积分将于 2026-03-31 到期"
+    assert "请在到期前使用" in zh.get_content()
+    assert en["Subject"] == "300 of your points expire on 2026-03-31"
+    assert "Use them before then." in en.get_content()
+    assert "points@example.com" in zh["From"]
+    rows = {row.recipient: row for row in outbox_rows(db, program.id)}
+    assert zh["Message-ID"] == f"<{rows['l****@example.com'].delivery_id}@jifen.outbox>"
+    assert {row.status for row in rows.values()} == {"sent"}
+    assert sorted(smtp_server.inbox.recipients) == [["ann@example.com"], ["li@example.com"]]
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+def _subscribe(
+    db: Database, program_id: int, url: str, *, events: list[str] | None = None
+) -> service.WebhookSecret:
+    body = WebhookCreate(url=url, event_types=events or ["points.earned"], allow_private=True)
+    return db.run(
+        lambda uow: service.create_webhook(uow, program_id=program_id, body=body, actor="test")
+    )
+
+
+def _senders() -> Senders:
+    return Senders(webhook=HttpWebhookSender(timeout=5.0))
+
+
+def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_exactly_once(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    created = _subscribe(db, program.id, receiver.url)
+    receiver.secrets = [created.secret]
+    receiver.fail_first = 3
+    # given an event published in a change's transaction
+    queued = db.run(
+        lambda uow: service.publish(
+            uow, program_id=program.id, event_type="points.earned",
+            data={"member": 7, "points": 50, "名称": "积分"}, key="posting:1",
+        )
+    )  # fmt: skip
+    assert queued == 1
+    # when the sender runs each time the backoff allows
+    for _ in range(4):
+        service.deliver_due(db, senders=_senders())
+        (row,) = outbox_rows(db, program.id)
+        if row.status != "pending":
+            break
+        clock.set(row.next_attempt_at)
+    # then the receiver accepted exactly one delivery, after four signed attempts
+    assert receiver.bad_signatures == 0
+    assert len(receiver.requests) == 4
+    (accepted,) = receiver.accepted
+    event = json.loads(accepted["body"])
+    assert (event["type"], event["data"]) == (
+        "points.earned",
+        {"member": 7, "points": 50, "名称": "积分"},
+    )
+    assert accepted["headers"][core.EVENT_HEADER] == "points.earned"
+    assert {r["headers"][core.DELIVERY_HEADER] for r in receiver.requests} == {row.delivery_id}
+    # and the delivery log has the four attempts
+    (delivery,), _ = db.run(
+        lambda uow: service.list_deliveries(uow, program_id=program.id, webhook_id=created.id)
+    )
+    assert (delivery.status, delivery.attempts) == ("sent", 4)
+    assert [(a.attempt, a.status_code) for a in delivery.attempt_log] == [
+        (1, 500), (2, 500), (3, 500), (4, 200),
+    ]  # fmt: skip
+    assert delivery.attempt_log[0].error == "the receiver answered HTTP 500"
+    assert delivery.attempt_log[-1].error is None
+    # the same key publishes nothing more
+    again = db.run(
+        lambda uow: service.publish(
+            uow, program_id=program.id, event_type="points.earned", data={}, key="posting:1"
+        )
+    )
+    assert again == 0
+
+
+def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    created = _subscribe(db, program.id, receiver.url, events=["*"])
+    receiver.secrets = [created.secret]
+    db.run(
+        lambda uow: service.publish(
+            uow, program_id=program.id, event_type="tier.changed", data={"tier": "gold"}, key="t1"
+        )
+    )
+    service.deliver_due(db, senders=_senders())
+    (first,) = outbox_rows(db, program.id)
+    # when an operator redelivers it
+    again = db.run(
+        lambda uow: service.redeliver(
+            uow, program_id=program.id, webhook_id=created.id, delivery=first.id
+        )
+    )
+    assert (again.delivery_id, again.redelivery_of, again.status) == (
+        first.delivery_id,
+        first.id,
+        "pending",
+    )
+    # a second redelivery while that one is under way is refused
+    with pytest.raises(StateConflict):
+        db.run(
+            lambda uow: service.redeliver(
+                uow, program_id=program.id, webhook_id=created.id, delivery=first.id
+            )
+        )
+    service.deliver_due(db, senders=_senders())
+    # then the receiver got the same body and delivery id twice, and kept it once
+    assert len(receiver.requests) == 2
+    assert receiver.requests[0]["body"] == receiver.requests[1]["body"]
+    assert len(receiver.accepted) == 1
+    deliveries, _ = db.run(
+        lambda uow: service.list_deliveries(uow, program_id=program.id, webhook_id=created.id)
+    )
+    assert [(d.status, len(d.attempt_log)) for d in deliveries] == [("sent", 1), ("sent", 1)]
+
+
+def test_after_a_rotation_both_secrets_sign_until_the_previous_one_expires(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    created = _subscribe(db, program.id, receiver.url)
+    rotated = db.run(
+        lambda uow: service.rotate_secret(
+            uow, program_id=program.id, webhook_id=created.id,
+            previous_valid_for=timedelta(hours=1),
+        )
+    )  # fmt: skip
+    assert rotated.secret != created.secret
+    assert rotated.previous_secret_valid_until == clock.now() + timedelta(hours=1)
+
+    def publish(key: str) -> None:
+        db.run(
+            lambda uow: service.publish(
+                uow, program_id=program.id, event_type="points.earned", data={}, key=key
+            )
+        )
+        service.deliver_due(db, senders=_senders())
+
+    # a receiver still holding the old secret accepts during the hour
+    receiver.secrets = [created.secret]
+    publish("during")
+    assert len(receiver.accepted) == 1
+    assert receiver.requests[-1]["headers"][core.SIGNATURE_HEADER].count("v1=") == 2
+    # after it, only the new secret signs: the old one is refused, the new one accepted
+    clock.advance(timedelta(hours=1, seconds=1))
+    publish("after")
+    assert receiver.bad_signatures == 1
+    assert receiver.requests[-1]["headers"][core.SIGNATURE_HEADER].count("v1=") == 1
+    receiver.secrets = [rotated.secret]
+    clock.advance(core.RETRY_DELAYS[0])
+    service.deliver_due(db, senders=_senders())
+    assert len(receiver.accepted) == 2
+
+
+def test_private_targets_are_refused_unless_allowed_and_checked_again_at_delivery(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    # a loopback address is refused without allow_private
+    body = WebhookCreate(url=receiver.url, event_types=["*"])
+    with pytest.raises(WebhookTargetRefused, match=r"127\.0\.0\.1"):
+        db.run(lambda uow: service.create_webhook(uow, program_id=program.id, body=body, actor="t"))
+    for url in ["http://localhost:1/x", "http://[::1]/x", "http://169.254.169.254/latest"]:
+        bad = WebhookCreate(url=url, event_types=["*"])
+        with pytest.raises(WebhookTargetRefused):
+            db.run(
+                lambda uow, b=bad: service.create_webhook(
+                    uow, program_id=program.id, body=b, actor="t"
+                )
+            )
+    # given a name that resolved to a public address when it was subscribed …
+    public = WebhookCreate(url="http://hooks.example.test/in", event_types=["*"])
+    created = db.run(
+        lambda uow: service.create_webhook(
+            uow, program_id=program.id, body=public, actor="t", resolver=public_resolver
+        )
+    )
+    # … but to loopback when the event is delivered
+    db.run(
+        lambda uow: service.publish(uow, program_id=program.id, event_type="x", data={}, key="x")
+    )
+    rebound = HttpWebhookSender(resolver=lambda host, port: ["127.0.0.1"])
+    report = service.deliver_due(db, senders=Senders(webhook=rebound))
+    # then nothing is sent, and the delivery is given up with the reason
+    assert report.dead == 1
+    (delivery,), _ = db.run(
+        lambda uow: service.list_deliveries(uow, program_id=program.id, webhook_id=created.id)
+    )
+    assert delivery.status == "dead" and "127.0.0.1" in (delivery.last_error or "")
+    assert receiver.requests == []
+    # withdrawing allow_private from a loopback subscription is refused too
+    allowed = _subscribe(db, program.id, receiver.url)
+    with pytest.raises(WebhookTargetRefused):
+        db.run(
+            lambda uow: service.update_webhook(
+                uow,
+                program_id=program.id,
+                webhook_id=allowed.id,
+                body=WebhookUpdate(allow_private=False),
+            )
+        )
+
+
+def test_only_active_subscriptions_to_the_event_get_it(db: Database) -> None:
+    program = new_program(db)
+
+    def sub(events: list[str], active: bool = True) -> int:
+        body = WebhookCreate(url="http://hooks.example.test/in", event_types=events, active=active)
+        return db.run(
+            lambda uow: service.create_webhook(
+                uow, program_id=program.id, body=body, actor="t", resolver=public_resolver
+            )
+        ).id
+
+    wanted, everything = sub(["points.earned"]), sub(["*"])
+    sub(["tier.changed"])
+    sub(["points.earned"], active=False)
+    deleted = sub(["points.earned"])
+    db.run(lambda uow: service.delete_webhook(uow, program_id=program.id, webhook_id=deleted))
+    db.run(
+        lambda uow: service.publish(
+            uow, program_id=program.id, event_type="points.earned", data={"a": 1}, key="e"
+        )
+    )
+    rows = outbox_rows(db, program.id)
+    assert sorted(row.subscription_id for row in rows) == sorted([wanted, everything])
+    assert len({row.delivery_id for row in rows}) == 2
+    assert len({json.loads(row.body)["id"] for row in rows}) == 1

@@ -1,0 +1,318 @@
+"""Tiers by score over time, on both backends: two simulated years of quarterly
+evaluations moving members up and down, upgrades at once, a temporary upgrade during a
+campaign ending by itself, and every change recorded with its reason."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database, UnitOfWork
+from jifen.events import service as events_service
+from jifen.events.schemas import EventIn
+from jifen.points import service as points_service
+from jifen.programs import service as programs_service
+from jifen.tiers import service
+from jifen.tiers.schemas import TierDef, TierScheme
+from tests.factories import new_members, new_program
+from tests.tiers.scheme import TIERS, scheme
+
+SHANGHAI_MIDNIGHT = timedelta(hours=-8)
+
+
+def quarter(year: int, month: int) -> datetime:
+    """The first of ``month`` at 00:00 in Shanghai, in UTC."""
+    return datetime(year, month, 1, tzinfo=UTC) + SHANGHAI_MIDNIGHT
+
+
+class World:
+    def __init__(self, db: Database, tier_scheme: TierScheme, members: int = 3) -> None:
+        self.db = db
+        self.clock = db.clock
+        assert isinstance(self.clock, ManualClock)
+        self.program = new_program(db)
+        self.members = new_members(db, self.program.id, members)
+
+        def configure(uow: UnitOfWork) -> None:
+            service.set_tiers(
+                uow, program_id=self.program.id, definitions=[TierDef(**t) for t in TIERS]
+            )
+            settings = programs_service.get_settings(uow, program_id=self.program.id)
+            programs_service.set_settings(
+                uow,
+                program_id=self.program.id,
+                settings=settings.model_copy(update={"tier_scheme": tier_scheme}),
+            )
+
+        db.run(configure)
+
+    def at(self, moment: datetime) -> None:
+        self.clock.set(moment)
+
+    def order(self, member_id: int, yuan: int, *, earn: bool = False) -> None:
+        """An order paid now (no earning rule: it counts as spend only)."""
+        order_id = uuid.uuid4().hex[:12]
+        event = EventIn(
+            source="pos", external_id=order_id, type="order.paid",
+            occurred_at=self.clock.now(), member_id=member_id,
+            payload={"order_id": order_id, "lines": [{"sku": "s", "amount_fen": yuan * 100}]},
+        )  # fmt: skip
+        self.db.run(lambda uow: events_service.ingest(uow, program_id=self.program.id, event=event))
+
+    def check_in(self, member_id: int) -> None:
+        event = EventIn(
+            source="app", external_id=uuid.uuid4().hex, type="member.checked_in",
+            occurred_at=self.clock.now(), member_id=member_id,
+        )  # fmt: skip
+        self.db.run(lambda uow: events_service.ingest(uow, program_id=self.program.id, event=event))
+
+    def earn(self, member_id: int, points: int) -> None:
+        """Points earned now, then what the events service does after an earning."""
+
+        def work(uow: UnitOfWork) -> None:
+            points_service.earn(uow, member_id=member_id, amount=points, key=uuid.uuid4().hex)
+            service.after_earning(
+                uow, program_id=self.program.id, member_ids=[member_id], now=uow.clock.now()
+            )
+
+        self.db.run(work)
+
+    def evaluate(self, reason: str, chunk: int = 2) -> dict[str, int]:
+        """What a job runner does: the programme chunk by chunk, one transaction each."""
+        now = self.clock.now()
+        totals = {"evaluated": 0, "upgraded": 0, "downgraded": 0, "unchanged": 0}
+        after = 0
+        while True:
+
+            def step(uow: UnitOfWork, after: int = after) -> Any:
+                ids = service.member_ids_page(
+                    uow, program_id=self.program.id, after_member_id=after, limit=chunk
+                )
+                return service.evaluate(
+                    uow, program_id=self.program.id, member_ids=ids, now=now, reason=reason
+                )
+
+            report = self.db.run(step)
+            if report.last_member_id is None:
+                return totals
+            for name in totals:
+                totals[name] += getattr(report, name)
+            after = report.last_member_id
+
+    def tier(self, member_id: int) -> str | None:
+        return self.db.run(
+            lambda uow: service.member_tier(uow, program_id=self.program.id, member_id=member_id),
+            read_only=True,
+        ).tier
+
+    def tiers(self) -> list[str | None]:
+        return [self.tier(m) for m in self.members]
+
+    def history(self, member_id: int) -> list[tuple[str | None, str, str]]:
+        items, _ = self.db.run(
+            lambda uow: service.history(
+                uow, program_id=self.program.id, member_id=member_id, before_id=None, limit=100
+            ),
+            read_only=True,
+        )
+        return [(c.from_tier, c.to_tier, c.kind) for c in reversed(items)]
+
+
+def test_two_years_of_quarterly_evaluations(db: Database) -> None:
+    campaign = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 12, tzinfo=UTC))
+    world = World(db, scheme(upgrade_at_once=False, campaigns=[campaign]))
+    alice, bob, carol = world.members
+
+    # Q1 2026: alice spends 3,000 yuan (120), bob 8,000 (320), carol nothing
+    world.at(datetime(2026, 2, 10, tzinfo=UTC))
+    world.order(alice, 3000)
+    world.order(bob, 8000)
+    # without upgrade_at_once nobody moves before the evaluation
+    world.earn(bob, 100)
+    assert world.tiers() == [None, None, None]
+    world.at(quarter(2026, 4))
+    assert world.evaluate("2026-Q1") == {
+        "evaluated": 3, "upgraded": 3, "downgraded": 0, "unchanged": 0,
+    }  # fmt: skip
+    assert world.tiers() == ["银卡", "金卡", "普通"]
+    # evaluating again changes nothing, and writes nothing
+    assert world.evaluate("again")["unchanged"] == 3
+
+    # Q2: bob earns 5,000 points (200): 320 + 200 = 520, still 金卡
+    world.at(datetime(2026, 5, 10, tzinfo=UTC))
+    world.earn(bob, 4900)
+    world.at(quarter(2026, 7))
+    world.evaluate("2026-Q2")
+    assert world.tiers() == ["银卡", "金卡", "普通"]
+
+    # Q3: bob spends 2,500 yuan (80) and checks in once: 601, 钻石
+    world.at(datetime(2026, 8, 15, tzinfo=UTC))
+    world.order(bob, 2500)
+    world.check_in(bob)
+    world.at(quarter(2026, 10))
+    world.evaluate("2026-Q3")
+    assert world.tiers() == ["银卡", "钻石", "普通"]
+
+    # 双11: carol spends 4,000 yuan in the campaign (160 ≥ 120 % of 银卡's 101): 银卡 for a month
+    world.at(datetime(2026, 11, 11, 10, tzinfo=UTC))
+    world.order(carol, 4000)
+    world.earn(carol, 1)  # an earning is what checks
+    assert world.tier(carol) == "银卡"
+    lent = db.run(
+        lambda uow: service.member_tier(uow, program_id=world.program.id, member_id=carol)
+    )
+    assert lent.temporary_until == datetime(2026, 12, 11, 10, tzinfo=UTC)
+    assert lent.returns_to == "普通"
+    # it ends by itself a month later, not before
+    ended = lambda: db.run(  # noqa: E731
+        lambda uow: service.end_temporary(uow, program_id=world.program.id, now=uow.clock.now())
+    )
+    world.at(datetime(2026, 12, 11, 9, tzinfo=UTC))
+    assert ended() == 0
+    world.at(datetime(2026, 12, 11, 10, tzinfo=UTC))
+    assert ended() == 1
+    assert ended() == 0
+    assert world.tier(carol) == "普通"
+
+    # 2026-Q4: carol's 160 counts at evaluation: 银卡, her own now
+    world.at(quarter(2027, 1))
+    world.evaluate("2026-Q4")
+    assert world.tiers() == ["银卡", "钻石", "银卡"]
+
+    # 2027-Q1: February 2026 leaves the 12-month window. alice: 0, below 银卡's 80: 普通.
+    # bob spends 7,000 yuan in March (280): 80 + 160 + 1 + 280 = 521, below 钻石's 601 but
+    # above its retention line 480: kept
+    world.at(datetime(2027, 3, 20, tzinfo=UTC))
+    world.order(bob, 7000)
+    world.at(quarter(2027, 4))
+    assert world.evaluate("2027-Q1")["downgraded"] == 1
+    assert world.tiers() == ["普通", "钻石", "银卡"]
+
+    # 2027-Q2: bob's 4,900 points of May 2026 leave: 361, below 480: down to 金卡, the tier
+    # 361 reaches
+    world.at(quarter(2027, 7))
+    world.evaluate("2027-Q2")
+    assert world.tiers() == ["普通", "金卡", "银卡"]
+
+    # 2027-Q3: bob's August 2026 spend and check-in leave: 280, above 金卡's line 240: kept
+    world.at(quarter(2027, 10))
+    world.evaluate("2027-Q3")
+    assert world.tiers() == ["普通", "金卡", "银卡"]
+
+    # 2027-Q4: carol's 双11 spend leaves: 0, below 银卡's 80
+    world.at(quarter(2028, 1))
+    world.evaluate("2027-Q4")
+    assert world.tiers() == ["普通", "金卡", "普通"]
+
+    # every change was recorded, with its kind and its reason
+    assert world.history(alice) == [(None, "银卡", "evaluation"), ("银卡", "普通", "evaluation")]
+    assert world.history(bob) == [
+        (None, "金卡", "evaluation"),
+        ("金卡", "钻石", "evaluation"),
+        ("钻石", "金卡", "evaluation"),
+    ]
+    assert world.history(carol) == [
+        (None, "普通", "evaluation"),
+        ("普通", "银卡", "temporary"),
+        ("银卡", "普通", "temporary_end"),
+        ("普通", "银卡", "evaluation"),
+        ("银卡", "普通", "evaluation"),
+    ]
+    items, _ = db.run(
+        lambda uow: service.history(
+            uow, program_id=world.program.id, member_id=bob, before_id=None, limit=1
+        )
+    )
+    assert items[0].reason == "2027-Q2; score 361 is below 钻石's retention line 480"
+    assert items[0].score == 361 and items[0].actor == "tiers"
+
+
+def test_an_earning_upgrades_at_once_and_only_evaluation_downgrades(db: Database) -> None:
+    world = World(db, scheme(upgrade_at_once=True), members=2)
+    alice, bob = world.members
+    world.at(datetime(2026, 2, 1, tzinfo=UTC))
+    world.earn(alice, 2000)  # 80: not yet
+    assert world.tier(alice) is None
+    world.earn(alice, 600)  # 2,000 + 600 = 2 blocks of 1,000 points: still 80
+    assert world.tier(alice) is None
+    world.order(alice, 1000)  # +40 = 120, but an order without earning checks nothing
+    assert world.tier(alice) is None
+    world.earn(alice, 1)
+    assert world.tier(alice) == "银卡"
+    assert world.history(alice) == [(None, "银卡", "upgrade")]
+    # bob is set by hand to 钻石; no earning takes him down, an evaluation does
+    db.run(
+        lambda uow: service.set_member_tier(
+            uow, program_id=world.program.id, member_id=bob, tier="钻石", reason="VIP", set_by="ops"
+        )
+    )
+    world.earn(bob, 10)
+    assert world.tier(bob) == "钻石"
+    world.at(quarter(2026, 4))
+    report = db.run(
+        lambda uow: service.dry_run(uow, program_id=world.program.id, now=uow.clock.now())
+    )
+    assert (report.evaluated, report.upgraded, report.downgraded) == (2, 0, 1)
+    assert world.tier(bob) == "钻石"  # a dry run writes nothing
+    world.evaluate("2026-Q1")
+    assert world.tiers() == ["银卡", "普通"]
+    assert world.history(bob) == [(None, "钻石", "manual"), ("钻石", "普通", "evaluation")]
+
+
+def test_an_evaluation_needs_a_scheme_that_fits_the_tiers(db: Database) -> None:
+    from jifen.errors import InvalidInput, StateConflict
+
+    world = World(db, scheme(), members=1)
+    three = TierScheme.model_validate(
+        {**scheme().model_dump(mode="json"), "levels": scheme().model_dump()["levels"][:3]}
+    )
+    with pytest.raises(InvalidInput) as caught:
+        db.run(
+            lambda uow: service.settings_with_scheme(uow, program_id=world.program.id, scheme=three)
+        )
+    assert "must be the programme's tiers in rank order" in str(caught.value)
+    bare = new_program(db)
+    with pytest.raises(StateConflict):
+        db.run(
+            lambda uow: service.evaluate(
+                uow, program_id=bare.id, member_ids=[], now=uow.clock.now()
+            )
+        )
+
+
+def test_pricing_reads_the_matrix_discount_unless_the_policy_names_the_tier(db: Database) -> None:
+    from jifen.rewards.schemas import RedemptionPolicy, TierTerms
+
+    matrix = {"银卡": {"discount_pct": 90}, "金卡": {"discount_pct": 80, "earn_multiplier": "1.5"}}
+    world = World(db, scheme(benefits=matrix), members=1)
+
+    def policy(uow: UnitOfWork) -> RedemptionPolicy:
+        return service.redemption_policy(uow, program_id=world.program.id)
+
+    read = db.run(policy, read_only=True)
+    assert read.for_tier("银卡").discount_pct == 90 and read.for_tier("金卡").discount_pct == 80
+    assert read.for_tier("普通").discount_pct == 100
+
+    def explicit(uow: UnitOfWork) -> RedemptionPolicy:
+        settings = programs_service.get_settings(uow, program_id=world.program.id)
+        redemption = settings.redemption.model_copy(
+            update={"tiers": {"金卡": TierTerms(discount_pct=75, per_month=9)}}
+        )
+        programs_service.set_settings(
+            uow,
+            program_id=world.program.id,
+            settings=settings.model_copy(update={"redemption": redemption}),
+        )
+        return policy(uow)
+
+    changed = db.run(explicit)
+    assert changed.for_tier("金卡").discount_pct == 75 and changed.for_tier("金卡").per_month == 9
+    assert changed.for_tier("银卡").discount_pct == 90
+    multipliers, caps = db.run(
+        lambda uow: service.earning_terms(uow, program_id=world.program.id), read_only=True
+    )
+    assert multipliers == {"金卡": 1.5} and caps == {}
