@@ -200,7 +200,7 @@ WITH spent AS (
     GROUP BY a.member_id
 ), scored AS (
     SELECT m.member_id, m.tier_code AS old,
-           coalesce(s.fen, 0) / 100000 * 40 + coalesce(e.points, 0) / 1000 * 40 AS score
+           div(coalesce(s.fen, 0), 100000) * 40 + div(coalesce(e.points, 0), 1000) * 40 AS score
     FROM member_tiers m LEFT JOIN spent s USING (member_id) LEFT JOIN earned e USING (member_id)
     WHERE m.program_id = :p
 ), decided AS (

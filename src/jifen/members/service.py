@@ -233,6 +233,42 @@ def _row(uow: UnitOfWork, program_id: int, member_id: int) -> Any:
     return row
 
 
+def require_members(uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]) -> None:
+    """Refuse the first of ``member_ids`` that is not a member of the programme."""
+    wanted = set(member_ids)
+    if not wanted:
+        return
+    found = set(
+        uow.conn.execute(
+            select(members.c.id).where(
+                members.c.id.in_(sorted(wanted)), members.c.program_id == program_id
+            )
+        ).scalars()
+    )
+    missing = sorted(wanted - found)
+    if missing:
+        raise UnknownMember(member_id=missing[0])
+
+
+def contacts(
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], phones: bool = False
+) -> dict[int, tuple[str | None, str | None]]:
+    """Each member's email address and (with ``phones``) bound phone number, decrypted, for
+    the notification outbox; one query."""
+    ids = sorted(set(member_ids))
+    if not ids:
+        return {}
+    rows = uow.conn.execute(
+        select(members.c.id, members.c.email, members.c.phone_enc).where(
+            members.c.id.in_(ids), members.c.program_id == program_id
+        )
+    ).all()
+    return {
+        row.id: (row.email, decrypt(row.phone_enc) if phones and row.phone_enc else None)
+        for row in rows
+    }
+
+
 def find_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
     """The member whose external reference, or bound phone number, is ``login``."""
     found = uow.conn.execute(

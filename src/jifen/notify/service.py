@@ -41,10 +41,9 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from jifen import crypto
+from jifen.db import bulk
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import (
     InvalidInput,
@@ -140,88 +139,106 @@ class Notification:
 # --------------------------------------------------------------------------- queueing
 
 
-def _first_time(uow: UnitOfWork, program_id: int, kind: str, key: str) -> bool:
-    """Record ``key``; False when it was already there. A concurrent twin waits for this
+def _first_times(uow: UnitOfWork, program_id: int, kind: str, keys: Sequence[str]) -> set[str]:
+    """Record ``keys``; answers those not seen before. A concurrent twin waits for this
     transaction on PostgreSQL, then finds the key (or, if this one rolls back, takes it)."""
-    if not key or len(key) > 200:
-        raise InvalidInput(field="key", problem="give a key of 1 to 200 characters")
-    insert = postgresql_insert if uow.dialect == "postgresql" else sqlite_insert
-    inserted = uow.conn.execute(
-        insert(notification_keys)
-        .values(program_id=program_id, kind=kind, key=key, created_at=uow.clock.now())
-        .on_conflict_do_nothing()
-        .returning(notification_keys.c.key)
-    ).first()
-    return inserted is not None
+    for key in keys:
+        if not key or len(key) > 200:
+            raise InvalidInput(field="key", problem="give a key of 1 to 200 characters")
+    if not keys:
+        return set()
+    now = uow.clock.now()
+    rows = bulk.insert_many(
+        uow.conn, notification_keys,
+        [{"program_id": program_id, "kind": kind, "key": key, "created_at": now}
+         for key in dict.fromkeys(keys)],
+        returning=[notification_keys.c.key], skip_conflicts=True,
+    )  # fmt: skip
+    return {key for (key,) in rows}
 
 
 def notify(uow: UnitOfWork, n: Notification) -> int:
     """Queue ``n`` in the caller's transaction: one outbox row per channel the recipient
     can be reached on (an email address, a phone number). Answers the rows queued: 0 when
     the key was seen before, or no channel reaches the recipient."""
-    unknown = [channel for channel in n.channels if channel not in CHANNELS]
-    if unknown or not n.channels:
-        raise InvalidInput(field="channels", problem=f"choose from {', '.join(CHANNELS)}")
-    try:
-        rendered = core.render(n.template, core.language_of(n.data), n.data)
-    except ValueError as exc:
-        raise InvalidInput(field="template", problem=str(exc)) from exc
-    email: str | None = n.data.get("email")
-    phone: str | None = n.data.get("phone")
-    if n.member_id is not None:
-        profile = members_service.get_profile(uow, program_id=n.program_id, member_id=n.member_id)
-        email = profile.email
-        phone = (
-            members_service.identity(uow, program_id=n.program_id, member_id=n.member_id).phone
-            if "sms" in n.channels
-            else None
-        )
-    if not _first_time(uow, n.program_id, "notify", n.key):
+    return notify_many(uow, [n])
+
+
+def notify_many(uow: UnitOfWork, notifications: Sequence[Notification]) -> int:
+    """:func:`notify` for many notifications of one programme at once: the members'
+    addresses read in one query and every row written in a few statements (a job telling
+    thousands of members)."""
+    if not notifications:
         return 0
+    program_id = notifications[0].program_id
+    if any(n.program_id != program_id for n in notifications):
+        raise InvalidInput(field="program_id", problem="notify_many takes one programme")
+    rendered = {}
+    for n in notifications:
+        unknown = [channel for channel in n.channels if channel not in CHANNELS]
+        if unknown or not n.channels:
+            raise InvalidInput(field="channels", problem=f"choose from {', '.join(CHANNELS)}")
+        try:
+            rendered[n.key] = core.render(n.template, core.language_of(n.data), n.data)
+        except ValueError as exc:
+            raise InvalidInput(field="template", problem=str(exc)) from exc
+    reachable = {n.member_id for n in notifications if n.member_id is not None
+                 and ("email" in n.channels or "sms" in n.channels)}  # fmt: skip
+    phones = any("sms" in n.channels for n in notifications if n.member_id is not None)
+    members = {n.member_id for n in notifications if n.member_id is not None}
+    members_service.require_members(uow, program_id=program_id, member_ids=members)
+    contacts = members_service.contacts(
+        uow, program_id=program_id, member_ids=reachable, phones=phones
+    )
+    fresh = _first_times(uow, program_id, "notify", [n.key for n in notifications])
     now = uow.clock.now()
-    common = {
-        "program_id": n.program_id, "member_id": n.member_id, "template": n.template,
-        "subject": rendered.subject, "body": rendered.text, "created_at": now,
-        "dedupe_key": n.key, "delivery_id": uuid.uuid4().hex,
-    }  # fmt: skip
-    queued = 0
-    for channel in dict.fromkeys(n.channels):
-        if channel == "inbox":
-            recipient = f"member:{n.member_id}" if n.member_id is not None else "programme"
-            outbox_id = uow.conn.execute(
-                outbox.insert()
-                .values(**common, channel="inbox", recipient=recipient, status="sent",
-                        sent_at=now, attempts=1)
-                .returning(outbox.c.id)
-            ).scalar_one()  # fmt: skip
-            if n.member_id is not None:
-                uow.conn.execute(
-                    inbox_messages.insert().values(
-                        program_id=n.program_id, member_id=n.member_id, outbox_id=outbox_id,
-                        template=n.template, title=rendered.subject, body=rendered.text,
-                        created_at=now,
-                    )
-                )  # fmt: skip
-        elif channel == "email":
-            if not email:
-                continue
-            uow.conn.execute(
-                outbox.insert().values(
-                    **common, channel="email", recipient=core.mask_email(email),
-                    address_enc=crypto.encrypt(email), status="pending", next_attempt_at=now,
-                )
-            )  # fmt: skip
-        else:  # sms
-            if not phone:
-                continue
-            uow.conn.execute(
-                outbox.insert().values(
-                    **common, channel="sms", recipient=mask_phone(phone),
-                    address_enc=crypto.encrypt(phone), status="pending", next_attempt_at=now,
-                )
-            )  # fmt: skip
-        queued += 1
-    return queued
+    rows: list[dict[str, Any]] = []
+    inbox: list[tuple[Notification, str]] = []
+    for n in notifications:
+        if n.key not in fresh:
+            continue
+        fresh.discard(n.key)  # a key twice in one batch is queued once
+        message = rendered[n.key]
+        if n.member_id is not None:
+            email, phone = contacts.get(n.member_id, (None, None))
+        else:
+            email, phone = n.data.get("email"), n.data.get("phone")
+        common = {
+            "program_id": program_id, "member_id": n.member_id, "template": n.template,
+            "subject": message.subject, "body": message.text, "created_at": now,
+            "dedupe_key": n.key, "delivery_id": uuid.uuid4().hex, "recipient": "",
+            "status": "pending", "next_attempt_at": now, "sent_at": None, "attempts": 0,
+            "address_enc": None,
+        }  # fmt: skip
+        for channel in dict.fromkeys(n.channels):
+            if channel == "inbox":
+                recipient = f"member:{n.member_id}" if n.member_id is not None else "programme"
+                rows.append({**common, "channel": "inbox", "recipient": recipient,
+                             "status": "sent", "next_attempt_at": None, "sent_at": now,
+                             "attempts": 1})  # fmt: skip
+                if n.member_id is not None:
+                    inbox.append((n, n.key))
+            elif channel == "email" and email:
+                rows.append({**common, "channel": "email", "recipient": core.mask_email(email),
+                             "address_enc": crypto.encrypt(email)})  # fmt: skip
+            elif channel == "sms" and phone:
+                rows.append({**common, "channel": "sms", "recipient": mask_phone(phone),
+                             "address_enc": crypto.encrypt(phone)})  # fmt: skip
+    if not rows:
+        return 0
+    written = bulk.insert_many(
+        uow.conn, outbox, rows, returning=[outbox.c.id, outbox.c.dedupe_key, outbox.c.channel]
+    )
+    inbox_ids = {key: row_id for row_id, key, channel in written if channel == "inbox"}
+    if inbox:
+        bulk.insert_many(
+            uow.conn, inbox_messages,
+            [{"program_id": program_id, "member_id": n.member_id, "outbox_id": inbox_ids[key],
+              "template": n.template, "title": rendered[key].subject, "body": rendered[key].text,
+              "created_at": now}
+             for n, key in inbox],
+        )  # fmt: skip
+    return len(rows)
 
 
 def _subscribed(event_types: Sequence[str], event_type: str) -> bool:
@@ -234,14 +251,27 @@ def publish(
     """Queue, in the caller's transaction, one webhook delivery of the event per active
     subscription of the programme to ``event_type`` (or ``"*"``). Answers the deliveries
     queued: 0 when the key was seen before."""
+    return publish_many(uow, program_id=program_id, event_type=event_type, items=[(key, data)])
+
+
+def publish_many(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    event_type: str,
+    items: Sequence[tuple[str, dict[str, Any]]],
+) -> int:
+    """:func:`publish` for many events of one type at once, as (key, data) pairs: the
+    subscriptions read once and the deliveries written in one statement."""
     if not core.TEMPLATE_NAME.match(event_type):
         raise InvalidInput(
             field="event_type", problem="lower case letters, digits, '.', '_' or '-'"
         )
-    if not _first_time(uow, program_id, "event", key):
+    fresh = _first_times(uow, program_id, "event", [key for key, _ in items])
+    if not fresh:
         return 0
     now = uow.clock.now()
-    rows = uow.conn.execute(
+    subscriptions = uow.conn.execute(
         select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
                webhook_subscriptions.c.event_types)
         .where(webhook_subscriptions.c.program_id == program_id,
@@ -249,25 +279,28 @@ def publish(
                webhook_subscriptions.c.deleted_at.is_(None))
         .order_by(webhook_subscriptions.c.id)
     ).all()  # fmt: skip
-    targets = [row for row in rows if _subscribed(row.event_types, event_type)]
+    targets = [row for row in subscriptions if _subscribed(row.event_types, event_type)]
     if not targets:
         return 0
-    event = {
-        "id": f"evt_{uuid.uuid4().hex}", "type": event_type, "program_id": program_id,
-        "created_at": now.isoformat(), "data": data,
-    }  # fmt: skip
-    body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
-    uow.conn.execute(
-        outbox.insert(),
-        [
+    rows = []
+    for key, data in items:
+        if key not in fresh:
+            continue
+        fresh.discard(key)
+        event = {
+            "id": f"evt_{uuid.uuid4().hex}", "type": event_type, "program_id": program_id,
+            "created_at": now.isoformat(), "data": data,
+        }  # fmt: skip
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
+        rows += [
             {"program_id": program_id, "channel": "webhook", "recipient": row.url[:200],
              "template": event_type, "body": body, "created_at": now, "status": "pending",
              "next_attempt_at": now, "dedupe_key": key, "subscription_id": row.id,
              "delivery_id": f"dlv_{uuid.uuid4().hex}"}
             for row in targets
-        ],
-    )  # fmt: skip
-    return len(targets)
+        ]  # fmt: skip
+    bulk.insert_many(uow.conn, outbox, rows)
+    return len(rows)
 
 
 # --------------------------------------------------------------------------- sending

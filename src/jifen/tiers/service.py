@@ -16,7 +16,7 @@ orders and activity, their earnings) and writes only the members whose tier chan
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import bindparam, delete, select
 
+from jifen.db import bulk
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownTier
@@ -517,43 +518,45 @@ def _record(
         }
         for member_id, from_tier, to_tier, kind, reason, score in changes
     ]
-    ids = uow.conn.execute(
-        tier_changes.insert().returning(tier_changes.c.id, sort_by_parameter_order=True), rows
-    ).scalars()
+    ids = [row[0] for row in bulk.insert_many(uow.conn, tier_changes, rows,
+                                              returning=[tier_changes.c.id])]  # fmt: skip
     recorded = [
         TierChangeRead(id=int(change_id), **{k: v for k, v in row.items() if k != "program_id"})
         for change_id, row in zip(ids, rows, strict=True)
     ]
-    for change in recorded:
-        _announce(uow, program_id, change)
+    _announce(uow, program_id, recorded)
     return recorded
 
 
-def _announce(uow: UnitOfWork, program_id: int, change: TierChangeRead) -> None:
+def _announce(uow: UnitOfWork, program_id: int, changes: Sequence[TierChangeRead]) -> None:
     """Raise ``member.tier_changed`` and put a note in the member's inbox, both in this
-    transaction (the outbox sends them after commit), keyed by the change."""
-    data: dict[str, Any] = {
-        "member_id": change.member_id,
-        "previous_tier": change.from_tier or "-",
-        "tier": change.to_tier,
-        "kind": change.kind,
-        "reason": change.reason,
-        "score": change.score,
-        "at": change.at.isoformat(),
-    }
-    key = f"tier:{change.id}"
-    notify_service.publish(
-        uow, program_id=program_id, event_type="member.tier_changed", data=data, key=key
+    transaction (the outbox sends them after commit), keyed by the change; all the changes
+    of a chunk in a few statements."""
+    announced: list[tuple[str, dict[str, Any]]] = []
+    notes: list[Notification] = []
+    for change in changes:
+        data: dict[str, Any] = {
+            "member_id": change.member_id,
+            "previous_tier": change.from_tier or "-",
+            "tier": change.to_tier,
+            "kind": change.kind,
+            "reason": change.reason,
+            "score": change.score,
+            "at": change.at.isoformat(),
+        }
+        key = f"tier:{change.id}"
+        announced.append((key, data))
+        if change.from_tier is not None:  # a first placement is no news to the member
+            notes.append(
+                Notification(
+                    program_id, change.member_id, template="tier.changed", data=data,
+                    key=key, channels=("inbox",),
+                )
+            )  # fmt: skip
+    notify_service.publish_many(
+        uow, program_id=program_id, event_type="member.tier_changed", items=announced
     )
-    if change.from_tier is None:
-        return  # a first placement is no news to the member (and costs a profile read each)
-    notify_service.notify(
-        uow,
-        Notification(
-            program_id, change.member_id, template="tier.changed", data=data, key=key,
-            channels=("inbox",),
-        ),
-    )  # fmt: skip
+    notify_service.notify_many(uow, notes)
 
 
 def end_temporary(uow: UnitOfWork, *, program_id: int, now: datetime, limit: int = 1000) -> int:

@@ -1,0 +1,65 @@
+"""Many rows into one table in one statement: on PostgreSQL an ``INSERT … SELECT`` over
+``unnest`` of one array per column (one round trip, a query text that never changes, so it
+is parsed and planned once); elsewhere an executemany. For jobs that write thousands of
+rows a chunk (notifications, tier changes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Column, Table
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+@cache
+def _statement(table: Table, names: tuple[str, ...], returning: tuple[str, ...],
+               skip_conflicts: bool) -> str:  # fmt: skip
+    types = [table.c[name].type.compile(dialect=_DIALECT) for name in names]
+    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in zip(names, types, strict=True))
+    columns = ", ".join(f'"{name}"' for name in names)
+    text = (
+        f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM unnest({arrays})'  # noqa: S608
+        f" WITH ORDINALITY AS x({columns}, n) ORDER BY n"
+    )
+    if skip_conflicts:
+        text += " ON CONFLICT DO NOTHING"
+    if returning:
+        text += " RETURNING " + ", ".join(f'"{name}"' for name in returning)
+    return text
+
+
+def insert_many(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    returning: Sequence[Column[Any]] = (),
+    skip_conflicts: bool = False,
+) -> list[tuple[Any, ...]]:
+    """Insert ``rows`` (each with the same keys); the ``returning`` columns of the rows
+    inserted, in the order of ``rows`` on PostgreSQL. ``skip_conflicts`` leaves out rows
+    that would break a unique constraint (``ON CONFLICT DO NOTHING``)."""
+    if not rows:
+        return []
+    names = tuple(rows[0])
+    wanted = tuple(column.name for column in returning)
+    if conn.dialect.name == "postgresql":
+        params = {name: [row[name] for row in rows] for name in names}
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        cursor = driver.execute(_statement(table, names, wanted, skip_conflicts), params)
+        return [tuple(row) for row in cursor.fetchall()] if wanted else []
+    statement: Any = sqlite_insert(table)
+    if skip_conflicts:
+        statement = statement.on_conflict_do_nothing()
+    if wanted:
+        statement = statement.returning(*returning, sort_by_parameter_order=not skip_conflicts)
+        return [tuple(row) for row in conn.execute(statement, list(rows))]
+    conn.execute(statement, list(rows))
+    return []
