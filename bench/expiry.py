@@ -345,11 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         clearing_at = YEAR_END + timedelta(minutes=10)
         limit_yearend, _ = set_based_seconds(url, program_id, clearing_at)
         load = EarnLoad(url, (first, last), args.workers)
-        time.sleep(3)
-        began = time.time()
-        yearend, _ = run_job(url, program_id, clearing_at)
-        ended = time.time()
-        during = rate_between(load.finish(), began, ended)
+        try:
+            time.sleep(3)
+            began = time.time()
+            yearend, _ = run_job(url, program_id, clearing_at)
+            ended = time.time()
+        finally:
+            times = load.finish()
+        during = rate_between(times, began, ended)
         say(f"  earn during the clearing: {during:,.0f} tps")
 
         say("daily run at 2027-01-02 00:10 ...")

@@ -272,3 +272,47 @@ def test_reminders_at_90_and_30_days_and_from_1_october_list_what_lapses_and_wha
     earn(db, program_id, alice, 50, "a2")
     assert len(remind(at(2027, 10, 1, 10))) == 4
     assert "50 积分" in inbox(alice)[0].title
+
+
+def test_a_better_tier_extends_the_members_open_lots_and_a_worse_one_never_shortens_them(
+    db: Database,
+) -> None:
+    policy = ExpiryPolicy(
+        by_tier={"普通": Validity(kind="calendar"), "银卡": Validity(kind="rolling", months=18),
+                 "金卡": Validity(kind="never")},
+        on_tier_change="extend",
+    )  # fmt: skip
+    program_id, (alice, *_) = with_policy(db, policy)
+
+    def set_tier(tier: str) -> None:
+        def run(uow: UnitOfWork) -> None:
+            tiers.set_member_tier(
+                uow, program_id=program_id, member_id=alice, tier=tier, reason="t", set_by="t"
+            )
+
+        db.run(run)
+
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=[
+        TierDef(code="普通", name="普通", rank=0), TierDef(code="银卡", name="银卡", rank=1),
+        TierDef(code="金卡", name="金卡", rank=2)]))  # fmt: skip
+    set_tier("普通")
+    move(db, at(2026, 5, 10, 12))
+    earn(db, program_id, alice, 300, "a1")
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=100, key="s1"))
+
+    def dates() -> list[tuple[int, datetime | None]]:
+        lots = db.run(lambda uow: points.member_lots(uow, member_id=alice), read_only=True)
+        return [(lot.remaining, lot.expires_at) for lot in lots]
+
+    assert dates() == [(200, at(2027, 1, 1))]
+    move(db, at(2026, 8, 1, 9))
+    set_tier("银卡")  # 18 months from when the lot became available
+    assert dates() == [(200, at(2027, 11, 11))]
+    set_tier("普通")  # a worse tier never takes time away
+    assert dates() == [(200, at(2027, 11, 11))]
+    set_tier("金卡")
+    assert dates() == [(200, None)]
+    history = db.run(lambda uow: points.history(uow, member_id=alice), read_only=True)
+    assert [p.kind for p in history.items][:2] == ["renew", "renew"]
+    assert summary(db, alice).available == 200
+    assert_ledger_sound(db, program_id)

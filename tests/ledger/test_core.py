@@ -245,3 +245,34 @@ def test_posting_digest_changes_with_any_fact() -> None:
     assert ledger.posting_digest(replace(facts, created_at=NOW + DAY)) != base
     assert ledger.posting_digest(replace(facts, new_lots=((2, 10, NOW, NOW + DAY, None),))) != base
     assert ledger.chain_link(ledger.GENESIS, 1, base) != ledger.chain_link(ledger.GENESIS, 2, base)
+
+
+@given(
+    remaining=st.lists(st.integers(min_value=0, max_value=1000), min_size=1, max_size=6),
+    shifts=st.lists(st.one_of(st.none(), st.integers(min_value=-400, max_value=400)), min_size=6,
+                    max_size=6),
+)  # fmt: skip
+def test_a_renewal_moves_points_to_later_dates_only_and_keeps_the_balance(
+    remaining: list[int], shifts: list[int | None]
+) -> None:
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    lots = [
+        Lot(i + 1, max(r, 1), r, now - timedelta(days=10), now + timedelta(days=30 + 10 * i))
+        for i, r in enumerate(remaining)
+    ]
+    new = {
+        lot.id: None if shift is None else lot.expires_at + timedelta(days=shift)  # type: ignore[operator]
+        for lot, shift in zip(lots, shifts, strict=False)
+    }
+    plan = ledger.plan_renew(lots=lots, now=now, new_dates=new)
+    if plan is None:
+        return
+    assert plan.kind == Kind.RENEW and plan.change_of(Party.MEMBER) == 0
+    assert sum(line.amount for line in plan.lines) == 0
+    assert sum(a.amount for a in plan.allocations) == -plan.amount
+    assert sum(n.amount for n in plan.new_lots) == plan.amount
+    by_id = {lot.id: lot for lot in lots}
+    for made in plan.new_lots:
+        old = by_id[made.source_lot_id]  # type: ignore[index]
+        assert made.amount == old.remaining
+        assert made.expires_at is None or made.expires_at > old.expires_at  # type: ignore[operator]

@@ -324,6 +324,29 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             for lot in due:
                 lot.remaining = 0
 
+        @rule(who=member, extra_days=st.one_of(st.none(), st.integers(-30, 90)))
+        def renew(self, who: int, extra_days: int | None) -> None:
+            """Every open lot's date moved by ``extra_days`` (None: never expires), where
+            that is later: the points move to new lots, the balance stays."""
+            m, now = self.members[who], self.now()
+            shift = None if extra_days is None else timedelta(days=extra_days)
+
+            def new_date(lot: Any) -> datetime | None:
+                if lot.expires_at is None or shift is None:
+                    return None
+                return lot.expires_at + shift  # type: ignore[no-any-return]
+
+            moved = [
+                x for x in sorted(self.model.lots[m], key=RefLot.fifo)
+                if x.remaining and x.expires_at is not None and x.expires_at > now
+                and (shift is None or shift > timedelta(0))
+            ]  # fmt: skip
+            result = self.post(points.renew, member_id=m, new_date=new_date, reason="tier")
+            assert (result.amount if result else 0) == sum(x.remaining for x in moved)
+            for lot in moved:
+                self.model.new_lot(m, lot.remaining, lot.available_at, new_date(lot))
+                lot.remaining = 0
+
         @rule(hours=st.sampled_from([1, 12, 24, 24 * 3, 24 * 8, 24 * 40]))
         def advance_clock(self, hours: int) -> None:
             clock.advance(timedelta(hours=hours))

@@ -423,7 +423,7 @@ def _expiry_run(uow: UnitOfWork, program_id: int) -> None:
     while rewards_service.expire_vouchers(uow, program_id=program_id, limit=500).vouchers:
         pass
     rewards_service.expire_holds(uow, program_id=program_id, limit=10_000)
-    while expiry_service.expire_chunk(uow, program_id=program_id, limit=1000).accounts:
+    while expiry_service.expire_chunk(uow, program_id=program_id, limit=1000).found:
         pass
 
 

@@ -68,6 +68,11 @@ class ExpiryPolicy(RequestBody):
 
     validity: Validity | None = None
     by_tier: dict[TierCode, Validity] = Field(default_factory=dict, max_length=50)
+    on_tier_change: Literal["keep", "extend"] = "keep"
+    """What a member's open lots do when its tier changes (an evaluation, an upgrade, staff):
+    ``keep`` their dates, or ``extend`` them to what the new tier's validity gives, counted
+    from when each lot became available, where that is later (never shorter). A temporary
+    upgrade keeps them."""
     on_expiry: Literal["expire", "freeze"] = "expire"
     """``freeze``: lapsed points are held frozen instead of cleared (冻结而不清零); staff can
     restore them, with a fresh validity."""

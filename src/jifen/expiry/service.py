@@ -17,7 +17,8 @@ from jifen.clock import LATEST
 from jifen.db.uow import UnitOfWork
 from jifen.errors import InvalidInput
 from jifen.expiry import core
-from jifen.expiry.schemas import ExpiryPolicy
+from jifen.expiry.schemas import ExpiryPolicy, Validity
+from jifen.ledger import Lot
 from jifen.points import service as points_service
 from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
@@ -60,6 +61,35 @@ def lot_expiries(
     for tier in {tiers.get(m) for m in member_ids}:
         dates[tier] = lot_expiry(uow, program_id=program_id, start=start, tier=tier)
     return {m: dates[tiers.get(m)] for m in member_ids}
+
+
+def on_tier_changes(
+    uow: UnitOfWork, *, program_id: int, changes: Sequence[tuple[int, int, str, str]]
+) -> int:
+    """Apply the policy's ``on_tier_change`` to members whose tier just changed, given as
+    (change id, member id, new tier, kind of change): with ``extend``, each open lot gets
+    the new tier's validity from when it became available where that is later, as one
+    renewal posting a member. Answers the members whose lots moved."""
+    rules = policy(uow, program_id=program_id)
+    if rules.on_tier_change == "keep":
+        return 0
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    zone = _zone(uow, program_id)
+    renewed = 0
+    for change_id, member_id, tier, kind in changes:
+        if kind in ("temporary", "temporary_end"):
+            continue
+        validity = core.validity_for(rules, default_days=settings.default_validity_days, tier=tier)
+
+        def new_date(lot: Lot, validity: Validity = validity) -> datetime | None:
+            return core.expires_at(validity, lot.available_at, zone)
+
+        posting = points_service.renew(
+            uow, member_id=member_id, key=f"tier-change:{change_id}", new_date=new_date,
+            reason=f"validity of tier {tier}", actor="system",
+        )  # fmt: skip
+        renewed += posting is not None
+    return renewed
 
 
 # --------------------------------------------------------------------------- the expiry run

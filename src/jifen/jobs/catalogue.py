@@ -23,7 +23,7 @@ log = logging.getLogger("jifen.jobs")
 def _expire(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
     done = expiry_service.expire_chunk(uow, program_id=program_id, limit=size)
     figures = {"accounts": done.accounts, "lots": done.lots, "points": done.points}
-    return Chunk(cursor=cursor + done.accounts, finished=done.accounts == 0, figures=figures)
+    return Chunk(cursor=cursor + done.accounts, finished=done.found == 0, figures=figures)
 
 
 register(

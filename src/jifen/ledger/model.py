@@ -23,6 +23,9 @@ class Kind(StrEnum):
     FREEZE = "freeze"
     UNFREEZE = "unfreeze"
     EXPIRE = "expire"
+    RENEW = "renew"
+    """Lots given a later expiry date (a tier whose validity is longer): the same points
+    move from the old lots to new ones, and the balance does not change."""
 
 
 class SystemAccount(StrEnum):

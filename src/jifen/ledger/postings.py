@@ -360,6 +360,32 @@ def plan_expire(*, lots: Iterable[Lot], now: datetime, freeze: bool = False) -> 
     return Plan(Kind.EXPIRE, total, lines, allocations=allocations)
 
 
+def plan_renew(
+    *, lots: Iterable[Lot], now: datetime, new_dates: Mapping[int, datetime | None]
+) -> Plan | None:
+    """Give open lots a later expiry date: each lot in ``new_dates`` (lot id → new date,
+    ``None`` for never) whose date that extends hands what remains to a new lot with the
+    same availability and the new date (its source); ``None`` when no date moves. Never
+    shortens a lot, never touches one already due."""
+    moved: list[tuple[Lot, datetime | None]] = []
+    for lot in sorted(lots, key=fifo_order):
+        if lot.id not in new_dates or lot.remaining <= 0 or lot.is_due(now):
+            continue
+        new = new_dates[lot.id]
+        if lot.expires_at is None or (new is not None and new <= lot.expires_at):
+            continue
+        moved.append((lot, new))
+    total = sum(lot.remaining for lot, _ in moved)
+    if not total:
+        return None
+    allocations = tuple(Allocation(lot.id, -lot.remaining) for lot, _ in moved)
+    new_lots = tuple(
+        NewLot(lot.remaining, lot.available_at, new, source_lot_id=lot.id) for lot, new in moved
+    )
+    lines = (Line(Party.MEMBER, -total), Line(Party.MEMBER, total))
+    return Plan(Kind.RENEW, total, lines, allocations=allocations, new_lots=new_lots)
+
+
 def plan_release(
     *,
     freeze_id: int,

@@ -49,7 +49,16 @@ POSTING = "/programs/{program}/postings/{posting_id}"
 
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 KindName = Literal[
-    "earn", "spend", "refund", "reverse", "adjust", "transfer", "freeze", "unfreeze", "expire"
+    "earn",
+    "spend",
+    "refund",
+    "reverse",
+    "adjust",
+    "transfer",
+    "freeze",
+    "unfreeze",
+    "expire",
+    "renew",
 ]
 APPROVAL: dict[int | str, dict[str, Any]] = {
     202: {"model": ApprovalRead, "description": "Filed for a second person's approval"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -505,6 +505,7 @@ _KIND_ZH = {
     Kind.TRANSFER: "转赠",
     Kind.UNFREEZE: "解冻",
     Kind.EXPIRE: "过期",
+    Kind.RENEW: "续期",
 }
 
 
@@ -789,6 +790,8 @@ class ExpiryChunk:
     """Member accounts whose due lots this chunk expired (or froze)."""
     lots: int
     points: int
+    found: int = 0
+    """Accounts the chunk found with due lots (0: the run is over)."""
 
 
 def expire_member(uow: UnitOfWork, *, member_id: int, freeze: bool = False) -> PostingRead | None:
@@ -805,17 +808,18 @@ def expire_due(
     of the programme, one posting per account, written together.
 
     A lot once expired has nothing remaining, so the next call takes the next accounts: a
-    run is a loop of calls until one answers zero accounts, and a run cut short anywhere
+    run is a loop of calls until one finds no account, and a run cut short anywhere
     simply continues — no lot is expired twice, none is missed."""
     now = uow.clock.now()
     account_ids = store.accounts_with_due_lots(uow.conn, program_id, now, limit)
     if not account_ids:
-        return ExpiryChunk(0, 0, 0)
+        return ExpiryChunk(0, 0, 0, found=0)
     locked = [_Account(*row[:8]) for row in store.lock_accounts_by_id(uow.conn, account_ids)]
     written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
     return ExpiryChunk(
-        accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written)
-    )
+        accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written),
+        found=len(account_ids),
+    )  # fmt: skip
 
 
 def _expire_locked(
@@ -859,6 +863,39 @@ def _expire_locked(
         for posting_id, (holder, plan, _) in zip(ids, batch, strict=True)
     ]
     return written, sum(len(plan.allocations) for _, plan, _ in batch)
+
+
+def renew(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    new_date: Callable[[Lot], datetime | None],
+    key: str,
+    reason: str,
+    actor: str = "system",
+) -> PostingRead | None:
+    """Give the member's open lots the later of their date and ``new_date(lot)`` (``None``:
+    never), as one renewal posting; ``None`` when no date moves. ``key`` makes it
+    idempotent."""
+    _require_key(key)
+    member, replay_id = _lock_one(uow, member_id, key)
+    if replay_id is not None:
+        return _posting_read(
+            uow, uow.conn.execute(select(postings).where(postings.c.id == replay_id)).one(),
+            replayed=True,
+        )  # fmt: skip
+    now = uow.clock.now()
+    open_lots = _open_lots(uow, member.id)
+    plan = ledger.plan_renew(
+        lots=open_lots, now=now, new_dates={lot.id: new_date(lot) for lot in open_lots}
+    )
+    if plan is None:
+        return None
+    request = _fingerprint("renew", member=member_id, key=key)
+    return _write(
+        uow, plan, member=member, key=key, request_hash=request, now=now, reason=reason,
+        actor=actor,
+    )  # fmt: skip
 
 
 def release(

@@ -525,6 +525,12 @@ def _record(
         for change_id, row in zip(ids, rows, strict=True)
     ]
     _announce(uow, program_id, recorded)
+    from jifen.expiry import service as expiry_service  # expiry reads tiers for validity
+
+    expiry_service.on_tier_changes(
+        uow, program_id=program_id,
+        changes=[(c.id, c.member_id, c.to_tier, c.kind) for c in recorded],
+    )  # fmt: skip
     return recorded
 
 
