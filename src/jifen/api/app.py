@@ -23,6 +23,7 @@ from jifen.auth import api as auth_api
 from jifen.db import migrate
 from jifen.db.uow import Database
 from jifen.events import api as events_api
+from jifen.expiry import api as expiry_api
 from jifen.members import api as members_api
 from jifen.notify import api as notify_api
 from jifen.notify.sms import OutboxSmsProvider, SmsProvider
@@ -84,7 +85,7 @@ def create_app(
 
     for module in (
         auth_api, programs_api, members_api, points_api, approvals_api, audit_api, tiers_api,
-        rules_api, events_api, rewards_api, notify_api,
+        rules_api, events_api, rewards_api, notify_api, expiry_api,
     ):  # fmt: skip
         # Before including: the permission each route needs goes into its OpenAPI entry.
         annotate_permissions(module.router)

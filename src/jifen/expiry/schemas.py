@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from jifen.api.schemas import RequestBody
+from jifen.points.schemas import PostingRead
 
 Channel = Literal["inbox", "email", "sms"]
 TierCode = Annotated[str, Field(min_length=1, max_length=64)]
@@ -78,3 +79,16 @@ class ExpiryPolicy(RequestBody):
     restore them, with a fresh validity."""
     dormancy: Dormancy | None = None
     reminders: Reminders = Reminders()
+
+
+class RestoreExpired(RequestBody):
+    reason: str = Field(min_length=1, max_length=500)
+    """Why the points come back (kept with the postings and in the audit log)."""
+
+
+class RestoredRead(BaseModel):
+    """The releases that gave a member back the points frozen when they lapsed."""
+
+    member_id: int
+    points: int
+    postings: list[PostingRead]

@@ -1,0 +1,54 @@
+"""Points frozen when they lapsed, given back over HTTP by staff allowed to unfreeze."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+
+from jifen.db.uow import Database, UnitOfWork
+from jifen.expiry import service as expiry
+from jifen.expiry.schemas import ExpiryPolicy, Validity
+from jifen.jobs import service as jobs
+from jifen.points import service as points
+from jifen.programs import service as programs
+from tests.api import support
+from tests.factories import assert_ledger_sound, new_members, new_program
+
+
+def test_staff_restore_points_frozen_at_expiry_once_and_a_member_may_not(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    (alice,) = new_members(db, program.id, 1)
+
+    def setup(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program.id)
+        policy = ExpiryPolicy(validity=Validity(kind="rolling", days=30), on_expiry="freeze")
+        programs.set_settings(uow, program_id=program.id,
+                              settings=settings.model_copy(update={"expiry": policy}))  # fmt: skip
+        expires_at = expiry.lot_expiry(uow, program_id=program.id, start=uow.clock.now())
+        points.earn(uow, member_id=alice, amount=300, key="e1", expires_at=expires_at)
+
+    db.run(setup)
+    db.clock.advance(timedelta(days=40))  # type: ignore[attr-defined]
+    assert jobs.run(db, "points.expire", program_id=program.id).figures["points"] == 300
+    url = f"/v1/programs/{program.code}/members/{alice}/points/restore-expired"
+    operator = support.staff(db, "operator", program_id=program.id)
+    as_member = client.post(url, json={"reason": "please"},
+                            headers={**support.member(db, alice), **support.key()})  # fmt: skip
+    assert as_member.status_code == 403
+    missing = client.post(url, json={}, headers={**operator, **support.key()})
+    assert missing.status_code == 422
+    headers = {**operator, **support.key()}
+    answer = client.post(url, json={"reason": "goodwill"}, headers=headers)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["points"] == 300
+    assert [p["kind"] for p in answer.json()["postings"]] == ["unfreeze"]
+    again = client.post(url, json={"reason": "goodwill"}, headers=headers)  # the same key
+    assert again.json() == answer.json()
+    nothing = client.post(url, json={"reason": "goodwill"}, headers={**operator, **support.key()})
+    assert nothing.status_code == 201 and nothing.json()["points"] == 0
+    summary = db.run(lambda uow: points.balance(uow, member_id=alice), read_only=True)
+    assert (summary.available, summary.frozen) == (300, 0)
+    assert_ledger_sound(db, program.id)
