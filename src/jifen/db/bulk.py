@@ -21,7 +21,8 @@ _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 def _statement(table: Table, names: tuple[str, ...], returning: tuple[str, ...],
                skip_conflicts: bool) -> str:  # fmt: skip
     types = [table.c[name].type.compile(dialect=_DIALECT) for name in names]
-    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in zip(names, types, strict=True))
+    # Binary parameters: an array of thousands of values is dumped several times faster.
+    arrays = ", ".join(f"%({name})b::{kind}[]" for name, kind in zip(names, types, strict=True))
     columns = ", ".join(f'"{name}"' for name in names)
     text = (
         f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM unnest({arrays})'  # noqa: S608

@@ -178,46 +178,46 @@ WITH p AS (
     INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
                           counterparty_id, ref_posting_id, amount, reason, actor, created_at,
                           digest)
-    VALUES (%(program_id)s, %(kind)s, %(idempotency_key)s, %(request_hash)s, %(account_id)s,
-            %(counterparty_id)s, %(ref_posting_id)s, %(amount)s, %(reason)s, %(actor)s,
-            %(created_at)s, %(digest)s)
+    VALUES (%(program_id)b, %(kind)b, %(idempotency_key)b, %(request_hash)b, %(account_id)b,
+            %(counterparty_id)b, %(ref_posting_id)b, %(amount)b, %(reason)b, %(actor)b,
+            %(created_at)b, %(digest)b)
     RETURNING id
 ), l AS (
     INSERT INTO lines (posting_id, account_id, amount)
     SELECT p.id, x.account_id, x.amount
-    FROM p, unnest(%(line_accounts)s::bigint[], %(line_amounts)s::bigint[])
+    FROM p, unnest(%(line_accounts)b::bigint[], %(line_amounts)b::bigint[])
          WITH ORDINALITY AS x(account_id, amount, n)
     ORDER BY x.n
 ), c AS (
     INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
     SELECT x.account_id, x.seq, p.id, x.link
-    FROM p, unnest(%(chain_accounts)s::bigint[], %(chain_seqs)s::bigint[],
-                   %(chain_links)s::text[]) AS x(account_id, seq, link)
+    FROM p, unnest(%(chain_accounts)b::bigint[], %(chain_seqs)b::bigint[],
+                   %(chain_links)b::text[]) AS x(account_id, seq, link)
 ), a AS (
     INSERT INTO allocations (posting_id, lot_id, amount)
     SELECT p.id, x.lot_id, x.amount
-    FROM p, unnest(%(alloc_lots)s::bigint[], %(alloc_amounts)s::bigint[])
+    FROM p, unnest(%(alloc_lots)b::bigint[], %(alloc_amounts)b::bigint[])
          WITH ORDINALITY AS x(lot_id, amount, n)
     ORDER BY x.n
 ), lu AS (
     UPDATE lots SET remaining = lots.remaining + x.amount
-    FROM unnest(%(alloc_lots)s::bigint[], %(alloc_amounts)s::bigint[]) AS x(lot_id, amount)
+    FROM unnest(%(alloc_lots)b::bigint[], %(alloc_amounts)b::bigint[]) AS x(lot_id, amount)
     WHERE lots.id = x.lot_id
 ), nl AS (
     INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at,
                       source_lot_id)
     SELECT x.account_id, p.id, x.amount, x.amount, x.available_at, x.expires_at, x.source
-    FROM p, unnest(%(lot_accounts)s::bigint[], %(lot_amounts)s::bigint[],
-                   %(lot_available)s::timestamptz[], %(lot_expires)s::timestamptz[],
-                   %(lot_sources)s::bigint[])
+    FROM p, unnest(%(lot_accounts)b::bigint[], %(lot_amounts)b::bigint[],
+                   %(lot_available)b::timestamptz[], %(lot_expires)b::timestamptz[],
+                   %(lot_sources)b::bigint[])
          WITH ORDINALITY AS x(account_id, amount, available_at, expires_at, source, n)
     ORDER BY x.n
 ), au AS (
     UPDATE accounts
     SET balance = accounts.balance + x.balance, frozen = accounts.frozen + x.frozen,
         debt = accounts.debt + x.debt, head_seq = x.seq, head_hash = x.link
-    FROM unnest(%(acc_ids)s::bigint[], %(acc_balance)s::bigint[], %(acc_frozen)s::bigint[],
-                %(acc_debt)s::bigint[], %(acc_seq)s::bigint[], %(acc_link)s::text[])
+    FROM unnest(%(acc_ids)b::bigint[], %(acc_balance)b::bigint[], %(acc_frozen)b::bigint[],
+                %(acc_debt)b::bigint[], %(acc_seq)b::bigint[], %(acc_link)b::text[])
          AS x(id, balance, frozen, debt, seq, link)
     WHERE accounts.id = x.id
 )
@@ -281,10 +281,10 @@ WITH p AS (
     SELECT x.program_id, x.kind, x.idempotency_key, x.request_hash, x.account_id,
            x.counterparty_id, x.ref_posting_id, x.amount, x.reason, x.actor, x.created_at,
            x.digest
-    FROM unnest(%(program_id)s::bigint[], %(kind)s::text[], %(idempotency_key)s::text[],
-                %(request_hash)s::text[], %(account_id)s::bigint[], %(counterparty_id)s::bigint[],
-                %(ref_posting_id)s::bigint[], %(amount)s::bigint[], %(reason)s::text[],
-                %(actor)s::text[], %(created_at)s::timestamptz[], %(digest)s::text[])
+    FROM unnest(%(program_id)b::bigint[], %(kind)b::text[], %(idempotency_key)b::text[],
+                %(request_hash)b::text[], %(account_id)b::bigint[], %(counterparty_id)b::bigint[],
+                %(ref_posting_id)b::bigint[], %(amount)b::bigint[], %(reason)b::text[],
+                %(actor)b::text[], %(created_at)b::timestamptz[], %(digest)b::text[])
          WITH ORDINALITY AS x(program_id, kind, idempotency_key, request_hash, account_id,
                               counterparty_id, ref_posting_id, amount, reason, actor,
                               created_at, digest, n)
@@ -293,34 +293,34 @@ WITH p AS (
 ), l AS (
     INSERT INTO lines (posting_id, account_id, amount)
     SELECT p.id, y.account_id, y.amount
-    FROM unnest(%(line_keys)s::text[], %(line_accounts)s::bigint[], %(line_amounts)s::bigint[])
+    FROM unnest(%(line_keys)b::text[], %(line_accounts)b::bigint[], %(line_amounts)b::bigint[])
          WITH ORDINALITY AS y(key, account_id, amount, n)
     JOIN p ON p.idempotency_key = y.key
     ORDER BY y.n
 ), c AS (
     INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
     SELECT y.account_id, y.seq, p.id, y.link
-    FROM unnest(%(chain_keys)s::text[], %(chain_accounts)s::bigint[], %(chain_seqs)s::bigint[],
-                %(chain_links)s::text[]) AS y(key, account_id, seq, link)
+    FROM unnest(%(chain_keys)b::text[], %(chain_accounts)b::bigint[], %(chain_seqs)b::bigint[],
+                %(chain_links)b::text[]) AS y(key, account_id, seq, link)
     JOIN p ON p.idempotency_key = y.key
 ), a AS (
     INSERT INTO allocations (posting_id, lot_id, amount)
     SELECT p.id, y.lot_id, y.amount
-    FROM unnest(%(alloc_keys)s::text[], %(alloc_lots)s::bigint[], %(alloc_amounts)s::bigint[])
+    FROM unnest(%(alloc_keys)b::text[], %(alloc_lots)b::bigint[], %(alloc_amounts)b::bigint[])
          WITH ORDINALITY AS y(key, lot_id, amount, n)
     JOIN p ON p.idempotency_key = y.key
     ORDER BY y.n
 ), lu AS (
     UPDATE lots SET remaining = lots.remaining + y.amount
-    FROM unnest(%(alloc_lots)s::bigint[], %(alloc_amounts)s::bigint[]) AS y(lot_id, amount)
+    FROM unnest(%(alloc_lots)b::bigint[], %(alloc_amounts)b::bigint[]) AS y(lot_id, amount)
     WHERE lots.id = y.lot_id
 ), nl AS (
     INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at,
                       source_lot_id)
     SELECT y.account_id, p.id, y.amount, y.amount, y.available_at, y.expires_at, y.source
-    FROM unnest(%(lot_keys)s::text[], %(lot_accounts)s::bigint[], %(lot_amounts)s::bigint[],
-                %(lot_available)s::timestamptz[], %(lot_expires)s::timestamptz[],
-                %(lot_sources)s::bigint[])
+    FROM unnest(%(lot_keys)b::text[], %(lot_accounts)b::bigint[], %(lot_amounts)b::bigint[],
+                %(lot_available)b::timestamptz[], %(lot_expires)b::timestamptz[],
+                %(lot_sources)b::bigint[])
          WITH ORDINALITY AS y(key, account_id, amount, available_at, expires_at, source, n)
     JOIN p ON p.idempotency_key = y.key
     ORDER BY y.n
@@ -328,8 +328,8 @@ WITH p AS (
     UPDATE accounts
     SET balance = accounts.balance + y.balance, frozen = accounts.frozen + y.frozen,
         debt = accounts.debt + y.debt, head_seq = y.seq, head_hash = y.link
-    FROM unnest(%(acc_ids)s::bigint[], %(acc_balance)s::bigint[], %(acc_frozen)s::bigint[],
-                %(acc_debt)s::bigint[], %(acc_seq)s::bigint[], %(acc_link)s::text[])
+    FROM unnest(%(acc_ids)b::bigint[], %(acc_balance)b::bigint[], %(acc_frozen)b::bigint[],
+                %(acc_debt)b::bigint[], %(acc_seq)b::bigint[], %(acc_link)b::text[])
          AS y(id, balance, frozen, debt, seq, link)
     WHERE accounts.id = y.id
 )
