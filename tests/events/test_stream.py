@@ -181,6 +181,18 @@ def wait_until(what: str, check: Callable[[], bool], within: float = DRAINED_WIT
         time.sleep(0.05)
 
 
+def wait_stored(db: Database, program_id: int, total: int, stall: float = DRAINED_WITHIN) -> None:
+    """Until ``total`` events of the programme are stored. A slow machine is given the time
+    it needs: this fails only when no event was stored for ``stall`` seconds."""
+    seen, moved = -1, time.monotonic()
+    while (count := stored_count(db, program_id)) != total:
+        assert count < total, f"{count} events stored, more than the {total} published"
+        if count != seen:
+            seen, moved = count, time.monotonic()
+        assert time.monotonic() - moved < stall, f"stuck at {count} of {total} for {stall:.0f} s"
+        time.sleep(0.05)
+
+
 def wait_drained(names: Names, within: float = DRAINED_WITHIN) -> None:
     """Until every message was delivered and acknowledged."""
     wait_until("drained", lambda: consumer_state(names) == (0, 0), within)
@@ -581,7 +593,7 @@ def test_a_worker_killed_in_the_middle_of_a_batch_loses_nothing_and_doubles_noth
         assert at_kill < total, "the worker finished before the kill: publish more events"
         assert in_flight > 0, "the kill did not land in a batch"
         second = WorkerProcess(db, names, log)
-        wait_until("complete", lambda: stored_count(db, program.id) == total)
+        wait_stored(db, program.id, total)
         wait_drained(names)
         assert second.stop() == 0, log.read_text()[-3000:]
     finally:
@@ -656,7 +668,7 @@ def test_the_worker_rides_out_a_nats_restart(db: Database, tmp_path: Path) -> No
             time.sleep(1.0)
             assert stored_count(db, program.id) < len(orders), "finished before the restart"
             server.start()
-            wait_until("complete", lambda: stored_count(db, program.id) == len(orders))
+            wait_stored(db, program.id, len(orders))
             wait_drained(names)
             stats = worker.finish()
     finally:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import Row, RowMapping, func, select
 
 from jifen.api.schemas import NO_NUL
+from jifen.db.bulk import among
 from jifen.db.uow import Database, UnitOfWork
 from jifen.db.upsert import upsert
 from jifen.errors import IdempotencyConflict, InvalidInput, OrderNotSeen, UnknownEvent
@@ -1126,7 +1127,7 @@ def spend_and_counts(
     rows = uow.conn.execute(
         select(events.c.member_id, events.c.type, func.sum(events.c.amount_fen), func.count())
         .where(
-            events.c.member_id.in_(ids),
+            among(uow.dialect, events.c.member_id, ids),
             events.c.occurred_at > since,
             events.c.occurred_at <= until,
             events.c.type.in_(sorted({"order.paid", "order.refunded", *counted})),

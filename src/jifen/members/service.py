@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
+from jifen.db.bulk import among
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
 from jifen.members import core
@@ -124,7 +125,7 @@ def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, st
     if not ids:
         return {}
     rows = uow.conn.execute(
-        select(members.c.id, members.c.external_ref).where(members.c.id.in_(ids))
+        select(members.c.id, members.c.external_ref).where(among(uow.dialect, members.c.id, ids))
     )
     return {int(member_id): ref for member_id, ref in rows}
 
@@ -139,7 +140,10 @@ def rule_facts(
             members.c.id, members.c.tags, members.c.region, members.c.birthday,
             members.c.created_at,
         )
-        .where(members.c.program_id == program_id, members.c.id.in_(sorted(set(member_ids))))
+        .where(
+            members.c.program_id == program_id,
+            among(uow.dialect, members.c.id, sorted(set(member_ids))),
+        )
         .order_by(members.c.id)
     )  # fmt: skip
     if lock and uow.dialect == "postgresql":
@@ -172,7 +176,7 @@ def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
         return
     uow.conn.execute(
         select(members.c.id)
-        .where(members.c.id.in_(sorted(set(member_ids))))
+        .where(among(uow.dialect, members.c.id, sorted(set(member_ids))))
         .order_by(members.c.id)
         .with_for_update(key_share=True)
     )
@@ -241,7 +245,7 @@ def require_members(uow: UnitOfWork, *, program_id: int, member_ids: Iterable[in
     found = set(
         uow.conn.execute(
             select(members.c.id).where(
-                members.c.id.in_(sorted(wanted)), members.c.program_id == program_id
+                among(uow.dialect, members.c.id, sorted(wanted)), members.c.program_id == program_id
             )
         ).scalars()
     )
@@ -260,7 +264,7 @@ def contacts(
         return {}
     rows = uow.conn.execute(
         select(members.c.id, members.c.email, members.c.phone_enc).where(
-            members.c.id.in_(ids), members.c.program_id == program_id
+            among(uow.dialect, members.c.id, ids), members.c.program_id == program_id
         )
     ).all()
     return {

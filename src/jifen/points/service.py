@@ -22,6 +22,7 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Row
 
 from jifen import ledger
+from jifen.db.bulk import among
 from jifen.db.uow import UnitOfWork
 from jifen.errors import (
     IdempotencyConflict,
@@ -979,7 +980,7 @@ def last_activity(
     rows = uow.conn.execute(
         select(accounts.c.member_id, func.max(postings.c.created_at))
         .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
-        .where(accounts.c.member_id.in_(member_ids), postings.c.kind.in_(kinds))
+        .where(among(uow.dialect, accounts.c.member_id, member_ids), postings.c.kind.in_(kinds))
         .group_by(accounts.c.member_id)
     ).all()
     return {int(m): when for m, when in rows}
@@ -1048,7 +1049,7 @@ def expiring_between(
         select(accounts.c.member_id, lots.c.expires_at, func.sum(lots.c.remaining))
         .select_from(lots.join(accounts, accounts.c.id == lots.c.account_id))
         .where(
-            accounts.c.member_id.in_(ids),
+            among(uow.dialect, accounts.c.member_id, ids),
             lots.c.remaining > 0,
             lots.c.expires_at > start,
             lots.c.expires_at <= end,
@@ -1345,7 +1346,7 @@ def earned_by(
         select(accounts.c.member_id, func.sum(signed))
         .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
         .where(
-            accounts.c.member_id.in_(ids),
+            among(uow.dialect, accounts.c.member_id, ids),
             accounts.c.currency == CURRENCY,
             postings.c.kind.in_(("earn", "reverse")),
             postings.c.created_at > since,

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
+from jifen.db.bulk import among
 from jifen.points.models import accounts, allocations, chain_entries, lines, lots, postings
 
 
@@ -78,7 +79,10 @@ def lock_accounts(conn: Connection, member_ids: Sequence[int], key: str) -> list
     )
     rows = conn.execute(
         select(*ACCOUNT_COLUMNS, replay)
-        .where(accounts.c.member_id.in_(member_ids), accounts.c.currency == "points")
+        .where(
+            among(conn.dialect.name, accounts.c.member_id, member_ids),
+            accounts.c.currency == "points",
+        )
         .order_by(accounts.c.id)
     )
     return [tuple(row) for row in rows]
@@ -132,7 +136,11 @@ def accounts_with_due_lots(
 
 def lock_accounts_by_id(conn: Connection, account_ids: Sequence[int]) -> list[AccountRow]:
     """Lock member accounts by their own ids, in id order (see :func:`lock_accounts`)."""
-    query = select(*ACCOUNT_COLUMNS).where(accounts.c.id.in_(account_ids)).order_by(accounts.c.id)
+    query = (
+        select(*ACCOUNT_COLUMNS)
+        .where(among(conn.dialect.name, accounts.c.id, account_ids))
+        .order_by(accounts.c.id)
+    )
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(key_share=True, of=accounts)  # FOR NO KEY UPDATE
     return [(*row, None) for row in conn.execute(query)]
@@ -147,7 +155,8 @@ def due_lots(
         lots.c.account_id, lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at,
         lots.c.expires_at,
     ).where(
-        lots.c.account_id.in_(account_ids), lots.c.remaining > 0, lots.c.expires_at <= now
+        among(conn.dialect.name, lots.c.account_id, account_ids), lots.c.remaining > 0,
+        lots.c.expires_at <= now,
     )  # fmt: skip
     return [tuple(row) for row in conn.execute(query)]
 

@@ -23,9 +23,10 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import delete, select
 
 from jifen.db import bulk
+from jifen.db.bulk import among
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownTier
@@ -179,7 +180,7 @@ def tiers_of(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
         return {}
     rows = uow.conn.execute(
         select(member_tiers.c.member_id, member_tiers.c.tier_code).where(
-            member_tiers.c.member_id.in_(ids)
+            among(uow.dialect, member_tiers.c.member_id, ids)
         )
     ).all()
     return {r.member_id: r.tier_code for r in rows}
@@ -283,7 +284,7 @@ def _standings(uow: UnitOfWork, ids: Iterable[int]) -> dict[int, core.Standing]:
             member_tiers.c.tier_code,
             member_tiers.c.base_tier_code,
             member_tiers.c.temporary_until,
-        ).where(member_tiers.c.member_id.in_(wanted))
+        ).where(among(uow.dialect, member_tiers.c.member_id, wanted))
     ).all()
     return {
         int(r.member_id): core.Standing(
@@ -449,48 +450,21 @@ def _apply(
         assert after.tier is not None, "a decision always names a tier"
         why = "; ".join(part for part in (reason, move.decision.reason) if part)
         values = {
-            "b_member": move.member_id,
-            "b_tier": after.tier,
-            "b_base": after.base_tier if after.temporary else None,
-            "b_until": after.temporary_until,
+            "member_id": move.member_id,
+            "base_tier_code": after.base_tier if after.temporary else None,
+            "temporary_until": after.temporary_until,
         }
         if after.tier == move.before.tier:
             quiet.append(values)  # only what a temporary upgrade goes back to changed
             continue
-        values |= {"b_since": now, "b_reason": why, "b_by": actor}
+        values |= {"tier_code": after.tier, "since": now, "reason": why, "set_by": actor}
         (inserts if move.before.tier is None else updates).append(values)
         changes.append(
             (move.member_id, move.before.tier, after.tier, move.decision.kind, why, move.score)
         )
-    fields: dict[str, Any] = {
-        "tier_code": bindparam("b_tier"),
-        "since": bindparam("b_since"),
-        "reason": bindparam("b_reason"),
-        "set_by": bindparam("b_by"),
-        "base_tier_code": bindparam("b_base"),
-        "temporary_until": bindparam("b_until"),
-    }
-    if inserts:
-        uow.conn.execute(
-            member_tiers.insert().values(
-                member_id=bindparam("b_member"), program_id=program_id, **fields
-            ),
-            inserts,
-        )
-    if updates:
-        uow.conn.execute(
-            member_tiers.update()
-            .where(member_tiers.c.member_id == bindparam("b_member"))
-            .values(**fields),
-            updates,
-        )
-    if quiet:
-        uow.conn.execute(
-            member_tiers.update()
-            .where(member_tiers.c.member_id == bindparam("b_member"))
-            .values(base_tier_code=bindparam("b_base"), temporary_until=bindparam("b_until")),
-            quiet,
-        )
+    bulk.insert_many(uow.conn, member_tiers, [{**v, "program_id": program_id} for v in inserts])
+    bulk.update_many(uow.conn, member_tiers, "member_id", updates)
+    bulk.update_many(uow.conn, member_tiers, "member_id", quiet)
     return _record(uow, program_id, changes, now, actor)
 
 

@@ -1,0 +1,107 @@
+"""Many rows in one statement, on both backends: what goes in comes back in order, an
+update touches exactly its rows, and ``among`` finds what ``IN`` finds."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Column, Integer, MetaData, String, Table, select
+
+from jifen.db import bulk
+from jifen.db.base import UTCDateTime
+from jifen.db.uow import Database, UnitOfWork
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def scratch(db: Database) -> Iterator[Table]:
+    """A table of this test's own, dropped after it."""
+    table = Table(
+        f"scratch_{uuid.uuid4().hex[:10]}",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("code", String(40), nullable=False, unique=True),
+        Column("note", String(200)),
+        Column("at", UTCDateTime()),
+    )
+    table.create(db.engine)
+    try:
+        yield table
+    finally:
+        table.drop(db.engine)
+
+
+def rows_of(db: Database, table: Table) -> list[tuple[object, ...]]:
+    def read(uow: UnitOfWork) -> list[tuple[object, ...]]:
+        return [tuple(r) for r in uow.conn.execute(select(table).order_by(table.c.id))]
+
+    return db.run(read, read_only=True)
+
+
+def test_insert_many_returns_the_rows_in_order_and_skips_conflicts(
+    db: Database, scratch: Table
+) -> None:
+    rows = [
+        {"code": f"c{i}", "note": None if i % 3 == 0 else f"说明 {i} 'quoted'", "at": AT}
+        for i in range(500)
+    ]
+    ids = db.run(lambda uow: bulk.insert_many(uow.conn, scratch, rows, returning=[scratch.c.id]))
+    assert [i for (i,) in ids] == sorted(i for (i,) in ids)
+    stored = rows_of(db, scratch)
+    assert [(r[1], r[2], r[3]) for r in stored] == [(r["code"], r["note"], r["at"]) for r in rows]
+    again = [{"code": "c7", "note": "twin", "at": AT}, {"code": "new", "note": "x", "at": AT}]
+    got = db.run(
+        lambda uow: bulk.insert_many(
+            uow.conn, scratch, again, returning=[scratch.c.code], skip_conflicts=True
+        )
+    )
+    assert got == [("new",)]
+    assert len(rows_of(db, scratch)) == 501
+
+
+def test_update_many_changes_exactly_the_keyed_rows(db: Database, scratch: Table) -> None:
+    rows = [{"code": f"c{i}", "note": "before", "at": AT} for i in range(300)]
+    db.run(lambda uow: bulk.insert_many(uow.conn, scratch, rows))
+    changes = [
+        {"code": f"c{i}", "note": None if i % 2 else f"after {i}", "at": AT + timedelta(days=i)}
+        for i in range(0, 300, 3)
+    ]
+    db.run(lambda uow: bulk.update_many(uow.conn, scratch, "code", changes))
+    db.run(lambda uow: bulk.update_many(uow.conn, scratch, "code", []))  # nothing to do
+    wanted = {r["code"]: (r["note"], r["at"]) for r in rows} | {
+        c["code"]: (c["note"], c["at"]) for c in changes
+    }
+    assert {r[1]: (r[2], r[3]) for r in rows_of(db, scratch)} == wanted
+
+
+@pytest.fixture
+def numbered(db: Database, scratch: Table) -> Table:
+    """The scratch table holding ids 1 to 2,000 but every seventh."""
+    rows = [{"id": i, "code": f"n{i}", "note": None, "at": None} for i in range(1, 2_001)
+            if i % 7]  # fmt: skip
+    db.run(lambda uow: bulk.insert_many(uow.conn, scratch, rows))
+    return scratch
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(wanted=st.lists(st.integers(min_value=-5, max_value=2_500), max_size=3_000))
+def test_among_finds_what_in_finds(db: Database, numbered: Table, wanted: list[int]) -> None:
+    expected = {i for i in wanted if 1 <= i <= 2_000 and i % 7}
+
+    def both(uow: UnitOfWork) -> tuple[set[int], set[int]]:
+        column = numbered.c.id
+        by_among = uow.conn.execute(
+            select(column).where(bulk.among(uow.dialect, column, wanted))
+        ).scalars()
+        by_in = uow.conn.execute(select(column).where(column.in_(wanted))).scalars()
+        return set(by_among), set(by_in)
+
+    by_among, by_in = db.run(both, read_only=True)
+    assert by_among == by_in == expected
