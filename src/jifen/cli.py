@@ -741,6 +741,16 @@ def jobs_list() -> None:
     out.print(table)
 
 
+JobPause = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=100.0,
+        help="After each chunk, wait this many times as long as the chunk took, leaving the "
+        "machine to live traffic (1.0: about half).",
+    ),
+]  # fmt: skip
+
+
 @jobs_app.command("run")
 def jobs_run(
     name: Annotated[str, typer.Argument(help="The job, as `jifen jobs list` names it.")],
@@ -751,6 +761,7 @@ def jobs_run(
     ] = None,
     size: Annotated[int | None, typer.Option(min=1, max=100_000, help="Chunk size.")] = None,
     dry_run: DryRun = False,
+    pause: JobPause = 0.0,
 ) -> None:
     """Run a job once for a programme. A run for a moment that already finished does
     nothing; one cut short continues where it stopped."""
@@ -775,10 +786,12 @@ def jobs_run(
 
         report = jobs_service.run(
             database, name, program_id=program_id, now=moment, size=size, dry_run=dry_run,
-            progress=progress,
+            progress=progress, pause=pause,
         )  # fmt: skip
     shown = ", ".join(f"{k} {v:,}" for k, v in report.figures.items()) or "-"
     verb = {"done": ("done", "完成"), "already-done": ("already done", "此前已完成"),
+            "running": ("this worker's share done, others still at it",
+                        "本进程的部分已完成,其他进程仍在进行"),
             "dry-run": ("dry run, nothing changed", "演练,未做任何更改")}[report.state]  # fmt: skip
     at = report.run_at.isoformat()
     out.print(
@@ -806,6 +819,7 @@ def worker(
         bool,
         typer.Option("--jobs/--no-jobs", help="Run the scheduled jobs (`jifen jobs list`)."),
     ] = True,
+    job_pause: JobPause = 0.0,
 ) -> None:
     """Ingest events from NATS JetStream (JIFEN_NATS_URL) and run the scheduled jobs, until
     Ctrl+C or SIGTERM. Run as many workers as needed: they share one durable consumer, and
@@ -819,7 +833,7 @@ def worker(
         stop = event_stream.stop_on_signals()
         scheduler = None
         if run_jobs:
-            scheduler = jobs_scheduler.Scheduler(database)
+            scheduler = jobs_scheduler.Scheduler(database, pause=job_pause)
             scheduler.start()
             out.print(_say(f"jifen worker: {len(scheduler.scheduled)} scheduled jobs",
                            f"jifen worker:已计划 {len(scheduler.scheduled)} 个任务"),

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import InvalidInput
 from jifen.jobs import core
 from jifen.jobs import service as jobs
 from jifen.jobs.models import job_runs
@@ -133,24 +134,53 @@ def test_a_run_cut_short_continues_where_it_stopped_and_never_runs_twice(
     assert_each_due_lot_expired_once(db, program_id, 10)
 
 
-def test_two_workers_on_one_run_share_it_chunk_by_chunk(pg: Database) -> None:
-    program_id, _ = seed(pg, 80)
-    moment = pg.clock.now() + timedelta(days=11)
+def test_a_paced_run_rests_after_each_chunk_in_proportion_and_does_the_same_work(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program_id, _ = seed(db, 10)
+    db.clock.advance(timedelta(days=11))  # type: ignore[attr-defined]
+    rests: list[float] = []
+    monkeypatch.setattr(jobs.time, "sleep", rests.append)
+    chunks: list[int] = []
+    report = jobs.run(db, "points.expire", program_id=program_id, size=4, pause=2.5,
+                      progress=lambda n, _: chunks.append(n))  # fmt: skip
+    assert report.state == "done"
+    assert report.figures == {"accounts": 10, "lots": 10, "points": 600}
+    # A rest after every chunk but the last, each 2.5 times a chunk's time (never nothing).
+    assert len(rests) == len(chunks) == report.chunks - 1 >= 2
+    assert all(rest > 0 for rest in rests)
+    assert_each_due_lot_expired_once(db, program_id, 10)
+    with pytest.raises(InvalidInput, match="pause"):
+        jobs.run(db, "points.expire", program_id=program_id, pause=-1)
+
+
+def in_threads(count: int, run: Callable[[], jobs.RunReport]) -> list[jobs.RunReport]:
+    """``run`` in ``count`` threads at once, as that many workers; their reports (any
+    error in one fails the test)."""
     reports: list[jobs.RunReport] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            reports.append(jobs.run(pg, "points.expire", program_id=program_id, now=moment, size=7))
+            reports.append(run())
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert errors == []
+    return reports
+
+
+def test_two_workers_on_one_run_share_it_chunk_by_chunk(pg: Database) -> None:
+    program_id, _ = seed(pg, 80)
+    moment = pg.clock.now() + timedelta(days=11)
+    reports = in_threads(
+        4, lambda: jobs.run(pg, "points.expire", program_id=program_id, now=moment, size=7)
+    )
     assert {r.state for r in reports} <= {"done", "already-done"}
     assert {r.figures["points"] for r in reports} == {80 * 60}
     assert_each_due_lot_expired_once(pg, program_id, 80)
@@ -168,7 +198,9 @@ def test_expiry_killed_with_sigkill_then_run_again_expires_each_due_lot_once(
     ]  # fmt: skip
     env = {**os.environ, "JIFEN_DATA_DIR": str(tmp_path)}
     log = (tmp_path / "job.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+    # The first run paced (a rest after each chunk), as one beside live traffic would be.
+    paced = [*command, "--pause", "0.2"]
+    process = subprocess.Popen(paced, env=env, stdout=log, stderr=log, start_new_session=True)
 
     def chunks_done() -> int:
         return int(

@@ -11,6 +11,7 @@ from jifen.events import service as events_service
 from jifen.expiry import service as expiry_service
 from jifen.jobs.core import Chunk
 from jifen.jobs.service import Job, register
+from jifen.members import service as members_service
 from jifen.notify import service as notify_service
 from jifen.points import integrity
 from jifen.programs import service as programs_service
@@ -101,6 +102,7 @@ register(Job("events.birthdays", "Birthday events", "生日事件", whole=_birth
 
 
 def _evaluate_tiers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    """A chunk of the evaluation (a dry run goes chunk by chunk)."""
     if tiers_service.scheme_of(uow, program_id=program_id) is None:
         return Chunk(cursor, True, {"evaluated": 0})
     ids = tiers_service.member_ids_page(
@@ -108,16 +110,37 @@ def _evaluate_tiers(uow: UnitOfWork, program_id: int, cursor: int, size: int) ->
     )
     if not ids:
         return Chunk(cursor, True)
+    return Chunk(ids[-1], len(ids) < size, _evaluate_tier_members(uow, program_id, ids))
+
+
+def _tier_part_ends(uow: UnitOfWork, program_id: int, size: int) -> list[int]:
+    if tiers_service.scheme_of(uow, program_id=program_id) is None:
+        return []  # one part, which finds no scheme either
+    return members_service.every_nth_id(uow, program_id=program_id, n=size)
+
+
+def _evaluate_tier_part(
+    uow: UnitOfWork, program_id: int, after: int, last: int | None
+) -> dict[str, int]:
+    """A part of the evaluation, as the workers share it out: members (after, last]."""
+    if tiers_service.scheme_of(uow, program_id=program_id) is None:
+        return {"evaluated": 0}
+    ids = tiers_service.member_ids_page(
+        uow, program_id=program_id, after_member_id=after, limit=None, up_to_member_id=last
+    )
+    return _evaluate_tier_members(uow, program_id, ids) if ids else {}
+
+
+def _evaluate_tier_members(uow: UnitOfWork, program_id: int, ids: list[int]) -> dict[str, int]:
     now = uow.clock.now()
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     done = tiers_service.evaluate(
         uow, program_id=program_id, member_ids=ids, now=now,
         reason=f"evaluation of {now.astimezone(zone).date().isoformat()}",
     )  # fmt: skip
-    figures = {"evaluated": done.evaluated, "upgraded": done.upgraded,
-               "downgraded": done.downgraded, "temporary": done.temporary,
-               "unchanged": done.unchanged}  # fmt: skip
-    return Chunk(ids[-1], len(ids) < size, figures)
+    return {"evaluated": done.evaluated, "upgraded": done.upgraded,
+            "downgraded": done.downgraded, "temporary": done.temporary,
+            "unchanged": done.unchanged}  # fmt: skip
 
 
 def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
@@ -132,7 +155,7 @@ def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
 
 register(
     Job("tiers.evaluate", "Tier evaluation by score", "按积分评定等级", _evaluate_tiers,
-        size=2000, due=_evaluation_due)
+        size=2000, due=_evaluation_due, part_ends=_tier_part_ends, part=_evaluate_tier_part)
 )  # fmt: skip
 
 

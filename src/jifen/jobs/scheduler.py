@@ -30,8 +30,9 @@ GLOBAL_JOBS = frozenset({"notify.deliver"})
 """Jobs that serve every programme at once (the outbox)."""
 
 
-def fire(db: Database, name: str, program_id: int | None) -> None:
-    """Run one scheduled job; a failure is logged and left for the next firing."""
+def fire(db: Database, name: str, program_id: int | None, pause: float = 0.0) -> None:
+    """Run one scheduled job (paced by ``pause``, as :func:`jobs_service.run` says); a
+    failure is logged and left for the next firing."""
     try:
         if program_id is None:
             figures = jobs_service.run_global(db, name)
@@ -43,7 +44,7 @@ def fire(db: Database, name: str, program_id: int | None) -> None:
             lambda uow: job.due(uow, program_id) if job.due else True, read_only=True
         ):
             return
-        report = jobs_service.run(db, name, program_id=program_id)
+        report = jobs_service.run(db, name, program_id=program_id, pause=pause)
         log.info("%s programme %s: %s %s", name, program_id, report.state, report.figures)
     except Exception:
         log.exception("%s programme %s failed; the next run continues it", name, program_id)
@@ -52,9 +53,12 @@ def fire(db: Database, name: str, program_id: int | None) -> None:
 class Scheduler:
     """Every job of every programme on its schedule, in a background thread."""
 
-    def __init__(self, db: Database, *, only: Callable[[str], bool] = lambda name: True) -> None:
+    def __init__(
+        self, db: Database, *, only: Callable[[str], bool] = lambda name: True, pause: float = 0.0
+    ) -> None:
         self.db = db
         self.only = only
+        self.pause = pause
         self.scheduler = BackgroundScheduler(
             timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
         )
@@ -82,7 +86,7 @@ class Scheduler:
                         else IntervalTrigger(seconds=schedule.seconds or 60)
                     )
                     self.scheduler.add_job(
-                        fire, trigger, args=(self.db, name, program_id),
+                        fire, trigger, args=(self.db, name, program_id, self.pause),
                         id=f"{name}:{program_id}", replace_existing=True,
                     )  # fmt: skip
                     self.scheduled.add((name, program_id))

@@ -7,6 +7,13 @@ cursor — together, so a crash loses at most the chunk in flight, which the nex
 does again. A second worker on the same run waits on that lock and then continues from
 the cursor: one worker does each chunk. A finished run is not run again.
 
+A job over the programme's members (tier evaluation) can instead share its members out:
+when its run starts, the members are cut into parts of a chunk's size (one row each in
+``job_parts``), and each worker takes the next part no other worker holds (``FOR UPDATE
+SKIP LOCKED``), does it and marks it done in the same transaction. Several workers then
+work side by side, each on its own part; one that dies leaves its part to do, unlocked.
+The run is done when its last part is.
+
 Jobs whose work keys itself (events keyed by member and year, notifications by their
 key) run whole, without a run record: running them twice changes nothing either.
 """
@@ -14,6 +21,7 @@ key) run whole, without a run record: running them twice changes nothing either.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -22,16 +30,22 @@ from typing import Any
 from sqlalchemy import select
 
 from jifen.clock import ManualClock
+from jifen.db import bulk
 from jifen.db.uow import Database, UnitOfWork
 from jifen.db.upsert import insert_missing
 from jifen.errors import InvalidInput
 from jifen.jobs import core
-from jifen.jobs.models import job_runs
+from jifen.jobs.models import job_parts, job_runs
 
 ChunkFn = Callable[[UnitOfWork, int, int, int], core.Chunk]
 """(unit of work, programme id, cursor, chunk size) → what the chunk did."""
 WholeFn = Callable[[Database, int], dict[str, int]]
 """(database with its clock at the run's moment, programme id) → figures."""
+PartEndsFn = Callable[[UnitOfWork, int, int], list[int]]
+"""(unit of work, programme id, part size) → the key each part but the last ends at
+(keys are positive: the first part starts after 0, the last has no end)."""
+PartFn = Callable[[UnitOfWork, int, int, int | None], dict[str, int]]
+"""(unit of work, programme id, after key, last key or None) → what the part did."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,10 @@ class Job:
     due: Callable[[UnitOfWork, int], bool] | None = None
     """For the worker: whether a firing of the schedule should run the job now (a tier
     evaluation fires daily and runs on the scheme's own dates); ``None``: always."""
+    part_ends: PartEndsFn | None = None
+    part: PartFn | None = None
+    """Both given: runs share the keys out in parts among the workers (``chunk`` still
+    serves dry runs)."""
 
 
 _JOBS: dict[str, Job] = {}
@@ -78,7 +96,8 @@ class RunReport:
     program_id: int
     run_at: datetime
     state: str
-    """done, or already-done when an earlier run for the same moment finished it."""
+    """done; already-done when an earlier run for the same moment finished it; running
+    when this worker found nothing left to take but others still hold parts of it."""
     chunks: int
     figures: dict[str, int]
     dry_run: bool = False
@@ -101,10 +120,15 @@ def run(
     size: int | None = None,
     dry_run: bool = False,
     progress: Callable[[int, dict[str, int]], None] | None = None,
+    pause: float = 0.0,
 ) -> RunReport:
     """Run job ``name`` for the programme as of ``now`` (default: the database clock, to the
     minute). ``dry_run`` does the whole work in one transaction, counts it and rolls it
-    back: the figures say what a real run would change."""
+    back: the figures say what a real run would change. ``pause`` paces a run beside live
+    traffic: after each chunk it waits ``pause`` times as long as the chunk took (at 1.0 the
+    run takes about twice as long and leaves about half of what it used to the traffic)."""
+    if not 0 <= pause <= 100:
+        raise InvalidInput(field="pause", problem="give a pause from 0 (none) to 100")
     job = get(name)
     moment = core.run_moment(now if now is not None else db.clock.now())
     limit = size or job.size
@@ -113,9 +137,11 @@ def run(
     if job.whole is not None:
         figures = job.whole(db.with_clock(ManualClock(moment)), program_id)
         return RunReport(job.name, program_id, moment, "done", 1, figures)
+    db.run(lambda uow: _open_run(uow, job.name, program_id, moment))
+    if job.part_ends is not None and job.part is not None:
+        return _run_parts(db, job, program_id, moment, limit, progress, pause)
     assert job.chunk is not None
     chunk_fn = job.chunk
-    db.run(lambda uow: _open_run(uow, job.name, program_id, moment))
     while True:
 
         def step(uow: UnitOfWork) -> tuple[str, int, dict[str, int]]:
@@ -137,11 +163,102 @@ def run(
             )  # fmt: skip
             return state, row.chunks + 1, figures
 
+        started = time.monotonic()
         state, chunks, figures = db.run(step)
         if state != "running":
             return RunReport(job.name, program_id, moment, state, chunks, figures)
         if progress is not None:
             progress(chunks, figures)
+        if pause:
+            time.sleep(pause * (time.monotonic() - started))
+
+
+def _run_parts(
+    db: Database,
+    job: Job,
+    program_id: int,
+    moment: datetime,
+    size: int,
+    progress: Callable[[int, dict[str, int]], None] | None,
+    pause: float,
+) -> RunReport:
+    """Take parts of the run until none is left to take (see the module's docstring)."""
+    part_ends, part_fn = job.part_ends, job.part
+    assert part_ends is not None
+    assert part_fn is not None
+
+    def share_out(uow: UnitOfWork) -> tuple[int, str]:
+        row = _lock_run(uow, job.name, program_id, moment)
+        if row.state == "done":
+            return row.id, "already-done"
+        made = select(job_parts.c.after_key).where(job_parts.c.run_id == row.id).limit(1)
+        if uow.conn.execute(made).first() is None:
+            ends = part_ends(_at(uow, moment), program_id, size)
+            bulk.insert_many(uow.conn, job_parts, [
+                {"run_id": row.id, "after_key": after, "last_key": last, "state": "todo"}
+                for after, last in zip([0, *ends], [*ends, None], strict=True)
+            ])  # fmt: skip
+        return row.id, "running"
+
+    run_id, state = db.run(share_out)
+    taken, mine = 0, dict[str, int]()
+    while state == "running":
+        started = time.monotonic()
+
+        def take(uow: UnitOfWork) -> dict[str, int] | None:
+            query = (
+                select(job_parts.c.after_key, job_parts.c.last_key)
+                .where(job_parts.c.run_id == run_id, job_parts.c.state == "todo")
+                .order_by(job_parts.c.after_key)
+                .limit(1)
+            )
+            if uow.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            part = uow.conn.execute(query).first()
+            if part is None:
+                return None
+            figures = part_fn(_at(uow, moment), program_id, part.after_key, part.last_key)
+            uow.conn.execute(
+                job_parts.update()
+                .where(job_parts.c.run_id == run_id, job_parts.c.after_key == part.after_key)
+                .values(state="done", figures=json.dumps(figures), done_at=uow.clock.now())
+            )
+            return figures
+
+        figures = db.run(take)
+        if figures is None:
+            break
+        taken, mine = taken + 1, core.add(mine, figures)
+        if progress is not None:
+            progress(taken, mine)
+        if pause:
+            time.sleep(pause * (time.monotonic() - started))
+
+    def finish(uow: UnitOfWork) -> RunReport:
+        row = _lock_run(uow, job.name, program_id, moment)
+        if row.state == "done":
+            state = "already-done" if taken == 0 else "done"
+            return RunReport(job.name, program_id, moment, state, row.chunks,
+                             json.loads(row.figures))  # fmt: skip
+        parts = uow.conn.execute(
+            select(job_parts.c.state, job_parts.c.figures).where(job_parts.c.run_id == run_id)
+        ).all()
+        totals: dict[str, int] = {}
+        for part in parts:
+            totals = core.add(totals, json.loads(part.figures))
+        done = sum(1 for part in parts if part.state == "done")
+        if done < len(parts):
+            return RunReport(job.name, program_id, moment, "running", done, totals)
+        now = uow.clock.now()
+        uow.conn.execute(
+            job_runs.update()
+            .where(job_runs.c.id == row.id)
+            .values(state="done", chunks=done, figures=json.dumps(totals), updated_at=now,
+                    finished_at=now)
+        )  # fmt: skip
+        return RunReport(job.name, program_id, moment, "done", done, totals)
+
+    return db.run(finish)
 
 
 def _dry_run(db: Database, job: Job, program_id: int, moment: datetime, limit: int) -> RunReport:

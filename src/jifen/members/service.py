@@ -550,13 +550,31 @@ def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyR
 
 
 def ids_page(
-    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int = 1000
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    after_id: int = 0,
+    limit: int | None = 1000,
+    up_to_id: int | None = None,
 ) -> list[int]:
-    """The ids of the programme's members after ``after_id``, in id order (for chunked jobs)."""
+    """The ids of the programme's members after ``after_id`` (and up to ``up_to_id``), in id
+    order, at most ``limit`` of them (for chunked jobs)."""
+    query = select(members.c.id).where(members.c.program_id == program_id, members.c.id > after_id)
+    if up_to_id is not None:
+        query = query.where(members.c.id <= up_to_id)
+    rows = uow.conn.execute(query.order_by(members.c.id).limit(limit)).scalars()
+    return [int(member_id) for member_id in rows]
+
+
+def every_nth_id(uow: UnitOfWork, *, program_id: int, n: int) -> list[int]:
+    """The id of every ``n``-th member of the programme in id order (the ends of parts of
+    ``n`` members, for jobs that share their members out among workers); one query."""
+    numbered = (
+        select(members.c.id, func.row_number().over(order_by=members.c.id).label("place"))
+        .where(members.c.program_id == program_id)
+        .subquery()
+    )
     rows = uow.conn.execute(
-        select(members.c.id)
-        .where(members.c.program_id == program_id, members.c.id > after_id)
-        .order_by(members.c.id)
-        .limit(limit)
+        select(numbered.c.id).where(numbered.c.place % n == 0).order_by(numbered.c.id)
     ).scalars()
     return [int(member_id) for member_id in rows]

@@ -267,10 +267,6 @@ def publish_many(
         raise InvalidInput(
             field="event_type", problem="lower case letters, digits, '.', '_' or '-'"
         )
-    fresh = _first_times(uow, program_id, "event", [key for key, _ in items])
-    if not fresh:
-        return 0
-    now = uow.clock.now()
     subscriptions = uow.conn.execute(
         select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
                webhook_subscriptions.c.event_types)
@@ -281,7 +277,11 @@ def publish_many(
     ).all()  # fmt: skip
     targets = [row for row in subscriptions if _subscribed(row.event_types, event_type)]
     if not targets:
+        return 0  # no one to tell: nothing recorded, not even the keys
+    fresh = _first_times(uow, program_id, "event", [key for key, _ in items])
+    if not fresh:
         return 0
+    now = uow.clock.now()
     rows = []
     for key, data in items:
         if key not in fresh:

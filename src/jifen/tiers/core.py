@@ -18,10 +18,8 @@ comes out. The rules, in short:
 from __future__ import annotations
 
 import calendar
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fractions import Fraction
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -74,14 +72,15 @@ class Decision:
 # --------------------------------------------------------------------------- scores
 
 
-def _part(amount: int, per: int, score: int, weight_pct: int) -> Fraction:
+def _part(amount: int, per: int, score: int, weight_pct: int) -> int:
     # Whole blocks only (每满1000元): 999 yuan of a 1,000-yuan block counts nothing.
-    return Fraction(max(amount, 0) // per * score * weight_pct, 100)
+    return max(amount, 0) // per * score * weight_pct
 
 
 def score(parts: ScoreParts, facts: ScoreFacts) -> int:
-    """The tier score of ``facts``: the weighted sum of the parts, rounded down."""
-    total = Fraction(0)
+    """The tier score of ``facts``: the weighted sum of the parts, rounded down (the parts
+    are summed in hundredths of a point, so the sum is exact)."""
+    total = 0
     if parts.spend is not None:
         spend = parts.spend
         total += _part(facts.spend_fen, spend.per_yuan * 100, spend.score, spend.weight_pct)
@@ -91,7 +90,7 @@ def score(parts: ScoreParts, facts: ScoreFacts) -> int:
     if parts.activity is not None:
         activity = parts.activity
         total += _part(facts.activity, activity.per_events, activity.score, activity.weight_pct)
-    return math.floor(total)
+    return total // 100
 
 
 def rank(scheme: TierScheme, tier: str | None) -> int:

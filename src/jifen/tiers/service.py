@@ -240,12 +240,19 @@ def next_evaluation_at(uow: UnitOfWork, *, program_id: int, after: datetime) -> 
 
 
 def member_ids_page(
-    uow: UnitOfWork, *, program_id: int, after_member_id: int = 0, limit: int = 1000
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    after_member_id: int = 0,
+    limit: int | None = 1000,
+    up_to_member_id: int | None = None,
 ) -> list[int]:
-    """The next chunk of the programme's member ids, in id order."""
+    """The next chunk of the programme's member ids (up to ``up_to_member_id``), in id
+    order."""
     return members_service.ids_page(
-        uow, program_id=program_id, after_id=after_member_id, limit=limit
-    )
+        uow, program_id=program_id, after_id=after_member_id, limit=limit,
+        up_to_id=up_to_member_id,
+    )  # fmt: skip
 
 
 def _facts(
