@@ -9,8 +9,7 @@ end), over ``--scale`` members (default 1,000,000) with ten lots each:
    year-end lots, while ``--workers`` processes keep earning for random members beside it;
    ``earn_during_clearing``: their earn rate during the run against their rate without it
    (measured first, for ``--seconds``).
-2. ``expiry_daily_s``: the job run a day later: one day of lots (≈ 20,500 at full scale),
-   shared by ``--job-workers`` processes (the small hours: no earnings beside it).
+2. ``expiry_daily_s``: the job run a day later: one day of lots (≈ 20,500 at full scale).
 3. ``tier_eval_s``: ``tiers.evaluate`` over every member of a programme with a tier scheme,
    shared by ``--job-workers`` processes (default 2, one a core), as that many ``jifen
    worker`` processes share it.
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10, help="earn rate without the job")
     parser.add_argument("--pause", type=float, default=0.0, help="pace the year-end run")
     parser.add_argument("--job-workers", type=int, default=2,
-                        help="workers sharing the daily run and the tier evaluation")  # fmt: skip
+                        help="workers sharing the tier evaluation")  # fmt: skip
     args = parser.parse_args(argv)
     url = with_schema(args.database_url, SCHEMA)
     admin_sql(args.database_url, f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
@@ -409,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         say("daily run at 2027-01-02 00:10 ...")
         daily_at = YEAR_END + timedelta(days=1, minutes=10)
         limit_daily, _ = set_based_seconds(url, program_id, daily_at)
-        daily, _ = run_job_shared(url, program_id, daily_at, "points.expire", args.job_workers)
+        daily, _ = run_job(url, program_id, daily_at)
 
         say("tier evaluation at 2027-01-01 02:00 ...")
         evaluation_at = YEAR_END + timedelta(hours=2)

@@ -25,7 +25,7 @@ from jifen.jobs import service as jobs
 from jifen.jobs.models import job_parts, job_runs
 from jifen.points import service as points
 from jifen.tiers.models import tier_changes
-from tests.jobs.test_runner import in_threads, run_parts_done
+from tests.jobs.test_runner import in_threads
 from tests.tiers.scheme import scheme
 from tests.tiers.test_service import World
 
@@ -166,3 +166,16 @@ def test_a_tier_evaluation_killed_with_sigkill_then_run_again_places_each_member
     assert (state, done) == ("done", total)
     assert figures["evaluated"] == members
     assert_each_member_placed_once(pg, world, wanted)
+
+
+def run_parts_done(db: Database, program_id: int) -> int:
+    return int(
+        db.run(
+            lambda uow: uow.conn.execute(
+                select(func.count())
+                .select_from(job_parts.join(job_runs, job_runs.c.id == job_parts.c.run_id))
+                .where(job_runs.c.program_id == program_id, job_parts.c.state == "done")
+            ).scalar_one(),
+            read_only=True,
+        )
+    )

@@ -104,23 +104,6 @@ def expire_chunk(
     return points_service.expire_due(uow, program_id=program_id, limit=limit, freeze=freeze)
 
 
-def expiry_part_ends(uow: UnitOfWork, *, program_id: int, size: int) -> list[int]:
-    """Where the parts of an expiry run end, ``size`` accounts with due lots apiece."""
-    return points_service.expiry_part_ends(
-        uow, program_id=program_id, now=uow.clock.now(), size=size
-    )
-
-
-def expire_part(
-    uow: UnitOfWork, *, program_id: int, after: int, last: int | None
-) -> points_service.ExpiryChunk:
-    """:func:`expire_chunk` for the accounts with ids in (``after``, ``last``]."""
-    freeze = policy(uow, program_id=program_id).on_expiry == "freeze"
-    return points_service.expire_due_part(
-        uow, program_id=program_id, after=after, last=last, freeze=freeze
-    )
-
-
 def restore_frozen(
     uow: UnitOfWork, *, program_id: int, member_id: int, key: str, actor: str, reason: str
 ) -> list[PostingRead]:

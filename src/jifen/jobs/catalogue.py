@@ -22,26 +22,14 @@ log = logging.getLogger("jifen.jobs")
 
 
 def _expire(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
-    """A chunk of the expiry run (a dry run goes chunk by chunk)."""
     done = expiry_service.expire_chunk(uow, program_id=program_id, limit=size)
     figures = {"accounts": done.accounts, "lots": done.lots, "points": done.points}
     return Chunk(cursor=cursor + done.accounts, finished=done.found == 0, figures=figures)
 
 
-def _expiry_part_ends(uow: UnitOfWork, program_id: int, size: int) -> list[int]:
-    return expiry_service.expiry_part_ends(uow, program_id=program_id, size=size)
-
-
-def _expire_part(uow: UnitOfWork, program_id: int, after: int, last: int | None) -> dict[str, int]:
-    """A part of the expiry run, as the workers share it out: accounts (after, last]."""
-    done = expiry_service.expire_part(uow, program_id=program_id, after=after, last=last)
-    return {"accounts": done.accounts, "lots": done.lots, "points": done.points}
-
-
 register(
-    Job("points.expire", "Expire (or freeze) lots due", "到期积分清零(或冻结)", _expire,
-        size=1000, part_ends=_expiry_part_ends, part=_expire_part)
-)  # fmt: skip
+    Job("points.expire", "Expire (or freeze) lots due", "到期积分清零(或冻结)", _expire, size=1000)
+)
 
 
 def _dormancy(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:

@@ -812,30 +812,7 @@ def expire_due(
     run is a loop of calls until one finds no account, and a run cut short anywhere
     simply continues — no lot is expired twice, none is missed."""
     now = uow.clock.now()
-    return _expire_accounts(
-        uow, store.accounts_with_due_lots(uow.conn, program_id, now, limit), now, freeze=freeze
-    )
-
-
-def expire_due_part(
-    uow: UnitOfWork, *, program_id: int, after: int, last: int | None, freeze: bool = False
-) -> ExpiryChunk:
-    """:func:`expire_due` for the member accounts with ids in (``after``, ``last``]: a part
-    of a run that several workers share (see :func:`expiry_part_ends`)."""
-    now = uow.clock.now()
-    account_ids = store.due_accounts_between(uow.conn, program_id, now, after, last)
-    return _expire_accounts(uow, account_ids, now, freeze=freeze)
-
-
-def expiry_part_ends(uow: UnitOfWork, *, program_id: int, now: datetime, size: int) -> list[int]:
-    """Where the parts of ``size`` accounts of an expiry run at ``now`` end: every
-    ``size``-th account id among those holding due lots."""
-    return store.due_account_ids_every_nth(uow.conn, program_id, now, size)
-
-
-def _expire_accounts(
-    uow: UnitOfWork, account_ids: list[int], now: datetime, *, freeze: bool
-) -> ExpiryChunk:
+    account_ids = store.accounts_with_due_lots(uow.conn, program_id, now, limit)
     if not account_ids:
         return ExpiryChunk(0, 0, 0, found=0)
     locked = [_Account(*row[:8]) for row in store.lock_accounts_by_id(uow.conn, account_ids)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among
@@ -132,42 +132,6 @@ def accounts_with_due_lots(
         .limit(limit)
     )
     return sorted({int(account_id) for (account_id,) in conn.execute(query)})
-
-
-def _due_accounts(program_id: int, now: datetime) -> Any:
-    return (
-        select(lots.c.account_id)
-        .select_from(lots.join(accounts, accounts.c.id == lots.c.account_id))
-        .where(lots.c.remaining > 0, lots.c.expires_at <= now, accounts.c.program_id == program_id)
-        .distinct()
-    )
-
-
-def due_account_ids_every_nth(
-    conn: Connection, program_id: int, now: datetime, n: int
-) -> list[int]:
-    """Of the member accounts of the programme holding lots due at ``now``, in id order,
-    the id of every ``n``-th (where the parts of an expiry run end); one query."""
-    due = _due_accounts(program_id, now).subquery()
-    numbered = select(
-        due.c.account_id, func.row_number().over(order_by=due.c.account_id).label("place")
-    ).subquery()
-    query = select(numbered.c.account_id).where(numbered.c.place % n == 0)
-    return [
-        int(account_id) for (account_id,) in conn.execute(query.order_by(numbered.c.account_id))
-    ]
-
-
-def due_accounts_between(
-    conn: Connection, program_id: int, now: datetime, after: int, last: int | None
-) -> list[int]:
-    """The member accounts of the programme with ids in (``after``, ``last``] holding lots
-    due at ``now``, in id order."""
-    # The range on both sides of the join: the accounts are read by their key, not scanned.
-    query = _due_accounts(program_id, now).where(lots.c.account_id > after, accounts.c.id > after)
-    if last is not None:
-        query = query.where(lots.c.account_id <= last, accounts.c.id <= last)
-    return sorted(int(account_id) for (account_id,) in conn.execute(query))
 
 
 def lock_accounts_by_id(conn: Connection, account_ids: Sequence[int]) -> list[AccountRow]:
