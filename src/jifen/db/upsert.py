@@ -4,7 +4,7 @@ concurrent twin to slip into."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Table
@@ -37,3 +37,21 @@ def insert_missing(uow: UnitOfWork, table: Table, rows: Sequence[Mapping[str, An
     """Insert those of ``rows`` whose primary key is free; leave the others as they are."""
     if rows:
         uow.conn.execute(_insert(uow, table).values(list(rows)).on_conflict_do_nothing())
+
+
+def upsert_many(
+    uow: UnitOfWork,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    change: Callable[[Any], Mapping[str, Any]],
+) -> None:
+    """:func:`upsert` of many rows (each with the same keys) in one execution: ``change``
+    is given the row that was refused (``excluded``) and says what to set on the one there."""
+    if not rows:
+        return
+    keys = [column.name for column in table.primary_key.columns]
+    statement = _insert(uow, table)
+    statement = statement.on_conflict_do_update(
+        index_elements=keys, set_=dict(change(statement.excluded))
+    )
+    uow.conn.execute(statement, list(rows))

@@ -50,20 +50,29 @@ def send_batch(
     reason) does not keep the others out."""
 
     def work(uow: UnitOfWork) -> BatchResult:
-        service.lock_for_batch(uow, program_id=ctx.program_id, batch=body.events)
-        items: list[BatchItem] = []
+        refused: dict[int, JifenError] = {}
+        taken: list[tuple[int, EventIn, tuple[str | None, str | None]]] = []
         for index, event in enumerate(body.events):
             try:
-                origin = _origin(ctx, event)
-                with uow.conn.begin_nested():  # a refused event leaves nothing behind
-                    result = service.ingest(
-                        uow, program_id=ctx.program_id, event=event, origin=origin
-                    )
+                taken.append((index, event, _origin(ctx, event)))
             except JifenError as exc:
-                items.append(BatchItem(index=index, ok=False, code=exc.code,
-                                       detail=exc.message(ctx.language)))  # fmt: skip
+                refused[index] = exc
+        outcomes = service.ingest_many(
+            uow, program_id=ctx.program_id, events=[e for _, e, _ in taken],
+            origins=[o for _, _, o in taken],
+        )  # fmt: skip
+        answers: dict[int, EventResult | Exception] = {**refused}
+        answers.update((index, o) for (index, _, _), o in zip(taken, outcomes, strict=True))
+        items: list[BatchItem] = []
+        for index in range(len(body.events)):
+            answer = answers[index]
+            if isinstance(answer, JifenError):
+                items.append(BatchItem(index=index, ok=False, code=answer.code,
+                                       detail=answer.message(ctx.language)))  # fmt: skip
+            elif isinstance(answer, Exception):
+                raise answer  # not the event's fault: the request fails as a whole
             else:
-                items.append(BatchItem(index=index, ok=True, result=result))
+                items.append(BatchItem(index=index, ok=True, result=answer))
         accepted = sum(item.ok for item in items)
         return BatchResult(accepted=accepted, refused=len(items) - accepted, items=items)
 

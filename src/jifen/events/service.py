@@ -1,7 +1,7 @@
 """Event use cases: take an event in once, evaluate it against the rules live at its own
 time, post what it earns, and keep why.
 
-Every door (the API, a batch, a CSV import, a stream consumer) ends in :func:`ingest`, in
+Every door (the API, a batch, a CSV import, a stream consumer) ends in :func:`ingest_many`, in
 the caller's transaction. An event is keyed by (programme, source, external id): sent again
 with the same content it answers what it produced the first time; with other content it is
 refused. ``order.refunded`` takes back, through the ledger's claw-back, the points its order
@@ -14,7 +14,7 @@ import calendar
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from functools import lru_cache
@@ -22,13 +22,21 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-from sqlalchemy import Row, RowMapping, func, select
+from sqlalchemy import Row, RowMapping, String, case, func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jifen.api.schemas import NO_NUL
 from jifen.db.bulk import among
-from jifen.db.uow import Database, UnitOfWork
-from jifen.db.upsert import upsert
-from jifen.errors import IdempotencyConflict, InvalidInput, OrderNotSeen, UnknownEvent
+from jifen.db.uow import Database, UnitOfWork, is_transient
+from jifen.db.upsert import upsert_many
+from jifen.errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    JifenError,
+    OrderNotSeen,
+    UnknownEvent,
+    UnknownMember,
+)
 from jifen.events.models import event_awards, events, member_counters
 from jifen.events.schemas import (
     CATALOGUE,
@@ -43,11 +51,12 @@ from jifen.events.schemas import (
 )
 from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
+from jifen.members.schemas import MemberFacts
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
-from jifen.rules.schemas import EventTypeRead, ProgramCaps, RuleSpec, TierCap
+from jifen.rules.schemas import EventTypeRead, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
@@ -143,143 +152,713 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- ingest
 
+Origin = tuple[str | None, str | None]
+"""The merchant and store an event's points are posted for."""
+
+ONCE_TYPES = ("order.paid", "member.birthday")
+
 
 def ingest(
     uow: UnitOfWork,
     *,
     program_id: int,
     event: EventIn,
-    origin: tuple[str | None, str | None] = (None, None),
+    origin: Origin = (None, None),
 ) -> EventResult:
     """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction;
     the postings record ``origin``, the merchant and store they were made for."""
-    payload = _parsed(uow, program_id, event)
-    if event.occurred_at > uow.clock.now() + FUTURE_TOLERANCE:
+    outcome = ingest_many(uow, program_id=program_id, events=[event], origins=[origin])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def ingest_many(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    events: Sequence[EventIn],
+    origins: Sequence[Origin] | None = None,
+) -> list[EventResult | Exception]:
+    """Take ``events`` in, in order, in the caller's transaction: each ends as if it had
+    been ingested alone after the ones before it, with its result, or the error that
+    refused it (nothing of a refused event is kept; the others go on).
+
+    The work is done together: the members, accounts and budgets are held at once (in id
+    and code order, so that concurrent batches wait rather than deadlock), what the rules
+    read is loaded in a few queries, the events are evaluated one after another against
+    those facts kept up to date in memory, and what they produce is written in a few
+    statements. A refund, and a member's second event when earning can move its tier,
+    start a new group written before they are read. Should a group's writing fail, its
+    events are taken again one at a time, each failing alone.
+
+    Errors that concern the whole transaction (a lost race, the connection gone) are raised.
+    """
+    none: Origin = (None, None)
+    chosen = list(origins) if origins is not None else [none] * len(events)
+    return _Intake(uow, program_id).take(list(events), chosen)
+
+
+@dataclass(slots=True)
+class _Item:
+    index: int
+    event: EventIn
+    origin: Origin
+    payload: dict[str, Any]
+    request_hash: str
+    member_id: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.event.source, self.event.external_id)
+
+    @property
+    def inviter(self) -> int | None:
+        inviter = self.payload.get("inviter_member_id")
+        return inviter if isinstance(inviter, int) and not isinstance(inviter, bool) else None
+
+
+@dataclass(slots=True)
+class _Decision:
+    """What one event produces, decided before anything of its group is written."""
+
+    item: _Item
+    member_id: int
+    subject: str | None
+    amount_fen: int | None
+    day: date
+    awards: list[tuple[core.Award, int, str | None]]  # (award, points posted, cap that bit)
+    postings: dict[int, tuple[int, str, datetime | None]]  # member: (points, reason, expiry)
+    available_at: datetime | None
+    total: int
+    skipped: list[dict[str, str]]
+    result: EventResult | None = None
+
+
+@dataclass(slots=True)
+class _Group:
+    """A group's decisions and what they change, kept apart until it is written."""
+
+    spent: dict[str, int]
+    decisions: list[_Decision] = field(default_factory=list)
+    outcomes: dict[int, EventResult | Exception] = field(default_factory=dict)
+    echoes: list[tuple[int, _Decision]] = field(default_factory=list)
+    done: dict[tuple[str, str], tuple[str, _Decision]] = field(default_factory=dict)
+    taken: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    added: dict[str, int] = field(default_factory=dict)
+    counters: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
+
+
+class _Intake:
+    """One call of :func:`ingest_many`: what it has read and held, and the outcomes."""
+
+    def __init__(self, uow: UnitOfWork, program_id: int) -> None:
+        self.uow = uow
+        self.program_id = program_id
+        self.zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+        self.now = uow.clock.now()
+        self.outcomes: dict[int, EventResult | Exception] = {}
+        self.done: dict[tuple[str, str], tuple[str, _Decision]] = {}
+        self.stored: dict[tuple[str, str], Row[Any]] = {}
+        self.stored_awards: dict[int, list[AwardRead]] = {}
+        self.taken: dict[tuple[str, str], tuple[str, str]] = {}
+        self.profiles: dict[int, MemberFacts] = {}
+        self.spent: dict[str, int] = {}
+        self.budgeted: set[str] = set()
+
+    def take(self, events: list[EventIn], origins: list[Origin]) -> list[EventResult | Exception]:
+        items: list[_Item] = []
+        for index, (event, origin) in enumerate(zip(events, origins, strict=True)):
+            try:
+                payload = _parsed(self.uow, self.program_id, event)
+                _not_ahead(event, self.now)
+                items.append(_Item(index, event, origin, payload, _fingerprint(event, payload)))
+            except JifenError as exc:
+                self.outcomes[index] = exc
+        if items:
+            self._hold_and_read(items)
+            for group in self._groups(items):
+                self._take_group(group)
+        return [self.outcomes[index] for index in range(len(events))]
+
+    # ------------------------------------------------------------------ reading, holding
+
+    def _hold_and_read(self, items: list[_Item]) -> None:
+        uow, program_id = self.uow, self.program_id
+        wanted = [i.event.member_ref for i in items if i.event.member_id is None]
+        refs = members_service.ids_by_refs(
+            uow, program_id=program_id, refs=[ref for ref in wanted if ref]
+        )
+        for item in items:
+            item.member_id = (
+                item.event.member_id
+                if item.event.member_id is not None
+                else refs.get(item.event.member_ref or "")
+            )
+        ids = {i.member_id for i in items if i.member_id is not None}
+        ids.update(i.inviter for i in items if i.inviter is not None)
+        # Members, then budgets, then accounts, each in order: every batch takes them so.
+        # The budgets are the ones its events' rules draw on, taken at once; a refund gives
+        # back to whichever rules its order earned from, so a batch with one holds them all.
+        members_service.lock_members(uow, member_ids=ids)
+        self.profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=ids)
+        if any(item.event.type == "order.refunded" for item in items):
+            rules_service.lock_budgets(uow, program_id=program_id)
+        for item in items:
+            rules = rules_service.rules_at(
+                uow, program_id=program_id, moment=item.event.occurred_at
+            )
+            for rule in rules.by_type.get(item.event.type, []):
+                if rule.spec.caps.budget is not None:
+                    self.budgeted.add(rule.spec.code)
+        if rules_service.get_caps(uow, program_id=program_id).budget is not None:
+            self.budgeted.add(rules_service.PROGRAM_BUDGET)
+        self.spent = rules_service.budgets_spent(
+            uow, program_id=program_id, codes=sorted(self.budgeted), lock=True
+        )
+        points_service.hold_accounts(uow, member_ids=[m for m in ids if m in self.profiles])
+        self._read_stored(items)
+        self._read_taken(items)
+
+    def _read_stored(self, items: list[_Item]) -> None:
+        """The events of these keys taken in before, with their awards."""
+        external = sorted({i.event.external_id for i in items})
+        sources = sorted({i.event.source for i in items})
+        wanted = {i.key for i in items}
+        rows = self.uow.conn.execute(
+            select(events).where(  # the key's index: programme, source, external id
+                events.c.program_id == self.program_id,
+                among(self.uow.dialect, events.c.source, sources, String()),
+                among(self.uow.dialect, events.c.external_id, external, String()),
+            )
+        ).all()
+        self.stored = {
+            (r.source, r.external_id): r for r in rows if (r.source, r.external_id) in wanted
+        }
+        if self.stored:
+            ids = [r.id for r in self.stored.values()]
+            awards = self.uow.conn.execute(
+                select(event_awards)
+                .where(among(self.uow.dialect, event_awards.c.event_id, ids))
+                .order_by(event_awards.c.id)
+            ).all()
+            for award in awards:
+                self.stored_awards.setdefault(award.event_id, []).append(
+                    _award_read(award._mapping)
+                )
+
+    def _read_taken(self, items: list[_Item]) -> None:
+        """Orders and birthdays of these events already sent under other ids."""
+        subjects = set()
+        for item in items:
+            if item.event.type in ONCE_TYPES and item.member_id is not None:
+                subjects.add(str(_order_fields(item.event.type, item.payload, item.member_id)[0]))
+        if not subjects:
+            return
+        rows = self.uow.conn.execute(
+            select(events.c.type, events.c.subject, events.c.source, events.c.external_id).where(
+                events.c.program_id == self.program_id,
+                among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
+                events.c.type.in_(ONCE_TYPES),
+            )
+        ).all()
+        self.taken = {(r.type, r.subject): (r.source, r.external_id) for r in rows}
+
+    def _groups(self, items: list[_Item]) -> Iterable[list[_Item]]:
+        """The events cut where one must see the others written: a refund (alone), and a
+        member's next event when earning can move its tier."""
+        moving = tiers_service.moves_on_earning(
+            uow=self.uow, program_id=self.program_id, now=self.now
+        )
+        group: list[_Item] = []
+        whose: set[int | None] = set()
+        for item in items:
+            concerned = {item.member_id, item.inviter} - {None}
+            if item.event.type == "order.refunded" or (moving and concerned & whose):
+                if group:
+                    yield group
+                group, whose = [], set()
+            if item.event.type == "order.refunded":
+                yield [item]
+                continue
+            group.append(item)
+            whose |= concerned
+        if group:
+            yield group
+
+    # ------------------------------------------------------------------ a group
+
+    def _take_group(self, items: list[_Item]) -> None:
+        group = _Group(spent=dict(self.spent))
+        savepoint = self.uow.conn.begin_nested()
+        try:
+            if items[0].event.type == "order.refunded":
+                self._refund_one(items[0], group)
+            else:
+                self._decide_all(items, group)
+                self._write(group)
+        except Exception as exc:
+            savepoint.rollback()
+            if is_transient(exc) or isinstance(exc, OperationalError | InterfaceError):
+                raise
+            if len(items) > 1:  # find the one at fault: each again, alone
+                for item in items:
+                    self._take_group([item])
+            else:
+                self.outcomes[items[0].index] = exc
+            return
+        savepoint.commit()
+        for index, decision in group.echoes:
+            assert decision.result is not None
+            group.outcomes[index] = decision.result.model_copy(update={"replayed": True})
+        self.outcomes.update(group.outcomes)
+        self.done.update(group.done)
+        self.taken.update(group.taken)
+        self.spent = group.spent
+
+    def _check(self, item: _Item, group: _Group) -> EventResult | _Decision | None:
+        """Before an event is decided: its stored result when it was taken in before (or
+        the decision of its twin earlier in this call); None when it is new. Raises what
+        refuses it."""
+        event = item.event
+        earlier = group.done.get(item.key) or self.done.get(item.key)
+        stored = self.stored.get(item.key)
+        if earlier is not None or stored is not None:
+            request_hash = earlier[0] if earlier is not None else stored.request_hash  # type: ignore[union-attr]
+            if request_hash != item.request_hash:
+                raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
+            if earlier is not None:
+                return earlier[1]
+            assert stored is not None
+            return self._stored_result(stored)
+        if item.member_id is None:
+            raise UnknownMember(member_id=event.member_ref or "")
+        profile = self.profiles.get(item.member_id)
+        if profile is None:
+            raise UnknownMember(member_id=item.member_id)
+        members_service.require_active(profile)
+        inviter = item.inviter
+        if (
+            event.type == "referral.completed"
+            and inviter is not None
+            and inviter not in self.profiles
+        ):
+            raise UnknownMember(member_id=inviter)
+        if event.type in ONCE_TYPES:
+            subject = str(_order_fields(event.type, item.payload, item.member_id)[0])
+            twin = group.taken.get((event.type, subject)) or self.taken.get((event.type, subject))
+            if twin is not None:
+                raise _sent_twice(event.type, subject, *twin)
+        return None
+
+    def _stored_result(self, row: Row[Any]) -> EventResult:
+        return _result_of(row, self.stored_awards.get(row.id, []), replayed=True)
+
+    def _answered(self, item: _Item, group: _Group, found: EventResult | _Decision) -> None:
+        if isinstance(found, EventResult):
+            group.outcomes[item.index] = found
+        elif found.result is not None:
+            group.outcomes[item.index] = found.result.model_copy(update={"replayed": True})
+        else:
+            group.echoes.append((item.index, found))
+
+    def _decide_all(self, items: list[_Item], group: _Group) -> None:
+        ids = {i.member_id for i in items if i.member_id in self.profiles}
+        ids.update(i.inviter for i in items if i.inviter in self.profiles)
+        days = [core.local_day(i.event.occurred_at, self.zone) for i in items]
+        tallies = _Tallies.load(
+            self.uow, {m: self.profiles[m] for m in ids if m is not None}, days,
+            _capped_codes(self.uow, self.program_id),
+        )  # fmt: skip
+        terms = _terms(self.uow, self.program_id, self.zone)
+        for item, day in zip(items, days, strict=True):
+            try:
+                found = self._check(item, group)
+                if found is not None:
+                    self._answered(item, group, found)
+                    continue
+                self._decide(item, day, group, tallies, terms)
+            except JifenError as exc:
+                group.outcomes[item.index] = exc
+
+    def _decide(
+        self, item: _Item, day: date, group: _Group, tallies: _Tallies, terms: core.Program
+    ) -> None:
+        uow, event, member_id = self.uow, item.event, item.member_id
+        assert member_id is not None
+        core_event = to_core_event(event, member_id, item.payload)
+        rules = rules_service.rules_at(uow, program_id=self.program_id, moment=event.occurred_at)
+        candidates = rules.by_type.get(event.type, [])
+        codes = {r.spec.code for r in candidates if r.spec.caps.per_member}
+        recipients = [member_id]
+        if event.type == "referral.completed" and item.inviter is not None:
+            recipients.append(item.inviter)
+        facts = {m: tallies.facts(m, day, codes) for m in recipients}
+        budgets = core.Budgets(
+            by_rule=group.spent, program=group.spent.get(rules_service.PROGRAM_BUDGET, 0)
+        )
+        result = core.evaluate(core_event, rules, terms, facts, budgets)
+
+        settings = programs_service.get_settings(uow, program_id=self.program_id)
+        # When the points become available, in the event's own time: an order's after the
+        # return window. Validity counts from then, so an event sent late (an import of last
+        # year's orders) earns points that expire when they would have.
+        usable_from = event.occurred_at
+        if event.type == "order.paid" and settings.return_window_days:
+            usable_from += timedelta(days=settings.return_window_days)
+        expiries = {
+            m: expiry_service.lot_expiry(
+                uow, program_id=self.program_id, start=usable_from, tier=tallies.tier(m)
+            )
+            for m in {a.member_id for a in result.awards}
+        }
+        # What each award posts: nothing held, nothing that would be expired already.
+        posted: list[tuple[core.Award, int, str | None]] = []
+        for award in result.awards:
+            points, cap = award.points, award.cap
+            expires_at = expiries[award.member_id]
+            if points > 0 and not award.held and expires_at is not None and expires_at <= self.now:
+                points, cap = 0, "expired before it was recorded"
+            posted.append((award, points, cap))
+        # One posting a member: the event's points arrive together, as one line of its
+        # history; the awards keep the detail of which rule gave how much.
+        postings: dict[int, tuple[int, str, datetime | None]] = {}
+        for owner in sorted({a.member_id for a, p, _ in posted if p > 0 and not a.held}):
+            mine = [(a, p) for a, p, _ in posted if a.member_id == owner and p > 0 and not a.held]
+            reason = f"{event.type} {core_event.key}: " + ", ".join(
+                f"{a.rule} {p}" for a, p in mine
+            )
+            postings[owner] = (sum(p for _, p in mine), reason, expiries[owner])
+        budgeted = {r.spec.code for r in candidates if r.spec.caps.budget is not None}
+        budgeted |= {rules_service.PROGRAM_BUDGET} & self.budgeted
+        for award, points, _ in posted:
+            if points > 0 and not award.held:
+                for code in (award.rule, rules_service.PROGRAM_BUDGET):
+                    if code in budgeted:
+                        group.spent[code] = group.spent.get(code, 0) + points
+                        group.added[code] = group.added.get(code, 0) + points
+        subject, amount = _order_fields(event.type, item.payload, member_id)
+        decision = _Decision(
+            item=item, member_id=member_id, subject=subject, amount_fen=amount, day=day,
+            awards=posted, postings=postings,
+            available_at=usable_from if usable_from > self.now else None,
+            total=sum(points for award, points, _ in posted if not award.held),
+            skipped=[{"rule": s.rule, "why": s.why} for s in result.skipped],
+        )  # fmt: skip
+        group.decisions.append(decision)
+        group.done[item.key] = (item.request_hash, decision)
+        if event.type in ONCE_TYPES:
+            group.taken[(event.type, str(subject))] = item.key
+        # What the next events of these members read.
+        tallies.record(member_id, event.type, day, result, posted)
+        counter = group.counters.setdefault((member_id, event.type), [0, None, 0])
+        counter[0] += 1
+        for (owner, kind), streak in result.streaks.items():
+            counter = group.counters.setdefault((owner, kind), [0, None, 0])
+            counter[1], counter[2] = streak.last_day, streak.length
+
+    def _write(self, group: _Group) -> None:
+        uow, decisions = self.uow, group.decisions
+        if decisions:
+            rows = [
+                {
+                    "program_id": self.program_id, "source": d.item.event.source,
+                    "external_id": d.item.event.external_id, "type": d.item.event.type,
+                    "member_id": d.member_id, "occurred_at": d.item.event.occurred_at,
+                    "received_at": self.now, "payload": d.item.payload,
+                    "request_hash": d.item.request_hash, "subject": d.subject,
+                    "amount_fen": d.amount_fen, "points": d.total, "skipped": d.skipped,
+                }
+                for d in decisions
+            ]  # fmt: skip
+            statement = events.insert().returning(events.c.id, sort_by_parameter_order=True)
+            event_ids = [int(row[0]) for row in uow.conn.execute(statement, rows)]
+            earnings: list[points_service.Earning] = []
+            owners: list[tuple[_Decision, int]] = []
+            for decision, event_id in zip(decisions, event_ids, strict=True):
+                for owner, (points, reason, expires_at) in decision.postings.items():
+                    earnings.append(points_service.Earning(
+                        member_id=owner, amount=points, key=f"event:{event_id}:{owner}",
+                        available_at=decision.available_at, expires_at=expires_at,
+                        reason=reason, actor=ACTOR,
+                    ))  # fmt: skip
+                    owners.append((decision, owner))
+            posting_ids = points_service.earn_many(uow, earnings)
+            posting_of = {
+                (id(d), owner): p for (d, owner), p in zip(owners, posting_ids, strict=True)
+            }
+            points_service.record_origins(
+                uow, [(p, *d.item.origin) for (d, _), p in zip(owners, posting_ids, strict=True)]
+            )
+            award_rows: list[dict[str, Any]] = []
+            for decision, event_id in zip(decisions, event_ids, strict=True):
+                mine = _award_rows(
+                    self.program_id, event_id, decision.day,
+                    [
+                        (award, points, cap,
+                         posting_of.get((id(decision), award.member_id))
+                         if points > 0 and not award.held else None, None)
+                        for award, points, cap in decision.awards
+                    ],
+                )  # fmt: skip
+                award_rows += mine
+                decision.result = EventResult(
+                    id=event_id, source=decision.item.event.source,
+                    external_id=decision.item.event.external_id, type=decision.item.event.type,
+                    member_id=decision.member_id,
+                    occurred_at=decision.item.event.occurred_at.astimezone(UTC),
+                    points=decision.total, awards=[_award_read(row) for row in mine],
+                    skipped=decision.skipped,
+                )  # fmt: skip
+                group.outcomes[decision.item.index] = decision.result
+            if award_rows:
+                uow.conn.execute(event_awards.insert(), award_rows)
+        rules_service.add_to_budgets(uow, program_id=self.program_id, spent=group.added)
+        _add_counters(uow, group.counters)
+        earners = {owner for d in decisions for owner in d.postings}
+        if earners:
+            # A tier scheme that upgrades at once (or a campaign of temporary upgrades)
+            # moves the members up now; without one this reads only the settings.
+            tiers_service.after_earning(
+                uow, program_id=self.program_id, member_ids=earners, now=self.now
+            )
+
+    def _refund_one(self, item: _Item, group: _Group) -> None:
+        """A refund, read and written alone: it reads what the order earned."""
+        found = self._check(item, group)
+        if found is not None:
+            self._answered(item, group, found)
+            return
+        uow, event, member_id = self.uow, item.event, item.member_id
+        assert member_id is not None
+        subject, amount = _order_fields(event.type, item.payload, member_id)
+        event_id = int(
+            uow.conn.execute(
+                events.insert().returning(events.c.id),
+                {
+                    "program_id": self.program_id, "source": event.source,
+                    "external_id": event.external_id, "type": event.type,
+                    "member_id": member_id, "occurred_at": event.occurred_at,
+                    "received_at": self.now, "payload": item.payload,
+                    "request_hash": item.request_hash, "subject": subject, "amount_fen": amount,
+                },
+            ).scalar_one()
+        )  # fmt: skip
+        core_event = to_core_event(event, member_id, item.payload)
+        awards, points, _ = _refund(uow, self.program_id, event_id, core_event, self.zone)
+        _add_counters(uow, {(member_id, event.type): [1, None, 0]})
+        result = EventResult(
+            id=event_id, source=event.source, external_id=event.external_id, type=event.type,
+            member_id=member_id, occurred_at=event.occurred_at.astimezone(UTC), points=points,
+            awards=awards,
+        )  # fmt: skip
+        group.outcomes[item.index] = result
+        group.done[item.key] = (item.request_hash, _Decision(
+            item=item, member_id=member_id, subject=subject, amount_fen=amount,
+            day=core.local_day(event.occurred_at, self.zone), awards=[], postings={},
+            available_at=None, total=points, skipped=[], result=result,
+        ))  # fmt: skip
+
+
+def _not_ahead(event: EventIn, now: datetime) -> None:
+    if event.occurred_at > now + FUTURE_TOLERANCE:
         raise InvalidInput(
             field="occurred_at",
             problem=f"{event.occurred_at.isoformat()} is in the future; send an event once it "
             "has happened (a sender's clock may be at most 5 minutes fast)",
         )
-    request_hash = _fingerprint(event, payload)
-    replay = _replay(uow, program_id, event, request_hash)
-    if replay is not None:
-        return replay
-
-    member_id = _member_id(uow, program_id, event, transacting=True)
-    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    # The event's members are held from here to the commit: one event of a member at a
-    # time, so that the checks and the facts read below stay true until it is written.
-    inviter = payload.get("inviter_member_id")
-    members_service.lock_members(
-        uow, member_ids=[member_id, *([inviter] if isinstance(inviter, int) else [])]
-    )
-    replay = _replay(uow, program_id, event, request_hash)  # a twin may have committed meanwhile
-    if replay is not None:
-        return replay
-    subject, amount = _order_fields(event.type, payload, member_id)
-    if event.type in ("order.paid", "member.birthday"):
-        _refuse_twice(uow, program_id, event.type, str(subject))
-    event_id = int(
-        uow.conn.execute(
-            events.insert().returning(events.c.id),
-            {
-                "program_id": program_id,
-                "source": event.source,
-                "external_id": event.external_id,
-                "type": event.type,
-                "member_id": member_id,
-                "occurred_at": event.occurred_at,
-                "received_at": uow.clock.now(),
-                "payload": payload,
-                "request_hash": request_hash,
-                "subject": subject,
-                "amount_fen": amount,
-            },
-        ).scalar_one()
-    )
-    core_event = to_core_event(event, member_id, payload)
-    if event.type == "order.refunded":
-        awards, points, skipped = _refund(uow, program_id, event_id, core_event, zone)
-    else:
-        awards, points, skipped = _evaluate_and_post(
-            uow, program_id, event_id, core_event, zone, origin
-        )
-    _count(uow, member_id, event.type)
-    return EventResult(
-        id=event_id,
-        source=event.source,
-        external_id=event.external_id,
-        type=event.type,
-        member_id=member_id,
-        occurred_at=event.occurred_at.astimezone(UTC),
-        points=points,
-        awards=awards,
-        skipped=skipped,
-    )
 
 
-def _replay(
-    uow: UnitOfWork, program_id: int, event: EventIn, request_hash: str
-) -> EventResult | None:
-    """The stored result when this event was taken in before; a conflict when its id was
-    used for another event."""
-    stored = uow.conn.execute(
-        select(events).where(
-            events.c.program_id == program_id,
-            events.c.source == event.source,
-            events.c.external_id == event.external_id,
-        )
-    ).one_or_none()
-    if stored is None:
-        return None
-    if stored.request_hash != request_hash:
-        raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
-    return _result(uow, stored, replayed=True)
-
-
-def _refuse_twice(uow: UnitOfWork, program_id: int, event_type: str, subject: str) -> None:
+def _sent_twice(event_type: str, subject: str, source: str, external_id: str) -> InvalidInput:
     """An order earns once, a birthday once a year: the same one under another event id is
     refused (a sender that retries must keep the event's id)."""
-    earlier = uow.conn.execute(
-        select(events.c.source, events.c.external_id).where(
-            events.c.program_id == program_id,
-            events.c.subject == subject,
-            events.c.type == event_type,
-        )
-    ).first()
-    if earlier is None:
-        return
     what, what_zh = (
         (f"order {subject!r}", f"订单 {subject!r}")
         if event_type == "order.paid"
         else (f"the birthday {subject!r}", f"生日 {subject!r}")
     )
-    raise InvalidInput(
+    return InvalidInput(
         field="payload.order_id" if event_type == "order.paid" else "payload.year",
-        problem=f"{what} was already sent as event {earlier.source}:{earlier.external_id}; "
+        problem=f"{what} was already sent as event {source}:{external_id}; "
         "resend that event to get its result",
-        problem_zh=f"{what_zh} 已作为事件 {earlier.source}:{earlier.external_id} "
-        "发送过;如需结果请重发该事件",
+        problem_zh=f"{what_zh} 已作为事件 {source}:{external_id} 发送过;如需结果请重发该事件",
     )
 
 
-def lock_for_batch(uow: UnitOfWork, *, program_id: int, batch: Sequence[EventIn]) -> None:
-    """Before a transaction ingests many events: hold every member they concern, all at
-    once and in id order. Each event then finds its members already held, so two batches
-    sharing members wait for each other instead of deadlocking (which would cost a retry of
-    the whole batch)."""
-    ids = {e.member_id for e in batch if e.member_id is not None}
-    ids.update(
-        members_service.ids_by_refs(
-            uow, program_id=program_id, refs=[e.member_ref for e in batch if e.member_ref]
-        ).values()
+def _add_counters(uow: UnitOfWork, counters: Mapping[tuple[int, str], list[Any]]) -> None:
+    """Add to each (member, event type) counter the events seen; set its streak where a
+    streak was given (day and length)."""
+    rows = [
+        {"member_id": member_id, "event_type": kind, "seen": seen, "streak_day": day,
+         "streak_length": length}
+        for (member_id, kind), (seen, day, length) in sorted(counters.items())
+    ]  # fmt: skip
+    upsert_many(
+        uow,
+        member_counters,
+        rows,
+        lambda new: {
+            "seen": member_counters.c.seen + new.seen,
+            "streak_day": func.coalesce(new.streak_day, member_counters.c.streak_day),
+            "streak_length": case(
+                (new.streak_day.is_(None), member_counters.c.streak_length),
+                else_=new.streak_length,
+            ),
+        },
     )
-    for e in batch:
-        inviter = e.payload.get("inviter_member_id")
-        if isinstance(inviter, int) and not isinstance(inviter, bool):
-            ids.add(inviter)
-    members_service.lock_members(uow, member_ids=ids)
-    rules_service.lock_budgets(uow, program_id=program_id)
+
+
+def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
+    """The rules (of any version) with caps per member: their lifetime totals are read."""
+    return {
+        rule.spec.code
+        for rule, _, _ in rules_service.live_periods(uow, program_id=program_id)
+        if rule.spec.caps.per_member
+    }
+
+
+def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
+    """The programme as the evaluation reads it: its zone, its caps (with the benefits
+    matrix's caps for the tiers the earning caps leave without one) and multipliers."""
+    caps = rules_service.get_caps(uow, program_id=program_id)
+    multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
+    if tier_caps:
+        matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
+        caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
+    return core.Program(zone, caps, tier_multipliers=multipliers)
+
+
+def _periods(day: date) -> tuple[date, date, date, date]:
+    """The month and the week (Monday to Sunday) of ``day``: first and last days of each."""
+    month_start = day.replace(day=1)
+    month_end = (month_start + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+    week_start = day - timedelta(days=day.weekday())
+    return month_start, month_end, week_start, week_start + timedelta(days=6)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What the rules read about one member, kept current as a batch's events are decided."""
+
+    profile: MemberFacts
+    tier: str | None
+    counts: dict[str, int] = field(default_factory=dict)
+    streaks: dict[str, core.Streak] = field(default_factory=dict)
+    by_day: dict[tuple[str, date], int] = field(default_factory=dict)
+    """Points awarded (held ones aside) by rule and programme day, over the days read."""
+    lifetime: dict[str, int] = field(default_factory=dict)
+    """Points awarded by each rule capped per member, ever."""
+
+
+class _Tallies:
+    def __init__(self, tallies: dict[int, _Tally]) -> None:
+        self.tallies = tallies
+
+    @classmethod
+    def load(
+        cls, uow: UnitOfWork, profiles: Mapping[int, MemberFacts], days: Sequence[date],
+        codes: set[str],
+    ) -> _Tallies:  # fmt: skip
+        """The members' tiers, counters and awards over the months and weeks of ``days``:
+        a query each, whatever the number of members."""
+        ids = sorted(profiles)
+        tiers = tiers_service.tiers_of(uow, member_ids=ids)
+        tallies = {m: _Tally(profiles[m], tiers.get(m)) for m in ids}
+        if not ids:
+            return cls(tallies)
+        for row in uow.conn.execute(
+            select(member_counters).where(among(uow.dialect, member_counters.c.member_id, ids))
+        ):
+            tally = tallies[row.member_id]
+            tally.counts[row.event_type] = int(row.seen)
+            if row.streak_day is not None:
+                tally.streaks[row.event_type] = core.Streak(row.streak_day, row.streak_length)
+        # Whole periods, not up to the event's day: an event that arrives late (its day
+        # earlier than awards already made) still sees everything its week and month earned.
+        periods = [_periods(day) for day in days]
+        since = min(min(p[0], p[2]) for p in periods)
+        until = max(max(p[1], p[3]) for p in periods)
+        for member_id, code, day, points in uow.conn.execute(
+            select(
+                event_awards.c.member_id, event_awards.c.rule_code, event_awards.c.local_day,
+                func.sum(event_awards.c.points),
+            )
+            .where(
+                among(uow.dialect, event_awards.c.member_id, ids),
+                event_awards.c.held.is_(False),
+                event_awards.c.local_day >= since,
+                event_awards.c.local_day <= until,
+            )
+            .group_by(event_awards.c.member_id, event_awards.c.rule_code, event_awards.c.local_day)
+        ):  # fmt: skip
+            tallies[member_id].by_day[(code, day)] = int(points or 0)
+        if codes:
+            for member_id, code, points in uow.conn.execute(
+                select(event_awards.c.member_id, event_awards.c.rule_code,
+                       func.sum(event_awards.c.points))
+                .where(
+                    among(uow.dialect, event_awards.c.member_id, ids),
+                    event_awards.c.held.is_(False),
+                    event_awards.c.rule_code.in_(sorted(codes)),
+                )
+                .group_by(event_awards.c.member_id, event_awards.c.rule_code)
+            ):  # fmt: skip
+                tallies[member_id].lifetime[code] = int(points or 0)
+        return cls(tallies)
+
+    def tier(self, member_id: int) -> str | None:
+        return self.tallies[member_id].tier
+
+    def facts(self, member_id: int, day: date, codes: set[str]) -> core.Facts:
+        tally = self.tallies[member_id]
+        profile = tally.profile
+        return core.Facts(
+            member_id=member_id, tier=tally.tier, tags=frozenset(profile.tags),
+            registered_at=profile.created_at, region=profile.region, birthday=profile.birthday,
+            counts=dict(tally.counts), streaks=dict(tally.streaks),
+            usage=self._usage(tally, day, codes),
+        )  # fmt: skip
+
+    @staticmethod
+    def _usage(tally: _Tally, day: date, codes: set[str]) -> core.Usage:
+        """Points awarded to the member on ``day``, in its week and month, and by rule over
+        those periods and its whole life."""
+        month_start, month_end, week_start, week_end = _periods(day)
+        total_day = total_month = 0
+        by_rule: dict[tuple[str, str], int] = {}
+        for (code, when), points in tally.by_day.items():
+            periods = []
+            if when == day:
+                total_day += points
+                periods.append("day")
+            if month_start <= when <= month_end:
+                total_month += points
+                periods.append("month")
+            if week_start <= when <= week_end:
+                periods.append("week")
+            if code in codes:
+                for period in periods:
+                    by_rule[(code, period)] = by_rule.get((code, period), 0) + points
+        for code in codes:
+            if code in tally.lifetime:
+                by_rule[(code, "lifetime")] = tally.lifetime[code]
+        return core.Usage(day=total_day, month=total_month, by_rule=by_rule)
+
+    def record(
+        self, member_id: int, event_type: str, day: date, result: core.Evaluation,
+        posted: Sequence[tuple[core.Award, int, str | None]],
+    ) -> None:  # fmt: skip
+        """What an event decided, as the member's next events read it."""
+        tally = self.tallies[member_id]
+        tally.counts[event_type] = tally.counts.get(event_type, 0) + 1
+        for (owner, kind), streak in result.streaks.items():
+            self.tallies[owner].streaks[kind] = streak
+        for award, points, _ in posted:
+            if award.held:
+                continue
+            earner = self.tallies[award.member_id]
+            earner.by_day[(award.rule, day)] = earner.by_day.get((award.rule, day), 0) + points
+            earner.lifetime[award.rule] = earner.lifetime.get(award.rule, 0) + points
 
 
 def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) -> core.Event:
@@ -317,141 +896,14 @@ def _order_fields(
 
 
 def facts_of(
-    uow: UnitOfWork,
-    *,
-    program_id: int,
-    member_ids: Iterable[int],
-    event_type: str,
-    day: date,
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], day: date,
     rule_codes: Iterable[str],
-    lock: bool = False,
-) -> dict[int, core.Facts]:
-    """What the rules read about each member, as of the event's day. With ``lock`` the
-    members are held first (in id order) until the transaction ends: one event of a member
-    at a time, so that the caps, counters and streaks read here are written back before a
-    concurrent event of the same member reads them."""
-    ids = sorted(set(member_ids))
-    profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=ids, lock=lock)
-    tiers = tiers_service.tiers_of(uow, member_ids=ids)
+) -> dict[int, core.Facts]:  # fmt: skip
+    """What the rules read about each member, as of the event's day."""
+    profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=member_ids)
     codes = set(rule_codes)
-    facts: dict[int, core.Facts] = {}
-    for member_id in ids:
-        profile = profiles[member_id]
-        counters = uow.conn.execute(
-            select(member_counters).where(member_counters.c.member_id == member_id)
-        ).all()
-        streaks = {
-            c.event_type: core.Streak(c.streak_day, c.streak_length)
-            for c in counters
-            if c.streak_day is not None
-        }
-        facts[member_id] = core.Facts(
-            member_id=member_id,
-            tier=tiers.get(member_id),
-            tags=frozenset(profile.tags),
-            registered_at=profile.created_at,
-            region=profile.region,
-            birthday=profile.birthday,
-            counts={c.event_type: int(c.seen) for c in counters},
-            streaks=streaks,
-            usage=_usage(uow, member_id, day, codes),
-        )
-    return facts
-
-
-def _usage(uow: UnitOfWork, member_id: int, day: date, codes: set[str]) -> core.Usage:
-    """Points awarded to the member (held ones aside) on ``day``, in its week and month, and
-    by rule over those periods and its whole life."""
-    # Whole periods, not up to the event's day: an event that arrives late (its day earlier
-    # than awards already made) still sees everything its week and month have earned.
-    month_start = day.replace(day=1)
-    month_end = (month_start + timedelta(days=32)).replace(day=1) - timedelta(days=1)
-    week_start = day - timedelta(days=day.weekday())
-    week_end = week_start + timedelta(days=6)
-    since, until = min(month_start, week_start), max(month_end, week_end)
-    rows = uow.conn.execute(
-        select(event_awards.c.rule_code, event_awards.c.local_day, func.sum(event_awards.c.points))
-        .where(
-            event_awards.c.member_id == member_id,
-            event_awards.c.held.is_(False),
-            event_awards.c.local_day >= since,
-            event_awards.c.local_day <= until,
-        )
-        .group_by(event_awards.c.rule_code, event_awards.c.local_day)
-    ).all()
-    total_day = total_month = 0
-    by_rule: dict[tuple[str, str], int] = {}
-    for code, when, points in rows:
-        points = int(points or 0)
-        periods = []
-        if when == day:
-            total_day += points
-            periods.append("day")
-        if month_start <= when <= month_end:
-            total_month += points
-            periods.append("month")
-        if week_start <= when <= week_end:
-            periods.append("week")
-        if code in codes:
-            for period in periods:
-                by_rule[(code, period)] = by_rule.get((code, period), 0) + points
-    if codes:
-        lifetime = uow.conn.execute(
-            select(event_awards.c.rule_code, func.sum(event_awards.c.points))
-            .where(
-                event_awards.c.member_id == member_id,
-                event_awards.c.held.is_(False),
-                event_awards.c.rule_code.in_(sorted(codes)),
-            )
-            .group_by(event_awards.c.rule_code)
-        ).all()
-        for code, points in lifetime:
-            by_rule[(code, "lifetime")] = int(points or 0)
-    return core.Usage(day=total_day, month=total_month, by_rule=by_rule)
-
-
-def _evaluate(
-    uow: UnitOfWork,
-    program_id: int,
-    event: core.Event,
-    zone: ZoneInfo,
-    rules: core.RuleSet,
-    *,
-    lock_budgets: bool,
-) -> tuple[core.Evaluation, ProgramCaps, list[str]]:
-    """The pure evaluation with what it needs loaded: the members' facts, the caps and the
-    budgets spent (locked when the awards are going to be posted)."""
-    candidates = rules.by_type.get(event.type, [])
-    caps = rules_service.get_caps(uow, program_id=program_id)
-    day = core.local_day(event.occurred_at, zone)
-    recipients = {event.member_id}
-    inviter = event.payload.get("inviter_member_id")
-    if event.type == "referral.completed" and isinstance(inviter, int):
-        members_service.require_member(uow, program_id=program_id, member_id=inviter)
-        recipients.add(inviter)
-    facts = facts_of(
-        uow,
-        program_id=program_id,
-        member_ids=recipients,
-        event_type=event.type,
-        day=day,
-        rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
-        lock=lock_budgets,
-    )
-    budgeted = sorted(r.spec.code for r in candidates if r.spec.caps.budget is not None)
-    if caps.budget is not None:
-        budgeted.append(rules_service.PROGRAM_BUDGET)
-    spent = rules_service.budgets_spent(
-        uow, program_id=program_id, codes=budgeted, lock=lock_budgets
-    )
-    budgets = core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0))
-    multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
-    if tier_caps:
-        # The benefits matrix's caps, for the tiers the earning caps leave without one.
-        matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
-        caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
-    program = core.Program(zone, caps, tier_multipliers=multipliers)
-    return core.evaluate(event, rules, program, facts, budgets), caps, budgeted
+    tallies = _Tallies.load(uow, profiles, [day], codes)
+    return {m: tallies.facts(m, day, codes) for m in profiles}
 
 
 def dry_run(
@@ -467,116 +919,32 @@ def dry_run(
     else:
         rules = core.RuleSet(rules_service.compile_rule(spec) for spec in specs)
     core_event = to_core_event(event, member_id, payload)
-    return _evaluate(uow, program_id, core_event, zone, rules, lock_budgets=False)[0]
+    candidates = rules.by_type.get(event.type, [])
+    recipients = {member_id}
+    inviter = payload.get("inviter_member_id")
+    if event.type == "referral.completed" and isinstance(inviter, int):
+        members_service.require_member(uow, program_id=program_id, member_id=inviter)
+        recipients.add(inviter)
+    facts = facts_of(
+        uow, program_id=program_id, member_ids=recipients,
+        day=core.local_day(event.occurred_at, zone),
+        rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
+    )  # fmt: skip
+    budgeted = sorted(r.spec.code for r in candidates if r.spec.caps.budget is not None)
+    if rules_service.get_caps(uow, program_id=program_id).budget is not None:
+        budgeted.append(rules_service.PROGRAM_BUDGET)
+    spent = rules_service.budgets_spent(uow, program_id=program_id, codes=budgeted, lock=False)
+    budgets = core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0))
+    return core.evaluate(core_event, rules, _terms(uow, program_id, zone), facts, budgets)
 
 
-def _member_id(
-    uow: UnitOfWork, program_id: int, event: EventIn, *, transacting: bool = False
-) -> int:
-    """The event's member, of this programme (and, ``transacting``, able to earn now)."""
+def _member_id(uow: UnitOfWork, program_id: int, event: EventIn) -> int:
+    """The event's member, of this programme."""
     if event.member_id is not None:
-        members_service.require_member(
-            uow, program_id=program_id, member_id=event.member_id, transacting=transacting
-        )
+        members_service.require_member(uow, program_id=program_id, member_id=event.member_id)
         return event.member_id
     assert event.member_ref is not None
-    member = members_service.find_member(uow, program_id=program_id, external_ref=event.member_ref)
-    if transacting:
-        members_service.require_member(
-            uow, program_id=program_id, member_id=member.id, transacting=True
-        )
-    return member.id
-
-
-def _evaluate_and_post(
-    uow: UnitOfWork,
-    program_id: int,
-    event_id: int,
-    event: core.Event,
-    zone: ZoneInfo,
-    origin: tuple[str | None, str | None],
-) -> tuple[list[AwardRead], int, list[dict[str, str]]]:
-    """Evaluate and post; the awards, the points posted, and the rules skipped with why."""
-    rules = rules_service.rules_at(uow, program_id=program_id, moment=event.occurred_at)
-    result, caps, budgeted = _evaluate(uow, program_id, event, zone, rules, lock_budgets=True)
-    day = core.local_day(event.occurred_at, zone)
-
-    settings = programs_service.get_settings(uow, program_id=program_id)
-    now = uow.clock.now()
-    # When the points become available, in the event's own time: an order's after the
-    # return window. Validity counts from then, so an event sent late (an import of last
-    # year's orders) earns points that expire when they would have.
-    usable_from = event.occurred_at
-    if event.type == "order.paid" and settings.return_window_days:
-        usable_from += timedelta(days=settings.return_window_days)
-    available_at = usable_from if usable_from > now else None
-    # Validity by the policy (and the member's tier where the policy says so).
-    expiries = expiry_service.lot_expiries(
-        uow, program_id=program_id, start=usable_from,
-        member_ids=sorted({a.member_id for a in result.awards}),
-    )  # fmt: skip
-    # What each award posts: nothing held, nothing that would be expired already.
-    posted: list[tuple[core.Award, int, str | None]] = []
-    for award in result.awards:
-        points, cap = award.points, award.cap
-        expires_at = expiries[award.member_id]
-        if points > 0 and not award.held and expires_at is not None and expires_at <= now:
-            points, cap = 0, "expired before it was recorded"
-        posted.append((award, points, cap))
-    # One posting a member: the event's points arrive together, as one line of its history;
-    # the awards keep the detail of which rule gave how much.
-    postings: dict[int, int] = {}
-    for member_id in sorted({a.member_id for a, points, _ in posted if points > 0 and not a.held}):
-        mine = [(a, p) for a, p, _ in posted if a.member_id == member_id and p > 0 and not a.held]
-        postings[member_id] = points_service.earn(
-            uow,
-            member_id=member_id,
-            amount=sum(p for _, p in mine),
-            key=f"event:{event_id}:{member_id}",
-            available_at=available_at,
-            expires_at=expiries[member_id],
-            reason=f"{event.type} {event.key}: " + ", ".join(f"{a.rule} {p}" for a, p in mine),
-            actor=ACTOR,
-        ).id
-        merchant, store = origin
-        points_service.record_origin(
-            uow, posting_id=postings[member_id], merchant=merchant, store=store
-        )
-    new_spent: dict[str, int] = {}
-    for award, points, _ in posted:
-        if points > 0 and not award.held:
-            if award.rule in budgeted:
-                new_spent[award.rule] = new_spent.get(award.rule, 0) + points
-            if caps.budget is not None:
-                key = rules_service.PROGRAM_BUDGET
-                new_spent[key] = new_spent.get(key, 0) + points
-    stored = _store_awards(
-        uow,
-        program_id,
-        event_id,
-        [
-            (
-                award,
-                points,
-                cap,
-                postings.get(award.member_id) if points > 0 and not award.held else None,
-                None,
-            )
-            for award, points, cap in posted
-        ],
-        day,
-    )
-    rules_service.add_to_budgets(uow, program_id=program_id, spent=new_spent)
-    for (member_id, event_type), streak in result.streaks.items():
-        _keep_streak(uow, member_id, event_type, streak)
-    total = sum(points for award, points, _ in posted if not award.held)
-    skipped = [{"rule": s.rule, "why": s.why} for s in result.skipped]
-    _set_outcome(uow, event_id, total, skipped)
-    if postings:
-        # A tier scheme that upgrades at once (or a campaign of temporary upgrades) moves
-        # the members up now; without one this reads only the settings, already read.
-        tiers_service.after_earning(uow, program_id=program_id, member_ids=postings, now=now)
-    return stored, total, skipped
+    return members_service.find_member(uow, program_id=program_id, external_ref=event.member_ref).id
 
 
 def _store_awards(
@@ -588,9 +956,19 @@ def _store_awards(
 ) -> list[AwardRead]:
     """Each (award, points posted, cap that bit, posting, award it reverses), in one go;
     the awards as an answer shows them."""
-    if not awards:
-        return []
-    rows = [
+    rows = _award_rows(program_id, event_id, day, awards)
+    if rows:
+        uow.conn.execute(event_awards.insert(), rows)
+    return [_award_read(row) for row in rows]
+
+
+def _award_rows(
+    program_id: int,
+    event_id: int,
+    day: date,
+    awards: list[tuple[core.Award, int, str | None, int | None, int | None]],
+) -> list[dict[str, Any]]:
+    return [
         {
             "event_id": event_id,
             "program_id": program_id,
@@ -609,8 +987,6 @@ def _store_awards(
         }
         for award, points, cap, posting_id, reverses_id in awards
     ]
-    uow.conn.execute(event_awards.insert(), rows)
-    return [_award_read(row) for row in rows]
 
 
 def _award_read(row: Mapping[str, Any] | RowMapping) -> AwardRead:
@@ -786,26 +1162,6 @@ def _refund(
     return stored, total, []
 
 
-def _count(uow: UnitOfWork, member_id: int, event_type: str) -> None:
-    _counter(uow, member_id, event_type, {"seen": 1}, {"seen": member_counters.c.seen + 1})
-
-
-def _keep_streak(uow: UnitOfWork, member_id: int, event_type: str, streak: core.Streak) -> None:
-    values = {"streak_day": streak.last_day, "streak_length": streak.length}
-    _counter(uow, member_id, event_type, {"seen": 0, **values}, values)
-
-
-def _counter(
-    uow: UnitOfWork,
-    member_id: int,
-    event_type: str,
-    new: Mapping[str, Any],
-    change: Mapping[str, Any],
-) -> None:
-    """Insert the member's counter row for ``event_type``, or change the one there."""
-    upsert(uow, member_counters, {"member_id": member_id, "event_type": event_type, **new}, change)
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -818,12 +1174,15 @@ def get_event(uow: UnitOfWork, *, program_id: int, event_id: int) -> EventResult
     return _result(uow, row, replayed=False)
 
 
-def _result(
-    uow: UnitOfWork, row: Row[Any], *, replayed: bool, skipped: list[dict[str, str]] | None = None
-) -> EventResult:
+def _result(uow: UnitOfWork, row: Row[Any], *, replayed: bool) -> EventResult:
     awards = uow.conn.execute(
         select(event_awards).where(event_awards.c.event_id == row.id).order_by(event_awards.c.id)
     ).all()
+    return _result_of(row, [_award_read(a._mapping) for a in awards], replayed=replayed)
+
+
+def _result_of(row: Row[Any], awards: list[AwardRead], *, replayed: bool) -> EventResult:
+    """A stored event's result, with its awards."""
     return EventResult(
         id=row.id,
         source=row.source,
@@ -832,8 +1191,8 @@ def _result(
         member_id=row.member_id,
         occurred_at=row.occurred_at,
         points=int(row.points),
-        awards=[_award_read(a._mapping) for a in awards],
-        skipped=list(row.skipped or []) if skipped is None else skipped,
+        awards=awards,
+        skipped=list(row.skipped or []),
         replayed=replayed,
     )
 
@@ -859,14 +1218,19 @@ def raise_birthdays(db: Database, *, program_id: int, day: date, chunk: int = 50
                 uow, program_id=program_id, month=day.month, days=days, after_id=after,
                 limit=chunk,
             )  # fmt: skip
-            made = 0
-            for member_id in ids:
-                event = EventIn(
+            wishes = [
+                EventIn(
                     source="jifen", external_id=f"birthday:{member_id}:{day.year}",
                     type="member.birthday", occurred_at=start, member_id=member_id,
                     payload={"year": day.year},
-                )  # fmt: skip
-                made += not ingest(uow, program_id=program_id, event=event).replayed
+                )
+                for member_id in ids
+            ]  # fmt: skip
+            made = 0
+            for outcome in ingest_many(uow, program_id=program_id, events=wishes):
+                if isinstance(outcome, Exception):
+                    raise outcome
+                made += not outcome.replayed
             return made, (ids[-1] if len(ids) == chunk else None)
 
         made, after_next = db.run(one_chunk)

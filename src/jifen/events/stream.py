@@ -48,9 +48,8 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
-from jifen.db.uow import Database, UnitOfWork, is_transient
+from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InvalidInput, JifenError
 from jifen.events import service
 from jifen.events.schemas import EventIn
@@ -227,39 +226,40 @@ def dead_letter(
 
 
 def apply_batch(uow: UnitOfWork, items: Sequence[Incoming]) -> list[Outcome]:
-    """Ingest ``items`` in the caller's transaction, each in its own savepoint, and say what
-    became of each. Errors that concern the whole transaction (a lost race, the connection
-    gone) are raised: :meth:`Database.run` retries the former, the worker hands the whole
-    batch back for the latter."""
-    by_program: dict[str, list[EventIn]] = {}
-    for item in items:
-        if item.event is not None:
-            by_program.setdefault(item.program_code, []).append(item.event)
-    for code in sorted(by_program):
-        with suppress(JifenError):  # an unknown programme is refused below, event by event
-            service.lock_for_batch(uow, program_id=_program_id(uow, code), batch=by_program[code])
-    outcomes: list[Outcome] = []
-    for item in items:
+    """Ingest ``items`` in the caller's transaction (each programme's together, in order)
+    and say what became of each. Errors that concern the whole transaction (a lost race,
+    the connection gone) are raised: :meth:`Database.run` retries the former, the worker
+    hands the whole batch back for the latter."""
+    outcomes: dict[int, Outcome] = {}
+    by_program: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
         if item.event is None:
             assert item.refused is not None
-            outcomes.append(item.refused)
-            continue
-        try:
-            with uow.conn.begin_nested():
-                program_id = _program_id(uow, item.program_code)
-                result = service.ingest(uow, program_id=program_id, event=item.event)
-        except JifenError as exc:
-            refused = Refused.of(exc)
-            outcomes.append(Waiting(refused) if exc.code in WAIT_FOR else refused)
-        except Exception as exc:
-            if is_transient(exc) or isinstance(exc, OperationalError | InterfaceError):
-                raise
-            # Rolled back to the savepoint: an error of this event alone, which may not last
-            # (a bug fixed, a twin committed meanwhile): handed back, the others go on.
-            outcomes.append(Failed(f"{exc.__class__.__name__}: {exc}"))
+            outcomes[index] = item.refused
         else:
-            outcomes.append(Applied(result.id, result.points, result.replayed))
-    return outcomes
+            by_program.setdefault(item.program_code, []).append(index)
+    for code in sorted(by_program):
+        indexes = by_program[code]
+        try:
+            program_id = _program_id(uow, code)
+        except JifenError as exc:  # an unknown programme
+            outcomes.update((index, Refused.of(exc)) for index in indexes)
+            continue
+        taken = [items[index].event for index in indexes]
+        results = service.ingest_many(
+            uow, program_id=program_id, events=[e for e in taken if e is not None]
+        )
+        for index, result in zip(indexes, results, strict=True):
+            if isinstance(result, JifenError):
+                refused = Refused.of(result)
+                outcomes[index] = Waiting(refused) if result.code in WAIT_FOR else refused
+            elif isinstance(result, Exception):
+                # Rolled back alone: an error of this event only, which may not last (a bug
+                # fixed, a twin committed meanwhile): handed back, the others go on.
+                outcomes[index] = Failed(f"{result.__class__.__name__}: {result}")
+            else:
+                outcomes[index] = Applied(result.id, result.points, result.replayed)
+    return [outcomes[index] for index in range(len(items))]
 
 
 def _program_id(uow: UnitOfWork, code: str) -> int:

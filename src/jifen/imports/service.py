@@ -203,18 +203,15 @@ def _commit(
 
     def work(uow: UnitOfWork) -> _Outcome:
         outcome = _Outcome()  # built afresh if the transaction is retried
-        events_service.lock_for_batch(
-            uow,
-            program_id=program_id,
-            batch=[r.request for r in records if isinstance(r.request, EventIn)],
-        )
+        if kind != "members":  # events, and orders (each an order.paid event)
+            _ingest(uow, program_id, records, outcome)
+            return outcome
         for record in records:
             try:
                 with uow.conn.begin_nested():
-                    _apply(uow, program_id, kind, record, outcome)
+                    _register(uow, program_id, record, outcome)
             except JifenError as exc:
-                column = str(exc.params.get("field", ""))
-                outcome.refused.append((record, column, exc.code, exc.message("en")))
+                _refuse(outcome, record, exc)
         return outcome
 
     outcome = db.run(work) if records else _Outcome()
@@ -231,15 +228,29 @@ def _commit(
         errors.write(lines, {}, column, code, reason)
 
 
-def _apply(uow: UnitOfWork, program_id: int, kind: Kind, record: Record, outcome: _Outcome) -> None:
-    if isinstance(record.request, EventIn):
-        result = events_service.ingest(uow, program_id=program_id, event=record.request)
-        if result.replayed:
+def _refuse(outcome: _Outcome, record: Record, exc: JifenError) -> None:
+    column = str(exc.params.get("field", ""))
+    outcome.refused.append((record, column, exc.code, exc.message("en")))
+
+
+def _ingest(uow: UnitOfWork, program_id: int, records: list[Record], outcome: _Outcome) -> None:
+    """A batch of event records, ingested together (see :func:`events_service.ingest_many`)."""
+    requests = [record.request for record in records if isinstance(record.request, EventIn)]
+    results = events_service.ingest_many(uow, program_id=program_id, events=requests)
+    for record, result in zip(records, results, strict=True):
+        if isinstance(result, JifenError):
+            _refuse(outcome, record, result)
+        elif isinstance(result, Exception):
+            raise result
+        elif result.replayed:
             outcome.replayed += 1
         else:
             outcome.accepted += 1
             outcome.points += result.points
-        return
+
+
+def _register(uow: UnitOfWork, program_id: int, record: Record, outcome: _Outcome) -> None:
+    assert not isinstance(record.request, EventIn)
     member, tier = record.request
     try:
         profile = members_service.register(uow, program_id=program_id, body=member)

@@ -142,6 +142,8 @@ class MemberFacts(_Read):
     """What earning rules read about a member."""
 
     id: int
+    state: str
+    """active, frozen, banned or closed: only an active member earns."""
     tags: list[str]
     region: str | None
     birthday: date | None

@@ -52,10 +52,8 @@ def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> M
     )
 
 
-def find_member(
-    uow: UnitOfWork, *, program_id: int, external_ref: str, transacting: bool = False
-) -> MemberRead:
-    """The member with this reference; with ``transacting``, only if it may earn and spend."""
+def find_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> MemberRead:
+    """The member with this reference."""
     row = uow.conn.execute(
         select(members).where(
             members.c.program_id == program_id, members.c.external_ref == external_ref
@@ -63,10 +61,7 @@ def find_member(
     ).one_or_none()
     if row is None:
         raise UnknownMember(member_id=external_ref)
-    member = MemberRead.model_validate(row._mapping)
-    if transacting:
-        _require_active(member)
-    return member
+    return MemberRead.model_validate(row._mapping)
 
 
 def get_member_by_id(uow: UnitOfWork, *, member_id: int) -> MemberRead:
@@ -90,7 +85,7 @@ def require_member(
     if member.program_id != program_id:
         raise UnknownMember(member_id=member_id)
     if transacting:
-        _require_active(member)
+        require_active(member)
     return member
 
 
@@ -100,7 +95,7 @@ def active_birthday(uow: UnitOfWork, *, program_id: int, member_id: int) -> date
     row = uow.conn.execute(_ACTIVE_BIRTHDAY, {"member": member_id}).one_or_none()
     if row is None or row.program_id != program_id:
         raise UnknownMember(member_id=member_id)
-    _require_active(row)
+    require_active(row)
     birthday: date | None = row.birthday
     return birthday
 
@@ -110,7 +105,8 @@ _ACTIVE_BIRTHDAY = select(
 ).where(members.c.id == bindparam("member"))  # fmt: skip
 
 
-def _require_active(member: MemberRead | Any) -> None:
+def require_active(member: MemberRead | MemberFacts | Any) -> None:
+    """StateConflict unless the member's state lets it earn and spend (active)."""
     if member.state != "active":
         raise StateConflict(
             problem=f"Member {member.id} is {member.state}: it cannot earn or spend until "
@@ -131,14 +127,13 @@ def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, st
 
 
 def rule_facts(
-    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], lock: bool = False
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]
 ) -> dict[int, MemberFacts]:
-    """What earning rules read about each member (no personal numbers are decrypted); with
-    ``lock``, the members are held as :func:`lock_members` holds them."""
+    """What earning rules read about each member (no personal numbers are decrypted)."""
     query = (
         select(
-            members.c.id, members.c.tags, members.c.region, members.c.birthday,
-            members.c.created_at,
+            members.c.id, members.c.state, members.c.tags, members.c.region,
+            members.c.birthday, members.c.created_at,
         )
         .where(
             members.c.program_id == program_id,
@@ -146,8 +141,6 @@ def rule_facts(
         )
         .order_by(members.c.id)
     )  # fmt: skip
-    if lock and uow.dialect == "postgresql":
-        query = query.with_for_update(key_share=True)
     rows = uow.conn.execute(query).all()
     return {
         row.id: MemberFacts.model_validate({**row._mapping, "tags": list(row.tags or [])})

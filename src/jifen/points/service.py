@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -413,6 +413,77 @@ def earn(
         reason=reason,
         actor=actor,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Earning:
+    """One credit of :func:`earn_many`; the fields are :func:`earn`'s."""
+
+    member_id: int
+    amount: int
+    key: str
+    available_at: datetime | None = None
+    expires_at: datetime | None = None
+    reason: str = ""
+    actor: str = ""
+
+
+def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
+    """Several :func:`earn` in one write, in order (a member may earn more than once):
+    the ids of their postings. The keys must be new — a batch of events keys its postings
+    by the events' new ids — and a key used before breaks the programme's unique index,
+    failing the whole write rather than replaying."""
+    if not earnings:
+        return []
+    for earning in earnings:
+        _require_key(earning.key)
+    ids = sorted({e.member_id for e in earnings})
+    held = {row[2]: _Account(*row[:8]) for row in store.lock_accounts(uow.conn, ids, "")}
+    now = uow.clock.now()
+    batch: list[store.PostingRows] = []
+    for earning in earnings:
+        member = held.get(earning.member_id)
+        if member is None:
+            raise UnknownMember(member_id=earning.member_id)
+        plan = ledger.plan_earn(
+            account=member.state, amount=earning.amount, now=now,
+            available_at=earning.available_at, expires_at=earning.expires_at,
+        )  # fmt: skip
+        request = _fingerprint(
+            "earn", member=earning.member_id, amount=earning.amount,
+            available_at=earning.available_at, expires_at=earning.expires_at,
+            reason=earning.reason, actor=earning.actor,
+        )  # fmt: skip
+        rows = _rows(
+            uow, plan, member=member, counterparty=None, key=earning.key, request_hash=request,
+            now=now, ref_posting_id=None, reason=earning.reason, actor=earning.actor,
+        )  # fmt: skip
+        batch.append(rows)
+        # The next posting of the member starts from this one's figures and chain head.
+        _, seq, link = rows.chain[0]
+        held[earning.member_id] = replace(
+            member, balance=member.balance + plan.change_of(Party.MEMBER),
+            frozen=member.frozen + plan.frozen_change, debt=member.debt + plan.debt_change,
+            head_seq=seq, head_hash=link,
+        )  # fmt: skip
+    return store.write_postings(uow.conn, batch)
+
+
+def hold_accounts(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
+    """Hold the members' points accounts (in id order) until the transaction ends, as the
+    postings to come will: a batch takes every account it may touch before any of them."""
+    store.lock_accounts(uow.conn, sorted(set(member_ids)), "")
+
+
+def record_origins(uow: UnitOfWork, origins: Sequence[tuple[int, str | None, str | None]]) -> None:
+    """:func:`record_origin` for new postings, (posting id, merchant, store) each, at once."""
+    rows = [
+        {"posting_id": posting_id, "merchant": merchant, "store": where}
+        for posting_id, merchant, where in origins
+        if merchant is not None or where is not None
+    ]
+    if rows:
+        uow.conn.execute(posting_origins.insert(), rows)
 
 
 def spend(

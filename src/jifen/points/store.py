@@ -162,7 +162,8 @@ def due_lots(
 
 
 def write_postings(conn: Connection, batch: Sequence[PostingRows]) -> list[int]:
-    """Store many postings (of distinct accounts) at once; their ids, in order."""
+    """Store many postings at once; their ids, in order. An account may take several, in
+    the order of ``batch``: each one's chain link and figures follow the one before."""
     if not batch:
         return []
     if conn.dialect.name != "postgresql":
@@ -321,7 +322,7 @@ WITH p AS (
     ORDER BY y.n
 ), lu AS (
     UPDATE lots SET remaining = lots.remaining + y.amount
-    FROM unnest(%(alloc_lots)b::bigint[], %(alloc_amounts)b::bigint[]) AS y(lot_id, amount)
+    FROM unnest(%(lot_change_ids)b::bigint[], %(lot_changes)b::bigint[]) AS y(lot_id, amount)
     WHERE lots.id = y.lot_id
 ), nl AS (
     INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at,
@@ -360,17 +361,27 @@ def _write_many_postgresql(conn: Connection, batch: Sequence[PostingRows]) -> li
 
     keyed("line", ("accounts", "amounts"), lambda r: r.lines)
     keyed("chain", ("accounts", "seqs", "links"), lambda r: r.chain)
-    keyed("alloc", ("lots", "amounts"), lambda r: r.allocations)
     keyed("lot", ("accounts", "amounts", "available", "expires", "sources"), lambda r: r.new_lots)
-    accounts_flat = [item for rows in batch for item in rows.accounts]
+    # An UPDATE … FROM changes a row once however many source rows match it: what several
+    # postings do to one lot or one account is summed first (the last chain head stays).
+    changes: dict[int, int] = {}
+    for rows in batch:
+        for lot, amount in rows.allocations:
+            changes[lot] = changes.get(lot, 0) + amount
+    keyed("alloc", ("lots", "amounts"), lambda r: r.allocations)
+    params["lot_change_ids"], params["lot_changes"] = list(changes), list(changes.values())
+    summed: dict[int, tuple[int, int, int, int, str]] = {}
+    for rows in batch:
+        for account, balance, frozen, debt, seq, link in rows.accounts:
+            before = summed.get(account, (0, 0, 0, 0, ""))
+            summed[account] = (before[0] + balance, before[1] + frozen, before[2] + debt, seq, link)
+    accounts_flat = [(account, *change) for account, change in summed.items()]
     for field, column in zip(
         ("acc_ids", "acc_balance", "acc_frozen", "acc_debt", "acc_seq", "acc_link"),
         _columns(accounts_flat, 6),
         strict=True,
     ):
         params[field] = column
-    if len({a for a, *_ in accounts_flat}) != len(accounts_flat):
-        raise ValueError("a batch of postings changes each account at most once")
     ids = {key: int(i) for i, key in _driver(conn).execute(_POSTGRESQL_WRITE_MANY, params)}
     return [ids[rows.posting["idempotency_key"]] for rows in batch]
 

@@ -194,12 +194,9 @@ def list_versions(
 def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     """The rule versions that were live at ``moment``: what an event of that time meets.
     The programme's activations are read once a transaction (a batch of events shares them)."""
-    key = f"activations:{program_id}"
-    if key not in uow.local:
-        uow.local[key] = activations(uow, program_id=program_id)
     live = tuple(
         rule
-        for rule, start, end in uow.local[key]
+        for rule, start, end in live_periods(uow, program_id=program_id)
         if start <= moment and (end is None or moment < end)
     )
     # Most events of a batch meet the same versions: their rule set is sorted once.
@@ -208,6 +205,17 @@ def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     if identity not in sets:
         sets[identity] = RuleSet(live)
     return sets[identity]
+
+
+def live_periods(
+    uow: UnitOfWork, *, program_id: int
+) -> list[tuple[Rule, datetime, datetime | None]]:
+    """:func:`activations`, read once a transaction (a batch of events shares them)."""
+    key = f"activations:{program_id}"
+    if key not in uow.local:
+        uow.local[key] = activations(uow, program_id=program_id)
+    periods: list[tuple[Rule, datetime, datetime | None]] = uow.local[key]
+    return periods
 
 
 def activations(

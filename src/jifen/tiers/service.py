@@ -341,6 +341,15 @@ def evaluate(
     )  # fmt: skip
 
 
+def moves_on_earning(uow: UnitOfWork, *, program_id: int, now: datetime) -> bool:
+    """Whether an earning can move a member's tier at once (a scheme that upgrades at once,
+    or a campaign of temporary upgrades running at ``now``)."""
+    scheme = scheme_of(uow, program_id=program_id)
+    return scheme is not None and (
+        scheme.upgrade_at_once or core.active_campaign(scheme, now) is not None
+    )
+
+
 def after_earning(
     uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], now: datetime
 ) -> None:
@@ -348,7 +357,7 @@ def after_earning(
     scheme upgrades at once or a campaign of temporary upgrades runs. Cheap when neither:
     the settings are read once a transaction already."""
     scheme = scheme_of(uow, program_id=program_id)
-    if scheme is None or (not scheme.upgrade_at_once and core.active_campaign(scheme, now) is None):
+    if scheme is None or not moves_on_earning(uow, program_id=program_id, now=now):
         return
     if not _levels_match(uow, program_id, scheme):
         return  # a scheme that no longer fits the tiers must not refuse an earning
