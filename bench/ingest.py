@@ -245,7 +245,11 @@ def batch_api(url: str, code: str, token: str, args: argparse.Namespace, data_di
                 while time.perf_counter() < end:
                     batch += 1
                     tag = f"api-{index}-{batch}"
-                    body = {"events": [order_event(n, args.members, tag) for n in range(1000)]}
+                    # Each client its own members (tills of different shops), as far as
+                    # there are members enough: batches that share members wait on them.
+                    first = index * (args.members // args.clients)
+                    made = [order_event(first + n, args.members, tag) for n in range(1000)]
+                    body = {"events": made}
                     answer = http.post(
                         f"/v1/programs/{code}/events/batch",
                         json=body,

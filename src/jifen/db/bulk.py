@@ -6,11 +6,12 @@ and :func:`among` tests a column against many ids in one parameter."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, ColumnElement, Table, any_, bindparam, literal
+from sqlalchemy import JSON, BigInteger, Column, ColumnElement, Table, any_, bindparam, literal
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -88,7 +89,7 @@ def insert_many(
     names = tuple(rows[0])
     wanted = tuple(column.name for column in returning)
     if conn.dialect.name == "postgresql":
-        params = {name: [row[name] for row in rows] for name in names}
+        params = {name: _values(table.c[name], [row[name] for row in rows]) for name in names}
         driver = conn.connection.driver_connection
         assert driver is not None
         cursor = driver.execute(_statement(table, names, wanted, skip_conflicts), params)
@@ -101,6 +102,14 @@ def insert_many(
         return [tuple(row) for row in conn.execute(statement, list(rows))]
     conn.execute(statement, list(rows))
     return []
+
+
+def _values(column: Column[Any], values: list[Any]) -> list[Any]:
+    """A column's values as the driver takes them: JSON as its text (as SQLAlchemy writes
+    it; the array of text is cast to ``json[]``)."""
+    if isinstance(column.type, JSON):
+        return [None if value is None else json.dumps(value) for value in values]
+    return values
 
 
 def among(

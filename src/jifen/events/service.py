@@ -26,7 +26,7 @@ from sqlalchemy import Row, RowMapping, String, case, func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jifen.api.schemas import NO_NUL
-from jifen.db.bulk import among
+from jifen.db.bulk import among, insert_many
 from jifen.db.uow import Database, UnitOfWork, is_transient
 from jifen.db.upsert import upsert_many
 from jifen.errors import (
@@ -571,8 +571,9 @@ class _Intake:
                 }
                 for d in decisions
             ]  # fmt: skip
-            statement = events.insert().returning(events.c.id, sort_by_parameter_order=True)
-            event_ids = [int(row[0]) for row in uow.conn.execute(statement, rows)]
+            event_ids = [
+                int(i) for (i,) in insert_many(uow.conn, events, rows, returning=[events.c.id])
+            ]
             earnings: list[points_service.Earning] = []
             owners: list[tuple[_Decision, int]] = []
             for decision, event_id in zip(decisions, event_ids, strict=True):
@@ -611,8 +612,7 @@ class _Intake:
                     skipped=decision.skipped,
                 )  # fmt: skip
                 group.outcomes[decision.item.index] = decision.result
-            if award_rows:
-                uow.conn.execute(event_awards.insert(), award_rows)
+            insert_many(uow.conn, event_awards, award_rows)
         rules_service.add_to_budgets(uow, program_id=self.program_id, spent=group.added)
         _add_counters(uow, group.counters)
         earners = {owner for d in decisions for owner in d.postings}
