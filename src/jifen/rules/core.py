@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from fractions import Fraction
@@ -694,6 +694,18 @@ def refunded_share(
 _NO_RULE_CAPS = RuleCaps()
 
 
+def _tighter(
+    tightest: tuple[int, str, object, object] | None,
+    left: int,
+    name: str,
+    whose: object,
+    bound: object,
+) -> tuple[int, str, object, object]:
+    if tightest is None or left < tightest[0]:
+        return (left, name, whose, bound)
+    return tightest
+
+
 def _apply_caps(state: _Pass, budgets: Budgets) -> None:
     caps = state.program.caps
     used_day: dict[int, int] = {}
@@ -710,32 +722,40 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
             raise EventRefused(rule=award.rule, problem=f"no facts for member {award.member_id}")
         spec = state.specs.get(award.rule)  # none for the tier benefit: no caps of its own
         spec_caps = spec.caps if spec is not None else _NO_RULE_CAPS
-        # (room left, the cap's name and the figures it names): formatted only if it bites.
-        room: list[tuple[int, str, object, object]] = []
+        # The tightest cap (the first of equals): room left, its name and the figures it
+        # names, formatted only if it bites.
+        tightest: tuple[int, str, object, object] | None = None
         tier_cap = caps.by_tier.get(member.tier or "")
         if tier_cap is not None and tier_cap.day is not None:
             used = member.usage.day + used_day.get(award.member_id, 0)
-            room.append((tier_cap.day - used, "tier_day", member.tier, tier_cap.day))
+            tightest = _tighter(tightest, tier_cap.day - used, "tier_day", member.tier,
+                                tier_cap.day)  # fmt: skip
         if tier_cap is not None and tier_cap.month is not None:
             used = member.usage.month + used_month.get(award.member_id, 0)
-            room.append((tier_cap.month - used, "tier_month", member.tier, tier_cap.month))
+            tightest = _tighter(tightest, tier_cap.month - used, "tier_month", member.tier,
+                                tier_cap.month)  # fmt: skip
         for period, limit in spec_caps.per_member.items():
             used = member.usage.by_rule.get((award.rule, period), 0) + used_rule.get(
                 (award.member_id, award.rule, period), 0
             )
-            room.append((limit - used, f"rule_{period}", award.rule, limit))
+            tightest = _tighter(tightest, limit - used, f"rule_{period}", award.rule, limit)
         if spec_caps.budget is not None:
             spent = spent_rule.get(award.rule, 0)
-            room.append((spec_caps.budget - spent, "rule_budget", award.rule, spec_caps.budget))
+            tightest = _tighter(tightest, spec_caps.budget - spent, "rule_budget", award.rule,
+                                spec_caps.budget)  # fmt: skip
         if caps.budget is not None:
-            room.append((caps.budget - spent_program, "program_budget", None, caps.budget))
+            tightest = _tighter(tightest, caps.budget - spent_program, "program_budget", None,
+                                caps.budget)  # fmt: skip
         points, cap = award.wanted, None
-        if room:
-            left, name, whose, bound = min(room, key=lambda item: item[0])
+        if tightest is not None:
+            left, name, whose, bound = tightest
             if max(left, 0) < points:
                 points = max(left, 0)
                 cap = f"{name} ({whose}: {bound})" if whose is not None else f"{name} ({bound})"
-        state.result.awards.append(award if cap is None else replace(award, points=points, cap=cap))
+        if cap is not None:  # built directly: dataclasses.replace costs more than the rest
+            award = Award(award.rule, award.version, award.kind, award.member_id, points,
+                          award.wanted, cap, award.held, award.detail)  # fmt: skip
+        state.result.awards.append(award)
         used_day[award.member_id] = used_day.get(award.member_id, 0) + points
         used_month[award.member_id] = used_month.get(award.member_id, 0) + points
         for period in spec_caps.per_member:
