@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from jifen.db.uow import Database
+from jifen.db.uow import Database, UnitOfWork
 from jifen.events import service
 from jifen.events.schemas import BacktestIn
 from jifen.rules.schemas import RuleSpec
@@ -91,4 +91,32 @@ def test_dropping_a_rule_shows_what_it_cost(db: Database) -> None:
     assert [(c.key, c.actual, c.proposed, c.difference) for c in report.by_rule] == [
         ("base", 600, 600, 0),
         ("full", 200, 0, -200),
+    ]
+
+
+def test_the_tier_matrix_counts_in_a_backtest_as_it_did_when_earning(db: Database) -> None:
+    from jifen.programs import service as programs
+    from tests.tiers.scheme import scheme
+
+    program = new_program(db)
+    (gold,) = new_members(db, program.id, 1)
+    setup_tiers(db, program.id, **{f"m{gold}": "金卡"})
+    matrix = scheme(benefits={"金卡": {"earn_multiplier": "1.5"}}, upgrade_at_once=False)
+
+    def configure(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program.id)
+        changed = settings.model_copy(update={"tier_scheme": matrix})
+        programs.set_settings(uow, program_id=program.id, settings=changed)
+
+    db.run(configure)
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    when = datetime(2026, 1, 3, 4, 0, tzinfo=UTC)
+    send(db, program.id, gold, "order.paid", when, "o1", order_id="1", lines=lines(("A", "x", 200)))
+    unchanged = BacktestIn(since=when - timedelta(hours=1), until=when + timedelta(hours=1))
+    report = db.run(
+        lambda uow: service.backtest(uow, program_id=program.id, request=unchanged), read_only=True
+    )
+    assert [(c.key, c.actual, c.proposed) for c in report.by_rule] == [
+        ("base", 200, 200),
+        ("tier_benefit", 100, 100),
     ]

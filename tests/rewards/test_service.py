@@ -563,3 +563,41 @@ def test_a_hold_whose_points_expired_meanwhile_is_refused_whole(db: Database) ->
     cancelled = shop.move(order.id, "cancel")
     assert cancelled.state == "cancelled" and shop.get(watch.code).stock_left == 1
     assert_ledger_sound(db, shop.program_id)
+
+
+def test_the_tier_matrix_gives_early_access_where_the_reward_names_none(db: Database) -> None:
+    from jifen.programs import service as programs
+    from jifen.tiers.schemas import TierScheme
+    from tests.tiers.scheme import scheme_json
+
+    shop = Shop.open(db)
+
+    def matrix(uow: Any) -> None:
+        settings = programs.get_settings(uow, program_id=shop.program_id)
+        benefits = {"银卡": {"early_access_hours": 6}, "金卡": {"early_access_hours": 48}}
+        tiers = TierScheme.model_validate(scheme_json(benefits=benefits))
+        programs.set_settings(
+            uow,
+            program_id=shop.program_id,
+            settings=settings.model_copy(update={"tier_scheme": tiers}),
+        )
+
+    db.run(matrix)
+    (silver,) = shop.member(5000, tier="银卡")
+    (gold,) = shop.member(5000, tier="金卡")
+    (plain,) = shop.member(5000, tier="普通")
+    start = clock(db).now() + timedelta(hours=12)
+    drop = shop.reward(points=100, sales_start=start)  # names no early access: the matrix's
+    own = shop.reward(points=100, sales_start=start, early_access={"金卡": 1})  # its own for 金卡
+    shop.redeem(gold, drop.code)  # 48 hours early
+    with pytest.raises(NotOnSale, match="opens at"):
+        shop.redeem(gold, own.code)
+    with pytest.raises(NotOnSale, match="opens at"):
+        shop.redeem(silver, drop.code)
+    clock(db).advance(timedelta(hours=6))
+    shop.redeem(silver, drop.code)  # 6 hours early
+    shop.redeem(silver, own.code)  # the reward names only 金卡: 银卡 keeps the matrix's
+    with pytest.raises(NotOnSale, match="opens at"):
+        shop.redeem(plain, drop.code)
+    clock(db).advance(timedelta(hours=6))
+    shop.redeem(plain, drop.code)

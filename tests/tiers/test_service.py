@@ -316,3 +316,80 @@ def test_pricing_reads_the_matrix_discount_unless_the_policy_names_the_tier(db: 
         lambda uow: service.earning_terms(uow, program_id=world.program.id), read_only=True
     )
     assert multipliers == {"金卡": 1.5} and caps == {}
+
+
+def test_the_matrix_gives_validity_and_birthday_gifts_unless_policy_or_rule_say_otherwise(
+    db: Database,
+) -> None:
+    from jifen.rules import service as rules_service
+    from jifen.rules.schemas import RuleSpec
+
+    matrix = {
+        "银卡": {"validity_months": 18, "birthday_gift": 500},
+        "金卡": {"birthday_gift": 1000},
+    }
+    world = World(db, scheme(benefits=matrix), members=3)
+    silver, gold, plain = world.members
+    world.at(datetime(2026, 6, 10, 4, tzinfo=UTC))  # noon in Shanghai
+
+    def place(uow: UnitOfWork) -> None:
+        for member, tier in ((silver, "银卡"), (gold, "金卡"), (plain, "普通")):
+            service.set_member_tier(
+                uow, program_id=world.program.id, member_id=member, tier=tier, reason="t",
+                set_by="t",
+            )  # fmt: skip
+
+    db.run(place)
+
+    def birthday(member_id: int, year: int) -> tuple[int, list[tuple[str, str, int]]]:
+        event = EventIn(
+            source="jifen", external_id=f"birthday:{member_id}:{year}", type="member.birthday",
+            occurred_at=world.clock.now(), member_id=member_id, payload={"year": year},
+        )  # fmt: skip
+        result = db.run(
+            lambda uow: events_service.ingest(uow, program_id=world.program.id, event=event)
+        )
+        return result.points, [(a.rule, a.kind, a.points) for a in result.awards]
+
+    def expiries(member_id: int) -> list[datetime | None]:
+        page = db.run(lambda uow: points_service.lots_page(uow, member_id=member_id),
+                      read_only=True)  # fmt: skip
+        return [lot.expires_at for lot in page.items]
+
+    # the matrix's gift by tier; 银卡's points valid 18 months (to the end of 10 Dec 2027)
+    assert birthday(silver, 2026) == (500, [("tier_benefit", "birthday_gift", 500)])
+    assert birthday(gold, 2026) == (1000, [("tier_benefit", "birthday_gift", 1000)])
+    assert birthday(plain, 2026) == (0, [])
+    assert expiries(silver) == [datetime(2027, 12, 10, 16, tzinfo=UTC)]
+    assert expiries(gold) != expiries(silver)
+
+    # a policy that names 银卡's validity wins over the matrix; a live birthday rule too
+    def configure(uow: UnitOfWork) -> None:
+        settings = programs_service.get_settings(uow, program_id=world.program.id)
+        expiry = type(settings.expiry).model_validate(
+            {**settings.expiry.model_dump(), "by_tier": {"银卡": {"kind": "never"}}}
+        )
+        programs_service.set_settings(
+            uow,
+            program_id=world.program.id,
+            settings=settings.model_copy(update={"expiry": expiry}),
+        )
+        spec = RuleSpec.model_validate({
+            "code": "birthday", "name": "birthday", "event_types": ["member.birthday"],
+            "params": {"kind": "birthday_gift", "by_tier": {"银卡": 200}},
+        })  # fmt: skip
+        draft = rules_service.create_version(
+            uow, program_id=world.program.id, spec=spec, created_by="maker"
+        )
+        rules_service.submit(
+            uow, program_id=world.program.id, version_id=draft.id, approval_id=None
+        )
+        rules_service.approve(
+            uow, program_id=world.program.id, version_id=draft.id, approved_by="checker"
+        )
+
+    db.run(configure)
+    world.at(datetime(2027, 6, 10, 4, tzinfo=UTC))
+    assert birthday(silver, 2027) == (200, [("birthday", "birthday_gift", 200)])
+    assert birthday(gold, 2027)[0] == 0  # the rule gives 金卡 nothing: the matrix stays out
+    assert expiries(silver) == [datetime(2027, 12, 10, 16, tzinfo=UTC), None]

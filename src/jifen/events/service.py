@@ -719,13 +719,15 @@ def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
 
 def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
     """The programme as the evaluation reads it: its zone, its caps (with the benefits
-    matrix's caps for the tiers the earning caps leave without one) and multipliers."""
+    matrix's caps for the tiers the earning caps leave without one), multipliers and
+    birthday gifts."""
     caps = rules_service.get_caps(uow, program_id=program_id)
     multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
     if tier_caps:
         matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
         caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
-    return core.Program(zone, caps, tier_multipliers=multipliers)
+    gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
+    return core.Program(zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts)
 
 
 def _periods(day: date) -> tuple[date, date, date, date]:
@@ -1254,8 +1256,7 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
     proposed_rules = [rules_service.compile_rule(spec, version=0) for spec in proposed_specs]
     live = rules_service.activations(uow, program_id=program_id)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    caps = rules_service.get_caps(uow, program_id=program_id)
-    program = core.Program(zone, caps)
+    program = _terms(uow, program_id, zone)  # the benefits matrix's terms, as events meet
     sums: dict[str, dict[str, Compared]] = {"rule": {}, "tier": {}, "day": {}, "member": {}}
     replay = _Replay(uow, program_id, request.since, zone)
     total_actual = total_proposed = replayed = 0

@@ -26,7 +26,25 @@ from jifen.tiers import service as tiers_service
 
 
 def policy(uow: UnitOfWork, *, program_id: int) -> ExpiryPolicy:
-    return programs_service.get_settings(uow, program_id=program_id).expiry
+    """The programme's expiry policy, with the tier benefits matrix's validity (rolling, in
+    months) for each tier the policy names none of its own (read once a transaction)."""
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    key = f"expiry_policy:{id(settings)}"  # new settings in this transaction: recomputed
+    cached: ExpiryPolicy | None = uow.local.get(key)
+    if cached is not None:
+        return cached
+    rules = settings.expiry
+    scheme = settings.tier_scheme
+    if scheme is not None:
+        added = {
+            tier: Validity(kind="rolling", months=b.validity_months)
+            for tier, b in scheme.benefits.items()
+            if b.validity_months is not None and tier not in rules.by_tier
+        }
+        if added:
+            rules = rules.model_copy(update={"by_tier": {**added, **rules.by_tier}})
+    uow.local[key] = rules
+    return rules
 
 
 def _zone(uow: UnitOfWork, program_id: int) -> ZoneInfo:
@@ -40,8 +58,9 @@ def lot_expiry(
     under the programme's policy; ``None``: never."""
     settings = programs_service.get_settings(uow, program_id=program_id)
     validity = core.validity_for(
-        settings.expiry, default_days=settings.default_validity_days, tier=tier
-    )
+        policy(uow, program_id=program_id), default_days=settings.default_validity_days,
+        tier=tier,
+    )  # fmt: skip
     expires_at = core.expires_at(validity, start, _zone(uow, program_id))
     if expires_at is not None and expires_at >= LATEST:
         raise InvalidInput(

@@ -86,13 +86,20 @@ def _policy(uow: UnitOfWork, program_id: int) -> RedemptionPolicy:
 
 
 def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
-    """The reward's terms, parsed once per version (keyed by its id and last change)."""
+    """The reward's terms, parsed once per version (keyed by its id and last change), with
+    the tier benefits matrix's early access for each tier the reward names none of its own."""
     key = f"reward_terms:{row.id}:{row.updated_at.isoformat()}"
     cached: RewardDef | None = uow.cache.get(key)
     if cached is None:
         cached = RewardDef.model_validate(row.terms)
         uow.cache[key] = cached
-    return cached
+    if cached.sales_start is None:
+        return cached
+    hours = tiers_service.early_access(uow, program_id=row.program_id)
+    added = {t: h for t, h in hours.items() if t not in cached.early_access}
+    if not added:
+        return cached
+    return cached.model_copy(update={"early_access": {**added, **cached.early_access}})
 
 
 _REWARD_BY_CODE = select(rewards).where(

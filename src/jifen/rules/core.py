@@ -166,10 +166,13 @@ class Program:
     tier_multipliers: Mapping[str, Decimal] = field(default_factory=dict)
     """The tier benefits matrix's earn multipliers: an implicit multiplier of spend awards
     (award rule ``TIER_BENEFIT``), unless a rule of the event names factors by tier."""
+    birthday_gifts: Mapping[str, int] = field(default_factory=dict)
+    """The matrix's birthday gifts: points on ``member.birthday`` by tier (award rule
+    ``TIER_BENEFIT``), unless a birthday gift rule is live for the event."""
 
 
 TIER_BENEFIT = "tier_benefit"
-"""The rule code of the awards the benefits matrix's earn multiplier gives."""
+"""The rule code of the awards the benefits matrix gives (earn multiplier, birthday gift)."""
 
 
 # --------------------------------------------------------------------------- outputs
@@ -353,6 +356,7 @@ def evaluate(
         if _fires(state, rule) and rule.spec.stop_after:
             break
     _tier_benefit(state, rules.by_type.get(event.type, ()))
+    _tier_birthday_gift(state, rules.by_type.get(event.type, ()))
     _multiply(state)
     _apply_caps(state, budgets or Budgets())
     return state.result
@@ -389,6 +393,27 @@ def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:
             detail={"factor": str(factor), "base": base, "base_kinds": base_kinds,
                     "weights": weights, "tier": tier},
         )
+    )  # fmt: skip
+
+
+def _tier_birthday_gift(state: _Pass, candidates: Iterable[Rule]) -> None:
+    """The benefits matrix's birthday gift of the member's tier, when no birthday gift rule
+    is live at the event's time (a rule that gives one says what tiers get)."""
+    event = state.event
+    if event.type != "member.birthday" or not state.program.birthday_gifts:
+        return
+    if any(
+        isinstance(r.spec.params, BirthdayGift) and active_at(r.spec, event.occurred_at)
+        for r in candidates
+    ):
+        return
+    tier = state.member.tier
+    points = state.program.birthday_gifts.get(tier or "", 0)
+    if points <= 0:
+        return
+    state.wanted.append(
+        Award(rule=TIER_BENEFIT, version=0, kind="birthday_gift", member_id=event.member_id,
+              points=points, wanted=points, detail={"tier": tier})
     )  # fmt: skip
 
 

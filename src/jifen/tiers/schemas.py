@@ -143,9 +143,11 @@ class TierBenefits(RequestBody):
     """The most points a day; used when the earning caps name no limit for the tier."""
     monthly_earn_cap: Annotated[int, Field(ge=1, le=10**9)] | None = None
     validity_months: Annotated[int, Field(ge=1, le=1200)] | None = None
-    """Shown to members only: the expiry policy decides how long points stay valid."""
+    """How long the tier's new points stay valid (rolling, from when they become usable);
+    used when the expiry policy names no validity of its own for the tier."""
     early_access_hours: Annotated[int, Field(ge=0, le=24 * 90)] = 0
-    """Shown to members; rewards name their own early access by tier."""
+    """How long before a reward's sales start the tier may redeem it; used when the reward
+    names no early access of its own for the tier."""
     birthday_gift: Annotated[int, Field(ge=0, le=10**9)] = 0
     """Points of the birthday gift, shown to members; a birthday rule awards them."""
 

@@ -52,7 +52,9 @@ from jifen.tiers.schemas import (
 
 __all__ = [
     "after_earning",
+    "birthday_gifts",
     "dry_run",
+    "early_access",
     "earning_terms",
     "end_temporary",
     "evaluate",
@@ -61,6 +63,7 @@ __all__ = [
     "list_tiers",
     "member_ids_page",
     "member_tier",
+    "moves_on_earning",
     "next_evaluation_at",
     "redemption_policy",
     "require_tiers",
@@ -672,6 +675,22 @@ def earning_terms(
         if b.daily_earn_cap is not None or b.monthly_earn_cap is not None
     }
     return multipliers, caps
+
+
+def birthday_gifts(uow: UnitOfWork, *, program_id: int) -> dict[str, int]:
+    """The points each tier gets on its birthday (those above 0)."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None:
+        return {}
+    return {t: b.birthday_gift for t, b in scheme.benefits.items() if b.birthday_gift}
+
+
+def early_access(uow: UnitOfWork, *, program_id: int) -> dict[str, int]:
+    """The hours before a reward's sales start each tier may redeem it (those above 0)."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None:
+        return {}
+    return {t: b.early_access_hours for t, b in scheme.benefits.items() if b.early_access_hours}
 
 
 def redemption_policy(uow: UnitOfWork, *, program_id: int) -> RedemptionPolicy:
