@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = 5.0
     """How long a webhook receiver has to connect and answer before the attempt fails."""
 
+    delivery_concurrency: int = Field(4, ge=1, le=64)
+    """How many outbox messages the sender sends at once (a slow receiver holds up one)."""
+
     def resolved_database_url(self) -> str:
         return normalise_database_url(self.database_url) or (
             f"sqlite:///{self.data_dir / 'jifen.db'}"

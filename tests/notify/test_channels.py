@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -289,3 +291,38 @@ def test_only_active_subscriptions_to_the_event_get_it(db: Database) -> None:
     assert sorted(row.subscription_id for row in rows) == sorted([wanted, everything])
     assert len({row.delivery_id for row in rows}) == 2
     assert len({json.loads(row.body)["id"] for row in rows}) == 1
+
+
+class _Meeting:
+    """The real webhook sender, but each post waits until ``parties`` posts wait together:
+    only a sender that sends that many at once gets any through (one after another, the
+    first would wait out the barrier and fail)."""
+
+    def __init__(self, parties: int) -> None:
+        self.real = HttpWebhookSender(timeout=5.0)
+        self.barrier = threading.Barrier(parties, timeout=10)
+
+    def post(self, **message: Any) -> int:
+        self.barrier.wait()
+        return self.real.post(**message)
+
+
+def test_the_sender_sends_several_messages_at_once_each_once(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    receiver.secrets = [_subscribe(db, program.id, receiver.url).secret]
+    for n in range(8):
+        db.run(lambda uow, n=n: service.publish(
+            uow, program_id=program.id, event_type="points.earned", data={"n": n}, key=f"e{n}"
+        ))  # fmt: skip
+    meeting = _Meeting(4)
+    report = service.deliver_due(db, senders=Senders(webhook=meeting), concurrency=4)
+    assert (report.sent, report.retrying, report.errors) == (8, 0, [])
+    assert not meeting.barrier.broken
+    assert receiver.bad_signatures == 0
+    got = sorted(json.loads(r["body"])["data"]["n"] for r in receiver.accepted)
+    assert got == list(range(8))  # each once
+    assert {row.status for row in outbox_rows(db, program.id)} == {"sent"}

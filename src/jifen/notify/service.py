@@ -31,9 +31,11 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -82,6 +84,7 @@ from jifen.notify.senders import (
     WebhookSender,
     resolve,
 )
+from jifen.settings import get_settings
 
 __all__ = [
     "CHANNELS",
@@ -498,12 +501,19 @@ def _record(uow: UnitOfWork, *, claim: _Claim, outcome: _Outcome) -> str:
 
 
 def deliver_due(
-    db: Database, *, limit: int = 100, senders: Senders | None = None
+    db: Database,
+    *,
+    limit: int = 100,
+    senders: Senders | None = None,
+    concurrency: int | None = None,
 ) -> DeliveryReport:
     """Send up to ``limit`` messages due at ``db.clock.now()``, each claimed and recorded
-    in its own short transaction (safe with several senders at once). Emails wait,
-    unclaimed, while there is no email sender (no ``JIFEN_SMTP_HOST``)."""
+    in its own short transaction (safe with several senders at once), ``concurrency`` at a
+    time (default ``JIFEN_DELIVERY_CONCURRENCY``): a slow receiver holds up one sending
+    thread, not the others. Emails wait, unclaimed, while there is no email sender (no
+    ``JIFEN_SMTP_HOST``)."""
     senders = senders or Senders.from_settings()
+    threads = concurrency if concurrency is not None else get_settings().delivery_concurrency
     report = DeliveryReport()
     channels = ["sms", "webhook"] + (["email"] if senders.email is not None else [])
     if senders.email is None:
@@ -525,15 +535,35 @@ def deliver_due(
                 "%d email(s) wait in the outbox: no SMTP server is configured (JIFEN_SMTP_HOST)",
                 report.waiting_email,
             )
-    for _ in range(limit):
+    lock = threading.Lock()
+    left = [limit]
+
+    def send_next() -> bool:
+        with lock:
+            if left[0] <= 0:
+                return False
+            left[0] -= 1
         claim = db.run(lambda uow: _claim(uow, channels))
         if claim is None:
-            break
+            return False
         outcome = _send(db, claim, senders)
         result = db.run(partial(_record, claim=claim, outcome=outcome))
-        setattr(report, result, getattr(report, result) + 1)
-        if not outcome.ok:
-            report.errors.append(f"outbox {claim.id} ({claim.channel}): {outcome.error}")
+        with lock:
+            setattr(report, result, getattr(report, result) + 1)
+            if not outcome.ok:
+                report.errors.append(f"outbox {claim.id} ({claim.channel}): {outcome.error}")
+        return True
+
+    def sender() -> None:
+        while send_next():
+            pass
+
+    if threads <= 1:
+        sender()
+        return report
+    with ThreadPoolExecutor(threads, thread_name_prefix="jifen-deliver") as pool:
+        for running in [pool.submit(sender) for _ in range(threads)]:
+            running.result()
     return report
 
 
