@@ -4,6 +4,7 @@ receiver that checks every signature, both on 127.0.0.1."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,10 +92,11 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver_factory() -> Iterator[Callable[[Clock], Receiver]]:
+def receiver_factory() -> Iterator[Callable[..., Receiver]]:
     servers: list[ThreadingHTTPServer] = []
 
-    def start(clock: Clock) -> Receiver:
+    def start(clock: Clock, tls: ssl.SSLContext | None = None) -> Receiver:
+        """A receiver on 127.0.0.1; with ``tls``, over HTTPS as ``localhost``."""
         receiver = Receiver(clock=clock)
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,9 +112,16 @@ def receiver_factory() -> Iterator[Callable[[Clock], Receiver]]:
                 pass  # keep test output clean
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
         servers.append(server)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jifen?src=test"
+        port = server.server_address[1]
+        receiver.url = (
+            f"https://localhost:{port}/hooks/jifen?src=test"
+            if tls is not None
+            else f"http://127.0.0.1:{port}/hooks/jifen?src=test"
+        )
         return receiver
 
     yield start

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
+import trustme
 
 from jifen.clock import Clock, ManualClock
 from jifen.db.uow import Database
@@ -326,3 +328,39 @@ def test_the_sender_sends_several_messages_at_once_each_once(
     got = sorted(json.loads(r["body"])["data"]["n"] for r in receiver.accepted)
     assert got == list(range(8))  # each once
     assert {row.status for row in outbox_rows(db, program.id)} == {"sent"}
+
+
+def test_an_https_receiver_gets_events_only_when_its_certificate_is_trusted(
+    db: Database, clock: ManualClock, receiver_factory: Callable[..., Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    authority = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_tls)
+    receiver = receiver_factory(clock, tls=server_tls)
+    assert receiver.url.startswith("https://localhost:")
+    receiver.secrets = [_subscribe(db, program.id, receiver.url).secret]
+    db.run(lambda uow: service.publish(
+        uow, program_id=program.id, event_type="points.earned", data={"n": 1}, key="tls"
+    ))  # fmt: skip
+
+    def loopback(host: str, port: int) -> list[str]:
+        assert host == "localhost"  # the name is what the certificate is checked against
+        return ["127.0.0.1"]
+
+    # the system's authorities do not know the receiver's: the attempt fails, to be retried
+    untrusting = HttpWebhookSender(timeout=5.0, resolver=loopback)
+    first = service.deliver_due(db, senders=Senders(webhook=untrusting))
+    assert (first.sent, first.retrying) == (0, 1)
+    assert "CERTIFICATE_VERIFY_FAILED" in first.errors[0]
+    assert receiver.requests == []
+    # trusting its authority, the next attempt gets through, signed
+    (row,) = outbox_rows(db, program.id)
+    clock.set(row.next_attempt_at)
+    client_tls = ssl.create_default_context()
+    authority.configure_trust(client_tls)
+    trusting = HttpWebhookSender(timeout=5.0, resolver=loopback, tls=client_tls)
+    second = service.deliver_due(db, senders=Senders(webhook=trusting))
+    assert (second.sent, second.errors) == (1, [])
+    assert receiver.bad_signatures == 0 and len(receiver.accepted) == 1

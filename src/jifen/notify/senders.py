@@ -112,8 +112,10 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        self._tls = ssl.create_default_context()
+    def __init__(
+        self, host: str, port: int, address: str, timeout: float, tls: ssl.SSLContext
+    ) -> None:
+        self._tls = tls
         super().__init__(host, port, timeout=timeout, context=self._tls)
         self._address = address
 
@@ -128,9 +130,17 @@ class HttpWebhookSender:
     link-local or reserved (unless the subscription allows it); the connection then goes to
     the address that was checked."""
 
-    def __init__(self, *, timeout: float = 5.0, resolver: Resolver = resolve) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float = 5.0,
+        resolver: Resolver = resolve,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.timeout = timeout
         self.resolver = resolver
+        self.tls = tls if tls is not None else ssl.create_default_context()
+        """How HTTPS receivers are verified: the system's trusted authorities by default."""
 
     def post(
         self, *, url: str, body: bytes, headers: Mapping[str, str], allow_private: bool
@@ -146,8 +156,13 @@ class HttpWebhookSender:
                 f"{target.host} resolves to {', '.join(refused)}: a private or reserved "
                 "address, which this subscription may not reach"
             )
-        cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-        connection = cls(target.host, target.port, addresses[0], self.timeout)
+        connection: http.client.HTTPConnection
+        if target.scheme == "https":
+            connection = _PinnedHTTPSConnection(
+                target.host, target.port, addresses[0], self.timeout, self.tls
+            )
+        else:
+            connection = _PinnedHTTPConnection(target.host, target.port, addresses[0], self.timeout)
         try:
             connection.request("POST", target.path, body=body, headers=dict(headers))
             answer = connection.getresponse()
