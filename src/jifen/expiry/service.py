@@ -22,17 +22,19 @@ from jifen.ledger import Lot
 from jifen.points import service as points_service
 from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
+from jifen.programs.schemas import ProgramSettings
 from jifen.tiers import service as tiers_service
 
 
 def policy(uow: UnitOfWork, *, program_id: int) -> ExpiryPolicy:
     """The programme's expiry policy, with the tier benefits matrix's validity (rolling, in
     months) for each tier the policy names none of its own (read once a transaction)."""
-    settings = programs_service.get_settings(uow, program_id=program_id)
-    key = f"expiry_policy:{id(settings)}"  # new settings in this transaction: recomputed
-    cached: ExpiryPolicy | None = uow.local.get(key)
-    if cached is not None:
-        return cached
+    return programs_service.derived(
+        uow, program_id=program_id, name="expiry_policy", build=_with_matrix_validity
+    )
+
+
+def _with_matrix_validity(settings: ProgramSettings) -> ExpiryPolicy:
     rules = settings.expiry
     scheme = settings.tier_scheme
     if scheme is not None:
@@ -43,7 +45,6 @@ def policy(uow: UnitOfWork, *, program_id: int) -> ExpiryPolicy:
         }
         if added:
             rules = rules.model_copy(update={"by_tier": {**added, **rules.by_tier}})
-    uow.local[key] = rules
     return rules
 
 

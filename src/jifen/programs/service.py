@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Text, bindparam, cast, select
@@ -11,6 +13,8 @@ from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
 from jifen.programs.schemas import ProgramRead, ProgramSettings
+
+T = TypeVar("T")
 
 
 def create_program(
@@ -85,6 +89,19 @@ def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
         uow.cache[f"settings_text:{text}"] = settings
     uow.local[key] = settings
     return settings
+
+
+def derived(
+    uow: UnitOfWork, *, program_id: int, name: str, build: Callable[[ProgramSettings], T]
+) -> T:
+    """``build(settings)`` computed once a transaction (again after the settings change in
+    it): a policy with the benefits matrix folded in, read for every event of a batch."""
+    settings = get_settings(uow, program_id=program_id)
+    key = f"{name}:{id(settings)}"
+    if key not in uow.local:
+        uow.local[key] = build(settings)
+    value: T = uow.local[key]
+    return value
 
 
 _SETTINGS_TEXT = select(cast(programs.c.settings, Text)).where(

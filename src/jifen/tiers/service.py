@@ -359,9 +359,10 @@ def after_earning(
     """Move up members whose earning just took their score over a threshold, when the
     scheme upgrades at once or a campaign of temporary upgrades runs. Cheap when neither:
     the settings are read once a transaction already."""
-    scheme = scheme_of(uow, program_id=program_id)
-    if scheme is None or not moves_on_earning(uow, program_id=program_id, now=now):
+    if not moves_on_earning(uow, program_id=program_id, now=now):
         return
+    scheme = scheme_of(uow, program_id=program_id)
+    assert scheme is not None
     if not _levels_match(uow, program_id, scheme):
         return  # a scheme that no longer fits the tiers must not refuse an earning
     _run(
@@ -696,11 +697,12 @@ def early_access(uow: UnitOfWork, *, program_id: int) -> dict[str, int]:
 def redemption_policy(uow: UnitOfWork, *, program_id: int) -> RedemptionPolicy:
     """The programme's redemption policy, with the benefits matrix's discount for each tier
     the policy gives no terms of its own (read once a transaction)."""
-    settings = programs_service.get_settings(uow, program_id=program_id)
-    key = f"redemption_policy:{id(settings)}"  # new settings in this transaction: recomputed
-    cached: RedemptionPolicy | None = uow.local.get(key)
-    if cached is not None:
-        return cached
+    return programs_service.derived(
+        uow, program_id=program_id, name="redemption_policy", build=_with_matrix_discounts
+    )
+
+
+def _with_matrix_discounts(settings: ProgramSettings) -> RedemptionPolicy:
     policy = settings.redemption
     scheme = settings.tier_scheme
     if scheme is not None:
@@ -711,5 +713,4 @@ def redemption_policy(uow: UnitOfWork, *, program_id: int) -> RedemptionPolicy:
         }
         if added:
             policy = policy.model_copy(update={"tiers": {**added, **policy.tiers}})
-    uow.local[key] = policy
     return policy
