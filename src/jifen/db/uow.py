@@ -96,6 +96,12 @@ class Database:
         self.clock: Clock = clock or SystemClock()
         # Ids of programmes' system accounts never change once created; cached per database.
         self.cache: dict[str, Any] = {}
+        # A read-only unit of work on PostgreSQL runs each statement in its own snapshot, as
+        # READ COMMITTED would inside a transaction, without the BEGIN and COMMIT round
+        # trips; SQLite begins a deferred transaction (one snapshot for the whole read).
+        self._read_only: dict[str, Any] = {READ_ONLY: True}
+        if self.engine.dialect.name == "postgresql":
+            self._read_only["isolation_level"] = "AUTOCOMMIT"
 
     @property
     def dialect(self) -> str:
@@ -106,7 +112,7 @@ class Database:
         """Open a unit of work; it commits when the block ends and rolls back on error."""
         with self.engine.connect() as conn:
             if read_only:
-                conn = conn.execution_options(**{READ_ONLY: True})
+                conn = conn.execution_options(**self._read_only)
             with conn.begin():
                 yield UnitOfWork(conn, self.clock, self.cache)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among
@@ -115,6 +115,37 @@ def spendable_lots(
         .order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id)
         .limit(limit)
     )
+    return [tuple(row) for row in conn.execute(query)]
+
+
+BalanceRow = tuple[int, int, int, int, int | None, datetime | None, datetime | None]
+"""program id, balance, frozen, debt, and one open lot's remaining, available_at, expires_at
+(``None`` for an account with no open lot)"""
+
+_POSTGRESQL_BALANCE = """
+SELECT a.program_id, a.balance, a.frozen, a.debt, l.remaining, l.available_at, l.expires_at
+FROM accounts a
+LEFT JOIN lots l ON l.account_id = a.id AND l.remaining > 0
+WHERE a.member_id = %(member)s AND a.currency = 'points'
+"""
+
+
+def balance_rows(conn: Connection, member_id: int) -> list[BalanceRow]:
+    """The member's account figures with each of its open lots, one row a lot, read in one
+    statement (so from one snapshot); no rows for an unknown member."""
+    if conn.dialect.name == "postgresql":
+        params = {"member": member_id}
+        return list(_driver(conn).execute(_POSTGRESQL_BALANCE, params, prepare=True).fetchall())
+    query = (
+        select(
+            accounts.c.program_id, accounts.c.balance, accounts.c.frozen, accounts.c.debt,
+            lots.c.remaining, lots.c.available_at, lots.c.expires_at,
+        )
+        .select_from(
+            accounts.outerjoin(lots, and_(lots.c.account_id == accounts.c.id, lots.c.remaining > 0))
+        )
+        .where(accounts.c.member_id == member_id, accounts.c.currency == "points")
+    )  # fmt: skip
     return [tuple(row) for row in conn.execute(query)]
 
 
