@@ -105,3 +105,44 @@ def test_among_finds_what_in_finds(db: Database, numbered: Table, wanted: list[i
 
     by_among, by_in = db.run(both, read_only=True)
     assert by_among == by_in == expected
+
+
+_ELEMENTS = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    # Any text PostgreSQL can hold (no NUL, no lone surrogate, which UTF-8 cannot encode):
+    # quotes, backslashes, braces, commas, spaces, the word NULL and non-ASCII among them.
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+        max_size=12,
+    ),
+    st.sampled_from(["NULL", "null", '"', "\\", "{}", "a,b", " ", ""]),
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(values=st.lists(_ELEMENTS, max_size=8))
+def test_array_literal_round_trips_through_postgresql(pg: Database, values: list[object]) -> None:
+    texts = [None if v is None else str(v) for v in values]
+    numbers = [v if v is None or isinstance(v, int) else len(str(v)) for v in values]
+    moments = [None if v is None else AT + timedelta(microseconds=len(str(v))) for v in values]
+
+    def read(uow: UnitOfWork) -> tuple[list[object], list[object], list[object]]:
+        driver = uow.conn.connection.driver_connection
+        assert driver is not None
+        row = driver.execute(
+            "SELECT %(t)s::text[], %(n)s::bigint[], %(m)s::timestamptz[]",
+            {
+                "t": bulk.array_literal(texts),
+                "n": bulk.array_literal(numbers),
+                "m": bulk.array_literal(moments),
+            },
+        ).fetchone()
+        assert row is not None
+        return row[0], row[1], row[2]
+
+    got_texts, got_numbers, got_moments = pg.run(read, read_only=True)
+    assert got_texts == texts
+    assert got_numbers == numbers
+    assert got_moments == moments

@@ -112,6 +112,25 @@ def _values(column: Column[Any], values: list[Any]) -> list[Any]:
     return values
 
 
+def array_literal(values: Sequence[Any]) -> str:
+    """A short array as PostgreSQL's text form (``{1,NULL,"a \\"b\\""}``), for a parameter
+    the statement casts (``%(x)s::bigint[]``). For the arrays of one posting: psycopg spends
+    some 25 µs finding the dumper of each list it is given, more than the whole text form of
+    a few values costs; arrays of thousands of values are faster dumped by psycopg itself."""
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("NULL")
+        elif isinstance(value, bool):
+            parts.append("true" if value else "false")
+        elif isinstance(value, int):
+            parts.append(str(value))
+        else:
+            text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            parts.append(f'"{text}"')
+    return "{" + ",".join(parts) + "}"
+
+
 def among(
     dialect: str,
     column: ColumnElement[Any],
