@@ -25,7 +25,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 
 from jifen.api.limits import Limiter
@@ -204,13 +204,7 @@ class Context:
         scope = self.principal.scope
 
         def work(uow: UnitOfWork) -> tuple[int, Any, bool]:
-            stored = uow.conn.execute(
-                select(
-                    idempotency_records.c.request_hash,
-                    idempotency_records.c.status_code,
-                    idempotency_records.c.body,
-                ).where(idempotency_records.c.scope == scope, idempotency_records.c.key == key)
-            ).one_or_none()
+            stored = uow.conn.execute(_STORED_ANSWER, {"scope": scope, "key": key}).one_or_none()
             if stored is not None:
                 if stored.request_hash != self.request_hash:
                     raise IdempotencyConflict(key=key)
@@ -236,6 +230,14 @@ class Context:
         status_code, body, replayed = self.db.run(work)
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+_STORED_ANSWER = select(
+    idempotency_records.c.request_hash, idempotency_records.c.status_code,
+    idempotency_records.c.body,
+).where(
+    idempotency_records.c.scope == bindparam("scope"), idempotency_records.c.key == bindparam("key")
+)  # fmt: skip
 
 
 async def _program(request: Request, db: Database) -> ProgramRead | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, or_, select
+from sqlalchemy import Row, and_, bindparam, or_, select
 
 from jifen.audit.core import (
     CHAINED_FIELDS,
@@ -48,27 +48,46 @@ _CHUNK = 2000
 """Entries read at a time by verify and export: memory stays flat however long the log."""
 
 
+_ENTRY_COLUMNS = (*CHAINED_FIELDS, "stripe", "seq", "at", "prev_hash", "hash")
+# Built once, values bound at each call: a statement holding its values would be hashed
+# anew for SQLAlchemy's compiled cache on every entry.
+_HEAD = select(audit_heads.c.seq, audit_heads.c.hash).where(
+    audit_heads.c.stripe == bindparam("stripe")
+)
+_HEAD_LOCKED = _HEAD.with_for_update()
+_MOVE_HEAD = (
+    audit_heads.update()
+    .where(audit_heads.c.stripe == bindparam("head_stripe"))
+    .values(seq=bindparam("head_seq"), hash=bindparam("head_hash"))
+)
+# Parameters named apart from the columns: an UPDATE given a parameter named after one of
+# its table's columns would set that column too.
+_ENTRY_VALUES = {
+    name: bindparam(f"e_{name}", type_=audit_entries.c[name].type) for name in _ENTRY_COLUMNS
+}
+_APPEND = audit_entries.insert().values(_ENTRY_VALUES).returning(audit_entries.c.id)
+# PostgreSQL: one round trip, the head moves in the same statement.
+_APPEND_AND_MOVE = _APPEND.add_cte(_MOVE_HEAD.cte("moved_head"))
+
+
 def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     """Append ``entry`` to its stripe's chain, in the caller's transaction; returns its id."""
     stripe = stripe_of(entry.target, STRIPES)
-    head = select(audit_heads.c.seq, audit_heads.c.hash).where(audit_heads.c.stripe == stripe)
-    if uow.dialect == "postgresql":
-        head = head.with_for_update()
-    seq, prev_hash = uow.conn.execute(head).one()
+    postgresql = uow.dialect == "postgresql"
+    head = _HEAD_LOCKED if postgresql else _HEAD
+    seq, prev_hash = uow.conn.execute(head, {"stripe": stripe}).one()
     seq += 1
     # Microseconds are kept by both backends; the digest covers the stored value exactly.
     at = uow.clock.now().astimezone(UTC)
     fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
     digest = entry_digest(prev_hash, seq, at, fields)
-    row = {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash, "hash": digest}
-    move_head = (
-        audit_heads.update().where(audit_heads.c.stripe == stripe).values(seq=seq, hash=digest)
-    )
-    append = audit_entries.insert().values(row).returning(audit_entries.c.id)
-    if uow.dialect == "postgresql":  # one round trip: the head moves in the same statement
-        return int(uow.conn.execute(append.add_cte(move_head.cte("moved_head"))).scalar_one())
-    entry_id = uow.conn.execute(append).scalar_one()
-    uow.conn.execute(move_head)
+    stored = {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash}
+    row = {f"e_{name}": value for name, value in {**stored, "hash": digest}.items()}
+    moved = {"head_stripe": stripe, "head_seq": seq, "head_hash": digest}
+    if postgresql:
+        return int(uow.conn.execute(_APPEND_AND_MOVE, {**row, **moved}).scalar_one())
+    entry_id = uow.conn.execute(_APPEND, row).scalar_one()
+    uow.conn.execute(_MOVE_HEAD, moved)
     return int(entry_id)
 
 

@@ -64,13 +64,14 @@ def find_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> Membe
     return MemberRead.model_validate(row._mapping)
 
 
+_MEMBER_BY_ID = select(
+    members.c.id, members.c.program_id, members.c.external_ref, members.c.state,
+    members.c.created_at,
+).where(members.c.id == bindparam("member"))  # fmt: skip
+
+
 def get_member_by_id(uow: UnitOfWork, *, member_id: int) -> MemberRead:
-    row = uow.conn.execute(
-        select(
-            members.c.id, members.c.program_id, members.c.external_ref, members.c.state,
-            members.c.created_at,
-        ).where(members.c.id == member_id)
-    ).one_or_none()  # fmt: skip
+    row = uow.conn.execute(_MEMBER_BY_ID, {"member": member_id}).one_or_none()
     if row is None:
         raise UnknownMember(member_id=member_id)
     return MemberRead.model_validate(row._mapping)
