@@ -10,18 +10,22 @@ its own programme, so runs never see each other and can repeat back to back.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection
 
 # A fixed installation key for the whole run, set before anything reads the settings.
 os.environ.setdefault("JIFEN_SECRET_KEY", "test-secret-key-" + "x" * 32)
 
 from jifen.clock import ManualClock
+from jifen.db.engine import READ_ONLY
 from jifen.db.migrate import upgrade
 from jifen.db.uow import Database
 from jifen.settings import normalise_database_url
@@ -77,10 +81,23 @@ def postgres_url(postgres_schema: str) -> str:
     return postgres_schema_url(POSTGRES_URL, postgres_schema)
 
 
+_WRITE = re.compile(r"\b(INSERT\s+INTO|DELETE\s+FROM|UPDATE\s+\S+\s+SET)\b", re.IGNORECASE)
+
+
+def refuse_writes_when_read_only(
+    conn: Connection, _cursor: Any, statement: str, *_args: Any
+) -> None:
+    """A read-only unit of work on PostgreSQL runs each statement on its own (autocommit):
+    a write there would not be atomic with the rest, so none may happen."""
+    if conn.get_execution_options().get(READ_ONLY) and _WRITE.search(statement):
+        raise AssertionError(f"a write in a read-only unit of work: {statement[:200]}")
+
+
 @pytest.fixture(scope="session")
 def postgresql_database(postgres_url: str) -> Iterator[Database]:
     database = Database(postgres_url, clock=ManualClock(START), pool_size=24)
     upgrade(database.engine)
+    event.listen(database.engine, "before_cursor_execute", refuse_writes_when_read_only)
     yield database
     database.dispose()
 

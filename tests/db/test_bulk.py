@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Column, Integer, MetaData, String, Table, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
 
 from jifen.db import bulk
 from jifen.db.base import UTCDateTime
@@ -146,3 +146,12 @@ def test_array_literal_round_trips_through_postgresql(pg: Database, values: list
     assert got_texts == texts
     assert got_numbers == numbers
     assert got_moments == moments
+
+
+def test_a_read_only_unit_of_work_refuses_writes_in_the_suite(pg: Database) -> None:
+    """The suite's guard: PostgreSQL runs a read-only unit of work without a transaction,
+    so a write slipped into one would not be atomic; the suite's engine refuses it."""
+    touch = text("UPDATE programs SET name = name WHERE id = -1")
+    with pytest.raises(AssertionError, match="a write in a read-only unit of work"):
+        pg.run(lambda uow: uow.conn.execute(touch), read_only=True)
+    pg.run(lambda uow: uow.conn.execute(touch))  # the same in a writing one is fine
