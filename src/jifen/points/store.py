@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among, array_literal
-from jifen.points.models import accounts, allocations, chain_entries, lines, lots, postings
+from jifen.points.models import accounts, lots, postings
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,14 @@ _POSTGRESQL_LOCK_ONE = _POSTGRESQL_LOCK.replace(
 )
 
 
+# SQLite: the same read in the driver's own terms (the write lock is the transaction's).
+_SQLITE_LOCK_ONE = (
+    _POSTGRESQL_LOCK_ONE.replace("%(key)s", ":key")
+    .replace("%(member)s", ":member")
+    .replace("FOR NO KEY UPDATE OF a", "")
+)
+
+
 def lock_accounts(conn: Connection, member_ids: Sequence[int], key: str) -> list[AccountRow]:
     """Lock the members' points accounts in id order, and find a posting made with ``key``.
 
@@ -82,6 +90,9 @@ def lock_accounts(conn: Connection, member_ids: Sequence[int], key: str) -> list
         else:
             statement, params = _POSTGRESQL_LOCK, {"key": key, "members": list(member_ids)}
         return list(_driver(conn).execute(statement, params, prepare=True).fetchall())
+    if len(member_ids) == 1:
+        params = {"key": key, "member": member_ids[0]}
+        return list(_driver(conn).execute(_SQLITE_LOCK_ONE, params).fetchall())
     replay = (
         select(postings.c.id)
         .where(postings.c.program_id == accounts.c.program_id, postings.c.idempotency_key == key)
@@ -222,7 +233,7 @@ def write_posting(conn: Connection, rows: PostingRows) -> int:
     if conn.dialect.name == "postgresql":
         written = _write_single_postgresql(conn, rows)
         return written if written is not None else _write_postgresql(conn, rows)
-    return _write_generic(conn, rows)
+    return _write_sqlite(conn, rows)
 
 
 _ONE_POSTING = """
@@ -519,72 +530,62 @@ def _write_many_postgresql(conn: Connection, batch: Sequence[PostingRows]) -> li
     return [ids[rows.posting["idempotency_key"]] for rows in batch]
 
 
-_INSERT_POSTING = postings.insert().returning(postings.c.id)
-_UPDATE_LOT = (
-    update(lots)
-    .where(lots.c.id == bindparam("lot"))
-    .values(remaining=lots.c.remaining + bindparam("delta"))
+# SQLite runs in-process: what a write costs there is the Python around each statement,
+# so the rows go straight to the driver (sqlite3 keeps each statement prepared).
+_SQLITE_POSTING = """
+INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
+                      counterparty_id, ref_posting_id, amount, reason, actor, created_at, digest)
+VALUES (:program_id, :kind, :idempotency_key, :request_hash, :account_id, :counterparty_id,
+        :ref_posting_id, :amount, :reason, :actor, :created_at, :digest)
+"""
+_SQLITE_LINE = "INSERT INTO lines (posting_id, account_id, amount) VALUES (?, ?, ?)"
+_SQLITE_CHAIN = (
+    "INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash) VALUES (?, ?, ?, ?)"
 )
-_UPDATE_ACCOUNT = (
-    update(accounts)
-    .where(accounts.c.id == bindparam("account"))
-    .values(
-        balance=accounts.c.balance + bindparam("balance_change"),
-        frozen=accounts.c.frozen + bindparam("frozen_change"),
-        debt=accounts.c.debt + bindparam("debt_change"),
-        head_seq=bindparam("seq"),
-        head_hash=bindparam("link"),
-    )
-)
+_SQLITE_ALLOCATION = "INSERT INTO allocations (posting_id, lot_id, amount) VALUES (?, ?, ?)"
+_SQLITE_LOT_CHANGE = "UPDATE lots SET remaining = remaining + ? WHERE id = ?"
+_SQLITE_LOT = """
+INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at,
+                  source_lot_id)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+_SQLITE_ACCOUNT = """
+UPDATE accounts SET balance = balance + ?, frozen = frozen + ?, debt = debt + ?, head_seq = ?,
+                    head_hash = ?
+WHERE id = ?
+"""
 
 
-def _write_generic(conn: Connection, rows: PostingRows) -> int:
-    posting_id = int(conn.execute(_INSERT_POSTING, rows.posting).scalar_one())
-    conn.execute(
-        lines.insert(),
-        [{"posting_id": posting_id, "account_id": a, "amount": n} for a, n in rows.lines],
-    )
-    conn.execute(
-        chain_entries.insert(),
-        [
-            {"account_id": a, "seq": seq, "posting_id": posting_id, "chain_hash": link}
-            for a, seq, link in rows.chain
-        ],
-    )
+def _sqlite_time(moment: datetime | None) -> str | None:
+    """A time as SQLAlchemy stores a ``UTCDateTime`` in SQLite: naive UTC text."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment!r}: jifen stores only aware UTC times")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _write_sqlite(conn: Connection, rows: PostingRows) -> int:
+    driver = _driver(conn)
+    posting = {**rows.posting, "created_at": _sqlite_time(rows.posting["created_at"])}
+    posting_id = int(driver.execute(_SQLITE_POSTING, posting).lastrowid)
+    driver.executemany(_SQLITE_LINE, [(posting_id, a, n) for a, n in rows.lines])
+    driver.executemany(_SQLITE_CHAIN, [(a, seq, posting_id, link) for a, seq, link in rows.chain])
     if rows.allocations:
-        conn.execute(
-            allocations.insert(),
-            [{"posting_id": posting_id, "lot_id": lot, "amount": n} for lot, n in rows.allocations],
+        driver.executemany(
+            _SQLITE_ALLOCATION, [(posting_id, lot, n) for lot, n in rows.allocations]
         )
-        conn.execute(_UPDATE_LOT, [{"lot": lot, "delta": n} for lot, n in rows.allocations])
+        driver.executemany(_SQLITE_LOT_CHANGE, [(n, lot) for lot, n in rows.allocations])
     if rows.new_lots:
-        conn.execute(
-            lots.insert(),
+        driver.executemany(
+            _SQLITE_LOT,
             [
-                {
-                    "account_id": owner,
-                    "posting_id": posting_id,
-                    "amount": amount,
-                    "remaining": amount,
-                    "available_at": available_at,
-                    "expires_at": expires_at,
-                    "source_lot_id": source,
-                }
-                for owner, amount, available_at, expires_at, source in rows.new_lots
+                (owner, posting_id, amount, amount, _sqlite_time(available), _sqlite_time(expires),
+                 source)
+                for owner, amount, available, expires, source in rows.new_lots
             ],
-        )
-    conn.execute(
-        _UPDATE_ACCOUNT,
-        [
-            {
-                "account": a,
-                "balance_change": b,
-                "frozen_change": f,
-                "debt_change": d,
-                "seq": s,
-                "link": link,
-            }
-            for a, b, f, d, s, link in rows.accounts
-        ],
+        )  # fmt: skip
+    driver.executemany(
+        _SQLITE_ACCOUNT, [(b, f, d, seq, link, a) for a, b, f, d, seq, link in rows.accounts]
     )
     return posting_id
