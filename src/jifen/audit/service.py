@@ -81,8 +81,9 @@ def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     at = uow.clock.now().astimezone(UTC)
     fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
     digest = entry_digest(prev_hash, seq, at, fields)
-    stored = {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash}
-    row = {f"e_{name}": value for name, value in {**stored, "hash": digest}.items()}
+    entry_row = {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash,
+                 "hash": digest}  # fmt: skip
+    row = {f"e_{name}": value for name, value in entry_row.items()}
     moved = {"head_stripe": stripe, "head_seq": seq, "head_hash": digest}
     if postgresql:
         return int(uow.conn.execute(_APPEND_AND_MOVE, {**row, **moved}).scalar_one())

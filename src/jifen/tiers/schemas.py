@@ -149,7 +149,8 @@ class TierBenefits(RequestBody):
     """How long before a reward's sales start the tier may redeem it; used when the reward
     names no early access of its own for the tier."""
     birthday_gift: Annotated[int, Field(ge=0, le=10**9)] = 0
-    """Points of the birthday gift, shown to members; a birthday rule awards them."""
+    """Points the tier gets on ``member.birthday``; awarded when no birthday gift rule is
+    live for the event (such a rule says what each tier gets)."""
 
 
 Schedule = Literal["monthly", "quarterly", "half_yearly", "yearly"]
