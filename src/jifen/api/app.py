@@ -34,6 +34,15 @@ from jifen.rules import api as rules_api
 from jifen.settings import Settings, get_settings
 from jifen.tiers import api as tiers_api
 
+DOMAINS = (
+    points_api, events_api, rewards_api, members_api, auth_api, programs_api, approvals_api,
+    audit_api, tiers_api, rules_api, notify_api, expiry_api,
+)  # fmt: skip
+"""The domains whose routers serve ``/v1``. A request is matched against the routes one by
+one, in this order, so the busiest come first; no two routes match the same path (a test
+checks it), so the order changes nothing but the time a match takes. The health checks
+come before them all."""
+
 DESCRIPTION = """
 jifen (积分) keeps every member's points on an exact double-entry ledger.
 
@@ -83,17 +92,9 @@ def create_app(
     problems.install(app)
     _serve_docs(app)
 
-    for module in (
-        auth_api, programs_api, members_api, points_api, approvals_api, audit_api, tiers_api,
-        rules_api, events_api, rewards_api, notify_api, expiry_api,
-    ):  # fmt: skip
-        # Before including: the permission each route needs goes into its OpenAPI entry.
-        annotate_permissions(module.router)
-        app.include_router(module.router, prefix="/v1")
-
     @app.get("/healthz", tags=["health"], responses={503: {"model": problems.Problem}})
-    def healthz() -> dict[str, str]:
-        """The process is up."""
+    async def healthz() -> dict[str, str]:
+        """The process is up (answered on the event loop: no worker thread, no database)."""
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": problems.Problem}})
@@ -113,6 +114,11 @@ def create_app(
         if not limiter_ok:
             return problems.problem(503, "not_ready", "rate-limit store (Redis) unreachable")
         return JSONResponse({"status": "ready"})
+
+    for module in DOMAINS:
+        # Before including: the permission each route needs goes into its OpenAPI entry.
+        annotate_permissions(module.router)
+        app.include_router(module.router, prefix="/v1")
 
     return app
 
