@@ -178,7 +178,10 @@ TIER_BENEFIT = "tier_benefit"
 # --------------------------------------------------------------------------- outputs
 
 
-@dataclass(frozen=True)
+# Awards and skips are made by the dozen an event, and a frozen dataclass costs five times
+# as much to build (each field set through object.__setattr__): these are plain slotted
+# dataclasses, never changed once made (a capped award is a new one).
+@dataclass(slots=True)
 class Award:
     rule: str
     version: int
@@ -199,7 +202,7 @@ class Award:
         return self.wanted - self.points
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Skip:
     rule: str
     why: str
