@@ -131,6 +131,14 @@ def test_a_profile_update_cannot_set_state_balance_tier_or_phone(
         )
         assert refused.status_code == 422, field
         assert refused.json()["errors"][0]["field"] == f"body.{field}"
+    for field in ("name", "tags"):  # a member always has a name and a list of tags
+        nulled = club.client.patch(
+            url, json={field: None}, headers={**club.operator, **support.key()}
+        )
+        assert nulled.status_code == 422, field
+        error = nulled.json()["errors"][0]
+        assert error["field"] == f"body.{field}" and "leave it out" in error["message"]
+    assert club.client.get(url, headers=club.operator).json()["name"] == "Li"
     changed = club.client.patch(
         url, json={"name": "李雷", "tags": ["a"]}, headers={**club.operator, **support.key()}
     )

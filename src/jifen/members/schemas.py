@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from jifen.api.schemas import NO_NUL, RequestBody
 from jifen.points.schemas import BalanceSummary
@@ -60,12 +61,22 @@ class MemberUpdate(RequestBody):
     """The profile fields a member or staff may change; what is left out stays as it is.
     State, phone, ID number, tier and balance have routes of their own."""
 
-    name: Name | None = None
+    name: Name | SkipJsonSchema[None] = None
     email: Email | None = None
     birthday: Birthday | None = None
     gender: Gender | None = None
     region: Region | None = None
-    tags: Annotated[list[Tag] | None, Field(max_length=20)] = None
+    tags: Annotated[list[Tag], Field(max_length=20)] | SkipJsonSchema[None] = None
+
+    @field_validator("name", "tags", mode="before")
+    @classmethod
+    def _kept_when_null(cls, value: object) -> object:
+        """A member always has a name and a list of tags: null cannot clear them."""
+        if value is None:
+            raise ValueError(
+                'cannot be null: leave it out to keep it, or give "" or [] to clear it'
+            )
+        return value
 
 
 class StateChange(RequestBody):
