@@ -10,9 +10,11 @@ end), over ``--scale`` members (default 1,000,000) with ten lots each:
    ``earn_during_clearing``: their earn rate during the run against their rate without it
    (measured first, for ``--seconds``).
 2. ``expiry_daily_s``: the job run a day later: one day of lots (≈ 20,500 at full scale).
-3. ``tier_eval_s``: ``tiers.evaluate`` over every member of a programme with a tier scheme,
-   shared by ``--job-workers`` processes (default 2, one a core), as that many ``jifen
-   worker`` processes share it.
+3. ``tier_eval_s``: ``tiers.evaluate`` over every member of a programme with a tier scheme.
+
+Each job run is shared by ``--job-workers`` processes (default 2, one a core), as that many
+``jifen worker`` processes share it: expiry chunks take accounts no other worker holds,
+tier evaluation takes parts of the members.
 
 Before each job run, the same expiry is done by one set-based statement (postings, lines,
 allocations, lots and balances in one data-modifying CTE, no hash chain) inside a
@@ -259,27 +261,29 @@ def run_job(
     return seconds, report.figures
 
 
-def job_worker(url: str, program_id: int, now: datetime, name: str, go: Any) -> None:
+def job_worker(
+    url: str, program_id: int, now: datetime, name: str, go: Any, pause: float = 0.0
+) -> None:
     """One worker of a shared run: ready, then runs the job when everyone is."""
     database = Database(url, pool_size=2)
     try:
         go.wait()
-        jobs.run(database, name, program_id=program_id, now=now)
+        jobs.run(database, name, program_id=program_id, now=now, pause=pause)
     finally:
         database.dispose()
 
 
 def run_job_shared(
-    url: str, program_id: int, now: datetime, name: str, workers: int
+    url: str, program_id: int, now: datetime, name: str, workers: int, pause: float = 0.0
 ) -> tuple[float, dict[str, int]]:
     """The job run by ``workers`` processes side by side, as that many ``jifen worker``s
     would: seconds from the start until the last one is through."""
     if workers <= 1:
-        return run_job(url, program_id, now, name)
+        return run_job(url, program_id, now, name, pause=pause)
     context = mp.get_context("spawn")
     go = context.Barrier(workers + 1)
     processes = [
-        context.Process(target=job_worker, args=(url, program_id, now, name, go))
+        context.Process(target=job_worker, args=(url, program_id, now, name, go, pause))
         for _ in range(workers)
     ]
     for process in processes:
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10, help="earn rate without the job")
     parser.add_argument("--pause", type=float, default=0.0, help="pace the year-end run")
     parser.add_argument("--job-workers", type=int, default=2,
-                        help="workers sharing the tier evaluation")  # fmt: skip
+                        help="workers sharing each job run")  # fmt: skip
     args = parser.parse_args(argv)
     url = with_schema(args.database_url, SCHEMA)
     admin_sql(args.database_url, f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
@@ -398,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             time.sleep(3)
             began = time.time()
-            yearend, _ = run_job(url, program_id, clearing_at, pause=args.pause)
+            yearend, _ = run_job_shared(
+                url, program_id, clearing_at, "points.expire", args.job_workers, args.pause
+            )
             ended = time.time()
         finally:
             times = load.finish()
@@ -408,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         say("daily run at 2027-01-02 00:10 ...")
         daily_at = YEAR_END + timedelta(days=1, minutes=10)
         limit_daily, _ = set_based_seconds(url, program_id, daily_at)
-        daily, _ = run_job(url, program_id, daily_at)
+        daily, _ = run_job_shared(url, program_id, daily_at, "points.expire", args.job_workers)
 
         say("tier evaluation at 2027-01-01 02:00 ...")
         evaluation_at = YEAR_END + timedelta(hours=2)

@@ -186,6 +186,47 @@ def test_two_workers_on_one_run_share_it_chunk_by_chunk(pg: Database) -> None:
     assert_each_due_lot_expired_once(pg, program_id, 80)
 
 
+def test_an_expiry_run_passes_over_an_account_another_worker_holds(pg: Database) -> None:
+    """Workers side by side: a chunk takes the accounts nobody holds and leaves the held
+    one; the run is over only once the held one is expired too."""
+    program_id, _ = seed(pg, 10)
+    moment = pg.clock.now() + timedelta(days=11)
+    held = pg.run(
+        lambda uow: uow.conn.execute(
+            select(accounts.c.id)
+            .where(accounts.c.program_id == program_id, accounts.c.member_id.is_not(None))
+            .order_by(accounts.c.id)
+            .limit(1)
+        ).scalar_one(),
+        read_only=True,
+    )
+
+    def expired() -> int:
+        return sum(1 for taken in expire_allocations(pg, program_id).values() if taken)
+
+    reports: list[jobs.RunReport] = []
+    with pg.transaction() as holder:  # as another worker's chunk would, until it commits
+        holder.conn.execute(select(accounts.c.id).where(accounts.c.id == held).with_for_update())
+        worker = threading.Thread(
+            target=lambda: reports.append(
+                jobs.run(pg, "points.expire", program_id=program_id, now=moment, size=4)
+            )
+        )
+        worker.start()
+        deadline = time.monotonic() + 30
+        while expired() < 9:
+            assert time.monotonic() < deadline, "the run waited instead of passing over"
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert worker.is_alive(), "the run ended while a due account was held"
+        assert expired() == 9
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert reports[0].state == "done"
+    assert reports[0].figures == {"accounts": 10, "lots": 10, "points": 600}
+    assert_each_due_lot_expired_once(pg, program_id, 10)
+
+
 def test_expiry_killed_with_sigkill_then_run_again_expires_each_due_lot_once(
     pg: Database, postgres_url: str, tmp_path: Path
 ) -> None:

@@ -22,6 +22,8 @@ log = logging.getLogger("jifen.jobs")
 
 
 def _expire(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    """The accounts are taken as ``jifen.points.service.expire_due`` says: several workers
+    take accounts of their own (the job is ``shared``); the cursor counts them."""
     done = expiry_service.expire_chunk(uow, program_id=program_id, limit=size)
     figures = {"accounts": done.accounts, "lots": done.lots, "points": done.points}
     return Chunk(cursor=cursor + done.accounts, finished=done.found == 0, figures=figures)
@@ -32,7 +34,14 @@ def _expire(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
 # earnings waited long enough to cut their rate beside a year-end clearing from about half
 # to an eighth of what it is without the job (bench/expiry.py, 20,000 members).
 register(
-    Job("points.expire", "Expire (or freeze) lots due", "到期积分清零(或冻结)", _expire, size=200)
+    Job(
+        "points.expire",
+        "Expire (or freeze) lots due",
+        "到期积分清零(或冻结)",
+        _expire,
+        size=200,
+        shared=True,
+    )
 )
 
 

@@ -7,6 +7,12 @@ cursor — together, so a crash loses at most the chunk in flight, which the nex
 does again. A second worker on the same run waits on that lock and then continues from
 the cursor: one worker does each chunk. A finished run is not run again.
 
+A job whose chunks find their own work (expiry: the accounts with due lots that no other
+worker holds, ``SKIP LOCKED``) is ``shared``: its chunk does its work first and locks the
+run's row only to add itself up, so several workers do chunks of one run side by side.
+Such a chunk reports the run over only when nothing is left to do, waiting for what
+other workers hold if need be.
+
 A job over the programme's members (tier evaluation) can instead share its members out:
 when its run starts, the members are cut into parts of a chunk's size (one row each in
 ``job_parts``), and each worker takes the next part no other worker holds (``FOR UPDATE
@@ -65,6 +71,11 @@ class Job:
     part: PartFn | None = None
     """Both given: runs share the keys out in parts among the workers (``chunk`` still
     serves dry runs)."""
+    shared: bool = False
+    """Each chunk takes work no other worker holds (``SKIP LOCKED``) instead of following
+    the cursor, so the run's row is locked only to add the chunk up, after its work: the
+    workers on a run do their chunks side by side. The chunk is given the cursor 0 and
+    answers how far it moved it."""
 
 
 _JOBS: dict[str, Job] = {}
@@ -145,20 +156,24 @@ def run(
     while True:
 
         def step(uow: UnitOfWork) -> tuple[str, int, dict[str, int]]:
-            row = _lock_run(uow, job.name, program_id, moment)
-            figures = json.loads(row.figures)
+            row = _lock_run(uow, job.name, program_id, moment, lock=not job.shared)
             if row.state == "done":
-                return "already-done", row.chunks, figures
-            chunk = chunk_fn(_at(uow, moment), program_id, row.cursor, limit)
-            figures = core.add(figures, chunk.figures)
-            state = "done" if chunk.finished else "running"
+                return "already-done", row.chunks, json.loads(row.figures)
+            chunk = chunk_fn(_at(uow, moment), program_id, 0 if job.shared else row.cursor, limit)
+            cursor = chunk.cursor
+            if job.shared:  # the run as it is now, with the chunks other workers added
+                row = _lock_run(uow, job.name, program_id, moment)
+                cursor += row.cursor
+            figures = core.add(json.loads(row.figures), chunk.figures)
+            finished = chunk.finished or row.state == "done"
+            state = "done" if finished else "running"
             uow.conn.execute(
                 job_runs.update()
                 .where(job_runs.c.id == row.id)
                 .values(
-                    cursor=chunk.cursor, chunks=row.chunks + 1, figures=json.dumps(figures),
+                    cursor=cursor, chunks=row.chunks + 1, figures=json.dumps(figures),
                     state=state, updated_at=uow.clock.now(),
-                    finished_at=uow.clock.now() if chunk.finished else None,
+                    finished_at=(row.finished_at or uow.clock.now()) if finished else None,
                 )
             )  # fmt: skip
             return state, row.chunks + 1, figures
@@ -296,11 +311,13 @@ def _open_run(uow: UnitOfWork, name: str, program_id: int, moment: datetime) -> 
     )  # fmt: skip
 
 
-def _lock_run(uow: UnitOfWork, name: str, program_id: int, moment: datetime) -> Any:
+def _lock_run(
+    uow: UnitOfWork, name: str, program_id: int, moment: datetime, *, lock: bool = True
+) -> Any:
     query = select(job_runs).where(
         job_runs.c.name == name, job_runs.c.program_id == program_id, job_runs.c.run_at == moment
     )
-    if uow.dialect == "postgresql":
+    if lock and uow.dialect == "postgresql":
         query = query.with_for_update()
     return uow.conn.execute(query).one()
 

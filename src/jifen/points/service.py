@@ -881,16 +881,26 @@ def expire_due(
 
     A lot once expired has nothing remaining, so the next call takes the next accounts: a
     run is a loop of calls until one finds no account, and a run cut short anywhere
-    simply continues — no lot is expired twice, none is missed."""
+    simply continues — no lot is expired twice, none is missed. On PostgreSQL a call
+    passes over accounts another transaction holds while there are others to take, so
+    several workers calling side by side each expire accounts of their own; once only
+    held ones are left it waits for them, so "none found" still means none is due."""
     now = uow.clock.now()
-    account_ids = store.accounts_with_due_lots(uow.conn, program_id, now, limit)
-    if not account_ids:
-        return ExpiryChunk(0, 0, 0, found=0)
-    locked = [_Account(*row[:8]) for row in store.lock_accounts_by_id(uow.conn, account_ids)]
+    rows = (
+        store.take_accounts_with_due_lots(uow.conn, program_id, now, limit)
+        if uow.dialect == "postgresql"
+        else []
+    )
+    if not rows:
+        account_ids = store.accounts_with_due_lots(uow.conn, program_id, now, limit)
+        if not account_ids:
+            return ExpiryChunk(0, 0, 0, found=0)
+        rows = store.lock_accounts_by_id(uow.conn, account_ids)
+    locked = [_Account(*row[:8]) for row in rows]
     written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
     return ExpiryChunk(
         accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written),
-        found=len(account_ids),
+        found=len(rows),
     )  # fmt: skip
 
 
