@@ -181,7 +181,7 @@ def test_verify_asks_for_a_migration_on_a_database_without_the_schema(tmp_path: 
     # and after `jifen db upgrade` the empty ledger verifies
     code, output = jifen(url, "db", "upgrade")
     assert code == 0
-    assert "schema at revision 0008" in output
+    assert "schema at revision 0009" in output
     code, output = jifen(url, "ledger", "verify")
     assert code == 0, output
     assert "verified 0 postings" in output

@@ -161,7 +161,7 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
     assert "6 members, " in output
     code, output = jifen(url, "db", "current")
     assert code == 0
-    assert "current: 0008" in output
+    assert "current: 0009" in output
 
 
 def test_jifen_demo_prints_credentials_that_work(tmp_path: Path, data_dir: Path) -> None:

@@ -155,10 +155,12 @@ lots = Table(
         sqlite_where=text("remaining > 0"),
     ),
     Index("ix_lots_posting_id", "posting_id"),
-    # The expiry run reads due lots across all accounts, earliest first.
+    # The expiry run reads due lots across all accounts, earliest first, and picks their
+    # accounts from the index alone.
     Index(
         "ix_lots_due",
         "expires_at",
+        "account_id",
         postgresql_where=text("remaining > 0"),
         sqlite_where=text("remaining > 0"),
     ),

@@ -186,10 +186,10 @@ def accounts_with_due_lots(
     return sorted({int(account_id) for (account_id,) in conn.execute(query)})
 
 
-# The window of earliest due lots is read from their index alone (lots of every programme:
-# a programme's own run has expired what was due before it); only the accounts taken are
-# read, and checked for the programme. Four times ``limit`` lots leave accounts for a few
-# workers to take side by side.
+# The window of earliest due lots is read from their index (expiry, account) alone where
+# the table is vacuumed, and holds lots of every programme (a programme's own run has
+# expired what was due before it); only the accounts taken are read, and checked for the
+# programme. Four times ``limit`` lots leave accounts for a few workers to take side by side.
 _POSTGRESQL_TAKE_DUE = """
 SELECT a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash,
        NULL::bigint
