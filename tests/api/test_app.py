@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import uuid
+from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
+from jifen.api.app import app_from_settings
 from jifen.db.uow import Database
+from jifen.settings import get_settings
 from tests.api import support
 
 
@@ -67,3 +72,20 @@ def test_the_docs_page_loads_everything_from_jifen_itself(client: TestClient) ->
         assert link.startswith(("http://testserver/", "/")), link
         asset = client.get(link)
         assert asset.status_code == 200, link
+
+
+def test_the_served_app_is_built_whole_and_kept_out_of_the_collectors_sight(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What ``jifen serve`` builds in a worker is frozen out of the garbage collector, so a
+    full collection does not stop the worker for the time it takes to walk all of it."""
+    monkeypatch.setenv("JIFEN_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("JIFEN_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        app = app_from_settings()
+        assert app.openapi_schema is not None  # built before the first request
+        assert gc.get_freeze_count() > 50_000
+    finally:
+        gc.unfreeze()
+        get_settings.cache_clear()
