@@ -52,15 +52,20 @@ ACCOUNT_COLUMNS = (
     accounts.c.head_hash,
 )
 
-_POSTGRESQL_LOCK = """
-SELECT a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash,
+# An account row as the service reads it (``AccountRow``, but for the replayed posting).
+_ACCOUNT_FIELDS = (
+    "a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash"
+)
+
+_POSTGRESQL_LOCK = f"""
+SELECT {_ACCOUNT_FIELDS},
        (SELECT p.id FROM postings p
         WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s)
 FROM accounts a
 WHERE a.member_id = ANY(%(members)s::bigint[]) AND a.currency = 'points'
 ORDER BY a.id
 FOR NO KEY UPDATE OF a
-"""
+"""  # noqa: S608 (constants only)
 
 
 # One member (most postings): a statement whose generic plan PostgreSQL keeps, where an
@@ -190,9 +195,8 @@ def accounts_with_due_lots(
 # the table is vacuumed, and holds lots of every programme (a programme's own run has
 # expired what was due before it); only the accounts taken are read, and checked for the
 # programme. Four times ``limit`` lots leave accounts for a few workers to take side by side.
-_POSTGRESQL_TAKE_DUE = """
-SELECT a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash,
-       NULL::bigint
+_POSTGRESQL_TAKE_DUE = f"""
+SELECT {_ACCOUNT_FIELDS}, NULL::bigint
 FROM (SELECT DISTINCT due.account_id
       FROM (SELECT l.account_id FROM lots l
             WHERE l.remaining > 0 AND l.expires_at <= %(now)s
@@ -202,7 +206,7 @@ WHERE a.program_id = %(program)s
 ORDER BY a.id
 LIMIT %(limit)s
 FOR NO KEY UPDATE OF a SKIP LOCKED
-"""
+"""  # noqa: S608 (constants only)
 
 
 def take_accounts_with_due_lots(
