@@ -3,8 +3,9 @@
 Every test that takes ``db`` runs on SQLite and on PostgreSQL. PostgreSQL is required:
 when it cannot be reached the tests fail, they do not skip. Only an explicit
 ``JIFEN_TEST_BACKENDS=sqlite`` leaves it out (for a laptop without PostgreSQL).
-Each run gets its own PostgreSQL schema and SQLite file, dropped afterwards, and each test
-its own programme, so runs never see each other and can repeat back to back.
+Each run, and each of its pytest-xdist processes, gets its own PostgreSQL schema and SQLite
+file, dropped afterwards, and each test its own programme, so runs and processes never see
+each other and a run can repeat back to back.
 """
 
 from __future__ import annotations
