@@ -3,18 +3,18 @@ update touches exactly its rows, and ``among`` finds what ``IN`` finds."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
+from sqlalchemy import Column, String, Table, select, text
 
 from jifen.db import bulk
 from jifen.db.base import UTCDateTime
 from jifen.db.uow import Database, UnitOfWork
+from tests.db.scratch import scratch_table
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -22,19 +22,14 @@ AT = datetime(2026, 1, 1, tzinfo=UTC)
 @pytest.fixture
 def scratch(db: Database) -> Iterator[Table]:
     """A table of this test's own, dropped after it."""
-    table = Table(
-        f"scratch_{uuid.uuid4().hex[:10]}",
-        MetaData(),
-        Column("id", Integer, primary_key=True),
+    with scratch_table(
+        db,
+        "scratch",
         Column("code", String(40), nullable=False, unique=True),
         Column("note", String(200)),
         Column("at", UTCDateTime()),
-    )
-    table.create(db.engine)
-    try:
+    ) as table:
         yield table
-    finally:
-        table.drop(db.engine)
 
 
 def rows_of(db: Database, table: Table) -> list[tuple[object, ...]]:

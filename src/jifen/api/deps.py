@@ -35,6 +35,7 @@ from jifen.audit import service as audit_service
 from jifen.audit.schemas import AuditEntryCreate
 from jifen.auth import service as auth_service
 from jifen.auth.core import Grant, Principal
+from jifen.db.prepared import Prepared
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import Forbidden, IdempotencyConflict, InvalidInput, Unauthenticated
 from jifen.programs import service as programs_service
@@ -163,8 +164,10 @@ class Context:
         after: dict[str, Any] | None,
         before: dict[str, Any] | None = None,
         action: str | None = None,
+        encoded: bool = False,
     ) -> None:
-        """Record this request's change in the audit log (writes by staff and API keys)."""
+        """Record this request's change in the audit log (writes by staff and API keys).
+        ``encoded``: ``after`` holds JSON values already (an answer about to be sent)."""
         if self.principal.kind == "member":
             return
         audit_service.record(
@@ -179,7 +182,7 @@ class Context:
                 action=action or self.permission,
                 target=target,
                 before=jsonable_encoder(before) if before is not None else None,
-                after=jsonable_encoder(after) if after is not None else None,
+                after=after if encoded or after is None else jsonable_encoder(after),
             ),
         )
 
@@ -204,18 +207,22 @@ class Context:
         scope = self.principal.scope
 
         def work(uow: UnitOfWork) -> tuple[int, Any, bool]:
-            stored = uow.conn.execute(_STORED_ANSWER, {"scope": scope, "key": key}).one_or_none()
+            stored = _STORED_ANSWER.one_or_none(uow.conn, {"scope": scope, "key": key})
             if stored is not None:
-                if stored.request_hash != self.request_hash:
+                request_hash, stored_status, stored_body = stored
+                if request_hash != self.request_hash:
                     raise IdempotencyConflict(key=key)
-                return stored.status_code, stored.body, True
+                return stored_status, stored_body, True
             result = fn(uow)
-            answer = jsonable_encoder(result)
+            answer = result.model_dump(mode="json")  # what jsonable_encoder gives, at once
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
             if audit:
-                self.audit(uow, target=target, after=body, before=self.audit_before, action=action)
-            uow.conn.execute(
-                idempotency_records.insert(),
+                self.audit(
+                    uow, target=target, after=body, before=self.audit_before, action=action,
+                    encoded=True,
+                )  # fmt: skip
+            _STORE_ANSWER.rows(
+                uow.conn,
                 {
                     "scope": scope,
                     "key": key,
@@ -232,11 +239,20 @@ class Context:
         return JSONResponse(body, status_code=status_code, headers=headers)
 
 
-_STORED_ANSWER = select(
-    idempotency_records.c.request_hash, idempotency_records.c.status_code,
-    idempotency_records.c.body,
-).where(
-    idempotency_records.c.scope == bindparam("scope"), idempotency_records.c.key == bindparam("key")
+_STORED_ANSWER = Prepared(
+    select(
+        idempotency_records.c.request_hash, idempotency_records.c.status_code,
+        idempotency_records.c.body,
+    ).where(
+        idempotency_records.c.scope == bindparam("scope"),
+        idempotency_records.c.key == bindparam("key"),
+    )
+)  # fmt: skip
+_STORE_ANSWER = Prepared(
+    idempotency_records.insert().values(
+        {name: bindparam(name) for name in
+         ("scope", "key", "request_hash", "status_code", "body", "created_at")}
+    )
 )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from jifen.audit.core import (
 from jifen.audit.models import STRIPES, audit_entries, audit_heads
 from jifen.audit.schemas import AuditEntryCreate, AuditEntryRead
 from jifen.db.engine import READ_ONLY
+from jifen.db.prepared import Prepared
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InvalidInput
 
@@ -54,7 +55,7 @@ _ENTRY_COLUMNS = (*CHAINED_FIELDS, "stripe", "seq", "at", "prev_hash", "hash")
 _HEAD = select(audit_heads.c.seq, audit_heads.c.hash).where(
     audit_heads.c.stripe == bindparam("stripe")
 )
-_HEAD_LOCKED = _HEAD.with_for_update()
+_HEAD_LOCKED = Prepared(_HEAD.with_for_update())
 _MOVE_HEAD = (
     audit_heads.update()
     .where(audit_heads.c.stripe == bindparam("head_stripe"))
@@ -67,15 +68,17 @@ _ENTRY_VALUES = {
 }
 _APPEND = audit_entries.insert().values(_ENTRY_VALUES).returning(audit_entries.c.id)
 # PostgreSQL: one round trip, the head moves in the same statement.
-_APPEND_AND_MOVE = _APPEND.add_cte(_MOVE_HEAD.cte("moved_head"))
+_APPEND_AND_MOVE = Prepared(_APPEND.add_cte(_MOVE_HEAD.cte("moved_head")))
 
 
 def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     """Append ``entry`` to its stripe's chain, in the caller's transaction; returns its id."""
     stripe = stripe_of(entry.target, STRIPES)
     postgresql = uow.dialect == "postgresql"
-    head = _HEAD_LOCKED if postgresql else _HEAD
-    seq, prev_hash = uow.conn.execute(head, {"stripe": stripe}).one()
+    if postgresql:
+        (seq, prev_hash), *_ = _HEAD_LOCKED.rows(uow.conn, {"stripe": stripe})
+    else:
+        seq, prev_hash = uow.conn.execute(_HEAD, {"stripe": stripe}).one()
     seq += 1
     # Microseconds are kept by both backends; the digest covers the stored value exactly.
     at = uow.clock.now().astimezone(UTC)
@@ -86,7 +89,8 @@ def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     row = {f"e_{name}": value for name, value in entry_row.items()}
     moved = {"head_stripe": stripe, "head_seq": seq, "head_hash": digest}
     if postgresql:
-        return int(uow.conn.execute(_APPEND_AND_MOVE, {**row, **moved}).scalar_one())
+        ((entry_id,),) = _APPEND_AND_MOVE.rows(uow.conn, {**row, **moved})
+        return int(entry_id)
     entry_id = uow.conn.execute(_APPEND, row).scalar_one()
     uow.conn.execute(_MOVE_HEAD, moved)
     return int(entry_id)

@@ -11,6 +11,7 @@ from sqlalchemy import Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
+from jifen.db.prepared import Prepared
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
 from jifen.members import core
@@ -64,17 +65,17 @@ def find_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> Membe
     return MemberRead.model_validate(row._mapping)
 
 
-_MEMBER_BY_ID = select(
-    members.c.id, members.c.program_id, members.c.external_ref, members.c.state,
-    members.c.created_at,
-).where(members.c.id == bindparam("member"))  # fmt: skip
+_MEMBER_FIELDS = ("id", "program_id", "external_ref", "state", "created_at")
+_MEMBER_BY_ID = Prepared(
+    select(*(members.c[name] for name in _MEMBER_FIELDS)).where(members.c.id == bindparam("member"))
+)
 
 
 def get_member_by_id(uow: UnitOfWork, *, member_id: int) -> MemberRead:
-    row = uow.conn.execute(_MEMBER_BY_ID, {"member": member_id}).one_or_none()
+    row = _MEMBER_BY_ID.one_or_none(uow.conn, {"member": member_id})
     if row is None:
         raise UnknownMember(member_id=member_id)
-    return MemberRead.model_validate(row._mapping)
+    return MemberRead.model_validate(dict(zip(_MEMBER_FIELDS, row, strict=True)))
 
 
 def require_member(

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Text, bindparam, cast, select
 
+from jifen.db.prepared import Prepared
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
@@ -76,7 +77,8 @@ def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
     if key in uow.local:
         cached: ProgramSettings = uow.local[key]
         return cached
-    text = uow.conn.execute(_SETTINGS_TEXT, {"program": program_id}).scalar_one_or_none()
+    row = _SETTINGS_TEXT.one_or_none(uow.conn, {"program": program_id})
+    text = row[0] if row is not None else None
     if text is None:
         raise UnknownProgram(program=program_id)
     # Parsed once per distinct text and shared (read-only) by every transaction after.
@@ -104,8 +106,8 @@ def derived(
     return value
 
 
-_SETTINGS_TEXT = select(cast(programs.c.settings, Text)).where(
-    programs.c.id == bindparam("program")
+_SETTINGS_TEXT = Prepared(
+    select(cast(programs.c.settings, Text)).where(programs.c.id == bindparam("program"))
 )
 
 

@@ -1,0 +1,80 @@
+"""A statement run through the driver gives what ``conn.execute`` gives, on both backends:
+values bound and read through the column types (times in UTC, JSON), rows as tuples, in the
+unit of work's own transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import JSON, Column, String, Table, bindparam, select
+
+from jifen.db.base import UTCDateTime
+from jifen.db.prepared import Prepared
+from jifen.db.uow import Database
+from tests.db.scratch import scratch_table
+
+SHANGHAI = timezone(timedelta(hours=8))
+
+
+@pytest.fixture
+def scratch(db: Database) -> Iterator[Table]:
+    with scratch_table(
+        db, "prepared", Column("code", String(40), nullable=False), Column("body", JSON),
+        Column("at", UTCDateTime()),
+    ) as table:  # fmt: skip
+        yield table
+
+
+def test_rows_come_back_as_conn_execute_gives_them(db: Database, scratch: Table) -> None:
+    insert = Prepared(
+        scratch.insert().values({name: bindparam(name) for name in ("code", "body", "at")})
+    )
+    read = Prepared(
+        select(scratch.c.code, scratch.c.body, scratch.c.at).where(
+            scratch.c.code == bindparam("code")
+        )
+    )
+    body = {"名称": "积分", "lines": [1, None, {"x": 2.5}]}
+    at = datetime(2026, 3, 1, 9, 30, 15, 123456, tzinfo=SHANGHAI)
+    with db.transaction() as uow:
+        assert insert.rows(uow.conn, {"code": "a", "body": body, "at": at}) in ([], [(1,)])
+        insert.rows(uow.conn, {"code": "b", "body": None, "at": None})
+        # the same transaction sees its own rows, through either path
+        assert read.one_or_none(uow.conn, {"code": "a"}) == ("a", body, at)
+    with db.transaction(read_only=True) as uow:
+        for code in ("a", "b"):
+            fast = read.one_or_none(uow.conn, {"code": code})
+            plain = uow.conn.execute(read.statement, {"code": code}).one()
+            assert fast == tuple(plain)
+        assert fast is not None and fast[1:] == (None, None)
+        stored = read.one_or_none(uow.conn, {"code": "a"})
+        assert stored is not None and stored[2].tzinfo == UTC and stored[2] == at
+        assert read.one_or_none(uow.conn, {"code": "none such"}) is None
+        assert read.rows(uow.conn, {"code": "a"}) == [stored]
+
+
+def test_a_rolled_back_transaction_leaves_nothing(db: Database, scratch: Table) -> None:
+    insert = Prepared(scratch.insert().values(code=bindparam("code")))
+
+    def fail_after_insert() -> None:
+        with db.transaction() as uow:
+            insert.rows(uow.conn, {"code": "gone"})
+            raise RuntimeError("the use case failed")
+
+    with pytest.raises(RuntimeError):
+        fail_after_insert()
+    with db.transaction(read_only=True) as uow:
+        assert uow.conn.execute(select(scratch.c.id)).all() == []
+
+
+def test_more_than_one_row_is_refused_where_one_was_expected(db: Database, scratch: Table) -> None:
+    insert = Prepared(scratch.insert().values(code=bindparam("code")))
+    every = Prepared(select(scratch.c.code).where(scratch.c.code != bindparam("code")))
+    with db.transaction() as uow:
+        for code in ("x", "y"):
+            insert.rows(uow.conn, {"code": code})
+        assert sorted(every.rows(uow.conn, {"code": ""})) == [("x",), ("y",)]
+        with pytest.raises(ValueError, match="at most one row"):
+            every.one_or_none(uow.conn, {"code": ""})
