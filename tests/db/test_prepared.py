@@ -71,9 +71,11 @@ def test_a_rolled_back_transaction_leaves_nothing(db: Database, scratch: Table) 
 
 def test_more_than_one_row_is_refused_where_one_was_expected(db: Database, scratch: Table) -> None:
     insert = Prepared(scratch.insert().values(code=bindparam("code")))
-    every = Prepared(select(scratch.c.code).where(scratch.c.code != bindparam("code")))
+    every = Prepared(  # a value of the statement's own ("z") beside the one bound at each call
+        select(scratch.c.code).where(scratch.c.code != bindparam("code"), scratch.c.code != "z")
+    )
     with db.transaction() as uow:
-        for code in ("x", "y"):
+        for code in ("x", "y", "z"):
             insert.rows(uow.conn, {"code": code})
         assert sorted(every.rows(uow.conn, {"code": ""})) == [("x",), ("y",)]
         with pytest.raises(ValueError, match="at most one row"):

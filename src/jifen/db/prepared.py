@@ -9,7 +9,7 @@ process, takes the ordinary path.
 
 Values go in and come out through the column types' own processors (a time is stored
 and read in UTC, as everywhere else), so a row is what ``conn.execute`` would give, as a
-tuple. Statements with named ``bindparam`` values only (no expanding ``IN``).
+tuple. Values come from named ``bindparam`` or the statement itself (no expanding ``IN``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class _Compiled:
     dialect: Dialect
     sql: str
     binds: dict[str, Processor]
+    fixed: dict[str, Any]
+    """Values the statement holds itself (``column == "points"``), bound already."""
     results: list[Processor | None]
 
 
@@ -43,10 +45,13 @@ class Prepared:
         compiled = self._compiled
         if compiled is None or compiled.dialect is not dialect:
             sql = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
-            binds = {}
+            binds, fixed = {}, {}
             for name, bind in sql.binds.items():
                 processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-                if processor is not None:
+                if not bind.required:
+                    value = bind.effective_value
+                    fixed[name] = processor(value) if processor is not None else value
+                elif processor is not None:
                     binds[name] = processor
             # The columns it answers (selected or returned), in order; an insert's implicit
             # RETURNING of its key comes after them and needs nothing.
@@ -54,7 +59,7 @@ class Prepared:
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
                 for column in getattr(self.statement, "exported_columns", ())
             ]
-            compiled = self._compiled = _Compiled(dialect, str(sql), binds, results)
+            compiled = self._compiled = _Compiled(dialect, str(sql), binds, fixed, results)
         return compiled
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
@@ -67,6 +72,7 @@ class Prepared:
         values = {
             name: binds[name](value) if name in binds else value for name, value in params.items()
         }
+        values.update(compiled.fixed)
         driver = conn.connection.driver_connection
         assert driver is not None, "a unit of work holds a live connection"
         cursor = driver.execute(compiled.sql, values, prepare=True)
