@@ -134,6 +134,11 @@ def test_history_pages_with_a_cursor_and_lots_show_the_default_validity(
     assert {datetime.fromisoformat(lot["expires_at"]) for lot in lots} == {
         datetime(2027, 1, 2, tzinfo=ZoneInfo("Asia/Shanghai"))
     }
+    # the balance says the same: all 60 lapse together, at the start of 2 January
+    assert shop.balance(shop.alice) == {
+        "member_id": shop.alice, "balance": 60, "available": 60, "pending": 0, "overdue": 0,
+        "frozen": 0, "debt": 0, "expiring": [{"date": "2027-01-02", "amount": 60}],
+    }  # fmt: skip
 
 
 def test_lots_page_by_expiry_with_never_expiring_ones_last(
