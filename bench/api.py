@@ -346,10 +346,10 @@ def in_process_earn(url: str, setup: Setup, args: argparse.Namespace) -> Phase:
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """The load generator's own garbage collector held off while it measures: its full
-    collections stopped every client thread for up to some 200 ms, and the requests due
-    meanwhile went out late, which an open-loop measure counts against the server (the p99
-    of the balance read at 360/s: 7.8-228 ms with it, 6.2-20.2 ms without)."""
+    """The load generator's own garbage collector held off while it measures. With it, the
+    requests of the open-loop balance read at 360/s went out late (the p99 of that lateness
+    up to 190 ms, in bursts), which the measure counts against the server: its p99 was
+    7.8-228 ms with the collector, 6.2-20.2 ms without."""
     gc.collect()
     gc.freeze()
     gc.disable()
