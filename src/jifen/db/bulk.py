@@ -17,6 +17,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
+from jifen.db.prepared import driver
+
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -61,9 +63,7 @@ def update_many(
     names = tuple(name for name in rows[0] if name != key)
     if conn.dialect.name == "postgresql":
         params = {name: [row[name] for row in rows] for name in (key, *names)}
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.execute(_update_statement(table, key, names), params)
+        driver(conn).execute(_update_statement(table, key, names), params)
         return
     statement = (
         table.update()
@@ -90,9 +90,7 @@ def insert_many(
     wanted = tuple(column.name for column in returning)
     if conn.dialect.name == "postgresql":
         params = {name: _values(table.c[name], [row[name] for row in rows]) for name in names}
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        cursor = driver.execute(_statement(table, names, wanted, skip_conflicts), params)
+        cursor = driver(conn).execute(_statement(table, names, wanted, skip_conflicts), params)
         return [tuple(row) for row in cursor.fetchall()] if wanted else []
     statement: Any = sqlite_insert(table)
     if skip_conflicts:

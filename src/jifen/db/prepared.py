@@ -24,6 +24,15 @@ from sqlalchemy.sql.expression import Executable
 Processor = Callable[[Any], Any]
 
 
+def driver(conn: Connection) -> Any:
+    """The driver's connection under SQLAlchemy's (psycopg's or sqlite3's), in the same
+    transaction: what the hot paths talk to directly (prepared statements, plain tuples,
+    arrays as parameters)."""
+    connection = conn.connection.driver_connection
+    assert connection is not None, "a unit of work holds a live connection"
+    return connection
+
+
 @dataclass(frozen=True)
 class _Compiled:
     dialect: Dialect
@@ -73,9 +82,7 @@ class Prepared:
             name: binds[name](value) if name in binds else value for name, value in params.items()
         }
         values.update(compiled.fixed)
-        driver = conn.connection.driver_connection
-        assert driver is not None, "a unit of work holds a live connection"
-        cursor = driver.execute(compiled.sql, values, prepare=True)
+        cursor = driver(conn).execute(compiled.sql, values, prepare=True)
         if cursor.description is None:
             return []
         rows: list[tuple[Any, ...]] = cursor.fetchall()

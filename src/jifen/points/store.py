@@ -19,6 +19,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among, array_literal
+from jifen.db.prepared import driver
 from jifen.points.models import accounts, lots, postings
 
 
@@ -94,10 +95,10 @@ def lock_accounts(conn: Connection, member_ids: Sequence[int], key: str) -> list
             statement, params = _POSTGRESQL_LOCK_ONE, {"key": key, "member": member_ids[0]}
         else:
             statement, params = _POSTGRESQL_LOCK, {"key": key, "members": list(member_ids)}
-        return list(_driver(conn).execute(statement, params, prepare=True).fetchall())
+        return list(driver(conn).execute(statement, params, prepare=True).fetchall())
     if len(member_ids) == 1:
         params = {"key": key, "member": member_ids[0]}
-        return list(_driver(conn).execute(_SQLITE_LOCK_ONE, params).fetchall())
+        return list(driver(conn).execute(_SQLITE_LOCK_ONE, params).fetchall())
     replay = (
         select(postings.c.id)
         .where(postings.c.program_id == accounts.c.program_id, postings.c.idempotency_key == key)
@@ -129,7 +130,7 @@ def spendable_lots(
     """The account's lots a debit at ``now`` may take, earliest expiry first."""
     if conn.dialect.name == "postgresql":
         params = {"account": account_id, "now": now, "limit": limit}
-        return list(_driver(conn).execute(_POSTGRESQL_SPENDABLE, params, prepare=True).fetchall())
+        return list(driver(conn).execute(_POSTGRESQL_SPENDABLE, params, prepare=True).fetchall())
     query = (
         select(lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at, lots.c.expires_at)
         .where(
@@ -161,7 +162,7 @@ def balance_rows(conn: Connection, member_id: int) -> list[BalanceRow]:
     statement (so from one snapshot); no rows for an unknown member."""
     if conn.dialect.name == "postgresql":
         params = {"member": member_id}
-        return list(_driver(conn).execute(_POSTGRESQL_BALANCE, params, prepare=True).fetchall())
+        return list(driver(conn).execute(_POSTGRESQL_BALANCE, params, prepare=True).fetchall())
     query = (
         select(
             accounts.c.program_id, accounts.c.balance, accounts.c.frozen, accounts.c.debt,
@@ -220,7 +221,7 @@ def take_accounts_with_due_lots(
     :func:`accounts_with_due_lots` and :func:`lock_accounts_by_id` find them and wait
     their turn."""
     params = {"now": now, "program": program_id, "window": 4 * limit, "limit": limit}
-    return [tuple(row) for row in _driver(conn).execute(_POSTGRESQL_TAKE_DUE, params)]
+    return [tuple(row) for row in driver(conn).execute(_POSTGRESQL_TAKE_DUE, params)]
 
 
 def lock_accounts_by_id(conn: Connection, account_ids: Sequence[int]) -> list[AccountRow]:
@@ -249,7 +250,7 @@ def due_lots(
     lots due to expire at ``now``."""
     if conn.dialect.name == "postgresql":  # an index probe an account, not a bitmap scan
         params = {"accounts": list(account_ids), "now": now}
-        return [tuple(row) for row in _driver(conn).execute(_POSTGRESQL_DUE_LOTS, params)]
+        return [tuple(row) for row in driver(conn).execute(_POSTGRESQL_DUE_LOTS, params)]
     query = select(
         lots.c.account_id, lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at,
         lots.c.expires_at,
@@ -349,14 +350,6 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
-def _driver(conn: Connection) -> Any:
-    """The psycopg connection under SQLAlchemy's, in the same transaction.
-
-    The hot path talks to it directly: prepared statements and plain tuples cost a fraction
-    of what building, compiling and wrapping each statement would."""
-    return conn.connection.driver_connection
-
-
 # One member's posting of two lines in a statement of scalar parameters (but for the lots
 # it changes): quicker to send than arrays, and planned once where the general statement is
 # planned at every call. Most postings are one of the two shapes below.
@@ -430,7 +423,7 @@ def _write_single_postgresql(conn: Connection, rows: PostingRows) -> int | None:
         statement = _POSTGRESQL_LOT_CHANGE
     else:
         return None
-    cursor = _driver(conn).execute(statement, params, prepare=True)
+    cursor = driver(conn).execute(statement, params, prepare=True)
     return int(cursor.fetchone()[0])
 
 
@@ -465,7 +458,7 @@ def _write_postgresql(conn: Connection, rows: PostingRows) -> int:
         "acc_seq": acc_seq,
         "acc_link": acc_link,
     }
-    cursor = _driver(conn).execute(_POSTGRESQL_WRITE, params, prepare=True)
+    cursor = driver(conn).execute(_POSTGRESQL_WRITE, params, prepare=True)
     return int(cursor.fetchone()[0])
 
 
@@ -573,7 +566,7 @@ def _write_many_postgresql(conn: Connection, batch: Sequence[PostingRows]) -> li
         strict=True,
     ):
         params[field] = column
-    ids = {key: int(i) for i, key in _driver(conn).execute(_POSTGRESQL_WRITE_MANY, params)}
+    ids = {key: int(i) for i, key in driver(conn).execute(_POSTGRESQL_WRITE_MANY, params)}
     return [ids[rows.posting["idempotency_key"]] for rows in batch]
 
 
@@ -613,18 +606,18 @@ def _sqlite_time(moment: datetime | None) -> str | None:
 
 
 def _write_sqlite(conn: Connection, rows: PostingRows) -> int:
-    driver = _driver(conn)
+    sqlite = driver(conn)
     posting = {**rows.posting, "created_at": _sqlite_time(rows.posting["created_at"])}
-    posting_id = int(driver.execute(_SQLITE_POSTING, posting).lastrowid)
-    driver.executemany(_SQLITE_LINE, [(posting_id, a, n) for a, n in rows.lines])
-    driver.executemany(_SQLITE_CHAIN, [(a, seq, posting_id, link) for a, seq, link in rows.chain])
+    posting_id = int(sqlite.execute(_SQLITE_POSTING, posting).lastrowid)
+    sqlite.executemany(_SQLITE_LINE, [(posting_id, a, n) for a, n in rows.lines])
+    sqlite.executemany(_SQLITE_CHAIN, [(a, seq, posting_id, link) for a, seq, link in rows.chain])
     if rows.allocations:
-        driver.executemany(
+        sqlite.executemany(
             _SQLITE_ALLOCATION, [(posting_id, lot, n) for lot, n in rows.allocations]
         )
-        driver.executemany(_SQLITE_LOT_CHANGE, [(n, lot) for lot, n in rows.allocations])
+        sqlite.executemany(_SQLITE_LOT_CHANGE, [(n, lot) for lot, n in rows.allocations])
     if rows.new_lots:
-        driver.executemany(
+        sqlite.executemany(
             _SQLITE_LOT,
             [
                 (owner, posting_id, amount, amount, _sqlite_time(available), _sqlite_time(expires),
@@ -632,7 +625,7 @@ def _write_sqlite(conn: Connection, rows: PostingRows) -> int:
                 for owner, amount, available, expires, source in rows.new_lots
             ],
         )  # fmt: skip
-    driver.executemany(
+    sqlite.executemany(
         _SQLITE_ACCOUNT, [(b, f, d, seq, link, a) for a, b, f, d, seq, link in rows.accounts]
     )
     return posting_id

@@ -17,6 +17,7 @@ from psycopg.types.json import Json
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
+from jifen.db.prepared import driver
 from jifen.rewards.models import order_steps, reward_orders, rewards
 
 ORDER_COLUMNS = (
@@ -91,9 +92,7 @@ def finish(
     if conn.dialect.name == "postgresql":
         params = {c: Json(order[c]) if c in _JSON else order[c] for c in ORDER_COLUMNS}
         params.update({f"step_{k}": v for k, v in step.items()}, limited=limited)
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        row = driver.execute(_POSTGRESQL_FINISH, params, prepare=True).fetchone()
+        row = driver(conn).execute(_POSTGRESQL_FINISH, params, prepare=True).fetchone()
         return row[0], row[1]
     left = take_stock(conn, order["reward_id"], order["quantity"]) if limited else None
     if limited and left is None:
