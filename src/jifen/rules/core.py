@@ -382,9 +382,10 @@ def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:
     bonus = rounded(Decimal(base) * (factor - 1), "floor")
     if bonus <= 0:
         return
-    weights: dict[str, int] | None = {}
+    summed: dict[int, dict[str, int] | None] = {}
     for award in mine:
-        weights = _merged(weights, award.detail.get("weights"))
+        _add_weights(summed, member_id, award.detail.get("weights"))
+    weights = summed.get(member_id, {})
     state.wanted.append(
         Award(
             rule=TIER_BENEFIT,
@@ -666,18 +667,19 @@ def _multiply(state: _Pass) -> None:
     for rule, factor in state.multipliers:
         params = rule.spec.params
         assert isinstance(params, Multiplier)
+        applies_to = params.applies_to
         by_member: dict[int, int] = {}
         weights: dict[int, dict[str, int] | None] = {}
         for award in state.wanted:
-            if award.kind in params.applies_to or (
-                award.kind == "multiplier" and award.detail.get("base_kinds") == params.applies_to
+            if award.kind in applies_to or (
+                award.kind == "multiplier" and award.detail.get("base_kinds") == applies_to
             ):
-                by_member[award.member_id] = by_member.get(award.member_id, 0) + award.wanted
-                weights[award.member_id] = _merged(
-                    weights.get(award.member_id, {}), award.detail.get("weights")
-                )
+                member_id = award.member_id
+                by_member[member_id] = by_member.get(member_id, 0) + award.wanted
+                _add_weights(weights, member_id, award.detail.get("weights"))
+        extra = factor - 1
         for member_id, base in by_member.items():
-            bonus = rounded(Decimal(base) * (factor - 1), params.rounding)
+            bonus = rounded(Decimal(base) * extra, params.rounding)
             if bonus > 0:
                 state.award(
                     rule,
@@ -685,22 +687,27 @@ def _multiply(state: _Pass) -> None:
                     member_id=member_id,
                     factor=str(factor),
                     base=base,
-                    base_kinds=params.applies_to,
-                    weights=weights.get(member_id),
+                    base_kinds=applies_to,
+                    weights=weights[member_id],
                 )
 
 
-def _merged(
-    into: dict[str, int] | None, weights: Mapping[str, int] | None
-) -> dict[str, int] | None:
-    """Weights by sku added up; None as soon as one award has none (then a refund weighs
-    the multiplied award by money)."""
-    if into is None or weights is None:
-        return None
-    merged = dict(into)
+def _add_weights(
+    into: dict[int, dict[str, int] | None], member_id: int, weights: Mapping[str, int] | None
+) -> None:
+    """Add an award's weights by sku to the member's sum in ``into``; the sum is None as
+    soon as one award has none (then a refund weighs the multiplied award by money)."""
+    if member_id not in into:
+        into[member_id] = None if weights is None else dict(weights)
+        return
+    summed = into[member_id]
+    if summed is None:
+        return
+    if weights is None:
+        into[member_id] = None
+        return
     for sku, weight in weights.items():
-        merged[sku] = merged.get(sku, 0) + weight
-    return merged
+        summed[sku] = summed.get(sku, 0) + weight
 
 
 def refunded_share(
@@ -722,72 +729,63 @@ def refunded_share(
 _NO_RULE_CAPS = RuleCaps()
 
 
-def _tighter(
-    tightest: tuple[int, str, object, object] | None,
-    left: int,
-    name: str,
-    whose: object,
-    bound: object,
-) -> tuple[int, str, object, object]:
-    if tightest is None or left < tightest[0]:
-        return (left, name, whose, bound)
-    return tightest
-
-
 def _apply_caps(state: _Pass, budgets: Budgets) -> None:
     caps = state.program.caps
-    used_day: dict[int, int] = {}
-    used_month: dict[int, int] = {}
+    by_tier, program_budget = caps.by_tier, caps.budget
+    awards, facts, specs = state.result.awards, state.facts, state.specs
+    # What this event's earlier awards took: a member's day and month grow alike.
+    used_member: dict[int, int] = {}
     used_rule: dict[tuple[int, str, str], int] = {}
     spent_rule = dict(budgets.by_rule)
     spent_program = budgets.program
     for award in state.wanted:
         if award.held:
-            state.result.awards.append(award)
+            awards.append(award)
             continue
-        member = state.facts.get(award.member_id)
+        member_id, code, wanted = award.member_id, award.rule, award.wanted
+        member = facts.get(member_id)
         if member is None:  # an award can only go to a member whose facts were given
-            raise EventRefused(rule=award.rule, problem=f"no facts for member {award.member_id}")
-        spec = state.specs.get(award.rule)  # none for the tier benefit: no caps of its own
+            raise EventRefused(rule=code, problem=f"no facts for member {member_id}")
+        spec = specs.get(code)  # none for the tier benefit: no caps of its own
         spec_caps = spec.caps if spec is not None else _NO_RULE_CAPS
-        # The tightest cap (the first of equals): room left, its name and the figures it
-        # names, formatted only if it bites.
-        tightest: tuple[int, str, object, object] | None = None
-        tier_cap = caps.by_tier.get(member.tier or "")
-        if tier_cap is not None and tier_cap.day is not None:
-            used = member.usage.day + used_day.get(award.member_id, 0)
-            tightest = _tighter(tightest, tier_cap.day - used, "tier_day", member.tier,
-                                tier_cap.day)  # fmt: skip
-        if tier_cap is not None and tier_cap.month is not None:
-            used = member.usage.month + used_month.get(award.member_id, 0)
-            tightest = _tighter(tightest, tier_cap.month - used, "tier_month", member.tier,
-                                tier_cap.month)  # fmt: skip
+        # The tightest cap below what is wanted (the first of equals): the room it leaves,
+        # its name and the figures it names, formatted only if it bites.
+        room, bit = wanted, None
+        tier_cap = by_tier.get(member.tier or "")
+        if tier_cap is not None:
+            earlier = used_member.get(member_id, 0)
+            if tier_cap.day is not None and tier_cap.day - member.usage.day - earlier < room:
+                room = tier_cap.day - member.usage.day - earlier
+                bit = ("tier_day", member.tier, tier_cap.day)
+            if tier_cap.month is not None and (
+                tier_cap.month - member.usage.month - earlier < room
+            ):
+                room = tier_cap.month - member.usage.month - earlier
+                bit = ("tier_month", member.tier, tier_cap.month)
         for period, limit in spec_caps.per_member.items():
-            used = member.usage.by_rule.get((award.rule, period), 0) + used_rule.get(
-                (award.member_id, award.rule, period), 0
+            left = (
+                limit
+                - member.usage.by_rule.get((code, period), 0)
+                - used_rule.get((member_id, code, period), 0)
             )
-            tightest = _tighter(tightest, limit - used, f"rule_{period}", award.rule, limit)
-        if spec_caps.budget is not None:
-            spent = spent_rule.get(award.rule, 0)
-            tightest = _tighter(tightest, spec_caps.budget - spent, "rule_budget", award.rule,
-                                spec_caps.budget)  # fmt: skip
-        if caps.budget is not None:
-            tightest = _tighter(tightest, caps.budget - spent_program, "program_budget", None,
-                                caps.budget)  # fmt: skip
-        points, cap = award.wanted, None
-        if tightest is not None:
-            left, name, whose, bound = tightest
-            if max(left, 0) < points:
-                points = max(left, 0)
-                cap = f"{name} ({whose}: {bound})" if whose is not None else f"{name} ({bound})"
-        if cap is not None:  # built directly: dataclasses.replace costs more than the rest
-            award = Award(award.rule, award.version, award.kind, award.member_id, points,
-                          award.wanted, cap, award.held, award.detail)  # fmt: skip
-        state.result.awards.append(award)
-        used_day[award.member_id] = used_day.get(award.member_id, 0) + points
-        used_month[award.member_id] = used_month.get(award.member_id, 0) + points
+            if left < room:
+                room, bit = left, (f"rule_{period}", code, limit)
+        if spec_caps.budget is not None and spec_caps.budget - spent_rule.get(code, 0) < room:
+            room = spec_caps.budget - spent_rule.get(code, 0)
+            bit = ("rule_budget", code, spec_caps.budget)
+        if program_budget is not None and program_budget - spent_program < room:
+            room, bit = program_budget - spent_program, ("program_budget", None, program_budget)
+        points = wanted
+        if bit is not None:  # built directly: dataclasses.replace costs more than the rest
+            points = max(room, 0)
+            name, whose, bound = bit
+            cap = f"{name} ({whose}: {bound})" if whose is not None else f"{name} ({bound})"
+            award = Award(code, award.version, award.kind, member_id, points, wanted, cap,
+                          award.held, award.detail)  # fmt: skip
+        awards.append(award)
+        used_member[member_id] = used_member.get(member_id, 0) + points
         for period in spec_caps.per_member:
-            slot = (award.member_id, award.rule, period)
+            slot = (member_id, code, period)
             used_rule[slot] = used_rule.get(slot, 0) + points
-        spent_rule[award.rule] = spent_rule.get(award.rule, 0) + points
+        spent_rule[code] = spent_rule.get(code, 0) + points
         spent_program += points
