@@ -207,6 +207,7 @@ class _Item:
     payload: dict[str, Any]
     request_hash: str
     member_id: int | None = None
+    parsed_order: OrderPaid | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -216,6 +217,12 @@ class _Item:
     def inviter(self) -> int | None:
         inviter = self.payload.get("inviter_member_id")
         return inviter if isinstance(inviter, int) and not isinstance(inviter, bool) else None
+
+    def order(self) -> OrderPaid | None:
+        """An ``order.paid`` event's order, validated once (None for other types)."""
+        if self.parsed_order is None and self.event.type == "order.paid":
+            self.parsed_order = OrderPaid.model_validate(self.payload)
+        return self.parsed_order
 
 
 @dataclass(slots=True)
@@ -352,7 +359,13 @@ class _Intake:
         subjects = set()
         for item in items:
             if item.event.type in ONCE_TYPES and item.member_id is not None:
-                subjects.add(str(_order_fields(item.event.type, item.payload, item.member_id)[0]))
+                subjects.add(
+                    str(
+                        _order_fields(item.event.type, item.payload, item.member_id, item.order())[
+                            0
+                        ]
+                    )
+                )
         if not subjects:
             return
         rows = self.uow.conn.execute(
@@ -445,7 +458,7 @@ class _Intake:
         ):
             raise UnknownMember(member_id=inviter)
         if event.type in ONCE_TYPES:
-            subject = str(_order_fields(event.type, item.payload, item.member_id)[0])
+            subject = str(_order_fields(event.type, item.payload, item.member_id, item.order())[0])
             twin = group.taken.get((event.type, subject)) or self.taken.get((event.type, subject))
             if twin is not None:
                 raise _sent_twice(event.type, subject, *twin)
@@ -486,7 +499,7 @@ class _Intake:
     ) -> None:
         uow, event, member_id = self.uow, item.event, item.member_id
         assert member_id is not None
-        core_event = to_core_event(event, member_id, item.payload)
+        core_event = to_core_event(event, member_id, item.payload, item.order())
         rules = rules_service.rules_at(uow, program_id=self.program_id, moment=event.occurred_at)
         candidates = rules.by_type.get(event.type, [])
         codes = {r.spec.code for r in candidates if r.spec.caps.per_member}
@@ -537,7 +550,7 @@ class _Intake:
                     if code in budgeted:
                         group.spent[code] = group.spent.get(code, 0) + points
                         group.added[code] = group.added.get(code, 0) + points
-        subject, amount = _order_fields(event.type, item.payload, member_id)
+        subject, amount = _order_fields(event.type, item.payload, member_id, item.order())
         decision = _Decision(
             item=item, member_id=member_id, subject=subject, amount_fen=amount, day=day,
             awards=posted, postings=postings,
@@ -631,7 +644,7 @@ class _Intake:
             return
         uow, event, member_id = self.uow, item.event, item.member_id
         assert member_id is not None
-        subject, amount = _order_fields(event.type, item.payload, member_id)
+        subject, amount = _order_fields(event.type, item.payload, member_id, item.order())
         event_id = int(
             uow.conn.execute(
                 events.insert().returning(events.c.id),
@@ -644,7 +657,7 @@ class _Intake:
                 },
             ).scalar_one()
         )  # fmt: skip
-        core_event = to_core_event(event, member_id, item.payload)
+        core_event = to_core_event(event, member_id, item.payload, item.order())
         awards, points, _ = _refund(uow, self.program_id, event_id, core_event, self.zone)
         _add_counters(uow, {(member_id, event.type): [1, None, 0]})
         result = EventResult(
@@ -863,11 +876,14 @@ class _Tallies:
             earner.lifetime[award.rule] = earner.lifetime.get(award.rule, 0) + points
 
 
-def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) -> core.Event:
-    """The event as the pure evaluation sees it."""
+def to_core_event(
+    event: EventIn, member_id: int, payload: Mapping[str, Any], order: OrderPaid | None = None
+) -> core.Event:
+    """The event as the pure evaluation sees it (``order``: the payload of an ``order.paid``
+    already validated)."""
     lines: tuple[core.OrderLine, ...] = ()
     if event.type == "order.paid":
-        order = OrderPaid.model_validate(payload)
+        order = order or OrderPaid.model_validate(payload)
         lines = tuple(
             core.OrderLine(
                 line.sku, line.category, line.quantity, line.amount_fen, line.paid_with_points
@@ -885,10 +901,10 @@ def to_core_event(event: EventIn, member_id: int, payload: Mapping[str, Any]) ->
 
 
 def _order_fields(
-    event_type: str, payload: Mapping[str, Any], member_id: int
+    event_type: str, payload: Mapping[str, Any], member_id: int, order: OrderPaid | None = None
 ) -> tuple[str | None, int | None]:
     if event_type == "order.paid":
-        order = OrderPaid.model_validate(payload)
+        order = order or OrderPaid.model_validate(payload)
         return order.order_id, sum(li.amount_fen for li in order.lines if not li.paid_with_points)
     if event_type == "order.refunded":
         return OrderRefunded.model_validate(payload).order_id, None
@@ -985,7 +1001,7 @@ def _award_rows(
             "posting_id": posting_id,
             "reverses_id": reverses_id,
             "local_day": day,
-            "detail": json.loads(json.dumps(dict(award.detail), default=_json_default)),
+            "detail": _plain(award.detail),
         }
         for award, points, cap, posting_id, reverses_id in awards
     ]
@@ -1006,10 +1022,28 @@ def _award_read(row: Mapping[str, Any] | RowMapping) -> AwardRead:
     )
 
 
-def _json_default(value: Any) -> Any:
+_NATIVE = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """An award's detail as JSON values (as ``json`` would write and read it back, sets
+    sorted, anything else as its text), without writing it out."""
+    if isinstance(value, _NATIVE):
+        return value
+    if isinstance(value, Mapping):
+        return {_key(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     if isinstance(value, frozenset | set):
-        return sorted(value)
+        return sorted(_plain(v) for v in value)
     return str(value)
+
+
+def _key(key: Any) -> str:
+    """A mapping's key as JSON writes it."""
+    if isinstance(key, str):
+        return key
+    return json.dumps(key) if isinstance(key, _NATIVE) else str(key)
 
 
 def _set_outcome(uow: UnitOfWork, event_id: int, total: int, skipped: list[dict[str, str]]) -> None:

@@ -10,6 +10,7 @@ the event's own time.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -193,18 +194,39 @@ def list_versions(
 
 def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     """The rule versions that were live at ``moment``: what an event of that time meets.
-    The programme's activations are read once a transaction (a batch of events shares them)."""
-    live = tuple(
-        rule
-        for rule, start, end in live_periods(uow, program_id=program_id)
-        if start <= moment and (end is None or moment < end)
-    )
-    # Most events of a batch meet the same versions: their rule set is sorted once.
-    sets: dict[tuple[int, ...], RuleSet] = uow.local.setdefault(f"rule_sets:{program_id}", {})
-    identity = tuple(id(rule) for rule in live)
-    if identity not in sets:
-        sets[identity] = RuleSet(live)
-    return sets[identity]
+    The programme's activations are read once a transaction (a batch of events shares them).
+
+    The live set changes only where a period starts or ends: between two such moments every
+    event meets the same set, found once and then by a binary search of those moments."""
+    periods = live_periods(uow, program_id=program_id)
+    key = f"rule_segments:{program_id}"
+    segments: _Segments | None = uow.local.get(key)
+    if segments is None or segments.periods is not periods:
+        segments = _Segments(periods)
+        uow.local[key] = segments
+    return segments.at(moment)
+
+
+class _Segments:
+    """The live rule sets of a list of periods, by the stretch of time between the moments
+    where one starts or ends."""
+
+    def __init__(self, periods: list[tuple[Rule, datetime, datetime | None]]) -> None:
+        self.periods = periods
+        self.bounds = sorted({m for _, start, end in periods for m in (start, end) if m})
+        self.sets: dict[int, RuleSet] = {}
+
+    def at(self, moment: datetime) -> RuleSet:
+        stretch = bisect_right(self.bounds, moment)  # the bounds at or before ``moment``
+        found = self.sets.get(stretch)
+        if found is None:
+            found = RuleSet(
+                rule
+                for rule, start, end in self.periods
+                if start <= moment and (end is None or moment < end)
+            )
+            self.sets[stretch] = found
+        return found
 
 
 def live_periods(
@@ -356,7 +378,7 @@ def _move(uow: UnitOfWork, version_id: int, expected: str, **values: Any) -> Non
 
 def _forget_activations(uow: UnitOfWork) -> None:
     """Drop what this transaction read of the rules' activations (they are changing)."""
-    for key in [k for k in uow.local if k.startswith(("activations:", "rule_sets:"))]:
+    for key in [k for k in uow.local if k.startswith(("activations:", "rule_segments:"))]:
         del uow.local[key]
 
 
