@@ -200,14 +200,14 @@ def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     event meets the same set, found once and then by a binary search of those moments."""
     periods = live_periods(uow, program_id=program_id)
     key = f"rule_segments:{program_id}"
-    segments: _Segments | None = uow.local.get(key)
+    segments: Timeline | None = uow.local.get(key)
     if segments is None or segments.periods is not periods:
-        segments = _Segments(periods)
+        segments = Timeline(periods)
         uow.local[key] = segments
     return segments.at(moment)
 
 
-class _Segments:
+class Timeline:
     """The live rule sets of a list of periods, by the stretch of time between the moments
     where one starts or ends."""
 
