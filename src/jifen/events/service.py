@@ -224,6 +224,12 @@ class _Item:
             self.parsed_order = OrderPaid.model_validate(self.payload)
         return self.parsed_order
 
+    def subject(self) -> tuple[str | None, int | None]:
+        """What the event may happen to once (its order, or the member's birthday of a
+        year), and an order's amount in fen."""
+        assert self.member_id is not None
+        return _order_fields(self.event.type, self.payload, self.member_id, self.order())
+
 
 @dataclass(slots=True)
 class _Decision:
@@ -359,13 +365,7 @@ class _Intake:
         subjects = set()
         for item in items:
             if item.event.type in ONCE_TYPES and item.member_id is not None:
-                subjects.add(
-                    str(
-                        _order_fields(item.event.type, item.payload, item.member_id, item.order())[
-                            0
-                        ]
-                    )
-                )
+                subjects.add(str(item.subject()[0]))
         if not subjects:
             return
         rows = self.uow.conn.execute(
@@ -458,7 +458,7 @@ class _Intake:
         ):
             raise UnknownMember(member_id=inviter)
         if event.type in ONCE_TYPES:
-            subject = str(_order_fields(event.type, item.payload, item.member_id, item.order())[0])
+            subject = str(item.subject()[0])
             twin = group.taken.get((event.type, subject)) or self.taken.get((event.type, subject))
             if twin is not None:
                 raise _sent_twice(event.type, subject, *twin)
@@ -550,7 +550,7 @@ class _Intake:
                     if code in budgeted:
                         group.spent[code] = group.spent.get(code, 0) + points
                         group.added[code] = group.added.get(code, 0) + points
-        subject, amount = _order_fields(event.type, item.payload, member_id, item.order())
+        subject, amount = item.subject()
         decision = _Decision(
             item=item, member_id=member_id, subject=subject, amount_fen=amount, day=day,
             awards=posted, postings=postings,
@@ -644,7 +644,7 @@ class _Intake:
             return
         uow, event, member_id = self.uow, item.event, item.member_id
         assert member_id is not None
-        subject, amount = _order_fields(event.type, item.payload, member_id, item.order())
+        subject, amount = item.subject()
         event_id = int(
             uow.conn.execute(
                 events.insert().returning(events.c.id),
