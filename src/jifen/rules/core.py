@@ -776,10 +776,11 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
         if program_budget is not None and program_budget - spent_program < room:
             room, bit = program_budget - spent_program, ("program_budget", None, program_budget)
         points = wanted
-        if bit is not None:  # built directly: dataclasses.replace costs more than the rest
+        if bit is not None and max(room, 0) < wanted:  # an award of 0 has nothing to cap
             points = max(room, 0)
             name, whose, bound = bit
             cap = f"{name} ({whose}: {bound})" if whose is not None else f"{name} ({bound})"
+            # Built directly: dataclasses.replace costs more than the rest.
             award = Award(code, award.version, award.kind, member_id, points, wanted, cap,
                           award.held, award.detail)  # fmt: skip
         awards.append(award)
