@@ -5,6 +5,7 @@ and a refused item leaves nothing behind, in the caller's language."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -13,8 +14,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from jifen.api.app import create_app
+from jifen.audit import service as audit_service
+from jifen.audit.models import audit_entries
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from jifen.points import service as points_service
@@ -205,6 +209,27 @@ def test_a_batch_answers_each_item_and_a_refused_item_leaves_nothing_behind(
     assert shop.balance(shop.alice)["balance"] == 5
     assert shop.balance(shop.bob)["balance"] == 130
     assert_ledger_sound(db, shop.program.id)
+    # and the audit log keeps a summary of each batch, in a chain that still verifies
+    with db.transaction(read_only=True) as uow:
+        summaries = uow.conn.execute(
+            select(audit_entries.c.target, audit_entries.c.after)
+            .where(audit_entries.c.target.like("events:batch:%"))
+            .order_by(audit_entries.c.id)
+        ).all()
+        problems = audit_service.verify(uow)
+    assert [target for target, _ in summaries] == ["events:batch:6", "events:batch:4"]
+    first = summaries[0][1]
+    assert (first["accepted"], first["refused"]) == (2, 4)
+    assert first["items"][0] == {"index": 0, "event_id": items[0]["result"]["id"], "points": 100}
+    assert first["items"][1]["points"] == 30
+    assert [i["code"] for i in first["items"][2:]] == [
+        "invalid_input",
+        "invalid_input",
+        "unknown_member",
+        "order_not_seen",
+    ]
+    assert "awards" not in json.dumps(first)
+    assert problems == []
 
 
 def test_a_batch_replays_an_event_it_already_holds_and_refuses_a_changed_one(

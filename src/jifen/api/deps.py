@@ -195,13 +195,16 @@ class Context:
         audit: bool = True,
         shown_once: frozenset[str] = frozenset(),
         action: str | None = None,
+        summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> JSONResponse:
         """Run a write once: the change, its audit entry and its stored answer commit
         together; a repeated ``Idempotency-Key`` with the same request replays the answer,
         with a different one is refused (409).
 
         Fields named in ``shown_once`` (a new key's token, a TOTP seed) are answered this
-        time only: the stored answer, the replay and the audit entry carry a placeholder."""
+        time only: the stored answer, the replay and the audit entry carry a placeholder.
+        ``summary`` makes what the audit entry keeps of a large answer (all of it by
+        default)."""
         key = self.idempotency_key
         assert key is not None, "Write routes carry an Idempotency-Key"
         scope = self.principal.scope
@@ -217,8 +220,9 @@ class Context:
             answer = result.model_dump(mode="json")  # what jsonable_encoder gives, at once
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
             if audit:
+                after = summary(body) if summary is not None else body
                 self.audit(
-                    uow, target=target, after=body, before=self.audit_before, action=action,
+                    uow, target=target, after=after, before=self.audit_before, action=action,
                     encoded=True,
                 )  # fmt: skip
             _STORE_ANSWER.rows(

@@ -4,7 +4,7 @@ again answers what it produced the first time."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
@@ -76,7 +76,24 @@ def send_batch(
         accepted = sum(item.ok for item in items)
         return BatchResult(accepted=accepted, refused=len(items) - accepted, items=items)
 
-    return ctx.execute(work, target=f"events:batch:{len(body.events)}")
+    return ctx.execute(work, target=f"events:batch:{len(body.events)}", summary=_batch_summary)
+
+
+def _batch_summary(answer: dict[str, Any]) -> dict[str, Any]:
+    """What the audit log keeps of a batch's answer: the counts, and each event's id and
+    points or the code that refused it. The awards and skipped rules stay with the events
+    (``GET …/events/{id}``): a thousand of them would make an entry of about a megabyte."""
+    return {
+        "accepted": answer["accepted"],
+        "refused": answer["refused"],
+        "items": [
+            {"index": item["index"], "event_id": item["result"]["id"],
+             "points": item["result"]["points"]}
+            if item["ok"]
+            else {"index": item["index"], "code": item["code"]}
+            for item in answer["items"]
+        ],
+    }  # fmt: skip
 
 
 @router.get(EVENTS + "/{event_id}", response_model=EventResult)
