@@ -199,12 +199,12 @@ def rules_at(uow: UnitOfWork, *, program_id: int, moment: datetime) -> RuleSet:
     The live set changes only where a period starts or ends: between two such moments every
     event meets the same set, found once and then by a binary search of those moments."""
     periods = live_periods(uow, program_id=program_id)
-    key = f"rule_segments:{program_id}"
-    segments: Timeline | None = uow.local.get(key)
-    if segments is None or segments.periods is not periods:
-        segments = Timeline(periods)
-        uow.local[key] = segments
-    return segments.at(moment)
+    key = f"rule_timeline:{program_id}"
+    timeline: Timeline | None = uow.local.get(key)
+    if timeline is None or timeline.periods is not periods:
+        timeline = Timeline(periods)
+        uow.local[key] = timeline
+    return timeline.at(moment)
 
 
 class Timeline:
@@ -378,7 +378,7 @@ def _move(uow: UnitOfWork, version_id: int, expected: str, **values: Any) -> Non
 
 def _forget_activations(uow: UnitOfWork) -> None:
     """Drop what this transaction read of the rules' activations (they are changing)."""
-    for key in [k for k in uow.local if k.startswith(("activations:", "rule_segments:"))]:
+    for key in [k for k in uow.local if k.startswith(("activations:", "rule_timeline:"))]:
         del uow.local[key]
 
 
