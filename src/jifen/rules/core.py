@@ -754,14 +754,14 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
         tier_cap = by_tier.get(member.tier or "")
         if tier_cap is not None:
             earlier = used_member.get(member_id, 0)
-            if tier_cap.day is not None and tier_cap.day - member.usage.day - earlier < room:
-                room = tier_cap.day - member.usage.day - earlier
-                bit = ("tier_day", member.tier, tier_cap.day)
-            if tier_cap.month is not None and (
-                tier_cap.month - member.usage.month - earlier < room
-            ):
-                room = tier_cap.month - member.usage.month - earlier
-                bit = ("tier_month", member.tier, tier_cap.month)
+            if tier_cap.day is not None:
+                left = tier_cap.day - member.usage.day - earlier
+                if left < room:
+                    room, bit = left, ("tier_day", member.tier, tier_cap.day)
+            if tier_cap.month is not None:
+                left = tier_cap.month - member.usage.month - earlier
+                if left < room:
+                    room, bit = left, ("tier_month", member.tier, tier_cap.month)
         for period, limit in spec_caps.per_member.items():
             left = (
                 limit
@@ -770,11 +770,14 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
             )
             if left < room:
                 room, bit = left, (f"rule_{period}", code, limit)
-        if spec_caps.budget is not None and spec_caps.budget - spent_rule.get(code, 0) < room:
-            room = spec_caps.budget - spent_rule.get(code, 0)
-            bit = ("rule_budget", code, spec_caps.budget)
-        if program_budget is not None and program_budget - spent_program < room:
-            room, bit = program_budget - spent_program, ("program_budget", None, program_budget)
+        if spec_caps.budget is not None:
+            left = spec_caps.budget - spent_rule.get(code, 0)
+            if left < room:
+                room, bit = left, ("rule_budget", code, spec_caps.budget)
+        if program_budget is not None:
+            left = program_budget - spent_program
+            if left < room:
+                room, bit = left, ("program_budget", None, program_budget)
         points = wanted
         if bit is not None and max(room, 0) < wanted:  # an award of 0 has nothing to cap
             points = max(room, 0)
