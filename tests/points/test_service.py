@@ -206,6 +206,36 @@ def test_same_key_same_request_replays_the_first_result(setup: Any) -> None:
     assert_ledger_sound(db, program_id)
 
 
+BETWEEN: dict[str, Callable[[UnitOfWork, int], Any]] = {
+    "earn": lambda uow, m: points.earn(uow, member_id=m, amount=5, key="between"),
+    "earn_many": lambda uow, m: points.earn_many(uow, [points.Earning(m, 5, "between")]),
+}
+
+
+@pytest.mark.parametrize("between", list(BETWEEN))
+def test_a_lock_held_for_a_key_serves_that_posting_and_no_other(setup: Any, between: str) -> None:
+    db, program_id, alice, _ = setup
+    call(db, points.earn, member_id=alice, amount=100, key="e")
+
+    def held_then_spent(uow: UnitOfWork) -> int:
+        assert not points.lock_account(uow, member_id=alice, key="s1")
+        return points.spend(uow, member_id=alice, amount=60, key="s1").amount
+
+    def held_then_overtaken(uow: UnitOfWork) -> int:
+        assert not points.lock_account(uow, member_id=alice, key="s2")
+        # a posting between the lock and the one it was taken for: the spend must start
+        # from the account as that posting left it (45 = 40 left + 5), not as it was locked
+        BETWEEN[between](uow, alice)
+        return points.spend(uow, member_id=alice, amount=45, key="s2").amount
+
+    assert db.run(held_then_spent) == 60
+    assert db.run(held_then_overtaken) == 45
+    # a key already posted is a replay, and holds nothing for the next posting
+    assert db.run(lambda uow: points.lock_account(uow, member_id=alice, key="s1"))
+    assert call(db, points.balance, member_id=alice).available == 0
+    assert_ledger_sound(db, program_id)
+
+
 BAD_CALLS: list[tuple[str, type[JifenError], Callable[[int, int, int, int], dict[str, Any]]]] = [
     (
         "unknown member",

@@ -127,10 +127,16 @@ class _Account:
         return AccountState(balance=self.balance, frozen=self.frozen, debt=self.debt)
 
 
+_HELD = "points:held"
+"""``uow.local``'s key for the account :func:`lock_account` locked for a posting with a key:
+(the key, the account row). The next lock in the transaction takes it or drops it."""
+
+
 def _lock(
     uow: UnitOfWork, member_ids: Sequence[int], key: str
 ) -> tuple[list[_Account], int | None]:
     """Lock the members' accounts in id order and find a posting already made with ``key``."""
+    uow.local.pop(_HELD, None)
     rows = store.lock_accounts(uow.conn, member_ids, key)
     found = {row[2]: _Account(*row[:8]) for row in rows}
     for member_id in member_ids:
@@ -140,6 +146,11 @@ def _lock(
 
 
 def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
+    held: tuple[str, _Account] | None = uow.local.get(_HELD)
+    if held is not None and held[0] == key and held[1].member_id == member_id:
+        # lock_account locked it for this very posting, and nothing was posted since.
+        del uow.local[_HELD]
+        return held[1], None
     locked, replay_id = _lock(uow, [member_id], key)
     return locked[0], replay_id
 
@@ -148,8 +159,13 @@ def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "") -> bool:
     """Hold the member's points account until the transaction ends, as every posting to it
     does: a use case that decides by what the member did before (redemption limits) reads
     under the same lock its posting will take, so two of them cannot both pass. Answers
-    whether a posting was already made with ``key`` (a replay), in the same statement."""
-    _, replay_id = _lock_one(uow, member_id, key)
+    whether a posting was already made with ``key`` (a replay), in the same statement.
+
+    With a ``key`` and no replay, the posting with that key that follows (the next lock of
+    the transaction) starts from the row read here, without locking it again."""
+    member, replay_id = _lock_one(uow, member_id, key)
+    if key and replay_id is None:
+        uow.local[_HELD] = (key, member)
     return replay_id is not None
 
 
@@ -438,6 +454,7 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
     for earning in earnings:
         _require_key(earning.key)
     ids = sorted({e.member_id for e in earnings})
+    uow.local.pop(_HELD, None)
     held = {row[2]: _Account(*row[:8]) for row in store.lock_accounts(uow.conn, ids, "")}
     now = uow.clock.now()
     batch: list[store.PostingRows] = []
@@ -472,6 +489,7 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
 def hold_accounts(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
     """Hold the members' points accounts (in id order) until the transaction ends, as the
     postings to come will: a batch takes every account it may touch before any of them."""
+    uow.local.pop(_HELD, None)
     store.lock_accounts(uow.conn, sorted(set(member_ids)), "")
 
 
@@ -886,6 +904,7 @@ def expire_due(
     several workers calling side by side each expire accounts of their own; once only
     held ones are left it waits for them, so "none found" still means none is due."""
     now = uow.clock.now()
+    uow.local.pop(_HELD, None)
     rows = (
         store.take_accounts_with_due_lots(uow.conn, program_id, now, limit)
         if uow.dialect == "postgresql"
