@@ -17,7 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
-from jifen.db.prepared import driver
+from jifen.db.prepared import execute
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
@@ -63,7 +63,7 @@ def update_many(
     names = tuple(name for name in rows[0] if name != key)
     if conn.dialect.name == "postgresql":
         params = {name: [row[name] for row in rows] for name in (key, *names)}
-        driver(conn).execute(_update_statement(table, key, names), params)
+        execute(conn, _update_statement(table, key, names), params, prepare=None)
         return
     statement = (
         table.update()
@@ -90,7 +90,8 @@ def insert_many(
     wanted = tuple(column.name for column in returning)
     if conn.dialect.name == "postgresql":
         params = {name: _values(table.c[name], [row[name] for row in rows]) for name in names}
-        cursor = driver(conn).execute(_statement(table, names, wanted, skip_conflicts), params)
+        sql = _statement(table, names, wanted, skip_conflicts)
+        cursor = execute(conn, sql, params, prepare=None)
         return [tuple(row) for row in cursor.fetchall()] if wanted else []
     statement: Any = sqlite_insert(table)
     if skip_conflicts:

@@ -94,7 +94,7 @@ def require_member(
 def active_birthday(uow: UnitOfWork, *, program_id: int, member_id: int) -> date | None:
     """The member's birthday, after the checks of :func:`require_member` with
     ``transacting`` (the member is the programme's and active), in one read."""
-    row = uow.conn.execute(_ACTIVE_BIRTHDAY, {"member": member_id}).one_or_none()
+    row: Any = _ACTIVE_BIRTHDAY.one_or_none(uow.conn, {"member": member_id})
     if row is None or row.program_id != program_id:
         raise UnknownMember(member_id=member_id)
     require_active(row)
@@ -102,9 +102,12 @@ def active_birthday(uow: UnitOfWork, *, program_id: int, member_id: int) -> date
     return birthday
 
 
-_ACTIVE_BIRTHDAY = select(
-    members.c.id, members.c.program_id, members.c.state, members.c.birthday
-).where(members.c.id == bindparam("member"))  # fmt: skip
+_ACTIVE_BIRTHDAY = Prepared(
+    select(members.c.id, members.c.program_id, members.c.state, members.c.birthday).where(
+        members.c.id == bindparam("member")
+    ),
+    named=True,
+)
 
 
 def require_active(member: MemberRead | MemberFacts | Any) -> None:

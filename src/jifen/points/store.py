@@ -19,7 +19,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among, array_literal
-from jifen.db.prepared import driver
+from jifen.db.prepared import driver, execute
 from jifen.points.models import accounts, lots, postings
 
 
@@ -95,7 +95,7 @@ def lock_accounts(conn: Connection, member_ids: Sequence[int], key: str) -> list
             statement, params = _POSTGRESQL_LOCK_ONE, {"key": key, "member": member_ids[0]}
         else:
             statement, params = _POSTGRESQL_LOCK, {"key": key, "members": list(member_ids)}
-        return list(driver(conn).execute(statement, params, prepare=True).fetchall())
+        return list(execute(conn, statement, params).fetchall())
     if len(member_ids) == 1:
         params = {"key": key, "member": member_ids[0]}
         return list(driver(conn).execute(_SQLITE_LOCK_ONE, params).fetchall())
@@ -130,7 +130,7 @@ def spendable_lots(
     """The account's lots a debit at ``now`` may take, earliest expiry first."""
     if conn.dialect.name == "postgresql":
         params = {"account": account_id, "now": now, "limit": limit}
-        return list(driver(conn).execute(_POSTGRESQL_SPENDABLE, params, prepare=True).fetchall())
+        return list(execute(conn, _POSTGRESQL_SPENDABLE, params).fetchall())
     query = (
         select(lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at, lots.c.expires_at)
         .where(
@@ -162,7 +162,7 @@ def balance_rows(conn: Connection, member_id: int) -> list[BalanceRow]:
     statement (so from one snapshot); no rows for an unknown member."""
     if conn.dialect.name == "postgresql":
         params = {"member": member_id}
-        return list(driver(conn).execute(_POSTGRESQL_BALANCE, params, prepare=True).fetchall())
+        return list(execute(conn, _POSTGRESQL_BALANCE, params).fetchall())
     query = (
         select(
             accounts.c.program_id, accounts.c.balance, accounts.c.frozen, accounts.c.debt,
@@ -221,7 +221,7 @@ def take_accounts_with_due_lots(
     :func:`accounts_with_due_lots` and :func:`lock_accounts_by_id` find them and wait
     their turn."""
     params = {"now": now, "program": program_id, "window": 4 * limit, "limit": limit}
-    return [tuple(row) for row in driver(conn).execute(_POSTGRESQL_TAKE_DUE, params)]
+    return [tuple(row) for row in execute(conn, _POSTGRESQL_TAKE_DUE, params, prepare=None)]
 
 
 def lock_accounts_by_id(conn: Connection, account_ids: Sequence[int]) -> list[AccountRow]:
@@ -250,7 +250,7 @@ def due_lots(
     lots due to expire at ``now``."""
     if conn.dialect.name == "postgresql":  # an index probe an account, not a bitmap scan
         params = {"accounts": list(account_ids), "now": now}
-        return [tuple(row) for row in driver(conn).execute(_POSTGRESQL_DUE_LOTS, params)]
+        return [tuple(row) for row in execute(conn, _POSTGRESQL_DUE_LOTS, params, prepare=None)]
     query = select(
         lots.c.account_id, lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at,
         lots.c.expires_at,
@@ -423,7 +423,7 @@ def _write_single_postgresql(conn: Connection, rows: PostingRows) -> int | None:
         statement = _POSTGRESQL_LOT_CHANGE
     else:
         return None
-    cursor = driver(conn).execute(statement, params, prepare=True)
+    cursor = execute(conn, statement, params)
     return int(cursor.fetchone()[0])
 
 
@@ -458,7 +458,7 @@ def _write_postgresql(conn: Connection, rows: PostingRows) -> int:
         "acc_seq": acc_seq,
         "acc_link": acc_link,
     }
-    cursor = driver(conn).execute(_POSTGRESQL_WRITE, params, prepare=True)
+    cursor = execute(conn, _POSTGRESQL_WRITE, params)
     return int(cursor.fetchone()[0])
 
 
@@ -566,7 +566,7 @@ def _write_many_postgresql(conn: Connection, batch: Sequence[PostingRows]) -> li
         strict=True,
     ):
         params[field] = column
-    ids = {key: int(i) for i, key in driver(conn).execute(_POSTGRESQL_WRITE_MANY, params)}
+    ids = {key: int(i) for i, key in execute(conn, _POSTGRESQL_WRITE_MANY, params, prepare=None)}
     return [ids[rows.posting["idempotency_key"]] for rows in batch]
 
 

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Row, bindparam, func, or_, select, update
 
 from jifen import crypto
+from jifen.db.prepared import Prepared
 from jifen.db.uow import LostRace, UnitOfWork
 from jifen.errors import (
     DuplicateReference,
@@ -102,13 +103,16 @@ def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
     return cached.model_copy(update={"early_access": {**added, **cached.early_access}})
 
 
-_REWARD_BY_CODE = select(rewards).where(
-    rewards.c.program_id == bindparam("program"), rewards.c.code == bindparam("code")
+_REWARD_BY_CODE = Prepared(
+    select(rewards).where(
+        rewards.c.program_id == bindparam("program"), rewards.c.code == bindparam("code")
+    ),
+    named=True,
 )
 
 
 def _reward_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
-    row = uow.conn.execute(_REWARD_BY_CODE, {"program": program_id, "code": code}).one_or_none()
+    row = _REWARD_BY_CODE.one_or_none(uow.conn, {"program": program_id, "code": code})
     if row is None:
         raise UnknownReward(reward=code)
     return row

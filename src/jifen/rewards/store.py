@@ -17,7 +17,7 @@ from psycopg.types.json import Json
 from sqlalchemy import bindparam, update
 from sqlalchemy.engine import Connection
 
-from jifen.db.prepared import driver
+from jifen.db.prepared import execute
 from jifen.rewards.models import order_steps, reward_orders, rewards
 
 ORDER_COLUMNS = (
@@ -92,7 +92,7 @@ def finish(
     if conn.dialect.name == "postgresql":
         params = {c: Json(order[c]) if c in _JSON else order[c] for c in ORDER_COLUMNS}
         params.update({f"step_{k}": v for k, v in step.items()}, limited=limited)
-        row = driver(conn).execute(_POSTGRESQL_FINISH, params, prepare=True).fetchone()
+        row = execute(conn, _POSTGRESQL_FINISH, params).fetchone()
         return row[0], row[1]
     left = take_stock(conn, order["reward_id"], order["quantity"]) if limited else None
     if limited and left is None:
