@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from jifen.db.uow import Database, UnitOfWork
@@ -176,4 +178,48 @@ def test_twenty_spends_of_the_whole_balance_exactly_one_succeeds(pg: Database) -
     refused = [r for r in results if isinstance(r, InsufficientPoints)]
     assert (len(succeeded), len(refused)) == (1, 19)
     assert pg.run(lambda uow: points.balance(uow, member_id=member)).balance == 0
+    assert_ledger_sound(pg, program.id)
+
+
+def _spend(uow: UnitOfWork, member: int) -> int:
+    return points.spend(uow, member_id=member, amount=100, key="debit").amount
+
+
+def _freeze(uow: UnitOfWork, member: int) -> int:
+    held = points.freeze(uow, member_id=member, amount=100, key="debit", reason="r", actor="a")
+    return held.amount
+
+
+def _held_then_spent(uow: UnitOfWork, member: int) -> int:
+    assert not points.lock_account(uow, member_id=member, key="debit", spending=True)
+    return _spend(uow, member)
+
+
+@pytest.mark.parametrize("debit", [_spend, _freeze, _held_then_spent])
+def test_a_debit_that_waited_for_the_lock_takes_the_lot_posted_meanwhile(
+    pg: Database, debit: Callable[[UnitOfWork, int], int]
+) -> None:
+    # A debit's lock statement also reads the first spendable lots, in the snapshot it took
+    # before the lock was granted: the lot of a posting committed while it waited is not in
+    # that snapshot, and the debit must read the lots again rather than refuse.
+    program = new_program(pg)
+    (member,) = new_members(pg, program.id, 1)
+    posted, waiting = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with pg.transaction() as uow:
+            points.earn(uow, member_id=member, amount=100, key="earn")
+            posted.set()
+            assert waiting.wait(10)
+            time.sleep(0.3)  # the debit's statement is waiting for the account by now
+
+    def debitor() -> int:
+        assert posted.wait(10)
+        with pg.transaction() as uow:
+            waiting.set()
+            return debit(uow, member)
+
+    results = run_together(2, lambda i: holder() if i == 0 else debitor())
+    assert results == [None, 100]
+    assert pg.run(lambda uow: points.balance(uow, member_id=member)).available == 0
     assert_ledger_sound(pg, program.id)

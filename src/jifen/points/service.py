@@ -128,8 +128,29 @@ class _Account:
 
 
 _HELD = "points:held"
-"""``uow.local``'s key for the account :func:`lock_account` locked for a posting with a key:
-(the key, the account row). The next lock in the transaction takes it or drops it."""
+"""``uow.local``'s key for the :class:`_Held` account of the transaction, if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An account :func:`lock_account` locked for the posting with ``key`` that follows: the
+    next lock of the transaction takes it (that posting) or drops it (any other)."""
+
+    key: str
+    account: _Account
+    at: datetime | None = None
+    """When ``lots`` were read (``None``: they were not)."""
+    lots: list[Lot] | None = None
+    """The first spendable lots at ``at``, read with the lock."""
+
+
+def _take_held(uow: UnitOfWork, member_id: int, key: str) -> _Held | None:
+    """The held account if it was locked for this very posting, and nothing was posted
+    since; any held account is dropped either way."""
+    held: _Held | None = uow.local.pop(_HELD, None)
+    if held is not None and held.key == key and held.account.member_id == member_id:
+        return held
+    return None
 
 
 def _lock(
@@ -146,26 +167,53 @@ def _lock(
 
 
 def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
-    held: tuple[str, _Account] | None = uow.local.get(_HELD)
-    if held is not None and held[0] == key and held[1].member_id == member_id:
-        # lock_account locked it for this very posting, and nothing was posted since.
-        del uow.local[_HELD]
-        return held[1], None
+    held = _take_held(uow, member_id, key)
+    if held is not None:
+        return held.account, None
     locked, replay_id = _lock(uow, [member_id], key)
     return locked[0], replay_id
 
 
-def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "") -> bool:
+def _lock_spending(
+    uow: UnitOfWork, member_id: int, key: str
+) -> tuple[_Account, int | None, datetime, list[Lot] | None]:
+    """:func:`_lock_one` for a debit: also the moment it is made at, and the first
+    spendable lots at that moment when they came with the lock (``None``: read them)."""
+    held = _take_held(uow, member_id, key)
+    if held is not None:
+        if held.at is not None:
+            return held.account, None, held.at, held.lots
+        return held.account, None, uow.clock.now(), None
+    now = uow.clock.now()
+    row, first = store.lock_account_spending(uow.conn, member_id, key, now, _FIFO_BATCH)
+    if row is None:
+        raise UnknownMember(member_id=member_id)
+    if first is None:  # a posting came first: the debit is made as of after it
+        return _Account(*row[:8]), row[8], uow.clock.now(), None
+    return _Account(*row[:8]), row[8], now, [Lot(*lot) for lot in first]
+
+
+def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bool = False) -> bool:
     """Hold the member's points account until the transaction ends, as every posting to it
     does: a use case that decides by what the member did before (redemption limits) reads
     under the same lock its posting will take, so two of them cannot both pass. Answers
     whether a posting was already made with ``key`` (a replay), in the same statement.
 
     With a ``key`` and no replay, the posting with that key that follows (the next lock of
-    the transaction) starts from the row read here, without locking it again."""
-    member, replay_id = _lock_one(uow, member_id, key)
-    if key and replay_id is None:
-        uow.local[_HELD] = (key, member)
+    the transaction) starts from the row read here, without locking it again; ``spending``
+    (that posting is likely a debit) reads its first spendable lots in the same round trip.
+    """
+    if not key:
+        _lock_one(uow, member_id, key)
+        return False
+    if spending:
+        member, replay_id, at, lots = _lock_spending(uow, member_id, key)
+        held = _Held(key, member, at, lots)
+    else:
+        member, replay_id = _lock_one(uow, member_id, key)
+        held = _Held(key, member)
+    if replay_id is None:
+        uow.local[_HELD] = held
     return replay_id is not None
 
 
@@ -364,9 +412,14 @@ def _lot_columns() -> tuple[Any, ...]:
     return (lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at, lots.c.expires_at)
 
 
-def _spendable_lots(uow: UnitOfWork, account_id: int, now: datetime, needed: int) -> list[Lot]:
-    """Spendable lots in FIFO order, reading only as many as ``needed`` calls for."""
-    first = [Lot(*row) for row in store.spendable_lots(uow.conn, account_id, now, _FIFO_BATCH)]
+def _spendable_lots(
+    uow: UnitOfWork, account_id: int, now: datetime, needed: int, first: list[Lot] | None = None
+) -> list[Lot]:
+    """Spendable lots in FIFO order, reading only as many as ``needed`` calls for (``first``:
+    the first of them, read already)."""
+    if first is None:
+        rows = store.spendable_lots(uow.conn, account_id, now, _FIFO_BATCH)
+        first = [Lot(*row) for row in rows]
     if len(first) < _FIFO_BATCH or sum(lot.remaining for lot in first) >= needed:
         return first
     return [Lot(*row) for row in store.spendable_lots(uow.conn, account_id, now, None)]
@@ -521,12 +574,11 @@ def spend(
         "spend", member=member_id, amount=amount, reason=reason, actor=actor,
         **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
     )  # fmt: skip
-    member, replay_id = _lock_one(uow, member_id, key)
+    member, replay_id, now, first = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     ledger.postings.require_positive(amount)
-    now = uow.clock.now()
-    lots_now = _spendable_lots(uow, member.id, now, amount)
+    lots_now = _spendable_lots(uow, member.id, now, amount, first)
     plan = ledger.plan_spend(lots=lots_now, amount=amount, now=now, account_id=member.id, into=into)
     return _write(
         uow,
@@ -808,13 +860,12 @@ def freeze(
     """Hold ``amount`` spendable points away from the member (for example during a review)."""
     _require_key(key)
     request = _fingerprint("freeze", member=member_id, amount=amount, reason=reason, actor=actor)
-    member, replay_id = _lock_one(uow, member_id, key)
+    member, replay_id, now, first = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     ledger.postings.require_positive(amount)
-    now = uow.clock.now()
     plan = ledger.plan_freeze(
-        lots=_spendable_lots(uow, member.id, now, amount),
+        lots=_spendable_lots(uow, member.id, now, amount, first),
         amount=amount,
         now=now,
         reason=reason,

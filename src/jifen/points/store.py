@@ -145,6 +145,62 @@ def spendable_lots(
     return [tuple(row) for row in conn.execute(query)]
 
 
+# The lock of one account and, in the same round trip, its first spendable lots. The lots
+# are read in the statement's snapshot, taken before the lock was granted; if a posting to
+# the account committed in between, the locked row (the newest version) has moved on from
+# the snapshot's, and the lots are not used. Every change of a lot is a posting to its
+# account, and every posting moves the account's head, so equal heads mean equal lots.
+_POSTGRESQL_LOCK_SPENDING = f"""
+SELECT {_ACCOUNT_FIELDS},
+       (SELECT p.id FROM postings p
+        WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s),
+       (SELECT s.head_seq FROM accounts s WHERE s.id = a.id),
+       l.id, l.amount, l.remaining, l.available_at, l.expires_at
+FROM accounts a
+LEFT JOIN LATERAL (
+    SELECT id, amount, remaining, available_at, expires_at FROM lots
+    WHERE account_id = a.id AND remaining > 0 AND available_at <= %(now)s
+      AND (expires_at IS NULL OR expires_at > %(now)s)
+    ORDER BY expires_at ASC NULLS LAST, id
+    LIMIT %(limit)s
+) l ON true
+WHERE a.member_id = %(member)s AND a.currency = 'points'
+FOR NO KEY UPDATE OF a
+"""  # noqa: S608 (constants only)
+
+
+def lock_account_spending(
+    conn: Connection, member_id: int, key: str, now: datetime, limit: int
+) -> tuple[AccountRow | None, list[LotRow] | None]:
+    """:func:`lock_accounts` for one member, with the first ``limit`` lots of
+    :func:`spendable_lots` at ``now`` read in the same round trip on PostgreSQL: (the
+    account row or ``None`` for no such member, the lots or ``None`` when they must be read
+    again, as they always must on SQLite)."""
+    if conn.dialect.name != "postgresql":
+        rows = lock_accounts(conn, [member_id], key)
+        return (rows[0] if rows else None), None
+    params = {"key": key, "member": member_id, "now": now, "limit": limit}
+    rows = execute(conn, _POSTGRESQL_LOCK_SPENDING, params).fetchall()
+    if not rows:
+        return None, None
+    first = rows[0]
+    account: AccountRow = first[:9]
+    if first[9] != first[6]:  # a posting moved the account on since the snapshot
+        return account, None
+    found: list[LotRow] = [row[10:] for row in rows if row[10] is not None]
+    # The lateral read keeps its order through the join; sorted again, to depend on nothing.
+    found.sort(key=_fifo)
+    return account, found
+
+
+def _fifo(lot: LotRow) -> tuple[bool, datetime, int]:
+    expires_at = lot[4]
+    return (expires_at is None, expires_at or _NEVER, lot[0])
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
 BalanceRow = tuple[int, int, int, int, int | None, datetime | None, datetime | None]
 """program id, balance, frozen, debt, and one open lot's remaining, available_at, expires_at
 (``None`` for an account with no open lot)"""
