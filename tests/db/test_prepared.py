@@ -4,14 +4,15 @@ unit of work's own transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import JSON, Column, String, Table, bindparam, select
 
 from jifen.db.base import UTCDateTime
-from jifen.db.prepared import Prepared
+from jifen.db.prepared import Prepared, Read, read_one, read_together
 from jifen.db.uow import Database
 from tests.db.scratch import scratch_table
 
@@ -27,15 +28,19 @@ def scratch(db: Database) -> Iterator[Table]:
         yield table
 
 
-def test_rows_come_back_as_conn_execute_gives_them(db: Database, scratch: Table) -> None:
-    insert = Prepared(
+def _insert(scratch: Table) -> Prepared:
+    return Prepared(
         scratch.insert().values({name: bindparam(name) for name in ("code", "body", "at")})
     )
-    read = Prepared(
-        select(scratch.c.code, scratch.c.body, scratch.c.at).where(
-            scratch.c.code == bindparam("code")
-        )
-    )
+
+
+def _by_code(scratch: Table, *, named: bool = False) -> Prepared:
+    query = select(scratch.c.code, scratch.c.body, scratch.c.at)
+    return Prepared(query.where(scratch.c.code == bindparam("code")), named=named)
+
+
+def test_rows_come_back_as_conn_execute_gives_them(db: Database, scratch: Table) -> None:
+    insert, read = _insert(scratch), _by_code(scratch)
     body = {"名称": "积分", "lines": [1, None, {"x": 2.5}]}
     at = datetime(2026, 3, 1, 9, 30, 15, 123456, tzinfo=SHANGHAI)
     with db.transaction() as uow:
@@ -80,3 +85,53 @@ def test_more_than_one_row_is_refused_where_one_was_expected(db: Database, scrat
         assert sorted(every.rows(uow.conn, {"code": ""})) == [("x",), ("y",)]
         with pytest.raises(ValueError, match="at most one row"):
             every.one_or_none(uow.conn, {"code": ""})
+
+
+def test_reads_together_answer_what_each_read_alone_answers(db: Database, scratch: Table) -> None:
+    # Two reads with a value of the same name ("code"), one with a value of its own ("z"),
+    # rows named and plain, JSON and times read through the column types.
+    insert, by_code = _insert(scratch), _by_code(scratch, named=True)
+    id_of = Prepared(
+        select(scratch.c.id).where(scratch.c.code == bindparam("code"), scratch.c.code != "z")
+    )
+    at = datetime(2026, 3, 1, 9, 30, 15, 123456, tzinfo=SHANGHAI)
+    with db.transaction() as uow:
+        insert.rows(uow.conn, {"code": "a", "body": {"积分": [1, 2]}, "at": at})
+        insert.rows(uow.conn, {"code": "z", "body": None, "at": None})
+
+    def reads(first: str, second: str) -> list[Read[Any]]:
+        return [
+            Read(by_code, {"code": first}, lambda row: row),
+            Read(None, {}, lambda _: "known already"),
+            Read(id_of, {"code": second}, lambda row: row),
+            Read(by_code, {"code": second}, lambda row: None if row is None else row.body),
+        ]
+
+    with db.transaction(read_only=True) as uow:
+        for first, second in [("a", "z"), ("z", "a"), ("none", "a"), ("a", "none")]:
+            together = read_together(uow.conn, *reads(first, second))
+            alone = [read_one(uow.conn, read) for read in reads(first, second)]
+            assert together == alone
+        found = read_together(uow.conn, *reads("a", "a"))
+        assert found[0].at == at and found[0].at.tzinfo == UTC and found[0].code == "a"
+        assert found[1:] == ["known already", (1,), {"积分": [1, 2]}]
+
+
+def test_reads_together_answer_in_order_so_the_first_refusal_is_the_one_raised(
+    db: Database, scratch: Table
+) -> None:
+    read = Prepared(select(scratch.c.id).where(scratch.c.code == bindparam("code")))
+
+    def refuse(name: str) -> Callable[[Any], Any]:
+        def answer(row: Any) -> Any:
+            if row is None:
+                raise LookupError(name)
+            return row
+
+        return answer
+
+    with db.transaction(read_only=True) as uow, pytest.raises(LookupError, match="first"):
+        read_together(
+            uow.conn, Read(read, {"code": "x"}, refuse("first")),
+            Read(read, {"code": "y"}, refuse("second")),
+        )  # fmt: skip

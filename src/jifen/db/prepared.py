@@ -11,20 +11,28 @@ Values go in and come out through the column types' own processors (a time is st
 and read in UTC, as everywhere else), so a row is what ``conn.execute`` would give, as a
 tuple (``named``: a named tuple, fields by the columns' keys). Values come from named
 ``bindparam`` or the statement itself (no expanding ``IN``).
+
+A use case that starts with several single-row reads of different domains (the member, the
+reward, the programme's policy) runs them as one statement with :func:`read_together`: each
+domain's service offers its read as a :class:`Read` (its statement, its values and what the
+service makes of the row), so no domain queries another's tables, and the reads cost one
+round trip instead of one each.
 """
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from psycopg.pq import ExecStatus
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
 
 Processor = Callable[[Any], Any]
+T = TypeVar("T")
 TUPLES_OK = ExecStatus.TUPLES_OK
 
 
@@ -132,3 +140,92 @@ def _processed(row: tuple[Any, ...], processors: list[Processor | None]) -> tupl
         if processor is not None:
             values[i] = processor(values[i])
     return tuple(values)
+
+
+# --------------------------------------------------------------------------- reads together
+
+
+@dataclass(frozen=True)
+class Read(Generic[T]):
+    """A single-row read as a domain's service offers it: its statement (``None`` when the
+    answer is known already, say cached in the transaction), the statement's values, and
+    what the service makes of the row it found or of ``None``."""
+
+    query: Prepared | None
+    params: Mapping[str, Any]
+    answer: Callable[[Any], T]
+
+
+def read_together(conn: Connection, *reads: Read[Any]) -> list[Any]:
+    """Each read's answer, in order (the first read to refuse raises before the others are
+    answered), for one round trip on PostgreSQL: the statements, each answering at most one
+    row, are joined laterally into one. SQLite runs them one after the other."""
+    pending = [read for read in reads if read.query is not None]
+    if len(pending) < 2 or conn.dialect.name != "postgresql":
+        rows = {id(read): _one(conn, read) for read in pending}
+    else:
+        rows = dict(zip(map(id, pending), _joined(conn, pending), strict=True))
+    return [read.answer(rows.get(id(read))) for read in reads]
+
+
+def read_one(conn: Connection, read: Read[T]) -> T:
+    """A read run alone: its answer."""
+    return read.answer(_one(conn, read) if read.query is not None else None)
+
+
+def _one(conn: Connection, read: Read[Any]) -> tuple[Any, ...] | None:
+    assert read.query is not None
+    return read.query.one_or_none(conn, read.params)
+
+
+_PLACEHOLDER = re.compile(r"(?<!%)%\((\w+)\)s")
+
+
+@dataclass(frozen=True)
+class _Joined:
+    sql: str
+    parts: list[tuple[Prepared, _Compiled]]
+
+
+_JOINED: dict[tuple[int, ...], _Joined] = {}
+
+
+def _lateral(i: int, sql: str) -> str:
+    """The ``i``-th read as a lateral join: a leading ``true`` tells a row found from none,
+    and its values are renamed apart from the other reads' (``%(member)s`` → ``%(p0_member)s``)."""
+    renamed = _PLACEHOLDER.sub(lambda m: f"%(p{i}_{m.group(1)})s", sql)
+    return f"\nLEFT JOIN LATERAL (SELECT true, q.* FROM ({renamed}) AS q) AS p{i} ON true"  # noqa: S608
+
+
+def _joined(conn: Connection, reads: list[Read[Any]]) -> list[tuple[Any, ...] | None]:
+    queries: list[Prepared] = [read.query for read in reads]  # type: ignore[misc]
+    joined = _JOINED.get(tuple(map(id, queries)))
+    if joined is None or joined.parts[0][1].dialect is not conn.dialect:
+        parts = [(query, query._postgresql(conn.dialect)) for query in queries]
+        laterals = "".join(_lateral(i, compiled.sql) for i, (_, compiled) in enumerate(parts))
+        joined = _Joined(f"SELECT * FROM (SELECT 1) AS one{laterals}", parts)  # noqa: S608
+        _JOINED[tuple(map(id, queries))] = joined
+    values: dict[str, Any] = {}
+    for i, ((_, compiled), read) in enumerate(zip(joined.parts, reads, strict=True)):
+        binds = compiled.binds
+        for name, value in read.params.items():
+            values[f"p{i}_{name}"] = binds[name](value) if name in binds else value
+        for name, value in compiled.fixed.items():
+            values[f"p{i}_{name}"] = value
+    found = execute(conn, joined.sql, values).fetchall()
+    if len(found) != 1:
+        raise ValueError(f"reads together must each answer at most one row, got {len(found)}")
+    row = found[0]
+    answers: list[tuple[Any, ...] | None] = []
+    at = 1  # after the anchor's column
+    for query, compiled in joined.parts:
+        width = len(compiled.results)
+        if row[at] is None:
+            answers.append(None)
+        else:
+            values_of = row[at + 1 : at + 1 + width]
+            if any(compiled.results):
+                values_of = _processed(values_of, compiled.results)
+            answers.append(query._make(values_of))
+        at += 1 + width
+    return answers

@@ -11,7 +11,7 @@ from sqlalchemy import Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
-from jifen.db.prepared import Prepared
+from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
 from jifen.members import core
@@ -94,12 +94,20 @@ def require_member(
 def active_birthday(uow: UnitOfWork, *, program_id: int, member_id: int) -> date | None:
     """The member's birthday, after the checks of :func:`require_member` with
     ``transacting`` (the member is the programme's and active), in one read."""
-    row: Any = _ACTIVE_BIRTHDAY.one_or_none(uow.conn, {"member": member_id})
-    if row is None or row.program_id != program_id:
-        raise UnknownMember(member_id=member_id)
-    require_active(row)
-    birthday: date | None = row.birthday
-    return birthday
+    return read_one(uow.conn, active_birthday_read(program_id, member_id))
+
+
+def active_birthday_read(program_id: int, member_id: int) -> Read[date | None]:
+    """:func:`active_birthday` as a read to run together with others."""
+
+    def answer(row: Any) -> date | None:
+        if row is None or row.program_id != program_id:
+            raise UnknownMember(member_id=member_id)
+        require_active(row)
+        birthday: date | None = row.birthday
+        return birthday
+
+    return Read(_ACTIVE_BIRTHDAY, {"member": member_id}, answer)
 
 
 _ACTIVE_BIRTHDAY = Prepared(

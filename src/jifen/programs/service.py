@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Text, bindparam, cast, select
 
-from jifen.db.prepared import Prepared
+from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
@@ -73,24 +73,35 @@ def time_zone(uow: UnitOfWork, *, program_id: int) -> str:
 
 def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
     """The programme's policy; what was never set has its default (read once a transaction)."""
+    return read_one(uow.conn, settings_read(uow, program_id))
+
+
+def settings_read(uow: UnitOfWork, program_id: int) -> Read[ProgramSettings]:
+    """:func:`get_settings` as a read to run together with others (nothing to read when
+    the transaction has read them already)."""
     key = f"settings:{program_id}"
     if key in uow.local:
         cached: ProgramSettings = uow.local[key]
-        return cached
-    row = _SETTINGS_TEXT.one_or_none(uow.conn, {"program": program_id})
-    text = row[0] if row is not None else None
-    if text is None:
-        raise UnknownProgram(program=program_id)
-    # Parsed once per distinct text and shared (read-only) by every transaction after.
-    settings: ProgramSettings | None = uow.cache.get(f"settings_text:{text}")
-    if settings is None:
-        known = set(ProgramSettings.model_fields)
-        # A key an older release wrote and this one dropped must not make them unreadable.
-        stored = json.loads(text)
-        settings = ProgramSettings.model_validate({k: v for k, v in stored.items() if k in known})
-        uow.cache[f"settings_text:{text}"] = settings
-    uow.local[key] = settings
-    return settings
+        return Read(None, {}, lambda _: cached)
+
+    def answer(row: Any) -> ProgramSettings:
+        text = row[0] if row is not None else None
+        if text is None:
+            raise UnknownProgram(program=program_id)
+        # Parsed once per distinct text and shared (read-only) by every transaction after.
+        settings: ProgramSettings | None = uow.cache.get(f"settings_text:{text}")
+        if settings is None:
+            known = set(ProgramSettings.model_fields)
+            # A key an older release wrote and this one dropped must not make them unreadable.
+            stored = json.loads(text)
+            settings = ProgramSettings.model_validate(
+                {k: v for k, v in stored.items() if k in known}
+            )
+            uow.cache[f"settings_text:{text}"] = settings
+        uow.local[key] = settings
+        return settings
+
+    return Read(_SETTINGS_TEXT, {"program": program_id}, answer)
 
 
 def derived(

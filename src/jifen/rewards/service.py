@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Row, bindparam, func, or_, select, update
 
 from jifen import crypto
-from jifen.db.prepared import Prepared
+from jifen.db.prepared import Prepared, Read, read_one, read_together
 from jifen.db.uow import LostRace, UnitOfWork
 from jifen.errors import (
     DuplicateReference,
@@ -112,7 +112,15 @@ _REWARD_BY_CODE = Prepared(
 
 
 def _reward_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
-    row = _REWARD_BY_CODE.one_or_none(uow.conn, {"program": program_id, "code": code})
+    return _known(read_one(uow.conn, _reward_lookup(program_id, code)), code)
+
+
+def _reward_lookup(program_id: int, code: str) -> Read[Any]:
+    """The reward's row, or ``None``, as a read to run together with others."""
+    return Read(_REWARD_BY_CODE, {"program": program_id, "code": code}, lambda row: row)
+
+
+def _known(row: Any, code: str) -> Any:
     if row is None:
         raise UnknownReward(reward=code)
     return row
@@ -434,8 +442,15 @@ def redeem(
     """Redeem ``body.quantity`` of a reward for the member, all or nothing. Every check comes
     before the first write; the stock is taken last."""
     request_hash = _fingerprint(member_id, body, merchant)
-    birthday = members_service.active_birthday(uow, program_id=program_id, member_id=member_id)
-    if points_service.lock_account(uow, member_id=member_id, key=key):
+    # The member (the programme's, and active), the reward and the programme's policy (which
+    # the redemption policy below takes from the transaction) in one round trip.
+    birthday, reward, _ = read_together(
+        uow.conn,
+        members_service.active_birthday_read(program_id, member_id),
+        _reward_lookup(program_id, body.reward),
+        programs_service.settings_read(uow, program_id),
+    )
+    if points_service.lock_account(uow, member_id=member_id, key=key, spending=True):
         replayed = _replay(uow, program_id, key, request_hash)
         if replayed is None:  # the key already posted something that is not an order
             raise IdempotencyConflict(key=key)
@@ -443,7 +458,7 @@ def redeem(
     now = uow.clock.now()
     try:
         row, terms, policy, price, tier_terms = _admit(
-            uow, program_id, member_id, body, birthday, now
+            uow, program_id, member_id, body, _known(reward, body.reward), birthday, now
         )
     except Refused:
         # A twin of this request (same key) may have committed while this one waited for
@@ -504,12 +519,12 @@ def redeem(
 
 
 def _admit(
-    uow: UnitOfWork, program_id: int, member_id: int, body: RedemptionCreate,
+    uow: UnitOfWork, program_id: int, member_id: int, body: RedemptionCreate, row: Any,
     birthday: date | None, now: datetime,
 ) -> tuple[Any, RewardDef, RedemptionPolicy, Quote, TierTerms]:  # fmt: skip
-    """Every check of a redemption, before anything is written: the reward on sale to the
-    member, its details, the price, the limits, the stock, the payment of a cash part."""
-    row = _reward_row(uow, program_id, body.reward)
+    """Every check of a redemption, before anything is written: the reward (``row``) on
+    sale to the member, its details, the price, the limits, the stock, the payment of a cash
+    part."""
     terms = _terms(uow, row)
     policy = _policy(uow, program_id)
     if policy.tiers or terms.visible_tiers is not None or terms.early_access:
