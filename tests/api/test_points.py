@@ -242,17 +242,33 @@ def test_an_overdraft_is_refused_in_the_callers_language(client: TestClient, db:
     assert shop.balance(shop.alice)["available"] == 10
 
 
-def test_a_frozen_member_cannot_earn(client: TestClient, db: Database) -> None:
+def test_a_frozen_member_cannot_earn_or_spend_but_its_earlier_writes_replay(
+    client: TestClient, db: Database
+) -> None:
     shop = _shop(client, db)
+    earned, spent = {**shop.operator, **support.key()}, {**shop.operator, **support.key()}
+    earn, spend = shop.member_url(shop.alice, "/earn"), shop.member_url(shop.alice, "/spend")
+    first_earn = client.post(earn, json={"amount": 10}, headers=earned)
+    first_spend = client.post(spend, json={"amount": 4}, headers=spent)
+    assert first_earn.status_code == first_spend.status_code == 201
     db.run(
         lambda uow: uow.conn.execute(
             update(members).where(members.c.id == shop.alice).values(state="frozen")
         )
     )
-    answer = shop.post(shop.member_url(shop.alice, "/earn"), {"amount": 10})
-    assert answer.status_code == 409
-    assert answer.json()["code"] == "state_conflict"
-    assert shop.balance(shop.alice)["balance"] == 0
+    for url in (earn, spend):
+        answer = shop.post(url, {"amount": 1})
+        assert answer.status_code == 409
+        assert answer.json()["code"] == "state_conflict"
+    # a request made before the freeze is answered as it was, not checked again
+    for url, amount, headers, first in (
+        (earn, 10, earned, first_earn),
+        (spend, 4, spent, first_spend),
+    ):
+        again = client.post(url, json={"amount": amount}, headers=headers)
+        assert again.status_code == 201 and again.json() == first.json()
+        assert again.headers["Idempotent-Replayed"] == "true"
+    assert shop.balance(shop.alice)["balance"] == 6
 
 
 def test_a_member_of_another_programme_is_not_found(client: TestClient, db: Database) -> None:

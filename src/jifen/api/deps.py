@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -35,7 +35,8 @@ from jifen.audit import service as audit_service
 from jifen.audit.schemas import AuditEntryCreate
 from jifen.auth import service as auth_service
 from jifen.auth.core import Grant, Principal
-from jifen.db.prepared import Prepared
+from jifen.db import prepared
+from jifen.db.prepared import Prepared, read_rows
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import Forbidden, IdempotencyConflict, InvalidInput, Unauthenticated
 from jifen.programs import service as programs_service
@@ -196,6 +197,7 @@ class Context:
         shown_once: frozenset[str] = frozenset(),
         action: str | None = None,
         summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        first: Callable[[UnitOfWork], Sequence[prepared.Read[Any]]] | None = None,
     ) -> JSONResponse:
         """Run a write once: the change, its audit entry and its stored answer commit
         together; a repeated ``Idempotency-Key`` with the same request replays the answer,
@@ -204,18 +206,25 @@ class Context:
         Fields named in ``shown_once`` (a new key's token, a TOTP seed) are answered this
         time only: the stored answer, the replay and the audit entry carry a placeholder.
         ``summary`` makes what the audit entry keeps of a large answer (all of it by
-        default)."""
+        default). ``first``: the reads ``fn`` starts with (the member's checks, the
+        programme's policy), run in the round trip that looks for a stored answer, and
+        answered (a check refusing, a policy kept for the transaction) only when there is
+        none."""
         key = self.idempotency_key
         assert key is not None, "Write routes carry an Idempotency-Key"
         scope = self.principal.scope
 
         def work(uow: UnitOfWork) -> tuple[int, Any, bool]:
-            stored = _STORED_ANSWER.one_or_none(uow.conn, {"scope": scope, "key": key})
+            reads = [prepared.Read(_STORED_ANSWER, {"scope": scope, "key": key}, _row)]
+            reads += first(uow) if first is not None else ()
+            stored, *rows = read_rows(uow.conn, *reads)
             if stored is not None:
                 request_hash, stored_status, stored_body = stored
                 if request_hash != self.request_hash:
                     raise IdempotencyConflict(key=key)
                 return stored_status, stored_body, True
+            for read, row in zip(reads[1:], rows, strict=True):
+                read.answer(row)
             result = fn(uow)
             answer = result.model_dump(mode="json")  # what jsonable_encoder gives, at once
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
@@ -252,6 +261,12 @@ _STORED_ANSWER = Prepared(
         idempotency_records.c.key == bindparam("key"),
     )
 )  # fmt: skip
+
+
+def _row(row: Any) -> Any:
+    return row
+
+
 _STORE_ANSWER = Prepared(
     idempotency_records.insert().values(
         {name: bindparam(name) for name in

@@ -160,12 +160,19 @@ def read_together(conn: Connection, *reads: Read[Any]) -> list[Any]:
     """Each read's answer, in order (the first read to refuse raises before the others are
     answered), for one round trip on PostgreSQL: the statements, each answering at most one
     row, are joined laterally into one. SQLite runs them one after the other."""
+    rows = read_rows(conn, *reads)
+    return [read.answer(row) for read, row in zip(reads, rows, strict=True)]
+
+
+def read_rows(conn: Connection, *reads: Read[Any]) -> list[Any]:
+    """:func:`read_together`'s rows, each read's row or ``None``, not yet answered: for a
+    caller that decides by the first row whether the others are answered at all."""
     pending = [read for read in reads if read.query is not None]
     if len(pending) < 2 or conn.dialect.name != "postgresql":
-        rows = {id(read): _one(conn, read) for read in pending}
+        found = {id(read): _one(conn, read) for read in pending}
     else:
-        rows = dict(zip(map(id, pending), _joined(conn, pending), strict=True))
-    return [read.answer(rows.get(id(read))) for read in reads]
+        found = dict(zip(map(id, pending), _joined(conn, pending), strict=True))
+    return [found.get(id(read)) for read in reads]
 
 
 def read_one(conn: Connection, read: Read[T]) -> T:

@@ -75,6 +75,10 @@ def get_member_by_id(uow: UnitOfWork, *, member_id: int) -> MemberRead:
     row = _MEMBER_BY_ID.one_or_none(uow.conn, {"member": member_id})
     if row is None:
         raise UnknownMember(member_id=member_id)
+    return _member_read(row)
+
+
+def _member_read(row: tuple[Any, ...]) -> MemberRead:
     return MemberRead.model_validate(dict(zip(_MEMBER_FIELDS, row, strict=True)))
 
 
@@ -83,12 +87,26 @@ def require_member(
 ) -> MemberRead:
     """The member, if it belongs to the programme; with ``transacting``, only if its state
     lets it earn and spend (active)."""
-    member = get_member_by_id(uow, member_id=member_id)
-    if member.program_id != program_id:
-        raise UnknownMember(member_id=member_id)
-    if transacting:
-        require_active(member)
-    return member
+    read = require_member_read(program_id=program_id, member_id=member_id, transacting=transacting)
+    return read_one(uow.conn, read)
+
+
+def require_member_read(
+    *, program_id: int, member_id: int, transacting: bool = False
+) -> Read[MemberRead]:
+    """:func:`require_member` as a read to run together with others."""
+
+    def answer(row: Any) -> MemberRead:
+        if row is None:
+            raise UnknownMember(member_id=member_id)
+        member = _member_read(row)
+        if member.program_id != program_id:
+            raise UnknownMember(member_id=member_id)
+        if transacting:
+            require_active(member)
+        return member
+
+    return Read(_MEMBER_BY_ID, {"member": member_id}, answer)
 
 
 def active_birthday(uow: UnitOfWork, *, program_id: int, member_id: int) -> date | None:

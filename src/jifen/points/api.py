@@ -20,6 +20,7 @@ from jifen.api.schemas import Instant
 from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
+from jifen.db import prepared
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden, StateConflict
 from jifen.expiry import service as expiry_service
@@ -68,6 +69,13 @@ APPROVAL: dict[int | str, dict[str, Any]] = {
 def _member(uow: UnitOfWork, ctx: Context, member_id: int, *, transacting: bool = False) -> None:
     members_service.require_member(
         uow, program_id=ctx.program_id, member_id=member_id, transacting=transacting
+    )
+
+
+def _active_member(ctx: Context, member_id: int) -> prepared.Read[Any]:
+    """The check that the member is the programme's and may earn and spend, as a read."""
+    return members_service.require_member_read(
+        program_id=ctx.program_id, member_id=member_id, transacting=True
     )
 
 
@@ -178,10 +186,15 @@ def earn(
     """Credit points; without ``expires_at`` they keep the programme's default validity."""
     merchant, store = ctx.merchant(body.merchant, body.store)
 
+    def checks(uow: UnitOfWork) -> list[prepared.Read[Any]]:
+        reads: list[prepared.Read[Any]] = [_active_member(ctx, member_id)]
+        if body.expires_at is None:  # the programme's policy as of this very transaction
+            reads.append(programs_service.settings_read(uow, ctx.program_id))
+        return reads
+
     def post(uow: UnitOfWork) -> PostingRead:
-        _member(uow, ctx, member_id, transacting=True)
         expires_at = body.expires_at
-        if expires_at is None:  # the programme's policy as of this very transaction
+        if expires_at is None:
             expires_at = _default_expiry(uow, ctx, member_id, body.available_at)
         posting = service.earn(
             uow,
@@ -196,7 +209,7 @@ def earn(
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
         return posting
 
-    return ctx.execute(post, target=f"member:{member_id}", status=201)
+    return ctx.execute(post, target=f"member:{member_id}", status=201, first=checks)
 
 
 @router.post(f"{MEMBER}/points/spend", status_code=201, response_model=PostingRead)
@@ -210,7 +223,6 @@ def spend(
     merchant, store = ctx.merchant(body.merchant, body.store)
 
     def post(uow: UnitOfWork) -> PostingRead:
-        _member(uow, ctx, member_id, transacting=True)
         posting = service.spend(
             uow,
             member_id=member_id,
@@ -222,7 +234,10 @@ def spend(
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
         return posting
 
-    return ctx.execute(post, target=f"member:{member_id}", status=201)
+    return ctx.execute(
+        post, target=f"member:{member_id}", status=201,
+        first=lambda uow: [_active_member(ctx, member_id)],
+    )  # fmt: skip
 
 
 @router.post(
