@@ -213,7 +213,10 @@ def test_a_batch_answers_each_item_and_a_refused_item_leaves_nothing_behind(
     with db.transaction(read_only=True) as uow:
         summaries = uow.conn.execute(
             select(audit_entries.c.target, audit_entries.c.after)
-            .where(audit_entries.c.target.like("events:batch:%"))
+            .where(
+                audit_entries.c.program_id == shop.program.id,
+                audit_entries.c.target.like("events:batch:%"),
+            )
             .order_by(audit_entries.c.id)
         ).all()
         problems = audit_service.verify(uow)
