@@ -73,6 +73,13 @@ def parse_payload(
     """The payload checked against the event type's schema (for ``custom.<name>``, the one
     the programme ``declared``), as plain JSON values; InvalidInput naming the field
     otherwise."""
+    return _parse(event_type, payload, declared)[0]
+
+
+def _parse(
+    event_type: str, payload: Mapping[str, Any], declared: EventTypeRead | None
+) -> tuple[dict[str, Any], BaseModel]:
+    """:func:`parse_payload`, and the validated model it dumped."""
     model: type[BaseModel] | None = CATALOGUE.get(event_type)
     if model is None and not event_type.startswith("custom."):
         known = ", ".join(sorted(CATALOGUE))
@@ -93,13 +100,13 @@ def parse_payload(
         model = _custom_model(event_type, declared.model_dump_json())
     try:
         parsed = model.model_validate(dict(payload))
-        return parsed.model_dump(mode="json", exclude_none=declared is not None)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in ("payload", *first["loc"]))
         raise InvalidInput(
             field=where, problem=first["msg"], problem_zh=f"取值不符合要求({first['msg']})"
         ) from exc
+    return parsed.model_dump(mode="json", exclude_none=declared is not None), parsed
 
 
 _FIELD_TYPES: dict[str, Any] = {
@@ -127,11 +134,12 @@ def _custom_model(name: str, declared_json: str) -> type[BaseModel]:
     return model
 
 
-def _parsed(uow: UnitOfWork, program_id: int, event: EventIn) -> dict[str, Any]:
+def _parsed(uow: UnitOfWork, program_id: int, event: EventIn) -> tuple[dict[str, Any], BaseModel]:
+    """The event's payload as plain JSON values, and the model it was validated as."""
     declared = None
     if event.type.startswith("custom."):
         declared = rules_service.event_type(uow, program_id=program_id, name=event.type)
-    return parse_payload(event.type, event.payload, declared)
+    return _parse(event.type, event.payload, declared)
 
 
 def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
@@ -283,9 +291,12 @@ class _Intake:
         items: list[_Item] = []
         for index, (event, origin) in enumerate(zip(events, origins, strict=True)):
             try:
-                payload = _parsed(self.uow, self.program_id, event)
+                payload, model = _parsed(self.uow, self.program_id, event)
                 _not_ahead(event, self.now)
-                items.append(_Item(index, event, origin, payload, _fingerprint(event, payload)))
+                item = _Item(index, event, origin, payload, _fingerprint(event, payload))
+                if isinstance(model, OrderPaid):
+                    item.parsed_order = model
+                items.append(item)
             except JifenError as exc:
                 self.outcomes[index] = exc
         if items:
@@ -929,7 +940,7 @@ def dry_run(
 ) -> core.Evaluation:
     """What ``event`` would earn under ``specs`` (or the rules live at its time), with the
     members' facts as they are now; nothing is stored or posted."""
-    payload = _parsed(uow, program_id, event)
+    payload, _ = _parsed(uow, program_id, event)
     member_id = _member_id(uow, program_id, event)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     if specs is None:

@@ -7,6 +7,7 @@ Nothing here reads the clock or a database: the service passes the programme's t
 from __future__ import annotations
 
 import calendar
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -33,8 +34,17 @@ def validity_for(policy: ExpiryPolicy, *, default_days: int | None, tier: str | 
     if policy.validity is not None:
         return policy.validity
     if default_days is None:
-        return Validity(kind="never")
-    return Validity(kind="rolling", days=default_days)
+        return _NEVER
+    return _rolling(default_days)
+
+
+_NEVER = Validity(kind="never")
+
+
+@functools.lru_cache(maxsize=64)
+def _rolling(days: int) -> Validity:
+    """(One shared, never changed, instead of a model built for every lot.)"""
+    return Validity(kind="rolling", days=days)
 
 
 def expires_at(validity: Validity, start: datetime, zone: ZoneInfo) -> datetime | None:

@@ -73,6 +73,9 @@ def time_zone(uow: UnitOfWork, *, program_id: int) -> str:
 
 def get_settings(uow: UnitOfWork, *, program_id: int) -> ProgramSettings:
     """The programme's policy; what was never set has its default (read once a transaction)."""
+    cached: ProgramSettings | None = uow.local.get(f"settings:{program_id}")
+    if cached is not None:  # (a batch of events asks for every event)
+        return cached
     return read_one(uow.conn, settings_read(uow, program_id))
 
 
