@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import JSON, Column, String, Table, bindparam, select
 
 from jifen.db.base import UTCDateTime
@@ -135,3 +137,26 @@ def test_reads_together_answer_in_order_so_the_first_refusal_is_the_one_raised(
             uow.conn, Read(read, {"code": "x"}, refuse("first")),
             Read(read, {"code": "y"}, refuse("second")),
         )  # fmt: skip
+
+
+CODES = ("a", "z", "none")
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(chosen=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(CODES)), max_size=6))
+def test_any_reads_together_answer_as_alone(
+    db: Database, scratch: Table, chosen: list[tuple[int, str]]
+) -> None:
+    with db.transaction() as uow:
+        if not _by_code(scratch).rows(uow.conn, {"code": "a"}):
+            _insert(scratch).rows(uow.conn, {"code": "a", "body": [1], "at": datetime.now(UTC)})
+            _insert(scratch).rows(uow.conn, {"code": "z", "body": None, "at": None})
+    queries = [
+        _by_code(scratch, named=True),
+        _by_code(scratch),
+        Prepared(select(scratch.c.id).where(scratch.c.code == bindparam("code"))),
+    ]
+    reads = [Read(queries[which], {"code": code}, lambda row: row) for which, code in chosen]
+    with db.transaction(read_only=True) as uow:
+        assert read_together(uow.conn, *reads) == [read_one(uow.conn, read) for read in reads]
