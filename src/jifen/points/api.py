@@ -9,6 +9,7 @@ approval requests instead (202).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -72,11 +73,21 @@ def _member(uow: UnitOfWork, ctx: Context, member_id: int, *, transacting: bool 
     )
 
 
-def _active_member(ctx: Context, member_id: int) -> prepared.Read[Any]:
-    """The check that the member is the programme's and may earn and spend, as a read."""
-    return members_service.require_member_read(
-        program_id=ctx.program_id, member_id=member_id, transacting=True
-    )
+def _checks(
+    ctx: Context, *member_ids: int, transacting: bool = False
+) -> Callable[[UnitOfWork], list[prepared.Read[Any]]]:
+    """:func:`_member` for each member a write names, as the first reads of
+    ``ctx.execute``: one round trip with the look-up of a stored answer."""
+
+    def reads(_: UnitOfWork) -> list[prepared.Read[Any]]:
+        return [
+            members_service.require_member_read(
+                program_id=ctx.program_id, member_id=member_id, transacting=transacting
+            )
+            for member_id in member_ids
+        ]
+
+    return reads
 
 
 def _settings(ctx: Context) -> ProgramSettings:
@@ -187,7 +198,7 @@ def earn(
     merchant, store = ctx.merchant(body.merchant, body.store)
 
     def checks(uow: UnitOfWork) -> list[prepared.Read[Any]]:
-        reads: list[prepared.Read[Any]] = [_active_member(ctx, member_id)]
+        reads = _checks(ctx, member_id, transacting=True)(uow)
         if body.expires_at is None:  # the programme's policy as of this very transaction
             reads.append(programs_service.settings_read(uow, ctx.program_id))
         return reads
@@ -234,10 +245,8 @@ def spend(
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
         return posting
 
-    return ctx.execute(
-        post, target=f"member:{member_id}", status=201,
-        first=lambda uow: [_active_member(ctx, member_id)],
-    )  # fmt: skip
+    first = _checks(ctx, member_id, transacting=True)
+    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
 
 
 @router.post(
@@ -255,7 +264,6 @@ def adjust(
         requested_by = requester(ctx)
 
         def file(uow: UnitOfWork) -> ApprovalRead:
-            _member(uow, ctx, member_id)
             return approvals_service.request(
                 uow,
                 program_id=ctx.program_id,
@@ -271,10 +279,11 @@ def adjust(
                 requested_by=requested_by,
             )
 
-        return ctx.execute(file, target=f"member:{member_id}", status=202)
+        return ctx.execute(
+            file, target=f"member:{member_id}", status=202, first=_checks(ctx, member_id)
+        )
 
     def post(uow: UnitOfWork) -> PostingRead:
-        _member(uow, ctx, member_id)
         return service.adjust(
             uow,
             member_id=member_id,
@@ -285,7 +294,8 @@ def adjust(
             expires_at=body.expires_at,
         )
 
-    return ctx.execute(post, target=f"member:{member_id}", status=201)
+    first = _checks(ctx, member_id)
+    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
 
 
 @router.post(f"{MEMBER}/points/freeze", status_code=201, response_model=PostingRead)
@@ -298,7 +308,6 @@ def freeze(
     """Hold spendable points away from the member, for example during a review."""
 
     def post(uow: UnitOfWork) -> PostingRead:
-        _member(uow, ctx, member_id)
         return service.freeze(
             uow,
             member_id=member_id,
@@ -308,7 +317,8 @@ def freeze(
             actor=ctx.actor,
         )
 
-    return ctx.execute(post, target=f"member:{member_id}", status=201)
+    first = _checks(ctx, member_id)
+    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
 
 
 @router.post(
@@ -324,7 +334,6 @@ def clear(
     requested_by = requester(ctx)
 
     def file(uow: UnitOfWork) -> ApprovalRead:
-        _member(uow, ctx, member_id)
         return approvals_service.request(
             uow,
             program_id=ctx.program_id,
@@ -334,7 +343,8 @@ def clear(
             requested_by=requested_by,
         )
 
-    return ctx.execute(file, target=f"member:{member_id}", status=202)
+    first = _checks(ctx, member_id)
+    return ctx.execute(file, target=f"member:{member_id}", status=202, first=first)
 
 
 @router.post(f"{MEMBER}/points/transfer", status_code=201, response_model=PostingRead)
@@ -359,8 +369,6 @@ def transfer(
         )
 
     def post(uow: UnitOfWork) -> PostingRead:
-        _member(uow, ctx, member_id, transacting=True)
-        _member(uow, ctx, body.to_member_id, transacting=True)
         return service.transfer(
             uow,
             from_member_id=member_id,
@@ -371,7 +379,8 @@ def transfer(
             actor=ctx.actor,
         )
 
-    return ctx.execute(post, target=f"member:{member_id}", status=201)
+    first = _checks(ctx, member_id, body.to_member_id, transacting=True)
+    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
 
 
 # --------------------------------------------------------------------------- give-backs
