@@ -139,9 +139,9 @@ class _Held:
     key: str
     account: _Account
     at: datetime | None = None
-    """When ``lots`` were read (``None``: they were not)."""
+    """The moment of the posting, taken once the lock was held (``None``: take it then)."""
     lots: list[Lot] | None = None
-    """The first spendable lots at ``at``, read with the lock."""
+    """The first open lots, read with the lock (``None``: not read)."""
 
 
 def _take_held(uow: UnitOfWork, member_id: int, key: str) -> _Held | None:
@@ -177,20 +177,16 @@ def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int 
 def _lock_spending(
     uow: UnitOfWork, member_id: int, key: str
 ) -> tuple[_Account, int | None, datetime, list[Lot] | None]:
-    """:func:`_lock_one` for a debit: also the moment it is made at, and the first
-    spendable lots at that moment when they came with the lock (``None``: read them)."""
+    """:func:`_lock_one` for a debit: also the moment it is made at (once the lock is
+    held) and, when they came with the lock, the first open lots (``None``: read them)."""
     held = _take_held(uow, member_id, key)
     if held is not None:
-        if held.at is not None:
-            return held.account, None, held.at, held.lots
-        return held.account, None, uow.clock.now(), None
-    now = uow.clock.now()
-    row, first = store.lock_account_spending(uow.conn, member_id, key, now, _FIFO_BATCH)
+        return held.account, None, held.at or uow.clock.now(), held.lots
+    row, opened = store.lock_account_spending(uow.conn, member_id, key, _FIFO_BATCH)
     if row is None:
         raise UnknownMember(member_id=member_id)
-    if first is None:  # a posting came first: the debit is made as of after it
-        return _Account(*row[:8]), row[8], uow.clock.now(), None
-    return _Account(*row[:8]), row[8], now, [Lot(*lot) for lot in first]
+    lots = None if opened is None else [Lot(*lot) for lot in opened]
+    return _Account(*row[:8]), row[8], uow.clock.now(), lots
 
 
 def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bool = False) -> bool:
@@ -413,14 +409,19 @@ def _lot_columns() -> tuple[Any, ...]:
 
 
 def _spendable_lots(
-    uow: UnitOfWork, account_id: int, now: datetime, needed: int, first: list[Lot] | None = None
+    uow: UnitOfWork, account_id: int, now: datetime, needed: int, opened: list[Lot] | None = None
 ) -> list[Lot]:
-    """Spendable lots in FIFO order, reading only as many as ``needed`` calls for (``first``:
-    the first of them, read already)."""
-    if first is None:
+    """Spendable lots in FIFO order, reading only as many as ``needed`` calls for
+    (``opened``: the first open lots in FIFO order, read already, of which those spendable
+    at ``now`` are taken)."""
+    if opened is None:
         rows = store.spendable_lots(uow.conn, account_id, now, _FIFO_BATCH)
         first = [Lot(*row) for row in rows]
-    if len(first) < _FIFO_BATCH or sum(lot.remaining for lot in first) >= needed:
+        complete = len(first) < _FIFO_BATCH
+    else:
+        first = ledger.spendable(opened, now)
+        complete = len(opened) < _FIFO_BATCH
+    if complete or sum(lot.remaining for lot in first) >= needed:
         return first
     return [Lot(*row) for row in store.spendable_lots(uow.conn, account_id, now, None)]
 

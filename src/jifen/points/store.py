@@ -145,11 +145,13 @@ def spendable_lots(
     return [tuple(row) for row in conn.execute(query)]
 
 
-# The lock of one account and, in the same round trip, its first spendable lots. The lots
-# are read in the statement's snapshot, taken before the lock was granted; if a posting to
-# the account committed in between, the locked row (the newest version) has moved on from
-# the snapshot's, and the lots are not used. Every change of a lot is a posting to its
-# account, and every posting moves the account's head, so equal heads mean equal lots.
+# The lock of one account and, in the same round trip, its first open lots in FIFO order
+# (whatever their dates: the caller picks those spendable at its moment, taken after the
+# lock). The lots are read in the statement's snapshot, taken before the lock was granted;
+# if a posting to the account committed in between, the locked row (the newest version) has
+# moved on from the snapshot's, and the lots are not used. Every change of a lot is a
+# posting to its account, and every posting moves the account's head, so equal heads mean
+# equal lots.
 _POSTGRESQL_LOCK_SPENDING = f"""
 SELECT {_ACCOUNT_FIELDS},
        (SELECT p.id FROM postings p
@@ -159,8 +161,7 @@ SELECT {_ACCOUNT_FIELDS},
 FROM accounts a
 LEFT JOIN LATERAL (
     SELECT id, amount, remaining, available_at, expires_at FROM lots
-    WHERE account_id = a.id AND remaining > 0 AND available_at <= %(now)s
-      AND (expires_at IS NULL OR expires_at > %(now)s)
+    WHERE account_id = a.id AND remaining > 0
     ORDER BY expires_at ASC NULLS LAST, id
     LIMIT %(limit)s
 ) l ON true
@@ -170,16 +171,16 @@ FOR NO KEY UPDATE OF a
 
 
 def lock_account_spending(
-    conn: Connection, member_id: int, key: str, now: datetime, limit: int
+    conn: Connection, member_id: int, key: str, limit: int
 ) -> tuple[AccountRow | None, list[LotRow] | None]:
-    """:func:`lock_accounts` for one member, with the first ``limit`` lots of
-    :func:`spendable_lots` at ``now`` read in the same round trip on PostgreSQL: (the
-    account row or ``None`` for no such member, the lots or ``None`` when they must be read
-    again, as they always must on SQLite)."""
+    """:func:`lock_accounts` for one member, with its first ``limit`` open lots (FIFO
+    order, any dates) read in the same round trip on PostgreSQL: (the account row or
+    ``None`` for no such member, the lots or ``None`` when they must be read again, as they
+    always must on SQLite)."""
     if conn.dialect.name != "postgresql":
         rows = lock_accounts(conn, [member_id], key)
         return (rows[0] if rows else None), None
-    params = {"key": key, "member": member_id, "now": now, "limit": limit}
+    params = {"key": key, "member": member_id, "limit": limit}
     rows = execute(conn, _POSTGRESQL_LOCK_SPENDING, params).fetchall()
     if not rows:
         return None, None
@@ -187,18 +188,7 @@ def lock_account_spending(
     account: AccountRow = first[:9]
     if first[9] != first[6]:  # a posting moved the account on since the snapshot
         return account, None
-    found: list[LotRow] = [row[10:] for row in rows if row[10] is not None]
-    # The lateral read keeps its order through the join; sorted again, to depend on nothing.
-    found.sort(key=_fifo)
-    return account, found
-
-
-def _fifo(lot: LotRow) -> tuple[bool, datetime, int]:
-    expires_at = lot[4]
-    return (expires_at is None, expires_at or _NEVER, lot[0])
-
-
-_NEVER = datetime.max.replace(tzinfo=UTC)
+    return account, [row[10:] for row in rows if row[10] is not None]
 
 
 BalanceRow = tuple[int, int, int, int, int | None, datetime | None, datetime | None]
