@@ -5,6 +5,7 @@ These run on PostgreSQL only: SQLite serialises every writer, so it cannot show 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -221,5 +222,27 @@ def test_a_debit_that_waited_for_the_lock_takes_the_lot_posted_meanwhile(
 
     results = run_together(2, lambda i: holder() if i == 0 else debitor())
     assert results == [None, 100]
+    assert pg.run(lambda uow: points.balance(uow, member_id=member)).available == 0
+    assert_ledger_sound(pg, program.id)
+
+
+def test_a_lock_handed_on_inside_a_rolled_back_savepoint_is_not_used_after_it(
+    pg: Database,
+) -> None:
+    # The rollback of a savepoint releases a row lock taken inside it: another transaction
+    # may then post to the member, and the posting the lock was handed to must lock again.
+    program = new_program(pg)
+    (member,) = new_members(pg, program.id, 1)
+    pg.run(lambda uow: points.earn(uow, member_id=member, amount=100, key="first"))
+
+    def spend_after_a_failed_attempt(uow: UnitOfWork) -> int:
+        with contextlib.suppress(RuntimeError), uow.savepoint():
+            assert not points.lock_account(uow, member_id=member, key="debit", spending=True)
+            raise RuntimeError("the attempt failed after the lock")
+        # another transaction posts to the member in the meantime: the lock is free again
+        pg.run(lambda other: points.earn(other, member_id=member, amount=50, key="meanwhile"))
+        return points.spend(uow, member_id=member, amount=150, key="debit").amount
+
+    assert pg.run(spend_after_a_failed_attempt) == 150
     assert pg.run(lambda uow: points.balance(uow, member_id=member)).available == 0
     assert_ledger_sound(pg, program.id)

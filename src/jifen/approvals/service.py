@@ -102,7 +102,7 @@ def approve(
     execute = _EXECUTORS[row.action]
     try:
         # A savepoint: a refused execution's writes are undone, the decision is kept.
-        with uow.conn.begin_nested():
+        with uow.savepoint():
             outcome = execute(uow, row)
     except JifenError as exc:
         outcome = {"code": exc.code, "message": exc.message("en"), "message_zh": exc.message("zh")}

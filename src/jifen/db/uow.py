@@ -87,6 +87,20 @@ class UnitOfWork:
     def dialect(self) -> str:
         return self.conn.dialect.name
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A savepoint: when the block raises, what it wrote is undone and so is what it
+        left in ``local`` (what it read of its own writes, a lock it handed on: a row lock
+        taken inside a savepoint is released by its rollback)."""
+        saved = dict(self.local)
+        try:
+            with self.conn.begin_nested():
+                yield
+        except BaseException:
+            self.local.clear()
+            self.local.update(saved)
+            raise
+
 
 class Database:
     """An engine and a clock: where units of work come from."""

@@ -414,15 +414,14 @@ class _Intake:
 
     def _take_group(self, items: list[_Item]) -> None:
         group = _Group(spent=dict(self.spent))
-        savepoint = self.uow.conn.begin_nested()
         try:
-            if items[0].event.type == "order.refunded":
-                self._refund_one(items[0], group)
-            else:
-                self._decide_all(items, group)
-                self._write(group)
+            with self.uow.savepoint():
+                if items[0].event.type == "order.refunded":
+                    self._refund_one(items[0], group)
+                else:
+                    self._decide_all(items, group)
+                    self._write(group)
         except Exception as exc:
-            savepoint.rollback()
             if is_transient(exc) or isinstance(exc, OperationalError | InterfaceError):
                 raise
             if len(items) > 1:  # find the one at fault: each again, alone
@@ -431,7 +430,6 @@ class _Intake:
             else:
                 self.outcomes[items[0].index] = exc
             return
-        savepoint.commit()
         for index, decision in group.echoes:
             assert decision.result is not None
             group.outcomes[index] = decision.result.model_copy(update={"replayed": True})

@@ -208,7 +208,7 @@ def _commit(
             return outcome
         for record in records:
             try:
-                with uow.conn.begin_nested():
+                with uow.savepoint():
                     _register(uow, program_id, record, outcome)
             except JifenError as exc:
                 _refuse(outcome, record, exc)

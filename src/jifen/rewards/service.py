@@ -1029,7 +1029,7 @@ def confirm_held(
     try:
         # Release and debit together, or neither: held points whose lots expired during the
         # cooling-off come back overdue and cannot be spent.
-        with uow.conn.begin_nested():
+        with uow.savepoint():
             points_service.unfreeze(
                 uow, freeze_id=row.hold_posting_id, key=f"order:{row.id}:release",
                 reason=f"confirmed: {reason}", actor=actor,
