@@ -138,8 +138,6 @@ class _Held:
 
     key: str
     account: _Account
-    at: datetime | None = None
-    """The moment of the posting, taken once the lock was held (``None``: take it then)."""
     lots: list[Lot] | None = None
     """The first open lots, read with the lock (``None``: not read)."""
 
@@ -176,17 +174,17 @@ def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int 
 
 def _lock_spending(
     uow: UnitOfWork, member_id: int, key: str
-) -> tuple[_Account, int | None, datetime, list[Lot] | None]:
-    """:func:`_lock_one` for a debit: also the moment it is made at (once the lock is
-    held) and, when they came with the lock, the first open lots (``None``: read them)."""
+) -> tuple[_Account, int | None, list[Lot] | None]:
+    """:func:`_lock_one` for a debit: also, when they came with the lock, the first open
+    lots (``None``: read them)."""
     held = _take_held(uow, member_id, key)
     if held is not None:
-        return held.account, None, held.at or uow.clock.now(), held.lots
+        return held.account, None, held.lots
     row, opened = store.lock_account_spending(uow.conn, member_id, key, _FIFO_BATCH)
     if row is None:
         raise UnknownMember(member_id=member_id)
     lots = None if opened is None else [Lot(*lot) for lot in opened]
-    return _Account(*row[:8]), row[8], uow.clock.now(), lots
+    return _Account(*row[:8]), row[8], lots
 
 
 def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bool = False) -> bool:
@@ -197,14 +195,14 @@ def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bo
 
     With a ``key`` and no replay, the posting with that key that follows (the next lock of
     the transaction) starts from the row read here, without locking it again; ``spending``
-    (that posting is likely a debit) reads its first spendable lots in the same round trip.
+    (that posting is likely a debit) reads its first open lots in the same round trip.
     """
     if not key:
         _lock_one(uow, member_id, key)
         return False
     if spending:
-        member, replay_id, at, lots = _lock_spending(uow, member_id, key)
-        held = _Held(key, member, at, lots)
+        member, replay_id, lots = _lock_spending(uow, member_id, key)
+        held = _Held(key, member, lots)
     else:
         member, replay_id = _lock_one(uow, member_id, key)
         held = _Held(key, member)
@@ -575,11 +573,12 @@ def spend(
         "spend", member=member_id, amount=amount, reason=reason, actor=actor,
         **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
     )  # fmt: skip
-    member, replay_id, now, first = _lock_spending(uow, member_id, key)
+    member, replay_id, opened = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     ledger.postings.require_positive(amount)
-    lots_now = _spendable_lots(uow, member.id, now, amount, first)
+    now = uow.clock.now()
+    lots_now = _spendable_lots(uow, member.id, now, amount, opened)
     plan = ledger.plan_spend(lots=lots_now, amount=amount, now=now, account_id=member.id, into=into)
     return _write(
         uow,
@@ -861,12 +860,13 @@ def freeze(
     """Hold ``amount`` spendable points away from the member (for example during a review)."""
     _require_key(key)
     request = _fingerprint("freeze", member=member_id, amount=amount, reason=reason, actor=actor)
-    member, replay_id, now, first = _lock_spending(uow, member_id, key)
+    member, replay_id, opened = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     ledger.postings.require_positive(amount)
+    now = uow.clock.now()
     plan = ledger.plan_freeze(
-        lots=_spendable_lots(uow, member.id, now, amount, first),
+        lots=_spendable_lots(uow, member.id, now, amount, opened),
         amount=amount,
         now=now,
         reason=reason,
