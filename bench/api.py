@@ -55,7 +55,16 @@ from jifen.members import service as members
 from jifen.points import service as points
 from jifen.programs import service as programs
 from jifen.settings import get_settings
-from ledger import PGBENCH_SCHEMA, admin_sql, percentile, pgbench_tps, result, say, with_schema
+from ledger import (
+    PGBENCH_SCHEMA,
+    admin_sql,
+    percentile,
+    pgbench_tps,
+    result,
+    say,
+    vacuum_analyze,
+    with_schema,
+)
 
 API_SCHEMA = "bench_api"
 BALANCE_TARGET_MS = 20.0
@@ -444,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"pgbench TPC-B: {tpcb:,.0f} tps ({args.clients} clients)")
         say(f"seeding {args.scale:,} members ...")
         setup = seed(api_url, args.scale)
+        vacuum_analyze(api_url)
         inproc = in_process_earn(api_url, setup, args)
         http_earn, peak, paced = http_measures(api_url, setup, args)
     finally:

@@ -56,7 +56,7 @@ from jifen.points import service as points
 from jifen.programs import service as programs
 from jifen.tiers import service as tiers
 from jifen.tiers.schemas import TierDef, TierScheme
-from ledger import admin_sql, result, say, with_schema
+from ledger import admin_sql, result, say, vacuum_analyze, with_schema
 
 SCHEMA = "bench_expiry"
 ZONE = ZoneInfo("Asia/Shanghai")
@@ -143,7 +143,7 @@ def seed(url: str, scale: int) -> tuple[int, int]:
             " SELECT id, :p, '普通', :at, 'bench', 'bench' FROM members WHERE program_id = :p"
         ), params)  # fmt: skip
     engine.dispose()
-    vacuum(url)
+    vacuum_analyze(url)
     say(f"seeded {scale:,} members, {scale * 10:,} lots in {time.perf_counter() - started:.0f} s")
     return program_id, scale * 10
 
@@ -181,25 +181,6 @@ WITH d AS (
 )
 SELECT count(*), coalesce(sum(total), 0) FROM per
 """
-
-
-def vacuum(url: str) -> float:
-    """``VACUUM ANALYZE`` the schema, as autovacuum would have by the time the next run
-    comes (it is off on some servers, this one perhaps: the line says). A clearing leaves
-    millions of dead lot versions, and the daily run a day later meets a vacuumed table
-    where autovacuum is on: its accounts come from the due-lots index alone."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            setting = conn.execute(text("SHOW autovacuum")).scalar_one()
-            started = time.perf_counter()
-            conn.execute(text("VACUUM ANALYZE"))
-            seconds = time.perf_counter() - started
-    finally:
-        engine.dispose()
-    say(f"  VACUUM ANALYZE in {seconds:.1f} s (autovacuum is {setting} on this server)")
-    return seconds
 
 
 def set_based_seconds(url: str, program_id: int, now: datetime) -> tuple[float, int]:
@@ -445,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  earn during the clearing: {during:,.0f} tps")
 
         say("daily run at 2027-01-02 00:10, a day later ...")
-        vacuum(url)
+        vacuum_analyze(url)
         daily_at = YEAR_END + timedelta(days=1, minutes=10)
         limit_daily, _ = set_based_seconds(url, program_id, daily_at)
         daily, _ = run_job_shared(url, program_id, daily_at, "points.expire", args.job_workers)

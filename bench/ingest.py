@@ -61,7 +61,7 @@ from jifen.rules import service as rules
 from jifen.rules.schemas import RulePack
 from jifen.settings import get_settings, normalise_database_url
 from jifen.tiers import service as tiers
-from ledger import admin_sql, result, say, with_schema
+from ledger import admin_sql, result, say, vacuum_analyze, with_schema
 
 SCHEMA = "bench_ingest"
 EVAL_TARGET_US = 50.0
@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"seeding {args.members:,} members and the demo's rules ...")
         code, program_id, token = seed(url, args.members)
+        vacuum_analyze(url)
         limit = ceiling(url, program_id, max(args.scale, 20_000))
         say(f"ceiling: {limit:,.0f} events/s written by batched SQL, no rules")
         with tempfile.TemporaryDirectory() as folder:

@@ -45,7 +45,16 @@ from jifen.rewards import service as rewards
 from jifen.rewards.models import reward_orders
 from jifen.rewards.models import rewards as rewards_table
 from jifen.rewards.schemas import RedemptionCreate, RedemptionPolicy, RewardCreate
-from ledger import Outcome, admin_sql, pgbench_tps, report, result, say, with_schema
+from ledger import (
+    Outcome,
+    admin_sql,
+    pgbench_tps,
+    report,
+    result,
+    say,
+    vacuum_analyze,
+    with_schema,
+)
 
 PGBENCH_SCHEMA = "bench_pgbench"
 JIFEN_SCHEMA = "bench_redeem"
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         tpcb = pgbench_tps(url, workers, int(seconds))
         say(f"pgbench TPC-B: {tpcb:,.0f} tps")
         program_id, member_ids = seed(jifen_url, args.scale, args.rewards, args.race_stock)
+        vacuum_analyze(jifen_url)
         many, _ = run_phase(jifen_url, program_id, "many", workers, member_ids, args.rewards,
                             seconds)  # fmt: skip
         hot, _ = run_phase(jifen_url, program_id, "hot", workers, member_ids, args.rewards,
