@@ -534,6 +534,7 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
             report = imports.run_import(
                 database, program_id=program_id, kind=kind, path=path, source=source,
                 errors_path=errors, batch=batch, restart=restart, progress=show,
+                language=get_settings().language,
             )  # fmt: skip
     if report.resumed_from:
         out.print(_say(f"resumed after {report.resumed_from:,} records committed earlier",

@@ -201,3 +201,85 @@ def test_a_misshapen_order_row_is_rejected_alone(db: Database, tmp_path: Path) -
     assert (report.records, report.accepted, report.refused) == (3, 2, 1)
     assert '3,row,invalid_input,"has 2 fields' in (tmp_path / "orders.errors.csv").read_text()
     assert sum(balances(db, ids).values()) == 700
+
+
+def test_a_header_naming_a_column_twice_is_refused(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    path = write(tmp_path / "orders.csv", [*ORDER_HEADER, "amount_fen"], [])
+    with pytest.raises(InvalidInput, match="named more than once: amount_fen"):
+        imports.run_import(db, program_id=program.id, kind="orders", path=path)
+
+
+def test_a_line_that_is_not_utf8_stops_the_import_naming_it(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(30))
+    lines = path.read_bytes().split(b"\n")
+    lines[45] = lines[45].replace("家电".encode(), "家电".encode("gbk"))  # order o22's TV line
+    path.write_bytes(b"\n".join(lines))
+    for _ in range(2):  # a second run stops at the same line, applying nothing twice
+        with pytest.raises(InvalidInput) as raised:
+            imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
+        assert "line 46 is not UTF-8" in str(raised.value)
+        assert "the 20 records before it are imported" in str(raised.value)
+        assert sum(balances(db, ids).values()) == 20 * 350
+    assert "第 46 行不是 UTF-8" in raised.value.message("zh")
+    assert_ledger_sound(db, program.id)
+
+
+def test_an_unwritable_error_file_is_refused_before_anything_is_imported(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(3))
+    folder = tmp_path / "errors"
+    folder.mkdir()
+    for errors_path, problem in (
+        (folder, "is a folder"),
+        (tmp_path / "missing" / "e.csv", "cannot write the rejected rows"),
+    ):
+        with pytest.raises(InvalidInput, match=problem):
+            imports.run_import(
+                db, program_id=program.id, kind="orders", path=path, errors_path=errors_path
+            )
+    assert sum(balances(db, ids).values()) == 0
+    assert not imports.progress_path(path).exists()
+
+
+def test_a_new_member_with_another_members_phone_is_refused_not_skipped(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    header = ["external_ref", "phone"]
+    path = write(tmp_path / "m.csv", header, [["p1", "13800138000"], ["p2", "13800138000"]])
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.replayed, report.refused) == (1, 0, 1)
+    errors = (tmp_path / "m.errors.csv").read_text(encoding="utf-8")
+    assert "3,,duplicate_reference,Phone number" in errors
+    # Run again: p1 is already there (its phone is its own); p2 is still refused.
+    again = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (again.accepted, again.replayed, again.refused) == (0, 1, 1)
+
+
+def test_an_order_split_over_the_file_is_refused_with_why_in_the_language_asked(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    first, second, *rest = order_rows(2)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, [first, *rest, second])
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path, language="zh")
+    assert (report.accepted, report.refused) == (2, 1)
+    errors = (tmp_path / "orders.errors.csv").read_text(encoding="utf-8")
+    assert "订单 o0 此前已按其他明细或金额导入" in errors and "须相邻" in errors
+    assert sum(balances(db, ids).values()) == 300 + 350
+    # Put right and run afresh: the old error file goes, o0 stays as first imported.
+    write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(2))
+    again = imports.run_import(db, program_id=program.id, kind="orders", path=path)
+    assert (again.replayed, again.refused) == (1, 1)
+    text = (tmp_path / "orders.errors.csv").read_text(encoding="utf-8")
+    assert "order o0 was imported before with other lines" in text and "订单" not in text

@@ -52,12 +52,16 @@ class Record:
 
 
 def check_header(kind: Kind, header: list[str]) -> None:
-    """Refuse a file whose header lacks a required column or has an unknown one."""
+    """Refuse a file whose header lacks a required column, has an unknown one or names one
+    twice (which of the two values would count?)."""
     required, optional = COLUMNS[kind]
     missing = [c for c in required if c not in header]
     unknown = [c for c in header if c not in required and c not in optional]
-    if missing or unknown:
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if missing or unknown or twice:
         parts = []
+        if twice:
+            parts.append(f"column(s) named more than once: {', '.join(twice)}")
         if missing:
             parts.append(f"missing column(s) {', '.join(missing)}")
         if unknown:

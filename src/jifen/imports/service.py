@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import DuplicateReference, InvalidInput, JifenError
+from jifen.errors import (
+    DuplicateReference,
+    IdempotencyConflict,
+    InvalidInput,
+    JifenError,
+    UnknownMember,
+)
 from jifen.events import service as events_service
 from jifen.events.schemas import EventIn
 from jifen.imports.core import (
@@ -98,12 +104,18 @@ def run_import(
     batch: int = BATCH,
     restart: bool = False,
     progress: Progress | None = None,
+    language: str = "en",
 ) -> Report:
     """Import ``path``; continue after the records an earlier, interrupted run committed
-    (unless ``restart``)."""
+    (unless ``restart``). The reasons in the error file are in ``language``.
+
+    A file that cannot be read to the end (not UTF-8, a malformed line) stops the import
+    with :class:`InvalidInput` naming the line; the batches before it stay committed, and
+    the next run continues after them."""
     started = time.monotonic()
     errors_path = errors_path or errors_path_for(path)
     checkpoint = progress_path(path)
+    _check_writable(checkpoint, errors_path)
     stat = path.stat()
     fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "kind": kind,
                    "program_id": program_id}  # fmt: skip
@@ -114,34 +126,38 @@ def run_import(
             done = int(saved["records"])
     report = Report(kind=kind, path=str(path), records=done, resumed_from=done,
                     errors_path=str(errors_path), bytes_total=stat.st_size)  # fmt: skip
+    if done == 0:
+        errors_path.unlink(missing_ok=True)  # an earlier run's, which this run replaces
 
     with path.open("rb") as raw, _ErrorFile(errors_path, append=done > 0) as errors:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text)
+        reader = csv.reader(_decoded(raw))
         try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise InvalidInput(field="file", problem=f"{path} is empty") from None
-        try:
-            check_header(kind, header)
-        except RowError as exc:
-            raise InvalidInput(field=exc.column, problem=exc.reason) from exc
-        errors.header(header)
-        records = _records(kind, reader, header, source)
-        pending: list[Record | _Rejected] = []
-        for index, record in enumerate(records):
-            if index < done:
-                continue  # committed by an earlier run
-            pending.append(record)
-            if len(pending) >= batch:
-                _commit(db, program_id, kind, pending, report, errors)
-                pending = []
-                report.bytes_read = raw.tell()
-                _save(checkpoint, fingerprint, report)
-                if progress:
-                    progress(report)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise InvalidInput(field="file", problem=f"{path} is empty") from None
+            try:
+                check_header(kind, header)
+            except RowError as exc:
+                raise InvalidInput(field=exc.column, problem=exc.reason) from exc
+            errors.header(header)
+            records = _records(kind, reader, header, source)
+            pending: list[Record | _Rejected] = []
+            for index, record in enumerate(records):
+                if index < done:
+                    continue  # committed by an earlier run
+                pending.append(record)
+                if len(pending) >= batch:
+                    _commit(db, program_id, kind, pending, report, errors, language)
+                    pending = []
+                    report.bytes_read = raw.tell()
+                    _save(checkpoint, fingerprint, report)
+                    if progress:
+                        progress(report)
+        except (_Unreadable, csv.Error) as exc:
+            raise _stopped(exc, reader.line_num, report.records) from None
         if pending:
-            _commit(db, program_id, kind, pending, report, errors)
+            _commit(db, program_id, kind, pending, report, errors, language)
         report.bytes_read = stat.st_size
         _save(checkpoint, fingerprint, report)
     checkpoint.unlink(missing_ok=True)  # finished: a new run starts from the top
@@ -149,6 +165,82 @@ def run_import(
     if progress:
         progress(report)
     return report
+
+
+def _check_writable(checkpoint: Path, errors_path: Path) -> None:
+    """Refuse, before anything is imported, an import whose progress file or error file
+    could not be written (rather than failing after the first batch)."""
+    if errors_path.is_dir():
+        raise InvalidInput(
+            field="errors",
+            problem=f"{errors_path} is a folder: give the path of a file for the rejected rows",
+            problem_zh=f"{errors_path} 是一个文件夹:请给出存放被拒绝行的文件路径",
+        )
+    for target, option in ((checkpoint, "file"), (errors_path, "errors")):
+        probe = target if target.exists() else target.with_name(target.name + ".probe")
+        try:
+            with probe.open("a"):
+                pass
+            if probe is not target:
+                probe.unlink()
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            if option == "file":
+                raise InvalidInput(
+                    field="file",
+                    problem=f"an import keeps its progress beside the file ({checkpoint}), so "
+                    f"that an interrupted import continues where it stopped, but it cannot be "
+                    f"written there ({why}): copy the file to a folder you can write to",
+                    problem_zh=f"导入会在文件旁记录进度({checkpoint}),中断后可从中断处继续,"
+                    f"但无法写入该位置({why}):请把文件复制到可写的文件夹",
+                ) from None
+            raise InvalidInput(
+                field="errors",
+                problem=f"cannot write the rejected rows to {errors_path} ({why})",
+                problem_zh=f"无法把被拒绝的行写入 {errors_path}({why})",
+            ) from None
+
+
+class _Unreadable(Exception):
+    """A line of the file that is not UTF-8 text."""
+
+    def __init__(self, line: int, byte: int, position: int) -> None:
+        super().__init__(f"line {line} is not UTF-8 text")
+        self.line, self.byte, self.position = line, byte, position
+
+
+def _decoded(raw: Iterator[bytes]) -> Iterator[str]:
+    """The file's lines as text, each decoded alone so that a line that is not UTF-8 is
+    named by its number (a newline byte never occurs inside a UTF-8 or GBK character)."""
+    for number, chunk in enumerate(raw, start=1):
+        try:
+            yield chunk.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Unreadable(number, chunk[exc.start], exc.start + 1) from None
+
+
+def _stopped(exc: Exception, line: int, committed: int) -> InvalidInput:
+    """Why the file could not be read on, and what stands."""
+    if isinstance(exc, _Unreadable):
+        en = (
+            f"line {exc.line} is not UTF-8 text (byte {exc.byte:#04x} at character "
+            f"{exc.position}): save the file as UTF-8 (in Excel: CSV UTF-8) and run the "
+            f"import again"
+        )
+        zh = (
+            f"第 {exc.line} 行不是 UTF-8 文本(第 {exc.position} 个字节 {exc.byte:#04x}):"
+            f"请将文件另存为 UTF-8 编码(Excel 中选“CSV UTF-8”)后重新导入"
+        )
+    else:
+        en = f"line {line + 1} cannot be read as CSV ({exc}): correct it and run the import again"
+        zh = f"第 {line + 1} 行无法按 CSV 读取({exc}):请修改后重新导入"
+    if committed:
+        en += (
+            f"; the {committed:,} records before it are imported, and the next run continues "
+            f"after them"
+        )
+        zh += f";之前的 {committed:,} 条已导入,下次运行将从其后继续"
+    return InvalidInput(field="file", problem=en, problem_zh=zh)
 
 
 def _records(
@@ -197,21 +289,21 @@ def _records(
 
 def _commit(
     db: Database, program_id: int, kind: Kind, items: list[Record | _Rejected], report: Report,
-    errors: _ErrorFile,
+    errors: _ErrorFile, language: str,
 ) -> None:  # fmt: skip
     records = [item for item in items if isinstance(item, Record)]
 
     def work(uow: UnitOfWork) -> _Outcome:
         outcome = _Outcome()  # built afresh if the transaction is retried
         if kind != "members":  # events, and orders (each an order.paid event)
-            _ingest(uow, program_id, records, outcome)
+            _ingest(uow, program_id, kind, records, outcome, language)
             return outcome
         for record in records:
             try:
                 with uow.savepoint():
                     _register(uow, program_id, record, outcome)
             except JifenError as exc:
-                _refuse(outcome, record, exc)
+                _refuse(outcome, record, exc, language)
         return outcome
 
     outcome = db.run(work) if records else _Outcome()
@@ -228,18 +320,49 @@ def _commit(
         errors.write(lines, {}, column, code, reason)
 
 
-def _refuse(outcome: _Outcome, record: Record, exc: JifenError) -> None:
+def _refuse(outcome: _Outcome, record: Record, exc: JifenError, language: str) -> None:
     column = str(exc.params.get("field", ""))
-    outcome.refused.append((record, column, exc.code, exc.message("en")))
+    outcome.refused.append((record, column, exc.code, exc.message(language)))
 
 
-def _ingest(uow: UnitOfWork, program_id: int, records: list[Record], outcome: _Outcome) -> None:
+def _changed(kind: Kind, event: EventIn, language: str) -> str:
+    """Why an event or order imported before cannot be imported again with other values."""
+    if kind == "orders":
+        order = event.payload.get("order_id", event.external_id)
+        if language.startswith("zh"):
+            return (
+                f"订单 {order} 此前已按其他明细或金额导入:同一订单的各行须相邻;已导入的订单"
+                f"不能通过再次导入来修改(退货请发送 order.refunded 事件)"
+            )
+        return (
+            f"order {order} was imported before with other lines or amounts: an order's lines "
+            f"must be on consecutive rows, and an order imported before cannot be changed by "
+            f"importing it again (send an order.refunded event for a return)"
+        )
+    if language.startswith("zh"):
+        return (
+            f"来源 {event.source} 的事件 {event.external_id} 此前已按其他内容导入,"
+            f"已导入的事件不能通过再次导入来修改"
+        )
+    return (
+        f"event {event.external_id} of source {event.source} was imported before with other "
+        f"values; an event imported before cannot be changed by importing it again"
+    )
+
+
+def _ingest(
+    uow: UnitOfWork, program_id: int, kind: Kind, records: list[Record], outcome: _Outcome,
+    language: str,
+) -> None:  # fmt: skip
     """A batch of event records, ingested together (see :func:`events_service.ingest_many`)."""
     requests = [record.request for record in records if isinstance(record.request, EventIn)]
     results = events_service.ingest_many(uow, program_id=program_id, events=requests)
-    for record, result in zip(records, results, strict=True):
-        if isinstance(result, JifenError):
-            _refuse(outcome, record, result)
+    for record, request, result in zip(records, requests, results, strict=True):
+        if isinstance(result, IdempotencyConflict):
+            reason = _changed(kind, request, language)
+            outcome.refused.append((record, "", result.code, reason))
+        elif isinstance(result, JifenError):
+            _refuse(outcome, record, result, language)
         elif isinstance(result, Exception):
             raise result
         elif result.replayed:
@@ -254,7 +377,13 @@ def _register(uow: UnitOfWork, program_id: int, record: Record, outcome: _Outcom
     member, tier = record.request
     try:
         profile = members_service.register(uow, program_id=program_id, body=member)
-    except DuplicateReference:
+    except DuplicateReference as duplicate:
+        try:  # a member imported before (its phone, if any, is its own): nothing to do
+            members_service.find_member(
+                uow, program_id=program_id, external_ref=member.external_ref
+            )
+        except UnknownMember:
+            raise duplicate from None  # a new member with another member's phone: refused
         outcome.replayed += 1
         return
     if tier is not None:
