@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from jifen.clock import EARLIEST, LATEST
 
@@ -42,8 +44,24 @@ def _in_range(value: datetime) -> datetime:
     return value
 
 
-Instant = Annotated[AwareDatetime, AfterValidator(_in_range)]
-"""A point in time with its offset, within the years the ledger stores."""
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _not_a_number(value: Any) -> Any:
+    # pydantic reads a number (or a text of one) as seconds or milliseconds since 1970: an
+    # order dated 20250601 would land in August 1970. Only RFC 3339 text is a time here.
+    if isinstance(value, int | float | Decimal) or (
+        isinstance(value, str) and _NUMBER.fullmatch(value)
+    ):
+        raise ValueError(
+            "give a time in RFC 3339 with its UTC offset, such as 2026-06-01T10:00:00+08:00 "
+            "(a number is not read as a time)"
+        )
+    return value
+
+
+Instant = Annotated[AwareDatetime, BeforeValidator(_not_a_number), AfterValidator(_in_range)]
+"""A point in time with its offset (RFC 3339), within the years the ledger stores."""
 
 NO_NUL = r"^[^\x00]*$"
 """Text fields refuse NUL, which PostgreSQL cannot store in text."""
