@@ -229,3 +229,67 @@ def test_errors_speak_chinese_when_asked(db: Database, monkeypatch: pytest.Monke
     # then the one-line error is in Chinese, under the same code
     assert code == 2
     assert "error[unknown_program]: 积分计划 nope 不存在。" in output
+
+
+def test_a_job_for_a_moment_out_of_range_or_in_the_future_is_refused(history: tuple) -> None:
+    db, program, _ = history
+    base = ["jobs", "run", "points.expire", "--program", program.code, "--now"]
+    for moment in ("0001-01-01T00:00+08:00", "9999-12-31T23:59+00:00"):
+        code, output = jifen(db, *base, moment)
+        assert (code, "Traceback" in output) == (2, False), output
+        assert "outside the years the ledger stores" in output
+    ahead = (db.clock.now() + timedelta(days=400)).isoformat()
+    code, output = jifen(db, *base, ahead)
+    assert code == 2 and "is in the future" in output and "--allow-future" in output
+    assert count(db, "SELECT count(*) FROM postings WHERE kind = 'expire'") == 0
+    code, output = jifen(db, *base, ahead, "--dry-run")  # a dry run may look ahead
+    assert code == 0 and "dry run, nothing changed" in output, output
+    code, output = jifen(db, *base, ahead, "--allow-future")
+    assert code == 0, output
+    # Alice's lot and the part of it transferred to Bob (which keeps its date) lapse.
+    assert count(db, "SELECT count(*) FROM postings WHERE kind = 'expire'") == 2
+
+
+def test_a_dry_run_of_reconcile_leaves_no_run_behind(history: tuple) -> None:
+    db, program, _ = history
+    run = ["jobs", "run", "ledger.reconcile", "--program", program.code]
+    code, output = jifen(db, *run, "--dry-run")
+    assert code == 0 and "dry run, nothing changed" in output, output
+    code, output = jifen(db, *run)
+    assert code == 0 and ": done in" in output, output
+
+
+def test_a_birthday_date_out_of_range_and_a_bad_log_level_are_clear_errors(
+    history: tuple,
+) -> None:
+    db, program, _ = history
+    code, output = jifen(
+        db, "events", "birthdays", "--program", program.code, "--date", "1900-03-01"
+    )
+    assert code == 2 and "outside the years the ledger stores" in output, output
+    code, output = jifen(db, "serve", "--log-level", "loud")
+    assert code == 2 and "--log-level: give one of critical" in output, output
+
+
+def test_a_schema_written_by_a_newer_jifen_is_left_alone(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    assert jifen(url, "db", "upgrade")[0] == 0
+    with create_engine(url).begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+    for command in (["db", "upgrade"], ["db", "current"], ["ledger", "verify"]):
+        code, output = jifen(url, *command)
+        assert code == 2, output
+        assert "error[schema_unknown]" in output and "0999" in output and "newer jifen" in output
+
+
+def test_demo_reset_deletes_only_an_sqlite_database(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    code, output = jifen(f"sqlite:///{notes}", "demo", "--reset", "--no-serve", "--members", "5")
+    assert code == 2 and "is not an SQLite database" in output, output
+    assert notes.read_text() == "my notes\n"
+
+
+def count(db: Database, sql: str) -> int:
+    with db.engine.connect() as conn:
+        return int(conn.execute(text(sql)).scalar_one())

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -41,6 +41,7 @@ from rich.table import Column, Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
+from jifen.clock import EARLIEST, LATEST
 from jifen.db import migrate
 from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
@@ -199,7 +200,21 @@ def _program_id(database: Database, code: str | None) -> int | None:
     return database.run(lambda uow: programs.get_program(uow, code=code).id, read_only=True)
 
 
+def _refuse_unknown_schema(database: Database) -> None:
+    """Stop where the schema was written by a newer jifen: this one must not touch it."""
+    unknown = migrate.unknown_revision(database.engine)
+    if unknown is not None:
+        raise fail(
+            "schema_unknown",
+            _say(f"the database schema is at revision {unknown}, which this jifen does not "
+                 f"know: a newer jifen wrote it. Use that version (or a newer one) with it",
+                 f"数据库结构的版本为 {unknown},本 jifen 无法识别:它由更新版本的 jifen 写入,"
+                 f"请使用该版本(或更新版本)"),
+        )  # fmt: skip
+
+
 def _require_schema(database: Database) -> None:
+    _refuse_unknown_schema(database)
     if not migrate.is_current(database.engine):
         raise fail(
             "schema_not_current",
@@ -217,6 +232,7 @@ def _require_schema(database: Database) -> None:
 def db_upgrade() -> None:
     """Create the schema, or bring it up to the newest revision."""
     with _database() as database:
+        _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
         out.print(f"schema at revision {migrate.current_revision(database.engine)}")
 
@@ -225,6 +241,7 @@ def db_upgrade() -> None:
 def db_current() -> None:
     """Show the schema revision in use and the newest one."""
     with _database() as database:
+        _refuse_unknown_schema(database)
         current, head = (
             migrate.current_revision(database.engine),
             migrate.head_revision(database.engine),
@@ -388,6 +405,7 @@ def demo(
         if reset:
             demo_service.reset_sqlite(state.database_url)
     with _database() as database:
+        _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
         if demo_service.exists(database):
             out.print(
@@ -442,14 +460,21 @@ def _print_credentials(made: list[credentials.Credential], base: str) -> None:
 # --------------------------------------------------------------------------- serve
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 @app.command("serve")
 def serve(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help=f"uvicorn's log level: {', '.join(LOG_LEVELS)}.")
+    ] = "info",
 ) -> None:
     """Serve the HTTP API (OpenAPI document at /openapi.json, docs at /docs)."""
+    if log_level.lower() not in LOG_LEVELS:
+        raise fail("invalid_input", f"--log-level: give one of {', '.join(LOG_LEVELS)}")
     with _database() as database:
         _require_schema(database)
     _serve(host=host, port=port, workers=workers, log_level=log_level)
@@ -461,7 +486,18 @@ def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
     os.environ["JIFEN_DATABASE_URL"] = state.database_url
     get_settings.cache_clear()
     # Made once here, before any worker starts, so every worker reads the same key.
-    secret_key(get_settings())
+    try:
+        secret_key(get_settings())
+    except OSError as exc:
+        raise fail(
+            "no_secret_key",
+            _say(
+                f"cannot keep the secret key in {get_settings().data_dir} ({exc.strerror}): "
+                f"set JIFEN_SECRET_KEY, or JIFEN_DATA_DIR to a folder jifen can write to",
+                f"无法在 {get_settings().data_dir} 保存密钥({exc.strerror}):请设置 "
+                f"JIFEN_SECRET_KEY,或把 JIFEN_DATA_DIR 设为 jifen 可写入的文件夹",
+            ),
+        ) from None
     out.print(
         _say(
             f"jifen API on http://{host}:{port} (docs: /docs); Ctrl+C stops it",
@@ -524,18 +560,32 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
         ) as bar:  # fmt: skip
             task = bar.add_task(f"{kind} {path.name}", total=path.stat().st_size, counts="")
 
+            committed = [0]
+
             def show(report: imports.Report) -> None:
+                committed[0] = report.records
                 bar.update(
                     task,
                     completed=report.bytes_read,
-                    counts=f"{report.records:,} done, {report.refused:,} refused",
-                )
+                    counts=_say(f"{report.records:,} done, {report.refused:,} refused",
+                                f"已完成 {report.records:,},拒绝 {report.refused:,}"),
+                )  # fmt: skip
 
-            report = imports.run_import(
-                database, program_id=program_id, kind=kind, path=path, source=source,
-                errors_path=errors, batch=batch, restart=restart, progress=show,
-                language=get_settings().language,
-            )  # fmt: skip
+            try:
+                report = imports.run_import(
+                    database, program_id=program_id, kind=kind, path=path, source=source,
+                    errors_path=errors, batch=batch, restart=restart, progress=show,
+                    language=get_settings().language,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                bar.stop()
+                err.print(
+                    _say(f"interrupted: {committed[0]:,} records are committed; run the same "
+                         f"command again to continue after them",
+                         f"已中断:已提交 {committed[0]:,} 条;再次运行同一命令即从其后继续"),
+                    markup=False,
+                )  # fmt: skip
+                raise typer.Exit(130) from None
     if report.resumed_from:
         out.print(_say(f"resumed after {report.resumed_from:,} records committed earlier",
                        f"从上次已提交的 {report.resumed_from:,} 条之后继续"))  # fmt: skip
@@ -601,11 +651,13 @@ def rules_load(
         bool,
         typer.Option(
             help="Approve and activate the rules at once (for an installation; over the API "
-            "every version needs a second person). Without it they are drafts to submit."
+            "every version needs a second person). Without it the rules are drafts to "
+            "submit; the pack's tiers, caps and event types are set at once either way."
         ),
     ] = False,
 ) -> None:
-    """Load a rule pack: its tiers, its caps and a new version of each rule."""
+    """Load a rule pack: its tiers, caps and event types, which take effect at once, and a
+    new version of each rule (a draft unless --activate)."""
     try:
         body = RulePack.model_validate_json(pack.read_bytes())
     except ValidationError as exc:
@@ -657,6 +709,12 @@ def events_birthdays(
                 raise fail(
                     "invalid_input", f"--date: {on!r} is not a date like 2026-06-18"
                 ) from None
+            if not EARLIEST.date() <= day < LATEST.date():
+                raise fail(
+                    "invalid_input",
+                    _say(f"--date: {on} is outside the years the ledger stores (1970 to 9000)",
+                         f"--date:{on} 超出账本可记录的年份(1970 至 9000 年)"),
+                )  # fmt: skip
         raised = events_service.raise_birthdays(database, program_id=program_id, day=day)
     out.print(_say(f"{raised} birthday events raised for {day}",
                    f"已为 {day} 生成 {raised} 个生日事件"), markup=False)  # fmt: skip
@@ -763,19 +821,18 @@ def jobs_run(
     size: Annotated[int | None, typer.Option(min=1, max=100_000, help="Chunk size.")] = None,
     dry_run: DryRun = False,
     pause: JobPause = 0.0,
+    allow_future: Annotated[
+        bool,
+        typer.Option(
+            "--allow-future",
+            help="Allow a --now later than the present: the run changes the ledger as if "
+            "that moment had come (points lapse before their time).",
+        ),
+    ] = False,
 ) -> None:
     """Run a job once for a programme. A run for a moment that already finished does
     nothing; one cut short continues where it stopped."""
-    moment = None
-    if now is not None:
-        try:
-            moment = datetime.fromisoformat(now)
-        except ValueError:
-            raise fail(
-                "invalid_input", f"--now: {now!r} is not a time like 2027-01-01T00:10+08:00"
-            ) from None
-        if moment.tzinfo is None:
-            raise fail("invalid_input", f"--now: {now!r} needs a UTC offset, e.g. +08:00")
+    moment = None if now is None else _job_moment(now, allow_future or dry_run)
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -802,6 +859,39 @@ def jobs_run(
     )  # fmt: skip
     if report.figures.get("problems"):
         raise typer.Exit(1)
+
+
+def _job_moment(text: str, future_allowed: bool) -> datetime:
+    """``--now`` as a moment: a time with its offset, in the years the ledger stores, and
+    not ahead of the clock (by more than a clock's drift) unless that is meant."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise fail(
+            "invalid_input", f"--now: {text!r} is not a time like 2027-01-01T00:10+08:00"
+        ) from None
+    if moment.tzinfo is None:
+        raise fail("invalid_input", f"--now: {text!r} needs a UTC offset, e.g. +08:00")
+    try:
+        in_range = EARLIEST <= moment.astimezone(UTC) < LATEST
+    except OverflowError:
+        in_range = False
+    if not in_range:
+        raise fail(
+            "invalid_input",
+            _say(f"--now: {text!r} is outside the years the ledger stores (1970 to 9000)",
+                 f"--now:{text!r} 超出账本可记录的年份(1970 至 9000 年)"),
+        )  # fmt: skip
+    if not future_allowed and moment > datetime.now(UTC) + timedelta(minutes=5):
+        raise fail(
+            "invalid_input",
+            _say(f"--now: {text!r} is in the future; a run for it changes the ledger as if "
+                 f"that moment had come (points lapse before their time). Add --dry-run to "
+                 f"see what it would do, or --allow-future if that is what you mean",
+                 f"--now:{text!r} 是将来的时刻;按该时刻运行会像该时刻已到一样修改账本"
+                 f"(积分提前过期)。加 --dry-run 可预览结果;确需如此请加 --allow-future"),
+        )  # fmt: skip
+    return moment
 
 
 @app.command("worker")

@@ -140,7 +140,7 @@ def test_a_tier_evaluation_killed_with_sigkill_then_run_again_places_each_member
     command = [
         sys.executable, "-m", "jifen", "--database-url", postgres_url, "jobs", "run",
         "tiers.evaluate", "--program", world.program.code, "--now", moment.isoformat(),
-        "--size", "10",
+        "--allow-future", "--size", "10",
     ]  # fmt: skip
     env = {**os.environ, "JIFEN_DATA_DIR": str(tmp_path)}
     log_path = tmp_path / "job.log"

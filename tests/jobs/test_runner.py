@@ -235,7 +235,7 @@ def test_expiry_killed_with_sigkill_then_run_again_expires_each_due_lot_once(
     moment = (pg.clock.now() + timedelta(days=11)).isoformat()
     command = [
         sys.executable, "-m", "jifen", "--database-url", postgres_url, "jobs", "run",
-        "points.expire", "--program", code, "--now", moment, "--size", "10",
+        "points.expire", "--program", code, "--now", moment, "--allow-future", "--size", "10",
     ]  # fmt: skip
     env = {**os.environ, "JIFEN_DATA_DIR": str(tmp_path)}
     log = (tmp_path / "job.log").open("wb")

@@ -33,3 +33,14 @@ def head_revision(engine: Engine) -> str | None:
 
 def is_current(engine: Engine) -> bool:
     return current_revision(engine) == head_revision(engine)
+
+
+def unknown_revision(engine: Engine) -> str | None:
+    """The database's revision if this jifen has no migration of that name (a newer jifen
+    wrote the schema), else ``None``."""
+    current = current_revision(engine)
+    if current is None:
+        return None
+    known = {script.revision for script in ScriptDirectory.from_config(
+        alembic_config(engine)).walk_revisions()}  # fmt: skip
+    return None if current in known else current

@@ -125,8 +125,24 @@ def reset_sqlite(url: str) -> None:
             problem="only the embedded SQLite demo database can be reset; drop or clean other "
             "databases with their own tools",
         )
+    database = Path(path)
+    if database.is_dir() or (database.exists() and not _is_sqlite(database)):
+        raise InvalidInput(
+            field="--reset",
+            problem=f"{database} is not an SQLite database, so it was left as it is: give the "
+            "demo database's URL (JIFEN_DATABASE_URL or --database-url)",
+            problem_zh=f"{database} 不是 SQLite 数据库,未做任何删除:请给出示例数据库的地址"
+            "(JIFEN_DATABASE_URL 或 --database-url)",
+        )
     for suffix in ("", "-wal", "-shm"):
         Path(path + suffix).unlink(missing_ok=True)
+
+
+def _is_sqlite(path: Path) -> bool:
+    """Whether the file is an SQLite database (its 16-byte header), or still empty."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    return head in (b"", b"SQLite format 3\x00")
 
 
 # --------------------------------------------------------------------------- generating

@@ -78,9 +78,7 @@ def _reconcile(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chun
     return Chunk(cursor=cursor, finished=True, figures=figures)
 
 
-register(
-    Job("ledger.reconcile", "Reconcile balances with lines", "对账", _reconcile, changes=False)
-)
+register(Job("ledger.reconcile", "Reconcile balances with lines", "对账", _reconcile))
 
 
 def _vouchers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:

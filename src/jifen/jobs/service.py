@@ -62,8 +62,6 @@ class Job:
     chunk: ChunkFn | None = None
     whole: WholeFn | None = None
     size: int = 500
-    changes: bool = True
-    """Whether the job changes anything (a dry run of one that does not is just a run)."""
     due: Callable[[UnitOfWork, int], bool] | None = None
     """For the worker: whether a firing of the schedule should run the job now (a tier
     evaluation fires daily and runs on the scheme's own dates); ``None``: always."""
@@ -143,7 +141,7 @@ def run(
     job = get(name)
     moment = core.run_moment(now if now is not None else db.clock.now())
     limit = size or job.size
-    if dry_run and job.changes:
+    if dry_run:  # a job that changes nothing too: its run is not recorded as done
         return _dry_run(db, job, program_id, moment, limit)
     if job.whole is not None:
         figures = job.whole(db.with_clock(ManualClock(moment)), program_id)
