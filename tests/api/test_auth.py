@@ -410,6 +410,7 @@ def test_members_sign_in_with_their_password(app_client: TestClient, db: Databas
         headers={**headers, **support.key()},
     )
     assert changed.status_code == 200
+    assert app_client.get("/v1/auth/me", headers=headers).status_code == 200  # still in
     # and never another member's
     theirs = app_client.put(
         f"/v1/programs/{program.code}/members/{other_id}/password",
@@ -422,6 +423,20 @@ def test_members_sign_in_with_their_password(app_client: TestClient, db: Databas
         json={"program": program.code, "login": ref, "password": "member pass 1"},
     )
     assert wrong.status_code == 401
+    # a till's API key, though it may write members, sets no password (it could then sign
+    # in as any member)
+    till = {**support.api_key(db, program.id, merchant="shop"), **support.key()}
+    taken = app_client.put(own, json={"new_password": "taken over 1"}, headers=till)
+    assert taken.status_code == 403, taken.text
+    # a reset by staff signs the member out of every session it had
+    other_device = support.member(db, member_id)
+    assert app_client.get("/v1/auth/me", headers=other_device).status_code == 200
+    again = app_client.put(
+        own, json={"new_password": "member pass 4"}, headers={**staff, **support.key()}
+    )
+    assert again.status_code == 200, again.text
+    for old in (headers, other_device):
+        assert app_client.get("/v1/auth/me", headers=old).status_code == 401
 
 
 def test_members_sign_in_with_a_one_time_code_sent_by_sms(

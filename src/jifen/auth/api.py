@@ -214,8 +214,16 @@ def set_member_password(
     ctx: Annotated[Context, Depends(Write("members.write"))],
 ) -> JSONResponse:
     """A member sets its password (giving the present one if it has one); staff may reset
-    a member's password without it."""
+    a member's password without it. An API key may not (a till that could would sign in as
+    any member). Every other session of the member ends: whoever held the old password is
+    signed out."""
     own = ctx.principal.kind == "member"
+    if ctx.principal.kind == "key":
+        raise Forbidden(
+            problem="An API key cannot set a member's password: a member sets its own, and "
+            "staff may reset it.",
+            problem_zh="API 密钥不能设置会员密码:会员自行设置,或由工作人员重置。",
+        )
 
     def change(uow: UnitOfWork) -> Me:
         members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
@@ -223,6 +231,9 @@ def set_member_password(
             uow, member_id=member_id, password=body.new_password,
             current=body.current_password, check_current=own,
         )  # fmt: skip
+        service.end_member_sessions(
+            uow, member_id=member_id, keep=ctx.principal.session_id if own else None
+        )
         return Me(
             kind="member", id=member_id, name=f"member:{member_id}",
             program_id=ctx.program_id, member_id=member_id, grants=[],

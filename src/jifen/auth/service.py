@@ -940,14 +940,14 @@ def reset_staff_secrets(uow: UnitOfWork, *, username: str, password: str) -> str
     return seed if changed else None
 
 
-def end_member_sessions(uow: UnitOfWork, *, member_id: int) -> None:
-    """Sign a member out everywhere (banned or closed)."""
-    uow.conn.execute(
-        sessions.update()
-        .where(
-            sessions.c.subject == "member",
-            sessions.c.subject_id == member_id,
-            sessions.c.revoked_at.is_(None),
-        )
-        .values(revoked_at=uow.clock.now())
+def end_member_sessions(uow: UnitOfWork, *, member_id: int, keep: int | None = None) -> None:
+    """Sign a member out everywhere (banned or closed; its password changed), but for the
+    session ``keep`` (the one that changed the password)."""
+    query = sessions.update().where(
+        sessions.c.subject == "member",
+        sessions.c.subject_id == member_id,
+        sessions.c.revoked_at.is_(None),
     )
+    if keep is not None:
+        query = query.where(sessions.c.id != keep)
+    uow.conn.execute(query.values(revoked_at=uow.clock.now()))
