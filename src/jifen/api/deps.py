@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,9 +67,17 @@ def id_cursor(cursor: str | None) -> int:
     """The last id of the previous page, from an opaque ``cursor`` (0 for the first page)."""
     if cursor is None:
         return 0
-    if not cursor.isdigit() or len(cursor) > 19:
-        raise InvalidInput(field="cursor", problem="pass back a next_cursor from a previous page")
+    # ASCII digits only (str.isdigit also takes "²"), and an id the database can hold.
+    if not _ID.fullmatch(cursor) or int(cursor) >= 2**63:
+        raise InvalidInput(
+            field="cursor",
+            problem="pass back a next_cursor from a previous page",
+            problem_zh="请原样传回上一页给出的 next_cursor",
+        )
     return int(cursor)
+
+
+_ID = re.compile(r"[0-9]{1,19}")
 
 
 def _token(request: Request) -> str | None:
