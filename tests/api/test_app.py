@@ -89,3 +89,41 @@ def test_the_served_app_is_built_whole_and_kept_out_of_the_collectors_sight(
     finally:
         gc.unfreeze()
         get_settings.cache_clear()
+
+
+def test_a_nul_character_anywhere_in_a_request_is_refused_before_any_change(
+    client: TestClient, db: Database
+) -> None:
+    # PostgreSQL can store NUL in no text and no JSON: every field, nested ones and JSON
+    # payloads included, and every query or path parameter refuses it with a 422.
+    admin = {**support.staff(db, "super_admin")}
+    code = f"p-{uuid.uuid4().hex[:8]}"
+    bodies = [
+        {"code": code, "name": "Nul\u0000name"},
+        {"code": code, "name": "Shop", "settings": {"time_zone": "Asia/\u0000Shanghai"}},
+    ]
+    for body in bodies:
+        answer = client.post("/v1/programs", json=body, headers={**admin, **support.key()})
+        assert answer.status_code == 422, answer.text
+        assert "NUL" in answer.text
+    made = client.post(
+        "/v1/programs", json={"code": code, "name": "Shop"}, headers={**admin, **support.key()}
+    )
+    assert made.status_code == 201, made.text
+    for url in (
+        f"/v1/programs/{code}/members?region=a%00b",
+        f"/v1/programs/{code}%00/members",
+    ):
+        answer = client.get(url, headers=admin)
+        assert answer.status_code == 422, (url, answer.text)
+        assert "NUL" in answer.text
+    event = {
+        "source": "pos", "external_id": "e1", "type": "member.checked_in",
+        "occurred_at": "2026-01-01T10:00:00+08:00", "member_ref": "nobody",
+        "payload": {"note": ["fine", {"deep": "x\u0000y"}]},
+    }  # fmt: skip
+    answer = client.post(
+        f"/v1/programs/{code}/events", json=event, headers={**admin, **support.key()}
+    )
+    assert answer.status_code == 422, answer.text
+    assert "payload.note.1.deep" in answer.text

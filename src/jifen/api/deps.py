@@ -80,6 +80,18 @@ def id_cursor(cursor: str | None) -> int:
 _ID = re.compile(r"[0-9]{1,19}")
 
 
+async def no_nul_in_parameters(request: Request) -> None:
+    """Refuse a query or path parameter holding NUL (``%00``): PostgreSQL stores NUL in no
+    text, so it is refused before anything is looked up."""
+    for name, value in (*request.query_params.multi_items(), *request.path_params.items()):
+        if "\x00" in str(value):
+            raise InvalidInput(
+                field=name,
+                problem="holds a NUL character (%00), which no text can store: remove it",
+                problem_zh="含有 NUL 字符(%00),无法存储:请删除",
+            )
+
+
 def _token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")

@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from jifen.clock import EARLIEST, LATEST
 
@@ -19,6 +27,38 @@ class RequestBody(BaseModel):
     body can set what its route does not offer (a balance, a tier, a state)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        where = nul_at(data)
+        if where is not None:
+            raise ValueError(
+                f"{where or 'the body'} holds a NUL character (\\u0000), which no text can "
+                "store: remove it"
+            )
+        return data
+
+
+def nul_at(value: Any, path: str = "") -> str | None:
+    """Where in ``value`` (parsed JSON) a text or a key holds NUL (``None``: nowhere), as a
+    dotted path: PostgreSQL stores NUL in no text and no JSON, so it is refused up front."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return inner
+            found = nul_at(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = nul_at(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
 
 
 class Page(BaseModel, Generic[T]):
