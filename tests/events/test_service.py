@@ -523,6 +523,20 @@ def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database
     db.clock.set(datetime(2027, 3, 1, 9, 0, tzinfo=UTC))
     assert service.raise_birthdays(db, program_id=program.id, day=date(2027, 2, 28)) == 1
     assert balance(db, leap).balance == 200
+    # A source may send a birthday too, but only of the year it happens in and, where the
+    # member's birthday is known, in its month: another year would pay a second gift.
+    now = db.clock.now()
+    for year, member, problem in (
+        (2030, june, "payload.year"),
+        (1950, june, "payload.year"),
+        (2027, june, "birthday is in month 6, not in month 3"),
+    ):
+        with pytest.raises(InvalidInput, match=problem):
+            send(db, program.id, member, "member.birthday", now, f"crm-{year}", year=year)
+    assert balance(db, june).balance == 200
+    db.clock.set(datetime(2027, 6, 10, 9, 0, tzinfo=UTC))
+    sent = send(db, program.id, june, "member.birthday", db.clock.now(), "crm-2027", year=2027)
+    assert sent.points == 200 and balance(db, june).balance == 400
 
 
 def test_late_events_keep_the_validity_they_would_have_had(db: Database) -> None:

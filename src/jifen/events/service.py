@@ -459,6 +459,8 @@ class _Intake:
         if profile is None:
             raise UnknownMember(member_id=item.member_id)
         members_service.require_active(profile)
+        if event.type == "member.birthday":
+            _check_birthday(item, profile.birthday, self.zone)
         inviter = item.inviter
         if (
             event.type == "referral.completed"
@@ -907,6 +909,30 @@ def to_core_event(
         payload=payload,
         lines=lines,
     )
+
+
+def _check_birthday(item: _Item, born: date | None, zone: ZoneInfo) -> None:
+    """A birthday is of the year it happens in, in the member's birthday month where the
+    member's birthday is known: the once-a-year guard is keyed on that year, so another
+    year (or a birthday in the wrong month) would pay a second gift."""
+    day = core.local_day(item.event.occurred_at, zone)
+    year = item.payload.get("year")
+    if year != day.year:
+        raise InvalidInput(
+            field="payload.year",
+            problem=f"a member.birthday happens in the year it is sent for: {year} is not the "
+            f"year of its occurred_at in the programme's time zone ({day.year})",
+            problem_zh=f"member.birthday 事件的年份须与其发生时间(计划时区)所在年份一致:"
+            f"{year} 不是 {day.year}",
+        )
+    if born is not None and born.month != day.month:
+        raise InvalidInput(
+            field="occurred_at",
+            problem=f"the member's birthday is in month {born.month}, not in month "
+            f"{day.month} when this member.birthday happens",
+            problem_zh=f"该会员的生日在 {born.month} 月,而此 member.birthday 事件发生在 "
+            f"{day.month} 月",
+        )
 
 
 def _order_fields(
