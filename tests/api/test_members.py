@@ -234,6 +234,25 @@ def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database)
     assert client.get(club.url(theirs), headers=own).status_code == 403
     patched = client.patch(club.url(mine), json={"name": "me"}, headers={**own, **support.key()})
     assert patched.status_code == 200
+
+    def patch(body: dict[str, Any], headers: dict[str, str]) -> int:
+        return client.patch(
+            club.url(mine), json=body, headers={**headers, **support.key()}
+        ).status_code
+
+    # What the earning rules read is not the member's to change at will: tags never, the
+    # birthday once (staff correct it after).
+    assert patch({"tags": ["vip"]}, own) == 403
+    assert patch({"birthday": "1990-06-01"}, own) == 200
+    assert patch({"birthday": "1990-12-01", "name": "me"}, own) == 403
+    assert patch({"birthday": "1990-06-01", "tags": [], "name": "still me"}, own) == 200
+    assert patch({"birthday": "1990-12-01", "tags": ["vip"]}, club.operator) == 200
+    profile = client.get(club.url(mine), headers=own).json()
+    assert (profile["name"], profile["birthday"], profile["tags"]) == (
+        "still me",
+        "1990-12-01",
+        ["vip"],
+    )
     other = client.patch(club.url(theirs), json={"name": "x"}, headers={**own, **support.key()})
     assert other.status_code == 403
     assert client.get(club.base, headers=own).status_code == 403  # no list of members

@@ -101,8 +101,9 @@ def update_member(
 
     def update(uow: UnitOfWork) -> MemberProfile:
         before, after = service.update_profile(
-            uow, program_id=ctx.program_id, member_id=member_id, body=body
-        )
+            uow, program_id=ctx.program_id, member_id=member_id, body=body,
+            by_member=ctx.principal.kind == "member",
+        )  # fmt: skip
         ctx.audit_before = _masked(before)
         return after
 

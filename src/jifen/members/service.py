@@ -13,7 +13,7 @@ from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
-from jifen.errors import DuplicateReference, InvalidInput, StateConflict, UnknownMember
+from jifen.errors import DuplicateReference, Forbidden, InvalidInput, StateConflict, UnknownMember
 from jifen.members import core
 from jifen.members.models import members
 from jifen.members.schemas import (
@@ -346,11 +346,27 @@ def register(uow: UnitOfWork, *, program_id: int, body: MemberCreate) -> MemberP
 
 
 def update_profile(
-    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate
+    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate, by_member: bool = False
 ) -> tuple[MemberProfile, MemberProfile]:
-    """Change the fields given; answers (before, after)."""
+    """Change the fields given; answers (before, after). A member changing its own profile
+    (``by_member``) sets no tags and gives its birthday once: the earning rules read both
+    (a tag such as vip, a birthday-month multiplier), so only staff change them after."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     values = body.model_dump(exclude_unset=True)
+    if by_member and "tags" in values and sorted(values["tags"]) != sorted(before.tags):
+        raise Forbidden(
+            problem="A member's tags are set by staff: the earning rules read them.",
+            problem_zh="会员标签由工作人员设置:积分规则会读取标签。",
+        )
+    if (
+        by_member
+        and before.birthday is not None
+        and values.get("birthday", before.birthday) != (before.birthday)
+    ):
+        raise Forbidden(
+            problem="A member gives its birthday once; ask staff to correct it.",
+            problem_zh="生日只能由会员填写一次;如需更正请联系工作人员。",
+        )
     if values:
         values["updated_at"] = uow.clock.now()
         uow.conn.execute(members.update().where(members.c.id == member_id).values(**values))
