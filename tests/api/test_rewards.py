@@ -185,3 +185,22 @@ def test_the_redemption_policy_is_part_of_the_programmes_settings(
     settings = body(till.get("/settings", till.reviewer), 200)
     assert settings["redemption"]["tiers"]["钻石"]["cooling_off_above"] == 5000
     assert settings["redemption"]["voucher_fee_pct"] == 10
+
+
+def test_an_order_is_cancelled_only_by_its_own_merchant_and_a_member_names_none(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", MUG, till.operator), 201)
+    redeem = f"/members/{till.alice}/redemptions"
+    named = till.post(redeem, {"reward": "mug", "merchant": "other"}, till.as_alice)
+    assert named.status_code == 403, named.text
+    hq = support.api_key(db, till.shop.program_id, merchant="hq")
+    other = support.api_key(db, till.shop.program_id, merchant="other")
+    order = body(till.post(redeem, {"reward": "mug"}, hq), 201)
+    cancel = f"/members/{till.alice}/orders/{order['id']}/cancel"
+    refused = till.post(cancel, {}, other)
+    assert refused.status_code == 403 and "not made for merchant 'other'" in refused.text
+    assert body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)["available"] == 4100
+    assert body(till.post(cancel, {}, hq), 200)["state"] == "cancelled"
+    assert body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)["available"] == 5000

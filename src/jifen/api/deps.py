@@ -158,10 +158,22 @@ class Context:
         assert self.idempotency_key is not None, "only writes post to the ledger"
         return f"{self.principal.scope}:{self.idempotency_key}"
 
+    @property
+    def merchant_scope(self) -> str | None:
+        """The one merchant these credentials act for (``None``: any)."""
+        return self.grant.merchant if self.grant is not None else None
+
     def merchant(
         self, requested: str | None, store: str | None = None
     ) -> tuple[str | None, str | None]:
-        """The merchant and store a write is made for: the grant's own, or one it covers."""
+        """The merchant and store a write is made for: the grant's own, or one it covers. A
+        member names none (its app is no till: the till's credentials say where)."""
+        if self.principal.kind == "member" and (requested is not None or store is not None):
+            raise Forbidden(
+                problem="A member cannot name the merchant or store of a write; the "
+                "merchant's or store's own credentials do.",
+                problem_zh="会员不能指定商户或门店;由商户或门店自己的凭据指定。",
+            )
         grant = self.grant
         if grant is None or grant.merchant is None:
             return requested, store

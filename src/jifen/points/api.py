@@ -391,7 +391,7 @@ def _own_posting(
 ) -> PostingRead:
     """The programme's posting, if the caller's merchant scope covers the one who made it."""
     posting = service.get_posting(uow, program_id=ctx.program_id, posting_id=posting_id)
-    scope = ctx.grant.merchant if ctx.grant is not None else None
+    scope = ctx.merchant_scope
     if check_merchant and scope is not None:
         origin, _ = service.origin_of(uow, posting_id=posting_id)
         if origin != scope:

@@ -281,7 +281,7 @@ def cancel_own(
     return ctx.execute(
         lambda uow: service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action="cancel",
-            actor=ctx.actor, note=body.note, member_id=member_id,
+            actor=ctx.actor, note=body.note, member_id=member_id, merchant=ctx.merchant_scope,
         ),
         target=f"order:{order_id}",
     )  # fmt: skip
@@ -353,7 +353,7 @@ def move_order(
     return ctx.execute(
         lambda uow: service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action=action,
-            actor=ctx.actor, note=body.note, tracking=body.tracking,
+            actor=ctx.actor, note=body.note, tracking=body.tracking, merchant=ctx.merchant_scope,
         ),
         target=f"order:{order_id}",
     )  # fmt: skip

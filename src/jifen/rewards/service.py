@@ -25,6 +25,7 @@ from jifen.db.prepared import Prepared, Read, read_one, read_together
 from jifen.db.uow import LostRace, UnitOfWork
 from jifen.errors import (
     DuplicateReference,
+    Forbidden,
     IdempotencyConflict,
     InsufficientPoints,
     InvalidInput,
@@ -924,12 +925,20 @@ def move(
     note: str = "",
     tracking: str | None = None,
     member_id: int | None = None,
+    merchant: str | None = None,
 ) -> OrderRead:
     """Move an order on: confirm, ship, deliver, cancel or return. Cancelling or returning
-    gives the points back to the very lots they came from, and the stock back."""
+    gives the points back to the very lots they came from, and the stock back. With
+    ``merchant`` (the caller acts for that merchant only), only an order made for it."""
     if action not in _MOVES:
         raise InvalidInput(field="action", problem=f"one of {', '.join(_MOVES)}")
     row = _order_row(uow, program_id, order_id, member_id)
+    if merchant is not None and row.merchant != merchant:
+        raise Forbidden(
+            problem=f"Order {order_id} was not made for merchant {merchant!r}; these "
+            "credentials act for that merchant only.",
+            problem_zh=f"订单 {order_id} 并非商户 {merchant!r} 的订单;该凭据只能代表该商户。",
+        )
     points_service.lock_account(uow, member_id=row.member_id)
     row = _order_row(uow, program_id, order_id, member_id)  # as it is under the lock
     starts, target = _MOVES[action]
