@@ -241,13 +241,13 @@ def test_a_job_for_a_moment_out_of_range_or_in_the_future_is_refused(history: tu
     ahead = (db.clock.now() + timedelta(days=400)).isoformat()
     code, output = jifen(db, *base, ahead)
     assert code == 2 and "is in the future" in output and "--allow-future" in output
-    assert count(db, "SELECT count(*) FROM postings WHERE kind = 'expire'") == 0
+    assert expired(db, program.id) == 0
     code, output = jifen(db, *base, ahead, "--dry-run")  # a dry run may look ahead
     assert code == 0 and "dry run, nothing changed" in output, output
     code, output = jifen(db, *base, ahead, "--allow-future")
     assert code == 0, output
     # Alice's lot and the part of it transferred to Bob (which keeps its date) lapse.
-    assert count(db, "SELECT count(*) FROM postings WHERE kind = 'expire'") == 2
+    assert expired(db, program.id) == 2
 
 
 def test_a_dry_run_of_reconcile_leaves_no_run_behind(history: tuple) -> None:
@@ -290,6 +290,8 @@ def test_demo_reset_deletes_only_an_sqlite_database(tmp_path: Path) -> None:
     assert notes.read_text() == "my notes\n"
 
 
-def count(db: Database, sql: str) -> int:
+def expired(db: Database, program_id: int) -> int:
+    """The programme's expiry postings (the database holds other tests' programmes too)."""
     with db.engine.connect() as conn:
-        return int(conn.execute(text(sql)).scalar_one())
+        sql = "SELECT count(*) FROM postings WHERE kind = 'expire' AND program_id = :p"
+        return int(conn.execute(text(sql), {"p": program_id}).scalar_one())

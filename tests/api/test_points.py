@@ -187,7 +187,8 @@ def test_a_replayed_earn_returns_the_first_posting_and_a_changed_body_is_refused
     again = client.post(url, json={"amount": 70}, headers=headers)
     # then the second is the first's answer, replayed, and only one posting exists
     assert first.status_code == again.status_code == 201
-    assert again.json() == first.json()
+    assert again.json() == {**first.json(), "replayed": True}
+    assert first.json()["replayed"] is False
     assert again.headers["Idempotent-Replayed"] == "true"
     assert shop.balance(shop.alice)["available"] == 70
     # and another body with that key is refused
@@ -266,7 +267,7 @@ def test_a_frozen_member_cannot_earn_or_spend_but_its_earlier_writes_replay(
         (spend, 4, spent, first_spend),
     ):
         again = client.post(url, json={"amount": amount}, headers=headers)
-        assert again.status_code == 201 and again.json() == first.json()
+        assert again.status_code == 201 and again.json() == {**first.json(), "replayed": True}
         assert again.headers["Idempotent-Replayed"] == "true"
     assert shop.balance(shop.alice)["balance"] == 6
 
@@ -334,7 +335,10 @@ def test_transfers_follow_the_programme_settings(client: TestClient, db: Databas
 def test_unknown_fields_and_bad_amounts_are_refused(client: TestClient, db: Database) -> None:
     shop = _shop(client, db)
     url = shop.member_url(shop.alice, "/earn")
-    for body in ({"amount": 0}, {"amount": 10**12 + 1}, {"amount": 5, "balance": 9}):
+    for body in (
+        {"amount": 0}, {"amount": 10**12 + 1}, {"amount": 5, "balance": 9},
+        {"amount": True}, {"amount": 1.0}, {"amount": "2"},  # a number of points, strictly
+    ):  # fmt: skip
         answer = shop.post(url, body)
         assert answer.status_code == 422, body
     zero = shop.post(shop.member_url(shop.alice, "/adjust"), {"amount": 0, "reason": "x"})

@@ -255,6 +255,8 @@ class Context:
                 request_hash, stored_status, stored_body = stored
                 if request_hash != self.request_hash:
                     raise IdempotencyConflict(key=key)
+                if isinstance(stored_body, dict) and stored_body.get("replayed") is False:
+                    stored_body = {**stored_body, "replayed": True}  # as its header says
                 return stored_status, stored_body, True
             for read, row in zip(reads[1:], rows, strict=True):
                 read.answer(row)

@@ -96,11 +96,13 @@ class Refused(JifenError):
 
 class InsufficientPoints(Refused):
     code = "insufficient_points"
+    # The account id is in the problem's parameters; the words name no id, since the caller
+    # knows its member by another (the member id or reference), not by its ledger account.
     en = (
-        "Member account {account_id} has {available} points available, but {requested} are "
-        "needed. Use at most {available}; pending points become available later."
+        "The member has {available} points available, but {requested} are needed. Use at "
+        "most {available}; pending points become available later."
     )
-    zh = "会员账户 {account_id} 可用积分为 {available},本次需要 {requested}。最多可用 {available}。"
+    zh = "该会员可用积分为 {available},本次需要 {requested}。最多可用 {available}。"
 
 
 class ExceedsOriginal(Refused):

@@ -105,7 +105,10 @@ class HistoryPage(_Read):
 MAX_POINTS = 10**12
 """The largest amount one request may move: far above any real posting, far below 2**63."""
 
-Amount = Annotated[int, Field(ge=1, le=MAX_POINTS, description="Points, a whole number > 0.")]
+Amount = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_POINTS, description="Points, a whole number > 0.")
+]
+"""Strict: ``true``, ``1.0`` or ``"2"`` is not an amount (nor reads as the same request)."""
 Reason = Annotated[str, Field(max_length=500, pattern=NO_NUL)]
 RequiredReason = Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
 Merchant = Annotated[str | None, Field(min_length=1, max_length=64, pattern=NO_NUL)]
@@ -130,7 +133,7 @@ class SpendCreate(RequestBody):
 
 
 class AdjustCreate(RequestBody):
-    amount: int = Field(ge=-MAX_POINTS, le=MAX_POINTS)
+    amount: int = Field(strict=True, ge=-MAX_POINTS, le=MAX_POINTS)
     """Positive credits, negative debits; never 0. Above the programme's threshold (in
     absolute value) the adjustment waits for a second person's approval."""
     reason: RequiredReason
@@ -163,5 +166,5 @@ class GiveBackCreate(RequestBody):
     """A refund, reversal or unfreeze of an earlier posting: all of what is open (no
     ``amount``) or part of it."""
 
-    amount: int | None = Field(None, ge=1, le=MAX_POINTS)
+    amount: int | None = Field(None, strict=True, ge=1, le=MAX_POINTS)
     reason: Reason = ""
