@@ -127,3 +127,23 @@ def test_a_nul_character_anywhere_in_a_request_is_refused_before_any_change(
     )
     assert answer.status_code == 422, answer.text
     assert "payload.note.1.deep" in answer.text
+
+
+def test_a_body_that_is_not_json_is_a_stable_problem(client: TestClient, db: Database) -> None:
+    admin = support.staff(db, "super_admin")
+    body = b'{"code": "x2", "name": "X"}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        answer = client.post(
+            "/v1/programs", content=body,
+            headers={**admin, **support.key(), "Content-Type": content_type},
+        )  # fmt: skip
+        assert answer.status_code == 415, (content_type, answer.text)
+        assert answer.json()["code"] == "unsupported_media_type"
+    broken = client.post(
+        "/v1/programs", content=b'{"code": "x2", "name": "\xff\xfe"}',
+        headers={**admin, **support.key(), "Content-Type": "application/json",
+                 "Accept-Language": "zh-CN"},
+    )  # fmt: skip
+    assert broken.status_code == 400, broken.text
+    assert broken.json()["code"] == "invalid_body" and "JSON" in broken.json()["detail"]
+    assert "请求体" in broken.json()["detail"]

@@ -28,6 +28,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jifen.api.limits import Limiter
 from jifen.api.models import idempotency_records
@@ -82,7 +83,12 @@ _ID = re.compile(r"[0-9]{1,19}")
 
 async def no_nul_in_parameters(request: Request) -> None:
     """Refuse a query or path parameter holding NUL (``%00``): PostgreSQL stores NUL in no
-    text, so it is refused before anything is looked up."""
+    text, so it is refused before anything is looked up. A body that is not JSON (by its
+    content type) is refused too, with 415, rather than read as a value of the wrong type."""
+    if request.method in _WITH_BODY and request.headers.get("content-length", "0") != "0":
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise StarletteHTTPException(415)
     for name, value in (*request.query_params.multi_items(), *request.path_params.items()):
         if "\x00" in str(value):
             raise InvalidInput(
@@ -90,6 +96,9 @@ async def no_nul_in_parameters(request: Request) -> None:
                 problem="holds a NUL character (%00), which no text can store: remove it",
                 problem_zh="含有 NUL 字符(%00),无法存储:请删除",
             )
+
+
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _token(request: Request) -> str | None:

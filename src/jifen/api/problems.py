@@ -88,6 +88,13 @@ _VALIDATION_ZH = "请求有误,请按 errors 中每个字段的说明修改后�
 _VALIDATION_EN = "The request is not valid; fix each field listed in errors and send it again."
 
 _HTTP_CODES = {
+    400: (
+        "invalid_body",
+        "The body could not be read as JSON (UTF-8 text, numbers of at most 4,300 digits, "
+        "nesting within reason): send a valid JSON document.",
+        "请求体无法按 JSON 读取(须为 UTF-8 文本,数字不超过 4300 位,嵌套层级合理):"
+        "请发送有效的 JSON 文档。",
+    ),
     401: (
         "unauthenticated",
         "Sign in, or send a valid API key.",
