@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -295,3 +296,14 @@ def expired(db: Database, program_id: int) -> int:
     with db.engine.connect() as conn:
         sql = "SELECT count(*) FROM postings WHERE kind = 'expire' AND program_id = :p"
         return int(conn.execute(text(sql), {"p": program_id}).scalar_one())
+
+
+def test_a_rule_pack_saved_with_a_byte_order_mark_loads(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    pack = tmp_path / "pack.json"
+    demo = Path(__file__).parents[1] / "src" / "jifen" / "demo" / "rules.json"
+    rules = len(json.loads(demo.read_text(encoding="utf-8"))["rules"])
+    pack.write_bytes(b"\xef\xbb\xbf" + demo.read_bytes())
+    code, output = jifen(db, "rules", "load", str(pack), "--program", program.code)
+    assert code == 0, output
+    assert f"{rules} rules loaded" in output

@@ -659,7 +659,7 @@ def rules_load(
     """Load a rule pack: its tiers, caps and event types, which take effect at once, and a
     new version of each rule (a draft unless --activate)."""
     try:
-        body = RulePack.model_validate_json(pack.read_bytes())
+        body = RulePack.model_validate_json(pack.read_bytes().removeprefix(b"\xef\xbb\xbf"))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

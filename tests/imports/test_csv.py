@@ -283,3 +283,13 @@ def test_an_order_split_over_the_file_is_refused_with_why_in_the_language_asked(
     assert (again.replayed, again.refused) == (1, 1)
     text = (tmp_path / "orders.errors.csv").read_text(encoding="utf-8")
     assert "order o0 was imported before with other lines" in text and "订单" not in text
+
+
+def test_a_source_that_no_event_could_have_is_refused_up_front(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(2))
+    with pytest.raises(InvalidInput, match="'POS System' is not a source name"):
+        imports.run_import(db, program_id=program.id, kind="orders", path=path, source="POS System")
+    assert not (tmp_path / "orders.errors.csv").exists()

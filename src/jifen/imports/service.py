@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,8 @@ from jifen.members import service as members_service
 from jifen.tiers import service as tiers_service
 
 BATCH = 500
+_SOURCE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+"""What a source may be named (as an event's ``source``)."""
 
 
 @dataclass
@@ -113,6 +116,14 @@ def run_import(
     with :class:`InvalidInput` naming the line; the batches before it stay committed, and
     the next run continues after them."""
     started = time.monotonic()
+    if not _SOURCE.fullmatch(source):
+        raise InvalidInput(
+            field="source",
+            problem=f"{source!r} is not a source name: lower-case letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit, at most 64 (for example pos or crm)",
+            problem_zh=f"{source!r} 不是有效的来源名:只能用小写字母、数字及 . _ -,"
+            "以字母或数字开头,至多 64 个字符(例如 pos 或 crm)",
+        )
     errors_path = errors_path or errors_path_for(path)
     checkpoint = progress_path(path)
     _check_writable(checkpoint, errors_path)
