@@ -307,3 +307,26 @@ def test_a_rule_pack_saved_with_a_byte_order_mark_loads(db: Database, tmp_path: 
     code, output = jifen(db, "rules", "load", str(pack), "--program", program.code)
     assert code == 0, output
     assert f"{rules} rules loaded" in output
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({"LANG": "zh_CN.UTF-8"}, "zh"),
+        ({"LC_ALL": "en_US.UTF-8", "LANG": "zh_CN.UTF-8"}, "en"),
+        ({"LANG": "C.UTF-8"}, "en"),
+        ({"LANG": "zh_CN.UTF-8", "JIFEN_LANGUAGE": "en"}, "en"),
+    ],
+)
+def test_the_cli_speaks_the_systems_language_unless_told(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: str
+) -> None:
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG", "JIFEN_LANGUAGE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().language == expected
+    finally:
+        get_settings.cache_clear()

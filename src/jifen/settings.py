@@ -11,6 +11,15 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def system_language() -> str:
+    """``zh`` when the locale the process runs in is Chinese (``zh_CN.UTF-8``), else ``en``."""
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(name, "")
+        if value:  # the first one set decides, as for any program
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "jifen"
 
@@ -25,8 +34,9 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; empty means ``sqlite:///<data_dir>/jifen.db``. A plain
     ``postgresql://`` URL is driven by psycopg 3."""
 
-    language: str = "en"
-    """Language of CLI messages: ``en`` or ``zh``."""
+    language: str = Field(default_factory=lambda: system_language())
+    """Language of CLI messages: ``en`` or ``zh``; default: the system's locale
+    (``LC_ALL``, ``LC_MESSAGES``, ``LANG``), Chinese for a ``zh`` one."""
 
     secret_key: str = ""
     """Key for keyed hashes (phone and ID lookups, API key and token digests) and for the

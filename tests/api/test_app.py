@@ -30,6 +30,10 @@ def test_no_credentials_is_a_401_problem_in_the_callers_language(client: TestCli
     problem = answer.json()
     assert problem["code"] == "unauthenticated"
     assert "凭据" in problem["detail"]
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    # q=0 means "not acceptable": Chinese is not chosen then
+    refused = client.get("/v1/programs", headers={"Accept-Language": "zh;q=0, fr"})
+    assert "凭据" not in refused.json()["detail"] and "Sign in" in refused.json()["detail"]
 
 
 def test_an_idempotent_write_replays_and_refuses_a_different_body(

@@ -55,7 +55,8 @@ def language(request: Request) -> str:
             except ValueError:
                 q = 0.0
         tag = tag.strip().lower()
-        if tag.startswith(("zh", "en")) and q > best_q:
+        # q=0 means "not acceptable": such a tag is never chosen.
+        if tag.startswith(("zh", "en")) and q > max(best_q, 0):
             best, best_q = tag[:2], q
     return best
 
@@ -76,6 +77,8 @@ def problem(
         detail=detail,
         errors=errors,
     )
+    if status == 401:  # RFC 9110: a 401 names the scheme that would be accepted
+        headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
     return JSONResponse(
         body.model_dump(exclude_none=True),
         status_code=status,
