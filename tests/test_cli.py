@@ -330,3 +330,16 @@ def test_the_cli_speaks_the_systems_language_unless_told(
         assert get_settings().language == expected
     finally:
         get_settings.cache_clear()
+
+
+def test_a_worker_given_no_nats_address_says_so(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JIFEN_NATS_URL", "not a url")
+    get_settings.cache_clear()
+    try:
+        code, output = jifen(db, "worker", "--no-jobs")
+    finally:
+        monkeypatch.delenv("JIFEN_NATS_URL")
+        get_settings.cache_clear()
+    assert code == 2 and "is not a NATS address" in output, output

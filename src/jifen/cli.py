@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -861,6 +862,19 @@ def jobs_run(
         raise typer.Exit(1)
 
 
+def _check_nats_url(url: str) -> None:
+    """Refuse a NATS address that no server could have (the worker would wait for it)."""
+    for part in url.split(","):
+        parsed = urlsplit(part.strip())
+        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+            raise fail(
+                "invalid_input",
+                _say(f"JIFEN_NATS_URL: {url!r} is not a NATS address such as "
+                     f"nats://127.0.0.1:4222",
+                     f"JIFEN_NATS_URL:{url!r} 不是 NATS 地址(例如 nats://127.0.0.1:4222)"),
+            )  # fmt: skip
+
+
 def _job_moment(text: str, future_allowed: bool) -> datetime:
     """``--now`` as a moment: a time with its offset, in the years the ledger stores, and
     not ahead of the clock (by more than a clock's drift) unless that is meant."""
@@ -919,6 +933,8 @@ def worker(
     logging.config.dictConfig(_log_config())
     if not events and not run_jobs:
         raise fail("invalid_input", "--no-events with --no-jobs leaves the worker nothing to do")
+    if events:
+        _check_nats_url(settings.nats_url)
     with _database() as database:
         _require_schema(database)
         stop = event_stream.stop_on_signals()
