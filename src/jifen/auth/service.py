@@ -49,7 +49,6 @@ from jifen.errors import (
     DuplicateReference,
     InvalidInput,
     JifenError,
-    RateLimited,
     SignInLocked,
     StateConflict,
     Unauthenticated,
@@ -558,7 +557,9 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
     """Send a six-digit sign-in code to the member whose bound phone is ``phone``.
 
     Answers the same whether or not such a member exists (no one learns which numbers are
-    members); a member gets at most one code a minute."""
+    members); a member gets at most one code a minute: a second request within the minute
+    is answered the same and sends nothing (the code sent stays valid). Refusing it, as an
+    unknown number never is, would tell which numbers are members."""
     number = members_core.normalise_phone(phone)
     now = uow.clock.now()
     expires_at = now + CODE_VALID_FOR
@@ -569,8 +570,7 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
         select(func.max(one_time_codes.c.created_at)).where(one_time_codes.c.member_id == member_id)
     ).scalar()
     if last is not None and now - last < CODE_EVERY:
-        wait = math.ceil((CODE_EVERY - (now - last)).total_seconds())
-        raise RateLimited(scope="per phone number", scope_zh="同一手机号", retry_after=wait)
+        return expires_at
     code = f"{secrets.randbelow(10**6):06d}"
     uow.conn.execute(
         one_time_codes.insert(),
