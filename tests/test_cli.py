@@ -298,15 +298,25 @@ def expired(db: Database, program_id: int) -> int:
         return int(conn.execute(text(sql), {"p": program_id}).scalar_one())
 
 
-def test_a_rule_pack_saved_with_a_byte_order_mark_loads(db: Database, tmp_path: Path) -> None:
+def test_a_rule_pack_with_a_byte_order_mark_loads_and_twice_changes_nothing(
+    db: Database, tmp_path: Path
+) -> None:
     program = new_program(db)
     pack = tmp_path / "pack.json"
     demo = Path(__file__).parents[1] / "src" / "jifen" / "demo" / "rules.json"
     rules = len(json.loads(demo.read_text(encoding="utf-8"))["rules"])
     pack.write_bytes(b"\xef\xbb\xbf" + demo.read_bytes())
-    code, output = jifen(db, "rules", "load", str(pack), "--program", program.code)
-    assert code == 0, output
-    assert f"{rules} rules loaded" in output
+    for _ in range(2):  # loaded twice: the second load makes no new version
+        code, output = jifen(db, "rules", "load", str(pack), "--program", program.code)
+        assert code == 0, output
+    assert f"{rules} rules loaded" in output and f"{rules} of them unchanged" in output
+    code, output = jifen(db, "rules", "load", str(pack), "--program", program.code, "--activate")
+    assert code == 0 and "0 of them unchanged" in output, output  # drafts: live ones are new
+    code, output = jifen(db, "rules", "load", str(pack), "--program", program.code, "--activate")
+    assert code == 0 and f"{rules} of them unchanged" in output, output
+    with db.engine.connect() as conn:
+        sql = "SELECT count(*) FROM rule_versions WHERE program_id = :p"
+        assert conn.execute(text(sql), {"p": program.id}).scalar_one() == 2 * rules
 
 
 @pytest.mark.parametrize(

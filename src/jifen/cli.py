@@ -669,15 +669,19 @@ def rules_load(
         _require_schema(database)
         program_id = _program_id(database, program)
         assert program_id is not None
+        started = database.clock.now()
         versions = database.run(
             lambda uow: rules_service.load_pack(
                 uow, program_id=program_id, pack=body, actor="cli", activate=activate
             )
         )
+    unchanged = sum(1 for version in versions if version.created_at < started)
     state_word = _say("active", "已生效") if activate else _say("drafts", "草稿")
     out.print(
-        _say(f"{len(versions)} rules loaded into {program} ({state_word})",
-             f"已向 {program} 载入 {len(versions)} 条规则({state_word})"),
+        _say(f"{len(versions)} rules loaded into {program} ({state_word}), "
+             f"{unchanged} of them unchanged since an earlier load",
+             f"已向 {program} 载入 {len(versions)} 条规则({state_word}),"
+             f"其中 {unchanged} 条与此前载入的相同,未新建版本"),
         markup=False,
     )  # fmt: skip
 

@@ -456,7 +456,8 @@ def load_pack(
     """Install a rule pack: its tiers and caps, and a new version of each of its rules —
     drafts for operators to submit, or (``activate``, for an installation or the demo run by
     whoever runs the server) approved and live at once. Every rule is compiled first, so a
-    pack with a bad rule changes nothing."""
+    pack with a bad rule changes nothing. A rule whose newest version is the pack's own
+    (loaded before) gets no new version: loading a pack twice changes nothing twice."""
     for spec in pack.rules:
         try:
             compile_rule(spec)
@@ -472,6 +473,10 @@ def load_pack(
         declare_event_type(uow, program_id=program_id, name=name, body=declared)
     versions = []
     for spec in pack.rules:
+        same = _same_version(uow, program_id, spec, activate)
+        if same is not None:  # loaded before, as it is: no new version of it
+            versions.append(same)
+            continue
         version = create_version(uow, program_id=program_id, spec=spec, created_by=actor)
         if activate:
             submit(uow, program_id=program_id, version_id=version.id, approval_id=None)
@@ -481,6 +486,23 @@ def load_pack(
 
 
 # --------------------------------------------------------------------------- custom events
+
+
+def _same_version(
+    uow: UnitOfWork, program_id: int, spec: RuleSpec, activate: bool
+) -> RuleVersionRead | None:
+    """The rule's newest version if it has ``spec`` already and is as far on as the load
+    asks (live or approved for ``activate``; else anything but rejected or retired)."""
+    row = uow.conn.execute(
+        select(rule_versions)
+        .where(rule_versions.c.program_id == program_id, rule_versions.c.code == spec.code)
+        .order_by(rule_versions.c.version.desc())
+        .limit(1)
+    ).first()
+    if row is None or _canonical(row.spec) != spec.model_dump_json():
+        return None
+    wanted = ("approved", "active") if activate else ("draft", "submitted", "approved", "active")
+    return _read(uow, row) if row.state in wanted else None
 
 
 def declare_event_type(
