@@ -151,3 +151,12 @@ def test_a_body_that_is_not_json_is_a_stable_problem(client: TestClient, db: Dat
     assert broken.status_code == 400, broken.text
     assert broken.json()["code"] == "invalid_body" and "JSON" in broken.json()["detail"]
     assert "请求体" in broken.json()["detail"]
+
+
+def test_the_document_describes_errors_as_the_problems_sent(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    answers = document["paths"]["/v1/programs"]["post"]["responses"]
+    for status in ("400", "401", "403", "409", "415", "422", "429"):
+        content = answers[status]["content"]["application/problem+json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/Problem"}, status
+    assert "Problem" in document["components"]["schemas"]

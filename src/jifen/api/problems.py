@@ -170,13 +170,19 @@ def install(app: FastAPI) -> None:
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": description}
+    status: {
+        "model": Problem,  # puts the Problem schema among the document's components
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "description": description,
+    }
     for status, description in [
+        (400, "A body that cannot be read as JSON"),
         (401, "Not signed in"),
         (403, "Not allowed"),
         (404, "Not found"),
         (409, "Refused by the rules, or an idempotency key reused for another request"),
         (422, "Invalid request"),
+        (415, "A body that is not JSON"),
         (429, "Too many requests"),
     ]
 }
