@@ -132,6 +132,8 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
     # then it built the programme and its summary says the ledger is sound
     assert code == 0, output
     assert "built 40 members" in output
+    # with no terminal to draw a bar on, a progress line a month of history
+    assert "… day 30 of 365" in output and "… day 360 of 365" in output
     assert "示例会员计划 / Demo loyalty programme (programme `demo`)" in output
     assert "40 members, " in output
     for row in ("issued", "redeemed", "expired", "frozen", "held by members", "owed by"):

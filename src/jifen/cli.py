@@ -461,6 +461,9 @@ def _print_credentials(made: list[credentials.Credential], base: str) -> None:
 # --------------------------------------------------------------------------- serve
 
 
+LOG_EVERY = 10.0
+"""Seconds between the progress lines of a long command whose output is not a terminal."""
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -562,9 +565,21 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
             task = bar.add_task(f"{kind} {path.name}", total=path.stat().st_size, counts="")
 
             committed = [0]
+            next_line = [time.monotonic() + LOG_EVERY]
 
             def show(report: imports.Report) -> None:
                 committed[0] = report.records
+                if not err.is_terminal and time.monotonic() >= next_line[0]:
+                    # No bar where no one watches a terminal (a log, a pipe): a line now and then.
+                    next_line[0] = time.monotonic() + LOG_EVERY
+                    share = report.bytes_read / max(report.bytes_total, 1)
+                    err.print(
+                        _say(f"… {report.records:,} {kind} done ({share:.0%} of the file), "
+                             f"{report.refused:,} refused",
+                             f"… 已完成 {report.records:,} 条(文件的 {share:.0%}),"
+                             f"拒绝 {report.refused:,}"),
+                        markup=False,
+                    )  # fmt: skip
                 bar.update(
                     task,
                     completed=report.bytes_read,
@@ -999,12 +1014,16 @@ def _build_demo(database: Database, *, members: int, seed: int) -> None:
                  f"{members:,} 名会员,一年的积分记录(天)"),
             total=demo_service.DAYS,
         )  # fmt: skip
-        demo_service.build(
-            database,
-            members=members,
-            seed=seed,
-            on_day=lambda done: progress.update(task, completed=done),
-        )
+
+        def on_day(done: int) -> None:
+            progress.update(task, completed=done)
+            if not err.is_terminal and done % 30 == 0:  # a log or a pipe: a line a month
+                days = demo_service.DAYS
+                err.print(
+                    _say(f"… day {done} of {days}", f"… 第 {done} 天,共 {days} 天"), markup=False
+                )
+
+        demo_service.build(database, members=members, seed=seed, on_day=on_day)
 
 
 def main() -> None:
