@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jifen import __version__
 from jifen.api import problems
-from jifen.api.deps import annotate_permissions, no_nul_in_parameters
+from jifen.api.deps import annotate_permissions, refuse_unusable_request
 from jifen.api.limits import Limiter
 from jifen.approvals import api as approvals_api
 from jifen.audit import api as audit_api
@@ -83,7 +83,7 @@ def create_app(
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
         responses=problems.ERROR_RESPONSES,
-        dependencies=[Depends(no_nul_in_parameters)],
+        dependencies=[Depends(refuse_unusable_request)],
     )
     app.state.db = db or Database(settings.resolved_database_url())
     app.state.settings = settings

@@ -81,10 +81,10 @@ def id_cursor(cursor: str | None) -> int:
 _ID = re.compile(r"[0-9]{1,19}")
 
 
-async def no_nul_in_parameters(request: Request) -> None:
-    """Refuse a query or path parameter holding NUL (``%00``): PostgreSQL stores NUL in no
-    text, so it is refused before anything is looked up. A body that is not JSON (by its
-    content type) is refused too, with 415, rather than read as a value of the wrong type."""
+async def refuse_unusable_request(request: Request) -> None:
+    """Run before every route: refuse a body that is not JSON by its content type (415,
+    rather than read as a value of the wrong type) and a query or path parameter holding
+    NUL (``%00``, which PostgreSQL stores in no text), before anything is looked up."""
     if request.method in _WITH_BODY and request.headers.get("content-length", "0") != "0":
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):

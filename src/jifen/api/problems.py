@@ -181,8 +181,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (403, "Not allowed"),
         (404, "Not found"),
         (409, "Refused by the rules, or an idempotency key reused for another request"),
-        (422, "Invalid request"),
         (415, "A body that is not JSON"),
+        (422, "Invalid request"),
         (429, "Too many requests"),
     ]
 }

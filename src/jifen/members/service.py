@@ -358,11 +358,8 @@ def update_profile(
             problem="A member's tags are set by staff: the earning rules read them.",
             problem_zh="会员标签由工作人员设置:积分规则会读取标签。",
         )
-    if (
-        by_member
-        and before.birthday is not None
-        and values.get("birthday", before.birthday) != (before.birthday)
-    ):
+    given = values.get("birthday", before.birthday)
+    if by_member and before.birthday is not None and given != before.birthday:
         raise Forbidden(
             problem="A member gives its birthday once; ask staff to correct it.",
             problem_zh="生日只能由会员填写一次;如需更正请联系工作人员。",
