@@ -343,6 +343,11 @@ def test_unknown_fields_and_bad_amounts_are_refused(client: TestClient, db: Data
         assert answer.status_code == 422, body
     zero = shop.post(shop.member_url(shop.alice, "/adjust"), {"amount": 0, "reason": "x"})
     assert zero.status_code == 422
+    dated_debit = shop.post(
+        shop.member_url(shop.alice, "/adjust"),
+        {"amount": -5, "reason": "x", "expires_at": "2030-01-01T00:00:00+08:00"},
+    )
+    assert dated_debit.status_code == 422 and "leave expires_at out" in dated_debit.text
     # A time is RFC 3339 text: a number (or a text of one) is not read as seconds since 1970.
     for when in (1893456000, "20300101", "1893456000000", 1.5e9):
         answer = shop.post(url, {"amount": 5, "expires_at": when})

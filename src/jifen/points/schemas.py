@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jifen.api.schemas import NO_NUL, Instant, RequestBody
 
@@ -138,6 +138,7 @@ class AdjustCreate(RequestBody):
     absolute value) the adjustment waits for a second person's approval."""
     reason: RequiredReason
     expires_at: Instant | None = None
+    """When a credit's points lapse (default: never); a debit takes no date."""
 
     @field_validator("amount")
     @classmethod
@@ -145,6 +146,15 @@ class AdjustCreate(RequestBody):
         if value == 0:
             raise ValueError("an adjustment of 0 points changes nothing; give a non-zero amount")
         return value
+
+    @model_validator(mode="after")
+    def _dated_credit(self) -> AdjustCreate:
+        if self.amount < 0 and self.expires_at is not None:  # it was silently left unused
+            raise ValueError(
+                "expires_at dates the points a credit gives; a debit (a negative amount) "
+                "takes points as they are: leave expires_at out"
+            )
+        return self
 
 
 class FreezeCreate(RequestBody):
