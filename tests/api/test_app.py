@@ -131,6 +131,13 @@ def test_a_nul_character_anywhere_in_a_request_is_refused_before_any_change(
     )
     assert answer.status_code == 422, answer.text
     assert "payload.note.1.deep" in answer.text
+    # walked once from the outermost body, and named from there
+    batch = {"events": [{**event, "payload": {}}, event]}
+    answer = client.post(
+        f"/v1/programs/{code}/events/batch", json=batch, headers={**admin, **support.key()}
+    )
+    assert answer.status_code == 422, answer.text
+    assert "events.1.payload.note.1.deep" in answer.text
 
 
 def test_a_body_that_is_not_json_is_a_stable_problem(client: TestClient, db: Database) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
@@ -14,6 +15,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     model_validator,
 )
 
@@ -28,16 +30,28 @@ class RequestBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
+    def _no_nul(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        # The outermost model walks its whole input once; the models within it (a batch's
+        # events, an order's lines) validate parts of what it walked, and do not again.
+        if _WALKED.get():
+            return handler(data)
         where = nul_at(data)
         if where is not None:
             raise ValueError(
                 f"{where or 'the body'} holds a NUL character (\\u0000), which no text can "
                 "store: remove it"
             )
-        return data
+        walked = _WALKED.set(True)
+        try:
+            return handler(data)
+        finally:
+            _WALKED.reset(walked)
+
+
+_WALKED: ContextVar[bool] = ContextVar("jifen.nul_walked", default=False)
+"""Set while an outer :class:`RequestBody` validates what it has checked for NUL."""
 
 
 def nul_at(value: Any, path: str = "") -> str | None:
