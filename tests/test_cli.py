@@ -232,6 +232,26 @@ def test_errors_speak_chinese_when_asked(db: Database, monkeypatch: pytest.Monke
     assert "error[unknown_program]: 积分计划 nope 不存在。" in output
 
 
+def test_a_rule_pack_that_is_not_valid_names_the_field_in_the_users_language(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = new_program(db)
+    pack = tmp_path / "pack.json"
+    pack.write_text(json.dumps({"rules": [{"code": "r", "kind": "fixed", "points": 5}]}))
+    said = {}
+    for language in ("en", "zh"):
+        monkeypatch.setenv("JIFEN_LANGUAGE", language)
+        get_settings.cache_clear()
+        try:
+            code, said[language] = jifen(db, "rules", "load", str(pack), "--program", program.code)
+        finally:
+            monkeypatch.delenv("JIFEN_LANGUAGE")
+            get_settings.cache_clear()
+        assert code == 2, said[language]
+    assert "error[invalid_input]" in said["en"] and "Field required" in said["en"], said["en"]
+    assert "必填,请提供该字段。" in said["zh"] and "Field required" not in said["zh"], said["zh"]
+
+
 def test_a_job_for_a_moment_out_of_range_or_in_the_future_is_refused(history: tuple) -> None:
     db, program, _ = history
     base = ["jobs", "run", "points.expire", "--program", program.code, "--now"]

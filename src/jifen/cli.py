@@ -47,7 +47,7 @@ from jifen.db import migrate
 from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
 from jifen.demo import service as demo_service
-from jifen.errors import JifenError
+from jifen.errors import JifenError, field_problem
 from jifen.events import service as events_service
 from jifen.events import stream as event_stream
 from jifen.imports import service as imports
@@ -679,7 +679,7 @@ def rules_load(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise fail("invalid_input", f"{pack}: {where}: {first['msg']}") from None
+        raise fail("invalid_input", f"{pack}: {where}: {_say(*field_problem(first))}") from None
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)

@@ -31,6 +31,9 @@ The root and the ledger's own errors live in :mod:`jifen.ledger.errors` so that 
 core needs nothing else from jifen; this module is where everyone else imports them from.
 """
 
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
 from jifen.ledger.errors import (
     DuplicateReference,
     ExceedsOriginal,
@@ -138,6 +141,7 @@ __all__ = [
     "NotFound",
     "OrderNotSeen",
     "RateLimited",
+    "Refusal",
     "Refused",
     "SameAccount",
     "SignInLocked",
@@ -153,7 +157,9 @@ __all__ = [
     "UnknownRule",
     "UnknownStaff",
     "UnknownTier",
+    "field_problem",
     "http_status",
+    "invalid_field",
 ]
 
 STATUS.update(
@@ -307,3 +313,125 @@ class WebhookTargetRefused(InvalidInput):
 
 
 __all__ += ["UnknownDelivery", "UnknownInboxMessage", "UnknownWebhook", "WebhookTargetRefused"]
+
+
+# --------------------------------------------------------------------------- field messages
+
+
+class Refusal(ValueError):
+    """A value refused by a validator, said in English and Chinese: raised where a
+    validator would raise ``ValueError``, so that a Chinese reader gets ``zh``."""
+
+    def __init__(self, en: str, zh: str) -> None:
+        super().__init__(en)
+        self.zh = zh
+
+
+# Chinese for pydantic's error types, filled from the error's context; English is
+# pydantic's own message. A type not listed here is said in Chinese by _UNLISTED_ZH.
+_FIELD_ZH = {
+    "missing": "必填,请提供该字段。",
+    "missing_argument": "必填,请提供该字段。",
+    "extra_forbidden": "不接受此字段,请删除它。",
+    "unexpected_keyword_argument": "不接受此字段,请删除它。",
+    "int_type": "应为整数。",
+    "int_parsing": "应为整数。",
+    "int_from_float": "应为整数,不能带小数。",
+    "int_parsing_size": "数值超出范围。",
+    "float_type": "应为数字。",
+    "float_parsing": "应为数字。",
+    "finite_number": "应为有限的数字。",
+    "decimal_type": "应为数字。",
+    "decimal_parsing": "应为数字。",
+    "decimal_max_digits": "最多 {max_digits} 位数字。",
+    "decimal_max_places": "小数最多 {decimal_places} 位。",
+    "decimal_whole_digits": "整数部分最多 {whole_digits} 位。",
+    "bool_type": "应为 true 或 false。",
+    "bool_parsing": "应为 true 或 false。",
+    "string_type": "应为字符串。",
+    "string_sub_type": "应为字符串。",
+    "string_unicode": "应为有效的 Unicode 文本。",
+    "string_too_short": "至少 {min_length} 个字符。",
+    "string_too_long": "最多 {max_length} 个字符。",
+    "string_pattern_mismatch": "格式不符,应匹配 {pattern}。",
+    "greater_than": "应大于 {gt}。",
+    "greater_than_equal": "应大于或等于 {ge}。",
+    "less_than": "应小于 {lt}。",
+    "less_than_equal": "应小于或等于 {le}。",
+    "multiple_of": "应为 {multiple_of} 的倍数。",
+    "literal_error": "应为以下之一:{expected}。",
+    "enum": "应为以下之一:{expected}。",
+    "list_type": "应为数组。",
+    "tuple_type": "应为数组。",
+    "set_type": "应为数组。",
+    "frozen_set_type": "应为数组。",
+    "too_short": "至少需要 {min_length} 项。",
+    "too_long": "最多 {max_length} 项。",
+    "dict_type": "应为 JSON 对象。",
+    "model_type": "应为 JSON 对象。",
+    "model_attributes_type": "应为 JSON 对象。",
+    "dataclass_type": "应为 JSON 对象。",
+    "none_required": "应为 null。",
+    "datetime_type": "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
+    "datetime_parsing": "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
+    "datetime_from_date_parsing": (
+        "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。"
+    ),
+    "datetime_object_invalid": "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
+    "timezone_aware": "时间须带时区偏移,例如 +08:00。",
+    "timezone_naive": "时间不应带时区偏移。",
+    "date_type": "应为日期,例如 2026-01-31。",
+    "date_parsing": "应为日期,例如 2026-01-31。",
+    "date_from_datetime_parsing": "应为日期,例如 2026-01-31。",
+    "date_from_datetime_inexact": "应为日期(不含时刻),例如 2026-01-31。",
+    "time_type": "应为时刻,例如 10:00:00。",
+    "time_parsing": "应为时刻,例如 10:00:00。",
+    "json_invalid": "不是有效的 JSON。",
+    "json_type": "应为 JSON 文本。",
+    "union_tag_invalid": "{discriminator} 的值 {tag} 无效,应为以下之一:{expected_tags}。",
+    "union_tag_not_found": "缺少用于区分类型的字段 {discriminator}。",
+    "url_type": "应为网址。",
+    "url_parsing": "不是有效的网址。",
+    "url_scheme": "网址的协议应为以下之一:{expected_schemes}。",
+    "uuid_type": "应为 UUID。",
+    "uuid_parsing": "不是有效的 UUID。",
+    "bytes_type": "应为字节串。",
+    "bytes_too_short": "至少 {min_length} 个字节。",
+    "bytes_too_long": "最多 {max_length} 个字节。",
+}
+_UNLISTED_ZH = "取值无效:{message}"
+
+
+def field_problem(error: ErrorDetails) -> tuple[str, str]:
+    """What is wrong with a field, in English and Chinese, from one of pydantic's
+    validation errors (``ValidationError.errors()``)."""
+    english = error["msg"]
+    context = error.get("ctx") or {}
+    cause = context.get("error")
+    if isinstance(cause, Refusal):
+        return english, cause.zh
+    template = _FIELD_ZH.get(error["type"])
+    if template is None:
+        return english, _UNLISTED_ZH.format(message=english)
+    # pydantic lists choices in English ("'a', 'b' or 'c'"): list them the Chinese way
+    values = {
+        name: value.replace(" or ", "、").replace(", ", "、") if name.startswith("expected")
+        and isinstance(value, str) else value
+        for name, value in context.items()
+    }  # fmt: skip
+    try:
+        return english, template.format(**values)
+    except (KeyError, IndexError):  # a context without the expected values
+        return english, _UNLISTED_ZH.format(message=english)
+
+
+def invalid_field(
+    exc: ValidationError, *, within: str = "", field: str | None = None, whole: str = "body"
+) -> InvalidInput:
+    """InvalidInput naming the first field that ``exc`` (pydantic's) found wrong: its path
+    under ``within`` (``field`` instead, when given; ``whole`` when the error is about the
+    whole value), and what is wrong in both languages."""
+    first = exc.errors()[0]
+    path = ".".join(str(part) for part in (within, *first["loc"]) if part != "")
+    english, chinese = field_problem(first)
+    return InvalidInput(field=field or path or whole, problem=english, problem_zh=chinese)

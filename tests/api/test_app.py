@@ -14,6 +14,7 @@ from jifen.api.app import app_from_settings
 from jifen.db.uow import Database
 from jifen.settings import get_settings
 from tests.api import support
+from tests.factories import new_members, new_program
 
 
 def test_health_and_readiness(client: TestClient) -> None:
@@ -167,3 +168,43 @@ def test_the_document_describes_errors_as_the_problems_sent(client: TestClient) 
         content = answers[status]["content"]["application/problem+json"]
         assert content["schema"] == {"$ref": "#/components/schemas/Problem"}, status
     assert "Problem" in document["components"]["schemas"]
+
+
+def test_each_field_error_is_said_in_the_callers_language(client: TestClient, db: Database) -> None:
+    admin = support.staff(db, "super_admin")
+    bad = {"code": "Not A Code!", "name": "x" * 201, "colour": "red"}
+
+    def errors(language: str, body: dict[str, object]) -> dict[str, str]:
+        answer = client.post(
+            "/v1/programs", json=body,
+            headers={**admin, **support.key(), "Accept-Language": language},
+        )  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        return {e["field"]: e["message"] for e in answer.json()["errors"]}
+
+    english = errors("en", bad)
+    assert english == {
+        "body.code": "String should match pattern '^[a-z0-9][a-z0-9_-]*$'",
+        "body.name": "String should have at most 200 characters",
+        "body.colour": "Extra inputs are not permitted",
+    }
+    chinese = errors("zh-CN", bad)
+    assert chinese == {
+        "body.code": "格式不符,应匹配 ^[a-z0-9][a-z0-9_-]*$。",
+        "body.name": "最多 200 个字符。",
+        "body.colour": "不接受此字段,请删除它。",
+    }
+    # a validator's own refusal has its Chinese too
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    earn = f"/v1/programs/{program.code}/members/{member}/points/earn"
+    refused = {
+        language: client.post(
+            earn, json={"amount": 10, "expires_at": 1767225600},
+            headers={**admin, **support.key(), "Accept-Language": language},
+        ).json()["errors"]
+        for language in ("en", "zh")
+    }  # fmt: skip
+    assert [e["field"] for e in refused["en"]] == ["body.expires_at"]
+    assert "a number is not read as a time" in refused["en"][0]["message"]
+    assert refused["zh"][0]["message"].startswith("请按 RFC 3339 给出带 UTC 偏移的时间")

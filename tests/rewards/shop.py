@@ -47,6 +47,8 @@ POLICY: dict[str, Any] = {
 class Shop:
     db: Database
     program_id: int
+    code: str
+    """The programme's code, as in URLs."""
 
     @classmethod
     def open(cls, db: Database, **policy: Any) -> Shop:
@@ -65,7 +67,7 @@ class Shop:
             )
 
         db.run(setup)
-        return cls(db, program.id)
+        return cls(db, program.id, program.code)
 
     def member(self, points_: int = 0, tier: str | None = None, count: int = 1) -> list[int]:
         ids = self.db.run(

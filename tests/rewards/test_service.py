@@ -445,10 +445,11 @@ def test_restock_alert_at_safety_stock_clears_on_restock(db: Database) -> None:
     (member,) = shop.member(10000, tier="金卡")
     cup = shop.reward(points=100, stock=3, safety_stock=1, max_quantity=2)
     shop.redeem(member, cup.code, quantity=2)
-    alerts = db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id))
+    alerts, more = db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id))
     assert [(a.reward, a.stock_left) for a in alerts] == [(cup.code, 1)]
+    assert more is None
     db.run(lambda uow: rewards.restock(uow, program_id=shop.program_id, code=cup.code, add=10))
-    assert db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id)) == []
+    assert db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id)) == ([], None)
     restocked = shop.get(cup.code)
     assert (restocked.stock_left, restocked.stock_total, restocked.sold) == (11, 13, 2)
 

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.encoders import jsonable_encoder
@@ -79,6 +79,17 @@ def id_cursor(cursor: str | None) -> int:
 
 
 _ID = re.compile(r"[0-9]{1,19}")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+def next_id_cursor(items: Sequence[_HasId], limit: int) -> str | None:
+    """The cursor of the page after ``items`` (read in id order, at most ``limit``): the
+    last one's id when the page is full, None when it is the last page."""
+    return str(items[-1].id) if items and len(items) == limit else None
 
 
 async def refuse_unusable_request(request: Request) -> None:

@@ -16,7 +16,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jifen.errors import InvalidInput, JifenError, RateLimited, SignInLocked, http_status
+from jifen.errors import (
+    InvalidInput,
+    JifenError,
+    RateLimited,
+    SignInLocked,
+    field_problem,
+    http_status,
+)
 
 log = logging.getLogger("jifen.api")
 
@@ -135,11 +142,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        zh = language(request) == "zh"
         errors = [
-            FieldError(field=_field(error["loc"]), message=error["msg"], type=error["type"])
+            FieldError(
+                field=_field(error["loc"]),
+                message=field_problem(error)[1 if zh else 0],
+                type=error["type"],
+            )
             for error in exc.errors()
         ]
-        zh = language(request) == "zh"
         return problem(
             422, "invalid_request", _VALIDATION_ZH if zh else _VALIDATION_EN, errors=errors
         )

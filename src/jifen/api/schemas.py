@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Query
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -20,6 +21,7 @@ from pydantic import (
 )
 
 from jifen.clock import EARLIEST, LATEST
+from jifen.errors import Refusal
 
 T = TypeVar("T")
 
@@ -39,9 +41,10 @@ class RequestBody(BaseModel):
             return handler(data)
         where = nul_at(data)
         if where is not None:
-            raise ValueError(
+            raise Refusal(
                 f"{where or 'the body'} holds a NUL character (\\u0000), which no text can "
-                "store: remove it"
+                "store: remove it",
+                f"{where or '请求体'} 含有 NUL 字符(\\u0000),任何文本都无法保存它:请删除",
             )
         walked = _WALKED.set(True)
         try:
@@ -83,6 +86,11 @@ class Page(BaseModel, Generic[T]):
 
 
 LIMIT = Field(50, ge=1, le=200, description="Items per page.")
+Limit = Annotated[int, LIMIT]
+IdCursor = Annotated[
+    str | None, Query(max_length=20, description="A next_cursor from the previous page.")
+]
+"""A list's cursor that is the last id of the previous page (read with ``id_cursor``)."""
 
 __all__ = ["EARLIEST", "LATEST"]  # with the shapes below; defined beside the clock
 
@@ -94,7 +102,10 @@ def _in_range(value: datetime) -> datetime:
     except OverflowError:
         in_utc = None
     if in_utc is None or not EARLIEST <= in_utc < LATEST:
-        raise ValueError("give a time between 1970 and 9000, with its UTC offset")
+        raise Refusal(
+            "give a time between 1970 and 9000, with its UTC offset",
+            "请给出 1970 年至 9000 年之间、带 UTC 偏移的时间",
+        )
     return value
 
 
@@ -107,9 +118,11 @@ def _not_a_number(value: Any) -> Any:
     if isinstance(value, int | float | Decimal) or (
         isinstance(value, str) and _NUMBER.fullmatch(value)
     ):
-        raise ValueError(
+        raise Refusal(
             "give a time in RFC 3339 with its UTC offset, such as 2026-06-01T10:00:00+08:00 "
-            "(a number is not read as a time)"
+            "(a number is not read as a time)",
+            "请按 RFC 3339 给出带 UTC 偏移的时间,例如 2026-06-01T10:00:00+08:00"
+            "(数字不会被当作时间)",
         )
     return value
 

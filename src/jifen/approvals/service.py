@@ -44,7 +44,9 @@ def request(
     """File a request; nothing executes until another staff user approves it."""
     if action not in _EXECUTORS:
         raise InvalidInput(
-            field="action", problem=f"{action!r} is not a change that needs approval"
+            field="action",
+            problem=f"{action!r} is not a change that needs approval",
+            problem_zh=f"{action!r} 不是需要审批的变更",
         )
     now = uow.clock.now()
     approval_id = uow.conn.execute(
@@ -306,5 +308,7 @@ def _decode_cursor(cursor: str) -> int:
         return number
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(
-            field="cursor", problem="not a cursor this API gave out; start again without one"
+            field="cursor",
+            problem="not a cursor this API gave out; start again without one",
+            problem_zh="不是本 API 给出的游标;请不带游标重新开始",
         ) from exc

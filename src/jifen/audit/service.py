@@ -123,7 +123,11 @@ def search(
 ) -> EntryPage:
     """Entries matching ``filters``, newest first, and the cursor of the next page (if any)."""
     if not 1 <= limit <= 5000:
-        raise InvalidInput(field="limit", problem=f"must be between 1 and 5000, got {limit}")
+        raise InvalidInput(
+            field="limit",
+            problem=f"must be between 1 and 5000, got {limit}",
+            problem_zh=f"须在 1 到 5000 之间,收到的是 {limit}",
+        )
     entries = audit_entries.c
     conditions: list[Any] = []
     if filters.programs is not None:
@@ -163,7 +167,9 @@ def decode_cursor(cursor: str) -> int:
             raise ValueError(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(
-            field="cursor", problem="not a cursor this API gave out; start again without one"
+            field="cursor",
+            problem="not a cursor this API gave out; start again without one",
+            problem_zh="不是本 API 给出的游标;请不带游标重新开始",
         ) from exc
     return number
 

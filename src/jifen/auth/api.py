@@ -21,8 +21,9 @@ from jifen.api.deps import (
     database,
     id_cursor,
     limit_ip,
+    next_id_cursor,
 )
-from jifen.api.schemas import LIMIT, NO_NUL, Page
+from jifen.api.schemas import NO_NUL, IdCursor, Limit, Page
 from jifen.audit import service as audit_service
 from jifen.audit.schemas import AuditEntryCreate
 from jifen.auth import service
@@ -66,18 +67,12 @@ router = APIRouter(tags=["auth"])
 
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 RoleCode = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
-Cursor = Annotated[str | None, Query(max_length=40)]
-Limit = Annotated[int, LIMIT]
 Public = Depends(limit_ip)
 SignedIn = Annotated[Principal, Depends(authenticate)]
 
 
 def _program_id(db: Database, code: str) -> int:
     return db.run(lambda uow: programs_service.get_program(uow, code=code), read_only=True).id
-
-
-def _page(items: list[object], limit: int) -> str | None:
-    return str(items[-1].id) if len(items) == limit else None  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- signing in
@@ -181,7 +176,11 @@ def change_staff_password(
             problem_zh="只有已登录的员工可在此修改密码。",
         )
     if body.current_password is None:
-        raise InvalidInput(field="current_password", problem="give the present password")
+        raise InvalidInput(
+            field="current_password",
+            problem="give the present password",
+            problem_zh="请提供当前密码",
+        )
     current = body.current_password
 
     def change(uow: UnitOfWork) -> None:
@@ -276,7 +275,7 @@ def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
 @router.get("/staff", response_model=Page[StaffRead])
 def list_staff(
     ctx: Annotated[Context, Depends(Read("staff.read"))],
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Limit = 50,
     active: bool | None = None,
     username: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
@@ -291,7 +290,7 @@ def list_staff(
         ),
         read_only=True,
     )
-    return Page(items=items, next_cursor=_page(list(items), limit))
+    return Page(items=items, next_cursor=next_id_cursor(items, limit))
 
 
 @router.post("/staff", status_code=201, response_model=StaffCreated)
@@ -383,14 +382,20 @@ def list_permissions(
 ROLES = "/programs/{program}/roles"
 
 
-@router.get(ROLES, response_model=list[RoleRead])
+@router.get(ROLES, response_model=Page[RoleRead])
 def list_roles(
-    program: str, ctx: Annotated[Context, Depends(Read("roles.read"))]
-) -> list[RoleRead]:
+    program: str,
+    ctx: Annotated[Context, Depends(Read("roles.read"))],
+    cursor: IdCursor = None,
+    limit: Limit = 50,
+) -> Page[RoleRead]:
     """The built-in roles and this programme's custom ones."""
-    return ctx.db.run(
-        lambda uow: service.list_roles(uow, program_id=ctx.program_id), read_only=True
+    after = id_cursor(cursor)
+    items = ctx.db.run(
+        lambda uow: service.list_roles(uow, program_id=ctx.program_id, after_id=after, limit=limit),
+        read_only=True,
     )
+    return Page(items=items, next_cursor=next_id_cursor(items, limit))
 
 
 @router.post(ROLES, status_code=201, response_model=RoleRead)
@@ -452,7 +457,7 @@ KEYS = "/programs/{program}/api-keys"
 def list_api_keys(
     program: str,
     ctx: Annotated[Context, Depends(Read("api_keys.read"))],
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Limit = 50,
     merchant: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     revoked: bool | None = None,
@@ -471,7 +476,7 @@ def list_api_keys(
         ),
         read_only=True,
     )
-    return Page(items=items, next_cursor=_page(list(items), limit))
+    return Page(items=items, next_cursor=next_id_cursor(items, limit))
 
 
 @router.post(KEYS, status_code=201, response_model=ApiKeyCreated)
@@ -492,10 +497,16 @@ def create_api_key(
                 field="permissions",
                 problem=f"an API key cannot hold {', '.join(outside)}; choose from "
                 f"{', '.join(sorted(API_KEY_PERMISSIONS))}",
+                problem_zh=f"API 密钥不能拥有 {', '.join(outside)};请从以下权限中选择:"
+                f"{', '.join(sorted(API_KEY_PERMISSIONS))}",
             )
     _may_hand_out(ctx, wanted, ctx.program_id)
     if body.expires_at is not None and body.expires_at <= ctx.db.clock.now():
-        raise InvalidInput(field="expires_at", problem="give a time in the future")
+        raise InvalidInput(
+            field="expires_at",
+            problem="give a time in the future",
+            problem_zh="请给出一个将来的时间",
+        )
     return ctx.execute(
         lambda uow: service.create_api_key(
             uow, program_id=ctx.program_id, name=body.name, created_by=ctx.actor,

@@ -208,7 +208,9 @@ MEMBER_SESSION = timedelta(days=30)
 
 def hash_password(password: str) -> str:
     if len(password) < 8:
-        raise InvalidInput(field="password", problem="give at least 8 characters")
+        raise InvalidInput(
+            field="password", problem="give at least 8 characters", problem_zh="请至少使用 8 个字符"
+        )
     return PASSWORDS.hash(password)
 
 
@@ -288,9 +290,15 @@ def grant_role(
         .where((roles.c.program_id.is_(None)) | (roles.c.program_id == program_id))
     ).first()
     if row is None:
-        raise InvalidInput(field="role", problem=f"there is no role {role!r}")
+        raise InvalidInput(
+            field="role", problem=f"there is no role {role!r}", problem_zh=f"不存在角色 {role!r}"
+        )
     if row.program_id is not None and row.program_id != program_id:
-        raise InvalidInput(field="role", problem=f"role {role!r} belongs to another programme")
+        raise InvalidInput(
+            field="role",
+            problem=f"role {role!r} belongs to another programme",
+            problem_zh=f"角色 {role!r} 属于其他计划",
+        )
     grant_id = uow.conn.execute(
         role_grants.insert().returning(role_grants.c.id),
         {"staff_id": staff_id, "role_id": row.id, "program_id": program_id,
@@ -327,6 +335,8 @@ def create_api_key(
         raise InvalidInput(
             field="permissions",
             problem=f"an API key cannot hold {', '.join(beyond)}; choose from "
+            f"{', '.join(sorted(API_KEY_PERMISSIONS))}",
+            problem_zh=f"API 密钥不能拥有 {', '.join(beyond)};请从以下权限中选择:"
             f"{', '.join(sorted(API_KEY_PERMISSIONS))}",
         )
     prefix = secrets.token_hex(4)
@@ -507,7 +517,9 @@ def set_member_password(
     stored = row.password_hash if row is not None else None
     if check_current and stored is not None and not password_matches(stored, current or ""):
         raise InvalidInput(
-            field="current_password", problem="give the present password to change it"
+            field="current_password",
+            problem="give the present password to change it",
+            problem_zh="修改密码需提供当前密码",
         )
     values = {
         "password_hash": hash_password(password),
@@ -642,7 +654,11 @@ def change_staff_password(uow: UnitOfWork, *, staff_id: int, current: str, new: 
         select(staff_users.c.password_hash).where(staff_users.c.id == staff_id)
     ).one()
     if not password_matches(row.password_hash, current):
-        raise InvalidInput(field="current_password", problem="the present password is wrong")
+        raise InvalidInput(
+            field="current_password",
+            problem="the present password is wrong",
+            problem_zh="当前密码错误",
+        )
     uow.conn.execute(
         staff_users.update()
         .where(staff_users.c.id == staff_id)
@@ -778,7 +794,11 @@ def role_permissions(uow: UnitOfWork, *, role: str, program_id: int | None) -> f
         .where((roles.c.program_id.is_(None)) | (roles.c.program_id == program_id))
     ).first()
     if row is None:
-        raise InvalidInput(field="role", problem=f"there is no role {role!r} in this scope")
+        raise InvalidInput(
+            field="role",
+            problem=f"there is no role {role!r} in this scope",
+            problem_zh=f"该范围内不存在角色 {role!r}",
+        )
     return frozenset(row.permissions)
 
 
@@ -786,13 +806,18 @@ def _role_read(row: Any) -> RoleRead:
     return RoleRead.model_validate({**row._mapping, "permissions": sorted(row.permissions)})
 
 
-def list_roles(uow: UnitOfWork, *, program_id: int) -> list[RoleRead]:
-    """The built-in roles and the programme's own."""
+def list_roles(
+    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int | None = None
+) -> list[RoleRead]:
+    """The built-in roles and the programme's own, in id order (the built-in ones first,
+    made before any programme's) after ``after_id``; at most ``limit`` (None: all)."""
     sync_builtin_roles(uow)
     rows = uow.conn.execute(
         select(roles)
         .where((roles.c.program_id.is_(None)) | (roles.c.program_id == program_id))
-        .order_by(roles.c.builtin.desc(), roles.c.code)
+        .where(roles.c.id > after_id)
+        .order_by(roles.c.id)
+        .limit(limit)
     )
     return [_role_read(row) for row in rows]
 
@@ -805,6 +830,7 @@ def check_permissions(wanted: Sequence[str], *, holder: frozenset[str] | None) -
         raise InvalidInput(
             field="permissions",
             problem=f"unknown permission {', '.join(unknown)}; see GET /v1/permissions",
+            problem_zh=f"未知权限 {', '.join(unknown)};请查看 GET /v1/permissions",
         )
     if holder is not None:
         beyond = sorted(p for p in set(wanted) if p not in holder)
@@ -812,6 +838,7 @@ def check_permissions(wanted: Sequence[str], *, holder: frozenset[str] | None) -
             raise InvalidInput(
                 field="permissions",
                 problem=f"you cannot give {', '.join(beyond)}, which you do not hold yourself",
+                problem_zh=f"不能授予 {', '.join(beyond)}:你本人没有此权限",
             )
     return sorted(set(wanted))
 

@@ -124,6 +124,7 @@ def reset_sqlite(url: str) -> None:
             field="--reset",
             problem="only the embedded SQLite demo database can be reset; drop or clean other "
             "databases with their own tools",
+            problem_zh="只能重置内置的 SQLite 示例数据库;其他数据库请用其自带的工具删除或清理",
         )
     database = Path(path)
     if database.is_dir() or (database.exists() and not _is_sqlite(database)):
@@ -201,6 +202,7 @@ def build(
         raise InvalidInput(
             field="members" if members < 1 else "days",
             problem=f"give at least 1, got {min(members, days)}",
+            problem_zh=f"至少为 1,收到的是 {min(members, days)}",
         )
     rng = random.Random(seed)
     finish = (end or SystemClock()).now()

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from jifen.api.schemas import NO_NUL, Instant, RequestBody
+from jifen.errors import Refusal
 from jifen.rules.schemas import RuleSpec
 
 Fen = Annotated[int, Field(ge=0, le=10**12)]
@@ -50,7 +51,9 @@ class OrderRefunded(RequestBody):
     @model_validator(mode="after")
     def _something(self) -> OrderRefunded:
         if not self.whole and not self.lines:
-            raise ValueError("give the refunded lines, or whole: true")
+            raise Refusal(
+                "give the refunded lines, or whole: true", "请给出退款的明细行,或 whole: true"
+            )
         return self
 
 
@@ -134,7 +137,10 @@ class EventIn(RequestBody):
     @model_validator(mode="after")
     def _one_member(self) -> EventIn:
         if (self.member_id is None) == (self.member_ref is None):
-            raise ValueError("name the member by member_id or by member_ref (exactly one)")
+            raise Refusal(
+                "name the member by member_id or by member_ref (exactly one)",
+                "请用 member_id 或 member_ref 指明会员(二者只能给一个)",
+            )
         return self
 
 
@@ -202,7 +208,7 @@ class BacktestIn(RequestBody):
     @model_validator(mode="after")
     def _range(self) -> BacktestIn:
         if self.until <= self.since:
-            raise ValueError("until must be after since")
+            raise Refusal("until must be after since", "until 须晚于 since")
         return self
 
 

@@ -36,6 +36,7 @@ from jifen.errors import (
     OrderNotSeen,
     UnknownEvent,
     UnknownMember,
+    invalid_field,
 )
 from jifen.events.models import event_awards, events, member_counters
 from jifen.events.schemas import (
@@ -101,11 +102,7 @@ def _parse(
     try:
         parsed = model.model_validate(dict(payload))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in ("payload", *first["loc"]))
-        raise InvalidInput(
-            field=where, problem=first["msg"], problem_zh=f"取值不符合要求({first['msg']})"
-        ) from exc
+        raise invalid_field(exc, within="payload") from exc
     return parsed.model_dump(mode="json", exclude_none=declared is not None), parsed
 
 
@@ -690,6 +687,8 @@ def _not_ahead(event: EventIn, now: datetime) -> None:
             field="occurred_at",
             problem=f"{event.occurred_at.isoformat()} is in the future; send an event once it "
             "has happened (a sender's clock may be at most 5 minutes fast)",
+            problem_zh=f"{event.occurred_at.isoformat()} 是未来的时间;请在事件发生后再发送"
+            "(发送方的时钟最多允许快 5 分钟)",
         )
 
 
@@ -1105,7 +1104,9 @@ def _refund(
         raise OrderNotSeen(order_id=refund.order_id)
     if order.member_id != event.member_id:
         raise InvalidInput(
-            field="member", problem=f"order {refund.order_id!r} belongs to another member"
+            field="member",
+            problem=f"order {refund.order_id!r} belongs to another member",
+            problem_zh=f"订单 {refund.order_id!r} 属于另一位会员",
         )
     # Money by sku: what the order paid (lines bought with points earned nothing), and what
     # the refunds so far, this one included, gave back.
@@ -1135,6 +1136,7 @@ def _refund(
             raise InvalidInput(
                 field=f"payload.lines.{index}.sku",
                 problem=f"{line.sku!r} is not a line of order {refund.order_id!r} paid in money",
+                problem_zh=f"{line.sku!r} 不是订单 {refund.order_id!r} 中以现金支付的商品行",
             )
         refunded_by_sku[line.sku] = refunded_by_sku.get(line.sku, 0) + line.amount_fen
         if refunded_by_sku[line.sku] > paid_by_sku[line.sku]:
@@ -1142,6 +1144,8 @@ def _refund(
                 field=f"payload.lines.{index}.amount_fen",
                 problem=f"refunds of {line.sku!r} would come to {refunded_by_sku[line.sku]} "
                 f"fen, more than the {paid_by_sku[line.sku]} it cost",
+                problem_zh=f"{line.sku!r} 的累计退款将达 {refunded_by_sku[line.sku]} 分,"
+                f"超过其实付的 {paid_by_sku[line.sku]} 分",
             )
     everything = refund.whole or earlier_whole
     if everything:
@@ -1149,7 +1153,9 @@ def _refund(
     amount = paid - earlier if refund.whole else sum(line.amount_fen for line in refund.lines)
     if amount <= 0 or earlier >= paid:
         raise InvalidInput(
-            field="payload", problem=f"order {refund.order_id!r} has nothing left to refund"
+            field="payload",
+            problem=f"order {refund.order_id!r} has nothing left to refund",
+            problem_zh=f"订单 {refund.order_id!r} 已无可退款的金额",
         )
     uow.conn.execute(events.update().where(events.c.id == event_id).values(amount_fen=amount))
     originals = uow.conn.execute(

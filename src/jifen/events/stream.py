@@ -50,7 +50,7 @@ from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import InvalidInput, JifenError
+from jifen.errors import InvalidInput, JifenError, invalid_field
 from jifen.events import service
 from jifen.events.schemas import EventIn
 from jifen.programs import service as programs_service
@@ -96,7 +96,9 @@ def program_of(subject: str, subject_prefix: str) -> str:
     code = subject[len(head) :] if subject.startswith(head) else ""
     if not code or "." in code:
         raise InvalidInput(
-            field="subject", problem=f"{subject!r} is not {subject_prefix}.<programme code>"
+            field="subject",
+            problem=f"{subject!r} is not {subject_prefix}.<programme code>",
+            problem_zh=f"{subject!r} 不符合 {subject_prefix}.<计划代码> 的格式",
         )
     return code
 
@@ -107,9 +109,7 @@ def read_event(data: bytes) -> EventIn:
     try:
         return EventIn.model_validate_json(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "event"
-        raise InvalidInput(field=where, problem=first["msg"]) from exc
+        raise invalid_field(exc, whole="event") from exc
 
 
 @dataclass(frozen=True)

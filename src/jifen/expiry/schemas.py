@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, Field, model_validator
 
 from jifen.api.schemas import RequestBody
+from jifen.errors import Refusal
 from jifen.points.schemas import PostingRead
 
 Channel = Literal["inbox", "email", "sms"]
@@ -32,9 +33,15 @@ class Validity(RequestBody):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.kind == "rolling" and (self.months is None) == (self.days is None):
-            raise ValueError("a rolling validity needs exactly one of months and days")
+            raise Refusal(
+                "a rolling validity needs exactly one of months and days",
+                "滚动有效期须且只能给出 months 和 days 之一",
+            )
         if self.kind != "rolling" and (self.months is not None or self.days is not None):
-            raise ValueError("months and days belong to a rolling validity only")
+            raise Refusal(
+                "months and days belong to a rolling validity only",
+                "months 和 days 只适用于滚动有效期",
+            )
         return self
 
 

@@ -65,7 +65,9 @@ def lot_expiry(
     expires_at = core.expires_at(validity, start, _zone(uow, program_id))
     if expires_at is not None and expires_at >= LATEST:
         raise InvalidInput(
-            field="available_at", problem="too far in the future to give the points a validity"
+            field="available_at",
+            problem="too far in the future to give the points a validity",
+            problem_zh="时间距今太远,无法为积分设定有效期",
         )
     return expires_at
 

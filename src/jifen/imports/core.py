@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from jifen.errors import field_problem
 from jifen.events.schemas import EventIn
 from jifen.members.schemas import MemberCreate
 
@@ -34,12 +35,17 @@ COLUMNS: dict[Kind, tuple[list[str], list[str]]] = {
 
 
 class RowError(Exception):
-    """A row that cannot be imported; ``column`` and ``reason`` say what to fix."""
+    """A row that cannot be imported; ``column`` and ``reason`` say what to fix
+    (``reason_zh``: in Chinese; without it the Chinese repeats ``reason``)."""
 
-    def __init__(self, column: str, reason: str) -> None:
+    def __init__(self, column: str, reason: str, reason_zh: str | None = None) -> None:
         super().__init__(f"{column}: {reason}")
         self.column = column
         self.reason = reason
+        self.reason_zh = reason_zh or reason
+
+    def said(self, language: str) -> str:
+        return self.reason_zh if language.lower().startswith("zh") else self.reason
 
 
 @dataclass(frozen=True)
@@ -59,24 +65,29 @@ def check_header(kind: Kind, header: list[str]) -> None:
     unknown = [c for c in header if c not in required and c not in optional]
     twice = sorted({c for c in header if header.count(c) > 1})
     if missing or unknown or twice:
-        parts = []
+        en, zh = [], []
         if twice:
-            parts.append(f"column(s) named more than once: {', '.join(twice)}")
+            en.append(f"column(s) named more than once: {', '.join(twice)}")
+            zh.append(f"列名重复:{', '.join(twice)}")
         if missing:
-            parts.append(f"missing column(s) {', '.join(missing)}")
+            en.append(f"missing column(s) {', '.join(missing)}")
+            zh.append(f"缺少列 {', '.join(missing)}")
         if unknown:
-            parts.append(f"unknown column(s) {', '.join(unknown)}")
+            en.append(f"unknown column(s) {', '.join(unknown)}")
+            zh.append(f"未知列 {', '.join(unknown)}")
         raise RowError(
             "header",
-            "; ".join(parts) + f". The columns of a {kind} file are: "
+            "; ".join(en) + f". The columns of a {kind} file are: "
             + ", ".join(required) + " (required), " + ", ".join(optional) + " (optional).",
+            ";".join(zh) + f"。{kind} 文件的列为:{', '.join(required)}(必填),"
+            + f"{', '.join(optional)}(可选)。",
         )  # fmt: skip
 
 
 def _validation(exc: ValidationError, prefix: str = "") -> RowError:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "row"
-    return RowError(prefix + where, first["msg"])
+    return RowError(prefix + where, *field_problem(first))
 
 
 def event_record(line: int, row: Mapping[str, str], default_source: str) -> Record:
@@ -85,9 +96,9 @@ def event_record(line: int, row: Mapping[str, str], default_source: str) -> Reco
         try:
             payload = json.loads(row["payload"])
         except ValueError as exc:
-            raise RowError("payload", f"not JSON: {exc}") from exc
+            raise RowError("payload", f"not JSON: {exc}", f"不是 JSON:{exc}") from exc
         if not isinstance(payload, dict):
-            raise RowError("payload", "must be a JSON object")
+            raise RowError("payload", "must be a JSON object", "须为 JSON 对象")
     data: dict[str, Any] = {
         "source": row.get("source") or default_source,
         "external_id": row["external_id"],
@@ -111,7 +122,11 @@ def _flag(value: str | None, column: str) -> bool:
         return False
     if text in ("1", "true", "yes", "y"):
         return True
-    raise RowError(column, f"{value!r} is not true or false (use 1/0, true/false, yes/no)")
+    raise RowError(
+        column,
+        f"{value!r} is not true or false (use 1/0, true/false, yes/no)",
+        f"{value!r} 不是真或假(请用 1/0、true/false、yes/no)",
+    )
 
 
 def order_records(
@@ -138,7 +153,11 @@ def _order(
         for column in ("member_ref", "occurred_at", "store", "channel"):
             values = {row.get(column, "") for _, row in group}
             if len(values) > 1:
-                raise RowError(column, f"differs between the lines of order {first['order_id']}")
+                raise RowError(
+                    column,
+                    f"differs between the lines of order {first['order_id']}",
+                    f"订单 {first['order_id']} 的各行在此列的值不一致",
+                )
         payload = {
             "order_id": first["order_id"],
             "store": first.get("store") or None,

@@ -72,8 +72,7 @@ class _Rejected:
     import skips it too (and does not write it to the error file twice)."""
 
     lines: tuple[int, ...]
-    column: str
-    reason: str
+    error: RowError
 
 
 @dataclass
@@ -146,11 +145,15 @@ def run_import(
             try:
                 header = [h.strip() for h in next(reader)]
             except StopIteration:
-                raise InvalidInput(field="file", problem=f"{path} is empty") from None
+                raise InvalidInput(
+                    field="file", problem=f"{path} is empty", problem_zh=f"{path} 是空文件"
+                ) from None
             try:
                 check_header(kind, header)
             except RowError as exc:
-                raise InvalidInput(field=exc.column, problem=exc.reason) from exc
+                raise InvalidInput(
+                    field=exc.column, problem=exc.reason, problem_zh=exc.reason_zh
+                ) from exc
             errors.header(header)
             records = _records(kind, reader, header, source)
             pending: list[Record | _Rejected] = []
@@ -259,12 +262,19 @@ def _records(
 ) -> Iterator[Record | _Rejected]:
     """Records from the rows, and the rows that cannot make one."""
 
-    def rows() -> Iterator[tuple[int, dict[str, str]]]:
+    def rows() -> Iterator[tuple[int, dict[str, str] | RowError]]:
         for line, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                yield line, {"": f"has {len(values)} fields, the header {len(header)}"}
+                yield (
+                    line,
+                    RowError(
+                        "row",
+                        f"has {len(values)} fields, the header {len(header)}",
+                        f"有 {len(values)} 个字段,表头有 {len(header)} 个",
+                    ),
+                )
                 continue
             yield line, {h: v.strip() for h, v in zip(header, values, strict=True)}
 
@@ -273,8 +283,8 @@ def _records(
 
         def well_formed() -> Iterator[tuple[int, dict[str, str]]]:
             for line, row in rows():
-                if "" in row:
-                    misshapen.append(_Rejected((line,), "row", row[""]))
+                if isinstance(row, RowError):
+                    misshapen.append(_Rejected((line,), row))
                 else:
                     yield line, row
 
@@ -284,18 +294,17 @@ def _records(
             if isinstance(item, Record):
                 yield item
             else:
-                lines, exc = item
-                yield _Rejected(lines, exc.column, exc.reason)
+                yield _Rejected(*item)
         yield from misshapen
         return
     for line, row in rows():
-        if "" in row:
-            yield _Rejected((line,), "row", row[""])
+        if isinstance(row, RowError):
+            yield _Rejected((line,), row)
             continue
         try:
             yield event_record(line, row, source) if kind == "events" else member_record(line, row)
         except RowError as exc:
-            yield _Rejected((line,), exc.column, exc.reason)
+            yield _Rejected((line,), exc)
 
 
 def _commit(
@@ -320,7 +329,8 @@ def _commit(
     outcome = db.run(work) if records else _Outcome()
     for item in items:
         if isinstance(item, _Rejected):
-            outcome.refused.append((item.lines, item.column, "invalid_input", item.reason))
+            reason = item.error.said(language)
+            outcome.refused.append((item.lines, item.error.column, "invalid_input", reason))
     report.records += len(items)
     report.accepted += outcome.accepted
     report.replayed += outcome.replayed

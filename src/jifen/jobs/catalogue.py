@@ -182,7 +182,10 @@ def _restock_alerts(uow: UnitOfWork, program_id: int, cursor: int, size: int) ->
     """Tell staff (outbox) and subscribers (webhook ``reward.stock_low``) of each open
     restock alert, once per alert."""
     told = 0
-    for alert in rewards_service.open_alerts(uow, program_id=program_id):
+    alerts, more = rewards_service.open_alerts(
+        uow, program_id=program_id, after_id=cursor, limit=size
+    )
+    for alert in alerts:
         key = f"stock-low:{alert.reward}:{round(alert.raised_at.timestamp())}"
         data = {
             "reward": alert.reward, "left": alert.stock_left,
@@ -197,7 +200,7 @@ def _restock_alerts(uow: UnitOfWork, program_id: int, cursor: int, size: int) ->
                 program_id=program_id, member_id=None, template="stock.low", data=data, key=key
             ),
         )
-    return Chunk(cursor, True, {"alerts": told})
+    return Chunk(alerts[-1].id if alerts else cursor, more is None, {"alerts": told})
 
 
 register(Job("rewards.restock_alerts", "Restock alerts to staff", "补货提醒", _restock_alerts))

@@ -94,7 +94,9 @@ def get(name: str) -> Job:
     known = jobs()
     if name not in known:
         raise InvalidInput(
-            field="job", problem=f"there is no job {name!r}; the jobs are {', '.join(known)}"
+            field="job",
+            problem=f"there is no job {name!r}; the jobs are {', '.join(known)}",
+            problem_zh=f"不存在任务 {name!r};现有任务:{', '.join(known)}",
         )
     return known[name]
 
@@ -137,7 +139,11 @@ def run(
     traffic: after each chunk it waits ``pause`` times as long as the chunk took (at 1.0 the
     run takes about twice as long and leaves about half of what it used to the traffic)."""
     if not 0 <= pause <= 100:
-        raise InvalidInput(field="pause", problem="give a pause from 0 (none) to 100")
+        raise InvalidInput(
+            field="pause",
+            problem="give a pause from 0 (none) to 100",
+            problem_zh="请给出 0(不暂停)到 100 之间的暂停倍数",
+        )
     job = get(name)
     moment = core.run_moment(now if now is not None else db.clock.now())
     limit = size or job.size
@@ -282,7 +288,11 @@ def _dry_run(db: Database, job: Job, program_id: int, moment: datetime, limit: i
             cursor, chunks = 0, 0
             figures: dict[str, int] = {}
             if job.chunk is None:
-                raise InvalidInput(field="dry_run", problem=f"{job.name} has no dry run")
+                raise InvalidInput(
+                    field="dry_run",
+                    problem=f"{job.name} has no dry run",
+                    problem_zh=f"{job.name} 不支持演练",
+                )
             while True:
                 chunk = job.chunk(timed, program_id, cursor, limit)
                 chunks += 1
@@ -324,7 +334,11 @@ def run_global(db: Database, name: str) -> dict[str, int]:
     """Run a job that serves every programme at once (the outbox)."""
     job = get(name)
     if job.whole is None:
-        raise InvalidInput(field="job", problem=f"{name} runs for one programme at a time")
+        raise InvalidInput(
+            field="job",
+            problem=f"{name} runs for one programme at a time",
+            problem_zh=f"{name} 每次只能为一个计划运行",
+        )
     return job.whole(db, 0)
 
 

@@ -32,6 +32,7 @@ def normalise_phone(phone: str) -> str:
             field="phone",
             problem="give a mainland mobile number of 11 digits starting with 1, "
             "optionally with +86",
+            problem_zh="请填写以 1 开头的 11 位中国大陆手机号,可带 +86",
         )
     return found
 
@@ -59,20 +60,32 @@ def check_id_number(value: str) -> str:
     form, birth date or check character is wrong."""
     number = value.strip().upper()
 
-    def refuse(problem: str) -> InvalidInput:
-        return InvalidInput(field="id_number", problem=problem)
+    def refuse(problem: str, problem_zh: str) -> InvalidInput:
+        return InvalidInput(field="id_number", problem=problem, problem_zh=problem_zh)
 
     last = number[17:]
     if len(number) != 18 or not number[:17].isdigit() or not (last.isdigit() or last == "X"):
-        raise refuse("give the 18 characters of a resident ID: 17 digits, then a digit or X")
+        raise refuse(
+            "give the 18 characters of a resident ID: 17 digits, then a digit or X",
+            "请填写 18 位居民身份证号:前 17 位为数字,最后一位为数字或 X",
+        )
     try:
         born = date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
     except ValueError:
-        raise refuse("characters 7 to 14 are not a real birth date (YYYYMMDD)") from None
+        raise refuse(
+            "characters 7 to 14 are not a real birth date (YYYYMMDD)",
+            "第 7 至 14 位不是有效的出生日期(YYYYMMDD)",
+        ) from None
     if born.year < 1900:
-        raise refuse("characters 7 to 14 give a birth date before 1900")
+        raise refuse(
+            "characters 7 to 14 give a birth date before 1900",
+            "第 7 至 14 位表示的出生日期早于 1900 年",
+        )
     if id_check_digit(number[:17]) != number[17]:
-        raise refuse("the last character does not match the others: check for a typing error")
+        raise refuse(
+            "the last character does not match the others: check for a typing error",
+            "最后一位校验码与前 17 位不符:请检查是否输错",
+        )
     return number
 
 

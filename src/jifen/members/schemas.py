@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic.json_schema import SkipJsonSchema
 
 from jifen.api.schemas import NO_NUL, RequestBody
+from jifen.errors import Refusal
 from jifen.points.schemas import BalanceSummary
 
 
@@ -35,7 +36,7 @@ Region = Annotated[str, Field(max_length=100, pattern=NO_NUL)]
 
 def _plausible_birthday(value: date) -> date:
     if not date(1900, 1, 1) <= value <= date(2100, 1, 1):
-        raise ValueError("give a birthday from 1900 on")
+        raise Refusal("give a birthday from 1900 on", "请给出 1900 年及以后的生日")
     return value
 
 
@@ -73,8 +74,9 @@ class MemberUpdate(RequestBody):
     def _kept_when_null(cls, value: object) -> object:
         """A member always has a name and a list of tags: null cannot clear them."""
         if value is None:
-            raise ValueError(
-                'cannot be null: leave it out to keep it, or give "" or [] to clear it'
+            raise Refusal(
+                'cannot be null: leave it out to keep it, or give "" or [] to clear it',
+                '不能为 null:不给出该字段即保持原值,给出 "" 或 [] 即清空',
             )
         return value
 

@@ -34,7 +34,11 @@ def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> M
     """Register a member of a programme and open its points account."""
     external_ref = external_ref.strip()
     if not external_ref or len(external_ref) > 128:
-        raise InvalidInput(field="external_ref", problem="give a reference of 1 to 128 characters")
+        raise InvalidInput(
+            field="external_ref",
+            problem="give a reference of 1 to 128 characters",
+            problem_zh="请填写 1 至 128 个字符的会员编号",
+        )
     exists = uow.conn.execute(
         select(members.c.id).where(
             members.c.program_id == program_id, members.c.external_ref == external_ref
@@ -518,7 +522,11 @@ def link_family(uow: UnitOfWork, *, program_id: int, main_id: int, member_id: in
     """Add ``member_id`` to the family group whose main account is ``main_id`` (made the
     main of a new group if it is in none)."""
     if main_id == member_id:
-        raise InvalidInput(field="member_id", problem="a member cannot join its own group")
+        raise InvalidInput(
+            field="member_id",
+            problem="a member cannot join its own group",
+            problem_zh="会员不能加入自己的家庭组",
+        )
     main = _row(uow, program_id, main_id)
     other = _row(uow, program_id, member_id)
     if main.family_main_id not in (None, main_id):

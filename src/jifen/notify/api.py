@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Read, Write, id_cursor
-from jifen.api.schemas import LIMIT, Page
+from jifen.api.schemas import LIMIT, IdCursor, Page
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden
 from jifen.notify import service
@@ -34,7 +34,6 @@ PROGRAM = "/programs/{program}"
 INBOX = "/programs/{program}/members/{member_id}/inbox"
 WEBHOOK = "/programs/{program}/webhooks/{webhook_id}"
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
-Cursor = Annotated[str | None, Query(max_length=20)]
 ALLOW_PRIVATE = "webhooks.allow_private"
 
 
@@ -47,7 +46,7 @@ def list_inbox(
     member_id: Id,
     ctx: Annotated[Context, Depends(Read("inbox.read"))],
     unread_only: bool = False,
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[InboxMessageRead]:
     """The member's in-app messages, newest first."""
@@ -122,7 +121,7 @@ def _check_allow_private(ctx: Context, wanted: bool | None) -> None:
 def list_webhooks(
     program: str,
     ctx: Annotated[Context, Depends(Read("webhooks.read"))],
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[WebhookRead]:
     """The programme's webhook subscriptions."""
@@ -215,7 +214,7 @@ def list_deliveries(
     program: str,
     webhook_id: Id,
     ctx: Annotated[Context, Depends(Read("webhooks.read"))],
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[DeliveryRead]:
     """The delivery log: each delivery, newest first, with every attempt (status code,
@@ -259,7 +258,7 @@ def list_outbox(
     channel: Channel | None = None,
     status: Status | None = None,
     member_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OutboxRead]:
     """Every message of the programme, newest first, with its delivery state."""

@@ -23,6 +23,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+from jifen.errors import Refusal
+
 # --------------------------------------------------------------------------- retries
 
 RETRY_DELAYS: tuple[timedelta, ...] = (
@@ -123,17 +125,21 @@ def parse_target(url: str) -> Target:
     """``url`` taken apart; ValueError saying why when it cannot be a webhook target."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise ValueError("give an http:// or https:// address")
+        raise Refusal("give an http:// or https:// address", "请给出 http:// 或 https:// 地址")
     if parts.username is not None or parts.password is not None:
-        raise ValueError("leave user names and passwords out of the address")
+        raise Refusal(
+            "leave user names and passwords out of the address", "地址中不能含用户名和密码"
+        )
     if not parts.hostname:
-        raise ValueError("the address has no host")
+        raise Refusal("the address has no host", "地址中没有主机名")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
-        raise ValueError("the port is not a number between 1 and 65535") from exc
+        raise Refusal(
+            "the port is not a number between 1 and 65535", "端口须为 1 到 65535 之间的数字"
+        ) from exc
     if parts.fragment:
-        raise ValueError("leave the #fragment out of the address")
+        raise Refusal("leave the #fragment out of the address", "地址中不能含 #片段")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(scheme=parts.scheme, host=parts.hostname, port=port, path=path)
 

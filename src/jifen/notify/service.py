@@ -49,6 +49,7 @@ from jifen.db import bulk
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import (
     InvalidInput,
+    Refusal,
     StateConflict,
     UnknownDelivery,
     UnknownInboxMessage,
@@ -147,7 +148,11 @@ def _first_times(uow: UnitOfWork, program_id: int, kind: str, keys: Sequence[str
     transaction on PostgreSQL, then finds the key (or, if this one rolls back, takes it)."""
     for key in keys:
         if not key or len(key) > 200:
-            raise InvalidInput(field="key", problem="give a key of 1 to 200 characters")
+            raise InvalidInput(
+                field="key",
+                problem="give a key of 1 to 200 characters",
+                problem_zh="请提供 1 至 200 个字符的键",
+            )
     if not keys:
         return set()
     now = uow.clock.now()
@@ -175,16 +180,26 @@ def notify_many(uow: UnitOfWork, notifications: Sequence[Notification]) -> int:
         return 0
     program_id = notifications[0].program_id
     if any(n.program_id != program_id for n in notifications):
-        raise InvalidInput(field="program_id", problem="notify_many takes one programme")
+        raise InvalidInput(
+            field="program_id",
+            problem="notify_many takes one programme",
+            problem_zh="notify_many 一次只能处理一个计划",
+        )
     rendered = {}
     for n in notifications:
         unknown = [channel for channel in n.channels if channel not in CHANNELS]
         if unknown or not n.channels:
-            raise InvalidInput(field="channels", problem=f"choose from {', '.join(CHANNELS)}")
+            raise InvalidInput(
+                field="channels",
+                problem=f"choose from {', '.join(CHANNELS)}",
+                problem_zh=f"请从以下渠道中选择:{', '.join(CHANNELS)}",
+            )
         try:
             rendered[n.key] = core.render(n.template, core.language_of(n.data), n.data)
         except ValueError as exc:
-            raise InvalidInput(field="template", problem=str(exc)) from exc
+            raise InvalidInput(
+                field="template", problem=str(exc), problem_zh=f"模板有误({exc})"
+            ) from exc
     reachable = {n.member_id for n in notifications if n.member_id is not None
                  and ("email" in n.channels or "sms" in n.channels)}  # fmt: skip
     phones = any("sms" in n.channels for n in notifications if n.member_id is not None)
@@ -268,7 +283,9 @@ def publish_many(
     subscriptions read once and the deliveries written in one statement."""
     if not core.TEMPLATE_NAME.match(event_type):
         raise InvalidInput(
-            field="event_type", problem="lower case letters, digits, '.', '_' or '-'"
+            field="event_type",
+            problem="lower case letters, digits, '.', '_' or '-'",
+            problem_zh="只能用小写字母、数字及 '.'、'_' 或 '-'",
         )
     subscriptions = uow.conn.execute(
         select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
@@ -655,7 +672,8 @@ def check_webhook_url(url: str, *, allow_private: bool, resolver: Resolver = res
     try:
         target = core.parse_target(url)
     except ValueError as exc:
-        raise WebhookTargetRefused(field="url", problem=str(exc)) from exc
+        chinese = exc.zh if isinstance(exc, Refusal) else str(exc)
+        raise WebhookTargetRefused(field="url", problem=str(exc), problem_zh=chinese) from exc
     try:
         addresses = resolver(target.host, target.port)
     except (OSError, UnicodeError) as exc:  # no such name; a name IDNA cannot encode

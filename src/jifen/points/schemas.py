@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jifen.api.schemas import NO_NUL, Instant, RequestBody
+from jifen.errors import Refusal
 
 
 class _Read(BaseModel):
@@ -144,15 +145,20 @@ class AdjustCreate(RequestBody):
     @classmethod
     def _not_zero(cls, value: int) -> int:
         if value == 0:
-            raise ValueError("an adjustment of 0 points changes nothing; give a non-zero amount")
+            raise Refusal(
+                "an adjustment of 0 points changes nothing; give a non-zero amount",
+                "调整 0 积分不会有任何变化;请给出非零的数量",
+            )
         return value
 
     @model_validator(mode="after")
     def _dated_credit(self) -> AdjustCreate:
         if self.amount < 0 and self.expires_at is not None:  # it was silently left unused
-            raise ValueError(
+            raise Refusal(
                 "expires_at dates the points a credit gives; a debit (a negative amount) "
-                "takes points as they are: leave expires_at out"
+                "takes points as they are: leave expires_at out",
+                "expires_at 用于给增加的积分定到期日;扣减(负数)按积分现有的到期日扣除:"
+                "请不要给出 expires_at",
             )
         return self
 

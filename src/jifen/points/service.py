@@ -237,6 +237,7 @@ def _require_key(key: str) -> str:
         raise InvalidInput(
             field="key",
             problem="an idempotency key of 1 to 200 characters is required for every write",
+            problem_zh="每次写操作都须提供 1 至 200 个字符的幂等键",
         )
     return key
 
@@ -832,6 +833,7 @@ def transfer(
             field="to_member_id",
             problem=f"member {to_member_id} belongs to another programme; points can move "
             "only between members of the same programme",
+            problem_zh=f"会员 {to_member_id} 属于其他计划;积分只能在同一计划的会员之间转赠",
         )
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
@@ -1334,7 +1336,9 @@ def _decode_lot_cursor(cursor: str) -> tuple[datetime | None, int]:
             raise ValueError(cursor)
     except (ValueError, UnicodeDecodeError, OverflowError):
         raise InvalidInput(
-            field="cursor", problem="pass back a next_cursor from a previous page"
+            field="cursor",
+            problem="pass back a next_cursor from a previous page",
+            problem_zh="请原样传回上一页给出的 next_cursor",
         ) from None
     return moment, number
 
@@ -1353,7 +1357,9 @@ def _decode_cursor(cursor: str) -> int:
         return number
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(
-            field="cursor", problem="not a cursor this API gave out; start again without one"
+            field="cursor",
+            problem="not a cursor this API gave out; start again without one",
+            problem_zh="不是本 API 给出的游标;请不带游标从头开始",
         ) from exc
 
 
@@ -1369,7 +1375,11 @@ def history(
 ) -> HistoryPage:
     """The member's postings, newest first, each with its lines, counterpart and reason."""
     if not 1 <= limit <= 500:
-        raise InvalidInput(field="limit", problem=f"must be between 1 and 500, got {limit}")
+        raise InvalidInput(
+            field="limit",
+            problem=f"must be between 1 and 500, got {limit}",
+            problem_zh=f"须在 1 到 500 之间,收到的是 {limit}",
+        )
     account = _account_of(uow, member_id)
     conditions = [chain_entries.c.account_id == account.id]
     if cursor is not None:
@@ -1379,7 +1389,9 @@ def history(
         unknown = sorted(set(kind_list) - {k.value for k in Kind})
         if unknown:
             raise InvalidInput(
-                field="kinds", problem=f"unknown kind(s) {unknown}; use {[k.value for k in Kind]}"
+                field="kinds",
+                problem=f"unknown kind(s) {unknown}; use {[k.value for k in Kind]}",
+                problem_zh=f"未知的记录类型 {unknown};可用类型:{[k.value for k in Kind]}",
             )
         conditions.append(postings.c.kind.in_(kind_list))
     if since is not None:

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from jifen.api.deps import Context, Read, Write
-from jifen.api.schemas import Page
+from jifen.api.deps import Context, Read, Write, id_cursor, next_id_cursor
+from jifen.api.schemas import IdCursor, Limit, Page
 from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
@@ -20,11 +20,19 @@ router = APIRouter(tags=["programmes"])
 
 
 @router.get("/programs")
-def list_programs(ctx: Annotated[Context, Depends(Read("programs.read"))]) -> Page[ProgramRead]:
-    """The programmes the caller can see."""
+def list_programs(
+    ctx: Annotated[Context, Depends(Read("programs.read"))],
+    cursor: IdCursor = None,
+    limit: Limit = 50,
+) -> Page[ProgramRead]:
+    """The programmes the caller can see, oldest first."""
+    after = id_cursor(cursor)
     visible = ctx.principal.programs("programs.read")
-    items = ctx.db.run(service.list_programs, read_only=True)
-    return Page(items=[p for p in items if visible is None or p.id in visible])
+    items = ctx.db.run(
+        lambda uow: service.list_programs(uow, after_id=after, limit=limit, among=visible),
+        read_only=True,
+    )
+    return Page(items=items, next_cursor=next_id_cursor(items, limit))
 
 
 @router.post("/programs", status_code=201, response_model=ProgramRead)

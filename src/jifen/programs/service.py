@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -26,13 +26,18 @@ def create_program(
 
     code = code.strip()
     if not code or len(code) > 64:
-        raise InvalidInput(field="code", problem="give a programme code of 1 to 64 characters")
+        raise InvalidInput(
+            field="code",
+            problem="give a programme code of 1 to 64 characters",
+            problem_zh="请给出 1 到 64 个字符的计划代码",
+        )
     try:
         ZoneInfo(time_zone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise InvalidInput(
             field="time_zone",
             problem=f"{time_zone!r} is not an IANA time zone such as Asia/Shanghai",
+            problem_zh=f"{time_zone!r} 不是 IANA 时区(例如 Asia/Shanghai)",
         ) from exc
     if uow.conn.execute(select(programs.c.id).where(programs.c.code == code)).first():
         raise DuplicateReference(what="Programme code", what_zh="计划代码", value=code)
@@ -52,8 +57,19 @@ def get_program(uow: UnitOfWork, *, code: str) -> ProgramRead:
     return ProgramRead.model_validate(row._mapping)
 
 
-def list_programs(uow: UnitOfWork) -> list[ProgramRead]:
-    rows = uow.conn.execute(select(programs).order_by(programs.c.id))
+def list_programs(
+    uow: UnitOfWork,
+    *,
+    after_id: int = 0,
+    limit: int | None = None,
+    among: Collection[int] | None = None,
+) -> list[ProgramRead]:
+    """Programmes in id order after ``after_id``: at most ``limit`` (None: all), only those
+    ``among`` the given ids (None: any)."""
+    query = select(programs).where(programs.c.id > after_id).order_by(programs.c.id)
+    if among is not None:
+        query = query.where(programs.c.id.in_(sorted(among)))
+    rows = uow.conn.execute(query.limit(limit))
     return [ProgramRead.model_validate(row._mapping) for row in rows]
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Read, Write, id_cursor
-from jifen.api.schemas import LIMIT, Page
+from jifen.api.schemas import LIMIT, IdCursor, Page
 from jifen.db.uow import UnitOfWork
 from jifen.members import service as members_service
 from jifen.rewards import service
@@ -41,7 +41,6 @@ MEMBER = "/programs/{program}/members/{member_id}"
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 RewardCode = Annotated[str, Path(min_length=1, max_length=64)]
 VoucherCode = Annotated[str, Path(min_length=1, max_length=32)]
-Cursor = Annotated[str | None, Query(max_length=20)]
 Action = Literal["confirm", "ship", "deliver", "cancel", "return"]
 
 
@@ -57,7 +56,7 @@ def list_rewards(
     state: RewardState | None = None,
     min_points: Annotated[int | None, Query(ge=0, le=10**12)] = None,
     max_points: Annotated[int | None, Query(ge=0, le=10**12)] = None,
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[RewardRead]:
     """The catalogue, filtered by kind, category, state and a range of base points (a price
@@ -147,14 +146,22 @@ def vote_tally(
     )
 
 
-@router.get(f"{PROGRAM}/stock-alerts", response_model=list[StockAlert])
+@router.get(f"{PROGRAM}/stock-alerts", response_model=Page[StockAlert])
 def stock_alerts(
-    program: str, ctx: Annotated[Context, Depends(Read("rewards.read"))]
-) -> list[StockAlert]:
-    """Rewards at or below their safety stock, until restocked."""
-    return ctx.db.run(
-        lambda uow: service.open_alerts(uow, program_id=ctx.program_id), read_only=True
+    program: str,
+    ctx: Annotated[Context, Depends(Read("rewards.read"))],
+    cursor: IdCursor = None,
+    limit: Annotated[int, LIMIT] = 50,
+) -> Page[StockAlert]:
+    """Rewards at or below their safety stock, until restocked; the oldest alert first."""
+    after = id_cursor(cursor)
+    items, next_cursor = ctx.db.run(
+        lambda uow: service.open_alerts(
+            uow, program_id=ctx.program_id, after_id=after, limit=limit
+        ),
+        read_only=True,
     )
+    return Page(items=items, next_cursor=next_cursor)
 
 
 # --------------------------------------------------------------------------- for a member
@@ -219,7 +226,7 @@ def member_orders(
     member_id: Id,
     ctx: Annotated[Context, Depends(Read("orders.read"))],
     state: OrderState | None = None,
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
     """The member's redemption orders, newest first."""
@@ -287,22 +294,27 @@ def cancel_own(
     )  # fmt: skip
 
 
-@router.get(f"{MEMBER}/vouchers", response_model=list[VoucherRead])
+@router.get(f"{MEMBER}/vouchers", response_model=Page[VoucherRead])
 def member_vouchers(
     program: str,
     member_id: Id,
     ctx: Annotated[Context, Depends(Read("orders.read"))],
     state: VoucherState | None = None,
-) -> list[VoucherRead]:
+    cursor: IdCursor = None,
+    limit: Annotated[int, LIMIT] = 50,
+) -> Page[VoucherRead]:
     """The member's vouchers, newest first."""
+    before = id_cursor(cursor)
 
-    def read(uow: UnitOfWork) -> list[VoucherRead]:
+    def read(uow: UnitOfWork) -> tuple[list[VoucherRead], str | None]:
         _member(uow, ctx, member_id)
         return service.member_vouchers(
-            uow, program_id=ctx.program_id, member_id=member_id, state=state
-        )
+            uow, program_id=ctx.program_id, member_id=member_id, state=state,
+            before_id=before, limit=limit,
+        )  # fmt: skip
 
-    return ctx.db.run(read, read_only=True)
+    items, next_cursor = ctx.db.run(read, read_only=True)
+    return Page(items=items, next_cursor=next_cursor)
 
 
 # --------------------------------------------------------------------------- staff
@@ -315,7 +327,7 @@ def list_orders(
     state: OrderState | None = None,
     reward: Annotated[str | None, Query(max_length=64)] = None,
     member_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-    cursor: Cursor = None,
+    cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
     """Redemption orders, newest first: ``state=created`` is the fulfilment queue."""

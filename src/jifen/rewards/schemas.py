@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, Field, model_validator
 
 from jifen.api.schemas import NO_NUL, Instant, RequestBody, text
+from jifen.errors import Refusal
 
 RewardKind = Literal[
     "physical", "virtual", "coupon", "service", "partner", "lottery", "charity", "vote", "event"
@@ -51,7 +52,10 @@ class Texts(RequestBody):
     @model_validator(mode="after")
     def _one(self) -> Self:
         if not self.zh and not self.en:
-            raise ValueError("give the text in Chinese (zh), English (en) or both")
+            raise Refusal(
+                "give the text in Chinese (zh), English (en) or both",
+                "请给出中文(zh)、英文(en)文本,或两者都给",
+            )
         return self
 
 
@@ -75,7 +79,10 @@ class CouponTerms(RequestBody):
     @model_validator(mode="after")
     def _one(self) -> Self:
         if (self.percent_off is None) == (self.amount_fen is None):
-            raise ValueError("give exactly one of percent_off (a discount) or amount_fen (cash)")
+            raise Refusal(
+                "give exactly one of percent_off (a discount) or amount_fen (cash)",
+                "percent_off(折扣)和 amount_fen(现金)须且只能给出其一",
+            )
         return self
 
 
@@ -113,9 +120,12 @@ class LotteryTerms(RequestBody):
     @model_validator(mode="after")
     def _odds(self) -> Self:
         if sum(prize.chance_ppm for prize in self.prizes) > 1_000_000:
-            raise ValueError("the prizes' chances add up to more than 1,000,000 ppm (100 %)")
+            raise Refusal(
+                "the prizes' chances add up to more than 1,000,000 ppm (100 %)",
+                "各奖品的概率之和超过 1,000,000 ppm(100%)",
+            )
         if len({prize.code for prize in self.prizes}) != len(self.prizes):
-            raise ValueError("two prizes have the same code")
+            raise Refusal("two prizes have the same code", "有两个奖品的 code 相同")
         return self
 
 
@@ -187,17 +197,29 @@ class RewardDef(RequestBody):
         for section in sections:
             given = getattr(self, section) is not None
             if section == self.kind and not given:
-                raise ValueError(f"a {self.kind} reward needs its {section} terms")
+                raise Refusal(
+                    f"a {self.kind} reward needs its {section} terms",
+                    f"{self.kind} 类礼品须给出 {section} 条款",
+                )
             if section != self.kind and given:
-                raise ValueError(f"{section} terms belong to {section} rewards, not {self.kind}")
+                raise Refusal(
+                    f"{section} terms belong to {section} rewards, not {self.kind}",
+                    f"{section} 条款只适用于 {section} 类礼品,不适用于 {self.kind}",
+                )
         if self.sales_start and self.sales_end and self.sales_end <= self.sales_start:
-            raise ValueError("sales_end must be after sales_start")
+            raise Refusal("sales_end must be after sales_start", "sales_end 须晚于 sales_start")
         if self.kind == "lottery" and self.max_quantity != 1:
-            raise ValueError("a lottery draws once a redemption: max_quantity must be 1")
+            raise Refusal(
+                "a lottery draws once a redemption: max_quantity must be 1",
+                "抽奖每次兑换只抽一次:max_quantity 须为 1",
+            )
         if self.pickup and self.kind != "physical":
-            raise ValueError("pickup is for physical goods")
+            raise Refusal("pickup is for physical goods", "自提只适用于实物礼品")
         if self.early_access and self.sales_start is None:
-            raise ValueError("early access counts back from sales_start; give sales_start")
+            raise Refusal(
+                "early access counts back from sales_start; give sales_start",
+                "提前兑换从 sales_start 往前计算,请给出 sales_start",
+            )
         return self
 
     @property
@@ -239,6 +261,7 @@ class RewardRead(RewardDef):
 
 
 class StockAlert(BaseModel):
+    id: int
     reward: str
     stock_left: int
     safety_stock: int

@@ -223,7 +223,11 @@ def _set_prizes(uow: UnitOfWork, reward_id: int, body: RewardDef) -> None:
 def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDef) -> RewardRead:
     """Replace a reward's terms (its kind and stock stay; restock changes the stock)."""
     if body.code != code:
-        raise InvalidInput(field="code", problem=f"the body names {body.code!r}, the path {code!r}")
+        raise InvalidInput(
+            field="code",
+            problem=f"the body names {body.code!r}, the path {code!r}",
+            problem_zh=f"请求体中的代码 {body.code!r} 与路径中的 {code!r} 不一致。",
+        )
     row = _reward_row(uow, program_id, code)
     if body.kind != row.kind:
         raise InvalidInput(
@@ -324,20 +328,26 @@ def list_rewards(
     return items, str(items[-1].id) if len(rows) > limit else None
 
 
-def open_alerts(uow: UnitOfWork, *, program_id: int) -> list[StockAlert]:
-    """Rewards at or below their safety stock, since when (cleared by a restock)."""
+def open_alerts(
+    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int = 50
+) -> tuple[list[StockAlert], str | None]:
+    """Rewards at or below their safety stock, since when (cleared by a restock), oldest
+    alert first; and the cursor of the next page (the last alert's id) if there is one."""
     rows = uow.conn.execute(
-        select(rewards.c.code, stock_alerts.c.stock_left, stock_alerts.c.safety_stock,
-               stock_alerts.c.raised_at)
+        select(stock_alerts.c.id, rewards.c.code, stock_alerts.c.stock_left,
+               stock_alerts.c.safety_stock, stock_alerts.c.raised_at)
         .join(rewards, rewards.c.id == stock_alerts.c.reward_id)
-        .where(stock_alerts.c.program_id == program_id, stock_alerts.c.cleared_at.is_(None))
+        .where(stock_alerts.c.program_id == program_id, stock_alerts.c.cleared_at.is_(None),
+               stock_alerts.c.id > after_id)
         .order_by(stock_alerts.c.id)
+        .limit(limit + 1)
     ).all()  # fmt: skip
-    return [
-        StockAlert(reward=r.code, stock_left=r.stock_left, safety_stock=r.safety_stock,
+    items = [
+        StockAlert(id=r.id, reward=r.code, stock_left=r.stock_left, safety_stock=r.safety_stock,
                    raised_at=r.raised_at)
-        for r in rows
+        for r in rows[:limit]
     ]  # fmt: skip
+    return items, str(items[-1].id) if len(rows) > limit else None
 
 
 # --------------------------------------------------------------------------- quotes
@@ -580,7 +590,11 @@ def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
                 problem_zh=f"请从以下选项中投票:{'、'.join(terms.vote.options)}",
             )
     elif body.choice is not None:
-        raise InvalidInput(field="choice", problem="only a vote takes a choice")
+        raise InvalidInput(
+            field="choice",
+            problem="only a vote takes a choice",
+            problem_zh="只有投票类礼品可以填写 choice。",
+        )
     if terms.partner is not None and body.partner_account is None:
         raise InvalidInput(
             field="partner_account",
@@ -588,7 +602,11 @@ def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
             problem_zh=f"请提供会员在 {terms.partner.partner} 的账号。",
         )
     if terms.partner is None and body.partner_account is not None:
-        raise InvalidInput(field="partner_account", problem="only a partner exchange takes one")
+        raise InvalidInput(
+            field="partner_account",
+            problem="only a partner exchange takes one",
+            problem_zh="只有合作方兑换类礼品可以填写 partner_account。",
+        )
 
 
 def _request_outcome(body: RedemptionCreate) -> dict[str, Any]:
@@ -931,7 +949,11 @@ def move(
     gives the points back to the very lots they came from, and the stock back. With
     ``merchant`` (the caller acts for that merchant only), only an order made for it."""
     if action not in _MOVES:
-        raise InvalidInput(field="action", problem=f"one of {', '.join(_MOVES)}")
+        raise InvalidInput(
+            field="action",
+            problem=f"one of {', '.join(_MOVES)}",
+            problem_zh=f"应为以下之一:{', '.join(_MOVES)}。",
+        )
     row = _order_row(uow, program_id, order_id, member_id)
     if merchant is not None and row.merchant != merchant:
         raise Forbidden(
@@ -1263,19 +1285,31 @@ def _expire_one(uow: UnitOfWork, order: Any, voucher: Any, back: int, fee: int) 
 
 
 def member_vouchers(
-    uow: UnitOfWork, *, program_id: int, member_id: int, state: str | None = None
-) -> list[VoucherRead]:
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    member_id: int,
+    state: str | None = None,
+    before_id: int = 0,
+    limit: int = 50,
+) -> tuple[list[VoucherRead], str | None]:
+    """The member's vouchers newest first, and the cursor of the next page (the last
+    voucher's id) if there is one."""
     query = (
         select(vouchers_table, rewards.c.code.label("reward_code"))
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
         .where(vouchers_table.c.program_id == program_id, vouchers_table.c.member_id == member_id)
         .order_by(vouchers_table.c.id.desc())
-        .limit(500)
+        .limit(limit + 1)
     )
+    if before_id:
+        query = query.where(vouchers_table.c.id < before_id)
     if state is not None:
         query = query.where(vouchers_table.c.state == state)
-    return [_voucher_read(uow, row, row.reward_code) for row in uow.conn.execute(query)]
+    rows = uow.conn.execute(query).all()
+    items = [_voucher_read(uow, row, row.reward_code) for row in rows[:limit]]
+    return items, str(rows[limit - 1].id) if len(rows) > limit else None
 
 
 # --------------------------------------------------------------------------- for members
@@ -1324,7 +1358,11 @@ def vote_tally(uow: UnitOfWork, *, program_id: int, code: str) -> dict[str, int]
     row = _reward_row(uow, program_id, code)
     terms = _terms(uow, row)
     if terms.vote is None:
-        raise InvalidInput(field="reward", problem=f"{code!r} is a {terms.kind} reward, not a vote")
+        raise InvalidInput(
+            field="reward",
+            problem=f"{code!r} is a {terms.kind} reward, not a vote",
+            problem_zh=f"{code!r} 是 {terms.kind} 类礼品,不是投票类礼品。",
+        )
     tally = dict.fromkeys(terms.vote.options, 0)
     orders = uow.conn.execute(
         select(reward_orders.c.outcome, reward_orders.c.quantity).where(

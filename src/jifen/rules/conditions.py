@@ -44,10 +44,18 @@ def _compile(source: str) -> Condition:
     try:
         program = _ENV.compile(source)
     except RuntimeError as exc:
-        raise InvalidInput(field="condition", problem=_readable(str(exc))) from exc
+        raise InvalidInput(
+            field="condition",
+            problem=_readable(str(exc)),
+            problem_zh=f"条件表达式无法编译:{_readable(str(exc))}",
+        ) from exc
     returns = program.return_type()
     if returns not in (_TYPE.BOOL, _TYPE.DYN):
-        raise InvalidInput(field="condition", problem=f"must be true or false, but gives {returns}")
+        raise InvalidInput(
+            field="condition",
+            problem=f"must be true or false, but gives {returns}",
+            problem_zh=f"结果须为 true 或 false,但该表达式的类型为 {returns}",
+        )
 
     def holds(bindings: Mapping[str, Any]) -> bool:
         try:

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
 from jifen.api.schemas import RequestBody
+from jifen.errors import Refusal
 from jifen.tiers.schemas import TierDef
 
 Rounding = Literal["floor", "half_up", "ceil"]
@@ -110,7 +111,7 @@ class StreakLadder(RequestBody):
     @model_validator(mode="after")
     def _starts_on_day_one(self) -> StreakLadder:
         if 1 not in self.ladder:
-            raise ValueError("the ladder needs a rung for day 1")
+            raise Refusal("the ladder needs a rung for day 1", "阶梯须包含第 1 天的档位")
         return self
 
 
@@ -127,7 +128,7 @@ class RandomBonus(RequestBody):
     @model_validator(mode="after")
     def _ordered(self) -> RandomBonus:
         if self.maximum < self.minimum:
-            raise ValueError("maximum must not be below minimum")
+            raise Refusal("maximum must not be below minimum", "maximum 不能小于 minimum")
         return self
 
 
@@ -207,7 +208,7 @@ class RuleSpec(RequestBody):
     @model_validator(mode="after")
     def _window(self) -> RuleSpec:
         if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
-            raise ValueError("ends_at must be after starts_at")
+            raise Refusal("ends_at must be after starts_at", "ends_at 须晚于 starts_at")
         return self
 
 
@@ -308,5 +309,8 @@ class RulePack(RequestBody):
         codes = [rule.code for rule in self.rules]
         twice = sorted({code for code in codes if codes.count(code) > 1})
         if twice:
-            raise ValueError(f"rule codes must be unique in a pack; repeated: {', '.join(twice)}")
+            raise Refusal(
+                f"rule codes must be unique in a pack; repeated: {', '.join(twice)}",
+                f"同一规则包中的规则 code 不能重复;重复的有:{', '.join(twice)}",
+            )
         return self

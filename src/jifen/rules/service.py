@@ -90,7 +90,11 @@ def update_draft(
     row = _row(uow, program_id, version_id)
     _require_state(row, "draft", "changed")
     if spec.code != row.code:
-        raise InvalidInput(field="code", problem=f"a version of {row.code!r} keeps its code")
+        raise InvalidInput(
+            field="code",
+            problem=f"a version of {row.code!r} keeps its code",
+            problem_zh=f"规则 {row.code!r} 的各版本须沿用同一代码,不能修改",
+        )
     compile_rule(spec)
     uow.conn.execute(
         rule_versions.update()
@@ -463,7 +467,9 @@ def load_pack(
             compile_rule(spec)
         except InvalidInput as exc:
             raise InvalidInput(
-                field=f"rules.{spec.code}.{exc.params['field']}", problem=exc.params["problem"]
+                field=f"rules.{spec.code}.{exc.params['field']}",
+                problem=exc.params["problem"],
+                problem_zh=exc.params["problem_zh"],
             ) from exc
     if pack.tiers:
         tiers_service.set_tiers(uow, program_id=program_id, definitions=pack.tiers)

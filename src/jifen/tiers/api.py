@@ -16,7 +16,7 @@ from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
 from jifen.db.uow import UnitOfWork
-from jifen.errors import InvalidInput, StateConflict
+from jifen.errors import StateConflict, invalid_field
 from jifen.tiers import service
 from jifen.tiers.schemas import (
     BenefitsMatrix,
@@ -178,7 +178,7 @@ def put_benefits(
     try:
         changed = TierScheme.model_validate({**scheme.model_dump(), "benefits": body.benefits})
     except ValidationError as exc:
-        raise InvalidInput(field="benefits", problem=str(exc.errors()[0]["msg"])) from exc
+        raise invalid_field(exc, field="benefits") from exc
     return _file(ctx, program, changed, f"Change the tier benefits of programme {program}")
 
 

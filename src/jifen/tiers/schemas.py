@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from jifen.api.schemas import Instant, RequestBody
+from jifen.errors import Refusal
 
 TierCode = Annotated[str, Field(min_length=1, max_length=64)]
 Score = Annotated[int, Field(ge=0, le=10**9)]
@@ -96,7 +97,10 @@ class ScoreParts(RequestBody):
     @model_validator(mode="after")
     def _one_part_at_least(self) -> ScoreParts:
         if self.spend is None and self.earned is None and self.activity is None:
-            raise ValueError("give at least one part: spend, earned or activity")
+            raise Refusal(
+                "give at least one part: spend, earned or activity",
+                "请至少给出一项:spend、earned 或 activity",
+            )
         return self
 
 
@@ -124,7 +128,7 @@ class TemporaryUpgrade(RequestBody):
     @model_validator(mode="after")
     def _ordered(self) -> TemporaryUpgrade:
         if self.ends_at <= self.starts_at:
-            raise ValueError("ends_at must be after starts_at")
+            raise Refusal("ends_at must be after starts_at", "ends_at 须晚于 starts_at")
         return self
 
 
@@ -179,23 +183,31 @@ class TierScheme(RequestBody):
     def _consistent(self) -> TierScheme:
         codes = [level.tier for level in self.levels]
         if len(set(codes)) != len(codes):
-            raise ValueError("levels: each tier once")
+            raise Refusal("levels: each tier once", "levels:每个等级只能出现一次")
         if self.levels[0].min_score != 0:
-            raise ValueError("levels: the entry tier starts at score 0")
+            raise Refusal(
+                "levels: the entry tier starts at score 0", "levels:入门等级须从 0 分开始"
+            )
         for lower, upper in zip(self.levels, self.levels[1:], strict=False):
             if upper.min_score <= lower.min_score:
-                raise ValueError(
-                    f"levels: {upper.tier} must start above {lower.tier}'s {lower.min_score}"
+                raise Refusal(
+                    f"levels: {upper.tier} must start above {lower.tier}'s {lower.min_score}",
+                    f"levels:{upper.tier} 的起始分须高于 {lower.tier} 的 {lower.min_score}",
                 )
         for level in self.levels:
             if level.retention is not None and level.retention >= level.min_score:
-                raise ValueError(
+                raise Refusal(
                     f"levels: {level.tier}'s retention line {level.retention} must be below "
-                    f"its entry score {level.min_score}"
+                    f"its entry score {level.min_score}",
+                    f"levels:{level.tier} 的保级线 {level.retention} 须低于其起始分 "
+                    f"{level.min_score}",
                 )
         unknown = sorted(set(self.benefits) - set(codes))
         if unknown:
-            raise ValueError(f"benefits: {', '.join(unknown)} not among the levels")
+            raise Refusal(
+                f"benefits: {', '.join(unknown)} not among the levels",
+                f"benefits:{', '.join(unknown)} 不在 levels 中",
+            )
         return self
 
 

@@ -92,7 +92,11 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
     codes = [d.code for d in definitions]
     ranks = [d.rank for d in definitions]
     if len(set(codes)) != len(codes) or len(set(ranks)) != len(ranks):
-        raise InvalidInput(field="tiers", problem="each tier needs its own code and its own rank")
+        raise InvalidInput(
+            field="tiers",
+            problem="each tier needs its own code and its own rank",
+            problem_zh="每个等级的代码和级别都不能与其他等级重复",
+        )
     held = uow.conn.execute(
         select(member_tiers.c.tier_code)
         .where(member_tiers.c.program_id == program_id, member_tiers.c.tier_code.not_in(codes))
