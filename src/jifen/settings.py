@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     rate_limit_member: str = "120/minute"
     """Requests per signed-in member."""
 
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """The largest request body the API reads (16 MiB: a batch of 1,000 orders with many
+    lines each); a larger one is refused with 413 before it is read."""
+
     rate_limit_namespace: str = "jifen"
     """Prefix of the counters, so that installations sharing one Redis count apart."""
 

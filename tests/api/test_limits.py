@@ -1,13 +1,20 @@
 """Rate limits per member, per API key and per address: in process, and shared through the
-machine's Redis by several API processes."""
+machine's Redis by several API processes; and the largest body a real server reads."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from jifen.api.app import create_app
@@ -113,3 +120,59 @@ def test_readyz_reports_an_unreachable_redis(db: Database) -> None:
         answer = client.get("/readyz")
         assert answer.status_code == 503
         assert "Redis" in answer.json()["detail"]
+
+
+@pytest.fixture
+def small_bodies(db: Database) -> Iterator[str]:
+    """The API served by uvicorn on a free local port, reading bodies of up to 2,048 bytes:
+    its base URL."""
+    settings = api_settings(max_body_bytes="2048")
+    config = uvicorn.Config(create_app(db, settings), host="127.0.0.1", port=0, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    (sock,) = server.servers[0].sockets
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _send(
+    base: str, body: bytes, headers: dict[str, str], *, chunked: bool
+) -> tuple[int, str, Any]:
+    """POST ``body`` to /v1/programs: (status, content type, the JSON answer)."""
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+    try:
+        if chunked:  # no Content-Length: the size is known only once it has all arrived
+            pieces = (body[i : i + 500] for i in range(0, len(body), 500))
+            conn.request("POST", "/v1/programs", body=pieces, headers=headers, encode_chunked=True)
+        else:
+            conn.request("POST", "/v1/programs", body=body, headers=headers)
+        answer = conn.getresponse()
+        return answer.status, answer.getheader("Content-Type", ""), json.loads(answer.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+def test_a_body_over_the_limit_is_refused_before_it_is_read(
+    db: Database, small_bodies: str, chunked: bool
+) -> None:
+    admin = support.staff(db, "super_admin")
+    headers = {**admin, **support.key(), "Content-Type": "application/json"}
+    code = f"big-{uuid.uuid4().hex[:8]}"
+    large = json.dumps({"code": code, "name": "x" * 5000}).encode()
+    status, media, problem = _send(
+        small_bodies, large, {**headers, "Accept-Language": "zh"}, chunked=chunked
+    )
+    assert (status, media) == (413, "application/problem+json")
+    assert problem["code"] == "payload_too_large" and "2,048 字节" in problem["detail"]
+    # nothing was made, and a body within the limit is read as usual
+    small = json.dumps({"code": code, "name": "Shop"}).encode()
+    status, _, made = _send(small_bodies, small, {**headers, **support.key()}, chunked=chunked)
+    assert (status, made["code"]) == (201, code), made

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from jifen import __version__
 from jifen.api import problems
 from jifen.api.deps import annotate_permissions, refuse_unusable_request
-from jifen.api.limits import Limiter
+from jifen.api.limits import BodyLimit, Limiter
 from jifen.approvals import api as approvals_api
 from jifen.audit import api as audit_api
 from jifen.auth import api as auth_api
@@ -92,6 +92,7 @@ def create_app(
     app.state.program_cache = {}
     app.state.sms = sms or OutboxSmsProvider()
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     _serve_docs(app)
 
     @app.get("/healthz", tags=["health"], responses={503: {"model": problems.Problem}})

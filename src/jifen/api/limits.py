@@ -1,4 +1,4 @@
-"""Rate limits per client address, per API key and per member.
+"""Rate limits per client address, per API key and per member; the size limit of a body.
 
 Counted by the ``limits`` library with a sliding-window counter: in Redis when
 ``JIFEN_REDIS_URL`` is set, so that every API process shares one count, and in the
@@ -16,7 +16,11 @@ import time
 import redis.asyncio
 from limits import RateLimitItem, parse
 from limits.aio import storage, strategies
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jifen.api import problems
 from jifen.errors import RateLimited
 from jifen.settings import Settings
 
@@ -64,3 +68,67 @@ class Limiter:
     async def check_storage(self) -> bool:
         """Whether the counting store answers (for /readyz)."""
         return bool(await self.storage.check())
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body larger than ``max_bytes`` with 413, before
+    the application reads any of it (a declared Content-Length) or once the streamed
+    body passes the limit (chunked): no request can make a process hold more than that.
+
+    Starlette and FastAPI have no such limit of their own and uvicorn none for bodies;
+    the few packages that add one are unmaintained, and this is a page of code."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) <= self.max_bytes:
+                await self.app(scope, receive, send)  # the server holds it to that length
+            else:
+                await self._refuse(scope, receive, send)
+            return
+        # No length declared (chunked): read it all, up to the limit, then hand it on.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: a disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        zh = problems.language(Request(scope)) == "zh"
+        limit = f"{self.max_bytes:,}"
+        answer = problems.problem(
+            413,
+            "payload_too_large",
+            f"请求体超过本服务允许的 {limit} 字节:请减少内容(例如把批次拆小)后重试。"
+            if zh
+            else f"The body is larger than the {limit} bytes this server accepts: send less "
+            "(for example a smaller batch).",
+        )
+        await answer(scope, receive, send)

@@ -194,6 +194,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (409, "Refused by the rules, or an idempotency key reused for another request"),
         (415, "A body that is not JSON"),
         (422, "Invalid request"),
+        (413, "A body larger than the server accepts"),
         (429, "Too many requests"),
     ]
 }
