@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -67,6 +67,17 @@ def _staff(db: Database, role: str, **grant: Any) -> tuple[str, str]:
 
 def _code(db: Database, seed: str) -> str:
     return pyotp.TOTP(seed).at(db.clock.now())
+
+
+def _reference(db: Database, member_id: int) -> str:
+    """The member's external reference, with which it signs in."""
+    return str(
+        db.run(
+            lambda uow: uow.conn.execute(
+                select(members.c.external_ref).where(members.c.id == member_id)
+            ).scalar_one()
+        )
+    )
 
 
 def _sign_in(
@@ -156,6 +167,46 @@ def test_unknown_user_and_wrong_password_get_the_same_answer(
     wrong = _sign_in(app_client, username, password="wrong password")
     assert unknown.status_code == wrong.status_code == 401
     assert unknown.json()["detail"] == wrong.json()["detail"]
+
+
+def _answers(sign_in: Callable[[], Any], clock: ManualClock) -> list[tuple[int, str | None]]:
+    """Four failed sign-ins at once, eight more two minutes apart, then one a day later:
+    each answer's status and Retry-After."""
+    answers = []
+    for attempt in range(12):
+        answer = sign_in()
+        answers.append((answer.status_code, answer.headers.get("Retry-After")))
+        if attempt >= 3:
+            clock.advance(timedelta(minutes=2))
+    clock.advance(timedelta(days=1))
+    answer = sign_in()
+    answers.append((answer.status_code, answer.headers.get("Retry-After")))
+    return answers
+
+
+def test_failures_under_a_login_that_does_not_exist_are_slowed_and_locked_the_same(
+    app_client: TestClient, db: Database, clock: ManualClock
+) -> None:
+    """Were only real accounts slowed and locked, a 429 would tell which logins exist."""
+    username, _ = _staff(db, "auditor")
+    real = _answers(lambda: _sign_in(app_client, username, password="wrong"), clock)
+    ghost = _answers(lambda: _sign_in(app_client, f"nobody-{username}", password="x"), clock)
+    assert ghost == real
+    assert real[:4] == [(401, None), (401, None), (401, None), (429, "1")]  # slowed
+    assert [status for status, _ in real[4:11]] == [401] * 7  # each after its wait
+    assert real[11][0] == 429 and 700 < int(real[11][1] or 0) <= 900  # ten: locked 15 min
+    assert real[12] == (401, None)  # a quiet day later the count starts again
+    # the same for members, by reference, under a login no member has
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    db.run(lambda uow: auth.set_member_password(uow, member_id=member_id, password="member pass 1"))
+    ref = _reference(db, member_id)
+
+    def member(login: str) -> Any:
+        body = {"program": program.code, "login": login, "password": "wrong"}
+        return app_client.post("/v1/auth/members/sign-in", json=body)
+
+    assert _answers(lambda: member(f"nobody-{ref}"), clock) == _answers(lambda: member(ref), clock)
 
 
 def test_passwords_are_stored_as_argon2id_at_owasp_strength(db: Database) -> None:
@@ -378,11 +429,7 @@ def _bind_phone(db: Database, member_id: int, phone: str) -> None:
 def test_members_sign_in_with_their_password(app_client: TestClient, db: Database) -> None:
     program = new_program(db)
     member_id, other_id = new_members(db, program.id, 2)
-    ref = db.run(
-        lambda uow: uow.conn.execute(
-            select(members.c.external_ref).where(members.c.id == member_id)
-        ).scalar_one()
-    )
+    ref = _reference(db, member_id)
     staff = {**support.staff(db, "operator", program_id=program.id), **support.key()}
     # staff set a first password; the member signs in with its reference
     reset = app_client.put(
@@ -515,11 +562,7 @@ def test_a_banned_member_cannot_sign_in(app_client: TestClient, db: Database) ->
     program = new_program(db)
     (member_id,) = new_members(db, program.id, 1)
     db.run(lambda uow: auth.set_member_password(uow, member_id=member_id, password="member pass 1"))
-    ref = db.run(
-        lambda uow: uow.conn.execute(
-            select(members.c.external_ref).where(members.c.id == member_id)
-        ).scalar_one()
-    )
+    ref = _reference(db, member_id)
     db.run(
         lambda uow: uow.conn.execute(
             update(members).where(members.c.id == member_id).values(state="banned")

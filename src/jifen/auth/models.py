@@ -1,5 +1,5 @@
 """Tables of identity and access: staff users, roles and their grants, API keys, sessions,
-member passwords and one-time codes.
+member passwords and one-time codes; failed sign-ins under logins that match no account.
 
 Secrets are never stored: passwords as argon2id hashes, API key secrets, session tokens and
 one-time codes as keyed SHA-256 digests (they are long random strings, or short-lived and
@@ -40,6 +40,7 @@ staff_users = Table(
     ),
     Column("failed_sign_ins", Integer, nullable=False, server_default="0"),
     Column("locked_until", UTCDateTime(), nullable=True),
+    Column("last_failed_at", UTCDateTime(), nullable=True),
     Column("active", Boolean, nullable=False, server_default="1"),
     Column("created_at", UTCDateTime(), nullable=False),
     UniqueConstraint("username"),
@@ -121,8 +122,25 @@ member_credentials = Table(
     Column("password_hash", String(200), nullable=True),
     Column("failed_sign_ins", Integer, nullable=False, server_default="0"),
     Column("locked_until", UTCDateTime(), nullable=True),
+    Column("last_failed_at", UTCDateTime(), nullable=True),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
+
+sign_in_misses = Table(
+    "sign_in_misses",
+    metadata,
+    Column(
+        "login_hash", String(64), primary_key=True,
+        comment="keyed digest of who was asked for: staff, or a programme's member, and "
+        "the login",
+    ),
+    Column("failed_sign_ins", Integer, nullable=False, server_default="0"),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("last_failed_at", UTCDateTime(), nullable=True),
+    Index("ix_sign_in_misses_last_failed_at", "last_failed_at"),
+    comment="failed sign-ins under logins that match no account, slowed and locked as an "
+    "account's are: an answer never tells whether a login exists",
+)  # fmt: skip
 
 one_time_codes = Table(
     "one_time_codes",

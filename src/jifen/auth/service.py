@@ -13,7 +13,7 @@ from typing import Any
 import pyotp
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
-from sqlalchemy import ColumnElement, Table, func, select
+from sqlalchemy import ColumnElement, Table, case, func, select
 
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
@@ -32,6 +32,7 @@ from jifen.auth.models import (
     role_grants,
     roles,
     sessions,
+    sign_in_misses,
     staff_users,
 )
 from jifen.auth.schemas import (
@@ -45,6 +46,7 @@ from jifen.auth.schemas import (
 )
 from jifen.crypto import decrypt, encrypt, keyed_hash, same_hash
 from jifen.db.uow import UnitOfWork
+from jifen.db.upsert import insert_missing
 from jifen.errors import (
     DuplicateReference,
     InvalidInput,
@@ -418,16 +420,48 @@ def _locked(locked_until: datetime | None, now: datetime) -> SignInLocked | None
 
 
 def _fail(uow: UnitOfWork, table: Table, where: ColumnElement[bool]) -> None:
-    """Count one more failure and set the wait it brings (atomically, in SQL)."""
+    """Count one more failure and set the wait it brings (atomically, in SQL). Failures
+    count in a row: after :data:`FAILURES_KEPT` without one, the count starts again."""
+    now = uow.clock.now()
+    quiet = table.c.last_failed_at.is_(None) | (table.c.last_failed_at < now - FAILURES_KEPT)
     failures = uow.conn.execute(
         table.update()
         .where(where)
-        .values(failed_sign_ins=table.c.failed_sign_ins + 1)
+        .values(
+            failed_sign_ins=case((quiet, 1), else_=table.c.failed_sign_ins + 1),
+            last_failed_at=now,
+        )
         .returning(table.c.failed_sign_ins)
     ).scalar_one()
     wait = wait_after(int(failures))
     if wait is not None:
-        uow.conn.execute(table.update().where(where).values(locked_until=uow.clock.now() + wait))
+        uow.conn.execute(table.update().where(where).values(locked_until=now + wait))
+
+
+FAILURES_KEPT = timedelta(days=1)
+"""How long failed sign-ins are remembered without another one: an account's, and those
+under a login that matches no account."""
+
+
+def _missed(uow: UnitOfWork, login: str, password: str) -> SignInOutcome | None:
+    """A sign-in under ``login`` (``"staff:<username>"``, ``"member:<programme>:<login>"``),
+    which matches no account, fails as a wrong password would: it takes as long, it counts,
+    and after as many failures it is slowed and locked the same, so that no answer tells
+    whether the login exists. The lock it meets, or None after counting it."""
+    now = uow.clock.now()
+    digest = keyed_hash(f"sign-in miss:{login}")
+    this = sign_in_misses.c.login_hash == digest
+    locked_until = uow.conn.execute(select(sign_in_misses.c.locked_until).where(this)).scalar()
+    locked = _locked(locked_until, now)
+    if locked is not None:
+        return SignInOutcome(error=locked)
+    password_matches(_DUMMY_HASH, password)
+    # Forgotten after a quiet day, as an account's count would start again then.
+    quiet = sign_in_misses.c.last_failed_at < now - FAILURES_KEPT
+    uow.conn.execute(sign_in_misses.delete().where(quiet))
+    insert_missing(uow, sign_in_misses, [{"login_hash": digest, "failed_sign_ins": 0}])
+    _fail(uow, sign_in_misses, this)
+    return None
 
 
 def _succeed(uow: UnitOfWork, table: Table, where: ColumnElement[bool]) -> None:
@@ -451,8 +485,7 @@ def staff_sign_in(
     now = uow.clock.now()
     row = uow.conn.execute(select(staff_users).where(staff_users.c.username == username)).first()
     if row is None:
-        password_matches(_DUMMY_HASH, password)
-        return SignInOutcome(error=_WRONG_STAFF)
+        return _missed(uow, f"staff:{username}", password) or SignInOutcome(error=_WRONG_STAFF)
     locked = _locked(row.locked_until, now)
     if locked is not None:
         return SignInOutcome(error=locked)
@@ -547,8 +580,8 @@ def member_sign_in(uow: UnitOfWork, *, program_id: int, login: str, password: st
             select(member_credentials).where(member_credentials.c.member_id == member_id)
         ).first()
     if member_id is None or row is None or row.password_hash is None:
-        password_matches(_DUMMY_HASH, password)
-        return SignInOutcome(error=_WRONG_MEMBER)
+        missed = _missed(uow, f"member:{program_id}:{login}", password)
+        return missed or SignInOutcome(error=_WRONG_MEMBER)
     locked = _locked(row.locked_until, now)
     if locked is not None:
         return SignInOutcome(error=locked)
