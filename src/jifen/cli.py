@@ -543,7 +543,9 @@ SourceOption = Annotated[
 ]
 ErrorsOption = Annotated[
     Path | None,
-    typer.Option("--errors", help="Where rejected rows go (default: FILE.errors.csv)."),
+    typer.Option(
+        "--errors", help="Where rejected rows go, as they were, with why (FILE.errors.csv)."
+    ),
 ]
 BatchOption = Annotated[int, typer.Option(min=1, max=10_000, help="Records per transaction.")]
 RestartOption = Annotated[

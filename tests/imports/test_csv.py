@@ -1,9 +1,11 @@
-"""CSV imports on both backends: good rows in, bad rows in the error file with their line
-and reason, an interrupted import resumed without applying anything twice."""
+"""CSV imports on both backends: good rows in, bad rows in the error file as they were with
+their line and reason (importable again once put right), an interrupted import resumed
+without applying anything twice."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from jifen.db.uow import Database
 from jifen.errors import InvalidInput
 from jifen.events.models import events
 from jifen.imports import service as imports
+from jifen.imports.core import ERROR_COLUMNS
 from jifen.members import service as members
 from jifen.points import service as points
 from jifen.tiers import service as tiers
@@ -25,7 +28,7 @@ from tests.factories import assert_ledger_sound, new_program
 RATES = {"kind": "spend_rate", "rate": "1", "category_rates": {"家电": "3"}}
 
 
-def write(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+def write(path: Path, header: list[str], rows: Sequence[Sequence[object]]) -> Path:
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -74,13 +77,22 @@ def test_members_with_tiers_and_a_second_run_changes_nothing(db: Database, tmp_p
     )
     report = imports.run_import(db, program_id=program.id, kind="members", path=path)
     assert (report.records, report.accepted, report.refused) == (4, 2, 2)
-    errors = (tmp_path / "members.errors.csv").read_text(encoding="utf-8")
-    assert "4,birthday,invalid_input" in errors and "钻石" in errors
+    header, *errors = read_csv(tmp_path / "members.errors.csv")
+    assert header == ["external_ref", "name", "birthday", "tags", "tier", *ERROR_COLUMNS]
+    assert [row[:8] for row in errors] == [
+        ["c3", "", "1990-13-01", "", "", "4", "birthday", "invalid_input"],
+        ["c4", "", "", "", "钻石", "5", "", "unknown_tier"],
+    ]
     ids = member_ids(db, program.id, ["c1", "c2"])
     tier = db.run(lambda uow: tiers.member_tier(uow, program_id=program.id, member_id=ids["c1"]))
     assert tier.tier == "金卡"
     again = imports.run_import(db, program_id=program.id, kind="members", path=path)
     assert (again.accepted, again.replayed) == (0, 2)
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.reader(handle))
 
 
 ORDER_HEADER = ["order_id", "member_ref", "occurred_at", "sku", "category", "amount_fen"]
@@ -120,13 +132,24 @@ def test_orders_bad_rows_go_to_the_error_file_and_the_good_ones_in(
     path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
     report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
     assert (report.records, report.accepted, report.refused) == (5, 3, 2)
-    text = (tmp_path / "orders.errors.csv").read_text(encoding="utf-8")
-    header, *errors = csv.reader(text.splitlines())
-    assert header == ["line", "column", "code", "reason"]
-    errors.sort(key=lambda row: int(row[0]))
-    assert errors[0][:3] == ["4", "payload.lines.0.amount_fen", "invalid_input"]
-    assert errors[1][0] == "9" and errors[1][2] == "unknown_member"
+    header, *errors = read_csv(tmp_path / "orders.errors.csv")
+    assert header == [*ORDER_HEADER, *ERROR_COLUMNS]
+    # each rejected row as it was, in the file's order, with its line, column, code, reason
+    assert [row[:9] for row in errors] == [
+        ["bad1", "c0", "2026-01-01T01:00:00+08:00", "X", "x", "-5",
+         "4", "payload.lines.0.amount_fen", "invalid_input"],
+        ["bad2", "nobody", "2026-01-01T01:00:00+08:00", "X", "x", "100",
+         "9", "", "unknown_member"],
+    ]  # fmt: skip
     assert balances(db, ids) == {"c0": 350, "c1": 350, "c2": 350}
+    assert_ledger_sound(db, program.id)
+    # put right in the error file itself, which is then imported as it is
+    fixed = tmp_path / "fixed.csv"
+    errors[0][5], errors[1][1] = "500", "c1"
+    write(fixed, header, errors)
+    again = imports.run_import(db, program_id=program.id, kind="orders", path=fixed)
+    assert (again.records, again.accepted, again.refused) == (2, 2, 0)
+    assert not (tmp_path / "fixed.errors.csv").exists()
     assert_ledger_sound(db, program.id)
 
 
@@ -199,7 +222,9 @@ def test_a_misshapen_order_row_is_rejected_alone(db: Database, tmp_path: Path) -
     path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
     report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
     assert (report.records, report.accepted, report.refused) == (3, 2, 1)
-    assert '3,row,invalid_input,"has 2 fields' in (tmp_path / "orders.errors.csv").read_text()
+    _, rejected = read_csv(tmp_path / "orders.errors.csv")
+    assert rejected[:9] == ["short", "c0", "", "", "", "", "3", "row", "invalid_input"]
+    assert rejected[9].startswith("has 2 fields")
     assert sum(balances(db, ids).values()) == 700
 
 

@@ -5,7 +5,7 @@ why. Orders arrive one row per line and become one ``order.paid`` event per orde
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +32,9 @@ COLUMNS: dict[Kind, tuple[list[str], list[str]]] = {
         ["name", "email", "birthday", "gender", "region", "tags", "phone", "tier"],
     ),
 }
+ERROR_COLUMNS = ("error_line", "error_column", "error_code", "error_reason")
+"""What the error file adds to each rejected row; ignored when that file, put right, is
+imported again."""
 
 
 class RowError(Exception):
@@ -48,6 +51,11 @@ class RowError(Exception):
         return self.reason_zh if language.lower().startswith("zh") else self.reason
 
 
+Row = Mapping[str, str] | Sequence[str]
+"""A row as read: its values by column, or (a row whose fields do not match the header)
+its values in order."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One unit of import: the CSV line numbers it came from and the request it makes."""
@@ -55,6 +63,12 @@ class Record:
     lines: tuple[int, ...]
     request: EventIn | tuple[MemberCreate, str | None]
     """An event, or a member with its tier (or None)."""
+    rows: tuple[Row, ...] = ()
+    """The rows it was read from, as they were (for the error file)."""
+
+
+BadOrder = tuple[tuple[int, ...], tuple[Row, ...], RowError]
+"""An order that cannot be imported: its lines, its rows and why."""
 
 
 def check_header(kind: Kind, header: list[str]) -> None:
@@ -62,7 +76,7 @@ def check_header(kind: Kind, header: list[str]) -> None:
     twice (which of the two values would count?)."""
     required, optional = COLUMNS[kind]
     missing = [c for c in required if c not in header]
-    unknown = [c for c in header if c not in required and c not in optional]
+    unknown = [c for c in header if c not in (*required, *optional, *ERROR_COLUMNS)]
     twice = sorted({c for c in header if header.count(c) > 1})
     if missing or unknown or twice:
         en, zh = [], []
@@ -111,7 +125,7 @@ def event_record(line: int, row: Mapping[str, str], default_source: str) -> Reco
     if row.get("member_ref"):
         data["member_ref"] = row["member_ref"]
     try:
-        return Record((line,), EventIn.model_validate(data))
+        return Record((line,), EventIn.model_validate(data), (row,))
     except ValidationError as exc:
         raise _validation(exc) from exc
 
@@ -131,9 +145,9 @@ def _flag(value: str | None, column: str) -> bool:
 
 def order_records(
     rows: Iterable[tuple[int, Mapping[str, str]]], default_source: str
-) -> Iterator[Record | tuple[tuple[int, ...], RowError]]:
+) -> Iterator[Record | BadOrder]:
     """Consecutive rows with the same ``order_id`` as one ``order.paid`` event; a bad order
-    yields its line numbers and the error instead."""
+    yields its line numbers, rows and error instead."""
     group: list[tuple[int, Mapping[str, str]]] = []
     for line, row in rows:
         if group and row.get("order_id") != group[0][1].get("order_id"):
@@ -144,10 +158,9 @@ def order_records(
         yield _order(group, default_source)
 
 
-def _order(
-    group: list[tuple[int, Mapping[str, str]]], default_source: str
-) -> Record | tuple[tuple[int, ...], RowError]:
+def _order(group: list[tuple[int, Mapping[str, str]]], default_source: str) -> Record | BadOrder:
     lines = tuple(line for line, _ in group)
+    rows = tuple(row for _, row in group)
     first = group[0][1]
     try:
         for column in ("member_ref", "occurred_at", "store", "channel"):
@@ -185,10 +198,10 @@ def _order(
             }
         )
     except RowError as exc:
-        return lines, exc
+        return lines, rows, exc
     except ValidationError as exc:
-        return lines, _validation(exc)
-    return Record(lines, event)
+        return lines, rows, _validation(exc)
+    return Record(lines, event, rows)
 
 
 def member_record(line: int, row: Mapping[str, str]) -> Record:
@@ -199,4 +212,4 @@ def member_record(line: int, row: Mapping[str, str]) -> Record:
         member = MemberCreate.model_validate(data)
     except ValidationError as exc:
         raise _validation(exc) from exc
-    return Record((line,), (member, row.get("tier") or None))
+    return Record((line,), (member, row.get("tier") or None), (row,))

@@ -32,8 +32,10 @@ from jifen.errors import (
 from jifen.events import service as events_service
 from jifen.events.schemas import EventIn
 from jifen.imports.core import (
+    ERROR_COLUMNS,
     Kind,
     Record,
+    Row,
     RowError,
     check_header,
     event_record,
@@ -73,6 +75,7 @@ class _Rejected:
 
     lines: tuple[int, ...]
     error: RowError
+    rows: tuple[Row, ...]
 
 
 @dataclass
@@ -80,8 +83,8 @@ class _Outcome:
     accepted: int = 0
     replayed: int = 0
     points: int = 0
-    refused: list[tuple[Record | tuple[int, ...], str, str, str]] = field(default_factory=list)
-    """(record or its lines, column, code, reason)."""
+    refused: list[tuple[Record | _Rejected, str, str, str]] = field(default_factory=list)
+    """(record, column, code, reason)."""
 
 
 Progress = Callable[[Report], None]
@@ -262,29 +265,34 @@ def _records(
 ) -> Iterator[Record | _Rejected]:
     """Records from the rows, and the rows that cannot make one."""
 
-    def rows() -> Iterator[tuple[int, dict[str, str] | RowError]]:
+    def rows() -> Iterator[tuple[int, dict[str, str] | _Rejected]]:
         for line, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                yield (
-                    line,
-                    RowError(
-                        "row",
-                        f"has {len(values)} fields, the header {len(header)}",
-                        f"有 {len(values)} 个字段,表头有 {len(header)} 个",
-                    ),
+                error = RowError(
+                    "row",
+                    f"has {len(values)} fields, the header {len(header)}",
+                    f"有 {len(values)} 个字段,表头有 {len(header)} 个",
                 )
+                yield line, _Rejected((line,), error, (values,))
                 continue
-            yield line, {h: v.strip() for h, v in zip(header, values, strict=True)}
+            yield (
+                line,
+                {
+                    h: v.strip()
+                    for h, v in zip(header, values, strict=True)
+                    if h not in ERROR_COLUMNS
+                },
+            )
 
     if kind == "orders":
         misshapen: list[_Rejected] = []
 
         def well_formed() -> Iterator[tuple[int, dict[str, str]]]:
             for line, row in rows():
-                if isinstance(row, RowError):
-                    misshapen.append(_Rejected((line,), row))
+                if isinstance(row, _Rejected):
+                    misshapen.append(row)
                 else:
                     yield line, row
 
@@ -294,17 +302,18 @@ def _records(
             if isinstance(item, Record):
                 yield item
             else:
-                yield _Rejected(*item)
+                lines, rows_read, error = item
+                yield _Rejected(lines, error, rows_read)
         yield from misshapen
         return
     for line, row in rows():
-        if isinstance(row, RowError):
-            yield _Rejected((line,), row)
+        if isinstance(row, _Rejected):
+            yield row
             continue
         try:
             yield event_record(line, row, source) if kind == "events" else member_record(line, row)
         except RowError as exc:
-            yield _Rejected((line,), exc)
+            yield _Rejected((line,), exc, (row,))
 
 
 def _commit(
@@ -330,15 +339,14 @@ def _commit(
     for item in items:
         if isinstance(item, _Rejected):
             reason = item.error.said(language)
-            outcome.refused.append((item.lines, item.error.column, "invalid_input", reason))
+            outcome.refused.append((item, item.error.column, "invalid_input", reason))
     report.records += len(items)
     report.accepted += outcome.accepted
     report.replayed += outcome.replayed
     report.points += outcome.points
     report.refused += len(outcome.refused)
-    for record, column, code, reason in outcome.refused:
-        lines = record.lines if isinstance(record, Record) else record
-        errors.write(lines, {}, column, code, reason)
+    for record, column, code, reason in sorted(outcome.refused, key=lambda r: r[0].lines):
+        errors.write(record.lines, record.rows, column, code, reason)
 
 
 def _refuse(outcome: _Outcome, record: Record, exc: JifenError, language: str) -> None:
@@ -422,7 +430,9 @@ def _save(checkpoint: Path, fingerprint: Mapping[str, Any], report: Report) -> N
 
 
 class _ErrorFile:
-    """The rejected records: line, column, code and reason (opened only when needed)."""
+    """The rejected rows as they were, each with its line, column, code and reason in
+    :data:`ERROR_COLUMNS` (opened only when needed): put right, the file can be imported
+    again as it is."""
 
     def __init__(self, path: Path, *, append: bool) -> None:
         self.path = path
@@ -440,16 +450,26 @@ class _ErrorFile:
             self.handle.close()
 
     def header(self, columns: list[str]) -> None:
-        self.columns = columns
+        self.columns = [c for c in columns if c not in ERROR_COLUMNS]
 
-    def write(self, lines: tuple[int, ...], row: Mapping[str, str], column: str, code: str,
+    def write(self, lines: tuple[int, ...], rows: tuple[Row, ...], column: str, code: str,
               reason: str) -> None:  # fmt: skip
         if self.writer is None:
             exists = self.append and self.path.exists()
             self.handle = self.path.open("a" if exists else "w", encoding="utf-8", newline="")
             self.writer = csv.writer(self.handle)
             if not exists:
-                self.writer.writerow(["line", "column", "code", "reason"])
-        self.writer.writerow([";".join(str(n) for n in lines), column, code, reason])
+                self.writer.writerow([*self.columns, *ERROR_COLUMNS])
+        for line, row in zip(lines, rows, strict=True):
+            self.writer.writerow([*self._values(row), line, column, code, reason])
         self.handle.flush()  # type: ignore[union-attr]
         self.count += 1
+
+    def _values(self, row: Row) -> list[str]:
+        width = len(self.columns)
+        if isinstance(row, Mapping):
+            return [row.get(c, "") for c in self.columns]
+        values = list(row)  # a row whose fields do not match the header: as they came
+        if len(values) > width:
+            values[width - 1 :] = [",".join(values[width - 1 :])]
+        return values + [""] * (width - len(values))
