@@ -148,6 +148,19 @@ def test_documents_numbers_through_the_pack(db: Database) -> None:
     assert_ledger_sound(db, program.id)
 
 
+def test_the_welcome_is_paid_once_however_often_registration_is_sent(db: Database) -> None:
+    program = new_program(db)
+    load(db, program.id)
+    (member,) = new_members(db, program.id, 1)
+    day = datetime(2026, 3, 2, 9, 0, tzinfo=SHANGHAI)
+    first = send(db, program.id, member, "member.registered", day, "crm:1")
+    # the same registration from another source, under another id: nothing more
+    again = send(db, program.id, member, "member.registered", day, "app:1")
+    assert ([a.points for a in first.awards], again.awards) == ([100], [])
+    assert balance(db, member).balance == 100
+    assert_ledger_sound(db, program.id)
+
+
 def test_check_in_ladder_and_surprises(db: Database) -> None:
     program = new_program(db)
     load(db, program.id)
