@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -173,7 +174,9 @@ def test_a_problem_is_one_line_naming_its_posting_however_long(history: tuple) -
 
 def test_verify_asks_for_a_migration_on_a_database_without_the_schema(tmp_path: Path) -> None:
     # given an empty SQLite file
-    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    url = f"sqlite:///{path}"
     # when the ledger is verified
     code, output = jifen(url, "ledger", "verify")
     # then the operator is told to migrate first
@@ -290,6 +293,21 @@ def test_a_birthday_date_out_of_range_and_a_bad_log_level_are_clear_errors(
     assert code == 2 and "outside the years the ledger stores" in output, output
     code, output = jifen(db, "serve", "--log-level", "loud")
     assert code == 2 and "--log-level: give one of critical" in output, output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ledger", "verify"], ["ledger", "reconcile"], ["db", "current"], ["audit", "verify"],
+     ["rewards", "expire-vouchers", "--program", "x"]],
+)  # fmt: skip
+def test_a_mistyped_database_path_is_refused_and_left_uncreated(
+    tmp_path: Path, command: list[str]
+) -> None:
+    missing = tmp_path / "typo" / "jifen.db"
+    code, output = jifen(f"sqlite:///{missing}", *command)
+    assert code == 2, output
+    assert f"error[no_database]: there is no database at {missing}" in output
+    assert not missing.parent.exists()
 
 
 def test_a_schema_written_by_a_newer_jifen_is_left_alone(tmp_path: Path) -> None:

@@ -146,13 +146,35 @@ def _boundary() -> Iterator[None]:
 
 
 @contextmanager
-def _database() -> Iterator[Database]:
+def _database(*, create: bool = False) -> Iterator[Database]:
+    """The configured database; an SQLite file that is not there is made only where
+    ``create`` says (the commands that make a database), and refused elsewhere: a mistyped
+    path should not leave an empty database behind."""
     with _boundary():
+        if not create:
+            _require_file(state.database_url)
         database = _open(state.database_url)
         try:
             yield database
         finally:
             database.dispose()
+
+
+def _require_file(url: str) -> None:
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return  # _open says what is wrong with it
+    path = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if not path or path == ":memory:" or path.startswith("file:") or Path(path).exists():
+        return
+    raise fail(
+        "no_database",
+        _say(f"there is no database at {path}: check --database-url (or JIFEN_DATABASE_URL), "
+             f"or create one there with `jifen db upgrade`",
+             f"{path} 处没有数据库:请检查 --database-url(或 JIFEN_DATABASE_URL),"
+             f"或用 `jifen db upgrade` 在该处创建"),
+    )  # fmt: skip
 
 
 def _open(url: str) -> Database:
@@ -232,7 +254,7 @@ def _require_schema(database: Database) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create the schema, or bring it up to the newest revision."""
-    with _database() as database:
+    with _database(create=True) as database:
         _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
         out.print(f"schema at revision {migrate.current_revision(database.engine)}")
@@ -405,7 +427,7 @@ def demo(
     with _boundary():
         if reset:
             demo_service.reset_sqlite(state.database_url)
-    with _database() as database:
+    with _database(create=True) as database:
         _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
         if demo_service.exists(database):
