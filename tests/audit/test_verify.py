@@ -8,6 +8,7 @@ database's log stays whole for every other test that verifies it.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -406,7 +407,9 @@ def test_verify_sees_one_moment_while_others_write(
 
 
 def test_the_cli_asks_for_a_migration_first(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    url = f"sqlite:///{empty}"
     result = runner.invoke(app, ["--database-url", url, "audit", "verify"])
     assert result.exit_code == 2
     assert "error[schema_not_current]" in result.output
