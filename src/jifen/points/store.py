@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -146,28 +146,41 @@ def spendable_lots(
 
 
 # The lock of one account and, in the same round trip, its first open lots in FIFO order
-# (whatever their dates: the caller picks those spendable at its moment, taken after the
-# lock). The lots are read in the statement's snapshot, taken before the lock was granted;
-# if a posting to the account committed in between, the locked row (the newest version) has
-# moved on from the snapshot's, and the lots are not used. Every change of a lot is a
-# posting to its account, and every posting moves the account's head, so equal heads mean
-# equal lots.
+# (whatever their dates: the caller picks those spendable at its moment). The lots are read
+# by open_lots (migration 0011), a VOLATILE function in the locked row's projection: when
+# the lock had to wait for another posting to the account, PostgreSQL rechecks the newest
+# version of the row and projects it again, and the function, read again in a fresh
+# snapshot, sees that posting's lots. Every change of a lot is a posting to its account,
+# which updates the account's row, so the lots read always match the row locked.
 _POSTGRESQL_LOCK_SPENDING = f"""
 SELECT {_ACCOUNT_FIELDS},
        (SELECT p.id FROM postings p
         WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s),
-       (SELECT s.head_seq FROM accounts s WHERE s.id = a.id),
-       l.id, l.amount, l.remaining, l.available_at, l.expires_at
+       open_lots(a.id, %(limit)s)
 FROM accounts a
-LEFT JOIN LATERAL (
-    SELECT id, amount, remaining, available_at, expires_at FROM lots
-    WHERE account_id = a.id AND remaining > 0
-    ORDER BY expires_at ASC NULLS LAST, id
-    LIMIT %(limit)s
-) l ON true
 WHERE a.member_id = %(member)s AND a.currency = 'points'
 FOR NO KEY UPDATE OF a
 """  # noqa: S608 (constants only)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _unpacked(packed: list[int | None] | None) -> list[LotRow]:
+    """The lots ``open_lots`` packed: its ids, amounts, remainders, and available and
+    expiry times in microseconds since 1970, one after the other."""
+    if not packed:
+        return []
+    n = len(packed) // 5
+    rows = []
+    for k in range(n):
+        available, expires = packed[3 * n + k], packed[4 * n + k]
+        assert available is not None
+        rows.append((
+            packed[k], packed[n + k], packed[2 * n + k],
+            _EPOCH + timedelta(microseconds=available),
+            None if expires is None else _EPOCH + timedelta(microseconds=expires),
+        ))  # fmt: skip
+    return rows  # type: ignore[return-value]  # ids and amounts are never NULL
 
 
 def lock_account_spending(
@@ -175,20 +188,16 @@ def lock_account_spending(
 ) -> tuple[AccountRow | None, list[LotRow] | None]:
     """:func:`lock_accounts` for one member, with its first ``limit`` open lots (FIFO
     order, any dates) read in the same round trip on PostgreSQL: (the account row or
-    ``None`` for no such member, the lots or ``None`` when they must be read again, as they
-    always must on SQLite)."""
+    ``None`` for no such member, the lots or ``None`` when they must be read apart, as on
+    SQLite)."""
     if conn.dialect.name != "postgresql":
         rows = lock_accounts(conn, [member_id], key)
         return (rows[0] if rows else None), None
     params = {"key": key, "member": member_id, "limit": limit}
-    rows = execute(conn, _POSTGRESQL_LOCK_SPENDING, params).fetchall()
-    if not rows:
+    row = execute(conn, _POSTGRESQL_LOCK_SPENDING, params).fetchone()
+    if row is None:
         return None, None
-    first = rows[0]
-    account: AccountRow = first[:9]
-    if first[9] != first[6]:  # a posting moved the account on since the snapshot
-        return account, None
-    return account, [row[10:] for row in rows if row[10] is not None]
+    return row[:9], _unpacked(row[9])
 
 
 BalanceRow = tuple[int, int, int, int, int | None, datetime | None, datetime | None]
