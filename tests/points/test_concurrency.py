@@ -200,9 +200,10 @@ def _held_then_spent(uow: UnitOfWork, member: int) -> int:
 def test_a_debit_that_waited_for_the_lock_takes_the_lot_posted_meanwhile(
     pg: Database, debit: Callable[[UnitOfWork, int], int]
 ) -> None:
-    # A debit's lock statement also reads the first spendable lots, in the snapshot it took
-    # before the lock was granted: the lot of a posting committed while it waited is not in
-    # that snapshot, and the debit must read the lots again rather than refuse.
+    # A debit's lock statement also reads the first open lots. Its snapshot was taken before
+    # the lock was granted, so the lot of a posting committed while it waited is not in it:
+    # the lots must be read after the wait (open_lots, read again when the lock rechecks
+    # the row), or the debit would refuse for want of points it has.
     program = new_program(pg)
     (member,) = new_members(pg, program.id, 1)
     posted, waiting = threading.Event(), threading.Event()
