@@ -321,6 +321,17 @@ def test_a_schema_written_by_a_newer_jifen_is_left_alone(tmp_path: Path) -> None
         assert "error[schema_unknown]" in output and "0999" in output and "newer jifen" in output
 
 
+def test_upgrading_warns_when_postgresql_runs_without_autovacuum(db: Database) -> None:
+    code, output = jifen(db, "db", "upgrade")
+    assert code == 0, output
+    autovacuum = "on"
+    if db.dialect == "postgresql":
+        with db.engine.connect() as conn:
+            autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one()
+    # (this machine's PostgreSQL runs with it off; SQLite has no such thing)
+    assert ("warning: autovacuum is off" in output) == (autovacuum == "off"), output
+
+
 def test_demo_reset_deletes_only_an_sqlite_database(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")

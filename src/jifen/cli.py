@@ -39,6 +39,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Column, Table
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
@@ -236,6 +237,29 @@ def _refuse_unknown_schema(database: Database) -> None:
         )  # fmt: skip
 
 
+def _warn_without_autovacuum(database: Database) -> None:
+    """Say so where PostgreSQL's autovacuum is off: nothing would then clear the dead row
+    versions every posting leaves, nor refresh the statistics the planner picks its plans
+    by, and jifen would slow down week by week."""
+    if database.dialect != "postgresql":
+        return
+    with database.engine.connect() as conn:
+        if conn.execute(text("SHOW autovacuum")).scalar_one() == "on":
+            return
+    err.print(
+        _say(
+            "warning: autovacuum is off on this PostgreSQL server. Nothing clears the dead "
+            "row versions each posting leaves or refreshes the planner's statistics, so jifen "
+            "slows down as it is used: turn autovacuum on (autovacuum = on in "
+            "postgresql.conf), or run VACUUM ANALYZE regularly.",
+            "警告:此 PostgreSQL 服务器关闭了 autovacuum。每次记账留下的旧行版本不会被清理,"
+            "查询规划所依据的统计信息也不会更新,jifen 会越用越慢:请开启 autovacuum"
+            "(在 postgresql.conf 中设 autovacuum = on),或定期运行 VACUUM ANALYZE。",
+        ),
+        markup=False,
+    )
+
+
 def _require_schema(database: Database) -> None:
     _refuse_unknown_schema(database)
     if not migrate.is_current(database.engine):
@@ -258,6 +282,7 @@ def db_upgrade() -> None:
         _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
         out.print(f"schema at revision {migrate.current_revision(database.engine)}")
+        _warn_without_autovacuum(database)
 
 
 @db_app.command("current")
@@ -503,6 +528,7 @@ def serve(
         raise fail("invalid_input", f"--log-level: give one of {', '.join(LOG_LEVELS)}")
     with _database() as database:
         _require_schema(database)
+        _warn_without_autovacuum(database)
     _serve(host=host, port=port, workers=workers, log_level=log_level)
 
 
@@ -980,6 +1006,7 @@ def worker(
         _check_nats_url(settings.nats_url)
     with _database() as database:
         _require_schema(database)
+        _warn_without_autovacuum(database)
         stop = event_stream.stop_on_signals()
         scheduler = None
         if run_jobs:
