@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import gc
+import http.client
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
 
-from jifen.api.app import app_from_settings
+from jifen.api.app import app_from_settings, create_app
 from jifen.db.uow import Database
 from jifen.settings import get_settings
 from tests.api import support
+from tests.api.conftest import api_settings
 from tests.factories import new_members, new_program
 
 
@@ -208,3 +211,28 @@ def test_each_field_error_is_said_in_the_callers_language(client: TestClient, db
     assert [e["field"] for e in refused["en"]] == ["body.expires_at"]
     assert "a number is not read as a time" in refused["en"][0]["message"]
     assert refused["zh"][0]["message"].startswith("请按 RFC 3339 给出带 UTC 偏移的时间")
+
+
+def test_head_is_answered_as_get_without_the_body(db: Database) -> None:
+    admin = support.staff(db, "super_admin")
+    with support.served(create_app(db, api_settings())) as base:
+        url = urlsplit(base)
+
+        def ask(method: str, path: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
+            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+            try:
+                conn.request(method, path, headers=headers)
+                answer = conn.getresponse()
+                return answer.status, answer.getheader("Content-Length", ""), answer.read()
+            finally:
+                conn.close()
+
+        for path, headers, status in (
+            ("/healthz", {}, 200),
+            ("/v1/programs", admin, 200),
+            ("/v1/programs", {}, 401),
+            ("/v1/nowhere", {}, 404),
+        ):
+            got, length, body = ask("GET", path, headers)
+            assert got == status and int(length) == len(body) > 0
+            assert ask("HEAD", path, headers) == (status, length, b"")

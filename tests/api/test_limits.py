@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -14,7 +12,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from jifen.api.app import create_app
@@ -130,21 +127,9 @@ def test_readyz_reports_an_unreachable_redis(db: Database) -> None:
 
 @pytest.fixture
 def small_bodies(db: Database) -> Iterator[str]:
-    """The API served by uvicorn on a free local port, reading bodies of up to 2,048 bytes:
-    its base URL."""
-    settings = api_settings(max_body_bytes="2048")
-    config = uvicorn.Config(create_app(db, settings), host="127.0.0.1", port=0, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    (sock,) = server.servers[0].sockets
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    """The API served by uvicorn, reading bodies of up to 2,048 bytes: its base URL."""
+    with support.served(create_app(db, api_settings(max_body_bytes="2048"))) as base:
+        yield base
 
 
 def _send(

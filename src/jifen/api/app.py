@@ -13,6 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jifen import __version__
 from jifen.api import problems
@@ -93,6 +94,7 @@ def create_app(
     app.state.sms = sms or OutboxSmsProvider()
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeadAsGet)
     _serve_docs(app)
 
     @app.get("/healthz", tags=["health"], responses={503: {"model": problems.Problem}})
@@ -124,6 +126,30 @@ def create_app(
         app.include_router(module.router, prefix="/v1")
 
     return app
+
+
+class HeadAsGet:
+    """ASGI middleware: answer ``HEAD`` as the ``GET`` of the same address would be answered
+    (status and headers, Content-Length included), without the body (RFC 9110 §9.3.2):
+    load balancers and ``curl -I`` check addresses such as ``/healthz`` with HEAD, which
+    FastAPI's routes, declared for GET, would refuse with 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return  # the rest of the body follows: nothing of it is sent
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def _serve_docs(app: FastAPI) -> None:
