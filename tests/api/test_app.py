@@ -173,6 +173,26 @@ def test_the_document_describes_errors_as_the_problems_sent(client: TestClient) 
     assert "Problem" in document["components"]["schemas"]
 
 
+def test_the_documents_integer_bounds_are_exact_integers(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    bounds: list[object] = []
+
+    def collect(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                bounds.extend(node[k] for k in ("minimum", "maximum") if k in node)
+            for child in node.values():
+                collect(child)
+        elif isinstance(node, list):
+            for child in node:
+                collect(child)
+
+    collect(document)
+    assert bounds and all(type(b) is int for b in bounds), {b for b in bounds if type(b) is not int}
+    assert 2**63 - 1 in bounds  # the largest id, exactly (not 9.223372036854776e+18)
+    assert max(bounds) == 2**63 - 1  # type: ignore[type-var]
+
+
 def test_each_field_error_is_said_in_the_callers_language(client: TestClient, db: Database) -> None:
     admin = support.staff(db, "super_admin")
     bad = {"code": "Not A Code!", "name": "x" * 201, "colour": "red"}

@@ -96,6 +96,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HeadAsGet)
     _serve_docs(app)
+    _whole_bounds_in_openapi(app)
 
     @app.get("/healthz", tags=["health"], responses={503: {"model": problems.Problem}})
     async def healthz() -> dict[str, str]:
@@ -126,6 +127,39 @@ def create_app(
         app.include_router(module.router, prefix="/v1")
 
     return app
+
+
+_BOUNDS = ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum", "multipleOf")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _whole_bounds_in_openapi(app: FastAPI) -> None:
+    """FastAPI's OpenAPI models hold every bound as a float, so an integer's ``maximum``
+    of 2^63 - 1 (the largest id) came out as 9.223372036854776e+18, beyond what a 64-bit
+    client can hold: an integer's bounds are given back as integers (the float nearest
+    2^63 - 1 rounds to 2^63, and is put back within 64 bits)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _whole_bounds(generate())
+        return app.openapi_schema  # type: ignore[return-value]  # made just above
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _whole_bounds(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for name in _BOUNDS:
+                value = node.get(name)
+                if isinstance(value, float) and value.is_integer():
+                    node[name] = min(max(int(value), _INT64[0]), _INT64[1])
+        for child in node.values():
+            _whole_bounds(child)
+    elif isinstance(node, list):
+        for child in node:
+            _whole_bounds(child)
 
 
 class HeadAsGet:
