@@ -48,7 +48,7 @@ from jifen.db import migrate
 from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
 from jifen.demo import service as demo_service
-from jifen.errors import JifenError, field_problem
+from jifen.errors import JifenError, invalid_field
 from jifen.events import service as events_service
 from jifen.events import stream as event_stream
 from jifen.imports import service as imports
@@ -727,9 +727,8 @@ def rules_load(
     try:
         body = RulePack.model_validate_json(pack.read_bytes().removeprefix(b"\xef\xbb\xbf"))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise fail("invalid_input", f"{pack}: {where}: {_say(*field_problem(first))}") from None
+        refused = invalid_field(exc, whole="pack")
+        raise fail(refused.code, f"{pack}: {refused.message(get_settings().language)}") from None
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)

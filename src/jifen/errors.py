@@ -372,12 +372,15 @@ _FIELD_ZH = {
     "model_attributes_type": "应为 JSON 对象。",
     "dataclass_type": "应为 JSON 对象。",
     "none_required": "应为 null。",
-    "datetime_type": "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
-    "datetime_parsing": "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
-    "datetime_from_date_parsing": (
-        "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。"
+    **dict.fromkeys(
+        (
+            "datetime_type",
+            "datetime_parsing",
+            "datetime_from_date_parsing",
+            "datetime_object_invalid",
+        ),
+        "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
     ),
-    "datetime_object_invalid": "应为带时区偏移的 RFC 3339 时间,例如 2026-01-31T10:00:00+08:00。",
     "timezone_aware": "时间须带时区偏移,例如 +08:00。",
     "timezone_naive": "时间不应带时区偏移。",
     "date_type": "应为日期,例如 2026-01-31。",

@@ -86,7 +86,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is None and "transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body at all (most GETs)
+            return
         if declared is not None:
             if declared.isdigit() and int(declared) <= self.max_bytes:
                 await self.app(scope, receive, send)  # the server holds it to that length
