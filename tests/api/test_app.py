@@ -164,6 +164,41 @@ def test_a_body_that_is_not_json_is_a_stable_problem(client: TestClient, db: Dat
     assert "请求体" in broken.json()["detail"]
 
 
+def test_what_an_operation_does_not_read_is_refused_not_ignored(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    admin = support.staff(db, "super_admin")
+    members = f"/v1/programs/{program.code}/members"
+    # a misspelt parameter would otherwise be dropped and the default used
+    answer = client.get(members, params={"limt": 5}, headers={**admin, "Accept-Language": "zh"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["errors"][0]["field"] == "limt"
+    assert "limit" in answer.json()["detail"] and "查询参数" in answer.json()["detail"]
+    # a single value given twice: which one would count?
+    answer = client.get(members, params=[("limit", "5"), ("limit", "6")], headers=admin)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["errors"][0]["field"] == "limit"
+    assert "2 times" in answer.json()["detail"]
+    # a parameter typed as a list repeats, and a declared one passes
+    history = client.get(
+        f"{members}/{member}/points/history", params=[("kind", "earn"), ("kind", "spend")],
+        headers=admin,
+    )  # fmt: skip
+    assert history.status_code == 200, history.text
+    assert client.get(members, params={"limit": 5}, headers=admin).status_code == 200
+    # a body sent where none is read is refused, before the session ends; {} is no body
+    answer = client.post("/v1/auth/sign-out", json={"everywhere": True}, headers=admin)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["errors"][0]["field"] == "body"
+    assert client.get(members, headers=admin).status_code == 200
+    assert client.post("/v1/auth/sign-out", json={}, headers=admin).status_code == 204
+    assert client.get(members, headers=admin).status_code == 401
+    # outside /v1, a health check with a cache-busting parameter is still answered
+    assert client.get("/healthz", params={"_": "1"}).status_code == 200
+
+
 def test_the_document_describes_errors_as_the_problems_sent(client: TestClient) -> None:
     document = client.get("/openapi.json").json()
     answers = document["paths"]["/v1/programs"]["post"]["responses"]

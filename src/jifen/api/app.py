@@ -54,7 +54,8 @@ jifen (积分) keeps every member's points on an exact double-entry ledger.
 * **Writes** need an `Idempotency-Key` header: repeat it with the same body to get the first
   answer again (safe retries); another body with the same key is refused.
 * **Errors** are `application/problem+json` with a stable `code`; `Accept-Language: zh`
-  gives Chinese messages.
+  gives Chinese messages. What an operation does not read (an unknown field or query
+  parameter, a single-valued parameter given twice, a body where none is read) is refused.
 * **Permissions**: each operation's `x-permission` names the permission it needs.
 """
 
@@ -91,6 +92,7 @@ def create_app(
     app.state.limiter = Limiter(settings)
     app.state.principal_cache = {}
     app.state.program_cache = {}
+    app.state.route_reads = {}
     app.state.sms = sms or OutboxSmsProvider()
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
@@ -94,12 +96,21 @@ def next_id_cursor(items: Sequence[_HasId], limit: int) -> str | None:
 
 async def refuse_unusable_request(request: Request) -> None:
     """Run before every route: refuse a body that is not JSON by its content type (415,
-    rather than read as a value of the wrong type) and a query or path parameter holding
-    NUL (``%00``, which PostgreSQL stores in no text), before anything is looked up."""
-    if request.method in _WITH_BODY and request.headers.get("content-length", "0") != "0":
+    rather than read as a value of the wrong type), a query or path parameter holding
+    NUL (``%00``, which PostgreSQL stores in no text), a query parameter the operation does
+    not read (a misspelt ``limt`` would otherwise be ignored), a single-valued one given
+    twice (which of them would count?) and a body sent to an operation that reads none,
+    before anything is looked up."""
+    has_body = request.headers.get("content-length", "0") != "0" or (
+        "content-length" not in request.headers and "transfer-encoding" in request.headers
+    )
+    if request.method in _WITH_BODY and has_body:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise StarletteHTTPException(415)
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute) and request.url.path.startswith("/v1/"):
+        await _refuse_what_the_operation_does_not_read(request, _reads(request, route), has_body)
     for name, value in (*request.query_params.multi_items(), *request.path_params.items()):
         if "\x00" in str(value):
             raise InvalidInput(
@@ -110,6 +121,85 @@ async def refuse_unusable_request(request: Request) -> None:
 
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """What one operation reads of a request besides its path."""
+
+    query: tuple[str, ...]
+    repeatable: frozenset[str]
+    body: bool
+
+
+def _reads(request: Request, route: APIRoute) -> _Reads:
+    """The query parameters ``route`` and its dependencies declare (those typed as a list
+    may repeat), and whether it reads a body; worked out once per route of an app."""
+    known: dict[int, _Reads] = request.app.state.route_reads
+    reads = known.get(id(route))
+    if reads is None:
+        names: dict[str, bool] = {}
+        pending, seen = [route.dependant], set()
+        while pending:
+            dependant = pending.pop()
+            if id(dependant) in seen:
+                continue
+            seen.add(id(dependant))
+            for param in dependant.query_params:
+                names[param.alias] = _is_list(param.field_info.annotation)
+            pending.extend(dependant.dependencies)
+        reads = _Reads(
+            query=tuple(sorted(names)),
+            repeatable=frozenset(name for name, many in names.items() if many),
+            body=route.body_field is not None,
+        )
+        known[id(route)] = reads
+    return reads
+
+
+def _is_list(annotation: Any) -> bool:
+    """Whether a parameter's type takes several values (``list[X]``, ``list[X] | None``)."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, set, frozenset, tuple):
+        return True
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_is_list(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+async def _refuse_what_the_operation_does_not_read(
+    request: Request, reads: _Reads, has_body: bool
+) -> None:
+    counts: dict[str, int] = {}
+    for name, _ in request.query_params.multi_items():
+        counts[name] = counts.get(name, 0) + 1
+    for name, count in counts.items():
+        if name not in reads.query:
+            takes_en = ", ".join(reads.query) if reads.query else "none"
+            takes_zh = "、".join(reads.query) if reads.query else "无"
+            raise InvalidInput(
+                field=name,
+                problem=f"this operation has no query parameter {name!r} (it takes: "
+                f"{takes_en}); check the spelling or leave it out",
+                problem_zh=f"该操作没有查询参数 {name!r}(可用参数:{takes_zh});请检查拼写或删去",
+            )
+        if count > 1 and name not in reads.repeatable:
+            raise InvalidInput(
+                field=name,
+                problem=f"given {count} times; this parameter takes one value, give it once",
+                problem_zh=f"出现了 {count} 次;该参数只取一个值,请只给一次",
+            )
+    if (
+        not reads.body
+        and has_body
+        and request.method in _WITH_BODY
+        and (await request.body()).strip() not in (b"", b"{}")
+    ):
+        raise InvalidInput(
+            field="body",
+            problem="this operation reads no body; send none (or {})",
+            problem_zh="该操作不读取请求体;请不要发送(或发送 {})",
+        )
 
 
 def _token(request: Request) -> str | None:
