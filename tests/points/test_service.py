@@ -93,6 +93,49 @@ def test_earn_then_spend_then_full_refund_restores_the_same_lots(setup: Any) -> 
     assert_ledger_sound(db, program_id)
 
 
+def test_points_given_back_to_a_renewed_lot_take_its_later_date(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    # given 1,000 points expiring in 30 days, of which 300 are spent and 200 frozen
+    call(db, points.earn, member_id=alice, amount=1000, key="e", expires_at=clock.now() + 30 * DAY)
+    spend = call(db, points.spend, member_id=alice, amount=300, key="s")
+    hold = call(db, points.freeze, member_id=alice, amount=200, key="f", reason="risk",
+                actor="ops")  # fmt: skip
+    # and a tier change renews what is left to 400 days, then again to never
+    call(db, points.renew, member_id=alice, key="t1", reason="tier",
+         new_date=lambda lot: clock.now() + 400 * DAY)  # fmt: skip
+    clock.advance(40 * DAY)  # the old lot's own date has passed
+    call(db, points.renew, member_id=alice, key="t2", reason="tier", new_date=lambda lot: None)
+    # when the spend is refunded in two parts and the freeze released
+    first = call(db, points.refund, spend_id=spend.id, key="r1", amount=100)
+    call(db, points.refund, spend_id=spend.id, key="r2")
+    call(db, points.unfreeze, freeze_id=hold.id, key="u")
+    # then every point came back with the renewed date, none with the old one
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.available, summary.overdue) == (1000, 1000, 0)
+    assert summary.expiring == []
+    assert call(db, points.expire_member, member_id=alice) is None
+    # a replayed refund changes nothing, and the refund's answer is the refund itself
+    again = call(db, points.refund, spend_id=spend.id, key="r1", amount=100)
+    assert (again.id, again.replayed, again.kind) == (first.id, True, "refund")
+    assert call(db, points.balance, member_id=alice).balance == 1000
+    assert_ledger_sound(db, program_id)
+
+
+def test_points_given_back_to_a_lot_never_renewed_keep_its_date(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    call(db, points.earn, member_id=alice, amount=100, key="e", expires_at=clock.now() + 30 * DAY)
+    spend = call(db, points.spend, member_id=alice, amount=60, key="s")
+    clock.advance(40 * DAY)
+    call(db, points.refund, spend_id=spend.id, key="r")
+    # the refund restored the lapsed lot, as the lots it took: overdue, then expired
+    assert call(db, points.balance, member_id=alice).overdue == 100
+    expired = call(db, points.expire_member, member_id=alice)
+    assert expired is not None and expired.amount == 100
+    assert_ledger_sound(db, program_id)
+
+
 def test_balance_summary_separates_available_pending_overdue_and_expiry_days(setup: Any) -> None:
     db, program_id, alice, _ = setup
     clock: ManualClock = db.clock

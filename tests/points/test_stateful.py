@@ -52,6 +52,19 @@ class RefLot:
     remaining: int
     available_at: datetime
     expires_at: datetime | None
+    renewed_to: list[RefLot] = field(default_factory=list)
+    """The lots renewals moved this one's points to."""
+
+    def latest_renewal(self) -> tuple[bool, datetime | None]:
+        """Whether a renewal moved this lot on, and the latest date it moved it to."""
+        dates = [x.expires_at for x in self.renewed_to]
+        for x in self.renewed_to:
+            renewed, date = x.latest_renewal()
+            if renewed:
+                dates.append(date)
+        if not dates:
+            return False, None
+        return True, None if None in dates else max(d for d in dates if d is not None)
 
     def spendable(self, now: datetime) -> bool:
         return (
@@ -109,7 +122,7 @@ class Model:
             taken.append((lot, part))
         return taken
 
-    def give_back(self, debit: RefDebit, amount: int | None) -> int:
+    def give_back(self, debit: RefDebit, amount: int | None, now: datetime) -> int:
         open_amount = debit.amount - debit.given_back
         amount = open_amount if amount is None else amount
         if open_amount == 0 or amount > open_amount:
@@ -125,6 +138,11 @@ class Model:
                 lot.remaining += give
                 debit.returned[lot.order] = debit.returned.get(lot.order, 0) + give
                 left -= give
+                renewed, date = lot.latest_renewal()
+                if renewed and (date is None or date > now):  # the points follow the renewal
+                    lot.remaining -= give
+                    follow = self.new_lot(debit.member, give, lot.available_at, date)
+                    lot.renewed_to.append(follow)
         debit.given_back += amount
         return amount
 
@@ -226,7 +244,7 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
         def refund(self, spend: Any, amount: int | None) -> None:
             spend_id, debit = spend
             try:
-                self.model.give_back(debit, amount)
+                self.model.give_back(debit, amount, self.now())
             except ExceedsOriginal:
                 self.expect_refusal(
                     ExceedsOriginal, points.refund, spend_id=spend_id, amount=amount
@@ -306,7 +324,7 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
         def unfreeze(self, frozen: Any, amount: int | None) -> None:
             freeze_id, debit = frozen
             try:
-                given = self.model.give_back(debit, amount)
+                given = self.model.give_back(debit, amount, self.now())
             except ExceedsOriginal:
                 self.expect_refusal(ExceedsOriginal, points.unfreeze, freeze_id=freeze_id,
                                     amount=amount)  # fmt: skip
@@ -344,7 +362,9 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             result = self.post(points.renew, member_id=m, new_date=new_date, reason="tier")
             assert (result.amount if result else 0) == sum(x.remaining for x in moved)
             for lot in moved:
-                self.model.new_lot(m, lot.remaining, lot.available_at, new_date(lot))
+                lot.renewed_to.append(
+                    self.model.new_lot(m, lot.remaining, lot.available_at, new_date(lot))
+                )
                 lot.remaining = 0
 
         @rule(hours=st.sampled_from([1, 12, 24, 24 * 3, 24 * 8, 24 * 40]))

@@ -375,12 +375,44 @@ def plan_renew(
         if lot.expires_at is None or (new is not None and new <= lot.expires_at):
             continue
         moved.append((lot, new))
-    total = sum(lot.remaining for lot, _ in moved)
+    return _renewal([(lot, lot.remaining, new) for lot, new in moved])
+
+
+def plan_follow_renewal(
+    *,
+    lots: Iterable[Lot],
+    given_back: Mapping[int, int],
+    dates: Mapping[int, datetime | None],
+    now: datetime,
+) -> Plan | None:
+    """Points just given back to lots (lot id → amount) whose points a renewal has since
+    moved to a later date (lot id → that date, ``None`` for never) follow them: a renewal
+    hands them to new lots with that date. Unlike :func:`plan_renew`, it does so even when
+    the old lot's own date has passed: these points were renewed before it came. ``None``
+    when nothing follows (no lot was renewed, or the later date has passed too)."""
+    by_id = {lot.id: lot for lot in lots}
+    moved: list[tuple[Lot, int, datetime | None]] = []
+    for lot_id, amount in sorted(given_back.items()):
+        if lot_id not in dates or lot_id not in by_id:
+            continue
+        new = dates[lot_id]
+        if new is not None and new <= now:
+            continue
+        lot = by_id[lot_id]
+        if min(amount, lot.remaining) > 0:
+            moved.append((lot, min(amount, lot.remaining), new))
+    return _renewal(moved)
+
+
+def _renewal(moved: Sequence[tuple[Lot, int, datetime | None]]) -> Plan | None:
+    """A renewal posting: each (lot, amount, date) hands ``amount`` of the lot to a new lot
+    with the same availability and ``date`` (its source)."""
+    total = sum(amount for _, amount, _ in moved)
     if not total:
         return None
-    allocations = tuple(Allocation(lot.id, -lot.remaining) for lot, _ in moved)
+    allocations = tuple(Allocation(lot.id, -amount) for lot, amount, _ in moved)
     new_lots = tuple(
-        NewLot(lot.remaining, lot.available_at, new, source_lot_id=lot.id) for lot, new in moved
+        NewLot(amount, lot.available_at, new, source_lot_id=lot.id) for lot, amount, new in moved
     )
     lines = (Line(Party.MEMBER, -total), Line(Party.MEMBER, total))
     return Plan(Kind.RENEW, total, lines, allocations=allocations, new_lots=new_lots)

@@ -697,17 +697,84 @@ def refund(
         earlier_refunded=original.later_amount,
         amount=amount,
     )
-    return _write(
-        uow,
-        plan,
-        member=member,
-        key=key,
-        request_hash=request,
-        now=uow.clock.now(),
-        ref_posting_id=spend_id,
-        reason=reason,
-        actor=actor,
-    )
+    return _given_back(
+        uow, plan, member=member, key=key, request_hash=request, ref_posting_id=spend_id,
+        reason=reason, actor=actor,
+    )  # fmt: skip
+
+
+def _given_back(
+    uow: UnitOfWork,
+    plan: Plan,
+    *,
+    member: _Account,
+    key: str,
+    request_hash: str,
+    ref_posting_id: int,
+    reason: str,
+    actor: str,
+) -> PostingRead:
+    """Write a refund or an unfreeze; then the points it gave back to lots whose points a
+    renewal has since moved to a later date (a tier change, say) follow them there, by a
+    renewal posting in the same transaction. Left on the old lot they would lapse on the
+    date the renewal had put behind them."""
+    now = uow.clock.now()
+    posting = _write(
+        uow, plan, member=member, key=key, request_hash=request_hash, now=now,
+        ref_posting_id=ref_posting_id, reason=reason, actor=actor,
+    )  # fmt: skip
+    given = {a.lot_id: a.amount for a in plan.allocations if a.amount > 0}
+    dates = _renewed_dates(uow, given)
+    if dates:
+        follow_key = f"renewal-after:{posting.id}"
+        account, _ = _lock_one(uow, member.member_id, follow_key)
+        follow = ledger.plan_follow_renewal(
+            lots=_open_lots(uow, account.id), given_back=given, dates=dates, now=now
+        )
+        if follow is not None:
+            _write(
+                uow, follow, member=account, key=follow_key,
+                request_hash=_fingerprint("renew", after=posting.id), now=now,
+                ref_posting_id=posting.id, reason=FOLLOWED_RENEWAL, actor="system",
+            )  # fmt: skip
+    return posting
+
+
+FOLLOWED_RENEWAL = "points given back to a renewed lot take its later date"
+
+
+def _renewed_dates(uow: UnitOfWork, lot_ids: Iterable[int]) -> dict[int, datetime | None]:
+    """For each of ``lot_ids`` whose points a renewal moved on (directly or through later
+    renewals): the latest date they were moved to (``None``: never expires)."""
+    latest: dict[int, datetime | None] = {}
+    origin_of = {lot_id: lot_id for lot_id in lot_ids}  # a lot on a renewal chain -> its start
+    renewed = lots.alias("renewed")
+    while origin_of:
+        rows = uow.conn.execute(
+            select(allocations.c.lot_id, renewed.c.id, renewed.c.expires_at)
+            .join(postings, postings.c.id == allocations.c.posting_id)
+            .join(
+                renewed,
+                and_(
+                    renewed.c.posting_id == allocations.c.posting_id,
+                    renewed.c.source_lot_id == allocations.c.lot_id,
+                ),
+            )
+            .where(allocations.c.lot_id.in_(origin_of), postings.c.kind == Kind.RENEW.value)
+        ).all()
+        successors: dict[int, int] = {}
+        for source, successor, expires_at in rows:
+            origin = origin_of[source]
+            if origin not in latest or _later(expires_at, latest[origin]):
+                latest[origin] = expires_at
+            successors[successor] = origin
+        origin_of = successors
+    return latest
+
+
+def _later(date: datetime | None, than: datetime | None) -> bool:
+    """Whether an expiry ``date`` is later than ``than`` (``None``: never, the latest)."""
+    return than is not None and (date is None or date > than)
 
 
 def reverse(
@@ -911,17 +978,10 @@ def unfreeze(
         earlier_unfrozen=original.later_amount,
         amount=amount,
     )
-    return _write(
-        uow,
-        plan,
-        member=member,
-        key=key,
-        request_hash=request,
-        now=uow.clock.now(),
-        ref_posting_id=freeze_id,
-        reason=reason,
-        actor=actor,
-    )
+    return _given_back(
+        uow, plan, member=member, key=key, request_hash=request, ref_posting_id=freeze_id,
+        reason=reason, actor=actor,
+    )  # fmt: skip
 
 
 EXPIRED_REASON = "lots reached their expiry date"
