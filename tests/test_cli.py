@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -402,3 +406,52 @@ def test_a_worker_given_no_nats_address_says_so(
         monkeypatch.delenv("JIFEN_NATS_URL")
         get_settings.cache_clear()
     assert code == 2 and "is not a NATS address" in output, output
+
+
+def help_of(environment: dict[str, str], *command: str) -> str:
+    """``jifen … --help`` as an operator sees it, in a process of its own (the help texts'
+    language is settled when jifen.cli is imported), with the whitespace taken out: how a
+    line is wrapped is the terminal's business, not the text's."""
+    env = {**os.environ, "COLUMNS": "200", **environment}
+    done = subprocess.run(
+        [sys.executable, "-m", "jifen", *command, "--help"], env=env, capture_output=True,
+        text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return re.sub(r"\s+", "", done.stdout)
+
+
+def said(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+# For each help page: (English, Chinese) texts it shows.
+HELP_PAGES: dict[tuple[str, ...], list[tuple[str, str]]] = {
+    (): [
+        ("loyalty points platform with an exact ledger.", "会员积分平台,账本精确无误。"),
+        ("Create and migrate the database schema.", "创建并迁移数据库结构。"),
+        ("SQLAlchemy URL; default:", "SQLAlchemy 数据库地址;默认:"),
+    ],
+    ("ledger", "verify"): [
+        ("Recompute every posting digest and hash chain", "重新计算每笔记录的摘要与哈希链"),
+        ("Programme code; default: every programme.", "计划代码;默认:所有计划。"),
+    ],
+    ("jobs", "run"): [
+        ("Run a job once for a programme.", "为一个计划运行一次任务。"),
+        ("The job, as `jifen jobs list` names it.", "任务名,即 `jifen jobs list` 列出的名称。"),
+        ("Allow a --now later than the present", "允许 --now 晚于当前时刻"),
+        ("Chunk size.", "每批的大小。"),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(HELP_PAGES), ids=lambda c: " ".join(c) or "jifen")
+def test_help_speaks_the_language_asked_for(command: tuple[str, ...]) -> None:
+    # given JIFEN_LANGUAGE=zh-CN, then en
+    chinese = help_of({"JIFEN_LANGUAGE": "zh-CN"}, *command)
+    english = help_of({"JIFEN_LANGUAGE": "en"}, *command)
+    # then each help page shows its texts in that language, and not in the other
+    for en, zh in HELP_PAGES[command]:
+        assert said(zh) in chinese and said(en) not in chinese, (zh, chinese)
+        assert said(en) in english and said(zh) not in english, (en, english)
