@@ -455,3 +455,13 @@ def test_help_speaks_the_language_asked_for(command: tuple[str, ...]) -> None:
     for en, zh in HELP_PAGES[command]:
         assert said(zh) in chinese and said(en) not in chinese, (zh, chinese)
         assert said(en) in english and said(zh) not in english, (en, english)
+
+
+def test_help_prints_in_english_where_the_settings_cannot_be_read() -> None:
+    # given Chinese asked for, next to a setting jifen refuses
+    environment = {"JIFEN_LANGUAGE": "zh-CN", "JIFEN_DELIVERY_CONCURRENCY": "1000"}
+    # when the help is asked for
+    shown = help_of(environment, "jobs", "run")
+    # then it is printed all the same, in English
+    assert said("Run a job once for a programme.") in shown
+    assert said("为一个计划运行一次任务。") not in shown

@@ -117,7 +117,18 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _State:
-    database_url: str = ""
+    given_database_url: str | None = None
+    """``--database-url`` (or ``JIFEN_DATABASE_URL``) as the command line gave it."""
+
+    @property
+    def database_url(self) -> str:
+        """The database the command works on, worked out when a command first asks, not in
+        the callback: Click runs that before it reads a subcommand's ``--help``, which must
+        print even where the settings cannot be read."""
+        # A plain postgresql:// or postgres:// URL means psycopg 3, as in JIFEN_DATABASE_URL.
+        if self.given_database_url:
+            return normalise_database_url(self.given_database_url)
+        return get_settings().resolved_database_url()
 
 
 state = _State()
@@ -142,12 +153,7 @@ def _options(
         ),
     ] = None,
 ) -> None:
-    # A plain postgresql:// or postgres:// URL means psycopg 3, as in JIFEN_DATABASE_URL.
-    state.database_url = (
-        normalise_database_url(database_url)
-        if database_url
-        else get_settings().resolved_database_url()
-    )
+    state.given_database_url = database_url
 
 
 def _say(en: str, zh: str) -> str:
