@@ -465,3 +465,40 @@ def test_help_prints_in_english_where_the_settings_cannot_be_read() -> None:
     # then it is printed all the same, in English
     assert said("Run a job once for a programme.") in shown
     assert said("为一个计划运行一次任务。") not in shown
+
+
+def test_chinese_help_is_shown_whole_in_an_80_column_terminal() -> None:
+    # given Chinese help in an 80-column terminal
+    shown = help_of({"JIFEN_LANGUAGE": "zh-CN", "COLUMNS": "80"}, "jobs", "run")
+    # then a long text is all there, not cut short with "…" (as Rich's tables cut Chinese)
+    pause = "每批完成后暂停,时长为该批耗时乘以此倍数,把机器留给线上流量(1.0:约让出一半)。"
+    assert said(pause) in shown and "…" not in shown, shown
+
+
+SHORT_HELPS = """
+import typer.main
+from jifen.cli import app
+
+def walk(group, path):
+    for name, command in group.commands.items():
+        print(" ".join([*path, name]), command.get_short_help_str(), sep="\\t")
+        if hasattr(command, "commands"):
+            walk(command, [*path, name])
+
+walk(typer.main.get_command(app), ["jifen"])
+"""
+
+
+def test_every_command_is_listed_with_a_chinese_summary() -> None:
+    # given Chinese help, where Click shortens each command's help for the lists of commands
+    done = subprocess.run(
+        [sys.executable, "-c", SHORT_HELPS], env={**os.environ, "JIFEN_LANGUAGE": "zh-CN"},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed = dict(line.split("\t") for line in done.stdout.splitlines())
+    # then every command is there with a summary in Chinese, not shortened to nothing ("...")
+    assert {"jifen jobs run", "jifen rewards expire-vouchers", "jifen demo"} <= set(listed)
+    bare = {name: summary for name, summary in listed.items() if not re.match(r"[^.]*\w", summary)}
+    assert bare == {}
+    assert all(re.search(r"[\u4e00-\u9fff]", summary) for summary in listed.values()), listed

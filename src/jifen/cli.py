@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -89,6 +89,12 @@ def _h(en: str, zh: str) -> str:
     return zh if _HELP_IN_CHINESE else en
 
 
+_HELP_LAYOUT: Literal["rich"] | None = None if _HELP_IN_CHINESE else "rich"
+"""Rich's help tables break a line only at a space and cut a longer run short with "…",
+which is most of a Chinese sentence: Chinese help takes Click's plain layout, which keeps
+every word (a line too long for the terminal wraps there)."""
+
+
 app = typer.Typer(
     help=_h(
         "jifen (积分): a membership loyalty points platform with an exact ledger.",
@@ -96,17 +102,20 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 db_app = typer.Typer(
     help=_h("Create and migrate the database schema.", "创建并迁移数据库结构。"),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 ledger_app = typer.Typer(
     help=_h(
         "Prove the ledger: verify, reconcile, checkpoint.",
-        "核验账本:校验(verify)、对账(reconcile)、检查点(checkpoint)。",
+        "核验账本:verify 校验、reconcile 对账、checkpoint 设检查点。",
     ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(db_app, name="db")
 app.add_typer(ledger_app, name="ledger")
@@ -471,6 +480,7 @@ def ledger_checkpoint(
 audit_app = typer.Typer(
     help=_h("Prove the audit log: verify its hash chains.", "核验审计日志:校验其哈希链。"),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(audit_app, name="audit")
 
@@ -700,6 +710,7 @@ import_app = typer.Typer(
         "从 CSV 文件导入事件、订单或会员(流式读取,中断后可继续)。",
     ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(import_app, name="import")
 
@@ -867,7 +878,9 @@ def import_members(
 
 
 rules_app = typer.Typer(
-    help=_h("Earning rules: load a rule pack.", "积分规则:载入规则包。"), no_args_is_help=True
+    help=_h("Earning rules: load a rule pack.", "积分规则:载入规则包。"),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(rules_app, name="rules")
 
@@ -933,7 +946,9 @@ def rules_load(
 
 
 events_app = typer.Typer(
-    help=_h("Events raised by jifen itself.", "由 jifen 自身产生的事件。"), no_args_is_help=True
+    help=_h("Events raised by jifen itself.", "由 jifen 自身产生的事件。"),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(events_app, name="events")
 
@@ -990,6 +1005,7 @@ rewards_app = typer.Typer(
         "奖励:每日运行,处理到期未用的券和逾期未确认的兑换。",
     ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(rewards_app, name="rewards")
 DryRun = Annotated[
@@ -1007,7 +1023,7 @@ DryRun = Annotated[
         "Expire vouchers unused at the end of their validity: the points go back less the "
         "programme's fee. Runs in chunks, each its own transaction; running it twice does "
         "nothing the second time.",
-        "有效期结束仍未使用的券作过期处理:积分扣除计划规定的手续费后退回。"
+        "将有效期结束时仍未使用的券作过期处理:积分扣除计划的手续费后退回。\n\n"
         "分批运行,每批一个事务;重复运行时,第二次不做任何更改。",
     ),
 )
@@ -1071,6 +1087,7 @@ jobs_app = typer.Typer(
         "任务:积分到期、休眠、提醒、等级、生日、对账、券…",
     ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(jobs_app, name="jobs")
 
@@ -1107,7 +1124,7 @@ JobPause = Annotated[
     help=_h(
         "Run a job once for a programme. A run for a moment that already finished does "
         "nothing; one cut short continues where it stopped.",
-        "为一个计划运行一次任务。针对某一时刻的运行若已完成,再运行不做任何事;"
+        "为一个计划运行一次任务。\n\n针对某一时刻的运行若已完成,再运行不做任何事;"
         "中途被打断的运行从中断处继续。",
     ),
 )
