@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -402,3 +406,99 @@ def test_a_worker_given_no_nats_address_says_so(
         monkeypatch.delenv("JIFEN_NATS_URL")
         get_settings.cache_clear()
     assert code == 2 and "is not a NATS address" in output, output
+
+
+def help_of(environment: dict[str, str], *command: str) -> str:
+    """``jifen … --help`` as an operator sees it, in a process of its own (the help texts'
+    language is settled when jifen.cli is imported), with the whitespace taken out: how a
+    line is wrapped is the terminal's business, not the text's."""
+    env = {**os.environ, "COLUMNS": "200", **environment}
+    done = subprocess.run(
+        [sys.executable, "-m", "jifen", *command, "--help"], env=env, capture_output=True,
+        text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return re.sub(r"\s+", "", done.stdout)
+
+
+def said(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+# For each help page: (English, Chinese) texts it shows.
+HELP_PAGES: dict[tuple[str, ...], list[tuple[str, str]]] = {
+    (): [
+        ("loyalty points platform with an exact ledger.", "会员积分平台,账本精确无误。"),
+        ("Create and migrate the database schema.", "创建并迁移数据库结构。"),
+        ("SQLAlchemy URL; default:", "SQLAlchemy 数据库地址;默认:"),
+    ],
+    ("ledger", "verify"): [
+        ("Recompute every posting digest and hash chain", "重新计算每笔记录的摘要与哈希链"),
+        ("Programme code; default: every programme.", "计划代码;默认:所有计划。"),
+    ],
+    ("jobs", "run"): [
+        ("Run a job once for a programme.", "为一个计划运行一次任务。"),
+        ("The job, as `jifen jobs list` names it.", "任务名,即 `jifen jobs list` 列出的名称。"),
+        ("Allow a --now later than the present", "允许 --now 晚于当前时刻"),
+        ("Chunk size.", "每批的大小。"),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(HELP_PAGES), ids=lambda c: " ".join(c) or "jifen")
+def test_help_speaks_the_language_asked_for(command: tuple[str, ...]) -> None:
+    # given JIFEN_LANGUAGE=zh-CN, then en
+    chinese = help_of({"JIFEN_LANGUAGE": "zh-CN"}, *command)
+    english = help_of({"JIFEN_LANGUAGE": "en"}, *command)
+    # then each help page shows its texts in that language, and not in the other
+    for en, zh in HELP_PAGES[command]:
+        assert said(zh) in chinese and said(en) not in chinese, (zh, chinese)
+        assert said(en) in english and said(zh) not in english, (en, english)
+
+
+def test_help_prints_in_english_where_the_settings_cannot_be_read() -> None:
+    # given Chinese asked for, next to a setting jifen refuses
+    environment = {"JIFEN_LANGUAGE": "zh-CN", "JIFEN_DELIVERY_CONCURRENCY": "1000"}
+    # when the help is asked for
+    shown = help_of(environment, "jobs", "run")
+    # then it is printed all the same, in English
+    assert said("Run a job once for a programme.") in shown
+    assert said("为一个计划运行一次任务。") not in shown
+
+
+def test_chinese_help_is_shown_whole_in_an_80_column_terminal() -> None:
+    # given Chinese help in an 80-column terminal
+    shown = help_of({"JIFEN_LANGUAGE": "zh-CN", "COLUMNS": "80"}, "jobs", "run")
+    # then a long text is all there, not cut short with "…" (as Rich's tables cut Chinese)
+    pause = "每批完成后暂停,时长为该批耗时乘以此倍数,把机器留给线上流量(1.0:约让出一半)。"
+    assert said(pause) in shown and "…" not in shown, shown
+
+
+SHORT_HELPS = """
+import typer.main
+from jifen.cli import app
+
+def walk(group, path):
+    for name, command in group.commands.items():
+        print(" ".join([*path, name]), command.get_short_help_str(), sep="\\t")
+        if hasattr(command, "commands"):
+            walk(command, [*path, name])
+
+walk(typer.main.get_command(app), ["jifen"])
+"""
+
+
+def test_every_command_is_listed_with_a_chinese_summary() -> None:
+    # given Chinese help, where Click shortens each command's help for the lists of commands
+    done = subprocess.run(
+        [sys.executable, "-c", SHORT_HELPS], env={**os.environ, "JIFEN_LANGUAGE": "zh-CN"},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed = dict(line.split("\t") for line in done.stdout.splitlines())
+    # then every command is there with a summary in Chinese, not shortened to nothing ("...")
+    assert {"jifen jobs run", "jifen rewards expire-vouchers", "jifen demo"} <= set(listed)
+    bare = {name: summary for name, summary in listed.items() if not re.match(r"[^.]*\w", summary)}
+    assert bare == {}
+    assert all(re.search(r"[\u4e00-\u9fff]", summary) for summary in listed.values()), listed

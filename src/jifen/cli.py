@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -61,16 +61,61 @@ from jifen.programs import service as programs
 from jifen.rewards import service as rewards_service
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import RulePack
-from jifen.settings import get_settings, normalise_database_url, secret_key
+from jifen.settings import Settings, get_settings, normalise_database_url, secret_key
+
+
+def _chinese(language: str) -> bool:
+    """Whether a ``JIFEN_LANGUAGE`` (``zh``, ``zh-CN``, ``en`` …) asks for Chinese."""
+    return language.lower().startswith("zh")
+
+
+def _help_in_chinese() -> bool:
+    """The language of the ``--help`` texts, decided once as the module is imported (Typer
+    reads them then). Read without filling :func:`get_settings`' cache, so that importing
+    the module fixes nothing for later; an environment jifen cannot read (a malformed
+    ``JIFEN_`` variable, an unreadable ``.env``) must still let ``--help`` print, in
+    English: the commands themselves say what is wrong with it."""
+    try:
+        return _chinese(Settings().language)
+    except Exception:  # whatever it is, --help must print
+        return False
+
+
+_HELP_IN_CHINESE = _help_in_chinese()
+
+
+def _h(en: str, zh: str) -> str:
+    """A ``--help`` text in the language ``JIFEN_LANGUAGE`` asked for at import."""
+    return zh if _HELP_IN_CHINESE else en
+
+
+_HELP_LAYOUT: Literal["rich"] | None = None if _HELP_IN_CHINESE else "rich"
+"""Rich's help tables break a line only at a space and cut a longer run short with "…",
+which is most of a Chinese sentence: Chinese help takes Click's plain layout, which keeps
+every word (a line too long for the terminal wraps there)."""
+
 
 app = typer.Typer(
-    help="jifen (积分): a membership loyalty points platform with an exact ledger.",
+    help=_h(
+        "jifen (积分): a membership loyalty points platform with an exact ledger.",
+        "jifen(积分):会员积分平台,账本精确无误。",
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=_HELP_LAYOUT,
 )
-db_app = typer.Typer(help="Create and migrate the database schema.", no_args_is_help=True)
+db_app = typer.Typer(
+    help=_h("Create and migrate the database schema.", "创建并迁移数据库结构。"),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
+)
 ledger_app = typer.Typer(
-    help="Prove the ledger: verify, reconcile, checkpoint.", no_args_is_help=True
+    help=_h(
+        "Prove the ledger: verify, reconcile, checkpoint.",
+        "核验账本:verify 校验、reconcile 对账、checkpoint 设检查点。",
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(db_app, name="db")
 app.add_typer(ledger_app, name="ledger")
@@ -81,13 +126,26 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _State:
-    database_url: str = ""
+    given_database_url: str | None = None
+    """``--database-url`` (or ``JIFEN_DATABASE_URL``) as the command line gave it."""
+
+    @property
+    def database_url(self) -> str:
+        """The database the command works on, worked out when a command first asks, not in
+        the callback: Click runs that before it reads a subcommand's ``--help``, which must
+        print even where the settings cannot be read."""
+        # A plain postgresql:// or postgres:// URL means psycopg 3, as in JIFEN_DATABASE_URL.
+        if self.given_database_url:
+            return normalise_database_url(self.given_database_url)
+        return get_settings().resolved_database_url()
 
 
 state = _State()
 
-HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
-PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+HostOption = Annotated[str, typer.Option(help=_h("Address to listen on.", "监听地址。"))]
+PortOption = Annotated[
+    int, typer.Option(min=1, max=65535, help=_h("Port to listen on.", "监听端口。"))
+]
 
 
 @app.callback()
@@ -97,21 +155,19 @@ def _options(
         typer.Option(
             "--database-url",
             envvar="JIFEN_DATABASE_URL",
-            help="SQLAlchemy URL; default: the embedded SQLite file in JIFEN_DATA_DIR.",
+            help=_h(
+                "SQLAlchemy URL; default: the embedded SQLite file in JIFEN_DATA_DIR.",
+                "SQLAlchemy 数据库地址;默认:JIFEN_DATA_DIR 中内置的 SQLite 文件。",
+            ),
         ),
     ] = None,
 ) -> None:
-    # A plain postgresql:// or postgres:// URL means psycopg 3, as in JIFEN_DATABASE_URL.
-    state.database_url = (
-        normalise_database_url(database_url)
-        if database_url
-        else get_settings().resolved_database_url()
-    )
+    state.given_database_url = database_url
 
 
 def _say(en: str, zh: str) -> str:
     """The CLI's own words in the configured language (``JIFEN_LANGUAGE``)."""
-    return zh if get_settings().language.lower().startswith("zh") else en
+    return zh if _chinese(get_settings().language) else en
 
 
 def fail(code: str, message: str) -> typer.Exit:
@@ -275,9 +331,14 @@ def _require_schema(database: Database) -> None:
 # --------------------------------------------------------------------------- db
 
 
-@db_app.command("upgrade")
+@db_app.command(
+    "upgrade",
+    help=_h(
+        "Create the schema, or bring it up to the newest revision.",
+        "创建数据库结构,或将其升级到最新版本。",
+    ),
+)
 def db_upgrade() -> None:
-    """Create the schema, or bring it up to the newest revision."""
     with _database(create=True) as database:
         _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
@@ -285,9 +346,14 @@ def db_upgrade() -> None:
         _warn_without_autovacuum(database)
 
 
-@db_app.command("current")
+@db_app.command(
+    "current",
+    help=_h(
+        "Show the schema revision in use and the newest one.",
+        "显示数据库结构当前所用的版本和最新版本。",
+    ),
+)
 def db_current() -> None:
-    """Show the schema revision in use and the newest one."""
     with _database() as database:
         _refuse_unknown_schema(database)
         current, head = (
@@ -303,7 +369,11 @@ def db_current() -> None:
 # --------------------------------------------------------------------------- ledger
 
 ProgramOption = Annotated[
-    str | None, typer.Option("--program", help="Programme code; default: every programme.")
+    str | None,
+    typer.Option(
+        "--program",
+        help=_h("Programme code; default: every programme.", "计划代码;默认:所有计划。"),
+    ),
 ]
 
 
@@ -313,9 +383,14 @@ def _print_problems(problems: list[integrity.Problem]) -> None:
         out.print(f"  PROBLEM {problem}", markup=False)
 
 
-@ledger_app.command("verify")
+@ledger_app.command(
+    "verify",
+    help=_h(
+        "Recompute every posting digest and hash chain, and check the checkpoints.",
+        "重新计算每笔记录的摘要与哈希链,并核对检查点。",
+    ),
+)
 def ledger_verify(program: ProgramOption = None) -> None:
-    """Recompute every posting digest and hash chain, and check the checkpoints."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -338,9 +413,14 @@ def ledger_verify(program: ProgramOption = None) -> None:
     out.print(_say("ok: every posting is as it was written", "ok:每笔记录都与写入时一致"))
 
 
-@ledger_app.command("reconcile")
+@ledger_app.command(
+    "reconcile",
+    help=_h(
+        "Recompute balances, lots, frozen and debt from the lines; report every difference.",
+        "根据分录重新计算余额、批次、冻结积分和欠分;报告每一处差异。",
+    ),
+)
 def ledger_reconcile(program: ProgramOption = None) -> None:
-    """Recompute balances, lots, frozen and debt from the lines; report every difference."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -365,11 +445,16 @@ def ledger_reconcile(program: ProgramOption = None) -> None:
     )
 
 
-@ledger_app.command("checkpoint")
+@ledger_app.command(
+    "checkpoint",
+    help=_h(
+        "Seal every member account's chain head; keep the printed root hash outside the database.",
+        "封存每个会员账户的链头;请把打印出的根哈希保存在数据库之外。",
+    ),
+)
 def ledger_checkpoint(
-    program: Annotated[str, typer.Option("--program", help="Programme code.")],
+    program: Annotated[str, typer.Option("--program", help=_h("Programme code.", "计划代码。"))],
 ) -> None:
-    """Seal every member account's chain head; keep the printed root hash outside the database."""
     with _database() as database:
         _require_schema(database)
 
@@ -392,13 +477,22 @@ def ledger_checkpoint(
 
 # --------------------------------------------------------------------------- audit
 
-audit_app = typer.Typer(help="Prove the audit log: verify its hash chains.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help=_h("Prove the audit log: verify its hash chains.", "核验审计日志:校验其哈希链。"),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
+)
 app.add_typer(audit_app, name="audit")
 
 
-@audit_app.command("verify")
+@audit_app.command(
+    "verify",
+    help=_h(
+        "Recompute every audit entry's hash and follow each chain to its head.",
+        "重新计算每条审计记录的哈希,并沿每条链核对到链头。",
+    ),
+)
 def audit_verify() -> None:
-    """Recompute every audit entry's hash and follow each chain to its head."""
     from jifen.audit import service as audit_service  # only this command needs it
 
     with _database() as database:
@@ -430,25 +524,46 @@ def audit_verify() -> None:
 # --------------------------------------------------------------------------- demo
 
 
-@app.command("demo")
+@app.command(
+    "demo",
+    help=_h(
+        "Build the demo programme (a year of history) on the embedded database, print its "
+        "summary and sign-in credentials, and serve the API on it until interrupted.\n\n"
+        "If it exists already, only its summary is printed.",
+        "在内置数据库上生成示例计划(一年的积分记录),打印其摘要和登录凭据,"
+        "并在其上提供 API 服务,直到被中断。\n\n"
+        "示例计划已存在时,只打印其摘要。",
+    ),
+)
 def demo(
-    members: Annotated[int, typer.Option(min=1, max=100_000, help="Members to create.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the generated history.")] = 7,
+    members: Annotated[
+        int,
+        typer.Option(min=1, max=100_000, help=_h("Members to create.", "要创建的会员数。")),
+    ] = 2000,
+    seed: Annotated[
+        int,
+        typer.Option(help=_h("Seed of the generated history.", "生成历史记录所用的随机种子。")),
+    ] = 7,
     reset: Annotated[
         bool,
-        typer.Option("--reset", help="Delete the embedded SQLite database and build it again."),
+        typer.Option(
+            "--reset",
+            help=_h(
+                "Delete the embedded SQLite database and build it again.",
+                "删除内置的 SQLite 数据库并重新生成。",
+            ),
+        ),
     ] = False,
     serve_api: Annotated[
-        bool, typer.Option("--serve/--no-serve", help="Serve the API on the demo afterwards.")
+        bool,
+        typer.Option(
+            "--serve/--no-serve",
+            help=_h("Serve the API on the demo afterwards.", "生成后在示例数据上提供 API 服务。"),
+        ),
     ] = True,
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
 ) -> None:
-    """Build the demo programme (a year of history) on the embedded database, print its
-    summary and sign-in credentials, and serve the API on it until interrupted.
-
-    If it exists already, only its summary is printed.
-    """
     with _boundary():
         if reset:
             demo_service.reset_sqlite(state.database_url)
@@ -514,16 +629,29 @@ LOG_EVERY = 10.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-@app.command("serve")
+@app.command(
+    "serve",
+    help=_h(
+        "Serve the HTTP API (OpenAPI document at /openapi.json, docs at /docs).",
+        "提供 HTTP API 服务(OpenAPI 文档在 /openapi.json,说明文档在 /docs)。",
+    ),
+)
 def serve(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help=_h("Worker processes.", "工作进程数。"))
+    ] = 1,
     log_level: Annotated[
-        str, typer.Option(help=f"uvicorn's log level: {', '.join(LOG_LEVELS)}.")
+        str,
+        typer.Option(
+            help=_h(
+                f"uvicorn's log level: {', '.join(LOG_LEVELS)}.",
+                f"uvicorn 的日志级别:{', '.join(LOG_LEVELS)}。",
+            )
+        ),
     ] = "info",
 ) -> None:
-    """Serve the HTTP API (OpenAPI document at /openapi.json, docs at /docs)."""
     if log_level.lower() not in LOG_LEVELS:
         raise fail("invalid_input", f"--log-level: give one of {', '.join(LOG_LEVELS)}")
     with _database() as database:
@@ -577,27 +705,55 @@ def _log_config() -> dict[str, Any]:
 
 
 import_app = typer.Typer(
-    help="Import events, orders or members from a CSV file (streamed, resumable).",
+    help=_h(
+        "Import events, orders or members from a CSV file (streamed, resumable).",
+        "从 CSV 文件导入事件、订单或会员(流式读取,中断后可继续)。",
+    ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(import_app, name="import")
 
 FileArgument = Annotated[
-    Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The CSV file.")
+    Path,
+    typer.Argument(
+        exists=True, dir_okay=False, readable=True, help=_h("The CSV file.", "CSV 文件。")
+    ),
 ]
-RequiredProgram = Annotated[str, typer.Option("--program", help="The programme's code.")]
+RequiredProgram = Annotated[
+    str, typer.Option("--program", help=_h("The programme's code.", "计划代码。"))
+]
 SourceOption = Annotated[
-    str, typer.Option(help="The source the events are keyed by, where a row names none.")
+    str,
+    typer.Option(
+        help=_h(
+            "The source the events are keyed by, where a row names none.",
+            "行中未给出来源时所用的事件来源(事件按来源和编号识别)。",
+        )
+    ),
 ]
 ErrorsOption = Annotated[
     Path | None,
     typer.Option(
-        "--errors", help="Where rejected rows go, as they were, with why (FILE.errors.csv)."
+        "--errors",
+        help=_h(
+            "Where rejected rows go, as they were, with why (FILE.errors.csv).",
+            "被拒绝的行原样写入的文件,附拒绝原因(FILE.errors.csv)。",
+        ),
     ),
 ]
-BatchOption = Annotated[int, typer.Option(min=1, max=10_000, help="Records per transaction.")]
+BatchOption = Annotated[
+    int,
+    typer.Option(min=1, max=10_000, help=_h("Records per transaction.", "每个事务的记录数。")),
+]
 RestartOption = Annotated[
-    bool, typer.Option(help="Start from the top even if an earlier run was interrupted.")
+    bool,
+    typer.Option(
+        help=_h(
+            "Start from the top even if an earlier run was interrupted.",
+            "即使上次运行被中断,也从头开始。",
+        )
+    ),
 ]
 
 
@@ -671,59 +827,98 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
         raise typer.Exit(1)
 
 
-@import_app.command("events")
+@import_app.command(
+    "events",
+    help=_h(
+        "Events, one per row: external_id, type, occurred_at, member_ref or member_id, and a "
+        "JSON payload (source optional).",
+        "事件,每行一个:external_id, type, occurred_at, member_ref 或 member_id,"
+        "以及 JSON 格式的 payload(source 可选)。",
+    ),
+)
 def import_events(
     file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
     errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
 ) -> None:  # fmt: skip
-    """Events, one per row: external_id, type, occurred_at, member_ref or member_id, and a
-    JSON payload (source optional)."""
     _import("events", file, program, source, errors, batch, restart)
 
 
-@import_app.command("orders")
+@import_app.command(
+    "orders",
+    help=_h(
+        "Paid orders, one row per order line (order_id, member_ref, occurred_at, sku, "
+        "amount_fen; category, quantity, store, channel, paid_with_points, pickup optional): "
+        "each order becomes one order.paid event.",
+        "已支付的订单,每行一条订单明细(order_id, member_ref, occurred_at, sku, amount_fen;"
+        "category, quantity, store, channel, paid_with_points, pickup 可选):"
+        "每个订单生成一个 order.paid 事件。",
+    ),
+)
 def import_orders(
     file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
     errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
 ) -> None:  # fmt: skip
-    """Paid orders, one row per order line (order_id, member_ref, occurred_at, sku,
-    amount_fen; category, quantity, store, channel, paid_with_points, pickup optional):
-    each order becomes one order.paid event."""
     _import("orders", file, program, source, errors, batch, restart)
 
 
-@import_app.command("members")
+@import_app.command(
+    "members",
+    help=_h(
+        "Members, one per row: external_ref (name, email, birthday, gender, region, tags, "
+        "phone, tier optional); members already there are left as they are.",
+        "会员,每行一个:external_ref(name, email, birthday, gender, region, tags, phone, "
+        "tier 可选);已存在的会员保持不变。",
+    ),
+)
 def import_members(
     file: FileArgument, program: RequiredProgram, errors: ErrorsOption = None,
     batch: BatchOption = imports.BATCH, restart: RestartOption = False,
 ) -> None:  # fmt: skip
-    """Members, one per row: external_ref (name, email, birthday, gender, region, tags,
-    phone, tier optional); members already there are left as they are."""
     _import("members", file, program, "csv", errors, batch, restart)
 
 
-rules_app = typer.Typer(help="Earning rules: load a rule pack.", no_args_is_help=True)
+rules_app = typer.Typer(
+    help=_h("Earning rules: load a rule pack.", "积分规则:载入规则包。"),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
+)
 app.add_typer(rules_app, name="rules")
 
 
-@rules_app.command("load")
+@rules_app.command(
+    "load",
+    help=_h(
+        "Load a rule pack: its tiers, caps and event types, which take effect at once, and a "
+        "new version of each rule (a draft unless --activate).",
+        "载入规则包:其中的等级、上限和事件类型立即生效,每条规则各新建一个版本"
+        "(不加 --activate 时为草稿)。",
+    ),
+)
 def rules_load(
     pack: Annotated[
         Path,
-        typer.Argument(exists=True, dir_okay=False, readable=True, help="The rule pack (JSON)."),
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help=_h("The rule pack (JSON).", "规则包(JSON)。"),
+        ),
     ],
     program: RequiredProgram,
     activate: Annotated[
         bool,
         typer.Option(
-            help="Approve and activate the rules at once (for an installation; over the API "
-            "every version needs a second person). Without it the rules are drafts to "
-            "submit; the pack's tiers, caps and event types are set at once either way."
+            help=_h(
+                "Approve and activate the rules at once (for an installation; over the API "
+                "every version needs a second person). Without it the rules are drafts to "
+                "submit; the pack's tiers, caps and event types are set at once either way.",
+                "立即批准并启用规则(用于初次部署;通过 API 时每个版本都须由他人审批)。"
+                "不加此选项时,规则为待提交的草稿;无论哪种,规则包中的等级、上限和事件类型"
+                "都会立即生效。",
+            )
         ),
     ] = False,
 ) -> None:
-    """Load a rule pack: its tiers, caps and event types, which take effect at once, and a
-    new version of each rule (a draft unless --activate)."""
     try:
         body = RulePack.model_validate_json(pack.read_bytes().removeprefix(b"\xef\xbb\xbf"))
     except ValidationError as exc:
@@ -750,20 +945,35 @@ def rules_load(
     )  # fmt: skip
 
 
-events_app = typer.Typer(help="Events raised by jifen itself.", no_args_is_help=True)
+events_app = typer.Typer(
+    help=_h("Events raised by jifen itself.", "由 jifen 自身产生的事件。"),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
+)
 app.add_typer(events_app, name="events")
 
 
-@events_app.command("birthdays")
+@events_app.command(
+    "birthdays",
+    help=_h(
+        "Raise member.birthday for the members born on a day (run daily; running it twice "
+        "raises nothing twice).",
+        "为某日生日的会员产生 member.birthday 事件(每天运行;重复运行不会重复产生)。",
+    ),
+)
 def events_birthdays(
     program: RequiredProgram,
     on: Annotated[
         str | None,
-        typer.Option("--date", help="The day (YYYY-MM-DD); default: today in the programme."),
+        typer.Option(
+            "--date",
+            help=_h(
+                "The day (YYYY-MM-DD); default: today in the programme.",
+                "日期(YYYY-MM-DD);默认:按计划所在时区的今天。",
+            ),
+        ),
     ] = None,
 ) -> None:
-    """Raise member.birthday for the members born on a day (run daily; running it twice
-    raises nothing twice)."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -790,20 +1000,34 @@ def events_birthdays(
 
 
 rewards_app = typer.Typer(
-    help="Rewards: the daily runs that expire vouchers and lapse held redemptions.",
+    help=_h(
+        "Rewards: the daily runs that expire vouchers and lapse held redemptions.",
+        "奖励:每日运行,处理到期未用的券和逾期未确认的兑换。",
+    ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(rewards_app, name="rewards")
 DryRun = Annotated[
-    bool, typer.Option("--dry-run", help="Report what would change; change nothing.")
+    bool,
+    typer.Option(
+        "--dry-run",
+        help=_h("Report what would change; change nothing.", "只报告将有何变化,不做任何更改。"),
+    ),
 ]
 
 
-@rewards_app.command("expire-vouchers")
+@rewards_app.command(
+    "expire-vouchers",
+    help=_h(
+        "Expire vouchers unused at the end of their validity: the points go back less the "
+        "programme's fee. Runs in chunks, each its own transaction; running it twice does "
+        "nothing the second time.",
+        "将有效期结束时仍未使用的券作过期处理:积分扣除计划的手续费后退回。\n\n"
+        "分批运行,每批一个事务;重复运行时,第二次不做任何更改。",
+    ),
+)
 def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -> None:
-    """Expire vouchers unused at the end of their validity: the points go back less the
-    programme's fee. Runs in chunks, each its own transaction; running it twice does nothing
-    the second time."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -829,10 +1053,15 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
     )  # fmt: skip
 
 
-@rewards_app.command("expire-holds")
+@rewards_app.command(
+    "expire-holds",
+    help=_h(
+        "Cancel held (cooling-off) redemptions the member never confirmed: the points are "
+        "released and the stock returns.",
+        "取消会员始终未确认的冷静期兑换:积分解冻,库存退回。",
+    ),
+)
 def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> None:
-    """Cancel held (cooling-off) redemptions the member never confirmed: the points are
-    released and the stock returns."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -853,15 +1082,24 @@ def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> N
 
 
 jobs_app = typer.Typer(
-    help="Jobs: expiry, dormancy, reminders, tiers, birthdays, reconciliation, vouchers…",
+    help=_h(
+        "Jobs: expiry, dormancy, reminders, tiers, birthdays, reconciliation, vouchers…",
+        "任务:积分到期、休眠、提醒、等级、生日、对账、券…",
+    ),
     no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(jobs_app, name="jobs")
 
 
-@jobs_app.command("list")
+@jobs_app.command(
+    "list",
+    help=_h(
+        "The jobs and when the worker runs them (in each programme's time zone).",
+        "列出各任务及 worker 运行它们的时间(按各计划的时区)。",
+    ),
+)
 def jobs_list() -> None:
-    """The jobs and when the worker runs them (in each programme's time zone)."""
     table = Table("job", "what 做什么", "schedule 计划")
     for name, job in jobs_service.jobs().items():
         schedule = jobs_core.SCHEDULES.get(name)
@@ -873,34 +1111,61 @@ JobPause = Annotated[
     float,
     typer.Option(
         min=0.0, max=100.0,
-        help="After each chunk, wait this many times as long as the chunk took, leaving the "
-        "machine to live traffic (1.0: about half).",
+        help=_h("After each chunk, wait this many times as long as the chunk took, leaving "
+                "the machine to live traffic (1.0: about half).",
+                "每批完成后暂停,时长为该批耗时乘以此倍数,把机器留给线上流量"
+                "(1.0:约让出一半)。"),
     ),
 ]  # fmt: skip
 
 
-@jobs_app.command("run")
+@jobs_app.command(
+    "run",
+    help=_h(
+        "Run a job once for a programme. A run for a moment that already finished does "
+        "nothing; one cut short continues where it stopped.",
+        "为一个计划运行一次任务。\n\n针对某一时刻的运行若已完成,再运行不做任何事;"
+        "中途被打断的运行从中断处继续。",
+    ),
+)
 def jobs_run(
-    name: Annotated[str, typer.Argument(help="The job, as `jifen jobs list` names it.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help=_h(
+                "The job, as `jifen jobs list` names it.",
+                "任务名,即 `jifen jobs list` 列出的名称。",
+            )
+        ),
+    ],
     program: RequiredProgram,
     now: Annotated[
         str | None,
-        typer.Option("--now", help="The moment the run works for (ISO 8601); default: now."),
+        typer.Option(
+            "--now",
+            help=_h(
+                "The moment the run works for (ISO 8601); default: now.",
+                "本次运行所针对的时刻(ISO 8601);默认:当前时刻。",
+            ),
+        ),
     ] = None,
-    size: Annotated[int | None, typer.Option(min=1, max=100_000, help="Chunk size.")] = None,
+    size: Annotated[
+        int | None, typer.Option(min=1, max=100_000, help=_h("Chunk size.", "每批的大小。"))
+    ] = None,
     dry_run: DryRun = False,
     pause: JobPause = 0.0,
     allow_future: Annotated[
         bool,
         typer.Option(
             "--allow-future",
-            help="Allow a --now later than the present: the run changes the ledger as if "
-            "that moment had come (points lapse before their time).",
+            help=_h(
+                "Allow a --now later than the present: the run changes the ledger as if "
+                "that moment had come (points lapse before their time).",
+                "允许 --now 晚于当前时刻:运行会像该时刻已到一样修改账本(积分提前过期)。",
+            ),
         ),
     ] = False,
 ) -> None:
-    """Run a job once for a programme. A run for a moment that already finished does
-    nothing; one cut short continues where it stopped."""
     moment = None if now is None else _job_moment(now, allow_future or dry_run)
     with _database() as database:
         _require_schema(database)
@@ -976,27 +1241,50 @@ def _job_moment(text: str, future_allowed: bool) -> datetime:
     return moment
 
 
-@app.command("worker")
+@app.command(
+    "worker",
+    help=_h(
+        "Ingest events from NATS JetStream (JIFEN_NATS_URL) and run the scheduled jobs, until "
+        "Ctrl+C or SIGTERM. Run as many workers as needed: they share one durable consumer, "
+        "and each job run is shared chunk by chunk.",
+        "从 NATS JetStream(JIFEN_NATS_URL)接收事件并运行定时任务,直到 Ctrl+C 或 SIGTERM。"
+        "worker 可按需运行多个:它们共用一个持久消费者,每次任务运行按批分摊给各 worker。",
+    ),
+)
 def worker(
     batch: Annotated[
-        int, typer.Option(min=1, max=1000, help="Messages per fetch, hence per transaction.")
+        int,
+        typer.Option(
+            min=1, max=1000,
+            help=_h("Messages per fetch, hence per transaction.",
+                    "每次拉取的消息数,也即每个事务的消息数。"),
+        ),
     ] = 200,
     ack_wait: Annotated[
         float,
-        typer.Option(min=1.0, help="Seconds before an unacknowledged message is handed out again."),
+        typer.Option(
+            min=1.0,
+            help=_h("Seconds before an unacknowledged message is handed out again.",
+                    "消息未被确认时,隔多少秒重新投递。"),
+        ),
     ] = 30.0,
     events: Annotated[
-        bool, typer.Option("--events/--no-events", help="Ingest events from NATS JetStream.")
+        bool,
+        typer.Option(
+            "--events/--no-events",
+            help=_h("Ingest events from NATS JetStream.", "从 NATS JetStream 接收事件。"),
+        ),
     ] = True,
     run_jobs: Annotated[
         bool,
-        typer.Option("--jobs/--no-jobs", help="Run the scheduled jobs (`jifen jobs list`)."),
+        typer.Option(
+            "--jobs/--no-jobs",
+            help=_h("Run the scheduled jobs (`jifen jobs list`).",
+                    "运行定时任务(`jifen jobs list`)。"),
+        ),
     ] = True,
     job_pause: JobPause = 0.0,
-) -> None:
-    """Ingest events from NATS JetStream (JIFEN_NATS_URL) and run the scheduled jobs, until
-    Ctrl+C or SIGTERM. Run as many workers as needed: they share one durable consumer, and
-    each job run is shared chunk by chunk."""
+) -> None:  # fmt: skip
     settings = get_settings()
     logging.config.dictConfig(_log_config())
     if not events and not run_jobs:
@@ -1042,9 +1330,18 @@ def worker(
                 scheduler.stop()
 
 
-@app.command("totp")
-def totp(seed: Annotated[str, typer.Argument(help="The TOTP seed (base32).")]) -> None:
-    """Print the current TOTP code of a seed, as an authenticator app would (for the demo)."""
+@app.command(
+    "totp",
+    help=_h(
+        "Print the current TOTP code of a seed, as an authenticator app would (for the demo).",
+        "像身份验证器应用那样,显示某个种子当前的动态验证码(试用示例时用)。",
+    ),
+)
+def totp(
+    seed: Annotated[
+        str, typer.Argument(help=_h("The TOTP seed (base32).", "动态码种子(base32)。"))
+    ],
+) -> None:
     try:
         out.print(pyotp.TOTP(seed).now())
     except (ValueError, TypeError, binascii.Error):

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     ``postgresql://`` URL is driven by psycopg 3."""
 
     language: str = Field(default_factory=lambda: system_language())
-    """Language of CLI messages: ``en`` or ``zh``; default: the system's locale
+    """Language of CLI messages and ``--help``: ``en`` or ``zh``; default: the system's locale
     (``LC_ALL``, ``LC_MESSAGES``, ``LANG``), Chinese for a ``zh`` one."""
 
     secret_key: str = ""
