@@ -467,6 +467,24 @@ def test_help_prints_in_english_where_the_settings_cannot_be_read() -> None:
     assert said("为一个计划运行一次任务。") not in shown
 
 
+@pytest.mark.parametrize(
+    ("language", "said_wrong"), [("en", "less than or equal to 64"), ("zh-CN", "应小于或等于 64")]
+)
+def test_a_setting_jifen_refuses_is_named_not_a_traceback(language: str, said_wrong: str) -> None:
+    # given a setting out of its range
+    env = {**os.environ, "JIFEN_LANGUAGE": language, "JIFEN_DELIVERY_CONCURRENCY": "1000"}
+    # when a command runs
+    done = subprocess.run(
+        [sys.executable, "-m", "jifen", "ledger", "verify"], env=env, capture_output=True,
+        text=True, timeout=120, check=False,
+    )  # fmt: skip
+    # then it stops, naming the variable and what is wrong with it, in the language asked for
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "error[invalid_setting]: JIFEN_DELIVERY_CONCURRENCY:" in done.stderr, done.stderr
+    assert said_wrong in done.stderr, done.stderr
+
+
 def test_chinese_help_is_shown_whole_in_an_80_column_terminal() -> None:
     # given Chinese help in an 80-column terminal
     shown = help_of({"JIFEN_LANGUAGE": "zh-CN", "COLUMNS": "80"}, "jobs", "run")

@@ -48,7 +48,7 @@ from jifen.db import migrate
 from jifen.db.uow import Database, UnitOfWork
 from jifen.demo import credentials
 from jifen.demo import service as demo_service
-from jifen.errors import JifenError, invalid_field
+from jifen.errors import JifenError, field_problem, invalid_field
 from jifen.events import service as events_service
 from jifen.events import stream as event_stream
 from jifen.imports import service as imports
@@ -1380,3 +1380,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        # The settings themselves cannot be read, so neither can JIFEN_LANGUAGE through them.
+        chinese = _chinese(os.environ.get("JIFEN_LANGUAGE", ""))
+        for error in exc.errors():
+            name = "JIFEN_" + "_".join(str(part) for part in error["loc"]).upper()
+            english, zh = field_problem(error)
+            err.print(f"error[invalid_setting]: {name}: {zh if chinese else english}", markup=False)
+        sys.exit(2)
