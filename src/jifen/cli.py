@@ -342,7 +342,8 @@ def db_upgrade() -> None:
     with _database(create=True) as database:
         _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
-        out.print(f"schema at revision {migrate.current_revision(database.engine)}")
+        revision = migrate.current_revision(database.engine)
+        out.print(_say(f"schema at revision {revision}", f"数据库结构已是版本 {revision}"))
         _warn_without_autovacuum(database)
 
 
@@ -360,7 +361,10 @@ def db_current() -> None:
             migrate.current_revision(database.engine),
             migrate.head_revision(database.engine),
         )
-        out.print(f"current: {current or '(empty database)'}  newest: {head}")
+        out.print(
+            _say(f"current: {current or '(empty database)'}  newest: {head}",
+                 f"当前:{current or '(空数据库)'}  最新:{head}")
+        )  # fmt: skip
         if current != head:  # exit 1, so scripts and health checks can tell
             out.print(_say("run `jifen db upgrade` to migrate", "请运行 `jifen db upgrade` 迁移"))
             raise typer.Exit(1)
@@ -398,9 +402,11 @@ def ledger_verify(program: ProgramOption = None) -> None:
             lambda uow: integrity.verify(uow, program_id=program_id), read_only=True
         )
     out.print(
-        f"verified {report.postings} postings, {report.accounts} member accounts, "
-        f"{report.checkpoints} checkpoints"
-    )
+        _say(f"verified {report.postings} postings, {report.accounts} member accounts, "
+             f"{report.checkpoints} checkpoints",
+             f"已校验 {report.postings} 笔记录、{report.accounts} 个会员账户、"
+             f"{report.checkpoints} 个检查点")
+    )  # fmt: skip
     _print_problems(report.problems)
     if not report.ok:
         out.print(
@@ -435,7 +441,10 @@ def ledger_reconcile(program: ProgramOption = None) -> None:
     table.add_row("members (all)", f"{report.member_total:,}")
     out.print(table, soft_wrap=False)  # tables lay themselves out
     total = report.member_total + sum(report.system_balances.values())
-    out.print(f"{report.accounts} member accounts, {report.lots} lots; programme total {total}")
+    out.print(
+        _say(f"{report.accounts} member accounts, {report.lots} lots; programme total {total}",
+             f"{report.accounts} 个会员账户、{report.lots} 个积分批次;计划合计 {total}")
+    )  # fmt: skip
     _print_problems(report.problems)
     if not report.ok:
         out.print(_say(f"{len(report.problems)} difference(s)", f"{len(report.problems)} 处差异"))
@@ -463,7 +472,7 @@ def ledger_checkpoint(
             return integrity.checkpoint(uow, program_id=program_id)
 
         checkpoint_id, root = database.run(seal)
-    out.print(f"checkpoint {checkpoint_id}: {root}")
+    out.print(_say(f"checkpoint {checkpoint_id}: {root}", f"检查点 {checkpoint_id}:{root}"))
     out.print(
         _say(
             "keep this root hash somewhere outside the database (a ticket, a log, a notebook): "
@@ -653,7 +662,11 @@ def serve(
     ] = "info",
 ) -> None:
     if log_level.lower() not in LOG_LEVELS:
-        raise fail("invalid_input", f"--log-level: give one of {', '.join(LOG_LEVELS)}")
+        raise fail(
+            "invalid_input",
+            _say(f"--log-level: give one of {', '.join(LOG_LEVELS)}",
+                 f"--log-level:请从 {'、'.join(LOG_LEVELS)} 中选一个"),
+        )  # fmt: skip
     with _database() as database:
         _require_schema(database)
         _warn_without_autovacuum(database)
@@ -986,8 +999,10 @@ def events_birthdays(
                 day = date.fromisoformat(on)
             except ValueError:
                 raise fail(
-                    "invalid_input", f"--date: {on!r} is not a date like 2026-06-18"
-                ) from None
+                    "invalid_input",
+                    _say(f"--date: {on!r} is not a date like 2026-06-18",
+                         f"--date:{on!r} 不是日期(例如 2026-06-18)"),
+                ) from None  # fmt: skip
             if not EARLIEST.date() <= day < LATEST.date():
                 raise fail(
                     "invalid_input",
@@ -1215,10 +1230,16 @@ def _job_moment(text: str, future_allowed: bool) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise fail(
-            "invalid_input", f"--now: {text!r} is not a time like 2027-01-01T00:10+08:00"
-        ) from None
+            "invalid_input",
+            _say(f"--now: {text!r} is not a time like 2027-01-01T00:10+08:00",
+                 f"--now:{text!r} 不是时间(例如 2027-01-01T00:10+08:00)"),
+        ) from None  # fmt: skip
     if moment.tzinfo is None:
-        raise fail("invalid_input", f"--now: {text!r} needs a UTC offset, e.g. +08:00")
+        raise fail(
+            "invalid_input",
+            _say(f"--now: {text!r} needs a UTC offset, e.g. +08:00",
+                 f"--now:{text!r} 须带 UTC 偏移(例如 +08:00)"),
+        )  # fmt: skip
     try:
         in_range = EARLIEST <= moment.astimezone(UTC) < LATEST
     except OverflowError:
@@ -1288,7 +1309,11 @@ def worker(
     settings = get_settings()
     logging.config.dictConfig(_log_config())
     if not events and not run_jobs:
-        raise fail("invalid_input", "--no-events with --no-jobs leaves the worker nothing to do")
+        raise fail(
+            "invalid_input",
+            _say("--no-events with --no-jobs leaves the worker nothing to do",
+                 "同时给出 --no-events 和 --no-jobs,工作进程将无事可做"),
+        )  # fmt: skip
     if events:
         _check_nats_url(settings.nats_url)
     with _database() as database:
@@ -1378,7 +1403,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print(_say("interrupted", "已中断"))
         sys.exit(130)
     except ValidationError as exc:
         if exc.title != Settings.__name__:
