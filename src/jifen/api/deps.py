@@ -109,7 +109,7 @@ async def refuse_unusable_request(request: Request) -> None:
         if media != "application/json" and not media.endswith("+json"):
             raise StarletteHTTPException(415)
     route = request.scope.get("route")
-    if isinstance(route, APIRoute) and request.url.path.startswith("/v1/"):
+    if isinstance(route, APIRoute) and request.scope["path"].startswith("/v1/"):
         await _refuse_what_the_operation_does_not_read(request, _reads(request, route), has_body)
     for name, value in (*request.query_params.multi_items(), *request.path_params.items()):
         if "\x00" in str(value):
