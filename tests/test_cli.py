@@ -402,3 +402,15 @@ def test_a_worker_given_no_nats_address_says_so(
         monkeypatch.delenv("JIFEN_NATS_URL")
         get_settings.cache_clear()
     assert code == 2 and "is not a NATS address" in output, output
+
+
+def test_ending_a_temporary_upgrade_that_names_no_tier_to_return_to(db: Database) -> None:
+    from tests.tiers.test_service import forget_what_it_returns_to, lend_silver_in_double_eleven
+
+    world = lend_silver_in_double_eleven(db, members=2)
+    forget_what_it_returns_to(db, world.members[0])
+    run = ["jobs", "run", "tiers.end_temporary", "--program", world.program.code]
+    code, output = jifen(db, *run, "--now", "2026-12-11T18:15+08:00", "--allow-future")
+    assert (code, "Traceback" in output) == (0, False), output
+    assert "ended 2" in output
+    assert world.tiers() == ["普通", "普通"]

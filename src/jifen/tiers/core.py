@@ -202,8 +202,11 @@ def decide(
         target = temporary_target(scheme, current.tier, campaign, campaign_score)
         if target is not None:
             until = add_months(now, campaign.months)
+            # A member with no tier yet (as each is at registration) goes back to the entry
+            # tier: outside an evaluation its score gives it no other.
+            returns_to = current.earned_tier or scheme.levels[0].tier
             return Decision(
-                Standing(target.tier, current.earned_tier, until),
+                Standing(target.tier, returns_to, until),
                 "temporary",
                 f"{campaign.name}: campaign score {campaign_score} reaches "
                 f"{campaign.share} × {target.tier}'s {target.min_score}; until "
@@ -212,12 +215,13 @@ def decide(
     return result
 
 
-def end_temporary(standing: Standing, now: datetime) -> Decision | None:
-    """The end of a temporary upgrade that is due: back to the tier evaluations gave."""
+def end_temporary(standing: Standing, now: datetime, entry: str) -> Decision | None:
+    """The end of a temporary upgrade that is due: back to the tier evaluations gave, or to
+    the ``entry`` tier when they gave none (an upgrade lent before any evaluation)."""
     if standing.temporary_until is None or standing.temporary_until > now:
         return None
     return Decision(
-        Standing(standing.base_tier),
+        Standing(standing.base_tier or entry),
         "temporary_end",
         f"temporary {standing.tier} ended at {standing.temporary_until.isoformat()}",
     )

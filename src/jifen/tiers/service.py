@@ -581,10 +581,11 @@ def end_temporary(uow: UnitOfWork, *, program_id: int, now: datetime, limit: int
         return 0
     members_service.lock_members(uow, member_ids=ids)
     standings = _standings(uow, ids)
+    entry = list_tiers(uow, program_id=program_id)[0].code  # members hold tiers: there is one
     moves = [
         _Move(member_id, standing, decision, None)
         for member_id, standing in standings.items()
-        if (decision := core.end_temporary(standing, now)) is not None
+        if (decision := core.end_temporary(standing, now, entry)) is not None
     ]
     _apply(uow, program_id, moves, now, EVALUATOR)
     return len(moves)
