@@ -157,6 +157,14 @@ def test_quarterly_evaluations_fall_on_the_first_of_a_quarter_in_the_programmes_
     )
     assert core.next_evaluation_at("monthly", first, zone) == datetime(2026, 4, 30, 16, tzinfo=UTC)
     assert core.next_evaluation_at("yearly", first, zone) == datetime(2026, 12, 31, 16, tzinfo=UTC)
+    # the latest scheduled evaluation at or before a moment
+    assert core.last_evaluation_at("quarterly", first, zone) == first
+    assert core.last_evaluation_at("quarterly", first - timedelta(seconds=1), zone) == datetime(
+        2025, 12, 31, 16, tzinfo=UTC
+    )
+    assert core.last_evaluation_at("half_yearly", datetime(2026, 9, 9, tzinfo=UTC), zone) == (
+        datetime(2026, 6, 30, 16, tzinfo=UTC)
+    )
     assert core.add_months(datetime(2026, 1, 31, tzinfo=UTC), 1) == datetime(
         2026, 2, 28, tzinfo=UTC
     )

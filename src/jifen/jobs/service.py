@@ -330,6 +330,22 @@ def _lock_run(
     return uow.conn.execute(query).one()
 
 
+def finished_since(uow: UnitOfWork, *, name: str, program_id: int, since: datetime) -> bool:
+    """Whether a run of job ``name`` for the programme, for a moment at or after ``since``,
+    has finished."""
+    found = uow.conn.execute(
+        select(job_runs.c.id)
+        .where(
+            job_runs.c.name == name,
+            job_runs.c.program_id == program_id,
+            job_runs.c.run_at >= since,
+            job_runs.c.state == "done",
+        )
+        .limit(1)
+    ).first()
+    return found is not None
+
+
 def run_global(db: Database, name: str) -> dict[str, int]:
     """Run a job that serves every programme at once (the outbox)."""
     job = get(name)

@@ -241,15 +241,25 @@ def add_months(moment: datetime, months: int) -> datetime:
 _PERIOD_MONTHS = {"monthly": 1, "quarterly": 3, "half_yearly": 6, "yearly": 12}
 
 
+def _period_start(schedule: Schedule, moment: datetime, zone: ZoneInfo) -> datetime:
+    """The start of the month, quarter, half-year or year ``moment`` is in, in ``zone``."""
+    step = _PERIOD_MONTHS[schedule]
+    local = moment.astimezone(zone)
+    return datetime(local.year, (local.month - 1) // step * step + 1, 1, tzinfo=zone)
+
+
+def last_evaluation_at(schedule: Schedule, at: datetime, zone: ZoneInfo) -> datetime:
+    """The latest scheduled evaluation at or before ``at``: the start of the month, quarter,
+    half-year or year it is in, in the programme's time zone, in UTC."""
+    return _period_start(schedule, at, zone).astimezone(UTC)
+
+
 def next_evaluation_at(schedule: Schedule, after: datetime, zone: ZoneInfo) -> datetime:
     """The first scheduled evaluation strictly after ``after``: the start of a month,
     quarter, half-year or year in the programme's time zone, in UTC."""
-    step = _PERIOD_MONTHS[schedule]
-    local = after.astimezone(zone)
-    month_index = (local.month - 1) // step * step  # start of the current period
-    start = datetime(local.year, month_index + 1, 1, tzinfo=zone)
-    while start <= local:
-        start = add_months(start, step)
+    start = _period_start(schedule, after, zone)
+    while start <= after:
+        start = add_months(start, _PERIOD_MONTHS[schedule])
     return start.astimezone(UTC)
 
 

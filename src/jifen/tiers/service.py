@@ -60,11 +60,11 @@ __all__ = [
     "evaluate",
     "evaluate_member",
     "history",
+    "last_evaluation_at",
     "list_tiers",
     "member_ids_page",
     "member_tier",
     "moves_on_earning",
-    "next_evaluation_at",
     "redemption_policy",
     "require_tiers",
     "scheme_of",
@@ -234,13 +234,13 @@ def settings_with_scheme(
     return settings.model_copy(update={"tier_scheme": scheme})
 
 
-def next_evaluation_at(uow: UnitOfWork, *, program_id: int, after: datetime) -> datetime | None:
-    """When the next scheduled evaluation after ``after`` is due (None: no scheme)."""
+def last_evaluation_at(uow: UnitOfWork, *, program_id: int, at: datetime) -> datetime | None:
+    """When the latest scheduled evaluation at or before ``at`` fell (None: no scheme)."""
     scheme = scheme_of(uow, program_id=program_id)
     if scheme is None:
         return None
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    return core.next_evaluation_at(scheme.schedule, after, zone)
+    return core.last_evaluation_at(scheme.schedule, at, zone)
 
 
 # --------------------------------------------------------------------------- facts
