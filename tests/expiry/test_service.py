@@ -355,3 +355,26 @@ def test_a_birthday_gift_jifen_posts_by_itself_is_no_activity(db: Database) -> N
     )
     history = db.run(lambda uow: points.history(uow, member_id=alice, kinds=["earn"]))
     assert [(p.amount, p.actor) for p in history.items] == [(10, "system")] * 2 + [(1000, "")]
+
+
+def test_a_reminder_day_the_worker_missed_is_caught_up_once(db: Database) -> None:
+    from jifen.notify import service as notify
+
+    policy = ExpiryPolicy(validity=Validity(kind="never"), reminders=Reminders(days_before=[30]))
+    program_id, (alice, _, _) = with_policy(db, policy)
+    move(db, at(2026, 2, 10, 12))
+    db.run(lambda uow: points.earn(uow, member_id=alice, amount=3000, key="a1",
+                                   expires_at=at(2026, 5, 22)))  # fmt: skip
+
+    def reminded(day: int) -> list[str]:
+        job(db, "points.reminders", program_id, at(2026, 4, day, 10))
+        inbox, _ = db.run(
+            lambda uow: notify.list_inbox(uow, program_id=program_id, member_id=alice),
+            read_only=True,
+        )
+        return [m.title for m in inbox]
+
+    assert reminded(21) == []
+    # the worker is down on 22 April, 30 days before: its next run sends the reminder
+    assert reminded(23) == ["您有 3000 积分将于 2026-05-22 到期"]
+    assert reminded(24) == ["您有 3000 积分将于 2026-05-22 到期"]  # once

@@ -42,7 +42,7 @@ from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import String, func, select, update
 
 from jifen import crypto
 from jifen.db import bulk
@@ -164,6 +164,21 @@ def _first_times(uow: UnitOfWork, program_id: int, kind: str, keys: Sequence[str
         returning=[notification_keys.c.key], skip_conflicts=True,
     )  # fmt: skip
     return {key for (key,) in rows}
+
+
+def queued_keys(uow: UnitOfWork, *, program_id: int, keys: Sequence[str]) -> set[str]:
+    """Those of ``keys`` already queued in the programme: :func:`notify` would queue them
+    no more (a job can skip the work of preparing them)."""
+    if not keys:
+        return set()
+    rows = uow.conn.execute(
+        select(notification_keys.c.key).where(
+            notification_keys.c.program_id == program_id,
+            notification_keys.c.kind == "notify",
+            bulk.among(uow.dialect, notification_keys.c.key, list(set(keys)), String()),
+        )
+    )
+    return set(rows.scalars())
 
 
 def notify(uow: UnitOfWork, n: Notification) -> int:
