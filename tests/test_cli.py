@@ -520,3 +520,15 @@ def test_every_command_is_listed_with_a_chinese_summary() -> None:
     bare = {name: summary for name, summary in listed.items() if not re.match(r"[^.]*\w", summary)}
     assert bare == {}
     assert all(re.search(r"[\u4e00-\u9fff]", summary) for summary in listed.values()), listed
+
+
+def test_ending_a_temporary_upgrade_that_names_no_tier_to_return_to(db: Database) -> None:
+    from tests.tiers.test_service import forget_what_it_returns_to, lend_silver_in_double_eleven
+
+    world = lend_silver_in_double_eleven(db, members=2)
+    forget_what_it_returns_to(db, world.members[0])
+    run = ["jobs", "run", "tiers.end_temporary", "--program", world.program.code]
+    code, output = jifen(db, *run, "--now", "2026-12-11T18:15+08:00", "--allow-future")
+    assert (code, "Traceback" in output) == (0, False), output
+    assert "ended 2" in output
+    assert world.tiers() == ["普通", "普通"]

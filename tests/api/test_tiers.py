@@ -270,3 +270,37 @@ def test_who_may_change_the_scheme_and_evaluate(client: TestClient, db: Database
         assert shop.post("/tiers/dry-run", {}, headers).status_code == 403
     alice = support.member(db, shop.alice)
     assert shop.post(f"/members/{shop.alice}/tier/evaluate", {}, alice).status_code == 403
+
+
+def test_an_earning_through_the_points_api_upgrades_at_once_too(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    _set_scheme(shop, SCHEME)
+    earn = f"/members/{shop.bob}/points/earn"
+    # 7,000 points credited at a till: 280, 银卡 at once (an event's earning would do so)
+    till = {**shop.operator, **support.key()}
+    first = body(shop.client.post(shop.base + earn, json={"amount": 7000}, headers=till), 201)
+    tier = body(shop.get(f"/members/{shop.bob}/tier"), 200)
+    assert (tier["tier"], tier["set_by"]) == ("银卡", "tiers")
+    # sent again, the request changes nothing more
+    again = shop.client.post(shop.base + earn, json={"amount": 7000}, headers=till)
+    assert again.json()["id"] == first["id"]
+    # 1,000 more: 320, 金卡
+    body(shop.post(earn, {"amount": 1000}), 201)
+    changes = body(shop.get(f"/members/{shop.bob}/tier/changes"), 200)["items"]
+    assert [(c["from_tier"], c["to_tier"], c["kind"], c["score"]) for c in changes] == [
+        ("银卡", "金卡", "upgrade", 320), (None, "银卡", "upgrade", 280),
+    ]  # fmt: skip
+    assert_ledger_sound(db, shop.program.id)
+
+
+def test_without_upgrade_at_once_an_api_earning_waits_for_the_evaluation(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    _set_scheme(shop, {**SCHEME, "upgrade_at_once": False})
+    body(shop.post(f"/members/{shop.bob}/points/earn", {"amount": 8000}), 201)
+    assert body(shop.get(f"/members/{shop.bob}/tier"), 200)["tier"] is None

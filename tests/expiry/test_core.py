@@ -117,12 +117,17 @@ def test_decays_due_never_fall_as_time_passes(last: datetime, later_days: int, m
     assert (one.decays_due > 0) == (now >= one.dormant_from)
 
 
-def test_reminders_fall_on_the_days_before_each_expiry_date() -> None:
+def test_reminders_fall_due_on_the_days_before_each_expiry_date_and_stay_due_until_it() -> None:
     lapse = at(2027, 1, 1)
     days = [90, 30]
+    assert core.reminders_due([lapse], now=at(2026, 10, 2, 23), days_before=days) == []
     assert core.reminders_due([lapse], now=at(2026, 10, 3, 10), days_before=days) == [(lapse, 90)]
-    assert core.reminders_due([lapse], now=at(2026, 10, 4, 10), days_before=days) == []
+    # a run that missed the day catches up (the caller sends each reminder once)
+    assert core.reminders_due([lapse], now=at(2026, 10, 4, 10), days_before=days) == [(lapse, 90)]
     assert core.reminders_due([lapse], now=at(2026, 12, 2, 10), days_before=days) == [(lapse, 30)]
+    # only the latest reminder day that has come: a 90-day reminder missed is not sent late
+    assert core.reminders_due([lapse], now=at(2026, 12, 31, 23), days_before=days) == [(lapse, 30)]
+    assert core.reminders_due([lapse], now=lapse, days_before=days) == []
     # 10月1日起: year-end clearing is announced from 1 October.
     assert core.year_end_reminder_due("10-01", now=at(2026, 9, 30, 23), zone=SHANGHAI) is None
     assert core.year_end_reminder_due("10-01", now=at(2026, 10, 1, 0, 5), zone=SHANGHAI) == 2026

@@ -3,7 +3,7 @@ with the ledger's invariants checked after every job."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -14,6 +14,7 @@ from jifen.db.uow import Database, UnitOfWork
 from jifen.expiry import service as expiry
 from jifen.expiry.schemas import Dormancy, ExpiryPolicy, Reminders, Validity
 from jifen.jobs import service as jobs
+from jifen.members import service as members
 from jifen.points import service as points
 from jifen.programs import service as programs
 from jifen.rewards.schemas import Texts
@@ -316,3 +317,64 @@ def test_a_better_tier_extends_the_members_open_lots_and_a_worse_one_never_short
     assert [p.kind for p in history.items][:2] == ["renew", "renew"]
     assert summary(db, alice).available == 200
     assert_ledger_sound(db, program_id)
+
+
+def test_a_birthday_gift_jifen_posts_by_itself_is_no_activity(db: Database) -> None:
+    """Dormancy counts what the member did: the birthday gift the events.birthdays job
+    posts neither restarts its clock nor gives back what dormancy held back."""
+    from jifen.members.schemas import MemberUpdate
+    from tests.events.test_service import activate
+
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, bob, _) = with_policy(db, policy)
+    born = MemberUpdate(birthday=date(1990, 6, 15))
+    db.run(
+        lambda uow: members.update_profile(uow, program_id=program_id, member_id=alice, body=born)
+    )
+    move(db, at(2026, 1, 10, 9))
+    activate(db, program_id, "gift", {"kind": "birthday_gift", "by_tier": {}, "default": 10},
+             events_=("member.birthday",))  # fmt: skip
+    earn(db, program_id, alice, 1000, "a1")
+    earn(db, program_id, bob, 1000, "b1")
+    # alice's 2026 gift comes; neither does anything else
+    assert job(db, "events.birthdays", program_id, at(2026, 6, 15, 0, 5)).figures["events"] == 1
+    assert summary(db, alice).available == 1010
+    # twelve months after their own earnings both are dormant, alice as much as bob
+    figures = job(db, "points.dormancy", program_id, at(2027, 1, 10, 10)).figures
+    assert (figures["decays"], figures["decayed"]) == (2, 101 + 100)
+    # her 2027 gift gives nothing back and the decay goes on
+    job(db, "events.birthdays", program_id, at(2027, 6, 15, 0, 5))
+    figures = job(db, "points.dormancy", program_id, at(2027, 6, 16, 10)).figures
+    assert (figures["restored"], figures["decays"]) == (0, 2 * 5)
+    # six monthly decays each: bob's of 1,000, alice's of 1,010 and then 10 more
+    assert (summary(db, alice).frozen, summary(db, bob).frozen) == (
+        101 + 91 + 82 + 74 + 67 + 60,
+        100 + 90 + 81 + 72 + 65 + 59,
+    )
+    history = db.run(lambda uow: points.history(uow, member_id=alice, kinds=["earn"]))
+    assert [(p.amount, p.actor) for p in history.items] == [(10, "system")] * 2 + [(1000, "")]
+
+
+def test_a_reminder_day_the_worker_missed_is_caught_up_once(db: Database) -> None:
+    from jifen.notify import service as notify
+
+    policy = ExpiryPolicy(validity=Validity(kind="never"), reminders=Reminders(days_before=[30]))
+    program_id, (alice, _, _) = with_policy(db, policy)
+    move(db, at(2026, 2, 10, 12))
+    db.run(lambda uow: points.earn(uow, member_id=alice, amount=3000, key="a1",
+                                   expires_at=at(2026, 5, 22)))  # fmt: skip
+
+    def reminded(day: int) -> list[str]:
+        job(db, "points.reminders", program_id, at(2026, 4, day, 10))
+        inbox, _ = db.run(
+            lambda uow: notify.list_inbox(uow, program_id=program_id, member_id=alice),
+            read_only=True,
+        )
+        return [m.title for m in inbox]
+
+    assert reminded(21) == []
+    # the worker is down on 22 April, 30 days before: its next run sends the reminder
+    assert reminded(23) == ["您有 3000 积分将于 2026-05-22 到期"]
+    assert reminded(24) == ["您有 3000 积分将于 2026-05-22 到期"]  # once

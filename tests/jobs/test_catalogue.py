@@ -22,16 +22,24 @@ SHANGHAI_OFFSET = timedelta(hours=-8)
 def test_tier_evaluation_runs_on_the_schemes_dates_through_the_runner(db: Database) -> None:
     world = World(db, scheme(upgrade_at_once=False), members=5)
     alice, bob, *_ = world.members
+    job = jobs.get("tiers.evaluate")
+    assert job.due is not None
+
+    def due() -> bool:
+        return db.run(lambda uow: job.due(uow, world.program.id), read_only=True)  # type: ignore[misc]
+
+    # the quarter that began on 1 January has had no evaluation yet: due until one is done
+    assert due()
+    assert jobs.run(db, "tiers.evaluate", program_id=world.program.id).state == "done"
+    assert not due()
     world.at(datetime(2026, 2, 10, tzinfo=UTC))
     world.order(alice, 3000)  # 3 × 40 = 120 × 40 % weight … see the scheme: 银卡 at 101
     world.order(bob, 20000)
     evaluation_day = datetime(2026, 4, 1, tzinfo=UTC) + SHANGHAI_OFFSET  # 00:00 in Shanghai
-    job = jobs.get("tiers.evaluate")
-    assert job.due is not None
     world.at(evaluation_day - timedelta(days=3))
-    assert not db.run(lambda uow: job.due(uow, world.program.id), read_only=True)  # type: ignore[misc]
+    assert not due()
     world.at(evaluation_day + timedelta(hours=2))
-    assert db.run(lambda uow: job.due(uow, world.program.id), read_only=True)  # type: ignore[misc]
+    assert due()
     report = jobs.run(db, "tiers.evaluate", program_id=world.program.id, size=2)
     assert (report.state, report.chunks, report.figures["evaluated"]) == ("done", 3, 5)
     assert world.tier(bob) is not None and world.tier(bob) != "普通"
@@ -45,6 +53,14 @@ def test_tier_evaluation_runs_on_the_schemes_dates_through_the_runner(db: Databa
     assert changes[0].reason.startswith("evaluation of 2026-04-01")
     again = jobs.run(db, "tiers.evaluate", program_id=world.program.id, size=2)
     assert again.state == "already-done"
+    assert not due()
+    # a worker down on 1 July fires first on 3 July: the evaluation is due then, not after
+    world.at(datetime(2026, 7, 3, 2, tzinfo=UTC) + SHANGHAI_OFFSET)
+    assert due()
+    late = jobs.run(db, "tiers.evaluate", program_id=world.program.id, size=2)
+    assert (late.state, late.figures["evaluated"]) == ("done", 5)
+    world.at(datetime(2026, 7, 4, 2, tzinfo=UTC) + SHANGHAI_OFFSET)
+    assert not due()
 
 
 def test_restock_alerts_reach_staff_once_and_the_outbox_is_sent(db: Database) -> None:

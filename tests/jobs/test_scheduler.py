@@ -3,17 +3,29 @@ and two workers firing the same schedule share one run."""
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import select
 
-from jifen.db.uow import Database
+from jifen.db.uow import Database, UnitOfWork
+from jifen.expiry.schemas import ExpiryPolicy, Reminders, Validity
 from jifen.jobs import core
 from jifen.jobs import scheduler as jobs_scheduler
+from jifen.jobs import service as jobs_service
 from jifen.jobs.models import job_runs
+from jifen.notify import service as notify
 from jifen.points import service as points
+from jifen.programs import service as programs
 from tests.factories import new_members, new_program
+from tests.jobs.test_parts import assert_each_member_placed_once, populated
+from tests.tiers.test_service import World
 
 
 def test_each_programme_gets_every_job_at_its_local_time(db: Database) -> None:
@@ -59,3 +71,144 @@ def test_two_workers_firing_in_the_same_minute_share_one_run(db: Database) -> No
     assert [r.state for r in runs] == ["done"]
     assert '"points": 10' in runs[0].figures
     assert db.run(lambda uow: points.balance(uow, member_id=member)).balance == 0
+
+
+class Killed(BaseException):
+    """The worker killed there (SIGKILL): nothing after it runs, not even its error log."""
+
+
+def fired_and_killed(
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    program_id: int,
+    *,
+    at_call: int,
+    size: int,
+) -> None:
+    """A firing of job ``name`` in chunks (or parts) of ``size``, its worker killed in call
+    ``at_call`` of the chunk (or part) function; the worker started again runs the job as
+    it is, in chunks of that size."""
+    real = replace(jobs_service.get(name), size=size)
+    calls = {"n": 0}
+
+    def killed_at(work: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                raise Killed
+            return work(*args)
+
+        return step
+
+    if real.part is not None:
+        dying = replace(real, part=killed_at(real.part))
+    else:
+        assert real.chunk is not None
+        dying = replace(real, chunk=killed_at(real.chunk))
+    monkeypatch.setitem(jobs_service._JOBS, name, dying)
+    with pytest.raises(Killed):
+        jobs_scheduler.fire(db, name, program_id)
+    monkeypatch.setitem(jobs_service._JOBS, name, real)
+
+
+def runs_of(db: Database, program_id: int) -> list[tuple[str, datetime, str, dict[str, int]]]:
+    rows = db.run(
+        lambda uow: uow.conn.execute(
+            select(job_runs.c.name, job_runs.c.run_at, job_runs.c.state, job_runs.c.figures)
+            .where(job_runs.c.program_id == program_id)
+            .order_by(job_runs.c.id)
+        ).all(),
+        read_only=True,
+    )
+    return [(r.name, r.run_at, r.state, json.loads(r.figures)) for r in rows]
+
+
+APRIL_1 = datetime(2026, 3, 31, 18, tzinfo=UTC)  # 02:00 on 1 April in Shanghai, a quarter's first
+
+
+def evaluation_killed_on_april_1(
+    db: Database, monkeypatch: pytest.MonkeyPatch, members: int, *, size: int
+) -> tuple[World, dict[int, str]]:
+    """The members of :func:`populated`, whose evaluation of 1 April (in parts of ``size``)
+    lost its worker in its second part."""
+    world, wanted = populated(db, members)
+    world.at(APRIL_1)
+    fired_and_killed(db, monkeypatch, "tiers.evaluate", world.program.id, at_call=2, size=size)
+    return world, wanted
+
+
+def test_the_next_firing_finishes_a_tier_evaluation_a_killed_worker_left(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, wanted = evaluation_killed_on_april_1(db, monkeypatch, 6, size=2)  # of 3 parts
+    assert [(r[1], r[2]) for r in runs_of(db, world.program.id)] == [(APRIL_1, "running")]
+    # the worker started again fires the next night: it finishes the run of 1 April, from
+    # the parts still to do, and starts none of its own (an evaluation has finished since)
+    world.at(APRIL_1 + timedelta(days=1))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    ((_, run_at, state, figures),) = runs_of(db, world.program.id)
+    assert (run_at, state, figures["evaluated"]) == (APRIL_1, "done", 6)
+    assert_each_member_placed_once(db, world, wanted)
+    world.at(APRIL_1 + timedelta(days=2))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    assert len(runs_of(db, world.program.id)) == 1
+    assert_each_member_placed_once(db, world, wanted)
+
+
+def test_workers_resuming_one_run_side_by_side_do_each_part_once(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, wanted = evaluation_killed_on_april_1(pg, monkeypatch, 40, size=3)  # of 14 parts
+    world.at(APRIL_1 + timedelta(days=1))
+    workers = [
+        threading.Thread(target=jobs_scheduler.fire, args=(pg, "tiers.evaluate", world.program.id))
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    ((_, run_at, state, figures),) = runs_of(pg, world.program.id)
+    assert (run_at, state, figures["evaluated"]) == (APRIL_1, "done", 40)
+    assert_each_member_placed_once(pg, world, wanted)
+
+
+def test_the_next_firing_finishes_a_chunked_run_from_its_cursor(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program_id = new_program(db).id
+    members = new_members(db, program_id, 3)
+    lapse = datetime(2026, 5, 21, 16, tzinfo=UTC)  # 22 May in Shanghai
+    policy = ExpiryPolicy(validity=Validity(kind="never"), reminders=Reminders(days_before=[30]))
+
+    def configure(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program_id)
+        programs.set_settings(
+            uow, program_id=program_id, settings=settings.model_copy(update={"expiry": policy})
+        )
+        for member in members:
+            points.earn(uow, member_id=member, amount=100, key=f"e{member}", expires_at=lapse)
+
+    db.run(configure)
+    # the worker is killed in the second chunk (a member each) of the 30-day reminders
+    reminder_day = datetime(2026, 4, 22, 2, tzinfo=UTC)  # 10:00 in Shanghai
+    db.clock.set(reminder_day)  # type: ignore[attr-defined]
+    fired_and_killed(db, monkeypatch, "points.reminders", program_id, at_call=2, size=1)
+    # the next day's firing finishes the run of the 22nd from its cursor, then runs its own
+    db.clock.set(reminder_day + timedelta(days=1))  # type: ignore[attr-defined]
+    jobs_scheduler.fire(db, "points.reminders", program_id)
+    runs = [
+        (run_at, state, figures["reminders"])
+        for _, run_at, state, figures in runs_of(db, program_id)
+    ]
+    assert runs == [(reminder_day, "done", 3), (reminder_day + timedelta(days=1), "done", 0)]
+    inboxes = db.run(
+        lambda uow: [
+            notify.list_inbox(uow, program_id=program_id, member_id=m)[0] for m in members
+        ],
+        read_only=True,
+    )
+    assert [[m.title for m in inbox] for inbox in inboxes] == [
+        ["您有 100 积分将于 2026-05-22 到期"]
+    ] * 3

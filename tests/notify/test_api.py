@@ -122,13 +122,21 @@ def test_operators_keep_webhooks_and_see_the_secret_once(client: TestClient, db:
     assert client.get(base, headers=cashier).status_code == 403
 
 
+def _webhooks_operator_and_admin(db: Database) -> tuple[str, dict[str, str], dict[str, str]]:
+    """A new programme's webhooks path, an operator's headers (no webhooks.allow_private)
+    and a super administrator's (who holds it)."""
+    program = new_program(db)
+    return (
+        f"/v1/programs/{program.code}/webhooks",
+        support.staff(db, "operator", program_id=program.id),
+        support.staff(db, "super_admin", program_id=program.id),
+    )
+
+
 def test_only_a_holder_of_allow_private_lets_a_webhook_reach_loopback(
     client: TestClient, db: Database
 ) -> None:
-    program = new_program(db)
-    base = f"/v1/programs/{program.code}/webhooks"
-    operator = support.staff(db, "operator", program_id=program.id)
-    admin = support.staff(db, "super_admin", program_id=program.id)
+    base, operator, admin = _webhooks_operator_and_admin(db)
     loopback = {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}
     # without allow_private the address is refused, in the caller's language
     refused = client.post(
@@ -143,3 +151,40 @@ def test_only_a_holder_of_allow_private_lets_a_webhook_reach_loopback(
     # a super administrator (who holds webhooks.allow_private) may
     allowed = client.post(base, json=asked, headers={**admin, **support.key()})
     assert allowed.status_code == 201 and allowed.json()["allow_private"] is True
+
+
+def test_a_new_address_for_a_private_webhook_needs_allow_private(
+    client: TestClient, db: Database
+) -> None:
+    base, operator, admin = _webhooks_operator_and_admin(db)
+    # given a super administrator allowed one internal receiver
+    internal = {"url": "http://127.0.0.1:9/receiver", "event_types": ["*"], "allow_private": True}
+    hook = client.post(base, json=internal, headers={**admin, **support.key()}).json()
+    url = f"{base}/{hook['id']}"
+    # when an operator (webhooks.write, not webhooks.allow_private) points it elsewhere
+    for target in ["http://169.254.169.254/latest/meta-data/", "http://[::1]:6379/"]:
+        moved = client.patch(
+            url, json={"url": target, "event_types": ["*"]}, headers={**operator, **support.key()}
+        )
+        # then it is refused, in both languages, and nothing changes
+        assert moved.status_code == 403, moved.text
+        assert moved.json()["code"] == "forbidden"
+        assert "webhooks.allow_private" in moved.json()["detail"]
+    zh = client.patch(
+        url, json={"url": "http://127.0.0.1:5432/"},
+        headers={**operator, **support.key(), "Accept-Language": "zh"},
+    )  # fmt: skip
+    assert zh.status_code == 403 and "私有地址" in zh.json()["detail"]
+    unchanged = client.get(url, headers=operator).json()
+    assert (unchanged["url"], unchanged["allow_private"]) == (internal["url"], True)
+    # an operator may still pause it, or give it a public address without allow_private
+    paused = client.patch(url, json={"active": False}, headers={**operator, **support.key()})
+    assert paused.status_code == 200 and paused.json()["url"] == internal["url"]
+    public = {"url": "http://93.184.216.34/in", "allow_private": False}
+    withdrawn = client.patch(url, json=public, headers={**operator, **support.key()})
+    assert withdrawn.status_code == 200
+    assert (withdrawn.json()["url"], withdrawn.json()["allow_private"]) == (public["url"], False)
+    # and a holder of webhooks.allow_private may point a private one at another receiver
+    again = {"url": "http://127.0.0.1:10/other", "allow_private": True}
+    moved_by_admin = client.patch(url, json=again, headers={**admin, **support.key()})
+    assert moved_by_admin.status_code == 200 and moved_by_admin.json()["url"] == again["url"]

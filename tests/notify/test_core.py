@@ -93,14 +93,19 @@ def test_malformed_headers_never_verify(header: str) -> None:
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-     "0.0.0.0", "::1",  # noqa: S104  (an address to refuse, not one to bind) "fe80::1%eth0", "fc00::1", "::ffff:127.0.0.1", "224.0.0.1",
-     "240.0.0.1", "192.0.2.1", "not an address"],
+     "0.0.0.0",  # noqa: S104  (an address to refuse, not one to bind)
+     "::1", "fe80::1%eth0", "fc00::1", "::ffff:127.0.0.1", "224.0.0.1",
+     "240.0.0.1", "192.0.2.1", "not an address",
+     # 6to4 (2002::/16) carrying a loopback, link-local, private or unspecified IPv4
+     "2002:7f00:1::1", "2002:a9fe:a9fe::1", "2002:a00:1::1", "2002::1"],
 )  # fmt: skip
 def test_private_loopback_link_local_and_reserved_addresses_are_refused(address: str) -> None:
     assert core.forbidden_address(address)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2002:808:808::1"]
+)
 def test_public_addresses_are_allowed(address: str) -> None:
     assert not core.forbidden_address(address)
     assert core.refused_addresses([address, "10.0.0.1"]) == ["10.0.0.1"]

@@ -53,6 +53,10 @@ def test_a_key_is_queued_once_ever(db: Database) -> None:
     other = new_program(db)
     bob = member(db, other.id)
     assert db.run(lambda uow: service.notify(uow, _note(other.id, bob, "k1"))) == 1
+    # a job can ask which of its keys are queued already, in this programme only
+    asked = ["k1", "k2", "k1"]
+    assert db.run(lambda uow: service.queued_keys(uow, program_id=program.id, keys=asked)) == {"k1"}
+    assert db.run(lambda uow: service.queued_keys(uow, program_id=other.id, keys=["k2"])) == set()
 
 
 def test_the_outbox_is_written_in_the_callers_transaction_and_rolls_back_with_it(

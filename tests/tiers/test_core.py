@@ -98,10 +98,24 @@ def test_a_campaign_score_of_120_percent_of_a_threshold_lends_the_tier_for_a_mon
     after = CAMPAIGN[1] + timedelta(seconds=1)
     assert core.decide(promo, member, 0, now=after, evaluation=False, campaign_score=999) is None
     # it ends by itself, back to what evaluations gave
-    assert core.end_temporary(lent.standing, datetime(2026, 12, 11, tzinfo=UTC)) is None
-    ended = core.end_temporary(lent.standing, datetime(2026, 12, 11, 12, tzinfo=UTC))
+    assert core.end_temporary(lent.standing, datetime(2026, 12, 11, tzinfo=UTC), "普通") is None
+    ended = core.end_temporary(lent.standing, datetime(2026, 12, 11, 12, tzinfo=UTC), "普通")
     assert ended is not None and ended.standing == Standing("普通")
     assert ended.kind == "temporary_end"
+
+
+def test_a_member_with_no_tier_is_lent_one_and_goes_back_to_the_entry_tier() -> None:
+    promo = scheme(upgrade_at_once=False, campaigns=[CAMPAIGN])
+    # a member is registered without a tier; outside evaluation its score gives it none
+    lent = core.decide(
+        promo, Standing(None), 160, now=IN_CAMPAIGN, evaluation=False, campaign_score=160
+    )
+    assert lent is not None and lent.kind == "temporary"
+    assert lent.standing == Standing("银卡", "普通", datetime(2026, 12, 11, 12, tzinfo=UTC))
+    # an upgrade lent before the entry tier was recorded (no base) ends at the entry tier
+    unrecorded = Standing("银卡", None, datetime(2026, 12, 11, 12, tzinfo=UTC))
+    ended = core.end_temporary(unrecorded, datetime(2026, 12, 12, tzinfo=UTC), "普通")
+    assert ended is not None and ended.standing == Standing("普通")
 
 
 def test_an_evaluation_during_a_temporary_upgrade_moves_what_it_returns_to() -> None:
@@ -143,6 +157,14 @@ def test_quarterly_evaluations_fall_on_the_first_of_a_quarter_in_the_programmes_
     )
     assert core.next_evaluation_at("monthly", first, zone) == datetime(2026, 4, 30, 16, tzinfo=UTC)
     assert core.next_evaluation_at("yearly", first, zone) == datetime(2026, 12, 31, 16, tzinfo=UTC)
+    # the latest scheduled evaluation at or before a moment
+    assert core.last_evaluation_at("quarterly", first, zone) == first
+    assert core.last_evaluation_at("quarterly", first - timedelta(seconds=1), zone) == datetime(
+        2025, 12, 31, 16, tzinfo=UTC
+    )
+    assert core.last_evaluation_at("half_yearly", datetime(2026, 9, 9, tzinfo=UTC), zone) == (
+        datetime(2026, 6, 30, 16, tzinfo=UTC)
+    )
     assert core.add_months(datetime(2026, 1, 31, tzinfo=UTC), 1) == datetime(
         2026, 2, 28, tzinfo=UTC
     )

@@ -17,6 +17,7 @@ from jifen.events.schemas import EventIn
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.tiers import service
+from jifen.tiers.models import member_tiers
 from jifen.tiers.schemas import TierDef, TierScheme
 from tests.factories import new_members, new_program
 from tests.tiers.scheme import TIERS, scheme
@@ -393,3 +394,57 @@ def test_the_matrix_gives_validity_and_birthday_gifts_unless_policy_or_rule_say_
     assert birthday(silver, 2027) == (200, [("birthday", "birthday_gift", 200)])
     assert birthday(gold, 2027)[0] == 0  # the rule gives 金卡 nothing: the matrix stays out
     assert expiries(silver) == [datetime(2027, 12, 10, 16, tzinfo=UTC), None]
+
+
+def lend_silver_in_double_eleven(db: Database, members: int) -> World:
+    """Members of a programme whose 双11 lends 银卡 for a month, each earning 4,000 points
+    (campaign score 160 ≥ 120 % of 101) on 11 November 2026; the first has no tier before,
+    the others hold 普通."""
+    campaign = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 12, tzinfo=UTC))
+    world = World(db, scheme(upgrade_at_once=False, campaigns=[campaign]), members=members)
+    for member_id in world.members[1:]:
+        db.run(
+            lambda uow, m=member_id: service.set_member_tier(
+                uow, program_id=world.program.id, member_id=m, tier="普通", reason="", set_by="t"
+            )
+        )
+    world.at(datetime(2026, 11, 11, 10, tzinfo=UTC))
+    for member_id in world.members:
+        world.earn(member_id, 4000)
+    assert world.tiers() == ["银卡"] * members
+    return world
+
+
+def forget_what_it_returns_to(db: Database, member_id: int) -> None:
+    """A temporary upgrade as jifen stored it for a member with no tier before the tier it
+    returns to was recorded: none."""
+    with db.engine.begin() as conn:
+        conn.execute(
+            member_tiers.update()
+            .where(member_tiers.c.member_id == member_id)
+            .values(base_tier_code=None)
+        )
+
+
+def test_a_member_with_no_tier_lent_one_goes_back_to_the_entry_tier(db: Database) -> None:
+    world = lend_silver_in_double_eleven(db, members=3)
+    alice, bob, carol = world.members
+
+    def returns_to(member_id: int) -> str | None:
+        return db.run(
+            lambda uow: service.member_tier(uow, program_id=world.program.id, member_id=member_id)
+        ).returns_to
+
+    # alice had no tier: she returns to the entry tier, as bob (普通) does
+    assert [returns_to(alice), returns_to(bob)] == ["普通", "普通"]
+    # carol's upgrade was lent before that was recorded: it names no tier to go back to
+    forget_what_it_returns_to(db, carol)
+    # when the month is over, one chunk ends all three: carol too, to the entry tier
+    world.at(datetime(2026, 12, 11, 10, tzinfo=UTC))
+    ended = db.run(
+        lambda uow: service.end_temporary(uow, program_id=world.program.id, now=uow.clock.now())
+    )
+    assert ended == 3
+    assert world.tiers() == ["普通", "普通", "普通"]
+    assert world.history(alice) == [(None, "银卡", "temporary"), ("银卡", "普通", "temporary_end")]
+    assert world.history(carol)[-1] == ("银卡", "普通", "temporary_end")

@@ -61,6 +61,9 @@ from jifen.rules.schemas import EventTypeRead, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
+OWN_SOURCE = "jifen"
+"""The source of the events jifen raises by itself (birthdays): their earnings are posted by
+the system actor (``points_service.SYSTEM``), so they are no member activity."""
 FUTURE_TOLERANCE = timedelta(minutes=5)
 """How far ahead of jifen's clock an event's time may be (the sender's clock may be fast)."""
 
@@ -602,7 +605,7 @@ class _Intake:
                     earnings.append(points_service.Earning(
                         member_id=owner, amount=points, key=f"event:{event_id}:{owner}",
                         available_at=decision.available_at, expires_at=expires_at,
-                        reason=reason, actor=ACTOR,
+                        reason=reason, actor=_actor(decision.item.event.source),
                     ))  # fmt: skip
                     owners.append((decision, owner))
             posting_ids = points_service.earn_many(uow, earnings)
@@ -1014,6 +1017,11 @@ def _store_awards(
     return [_award_read(row) for row in rows]
 
 
+def _actor(source: str) -> str:
+    """Who posts an event's earnings: jifen itself for the events it raises, else the rules."""
+    return points_service.SYSTEM if source == OWN_SOURCE else ACTOR
+
+
 def _award_rows(
     program_id: int,
     event_id: int,
@@ -1297,7 +1305,7 @@ def raise_birthdays(db: Database, *, program_id: int, day: date, chunk: int = 50
             )  # fmt: skip
             wishes = [
                 EventIn(
-                    source="jifen", external_id=f"birthday:{member_id}:{day.year}",
+                    source=OWN_SOURCE, external_id=f"birthday:{member_id}:{day.year}",
                     type="member.birthday", occurred_at=start, member_id=member_id,
                     payload={"year": day.year},
                 )

@@ -115,14 +115,15 @@ def decay_amount(available: int, pct: int) -> int:
 def reminders_due(
     expiry_dates: Iterable[datetime], *, now: datetime, days_before: Iterable[int]
 ) -> list[tuple[datetime, int]]:
-    """(expiry date, offset) pairs whose reminder falls due in the day up to ``now``: the
-    lots lapse at that date and ``offset`` days separate now from it (within one day)."""
+    """(expiry date, offset) pairs whose reminder is due at ``now``: for each date not yet
+    reached, the latest of its reminder days (``offset`` days before it) that has come. A
+    run that missed that day catches up at its next run; the caller sends each pair once
+    (and a reminder day passed since is no reason to send an earlier one)."""
     due = []
     for when in sorted(set(expiry_dates)):
-        for offset in sorted(set(days_before), reverse=True):
-            remind_at = when - timedelta(days=offset)
-            if remind_at <= now < remind_at + timedelta(days=1):
-                due.append((when, offset))
+        passed = [offset for offset in days_before if when - timedelta(days=offset) <= now]
+        if passed and now < when:
+            due.append((when, min(passed)))
     return due
 
 

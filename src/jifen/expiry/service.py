@@ -259,6 +259,7 @@ def reminders_chunk(
         return report
     report.last_member_id = max(expiring)
     report.members = len(expiring)
+    wanted: dict[int, list[tuple[str, datetime, int | None]]] = {}
     for member_id, dates in sorted(expiring.items()):
         due: list[tuple[str, datetime, int | None]] = [
             (f"expiry-reminder:{member_id}:{when.astimezone(zone):%Y%m%d}:{offset}", when, offset)
@@ -268,6 +269,16 @@ def reminders_chunk(
             year_end = datetime(year + 1, 1, 1, tzinfo=zone)
             if year_end in dates:
                 due.append((f"year-end-reminder:{member_id}:{year}", year_end, None))
+        if due:
+            wanted[member_id] = due
+    # A reminder stays due until its date (a missed day is caught up): those sent already
+    # are left out before their suggestions are worked out.
+    sent = notify_service.queued_keys(
+        uow, program_id=program_id, keys=[key for due in wanted.values() for key, _, _ in due]
+    )
+    for member_id, all_due in wanted.items():
+        dates = expiring[member_id]
+        due = [reminder for reminder in all_due if reminder[0] not in sent]
         if not due:
             continue
         schedule = "\n".join(

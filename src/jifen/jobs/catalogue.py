@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 from jifen.db.uow import Database, UnitOfWork
 from jifen.events import service as events_service
 from jifen.expiry import service as expiry_service
+from jifen.jobs import service as jobs_service
 from jifen.jobs.core import Chunk
 from jifen.jobs.service import Job, register
 from jifen.members import service as members_service
@@ -155,13 +155,13 @@ def _evaluate_tier_members(uow: UnitOfWork, program_id: int, ids: list[int]) -> 
 
 
 def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
-    """Whether the scheme's schedule (monthly, quarterly…) has an evaluation in the last
-    day: the worker fires the job daily and runs it on those days only."""
-    now = uow.clock.now()
-    due = tiers_service.next_evaluation_at(
-        uow, program_id=program_id, after=now - timedelta(days=1)
+    """Whether no evaluation has finished since the scheme's latest date (monthly,
+    quarterly…): the worker fires the job daily and runs it on those dates, or at the first
+    firing after one it missed."""
+    since = tiers_service.last_evaluation_at(uow, program_id=program_id, at=uow.clock.now())
+    return since is not None and not jobs_service.finished_since(
+        uow, name="tiers.evaluate", program_id=program_id, since=since
     )
-    return due is not None and due <= now
 
 
 register(

@@ -3,7 +3,8 @@ the programme's time zone; the job runner does the rest.
 
 APScheduler only decides *when*. What makes a run safe is the runner: a run is recorded
 per (job, programme, minute), so several workers firing the same schedule share one run
-(one does each chunk), and a worker that dies mid-run leaves a run the next one finishes.
+(one does each chunk), and a worker that dies mid-run leaves a run the next firing of the
+job finishes (on any worker) before it starts its own.
 The schedules live in memory; programmes created later are picked up every few minutes.
 """
 
@@ -31,13 +32,23 @@ GLOBAL_JOBS = frozenset({"notify.deliver"})
 
 
 def fire(db: Database, name: str, program_id: int | None, pause: float = 0.0) -> None:
-    """Run one scheduled job (paced by ``pause``, as :func:`jobs_service.run` says); a
-    failure is logged and left for the next firing."""
+    """Run one scheduled job (paced by ``pause``, as :func:`jobs_service.run` says), after
+    finishing any run of it an earlier firing left unfinished (while other workers still
+    hold parts of one, the job's own run waits for the next firing); a failure is logged
+    and left for the next firing."""
     try:
         if program_id is None:
             figures = jobs_service.run_global(db, name)
             if any(figures.values()):
                 log.info("%s: %s", name, figures)
+            return
+        resumed = jobs_service.resume(db, name, program_id=program_id, pause=pause)
+        for report in resumed:
+            log.info(
+                "%s programme %s: resumed the run for %s: %s %s", name, program_id,
+                report.run_at.isoformat(), report.state, report.figures,
+            )  # fmt: skip
+        if any(report.state == "running" for report in resumed):
             return
         job = jobs_service.get(name)
         if job.due is not None and not db.run(

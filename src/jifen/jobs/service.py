@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -328,6 +328,60 @@ def _lock_run(
     if lock and uow.dialect == "postgresql":
         query = query.with_for_update()
     return uow.conn.execute(query).one()
+
+
+RESUME_WITHIN = timedelta(days=31)
+"""How far back :func:`resume` looks for runs left unfinished. Every job fires at least
+daily, each firing finishing what the one before left; a run older than this (a worker
+down for weeks) is left alone, its work done by the later runs: expiry, reminders and
+dormancy as of their own moment, and a tier evaluation due again while none has finished
+since the scheme's last date."""
+
+
+def resume(db: Database, name: str, *, program_id: int, pause: float = 0.0) -> list[RunReport]:
+    """Finish the runs of job ``name`` for the programme left ``running`` before the current
+    minute (by a worker killed mid-run, or a failed chunk), oldest first: each continues
+    from its cursor or its parts still to do, as a second worker on it would, so no chunk
+    is done twice and workers resuming side by side share the work."""
+    job = get(name)
+    if job.whole is not None:
+        return []  # runs whole, with no record: the next firing does it again
+    moment = core.run_moment(db.clock.now())
+    left = db.run(lambda uow: _unfinished(uow, name, program_id, moment), read_only=True)
+    return [run(db, name, program_id=program_id, now=at, pause=pause) for at in left]
+
+
+def _unfinished(uow: UnitOfWork, name: str, program_id: int, before: datetime) -> list[datetime]:
+    """The moments of the job's runs left running before ``before`` (within
+    :data:`RESUME_WITHIN`), oldest first."""
+    query = (
+        select(job_runs.c.run_at)
+        .where(
+            job_runs.c.name == name,
+            job_runs.c.program_id == program_id,
+            job_runs.c.run_at >= before - RESUME_WITHIN,
+            job_runs.c.run_at < before,
+            job_runs.c.state == "running",
+        )
+        .order_by(job_runs.c.run_at)
+    )
+    return list(uow.conn.execute(query).scalars())
+
+
+def finished_since(uow: UnitOfWork, *, name: str, program_id: int, since: datetime) -> bool:
+    """Whether a run of job ``name`` for the programme, for a moment at or after ``since``,
+    has finished."""
+    found = uow.conn.execute(
+        select(job_runs.c.id)
+        .where(
+            job_runs.c.name == name,
+            job_runs.c.program_id == program_id,
+            job_runs.c.run_at >= since,
+            job_runs.c.state == "done",
+        )
+        .limit(1)
+    ).first()
+    return found is not None
 
 
 def run_global(db: Database, name: str) -> dict[str, int]:

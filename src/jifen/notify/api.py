@@ -106,9 +106,13 @@ def mark_all_read(
 # --------------------------------------------------------------------------- webhooks
 
 
+def _may_allow_private(ctx: Context) -> bool:
+    return ctx.principal.allows(ALLOW_PRIVATE, program_id=ctx.program_id) is not None
+
+
 def _check_allow_private(ctx: Context, wanted: bool | None) -> None:
     """Only a holder of ``webhooks.allow_private`` may let a webhook reach private ranges."""
-    if wanted and ctx.principal.allows(ALLOW_PRIVATE, program_id=ctx.program_id) is None:
+    if wanted and not _may_allow_private(ctx):
         raise Forbidden(
             problem=f"{ctx.principal.name} may not set allow_private ({ALLOW_PRIVATE}): "
             "webhooks to private or loopback addresses need an operator's permission.",
@@ -169,11 +173,17 @@ def update_webhook(
     body: WebhookUpdate,
     ctx: Annotated[Context, Depends(Write("webhooks.write"))],
 ) -> JSONResponse:
-    """Change the address, the event types, the description, or pause (``active``)."""
+    """Change the address, the event types, the description, or pause (``active``). A
+    subscription allowed to reach private addresses gets a new address only from a holder of
+    ``webhooks.allow_private`` (or with ``allow_private`` set to false)."""
     _check_allow_private(ctx, body.allow_private)
     return ctx.execute(
         lambda uow: service.update_webhook(
-            uow, program_id=ctx.program_id, webhook_id=webhook_id, body=body
+            uow,
+            program_id=ctx.program_id,
+            webhook_id=webhook_id,
+            body=body,
+            may_allow_private=_may_allow_private(ctx),
         ),
         target=f"webhook:{webhook_id}",
     )

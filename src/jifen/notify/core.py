@@ -146,13 +146,14 @@ def parse_target(url: str) -> Target:
 
 def forbidden_address(address: str) -> bool:
     """Whether ``address`` is private, loopback, link-local, shared, reserved, multicast or
-    otherwise not a public internet address (IPv4-mapped IPv6 judged as its IPv4)."""
+    otherwise not a public internet address (IPv4-mapped and 6to4 (2002::/16) IPv6 judged as
+    the IPv4 they carry)."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
     except ValueError:
         return True  # not an address at all: never connect to it
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ip.ipv4_mapped or ip.sixtofour or ip
     return (
         not ip.is_global
         or ip.is_private

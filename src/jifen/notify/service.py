@@ -42,12 +42,13 @@ from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import String, func, select, update
 
 from jifen import crypto
 from jifen.db import bulk
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import (
+    Forbidden,
     InvalidInput,
     Refusal,
     StateConflict,
@@ -163,6 +164,21 @@ def _first_times(uow: UnitOfWork, program_id: int, kind: str, keys: Sequence[str
         returning=[notification_keys.c.key], skip_conflicts=True,
     )  # fmt: skip
     return {key for (key,) in rows}
+
+
+def queued_keys(uow: UnitOfWork, *, program_id: int, keys: Sequence[str]) -> set[str]:
+    """Those of ``keys`` already queued in the programme: :func:`notify` would queue them
+    no more (a job can skip the work of preparing them)."""
+    if not keys:
+        return set()
+    rows = uow.conn.execute(
+        select(notification_keys.c.key).where(
+            notification_keys.c.program_id == program_id,
+            notification_keys.c.kind == "notify",
+            bulk.among(uow.dialect, notification_keys.c.key, list(set(keys)), String()),
+        )
+    )
+    return set(rows.scalars())
 
 
 def notify(uow: UnitOfWork, n: Notification) -> int:
@@ -772,16 +788,27 @@ def update_webhook(
     program_id: int,
     webhook_id: int,
     body: WebhookUpdate,
+    may_allow_private: bool = False,
     resolver: Resolver = resolve,
 ) -> WebhookRead:
     """Change what ``body`` names; a new address (or a withdrawn ``allow_private``) is
-    checked again. ``allow_private`` is the caller's to check."""
+    checked again. Setting ``allow_private`` is the caller's to check; a new address for a
+    subscription that keeps ``allow_private`` is refused unless ``may_allow_private`` (the
+    caller holds ``webhooks.allow_private``): the permission was given for the old one."""
     row = _webhook_row(uow, program_id, webhook_id)
     changes = body.model_dump(exclude_none=True)
     if "event_types" in changes:
         changes["event_types"] = sorted(set(changes["event_types"]))
     url = changes.get("url", row.url)
     allow_private = changes.get("allow_private", row.allow_private)
+    if url != row.url and allow_private and not may_allow_private:
+        raise Forbidden(
+            problem=f"webhook {webhook_id} may reach private addresses (allow_private), so "
+            "changing its address needs webhooks.allow_private; or set allow_private to "
+            "false with the new address.",
+            problem_zh=f"Webhook {webhook_id} 允许访问私有地址(allow_private),修改其地址需要"
+            " webhooks.allow_private 权限;或在修改地址的同时将 allow_private 设为 false。",
+        )
     if url != row.url or allow_private != row.allow_private:
         check_webhook_url(url, allow_private=allow_private, resolver=resolver)
     uow.conn.execute(

@@ -43,6 +43,7 @@ from jifen.points.schemas import (
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramSettings
 from jifen.rewards import service as rewards_service
+from jifen.tiers import service as tiers_service
 
 router = APIRouter(tags=["points"])
 
@@ -194,7 +195,8 @@ def earn(
     body: EarnCreate,
     ctx: Annotated[Context, Depends(Write("points.earn"))],
 ) -> JSONResponse:
-    """Credit points; without ``expires_at`` they keep the programme's default validity."""
+    """Credit points; without ``expires_at`` they keep the programme's default validity. A
+    tier scheme that upgrades at once moves the member up as an event's earning would."""
     merchant, store = ctx.merchant(body.merchant, body.store)
 
     def checks(uow: UnitOfWork) -> list[prepared.Read[Any]]:
@@ -218,6 +220,11 @@ def earn(
             actor=ctx.actor,
         )
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
+        # As an event's earning does: a scheme that upgrades at once (or a campaign of
+        # temporary upgrades) moves the member up in this transaction.
+        tiers_service.after_earning(
+            uow, program_id=ctx.program_id, member_ids=[member_id], now=uow.clock.now()
+        )
         return posting
 
     return ctx.execute(post, target=f"member:{member_id}", status=201, first=checks)

@@ -66,6 +66,9 @@ from jifen.programs import service as programs_service
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 CURRENCY = "points"
+SYSTEM = "system"
+"""The actor of what jifen posts by itself (its jobs, a birthday gift): never a member's
+doing, so never its activity (:func:`last_activity`)."""
 _FIFO_BATCH = 64  # open lots read per round trip; most debits need far fewer
 
 
@@ -1190,13 +1193,19 @@ def last_activity(
     member_ids: Sequence[int],
     kinds: Sequence[str] = ("earn", "spend", "transfer"),
 ) -> dict[int, datetime]:
-    """When each member last earned, spent or gave points (postings it started)."""
+    """When each member last earned, spent or gave points: postings of its doing, not those
+    jifen made by itself (actor :data:`SYSTEM`: a birthday gift, a dormancy restoration).
+    What dormancy counts as activity."""
     if not member_ids:
         return {}
     rows = uow.conn.execute(
         select(accounts.c.member_id, func.max(postings.c.created_at))
         .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
-        .where(among(uow.dialect, accounts.c.member_id, member_ids), postings.c.kind.in_(kinds))
+        .where(
+            among(uow.dialect, accounts.c.member_id, member_ids),
+            postings.c.kind.in_(kinds),
+            postings.c.actor != SYSTEM,
+        )
         .group_by(accounts.c.member_id)
     ).all()
     return {int(m): when for m, when in rows}

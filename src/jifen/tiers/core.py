@@ -202,8 +202,11 @@ def decide(
         target = temporary_target(scheme, current.tier, campaign, campaign_score)
         if target is not None:
             until = add_months(now, campaign.months)
+            # A member with no tier yet (as each is at registration) goes back to the entry
+            # tier: outside an evaluation its score gives it no other.
+            returns_to = current.earned_tier or scheme.levels[0].tier
             return Decision(
-                Standing(target.tier, current.earned_tier, until),
+                Standing(target.tier, returns_to, until),
                 "temporary",
                 f"{campaign.name}: campaign score {campaign_score} reaches "
                 f"{campaign.share} × {target.tier}'s {target.min_score}; until "
@@ -212,12 +215,13 @@ def decide(
     return result
 
 
-def end_temporary(standing: Standing, now: datetime) -> Decision | None:
-    """The end of a temporary upgrade that is due: back to the tier evaluations gave."""
+def end_temporary(standing: Standing, now: datetime, entry: str) -> Decision | None:
+    """The end of a temporary upgrade that is due: back to the tier evaluations gave, or to
+    the ``entry`` tier when they gave none (an upgrade lent before any evaluation)."""
     if standing.temporary_until is None or standing.temporary_until > now:
         return None
     return Decision(
-        Standing(standing.base_tier),
+        Standing(standing.base_tier or entry),
         "temporary_end",
         f"temporary {standing.tier} ended at {standing.temporary_until.isoformat()}",
     )
@@ -237,15 +241,25 @@ def add_months(moment: datetime, months: int) -> datetime:
 _PERIOD_MONTHS = {"monthly": 1, "quarterly": 3, "half_yearly": 6, "yearly": 12}
 
 
+def _period_start(schedule: Schedule, moment: datetime, zone: ZoneInfo) -> datetime:
+    """The start of the month, quarter, half-year or year ``moment`` is in, in ``zone``."""
+    step = _PERIOD_MONTHS[schedule]
+    local = moment.astimezone(zone)
+    return datetime(local.year, (local.month - 1) // step * step + 1, 1, tzinfo=zone)
+
+
+def last_evaluation_at(schedule: Schedule, at: datetime, zone: ZoneInfo) -> datetime:
+    """The latest scheduled evaluation at or before ``at``: the start of the month, quarter,
+    half-year or year it is in, in the programme's time zone, in UTC."""
+    return _period_start(schedule, at, zone).astimezone(UTC)
+
+
 def next_evaluation_at(schedule: Schedule, after: datetime, zone: ZoneInfo) -> datetime:
     """The first scheduled evaluation strictly after ``after``: the start of a month,
     quarter, half-year or year in the programme's time zone, in UTC."""
-    step = _PERIOD_MONTHS[schedule]
-    local = after.astimezone(zone)
-    month_index = (local.month - 1) // step * step  # start of the current period
-    start = datetime(local.year, month_index + 1, 1, tzinfo=zone)
-    while start <= local:
-        start = add_months(start, step)
+    start = _period_start(schedule, after, zone)
+    while start <= after:
+        start = add_months(start, _PERIOD_MONTHS[schedule])
     return start.astimezone(UTC)
 
 

@@ -60,11 +60,11 @@ __all__ = [
     "evaluate",
     "evaluate_member",
     "history",
+    "last_evaluation_at",
     "list_tiers",
     "member_ids_page",
     "member_tier",
     "moves_on_earning",
-    "next_evaluation_at",
     "redemption_policy",
     "require_tiers",
     "scheme_of",
@@ -234,13 +234,13 @@ def settings_with_scheme(
     return settings.model_copy(update={"tier_scheme": scheme})
 
 
-def next_evaluation_at(uow: UnitOfWork, *, program_id: int, after: datetime) -> datetime | None:
-    """When the next scheduled evaluation after ``after`` is due (None: no scheme)."""
+def last_evaluation_at(uow: UnitOfWork, *, program_id: int, at: datetime) -> datetime | None:
+    """When the latest scheduled evaluation at or before ``at`` fell (None: no scheme)."""
     scheme = scheme_of(uow, program_id=program_id)
     if scheme is None:
         return None
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    return core.next_evaluation_at(scheme.schedule, after, zone)
+    return core.last_evaluation_at(scheme.schedule, at, zone)
 
 
 # --------------------------------------------------------------------------- facts
@@ -581,10 +581,11 @@ def end_temporary(uow: UnitOfWork, *, program_id: int, now: datetime, limit: int
         return 0
     members_service.lock_members(uow, member_ids=ids)
     standings = _standings(uow, ids)
+    entry = list_tiers(uow, program_id=program_id)[0].code  # members hold tiers: there is one
     moves = [
         _Move(member_id, standing, decision, None)
         for member_id, standing in standings.items()
-        if (decision := core.end_temporary(standing, now)) is not None
+        if (decision := core.end_temporary(standing, now, entry)) is not None
     ]
     _apply(uow, program_id, moves, now, EVALUATOR)
     return len(moves)
