@@ -63,6 +63,26 @@ def test_tier_evaluation_runs_on_the_schemes_dates_through_the_runner(db: Databa
     assert not due()
 
 
+def test_a_scheme_never_evaluated_waits_for_its_next_date(db: Database) -> None:
+    # given a scheme set in mid-February (tiers imported from another system, say)
+    db.clock.set(datetime(2026, 2, 10, tzinfo=UTC))  # type: ignore[attr-defined]
+    world = World(db, scheme(upgrade_at_once=False), members=2)
+    job = jobs.get("tiers.evaluate")
+    assert job.due is not None
+
+    def due() -> bool:
+        return db.run(lambda uow: job.due(uow, world.program.id), read_only=True)  # type: ignore[misc]
+
+    # then the quarter's date it was not there for is not caught up: nobody is re-tiered
+    # the next night from a history jifen never saw
+    assert not due()
+    world.at(datetime(2026, 3, 31, tzinfo=UTC))
+    assert not due()
+    # and its first date is kept
+    world.at(datetime(2026, 4, 1, 2, tzinfo=UTC) + SHANGHAI_OFFSET)
+    assert due()
+
+
 def test_restock_alerts_reach_staff_once_and_the_outbox_is_sent(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from jifen.db.uow import Database, UnitOfWork
@@ -157,10 +158,17 @@ def _evaluate_tier_members(uow: UnitOfWork, program_id: int, ids: list[int]) -> 
 def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
     """Whether no evaluation has finished since the scheme's latest date (monthly,
     quarterly…): the worker fires the job daily and runs it on those dates, or at the first
-    firing after one it missed."""
-    since = tiers_service.last_evaluation_at(uow, program_id=program_id, at=uow.clock.now())
-    return since is not None and not jobs_service.finished_since(
+    firing after one it missed. A date is caught up only for a programme evaluated before:
+    a scheme new since its latest date (a fresh installation, tiers imported from another
+    system) waits for its next date rather than re-tiering every member the next night."""
+    now = uow.clock.now()
+    since = tiers_service.last_evaluation_at(uow, program_id=program_id, at=now)
+    if since is None or jobs_service.finished_since(
         uow, name="tiers.evaluate", program_id=program_id, since=since
+    ):
+        return False
+    return since > now - timedelta(days=1) or jobs_service.finished_since(
+        uow, name="tiers.evaluate", program_id=program_id, since=datetime.min.replace(tzinfo=UTC)
     )
 
 
