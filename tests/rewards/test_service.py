@@ -204,6 +204,38 @@ def test_cooling_off_holds_a_large_diamond_redemption_until_confirmed(db: Databa
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_member_frozen_during_its_cooling_off_cannot_complete_the_held_redemption(
+    db: Database,
+) -> None:
+    from jifen.members import service as members
+
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    wheel = shop.reward(
+        kind="lottery", points=8000, discounts=True,  # 5,600 for 钻石: held
+        lottery={"prizes": [{"code": "p", "name": {"en": "P"}, "chance_ppm": 1_000_000,
+                             "points": 1000}]},
+    )  # fmt: skip
+    order = shop.redeem(member, wheel.code)
+    assert order.state == "held"
+    db.run(lambda uow: members.change_state(uow, program_id=shop.program_id, member_id=member,
+                                            state="frozen"))  # fmt: skip
+    clock(db).advance(timedelta(hours=25))
+    before = (shop.counts(), db.run(lambda uow: points.balance(uow, member_id=member)))
+    with pytest.raises(StateConflict, match="frozen") as refused:
+        db.run(
+            lambda uow: rewards.confirm_held(
+                uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
+            )
+        )
+    assert "不能获取或使用积分" in refused.value.message("zh")
+    assert (shop.counts(), db.run(lambda uow: points.balance(uow, member_id=member))) == before
+    # neither spent nor drawn: the order still waits, and can be cancelled by staff
+    assert shop.move(order.id, "cancel").state == "cancelled"
+    assert shop.available(member) == 20000
+    assert_ledger_sound(db, shop.program_id)
+
+
 def test_a_held_redemption_can_be_cancelled_or_lapses(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(30000, tier="钻石")

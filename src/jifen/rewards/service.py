@@ -1039,8 +1039,12 @@ def confirm_held(
     uow: UnitOfWork, *, program_id: int, member_id: int, order_id: int, actor: str
 ) -> OrderRead:
     """The member confirms a held redemption after its cooling-off: the frozen points are
-    released and debited, and the redemption completes."""
+    released and debited, and the redemption completes. As for a redemption, the member
+    must be active: one frozen during its cooling-off neither spends nor draws."""
     points_service.lock_account(uow, member_id=member_id)
+    members_service.require_member(
+        uow, program_id=program_id, member_id=member_id, transacting=True
+    )
     row = _order_row(uow, program_id, order_id, member_id)
     if row.state != "held":
         raise StateConflict(
