@@ -275,6 +275,15 @@ class VoucherNotUsable(Refused):
     zh = "券码 {code!r} 无法使用:{problem_zh}"
 
 
+class WrongCaller(Forbidden):
+    """Allowed to one kind of caller only, whatever its roles: the member itself confirms
+    its cooling-off hold; a till or payment system names a payment."""
+
+    code = "wrong_caller"
+    en = "{problem}"
+    zh = "{problem_zh}"
+
+
 __all__ += [
     "LimitReached",
     "NotOnSale",
@@ -285,6 +294,7 @@ __all__ += [
     "UnknownReward",
     "UnknownVoucher",
     "VoucherNotUsable",
+    "WrongCaller",
 ]
 
 

@@ -4,10 +4,12 @@ refusal is a problem document in the caller's language."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
 
+from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from tests.api import support
 from tests.api.earning import body
@@ -204,3 +206,29 @@ def test_an_order_is_cancelled_only_by_its_own_merchant_and_a_member_names_none(
     assert body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)["available"] == 4100
     assert body(till.post(cancel, {}, hq), 200)["state"] == "cancelled"
     assert body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)["available"] == 5000
+
+
+def test_only_the_member_confirms_its_held_redemption(client: TestClient, db: Database) -> None:
+    till = Till(client, db)
+    (diamond,) = till.shop.member(20000, tier="钻石")
+    body(till.post("/rewards", {**MUG, "code": "watch", "points": 10000}, till.operator), 201)
+    hq = support.api_key(db, till.shop.program_id, merchant="hq")
+    held = body(till.post(f"/members/{diamond}/redemptions", {"reward": "watch"}, hq), 201)
+    assert (held["state"], held["points"]) == ("held", 7000)
+    assert isinstance(db.clock, ManualClock)
+    db.clock.advance(timedelta(hours=25))  # past the cooling-off (and the sessions)
+    program = till.shop.program_id
+    operator = support.staff(db, "operator", program_id=program)
+    cashier = support.staff(db, "cashier", program_id=program, merchant="hq", store="S1")
+    other = support.api_key(db, program, merchant="other")
+    confirm = f"/members/{diamond}/orders/{held['id']}/confirm"
+    for who in (operator, hq, other, cashier):
+        refused = till.post(confirm, {}, who, language="zh")
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "wrong_caller"
+        assert "本人在其应用中确认" in refused.json()["detail"]
+    english = till.post(confirm, {}, operator)
+    assert "confirms its held redemption, in its own app" in english.json()["detail"]
+    assert body(till.get(f"/orders/{held['id']}", operator), 200)["state"] == "held"
+    confirmed = body(till.post(confirm, {}, support.member(db, diamond)), 200)
+    assert (confirmed["state"], confirmed["spend_posting_id"] is not None) == ("created", True)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from jifen.api.deps import Context, Read, Write, id_cursor
 from jifen.api.schemas import LIMIT, IdCursor, Page
 from jifen.db.uow import UnitOfWork
+from jifen.errors import WrongCaller
 from jifen.members import service as members_service
 from jifen.rewards import service
 from jifen.rewards.schemas import (
@@ -259,14 +260,26 @@ def member_order(
     )
 
 
-@router.post(f"{MEMBER}/orders/{{order_id}}/confirm", response_model=OrderRead)
+@router.post(
+    f"{MEMBER}/orders/{{order_id}}/confirm",
+    response_model=OrderRead,
+    openapi_extra={"x-member-only": True},  # staff and keys holding the permission: 403
+)
 def confirm_held(
     program: str,
     member_id: Id,
     order_id: Id,
     ctx: Annotated[Context, Depends(Write("rewards.redeem"))],
 ) -> JSONResponse:
-    """Confirm a held redemption once its cooling-off has passed."""
+    """The member confirms its held redemption once its cooling-off has passed (in its own
+    app: staff and API keys cannot confirm for it)."""
+    if ctx.principal.kind != "member":
+        raise WrongCaller(
+            problem=f"Only member {member_id} confirms its held redemption, in its own app, "
+            "after the cooling-off; staff and API keys cannot confirm it (they may cancel it).",
+            problem_zh=f"冷静期结束后,只能由会员 {member_id} 本人在其应用中确认该待确认兑换;"
+            "员工和 API 密钥不能代为确认(可以取消)。",
+        )
     return ctx.execute(
         lambda uow: service.confirm_held(
             uow, program_id=ctx.program_id, member_id=member_id, order_id=order_id,
