@@ -232,3 +232,89 @@ def test_only_the_member_confirms_its_held_redemption(client: TestClient, db: Da
     assert body(till.get(f"/orders/{held['id']}", operator), 200)["state"] == "held"
     confirmed = body(till.post(confirm, {}, support.member(db, diamond)), 200)
     assert (confirmed["state"], confirmed["spend_posting_id"] is not None) == ("created", True)
+
+
+WASH = {"code": "wash", "kind": "service", "name": {"zh": "洗车券"}, "points": 300}
+TOWEL = {"code": "towel", "kind": "physical", "name": {"zh": "毛巾"}, "points": 300,
+         "pickup": True}  # fmt: skip
+
+
+def test_a_voucher_code_is_shown_whole_to_its_member_and_masked_to_everyone_else(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    body(till.post("/rewards", TOWEL, till.operator), 201)
+    # the till redeeming for alice at its counter is handed the code, to give her
+    redeem = f"/members/{till.alice}/redemptions"
+    order = body(till.post(redeem, {"reward": "wash"}, till.cashier), 201)
+    code = order["voucher"]["code"]
+    assert len(code) == 12 and "*" not in code and order["outcome"]["voucher"] == code
+    hidden = "********" + code[-4:]
+    # alice sees it whole wherever she reads it
+    mine = [
+        body(till.get(f"/members/{till.alice}/orders", till.as_alice), 200)["items"][0],
+        body(till.get(f"/members/{till.alice}/orders/{order['id']}", till.as_alice), 200),
+    ]
+    assert [(o["voucher"]["code"], o["outcome"]["voucher"]) for o in mine] == [(code, code)] * 2
+    vouchers = body(till.get(f"/members/{till.alice}/vouchers", till.as_alice), 200)["items"]
+    assert [v["code"] for v in vouchers] == [code]
+    # staff and API keys, whatever they read, see it masked
+    key = support.api_key(db, till.shop.program_id)
+    for who in (till.operator, till.reviewer, till.cashier, key):
+        orders = [
+            body(till.get("/orders", who), 200)["items"][0],
+            body(till.get(f"/orders/{order['id']}", who), 200),
+            body(till.get(f"/members/{till.alice}/orders", who), 200)["items"][0],
+            body(till.get(f"/members/{till.alice}/orders/{order['id']}", who), 200),
+        ]
+        seen = [(o["voucher"]["code"], o["outcome"]["voucher"]) for o in orders]
+        assert seen == [(hidden, hidden)] * 4
+        listed = body(till.get(f"/members/{till.alice}/vouchers", who), 200)["items"]
+        assert [v["code"] for v in listed] == [hidden]
+    # and in the answers of the moves they make
+    returned = body(till.post(f"/orders/{order['id']}/return", {}, till.operator), 200)
+    assert (returned["state"], returned["voucher"]["code"]) == ("returned", hidden)
+    towel = body(till.post(redeem, {"reward": "towel"}, till.as_alice), 201)
+    cancel = f"/members/{till.alice}/orders/{towel['id']}/cancel"
+    cancelled = body(till.post(cancel, {}, key), 200)
+    assert cancelled["voucher"]["code"] == "********" + towel["voucher"]["code"][-4:]
+    again = body(till.post(redeem, {"reward": "towel"}, till.as_alice), 201)
+    cancel = f"/members/{till.alice}/orders/{again['id']}/cancel"
+    assert body(till.post(cancel, {}, till.as_alice), 200)["voucher"] == again["voucher"] | {
+        "state": "cancelled"
+    }
+    # the audit log keeps the till's redemption with the code masked
+    auditor = support.staff(db, "auditor", program_id=till.shop.program_id)
+    program = till.base.rsplit("/", 1)[1]
+    log = client.get("/v1/audit", params={"program": program, "limit": 200}, headers=auditor)
+    (entry,) = [e for e in body(log, 200)["items"] if e["target"] == f"member:{till.alice}"]
+    assert entry["after"]["voucher"]["code"] == hidden
+    assert code not in log.text
+    # the voucher read by its code, and its use, show what the caller presented
+    fresh = body(till.post(redeem, {"reward": "wash"}, till.as_alice), 201)["voucher"]["code"]
+    assert body(till.get(f"/vouchers/{fresh}", till.cashier), 200)["code"] == fresh
+    used = body(till.post(f"/vouchers/{fresh}/use", {}, till.cashier), 200)
+    assert used["voucher"]["code"] == fresh
+
+
+def test_credentials_of_one_merchant_read_only_its_own_orders(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    mall = support.api_key(db, till.shop.program_id, merchant="mall")
+    other = support.api_key(db, till.shop.program_id, merchant="other")
+    redeem = f"/members/{till.alice}/redemptions"
+    at_mall = body(till.post(redeem, {"reward": "wash"}, mall), 201)
+    at_hq = body(till.post(redeem, {"reward": "wash"}, till.cashier), 201)
+    own = body(till.post(redeem, {"reward": "wash"}, till.as_alice), 201)  # no merchant
+    assert body(till.get("/orders", other), 200)["items"] == []
+    assert [o["id"] for o in body(till.get("/orders", mall), 200)["items"]] == [at_mall["id"]]
+    assert [o["id"] for o in body(till.get("/orders", till.cashier), 200)["items"]] == [at_hq["id"]]
+    everyone = body(till.get("/orders", till.operator), 200)["items"]
+    assert [o["id"] for o in everyone] == [own["id"], at_hq["id"], at_mall["id"]]
+    for order in (at_hq, own):
+        unknown = till.get(f"/orders/{order['id']}", mall)
+        assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_order"
+    assert body(till.get(f"/orders/{at_mall['id']}", mall), 200)["id"] == at_mall["id"]

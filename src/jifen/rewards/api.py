@@ -3,7 +3,7 @@ orders and their fulfilment, and vouchers at the till."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
@@ -172,6 +172,23 @@ def _member(uow: UnitOfWork, ctx: Context, member_id: int) -> None:
     members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
 
 
+Shown = TypeVar("Shown", OrderRead, VoucherRead)
+
+
+def _seen(ctx: Context, read: Shown) -> Shown:
+    """An order or voucher as the caller may see it. A voucher's code is the member's
+    secret (whoever holds it spends it): whole to the member itself, to staff and API keys
+    masked but for its last 4 characters."""
+    return read if ctx.principal.kind == "member" else read.masked()
+
+
+def _audited_order(answer: dict[str, Any]) -> dict[str, Any]:
+    """What the audit log keeps of a redemption's answer: the voucher's code masked (the
+    answer hands it whole to whoever redeemed, a till redeeming for a member at its
+    counter; the log is read by many)."""
+    return OrderRead.model_validate(answer).masked().model_dump(mode="json")
+
+
 @router.get(f"{MEMBER}/rewards", response_model=WhatCanIGet)
 def what_can_i_get(
     program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("rewards.read"))]
@@ -218,6 +235,7 @@ def redeem(
         ),
         target=f"member:{member_id}",
         status=201,
+        summary=_audited_order,
     )  # fmt: skip
 
 
@@ -241,7 +259,7 @@ def member_orders(
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)
-    return Page(items=items, next_cursor=next_cursor)
+    return Page(items=[_seen(ctx, item) for item in items], next_cursor=next_cursor)
 
 
 @router.get(f"{MEMBER}/orders/{{order_id}}", response_model=OrderRead)
@@ -252,12 +270,13 @@ def member_order(
     ctx: Annotated[Context, Depends(Read("orders.read"))],
 ) -> OrderRead:
     """One of the member's orders, with how its price was reached and every step."""
-    return ctx.db.run(
+    order = ctx.db.run(
         lambda uow: service.get_order(
             uow, program_id=ctx.program_id, order_id=order_id, member_id=member_id
         ),
         read_only=True,
     )
+    return _seen(ctx, order)
 
 
 @router.post(
@@ -299,10 +318,10 @@ def cancel_own(
 ) -> JSONResponse:
     """Cancel a redemption not yet shipped: the points go back to the lots they came from."""
     return ctx.execute(
-        lambda uow: service.move(
+        lambda uow: _seen(ctx, service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action="cancel",
             actor=ctx.actor, note=body.note, member_id=member_id, merchant=ctx.merchant_scope,
-        ),
+        )),
         target=f"order:{order_id}",
     )  # fmt: skip
 
@@ -327,7 +346,7 @@ def member_vouchers(
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)
-    return Page(items=items, next_cursor=next_cursor)
+    return Page(items=[_seen(ctx, item) for item in items], next_cursor=next_cursor)
 
 
 # --------------------------------------------------------------------------- staff
@@ -343,26 +362,31 @@ def list_orders(
     cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
-    """Redemption orders, newest first: ``state=created`` is the fulfilment queue."""
+    """Redemption orders, newest first: ``state=created`` is the fulfilment queue.
+    Credentials of one merchant see its orders only."""
     before = id_cursor(cursor)
     items, next_cursor = ctx.db.run(
         lambda uow: service.list_orders(
             uow, program_id=ctx.program_id, member_id=member_id, state=state, reward=reward,
-            after_id=before, limit=limit,
+            merchant=ctx.merchant_scope, after_id=before, limit=limit,
         ),
         read_only=True,
     )  # fmt: skip
-    return Page(items=items, next_cursor=next_cursor)
+    return Page(items=[_seen(ctx, item) for item in items], next_cursor=next_cursor)
 
 
 @router.get(f"{PROGRAM}/orders/{{order_id}}", response_model=OrderRead)
 def get_order(
     program: str, order_id: Id, ctx: Annotated[Context, Depends(Read("orders.read"))]
 ) -> OrderRead:
-    return ctx.db.run(
-        lambda uow: service.get_order(uow, program_id=ctx.program_id, order_id=order_id),
+    """One order (credentials of one merchant: one of its own)."""
+    order = ctx.db.run(
+        lambda uow: service.get_order(
+            uow, program_id=ctx.program_id, order_id=order_id, merchant=ctx.merchant_scope
+        ),
         read_only=True,
     )
+    return _seen(ctx, order)
 
 
 @router.post(f"{PROGRAM}/orders/{{order_id}}/{{action}}", response_model=OrderRead)
@@ -376,10 +400,10 @@ def move_order(
     """Move an order on: ``confirm``, ``ship`` (with ``tracking``), ``deliver``, ``cancel``
     (before shipping) or ``return`` (after): the last two give the points and stock back."""
     return ctx.execute(
-        lambda uow: service.move(
+        lambda uow: _seen(ctx, service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action=action,
             actor=ctx.actor, note=body.note, tracking=body.tracking, merchant=ctx.merchant_scope,
-        ),
+        )),
         target=f"order:{order_id}",
     )  # fmt: skip
 
@@ -388,7 +412,7 @@ def move_order(
 def get_voucher(
     program: str, code: VoucherCode, ctx: Annotated[Context, Depends(Read("orders.read"))]
 ) -> VoucherRead:
-    """A voucher by the code the member shows."""
+    """A voucher by the code the member shows (whole: the caller has it)."""
     return ctx.db.run(
         lambda uow: service.get_voucher(uow, program_id=ctx.program_id, code=code),
         read_only=True,

@@ -377,6 +377,12 @@ class OrderStep(BaseModel):
     note: str = ""
 
 
+def mask_code(code: str) -> str:
+    """A voucher code as shown to anyone but its member: all but its last 4 characters
+    hidden, its length kept (``********H359``), enough to tell two apart at a counter."""
+    return "*" * max(len(code) - 4, 0) + code[-4:]
+
+
 class VoucherRead(BaseModel):
     code: str
     state: VoucherState
@@ -389,6 +395,10 @@ class VoucherRead(BaseModel):
     refund_posting_id: int | None = None
     """The posting that returned the points (less the fee) when it expired unused."""
     coupon: CouponTerms | None = None
+
+    def masked(self) -> Self:
+        """The voucher with its code masked (for anyone but its member)."""
+        return self.model_copy(update={"code": mask_code(self.code)})
 
 
 class OrderRead(BaseModel):
@@ -415,6 +425,16 @@ class OrderRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+
+    def masked(self) -> Self:
+        """The order with its voucher's code masked, also where the outcome names it (for
+        anyone but its member)."""
+        if self.voucher is None:
+            return self
+        outcome = dict(self.outcome)
+        if isinstance(outcome.get("voucher"), str):
+            outcome["voucher"] = mask_code(outcome["voucher"])
+        return self.model_copy(update={"voucher": self.voucher.masked(), "outcome": outcome})
 
 
 class OrderAction(RequestBody):

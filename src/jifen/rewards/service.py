@@ -821,7 +821,11 @@ def _give_stock(uow: UnitOfWork, reward_id: int, quantity: int) -> None:
 
 
 def _order_row(
-    uow: UnitOfWork, program_id: int, order_id: int, member_id: int | None = None
+    uow: UnitOfWork,
+    program_id: int,
+    order_id: int,
+    member_id: int | None = None,
+    merchant: str | None = None,
 ) -> Row[Any]:
     query = (
         select(reward_orders, rewards.c.code, rewards.c.kind)
@@ -830,6 +834,8 @@ def _order_row(
     )
     if member_id is not None:
         query = query.where(reward_orders.c.member_id == member_id)
+    if merchant is not None:
+        query = query.where(reward_orders.c.merchant == merchant)
     row = uow.conn.execute(query).one_or_none()
     if row is None:
         raise UnknownOrder(order_id=order_id)
@@ -837,9 +843,16 @@ def _order_row(
 
 
 def get_order(
-    uow: UnitOfWork, *, program_id: int, order_id: int, member_id: int | None = None
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    order_id: int,
+    member_id: int | None = None,
+    merchant: str | None = None,
 ) -> OrderRead:
-    return _order_read(uow, _order_row(uow, program_id, order_id, member_id))
+    """One order; with ``merchant`` (the caller sees that merchant's orders only), another
+    merchant's order is unknown."""
+    return _order_read(uow, _order_row(uow, program_id, order_id, member_id, merchant))
 
 
 def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRead:
@@ -897,10 +910,12 @@ def list_orders(
     member_id: int | None = None,
     state: str | None = None,
     reward: str | None = None,
+    merchant: str | None = None,
     after_id: int = 0,
     limit: int = 50,
 ) -> tuple[list[OrderRead], str | None]:
-    """Orders newest first (the cursor is the last id of the page), filtered."""
+    """Orders newest first (the cursor is the last id of the page), filtered; with
+    ``merchant``, that merchant's orders only."""
     query = (
         select(reward_orders, rewards.c.code, rewards.c.kind)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
@@ -914,6 +929,8 @@ def list_orders(
         query = query.where(reward_orders.c.state == state)
     if reward is not None:
         query = query.where(rewards.c.code == reward)
+    if merchant is not None:
+        query = query.where(reward_orders.c.merchant == merchant)
     rows = uow.conn.execute(query.order_by(reward_orders.c.id.desc()).limit(limit + 1)).all()
     items = [_order_read(uow, row) for row in rows[:limit]]
     return items, str(items[-1].id) if len(rows) > limit else None
