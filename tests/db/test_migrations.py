@@ -18,7 +18,7 @@ def test_migrated_schema_matches_the_models(db: Database) -> None:
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0011"
+    assert head_revision(db.engine) == "0012"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)

@@ -34,7 +34,7 @@ from jifen.points import service as points
 from jifen.points.models import accounts, lots
 from jifen.rewards import core
 from jifen.rewards import service as rewards
-from jifen.rewards.models import prize_stock
+from jifen.rewards.models import prize_stock, vouchers
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
 
@@ -341,18 +341,47 @@ def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Databa
     order = shop.redeem(member, coupon.code)
     assert order.voucher is not None and order.voucher.coupon is not None
     code = order.voucher.code
-
-    def use(amount: int) -> Any:
-        return db.run(
-            lambda uow: rewards.use_voucher(
-                uow, program_id=shop.program_id, code=code, store="S1", actor="c",
-                order_amount_fen=amount,
-            )
-        )  # fmt: skip
-
     with pytest.raises(VoucherNotUsable, match="at least 10000 fen"):
-        use(9000)
-    assert use(15000).discount_fen == 2000
+        shop.use(code, 9000)
+    assert shop.use(code, 15000).discount_fen == 2000
+
+
+def test_an_issued_coupon_keeps_the_terms_it_was_bought_with(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    ten = shop.reward(kind="coupon", points=500,
+                      coupon={"amount_fen": 1000, "min_spend_fen": 5000})  # fmt: skip
+    bought = shop.redeem(member, ten.code)
+    assert bought.voucher is not None
+    old = bought.voucher.code
+    # the operator makes the coupon 500 yuan off with no minimum, for new buyers
+    body = rewards.RewardDef.model_validate(
+        {**ten.model_dump(include=set(rewards.RewardDef.model_fields)),
+         "coupon": {"amount_fen": 50000}}
+    )  # fmt: skip
+    db.run(lambda uow: rewards.update_reward(uow, program_id=shop.program_id, code=ten.code,
+                                             body=body))  # fmt: skip
+    new = shop.redeem(member, ten.code).voucher
+    assert new is not None and new.coupon is not None and new.coupon.amount_fen == 50000
+
+    def read(code: str) -> Any:
+        return db.run(lambda uow: rewards.get_voucher(uow, program_id=shop.program_id,
+                                                      code=code))  # fmt: skip
+
+    kept = read(old).coupon
+    assert kept is not None and (kept.amount_fen, kept.min_spend_fen) == (1000, 5000)
+    with pytest.raises(VoucherNotUsable, match="at least 5000 fen"):
+        shop.use(old, 4000)
+    assert shop.use(old, 60000).discount_fen == 1000
+    assert shop.use(new.code, 60000).discount_fen == 50000
+    # a voucher issued before the terms were kept on it reads the reward's, as it did
+    third = shop.redeem(member, ten.code).voucher
+    assert third is not None
+    db.run(lambda uow: uow.conn.execute(
+        vouchers.update().where(vouchers.c.code == third.code).values(coupon=None)))  # fmt: skip
+    fallback = read(third.code).coupon
+    assert fallback is not None and fallback.amount_fen == 50000
+    assert shop.use(third.code, 100).discount_fen == 100
 
 
 def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -> None:

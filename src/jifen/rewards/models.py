@@ -99,6 +99,12 @@ vouchers = Table(
     Column("used_store", String(64), nullable=True),
     Column("used_by", String(120), nullable=True),
     Column("refund_posting_id", BigId, ForeignKey("postings.id"), nullable=True),
+    Column(
+        "coupon",
+        JSON,
+        nullable=True,
+        comment="a coupon's terms as bought (NULL: issued before they were kept here)",
+    ),
     UniqueConstraint("program_id", "code"),
     Index("ix_vouchers_due", "program_id", "state", "valid_until"),
 )

@@ -52,6 +52,7 @@ from jifen.rewards.models import order_steps, prize_stock, reward_orders, reward
 from jifen.rewards.models import vouchers as vouchers_table
 from jifen.rewards.schemas import (
     Available,
+    CouponTerms,
     ExpiryReport,
     HoldsReport,
     OrderRead,
@@ -705,10 +706,11 @@ def _issue_voucher(
         valid_until=uow.clock.now() + timedelta(days=days),
         coupon=terms.coupon,
     )
+    coupon = None if terms.coupon is None else terms.coupon.model_dump(mode="json")
     uow.conn.execute(
         _INSERT_VOUCHER,
         {"program_id": program_id, "code": voucher.code, "order_id": voucher.order_id,
-         "member_id": voucher.member_id, "valid_until": voucher.valid_until},
+         "member_id": voucher.member_id, "valid_until": voucher.valid_until, "coupon": coupon},
     )  # fmt: skip
     return voucher
 
@@ -879,7 +881,7 @@ def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRe
         refund_posting_id=row.refund_posting_id,
         price=[PriceStep.model_validate(step) for step in row.price],
         outcome=dict(row.outcome),
-        voucher=_voucher_read(uow, voucher, row.code) if voucher is not None else None,
+        voucher=_voucher_read(uow, voucher, row.code, row.kind) if voucher is not None else None,
         steps=[OrderStep(state=s.state, at=s.at, by=s.by, note=s.note) for s in steps],
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -887,8 +889,7 @@ def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRe
     )
 
 
-def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str) -> VoucherRead:
-    reward = _reward_row(uow, row.program_id, reward_code)
+def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str, kind: str) -> VoucherRead:
     return VoucherRead(
         code=row.code,
         state=row.state,
@@ -899,8 +900,19 @@ def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str) -> VoucherRead:
         used_at=row.used_at,
         used_store=row.used_store,
         refund_posting_id=row.refund_posting_id,
-        coupon=_terms(uow, reward).coupon,
+        coupon=_coupon_of(uow, row, reward_code, kind),
     )
+
+
+def _coupon_of(uow: UnitOfWork, voucher: Any, reward_code: str, kind: str) -> CouponTerms | None:
+    """The terms a coupon was bought with, kept on its voucher: a later edit of the reward
+    changes new coupons only. One issued before the terms were kept there reads its
+    reward's."""
+    if kind != "coupon":
+        return None
+    if voucher.coupon is not None:
+        return CouponTerms.model_validate(voucher.coupon)
+    return _terms(uow, _reward_row(uow, voucher.program_id, reward_code)).coupon
 
 
 def list_orders(
@@ -1151,7 +1163,7 @@ def expire_holds(
 
 def _voucher_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
     row = uow.conn.execute(
-        select(vouchers_table, rewards.c.code.label("reward_code"))
+        select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
         .where(vouchers_table.c.program_id == program_id, vouchers_table.c.code == code.upper())
@@ -1163,7 +1175,7 @@ def _voucher_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
 
 def get_voucher(uow: UnitOfWork, *, program_id: int, code: str) -> VoucherRead:
     row = _voucher_row(uow, program_id, code)
-    return _voucher_read(uow, row, row.reward_code)
+    return _voucher_read(uow, row, row.reward_code, row.kind)
 
 
 def use_voucher(
@@ -1177,7 +1189,7 @@ def use_voucher(
 ) -> VoucherUsed:
     """Accept a voucher at a till, once: of two tills at once, one is told it is used."""
     row = _voucher_row(uow, program_id, code)
-    coupon = _terms(uow, _reward_row(uow, program_id, row.reward_code)).coupon
+    coupon = _coupon_of(uow, row, row.reward_code, row.kind)
     discount = None
     if coupon is not None:
         if order_amount_fen is None:
@@ -1317,7 +1329,7 @@ def member_vouchers(
     """The member's vouchers newest first, and the cursor of the next page (the last
     voucher's id) if there is one."""
     query = (
-        select(vouchers_table, rewards.c.code.label("reward_code"))
+        select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
         .where(vouchers_table.c.program_id == program_id, vouchers_table.c.member_id == member_id)
@@ -1329,7 +1341,7 @@ def member_vouchers(
     if state is not None:
         query = query.where(vouchers_table.c.state == state)
     rows = uow.conn.execute(query).all()
-    items = [_voucher_read(uow, row, row.reward_code) for row in rows[:limit]]
+    items = [_voucher_read(uow, row, row.reward_code, row.kind) for row in rows[:limit]]
     return items, str(rows[limit - 1].id) if len(rows) > limit else None
 
 
