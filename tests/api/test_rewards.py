@@ -318,3 +318,22 @@ def test_credentials_of_one_merchant_read_only_its_own_orders(
         unknown = till.get(f"/orders/{order['id']}", mall)
         assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_order"
     assert body(till.get(f"/orders/{at_mall['id']}", mall), 200)["id"] == at_mall["id"]
+
+
+def test_the_payment_of_a_cash_part_is_named_by_the_till_once(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    kettle = {**MUG, "code": "kettle", "cash_fen": 9000, "stock": 5}
+    body(till.post("/rewards", kettle, till.operator), 201)
+    redeem = f"/members/{till.alice}/redemptions"
+    claimed = till.post(redeem, {"reward": "kettle", "payment_ref": "made-up"}, till.as_alice)
+    assert claimed.status_code == 403 and claimed.json()["code"] == "wrong_caller"
+    assert "the till or the payment system" in claimed.json()["detail"]
+    paid = body(till.post(redeem, {"reward": "kettle", "payment_ref": "pos-1"}, till.cashier), 201)
+    assert (paid["payment_ref"], paid["cash_fen"]) == ("pos-1", 9000)
+    again = till.post(redeem, {"reward": "kettle", "payment_ref": "pos-1"}, till.cashier,
+                      language="zh")  # fmt: skip
+    assert again.status_code == 409 and again.json()["code"] == "payment_used"
+    assert f"已用于订单 {paid['id']}" in again.json()["detail"]
+    assert body(till.get("/rewards/kettle", till.operator), 200)["stock_left"] == 4

@@ -61,6 +61,17 @@ def test_64_members_race_for_100_in_stock_and_exactly_100_orders_are_made(pg: Da
     assert_ledger_sound(pg, shop.program_id)
 
 
+def test_one_payment_sent_for_8_redemptions_at_once_makes_one_order(pg: Database) -> None:
+    shop = Shop.open(pg)
+    members = shop.member(10_000, tier="金卡", count=8)
+    kettle = shop.reward(points=1000, cash_fen=9000)
+    results = run_together(8, lambda i: shop.redeem(members[i], kettle.code, payment_ref="p"))
+    outcome = Counter(type(r).__name__ for r in results)
+    assert outcome == {"OrderRead": 1, "PaymentUsed": 7}, results
+    assert sum(shop.available(m) for m in members) == 8 * 10_000 - 800
+    assert_ledger_sound(pg, shop.program_id)
+
+
 def test_20_redemptions_by_one_member_only_the_ones_that_fit_succeed(pg: Database) -> None:
     shop = Shop.open(pg)
     (member,) = shop.member(10_000, tier="金卡")

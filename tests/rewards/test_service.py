@@ -20,6 +20,7 @@ from jifen.errors import (
     LimitReached,
     NotOnSale,
     OutOfStock,
+    PaymentUsed,
     PriceChanged,
     StateConflict,
     TierNotAllowed,
@@ -79,6 +80,23 @@ def test_points_plus_cash_records_the_payment_and_requires_its_reference(db: Dat
     assert (order.points, order.cash_fen, order.payment_ref) == (800, 9000, "pay-123")
     cancelled = shop.move(order.id, "cancel")
     assert cancelled.outcome["cash_refund_due_fen"] == 9000  # for the payment system to refund
+
+
+def test_a_payment_pays_for_one_redemption(db: Database) -> None:
+    shop = Shop.open(db)
+    alice, bob = shop.member(5000, tier="金卡", count=2)
+    kettle = shop.reward(points=1000, cash_fen=9000, stock=5)
+    paid = shop.redeem(alice, kettle.code, payment_ref="pay-1")
+    before = (shop.counts(), shop.available(alice), shop.available(bob))
+    for member in (alice, bob):  # the same member again, or another: one payment, one order
+        with pytest.raises(PaymentUsed, match=f"'pay-1' already paid for order {paid.id}") as no:
+            shop.redeem(member, kettle.code, payment_ref="pay-1")
+        assert f"已用于订单 {paid.id}" in no.value.message("zh")
+    assert (shop.counts(), shop.available(alice), shop.available(bob)) == before
+    shop.move(paid.id, "cancel")  # its cash is refunded: the reference stays spent
+    with pytest.raises(PaymentUsed):
+        shop.redeem(bob, kettle.code, payment_ref="pay-1")
+    assert shop.redeem(bob, kettle.code, payment_ref="pay-2").payment_ref == "pay-2"
 
 
 def test_birthday_month_and_category_coefficient(db: Database) -> None:

@@ -226,7 +226,15 @@ def redeem(
 ) -> JSONResponse:
     """Redeem a reward: stock, points and the order in one transaction. Above the tier's
     cooling-off line the order is ``held`` with the points frozen until the member confirms
-    it after ``hold_until``."""
+    it after ``hold_until``. The cash part's ``payment_ref`` comes from the till's or the
+    payment system's credentials, never from the member's own app."""
+    if ctx.principal.kind == "member" and body.payment_ref is not None:
+        raise WrongCaller(
+            problem="A member cannot name the payment of a cash part; the till or the payment "
+            "system that took the payment sends the redemption with its reference.",
+            problem_zh="会员不能自行提供现金部分的支付流水号;由收款的收银台或支付系统"
+            "携带流水号提交兑换。",
+        )
     merchant, store = ctx.merchant(body.merchant, body.store)
     return ctx.execute(
         lambda uow: service.redeem(

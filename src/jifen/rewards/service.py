@@ -32,6 +32,7 @@ from jifen.errors import (
     LimitReached,
     NotOnSale,
     OutOfStock,
+    PaymentUsed,
     PriceChanged,
     Refused,
     StateConflict,
@@ -565,7 +566,22 @@ def _admit(
             "payment's reference from the payment system",
             problem_zh=f"礼品 {terms.code!r} 含现金部分 {price.cash_fen} 分,请提供支付流水号。",
         )
+    if body.payment_ref is not None:
+        _require_unused_payment(uow, program_id, body.payment_ref)
     return row, terms, policy, price, tier_terms
+
+
+def _require_unused_payment(uow: UnitOfWork, program_id: int, payment_ref: str) -> None:
+    """Refuse a payment that already paid for an order. Two redemptions sending it at once
+    both pass here; the unique index refuses the second's order, and its transaction, run
+    again, is refused here."""
+    paid = uow.conn.execute(
+        select(reward_orders.c.id).where(
+            reward_orders.c.program_id == program_id, reward_orders.c.payment_ref == payment_ref
+        )
+    ).first()
+    if paid is not None:
+        raise PaymentUsed(payment_ref=payment_ref, order_id=paid.id)
 
 
 def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int | None:
