@@ -11,6 +11,8 @@ from fastapi.testclient import TestClient
 
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
+from jifen.rewards.models import rewards as rewards_table
+from jifen.rewards.schemas import RewardDef
 from tests.api import support
 from tests.api.earning import body
 from tests.rewards.shop import Shop
@@ -337,3 +339,25 @@ def test_the_payment_of_a_cash_part_is_named_by_the_till_once(
     assert again.status_code == 409 and again.json()["code"] == "payment_used"
     assert f"已用于订单 {paid['id']}" in again.json()["detail"]
     assert body(till.get("/rewards/kettle", till.operator), 200)["stock_left"] == 4
+
+
+def test_a_voucher_reward_sells_one_voucher_a_redemption(client: TestClient, db: Database) -> None:
+    till = Till(client, db)
+    refused = till.post("/rewards", {**WASH, "max_quantity": 3}, till.operator, language="zh")
+    assert refused.status_code == 422 and "只能使用一次" in refused.text
+    created = body(till.post("/rewards", WASH, till.operator), 201)
+    # a reward stored before the rule, with 3 a redemption, still reads and lists
+    terms = {k: v for k, v in created.items() if k in RewardDef.model_fields}
+    stored = {**terms, "max_quantity": 3}
+    stamp = db.clock.now() + timedelta(seconds=1)
+    db.run(lambda uow: uow.conn.execute(rewards_table.update().where(
+        rewards_table.c.id == created["id"]).values(terms=stored, updated_at=stamp)))  # fmt: skip
+    assert body(till.get("/rewards/wash", till.operator), 200)["max_quantity"] == 3
+    assert [r["max_quantity"] for r in body(till.get("/rewards", till.operator), 200)["items"]] == [
+        3
+    ]
+    offer = body(till.get(f"/members/{till.alice}/rewards", till.as_alice), 200)
+    assert [a["reward"]["code"] for a in offer["now"]] == ["wash"]
+    three = till.post(f"/members/{till.alice}/redemptions", {"reward": "wash", "quantity": 3},
+                      till.as_alice)  # fmt: skip
+    assert three.status_code == 409 and "redeem one at a time" in three.text

@@ -8,6 +8,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from jifen.clock import ManualClock
@@ -36,6 +37,7 @@ from jifen.points.models import accounts, lots
 from jifen.rewards import core
 from jifen.rewards import service as rewards
 from jifen.rewards.models import prize_stock, vouchers
+from jifen.rewards.models import rewards as rewards_table
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
 
@@ -400,6 +402,32 @@ def test_an_issued_coupon_keeps_the_terms_it_was_bought_with(db: Database) -> No
     fallback = read(third.code).coupon
     assert fallback is not None and fallback.amount_fen == 50000
     assert shop.use(third.code, 100).discount_fen == 100
+
+
+def test_a_voucher_reward_is_redeemed_one_voucher_at_a_time(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    for kind, terms in [("service", {}), ("virtual", {}), ("event", {"event": {
+            "starts_at": clock(db).now() + timedelta(days=30)}}),
+            ("coupon", {"coupon": {"percent_off": 10}})]:  # fmt: skip
+        with pytest.raises(ValidationError, match="voucher is used once") as refused:
+            shop.reward(kind=kind, max_quantity=3, **terms)
+        assert "只能使用一次" in str(refused.value.errors()[0]["ctx"]["error"].zh)
+    wash = shop.reward(kind="service", points=300)
+    # one stored before the rule (3 washes a redemption) is still read, and redeemed singly
+    stored = {**wash.model_dump(mode="json", include=set(rewards.RewardDef.model_fields)),
+              "max_quantity": 3}  # fmt: skip
+    stamp = clock(db).now() + timedelta(seconds=1)  # a version of its own, not cached
+    db.run(lambda uow: uow.conn.execute(rewards_table.update().where(
+        rewards_table.c.id == wash.id).values(terms=stored, updated_at=stamp)))  # fmt: skip
+    assert shop.get(wash.code).max_quantity == 3
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(LimitReached, match="is used once: redeem one at a time") as no:
+        shop.redeem(member, wash.code, quantity=3)
+    assert "每次兑换 1 件" in no.value.message("zh")
+    assert (shop.counts(), shop.available(member)) == before
+    order = shop.redeem(member, wash.code)
+    assert order.quantity == 1 and order.voucher is not None
 
 
 def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -> None:

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from jifen.errors import LimitReached, NotOnSale, TierNotAllowed
 from jifen.rewards.schemas import (
+    VOUCHER_KINDS,
     CouponTerms,
     LimitPeriod,
     LotteryTerms,
@@ -198,6 +199,13 @@ def check_limits(
     redemptions_this_month: int,
 ) -> None:
     """Refuse a redemption beyond the reward's per-member limit or the tier's limits."""
+    if reward.kind in VOUCHER_KINDS and quantity > 1:  # also if stored with more allowed
+        raise LimitReached(
+            problem=f"Each voucher of {reward.code!r} is used once: redeem one at a time "
+            f"(one voucher a unit); {quantity} asked for.",
+            problem_zh=f"礼品 {reward.code!r} 的每张券只能使用一次:请每次兑换 1 件"
+            f"(每件一张券),本次为 {quantity} 件。",
+        )
     if quantity > reward.max_quantity:
         raise LimitReached(
             problem=f"At most {reward.max_quantity} of {reward.code!r} in one redemption; "

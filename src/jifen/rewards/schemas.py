@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -222,6 +222,24 @@ class RewardDef(RequestBody):
             )
         return self
 
+    written: ClassVar[bool] = True
+    """Whether these terms are being written (created, edited), not read back as stored."""
+
+    @model_validator(mode="after")
+    def _terms_to_write(self) -> Self:
+        """Rules a reward's terms meet when it is created or edited, added after rewards were
+        first stored: terms stored before them are read back as they are (:class:`StoredTerms`)
+        and meet them at their next edit; redemption checks on its own what it must."""
+        if not self.written:
+            return self
+        if self.kind in VOUCHER_KINDS and self.max_quantity != 1:
+            raise Refusal(
+                f"each {self.kind} voucher is used once: max_quantity must be 1 (a member "
+                "redeems one voucher per unit)",
+                f"每张 {self.kind} 券只能使用一次:max_quantity 须为 1(每件单独兑换一张券)",
+            )
+        return self
+
     @property
     def discountable(self) -> bool:
         return self.kind not in UNDISCOUNTED_KINDS if self.discounts is None else self.discounts
@@ -229,6 +247,13 @@ class RewardDef(RequestBody):
     @property
     def has_voucher(self) -> bool:
         return self.kind in VOUCHER_KINDS or self.pickup
+
+
+class StoredTerms(RewardDef):
+    """A reward's terms as stored: read back without the rules added since they were
+    written (the next edit must meet them)."""
+
+    written: ClassVar[bool] = False
 
 
 class RewardCreate(RewardDef):
@@ -245,7 +270,7 @@ class Restock(RequestBody):
     """Units added to the stock."""
 
 
-class RewardRead(RewardDef):
+class RewardRead(StoredTerms):
     id: int
     state: RewardState
     stock_left: int | None

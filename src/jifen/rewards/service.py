@@ -67,6 +67,7 @@ from jifen.rewards.schemas import (
     RewardDef,
     RewardRead,
     StockAlert,
+    StoredTerms,
     TierTerms,
     VoucherRead,
     VoucherUsed,
@@ -95,7 +96,7 @@ def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
     key = f"reward_terms:{row.id}:{row.updated_at.isoformat()}"
     cached: RewardDef | None = uow.cache.get(key)
     if cached is None:
-        cached = RewardDef.model_validate(row.terms)
+        cached = StoredTerms.model_validate(row.terms)
         uow.cache[key] = cached
     if cached.sales_start is None:
         return cached
