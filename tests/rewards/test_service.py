@@ -36,7 +36,7 @@ from jifen.points import service as points
 from jifen.points.models import accounts, lots
 from jifen.rewards import core
 from jifen.rewards import service as rewards
-from jifen.rewards.models import prize_stock, vouchers
+from jifen.rewards.models import prize_stock, reward_orders, vouchers
 from jifen.rewards.models import rewards as rewards_table
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
@@ -50,6 +50,15 @@ def clock(db: Database) -> ManualClock:
 def open_lots(db: Database, member_id: int) -> list[tuple[int, int]]:
     return [(lot.id, lot.remaining) for lot in db.run(
         lambda uow: points.member_lots(uow, member_id=member_id), read_only=True)]  # fmt: skip
+
+
+def edit_reward(db: Database, shop: Shop, reward: Any, **changes: Any) -> Any:
+    """An operator's edit of the reward's terms."""
+    body = rewards.RewardDef.model_validate(
+        {**reward.model_dump(include=set(rewards.RewardDef.model_fields)), **changes}
+    )
+    return db.run(lambda uow: rewards.update_reward(uow, program_id=shop.program_id,
+                                                    code=reward.code, body=body))  # fmt: skip
 
 
 def test_a_redemption_debits_points_fifo_takes_stock_and_makes_an_order(db: Database) -> None:
@@ -375,12 +384,7 @@ def test_an_issued_coupon_keeps_the_terms_it_was_bought_with(db: Database) -> No
     assert bought.voucher is not None
     old = bought.voucher.code
     # the operator makes the coupon 500 yuan off with no minimum, for new buyers
-    body = rewards.RewardDef.model_validate(
-        {**ten.model_dump(include=set(rewards.RewardDef.model_fields)),
-         "coupon": {"amount_fen": 50000}}
-    )  # fmt: skip
-    db.run(lambda uow: rewards.update_reward(uow, program_id=shop.program_id, code=ten.code,
-                                             body=body))  # fmt: skip
+    edit_reward(db, shop, ten, coupon={"amount_fen": 50000})
     new = shop.redeem(member, ten.code).voucher
     assert new is not None and new.coupon is not None and new.coupon.amount_fen == 50000
 
@@ -453,6 +457,33 @@ def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -
     assert final.state == "cancelled" and final.voucher and final.voucher.state == "expired"
     assert shop.get(towel.code).stock_left == 9
     assert shop.available(member) == 5000 - 300 - 30
+
+
+def test_goods_are_either_shipped_or_collected_never_both(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=10)
+    assert edit_reward(db, shop, towel, pickup=False).pickup is False  # no orders yet
+    edit_reward(db, shop, towel, pickup=True)
+    order = shop.redeem(member, towel.code)
+    assert order.voucher is not None
+    with pytest.raises(InvalidInput, match="orders made to be collected at a store") as no:
+        edit_reward(db, shop, towel, pickup=False)
+    assert "不能更改交付方式" in no.value.message("zh")
+    mug = shop.reward(points=300, stock=10)
+    shop.redeem(member, mug.code)
+    with pytest.raises(InvalidInput, match="orders made to be shipped"):
+        edit_reward(db, shop, mug, pickup=True)
+    assert edit_reward(db, shop, mug, points=400).points == 400  # other terms still change
+    # a voucher whose order went another way (shipped before this rule) is not collected
+    for state in ("shipped", "delivered", "cancelled", "returned"):
+        db.run(lambda uow, s=state: uow.conn.execute(reward_orders.update().where(
+            reward_orders.c.id == order.id).values(state=s)))  # fmt: skip
+        with pytest.raises(VoucherNotUsable, match=f"its order {order.id} is {state}"):
+            shop.use(order.voucher.code)
+    db.run(lambda uow: uow.conn.execute(reward_orders.update().where(
+        reward_orders.c.id == order.id).values(state="created")))  # fmt: skip
+    assert shop.use(order.voucher.code).voucher.state == "used"
 
 
 def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Database) -> None:

@@ -238,6 +238,17 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
             problem=f"a {row.kind} reward cannot become {body.kind}; add a new reward instead",
             problem_zh=f"{row.kind} 类礼品不能改为 {body.kind};请新建礼品。",
         )
+    pickup = _terms(uow, row).pickup
+    if body.pickup != pickup and _has_orders(uow, row.id):
+        # Its orders were made to be collected (with a voucher) or shipped (without one):
+        # read the other way, one could be shipped and collected too, or never delivered.
+        how, how_zh = ("collected at a store", "门店自提") if pickup else ("shipped", "快递发货")
+        raise InvalidInput(
+            field="pickup",
+            problem=f"reward {code!r} has orders made to be {how}; it cannot change how it "
+            "is fulfilled: add a new reward instead",
+            problem_zh=f"礼品 {code!r} 已有按{how_zh}方式下的订单,不能更改交付方式;请新建礼品。",
+        )
     _check_tiers(uow, program_id, body)
     uow.conn.execute(
         rewards.update()
@@ -253,6 +264,13 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
     if body.lottery is not None:
         _set_prizes(uow, row.id, body)
     return get_reward(uow, program_id=program_id, code=code)
+
+
+def _has_orders(uow: UnitOfWork, reward_id: int) -> bool:
+    found = uow.conn.execute(
+        select(reward_orders.c.id).where(reward_orders.c.reward_id == reward_id).limit(1)
+    ).first()
+    return found is not None
 
 
 def _later(uow: UnitOfWork, previous: datetime) -> datetime:
@@ -1224,12 +1242,16 @@ def use_voucher(
                 problem_zh=f"订单金额须满 {coupon.min_spend_fen} 分,当前为 {order_amount_fen} 分。",
             )
     now = uow.clock.now()
+    usable_order = select(reward_orders.c.id).where(
+        reward_orders.c.id == row.order_id, reward_orders.c.state.in_(_usable_with(row.kind))
+    )
     used = uow.conn.execute(
         vouchers_table.update()
         .where(
             vouchers_table.c.id == row.id,
             vouchers_table.c.state == "issued",
             vouchers_table.c.valid_until > now,
+            vouchers_table.c.order_id.in_(usable_order),
         )
         .values(state="used", used_at=now, used_store=store, used_by=actor)
     )
@@ -1237,13 +1259,24 @@ def use_voucher(
         _refuse_voucher(uow, program_id, row.code, now)
     collected = uow.conn.execute(  # goods collected at the store (if still waiting)
         reward_orders.update()
-        .where(reward_orders.c.id == row.order_id, reward_orders.c.state == "created")
+        .where(reward_orders.c.id == row.order_id, reward_orders.c.state.in_(_PICKUP_WAITING))
         .values(state="delivered", updated_at=now)
     )
     if collected.rowcount == 1:
         _step(uow, row.order_id, "delivered", actor, f"collected at {store or 'a store'}")
     return VoucherUsed(voucher=get_voucher(uow, program_id=program_id, code=row.code),
                        discount_fen=discount)  # fmt: skip
+
+
+_PICKUP_WAITING = ("created", "confirmed")
+"""States of an order for pickup whose goods wait at the store for its voucher."""
+
+
+def _usable_with(kind: str) -> tuple[str, ...]:
+    """The states of an order its voucher may be used in: goods for pickup still waiting
+    (not shipped, delivered, cancelled or returned); a coupon, service, virtual or event
+    order is delivered as its voucher is issued."""
+    return _PICKUP_WAITING if kind == "physical" else ("delivered",)
 
 
 def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) -> None:
@@ -1260,6 +1293,16 @@ def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) 
             code=code,
             problem=f"it expired at {row.valid_until.isoformat()}.",
             problem_zh=f"该券已于 {row.valid_until.isoformat()} 过期。",
+        )
+    if row.state == "issued":  # its order has been fulfilled, or undone, another way
+        state = uow.conn.execute(
+            select(reward_orders.c.state).where(reward_orders.c.id == row.order_id)
+        ).scalar_one()
+        raise VoucherNotUsable(
+            code=code,
+            problem=f"its order {row.order_id} is {state}: the voucher no longer stands for "
+            "anything to hand over.",
+            problem_zh=f"该券所属订单 {row.order_id} 当前为{_STATE_ZH[state]},凭券已无可领取之物。",
         )
     raise VoucherNotUsable(
         code=code, problem="its order was cancelled.", problem_zh="该券所属订单已取消。"
