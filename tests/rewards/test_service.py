@@ -459,6 +459,34 @@ def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -
     assert shop.available(member) == 5000 - 300 - 30
 
 
+def test_goods_collected_with_a_voucher_can_be_returned_a_used_voucher_of_another_kind_not(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=3)
+    order = shop.redeem(member, towel.code)
+    assert order.voucher is not None
+    shop.use(order.voucher.code)  # collected at S1
+    # the member brings it back: the points and the unit come back, the voucher stays used
+    returned = shop.move(order.id, "return", note="faulty")
+    assert returned.state == "returned" and returned.refund_posting_id is not None
+    assert returned.voucher is not None and returned.voucher.state == "used"
+    assert (shop.available(member), shop.get(towel.code).stock_left) == (5000, 3)
+    with pytest.raises(StateConflict):  # once
+        shop.move(order.id, "return")
+    with pytest.raises(VoucherNotUsable, match="already used"):
+        shop.use(order.voucher.code)
+    for kind, terms in [("service", {}), ("coupon", {"coupon": {"percent_off": 10}})]:
+        bought = shop.redeem(member, shop.reward(kind=kind, points=100, **terms).code)
+        assert bought.voucher is not None
+        shop.use(bought.voucher.code, 1000)
+        with pytest.raises(StateConflict, match="only an unused voucher can be given back"):
+            shop.move(bought.id, "return")
+    assert shop.available(member) == 4800
+    assert_ledger_sound(db, shop.program_id)
+
+
 def test_goods_are_either_shipped_or_collected_never_both(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

@@ -1067,14 +1067,24 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
 
     The voucher's row is locked before it is checked (a till using it at this moment is
     waited for, then seen), and written only after the points are back: a refusal comes
-    before any write."""
+    before any write. An unused voucher is cancelled. A used one is given back only for
+    goods collected with it (a return of what was collected: the voucher stays used); a
+    used coupon, service, virtual good or event cannot be given back."""
     query = select(vouchers_table.c.id, vouchers_table.c.state).where(
         vouchers_table.c.order_id == row.id
     )
     if uow.dialect == "postgresql":
         query = query.with_for_update()
     voucher = uow.conn.execute(query).one_or_none()
-    if voucher is not None and voucher.state != "issued":
+    # Goods collected: their order was delivered when it was read (a till using the voucher
+    # while this waited for its row leaves the order read as created: refused below).
+    collected = (
+        voucher is not None
+        and voucher.state == "used"
+        and row.kind == "physical"
+        and row.state == "delivered"
+    )
+    if voucher is not None and voucher.state != "issued" and not collected:
         raise StateConflict(
             problem=f"The voucher of order {row.id} is {voucher.state}; only an unused "
             "voucher can be given back.",
@@ -1089,7 +1099,7 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
         posting = points_service.refund(
             uow, spend_id=row.spend_posting_id, key=key, reason=why, actor=actor
         )
-    if voucher is not None:
+    if voucher is not None and not collected:
         uow.conn.execute(
             vouchers_table.update()
             .where(vouchers_table.c.id == voucher.id)
