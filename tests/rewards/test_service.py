@@ -487,6 +487,33 @@ def test_goods_collected_with_a_voucher_can_be_returned_a_used_voucher_of_anothe
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_lapsed_voucher_is_given_back_by_the_expiry_run_less_its_fee_only(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=3)  # valid 30 days
+    coupon = shop.reward(kind="coupon", points=100, coupon={"amount_fen": 500})  # 90 days
+    orders = [shop.redeem(member, towel.code), shop.redeem(member, coupon.code)]
+    clock(db).advance(timedelta(days=91))  # both lapsed; the expiry run has not come yet
+    before = (shop.counts(), shop.available(member), shop.get(towel.code).stock_left)
+    for attempt in (
+        lambda: shop.move(orders[0].id, "cancel"),
+        lambda: db.run(lambda uow: rewards.move(
+            uow, program_id=shop.program_id, order_id=orders[0].id, action="cancel",
+            actor="member", member_id=member)),
+        lambda: shop.move(orders[1].id, "return"),
+    ):  # fmt: skip
+        with pytest.raises(StateConflict, match=r"lapsed at .* less the programme's fee") as no:
+            attempt()
+        assert "扣除手续费" in no.value.message("zh")
+    assert (shop.counts(), shop.available(member), shop.get(towel.code).stock_left) == before
+    report = db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    assert (report.vouchers, report.points_returned, report.fees) == (2, 360, 40)
+    assert shop.available(member) == 5000 - 40
+    assert_ledger_sound(db, shop.program_id)
+
+
 def test_goods_are_either_shipped_or_collected_never_both(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

@@ -1069,8 +1069,9 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
     waited for, then seen), and written only after the points are back: a refusal comes
     before any write. An unused voucher is cancelled. A used one is given back only for
     goods collected with it (a return of what was collected: the voucher stays used); a
-    used coupon, service, virtual good or event cannot be given back."""
-    query = select(vouchers_table.c.id, vouchers_table.c.state).where(
+    used coupon, service, virtual good or event cannot be given back, nor one past its
+    validity: the expiry run gives its points back less the fee."""
+    query = select(vouchers_table.c.id, vouchers_table.c.state, vouchers_table.c.valid_until).where(
         vouchers_table.c.order_id == row.id
     )
     if uow.dialect == "postgresql":
@@ -1089,6 +1090,14 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
             problem=f"The voucher of order {row.id} is {voucher.state}; only an unused "
             "voucher can be given back.",
             problem_zh=f"订单 {row.id} 的券已{_VOUCHER_ZH[voucher.state]},只有未使用的券可以退回。",
+        )
+    if voucher is not None and voucher.state == "issued" and voucher.valid_until <= uow.clock.now():
+        # Not yet expired by the job: given back in full here, it would skip the fee.
+        raise StateConflict(
+            problem=f"The voucher of order {row.id} lapsed at {voucher.valid_until.isoformat()}; "
+            "the voucher expiry run returns its points less the programme's fee.",
+            problem_zh=f"订单 {row.id} 的券已于 {voucher.valid_until.isoformat()} 失效;"
+            "过期券处理任务将退回其积分(扣除手续费)。",
         )
     key = f"order:{row.id}:give-back"
     if row.hold_posting_id is not None and row.spend_posting_id is None:
