@@ -553,12 +553,22 @@ def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Datab
              "value": 100},
         ]},
     )  # fmt: skip
-    orders = [shop.redeem(players[i % 3], wheel.code, key=f"draw-{i}") for i in range(150)]
+    orders = []
+    for i in range(300):  # until no prize can be paid: then a draw is no longer sold
+        try:
+            orders.append(shop.redeem(players[i % 3], wheel.code, key=f"draw-{i}"))
+        except NotOnSale:
+            break
+    with pytest.raises(NotOnSale, match="sold out: no prize is left") as sold_out:
+        shop.redeem(players[0], wheel.code)
+    assert "已售罄" in sold_out.value.message("zh")
     cost = {"p500": 500, "p20": 20, "cup": 100}
     won = [o.outcome["prize"] for o in orders if o.outcome["prize"]]
-    assert sum(cost[p] for p in won) <= 2000
+    assert 2000 - 20 < sum(cost[p] for p in won) <= 2000  # not even a p20 is left
     assert won.count("cup") <= 2
-    assert any(o.outcome.get("missed") for o in orders)  # the budget ran out
+    assert any(o.outcome.get("missed") for o in orders)  # p500 drawn with less than 500 left
+    assert [a.reward.code for a in db.run(lambda uow: rewards.what_can_i_get(
+        uow, program_id=shop.program_id, member_id=players[0])).now] == []  # fmt: skip
     for order in orders:  # each draw replays from its seed
         draw = order.outcome["draw"]
         assert core.roll(draw["seed"]) == draw["roll"]
@@ -572,6 +582,39 @@ def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Datab
     assert given["*"] == sum(cost[p] for p in won)
     with pytest.raises(StateConflict):  # a draw is final
         shop.move(orders[0].id, "cancel")
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_lottery_prize_counts_against_its_budget_and_draws_stop_when_none_is_left(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(100_000, tier="金卡")
+    tv = {"code": "tv", "name": {"en": "TV"}, "chance_ppm": 1_000_000}  # staff hand it over
+    with pytest.raises(ValidationError, match="prize 'tv' would cost the lottery's budget"):
+        shop.reward(kind="lottery", points=10, lottery={"budget": 0, "prizes": [tv]})
+    # with its value it counts: a budget of 0 gives none, and no draw is sold
+    none = shop.reward(kind="lottery", points=10,
+                       lottery={"budget": 0, "prizes": [{**tv, "value": 3000}]})  # fmt: skip
+    with pytest.raises(NotOnSale, match="sold out"):
+        shop.redeem(member, none.code)
+    # two prizes of 500 in a budget of 1,000: two draws win, the third is not sold
+    pts = {"code": "pts", "name": {"en": "500"}, "chance_ppm": 1_000_000, "points": 500}
+    wheel = shop.reward(kind="lottery", points=10, lottery={"budget": 1000, "prizes": [pts]})
+    assert [shop.redeem(member, wheel.code).outcome["prize"] for _ in range(2)] == ["pts"] * 2
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(NotOnSale, match="sold out"):
+        shop.redeem(member, wheel.code)
+    assert (shop.counts(), shop.available(member)) == before
+    # a prize's quantity, without a budget, likewise; a draw with a losing slice still sells
+    # while a prize is left
+    one = shop.reward(kind="lottery", points=10, lottery={"prizes": [
+        {**tv, "quantity": 1, "chance_ppm": 500_000}]})  # fmt: skip
+    for _ in range(100):  # until it is won (a draw in two wins it)
+        if shop.redeem(member, one.code).outcome["prize"] == "tv":
+            break
+    with pytest.raises(NotOnSale, match="sold out"):
+        shop.redeem(member, one.code)
     assert_ledger_sound(db, shop.program_id)
 
 

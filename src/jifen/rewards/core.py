@@ -274,6 +274,18 @@ def affordable(prize: Prize, *, left: int | None, budget_left: int | None) -> bo
     return (left is None or left >= 1) and (budget_left is None or budget_left >= prize.cost)
 
 
+def can_pay_a_prize(
+    terms: LotteryTerms, left: dict[str, int | None], budget_left: int | None
+) -> bool:
+    """Whether a draw can still win anything: a prize with a chance that its quantity left
+    and the budget left still cover (``left`` by prize code; ``None``: no limit)."""
+    return any(
+        prize.chance_ppm > 0
+        and affordable(prize, left=left.get(prize.code), budget_left=budget_left)
+        for prize in terms.prizes
+    )
+
+
 # --------------------------------------------------------------------------- vouchers
 
 

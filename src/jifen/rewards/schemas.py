@@ -238,6 +238,16 @@ class RewardDef(RequestBody):
                 "redeems one voucher per unit)",
                 f"每张 {self.kind} 券只能使用一次:max_quantity 须为 1(每件单独兑换一张券)",
             )
+        if self.lottery is not None and self.lottery.budget is not None:
+            free = [prize.code for prize in self.lottery.prizes if prize.cost == 0]
+            if free:  # it would be given out without end, whatever the budget
+                raise Refusal(
+                    f"prize {free[0]!r} would cost the lottery's budget nothing: give a prize "
+                    "that staff hand over (points 0) its value, in points, to count against "
+                    "the budget",
+                    f"奖品 {free[0]!r} 不占用抽奖预算:由员工发放的奖品(points 为 0)"
+                    "须给出其价值 value(以积分计),计入预算",
+                )
         return self
 
     @property

@@ -564,6 +564,7 @@ def _admit(
     else:  # nothing here depends on the member's tier: one read fewer
         buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
     core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+    _check_prizes_left(uow, row.id, terms)
     _check_details(terms, body)
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
@@ -787,6 +788,28 @@ def _draw(
         result["prize_points"] = prize.points
         result["prize_posting_id"] = posting.id
     return result
+
+
+def _check_prizes_left(uow: UnitOfWork, reward_id: int, terms: RewardDef) -> None:
+    """Refuse a draw of a lottery that can no longer pay any prize (each given out, or the
+    budget spent): it would cost the member a draw that cannot win. Two draws at once may
+    still both pass for the last prize; the second then wins nothing (see :func:`_draw`)."""
+    if terms.lottery is None:
+        return
+    left: dict[str, int | None] = dict(
+        uow.conn.execute(
+            select(prize_stock.c.prize_code, prize_stock.c.remaining).where(
+                prize_stock.c.reward_id == reward_id
+            )
+        ).all()
+    )
+    if not core.can_pay_a_prize(terms.lottery, left, left.pop(_BUDGET, None)):
+        raise NotOnSale(
+            reward=terms.code,
+            problem="it is sold out: no prize is left to win (every prize is given out or "
+            "the prize budget is spent).",
+            problem_zh="已售罄:奖品已全部发完或奖品预算已用完,不再有可中的奖品。",
+        )
 
 
 def _take_prize(uow: UnitOfWork, reward_id: int, prize_code: str, cost: int) -> bool:
@@ -1449,6 +1472,7 @@ def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatC
         terms = _terms(uow, row)
         try:
             core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+            _check_prizes_left(uow, row.id, terms)
             price = _quote(uow, row, terms, buyer, 1, policy)
             of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
             core.check_limits(
