@@ -618,6 +618,29 @@ def test_a_lottery_prize_counts_against_its_budget_and_draws_stop_when_none_is_l
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_an_event_takes_registrations_until_it_starts(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    starts = clock(db).now() + timedelta(days=2)
+    salon = shop.reward(kind="event", points=100, event={"starts_at": starts, "venue": "旗舰店"})
+    shop.redeem(member, salon.code)
+    clock(db).advance(timedelta(days=2))  # it starts
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(NotOnSale, match="the event started at") as closed:
+        shop.redeem(member, salon.code)
+    assert "报名已截止" in closed.value.message("zh")
+    assert (shop.counts(), shop.available(member)) == before
+    offer = db.run(lambda uow: rewards.what_can_i_get(uow, program_id=shop.program_id,
+                                                      member_id=member))  # fmt: skip
+    assert salon.code not in [a.reward.code for a in offer.now]
+
+
+def test_a_reward_for_no_tier_is_refused(db: Database) -> None:
+    shop = Shop.open(db)
+    with pytest.raises(ValidationError, match="names no tier"):
+        shop.reward(points=100, visible_tiers=[])
+
+
 def test_a_donation_moves_points_to_the_charity_account_with_a_receipt(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000, tier="钻石")

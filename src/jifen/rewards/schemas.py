@@ -238,6 +238,13 @@ class RewardDef(RequestBody):
                 "redeems one voucher per unit)",
                 f"每张 {self.kind} 券只能使用一次:max_quantity 须为 1(每件单独兑换一张券)",
             )
+        if self.visible_tiers == []:
+            raise Refusal(
+                "visible_tiers names no tier, so no member could redeem it: name at least one "
+                "tier, or leave it out for everyone (pause the reward to hide it)",
+                "visible_tiers 未列出任何等级,将无会员可兑换:请至少列出一个等级,"
+                "或不填以对所有会员开放(如需隐藏请暂停该礼品)",
+            )
         if self.lottery is not None and self.lottery.budget is not None:
             free = [prize.code for prize in self.lottery.prizes if prize.cost == 0]
             if free:  # it would be given out without end, whatever the budget

@@ -565,6 +565,7 @@ def _admit(
         buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
     core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
     _check_prizes_left(uow, row.id, terms)
+    _check_event_ahead(terms, now)
     _check_details(terms, body)
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
@@ -616,6 +617,17 @@ def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int |
         )
     ).first()
     return None if found is None else int(found.id)
+
+
+def _check_event_ahead(terms: RewardDef, now: datetime) -> None:
+    """Refuse a registration for an event that has started."""
+    if terms.event is not None and now >= terms.event.starts_at:
+        raise NotOnSale(
+            reward=terms.code,
+            problem=f"the event started at {terms.event.starts_at.isoformat()}; registration "
+            "is closed.",
+            problem_zh=f"活动已于 {terms.event.starts_at.isoformat()} 开始,报名已截止。",
+        )
 
 
 def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
@@ -1473,6 +1485,7 @@ def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatC
         try:
             core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
             _check_prizes_left(uow, row.id, terms)
+            _check_event_ahead(terms, now)
             price = _quote(uow, row, terms, buyer, 1, policy)
             of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
             core.check_limits(
