@@ -713,6 +713,30 @@ def test_restock_alert_at_safety_stock_clears_on_restock(db: Database) -> None:
     assert (restocked.stock_left, restocked.stock_total, restocked.sold) == (11, 13, 2)
 
 
+def test_one_open_restock_alert_a_reward_raised_also_by_creation_and_edits(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(10000, tier="金卡")
+
+    def alerts() -> list[tuple[str, int, int]]:
+        found, _ = db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id))
+        return [(a.reward, a.stock_left, a.safety_stock) for a in found]
+
+    mug = shop.reward(points=100, stock=1, safety_stock=5, max_quantity=10)
+    assert alerts() == [(mug.code, 1, 5)]  # created at or below its safety line
+    db.run(lambda uow: rewards.restock(uow, program_id=shop.program_id, code=mug.code, add=10))
+    assert alerts() == []
+    order = shop.redeem(member, mug.code, quantity=6)  # 11 -> 5
+    shop.move(order.id, "cancel")  # back to 11: the alert stays until restocked
+    shop.redeem(member, mug.code, quantity=7)  # 11 -> 4: down across the line again
+    assert alerts() == [(mug.code, 5, 5)]  # still one
+    assert edit_reward(db, shop, mug, safety_stock=2).stock_left == 4
+    assert alerts() == []  # the line moved below the stock
+    edit_reward(db, shop, mug, safety_stock=4)
+    assert alerts() == [(mug.code, 4, 4)]
+
+
 def test_a_redemption_twice_with_one_key_is_one_order(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

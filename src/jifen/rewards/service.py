@@ -183,6 +183,8 @@ def create_reward(uow: UnitOfWork, *, program_id: int, body: RewardCreate) -> Re
     ).scalar_one()
     if body.lottery is not None:
         _set_prizes(uow, reward_id, body)
+    if body.stock is not None and body.stock <= body.safety_stock:
+        _raise_alert(uow, program_id, reward_id, body.stock, body.safety_stock)
     return get_reward(uow, program_id=program_id, code=body.code)
 
 
@@ -250,7 +252,7 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
             problem_zh=f"礼品 {code!r} 已有按{how_zh}方式下的订单,不能更改交付方式;请新建礼品。",
         )
     _check_tiers(uow, program_id, body)
-    uow.conn.execute(
+    left = uow.conn.execute(
         rewards.update()
         .where(rewards.c.id == row.id)
         .values(
@@ -260,9 +262,15 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
             safety_stock=body.safety_stock,
             updated_at=_later(uow, row.updated_at),
         )
-    )
+        .returning(rewards.c.stock_left)
+    ).scalar_one()
     if body.lottery is not None:
         _set_prizes(uow, row.id, body)
+    if left is not None:  # the safety line may have moved past the stock, either way
+        if left <= body.safety_stock:
+            _raise_alert(uow, program_id, row.id, left, body.safety_stock)
+        else:
+            _clear_alert(uow, row.id)
     return get_reward(uow, program_id=program_id, code=code)
 
 
@@ -309,11 +317,7 @@ def restock(uow: UnitOfWork, *, program_id: int, code: str, add: int) -> RewardR
         .returning(rewards.c.stock_left)
     ).scalar_one()
     if left > row.safety_stock:
-        uow.conn.execute(
-            stock_alerts.update()
-            .where(stock_alerts.c.reward_id == row.id, stock_alerts.c.cleared_at.is_(None))
-            .values(cleared_at=uow.clock.now())
-        )
+        _clear_alert(uow, row.id)
     return get_reward(uow, program_id=program_id, code=code)
 
 
@@ -873,12 +877,37 @@ def _take_stock(uow: UnitOfWork, row: Any, quantity: int) -> int:
 def _alert(uow: UnitOfWork, program_id: int, row: Any, left: int, quantity: int) -> None:
     """A restock alert when this redemption took the stock down to its safety level."""
     if left <= row.safety_stock < left + quantity:
+        _raise_alert(uow, program_id, row.id, left, row.safety_stock)
+
+
+def _raise_alert(
+    uow: UnitOfWork, program_id: int, reward_id: int, left: int, safety_stock: int
+) -> None:
+    """A restock alert for the reward, unless one is open: one a reward until restocked
+    (a cancel lifting the stock and the next redemption taking it down again raised a
+    second). Callers have written the reward's row, so its writers take turns here."""
+    found = uow.conn.execute(
+        select(stock_alerts.c.id).where(
+            stock_alerts.c.program_id == program_id,  # the open alerts' index
+            stock_alerts.c.cleared_at.is_(None),
+            stock_alerts.c.reward_id == reward_id,
+        )
+    ).first()
+    if found is None:
         uow.conn.execute(
             stock_alerts.insert().values(
-                program_id=program_id, reward_id=row.id, stock_left=left,
-                safety_stock=row.safety_stock, raised_at=uow.clock.now(),
+                program_id=program_id, reward_id=reward_id, stock_left=left,
+                safety_stock=safety_stock, raised_at=uow.clock.now(),
             )
         )  # fmt: skip
+
+
+def _clear_alert(uow: UnitOfWork, reward_id: int) -> None:
+    uow.conn.execute(
+        stock_alerts.update()
+        .where(stock_alerts.c.reward_id == reward_id, stock_alerts.c.cleared_at.is_(None))
+        .values(cleared_at=uow.clock.now())
+    )
 
 
 def _give_stock(uow: UnitOfWork, reward_id: int, quantity: int) -> None:
