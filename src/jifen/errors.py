@@ -275,16 +275,39 @@ class VoucherNotUsable(Refused):
     zh = "券码 {code!r} 无法使用:{problem_zh}"
 
 
+class PaymentUsed(Refused):
+    code = "payment_used"
+    en = (
+        "Payment {payment_ref!r} already paid for order {order_id}; a payment pays for one "
+        "redemption. Send this redemption's own payment reference."
+    )
+    zh = (
+        "支付流水 {payment_ref!r} 已用于订单 {order_id};一笔支付只能用于一次兑换。"
+        "请提供本次兑换自己的支付流水号。"
+    )
+
+
+class WrongCaller(Forbidden):
+    """Allowed to one kind of caller only, whatever its roles: the member itself confirms
+    its cooling-off hold; a till or payment system names a payment."""
+
+    code = "wrong_caller"
+    en = "{problem}"
+    zh = "{problem_zh}"
+
+
 __all__ += [
     "LimitReached",
     "NotOnSale",
     "OutOfStock",
+    "PaymentUsed",
     "PriceChanged",
     "TierNotAllowed",
     "UnknownOrder",
     "UnknownReward",
     "UnknownVoucher",
     "VoucherNotUsable",
+    "WrongCaller",
 ]
 
 

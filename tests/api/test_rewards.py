@@ -4,11 +4,15 @@ refusal is a problem document in the caller's language."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
 
+from jifen.clock import ManualClock
 from jifen.db.uow import Database
+from jifen.rewards.models import rewards as rewards_table
+from jifen.rewards.schemas import RewardDef
 from tests.api import support
 from tests.api.earning import body
 from tests.rewards.shop import Shop
@@ -204,3 +208,156 @@ def test_an_order_is_cancelled_only_by_its_own_merchant_and_a_member_names_none(
     assert body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)["available"] == 4100
     assert body(till.post(cancel, {}, hq), 200)["state"] == "cancelled"
     assert body(till.get(f"/members/{till.alice}/points", till.as_alice), 200)["available"] == 5000
+
+
+def test_only_the_member_confirms_its_held_redemption(client: TestClient, db: Database) -> None:
+    till = Till(client, db)
+    (diamond,) = till.shop.member(20000, tier="钻石")
+    body(till.post("/rewards", {**MUG, "code": "watch", "points": 10000}, till.operator), 201)
+    hq = support.api_key(db, till.shop.program_id, merchant="hq")
+    held = body(till.post(f"/members/{diamond}/redemptions", {"reward": "watch"}, hq), 201)
+    assert (held["state"], held["points"]) == ("held", 7000)
+    assert isinstance(db.clock, ManualClock)
+    db.clock.advance(timedelta(hours=25))  # past the cooling-off (and the sessions)
+    program = till.shop.program_id
+    operator = support.staff(db, "operator", program_id=program)
+    cashier = support.staff(db, "cashier", program_id=program, merchant="hq", store="S1")
+    other = support.api_key(db, program, merchant="other")
+    confirm = f"/members/{diamond}/orders/{held['id']}/confirm"
+    for who in (operator, hq, other, cashier):
+        refused = till.post(confirm, {}, who, language="zh")
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "wrong_caller"
+        assert "本人在其应用中确认" in refused.json()["detail"]
+    english = till.post(confirm, {}, operator)
+    assert "confirms its held redemption, in its own app" in english.json()["detail"]
+    assert body(till.get(f"/orders/{held['id']}", operator), 200)["state"] == "held"
+    confirmed = body(till.post(confirm, {}, support.member(db, diamond)), 200)
+    assert (confirmed["state"], confirmed["spend_posting_id"] is not None) == ("created", True)
+
+
+WASH = {"code": "wash", "kind": "service", "name": {"zh": "洗车券"}, "points": 300}
+TOWEL = {"code": "towel", "kind": "physical", "name": {"zh": "毛巾"}, "points": 300,
+         "pickup": True}  # fmt: skip
+
+
+def test_a_voucher_code_is_shown_whole_to_its_member_and_masked_to_everyone_else(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    body(till.post("/rewards", TOWEL, till.operator), 201)
+    # the till redeeming for alice at its counter is handed the code, to give her
+    redeem = f"/members/{till.alice}/redemptions"
+    order = body(till.post(redeem, {"reward": "wash"}, till.cashier), 201)
+    code = order["voucher"]["code"]
+    assert len(code) == 12 and "*" not in code and order["outcome"]["voucher"] == code
+    hidden = "********" + code[-4:]
+    # alice sees it whole wherever she reads it
+    mine = [
+        body(till.get(f"/members/{till.alice}/orders", till.as_alice), 200)["items"][0],
+        body(till.get(f"/members/{till.alice}/orders/{order['id']}", till.as_alice), 200),
+    ]
+    assert [(o["voucher"]["code"], o["outcome"]["voucher"]) for o in mine] == [(code, code)] * 2
+    vouchers = body(till.get(f"/members/{till.alice}/vouchers", till.as_alice), 200)["items"]
+    assert [v["code"] for v in vouchers] == [code]
+    # staff and API keys, whatever they read, see it masked
+    key = support.api_key(db, till.shop.program_id)
+    for who in (till.operator, till.reviewer, till.cashier, key):
+        orders = [
+            body(till.get("/orders", who), 200)["items"][0],
+            body(till.get(f"/orders/{order['id']}", who), 200),
+            body(till.get(f"/members/{till.alice}/orders", who), 200)["items"][0],
+            body(till.get(f"/members/{till.alice}/orders/{order['id']}", who), 200),
+        ]
+        seen = [(o["voucher"]["code"], o["outcome"]["voucher"]) for o in orders]
+        assert seen == [(hidden, hidden)] * 4
+        listed = body(till.get(f"/members/{till.alice}/vouchers", who), 200)["items"]
+        assert [v["code"] for v in listed] == [hidden]
+    # and in the answers of the moves they make
+    returned = body(till.post(f"/orders/{order['id']}/return", {}, till.operator), 200)
+    assert (returned["state"], returned["voucher"]["code"]) == ("returned", hidden)
+    towel = body(till.post(redeem, {"reward": "towel"}, till.as_alice), 201)
+    cancel = f"/members/{till.alice}/orders/{towel['id']}/cancel"
+    cancelled = body(till.post(cancel, {}, key), 200)
+    assert cancelled["voucher"]["code"] == "********" + towel["voucher"]["code"][-4:]
+    again = body(till.post(redeem, {"reward": "towel"}, till.as_alice), 201)
+    cancel = f"/members/{till.alice}/orders/{again['id']}/cancel"
+    assert body(till.post(cancel, {}, till.as_alice), 200)["voucher"] == again["voucher"] | {
+        "state": "cancelled"
+    }
+    # the audit log keeps the till's redemption with the code masked
+    auditor = support.staff(db, "auditor", program_id=till.shop.program_id)
+    program = till.base.rsplit("/", 1)[1]
+    log = client.get("/v1/audit", params={"program": program, "limit": 200}, headers=auditor)
+    (entry,) = [e for e in body(log, 200)["items"] if e["target"] == f"member:{till.alice}"]
+    assert entry["after"]["voucher"]["code"] == hidden
+    assert code not in log.text
+    # the voucher read by its code, and its use, show what the caller presented
+    fresh = body(till.post(redeem, {"reward": "wash"}, till.as_alice), 201)["voucher"]["code"]
+    assert body(till.get(f"/vouchers/{fresh}", till.cashier), 200)["code"] == fresh
+    used = body(till.post(f"/vouchers/{fresh}/use", {}, till.cashier), 200)
+    assert used["voucher"]["code"] == fresh
+
+
+def test_credentials_of_one_merchant_read_only_its_own_orders(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    mall = support.api_key(db, till.shop.program_id, merchant="mall")
+    other = support.api_key(db, till.shop.program_id, merchant="other")
+    redeem = f"/members/{till.alice}/redemptions"
+    at_mall = body(till.post(redeem, {"reward": "wash"}, mall), 201)
+    at_hq = body(till.post(redeem, {"reward": "wash"}, till.cashier), 201)
+    own = body(till.post(redeem, {"reward": "wash"}, till.as_alice), 201)  # no merchant
+    assert body(till.get("/orders", other), 200)["items"] == []
+    assert [o["id"] for o in body(till.get("/orders", mall), 200)["items"]] == [at_mall["id"]]
+    assert [o["id"] for o in body(till.get("/orders", till.cashier), 200)["items"]] == [at_hq["id"]]
+    everyone = body(till.get("/orders", till.operator), 200)["items"]
+    assert [o["id"] for o in everyone] == [own["id"], at_hq["id"], at_mall["id"]]
+    for order in (at_hq, own):
+        unknown = till.get(f"/orders/{order['id']}", mall)
+        assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_order"
+    assert body(till.get(f"/orders/{at_mall['id']}", mall), 200)["id"] == at_mall["id"]
+
+
+def test_the_payment_of_a_cash_part_is_named_by_the_till_once(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    kettle = {**MUG, "code": "kettle", "cash_fen": 9000, "stock": 5}
+    body(till.post("/rewards", kettle, till.operator), 201)
+    redeem = f"/members/{till.alice}/redemptions"
+    claimed = till.post(redeem, {"reward": "kettle", "payment_ref": "made-up"}, till.as_alice)
+    assert claimed.status_code == 403 and claimed.json()["code"] == "wrong_caller"
+    assert "the till or the payment system" in claimed.json()["detail"]
+    paid = body(till.post(redeem, {"reward": "kettle", "payment_ref": "pos-1"}, till.cashier), 201)
+    assert (paid["payment_ref"], paid["cash_fen"]) == ("pos-1", 9000)
+    again = till.post(redeem, {"reward": "kettle", "payment_ref": "pos-1"}, till.cashier,
+                      language="zh")  # fmt: skip
+    assert again.status_code == 409 and again.json()["code"] == "payment_used"
+    assert f"已用于订单 {paid['id']}" in again.json()["detail"]
+    assert body(till.get("/rewards/kettle", till.operator), 200)["stock_left"] == 4
+
+
+def test_a_voucher_reward_sells_one_voucher_a_redemption(client: TestClient, db: Database) -> None:
+    till = Till(client, db)
+    refused = till.post("/rewards", {**WASH, "max_quantity": 3}, till.operator, language="zh")
+    assert refused.status_code == 422 and "只能使用一次" in refused.text
+    created = body(till.post("/rewards", WASH, till.operator), 201)
+    # a reward stored before the rule, with 3 a redemption, still reads and lists
+    terms = {k: v for k, v in created.items() if k in RewardDef.model_fields}
+    stored = {**terms, "max_quantity": 3}
+    stamp = db.clock.now() + timedelta(seconds=1)
+    db.run(lambda uow: uow.conn.execute(rewards_table.update().where(
+        rewards_table.c.id == created["id"]).values(terms=stored, updated_at=stamp)))  # fmt: skip
+    assert body(till.get("/rewards/wash", till.operator), 200)["max_quantity"] == 3
+    assert [r["max_quantity"] for r in body(till.get("/rewards", till.operator), 200)["items"]] == [
+        3
+    ]
+    offer = body(till.get(f"/members/{till.alice}/rewards", till.as_alice), 200)
+    assert [a["reward"]["code"] for a in offer["now"]] == ["wash"]
+    three = till.post(f"/members/{till.alice}/redemptions", {"reward": "wash", "quantity": 3},
+                      till.as_alice)  # fmt: skip
+    assert three.status_code == 409 and "redeem one at a time" in three.text

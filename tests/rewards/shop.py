@@ -16,7 +16,13 @@ from jifen.points.models import postings
 from jifen.programs import service as programs
 from jifen.rewards import service as rewards
 from jifen.rewards.models import reward_orders
-from jifen.rewards.schemas import OrderRead, RedemptionCreate, RewardCreate, RewardRead
+from jifen.rewards.schemas import (
+    OrderRead,
+    RedemptionCreate,
+    RewardCreate,
+    RewardRead,
+    VoucherUsed,
+)
 from jifen.tiers import service as tiers
 from jifen.tiers.schemas import TierDef
 from tests.factories import new_program
@@ -122,6 +128,15 @@ class Shop:
                 **fields,
             )
         )
+
+    def use(self, code: str, amount_fen: int | None = None, store: str = "S1") -> VoucherUsed:
+        """A till at ``store`` accepts the voucher (a coupon on an order of ``amount_fen``)."""
+        return self.db.run(
+            lambda uow: rewards.use_voucher(
+                uow, program_id=self.program_id, code=code, store=store, actor="cashier",
+                order_amount_fen=amount_fen,
+            )
+        )  # fmt: skip
 
     def available(self, member_id: int) -> int:
         return self.db.run(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from jifen.clock import ManualClock
@@ -18,6 +19,7 @@ from jifen.db.uow import Database
 from jifen.errors import (
     InsufficientPoints,
     LimitReached,
+    NotOnSale,
     OutOfStock,
     StateConflict,
     VoucherNotUsable,
@@ -58,6 +60,17 @@ def test_64_members_race_for_100_in_stock_and_exactly_100_orders_are_made(pg: Da
         .where(accounts.c.member_id.in_(members))).scalar_one())  # fmt: skip
     assert orders[0] == 100
     assert spent == 64 * 100_000 - orders[1]  # every point of every order, and no other
+    assert_ledger_sound(pg, shop.program_id)
+
+
+def test_one_payment_sent_for_8_redemptions_at_once_makes_one_order(pg: Database) -> None:
+    shop = Shop.open(pg)
+    members = shop.member(10_000, tier="金卡", count=8)
+    kettle = shop.reward(points=1000, cash_fen=9000)
+    results = run_together(8, lambda i: shop.redeem(members[i], kettle.code, payment_ref="p"))
+    outcome = Counter(type(r).__name__ for r in results)
+    assert outcome == {"OrderRead": 1, "PaymentUsed": 7}, results
+    assert sum(shop.available(m) for m in members) == 8 * 10_000 - 800
     assert_ledger_sound(pg, shop.program_id)
 
 
@@ -230,5 +243,5 @@ def test_editing_a_lottery_during_a_draw_never_gives_a_prize_twice(pg: Database)
         time.sleep(0.5)
     thread.join()
     assert "error" not in box, box
-    second = shop.redeem(member, wheel.code, key="d2")
-    assert second.outcome["prize"] is None and second.outcome["missed"] == "p"
+    with pytest.raises(NotOnSale, match="sold out"):  # its one prize is gone, given once
+        shop.redeem(member, wheel.code, key="d2")

@@ -8,6 +8,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from jifen.clock import ManualClock
@@ -20,6 +21,7 @@ from jifen.errors import (
     LimitReached,
     NotOnSale,
     OutOfStock,
+    PaymentUsed,
     PriceChanged,
     StateConflict,
     TierNotAllowed,
@@ -34,7 +36,8 @@ from jifen.points import service as points
 from jifen.points.models import accounts, lots
 from jifen.rewards import core
 from jifen.rewards import service as rewards
-from jifen.rewards.models import prize_stock
+from jifen.rewards.models import prize_stock, reward_orders, vouchers
+from jifen.rewards.models import rewards as rewards_table
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
 
@@ -47,6 +50,15 @@ def clock(db: Database) -> ManualClock:
 def open_lots(db: Database, member_id: int) -> list[tuple[int, int]]:
     return [(lot.id, lot.remaining) for lot in db.run(
         lambda uow: points.member_lots(uow, member_id=member_id), read_only=True)]  # fmt: skip
+
+
+def edit_reward(db: Database, shop: Shop, reward: Any, **changes: Any) -> Any:
+    """An operator's edit of the reward's terms."""
+    body = rewards.RewardDef.model_validate(
+        {**reward.model_dump(include=set(rewards.RewardDef.model_fields)), **changes}
+    )
+    return db.run(lambda uow: rewards.update_reward(uow, program_id=shop.program_id,
+                                                    code=reward.code, body=body))  # fmt: skip
 
 
 def test_a_redemption_debits_points_fifo_takes_stock_and_makes_an_order(db: Database) -> None:
@@ -79,6 +91,23 @@ def test_points_plus_cash_records_the_payment_and_requires_its_reference(db: Dat
     assert (order.points, order.cash_fen, order.payment_ref) == (800, 9000, "pay-123")
     cancelled = shop.move(order.id, "cancel")
     assert cancelled.outcome["cash_refund_due_fen"] == 9000  # for the payment system to refund
+
+
+def test_a_payment_pays_for_one_redemption(db: Database) -> None:
+    shop = Shop.open(db)
+    alice, bob = shop.member(5000, tier="金卡", count=2)
+    kettle = shop.reward(points=1000, cash_fen=9000, stock=5)
+    paid = shop.redeem(alice, kettle.code, payment_ref="pay-1")
+    before = (shop.counts(), shop.available(alice), shop.available(bob))
+    for member in (alice, bob):  # the same member again, or another: one payment, one order
+        with pytest.raises(PaymentUsed, match=f"'pay-1' already paid for order {paid.id}") as no:
+            shop.redeem(member, kettle.code, payment_ref="pay-1")
+        assert f"已用于订单 {paid.id}" in no.value.message("zh")
+    assert (shop.counts(), shop.available(alice), shop.available(bob)) == before
+    shop.move(paid.id, "cancel")  # its cash is refunded: the reference stays spent
+    with pytest.raises(PaymentUsed):
+        shop.redeem(bob, kettle.code, payment_ref="pay-1")
+    assert shop.redeem(bob, kettle.code, payment_ref="pay-2").payment_ref == "pay-2"
 
 
 def test_birthday_month_and_category_coefficient(db: Database) -> None:
@@ -204,6 +233,38 @@ def test_cooling_off_holds_a_large_diamond_redemption_until_confirmed(db: Databa
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_member_frozen_during_its_cooling_off_cannot_complete_the_held_redemption(
+    db: Database,
+) -> None:
+    from jifen.members import service as members
+
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    wheel = shop.reward(
+        kind="lottery", points=8000, discounts=True,  # 5,600 for 钻石: held
+        lottery={"prizes": [{"code": "p", "name": {"en": "P"}, "chance_ppm": 1_000_000,
+                             "points": 1000}]},
+    )  # fmt: skip
+    order = shop.redeem(member, wheel.code)
+    assert order.state == "held"
+    db.run(lambda uow: members.change_state(uow, program_id=shop.program_id, member_id=member,
+                                            state="frozen"))  # fmt: skip
+    clock(db).advance(timedelta(hours=25))
+    before = (shop.counts(), db.run(lambda uow: points.balance(uow, member_id=member)))
+    with pytest.raises(StateConflict, match="frozen") as refused:
+        db.run(
+            lambda uow: rewards.confirm_held(
+                uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
+            )
+        )
+    assert "不能获取或使用积分" in refused.value.message("zh")
+    assert (shop.counts(), db.run(lambda uow: points.balance(uow, member_id=member))) == before
+    # neither spent nor drawn: the order still waits, and can be cancelled by staff
+    assert shop.move(order.id, "cancel").state == "cancelled"
+    assert shop.available(member) == 20000
+    assert_ledger_sound(db, shop.program_id)
+
+
 def test_a_held_redemption_can_be_cancelled_or_lapses(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(30000, tier="钻石")
@@ -309,18 +370,68 @@ def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Databa
     order = shop.redeem(member, coupon.code)
     assert order.voucher is not None and order.voucher.coupon is not None
     code = order.voucher.code
-
-    def use(amount: int) -> Any:
-        return db.run(
-            lambda uow: rewards.use_voucher(
-                uow, program_id=shop.program_id, code=code, store="S1", actor="c",
-                order_amount_fen=amount,
-            )
-        )  # fmt: skip
-
     with pytest.raises(VoucherNotUsable, match="at least 10000 fen"):
-        use(9000)
-    assert use(15000).discount_fen == 2000
+        shop.use(code, 9000)
+    assert shop.use(code, 15000).discount_fen == 2000
+
+
+def test_an_issued_coupon_keeps_the_terms_it_was_bought_with(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    ten = shop.reward(kind="coupon", points=500,
+                      coupon={"amount_fen": 1000, "min_spend_fen": 5000})  # fmt: skip
+    bought = shop.redeem(member, ten.code)
+    assert bought.voucher is not None
+    old = bought.voucher.code
+    # the operator makes the coupon 500 yuan off with no minimum, for new buyers
+    edit_reward(db, shop, ten, coupon={"amount_fen": 50000})
+    new = shop.redeem(member, ten.code).voucher
+    assert new is not None and new.coupon is not None and new.coupon.amount_fen == 50000
+
+    def read(code: str) -> Any:
+        return db.run(lambda uow: rewards.get_voucher(uow, program_id=shop.program_id,
+                                                      code=code))  # fmt: skip
+
+    kept = read(old).coupon
+    assert kept is not None and (kept.amount_fen, kept.min_spend_fen) == (1000, 5000)
+    with pytest.raises(VoucherNotUsable, match="at least 5000 fen"):
+        shop.use(old, 4000)
+    assert shop.use(old, 60000).discount_fen == 1000
+    assert shop.use(new.code, 60000).discount_fen == 50000
+    # a voucher issued before the terms were kept on it reads the reward's, as it did
+    third = shop.redeem(member, ten.code).voucher
+    assert third is not None
+    db.run(lambda uow: uow.conn.execute(
+        vouchers.update().where(vouchers.c.code == third.code).values(coupon=None)))  # fmt: skip
+    fallback = read(third.code).coupon
+    assert fallback is not None and fallback.amount_fen == 50000
+    assert shop.use(third.code, 100).discount_fen == 100
+
+
+def test_a_voucher_reward_is_redeemed_one_voucher_at_a_time(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    for kind, terms in [("service", {}), ("virtual", {}), ("event", {"event": {
+            "starts_at": clock(db).now() + timedelta(days=30)}}),
+            ("coupon", {"coupon": {"percent_off": 10}})]:  # fmt: skip
+        with pytest.raises(ValidationError, match="voucher is used once") as refused:
+            shop.reward(kind=kind, max_quantity=3, **terms)
+        assert "只能使用一次" in str(refused.value.errors()[0]["ctx"]["error"].zh)
+    wash = shop.reward(kind="service", points=300)
+    # one stored before the rule (3 washes a redemption) is still read, and redeemed singly
+    stored = {**wash.model_dump(mode="json", include=set(rewards.RewardDef.model_fields)),
+              "max_quantity": 3}  # fmt: skip
+    stamp = clock(db).now() + timedelta(seconds=1)  # a version of its own, not cached
+    db.run(lambda uow: uow.conn.execute(rewards_table.update().where(
+        rewards_table.c.id == wash.id).values(terms=stored, updated_at=stamp)))  # fmt: skip
+    assert shop.get(wash.code).max_quantity == 3
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(LimitReached, match="is used once: redeem one at a time") as no:
+        shop.redeem(member, wash.code, quantity=3)
+    assert "每次兑换 1 件" in no.value.message("zh")
+    assert (shop.counts(), shop.available(member)) == before
+    order = shop.redeem(member, wash.code)
+    assert order.quantity == 1 and order.voucher is not None
 
 
 def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -> None:
@@ -348,6 +459,88 @@ def test_goods_for_pickup_are_delivered_when_the_voucher_is_used(db: Database) -
     assert shop.available(member) == 5000 - 300 - 30
 
 
+def test_goods_collected_with_a_voucher_can_be_returned_a_used_voucher_of_another_kind_not(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=3)
+    order = shop.redeem(member, towel.code)
+    assert order.voucher is not None
+    shop.use(order.voucher.code)  # collected at S1
+    # the member brings it back: the points and the unit come back, the voucher stays used
+    returned = shop.move(order.id, "return", note="faulty")
+    assert returned.state == "returned" and returned.refund_posting_id is not None
+    assert returned.voucher is not None and returned.voucher.state == "used"
+    assert (shop.available(member), shop.get(towel.code).stock_left) == (5000, 3)
+    with pytest.raises(StateConflict):  # once
+        shop.move(order.id, "return")
+    with pytest.raises(VoucherNotUsable, match="already used"):
+        shop.use(order.voucher.code)
+    for kind, terms in [("service", {}), ("coupon", {"coupon": {"percent_off": 10}})]:
+        bought = shop.redeem(member, shop.reward(kind=kind, points=100, **terms).code)
+        assert bought.voucher is not None
+        shop.use(bought.voucher.code, 1000)
+        with pytest.raises(StateConflict, match="only an unused voucher can be given back"):
+            shop.move(bought.id, "return")
+    assert shop.available(member) == 4800
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_lapsed_voucher_is_given_back_by_the_expiry_run_less_its_fee_only(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=3)  # valid 30 days
+    coupon = shop.reward(kind="coupon", points=100, coupon={"amount_fen": 500})  # 90 days
+    orders = [shop.redeem(member, towel.code), shop.redeem(member, coupon.code)]
+    clock(db).advance(timedelta(days=91))  # both lapsed; the expiry run has not come yet
+    before = (shop.counts(), shop.available(member), shop.get(towel.code).stock_left)
+    for attempt in (
+        lambda: shop.move(orders[0].id, "cancel"),
+        lambda: db.run(lambda uow: rewards.move(
+            uow, program_id=shop.program_id, order_id=orders[0].id, action="cancel",
+            actor="member", member_id=member)),
+        lambda: shop.move(orders[1].id, "return"),
+    ):  # fmt: skip
+        with pytest.raises(StateConflict, match=r"lapsed at .* less the programme's fee") as no:
+            attempt()
+        assert "扣除手续费" in no.value.message("zh")
+    assert (shop.counts(), shop.available(member), shop.get(towel.code).stock_left) == before
+    report = db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    assert (report.vouchers, report.points_returned, report.fees) == (2, 360, 40)
+    assert shop.available(member) == 5000 - 40
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_goods_are_either_shipped_or_collected_never_both(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    towel = shop.reward(points=300, pickup=True, stock=10)
+    assert edit_reward(db, shop, towel, pickup=False).pickup is False  # no orders yet
+    edit_reward(db, shop, towel, pickup=True)
+    order = shop.redeem(member, towel.code)
+    assert order.voucher is not None
+    with pytest.raises(InvalidInput, match="orders made to be collected at a store") as no:
+        edit_reward(db, shop, towel, pickup=False)
+    assert "不能更改交付方式" in no.value.message("zh")
+    mug = shop.reward(points=300, stock=10)
+    shop.redeem(member, mug.code)
+    with pytest.raises(InvalidInput, match="orders made to be shipped"):
+        edit_reward(db, shop, mug, pickup=True)
+    assert edit_reward(db, shop, mug, points=400).points == 400  # other terms still change
+    # a voucher whose order went another way (shipped before this rule) is not collected
+    for state in ("shipped", "delivered", "cancelled", "returned"):
+        db.run(lambda uow, s=state: uow.conn.execute(reward_orders.update().where(
+            reward_orders.c.id == order.id).values(state=s)))  # fmt: skip
+        with pytest.raises(VoucherNotUsable, match=f"its order {order.id} is {state}"):
+            shop.use(order.voucher.code)
+    db.run(lambda uow: uow.conn.execute(reward_orders.update().where(
+        reward_orders.c.id == order.id).values(state="created")))  # fmt: skip
+    assert shop.use(order.voucher.code).voucher.state == "used"
+
+
 def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Database) -> None:
     shop = Shop.open(db)
     players = shop.member(100_000, tier="金卡", count=3)
@@ -360,12 +553,22 @@ def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Datab
              "value": 100},
         ]},
     )  # fmt: skip
-    orders = [shop.redeem(players[i % 3], wheel.code, key=f"draw-{i}") for i in range(150)]
+    orders = []
+    for i in range(300):  # until no prize can be paid: then a draw is no longer sold
+        try:
+            orders.append(shop.redeem(players[i % 3], wheel.code, key=f"draw-{i}"))
+        except NotOnSale:
+            break
+    with pytest.raises(NotOnSale, match="sold out: no prize is left") as sold_out:
+        shop.redeem(players[0], wheel.code)
+    assert "已售罄" in sold_out.value.message("zh")
     cost = {"p500": 500, "p20": 20, "cup": 100}
     won = [o.outcome["prize"] for o in orders if o.outcome["prize"]]
-    assert sum(cost[p] for p in won) <= 2000
+    assert 2000 - 20 < sum(cost[p] for p in won) <= 2000  # not even a p20 is left
     assert won.count("cup") <= 2
-    assert any(o.outcome.get("missed") for o in orders)  # the budget ran out
+    assert any(o.outcome.get("missed") for o in orders)  # p500 drawn with less than 500 left
+    assert [a.reward.code for a in db.run(lambda uow: rewards.what_can_i_get(
+        uow, program_id=shop.program_id, member_id=players[0])).now] == []  # fmt: skip
     for order in orders:  # each draw replays from its seed
         draw = order.outcome["draw"]
         assert core.roll(draw["seed"]) == draw["roll"]
@@ -380,6 +583,62 @@ def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Datab
     with pytest.raises(StateConflict):  # a draw is final
         shop.move(orders[0].id, "cancel")
     assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_lottery_prize_counts_against_its_budget_and_draws_stop_when_none_is_left(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(100_000, tier="金卡")
+    tv = {"code": "tv", "name": {"en": "TV"}, "chance_ppm": 1_000_000}  # staff hand it over
+    with pytest.raises(ValidationError, match="prize 'tv' would cost the lottery's budget"):
+        shop.reward(kind="lottery", points=10, lottery={"budget": 0, "prizes": [tv]})
+    # with its value it counts: a budget of 0 gives none, and no draw is sold
+    none = shop.reward(kind="lottery", points=10,
+                       lottery={"budget": 0, "prizes": [{**tv, "value": 3000}]})  # fmt: skip
+    with pytest.raises(NotOnSale, match="sold out"):
+        shop.redeem(member, none.code)
+    # two prizes of 500 in a budget of 1,000: two draws win, the third is not sold
+    pts = {"code": "pts", "name": {"en": "500"}, "chance_ppm": 1_000_000, "points": 500}
+    wheel = shop.reward(kind="lottery", points=10, lottery={"budget": 1000, "prizes": [pts]})
+    assert [shop.redeem(member, wheel.code).outcome["prize"] for _ in range(2)] == ["pts"] * 2
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(NotOnSale, match="sold out"):
+        shop.redeem(member, wheel.code)
+    assert (shop.counts(), shop.available(member)) == before
+    # a prize's quantity, without a budget, likewise; a draw with a losing slice still sells
+    # while a prize is left
+    one = shop.reward(kind="lottery", points=10, lottery={"prizes": [
+        {**tv, "quantity": 1, "chance_ppm": 500_000}]})  # fmt: skip
+    for _ in range(100):  # until it is won (a draw in two wins it)
+        if shop.redeem(member, one.code).outcome["prize"] == "tv":
+            break
+    with pytest.raises(NotOnSale, match="sold out"):
+        shop.redeem(member, one.code)
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_an_event_takes_registrations_until_it_starts(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    starts = clock(db).now() + timedelta(days=2)
+    salon = shop.reward(kind="event", points=100, event={"starts_at": starts, "venue": "旗舰店"})
+    shop.redeem(member, salon.code)
+    clock(db).advance(timedelta(days=2))  # it starts
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(NotOnSale, match="the event started at") as closed:
+        shop.redeem(member, salon.code)
+    assert "报名已截止" in closed.value.message("zh")
+    assert (shop.counts(), shop.available(member)) == before
+    offer = db.run(lambda uow: rewards.what_can_i_get(uow, program_id=shop.program_id,
+                                                      member_id=member))  # fmt: skip
+    assert salon.code not in [a.reward.code for a in offer.now]
+
+
+def test_a_reward_for_no_tier_is_refused(db: Database) -> None:
+    shop = Shop.open(db)
+    with pytest.raises(ValidationError, match="names no tier"):
+        shop.reward(points=100, visible_tiers=[])
 
 
 def test_a_donation_moves_points_to_the_charity_account_with_a_receipt(db: Database) -> None:
@@ -452,6 +711,30 @@ def test_restock_alert_at_safety_stock_clears_on_restock(db: Database) -> None:
     assert db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id)) == ([], None)
     restocked = shop.get(cup.code)
     assert (restocked.stock_left, restocked.stock_total, restocked.sold) == (11, 13, 2)
+
+
+def test_one_open_restock_alert_a_reward_raised_also_by_creation_and_edits(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(10000, tier="金卡")
+
+    def alerts() -> list[tuple[str, int, int]]:
+        found, _ = db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id))
+        return [(a.reward, a.stock_left, a.safety_stock) for a in found]
+
+    mug = shop.reward(points=100, stock=1, safety_stock=5, max_quantity=10)
+    assert alerts() == [(mug.code, 1, 5)]  # created at or below its safety line
+    db.run(lambda uow: rewards.restock(uow, program_id=shop.program_id, code=mug.code, add=10))
+    assert alerts() == []
+    order = shop.redeem(member, mug.code, quantity=6)  # 11 -> 5
+    shop.move(order.id, "cancel")  # back to 11: the alert stays until restocked
+    shop.redeem(member, mug.code, quantity=7)  # 11 -> 4: down across the line again
+    assert alerts() == [(mug.code, 5, 5)]  # still one
+    assert edit_reward(db, shop, mug, safety_stock=2).stock_left == 4
+    assert alerts() == []  # the line moved below the stock
+    edit_reward(db, shop, mug, safety_stock=4)
+    assert alerts() == [(mug.code, 4, 4)]
 
 
 def test_a_redemption_twice_with_one_key_is_one_order(db: Database) -> None:

@@ -45,7 +45,8 @@ PERMISSIONS: dict[str, str] = {
     "tiers.write": "define tiers and set a member's tier",
     "rewards.read": "see the rewards catalogue, prices and stock alerts",
     "rewards.write": "add, change, pause and restock rewards",
-    "rewards.redeem": "redeem rewards for a member, confirm or cancel its redemptions",
+    "rewards.redeem": "redeem rewards for a member, cancel its redemptions (held ones are "
+    "confirmed by the member itself)",
     "orders.read": "see redemption orders and vouchers",
     "orders.fulfil": "confirm, ship, deliver, cancel and return redemption orders",
     "vouchers.redeem": "accept a member's voucher or coupon at a till",

@@ -45,6 +45,8 @@ RACE_CONSTRAINTS = (
     "vouchers.program_id, vouchers.code",
     "uq_reward_orders_program_id_idempotency_key",  # twins of one redemption
     "reward_orders.program_id, reward_orders.idempotency_key",
+    "uq_reward_orders_program_id_payment_ref",  # one payment sent for two redemptions at once
+    "reward_orders.program_id, reward_orders.payment_ref",
 )
 
 

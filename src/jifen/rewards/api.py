@@ -3,7 +3,7 @@ orders and their fulfilment, and vouchers at the till."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from jifen.api.deps import Context, Read, Write, id_cursor
 from jifen.api.schemas import LIMIT, IdCursor, Page
 from jifen.db.uow import UnitOfWork
+from jifen.errors import WrongCaller
 from jifen.members import service as members_service
 from jifen.rewards import service
 from jifen.rewards.schemas import (
@@ -171,6 +172,23 @@ def _member(uow: UnitOfWork, ctx: Context, member_id: int) -> None:
     members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
 
 
+Shown = TypeVar("Shown", OrderRead, VoucherRead)
+
+
+def _seen(ctx: Context, read: Shown) -> Shown:
+    """An order or voucher as the caller may see it. A voucher's code is the member's
+    secret (whoever holds it spends it): whole to the member itself, to staff and API keys
+    masked but for its last 4 characters."""
+    return read if ctx.principal.kind == "member" else read.masked()
+
+
+def _audited_order(answer: dict[str, Any]) -> dict[str, Any]:
+    """What the audit log keeps of a redemption's answer: the voucher's code masked (the
+    answer hands it whole to whoever redeemed, a till redeeming for a member at its
+    counter; the log is read by many)."""
+    return OrderRead.model_validate(answer).masked().model_dump(mode="json")
+
+
 @router.get(f"{MEMBER}/rewards", response_model=WhatCanIGet)
 def what_can_i_get(
     program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("rewards.read"))]
@@ -208,7 +226,15 @@ def redeem(
 ) -> JSONResponse:
     """Redeem a reward: stock, points and the order in one transaction. Above the tier's
     cooling-off line the order is ``held`` with the points frozen until the member confirms
-    it after ``hold_until``."""
+    it after ``hold_until``. The cash part's ``payment_ref`` comes from the till's or the
+    payment system's credentials, never from the member's own app."""
+    if ctx.principal.kind == "member" and body.payment_ref is not None:
+        raise WrongCaller(
+            problem="A member cannot name the payment of a cash part; the till or the payment "
+            "system that took the payment sends the redemption with its reference.",
+            problem_zh="会员不能自行提供现金部分的支付流水号;由收款的收银台或支付系统"
+            "携带流水号提交兑换。",
+        )
     merchant, store = ctx.merchant(body.merchant, body.store)
     return ctx.execute(
         lambda uow: service.redeem(
@@ -217,6 +243,7 @@ def redeem(
         ),
         target=f"member:{member_id}",
         status=201,
+        summary=_audited_order,
     )  # fmt: skip
 
 
@@ -240,7 +267,7 @@ def member_orders(
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)
-    return Page(items=items, next_cursor=next_cursor)
+    return Page(items=[_seen(ctx, item) for item in items], next_cursor=next_cursor)
 
 
 @router.get(f"{MEMBER}/orders/{{order_id}}", response_model=OrderRead)
@@ -251,22 +278,35 @@ def member_order(
     ctx: Annotated[Context, Depends(Read("orders.read"))],
 ) -> OrderRead:
     """One of the member's orders, with how its price was reached and every step."""
-    return ctx.db.run(
+    order = ctx.db.run(
         lambda uow: service.get_order(
             uow, program_id=ctx.program_id, order_id=order_id, member_id=member_id
         ),
         read_only=True,
     )
+    return _seen(ctx, order)
 
 
-@router.post(f"{MEMBER}/orders/{{order_id}}/confirm", response_model=OrderRead)
+@router.post(
+    f"{MEMBER}/orders/{{order_id}}/confirm",
+    response_model=OrderRead,
+    openapi_extra={"x-member-only": True},  # staff and keys holding the permission: 403
+)
 def confirm_held(
     program: str,
     member_id: Id,
     order_id: Id,
     ctx: Annotated[Context, Depends(Write("rewards.redeem"))],
 ) -> JSONResponse:
-    """Confirm a held redemption once its cooling-off has passed."""
+    """The member confirms its held redemption once its cooling-off has passed (in its own
+    app: staff and API keys cannot confirm for it)."""
+    if ctx.principal.kind != "member":
+        raise WrongCaller(
+            problem=f"Only member {member_id} confirms its held redemption, in its own app, "
+            "after the cooling-off; staff and API keys cannot confirm it (they may cancel it).",
+            problem_zh=f"冷静期结束后,只能由会员 {member_id} 本人在其应用中确认该待确认兑换;"
+            "员工和 API 密钥不能代为确认(可以取消)。",
+        )
     return ctx.execute(
         lambda uow: service.confirm_held(
             uow, program_id=ctx.program_id, member_id=member_id, order_id=order_id,
@@ -286,10 +326,10 @@ def cancel_own(
 ) -> JSONResponse:
     """Cancel a redemption not yet shipped: the points go back to the lots they came from."""
     return ctx.execute(
-        lambda uow: service.move(
+        lambda uow: _seen(ctx, service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action="cancel",
             actor=ctx.actor, note=body.note, member_id=member_id, merchant=ctx.merchant_scope,
-        ),
+        )),
         target=f"order:{order_id}",
     )  # fmt: skip
 
@@ -314,7 +354,7 @@ def member_vouchers(
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)
-    return Page(items=items, next_cursor=next_cursor)
+    return Page(items=[_seen(ctx, item) for item in items], next_cursor=next_cursor)
 
 
 # --------------------------------------------------------------------------- staff
@@ -330,26 +370,31 @@ def list_orders(
     cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
-    """Redemption orders, newest first: ``state=created`` is the fulfilment queue."""
+    """Redemption orders, newest first: ``state=created`` is the fulfilment queue.
+    Credentials of one merchant see its orders only."""
     before = id_cursor(cursor)
     items, next_cursor = ctx.db.run(
         lambda uow: service.list_orders(
             uow, program_id=ctx.program_id, member_id=member_id, state=state, reward=reward,
-            after_id=before, limit=limit,
+            merchant=ctx.merchant_scope, after_id=before, limit=limit,
         ),
         read_only=True,
     )  # fmt: skip
-    return Page(items=items, next_cursor=next_cursor)
+    return Page(items=[_seen(ctx, item) for item in items], next_cursor=next_cursor)
 
 
 @router.get(f"{PROGRAM}/orders/{{order_id}}", response_model=OrderRead)
 def get_order(
     program: str, order_id: Id, ctx: Annotated[Context, Depends(Read("orders.read"))]
 ) -> OrderRead:
-    return ctx.db.run(
-        lambda uow: service.get_order(uow, program_id=ctx.program_id, order_id=order_id),
+    """One order (credentials of one merchant: one of its own)."""
+    order = ctx.db.run(
+        lambda uow: service.get_order(
+            uow, program_id=ctx.program_id, order_id=order_id, merchant=ctx.merchant_scope
+        ),
         read_only=True,
     )
+    return _seen(ctx, order)
 
 
 @router.post(f"{PROGRAM}/orders/{{order_id}}/{{action}}", response_model=OrderRead)
@@ -363,10 +408,10 @@ def move_order(
     """Move an order on: ``confirm``, ``ship`` (with ``tracking``), ``deliver``, ``cancel``
     (before shipping) or ``return`` (after): the last two give the points and stock back."""
     return ctx.execute(
-        lambda uow: service.move(
+        lambda uow: _seen(ctx, service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action=action,
             actor=ctx.actor, note=body.note, tracking=body.tracking, merchant=ctx.merchant_scope,
-        ),
+        )),
         target=f"order:{order_id}",
     )  # fmt: skip
 
@@ -375,7 +420,7 @@ def move_order(
 def get_voucher(
     program: str, code: VoucherCode, ctx: Annotated[Context, Depends(Read("orders.read"))]
 ) -> VoucherRead:
-    """A voucher by the code the member shows."""
+    """A voucher by the code the member shows (whole: the caller has it)."""
     return ctx.db.run(
         lambda uow: service.get_voucher(uow, program_id=ctx.program_id, code=code),
         read_only=True,

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from jifen.errors import LimitReached, NotOnSale, TierNotAllowed
 from jifen.rewards.schemas import (
+    VOUCHER_KINDS,
     CouponTerms,
     LimitPeriod,
     LotteryTerms,
@@ -198,6 +199,13 @@ def check_limits(
     redemptions_this_month: int,
 ) -> None:
     """Refuse a redemption beyond the reward's per-member limit or the tier's limits."""
+    if reward.kind in VOUCHER_KINDS and quantity > 1:  # also if stored with more allowed
+        raise LimitReached(
+            problem=f"Each voucher of {reward.code!r} is used once: redeem one at a time "
+            f"(one voucher a unit); {quantity} asked for.",
+            problem_zh=f"礼品 {reward.code!r} 的每张券只能使用一次:请每次兑换 1 件"
+            f"(每件一张券),本次为 {quantity} 件。",
+        )
     if quantity > reward.max_quantity:
         raise LimitReached(
             problem=f"At most {reward.max_quantity} of {reward.code!r} in one redemption; "
@@ -264,6 +272,18 @@ def prize_for(terms: LotteryTerms, drawn: int) -> Prize | None:
 def affordable(prize: Prize, *, left: int | None, budget_left: int | None) -> bool:
     """Whether one more of ``prize`` fits its quantity and the lottery's budget."""
     return (left is None or left >= 1) and (budget_left is None or budget_left >= prize.cost)
+
+
+def can_pay_a_prize(
+    terms: LotteryTerms, left: dict[str, int | None], budget_left: int | None
+) -> bool:
+    """Whether a draw can still win anything: a prize with a chance that its quantity left
+    and the budget left still cover (``left`` by prize code; ``None``: no limit)."""
+    return any(
+        prize.chance_ppm > 0
+        and affordable(prize, left=left.get(prize.code), budget_left=budget_left)
+        for prize in terms.prizes
+    )
 
 
 # --------------------------------------------------------------------------- vouchers

@@ -72,6 +72,8 @@ reward_orders = Table(
     Index("ix_reward_orders_program_state", "program_id", "state", "id"),
     Index("ix_reward_orders_spend_posting", "spend_posting_id"),
     Index("ix_reward_orders_hold_posting", "hold_posting_id"),
+    # A payment pays for one order (NULLs, orders without a cash part, are all distinct).
+    Index("uq_reward_orders_program_id_payment_ref", "program_id", "payment_ref", unique=True),
 )
 
 order_steps = Table(
@@ -99,6 +101,12 @@ vouchers = Table(
     Column("used_store", String(64), nullable=True),
     Column("used_by", String(120), nullable=True),
     Column("refund_posting_id", BigId, ForeignKey("postings.id"), nullable=True),
+    Column(
+        "coupon",
+        JSON,
+        nullable=True,
+        comment="a coupon's terms as bought (NULL: issued before they were kept here)",
+    ),
     UniqueConstraint("program_id", "code"),
     Index("ix_vouchers_due", "program_id", "state", "valid_until"),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -222,6 +222,41 @@ class RewardDef(RequestBody):
             )
         return self
 
+    written: ClassVar[bool] = True
+    """Whether these terms are being written (created, edited), not read back as stored."""
+
+    @model_validator(mode="after")
+    def _terms_to_write(self) -> Self:
+        """Rules a reward's terms meet when it is created or edited, added after rewards were
+        first stored: terms stored before them are read back as they are (:class:`StoredTerms`)
+        and meet them at their next edit; redemption checks on its own what it must."""
+        if not self.written:
+            return self
+        if self.kind in VOUCHER_KINDS and self.max_quantity != 1:
+            raise Refusal(
+                f"each {self.kind} voucher is used once: max_quantity must be 1 (a member "
+                "redeems one voucher per unit)",
+                f"每张 {self.kind} 券只能使用一次:max_quantity 须为 1(每件单独兑换一张券)",
+            )
+        if self.visible_tiers == []:
+            raise Refusal(
+                "visible_tiers names no tier, so no member could redeem it: name at least one "
+                "tier, or leave it out for everyone (pause the reward to hide it)",
+                "visible_tiers 未列出任何等级,将无会员可兑换:请至少列出一个等级,"
+                "或不填以对所有会员开放(如需隐藏请暂停该礼品)",
+            )
+        if self.lottery is not None and self.lottery.budget is not None:
+            free = [prize.code for prize in self.lottery.prizes if prize.cost == 0]
+            if free:  # it would be given out without end, whatever the budget
+                raise Refusal(
+                    f"prize {free[0]!r} would cost the lottery's budget nothing: give a prize "
+                    "that staff hand over (points 0) its value, in points, to count against "
+                    "the budget",
+                    f"奖品 {free[0]!r} 不占用抽奖预算:由员工发放的奖品(points 为 0)"
+                    "须给出其价值 value(以积分计),计入预算",
+                )
+        return self
+
     @property
     def discountable(self) -> bool:
         return self.kind not in UNDISCOUNTED_KINDS if self.discounts is None else self.discounts
@@ -229,6 +264,13 @@ class RewardDef(RequestBody):
     @property
     def has_voucher(self) -> bool:
         return self.kind in VOUCHER_KINDS or self.pickup
+
+
+class StoredTerms(RewardDef):
+    """A reward's terms as stored: read back without the rules added since they were
+    written (the next edit must meet them)."""
+
+    written: ClassVar[bool] = False
 
 
 class RewardCreate(RewardDef):
@@ -245,7 +287,7 @@ class Restock(RequestBody):
     """Units added to the stock."""
 
 
-class RewardRead(RewardDef):
+class RewardRead(StoredTerms):
     id: int
     state: RewardState
     stock_left: int | None
@@ -377,6 +419,12 @@ class OrderStep(BaseModel):
     note: str = ""
 
 
+def mask_code(code: str) -> str:
+    """A voucher code as shown to anyone but its member: all but its last 4 characters
+    hidden, its length kept (``********H359``), enough to tell two apart at a counter."""
+    return "*" * max(len(code) - 4, 0) + code[-4:]
+
+
 class VoucherRead(BaseModel):
     code: str
     state: VoucherState
@@ -389,6 +437,10 @@ class VoucherRead(BaseModel):
     refund_posting_id: int | None = None
     """The posting that returned the points (less the fee) when it expired unused."""
     coupon: CouponTerms | None = None
+
+    def masked(self) -> Self:
+        """The voucher with its code masked (for anyone but its member)."""
+        return self.model_copy(update={"code": mask_code(self.code)})
 
 
 class OrderRead(BaseModel):
@@ -415,6 +467,16 @@ class OrderRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+
+    def masked(self) -> Self:
+        """The order with its voucher's code masked, also where the outcome names it (for
+        anyone but its member)."""
+        if self.voucher is None:
+            return self
+        outcome = dict(self.outcome)
+        if isinstance(outcome.get("voucher"), str):
+            outcome["voucher"] = mask_code(outcome["voucher"])
+        return self.model_copy(update={"voucher": self.voucher.masked(), "outcome": outcome})
 
 
 class OrderAction(RequestBody):

@@ -32,6 +32,7 @@ from jifen.errors import (
     LimitReached,
     NotOnSale,
     OutOfStock,
+    PaymentUsed,
     PriceChanged,
     Refused,
     StateConflict,
@@ -52,6 +53,7 @@ from jifen.rewards.models import order_steps, prize_stock, reward_orders, reward
 from jifen.rewards.models import vouchers as vouchers_table
 from jifen.rewards.schemas import (
     Available,
+    CouponTerms,
     ExpiryReport,
     HoldsReport,
     OrderRead,
@@ -65,6 +67,7 @@ from jifen.rewards.schemas import (
     RewardDef,
     RewardRead,
     StockAlert,
+    StoredTerms,
     TierTerms,
     VoucherRead,
     VoucherUsed,
@@ -93,7 +96,7 @@ def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
     key = f"reward_terms:{row.id}:{row.updated_at.isoformat()}"
     cached: RewardDef | None = uow.cache.get(key)
     if cached is None:
-        cached = RewardDef.model_validate(row.terms)
+        cached = StoredTerms.model_validate(row.terms)
         uow.cache[key] = cached
     if cached.sales_start is None:
         return cached
@@ -180,6 +183,8 @@ def create_reward(uow: UnitOfWork, *, program_id: int, body: RewardCreate) -> Re
     ).scalar_one()
     if body.lottery is not None:
         _set_prizes(uow, reward_id, body)
+    if body.stock is not None and body.stock <= body.safety_stock:
+        _raise_alert(uow, program_id, reward_id, body.stock, body.safety_stock)
     return get_reward(uow, program_id=program_id, code=body.code)
 
 
@@ -235,8 +240,19 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
             problem=f"a {row.kind} reward cannot become {body.kind}; add a new reward instead",
             problem_zh=f"{row.kind} 类礼品不能改为 {body.kind};请新建礼品。",
         )
+    pickup = _terms(uow, row).pickup
+    if body.pickup != pickup and _has_orders(uow, row.id):
+        # Its orders were made to be collected (with a voucher) or shipped (without one):
+        # read the other way, one could be shipped and collected too, or never delivered.
+        how, how_zh = ("collected at a store", "门店自提") if pickup else ("shipped", "快递发货")
+        raise InvalidInput(
+            field="pickup",
+            problem=f"reward {code!r} has orders made to be {how}; it cannot change how it "
+            "is fulfilled: add a new reward instead",
+            problem_zh=f"礼品 {code!r} 已有按{how_zh}方式下的订单,不能更改交付方式;请新建礼品。",
+        )
     _check_tiers(uow, program_id, body)
-    uow.conn.execute(
+    left = uow.conn.execute(
         rewards.update()
         .where(rewards.c.id == row.id)
         .values(
@@ -246,10 +262,23 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
             safety_stock=body.safety_stock,
             updated_at=_later(uow, row.updated_at),
         )
-    )
+        .returning(rewards.c.stock_left)
+    ).scalar_one()
     if body.lottery is not None:
         _set_prizes(uow, row.id, body)
+    if left is not None:  # the safety line may have moved past the stock, either way
+        if left <= body.safety_stock:
+            _raise_alert(uow, program_id, row.id, left, body.safety_stock)
+        else:
+            _clear_alert(uow, row.id)
     return get_reward(uow, program_id=program_id, code=code)
+
+
+def _has_orders(uow: UnitOfWork, reward_id: int) -> bool:
+    found = uow.conn.execute(
+        select(reward_orders.c.id).where(reward_orders.c.reward_id == reward_id).limit(1)
+    ).first()
+    return found is not None
 
 
 def _later(uow: UnitOfWork, previous: datetime) -> datetime:
@@ -288,11 +317,7 @@ def restock(uow: UnitOfWork, *, program_id: int, code: str, add: int) -> RewardR
         .returning(rewards.c.stock_left)
     ).scalar_one()
     if left > row.safety_stock:
-        uow.conn.execute(
-            stock_alerts.update()
-            .where(stock_alerts.c.reward_id == row.id, stock_alerts.c.cleared_at.is_(None))
-            .values(cleared_at=uow.clock.now())
-        )
+        _clear_alert(uow, row.id)
     return get_reward(uow, program_id=program_id, code=code)
 
 
@@ -543,6 +568,8 @@ def _admit(
     else:  # nothing here depends on the member's tier: one read fewer
         buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
     core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+    _check_prizes_left(uow, row.id, terms)
+    _check_event_ahead(terms, now)
     _check_details(terms, body)
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
@@ -564,7 +591,22 @@ def _admit(
             "payment's reference from the payment system",
             problem_zh=f"礼品 {terms.code!r} 含现金部分 {price.cash_fen} 分,请提供支付流水号。",
         )
+    if body.payment_ref is not None:
+        _require_unused_payment(uow, program_id, body.payment_ref)
     return row, terms, policy, price, tier_terms
+
+
+def _require_unused_payment(uow: UnitOfWork, program_id: int, payment_ref: str) -> None:
+    """Refuse a payment that already paid for an order. Two redemptions sending it at once
+    both pass here; the unique index refuses the second's order, and its transaction, run
+    again, is refused here."""
+    paid = uow.conn.execute(
+        select(reward_orders.c.id).where(
+            reward_orders.c.program_id == program_id, reward_orders.c.payment_ref == payment_ref
+        )
+    ).first()
+    if paid is not None:
+        raise PaymentUsed(payment_ref=payment_ref, order_id=paid.id)
 
 
 def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int | None:
@@ -579,6 +621,17 @@ def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int |
         )
     ).first()
     return None if found is None else int(found.id)
+
+
+def _check_event_ahead(terms: RewardDef, now: datetime) -> None:
+    """Refuse a registration for an event that has started."""
+    if terms.event is not None and now >= terms.event.starts_at:
+        raise NotOnSale(
+            reward=terms.code,
+            problem=f"the event started at {terms.event.starts_at.isoformat()}; registration "
+            "is closed.",
+            problem_zh=f"活动已于 {terms.event.starts_at.isoformat()} 开始,报名已截止。",
+        )
 
 
 def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
@@ -705,10 +758,11 @@ def _issue_voucher(
         valid_until=uow.clock.now() + timedelta(days=days),
         coupon=terms.coupon,
     )
+    coupon = None if terms.coupon is None else terms.coupon.model_dump(mode="json")
     uow.conn.execute(
         _INSERT_VOUCHER,
         {"program_id": program_id, "code": voucher.code, "order_id": voucher.order_id,
-         "member_id": voucher.member_id, "valid_until": voucher.valid_until},
+         "member_id": voucher.member_id, "valid_until": voucher.valid_until, "coupon": coupon},
     )  # fmt: skip
     return voucher
 
@@ -750,6 +804,28 @@ def _draw(
         result["prize_points"] = prize.points
         result["prize_posting_id"] = posting.id
     return result
+
+
+def _check_prizes_left(uow: UnitOfWork, reward_id: int, terms: RewardDef) -> None:
+    """Refuse a draw of a lottery that can no longer pay any prize (each given out, or the
+    budget spent): it would cost the member a draw that cannot win. Two draws at once may
+    still both pass for the last prize; the second then wins nothing (see :func:`_draw`)."""
+    if terms.lottery is None:
+        return
+    left: dict[str, int | None] = dict(
+        uow.conn.execute(
+            select(prize_stock.c.prize_code, prize_stock.c.remaining).where(
+                prize_stock.c.reward_id == reward_id
+            )
+        ).all()
+    )
+    if not core.can_pay_a_prize(terms.lottery, left, left.pop(_BUDGET, None)):
+        raise NotOnSale(
+            reward=terms.code,
+            problem="it is sold out: no prize is left to win (every prize is given out or "
+            "the prize budget is spent).",
+            problem_zh="已售罄:奖品已全部发完或奖品预算已用完,不再有可中的奖品。",
+        )
 
 
 def _take_prize(uow: UnitOfWork, reward_id: int, prize_code: str, cost: int) -> bool:
@@ -801,12 +877,37 @@ def _take_stock(uow: UnitOfWork, row: Any, quantity: int) -> int:
 def _alert(uow: UnitOfWork, program_id: int, row: Any, left: int, quantity: int) -> None:
     """A restock alert when this redemption took the stock down to its safety level."""
     if left <= row.safety_stock < left + quantity:
+        _raise_alert(uow, program_id, row.id, left, row.safety_stock)
+
+
+def _raise_alert(
+    uow: UnitOfWork, program_id: int, reward_id: int, left: int, safety_stock: int
+) -> None:
+    """A restock alert for the reward, unless one is open: one a reward until restocked
+    (a cancel lifting the stock and the next redemption taking it down again raised a
+    second). Callers have written the reward's row, so its writers take turns here."""
+    found = uow.conn.execute(
+        select(stock_alerts.c.id).where(
+            stock_alerts.c.program_id == program_id,  # the open alerts' index
+            stock_alerts.c.cleared_at.is_(None),
+            stock_alerts.c.reward_id == reward_id,
+        )
+    ).first()
+    if found is None:
         uow.conn.execute(
             stock_alerts.insert().values(
-                program_id=program_id, reward_id=row.id, stock_left=left,
-                safety_stock=row.safety_stock, raised_at=uow.clock.now(),
+                program_id=program_id, reward_id=reward_id, stock_left=left,
+                safety_stock=safety_stock, raised_at=uow.clock.now(),
             )
         )  # fmt: skip
+
+
+def _clear_alert(uow: UnitOfWork, reward_id: int) -> None:
+    uow.conn.execute(
+        stock_alerts.update()
+        .where(stock_alerts.c.reward_id == reward_id, stock_alerts.c.cleared_at.is_(None))
+        .values(cleared_at=uow.clock.now())
+    )
 
 
 def _give_stock(uow: UnitOfWork, reward_id: int, quantity: int) -> None:
@@ -821,7 +922,11 @@ def _give_stock(uow: UnitOfWork, reward_id: int, quantity: int) -> None:
 
 
 def _order_row(
-    uow: UnitOfWork, program_id: int, order_id: int, member_id: int | None = None
+    uow: UnitOfWork,
+    program_id: int,
+    order_id: int,
+    member_id: int | None = None,
+    merchant: str | None = None,
 ) -> Row[Any]:
     query = (
         select(reward_orders, rewards.c.code, rewards.c.kind)
@@ -830,6 +935,8 @@ def _order_row(
     )
     if member_id is not None:
         query = query.where(reward_orders.c.member_id == member_id)
+    if merchant is not None:
+        query = query.where(reward_orders.c.merchant == merchant)
     row = uow.conn.execute(query).one_or_none()
     if row is None:
         raise UnknownOrder(order_id=order_id)
@@ -837,9 +944,16 @@ def _order_row(
 
 
 def get_order(
-    uow: UnitOfWork, *, program_id: int, order_id: int, member_id: int | None = None
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    order_id: int,
+    member_id: int | None = None,
+    merchant: str | None = None,
 ) -> OrderRead:
-    return _order_read(uow, _order_row(uow, program_id, order_id, member_id))
+    """One order; with ``merchant`` (the caller sees that merchant's orders only), another
+    merchant's order is unknown."""
+    return _order_read(uow, _order_row(uow, program_id, order_id, member_id, merchant))
 
 
 def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRead:
@@ -866,7 +980,7 @@ def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRe
         refund_posting_id=row.refund_posting_id,
         price=[PriceStep.model_validate(step) for step in row.price],
         outcome=dict(row.outcome),
-        voucher=_voucher_read(uow, voucher, row.code) if voucher is not None else None,
+        voucher=_voucher_read(uow, voucher, row.code, row.kind) if voucher is not None else None,
         steps=[OrderStep(state=s.state, at=s.at, by=s.by, note=s.note) for s in steps],
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -874,8 +988,7 @@ def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRe
     )
 
 
-def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str) -> VoucherRead:
-    reward = _reward_row(uow, row.program_id, reward_code)
+def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str, kind: str) -> VoucherRead:
     return VoucherRead(
         code=row.code,
         state=row.state,
@@ -886,8 +999,19 @@ def _voucher_read(uow: UnitOfWork, row: Any, reward_code: str) -> VoucherRead:
         used_at=row.used_at,
         used_store=row.used_store,
         refund_posting_id=row.refund_posting_id,
-        coupon=_terms(uow, reward).coupon,
+        coupon=_coupon_of(uow, row, reward_code, kind),
     )
+
+
+def _coupon_of(uow: UnitOfWork, voucher: Any, reward_code: str, kind: str) -> CouponTerms | None:
+    """The terms a coupon was bought with, kept on its voucher: a later edit of the reward
+    changes new coupons only. One issued before the terms were kept there reads its
+    reward's."""
+    if kind != "coupon":
+        return None
+    if voucher.coupon is not None:
+        return CouponTerms.model_validate(voucher.coupon)
+    return _terms(uow, _reward_row(uow, voucher.program_id, reward_code)).coupon
 
 
 def list_orders(
@@ -897,10 +1021,12 @@ def list_orders(
     member_id: int | None = None,
     state: str | None = None,
     reward: str | None = None,
+    merchant: str | None = None,
     after_id: int = 0,
     limit: int = 50,
 ) -> tuple[list[OrderRead], str | None]:
-    """Orders newest first (the cursor is the last id of the page), filtered."""
+    """Orders newest first (the cursor is the last id of the page), filtered; with
+    ``merchant``, that merchant's orders only."""
     query = (
         select(reward_orders, rewards.c.code, rewards.c.kind)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
@@ -914,6 +1040,8 @@ def list_orders(
         query = query.where(reward_orders.c.state == state)
     if reward is not None:
         query = query.where(rewards.c.code == reward)
+    if merchant is not None:
+        query = query.where(reward_orders.c.merchant == merchant)
     rows = uow.conn.execute(query.order_by(reward_orders.c.id.desc()).limit(limit + 1)).all()
     items = [_order_read(uow, row) for row in rows[:limit]]
     return items, str(items[-1].id) if len(rows) > limit else None
@@ -1003,18 +1131,37 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
 
     The voucher's row is locked before it is checked (a till using it at this moment is
     waited for, then seen), and written only after the points are back: a refusal comes
-    before any write."""
-    query = select(vouchers_table.c.id, vouchers_table.c.state).where(
+    before any write. An unused voucher is cancelled. A used one is given back only for
+    goods collected with it (a return of what was collected: the voucher stays used); a
+    used coupon, service, virtual good or event cannot be given back, nor one past its
+    validity: the expiry run gives its points back less the fee."""
+    query = select(vouchers_table.c.id, vouchers_table.c.state, vouchers_table.c.valid_until).where(
         vouchers_table.c.order_id == row.id
     )
     if uow.dialect == "postgresql":
         query = query.with_for_update()
     voucher = uow.conn.execute(query).one_or_none()
-    if voucher is not None and voucher.state != "issued":
+    # Goods collected: their order was delivered when it was read (a till using the voucher
+    # while this waited for its row leaves the order read as created: refused below).
+    collected = (
+        voucher is not None
+        and voucher.state == "used"
+        and row.kind == "physical"
+        and row.state == "delivered"
+    )
+    if voucher is not None and voucher.state != "issued" and not collected:
         raise StateConflict(
             problem=f"The voucher of order {row.id} is {voucher.state}; only an unused "
             "voucher can be given back.",
             problem_zh=f"订单 {row.id} 的券已{_VOUCHER_ZH[voucher.state]},只有未使用的券可以退回。",
+        )
+    if voucher is not None and voucher.state == "issued" and voucher.valid_until <= uow.clock.now():
+        # Not yet expired by the job: given back in full here, it would skip the fee.
+        raise StateConflict(
+            problem=f"The voucher of order {row.id} lapsed at {voucher.valid_until.isoformat()}; "
+            "the voucher expiry run returns its points less the programme's fee.",
+            problem_zh=f"订单 {row.id} 的券已于 {voucher.valid_until.isoformat()} 失效;"
+            "过期券处理任务将退回其积分(扣除手续费)。",
         )
     key = f"order:{row.id}:give-back"
     if row.hold_posting_id is not None and row.spend_posting_id is None:
@@ -1025,7 +1172,7 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
         posting = points_service.refund(
             uow, spend_id=row.spend_posting_id, key=key, reason=why, actor=actor
         )
-    if voucher is not None:
+    if voucher is not None and not collected:
         uow.conn.execute(
             vouchers_table.update()
             .where(vouchers_table.c.id == voucher.id)
@@ -1039,8 +1186,12 @@ def confirm_held(
     uow: UnitOfWork, *, program_id: int, member_id: int, order_id: int, actor: str
 ) -> OrderRead:
     """The member confirms a held redemption after its cooling-off: the frozen points are
-    released and debited, and the redemption completes."""
+    released and debited, and the redemption completes. As for a redemption, the member
+    must be active: one frozen during its cooling-off neither spends nor draws."""
     points_service.lock_account(uow, member_id=member_id)
+    members_service.require_member(
+        uow, program_id=program_id, member_id=member_id, transacting=True
+    )
     row = _order_row(uow, program_id, order_id, member_id)
     if row.state != "held":
         raise StateConflict(
@@ -1130,7 +1281,7 @@ def expire_holds(
 
 def _voucher_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
     row = uow.conn.execute(
-        select(vouchers_table, rewards.c.code.label("reward_code"))
+        select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
         .where(vouchers_table.c.program_id == program_id, vouchers_table.c.code == code.upper())
@@ -1142,7 +1293,7 @@ def _voucher_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
 
 def get_voucher(uow: UnitOfWork, *, program_id: int, code: str) -> VoucherRead:
     row = _voucher_row(uow, program_id, code)
-    return _voucher_read(uow, row, row.reward_code)
+    return _voucher_read(uow, row, row.reward_code, row.kind)
 
 
 def use_voucher(
@@ -1156,7 +1307,7 @@ def use_voucher(
 ) -> VoucherUsed:
     """Accept a voucher at a till, once: of two tills at once, one is told it is used."""
     row = _voucher_row(uow, program_id, code)
-    coupon = _terms(uow, _reward_row(uow, program_id, row.reward_code)).coupon
+    coupon = _coupon_of(uow, row, row.reward_code, row.kind)
     discount = None
     if coupon is not None:
         if order_amount_fen is None:
@@ -1174,12 +1325,16 @@ def use_voucher(
                 problem_zh=f"订单金额须满 {coupon.min_spend_fen} 分,当前为 {order_amount_fen} 分。",
             )
     now = uow.clock.now()
+    usable_order = select(reward_orders.c.id).where(
+        reward_orders.c.id == row.order_id, reward_orders.c.state.in_(_usable_with(row.kind))
+    )
     used = uow.conn.execute(
         vouchers_table.update()
         .where(
             vouchers_table.c.id == row.id,
             vouchers_table.c.state == "issued",
             vouchers_table.c.valid_until > now,
+            vouchers_table.c.order_id.in_(usable_order),
         )
         .values(state="used", used_at=now, used_store=store, used_by=actor)
     )
@@ -1187,13 +1342,24 @@ def use_voucher(
         _refuse_voucher(uow, program_id, row.code, now)
     collected = uow.conn.execute(  # goods collected at the store (if still waiting)
         reward_orders.update()
-        .where(reward_orders.c.id == row.order_id, reward_orders.c.state == "created")
+        .where(reward_orders.c.id == row.order_id, reward_orders.c.state.in_(_PICKUP_WAITING))
         .values(state="delivered", updated_at=now)
     )
     if collected.rowcount == 1:
         _step(uow, row.order_id, "delivered", actor, f"collected at {store or 'a store'}")
     return VoucherUsed(voucher=get_voucher(uow, program_id=program_id, code=row.code),
                        discount_fen=discount)  # fmt: skip
+
+
+_PICKUP_WAITING = ("created", "confirmed")
+"""States of an order for pickup whose goods wait at the store for its voucher."""
+
+
+def _usable_with(kind: str) -> tuple[str, ...]:
+    """The states of an order its voucher may be used in: goods for pickup still waiting
+    (not shipped, delivered, cancelled or returned); a coupon, service, virtual or event
+    order is delivered as its voucher is issued."""
+    return _PICKUP_WAITING if kind == "physical" else ("delivered",)
 
 
 def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) -> None:
@@ -1210,6 +1376,16 @@ def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) 
             code=code,
             problem=f"it expired at {row.valid_until.isoformat()}.",
             problem_zh=f"该券已于 {row.valid_until.isoformat()} 过期。",
+        )
+    if row.state == "issued":  # its order has been fulfilled, or undone, another way
+        state = uow.conn.execute(
+            select(reward_orders.c.state).where(reward_orders.c.id == row.order_id)
+        ).scalar_one()
+        raise VoucherNotUsable(
+            code=code,
+            problem=f"its order {row.order_id} is {state}: the voucher no longer stands for "
+            "anything to hand over.",
+            problem_zh=f"该券所属订单 {row.order_id} 当前为{_STATE_ZH[state]},凭券已无可领取之物。",
         )
     raise VoucherNotUsable(
         code=code, problem="its order was cancelled.", problem_zh="该券所属订单已取消。"
@@ -1296,7 +1472,7 @@ def member_vouchers(
     """The member's vouchers newest first, and the cursor of the next page (the last
     voucher's id) if there is one."""
     query = (
-        select(vouchers_table, rewards.c.code.label("reward_code"))
+        select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
         .where(vouchers_table.c.program_id == program_id, vouchers_table.c.member_id == member_id)
@@ -1308,7 +1484,7 @@ def member_vouchers(
     if state is not None:
         query = query.where(vouchers_table.c.state == state)
     rows = uow.conn.execute(query).all()
-    items = [_voucher_read(uow, row, row.reward_code) for row in rows[:limit]]
+    items = [_voucher_read(uow, row, row.reward_code, row.kind) for row in rows[:limit]]
     return items, str(rows[limit - 1].id) if len(rows) > limit else None
 
 
@@ -1337,6 +1513,8 @@ def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatC
         terms = _terms(uow, row)
         try:
             core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+            _check_prizes_left(uow, row.id, terms)
+            _check_event_ahead(terms, now)
             price = _quote(uow, row, terms, buyer, 1, policy)
             of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
             core.check_limits(
