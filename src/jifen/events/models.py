@@ -20,9 +20,21 @@ from sqlalchemy import (
 
 from jifen.db.base import BigId, UTCDateTime, metadata
 
-ONCE = "type IN ('order.paid', 'member.birthday')"
-"""Events that happen once: an order is paid once, a member has one birthday a year (their
-``subject`` is the order id, or the member and the year)."""
+ONCE_TYPES = (
+    "order.paid",
+    "member.birthday",
+    "referral.completed",
+    "review.posted",
+    "review.featured",
+    "quiz.answered",
+    "activity.attended",
+    "member.checked_in",
+)
+"""Events that happen once to their ``subject``: an order is paid once (the order id), a
+member has one birthday a year (member and year), is referred once (the invited member),
+checks in once a day (member and programme day), answers a quiz and attends an activity
+once (member and quiz or activity); a review is posted and featured once (the review id)."""
+ONCE = "type IN ({})".format(", ".join(f"'{kind}'" for kind in ONCE_TYPES))
 
 events = Table(
     "events",
@@ -37,7 +49,13 @@ events = Table(
     Column("received_at", UTCDateTime(), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("request_hash", String(64), nullable=False),
-    Column("subject", String(128), nullable=True, comment="the order id of order events"),
+    Column(
+        "subject",
+        String(128),
+        nullable=True,
+        comment="what the event happens to: the order of order events, the review of review "
+        "events, the member and day of a check-in",
+    ),
     Column(
         "amount_fen",
         BigInteger,
@@ -57,6 +75,7 @@ events = Table(
     Index(
         "uq_events_once",
         "program_id",
+        "type",
         "subject",
         unique=True,
         postgresql_where=text(ONCE),

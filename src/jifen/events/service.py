@@ -13,6 +13,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -21,9 +22,10 @@ from functools import lru_cache
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import Row, RowMapping, String, case, func, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from jifen.api.schemas import NO_NUL
 from jifen.db.bulk import among, insert_many
@@ -38,7 +40,7 @@ from jifen.errors import (
     UnknownMember,
     invalid_field,
 )
-from jifen.events.models import event_awards, events, member_counters
+from jifen.events.models import ONCE_TYPES, event_awards, events, member_counters
 from jifen.events.schemas import (
     CATALOGUE,
     AwardRead,
@@ -160,7 +162,9 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
 Origin = tuple[str | None, str | None]
 """The merchant and store an event's points are posted for."""
 
-ONCE_TYPES = ("order.paid", "member.birthday")
+ONCE_PER_RULE = ("review.liked",)
+"""Events that come again for the same subject (a review's like count, as it grows): each
+rule awards once a subject, on the first of them its condition holds for."""
 
 
 def ingest(
@@ -211,6 +215,8 @@ class _Item:
     origin: Origin
     payload: dict[str, Any]
     request_hash: str
+    day: date
+    """The event's day in the programme's time zone."""
     member_id: int | None = None
     parsed_order: OrderPaid | None = None
 
@@ -230,10 +236,11 @@ class _Item:
         return self.parsed_order
 
     def subject(self) -> tuple[str | None, int | None]:
-        """What the event may happen to once (its order, or the member's birthday of a
-        year), and an order's amount in fen."""
+        """What the event happens to (see :func:`subject_of`), and an order's amount in
+        fen."""
         assert self.member_id is not None
-        return _order_fields(self.event.type, self.payload, self.member_id, self.order())
+        subject = subject_of(self.event.type, self.payload, self.member_id, self.day)
+        return subject, _amount_of(self.event.type, self.order())
 
 
 @dataclass(slots=True)
@@ -263,6 +270,7 @@ class _Group:
     echoes: list[tuple[int, _Decision]] = field(default_factory=list)
     done: dict[tuple[str, str], tuple[str, _Decision]] = field(default_factory=dict)
     taken: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    awarded: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
     counters: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
 
@@ -280,6 +288,7 @@ class _Intake:
         self.stored: dict[tuple[str, str], Row[Any]] = {}
         self.stored_awards: dict[int, list[AwardRead]] = {}
         self.taken: dict[tuple[str, str], tuple[str, str]] = {}
+        self.awarded: dict[tuple[str, str], set[str]] = {}
         self.profiles: dict[int, MemberFacts] = {}
         self.spent: dict[str, int] = {}
         self.budgeted: set[str] = set()
@@ -290,7 +299,8 @@ class _Intake:
             try:
                 payload, model = _parsed(self.uow, self.program_id, event)
                 _not_ahead(event, self.now)
-                item = _Item(index, event, origin, payload, _fingerprint(event, payload))
+                day = core.local_day(event.occurred_at, self.zone)
+                item = _Item(index, event, origin, payload, _fingerprint(event, payload), day)
                 if isinstance(model, OrderPaid):
                     item.parsed_order = model
                 items.append(item)
@@ -369,21 +379,42 @@ class _Intake:
                 )
 
     def _read_taken(self, items: list[_Item]) -> None:
-        """Orders and birthdays of these events already sent under other ids."""
-        subjects = set()
+        """The subjects of these events that happen once, already taken by events under
+        other ids; and the rules that already awarded on the subjects of events that come
+        again (a review's likes)."""
+        subjects: set[str] = set()
+        again: set[str] = set()
         for item in items:
-            if item.event.type in ONCE_TYPES and item.member_id is not None:
+            if item.member_id is None:
+                continue
+            if item.event.type in ONCE_TYPES:
                 subjects.add(str(item.subject()[0]))
-        if not subjects:
-            return
-        rows = self.uow.conn.execute(
-            select(events.c.type, events.c.subject, events.c.source, events.c.external_id).where(
-                events.c.program_id == self.program_id,
-                among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
-                events.c.type.in_(ONCE_TYPES),
-            )
-        ).all()
-        self.taken = {(r.type, r.subject): (r.source, r.external_id) for r in rows}
+            elif item.event.type in ONCE_PER_RULE:
+                again.add(str(item.subject()[0]))
+        if subjects:
+            rows = self.uow.conn.execute(
+                select(
+                    events.c.type, events.c.subject, events.c.source, events.c.external_id
+                ).where(
+                    events.c.program_id == self.program_id,
+                    among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
+                    events.c.type.in_(ONCE_TYPES),
+                )
+            ).all()
+            self.taken = {(r.type, r.subject): (r.source, r.external_id) for r in rows}
+        if again:
+            awarded = self.uow.conn.execute(
+                select(events.c.type, events.c.subject, event_awards.c.rule_code)
+                .join(event_awards, event_awards.c.event_id == events.c.id)
+                .where(
+                    events.c.program_id == self.program_id,
+                    among(self.uow.dialect, events.c.subject, sorted(again), String()),
+                    events.c.type.in_(ONCE_PER_RULE),
+                    event_awards.c.reverses_id.is_(None),
+                )
+            ).all()
+            for kind, subject, code in awarded:
+                self.awarded.setdefault((kind, subject), set()).add(code)
 
     def _groups(self, items: list[_Item]) -> Iterable[list[_Item]]:
         """The events cut where one must see the others written: a refund (alone), and a
@@ -419,13 +450,16 @@ class _Intake:
                     self._decide_all(items, group)
                     self._write(group)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, OperationalError | InterfaceError):
+            clash = _once_clash(exc)
+            if not clash and (
+                is_transient(exc) or isinstance(exc, OperationalError | InterfaceError)
+            ):
                 raise
             if len(items) > 1:  # find the one at fault: each again, alone
                 for item in items:
                     self._take_group([item])
             else:
-                self.outcomes[items[0].index] = exc
+                self.outcomes[items[0].index] = self._clashed(items[0], exc) if clash else exc
             return
         for index, decision in group.echoes:
             assert decision.result is not None
@@ -433,6 +467,8 @@ class _Intake:
         self.outcomes.update(group.outcomes)
         self.done.update(group.done)
         self.taken.update(group.taken)
+        for subject, codes in group.awarded.items():
+            self.awarded.setdefault(subject, set()).update(codes)
         self.spent = group.spent
 
     def _check(self, item: _Item, group: _Group) -> EventResult | _Decision | None:
@@ -469,8 +505,32 @@ class _Intake:
             subject = str(item.subject()[0])
             twin = group.taken.get((event.type, subject)) or self.taken.get((event.type, subject))
             if twin is not None:
-                raise _sent_twice(event.type, subject, *twin)
+                raise _sent_twice(item, *twin)
         return None
+
+    def _clashed(self, item: _Item, exc: Exception) -> Exception:
+        """What refuses an event whose subject the once-only index found taken though it
+        was not seen taken before (by a transaction that committed meanwhile): the event
+        that took it. The same event sent at once twice is a lost race: raised, so that
+        the whole transaction runs again and answers it as a replay."""
+        subject = item.subject()[0]
+        twin = self.uow.conn.execute(
+            select(events.c.source, events.c.external_id).where(
+                events.c.program_id == self.program_id,
+                events.c.type == item.event.type,
+                events.c.subject == subject,
+            )
+        ).first()
+        if twin is None:
+            field, what, what_zh = _once_what(item)
+            return InvalidInput(
+                field=field,
+                problem=f"{what} clashes with another event; send it again later",
+                problem_zh=f"{what_zh} 与另一事件冲突;请稍后重发",
+            )
+        if (twin.source, twin.external_id) == item.key:
+            raise exc
+        return _sent_twice(item, twin.source, twin.external_id)
 
     def _stored_result(self, row: Row[Any]) -> EventResult:
         return _result_of(row, self.stored_awards.get(row.id, []), replayed=True)
@@ -507,7 +567,12 @@ class _Intake:
     ) -> None:
         uow, event, member_id = self.uow, item.event, item.member_id
         assert member_id is not None
+        subject, amount = item.subject()
         core_event = to_core_event(event, member_id, item.payload, item.order())
+        if event.type in ONCE_PER_RULE:
+            once = (event.type, str(subject))
+            before = self.awarded.get(once, set()) | group.awarded.get(once, set())
+            core_event = replace(core_event, awarded_before=frozenset(before))
         rules = rules_service.rules_at(uow, program_id=self.program_id, moment=event.occurred_at)
         candidates = rules.by_type.get(event.type, [])
         codes = {r.spec.code for r in candidates if r.spec.caps.per_member}
@@ -558,7 +623,6 @@ class _Intake:
                     if code in budgeted:
                         group.spent[code] = group.spent.get(code, 0) + points
                         group.added[code] = group.added.get(code, 0) + points
-        subject, amount = item.subject()
         decision = _Decision(
             item=item, member_id=member_id, subject=subject, amount_fen=amount, day=day,
             awards=posted, postings=postings,
@@ -570,6 +634,10 @@ class _Intake:
         group.done[item.key] = (item.request_hash, decision)
         if event.type in ONCE_TYPES:
             group.taken[(event.type, str(subject))] = item.key
+        elif event.type in ONCE_PER_RULE:
+            group.awarded.setdefault((event.type, str(subject)), set()).update(
+                award.rule for award in result.awards
+            )
         # What the next events of these members read.
         tallies.record(member_id, event.type, day, result, posted)
         counter = group.counters.setdefault((member_id, event.type), [0, None, 0])
@@ -692,20 +760,64 @@ def _not_ahead(event: EventIn, now: datetime) -> None:
         )
 
 
-def _sent_twice(event_type: str, subject: str, source: str, external_id: str) -> InvalidInput:
-    """An order earns once, a birthday once a year: the same one under another event id is
-    refused (a sender that retries must keep the event's id)."""
-    what, what_zh = (
-        (f"order {subject!r}", f"订单 {subject!r}")
-        if event_type == "order.paid"
-        else (f"the birthday {subject!r}", f"生日 {subject!r}")
-    )
+def _sent_twice(item: _Item, source: str, external_id: str) -> InvalidInput:
+    """An event that happens once to its subject (see :func:`subject_of`) sent again under
+    another event id is refused: a sender that retries must keep the event's id."""
+    field, what, what_zh = _once_what(item)
     return InvalidInput(
-        field="payload.order_id" if event_type == "order.paid" else "payload.year",
+        field=field,
         problem=f"{what} was already sent as event {source}:{external_id}; "
         "resend that event to get its result",
         problem_zh=f"{what_zh} 已作为事件 {source}:{external_id} 发送过;如需结果请重发该事件",
     )
+
+
+def _once_clash(exc: BaseException) -> bool:
+    """Whether ``exc`` is the once-only index refusing a subject already taken."""
+    orig = exc.orig if isinstance(exc, IntegrityError) else exc  # the hot path: the driver's
+    if not isinstance(orig, psycopg.errors.UniqueViolation | sqlite3.IntegrityError):
+        return False
+    text = str(orig)
+    return "uq_events_once" in text or "events.program_id, events.type, events.subject" in text
+
+
+def _once_what(item: _Item) -> tuple[str, str, str]:
+    """The field that makes an event once-only, and what it happens to, in English and
+    Chinese."""
+    payload, day, kind = item.payload, item.day, item.event.type
+    ref = {"order": "order_id", "review": "review_id", "quiz": "quiz_id", "activity": "activity_id"}
+    what = {k: repr(payload.get(v)) for k, v in ref.items()}
+    year = payload.get("year")
+    field, en, zh = {
+        "order.paid": ("payload.order_id", f"order {what['order']}", f"订单 {what['order']}"),
+        "member.birthday": (
+            "payload.year", f"the member's birthday of {year}", f"该会员 {year} 年的生日",
+        ),
+        "referral.completed": (
+            "member_id", "the referral of this member (a member is referred once)",
+            "该会员的推荐(每位会员只能被推荐一次)",
+        ),
+        "review.posted": (
+            "payload.review_id", f"the posting of review {what['review']}",
+            f"评价 {what['review']} 的发布",
+        ),
+        "review.featured": (
+            "payload.review_id", f"the featuring of review {what['review']}",
+            f"评价 {what['review']} 的精选",
+        ),
+        "quiz.answered": (
+            "payload.quiz_id", f"quiz {what['quiz']} answered by this member",
+            f"该会员对问答 {what['quiz']} 的作答",
+        ),
+        "activity.attended": (
+            "payload.activity_id", f"activity {what['activity']} attended by this member",
+            f"该会员对活动 {what['activity']} 的参加",
+        ),
+    }.get(kind) or (
+        "occurred_at", f"the member's check-in of {day} (one a day)",
+        f"该会员在 {day} 的签到(每天一次)",
+    )  # fmt: skip
+    return field, en, zh
 
 
 def _add_counters(uow: UnitOfWork, counters: Mapping[tuple[int, str], list[Any]]) -> None:
@@ -934,17 +1046,44 @@ def _check_birthday(item: _Item, born: date | None, zone: ZoneInfo) -> None:
         )
 
 
-def _order_fields(
-    event_type: str, payload: Mapping[str, Any], member_id: int, order: OrderPaid | None = None
-) -> tuple[str | None, int | None]:
-    if event_type == "order.paid":
-        order = order or OrderPaid.model_validate(payload)
-        return order.order_id, sum(li.amount_fen for li in order.lines if not li.paid_with_points)
-    if event_type == "order.refunded":
-        return OrderRefunded.model_validate(payload).order_id, None
-    if event_type == "member.birthday":
-        return f"{member_id}:{payload['year']}", None
-    return None, None
+_SUBJECT_LENGTH = 128
+"""The subject column's length: a longer subject is kept as its digest."""
+
+
+def subject_of(
+    event_type: str, payload: Mapping[str, Any], member_id: int, day: date
+) -> str | None:
+    """What an event happens to, unique per programme and event type for the types that
+    happen once to it (:data:`ONCE_TYPES`): an order's id (its refunds share it), a
+    member's birthday of a year, the invited member of a referral, a review's id (its
+    likes share it), a quiz or an activity of a member, a member's check-in of a day
+    (``day``, in the programme's time zone). None for the others."""
+    if event_type in ("order.paid", "order.refunded"):
+        text = str(payload["order_id"])
+    elif event_type == "member.birthday":
+        text = f"{member_id}:{payload['year']}"
+    elif event_type == "referral.completed":
+        text = str(member_id)
+    elif event_type in ("review.posted", "review.featured", "review.liked"):
+        text = str(payload["review_id"])
+    elif event_type == "quiz.answered":
+        text = f"{member_id}:{payload['quiz_id']}"
+    elif event_type == "activity.attended":
+        text = f"{member_id}:{payload['activity_id']}"
+    elif event_type == "member.checked_in":
+        text = f"{member_id}:{day.isoformat()}"
+    else:
+        return None
+    if len(text) <= _SUBJECT_LENGTH:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _amount_of(event_type: str, order: OrderPaid | None) -> int | None:
+    """An order's amount paid in money (a refund's is set once it is worked out)."""
+    if event_type == "order.paid" and order is not None:
+        return sum(line.amount_fen for line in order.lines if not line.paid_with_points)
+    return None
 
 
 def facts_of(
@@ -1305,6 +1444,8 @@ def raise_birthdays(db: Database, *, program_id: int, day: date, chunk: int = 50
             ]  # fmt: skip
             made = 0
             for outcome in ingest_many(uow, program_id=program_id, events=wishes):
+                if isinstance(outcome, JifenError):
+                    continue  # refused alone (sent already by another source): the rest go on
                 if isinstance(outcome, Exception):
                     raise outcome
                 made += not outcome.replayed

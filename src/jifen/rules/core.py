@@ -97,6 +97,9 @@ class Event:
     payload: Mapping[str, Any] = field(default_factory=dict)
     lines: tuple[OrderLine, ...] = ()
     """The order's lines (``order.paid``)."""
+    awarded_before: frozenset[str] = frozenset()
+    """The rules that already awarded on an earlier event of the same subject (a review's
+    likes): each awards once a subject, when its condition first holds."""
 
 
 @dataclass(frozen=True)
@@ -428,6 +431,9 @@ def _fires(state: _Pass, rule: Rule) -> bool:
         return False
     if not in_gray_share(spec.code, event.member_id, spec.gray_share):
         state.skip(rule, f"member outside the gray-release share {spec.gray_share}")
+        return False
+    if spec.code in event.awarded_before:
+        state.skip(rule, "already awarded for this subject")
         return False
     if spec.exclusive_group is not None and spec.exclusive_group in state.taken_groups:
         taken_by = state.taken_groups[spec.exclusive_group]
