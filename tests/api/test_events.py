@@ -338,3 +338,34 @@ def test_a_store_key_sends_orders_for_its_own_store_only(client: TestClient, db:
         "merchant-x",
         "s1",
     )
+
+
+WHOLE = {"order_id": "A-1", "whole": True}
+
+
+def test_a_merchant_key_refunds_only_orders_paid_through_its_merchant(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.activate(rule("base", RATES))
+    key_a = support.api_key(db, shop.program.id, merchant="merchant-a", store="s1")
+    key_a2 = support.api_key(db, shop.program.id, merchant="merchant-a", store="s2")
+    key_b = support.api_key(db, shop.program.id, merchant="merchant-b")
+    paid = shop.send(
+        shop.event(shop.alice, "a-1", {**order("A-1", ("TV", "家电", 1000)), "store": "s1"}),
+        key_a,
+    )
+    assert body(paid, 201)["points"] == 3000
+    # Merchant B's key, and a key of another store of merchant A, do not see A's s1 order:
+    # refused as an order not seen, without naming the event that paid it.
+    for key, external_id in ((key_b, "b-1"), (key_a2, "a2-1")):
+        refund = shop.event(shop.alice, external_id, WHOLE, "order.refunded")
+        answer = shop.send(refund, key)
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["code"] == "order_not_seen"
+        assert "a-1" not in answer.text
+    assert shop.balance(shop.alice)["balance"] == 3000
+    # The store that took the order refunds it.
+    refund = shop.event(shop.alice, "a-2", WHOLE, "order.refunded")
+    assert body(shop.send(refund, key_a), 201)["points"] == -3000
+    assert shop.balance(shop.alice)["balance"] == 0

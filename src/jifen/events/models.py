@@ -62,6 +62,8 @@ events = Table(
         nullable=True,
         comment="an order's amount paid in money, or the amount a refund gives back",
     ),
+    Column("merchant", String(64), nullable=True, comment="the merchant whose credentials sent it"),
+    Column("store", String(64), nullable=True, comment="the store its points were posted for"),
     Column("points", BigInteger, nullable=False, server_default="0"),
     Column(
         "skipped",

@@ -657,6 +657,7 @@ class _Intake:
                     "received_at": self.now, "payload": d.item.payload,
                     "request_hash": d.item.request_hash, "subject": d.subject,
                     "amount_fen": d.amount_fen, "points": d.total, "skipped": d.skipped,
+                    "merchant": d.item.origin[0], "store": d.item.origin[1],
                 }
                 for d in decisions
             ]  # fmt: skip
@@ -730,11 +731,14 @@ class _Intake:
                     "member_id": member_id, "occurred_at": event.occurred_at,
                     "received_at": self.now, "payload": item.payload,
                     "request_hash": item.request_hash, "subject": subject, "amount_fen": amount,
+                    "merchant": item.origin[0], "store": item.origin[1],
                 },
             ).scalar_one()
         )  # fmt: skip
         core_event = to_core_event(event, member_id, item.payload, item.order())
-        awards, points, _ = _refund(uow, self.program_id, event_id, core_event, self.zone)
+        awards, points, _ = _refund(
+            uow, self.program_id, event_id, core_event, self.zone, item.origin
+        )
         _add_counters(uow, {(member_id, event.type): [1, None, 0]})
         result = EventResult(
             id=event_id, source=event.source, external_id=event.external_id, type=event.type,
@@ -1228,9 +1232,16 @@ def _set_outcome(uow: UnitOfWork, event_id: int, total: int, skipped: list[dict[
 
 
 def _refund(
-    uow: UnitOfWork, program_id: int, event_id: int, event: core.Event, zone: ZoneInfo
+    uow: UnitOfWork,
+    program_id: int,
+    event_id: int,
+    event: core.Event,
+    zone: ZoneInfo,
+    origin: Origin,
 ) -> tuple[list[AwardRead], int, list[dict[str, str]]]:
-    """Take back the order's points in the proportion of the money refunded so far."""
+    """Take back the order's points in the proportion of the money refunded so far. A refund
+    sent for a merchant (or a store of it) refunds only an order paid through it: another
+    merchant's order is not one it has seen."""
     refund = OrderRefunded.model_validate(event.payload)
     order = uow.conn.execute(
         select(events).where(
@@ -1239,7 +1250,12 @@ def _refund(
             events.c.type == "order.paid",
         )
     ).first()
-    if order is None:
+    merchant, store = origin
+    if (
+        order is None
+        or (merchant is not None and order.merchant != merchant)
+        or (store is not None and order.store != store)
+    ):
         raise OrderNotSeen(order_id=refund.order_id)
     if order.member_id != event.member_id:
         raise InvalidInput(

@@ -2,7 +2,8 @@
 posted and featured once, a quiz answered and an activity attended once per member, a
 check-in once per member and programme day, as orders and birthdays already were; and the
 once-only index keyed by event type too, so that an order id such as ``2:2026`` no longer
-collides with member 2's birthday of 2026.
+collides with member 2's birthday of 2026. An event keeps the merchant and store it was sent
+for, so that a merchant's credentials refund only that merchant's orders.
 
 Events of the new once-only types stored before get their subject, the first of each
 subject only (the later ones were the repeats that paid again): the index then keeps any
@@ -99,8 +100,33 @@ def _backfill(conn: sa.Connection) -> None:
             conn.execute(_events.update().where(_events.c.id == row.id).values(subject=subject))
 
 
+_ORIGIN = """
+UPDATE events SET {column} = (
+    SELECT posting_origins.{column} FROM event_awards
+    JOIN posting_origins ON posting_origins.posting_id = event_awards.posting_id
+    WHERE event_awards.event_id = events.id
+    ORDER BY event_awards.id LIMIT 1
+) WHERE type = 'order.paid'
+"""
+
+
 def upgrade() -> None:
     conn = op.get_bind()
+    op.add_column(
+        "events",
+        sa.Column(
+            "merchant", sa.String(64), nullable=True,
+            comment="the merchant whose credentials sent it",
+        ),
+    )  # fmt: skip
+    op.add_column(
+        "events",
+        sa.Column(
+            "store", sa.String(64), nullable=True, comment="the store its points were posted for"
+        ),
+    )
+    for column in ("merchant", "store"):  # orders stored before: where their points went
+        op.execute(_ORIGIN.format(column=column))
     _backfill(conn)
     op.drop_index("uq_events_once", table_name="events")
     where = _where(_OLD + _NEW)
@@ -129,6 +155,9 @@ def downgrade() -> None:
     op.drop_index("uq_events_once", table_name="events")
     conn.execute(_events.update().where(_events.c.type.in_(_NEW)).values(subject=None))
     where = _where(_OLD)
+    with op.batch_alter_table("events") as batch:
+        batch.drop_column("store")
+        batch.drop_column("merchant")
     op.create_index(
         "uq_events_once",
         "events",
