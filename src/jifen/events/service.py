@@ -954,7 +954,8 @@ class _Tallies:
         tally = self.tallies[member_id]
         profile = tally.profile
         return core.Facts(
-            member_id=member_id, tier=tally.tier, tags=frozenset(profile.tags),
+            member_id=member_id, tier=tally.tier, state=profile.state,
+            tags=frozenset(profile.tags),
             registered_at=profile.created_at, region=profile.region, birthday=profile.birthday,
             counts=dict(tally.counts), streaks=dict(tally.streaks),
             usage=self._usage(tally, day, codes),
@@ -1637,6 +1638,7 @@ class _Replay:
             self.known[member_id] = core.Facts(
                 member_id=member_id,
                 tier=tiers.get(member_id),
+                state=profile.state if profile else "active",
                 tags=frozenset(profile.tags) if profile else frozenset(),
                 registered_at=profile.created_at if profile else None,
                 region=profile.region if profile else None,

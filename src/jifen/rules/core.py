@@ -123,6 +123,9 @@ class Usage:
 class Facts:
     member_id: int
     tier: str | None = None
+    state: str = "active"
+    """active, frozen, banned or closed: only an active member earns (the event's member is
+    refused before evaluation; an inviter that is not active gets nothing)."""
     tags: frozenset[str] = frozenset()
     registered_at: datetime | None = None
     region: str | None = None
@@ -622,7 +625,10 @@ def _referral(state: _Pass, rule: Rule) -> None:
         raise EventRefused(rule=rule.spec.code, problem="a member cannot invite itself")
     if inviter not in state.facts:
         raise EventRefused(rule=rule.spec.code, problem=f"unknown inviter {inviter}")
-    if params.inviter_points:
+    standing = state.facts[inviter].state
+    if params.inviter_points and standing != "active":
+        state.skip(rule, f"the inviter {inviter} is {standing}: its side earns nothing")
+    elif params.inviter_points:
         state.award(rule, params.inviter_points, member_id=inviter, side="inviter")
     if params.invitee_points:
         state.award(rule, params.invitee_points, side="invitee")
