@@ -1,13 +1,18 @@
 """What a member's state changes in earning: an inviter that is frozen, banned or closed gets
-nothing from a referral (the invitee still earns, and why is kept)."""
+nothing from a referral (the invitee still earns, and why is kept); a refund takes back what
+its order earned from a frozen or banned member, through every door."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pytest
 
 from jifen.db.uow import Database
+from jifen.events.schemas import EventIn
+from jifen.events.stream import Applied, Incoming, action_for, apply_batch
 from jifen.members import service as members
-from tests.events.test_service import activate, balance, send
+from tests.events.test_service import activate, balance, lines, send
 from tests.factories import assert_ledger_sound, new_members, new_program
 
 
@@ -30,4 +35,33 @@ def test_an_inviter_that_is_not_active_gets_nothing(db: Database, state: str) ->
         {"rule": "invite", "why": f"the inviter {inviter} is {state}: its side earns nothing"}
     ]
     assert (balance(db, inviter).balance, balance(db, invitee).balance) == (0, 100)
+    assert_ledger_sound(db, program.id)
+
+
+@pytest.mark.parametrize("state", ["frozen", "banned"])
+def test_a_refund_takes_points_back_from_a_frozen_or_banned_member(
+    db: Database, state: str
+) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    now = db.clock.now()
+    for order_id in ("O1", "O2"):
+        send(db, program.id, member, "order.paid", now, order_id, order_id=order_id,
+             lines=lines(("A", "x", 100)))  # fmt: skip
+    db.run(
+        lambda uow: members.change_state(uow, program_id=program.id, member_id=member, state=state)
+    )
+    later = now + timedelta(minutes=1)
+    refund = send(db, program.id, member, "order.refunded", later, "O1-back", order_id="O1",
+                  whole=True)  # fmt: skip
+    assert refund.points == -100
+    # Through the JetStream door too: applied, not dead-lettered.
+    event = EventIn(
+        source="pos", external_id="O2-back", type="order.refunded", occurred_at=later,
+        member_id=member, payload={"order_id": "O2", "whole": True},
+    )  # fmt: skip
+    (outcome,) = db.run(lambda uow: apply_batch(uow, [Incoming(program.code, event)]))
+    assert isinstance(outcome, Applied) and action_for(outcome).value == "ack"
+    assert balance(db, member).balance == 0
     assert_ledger_sound(db, program.id)

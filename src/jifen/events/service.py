@@ -491,7 +491,10 @@ class _Intake:
         profile = self.profiles.get(item.member_id)
         if profile is None:
             raise UnknownMember(member_id=item.member_id)
-        members_service.require_active(profile)
+        # A refund takes back what its order earned, whatever the member's state since:
+        # a frozen or banned member must not keep the points of goods it returned.
+        if event.type != "order.refunded" or profile.state not in ("frozen", "banned"):
+            members_service.require_active(profile)
         if event.type == "member.birthday":
             _check_birthday(item, profile.birthday, self.zone)
         inviter = item.inviter
