@@ -265,6 +265,25 @@ def test_tier_day_cap_across_events_and_the_next_day(db: Database) -> None:
     assert [a.points for a in next_day.awards] == [800]
 
 
+def test_members_without_a_tier_or_in_a_tier_the_caps_do_not_name_are_capped(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    untiered, gold = new_members(db, program.id, 2)
+    setup_tiers(db, program.id, **{f"m{gold}": "金卡"})
+    caps = ProgramCaps.model_validate({"by_tier": {"普通": {"day": 1000}, "银卡": {"day": 1500}}})
+    db.run(lambda uow: rules.set_caps(uow, program_id=program.id, caps=caps))
+    activate(db, program.id, "base", RATES)
+    noon = datetime(2026, 1, 5, 4, 0, tzinfo=UTC)
+    got = {
+        member: send(db, program.id, member, "order.paid", noon, f"o{member}",
+                     order_id=str(member), lines=lines(("A", "x", 3000))).awards[0]
+        for member in (untiered, gold)
+    }  # fmt: skip
+    assert (got[untiered].points, got[untiered].cap) == (1000, "tier_day (普通: 1000)")
+    assert (got[gold].points, got[gold].cap) == (1500, "tier_day (金卡: 1500)")
+
+
 def test_a_refund_takes_back_the_points_in_proportion(db: Database) -> None:
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)

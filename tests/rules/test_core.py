@@ -28,6 +28,7 @@ from jifen.rules.core import (
     evaluate,
     in_gray_share,
     reversal_due,
+    tier_cap_of,
 )
 from jifen.rules.schemas import ProgramCaps, RuleSpec
 
@@ -361,6 +362,39 @@ def test_tier_month_cap_and_higher_tiers_fit_more() -> None:
     gold = {1: Facts(1, tier="金卡", usage=Usage(month=7500))}
     (award,) = evaluate(event, rules, program, gold).awards
     assert (award.points, award.cap) == (1200, None)
+
+
+def test_every_member_has_caps_the_untiered_and_tiers_the_caps_do_not_name() -> None:
+    # 普通 < 银卡 < 新卡 < 金卡 < 钻石; the caps name 普通, 银卡 and 金卡 only.
+    order_ = ("普通", "银卡", "新卡", "金卡", "钻石")
+    program = Program(SHANGHAI, TIER_CAPS, tier_order=order_)
+    rules = RuleSet([rule("base", CATEGORY_RATES)])
+    event = order(("A", "x", 5000))
+    cases = {
+        None: "tier_day (普通: 1000)",  # no tier: the entry tier's caps
+        "新卡": "tier_day (新卡: 1500)",  # the nearest lower tier named: 银卡
+        "钻石": "tier_day (钻石: 2000)",  # 金卡
+        "金卡plus": "tier_day (金卡plus: 1000)",  # not a tier of the order: the lowest named
+    }
+    for tier, cap in cases.items():
+        (award,) = evaluate(event, rules, program, {1: Facts(1, tier=tier)}).awards
+        assert (award.wanted, award.cap) == (5000, cap)
+    # Below every named tier: the lowest named one.
+    caps = ProgramCaps.model_validate({"by_tier": {"金卡": {"day": 2000}}})
+    below = Program(SHANGHAI, caps, tier_order=order_)
+    (award,) = evaluate(event, rules, below, {1: Facts(1, tier="银卡")}).awards
+    assert award.cap == "tier_day (银卡: 2000)"
+    assert tier_cap_of(caps.by_tier, (), "银卡") is None  # no tiers in the programme
+
+
+def test_a_member_without_a_tier_earns_as_the_entry_tier() -> None:
+    program = Program(SHANGHAI, tier_order=("普通", "银卡"))
+    multiplier = rule("tier", {"kind": "multiplier", "by_tier": {"普通": "2", "银卡": "3"}})
+    condition = rule("entry", {"kind": "fixed", "points": 5}, condition=lambda b: (
+        b["member"]["tier"] == "普通"
+    ))  # fmt: skip
+    assert run(order(("A", "x", 100)), rule("base", CATEGORY_RATES), multiplier, condition,
+               program=program) == {"base": 100, "entry": 5, "tier": 100}  # fmt: skip
 
 
 def test_caps_count_earlier_awards_of_the_same_event() -> None:

@@ -861,15 +861,19 @@ def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
 
 def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
     """The programme as the evaluation reads it: its zone, its caps (with the benefits
-    matrix's caps for the tiers the earning caps leave without one), multipliers and
-    birthday gifts."""
+    matrix's caps for the tiers the earning caps leave without one), multipliers, birthday
+    gifts and its tiers in order (for members without a tier, and tiers the caps do not
+    name)."""
     caps = rules_service.get_caps(uow, program_id=program_id)
     multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
     if tier_caps:
         matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
         caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
     gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
-    return core.Program(zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts)
+    order = tuple(tier.code for tier in tiers_service.list_tiers(uow, program_id=program_id))
+    return core.Program(
+        zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order
+    )
 
 
 def _periods(day: date) -> tuple[date, date, date, date]:

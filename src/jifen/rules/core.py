@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from fractions import Fraction
@@ -45,6 +45,7 @@ from jifen.rules.schemas import (
     SpendRate,
     StreakLadder,
     Threshold,
+    TierCap,
     active_at,
 )
 
@@ -175,6 +176,30 @@ class Program:
     birthday_gifts: Mapping[str, int] = field(default_factory=dict)
     """The matrix's birthday gifts: points on ``member.birthday`` by tier (award rule
     ``TIER_BENEFIT``), unless a birthday gift rule is live for the event."""
+    tier_order: tuple[str, ...] = ()
+    """The programme's tiers, lowest first: a member without a tier is taken as the first
+    (the entry tier), and a tier the caps do not name takes the caps of the nearest lower
+    tier they name (see :func:`tier_cap_of`)."""
+
+
+def tier_cap_of(
+    by_tier: Mapping[str, TierCap], order: Sequence[str], tier: str | None
+) -> TierCap | None:
+    """The caps of a member of ``tier``: the tier's own; or, where the caps do not name it,
+    those of the nearest lower tier they name (by the tiers' ``order``, lowest first); or,
+    with none lower, those of the lowest tier they name. None when they name no tier of
+    the programme."""
+    own = by_tier.get(tier or "")
+    if own is not None:
+        return own
+    named = [code for code in order if code in by_tier]
+    if not named:
+        return None
+    if tier in order:
+        lower = [code for code in order[: order.index(tier)] if code in by_tier]
+        if lower:
+            return by_tier[lower[-1]]
+    return by_tier[named[0]]
 
 
 TIER_BENEFIT = "tier_benefit"
@@ -360,6 +385,10 @@ def evaluate(
     else an award may go to (a referral's inviter)."""
     if event.member_id not in facts:
         raise EventRefused(rule="-", problem=f"no facts were given for member {event.member_id}")
+    if program.tier_order and any(f.tier is None for f in facts.values()):
+        # A member without a tier earns as one of the entry tier: its caps, its rates.
+        entry = program.tier_order[0]
+        facts = {m: f if f.tier is not None else replace(f, tier=entry) for m, f in facts.items()}
     state = _Pass(event, program, facts)
     for rule in rules.by_type.get(event.type, ()):
         if _fires(state, rule) and rule.spec.stop_after:
@@ -764,6 +793,8 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
         # its name and the figures it names, formatted only if it bites.
         room, bit = wanted, None
         tier_cap = by_tier.get(member.tier or "")
+        if tier_cap is None and by_tier:
+            tier_cap = tier_cap_of(by_tier, state.program.tier_order, member.tier)
         if tier_cap is not None:
             earlier = used_member.get(member_id, 0)
             if tier_cap.day is not None:
