@@ -5,11 +5,14 @@ event types that look alike do not clash."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from jifen import crypto
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from jifen.errors import InvalidInput
@@ -205,3 +208,23 @@ def test_a_clash_the_reading_missed_refuses_that_event_alone(
     assert "order 'X' was already sent as event pos:o1" in str(outcomes[0])
     assert getattr(outcomes[1], "points", None) == 5
     assert balance(db, member).balance == 10
+
+
+def test_the_check_in_surprise_draws_once_a_day_under_the_installations_key(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(
+        db, program.id, "surprise", {"kind": "random", "probability": "1", "minimum": 50,
+                                     "maximum": 200},
+        events_=("member.checked_in",),
+    )  # fmt: skip
+    now = db.clock.now()
+    sent = send(db, program.id, member, "member.checked_in", now, "c1")
+    (award,) = sent.awards
+    keyed = hmac.new(crypto.draw_key(), b"pos:c1|surprise|1", hashlib.sha256).hexdigest()
+    assert award.detail["seed"] == keyed
+    with pytest.raises(InvalidInput, match="check-in"):
+        send(db, program.id, member, "member.checked_in", now, "c2")
+    assert balance(db, member).balance == award.points

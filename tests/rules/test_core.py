@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -25,6 +27,8 @@ from jifen.rules.core import (
     RuleSet,
     Streak,
     Usage,
+    draw,
+    draw_seed,
     evaluate,
     in_gray_share,
     reversal_due,
@@ -284,6 +288,39 @@ def test_random_surprise_rate_range_and_replay() -> None:
             assert result == evaluate(event, rules, PROGRAM, {1: Facts(1)})  # same draw
     assert 900 <= len(hits) <= 1100
     assert min(hits) >= 50 and max(hits) <= 200 and len(set(hits)) > 100
+
+
+def test_random_draws_are_seeded_under_the_installations_key_and_replay_from_the_seed() -> None:
+    surprise = rule(
+        "surprise",
+        {"kind": "random", "probability": "0.5", "minimum": 50, "maximum": 200},
+        events=("member.checked_in",),
+    )
+    rules = RuleSet([surprise])
+    keyed = [Program(SHANGHAI, draw_key=key) for key in (b"one", b"two")]
+    outcomes: list[list[int]] = [[], []]
+    for n in range(200):
+        event = Event(f"pos:c{n}", "member.checked_in", NOON, 1)
+        for program, seen in zip(keyed, outcomes, strict=True):
+            result = evaluate(event, rules, program, {1: Facts(1)})
+            seed = draw_seed(program.draw_key, event.key, surprise)
+            assert (
+                seed
+                == hmac.new(
+                    program.draw_key, f"pos:c{n}|surprise|1".encode(), hashlib.sha256
+                ).hexdigest()
+            )
+            if result.awards:
+                (award,) = result.awards
+                assert award.detail["seed"] == seed
+                replayed = draw(seed)  # the recorded seed draws the same again
+                assert replayed.randrange(1_000_000) == award.detail["roll"]
+                assert replayed.randint(50, 200) == award.points
+            else:
+                assert result.skipped[0].why.endswith(f"seed {seed}")
+            seen.append(result.total)
+    # Under another key the same event ids draw otherwise: ids alone choose nothing.
+    assert outcomes[0] != outcomes[1]
 
 
 def test_two_sided_referral() -> None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import Row, RowMapping, String, case, func, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from jifen import crypto
 from jifen.api.schemas import NO_NUL
 from jifen.db.bulk import among, insert_many
 from jifen.db.uow import Database, UnitOfWork, is_transient
@@ -872,8 +873,9 @@ def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
     gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
     order = tuple(tier.code for tier in tiers_service.list_tiers(uow, program_id=program_id))
     return core.Program(
-        zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order
-    )
+        zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order,
+        draw_key=crypto.draw_key(),
+    )  # fmt: skip
 
 
 def _periods(day: date) -> tuple[date, date, date, date]:

@@ -20,6 +20,7 @@ The order of work for one event:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -176,6 +177,8 @@ class Program:
     birthday_gifts: Mapping[str, int] = field(default_factory=dict)
     """The matrix's birthday gifts: points on ``member.birthday`` by tier (award rule
     ``TIER_BENEFIT``), unless a birthday gift rule is live for the event."""
+    draw_key: bytes = b""
+    """The installation's key for random draws (see :func:`draw`)."""
     tier_order: tuple[str, ...] = ()
     """The programme's tiers, lowest first: a member without a tier is taken as the first
     (the entry tier), and a tier the caps do not name takes the caps of the nearest lower
@@ -286,10 +289,18 @@ def local_day(moment: datetime, zone: ZoneInfo) -> date:
     return moment.astimezone(zone).date()
 
 
-def draw(event_key: str, rule: Rule) -> random.Random:
-    """The random source of one rule on one event: seeded by both, so a replay draws the same."""
-    seed = hashlib.sha256(f"{event_key}|{rule.spec.code}|{rule.version}".encode()).digest()
-    return random.Random(int.from_bytes(seed, "big"))
+def draw_seed(key: bytes, event_key: str, rule: Rule) -> str:
+    """The seed of one rule's draw on one event: HMAC-SHA256 under the installation's
+    ``key`` of the event's key and the rule version, as 64 hex digits. The sender chooses
+    its event ids but cannot compute which of them win; the seed is recorded, so the draw
+    can be replayed (:func:`draw`) and, by whoever holds the key, checked."""
+    message = f"{event_key}|{rule.spec.code}|{rule.version}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def draw(seed: str) -> random.Random:
+    """The random source a draw's ``seed`` gives: the same seed draws the same."""
+    return random.Random(int(seed, 16))
 
 
 def reversal_due(
@@ -636,12 +647,16 @@ def _streak(state: _Pass, rule: Rule) -> None:
 def _random(state: _Pass, rule: Rule) -> None:
     params = rule.spec.params
     assert isinstance(params, RandomBonus)
-    rng = draw(state.event.key, rule)
+    seed = draw_seed(state.program.draw_key, state.event.key, rule)
+    rng = draw(seed)
     roll = rng.randrange(1_000_000)
     if roll >= int(params.probability * 1_000_000):
-        state.skip(rule, f"draw {roll} of 1000000 missed (needs below {params.probability})")
+        state.skip(
+            rule,
+            f"draw {roll} of 1000000 missed (needs below {params.probability}); seed {seed}",
+        )
         return
-    state.award(rule, rng.randint(params.minimum, params.maximum), roll=roll)
+    state.award(rule, rng.randint(params.minimum, params.maximum), roll=roll, seed=seed)
 
 
 def _referral(state: _Pass, rule: Rule) -> None:
