@@ -170,6 +170,12 @@ def test_a_scheduled_version_takes_over_at_its_time_and_one_version_is_live_at_a
     assert scheduled["status"] == "scheduled"
     assert datetime.fromisoformat(scheduled["active_from"]) == tomorrow
     assert datetime.fromisoformat(shop.version(first["id"])["active_to"]) == tomorrow
+    # a version that has not started cannot be paused (resumed, it would go live before
+    # its approved start and end version 1 early)
+    paused = shop.post(f"/rules/{second['id']}/pause")
+    assert paused.status_code == 409 and "has not started" in paused.json()["detail"], paused.text
+    assert "尚未开始" in shop.post(f"/rules/{second['id']}/pause", language="zh").json()["detail"]
+    assert shop.version(second["id"])["status"] == "scheduled"
     # then version 1 earns until then, and version 2 from then on
     clock.advance(timedelta(minutes=1))
     assert earned("o1") == [(1, 100)]

@@ -144,9 +144,28 @@ def reject(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionR
 
 
 def pause(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    """Stop a live version for now (:func:`resume` makes it live again). A version approved
+    for a later start cannot be paused: resumed, it would go live before the date a second
+    person approved (and end its predecessor early)."""
     row = _row(uow, program_id, version_id)
     _require_state(row, "active", "paused")
-    _close_activation(uow, version_id, uow.clock.now())
+    now = uow.clock.now()
+    starts = uow.conn.execute(
+        select(func.min(rule_activations.c.active_from)).where(
+            rule_activations.c.version_id == version_id,
+            rule_activations.c.active_to.is_(None),
+            rule_activations.c.active_from > now,
+        )
+    ).scalar_one()
+    if starts is not None:
+        raise StateConflict(
+            problem=f"Rule {row.code} version {row.version} has not started: it goes live at "
+            f"{starts.isoformat()}. Only a live version can be paused; retire it, or have a "
+            "new version approved for another start.",
+            problem_zh=f"规则 {row.code} 第 {row.version} 版尚未开始,将于 {starts.isoformat()} "
+            "生效。只有已生效的版本才能暂停;请停用它,或另建新版本按新的开始时间审批。",
+        )
+    _close_activation(uow, version_id, now)
     _move(uow, version_id, "active", state="paused")
     return get_version(uow, program_id=program_id, version_id=version_id)
 
