@@ -64,6 +64,12 @@ events = Table(
     ),
     Column("merchant", String(64), nullable=True, comment="the merchant whose credentials sent it"),
     Column("store", String(64), nullable=True, comment="the store its points were posted for"),
+    Column(
+        "sent_by",
+        String(128),
+        nullable=True,
+        comment="who sent it (staff:…, key:…), when sent through the API",
+    ),
     Column("points", BigInteger, nullable=False, server_default="0"),
     Column(
         "skipped",
@@ -104,7 +110,16 @@ event_awards = Table(
     Column("reverses_id", BigId, ForeignKey("event_awards.id"), nullable=True),
     Column("local_day", Date, nullable=False, comment="the event's day in the programme's zone"),
     Column("detail", JSON, nullable=False, server_default="{}"),
+    Column(
+        "decision",
+        String(16),
+        nullable=True,
+        comment="a held award's: approved or rejected, by a reviewer",
+    ),
+    Column("decided_by", String(128), nullable=True),
+    Column("decided_at", UTCDateTime(), nullable=True),
     Index("ix_event_awards_member_day", "member_id", "local_day"),
+    Index("ix_event_awards_held", "program_id", "held", "id"),
     Index("ix_event_awards_event", "event_id"),
 )
 

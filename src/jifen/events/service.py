@@ -33,10 +33,13 @@ from jifen.db.bulk import among, insert_many
 from jifen.db.uow import Database, UnitOfWork, is_transient
 from jifen.db.upsert import upsert_many
 from jifen.errors import (
+    Forbidden,
     IdempotencyConflict,
     InvalidInput,
     JifenError,
     OrderNotSeen,
+    StateConflict,
+    UnknownAward,
     UnknownEvent,
     UnknownMember,
     invalid_field,
@@ -50,6 +53,7 @@ from jifen.events.schemas import (
     Compared,
     EventIn,
     EventResult,
+    HeldAward,
     OrderPaid,
     OrderRefunded,
 )
@@ -60,7 +64,7 @@ from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
-from jifen.rules.schemas import EventTypeRead, RuleSpec, TierCap
+from jifen.rules.schemas import EventTypeRead, Reviewed, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
@@ -174,10 +178,14 @@ def ingest(
     program_id: int,
     event: EventIn,
     origin: Origin = (None, None),
+    sent_by: str | None = None,
 ) -> EventResult:
     """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction;
-    the postings record ``origin``, the merchant and store they were made for."""
-    outcome = ingest_many(uow, program_id=program_id, events=[event], origins=[origin])[0]
+    the postings record ``origin``, the merchant and store they were made for, and the event
+    who sent it (``sent_by``: the API's principal)."""
+    outcome = ingest_many(
+        uow, program_id=program_id, events=[event], origins=[origin], sent_by=sent_by
+    )[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
@@ -189,6 +197,7 @@ def ingest_many(
     program_id: int,
     events: Sequence[EventIn],
     origins: Sequence[Origin] | None = None,
+    sent_by: str | None = None,
 ) -> list[EventResult | Exception]:
     """Take ``events`` in, in order, in the caller's transaction: each ends as if it had
     been ingested alone after the ones before it, with its result, or the error that
@@ -206,7 +215,7 @@ def ingest_many(
     """
     none: Origin = (None, None)
     chosen = list(origins) if origins is not None else [none] * len(events)
-    return _Intake(uow, program_id).take(list(events), chosen)
+    return _Intake(uow, program_id, sent_by).take(list(events), chosen)
 
 
 @dataclass(slots=True)
@@ -279,9 +288,10 @@ class _Group:
 class _Intake:
     """One call of :func:`ingest_many`: what it has read and held, and the outcomes."""
 
-    def __init__(self, uow: UnitOfWork, program_id: int) -> None:
+    def __init__(self, uow: UnitOfWork, program_id: int, sent_by: str | None = None) -> None:
         self.uow = uow
         self.program_id = program_id
+        self.sent_by = sent_by
         self.zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
         self.now = uow.clock.now()
         self.outcomes: dict[int, EventResult | Exception] = {}
@@ -662,6 +672,7 @@ class _Intake:
                     "request_hash": d.item.request_hash, "subject": d.subject,
                     "amount_fen": d.amount_fen, "points": d.total, "skipped": d.skipped,
                     "merchant": d.item.origin[0], "store": d.item.origin[1],
+                    "sent_by": self.sent_by,
                 }
                 for d in decisions
             ]  # fmt: skip
@@ -736,6 +747,7 @@ class _Intake:
                     "received_at": self.now, "payload": item.payload,
                     "request_hash": item.request_hash, "subject": subject, "amount_fen": amount,
                     "merchant": item.origin[0], "store": item.origin[1],
+                    "sent_by": self.sent_by,
                 },
             ).scalar_one()
         )  # fmt: skip
@@ -1437,6 +1449,200 @@ def _result_of(row: Row[Any], awards: list[AwardRead], *, replayed: bool) -> Eve
         skipped=list(row.skipped or []),
         replayed=replayed,
     )
+
+
+# --------------------------------------------------------------------------- held awards
+
+
+def held_awards(
+    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int = 50
+) -> list[HeldAward]:
+    """The programme's awards waiting for a reviewer (reviewed rules'), oldest first, after
+    the award ``after_id``."""
+    rows = uow.conn.execute(
+        _HELD.where(
+            event_awards.c.program_id == program_id,
+            event_awards.c.held.is_(True),
+            event_awards.c.decision.is_(None),
+            event_awards.c.id > after_id,
+        )
+        .order_by(event_awards.c.id)
+        .limit(limit)
+    ).all()
+    return [_held(row) for row in rows]
+
+
+def approve_award(
+    uow: UnitOfWork, *, program_id: int, award_id: int, decided_by: str,
+    decider_member: int | None = None, points: int | None = None, note: str = "",
+) -> HeldAward:  # fmt: skip
+    """A reviewer's yes to a held award: it posts through the ledger, once, what it asks
+    (or the smaller ``points``), never more than its rule's maximum, capped as any award of
+    its day is (tier, rule and budgets). The one who sent its event, or its member, cannot
+    approve it."""
+    row = _pending(uow, program_id, award_id, decided_by, decider_member)
+    spec = _spec_of(uow, program_id, row.rule_code, row.rule_version)
+    params = spec.params
+    assert isinstance(params, Reviewed)
+    wanted = int(row.wanted) if points is None else points
+    if wanted > params.max_points:
+        raise InvalidInput(
+            field="points",
+            problem=f"rule {row.rule_code} awards at most {params.max_points} points; "
+            f"{wanted} is more",
+            problem_zh=f"规则 {row.rule_code} 单次最多奖励 {params.max_points} 积分,{wanted} 超出",
+        )
+    member_id = int(row.member_id)
+    members_service.lock_members(uow, member_ids=[member_id])
+    profile = members_service.rule_facts(uow, program_id=program_id, member_ids=[member_id])
+    members_service.require_active(profile[member_id])
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    facts = facts_of(
+        uow, program_id=program_id, member_ids=[member_id], day=row.local_day,
+        rule_codes=[row.rule_code] if spec.caps.per_member else [],
+    )  # fmt: skip
+    terms = _terms(uow, program_id, zone)
+    budgeted = [row.rule_code] if spec.caps.budget is not None else []
+    if terms.caps.budget is not None:
+        budgeted.append(rules_service.PROGRAM_BUDGET)
+    spent = rules_service.budgets_spent(uow, program_id=program_id, codes=budgeted, lock=True)
+    asked = core.Award(
+        rule=row.rule_code, version=row.rule_version, kind=row.kind, member_id=member_id,
+        points=wanted, wanted=wanted, detail=dict(row.detail or {}),
+    )  # fmt: skip
+    released = core.release(
+        asked, spec, _stored_event(row), terms, facts,
+        core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0)),
+    )  # fmt: skip
+    now = uow.clock.now()
+    detail = {**(row.detail or {}), **({"note": note} if note else {})}
+    _decide(uow, award_id, "approved", decided_by, now, points=released.points,
+            wanted=wanted, cap=released.cap, detail=detail)  # fmt: skip
+    if released.points > 0:
+        tier = tiers_service.tiers_of(uow, member_ids=[member_id]).get(member_id)
+        posting = points_service.earn(
+            uow, member_id=member_id, amount=released.points, key=f"award:{award_id}",
+            expires_at=expiry_service.lot_expiry(
+                uow, program_id=program_id, start=now, tier=tier
+            ),
+            reason=f"{row.type} {row.source}:{row.external_id}: {row.rule_code} "
+            f"{released.points}, approved",
+            actor=decided_by,
+        )  # fmt: skip
+        points_service.record_origins(uow, [(posting.id, row.merchant, row.store)])
+        uow.conn.execute(
+            event_awards.update().where(event_awards.c.id == award_id).values(posting_id=posting.id)
+        )
+        uow.conn.execute(
+            events.update()
+            .where(events.c.id == row.event_id)
+            .values(points=events.c.points + released.points)
+        )
+        rules_service.add_to_budgets(
+            uow, program_id=program_id, spent=dict.fromkeys(budgeted, released.points)
+        )
+    return _held_award(uow, award_id)
+
+
+def reject_award(
+    uow: UnitOfWork, *, program_id: int, award_id: int, decided_by: str,
+    decider_member: int | None = None, note: str = "",
+) -> HeldAward:  # fmt: skip
+    """A reviewer's no to a held award: nothing posts, the decision is kept."""
+    row = _pending(uow, program_id, award_id, decided_by, decider_member)
+    detail = {**(row.detail or {}), **({"note": note} if note else {})}
+    _decide(uow, award_id, "rejected", decided_by, uow.clock.now(), points=0,
+            wanted=int(row.wanted), cap=None, detail=detail)  # fmt: skip
+    return _held_award(uow, award_id)
+
+
+_HELD = select(
+    event_awards,
+    events.c.type,
+    events.c.source,
+    events.c.external_id,
+    events.c.occurred_at,
+    events.c.payload,
+    events.c.merchant,
+    events.c.store,
+    events.c.sent_by,
+).join(events, events.c.id == event_awards.c.event_id)
+
+
+def _pending(
+    uow: UnitOfWork, program_id: int, award_id: int, decided_by: str, decider_member: int | None
+) -> Row[Any]:
+    """The held award to decide: UnknownAward when there is none of that id, StateConflict
+    when it was decided, Forbidden when it is the decider's own."""
+    row = uow.conn.execute(
+        _HELD.where(
+            event_awards.c.id == award_id,
+            event_awards.c.program_id == program_id,
+            (event_awards.c.held.is_(True)) | (event_awards.c.decision.is_not(None)),
+        )
+    ).one_or_none()
+    if row is None:
+        raise UnknownAward(award_id=award_id)
+    if row.decision is not None:
+        raise StateConflict(
+            problem=f"Award {award_id} was {row.decision} by {row.decided_by} already.",
+            problem_zh=f"奖励 {award_id} 已由 {row.decided_by} 审核({row.decision})。",
+        )
+    if decided_by == row.sent_by or decider_member == row.member_id:
+        raise Forbidden(
+            problem=f"Award {award_id} is your own (you sent its event, or it is yours); "
+            "another person must decide it.",
+            problem_zh=f"奖励 {award_id} 与您本人有关(由您发送的事件产生,或奖励给您),"
+            "须由他人审核。",
+        )
+    return row
+
+
+def _decide(
+    uow: UnitOfWork, award_id: int, decision: str, decided_by: str, at: datetime, **values: Any
+) -> None:
+    """Record the decision, from held only: of two reviewers deciding at once, one matches
+    nothing and is refused (the award posts once)."""
+    moved = uow.conn.execute(
+        event_awards.update()
+        .where(
+            event_awards.c.id == award_id,
+            event_awards.c.held.is_(True),
+            event_awards.c.decision.is_(None),
+        )
+        .values(held=False, decision=decision, decided_by=decided_by, decided_at=at, **values)
+    ).rowcount
+    if moved != 1:
+        raise StateConflict(
+            problem=f"Award {award_id} was decided meanwhile; read it again.",
+            problem_zh=f"奖励 {award_id} 刚被他人审核,请重新读取。",
+        )
+
+
+def _spec_of(uow: UnitOfWork, program_id: int, code: str, version: int) -> RuleSpec:
+    """The spec of a rule version, by its code and version number."""
+    for rule, _, _ in rules_service.live_periods(uow, program_id=program_id):
+        if rule.spec.code == code and rule.version == version:
+            return rule.spec
+    found = rules_service.list_versions(uow, program_id=program_id, code=code, limit=1000)
+    for read in found:
+        if read.version == version:
+            return read.spec
+    raise UnknownAward(award_id=f"{code} v{version}")
+
+
+def _held_award(uow: UnitOfWork, award_id: int) -> HeldAward:
+    return _held(uow.conn.execute(_HELD.where(event_awards.c.id == award_id)).one())
+
+
+def _held(row: Row[Any]) -> HeldAward:
+    return HeldAward(
+        id=row.id, event_id=row.event_id, event_type=row.type, source=row.source,
+        external_id=row.external_id, member_id=row.member_id, rule=row.rule_code,
+        version=row.rule_version, wanted=int(row.wanted), points=int(row.points), cap=row.cap,
+        local_day=row.local_day, detail=dict(row.detail or {}), decision=row.decision,
+        decided_by=row.decided_by, decided_at=row.decided_at, posting_id=row.posting_id,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- birthdays

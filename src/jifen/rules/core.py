@@ -396,11 +396,7 @@ def evaluate(
     else an award may go to (a referral's inviter)."""
     if event.member_id not in facts:
         raise EventRefused(rule="-", problem=f"no facts were given for member {event.member_id}")
-    if program.tier_order and any(f.tier is None for f in facts.values()):
-        # A member without a tier earns as one of the entry tier: its caps, its rates.
-        entry = program.tier_order[0]
-        facts = {m: f if f.tier is not None else replace(f, tier=entry) for m, f in facts.items()}
-    state = _Pass(event, program, facts)
+    state = _Pass(event, program, _entry_tier(program, facts))
     for rule in rules.by_type.get(event.type, ()):
         if _fires(state, rule) and rule.spec.stop_after:
             break
@@ -409,6 +405,35 @@ def evaluate(
     _multiply(state)
     _apply_caps(state, budgets or Budgets())
     return state.result
+
+
+def release(
+    award: Award,
+    spec: RuleSpec,
+    event: Event,
+    program: Program,
+    facts: Mapping[int, Facts],
+    budgets: Budgets | None = None,
+) -> Award:
+    """A held award that a reviewer approves, capped as any award is (the member's tier
+    caps, the rule's per-member caps and budget, the programme's budget) by ``facts`` and
+    ``budgets``: what it posts, and the cap that bit."""
+    state = _Pass(event, program, _entry_tier(program, facts))
+    state.specs[spec.code] = spec
+    state.wanted.append(
+        Award(award.rule, award.version, award.kind, award.member_id, award.points,
+              award.wanted, None, False, award.detail)
+    )  # fmt: skip
+    _apply_caps(state, budgets or Budgets())
+    return state.result.awards[0]
+
+
+def _entry_tier(program: Program, facts: Mapping[int, Facts]) -> Mapping[int, Facts]:
+    """A member without a tier earns as one of the entry tier: its caps, its rates."""
+    if not program.tier_order or all(f.tier is not None for f in facts.values()):
+        return facts
+    entry = program.tier_order[0]
+    return {m: f if f.tier is not None else replace(f, tier=entry) for m, f in facts.items()}
 
 
 def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:

@@ -3,7 +3,8 @@ posted and featured once, a quiz answered and an activity attended once per memb
 check-in once per member and programme day, as orders and birthdays already were; and the
 once-only index keyed by event type too, so that an order id such as ``2:2026`` no longer
 collides with member 2's birthday of 2026. An event keeps the merchant and store it was sent
-for, so that a merchant's credentials refund only that merchant's orders.
+for, so that a merchant's credentials refund only that merchant's orders, and who sent it; a
+held (reviewed) award keeps the reviewer's decision.
 
 Events of the new once-only types stored before get their subject, the first of each
 subject only (the later ones were the repeats that paid again): the index then keeps any
@@ -125,6 +126,23 @@ def upgrade() -> None:
             "store", sa.String(64), nullable=True, comment="the store its points were posted for"
         ),
     )
+    op.add_column(
+        "events",
+        sa.Column(
+            "sent_by", sa.String(128), nullable=True,
+            comment="who sent it (staff:…, key:…), when sent through the API",
+        ),
+    )  # fmt: skip
+    op.add_column(
+        "event_awards",
+        sa.Column(
+            "decision", sa.String(16), nullable=True,
+            comment="a held award's: approved or rejected, by a reviewer",
+        ),
+    )  # fmt: skip
+    op.add_column("event_awards", sa.Column("decided_by", sa.String(128), nullable=True))
+    op.add_column("event_awards", sa.Column("decided_at", UTCDateTime(), nullable=True))
+    op.create_index("ix_event_awards_held", "event_awards", ["program_id", "held", "id"])
     for column in ("merchant", "store"):  # orders stored before: where their points went
         op.execute(_ORIGIN.format(column=column))
     _backfill(conn)
@@ -155,7 +173,13 @@ def downgrade() -> None:
     op.drop_index("uq_events_once", table_name="events")
     conn.execute(_events.update().where(_events.c.type.in_(_NEW)).values(subject=None))
     where = _where(_OLD)
+    op.drop_index("ix_event_awards_held", table_name="event_awards")
+    with op.batch_alter_table("event_awards") as batch:
+        batch.drop_column("decided_at")
+        batch.drop_column("decided_by")
+        batch.drop_column("decision")
     with op.batch_alter_table("events") as batch:
+        batch.drop_column("sent_by")
         batch.drop_column("store")
         batch.drop_column("merchant")
     op.create_index(
