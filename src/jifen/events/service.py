@@ -1328,7 +1328,10 @@ def _refund(
     if everything:
         refunded_by_sku = dict(paid_by_sku)
     amount = paid - earlier if refund.whole else sum(line.amount_fen for line in refund.lines)
-    if amount <= 0 or earlier >= paid:
+    # A whole refund of an order paid wholly in points gives no money back, yet takes back
+    # whatever the order earned.
+    in_points = paid == 0 and refund.whole and not earlier_whole
+    if not in_points and (amount <= 0 or earlier >= paid):
         raise InvalidInput(
             field="payload",
             problem=f"order {refund.order_id!r} has nothing left to refund",

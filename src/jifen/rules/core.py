@@ -397,6 +397,11 @@ def evaluate(
     if event.member_id not in facts:
         raise EventRefused(rule="-", problem=f"no facts were given for member {event.member_id}")
     state = _Pass(event, program, _entry_tier(program, facts))
+    if event.lines and _eligible_fen(event) == 0:
+        # Paid wholly by redeeming points: what came from points earns nothing.
+        for rule in rules.by_type.get(event.type, ()):
+            state.skip(rule, "paid wholly with points: earns nothing")
+        return state.result
     for rule in rules.by_type.get(event.type, ()):
         if _fires(state, rule) and rule.spec.stop_after:
             break
