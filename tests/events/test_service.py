@@ -284,6 +284,40 @@ def test_members_without_a_tier_or_in_a_tier_the_caps_do_not_name_are_capped(
     assert (got[gold].points, got[gold].cap) == (1500, "tier_day (金卡: 1500)")
 
 
+def test_a_refund_gives_back_to_the_budgets_what_it_takes_back(db: Database) -> None:
+    program = new_program(db)
+    first, second = new_members(db, program.id, 2)
+    db.run(
+        lambda uow: rules.set_caps(
+            uow, program_id=program.id, caps=ProgramCaps.model_validate({"budget": 1500})
+        )
+    )
+    activate(db, program.id, "promo", {"kind": "spend_rate", "rate": "1"}, caps={"budget": 1000})
+    now = db.clock.now()
+    paid = send(db, program.id, first, "order.paid", now, "o1", order_id="1",
+                lines=lines(("A", "x", 1000)))  # fmt: skip
+    assert paid.points == 1000
+    later = now + timedelta(minutes=1)
+    send(db, program.id, first, "order.refunded", later, "r1", order_id="1",
+         lines=[{"sku": "A", "amount_fen": 40_000}])  # fmt: skip
+    spent = db.run(
+        lambda uow: rules.budgets_spent(
+            uow, program_id=program.id, codes=["promo", rules.PROGRAM_BUDGET], lock=False
+        )
+    )
+    assert spent == {"promo": 600, rules.PROGRAM_BUDGET: 600}
+    # The room the refund gave back is earned again, in a batch after another refund too.
+    batch = [
+        EventIn(source="pos", external_id="r2", type="order.refunded", occurred_at=later,
+                member_id=first, payload={"order_id": "1", "whole": True}),
+        EventIn(source="pos", external_id="o2", type="order.paid", occurred_at=later,
+                member_id=second, payload={"order_id": "2", "lines": lines(("A", "x", 1200))}),
+    ]  # fmt: skip
+    outcomes = db.run(lambda uow: service.ingest_many(uow, program_id=program.id, events=batch))
+    assert [getattr(o, "points", None) for o in outcomes] == [-600, 1000]
+    assert (balance(db, first).balance, balance(db, second).balance) == (0, 1000)
+
+
 def test_a_refund_takes_back_the_points_in_proportion(db: Database) -> None:
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)

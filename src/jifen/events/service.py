@@ -752,9 +752,12 @@ class _Intake:
             ).scalar_one()
         )  # fmt: skip
         core_event = to_core_event(event, member_id, item.payload, item.order())
-        awards, points, _ = _refund(
+        awards, points, given_back = _refund(
             uow, self.program_id, event_id, core_event, self.zone, item.origin
         )
+        for code, back in given_back.items():  # what the batch's next events read
+            if code in group.spent:
+                group.spent[code] -= back
         _add_counters(uow, {(member_id, event.type): [1, None, 0]})
         result = EventResult(
             id=event_id, source=event.source, external_id=event.external_id, type=event.type,
@@ -1260,10 +1263,11 @@ def _refund(
     event: core.Event,
     zone: ZoneInfo,
     origin: Origin,
-) -> tuple[list[AwardRead], int, list[dict[str, str]]]:
-    """Take back the order's points in the proportion of the money refunded so far. A refund
-    sent for a merchant (or a store of it) refunds only an order paid through it: another
-    merchant's order is not one it has seen."""
+) -> tuple[list[AwardRead], int, dict[str, int]]:
+    """Take back the order's points in the proportion of the money refunded so far, and give
+    back to the budgets what is taken back. A refund sent for a merchant (or a store of it)
+    refunds only an order paid through it: another merchant's order is not one it has seen.
+    Returns the awards, the points and what each budget got back."""
     refund = OrderRefunded.model_validate(event.payload)
     order = uow.conn.execute(
         select(events).where(
@@ -1416,7 +1420,26 @@ def _refund(
         )
     total = -sum(due for _, due in dues)
     _set_outcome(uow, event_id, total, [])
-    return stored, total, []
+    return stored, total, _give_back(uow, program_id, dues)
+
+
+def _give_back(
+    uow: UnitOfWork, program_id: int, dues: Sequence[tuple[Row[Any], int]]
+) -> dict[str, int]:
+    """Give back to the budgets of the awards' rules, and to the programme's, what a refund
+    took back (never below nothing: an award made before its rule had a budget counted in
+    none). The rows are held already: a batch with a refund holds them all. Returns what
+    each budget got back."""
+    taken: dict[str, int] = {}
+    for original, due in dues:
+        for code in (original.rule_code, rules_service.PROGRAM_BUDGET):
+            taken[code] = taken.get(code, 0) + due
+    spent = rules_service.budgets_spent(uow, program_id=program_id, codes=sorted(taken), lock=False)
+    back = {code: min(taken[code], amount) for code, amount in spent.items() if amount > 0}
+    rules_service.add_to_budgets(
+        uow, program_id=program_id, spent={code: -amount for code, amount in back.items()}
+    )
+    return back
 
 
 # --------------------------------------------------------------------------- reading
