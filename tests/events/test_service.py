@@ -518,13 +518,10 @@ def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
 def test_custom_events_must_match_their_declared_fields(db: Database) -> None:
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)
-    activate(
-        db,
-        program.id,
-        "tree",
-        {"kind": "per_unit", "field": "trees", "points_per_unit": "20"},
-        events_=("custom.tree_planted",),
-    )
+    tree = {"kind": "per_unit", "field": "trees", "points_per_unit": "20"}
+    # A rule on a custom type is approved once the type is declared, with its number.
+    with pytest.raises(InvalidInput, match=r"'custom\.tree_planted' is no event type"):
+        activate(db, program.id, "tree", tree, events_=("custom.tree_planted",))
     now = db.clock.now()
     with pytest.raises(InvalidInput, match="not declared in this programme"):
         send(db, program.id, member, "custom.tree_planted", now, "t0", trees=2)
@@ -536,6 +533,7 @@ def test_custom_events_must_match_their_declared_fields(db: Database) -> None:
             uow, program_id=program.id, name="custom.tree_planted", body=declared
         )
     )
+    activate(db, program.id, "tree", tree, events_=("custom.tree_planted",))
     for bad, field in (
         ({"trees": "two"}, "payload.trees"),
         ({}, "payload.trees"),

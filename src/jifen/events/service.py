@@ -68,6 +68,9 @@ from jifen.rules.schemas import EventTypeRead, Reviewed, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
+NO_COUNTS = dict.fromkeys(CATALOGUE, 0)
+"""A member's counters before any event: every type of the catalogue at 0, so that a
+condition on ``member.counts['order.paid']`` reads 0 for a member's first order."""
 FUTURE_TOLERANCE = timedelta(minutes=5)
 """How far ahead of jifen's clock an event's time may be (the sender's clock may be fast)."""
 
@@ -981,7 +984,7 @@ class _Tallies:
             member_id=member_id, tier=tally.tier, state=profile.state,
             tags=frozenset(profile.tags),
             registered_at=profile.created_at, region=profile.region, birthday=profile.birthday,
-            counts=dict(tally.counts), streaks=dict(tally.streaks),
+            counts={**NO_COUNTS, **tally.counts}, streaks=dict(tally.streaks),
             usage=self._usage(tally, day, codes),
         )  # fmt: skip
 
@@ -1884,7 +1887,7 @@ class _Replay:
                 registered_at=profile.created_at if profile else None,
                 region=profile.region if profile else None,
                 birthday=profile.birthday if profile else None,
-                counts=counts.get(member_id, {}),
+                counts={**NO_COUNTS, **counts.get(member_id, {})},
             )
 
     def _buckets(self, moment: datetime) -> dict[str, str]:
