@@ -32,6 +32,14 @@ def _hash_key() -> bytes:
 
 
 @lru_cache(maxsize=1)
+def draw_key() -> bytes:
+    """The key that seeds the rules' random draws (HMAC-SHA256): a sender that chooses its
+    event ids cannot know which ids win, while whoever holds the installation's secret can
+    replay a recorded draw."""
+    return _derive(b"jifen rule draws v1")
+
+
+@lru_cache(maxsize=1)
 def _fernet() -> Fernet:
     return Fernet(base64.urlsafe_b64encode(_derive(b"jifen field encryption v1")))
 

@@ -149,6 +149,7 @@ __all__ = [
     "Unauthenticated",
     "UnknownApiKey",
     "UnknownApproval",
+    "UnknownAward",
     "UnknownEvent",
     "UnknownMember",
     "UnknownPosting",
@@ -196,6 +197,12 @@ class UnknownRule(NotFound):
     code = "unknown_rule"
     en = "This programme has no rule version {version_id}. List them with GET …/rules."
     zh = "本计划中不存在规则版本 {version_id}。可通过 GET …/rules 查看。"
+
+
+class UnknownAward(NotFound):
+    code = "unknown_award"
+    en = "This programme has no award {award_id} held for review. List them with GET …/awards/held."
+    zh = "本计划中没有待审核的奖励 {award_id}。可通过 GET …/awards/held 查看。"
 
 
 class UnknownEvent(NotFound):

@@ -338,3 +338,99 @@ def test_a_store_key_sends_orders_for_its_own_store_only(client: TestClient, db:
         "merchant-x",
         "s1",
     )
+
+
+WHOLE = {"order_id": "A-1", "whole": True}
+
+
+def test_a_merchant_key_refunds_only_orders_paid_through_its_merchant(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.activate(rule("base", RATES))
+    key_a = support.api_key(db, shop.program.id, merchant="merchant-a", store="s1")
+    key_a2 = support.api_key(db, shop.program.id, merchant="merchant-a", store="s2")
+    key_b = support.api_key(db, shop.program.id, merchant="merchant-b")
+    paid = shop.send(
+        shop.event(shop.alice, "a-1", {**order("A-1", ("TV", "家电", 1000)), "store": "s1"}),
+        key_a,
+    )
+    assert body(paid, 201)["points"] == 3000
+    # Merchant B's key, and a key of another store of merchant A, do not see A's s1 order:
+    # refused as an order not seen, without naming the event that paid it.
+    for key, external_id in ((key_b, "b-1"), (key_a2, "a2-1")):
+        refund = shop.event(shop.alice, external_id, WHOLE, "order.refunded")
+        answer = shop.send(refund, key)
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["code"] == "order_not_seen"
+        assert "a-1" not in answer.text
+    assert shop.balance(shop.alice)["balance"] == 3000
+    # The store that took the order refunds it.
+    refund = shop.event(shop.alice, "a-2", WHOLE, "order.refunded")
+    assert body(shop.send(refund, key_a), 201)["points"] == -3000
+    assert shop.balance(shop.alice)["balance"] == 0
+
+
+def test_held_awards_are_listed_and_decided_by_another_person_once(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    declared = {"fields": {"requested_points": {"type": "integer", "required": True}}}
+    body(shop.put("/event-types/custom.contribution", declared), 200)
+    shop.activate(rule("contribution", {"kind": "reviewed", "max_points": 50},
+                       event_types=("custom.contribution",), caps={"budget": 100}))  # fmt: skip
+    # the operator sends three contributions in; each award waits for a reviewer
+    for member, external_id, asked in (
+        (shop.alice, "c1", 80), (shop.bob, "c2", 30), (shop.carol, "c3", 40),
+    ):  # fmt: skip
+        sent = body(shop.post("/events", shop.event(
+            member, external_id, {"requested_points": asked}, "custom.contribution"
+        ), shop.operator), 201)  # fmt: skip
+        assert sent["points"] == 0 and sent["awards"][0]["held"] is True
+    page = body(shop.get("/awards/held", shop.reviewer, limit=2), 200)
+    rest = body(shop.get("/awards/held", shop.reviewer, cursor=page["next_cursor"]), 200)
+    held = page["items"] + rest["items"]
+    assert [(a["member_id"], a["wanted"], a["points"]) for a in held] == [
+        (shop.alice, 50, 50), (shop.bob, 30, 30), (shop.carol, 40, 40),
+    ]  # fmt: skip
+    first, second, third = (a["id"] for a in held)
+    # the operator who sent them cannot decide them, nor can a role without awards.decide
+    own = shop.post(f"/awards/{first}/approve", {}, shop.operator)
+    assert own.status_code == 403, own.text
+    admin = support.staff(db, "super_admin")
+    mine = shop.post(f"/awards/{first}/approve", {}, admin)
+    assert mine.status_code == 200, mine.text  # another person with the permission may
+    assert shop.balance(shop.alice)["balance"] == 50
+    # the rule's maximum holds; approved once
+    too_much = shop.post(f"/awards/{second}/approve", {"points": 51}, shop.reviewer)
+    assert too_much.status_code == 422 and too_much.json()["code"] == "invalid_input"
+    approved = body(shop.post(f"/awards/{second}/approve", {"points": 25}, shop.reviewer), 200)
+    assert approved["decision"] == "approved" and approved["points"] == 25
+    again = shop.post(f"/awards/{second}/approve", {}, shop.reviewer)
+    assert again.status_code == 409, again.text
+    # the rule's budget (100) caps the third: 50 + 25 spent leave 25 of its 40
+    capped = body(shop.post(f"/awards/{third}/approve", {}, shop.reviewer), 200)
+    assert (capped["points"], capped["cap"]) == (25, "rule_budget (contribution: 100)")
+    assert body(shop.get("/awards/held", shop.reviewer), 200)["items"] == []
+    assert [shop.balance(m)["balance"] for m in (shop.alice, shop.bob, shop.carol)] == [50, 25, 25]
+    # a rejected one posts nothing; each decision is audited
+    sent = body(
+        shop.post(
+            "/events",
+            shop.event(shop.alice, "c4", {"requested_points": 10}, "custom.contribution"),
+            shop.operator,
+        ),
+        201,
+    )
+    (award,) = body(shop.get("/awards/held", shop.reviewer), 200)["items"]
+    assert award["event_id"] == sent["id"]
+    rejected = body(shop.post(f"/awards/{award['id']}/reject", {"note": "no"}, shop.reviewer), 200)
+    assert rejected["decision"] == "rejected" and rejected["detail"]["note"] == "no"
+    unknown = shop.post("/awards/999999/reject", {}, shop.reviewer)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_award"
+    actions = db.run(lambda uow: uow.conn.execute(
+        select(audit_entries.c.action).where(audit_entries.c.target.like("award:%"))
+    ).scalars().all())  # fmt: skip
+    assert sorted(actions) == ["awards.approve"] * 3 + ["awards.reject"]
+    assert shop.balance(shop.alice)["balance"] == 50
+    assert_ledger_sound(db, shop.program.id)

@@ -170,6 +170,12 @@ def test_a_scheduled_version_takes_over_at_its_time_and_one_version_is_live_at_a
     assert scheduled["status"] == "scheduled"
     assert datetime.fromisoformat(scheduled["active_from"]) == tomorrow
     assert datetime.fromisoformat(shop.version(first["id"])["active_to"]) == tomorrow
+    # a version that has not started cannot be paused (resumed, it would go live before
+    # its approved start and end version 1 early)
+    paused = shop.post(f"/rules/{second['id']}/pause")
+    assert paused.status_code == 409 and "has not started" in paused.json()["detail"], paused.text
+    assert "尚未开始" in shop.post(f"/rules/{second['id']}/pause", language="zh").json()["detail"]
+    assert shop.version(second["id"])["status"] == "scheduled"
     # then version 1 earns until then, and version 2 from then on
     clock.advance(timedelta(minutes=1))
     assert earned("o1") == [(1, 100)]
@@ -468,3 +474,28 @@ def test_a_rules_author_cannot_approve_it_even_when_another_submitted_it(
     # a reviewer, a second person, approves it
     body(shop.decide(filed["id"], "approve"), 200)
     assert shop.version(draft["id"])["status"] == "active"
+
+
+def test_a_rule_that_cannot_work_is_not_approved_and_counts_start_at_zero(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    for spec, says in (
+        (rule("typo", {"kind": "fixed", "points": 1}, event_types=("order.payed",)),
+         "'order.payed' is no event type of the catalogue"),
+        (rule("undeclared", {"kind": "fixed", "points": 1}, event_types=("custom.nope",)),
+         "'custom.nope' is no event type"),
+        (rule("vol", {"kind": "per_unit", "field": "hour", "points_per_unit": "5"},
+              event_types=("activity.attended",)),
+         "activity.attended events have no number 'hour' (their numbers: hours)"),
+    ):  # fmt: skip
+        draft = shop.draft(spec)
+        decided = shop.decide(shop.submit(draft["id"])["id"], "approve")
+        assert decided.status_code == 409 and says in decided.json()["detail"], decided.text
+        assert shop.version(draft["id"])["status"] == "submitted"
+    # A condition on a counter of a type the member has not had yet reads 0.
+    shop.activate(rule("loyal", {"kind": "fixed", "points": 5},
+                       condition="member.counts['order.paid'] >= 1"))  # fmt: skip
+    first = shop.earn(shop.event(shop.alice, "o1", order("o1", ("T1", "日用品", 10))))
+    second = shop.earn(shop.event(shop.alice, "o2", order("o2", ("T1", "日用品", 10))))
+    assert (first["points"], second["points"]) == (0, 5)

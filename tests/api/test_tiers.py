@@ -161,6 +161,9 @@ SCHEME = {
     "schedule": "quarterly",
     "upgrade_at_once": True,
     "benefits": {
+        # every tier is capped: 普通's cap is also 银卡's (the nearest lower tier named), and
+        # a member without a tier earns as one of 普通
+        "普通": {"daily_earn_cap": 5000},
         "银卡": {"earn_multiplier": "1.2", "discount_pct": 90, "early_access_hours": 24},
         "金卡": {"earn_multiplier": "1.5", "discount_pct": 80, "daily_earn_cap": 2000},
     },

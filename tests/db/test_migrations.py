@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
 
 from jifen.clock import ManualClock
+from jifen.db.engine import make_engine
 from jifen.db.migrate import current_revision, head_revision, is_current, upgrade
 from jifen.db.schema import metadata
 from jifen.db.uow import Database
 from jifen.errors import PaymentUsed
+from jifen.events.models import events
+from jifen.members.models import members
+from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
 from tests.conftest import START
 from tests.rewards.shop import Shop
@@ -50,7 +57,55 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0012"
+    assert head_revision(db.engine) == "0013"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)
+
+
+def test_events_stored_before_once_per_subject_keep_the_first_of_each(tmp_path: Path) -> None:
+    """0013 gives the events of the types that became once-only their subject, the first of
+    each only (the repeats that paid again keep none), and keys the index by type."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(engine, "0012")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # 23:00 in Shanghai
+
+    def event(external_id: str, kind: str, member: int, payload: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "program_id": 1, "source": "pos", "external_id": external_id, "type": kind,
+            "member_id": member, "occurred_at": now, "received_at": now, "payload": payload,
+            "request_hash": "-", "subject": None,
+        }  # fmt: skip
+
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(
+            members.insert(),
+            [
+                {"id": m, "program_id": 1, "external_ref": f"m{m}", "created_at": now}
+                for m in (1, 2)
+            ],
+        )
+        conn.execute(
+            events.insert(),
+            [
+                event("r1", "referral.completed", 2, {"inviter_member_id": 1}),
+                event("r2", "referral.completed", 2, {"inviter_member_id": 1}),
+                event("c1", "member.checked_in", 1, {}),
+                event("c2", "member.checked_in", 1, {}),
+                event("v1", "review.posted", 1, {"review_id": "R1"}),
+                event("l1", "review.liked", 1, {"review_id": "R1", "likes": 3}),
+            ],
+        )
+    upgrade(engine)
+    with engine.connect() as conn:
+        subjects = dict(conn.execute(select(events.c.external_id, events.c.subject)).all())
+        assert subjects == {
+            "r1": "2", "r2": None, "c1": "1:2026-03-02", "c2": None, "v1": "R1", "l1": None,
+        }  # fmt: skip
+        # An order id that reads like a member's birthday of a year is another subject.
+        conn.execute(events.insert(), [
+            event("o1", "order.paid", 1, {}) | {"subject": "2:2026"},
+            event("b1", "member.birthday", 2, {}) | {"subject": "2:2026"},
+        ])  # fmt: skip
+    engine.dispose()

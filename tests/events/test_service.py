@@ -265,6 +265,59 @@ def test_tier_day_cap_across_events_and_the_next_day(db: Database) -> None:
     assert [a.points for a in next_day.awards] == [800]
 
 
+def test_members_without_a_tier_or_in_a_tier_the_caps_do_not_name_are_capped(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    untiered, gold = new_members(db, program.id, 2)
+    setup_tiers(db, program.id, **{f"m{gold}": "金卡"})
+    caps = ProgramCaps.model_validate({"by_tier": {"普通": {"day": 1000}, "银卡": {"day": 1500}}})
+    db.run(lambda uow: rules.set_caps(uow, program_id=program.id, caps=caps))
+    activate(db, program.id, "base", RATES)
+    noon = datetime(2026, 1, 5, 4, 0, tzinfo=UTC)
+    got = {
+        member: send(db, program.id, member, "order.paid", noon, f"o{member}",
+                     order_id=str(member), lines=lines(("A", "x", 3000))).awards[0]
+        for member in (untiered, gold)
+    }  # fmt: skip
+    assert (got[untiered].points, got[untiered].cap) == (1000, "tier_day (普通: 1000)")
+    assert (got[gold].points, got[gold].cap) == (1500, "tier_day (金卡: 1500)")
+
+
+def test_a_refund_gives_back_to_the_budgets_what_it_takes_back(db: Database) -> None:
+    program = new_program(db)
+    first, second = new_members(db, program.id, 2)
+    db.run(
+        lambda uow: rules.set_caps(
+            uow, program_id=program.id, caps=ProgramCaps.model_validate({"budget": 1500})
+        )
+    )
+    activate(db, program.id, "promo", {"kind": "spend_rate", "rate": "1"}, caps={"budget": 1000})
+    now = db.clock.now()
+    paid = send(db, program.id, first, "order.paid", now, "o1", order_id="1",
+                lines=lines(("A", "x", 1000)))  # fmt: skip
+    assert paid.points == 1000
+    later = now + timedelta(minutes=1)
+    send(db, program.id, first, "order.refunded", later, "r1", order_id="1",
+         lines=[{"sku": "A", "amount_fen": 40_000}])  # fmt: skip
+    spent = db.run(
+        lambda uow: rules.budgets_spent(
+            uow, program_id=program.id, codes=["promo", rules.PROGRAM_BUDGET], lock=False
+        )
+    )
+    assert spent == {"promo": 600, rules.PROGRAM_BUDGET: 600}
+    # The room the refund gave back is earned again, in a batch after another refund too.
+    batch = [
+        EventIn(source="pos", external_id="r2", type="order.refunded", occurred_at=later,
+                member_id=first, payload={"order_id": "1", "whole": True}),
+        EventIn(source="pos", external_id="o2", type="order.paid", occurred_at=later,
+                member_id=second, payload={"order_id": "2", "lines": lines(("A", "x", 1200))}),
+    ]  # fmt: skip
+    outcomes = db.run(lambda uow: service.ingest_many(uow, program_id=program.id, events=batch))
+    assert [getattr(o, "points", None) for o in outcomes] == [-600, 1000]
+    assert (balance(db, first).balance, balance(db, second).balance) == (0, 1000)
+
+
 def test_a_refund_takes_back_the_points_in_proportion(db: Database) -> None:
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)
@@ -465,13 +518,10 @@ def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
 def test_custom_events_must_match_their_declared_fields(db: Database) -> None:
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)
-    activate(
-        db,
-        program.id,
-        "tree",
-        {"kind": "per_unit", "field": "trees", "points_per_unit": "20"},
-        events_=("custom.tree_planted",),
-    )
+    tree = {"kind": "per_unit", "field": "trees", "points_per_unit": "20"}
+    # A rule on a custom type is approved once the type is declared, with its number.
+    with pytest.raises(InvalidInput, match=r"'custom\.tree_planted' is no event type"):
+        activate(db, program.id, "tree", tree, events_=("custom.tree_planted",))
     now = db.clock.now()
     with pytest.raises(InvalidInput, match="not declared in this programme"):
         send(db, program.id, member, "custom.tree_planted", now, "t0", trees=2)
@@ -483,6 +533,7 @@ def test_custom_events_must_match_their_declared_fields(db: Database) -> None:
             uow, program_id=program.id, name="custom.tree_planted", body=declared
         )
     )
+    activate(db, program.id, "tree", tree, events_=("custom.tree_planted",))
     for bad, field in (
         ({"trees": "two"}, "payload.trees"),
         ({}, "payload.trees"),

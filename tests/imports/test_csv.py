@@ -16,8 +16,9 @@ from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from jifen.errors import InvalidInput
 from jifen.events.models import events
+from jifen.events.schemas import EventIn
 from jifen.imports import service as imports
-from jifen.imports.core import ERROR_COLUMNS
+from jifen.imports.core import ERROR_COLUMNS, Record, order_records
 from jifen.members import service as members
 from jifen.points import service as points
 from jifen.tiers import service as tiers
@@ -318,3 +319,22 @@ def test_a_source_that_no_event_could_have_is_refused_up_front(
     with pytest.raises(InvalidInput, match="'POS System' is not a source name"):
         imports.run_import(db, program_id=program.id, kind="orders", path=path, source="POS System")
     assert not (tmp_path / "orders.errors.csv").exists()
+
+
+@pytest.mark.parametrize(("column", "values"), [("pickup", ("0", "1")), ("source", ("pos", "app"))])
+def test_an_order_whose_lines_disagree_on_pickup_or_source_is_refused(
+    column: str, values: tuple[str, str]
+) -> None:
+    base = {"order_id": "O1", "member_ref": "m1", "occurred_at": "2026-03-01T10:00:00+00:00",
+            "sku": "A", "amount_fen": "100"}  # fmt: skip
+    rows = [(2, {**base, column: values[0]}), (3, {**base, "sku": "B", column: values[1]})]
+    (bad,) = order_records(rows, "csv")
+    assert not isinstance(bad, Record)
+    lines, _, error = bad
+    assert lines == (2, 3) and error.column == column
+    assert "differs between the lines of order O1" in error.reason
+    # Said alike in two spellings, a flag agrees.
+    same = [(2, {**base, "pickup": "1"}), (3, {**base, "sku": "B", "pickup": "true"})]
+    (good,) = order_records(same, "csv")
+    assert isinstance(good, Record) and isinstance(good.request, EventIn)
+    assert good.request.payload["pickup"] is True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -25,9 +27,12 @@ from jifen.rules.core import (
     RuleSet,
     Streak,
     Usage,
+    draw,
+    draw_seed,
     evaluate,
     in_gray_share,
     reversal_due,
+    tier_cap_of,
 )
 from jifen.rules.schemas import ProgramCaps, RuleSpec
 
@@ -285,6 +290,39 @@ def test_random_surprise_rate_range_and_replay() -> None:
     assert min(hits) >= 50 and max(hits) <= 200 and len(set(hits)) > 100
 
 
+def test_random_draws_are_seeded_under_the_installations_key_and_replay_from_the_seed() -> None:
+    surprise = rule(
+        "surprise",
+        {"kind": "random", "probability": "0.5", "minimum": 50, "maximum": 200},
+        events=("member.checked_in",),
+    )
+    rules = RuleSet([surprise])
+    keyed = [Program(SHANGHAI, draw_key=key) for key in (b"one", b"two")]
+    outcomes: list[list[int]] = [[], []]
+    for n in range(200):
+        event = Event(f"pos:c{n}", "member.checked_in", NOON, 1)
+        for program, seen in zip(keyed, outcomes, strict=True):
+            result = evaluate(event, rules, program, {1: Facts(1)})
+            seed = draw_seed(program.draw_key, event.key, surprise)
+            assert (
+                seed
+                == hmac.new(
+                    program.draw_key, f"pos:c{n}|surprise|1".encode(), hashlib.sha256
+                ).hexdigest()
+            )
+            if result.awards:
+                (award,) = result.awards
+                assert award.detail["seed"] == seed
+                replayed = draw(seed)  # the recorded seed draws the same again
+                assert replayed.randrange(1_000_000) == award.detail["roll"]
+                assert replayed.randint(50, 200) == award.points
+            else:
+                assert result.skipped[0].why.endswith(f"seed {seed}")
+            seen.append(result.total)
+    # Under another key the same event ids draw otherwise: ids alone choose nothing.
+    assert outcomes[0] != outcomes[1]
+
+
 def test_two_sided_referral() -> None:
     # 邀请人 200 (+50 after the friend's first order), 被邀请人 100.
     invite = rule(
@@ -361,6 +399,39 @@ def test_tier_month_cap_and_higher_tiers_fit_more() -> None:
     gold = {1: Facts(1, tier="金卡", usage=Usage(month=7500))}
     (award,) = evaluate(event, rules, program, gold).awards
     assert (award.points, award.cap) == (1200, None)
+
+
+def test_every_member_has_caps_the_untiered_and_tiers_the_caps_do_not_name() -> None:
+    # 普通 < 银卡 < 新卡 < 金卡 < 钻石; the caps name 普通, 银卡 and 金卡 only.
+    order_ = ("普通", "银卡", "新卡", "金卡", "钻石")
+    program = Program(SHANGHAI, TIER_CAPS, tier_order=order_)
+    rules = RuleSet([rule("base", CATEGORY_RATES)])
+    event = order(("A", "x", 5000))
+    cases = {
+        None: "tier_day (普通: 1000)",  # no tier: the entry tier's caps
+        "新卡": "tier_day (新卡: 1500)",  # the nearest lower tier named: 银卡
+        "钻石": "tier_day (钻石: 2000)",  # 金卡
+        "金卡plus": "tier_day (金卡plus: 1000)",  # not a tier of the order: the lowest named
+    }
+    for tier, cap in cases.items():
+        (award,) = evaluate(event, rules, program, {1: Facts(1, tier=tier)}).awards
+        assert (award.wanted, award.cap) == (5000, cap)
+    # Below every named tier: the lowest named one.
+    caps = ProgramCaps.model_validate({"by_tier": {"金卡": {"day": 2000}}})
+    below = Program(SHANGHAI, caps, tier_order=order_)
+    (award,) = evaluate(event, rules, below, {1: Facts(1, tier="银卡")}).awards
+    assert award.cap == "tier_day (银卡: 2000)"
+    assert tier_cap_of(caps.by_tier, (), "银卡") is None  # no tiers in the programme
+
+
+def test_a_member_without_a_tier_earns_as_the_entry_tier() -> None:
+    program = Program(SHANGHAI, tier_order=("普通", "银卡"))
+    multiplier = rule("tier", {"kind": "multiplier", "by_tier": {"普通": "2", "银卡": "3"}})
+    condition = rule("entry", {"kind": "fixed", "points": 5}, condition=lambda b: (
+        b["member"]["tier"] == "普通"
+    ))  # fmt: skip
+    assert run(order(("A", "x", 100)), rule("base", CATEGORY_RATES), multiplier, condition,
+               program=program) == {"base": 100, "entry": 5, "tier": 100}  # fmt: skip
 
 
 def test_caps_count_earlier_awards_of_the_same_event() -> None:

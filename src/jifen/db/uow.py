@@ -39,8 +39,8 @@ RACE_CONSTRAINTS = (
     "idempotency_records.scope, idempotency_records.key",
     "uq_events_program_id_source_external_id",  # an event sent twice at once
     "events.program_id, events.source, events.external_id",
-    "uq_events_once",  # one order (or birthday) sent twice at once under two event ids
-    "events.program_id, events.subject",
+    "uq_events_once",  # one order (or birthday, ...) sent twice at once under two event ids
+    "events.program_id, events.type, events.subject",
     "uq_vouchers_program_id_code",  # a new voucher's random code clashed: draw another
     "vouchers.program_id, vouchers.code",
     "uq_reward_orders_program_id_idempotency_key",  # twins of one redemption

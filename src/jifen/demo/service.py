@@ -25,6 +25,7 @@ from datetime import date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from rich.console import Console
 from rich.table import Column, Table
@@ -163,6 +164,7 @@ class _History:
     """Orders that may still be cancelled."""
     vouchers: list[str] = field(default_factory=list)
     freezes: list[tuple[int, int]] = field(default_factory=list)  # (freeze id, day)
+    checked_in: set[tuple[int, date]] = field(default_factory=set)  # (member, its day)
     refused: Counter[str] = field(default_factory=Counter)
     keys: int = 0
 
@@ -382,8 +384,12 @@ def _one_action(
             uow, member_id=who, amount=rng.choice([10, 50, 100]), key=history.key("bonus"),
             expires_at=now + BONUS_VALIDITY, reason="activity bonus 活动奖励",
         )  # fmt: skip
-    elif roll < 0.99:  # a daily check-in
-        _event(uow, history, who, "member.checked_in", now, {})
+    elif roll < 0.99:  # a daily check-in (once a day: the app sends no second one)
+        zone = ZoneInfo(programs.time_zone(uow, program_id=history.program_id))
+        today = (who, now.astimezone(zone).date())
+        if today not in history.checked_in:
+            history.checked_in.add(today)
+            _event(uow, history, who, "member.checked_in", now, {})
     else:  # a review of an order
         media = rng.choice(["text", "image", "image", "video"])
         _event(uow, history, who, "review.posted", now,

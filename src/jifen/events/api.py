@@ -1,19 +1,31 @@
 """HTTP routes of the events domain: send one event or a batch of up to 1,000, and read
 what an event earned. Each event is keyed by its ``source`` and ``external_id``: sending it
-again answers what it produced the first time."""
+again answers what it produced the first time. Awards held for review (reviewed rules') are
+listed, and approved or rejected by another person than the one who sent their event."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from jifen.api.deps import Context, Read, Write
+from jifen.api.deps import Context, Read, Write, id_cursor
+from jifen.api.schemas import LIMIT
 from jifen.db.uow import UnitOfWork
 from jifen.errors import JifenError
 from jifen.events import service
-from jifen.events.schemas import BatchIn, BatchItem, BatchResult, EventIn, EventResult
+from jifen.events.schemas import (
+    AwardApprove,
+    AwardReject,
+    BatchIn,
+    BatchItem,
+    BatchResult,
+    EventIn,
+    EventResult,
+    HeldAward,
+    HeldAwardPage,
+)
 
 router = APIRouter(tags=["events"])
 
@@ -29,7 +41,9 @@ def send_event(
     its awards posted."""
     origin = _origin(ctx, body)
     return ctx.execute(
-        lambda uow: service.ingest(uow, program_id=ctx.program_id, event=body, origin=origin),
+        lambda uow: service.ingest(
+            uow, program_id=ctx.program_id, event=body, origin=origin, sent_by=ctx.actor
+        ),
         target=f"event:{body.source}:{body.external_id}",
         status=201,
     )
@@ -59,7 +73,7 @@ def send_batch(
                 refused[index] = exc
         outcomes = service.ingest_many(
             uow, program_id=ctx.program_id, events=[e for _, e, _ in taken],
-            origins=[o for _, _, o in taken],
+            origins=[o for _, _, o in taken], sent_by=ctx.actor,
         )  # fmt: skip
         answers: dict[int, EventResult | Exception] = {**refused}
         answers.update((index, o) for (index, _, _), o in zip(taken, outcomes, strict=True))
@@ -106,3 +120,63 @@ def get_event(
         lambda uow: service.get_event(uow, program_id=ctx.program_id, event_id=event_id),
         read_only=True,
     )
+
+
+AWARDS = "/programs/{program}/awards"
+
+
+@router.get(AWARDS + "/held", response_model=HeldAwardPage)
+def list_held_awards(
+    program: str,
+    ctx: Annotated[Context, Depends(Read("events.read"))],
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, LIMIT] = 50,
+) -> HeldAwardPage:
+    """Awards waiting for a reviewer, oldest first."""
+    after = id_cursor(cursor)
+    items = ctx.db.run(
+        lambda uow: service.held_awards(
+            uow, program_id=ctx.program_id, after_id=after, limit=limit
+        ),
+        read_only=True,
+    )
+    return HeldAwardPage(
+        items=items, next_cursor=str(items[-1].id) if len(items) == limit else None
+    )
+
+
+@router.post(AWARDS + "/{award_id}/approve", response_model=HeldAward)
+def approve_award(
+    program: str,
+    award_id: Id,
+    body: AwardApprove,
+    ctx: Annotated[Context, Depends(Write("awards.decide"))],
+) -> JSONResponse:
+    """Post a held award (or less of it), once, within its rule's maximum and the caps of
+    its day. Not the one who sent its event, nor its member."""
+    return ctx.execute(
+        lambda uow: service.approve_award(
+            uow, program_id=ctx.program_id, award_id=award_id, decided_by=ctx.actor,
+            decider_member=ctx.principal.member_id, points=body.points, note=body.note,
+        ),
+        target=f"award:{award_id}",
+        action="awards.approve",
+    )  # fmt: skip
+
+
+@router.post(AWARDS + "/{award_id}/reject", response_model=HeldAward)
+def reject_award(
+    program: str,
+    award_id: Id,
+    body: AwardReject,
+    ctx: Annotated[Context, Depends(Write("awards.decide"))],
+) -> JSONResponse:
+    """Decide that a held award posts nothing."""
+    return ctx.execute(
+        lambda uow: service.reject_award(
+            uow, program_id=ctx.program_id, award_id=award_id, decided_by=ctx.actor,
+            decider_member=ctx.principal.member_id, note=body.note,
+        ),
+        target=f"award:{award_id}",
+        action="awards.reject",
+    )  # fmt: skip

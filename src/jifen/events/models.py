@@ -20,9 +20,21 @@ from sqlalchemy import (
 
 from jifen.db.base import BigId, UTCDateTime, metadata
 
-ONCE = "type IN ('order.paid', 'member.birthday')"
-"""Events that happen once: an order is paid once, a member has one birthday a year (their
-``subject`` is the order id, or the member and the year)."""
+ONCE_TYPES = (
+    "order.paid",
+    "member.birthday",
+    "referral.completed",
+    "review.posted",
+    "review.featured",
+    "quiz.answered",
+    "activity.attended",
+    "member.checked_in",
+)
+"""Events that happen once to their ``subject``: an order is paid once (the order id), a
+member has one birthday a year (member and year), is referred once (the invited member),
+checks in once a day (member and programme day), answers a quiz and attends an activity
+once (member and quiz or activity); a review is posted and featured once (the review id)."""
+ONCE = "type IN ({})".format(", ".join(f"'{kind}'" for kind in ONCE_TYPES))
 
 events = Table(
     "events",
@@ -37,12 +49,26 @@ events = Table(
     Column("received_at", UTCDateTime(), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("request_hash", String(64), nullable=False),
-    Column("subject", String(128), nullable=True, comment="the order id of order events"),
+    Column(
+        "subject",
+        String(128),
+        nullable=True,
+        comment="what the event happens to: the order of order events, the review of review "
+        "events, the member and day of a check-in",
+    ),
     Column(
         "amount_fen",
         BigInteger,
         nullable=True,
         comment="an order's amount paid in money, or the amount a refund gives back",
+    ),
+    Column("merchant", String(64), nullable=True, comment="the merchant whose credentials sent it"),
+    Column("store", String(64), nullable=True, comment="the store its points were posted for"),
+    Column(
+        "sent_by",
+        String(128),
+        nullable=True,
+        comment="who sent it (staff:…, key:…), when sent through the API",
     ),
     Column("points", BigInteger, nullable=False, server_default="0"),
     Column(
@@ -57,6 +83,7 @@ events = Table(
     Index(
         "uq_events_once",
         "program_id",
+        "type",
         "subject",
         unique=True,
         postgresql_where=text(ONCE),
@@ -83,7 +110,16 @@ event_awards = Table(
     Column("reverses_id", BigId, ForeignKey("event_awards.id"), nullable=True),
     Column("local_day", Date, nullable=False, comment="the event's day in the programme's zone"),
     Column("detail", JSON, nullable=False, server_default="{}"),
+    Column(
+        "decision",
+        String(16),
+        nullable=True,
+        comment="a held award's: approved or rejected, by a reviewer",
+    ),
+    Column("decided_by", String(128), nullable=True),
+    Column("decided_at", UTCDateTime(), nullable=True),
     Index("ix_event_awards_member_day", "member_id", "local_day"),
+    Index("ix_event_awards_held", "program_id", "held", "id"),
     Index("ix_event_awards_event", "event_id"),
 )
 

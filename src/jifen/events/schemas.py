@@ -4,7 +4,7 @@ field named; amounts are integer fen, never negative."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
@@ -172,6 +172,46 @@ class EventResult(BaseModel):
     skipped: list[dict[str, str]] = Field(default_factory=list)
     """Rules that did not fire, and why."""
     replayed: bool = False
+
+
+class HeldAward(BaseModel):
+    """An award held for a reviewer (a reviewed rule's), or decided: what it asks, for whom,
+    on which event, and the decision."""
+
+    id: int
+    event_id: int
+    event_type: str
+    source: str
+    external_id: str
+    member_id: int
+    rule: str
+    version: int
+    wanted: int
+    """What the rule computed: what the event asked, up to the rule's maximum."""
+    points: int
+    """While held, what it would post; once decided, what posted (0 when rejected)."""
+    cap: str | None = None
+    local_day: date
+    detail: dict[str, Any] = Field(default_factory=dict)
+    decision: Literal["approved", "rejected"] | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    posting_id: int | None = None
+
+
+class HeldAwardPage(BaseModel):
+    items: list[HeldAward]
+    next_cursor: str | None = None
+
+
+class AwardApprove(RequestBody):
+    points: Annotated[int, Field(ge=1, le=10**12)] | None = None
+    """Less than the award asks (never more than the rule's maximum); default: what it asks."""
+    note: Annotated[str, Field(max_length=500, pattern=NO_NUL)] = ""
+
+
+class AwardReject(RequestBody):
+    note: Annotated[str, Field(max_length=500, pattern=NO_NUL)] = ""
 
 
 class BatchIn(RequestBody):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
@@ -21,24 +22,29 @@ from functools import lru_cache
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import Row, RowMapping, String, case, func, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from jifen import crypto
 from jifen.api.schemas import NO_NUL
 from jifen.db.bulk import among, insert_many
 from jifen.db.uow import Database, UnitOfWork, is_transient
 from jifen.db.upsert import upsert_many
 from jifen.errors import (
+    Forbidden,
     IdempotencyConflict,
     InvalidInput,
     JifenError,
     OrderNotSeen,
+    StateConflict,
+    UnknownAward,
     UnknownEvent,
     UnknownMember,
     invalid_field,
 )
-from jifen.events.models import event_awards, events, member_counters
+from jifen.events.models import ONCE_TYPES, event_awards, events, member_counters
 from jifen.events.schemas import (
     CATALOGUE,
     AwardRead,
@@ -47,6 +53,7 @@ from jifen.events.schemas import (
     Compared,
     EventIn,
     EventResult,
+    HeldAward,
     OrderPaid,
     OrderRefunded,
 )
@@ -57,13 +64,16 @@ from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
-from jifen.rules.schemas import EventTypeRead, RuleSpec, TierCap
+from jifen.rules.schemas import EventTypeRead, Reviewed, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 
 ACTOR = "rules"
 OWN_SOURCE = "jifen"
 """The source of the events jifen raises by itself (birthdays): their earnings are posted by
 the system actor (``points_service.SYSTEM``), so they are no member activity."""
+NO_COUNTS = dict.fromkeys(CATALOGUE, 0)
+"""A member's counters before any event: every type of the catalogue at 0, so that a
+condition on ``member.counts['order.paid']`` reads 0 for a member's first order."""
 FUTURE_TOLERANCE = timedelta(minutes=5)
 """How far ahead of jifen's clock an event's time may be (the sender's clock may be fast)."""
 
@@ -163,7 +173,9 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
 Origin = tuple[str | None, str | None]
 """The merchant and store an event's points are posted for."""
 
-ONCE_TYPES = ("order.paid", "member.birthday")
+ONCE_PER_RULE = ("review.liked",)
+"""Events that come again for the same subject (a review's like count, as it grows): each
+rule awards once a subject, on the first of them its condition holds for."""
 
 
 def ingest(
@@ -172,10 +184,14 @@ def ingest(
     program_id: int,
     event: EventIn,
     origin: Origin = (None, None),
+    sent_by: str | None = None,
 ) -> EventResult:
     """Store ``event`` once, evaluate it and post its awards, all in the caller's transaction;
-    the postings record ``origin``, the merchant and store they were made for."""
-    outcome = ingest_many(uow, program_id=program_id, events=[event], origins=[origin])[0]
+    the postings record ``origin``, the merchant and store they were made for, and the event
+    who sent it (``sent_by``: the API's principal)."""
+    outcome = ingest_many(
+        uow, program_id=program_id, events=[event], origins=[origin], sent_by=sent_by
+    )[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
@@ -187,6 +203,7 @@ def ingest_many(
     program_id: int,
     events: Sequence[EventIn],
     origins: Sequence[Origin] | None = None,
+    sent_by: str | None = None,
 ) -> list[EventResult | Exception]:
     """Take ``events`` in, in order, in the caller's transaction: each ends as if it had
     been ingested alone after the ones before it, with its result, or the error that
@@ -204,7 +221,7 @@ def ingest_many(
     """
     none: Origin = (None, None)
     chosen = list(origins) if origins is not None else [none] * len(events)
-    return _Intake(uow, program_id).take(list(events), chosen)
+    return _Intake(uow, program_id, sent_by).take(list(events), chosen)
 
 
 @dataclass(slots=True)
@@ -214,6 +231,8 @@ class _Item:
     origin: Origin
     payload: dict[str, Any]
     request_hash: str
+    day: date
+    """The event's day in the programme's time zone."""
     member_id: int | None = None
     parsed_order: OrderPaid | None = None
 
@@ -233,10 +252,11 @@ class _Item:
         return self.parsed_order
 
     def subject(self) -> tuple[str | None, int | None]:
-        """What the event may happen to once (its order, or the member's birthday of a
-        year), and an order's amount in fen."""
+        """What the event happens to (see :func:`subject_of`), and an order's amount in
+        fen."""
         assert self.member_id is not None
-        return _order_fields(self.event.type, self.payload, self.member_id, self.order())
+        subject = subject_of(self.event.type, self.payload, self.member_id, self.day)
+        return subject, _amount_of(self.event.type, self.order())
 
 
 @dataclass(slots=True)
@@ -266,6 +286,7 @@ class _Group:
     echoes: list[tuple[int, _Decision]] = field(default_factory=list)
     done: dict[tuple[str, str], tuple[str, _Decision]] = field(default_factory=dict)
     taken: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    awarded: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
     counters: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
 
@@ -273,9 +294,10 @@ class _Group:
 class _Intake:
     """One call of :func:`ingest_many`: what it has read and held, and the outcomes."""
 
-    def __init__(self, uow: UnitOfWork, program_id: int) -> None:
+    def __init__(self, uow: UnitOfWork, program_id: int, sent_by: str | None = None) -> None:
         self.uow = uow
         self.program_id = program_id
+        self.sent_by = sent_by
         self.zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
         self.now = uow.clock.now()
         self.outcomes: dict[int, EventResult | Exception] = {}
@@ -283,6 +305,7 @@ class _Intake:
         self.stored: dict[tuple[str, str], Row[Any]] = {}
         self.stored_awards: dict[int, list[AwardRead]] = {}
         self.taken: dict[tuple[str, str], tuple[str, str]] = {}
+        self.awarded: dict[tuple[str, str], set[str]] = {}
         self.profiles: dict[int, MemberFacts] = {}
         self.spent: dict[str, int] = {}
         self.budgeted: set[str] = set()
@@ -293,7 +316,8 @@ class _Intake:
             try:
                 payload, model = _parsed(self.uow, self.program_id, event)
                 _not_ahead(event, self.now)
-                item = _Item(index, event, origin, payload, _fingerprint(event, payload))
+                day = core.local_day(event.occurred_at, self.zone)
+                item = _Item(index, event, origin, payload, _fingerprint(event, payload), day)
                 if isinstance(model, OrderPaid):
                     item.parsed_order = model
                 items.append(item)
@@ -372,21 +396,42 @@ class _Intake:
                 )
 
     def _read_taken(self, items: list[_Item]) -> None:
-        """Orders and birthdays of these events already sent under other ids."""
-        subjects = set()
+        """The subjects of these events that happen once, already taken by events under
+        other ids; and the rules that already awarded on the subjects of events that come
+        again (a review's likes)."""
+        subjects: set[str] = set()
+        again: set[str] = set()
         for item in items:
-            if item.event.type in ONCE_TYPES and item.member_id is not None:
+            if item.member_id is None:
+                continue
+            if item.event.type in ONCE_TYPES:
                 subjects.add(str(item.subject()[0]))
-        if not subjects:
-            return
-        rows = self.uow.conn.execute(
-            select(events.c.type, events.c.subject, events.c.source, events.c.external_id).where(
-                events.c.program_id == self.program_id,
-                among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
-                events.c.type.in_(ONCE_TYPES),
-            )
-        ).all()
-        self.taken = {(r.type, r.subject): (r.source, r.external_id) for r in rows}
+            elif item.event.type in ONCE_PER_RULE:
+                again.add(str(item.subject()[0]))
+        if subjects:
+            rows = self.uow.conn.execute(
+                select(
+                    events.c.type, events.c.subject, events.c.source, events.c.external_id
+                ).where(
+                    events.c.program_id == self.program_id,
+                    among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
+                    events.c.type.in_(ONCE_TYPES),
+                )
+            ).all()
+            self.taken = {(r.type, r.subject): (r.source, r.external_id) for r in rows}
+        if again:
+            awarded = self.uow.conn.execute(
+                select(events.c.type, events.c.subject, event_awards.c.rule_code)
+                .join(event_awards, event_awards.c.event_id == events.c.id)
+                .where(
+                    events.c.program_id == self.program_id,
+                    among(self.uow.dialect, events.c.subject, sorted(again), String()),
+                    events.c.type.in_(ONCE_PER_RULE),
+                    event_awards.c.reverses_id.is_(None),
+                )
+            ).all()
+            for kind, subject, code in awarded:
+                self.awarded.setdefault((kind, subject), set()).add(code)
 
     def _groups(self, items: list[_Item]) -> Iterable[list[_Item]]:
         """The events cut where one must see the others written: a refund (alone), and a
@@ -422,13 +467,16 @@ class _Intake:
                     self._decide_all(items, group)
                     self._write(group)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, OperationalError | InterfaceError):
+            clash = _once_clash(exc)
+            if not clash and (
+                is_transient(exc) or isinstance(exc, OperationalError | InterfaceError)
+            ):
                 raise
             if len(items) > 1:  # find the one at fault: each again, alone
                 for item in items:
                     self._take_group([item])
             else:
-                self.outcomes[items[0].index] = exc
+                self.outcomes[items[0].index] = self._clashed(items[0], exc) if clash else exc
             return
         for index, decision in group.echoes:
             assert decision.result is not None
@@ -436,6 +484,8 @@ class _Intake:
         self.outcomes.update(group.outcomes)
         self.done.update(group.done)
         self.taken.update(group.taken)
+        for subject, codes in group.awarded.items():
+            self.awarded.setdefault(subject, set()).update(codes)
         self.spent = group.spent
 
     def _check(self, item: _Item, group: _Group) -> EventResult | _Decision | None:
@@ -458,7 +508,10 @@ class _Intake:
         profile = self.profiles.get(item.member_id)
         if profile is None:
             raise UnknownMember(member_id=item.member_id)
-        members_service.require_active(profile)
+        # A refund takes back what its order earned, whatever the member's state since:
+        # a frozen or banned member must not keep the points of goods it returned.
+        if event.type != "order.refunded" or profile.state not in ("frozen", "banned"):
+            members_service.require_active(profile)
         if event.type == "member.birthday":
             _check_birthday(item, profile.birthday, self.zone)
         inviter = item.inviter
@@ -472,8 +525,32 @@ class _Intake:
             subject = str(item.subject()[0])
             twin = group.taken.get((event.type, subject)) or self.taken.get((event.type, subject))
             if twin is not None:
-                raise _sent_twice(event.type, subject, *twin)
+                raise _sent_twice(item, *twin)
         return None
+
+    def _clashed(self, item: _Item, exc: Exception) -> Exception:
+        """What refuses an event whose subject the once-only index found taken though it
+        was not seen taken before (by a transaction that committed meanwhile): the event
+        that took it. The same event sent at once twice is a lost race: raised, so that
+        the whole transaction runs again and answers it as a replay."""
+        subject = item.subject()[0]
+        twin = self.uow.conn.execute(
+            select(events.c.source, events.c.external_id).where(
+                events.c.program_id == self.program_id,
+                events.c.type == item.event.type,
+                events.c.subject == subject,
+            )
+        ).first()
+        if twin is None:
+            field, what, what_zh = _once_what(item)
+            return InvalidInput(
+                field=field,
+                problem=f"{what} clashes with another event; send it again later",
+                problem_zh=f"{what_zh} 与另一事件冲突;请稍后重发",
+            )
+        if (twin.source, twin.external_id) == item.key:
+            raise exc
+        return _sent_twice(item, twin.source, twin.external_id)
 
     def _stored_result(self, row: Row[Any]) -> EventResult:
         return _result_of(row, self.stored_awards.get(row.id, []), replayed=True)
@@ -510,7 +587,12 @@ class _Intake:
     ) -> None:
         uow, event, member_id = self.uow, item.event, item.member_id
         assert member_id is not None
+        subject, amount = item.subject()
         core_event = to_core_event(event, member_id, item.payload, item.order())
+        if event.type in ONCE_PER_RULE:
+            once = (event.type, str(subject))
+            before = self.awarded.get(once, set()) | group.awarded.get(once, set())
+            core_event = replace(core_event, awarded_before=frozenset(before))
         rules = rules_service.rules_at(uow, program_id=self.program_id, moment=event.occurred_at)
         candidates = rules.by_type.get(event.type, [])
         codes = {r.spec.code for r in candidates if r.spec.caps.per_member}
@@ -561,7 +643,6 @@ class _Intake:
                     if code in budgeted:
                         group.spent[code] = group.spent.get(code, 0) + points
                         group.added[code] = group.added.get(code, 0) + points
-        subject, amount = item.subject()
         decision = _Decision(
             item=item, member_id=member_id, subject=subject, amount_fen=amount, day=day,
             awards=posted, postings=postings,
@@ -573,6 +654,10 @@ class _Intake:
         group.done[item.key] = (item.request_hash, decision)
         if event.type in ONCE_TYPES:
             group.taken[(event.type, str(subject))] = item.key
+        elif event.type in ONCE_PER_RULE:
+            group.awarded.setdefault((event.type, str(subject)), set()).update(
+                award.rule for award in result.awards
+            )
         # What the next events of these members read.
         tallies.record(member_id, event.type, day, result, posted)
         counter = group.counters.setdefault((member_id, event.type), [0, None, 0])
@@ -592,6 +677,8 @@ class _Intake:
                     "received_at": self.now, "payload": d.item.payload,
                     "request_hash": d.item.request_hash, "subject": d.subject,
                     "amount_fen": d.amount_fen, "points": d.total, "skipped": d.skipped,
+                    "merchant": d.item.origin[0], "store": d.item.origin[1],
+                    "sent_by": self.sent_by,
                 }
                 for d in decisions
             ]  # fmt: skip
@@ -665,11 +752,18 @@ class _Intake:
                     "member_id": member_id, "occurred_at": event.occurred_at,
                     "received_at": self.now, "payload": item.payload,
                     "request_hash": item.request_hash, "subject": subject, "amount_fen": amount,
+                    "merchant": item.origin[0], "store": item.origin[1],
+                    "sent_by": self.sent_by,
                 },
             ).scalar_one()
         )  # fmt: skip
         core_event = to_core_event(event, member_id, item.payload, item.order())
-        awards, points, _ = _refund(uow, self.program_id, event_id, core_event, self.zone)
+        awards, points, given_back = _refund(
+            uow, self.program_id, event_id, core_event, self.zone, item.origin
+        )
+        for code, back in given_back.items():  # what the batch's next events read
+            if code in group.spent:
+                group.spent[code] -= back
         _add_counters(uow, {(member_id, event.type): [1, None, 0]})
         result = EventResult(
             id=event_id, source=event.source, external_id=event.external_id, type=event.type,
@@ -695,20 +789,64 @@ def _not_ahead(event: EventIn, now: datetime) -> None:
         )
 
 
-def _sent_twice(event_type: str, subject: str, source: str, external_id: str) -> InvalidInput:
-    """An order earns once, a birthday once a year: the same one under another event id is
-    refused (a sender that retries must keep the event's id)."""
-    what, what_zh = (
-        (f"order {subject!r}", f"订单 {subject!r}")
-        if event_type == "order.paid"
-        else (f"the birthday {subject!r}", f"生日 {subject!r}")
-    )
+def _sent_twice(item: _Item, source: str, external_id: str) -> InvalidInput:
+    """An event that happens once to its subject (see :func:`subject_of`) sent again under
+    another event id is refused: a sender that retries must keep the event's id."""
+    field, what, what_zh = _once_what(item)
     return InvalidInput(
-        field="payload.order_id" if event_type == "order.paid" else "payload.year",
+        field=field,
         problem=f"{what} was already sent as event {source}:{external_id}; "
         "resend that event to get its result",
         problem_zh=f"{what_zh} 已作为事件 {source}:{external_id} 发送过;如需结果请重发该事件",
     )
+
+
+def _once_clash(exc: BaseException) -> bool:
+    """Whether ``exc`` is the once-only index refusing a subject already taken."""
+    orig = exc.orig if isinstance(exc, IntegrityError) else exc  # the hot path: the driver's
+    if not isinstance(orig, psycopg.errors.UniqueViolation | sqlite3.IntegrityError):
+        return False
+    text = str(orig)
+    return "uq_events_once" in text or "events.program_id, events.type, events.subject" in text
+
+
+def _once_what(item: _Item) -> tuple[str, str, str]:
+    """The field that makes an event once-only, and what it happens to, in English and
+    Chinese."""
+    payload, day, kind = item.payload, item.day, item.event.type
+    ref = {"order": "order_id", "review": "review_id", "quiz": "quiz_id", "activity": "activity_id"}
+    what = {k: repr(payload.get(v)) for k, v in ref.items()}
+    year = payload.get("year")
+    field, en, zh = {
+        "order.paid": ("payload.order_id", f"order {what['order']}", f"订单 {what['order']}"),
+        "member.birthday": (
+            "payload.year", f"the member's birthday of {year}", f"该会员 {year} 年的生日",
+        ),
+        "referral.completed": (
+            "member_id", "the referral of this member (a member is referred once)",
+            "该会员的推荐(每位会员只能被推荐一次)",
+        ),
+        "review.posted": (
+            "payload.review_id", f"the posting of review {what['review']}",
+            f"评价 {what['review']} 的发布",
+        ),
+        "review.featured": (
+            "payload.review_id", f"the featuring of review {what['review']}",
+            f"评价 {what['review']} 的精选",
+        ),
+        "quiz.answered": (
+            "payload.quiz_id", f"quiz {what['quiz']} answered by this member",
+            f"该会员对问答 {what['quiz']} 的作答",
+        ),
+        "activity.attended": (
+            "payload.activity_id", f"activity {what['activity']} attended by this member",
+            f"该会员对活动 {what['activity']} 的参加",
+        ),
+    }.get(kind) or (
+        "occurred_at", f"the member's check-in of {day} (one a day)",
+        f"该会员在 {day} 的签到(每天一次)",
+    )  # fmt: skip
+    return field, en, zh
 
 
 def _add_counters(uow: UnitOfWork, counters: Mapping[tuple[int, str], list[Any]]) -> None:
@@ -745,15 +883,20 @@ def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
 
 def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
     """The programme as the evaluation reads it: its zone, its caps (with the benefits
-    matrix's caps for the tiers the earning caps leave without one), multipliers and
-    birthday gifts."""
+    matrix's caps for the tiers the earning caps leave without one), multipliers, birthday
+    gifts and its tiers in order (for members without a tier, and tiers the caps do not
+    name)."""
     caps = rules_service.get_caps(uow, program_id=program_id)
     multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
     if tier_caps:
         matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
         caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
     gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
-    return core.Program(zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts)
+    order = tuple(tier.code for tier in tiers_service.list_tiers(uow, program_id=program_id))
+    return core.Program(
+        zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order,
+        draw_key=crypto.draw_key(),
+    )  # fmt: skip
 
 
 def _periods(day: date) -> tuple[date, date, date, date]:
@@ -841,9 +984,10 @@ class _Tallies:
         tally = self.tallies[member_id]
         profile = tally.profile
         return core.Facts(
-            member_id=member_id, tier=tally.tier, tags=frozenset(profile.tags),
+            member_id=member_id, tier=tally.tier, state=profile.state,
+            tags=frozenset(profile.tags),
             registered_at=profile.created_at, region=profile.region, birthday=profile.birthday,
-            counts=dict(tally.counts), streaks=dict(tally.streaks),
+            counts={**NO_COUNTS, **tally.counts}, streaks=dict(tally.streaks),
             usage=self._usage(tally, day, codes),
         )  # fmt: skip
 
@@ -937,17 +1081,44 @@ def _check_birthday(item: _Item, born: date | None, zone: ZoneInfo) -> None:
         )
 
 
-def _order_fields(
-    event_type: str, payload: Mapping[str, Any], member_id: int, order: OrderPaid | None = None
-) -> tuple[str | None, int | None]:
-    if event_type == "order.paid":
-        order = order or OrderPaid.model_validate(payload)
-        return order.order_id, sum(li.amount_fen for li in order.lines if not li.paid_with_points)
-    if event_type == "order.refunded":
-        return OrderRefunded.model_validate(payload).order_id, None
-    if event_type == "member.birthday":
-        return f"{member_id}:{payload['year']}", None
-    return None, None
+_SUBJECT_LENGTH = 128
+"""The subject column's length: a longer subject is kept as its digest."""
+
+
+def subject_of(
+    event_type: str, payload: Mapping[str, Any], member_id: int, day: date
+) -> str | None:
+    """What an event happens to, unique per programme and event type for the types that
+    happen once to it (:data:`ONCE_TYPES`): an order's id (its refunds share it), a
+    member's birthday of a year, the invited member of a referral, a review's id (its
+    likes share it), a quiz or an activity of a member, a member's check-in of a day
+    (``day``, in the programme's time zone). None for the others."""
+    if event_type in ("order.paid", "order.refunded"):
+        text = str(payload["order_id"])
+    elif event_type == "member.birthday":
+        text = f"{member_id}:{payload['year']}"
+    elif event_type == "referral.completed":
+        text = str(member_id)
+    elif event_type in ("review.posted", "review.featured", "review.liked"):
+        text = str(payload["review_id"])
+    elif event_type == "quiz.answered":
+        text = f"{member_id}:{payload['quiz_id']}"
+    elif event_type == "activity.attended":
+        text = f"{member_id}:{payload['activity_id']}"
+    elif event_type == "member.checked_in":
+        text = f"{member_id}:{day.isoformat()}"
+    else:
+        return None
+    if len(text) <= _SUBJECT_LENGTH:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _amount_of(event_type: str, order: OrderPaid | None) -> int | None:
+    """An order's amount paid in money (a refund's is set once it is worked out)."""
+    if event_type == "order.paid" and order is not None:
+        return sum(line.amount_fen for line in order.lines if not line.paid_with_points)
+    return None
 
 
 def facts_of(
@@ -1097,9 +1268,17 @@ def _set_outcome(uow: UnitOfWork, event_id: int, total: int, skipped: list[dict[
 
 
 def _refund(
-    uow: UnitOfWork, program_id: int, event_id: int, event: core.Event, zone: ZoneInfo
-) -> tuple[list[AwardRead], int, list[dict[str, str]]]:
-    """Take back the order's points in the proportion of the money refunded so far."""
+    uow: UnitOfWork,
+    program_id: int,
+    event_id: int,
+    event: core.Event,
+    zone: ZoneInfo,
+    origin: Origin,
+) -> tuple[list[AwardRead], int, dict[str, int]]:
+    """Take back the order's points in the proportion of the money refunded so far, and give
+    back to the budgets what is taken back. A refund sent for a merchant (or a store of it)
+    refunds only an order paid through it: another merchant's order is not one it has seen.
+    Returns the awards, the points and what each budget got back."""
     refund = OrderRefunded.model_validate(event.payload)
     order = uow.conn.execute(
         select(events).where(
@@ -1108,7 +1287,12 @@ def _refund(
             events.c.type == "order.paid",
         )
     ).first()
-    if order is None:
+    merchant, store = origin
+    if (
+        order is None
+        or (merchant is not None and order.merchant != merchant)
+        or (store is not None and order.store != store)
+    ):
         raise OrderNotSeen(order_id=refund.order_id)
     if order.member_id != event.member_id:
         raise InvalidInput(
@@ -1159,7 +1343,10 @@ def _refund(
     if everything:
         refunded_by_sku = dict(paid_by_sku)
     amount = paid - earlier if refund.whole else sum(line.amount_fen for line in refund.lines)
-    if amount <= 0 or earlier >= paid:
+    # A whole refund of an order paid wholly in points gives no money back, yet takes back
+    # whatever the order earned.
+    in_points = paid == 0 and refund.whole and not earlier_whole
+    if not in_points and (amount <= 0 or earlier >= paid):
         raise InvalidInput(
             field="payload",
             problem=f"order {refund.order_id!r} has nothing left to refund",
@@ -1244,7 +1431,26 @@ def _refund(
         )
     total = -sum(due for _, due in dues)
     _set_outcome(uow, event_id, total, [])
-    return stored, total, []
+    return stored, total, _give_back(uow, program_id, dues)
+
+
+def _give_back(
+    uow: UnitOfWork, program_id: int, dues: Sequence[tuple[Row[Any], int]]
+) -> dict[str, int]:
+    """Give back to the budgets of the awards' rules, and to the programme's, what a refund
+    took back (never below nothing: an award made before its rule had a budget counted in
+    none). The rows are held already: a batch with a refund holds them all. Returns what
+    each budget got back."""
+    taken: dict[str, int] = {}
+    for original, due in dues:
+        for code in (original.rule_code, rules_service.PROGRAM_BUDGET):
+            taken[code] = taken.get(code, 0) + due
+    spent = rules_service.budgets_spent(uow, program_id=program_id, codes=sorted(taken), lock=False)
+    back = {code: min(taken[code], amount) for code, amount in spent.items() if amount > 0}
+    rules_service.add_to_budgets(
+        uow, program_id=program_id, spent={code: -amount for code, amount in back.items()}
+    )
+    return back
 
 
 # --------------------------------------------------------------------------- reading
@@ -1282,6 +1488,200 @@ def _result_of(row: Row[Any], awards: list[AwardRead], *, replayed: bool) -> Eve
     )
 
 
+# --------------------------------------------------------------------------- held awards
+
+
+def held_awards(
+    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int = 50
+) -> list[HeldAward]:
+    """The programme's awards waiting for a reviewer (reviewed rules'), oldest first, after
+    the award ``after_id``."""
+    rows = uow.conn.execute(
+        _HELD.where(
+            event_awards.c.program_id == program_id,
+            event_awards.c.held.is_(True),
+            event_awards.c.decision.is_(None),
+            event_awards.c.id > after_id,
+        )
+        .order_by(event_awards.c.id)
+        .limit(limit)
+    ).all()
+    return [_held(row) for row in rows]
+
+
+def approve_award(
+    uow: UnitOfWork, *, program_id: int, award_id: int, decided_by: str,
+    decider_member: int | None = None, points: int | None = None, note: str = "",
+) -> HeldAward:  # fmt: skip
+    """A reviewer's yes to a held award: it posts through the ledger, once, what it asks
+    (or the smaller ``points``), never more than its rule's maximum, capped as any award of
+    its day is (tier, rule and budgets). The one who sent its event, or its member, cannot
+    approve it."""
+    row = _pending(uow, program_id, award_id, decided_by, decider_member)
+    spec = _spec_of(uow, program_id, row.rule_code, row.rule_version)
+    params = spec.params
+    assert isinstance(params, Reviewed)
+    wanted = int(row.wanted) if points is None else points
+    if wanted > params.max_points:
+        raise InvalidInput(
+            field="points",
+            problem=f"rule {row.rule_code} awards at most {params.max_points} points; "
+            f"{wanted} is more",
+            problem_zh=f"规则 {row.rule_code} 单次最多奖励 {params.max_points} 积分,{wanted} 超出",
+        )
+    member_id = int(row.member_id)
+    members_service.lock_members(uow, member_ids=[member_id])
+    profile = members_service.rule_facts(uow, program_id=program_id, member_ids=[member_id])
+    members_service.require_active(profile[member_id])
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    facts = facts_of(
+        uow, program_id=program_id, member_ids=[member_id], day=row.local_day,
+        rule_codes=[row.rule_code] if spec.caps.per_member else [],
+    )  # fmt: skip
+    terms = _terms(uow, program_id, zone)
+    budgeted = [row.rule_code] if spec.caps.budget is not None else []
+    if terms.caps.budget is not None:
+        budgeted.append(rules_service.PROGRAM_BUDGET)
+    spent = rules_service.budgets_spent(uow, program_id=program_id, codes=budgeted, lock=True)
+    asked = core.Award(
+        rule=row.rule_code, version=row.rule_version, kind=row.kind, member_id=member_id,
+        points=wanted, wanted=wanted, detail=dict(row.detail or {}),
+    )  # fmt: skip
+    released = core.release(
+        asked, spec, _stored_event(row), terms, facts,
+        core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0)),
+    )  # fmt: skip
+    now = uow.clock.now()
+    detail = {**(row.detail or {}), **({"note": note} if note else {})}
+    _decide(uow, award_id, "approved", decided_by, now, points=released.points,
+            wanted=wanted, cap=released.cap, detail=detail)  # fmt: skip
+    if released.points > 0:
+        tier = tiers_service.tiers_of(uow, member_ids=[member_id]).get(member_id)
+        posting = points_service.earn(
+            uow, member_id=member_id, amount=released.points, key=f"award:{award_id}",
+            expires_at=expiry_service.lot_expiry(
+                uow, program_id=program_id, start=now, tier=tier
+            ),
+            reason=f"{row.type} {row.source}:{row.external_id}: {row.rule_code} "
+            f"{released.points}, approved",
+            actor=decided_by,
+        )  # fmt: skip
+        points_service.record_origins(uow, [(posting.id, row.merchant, row.store)])
+        uow.conn.execute(
+            event_awards.update().where(event_awards.c.id == award_id).values(posting_id=posting.id)
+        )
+        uow.conn.execute(
+            events.update()
+            .where(events.c.id == row.event_id)
+            .values(points=events.c.points + released.points)
+        )
+        rules_service.add_to_budgets(
+            uow, program_id=program_id, spent=dict.fromkeys(budgeted, released.points)
+        )
+    return _held_award(uow, award_id)
+
+
+def reject_award(
+    uow: UnitOfWork, *, program_id: int, award_id: int, decided_by: str,
+    decider_member: int | None = None, note: str = "",
+) -> HeldAward:  # fmt: skip
+    """A reviewer's no to a held award: nothing posts, the decision is kept."""
+    row = _pending(uow, program_id, award_id, decided_by, decider_member)
+    detail = {**(row.detail or {}), **({"note": note} if note else {})}
+    _decide(uow, award_id, "rejected", decided_by, uow.clock.now(), points=0,
+            wanted=int(row.wanted), cap=None, detail=detail)  # fmt: skip
+    return _held_award(uow, award_id)
+
+
+_HELD = select(
+    event_awards,
+    events.c.type,
+    events.c.source,
+    events.c.external_id,
+    events.c.occurred_at,
+    events.c.payload,
+    events.c.merchant,
+    events.c.store,
+    events.c.sent_by,
+).join(events, events.c.id == event_awards.c.event_id)
+
+
+def _pending(
+    uow: UnitOfWork, program_id: int, award_id: int, decided_by: str, decider_member: int | None
+) -> Row[Any]:
+    """The held award to decide: UnknownAward when there is none of that id, StateConflict
+    when it was decided, Forbidden when it is the decider's own."""
+    row = uow.conn.execute(
+        _HELD.where(
+            event_awards.c.id == award_id,
+            event_awards.c.program_id == program_id,
+            (event_awards.c.held.is_(True)) | (event_awards.c.decision.is_not(None)),
+        )
+    ).one_or_none()
+    if row is None:
+        raise UnknownAward(award_id=award_id)
+    if row.decision is not None:
+        raise StateConflict(
+            problem=f"Award {award_id} was {row.decision} by {row.decided_by} already.",
+            problem_zh=f"奖励 {award_id} 已由 {row.decided_by} 审核({row.decision})。",
+        )
+    if decided_by == row.sent_by or decider_member == row.member_id:
+        raise Forbidden(
+            problem=f"Award {award_id} is your own (you sent its event, or it is yours); "
+            "another person must decide it.",
+            problem_zh=f"奖励 {award_id} 与您本人有关(由您发送的事件产生,或奖励给您),"
+            "须由他人审核。",
+        )
+    return row
+
+
+def _decide(
+    uow: UnitOfWork, award_id: int, decision: str, decided_by: str, at: datetime, **values: Any
+) -> None:
+    """Record the decision, from held only: of two reviewers deciding at once, one matches
+    nothing and is refused (the award posts once)."""
+    moved = uow.conn.execute(
+        event_awards.update()
+        .where(
+            event_awards.c.id == award_id,
+            event_awards.c.held.is_(True),
+            event_awards.c.decision.is_(None),
+        )
+        .values(held=False, decision=decision, decided_by=decided_by, decided_at=at, **values)
+    ).rowcount
+    if moved != 1:
+        raise StateConflict(
+            problem=f"Award {award_id} was decided meanwhile; read it again.",
+            problem_zh=f"奖励 {award_id} 刚被他人审核,请重新读取。",
+        )
+
+
+def _spec_of(uow: UnitOfWork, program_id: int, code: str, version: int) -> RuleSpec:
+    """The spec of a rule version, by its code and version number."""
+    for rule, _, _ in rules_service.live_periods(uow, program_id=program_id):
+        if rule.spec.code == code and rule.version == version:
+            return rule.spec
+    found = rules_service.list_versions(uow, program_id=program_id, code=code, limit=1000)
+    for read in found:
+        if read.version == version:
+            return read.spec
+    raise UnknownAward(award_id=f"{code} v{version}")
+
+
+def _held_award(uow: UnitOfWork, award_id: int) -> HeldAward:
+    return _held(uow.conn.execute(_HELD.where(event_awards.c.id == award_id)).one())
+
+
+def _held(row: Row[Any]) -> HeldAward:
+    return HeldAward(
+        id=row.id, event_id=row.event_id, event_type=row.type, source=row.source,
+        external_id=row.external_id, member_id=row.member_id, rule=row.rule_code,
+        version=row.rule_version, wanted=int(row.wanted), points=int(row.points), cap=row.cap,
+        local_day=row.local_day, detail=dict(row.detail or {}), decision=row.decision,
+        decided_by=row.decided_by, decided_at=row.decided_at, posting_id=row.posting_id,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- birthdays
 
 
@@ -1313,6 +1713,8 @@ def raise_birthdays(db: Database, *, program_id: int, day: date, chunk: int = 50
             ]  # fmt: skip
             made = 0
             for outcome in ingest_many(uow, program_id=program_id, events=wishes):
+                if isinstance(outcome, JifenError):
+                    continue  # refused alone (sent already by another source): the rest go on
                 if isinstance(outcome, Exception):
                     raise outcome
                 made += not outcome.replayed
@@ -1488,11 +1890,12 @@ class _Replay:
             self.known[member_id] = core.Facts(
                 member_id=member_id,
                 tier=tiers.get(member_id),
+                state=profile.state if profile else "active",
                 tags=frozenset(profile.tags) if profile else frozenset(),
                 registered_at=profile.created_at if profile else None,
                 region=profile.region if profile else None,
                 birthday=profile.birthday if profile else None,
-                counts=counts.get(member_id, {}),
+                counts={**NO_COUNTS, **counts.get(member_id, {})},
             )
 
     def _buckets(self, moment: datetime) -> dict[str, str]:

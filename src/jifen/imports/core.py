@@ -163,8 +163,11 @@ def _order(group: list[tuple[int, Mapping[str, str]]], default_source: str) -> R
     rows = tuple(row for _, row in group)
     first = group[0][1]
     try:
-        for column in ("member_ref", "occurred_at", "store", "channel"):
-            values = {row.get(column, "") for _, row in group}
+        for column in ("member_ref", "occurred_at", "store", "channel", "source", "pickup"):
+            values = {
+                _flag(row.get(column), column) if column == "pickup" else row.get(column, "")
+                for _, row in group
+            }
             if len(values) > 1:
                 raise RowError(
                     column,

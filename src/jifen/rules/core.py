@@ -20,9 +20,10 @@ The order of work for one event:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from fractions import Fraction
@@ -45,6 +46,7 @@ from jifen.rules.schemas import (
     SpendRate,
     StreakLadder,
     Threshold,
+    TierCap,
     active_at,
 )
 
@@ -97,6 +99,9 @@ class Event:
     payload: Mapping[str, Any] = field(default_factory=dict)
     lines: tuple[OrderLine, ...] = ()
     """The order's lines (``order.paid``)."""
+    awarded_before: frozenset[str] = frozenset()
+    """The rules that already awarded on an earlier event of the same subject (a review's
+    likes): each awards once a subject, when its condition first holds."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ class Usage:
 class Facts:
     member_id: int
     tier: str | None = None
+    state: str = "active"
+    """active, frozen, banned or closed: only an active member earns (the event's member is
+    refused before evaluation; an inviter that is not active gets nothing)."""
     tags: frozenset[str] = frozenset()
     registered_at: datetime | None = None
     region: str | None = None
@@ -169,6 +177,32 @@ class Program:
     birthday_gifts: Mapping[str, int] = field(default_factory=dict)
     """The matrix's birthday gifts: points on ``member.birthday`` by tier (award rule
     ``TIER_BENEFIT``), unless a birthday gift rule is live for the event."""
+    draw_key: bytes = b""
+    """The installation's key for random draws (see :func:`draw`)."""
+    tier_order: tuple[str, ...] = ()
+    """The programme's tiers, lowest first: a member without a tier is taken as the first
+    (the entry tier), and a tier the caps do not name takes the caps of the nearest lower
+    tier they name (see :func:`tier_cap_of`)."""
+
+
+def tier_cap_of(
+    by_tier: Mapping[str, TierCap], order: Sequence[str], tier: str | None
+) -> TierCap | None:
+    """The caps of a member of ``tier``: the tier's own; or, where the caps do not name it,
+    those of the nearest lower tier they name (by the tiers' ``order``, lowest first); or,
+    with none lower, those of the lowest tier they name. None when they name no tier of
+    the programme."""
+    own = by_tier.get(tier or "")
+    if own is not None:
+        return own
+    named = [code for code in order if code in by_tier]
+    if not named:
+        return None
+    if tier in order:
+        lower = [code for code in order[: order.index(tier)] if code in by_tier]
+        if lower:
+            return by_tier[lower[-1]]
+    return by_tier[named[0]]
 
 
 TIER_BENEFIT = "tier_benefit"
@@ -255,10 +289,18 @@ def local_day(moment: datetime, zone: ZoneInfo) -> date:
     return moment.astimezone(zone).date()
 
 
-def draw(event_key: str, rule: Rule) -> random.Random:
-    """The random source of one rule on one event: seeded by both, so a replay draws the same."""
-    seed = hashlib.sha256(f"{event_key}|{rule.spec.code}|{rule.version}".encode()).digest()
-    return random.Random(int.from_bytes(seed, "big"))
+def draw_seed(key: bytes, event_key: str, rule: Rule) -> str:
+    """The seed of one rule's draw on one event: HMAC-SHA256 under the installation's
+    ``key`` of the event's key and the rule version, as 64 hex digits. The sender chooses
+    its event ids but cannot compute which of them win; the seed is recorded, so the draw
+    can be replayed (:func:`draw`) and, by whoever holds the key, checked."""
+    message = f"{event_key}|{rule.spec.code}|{rule.version}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def draw(seed: str) -> random.Random:
+    """The random source a draw's ``seed`` gives: the same seed draws the same."""
+    return random.Random(int(seed, 16))
 
 
 def reversal_due(
@@ -354,7 +396,12 @@ def evaluate(
     else an award may go to (a referral's inviter)."""
     if event.member_id not in facts:
         raise EventRefused(rule="-", problem=f"no facts were given for member {event.member_id}")
-    state = _Pass(event, program, facts)
+    state = _Pass(event, program, _entry_tier(program, facts))
+    if event.lines and _eligible_fen(event) == 0:
+        # Paid wholly by redeeming points: what came from points earns nothing.
+        for rule in rules.by_type.get(event.type, ()):
+            state.skip(rule, "paid wholly with points: earns nothing")
+        return state.result
     for rule in rules.by_type.get(event.type, ()):
         if _fires(state, rule) and rule.spec.stop_after:
             break
@@ -363,6 +410,35 @@ def evaluate(
     _multiply(state)
     _apply_caps(state, budgets or Budgets())
     return state.result
+
+
+def release(
+    award: Award,
+    spec: RuleSpec,
+    event: Event,
+    program: Program,
+    facts: Mapping[int, Facts],
+    budgets: Budgets | None = None,
+) -> Award:
+    """A held award that a reviewer approves, capped as any award is (the member's tier
+    caps, the rule's per-member caps and budget, the programme's budget) by ``facts`` and
+    ``budgets``: what it posts, and the cap that bit."""
+    state = _Pass(event, program, _entry_tier(program, facts))
+    state.specs[spec.code] = spec
+    state.wanted.append(
+        Award(award.rule, award.version, award.kind, award.member_id, award.points,
+              award.wanted, None, False, award.detail)
+    )  # fmt: skip
+    _apply_caps(state, budgets or Budgets())
+    return state.result.awards[0]
+
+
+def _entry_tier(program: Program, facts: Mapping[int, Facts]) -> Mapping[int, Facts]:
+    """A member without a tier earns as one of the entry tier: its caps, its rates."""
+    if not program.tier_order or all(f.tier is not None for f in facts.values()):
+        return facts
+    entry = program.tier_order[0]
+    return {m: f if f.tier is not None else replace(f, tier=entry) for m, f in facts.items()}
 
 
 def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:
@@ -428,6 +504,9 @@ def _fires(state: _Pass, rule: Rule) -> bool:
         return False
     if not in_gray_share(spec.code, event.member_id, spec.gray_share):
         state.skip(rule, f"member outside the gray-release share {spec.gray_share}")
+        return False
+    if spec.code in event.awarded_before:
+        state.skip(rule, "already awarded for this subject")
         return False
     if spec.exclusive_group is not None and spec.exclusive_group in state.taken_groups:
         taken_by = state.taken_groups[spec.exclusive_group]
@@ -598,12 +677,16 @@ def _streak(state: _Pass, rule: Rule) -> None:
 def _random(state: _Pass, rule: Rule) -> None:
     params = rule.spec.params
     assert isinstance(params, RandomBonus)
-    rng = draw(state.event.key, rule)
+    seed = draw_seed(state.program.draw_key, state.event.key, rule)
+    rng = draw(seed)
     roll = rng.randrange(1_000_000)
     if roll >= int(params.probability * 1_000_000):
-        state.skip(rule, f"draw {roll} of 1000000 missed (needs below {params.probability})")
+        state.skip(
+            rule,
+            f"draw {roll} of 1000000 missed (needs below {params.probability}); seed {seed}",
+        )
         return
-    state.award(rule, rng.randint(params.minimum, params.maximum), roll=roll)
+    state.award(rule, rng.randint(params.minimum, params.maximum), roll=roll, seed=seed)
 
 
 def _referral(state: _Pass, rule: Rule) -> None:
@@ -616,7 +699,10 @@ def _referral(state: _Pass, rule: Rule) -> None:
         raise EventRefused(rule=rule.spec.code, problem="a member cannot invite itself")
     if inviter not in state.facts:
         raise EventRefused(rule=rule.spec.code, problem=f"unknown inviter {inviter}")
-    if params.inviter_points:
+    standing = state.facts[inviter].state
+    if params.inviter_points and standing != "active":
+        state.skip(rule, f"the inviter {inviter} is {standing}: its side earns nothing")
+    elif params.inviter_points:
         state.award(rule, params.inviter_points, member_id=inviter, side="inviter")
     if params.invitee_points:
         state.award(rule, params.invitee_points, side="invitee")
@@ -752,6 +838,8 @@ def _apply_caps(state: _Pass, budgets: Budgets) -> None:
         # its name and the figures it names, formatted only if it bites.
         room, bit = wanted, None
         tier_cap = by_tier.get(member.tier or "")
+        if tier_cap is None and by_tier:
+            tier_cap = tier_cap_of(by_tier, state.program.tier_order, member.tier)
         if tier_cap is not None:
             earlier = used_member.get(member_id, 0)
             if tier_cap.day is not None:

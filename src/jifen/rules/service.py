@@ -16,11 +16,13 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import Row, and_, func, select
 
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import insert_missing, upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
+from jifen.events.schemas import CATALOGUE
 from jifen.rules import conditions
 from jifen.rules.core import Rule, RuleSet
 from jifen.rules.models import (
@@ -33,6 +35,7 @@ from jifen.rules.models import (
 from jifen.rules.schemas import (
     EventTypeDeclare,
     EventTypeRead,
+    PerUnit,
     ProgramCaps,
     RulePack,
     RuleSpec,
@@ -127,7 +130,9 @@ def approve(
     (default now), ending the live activation of the rule's other versions then."""
     row = _row(uow, program_id, version_id)
     _require_state(row, "submitted", "approved")
-    compile_rule(RuleSpec.model_validate(row.spec))  # still valid under today's compiler
+    spec = RuleSpec.model_validate(row.spec)
+    compile_rule(spec)  # still valid under today's compiler
+    _check_event_types(uow, program_id, spec)
     now = uow.clock.now()
     start = max(activate_at or now, now)
     _move(uow, version_id, "submitted", state="active", approved_by=approved_by, approved_at=now)
@@ -144,9 +149,28 @@ def reject(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionR
 
 
 def pause(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    """Stop a live version for now (:func:`resume` makes it live again). A version approved
+    for a later start cannot be paused: resumed, it would go live before the date a second
+    person approved (and end its predecessor early)."""
     row = _row(uow, program_id, version_id)
     _require_state(row, "active", "paused")
-    _close_activation(uow, version_id, uow.clock.now())
+    now = uow.clock.now()
+    starts = uow.conn.execute(
+        select(func.min(rule_activations.c.active_from)).where(
+            rule_activations.c.version_id == version_id,
+            rule_activations.c.active_to.is_(None),
+            rule_activations.c.active_from > now,
+        )
+    ).scalar_one()
+    if starts is not None:
+        raise StateConflict(
+            problem=f"Rule {row.code} version {row.version} has not started: it goes live at "
+            f"{starts.isoformat()}. Only a live version can be paused; retire it, or have a "
+            "new version approved for another start.",
+            problem_zh=f"规则 {row.code} 第 {row.version} 版尚未开始,将于 {starts.isoformat()} "
+            "生效。只有已生效的版本才能暂停;请停用它,或另建新版本按新的开始时间审批。",
+        )
+    _close_activation(uow, version_id, now)
     _move(uow, version_id, "active", state="paused")
     return get_version(uow, program_id=program_id, version_id=version_id)
 
@@ -492,6 +516,43 @@ def load_pack(
 
 
 # --------------------------------------------------------------------------- custom events
+
+
+def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None:
+    """InvalidInput unless each of the rule's event types is the catalogue's or a custom one
+    the programme declared, and a per-unit rule's field is a number of each: such a rule
+    would never fire, or refuse every event of its type."""
+    for name in sorted(spec.event_types):
+        model = CATALOGUE.get(name)
+        declared = event_type(uow, program_id=program_id, name=name) if model is None else None
+        if model is None and declared is None:
+            known = ", ".join(sorted(CATALOGUE))
+            raise InvalidInput(
+                field="event_types",
+                problem=f"{name!r} is no event type of the catalogue ({known}) nor a custom "
+                "one declared in this programme",
+                problem_zh=f"{name!r} 既不是目录中的事件类型({known}),"
+                "也不是本计划已声明的自定义事件类型",
+            )
+        if isinstance(spec.params, PerUnit):
+            numbers = _number_fields(model, declared)
+            if spec.params.field not in numbers:
+                have = ", ".join(sorted(numbers)) or "none"
+                raise InvalidInput(
+                    field="params.field",
+                    problem=f"{name} events have no number {spec.params.field!r} (their "
+                    f"numbers: {have})",
+                    problem_zh=f"{name} 事件没有数值字段 {spec.params.field!r}(其数值字段:"
+                    f"{'、'.join(sorted(numbers)) or '无'})",
+                )
+
+
+def _number_fields(model: type[BaseModel] | None, declared: EventTypeRead | None) -> set[str]:
+    """The payload fields of an event type that hold numbers."""
+    if declared is not None:
+        return {f for f, spec in declared.fields.items() if spec.type in ("integer", "number")}
+    assert model is not None
+    return {name for name, info in model.model_fields.items() if info.annotation in (int, float)}
 
 
 def _same_version(
