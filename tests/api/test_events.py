@@ -365,6 +365,14 @@ def test_a_merchant_key_refunds_only_orders_paid_through_its_merchant(
         assert answer.json()["code"] == "order_not_seen"
         assert "a-1" not in answer.text
     assert shop.balance(shop.alice)["balance"] == 3000
+    # The same order sent again under another id is counted once; merchant B is not told
+    # the id of A's event, A's own other store is.
+    for key, external_id, named in ((key_b, "b-2", False), (key_a2, "a2-2", True)):
+        again = shop.event(shop.alice, external_id, {**order("A-1", ("TV", "家电", 1000))})
+        answer = shop.send(again, key)
+        assert answer.status_code == 422, answer.text
+        assert ("a-1" in answer.json()["detail"]) is named, answer.text
+    assert shop.balance(shop.alice)["balance"] == 3000
     # The store that took the order refunds it.
     refund = shop.event(shop.alice, "a-2", WHOLE, "order.refunded")
     assert body(shop.send(refund, key_a), 201)["points"] == -3000

@@ -285,7 +285,7 @@ class _Group:
     outcomes: dict[int, EventResult | Exception] = field(default_factory=dict)
     echoes: list[tuple[int, _Decision]] = field(default_factory=list)
     done: dict[tuple[str, str], tuple[str, _Decision]] = field(default_factory=dict)
-    taken: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    taken: dict[tuple[str, str], tuple[str, str, str | None]] = field(default_factory=dict)
     awarded: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
     counters: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
@@ -304,7 +304,8 @@ class _Intake:
         self.done: dict[tuple[str, str], tuple[str, _Decision]] = {}
         self.stored: dict[tuple[str, str], Row[Any]] = {}
         self.stored_awards: dict[int, list[AwardRead]] = {}
-        self.taken: dict[tuple[str, str], tuple[str, str]] = {}
+        self.taken: dict[tuple[str, str], tuple[str, str, str | None]] = {}
+        """(type, subject) -> the (source, external id, merchant) of the event that took it."""
         self.awarded: dict[tuple[str, str], set[str]] = {}
         self.profiles: dict[int, MemberFacts] = {}
         self.spent: dict[str, int] = {}
@@ -411,14 +412,18 @@ class _Intake:
         if subjects:
             rows = self.uow.conn.execute(
                 select(
-                    events.c.type, events.c.subject, events.c.source, events.c.external_id
+                    events.c.type,
+                    events.c.subject,
+                    events.c.source,
+                    events.c.external_id,
+                    events.c.merchant,
                 ).where(
                     events.c.program_id == self.program_id,
                     among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
                     events.c.type.in_(ONCE_TYPES),
                 )
             ).all()
-            self.taken = {(r.type, r.subject): (r.source, r.external_id) for r in rows}
+            self.taken = {(r.type, r.subject): (r.source, r.external_id, r.merchant) for r in rows}
         if again:
             awarded = self.uow.conn.execute(
                 select(events.c.type, events.c.subject, event_awards.c.rule_code)
@@ -535,7 +540,7 @@ class _Intake:
         the whole transaction runs again and answers it as a replay."""
         subject = item.subject()[0]
         twin = self.uow.conn.execute(
-            select(events.c.source, events.c.external_id).where(
+            select(events.c.source, events.c.external_id, events.c.merchant).where(
                 events.c.program_id == self.program_id,
                 events.c.type == item.event.type,
                 events.c.subject == subject,
@@ -550,7 +555,7 @@ class _Intake:
             )
         if (twin.source, twin.external_id) == item.key:
             raise exc
-        return _sent_twice(item, twin.source, twin.external_id)
+        return _sent_twice(item, twin.source, twin.external_id, twin.merchant)
 
     def _stored_result(self, row: Row[Any]) -> EventResult:
         return _result_of(row, self.stored_awards.get(row.id, []), replayed=True)
@@ -653,7 +658,7 @@ class _Intake:
         group.decisions.append(decision)
         group.done[item.key] = (item.request_hash, decision)
         if event.type in ONCE_TYPES:
-            group.taken[(event.type, str(subject))] = item.key
+            group.taken[(event.type, str(subject))] = (*item.key, item.origin[0])
         elif event.type in ONCE_PER_RULE:
             group.awarded.setdefault((event.type, str(subject)), set()).update(
                 award.rule for award in result.awards
@@ -789,10 +794,18 @@ def _not_ahead(event: EventIn, now: datetime) -> None:
         )
 
 
-def _sent_twice(item: _Item, source: str, external_id: str) -> InvalidInput:
+def _sent_twice(item: _Item, source: str, external_id: str, merchant: str | None) -> InvalidInput:
     """An event that happens once to its subject (see :func:`subject_of`) sent again under
-    another event id is refused: a sender that retries must keep the event's id."""
+    another event id is refused: a sender that retries must keep the event's id. The event
+    that took it is named only to a sender of the same merchant: another merchant's event
+    ids are not its business."""
     field, what, what_zh = _once_what(item)
+    if merchant != item.origin[0]:
+        return InvalidInput(
+            field=field,
+            problem=f"{what} was already sent, by another merchant; it is counted once",
+            problem_zh=f"{what_zh} 已由其他商户发送过;只计一次",
+        )
     return InvalidInput(
         field=field,
         problem=f"{what} was already sent as event {source}:{external_id}; "
