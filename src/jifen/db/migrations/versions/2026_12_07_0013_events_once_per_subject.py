@@ -11,7 +11,7 @@ subject only (the later ones were the repeats that paid again): the index then k
 more from coming in.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-07 10:00:00
 """
 
