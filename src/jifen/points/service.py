@@ -738,7 +738,7 @@ def _given_back(
             _write(
                 uow, follow, member=account, key=follow_key,
                 request_hash=_fingerprint("renew", after=posting.id), now=now,
-                ref_posting_id=posting.id, reason=FOLLOWED_RENEWAL, actor="system",
+                ref_posting_id=posting.id, reason=FOLLOWED_RENEWAL, actor=SYSTEM,
             )  # fmt: skip
     return posting
 
