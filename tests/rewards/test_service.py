@@ -201,6 +201,19 @@ def test_a_reward_for_some_tiers_only(db: Database) -> None:
     vip = shop.reward(points=100, visible_tiers=["金卡", "钻石"])
     with pytest.raises(TierNotAllowed, match="金卡, 钻石"):
         shop.redeem(plain, vip.code)
+    # nor is it priced for that member, as if it were on offer to it
+    with pytest.raises(TierNotAllowed, match="金卡, 钻石"):
+        db.run(lambda uow: rewards.quote(uow, program_id=shop.program_id, member_id=plain,
+                                          code=vip.code))  # fmt: skip
+    (gold,) = shop.member(5000, tier="金卡")
+    assert (
+        db.run(
+            lambda uow: rewards.quote(
+                uow, program_id=shop.program_id, member_id=gold, code=vip.code
+            )
+        ).points
+        > 0
+    )
 
 
 def test_cooling_off_holds_a_large_diamond_redemption_until_confirmed(db: Database) -> None:

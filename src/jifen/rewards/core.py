@@ -143,6 +143,14 @@ def visible_to(reward: RewardDef, tier: str | None) -> bool:
     return reward.visible_tiers is None or (tier is not None and tier in reward.visible_tiers)
 
 
+def check_visible(reward: RewardDef, tier: str | None) -> None:
+    """Refuse a reward its ``visible_tiers`` hide from a member of ``tier``."""
+    if not visible_to(reward, tier):
+        raise TierNotAllowed(
+            reward=reward.code, tiers=", ".join(reward.visible_tiers or []), tier=tier or "-"
+        )
+
+
 def check_on_sale(reward: RewardDef, *, state: str, tier: str | None, now: datetime) -> None:
     """Refuse a redemption the reward's state, tiers or sales window do not allow now."""
     if state != "active":
@@ -151,10 +159,7 @@ def check_on_sale(reward: RewardDef, *, state: str, tier: str | None, now: datet
             problem=f"it is {state}.",
             problem_zh="已暂停兑换。" if state == "paused" else "已下架。",
         )
-    if not visible_to(reward, tier):
-        raise TierNotAllowed(
-            reward=reward.code, tiers=", ".join(reward.visible_tiers or []), tier=tier or "-"
-        )
+    check_visible(reward, tier)
     opens = opens_for(reward, tier)
     if opens is not None and now < opens:
         early = {t: h for t, h in reward.early_access.items() if t != tier}

@@ -411,11 +411,14 @@ def _quote(
 def quote(
     uow: UnitOfWork, *, program_id: int, member_id: int, code: str, quantity: int = 1
 ) -> Quote:
-    """What ``quantity`` of the reward costs the member now, and how the price was reached."""
+    """What ``quantity`` of the reward costs the member now, and how the price was reached;
+    refused, as its redemption would be, for a reward hidden from the member's tier."""
     members_service.require_member(uow, program_id=program_id, member_id=member_id)
     row = _reward_row(uow, program_id, code)
     buyer = _buyer(uow, program_id, member_id)
-    return _quote(uow, row, _terms(uow, row), buyer, quantity, _policy(uow, program_id))
+    terms = _terms(uow, row)
+    core.check_visible(terms, buyer.tier)
+    return _quote(uow, row, terms, buyer, quantity, _policy(uow, program_id))
 
 
 # --------------------------------------------------------------------------- redemption
