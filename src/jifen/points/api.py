@@ -201,8 +201,9 @@ def earn(
 
     def checks(uow: UnitOfWork) -> list[prepared.Read[Any]]:
         reads = _checks(ctx, member_id, transacting=True)(uow)
-        if body.expires_at is None:  # the programme's policy as of this very transaction
-            reads.append(programs_service.settings_read(uow, ctx.program_id))
+        # The programme's policy as of this very transaction, in the same round trip: the
+        # default validity reads it, and so does the tier scheme's upgrade at once.
+        reads.append(programs_service.settings_read(uow, ctx.program_id))
         return reads
 
     def post(uow: UnitOfWork) -> PostingRead:
