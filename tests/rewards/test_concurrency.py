@@ -245,3 +245,24 @@ def test_editing_a_lottery_during_a_draw_never_gives_a_prize_twice(pg: Database)
     assert "error" not in box, box
     with pytest.raises(NotOnSale, match="sold out"):  # its one prize is gone, given once
         shop.redeem(member, wheel.code, key="d2")
+
+
+@pytest.mark.parametrize("pickup", [False, True], ids=["shipped", "voucher"])
+def test_a_redemption_that_read_the_reward_before_a_pause_committed_is_refused(
+    pg: Database, pickup: bool
+) -> None:
+    """Staff pause a reward while a redemption is under way: the redemption read the reward
+    on sale, but its stock is taken only if the reward still is at that moment, so nothing
+    is sold after the pause committed."""
+    shop = Shop.open(pg)
+    (member,) = shop.member(10_000, tier="金卡")
+    goods = shop.reward(points=1000, stock=5, pickup=pickup)
+    with pg.transaction() as staff:  # the pause holds the reward's row, not committed yet
+        rewards.set_state(staff, program_id=shop.program_id, code=goods.code, state="paused")
+        thread, box = in_background(lambda: shop.redeem(member, goods.code))
+        time.sleep(0.5)  # the redemption read it active and waits to take the stock
+    thread.join()
+    assert isinstance(box.get("error"), NotOnSale), box
+    assert shop.available(member) == 10_000
+    after = shop.get(goods.code)
+    assert (after.stock_left, after.sold) == (5, 0)

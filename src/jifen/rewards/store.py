@@ -4,8 +4,9 @@ on PostgreSQL, plain statements elsewhere.
 The service decides everything; this module only stores it. On PostgreSQL the order, its
 step and the conditional stock decrement are one data-modifying CTE: one round trip, and the
 reward's row is locked only from that statement to the commit. The order is written only if
-the stock was there; when it was not (a concurrent redemption took the last units since they
-were checked), nothing is written and the caller runs the transaction again. SQLite runs
+the stock was there and the reward still on sale; when it was not (a concurrent redemption
+took the last units since they were checked, or staff paused the reward meanwhile), nothing
+is written and the caller runs the transaction again, which then sees why. SQLite runs
 in-process, where round trips cost nothing, and takes the same rows as ordinary statements.
 """
 
@@ -32,6 +33,7 @@ _POSTGRESQL_FINISH = """
 WITH s AS (
     UPDATE rewards SET stock_left = stock_left - %(quantity)s, sold = sold + %(quantity)s
     WHERE id = %(reward_id)s AND %(limited)s AND stock_left >= %(quantity)s
+        AND state = 'active'
     RETURNING stock_left
 ), o AS (
     INSERT INTO reward_orders (
@@ -57,7 +59,11 @@ _INSERT_ORDER = reward_orders.insert().returning(reward_orders.c.id)
 _INSERT_STEP = order_steps.insert()
 _TAKE_STOCK = (
     update(rewards)
-    .where(rewards.c.id == bindparam("reward"), rewards.c.stock_left >= bindparam("quantity"))
+    .where(
+        rewards.c.id == bindparam("reward"),
+        rewards.c.stock_left >= bindparam("quantity"),
+        rewards.c.state == "active",
+    )
     .values(
         stock_left=rewards.c.stock_left - bindparam("quantity"),
         sold=rewards.c.sold + bindparam("quantity"),
