@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 
 from jifen.clock import ManualClock
 from jifen.db.engine import make_engine
@@ -21,7 +23,8 @@ from jifen.events.models import events
 from jifen.members.models import members
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
-from tests.conftest import START
+from jifen.settings import normalise_database_url
+from tests.conftest import BACKENDS, POSTGRES_URL, START, postgres_schema_url
 from tests.rewards.shop import Shop
 
 
@@ -63,10 +66,34 @@ def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -
     assert is_current(db.engine)
 
 
-def test_events_stored_before_once_per_subject_keep_the_first_of_each(tmp_path: Path) -> None:
+@pytest.fixture(params=BACKENDS)
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on an empty database of each backend (PostgreSQL: a schema of its own)."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+        yield engine
+        engine.dispose()
+        return
+    schema = f"jifen_old_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(normalise_database_url(POSTGRES_URL))
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    engine = make_engine(postgres_schema_url(POSTGRES_URL, schema))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def test_events_stored_before_once_per_subject_keep_the_first_of_each(
+    empty_engine: Engine,
+) -> None:
     """0013 gives the events of the types that became once-only their subject, the first of
     each only (the repeats that paid again keep none), and keys the index by type."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    engine = empty_engine
     upgrade(engine, "0012")
     now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)  # 23:00 in Shanghai
 
@@ -76,6 +103,10 @@ def test_events_stored_before_once_per_subject_keep_the_first_of_each(tmp_path: 
             "member_id": member, "occurred_at": now, "received_at": now, "payload": payload,
             "request_hash": "-", "subject": None,
         }  # fmt: skip
+
+    # Three of the first check-in's repeats, in a chunk after the first (5,000 a chunk).
+    filler = [event(f"q{n}", "quiz.answered", 2, {"quiz_id": f"Q{n}"}) for n in range(5_000)]
+    late = [event(f"c{n}", "member.checked_in", 1, {}) for n in (3, 4, 5)]
 
     with engine.begin() as conn:
         conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
@@ -95,6 +126,8 @@ def test_events_stored_before_once_per_subject_keep_the_first_of_each(tmp_path: 
                 event("c2", "member.checked_in", 1, {}),
                 event("v1", "review.posted", 1, {"review_id": "R1"}),
                 event("l1", "review.liked", 1, {"review_id": "R1", "likes": 3}),
+                *filler,
+                *late,
             ],
         )
     upgrade(engine)
@@ -102,6 +135,8 @@ def test_events_stored_before_once_per_subject_keep_the_first_of_each(tmp_path: 
         subjects = dict(conn.execute(select(events.c.external_id, events.c.subject)).all())
         assert subjects == {
             "r1": "2", "r2": None, "c1": "1:2026-03-02", "c2": None, "v1": "R1", "l1": None,
+            "c3": None, "c4": None, "c5": None,
+            **{f"q{n}": f"2:Q{n}" for n in range(5_000)},
         }  # fmt: skip
         # An order id that reads like a member's birthday of a year is another subject.
         conn.execute(events.insert(), [

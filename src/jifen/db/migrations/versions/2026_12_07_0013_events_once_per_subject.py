@@ -78,9 +78,28 @@ def _subject(kind: str, payload: dict[str, Any], member_id: int, day: date) -> s
     return text if len(text) <= 128 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+_SET_SUBJECT = (
+    _events.update()
+    .where(_events.c.id == sa.bindparam("event_id"))
+    .values(subject=sa.bindparam("new_subject"))
+)
+
+# The first event of each subject keeps it; the later ones (the repeats that paid again)
+# keep none, as if they had been refused.
+_REPEATS = """
+UPDATE events SET subject = NULL WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY program_id, type, subject ORDER BY id) AS n
+        FROM events WHERE {types} AND subject IS NOT NULL
+    ) AS ranked WHERE n > 1
+)
+"""
+
+
 def _backfill(conn: sa.Connection) -> None:
+    """Each event of the new once-only types its subject, 5,000 a statement, then the
+    repeats none: memory is bounded by the chunk, whatever the number of events."""
     zones = {pid: ZoneInfo(zone) for pid, zone in conn.execute(sa.select(_programs))}
-    seen: set[tuple[int, str, str]] = set()
     after = 0
     while True:
         rows = conn.execute(
@@ -90,15 +109,22 @@ def _backfill(conn: sa.Connection) -> None:
             .limit(5000)
         ).all()
         if not rows:
-            return
+            break
         after = rows[-1].id
-        for row in rows:
-            day = row.occurred_at.astimezone(zones[row.program_id]).date()
-            subject = _subject(row.type, dict(row.payload or {}), row.member_id, day)
-            if (row.program_id, row.type, subject) in seen:
-                continue
-            seen.add((row.program_id, row.type, subject))
-            conn.execute(_events.update().where(_events.c.id == row.id).values(subject=subject))
+        subjects = [
+            {
+                "event_id": row.id,
+                "new_subject": _subject(
+                    row.type,
+                    dict(row.payload or {}),
+                    row.member_id,
+                    row.occurred_at.astimezone(zones[row.program_id]).date(),
+                ),
+            }
+            for row in rows
+        ]
+        conn.execute(_SET_SUBJECT, subjects)
+    conn.execute(sa.text(_REPEATS.format(types=_where(_NEW).text)))
 
 
 _ORIGIN = """
