@@ -220,6 +220,37 @@ def test_a_scheduled_version_takes_over_at_its_time_and_one_version_is_live_at_a
     assert_ledger_sound(db, shop.program.id)
 
 
+def test_a_version_retired_before_its_start_leaves_the_live_version_live(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    clock = db.clock
+    assert isinstance(clock, ManualClock)
+    first = shop.activate(rule("base", RATES))
+    cart = order("A", ("T1", "日用品", 100))
+    # given version 2 approved to start tomorrow: version 1 is to end then
+    tomorrow = clock.now() + timedelta(days=1)
+    second = shop.draft(rule("base", {"kind": "spend_rate", "rate": "2"}))
+    filed = body(
+        shop.post(f"/rules/{second['id']}/submit", {"activate_at": tomorrow.isoformat()}), 202
+    )
+    body(shop.decide(filed["id"], "approve"), 200)
+    assert datetime.fromisoformat(shop.version(first["id"])["active_to"]) == tomorrow
+    # when version 2 is retired before it starts
+    clock.advance(timedelta(hours=1))
+    retired = body(shop.post(f"/rules/{second['id']}/retire"), 200)
+    assert retired["status"] == "retired" and retired["active_from"] is None
+    # then version 1 stays live, after tomorrow too, and can be retired in its turn
+    kept = shop.version(first["id"])
+    assert kept["status"] == "active" and kept["active_to"] is None
+    clock.advance(timedelta(days=2))
+    sent = shop.earn(shop.event(shop.alice, "o1", {**cart, "order_id": "o1"}))
+    assert [(a["version"], a["points"]) for a in sent["awards"]] == [(1, 100)]
+    shop.operator = support.staff(db, "operator", program_id=shop.program.id)  # signed in again
+    assert body(shop.post(f"/rules/{first['id']}/retire"), 200)["status"] == "retired"
+    assert_ledger_sound(db, shop.program.id)
+
+
 def test_a_version_pauses_resumes_and_retires(client: TestClient, db: Database) -> None:
     shop = Shop(client, db)
     clock = db.clock

@@ -155,13 +155,7 @@ def pause(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRe
     row = _row(uow, program_id, version_id)
     _require_state(row, "active", "paused")
     now = uow.clock.now()
-    starts = uow.conn.execute(
-        select(func.min(rule_activations.c.active_from)).where(
-            rule_activations.c.version_id == version_id,
-            rule_activations.c.active_to.is_(None),
-            rule_activations.c.active_from > now,
-        )
-    ).scalar_one()
+    starts = _scheduled_start(uow, version_id, now)
     if starts is not None:
         raise StateConflict(
             problem=f"Rule {row.code} version {row.version} has not started: it goes live at "
@@ -186,12 +180,54 @@ def resume(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionR
 
 
 def retire(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
+    """End a version for good. A version retired before its scheduled start never goes
+    live, and the version its approval was to end then stays live: the rule keeps the
+    version it has, as if the successor had not been approved."""
     row = _row(uow, program_id, version_id)
     if row.state not in ("active", "paused"):
         _require_state(row, "active", "retired")
-    _close_activation(uow, version_id, uow.clock.now())
+    now = uow.clock.now()
+    starts = _scheduled_start(uow, version_id, now)
+    _close_activation(uow, version_id, now)
     _move(uow, version_id, row.state, state="retired")
+    if starts is not None:
+        _keep_predecessor(uow, row, starts)
     return get_version(uow, program_id=program_id, version_id=version_id)
+
+
+def _scheduled_start(uow: UnitOfWork, version_id: int, now: datetime) -> datetime | None:
+    """When a version approved for a later start goes live (``None``: it has started)."""
+    start: datetime | None = uow.conn.execute(
+        select(func.min(rule_activations.c.active_from)).where(
+            rule_activations.c.version_id == version_id,
+            rule_activations.c.active_to.is_(None),
+            rule_activations.c.active_from > now,
+        )
+    ).scalar_one()
+    return start
+
+
+def _keep_predecessor(uow: UnitOfWork, row: Row[Any], starts: datetime) -> None:
+    """Undo what approving ``row`` for ``starts`` did to the rule's live version: its
+    activation, set to end then, stays open, and it is active again (it never stopped)."""
+    same_rule = select(rule_versions.c.id).where(
+        rule_versions.c.program_id == row.program_id,
+        rule_versions.c.code == row.code,
+        rule_versions.c.id != row.id,
+    )
+    ending = uow.conn.execute(
+        select(rule_activations.c.id, rule_activations.c.version_id).where(
+            rule_activations.c.version_id.in_(same_rule),
+            rule_activations.c.active_to == starts,
+        )
+    ).all()
+    for activation_id, other_id in ending:
+        uow.conn.execute(
+            rule_activations.update()
+            .where(rule_activations.c.id == activation_id)
+            .values(active_to=None)
+        )
+        _move(uow, other_id, "retired", state="active")
 
 
 def get_version(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
