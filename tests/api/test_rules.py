@@ -519,11 +519,26 @@ def test_a_rule_that_cannot_work_is_not_approved_and_counts_start_at_zero(
         (rule("vol", {"kind": "per_unit", "field": "hour", "points_per_unit": "5"},
               event_types=("activity.attended",)),
          "activity.attended events have no number 'hour' (their numbers: hours)"),
+        # a condition reading a field no event of its type has would refuse every one
+        (rule("chan", {"kind": "fixed", "points": 1}, condition='event.chanel == "app"'),
+         "reads 'chanel', which order.paid events and their members do not have"),
+        (rule("line", {"kind": "fixed", "points": 1},
+              condition='event.lines.exists(l, l.categroy == "食品")'),
+         "reads 'categroy'"),
+        (rule("who", {"kind": "fixed", "points": 1}, condition='member.level == "金卡"'),
+         "reads 'level'"),
     ):  # fmt: skip
         draft = shop.draft(spec)
         decided = shop.decide(shop.submit(draft["id"])["id"], "approve")
         assert decided.status_code == 409 and says in decided.json()["detail"], decided.text
         assert shop.version(draft["id"])["status"] == "submitted"
+    # Every field of the type may be read, and a value the sample cannot take is no refusal.
+    for condition in ('event.channel == "app" && event.store == "S1"',
+                      'event.lines.exists(l, l.category == "食品" && l.quantity > 1)',
+                      'member.tier == "金卡" && "vip" in member.tags && member.region == "SH"',
+                      'timestamp(event.order_id) < now',
+                      'has(event.coupon) && event.coupon == "X"'):  # fmt: skip
+        shop.activate(rule("ok", {"kind": "fixed", "points": 1}, condition=condition))
     # A condition on a counter of a type the member has not had yet reads 0.
     shop.activate(rule("loyal", {"kind": "fixed", "points": 5},
                        condition="member.counts['order.paid'] >= 1"))  # fmt: skip

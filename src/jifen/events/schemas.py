@@ -5,7 +5,8 @@ field named; amounts are integer fen, never negative."""
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
@@ -117,6 +118,30 @@ CATALOGUE: dict[str, type[RequestBody]] = {
     "activity.attended": ActivityAttended,
     "member.birthday": Birthday,
 }
+
+
+def sample_payload(model: type[BaseModel]) -> dict[str, Any]:
+    """A payload of ``model`` with every field present, as plain JSON values (text ``"x"``,
+    numbers 1, one line in a list): what a rule's condition is tried on before it is
+    approved, so that a field no event of the type has is found then, not on every event."""
+    return {name: _sample(info.annotation) for name, info in model.model_fields.items()}
+
+
+def _sample(annotation: Any) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _sample(args[0])
+    if origin is Literal:
+        return args[0]
+    if origin in (Union, UnionType):
+        return _sample(next(a for a in args if a is not type(None)))
+    if origin is list:
+        return [_sample(args[0])]
+    if origin is dict or annotation is dict:
+        return {}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return sample_payload(annotation)
+    return {str: "x", bool: False, int: 1, float: 1.0}.get(annotation, "x")
 
 
 class EventIn(RequestBody):

@@ -10,6 +10,7 @@ the event's own time.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Mapping
 from datetime import datetime
@@ -22,9 +23,9 @@ from sqlalchemy import Row, and_, func, select
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import insert_missing, upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
-from jifen.events.schemas import CATALOGUE
+from jifen.events.schemas import CATALOGUE, sample_payload
 from jifen.rules import conditions
-from jifen.rules.core import Rule, RuleSet
+from jifen.rules.core import ConditionFailed, Event, Facts, Rule, RuleSet, activation
 from jifen.rules.models import (
     earning_caps,
     event_types,
@@ -570,6 +571,9 @@ def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None
                 problem_zh=f"{name!r} 既不是目录中的事件类型({known}),"
                 "也不是本计划已声明的自定义事件类型",
             )
+        if spec.condition:
+            payload = sample_payload(model) if model is not None else _declared_sample(declared)
+            _try_condition(uow, program_id, spec, name, payload)
         if isinstance(spec.params, PerUnit):
             numbers = _number_fields(model, declared)
             if spec.params.field not in numbers:
@@ -581,6 +585,48 @@ def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None
                     problem_zh=f"{name} 事件没有数值字段 {spec.params.field!r}(其数值字段:"
                     f"{'、'.join(sorted(numbers)) or '无'})",
                 )
+
+
+_SAMPLE_VALUES = {"string": "x", "integer": 1, "number": 1.0, "boolean": False}
+
+
+def _declared_sample(declared: EventTypeRead | None) -> dict[str, Any]:
+    assert declared is not None
+    return {name: _SAMPLE_VALUES[field.type] for name, field in declared.fields.items()}
+
+
+def _try_condition(
+    uow: UnitOfWork, program_id: int, spec: RuleSpec, event_type: str, payload: dict[str, Any]
+) -> None:
+    """InvalidInput when the rule's condition reads a field that no ``event_type`` event, or
+    no member, has: tried on an event with every field of its type, it would refuse every
+    event of the type once approved."""
+    now = uow.clock.now()
+    declared = [t.name for t in list_event_types(uow, program_id=program_id)]
+    event = Event(key="sample", type=event_type, occurred_at=now, member_id=1, payload=payload)
+    facts = Facts(
+        member_id=1, tier="x", tags=frozenset({"x"}), registered_at=now, region="x",
+        birthday=now.date(), counts=dict.fromkeys([*CATALOGUE, *declared], 0),
+    )  # fmt: skip
+    condition = compile_rule(spec).condition
+    assert condition is not None
+    try:
+        condition(activation(event, facts))
+    except ConditionFailed as exc:
+        missing = _MISSING_KEY.search(str(exc))
+        if missing is None:  # a sample value it cannot take (a time in a text field): fine
+            return
+        raise InvalidInput(
+            field="condition",
+            problem=f"reads {missing.group(1)!r}, which {event_type} events and their members "
+            "do not have (the condition would refuse every such event); check the name, or "
+            "test it first with has(...)",
+            problem_zh=f"读取了 {missing.group(1)!r},而 {event_type} 事件及其会员没有该字段"
+            "(该条件会拒绝所有此类事件);请检查字段名,或先用 has(...) 判断",
+        ) from exc
+
+
+_MISSING_KEY = re.compile(r'Key not found in map\s*:\s*"?([^"]*)"?')
 
 
 def _number_fields(model: type[BaseModel] | None, declared: EventTypeRead | None) -> set[str]:
