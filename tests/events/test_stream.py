@@ -40,10 +40,10 @@ from sqlalchemy.exc import OperationalError
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import JifenError
 from jifen.events import service, stream
-from jifen.events.models import events
+from jifen.events.models import event_awards, events
 from jifen.events.schemas import EventIn
 from jifen.points import service as points
-from jifen.points.models import postings
+from jifen.points.models import posting_origins, postings
 from tests.conftest import START
 from tests.events.test_service import activate
 from tests.factories import assert_ledger_sound, new_members, new_program
@@ -333,6 +333,16 @@ def test_the_decisions_of_the_door() -> None:
         delivered=1,
     )  # fmt: skip
     assert json.loads(record)["event"] == "\ufffd"
+    # A record that would not fit in one message describes the message instead.
+    huge = b"\xff" * 400_000  # escaped, three times larger than the 1 MB a message may be
+    record = stream.dead_letter(
+        "jifen.events.shop", huge, stream.Refused("invalid_input", "x" * 10_000), sequence=9,
+        delivered=1, limit=1024 * 1024,
+    )  # fmt: skip
+    described = json.loads(record)
+    assert len(record) < 1024 * 1024 - 1024 and described["stream_sequence"] == 9
+    assert described["event"]["too_large"] is True and described["event"]["bytes"] == 400_000
+    assert len(described["message"]) == 2000
 
 
 # --------------------------------------------------------------------------- through NATS
@@ -345,6 +355,7 @@ def test_published_events_are_ingested_once_and_refusals_recorded(
     members = new_members(db, program.id, 3)
     activate(db, program.id, "base", RATE)
     orders = [order(f"o{i}", members[i % 3], 10 + i) for i in range(30)]
+    orders[3].payload["store"] = "S7"  # its points are posted for that store
     bad_payload = EventIn(
         source="pos", external_id="bad", type="order.paid", occurred_at=START,
         member_id=members[0], payload={"order_id": "bad"},
@@ -371,6 +382,12 @@ def test_published_events_are_ingested_once_and_refusals_recorded(
         stats = worker.finish()
     assert (stats.applied, stats.replayed, stats.refused, stats.retried) == (30, 1, 4, 0)
     assert_each_once(db, program.id, orders)
+    stores = db.run(lambda uow: dict(uow.conn.execute(
+        select(events.c.external_id, posting_origins.c.store)
+        .join(event_awards, event_awards.c.event_id == events.c.id)
+        .join(posting_origins, posting_origins.c.posting_id == event_awards.c.posting_id)
+        .where(events.c.program_id == program.id)).all()))  # fmt: skip
+    assert stores == {"o3": "S7"}  # posted for its store; the others name none
 
     letters = dead_letters(names)
     dead = stream.dead_subject(names.prefix, program.code)
@@ -428,6 +445,22 @@ def test_published_events_are_ingested_once_and_refusals_recorded(
     assert balances(db, members) == balances(db, twin_members)
     assert balances(db, members) == expected_balances(orders, members)
     assert_ledger_sound(db, program.id)
+
+
+def test_a_refused_message_too_large_to_record_whole_is_recorded_and_settled(
+    db: Database, names: Names
+) -> None:
+    program = new_program(db)
+    subject = stream.event_subject(names.prefix, program.code)
+    stream.publish_sync(names.url, program.code, [], subject_prefix=names.prefix,
+                        stream=names.stream)  # fmt: skip
+    publish_raw(names, subject, b"\xff" * 400_000)  # not JSON; escaped, over a megabyte
+    with running(db, names, batch=1) as worker:
+        wait_drained(names)
+        stats = worker.finish()
+    assert (stats.refused, stats.retried) == (1, 0)
+    (letter,) = dead_letters(names)
+    assert letter["code"] == "invalid_input" and letter["event"]["bytes"] == 400_000
 
 
 def test_workers_sharing_the_consumer_split_the_work(db: Database, names: Names) -> None:
@@ -490,10 +523,10 @@ def test_a_message_that_fails_every_time_holds_back_no_other(
     )
     real = service.ingest_many
 
-    def stuck_on_o10(uow: UnitOfWork, *, program_id: int, events: list[EventIn]) -> Any:
+    def stuck_on_o10(uow: UnitOfWork, *, events: list[EventIn], **given: Any) -> Any:
         if any(e.external_id == "o10" for e in events):  # fails the transaction, every time
             raise OperationalError("SELECT", {}, Exception("canceling statement: timeout"))
-        return real(uow, program_id=program_id, events=events)
+        return real(uow, events=events, **given)
 
     monkeypatch.setattr(service, "ingest_many", stuck_on_o10)
     with running(db, names, batch=20) as worker:

@@ -52,8 +52,7 @@ def send_event(
 def _origin(ctx: Context, event: EventIn) -> tuple[str | None, str | None]:
     """The merchant and store the event's points are posted for: a key scoped to a store
     sends only its own store's events (Forbidden otherwise)."""
-    store = event.payload.get("store")
-    return ctx.merchant(None, store if isinstance(store, str) else None)
+    return ctx.merchant(None, service.store_of(event))
 
 
 @router.post(EVENTS + "/batch", response_model=BatchResult)

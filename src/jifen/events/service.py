@@ -178,6 +178,13 @@ ONCE_PER_RULE = ("review.liked",)
 rule awards once a subject, on the first of them its condition holds for."""
 
 
+def store_of(event: EventIn) -> str | None:
+    """The store an event names in its payload (an order's ``store``), if any: where its
+    points are posted for, whichever door it came through."""
+    store = event.payload.get("store")
+    return store if isinstance(store, str) else None
+
+
 def ingest(
     uow: UnitOfWork,
     *,

@@ -30,6 +30,7 @@ functions; the loop around them only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import signal
@@ -203,22 +204,46 @@ def retry_delay(delivered: int) -> float:
 
 
 def dead_letter(
-    subject: str, data: bytes, refused: Refused, *, sequence: int, delivered: int
-) -> bytes:
+    subject: str, data: bytes, refused: Refused, *, sequence: int, delivered: int,
+    limit: int = 1024 * 1024,
+) -> bytes:  # fmt: skip
     """The dead-letter record of a refused message: why, where from, and the message itself
-    (as JSON when it was JSON, as text otherwise) so that it can be fixed and sent again."""
+    (as JSON when it was JSON, as text otherwise) so that it can be fixed and sent again.
+
+    A record must fit in one message (``limit``: the server's maximum payload), or it could
+    never be published and the message would be handed back forever. A message too large to
+    carry whole (text that is not UTF-8 triples when escaped) is described instead: its size,
+    digest and first characters; it stays in the stream at ``stream_sequence``."""
     try:
         original: Any = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         original = data.decode("utf-8", errors="replace")
     body = {
         "code": refused.code,
-        "message": refused.message,
+        "message": refused.message[:_MESSAGE_CHARS],
         "subject": subject,
         "stream_sequence": sequence,
         "delivered": delivered,
         "event": original,
     }
+    record = _compact(body)
+    if len(record) <= limit - _HEADROOM:
+        return record
+    head = data[:_HEAD_BYTES].decode("utf-8", errors="replace")
+    body["event"] = {
+        "too_large": True, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "head": head,
+    }  # fmt: skip
+    return _compact(body)
+
+
+_MESSAGE_CHARS = 2000
+_HEAD_BYTES = 2000
+_HEADROOM = 1024
+"""Bytes of a record's allowance kept for its headers (the message id)."""
+
+
+def _compact(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -245,10 +270,13 @@ def apply_batch(uow: UnitOfWork, items: Sequence[Incoming]) -> list[Outcome]:
         except JifenError as exc:  # an unknown programme
             outcomes.update((index, Refused.of(exc)) for index in indexes)
             continue
-        taken = [items[index].event for index in indexes]
+        taken = [e for e in (items[index].event for index in indexes) if e is not None]
+        # A stream's producer is trusted as a whole, for no merchant in particular; the
+        # points of an order are posted for the store it names, as through the API.
         results = service.ingest_many(
-            uow, program_id=program_id, events=[e for e in taken if e is not None]
-        )
+            uow, program_id=program_id, events=taken,
+            origins=[(None, service.store_of(event)) for event in taken],
+        )  # fmt: skip
         for index, result in zip(indexes, results, strict=True):
             if isinstance(result, JifenError):
                 refused = Refused.of(result)
@@ -535,7 +563,7 @@ async def consume(
                 sub = None
                 await _pause(stop, 1.0)
                 continue
-            if await _handle(database, js, msgs, subject_prefix, ack_wait, stats):
+            if await _handle(database, js, msgs, subject_prefix, ack_wait, stats, nc.max_payload):
                 failures, singly = 0, max(singly - len(msgs), 0)
             else:
                 failures, singly = failures + 1, max(singly, len(msgs))
@@ -600,6 +628,7 @@ async def _handle(
     subject_prefix: str,
     ack_wait: float,
     stats: WorkerStats,
+    max_payload: int,
 ) -> bool:
     """Apply one fetched batch in one transaction, then settle each message; False when the
     transaction failed (every message is then handed back)."""
@@ -627,7 +656,7 @@ async def _handle(
         elif action is Action.DEAD_LETTER:
             refused = outcome.refused if isinstance(outcome, Waiting) else outcome
             assert isinstance(refused, Refused)
-            await _refuse(js, msg, item, refused, subject_prefix, stats)
+            await _refuse(js, msg, item, refused, subject_prefix, stats, max_payload)
         else:
             assert isinstance(outcome, Failed | Waiting)
             reason = outcome.error if isinstance(outcome, Failed) else outcome.refused.message
@@ -648,6 +677,7 @@ async def _refuse(
     refused: Refused,
     subject_prefix: str,
     stats: WorkerStats,
+    max_payload: int,
 ) -> None:
     """Log a refused message and record it on the dead-letter subject, then acknowledge it;
     if the record cannot be made, hand the message back instead: it is refused again later
@@ -660,7 +690,7 @@ async def _refuse(
     )  # fmt: skip
     body = dead_letter(
         msg.subject, msg.data, refused, sequence=meta.sequence.stream,
-        delivered=meta.num_delivered,
+        delivered=meta.num_delivered, limit=max_payload,
     )  # fmt: skip
     try:
         await js.publish(
