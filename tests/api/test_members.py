@@ -226,6 +226,33 @@ def test_real_name_binding_is_checked_masked_and_shown_in_full_only_with_pii(
     assert all("13800138000" not in json.dumps(entry.after) for entry in logged)
 
 
+def test_a_phone_or_id_number_in_other_digits_than_ascii_is_refused(
+    client: TestClient, db: Database
+) -> None:
+    """Written in fullwidth digits, a number bound already would hash differently and be
+    bound a second time."""
+    club = Club(client, db)
+    fullwidth = str.maketrans("0123456789", "０１２３４５６７８９")
+    first = club.register("U1", phone="13800138000")["id"]
+    assert (
+        club.put(
+            club.url(first, "/identity"), {"id_number": VALID_ID, "phone": "13800138000"}
+        ).status_code
+        == 200
+    )
+    again = club.post(
+        club.base, {"external_ref": "U2", "phone": "13800138000".translate(fullwidth)}
+    )
+    assert again.status_code == 422 and again.json()["errors"][0]["field"] == "phone"
+    second = club.register("U3")["id"]
+    bound = club.put(
+        club.url(second, "/identity"),
+        {"id_number": VALID_ID[:17].translate(fullwidth) + "X", "phone": "13700137000"},
+    )
+    assert bound.status_code == 422 and bound.json()["errors"][0]["field"] == "id_number"
+    assert "0-9" in bound.json()["errors"][0]["message"]
+
+
 def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     mine, theirs = club.register("A1")["id"], club.register("A2")["id"]
