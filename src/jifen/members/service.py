@@ -301,23 +301,34 @@ def contacts(
     }
 
 
-def find_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
-    """The member whose external reference, or bound phone number, is ``login``."""
+def find_by_phone(uow: UnitOfWork, *, program_id: int, phone: str) -> int | None:
+    """The member whose bound phone is ``phone`` (normalised): who a texted code is for. A
+    member's reference never counts, whatever it looks like: a reference equal to someone's
+    number would sign its holder in as another member."""
     found = uow.conn.execute(
+        select(members.c.id).where(
+            members.c.program_id == program_id, members.c.phone_hash == keyed_hash(phone)
+        )
+    ).scalar()
+    return int(found) if found is not None else None
+
+
+def find_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
+    """The member a password sign-in names: the one whose bound phone is ``login``, else the
+    one whose external reference it is. The bound phone comes first, so a reference that
+    happens to be a member's number (a recycled number, a till that registered a member
+    under it) cannot capture that member's sign-in."""
+    phone = core.normalise_phone_or_none(login)
+    if phone is not None:
+        found = find_by_phone(uow, program_id=program_id, phone=phone)
+        if found is not None:
+            return found
+    ref = uow.conn.execute(
         select(members.c.id).where(
             members.c.program_id == program_id, members.c.external_ref == login
         )
     ).scalar()
-    if found is None:
-        phone = core.normalise_phone_or_none(login)
-        if phone is not None:
-            found = uow.conn.execute(
-                select(members.c.id).where(
-                    members.c.program_id == program_id,
-                    members.c.phone_hash == keyed_hash(phone),
-                )
-            ).scalar()
-    return int(found) if found is not None else None
+    return int(ref) if ref is not None else None
 
 
 def get_profile(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberProfile:
