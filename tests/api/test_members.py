@@ -226,6 +226,53 @@ def test_real_name_binding_is_checked_masked_and_shown_in_full_only_with_pii(
     assert all("13800138000" not in json.dumps(entry.after) for entry in logged)
 
 
+def test_an_api_key_cannot_bind_a_members_phone_or_id_number(
+    client: TestClient, db: Database
+) -> None:
+    """A till that could would bind its own phone to any member and sign in as it with a
+    texted code."""
+    club = Club(client, db)
+    till = support.api_key(db, club.program.id, merchant="shop-B")
+    registered = club.post(club.base, {"external_ref": "K1", "phone": "13900000001"}, till)
+    assert registered.status_code == 201, registered.text  # registering with a phone: fine
+    member_id = registered.json()["id"]
+    for phone in ("13612345678", "13900000001"):  # another number, or the same
+        taken = club.put(
+            club.url(member_id, "/identity"), {"id_number": VALID_ID, "phone": phone}, till
+        )
+        assert taken.status_code == 403 and taken.json()["code"] == "forbidden"
+        assert "API key" in taken.json()["detail"]
+    zh = club.put(
+        club.url(member_id, "/identity"),
+        {"id_number": VALID_ID, "phone": "13612345678"},
+        {**till, "Accept-Language": "zh-CN"},
+    )
+    assert "API 密钥" in zh.json()["detail"]
+    profile = client.get(club.url(member_id), headers=club.operator).json()
+    assert (profile["phone"], profile["id_number"]) == ("139****0001", None)
+
+
+def test_a_new_phone_ends_the_members_other_sessions(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    member_id = club.register("N1", phone="13900000001")["id"]
+    identity = club.url(member_id, "/identity")
+    phone, tablet = support.member(db, member_id), support.member(db, member_id)
+
+    def signed_in(headers: dict[str, str]) -> bool:
+        return client.get("/v1/auth/me", headers=headers).status_code == 200
+
+    # bound again with the same phone: nobody is signed out
+    assert club.put(identity, {"id_number": VALID_ID, "phone": "13900000001"}).status_code == 200
+    assert signed_in(phone) and signed_in(tablet)
+    # the member binds a new number from its phone: its tablet is signed out, not its phone
+    own = club.put(identity, {"id_number": VALID_ID, "phone": "13900000002"}, phone)
+    assert own.status_code == 200, own.text
+    assert signed_in(phone) and not signed_in(tablet)
+    # staff bind another: the member is signed out everywhere
+    assert club.put(identity, {"id_number": VALID_ID, "phone": "13900000003"}).status_code == 200
+    assert not signed_in(phone)
+
+
 def test_a_phone_or_id_number_in_other_digits_than_ascii_is_refused(
     client: TestClient, db: Database
 ) -> None:

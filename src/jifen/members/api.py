@@ -16,6 +16,7 @@ from jifen.api.deps import Context, Read, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
+from jifen.errors import Forbidden
 from jifen.members import core, service
 from jifen.members.schemas import (
     FamilyRead,
@@ -140,13 +141,31 @@ def bind_identity(
     ctx: Annotated[Context, Depends(Write("members.write"))],
 ) -> JSONResponse:
     """Real-name binding: a resident ID number (its check character is verified) and a
-    mobile number, each unique in the programme. The answer shows them masked."""
-    return ctx.execute(
-        lambda uow: service.bind_identity(
+    mobile number, each unique in the programme. The answer shows them masked.
+
+    The member binds its own numbers, or staff do; an API key may not (a till that could
+    would bind its own phone to any member and sign in as it with a texted code). When the
+    bound phone changes, every other session of the member ends."""
+    if ctx.principal.kind == "key":
+        raise Forbidden(
+            problem="An API key cannot bind or change a member's phone or ID number: the "
+            "member does it in its app, or staff do.",
+            problem_zh="API 密钥不能绑定或更改会员的手机号或证件号码:由会员本人在应用中操作,"
+            "或由工作人员办理。",
+        )
+    own = ctx.principal.kind == "member"
+
+    def bind(uow: UnitOfWork) -> MemberProfile:
+        profile, phone_changed = service.bind_identity(
             uow, program_id=ctx.program_id, member_id=member_id, body=body
-        ),
-        target=f"member:{member_id}",
-    )
+        )
+        if phone_changed:  # whoever signed in through the old number is signed out
+            auth_service.end_member_sessions(
+                uow, member_id=member_id, keep=ctx.principal.session_id if own else None
+            )
+        return profile
+
+    return ctx.execute(bind, target=f"member:{member_id}")
 
 
 @router.get(f"{MEMBER}/identity", response_model=IdentityRead)

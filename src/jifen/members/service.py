@@ -454,12 +454,14 @@ def change_state(
 
 def bind_identity(
     uow: UnitOfWork, *, program_id: int, member_id: int, body: IdentityBind
-) -> MemberProfile:
+) -> tuple[MemberProfile, bool]:
     """Bind a resident ID number and a mobile number to the member (real-name verification),
-    each stored as a keyed hash to find it and encrypted to show it."""
+    each stored as a keyed hash to find it and encrypted to show it. Answers the profile and
+    whether the bound phone changed: the phone signs the member in, so the caller ends the
+    member's other sessions then."""
     number = core.check_id_number(body.id_number)
     phone = core.normalise_phone(body.phone)
-    _row(uow, program_id, member_id)
+    before = _row(uow, program_id, member_id)
     _phone_taken(uow, program_id, phone, member_id)
     other = uow.conn.execute(
         select(members.c.id).where(
@@ -482,7 +484,8 @@ def bind_identity(
             verified_at=now, updated_at=now,
         )
     )  # fmt: skip
-    return get_profile(uow, program_id=program_id, member_id=member_id)
+    profile = get_profile(uow, program_id=program_id, member_id=member_id)
+    return profile, before.phone_hash != keyed_hash(phone)
 
 
 def identity(uow: UnitOfWork, *, program_id: int, member_id: int) -> IdentityRead:
