@@ -273,6 +273,35 @@ def test_a_new_phone_ends_the_members_other_sessions(client: TestClient, db: Dat
     assert not signed_in(phone)
 
 
+def test_an_api_key_sets_no_tags_and_a_birthday_only_while_none_is_set(
+    client: TestClient, db: Database
+) -> None:
+    """Earning rules read both (vip, birthday month): any merchant's till could otherwise
+    give any member of the programme a multiplier."""
+    club = Club(client, db)
+    member_id = club.register("T1")["id"]
+    till = support.api_key(db, club.program.id, merchant="shop-B")
+
+    def patch(body: dict[str, Any], headers: dict[str, str]) -> Any:
+        return client.patch(club.url(member_id), json=body, headers={**headers, **support.key()})
+
+    for tags in (["vip"], []):
+        refused = patch({"tags": tags, "name": "Lu"}, till)
+        assert refused.status_code == 403 and "tags" in refused.json()["detail"]
+    assert patch({"birthday": "1990-03-03", "name": "Lu"}, till).status_code == 200
+    assert patch({"birthday": "1990-03-03", "region": "上海"}, till).status_code == 200
+    moved = patch({"birthday": "1990-12-06"}, till)
+    assert moved.status_code == 403 and "birthday" in moved.json()["detail"]
+    assert patch({"birthday": "1990-12-06", "tags": ["vip"]}, club.operator).status_code == 200
+    profile = client.get(club.url(member_id), headers=club.operator).json()
+    assert (profile["name"], profile["region"], profile["birthday"], profile["tags"]) == (
+        "Lu",
+        "上海",
+        "1990-12-06",
+        ["vip"],
+    )
+
+
 def test_a_phone_or_id_number_in_other_digits_than_ascii_is_refused(
     client: TestClient, db: Database
 ) -> None:

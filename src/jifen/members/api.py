@@ -98,12 +98,14 @@ def update_member(
     body: MemberUpdate,
     ctx: Annotated[Context, Depends(Write("members.write"))],
 ) -> JSONResponse:
-    """Change profile fields. Any other field (state, phone, tier, balance) is refused."""
+    """Change profile fields. Any other field (state, phone, tier, balance) is refused. What
+    the earning rules read is staff's to change: a member or an API key gives the birthday
+    only while none is set; a member cannot change its tags, a key cannot set them."""
 
     def update(uow: UnitOfWork) -> MemberProfile:
         before, after = service.update_profile(
             uow, program_id=ctx.program_id, member_id=member_id, body=body,
-            by_member=ctx.principal.kind == "member",
+            by=ctx.principal.kind,
         )  # fmt: skip
         ctx.audit_before = _masked(before)
         return after

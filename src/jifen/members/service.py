@@ -361,28 +361,52 @@ def register(uow: UnitOfWork, *, program_id: int, body: MemberCreate) -> MemberP
 
 
 def update_profile(
-    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate, by_member: bool = False
+    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate, by: str = "staff"
 ) -> tuple[MemberProfile, MemberProfile]:
-    """Change the fields given; answers (before, after). A member changing its own profile
-    (``by_member``) sets no tags and gives its birthday once: the earning rules read both
-    (a tag such as vip, a birthday-month multiplier), so only staff change them after."""
+    """Change the fields given; answers (before, after). ``by`` is who asks: ``"staff"``,
+    the member itself (``"member"``) or an API key (``"key"``); see :func:`_check_rule_facts`
+    for what the last two may not change."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     values = body.model_dump(exclude_unset=True)
-    if by_member and "tags" in values and sorted(values["tags"]) != sorted(before.tags):
-        raise Forbidden(
-            problem="A member's tags are set by staff: the earning rules read them.",
-            problem_zh="会员标签由工作人员设置:积分规则会读取标签。",
-        )
-    given = values.get("birthday", before.birthday)
-    if by_member and before.birthday is not None and given != before.birthday:
-        raise Forbidden(
-            problem="A member gives its birthday once; ask staff to correct it.",
-            problem_zh="生日只能由会员填写一次;如需更正请联系工作人员。",
-        )
+    _check_rule_facts(before, values, by)
     if values:
         values["updated_at"] = uow.clock.now()
         uow.conn.execute(members.update().where(members.c.id == member_id).values(**values))
     return before, get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def _check_rule_facts(before: MemberProfile, values: dict[str, Any], by: str) -> None:
+    """Refuse a change of what the earning rules read (a tag such as vip, a birthday-month
+    multiplier) by anyone but staff. The member and a till may give the birthday once;
+    the member may send its tags unchanged; a key may not name tags at all (any merchant's
+    till could otherwise make any member of the programme vip)."""
+    if by == "staff":
+        return
+    if by == "key" and "tags" in values:
+        raise Forbidden(
+            problem="An API key cannot set a member's tags: staff set them, as the earning "
+            "rules read them. Leave tags out.",
+            problem_zh="API 密钥不能设置会员标签:标签由工作人员设置,积分规则会读取标签。"
+            "请不要提交 tags。",
+        )
+    if "tags" in values and sorted(values["tags"]) != sorted(before.tags):
+        raise Forbidden(
+            problem="A member's tags are set by staff: the earning rules read them.",
+            problem_zh="会员标签由工作人员设置:积分规则会读取标签。",
+        )
+    if before.birthday is None or values.get("birthday", before.birthday) == before.birthday:
+        return
+    if by == "key":
+        raise Forbidden(
+            problem="An API key may give a member's birthday only while none is set; the "
+            "member's birthday is set already, and staff correct it.",
+            problem_zh="API 密钥只能在会员尚未填写生日时设置生日;该会员已有生日,"
+            "如需更正请由工作人员修改。",
+        )
+    raise Forbidden(
+        problem="A member gives its birthday once; ask staff to correct it.",
+        problem_zh="生日只能由会员填写一次;如需更正请联系工作人员。",
+    )
 
 
 def list_members(
