@@ -397,3 +397,28 @@ def test_family_groups_show_balances_to_the_main_account_only(
         == 200
     )
     assert client.get(club.url(gran, "/family"), headers=club.operator).json()["members"] == []
+
+
+def test_family_balances_are_shown_only_to_callers_that_may_read_points(
+    client: TestClient, db: Database
+) -> None:
+    """``members.read`` shows who is in a group, not their points: a caller refused
+    ``/points`` gets the group without them (as a member that is not the main account)."""
+    club = Club(client, db)
+    main, kid = club.register("G1")["id"], club.register("G2")["id"]
+    club.post(club.url(kid, "/points/earn"), {"amount": 777})
+    linker = support.api_key(db, club.program.id, permissions=["members.family"])
+    linked = club.put(club.url(main, f"/family/members/{kid}"), headers=linker)
+    assert linked.status_code == 200, linked.text
+    assert [m["points"] for m in linked.json()["members"]] == [None, None]
+    crm = support.api_key(db, club.program.id, permissions=["members.read"])
+    assert client.get(club.url(kid, "/points"), headers=crm).status_code == 403
+    seen = client.get(club.url(kid, "/family"), headers=crm)
+    assert seen.status_code == 200
+    assert [(m["member_id"], m["points"]) for m in seen.json()["members"]] == [
+        (main, None),
+        (kid, None),
+    ]
+    till = support.api_key(db, club.program.id, permissions=["members.read", "points.read"])
+    shown = client.get(club.url(kid, "/family"), headers=till).json()
+    assert [m["points"]["balance"] for m in shown["members"]] == [0, 777]

@@ -192,15 +192,23 @@ def read_identity(
 def get_family(
     program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("members.read"))]
 ) -> FamilyRead:
-    """The member's family group; each member's points are shown to staff and to the
-    group's main account only."""
-    balances = None if ctx.principal.kind == "member" else True
+    """The member's family group; each member's points are shown to the group's main
+    account and to callers that hold ``points.read``, the others see who is in it."""
     return ctx.db.run(
         lambda uow: service.family(
-            uow, program_id=ctx.program_id, member_id=member_id, balances=balances
+            uow, program_id=ctx.program_id, member_id=member_id, balances=_balances(ctx)
         ),
         read_only=True,
     )
+
+
+def _balances(ctx: Context) -> bool | None:
+    """Whether a family answer shows points: only to staff and keys holding ``points.read``
+    (``members.read`` alone does not reach balances, as on the points routes). None for a
+    member: then only the group's main account sees them."""
+    if ctx.principal.kind == "member":
+        return None
+    return ctx.principal.allows("points.read", program_id=ctx.program_id) is not None
 
 
 @router.put(f"{MEMBER}/family/members/{{other_id}}", response_model=FamilyRead)
@@ -215,7 +223,11 @@ def add_to_family(
     sight of another's points by itself; staff link accounts with both members' consent."""
     return ctx.execute(
         lambda uow: service.link_family(
-            uow, program_id=ctx.program_id, main_id=member_id, member_id=other_id
+            uow,
+            program_id=ctx.program_id,
+            main_id=member_id,
+            member_id=other_id,
+            balances=bool(_balances(ctx)),
         ),
         target=f"member:{member_id}",
     )

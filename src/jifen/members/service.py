@@ -556,9 +556,12 @@ def family(
     )
 
 
-def link_family(uow: UnitOfWork, *, program_id: int, main_id: int, member_id: int) -> FamilyRead:
+def link_family(
+    uow: UnitOfWork, *, program_id: int, main_id: int, member_id: int, balances: bool = True
+) -> FamilyRead:
     """Add ``member_id`` to the family group whose main account is ``main_id`` (made the
-    main of a new group if it is in none)."""
+    main of a new group if it is in none); answers the group, with its members' points if
+    ``balances``."""
     if main_id == member_id:
         raise InvalidInput(
             field="member_id",
@@ -599,7 +602,7 @@ def link_family(uow: UnitOfWork, *, program_id: int, main_id: int, member_id: in
             problem=f"Member {member_id} joined another group meanwhile.",
             problem_zh=f"会员 {member_id} 刚加入了其他家庭组。",
         )
-    return family(uow, program_id=program_id, member_id=main_id, balances=True)
+    return family(uow, program_id=program_id, member_id=main_id, balances=balances)
 
 
 def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyRead:
