@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx2 as httpx
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from jifen.api.app import create_app
 from jifen.audit.models import audit_entries
 from jifen.db.uow import Database
 from jifen.members.core import id_check_digit
 from jifen.members.models import members
 from tests.api import support
-from tests.factories import new_program
+from tests.api.conftest import api_settings
+from tests.factories import new_members, new_program
+from tests.points.test_concurrency import run_together
 
 VALID_ID = "11010519491231002X"
 
@@ -422,3 +426,56 @@ def test_family_balances_are_shown_only_to_callers_that_may_read_points(
     till = support.api_key(db, club.program.id, permissions=["members.read", "points.read"])
     shown = client.get(club.url(kid, "/family"), headers=till).json()
     assert [m["points"]["balance"] for m in shown["members"]] == [0, 777]
+
+
+def test_concurrent_duplicates_get_the_answer_a_later_duplicate_gets(pg: Database) -> None:
+    """PostgreSQL: tills registering one customer at once (its reference or its phone), or
+    binding one ID number to two members at once. The losers used to hit the unique index
+    and get 500; each gets 409, or the winner's answer replayed under its own key."""
+    program = new_program(pg)
+    operator = support.staff(pg, "operator", program_id=program.id)
+    base = f"/v1/programs/{program.code}/members"
+    with support.served(create_app(pg, api_settings())) as root, httpx.Client() as http:
+
+        def send(method: str, url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+            keys = [support.key() for _ in bodies]
+            keys[1] = keys[0]  # a client's retry of one request, sent twice at once
+            return run_together(
+                len(bodies),
+                lambda i: http.request(
+                    method, root + url, json=bodies[i], headers={**operator, **keys[i]}
+                ),
+            )
+
+        def assert_one_won(answers: list[httpx.Response], status: int) -> None:
+            assert {a.status_code for a in answers} <= {status, 409}, [a.text for a in answers]
+            assert len({a.text for a in answers if a.status_code == status}) == 1
+            assert {a.json()["code"] for a in answers if a.status_code == 409} <= {
+                "duplicate_reference"
+            }
+            assert (answers[0].status_code, answers[0].text) == (
+                answers[1].status_code,
+                answers[1].text,
+            )
+
+        assert_one_won(send("POST", base, [{"external_ref": "DUP"}] * 6), 201)
+        phones = [{"external_ref": f"P{i}", "phone": "13700001111"} for i in range(6)]
+        phones[1] = phones[0]
+        assert_one_won(send("POST", base, phones), 201)
+        ids = new_members(pg, program.id, 6)
+        binds = [{"id_number": VALID_ID, "phone": f"1360000000{i}"} for i in range(6)]
+        answers = run_together(
+            6,
+            lambda i: http.put(
+                f"{root}{base}/{ids[i]}/identity",
+                json=binds[i],
+                headers={**operator, **support.key()},
+            ),
+        )
+        assert sorted(a.status_code for a in answers) == [200, 409, 409, 409, 409, 409]
+    count = pg.run(
+        lambda uow: uow.conn.execute(
+            select(func.count()).where(members.c.program_id == program.id)
+        ).scalar_one()
+    )
+    assert count == 2 + 6
