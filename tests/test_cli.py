@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import os
 import re
@@ -10,17 +12,21 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from jifen.cli import app
+from jifen.api.app import create_app
+from jifen.cli import _log_config, app
 from jifen.db.migrate import head_revision
 from jifen.db.uow import Database
 from jifen.points import service as points
 from jifen.programs.schemas import ProgramRead
 from jifen.settings import get_settings
+from tests.api import support
+from tests.api.conftest import api_settings
 from tests.factories import new_members, new_program
 
 runner = CliRunner()
@@ -297,6 +303,28 @@ def test_a_birthday_date_out_of_range_and_a_bad_log_level_are_clear_errors(
     assert code == 2 and "outside the years the ledger stores" in output, output
     code, output = jifen(db, "serve", "--log-level", "loud")
     assert code == 2 and "--log-level: give one of critical" in output, output
+
+
+def test_the_served_access_log_hides_query_values(db: Database) -> None:
+    """A member search by phone carries the number in the query string; ``jifen serve``'s
+    access log used to write it in clear."""
+    program = new_program(db)
+    operator = support.staff(db, "operator", program_id=program.id)
+    written = io.StringIO()
+    config = _log_config()
+    config["handlers"]["access"]["stream"] = written
+    search = f"/v1/programs/{program.code}/members?phone=13912345678&limit=5"
+    with support.served(
+        create_app(db, api_settings()), log_config=config, log_level="info"
+    ) as base:
+        url = urlsplit(base)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+        conn.request("GET", search, headers=operator)
+        assert conn.getresponse().status == 200
+        conn.close()
+    line = written.getvalue()
+    assert f"GET /v1/programs/{program.code}/members?phone=***&limit=*** HTTP/1.1" in line
+    assert "13912345678" not in line
 
 
 @pytest.mark.parametrize(

@@ -74,10 +74,10 @@ def api_key(
 
 
 @contextmanager
-def served(app: Any) -> Iterator[str]:
-    """``app`` served by uvicorn on a free local port, as ``jifen serve`` serves it: its
-    base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
+def served(app: Any, **options: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on a free local port, as ``jifen serve`` serves it (with
+    uvicorn's ``options``, such as its logging): its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, **{"log_level": "error", **options})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -18,6 +18,7 @@ from jifen.auth.models import api_keys, one_time_codes, staff_users
 from jifen.clock import ManualClock
 from jifen.crypto import keyed_hash
 from jifen.db.uow import Database, UnitOfWork
+from jifen.members import service as members_service
 from jifen.members.models import members
 from jifen.notify.models import outbox
 from jifen.notify.sms import OutboxSmsProvider, SmsMessage
@@ -533,6 +534,60 @@ def test_members_sign_in_with_a_one_time_code_sent_by_sms(
         "/v1/auth/members/codes", json={"program": program.code, "phone": "13900000000"}
     )
     assert unknown.status_code == 202 and len(sms.sent) == 1
+
+
+def test_a_phone_number_signs_in_its_bound_member_never_one_whose_reference_it_is(
+    app_client: TestClient, db: Database, sms: RecordingSms
+) -> None:
+    """A till registers a member under another member's phone number as its reference (or
+    a number is recycled): the number still signs in the member it is bound to. Codes go
+    by the bound phone only; a password sign-in takes the bound phone first."""
+    program = new_program(db)
+    owner, lookalike = (
+        db.run(
+            lambda uow, ref=ref: (
+                members_service.register_member(uow, program_id=program.id, external_ref=ref).id
+            )
+        )
+        for ref in ("A-1", "13800000001")
+    )
+    _bind_phone(db, owner, "13800000001")
+    for member_id, password in ((owner, "owner pass 1"), (lookalike, "lookalike 1")):
+        db.run(
+            lambda uow, m=member_id, p=password: auth.set_member_password(
+                uow, member_id=m, password=p
+            )
+        )
+    ask = {"program": program.code, "phone": "13800000001"}
+    assert app_client.post("/v1/auth/members/codes", json=ask).status_code == 202
+    signed_in = app_client.post(
+        "/v1/auth/members/sign-in-with-code", json={**ask, "code": sms.sent[-1].secret}
+    )
+    assert signed_in.status_code == 200 and signed_in.json()["subject_id"] == owner
+
+    def sign_in(login: str, password: str) -> Any:
+        return app_client.post(
+            "/v1/auth/members/sign-in",
+            json={"program": program.code, "login": login, "password": password},
+        )
+
+    assert sign_in("13800000001", "owner pass 1").json()["subject_id"] == owner
+    assert sign_in("13800000001", "lookalike 1").status_code == 401
+    # a reference that looks like a phone but is no one's bound phone: no code is sent...
+    other = db.run(
+        lambda uow: (
+            members_service.register_member(
+                uow, program_id=program.id, external_ref="13900000009"
+            ).id
+        )
+    )
+    db.run(lambda uow: auth.set_member_password(uow, member_id=other, password="other pass 1"))
+    sent = len(sms.sent)
+    ask = {"program": program.code, "phone": "13900000009"}
+    assert app_client.post("/v1/auth/members/codes", json=ask).status_code == 202
+    assert len(sms.sent) == sent
+    # ...but it still names its member in a password sign-in
+    assert sign_in("13900000009", "other pass 1").json()["subject_id"] == other
 
 
 def test_a_one_time_code_is_spent_by_five_wrong_guesses_or_by_time(

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx2 as httpx
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from jifen.api.app import create_app
 from jifen.audit.models import audit_entries
 from jifen.db.uow import Database
 from jifen.members.core import id_check_digit
 from jifen.members.models import members
 from tests.api import support
-from tests.factories import new_program
+from tests.api.conftest import api_settings
+from tests.factories import new_members, new_program
+from tests.points.test_concurrency import run_together
 
 VALID_ID = "11010519491231002X"
 
@@ -226,6 +230,109 @@ def test_real_name_binding_is_checked_masked_and_shown_in_full_only_with_pii(
     assert all("13800138000" not in json.dumps(entry.after) for entry in logged)
 
 
+def test_an_api_key_cannot_bind_a_members_phone_or_id_number(
+    client: TestClient, db: Database
+) -> None:
+    """A till that could would bind its own phone to any member and sign in as it with a
+    texted code."""
+    club = Club(client, db)
+    till = support.api_key(db, club.program.id, merchant="shop-B")
+    registered = club.post(club.base, {"external_ref": "K1", "phone": "13900000001"}, till)
+    assert registered.status_code == 201, registered.text  # registering with a phone: fine
+    member_id = registered.json()["id"]
+    for phone in ("13612345678", "13900000001"):  # another number, or the same
+        taken = club.put(
+            club.url(member_id, "/identity"), {"id_number": VALID_ID, "phone": phone}, till
+        )
+        assert taken.status_code == 403 and taken.json()["code"] == "forbidden"
+        assert "API key" in taken.json()["detail"]
+    zh = club.put(
+        club.url(member_id, "/identity"),
+        {"id_number": VALID_ID, "phone": "13612345678"},
+        {**till, "Accept-Language": "zh-CN"},
+    )
+    assert "API 密钥" in zh.json()["detail"]
+    profile = client.get(club.url(member_id), headers=club.operator).json()
+    assert (profile["phone"], profile["id_number"]) == ("139****0001", None)
+
+
+def test_a_new_phone_ends_the_members_other_sessions(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    member_id = club.register("N1", phone="13900000001")["id"]
+    identity = club.url(member_id, "/identity")
+    phone, tablet = support.member(db, member_id), support.member(db, member_id)
+
+    def signed_in(headers: dict[str, str]) -> bool:
+        return client.get("/v1/auth/me", headers=headers).status_code == 200
+
+    # bound again with the same phone: nobody is signed out
+    assert club.put(identity, {"id_number": VALID_ID, "phone": "13900000001"}).status_code == 200
+    assert signed_in(phone) and signed_in(tablet)
+    # the member binds a new number from its phone: its tablet is signed out, not its phone
+    own = club.put(identity, {"id_number": VALID_ID, "phone": "13900000002"}, phone)
+    assert own.status_code == 200, own.text
+    assert signed_in(phone) and not signed_in(tablet)
+    # staff bind another: the member is signed out everywhere
+    assert club.put(identity, {"id_number": VALID_ID, "phone": "13900000003"}).status_code == 200
+    assert not signed_in(phone)
+
+
+def test_an_api_key_sets_no_tags_and_a_birthday_only_while_none_is_set(
+    client: TestClient, db: Database
+) -> None:
+    """Earning rules read both (vip, birthday month): any merchant's till could otherwise
+    give any member of the programme a multiplier."""
+    club = Club(client, db)
+    member_id = club.register("T1")["id"]
+    till = support.api_key(db, club.program.id, merchant="shop-B")
+
+    def patch(body: dict[str, Any], headers: dict[str, str]) -> Any:
+        return client.patch(club.url(member_id), json=body, headers={**headers, **support.key()})
+
+    for tags in (["vip"], []):
+        refused = patch({"tags": tags, "name": "Lu"}, till)
+        assert refused.status_code == 403 and "tags" in refused.json()["detail"]
+    assert patch({"birthday": "1990-03-03", "name": "Lu"}, till).status_code == 200
+    assert patch({"birthday": "1990-03-03", "region": "上海"}, till).status_code == 200
+    moved = patch({"birthday": "1990-12-06"}, till)
+    assert moved.status_code == 403 and "birthday" in moved.json()["detail"]
+    assert patch({"birthday": "1990-12-06", "tags": ["vip"]}, club.operator).status_code == 200
+    profile = client.get(club.url(member_id), headers=club.operator).json()
+    assert (profile["name"], profile["region"], profile["birthday"], profile["tags"]) == (
+        "Lu",
+        "上海",
+        "1990-12-06",
+        ["vip"],
+    )
+
+
+def test_a_phone_or_id_number_in_other_digits_than_ascii_is_refused(
+    client: TestClient, db: Database
+) -> None:
+    """Written in fullwidth digits, a number bound already would hash differently and be
+    bound a second time."""
+    club = Club(client, db)
+    fullwidth = str.maketrans("0123456789", "０１２３４５６７８９")
+    first = club.register("U1", phone="13800138000")["id"]
+    assert (
+        club.put(
+            club.url(first, "/identity"), {"id_number": VALID_ID, "phone": "13800138000"}
+        ).status_code
+        == 200
+    )
+    again = club.post(
+        club.base, {"external_ref": "U2", "phone": "13800138000".translate(fullwidth)}
+    )
+    assert again.status_code == 422 and again.json()["errors"][0]["field"] == "phone"
+    second = club.register("U3")["id"]
+    bound = club.put(
+        club.url(second, "/identity"),
+        {"id_number": VALID_ID[:17].translate(fullwidth) + "X", "phone": "13700137000"},
+    )
+    assert bound.status_code == 422 and bound.json()["errors"][0]["field"] == "id_number"
+    assert "0-9" in bound.json()["errors"][0]["message"]
+
+
 def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     mine, theirs = club.register("A1")["id"], club.register("A2")["id"]
@@ -294,3 +401,81 @@ def test_family_groups_show_balances_to_the_main_account_only(
         == 200
     )
     assert client.get(club.url(gran, "/family"), headers=club.operator).json()["members"] == []
+
+
+def test_family_balances_are_shown_only_to_callers_that_may_read_points(
+    client: TestClient, db: Database
+) -> None:
+    """``members.read`` shows who is in a group, not their points: a caller refused
+    ``/points`` gets the group without them (as a member that is not the main account)."""
+    club = Club(client, db)
+    main, kid = club.register("G1")["id"], club.register("G2")["id"]
+    club.post(club.url(kid, "/points/earn"), {"amount": 777})
+    linker = support.api_key(db, club.program.id, permissions=["members.family"])
+    linked = club.put(club.url(main, f"/family/members/{kid}"), headers=linker)
+    assert linked.status_code == 200, linked.text
+    assert [m["points"] for m in linked.json()["members"]] == [None, None]
+    crm = support.api_key(db, club.program.id, permissions=["members.read"])
+    assert client.get(club.url(kid, "/points"), headers=crm).status_code == 403
+    seen = client.get(club.url(kid, "/family"), headers=crm)
+    assert seen.status_code == 200
+    assert [(m["member_id"], m["points"]) for m in seen.json()["members"]] == [
+        (main, None),
+        (kid, None),
+    ]
+    till = support.api_key(db, club.program.id, permissions=["members.read", "points.read"])
+    shown = client.get(club.url(kid, "/family"), headers=till).json()
+    assert [m["points"]["balance"] for m in shown["members"]] == [0, 777]
+
+
+def test_concurrent_duplicates_get_the_answer_a_later_duplicate_gets(pg: Database) -> None:
+    """PostgreSQL: tills registering one customer at once (its reference or its phone), or
+    binding one ID number to two members at once. The losers used to hit the unique index
+    and get 500; each gets 409, or the winner's answer replayed under its own key."""
+    program = new_program(pg)
+    operator = support.staff(pg, "operator", program_id=program.id)
+    base = f"/v1/programs/{program.code}/members"
+    with support.served(create_app(pg, api_settings())) as root, httpx.Client() as http:
+
+        def send(method: str, url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+            keys = [support.key() for _ in bodies]
+            keys[1] = keys[0]  # a client's retry of one request, sent twice at once
+            return run_together(
+                len(bodies),
+                lambda i: http.request(
+                    method, root + url, json=bodies[i], headers={**operator, **keys[i]}
+                ),
+            )
+
+        def assert_one_won(answers: list[httpx.Response], status: int) -> None:
+            assert {a.status_code for a in answers} <= {status, 409}, [a.text for a in answers]
+            assert len({a.text for a in answers if a.status_code == status}) == 1
+            assert {a.json()["code"] for a in answers if a.status_code == 409} <= {
+                "duplicate_reference"
+            }
+            assert (answers[0].status_code, answers[0].text) == (
+                answers[1].status_code,
+                answers[1].text,
+            )
+
+        assert_one_won(send("POST", base, [{"external_ref": "DUP"}] * 6), 201)
+        phones = [{"external_ref": f"P{i}", "phone": "13700001111"} for i in range(6)]
+        phones[1] = phones[0]
+        assert_one_won(send("POST", base, phones), 201)
+        ids = new_members(pg, program.id, 6)
+        binds = [{"id_number": VALID_ID, "phone": f"1360000000{i}"} for i in range(6)]
+        answers = run_together(
+            6,
+            lambda i: http.put(
+                f"{root}{base}/{ids[i]}/identity",
+                json=binds[i],
+                headers={**operator, **support.key()},
+            ),
+        )
+        assert sorted(a.status_code for a in answers) == [200, 409, 409, 409, 409, 409]
+    count = pg.run(
+        lambda uow: uow.conn.execute(
+            select(func.count()).where(members.c.program_id == program.id)
+        ).scalar_one()
+    )
+    assert count == 2 + 6

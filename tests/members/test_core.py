@@ -75,6 +75,26 @@ def test_a_phone_number_that_is_not_a_mobile_is_refused(written: str) -> None:
         core.normalise_phone(written)
 
 
+FULLWIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
+ARABIC_INDIC = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+
+
+@pytest.mark.parametrize("digits", [FULLWIDTH, ARABIC_INDIC])
+def test_a_number_written_with_other_digits_than_ascii_is_refused(digits: dict[int, int]) -> None:
+    """Such a number would hash differently from the same number in 0-9: a second account
+    for one phone or one person."""
+    phone = "1" + "3800138000".translate(digits)
+    assert core.normalise_phone_or_none(phone) is None
+    with pytest.raises(InvalidInput) as refused:
+        core.normalise_phone(phone)
+    english, chinese = refused.value.message("en"), refused.value.message("zh")
+    assert english.startswith("phone: ") and "0-9" in english and "半角数字" in chinese
+    with pytest.raises(InvalidInput) as refused:
+        core.check_id_number(VALID_ID[:17].translate(digits) + "X")
+    english = refused.value.message("en")
+    assert english.startswith("id_number: ") and "0-9" in english
+
+
 def test_masks_keep_only_the_ends() -> None:
     assert core.mask_phone("13800138000") == "138****8000"
     assert core.mask_id_number(VALID_ID) == "1101**********002X"

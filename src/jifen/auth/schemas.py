@@ -65,7 +65,8 @@ class StaffSignIn(RequestBody):
 class MemberSignIn(RequestBody):
     program: ProgramCode
     login: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
-    """The member's reference (card number) or its bound phone number."""
+    """The member's bound phone number or its reference (card number); a phone number bound
+    to a member names that member, even if it is another member's reference."""
     password: AnyPassword
 
 

@@ -571,7 +571,8 @@ def set_member_password(
 
 
 def member_sign_in(uow: UnitOfWork, *, program_id: int, login: str, password: str) -> SignInOutcome:
-    """Check a member's password; the login is its reference or its bound phone number."""
+    """Check a member's password; the login is its bound phone number or, when it is no
+    member's bound phone, its reference (see :func:`members_service.find_by_login`)."""
     now = uow.clock.now()
     member_id = members_service.find_by_login(uow, program_id=program_id, login=login)
     row = None
@@ -608,7 +609,7 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
     number = members_core.normalise_phone(phone)
     now = uow.clock.now()
     expires_at = now + CODE_VALID_FOR
-    member_id = members_service.find_by_login(uow, program_id=program_id, login=number)
+    member_id = members_service.find_by_phone(uow, program_id=program_id, phone=number)
     if member_id is None:
         return expires_at
     last = uow.conn.execute(
@@ -644,7 +645,7 @@ def code_sign_in(uow: UnitOfWork, *, program_id: int, phone: str, code: str) -> 
     member_id = (
         None
         if number is None
-        else members_service.find_by_login(uow, program_id=program_id, login=number)
+        else members_service.find_by_phone(uow, program_id=program_id, phone=number)
     )
     if member_id is None:
         return SignInOutcome(error=_WRONG_CODE)

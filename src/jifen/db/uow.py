@@ -47,6 +47,15 @@ RACE_CONSTRAINTS = (
     "reward_orders.program_id, reward_orders.idempotency_key",
     "uq_reward_orders_program_id_payment_ref",  # one payment sent for two redemptions at once
     "reward_orders.program_id, reward_orders.payment_ref",
+    # Two tills registering one customer at once (its reference or its phone), one phone or
+    # ID number bound to two members at once: run again, the loser's check refuses it as
+    # a duplicate (409), as it refuses one sent after.
+    "uq_members_program_id_external_ref",
+    "members.program_id, members.external_ref",
+    "uq_members_program_id_phone_hash",
+    "members.program_id, members.phone_hash",
+    "uq_members_program_id_id_number_hash",
+    "members.program_id, members.id_number_hash",
 )
 
 

@@ -16,6 +16,7 @@ from jifen.api.deps import Context, Read, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
+from jifen.errors import Forbidden
 from jifen.members import core, service
 from jifen.members.schemas import (
     FamilyRead,
@@ -97,12 +98,14 @@ def update_member(
     body: MemberUpdate,
     ctx: Annotated[Context, Depends(Write("members.write"))],
 ) -> JSONResponse:
-    """Change profile fields. Any other field (state, phone, tier, balance) is refused."""
+    """Change profile fields. Any other field (state, phone, tier, balance) is refused. What
+    the earning rules read is staff's to change: a member or an API key gives the birthday
+    only while none is set; a member cannot change its tags, a key cannot set them."""
 
     def update(uow: UnitOfWork) -> MemberProfile:
         before, after = service.update_profile(
             uow, program_id=ctx.program_id, member_id=member_id, body=body,
-            by_member=ctx.principal.kind == "member",
+            by=ctx.principal.kind,
         )  # fmt: skip
         ctx.audit_before = _masked(before)
         return after
@@ -140,13 +143,31 @@ def bind_identity(
     ctx: Annotated[Context, Depends(Write("members.write"))],
 ) -> JSONResponse:
     """Real-name binding: a resident ID number (its check character is verified) and a
-    mobile number, each unique in the programme. The answer shows them masked."""
-    return ctx.execute(
-        lambda uow: service.bind_identity(
+    mobile number, each unique in the programme. The answer shows them masked.
+
+    The member binds its own numbers, or staff do; an API key may not (a till that could
+    would bind its own phone to any member and sign in as it with a texted code). When the
+    bound phone changes, every other session of the member ends."""
+    if ctx.principal.kind == "key":
+        raise Forbidden(
+            problem="An API key cannot bind or change a member's phone or ID number: the "
+            "member does it in its app, or staff do.",
+            problem_zh="API 密钥不能绑定或更改会员的手机号或证件号码:由会员本人在应用中操作,"
+            "或由工作人员办理。",
+        )
+    own = ctx.principal.kind == "member"
+
+    def bind(uow: UnitOfWork) -> MemberProfile:
+        profile, phone_changed = service.bind_identity(
             uow, program_id=ctx.program_id, member_id=member_id, body=body
-        ),
-        target=f"member:{member_id}",
-    )
+        )
+        if phone_changed:  # whoever signed in through the old number is signed out
+            auth_service.end_member_sessions(
+                uow, member_id=member_id, keep=ctx.principal.session_id if own else None
+            )
+        return profile
+
+    return ctx.execute(bind, target=f"member:{member_id}")
 
 
 @router.get(f"{MEMBER}/identity", response_model=IdentityRead)
@@ -171,15 +192,23 @@ def read_identity(
 def get_family(
     program: str, member_id: Id, ctx: Annotated[Context, Depends(Read("members.read"))]
 ) -> FamilyRead:
-    """The member's family group; each member's points are shown to staff and to the
-    group's main account only."""
-    balances = None if ctx.principal.kind == "member" else True
+    """The member's family group; each member's points are shown to the group's main
+    account and to callers that hold ``points.read``, the others see who is in it."""
     return ctx.db.run(
         lambda uow: service.family(
-            uow, program_id=ctx.program_id, member_id=member_id, balances=balances
+            uow, program_id=ctx.program_id, member_id=member_id, balances=_balances(ctx)
         ),
         read_only=True,
     )
+
+
+def _balances(ctx: Context) -> bool | None:
+    """Whether a family answer shows points: only to staff and keys holding ``points.read``
+    (``members.read`` alone does not reach balances, as on the points routes). None for a
+    member: then only the group's main account sees them."""
+    if ctx.principal.kind == "member":
+        return None
+    return ctx.principal.allows("points.read", program_id=ctx.program_id) is not None
 
 
 @router.put(f"{MEMBER}/family/members/{{other_id}}", response_model=FamilyRead)
@@ -194,7 +223,11 @@ def add_to_family(
     sight of another's points by itself; staff link accounts with both members' consent."""
     return ctx.execute(
         lambda uow: service.link_family(
-            uow, program_id=ctx.program_id, main_id=member_id, member_id=other_id
+            uow,
+            program_id=ctx.program_id,
+            main_id=member_id,
+            member_id=other_id,
+            balances=bool(_balances(ctx)),
         ),
         target=f"member:{member_id}",
     )

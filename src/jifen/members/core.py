@@ -8,6 +8,8 @@ from datetime import date
 from jifen.errors import InvalidInput
 
 _NOT_DIGITS = re.compile(r"[\s().-]")
+_PHONE = re.compile(r"1[0-9]{10}")
+_ID_NUMBER = re.compile(r"[0-9]{17}[0-9X]")
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
 
@@ -26,6 +28,7 @@ FAMILY_SIZE = 8
 
 def normalise_phone(phone: str) -> str:
     """A mainland mobile number as its 11 digits (``+86 138 0013 8000`` → ``13800138000``)."""
+    _ascii_digits_only("phone", phone)
     found = normalise_phone_or_none(phone)
     if found is None:
         raise InvalidInput(
@@ -38,6 +41,9 @@ def normalise_phone(phone: str) -> str:
 
 
 def normalise_phone_or_none(phone: str) -> str | None:
+    """The 11 digits, or None. Only ASCII digits count: ``str.isdigit`` would take fullwidth
+    or Arabic-Indic ones, and the same number so written would hash differently (bound to a
+    second account, missed by a search, unusable for SMS)."""
     digits = _NOT_DIGITS.sub("", phone.strip())
     if digits.startswith("+86"):
         digits = digits[3:]
@@ -45,9 +51,18 @@ def normalise_phone_or_none(phone: str) -> str | None:
         digits = digits[4:]
     elif len(digits) == 13 and digits.startswith("86"):
         digits = digits[2:]
-    if len(digits) == 11 and digits.isdigit() and digits.startswith("1"):
-        return digits
-    return None
+    return digits if _PHONE.fullmatch(digits) else None
+
+
+def _ascii_digits_only(field: str, value: str) -> None:
+    """Refuse a number written with digits other than 0-9 (fullwidth ``１``, Arabic-Indic
+    ``١``...), saying so: the general form message would leave the sender puzzled."""
+    if any(char.isdigit() and not "0" <= char <= "9" for char in value):
+        raise InvalidInput(
+            field=field,
+            problem="write the digits as 0-9 (ASCII), not fullwidth or other scripts' digits",
+            problem_zh="请使用半角数字 0-9 填写,不要使用全角或其他文字的数字",
+        )
 
 
 def id_check_digit(first17: str) -> str:
@@ -58,13 +73,13 @@ def id_check_digit(first17: str) -> str:
 def check_id_number(value: str) -> str:
     """An 18-character PRC resident ID number, upper-cased; refused with the reason when its
     form, birth date or check character is wrong."""
+    _ascii_digits_only("id_number", value)
     number = value.strip().upper()
 
     def refuse(problem: str, problem_zh: str) -> InvalidInput:
         return InvalidInput(field="id_number", problem=problem, problem_zh=problem_zh)
 
-    last = number[17:]
-    if len(number) != 18 or not number[:17].isdigit() or not (last.isdigit() or last == "X"):
+    if not _ID_NUMBER.fullmatch(number):
         raise refuse(
             "give the 18 characters of a resident ID: 17 digits, then a digit or X",
             "请填写 18 位居民身份证号:前 17 位为数字,最后一位为数字或 X",

@@ -301,23 +301,34 @@ def contacts(
     }
 
 
-def find_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
-    """The member whose external reference, or bound phone number, is ``login``."""
+def find_by_phone(uow: UnitOfWork, *, program_id: int, phone: str) -> int | None:
+    """The member whose bound phone is ``phone`` (normalised): who a texted code is for. A
+    member's reference never counts, whatever it looks like: a reference equal to someone's
+    number would sign its holder in as another member."""
     found = uow.conn.execute(
+        select(members.c.id).where(
+            members.c.program_id == program_id, members.c.phone_hash == keyed_hash(phone)
+        )
+    ).scalar()
+    return int(found) if found is not None else None
+
+
+def find_by_login(uow: UnitOfWork, *, program_id: int, login: str) -> int | None:
+    """The member a password sign-in names: the one whose bound phone is ``login``, else the
+    one whose external reference it is. The bound phone comes first, so a reference that
+    happens to be a member's number (a recycled number, a till that registered a member
+    under it) cannot capture that member's sign-in."""
+    phone = core.normalise_phone_or_none(login)
+    if phone is not None:
+        found = find_by_phone(uow, program_id=program_id, phone=phone)
+        if found is not None:
+            return found
+    ref = uow.conn.execute(
         select(members.c.id).where(
             members.c.program_id == program_id, members.c.external_ref == login
         )
     ).scalar()
-    if found is None:
-        phone = core.normalise_phone_or_none(login)
-        if phone is not None:
-            found = uow.conn.execute(
-                select(members.c.id).where(
-                    members.c.program_id == program_id,
-                    members.c.phone_hash == keyed_hash(phone),
-                )
-            ).scalar()
-    return int(found) if found is not None else None
+    return int(ref) if ref is not None else None
 
 
 def get_profile(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberProfile:
@@ -350,28 +361,52 @@ def register(uow: UnitOfWork, *, program_id: int, body: MemberCreate) -> MemberP
 
 
 def update_profile(
-    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate, by_member: bool = False
+    uow: UnitOfWork, *, program_id: int, member_id: int, body: MemberUpdate, by: str = "staff"
 ) -> tuple[MemberProfile, MemberProfile]:
-    """Change the fields given; answers (before, after). A member changing its own profile
-    (``by_member``) sets no tags and gives its birthday once: the earning rules read both
-    (a tag such as vip, a birthday-month multiplier), so only staff change them after."""
+    """Change the fields given; answers (before, after). ``by`` is who asks: ``"staff"``,
+    the member itself (``"member"``) or an API key (``"key"``); see :func:`_check_rule_facts`
+    for what the last two may not change."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     values = body.model_dump(exclude_unset=True)
-    if by_member and "tags" in values and sorted(values["tags"]) != sorted(before.tags):
-        raise Forbidden(
-            problem="A member's tags are set by staff: the earning rules read them.",
-            problem_zh="会员标签由工作人员设置:积分规则会读取标签。",
-        )
-    given = values.get("birthday", before.birthday)
-    if by_member and before.birthday is not None and given != before.birthday:
-        raise Forbidden(
-            problem="A member gives its birthday once; ask staff to correct it.",
-            problem_zh="生日只能由会员填写一次;如需更正请联系工作人员。",
-        )
+    _check_rule_facts(before, values, by)
     if values:
         values["updated_at"] = uow.clock.now()
         uow.conn.execute(members.update().where(members.c.id == member_id).values(**values))
     return before, get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def _check_rule_facts(before: MemberProfile, values: dict[str, Any], by: str) -> None:
+    """Refuse a change of what the earning rules read (a tag such as vip, a birthday-month
+    multiplier) by anyone but staff. The member and a till may give the birthday once;
+    the member may send its tags unchanged; a key may not name tags at all (any merchant's
+    till could otherwise make any member of the programme vip)."""
+    if by == "staff":
+        return
+    if by == "key" and "tags" in values:
+        raise Forbidden(
+            problem="An API key cannot set a member's tags: staff set them, as the earning "
+            "rules read them. Leave tags out.",
+            problem_zh="API 密钥不能设置会员标签:标签由工作人员设置,积分规则会读取标签。"
+            "请不要提交 tags。",
+        )
+    if "tags" in values and sorted(values["tags"]) != sorted(before.tags):
+        raise Forbidden(
+            problem="A member's tags are set by staff: the earning rules read them.",
+            problem_zh="会员标签由工作人员设置:积分规则会读取标签。",
+        )
+    if before.birthday is None or values.get("birthday", before.birthday) == before.birthday:
+        return
+    if by == "key":
+        raise Forbidden(
+            problem="An API key may give a member's birthday only while none is set; the "
+            "member's birthday is set already, and staff correct it.",
+            problem_zh="API 密钥只能在会员尚未填写生日时设置生日;该会员已有生日,"
+            "如需更正请由工作人员修改。",
+        )
+    raise Forbidden(
+        problem="A member gives its birthday once; ask staff to correct it.",
+        problem_zh="生日只能由会员填写一次;如需更正请联系工作人员。",
+    )
 
 
 def list_members(
@@ -443,12 +478,14 @@ def change_state(
 
 def bind_identity(
     uow: UnitOfWork, *, program_id: int, member_id: int, body: IdentityBind
-) -> MemberProfile:
+) -> tuple[MemberProfile, bool]:
     """Bind a resident ID number and a mobile number to the member (real-name verification),
-    each stored as a keyed hash to find it and encrypted to show it."""
+    each stored as a keyed hash to find it and encrypted to show it. Answers the profile and
+    whether the bound phone changed: the phone signs the member in, so the caller ends the
+    member's other sessions then."""
     number = core.check_id_number(body.id_number)
     phone = core.normalise_phone(body.phone)
-    _row(uow, program_id, member_id)
+    before = _row(uow, program_id, member_id)
     _phone_taken(uow, program_id, phone, member_id)
     other = uow.conn.execute(
         select(members.c.id).where(
@@ -471,7 +508,8 @@ def bind_identity(
             verified_at=now, updated_at=now,
         )
     )  # fmt: skip
-    return get_profile(uow, program_id=program_id, member_id=member_id)
+    profile = get_profile(uow, program_id=program_id, member_id=member_id)
+    return profile, before.phone_hash != keyed_hash(phone)
 
 
 def identity(uow: UnitOfWork, *, program_id: int, member_id: int) -> IdentityRead:
@@ -518,9 +556,12 @@ def family(
     )
 
 
-def link_family(uow: UnitOfWork, *, program_id: int, main_id: int, member_id: int) -> FamilyRead:
+def link_family(
+    uow: UnitOfWork, *, program_id: int, main_id: int, member_id: int, balances: bool = True
+) -> FamilyRead:
     """Add ``member_id`` to the family group whose main account is ``main_id`` (made the
-    main of a new group if it is in none)."""
+    main of a new group if it is in none); answers the group, with its members' points if
+    ``balances``."""
     if main_id == member_id:
         raise InvalidInput(
             field="member_id",
@@ -561,7 +602,7 @@ def link_family(uow: UnitOfWork, *, program_id: int, main_id: int, member_id: in
             problem=f"Member {member_id} joined another group meanwhile.",
             problem_zh=f"会员 {member_id} 刚加入了其他家庭组。",
         )
-    return family(uow, program_id=program_id, member_id=main_id, balances=True)
+    return family(uow, program_id=program_id, member_id=main_id, balances=balances)
 
 
 def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyRead:
