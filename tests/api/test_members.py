@@ -292,6 +292,14 @@ def test_an_api_key_sets_no_tags_and_a_birthday_only_while_none_is_set(
     for tags in (["vip"], []):
         refused = patch({"tags": tags, "name": "Lu"}, till)
         assert refused.status_code == 403 and "tags" in refused.json()["detail"]
+    # nor does a key register a member with tags (without any, it may)
+    register = {**till, **support.key()}
+    born_vip = client.post(
+        club.base, json={"external_ref": "T2", "tags": ["vip"]}, headers=register
+    )
+    assert born_vip.status_code == 403 and "tags" in born_vip.json()["detail"]
+    plain = client.post(club.base, json={"external_ref": "T2"}, headers={**till, **support.key()})
+    assert plain.status_code == 201 and plain.json()["tags"] == []
     assert patch({"birthday": "1990-03-03", "name": "Lu"}, till).status_code == 200
     assert patch({"birthday": "1990-03-03", "region": "上海"}, till).status_code == 200
     moved = patch({"birthday": "1990-12-06"}, till)

@@ -47,7 +47,9 @@ def register(
 ) -> JSONResponse:
     """Register a member and open its points account."""
     return ctx.execute(
-        lambda uow: service.register(uow, program_id=ctx.program_id, body=body),
+        lambda uow: service.register(
+            uow, program_id=ctx.program_id, body=body, by=ctx.principal.kind
+        ),
         target=f"member-ref:{body.external_ref}",
         status=201,
     )

@@ -347,8 +347,13 @@ def _phone_taken(uow: UnitOfWork, program_id: int, phone: str, member_id: int | 
         )
 
 
-def register(uow: UnitOfWork, *, program_id: int, body: MemberCreate) -> MemberProfile:
-    """Register a member with its profile (and phone, if given) and open its account."""
+def register(
+    uow: UnitOfWork, *, program_id: int, body: MemberCreate, by: str = "staff"
+) -> MemberProfile:
+    """Register a member with its profile (and phone, if given) and open its account. An
+    API key (``by="key"``) gives no tags: staff set them (see :func:`_check_rule_facts`).."""
+    if by == "key" and body.tags:
+        raise _key_tags()
     phone = core.normalise_phone(body.phone) if body.phone is not None else None
     if phone is not None:
         _phone_taken(uow, program_id, phone, None)
@@ -375,6 +380,15 @@ def update_profile(
     return before, get_profile(uow, program_id=program_id, member_id=member_id)
 
 
+def _key_tags() -> Forbidden:
+    return Forbidden(
+        problem="An API key cannot set a member's tags: staff set them, as the earning rules "
+        "read them. Leave tags out.",
+        problem_zh="API 密钥不能设置会员标签:标签由工作人员设置,积分规则会读取标签。"
+        "请不要提交 tags。",
+    )
+
+
 def _check_rule_facts(before: MemberProfile, values: dict[str, Any], by: str) -> None:
     """Refuse a change of what the earning rules read (a tag such as vip, a birthday-month
     multiplier) by anyone but staff. The member and a till may give the birthday once;
@@ -383,12 +397,7 @@ def _check_rule_facts(before: MemberProfile, values: dict[str, Any], by: str) ->
     if by == "staff":
         return
     if by == "key" and "tags" in values:
-        raise Forbidden(
-            problem="An API key cannot set a member's tags: staff set them, as the earning "
-            "rules read them. Leave tags out.",
-            problem_zh="API 密钥不能设置会员标签:标签由工作人员设置,积分规则会读取标签。"
-            "请不要提交 tags。",
-        )
+        raise _key_tags()
     if "tags" in values and sorted(values["tags"]) != sorted(before.tags):
         raise Forbidden(
             problem="A member's tags are set by staff: the earning rules read them.",
