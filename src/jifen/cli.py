@@ -791,10 +791,21 @@ RestartOption = Annotated[
         )
     ),
 ]
+MerchantOption = Annotated[
+    str | None,
+    typer.Option(
+        "--merchant",
+        metavar="CODE",
+        help=_h(
+            "The merchant every row's points are posted for (the store is the row's own).",
+            "每行积分所记入的商户(门店取自该行)。",
+        ),
+    ),
+]
 
 
 def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | None,
-            batch: int, restart: bool) -> None:  # fmt: skip
+            batch: int, restart: bool, merchant: str | None = None) -> None:  # fmt: skip
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -833,7 +844,7 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
                 report = imports.run_import(
                     database, program_id=program_id, kind=kind, path=path, source=source,
                     errors_path=errors, batch=batch, restart=restart, progress=show,
-                    language=get_settings().language,
+                    language=get_settings().language, merchant=merchant,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 bar.stop()
@@ -875,8 +886,9 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
 def import_events(
     file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
     errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+    merchant: MerchantOption = None,
 ) -> None:  # fmt: skip
-    _import("events", file, program, source, errors, batch, restart)
+    _import("events", file, program, source, errors, batch, restart, merchant)
 
 
 @import_app.command(
@@ -893,17 +905,19 @@ def import_events(
 def import_orders(
     file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
     errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+    merchant: MerchantOption = None,
 ) -> None:  # fmt: skip
-    _import("orders", file, program, source, errors, batch, restart)
+    _import("orders", file, program, source, errors, batch, restart, merchant)
 
 
 @import_app.command(
     "members",
     help=_h(
         "Members, one per row: external_ref (name, email, birthday, gender, region, tags, "
-        "phone, tier optional); members already there are left as they are.",
+        "phone, tier optional); a row for a member already there must agree with it (an "
+        "existing member is changed through the API or the staff tools).",
         "会员,每行一个:external_ref(name, email, birthday, gender, region, tags, phone, "
-        "tier 可选);已存在的会员保持不变。",
+        "tier 可选);已存在会员的行须与其一致(修改已有会员请通过 API 或员工工具)。",
     ),
 )
 def import_members(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from jifen.errors import InvalidInput
 from jifen.events.models import events
 from jifen.events.schemas import EventIn
 from jifen.imports import service as imports
-from jifen.imports.core import ERROR_COLUMNS, Record, order_records
+from jifen.imports.core import ERROR_COLUMNS, Place, Record, order_records
 from jifen.members import service as members
 from jifen.points import service as points
 from jifen.tiers import service as tiers
@@ -82,7 +82,7 @@ def test_members_with_tiers_and_a_second_run_changes_nothing(db: Database, tmp_p
     assert header == ["external_ref", "name", "birthday", "tags", "tier", *ERROR_COLUMNS]
     assert [row[:8] for row in errors] == [
         ["c3", "", "1990-13-01", "", "", "4", "birthday", "invalid_input"],
-        ["c4", "", "", "", "钻石", "5", "", "unknown_tier"],
+        ["c4", "", "", "", "钻石", "5", "tier", "unknown_tier"],
     ]
     ids = member_ids(db, program.id, ["c1", "c2"])
     tier = db.run(lambda uow: tiers.member_tier(uow, program_id=program.id, member_id=ids["c1"]))
@@ -138,7 +138,7 @@ def test_orders_bad_rows_go_to_the_error_file_and_the_good_ones_in(
     # each rejected row as it was, in the file's order, with its line, column, code, reason
     assert [row[:9] for row in errors] == [
         ["bad1", "c0", "2026-01-01T01:00:00+08:00", "X", "x", "-5",
-         "4", "payload.lines.0.amount_fen", "invalid_input"],
+         "4", "amount_fen", "invalid_input"],
         ["bad2", "nobody", "2026-01-01T01:00:00+08:00", "X", "x", "100",
          "9", "", "unknown_member"],
     ]  # fmt: skip
@@ -173,10 +173,10 @@ def test_an_interrupted_import_resumes_after_what_was_committed(
         imports.run_import(
             db, program_id=program.id, kind="orders", path=path, batch=10, progress=interrupt
         )
-    assert imports.progress_path(path).exists()
+    assert imports.progress_path(path, imports.target_of(db, program.id)).exists()
     report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
     assert (report.resumed_from, report.records, report.accepted) == (10, 30, 20)
-    assert not imports.progress_path(path).exists()
+    assert not imports.progress_path(path, imports.target_of(db, program.id)).exists()
     count = db.run(
         lambda uow: uow.conn.execute(
             select(func.count()).where(events.c.program_id == program.id)
@@ -219,12 +219,12 @@ def test_a_misshapen_order_row_is_rejected_alone(db: Database, tmp_path: Path) -
     activate(db, program.id, "base", RATES)
     ids = setup_members(db, program.id)
     rows = order_rows(2)
-    rows.insert(1, ["short", "c0"])
+    rows.insert(2, ["short", "c0"])  # between two orders, carrying an id of its own
     path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
     report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
     assert (report.records, report.accepted, report.refused) == (3, 2, 1)
     _, rejected = read_csv(tmp_path / "orders.errors.csv")
-    assert rejected[:9] == ["short", "c0", "", "", "", "", "3", "row", "invalid_input"]
+    assert rejected[:9] == ["short", "c0", "", "", "", "", "4", "row", "invalid_input"]
     assert rejected[9].startswith("has 2 fields")
     assert sum(balances(db, ids).values()) == 700
 
@@ -247,7 +247,7 @@ def test_a_line_that_is_not_utf8_stops_the_import_naming_it(db: Database, tmp_pa
     for _ in range(2):  # a second run stops at the same line, applying nothing twice
         with pytest.raises(InvalidInput) as raised:
             imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
-        assert "line 46 is not UTF-8" in str(raised.value)
+        assert "row 46 is not UTF-8" in str(raised.value)
         assert "the 20 records before it are imported" in str(raised.value)
         assert sum(balances(db, ids).values()) == 20 * 350
     assert "第 46 行不是 UTF-8" in raised.value.message("zh")
@@ -272,7 +272,7 @@ def test_an_unwritable_error_file_is_refused_before_anything_is_imported(
                 db, program_id=program.id, kind="orders", path=path, errors_path=errors_path
             )
     assert sum(balances(db, ids).values()) == 0
-    assert not imports.progress_path(path).exists()
+    assert not imports.progress_path(path, imports.target_of(db, program.id)).exists()
 
 
 def test_a_new_member_with_another_members_phone_is_refused_not_skipped(
@@ -284,7 +284,7 @@ def test_a_new_member_with_another_members_phone_is_refused_not_skipped(
     report = imports.run_import(db, program_id=program.id, kind="members", path=path)
     assert (report.accepted, report.replayed, report.refused) == (1, 0, 1)
     errors = (tmp_path / "m.errors.csv").read_text(encoding="utf-8")
-    assert "3,,duplicate_reference,Phone number" in errors
+    assert "3,phone,duplicate_reference,Phone number" in errors
     # Run again: p1 is already there (its phone is its own); p2 is still refused.
     again = imports.run_import(db, program_id=program.id, kind="members", path=path)
     assert (again.accepted, again.replayed, again.refused) == (0, 1, 1)
@@ -301,7 +301,7 @@ def test_an_order_split_over_the_file_is_refused_with_why_in_the_language_asked(
     report = imports.run_import(db, program_id=program.id, kind="orders", path=path, language="zh")
     assert (report.accepted, report.refused) == (2, 1)
     errors = (tmp_path / "orders.errors.csv").read_text(encoding="utf-8")
-    assert "订单 o0 此前已按其他明细或金额导入" in errors and "须相邻" in errors
+    assert "订单 o0 的各行须相邻:该订单始于第 2 行" in errors
     assert sum(balances(db, ids).values()) == 300 + 350
     # Put right and run afresh: the old error file goes, o0 stays as first imported.
     write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(2))
@@ -327,14 +327,16 @@ def test_an_order_whose_lines_disagree_on_pickup_or_source_is_refused(
 ) -> None:
     base = {"order_id": "O1", "member_ref": "m1", "occurred_at": "2026-03-01T10:00:00+00:00",
             "sku": "A", "amount_fen": "100"}  # fmt: skip
-    rows = [(2, {**base, column: values[0]}), (3, {**base, "sku": "B", column: values[1]})]
-    (bad,) = order_records(rows, "csv")
+    rows = [(Place(2, 2), {**base, column: values[0]}),
+            (Place(3, 3), {**base, "sku": "B", column: values[1]})]  # fmt: skip
+    (bad,) = order_records(rows, "csv", UTC)
     assert not isinstance(bad, Record)
     lines, _, error = bad
-    assert lines == (2, 3) and error.column == column
+    assert lines == (Place(2, 2), Place(3, 3)) and error.column == column
     assert "differs between the lines of order O1" in error.reason
     # Said alike in two spellings, a flag agrees.
-    same = [(2, {**base, "pickup": "1"}), (3, {**base, "sku": "B", "pickup": "true"})]
-    (good,) = order_records(same, "csv")
+    same = [(Place(2, 2), {**base, "pickup": "1"}),
+            (Place(3, 3), {**base, "sku": "B", "pickup": "true"})]  # fmt: skip
+    (good,) = order_records(same, "csv", UTC)
     assert isinstance(good, Record) and isinstance(good.request, EventIn)
     assert good.request.payload["pickup"] is True

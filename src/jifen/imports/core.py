@@ -4,11 +4,14 @@ why. Orders arrive one row per line and become one ``order.paid`` event per orde
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from datetime import datetime, tzinfo
+from typing import Any, Literal, NamedTuple
 
+import pydantic_core
 from pydantic import ValidationError
 
 from jifen.errors import field_problem
@@ -41,34 +44,72 @@ class RowError(Exception):
     """A row that cannot be imported; ``column`` and ``reason`` say what to fix
     (``reason_zh``: in Chinese; without it the Chinese repeats ``reason``)."""
 
-    def __init__(self, column: str, reason: str, reason_zh: str | None = None) -> None:
+    def __init__(
+        self, column: str, reason: str, reason_zh: str | None = None, *, at: int | None = None
+    ) -> None:
         super().__init__(f"{column}: {reason}")
         self.column = column
         self.reason = reason
         self.reason_zh = reason_zh or reason
+        self.at = at
+        """Which of the record's rows is at fault (an order's line); None: the record whole."""
 
     def said(self, language: str) -> str:
         return self.reason_zh if language.lower().startswith("zh") else self.reason
 
 
-Row = Mapping[str, str] | Sequence[str]
-"""A row as read: its values by column, or (a row whose fields do not match the header)
-its values in order."""
+class Place(NamedTuple):
+    """Where a row is: its number as a spreadsheet shows it (the header is row 1), which the
+    error file gives, and the text line it starts on, which an editor shows (further on
+    than the row after a quoted field with line breaks)."""
+
+    row: int
+    line: int
+
+    def said(self, language: str) -> str:
+        zh = language.lower().startswith("zh")
+        if self.line == self.row:
+            return f"第 {self.row} 行" if zh else f"row {self.row}"
+        if zh:
+            return f"第 {self.row} 行(文本第 {self.line} 行)"
+        return f"row {self.row} (line {self.line})"
+
+
+@dataclass(frozen=True)
+class Misshapen:
+    """A row whose fields do not match the header's columns, kept as it came (for the error
+    file) with why; ``order_id`` is what it has where the header has ``order_id``, if
+    anything: the order it belongs to."""
+
+    values: tuple[str, ...]
+    error: RowError
+    order_id: str | None = None
+
+
+def misshapen(values: Sequence[str], header: Sequence[str], error: RowError) -> Misshapen:
+    """``values`` as a :class:`Misshapen` row, with the order id it carries, if any."""
+    at = header.index("order_id") if "order_id" in header else len(values)
+    order_id = values[at].strip() if at < len(values) else ""
+    return Misshapen(tuple(values), error, order_id or None)
+
+
+Row = Mapping[str, str] | Misshapen
+"""A row as read: its values by column, or a row whose fields do not match the header."""
 
 
 @dataclass(frozen=True)
 class Record:
-    """One unit of import: the CSV line numbers it came from and the request it makes."""
+    """One unit of import: where in the CSV it came from and the request it makes."""
 
-    lines: tuple[int, ...]
+    lines: tuple[Place, ...]
     request: EventIn | tuple[MemberCreate, str | None]
     """An event, or a member with its tier (or None)."""
     rows: tuple[Row, ...] = ()
     """The rows it was read from, as they were (for the error file)."""
 
 
-BadOrder = tuple[tuple[int, ...], tuple[Row, ...], RowError]
-"""An order that cannot be imported: its lines, its rows and why."""
+BadOrder = tuple[tuple[Place, ...], tuple[Row, ...], RowError]
+"""An order that cannot be imported: its places, its rows and why (``at``: which row)."""
 
 
 def check_header(kind: Kind, header: list[str]) -> None:
@@ -98,26 +139,89 @@ def check_header(kind: Kind, header: list[str]) -> None:
         )  # fmt: skip
 
 
-def _validation(exc: ValidationError, prefix: str = "") -> RowError:
+def _validation(
+    exc: ValidationError, columns: Callable[[str], tuple[str, int | None]] | None = None
+) -> RowError:
+    """The first problem pydantic found, named by the CSV column it comes from (``columns``
+    maps a field of the request to that column and the row at fault; none: the field)."""
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "row"
-    return RowError(prefix + where, *field_problem(first))
+    column, at = columns(where) if columns else (where, None)
+    if column == "occurred_at" and first["type"].endswith("_parsing"):
+        return _not_a_time(str(first["input"]), column)  # with an offset, yet no time
+    return RowError(column, *field_problem(first), at=at)
 
 
-def event_record(line: int, row: Mapping[str, str], default_source: str) -> Record:
-    payload: Any = {}
-    if row.get("payload"):
+_ORDER_COLUMNS = {"external_id": "order_id", "payload.order_id": "order_id",
+                  "payload.store": "store", "payload.channel": "channel",
+                  "payload.pickup": "pickup"}  # fmt: skip
+_ORDER_LINE = re.compile(r"payload\.lines\.(\d+)\.(\w+)")
+
+
+def order_column(field: str) -> tuple[str, int | None]:
+    """The CSV column a field of an ``order.paid`` event comes from, and for a line's field
+    (``payload.lines.1.amount_fen``) which of the order's rows: what the user corrects."""
+    line = _ORDER_LINE.match(field)
+    if line:
+        return line[2], int(line[1])
+    return _ORDER_COLUMNS.get(field, field), None
+
+
+LOCAL_FORMS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M",
+               "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M",
+               "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M")  # fmt: skip
+"""Times without an offset that an import reads in the programme's time zone: ISO 8601 and
+what spreadsheets and tills write (``%m`` and ``%d`` take ``3`` as well as ``03``)."""
+_WITH_OFFSET = re.compile(r"\d[T ]\d\d:\d\d.*(Z|[+-]\d\d(:?\d\d)?)$", re.IGNORECASE)
+
+
+def instant(text: str, zone: tzinfo, column: str = "occurred_at") -> str | datetime:
+    """A time as the request takes it: with its UTC offset, as written (the API reads it);
+    without one, in ``zone``, the programme's own (what a till or spreadsheet exports)."""
+    text = text.strip()
+    if _WITH_OFFSET.search(text):
+        return text
+    for form in LOCAL_FORMS:
         try:
-            payload = json.loads(row["payload"])
-        except ValueError as exc:
-            raise RowError("payload", f"not JSON: {exc}", f"不是 JSON:{exc}") from exc
-        if not isinstance(payload, dict):
-            raise RowError("payload", "must be a JSON object", "须为 JSON 对象")
+            return datetime.strptime(text, form).replace(tzinfo=zone)
+        except ValueError:
+            continue
+    raise _not_a_time(text, column)
+
+
+def _not_a_time(text: str, column: str) -> RowError:
+    return RowError(
+        column,
+        f"{text!r} is not a time: write it with its UTC offset (2026-03-01T10:00:00+08:00) "
+        "or in the programme's time zone as 2026-03-01 10:00, 2026-03-01 10:00:00, "
+        "2026/3/1 10:00 or 2026/03/01 10:00:00",
+        f"{text!r} 不是时间:请写带 UTC 偏移的时间(2026-03-01T10:00:00+08:00),或按计划时区"
+        "写作 2026-03-01 10:00、2026-03-01 10:00:00、2026/3/1 10:00 或 2026/03/01 10:00:00",
+    )
+
+
+def _payload(text: str) -> Any:
+    """A cell's JSON, parsed as the NATS path parses a message: nesting deeper than pydantic's
+    limit is refused (Python's own parser would fail with a RecursionError)."""
+    try:
+        return pydantic_core.from_json(text)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise RowError(
+                "payload", "is nested too deeply (at most 200 levels)", "嵌套过深(至多 200 层)"
+            ) from None
+        raise RowError("payload", f"not JSON: {exc}", f"不是 JSON:{exc}") from None
+
+
+def event_record(place: Place, row: Mapping[str, str], default_source: str, zone: tzinfo) -> Record:
+    payload: Any = _payload(row["payload"]) if row.get("payload") else {}
+    if not isinstance(payload, dict):
+        raise RowError("payload", "must be a JSON object", "须为 JSON 对象")
     data: dict[str, Any] = {
         "source": row.get("source") or default_source,
         "external_id": row["external_id"],
         "type": row["type"],
-        "occurred_at": row["occurred_at"],
+        "occurred_at": instant(row["occurred_at"], zone),
         "payload": payload,
     }
     if row.get("member_id"):
@@ -125,12 +229,12 @@ def event_record(line: int, row: Mapping[str, str], default_source: str) -> Reco
     if row.get("member_ref"):
         data["member_ref"] = row["member_ref"]
     try:
-        return Record((line,), EventIn.model_validate(data), (row,))
+        return Record((place,), EventIn.model_validate(data), (row,))
     except ValidationError as exc:
         raise _validation(exc) from exc
 
 
-def _flag(value: str | None, column: str) -> bool:
+def _flag(value: str | None, column: str, at: int | None = None) -> bool:
     text = (value or "").strip().lower()
     if text in ("", "0", "false", "no", "n"):
         return False
@@ -140,74 +244,136 @@ def _flag(value: str | None, column: str) -> bool:
         column,
         f"{value!r} is not true or false (use 1/0, true/false, yes/no)",
         f"{value!r} 不是真或假(请用 1/0、true/false、yes/no)",
+        at=at,
     )
 
 
 def order_records(
-    rows: Iterable[tuple[int, Mapping[str, str]]], default_source: str
+    rows: Iterable[tuple[Place, Row]], default_source: str, zone: tzinfo
 ) -> Iterator[Record | BadOrder]:
     """Consecutive rows with the same ``order_id`` as one ``order.paid`` event; a bad order
-    yields its line numbers, rows and error instead."""
-    group: list[tuple[int, Mapping[str, str]]] = []
-    for line, row in rows:
-        if group and row.get("order_id") != group[0][1].get("order_id"):
-            yield _order(group, default_source)
-            group = []
-        group.append((line, row))
+    yields its places, rows and error instead. A misshapen row belongs to the order whose id
+    it carries or, carrying none, to the order around it: that order is refused whole, so
+    that its rows, put right, import together. An order whose rows come again further on is
+    refused there: the second part would be taken for the same order sent again."""
+    orders = _Orders()
+    group: list[tuple[Place, Row]] = []
+    strays: list[tuple[Place, Row]] = []  # misshapen, no id: the order around them, if any
+    for place, row in rows:
+        order_id = row.order_id if isinstance(row, Misshapen) else row.get("order_id")
+        if order_id is None:
+            if group:
+                strays.append((place, row))
+            else:
+                yield _alone(place, row)
+            continue
+        if group and order_id == orders.key(group):
+            group += [*strays, (place, row)]
+        else:
+            if group:
+                yield orders.made(group, default_source, zone)
+            yield from (_alone(*stray) for stray in strays)
+            group = [(place, row)]
+        strays = []
     if group:
-        yield _order(group, default_source)
+        yield orders.made(group, default_source, zone)
+    yield from (_alone(*stray) for stray in strays)
 
 
-def _order(group: list[tuple[int, Mapping[str, str]]], default_source: str) -> Record | BadOrder:
-    lines = tuple(line for line, _ in group)
-    rows = tuple(row for _, row in group)
-    first = group[0][1]
-    try:
-        for column in ("member_ref", "occurred_at", "store", "channel", "source", "pickup"):
-            values = {
-                _flag(row.get(column), column) if column == "pickup" else row.get(column, "")
-                for _, row in group
-            }
-            if len(values) > 1:
-                raise RowError(
-                    column,
-                    f"differs between the lines of order {first['order_id']}",
-                    f"订单 {first['order_id']} 的各行在此列的值不一致",
-                )
-        payload = {
-            "order_id": first["order_id"],
-            "store": first.get("store") or None,
-            "channel": first.get("channel") or "store",
-            "pickup": _flag(first.get("pickup"), "pickup"),
-            "lines": [
-                {
-                    "sku": row["sku"],
-                    "category": row.get("category") or "default",
-                    "quantity": row.get("quantity") or 1,
-                    "amount_fen": row["amount_fen"],
-                    "paid_with_points": _flag(row.get("paid_with_points"), "paid_with_points"),
-                }
-                for _, row in group
-            ],
-        }
-        event = EventIn.model_validate(
-            {
-                "source": first.get("source") or default_source,
-                "external_id": f"order:{first['order_id']}",
-                "type": "order.paid",
-                "occurred_at": first["occurred_at"],
-                "member_ref": first["member_ref"],
-                "payload": payload,
-            }
+def _alone(place: Place, row: Row) -> BadOrder:
+    assert isinstance(row, Misshapen)
+    return (place,), (row,), row.error
+
+
+class _Orders:
+    """The orders of a file seen so far, each remembered by an 8-byte digest of its id with
+    where it began (packed in one int): a million orders take some 100 MB at most."""
+
+    def __init__(self) -> None:
+        self.began: dict[int, int] = {}
+
+    @staticmethod
+    def key(group: list[tuple[Place, Row]]) -> str | None:
+        row = group[0][1]
+        return row.order_id if isinstance(row, Misshapen) else row.get("order_id")
+
+    def made(
+        self, group: list[tuple[Place, Row]], default_source: str, zone: tzinfo
+    ) -> Record | BadOrder:
+        order_id = self.key(group) or ""
+        digest = int.from_bytes(hashlib.blake2b(order_id.encode(), digest_size=8).digest())
+        here = group[0][0].row << 32 | group[0][0].line
+        began = self.began.setdefault(digest, here)
+        if began == here:
+            return _order(group, default_source, zone)
+        first = Place(began >> 32, began & 0xFFFFFFFF)
+        error = RowError(
+            "order_id",
+            f"the lines of order {order_id} must be on consecutive rows: this order began "
+            f"on {first.said('en')}",
+            f"订单 {order_id} 的各行须相邻:该订单始于{first.said('zh')}",
         )
+        return tuple(p for p, _ in group), tuple(r for _, r in group), error
+
+
+def _order(group: list[tuple[Place, Row]], default_source: str, zone: tzinfo) -> Record | BadOrder:
+    places = tuple(place for place, _ in group)
+    rows = tuple(row for _, row in group)
+    well = [row for row in rows if not isinstance(row, Misshapen)]
+    try:
+        for at, row in enumerate(rows):
+            if isinstance(row, Misshapen):
+                raise RowError(row.error.column, row.error.reason, row.error.reason_zh, at=at)
+        return Record(places, _order_event(well, default_source, zone), rows)
     except RowError as exc:
-        return lines, rows, exc
+        return places, rows, exc
     except ValidationError as exc:
-        return lines, rows, _validation(exc)
-    return Record(lines, event, rows)
+        return places, rows, _validation(exc, order_column)
 
 
-def member_record(line: int, row: Mapping[str, str]) -> Record:
+def _order_event(rows: list[Mapping[str, str]], default_source: str, zone: tzinfo) -> EventIn:
+    """The ``order.paid`` event of an order's rows (all well-formed)."""
+    first = rows[0]
+    for column in ("member_ref", "occurred_at", "store", "channel", "source", "pickup"):
+        values = {
+            _flag(row.get(column), column, at) if column == "pickup" else row.get(column, "")
+            for at, row in enumerate(rows)
+        }
+        if len(values) > 1:
+            raise RowError(
+                column,
+                f"differs between the lines of order {first['order_id']}",
+                f"订单 {first['order_id']} 的各行在此列的值不一致",
+            )
+    payload = {
+        "order_id": first["order_id"],
+        "store": first.get("store") or None,
+        "channel": first.get("channel") or "store",
+        "pickup": _flag(first.get("pickup"), "pickup"),
+        "lines": [
+            {
+                "sku": row["sku"],
+                "category": row.get("category") or "default",
+                "quantity": row.get("quantity") or 1,
+                "amount_fen": row["amount_fen"],
+                "paid_with_points": _flag(row.get("paid_with_points"), "paid_with_points", at),
+            }
+            for at, row in enumerate(rows)
+        ],
+    }
+    return EventIn.model_validate(
+        {
+            "source": first.get("source") or default_source,
+            "external_id": f"order:{first['order_id']}",
+            "type": "order.paid",
+            "occurred_at": instant(first["occurred_at"], zone),
+            "member_ref": first["member_ref"],
+            "payload": payload,
+        }
+    )
+
+
+def member_record(place: Place, row: Mapping[str, str]) -> Record:
     data: dict[str, Any] = {k: v for k, v in row.items() if v and k != "tier"}
     if "tags" in data:
         data["tags"] = [t.strip() for t in data["tags"].replace(";", ",").split(",") if t.strip()]
@@ -215,4 +381,4 @@ def member_record(line: int, row: Mapping[str, str]) -> Record:
         member = MemberCreate.model_validate(data)
     except ValidationError as exc:
         raise _validation(exc) from exc
-    return Record((line,), (member, row.get("tier") or None), (row,))
+    return Record((place,), (member, row.get("tier") or None), (row,))

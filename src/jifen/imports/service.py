@@ -11,16 +11,23 @@ their reference.
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
+from zoneinfo import ZoneInfo
 
+from sqlalchemy import select
+
+from jifen.crypto import keyed_hash
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import (
     DuplicateReference,
@@ -34,20 +41,34 @@ from jifen.events.schemas import EventIn
 from jifen.imports.core import (
     ERROR_COLUMNS,
     Kind,
+    Misshapen,
+    Place,
     Record,
     Row,
     RowError,
     check_header,
     event_record,
     member_record,
+    misshapen,
+    order_column,
     order_records,
 )
+from jifen.members import core as members_core
 from jifen.members import service as members_service
+from jifen.members.models import members
+from jifen.members.schemas import MemberCreate
+from jifen.programs import service as programs_service
 from jifen.tiers import service as tiers_service
 
 BATCH = 500
+LINE_LIMIT = 1 << 20
+"""The longest text line an import reads, in bytes (1 MiB): a longer one stops it before it
+is read whole (a CSV field is at most ``csv.field_size_limit()``, 128 KiB, anyway)."""
 _SOURCE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 """What a source may be named (as an event's ``source``)."""
+_MEMBER_COLUMNS = {"duplicate_reference": "phone", "unknown_tier": "tier"}
+"""The column a members row is refused for, by the error's code (a reference already there
+is not refused)."""
 
 
 @dataclass
@@ -70,12 +91,24 @@ class Report:
 
 @dataclass(frozen=True)
 class _Rejected:
-    """A row that could not even become a request; counted as a record, so that a resumed
-    import skips it too (and does not write it to the error file twice)."""
+    """Rows that could not even become a request; counted as a record, so that a resumed
+    import skips them too (and does not write them to the error file twice)."""
 
-    lines: tuple[int, ...]
-    error: RowError
+    lines: tuple[Place, ...]
     rows: tuple[Row, ...]
+    error: RowError
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A record refused: the column, code and reason of the row at fault (``at``, an index
+    into its rows; None: every row); the other rows of an order are refused with it."""
+
+    item: Record | _Rejected
+    column: str
+    code: str
+    reason: str
+    at: int | None = None
 
 
 @dataclass
@@ -83,15 +116,23 @@ class _Outcome:
     accepted: int = 0
     replayed: int = 0
     points: int = 0
-    refused: list[tuple[Record | _Rejected, str, str, str]] = field(default_factory=list)
-    """(record, column, code, reason)."""
+    refused: list[_Refusal] = field(default_factory=list)
 
 
 Progress = Callable[[Report], None]
 
 
-def progress_path(path: Path) -> Path:
-    return path.with_name(path.name + ".progress.json")
+def target_of(db: Database, program_id: int) -> str:
+    """A digest naming the database (its URL without the password) and the programme an
+    import writes to: a progress record says how far the import into that one came."""
+    url = db.engine.url.set(password=None).render_as_string(hide_password=False)
+    return hashlib.blake2b(f"{url}\n{program_id}".encode(), digest_size=6).hexdigest()
+
+
+def progress_path(path: Path, target: str) -> Path:
+    """The progress record of an import of ``path`` into ``target`` (:func:`target_of`),
+    beside the file."""
+    return path.with_name(f"{path.name}.{target}.progress.json")
 
 
 def errors_path_for(path: Path) -> Path:
@@ -110,13 +151,16 @@ def run_import(
     restart: bool = False,
     progress: Progress | None = None,
     language: str = "en",
+    merchant: str | None = None,
 ) -> Report:
-    """Import ``path``; continue after the records an earlier, interrupted run committed
-    (unless ``restart``). The reasons in the error file are in ``language``.
+    """Import ``path``; continue after the records an earlier, interrupted run into the same
+    database and programme committed (unless ``restart``). The reasons in the error file are
+    in ``language``; the points of events and orders are posted for ``merchant`` and the
+    order's (or event's) store.
 
-    A file that cannot be read to the end (not UTF-8, a malformed line) stops the import
-    with :class:`InvalidInput` naming the line; the batches before it stay committed, and
-    the next run continues after them."""
+    A file that cannot be read to the end (not UTF-8, a malformed or overlong line) stops the
+    import with :class:`InvalidInput` naming the row; the batches before it stay committed,
+    and the next run continues after them."""
     started = time.monotonic()
     if not _SOURCE.fullmatch(source):
         raise InvalidInput(
@@ -126,62 +170,96 @@ def run_import(
             problem_zh=f"{source!r} 不是有效的来源名:只能用小写字母、数字及 . _ -,"
             "以字母或数字开头,至多 64 个字符(例如 pos 或 crm)",
         )
+    if (merchant is not None and not 0 < len(merchant) <= 64) or "\x00" in (merchant or ""):
+        raise InvalidInput(
+            field="merchant",
+            problem="give a merchant code of 1 to 64 characters",
+            problem_zh="请给出 1 至 64 个字符的商户代码",
+        )
     errors_path = errors_path or errors_path_for(path)
-    checkpoint = progress_path(path)
+    _check_not_input(path, errors_path)
+    target = target_of(db, program_id)
+    checkpoint = progress_path(path, target)
     _check_writable(checkpoint, errors_path)
+    zone = ZoneInfo(
+        db.run(lambda uow: programs_service.time_zone(uow, program_id=program_id), read_only=True)
+    )
     stat = path.stat()
     fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "kind": kind,
-                   "program_id": program_id}  # fmt: skip
-    done = 0
-    if checkpoint.exists() and not restart:
-        saved = json.loads(checkpoint.read_text())
-        if {k: saved.get(k) for k in fingerprint} == fingerprint:
-            done = int(saved["records"])
-    report = Report(kind=kind, path=str(path), records=done, resumed_from=done,
-                    errors_path=str(errors_path), bytes_total=stat.st_size)  # fmt: skip
-    if done == 0:
-        errors_path.unlink(missing_ok=True)  # an earlier run's, which this run replaces
+                   "program_id": program_id, "database": target}  # fmt: skip
+    with _Checkpoint(checkpoint, fingerprint, path) as saved:
+        done = 0 if restart else saved.committed()
+        report = Report(kind=kind, path=str(path), records=done, resumed_from=done,
+                        errors_path=str(errors_path), bytes_total=stat.st_size)  # fmt: skip
+        if done == 0:
+            errors_path.unlink(missing_ok=True)  # an earlier run's, which this run replaces
 
-    with path.open("rb") as raw, _ErrorFile(errors_path, append=done > 0) as errors:
-        reader = csv.reader(_decoded(raw))
-        try:
+        def commit(pending: list[Record | _Rejected]) -> None:
+            _commit(db, program_id, kind, pending, report, errors, language, merchant)
+
+        with path.open("rb") as raw, _ErrorFile(errors_path, append=done > 0) as errors:
+            rows = _Rows(raw)
             try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                raise InvalidInput(
-                    field="file", problem=f"{path} is empty", problem_zh=f"{path} 是空文件"
-                ) from None
-            try:
-                check_header(kind, header)
-            except RowError as exc:
-                raise InvalidInput(
-                    field=exc.column, problem=exc.reason, problem_zh=exc.reason_zh
-                ) from exc
-            errors.header(header)
-            records = _records(kind, reader, header, source)
-            pending: list[Record | _Rejected] = []
-            for index, record in enumerate(records):
-                if index < done:
-                    continue  # committed by an earlier run
-                pending.append(record)
-                if len(pending) >= batch:
-                    _commit(db, program_id, kind, pending, report, errors, language)
-                    pending = []
-                    report.bytes_read = raw.tell()
-                    _save(checkpoint, fingerprint, report)
-                    if progress:
-                        progress(report)
-        except (_Unreadable, csv.Error) as exc:
-            raise _stopped(exc, reader.line_num, report.records) from None
-        if pending:
-            _commit(db, program_id, kind, pending, report, errors, language)
-        report.bytes_read = stat.st_size
-        _save(checkpoint, fingerprint, report)
-    checkpoint.unlink(missing_ok=True)  # finished: a new run starts from the top
+                header, width = _header(kind, rows, path)
+                errors.header(header)
+                records = _records(kind, rows, header, width, source, zone)
+                pending: list[Record | _Rejected] = []
+                for index, record in enumerate(records):
+                    if index < done:
+                        continue  # committed by an earlier run
+                    pending.append(record)
+                    if len(pending) >= batch:
+                        commit(pending)
+                        pending = []
+                        report.bytes_read = raw.tell()
+                        saved.save(report)
+                        if progress:
+                            progress(report)
+            except (_Unreadable, _TooLong, csv.Error) as exc:
+                raise _stopped(exc, rows.at_fault(), report.records) from None
+            if pending:
+                commit(pending)
+            report.bytes_read = stat.st_size
+            saved.save(report)
+        saved.finish()  # finished: a new run starts from the top
     report.seconds = time.monotonic() - started
     if progress:
         progress(report)
     return report
+
+
+def _header(kind: Kind, rows: _Rows, path: Path) -> tuple[list[str], int]:
+    """The file's column names, checked, and how many fields it has: empty names at the end
+    (a trailing comma, as spreadsheets write for an empty formatted column) are left out."""
+    try:
+        _, values = next(iter(rows))
+    except StopIteration:
+        raise InvalidInput(
+            field="file", problem=f"{path} is empty", problem_zh=f"{path} 是空文件"
+        ) from None
+    header = [h.strip() for h in values]
+    while header and not header[-1]:
+        header.pop()
+    try:
+        check_header(kind, header)
+    except RowError as exc:
+        raise InvalidInput(field=exc.column, problem=exc.reason, problem_zh=exc.reason_zh) from exc
+    return header, len(values)
+
+
+def _check_not_input(path: Path, errors_path: Path) -> None:
+    """Refuse an error file that is the file imported: a run from the top removes the error
+    file of the run before, which would be the user's data."""
+    if errors_path.resolve() == path.resolve() or (
+        errors_path.exists() and os.path.samefile(errors_path, path)
+    ):
+        raise InvalidInput(
+            field="errors",
+            problem=f"{errors_path} is the file being imported: give another file for the "
+            "rejected rows (by default FILE.errors.csv)",
+            problem_zh=f"{errors_path} 就是要导入的文件:请为被拒绝的行另给一个文件"
+            "(默认为 FILE.errors.csv)",
+        )
 
 
 def _check_writable(checkpoint: Path, errors_path: Path) -> None:
@@ -226,31 +304,79 @@ class _Unreadable(Exception):
         self.line, self.byte, self.position = line, byte, position
 
 
-def _decoded(raw: Iterator[bytes]) -> Iterator[str]:
-    """The file's lines as text, each decoded alone so that a line that is not UTF-8 is
-    named by its number (a newline byte never occurs inside a UTF-8 or GBK character)."""
-    for number, chunk in enumerate(raw, start=1):
-        try:
-            yield chunk.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Unreadable(number, chunk[exc.start], exc.start + 1) from None
+class _TooLong(Exception):
+    """A line longer than :data:`LINE_LIMIT`; ``cr_only``: lines seem to end in CR alone."""
+
+    def __init__(self, cr_only: bool) -> None:
+        super().__init__("line too long")
+        self.cr_only = cr_only
 
 
-def _stopped(exc: Exception, line: int, committed: int) -> InvalidInput:
+class _Lines:
+    """The file's text lines, each read with a bound (memory stays flat whatever the file
+    holds) and decoded alone, so that a line that is not UTF-8 is named by its number (a
+    newline byte never occurs inside a UTF-8 or GBK character); ``number``: the last read."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.number = 0
+
+    def __iter__(self) -> Iterator[str]:
+        while chunk := self.raw.readline(LINE_LIMIT + 1):
+            self.number += 1
+            if len(chunk) > LINE_LIMIT and not chunk.endswith(b"\n"):
+                raise _TooLong(cr_only=b"\r" in chunk)
+            try:
+                yield chunk.decode("utf-8-sig" if self.number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise _Unreadable(self.number, chunk[exc.start], exc.start + 1) from None
+
+
+class _Rows:
+    """The file's CSV records, each with its :class:`Place`: its row (the header is row 1)
+    and the text line it starts on, which differ after a quoted field with line breaks."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.lines = _Lines(raw)
+        self.reader = csv.reader(self.lines)
+        self.row = 0
+
+    def __iter__(self) -> Iterator[tuple[Place, list[str]]]:
+        while True:
+            line = self.lines.number + 1
+            try:
+                values = next(self.reader)
+            except StopIteration:
+                return
+            self.row += 1
+            yield Place(self.row, line), values
+
+    def at_fault(self) -> Place:
+        """The row being read and the line read last: where reading stopped."""
+        return Place(self.row + 1, self.lines.number)
+
+
+def _stopped(exc: Exception, place: Place, committed: int) -> InvalidInput:
     """Why the file could not be read on, and what stands."""
+    where, where_zh = place.said("en"), place.said("zh")
     if isinstance(exc, _Unreadable):
         en = (
-            f"line {exc.line} is not UTF-8 text (byte {exc.byte:#04x} at character "
-            f"{exc.position}): save the file as UTF-8 (in Excel: CSV UTF-8) and run the "
-            f"import again"
+            f"{where} is not UTF-8 text (byte {exc.byte:#04x} at character {exc.position}): "
+            f"save the file as UTF-8 (in Excel: CSV UTF-8) and run the import again"
         )
         zh = (
-            f"第 {exc.line} 行不是 UTF-8 文本(第 {exc.position} 个字节 {exc.byte:#04x}):"
+            f"{where_zh}不是 UTF-8 文本(第 {exc.position} 个字节 {exc.byte:#04x}):"
             f"请将文件另存为 UTF-8 编码(Excel 中选“CSV UTF-8”)后重新导入"
         )
+    elif isinstance(exc, _TooLong):
+        en = f"{where} is longer than {LINE_LIMIT:,} bytes: it is not read"
+        zh = f"{where_zh}超过 {LINE_LIMIT:,} 字节,未予读取"
+        if exc.cr_only:
+            en += "; its lines seem to end in CR alone (CSV for Macintosh): save it as CSV UTF-8"
+            zh += ";其各行似乎只以 CR 结尾(Macintosh 格式 CSV):请另存为“CSV UTF-8”"
     else:
-        en = f"line {line + 1} cannot be read as CSV ({exc}): correct it and run the import again"
-        zh = f"第 {line + 1} 行无法按 CSV 读取({exc}):请修改后重新导入"
+        en = f"{where} cannot be read as CSV ({exc}): correct it and run the import again"
+        zh = f"{where_zh}无法按 CSV 读取({exc}):请修改后重新导入"
     if committed:
         en += (
             f"; the {committed:,} records before it are imported, and the next run continues "
@@ -261,97 +387,96 @@ def _stopped(exc: Exception, line: int, committed: int) -> InvalidInput:
 
 
 def _records(
-    kind: Kind, reader: Iterator[list[str]], header: list[str], source: str
-) -> Iterator[Record | _Rejected]:
+    kind: Kind, rows: Iterable[tuple[Place, list[str]]], header: list[str], width: int,
+    source: str, zone: tzinfo,
+) -> Iterator[Record | _Rejected]:  # fmt: skip
     """Records from the rows, and the rows that cannot make one."""
 
-    def rows() -> Iterator[tuple[int, dict[str, str] | _Rejected]]:
-        for line, values in enumerate(reader, start=2):
-            if not any(v.strip() for v in values):
-                continue
-            if len(values) != len(header):
-                error = RowError(
-                    "row",
-                    f"has {len(values)} fields, the header {len(header)}",
-                    f"有 {len(values)} 个字段,表头有 {len(header)} 个",
-                )
-                yield line, _Rejected((line,), error, (values,))
-                continue
-            yield (
-                line,
-                {
-                    h: v.strip()
-                    for h, v in zip(header, values, strict=True)
-                    if h not in ERROR_COLUMNS
-                },
-            )
+    def read() -> Iterator[tuple[Place, Row]]:
+        for place, values in rows:
+            if any(v.strip() for v in values):
+                yield place, _row(values, header, width)
 
     if kind == "orders":
-        misshapen: list[_Rejected] = []
-
-        def well_formed() -> Iterator[tuple[int, dict[str, str]]]:
-            for line, row in rows():
-                if isinstance(row, _Rejected):
-                    misshapen.append(row)
-                else:
-                    yield line, row
-
-        for item in order_records(well_formed(), source):
-            yield from misshapen
-            misshapen.clear()
-            if isinstance(item, Record):
-                yield item
-            else:
-                lines, rows_read, error = item
-                yield _Rejected(lines, error, rows_read)
-        yield from misshapen
+        for item in order_records(read(), source, zone):
+            yield item if isinstance(item, Record) else _Rejected(*item)
         return
-    for line, row in rows():
-        if isinstance(row, _Rejected):
-            yield row
+    for place, row in read():
+        if isinstance(row, Misshapen):
+            yield _Rejected((place,), (row,), row.error)
             continue
         try:
-            yield event_record(line, row, source) if kind == "events" else member_record(line, row)
+            if kind == "events":
+                yield event_record(place, row, source, zone)
+            else:
+                yield member_record(place, row)
         except RowError as exc:
-            yield _Rejected((line,), exc, (row,))
+            yield _Rejected((place,), (row,), exc)
+
+
+def _row(values: list[str], header: list[str], width: int) -> Row:
+    """A row's values by column; or, its fields not matching the header, as it came. The
+    header's unnamed columns at the end (``width``: named and unnamed) may be left empty or
+    out."""
+    beyond = [n for n, v in enumerate(values[len(header) :], len(header) + 1) if v.strip()]
+    if len(header) <= len(values) <= width and not beyond:
+        named = zip(header, values, strict=False)  # without the empty unnamed ones
+        return {h: v.strip() for h, v in named if h not in ERROR_COLUMNS}
+    if len(header) <= len(values) <= width:
+        error = RowError(
+            "row",
+            f"has a value in column {beyond[0]}, which the header does not name",
+            f"第 {beyond[0]} 列有值,但表头没有为该列命名",
+        )
+    else:
+        error = RowError(
+            "row",
+            f"has {len(values)} fields, the header {len(header)}",
+            f"有 {len(values)} 个字段,表头有 {len(header)} 个",
+        )
+    return misshapen(values, header, error)
 
 
 def _commit(
     db: Database, program_id: int, kind: Kind, items: list[Record | _Rejected], report: Report,
-    errors: _ErrorFile, language: str,
+    errors: _ErrorFile, language: str, merchant: str | None,
 ) -> None:  # fmt: skip
     records = [item for item in items if isinstance(item, Record)]
 
     def work(uow: UnitOfWork) -> _Outcome:
         outcome = _Outcome()  # built afresh if the transaction is retried
         if kind != "members":  # events, and orders (each an order.paid event)
-            _ingest(uow, program_id, kind, records, outcome, language)
+            _ingest(uow, program_id, kind, records, outcome, language, merchant)
             return outcome
         for record in records:
             try:
                 with uow.savepoint():
-                    _register(uow, program_id, record, outcome)
+                    _register(uow, program_id, record, outcome, language)
             except JifenError as exc:
-                _refuse(outcome, record, exc, language)
+                column = _MEMBER_COLUMNS.get(exc.code, str(exc.params.get("field", "")))
+                outcome.refused.append(_Refusal(record, column, exc.code, exc.message(language)))
         return outcome
 
     outcome = db.run(work) if records else _Outcome()
     for item in items:
         if isinstance(item, _Rejected):
-            reason = item.error.said(language)
-            outcome.refused.append((item, item.error.column, "invalid_input", reason))
+            error = item.error
+            refusal = _Refusal(item, error.column, "invalid_input", error.said(language), error.at)
+            outcome.refused.append(refusal)
     report.records += len(items)
     report.accepted += outcome.accepted
     report.replayed += outcome.replayed
     report.points += outcome.points
     report.refused += len(outcome.refused)
-    for record, column, code, reason in sorted(outcome.refused, key=lambda r: r[0].lines):
-        errors.write(record.lines, record.rows, column, code, reason)
+    for refusal in sorted(outcome.refused, key=lambda r: r.item.lines):
+        errors.write(refusal, language)
 
 
-def _refuse(outcome: _Outcome, record: Record, exc: JifenError, language: str) -> None:
-    column = str(exc.params.get("field", ""))
-    outcome.refused.append((record, column, exc.code, exc.message(language)))
+def _refuse(outcome: _Outcome, kind: Kind, record: Record, exc: JifenError, language: str) -> None:
+    """``record`` refused, named by the CSV column (and for an order, the row) at fault."""
+    field_ = str(exc.params.get("field", ""))
+    column, at = order_column(field_) if kind == "orders" else (field_, None)
+    outcome.refused.append(_Refusal(record, column, exc.code, exc.message(language), at))
 
 
 def _changed(kind: Kind, event: EventIn, language: str) -> str:
@@ -381,17 +506,22 @@ def _changed(kind: Kind, event: EventIn, language: str) -> str:
 
 def _ingest(
     uow: UnitOfWork, program_id: int, kind: Kind, records: list[Record], outcome: _Outcome,
-    language: str,
+    language: str, merchant: str | None,
 ) -> None:  # fmt: skip
-    """A batch of event records, ingested together (see :func:`events_service.ingest_many`)."""
+    """A batch of event records, ingested together (see :func:`events_service.ingest_many`),
+    their points posted for ``merchant`` and the store the event names, as the API posts
+    them."""
     requests = [record.request for record in records if isinstance(record.request, EventIn)]
-    results = events_service.ingest_many(uow, program_id=program_id, events=requests)
+    origins = [(merchant, _store(request)) for request in requests]
+    results = events_service.ingest_many(
+        uow, program_id=program_id, events=requests, origins=origins
+    )
     for record, request, result in zip(records, requests, results, strict=True):
         if isinstance(result, IdempotencyConflict):
             reason = _changed(kind, request, language)
-            outcome.refused.append((record, "", result.code, reason))
+            outcome.refused.append(_Refusal(record, "", result.code, reason))
         elif isinstance(result, JifenError):
-            _refuse(outcome, record, result, language)
+            _refuse(outcome, kind, record, result, language)
         elif isinstance(result, Exception):
             raise result
         elif result.replayed:
@@ -401,19 +531,31 @@ def _ingest(
             outcome.points += result.points
 
 
-def _register(uow: UnitOfWork, program_id: int, record: Record, outcome: _Outcome) -> None:
+def _store(event: EventIn) -> str | None:
+    store = event.payload.get("store")
+    return store if isinstance(store, str) else None
+
+
+def _register(
+    uow: UnitOfWork, program_id: int, record: Record, outcome: _Outcome, language: str
+) -> None:
     assert not isinstance(record.request, EventIn)
     member, tier = record.request
     try:
         profile = members_service.register(uow, program_id=program_id, body=member)
     except DuplicateReference as duplicate:
-        try:  # a member imported before (its phone, if any, is its own): nothing to do
-            members_service.find_member(
+        try:  # a member imported before (its phone, if any, is its own)
+            found = members_service.find_member(
                 uow, program_id=program_id, external_ref=member.external_ref
             )
         except UnknownMember:
             raise duplicate from None  # a new member with another member's phone: refused
-        outcome.replayed += 1
+        differ = _differs(uow, program_id, found.id, member, tier)
+        if not differ:
+            outcome.replayed += 1
+            return
+        reason = _member_changed(member.external_ref, differ, language)
+        outcome.refused.append(_Refusal(record, differ[0], IdempotencyConflict.code, reason))
         return
     if tier is not None:
         tiers_service.set_member_tier(uow, program_id=program_id, member_id=profile.id,
@@ -421,12 +563,106 @@ def _register(uow: UnitOfWork, program_id: int, record: Record, outcome: _Outcom
     outcome.accepted += 1
 
 
-def _save(checkpoint: Path, fingerprint: Mapping[str, Any], report: Report) -> None:
-    """Write the progress file atomically (a crash leaves the old one or the new one)."""
-    temporary = checkpoint.with_suffix(".tmp")
-    temporary.write_text(json.dumps({**fingerprint, "records": report.records,
-                                     "report": asdict(report)}))  # fmt: skip
-    os.replace(temporary, checkpoint)
+def _differs(
+    uow: UnitOfWork, program_id: int, member_id: int, member: MemberCreate, tier: str | None
+) -> list[str]:
+    """The columns in which a row for a member already there differs from that member (an
+    empty cell says nothing, so it differs in nothing)."""
+    profile = members_service.get_profile(uow, program_id=program_id, member_id=member_id)
+    given = member.model_fields_set - {"external_ref", "phone"}
+    differ = [c for c in sorted(given) if _plain(getattr(member, c)) != _plain(getattr(profile, c))]
+    if member.phone is not None:
+        stored = uow.conn.execute(
+            select(members.c.phone_hash).where(members.c.id == member_id)
+        ).scalar_one()
+        if stored != keyed_hash(members_core.normalise_phone(member.phone)):
+            differ.append("phone")
+    if tier is not None:
+        held = tiers_service.member_tier(uow, program_id=program_id, member_id=member_id)
+        if held.tier != tier:
+            differ.append("tier")
+    return differ
+
+
+def _plain(value: Any) -> Any:
+    """A value as compared: tags in any order."""
+    return sorted(value) if isinstance(value, list) else value
+
+
+def _member_changed(ref: str, columns: list[str], language: str) -> str:
+    """Why a row for a member already there, with other values, is refused."""
+    if language.startswith("zh"):
+        return (
+            f"会员 {ref} 已存在,其 {', '.join(columns)} 与本行不同:导入只新增会员,"
+            f"修改已有会员请通过 API 或员工工具"
+        )
+    return (
+        f"member {ref} is already there with other values in {', '.join(columns)}: an import "
+        f"only adds members; an existing member is changed through the API or the staff tools"
+    )
+
+
+class _Checkpoint:
+    """The progress record of an import into one database and programme: how many records
+    are committed, kept beside the file, and locked while the import runs, so that a second
+    import of the same file into the same programme stops at once (it would write the same
+    rows to the error file again). Written in place, a crash in the middle of a write leaves
+    a record that is not read: the next run starts from the top, applying nothing twice."""
+
+    def __init__(self, path: Path, fingerprint: Mapping[str, Any], imported: Path) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.imported = imported
+        self.handle: TextIO | None = None
+
+    def __enter__(self) -> _Checkpoint:
+        while self.handle is None:
+            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise InvalidInput(
+                    field="file",
+                    problem=f"{self.imported} is being imported into this programme already "
+                    f"(by another process): wait for it to finish, or stop it first",
+                    problem_zh=f"{self.imported} 正被另一个进程导入本计划:请等其结束,或先停止它",
+                ) from None
+            if os.path.exists(self.path) and os.path.samefile(self.path, handle.fileno()):
+                self.handle = handle
+            else:
+                handle.close()  # finished and removed meanwhile by the import before: anew
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.handle is not None:
+            if os.fstat(self.handle.fileno()).st_size == 0:
+                self.finish()  # stopped before a batch was committed: nothing to continue
+            self.handle.close()  # which releases the lock
+
+    def committed(self) -> int:
+        """The records an earlier run of this import committed (0: none, or another file)."""
+        assert self.handle is not None
+        self.handle.seek(0)
+        try:
+            saved = json.loads(self.handle.read() or "{}")
+        except ValueError:
+            return 0
+        if {k: saved.get(k) for k in self.fingerprint} != dict(self.fingerprint):
+            return 0
+        return int(saved["records"])
+
+    def save(self, report: Report) -> None:
+        assert self.handle is not None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(json.dumps({**self.fingerprint, "records": report.records,
+                                      "report": asdict(report)}))  # fmt: skip
+        self.handle.flush()
+
+    def finish(self) -> None:
+        """The import is done: the next one starts from the top."""
+        self.path.unlink(missing_ok=True)
 
 
 class _ErrorFile:
@@ -452,16 +688,23 @@ class _ErrorFile:
     def header(self, columns: list[str]) -> None:
         self.columns = [c for c in columns if c not in ERROR_COLUMNS]
 
-    def write(self, lines: tuple[int, ...], rows: tuple[Row, ...], column: str, code: str,
-              reason: str) -> None:  # fmt: skip
+    def write(self, refusal: _Refusal, language: str) -> None:
+        """The rows of a refused record: the row at fault (or every row) with why, a
+        misshapen row with its own reason, the other rows of its order naming that row."""
         if self.writer is None:
             exists = self.append and self.path.exists()
             self.handle = self.path.open("a" if exists else "w", encoding="utf-8", newline="")
             self.writer = csv.writer(self.handle)
             if not exists:
                 self.writer.writerow([*self.columns, *ERROR_COLUMNS])
-        for line, row in zip(lines, rows, strict=True):
-            self.writer.writerow([*self._values(row), line, column, code, reason])
+        lines, at = refusal.item.lines, refusal.at
+        for index, (place, row) in enumerate(zip(lines, refusal.item.rows, strict=True)):
+            column, code, reason = refusal.column, refusal.code, refusal.reason
+            if isinstance(row, Misshapen):
+                column, code, reason = row.error.column, "invalid_input", row.error.said(language)
+            elif at is not None and index != at:
+                column, reason = "", _with_its_order(lines[at], language)
+            self.writer.writerow([*self._values(row), place.row, column, code, reason])
         self.handle.flush()  # type: ignore[union-attr]
         self.count += 1
 
@@ -469,7 +712,15 @@ class _ErrorFile:
         width = len(self.columns)
         if isinstance(row, Mapping):
             return [row.get(c, "") for c in self.columns]
-        values = list(row)  # a row whose fields do not match the header: as they came
+        values = list(row.values)  # a row whose fields do not match the header: as they came
         if len(values) > width:
             values[width - 1 :] = [",".join(values[width - 1 :])]
         return values + [""] * (width - len(values))
+
+
+def _with_its_order(fault: Place, language: str) -> str:
+    """Why a good row of an order with a bad one is refused too: so that the order, put
+    right, imports whole from the error file."""
+    if language.startswith("zh"):
+        return f"随所在订单一并拒绝:{fault.said(language)}有误"
+    return f"refused with the rest of its order: {fault.said(language)} is at fault"

@@ -1,0 +1,36 @@
+"""Members files: a row for a member already there must agree with it; an import never
+changes a member."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jifen.db.uow import Database
+from jifen.imports import service as imports
+from jifen.members import service as members
+from tests.factories import new_program
+from tests.imports.test_csv import member_ids, read_csv, write
+
+
+def test_a_row_that_differs_from_the_member_already_there_is_refused_naming_columns(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    header = ["external_ref", "name", "phone", "tags"]
+    path = write(tmp_path / "m.csv", header, [
+        ["x1", "张三", "13800138001", "a;b"],
+        ["x1", "张三", "13800138001", "b,a"],  # the same member again: nothing to do
+        ["x1", "张三改", "13900139000", ""],
+        ["x1", "", "", ""],  # says nothing that differs
+    ])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.replayed, report.refused) == (1, 2, 1)
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[4:7] == ["4", "name", "idempotency_conflict"]
+    assert refused[7].startswith("member x1 is already there with other values in name, phone")
+    assert "changed through the API or the staff tools" in refused[7]
+    ids = member_ids(db, program.id, ["x1"])
+    profile = db.run(
+        lambda uow: members.get_profile(uow, program_id=program.id, member_id=ids["x1"])
+    )
+    assert profile.name == "张三"

@@ -1,0 +1,143 @@
+"""Orders files: an order is imported whole or not at all, its lines on consecutive rows;
+a refusal names the row and column to put right; postings say which store (and merchant)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from jifen.db.uow import Database
+from jifen.imports import service as imports
+from jifen.points.models import posting_origins, postings
+from tests.events.test_service import activate
+from tests.factories import assert_ledger_sound, new_program
+from tests.imports.test_csv import ORDER_HEADER, RATES, balances, read_csv, setup_members, write
+
+WHEN = "2026-01-01T10:00:00+08:00"
+
+
+def write_raw(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join([",".join(ORDER_HEADER), *lines]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_misshapen_row_refuses_its_whole_order_which_then_imports_whole(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    path = write_raw(tmp_path / "orders.csv", [
+        f"o1,c0,{WHEN},TV,家电,10000",
+        f'o1,c0,{WHEN},T1,日用品,"5,000",x',  # one field too many, order id o1
+        f"o1,c0,{WHEN},T2,日用品,2000",
+        f"o2,c1,{WHEN},TV,家电,10000",
+        f",c1,{WHEN},T1,日用品,5000,x",  # no order id: o2's, which goes on after it
+        f"o2,c1,{WHEN},T2,日用品,2000",
+        f"o3,c2,{WHEN},T1,日用品,5000",
+    ])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
+    assert (report.records, report.accepted, report.refused) == (3, 1, 2)
+    assert balances(db, ids) == {"c0": 0, "c1": 0, "c2": 50}
+    header, *errors = read_csv(tmp_path / "orders.errors.csv")
+    assert [(row[0], row[6], row[7], row[9]) for row in errors] == [
+        ("o1", "2", "", "refused with the rest of its order: row 3 is at fault"),
+        ("o1", "3", "row", "has 7 fields, the header 6"),
+        ("o1", "4", "", "refused with the rest of its order: row 3 is at fault"),
+        ("o2", "5", "", "refused with the rest of its order: row 6 is at fault"),
+        ("", "6", "row", "has 7 fields, the header 6"),
+        ("o2", "7", "", "refused with the rest of its order: row 6 is at fault"),
+    ]
+    # put right in the error file, which imports both orders whole
+    errors[1][5], errors[4][0], errors[4][5] = "5000", "o2", "5000"
+    fixed = write(tmp_path / "fixed.csv", header, errors)
+    again = imports.run_import(db, program_id=program.id, kind="orders", path=fixed)
+    assert (again.records, again.accepted, again.refused) == (2, 2, 0)
+    assert balances(db, ids) == {"c0": 370, "c1": 370, "c2": 50}
+    assert_ledger_sound(db, program.id)
+
+
+def test_an_order_whose_rows_come_again_further_on_is_refused_there_even_alike(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    line = ["s1", "c0", WHEN, "T1", "日用品", 5000]
+    rows = [
+        line,
+        ["s2", "c1", WHEN, "T1", "日用品", 5000],
+        line,
+        ["s3", "c2", WHEN, "T1", "x", 100],
+    ]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(report: imports.Report) -> None:
+        if report.records == 2:
+            raise Stop
+
+    with pytest.raises(Stop):  # s1 is then remembered while the resumed run skips it
+        imports.run_import(
+            db, program_id=program.id, kind="orders", path=path, batch=2, progress=interrupt
+        )
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=2)
+    assert (report.resumed_from, report.accepted, report.replayed, report.refused) == (2, 1, 0, 1)
+    _, refused = read_csv(tmp_path / "orders.errors.csv")
+    assert refused[6:] == [
+        "4", "order_id", "invalid_input",
+        "the lines of order s1 must be on consecutive rows: this order began on row 2",
+    ]  # fmt: skip
+    assert balances(db, ids) == {"c0": 50, "c1": 50, "c2": 1}
+
+
+def test_a_refused_order_line_is_named_by_its_row_and_column(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    setup_members(db, program.id)
+    rows = [["n1", "c0", WHEN, "TV", "家电", 10000], ["n1", "c0", WHEN, "T1", "日用品", -5]]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
+    imports.run_import(db, program_id=program.id, kind="orders", path=path, language="zh")
+    _, first, second = read_csv(tmp_path / "orders.errors.csv")
+    assert first[6:9] == ["2", "", "invalid_input"]
+    assert first[9] == "随所在订单一并拒绝:第 3 行有误"
+    assert second[6:8] == ["3", "amount_fen"]
+
+
+@pytest.mark.parametrize("merchant", [None, "m-01"])
+def test_imported_orders_record_their_store_and_merchant_on_their_postings(
+    db: Database, tmp_path: Path, merchant: str | None
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    setup_members(db, program.id)
+    path = write(
+        tmp_path / "orders.csv",
+        [*ORDER_HEADER, "store"],
+        [["t1", "c0", WHEN, "TV", "家电", 10000, "S01"], ["t2", "c1", WHEN, "TV", "家电", 100, ""]],
+    )
+    report = imports.run_import(
+        db, program_id=program.id, kind="orders", path=path, merchant=merchant
+    )
+    assert report.accepted == 2
+    origins = db.run(
+        lambda uow: uow.conn.execute(
+            select(posting_origins.c.merchant, posting_origins.c.store)
+            .join(postings, postings.c.id == posting_origins.c.posting_id)
+            .where(postings.c.program_id == program.id)
+        ).all(),
+        read_only=True,
+    )
+    expected = [(merchant, "S01")] + ([(merchant, None)] if merchant else [])
+    assert sorted((tuple(o) for o in origins), key=str) == sorted(expected, key=str)
+
+
+def test_a_merchant_code_too_long_for_a_posting_is_refused(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, [])
+    with pytest.raises(imports.InvalidInput, match="merchant code of 1 to 64"):
+        imports.run_import(db, program_id=program.id, kind="orders", path=path, merchant="m" * 65)
