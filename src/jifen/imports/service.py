@@ -512,7 +512,7 @@ def _ingest(
     their points posted for ``merchant`` and the store the event names, as the API posts
     them."""
     requests = [record.request for record in records if isinstance(record.request, EventIn)]
-    origins = [(merchant, _store(request)) for request in requests]
+    origins = [(merchant, events_service.store_of(request)) for request in requests]
     results = events_service.ingest_many(
         uow, program_id=program_id, events=requests, origins=origins
     )
@@ -529,11 +529,6 @@ def _ingest(
         else:
             outcome.accepted += 1
             outcome.points += result.points
-
-
-def _store(event: EventIn) -> str | None:
-    store = event.payload.get("store")
-    return store if isinstance(store, str) else None
 
 
 def _register(
