@@ -13,7 +13,6 @@ The permission each route needs is written into the OpenAPI document as ``x-perm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -32,6 +31,7 @@ from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jifen import crypto
 from jifen.api.limits import Limiter
 from jifen.api.models import idempotency_records
 from jifen.api.problems import language
@@ -503,14 +503,17 @@ class Write(Read):
 
 
 async def request_fingerprint(request: Request) -> str:
-    """SHA-256 of method, path, query and body (JSON compared by meaning, not spacing)."""
+    """Keyed hash of method, path, query and body (JSON compared by meaning, not spacing).
+
+    Keyed (not a plain SHA-256): the body may hold a phone or ID number or a password, and
+    its fingerprint is stored next to an answer that shows part of it."""
     raw = await request.body()
     try:
         body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")) if raw else ""
     except ValueError:
         body = raw.decode(errors="replace")
     text = f"{request.method} {request.url.path}?{request.url.query}\n{body}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    return crypto.request_fingerprint(text)
 
 
 def annotate_permissions(router: APIRouter) -> None:
