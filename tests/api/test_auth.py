@@ -396,6 +396,60 @@ def test_api_keys_are_stored_hashed_shown_once_and_revocable(
     assert after.status_code == 401 and "revoked" in after.json()["detail"]
 
 
+def test_a_store_is_scoped_within_a_merchant(app_client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    admin = support.staff(db, "super_admin", program_id=program.id)
+    zh = {"Accept-Language": "zh-CN"}
+    # when a key or a grant names a store and no merchant
+    key = app_client.post(
+        f"/v1/programs/{program.code}/api-keys",
+        json={"name": "till S1", "store": "S1"},
+        headers={**admin, **support.key(), **zh},
+    )
+    me = app_client.get("/v1/auth/me", headers=admin).json()
+    grant = app_client.post(
+        f"/v1/staff/{me['id']}/grants",
+        json={"role": "cashier", "program": program.code, "store": "S1"},
+        headers={**admin, **support.key()},
+    )
+    # then both are refused, naming the field, in the caller's language
+    for answer in (key, grant):
+        assert answer.status_code == 422, answer.text
+        assert [e["field"] for e in answer.json()["errors"]] == ["store"]
+    assert "商户" in key.json()["errors"][0]["message"]
+    assert "merchant" in grant.json()["errors"][0]["message"]
+
+
+def test_a_key_stored_with_a_store_and_no_merchant_acts_for_its_store_only(
+    app_client: TestClient, db: Database
+) -> None:
+    # given a key of store S1 with no merchant (stored before such keys were refused)
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    token = db.run(
+        lambda uow: auth.create_api_key(
+            uow, program_id=program.id, name="till", created_by="test", merchant="M1",
+            store="S1",
+        )
+    ).token  # fmt: skip
+    prefix = token.removeprefix("jf_").split("_", 1)[0]
+    db.run(
+        lambda uow: uow.conn.execute(
+            update(api_keys).where(api_keys.c.prefix == prefix).values(merchant=None)
+        )
+    )
+    url = f"/v1/programs/{program.code}/members/{member_id}/points/earn"
+    till = support.bearer(token)
+    # when it earns for another store: refused
+    other = app_client.post(
+        url, json={"amount": 10, "merchant": "M9", "store": "S2"}, headers={**till, **support.key()}
+    )
+    assert other.status_code == 403, other.text
+    # and for its own store: allowed
+    own = app_client.post(url, json={"amount": 10}, headers={**till, **support.key()})
+    assert own.status_code == 201, own.text
+
+
 def test_an_expired_api_key_is_refused(
     app_client: TestClient, db: Database, clock: ManualClock
 ) -> None:

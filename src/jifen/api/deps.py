@@ -285,9 +285,11 @@ class Context:
                 problem_zh="会员不能指定商户或门店;由商户或门店自己的凭据指定。",
             )
         grant = self.grant
-        if grant is None or grant.merchant is None:
+        if grant is None or (grant.merchant is None and grant.store is None):
             return requested, store
-        if requested is not None and requested != grant.merchant:
+        # A store without a merchant is refused when a grant or key is made; one stored
+        # before that is still held to its store.
+        if grant.merchant is not None and requested is not None and requested != grant.merchant:
             raise Forbidden(
                 problem=f"These credentials act for merchant {grant.merchant!r} only, not "
                 f"{requested!r}.",
@@ -298,7 +300,7 @@ class Context:
                 problem=f"These credentials act for store {grant.store!r} only, not {store!r}.",
                 problem_zh=f"该凭据只能代表门店 {grant.store!r},不能代表 {store!r}。",
             )
-        return grant.merchant, grant.store or store
+        return grant.merchant or requested, grant.store or store
 
     def audit(
         self,

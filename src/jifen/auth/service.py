@@ -285,6 +285,7 @@ def grant_role(
     store: str | None = None,
 ) -> int:
     """Give a staff user a role (built-in, or custom in ``program_id``) in a scope."""
+    _require_merchant_of_store(merchant, store)
     sync_builtin_roles(uow)
     row = uow.conn.execute(
         select(roles.c.id, roles.c.program_id)
@@ -309,6 +310,17 @@ def grant_role(
     return int(grant_id)
 
 
+def _require_merchant_of_store(merchant: str | None, store: str | None) -> None:
+    """A store belongs to a merchant: a scope naming a store names its merchant too, so that
+    no credential holds a store of whichever merchant it likes."""
+    if store is not None and merchant is None:
+        raise InvalidInput(
+            field="store",
+            problem="a store is scoped within a merchant: give the merchant as well",
+            problem_zh="门店属于某个商户:请同时填写商户(merchant)",
+        )
+
+
 def needs_totp(grants: Sequence[Grant]) -> bool:
     """TOTP is required of anyone whose roles can change something."""
     return any(is_write(permission) for grant in grants for permission in grant.permissions)
@@ -331,6 +343,7 @@ def create_api_key(
 ) -> ApiKeyCreated:
     """Issue an API key; its token (prefix and secret) is returned once, the secret kept
     only as a keyed hash."""
+    _require_merchant_of_store(merchant, store)
     wanted = sorted(set(permissions) if permissions is not None else DEFAULT_API_KEY_PERMISSIONS)
     beyond = [p for p in wanted if p not in API_KEY_PERMISSIONS]
     if beyond:
