@@ -228,6 +228,21 @@ class Grant:
     store: str | None = None
     role: str = ""
 
+    @property
+    def unscoped(self) -> bool:
+        """Installation-wide: every programme, merchant and store."""
+        return self.program_id is None and self.merchant is None and self.store is None
+
+    def contains(self, program_id: int | None, merchant: str | None, store: str | None) -> bool:
+        """Whether a scope lies within this grant's: a grant of one programme (merchant,
+        store) contains that one only, never the wider scope of every programme (merchant,
+        store)."""
+        return (
+            self.program_id in (None, program_id)
+            and self.merchant in (None, merchant)
+            and self.store in (None, store)
+        )
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -265,6 +280,31 @@ class Principal:
                 continue
             return grant
         return None
+
+    def covers(
+        self,
+        permission: str,
+        *,
+        program_id: int | None,
+        merchant: str | None = None,
+        store: str | None = None,
+    ) -> bool:
+        """Whether one grant holds ``permission`` in a scope that contains the one given:
+        what its holder may hand out, and whose staff it may manage."""
+        return any(
+            permission in grant.permissions and grant.contains(program_id, merchant, store)
+            for grant in self.grants
+        )
+
+    def everywhere(self, permission: str) -> bool:
+        """Whether ``permission`` is held installation-wide (by an unscoped grant)."""
+        return any(permission in grant.permissions and grant.unscoped for grant in self.grants)
+
+    def scopes(self, permission: str) -> tuple[Grant, ...] | None:
+        """The grants holding ``permission``; None when one of them is unscoped."""
+        if self.everywhere(permission):
+            return None
+        return tuple(grant for grant in self.grants if permission in grant.permissions)
 
     def programs(self, permission: str) -> set[int] | None:
         """Programmes where ``permission`` is held; None means every programme."""

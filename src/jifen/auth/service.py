@@ -13,7 +13,7 @@ from typing import Any
 import pyotp
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
-from sqlalchemy import ColumnElement, Table, case, func, select
+from sqlalchemy import ColumnElement, Table, and_, case, exists, false, func, or_, select, true
 
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
@@ -764,9 +764,14 @@ def list_staff(
     active: bool | None = None,
     username: str | None = None,
     role: str | None = None,
+    within: Sequence[Grant] | None = None,
 ) -> list[StaffRead]:
-    """Staff in the order they were created; filters: active, username prefix, holding a role."""
+    """Staff in the order they were created; filters: active, username prefix, holding a role,
+    and (``within``) holding no grant outside those scopes."""
     query = select(staff_users).where(staff_users.c.id > after_id)
+    if within is not None:
+        outside = exists().where(role_grants.c.staff_id == staff_users.c.id, ~_held_within(within))
+        query = query.where(~outside)
     if active is not None:
         query = query.where(staff_users.c.active == active)
     if username:
@@ -781,6 +786,24 @@ def list_staff(
         query = query.where(staff_users.c.id.in_(holders))
     rows = uow.conn.execute(query.order_by(staff_users.c.id).limit(limit)).all()
     return _staff_reads(uow, rows)
+
+
+def _held_within(scopes: Sequence[Grant]) -> ColumnElement[bool]:
+    """A grant row lies within one of ``scopes`` (the SQL of :meth:`Grant.contains`; never
+    NULL, so that its negation picks every grant outside them)."""
+    inside: list[ColumnElement[bool]] = []
+    for scope in scopes:
+        pinned = [
+            and_(column.is_not(None), column == value)
+            for column, value in (
+                (role_grants.c.program_id, scope.program_id),
+                (role_grants.c.merchant, scope.merchant),
+                (role_grants.c.store, scope.store),
+            )
+            if value is not None
+        ]
+        inside.append(and_(true(), *pinned))
+    return or_(false(), *inside)
 
 
 def get_staff(uow: UnitOfWork, *, staff_id: int) -> StaffRead:
@@ -980,8 +1003,13 @@ def list_api_keys(
     return [_key_read(row) for row in rows]
 
 
-def revoke_api_key(uow: UnitOfWork, *, program_id: int, key_id: int) -> ApiKeyRead:
+def revoke_api_key(
+    uow: UnitOfWork, *, program_id: int, key_id: int, merchant: str | None = None
+) -> ApiKeyRead:
+    """Revoke a key of the programme (of ``merchant``'s keys only, when given)."""
     where = (api_keys.c.id == key_id) & (api_keys.c.program_id == program_id)
+    if merchant is not None:
+        where &= api_keys.c.merchant == merchant
     uow.conn.execute(
         api_keys.update()
         .where(where, api_keys.c.revoked_at.is_(None))
