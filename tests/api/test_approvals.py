@@ -4,6 +4,7 @@ nobody approves their own request, and an approved request executes exactly once
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -284,6 +285,34 @@ def test_a_maker_withdraws_its_own_pending_request(client: TestClient, db: Datab
         ).scalars().all()
     )  # fmt: skip
     assert actions == ["approvals.withdraw"]
+
+
+def test_an_operators_adjustments_of_a_day_count_together_against_the_threshold(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    # adjustments that add up to the threshold (1000) post at once
+    assert desk.adjust(600).status_code == 201
+    assert desk.adjust(-400).status_code == 201
+    # one more point, either way, would pass it: it waits for a second person
+    for amount in (1, -1):
+        held = desk.adjust(amount)
+        assert held.status_code == 202, held.text
+        assert held.json()["action"] == "points.adjust"
+    # another operator's adjustments count on their own
+    other = support.staff(db, "operator", program_id=desk.program.id)
+    answer = desk.post(desk.points("/adjust"), {"amount": 1000, "reason": "goodwill"}, other)
+    assert answer.status_code == 201, answer.text
+    # and once they are a day old the operator's count starts again
+    db.run(
+        lambda uow: uow.conn.execute(
+            postings.update()
+            .where(postings.c.program_id == desk.program.id)
+            .values(created_at=db.clock.now() - timedelta(hours=24, seconds=1))
+        )
+    )
+    assert desk.adjust(1000).status_code == 201
+    assert desk.balance()["available"] == 2200
 
 
 def test_a_rejected_request_executes_nothing(client: TestClient, db: Database) -> None:
