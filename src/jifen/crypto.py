@@ -32,6 +32,11 @@ def _hash_key() -> bytes:
 
 
 @lru_cache(maxsize=1)
+def _fingerprint_key() -> bytes:
+    return _derive(b"jifen request fingerprint v1")
+
+
+@lru_cache(maxsize=1)
 def draw_key() -> bytes:
     """The key that seeds the rules' random draws (HMAC-SHA256): a sender that chooses its
     event ids cannot know which ids win, while whoever holds the installation's secret can
@@ -47,6 +52,13 @@ def _fernet() -> Fernet:
 def keyed_hash(value: str) -> str:
     """HMAC-SHA256 of ``value`` under the installation's key, as 64 hex digits."""
     return hmac.new(_hash_key(), value.encode(), hashlib.sha256).hexdigest()
+
+
+def request_fingerprint(text: str) -> str:
+    """HMAC-SHA256 of a request (method, path, body) under a key of its own, as 64 hex
+    digits: a stored fingerprint recognises a replay, while a copy of the database alone
+    cannot test guesses of the phone, ID number or password the body held."""
+    return hmac.new(_fingerprint_key(), text.encode(), hashlib.sha256).hexdigest()
 
 
 def same_hash(value: str, stored: str) -> bool:
@@ -69,4 +81,5 @@ def decrypt(token: str) -> str:
 def forget_keys() -> None:
     """Drop the derived keys (tests that change ``JIFEN_SECRET_KEY``)."""
     _hash_key.cache_clear()
+    _fingerprint_key.cache_clear()
     _fernet.cache_clear()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import http.client
+import json
 import re
 import uuid
 from pathlib import Path
@@ -11,8 +13,10 @@ from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from jifen.api.app import app_from_settings, create_app
+from jifen.api.models import idempotency_records
 from jifen.db.uow import Database
 from jifen.settings import get_settings
 from tests.api import support
@@ -58,6 +62,33 @@ def test_an_idempotent_write_replays_and_refuses_a_different_body(
     other = client.post("/v1/programs", json={**body, "name": "Other"}, headers=headers)
     assert other.status_code == 409
     assert other.json()["code"] == "idempotency_conflict"
+
+
+def test_the_stored_fingerprint_of_a_request_is_keyed(client: TestClient, db: Database) -> None:
+    """A body may hold a phone number: its stored fingerprint is no plain SHA-256 that a
+    copy of the database could test guesses against, and a replay is still recognised."""
+    program = new_program(db)
+    operator = support.staff(db, "operator", program_id=program.id)
+    headers = {**operator, **support.key()}
+    url = f"/v1/programs/{program.code}/members"
+    body = {"external_ref": "C1001", "phone": "13812345678"}
+    # when a member is registered with its phone number
+    first = client.post(url, json=body, headers=headers)
+    assert first.status_code == 201, first.text
+    # then what is stored with the key is not the unkeyed digest of the request
+    with db.engine.connect() as conn:
+        stored = conn.execute(
+            select(idempotency_records.c.request_hash).where(
+                idempotency_records.c.key == headers["Idempotency-Key"]
+            )
+        ).scalar_one()
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    plain = hashlib.sha256(f"POST /v1/programs/{program.code}/members?\n{canonical}".encode())
+    assert stored != plain.hexdigest()
+    # and the same request sent again is still recognised as a replay
+    again = client.post(url, json=body, headers=headers)
+    assert again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
 
 
 def test_unknown_fields_are_refused_per_field(client: TestClient, db: Database) -> None:

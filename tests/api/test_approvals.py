@@ -4,12 +4,16 @@ nobody approves their own request, and an approved request executes exactly once
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from jifen.api.app import create_app
+from jifen.approvals.models import approvals
+from jifen.audit.models import audit_entries
+from jifen.auth import service as auth
 from jifen.db.uow import Database
 from jifen.points.models import postings
 from tests.api import support
@@ -177,6 +181,138 @@ def test_settings_change_only_through_an_approval(client: TestClient, db: Databa
         url, json={"return_window_days": 400}, headers={**desk.operator, **support.key()}
     )
     assert bad.status_code == 422
+
+
+def test_a_request_filed_on_settings_changed_since_is_not_approved(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    for url, change in (
+        (f"{desk.base}/settings", {"transfers_enabled": False}),
+        (f"{desk.base}/earning-caps", {"budget": 500}),
+    ):
+        base = client.get(url, headers=desk.operator).json()
+        # given two requests filed on the same value, the first approved
+        first = client.put(url, json={**base, **change}, headers={**desk.operator, **support.key()})
+        second = client.put(url, json=base, headers={**desk.operator, **support.key()})
+        assert first.status_code == second.status_code == 202, second.text
+        assert desk.decide(first.json()["id"], "approve").status_code == 200
+        # when the second is approved, it is refused: it would undo the first
+        stale = client.post(
+            f"{desk.base}/approvals/{second.json()['id']}/approve",
+            json={},
+            headers={**desk.reviewer, **support.key(), "Accept-Language": "zh"},
+        )
+        assert stale.status_code == 409, stale.text
+        assert "重新提交" in stale.json()["detail"]
+        # and nothing changed: the first stays, the second waits
+        assert client.get(url, headers=desk.operator).json() == {**base, **change}
+        assert desk.approval(second.json()["id"])["status"] == "pending"
+
+
+def test_a_request_filed_before_bases_were_kept_is_approved_as_before(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    url = f"{desk.base}/settings"
+    base = client.get(url, headers=desk.operator).json()
+    filed = client.put(url, json={**base, "adjust_approval_threshold": 10},
+                       headers={**desk.operator, **support.key()})  # fmt: skip
+    db.run(
+        lambda uow: uow.conn.execute(
+            approvals.update().where(approvals.c.id == filed.json()["id"]).values(based_on=None)
+        )
+    )
+    other = client.put(url, json={**base, "transfers_enabled": False},
+                       headers={**desk.operator, **support.key()})  # fmt: skip
+    assert desk.decide(other.json()["id"], "approve").status_code == 200
+    assert desk.decide(filed.json()["id"], "approve").status_code == 200
+    assert client.get(url, headers=desk.operator).json()["adjust_approval_threshold"] == 10
+
+
+def _staff_id(client: TestClient, headers: dict[str, str]) -> int:
+    return int(client.get("/v1/auth/me", headers=headers).json()["id"])
+
+
+def test_a_request_whose_maker_was_disabled_or_lost_the_permission_waits(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    maker = _staff_id(client, desk.operator)
+    filed = desk.adjust(50_000).json()["id"]
+    # when the maker is disabled, its request is not approved, and stays pending
+    db.run(
+        lambda uow: auth.update_staff(
+            uow, staff_id=maker, display_name=None, active=False, unlock=False
+        )
+    )
+    refused = desk.decide(filed, "approve")
+    assert refused.status_code == 409, refused.text
+    assert "maker" in refused.json()["detail"]
+    assert desk.approval(filed)["status"] == "pending"
+    # nor when it is active again but no longer holds points.adjust here
+    db.run(
+        lambda uow: auth.update_staff(
+            uow, staff_id=maker, display_name=None, active=True, unlock=False
+        )
+    )
+    for grant in db.run(lambda uow: auth.get_staff(uow, staff_id=maker)).grants:
+        db.run(lambda uow, g=grant.id: auth.revoke_grant(uow, staff_id=maker, grant_id=g))
+    assert desk.decide(filed, "approve").status_code == 409
+    assert desk.posting_count() == 0
+    # a checker can still reject it
+    assert desk.decide(filed, "reject").status_code == 200
+
+
+def test_a_maker_withdraws_its_own_pending_request(client: TestClient, db: Database) -> None:
+    desk = Desk(client, db)
+    filed = desk.adjust(5000).json()["id"]
+    # nobody else withdraws it: a reviewer lacks the permission, another operator is refused
+    assert desk.decide(filed, "withdraw").status_code == 403
+    other = support.staff(db, "operator", program_id=desk.program.id)
+    assert desk.decide(filed, "withdraw", other).status_code == 403
+    # its maker does: it ends withdrawn, and can no longer be approved
+    withdrawn = desk.decide(filed, "withdraw", desk.operator)
+    assert withdrawn.status_code == 200, withdrawn.text
+    assert withdrawn.json()["status"] == "withdrawn" and withdrawn.json()["decided_by"] is None
+    assert desk.decide(filed, "approve").status_code == 409
+    assert desk.decide(filed, "withdraw", desk.operator).status_code == 409
+    assert desk.balance()["available"] == 0
+    # and the withdrawal is in the audit log
+    actions = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.action).where(audit_entries.c.target == f"approval:{filed}")
+        ).scalars().all()
+    )  # fmt: skip
+    assert actions == ["approvals.withdraw"]
+
+
+def test_an_operators_adjustments_of_a_day_count_together_against_the_threshold(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    # adjustments that add up to the threshold (1000) post at once
+    assert desk.adjust(600).status_code == 201
+    assert desk.adjust(-400).status_code == 201
+    # one more point, either way, would pass it: it waits for a second person
+    for amount in (1, -1):
+        held = desk.adjust(amount)
+        assert held.status_code == 202, held.text
+        assert held.json()["action"] == "points.adjust"
+    # another operator's adjustments count on their own
+    other = support.staff(db, "operator", program_id=desk.program.id)
+    answer = desk.post(desk.points("/adjust"), {"amount": 1000, "reason": "goodwill"}, other)
+    assert answer.status_code == 201, answer.text
+    # and once they are a day old the operator's count starts again
+    db.run(
+        lambda uow: uow.conn.execute(
+            postings.update()
+            .where(postings.c.program_id == desk.program.id)
+            .values(created_at=db.clock.now() - timedelta(hours=24, seconds=1))
+        )
+    )
+    assert desk.adjust(1000).status_code == 201
+    assert desk.balance()["available"] == 2200
 
 
 def test_a_rejected_request_executes_nothing(client: TestClient, db: Database) -> None:

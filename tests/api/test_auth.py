@@ -355,6 +355,114 @@ def test_nobody_hands_out_what_it_does_not_hold(app_client: TestClient, db: Data
     )
 
 
+def _staff_with(db: Database, role: str, program_id: int | None = None) -> int:
+    """A staff user holding ``role`` (in ``program_id``, or everywhere): its id."""
+
+    def make(uow: UnitOfWork) -> int:
+        created = auth.create_staff(uow, username=f"s-{uuid.uuid4().hex[:8]}", password=PASSWORD)
+        auth.grant_role(uow, staff_id=created.id, role=role, program_id=program_id)
+        return created.id
+
+    return db.run(make)
+
+
+def test_a_programme_administrator_manages_only_staff_within_its_programme(
+    app_client: TestClient, db: Database
+) -> None:
+    # given an administrator of programme A, the installation's own and programme B's staff
+    program_a, program_b = new_program(db), new_program(db)
+    admin_a = support.staff(db, "super_admin", program_id=program_a.id)
+    root = _staff_with(db, "super_admin")
+    operator_b = _staff_with(db, "operator", program_b.id)
+    operator_a = _staff_with(db, "operator", program_a.id)
+    # when it lists staff: it sees programme A's only
+    listed = app_client.get("/v1/staff", params={"limit": 200}, headers=admin_a).json()["items"]
+    ids = {item["id"] for item in listed}
+    assert operator_a in ids and root not in ids and operator_b not in ids
+    assert all(g["program_id"] == program_a.id for item in listed for g in item["grants"])
+    # and it can neither read nor disable nor grant to the others
+    for other in (root, operator_b):
+        assert app_client.get(f"/v1/staff/{other}", headers=admin_a).status_code == 403
+        disabled = app_client.patch(
+            f"/v1/staff/{other}", json={"active": False}, headers={**admin_a, **support.key()}
+        )
+        assert disabled.status_code == 403, disabled.text
+        granted = app_client.post(
+            f"/v1/staff/{other}/grants",
+            json={"role": "cashier", "program": program_a.code},
+            headers={**admin_a, **support.key()},
+        )
+        assert granted.status_code == 403
+    root_row = app_client.get(f"/v1/staff/{root}", headers=support.staff(db, "super_admin"))
+    assert root_row.json()["active"] is True
+    # while its own programme's operator it manages
+    own = app_client.patch(
+        f"/v1/staff/{operator_a}", json={"active": False}, headers={**admin_a, **support.key()}
+    )
+    assert own.status_code == 200 and own.json()["active"] is False
+    # nor does it hand out super_admin, even in its own programme, or create programmes
+    super_grant = app_client.post(
+        f"/v1/staff/{operator_a}/grants",
+        json={"role": "super_admin", "program": program_a.code},
+        headers={**admin_a, **support.key(), "Accept-Language": "zh"},
+    )
+    assert super_grant.status_code == 403 and "super_admin" in super_grant.json()["detail"]
+    created = app_client.post(
+        "/v1/programs",
+        json={"code": f"p-{uuid.uuid4().hex[:8]}", "name": "Mine"},
+        headers={**admin_a, **support.key()},
+    )
+    assert created.status_code == 403, created.text
+
+
+def test_a_merchant_administrator_hands_out_its_merchant_scope_only(
+    app_client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    shop_admin = support.staff(db, "super_admin", program_id=program.id, merchant="shop-A")
+    me = app_client.get("/v1/auth/me", headers=shop_admin).json()
+
+    def grant(body: dict[str, Any]) -> Any:
+        return app_client.post(
+            f"/v1/staff/{me['id']}/grants", json=body, headers={**shop_admin, **support.key()}
+        )
+
+    # a grant of the whole programme, or of another merchant: refused
+    assert grant({"role": "operator", "program": program.code}).status_code == 403
+    assert (
+        grant({"role": "cashier", "program": program.code, "merchant": "shop-B"}).status_code == 403
+    )
+    # one of its own merchant: made
+    own = grant({"role": "cashier", "program": program.code, "merchant": "shop-A", "store": "s1"})
+    assert own.status_code == 201, own.text
+    grants = app_client.get("/v1/auth/me", headers=shop_admin).json()["grants"]
+    assert {g["merchant"] for g in grants} == {"shop-A"}
+
+
+def test_a_merchants_credentials_list_and_revoke_its_own_api_keys_only(
+    app_client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    keys = f"/v1/programs/{program.code}/api-keys"
+    admin = support.staff(db, "operator", program_id=program.id)
+    shop_a = support.staff(db, "operator", program_id=program.id, merchant="shop-A")
+    made = {
+        merchant: app_client.post(
+            keys, json={"name": merchant, "merchant": merchant}, headers={**admin, **support.key()}
+        ).json()["id"]
+        for merchant in ("shop-A", "shop-B")
+    }
+    listed = app_client.get(keys, headers=shop_a).json()["items"]
+    assert [item["id"] for item in listed] == [made["shop-A"]]
+    assert app_client.get(keys, params={"merchant": "shop-B"}, headers=shop_a).status_code == 403
+    other = app_client.post(f"{keys}/{made['shop-B']}/revoke", headers={**shop_a, **support.key()})
+    assert other.status_code == 404
+    still = app_client.get(keys, params={"merchant": "shop-B"}, headers=admin).json()["items"]
+    assert still[0]["revoked_at"] is None
+    own = app_client.post(f"{keys}/{made['shop-A']}/revoke", headers={**shop_a, **support.key()})
+    assert own.status_code == 200 and own.json()["revoked_at"] is not None
+
+
 # --------------------------------------------------------------------------- API keys
 
 
@@ -395,6 +503,60 @@ def test_api_keys_are_stored_hashed_shown_once_and_revocable(
         f"/v1/programs/{program.code}/members/{member_id}/points", headers=support.bearer(token)
     )
     assert after.status_code == 401 and "revoked" in after.json()["detail"]
+
+
+def test_a_store_is_scoped_within_a_merchant(app_client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    admin = support.staff(db, "super_admin", program_id=program.id)
+    zh = {"Accept-Language": "zh-CN"}
+    # when a key or a grant names a store and no merchant
+    key = app_client.post(
+        f"/v1/programs/{program.code}/api-keys",
+        json={"name": "till S1", "store": "S1"},
+        headers={**admin, **support.key(), **zh},
+    )
+    me = app_client.get("/v1/auth/me", headers=admin).json()
+    grant = app_client.post(
+        f"/v1/staff/{me['id']}/grants",
+        json={"role": "cashier", "program": program.code, "store": "S1"},
+        headers={**admin, **support.key()},
+    )
+    # then both are refused, naming the field, in the caller's language
+    for answer in (key, grant):
+        assert answer.status_code == 422, answer.text
+        assert [e["field"] for e in answer.json()["errors"]] == ["store"]
+    assert "商户" in key.json()["errors"][0]["message"]
+    assert "merchant" in grant.json()["errors"][0]["message"]
+
+
+def test_a_key_stored_with_a_store_and_no_merchant_acts_for_its_store_only(
+    app_client: TestClient, db: Database
+) -> None:
+    # given a key of store S1 with no merchant (stored before such keys were refused)
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    token = db.run(
+        lambda uow: auth.create_api_key(
+            uow, program_id=program.id, name="till", created_by="test", merchant="M1",
+            store="S1",
+        )
+    ).token  # fmt: skip
+    prefix = token.removeprefix("jf_").split("_", 1)[0]
+    db.run(
+        lambda uow: uow.conn.execute(
+            update(api_keys).where(api_keys.c.prefix == prefix).values(merchant=None)
+        )
+    )
+    url = f"/v1/programs/{program.code}/members/{member_id}/points/earn"
+    till = support.bearer(token)
+    # when it earns for another store: refused
+    other = app_client.post(
+        url, json={"amount": 10, "merchant": "M9", "store": "S2"}, headers={**till, **support.key()}
+    )
+    assert other.status_code == 403, other.text
+    # and for its own store: allowed
+    own = app_client.post(url, json={"amount": 10}, headers={**till, **support.key()})
+    assert own.status_code == 201, own.text
 
 
 def test_an_expired_api_key_is_refused(

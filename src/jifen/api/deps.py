@@ -13,7 +13,6 @@ The permission each route needs is written into the OpenAPI document as ``x-perm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -32,6 +31,7 @@ from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jifen import crypto
 from jifen.api.limits import Limiter
 from jifen.api.models import idempotency_records
 from jifen.api.problems import language
@@ -285,9 +285,11 @@ class Context:
                 problem_zh="会员不能指定商户或门店;由商户或门店自己的凭据指定。",
             )
         grant = self.grant
-        if grant is None or grant.merchant is None:
+        if grant is None or (grant.merchant is None and grant.store is None):
             return requested, store
-        if requested is not None and requested != grant.merchant:
+        # A store without a merchant is refused when a grant or key is made; one stored
+        # before that is still held to its store.
+        if grant.merchant is not None and requested is not None and requested != grant.merchant:
             raise Forbidden(
                 problem=f"These credentials act for merchant {grant.merchant!r} only, not "
                 f"{requested!r}.",
@@ -298,7 +300,7 @@ class Context:
                 problem=f"These credentials act for store {grant.store!r} only, not {store!r}.",
                 problem_zh=f"该凭据只能代表门店 {grant.store!r},不能代表 {store!r}。",
             )
-        return grant.merchant, grant.store or store
+        return grant.merchant or requested, grant.store or store
 
     def audit(
         self,
@@ -503,14 +505,17 @@ class Write(Read):
 
 
 async def request_fingerprint(request: Request) -> str:
-    """SHA-256 of method, path, query and body (JSON compared by meaning, not spacing)."""
+    """Keyed hash of method, path, query and body (JSON compared by meaning, not spacing).
+
+    Keyed (not a plain SHA-256): the body may hold a phone or ID number or a password, and
+    its fingerprint is stored next to an answer that shows part of it."""
     raw = await request.body()
     try:
         body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")) if raw else ""
     except ValueError:
         body = raw.decode(errors="replace")
     text = f"{request.method} {request.url.path}?{request.url.query}\n{body}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    return crypto.request_fingerprint(text)
 
 
 def annotate_permissions(router: APIRouter) -> None:

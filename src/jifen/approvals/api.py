@@ -127,3 +127,26 @@ def reject(
         )
 
     return ctx.execute(decide, target=f"approval:{approval_id}")
+
+
+@router.post(APPROVALS + "/{approval_id}/withdraw", response_model=ApprovalRead)
+def withdraw(
+    program: str,
+    approval_id: Id,
+    ctx: Annotated[Context, Depends(Write("approvals.withdraw"))],
+    body: Annotated[ApprovalDecision | None, Body()] = None,
+) -> JSONResponse:
+    """Withdraw your own pending request; nothing executes, and nobody can approve it."""
+    withdrawn_by = requester(ctx)
+    note = body.note if body else ""
+
+    def take_back(uow: UnitOfWork) -> ApprovalRead:
+        return service.withdraw(
+            uow,
+            approval_id=approval_id,
+            program_id=ctx.program_id,
+            withdrawn_by=withdrawn_by,
+            note=note,
+        )
+
+    return ctx.execute(take_back, target=f"approval:{approval_id}")

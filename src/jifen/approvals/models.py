@@ -26,7 +26,17 @@ approvals = Table(
     Column("decided_at", UTCDateTime(), nullable=True),
     Column("decision_note", Text, nullable=False, server_default=""),
     Column("result", JSON, nullable=True, comment="what the execution produced"),
-    CheckConstraint("status IN ('pending', 'approved', 'rejected', 'failed')", name="known_status"),
+    Column(
+        "based_on",
+        String(64),
+        nullable=True,
+        comment="digest of the value a settings or caps request was filed on (NULL: none, or "
+        "filed before it was kept)",
+    ),
+    CheckConstraint(
+        "status IN ('pending', 'approved', 'rejected', 'failed', 'withdrawn')",
+        name="known_status",
+    ),
     CheckConstraint(
         "decided_by IS NULL OR decided_by <> requested_by", name="checker_is_not_maker"
     ),

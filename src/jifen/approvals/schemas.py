@@ -12,7 +12,7 @@ from jifen.api.schemas import NO_NUL, RequestBody
 ApprovalAction = Literal[
     "points.adjust", "points.clear", "programs.settings", "rules.approve", "rules.caps"
 ]
-ApprovalStatus = Literal["pending", "approved", "rejected", "failed"]
+ApprovalStatus = Literal["pending", "approved", "rejected", "failed", "withdrawn"]
 
 
 class ApprovalRead(BaseModel):

@@ -7,15 +7,23 @@ a ledger write made on approval uses the key ``approval:<id>``, which the ledger
 once. The execution runs in a savepoint: when the rules refuse it (the balance fell below
 the adjustment), its writes are undone while the request is kept, marked ``failed`` with
 the error, so that the requester sees why.
+
+Approval is refused (409, the request left pending) when its maker is no longer an active
+staff user holding a permission that files it, or when a settings or caps request was filed
+on a value that has changed since: approving it would silently undo that change. The maker
+may withdraw its own pending request.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.engine import Row
 
@@ -23,7 +31,14 @@ from jifen.approvals.models import approvals
 from jifen.approvals.schemas import ApprovalAction, ApprovalRead, ApprovalStatus
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
-from jifen.errors import Forbidden, InvalidInput, JifenError, StateConflict, UnknownApproval
+from jifen.errors import (
+    Forbidden,
+    InvalidInput,
+    JifenError,
+    StateConflict,
+    Unauthenticated,
+    UnknownApproval,
+)
 from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
@@ -49,6 +64,7 @@ def request(
             problem_zh=f"{action!r} 不是需要审批的变更",
         )
     now = uow.clock.now()
+    base = _BASES.get(action)
     approval_id = uow.conn.execute(
         approvals.insert().returning(approvals.c.id),
         {
@@ -59,6 +75,7 @@ def request(
             "status": "pending",
             "requested_by": requested_by,
             "requested_at": now,
+            "based_on": base[0](uow, program_id) if base is not None else None,
         },
     ).scalar_one()
     return get(uow, program_id=program_id, approval_id=int(approval_id))
@@ -97,9 +114,12 @@ def approve(
 ) -> ApprovalRead:
     """Approve and execute the request, once. A refused execution leaves it ``failed``."""
     filed = _row(uow, program_id, approval_id)
-    check = _BEFORE_APPROVING.get(filed.action)
-    if check is not None and filed.requested_by != decided_by and filed.status == "pending":
-        check(uow, filed, decided_by)
+    if filed.requested_by != decided_by and filed.status == "pending":
+        _maker_still_may(uow, filed)
+        _still_on_its_base(uow, filed)
+        check = _BEFORE_APPROVING.get(filed.action)
+        if check is not None:
+            check(uow, filed, decided_by)
     row = _decide(uow, program_id, approval_id, decided_by, note, "approved")
     execute = _EXECUTORS[row.action]
     try:
@@ -131,6 +151,27 @@ def reject(
     return get(uow, program_id=program_id, approval_id=approval_id)
 
 
+def withdraw(
+    uow: UnitOfWork, *, approval_id: int, program_id: int, withdrawn_by: int, note: str = ""
+) -> ApprovalRead:
+    """The maker takes back its own pending request: nothing executes, and nobody can
+    approve it any more (a submitted rule goes back as a rejection would send it)."""
+    row = _row(uow, program_id, approval_id)
+    if row.requested_by != withdrawn_by:
+        raise Forbidden(
+            problem=f"Approval request {approval_id} is not yours; only its maker withdraws "
+            "it (a checker rejects it).",
+            problem_zh=f"审批申请 {approval_id} 不是您提交的;只有提交人可以撤回(审批人可驳回)。",
+        )
+    if row.status != "pending":
+        raise _already_decided(approval_id, row.status)
+    _move(uow, approval_id, status="withdrawn", decided_at=uow.clock.now(), decision_note=note)
+    on_reject = _ON_REJECT.get(row.action)
+    if on_reject is not None:
+        on_reject(uow, row)
+    return get(uow, program_id=program_id, approval_id=approval_id)
+
+
 # --------------------------------------------------------------------------- deciding
 
 
@@ -150,18 +191,58 @@ def _decide(
         )
     if row.status != "pending":
         raise _already_decided(approval_id, row.status)
-    # Only one transaction can move the request out of 'pending': a concurrent twin waits on
-    # the row and then matches nothing.
+    _move(
+        uow, approval_id, status=status, decided_by=decided_by, decided_at=uow.clock.now(),
+        decision_note=note,
+    )  # fmt: skip
+    return row
+
+
+def _move(uow: UnitOfWork, approval_id: int, **values: Any) -> None:
+    """Move the request out of 'pending'. Only one transaction can: a concurrent twin waits
+    on the row and then matches nothing."""
     moved = uow.conn.execute(
         approvals.update()
         .where(approvals.c.id == approval_id, approvals.c.status == "pending")
-        .values(
-            status=status, decided_by=decided_by, decided_at=uow.clock.now(), decision_note=note
-        )
+        .values(**values)
     )
     if moved.rowcount != 1:
         raise _already_decided(approval_id, "decided")
-    return row
+
+
+def _maker_still_may(uow: UnitOfWork, row: Row[Any]) -> None:
+    """A request stands for its maker: one whose account was disabled, or who no longer
+    holds a permission that files it in this programme, cannot have it executed."""
+    needs = _FILED_UNDER[row.action]
+    try:
+        maker = auth_service.staff_principal(uow, row.requested_by, session_id=None)
+    except Unauthenticated:  # the account is disabled
+        maker = None
+    if maker is None or not any(maker.allows(p, program_id=row.program_id) for p in needs):
+        raise StateConflict(
+            problem=f"Approval request {row.id} cannot be approved: its maker is no longer an "
+            f"active staff user holding {' or '.join(needs)} in this programme. Reject it, "
+            "or have someone who may file it again.",
+            problem_zh=f"审批申请 {row.id} 无法批准:提交人已不是在本计划中拥有 "
+            f"{' 或 '.join(needs)} 权限的在职员工。请驳回,或由有权限的人重新提交。",
+        )
+
+
+def _still_on_its_base(uow: UnitOfWork, row: Row[Any]) -> None:
+    """A settings or caps request replaces the whole value: approved after another change,
+    it would undo that change. Requests filed before bases were kept have none."""
+    base = _BASES.get(row.action)
+    if base is None or row.based_on is None:
+        return
+    current, what, what_zh = base
+    if current(uow, row.program_id) != row.based_on:
+        raise StateConflict(
+            problem=f"Approval request {row.id} was filed on {what} that have changed since; "
+            "approving it would undo that change. File the request again on the current "
+            f"{what}, and reject or withdraw this one.",
+            problem_zh=f"审批申请 {row.id} 所依据的{what_zh}此后已被更改,批准它会撤销那次更改。"
+            f"请基于当前{what_zh}重新提交申请,并驳回或撤回本申请。",
+        )
 
 
 def _already_decided(approval_id: int, status: str) -> StateConflict:
@@ -251,6 +332,20 @@ def _caps(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     return {"caps": caps.model_dump(mode="json")}
 
 
+def _digest(value: BaseModel) -> str:
+    return hashlib.sha256(
+        json.dumps(value.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def _settings_now(uow: UnitOfWork, program_id: int) -> str:
+    return _digest(programs_service.get_settings(uow, program_id=program_id))
+
+
+def _caps_now(uow: UnitOfWork, program_id: int) -> str:
+    return _digest(rules_service.get_caps(uow, program_id=program_id))
+
+
 def _decider(uow: UnitOfWork, row: Row[Any]) -> str:
     """The approver named as staff are everywhere else (``staff:<username>``)."""
     decided_by = uow.conn.execute(
@@ -266,6 +361,21 @@ _EXECUTORS: dict[str, Callable[[UnitOfWork, Row[Any]], dict[str, Any]]] = {
     "rules.approve": _approve_rule,
     "rules.caps": _caps,
 }
+
+_BASES: dict[str, tuple[Callable[[UnitOfWork, int], str], str, str]] = {
+    "programs.settings": (_settings_now, "settings", "设置"),
+    "rules.caps": (_caps_now, "earning caps", "积分上限"),
+}
+"""Requests that replace a whole value: a digest of it now, and its name in both languages."""
+
+_FILED_UNDER: dict[str, tuple[str, ...]] = {
+    "points.adjust": ("points.adjust",),
+    "points.clear": ("points.clear",),
+    "programs.settings": ("programs.settings", "tiers.write"),  # tiers file the scheme
+    "rules.approve": ("rules.write",),
+    "rules.caps": ("rules.write",),
+}
+"""The permissions that file each kind of request (any one): its maker must still hold one."""
 
 _BEFORE_APPROVING: dict[str, Callable[[UnitOfWork, Row[Any], int], None]] = {
     "rules.approve": _not_the_rules_author,

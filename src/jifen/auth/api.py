@@ -244,28 +244,64 @@ def set_member_password(
 # --------------------------------------------------------------------------- staff
 
 
-def _may_hand_out(ctx: Context, permissions: frozenset[str], program_id: int | None) -> None:
-    """Refuse to hand out a permission the asker does not hold in that scope."""
-    if program_id is None:
-        beyond = sorted(p for p in permissions if ctx.principal.programs(p) is not None)
-    else:
-        beyond = sorted(
-            p for p in permissions if ctx.principal.allows(p, program_id=program_id) is None
-        )
+def _may_hand_out(
+    ctx: Context,
+    permissions: frozenset[str],
+    program_id: int | None,
+    merchant: str | None = None,
+    store: str | None = None,
+) -> None:
+    """Refuse to hand out a permission the asker does not hold in a scope containing that
+    programme, merchant and store: a merchant's administrator hands out that merchant's
+    scope only, never the whole programme's."""
+    beyond = sorted(
+        p
+        for p in permissions
+        if not ctx.principal.covers(p, program_id=program_id, merchant=merchant, store=store)
+    )
     if beyond:
-        where = "in every programme" if program_id is None else "in that programme"
         raise Forbidden(
-            problem=f"You cannot hand out {', '.join(beyond)}: you do not hold it {where}.",
-            problem_zh=f"不能授予 {', '.join(beyond)}:你本人在该范围内没有此权限。",
+            problem=f"You cannot hand out {', '.join(beyond)}: you do not hold it in a scope "
+            "that contains that programme, merchant and store.",
+            problem_zh=f"不能授予 {', '.join(beyond)}:你本人在包含该计划、商户和门店的范围内"
+            "没有此权限。",
         )
+
+
+def _within_scope(uow: UnitOfWork, ctx: Context, staff_id: int) -> StaffRead:
+    """The staff user, if every grant it holds lies within the asker's scope for the
+    route's permission (an administrator of one programme or merchant manages only its own
+    people, never the installation's); refused otherwise."""
+    staff = service.get_staff(uow, staff_id=staff_id)
+    outside = [
+        grant
+        for grant in staff.grants
+        if not ctx.principal.covers(
+            ctx.permission, program_id=grant.program_id, merchant=grant.merchant,
+            store=grant.store,
+        )
+    ]  # fmt: skip
+    if outside:
+        raise Forbidden(
+            problem=f"Staff user {staff_id} holds roles outside your scope; an administrator "
+            "whose scope contains all of them manages it.",
+            problem_zh=f"员工 {staff_id} 拥有你的管理范围之外的角色;须由范围涵盖其全部角色的"
+            "管理员管理。",
+        )
+    return staff
 
 
 def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
     program_id = None
     if grant.program is not None:
         program_id = programs_service.get_program(uow, code=grant.program).id
+    if grant.role == "super_admin" and not ctx.principal.everywhere("staff.write"):
+        raise Forbidden(
+            problem="Only an installation-wide administrator grants super_admin.",
+            problem_zh="只有全系统范围的管理员可以授予 super_admin。",
+        )
     permissions = service.role_permissions(uow, role=grant.role, program_id=program_id)
-    _may_hand_out(ctx, permissions | {"staff.write"}, program_id)
+    _may_hand_out(ctx, permissions | {"staff.write"}, program_id, grant.merchant, grant.store)
     return service.grant_role(
         uow, staff_id=staff_id, role=grant.role, program_id=program_id,
         merchant=grant.merchant, store=grant.store,
@@ -282,11 +318,19 @@ def list_staff(
     role: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
 ) -> Page[StaffRead]:
     """Staff users, in the order they were created; filter by ``active``, a ``username``
-    prefix, or a ``role`` they hold."""
+    prefix, or a ``role`` they hold. A scoped caller sees those whose every grant lies
+    within its scope."""
     after = id_cursor(cursor)
+    within = ctx.principal.scopes(ctx.permission)
     items = ctx.db.run(
         lambda uow: service.list_staff(
-            uow, after_id=after, limit=limit, active=active, username=username, role=role
+            uow,
+            after_id=after,
+            limit=limit,
+            active=active,
+            username=username,
+            role=role,
+            within=within,
         ),
         read_only=True,
     )
@@ -317,7 +361,7 @@ def create_staff(
 
 @router.get("/staff/{staff_id}", response_model=StaffRead)
 def get_staff(staff_id: Id, ctx: Annotated[Context, Depends(Read("staff.read"))]) -> StaffRead:
-    return ctx.db.run(lambda uow: service.get_staff(uow, staff_id=staff_id), read_only=True)
+    return ctx.db.run(lambda uow: _within_scope(uow, ctx, staff_id), read_only=True)
 
 
 @router.patch("/staff/{staff_id}", response_model=StaffRead)
@@ -326,7 +370,7 @@ def update_staff(
 ) -> JSONResponse:
     """Rename, disable (which ends its sessions), enable, or unlock after failed sign-ins."""
     ctx.audit_before = ctx.db.run(
-        lambda uow: service.get_staff(uow, staff_id=staff_id), read_only=True
+        lambda uow: _within_scope(uow, ctx, staff_id), read_only=True
     ).model_dump(mode="json")
     return ctx.execute(
         lambda uow: service.update_staff(
@@ -344,7 +388,7 @@ def add_grant(
     """Give a staff user a role in a programme (or every programme), merchant and store."""
 
     def add(uow: UnitOfWork) -> GrantRead:
-        service.get_staff(uow, staff_id=staff_id)
+        _within_scope(uow, ctx, staff_id)
         return service.grant_of(uow, grant_id=_grant(uow, ctx, staff_id, body))
 
     return ctx.execute(add, target=f"staff:{staff_id}", status=201)
@@ -356,14 +400,13 @@ def revoke_grant(
 ) -> JSONResponse:
     def revoke(uow: UnitOfWork) -> GrantRead:
         grant = next(
-            (g for g in service.get_staff(uow, staff_id=staff_id).grants if g.id == grant_id),
-            None,
+            (g for g in _within_scope(uow, ctx, staff_id).grants if g.id == grant_id), None
         )
         if grant is not None:
             permissions = service.role_permissions(
                 uow, role=grant.role, program_id=grant.program_id
             )
-            _may_hand_out(ctx, permissions, grant.program_id)
+            _may_hand_out(ctx, permissions, grant.program_id, grant.merchant, grant.store)
         return service.revoke_grant(uow, staff_id=staff_id, grant_id=grant_id)
 
     return ctx.execute(revoke, target=f"staff:{staff_id}")
@@ -463,8 +506,9 @@ def list_api_keys(
     revoked: bool | None = None,
 ) -> Page[ApiKeyRead]:
     """The programme's keys: prefix, scope, permissions, expiry, revocation, last use;
-    filter by ``merchant`` and ``revoked``."""
+    filter by ``merchant`` and ``revoked``. A merchant's credentials see its own keys."""
     after = id_cursor(cursor)
+    merchant, _ = ctx.merchant(merchant)
     items = ctx.db.run(
         lambda uow: service.list_api_keys(
             uow,
@@ -500,7 +544,7 @@ def create_api_key(
                 problem_zh=f"API 密钥不能拥有 {', '.join(outside)};请从以下权限中选择:"
                 f"{', '.join(sorted(API_KEY_PERMISSIONS))}",
             )
-    _may_hand_out(ctx, wanted, ctx.program_id)
+    _may_hand_out(ctx, wanted, ctx.program_id, merchant, store)
     if body.expires_at is not None and body.expires_at <= ctx.db.clock.now():
         raise InvalidInput(
             field="expires_at",
@@ -523,8 +567,11 @@ def create_api_key(
 def revoke_api_key(
     program: str, key_id: Id, ctx: Annotated[Context, Depends(Write("api_keys.write"))]
 ) -> JSONResponse:
-    """Revoke a key at once (servers that cached it stop accepting it within 5 seconds)."""
+    """Revoke a key at once (servers that cached it stop accepting it within 5 seconds). A
+    merchant's credentials revoke its own keys only."""
     return ctx.execute(
-        lambda uow: service.revoke_api_key(uow, program_id=ctx.program_id, key_id=key_id),
+        lambda uow: service.revoke_api_key(
+            uow, program_id=ctx.program_id, key_id=key_id, merchant=ctx.merchant_scope
+        ),
         target=f"api-key:{key_id}",
     )

@@ -36,6 +36,7 @@ PERMISSIONS: dict[str, str] = {
     "api_keys.write": "issue and revoke API keys",
     "approvals.read": "see approval requests",
     "approvals.decide": "approve or reject another person's request",
+    "approvals.withdraw": "withdraw one's own pending request",
     "audit.read": "read and export the audit log",
     "events.read": "see events and what they earned",
     "events.write": "send events (orders, check-ins, reviews…) that earn through the rules",
@@ -94,6 +95,7 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "api_keys.write",
                 "staff.read",
                 "approvals.read",
+                "approvals.withdraw",
                 "events.read",
                 "events.write",
                 "rules.read",
@@ -228,6 +230,21 @@ class Grant:
     store: str | None = None
     role: str = ""
 
+    @property
+    def unscoped(self) -> bool:
+        """Installation-wide: every programme, merchant and store."""
+        return self.program_id is None and self.merchant is None and self.store is None
+
+    def contains(self, program_id: int | None, merchant: str | None, store: str | None) -> bool:
+        """Whether a scope lies within this grant's: a grant of one programme (merchant,
+        store) contains that one only, never the wider scope of every programme (merchant,
+        store)."""
+        return (
+            self.program_id in (None, program_id)
+            and self.merchant in (None, merchant)
+            and self.store in (None, store)
+        )
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -265,6 +282,31 @@ class Principal:
                 continue
             return grant
         return None
+
+    def covers(
+        self,
+        permission: str,
+        *,
+        program_id: int | None,
+        merchant: str | None = None,
+        store: str | None = None,
+    ) -> bool:
+        """Whether one grant holds ``permission`` in a scope that contains the one given:
+        what its holder may hand out, and whose staff it may manage."""
+        return any(
+            permission in grant.permissions and grant.contains(program_id, merchant, store)
+            for grant in self.grants
+        )
+
+    def everywhere(self, permission: str) -> bool:
+        """Whether ``permission`` is held installation-wide (by an unscoped grant)."""
+        return any(permission in grant.permissions and grant.unscoped for grant in self.grants)
+
+    def scopes(self, permission: str) -> tuple[Grant, ...] | None:
+        """The grants holding ``permission``; None when one of them is unscoped."""
+        if self.everywhere(permission):
+            return None
+        return tuple(grant for grant in self.grants if permission in grant.permissions)
 
     def programs(self, permission: str) -> set[int] | None:
         """Programmes where ``permission`` is held; None means every programme."""

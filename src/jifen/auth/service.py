@@ -13,7 +13,7 @@ from typing import Any
 import pyotp
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
-from sqlalchemy import ColumnElement, Table, case, func, select
+from sqlalchemy import ColumnElement, Table, and_, case, exists, false, func, or_, select, true
 
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
@@ -285,6 +285,7 @@ def grant_role(
     store: str | None = None,
 ) -> int:
     """Give a staff user a role (built-in, or custom in ``program_id``) in a scope."""
+    _require_merchant_of_store(merchant, store)
     sync_builtin_roles(uow)
     row = uow.conn.execute(
         select(roles.c.id, roles.c.program_id)
@@ -309,6 +310,17 @@ def grant_role(
     return int(grant_id)
 
 
+def _require_merchant_of_store(merchant: str | None, store: str | None) -> None:
+    """A store belongs to a merchant: a scope naming a store names its merchant too, so that
+    no credential holds a store of whichever merchant it likes."""
+    if store is not None and merchant is None:
+        raise InvalidInput(
+            field="store",
+            problem="a store is scoped within a merchant: give the merchant as well",
+            problem_zh="门店属于某个商户:请同时填写商户(merchant)",
+        )
+
+
 def needs_totp(grants: Sequence[Grant]) -> bool:
     """TOTP is required of anyone whose roles can change something."""
     return any(is_write(permission) for grant in grants for permission in grant.permissions)
@@ -331,6 +343,7 @@ def create_api_key(
 ) -> ApiKeyCreated:
     """Issue an API key; its token (prefix and secret) is returned once, the secret kept
     only as a keyed hash."""
+    _require_merchant_of_store(merchant, store)
     wanted = sorted(set(permissions) if permissions is not None else DEFAULT_API_KEY_PERMISSIONS)
     beyond = [p for p in wanted if p not in API_KEY_PERMISSIONS]
     if beyond:
@@ -752,9 +765,14 @@ def list_staff(
     active: bool | None = None,
     username: str | None = None,
     role: str | None = None,
+    within: Sequence[Grant] | None = None,
 ) -> list[StaffRead]:
-    """Staff in the order they were created; filters: active, username prefix, holding a role."""
+    """Staff in the order they were created; filters: active, username prefix, holding a role,
+    and (``within``) holding no grant outside those scopes."""
     query = select(staff_users).where(staff_users.c.id > after_id)
+    if within is not None:
+        outside = exists().where(role_grants.c.staff_id == staff_users.c.id, ~_held_within(within))
+        query = query.where(~outside)
     if active is not None:
         query = query.where(staff_users.c.active == active)
     if username:
@@ -769,6 +787,24 @@ def list_staff(
         query = query.where(staff_users.c.id.in_(holders))
     rows = uow.conn.execute(query.order_by(staff_users.c.id).limit(limit)).all()
     return _staff_reads(uow, rows)
+
+
+def _held_within(scopes: Sequence[Grant]) -> ColumnElement[bool]:
+    """A grant row lies within one of ``scopes`` (the SQL of :meth:`Grant.contains`; never
+    NULL, so that its negation picks every grant outside them)."""
+    inside: list[ColumnElement[bool]] = []
+    for scope in scopes:
+        pinned = [
+            and_(column.is_not(None), column == value)
+            for column, value in (
+                (role_grants.c.program_id, scope.program_id),
+                (role_grants.c.merchant, scope.merchant),
+                (role_grants.c.store, scope.store),
+            )
+            if value is not None
+        ]
+        inside.append(and_(true(), *pinned))
+    return or_(false(), *inside)
 
 
 def get_staff(uow: UnitOfWork, *, staff_id: int) -> StaffRead:
@@ -968,8 +1004,13 @@ def list_api_keys(
     return [_key_read(row) for row in rows]
 
 
-def revoke_api_key(uow: UnitOfWork, *, program_id: int, key_id: int) -> ApiKeyRead:
+def revoke_api_key(
+    uow: UnitOfWork, *, program_id: int, key_id: int, merchant: str | None = None
+) -> ApiKeyRead:
+    """Revoke a key of the programme (of ``merchant``'s keys only, when given)."""
     where = (api_keys.c.id == key_id) & (api_keys.c.program_id == program_id)
+    if merchant is not None:
+        where &= api_keys.c.merchant == merchant
     uow.conn.execute(
         api_keys.update()
         .where(where, api_keys.c.revoked_at.is_(None))

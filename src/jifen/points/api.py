@@ -97,6 +97,13 @@ def _settings(ctx: Context) -> ProgramSettings:
     )
 
 
+def _adjustment_policy(uow: UnitOfWork, ctx: Context) -> tuple[int, int]:
+    """The programme's approval threshold, and what the caller adjusted directly lately."""
+    settings = programs_service.get_settings(uow, program_id=ctx.program_id)
+    lately = service.adjusted_lately(uow, program_id=ctx.program_id, actor=ctx.actor)
+    return settings.adjust_approval_threshold, lately
+
+
 # --------------------------------------------------------------------------- reads
 
 
@@ -266,9 +273,12 @@ def adjust(
     body: AdjustCreate,
     ctx: Annotated[Context, Depends(Write("points.adjust"))],
 ) -> JSONResponse:
-    """A manual correction; above the programme's threshold it waits for approval (202)."""
-    threshold = _settings(ctx).adjust_approval_threshold
-    if abs(body.amount) > threshold:
+    """A manual correction; above the programme's threshold it waits for approval (202).
+    An operator's own adjustments of the last 24 hours count together: one that brings
+    their sum (credits and debits alike) above the threshold waits too, so that a large
+    adjustment split into small ones does not go without a second person."""
+    threshold, lately = ctx.db.run(lambda uow: _adjustment_policy(uow, ctx), read_only=True)
+    if lately + abs(body.amount) > threshold:
         requested_by = requester(ctx)
 
         def file(uow: UnitOfWork) -> ApprovalRead:

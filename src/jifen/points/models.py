@@ -97,6 +97,15 @@ postings = Table(
     UniqueConstraint("program_id", "idempotency_key"),
     Index("ix_postings_ref_posting_id", "ref_posting_id"),
     Index("ix_postings_account_id_id", "account_id", "id"),
+    # An operator's direct adjustments of the last day, summed against the approval threshold.
+    Index(
+        "ix_postings_adjust_actor",
+        "program_id",
+        "actor",
+        "created_at",
+        postgresql_where=text("kind = 'adjust'"),
+        sqlite_where=text("kind = 'adjust'"),
+    ),
 )
 
 lines = Table(

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, literal_column, select
 from sqlalchemy.engine import Row
 
 from jifen import ledger
@@ -1299,6 +1299,27 @@ def _account_of(uow: UnitOfWork, member_id: int) -> Any:
     if row is None:
         raise UnknownMember(member_id=member_id)
     return row
+
+
+ADJUSTMENTS_COUNTED_OVER = timedelta(hours=24)
+"""How far back an operator's own adjustments add up against the approval threshold."""
+
+
+def adjusted_lately(uow: UnitOfWork, *, program_id: int, actor: str) -> int:
+    """The points ``actor`` adjusted directly in the programme over the last day (credits
+    and debits alike): adjustments an approval executed, which carry its key, are not
+    counted. One read of the partial index of adjustments by author."""
+    since = uow.clock.now() - ADJUSTMENTS_COUNTED_OVER
+    total = uow.conn.execute(
+        select(func.coalesce(func.sum(postings.c.amount), 0)).where(
+            postings.c.kind == literal_column("'adjust'"),  # a literal: the index's predicate
+            postings.c.program_id == program_id,
+            postings.c.actor == actor,
+            postings.c.created_at > since,
+            postings.c.idempotency_key.not_like("approval:%"),
+        )
+    ).scalar_one()
+    return int(total)
 
 
 def balance(uow: UnitOfWork, *, member_id: int) -> BalanceSummary:

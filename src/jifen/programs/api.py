@@ -13,6 +13,7 @@ from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
 from jifen.db.uow import UnitOfWork
+from jifen.errors import Forbidden
 from jifen.programs import service
 from jifen.programs.schemas import ProgramCreate, ProgramRead, ProgramSettings
 
@@ -39,7 +40,13 @@ def list_programs(
 def create_program(
     body: ProgramCreate, ctx: Annotated[Context, Depends(Write("programs.write"))]
 ) -> JSONResponse:
-    """Create a programme with its own system accounts."""
+    """Create a programme with its own system accounts: an installation-wide act, for an
+    unscoped grant only (one scoped to a programme or merchant administers just that)."""
+    if not ctx.principal.everywhere(ctx.permission):
+        raise Forbidden(
+            problem="Only an installation-wide grant of programs.write creates programmes.",
+            problem_zh="只有全系统范围的 programs.write 授权可以创建计划。",
+        )
     return ctx.execute(
         lambda uow: service.create_program(
             uow, code=body.code, name=body.name, time_zone=body.time_zone
