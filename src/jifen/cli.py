@@ -379,6 +379,18 @@ ProgramOption = Annotated[
         help=_h("Programme code; default: every programme.", "计划代码;默认:所有计划。"),
     ),
 ]
+RootOption = Annotated[
+    str | None,
+    typer.Option(
+        help=_h(
+            "A root hash a checkpoint printed, kept outside the database: a history rewritten "
+            "since, checkpoints and all, no longer has it.",
+            "检查点打印并保存在数据库之外的根哈希:此后历史连同检查点被整体改写,"
+            "就不再有这个根哈希。",
+        ),
+        show_default=False,
+    ),
+]
 
 
 def _print_problems(problems: list[integrity.Problem]) -> None:
@@ -394,12 +406,13 @@ def _print_problems(problems: list[integrity.Problem]) -> None:
         "重新计算每笔记录的摘要与哈希链,并核对检查点。",
     ),
 )
-def ledger_verify(program: ProgramOption = None) -> None:
+def ledger_verify(program: ProgramOption = None, root: RootOption = None) -> None:
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
         report = database.run(
-            lambda uow: integrity.verify(uow, program_id=program_id), read_only=True
+            lambda uow: integrity.verify(uow, program_id=program_id, kept_root=root),
+            read_only=True,
         )
     out.print(
         _say(f"verified {report.postings} postings, {report.accounts} member accounts, "
@@ -476,10 +489,10 @@ def ledger_checkpoint(
     out.print(
         _say(
             "keep this root hash somewhere outside the database (a ticket, a log, a notebook): "
-            "`jifen ledger verify` proves the history up to it unchanged only against a copy "
-            "the database cannot rewrite",
+            "`jifen ledger verify --root` proves the history up to it unchanged only against "
+            "a copy the database cannot rewrite",
             "请把这个根哈希保存在数据库之外(工单、日志、笔记本):只有对照数据库改不了的副本,"
-            "`jifen ledger verify` 才能证明此前的历史未被改写",
+            "`jifen ledger verify --root` 才能证明此前的历史未被改写",
         )
     )
 
@@ -487,7 +500,10 @@ def ledger_checkpoint(
 # --------------------------------------------------------------------------- audit
 
 audit_app = typer.Typer(
-    help=_h("Prove the audit log: verify its hash chains.", "核验审计日志:校验其哈希链。"),
+    help=_h(
+        "Prove the audit log: verify its hash chains, checkpoint them.",
+        "核验审计日志:校验其哈希链、设检查点。",
+    ),
     no_args_is_help=True,
     rich_markup_mode=_HELP_LAYOUT,
 )
@@ -501,13 +517,13 @@ app.add_typer(audit_app, name="audit")
         "重新计算每条审计记录的哈希,并沿每条链核对到链头。",
     ),
 )
-def audit_verify() -> None:
+def audit_verify(root: RootOption = None) -> None:
     from jifen.audit import service as audit_service  # only this command needs it
 
     with _database() as database:
         _require_schema(database)
         with audit_service.snapshot(database) as uow:
-            report = audit_service.verify_report(uow)
+            report = audit_service.verify_report(uow, kept_root=root)
     language = get_settings().language
     # One line each, never wrapped, each naming its entry or stripe: grep-able.
     for problem in report.problems:
@@ -524,8 +540,36 @@ def audit_verify() -> None:
         raise typer.Exit(1)
     out.print(
         _say(
-            f"audit log verified: {report.entries} entries in {report.chains} chains",
-            f"审计日志已验证:{report.chains} 条链,共 {report.entries} 条记录",
+            f"audit log verified: {report.entries} entries in {report.chains} chains, "
+            f"{report.checkpoints} checkpoints",
+            f"审计日志已验证:{report.chains} 条链,共 {report.entries} 条记录,"
+            f"{report.checkpoints} 个检查点",
+        )
+    )
+
+
+@audit_app.command(
+    "checkpoint",
+    help=_h(
+        "Seal every chain's head under one root hash; keep the printed root outside the "
+        "database and give it to `jifen audit verify --root`.",
+        "把每条链的链头封存为一个根哈希;请把打印的根哈希保存在数据库之外,"
+        "并交给 `jifen audit verify --root` 核对。",
+    ),
+)
+def audit_checkpoint() -> None:
+    from jifen.audit import service as audit_service  # only this command needs it
+
+    with _database() as database:
+        _require_schema(database)
+        checkpoint_id, root = database.run(audit_service.checkpoint)
+    out.print(_say(f"checkpoint {checkpoint_id}: {root}", f"检查点 {checkpoint_id}:{root}"))
+    out.print(
+        _say(
+            "keep this root hash somewhere outside the database (a ticket, a log, a notebook): "
+            "`jifen audit verify --root` then finds a log rewritten since, checkpoints and all",
+            "请把该根哈希保存在数据库之外(工单、日志或笔记本):"
+            "之后 `jifen audit verify --root` 可发现日志连同检查点被整体改写",
         )
     )
 

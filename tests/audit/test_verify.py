@@ -23,14 +23,17 @@ from typer.testing import CliRunner
 
 from jifen.audit import service
 from jifen.audit.core import (
+    CHAINED_FIELDS,
     GENESIS,
     ChainVerifier,
     StoredEntry,
+    as_utc,
     chained_fields,
     entry_digest,
+    seal_root,
     stripe_of,
 )
-from jifen.audit.models import STRIPES, audit_entries
+from jifen.audit.models import STRIPES, audit_checkpoints, audit_entries, audit_heads
 from jifen.audit.schemas import AuditEntryCreate
 from jifen.cli import app
 from jifen.clock import ManualClock
@@ -340,6 +343,63 @@ def test_verify_finds_an_entry_inserted_out_of_band(fresh: Database) -> None:
     assert "seq 4): the chain runs to this entry but the head says 3" in output
 
 
+def rechain(db: Database, stripe: int) -> None:
+    """What someone able to write the database does to hide an edit: compute the stripe's
+    chain again from its first entry, and its head."""
+    with db.engine.begin() as conn:
+        rows = conn.execute(
+            select(audit_entries).where(audit_entries.c.stripe == stripe)
+            .order_by(audit_entries.c.seq)
+        ).all()  # fmt: skip
+        previous = GENESIS
+        for row in rows:
+            fields = chained_fields({name: row._mapping[name] for name in CHAINED_FIELDS})
+            digest = entry_digest(previous, row.seq, as_utc(row.at), fields)
+            conn.execute(
+                audit_entries.update().where(audit_entries.c.id == row.id)
+                .values(prev_hash=previous, hash=digest)
+            )  # fmt: skip
+            previous = digest
+        conn.execute(
+            audit_heads.update().where(audit_heads.c.stripe == stripe)
+            .values(seq=rows[-1].seq, hash=previous)
+        )  # fmt: skip
+
+
+def test_a_checkpoint_catches_a_log_rewritten_and_chained_again(fresh: Database) -> None:
+    stripe, (_, second, _) = three_in_one_chain(fresh)
+    code, output = jifen(fresh, "audit", "checkpoint")
+    assert code == 0, output
+    root = output.split("checkpoint 1: ")[1].split()[0]
+    assert len(root) == 64 and "--root" in output
+    write(fresh, "member:1")  # the log goes on after the checkpoint
+    code, output = jifen(fresh, "audit", "verify", "--root", root)
+    assert code == 0 and "5 entries" in output and "1 checkpoints" in output, output
+    # when an entry before the checkpoint is edited and its chain computed again
+    execute(fresh, "UPDATE audit_entries SET after = :a WHERE id = :i", a='{"amount": 1}', i=second)
+    rechain(fresh, stripe)
+    # then the chains hold, but not the entry the checkpoint sealed
+    code, output = jifen(fresh, "audit", "verify")
+    assert code == 1
+    assert f"stripe {stripe}, seq 3: the entry checkpoint 1 sealed here is gone or changed" in (
+        output
+    )
+    # and when the checkpoint is made again over the new heads too, only the kept root tells
+    with fresh.engine.begin() as conn:
+        sealed = conn.execute(select(audit_checkpoints.c.heads)).scalar_one()
+        sealed[str(stripe)] = [3, next(
+            r.hash for r in conn.execute(select(audit_entries).where(
+                audit_entries.c.stripe == stripe, audit_entries.c.seq == 3))
+        )]  # fmt: skip
+        new_root = seal_root(GENESIS, {int(k): (v[0], v[1]) for k, v in sealed.items()})
+        conn.execute(audit_checkpoints.update().values(heads=sealed, root_hash=new_root))
+    code, output = jifen(fresh, "audit", "verify")
+    assert code == 0, output  # rewritten wholesale, the database agrees with itself
+    code, output = jifen(fresh, "audit", "verify", "--root", root)
+    assert code == 1
+    assert f"no checkpoint has the root {root}" in output
+
+
 def test_verify_reads_the_log_in_chunks(fresh: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # given a log read two entries at a time, with a gap at a chunk boundary
     monkeypatch.setattr(service, "_CHUNK", 2)
@@ -368,7 +428,7 @@ def test_the_cli_speaks_chinese_when_asked(
         monkeypatch.delenv("JIFEN_LANGUAGE")
         get_settings.cache_clear()
     chains = len({stripe_of(t, STRIPES) for t in ("member:1", "member:2")})
-    assert clean == (0, f"审计日志已验证:{chains} 条链,共 4 条记录\n")
+    assert clean == (0, f"审计日志已验证:{chains} 条链,共 4 条记录,0 个检查点\n")
     assert broken[0] == 1
     assert f"条目 {second}(链 {stripe},序号 2):被改动过" in broken[1]
     assert "4 条记录中有 1 个问题" in broken[1]

@@ -60,6 +60,68 @@ def entry_digest(prev_hash: str, seq: int, at: datetime, fields: dict[str, Any])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def seal_root(previous_root: str, heads: Mapping[int, tuple[int, str]]) -> str:
+    """A checkpoint's root: the previous checkpoint's root and every stripe's head
+    ``(seq, hash)``, in stripe order."""
+    digest = hashlib.sha256(previous_root.encode())
+    for stripe in sorted(heads):
+        seq, head = heads[stripe]
+        digest.update(f"|{stripe}:{seq}:{head}".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A stored checkpoint: the heads it sealed, and the roots it was stored with."""
+
+    id: int
+    heads: Mapping[int, tuple[int, str]]
+    previous_root: str
+    root_hash: str
+
+
+def checkpoint_problems(
+    checkpoints: list[Checkpoint], sealed: Mapping[tuple[int, int], str], kept_root: str | None
+) -> list[Problem]:
+    """What is wrong with the checkpoints, in id order: one altered (its root is not that of
+    its heads and its predecessor's root), an entry it sealed gone or changed (``sealed``:
+    the stored hash at each sealed stripe and seq), or ``kept_root``, the root kept outside
+    the database, sealed by none of them (the checkpoints were rewritten too)."""
+    problems: list[Problem] = []
+    previous = GENESIS
+    for checkpoint in checkpoints:
+        root = seal_root(checkpoint.previous_root, checkpoint.heads)
+        if checkpoint.previous_root != previous or root != checkpoint.root_hash:
+            problems.append(
+                Problem(
+                    f"checkpoint {checkpoint.id} was altered: its root is not the hash of its "
+                    "heads and the checkpoint before it",
+                    f"检查点 {checkpoint.id} 被改动过:其根哈希与链头及上一检查点不符",
+                )
+            )
+        for stripe, (seq, head) in sorted(checkpoint.heads.items()):
+            if seq and sealed.get((stripe, seq)) != head:
+                problems.append(
+                    Problem(
+                        f"the entry checkpoint {checkpoint.id} sealed here is gone or changed: "
+                        "the log was rewritten after it",
+                        f"检查点 {checkpoint.id} 封存的记录已不存在或被改动:其后日志被改写",
+                        stripe=stripe,
+                        seq=seq,
+                    )
+                )
+        previous = checkpoint.root_hash
+    if kept_root is not None and kept_root not in {c.root_hash for c in checkpoints}:
+        problems.append(
+            Problem(
+                f"no checkpoint has the root {kept_root}: the checkpoints were removed or "
+                "rewritten, or the root is of another installation",
+                f"没有根哈希为 {kept_root} 的检查点:检查点被删除或改写,或该根哈希属于另一套系统",
+            )
+        )
+    return problems
+
+
 # --------------------------------------------------------------------------- verification
 
 

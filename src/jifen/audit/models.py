@@ -46,3 +46,17 @@ audit_heads = Table(
     Column("hash", String(64), nullable=False, server_default="0" * 64),
     comment="each stripe's last entry; the lock writers of one stripe take",
 )
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column(
+        "heads", JSON, nullable=False, comment='each stripe\'s head then: {"stripe": [seq, hash]}'
+    ),
+    Column("previous_root", String(64), nullable=False),
+    Column("root_hash", String(64), nullable=False),
+    comment="every stripe's head sealed together: a log rewritten and re-chained after a "
+    "checkpoint no longer matches the root hash kept outside the database",
+)

@@ -17,14 +17,18 @@ from sqlalchemy import Row, and_, bindparam, or_, select
 
 from jifen.audit.core import (
     CHAINED_FIELDS,
+    GENESIS,
     ChainVerifier,
+    Checkpoint,
     Problem,
     StoredEntry,
     chained_fields,
+    checkpoint_problems,
     entry_digest,
+    seal_root,
     stripe_of,
 )
-from jifen.audit.models import STRIPES, audit_entries, audit_heads
+from jifen.audit.models import STRIPES, audit_checkpoints, audit_entries, audit_heads
 from jifen.audit.schemas import AuditEntryCreate, AuditEntryRead
 from jifen.db.engine import READ_ONLY
 from jifen.db.prepared import Prepared
@@ -231,6 +235,7 @@ class AuditReport:
 
     entries: int = 0
     chains: int = 0
+    checkpoints: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -267,9 +272,11 @@ def _stored_entries(uow: UnitOfWork) -> Iterator[Row[Any]]:
         last = (chunk[-1].stripe, chunk[-1].seq)
 
 
-def verify_report(uow: UnitOfWork) -> AuditReport:
+def verify_report(uow: UnitOfWork, *, kept_root: str | None = None) -> AuditReport:
     """Recompute every entry's hash, follow each stripe's chain link by link and compare its
-    end with its head in ``audit_heads``. Run it in a :func:`snapshot` when others write."""
+    end with its head in ``audit_heads``; check every checkpoint, and that ``kept_root`` (a
+    root printed by :func:`checkpoint` and kept outside the database) is one of theirs. Run
+    it in a :func:`snapshot` when others write."""
     checker = ChainVerifier(STRIPES)
     for row in _stored_entries(uow):
         checker.add(
@@ -288,7 +295,65 @@ def verify_report(uow: UnitOfWork) -> AuditReport:
     )
     heads = {row.stripe: (row.seq, row.hash) for row in stored_heads}
     problems = checker.finish(heads)
-    return AuditReport(entries=checker.entries, chains=checker.chains, problems=problems)
+    sealed = _checkpoints(uow)
+    problems += checkpoint_problems(sealed, _sealed_hashes(uow, sealed), kept_root)
+    return AuditReport(
+        entries=checker.entries, chains=checker.chains, checkpoints=len(sealed),
+        problems=problems,
+    )  # fmt: skip
+
+
+def checkpoint(uow: UnitOfWork) -> tuple[int, str]:
+    """Seal every stripe's head under one root, chained to the previous checkpoint; the
+    checkpoint's id and root, which its keeper writes down outside the database. Taken under
+    the heads' locks, so that no entry is recorded in between."""
+    rows = uow.conn.execute(
+        select(audit_heads.c.stripe, audit_heads.c.seq, audit_heads.c.hash)
+        .order_by(audit_heads.c.stripe)
+        .with_for_update()
+    ).all()
+    heads = {row.stripe: (int(row.seq), row.hash) for row in rows}
+    previous = uow.conn.execute(
+        select(audit_checkpoints.c.root_hash).order_by(audit_checkpoints.c.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    previous = previous or GENESIS
+    root = seal_root(previous, heads)
+    checkpoint_id = uow.conn.execute(
+        audit_checkpoints.insert().returning(audit_checkpoints.c.id),
+        {
+            "at": uow.clock.now(), "previous_root": previous, "root_hash": root,
+            "heads": {str(stripe): [seq, head] for stripe, (seq, head) in heads.items()},
+        },
+    ).scalar_one()  # fmt: skip
+    return int(checkpoint_id), root
+
+
+def _checkpoints(uow: UnitOfWork) -> list[Checkpoint]:
+    rows = uow.conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.id)).all()
+    return [
+        Checkpoint(
+            id=row.id, previous_root=row.previous_root, root_hash=row.root_hash,
+            heads={int(stripe): (int(seq), str(head)) for stripe, (seq, head) in row.heads.items()},
+        )
+        for row in rows
+    ]  # fmt: skip
+
+
+def _sealed_hashes(uow: UnitOfWork, sealed: list[Checkpoint]) -> dict[tuple[int, int], str]:
+    """The stored hash of each entry a checkpoint sealed, read a stripe at a time."""
+    wanted: dict[int, set[int]] = {}
+    for checkpoint in sealed:
+        for stripe, (seq, _) in checkpoint.heads.items():
+            if seq:
+                wanted.setdefault(stripe, set()).add(seq)
+    found: dict[tuple[int, int], str] = {}
+    c = audit_entries.c
+    for stripe, seqs in sorted(wanted.items()):
+        rows = uow.conn.execute(
+            select(c.seq, c.hash).where(c.stripe == stripe, c.seq.in_(sorted(seqs)))
+        )
+        found.update(((stripe, int(seq)), digest) for seq, digest in rows)
+    return found
 
 
 def verify(uow: UnitOfWork) -> list[Problem]:

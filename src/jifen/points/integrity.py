@@ -142,8 +142,12 @@ def _recomputed_digests(uow: UnitOfWork, chunk: Sequence[Any]) -> dict[int, str]
     }
 
 
-def verify(uow: UnitOfWork, *, program_id: int | None = None) -> VerifyReport:
-    """Check every posting digest, every member account chain and every checkpoint."""
+def verify(
+    uow: UnitOfWork, *, program_id: int | None = None, kept_root: str | None = None
+) -> VerifyReport:
+    """Check every posting digest, every member account chain and every checkpoint, and that
+    ``kept_root`` (a root :func:`checkpoint` printed, kept outside the database) is one of
+    theirs: a history rewritten with its checkpoints no longer has it."""
     report = VerifyReport()
     stored_digest: dict[int, str] = {}
     for chunk in _posting_chunks(uow, program_id):
@@ -158,7 +162,14 @@ def verify(uow: UnitOfWork, *, program_id: int | None = None) -> VerifyReport:
                     )
                 )
     _verify_chains(uow, program_id, stored_digest, report)
-    _verify_checkpoints(uow, program_id, report)
+    roots = _verify_checkpoints(uow, program_id, report)
+    if kept_root is not None and kept_root not in roots:
+        report.problems.append(
+            Problem(
+                f"no checkpoint has the root {kept_root}: the checkpoints were removed or "
+                "rewritten, or the root is of another programme or installation"
+            )
+        )
     return report
 
 
@@ -254,7 +265,8 @@ def _verify_chains(
             )  # fmt: skip
 
 
-def _verify_checkpoints(uow: UnitOfWork, program_id: int | None, report: VerifyReport) -> None:
+def _verify_checkpoints(uow: UnitOfWork, program_id: int | None, report: VerifyReport) -> set[str]:
+    """Check each checkpoint against its heads and the entries it sealed; their roots."""
     previous: dict[int, str] = {}
     rows = uow.conn.execute(
         select(checkpoints)
@@ -298,6 +310,7 @@ def _verify_checkpoints(uow: UnitOfWork, program_id: int | None, report: VerifyR
                     )
                 )
         previous[cp.program_id] = cp.root_hash
+    return {cp.root_hash for cp in rows}
 
 
 def checkpoint(uow: UnitOfWork, *, program_id: int) -> tuple[int, str]:
