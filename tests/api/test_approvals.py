@@ -264,6 +264,38 @@ def test_a_request_whose_maker_was_disabled_or_lost_the_permission_waits(
     assert desk.decide(filed, "reject").status_code == 200
 
 
+def test_a_settings_request_waits_when_its_maker_keeps_only_tiers_write(
+    client: TestClient, db: Database
+) -> None:
+    # given a maker holding operator and a custom role with tiers.write
+    desk = Desk(client, db)
+    maker = _staff_id(client, desk.operator)
+    db.run(
+        lambda uow: auth.create_role(
+            uow, program_id=desk.program.id, code="tier_clerk", name="Tier clerk",
+            permissions=["programs.read", "tiers.read", "tiers.write"],
+        )
+    )  # fmt: skip
+    db.run(lambda uow: auth.grant_role(uow, staff_id=maker, role="tier_clerk",
+                                       program_id=desk.program.id))  # fmt: skip
+    url = f"{desk.base}/settings"
+    base = client.get(url, headers=desk.operator).json()
+    filed = client.put(url, json={**base, "transfers_enabled": False},
+                       headers={**desk.operator, **support.key()})  # fmt: skip
+    assert filed.status_code == 202, filed.text
+    # when it loses programs.settings (its operator grant) but keeps tiers.write
+    operator = next(
+        g for g in db.run(lambda uow: auth.get_staff(uow, staff_id=maker)).grants
+        if g.role == "operator"
+    )  # fmt: skip
+    db.run(lambda uow: auth.revoke_grant(uow, staff_id=maker, grant_id=operator.id))
+    # then its old request is not approved: tiers.write files no settings
+    refused = desk.decide(filed.json()["id"], "approve")
+    assert refused.status_code == 409, refused.text
+    assert "programs.settings" in refused.json()["detail"]
+    assert client.get(url, headers=desk.reviewer).json() == base
+
+
 def test_a_maker_withdraws_its_own_pending_request(client: TestClient, db: Database) -> None:
     desk = Desk(client, db)
     filed = desk.adjust(5000).json()["id"]

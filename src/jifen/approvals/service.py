@@ -371,7 +371,7 @@ _BASES: dict[str, tuple[Callable[[UnitOfWork, int], str], str, str]] = {
 _FILED_UNDER: dict[str, tuple[str, ...]] = {
     "points.adjust": ("points.adjust",),
     "points.clear": ("points.clear",),
-    "programs.settings": ("programs.settings", "tiers.write"),  # tiers file the scheme
+    "programs.settings": ("programs.settings",),  # the tier scheme's routes file under it too
     "rules.approve": ("rules.write",),
     "rules.caps": ("rules.write",),
 }
