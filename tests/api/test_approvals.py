@@ -4,17 +4,20 @@ nobody approves their own request, and an approved request executes exactly once
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from jifen.api.app import create_app
+from jifen.approvals import service as approvals_service
 from jifen.approvals.models import approvals
 from jifen.audit.models import audit_entries
 from jifen.auth import service as auth
-from jifen.db.uow import Database
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import StateConflict
 from jifen.points.models import postings
 from tests.api import support
 from tests.api.conftest import api_settings
@@ -208,6 +211,72 @@ def test_a_request_filed_on_settings_changed_since_is_not_approved(
         # and nothing changed: the first stays, the second waits
         assert client.get(url, headers=desk.operator).json() == {**base, **change}
         assert desk.approval(second.json()["id"])["status"] == "pending"
+
+
+def _waits_on_a_lock(db: Database, pid: int) -> None:
+    """Return once the PostgreSQL backend ``pid`` waits on a lock (10 s at most)."""
+    query = text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid")
+
+    def waiting(uow: UnitOfWork) -> bool:
+        return bool(uow.conn.execute(query, {"pid": pid}).scalar() == "Lock")
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if db.run(waiting, read_only=True):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"backend {pid} never waited on a lock")
+
+
+def test_two_requests_on_one_base_approved_at_once_do_not_both_pass(pg: Database) -> None:
+    with TestClient(create_app(pg, api_settings())) as client:
+        desk = Desk(client, pg)
+        checkers = [
+            pg.run(lambda uow, i=i: auth.create_staff(
+                uow, username=f"checker{i}-{desk.program.code}", password="correct horse 1"
+            ).id)
+            for i in (1, 2)
+        ]  # fmt: skip
+        for url, first_change, second_change in (
+            (f"{desk.base}/settings", {"transfers_enabled": False},
+             {"adjust_approval_threshold": 10}),
+            (f"{desk.base}/earning-caps", {"budget": 500}, {"budget": 700}),
+        ):  # fmt: skip
+            base = client.get(url, headers=desk.operator).json()
+            filed = [
+                client.put(url, json={**base, **change},
+                           headers={**desk.operator, **support.key()}).json()["id"]
+                for change in (first_change, second_change)
+            ]  # fmt: skip
+            second: dict[str, Any] = {}
+
+            def approve_second(filed: list[int] = filed, second: dict[str, Any] = second) -> None:
+                with pg.transaction() as uow:
+                    second["pid"] = uow.conn.execute(text("SELECT pg_backend_pid()")).scalar()
+                    try:
+                        approvals_service.approve(
+                            uow, program_id=desk.program.id, approval_id=filed[1],
+                            decided_by=checkers[1],
+                        )  # fmt: skip
+                    except StateConflict as exc:
+                        second["refused"] = exc
+
+            # given the first request approved by one checker, not yet committed
+            with pg.transaction() as uow:
+                approvals_service.approve(
+                    uow, program_id=desk.program.id, approval_id=filed[0], decided_by=checkers[0]
+                )
+                # when another checker approves the second meanwhile (it waits on the first)
+                thread = threading.Thread(target=approve_second)
+                thread.start()
+                while "pid" not in second:
+                    time.sleep(0.01)
+                _waits_on_a_lock(pg, second["pid"])
+            thread.join()
+            # then the second finds its base changed: refused, and the first change stays
+            assert "refused" in second, "the second request was approved over the first"
+            assert desk.approval(filed[1])["status"] == "pending"
+            assert client.get(url, headers=desk.operator).json() == {**base, **first_change}
 
 
 def test_a_request_filed_before_bases_were_kept_is_approved_as_before(

@@ -230,10 +230,15 @@ def _maker_still_may(uow: UnitOfWork, row: Row[Any]) -> None:
 
 def _still_on_its_base(uow: UnitOfWork, row: Row[Any]) -> None:
     """A settings or caps request replaces the whole value: approved after another change,
-    it would undo that change. Requests filed before bases were kept have none."""
+    it would undo that change. Requests filed before bases were kept have none.
+
+    The programme's row is locked first: of two such requests approved at once, the second
+    waits for the first to commit and then finds its base changed (read before the first
+    committed, both would pass, and the second would silently undo the first)."""
     base = _BASES.get(row.action)
     if base is None or row.based_on is None:
         return
+    programs_service.lock_program(uow, program_id=row.program_id)
     current, what, what_zh = base
     if current(uow, row.program_id) != row.based_on:
         raise StateConflict(
