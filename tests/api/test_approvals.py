@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from jifen.points.models import postings
 from tests.api import support
 from tests.api.conftest import api_settings
 from tests.factories import assert_ledger_sound, new_members, new_program
+from tests.points.test_concurrency import run_together
 
 
 class Desk:
@@ -414,6 +416,34 @@ def test_an_operators_adjustments_of_a_day_count_together_against_the_threshold(
     )
     assert desk.adjust(1000).status_code == 201
     assert desk.balance()["available"] == 2200
+
+
+def test_adjustments_sent_at_once_count_against_the_threshold_one_after_another(
+    pg: Database,
+) -> None:
+    with TestClient(create_app(pg, api_settings())) as client:
+        desk = Desk(client, pg)
+        other = support.staff(pg, "operator", program_id=desk.program.id)
+        # when one operator sends ten adjustments of the threshold (1000) at once, and
+        # another ten of 300
+        for headers, amount, posted in ((desk.operator, 1000, 1), (other, 300, 3)):
+            statuses = run_together(
+                10,
+                lambda _, h=headers, a=amount: (
+                    desk.post(
+                        desk.points("/adjust"), {"amount": a, "reason": "goodwill"}, h
+                    ).status_code
+                ),
+            )
+            # then as many post as fit under the threshold, and the rest wait for approval
+            assert Counter(statuses) == {201: posted, 202: 10 - posted}, statuses
+        assert desk.balance()["available"] == 1000 + 900
+        pending = client.get(
+            f"{desk.base}/approvals", params={"status": "pending", "limit": 50},
+            headers=desk.reviewer,
+        ).json()  # fmt: skip
+        assert len(pending["items"]) == 9 + 7
+        assert_ledger_sound(pg, desk.program.id)
 
 
 def test_a_rejected_request_executes_nothing(client: TestClient, db: Database) -> None:

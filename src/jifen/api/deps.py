@@ -337,7 +337,7 @@ class Context:
         fn: Callable[[UnitOfWork], BaseModel],
         *,
         target: str,
-        status: int = 200,
+        status: int | Callable[[BaseModel], int] = 200,
         audit: bool = True,
         shown_once: frozenset[str] = frozenset(),
         action: str | None = None,
@@ -354,7 +354,8 @@ class Context:
         default). ``first``: the reads ``fn`` starts with (the member's checks, the
         programme's policy), run in the round trip that looks for a stored answer, and
         answered (a check refusing, a policy kept for the transaction) only when there is
-        none."""
+        none. ``status`` may be a function of ``fn``'s result: a write that decides in its
+        transaction whether it posts (201) or files a request (202)."""
         key = self.idempotency_key
         assert key is not None, "Write routes carry an Idempotency-Key"
         scope = self.principal.scope
@@ -373,6 +374,7 @@ class Context:
             for read, row in zip(reads[1:], rows, strict=True):
                 read.answer(row)
             result = fn(uow)
+            code = status(result) if callable(status) else status
             answer = result.model_dump(mode="json")  # what jsonable_encoder gives, at once
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
             if audit:
@@ -387,12 +389,12 @@ class Context:
                     "scope": scope,
                     "key": key,
                     "request_hash": self.request_hash,
-                    "status_code": status,
+                    "status_code": code,
                     "body": body,
                     "created_at": uow.clock.now(),
                 },
             )
-            return status, answer, False
+            return code, answer, False
 
         status_code, body, replayed = self.db.run(work)
         headers = {"Idempotent-Replayed": "true"} if replayed else None

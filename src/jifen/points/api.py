@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from jifen.api.deps import Context, Read, Write
 from jifen.api.schemas import Instant
@@ -75,18 +76,22 @@ def _member(uow: UnitOfWork, ctx: Context, member_id: int, *, transacting: bool 
 
 
 def _checks(
-    ctx: Context, *member_ids: int, transacting: bool = False
+    ctx: Context, *member_ids: int, transacting: bool = False, settings: bool = False
 ) -> Callable[[UnitOfWork], list[prepared.Read[Any]]]:
     """:func:`_member` for each member a write names, as the first reads of
-    ``ctx.execute``: one round trip with the look-up of a stored answer."""
+    ``ctx.execute``: one round trip with the look-up of a stored answer. With ``settings``,
+    the programme's policy as of this very transaction too, in the same round trip."""
 
-    def reads(_: UnitOfWork) -> list[prepared.Read[Any]]:
-        return [
+    def reads(uow: UnitOfWork) -> list[prepared.Read[Any]]:
+        found: list[prepared.Read[Any]] = [
             members_service.require_member_read(
                 program_id=ctx.program_id, member_id=member_id, transacting=transacting
             )
             for member_id in member_ids
         ]
+        if settings:
+            found.append(programs_service.settings_read(uow, ctx.program_id))
+        return found
 
     return reads
 
@@ -98,7 +103,8 @@ def _settings(ctx: Context) -> ProgramSettings:
 
 
 def _adjustment_policy(uow: UnitOfWork, ctx: Context) -> tuple[int, int]:
-    """The programme's approval threshold, and what the caller adjusted directly lately."""
+    """The programme's approval threshold, and what the caller adjusted directly lately
+    (its turn to adjust then held until the transaction ends)."""
     settings = programs_service.get_settings(uow, program_id=ctx.program_id)
     lately = service.adjusted_lately(uow, program_id=ctx.program_id, actor=ctx.actor)
     return settings.adjust_approval_threshold, lately
@@ -206,13 +212,6 @@ def earn(
     tier scheme that upgrades at once moves the member up as an event's earning would."""
     merchant, store = ctx.merchant(body.merchant, body.store)
 
-    def checks(uow: UnitOfWork) -> list[prepared.Read[Any]]:
-        reads = _checks(ctx, member_id, transacting=True)(uow)
-        # The programme's policy as of this very transaction, in the same round trip: the
-        # default validity reads it, and so does the tier scheme's upgrade at once.
-        reads.append(programs_service.settings_read(uow, ctx.program_id))
-        return reads
-
     def post(uow: UnitOfWork) -> PostingRead:
         expires_at = body.expires_at
         if expires_at is None:
@@ -235,7 +234,10 @@ def earn(
         )
         return posting
 
-    return ctx.execute(post, target=f"member:{member_id}", status=201, first=checks)
+    # The default validity reads the programme's policy, and so does the tier scheme's
+    # upgrade at once.
+    first = _checks(ctx, member_id, transacting=True, settings=True)
+    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
 
 
 @router.post(f"{MEMBER}/points/spend", status_code=201, response_model=PostingRead)
@@ -276,32 +278,14 @@ def adjust(
     """A manual correction; above the programme's threshold it waits for approval (202).
     An operator's own adjustments of the last 24 hours count together: one that brings
     their sum (credits and debits alike) above the threshold waits too, so that a large
-    adjustment split into small ones does not go without a second person."""
-    threshold, lately = ctx.db.run(lambda uow: _adjustment_policy(uow, ctx), read_only=True)
-    if lately + abs(body.amount) > threshold:
-        requested_by = requester(ctx)
+    adjustment split into small ones does not go without a second person. The sum is read,
+    and the adjustment posted or filed, in one transaction that holds the operator's turn:
+    adjustments sent at once are counted one after another."""
 
-        def file(uow: UnitOfWork) -> ApprovalRead:
-            return approvals_service.request(
-                uow,
-                program_id=ctx.program_id,
-                action="points.adjust",
-                params={
-                    "member_id": member_id,
-                    "amount": body.amount,
-                    "reason": body.reason,
-                    "expires_at": body.expires_at.isoformat() if body.expires_at else None,
-                    "actor": ctx.actor,
-                },
-                summary=f"Adjust member {member_id} by {body.amount:+d} points: {body.reason}",
-                requested_by=requested_by,
-            )
-
-        return ctx.execute(
-            file, target=f"member:{member_id}", status=202, first=_checks(ctx, member_id)
-        )
-
-    def post(uow: UnitOfWork) -> PostingRead:
+    def adjust_or_file(uow: UnitOfWork) -> PostingRead | ApprovalRead:
+        threshold, lately = _adjustment_policy(uow, ctx)
+        if lately + abs(body.amount) > threshold:
+            return _file_adjustment(uow, ctx, member_id, body)
         return service.adjust(
             uow,
             member_id=member_id,
@@ -312,8 +296,34 @@ def adjust(
             expires_at=body.expires_at,
         )
 
-    first = _checks(ctx, member_id)
-    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
+    first = _checks(ctx, member_id, settings=True)  # the threshold is the policy's
+    return ctx.execute(
+        adjust_or_file, target=f"member:{member_id}", status=_posted_or_filed, first=first
+    )
+
+
+def _file_adjustment(
+    uow: UnitOfWork, ctx: Context, member_id: int, body: AdjustCreate
+) -> ApprovalRead:
+    """File the adjustment for a second person's approval."""
+    return approvals_service.request(
+        uow,
+        program_id=ctx.program_id,
+        action="points.adjust",
+        params={
+            "member_id": member_id,
+            "amount": body.amount,
+            "reason": body.reason,
+            "expires_at": body.expires_at.isoformat() if body.expires_at else None,
+            "actor": ctx.actor,
+        },
+        summary=f"Adjust member {member_id} by {body.amount:+d} points: {body.reason}",
+        requested_by=requester(ctx),
+    )
+
+
+def _posted_or_filed(result: BaseModel) -> int:
+    return 202 if isinstance(result, ApprovalRead) else 201
 
 
 @router.post(f"{MEMBER}/points/freeze", status_code=201, response_model=PostingRead)

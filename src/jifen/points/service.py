@@ -1308,7 +1308,15 @@ ADJUSTMENTS_COUNTED_OVER = timedelta(hours=24)
 def adjusted_lately(uow: UnitOfWork, *, program_id: int, actor: str) -> int:
     """The points ``actor`` adjusted directly in the programme over the last day (credits
     and debits alike): adjustments an approval executed, which carry its key, are not
-    counted. One read of the partial index of adjustments by author."""
+    counted. One read of the partial index of adjustments by author.
+
+    Read under :func:`_hold_adjustments`, held to the end of the transaction: the caller
+    posts (or files for approval) in the same transaction, so that two adjustments of one
+    actor at once cannot each add up the day without the other.
+
+    The budget is the actor's, a staff account's: one person with several accounts has one
+    budget for each. That is left as it is, a choice of the product, not an oversight."""
+    _hold_adjustments(uow, program_id=program_id, actor=actor)
     since = uow.clock.now() - ADJUSTMENTS_COUNTED_OVER
     total = uow.conn.execute(
         select(func.coalesce(func.sum(postings.c.amount), 0)).where(
@@ -1320,6 +1328,19 @@ def adjusted_lately(uow: UnitOfWork, *, program_id: int, actor: str) -> int:
         )
     ).scalar_one()
     return int(total)
+
+
+def _hold_adjustments(uow: UnitOfWork, *, program_id: int, actor: str) -> None:
+    """Wait for, then hold until the transaction ends, ``actor``'s turn to adjust in the
+    programme. PostgreSQL: a transaction-scoped advisory lock on a stable 64-bit digest of
+    programme and actor (other actors and programmes do not wait); SQLite serialises
+    writers already."""
+    if uow.dialect != "postgresql":
+        return
+    digest = hashlib.sha256(f"points.adjust:{program_id}:{actor}".encode()).digest()
+    uow.conn.execute(
+        select(func.pg_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True)))
+    )
 
 
 def balance(uow: UnitOfWork, *, member_id: int) -> BalanceSummary:
