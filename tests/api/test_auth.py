@@ -415,6 +415,81 @@ def test_a_programme_administrator_manages_only_staff_within_its_programme(
     assert created.status_code == 403, created.text
 
 
+def test_a_staff_user_without_grants_is_managed_only_from_the_scope_it_was_created_in(
+    app_client: TestClient, db: Database
+) -> None:
+    program_p, program_q = new_program(db), new_program(db)
+    root = support.staff(db, "super_admin")
+    shop = support.staff(db, "super_admin", program_id=program_p.id, merchant="shopA")
+    admin_p = support.staff(db, "super_admin", program_id=program_p.id)
+    admin_q = support.staff(db, "super_admin", program_id=program_q.id)
+
+    def create(headers: dict[str, str], grants: list[dict[str, Any]]) -> int:
+        made = app_client.post(
+            "/v1/staff",
+            json={"username": f"s-{uuid.uuid4().hex[:8]}", "password": "correct horse battery 1",
+                  "grants": grants},
+            headers={**headers, **support.key()},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+        return int(made.json()["id"])
+
+    def listed(headers: dict[str, str]) -> set[int]:
+        items = app_client.get("/v1/staff", params={"limit": 200}, headers=headers).json()
+        return {item["id"] for item in items["items"]}
+
+    def manages(headers: dict[str, str], staff_id: int) -> bool:
+        answers = [
+            app_client.get(f"/v1/staff/{staff_id}", headers=headers),
+            app_client.patch(
+                f"/v1/staff/{staff_id}", json={"display_name": "renamed", "active": True,
+                                               "unlock": True},
+                headers={**headers, **support.key()},
+            ),
+        ]  # fmt: skip
+        codes = {answer.status_code for answer in answers}
+        assert codes in ({200}, {403}), [answer.text for answer in answers]
+        return codes == {200} and staff_id in listed(headers)
+
+    # given a new account root made without grants (to be granted later)
+    hq = create(root, [])
+    # then a scoped administrator neither lists nor manages it, nor grants it a role
+    assert not manages(shop, hq) and not manages(admin_p, hq)
+    granted = app_client.post(
+        f"/v1/staff/{hq}/grants",
+        json={"role": "cashier", "program": program_p.code, "merchant": "shopA"},
+        headers={**shop, **support.key(), "Accept-Language": "zh"},
+    )
+    assert granted.status_code == 403 and "创建" in granted.json()["detail"]
+    assert manages(root, hq)
+    # given a programme-q user root suspended: its grants revoked, its account disabled
+    suspended = create(root, [{"role": "operator", "program": program_q.code}])
+    (grant,) = app_client.get(f"/v1/staff/{suspended}", headers=root).json()["grants"]
+    revoked = app_client.delete(
+        f"/v1/staff/{suspended}/grants/{grant['id']}", headers={**root, **support.key()}
+    )
+    assert revoked.status_code == 200, revoked.text
+    disabled = app_client.patch(
+        f"/v1/staff/{suspended}", json={"active": False}, headers={**root, **support.key()}
+    )
+    assert disabled.status_code == 200, disabled.text
+    # then programme p's administrators cannot enable it again, nor can programme q's
+    for admin in (shop, admin_p, admin_q):
+        enabled = app_client.patch(
+            f"/v1/staff/{suspended}", json={"active": True, "unlock": True},
+            headers={**admin, **support.key()},
+        )  # fmt: skip
+        assert enabled.status_code == 403, enabled.text
+    assert app_client.get(f"/v1/staff/{suspended}", headers=root).json()["active"] is False
+    # while one the merchant's administrator made without grants belongs to that merchant:
+    # it and the programme's administrator manage it, another programme's does not
+    own = create(shop, [])
+    home = app_client.get(f"/v1/staff/{own}", headers=root).json()
+    assert (home["home_program_id"], home["home_merchant"]) == (program_p.id, "shopA")
+    assert manages(shop, own) and manages(admin_p, own) and manages(root, own)
+    assert not manages(admin_q, own)
+
+
 def test_a_merchant_administrator_hands_out_its_merchant_scope_only(
     app_client: TestClient, db: Database
 ) -> None:

@@ -271,8 +271,13 @@ def _may_hand_out(
 def _within_scope(uow: UnitOfWork, ctx: Context, staff_id: int) -> StaffRead:
     """The staff user, if every grant it holds lies within the asker's scope for the
     route's permission (an administrator of one programme or merchant manages only its own
-    people, never the installation's); refused otherwise."""
+    people, never the installation's); refused otherwise. A user holding no grant lies
+    within the scope it was created in, not within every scope: a new account made
+    installation-wide, or one whose grants were all revoked, is not any administrator's to
+    take over."""
     staff = service.get_staff(uow, staff_id=staff_id)
+    if not staff.grants:
+        return _home_within_scope(ctx, staff)
     outside = [
         grant
         for grant in staff.grants
@@ -289,6 +294,34 @@ def _within_scope(uow: UnitOfWork, ctx: Context, staff_id: int) -> StaffRead:
             "管理员管理。",
         )
     return staff
+
+
+def _home_within_scope(ctx: Context, staff: StaffRead) -> StaffRead:
+    """A staff user without grants, if the scope it was created in lies within the asker's
+    (one created installation-wide: only if the asker's is installation-wide)."""
+    program_id, merchant = staff.home_program_id, staff.home_merchant
+    if not ctx.principal.covers(ctx.permission, program_id=program_id, merchant=merchant):
+        raise Forbidden(
+            problem=f"Staff user {staff.id} holds no role and was created outside your scope; "
+            "an administrator whose scope contains the one it was created in manages it.",
+            problem_zh=f"员工 {staff.id} 没有角色,且创建于你的管理范围之外;须由范围涵盖其创建"
+            "范围的管理员管理。",
+        )
+    return staff
+
+
+def _home_of(principal: Principal) -> tuple[int | None, str | None]:
+    """The programme and merchant a staff user made by ``principal`` belongs to: those of
+    its narrowest scope holding ``staff.write`` (so that it and every administrator above
+    it manage the user), or (None, None) when it holds ``staff.write`` installation-wide."""
+    scopes = principal.scopes("staff.write")
+    if not scopes:
+        return None, None
+    narrowest = max(
+        scopes,
+        key=lambda g: sum(part is not None for part in (g.program_id, g.merchant, g.store)),
+    )
+    return narrowest.program_id, narrowest.merchant
 
 
 def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
@@ -319,7 +352,7 @@ def list_staff(
 ) -> Page[StaffRead]:
     """Staff users, in the order they were created; filter by ``active``, a ``username``
     prefix, or a ``role`` they hold. A scoped caller sees those whose every grant lies
-    within its scope."""
+    within its scope, and those holding none that were created within it."""
     after = id_cursor(cursor)
     within = ctx.principal.scopes(ctx.permission)
     items = ctx.db.run(
@@ -343,10 +376,13 @@ def create_staff(
 ) -> JSONResponse:
     """A staff user with its grants; the TOTP seed for its authenticator is shown once."""
 
+    home_program_id, home_merchant = _home_of(ctx.principal)
+
     def create(uow: UnitOfWork) -> StaffCreated:
         created = service.create_staff(
-            uow, username=body.username, password=body.password, display_name=body.display_name
-        )
+            uow, username=body.username, password=body.password, display_name=body.display_name,
+            home_program_id=home_program_id, home_merchant=home_merchant,
+        )  # fmt: skip
         for grant in body.grants:
             _grant(uow, ctx, created.id, grant)
         return created

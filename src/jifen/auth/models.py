@@ -43,8 +43,16 @@ staff_users = Table(
     Column("last_failed_at", UTCDateTime(), nullable=True),
     Column("active", Boolean, nullable=False, server_default="1"),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column(
+        "home_program_id", BigId, ForeignKey("programs.id"), nullable=True,
+        comment="the programme of the scope it was created in (NULL: every programme)",
+    ),
+    Column(
+        "home_merchant", String(64), nullable=True,
+        comment="the merchant of the scope it was created in (NULL: every merchant)",
+    ),
     UniqueConstraint("username"),
-)
+)  # fmt: skip
 
 roles = Table(
     "roles",

@@ -157,6 +157,11 @@ class StaffRead(_Read):
     """Whether an authenticator is set up."""
     grants: list[GrantRead]
     created_at: datetime
+    home_program_id: int | None = None
+    """The programme of the scope it was created in (None: every programme)."""
+    home_merchant: str | None = None
+    """The merchant of the scope it was created in (None: every merchant). While it holds
+    no grant, only administrators whose scope contains this one manage it."""
 
 
 class RoleRead(_Read):

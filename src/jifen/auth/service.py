@@ -249,11 +249,15 @@ def create_staff(
     display_name: str = "",
     roles_in: Sequence[tuple[str, int | None]] = (),
     totp_secret: str | None = None,
+    home_program_id: int | None = None,
+    home_merchant: str | None = None,
 ) -> StaffCreated:
     """Create a staff user with a TOTP seed and grants of built-in or custom roles.
 
     ``roles_in`` lists (role code, programme id or None for every programme). The TOTP seed
     (random unless given) is returned once, with its provisioning URI, and stored encrypted.
+    ``home_program_id`` and ``home_merchant``: the scope it is created in (None: every
+    programme, every merchant), whose administrators manage it while it holds no grant.
     """
     if uow.conn.execute(select(staff_users.c.id).where(staff_users.c.username == username)).first():
         raise DuplicateReference(what="Staff username", what_zh="员工用户名", value=username)
@@ -263,7 +267,7 @@ def create_staff(
         staff_users.insert().returning(staff_users.c.id),
         {"username": username, "display_name": display_name or username,
          "password_hash": hash_password(password), "totp_secret_enc": encrypt(seed),
-         "created_at": now},
+         "created_at": now, "home_program_id": home_program_id, "home_merchant": home_merchant},
     ).scalar_one()  # fmt: skip
     for role_code, program_id in roles_in:
         grant_role(uow, staff_id=staff_id, role=role_code, program_id=program_id)
@@ -752,6 +756,8 @@ def _staff_reads(uow: UnitOfWork, rows: Sequence[Any]) -> list[StaffRead]:
             totp=row.totp_secret_enc is not None,
             grants=grants[row.id],
             created_at=row.created_at,
+            home_program_id=row.home_program_id,
+            home_merchant=row.home_merchant,
         )
         for row in rows
     ]
@@ -768,11 +774,10 @@ def list_staff(
     within: Sequence[Grant] | None = None,
 ) -> list[StaffRead]:
     """Staff in the order they were created; filters: active, username prefix, holding a role,
-    and (``within``) holding no grant outside those scopes."""
+    and (``within``) lying within those scopes (see :func:`_lies_within`)."""
     query = select(staff_users).where(staff_users.c.id > after_id)
     if within is not None:
-        outside = exists().where(role_grants.c.staff_id == staff_users.c.id, ~_held_within(within))
-        query = query.where(~outside)
+        query = query.where(_lies_within(within))
     if active is not None:
         query = query.where(staff_users.c.active == active)
     if username:
@@ -789,20 +794,37 @@ def list_staff(
     return _staff_reads(uow, rows)
 
 
-def _held_within(scopes: Sequence[Grant]) -> ColumnElement[bool]:
-    """A grant row lies within one of ``scopes`` (the SQL of :meth:`Grant.contains`; never
-    NULL, so that its negation picks every grant outside them)."""
+def _lies_within(scopes: Sequence[Grant]) -> ColumnElement[bool]:
+    """A staff user lies within ``scopes`` when it holds no grant outside them, and, holding
+    none at all, when the scope it was created in lies within one of them: a user without
+    grants is its home scope's, never everyone's (one created installation-wide is managed
+    installation-wide only)."""
+    own = role_grants.c.staff_id == staff_users.c.id
+    grants = role_grants.c
+    outside = exists().where(
+        own, ~_held_within(scopes, grants.program_id, grants.merchant, grants.store)
+    )
+    home = _held_within(scopes, staff_users.c.home_program_id, staff_users.c.home_merchant)
+    return and_(~outside, or_(exists().where(own), home))
+
+
+def _held_within(
+    scopes: Sequence[Grant],
+    program: ColumnElement[Any],
+    merchant: ColumnElement[Any],
+    store: ColumnElement[Any] | None = None,
+) -> ColumnElement[bool]:
+    """The scope in these columns (``store`` None: every store) lies within one of
+    ``scopes`` (the SQL of :meth:`Grant.contains`; never NULL, so that its negation picks
+    every scope outside them)."""
     inside: list[ColumnElement[bool]] = []
     for scope in scopes:
         pinned = [
-            and_(column.is_not(None), column == value)
-            for column, value in (
-                (role_grants.c.program_id, scope.program_id),
-                (role_grants.c.merchant, scope.merchant),
-                (role_grants.c.store, scope.store),
-            )
+            and_(column.is_not(None), column == value) if column is not None else false()
+            for column, value in ((program, scope.program_id), (merchant, scope.merchant),
+                                  (store, scope.store))
             if value is not None
-        ]
+        ]  # fmt: skip
         inside.append(and_(true(), *pinned))
     return or_(false(), *inside)
 
