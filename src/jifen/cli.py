@@ -866,11 +866,14 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
 
             def show(report: imports.Report) -> None:
                 committed[0] = report.records
+                share = report.bytes_read / max(report.bytes_total, 1)
                 if not err.is_terminal and time.monotonic() >= next_line[0]:
                     # No bar where no one watches a terminal (a log, a pipe): a line now and then.
                     next_line[0] = time.monotonic() + LOG_EVERY
-                    share = report.bytes_read / max(report.bytes_total, 1)
                     err.print(
+                        _say(f"… checking the file's orders ({share:.0%} read)",
+                             f"… 正在检查文件中的订单(已读 {share:.0%})")
+                        if report.scanning else
                         _say(f"… {report.records:,} {kind} done ({share:.0%} of the file), "
                              f"{report.refused:,} refused",
                              f"… 已完成 {report.records:,} 条(文件的 {share:.0%}),"
@@ -879,6 +882,8 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
                     )  # fmt: skip
                 bar.update(
                     task,
+                    description=_say(f"checking {path.name}", f"检查 {path.name}")
+                    if report.scanning else f"{kind} {path.name}",
                     completed=report.bytes_read,
                     counts=_say(f"{report.records:,} done, {report.refused:,} refused",
                                 f"已完成 {report.records:,},拒绝 {report.refused:,}"),
@@ -899,6 +904,8 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
                     markup=False,
                 )  # fmt: skip
                 raise typer.Exit(130) from None
+    if report.started_over:
+        out.print(report.started_over, markup=False)
     if report.resumed_from:
         out.print(_say(f"resumed after {report.resumed_from:,} records committed earlier",
                        f"从上次已提交的 {report.resumed_from:,} 条之后继续"))  # fmt: skip

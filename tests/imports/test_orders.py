@@ -3,19 +3,23 @@ a refusal names the row and column to put right; postings say which store (and m
 
 from __future__ import annotations
 
+from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from jifen.db.uow import Database
 from jifen.imports import service as imports
+from jifen.imports.core import Misshapen, Place, Record, RowError, order_records
 from jifen.points.models import posting_origins, postings
 from tests.events.test_service import activate
 from tests.factories import assert_ledger_sound, new_program
 from tests.imports.test_csv import ORDER_HEADER, RATES, balances, read_csv, setup_members, write
 
 WHEN = "2026-01-01T10:00:00+08:00"
+ORDER_LINES = 500  # the most lines an order.paid event has
 
 
 def write_raw(path: Path, lines: list[str]) -> Path:
@@ -59,17 +63,16 @@ def test_a_misshapen_row_refuses_its_whole_order_which_then_imports_whole(
     assert_ledger_sound(db, program.id)
 
 
-def test_an_order_whose_rows_come_again_further_on_is_refused_there_even_alike(
+def test_every_part_of_an_order_split_over_the_file_is_refused_so_that_it_imports_whole(
     db: Database, tmp_path: Path
 ) -> None:
     program = new_program(db)
     activate(db, program.id, "base", RATES)
     ids = setup_members(db, program.id)
-    line = ["s1", "c0", WHEN, "T1", "日用品", 5000]
     rows = [
-        line,
+        ["s1", "c0", WHEN, "T1", "日用品", 5000],
         ["s2", "c1", WHEN, "T1", "日用品", 5000],
-        line,
+        ["s1", "c0", WHEN, "T2", "日用品", 2000],
         ["s3", "c2", WHEN, "T1", "x", 100],
     ]
     path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
@@ -81,18 +84,23 @@ def test_an_order_whose_rows_come_again_further_on_is_refused_there_even_alike(
         if report.records == 2:
             raise Stop
 
-    with pytest.raises(Stop):  # s1 is then remembered while the resumed run skips it
+    with pytest.raises(Stop):  # the first part is refused before the run stops, the rest after
         imports.run_import(
             db, program_id=program.id, kind="orders", path=path, batch=2, progress=interrupt
         )
     report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=2)
     assert (report.resumed_from, report.accepted, report.replayed, report.refused) == (2, 1, 0, 1)
-    _, refused = read_csv(tmp_path / "orders.errors.csv")
-    assert refused[6:] == [
-        "4", "order_id", "invalid_input",
-        "the lines of order s1 must be on consecutive rows: this order began on row 2",
+    header, *refused = read_csv(tmp_path / "orders.errors.csv")
+    why = "the lines of order s1 must be on consecutive rows: its parts begin on row 2, row 4"
+    assert [row[6:] for row in refused] == [
+        ["2", "order_id", "invalid_input", why], ["4", "order_id", "invalid_input", why]
     ]  # fmt: skip
-    assert balances(db, ids) == {"c0": 50, "c1": 50, "c2": 1}
+    assert balances(db, ids) == {"c0": 0, "c1": 50, "c2": 1}
+    # its rows together in the error file, the order imports whole
+    fixed = write(tmp_path / "fixed.csv", header, refused)
+    again = imports.run_import(db, program_id=program.id, kind="orders", path=fixed)
+    assert (again.accepted, again.refused) == (1, 0)
+    assert balances(db, ids) == {"c0": 70, "c1": 50, "c2": 1}
 
 
 def test_a_refused_order_line_is_named_by_its_row_and_column(db: Database, tmp_path: Path) -> None:
@@ -141,3 +149,64 @@ def test_a_merchant_code_too_long_for_a_posting_is_refused(db: Database, tmp_pat
     path = write(tmp_path / "orders.csv", ORDER_HEADER, [])
     with pytest.raises(imports.InvalidInput, match="merchant code of 1 to 64"):
         imports.run_import(db, program_id=program.id, kind="orders", path=path, merchant="m" * 65)
+
+
+def test_an_order_of_more_lines_than_allowed_is_refused_as_it_streams_holding_few_rows(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    many = ORDER_LINES * 2 + 100
+    rows = [["big", "c0", WHEN, f"T{n}", "日用品", 100] for n in range(many)]
+    rows.append(["ok", "c1", WHEN, "T1", "日用品", 5000])
+    strays = [["", "y"]] * many  # misshapen, no order id: inside order s1, which goes on
+    rows += [
+        ["s1", "c2", WHEN, "T1", "日用品", 5000],
+        *strays,
+        ["s1", "c2", WHEN, "T2", "日用品", 1],
+    ]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
+    # read in parts of at most ORDER_LINES + 1 rows, whatever the file holds
+    stray = Misshapen(("", "y"), RowError("row", "has 2 fields, the header 6"))
+    read = [
+        (
+            Place(n, n),
+            stray if row[0] == "" else dict(zip(ORDER_HEADER, map(str, row), strict=True)),
+        )
+        for n, row in enumerate(rows, 2)
+    ]
+    parts = order_records(read, "csv", UTC)
+    assert max(len(p.rows if isinstance(p, Record) else p[1]) for p in parts) <= ORDER_LINES + 1
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(report: imports.Report) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):  # stopped in the middle of the long order
+        imports.run_import(
+            db, program_id=program.id, kind="orders", path=path, batch=2, progress=interrupt
+        )
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=2)
+    # three records (big counted once, refused by the first run), its rows in four parts
+    assert (report.resumed_from, report.records, report.accepted, report.refused) == (1, 3, 1, 1)
+    _, *errors = read_csv(tmp_path / "orders.errors.csv")
+    assert len(errors) == many + 2 + many  # each row once, none lost
+    too_long = f"order big has more than {ORDER_LINES} lines: an order has at most {ORDER_LINES}"
+    assert {tuple(row[7:]) for row in errors[:many]} == {("order_id", "invalid_input", too_long)}
+    assert errors[many][0] == "s1" and "runs over more than 500 rows" in errors[many][9]
+    assert {row[9] for row in errors[many + 1 : -1]} == {"has 2 fields, the header 6"}
+    assert balances(db, ids) == {"c0": 0, "c1": 50, "c2": 0}
+    # and a batch holds few rows, however few records they make
+    monkeypatch.setattr(imports, "BATCH_ROWS", 600)
+    commit, batches = imports._commit, []
+
+    def counted(*args: Any) -> Any:
+        batches.append(sum(len(item.rows) for item in args[3]))
+        return commit(*args)
+
+    monkeypatch.setattr(imports, "_commit", counted)
+    imports.run_import(db, program_id=program.id, kind="orders", path=path, restart=True)
+    assert sum(batches) == len(rows) and max(batches) <= 600 + ORDER_LINES

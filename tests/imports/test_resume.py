@@ -1,20 +1,35 @@
 """Resuming: an interrupted import continues only into the database and programme it was
-importing into."""
+importing into, once it has found there the last record it committed; its error file as
+that run left it, and no other import's."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from jifen.clock import ManualClock
 from jifen.db.migrate import upgrade
 from jifen.db.uow import Database
 from jifen.imports import service as imports
-from tests.conftest import START
+from jifen.members import service as members
+from jifen.settings import normalise_database_url
+from tests.conftest import BACKENDS, POSTGRES_URL, START, postgres_schema_url
 from tests.events.test_service import activate
 from tests.factories import new_program
-from tests.imports.test_csv import ORDER_HEADER, RATES, balances, order_rows, setup_members, write
+from tests.imports.test_csv import (
+    ORDER_HEADER,
+    RATES,
+    balances,
+    order_rows,
+    read_csv,
+    setup_members,
+    write,
+)
 
 
 def database(path: Path) -> Database:
@@ -23,17 +38,23 @@ def database(path: Path) -> Database:
     return db
 
 
+def programme_in(*databases: Database) -> int:
+    """The same programme, by id, in each database, with its earning rule."""
+    made = {new_program(db).id for db in databases}
+    assert len(made) == 1
+    (program_id,) = made
+    for db in databases:
+        activate(db, program_id, "base", RATES)
+    return program_id
+
+
 def test_an_import_interrupted_in_one_database_does_not_skip_rows_in_another(
     tmp_path: Path,
 ) -> None:
     path = write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(30))
     first, second = database(tmp_path / "a.db"), database(tmp_path / "b.db")
     try:
-        programs = []
-        for db in (first, second):
-            programs.append(new_program(db))
-            activate(db, programs[-1].id, "base", RATES)
-        assert programs[0].id == programs[1].id  # the same programme id in each
+        program_id = programme_in(first, second)
 
         class Stop(Exception):
             pass
@@ -41,17 +62,157 @@ def test_an_import_interrupted_in_one_database_does_not_skip_rows_in_another(
         def interrupt(report: imports.Report) -> None:
             raise Stop
 
-        setup_members(first, programs[0].id)
+        setup_members(first, program_id)
         with pytest.raises(Stop):
-            imports.run_import(first, program_id=programs[0].id, kind="orders", path=path,
+            imports.run_import(first, program_id=program_id, kind="orders", path=path,
                                batch=10, progress=interrupt)  # fmt: skip
-        ids = setup_members(second, programs[1].id)
-        report = imports.run_import(second, program_id=programs[1].id, kind="orders", path=path)
+        ids = setup_members(second, program_id)
+        report = imports.run_import(second, program_id=program_id, kind="orders", path=path,
+                                    errors_path=tmp_path / "b.errors.csv")  # fmt: skip
         assert (report.resumed_from, report.accepted) == (0, 30)
         assert balances(second, ids) == {"c0": 3500, "c1": 3500, "c2": 3500}
         # and the first continues where it stopped
-        again = imports.run_import(first, program_id=programs[0].id, kind="orders", path=path)
+        again = imports.run_import(first, program_id=program_id, kind="orders", path=path)
         assert (again.resumed_from, again.accepted) == (10, 20)
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+class Stop(Exception):
+    pass
+
+
+def interrupt(report: imports.Report) -> None:
+    raise Stop
+
+
+@pytest.fixture(params=BACKENDS)
+def rebuild(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Database]]:
+    """An empty database, migrated, always behind the same URL: each call replaces the one
+    before, as a backup restored or ``jifen demo --reset`` does."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jifen.db'}"
+    else:
+        schema = f"jifen_test_{uuid.uuid4().hex[:12]}"
+        url = postgres_schema_url(POSTGRES_URL, schema)
+        admin = create_engine(normalise_database_url(POSTGRES_URL))
+    made: list[Database] = []
+
+    def anew() -> Database:
+        for db in made:
+            db.dispose()
+        if request.param == "sqlite":
+            (tmp_path / "jifen.db").unlink(missing_ok=True)
+        else:
+            with admin.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        made.append(Database(url, clock=ManualClock(START)))
+        upgrade(made[-1].engine)
+        return made[-1]
+
+    yield anew
+    for db in made:
+        db.dispose()
+    if request.param != "sqlite":
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_a_database_replaced_behind_the_same_url_is_imported_into_from_the_top(
+    rebuild: Callable[[], Database], tmp_path: Path
+) -> None:
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(30))
+    for attempt in range(2):
+        db = rebuild()
+        program = new_program(db)
+        activate(db, program.id, "base", RATES)
+        ids = setup_members(db, program.id)
+        if attempt == 0:
+            with pytest.raises(Stop):
+                imports.run_import(db, program_id=program.id, kind="orders", path=path,
+                                   batch=10, progress=interrupt)  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
+    assert (report.resumed_from, report.accepted, report.replayed) == (0, 30, 0)
+    assert report.started_over.startswith(
+        "this database does not hold the order order:o9 of source csv, the last record"
+    )
+    assert balances(db, ids) == {"c0": 3500, "c1": 3500, "c2": 3500}
+
+
+def test_rows_written_to_the_error_file_by_a_run_stopped_before_saving_are_not_written_twice(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    rows = [[r[0], "c9" if r[0] == "o15" else r[1], *r[2:]] for r in order_rows(20)]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)  # o15: a member not there yet
+    save = imports._Checkpoint.save
+
+    def dies_before_saving(self: imports._Checkpoint, report: imports.Report, *rest: Any) -> None:
+        if report.records == 20:
+            raise Stop  # o15's rows are written, the batch that refused it not yet recorded
+        save(self, report, *rest)
+
+    monkeypatch.setattr(imports._Checkpoint, "save", dies_before_saving)
+    with pytest.raises(Stop):
+        imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
+    monkeypatch.undo()
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
+    assert (report.resumed_from, report.replayed, report.refused) == (10, 9, 1)
+    header, *refused = read_csv(tmp_path / "orders.errors.csv")
+    assert [(row[0], row[6]) for row in refused] == [("o15", "32"), ("o15", "33")]
+    # put right, the error file imports the order once
+    db.run(lambda uow: members.register_member(uow, program_id=program.id, external_ref="c9"))
+    fixed = imports.run_import(db, program_id=program.id, kind="orders", path=write(
+        tmp_path / "fixed.csv", header, refused))  # fmt: skip
+    assert (fixed.accepted, fixed.points) == (1, 350)
+    assert sum(balances(db, ids).values()) == 19 * 350
+
+
+def test_an_import_from_the_top_stops_over_an_error_file_another_unfinished_import_writes(
+    tmp_path: Path,
+) -> None:
+    rows = [[r[0], "nobody" if r[0] == "o3" else r[1], *r[2:]] for r in order_rows(30)]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)  # o3: refused by A, not by B
+    errors = tmp_path / "orders.errors.csv"
+    first, second = database(tmp_path / "a.db"), database(tmp_path / "b.db")
+    try:
+        program_id = programme_in(first, second)
+        for db in (first, second):
+            setup_members(db, program_id)
+        second.run(lambda uow: members.register_member(uow, program_id=program_id,
+                                                        external_ref="nobody"))  # fmt: skip
+        with pytest.raises(Stop):
+            imports.run_import(first, program_id=program_id, kind="orders", path=path,
+                               batch=10, progress=interrupt)  # fmt: skip
+        kept = errors.read_bytes()
+        with pytest.raises(imports.InvalidInput) as raised:
+            imports.run_import(second, program_id=program_id, kind="orders", path=path)
+        assert "holds the rejected rows of an import of orders.csv into another database or " \
+            "programme that is unfinished" in str(raised.value)  # fmt: skip
+        assert "--errors OTHER.csv; --restart drops the unfinished import" in str(raised.value)
+        assert "请先完成该导入" in raised.value.message("zh")
+        assert errors.read_bytes() == kept
+        other = tmp_path / "b.errors.csv"
+        report = imports.run_import(second, program_id=program_id, kind="orders", path=path,
+                                    errors_path=other)  # fmt: skip
+        assert (report.accepted, report.refused) == (30, 0)
+        again = imports.run_import(first, program_id=program_id, kind="orders", path=path)
+        assert (again.resumed_from, again.accepted) == (10, 20)
+        assert [row[0] for row in read_csv(errors)[1:]] == ["o3", "o3"]
+        # --restart drops the unfinished import whose error file it takes
+        with pytest.raises(Stop):
+            imports.run_import(first, program_id=program_id, kind="orders", path=path,
+                               batch=10, restart=True, progress=interrupt)  # fmt: skip
+        imports.run_import(second, program_id=program_id, kind="orders", path=path,
+                           restart=True)  # fmt: skip
+        assert not errors.exists()
+        dropped = imports.run_import(first, program_id=program_id, kind="orders", path=path)
+        assert (dropped.resumed_from, dropped.replayed, dropped.refused) == (0, 29, 1)
     finally:
         first.dispose()
         second.dispose()

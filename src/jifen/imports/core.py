@@ -15,7 +15,7 @@ import pydantic_core
 from pydantic import ValidationError
 
 from jifen.errors import field_problem
-from jifen.events.schemas import EventIn
+from jifen.events.schemas import EventIn, OrderPaid
 from jifen.members.schemas import MemberCreate
 
 Kind = Literal["events", "orders", "members"]
@@ -108,8 +108,15 @@ class Record:
     """The rows it was read from, as they were (for the error file)."""
 
 
-BadOrder = tuple[tuple[Place, ...], tuple[Row, ...], RowError]
-"""An order that cannot be imported: its places, its rows and why (``at``: which row)."""
+class BadOrder(NamedTuple):
+    """An order that cannot be imported: its places, its rows and why (``at``: which row)."""
+
+    lines: tuple[Place, ...]
+    rows: tuple[Row, ...]
+    error: RowError
+    more: bool = False
+    """Further rows of the order refused just before: an order too long to hold whole is
+    refused in parts as its rows stream by (an import counts it once)."""
 
 
 def check_header(kind: Kind, header: list[str]) -> None:
@@ -248,77 +255,166 @@ def _flag(value: str | None, column: str, at: int | None = None) -> bool:
     )
 
 
+ORDER_LINES = next(
+    m.max_length for m in OrderPaid.model_fields["lines"].metadata if hasattr(m, "max_length")
+)
+"""The most lines an order may have (as the API takes it): the rows an order can be refused
+for having more of are not held beyond this many, so that memory stays flat."""
+
+
+def _order_id(row: Row) -> str | None:
+    """The order a row belongs to by its own id; None: a misshapen row carrying none."""
+    return row.order_id if isinstance(row, Misshapen) else row.get("order_id")
+
+
+def _digest(order_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(order_id.encode(), digest_size=8).digest())
+
+
+def _packed(place: Place) -> int:
+    return place.row << 32 | place.line
+
+
+def _unpacked(packed: int) -> Place:
+    return Place(packed >> 32, packed & 0xFFFFFFFF)
+
+
+def split_orders(rows: Iterable[tuple[Place, Row]]) -> dict[int, list[int]]:
+    """The orders whose rows come in more than one run of consecutive rows (grouped as
+    :func:`order_records` groups them), by an 8-byte digest of the id, with where each run
+    begins (a :class:`Place`, packed): read before importing, so that every part of such an
+    order is refused, the first too (applied alone, it could never be completed). Every
+    order seen is remembered by its digest alone: a million orders take some 100 MB at
+    most, and only while the file is read."""
+    began: dict[int, int] = {}
+    split: dict[int, list[int]] = {}
+    current: str | None = None
+    for place, row in rows:
+        order_id = _order_id(row)
+        if order_id is None or order_id == current:
+            continue  # a misshapen row without an id does not end the order around it
+        current = order_id
+        digest, here = _digest(order_id), _packed(place)
+        first = began.setdefault(digest, here)
+        if first != here:
+            split.setdefault(digest, [first]).append(here)
+    return split
+
+
 def order_records(
-    rows: Iterable[tuple[Place, Row]], default_source: str, zone: tzinfo
-) -> Iterator[Record | BadOrder]:
+    rows: Iterable[tuple[Place, Row]], default_source: str, zone: tzinfo,
+    split: Mapping[int, list[int]] | None = None,
+) -> Iterator[Record | BadOrder]:  # fmt: skip
     """Consecutive rows with the same ``order_id`` as one ``order.paid`` event; a bad order
     yields its places, rows and error instead. A misshapen row belongs to the order whose id
     it carries or, carrying none, to the order around it: that order is refused whole, so
-    that its rows, put right, import together. An order whose rows come again further on is
-    refused there: the second part would be taken for the same order sent again."""
-    orders = _Orders()
-    group: list[tuple[Place, Row]] = []
-    strays: list[tuple[Place, Row]] = []  # misshapen, no id: the order around them, if any
+    that its rows, put right, import together. Every part of an order in ``split`` (see
+    :func:`split_orders`) is refused: the lines of an order must be on consecutive rows. An
+    order running over more than :data:`ORDER_LINES` rows is refused in parts as it streams
+    by, holding no more than that many rows at a time."""
+    orders = _Orders(default_source, zone, split or {})
     for place, row in rows:
-        order_id = row.order_id if isinstance(row, Misshapen) else row.get("order_id")
-        if order_id is None:
-            if group:
-                strays.append((place, row))
-            else:
-                yield _alone(place, row)
-            continue
-        if group and order_id == orders.key(group):
-            group += [*strays, (place, row)]
-        else:
-            if group:
-                yield orders.made(group, default_source, zone)
-            yield from (_alone(*stray) for stray in strays)
-            group = [(place, row)]
-        strays = []
-    if group:
-        yield orders.made(group, default_source, zone)
-    yield from (_alone(*stray) for stray in strays)
+        yield from orders.take(place, row)
+    yield from orders.end()
 
 
 def _alone(place: Place, row: Row) -> BadOrder:
     assert isinstance(row, Misshapen)
-    return (place,), (row,), row.error
+    return BadOrder((place,), (row,), row.error)
 
 
 class _Orders:
-    """The orders of a file seen so far, each remembered by an 8-byte digest of its id with
-    where it began (packed in one int): a million orders take some 100 MB at most."""
+    """The order being read: its rows held (at most :data:`ORDER_LINES` of them with the
+    misshapen rows without an id that follow), or, once it ran over, the refusal its
+    further rows are written with."""
 
-    def __init__(self) -> None:
-        self.began: dict[int, int] = {}
+    def __init__(self, default_source: str, zone: tzinfo, split: Mapping[int, list[int]]) -> None:
+        self.default_source, self.zone, self.split = default_source, zone, split
+        self.order_id: str | None = None
+        self.group: list[tuple[Place, Row]] = []
+        self.strays: list[tuple[Place, Row]] = []  # misshapen, no id: this order's, if it goes on
+        self.lines = 0  # rows with the order's id, however many
+        self.over: RowError | None = None  # refused, its rows written as they come
 
-    @staticmethod
-    def key(group: list[tuple[Place, Row]]) -> str | None:
-        row = group[0][1]
-        return row.order_id if isinstance(row, Misshapen) else row.get("order_id")
+    def take(self, place: Place, row: Row) -> Iterator[BadOrder | Record]:
+        order_id = _order_id(row)
+        if order_id is None:
+            if self.order_id is None:
+                yield _alone(place, row)
+                return
+            self.strays.append((place, row))
+        elif order_id == self.order_id:
+            self.group += [*self.strays, (place, row)]
+            self.strays = []
+            self.lines += 1
+        else:
+            yield from self.end()
+            self.order_id, self.group, self.lines, self.over = order_id, [(place, row)], 1, None
+        if len(self.group) + len(self.strays) > ORDER_LINES:
+            yield self._spill()
 
-    def made(
-        self, group: list[tuple[Place, Row]], default_source: str, zone: tzinfo
-    ) -> Record | BadOrder:
-        order_id = self.key(group) or ""
-        digest = int.from_bytes(hashlib.blake2b(order_id.encode(), digest_size=8).digest())
-        here = group[0][0].row << 32 | group[0][0].line
-        began = self.began.setdefault(digest, here)
-        if began == here:
-            return _order(group, default_source, zone)
-        first = Place(began >> 32, began & 0xFFFFFFFF)
-        error = RowError(
+    def end(self) -> Iterator[BadOrder | Record]:
+        """The order read whole (a different id follows, or the file ends)."""
+        if self.over is not None and self.group:
+            yield BadOrder(*_split_up(self.group), self.over, more=True)
+        elif self.over is None and self.group:
+            yield self._made()
+        yield from (_alone(*stray) for stray in self.strays)
+        self.order_id, self.group, self.strays, self.over = None, [], [], None
+
+    def _spill(self) -> BadOrder:
+        """The rows held, refused: the order runs over more rows than it may have."""
+        more = self.over is not None
+        if self.over is None:
+            self.over = self._parts() or _too_long(self.order_id or "", self.lines)
+        held, self.group, self.strays = [*self.group, *self.strays], [], []
+        return BadOrder(*_split_up(held), self.over, more=more)
+
+    def _made(self) -> Record | BadOrder:
+        parts = self._parts()
+        if parts is None:
+            return _order(self.group, self.default_source, self.zone)
+        return BadOrder(*_split_up(self.group), parts)
+
+    def _parts(self) -> RowError | None:
+        """Why the order is refused if its rows come in more than one run, else None."""
+        starts = self.split.get(_digest(self.order_id or ""))
+        if starts is None:
+            return None
+        order_id = self.order_id
+        places = [_unpacked(start) for start in starts]
+        return RowError(
             "order_id",
-            f"the lines of order {order_id} must be on consecutive rows: this order began "
-            f"on {first.said('en')}",
-            f"订单 {order_id} 的各行须相邻:该订单始于{first.said('zh')}",
+            f"the lines of order {order_id} must be on consecutive rows: its parts begin on "
+            + ", ".join(place.said("en") for place in places),
+            f"订单 {order_id} 的各行须相邻:该订单分为几段,分别始于"
+            + "、".join(place.said("zh") for place in places),
         )
-        return tuple(p for p, _ in group), tuple(r for _, r in group), error
+
+
+def _too_long(order_id: str, lines: int) -> RowError:
+    if lines > ORDER_LINES:
+        return RowError(
+            "order_id",
+            f"order {order_id} has more than {ORDER_LINES} lines: an order has at most "
+            f"{ORDER_LINES}",
+            f"订单 {order_id} 超过 {ORDER_LINES} 行:一个订单至多 {ORDER_LINES} 行",
+        )
+    return RowError(
+        "row",
+        f"order {order_id} runs over more than {ORDER_LINES} rows with the rows among them "
+        f"that do not match the header: an order has at most {ORDER_LINES} lines",
+        f"订单 {order_id} 连同其间与表头不符的行超过 {ORDER_LINES} 行:一个订单至多 "
+        f"{ORDER_LINES} 行",
+    )
+
+
+def _split_up(group: list[tuple[Place, Row]]) -> tuple[tuple[Place, ...], tuple[Row, ...]]:
+    return tuple(place for place, _ in group), tuple(row for _, row in group)
 
 
 def _order(group: list[tuple[Place, Row]], default_source: str, zone: tzinfo) -> Record | BadOrder:
-    places = tuple(place for place, _ in group)
-    rows = tuple(row for _, row in group)
+    places, rows = _split_up(group)
     well = [row for row in rows if not isinstance(row, Misshapen)]
     try:
         for at, row in enumerate(rows):
@@ -326,9 +422,9 @@ def _order(group: list[tuple[Place, Row]], default_source: str, zone: tzinfo) ->
                 raise RowError(row.error.column, row.error.reason, row.error.reason_zh, at=at)
         return Record(places, _order_event(well, default_source, zone), rows)
     except RowError as exc:
-        return places, rows, exc
+        return BadOrder(places, rows, exc)
     except ValidationError as exc:
-        return places, rows, _validation(exc, order_column)
+        return BadOrder(places, rows, _validation(exc, order_column))
 
 
 def _order_event(rows: list[Mapping[str, str]], default_source: str, zone: tzinfo) -> EventIn:

@@ -3,15 +3,18 @@ however long the file), each batch one transaction with a savepoint per record, 
 record is written to the error file with its line and reason while the good ones go in.
 
 An import can be interrupted at any point and run again: a progress file beside the CSV
-records how many records are committed, and the next run continues after them. Even
-without it nothing is applied twice: events are keyed by (source, external id), members by
-their reference.
+records how many records are committed, the last of them and how long the error file was
+then, and the next run continues after them, once it has found that record in the
+database (a database restored or rebuilt behind the same URL may not hold it: the run then
+starts from the top). Even without it nothing is applied twice: events are keyed by (source,
+external id), members by their reference.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -37,6 +40,7 @@ from jifen.errors import (
     UnknownMember,
 )
 from jifen.events import service as events_service
+from jifen.events.models import events
 from jifen.events.schemas import EventIn
 from jifen.imports.core import (
     ERROR_COLUMNS,
@@ -52,6 +56,7 @@ from jifen.imports.core import (
     misshapen,
     order_column,
     order_records,
+    split_orders,
 )
 from jifen.members import core as members_core
 from jifen.members import service as members_service
@@ -61,6 +66,11 @@ from jifen.programs import service as programs_service
 from jifen.tiers import service as tiers_service
 
 BATCH = 500
+BATCH_ROWS = 10_000
+"""The most rows a batch holds, however few records they make (an order has up to 500 lines,
+and one refused for more is read in parts of as many): memory stays flat."""
+SCAN_EVERY = 10_000
+"""Rows between two progress reports while an orders file is read through before importing."""
 LINE_LIMIT = 1 << 20
 """The longest text line an import reads, in bytes (1 MiB): a longer one stops it before it
 is read whole (a CSV field is at most ``csv.field_size_limit()``, 128 KiB, anyway)."""
@@ -87,6 +97,11 @@ class Report:
     errors_path: str = ""
     bytes_read: int = 0
     bytes_total: int = 0
+    scanning: bool = False
+    """The file is being read through first (an orders file: for orders split over it)."""
+    started_over: str = ""
+    """Why a run that had an earlier one to continue started from the top instead (in the
+    language asked), or empty."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,8 @@ class _Rejected:
     lines: tuple[Place, ...]
     rows: tuple[Row, ...]
     error: RowError
+    more: bool = False
+    """Further rows of the record before (an order refused in parts): not counted again."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,22 @@ class _Outcome:
     replayed: int = 0
     points: int = 0
     refused: list[_Refusal] = field(default_factory=list)
+    held: Record | None = None
+    """The last record of the batch that the database holds (applied or already there)."""
+
+
+@dataclass
+class _Saved:
+    """What the progress record keeps after each committed batch."""
+
+    position: int = 0
+    """Items committed: records, and parts of an order refused in parts."""
+    records: int = 0
+    last: list[str] | None = None
+    """The key of the last committed record the database holds (:func:`_key`), if any."""
+    errors_bytes: int = 0
+    """The error file's length then: a run killed after writing a batch's refusals, before
+    saving, wrote them once more than its resumed run would."""
 
 
 Progress = Callable[[Report], None]
@@ -186,33 +219,49 @@ def run_import(
     )
     stat = path.stat()
     fingerprint = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "kind": kind,
-                   "program_id": program_id, "database": target}  # fmt: skip
+                   "program_id": program_id, "database": target,
+                   "errors": str(errors_path.resolve())}  # fmt: skip
     with _Checkpoint(checkpoint, fingerprint, path) as saved:
-        done = 0 if restart else saved.committed()
-        report = Report(kind=kind, path=str(path), records=done, resumed_from=done,
-                        errors_path=str(errors_path), bytes_total=stat.st_size)  # fmt: skip
-        if done == 0:
+        report = Report(kind=kind, path=str(path), errors_path=str(errors_path),
+                        bytes_total=stat.st_size)  # fmt: skip
+        state = _Saved() if restart else saved.committed()
+        if state.position and not _resumable(db, program_id, kind, state, errors_path, report,
+                                             language):  # fmt: skip
+            state = _Saved()
+        if state.position == 0:
+            _check_not_shared(path, checkpoint, fingerprint, errors_path, restart=restart)
             errors_path.unlink(missing_ok=True)  # an earlier run's, which this run replaces
+        else:
+            _cut(errors_path, state.errors_bytes)
+        report.records = report.resumed_from = state.records
+        saved.save(report, state)  # so that an import into another target sees this one
 
         def commit(pending: list[Record | _Rejected]) -> None:
-            _commit(db, program_id, kind, pending, report, errors, language, merchant)
+            held = _commit(db, program_id, kind, pending, report, errors, language, merchant)
+            state.position += len(pending)
+            state.records = report.records
+            state.last = _key(held) if held is not None else state.last
+            state.errors_bytes = errors.size()
 
-        with path.open("rb") as raw, _ErrorFile(errors_path, append=done > 0) as errors:
+        with path.open("rb") as raw, _ErrorFile(errors_path, append=state.position > 0) as errors:
             rows = _Rows(raw)
             try:
                 header, width = _header(kind, rows, path)
                 errors.header(header)
-                records = _records(kind, rows, header, width, source, zone)
+                split = _scan(path, header, width, report, progress) if kind == "orders" else {}
+                records = _records(kind, rows, header, width, source, zone, split)
                 pending: list[Record | _Rejected] = []
+                held = 0  # rows in pending
                 for index, record in enumerate(records):
-                    if index < done:
+                    if index < state.position:
                         continue  # committed by an earlier run
                     pending.append(record)
-                    if len(pending) >= batch:
+                    held += len(record.rows)
+                    if len(pending) >= batch or held >= BATCH_ROWS:
                         commit(pending)
-                        pending = []
+                        pending, held = [], 0
                         report.bytes_read = raw.tell()
-                        saved.save(report)
+                        saved.save(report, state)
                         if progress:
                             progress(report)
             except (_Unreadable, _TooLong, csv.Error) as exc:
@@ -220,12 +269,157 @@ def run_import(
             if pending:
                 commit(pending)
             report.bytes_read = stat.st_size
-            saved.save(report)
+            saved.save(report, state)
         saved.finish()  # finished: a new run starts from the top
     report.seconds = time.monotonic() - started
     if progress:
         progress(report)
     return report
+
+
+def _key(record: Record) -> list[str]:
+    """What names a record in the database: an event's (or order's) source and external id,
+    a member's reference."""
+    if isinstance(record.request, EventIn):
+        return [record.request.source, record.request.external_id]
+    return [record.request[0].external_ref]
+
+
+def _resumable(
+    db: Database, program_id: int, kind: Kind, state: _Saved, errors_path: Path,
+    report: Report, language: str,
+) -> bool:  # fmt: skip
+    """Whether the run can continue after what the progress record says is committed: the
+    database holds its last committed record (another database behind the same URL, a
+    backup restored or a demo rebuilt, may not), and the error file is at least as long as
+    it was then (else some of its rows are gone). Else ``report`` says why not."""
+    zh = language.lower().startswith("zh")
+    if state.last is not None and not db.run(
+        lambda uow: _holds(uow, program_id, kind, state.last or []), read_only=True
+    ):
+        what = _named(kind, state.last, zh)
+        report.started_over = (
+            f"本数据库中没有上次运行最后提交的{what}:它不是上次导入的数据库(已恢复或重建?),"
+            f"本次从头开始(已导入的记录不会重复导入)"
+            if zh
+            else f"this database does not hold {what}, the last record an earlier run "
+            f"committed: it is not the database that run imported into (restored or rebuilt?), "
+            f"so this run starts from the top (nothing is applied twice)"
+        )
+        return False
+    length = errors_path.stat().st_size if errors_path.exists() else 0
+    if length < state.errors_bytes:
+        report.started_over = (
+            f"错误文件 {errors_path} 已被改动或删除,本次从头开始,以完整写出被拒绝的行"
+            f"(已导入的记录不会重复导入)"
+            if zh
+            else f"the error file {errors_path} was changed or removed since the earlier run, "
+            f"so this run starts from the top to write the rejected rows whole (nothing is "
+            f"applied twice)"
+        )
+        return False
+    return True
+
+
+def _holds(uow: UnitOfWork, program_id: int, kind: Kind, key: list[str]) -> bool:
+    """Whether the database holds the record named by ``key`` (:func:`_key`)."""
+    if kind == "members":
+        query = select(members.c.id).where(
+            members.c.program_id == program_id, members.c.external_ref == key[0]
+        )
+    else:
+        query = select(events.c.id).where(
+            events.c.program_id == program_id, events.c.source == key[0],
+            events.c.external_id == key[1],
+        )  # fmt: skip
+    return uow.conn.execute(query).first() is not None
+
+
+def _named(kind: Kind, key: list[str], zh: bool) -> str:
+    """A record by its key, as a message names it."""
+    if kind == "members":
+        return f"会员 {key[0]}" if zh else f"member {key[0]}"
+    if zh:
+        return f"来源 {key[0]} 的{'订单' if kind == 'orders' else '事件'} {key[1]}"
+    return f"the {'order' if kind == 'orders' else 'event'} {key[1]} of source {key[0]}"
+
+
+def _cut(errors_path: Path, length: int) -> None:
+    """The error file as the last committed batch left it: rows written after it, by a run
+    that stopped before saving its progress, are written again by this one."""
+    if length == 0:
+        errors_path.unlink(missing_ok=True)
+    else:
+        os.truncate(errors_path, length)
+
+
+def _check_not_shared(
+    path: Path, checkpoint: Path, fingerprint: Mapping[str, Any], errors_path: Path, *,
+    restart: bool,
+) -> None:  # fmt: skip
+    """Refuse to start an import from the top over an error file that an unfinished import
+    of the same file into another database or programme writes to: this run would remove
+    that one's rejected rows. With ``restart``, that import's progress is dropped instead
+    (unless it is running)."""
+    pattern = glob.escape(path.name) + ".*.progress.json"
+    for other in sorted(path.parent.glob(pattern)):
+        if other == checkpoint:
+            continue
+        with other.open("r") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                running = False
+            except BlockingIOError:
+                running = True
+            try:
+                theirs = json.loads(handle.read() or "{}")
+            except ValueError:
+                continue
+            same = all(theirs.get(k) == fingerprint[k] for k in ("size", "mtime_ns", "errors"))
+            if not same or not (running or theirs.get("position")):
+                continue
+            if restart and not running:
+                other.unlink(missing_ok=True)
+                continue
+        raise InvalidInput(
+            field="errors",
+            problem=f"{errors_path} holds the rejected rows of an import of {path.name} into "
+            f"another database or programme that is {'running' if running else 'unfinished'} "
+            f"({other.name}): finish that import first (run it again), or give this one "
+            f"another error file with --errors OTHER.csv"
+            + ("" if running else "; --restart drops the unfinished import"),
+            problem_zh=f"{errors_path} 存有 {path.name} 导入另一数据库或计划时被拒绝的行,该导入"
+            f"{'正在运行' if running else '尚未完成'}({other.name}):请先完成该导入(再次运行它),"
+            f"或用 --errors OTHER.csv 为本次导入另给错误文件"
+            + ("" if running else ";--restart 会放弃那个未完成的导入"),
+        )
+
+
+def _scan(
+    path: Path, header: list[str], width: int, report: Report, progress: Progress | None
+) -> dict[int, list[int]]:
+    """The orders split over the file (see :func:`split_orders`), read through once before
+    importing, reported as it goes. Of a file that cannot be read to the end, the rows
+    before the one at fault: the import stops there, saying why, after the orders before
+    it, as it does for events and members."""
+    report.scanning = True
+    with path.open("rb") as raw:
+        rows = _Rows(raw)
+        next(iter(rows))  # the header, read already
+
+        def read() -> Iterator[tuple[Place, Row]]:
+            try:
+                for count, item in enumerate(_rows_of(rows, header, width), 1):
+                    if progress and count % SCAN_EVERY == 0:
+                        report.bytes_read = raw.tell()
+                        progress(report)
+                    yield item
+            except (_Unreadable, _TooLong, csv.Error):
+                return
+
+        split = split_orders(read())
+    report.scanning, report.bytes_read = False, 0
+    return split
 
 
 def _header(kind: Kind, rows: _Rows, path: Path) -> tuple[list[str], int]:
@@ -388,20 +582,15 @@ def _stopped(exc: Exception, place: Place, committed: int) -> InvalidInput:
 
 def _records(
     kind: Kind, rows: Iterable[tuple[Place, list[str]]], header: list[str], width: int,
-    source: str, zone: tzinfo,
+    source: str, zone: tzinfo, split: Mapping[int, list[int]],
 ) -> Iterator[Record | _Rejected]:  # fmt: skip
-    """Records from the rows, and the rows that cannot make one."""
-
-    def read() -> Iterator[tuple[Place, Row]]:
-        for place, values in rows:
-            if any(v.strip() for v in values):
-                yield place, _row(values, header, width)
-
+    """Records from the rows, and the rows that cannot make one (``split``: the orders split
+    over the file)."""
     if kind == "orders":
-        for item in order_records(read(), source, zone):
+        for item in order_records(_rows_of(rows, header, width), source, zone, split):
             yield item if isinstance(item, Record) else _Rejected(*item)
         return
-    for place, row in read():
+    for place, row in _rows_of(rows, header, width):
         if isinstance(row, Misshapen):
             yield _Rejected((place,), (row,), row.error)
             continue
@@ -412,6 +601,15 @@ def _records(
                 yield member_record(place, row)
         except RowError as exc:
             yield _Rejected((place,), (row,), exc)
+
+
+def _rows_of(
+    rows: Iterable[tuple[Place, list[str]]], header: list[str], width: int
+) -> Iterator[tuple[Place, Row]]:
+    """The rows that are not blank, by column (or misshapen)."""
+    for place, values in rows:
+        if any(v.strip() for v in values):
+            yield place, _row(values, header, width)
 
 
 def _row(values: list[str], header: list[str], width: int) -> Row:
@@ -440,7 +638,9 @@ def _row(values: list[str], header: list[str], width: int) -> Row:
 def _commit(
     db: Database, program_id: int, kind: Kind, items: list[Record | _Rejected], report: Report,
     errors: _ErrorFile, language: str, merchant: str | None,
-) -> None:  # fmt: skip
+) -> Record | None:  # fmt: skip
+    """Commit a batch, count it in ``report`` and write its refusals; the last of its
+    records that the database now holds, if any."""
     records = [item for item in items if isinstance(item, Record)]
 
     def work(uow: UnitOfWork) -> _Outcome:
@@ -463,13 +663,19 @@ def _commit(
             error = item.error
             refusal = _Refusal(item, error.column, "invalid_input", error.said(language), error.at)
             outcome.refused.append(refusal)
-    report.records += len(items)
+    report.records += sum(not _continues(item) for item in items)
     report.accepted += outcome.accepted
     report.replayed += outcome.replayed
     report.points += outcome.points
-    report.refused += len(outcome.refused)
+    report.refused += sum(not _continues(refusal.item) for refusal in outcome.refused)
     for refusal in sorted(outcome.refused, key=lambda r: r.item.lines):
         errors.write(refusal, language)
+    return outcome.held
+
+
+def _continues(item: Record | _Rejected) -> bool:
+    """Further rows of the record before, not a record of its own."""
+    return isinstance(item, _Rejected) and item.more
 
 
 def _refuse(outcome: _Outcome, kind: Kind, record: Record, exc: JifenError, language: str) -> None:
@@ -526,9 +732,11 @@ def _ingest(
             raise result
         elif result.replayed:
             outcome.replayed += 1
+            outcome.held = record
         else:
             outcome.accepted += 1
             outcome.points += result.points
+            outcome.held = record
 
 
 def _register(
@@ -548,6 +756,7 @@ def _register(
         differ = _differs(uow, program_id, found.id, member, tier)
         if not differ:
             outcome.replayed += 1
+            outcome.held = record
             return
         reason = _member_changed(member.external_ref, differ, language)
         outcome.refused.append(_Refusal(record, differ[0], IdempotencyConflict.code, reason))
@@ -556,6 +765,7 @@ def _register(
         tiers_service.set_member_tier(uow, program_id=program_id, member_id=profile.id,
                                       tier=tier, reason="import", set_by="import")  # fmt: skip
     outcome.accepted += 1
+    outcome.held = record
 
 
 def _differs(
@@ -598,11 +808,11 @@ def _member_changed(ref: str, columns: list[str], language: str) -> str:
 
 
 class _Checkpoint:
-    """The progress record of an import into one database and programme: how many records
-    are committed, kept beside the file, and locked while the import runs, so that a second
-    import of the same file into the same programme stops at once (it would write the same
-    rows to the error file again). Written in place, a crash in the middle of a write leaves
-    a record that is not read: the next run starts from the top, applying nothing twice."""
+    """The progress record of an import into one database and programme (:class:`_Saved`),
+    kept beside the file, and locked while the import runs, so that a second import of the
+    same file into the same programme stops at once (it would write the same rows to the
+    error file again). Written in place, a crash in the middle of a write leaves a record
+    that is not read: the next run starts from the top, applying nothing twice."""
 
     def __init__(self, path: Path, fingerprint: Mapping[str, Any], imported: Path) -> None:
         self.path = path
@@ -631,27 +841,28 @@ class _Checkpoint:
 
     def __exit__(self, *_: object) -> None:
         if self.handle is not None:
-            if os.fstat(self.handle.fileno()).st_size == 0:
+            if self.committed().position == 0:
                 self.finish()  # stopped before a batch was committed: nothing to continue
             self.handle.close()  # which releases the lock
 
-    def committed(self) -> int:
-        """The records an earlier run of this import committed (0: none, or another file)."""
+    def committed(self) -> _Saved:
+        """What an earlier run of this import committed (nothing: none, or another file)."""
         assert self.handle is not None
         self.handle.seek(0)
         try:
             saved = json.loads(self.handle.read() or "{}")
-        except ValueError:
-            return 0
-        if {k: saved.get(k) for k in self.fingerprint} != dict(self.fingerprint):
-            return 0
-        return int(saved["records"])
+            if {k: saved.get(k) for k in self.fingerprint} != dict(self.fingerprint):
+                return _Saved()
+            return _Saved(int(saved["position"]), int(saved["records"]), saved["last"],
+                          int(saved["errors_bytes"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            return _Saved()
 
-    def save(self, report: Report) -> None:
+    def save(self, report: Report, state: _Saved) -> None:
         assert self.handle is not None
         self.handle.seek(0)
         self.handle.truncate()
-        self.handle.write(json.dumps({**self.fingerprint, "records": report.records,
+        self.handle.write(json.dumps({**self.fingerprint, **asdict(state),
                                       "report": asdict(report)}))  # fmt: skip
         self.handle.flush()
 
@@ -682,6 +893,12 @@ class _ErrorFile:
 
     def header(self, columns: list[str]) -> None:
         self.columns = [c for c in columns if c not in ERROR_COLUMNS]
+
+    def size(self) -> int:
+        """The file's length in bytes: what it holds so far (0: none)."""
+        if self.handle is not None:
+            return os.fstat(self.handle.fileno()).st_size
+        return self.path.stat().st_size if self.append and self.path.exists() else 0
 
     def write(self, refusal: _Refusal, language: str) -> None:
         """The rows of a refused record: the row at fault (or every row) with why, a
