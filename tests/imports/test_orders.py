@@ -151,6 +151,21 @@ def test_a_merchant_code_too_long_for_a_posting_is_refused(db: Database, tmp_pat
         imports.run_import(db, program_id=program.id, kind="orders", path=path, merchant="m" * 65)
 
 
+def test_misshapen_rows_after_a_whole_order_are_refused_alone(tmp_path: Path) -> None:
+    """An order of the most lines allowed, followed by a row that does not match the header:
+    the row is not the order's unless the order goes on after it."""
+    good = {"member_ref": "c0", "occurred_at": WHEN, "category": "日用品", "amount_fen": "100"}
+    read = [
+        (Place(n, n), {**good, "order_id": "A", "sku": f"T{n}"}) for n in range(2, ORDER_LINES + 2)
+    ]
+    stray = Misshapen(("", "y"), RowError("row", "has 2 fields, the header 6"))
+    read += [(Place(600, 600), stray), (Place(601, 601), {**good, "order_id": "B", "sku": "T"})]
+    parts = list(order_records(read, "csv", UTC))
+    assert [type(p).__name__ for p in parts] == ["Record", "BadOrder", "Record"]
+    assert len(parts[0].rows) == ORDER_LINES  # type: ignore[union-attr]
+    assert parts[1][1] == (stray,)
+
+
 def test_an_order_of_more_lines_than_allowed_is_refused_as_it_streams_holding_few_rows(
     db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,7 +182,8 @@ def test_an_order_of_more_lines_than_allowed_is_refused_as_it_streams_holding_fe
         ["s1", "c2", WHEN, "T2", "日用品", 1],
     ]
     path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
-    # read in parts of at most ORDER_LINES + 1 rows, whatever the file holds
+    # read in parts of at most an order's lines and as many misshapen rows after them (+ 1),
+    # whatever the file holds
     stray = Misshapen(("", "y"), RowError("row", "has 2 fields, the header 6"))
     read = [
         (
@@ -177,7 +193,9 @@ def test_an_order_of_more_lines_than_allowed_is_refused_as_it_streams_holding_fe
         for n, row in enumerate(rows, 2)
     ]
     parts = order_records(read, "csv", UTC)
-    assert max(len(p.rows if isinstance(p, Record) else p[1]) for p in parts) <= ORDER_LINES + 1
+    assert max(len(p.rows if isinstance(p, Record) else p[1]) for p in parts) <= (
+        2 * ORDER_LINES + 1
+    )
 
     class Stop(Exception):
         pass

@@ -324,8 +324,8 @@ def _alone(place: Place, row: Row) -> BadOrder:
 
 
 class _Orders:
-    """The order being read: its rows held (at most :data:`ORDER_LINES` of them with the
-    misshapen rows without an id that follow), or, once it ran over, the refusal its
+    """The order being read: its rows held (at most :data:`ORDER_LINES` of them, and at most
+    as many misshapen rows without an id after them), or, once it ran over, the refusal its
     further rows are written with."""
 
     def __init__(self, default_source: str, zone: tzinfo, split: Mapping[int, list[int]]) -> None:
@@ -350,7 +350,9 @@ class _Orders:
         else:
             yield from self.end()
             self.order_id, self.group, self.lines, self.over = order_id, [(place, row)], 1, None
-        if len(self.group) + len(self.strays) > ORDER_LINES:
+        # An order's own lines count; misshapen rows after them are the order's only if it
+        # goes on, so they are held up to as many, then taken as the order's: refused with it.
+        if len(self.group) > ORDER_LINES or len(self.strays) > ORDER_LINES:
             yield self._spill()
 
     def end(self) -> Iterator[BadOrder | Record]:
