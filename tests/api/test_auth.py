@@ -488,6 +488,20 @@ def test_a_staff_user_without_grants_is_managed_only_from_the_scope_it_was_creat
     assert (home["home_program_id"], home["home_merchant"]) == (program_p.id, "shopA")
     assert manages(shop, own) and manages(admin_p, own) and manages(root, own)
     assert not manages(admin_q, own)
+    # and one a store's administrator made belongs to that store: it manages the user it
+    # made (and grants it a role of its store), another store's administrator does not
+    till = support.staff(db, "super_admin", program_id=program_p.id, merchant="shopA", store="s1")
+    other = support.staff(db, "super_admin", program_id=program_p.id, merchant="shopA", store="s2")
+    clerk = create(till, [])
+    assert app_client.get(f"/v1/staff/{clerk}", headers=root).json()["home_store"] == "s1"
+    assert clerk in listed(till) and clerk not in listed(other)
+    assert manages(till, clerk) and manages(shop, clerk) and not manages(other, clerk)
+    granted = app_client.post(
+        f"/v1/staff/{clerk}/grants",
+        json={"role": "cashier", "program": program_p.code, "merchant": "shopA", "store": "s1"},
+        headers={**till, **support.key()},
+    )  # fmt: skip
+    assert granted.status_code == 201, granted.text
 
 
 def test_a_merchant_administrator_hands_out_its_merchant_scope_only(

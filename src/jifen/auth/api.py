@@ -299,8 +299,10 @@ def _within_scope(uow: UnitOfWork, ctx: Context, staff_id: int) -> StaffRead:
 def _home_within_scope(ctx: Context, staff: StaffRead) -> StaffRead:
     """A staff user without grants, if the scope it was created in lies within the asker's
     (one created installation-wide: only if the asker's is installation-wide)."""
-    program_id, merchant = staff.home_program_id, staff.home_merchant
-    if not ctx.principal.covers(ctx.permission, program_id=program_id, merchant=merchant):
+    if not ctx.principal.covers(
+        ctx.permission, program_id=staff.home_program_id, merchant=staff.home_merchant,
+        store=staff.home_store,
+    ):  # fmt: skip
         raise Forbidden(
             problem=f"Staff user {staff.id} holds no role and was created outside your scope; "
             "an administrator whose scope contains the one it was created in manages it.",
@@ -310,18 +312,18 @@ def _home_within_scope(ctx: Context, staff: StaffRead) -> StaffRead:
     return staff
 
 
-def _home_of(principal: Principal) -> tuple[int | None, str | None]:
-    """The programme and merchant a staff user made by ``principal`` belongs to: those of
-    its narrowest scope holding ``staff.write`` (so that it and every administrator above
-    it manage the user), or (None, None) when it holds ``staff.write`` installation-wide."""
+def _home_of(principal: Principal) -> tuple[int | None, str | None, str | None]:
+    """The programme, merchant and store a staff user made by ``principal`` belongs to:
+    those of its narrowest scope holding ``staff.write`` (so that it and every administrator
+    above it manage the user), or all None when it holds ``staff.write`` installation-wide."""
     scopes = principal.scopes("staff.write")
     if not scopes:
-        return None, None
+        return None, None, None
     narrowest = max(
         scopes,
         key=lambda g: sum(part is not None for part in (g.program_id, g.merchant, g.store)),
     )
-    return narrowest.program_id, narrowest.merchant
+    return narrowest.program_id, narrowest.merchant, narrowest.store
 
 
 def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
@@ -376,12 +378,12 @@ def create_staff(
 ) -> JSONResponse:
     """A staff user with its grants; the TOTP seed for its authenticator is shown once."""
 
-    home_program_id, home_merchant = _home_of(ctx.principal)
+    home_program_id, home_merchant, home_store = _home_of(ctx.principal)
 
     def create(uow: UnitOfWork) -> StaffCreated:
         created = service.create_staff(
             uow, username=body.username, password=body.password, display_name=body.display_name,
-            home_program_id=home_program_id, home_merchant=home_merchant,
+            home_program_id=home_program_id, home_merchant=home_merchant, home_store=home_store,
         )  # fmt: skip
         for grant in body.grants:
             _grant(uow, ctx, created.id, grant)

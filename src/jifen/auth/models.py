@@ -51,6 +51,10 @@ staff_users = Table(
         "home_merchant", String(64), nullable=True,
         comment="the merchant of the scope it was created in (NULL: every merchant)",
     ),
+    Column(
+        "home_store", String(64), nullable=True,
+        comment="the store of the scope it was created in (NULL: every store)",
+    ),
     UniqueConstraint("username"),
 )  # fmt: skip
 

@@ -160,8 +160,10 @@ class StaffRead(_Read):
     home_program_id: int | None = None
     """The programme of the scope it was created in (None: every programme)."""
     home_merchant: str | None = None
-    """The merchant of the scope it was created in (None: every merchant). While it holds
-    no grant, only administrators whose scope contains this one manage it."""
+    """The merchant of the scope it was created in (None: every merchant)."""
+    home_store: str | None = None
+    """The store of the scope it was created in (None: every store). While it holds no
+    grant, only administrators whose scope contains this one manage it."""
 
 
 class RoleRead(_Read):

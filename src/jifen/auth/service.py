@@ -251,13 +251,15 @@ def create_staff(
     totp_secret: str | None = None,
     home_program_id: int | None = None,
     home_merchant: str | None = None,
+    home_store: str | None = None,
 ) -> StaffCreated:
     """Create a staff user with a TOTP seed and grants of built-in or custom roles.
 
     ``roles_in`` lists (role code, programme id or None for every programme). The TOTP seed
     (random unless given) is returned once, with its provisioning URI, and stored encrypted.
-    ``home_program_id`` and ``home_merchant``: the scope it is created in (None: every
-    programme, every merchant), whose administrators manage it while it holds no grant.
+    ``home_program_id``, ``home_merchant`` and ``home_store``: the scope it is created in
+    (None: every programme, merchant, store), whose administrators manage it while it holds
+    no grant.
     """
     if uow.conn.execute(select(staff_users.c.id).where(staff_users.c.username == username)).first():
         raise DuplicateReference(what="Staff username", what_zh="员工用户名", value=username)
@@ -267,7 +269,8 @@ def create_staff(
         staff_users.insert().returning(staff_users.c.id),
         {"username": username, "display_name": display_name or username,
          "password_hash": hash_password(password), "totp_secret_enc": encrypt(seed),
-         "created_at": now, "home_program_id": home_program_id, "home_merchant": home_merchant},
+         "created_at": now, "home_program_id": home_program_id, "home_merchant": home_merchant,
+         "home_store": home_store},
     ).scalar_one()  # fmt: skip
     for role_code, program_id in roles_in:
         grant_role(uow, staff_id=staff_id, role=role_code, program_id=program_id)
@@ -758,6 +761,7 @@ def _staff_reads(uow: UnitOfWork, rows: Sequence[Any]) -> list[StaffRead]:
             created_at=row.created_at,
             home_program_id=row.home_program_id,
             home_merchant=row.home_merchant,
+            home_store=row.home_store,
         )
         for row in rows
     ]
@@ -804,7 +808,10 @@ def _lies_within(scopes: Sequence[Grant]) -> ColumnElement[bool]:
     outside = exists().where(
         own, ~_held_within(scopes, grants.program_id, grants.merchant, grants.store)
     )
-    home = _held_within(scopes, staff_users.c.home_program_id, staff_users.c.home_merchant)
+    home = _held_within(
+        scopes, staff_users.c.home_program_id, staff_users.c.home_merchant,
+        staff_users.c.home_store,
+    )  # fmt: skip
     return and_(~outside, or_(exists().where(own), home))
 
 

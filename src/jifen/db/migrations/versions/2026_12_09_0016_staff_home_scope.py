@@ -1,6 +1,6 @@
-"""A staff user records the scope it was created in (``home_program_id``, ``home_merchant``):
-the narrowest scope of its creator that holds ``staff.write``, both NULL when its creator
-held it installation-wide. A user holding no grant is then managed only by administrators
+"""A staff user records the scope it was created in (``home_program_id``, ``home_merchant``,
+``home_store``): the narrowest scope of its creator that holds ``staff.write``, all NULL when
+its creator held it installation-wide. A user holding no grant is then managed only by administrators
 whose scope contains that one; before, such a user counted as inside every scope. Users
 created before keep NULL: installation-wide administrators manage them.
 
@@ -38,11 +38,18 @@ def upgrade() -> None:
                 comment="the merchant of the scope it was created in (NULL: every merchant)",
             )
         )  # fmt: skip
+        batch.add_column(
+            sa.Column(
+                "home_store", sa.String(64), nullable=True,
+                comment="the store of the scope it was created in (NULL: every store)",
+            )
+        )  # fmt: skip
         batch.create_foreign_key(op.f(_FK), "programs", ["home_program_id"], ["id"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("staff_users") as batch:
         batch.drop_constraint(op.f(_FK), type_="foreignkey")
+        batch.drop_column("home_store")
         batch.drop_column("home_merchant")
         batch.drop_column("home_program_id")
