@@ -54,6 +54,25 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databa
     database.dispose()
 
 
+def empty_database_url(backend: str, folder: Path) -> Iterator[str]:
+    """The URL of an empty database of ``backend`` that a test has to itself: a file in
+    ``folder``, or a schema of its own in the test PostgreSQL, dropped when it is done.
+    For tests of what migrations do to a database of an older revision."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / f'own-{uuid.uuid4().hex[:8]}.db'}"
+        return
+    schema = f"jifen_own_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(normalise_database_url(POSTGRES_URL))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield postgres_schema_url(POSTGRES_URL, schema)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_schema() -> Iterator[str]:
     """A fresh schema in the test database with jifen migrated into it; dropped at the end."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 from typer.testing import CliRunner
 
 from jifen.audit import service
@@ -39,8 +38,8 @@ from jifen.cli import app
 from jifen.clock import ManualClock
 from jifen.db.migrate import upgrade
 from jifen.db.uow import Database
-from jifen.settings import get_settings, normalise_database_url
-from tests.conftest import BACKENDS, POSTGRES_URL, START, postgres_schema_url
+from jifen.settings import get_settings
+from tests.conftest import BACKENDS, START, empty_database_url
 
 runner = CliRunner()
 
@@ -51,27 +50,11 @@ runner = CliRunner()
 @pytest.fixture(params=BACKENDS)
 def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """A database of its own on each backend, migrated, with an empty audit log."""
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'audit.db'}", clock=ManualClock(START))
+    for url in empty_database_url(request.param, tmp_path):
+        database = Database(url, clock=ManualClock(START), pool_size=4)
         upgrade(database.engine)
         yield database
         database.dispose()
-        return
-    schema = f"jifen_audit_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(normalise_database_url(POSTGRES_URL))
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    database = Database(
-        postgres_schema_url(POSTGRES_URL, schema), clock=ManualClock(START), pool_size=4
-    )
-    try:
-        upgrade(database.engine)
-        yield database
-    finally:
-        database.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def write(db: Database, target: str, **extra: Any) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 
 from jifen.clock import ManualClock
 from jifen.db.engine import make_engine
@@ -23,8 +22,7 @@ from jifen.events.models import events
 from jifen.members.models import members
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
-from jifen.settings import normalise_database_url
-from tests.conftest import BACKENDS, POSTGRES_URL, START, postgres_schema_url
+from tests.conftest import BACKENDS, START, empty_database_url
 from tests.rewards.shop import Shop
 
 
@@ -69,23 +67,10 @@ def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -
 @pytest.fixture(params=BACKENDS)
 def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """An engine on an empty database of each backend (PostgreSQL: a schema of its own)."""
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    for url in empty_database_url(request.param, tmp_path):
+        engine = make_engine(url)
         yield engine
         engine.dispose()
-        return
-    schema = f"jifen_old_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(normalise_database_url(POSTGRES_URL))
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = make_engine(postgres_schema_url(POSTGRES_URL, schema))
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def test_events_stored_before_once_per_subject_keep_the_first_of_each(
