@@ -485,14 +485,20 @@ def ledger_checkpoint(
             return integrity.checkpoint(uow, program_id=program_id)
 
         checkpoint_id, root = database.run(seal)
+    _print_checkpoint(checkpoint_id, root, "ledger")
+
+
+def _print_checkpoint(checkpoint_id: int, root: str, of: str) -> None:
+    """A checkpoint's root, and where to keep it: ``jifen <of> verify --root`` finds a
+    history rewritten since, checkpoints and all, only against a copy outside the database."""
     out.print(_say(f"checkpoint {checkpoint_id}: {root}", f"检查点 {checkpoint_id}:{root}"))
     out.print(
         _say(
             "keep this root hash somewhere outside the database (a ticket, a log, a notebook): "
-            "`jifen ledger verify --root` proves the history up to it unchanged only against "
-            "a copy the database cannot rewrite",
-            "请把这个根哈希保存在数据库之外(工单、日志、笔记本):只有对照数据库改不了的副本,"
-            "`jifen ledger verify --root` 才能证明此前的历史未被改写",
+            f"`jifen {of} verify --root` then finds a history rewritten since, checkpoints "
+            "and all",
+            "请把该根哈希保存在数据库之外(工单、日志或笔记本):"
+            f"之后 `jifen {of} verify --root` 可发现此后连同检查点被整体改写的历史",
         )
     )
 
@@ -563,15 +569,7 @@ def audit_checkpoint() -> None:
     with _database() as database:
         _require_schema(database)
         checkpoint_id, root = database.run(audit_service.checkpoint)
-    out.print(_say(f"checkpoint {checkpoint_id}: {root}", f"检查点 {checkpoint_id}:{root}"))
-    out.print(
-        _say(
-            "keep this root hash somewhere outside the database (a ticket, a log, a notebook): "
-            "`jifen audit verify --root` then finds a log rewritten since, checkpoints and all",
-            "请把该根哈希保存在数据库之外(工单、日志或笔记本):"
-            "之后 `jifen audit verify --root` 可发现日志连同检查点被整体改写",
-        )
-    )
+    _print_checkpoint(checkpoint_id, root, "audit")
 
 
 # --------------------------------------------------------------------------- demo
