@@ -8,6 +8,8 @@ database's log stays whole for every other test that verifies it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select, text
 from typer.testing import CliRunner
 
@@ -178,6 +182,36 @@ def test_what_is_hashed_is_what_a_json_column_gives_back() -> None:
     assert fields["before"] is None and fields["program_id"] is None
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    prev=st.text("0123456789abcdef", min_size=64, max_size=64),
+    seq=st.integers(1, 2**62),
+    micros=st.integers(0, 10**15),
+    values=st.fixed_dictionaries(
+        {"actor": st.text(), "target": st.text(), "api_key_id": st.none() | st.integers()},
+        optional={"before": _JSON, "after": _JSON},
+    ),
+)
+def test_the_digest_is_the_sorted_json_of_link_position_time_and_fields(
+    prev: str, seq: int, micros: int, values: dict[str, Any]
+) -> None:
+    # PostgreSQL hashes the pieces of digest_parts joined around the head it locks: they
+    # must spell exactly the JSON that verify hashes
+    at = datetime(2020, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    fields = chained_fields(values)
+    payload = json.dumps(
+        {"prev": prev, "seq": seq, "at": at.isoformat(), **fields},
+        sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str,
+    )  # fmt: skip
+    assert entry_digest(prev, seq, at, fields) == hashlib.sha256(payload.encode()).hexdigest()
+
+
 def test_a_time_read_back_naive_is_taken_as_utc() -> None:
     # SQLite keeps no zone: a time read without jifen's column type comes back naive
     entries = chain(1, [target_in(1)])
@@ -245,6 +279,44 @@ def test_values_read_back_hash_as_they_were_recorded(fresh: Database) -> None:
         )
     )
     assert stored["at"] == "2026-01-01 00:00:00+00:00"
+
+
+def test_concurrent_entries_about_one_target_chain_one_after_another(fresh: Database) -> None:
+    # given 8 writers recording 25 entries each about one target, so all in one chain
+    entry = AuditEntryCreate(
+        program_id=None,
+        actor="key:bench",
+        action="points.earn",
+        target="member:7",
+        after={"amount": 1},
+    )
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for _ in range(25):
+                fresh.run(lambda uow: service.record(uow, entry))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    # then the chain holds all 200, at positions 1 to 200, each linked to the one before
+    seqs = fresh.run(
+        lambda uow: (
+            uow.conn.execute(select(audit_entries.c.seq).order_by(audit_entries.c.seq))
+            .scalars()
+            .all()
+        )
+    )
+    assert seqs == list(range(1, 201))
+    report = verified(fresh)
+    assert report.problems == []
+    assert report.entries == 200
 
 
 def test_verify_names_an_entry_whose_after_was_changed_in_sql(fresh: Database) -> None:

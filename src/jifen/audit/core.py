@@ -49,15 +49,34 @@ def as_utc(moment: datetime) -> datetime:
 
 
 def entry_digest(prev_hash: str, seq: int, at: datetime, fields: dict[str, Any]) -> str:
-    """SHA-256 over the previous hash, the position, the time and every recorded field."""
-    payload = json.dumps(
-        {"prev": prev_hash, "seq": seq, "at": at.isoformat(), **fields},
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
-        default=str,
+    """SHA-256 over the previous hash, the position, the time and every recorded field: the
+    JSON of them all, keys sorted, as :func:`digest_parts` spells it."""
+    before, between, after = digest_parts(at, fields)
+    return hashlib.sha256(f"{before}{prev_hash}{between}{seq}{after}".encode()).hexdigest()
+
+
+def digest_parts(at: datetime, fields: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The text an entry's digest covers, cut where its link and its position go:
+    ``before + prev_hash + between + str(seq) + after`` is the compact JSON of
+    ``{"prev": prev_hash, "seq": seq, "at": …, **fields}`` with its keys sorted. PostgreSQL
+    joins the pieces to the head it locks in the statement that appends the entry."""
+    values: dict[str, Any] = {"at": at.isoformat(), **fields}
+    head = _members({k: v for k, v in values.items() if k < "prev"})
+    middle = _members({k: v for k, v in values.items() if "prev" < k < "seq"})
+    tail = _members({k: v for k, v in values.items() if k > "seq"})
+    return (
+        "{" + (head + "," if head else "") + '"prev":"',
+        '",' + (middle + "," if middle else "") + '"seq":',
+        ("," + tail if tail else "") + "}",
     )
-    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _members(values: Mapping[str, Any]) -> str:
+    """The members of ``values``' compact JSON object, keys sorted, without its braces."""
+    text = json.dumps(
+        values, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    )
+    return text[1:-1]
 
 
 def seal_root(previous_root: str, heads: Mapping[int, tuple[int, str]]) -> str:

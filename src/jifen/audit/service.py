@@ -13,7 +13,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, or_, select
+from sqlalchemy import (
+    Integer,
+    LargeBinary,
+    Row,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal_column,
+    or_,
+    select,
+)
+from sqlalchemy.sql.elements import ColumnClause
 
 from jifen.audit.core import (
     CHAINED_FIELDS,
@@ -24,6 +37,7 @@ from jifen.audit.core import (
     StoredEntry,
     chained_fields,
     checkpoint_problems,
+    digest_parts,
     entry_digest,
     seal_root,
     stripe_of,
@@ -59,7 +73,6 @@ _ENTRY_COLUMNS = (*CHAINED_FIELDS, "stripe", "seq", "at", "prev_hash", "hash")
 _HEAD = select(audit_heads.c.seq, audit_heads.c.hash).where(
     audit_heads.c.stripe == bindparam("stripe")
 )
-_HEAD_LOCKED = Prepared(_HEAD.with_for_update())
 _MOVE_HEAD = (
     audit_heads.update()
     .where(audit_heads.c.stripe == bindparam("head_stripe"))
@@ -71,32 +84,68 @@ _ENTRY_VALUES = {
     name: bindparam(f"e_{name}", type_=audit_entries.c[name].type) for name in _ENTRY_COLUMNS
 }
 _APPEND = audit_entries.insert().values(_ENTRY_VALUES).returning(audit_entries.c.id)
-# PostgreSQL: one round trip, the head moves in the same statement.
-_APPEND_AND_MOVE = Prepared(_APPEND.add_cte(_MOVE_HEAD.cte("moved_head")))
+
+
+def _append_linked() -> Prepared:
+    """PostgreSQL: the entry appended to its stripe's chain in one round trip. The statement
+    locks the head, hashes the pieces of :func:`digest_parts` around the head's hash and
+    next position, moves the head and inserts the entry; a concurrent append waits for the
+    lock and then reads the head as that one left it."""
+    old = (
+        select(audit_heads.c.seq, audit_heads.c.hash)
+        .where(audit_heads.c.stripe == bindparam("stripe"))
+        .with_for_update()
+        .cte("old")
+    )
+    seq = old.c.seq + 1
+    utf8: ColumnClause[Any] = literal_column("'UTF8'")
+    digest = func.encode(
+        func.sha256(
+            bindparam("before", type_=LargeBinary)
+            .op("||")(func.convert_to(old.c.hash, utf8))
+            .op("||")(bindparam("between", type_=LargeBinary))
+            .op("||")(func.convert_to(cast(seq, Text), utf8))
+            .op("||")(bindparam("after", type_=LargeBinary))
+        ),
+        literal_column("'hex'"),
+    )
+    new = select(seq.label("seq"), old.c.hash.label("prev_hash"), digest.label("hash")).cte("new")
+    moved = (
+        audit_heads.update()
+        .where(audit_heads.c.stripe == bindparam("stripe"))
+        .values(seq=new.c.seq, hash=new.c.hash)
+        .cte("moved")
+    )
+    given = [_ENTRY_VALUES[name] for name in (*CHAINED_FIELDS, "at")]
+    columns = [*CHAINED_FIELDS, "at", "stripe", "seq", "prev_hash", "hash"]
+    stripe = bindparam("stripe", type_=Integer)
+    rows = select(*given, stripe, new.c.seq, new.c.prev_hash, new.c.hash)
+    insert = audit_entries.insert().from_select(columns, rows)
+    return Prepared(insert.returning(audit_entries.c.id).add_cte(moved))
+
+
+_APPEND_LINKED = _append_linked()
 
 
 def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     """Append ``entry`` to its stripe's chain, in the caller's transaction; returns its id."""
     stripe = stripe_of(entry.target, STRIPES)
-    postgresql = uow.dialect == "postgresql"
-    if postgresql:
-        (seq, prev_hash), *_ = _HEAD_LOCKED.rows(uow.conn, {"stripe": stripe})
-    else:
-        seq, prev_hash = uow.conn.execute(_HEAD, {"stripe": stripe}).one()
-    seq += 1
     # Microseconds are kept by both backends; the digest covers the stored value exactly.
     at = uow.clock.now().astimezone(UTC)
     fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
+    if uow.dialect == "postgresql":
+        before, between, after = (part.encode() for part in digest_parts(at, fields))
+        values = {f"e_{name}": value for name, value in fields.items()}
+        values.update(e_at=at, stripe=stripe, before=before, between=between, after=after)
+        ((entry_id,),) = _APPEND_LINKED.rows(uow.conn, values)
+        return int(entry_id)
+    seq, prev_hash = uow.conn.execute(_HEAD, {"stripe": stripe}).one()
+    seq += 1
     digest = entry_digest(prev_hash, seq, at, fields)
     entry_row = {**fields, "stripe": stripe, "seq": seq, "at": at, "prev_hash": prev_hash,
                  "hash": digest}  # fmt: skip
-    row = {f"e_{name}": value for name, value in entry_row.items()}
-    moved = {"head_stripe": stripe, "head_seq": seq, "head_hash": digest}
-    if postgresql:
-        ((entry_id,),) = _APPEND_AND_MOVE.rows(uow.conn, {**row, **moved})
-        return int(entry_id)
-    entry_id = uow.conn.execute(_APPEND, row).scalar_one()
-    uow.conn.execute(_MOVE_HEAD, moved)
+    entry_id = uow.conn.execute(_APPEND, {f"e_{k}": v for k, v in entry_row.items()}).scalar_one()
+    uow.conn.execute(_MOVE_HEAD, {"head_stripe": stripe, "head_seq": seq, "head_hash": digest})
     return int(entry_id)
 
 
