@@ -229,6 +229,36 @@ def test_eight_threads_with_one_key_make_one_posting(pg: Database) -> None:
     assert_ledger_sound(pg, program.id)
 
 
+def test_concurrent_earns_on_one_member_each_post_once_in_one_chain(pg: Database) -> None:
+    # given 8 clients earning for one member at once, 10 times each, each with its own key:
+    # the API locks the account in its first round trip, and the posting goes from there
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    operator = support.staff(pg, "operator", program_id=program.id)
+    url = f"/v1/programs/{program.code}/members/{member_id}/points/earn"
+    statuses: list[int] = []
+    barrier = threading.Barrier(8)
+    with TestClient(create_app(pg, api_settings())) as client:
+
+        def send(worker: int) -> None:
+            barrier.wait()
+            for n in range(10):
+                headers = {**operator, "Idempotency-Key": f"earn-{worker}-{n}"}
+                answer = client.post(url, json={"amount": worker + 1}, headers=headers)
+                statuses.append(answer.status_code)
+
+        threads = [threading.Thread(target=send, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    # then every earn posted, the balance is their sum and the chain and caches hold
+    assert statuses == [201] * 80
+    balance = pg.run(lambda uow: points.balance(uow, member_id=member_id))
+    assert balance.available == 10 * sum(range(1, 9))
+    assert_ledger_sound(pg, program.id)
+
+
 def test_an_overdraft_is_refused_in_the_callers_language(client: TestClient, db: Database) -> None:
     shop = _shop(client, db)
     shop.earn(shop.alice, 10)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from psycopg.pq import ExecStatus
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.expression import Executable
 
@@ -132,6 +133,27 @@ class Prepared:
         if len(rows) > 1:
             raise ValueError(f"expected at most one row, got {len(rows)}")
         return rows[0] if rows else None
+
+
+class PreparedSQL(Prepared):
+    """A PostgreSQL statement written as SQL (``%(name)s`` parameters, values already as the
+    driver takes them) answering ``width`` columns as they come: a read in the hot path's
+    own terms (a row lock, say) that can still go :func:`read_together` with others."""
+
+    def __init__(self, sql: str, width: int) -> None:
+        super().__init__(text(sql))
+        self.sql = sql
+        self.width = width
+
+    def _postgresql(self, dialect: Dialect) -> _Compiled:
+        compiled = self._compiled
+        if compiled is None or compiled.dialect is not dialect:
+            compiled = self._compiled = _Compiled(dialect, self.sql, {}, {}, [None] * self.width)
+        return compiled
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        assert conn.dialect.name == "postgresql", "SQL written for PostgreSQL"
+        return list(execute(conn, self.sql, params).fetchall())
 
 
 def _processed(row: tuple[Any, ...], processors: list[Processor | None]) -> tuple[Any, ...]:

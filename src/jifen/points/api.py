@@ -76,11 +76,17 @@ def _member(uow: UnitOfWork, ctx: Context, member_id: int, *, transacting: bool 
 
 
 def _checks(
-    ctx: Context, *member_ids: int, transacting: bool = False, settings: bool = False
+    ctx: Context,
+    *member_ids: int,
+    transacting: bool = False,
+    settings: bool = False,
+    locking: bool = False,
 ) -> Callable[[UnitOfWork], list[prepared.Read[Any]]]:
     """:func:`_member` for each member a write names, as the first reads of
     ``ctx.execute``: one round trip with the look-up of a stored answer. With ``settings``,
-    the programme's policy as of this very transaction too, in the same round trip."""
+    the programme's policy as of this very transaction too, in the same round trip; with
+    ``locking``, the (one) member's points account, held for the posting that follows
+    (its key is the request's)."""
 
     def reads(uow: UnitOfWork) -> list[prepared.Read[Any]]:
         found: list[prepared.Read[Any]] = [
@@ -91,6 +97,10 @@ def _checks(
         ]
         if settings:
             found.append(programs_service.settings_read(uow, ctx.program_id))
+        if locking:
+            (member_id,) = member_ids
+            key = ctx.ledger_key()
+            found.append(service.lock_account_read(uow, member_id=member_id, key=key))
         return found
 
     return reads
@@ -235,8 +245,8 @@ def earn(
         return posting
 
     # The default validity reads the programme's policy, and so does the tier scheme's
-    # upgrade at once.
-    first = _checks(ctx, member_id, transacting=True, settings=True)
+    # upgrade at once; the account the posting locks is locked in the same round trip.
+    first = _checks(ctx, member_id, transacting=True, settings=True, locking=True)
     return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among, array_literal
-from jifen.db.prepared import driver, execute
+from jifen.db.prepared import PreparedSQL, driver, execute
 from jifen.points.models import accounts, lots, postings
 
 
@@ -74,6 +74,10 @@ FOR NO KEY UPDATE OF a
 _POSTGRESQL_LOCK_ONE = _POSTGRESQL_LOCK.replace(
     "a.member_id = ANY(%(members)s::bigint[])", "a.member_id = %(member)s"
 )
+
+
+LOCK_ONE = PreparedSQL(_POSTGRESQL_LOCK_ONE, 9)
+"""PostgreSQL: :func:`lock_accounts` for one member, as a read that can go with others."""
 
 
 # SQLite: the same read in the driver's own terms (the write lock is the transaction's).
