@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import httpx2 as httpx
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from jifen.api.app import create_app
+from jifen.audit import service as audit_service
 from jifen.audit.models import audit_entries
+from jifen.crypto import decrypt
 from jifen.db.uow import Database
 from jifen.members.core import id_check_digit
 from jifen.members.models import members
+from jifen.notify.models import outbox
 from tests.api import support
 from tests.api.conftest import api_settings
 from tests.factories import new_members, new_program
@@ -275,6 +280,124 @@ def test_a_new_phone_ends_the_members_other_sessions(client: TestClient, db: Dat
     # staff bind another: the member is signed out everywhere
     assert club.put(identity, {"id_number": VALID_ID, "phone": "13900000003"}).status_code == 200
     assert not signed_in(phone)
+
+
+def texts_to_replaced_phones(db: Database, program_id: int) -> list[Any]:
+    """The texts queued in the programme to numbers a binding replaced."""
+    return db.run(
+        lambda uow: uow.conn.execute(
+            select(outbox).where(
+                outbox.c.program_id == program_id, outbox.c.template == "member.phone_changed"
+            )
+        ).all(),
+        read_only=True,
+    )
+
+
+def test_a_new_phone_is_texted_to_the_number_it_replaces(
+    client: TestClient, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A member whose account was taken over learns that its sign-in phone moved."""
+    caplog.set_level(logging.DEBUG)
+    club = Club(client, db)
+    member_id = club.register("T1", phone="13900000001")["id"]  # a first phone: no text
+    identity = club.url(member_id, "/identity")
+    assert club.put(identity, {"id_number": VALID_ID, "phone": "13900000001"}).status_code == 200
+    assert texts_to_replaced_phones(db, club.program.id) == []  # the same number: no text
+    moved = club.put(identity, {"id_number": VALID_ID, "phone": "+86 139 0000 0002"})
+    assert moved.status_code == 200, moved.text
+    (text,) = texts_to_replaced_phones(db, club.program.id)
+    # to the old number, sent after commit by the outbox's sender, which reads the address
+    assert (text.channel, text.status, text.recipient) == ("sms", "pending", "139****0001")
+    assert decrypt(text.address_enc) == "13900000001"
+    # the new number masked, the time in the programme's zone, what to do; in Chinese
+    assert "139****0002" in text.body and "13900000002" not in text.body
+    assert "13900000001" not in text.body
+    assert "2026-01-01 09:00(Asia/Shanghai)" in text.body  # 01:00 UTC
+    assert "如非本人操作,请立即联系客服冻结账户" in text.body
+    # the audit entry shows both numbers masked, the logs neither in full
+    (entry,) = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.before, audit_entries.c.after).where(
+                audit_entries.c.target == f"member:{member_id}",
+                audit_entries.c.after["phone"].as_string() == "139****0002",
+            )
+        ).all()
+    )
+    assert entry.before["phone"] == "139****0001"
+    assert "13900000001" not in json.dumps([entry.before, entry.after])
+    assert "13900000001" not in caplog.text and "13900000002" not in caplog.text
+    # the member changes it again from an English app: the text is in English
+    own = support.member(db, member_id)
+    again = club.put(
+        identity, {"id_number": VALID_ID, "phone": "13900000003"}, {**own, "Accept-Language": "en"}
+    )
+    assert again.status_code == 200, again.text
+    latest = texts_to_replaced_phones(db, club.program.id)[-1]
+    assert latest.recipient == "139****0002" and decrypt(latest.address_enc) == "13900000002"
+    assert "to 139****0003 at 2026-01-01 09:00 (Asia/Shanghai)" in latest.body
+    assert "If this was not you" in latest.body
+
+
+def test_a_first_binding_or_a_refused_change_texts_nobody(
+    client: TestClient, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    club = Club(client, db)
+    first, second = club.register("F1")["id"], club.register("F2")["id"]
+    identity = club.url(first, "/identity")
+    bound = club.put(identity, {"id_number": VALID_ID, "phone": "13900000001"})
+    assert bound.status_code == 200, bound.text  # the member's first phone
+    other = {"id_number": other_id_number(1001), "phone": "13900000002"}
+    assert club.put(club.url(second, "/identity"), other).status_code == 200
+    # the new number is another member's, or the ID number is: refused, nothing sent
+    taken = club.put(identity, {"id_number": VALID_ID, "phone": "13900000002"})
+    assert taken.status_code == 409, taken.text
+    taken = club.put(identity, {"id_number": other_id_number(1001), "phone": "13900000009"})
+    assert taken.status_code == 409, taken.text
+
+    # a change that fails after the text was queued (here its audit entry) rolls it back too
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the audit log is unavailable")
+
+    monkeypatch.setattr(audit_service, "record", broken)
+    with TestClient(create_app(db, api_settings()), raise_server_exceptions=False) as failing:
+        lost = failing.put(
+            identity,
+            json={"id_number": VALID_ID, "phone": "13900000009"},
+            headers={**club.operator, **support.key()},
+        )
+    assert lost.status_code == 500
+    assert texts_to_replaced_phones(db, club.program.id) == []
+    profile = client.get(club.url(first), headers=club.operator).json()
+    assert profile["phone"] == "139****0001"
+
+
+def test_concurrent_changes_of_a_phone_each_text_the_number_they_replace(pg: Database) -> None:
+    """PostgreSQL: staff change one member's phone several times at once. Each change waits
+    for the one before it, so the texts go down the chain of numbers, each number once,
+    instead of every change texting the number it read before the others committed."""
+    program = new_program(pg)
+    operator = support.staff(pg, "operator", program_id=program.id)
+    base = f"/v1/programs/{program.code}/members"
+    with support.served(create_app(pg, api_settings())) as root, httpx.Client() as http:
+        made = http.post(
+            root + base,
+            json={"external_ref": "C1", "phone": "13500000000"},
+            headers={**operator, **support.key()},
+        )
+        assert made.status_code == 201, made.text
+        identity = f"{root}{base}/{made.json()['id']}/identity"
+        answers = run_together(
+            4,
+            lambda i: http.put(
+                identity,
+                json={"id_number": VALID_ID, "phone": f"1350000000{i + 1}"},
+                headers={**operator, **support.key()},
+            ),
+        )
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    told = [decrypt(text.address_enc) for text in texts_to_replaced_phones(pg, program.id)]
+    assert len(told) == 4 and len(set(told)) == 4 and "13500000000" in told
 
 
 def test_an_api_key_sets_no_tags_and_a_birthday_only_while_none_is_set(

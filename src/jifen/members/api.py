@@ -7,11 +7,14 @@ which needs ``members.pii`` and leaves an audit entry for every read.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
+from jifen.api import problems
 from jifen.api.deps import Context, Read, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
@@ -29,6 +32,7 @@ from jifen.members.schemas import (
     State,
     StateChange,
 )
+from jifen.notify import service as notify_service
 
 router = APIRouter(tags=["members"])
 
@@ -149,7 +153,9 @@ def bind_identity(
 
     The member binds its own numbers, or staff do; an API key may not (a till that could
     would bind its own phone to any member and sign in as it with a texted code). When the
-    bound phone changes, every other session of the member ends."""
+    bound phone changes, every other session of the member ends, and the number bound until
+    then is texted that it was replaced (by which masked number, when, and what to do if the
+    member did not ask for it), so that a member whose account was taken over learns of it."""
     if ctx.principal.kind == "key":
         raise Forbidden(
             problem="An API key cannot bind or change a member's phone or ID number: the "
@@ -160,16 +166,59 @@ def bind_identity(
     own = ctx.principal.kind == "member"
 
     def bind(uow: UnitOfWork) -> MemberProfile:
-        profile, phone_changed = service.bind_identity(
+        bound = service.bind_identity(
             uow, program_id=ctx.program_id, member_id=member_id, body=body
         )
-        if phone_changed:  # whoever signed in through the old number is signed out
+        if bound.phone_changed:  # whoever signed in through the old number is signed out
             auth_service.end_member_sessions(
                 uow, member_id=member_id, keep=ctx.principal.session_id if own else None
             )
-        return profile
+        if bound.replaced_phone is not None:
+            _tell_replaced_phone(uow, ctx, member_id, bound.replaced_phone, bound.after.phone)
+        ctx.audit_before = {"phone": bound.before.phone, "id_number": bound.before.id_number}
+        return bound.after
 
     return ctx.execute(bind, target=f"member:{member_id}")
+
+
+def _tell_replaced_phone(
+    uow: UnitOfWork, ctx: Context, member_id: int, replaced: str, new_phone: str | None
+) -> None:
+    """Queue the text to the number a binding replaced, in the binding's transaction: the
+    notification outbox sends it after commit (with retries), and a binding that rolls back
+    texts nobody. The number goes in as the address only (the outbox keeps it encrypted and
+    shows it masked); the text names the new number masked. No member is named as the
+    recipient: the outbox would take the member's bound phone, which is the new one now."""
+    program = ctx.program
+    assert program is not None, "a member route has a programme"
+    zone = program.time_zone
+    changed_at = uow.clock.now().astimezone(ZoneInfo(zone))
+    notify_service.notify(
+        uow,
+        notify_service.Notification(
+            program_id=program.id,
+            member_id=None,
+            template="member.phone_changed",
+            data={
+                "phone": replaced,
+                "new_phone": new_phone,
+                "program": program.name,
+                "changed_at": changed_at.strftime("%Y-%m-%d %H:%M"),
+                "time_zone": zone,
+                "language": _text_language(ctx.request),
+            },
+            key=f"member.phone_changed:{member_id}:{uuid.uuid4().hex}",
+            channels=("sms",),
+        ),
+    )
+
+
+def _text_language(request: Request) -> str:
+    """The language of a text to a member (members keep no preference): the request's
+    ``Accept-Language`` when it names Chinese or English, else Chinese."""
+    asked = request.headers.get("accept-language", "").lower()
+    named = any(part.strip().startswith(("zh", "en")) for part in asked.split(","))
+    return problems.language(request) if named else "zh"
 
 
 @router.get(f"{MEMBER}/identity", response_model=IdentityRead)

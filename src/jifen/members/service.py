@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -485,15 +486,33 @@ def change_state(
 # --------------------------------------------------------------------------- identity
 
 
+@dataclass(frozen=True)
+class Binding:
+    """What :func:`bind_identity` did."""
+
+    before: MemberProfile
+    """The member as it was, numbers masked (for the audit entry)."""
+    after: MemberProfile
+    phone_changed: bool
+    """The bound phone is another than before (or the first one): the phone signs the
+    member in, so the caller ends the member's other sessions."""
+    replaced_phone: str | None
+    """The number bound until now, in full, when another replaces it (None at a first
+    binding or the same number again): the caller texts it that the phone moved. Kept out
+    of logs and audit entries."""
+
+
 def bind_identity(
     uow: UnitOfWork, *, program_id: int, member_id: int, body: IdentityBind
-) -> tuple[MemberProfile, bool]:
+) -> Binding:
     """Bind a resident ID number and a mobile number to the member (real-name verification),
-    each stored as a keyed hash to find it and encrypted to show it. Answers the profile and
-    whether the bound phone changed: the phone signs the member in, so the caller ends the
-    member's other sessions then."""
+    each stored as a keyed hash to find it and encrypted to show it."""
     number = core.check_id_number(body.id_number)
     phone = core.normalise_phone(body.phone)
+    # One binding of a member at a time (SQLite's writers are serial already): a binding
+    # sees the number the one before it bound, and that is the number it texts.
+    if uow.dialect == "postgresql":
+        uow.conn.execute(select(members.c.id).where(members.c.id == member_id).with_for_update())
     before = _row(uow, program_id, member_id)
     _phone_taken(uow, program_id, phone, member_id)
     other = uow.conn.execute(
@@ -517,8 +536,13 @@ def bind_identity(
             verified_at=now, updated_at=now,
         )
     )  # fmt: skip
-    profile = get_profile(uow, program_id=program_id, member_id=member_id)
-    return profile, before.phone_hash != keyed_hash(phone)
+    changed = before.phone_hash != keyed_hash(phone)
+    return Binding(
+        before=_profile(before),
+        after=get_profile(uow, program_id=program_id, member_id=member_id),
+        phone_changed=changed,
+        replaced_phone=decrypt(before.phone_enc) if changed and before.phone_enc else None,
+    )
 
 
 def identity(uow: UnitOfWork, *, program_id: int, member_id: int) -> IdentityRead:
