@@ -1,12 +1,15 @@
 """Maker–checker over HTTP: large adjustments, clearing and settings wait for a second person,
-nobody approves their own request, and an approved request executes exactly once."""
+nobody approves their own request, an approved request executes exactly once, and a request
+left undecided past its programme's time to live expires."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -17,11 +20,14 @@ from jifen.approvals import service as approvals_service
 from jifen.approvals.models import approvals
 from jifen.audit.models import audit_entries
 from jifen.auth import service as auth
+from jifen.clock import ManualClock
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import StateConflict
 from jifen.points.models import postings
+from jifen.programs.models import programs
 from tests.api import support
 from tests.api.conftest import api_settings
+from tests.api.earning import RATES, Shop, body, rule
 from tests.factories import assert_ledger_sound, new_members, new_program
 from tests.points.test_concurrency import run_together
 
@@ -66,6 +72,20 @@ class Desk:
 
     def approval(self, approval_id: int) -> dict[str, Any]:
         answer = self.client.get(f"{self.base}/approvals/{approval_id}", headers=self.reviewer)
+        assert answer.status_code == 200, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def put_settings(self, change: dict[str, Any]) -> Any:
+        """The operator's request to change the settings by ``change``."""
+        url = f"{self.base}/settings"
+        current = self.client.get(url, headers=self.operator).json()
+        return self.client.put(
+            url, json={**current, **change}, headers={**self.operator, **support.key()}
+        )
+
+    def settings(self) -> dict[str, Any]:
+        answer = self.client.get(f"{self.base}/settings", headers=self.operator)
         assert answer.status_code == 200, answer.text
         result: dict[str, Any] = answer.json()
         return result
@@ -509,3 +529,182 @@ def test_the_queue_pages_with_a_cursor_and_an_unknown_request_is_not_found(
     assert second["next_cursor"] is None
     assert client.get(f"{url}/{filed[-1] + 1000}", headers=desk.reviewer).status_code == 404
     assert desk.decide(filed[-1] + 1000, "approve").status_code == 404
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def _later(desk: Desk | Shop, delta: timedelta) -> None:
+    """Move the clock on by ``delta`` and sign the maker and the checker in again (a staff
+    session lasts 12 hours)."""
+    assert isinstance(desk.db.clock, ManualClock)
+    ids = {who: _staff_id(desk.client, getattr(desk, who)) for who in ("operator", "reviewer")}
+    desk.db.clock.advance(delta)
+    for who, staff_id in ids.items():
+        token = desk.db.run(
+            lambda uow, s=staff_id: auth.new_session(uow, subject="staff", subject_id=s).token
+        )
+        setattr(desk, who, support.bearer(token))
+
+
+def _listed(desk: Desk, status: str) -> list[int]:
+    answer = desk.client.get(
+        f"{desk.base}/approvals", params={"status": status}, headers=desk.reviewer
+    )
+    assert answer.status_code == 200, answer.text
+    return [a["id"] for a in answer.json()["items"]]
+
+
+def test_a_request_approved_within_its_time_to_live_executes_once(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    filed = desk.adjust(5000).json()
+    # it expires 72 hours (the default) after it was filed
+    requested_at = datetime.fromisoformat(filed["requested_at"])
+    assert datetime.fromisoformat(filed["expires_at"]) == requested_at + timedelta(hours=72)
+    # a second before then it is still pending, and approving it posts once
+    _later(desk, timedelta(hours=72) - timedelta(seconds=1))
+    assert desk.approval(filed["id"])["status"] == "pending"
+    assert _listed(desk, "pending") == [filed["id"]] and _listed(desk, "expired") == []
+    approved = desk.decide(filed["id"], "approve")
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["status"] == "approved" and approved.json()["expires_at"] is None
+    # and once decided it does not expire
+    _later(desk, timedelta(hours=1))
+    assert desk.approval(filed["id"])["status"] == "approved"
+    assert desk.decide(filed["id"], "approve").status_code == 409
+    # so it posted once
+    assert (desk.balance()["available"], desk.posting_count()) == (5000, 1)
+    assert_ledger_sound(db, desk.program.id)
+
+
+def test_a_request_past_its_time_to_live_is_neither_approved_nor_rejected(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    before = desk.settings()
+    adjustment = desk.adjust(5000).json()
+    change = desk.put_settings({"transfers_enabled": False}).json()
+    # when its 72 hours have passed
+    _later(desk, timedelta(hours=72))
+    # then it reads expired, in the queue and on its own
+    for filed in (adjustment, change):
+        read = desk.approval(filed["id"])
+        assert read["status"] == "expired" and read["expires_at"] == filed["expires_at"]
+    assert _listed(desk, "expired") == [change["id"], adjustment["id"]]
+    assert _listed(desk, "pending") == []
+    # and approving it is refused, saying when it expired, in English and Chinese
+    expired_at = datetime.fromisoformat(adjustment["expires_at"]).isoformat(timespec="seconds")
+    refused = desk.decide(adjustment["id"], "approve")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "state_conflict"
+    assert f"expired at {expired_at}" in refused.json()["detail"]
+    assert "File the request again" in refused.json()["detail"]
+    zh = client.post(
+        f"{desk.base}/approvals/{change['id']}/approve",
+        json={},
+        headers={**desk.reviewer, **support.key(), "Accept-Language": "zh"},
+    )
+    assert zh.status_code == 409, zh.text
+    assert "已于" in zh.json()["detail"] and "过期" in zh.json()["detail"]
+    assert "重新提交" in zh.json()["detail"]
+    # as is rejecting it
+    for filed in (adjustment, change):
+        assert desk.decide(filed["id"], "reject").status_code == 409
+        assert desk.approval(filed["id"])["status"] == "expired"
+    # and nothing changed: no points, the same settings
+    assert desk.balance()["available"] == 0
+    assert desk.posting_count() == 0
+    assert desk.settings() == before
+    # a request filed again is open for its own 72 hours
+    again = desk.adjust(5000).json()
+    assert again["status"] == "pending"
+    assert desk.decide(again["id"], "approve").status_code == 200
+    assert desk.balance()["available"] == 5000
+
+
+def test_each_programme_sets_how_long_its_requests_stay_open(
+    client: TestClient, db: Database
+) -> None:
+    brisk, patient = Desk(client, db), Desk(client, db)
+    # the setting reads 72 hours until changed, and is kept between 1 hour and 90 days
+    assert brisk.settings()["approval_ttl_hours"] == 72
+    for hours in (0, 90 * 24 + 1):
+        assert brisk.put_settings({"approval_ttl_hours": hours}).status_code == 422
+    # given one programme whose requests stay open for an hour, the other at the default
+    filed = brisk.put_settings({"approval_ttl_hours": 1}).json()
+    assert brisk.decide(filed["id"], "approve").status_code == 200
+    assert brisk.settings()["approval_ttl_hours"] == 1
+    quick, slow = brisk.adjust(5000).json(), patient.adjust(5000).json()
+    assert datetime.fromisoformat(quick["expires_at"]) == datetime.fromisoformat(
+        quick["requested_at"]
+    ) + timedelta(hours=1)
+    # when an hour has passed
+    _later(brisk, timedelta(hours=1))
+    _later(patient, timedelta(0))
+    # then the first programme's request has expired, and the other's is approved
+    assert brisk.decide(quick["id"], "approve").status_code == 409
+    assert brisk.approval(quick["id"])["status"] == "expired"
+    assert patient.decide(slow["id"], "approve").status_code == 200
+    assert (brisk.balance()["available"], patient.balance()["available"]) == (0, 5000)
+
+
+def test_a_maker_may_withdraw_an_expired_request(client: TestClient, db: Database) -> None:
+    desk = Desk(client, db)
+    filed = desk.adjust(5000).json()
+    _later(desk, timedelta(days=4))
+    # its maker withdraws it: it leaves the expired requests, and executes nothing
+    withdrawn = desk.decide(filed["id"], "withdraw", desk.operator)
+    assert withdrawn.status_code == 200, withdrawn.text
+    assert withdrawn.json()["status"] == "withdrawn" and withdrawn.json()["expires_at"] is None
+    assert _listed(desk, "expired") == []
+    assert desk.decide(filed["id"], "approve").status_code == 409
+    assert desk.balance()["available"] == 0 and desk.posting_count() == 0
+
+
+def test_withdrawing_an_expired_rule_request_sends_the_rule_back(
+    client: TestClient, db: Database
+) -> None:
+    # given a rule submitted, whose request expired
+    shop = Shop(client, db)
+    draft = shop.draft(rule("base", RATES))
+    approval = shop.submit(draft["id"])
+    _later(shop, timedelta(hours=73))
+    assert shop.decide(approval["id"], "approve").status_code == 409
+    assert shop.version(draft["id"])["status"] == "submitted"
+    # when its maker withdraws the request, the rule goes back as a rejection sends it
+    body(shop.decide(approval["id"], "withdraw", shop.operator), 200)
+    assert shop.version(draft["id"])["status"] == "rejected"
+
+
+def test_settings_stored_before_the_time_to_live_still_load_and_old_requests_pass(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    # given settings stored by a release without approval_ttl_hours
+    stored = {k: v for k, v in desk.settings().items() if k != "approval_ttl_hours"}
+    db.run(
+        lambda uow: uow.conn.execute(
+            programs.update().where(programs.c.id == desk.program.id).values(settings=stored)
+        )
+    )
+    # then they load, with the default
+    assert desk.settings() == {**stored, "approval_ttl_hours": 72}
+    # and a settings request filed then (on the digest of those settings) is approved
+    filed = desk.put_settings({"transfers_enabled": False}).json()
+    old_base = hashlib.sha256(
+        json.dumps(stored, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    db.run(
+        lambda uow: uow.conn.execute(
+            approvals.update()
+            .where(approvals.c.id == filed["id"])
+            .values(
+                based_on=old_base,
+                params={"settings": {**stored, "transfers_enabled": False}},
+            )
+        )
+    )
+    assert desk.decide(filed["id"], "approve").status_code == 200
+    assert desk.settings() == {**stored, "transfers_enabled": False, "approval_ttl_hours": 72}

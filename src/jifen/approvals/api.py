@@ -1,5 +1,8 @@
 """HTTP routes of the approvals domain: the queue of maker–checker requests and decisions.
 
+A request undecided past its programme's ``approval_ttl_hours`` reads ``expired``; approving
+or rejecting it is answered 409, and only its maker's withdrawal closes it.
+
 A decision whose execution the rules refuse (the member no longer has the points) is kept
 as ``failed``, with the error in ``result``, and answered 409 with that error.
 """
@@ -45,7 +48,8 @@ def list_approvals(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Page[ApprovalRead]:
-    """The programme's requests, newest first; filter by ``status`` and ``action``."""
+    """The programme's requests, newest first; filter by ``status`` and ``action``
+    (``expired``: undecided past the programme's ``approval_ttl_hours``)."""
     items, next_cursor = ctx.db.run(
         lambda uow: service.list_approvals(
             uow,

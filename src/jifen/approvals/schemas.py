@@ -12,7 +12,9 @@ from jifen.api.schemas import NO_NUL, RequestBody
 ApprovalAction = Literal[
     "points.adjust", "points.clear", "programs.settings", "rules.approve", "rules.caps"
 ]
-ApprovalStatus = Literal["pending", "approved", "rejected", "failed", "withdrawn"]
+ApprovalStatus = Literal["pending", "expired", "approved", "rejected", "failed", "withdrawn"]
+"""``expired`` is never stored: it is a ``pending`` request read after its programme's
+``approval_ttl_hours`` have passed since it was filed."""
 
 
 class ApprovalRead(BaseModel):
@@ -30,6 +32,10 @@ class ApprovalRead(BaseModel):
     requested_by: int
     """The staff user who asked."""
     requested_at: datetime
+    expires_at: datetime | None = None
+    """When a request still undecided expires (``requested_at`` plus the programme's
+    ``approval_ttl_hours``): from then on it reads ``expired`` and can be neither approved
+    nor rejected, only withdrawn by its maker. ``None`` once decided or withdrawn."""
     decided_by: int | None = None
     decided_at: datetime | None = None
     decision_note: str = ""

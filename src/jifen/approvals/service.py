@@ -12,6 +12,13 @@ Approval is refused (409, the request left pending) when its maker is no longer 
 staff user holding a permission that files it, or when a settings or caps request was filed
 on a value that has changed since: approving it would silently undo that change. The maker
 may withdraw its own pending request.
+
+A request stays open for its programme's ``approval_ttl_hours`` (72 by default) after it was
+filed, by the unit of work's clock. After that it has expired: approving or rejecting it is
+refused (409) and nothing executes; it must be filed again. Expiry is not stored (the
+``status`` column admits no such value): a ``pending`` request past its time reads
+``expired``, and the queue filters on that. Its maker may still withdraw it, which, for a
+submitted rule, sends the rule back as a rejection would.
 """
 
 from __future__ import annotations
@@ -20,10 +27,9 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.engine import Row
 
@@ -42,7 +48,7 @@ from jifen.errors import (
 from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
-from jifen.programs.schemas import ProgramSettings
+from jifen.programs.schemas import APPROVAL_TTL_HOURS, ProgramSettings
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import ProgramCaps
 
@@ -83,7 +89,7 @@ def request(
 
 def get(uow: UnitOfWork, *, program_id: int, approval_id: int) -> ApprovalRead:
     """One request of the programme."""
-    return _read(_row(uow, program_id, approval_id))
+    return _read(_row(uow, program_id, approval_id), _ttl(uow, program_id), uow.clock.now())
 
 
 def list_approvals(
@@ -95,9 +101,15 @@ def list_approvals(
     cursor: str | None = None,
     limit: int = 50,
 ) -> tuple[list[ApprovalRead], str | None]:
-    """The programme's requests, newest first, and the cursor of the next page (if any)."""
+    """The programme's requests, newest first, and the cursor of the next page (if any).
+    ``pending`` lists the requests still open, ``expired`` those pending past their time."""
+    ttl, now = _ttl(uow, program_id), uow.clock.now()
     query = select(approvals).where(approvals.c.program_id == program_id)
-    if status is not None:
+    if status == "pending":
+        query = query.where(approvals.c.status == "pending", approvals.c.requested_at > now - ttl)
+    elif status == "expired":
+        query = query.where(approvals.c.status == "pending", approvals.c.requested_at <= now - ttl)
+    elif status is not None:
         query = query.where(approvals.c.status == status)
     if action is not None:
         query = query.where(approvals.c.action == action)
@@ -106,21 +118,22 @@ def list_approvals(
     rows = uow.conn.execute(query.order_by(approvals.c.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]
     next_cursor = _encode_cursor(page[-1].id) if len(rows) > limit and page else None
-    return [_read(row) for row in page], next_cursor
+    return [_read(row, ttl, now) for row in page], next_cursor
 
 
 def approve(
     uow: UnitOfWork, *, approval_id: int, program_id: int, decided_by: int, note: str = ""
 ) -> ApprovalRead:
     """Approve and execute the request, once. A refused execution leaves it ``failed``."""
-    filed = _row(uow, program_id, approval_id)
-    if filed.requested_by != decided_by and filed.status == "pending":
+
+    def may_approve(filed: Row[Any]) -> None:
         _maker_still_may(uow, filed)
         _still_on_its_base(uow, filed)
         check = _BEFORE_APPROVING.get(filed.action)
         if check is not None:
             check(uow, filed, decided_by)
-    row = _decide(uow, program_id, approval_id, decided_by, note, "approved")
+
+    row = _decide(uow, program_id, approval_id, decided_by, note, "approved", may_approve)
     execute = _EXECUTORS[row.action]
     try:
         # A savepoint: a refused execution's writes are undone, the decision is kept.
@@ -155,7 +168,8 @@ def withdraw(
     uow: UnitOfWork, *, approval_id: int, program_id: int, withdrawn_by: int, note: str = ""
 ) -> ApprovalRead:
     """The maker takes back its own pending request: nothing executes, and nobody can
-    approve it any more (a submitted rule goes back as a rejection would send it)."""
+    approve it any more (a submitted rule goes back as a rejection would send it). An
+    expired request may be withdrawn too: that closes it in the queue, and releases its rule."""
     row = _row(uow, program_id, approval_id)
     if row.requested_by != withdrawn_by:
         raise Forbidden(
@@ -182,7 +196,9 @@ def _decide(
     decided_by: int,
     note: str,
     status: str,
+    check: Callable[[Row[Any]], None] | None = None,
 ) -> Row[Any]:
+    """Move another person's open request to ``status``, once ``check`` (if any) passes."""
     row = _row(uow, program_id, approval_id)
     if row.requested_by == decided_by:
         raise Forbidden(
@@ -191,6 +207,9 @@ def _decide(
         )
     if row.status != "pending":
         raise _already_decided(approval_id, row.status)
+    _still_open(uow, row)
+    if check is not None:
+        check(row)
     _move(
         uow, approval_id, status=status, decided_by=decided_by, decided_at=uow.clock.now(),
         decision_note=note,
@@ -208,6 +227,23 @@ def _move(uow: UnitOfWork, approval_id: int, **values: Any) -> None:
     )
     if moved.rowcount != 1:
         raise _already_decided(approval_id, "decided")
+
+
+def _still_open(uow: UnitOfWork, row: Row[Any]) -> None:
+    """A request is decided within its programme's time to live; after that it has expired,
+    and nothing about it executes: the change it asked for may no longer be wanted."""
+    ttl = _ttl(uow, row.program_id)
+    expires_at = row.requested_at + ttl
+    if uow.clock.now() >= expires_at:
+        hours = int(ttl / timedelta(hours=1))
+        at = expires_at.isoformat(timespec="seconds")
+        raise StateConflict(
+            problem=f"Approval request {row.id} expired at {at}, {hours} hours after it was "
+            "filed; nothing was executed. File the request again if the change is still "
+            "wanted (its maker may withdraw this one).",
+            problem_zh=f"审批申请 {row.id} 已于 {at} 过期(提交后 {hours} 小时),未执行任何"
+            "操作。如仍需此变更,请重新提交申请(提交人可撤回本申请)。",
+        )
 
 
 def _maker_still_may(uow: UnitOfWork, row: Row[Any]) -> None:
@@ -337,18 +373,23 @@ def _caps(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     return {"caps": caps.model_dump(mode="json")}
 
 
-def _digest(value: BaseModel) -> str:
+def _digest(value: dict[str, Any]) -> str:
     return hashlib.sha256(
-        json.dumps(value.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
 
 
 def _settings_now(uow: UnitOfWork, program_id: int) -> str:
-    return _digest(programs_service.get_settings(uow, program_id=program_id))
+    settings = programs_service.get_settings(uow, program_id=program_id).model_dump(mode="json")
+    # approval_ttl_hours came after the bases: left out at its default, the digest is the
+    # one a request filed before it was kept, so that request still matches unchanged settings.
+    if settings["approval_ttl_hours"] == APPROVAL_TTL_HOURS:
+        del settings["approval_ttl_hours"]
+    return _digest(settings)
 
 
 def _caps_now(uow: UnitOfWork, program_id: int) -> str:
-    return _digest(rules_service.get_caps(uow, program_id=program_id))
+    return _digest(rules_service.get_caps(uow, program_id=program_id).model_dump(mode="json"))
 
 
 def _decider(uow: UnitOfWork, row: Row[Any]) -> str:
@@ -405,8 +446,19 @@ def _row(uow: UnitOfWork, program_id: int, approval_id: int) -> Row[Any]:
     return row
 
 
-def _read(row: Row[Any]) -> ApprovalRead:
-    return ApprovalRead.model_validate(row._mapping)
+def _ttl(uow: UnitOfWork, program_id: int) -> timedelta:
+    """How long the programme's requests stay open."""
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    return timedelta(hours=settings.approval_ttl_hours)
+
+
+def _read(row: Row[Any], ttl: timedelta, now: datetime) -> ApprovalRead:
+    """The request as it stands at ``now``: a pending one past its time reads ``expired``."""
+    if row.status != "pending":
+        return ApprovalRead.model_validate(row._mapping)
+    expires_at = row.requested_at + ttl
+    status = "expired" if now >= expires_at else "pending"
+    return ApprovalRead.model_validate({**row._mapping, "status": status, "expires_at": expires_at})
 
 
 def _encode_cursor(approval_id: int) -> str:

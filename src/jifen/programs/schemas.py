@@ -11,6 +11,9 @@ from jifen.expiry.schemas import ExpiryPolicy
 from jifen.rewards.schemas import RedemptionPolicy
 from jifen.tiers.schemas import TierScheme
 
+APPROVAL_TTL_HOURS = 72
+"""How long a pending approval request stays open when its programme sets nothing else."""
+
 
 class ProgramRead(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -36,6 +39,9 @@ class ProgramSettings(RequestBody):
 
     adjust_approval_threshold: int = Field(1000, ge=0, le=10**12)
     """Manual adjustments larger than this (in absolute points) need a second person."""
+    approval_ttl_hours: int = Field(APPROVAL_TTL_HOURS, ge=1, le=90 * 24)
+    """Hours a request waiting for a second person stays open (1 hour to 90 days); after
+    that it has expired: it can no longer be approved or rejected, and must be filed again."""
     transfers_enabled: bool = True
     """Whether members' points may be moved to other members."""
     transfer_max: int | None = Field(None, ge=1, le=10**12)
