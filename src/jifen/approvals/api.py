@@ -1,7 +1,7 @@
 """HTTP routes of the approvals domain: the queue of maker–checker requests and decisions.
 
 A request undecided past its programme's ``approval_ttl_hours`` reads ``expired``; approving
-or rejecting it is answered 409, and only its maker's withdrawal closes it.
+it is answered 409, and a checker's rejection or its maker's withdrawal closes it.
 
 A decision whose execution the rules refuse (the member no longer has the points) is kept
 as ``failed``, with the error in ``result``, and answered 409 with that error.

@@ -34,8 +34,8 @@ class ApprovalRead(BaseModel):
     requested_at: datetime
     expires_at: datetime | None = None
     """When a request still undecided expires (``requested_at`` plus the programme's
-    ``approval_ttl_hours``): from then on it reads ``expired`` and can be neither approved
-    nor rejected, only withdrawn by its maker. ``None`` once decided or withdrawn."""
+    ``approval_ttl_hours``): from then on it reads ``expired`` and cannot be approved, only
+    rejected by a checker or withdrawn by its maker. ``None`` once decided or withdrawn."""
     decided_by: int | None = None
     decided_at: datetime | None = None
     decision_note: str = ""

@@ -14,11 +14,11 @@ on a value that has changed since: approving it would silently undo that change.
 may withdraw its own pending request.
 
 A request stays open for its programme's ``approval_ttl_hours`` (72 by default) after it was
-filed, by the unit of work's clock. After that it has expired: approving or rejecting it is
-refused (409) and nothing executes; it must be filed again. Expiry is not stored (the
-``status`` column admits no such value): a ``pending`` request past its time reads
-``expired``, and the queue filters on that. Its maker may still withdraw it, which, for a
-submitted rule, sends the rule back as a rejection would.
+filed, by the unit of work's clock. After that it has expired: approving it is refused (409)
+and nothing executes; it must be filed again. Expiry is not stored (the ``status`` column
+admits no such value): a ``pending`` request past its time reads ``expired``, and the queue
+filters on that. A checker may still reject it and its maker withdraw it, which closes it in
+the queue (and, for a submitted rule, sends the rule back), whoever of them is still there.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def approve(
     """Approve and execute the request, once. A refused execution leaves it ``failed``."""
 
     def may_approve(filed: Row[Any]) -> None:
+        _still_open(uow, filed)
         _maker_still_may(uow, filed)
         _still_on_its_base(uow, filed)
         check = _BEFORE_APPROVING.get(filed.action)
@@ -207,7 +208,6 @@ def _decide(
         )
     if row.status != "pending":
         raise _already_decided(approval_id, row.status)
-    _still_open(uow, row)
     if check is not None:
         check(row)
     _move(
