@@ -497,3 +497,38 @@ def test_held_awards_are_listed_and_decided_by_another_person_once(
     assert sorted(actions) == ["awards.approve"] * 3 + ["awards.reject"]
     assert shop.balance(shop.alice)["balance"] == 50
     assert_ledger_sound(db, shop.program.id)
+
+
+def test_a_refund_for_no_merchant_takes_the_order_sent_for_no_merchant_or_the_members_own(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.activate(rule("base", RATES))
+    key_a = support.api_key(db, shop.program.id, merchant="a")
+    key_b = support.api_key(db, shop.program.id, merchant="b")
+    whole = {"order_id": "a/7", "whole": True}
+    # merchant a's order 7 and a programme-wide order "a/7" are two orders
+    assert body(
+        shop.send(shop.event(shop.alice, "a-1", order("7", ("T1", "日用品", 10))), key_a), 201
+    )
+    for external_id, order_id in (("p-1", "a/7"), ("p-2", "7")):
+        paid = shop.event(shop.alice, external_id, order(order_id, ("T1", "日用品", 100)))
+        assert body(shop.send(paid), 201)["points"] == 100
+    # a refund for no merchant takes the order sent for no merchant by that id
+    for external_id, order_id in (("p-3", "a/7"), ("p-4", "7")):
+        refund = shop.event(
+            shop.alice, external_id, {**whole, "order_id": order_id}, "order.refunded"
+        )
+        assert body(shop.send(refund), 201)["points"] == -100
+    assert shop.balance(shop.alice)["balance"] == 10
+    # merchants a and b both numbered an order 8, of two members: a refund for no merchant
+    # of bob's order 8 is bob's, the one order 8 that is his
+    assert body(
+        shop.send(shop.event(shop.alice, "a-2", order("8", ("T1", "日用品", 10))), key_a), 201
+    )
+    assert body(
+        shop.send(shop.event(shop.bob, "b-1", order("8", ("T1", "日用品", 20))), key_b), 201
+    )
+    refund = shop.event(shop.bob, "p-5", {"order_id": "8", "whole": True}, "order.refunded")
+    assert body(shop.send(refund), 201)["points"] == -20
+    assert (shop.balance(shop.alice)["balance"], shop.balance(shop.bob)["balance"]) == (20, 0)
