@@ -365,18 +365,73 @@ def test_a_merchant_key_refunds_only_orders_paid_through_its_merchant(
         assert answer.json()["code"] == "order_not_seen"
         assert "a-1" not in answer.text
     assert shop.balance(shop.alice)["balance"] == 3000
-    # The same order sent again under another id is counted once; merchant B is not told
-    # the id of A's event, A's own other store is.
-    for key, external_id, named in ((key_b, "b-2", False), (key_a2, "a2-2", True)):
-        again = shop.event(shop.alice, external_id, {**order("A-1", ("TV", "家电", 1000))})
-        answer = shop.send(again, key)
-        assert answer.status_code == 422, answer.text
-        assert ("a-1" in answer.json()["detail"]) is named, answer.text
+    # The same order sent again under another id by A's other store is counted once, and
+    # named; merchant B's own order that its till also numbered A-1 is another order.
+    again = shop.event(shop.alice, "a2-2", {**order("A-1", ("TV", "家电", 1000))})
+    answer = shop.send(again, key_a2)
+    assert answer.status_code == 422, answer.text
+    assert "a-1" in answer.json()["detail"], answer.text
     assert shop.balance(shop.alice)["balance"] == 3000
+    theirs = shop.event(shop.alice, "b-2", {**order("A-1", ("T1", "日用品", 10))})
+    assert body(shop.send(theirs, key_b), 201)["points"] == 10
+    assert shop.balance(shop.alice)["balance"] == 3010
     # The store that took the order refunds it.
     refund = shop.event(shop.alice, "a-2", WHOLE, "order.refunded")
     assert body(shop.send(refund, key_a), 201)["points"] == -3000
-    assert shop.balance(shop.alice)["balance"] == 0
+    assert shop.balance(shop.alice)["balance"] == 10
+
+
+def test_orders_of_two_merchants_that_share_an_id_are_two_orders(
+    client: TestClient, db: Database
+) -> None:
+    # given a programme of two merchants whose tills both numbered an order 1001
+    shop = Shop(client, db)
+    shop.activate(rule("base", RATES))
+    key_a = support.api_key(db, shop.program.id, merchant="mall/a")  # a "/" in the code
+    key_b = support.api_key(db, shop.program.id, merchant="mall")
+    paid_a = shop.event(shop.alice, "a-1", order("1001", ("TV", "家电", 1000)))
+    paid_b = shop.event(shop.alice, "b-1", order("1001", ("T1", "日用品", 100)))
+    # when each sends it, one by one and in a batch, each earns
+    assert body(shop.send(paid_a, key_a), 201)["points"] == 3000
+    batch = body(shop.post("/events/batch", {"events": [paid_b]}, key_b), 200)
+    assert batch["items"][0]["result"]["points"] == 100, batch
+    # and a replay of either is answered from the one event stored
+    assert body(shop.send(paid_a, key_a), 201)["replayed"] is True
+    again = body(shop.post("/events/batch", {"events": [paid_b]}, key_b), 200)
+    assert again["items"][0]["result"]["replayed"] is True, again
+    assert shop.stored_events() == 2
+    assert shop.balance(shop.alice)["balance"] == 3100
+    # a refund for no merchant cannot tell the orders apart: refused, in both languages,
+    # naming neither event, and nothing is kept
+    unscoped = shop.event(shop.alice, "x-1", {"order_id": "1001", "whole": True}, "order.refunded")
+    for language, words in (("en", "credentials of the merchant"), ("zh-CN", "商户的凭据")):
+        answer = shop.post("/events", unscoped, shop.key, language=language)
+        assert answer.status_code == 422, answer.text
+        assert words in answer.text and "a-1" not in answer.text, answer.text
+    assert shop.stored_events() == 2
+    assert shop.balance(shop.alice)["balance"] == 3100
+    # each merchant's refund takes back its own order's points only
+    half = {"order_id": "1001", "lines": [{"sku": "TV", "amount_fen": 50_000}]}
+    refund_a = shop.event(shop.alice, "a-2", half, "order.refunded")
+    assert body(shop.send(refund_a, key_a), 201)["points"] == -1500
+    refund_b = shop.event(shop.alice, "b-2", {"order_id": "1001", "whole": True}, "order.refunded")
+    assert body(shop.send(refund_b, key_b), 201)["points"] == -100
+    assert shop.balance(shop.alice)["balance"] == 1500
+    # a merchant's refund does not reach the other merchant's order of that id
+    more_b = shop.event(shop.alice, "b-3", half, "order.refunded")
+    answer = shop.send(more_b, key_b)
+    assert answer.status_code == 422, answer.text  # no TV line in B's order
+    # an id only one merchant used is refunded for no merchant too, and the next refund
+    # of that order, by its merchant, counts what that one gave back
+    only_a = shop.event(shop.alice, "a-3", order("2002", ("TV", "家电", 100)))
+    assert body(shop.send(only_a, key_a), 201)["points"] == 300
+    part = {"order_id": "2002", "lines": [{"sku": "TV", "amount_fen": 6_000}]}
+    refund = shop.event(shop.alice, "x-2", part, "order.refunded")
+    assert body(shop.send(refund), 201)["points"] == -180
+    rest = shop.event(shop.alice, "a-4", {"order_id": "2002", "whole": True}, "order.refunded")
+    assert body(shop.send(rest, key_a), 201)["points"] == -120
+    assert shop.balance(shop.alice)["balance"] == 1500
+    assert_ledger_sound(db, shop.program.id)
 
 
 def test_held_awards_are_listed_and_decided_by_another_person_once(
@@ -442,3 +497,38 @@ def test_held_awards_are_listed_and_decided_by_another_person_once(
     assert sorted(actions) == ["awards.approve"] * 3 + ["awards.reject"]
     assert shop.balance(shop.alice)["balance"] == 50
     assert_ledger_sound(db, shop.program.id)
+
+
+def test_a_refund_for_no_merchant_takes_the_order_sent_for_no_merchant_or_the_members_own(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.activate(rule("base", RATES))
+    key_a = support.api_key(db, shop.program.id, merchant="a")
+    key_b = support.api_key(db, shop.program.id, merchant="b")
+    whole = {"order_id": "a/7", "whole": True}
+    # merchant a's order 7 and a programme-wide order "a/7" are two orders
+    assert body(
+        shop.send(shop.event(shop.alice, "a-1", order("7", ("T1", "日用品", 10))), key_a), 201
+    )
+    for external_id, order_id in (("p-1", "a/7"), ("p-2", "7")):
+        paid = shop.event(shop.alice, external_id, order(order_id, ("T1", "日用品", 100)))
+        assert body(shop.send(paid), 201)["points"] == 100
+    # a refund for no merchant takes the order sent for no merchant by that id
+    for external_id, order_id in (("p-3", "a/7"), ("p-4", "7")):
+        refund = shop.event(
+            shop.alice, external_id, {**whole, "order_id": order_id}, "order.refunded"
+        )
+        assert body(shop.send(refund), 201)["points"] == -100
+    assert shop.balance(shop.alice)["balance"] == 10
+    # merchants a and b both numbered an order 8, of two members: a refund for no merchant
+    # of bob's order 8 is bob's, the one order 8 that is his
+    assert body(
+        shop.send(shop.event(shop.alice, "a-2", order("8", ("T1", "日用品", 10))), key_a), 201
+    )
+    assert body(
+        shop.send(shop.event(shop.bob, "b-1", order("8", ("T1", "日用品", 20))), key_b), 201
+    )
+    refund = shop.event(shop.bob, "p-5", {"order_id": "8", "whole": True}, "order.refunded")
+    assert body(shop.send(refund), 201)["points"] == -20
+    assert (shop.balance(shop.alice)["balance"], shop.balance(shop.bob)["balance"]) == (20, 0)

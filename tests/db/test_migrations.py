@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, select
 
 from jifen.clock import ManualClock
 from jifen.db.engine import make_engine
-from jifen.db.migrate import current_revision, head_revision, is_current, upgrade
+from jifen.db.migrate import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    is_current,
+    upgrade,
+)
 from jifen.db.schema import metadata
 from jifen.db.uow import Database
 from jifen.errors import PaymentUsed
 from jifen.events.models import events
+from jifen.events.service import order_subject
 from jifen.members.models import members
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
@@ -58,7 +67,7 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0016"
+    assert head_revision(db.engine) == "0017"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)
@@ -128,4 +137,61 @@ def test_events_stored_before_once_per_subject_keep_the_first_of_each(
             event("o1", "order.paid", 1, {}) | {"subject": "2:2026"},
             event("b1", "member.birthday", 2, {}) | {"subject": "2:2026"},
         ])  # fmt: skip
+    engine.dispose()
+
+
+def test_0017_qualifies_the_orders_of_merchants_by_their_merchant(empty_engine: Engine) -> None:
+    """0017 gives the order events of a merchant the subject ``<merchant>/<order id>``, a
+    refund sent for no merchant its order's, and leaves the orders of no merchant bare; the
+    downgrade puts the bare ids back."""
+    engine = empty_engine
+    upgrade(engine, "0016")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+    long_id = "L" * 100
+
+    def event(external_id: str, kind: str, order_id: str, merchant: str | None) -> dict[str, Any]:
+        return {
+            "program_id": 1, "source": "pos", "external_id": external_id, "type": kind,
+            "member_id": 1, "occurred_at": now, "received_at": now,
+            "payload": {"order_id": order_id}, "request_hash": "-", "subject": order_id,
+            "merchant": merchant,
+        }  # fmt: skip
+
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(members.insert().values(id=1, program_id=1, external_ref="m1", created_at=now))
+        conn.execute(
+            events.insert(),
+            [
+                event("a1", "order.paid", "1001", "mall/a"),
+                event("a2", "order.refunded", "1001", "mall/a"),
+                event("a3", "order.refunded", "1001", None),  # sent by programme-wide keys
+                event("n1", "order.paid", "2002", None),
+                event("n2", "order.refunded", "2002", None),
+                event("s1", "order.paid", "x/1", None),
+                event("p1", "order.paid", "3%", "100%"),
+                event("l1", "order.paid", long_id, "m" * 64),
+            ],
+        )
+    upgrade(engine, "0017")
+    digest = hashlib.sha256(f"{'m' * 64}/{long_id}".encode()).hexdigest()
+    wanted = {
+        "a1": "mall%2Fa/1001", "a2": "mall%2Fa/1001", "a3": "mall%2Fa/1001", "n1": "2002",
+        "n2": "2002", "s1": "/x/1", "p1": "100%25/3%", "l1": f"sha256:{digest}",
+    }  # fmt: skip
+    for external_id, subject in wanted.items():
+        merchant = {"a1": "mall/a", "p1": "100%", "l1": "m" * 64}.get(external_id)
+        order_id = {"a1": "1001", "s1": "x/1", "p1": "3%", "l1": long_id}.get(external_id)
+        if order_id is not None:  # the service computes the same subjects
+            assert order_subject(merchant, order_id) == subject
+    with engine.connect() as conn:
+        subjects = dict(conn.execute(select(events.c.external_id, events.c.subject)).all())
+    assert subjects == wanted
+    command.downgrade(alembic_config(engine), "0016")
+    with engine.connect() as conn:
+        subjects = dict(conn.execute(select(events.c.external_id, events.c.subject)).all())
+    assert subjects == {
+        "a1": "1001", "a2": "1001", "a3": "1001", "n1": "2002", "n2": "2002", "s1": "x/1",
+        "p1": "3%", "l1": long_id,
+    }  # fmt: skip
     engine.dispose()

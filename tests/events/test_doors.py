@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from jifen.api.app import create_app
 from jifen.db.uow import Database, UnitOfWork
 from jifen.events import stream
+from jifen.events.models import events
 from jifen.events.schemas import EventIn
+from jifen.events.service import order_subject
 from jifen.imports import service as imports
 from jifen.members import service as members
 from jifen.points import service as points
@@ -117,8 +120,10 @@ def ledger_of(db: Database, program_id: int) -> dict[str, Any]:
     return db.run(read, read_only=True)
 
 
-def through_api(db: Database, program: ProgramRead, batch: bool) -> None:
-    key = support.api_key(db, program.id)
+def through_api(
+    db: Database, program: ProgramRead, batch: bool, merchant: str | None = None
+) -> None:
+    key = support.api_key(db, program.id, merchant=merchant)
     base = f"/v1/programs/{program.code}/events"
     with TestClient(create_app(db, api_settings())) as client:
         for _ in range(2):  # everything twice: the second round changes nothing
@@ -135,7 +140,9 @@ def through_api(db: Database, program: ProgramRead, batch: bool) -> None:
                     assert answer.status_code == 201, answer.text
 
 
-def through_csv(db: Database, program: ProgramRead, folder: Path) -> None:
+def through_csv(
+    db: Database, program: ProgramRead, folder: Path, merchant: str | None = None
+) -> None:
     path = folder / "events.csv"
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
@@ -153,8 +160,9 @@ def through_csv(db: Database, program: ProgramRead, folder: Path) -> None:
             )
     for restart in (False, True):
         report = imports.run_import(
-            db, program_id=program.id, kind="events", path=path, batch=7, restart=restart
-        )
+            db, program_id=program.id, kind="events", path=path, batch=7, restart=restart,
+            merchant=merchant,
+        )  # fmt: skip
         assert report.refused == 0
 
 
@@ -187,3 +195,37 @@ def test_the_same_events_give_the_same_ledger_through_every_door(
     assert ledgers["stream"] == ledgers["request"]
     for program in doors.values():
         assert_ledger_sound(db, program.id)
+
+
+def order_subjects(db: Database, program_id: int) -> dict[str, tuple[str | None, str]]:
+    """The merchant and subject of each order event of the programme, by external id."""
+    query = select(events.c.external_id, events.c.merchant, events.c.subject).where(
+        events.c.program_id == program_id,
+        events.c.type.in_(("order.paid", "order.refunded")),
+    )
+    rows = db.run(lambda uow: uow.conn.execute(query).all(), read_only=True)
+    return {row.external_id: (row.merchant, row.subject) for row in rows}
+
+
+def test_every_door_qualifies_an_order_by_the_merchant_it_is_sent_for(
+    db: Database, names: Names, tmp_path: Path
+) -> None:
+    merchant = "mall/7"
+    doors = {name: shop(db) for name in ("request", "batch", "csv", "stream")}
+    db.clock.set(START + timedelta(days=8))  # type: ignore[attr-defined]  # the week is past
+    through_api(db, doors["request"], batch=False, merchant=merchant)
+    through_api(db, doors["batch"], batch=True, merchant=merchant)
+    through_csv(db, doors["csv"], tmp_path, merchant=merchant)
+    through_stream(db, doors["stream"], names)  # a stream sends for no merchant
+    wanted = {
+        e.external_id: e.payload["order_id"]
+        for e in the_events()
+        if e.type in ("order.paid", "order.refunded")
+    }
+    for name, program in doors.items():
+        sent_for = None if name == "stream" else merchant
+        assert order_subjects(db, program.id) == {
+            external_id: (sent_for, order_subject(sent_for, order_id))
+            for external_id, order_id in wanted.items()
+        }, name
+    assert order_subject(merchant, "0-d1") == "mall%2F7/0-d1"

@@ -30,7 +30,8 @@ ONCE_TYPES = (
     "activity.attended",
     "member.checked_in",
 )
-"""Events that happen once to their ``subject``: an order is paid once (the order id), a
+"""Events that happen once to their ``subject``: an order is paid once (its merchant and
+order id, see ``jifen.events.service.order_subject``: each merchant numbers its own), a
 member has one birthday a year (member and year), is referred once (the invited member),
 checks in once a day (member and programme day), answers a quiz and attends an activity
 once (member and quiz or activity); a review is posted and featured once (the review id)."""

@@ -262,7 +262,9 @@ class _Item:
         """What the event happens to (see :func:`subject_of`), and an order's amount in
         fen."""
         assert self.member_id is not None
-        subject = subject_of(self.event.type, self.payload, self.member_id, self.day)
+        subject = subject_of(
+            self.event.type, self.payload, self.member_id, self.day, merchant=self.origin[0]
+        )
         return subject, _amount_of(self.event.type, self.order())
 
 
@@ -1105,17 +1107,40 @@ _SUBJECT_LENGTH = 128
 """The subject column's length: a longer subject is kept as its digest."""
 
 
+def order_subject(merchant: str | None, order_id: str) -> str:
+    """The subject of an order's events: its id qualified by the merchant it was sent for,
+    as each merchant's till numbers its own orders. ``<merchant>/<order id>``, the merchant
+    with ``%`` and ``/`` escaped (``%25``, ``%2F``) so that its first ``/`` ends it; an
+    order of no merchant keeps its bare id, led by a ``/`` when the id holds one (a
+    merchant is never empty), so that no two (merchant, order id) pairs share a subject.
+    Migration 0017 writes the same in SQL."""
+    if merchant is None:
+        text = f"/{order_id}" if "/" in order_id else order_id
+    else:
+        text = merchant.replace("%", "%25").replace("/", "%2F") + "/" + order_id
+    return _fitted(text)
+
+
+def _fitted(text: str) -> str:
+    """A subject as the column keeps it: a longer one as its digest."""
+    if len(text) <= _SUBJECT_LENGTH:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def subject_of(
-    event_type: str, payload: Mapping[str, Any], member_id: int, day: date
-) -> str | None:
+    event_type: str, payload: Mapping[str, Any], member_id: int, day: date,
+    merchant: str | None = None,
+) -> str | None:  # fmt: skip
     """What an event happens to, unique per programme and event type for the types that
-    happen once to it (:data:`ONCE_TYPES`): an order's id (its refunds share it), a
-    member's birthday of a year, the invited member of a referral, a review's id (its
-    likes share it), a quiz or an activity of a member, a member's check-in of a day
-    (``day``, in the programme's time zone). None for the others."""
+    happen once to it (:data:`ONCE_TYPES`): an order of the merchant it is sent for (see
+    :func:`order_subject`; its refunds share it), a member's birthday of a year, the
+    invited member of a referral, a review's id (its likes share it), a quiz or an
+    activity of a member, a member's check-in of a day (``day``, in the programme's time
+    zone). None for the others."""
     if event_type in ("order.paid", "order.refunded"):
-        text = str(payload["order_id"])
-    elif event_type == "member.birthday":
+        return order_subject(merchant, str(payload["order_id"]))
+    if event_type == "member.birthday":
         text = f"{member_id}:{payload['year']}"
     elif event_type == "referral.completed":
         text = str(member_id)
@@ -1129,9 +1154,7 @@ def subject_of(
         text = f"{member_id}:{day.isoformat()}"
     else:
         return None
-    if len(text) <= _SUBJECT_LENGTH:
-        return text
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return _fitted(text)
 
 
 def _amount_of(event_type: str, order: OrderPaid | None) -> int | None:
@@ -1287,6 +1310,47 @@ def _set_outcome(uow: UnitOfWork, event_id: int, total: int, skipped: list[dict[
         )
 
 
+def _paid_order(
+    uow: UnitOfWork, program_id: int, order_id: str, member_id: int, merchant: str | None
+) -> Row[Any] | None:
+    """The ``order.paid`` event of the order a refund names, of the merchant it is sent
+    for. One sent for no merchant (programme-wide credentials, a stream) finds the order
+    sent for no merchant by that id, or else the member's order by that id of whichever
+    merchant sent it; should several merchants' orders of the member carry the id, it is
+    refused: which order is meant needs the merchant."""
+    found = uow.conn.execute(
+        select(events).where(
+            events.c.program_id == program_id,
+            events.c.subject == order_subject(merchant, order_id),
+            events.c.type == "order.paid",
+        )
+    ).first()
+    if merchant is not None or found is not None:
+        return found
+    # The merchants' orders by that id are looked for among the member's own events (its
+    # index), not through the whole programme: an order of another member is not the one
+    # this refund can take points back from.
+    theirs = uow.conn.execute(
+        select(events).where(
+            events.c.member_id == member_id,
+            events.c.program_id == program_id,
+            events.c.type == "order.paid",
+            events.c.merchant.is_not(None),
+            events.c.payload["order_id"].as_string() == order_id,
+        )
+    ).all()
+    if len(theirs) > 1:
+        merchants = ", ".join(sorted(repr(row.merchant) for row in theirs))
+        raise InvalidInput(
+            field="payload.order_id",
+            problem=f"order {order_id!r} was paid through several merchants ({merchants}); "
+            "send the refund with the credentials of the merchant whose order it is",
+            problem_zh=f"订单 {order_id!r} 在多个商户下支付过({merchants});"
+            "请使用该订单所属商户的凭据发送退款",
+        )
+    return theirs[0] if theirs else None
+
+
 def _refund(
     uow: UnitOfWork,
     program_id: int,
@@ -1300,19 +1364,9 @@ def _refund(
     refunds only an order paid through it: another merchant's order is not one it has seen.
     Returns the awards, the points and what each budget got back."""
     refund = OrderRefunded.model_validate(event.payload)
-    order = uow.conn.execute(
-        select(events).where(
-            events.c.program_id == program_id,
-            events.c.subject == refund.order_id,
-            events.c.type == "order.paid",
-        )
-    ).first()
     merchant, store = origin
-    if (
-        order is None
-        or (merchant is not None and order.merchant != merchant)
-        or (store is not None and order.store != store)
-    ):
+    order = _paid_order(uow, program_id, refund.order_id, event.member_id, merchant)
+    if order is None or (store is not None and order.store != store):
         raise OrderNotSeen(order_id=refund.order_id)
     if order.member_id != event.member_id:
         raise InvalidInput(
@@ -1332,7 +1386,7 @@ def _refund(
     earlier_refunds = uow.conn.execute(
         select(events.c.payload).where(
             events.c.program_id == program_id,
-            events.c.subject == refund.order_id,
+            events.c.subject == order.subject,
             events.c.type == "order.refunded",
             events.c.id != event_id,
         )
@@ -1372,7 +1426,13 @@ def _refund(
             problem=f"order {refund.order_id!r} has nothing left to refund",
             problem_zh=f"订单 {refund.order_id!r} 已无可退款的金额",
         )
-    uow.conn.execute(events.update().where(events.c.id == event_id).values(amount_fen=amount))
+    # The refund happens to the order it found: a refund sent for no merchant of a
+    # merchant's order takes that order's subject, where the next refunds look.
+    uow.conn.execute(
+        events.update()
+        .where(events.c.id == event_id)
+        .values(amount_fen=amount, subject=order.subject)
+    )
     originals = uow.conn.execute(
         select(event_awards).where(
             event_awards.c.event_id == order.id,
