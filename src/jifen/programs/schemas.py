@@ -41,7 +41,8 @@ class ProgramSettings(RequestBody):
     """Manual adjustments larger than this (in absolute points) need a second person."""
     approval_ttl_hours: int = Field(APPROVAL_TTL_HOURS, ge=1, le=90 * 24)
     """Hours a request waiting for a second person stays open (1 hour to 90 days); after
-    that it has expired: it can no longer be approved or rejected, and must be filed again."""
+    that it has expired: it can no longer be approved (a checker may still reject it, its
+    maker withdraw it), and must be filed again."""
     transfers_enabled: bool = True
     """Whether members' points may be moved to other members."""
     transfer_max: int | None = Field(None, ge=1, le=10**12)
