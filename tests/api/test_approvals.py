@@ -686,15 +686,16 @@ def test_settings_stored_before_the_time_to_live_still_load_and_old_requests_pas
     client: TestClient, db: Database
 ) -> None:
     desk = Desk(client, db)
-    # given settings stored by a release without approval_ttl_hours
-    stored = {k: v for k, v in desk.settings().items() if k != "approval_ttl_hours"}
+    # given settings stored by a release without approval_ttl_hours nor closing_policy
+    later = {"approval_ttl_hours": 72, "closing_policy": "forfeit"}
+    stored = {k: v for k, v in desk.settings().items() if k not in later}
     db.run(
         lambda uow: uow.conn.execute(
             programs.update().where(programs.c.id == desk.program.id).values(settings=stored)
         )
     )
     # then they load, with the default
-    assert desk.settings() == {**stored, "approval_ttl_hours": 72}
+    assert desk.settings() == {**stored, **later}
     # and a settings request filed then (on the digest of those settings) is approved
     filed = desk.put_settings({"transfers_enabled": False}).json()
     old_base = hashlib.sha256(
@@ -711,4 +712,4 @@ def test_settings_stored_before_the_time_to_live_still_load_and_old_requests_pas
         )
     )
     assert desk.decide(filed["id"], "approve").status_code == 200
-    assert desk.settings() == {**stored, "transfers_enabled": False, "approval_ttl_hours": 72}
+    assert desk.settings() == {**stored, "transfers_enabled": False, **later}

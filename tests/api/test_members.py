@@ -19,9 +19,11 @@ from jifen.db.uow import Database
 from jifen.members.core import id_check_digit
 from jifen.members.models import members
 from jifen.notify.models import outbox
+from jifen.points import service as points_service
+from jifen.programs import service as programs_service
 from tests.api import support
 from tests.api.conftest import api_settings
-from tests.factories import new_members, new_program
+from tests.factories import assert_ledger_sound, new_members, new_program
 from tests.points.test_concurrency import run_together
 
 VALID_ID = "11010519491231002X"
@@ -610,3 +612,101 @@ def test_concurrent_duplicates_get_the_answer_a_later_duplicate_gets(pg: Databas
         ).scalar_one()
     )
     assert count == 2 + 6
+
+
+def _close(club: Club, member_id: int, key: dict[str, str], **headers: str) -> Any:
+    return club.client.post(
+        club.url(member_id, "/state"), json={"state": "closed", "reason": "asked to leave"},
+        headers={**club.operator, **key, **headers},
+    )  # fmt: skip
+
+
+def _postings(db: Database, program_id: int) -> int:
+    counts = db.run(lambda uow: points_service.posting_counts(uow, program_id=program_id))
+    return sum(counts.values())
+
+
+def _holding_100(club: Club, ref: str) -> tuple[dict[str, Any], str]:
+    """A new member who earned 100 points, and the URL of its points."""
+    member = club.register(ref)
+    points_url = club.url(member["id"], "/points")
+    assert club.post(f"{points_url}/earn", {"amount": 100}).status_code == 201
+    return member, points_url
+
+
+def test_closing_forfeits_the_points_once_and_the_audit_entry_says_what(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    member, points_url = _holding_100(club, "X1")
+    pending = {"amount": 40, "available_at": "2099-01-01T00:00:00Z"}
+    assert club.post(f"{points_url}/earn", pending).status_code == 201
+    posted = _postings(db, club.program.id)
+    key = support.key()
+    closed = _close(club, member["id"], key)
+    assert closed.status_code == 200 and closed.json()["state"] == "closed"
+    summary = client.get(points_url, headers=club.operator).json()
+    assert (summary["balance"], summary["available"], summary["pending"]) == (0, 0, 0)
+    history = client.get(f"{points_url}/history", headers=club.operator).json()["items"]
+    settlement = history[0]
+    assert (settlement["kind"], settlement["change"]) == ("expire", -140)
+    assert settlement["reason"] == "account closed: its points are forfeited 账户已注销,积分作废"
+    assert settlement["actor"].startswith("staff:operator")
+    assert _postings(db, club.program.id) == posted + 1
+    assert_ledger_sound(db, club.program.id)
+    # the audit entry of the close carries what was settled
+    entry = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.before, audit_entries.c.after)
+            .where(audit_entries.c.target == f"member:{member['id']}",
+                   audit_entries.c.action == "members.state")
+        ).one()
+    )  # fmt: skip
+    assert entry.before == {"state": "active"} and entry.after["state"] == "closed"
+    assert entry.after["settlement"] == {
+        "policy": "forfeit", "forfeited": 140, "available": 100, "pending": 40, "overdue": 0,
+        "posting_id": settlement["posting_id"], "debt_left": 0,
+    }  # fmt: skip
+    # the same request again is answered as before, and changes nothing more
+    again = _close(club, member["id"], key)
+    assert again.status_code == 200 and again.json() == closed.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert _postings(db, club.program.id) == posted + 1
+    # a closed member earns nothing
+    refused = club.post(f"{points_url}/earn", {"amount": 10})
+    assert refused.status_code == 409 and refused.json()["code"] == "state_conflict"
+    assert client.get(points_url, headers=club.operator).json()["balance"] == 0
+    assert_ledger_sound(db, club.program.id)
+
+
+def test_closing_is_refused_while_the_member_holds_points_under_refuse(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+
+    def refuse(uow: Any) -> None:
+        settings = programs_service.get_settings(uow, program_id=club.program.id)
+        programs_service.set_settings(
+            uow, program_id=club.program.id,
+            settings=settings.model_copy(update={"closing_policy": "refuse"}),
+        )  # fmt: skip
+
+    db.run(refuse)
+    member, points_url = _holding_100(club, "X2")
+    posted = _postings(db, club.program.id)
+    refused = _close(club, member["id"], support.key())
+    assert refused.status_code == 409 and refused.json()["code"] == "state_conflict"
+    assert "still holds 100 points" in refused.json()["detail"]
+    in_chinese = _close(club, member["id"], support.key(), **{"Accept-Language": "zh-CN"})
+    assert in_chinese.status_code == 409 and "仍有 100 积分" in in_chinese.json()["detail"]
+    assert client.get(club.url(member["id"]), headers=club.operator).json()["state"] == "active"
+    assert client.get(points_url, headers=club.operator).json()["balance"] == 100
+    assert _postings(db, club.program.id) == posted
+    # a refusal leaves no audit entry
+    assert not db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.id).where(audit_entries.c.action == "members.state",
+                                             audit_entries.c.target == f"member:{member['id']}")
+        ).first()
+    )  # fmt: skip
+    assert_ledger_sound(db, club.program.id)

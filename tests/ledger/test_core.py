@@ -166,6 +166,25 @@ def test_expire_takes_only_due_lots_and_nothing_when_none_are() -> None:
     assert ledger.plan_expire(lots=lots[1:], now=NOW) is None
 
 
+def test_forfeit_clears_every_open_lot_whatever_its_dates_into_expired() -> None:
+    lots = [
+        lot(1, 10, expires_in=0),  # past its date
+        lot(2, 20, expires_in=5),  # available
+        lot(3, 5, expires_in=None, pending_for=3),  # pending
+        Lot(4, 7, 0, NOW, None),  # used up
+    ]
+    plan = ledger.plan_forfeit(lots=lots)
+    assert plan is not None and (plan.kind, plan.amount) == (Kind.EXPIRE, 35)
+    assert plan.lines == (
+        ledger.Line(Party.MEMBER, -35), ledger.Line(SystemAccount.EXPIRED, 35),
+    )  # fmt: skip
+    assert sorted(plan.allocations, key=lambda a: a.lot_id) == [
+        Allocation(1, -10), Allocation(2, -20), Allocation(3, -5),
+    ]  # fmt: skip
+    assert (plan.debt_change, plan.frozen_change, plan.new_lots) == (0, 0, ())
+    assert ledger.plan_forfeit(lots=lots[3:]) is None
+
+
 lot_lists = st.lists(
     st.tuples(
         st.integers(1, 500),

@@ -48,7 +48,7 @@ from jifen.errors import (
 from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
-from jifen.programs.schemas import APPROVAL_TTL_HOURS, ProgramSettings
+from jifen.programs.schemas import APPROVAL_TTL_HOURS, CLOSING_POLICY, ProgramSettings
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import ProgramCaps
 
@@ -381,11 +381,16 @@ def _digest(value: dict[str, Any]) -> str:
 
 def _settings_now(uow: UnitOfWork, program_id: int) -> str:
     settings = programs_service.get_settings(uow, program_id=program_id).model_dump(mode="json")
-    # approval_ttl_hours came after the bases: left out at its default, the digest is the
-    # one a request filed before it was kept, so that request still matches unchanged settings.
-    if settings["approval_ttl_hours"] == APPROVAL_TTL_HOURS:
-        del settings["approval_ttl_hours"]
+    # Fields that came after the bases: each left out at its default, the digest is the one
+    # a request filed before it was kept, so that request still matches unchanged settings.
+    for name, default in _ADDED_LATER.items():
+        if settings[name] == default:
+            del settings[name]
     return _digest(settings)
+
+
+_ADDED_LATER = {"approval_ttl_hours": APPROVAL_TTL_HOURS, "closing_policy": CLOSING_POLICY}
+"""Settings added after requests were first digested, and their defaults."""
 
 
 def _caps_now(uow: UnitOfWork, program_id: int) -> str:

@@ -356,6 +356,21 @@ def plan_expire(*, lots: Iterable[Lot], now: datetime, freeze: bool = False) -> 
     if freeze:
         lines = (Line(Party.MEMBER, -total), Line(SystemAccount.FROZEN, total))
         return Plan(Kind.FREEZE, total, lines, allocations=allocations, frozen_change=total)
+    return _to_expired(total, allocations)
+
+
+def plan_forfeit(*, lots: Iterable[Lot]) -> Plan | None:
+    """Clear what remains of every open lot, whatever its dates (available, pending or past
+    its date), into the expired account as an expiry posting: the points a closed account
+    forfeits. ``None`` when no lot holds points."""
+    held = sorted((lot for lot in lots if lot.remaining > 0), key=fifo_order)
+    total = sum(lot.remaining for lot in held)
+    if not total:
+        return None
+    return _to_expired(total, tuple(Allocation(lot.id, -lot.remaining) for lot in held))
+
+
+def _to_expired(total: int, allocations: tuple[Allocation, ...]) -> Plan:
     lines = (Line(Party.MEMBER, -total), Line(SystemAccount.EXPIRED, total))
     return Plan(Kind.EXPIRE, total, lines, allocations=allocations)
 

@@ -8,6 +8,7 @@ which needs ``members.pii`` and leaves an audit entry for every read.
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -127,18 +128,32 @@ def change_state(
     ctx: Annotated[Context, Depends(Write("members.state"))],
 ) -> JSONResponse:
     """Freeze, ban, close or reactivate a member (closed is final). Only an active member
-    earns and spends; a banned or closed one is signed out at once."""
+    earns and spends; a banned or closed one is signed out at once.
+
+    Closing settles the points by the programme's ``closing_policy``: ``forfeit`` (the
+    default) clears them into the expired account by one expiry posting, ``refuse`` refuses
+    to close an account still holding points. Closing is refused while points are frozen or
+    a redemption is unfinished; a debt stays on the closed account. The audit entry's
+    ``after`` carries the settlement."""
+    settled: dict[str, Any] = {}
 
     def change(uow: UnitOfWork) -> MemberProfile:
-        before, after = service.change_state(
-            uow, program_id=ctx.program_id, member_id=member_id, state=body.state
-        )
-        if after.state in ("banned", "closed"):  # signed out everywhere, at once
+        settled.clear()  # (a transaction run again starts afresh)
+        move = service.change_state(
+            uow, program_id=ctx.program_id, member_id=member_id, state=body.state,
+            actor=ctx.actor,
+        )  # fmt: skip
+        if move.after.state in ("banned", "closed"):  # signed out everywhere, at once
             auth_service.end_member_sessions(uow, member_id=member_id)
-        ctx.audit_before = {"state": before.state}
-        return after
+        if move.settlement is not None:
+            settled.update(asdict(move.settlement))
+        ctx.audit_before = {"state": move.before.state}
+        return move.after
 
-    return ctx.execute(change, target=f"member:{member_id}")
+    def summary(body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "settlement": dict(settled)} if settled else body
+
+    return ctx.execute(change, target=f"member:{member_id}", summary=summary)
 
 
 @router.put(f"{MEMBER}/identity", response_model=MemberProfile)

@@ -29,6 +29,7 @@ from jifen.members.schemas import (
     MemberUpdate,
 )
 from jifen.points import service as points_service
+from jifen.programs import service as programs_service
 
 
 def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> MemberRead:
@@ -458,10 +459,22 @@ def list_members(
 # --------------------------------------------------------------------------- states
 
 
+@dataclass(frozen=True)
+class StateMove:
+    """What :func:`change_state` did."""
+
+    before: MemberProfile
+    after: MemberProfile
+    settlement: points_service.ClosingSettlement | None = None
+    """On closing: what became of the account's points."""
+
+
 def change_state(
-    uow: UnitOfWork, *, program_id: int, member_id: int, state: str
-) -> tuple[MemberProfile, MemberProfile]:
-    """Move a member to ``state`` if the move is allowed; answers (before, after)."""
+    uow: UnitOfWork, *, program_id: int, member_id: int, state: str, actor: str = "system"
+) -> StateMove:
+    """Move a member to ``state`` if the move is allowed. Closing settles the account's
+    points in the same transaction, by the programme's ``closing_policy`` (``actor`` is
+    who the settlement posting names), and is refused while a redemption is unfinished."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     if (before.state, state) not in core.TRANSITIONS:
         final = " A closed account stays closed." if before.state == "closed" else ""
@@ -470,6 +483,7 @@ def change_state(
             problem_zh=f"会员 {member_id} 当前状态为 {before.state},不能变更为 {state}。"
             + ("已注销的账户不能恢复。" if final else ""),
         )
+    settlement = _settle_closing(uow, program_id, member_id, actor) if state == "closed" else None
     moved = uow.conn.execute(
         members.update()
         .where(members.c.id == member_id, members.c.state == before.state)
@@ -480,7 +494,29 @@ def change_state(
             problem=f"Member {member_id}'s state changed meanwhile; read it and try again.",
             problem_zh=f"会员 {member_id} 的状态刚被修改,请重新读取后再试。",
         )
-    return before, get_profile(uow, program_id=program_id, member_id=member_id)
+    after = get_profile(uow, program_id=program_id, member_id=member_id)
+    return StateMove(before, after, settlement)
+
+
+def _settle_closing(
+    uow: UnitOfWork, program_id: int, member_id: int, actor: str
+) -> points_service.ClosingSettlement:
+    """Refuse to close while a redemption is unfinished (its points could still come back),
+    else settle the account's points by the programme's policy."""
+    from jifen.rewards import service as rewards_service  # here: it imports this module
+
+    unfinished = rewards_service.unfinished_orders(uow, program_id=program_id, member_id=member_id)
+    if unfinished:
+        listed = ", ".join(str(order_id) for order_id in unfinished)
+        raise StateConflict(
+            problem=f"Member {member_id} has redemption orders not finished ({listed}): "
+            "waiting for cooling-off confirmation or not yet delivered. Cancel or deliver them "
+            "before closing the account.",
+            problem_zh=f"会员 {member_id} 尚有未完成的兑换订单({listed}):冷静期待确认或尚未"
+            "交付。请先取消或完成交付,再注销账户。",
+        )
+    policy = programs_service.get_settings(uow, program_id=program_id).closing_policy
+    return points_service.settle_closing(uow, member_id=member_id, policy=policy, actor=actor)
 
 
 # --------------------------------------------------------------------------- identity

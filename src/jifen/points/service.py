@@ -29,6 +29,7 @@ from jifen.errors import (
     IdempotencyConflict,
     InvalidInput,
     SameAccount,
+    StateConflict,
     UnknownMember,
     UnknownPosting,
 )
@@ -1023,6 +1024,82 @@ def expire_member(uow: UnitOfWork, *, member_id: int, freeze: bool = False) -> P
     member, _ = _lock_one(uow, member_id, key="")
     written, _ = _expire_locked(uow, [member], uow.clock.now(), freeze=freeze)
     return written[0] if written else None
+
+
+CLOSED_REASON = "account closed: its points are forfeited 账户已注销,积分作废"
+"""The reason of the posting that clears a closed account's points."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClosingSettlement:
+    """What closing a member account did with its points: those forfeited by kind (spendable,
+    pending, past their date but not yet expired), the posting that cleared them (``None``:
+    the account held none) and the debt left on the account."""
+
+    policy: str
+    forfeited: int
+    available: int
+    pending: int
+    overdue: int
+    posting_id: int | None
+    debt_left: int
+
+
+def settle_closing(
+    uow: UnitOfWork, *, member_id: int, policy: str, actor: str
+) -> ClosingSettlement:
+    """Settle the points of a member account being closed, in the closing transaction, under
+    the account's lock. Refused while points are frozen (a freeze is a review or a hold that
+    staff resolve first) and, under the ``refuse`` policy, while the account holds points;
+    under ``forfeit``, every open lot is cleared into the expired account by one expiry
+    posting. A debt stays on the account as it is: writing it off would need a posting no
+    operation makes, and a closed account earns nothing that could pay it."""
+    key = f"member-closed:{member_id}"
+    lock_account(uow, member_id=member_id, key=key)
+    held = balance(uow, member_id=member_id)
+    if held.frozen:
+        raise StateConflict(
+            problem=f"Member {member_id} has {held.frozen} frozen points (a review, a hold or "
+            "points frozen when they lapsed): unfreeze or release them before closing the "
+            "account.",
+            problem_zh=f"会员 {member_id} 有 {held.frozen} 积分处于冻结状态(审核、暂扣或过期时"
+            "冻结):请先解冻或返还,再注销账户。",
+        )
+    if policy == "refuse" and held.balance:
+        raise StateConflict(
+            problem=f"Member {member_id} still holds {held.balance} points ({held.available} "
+            f"available, {held.pending} pending, {held.overdue} past their date); the "
+            "programme does not forfeit points at closing: spend, transfer or adjust them "
+            "first.",
+            problem_zh=f"会员 {member_id} 仍有 {held.balance} 积分(可用 {held.available},"
+            f"待生效 {held.pending},已过期待清理 {held.overdue});本计划注销账户时不作废积分:"
+            "请先使用、转赠或调整这些积分。",
+        )
+    posting = forfeit_all(uow, member_id=member_id, key=key, reason=CLOSED_REASON, actor=actor)
+    return ClosingSettlement(
+        policy=policy, forfeited=held.balance, available=held.available, pending=held.pending,
+        overdue=held.overdue, posting_id=posting.id if posting is not None else None,
+        debt_left=held.debt,
+    )  # fmt: skip
+
+
+def forfeit_all(
+    uow: UnitOfWork, *, member_id: int, key: str, reason: str, actor: str
+) -> PostingRead | None:
+    """Clear every point the member holds (available, pending or past its date) into the
+    expired account, as one expiry posting; ``None`` when it holds none."""
+    _require_key(key)
+    request = _fingerprint("forfeit", member=member_id, reason=reason, actor=actor)
+    member, replay_id = _lock_one(uow, member_id, key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    plan = ledger.plan_forfeit(lots=_open_lots(uow, member.id))
+    if plan is None:
+        return None
+    return _write(
+        uow, plan, member=member, key=key, request_hash=request, now=uow.clock.now(),
+        reason=reason, actor=actor,
+    )  # fmt: skip
 
 
 def expire_due(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +14,9 @@ from jifen.tiers.schemas import TierScheme
 
 APPROVAL_TTL_HOURS = 72
 """How long a pending approval request stays open when its programme sets nothing else."""
+ClosingPolicy = Literal["forfeit", "refuse"]
+CLOSING_POLICY: ClosingPolicy = "forfeit"
+"""What closing a member account does with its points when its programme sets nothing else."""
 
 
 class ProgramRead(BaseModel):
@@ -55,6 +59,12 @@ class ProgramSettings(RequestBody):
     """How members redeem: terms by tier, pricing factors, voucher validity and fees."""
     expiry: ExpiryPolicy = ExpiryPolicy()
     """How long points stay valid (by tier), what lapsing does, dormancy and reminders."""
+    closing_policy: ClosingPolicy = CLOSING_POLICY
+    """What closing a member account does with the points it still holds: ``forfeit``
+    clears them (available, pending and past their date alike) into the expired account,
+    as expired points go; ``refuse`` refuses to close it until staff have spent,
+    transferred or adjusted them. Either way an account with frozen points is not closed
+    until they are unfrozen or released, and a debt stays on the closed account."""
     tier_scheme: TierScheme | None = None
     """How members' tiers follow their scores, and what each tier gives; ``None``: tiers
     are set by hand only."""

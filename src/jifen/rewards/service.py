@@ -626,6 +626,25 @@ def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int |
     return None if found is None else int(found.id)
 
 
+UNFINISHED = ("held", "created", "confirmed", "shipped")
+"""States of an order not yet done with: waiting for its cooling-off confirmation, for
+shipping, pickup or handing over, or on its way."""
+
+
+def unfinished_orders(uow: UnitOfWork, *, program_id: int, member_id: int) -> list[int]:
+    """The member's redemption orders in an :data:`UNFINISHED` state, oldest first."""
+    found = uow.conn.execute(
+        select(reward_orders.c.id)
+        .where(
+            reward_orders.c.member_id == member_id,
+            reward_orders.c.program_id == program_id,
+            reward_orders.c.state.in_(UNFINISHED),
+        )
+        .order_by(reward_orders.c.id)
+    ).scalars()
+    return [int(order_id) for order_id in found]
+
+
 def _check_event_ahead(terms: RewardDef, now: datetime) -> None:
     """Refuse a registration for an event that has started."""
     if terms.event is not None and now >= terms.event.starts_at:

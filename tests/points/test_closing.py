@@ -1,0 +1,232 @@
+"""Closing a member account settles its points, on both backends: by the programme's
+``closing_policy``, in the closing transaction, with the ledger's invariants kept."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import StateConflict
+from jifen.members import service as members
+from jifen.members.models import members as members_table
+from jifen.points import integrity
+from jifen.points import service as points
+from jifen.points.models import postings
+from jifen.programs import service as programs
+from tests.factories import assert_ledger_sound, new_members, new_program
+from tests.points.test_service import call, snapshot
+from tests.rewards.shop import Shop
+
+DAY = timedelta(days=1)
+
+
+def close(db: Database, program_id: int, member_id: int) -> members.StateMove:
+    return db.run(
+        lambda uow: members.change_state(
+            uow, program_id=program_id, member_id=member_id, state="closed", actor="staff:test"
+        )
+    )
+
+
+def set_policy(db: Database, program_id: int, policy: str) -> None:
+    def change(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program_id)
+        programs.set_settings(
+            uow, program_id=program_id,
+            settings=settings.model_copy(update={"closing_policy": policy}),
+        )  # fmt: skip
+
+    db.run(change)
+
+
+def liability(db: Database, program_id: int) -> tuple[int, int]:
+    """What the programme's members hold, and what its expired account holds."""
+    report = db.run(lambda uow: integrity.reconcile(uow, program_id=program_id), read_only=True)
+    return report.member_total, report.system_balances.get("expired", 0)
+
+
+def state_of(db: Database, member_id: int) -> str:
+    found: str = db.run(
+        lambda uow: uow.conn.execute(
+            select(members_table.c.state).where(members_table.c.id == member_id)
+        ).scalar_one(),
+        read_only=True,
+    )
+    return found
+
+
+@pytest.fixture
+def club(db: Database) -> tuple[Database, int, int, int]:
+    program = new_program(db)
+    alice, bob = new_members(db, program.id, 2)
+    return db, program.id, alice, bob
+
+
+def test_forfeit_clears_available_pending_and_overdue_points_in_one_expiry(club: Any) -> None:
+    db, program_id, alice, bob = club
+    clock: ManualClock = db.clock
+    now = clock.now()
+    call(db, points.earn, member_id=alice, amount=100, key="a1", expires_at=now + 30 * DAY)
+    call(db, points.earn, member_id=alice, amount=20, key="a2", expires_at=now + DAY)
+    call(db, points.earn, member_id=alice, amount=50, key="a3", available_at=now + 10 * DAY)
+    call(db, points.earn, member_id=bob, amount=30, key="b1")
+    clock.advance(2 * DAY)  # a2 is past its date, the expiry run has not come yet
+    held, expired = liability(db, program_id)
+    posted = db.run(lambda uow: points.posting_counts(uow, program_id=program_id))
+
+    move = close(db, program_id, alice)
+
+    assert move.after.state == "closed" and move.before.state == "active"
+    settled = move.settlement
+    assert settled is not None and settled.posting_id is not None
+    assert (settled.policy, settled.forfeited) == ("forfeit", 170)
+    assert (settled.available, settled.pending, settled.overdue, settled.debt_left) == (
+        100, 50, 20, 0,
+    )  # fmt: skip
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.available, summary.pending, summary.overdue) == (0, 0, 0, 0)
+    assert call(db, points.balance, member_id=bob).balance == 30
+    # one settlement posting, an expiry to the expired account, with the closing reason
+    after = db.run(lambda uow: points.posting_counts(uow, program_id=program_id))
+    assert sum(after.values()) == sum(posted.values()) + 1
+    assert after["expire"] == posted.get("expire", 0) + 1
+    (entry,) = call(db, points.history, member_id=alice, kinds=["expire"]).items
+    assert (entry.posting_id, entry.change, entry.reason) == (
+        settled.posting_id, -170, points.CLOSED_REASON,
+    )  # fmt: skip
+    assert "account closed" in entry.reason and "账户已注销" in entry.reason
+    assert [line.account for line in entry.lines if line.amount > 0] == ["expired"]
+    # the programme's liability falls by exactly those points
+    assert liability(db, program_id) == (held - 170, expired + 170)
+    assert_ledger_sound(db, program_id)
+    # the expiry run later finds nothing left on the closed account
+    assert db.run(lambda uow: points.expire_member(uow, member_id=alice)) is None
+
+
+def test_closing_an_account_without_points_posts_nothing(club: Any) -> None:
+    db, program_id, alice, _ = club
+    before = snapshot(db, program_id)
+    settled = close(db, program_id, alice).settlement
+    assert settled is not None and (settled.forfeited, settled.posting_id) == (0, None)
+    assert snapshot(db, program_id) == before
+
+
+def test_refuse_keeps_an_account_holding_points_open_and_unchanged(club: Any) -> None:
+    db, program_id, alice, _ = club
+    set_policy(db, program_id, "refuse")
+    now = db.clock.now()
+    call(db, points.earn, member_id=alice, amount=100, key="a1")
+    call(db, points.earn, member_id=alice, amount=40, key="a2", available_at=now + DAY)
+    before = snapshot(db, program_id)
+    with pytest.raises(StateConflict, match="still holds 140 points") as refused:
+        close(db, program_id, alice)
+    assert "100 available, 40 pending" in refused.value.message("en")
+    assert "仍有 140 积分" in refused.value.message("zh")
+    assert snapshot(db, program_id) == before and state_of(db, alice) == "active"
+    # once staff have moved the points away (and the pending ones came and went), it closes
+    call(db, points.adjust, member_id=alice, amount=-100, key="a3", reason="closing", actor="s")
+    db.clock.advance(2 * DAY)
+    call(db, points.adjust, member_id=alice, amount=-40, key="a4", reason="closing", actor="s")
+    settled = close(db, program_id, alice).settlement
+    assert settled is not None and (settled.policy, settled.posting_id) == ("refuse", None)
+    assert state_of(db, alice) == "closed"
+    assert_ledger_sound(db, program_id)
+
+
+def test_frozen_points_keep_the_account_open_until_they_are_unfrozen(club: Any) -> None:
+    db, program_id, alice, _ = club
+    call(db, points.earn, member_id=alice, amount=100, key="a1")
+    freeze = call(db, points.freeze, member_id=alice, amount=30, key="f1", reason="review",
+                  actor="s")  # fmt: skip
+    before = snapshot(db, program_id)
+    with pytest.raises(StateConflict, match="30 frozen points") as refused:
+        close(db, program_id, alice)
+    assert "冻结" in refused.value.message("zh")
+    assert snapshot(db, program_id) == before and state_of(db, alice) == "active"
+    call(db, points.unfreeze, freeze_id=freeze.id, key="u1", reason="cleared", actor="s")
+    settled = close(db, program_id, alice).settlement
+    assert settled is not None and settled.forfeited == 100
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.frozen) == (0, 0)
+    assert_ledger_sound(db, program_id)
+
+
+def test_a_debt_stays_on_the_closed_account_and_pending_points_are_forfeited(club: Any) -> None:
+    db, program_id, alice, _ = club
+    now = db.clock.now()
+    earned = call(db, points.earn, member_id=alice, amount=100, key="a1")
+    call(db, points.spend, member_id=alice, amount=100, key="s1")
+    call(db, points.earn, member_id=alice, amount=40, key="a2", available_at=now + 7 * DAY)
+    call(db, points.reverse, earn_id=earned.id, key="r1")  # all spent: 100 owed
+    settled = close(db, program_id, alice).settlement
+    assert settled is not None
+    assert (settled.forfeited, settled.pending, settled.debt_left) == (40, 40, 100)
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.pending, summary.debt) == (0, 0, 100)
+    assert_ledger_sound(db, program_id)
+
+
+def test_a_closed_member_cannot_be_closed_again_nor_earn(club: Any) -> None:
+    db, program_id, alice, _ = club
+    call(db, points.earn, member_id=alice, amount=100, key="a1")
+    close(db, program_id, alice)
+    before = snapshot(db, program_id)
+    with pytest.raises(StateConflict, match="stays closed"):
+        close(db, program_id, alice)
+    with pytest.raises(StateConflict, match="cannot earn"):
+        db.run(
+            lambda uow: members.require_member(
+                uow, program_id=program_id, member_id=alice, transacting=True
+            )
+        )
+    assert snapshot(db, program_id) == before
+
+
+def test_the_settlement_posting_replays_by_its_key(club: Any) -> None:
+    db, program_id, alice, _ = club
+    call(db, points.earn, member_id=alice, amount=100, key="a1")
+    settled = close(db, program_id, alice).settlement
+    assert settled is not None
+    again = call(db, points.forfeit_all, member_id=alice, key=f"member-closed:{alice}",
+                 reason=points.CLOSED_REASON, actor="staff:test")  # fmt: skip
+    assert again is not None and again.replayed and again.id == settled.posting_id
+    assert call(db, points.balance, member_id=alice).balance == 0
+    assert_ledger_sound(db, program_id)
+
+
+def test_unfinished_redemptions_keep_the_account_open(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    goods = shop.reward(points=1000)  # 700 for 钻石, shipped by staff
+    prize = {"code": "p", "name": {"en": "P"}, "chance_ppm": 1_000_000, "points": 1000}
+    wheel = shop.reward(  # 5,600 for 钻石: a cooling-off
+        kind="lottery", points=8000, discounts=True, lottery={"prizes": [prize]}
+    )
+    order = shop.redeem(member, goods.code)
+    held = shop.redeem(member, wheel.code)
+    assert (order.state, held.state) == ("created", "held")
+    before = snapshot(db, shop.program_id)
+    with pytest.raises(StateConflict, match=f"not finished \\({order.id}, {held.id}\\)") as no:
+        close(db, shop.program_id, member)
+    assert "未完成的兑换订单" in no.value.message("zh")
+    assert snapshot(db, shop.program_id) == before and state_of(db, member) == "active"
+    shop.move(held.id, "cancel")
+    shop.move(order.id, "ship")
+    with pytest.raises(StateConflict, match="not finished"):
+        close(db, shop.program_id, member)
+    shop.move(order.id, "deliver")
+    settled = close(db, shop.program_id, member).settlement
+    assert settled is not None and settled.forfeited == 20000 - 700
+    rows = db.run(
+        lambda uow: uow.conn.execute(
+            select(postings.c.kind, postings.c.amount).where(postings.c.id == settled.posting_id)
+        ).one(),
+        read_only=True,
+    )
+    assert tuple(rows) == ("expire", 19300)
+    assert_ledger_sound(db, shop.program_id)
