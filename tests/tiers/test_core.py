@@ -226,3 +226,49 @@ def test_an_evaluation_lands_where_its_score_says_or_keeps_a_retained_tier(
     )
     # evaluating again at the same score changes nothing
     assert core.decide(SCHEME, Standing(after), value, now=NOW, evaluation=True) is None
+
+
+# A member's history: the tier it started with, then changes at minutes from NOW (several
+# may share a minute), each from the tier before it.
+histories = st.tuples(
+    tiers,
+    st.lists(st.tuples(st.integers(min_value=0, max_value=5), st.sampled_from(CODES)), max_size=8),
+)
+
+
+def _changes(start: str | None, steps: list[tuple[int, str]]) -> list[core.TierChange]:
+    changes, held, minute = [], start, 0
+    for gap, tier in steps:
+        minute += gap
+        changes.append(core.TierChange(NOW + timedelta(minutes=minute), held, tier))
+        held = tier
+    return changes
+
+
+@given(histories, st.integers(min_value=-1, max_value=45), st.integers(min_value=0, max_value=5))
+def test_walking_back_from_the_current_tier_finds_the_tier_held_at_a_moment(
+    history: tuple[str | None, list[tuple[int, str]]], minute: int, ahead: int
+) -> None:
+    start, steps = history
+    changes = _changes(start, steps)
+    current = changes[-1].to_tier if changes else start
+    moment = NOW + timedelta(minutes=minute)
+    # forward: the tier of the last change made at or before the moment
+    held = start
+    for change in changes:
+        if change.at <= moment:
+            held = change.to_tier
+    # back, from the changes read after the moment or any earlier one
+    read_after = moment - timedelta(minutes=ahead)
+    later = tuple(c for c in changes if c.at > read_after)
+    assert core.TierTimeline(current, later).at(moment) == held
+
+
+def test_a_change_counts_from_its_own_time() -> None:
+    upgrade = core.TierChange(NOW, "银卡", "金卡")
+    timeline = core.TierTimeline("金卡", (upgrade,))
+    assert timeline.at(NOW - timedelta(microseconds=1)) == "银卡"
+    assert timeline.at(NOW) == "金卡"
+    first = core.TierTimeline("普通", (core.TierChange(NOW, None, "普通"),))
+    assert first.at(NOW - timedelta(seconds=1)) is None
+    assert core.TierTimeline(None).at(NOW) is None

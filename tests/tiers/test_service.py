@@ -14,6 +14,7 @@ from jifen.clock import ManualClock
 from jifen.db.uow import Database, UnitOfWork
 from jifen.events import service as events_service
 from jifen.events.schemas import EventIn
+from jifen.members import service as members_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.tiers import service
@@ -448,3 +449,58 @@ def test_a_member_with_no_tier_lent_one_goes_back_to_the_entry_tier(db: Database
     assert world.tiers() == ["普通", "普通", "普通"]
     assert world.history(alice) == [(None, "银卡", "temporary"), ("银卡", "普通", "temporary_end")]
     assert world.history(carol)[-1] == ("银卡", "普通", "temporary_end")
+
+
+def test_the_tier_at_a_moment_walks_back_the_recorded_changes(db: Database) -> None:
+    world = lend_silver_in_double_eleven(db, members=3)
+    alice, bob, carol = world.members  # alice had no tier; bob and carol 普通 from the start
+    never = db.run(
+        lambda uow: (
+            members_service.register_member(
+                uow, program_id=world.program.id, external_ref="never"
+            ).id
+        )
+    )
+    placed = db.run(
+        lambda uow: service.history(
+            uow, program_id=world.program.id, member_id=bob, before_id=None, limit=100
+        ),
+        read_only=True,
+    )[0][-1].at
+    lent = datetime(2026, 11, 11, 10, tzinfo=UTC)
+    # due on 11 December at 10:00, the upgrades are ended by the job at 12:00; bob is then
+    # put in 金卡 by hand
+    world.at(datetime(2026, 12, 11, 12, tzinfo=UTC))
+    assert (
+        db.run(
+            lambda uow: service.end_temporary(uow, program_id=world.program.id, now=uow.clock.now())
+        )
+        == 3
+    )
+    moved = datetime(2026, 12, 15, tzinfo=UTC)
+    world.at(moved)
+    db.run(
+        lambda uow: service.set_member_tier(
+            uow, program_id=world.program.id, member_id=bob, tier="金卡", reason="", set_by="t"
+        )
+    )
+    world.at(datetime(2027, 1, 1, tzinfo=UTC))
+
+    def at(moment: datetime) -> dict[int, str]:
+        return db.run(
+            lambda uow: service.tiers_at(uow, member_ids=[*world.members, never], moment=moment),
+            read_only=True,
+        )
+
+    second = timedelta(seconds=1)
+    assert at(placed - second) == {}
+    assert at(placed) == {bob: "普通", carol: "普通"}
+    assert at(lent - second) == {bob: "普通", carol: "普通"}
+    # a change's own time is when its tier begins
+    assert at(lent) == {alice: "银卡", bob: "银卡", carol: "银卡"}
+    assert at(datetime(2026, 11, 30, tzinfo=UTC)) == {alice: "银卡", bob: "银卡", carol: "银卡"}
+    # past its end, until the job ended it, the upgrade was what earnings read
+    assert at(datetime(2026, 12, 11, 11, tzinfo=UTC))[alice] == "银卡"
+    assert at(datetime(2026, 12, 11, 12, tzinfo=UTC)) == {alice: "普通", bob: "普通", carol: "普通"}
+    assert at(moved) == {alice: "普通", bob: "金卡", carol: "普通"}
+    assert at(world.clock.now()) == at(moved)

@@ -66,6 +66,7 @@ from jifen.rules import core
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import EventTypeRead, Reviewed, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
+from jifen.tiers.core import TierTimeline
 
 ACTOR = "rules"
 OWN_SOURCE = "jifen"
@@ -581,9 +582,17 @@ class _Intake:
         ids = {i.member_id for i in items if i.member_id in self.profiles}
         ids.update(i.inviter for i in items if i.inviter in self.profiles)
         days = [core.local_day(i.event.occurred_at, self.zone) for i in items]
+        # The earliest time each member's tier is read at: its events' and its invitations'.
+        moments: dict[int, datetime] = {}
+        for item in items:
+            for member_id in (item.member_id, item.inviter):
+                if member_id in self.profiles:
+                    assert member_id is not None
+                    earlier = moments.get(member_id, item.event.occurred_at)
+                    moments[member_id] = min(earlier, item.event.occurred_at)
         tallies = _Tallies.load(
             self.uow, {m: self.profiles[m] for m in ids if m is not None}, days,
-            _capped_codes(self.uow, self.program_id),
+            _capped_codes(self.uow, self.program_id), moments,
         )  # fmt: skip
         terms = _terms(self.uow, self.program_id, self.zone)
         for item, day in zip(items, days, strict=True):
@@ -613,7 +622,7 @@ class _Intake:
         recipients = [member_id]
         if event.type == "referral.completed" and item.inviter is not None:
             recipients.append(item.inviter)
-        facts = {m: tallies.facts(m, day, codes) for m in recipients}
+        facts = {m: tallies.facts(m, day, codes, event.occurred_at) for m in recipients}
         budgets = core.Budgets(
             by_rule=group.spent, program=group.spent.get(rules_service.PROGRAM_BUDGET, 0)
         )
@@ -934,7 +943,8 @@ class _Tally:
     """What the rules read about one member, kept current as a batch's events are decided."""
 
     profile: MemberFacts
-    tier: str | None
+    tiers: TierTimeline
+    """The member's tier now and its changes since the batch's earliest event of it."""
     counts: dict[str, int] = field(default_factory=dict)
     streaks: dict[str, core.Streak] = field(default_factory=dict)
     by_day: dict[tuple[str, date], int] = field(default_factory=dict)
@@ -950,13 +960,15 @@ class _Tallies:
     @classmethod
     def load(
         cls, uow: UnitOfWork, profiles: Mapping[int, MemberFacts], days: Sequence[date],
-        codes: set[str],
+        codes: set[str], moments: Mapping[int, datetime],
     ) -> _Tallies:  # fmt: skip
-        """The members' tiers, counters and awards over the months and weeks of ``days``:
-        a query each, whatever the number of members."""
+        """The members' tiers from their ``moments`` on (the earliest time each one's tier
+        is read at), counters and awards over the months and weeks of ``days``: a query
+        each, whatever the number of members, and one more for the tier changes when some
+        member's tier changed after its moment."""
         ids = sorted(profiles)
-        tiers = tiers_service.tiers_of(uow, member_ids=ids)
-        tallies = {m: _Tally(profiles[m], tiers.get(m)) for m in ids}
+        timelines = tiers_service.tier_timelines(uow, since={m: moments[m] for m in ids})
+        tallies = {m: _Tally(profiles[m], timelines[m]) for m in ids}
         if not ids:
             return cls(tallies)
         for row in uow.conn.execute(
@@ -1000,13 +1012,17 @@ class _Tallies:
         return cls(tallies)
 
     def tier(self, member_id: int) -> str | None:
-        return self.tallies[member_id].tier
+        """The member's current tier (what the validity of the points it gets now follows:
+        a change of tier re-dates its open lots)."""
+        return self.tallies[member_id].tiers.current
 
-    def facts(self, member_id: int, day: date, codes: set[str]) -> core.Facts:
+    def facts(self, member_id: int, day: date, codes: set[str], at: datetime) -> core.Facts:
+        """What the rules read about the member for an event at ``at`` on ``day``: the
+        tier it held then, its profile and counters as they are, its usage of ``day``."""
         tally = self.tallies[member_id]
         profile = tally.profile
         return core.Facts(
-            member_id=member_id, tier=tally.tier, state=profile.state,
+            member_id=member_id, tier=tally.tiers.at(at), state=profile.state,
             tags=frozenset(profile.tags),
             registered_at=profile.created_at, region=profile.region, birthday=profile.birthday,
             counts={**NO_COUNTS, **tally.counts}, streaks=dict(tally.streaks),
@@ -1165,21 +1181,23 @@ def _amount_of(event_type: str, order: OrderPaid | None) -> int | None:
 
 
 def facts_of(
-    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], day: date,
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], at: datetime, day: date,
     rule_codes: Iterable[str],
 ) -> dict[int, core.Facts]:  # fmt: skip
-    """What the rules read about each member, as of the event's day."""
+    """What the rules read about each member for an event at ``at`` (on ``day``, its
+    programme day): the tier held at ``at``, the usage of ``day``."""
     profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=member_ids)
     codes = set(rule_codes)
-    tallies = _Tallies.load(uow, profiles, [day], codes)
-    return {m: tallies.facts(m, day, codes) for m in profiles}
+    tallies = _Tallies.load(uow, profiles, [day], codes, dict.fromkeys(profiles, at))
+    return {m: tallies.facts(m, day, codes, at) for m in profiles}
 
 
 def dry_run(
     uow: UnitOfWork, *, program_id: int, event: EventIn, specs: list[RuleSpec] | None = None
 ) -> core.Evaluation:
     """What ``event`` would earn under ``specs`` (or the rules live at its time), with the
-    members' facts as they are now; nothing is stored or posted."""
+    members' tiers at its time and their other facts as they are now; nothing is stored or
+    posted."""
     payload, _ = _parsed(uow, program_id, event)
     member_id = _member_id(uow, program_id, event)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
@@ -1195,7 +1213,7 @@ def dry_run(
         members_service.require_member(uow, program_id=program_id, member_id=inviter)
         recipients.add(inviter)
     facts = facts_of(
-        uow, program_id=program_id, member_ids=recipients,
+        uow, program_id=program_id, member_ids=recipients, at=event.occurred_at,
         day=core.local_day(event.occurred_at, zone),
         rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
     )  # fmt: skip
@@ -1615,7 +1633,8 @@ def approve_award(
     members_service.require_active(profile[member_id])
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     facts = facts_of(
-        uow, program_id=program_id, member_ids=[member_id], day=row.local_day,
+        uow, program_id=program_id, member_ids=[member_id], at=row.occurred_at,
+        day=row.local_day,
         rule_codes=[row.rule_code] if spec.caps.per_member else [],
     )  # fmt: skip
     terms = _terms(uow, program_id, zone)

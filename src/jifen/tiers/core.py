@@ -1,6 +1,6 @@
 """The pure rules of tiers by score: a score from its parts, the tier a score reaches, what
-an evaluation or an earning does to a member's tier, temporary upgrades and their end, and
-when the scheduled evaluations fall.
+an evaluation or an earning does to a member's tier, temporary upgrades and their end, the
+tier a member held at an earlier moment, and when the scheduled evaluations fall.
 
 Plain Python: the scheme, the member's standing, its score and the time come in, a decision
 comes out. The rules, in short:
@@ -225,6 +225,40 @@ def end_temporary(standing: Standing, now: datetime, entry: str) -> Decision | N
         "temporary_end",
         f"temporary {standing.tier} ended at {standing.temporary_until.isoformat()}",
     )
+
+
+# --------------------------------------------------------------------------- tier at a moment
+
+
+@dataclass(frozen=True, slots=True)
+class TierChange:
+    """A recorded change of a member's tier: ``to_tier`` holds from ``at`` on."""
+
+    at: datetime
+    from_tier: str | None
+    """None: the member had no tier."""
+    to_tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class TierTimeline:
+    """A member's tier now and the changes recorded after some moment, in the order they
+    were made: enough to tell the tier the member held at that moment or any later one."""
+
+    current: str | None
+    later: tuple[TierChange, ...] = ()
+
+    def at(self, moment: datetime) -> str | None:
+        """The tier held at ``moment`` (no earlier than the moment the changes were read
+        after). A change counts from its own time on, so this is the tier the first change
+        after ``moment`` changed from; the current tier when none came after. Walking back
+        from the current tier, rather than forward from the changes before ``moment``,
+        answers members whose tier was stored before changes were recorded, and reads no
+        change at all for members whose tier has not changed since ``moment``."""
+        for change in self.later:
+            if change.at > moment:
+                return change.from_tier
+        return self.current
 
 
 # --------------------------------------------------------------------------- time

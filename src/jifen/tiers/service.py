@@ -71,6 +71,8 @@ __all__ = [
     "set_member_tier",
     "set_tiers",
     "settings_with_scheme",
+    "tier_timelines",
+    "tiers_at",
     "tiers_of",
 ]
 
@@ -191,6 +193,55 @@ def tiers_of(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
         )
     ).all()
     return {r.member_id: r.tier_code for r in rows}
+
+
+def tier_timelines(
+    uow: UnitOfWork, *, since: Mapping[int, datetime]
+) -> dict[int, core.TierTimeline]:
+    """For each member of ``since``, what tells its tier at its moment there or any later
+    one (:meth:`core.TierTimeline.at`): its current tier and the changes recorded after.
+
+    One query reads the current tiers with the time each was last written; a second reads
+    the changes, and only of the members whose tier was written after their moment (every
+    recorded change writes the stored tier at the change's time, so a tier written no later
+    than the moment has had no change since). Members asked about at the present time
+    therefore cost the one query :func:`tiers_of` costs."""
+    ids = sorted(since)
+    if not ids:
+        return {}
+    rows = uow.conn.execute(
+        select(member_tiers.c.member_id, member_tiers.c.tier_code, member_tiers.c.since).where(
+            among(uow.dialect, member_tiers.c.member_id, ids)
+        )
+    ).all()
+    current = {int(r.member_id): str(r.tier_code) for r in rows}
+    moved = sorted(int(r.member_id) for r in rows if r.since > since[int(r.member_id)])
+    later: dict[int, list[core.TierChange]] = {}
+    if moved:
+        for r in uow.conn.execute(
+            select(
+                tier_changes.c.member_id, tier_changes.c.at, tier_changes.c.from_tier,
+                tier_changes.c.to_tier,
+            )
+            .where(
+                among(uow.dialect, tier_changes.c.member_id, moved),
+                tier_changes.c.at > min(since[m] for m in moved),
+            )
+            .order_by(tier_changes.c.member_id, tier_changes.c.at, tier_changes.c.id)
+        ):  # fmt: skip
+            later.setdefault(int(r.member_id), []).append(
+                core.TierChange(r.at, r.from_tier, r.to_tier)
+            )
+    return {m: core.TierTimeline(current.get(m), tuple(later.get(m, ()))) for m in ids}
+
+
+def tiers_at(uow: UnitOfWork, *, member_ids: Iterable[int], moment: datetime) -> dict[int, str]:
+    """The tier each of ``member_ids`` held at ``moment``, for those that held one (a change
+    made at ``moment`` counts: its tier begins then). A temporary upgrade counts from the
+    change that gave it to the change that ended it, as the earnings of that time read it
+    (past its ``temporary_until`` it lasts until the job ends it)."""
+    timelines = tier_timelines(uow, since=dict.fromkeys(member_ids, moment))
+    return {m: tier for m, timeline in timelines.items() if (tier := timeline.at(moment))}
 
 
 # --------------------------------------------------------------------------- the scheme
