@@ -151,6 +151,14 @@ def test_an_active_member_is_not_erased(client: TestClient, db: Database) -> Non
     assert shop.ok(shop.export(shop.risk))["profile"]["name"] == "李雷"
 
 
+def test_no_registration_takes_the_reference_an_erasure_gives(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    taken = shop.post(shop.base, {"external_ref": f"erased:{shop.other + 1}"})
+    assert taken.status_code == 422 and "erased" in taken.json()["errors"][0]["message"]
+
+
 def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_points(
     client: TestClient, db: Database
 ) -> None:

@@ -44,6 +44,12 @@ def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> M
             problem="give a reference of 1 to 128 characters",
             problem_zh="请填写 1 至 128 个字符的会员编号",
         )
+    if external_ref.startswith(ERASED_PREFIX):
+        raise InvalidInput(
+            field="external_ref",
+            problem=f"references starting with {ERASED_PREFIX!r} are kept for erased members",
+            problem_zh=f"以 {ERASED_PREFIX!r} 开头的会员编号留给已删除个人信息的会员,请换一个",
+        )
     exists = uow.conn.execute(
         select(members.c.id).where(
             members.c.program_id == program_id, members.c.external_ref == external_ref
@@ -706,10 +712,15 @@ def every_nth_id(uow: UnitOfWork, *, program_id: int, n: int) -> list[int]:
 # --------------------------------------------------------------------------- personal data
 
 
+ERASED_PREFIX = "erased:"
+"""How the reference of an erased member starts; no registration may use it."""
+
+
 def erased_ref(member_id: int) -> str:
     """The reference an erased member is left with in place of the merchant's own (which
-    may be a card number, a user id or even a phone number): unique, and naming no one."""
-    return f"erased:{member_id}"
+    may be a card number, a user id or even a phone number): unique, as no registration
+    takes the prefix, and naming no one."""
+    return f"{ERASED_PREFIX}{member_id}"
 
 
 _CLEARED: dict[str, Any] = {
