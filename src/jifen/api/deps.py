@@ -8,7 +8,9 @@ principal's grants do not cover. A member may act only on itself: a route with a
 and the stored answer in one transaction, replaying the stored answer for a repeated key.
 
 The permission each route needs is written into the OpenAPI document as ``x-permission``
-(and ``x-member-scoped``), so tests and integrators read it from there.
+(and ``x-member-scoped``), so tests and integrators read it from there. A route that the
+member itself may call whatever ``x-permission`` names (:class:`ReadOwn`: its own personal
+data) is marked ``x-member-self``.
 """
 
 from __future__ import annotations
@@ -477,6 +479,23 @@ class Read:
         return await _authorise(request, principal, self.permission)
 
 
+class ReadOwn(Read):
+    """Dependency of a route about one member that the member itself may call, though
+    staff and API keys need ``permission`` (one no member holds, such as ``members.pii``):
+    a signed-in member is checked for ``own`` (a permission members hold) and, as on every
+    route naming a ``{member_id}``, only for itself."""
+
+    def __init__(self, permission: str, *, own: str) -> None:
+        super().__init__(permission)
+        self.own = own
+
+    async def __call__(
+        self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
+    ) -> Context:
+        permission = self.own if principal.kind == "member" else self.permission
+        return await _authorise(request, principal, permission)
+
+
 IdempotencyKeyHeader = Annotated[
     str,
     Header(
@@ -531,4 +550,6 @@ def annotate_permissions(router: APIRouter) -> None:
                 extra = dict(route.openapi_extra or {})
                 extra["x-permission"] = call.permission
                 extra["x-member-scoped"] = "{member_id}" in route.path
+                if isinstance(call, ReadOwn):
+                    extra["x-member-self"] = True
                 route.openapi_extra = extra

@@ -211,3 +211,12 @@ class Me(_Read):
 class PermissionRead(_Read):
     code: str
     description: str
+
+
+class MemberSignInData(_Read):
+    """What jifen holds about how a member signs in (never the password or a token)."""
+
+    password_set: bool
+    """A password is set (stored as an argon2id hash only)."""
+    active_sessions: int
+    """Sessions not ended and not expired."""

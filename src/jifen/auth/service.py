@@ -39,6 +39,7 @@ from jifen.auth.schemas import (
     ApiKeyCreated,
     ApiKeyRead,
     GrantRead,
+    MemberSignInData,
     RoleRead,
     SessionCreated,
     StaffCreated,
@@ -652,6 +653,7 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
             template="sign_in_code",
             text=f"【jifen】验证码 {code},{minutes} 分钟内有效。Your sign-in code is {code}.",
             secret=code,
+            member_id=member_id,
         ),
     )
     return expires_at
@@ -1082,3 +1084,30 @@ def end_member_sessions(uow: UnitOfWork, *, member_id: int, keep: int | None = N
     if keep is not None:
         query = query.where(sessions.c.id != keep)
     uow.conn.execute(query.values(revoked_at=uow.clock.now()))
+
+
+def member_sign_in_data(uow: UnitOfWork, *, member_id: int) -> MemberSignInData:
+    """What is held about how the member signs in: whether it has a password, and how many
+    of its sessions are live (for its personal-data export)."""
+    password = uow.conn.execute(
+        select(member_credentials.c.password_hash).where(
+            member_credentials.c.member_id == member_id
+        )
+    ).scalar()
+    live = uow.conn.execute(
+        select(func.count()).where(
+            sessions.c.subject == "member",
+            sessions.c.subject_id == member_id,
+            sessions.c.revoked_at.is_(None),
+            sessions.c.expires_at > uow.clock.now(),
+        )
+    ).scalar_one()
+    return MemberSignInData(password_set=password is not None, active_sessions=int(live))
+
+
+def forget_member_credentials(uow: UnitOfWork, *, member_id: int) -> None:
+    """End every session of the member and remove its password and one-time codes (its
+    personal data is being erased): nothing is left that signs it in."""
+    end_member_sessions(uow, member_id=member_id)
+    uow.conn.execute(member_credentials.delete().where(member_credentials.c.member_id == member_id))
+    uow.conn.execute(one_time_codes.delete().where(one_time_codes.c.member_id == member_id))

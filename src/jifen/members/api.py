@@ -1,8 +1,10 @@
 """HTTP routes of the members domain: registration, profiles, states, real-name binding and
 family groups.
 
-Personal numbers (phone, resident ID) appear masked everywhere except the identity route,
-which needs ``members.pii`` and leaves an audit entry for every read.
+Personal numbers (phone, resident ID) appear masked everywhere except the identity route
+and the personal-data export, which need ``members.pii`` (the export: or the member itself)
+and leave an audit entry for every read by staff. A closed member's personal data is erased
+on request (``members.erase``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from jifen.api import problems
-from jifen.api.deps import Context, Read, Write, id_cursor
+from jifen.api.deps import Context, Read, ReadOwn, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden
 from jifen.members import core, service
 from jifen.members.schemas import (
+    Erasure,
     FamilyRead,
     IdentityBind,
     IdentityRead,
@@ -30,10 +33,13 @@ from jifen.members.schemas import (
     MemberPage,
     MemberProfile,
     MemberUpdate,
+    PersonalData,
+    PersonalPoints,
     State,
     StateChange,
 )
 from jifen.notify import service as notify_service
+from jifen.points import service as points_service
 
 router = APIRouter(tags=["members"])
 
@@ -222,10 +228,17 @@ def _tell_replaced_phone(
                 "time_zone": zone,
                 "language": _text_language(ctx.request),
             },
-            key=f"member.phone_changed:{member_id}:{uuid.uuid4().hex}",
+            key=f"{_phone_changed_key(member_id)}{uuid.uuid4().hex}",
             channels=("sms",),
         ),
     )
+
+
+def _phone_changed_key(member_id: int) -> str:
+    """How the keys of the texts to a member's replaced numbers start: those texts name no
+    member (see :func:`_tell_replaced_phone`), and this finds them for its export and
+    erasure."""
+    return f"member.phone_changed:{member_id}:"
 
 
 def _text_language(request: Request) -> str:
@@ -252,6 +265,65 @@ def read_identity(
         return found
 
     return ctx.db.run(read)
+
+
+@router.get(f"{MEMBER}/personal-data", response_model=PersonalData)
+def export_personal_data(
+    program: str,
+    member_id: Id,
+    ctx: Annotated[Context, Depends(ReadOwn("members.pii", own="members.read"))],
+) -> PersonalData:
+    """Everything jifen holds about the member: its profile, its phone and ID numbers in
+    full, its family link, how it signs in (never a secret), the messages sent to it
+    (addresses masked) and its points (the balance, and where to read the history). The
+    member reads its own; staff need ``members.pii``, and each staff read is recorded in the
+    audit log (without the data). After an erasure it shows what is left."""
+
+    def export(uow: UnitOfWork) -> PersonalData:
+        held = service.personal_data(uow, program_id=ctx.program_id, member_id=member_id)
+        data = PersonalData(
+            **dict(held),
+            program=program,
+            sign_in=auth_service.member_sign_in_data(uow, member_id=member_id),
+            notifications=notify_service.messages_to_member(
+                uow, program_id=ctx.program_id, member_id=member_id,
+                key_prefixes=[_phone_changed_key(member_id)],
+            ),
+            points=PersonalPoints(
+                summary=points_service.balance(uow, member_id=member_id),
+                history=f"/v1{MEMBER.format(program=program, member_id=member_id)}"
+                "/points/history",
+            ),
+        )  # fmt: skip
+        ctx.audit(
+            uow, target=f"member:{member_id}", after={"exported": True}, action="members.export"
+        )
+        return data
+
+    return ctx.db.run(export)
+
+
+@router.post(f"{MEMBER}/personal-data/erase", response_model=Erasure)
+def erase_personal_data(
+    program: str, member_id: Id, ctx: Annotated[Context, Depends(Write("members.erase"))]
+) -> JSONResponse:
+    """Erase a closed member's personal data: its profile fields, tags, phone and ID
+    numbers (hashes and ciphertexts), binding time and reference are overwritten, it leaves
+    its family group, its sessions end and its password and codes are removed, and its
+    messages keep only their channel, template and times. Its id, state and points stay: the
+    ledger and the audit log, which name members by id, are not touched. Refused (409)
+    unless the account is closed. Erasing an erased member answers the same."""
+
+    def erase(uow: UnitOfWork) -> Erasure:
+        erased = service.erase_personal_data(uow, program_id=ctx.program_id, member_id=member_id)
+        auth_service.forget_member_credentials(uow, member_id=member_id)
+        notify_service.erase_messages_to_member(
+            uow, program_id=ctx.program_id, member_id=member_id,
+            key_prefixes=[_phone_changed_key(member_id)],
+        )  # fmt: skip
+        return erased
+
+    return ctx.execute(erase, target=f"member:{member_id}")
 
 
 @router.get(f"{MEMBER}/family", response_model=FamilyRead)

@@ -9,7 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic.json_schema import SkipJsonSchema
 
 from jifen.api.schemas import NO_NUL, RequestBody
+from jifen.auth.schemas import MemberSignInData
 from jifen.errors import Refusal
+from jifen.notify.schemas import MessageToMember
 from jifen.points.schemas import BalanceSummary
 
 
@@ -161,3 +163,70 @@ class MemberFacts(_Read):
     region: str | None
     birthday: date | None
     created_at: datetime
+
+
+# --------------------------------------------------------------------------- personal data
+
+
+class PersonalIdentity(_Read):
+    """The bound numbers in full (decrypted)."""
+
+    phone: str | None
+    id_number: str | None
+    verified_at: datetime | None
+
+
+class PersonalFamily(_Read):
+    """The member's family link: the group's main account and the ids of its members
+    (other members' names are theirs, not part of this member's data)."""
+
+    main_member_id: int | None
+    member_ids: list[int]
+
+
+class MemberPersonalData(_Read):
+    """What the members domain holds about one member (see :class:`PersonalData`)."""
+
+    member_id: int
+    erased: bool
+    profile: MemberProfile
+    """As every answer shows it (numbers masked); ``identity`` has them in full."""
+    identity: PersonalIdentity
+    family: PersonalFamily
+
+
+class Erasure(_Read):
+    """The answer to an erasure: the same to every later erasure of the member."""
+
+    member_id: int
+    state: str
+    erased: bool
+    erased_at: datetime | None
+    """When the personal fields were last cleared (the profile's ``updated_at``)."""
+
+
+class PersonalPoints(_Read):
+    summary: BalanceSummary
+    history: str
+    """Where the postings are read, a page at a time (``points.read``; the member itself)."""
+
+
+class PersonalData(_Read):
+    """Everything jifen holds about a member, for the member or for staff holding
+    ``members.pii``. jifen keeps no consents or preferences of a member (a text's language
+    comes from the request that causes it), so there are none to list."""
+
+    member_id: int
+    program: str
+    erased: bool
+    """The personal fields were erased (the account is closed): what is left below is the
+    member's id, its state, its family link if any, and its points."""
+    profile: MemberProfile
+    """As every answer shows it (numbers masked); ``identity`` has them in full."""
+    identity: PersonalIdentity
+    family: PersonalFamily
+    sign_in: MemberSignInData
+    notifications: list[MessageToMember]
+    """Every message to the member, oldest first (in-app, email, SMS; the text telling a
+    phone number that it was replaced by another counts too)."""
+    points: PersonalPoints

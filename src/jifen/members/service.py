@@ -18,15 +18,19 @@ from jifen.errors import DuplicateReference, Forbidden, InvalidInput, StateConfl
 from jifen.members import core
 from jifen.members.models import members
 from jifen.members.schemas import (
+    Erasure,
     FamilyMember,
     FamilyRead,
     IdentityBind,
     IdentityRead,
     MemberCreate,
     MemberFacts,
+    MemberPersonalData,
     MemberProfile,
     MemberRead,
     MemberUpdate,
+    PersonalFamily,
+    PersonalIdentity,
 )
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
@@ -40,6 +44,12 @@ def register_member(uow: UnitOfWork, *, program_id: int, external_ref: str) -> M
             field="external_ref",
             problem="give a reference of 1 to 128 characters",
             problem_zh="请填写 1 至 128 个字符的会员编号",
+        )
+    if external_ref.startswith(ERASED_PREFIX):
+        raise InvalidInput(
+            field="external_ref",
+            problem=f"references starting with {ERASED_PREFIX!r} are kept for erased members",
+            problem_zh=f"以 {ERASED_PREFIX!r} 开头的会员编号留给已删除个人信息的会员,请换一个",
         )
     exists = uow.conn.execute(
         select(members.c.id).where(
@@ -733,3 +743,90 @@ def every_nth_id(uow: UnitOfWork, *, program_id: int, n: int) -> list[int]:
         select(numbered.c.id).where(numbered.c.place % n == 0).order_by(numbered.c.id)
     ).scalars()
     return [int(member_id) for member_id in rows]
+
+
+# --------------------------------------------------------------------------- personal data
+
+
+ERASED_PREFIX = "erased:"
+"""How the reference of an erased member starts; no registration may use it."""
+
+
+def erased_ref(member_id: int) -> str:
+    """The reference an erased member is left with in place of the merchant's own (which
+    may be a card number, a user id or even a phone number): unique, as no registration
+    takes the prefix, and naming no one."""
+    return f"{ERASED_PREFIX}{member_id}"
+
+
+_CLEARED: dict[str, Any] = {
+    "name": "", "email": None, "birthday": None, "gender": None, "region": None, "tags": [],
+    "phone_hash": None, "phone_enc": None, "id_number_hash": None, "id_number_enc": None,
+    "verified_at": None,
+}  # fmt: skip
+"""Each personal column of ``members`` as erasure leaves it."""
+
+
+def _holds_personal_data(row: Any) -> bool:
+    if row.external_ref != erased_ref(row.id):
+        return True
+    return any(
+        (list(row.tags or []) if name == "tags" else row._mapping[name]) != cleared
+        for name, cleared in _CLEARED.items()
+    )
+
+
+def personal_data(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberPersonalData:
+    """What the members domain holds about the member, numbers decrypted."""
+    row = _row(uow, program_id, member_id)
+    group: list[int] = []
+    if row.family_main_id is not None:
+        group = [
+            int(other)
+            for other in uow.conn.execute(
+                select(members.c.id)
+                .where(members.c.family_main_id == row.family_main_id)
+                .order_by(members.c.id)
+            ).scalars()
+        ]
+    return MemberPersonalData(
+        member_id=member_id,
+        erased=not _holds_personal_data(row),
+        profile=_profile(row),
+        identity=PersonalIdentity(
+            phone=decrypt(row.phone_enc) if row.phone_enc else None,
+            id_number=decrypt(row.id_number_enc) if row.id_number_enc else None,
+            verified_at=row.verified_at,
+        ),
+        family=PersonalFamily(main_member_id=row.family_main_id, member_ids=group),
+    )
+
+
+def erase_personal_data(uow: UnitOfWork, *, program_id: int, member_id: int) -> Erasure:
+    """Overwrite every personal field of a closed member: profile, tags, the phone and ID
+    numbers' hashes and ciphertexts, the binding time, and the merchant's reference
+    (:func:`erased_ref`); take it out of its family group. The id stays, so the ledger's
+    postings and the audit entries that name it stay whole. Refused unless the account is
+    closed: an account in use signs in and is found by its phone. Erasing an erased member
+    changes nothing (its ``updated_at`` included), so every erasure answers the same."""
+    if uow.dialect == "postgresql":  # one change of the member at a time
+        uow.conn.execute(select(members.c.id).where(members.c.id == member_id).with_for_update())
+    row = _row(uow, program_id, member_id)
+    if row.state != "closed":
+        raise StateConflict(
+            problem=f"Member {member_id} is {row.state}: only a closed account's personal data "
+            "is erased, as erasing the phone and ID number of an account in use would break "
+            "its sign-in and the lookups that find it. Close the account first.",
+            problem_zh=f"会员 {member_id} 当前状态为 {row.state}:只有已注销的账户才能删除个人"
+            "信息,删除仍在使用的账户的手机号和证件号码会使其无法登录、也无法被查找。请先注销该账户。",
+        )
+    if row.family_main_id is not None:
+        leave_family(uow, program_id=program_id, member_id=member_id)
+    if _holds_personal_data(row):
+        uow.conn.execute(
+            members.update()
+            .where(members.c.id == member_id)
+            .values(**_CLEARED, external_ref=erased_ref(member_id), updated_at=uow.clock.now())
+        )
+        row = _row(uow, program_id, member_id)
+    return Erasure(member_id=member_id, state=row.state, erased=True, erased_at=row.updated_at)

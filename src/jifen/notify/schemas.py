@@ -141,3 +141,18 @@ class OutboxRead(_Read):
     sent_at: datetime | None
     created_at: datetime
     delivery_id: str | None
+
+
+class MessageToMember(_Read):
+    """A message the outbox holds for a member, as its personal-data export lists it."""
+
+    id: int
+    channel: str
+    """inbox, email or sms."""
+    template: str
+    recipient: str
+    """The address masked (``138****8000``, ``w***@example.cn``); ``(erased)`` once the
+    member's personal data was erased."""
+    status: Status
+    created_at: datetime
+    sent_at: datetime | None

@@ -42,7 +42,7 @@ from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
-from sqlalchemy import String, func, select, update
+from sqlalchemy import ColumnElement, String, and_, case, func, or_, select, update
 
 from jifen import crypto
 from jifen.db import bulk
@@ -71,6 +71,7 @@ from jifen.notify.schemas import (
     AttemptRead,
     DeliveryRead,
     InboxMessageRead,
+    MessageToMember,
     OutboxRead,
     WebhookCreate,
     WebhookRead,
@@ -965,3 +966,59 @@ def list_outbox(
     rows = uow.conn.execute(query.order_by(outbox.c.id.desc()).limit(limit + 1)).all()
     items = [OutboxRead.model_validate(row) for row in rows[:limit]]
     return items, (str(items[-1].id) if len(rows) > limit else None)
+
+
+# --------------------------------------------------------------------------- members' data
+
+ERASED_RECIPIENT = "(erased)"
+_NOT_SENT = "not sent: the member's personal data was erased"
+
+
+def _to_member(program_id: int, member_id: int, key_prefixes: Sequence[str]) -> ColumnElement[bool]:
+    """The outbox rows of messages to the member: those naming it, and those sent to one of
+    its addresses without naming it, found by the start of the key they were queued under
+    (``key_prefixes``, given by the domain that queued them). Webhook deliveries go to the
+    merchant's systems, not to the member."""
+    about = [outbox.c.member_id == member_id]
+    about += [outbox.c.dedupe_key.startswith(prefix, autoescape=True) for prefix in key_prefixes]
+    return and_(outbox.c.program_id == program_id, outbox.c.channel != "webhook", or_(*about))
+
+
+def messages_to_member(
+    uow: UnitOfWork, *, program_id: int, member_id: int, key_prefixes: Sequence[str] = ()
+) -> list[MessageToMember]:
+    """Every message to the member, oldest first, its address masked."""
+    rows = uow.conn.execute(
+        select(
+            outbox.c.id, outbox.c.channel, outbox.c.template, outbox.c.recipient,
+            outbox.c.status, outbox.c.created_at, outbox.c.sent_at,
+        )
+        .where(_to_member(program_id, member_id, key_prefixes))
+        .order_by(outbox.c.id)
+    ).all()  # fmt: skip
+    return [MessageToMember.model_validate(row._mapping) for row in rows]
+
+
+def erase_messages_to_member(
+    uow: UnitOfWork, *, program_id: int, member_id: int, key_prefixes: Sequence[str] = ()
+) -> None:
+    """Remove the personal parts of the member's messages: the in-app messages go, and each
+    outbox row keeps its channel, template, state and times only (address, masked recipient,
+    subject, text and error cleared). One not sent yet is given up (dead): there is no
+    address left to send it to."""
+    unsent = outbox.c.status.in_(("pending", "sending"))
+    uow.conn.execute(
+        update(outbox)
+        .where(_to_member(program_id, member_id, key_prefixes))
+        .values(
+            recipient=ERASED_RECIPIENT, address_enc=None, subject=None, body="",
+            last_error=case((unsent | (outbox.c.last_error == _NOT_SENT), _NOT_SENT), else_=None),
+            status=case((unsent, "dead"), else_=outbox.c.status),
+            next_attempt_at=None,
+        )
+    )  # fmt: skip
+    uow.conn.execute(
+        inbox_messages.delete().where(
+            inbox_messages.c.program_id == program_id, inbox_messages.c.member_id == member_id
+        )
+    )

@@ -29,6 +29,9 @@ class SmsMessage:
     text: str
     secret: str = ""
     """A one-time code inside ``text``: masked in the outbox."""
+    member_id: int | None = None
+    """The member the text is for, when it is one's (its export lists it, its erasure
+    clears it)."""
 
 
 class SmsProvider(Protocol):
@@ -45,7 +48,7 @@ class OutboxSmsProvider:
             outbox.insert(),
             {"program_id": message.program_id, "channel": "sms",
              "recipient": mask_phone(message.phone), "template": message.template,
-             "body": stored, "created_at": uow.clock.now(),
+             "body": stored, "created_at": uow.clock.now(), "member_id": message.member_id,
              # The log line below is the delivery: the outbox keeps the record, and the
              # sender (deliver_due) must not pick it up again.
              "status": "sent", "sent_at": uow.clock.now()},

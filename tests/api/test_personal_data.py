@@ -1,0 +1,264 @@
+"""A member's personal data over HTTP: its export (the member itself, or staff holding
+``members.pii``) and its erasure once the account is closed (``members.erase``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from jifen.audit import service as audit_service
+from jifen.audit.models import audit_entries
+from jifen.auth.models import member_credentials, one_time_codes, sessions
+from jifen.db.uow import Database
+from jifen.members import service as members_service
+from jifen.members.models import members
+from jifen.notify import service as notify_service
+from jifen.notify.models import inbox_messages, outbox
+from jifen.points import service as points
+from tests.api import support
+from tests.api.test_members import Club
+from tests.factories import assert_ledger_sound
+
+ID_NUMBER = "11010519491231002X"
+PHONE = "13800138000"
+NEW_PHONE = "13700137000"
+
+
+class Shop(Club):
+    """A programme, its operator and risk officer, and a member with every kind of personal
+    data jifen holds: profile, tags, bound numbers (one replaced, so a text went to the old
+    one), a family link, a password, a sign-in code, messages and points."""
+
+    def __init__(self, client: TestClient, db: Database) -> None:
+        super().__init__(client, db)
+        self.risk = support.staff(db, "risk_officer", program_id=self.program.id)
+        self.member = int(self.register("P1", name="李雷", email="li.lei@example.cn",
+                                        birthday="1988-02-29", gender="male", region="北京",
+                                        tags=["vip"], phone="13900139000")["id"])  # fmt: skip
+        self.other = int(self.register("P2", name="韩梅梅")["id"])
+        for phone in (PHONE, NEW_PHONE):  # the second binding texts the first number
+            bound = self.put(
+                self.url(self.member, "/identity"), {"id_number": ID_NUMBER, "phone": phone}
+            )
+            self.ok(bound)
+        self.ok(self.put(self.url(self.member, f"/family/members/{self.other}")))
+        self.ok(
+            self.put(self.url(self.member, "/password"), {"new_password": "a long pass phrase 1"})
+        )
+        sent = client.post(
+            "/v1/auth/members/codes", json={"program": self.program.code, "phone": NEW_PHONE}
+        )
+        assert sent.status_code == 202, sent.text
+        db.run(lambda uow: points.earn(uow, member_id=self.member, amount=300, key="pd-earn"))
+        db.run(
+            lambda uow: notify_service.notify(
+                uow,
+                notify_service.Notification(
+                    program_id=self.program.id, member_id=self.member,
+                    template="points.earned", data={"points": 300, "balance": 300},
+                    key=f"pd-earned:{self.member}", channels=("inbox", "email"),
+                ),
+            )
+        )  # fmt: skip
+
+    @staticmethod
+    def ok(answer: Any) -> dict[str, Any]:
+        assert answer.status_code == 200, answer.text
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def export(self, headers: dict[str, str], member_id: int | None = None) -> Any:
+        return self.client.get(
+            self.url(member_id or self.member, "/personal-data"), headers=headers
+        )
+
+    def erase(self, headers: dict[str, str], **extra: str) -> Any:
+        return self.client.post(
+            self.url(self.member, "/personal-data/erase"), headers={**headers, **extra}
+        )
+
+    def close(self) -> None:
+        self.ok(self.post(self.url(self.member, "/state"), {"state": "closed", "reason": "asked"}))
+
+    def audited(self) -> list[Any]:
+        return self.db.run(
+            lambda uow: uow.conn.execute(
+                select(audit_entries.c.action, audit_entries.c.actor, audit_entries.c.after)
+                .where(audit_entries.c.target == f"member:{self.member}")
+                .order_by(audit_entries.c.id)
+            ).all()
+        )  # fmt: skip
+
+
+def test_the_member_and_pii_staff_export_it_in_full_and_no_one_else_may(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    # the member itself reads everything held about it
+    own = shop.export(support.member(db, shop.member))
+    data = shop.ok(own)
+    assert data["member_id"] == shop.member and data["erased"] is False
+    profile = data["profile"]
+    assert (profile["external_ref"], profile["name"], profile["email"]) == (
+        "P1", "李雷", "li.lei@example.cn",
+    )  # fmt: skip
+    assert (profile["birthday"], profile["gender"], profile["region"], profile["tags"]) == (
+        "1988-02-29", "male", "北京", ["vip"],
+    )  # fmt: skip
+    assert data["identity"]["phone"] == NEW_PHONE and data["identity"]["id_number"] == ID_NUMBER
+    assert data["identity"]["verified_at"]
+    assert data["family"] == {"main_member_id": shop.member, "member_ids": sorted(
+        [shop.member, shop.other])}  # fmt: skip
+    assert data["sign_in"]["password_set"] is True and data["sign_in"]["active_sessions"] >= 1
+    # the messages: the email and inbox note, the sign-in code, and the text to the number
+    # that the second binding replaced; addresses masked, never in full
+    sent = {(m["channel"], m["template"], m["recipient"]) for m in data["notifications"]}
+    assert ("email", "points.earned", "l****@example.cn") in sent
+    assert ("inbox", "points.earned", f"member:{shop.member}") in sent
+    assert ("sms", "sign_in_code", "137****7000") in sent
+    assert ("sms", "member.phone_changed", "138****8000") in sent
+    assert "li.lei@example.cn" not in json.dumps(data["notifications"])
+    # the points: the balance, and the history behind a link that reads
+    assert data["points"]["summary"]["balance"] == 300
+    history = client.get(data["points"]["history"], headers=support.member(db, shop.member))
+    assert history.status_code == 200 and history.json()["items"]
+    # staff holding members.pii read the same; each read is audited without the data
+    staff = shop.ok(shop.export(shop.risk))
+    assert staff["identity"] == data["identity"] and staff["profile"] == data["profile"]
+    exports = [entry for entry in shop.audited() if entry.action == "members.export"]
+    assert len(exports) == 1 and exports[0].actor.startswith("staff:")
+    assert exports[0].after == {"exported": True}
+    # another member, staff without members.pii and an API key are refused
+    assert shop.export(support.member(db, shop.other)).status_code == 403
+    assert shop.export(shop.operator).status_code == 403
+    assert shop.export(support.api_key(db, shop.program.id)).status_code == 403
+    # the other member reads its own
+    assert shop.export(support.member(db, shop.other), shop.other).status_code == 200
+
+
+def test_an_active_member_is_not_erased(client: TestClient, db: Database) -> None:
+    shop = Shop(client, db)
+    refused = shop.erase(shop.risk, **support.key())
+    assert refused.status_code == 409 and refused.json()["code"] == "state_conflict"
+    assert "closed" in refused.json()["detail"] and "sign-in" in refused.json()["detail"]
+    zh = shop.erase(shop.risk, **support.key(), **{"Accept-Language": "zh-CN"})
+    assert zh.status_code == 409 and "注销" in zh.json()["detail"]
+    # staff without members.erase may not, closed or not
+    assert shop.erase(shop.operator, **support.key()).status_code == 403
+    assert shop.ok(shop.export(shop.risk))["profile"]["name"] == "李雷"
+
+
+def test_no_registration_takes_the_reference_an_erasure_gives(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    taken = shop.post(shop.base, {"external_ref": f"erased:{shop.other + 1}"})
+    assert taken.status_code == 422 and "erased" in taken.json()["errors"][0]["message"]
+
+
+def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_points(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    db.run(lambda uow: points.spend(uow, member_id=shop.member, amount=100, key="pd-spend"))
+    shop.close()
+    # when a risk officer erases it
+    key = support.key()
+    erased = shop.erase(shop.risk, **key)
+    answer = shop.ok(erased)
+    assert answer["member_id"] == shop.member and answer["erased"] is True
+    assert answer["state"] == "closed" and answer["erased_at"]
+    # then the row holds no personal field
+    row = db.run(
+        lambda uow: uow.conn.execute(select(members).where(members.c.id == shop.member)).one()
+    )
+    assert row.external_ref == f"erased:{shop.member}" and row.name == "" and row.tags == []
+    for column in ("email", "birthday", "gender", "region", "phone_hash", "phone_enc",
+                   "id_number_hash", "id_number_enc", "verified_at", "family_main_id"):  # fmt: skip
+        assert row._mapping[column] is None, column
+    assert row.state == "closed"
+    # its phone finds it no more, so no sign-in code goes to it
+    found = db.run(
+        lambda uow: members_service.find_by_phone(uow, program_id=shop.program.id, phone=NEW_PHONE)
+    )
+    assert found is None
+    asked = client.post(
+        "/v1/auth/members/codes", json={"program": shop.program.code, "phone": NEW_PHONE}
+    )
+    assert asked.status_code == 202
+
+    def count(uow: Any, table: Any, *where: Any) -> int:
+        return int(uow.conn.execute(select(func.count()).select_from(table).where(*where)).scalar())
+
+    left = db.run(
+        lambda uow: (
+            count(uow, member_credentials, member_credentials.c.member_id == shop.member),
+            count(uow, one_time_codes, one_time_codes.c.member_id == shop.member),
+            count(uow, sessions, sessions.c.subject == "member",
+                  sessions.c.subject_id == shop.member, sessions.c.revoked_at.is_(None)),
+            count(uow, inbox_messages, inbox_messages.c.member_id == shop.member),
+        )
+    )  # fmt: skip
+    assert left == (0, 0, 0, 0)
+    # the messages keep channel, template and times only
+    messages = db.run(
+        lambda uow: uow.conn.execute(
+            select(outbox).where(
+                outbox.c.program_id == shop.program.id, outbox.c.channel != "webhook"
+            )
+        ).all()
+    )
+    assert {m.template for m in messages} >= {"points.earned", "sign_in_code",
+                                             "member.phone_changed"}  # fmt: skip
+    for message in messages:
+        if message.member_id == shop.member or message.template == "member.phone_changed":
+            assert (message.recipient, message.address_enc, message.body, message.subject) == (
+                "(erased)", None, "", None,
+            )  # fmt: skip
+            assert message.status in ("sent", "dead")
+    # the family group is gone: its other member is in none
+    family = client.get(shop.url(shop.other, "/family"), headers=shop.operator).json()
+    assert family["main_member_id"] is None
+    # the ledger and the audit log are untouched and verify clean; the points still read
+    assert_ledger_sound(db, shop.program.id)
+    assert db.run(audit_service.verify, read_only=True) == []
+    balance = client.get(shop.url(shop.member, "/points"), headers=shop.operator)
+    assert balance.status_code == 200 and balance.json()["balance"] == 200
+    history = client.get(shop.url(shop.member, "/points/history"), headers=shop.operator)
+    assert history.status_code == 200 and len(history.json()["items"]) == 2
+    # the erasure is audited: who and when, no personal data
+    (entry,) = [entry for entry in shop.audited() if entry.action == "members.erase"]
+    assert entry.actor.startswith("staff:") and entry.after == answer
+    # the same request again replays; a new one changes nothing and answers the same
+    replay = shop.erase(shop.risk, **key)
+    assert replay.json() == answer and replay.headers.get("Idempotent-Replayed") == "true"
+    assert shop.ok(shop.erase(shop.risk, **support.key())) == answer
+    # and the export shows what is left
+    data = shop.ok(shop.export(shop.risk))
+    assert data["erased"] is True
+    assert data["profile"]["external_ref"] == f"erased:{shop.member}"
+    assert data["profile"]["name"] == "" and data["profile"]["email"] is None
+    assert data["identity"] == {"phone": None, "id_number": None, "verified_at": None}
+    assert data["family"] == {"main_member_id": None, "member_ids": []}
+    assert data["sign_in"] == {"password_set": False, "active_sessions": 0}
+    assert {m["recipient"] for m in data["notifications"]} == {"(erased)"}
+    assert data["points"]["summary"]["balance"] == 200
+    text = json.dumps(data, ensure_ascii=False)
+    for personal in (
+        "李雷",
+        "li.lei",
+        "1988-02-29",
+        "北京",
+        "vip",
+        "P1",
+        NEW_PHONE,
+        PHONE,
+        "137****7000",
+        "138****8000",
+        ID_NUMBER,
+        "1101**********002X",
+    ):
+        assert personal not in text, personal
