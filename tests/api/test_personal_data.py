@@ -159,7 +159,7 @@ def test_no_registration_takes_the_reference_an_erasure_gives(
     assert taken.status_code == 422 and "erased" in taken.json()["errors"][0]["message"]
 
 
-def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_points(
+def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_ledger(
     client: TestClient, db: Database
 ) -> None:
     shop = Shop(client, db)
@@ -225,10 +225,13 @@ def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_points(
     # the ledger and the audit log are untouched and verify clean; the points still read
     assert_ledger_sound(db, shop.program.id)
     assert db.run(audit_service.verify, read_only=True) == []
+    # (closing forfeited them, under the programme's default closing policy)
     balance = client.get(shop.url(shop.member, "/points"), headers=shop.operator)
-    assert balance.status_code == 200 and balance.json()["balance"] == 200
+    assert balance.status_code == 200 and balance.json()["balance"] == 0
     history = client.get(shop.url(shop.member, "/points/history"), headers=shop.operator)
-    assert history.status_code == 200 and len(history.json()["items"]) == 2
+    assert history.status_code == 200
+    assert [item["kind"] for item in history.json()["items"]].count("expire") == 1
+    assert len(history.json()["items"]) == 3
     # the erasure is audited: who and when, no personal data
     (entry,) = [entry for entry in shop.audited() if entry.action == "members.erase"]
     assert entry.actor.startswith("staff:") and entry.after == answer
@@ -245,7 +248,7 @@ def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_points(
     assert data["family"] == {"main_member_id": None, "member_ids": []}
     assert data["sign_in"] == {"password_set": False, "active_sessions": 0}
     assert {m["recipient"] for m in data["notifications"]} == {"(erased)"}
-    assert data["points"]["summary"]["balance"] == 200
+    assert data["points"]["summary"]["balance"] == 0  # forfeited at closing
     text = json.dumps(data, ensure_ascii=False)
     for personal in (
         "李雷",
@@ -262,3 +265,16 @@ def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_points(
         "1101**********002X",
     ):
         assert personal not in text, personal
+    # nor does the audit log, which erasure cannot touch, hold any of it in clear: member
+    # writes are audited with their personal fields as set or not (the masked phone and ID
+    # number aside)
+    logged = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.target, audit_entries.c.before, audit_entries.c.after).where(
+                audit_entries.c.program_id == shop.program.id
+            )
+        ).all()
+    )
+    logged_text = json.dumps([list(entry) for entry in logged], ensure_ascii=False, default=str)
+    for personal in ("李雷", "li.lei", "1988-02-29", "北京", "vip", NEW_PHONE, PHONE, ID_NUMBER):
+        assert personal not in logged_text, personal

@@ -48,8 +48,34 @@ MEMBER = f"{MEMBERS}/{{member_id}}"
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
-def _masked(profile: MemberProfile) -> dict[str, Any]:
-    return profile.model_dump(mode="json")
+PERSONAL = ("external_ref", "name", "email", "birthday", "gender", "region", "tags")
+"""A member's personal fields (the phone and ID number are masked in every answer already)."""
+
+
+def _audited(answer: dict[str, Any]) -> dict[str, Any]:
+    """What an audit entry keeps of a member's answer (a profile, or one member of a family
+    group): every personal field only as set or not. The log is hash-chained and cannot
+    forget, and an erased member must leave nothing personal in it; which fields a write
+    changed is recorded beside (``changed``)."""
+    return {
+        name: ("<set>" if value not in (None, "", []) else value) if name in PERSONAL else value
+        for name, value in answer.items()
+    }
+
+
+def _audited_family(answer: dict[str, Any]) -> dict[str, Any]:
+    return {**answer, "members": [_audited(member) for member in answer.get("members", [])]}
+
+
+def _changed(before: MemberProfile, after: MemberProfile) -> list[str]:
+    """The personal fields a write changed, by name."""
+    return [name for name in PERSONAL if getattr(before, name) != getattr(after, name)]
+
+
+def _masked_ref(reference: str) -> str:
+    """A member's reference as an audit entry's target names it: enough to tell entries
+    apart, not to read a card or phone number back (``A1****89``)."""
+    return reference[:2] + "****" + reference[-2:] if len(reference) > 6 else "****"
 
 
 @router.post(MEMBERS, status_code=201, response_model=MemberProfile)
@@ -61,8 +87,9 @@ def register(
         lambda uow: service.register(
             uow, program_id=ctx.program_id, body=body, by=ctx.principal.kind
         ),
-        target=f"member-ref:{body.external_ref}",
+        target=f"member-ref:{_masked_ref(body.external_ref)}",
         status=201,
+        summary=_audited,
     )
 
 
@@ -120,10 +147,16 @@ def update_member(
             uow, program_id=ctx.program_id, member_id=member_id, body=body,
             by=ctx.principal.kind,
         )  # fmt: skip
-        ctx.audit_before = _masked(before)
+        ctx.audit_before = _audited(before.model_dump(mode="json"))
+        changed[:] = _changed(before, after)
         return after
 
-    return ctx.execute(update, target=f"member:{member_id}")
+    changed: list[str] = []
+    return ctx.execute(
+        update,
+        target=f"member:{member_id}",
+        summary=lambda body: {**_audited(body), "changed": list(changed)},
+    )
 
 
 @router.post(f"{MEMBER}/state", response_model=MemberProfile)
@@ -157,7 +190,8 @@ def change_state(
         return move.after
 
     def summary(body: dict[str, Any]) -> dict[str, Any]:
-        return {**body, "settlement": dict(settled)} if settled else body
+        audited = _audited(body)
+        return {**audited, "settlement": dict(settled)} if settled else audited
 
     return ctx.execute(change, target=f"member:{member_id}", summary=summary)
 
@@ -199,7 +233,7 @@ def bind_identity(
         ctx.audit_before = {"phone": bound.before.phone, "id_number": bound.before.id_number}
         return bound.after
 
-    return ctx.execute(bind, target=f"member:{member_id}")
+    return ctx.execute(bind, target=f"member:{member_id}", summary=_audited)
 
 
 def _tell_replaced_phone(
@@ -368,6 +402,7 @@ def add_to_family(
             balances=bool(_balances(ctx)),
         ),
         target=f"member:{member_id}",
+        summary=_audited_family,
     )
 
 
@@ -379,4 +414,5 @@ def leave_family(
     return ctx.execute(
         lambda uow: service.leave_family(uow, program_id=ctx.program_id, member_id=member_id),
         target=f"member:{member_id}",
+        summary=_audited_family,
     )
