@@ -143,12 +143,13 @@ _SETTINGS_TEXT = Prepared(
 
 def lock_program(uow: UnitOfWork, *, program_id: int) -> None:
     """Hold the programme's row until the transaction ends, and read its settings afresh
-    after: one who replaces a whole value of the programme (its settings, its earning caps)
-    then decides on what is there now, and a concurrent replacement waits for it and sees
-    its change. ``FOR NO KEY UPDATE``, the lock the settings' own update takes: rows that
-    refer to the programme (postings, members) are not held up. SQLite serialises writers
-    already."""
+    after, and its earning caps: one who replaces a whole value of the programme (its
+    settings, its earning caps) then decides on what is there now, and a concurrent
+    replacement waits for it and sees its change. ``FOR NO KEY UPDATE``, the lock the
+    settings' own update takes: rows that refer to the programme (postings, members) are
+    not held up. SQLite serialises writers already."""
     uow.local.pop(f"settings:{program_id}", None)
+    uow.local.pop(f"caps:{program_id}", None)  # as rules.service.get_caps keeps them
     held = uow.conn.execute(
         select(programs.c.id).where(programs.c.id == program_id).with_for_update(key_share=True)
     ).first()
