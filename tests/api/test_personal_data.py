@@ -17,6 +17,7 @@ from jifen.audit.models import audit_entries
 from jifen.auth.models import member_credentials, one_time_codes, sessions
 from jifen.db.base import metadata
 from jifen.db.uow import Database
+from jifen.events.models import events
 from jifen.members import core as members_core
 from jifen.members import service as members_service
 from jifen.members.api import NOT_STORED
@@ -387,6 +388,20 @@ def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
         "source": "pos", "external_id": f"e-{member}", "type": "member.checked_in",
         "occurred_at": "2026-01-01T00:30:00Z", "member_ref": values["ref"],
     })  # fmt: skip
+    # a programme's own event type may carry personal data: the merchant's, not jifen's
+    fields = {"contact": {"type": "string"}, "phone": {"type": "integer"},
+              "note": {"type": "string"}, "visits": {"type": "integer"}}  # fmt: skip
+    declared = client.put(
+        f"/v1/programs/{club.program.code}/event-types/custom.visit",
+        json={"fields": fields}, headers={**club.operator, **support.key()},
+    )  # fmt: skip
+    assert declared.status_code == 200, declared.text
+    visit = {"contact": values["new_name"], "phone": int(values["new_phone"]),
+             "note": f"met {values['new_email']} at the door", "visits": 3}  # fmt: skip
+    write("custom", "POST", f"/v1/programs/{club.program.code}/events", {
+        "source": "crm", "external_id": f"v-{member}", "type": "custom.visit",
+        "occurred_at": "2026-01-01T00:40:00Z", "member_id": member, "payload": visit,
+    })  # fmt: skip
     db.run(lambda uow: points.earn(uow, member_id=member, amount=50, key=f"sweep:{member}"))
     db.run(
         lambda uow: notify_service.notify(
@@ -411,6 +426,14 @@ def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
     # then no table holds any of it, in clear or encrypted
     left = _sweep(db, values)
     assert left == [], "\n".join(left)
+    # the custom event keeps what is not personal
+    payload = db.run(
+        lambda uow: uow.conn.execute(
+            select(events.c.payload).where(events.c.external_id == f"v-{member}")
+        ).scalar_one()
+    )
+    assert payload == {"contact": "(erased)", "phone": "(erased)", "note": "(erased)",
+                       "visits": 3}  # fmt: skip
     # and a replay of each earlier write answers without it, and does not run it again
     for name, (method, url, sent_before) in writes.items():
         replay = client.request(method, url, json=sent_before["body"],

@@ -24,6 +24,7 @@ from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden
+from jifen.events import service as events_service
 from jifen.members import core, service
 from jifen.members.schemas import (
     Erasure,
@@ -365,7 +366,8 @@ def erase_personal_data(
     """Erase a closed member's personal data: its profile fields, tags, phone and ID
     numbers (hashes and ciphertexts), binding time and reference are overwritten, it leaves
     its family group, its sessions end and its password and codes are removed, its
-    messages keep only their channel, template and times, and the stored answers of the
+    messages keep only their channel, template and times, its values in the payloads of its
+    ``custom.*`` events are replaced by ``(erased)``, and the stored answers of the
     writes about it (kept for ``Idempotency-Key`` replays) keep only its id and their
     status: such a write repeated is refused (410, ``answer_erased``), not run again. Its
     id, state and points stay: the ledger and the audit log, which name members by id, are
@@ -373,7 +375,11 @@ def erase_personal_data(
     answers the same."""
 
     def erase(uow: UnitOfWork) -> Erasure:
+        values = service.personal_values(uow, program_id=ctx.program_id, member_id=member_id)
         erased = service.erase_personal_data(uow, program_id=ctx.program_id, member_id=member_id)
+        events_service.erase_personal_values(
+            uow, program_id=ctx.program_id, member_id=member_id, values=values
+        )
         auth_service.forget_member_credentials(uow, member_id=member_id)
         notify_service.erase_messages_to_member(
             uow, program_id=ctx.program_id, member_id=member_id,
