@@ -24,6 +24,7 @@
     ├── Unauthenticated             no valid credentials (HTTP 401)
     │   └── SignInLocked            too many failed sign-ins: slowed, then locked (429)
     ├── Forbidden                   authenticated, but not allowed (HTTP 403)
+    ├── AnswerErased                a write's stored answer went with a member's data (410)
     ├── RateLimited                 too many requests (HTTP 429, Retry-After)
     └── AuditCorrupt                the audit log's chain is broken
 
@@ -115,6 +116,22 @@ class UnknownApiKey(NotFound):
     zh = "本计划中不存在编号为 {key_id} 的 API 密钥。请检查编号。"
 
 
+class AnswerErased(JifenError):
+    """A request repeated under its ``Idempotency-Key`` whose stored answer was erased with
+    the personal data of the member it concerned: it was carried out and is not run again."""
+
+    code = "answer_erased"
+    en = (
+        "The request sent with idempotency key {key!r} was carried out (it answered "
+        "{status}), but its answer was erased with the personal data of member {member_id}, "
+        "so it cannot be given again. The request is not run again; read the member instead."
+    )
+    zh = (
+        "使用幂等键 {key!r} 发送的请求已执行(当时应答 {status}),但其应答已随会员 {member_id} "
+        "的个人信息一并删除,无法再次给出。该请求不会再次执行;请改为查询该会员。"
+    )
+
+
 class AuditCorrupt(JifenError):
     code = "audit_corrupt"
     en = "The audit log is inconsistent: {problem}. Run `jifen audit verify`."
@@ -126,6 +143,7 @@ STATUS: dict[type[JifenError], int] = {}
 
 __all__ = [
     "STATUS",
+    "AnswerErased",
     "AuditCorrupt",
     "DuplicateReference",
     "ExceedsOriginal",
@@ -175,6 +193,7 @@ STATUS.update(
         SignInLocked: 429,
         Forbidden: 403,
         RateLimited: 429,
+        AnswerErased: 410,
     }
 )
 

@@ -4,16 +4,23 @@
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import date
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import JSON, Date, String, Text, func, select
 
+from jifen import crypto
 from jifen.audit import service as audit_service
 from jifen.audit.models import audit_entries
 from jifen.auth.models import member_credentials, one_time_codes, sessions
+from jifen.db.base import metadata
 from jifen.db.uow import Database
+from jifen.events.models import events
+from jifen.members import core as members_core
 from jifen.members import service as members_service
+from jifen.members.api import NOT_STORED
 from jifen.members.models import members
 from jifen.notify import service as notify_service
 from jifen.notify.models import inbox_messages, outbox
@@ -113,6 +120,9 @@ def test_the_member_and_pii_staff_export_it_in_full_and_no_one_else_may(
     assert data["family"] == {"main_member_id": shop.member, "member_ids": sorted(
         [shop.member, shop.other])}  # fmt: skip
     assert data["sign_in"]["password_set"] is True and data["sign_in"]["active_sessions"] >= 1
+    # the answers stored for replays of the writes about it: its registration, its two
+    # bindings, the family link it is the main account of and its password
+    assert data["stored_answers"] == 5
     # the messages: the email and inbox note, the sign-in code, and the text to the number
     # that the second binding replaced; addresses masked, never in full
     sent = {(m["channel"], m["template"], m["recipient"]) for m in data["notifications"]}
@@ -247,6 +257,7 @@ def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_ledger(
     assert data["identity"] == {"phone": None, "id_number": None, "verified_at": None}
     assert data["family"] == {"main_member_id": None, "member_ids": []}
     assert data["sign_in"] == {"password_set": False, "active_sessions": 0}
+    assert data["stored_answers"] == 0  # erased with the rest
     assert {m["recipient"] for m in data["notifications"]} == {"(erased)"}
     assert data["points"]["summary"]["balance"] == 0  # forfeited at closing
     text = json.dumps(data, ensure_ascii=False)
@@ -278,3 +289,178 @@ def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_ledger(
     logged_text = json.dumps([list(entry) for entry in logged], ensure_ascii=False, default=str)
     for personal in ("李雷", "li.lei", "1988-02-29", "北京", "vip", NEW_PHONE, PHONE, ID_NUMBER):
         assert personal not in logged_text, personal
+
+
+# --------------------------------------------------------------------------- every copy
+
+
+def _values(token: str) -> dict[str, str]:
+    """Personal values no other test uses (the database is shared by the whole run), so
+    that finding one anywhere means it is this member's."""
+    digits = str(int(token, 16) % 10**8).zfill(8)
+    first17 = f"3101151953071{digits[:4]}"
+    return {
+        "ref": f"card-{token}",
+        "name": f"韩{token}",
+        "new_name": f"韩新{token}",
+        "email": f"han.{token}@example.cn",
+        "new_email": f"mei.{token}@example.org",
+        "birthday": "1931-03-17",
+        "region": f"区{token}",
+        "tag": f"t{token}",
+        "phone": f"139{digits}",
+        "new_phone": f"136{digits}",
+        "id_number": first17 + members_core.id_check_digit(first17),
+    }
+
+
+def _sweep(db: Database, values: dict[str, str]) -> list[str]:
+    """Where any of ``values`` is found in the whole database: every text and JSON column
+    of every table (JSON read back and written out again, so escaped text is found too),
+    every ciphertext (``*_enc``) decrypted, and every date column compared with the
+    birthday. Each finding as ``table.column: value``."""
+    wanted = set(values.values())
+    birthday = date.fromisoformat(values["birthday"])
+    found: list[str] = []
+
+    def read(uow: Any) -> None:
+        for table in metadata.sorted_tables:
+            columns = [c for c in table.columns
+                       if isinstance(c.type, (String, Text, JSON, Date))]  # fmt: skip
+            if not columns:
+                continue
+            for row in uow.conn.execute(select(*columns)):
+                for column, value in zip(columns, row, strict=True):
+                    if value is None:
+                        continue
+                    if isinstance(column.type, Date) and not isinstance(value, str):
+                        hit = value == birthday
+                        text = str(value)
+                    else:
+                        if column.name.endswith("_enc"):
+                            value = crypto.decrypt(value)
+                        if not isinstance(value, str):
+                            value = json.dumps(value, ensure_ascii=False, default=str)
+                        text = value
+                        hit = any(personal in text for personal in wanted)
+                    if hit:
+                        found.append(f"{table.name}.{column.name}: {text[:300]}")
+
+    db.run(read, read_only=True)
+    return found
+
+
+def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
+    client: TestClient, db: Database
+) -> None:
+    # a member registered, changed and bound through the API, each write under a key, so
+    # that its answer is stored for replays; linked into another member's family, sent a
+    # sign-in code and a points email, named by its reference in an event
+    club = Club(client, db)
+    risk = support.staff(db, "risk_officer", program_id=club.program.id)
+    values = _values(uuid.uuid4().hex[:8])
+    writes: dict[str, tuple[str, str, dict[str, Any]]] = {}
+
+    def write(name: str, method: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {**club.operator, **support.key()}
+        answer = client.request(method, url, json=body, headers=headers)
+        assert answer.status_code in (200, 201), answer.text
+        writes[name] = (method, url, {"body": body, "headers": headers})
+        result: dict[str, Any] = answer.json()
+        return result
+
+    member = int(write("register", "POST", club.base, {
+        "external_ref": values["ref"], "name": values["name"], "email": values["email"],
+        "birthday": values["birthday"], "gender": "female", "region": values["region"],
+        "tags": [values["tag"]], "phone": values["phone"],
+    })["id"])  # fmt: skip
+    write("update", "PATCH", club.url(member),
+          {"name": values["new_name"], "email": values["new_email"]})  # fmt: skip
+    write("bind", "PUT", club.url(member, "/identity"),
+          {"id_number": values["id_number"], "phone": values["new_phone"]})  # fmt: skip
+    main = int(club.register(f"main-{uuid.uuid4().hex[:8]}", name="主账户")["id"])
+    write("family", "PUT", club.url(main, f"/family/members/{member}"), {})
+    sent = client.post(
+        "/v1/auth/members/codes", json={"program": club.program.code, "phone": values["new_phone"]}
+    )
+    assert sent.status_code == 202, sent.text
+    write("event", "POST", f"/v1/programs/{club.program.code}/events", {
+        "source": "pos", "external_id": f"e-{member}", "type": "member.checked_in",
+        "occurred_at": "2026-01-01T00:30:00Z", "member_ref": values["ref"],
+    })  # fmt: skip
+    # a programme's own event type may carry personal data: the merchant's, not jifen's
+    fields = {"contact": {"type": "string"}, "phone": {"type": "integer"},
+              "note": {"type": "string"}, "visits": {"type": "integer"}}  # fmt: skip
+    declared = client.put(
+        f"/v1/programs/{club.program.code}/event-types/custom.visit",
+        json={"fields": fields}, headers={**club.operator, **support.key()},
+    )  # fmt: skip
+    assert declared.status_code == 200, declared.text
+    visit = {"contact": values["new_name"], "phone": int(values["new_phone"]),
+             "note": f"met {values['new_email']} at the door", "visits": 3}  # fmt: skip
+    write("custom", "POST", f"/v1/programs/{club.program.code}/events", {
+        "source": "crm", "external_id": f"v-{member}", "type": "custom.visit",
+        "occurred_at": "2026-01-01T00:40:00Z", "member_id": member, "payload": visit,
+    })  # fmt: skip
+    db.run(lambda uow: points.earn(uow, member_id=member, amount=50, key=f"sweep:{member}"))
+    db.run(
+        lambda uow: notify_service.notify(
+            uow,
+            notify_service.Notification(
+                program_id=club.program.id, member_id=member, template="points.earned",
+                data={"points": 50, "balance": 50}, key=f"sweep-earned:{member}",
+                channels=("inbox", "email", "sms"),
+            ),
+        )
+    )  # fmt: skip
+    write("close", "POST", club.url(member, "/state"), {"state": "closed", "reason": "asked"})
+    # the sweep finds the values before the erasure (so it would find them after)
+    before = _sweep(db, values)
+    assert any(f.startswith("idempotency_records.body") for f in before), before
+    assert any(f.startswith("members.") for f in before), before
+    # when the member's data is erased
+    erased = client.post(
+        club.url(member, "/personal-data/erase"), headers={**risk, **support.key()}
+    )
+    assert erased.status_code == 200, erased.text
+    # then no table holds any of it, in clear or encrypted
+    left = _sweep(db, values)
+    assert left == [], "\n".join(left)
+    # the custom event keeps what is not personal
+    payload = db.run(
+        lambda uow: uow.conn.execute(
+            select(events.c.payload).where(events.c.external_id == f"v-{member}")
+        ).scalar_one()
+    )
+    assert payload == {"contact": "(erased)", "phone": "(erased)", "note": "(erased)",
+                       "visits": 3}  # fmt: skip
+    # and a replay of each earlier write answers without it, and does not run it again
+    for name, (method, url, sent_before) in writes.items():
+        replay = client.request(method, url, json=sent_before["body"],
+                                headers=sent_before["headers"])  # fmt: skip
+        text = replay.text
+        for personal in values.values():
+            assert personal not in text, (name, personal, text)
+        if name == "family":  # the main account's write: stored without the member's data
+            assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+            (entry,) = [m for m in replay.json()["members"] if m["member_id"] == member]
+            assert entry["name"] == entry["external_ref"] == NOT_STORED
+            continue
+        # the others were about the member: carried out, their answers gone with its data
+        assert replay.status_code == 410, (name, text)
+        problem = replay.json()
+        assert problem["code"] == "answer_erased" and str(member) in problem["detail"]
+    zh = client.request(
+        "PATCH", writes["update"][1], json=writes["update"][2]["body"],
+        headers={**writes["update"][2]["headers"], "Accept-Language": "zh-CN"},
+    )  # fmt: skip
+    assert zh.status_code == 410 and "已随会员" in zh.json()["detail"]
+    # the same key with another request is still refused as such
+    other = client.request(
+        "PATCH", writes["update"][1], json={"name": "x"}, headers=writes["update"][2]["headers"]
+    )
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_conflict"
+    # the registration was not run again: the reference is free, yet no member holds it
+    in_program = select(func.count()).where(members.c.program_id == club.program.id)
+    assert db.run(lambda uow: uow.conn.execute(in_program).scalar_one()) == 2
+    assert _sweep(db, values) == []

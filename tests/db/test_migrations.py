@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, select
 
+from jifen.api.models import idempotency_records
 from jifen.clock import ManualClock
 from jifen.db.engine import make_engine
 from jifen.db.migrate import (
@@ -28,6 +29,7 @@ from jifen.db.uow import Database
 from jifen.errors import PaymentUsed
 from jifen.events.models import events
 from jifen.events.service import order_subject
+from jifen.members.api import NOT_STORED
 from jifen.members.models import members
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
@@ -67,7 +69,7 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0017"
+    assert head_revision(db.engine) == "0019"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)
@@ -194,4 +196,78 @@ def test_0017_qualifies_the_orders_of_merchants_by_their_merchant(empty_engine: 
         "a1": "1001", "a2": "1001", "a3": "1001", "n1": "2002", "n2": "2002", "s1": "x/1",
         "p1": "3%", "l1": long_id,
     }  # fmt: skip
+    engine.dispose()
+
+
+def test_0019_names_the_member_of_each_stored_answer_and_erases_the_erased_ones(
+    empty_engine: Engine,
+) -> None:
+    """0019 gives each answer stored before the member it shows (a profile's id, a family
+    group's main account, an answer's member_id), keeps a family group without its other
+    members' references and names, erases the answers about members erased before, and
+    leaves an erasure's answer and an answer about no member as they were."""
+    engine = empty_engine
+    upgrade(engine, "0017")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+    profile = {
+        "id": 1, "program_id": 1, "external_ref": "m1", "name": "王芳", "email": None,
+        "tags": [], "state": "active",
+    }  # fmt: skip
+    family = {
+        "main_member_id": 1,
+        "members": [
+            {"member_id": 1, "external_ref": "m1", "name": "王芳", "main": True},
+            {"member_id": 2, "external_ref": "m2", "name": "李雷", "main": False},
+        ],
+    }
+    erasure = {"member_id": 2, "state": "closed", "erased": True, "erased_at": now.isoformat()}
+    bodies = {
+        "profile": profile,
+        "family": family,
+        "posting": {"id": 7, "member_id": 1, "amount": 100},
+        "staff": {"id": 3, "username": "ops"},
+        "erased": {**profile, "id": 2, "external_ref": "m2", "name": "李雷"},
+        "erasure": erasure,
+    }
+    status = {"profile": 201, "posting": 201}
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(
+            members.insert(),
+            [
+                {"id": 1, "program_id": 1, "external_ref": "m1", "created_at": now},
+                {"id": 2, "program_id": 1, "external_ref": "erased:2", "created_at": now},
+            ],
+        )
+        conn.execute(
+            idempotency_records.insert(),
+            [
+                {"scope": "staff:1", "key": key, "request_hash": "-", "created_at": now,
+                 "status_code": status.get(key, 200), "body": body}
+                for key, body in bodies.items()
+            ],
+        )  # fmt: skip
+    upgrade(engine)
+    with engine.connect() as conn:
+        rows = {
+            row.key: row
+            for row in conn.execute(
+                select(
+                    idempotency_records.c.key, idempotency_records.c.member_id,
+                    idempotency_records.c.status_code, idempotency_records.c.body,
+                )
+            )
+        }  # fmt: skip
+    about = {key: (row.member_id, row.status_code) for key, row in rows.items()}
+    assert about == {
+        "profile": (1, 201), "family": (1, 200), "posting": (1, 201), "staff": (None, 200),
+        "erased": (2, 410), "erasure": (None, 200),
+    }  # fmt: skip
+    assert rows["erased"].body == {"erased_member_id": 2, "status_code": 200}
+    assert [m["name"] for m in rows["family"].body["members"]] == ["王芳", NOT_STORED]
+    assert rows["family"].body["members"][1]["external_ref"] == NOT_STORED
+    for key in ("profile", "posting", "staff", "erasure"):
+        assert rows[key].body == bodies[key], key
+    command.downgrade(alembic_config(engine), "0017")
+    assert current_revision(engine) == "0017"
     engine.dispose()

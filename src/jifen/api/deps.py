@@ -6,6 +6,8 @@ principal's grants do not cover. A member may act only on itself: a route with a
 ``{member_id}`` in its path refuses any other member. :class:`Write` also requires an
 ``Idempotency-Key`` header, and :meth:`Context.execute` runs the change, its audit entry
 and the stored answer in one transaction, replaying the stored answer for a repeated key.
+A stored answer names the member its write was about, and goes with that member's personal
+data when it is erased (:func:`erase_stored_answers`).
 
 The permission each route needs is written into the OpenAPI document as ``x-permission``
 (and ``x-member-scoped``), so tests and integrators read it from there. A route that the
@@ -29,13 +31,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select, update
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jifen import crypto
 from jifen.api.limits import Limiter
-from jifen.api.models import idempotency_records
+from jifen.api.models import ERASED_STATUS, idempotency_records
 from jifen.api.problems import language
 from jifen.audit import service as audit_service
 from jifen.audit.schemas import AuditEntryCreate
@@ -44,7 +46,13 @@ from jifen.auth.core import Grant, Principal
 from jifen.db import prepared
 from jifen.db.prepared import Prepared, read_rows
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import Forbidden, IdempotencyConflict, InvalidInput, Unauthenticated
+from jifen.errors import (
+    AnswerErased,
+    Forbidden,
+    IdempotencyConflict,
+    InvalidInput,
+    Unauthenticated,
+)
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramRead
 
@@ -345,6 +353,8 @@ class Context:
         action: str | None = None,
         summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         first: Callable[[UnitOfWork], Sequence[prepared.Read[Any]]] | None = None,
+        member: Callable[[Any], int | None] | None = None,
+        kept: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> JSONResponse:
         """Run a write once: the change, its audit entry and its stored answer commit
         together; a repeated ``Idempotency-Key`` with the same request replays the answer,
@@ -357,7 +367,14 @@ class Context:
         programme's policy), run in the round trip that looks for a stored answer, and
         answered (a check refusing, a policy kept for the transaction) only when there is
         none. ``status`` may be a function of ``fn``'s result: a write that decides in its
-        transaction whether it posts (201) or files a request (202)."""
+        transaction whether it posts (201) or files a request (202).
+
+        The stored answer names the member the write was about: ``member`` of ``fn``'s
+        result, else the ``{member_id}`` of the path, else the answer's own ``member_id``.
+        ``kept`` makes what is stored (and replayed) of the answer when it holds another
+        member's personal data, which that member's erasure would not find. A replay of an
+        answer erased with its member's personal data is refused (410, ``answer_erased``):
+        the write was carried out and is not run again."""
         key = self.idempotency_key
         assert key is not None, "Write routes carry an Idempotency-Key"
         scope = self.principal.scope
@@ -370,6 +387,11 @@ class Context:
                 request_hash, stored_status, stored_body = stored
                 if request_hash != self.request_hash:
                     raise IdempotencyConflict(key=key)
+                if stored_status == ERASED_STATUS:
+                    raise AnswerErased(
+                        key=key, status=stored_body.get("status_code"),
+                        member_id=stored_body.get("erased_member_id"),
+                    )  # fmt: skip
                 if isinstance(stored_body, dict) and stored_body.get("replayed") is False:
                     stored_body = {**stored_body, "replayed": True}  # as its header says
                 return stored_status, stored_body, True
@@ -379,6 +401,7 @@ class Context:
             code = status(result) if callable(status) else status
             answer = result.model_dump(mode="json")  # what jsonable_encoder gives, at once
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
+            about = member(result) if member is not None else self._member_of(answer)
             if audit:
                 after = summary(body) if summary is not None else body
                 self.audit(
@@ -392,8 +415,9 @@ class Context:
                     "key": key,
                     "request_hash": self.request_hash,
                     "status_code": code,
-                    "body": body,
+                    "body": kept(body) if kept is not None else body,
                     "created_at": uow.clock.now(),
+                    "member_id": about,
                 },
             )
             return code, answer, False
@@ -401,6 +425,14 @@ class Context:
         status_code, body, replayed = self.db.run(work)
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return JSONResponse(body, status_code=status_code, headers=headers)
+
+    def _member_of(self, answer: dict[str, Any]) -> int | None:
+        """The member a write was about, by default: the one its path names, or else the one
+        its answer names."""
+        named = self.request.path_params.get("member_id", answer.get("member_id"))
+        if isinstance(named, str) and named.isdecimal():
+            return int(named)
+        return named if isinstance(named, int) and not isinstance(named, bool) else None
 
 
 _STORED_ANSWER = Prepared(
@@ -421,9 +453,46 @@ def _row(row: Any) -> Any:
 _STORE_ANSWER = Prepared(
     idempotency_records.insert().values(
         {name: bindparam(name) for name in
-         ("scope", "key", "request_hash", "status_code", "body", "created_at")}
+         ("scope", "key", "request_hash", "status_code", "body", "created_at", "member_id")}
     )
 )  # fmt: skip
+
+
+def stored_answers(uow: UnitOfWork, *, member_id: int) -> int:
+    """How many answers to writes about the member are stored for replays (not erased)."""
+    return int(
+        uow.conn.execute(
+            select(func.count()).where(
+                idempotency_records.c.member_id == member_id,
+                idempotency_records.c.status_code != ERASED_STATUS,
+            )
+        ).scalar_one()
+    )
+
+
+def erase_stored_answers(uow: UnitOfWork, *, member_id: int) -> int:
+    """Erase the stored answers of the writes about the member (with its personal data):
+    each keeps its key and request fingerprint, so that a replay is still known and not run
+    again, and in place of the answer only the member's id and the status the write
+    answered; it is replayed as 410 (``answer_erased``). How many were erased."""
+    held = (
+        idempotency_records.c.member_id == member_id,
+        idempotency_records.c.status_code != ERASED_STATUS,
+    )
+    statuses = uow.conn.execute(
+        select(idempotency_records.c.status_code).where(*held).distinct()
+    ).scalars()
+    erased = 0
+    for status in list(statuses):  # one statement per status the writes answered (2xx)
+        erased += uow.conn.execute(
+            update(idempotency_records)
+            .where(*held, idempotency_records.c.status_code == status)
+            .values(
+                status_code=ERASED_STATUS,
+                body={"erased_member_id": member_id, "status_code": status},
+            )
+        ).rowcount
+    return erased
 
 
 async def _program(request: Request, db: Database) -> ProgramRead | None:

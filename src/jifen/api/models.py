@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, Integer, String, Table, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Integer, String, Table, UniqueConstraint
 
 from jifen.db.base import BigId, UTCDateTime, metadata
+
+ERASED_STATUS = 410
+"""The ``status_code`` of a stored answer erased with the personal data of the member it
+concerned (no write answers 410, so it marks them): its ``body`` keeps the member's id and
+the status the write answered, nothing else."""
 
 idempotency_records = Table(
     "idempotency_records",
@@ -16,5 +21,12 @@ idempotency_records = Table(
     Column("status_code", Integer, nullable=False),
     Column("body", JSON, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column(
+        "member_id",
+        BigId,
+        nullable=True,
+        comment="the member the write was about, whose erasure erases this answer",
+    ),
     UniqueConstraint("scope", "key"),
+    Index("ix_idempotency_records_member", "member_id"),
 )

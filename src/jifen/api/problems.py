@@ -192,6 +192,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (403, "Not allowed"),
         (404, "Not found"),
         (409, "Refused by the rules, or an idempotency key reused for another request"),
+        (410, "A write repeated whose answer was erased with a member's personal data"),
         (415, "A body that is not JSON"),
         (422, "Invalid request"),
         (413, "A body larger than the server accepts"),

@@ -2095,3 +2095,55 @@ def spend_and_counts(
             seen += int(count)
         found[int(member_id)] = (spend, seen)
     return found
+
+
+# --------------------------------------------------------------------------- personal data
+
+ERASED_VALUE = "(erased)"
+"""What an erased member's personal value is replaced with in its events' payloads."""
+
+
+def _without(value: Any, personal: frozenset[str], within: tuple[str, ...]) -> Any:
+    """``value`` with every text or number that is one of ``personal`` (or holds one of
+    ``within``) replaced by :data:`ERASED_VALUE`."""
+    if isinstance(value, dict):
+        return {key: _without(item, personal, within) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without(item, personal, within) for item in value]
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return ERASED_VALUE if _personal(str(value), personal, within) else value
+    return value
+
+
+def _personal(text: str, personal: frozenset[str], within: tuple[str, ...]) -> bool:
+    return text in personal or any(value in text for value in within)
+
+
+def erase_personal_values(
+    uow: UnitOfWork, *, program_id: int, member_id: int, values: Iterable[str]
+) -> int:
+    """Replace the member's personal ``values`` (its name, reference, email, birthday, phone
+    and ID numbers, as they were before its erasure) in the payloads of its ``custom.*``
+    events: the catalogue's own types carry no personal field, but a programme's own may
+    (a name, a phone number). A text or number equal to one of them goes, and one
+    holding one of at least 4 characters ("李雷 VIP", "tel:13800138000"); shorter ones are
+    not looked for inside other texts, which they would match by chance. How many events
+    changed."""
+    personal = frozenset(value for value in values if value)
+    within = tuple(value for value in personal if len(value) >= 4)
+    if not personal:
+        return 0
+    rows = uow.conn.execute(
+        select(events.c.id, events.c.payload).where(
+            events.c.program_id == program_id,
+            events.c.member_id == member_id,
+            events.c.type.startswith("custom."),
+        )
+    ).all()
+    changed = 0
+    for row in rows:
+        payload = _without(row.payload, personal, within)
+        if payload != row.payload:
+            uow.conn.execute(events.update().where(events.c.id == row.id).values(payload=payload))
+            changed += 1
+    return changed

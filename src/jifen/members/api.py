@@ -10,6 +10,7 @@ on request (``members.erase``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -17,12 +18,13 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from jifen.api import problems
+from jifen.api import deps, problems
 from jifen.api.deps import Context, Read, ReadOwn, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden
+from jifen.events import service as events_service
 from jifen.members import core, service
 from jifen.members.schemas import (
     Erasure,
@@ -72,6 +74,24 @@ def _changed(before: MemberProfile, after: MemberProfile) -> list[str]:
     return [name for name in PERSONAL if getattr(before, name) != getattr(after, name)]
 
 
+NOT_STORED = "(not stored: another member's personal data)"
+"""What a stored family answer (replayed for a repeated ``Idempotency-Key``) keeps of the
+reference and name of a member other than the one the write names: a stored answer is found
+and erased by the member it is about only."""
+
+
+def _stored_family(member_id: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def stored(answer: dict[str, Any]) -> dict[str, Any]:
+        kept = [
+            member if member["member_id"] == member_id
+            else {**member, "external_ref": NOT_STORED, "name": NOT_STORED}
+            for member in answer.get("members", [])
+        ]  # fmt: skip
+        return {**answer, "members": kept}
+
+    return stored
+
+
 def _masked_ref(reference: str) -> str:
     """A member's reference as an audit entry's target names it: enough to tell entries
     apart, not to read a card or phone number back (``A1****89``)."""
@@ -90,6 +110,7 @@ def register(
         target=f"member-ref:{_masked_ref(body.external_ref)}",
         status=201,
         summary=_audited,
+        member=lambda profile: profile.id,
     )
 
 
@@ -319,6 +340,7 @@ def export_personal_data(
             **dict(held),
             program=program,
             sign_in=auth_service.member_sign_in_data(uow, member_id=member_id),
+            stored_answers=deps.stored_answers(uow, member_id=member_id),
             notifications=notify_service.messages_to_member(
                 uow, program_id=ctx.program_id, member_id=member_id,
                 key_prefixes=[_phone_changed_key(member_id)],
@@ -343,21 +365,32 @@ def erase_personal_data(
 ) -> JSONResponse:
     """Erase a closed member's personal data: its profile fields, tags, phone and ID
     numbers (hashes and ciphertexts), binding time and reference are overwritten, it leaves
-    its family group, its sessions end and its password and codes are removed, and its
-    messages keep only their channel, template and times. Its id, state and points stay: the
-    ledger and the audit log, which name members by id, are not touched. Refused (409)
-    unless the account is closed. Erasing an erased member answers the same."""
+    its family group, its sessions end and its password and codes are removed, its
+    messages keep only their channel, template and times, its values in the payloads of its
+    ``custom.*`` events are replaced by ``(erased)``, and the stored answers of the
+    writes about it (kept for ``Idempotency-Key`` replays) keep only its id and their
+    status: such a write repeated is refused (410, ``answer_erased``), not run again. Its
+    id, state and points stay: the ledger and the audit log, which name members by id, are
+    not touched. Refused (409) unless the account is closed. Erasing an erased member
+    answers the same."""
 
     def erase(uow: UnitOfWork) -> Erasure:
+        values = service.personal_values(uow, program_id=ctx.program_id, member_id=member_id)
         erased = service.erase_personal_data(uow, program_id=ctx.program_id, member_id=member_id)
+        events_service.erase_personal_values(
+            uow, program_id=ctx.program_id, member_id=member_id, values=values
+        )
         auth_service.forget_member_credentials(uow, member_id=member_id)
         notify_service.erase_messages_to_member(
             uow, program_id=ctx.program_id, member_id=member_id,
             key_prefixes=[_phone_changed_key(member_id)],
         )  # fmt: skip
+        deps.erase_stored_answers(uow, member_id=member_id)
         return erased
 
-    return ctx.execute(erase, target=f"member:{member_id}")
+    # Its own answer holds nothing personal and is stored about no member, so that a later
+    # erasure of the member leaves it to be replayed.
+    return ctx.execute(erase, target=f"member:{member_id}", member=lambda _: None)
 
 
 @router.get(f"{MEMBER}/family", response_model=FamilyRead)
@@ -392,7 +425,10 @@ def add_to_family(
 ) -> JSONResponse:
     """Add ``other_id`` to the group whose main account is ``member_id`` (a new group if
     it has none). Needs ``members.family``, which members do not hold: a member cannot gain
-    sight of another's points by itself; staff link accounts with both members' consent."""
+    sight of another's points by itself; staff link accounts with both members' consent.
+    The answer is stored for a repeated ``Idempotency-Key`` with the other members'
+    references and names left out (``(not stored: …)``): only ``member_id``'s erasure would
+    find it."""
     return ctx.execute(
         lambda uow: service.link_family(
             uow,
@@ -403,6 +439,7 @@ def add_to_family(
         ),
         target=f"member:{member_id}",
         summary=_audited_family,
+        kept=_stored_family(member_id),
     )
 
 

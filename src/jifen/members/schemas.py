@@ -226,6 +226,10 @@ class PersonalData(_Read):
     identity: PersonalIdentity
     family: PersonalFamily
     sign_in: MemberSignInData
+    stored_answers: int
+    """How many answers to writes about the member jifen keeps for ``Idempotency-Key``
+    replays: each holds what its write answered (the profile as it was then, say), which
+    ``profile`` and the rest show as it is now. Erasure erases them (0 after it)."""
     notifications: list[MessageToMember]
     """Every message to the member, oldest first (in-app, email, SMS; the text telling a
     phone number that it was replaced by another counts too)."""

@@ -802,6 +802,20 @@ def personal_data(uow: UnitOfWork, *, program_id: int, member_id: int) -> Member
     )
 
 
+def personal_values(uow: UnitOfWork, *, program_id: int, member_id: int) -> list[str]:
+    """The member's identifying values as texts (its reference, name, email, birthday, phone
+    and ID numbers), for erasing the copies other domains may keep; none once erased."""
+    row = _row(uow, program_id, member_id)
+    values = [
+        row.external_ref if row.external_ref != erased_ref(row.id) else "",
+        row.name, row.email or "",
+        row.birthday.isoformat() if row.birthday else "",
+        decrypt(row.phone_enc) if row.phone_enc else "",
+        decrypt(row.id_number_enc) if row.id_number_enc else "",
+    ]  # fmt: skip
+    return [value for value in values if value]
+
+
 def erase_personal_data(uow: UnitOfWork, *, program_id: int, member_id: int) -> Erasure:
     """Overwrite every personal field of a closed member: profile, tags, the phone and ID
     numbers' hashes and ciphertexts, the binding time, and the merchant's reference
