@@ -243,6 +243,10 @@ class _Item:
     """The event's day in the programme's time zone."""
     member_id: int | None = None
     parsed_order: OrderPaid | None = None
+    subject_amount: tuple[str | None, int | None] | None = None
+    """:meth:`subject`, worked out once (the member is known by then)."""
+    rules: core.RuleSet | None = None
+    """The rules live at the event's time, once looked up."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -262,11 +266,13 @@ class _Item:
     def subject(self) -> tuple[str | None, int | None]:
         """What the event happens to (see :func:`subject_of`), and an order's amount in
         fen."""
-        assert self.member_id is not None
-        subject = subject_of(
-            self.event.type, self.payload, self.member_id, self.day, merchant=self.origin[0]
-        )
-        return subject, _amount_of(self.event.type, self.order())
+        if self.subject_amount is None:
+            assert self.member_id is not None
+            subject = subject_of(
+                self.event.type, self.payload, self.member_id, self.day, merchant=self.origin[0]
+            )
+            self.subject_amount = (subject, _amount_of(self.event.type, self.order()))
+        return self.subject_amount
 
 
 @dataclass(slots=True)
@@ -364,10 +370,10 @@ class _Intake:
         if any(item.event.type == "order.refunded" for item in items):
             rules_service.lock_budgets(uow, program_id=program_id)
         for item in items:
-            rules = rules_service.rules_at(
+            item.rules = rules_service.rules_at(
                 uow, program_id=program_id, moment=item.event.occurred_at
             )
-            for rule in rules.by_type.get(item.event.type, []):
+            for rule in item.rules.by_type.get(item.event.type, []):
                 if rule.spec.caps.budget is not None:
                     self.budgeted.add(rule.spec.code)
         if rules_service.get_caps(uow, program_id=program_id).budget is not None:
@@ -581,7 +587,7 @@ class _Intake:
     def _decide_all(self, items: list[_Item], group: _Group) -> None:
         ids = {i.member_id for i in items if i.member_id in self.profiles}
         ids.update(i.inviter for i in items if i.inviter in self.profiles)
-        days = [core.local_day(i.event.occurred_at, self.zone) for i in items]
+        days = [i.day for i in items]
         # The earliest time each member's tier is read at: its events' and its invitations'.
         moments: dict[int, datetime] = {}
         for item in items:
@@ -616,7 +622,9 @@ class _Intake:
             once = (event.type, str(subject))
             before = self.awarded.get(once, set()) | group.awarded.get(once, set())
             core_event = replace(core_event, awarded_before=frozenset(before))
-        rules = rules_service.rules_at(uow, program_id=self.program_id, moment=event.occurred_at)
+        rules = item.rules or rules_service.rules_at(
+            uow, program_id=self.program_id, moment=event.occurred_at
+        )
         candidates = rules.by_type.get(event.type, [])
         codes = {r.spec.code for r in candidates if r.spec.caps.per_member}
         recipients = [member_id]
@@ -930,6 +938,7 @@ def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
     )  # fmt: skip
 
 
+@lru_cache(maxsize=4096)
 def _periods(day: date) -> tuple[date, date, date, date]:
     """The month and the week (Monday to Sunday) of ``day``: first and last days of each."""
     month_start = day.replace(day=1)

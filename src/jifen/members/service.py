@@ -190,9 +190,12 @@ def rule_facts(
     )  # fmt: skip
     rows = uow.conn.execute(query).all()
     return {
-        row.id: MemberFacts.model_validate({**row._mapping, "tags": list(row.tags or [])})
-        for row in rows
-    }
+        member_id: MemberFacts(
+            id=member_id, state=state, tags=list(tags or []), region=region,
+            birthday=birthday, created_at=created_at,
+        )
+        for member_id, state, tags, region, birthday, created_at in rows
+    }  # fmt: skip
 
 
 def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dict[str, int]:
