@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, extract, func, select
+from sqlalchemy import String, Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
@@ -205,7 +205,8 @@ def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dic
         return {}
     rows = uow.conn.execute(
         select(members.c.external_ref, members.c.id).where(
-            members.c.program_id == program_id, members.c.external_ref.in_(wanted)
+            members.c.program_id == program_id,
+            among(uow.dialect, members.c.external_ref, wanted, String()),
         )
     ).all()
     return {ref: int(member_id) for ref, member_id in rows}
