@@ -329,7 +329,8 @@ class _Intake:
 
     def take(self, events: list[EventIn], origins: list[Origin]) -> list[EventResult | Exception]:
         items: list[_Item] = []
-        for index, (event, origin) in enumerate(zip(events, origins, strict=True)):
+        for index, (sent, origin) in enumerate(zip(events, origins, strict=True)):
+            event = _in_utc(sent)
             try:
                 payload, model = _parsed(self.uow, self.program_id, event)
                 _not_ahead(event, self.now)
@@ -807,6 +808,17 @@ class _Intake:
             day=core.local_day(event.occurred_at, self.zone), awards=[], postings={},
             available_at=None, total=points, skipped=[], result=result,
         ))  # fmt: skip
+
+
+def _in_utc(event: EventIn) -> EventIn:
+    """``event`` with its time in Python's own UTC when it was sent in UTC (as most are):
+    the same instant, written the same. An event's time is compared with the rules', the
+    tiers' and the clock's, all in that time zone object, and two times compare some ten
+    times faster when they share it than when each has its own (as parsed times do)."""
+    moment = event.occurred_at
+    if moment.tzinfo is UTC or moment.utcoffset() != timedelta(0):
+        return event
+    return event.model_copy(update={"occurred_at": moment.replace(tzinfo=UTC)})
 
 
 def _not_ahead(event: EventIn, now: datetime) -> None:
