@@ -28,7 +28,7 @@ from sqlalchemy import Row, RowMapping, String, case, func, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from jifen import crypto
-from jifen.api.schemas import NO_NUL
+from jifen.api.schemas import NO_NUL, nul_checked
 from jifen.db.bulk import among, insert_many
 from jifen.db.uow import Database, UnitOfWork, is_transient
 from jifen.db.upsert import upsert_many
@@ -150,21 +150,24 @@ def _parsed(uow: UnitOfWork, program_id: int, event: EventIn) -> tuple[dict[str,
     declared = None
     if event.type.startswith("custom."):
         declared = rules_service.event_type(uow, program_id=program_id, name=event.type)
-    return _parse(event.type, event.payload, declared)
+    with nul_checked():  # the event's validation walked its payload
+        return _parse(event.type, event.payload, declared)
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+"""The JSON an event's fingerprint digests (made once: ``json.dumps`` with options builds an
+encoder each call)."""
 
 
 def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
-    text = json.dumps(
+    text = _CANONICAL.encode(
         {
             "type": event.type,
             "occurred_at": event.occurred_at.isoformat(),
             "member_id": event.member_id,
             "member_ref": event.member_ref,
             "payload": payload,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
+        }
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
