@@ -1321,6 +1321,8 @@ def _award_read(row: Mapping[str, Any] | RowMapping) -> AwardRead:
 
 
 _NATIVE = (str, int, float, bool, type(None))
+_EXACTLY_NATIVE = frozenset(_NATIVE)
+"""The types of :data:`_NATIVE` themselves: a value of one is kept without a call."""
 
 
 def _plain(value: Any) -> Any:
@@ -1329,7 +1331,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _NATIVE):
         return value
     if isinstance(value, Mapping):
-        return {_key(k): _plain(v) for k, v in value.items()}
+        # Most values of a detail are numbers and texts: kept as they are, with no call.
+        return {
+            k if type(k) is str else _key(k): v if type(v) in _EXACTLY_NATIVE else _plain(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, frozenset | set):
