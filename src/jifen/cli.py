@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import copy
+import gc
 import logging.config
 import os
 import re
@@ -846,10 +847,21 @@ MerchantOption = Annotated[
 ]
 
 
+def _settle() -> None:
+    """Move what the process has built by now (the libraries and jifen's modules, some
+    200,000 objects that live as long as it does) out of the garbage collector's sight, as
+    the server's workers do (``app_from_settings``): a long import or a worker would
+    otherwise walk all of them in each full collection, which a batch of events sets off,
+    about a fifth of the Python time of ingesting an event."""
+    gc.collect()
+    gc.freeze()
+
+
 def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | None,
             batch: int, restart: bool, merchant: str | None = None) -> None:  # fmt: skip
     with _database() as database:
         _require_schema(database)
+        _settle()
         program_id = _program_id(database, program)
         assert program_id is not None
         with Progress(
@@ -1418,6 +1430,7 @@ def worker(
                 stop.wait()
                 return
             source = f"{settings.nats_url}, stream {settings.nats_stream}"
+            _settle()
             out.print(
                 _say(f"jifen worker: events from {source}",
                      f"jifen worker:从 {settings.nats_url}(流 {settings.nats_stream})接收事件"),

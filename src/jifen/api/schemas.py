@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -55,6 +57,18 @@ class RequestBody(BaseModel):
 
 _WALKED: ContextVar[bool] = ContextVar("jifen.nul_walked", default=False)
 """Set while an outer :class:`RequestBody` validates what it has checked for NUL."""
+
+
+@contextmanager
+def nul_checked() -> Iterator[None]:
+    """Within it, a :class:`RequestBody` validates data without walking it for NUL: for a
+    part of a body validated before (an event's payload, validated again as its type's
+    model), which its body's walk has checked already."""
+    walked = _WALKED.set(True)
+    try:
+        yield
+    finally:
+        _WALKED.reset(walked)
 
 
 def nul_at(value: Any, path: str = "") -> str | None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam, cast, func, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -45,11 +46,34 @@ def upsert_many(
     rows: Sequence[Mapping[str, Any]],
     change: Callable[[Any], Mapping[str, Any]],
 ) -> None:
-    """:func:`upsert` of many rows (each with the same keys) in one execution: ``change``
-    is given the row that was refused (``excluded``) and says what to set on the one there."""
+    """:func:`upsert` of many rows (each with the same keys, no two with the same primary
+    key) in one execution: ``change`` is given the row that was refused (``excluded``) and
+    says what to set on the one there.
+
+    On PostgreSQL the rows go as one array a column, unnested in their order: one statement
+    however many rows, where an executemany runs (and binds) the statement once a row."""
     if not rows:
         return
     keys = [column.name for column in table.primary_key.columns]
+    if uow.dialect == "postgresql":
+        names = list(rows[0])
+        arrays = [
+            cast(
+                bindparam(f"unnest_{name}", [row[name] for row in rows]),
+                postgresql.ARRAY(table.c[name].type),
+            )
+            for name in names
+        ]
+        source = (
+            func.unnest(*arrays).table_valued(*names, with_ordinality="n").render_derived("new")
+        )
+        insert = postgresql_insert(table).from_select(
+            names, select(*(source.c[name] for name in names)).order_by(source.c.n)
+        )
+        uow.conn.execute(
+            insert.on_conflict_do_update(index_elements=keys, set_=dict(change(insert.excluded)))
+        )
+        return
     statement = _insert(uow, table)
     statement = statement.on_conflict_do_update(
         index_elements=keys, set_=dict(change(statement.excluded))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, extract, func, select
+from sqlalchemy import String, Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
@@ -190,9 +190,12 @@ def rule_facts(
     )  # fmt: skip
     rows = uow.conn.execute(query).all()
     return {
-        row.id: MemberFacts.model_validate({**row._mapping, "tags": list(row.tags or [])})
-        for row in rows
-    }
+        member_id: MemberFacts(
+            id=member_id, state=state, tags=list(tags or []), region=region,
+            birthday=birthday, created_at=created_at,
+        )
+        for member_id, state, tags, region, birthday, created_at in rows
+    }  # fmt: skip
 
 
 def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dict[str, int]:
@@ -202,7 +205,8 @@ def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dic
         return {}
     rows = uow.conn.execute(
         select(members.c.external_ref, members.c.id).where(
-            members.c.program_id == program_id, members.c.external_ref.in_(wanted)
+            members.c.program_id == program_id,
+            among(uow.dialect, members.c.external_ref, wanted, String()),
         )
     ).all()
     return {ref: int(member_id) for ref, member_id in rows}

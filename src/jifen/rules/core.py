@@ -24,7 +24,7 @@ import hmac
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
@@ -47,7 +47,6 @@ from jifen.rules.schemas import (
     StreakLadder,
     Threshold,
     TierCap,
-    active_at,
 )
 
 Condition = Callable[[Mapping[str, Any]], bool]
@@ -154,6 +153,20 @@ class Rule:
     spec: RuleSpec
     version: int = 1
     condition: Condition | None = None
+    window: tuple[datetime | None, datetime | None] = field(init=False, compare=False)
+    """The spec's window (start, end) in UTC: the same instants, which an event's time (in
+    UTC) compares with some ten times faster than with times of a time zone object of
+    their own, as parsed times have."""
+
+    def __post_init__(self) -> None:
+        starts, ends = self.spec.starts_at, self.spec.ends_at
+        window = (starts and starts.astimezone(UTC), ends and ends.astimezone(UTC))
+        object.__setattr__(self, "window", window)
+
+    def active_at(self, moment: datetime) -> bool:
+        """Whether ``moment`` lies in the rule's window (:func:`active_at` of its spec)."""
+        starts, ends = self.window
+        return (starts is None or starts <= moment) and (ends is None or moment < ends)
 
 
 class RuleSet:
@@ -483,7 +496,7 @@ def _tier_birthday_gift(state: _Pass, candidates: Iterable[Rule]) -> None:
     if event.type != "member.birthday" or not state.program.birthday_gifts:
         return
     if any(
-        isinstance(r.spec.params, BirthdayGift) and active_at(r.spec, event.occurred_at)
+        isinstance(r.spec.params, BirthdayGift) and r.active_at(event.occurred_at)
         for r in candidates
     ):
         return
@@ -499,7 +512,7 @@ def _tier_birthday_gift(state: _Pass, candidates: Iterable[Rule]) -> None:
 
 def _fires(state: _Pass, rule: Rule) -> bool:
     spec, event = rule.spec, state.event
-    if not active_at(spec, event.occurred_at):
+    if not rule.active_at(event.occurred_at):
         state.skip(rule, "outside the rule's window")
         return False
     if not in_gray_share(spec.code, event.member_id, spec.gray_share):
