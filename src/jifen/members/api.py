@@ -173,7 +173,11 @@ def change_state(
     default) clears them into the expired account by one expiry posting, ``refuse`` refuses
     to close an account still holding points. Closing is refused while points are frozen or
     a redemption is unfinished; a debt stays on the closed account. The audit entry's
-    ``after`` carries the settlement."""
+    ``after`` carries the settlement.
+
+    A freeze, ban or closing holds the member's points account: an earning, spend or
+    transfer that reaches the account after it has committed is refused (409), however
+    close behind it came."""
     settled: dict[str, Any] = {}
 
     def change(uow: UnitOfWork) -> MemberProfile:

@@ -14,7 +14,14 @@ from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
-from jifen.errors import DuplicateReference, Forbidden, InvalidInput, StateConflict, UnknownMember
+from jifen.errors import (
+    DuplicateReference,
+    Forbidden,
+    InvalidInput,
+    StateConflict,
+    UnknownMember,
+    not_active,
+)
 from jifen.members import core
 from jifen.members.models import members
 from jifen.members.schemas import (
@@ -155,12 +162,7 @@ _ACTIVE_BIRTHDAY = Prepared(
 def require_active(member: MemberRead | MemberFacts | Any) -> None:
     """StateConflict unless the member's state lets it earn and spend (active)."""
     if member.state != "active":
-        raise StateConflict(
-            problem=f"Member {member.id} is {member.state}: it cannot earn or spend until "
-            "staff make it active again.",
-            problem_zh=f"会员 {member.id} 当前状态为 {member.state},"
-            "恢复正常状态前不能获取或使用积分。",
-        )
+        raise not_active(member.id, member.state)
 
 
 def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
@@ -484,7 +486,14 @@ def change_state(
 ) -> StateMove:
     """Move a member to ``state`` if the move is allowed. Closing settles the account's
     points in the same transaction, by the programme's ``closing_policy`` (``actor`` is
-    who the settlement posting names), and is refused while a redemption is unfinished."""
+    who the settlement posting names), and is refused while a redemption is unfinished.
+
+    The member's points account takes the new state in the same transaction (see
+    :func:`points.service.set_member_state`): a posting reads it under the account's lock,
+    so no earning, spend or transfer posts after a freeze, ban or closing has committed,
+    however close behind it came. The member's row is held first, as every batch of events
+    holds members before their accounts."""
+    lock_members(uow, member_ids=[member_id])
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     if (before.state, state) not in core.TRANSITIONS:
         final = " A closed account stays closed." if before.state == "closed" else ""
@@ -494,6 +503,7 @@ def change_state(
             + ("已注销的账户不能恢复。" if final else ""),
         )
     settlement = _settle_closing(uow, program_id, member_id, actor) if state == "closed" else None
+    points_service.set_member_state(uow, member_id=member_id, state=state)
     moved = uow.conn.execute(
         members.update()
         .where(members.c.id == member_id, members.c.state == before.state)

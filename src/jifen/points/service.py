@@ -32,6 +32,7 @@ from jifen.errors import (
     StateConflict,
     UnknownMember,
     UnknownPosting,
+    not_active,
 )
 from jifen.ledger import (
     AccountState,
@@ -126,6 +127,9 @@ class _Account:
     debt: int
     head_seq: int
     head_hash: str
+    member_state: str
+    """The member's state as the account carries it (see :func:`set_member_state`): read
+    with the account's lock, so no concurrent change of state can have committed since."""
 
     @property
     def state(self) -> AccountState:
@@ -162,11 +166,11 @@ def _lock(
     """Lock the members' accounts in id order and find a posting already made with ``key``."""
     uow.local.pop(_HELD, None)
     rows = store.lock_accounts(uow.conn, member_ids, key)
-    found = {row[2]: _Account(*row[:8]) for row in rows}
+    found = {row[2]: _Account(*row[:9]) for row in rows}
     for member_id in member_ids:
         if member_id not in found:
             raise UnknownMember(member_id=member_id)
-    return [found[m] for m in member_ids], rows[0][8]
+    return [found[m] for m in member_ids], rows[0][9]
 
 
 def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
@@ -189,7 +193,7 @@ def _lock_spending(
     if row is None:
         raise UnknownMember(member_id=member_id)
     lots = None if opened is None else [Lot(*lot) for lot in opened]
-    return _Account(*row[:8]), row[8], lots
+    return _Account(*row[:9]), row[9], lots
 
 
 def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bool = False) -> bool:
@@ -224,12 +228,35 @@ def lock_account_read(uow: UnitOfWork, *, member_id: int, key: str) -> Read[None
 
     def answer(row: Any) -> None:
         uow.local.pop(_HELD, None)
-        if row is not None and row[8] is None:  # a replay locks (and answers) again
-            uow.local[_HELD] = _Held(key, _Account(*row[:8]))
+        if row is not None and row[9] is None:  # a replay locks (and answers) again
+            uow.local[_HELD] = _Held(key, _Account(*row[:9]))
 
     if uow.dialect != "postgresql" or not key:
         return Read(None, {}, lambda _row: None)
     return Read(store.LOCK_ONE, {"key": key, "member": member_id}, answer)
+
+
+def set_member_state(uow: UnitOfWork, *, member_id: int, state: str) -> None:
+    """Record the member's new ``state`` on its points account, in the transaction that
+    changes it (and locking the account until it ends). Every posting to the account locks
+    its row and reads this state there: on PostgreSQL a posting that waited for this change
+    reads the row as it left it, so once a freeze, ban or closing commits no earning posts
+    after it (the member's own row, read in the posting's statement, would still show the
+    state from before)."""
+    uow.local.pop(_HELD, None)  # the row changes: a lock handed on would hold an old copy
+    uow.conn.execute(
+        accounts.update()
+        .where(accounts.c.member_id == member_id, accounts.c.currency == CURRENCY)
+        .values(member_state=state)
+    )
+
+
+def _require_active(*holders: _Account) -> None:
+    """Refuse an earning, a debit or a transfer of a member that is not active, by the
+    state its locked account carries."""
+    for holder in holders:
+        if holder.member_state != "active":
+            raise not_active(holder.member_id, holder.member_state)
 
 
 def _member_of_account(uow: UnitOfWork, account_id: int) -> int:
@@ -470,7 +497,10 @@ def earn(
     """Credit points from the programme's issuing account.
 
     ``available_at`` in the future makes them pending until then; ``expires_at`` is when the
-    lot lapses (``None``: never). Any debt of the member is paid off first.
+    lot lapses (``None``: never). Any debt of the member is paid off first. Refused unless
+    the member is active, by the state its account carries under the lock (see
+    :func:`set_member_state`); so are :func:`earn_many`, :func:`spend` and
+    :func:`transfer` (both members).
     """
     _require_key(key)
     request = _fingerprint(
@@ -485,6 +515,7 @@ def earn(
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_active(member)
     now = uow.clock.now()
     plan = ledger.plan_earn(
         account=member.state,
@@ -529,13 +560,14 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
         _require_key(earning.key)
     ids = sorted({e.member_id for e in earnings})
     uow.local.pop(_HELD, None)
-    held = {row[2]: _Account(*row[:8]) for row in store.lock_accounts(uow.conn, ids, "")}
+    held = {row[2]: _Account(*row[:9]) for row in store.lock_accounts(uow.conn, ids, "")}
     now = uow.clock.now()
     batch: list[store.PostingRows] = []
     for earning in earnings:
         member = held.get(earning.member_id)
         if member is None:
             raise UnknownMember(member_id=earning.member_id)
+        _require_active(member)
         plan = ledger.plan_earn(
             account=member.state, amount=earning.amount, now=now,
             available_at=earning.available_at, expires_at=earning.expires_at,
@@ -598,6 +630,7 @@ def spend(
     member, replay_id, opened = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_active(member)
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
     lots_now = _spendable_lots(uow, member.id, now, amount, opened)
@@ -916,6 +949,7 @@ def transfer(
     (sender, receiver), replay_id = _lock(uow, [from_member_id, to_member_id], key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_active(sender, receiver)
     if sender.program_id != receiver.program_id:
         raise InvalidInput(
             field="to_member_id",
@@ -1126,7 +1160,7 @@ def expire_due(
         if not account_ids:
             return ExpiryChunk(0, 0, 0, found=0)
         rows = store.lock_accounts_by_id(uow.conn, account_ids)
-    locked = [_Account(*row[:8]) for row in rows]
+    locked = [_Account(*row[:9]) for row in rows]
     written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
     return ExpiryChunk(
         accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written),
