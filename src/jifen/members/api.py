@@ -172,8 +172,9 @@ def change_state(
     Closing settles the points by the programme's ``closing_policy``: ``forfeit`` (the
     default) clears them into the expired account by one expiry posting, ``refuse`` refuses
     to close an account still holding points. Closing is refused while points are frozen or
-    a redemption is unfinished; a debt stays on the closed account. The audit entry's
-    ``after`` carries the settlement.
+    a redemption is unfinished; a debt stays on the closed account. Points given back to a
+    closed account later are forfeited at once, or the refund refused, by the same policy
+    (see the programme settings). The audit entry's ``after`` carries the settlement.
 
     A freeze, ban or closing holds the member's points account: an earning, spend or
     transfer that reaches the account after it has committed is refused (409), however

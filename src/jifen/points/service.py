@@ -259,6 +259,18 @@ def _require_active(*holders: _Account) -> None:
             raise not_active(holder.member_id, holder.member_state)
 
 
+def _require_open(holder: _Account, what: str, what_zh: str) -> None:
+    """Refuse ``what`` (a correction, a claw-back) on a closed account: its points were
+    settled when it closed, and it takes on neither points nor debt since."""
+    if holder.member_state == "closed":
+        raise StateConflict(
+            problem=f"Member {holder.member_id} is closed: its points were settled when it "
+            f"closed, and a closed account takes no {what}.",
+            problem_zh=f"会员 {holder.member_id} 已注销:其积分已在注销时结算,已注销的账户"
+            f"不再接受{what_zh}。",
+        )
+
+
 def _member_of_account(uow: UnitOfWork, account_id: int) -> int:
     member_id = uow.conn.execute(
         select(accounts.c.member_id).where(accounts.c.id == account_id)
@@ -734,8 +746,16 @@ def refund(
     amount: int | None = None,
     reason: str = "",
     actor: str = "",
+    forfeit_if_closed: bool = False,
 ) -> PostingRead:
-    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took."""
+    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took.
+
+    To a closed account (a return after closing), by the programme's ``closing_policy``:
+    under ``forfeit`` the points are given back and forfeited at once, by an expiry posting
+    that refers to the refund, in the same transaction; under ``refuse`` the refund is
+    refused, as points on a closed account could be neither used nor forfeited. With
+    ``forfeit_if_closed`` (what jifen gives back by itself, a voucher lapsed unused, where
+    no one could act on a refusal) they are forfeited whatever the policy."""
     _require_key(key)
     request = _fingerprint("refund", spend=spend_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, spend_id, Kind.SPEND), key)
@@ -753,8 +773,14 @@ def refund(
     )
     return _given_back(
         uow, plan, member=member, key=key, request_hash=request, ref_posting_id=spend_id,
-        reason=reason, actor=actor,
+        reason=reason, actor=actor, forfeit_if_closed=forfeit_if_closed,
     )  # fmt: skip
+
+
+GIVEN_BACK_FORFEITED = (
+    "account closed: points given back to it are forfeited 账户已注销,退回的积分作废"
+)
+"""The reason of the posting that forfeits points given back to a closed account."""
 
 
 def _given_back(
@@ -767,16 +793,29 @@ def _given_back(
     ref_posting_id: int,
     reason: str,
     actor: str,
+    forfeit_if_closed: bool = False,
 ) -> PostingRead:
     """Write a refund or an unfreeze; then the points it gave back to lots whose points a
     renewal has since moved to a later date (a tier change, say) follow them there, by a
     renewal posting in the same transaction. Left on the old lot they would lapse on the
-    date the renewal had put behind them."""
+    date the renewal had put behind them.
+
+    On a closed account (see :func:`refund`) the points given back are forfeited instead,
+    in the same transaction, or the give-back is refused before anything is written."""
+    closed = member.member_state == "closed"
+    if closed and not forfeit_if_closed:
+        _refuse_given_back_unless_forfeited(uow, member)
     now = uow.clock.now()
     posting = _write(
         uow, plan, member=member, key=key, request_hash=request_hash, now=now,
         ref_posting_id=ref_posting_id, reason=reason, actor=actor,
     )  # fmt: skip
+    if closed:
+        forfeit_all(
+            uow, member_id=member.member_id, key=f"forfeit-after:{posting.id}",
+            reason=GIVEN_BACK_FORFEITED, actor=SYSTEM, ref_posting_id=posting.id,
+        )  # fmt: skip
+        return posting
     given = {a.lot_id: a.amount for a in plan.allocations if a.amount > 0}
     dates = _renewed_dates(uow, given)
     if dates:
@@ -795,6 +834,19 @@ def _given_back(
 
 
 FOLLOWED_RENEWAL = "points given back to a renewed lot take its later date"
+
+
+def _refuse_given_back_unless_forfeited(uow: UnitOfWork, member: _Account) -> None:
+    """Refuse to give points back to a closed account unless the programme forfeits them."""
+    policy = programs_service.get_settings(uow, program_id=member.program_id).closing_policy
+    if policy != "forfeit":
+        raise StateConflict(
+            problem=f"Member {member.member_id} is closed, and this programme does not forfeit "
+            "points at closing: points cannot be given back to a closed account, where they "
+            "could be neither used nor forfeited. Settle with the member another way.",
+            problem_zh=f"会员 {member.member_id} 已注销,且本计划注销账户时不作废积分:积分不能"
+            "退回已注销的账户(既无法使用,也不能作废)。请以其他方式与会员结算。",
+        )
 
 
 def _renewed_dates(uow: UnitOfWork, lot_ids: Iterable[int]) -> dict[int, datetime | None]:
@@ -843,13 +895,16 @@ def reverse(
     """Claw back all (``amount=None``) or part of an earn.
 
     What is left of the earn's own lot goes first, then other spendable points; what the
-    member already spent and cannot cover becomes debt that later earnings pay off.
+    member already spent and cannot cover becomes debt that later earnings pay off. Refused
+    on a closed account: its points were settled at closing, and it takes on no debt (that
+    nothing could ever pay).
     """
     _require_key(key)
     request = _fingerprint("reverse", earn=earn_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, earn_id, Kind.EARN), key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_open(member, "claw-back", "冲正")
     original = _original(uow, earn_id, Kind.EARN, Kind.REVERSE)
     now = uow.clock.now()
     own = uow.conn.execute(
@@ -888,7 +943,8 @@ def adjust(
     actor: str,
     expires_at: datetime | None = None,
 ) -> PostingRead:
-    """A manual correction by ``actor``: positive credits, negative debits (never below 0)."""
+    """A manual correction by ``actor``: positive credits, negative debits (never below 0).
+    Refused on a closed account, which holds no points and takes none."""
     _require_key(key)
     request = _fingerprint(
         "adjust",
@@ -901,6 +957,7 @@ def adjust(
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_open(member, "adjustment", "积分调整")
     now = uow.clock.now()
     needed = -amount if isinstance(amount, int) and amount < 0 else 0
     plan = ledger.plan_adjust(
@@ -1018,7 +1075,8 @@ def unfreeze(
     reason: str = "",
     actor: str = "",
 ) -> PostingRead:
-    """Release all (``amount=None``) or part of a freeze back to the lots it held."""
+    """Release all (``amount=None``) or part of a freeze back to the lots it held; to a
+    closed account, as :func:`refund` gives back to one."""
     _require_key(key)
     request = _fingerprint("unfreeze", freeze=freeze_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, freeze_id, Kind.FREEZE), key)
@@ -1118,12 +1176,22 @@ def settle_closing(
 
 
 def forfeit_all(
-    uow: UnitOfWork, *, member_id: int, key: str, reason: str, actor: str
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    key: str,
+    reason: str,
+    actor: str,
+    ref_posting_id: int | None = None,
 ) -> PostingRead | None:
     """Clear every point the member holds (available, pending or past its date) into the
-    expired account, as one expiry posting; ``None`` when it holds none."""
+    expired account, as one expiry posting (referring to ``ref_posting_id``, the posting
+    whose points it forfeits, if any); ``None`` when it holds none."""
     _require_key(key)
-    request = _fingerprint("forfeit", member=member_id, reason=reason, actor=actor)
+    request = _fingerprint(
+        "forfeit", member=member_id, reason=reason, actor=actor,
+        **({"ref": ref_posting_id} if ref_posting_id is not None else {}),
+    )  # fmt: skip
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
@@ -1132,7 +1200,7 @@ def forfeit_all(
         return None
     return _write(
         uow, plan, member=member, key=key, request_hash=request, now=uow.clock.now(),
-        reason=reason, actor=actor,
+        ref_posting_id=ref_posting_id, reason=reason, actor=actor,
     )  # fmt: skip
 
 
