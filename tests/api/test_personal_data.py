@@ -278,3 +278,32 @@ def test_erasing_a_closed_member_clears_its_personal_data_and_keeps_its_ledger(
     logged_text = json.dumps([list(entry) for entry in logged], ensure_ascii=False, default=str)
     for personal in ("李雷", "li.lei", "1988-02-29", "北京", "vip", NEW_PHONE, PHONE, ID_NUMBER):
         assert personal not in logged_text, personal
+
+
+def test_a_closed_member_s_profile_and_identity_are_written_no_more(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.close()
+    shop.ok(shop.erase(shop.risk, **support.key()))
+    before = db.run(
+        lambda uow: uow.conn.execute(select(members).where(members.c.id == shop.member)).one()
+    )
+    writes = [
+        ("patch", "", {"name": "李雷", "email": "li.lei@example.cn", "region": "北京"}),
+        ("patch", "", {"tags": ["vip"]}),
+        ("put", "/identity", {"id_number": ID_NUMBER, "phone": PHONE}),
+    ]
+    for method, tail, body in writes:
+        for language, says in (("en", "is closed"), ("zh-CN", "已注销")):
+            answer = client.request(
+                method.upper(), shop.url(shop.member, tail), json=body,
+                headers={**shop.operator, **support.key(), "Accept-Language": language},
+            )  # fmt: skip
+            assert answer.status_code == 409, (tail, answer.text)
+            assert answer.json()["code"] == "state_conflict" and says in answer.json()["detail"]
+    after = db.run(
+        lambda uow: uow.conn.execute(select(members).where(members.c.id == shop.member)).one()
+    )
+    assert after == before  # still erased: nothing was written back
+    assert after.name == "" and after.phone_hash is None and after.external_ref.startswith("erased")

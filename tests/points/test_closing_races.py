@@ -18,6 +18,8 @@ from jifen.db.prepared import read_together
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import StateConflict
 from jifen.members import service as members
+from jifen.members.models import members as members_table
+from jifen.members.schemas import MemberUpdate
 from jifen.points import service as points
 from jifen.points.models import accounts, postings
 from tests.events.test_service import activate, lines, send
@@ -156,3 +158,34 @@ def test_earnings_racing_a_closing_all_post_before_it(pg: Database) -> None:
     summary = pg.run(lambda uow: points.balance(uow, member_id=member), read_only=True)
     assert summary.balance == 0
     assert_ledger_sound(pg, program.id)
+
+
+def test_a_profile_write_that_waited_for_a_closing_is_refused(pg: Database) -> None:
+    program = new_program(pg)
+    (member,) = new_members(pg, program.id, 1)
+    outcome: list[Any] = []
+
+    def write() -> None:
+        body = MemberUpdate(name="李雷")
+        try:
+            outcome.append(
+                pg.run(
+                    lambda uow: members.update_profile(
+                        uow, program_id=program.id, member_id=member, body=body
+                    )
+                )
+            )
+        except Exception as exc:
+            outcome.append(exc)
+
+    with pg.transaction() as uow:
+        members.change_state(uow, program_id=program.id, member_id=member, state="closed")
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.5)
+        assert writer.is_alive(), outcome  # read the member as active, waits to write it
+    writer.join(timeout=30)
+    (refused,) = outcome
+    assert isinstance(refused, StateConflict) and "is closed" in refused.message("en")
+    name = select(members_table.c.name).where(members_table.c.id == member)
+    assert pg.run(lambda uow: uow.conn.execute(name).scalar_one()) != "李雷"

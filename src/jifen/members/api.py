@@ -140,7 +140,8 @@ def update_member(
 ) -> JSONResponse:
     """Change profile fields. Any other field (state, phone, tier, balance) is refused. What
     the earning rules read is staff's to change: a member or an API key gives the birthday
-    only while none is set; a member cannot change its tags, a key cannot set them."""
+    only while none is set; a member cannot change its tags, a key cannot set them. A
+    closed member's profile is changed no more (409): its personal data may be erased."""
 
     def update(uow: UnitOfWork) -> MemberProfile:
         before, after = service.update_profile(
@@ -215,7 +216,8 @@ def bind_identity(
     would bind its own phone to any member and sign in as it with a texted code). When the
     bound phone changes, every other session of the member ends, and the number bound until
     then is texted that it was replaced (by which masked number, when, and what to do if the
-    member did not ask for it), so that a member whose account was taken over learns of it."""
+    member did not ask for it), so that a member whose account was taken over learns of it.
+    A closed member's numbers are bound no more (409)."""
     if ctx.principal.kind == "key":
         raise Forbidden(
             problem="An API key cannot bind or change a member's phone or ID number: the "

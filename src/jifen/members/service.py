@@ -384,14 +384,34 @@ def update_profile(
 ) -> tuple[MemberProfile, MemberProfile]:
     """Change the fields given; answers (before, after). ``by`` is who asks: ``"staff"``,
     the member itself (``"member"``) or an API key (``"key"``); see :func:`_check_rule_facts`
-    for what the last two may not change."""
+    for what the last two may not change. Refused for a closed member, even one closing
+    while this runs (:func:`_closed_profile`)."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
+    if before.state == "closed":
+        raise _closed_profile(member_id)
     values = body.model_dump(exclude_unset=True)
     _check_rule_facts(before, values, by)
     if values:
         values["updated_at"] = uow.clock.now()
-        uow.conn.execute(members.update().where(members.c.id == member_id).values(**values))
+        written = uow.conn.execute(
+            members.update()
+            .where(members.c.id == member_id, members.c.state != "closed")
+            .values(**values)
+        ).rowcount
+        if written != 1:  # closed (and maybe erased) by a request that committed meanwhile
+            raise _closed_profile(member_id)
     return before, get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def _closed_profile(member_id: int) -> StateConflict:
+    """What refuses a write of a closed member's personal data (profile, phone, ID number):
+    a closed account is done with, and an erased one must stay erased."""
+    return StateConflict(
+        problem=f"Member {member_id} is closed: its profile and identity are not changed any "
+        "more (its personal data may have been erased, and a write would put some back).",
+        problem_zh=f"会员 {member_id} 已注销:其资料和身份信息不能再修改(其个人信息可能已被"
+        "删除,修改会重新写入个人信息)。",
+    )
 
 
 def _key_tags() -> Forbidden:
@@ -570,6 +590,8 @@ def bind_identity(
     if uow.dialect == "postgresql":
         uow.conn.execute(select(members.c.id).where(members.c.id == member_id).with_for_update())
     before = _row(uow, program_id, member_id)
+    if before.state == "closed":
+        raise _closed_profile(member_id)
     _phone_taken(uow, program_id, phone, member_id)
     other = uow.conn.execute(
         select(members.c.id).where(
