@@ -56,6 +56,10 @@ ACCOUNT_COLUMNS = (
 )
 
 # An account row as the service reads it (``AccountRow``, but for the replayed posting).
+# The member's state comes with the locked row: a lock that waited for a change of state
+# reads the row as that change left it, where the member's own row, read in the same
+# statement, would still show the state from before (see ``points.service``'s
+# ``set_member_state``).
 _ACCOUNT_FIELDS = (
     "a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash, "
     "a.member_state"
