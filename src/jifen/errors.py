@@ -92,6 +92,23 @@ class StateConflict(Refused):
     zh = "{problem_zh}"
 
 
+def not_active(member_id: int, state: str) -> StateConflict:
+    """A member that is not active neither earns nor spends: what refuses it, said once for
+    the members domain (which checks the member) and the points one (which checks the state
+    its account carries, under the account's lock)."""
+    if state == "closed":
+        return StateConflict(
+            problem=f"Member {member_id} is closed: a closed account cannot earn or spend, "
+            "and stays closed.",
+            problem_zh=f"会员 {member_id} 已注销:已注销的账户不能获取或使用积分,也不能恢复。",
+        )
+    return StateConflict(
+        problem=f"Member {member_id} is {state}: it cannot earn or spend until staff make it "
+        "active again.",
+        problem_zh=f"会员 {member_id} 当前状态为 {state},恢复正常状态前不能获取或使用积分。",
+    )
+
+
 class UnknownApproval(NotFound):
     code = "unknown_approval"
     en = "There is no approval request {approval_id} in this programme. Check the id."

@@ -464,3 +464,32 @@ def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
     in_program = select(func.count()).where(members.c.program_id == club.program.id)
     assert db.run(lambda uow: uow.conn.execute(in_program).scalar_one()) == 2
     assert _sweep(db, values) == []
+
+
+def test_a_closed_member_s_profile_and_identity_are_written_no_more(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.close()
+    shop.ok(shop.erase(shop.risk, **support.key()))
+    before = db.run(
+        lambda uow: uow.conn.execute(select(members).where(members.c.id == shop.member)).one()
+    )
+    writes = [
+        ("patch", "", {"name": "李雷", "email": "li.lei@example.cn", "region": "北京"}),
+        ("patch", "", {"tags": ["vip"]}),
+        ("put", "/identity", {"id_number": ID_NUMBER, "phone": PHONE}),
+    ]
+    for method, tail, body in writes:
+        for language, says in (("en", "is closed"), ("zh-CN", "已注销")):
+            answer = client.request(
+                method.upper(), shop.url(shop.member, tail), json=body,
+                headers={**shop.operator, **support.key(), "Accept-Language": language},
+            )  # fmt: skip
+            assert answer.status_code == 409, (tail, answer.text)
+            assert answer.json()["code"] == "state_conflict" and says in answer.json()["detail"]
+    after = db.run(
+        lambda uow: uow.conn.execute(select(members).where(members.c.id == shop.member)).one()
+    )
+    assert after == before  # still erased: nothing was written back
+    assert after.name == "" and after.phone_hash is None and after.external_ref.startswith("erased")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -31,6 +32,7 @@ from jifen.events.models import events
 from jifen.events.service import order_subject
 from jifen.members.api import NOT_STORED
 from jifen.members.models import members
+from jifen.points.models import accounts
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
 from tests.conftest import BACKENDS, START, empty_database_url
@@ -45,14 +47,16 @@ def test_migrated_schema_matches_the_models(db: Database) -> None:
 
 
 def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Path) -> None:
-    # given a database at 0011 where two orders name one payment (nothing refused it then)
+    # given a database at 0011 where two orders name one payment (nothing refused it then):
+    # made by today's code, then taken back to 0011
     db = Database(f"sqlite:///{tmp_path / 'old.db'}", clock=ManualClock(START))
-    upgrade(db.engine, "0011")
+    upgrade(db.engine)
     shop = Shop.open(db)
     (member,) = shop.member(5000)
     kettle = shop.reward(points=100, cash_fen=900)
     first = shop.redeem(member, kettle.code, payment_ref="pay-1")
     second = shop.redeem(member, kettle.code, payment_ref="pay-2")
+    command.downgrade(alembic_config(db.engine), "0011")
     share = reward_orders.update().where(reward_orders.c.id == second.id)
     db.run(lambda uow: uow.conn.execute(share.values(payment_ref="pay-1")))
     # when it is upgraded, it is refused, naming the payment, and nothing changes
@@ -270,4 +274,42 @@ def test_0019_names_the_member_of_each_stored_answer_and_erases_the_erased_ones(
         assert rows[key].body == bodies[key], key
     command.downgrade(alembic_config(engine), "0017")
     assert current_revision(engine) == "0017"
+    engine.dispose()
+
+
+def test_0018_gives_each_member_account_its_member_state(empty_engine: Engine) -> None:
+    """0018 gives every member account its member's state (system accounts and the
+    accounts of active members stay active); the downgrade takes the column away."""
+    engine = empty_engine
+    upgrade(engine, "0017")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+    states = {1: "active", 2: "frozen", 3: "banned", 4: "closed"}
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(
+            members.insert(),
+            [
+                {"id": m, "program_id": 1, "external_ref": f"m{m}", "state": state,
+                 "created_at": now}
+                for m, state in states.items()
+            ],
+        )  # fmt: skip
+        conn.execute(
+            sa.text(
+                "INSERT INTO accounts (program_id, member_id, system_code, created_at) "
+                "VALUES (1, NULL, 'issued', :now), (1, 1, NULL, :now), (1, 2, NULL, :now), "
+                "(1, 3, NULL, :now), (1, 4, NULL, :now)"
+            ),
+            {"now": now},
+        )
+    upgrade(engine, "0018")
+    with engine.connect() as conn:
+        carried = dict(conn.execute(select(accounts.c.member_id, accounts.c.member_state)).all())
+    assert carried == {None: "active", **states}
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(accounts.update().where(accounts.c.member_id == 1).values(member_state="x"))
+    command.downgrade(alembic_config(engine), "0017")
+    with engine.connect() as conn:
+        columns = {column["name"] for column in sa.inspect(conn).get_columns("accounts")}
+    assert "member_state" not in columns
     engine.dispose()

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from jifen.db.uow import Database
-from jifen.errors import InvalidInput
+from jifen.errors import InvalidInput, StateConflict
 from jifen.events.schemas import EventIn
 from jifen.events.stream import Applied, Incoming, action_for, apply_batch
 from jifen.members import service as members
@@ -67,6 +67,33 @@ def test_a_refund_takes_points_back_from_a_frozen_or_banned_member(
     (outcome,) = db.run(lambda uow: apply_batch(uow, [Incoming(program.code, event)]))
     assert isinstance(outcome, Applied) and action_for(outcome).value == "ack"
     assert balance(db, member).balance == 0
+    assert_ledger_sound(db, program.id)
+
+
+def test_a_refund_of_an_order_of_a_closed_member_takes_nothing_more(db: Database) -> None:
+    # given a member that earned from an order, then closed: the closing forfeited its points
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    now = db.clock.now()
+    send(db, program.id, member, "order.paid", now, "O1", order_id="O1",
+         lines=lines(("A", "x", 100)))  # fmt: skip
+    db.run(
+        lambda uow: members.change_state(
+            uow, program_id=program.id, member_id=member, state="closed"
+        )
+    )
+    closed = balance(db, member)
+    assert (closed.balance, closed.debt) == (0, 0)
+    # when its order is refunded, the refund is refused: the points it would take back were
+    # settled at closing, and a closed account takes on no debt
+    later = now + timedelta(minutes=1)
+    with pytest.raises(StateConflict, match=f"Member {member} is closed") as refused:
+        send(db, program.id, member, "order.refunded", later, "O1-back", order_id="O1",
+             whole=True)  # fmt: skip
+    assert "已注销" in refused.value.message("zh")
+    after = balance(db, member)
+    assert (after.balance, after.debt) == (0, 0)
     assert_ledger_sound(db, program.id)
 
 

@@ -18,6 +18,8 @@ from jifen.points import integrity
 from jifen.points import service as points
 from jifen.points.models import postings
 from jifen.programs import service as programs
+from jifen.rewards import service as rewards
+from jifen.rewards.models import reward_orders
 from tests.factories import assert_ledger_sound, new_members, new_program
 from tests.points.test_service import call, snapshot
 from tests.rewards.shop import Shop
@@ -229,4 +231,145 @@ def test_unfinished_redemptions_keep_the_account_open(db: Database) -> None:
         read_only=True,
     )
     assert tuple(rows) == ("expire", 19300)
+    assert_ledger_sound(db, shop.program_id)
+
+
+# --------------------------------------------------------------------------- after closing
+
+
+def kinds_of(db: Database, member_id: int) -> list[tuple[str, int, int | None, str]]:
+    """The member's postings, oldest first: (kind, change, referred posting, reason)."""
+    page = call(db, points.history, member_id=member_id, limit=100)
+    return [(e.kind, e.change, e.ref_posting_id, e.reason) for e in reversed(page.items)]
+
+
+def test_a_refund_to_a_closed_account_is_forfeited_in_the_same_transaction(club: Any) -> None:
+    db, program_id, alice, _ = club
+    call(db, points.earn, member_id=alice, amount=100, key="a1")
+    spent = call(db, points.spend, member_id=alice, amount=60, key="s1")
+    close(db, program_id, alice)  # forfeits the 40 left
+    held, expired = liability(db, program_id)
+
+    refund = call(db, points.refund, spend_id=spent.id, key="r1", reason="goods returned")
+
+    assert refund.kind == "refund" and refund.amount == 60
+    *_, given, forfeit = kinds_of(db, alice)
+    assert given == ("refund", 60, spent.id, "goods returned")
+    assert forfeit == ("expire", -60, refund.id, points.GIVEN_BACK_FORFEITED)
+    assert "账户已注销" in forfeit[3]
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.available, summary.debt) == (0, 0, 0)
+    assert liability(db, program_id) == (held, expired + 60)
+    # the same request again answers the first refund and forfeits nothing more
+    before = snapshot(db, program_id)
+    again = call(db, points.refund, spend_id=spent.id, key="r1", reason="goods returned")
+    assert again.replayed and again.id == refund.id
+    assert snapshot(db, program_id) == before
+    assert_ledger_sound(db, program_id)
+
+
+def test_under_refuse_a_refund_to_a_closed_account_is_refused_and_changes_nothing(
+    club: Any,
+) -> None:
+    db, program_id, alice, _ = club
+    set_policy(db, program_id, "refuse")
+    call(db, points.earn, member_id=alice, amount=100, key="a1")
+    spent = call(db, points.spend, member_id=alice, amount=100, key="s1")
+    close(db, program_id, alice)
+    before = snapshot(db, program_id)
+    with pytest.raises(StateConflict, match="cannot be given back to a closed account") as no:
+        call(db, points.refund, spend_id=spent.id, key="r1")
+    assert "不能退回已注销的账户" in no.value.message("zh")
+    assert snapshot(db, program_id) == before
+    # what jifen gives back by itself (a voucher lapsed unused) is forfeited whatever the policy
+    call(db, points.refund, spend_id=spent.id, key="r2", amount=90, forfeit_if_closed=True)
+    assert call(db, points.balance, member_id=alice).balance == 0
+    assert [k[:2] for k in kinds_of(db, alice)][-2:] == [("refund", 90), ("expire", -90)]
+    assert_ledger_sound(db, program_id)
+
+
+@pytest.mark.parametrize("policy", ["forfeit", "refuse"])
+def test_a_closed_account_earns_spends_and_is_corrected_no_more(club: Any, policy: str) -> None:
+    db, program_id, alice, bob = club
+    set_policy(db, program_id, policy)
+    earned = call(db, points.earn, member_id=alice, amount=100, key="a1")
+    call(db, points.spend, member_id=alice, amount=100, key="s1")
+    call(db, points.earn, member_id=bob, amount=100, key="b1")
+    close(db, program_id, alice)
+    before = snapshot(db, program_id)
+    refusals = {
+        "cannot earn": lambda: call(db, points.earn, member_id=alice, amount=5, key="x1"),
+        "cannot earn or spend": lambda: call(db, points.spend, member_id=alice, amount=5, key="x2"),
+        "is closed": lambda: call(
+            db, points.transfer, from_member_id=bob, to_member_id=alice, amount=5, key="x3"
+        ),
+        "takes no adjustment": lambda: call(
+            db, points.adjust, member_id=alice, amount=5, key="x4", reason="goodwill", actor="s"
+        ),
+        "takes no claw-back": lambda: call(db, points.reverse, earn_id=earned.id, key="x5"),
+    }
+    for says, attempt in refusals.items():
+        with pytest.raises(StateConflict, match=says) as refused:
+            attempt()
+        assert "已注销" in refused.value.message("zh")
+    assert snapshot(db, program_id) == before
+    # a posting made before the closing still answers its key
+    assert call(db, points.earn, member_id=alice, amount=100, key="a1").replayed
+
+
+def test_a_redemption_returned_after_closing_gives_back_nothing_to_use(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    lamp = shop.reward(points=2000, stock=2)  # 1,600 for 金卡
+    order = shop.redeem(member, lamp.code)
+    shop.move(order.id, "ship")
+    shop.move(order.id, "deliver")
+    settled = close(db, shop.program_id, member).settlement
+    assert settled is not None and settled.forfeited == 3400
+    returned = shop.move(order.id, "return", note="faulty")
+    assert returned.state == "returned" and returned.refund_posting_id is not None
+    assert shop.get(lamp.code).stock_left == 2
+    *_, given, forfeit = kinds_of(db, member)
+    assert given[:3] == ("refund", 1600, order.spend_posting_id)
+    assert forfeit == ("expire", -1600, returned.refund_posting_id, points.GIVEN_BACK_FORFEITED)
+    assert call(db, points.balance, member_id=member).balance == 0
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_under_refuse_a_redemption_is_not_returned_to_a_closed_account(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(1600, tier="金卡")
+    set_policy(db, shop.program_id, "refuse")
+    lamp = shop.reward(points=2000, stock=2)
+    order = shop.redeem(member, lamp.code)  # every point it held
+    shop.move(order.id, "ship")
+    shop.move(order.id, "deliver")
+    close(db, shop.program_id, member)
+    before = (shop.counts(), snapshot(db, shop.program_id), shop.get(lamp.code).stock_left)
+    with pytest.raises(StateConflict, match="closed account"):
+        shop.move(order.id, "return")
+    after = (shop.counts(), snapshot(db, shop.program_id), shop.get(lamp.code).stock_left)
+    assert after == before
+    state = select(reward_orders.c.state).where(reward_orders.c.id == order.id)
+    assert db.run(lambda uow: uow.conn.execute(state).scalar_one(), read_only=True) == "delivered"
+
+
+@pytest.mark.parametrize("policy", ["forfeit", "refuse"])
+def test_a_voucher_lapsing_after_closing_is_forfeited_and_the_run_goes_on(
+    db: Database, policy: str
+) -> None:
+    shop = Shop.open(db)
+    set_policy(db, shop.program_id, policy)
+    (member,) = shop.member(1000, tier="普通")
+    wash = shop.reward(kind="service", points=1000, name={"zh": "洗车券"})
+    kept = shop.redeem(member, wash.code)
+    assert kept.state == "delivered" and kept.voucher is not None
+    close(db, shop.program_id, member)
+    clock: ManualClock = db.clock
+    clock.advance(timedelta(days=91))
+    report = db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    assert (report.vouchers, report.points_returned, report.fees) == (1, 900, 100)
+    *_, given, forfeit = kinds_of(db, member)
+    assert (given[:2], forfeit[:2]) == (("refund", 900), ("expire", -900))
+    assert call(db, points.balance, member_id=member).balance == 0
     assert_ledger_sound(db, shop.program_id)

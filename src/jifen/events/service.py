@@ -534,7 +534,9 @@ class _Intake:
         if profile is None:
             raise UnknownMember(member_id=item.member_id)
         # A refund takes back what its order earned, whatever the member's state since:
-        # a frozen or banned member must not keep the points of goods it returned.
+        # a frozen or banned member must not keep the points of goods it returned. A closed
+        # one's points were settled at closing: its refund is refused, and takes nothing
+        # back (nor makes a debt on the closed account, which the ledger refuses too).
         if event.type != "order.refunded" or profile.state not in ("frozen", "banned"):
             members_service.require_active(profile)
         if event.type == "member.birthday":

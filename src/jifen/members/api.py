@@ -161,7 +161,8 @@ def update_member(
 ) -> JSONResponse:
     """Change profile fields. Any other field (state, phone, tier, balance) is refused. What
     the earning rules read is staff's to change: a member or an API key gives the birthday
-    only while none is set; a member cannot change its tags, a key cannot set them."""
+    only while none is set; a member cannot change its tags, a key cannot set them. A
+    closed member's profile is changed no more (409): its personal data may be erased."""
 
     def update(uow: UnitOfWork) -> MemberProfile:
         before, after = service.update_profile(
@@ -193,8 +194,13 @@ def change_state(
     Closing settles the points by the programme's ``closing_policy``: ``forfeit`` (the
     default) clears them into the expired account by one expiry posting, ``refuse`` refuses
     to close an account still holding points. Closing is refused while points are frozen or
-    a redemption is unfinished; a debt stays on the closed account. The audit entry's
-    ``after`` carries the settlement."""
+    a redemption is unfinished; a debt stays on the closed account. Points given back to a
+    closed account later are forfeited at once, or the refund refused, by the same policy
+    (see the programme settings). The audit entry's ``after`` carries the settlement.
+
+    A freeze, ban or closing holds the member's points account: an earning, spend or
+    transfer that reaches the account after it has committed is refused (409), however
+    close behind it came."""
     settled: dict[str, Any] = {}
 
     def change(uow: UnitOfWork) -> MemberProfile:
@@ -231,7 +237,8 @@ def bind_identity(
     would bind its own phone to any member and sign in as it with a texted code). When the
     bound phone changes, every other session of the member ends, and the number bound until
     then is texted that it was replaced (by which masked number, when, and what to do if the
-    member did not ask for it), so that a member whose account was taken over learns of it."""
+    member did not ask for it), so that a member whose account was taken over learns of it.
+    A closed member's numbers are bound no more (409)."""
     if ctx.principal.kind == "key":
         raise Forbidden(
             problem="An API key cannot bind or change a member's phone or ID number: the "

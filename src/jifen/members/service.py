@@ -14,7 +14,14 @@ from jifen.crypto import decrypt, encrypt, keyed_hash
 from jifen.db.bulk import among
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
-from jifen.errors import DuplicateReference, Forbidden, InvalidInput, StateConflict, UnknownMember
+from jifen.errors import (
+    DuplicateReference,
+    Forbidden,
+    InvalidInput,
+    StateConflict,
+    UnknownMember,
+    not_active,
+)
 from jifen.members import core
 from jifen.members.models import members
 from jifen.members.schemas import (
@@ -155,12 +162,7 @@ _ACTIVE_BIRTHDAY = Prepared(
 def require_active(member: MemberRead | MemberFacts | Any) -> None:
     """StateConflict unless the member's state lets it earn and spend (active)."""
     if member.state != "active":
-        raise StateConflict(
-            problem=f"Member {member.id} is {member.state}: it cannot earn or spend until "
-            "staff make it active again.",
-            problem_zh=f"会员 {member.id} 当前状态为 {member.state},"
-            "恢复正常状态前不能获取或使用积分。",
-        )
+        raise not_active(member.id, member.state)
 
 
 def external_refs(uow: UnitOfWork, *, member_ids: Iterable[int]) -> dict[int, str]:
@@ -386,14 +388,34 @@ def update_profile(
 ) -> tuple[MemberProfile, MemberProfile]:
     """Change the fields given; answers (before, after). ``by`` is who asks: ``"staff"``,
     the member itself (``"member"``) or an API key (``"key"``); see :func:`_check_rule_facts`
-    for what the last two may not change."""
+    for what the last two may not change. Refused for a closed member, even one closing
+    while this runs (:func:`_closed_profile`)."""
     before = get_profile(uow, program_id=program_id, member_id=member_id)
+    if before.state == "closed":
+        raise _closed_profile(member_id)
     values = body.model_dump(exclude_unset=True)
     _check_rule_facts(before, values, by)
     if values:
         values["updated_at"] = uow.clock.now()
-        uow.conn.execute(members.update().where(members.c.id == member_id).values(**values))
+        written = uow.conn.execute(
+            members.update()
+            .where(members.c.id == member_id, members.c.state != "closed")
+            .values(**values)
+        ).rowcount
+        if written != 1:  # closed (and maybe erased) by a request that committed meanwhile
+            raise _closed_profile(member_id)
     return before, get_profile(uow, program_id=program_id, member_id=member_id)
+
+
+def _closed_profile(member_id: int) -> StateConflict:
+    """What refuses a write of a closed member's personal data (profile, phone, ID number):
+    a closed account is done with, and an erased one must stay erased."""
+    return StateConflict(
+        problem=f"Member {member_id} is closed: its profile and identity are not changed any "
+        "more (its personal data may have been erased, and a write would put some back).",
+        problem_zh=f"会员 {member_id} 已注销:其资料和身份信息不能再修改(其个人信息可能已被"
+        "删除,修改会重新写入个人信息)。",
+    )
 
 
 def _key_tags() -> Forbidden:
@@ -488,7 +510,14 @@ def change_state(
 ) -> StateMove:
     """Move a member to ``state`` if the move is allowed. Closing settles the account's
     points in the same transaction, by the programme's ``closing_policy`` (``actor`` is
-    who the settlement posting names), and is refused while a redemption is unfinished."""
+    who the settlement posting names), and is refused while a redemption is unfinished.
+
+    The member's points account takes the new state in the same transaction (see
+    :func:`points.service.set_member_state`): a posting reads it under the account's lock,
+    so no earning, spend or transfer posts after a freeze, ban or closing has committed,
+    however close behind it came. The member's row is held first, as every batch of events
+    holds members before their accounts."""
+    lock_members(uow, member_ids=[member_id])
     before = get_profile(uow, program_id=program_id, member_id=member_id)
     if (before.state, state) not in core.TRANSITIONS:
         final = " A closed account stays closed." if before.state == "closed" else ""
@@ -498,6 +527,7 @@ def change_state(
             + ("已注销的账户不能恢复。" if final else ""),
         )
     settlement = _settle_closing(uow, program_id, member_id, actor) if state == "closed" else None
+    points_service.set_member_state(uow, member_id=member_id, state=state)
     moved = uow.conn.execute(
         members.update()
         .where(members.c.id == member_id, members.c.state == before.state)
@@ -564,6 +594,8 @@ def bind_identity(
     if uow.dialect == "postgresql":
         uow.conn.execute(select(members.c.id).where(members.c.id == member_id).with_for_update())
     before = _row(uow, program_id, member_id)
+    if before.state == "closed":
+        raise _closed_profile(member_id)
     _phone_taken(uow, program_id, phone, member_id)
     other = uow.conn.execute(
         select(members.c.id).where(

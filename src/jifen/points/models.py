@@ -51,11 +51,22 @@ accounts = Table(
     Column("debt", BigInteger, nullable=False, server_default="0"),
     Column("head_seq", BigInteger, nullable=False, server_default="0"),
     Column("head_hash", String(64), nullable=False, server_default="0" * 64),
+    Column(
+        "member_state",
+        String(16),
+        nullable=False,
+        server_default="active",
+        comment="the member's state (members.state), set with it by every change of state: "
+        "what posts to the account reads it under the account's row lock",
+    ),
     Column("created_at", UTCDateTime(), nullable=False),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
     CheckConstraint("frozen >= 0", name="frozen_not_negative"),
     CheckConstraint("debt >= 0", name="debt_not_negative"),
     CheckConstraint("(member_id IS NULL) <> (system_code IS NULL)", name="member_or_system"),
+    CheckConstraint(
+        "member_state IN ('active', 'frozen', 'banned', 'closed')", name="known_member_state"
+    ),
     UniqueConstraint("member_id", "currency"),
     UniqueConstraint("program_id", "system_code", "currency"),
 )

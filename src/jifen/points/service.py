@@ -32,6 +32,7 @@ from jifen.errors import (
     StateConflict,
     UnknownMember,
     UnknownPosting,
+    not_active,
 )
 from jifen.ledger import (
     AccountState,
@@ -126,6 +127,9 @@ class _Account:
     debt: int
     head_seq: int
     head_hash: str
+    member_state: str
+    """The member's state as the account carries it (see :func:`set_member_state`): read
+    with the account's lock, so no concurrent change of state can have committed since."""
 
     @property
     def state(self) -> AccountState:
@@ -162,11 +166,11 @@ def _lock(
     """Lock the members' accounts in id order and find a posting already made with ``key``."""
     uow.local.pop(_HELD, None)
     rows = store.lock_accounts(uow.conn, member_ids, key)
-    found = {row[2]: _Account(*row[:8]) for row in rows}
+    found = {row[2]: _Account(*row[:9]) for row in rows}
     for member_id in member_ids:
         if member_id not in found:
             raise UnknownMember(member_id=member_id)
-    return [found[m] for m in member_ids], rows[0][8]
+    return [found[m] for m in member_ids], rows[0][9]
 
 
 def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
@@ -189,7 +193,7 @@ def _lock_spending(
     if row is None:
         raise UnknownMember(member_id=member_id)
     lots = None if opened is None else [Lot(*lot) for lot in opened]
-    return _Account(*row[:8]), row[8], lots
+    return _Account(*row[:9]), row[9], lots
 
 
 def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bool = False) -> bool:
@@ -224,12 +228,47 @@ def lock_account_read(uow: UnitOfWork, *, member_id: int, key: str) -> Read[None
 
     def answer(row: Any) -> None:
         uow.local.pop(_HELD, None)
-        if row is not None and row[8] is None:  # a replay locks (and answers) again
-            uow.local[_HELD] = _Held(key, _Account(*row[:8]))
+        if row is not None and row[9] is None:  # a replay locks (and answers) again
+            uow.local[_HELD] = _Held(key, _Account(*row[:9]))
 
     if uow.dialect != "postgresql" or not key:
         return Read(None, {}, lambda _row: None)
     return Read(store.LOCK_ONE, {"key": key, "member": member_id}, answer)
+
+
+def set_member_state(uow: UnitOfWork, *, member_id: int, state: str) -> None:
+    """Record the member's new ``state`` on its points account, in the transaction that
+    changes it (and locking the account until it ends). Every posting to the account locks
+    its row and reads this state there: on PostgreSQL a posting that waited for this change
+    reads the row as it left it, so once a freeze, ban or closing commits no earning posts
+    after it (the member's own row, read in the posting's statement, would still show the
+    state from before)."""
+    uow.local.pop(_HELD, None)  # the row changes: a lock handed on would hold an old copy
+    uow.conn.execute(
+        accounts.update()
+        .where(accounts.c.member_id == member_id, accounts.c.currency == CURRENCY)
+        .values(member_state=state)
+    )
+
+
+def _require_active(*holders: _Account) -> None:
+    """Refuse an earning, a debit or a transfer of a member that is not active, by the
+    state its locked account carries."""
+    for holder in holders:
+        if holder.member_state != "active":
+            raise not_active(holder.member_id, holder.member_state)
+
+
+def _require_open(holder: _Account, what: str, what_zh: str) -> None:
+    """Refuse ``what`` (a correction, a claw-back) on a closed account: its points were
+    settled when it closed, and it takes on neither points nor debt since."""
+    if holder.member_state == "closed":
+        raise StateConflict(
+            problem=f"Member {holder.member_id} is closed: its points were settled when it "
+            f"closed, and a closed account takes no {what}.",
+            problem_zh=f"会员 {holder.member_id} 已注销:其积分已在注销时结算,已注销的账户"
+            f"不再接受{what_zh}。",
+        )
 
 
 def _member_of_account(uow: UnitOfWork, account_id: int) -> int:
@@ -470,7 +509,10 @@ def earn(
     """Credit points from the programme's issuing account.
 
     ``available_at`` in the future makes them pending until then; ``expires_at`` is when the
-    lot lapses (``None``: never). Any debt of the member is paid off first.
+    lot lapses (``None``: never). Any debt of the member is paid off first. Refused unless
+    the member is active, by the state its account carries under the lock (see
+    :func:`set_member_state`); so are :func:`earn_many`, :func:`spend` and
+    :func:`transfer` (both members).
     """
     _require_key(key)
     request = _fingerprint(
@@ -485,6 +527,7 @@ def earn(
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_active(member)
     now = uow.clock.now()
     plan = ledger.plan_earn(
         account=member.state,
@@ -529,13 +572,14 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
         _require_key(earning.key)
     ids = sorted({e.member_id for e in earnings})
     uow.local.pop(_HELD, None)
-    held = {row[2]: _Account(*row[:8]) for row in store.lock_accounts(uow.conn, ids, "")}
+    held = {row[2]: _Account(*row[:9]) for row in store.lock_accounts(uow.conn, ids, "")}
     now = uow.clock.now()
     batch: list[store.PostingRows] = []
     for earning in earnings:
         member = held.get(earning.member_id)
         if member is None:
             raise UnknownMember(member_id=earning.member_id)
+        _require_active(member)
         plan = ledger.plan_earn(
             account=member.state, amount=earning.amount, now=now,
             available_at=earning.available_at, expires_at=earning.expires_at,
@@ -598,6 +642,7 @@ def spend(
     member, replay_id, opened = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_active(member)
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
     lots_now = _spendable_lots(uow, member.id, now, amount, opened)
@@ -701,8 +746,16 @@ def refund(
     amount: int | None = None,
     reason: str = "",
     actor: str = "",
+    forfeit_if_closed: bool = False,
 ) -> PostingRead:
-    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took."""
+    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took.
+
+    To a closed account (a return after closing), by the programme's ``closing_policy``:
+    under ``forfeit`` the points are given back and forfeited at once, by an expiry posting
+    that refers to the refund, in the same transaction; under ``refuse`` the refund is
+    refused, as points on a closed account could be neither used nor forfeited. With
+    ``forfeit_if_closed`` (what jifen gives back by itself, a voucher lapsed unused, where
+    no one could act on a refusal) they are forfeited whatever the policy."""
     _require_key(key)
     request = _fingerprint("refund", spend=spend_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, spend_id, Kind.SPEND), key)
@@ -720,8 +773,14 @@ def refund(
     )
     return _given_back(
         uow, plan, member=member, key=key, request_hash=request, ref_posting_id=spend_id,
-        reason=reason, actor=actor,
+        reason=reason, actor=actor, forfeit_if_closed=forfeit_if_closed,
     )  # fmt: skip
+
+
+GIVEN_BACK_FORFEITED = (
+    "account closed: points given back to it are forfeited 账户已注销,退回的积分作废"
+)
+"""The reason of the posting that forfeits points given back to a closed account."""
 
 
 def _given_back(
@@ -734,16 +793,29 @@ def _given_back(
     ref_posting_id: int,
     reason: str,
     actor: str,
+    forfeit_if_closed: bool = False,
 ) -> PostingRead:
     """Write a refund or an unfreeze; then the points it gave back to lots whose points a
     renewal has since moved to a later date (a tier change, say) follow them there, by a
     renewal posting in the same transaction. Left on the old lot they would lapse on the
-    date the renewal had put behind them."""
+    date the renewal had put behind them.
+
+    On a closed account (see :func:`refund`) the points given back are forfeited instead,
+    in the same transaction, or the give-back is refused before anything is written."""
+    closed = member.member_state == "closed"
+    if closed and not forfeit_if_closed:
+        _refuse_given_back_unless_forfeited(uow, member)
     now = uow.clock.now()
     posting = _write(
         uow, plan, member=member, key=key, request_hash=request_hash, now=now,
         ref_posting_id=ref_posting_id, reason=reason, actor=actor,
     )  # fmt: skip
+    if closed:
+        forfeit_all(
+            uow, member_id=member.member_id, key=f"forfeit-after:{posting.id}",
+            reason=GIVEN_BACK_FORFEITED, actor=SYSTEM, ref_posting_id=posting.id,
+        )  # fmt: skip
+        return posting
     given = {a.lot_id: a.amount for a in plan.allocations if a.amount > 0}
     dates = _renewed_dates(uow, given)
     if dates:
@@ -762,6 +834,19 @@ def _given_back(
 
 
 FOLLOWED_RENEWAL = "points given back to a renewed lot take its later date"
+
+
+def _refuse_given_back_unless_forfeited(uow: UnitOfWork, member: _Account) -> None:
+    """Refuse to give points back to a closed account unless the programme forfeits them."""
+    policy = programs_service.get_settings(uow, program_id=member.program_id).closing_policy
+    if policy != "forfeit":
+        raise StateConflict(
+            problem=f"Member {member.member_id} is closed, and this programme does not forfeit "
+            "points at closing: points cannot be given back to a closed account, where they "
+            "could be neither used nor forfeited. Settle with the member another way.",
+            problem_zh=f"会员 {member.member_id} 已注销,且本计划注销账户时不作废积分:积分不能"
+            "退回已注销的账户(既无法使用,也不能作废)。请以其他方式与会员结算。",
+        )
 
 
 def _renewed_dates(uow: UnitOfWork, lot_ids: Iterable[int]) -> dict[int, datetime | None]:
@@ -810,13 +895,16 @@ def reverse(
     """Claw back all (``amount=None``) or part of an earn.
 
     What is left of the earn's own lot goes first, then other spendable points; what the
-    member already spent and cannot cover becomes debt that later earnings pay off.
+    member already spent and cannot cover becomes debt that later earnings pay off. Refused
+    on a closed account: its points were settled at closing, and it takes on no debt (that
+    nothing could ever pay).
     """
     _require_key(key)
     request = _fingerprint("reverse", earn=earn_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, earn_id, Kind.EARN), key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_open(member, "claw-back", "冲正")
     original = _original(uow, earn_id, Kind.EARN, Kind.REVERSE)
     now = uow.clock.now()
     own = uow.conn.execute(
@@ -855,7 +943,8 @@ def adjust(
     actor: str,
     expires_at: datetime | None = None,
 ) -> PostingRead:
-    """A manual correction by ``actor``: positive credits, negative debits (never below 0)."""
+    """A manual correction by ``actor``: positive credits, negative debits (never below 0).
+    Refused on a closed account, which holds no points and takes none."""
     _require_key(key)
     request = _fingerprint(
         "adjust",
@@ -868,6 +957,7 @@ def adjust(
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_open(member, "adjustment", "积分调整")
     now = uow.clock.now()
     needed = -amount if isinstance(amount, int) and amount < 0 else 0
     plan = ledger.plan_adjust(
@@ -916,6 +1006,7 @@ def transfer(
     (sender, receiver), replay_id = _lock(uow, [from_member_id, to_member_id], key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    _require_active(sender, receiver)
     if sender.program_id != receiver.program_id:
         raise InvalidInput(
             field="to_member_id",
@@ -984,7 +1075,8 @@ def unfreeze(
     reason: str = "",
     actor: str = "",
 ) -> PostingRead:
-    """Release all (``amount=None``) or part of a freeze back to the lots it held."""
+    """Release all (``amount=None``) or part of a freeze back to the lots it held; to a
+    closed account, as :func:`refund` gives back to one."""
     _require_key(key)
     request = _fingerprint("unfreeze", freeze=freeze_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, freeze_id, Kind.FREEZE), key)
@@ -1084,12 +1176,22 @@ def settle_closing(
 
 
 def forfeit_all(
-    uow: UnitOfWork, *, member_id: int, key: str, reason: str, actor: str
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    key: str,
+    reason: str,
+    actor: str,
+    ref_posting_id: int | None = None,
 ) -> PostingRead | None:
     """Clear every point the member holds (available, pending or past its date) into the
-    expired account, as one expiry posting; ``None`` when it holds none."""
+    expired account, as one expiry posting (referring to ``ref_posting_id``, the posting
+    whose points it forfeits, if any); ``None`` when it holds none."""
     _require_key(key)
-    request = _fingerprint("forfeit", member=member_id, reason=reason, actor=actor)
+    request = _fingerprint(
+        "forfeit", member=member_id, reason=reason, actor=actor,
+        **({"ref": ref_posting_id} if ref_posting_id is not None else {}),
+    )  # fmt: skip
     member, replay_id = _lock_one(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
@@ -1098,7 +1200,7 @@ def forfeit_all(
         return None
     return _write(
         uow, plan, member=member, key=key, request_hash=request, now=uow.clock.now(),
-        reason=reason, actor=actor,
+        ref_posting_id=ref_posting_id, reason=reason, actor=actor,
     )  # fmt: skip
 
 
@@ -1135,7 +1237,7 @@ def expire_due(
             reason=FROZEN_AT_EXPIRY if freeze else EXPIRED_REASON, actor="system",
         )  # fmt: skip
         return ExpiryChunk(accounts=expired, lots=lots_expired, points=points, found=len(rows))
-    locked = [_Account(*row[:8]) for row in rows]
+    locked = [_Account(*row[:9]) for row in rows]
     written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
     return ExpiryChunk(
         accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written),

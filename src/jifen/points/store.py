@@ -35,8 +35,9 @@ class PostingRows:
     # (account id, balance change, frozen change, debt change, new head seq, new head hash)
 
 
-AccountRow = tuple[int, int, int, int, int, int, int, str, int | None]
-"""id, program id, member id, balance, frozen, debt, head seq, head hash, replayed posting id"""
+AccountRow = tuple[int, int, int, int, int, int, int, str, str, int | None]
+"""id, program id, member id, balance, frozen, debt, head seq, head hash, member state,
+replayed posting id"""
 
 LotRow = tuple[int, int, int, datetime, datetime | None]
 """id, amount, remaining, available_at, expires_at"""
@@ -51,11 +52,17 @@ ACCOUNT_COLUMNS = (
     accounts.c.debt,
     accounts.c.head_seq,
     accounts.c.head_hash,
+    accounts.c.member_state,
 )
 
 # An account row as the service reads it (``AccountRow``, but for the replayed posting).
+# The member's state comes with the locked row: a lock that waited for a change of state
+# reads the row as that change left it, where the member's own row, read in the same
+# statement, would still show the state from before (see ``points.service``'s
+# ``set_member_state``).
 _ACCOUNT_FIELDS = (
-    "a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash"
+    "a.id, a.program_id, a.member_id, a.balance, a.frozen, a.debt, a.head_seq, a.head_hash, "
+    "a.member_state"
 )
 
 _POSTGRESQL_LOCK = f"""
@@ -76,7 +83,7 @@ _POSTGRESQL_LOCK_ONE = _POSTGRESQL_LOCK.replace(
 )
 
 
-LOCK_ONE = PreparedSQL(_POSTGRESQL_LOCK_ONE, 9)
+LOCK_ONE = PreparedSQL(_POSTGRESQL_LOCK_ONE, 10)
 """PostgreSQL: :func:`lock_accounts` for one member, as a read that can go with others."""
 
 
@@ -201,7 +208,7 @@ def lock_account_spending(
     row = execute(conn, _POSTGRESQL_LOCK_SPENDING, params).fetchone()
     if row is None:
         return None, None
-    return row[:9], _unpacked(row[9])
+    return row[:10], _unpacked(row[10])
 
 
 BalanceRow = tuple[int, int, int, int, int | None, datetime | None, datetime | None]

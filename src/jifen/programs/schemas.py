@@ -64,7 +64,15 @@ class ProgramSettings(RequestBody):
     clears them (available, pending and past their date alike) into the expired account,
     as expired points go; ``refuse`` refuses to close it until staff have spent,
     transferred or adjusted them. Either way an account with frozen points is not closed
-    until they are unfrozen or released, and a debt stays on the closed account."""
+    until they are unfrozen or released, and a debt stays on the closed account.
+
+    A closed account earns, spends and is adjusted no more. Points given back to it later
+    (a refund of a spend, a returned redemption) are, under ``forfeit``, forfeited in the
+    same transaction by an expiry posting that refers to the refund; under ``refuse`` the
+    refund is refused. An unused voucher that lapses after closing has its points given
+    back and forfeited under either policy. The refund of an order it earned from takes
+    nothing back: its points were settled at closing, and a closed account takes on no
+    debt."""
     tier_scheme: TierScheme | None = None
     """How members' tiers follow their scores, and what each tier gives; ``None``: tiers
     are set by hand only."""

@@ -1467,6 +1467,7 @@ def _expire_one(uow: UnitOfWork, order: Any, voucher: Any, back: int, fee: int) 
             uow, spend_id=order.spend_posting_id, amount=back,
             key=f"order:{order.id}:voucher-expired",
             reason=f"voucher {voucher.code} expired unused; fee {fee}", actor="system",
+            forfeit_if_closed=True,  # a job: no one to act on a refusal
         ).id  # fmt: skip
         uow.conn.execute(
             vouchers_table.update()

@@ -12,7 +12,7 @@ and the status the write answered. The downgrade drops the column; erased answer
 erased.
 
 Revision ID: 0019
-Revises: 0017
+Revises: 0018
 Create Date: 2026-12-11 10:00:00
 """
 
@@ -25,7 +25,7 @@ from alembic import op
 from jifen.db.base import BigId
 
 revision: str = "0019"
-down_revision: str | None = "0017"
+down_revision: str | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
