@@ -138,6 +138,16 @@ def test_reconcile_names_an_account_whose_balance_was_changed_in_sql(history: tu
     assert "balance (stored) vs its lines: 57 != 50" in output
 
 
+def test_reconcile_names_an_account_whose_member_state_was_changed_in_sql(
+    history: tuple,
+) -> None:
+    db, program, ids = history
+    execute(db, "UPDATE members SET state = 'frozen' WHERE id = :m", m=ids["bob"])
+    code, output = jifen(db, "ledger", "reconcile", "--program", program.code)
+    assert code == 1
+    assert "member state carried by the account vs the member's: active != frozen" in output
+
+
 def test_checkpoint_seals_heads_and_catches_a_rewritten_tail(history: tuple) -> None:
     db, program, ids = history
     code, output = jifen(db, "ledger", "checkpoint", "--program", program.code)

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from jifen import ledger
 from jifen.db.uow import UnitOfWork
 from jifen.ledger import GENESIS, Kind, PostingFacts, SystemAccount
+from jifen.members.models import members
 from jifen.points.models import (
     accounts,
     allocations,
@@ -360,7 +361,8 @@ def checkpoint(uow: UnitOfWork, *, program_id: int) -> tuple[int, str]:
 
 
 def reconcile(uow: UnitOfWork, *, program_id: int | None = None) -> ReconcileReport:
-    """Recompute every cached figure from lines and allocations and report each difference."""
+    """Recompute every cached figure from lines and allocations and report each difference;
+    and each member account's copy of its member's state."""
     report = ReconcileReport()
     conn = uow.conn
     in_program = _program_filter(accounts.c.program_id, program_id)
@@ -426,6 +428,15 @@ def reconcile(uow: UnitOfWork, *, program_id: int | None = None) -> ReconcileRep
         ).all()
     )
 
+    # What posts to an account reads the member's state there (see points.service
+    # .set_member_state): it must be the member's own.
+    states = dict(
+        conn.execute(
+            select(members.c.id, members.c.state).where(
+                *_program_filter(members.c.program_id, program_id)
+            )
+        ).all()
+    )
     for row in conn.execute(select(accounts).where(*in_program).order_by(accounts.c.id)):
         from_lines = int(line_sums.get(row.id, 0))
         if row.system_code is not None:
@@ -446,6 +457,14 @@ def reconcile(uow: UnitOfWork, *, program_id: int | None = None) -> ReconcileRep
                 report.problems.append(
                     Problem(f"{label}: {stored} != {recomputed}", account_id=row.id)
                 )
+        if row.member_state != states.get(row.member_id):
+            report.problems.append(
+                Problem(
+                    f"member state carried by the account vs the member's: {row.member_state} "
+                    f"!= {states.get(row.member_id)}",
+                    account_id=row.id,
+                )
+            )
         if min(row.balance, row.frozen, row.debt) < 0:
             report.problems.append(
                 Problem("a balance, frozen or debt figure is negative", account_id=row.id)
