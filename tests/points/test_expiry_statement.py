@@ -125,7 +125,7 @@ def test_the_statement_writes_what_the_python_path_writes(
         python: dict[str, Any] = {}
         try:
             with uow.savepoint():
-                locked = [points._Account(*row[:9]) for row in rows]
+                locked = [points._account(row) for row in rows]
                 points._expire_locked(uow, locked, now, freeze=freeze)
                 python = _written(uow, program.id, account_ids)
                 raise _Undo

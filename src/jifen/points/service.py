@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, case, func, literal_column, select
@@ -136,6 +136,18 @@ class _Account:
         return AccountState(balance=self.balance, frozen=self.frozen, debt=self.debt)
 
 
+def _account(row: Sequence[Any]) -> _Account:
+    """The account of a row :mod:`points.store` read (``AccountRow``: the account's fields,
+    then the replayed posting's id, which :data:`_REPLAYED` indexes)."""
+    return _Account(*row[:_REPLAYED])
+
+
+_REPLAYED: Final = 9
+"""Where an ``AccountRow`` holds the posting already made with the key (``None``: none):
+after the account's fields (a literal, so that the type checker knows the field's type)."""
+assert len(store.ACCOUNT_COLUMNS) == _REPLAYED, "an AccountRow's fields changed"
+
+
 _HELD = "points:held"
 """``uow.local``'s key for the :class:`_Held` account of the transaction, if any."""
 
@@ -166,11 +178,11 @@ def _lock(
     """Lock the members' accounts in id order and find a posting already made with ``key``."""
     uow.local.pop(_HELD, None)
     rows = store.lock_accounts(uow.conn, member_ids, key)
-    found = {row[2]: _Account(*row[:9]) for row in rows}
+    found = {row[2]: _account(row) for row in rows}
     for member_id in member_ids:
         if member_id not in found:
             raise UnknownMember(member_id=member_id)
-    return [found[m] for m in member_ids], rows[0][9]
+    return [found[m] for m in member_ids], rows[0][_REPLAYED]
 
 
 def _lock_one(uow: UnitOfWork, member_id: int, key: str) -> tuple[_Account, int | None]:
@@ -193,7 +205,7 @@ def _lock_spending(
     if row is None:
         raise UnknownMember(member_id=member_id)
     lots = None if opened is None else [Lot(*lot) for lot in opened]
-    return _Account(*row[:9]), row[9], lots
+    return _account(row), row[_REPLAYED], lots
 
 
 def lock_account(uow: UnitOfWork, *, member_id: int, key: str = "", spending: bool = False) -> bool:
@@ -228,8 +240,8 @@ def lock_account_read(uow: UnitOfWork, *, member_id: int, key: str) -> Read[None
 
     def answer(row: Any) -> None:
         uow.local.pop(_HELD, None)
-        if row is not None and row[9] is None:  # a replay locks (and answers) again
-            uow.local[_HELD] = _Held(key, _Account(*row[:9]))
+        if row is not None and row[_REPLAYED] is None:  # a replay locks (and answers) again
+            uow.local[_HELD] = _Held(key, _account(row))
 
     if uow.dialect != "postgresql" or not key:
         return Read(None, {}, lambda _row: None)
@@ -572,7 +584,7 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
         _require_key(earning.key)
     ids = sorted({e.member_id for e in earnings})
     uow.local.pop(_HELD, None)
-    held = {row[2]: _Account(*row[:9]) for row in store.lock_accounts(uow.conn, ids, "")}
+    held = {row[2]: _account(row) for row in store.lock_accounts(uow.conn, ids, "")}
     now = uow.clock.now()
     batch: list[store.PostingRows] = []
     for earning in earnings:
@@ -1237,7 +1249,7 @@ def expire_due(
             reason=FROZEN_AT_EXPIRY if freeze else EXPIRED_REASON, actor="system",
         )  # fmt: skip
         return ExpiryChunk(accounts=expired, lots=lots_expired, points=points, found=len(rows))
-    locked = [_Account(*row[:9]) for row in rows]
+    locked = [_account(row) for row in rows]
     written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
     return ExpiryChunk(
         accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written),

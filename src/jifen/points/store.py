@@ -83,7 +83,7 @@ _POSTGRESQL_LOCK_ONE = _POSTGRESQL_LOCK.replace(
 )
 
 
-LOCK_ONE = PreparedSQL(_POSTGRESQL_LOCK_ONE, 10)
+LOCK_ONE = PreparedSQL(_POSTGRESQL_LOCK_ONE, len(ACCOUNT_COLUMNS) + 1)
 """PostgreSQL: :func:`lock_accounts` for one member, as a read that can go with others."""
 
 
@@ -163,6 +163,9 @@ def spendable_lots(
 # version of the row and projects it again, and the function, read again in a fresh
 # snapshot, sees that posting's lots. Every change of a lot is a posting to its account,
 # which updates the account's row, so the lots read always match the row locked.
+_LOTS = len(ACCOUNT_COLUMNS) + 1
+"""Where the spending lock's row holds its lots, after the ``AccountRow``."""
+
 _POSTGRESQL_LOCK_SPENDING = f"""
 SELECT {_ACCOUNT_FIELDS},
        (SELECT p.id FROM postings p
@@ -208,7 +211,7 @@ def lock_account_spending(
     row = execute(conn, _POSTGRESQL_LOCK_SPENDING, params).fetchone()
     if row is None:
         return None, None
-    return row[:10], _unpacked(row[10])
+    return row[:_LOTS], _unpacked(row[_LOTS])
 
 
 BalanceRow = tuple[int, int, int, int, int | None, datetime | None, datetime | None]
