@@ -4,7 +4,15 @@ Plain Python only. Nothing in this package imports a database, a web framework, 
 or anything else from jifen; callers pass time in and write the plans out.
 """
 
-from jifen.ledger.chain import GENESIS, PostingFacts, chain_link, checkpoint_root, posting_digest
+from jifen.ledger.chain import (
+    GENESIS,
+    PostingFacts,
+    chain_link,
+    checkpoint_root,
+    middle_pieces,
+    posting_digest,
+    stamp,
+)
 from jifen.ledger.model import (
     AccountState,
     Allocation,
@@ -52,6 +60,7 @@ __all__ = [
     "checkpoint_root",
     "consume",
     "fifo_order",
+    "middle_pieces",
     "plan_adjust",
     "plan_earn",
     "plan_expire",
@@ -68,4 +77,5 @@ __all__ = [
     "posting_digest",
     "restore",
     "spendable",
+    "stamp",
 ]

@@ -37,34 +37,66 @@ class PostingFacts:
     # (owner account id, amount, available_at, expires_at, source lot id)
 
 
-def _stamp(moment: datetime | None) -> str:
-    # Microseconds since the epoch: identical for a value read back from SQLite or PostgreSQL.
+def stamp(moment: datetime | None) -> str:
+    """A time as digests spell it: microseconds since the epoch (identical for a value read
+    back from SQLite or PostgreSQL), ``-`` for none."""
     if moment is None:
         return "-"
     return str(round(moment.timestamp() * 1_000_000))
+
+
+SEPARATOR = "\x1f"
+"""What joins a digest's pieces."""
+
+
+def middle_pieces(
+    kind: str,
+    idempotency_key: str,
+    created_at: datetime,
+    amount: int,
+    ref_posting_id: int | None,
+    reason: str,
+    actor: str,
+) -> str:
+    """The pieces of a posting's digest that name no account (after the version and the
+    programme, before the lines), joined: what a statement that learns the account ids as
+    it writes completes (``points.store``'s credit at once)."""
+    return SEPARATOR.join(
+        (
+            kind,
+            idempotency_key,
+            stamp(created_at),
+            str(amount),
+            str(ref_posting_id or "-"),
+            reason,
+            actor,
+        )
+    )
 
 
 def posting_digest(facts: PostingFacts) -> str:
     parts = [
         "v1",
         str(facts.program_id),
-        facts.kind,
-        facts.idempotency_key,
-        _stamp(facts.created_at),
-        str(facts.amount),
-        str(facts.ref_posting_id or "-"),
-        facts.reason,
-        facts.actor,
+        middle_pieces(
+            facts.kind,
+            facts.idempotency_key,
+            facts.created_at,
+            facts.amount,
+            facts.ref_posting_id,
+            facts.reason,
+            facts.actor,
+        ),
         ";".join(f"{a}:{n}" for a, n in sorted(facts.lines)),
         ";".join(f"{a}:{n}" for a, n in sorted(facts.allocations)),
         ";".join(
             sorted(
-                f"{owner}:{n}:{_stamp(avail)}:{_stamp(exp)}:{src or '-'}"
+                f"{owner}:{n}:{stamp(avail)}:{stamp(exp)}:{src or '-'}"
                 for owner, n, avail, exp, src in facts.new_lots
             )
         ),
     ]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+    return hashlib.sha256(SEPARATOR.join(parts).encode()).hexdigest()
 
 
 def chain_link(previous: str, seq: int, digest: str) -> str:

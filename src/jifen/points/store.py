@@ -176,6 +176,119 @@ WHERE a.member_id = %(member)s AND a.currency = 'points'
 FOR NO KEY UPDATE OF a
 """  # noqa: S608 (constants only)
 
+# An earning whose plan the service made before the lock, on the assumption that the member
+# is active, owes nothing and has not used the key (``jifen.ledger.plan_earn`` of a debt-free
+# account: two lines, one new lot). The statement locks the account as LOCK_ONE does and
+# writes the plan only where the locked row bears the assumption out; either way it answers
+# the locked row, its replayed posting and the new posting's id (NULL: nothing written, and
+# the service goes on from the locked row as after LOCK_ONE). So a common earning is one
+# round trip, and no Python runs while the account's row is locked. The digest is
+# ``jifen.ledger.chain.posting_digest`` of the plan's facts and the link
+# ``jifen.ledger.chain.chain_link``, spelt out in SQL piece for piece, as the expiry
+# statement below spells them (a test compares this statement's rows with the general
+# path's); the pieces that need no account id come from the service (``%(facts)s``).
+_POSTGRESQL_CREDIT_AT_ONCE = f"""
+WITH a AS (
+    SELECT {_ACCOUNT_FIELDS},
+           (SELECT p.id FROM postings p
+            WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s) AS replayed,
+           (SELECT s.id FROM accounts s
+            WHERE s.program_id = a.program_id AND s.system_code = %(issuer)s::text
+              AND s.currency = 'points') AS issuer
+    FROM accounts a
+    WHERE a.member_id = %(member)s AND a.currency = 'points'
+    FOR NO KEY UPDATE OF a
+), d AS (
+    SELECT a.id, a.program_id, a.issuer, a.head_seq + 1 AS seq, a.head_hash,
+           encode(sha256(convert_to(concat_ws(E'\\x1f',
+               'v1', a.program_id, %(facts)s::text,
+               CASE WHEN a.issuer < a.id
+                    THEN a.issuer || ':' || -%(amount)s::bigint || ';'
+                         || a.id || ':' || %(amount)s::bigint
+                    ELSE a.id || ':' || %(amount)s::bigint || ';'
+                         || a.issuer || ':' || -%(amount)s::bigint
+               END,
+               '',
+               a.id || ':' || %(amount)s::bigint || ':' || %(lot_stamps)s::text || ':-'),
+               'UTF8')), 'hex') AS digest
+    FROM a
+    WHERE a.replayed IS NULL AND a.debt = 0 AND a.member_state = 'active'
+      AND a.issuer IS NOT NULL
+), x AS (
+    SELECT d.*,
+           encode(sha256(convert_to(d.head_hash || '|' || d.seq || '|' || d.digest, 'UTF8')),
+                  'hex') AS link
+    FROM d
+), p AS (
+    INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
+                          amount, reason, actor, created_at, digest)
+    SELECT x.program_id, %(kind)s::text, %(key)s::text, %(request_hash)s::text, x.id,
+           %(amount)s::bigint, %(reason)s::text, %(actor)s::text, %(now)s::timestamptz,
+           x.digest
+    FROM x
+    RETURNING id
+), l AS (
+    INSERT INTO lines (posting_id, account_id, amount)
+    SELECT p.id, y.account_id, y.amount
+    FROM p, x, LATERAL (VALUES (1, x.issuer, -%(amount)s::bigint),
+                               (2, x.id, %(amount)s::bigint)) AS y(n, account_id, amount)
+    ORDER BY y.n
+), c AS (
+    INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
+    SELECT x.id, x.seq, p.id, x.link FROM p, x
+), au AS (
+    UPDATE accounts SET balance = accounts.balance + %(amount)s::bigint, head_seq = x.seq,
+                        head_hash = x.link
+    FROM x WHERE accounts.id = x.id
+), nl AS (
+    INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at)
+    SELECT x.id, p.id, %(amount)s::bigint, %(amount)s::bigint, %(available_at)s::timestamptz,
+           %(expires_at)s::timestamptz
+    FROM p, x
+)
+SELECT {_ACCOUNT_FIELDS}, a.replayed, (SELECT p.id FROM p) FROM a
+"""  # noqa: S608 (constants only)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """An earning planned before the lock (see :func:`credit_at_once`): one line from the
+    ``issuer`` system account to the member and one new lot, ``amount`` each."""
+
+    kind: str
+    issuer: str
+    amount: int
+    now: datetime
+    available_at: datetime
+    expires_at: datetime | None
+    request_hash: str
+    reason: str
+    actor: str
+    facts: str
+    """The digest's pieces that need no account id, from the kind to the actor, joined."""
+    lot_stamps: str
+    """The new lot's available and expiry times as the digest spells them, joined."""
+
+
+def credit_at_once(
+    conn: Connection, member_id: int, key: str, credit: Credit
+) -> tuple[AccountRow | None, int | None]:
+    """PostgreSQL: lock the member's account and, if it is active, owes nothing and has
+    no posting with ``key``, write ``credit`` in the same statement: (the locked row or
+    ``None`` for no such member, the new posting's id or ``None`` for nothing written)."""
+    params = {
+        "member": member_id, "key": key, "kind": credit.kind, "issuer": credit.issuer,
+        "amount": credit.amount, "now": credit.now, "available_at": credit.available_at,
+        "expires_at": credit.expires_at, "request_hash": credit.request_hash,
+        "reason": credit.reason, "actor": credit.actor, "facts": credit.facts,
+        "lot_stamps": credit.lot_stamps,
+    }  # fmt: skip
+    row = execute(conn, _POSTGRESQL_CREDIT_AT_ONCE, params).fetchone()
+    if row is None:
+        return None, None
+    return row[:_LOTS], row[_LOTS]
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
