@@ -3,7 +3,8 @@
 What it measures, in order:
 
 1. ``pgbench`` TPC-B (``-c <workers> -T <seconds>``) on the same PostgreSQL: the limit.
-2. jifen earn, then spend, with ``--workers`` processes for ``--seconds`` each, over
+2. jifen earn, then spend, with ``--workers`` concurrent workers (threads spread over
+   ``--processes`` processes, one a core by default) for ``--seconds`` each, over
    ``--scale`` members who each hold 12 lots expiring month by month over the coming year.
 3. The hot account: every worker earns and spends on one single member.
 4. Balance summary latency (p50 / p99) from one reader.
@@ -15,7 +16,7 @@ and spend ≥ 0.5 of TPC-B, hot_earn ≥ 0.7 of the uniform earn rate with no er
 balance_p99 ≤ 2 ms (its ratio is against those 2 ms), sqlite_earn ≥ 0.5 of raw SQLite.
 
 Run: ``python bench/ledger.py [--database-url URL] [--seconds 20] [--scale 10000]
-[--workers 8] [--backend postgresql|sqlite]``. It works in schemas of its own
+[--workers 8] [--processes N] [--backend postgresql|sqlite]``. It works in schemas of its own
 (``bench_pgbench``, ``bench_jifen``) and drops them at the end.
 """
 
@@ -33,6 +34,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -210,7 +212,7 @@ def timed_worker(
     url: str, phase: str, member_ids: list[int], hot: int, worker: int, start_at: float,
     seconds: float,
 ) -> Outcome:  # fmt: skip
-    """One process of a timed phase: loops until the deadline, counting what happened."""
+    """One worker of a timed phase: loops until the deadline, counting what happened."""
     database = Database(url, pool_size=1)
     rng = random.Random(hash((phase, worker)))
     outcome = Outcome()
@@ -258,24 +260,29 @@ def timed_worker(
 
 
 class Workers:
-    """Long-lived worker processes, one task queue each, so that every phase runs exactly
-    ``n`` tasks at once (a Pool may hand two tasks to one process, one after the other)."""
+    """Long-lived worker processes that run a phase's workers as threads, spread evenly
+    over them: the deployment's shape (``jifen serve --workers 2`` on two cores, a thread
+    pool in each), and pgbench's, whose clients share one process. Eight single-threaded
+    Python processes on two cores would measure the scheduler's contention between them as
+    much as the ledger. Every phase runs exactly its tasks at once."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, processes: int, target: Callable[..., Outcome]) -> None:
         context = mp.get_context("spawn")
         self.results: Any = context.Queue()
-        self.inboxes: list[Any] = [context.Queue() for _ in range(count)]
+        self.inboxes: list[Any] = [context.Queue() for _ in range(processes)]
         self.processes = [
-            context.Process(target=serve, args=(inbox, self.results), daemon=True)
+            context.Process(target=serve, args=(inbox, self.results, target), daemon=True)
             for inbox in self.inboxes
         ]
         for process in self.processes:
             process.start()
 
     def run(self, tasks: list[tuple[Any, ...]]) -> list[Outcome]:
-        for inbox, task in zip(self.inboxes, tasks, strict=False):
-            inbox.put(task)
-        return [self.results.get() for _ in tasks]
+        shares = [tasks[i :: len(self.inboxes)] for i in range(len(self.inboxes))]
+        busy = [(inbox, share) for inbox, share in zip(self.inboxes, shares, strict=True) if share]
+        for inbox, share in busy:
+            inbox.put(share)
+        return [outcome for _ in busy for outcome in self.results.get()]
 
     def close(self) -> None:
         for inbox in self.inboxes:
@@ -284,20 +291,27 @@ class Workers:
             process.join(timeout=10)
 
 
-def serve(inbox: Any, results: Any) -> None:
-    """A worker process: run each task it is sent until it is sent ``None``."""
-    while (task := inbox.get()) is not None:
-        results.put(timed_worker(*task))
+def serve(inbox: Any, results: Any, target: Callable[..., Outcome]) -> None:
+    """A worker process: run each share of tasks it is sent, a thread a task, until it is
+    sent ``None``; answer the share's outcomes."""
+    while (share := inbox.get()) is not None:
+        with ThreadPoolExecutor(len(share)) as threads:
+            results.put(list(threads.map(lambda task: target(*task), share)))
+
+
+def default_processes() -> int:
+    """One worker process a core, as ``jifen serve --workers`` is sized."""
+    return os.cpu_count() or 2
 
 
 def run_phase(
-    workers: Workers, url: str, phase: str, processes: int, member_ids: list[int], hot: int,
+    workers: Workers, url: str, phase: str, count: int, member_ids: list[int], hot: int,
     seconds: float,
 ) -> tuple[float, Outcome]:  # fmt: skip
-    """Run ``processes`` workers together; returns (operations per second, merged outcome)."""
+    """Run ``count`` workers (threads) together; (operations per second, merged outcome)."""
     start_at = time.time() + 2.0  # time for every process to connect and warm up
     outcomes = workers.run(
-        [(url, phase, member_ids, hot, i, start_at, seconds) for i in range(processes)]
+        [(url, phase, member_ids, hot, i, start_at, seconds) for i in range(count)]
     )
     return report(phase, outcomes, seconds, "ops/s")
 
@@ -313,7 +327,7 @@ def report(phase: str, outcomes: list[Outcome], seconds: float, unit: str) -> tu
     rate = merged.done / seconds
     say(
         f"{phase}: {rate:,.0f} {unit} ({merged.done:,} in {seconds:.0f} s, {len(outcomes)} "
-        f"processes)  p50 {percentile(merged.latencies_ms, 0.5):.2f} ms"
+        f"workers)  p50 {percentile(merged.latencies_ms, 0.5):.2f} ms"
         f"  p99 {percentile(merged.latencies_ms, 0.99):.2f} ms"
         f"  refused {merged.refused}  errors surfaced: {len(merged.errors)}"
     )
@@ -388,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--seconds", type=float, default=20, help="length of each timed measure")
     parser.add_argument("--scale", type=int, default=10_000, help="members")
-    parser.add_argument("--workers", type=int, default=8, help="concurrent processes / clients")
+    parser.add_argument("--workers", type=int, default=8, help="concurrent workers / clients")
+    parser.add_argument(
+        "--processes", type=int, default=default_processes(),
+        help="processes the workers run in, as threads (default: one a core)",
+    )  # fmt: skip
     parser.add_argument("--backend", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--data-dir", default=None, help="where SQLite's files go (temp dir)")
     args = parser.parse_args(argv)
@@ -416,7 +434,7 @@ def postgresql_measures(args: argparse.Namespace) -> list[str]:
         tpcb = pgbench_tps(url, workers, seconds)
         say(f"pgbench TPC-B: {tpcb:,.0f} tps")
         _, member_ids, hot = seed(jifen_url, args.scale, workers)
-        pool = Workers(workers)
+        pool = Workers(min(args.processes, workers), timed_worker)
         try:
             phase = partial(run_phase, pool, jifen_url)
             earn, _ = phase("earn", workers, member_ids, hot, args.seconds)

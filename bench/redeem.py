@@ -3,12 +3,13 @@
 What it measures, in order:
 
 1. ``pgbench`` TPC-B (``-c <workers> -T <seconds>``) on the same PostgreSQL: the limit.
-2. ``redeem_many``: ``--workers`` processes redeem, for ``--seconds``, a reward drawn from
+2. ``redeem_many``: ``--workers`` workers (threads spread over ``--processes`` processes,
+   one a core by default) redeem, for ``--seconds``, a reward drawn from
    ``--rewards`` (limited stock, plenty of it) for a member drawn from ``--scale`` members.
    Each redemption is the whole use case: the member's lock, limits, the price, a FIFO debit,
    the order and its step, and the conditional stock decrement.
-3. ``redeem_hot``: every process redeems the same reward (one hot stock row).
-4. ``oversold``: every process keeps redeeming a reward with ``--race-stock`` units until it
+3. ``redeem_hot``: every worker redeems the same reward (one hot stock row).
+4. ``oversold``: every worker keeps redeeming a reward with ``--race-stock`` units until it
    is refused; the orders made beyond the stock, and any stock below zero, are counted (the
    target is 0), and the programme's ledger is reconciled.
 
@@ -16,13 +17,13 @@ It prints every figure, then ``RESULT <name> <value> <unit> ratio=<value/limit>`
 Targets: redeem_many ≥ 0.5 and redeem_hot ≥ 0.3 of TPC-B; oversold 0.
 
 Run: ``python bench/redeem.py [--database-url URL] [--seconds 20] [--scale 10000]
-[--rewards 200] [--workers 8]``. It works in schemas of its own and drops them at the end.
+[--rewards 200] [--workers 8] [--processes N]``. It works in schemas of its own and drops
+them at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import random
 import sys
 import time
@@ -30,6 +31,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
@@ -47,7 +49,9 @@ from jifen.rewards.models import rewards as rewards_table
 from jifen.rewards.schemas import RedemptionCreate, RedemptionPolicy, RewardCreate
 from ledger import (
     Outcome,
+    Workers,
     admin_sql,
+    default_processes,
     pgbench_tps,
     report,
     result,
@@ -112,7 +116,7 @@ def timed_worker(
     url: str, program_id: int, phase: str, member_ids: list[int], reward_count: int,
     worker: int, start_at: float, seconds: float,
 ) -> Outcome:  # fmt: skip
-    """One process: redeem until the deadline (or, racing, until the stock is gone)."""
+    """One worker: redeem until the deadline (or, racing, until the stock is gone)."""
     database = Database(url, pool_size=1)
     rng = random.Random(hash((phase, worker)))
     outcome = Outcome()
@@ -150,15 +154,13 @@ def timed_worker(
 
 
 def run_phase(
-    url: str, program_id: int, phase: str, workers: int, member_ids: list[int],
+    pool: Workers, url: str, program_id: int, phase: str, workers: int, member_ids: list[int],
     reward_count: int, seconds: float,
 ) -> tuple[float, Outcome]:  # fmt: skip
     start_at = time.time() + 2.0
     args = [(url, program_id, phase, member_ids, reward_count, i, start_at, seconds)
             for i in range(workers)]  # fmt: skip
-    with mp.get_context("spawn").Pool(workers) as pool:
-        outcomes = pool.starmap(timed_worker, args)
-    return report(phase, outcomes, seconds, "redemptions/s")
+    return report(phase, pool.run(args), seconds, "redemptions/s")
 
 
 def oversold(url: str, program_id: int, race_stock: int) -> int:
@@ -191,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--scale", type=int, default=10_000, help="members")
     parser.add_argument("--rewards", type=int, default=200, help="rewards of redeem_many")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=8, help="concurrent workers / clients")
+    parser.add_argument(
+        "--processes", type=int, default=default_processes(),
+        help="processes the workers run in, as threads (default: one a core)",
+    )  # fmt: skip
     parser.add_argument("--race-stock", type=int, default=500)
     args = parser.parse_args(argv)
     url, seconds, workers = args.database_url, args.seconds, args.workers
@@ -206,11 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"pgbench TPC-B: {tpcb:,.0f} tps")
         program_id, member_ids = seed(jifen_url, args.scale, args.rewards, args.race_stock)
         vacuum_analyze(jifen_url)
-        many, _ = run_phase(jifen_url, program_id, "many", workers, member_ids, args.rewards,
-                            seconds)  # fmt: skip
-        hot, _ = run_phase(jifen_url, program_id, "hot", workers, member_ids, args.rewards,
-                           seconds)  # fmt: skip
-        run_phase(jifen_url, program_id, "race", workers, member_ids, args.rewards, 60)
+        pool = Workers(min(args.processes, workers), timed_worker)
+        try:
+            phase = partial(run_phase, pool, jifen_url, program_id)
+            many, _ = phase("many", workers, member_ids, args.rewards, seconds)
+            hot, _ = phase("hot", workers, member_ids, args.rewards, seconds)
+            phase("race", workers, member_ids, args.rewards, 60)
+        finally:
+            pool.close()
         extra = oversold(jifen_url, program_id, args.race_stock)
     finally:
         for drop in cleanup:
