@@ -685,6 +685,9 @@ def link_family(
         )
     main = _row(uow, program_id, main_id)
     other = _row(uow, program_id, member_id)
+    for row in (main, other):
+        if row.state == "closed":
+            raise _closed_family(row.id)
     if main.family_main_id not in (None, main_id):
         raise StateConflict(
             problem=f"Member {main_id} belongs to another member's family group; only a "
@@ -706,18 +709,40 @@ def link_family(
             problem=f"A family group has at most {core.FAMILY_SIZE} members.",
             problem_zh=f"家庭组最多 {core.FAMILY_SIZE} 名成员。",
         )
-    uow.conn.execute(members.update().where(members.c.id == main_id).values(family_main_id=main_id))
-    joined = uow.conn.execute(
+    # Neither may have closed since it was read (a closing that committed meanwhile).
+    heads = uow.conn.execute(
         members.update()
-        .where(members.c.id == member_id, members.c.family_main_id.is_(None))
+        .where(members.c.id == main_id, members.c.state != "closed")
         .values(family_main_id=main_id)
     ).rowcount
+    if heads != 1:
+        raise _closed_family(main_id)
+    joined = uow.conn.execute(
+        members.update()
+        .where(
+            members.c.id == member_id,
+            members.c.family_main_id.is_(None),
+            members.c.state != "closed",
+        )
+        .values(family_main_id=main_id)
+    ).rowcount
+    if joined != 1 and _row(uow, program_id, member_id).state == "closed":
+        raise _closed_family(member_id)
     if joined != 1:
         raise StateConflict(
             problem=f"Member {member_id} joined another group meanwhile.",
             problem_zh=f"会员 {member_id} 刚加入了其他家庭组。",
         )
     return family(uow, program_id=program_id, member_id=main_id, balances=balances)
+
+
+def _closed_family(member_id: int) -> StateConflict:
+    """What refuses a closed member a place in a family group (leaving one stays open)."""
+    return StateConflict(
+        problem=f"Member {member_id} is closed: a closed account joins no family group and "
+        "heads none.",
+        problem_zh=f"会员 {member_id} 已注销:已注销的账户不能加入或组建家庭组。",
+    )
 
 
 def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyRead:

@@ -1,0 +1,66 @@
+"""Family groups and closed accounts: a closed member joins no group and heads none; a
+member of a group may still close and leave it."""
+
+from __future__ import annotations
+
+import pytest
+
+from jifen.db.uow import Database
+from jifen.errors import StateConflict
+from jifen.members import service as members
+from tests.factories import new_members, new_program
+
+
+def _close(db: Database, program_id: int, member_id: int) -> None:
+    db.run(
+        lambda uow: members.change_state(
+            uow, program_id=program_id, member_id=member_id, state="closed", actor="t"
+        )
+    )
+
+
+@pytest.mark.parametrize("closed", ["main", "member"])
+def test_a_closed_member_is_linked_to_no_family_group(db: Database, closed: str) -> None:
+    # Given a main account and a member, one of them closed ...
+    program = new_program(db)
+    main, member = new_members(db, program.id, 2)
+    _close(db, program.id, main if closed == "main" else member)
+
+    # When staff link them, then it is refused, naming the closed one, and nothing changed.
+    with pytest.raises(StateConflict) as refused:
+        db.run(
+            lambda uow: members.link_family(
+                uow, program_id=program.id, main_id=main, member_id=member
+            )
+        )
+    named = main if closed == "main" else member
+    assert f"Member {named} is closed" in str(refused.value)
+    assert "已注销" in refused.value.message("zh")
+    for someone in (main, member):
+        group = db.run(
+            lambda uow, m=someone: members.family(
+                uow, program_id=program.id, member_id=m, balances=False
+            )
+        )
+        assert group.main_member_id is None
+
+
+def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
+    # Given a group of three ...
+    program = new_program(db)
+    main, kid, gran = new_members(db, program.id, 3)
+    for member in (kid, gran):
+        db.run(
+            lambda uow, m=member: members.link_family(
+                uow, program_id=program.id, main_id=main, member_id=m
+            )
+        )
+
+    # When the kid closes its account, then it may still leave the group, and the others
+    # stay together.
+    _close(db, program.id, kid)
+    db.run(lambda uow: members.leave_family(uow, program_id=program.id, member_id=kid))
+    group = db.run(
+        lambda uow: members.family(uow, program_id=program.id, member_id=main, balances=False)
+    )
+    assert [m.member_id for m in group.members] == [main, gran]
