@@ -17,7 +17,15 @@ from sqlalchemy import text
 
 from jifen.clock import ManualClock
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import IdempotencyConflict, InvalidInput, StateConflict
+from jifen.errors import (
+    IdempotencyConflict,
+    InsufficientPoints,
+    InvalidInput,
+    Refused,
+    StateConflict,
+    UnknownMember,
+)
+from jifen.ledger import SystemAccount
 from jifen.members import service as members
 from jifen.points import service as points
 from jifen.points.schemas import PostingRead
@@ -153,6 +161,25 @@ def test_the_statement_is_what_an_earning_runs(pg: Database) -> None:
     assert pg.run(lambda uow: points.balance(uow, member_id=member_id)).available == 30
 
 
+def test_the_statement_is_what_a_spending_runs(pg: Database) -> None:
+    # Given an active member with points in two lots, when it spends through the service ...
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    pg.run(lambda uow: points.earn(uow, member_id=member_id, amount=30, key="a"))
+    pg.run(lambda uow: points.earn(uow, member_id=member_id, amount=30, key="b"))
+
+    def spend_at_once(uow: UnitOfWork) -> Any:
+        return points._spend_at_once(
+            uow, member_id=member_id, amount=45, key="k", request_hash="h", reason="",
+            actor="", into=SystemAccount.REDEEMED,
+        )  # fmt: skip
+
+    # ... then the statement wrote the posting, taking the first lot whole.
+    assert isinstance(pg.run(spend_at_once), PostingRead)
+    lots = pg.run(lambda uow: points.member_lots(uow, member_id=member_id))
+    assert [lot.remaining for lot in lots] == [15]
+
+
 def _compare(pg: Database, member_id: int, act: Any) -> tuple[Any, Any]:
     """``act`` once through the general path (undone) and once as the service runs it:
     (each one's answer or the error it raised, what each wrote)."""
@@ -228,4 +255,170 @@ def test_where_the_row_does_not_bear_the_plan_out_the_earning_ends_as_it_would(
         assert service[0][0] is IdempotencyConflict
     else:
         assert service[0]["replayed"] and service[0]["id"] == earned.id
+    assert_ledger_sound(pg, program.id)
+
+
+# --------------------------------------------------------------------------- spending
+
+# A member's lots: (points, days to expiry or None for never, days until available), some
+# earned long ago so that they lapse before the spending, and the spending's size as a share
+# of what the lots hold (over 1: more than the member has).
+SPEND_LOTS = st.lists(
+    st.tuples(
+        st.integers(1, 5_000),
+        st.one_of(st.none(), st.integers(1, 400)),
+        st.sampled_from([0, 0, 0, 5, 30]),
+    ),
+    max_size=8,
+)
+
+
+def _general_spending(uow: UnitOfWork, *, member_id: int, key: str, **_: Any) -> Any:
+    """What a spending runs instead of the one statement (SQLite's path): the spending lock,
+    then the plan."""
+    return points._lock_spending(uow, member_id, key)
+
+
+def _spend_both(
+    pg: Database, member_id: int, amount: int, key: str, into: Any = None
+) -> tuple[Any, Any]:
+    """The spending through the general path (undone), then as the service runs it:
+    (its answer or the refusal it raised, what it wrote) for each."""
+
+    def act(uow: UnitOfWork) -> Any:
+        try:
+            extra = {} if into is None else {"into": into}
+            answer = points.spend(uow, member_id=member_id, amount=amount, key=key, **extra)
+        except (InvalidInput, StateConflict, IdempotencyConflict, Refused) as exc:
+            return (type(exc), str(exc))
+        dump = answer.model_dump()
+        if not dump["replayed"]:
+            del dump["id"]  # the sequence moved on between the two
+        return dump
+
+    def both(uow: UnitOfWork) -> tuple[Any, Any]:
+        account_id = _account_id(uow, member_id)
+        general: Any = None
+        try:
+            with uow.savepoint(), pytest.MonkeyPatch.context() as patch:
+                patch.setattr(points, "_spend_at_once", _general_spending)
+                general = (act(uow), _written(uow, account_id), _allocations(uow, account_id))
+                raise _Undo
+        except _Undo:
+            pass
+        return general, (act(uow), _written(uow, account_id), _allocations(uow, account_id))
+
+    return pg.run(both)
+
+
+def _allocations(uow: UnitOfWork, account_id: int) -> list[Any]:
+    return uow.conn.execute(
+        text(
+            "SELECT p.idempotency_key, lp.idempotency_key, a.amount FROM allocations a"
+            " JOIN postings p ON p.id = a.posting_id JOIN lots l ON l.id = a.lot_id"
+            " JOIN postings lp ON lp.id = l.posting_id WHERE p.account_id = :a ORDER BY a.id"
+        ),
+        {"a": account_id},
+    ).all()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lots=SPEND_LOTS, share=st.floats(0.01, 1.2), earning=EARNING)
+def test_a_spending_statement_writes_what_the_general_path_writes(
+    pg: Database, lots: list[tuple[int, int | None, int]], share: float, earning: dict[str, Any]
+) -> None:
+    # Given a member whose lots lapse, wait or never expire, 20 days after they were earned
+    # (a lot of up to 20 days has lapsed, one available in 30 is pending) ...
+    clock = ManualClock(datetime(2026, 3, 1, 8, 30, 0, 123456, tzinfo=UTC))
+    pg.clock = clock
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    start = clock.now()
+
+    def build(uow: UnitOfWork) -> None:
+        for n, (amount, expires, available) in enumerate(lots):
+            points.earn(
+                uow, member_id=member_id, amount=amount, key=f"e{n}",
+                available_at=start + timedelta(days=available),
+                expires_at=None if expires is None else start + timedelta(days=expires + 30),
+            )  # fmt: skip
+
+    pg.run(build)
+    clock.advance(timedelta(days=20 + 30))
+    amount = max(1, int(share * sum(amount for amount, _, _ in lots)))
+
+    # When it spends through the general path and as the service runs it ...
+    general, service = _spend_both(pg, member_id, amount, earning["key"] + "s")
+
+    # Then both end the same way (the spending, or the same refusal) and write the same rows.
+    assert service == general
+    assert_ledger_sound(pg, program.id)
+
+
+def test_a_spending_of_more_lots_than_one_read_holds_ends_as_the_general_path(
+    pg: Database,
+) -> None:
+    # Given a member with 70 lots, the first ones (by expiry) pending ...
+    clock = ManualClock(datetime(2026, 3, 1, 8, 30, tzinfo=UTC))
+    pg.clock = clock
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    now = clock.now()
+
+    def build(uow: UnitOfWork) -> None:
+        for n in range(70):
+            points.earn(
+                uow, member_id=member_id, amount=10, key=f"e{n}",
+                available_at=now + timedelta(days=5 if n < 10 else 0),
+                expires_at=now + timedelta(days=30 + n),
+            )  # fmt: skip
+
+    pg.run(build)
+
+    # When it spends 600 points: 60 lots of those spendable, beyond the 64 first read ...
+    general, service = _spend_both(pg, member_id, 600, "big")
+
+    # Then it spent them as the general path does; and refuses 700 the same way too.
+    assert service == general
+    assert len(service[2]) == 60
+    assert pg.run(lambda uow: points.balance(uow, member_id=member_id)).available == 0
+    general, service = _spend_both(pg, member_id, 1, "more")
+    assert service == general and service[0][0] is InsufficientPoints
+    assert_ledger_sound(pg, program.id)
+
+
+@pytest.mark.parametrize("case", ["replay", "conflict", "closed", "charity", "unknown"])
+def test_a_spending_the_row_does_not_bear_out_ends_as_it_would(pg: Database, case: str) -> None:
+    # Given a member who spent with the key already, or is closed ...
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    pg.run(lambda uow: points.earn(uow, member_id=member_id, amount=100, key="e"))
+    pg.run(lambda uow: points.spend(uow, member_id=member_id, amount=40, key="s"))
+    if case == "closed":
+        pg.run(lambda uow: points.spend(uow, member_id=member_id, amount=60, key="s2"))
+        pg.run(lambda uow: members.change_state(uow, program_id=program.id, member_id=member_id,
+                                                state="closed", actor="t"))  # fmt: skip
+    if case == "unknown":
+        with pytest.raises(UnknownMember):
+            pg.run(lambda uow: points.spend(uow, member_id=10**12, amount=1, key="x"))
+        return
+
+    # When it spends (again) through the general path and as the service runs it ...
+    amount = 41 if case == "conflict" else 40
+    into = SystemAccount.CHARITY if case == "charity" else None
+    key = {"charity": "c", "closed": "after"}.get(case, "s")
+    general, service = _spend_both(pg, member_id, amount, key, into)
+
+    # Then both end the same way and write the same rows.
+    assert service == general
+    if case == "replay":
+        assert service[0]["replayed"]
+    elif case == "conflict":
+        assert service[0][0] is IdempotencyConflict
+    elif case == "closed":
+        assert service[0][0] is StateConflict
+    else:
+        assert service[1]["lines"][-1].account_id != service[1]["lines"][-3].account_id
     assert_ledger_sound(pg, program.id)

@@ -292,6 +292,151 @@ def credit_at_once(
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+# A spending in one statement, as most go: the spending lock's row and first open lots (read
+# by open_lots after the lock is granted, as above), and, where the member is active, has
+# not used the key and the lots read hold enough spendable points, the debit written from
+# them: ``jifen.ledger.consume`` spelt out in SQL (spendable lots in FIFO order, each taken
+# up to what is still needed), then the posting, its two lines, chain link and allocations,
+# the lots and the account, with the digest and link as the credit above spells them. Where
+# the lots fall short (or more lots than were read might be needed), or the row does not
+# bear the spending out, nothing is written and the service goes on from the locked row
+# and its lots as after the spending lock, refusing or planning as ever.
+_POSTGRESQL_DEBIT_AT_ONCE = f"""
+WITH a AS (
+    SELECT {_ACCOUNT_FIELDS},
+           (SELECT p.id FROM postings p
+            WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s) AS replayed,
+           open_lots(a.id, %(limit)s) AS packed,
+           (SELECT s.id FROM accounts s
+            WHERE s.program_id = a.program_id AND s.system_code = %(into)s::text
+              AND s.currency = 'points') AS target
+    FROM accounts a
+    WHERE a.member_id = %(member)s AND a.currency = 'points'
+    FOR NO KEY UPDATE OF a
+), o AS (
+    SELECT k, a.packed[k] AS lot, a.packed[2 * n + k] AS remaining
+    FROM a, LATERAL (SELECT cardinality(a.packed) / 5 AS n) AS c, generate_series(1, c.n) AS k
+    WHERE a.replayed IS NULL AND a.member_state = 'active' AND a.target IS NOT NULL
+      -- Only where no posting to the account committed after this statement's snapshot
+      -- (every change of a lot is a posting, which moves head_seq): the UPDATEs below scan
+      -- lots and accounts in that snapshot, where a lot made meanwhile is missing and a
+      -- row changed meanwhile has its CHECKs tested on the old version first.
+      AND a.head_seq = (SELECT s.head_seq FROM accounts s WHERE s.id = a.id)
+      AND a.packed[3 * n + k] <= %(now_us)s::bigint
+      AND (a.packed[4 * n + k] IS NULL OR a.packed[4 * n + k] > %(now_us)s::bigint)
+), r AS (
+    SELECT o.*, (sum(o.remaining) OVER (ORDER BY o.k))::bigint - o.remaining AS before FROM o
+), t AS (
+    SELECT r.k, r.lot, least(r.remaining, %(amount)s::bigint - r.before) AS take
+    FROM r WHERE r.before < %(amount)s::bigint
+), d AS (
+    SELECT a.id, a.program_id, a.target, a.head_seq + 1 AS seq, a.head_hash,
+           encode(sha256(convert_to(concat_ws(E'\\x1f',
+               'v1', a.program_id, %(facts)s::text,
+               CASE WHEN a.id < a.target
+                    THEN a.id || ':' || -%(amount)s::bigint || ';'
+                         || a.target || ':' || %(amount)s::bigint
+                    ELSE a.target || ':' || %(amount)s::bigint || ';'
+                         || a.id || ':' || -%(amount)s::bigint
+               END,
+               (SELECT string_agg(t.lot || ':' || -t.take, ';' ORDER BY t.lot) FROM t),
+               ''),
+               'UTF8')), 'hex') AS digest
+    FROM a
+    WHERE (SELECT coalesce(sum(t.take), 0) FROM t) = %(amount)s::bigint
+), x AS (
+    SELECT d.*,
+           encode(sha256(convert_to(d.head_hash || '|' || d.seq || '|' || d.digest, 'UTF8')),
+                  'hex') AS link
+    FROM d
+), p AS (
+    INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
+                          amount, reason, actor, created_at, digest)
+    SELECT x.program_id, %(kind)s::text, %(key)s::text, %(request_hash)s::text, x.id,
+           %(amount)s::bigint, %(reason)s::text, %(actor)s::text, %(now)s::timestamptz,
+           x.digest
+    FROM x
+    RETURNING id
+), l AS (
+    INSERT INTO lines (posting_id, account_id, amount)
+    SELECT p.id, y.account_id, y.amount
+    FROM p, x, LATERAL (VALUES (1, x.id, -%(amount)s::bigint),
+                               (2, x.target, %(amount)s::bigint)) AS y(n, account_id, amount)
+    ORDER BY y.n
+), c AS (
+    INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
+    SELECT x.id, x.seq, p.id, x.link FROM p, x
+), al AS (
+    INSERT INTO allocations (posting_id, lot_id, amount)
+    SELECT p.id, t.lot, -t.take FROM p, t ORDER BY t.k
+), lu AS (
+    -- The ids also as an array: a join on the CTE alone is planned as a hash join over a
+    -- sequential scan of every lot (the CTE's rows are estimated at dozens).
+    UPDATE lots SET remaining = lots.remaining - t.take
+    FROM t, p WHERE lots.id = t.lot AND lots.id = ANY (ARRAY(SELECT t.lot FROM t))
+), au AS (
+    UPDATE accounts SET balance = accounts.balance - %(amount)s::bigint, head_seq = x.seq,
+                        head_hash = x.link
+    FROM x WHERE accounts.id = x.id
+)
+SELECT {_ACCOUNT_FIELDS}, a.replayed, (SELECT p.id FROM p),
+       a.head_seq <> (SELECT s.head_seq FROM accounts s WHERE s.id = a.id)
+FROM a
+"""  # noqa: S608 (constants only)
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    """A spending to be written in the statement that locks the account, if its lots allow
+    (see :func:`debit_at_once`): ``amount`` from the member into the ``into`` system account."""
+
+    kind: str
+    into: str
+    amount: int
+    now: datetime
+    request_hash: str
+    reason: str
+    actor: str
+    facts: str
+    """The digest's pieces that need no account id, from the kind to the actor, joined."""
+
+
+def debit_at_once(
+    conn: Connection, member_id: int, key: str, debit: Debit, limit: int
+) -> tuple[AccountRow | None, int | None, bool]:
+    """PostgreSQL: lock the member's account and, if the member is active, has no posting
+    with ``key`` and its first ``limit`` open lots hold enough spendable points, write
+    ``debit`` from them in the same statement: (the locked row or ``None`` for no such
+    member, the new posting's id or ``None`` for nothing written, whether the lock
+    followed a posting that committed after the statement's snapshot: then nothing is
+    written, and the row's replayed posting, read in that snapshot, may miss that
+    posting's key). A small ``limit`` keeps the statement cheap: a spending that needs
+    more lots reads them after it."""
+    params = {
+        "member": member_id, "key": key, "limit": limit, "kind": debit.kind,
+        "into": debit.into, "amount": debit.amount, "now": debit.now,
+        "now_us": (debit.now - _EPOCH) // timedelta(microseconds=1),
+        "request_hash": debit.request_hash, "reason": debit.reason, "actor": debit.actor,
+        "facts": debit.facts,
+    }  # fmt: skip
+    row = execute(conn, _POSTGRESQL_DEBIT_AT_ONCE, params).fetchone()
+    if row is None:
+        return None, None, False
+    return row[:_LOTS], row[_LOTS], bool(row[_LOTS + 1])
+
+
+_POSTGRESQL_POSTING_WITH_KEY = """
+SELECT id FROM postings WHERE program_id = %(program)s AND idempotency_key = %(key)s
+"""
+
+
+def posting_with_key(conn: Connection, program_id: int, key: str) -> int | None:
+    """PostgreSQL: the programme's posting made with ``key``, read in a snapshot of its own."""
+    row = execute(conn, _POSTGRESQL_POSTING_WITH_KEY, {"program": program_id, "key": key})
+    found = row.fetchone()
+    return None if found is None else int(found[0])
+
+
 def _unpacked(packed: list[int | None] | None) -> list[LotRow]:
     """The lots ``open_lots`` packed: its ids, amounts, remainders, and available and
     expiry times in microseconds since 1970, one after the other."""
