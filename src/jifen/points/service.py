@@ -480,19 +480,33 @@ def _lot_columns() -> tuple[Any, ...]:
     return (lots.c.id, lots.c.amount, lots.c.remaining, lots.c.available_at, lots.c.expires_at)
 
 
+@dataclass(frozen=True, slots=True)
+class _FirstLots:
+    """An account's first open lots in FIFO order (any dates), read with its lock, at most
+    ``limit`` of them: all there are if fewer."""
+
+    lots: list[Lot]
+    limit: int = _FIFO_BATCH
+
+
 def _spendable_lots(
-    uow: UnitOfWork, account_id: int, now: datetime, needed: int, opened: list[Lot] | None = None
+    uow: UnitOfWork,
+    account_id: int,
+    now: datetime,
+    needed: int,
+    opened: list[Lot] | _FirstLots | None = None,
 ) -> list[Lot]:
     """Spendable lots in FIFO order, reading only as many as ``needed`` calls for
     (``opened``: the first open lots in FIFO order, read already, of which those spendable
-    at ``now`` are taken)."""
+    at ``now`` are taken; a plain list holds up to ``_FIFO_BATCH``)."""
     if opened is None:
         rows = store.spendable_lots(uow.conn, account_id, now, _FIFO_BATCH)
         first = [Lot(*row) for row in rows]
         complete = len(first) < _FIFO_BATCH
     else:
-        first = ledger.spendable(opened, now)
-        complete = len(opened) < _FIFO_BATCH
+        read = opened if isinstance(opened, _FirstLots) else _FirstLots(opened)
+        first = ledger.spendable(read.lots, now)
+        complete = len(read.lots) < read.limit
     if complete or sum(lot.remaining for lot in first) >= needed:
         return first
     return [Lot(*row) for row in store.spendable_lots(uow.conn, account_id, now, None)]
@@ -727,6 +741,7 @@ def spend(
         **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
     )  # fmt: skip
     held = _take_held(uow, member_id, key)
+    opened: list[Lot] | _FirstLots | None
     if held is not None:
         member, replay_id, opened = held.account, None, held.lots
     elif uow.dialect == "postgresql" and type(amount) is int and amount > 0:
@@ -768,12 +783,13 @@ def _spend_at_once(
     reason: str,
     actor: str,
     into: SystemAccount,
-) -> PostingRead | tuple[_Account, int | None, list[Lot] | None]:
+) -> PostingRead | tuple[_Account, int | None, _FirstLots]:
     """PostgreSQL: :func:`spend` in one statement where the member is active, has not used
     the key and its first open lots hold enough spendable points (the statement takes them
-    as :func:`ledger.consume` does). Answers the posting, or else the account locked (its
-    lots not read) and nothing written: the caller goes on as after the spending lock (a
-    replay, a refusal, a spending of more lots than the statement reads)."""
+    as :func:`ledger.consume` does). Answers the posting, or else the account locked with
+    its first open lots and nothing written: the caller goes on as after the spending lock
+    (a replay, a refusal, a posting that committed while the statement waited, a spending
+    of more lots than the statement reads)."""
     now = uow.clock.now()
     debit = store.Debit(
         kind=Kind.SPEND.value,
@@ -785,14 +801,16 @@ def _spend_at_once(
         actor=actor,
         facts=ledger.middle_pieces(Kind.SPEND.value, key, now, amount, None, reason, actor),
     )
-    row, posting_id, moved = store.debit_at_once(uow.conn, member_id, key, debit, _AT_ONCE_LOTS)
+    row, posting_id, moved, opened = store.debit_at_once(
+        uow.conn, member_id, key, debit, _AT_ONCE_LOTS
+    )
     if row is None:
         raise UnknownMember(member_id=member_id)
     if posting_id is None:
         replay_id = row[_REPLAYED]
         if replay_id is None and moved:  # the posting the lock waited for may be this one's twin
             replay_id = store.posting_with_key(uow.conn, row[1], key)
-        return _account(row), replay_id, None
+        return _account(row), replay_id, _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
     return PostingRead.model_construct(
         id=posting_id,
         kind=Kind.SPEND.value,
