@@ -45,6 +45,15 @@ EARNING = st.fixed_dictionaries(
 )
 
 
+def _one_member(pg: Database, at: datetime) -> tuple[ManualClock, Any, int]:
+    """A programme with one member, on a clock set at ``at``: (the clock, programme, member)."""
+    clock = ManualClock(at)
+    pg.clock = clock
+    program = new_program(pg)
+    (member_id,) = new_members(pg, program.id, 1)
+    return clock, program, member_id
+
+
 class _Undo(Exception):
     """Rolls the savepoint of the general path back."""
 
@@ -111,10 +120,7 @@ def test_the_statement_writes_what_the_general_path_writes(
     pg: Database, before: int, earning: dict[str, Any]
 ) -> None:
     # Given a member with some history (its chain's head is not the first) ...
-    clock = ManualClock(datetime(2026, 3, 1, 8, 30, 0, 123456, tzinfo=UTC))
-    pg.clock = clock
-    program = new_program(pg)
-    (member_id,) = new_members(pg, program.id, 1)
+    clock, program, member_id = _one_member(pg, datetime(2026, 3, 1, 8, 30, 0, 123456, tzinfo=UTC))
     for n in range(before):
         pg.run(lambda uow, n=n: points.earn(uow, member_id=member_id, amount=7, key=f"b{n}"))
     now = clock.now()
@@ -180,27 +186,33 @@ def test_the_statement_is_what_a_spending_runs(pg: Database) -> None:
     assert [lot.remaining for lot in lots] == [15]
 
 
-def _compare(pg: Database, member_id: int, act: Any) -> tuple[Any, Any]:
-    """``act`` once through the general path (undone) and once as the service runs it:
-    (each one's answer or the error it raised, what each wrote)."""
+def _both_paths(
+    pg: Database, member_id: int, act: Any, at_once: str, general_path: Any
+) -> tuple[Any, Any]:
+    """``act`` once with ``points.<at_once>`` replaced by ``general_path`` (undone), and
+    once as the service runs it: (each one's answer or the refusal it raised, what each
+    wrote, the allocations of the member's postings)."""
 
     def outcome(uow: UnitOfWork) -> Any:
         try:
-            return act(uow)
-        except (InvalidInput, StateConflict, IdempotencyConflict) as exc:
+            dump = act(uow).model_dump()
+        except (InvalidInput, StateConflict, IdempotencyConflict, Refused) as exc:
             return (type(exc), str(exc))
+        if not dump["replayed"]:
+            del dump["id"]  # a new posting's id differs between the two (the sequence moved on)
+        return dump
 
     def both(uow: UnitOfWork) -> tuple[Any, Any]:
         account_id = _account_id(uow, member_id)
         general: Any = None
         try:
             with uow.savepoint(), pytest.MonkeyPatch.context() as patch:
-                patch.setattr(points, "_earn_at_once", _general_path)
-                general = (outcome(uow), _written(uow, account_id))
+                patch.setattr(points, at_once, general_path)
+                general = (outcome(uow), _written(uow, account_id), _allocations(uow, account_id))
                 raise _Undo
         except _Undo:
             pass
-        return general, (outcome(uow), _written(uow, account_id))
+        return general, (outcome(uow), _written(uow, account_id), _allocations(uow, account_id))
 
     return pg.run(both)
 
@@ -210,10 +222,7 @@ def test_where_the_row_does_not_bear_the_plan_out_the_earning_ends_as_it_would(
     pg: Database, case: str
 ) -> None:
     # Given a member who owes points, is closed, or has used the key already ...
-    clock = ManualClock(datetime(2026, 3, 1, 8, 30, tzinfo=UTC))
-    pg.clock = clock
-    program = new_program(pg)
-    (member_id,) = new_members(pg, program.id, 1)
+    clock, program, member_id = _one_member(pg, datetime(2026, 3, 1, 8, 30, tzinfo=UTC))
     now = clock.now()
     expires = now + timedelta(days=2)
     earned = pg.run(
@@ -236,14 +245,9 @@ def test_where_the_row_does_not_bear_the_plan_out_the_earning_ends_as_it_would(
     # it, one after the other ...
     def act(uow: UnitOfWork) -> Any:
         key = "later" if case in ("replay", "conflict", "lapsed replay") else "new"
-        answer = points.earn(uow, member_id=member_id, amount=amount, key=key,
-                             expires_at=expires)  # fmt: skip
-        dump = answer.model_dump()
-        if not dump["replayed"]:
-            del dump["id"]  # a new posting's id differs between the two (the sequence moved on)
-        return dump
+        return points.earn(uow, member_id=member_id, amount=amount, key=key, expires_at=expires)
 
-    general, service = _compare(pg, member_id, act)
+    general, service = _both_paths(pg, member_id, act, "_earn_at_once", _general_path)
 
     # Then both end the same way and write the same rows.
     assert service == general
@@ -282,33 +286,13 @@ def _general_spending(uow: UnitOfWork, *, member_id: int, key: str, **_: Any) ->
 def _spend_both(
     pg: Database, member_id: int, amount: int, key: str, into: Any = None
 ) -> tuple[Any, Any]:
-    """The spending through the general path (undone), then as the service runs it:
-    (its answer or the refusal it raised, what it wrote) for each."""
+    """The spending through the general path (undone), then as the service runs it."""
+    extra = {} if into is None else {"into": into}
 
     def act(uow: UnitOfWork) -> Any:
-        try:
-            extra = {} if into is None else {"into": into}
-            answer = points.spend(uow, member_id=member_id, amount=amount, key=key, **extra)
-        except (InvalidInput, StateConflict, IdempotencyConflict, Refused) as exc:
-            return (type(exc), str(exc))
-        dump = answer.model_dump()
-        if not dump["replayed"]:
-            del dump["id"]  # the sequence moved on between the two
-        return dump
+        return points.spend(uow, member_id=member_id, amount=amount, key=key, **extra)
 
-    def both(uow: UnitOfWork) -> tuple[Any, Any]:
-        account_id = _account_id(uow, member_id)
-        general: Any = None
-        try:
-            with uow.savepoint(), pytest.MonkeyPatch.context() as patch:
-                patch.setattr(points, "_spend_at_once", _general_spending)
-                general = (act(uow), _written(uow, account_id), _allocations(uow, account_id))
-                raise _Undo
-        except _Undo:
-            pass
-        return general, (act(uow), _written(uow, account_id), _allocations(uow, account_id))
-
-    return pg.run(both)
+    return _both_paths(pg, member_id, act, "_spend_at_once", _general_spending)
 
 
 def _allocations(uow: UnitOfWork, account_id: int) -> list[Any]:
@@ -331,10 +315,7 @@ def test_a_spending_statement_writes_what_the_general_path_writes(
 ) -> None:
     # Given a member whose lots lapse, wait or never expire, 20 days after they were earned
     # (a lot of up to 20 days has lapsed, one available in 30 is pending) ...
-    clock = ManualClock(datetime(2026, 3, 1, 8, 30, 0, 123456, tzinfo=UTC))
-    pg.clock = clock
-    program = new_program(pg)
-    (member_id,) = new_members(pg, program.id, 1)
+    clock, program, member_id = _one_member(pg, datetime(2026, 3, 1, 8, 30, 0, 123456, tzinfo=UTC))
     start = clock.now()
 
     def build(uow: UnitOfWork) -> None:
@@ -361,10 +342,7 @@ def test_a_spending_of_more_lots_than_one_read_holds_ends_as_the_general_path(
     pg: Database,
 ) -> None:
     # Given a member with 70 lots, the first ones (by expiry) pending ...
-    clock = ManualClock(datetime(2026, 3, 1, 8, 30, tzinfo=UTC))
-    pg.clock = clock
-    program = new_program(pg)
-    (member_id,) = new_members(pg, program.id, 1)
+    clock, program, member_id = _one_member(pg, datetime(2026, 3, 1, 8, 30, tzinfo=UTC))
     now = clock.now()
 
     def build(uow: UnitOfWork) -> None:

@@ -635,9 +635,18 @@ def _earn_at_once(
         raise UnknownMember(member_id=member_id)
     if posting_id is None:
         return _account(row), row[_REPLAYED]
+    return _posted_at_once(posting_id, plan.kind, amount, member_id, reason, actor, now)
+
+
+def _posted_at_once(
+    posting_id: int, kind: Kind, amount: int, member_id: int, reason: str, actor: str,
+    now: datetime,
+) -> PostingRead:  # fmt: skip
+    """The answer for a posting one statement wrote: the member's alone, owing nothing."""
+    # Built from values the service made itself: no validation needed on the hot path.
     return PostingRead.model_construct(
         id=posting_id,
-        kind=plan.kind.value,
+        kind=kind.value,
         amount=amount,
         member_id=member_id,
         counterparty_member_id=None,
@@ -811,18 +820,7 @@ def _spend_at_once(
         if replay_id is None and moved:  # the posting the lock waited for may be this one's twin
             replay_id = store.posting_with_key(uow.conn, row[1], key)
         return _account(row), replay_id, _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
-    return PostingRead.model_construct(
-        id=posting_id,
-        kind=Kind.SPEND.value,
-        amount=amount,
-        member_id=member_id,
-        counterparty_member_id=None,
-        ref_posting_id=None,
-        reason=reason,
-        actor=actor,
-        created_at=now,
-        debt_change=0,
-    )
+    return _posted_at_once(posting_id, Kind.SPEND, amount, member_id, reason, actor, now)
 
 
 @dataclass(frozen=True, slots=True)

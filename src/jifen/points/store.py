@@ -176,49 +176,44 @@ WHERE a.member_id = %(member)s AND a.currency = 'points'
 FOR NO KEY UPDATE OF a
 """  # noqa: S608 (constants only)
 
-# An earning whose plan the service made before the lock, on the assumption that the member
-# is active, owes nothing and has not used the key (``jifen.ledger.plan_earn`` of a debt-free
-# account: two lines, one new lot). The statement locks the account as LOCK_ONE does and
-# writes the plan only where the locked row bears the assumption out; either way it answers
-# the locked row, its replayed posting and the new posting's id (NULL: nothing written, and
-# the service goes on from the locked row as after LOCK_ONE). So a common earning is one
-# round trip, and no Python runs while the account's row is locked. The digest is
-# ``jifen.ledger.chain.posting_digest`` of the plan's facts and the link
-# ``jifen.ledger.chain.chain_link``, spelt out in SQL piece for piece, as the expiry
-# statement below spells them (a test compares this statement's rows with the general
-# path's); the pieces that need no account id come from the service (``%(facts)s``).
-_POSTGRESQL_CREDIT_AT_ONCE = f"""
+_AT_ONCE_LOCK = f"""
 WITH a AS (
     SELECT {_ACCOUNT_FIELDS},
            (SELECT p.id FROM postings p
             WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s) AS replayed,
            (SELECT s.id FROM accounts s
-            WHERE s.program_id = a.program_id AND s.system_code = %(issuer)s::text
-              AND s.currency = 'points') AS issuer
+            WHERE s.program_id = a.program_id AND s.system_code = %(system)s::text
+              AND s.currency = 'points') AS system,
+           %(lots)s AS packed
     FROM accounts a
     WHERE a.member_id = %(member)s AND a.currency = 'points'
     FOR NO KEY UPDATE OF a
-), d AS (
-    SELECT a.id, a.program_id, a.issuer, a.head_seq + 1 AS seq, a.head_hash,
-           encode(sha256(convert_to(concat_ws(E'\\x1f',
-               'v1', a.program_id, %(facts)s::text,
-               CASE WHEN a.issuer < a.id
-                    THEN a.issuer || ':' || -%(amount)s::bigint || ';'
-                         || a.id || ':' || %(amount)s::bigint
-                    ELSE a.id || ':' || %(amount)s::bigint || ';'
-                         || a.issuer || ':' || -%(amount)s::bigint
-               END,
-               '',
-               a.id || ':' || %(amount)s::bigint || ':' || %(lot_stamps)s::text || ':-'),
-               'UTF8')), 'hex') AS digest
-    FROM a
-    WHERE a.replayed IS NULL AND a.debt = 0 AND a.member_state = 'active'
-      AND a.issuer IS NOT NULL
-), x AS (
+)"""  # noqa: S608 (constants only)
+"""The member's account locked, with its posting made with the key (if any), the system
+account the posting moves points to or from, and (a spending) its first open lots."""
+
+# What both statements write once CTE ``d`` holds the one account whose posting is written
+# (none: nothing is written), with ``source`` and ``target`` (the line's two accounts),
+# ``change`` (the member's balance), ``seq``, ``head_hash``, and the digest's pieces of
+# allocations and new lots: the digest, the chain link, the posting, its two lines (the
+# source's first, as the plans have them), its chain entry and the account's figures.
+_AT_ONCE_POSTING = """, g AS (
     SELECT d.*,
-           encode(sha256(convert_to(d.head_hash || '|' || d.seq || '|' || d.digest, 'UTF8')),
-                  'hex') AS link
+           encode(sha256(convert_to(concat_ws(E'\\x1f',
+               'v1', d.program_id, %(facts)s::text,
+               CASE WHEN d.source < d.target
+                    THEN d.source || ':' || -%(amount)s::bigint || ';'
+                         || d.target || ':' || %(amount)s::bigint
+                    ELSE d.target || ':' || %(amount)s::bigint || ';'
+                         || d.source || ':' || -%(amount)s::bigint
+               END,
+               d.allocs, d.new_lots), 'UTF8')), 'hex') AS digest
     FROM d
+), x AS (
+    SELECT g.*,
+           encode(sha256(convert_to(g.head_hash || '|' || g.seq || '|' || g.digest, 'UTF8')),
+                  'hex') AS link
+    FROM g
 ), p AS (
     INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
                           amount, reason, actor, created_at, digest)
@@ -230,24 +225,51 @@ WITH a AS (
 ), l AS (
     INSERT INTO lines (posting_id, account_id, amount)
     SELECT p.id, y.account_id, y.amount
-    FROM p, x, LATERAL (VALUES (1, x.issuer, -%(amount)s::bigint),
-                               (2, x.id, %(amount)s::bigint)) AS y(n, account_id, amount)
+    FROM p, x, LATERAL (VALUES (1, x.source, -%(amount)s::bigint),
+                               (2, x.target, %(amount)s::bigint)) AS y(n, account_id, amount)
     ORDER BY y.n
 ), c AS (
     INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
     SELECT x.id, x.seq, p.id, x.link FROM p, x
 ), au AS (
-    UPDATE accounts SET balance = accounts.balance + %(amount)s::bigint, head_seq = x.seq,
+    UPDATE accounts SET balance = accounts.balance + x.change, head_seq = x.seq,
                         head_hash = x.link
     FROM x WHERE accounts.id = x.id
-), nl AS (
+)"""
+
+# An earning whose plan the service made before the lock, on the assumption that the member
+# is active, owes nothing and has not used the key (``jifen.ledger.plan_earn`` of a debt-free
+# account: two lines, one new lot). The statement locks the account as LOCK_ONE does and
+# writes the plan only where the locked row bears the assumption out; either way it answers
+# the locked row, its replayed posting and the new posting's id (NULL: nothing written, and
+# the service goes on from the locked row as after LOCK_ONE). So a common earning is one
+# round trip, and no Python runs while the account's row is locked. The digest is
+# ``jifen.ledger.chain.posting_digest`` of the plan's facts and the link
+# ``jifen.ledger.chain.chain_link``, spelt out in SQL piece for piece, as the expiry
+# statement below spells them (a test compares this statement's rows with the general
+# path's); the pieces that need no account id come from the service (``%(facts)s``).
+_POSTGRESQL_CREDIT_AT_ONCE = (
+    _AT_ONCE_LOCK.replace("%(lots)s", "NULL::bigint[]")  # noqa: S608 (constants only)
+    + """, d AS (
+    SELECT a.id, a.program_id, a.system AS source, a.id AS target,
+           %(amount)s::bigint AS change, a.head_seq + 1 AS seq, a.head_hash, '' AS allocs,
+           a.id || ':' || %(amount)s::bigint || ':' || %(lot_stamps)s::text || ':-' AS new_lots
+    FROM a
+    WHERE a.replayed IS NULL AND a.debt = 0 AND a.member_state = 'active'
+      AND a.system IS NOT NULL
+)"""
+    + _AT_ONCE_POSTING
+    + """, nl AS (
     INSERT INTO lots (account_id, posting_id, amount, remaining, available_at, expires_at)
     SELECT x.id, p.id, %(amount)s::bigint, %(amount)s::bigint, %(available_at)s::timestamptz,
            %(expires_at)s::timestamptz
     FROM p, x
 )
-SELECT {_ACCOUNT_FIELDS}, a.replayed, (SELECT p.id FROM p) FROM a
-"""  # noqa: S608 (constants only)
+SELECT """
+    + _ACCOUNT_FIELDS
+    + """, a.replayed, (SELECT p.id FROM p) FROM a
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +299,7 @@ def credit_at_once(
     no posting with ``key``, write ``credit`` in the same statement: (the locked row or
     ``None`` for no such member, the new posting's id or ``None`` for nothing written)."""
     params = {
-        "member": member_id, "key": key, "kind": credit.kind, "issuer": credit.issuer,
+        "member": member_id, "key": key, "kind": credit.kind, "system": credit.issuer,
         "amount": credit.amount, "now": credit.now, "available_at": credit.available_at,
         "expires_at": credit.expires_at, "request_hash": credit.request_hash,
         "reason": credit.reason, "actor": credit.actor, "facts": credit.facts,
@@ -301,22 +323,12 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # the lots fall short (or more lots than were read might be needed), or the row does not
 # bear the spending out, nothing is written and the service goes on from the locked row
 # and its lots as after the spending lock, refusing or planning as ever.
-_POSTGRESQL_DEBIT_AT_ONCE = f"""
-WITH a AS (
-    SELECT {_ACCOUNT_FIELDS},
-           (SELECT p.id FROM postings p
-            WHERE p.program_id = a.program_id AND p.idempotency_key = %(key)s) AS replayed,
-           open_lots(a.id, %(limit)s) AS packed,
-           (SELECT s.id FROM accounts s
-            WHERE s.program_id = a.program_id AND s.system_code = %(into)s::text
-              AND s.currency = 'points') AS target
-    FROM accounts a
-    WHERE a.member_id = %(member)s AND a.currency = 'points'
-    FOR NO KEY UPDATE OF a
-), o AS (
+_POSTGRESQL_DEBIT_AT_ONCE = (
+    _AT_ONCE_LOCK.replace("%(lots)s", "open_lots(a.id, %(limit)s)")  # noqa: S608 (constants only)
+    + """, o AS (
     SELECT k, a.packed[k] AS lot, a.packed[2 * n + k] AS remaining
     FROM a, LATERAL (SELECT cardinality(a.packed) / 5 AS n) AS c, generate_series(1, c.n) AS k
-    WHERE a.replayed IS NULL AND a.member_state = 'active' AND a.target IS NOT NULL
+    WHERE a.replayed IS NULL AND a.member_state = 'active' AND a.system IS NOT NULL
       -- Only where no posting to the account committed after this statement's snapshot
       -- (every change of a lot is a posting, which moves head_seq): the UPDATEs below scan
       -- lots and accounts in that snapshot, where a lot made meanwhile is missing and a
@@ -330,43 +342,15 @@ WITH a AS (
     SELECT r.k, r.lot, least(r.remaining, %(amount)s::bigint - r.before) AS take
     FROM r WHERE r.before < %(amount)s::bigint
 ), d AS (
-    SELECT a.id, a.program_id, a.target, a.head_seq + 1 AS seq, a.head_hash,
-           encode(sha256(convert_to(concat_ws(E'\\x1f',
-               'v1', a.program_id, %(facts)s::text,
-               CASE WHEN a.id < a.target
-                    THEN a.id || ':' || -%(amount)s::bigint || ';'
-                         || a.target || ':' || %(amount)s::bigint
-                    ELSE a.target || ':' || %(amount)s::bigint || ';'
-                         || a.id || ':' || -%(amount)s::bigint
-               END,
-               (SELECT string_agg(t.lot || ':' || -t.take, ';' ORDER BY t.lot) FROM t),
-               ''),
-               'UTF8')), 'hex') AS digest
+    SELECT a.id, a.program_id, a.id AS source, a.system AS target,
+           -%(amount)s::bigint AS change, a.head_seq + 1 AS seq, a.head_hash,
+           (SELECT string_agg(t.lot || ':' || -t.take, ';' ORDER BY t.lot) FROM t) AS allocs,
+           '' AS new_lots
     FROM a
     WHERE (SELECT coalesce(sum(t.take), 0) FROM t) = %(amount)s::bigint
-), x AS (
-    SELECT d.*,
-           encode(sha256(convert_to(d.head_hash || '|' || d.seq || '|' || d.digest, 'UTF8')),
-                  'hex') AS link
-    FROM d
-), p AS (
-    INSERT INTO postings (program_id, kind, idempotency_key, request_hash, account_id,
-                          amount, reason, actor, created_at, digest)
-    SELECT x.program_id, %(kind)s::text, %(key)s::text, %(request_hash)s::text, x.id,
-           %(amount)s::bigint, %(reason)s::text, %(actor)s::text, %(now)s::timestamptz,
-           x.digest
-    FROM x
-    RETURNING id
-), l AS (
-    INSERT INTO lines (posting_id, account_id, amount)
-    SELECT p.id, y.account_id, y.amount
-    FROM p, x, LATERAL (VALUES (1, x.id, -%(amount)s::bigint),
-                               (2, x.target, %(amount)s::bigint)) AS y(n, account_id, amount)
-    ORDER BY y.n
-), c AS (
-    INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
-    SELECT x.id, x.seq, p.id, x.link FROM p, x
-), al AS (
+)"""
+    + _AT_ONCE_POSTING
+    + """, al AS (
     INSERT INTO allocations (posting_id, lot_id, amount)
     SELECT p.id, t.lot, -t.take FROM p, t ORDER BY t.k
 ), lu AS (
@@ -374,16 +358,15 @@ WITH a AS (
     -- sequential scan of every lot (the CTE's rows are estimated at dozens).
     UPDATE lots SET remaining = lots.remaining - t.take
     FROM t, p WHERE lots.id = t.lot AND lots.id = ANY (ARRAY(SELECT t.lot FROM t))
-), au AS (
-    UPDATE accounts SET balance = accounts.balance - %(amount)s::bigint, head_seq = x.seq,
-                        head_hash = x.link
-    FROM x WHERE accounts.id = x.id
 )
-SELECT {_ACCOUNT_FIELDS}, a.replayed, (SELECT p.id FROM p),
+SELECT """
+    + _ACCOUNT_FIELDS
+    + """, a.replayed, (SELECT p.id FROM p),
        a.head_seq <> (SELECT s.head_seq FROM accounts s WHERE s.id = a.id),
        CASE WHEN NOT EXISTS (SELECT FROM p) THEN a.packed END
 FROM a
-"""  # noqa: S608 (constants only)
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +399,7 @@ def debit_at_once(
     the statement cheap: a spending that needs more lots reads them after it."""
     params = {
         "member": member_id, "key": key, "limit": limit, "kind": debit.kind,
-        "into": debit.into, "amount": debit.amount, "now": debit.now,
+        "system": debit.into, "amount": debit.amount, "now": debit.now,
         "now_us": (debit.now - _EPOCH) // timedelta(microseconds=1),
         "request_hash": debit.request_hash, "reason": debit.reason, "actor": debit.actor,
         "facts": debit.facts,
