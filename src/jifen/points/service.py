@@ -816,10 +816,10 @@ def _spend_at_once(
     if row is None:
         raise UnknownMember(member_id=member_id)
     if posting_id is None:
-        replay_id = row[_REPLAYED]
+        member, replay_id = _account(row), row[_REPLAYED]
         if replay_id is None and moved:  # the posting the lock waited for may be this one's twin
-            replay_id = store.posting_with_key(uow.conn, row[1], key)
-        return _account(row), replay_id, _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
+            replay_id = store.posting_with_key(uow.conn, member.program_id, key)
+        return member, replay_id, _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
     return _posted_at_once(posting_id, Kind.SPEND, amount, member_id, reason, actor, now)
 
 

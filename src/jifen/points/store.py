@@ -1,7 +1,14 @@
 """Writing one posting's rows: a single statement on PostgreSQL, plain inserts elsewhere.
 
-The service decides everything (lines, lots, chain links, new account figures); this module
-only stores it. On PostgreSQL the whole posting — the posting row, its lines, chain entries,
+The service decides (lines, lots, chain links, new account figures); this module stores.
+Three PostgreSQL statements are the exception: they carry out a decision of the ledger's
+core in SQL, where running the core in Python cost more than the writing: the expiry of many
+accounts' due lots, and the earn and the spend in one statement with the account's lock
+(the earn's plan comes from the core; the spend takes its lots as ``ledger.consume``
+does). Each spells the core's rule and the digest out piece for piece, and a test compares
+its rows with those of the general path.
+
+On PostgreSQL the whole posting — the posting row, its lines, chain entries,
 allocations, lot updates, new lots and account updates — is one data-modifying CTE, so a
 write costs one round trip however many rows it touches, and the member's row lock is held
 for as short a time as possible. SQLite runs in-process, where round trips cost nothing,
