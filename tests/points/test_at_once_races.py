@@ -302,3 +302,46 @@ def test_a_twin_of_a_spending_that_took_the_last_points_replays_it(pg: Database)
     assert not isinstance(second, BaseException), second
     assert second.replayed and second.id == first[0].id
     assert_ledger_sound(pg, program.id)
+
+
+def _twins(pg: Database, member_id: int, other: int, spend_id: int, freeze_id: int) -> Any:
+    return {
+        "transfer": lambda uow: points.transfer(
+            uow, from_member_id=member_id, to_member_id=other, amount=60, key="twin"
+        ),
+        "freeze": lambda uow: points.freeze(
+            uow, member_id=member_id, amount=60, key="twin", reason="review", actor="t"
+        ),
+        "refund": lambda uow: points.refund(uow, spend_id=spend_id, key="twin"),
+        "unfreeze": lambda uow: points.unfreeze(uow, freeze_id=freeze_id, key="twin"),
+    }
+
+
+@pytest.mark.parametrize("operation", ["transfer", "freeze", "refund", "unfreeze"])
+def test_a_twin_refused_for_what_its_twin_took_replays_it_instead(
+    pg: Database, operation: str
+) -> None:
+    """The general path (the lock statement, then the plan): its look-up of the key ran in
+    the lock statement's snapshot, before the wait, so the twin's posting was not seen."""
+    # Given a member with 100 points available, 30 more spent and 30 more frozen ...
+    program = new_program(pg)
+    member_id, other = new_members(pg, program.id, 2)
+    pg.run(lambda uow: points.earn(uow, member_id=member_id, amount=160, key="seed"))
+    spent = pg.run(lambda uow: points.spend(uow, member_id=member_id, amount=30, key="s"))
+    frozen = pg.run(
+        lambda uow: points.freeze(
+            uow, member_id=member_id, amount=30, key="f", reason="review", actor="t"
+        )
+    )
+    twin = _twins(pg, member_id, other, spent.id, frozen.id)[operation]
+
+    # When twins with one key each need what the first takes, the second waiting for its lock ...
+    first: list[Any] = []
+    second = while_held(pg, lambda uow: first.append(twin(uow)), twin)
+
+    # Then the second replays the first rather than being refused, as a twin sent later does.
+    assert not isinstance(second, BaseException), second
+    assert second.replayed and second.id == first[0].id
+    later = pg.run(twin)
+    assert later.replayed and later.id == first[0].id
+    assert_ledger_sound(pg, program.id)

@@ -28,6 +28,7 @@ from jifen.db.uow import UnitOfWork
 from jifen.errors import (
     IdempotencyConflict,
     InvalidInput,
+    Refused,
     SameAccount,
     StateConflict,
     UnknownMember,
@@ -469,6 +470,25 @@ def _rows(
     )
 
 
+def _planned(
+    uow: UnitOfWork, program_id: int, key: str, request: str, make: Callable[[], Plan]
+) -> Plan | PostingRead:
+    """``make()``'s plan, made under the account's lock; where it refuses on PostgreSQL,
+    the posting a twin of this request (the same key) committed while this one waited for
+    that lock, replayed, if there is one. The lock statement looked the key up in its own
+    snapshot, taken before the wait: a twin that found the points, or the spend, already
+    taken by its twin would be refused where a twin sent later replays. (One that goes on
+    to write loses on the key's unique index and runs again, replaying.)"""
+    try:
+        return make()
+    except Refused:
+        if uow.dialect == "postgresql":
+            found = store.posting_with_key(uow.conn, program_id, key)
+            if found is not None:
+                return _replay(uow, found, key, request)
+        raise
+
+
 # --------------------------------------------------------------------------- reading lots
 
 
@@ -769,7 +789,17 @@ def spend(
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
     lots_now = _spendable_lots(uow, member.id, now, amount, opened)
-    plan = ledger.plan_spend(lots=lots_now, amount=amount, now=now, account_id=member.id, into=into)
+    plan = _planned(
+        uow,
+        member.program_id,
+        key,
+        request,
+        lambda: ledger.plan_spend(
+            lots=lots_now, amount=amount, now=now, account_id=member.id, into=into
+        ),
+    )
+    if isinstance(plan, PostingRead):
+        return plan
     return _write(
         uow,
         plan,
@@ -926,15 +956,23 @@ def refund(
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     original = _original(uow, spend_id, Kind.SPEND, Kind.REFUND)
-    plan = ledger.plan_refund(
-        holder=_spent_into(uow, spend_id, member.program_id),
-        spend_id=spend_id,
-        spend_amount=original.amount,
-        spend_allocations=original.allocations,
-        earlier_refunds=original.later,
-        earlier_refunded=original.later_amount,
-        amount=amount,
+    plan = _planned(
+        uow,
+        member.program_id,
+        key,
+        request,
+        lambda: ledger.plan_refund(
+            holder=_spent_into(uow, spend_id, member.program_id),
+            spend_id=spend_id,
+            spend_amount=original.amount,
+            spend_allocations=original.allocations,
+            earlier_refunds=original.later,
+            earlier_refunded=original.later_amount,
+            amount=amount,
+        ),
     )
+    if isinstance(plan, PostingRead):
+        return plan
     return _given_back(
         uow, plan, member=member, key=key, request_hash=request, ref_posting_id=spend_id,
         reason=reason, actor=actor, forfeit_if_closed=forfeit_if_closed,
@@ -1075,15 +1113,23 @@ def reverse(
         select(*_lot_columns()).where(lots.c.posting_id == earn_id, lots.c.account_id == member.id)
     ).one_or_none()
     needed = original.amount - original.later_amount if amount is None else amount
-    plan = ledger.plan_reverse(
-        earn_id=earn_id,
-        earn_amount=original.amount,
-        earlier_reversed=original.later_amount,
-        own_lot=_lot(own) if own is not None else None,
-        lots=_spendable_lots(uow, member.id, now, max(needed, 0)),
-        now=now,
-        amount=amount,
+    plan = _planned(
+        uow,
+        member.program_id,
+        key,
+        request,
+        lambda: ledger.plan_reverse(
+            earn_id=earn_id,
+            earn_amount=original.amount,
+            earlier_reversed=original.later_amount,
+            own_lot=_lot(own) if own is not None else None,
+            lots=_spendable_lots(uow, member.id, now, max(needed, 0)),
+            now=now,
+            amount=amount,
+        ),
     )
+    if isinstance(plan, PostingRead):
+        return plan
     return _write(
         uow,
         plan,
@@ -1124,15 +1170,23 @@ def adjust(
     _require_open(member, "adjustment", "积分调整")
     now = uow.clock.now()
     needed = -amount if isinstance(amount, int) and amount < 0 else 0
-    plan = ledger.plan_adjust(
-        lots=_spendable_lots(uow, member.id, now, needed) if needed else (),
-        amount=amount,
-        now=now,
-        reason=reason,
-        actor=actor,
-        expires_at=expires_at,
-        account_id=member.id,
+    plan = _planned(
+        uow,
+        member.program_id,
+        key,
+        request,
+        lambda: ledger.plan_adjust(
+            lots=_spendable_lots(uow, member.id, now, needed) if needed else (),
+            amount=amount,
+            now=now,
+            reason=reason,
+            actor=actor,
+            expires_at=expires_at,
+            account_id=member.id,
+        ),
     )
+    if isinstance(plan, PostingRead):
+        return plan
     return _write(
         uow,
         plan,
@@ -1180,12 +1234,20 @@ def transfer(
         )
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
-    plan = ledger.plan_transfer(
-        lots=_spendable_lots(uow, sender.id, now, amount),
-        amount=amount,
-        now=now,
-        account_id=sender.id,
+    plan = _planned(
+        uow,
+        sender.program_id,
+        key,
+        request,
+        lambda: ledger.plan_transfer(
+            lots=_spendable_lots(uow, sender.id, now, amount),
+            amount=amount,
+            now=now,
+            account_id=sender.id,
+        ),
     )
+    if isinstance(plan, PostingRead):
+        return plan
     return _write(
         uow,
         plan,
@@ -1210,14 +1272,22 @@ def freeze(
         return _replay(uow, replay_id, key, request)
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
-    plan = ledger.plan_freeze(
-        lots=_spendable_lots(uow, member.id, now, amount, opened),
-        amount=amount,
-        now=now,
-        reason=reason,
-        actor=actor,
-        account_id=member.id,
+    plan = _planned(
+        uow,
+        member.program_id,
+        key,
+        request,
+        lambda: ledger.plan_freeze(
+            lots=_spendable_lots(uow, member.id, now, amount, opened),
+            amount=amount,
+            now=now,
+            reason=reason,
+            actor=actor,
+            account_id=member.id,
+        ),
     )
+    if isinstance(plan, PostingRead):
+        return plan
     return _write(
         uow,
         plan,
@@ -1247,14 +1317,22 @@ def unfreeze(
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
     original = _original(uow, freeze_id, Kind.FREEZE, Kind.UNFREEZE)
-    plan = ledger.plan_unfreeze(
-        freeze_id=freeze_id,
-        freeze_amount=original.amount,
-        freeze_allocations=original.allocations,
-        earlier_unfreezes=original.later,
-        earlier_unfrozen=original.later_amount,
-        amount=amount,
+    plan = _planned(
+        uow,
+        member.program_id,
+        key,
+        request,
+        lambda: ledger.plan_unfreeze(
+            freeze_id=freeze_id,
+            freeze_amount=original.amount,
+            freeze_allocations=original.allocations,
+            earlier_unfreezes=original.later,
+            earlier_unfrozen=original.later_amount,
+            amount=amount,
+        ),
     )
+    if isinstance(plan, PostingRead):
+        return plan
     return _given_back(
         uow, plan, member=member, key=key, request_hash=request, ref_posting_id=freeze_id,
         reason=reason, actor=actor,
