@@ -840,16 +840,12 @@ def _spend_at_once(
         actor=actor,
         facts=ledger.middle_pieces(Kind.SPEND.value, key, now, amount, None, reason, actor),
     )
-    row, posting_id, moved, opened = store.debit_at_once(
-        uow.conn, member_id, key, debit, _AT_ONCE_LOTS
-    )
+    row, posting_id, opened = store.debit_at_once(uow.conn, member_id, key, debit, _AT_ONCE_LOTS)
     if row is None:
         raise UnknownMember(member_id=member_id)
-    if posting_id is None:
-        member, replay_id = _account(row), row[_REPLAYED]
-        if replay_id is None and moved:  # the posting the lock waited for may be this one's twin
-            replay_id = store.posting_with_key(uow.conn, member.program_id, key)
-        return member, replay_id, _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
+    if posting_id is None:  # a twin that committed meanwhile: see _planned
+        lots = _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
+        return _account(row), row[_REPLAYED], lots
     return _posted_at_once(posting_id, Kind.SPEND, amount, member_id, reason, actor, now)
 
 

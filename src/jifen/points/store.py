@@ -369,7 +369,6 @@ _POSTGRESQL_DEBIT_AT_ONCE = (
 SELECT """
     + _ACCOUNT_FIELDS
     + """, a.replayed, (SELECT p.id FROM p),
-       a.head_seq <> (SELECT s.head_seq FROM accounts s WHERE s.id = a.id),
        CASE WHEN NOT EXISTS (SELECT FROM p) THEN a.packed END
 FROM a
 """
@@ -394,16 +393,14 @@ class Debit:
 
 def debit_at_once(
     conn: Connection, member_id: int, key: str, debit: Debit, limit: int
-) -> tuple[AccountRow | None, int | None, bool, list[LotRow]]:
+) -> tuple[AccountRow | None, int | None, list[LotRow]]:
     """PostgreSQL: lock the member's account and, if the member is active, has no posting
     with ``key`` and its first ``limit`` open lots hold enough spendable points, write
     ``debit`` from them in the same statement: (the locked row or ``None`` for no such
-    member, the new posting's id or ``None`` for nothing written, whether the lock
-    followed a posting that committed after the statement's snapshot: then nothing is
-    written, and the row's replayed posting, read in that snapshot, may miss that
-    posting's key; and, when nothing was written, the first ``limit`` open lots, read
-    after the lock as :func:`lock_account_spending` reads them). A small ``limit`` keeps
-    the statement cheap: a spending that needs more lots reads them after it."""
+    member, the new posting's id or ``None`` for nothing written, and, when nothing was
+    written, the first ``limit`` open lots, read after the lock as
+    :func:`lock_account_spending` reads them). A small ``limit`` keeps the statement
+    cheap: a spending that needs more lots reads them after it."""
     params = {
         "member": member_id, "key": key, "limit": limit, "kind": debit.kind,
         "system": debit.into, "amount": debit.amount, "now": debit.now,
@@ -413,8 +410,8 @@ def debit_at_once(
     }  # fmt: skip
     row = execute(conn, _POSTGRESQL_DEBIT_AT_ONCE, params).fetchone()
     if row is None:
-        return None, None, False, []
-    return row[:_LOTS], row[_LOTS], bool(row[_LOTS + 1]), _unpacked(row[_LOTS + 2])
+        return None, None, []
+    return row[:_LOTS], row[_LOTS], _unpacked(row[_LOTS + 1])
 
 
 _POSTGRESQL_POSTING_WITH_KEY = """
