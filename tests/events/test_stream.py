@@ -348,6 +348,53 @@ def test_the_decisions_of_the_door() -> None:
 # --------------------------------------------------------------------------- through NATS
 
 
+def test_workers_and_publishers_creating_the_stream_at_once_all_succeed(nats_url: str) -> None:
+    """Each of them finds the stream missing and creates it; the server refuses some of the
+    later ones ("subjects overlap with an existing stream"), and each must then find it made.
+    The race is narrow: rounds of 8 connections released together go on until the server has
+    refused at least one creation, so the test shows that refusal handled, not merely absent."""
+    refusals: list[str] = []
+
+    async def creator(made: Names, go: asyncio.Event) -> list[str]:
+        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=1)
+        try:
+            js = nc.jetstream()
+            add_stream = js.add_stream
+
+            async def watched(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await add_stream(*args, **kwargs)
+                except nats.js.errors.BadRequestError as refused:
+                    refusals.append(str(refused))
+                    raise
+
+            js.add_stream = watched
+            await go.wait()
+            await stream.ensure_stream(js, made.stream, made.prefix)
+            return list((await js.stream_info(made.stream)).config.subjects)
+        finally:
+            await nc.close()
+
+    async def rounds() -> int:
+        for played in range(1, 401):
+            made = new_names(nats_url)
+            go = asyncio.Event()
+            try:
+                racers = [asyncio.create_task(creator(made, go)) for _ in range(8)]
+                await asyncio.sleep(0.01)  # let every connection open
+                go.set()
+                assert await asyncio.gather(*racers) == [[f"{made.prefix}.>"]] * 8
+            finally:
+                await asyncio.to_thread(delete_stream, nats_url, made.stream)
+            if refusals:
+                return played
+        return played
+
+    played = asyncio.run(rounds())
+    assert refusals, f"the server refused no creation in {played} rounds: the race was not run"
+    assert "subjects overlap" in refusals[0]
+
+
 def test_published_events_are_ingested_once_and_refusals_recorded(
     db: Database, names: Names
 ) -> None:

@@ -324,9 +324,17 @@ async def ensure_stream(js: JetStreamContext, stream: str, subject_prefix: str) 
     try:
         info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
-        # Creating with the same configuration twice is accepted: workers may race here.
-        await js.add_stream(name=stream, subjects=[wanted], storage=api.StorageType.FILE)
-        return
+        try:
+            await js.add_stream(name=stream, subjects=[wanted], storage=api.StorageType.FILE)
+            return
+        except nats.js.errors.BadRequestError as refused:
+            # A worker and a publisher may create the stream at the same moment; the server
+            # then refuses the later one ("subjects overlap with an existing stream") although
+            # the stream it wanted now exists. Read it again; a stream still missing is an error.
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                raise refused from None
     subjects = list(info.config.subjects or [])
     if wanted not in subjects:
         await js.update_stream(replace(info.config, subjects=[*subjects, wanted]))
