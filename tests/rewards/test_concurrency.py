@@ -9,6 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from jifen.errors import (
     StateConflict,
     VoucherNotUsable,
 )
+from jifen.points import service as points_service
 from jifen.points.models import accounts, lines
 from jifen.rewards import service as rewards
 from jifen.rewards.models import reward_orders
@@ -183,23 +185,58 @@ def test_a_voucher_accepted_at_a_till_cannot_be_cancelled_at_the_same_moment(
     assert shop.available(member) == before and shop.get(goods.code).stock_left == 4
 
 
-def test_a_twin_that_waited_for_the_first_gets_its_order_not_a_refusal(pg: Database) -> None:
+@pytest.mark.parametrize(
+    ("tier", "fields", "points_", "locks_first"),
+    [
+        # A limit per member is counted under the member's lock, taken before the checks.
+        ("金卡", {"limit_per_member": 1}, 100, True),
+        # No count: admitted before the lock; the debit takes it as it writes.
+        ("金卡", {}, 100, False),
+        # No count, and held for a cooling-off: the hold takes the lock as it writes.
+        ("钻石", {}, 8000, False),
+        # The same, for goods with stock: the order takes the stock after the debit.
+        ("金卡", {"stock": 10}, 100, False),
+    ],
+)
+@pytest.mark.parametrize("twin_actor", ["m", "till"])
+def test_a_twin_that_waited_for_the_first_gets_its_order_not_a_refusal(
+    pg: Database, monkeypatch: pytest.MonkeyPatch, tier: str, fields: dict[str, Any],
+    points_: int, locks_first: bool, twin_actor: str,
+) -> None:  # fmt: skip
+    """The twin (same key, same request; sent again by the till or by a member's app, so
+    not always by the same actor) waited for the first's lock and sees nothing of it until
+    the first commits: it answers the first's order, whichever path the redemption took."""
     shop = Shop.open(pg)
-    (member,) = shop.member(10_000, tier="金卡")
-    once = shop.reward(points=100, limit_per_member=1)
+    (member,) = shop.member(10_000, tier=tier)
+    once = shop.reward(points=points_, **fields)
     body = RedemptionCreate.model_validate({"reward": once.code})
+    locked: list[int] = []
+    lock_account = points_service.lock_account
 
-    def redeem(uow: Any) -> Any:
+    def spy(uow: Any, **kwargs: Any) -> bool:
+        locked.append(kwargs["member_id"])
+        return lock_account(uow, **kwargs)
+
+    monkeypatch.setattr(points_service, "lock_account", spy)
+
+    def redeem(uow: Any, actor: str = "m") -> Any:
         return rewards.redeem(uow, program_id=shop.program_id, member_id=member, body=body,
-                              key="twin", actor="m")  # fmt: skip
+                              key="twin", actor=actor)  # fmt: skip
 
     with pg.transaction() as first:
         made = redeem(first)
-        thread, box = in_background(lambda: pg.run(redeem))
+        thread, box = in_background(lambda: pg.run(partial(redeem, actor=twin_actor)))
         time.sleep(0.5)  # the twin waits on the member's lock
     thread.join()
     assert "error" not in box, box
     assert box["result"].id == made.id and box["result"].replayed
+    assert bool(locked) is locks_first
+    assert shop.available(member) == 10_000 - made.points
+    count = pg.run(lambda uow: uow.conn.execute(
+        select(func.count()).where(reward_orders.c.program_id == shop.program_id)
+    ).scalar_one())  # fmt: skip
+    assert count == 1
+    assert_ledger_sound(pg, shop.program_id)
 
 
 def test_a_hold_confirmed_while_the_lapse_job_runs_is_left_alone(pg: Database) -> None:

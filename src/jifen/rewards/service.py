@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Row, bindparam, func, or_, select, update
@@ -46,6 +47,7 @@ from jifen.expiry import service as expiry_service
 from jifen.ledger import SystemAccount
 from jifen.members import service as members_service
 from jifen.points import service as points_service
+from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
 from jifen.rewards import core
 from jifen.rewards import store as storage
@@ -74,6 +76,8 @@ from jifen.rewards.schemas import (
     WhatCanIGet,
 )
 from jifen.tiers import service as tiers_service
+
+T = TypeVar("T")
 
 _CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud at a till
 _BUDGET = "*"
@@ -467,6 +471,11 @@ def _replay(uow: UnitOfWork, program_id: int, key: str, request_hash: str) -> Or
     return _order_read(uow, _order_row(uow, program_id, row.id), replayed=True)
 
 
+_Admitted = tuple[Any, RewardDef, RedemptionPolicy, Quote, TierTerms]
+"""An admitted redemption: the reward's row and terms, the policy, the price, the tier's
+terms."""
+
+
 def redeem(
     uow: UnitOfWork,
     *,
@@ -479,7 +488,12 @@ def redeem(
     store: str | None = None,
 ) -> OrderRead:
     """Redeem ``body.quantity`` of a reward for the member, all or nothing. Every check comes
-    before the first write; the stock is taken last."""
+    before the first write; the stock is taken last.
+
+    On PostgreSQL a redemption whose limits need no count of the member's past orders is
+    admitted before the member's lock, and its debit takes the lock in the statement that
+    writes it (:func:`points_service.spend`); one that counts them takes the lock first, so
+    that two of them cannot both pass the count."""
     request_hash = _fingerprint(member_id, body, merchant)
     # The member (the programme's, and active), the reward and the programme's policy (which
     # the redemption policy below takes from the transaction) in one round trip.
@@ -489,33 +503,53 @@ def redeem(
         _reward_lookup(program_id, body.reward),
         programs_service.settings_read(uow, program_id),
     )
-    if points_service.lock_account(uow, member_id=member_id, key=key, spending=True):
-        replayed = _replay(uow, program_id, key, request_hash)
-        if replayed is None:  # the key already posted something that is not an order
-            raise IdempotencyConflict(key=key)
-        return replayed
     now = uow.clock.now()
-    try:
-        row, terms, policy, price, tier_terms = _admit(
-            uow, program_id, member_id, body, _known(reward, body.reward), birthday, now
-        )
-    except Refused:
-        # A twin of this request (same key) may have committed while this one waited for
-        # the member's lock; the lock statement's own look-up ran before it did. Look again.
-        replayed = _replay(uow, program_id, key, request_hash)
-        if replayed is not None:
+    admitted: _Admitted | OrderRead | None = None
+    if uow.dialect == "postgresql":
+        admitted = _or_replay(
+            uow, program_id, key, request_hash,
+            lambda: _admit(uow, program_id, member_id, body, reward, birthday, now, locked=False),
+        )  # fmt: skip
+    if admitted is None:
+        if points_service.lock_account(uow, member_id=member_id, key=key, spending=True):
+            replayed = _replay(uow, program_id, key, request_hash)
+            if replayed is None:  # the key already posted something that is not an order
+                raise IdempotencyConflict(key=key)
             return replayed
-        raise
+        admitted = _or_replay(
+            uow, program_id, key, request_hash,
+            lambda: _admit(uow, program_id, member_id, body, reward, birthday, now, locked=True),
+        )  # fmt: skip
+    if isinstance(admitted, OrderRead):
+        return admitted
+    assert admitted is not None
+    row, terms, policy, price, tier_terms = admitted
     wait = core.cooling_off(price.points, tier_terms)
     reason = f"redeem {terms.code} × {body.quantity}"
     hold_posting = spend_posting = None
+
+    def pay() -> PostingRead:
+        if wait is not None:
+            return points_service.freeze(
+                uow, member_id=member_id, amount=price.points, key=key, reason=f"hold: {reason}",
+                actor=actor,
+            )  # fmt: skip
+        return _spend(uow, member_id, price.points, key, reason, actor, terms)
+
+    paid = _or_replay(uow, program_id, key, request_hash, pay)
+    if isinstance(paid, OrderRead):
+        return paid
+    if paid.replayed:
+        # A twin of this request (same key) committed after the checks above: its order, or,
+        # if the key paid for something other than an order, a conflict.
+        replayed = _replay(uow, program_id, key, request_hash)
+        if replayed is None:
+            raise IdempotencyConflict(key=key)
+        return replayed
     if wait is not None:
-        hold_posting = points_service.freeze(
-            uow, member_id=member_id, amount=price.points, key=key, reason=f"hold: {reason}",
-            actor=actor,
-        ).id  # fmt: skip
+        hold_posting = paid.id
     else:
-        spend_posting = _spend(uow, member_id, price.points, key, reason, actor, terms)
+        spend_posting = paid.id
     steps = [step.model_dump() for step in price.steps]
     order = {
         "program_id": program_id, "member_id": member_id, "reward_id": row.id,
@@ -557,19 +591,40 @@ def redeem(
     )
 
 
+def _or_replay(
+    uow: UnitOfWork, program_id: int, key: str, request_hash: str, work: Callable[[], T]
+) -> T | OrderRead:
+    """``work()``, or, where it refuses, the order a twin of this request (same key) made if
+    one has committed since: the refusal may be only what that twin did (it took the stock,
+    the points, the limit, or the key itself)."""
+    try:
+        return work()
+    except Refused:
+        replayed = _replay(uow, program_id, key, request_hash)
+        if replayed is not None:
+            return replayed
+        raise
+
+
 def _admit(
-    uow: UnitOfWork, program_id: int, member_id: int, body: RedemptionCreate, row: Any,
-    birthday: date | None, now: datetime,
-) -> tuple[Any, RewardDef, RedemptionPolicy, Quote, TierTerms]:  # fmt: skip
-    """Every check of a redemption, before anything is written: the reward (``row``) on
-    sale to the member, its details, the price, the limits, the stock, the payment of a cash
-    part."""
+    uow: UnitOfWork, program_id: int, member_id: int, body: RedemptionCreate, reward: Any,
+    birthday: date | None, now: datetime, *, locked: bool,
+) -> _Admitted | None:  # fmt: skip
+    """Every check of a redemption, before anything is written: the reward (its row read,
+    ``None`` if there is none) on sale to the member, its details, the price, the limits,
+    the stock, the payment of a cash part. ``None`` when the limits count the member's past
+    orders and the member's account is not ``locked`` yet: they are counted under the lock."""
+    row = _known(reward, body.reward)
     terms = _terms(uow, row)
     policy = _policy(uow, program_id)
     if policy.tiers or terms.visible_tiers is not None or terms.early_access:
         buyer = _buyer(uow, program_id, member_id, birthday)
     else:  # nothing here depends on the member's tier: one read fewer
         buyer = core.Buyer(tier=None, birthday_month=_birthday_month(uow, program_id, birthday))
+    tier_terms = policy.for_tier(buyer.tier)
+    counted = terms.limit_per_member is not None or tier_terms.per_month is not None
+    if counted and not locked:
+        return None
     core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
     _check_prizes_left(uow, row.id, terms)
     _check_event_ahead(terms, now)
@@ -577,9 +632,8 @@ def _admit(
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
         raise PriceChanged(reward=terms.code, points=price.points, expected=body.expected_points)
-    tier_terms = policy.for_tier(buyer.tier)
     of_reward = this_month = 0
-    if terms.limit_per_member is not None or tier_terms.per_month is not None:
+    if counted:
         of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
     core.check_limits(
         terms, quantity=body.quantity, points=price.points, terms=tier_terms, tier=buyer.tier,
@@ -696,13 +750,13 @@ def _request_outcome(body: RedemptionCreate) -> dict[str, Any]:
 def _spend(
     uow: UnitOfWork, member_id: int, points: int, key: str, reason: str, actor: str,
     terms: RewardDef,
-) -> int:  # fmt: skip
+) -> PostingRead:  # fmt: skip
     into = {"charity": SystemAccount.CHARITY, "partner": SystemAccount.PARTNERS}.get(
         terms.kind, SystemAccount.REDEEMED
     )
     return points_service.spend(
         uow, member_id=member_id, amount=points, key=key, reason=reason, actor=actor, into=into
-    ).id
+    )
 
 
 def _step(uow: UnitOfWork, order_id: int, state: str, by: str, note: str = "") -> OrderStep:
@@ -1241,7 +1295,7 @@ def confirm_held(
             spent = _spend(
                 uow, member_id, row.points, f"order:{row.id}:confirmed", reason, actor,
                 terms,
-            )  # fmt: skip
+            ).id  # fmt: skip
     except InsufficientPoints:
         raise StateConflict(
             problem=f"Order {order_id} cannot be completed: some of the points held for it "
