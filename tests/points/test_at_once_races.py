@@ -33,11 +33,15 @@ from tests.factories import assert_ledger_sound, new_members, new_program
 
 
 def while_held(
-    pg: Database, hold: Callable[[UnitOfWork], Any], then: Callable[[UnitOfWork], Any]
+    pg: Database,
+    hold: Callable[[UnitOfWork], Any],
+    then: Callable[[UnitOfWork], Any],
+    meanwhile: Callable[[], Any] | None = None,
 ) -> Any:
     """Run ``hold`` in a transaction and, once it is done, ``then`` in another (through
     ``Database.run``); commit the first only when the second is waiting for a lock the
-    first holds. Answers what ``then`` answered, or the exception it raised."""
+    first holds (after running ``meanwhile``, if given, while it waits). Answers what
+    ``then`` answered, or the exception it raised."""
     held, done = threading.Event(), threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -58,6 +62,8 @@ def while_held(
                 )  # fmt: skip
                 if waiting:
                     outcome["waited"] = True
+                    if meanwhile is not None:
+                        meanwhile()
                     break
                 time.sleep(0.01)
 

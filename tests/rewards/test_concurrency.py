@@ -31,6 +31,7 @@ from jifen.rewards import service as rewards
 from jifen.rewards.models import reward_orders
 from jifen.rewards.schemas import RedemptionCreate, RewardDef
 from tests.factories import assert_ledger_sound
+from tests.points.test_at_once_races import while_held
 from tests.points.test_concurrency import run_together
 from tests.rewards.shop import Shop
 
@@ -303,3 +304,34 @@ def test_a_redemption_that_read_the_reward_before_a_pause_committed_is_refused(
     assert shop.available(member) == 10_000
     after = shop.get(goods.code)
     assert (after.stock_left, after.sold) == (5, 0)
+
+
+@pytest.mark.parametrize("stock", [None, 5], ids=["unlimited", "limited"])
+@pytest.mark.parametrize("pickup", [False, True], ids=["shipped", "voucher"])
+def test_a_pause_that_commits_while_a_redemption_waits_for_the_member_is_obeyed(
+    pg: Database, stock: int | None, pickup: bool
+) -> None:
+    """A redemption reads the reward on sale, then waits for the member's lock; staff pause
+    the reward and commit meanwhile. Once the lock is free the redemption must not sell the
+    paused reward, whether its stock is counted or not: it runs again and is refused."""
+    shop = Shop.open(pg)
+    (member,) = shop.member(10_000, tier="金卡")
+    goods = shop.reward(points=1000, stock=stock, pickup=pickup)
+    body = RedemptionCreate.model_validate({"reward": goods.code})
+
+    def pause() -> None:
+        pg.run(lambda uow: rewards.set_state(uow, program_id=shop.program_id, code=goods.code,
+                                             state="paused"))  # fmt: skip
+
+    def redeem(uow: Any) -> Any:
+        return rewards.redeem(uow, program_id=shop.program_id, member_id=member, body=body,
+                              key="r", actor="m")  # fmt: skip
+
+    def busy(uow: Any) -> None:  # the member's account is held by another request
+        points_service.lock_account(uow, member_id=member)
+
+    result = while_held(pg, busy, redeem, meanwhile=pause)
+    assert isinstance(result, NotOnSale), result
+    assert shop.available(member) == 10_000 and shop.counts()[0] == 0
+    after = shop.get(goods.code)
+    assert (after.state, after.stock_left, after.sold) == ("paused", stock, 0)

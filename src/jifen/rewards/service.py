@@ -569,7 +569,7 @@ def redeem(
         first = OrderStep(state=str(order["state"]), at=now, by=actor, note=note)
         order_id, left = storage.finish(uow.conn, order, first.model_dump(), limited=limited)
         if order_id is None:
-            raise LostRace(f"stock of reward {row.code} taken by a concurrent redemption")
+            raise LostRace(f"reward {row.code} sold out or paused since it was checked")
         order["id"] = order_id
         made = [first]
     else:
@@ -579,6 +579,10 @@ def redeem(
         order.update(state=state, outcome=outcome)
         made = [first, *more]
         left = _take_stock(uow, row, body.quantity) if limited else None
+        if not limited and not storage.still_on_sale(uow.conn, row.id):
+            # Paused or retired since it was read (before the member's lock): the stock's
+            # decrement would have seen it; without one, this does. Run it again.
+            raise LostRace(f"reward {row.code} paused since it was checked")
     if left is not None:
         _alert(uow, program_id, row, left, body.quantity)
     return OrderRead(

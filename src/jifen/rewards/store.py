@@ -6,8 +6,11 @@ step and the conditional stock decrement are one data-modifying CTE: one round t
 reward's row is locked only from that statement to the commit. The order is written only if
 the stock was there and the reward still on sale; when it was not (a concurrent redemption
 took the last units since they were checked, or staff paused the reward meanwhile), nothing
-is written and the caller runs the transaction again, which then sees why. SQLite runs
-in-process, where round trips cost nothing, and takes the same rows as ordinary statements.
+is written and the caller runs the transaction again, which then sees why. A reward without
+a counted stock has no decrement to carry that check: its row is share-locked where it is
+still on sale instead (redemptions of it do not wait for each other; a pause waits for them,
+and one that committed first is seen). SQLite runs in-process, where round trips cost
+nothing, and takes the same rows as ordinary statements.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from psycopg.types.json import Json
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from jifen.db.prepared import execute
@@ -35,6 +38,10 @@ WITH s AS (
     WHERE id = %(reward_id)s AND %(limited)s AND stock_left >= %(quantity)s
         AND state = 'active'
     RETURNING stock_left
+), a AS (
+    SELECT 1 FROM rewards
+    WHERE id = %(reward_id)s AND NOT %(limited)s AND state = 'active'
+    FOR SHARE
 ), o AS (
     INSERT INTO reward_orders (
         program_id, member_id, reward_id, idempotency_key, request_hash, state, quantity,
@@ -46,7 +53,7 @@ WITH s AS (
         %(state)s, %(quantity)s, %(points)s, %(cash_fen)s, %(value_fen)s, %(payment_ref)s,
         %(price)s, %(outcome)s, %(hold_until)s, %(spend_posting_id)s, %(hold_posting_id)s,
         %(refund_posting_id)s, %(merchant)s, %(store)s, %(created_at)s, %(updated_at)s
-    WHERE NOT %(limited)s OR EXISTS (SELECT 1 FROM s)
+    WHERE EXISTS (SELECT 1 FROM s) OR EXISTS (SELECT 1 FROM a)
     RETURNING id
 ), st AS (
     INSERT INTO reward_order_steps (order_id, state, at, "by", note)
@@ -70,6 +77,11 @@ _TAKE_STOCK = (
     )
     .returning(rewards.c.stock_left)
 )
+_ON_SALE = (
+    select(rewards.c.id)
+    .where(rewards.c.id == bindparam("reward"), rewards.c.state == "active")
+    .with_for_update(read=True)
+)
 
 
 def insert_order(conn: Connection, order: dict[str, Any], step: dict[str, Any]) -> int:
@@ -90,17 +102,25 @@ def take_stock(conn: Connection, reward_id: int, quantity: int) -> int | None:
     return None if found is None else int(found)
 
 
+def still_on_sale(conn: Connection, reward_id: int) -> bool:
+    """Whether the reward is still on sale, share-locking its row until the commit if so
+    (FOR SHARE on PostgreSQL): the check a reward without a counted stock has in place of
+    :func:`take_stock`'s."""
+    return conn.execute(_ON_SALE, {"reward": reward_id}).first() is not None
+
+
 def finish(
     conn: Connection, order: dict[str, Any], step: dict[str, Any], *, limited: bool
 ) -> tuple[int | None, int | None]:
     """The order, its first step and (``limited``) the stock, all or nothing: (the order's
-    id, the units left); (None, None) when the stock was no longer there."""
+    id, the units left); (None, None) when the stock was no longer there or the reward no
+    longer on sale."""
     if conn.dialect.name == "postgresql":
         params = {c: Json(order[c]) if c in _JSON else order[c] for c in ORDER_COLUMNS}
         params.update({f"step_{k}": v for k, v in step.items()}, limited=limited)
         row = execute(conn, _POSTGRESQL_FINISH, params).fetchone()
         return row[0], row[1]
     left = take_stock(conn, order["reward_id"], order["quantity"]) if limited else None
-    if limited and left is None:
+    if (limited and left is None) or (not limited and not still_on_sale(conn, order["reward_id"])):
         return None, None
     return insert_order(conn, order, step), left
