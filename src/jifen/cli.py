@@ -754,33 +754,11 @@ def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
 
 def _log_config() -> dict[str, Any]:
     """uvicorn's logging, plus jifen's own loggers at INFO (the built-in SMS provider's
-    messages among them) through the same handler; the access log hides query values."""
+    messages among them) through the same handler. (The access log's query values are
+    hidden by the app itself: ``jifen.api.access_log``.)"""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["loggers"]["jifen"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    config.setdefault("filters", {})["query_values_hidden"] = {"()": QueryValuesHidden}
-    config["loggers"]["uvicorn.access"]["filters"] = ["query_values_hidden"]
     return config
-
-
-_QUERY_NAME = re.compile(r"[A-Za-z_]{1,32}")
-
-
-class QueryValuesHidden(logging.Filter):
-    """Writes an access-log line with its query values masked (``?phone=***&limit=***``): a
-    member search carries a phone number or a reference there, which the log would otherwise
-    keep in clear. A name that is not a plain word is masked too."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        # uvicorn logs (client, method, path with query, HTTP version, status)
-        if isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
-            path, _, query = str(args[2]).partition("?")
-            names = (part.partition("=")[0] for part in query.split("&") if part)
-            hidden = "&".join(
-                f"{name}=***" if _QUERY_NAME.fullmatch(name) else "***" for name in names
-            )
-            record.args = (*args[:2], f"{path}?{hidden}", *args[3:])
-        return True
 
 
 import_app = typer.Typer(

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import http.client
+import io
 import json
+import logging
 import re
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -322,3 +326,30 @@ def test_head_is_answered_as_get_without_the_body(db: Database) -> None:
             got, length, body = ask("GET", path, headers)
             assert got == status and int(length) == len(body) > 0
             assert ask("HEAD", path, headers) == (status, length, b"")
+
+
+def test_the_app_hides_query_values_in_the_access_log_however_it_is_served(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Served by uvicorn with its own logging (``uvicorn --factory
+    jifen.api.app:app_from_settings``, or any deployment that does not go through ``jifen
+    serve``), a member search by phone must not write the number in the access log."""
+    # A fresh process: no filter left on the access logger by another test's logging.
+    monkeypatch.setattr(logging.getLogger("uvicorn.access"), "filters", [])
+    program = new_program(db)
+    operator = support.staff(db, "operator", program_id=program.id)
+    written = io.StringIO()
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # uvicorn's default
+    config["handlers"]["access"]["stream"] = written
+    search = f"/v1/programs/{program.code}/members?phone=13912345678&limit=5"
+    with support.served(
+        create_app(db, api_settings()), log_config=config, log_level="info"
+    ) as base:
+        url = urlsplit(base)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+        conn.request("GET", search, headers=operator)
+        assert conn.getresponse().status == 200
+        conn.close()
+    line = written.getvalue()
+    assert f"GET /v1/programs/{program.code}/members?phone=***&limit=*** HTTP/1.1" in line
+    assert "13912345678" not in line

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jifen import __version__
 from jifen.api import problems
+from jifen.api.access_log import hide_query_values
 from jifen.api.deps import annotate_permissions, refuse_unusable_request
 from jifen.api.limits import BodyLimit, Limiter
 from jifen.approvals import api as approvals_api
@@ -69,6 +70,7 @@ def create_app(
     """The API over ``db`` (default: the configured database), texting through ``sms``
     (default: the built-in outbox provider)."""
     settings = settings or get_settings()
+    hide_query_values()  # in the server's access log, however the app is served
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
