@@ -65,28 +65,6 @@ def execute(
 _CURSOR = "jifen.cursor"
 
 
-def execute_after(
-    conn: Connection, first: str, first_params: Mapping[str, Any], sql: str,
-    params: Mapping[str, Any],
-) -> Any:  # fmt: skip
-    """:func:`execute` of ``sql`` after ``first`` (whose rows are dropped), both sent at once:
-    one round trip, yet ``sql`` runs in a snapshot taken when ``first`` is done. So ``first``
-    may take a row lock that ``sql``'s reads then see the newest state behind, which one
-    statement cannot do: its snapshot is older than any lock it waits for."""
-    info = conn.connection.info
-    cursors = info.get(_CURSORS)
-    if cursors is None:
-        made = driver(conn)
-        cursors = info[_CURSORS] = (made.cursor(), made.cursor())
-    with driver(conn).pipeline():
-        cursors[0].execute(first, first_params, prepare=True)
-        cursors[1].execute(sql, params, prepare=True)
-    return cursors[1]
-
-
-_CURSORS = "jifen.cursors"
-
-
 @dataclass(frozen=True)
 class _Compiled:
     dialect: Dialect

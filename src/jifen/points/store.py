@@ -26,7 +26,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among, array_literal
-from jifen.db.prepared import PreparedSQL, driver, execute, execute_after
+from jifen.db.prepared import PreparedSQL, driver, execute
 from jifen.points.models import accounts, lots, postings
 
 
@@ -182,10 +182,6 @@ FROM accounts a
 WHERE a.member_id = %(member)s AND a.currency = 'points'
 FOR NO KEY UPDATE OF a
 """  # noqa: S608 (constants only)
-
-_LOCK_ONLY = """
-SELECT 1 FROM accounts WHERE member_id = %(member)s AND currency = 'points' FOR NO KEY UPDATE
-"""
 
 _AT_ONCE_LOCK = f"""
 WITH a AS (
@@ -343,8 +339,7 @@ _POSTGRESQL_DEBIT_AT_ONCE = (
       -- Only where no posting to the account committed after this statement's snapshot
       -- (every change of a lot is a posting, which moves head_seq): the UPDATEs below scan
       -- lots and accounts in that snapshot, where a lot made meanwhile is missing and a
-      -- row changed meanwhile has its CHECKs tested on the old version first. The lock
-      -- taken just before, in its own statement, makes this hold whenever the lock waited.
+      -- row changed meanwhile has its CHECKs tested on the old version first.
       AND a.head_seq = (SELECT s.head_seq FROM accounts s WHERE s.id = a.id)
       AND a.packed[3 * n + k] <= %(now_us)s::bigint
       AND (a.packed[4 * n + k] IS NULL OR a.packed[4 * n + k] > %(now_us)s::bigint)
@@ -405,12 +400,7 @@ def debit_at_once(
     member, the new posting's id or ``None`` for nothing written, and, when nothing was
     written, the first ``limit`` open lots, read after the lock as
     :func:`lock_account_spending` reads them). A small ``limit`` keeps the statement
-    cheap: a spending that needs more lots reads them after it.
-
-    The lock comes first, in a statement of its own sent with the writing one
-    (:func:`execute_after`): the writing statement's snapshot is then taken once the lock
-    is granted, so it sees every posting that committed while it waited, and on a busy
-    account the spending is still written here rather than on the general path."""
+    cheap: a spending that needs more lots reads them after it."""
     params = {
         "member": member_id, "key": key, "limit": limit, "kind": debit.kind,
         "system": debit.into, "amount": debit.amount, "now": debit.now,
@@ -418,8 +408,7 @@ def debit_at_once(
         "request_hash": debit.request_hash, "reason": debit.reason, "actor": debit.actor,
         "facts": debit.facts,
     }  # fmt: skip
-    lock = {"member": member_id}
-    row = execute_after(conn, _LOCK_ONLY, lock, _POSTGRESQL_DEBIT_AT_ONCE, params).fetchone()
+    row = execute(conn, _POSTGRESQL_DEBIT_AT_ONCE, params).fetchone()
     if row is None:
         return None, None, []
     return row[:_LOTS], row[_LOTS], _unpacked(row[_LOTS + 1])
