@@ -4,6 +4,9 @@ unit of work's own transaction."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -11,10 +14,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
 from sqlalchemy import JSON, Column, String, Table, bindparam, select
 
+import jifen
 from jifen.db.base import UTCDateTime
-from jifen.db.prepared import Prepared, Read, read_one, read_together
+from jifen.db.prepared import Prepared, PreparedSQL, Read, compact, read_one, read_together
 from jifen.db.uow import Database
 from tests.db.scratch import scratch_table
 
@@ -160,3 +165,46 @@ def test_any_reads_together_answer_as_alone(
     reads = [Read(queries[which], {"code": code}, lambda row: row) for which, code in chosen]
     with db.transaction(read_only=True) as uow:
         assert read_together(uow.conn, *reads) == [read_one(uow.conn, read) for read in reads]
+
+
+def _driver_statements() -> Iterator[tuple[str, str]]:
+    """Every statement of jifen's modules written for the driver (module-level SQL text with
+    ``%(name)s`` placeholders, and :class:`PreparedSQL` reads): (where, its text)."""
+    for found in pkgutil.walk_packages(jifen.__path__, "jifen."):
+        if found.name.endswith("__main__") or found.name.startswith("jifen.db.migrations"):
+            continue  # the command line, and Alembic's scripts, which run as they load
+        module = importlib.import_module(found.name)
+        for name, value in vars(module).items():
+            if isinstance(value, PreparedSQL):
+                value = value.sql
+            if isinstance(value, str) and "%(" in value and _SQL_WORD.search(value):
+                yield f"{found.name}.{name}", value
+
+
+_SQL_WORD = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE)\b")
+
+
+def test_every_driver_statement_is_short_enough_for_psycopg_to_keep_its_conversion() -> None:
+    """psycopg caches a statement's placeholder conversion only up to 4096 bytes; a longer
+    statement is scanned again on every call (``compact`` makes one fit)."""
+    statements = dict(_driver_statements())
+    assert "jifen.points.store._POSTGRESQL_DEBIT_AT_ONCE" in statements
+    too_long = {
+        where: len(sql.encode())
+        for where, sql in statements.items()
+        if len(sql.encode()) > MAX_CACHED_STATEMENT_LENGTH
+    }
+    assert not too_long, f"over {MAX_CACHED_STATEMENT_LENGTH} bytes: {too_long}"
+
+
+def test_compact_drops_comment_lines_and_indentation_only() -> None:
+    sql = """
+    SELECT 'a  b' AS x,  -- kept: not a whole line
+        -%(amount)s::bigint
+      -- dropped
+    FROM t
+    """
+    assert (
+        compact(sql)
+        == "SELECT 'a  b' AS x,  -- kept: not a whole line\n-%(amount)s::bigint\nFROM t"
+    )

@@ -65,6 +65,17 @@ def execute(
 _CURSOR = "jifen.cursor"
 
 
+def compact(sql: str) -> str:
+    """``sql`` without its comment lines and indentation (no literal in it may span lines).
+
+    psycopg converts a statement's ``%(name)s`` placeholders once and caches the result,
+    but only for statements of at most 4096 bytes (``MAX_CACHED_STATEMENT_LENGTH``); a
+    longer one is scanned again on every call, which costs over 100 µs of Python for the
+    ledger's longest statements. Their layout and comments stay in the source."""
+    kept = (line.strip() for line in sql.splitlines())
+    return "\n".join(line for line in kept if line and not line.startswith("--"))
+
+
 @dataclass(frozen=True)
 class _Compiled:
     dialect: Dialect

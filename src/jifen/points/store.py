@@ -26,7 +26,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Connection
 
 from jifen.db.bulk import among, array_literal
-from jifen.db.prepared import PreparedSQL, driver, execute
+from jifen.db.prepared import PreparedSQL, compact, driver, execute
 from jifen.points.models import accounts, lots, postings
 
 
@@ -330,7 +330,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # the lots fall short (or more lots than were read might be needed), or the row does not
 # bear the spending out, nothing is written and the service goes on from the locked row
 # and its lots as after the spending lock, refusing or planning as ever.
-_POSTGRESQL_DEBIT_AT_ONCE = (
+_POSTGRESQL_DEBIT_AT_ONCE = compact(
     _AT_ONCE_LOCK.replace("%(lots)s", "open_lots(a.id, %(limit)s)")  # noqa: S608 (constants only)
     + """, o AS (
     SELECT k, a.packed[k] AS lot, a.packed[2 * n + k] AS remaining
