@@ -451,6 +451,20 @@ def test_a_worker_given_no_nats_address_says_so(
     assert code == 2 and "is not a NATS address" in output, output
 
 
+def test_a_worker_never_shows_the_password_in_its_nats_address(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JIFEN_NATS_URL", "http://jifen:s3cret@nats.example:4222")
+    get_settings.cache_clear()
+    try:
+        code, output = jifen(db, "worker", "--no-jobs")
+    finally:
+        monkeypatch.delenv("JIFEN_NATS_URL")
+        get_settings.cache_clear()
+    assert code == 2 and "is not a NATS address" in output, output
+    assert "s3cret" not in output and "http://***@nats.example:4222" in output, output
+
+
 def help_of(environment: dict[str, str], *command: str) -> str:
     """``jifen … --help`` as an operator sees it, in a process of its own (the help texts'
     language is settled when jifen.cli is imported), with the whitespace taken out: how a

@@ -1293,9 +1293,10 @@ def _check_nats_url(url: str) -> None:
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
             raise fail(
                 "invalid_input",
-                _say(f"JIFEN_NATS_URL: {url!r} is not a NATS address such as "
-                     f"nats://127.0.0.1:4222",
-                     f"JIFEN_NATS_URL:{url!r} 不是 NATS 地址(例如 nats://127.0.0.1:4222)"),
+                _say(f"JIFEN_NATS_URL: {event_stream.safe_url(url)!r} is not a NATS address "
+                     f"such as nats://127.0.0.1:4222",
+                     f"JIFEN_NATS_URL:{event_stream.safe_url(url)!r} 不是 NATS 地址(例如 "
+                     f"nats://127.0.0.1:4222)"),
             )  # fmt: skip
 
 
@@ -1407,11 +1408,11 @@ def worker(
             if not events:
                 stop.wait()
                 return
-            source = f"{settings.nats_url}, stream {settings.nats_stream}"
+            shown = event_stream.safe_url(settings.nats_url)
             _settle()
             out.print(
-                _say(f"jifen worker: events from {source}",
-                     f"jifen worker:从 {settings.nats_url}(流 {settings.nats_stream})接收事件"),
+                _say(f"jifen worker: events from {shown}, stream {settings.nats_stream}",
+                     f"jifen worker:从 {shown}(流 {settings.nats_stream})接收事件"),
                 markup=False,
             )  # fmt: skip
             stats = event_stream.run_worker(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -307,6 +308,10 @@ def test_the_decisions_of_the_door() -> None:
     assert stream.event_subject("jifen.events", "shop") == "jifen.events.shop"
     assert stream.dead_subject("jifen.events", "shop") == "jifen.events.dead.shop"
     assert stream.program_of("jifen.events.shop", "jifen.events") == "shop"
+    assert stream.safe_url("nats://jifen:s3cret@a:4222, tls://t0ken@b:4222,nats://c:4222") == (
+        "nats://***@a:4222,tls://***@b:4222,nats://c:4222"
+    )
+    assert stream.safe_url("jifen:s3cret@a:4222") == "a:4222"
     for subject in ("jifen.events", "jifen.events.dead.shop", "other.shop"):
         with pytest.raises(JifenError, match=r"is not jifen\.events\.<programme code>"):
             stream.program_of(subject, "jifen.events")
@@ -601,17 +606,22 @@ def test_a_message_that_fails_every_time_holds_back_no_other(
 
 
 def test_a_worker_started_before_nats_waits_and_stops_when_asked(
-    sqlite_database: Database,
+    sqlite_database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     stop = threading.Event()
-    threading.Timer(1.5, stop.set).start()
+    threading.Timer(2.5, stop.set).start()
     started = time.monotonic()
-    stats = stream.run_worker(sqlite_database, url=f"nats://127.0.0.1:{port}", stop=stop)
+    url = f"nats://jifen:s3cret@127.0.0.1:{port}"
+    with caplog.at_level(logging.WARNING, logger=stream.log.name):
+        stats = stream.run_worker(sqlite_database, url=url, stop=stop)
     assert stats == stream.WorkerStats()
-    assert 1.5 <= time.monotonic() - started < 5
+    assert 2.5 <= time.monotonic() - started < 6
+    # It said what it waits for, without the password.
+    assert f"waiting for NATS at nats://***@127.0.0.1:{port}" in caplog.text, caplog.text
+    assert "s3cret" not in caplog.text
 
 
 # --------------------------------------------------------------------------- crash and restart

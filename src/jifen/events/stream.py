@@ -303,6 +303,17 @@ def _program_id(uow: UnitOfWork, code: str) -> int:
 # --------------------------------------------------------------------------- connections
 
 
+def safe_url(url: str) -> str:
+    """``url`` (one or more NATS servers, comma-separated) as messages and logs may show it:
+    a user, password or token in it is replaced by ``***``."""
+    shown = []
+    for part in url.split(","):
+        head, at, tail = part.strip().rpartition("@")
+        scheme, sep, _userinfo = head.partition("://")
+        shown.append(f"{scheme}{sep}***@{tail}" if at and sep else tail if at else part.strip())
+    return ",".join(shown)
+
+
 def _servers(url: str) -> list[str]:
     """``nats://a:4222,nats://b:4222`` as the list of servers nats-py expects."""
     return [part.strip() for part in url.split(",") if part.strip()]
@@ -613,7 +624,7 @@ async def _connect(url: str, stop: Stop) -> Client | None:
             return None
         await asyncio.wait({connecting}, timeout=0.1)
         if not connecting.done() and time.monotonic() >= warn_at:
-            log.warning("waiting for NATS at %s", url)
+            log.warning("waiting for NATS at %s", safe_url(url))
             warn_at = float("inf")
     try:
         connecting.result()
