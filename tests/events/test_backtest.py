@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from jifen.clock import ManualClock
 from jifen.db.uow import Database, UnitOfWork
 from jifen.events import service
 from jifen.events.schemas import BacktestIn
 from jifen.rules.schemas import RuleSpec
+from jifen.tiers import service as tiers
 from tests.events.test_service import activate, balance, lines, send, setup_tiers
 from tests.factories import new_members, new_program
 
@@ -120,3 +122,37 @@ def test_the_tier_matrix_counts_in_a_backtest_as_it_did_when_earning(db: Databas
         ("base", 200, 200),
         ("tier_benefit", 100, 100),
     ]
+
+
+def test_a_backtest_takes_each_member_at_the_tier_it_held_when_the_event_happened(
+    db: Database, clock: ManualClock
+) -> None:
+    """A member moved up between two orders earned the first as 普通 and the second as 金卡;
+    the rules left unchanged, the replay earns each as it was earned and files it under
+    the tier of its time (not the member's tier of today)."""
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    setup_tiers(db, program.id, **{f"m{member}": "普通"})
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    activate(db, program.id, "tier", {"kind": "multiplier", "by_tier": {"金卡": "1.5"}})
+    start = datetime(2026, 1, 2, 4, 0, tzinfo=UTC)
+    order = lines(("A", "x", 100))
+    send(db, program.id, member, "order.paid", start, "o1", order_id="1", lines=order)
+    clock.set(start + timedelta(days=1))
+    db.run(
+        lambda uow: tiers.set_member_tier(
+            uow, program_id=program.id, member_id=member, tier="金卡", reason="up", set_by="t"
+        )
+    )
+    later = start + timedelta(days=2)
+    send(db, program.id, member, "order.paid", later, "o2", order_id="2", lines=order)
+    unchanged = BacktestIn(since=start - timedelta(hours=1), until=later + timedelta(hours=1))
+    report = db.run(
+        lambda uow: service.backtest(uow, program_id=program.id, request=unchanged), read_only=True
+    )
+    by_tier = {c.key: (c.actual, c.proposed) for c in report.by_tier}
+    assert set(by_tier) == {"普通", "金卡"}
+    assert by_tier["普通"] == (100, 100)
+    assert by_tier["金卡"][0] == by_tier["金卡"][1] > 100  # the multiplier counted, as it did
+    assert report.actual == report.proposed == balance(db, member).balance  # as earned
+    assert all(c.actual == c.proposed for c in report.by_rule)

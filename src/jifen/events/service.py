@@ -1923,7 +1923,7 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
                     sums[kind].setdefault(key, Compared(key=key)).proposed += award.points
                 total_proposed += award.points
             for member_id, rule, points in actual_awards.get(row.id, []):
-                tier = replay.tier(member_id)
+                tier = replay.tier(member_id, moment)
                 for kind, key in (
                     ("rule", rule),
                     ("tier", tier),
@@ -1942,7 +1942,8 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
         by_day=sorted(sums["day"].values(), key=lambda c: c.key),
         members=[m for m in members[: request.top] if m.difference],
         notes=[
-            "Members are taken at their current tier and profile.",
+            "Members are taken at the tier they held when each event happened, and at their "
+            "current profile.",
             "Caps, budgets and streaks count from the start of the period.",
             "Refunds are not replayed; actual points are those first awarded, before refunds.",
         ],
@@ -1981,8 +1982,9 @@ def _actual_awards(uow: UnitOfWork, event_ids: list[int]) -> dict[int, list[tupl
 
 
 class _Replay:
-    """The members' facts as the replay goes: profiles and tiers as they are now, counts of
-    earlier events, and streaks, usage and budgets counted within the replay."""
+    """The members' facts as the replay goes: profiles as they are now, tiers as they were
+    at each event's time (as the earning read them), counts of earlier events, and streaks,
+    usage and budgets counted within the replay."""
 
     def __init__(self, uow: UnitOfWork, program_id: int, since: datetime, zone: ZoneInfo) -> None:
         self.uow = uow
@@ -1990,20 +1992,24 @@ class _Replay:
         self.program_id = program_id
         self.since = since
         self.known: dict[int, core.Facts] = {}
-        self.tiers: dict[int, str | None] = {}
+        self.tiers: dict[int, TierTimeline] = {}
         self.usage: dict[tuple[int, str, str], int] = {}
         self.budgets = core.Budgets(by_rule={}, program=0)
 
-    def tier(self, member_id: int) -> str:
+    def tier(self, member_id: int, moment: datetime) -> str:
+        """The member's tier at ``moment`` (no earlier than the replay's start), ``-`` for
+        none."""
         if member_id not in self.tiers:
             self._load([member_id])
-        return self.tiers.get(member_id) or "-"
+        return self.tiers[member_id].at(moment) or "-"
 
     def _load(self, member_ids: list[int]) -> None:
         missing = [m for m in member_ids if m not in self.known]
         if not missing:
             return
-        tiers = tiers_service.tiers_of(self.uow, member_ids=missing)
+        timelines = tiers_service.tier_timelines(
+            self.uow, since=dict.fromkeys(missing, self.since)
+        )
         profiles = members_service.rule_facts(
             self.uow, program_id=self.program_id, member_ids=missing
         )
@@ -2017,10 +2023,10 @@ class _Replay:
             counts.setdefault(member_id, {})[kind] = int(count)
         for member_id in missing:
             profile = profiles.get(member_id)
-            self.tiers[member_id] = tiers.get(member_id)
+            self.tiers[member_id] = timelines[member_id]
             self.known[member_id] = core.Facts(
                 member_id=member_id,
-                tier=tiers.get(member_id),
+                tier=timelines[member_id].at(self.since),
                 state=profile.state if profile else "active",
                 tags=frozenset(profile.tags) if profile else frozenset(),
                 registered_at=profile.created_at if profile else None,
@@ -2057,6 +2063,7 @@ class _Replay:
             }
             out[member_id] = replace(
                 self.known[member_id],
+                tier=self.tiers[member_id].at(event.occurred_at),
                 usage=core.Usage(
                     day=self.usage.get((member_id, "*", buckets["day"]), 0),
                     month=self.usage.get((member_id, "*", buckets["month"]), 0),
