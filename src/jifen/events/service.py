@@ -2007,9 +2007,7 @@ class _Replay:
         missing = [m for m in member_ids if m not in self.known]
         if not missing:
             return
-        timelines = tiers_service.tier_timelines(
-            self.uow, since=dict.fromkeys(missing, self.since)
-        )
+        timelines = tiers_service.tier_timelines(self.uow, since=dict.fromkeys(missing, self.since))
         profiles = members_service.rule_facts(
             self.uow, program_id=self.program_id, member_ids=missing
         )
