@@ -762,6 +762,30 @@ def test_a_redemption_twice_with_one_key_is_one_order(db: Database) -> None:
         shop.redeem(member, mug.code, key="k1", quantity=1, payment_ref="other")
 
 
+@pytest.mark.parametrize("tier", ["普通", "金卡"])  # its limits counted (lock first) or not
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"vote": {"options": ["蓝", "绿"]}},  # the option voted for is no longer offered
+        {"cash_fen": 500},  # a cash part added: the request names no payment
+    ],
+)
+def test_a_redemption_sent_again_after_its_reward_was_edited_answers_its_order(
+    db: Database, tier: str, edit: dict[str, Any]
+) -> None:
+    """The key was seen: the order it made is the answer, whatever the reward's terms say
+    now (before the member's lock or after it, a replay is not checked again)."""
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier=tier)
+    poll = shop.reward(kind="vote", points=10, vote={"options": ["红", "蓝"]})
+    first = shop.redeem(member, poll.code, key="k1", choice="红")
+    edit_reward(db, shop, shop.get(poll.code), **edit)
+    before = (shop.counts(), shop.available(member))
+    again = shop.redeem(member, poll.code, key="k1", choice="红")
+    assert again.id == first.id and again.replayed
+    assert (shop.counts(), shop.available(member)) == before
+
+
 @pytest.mark.parametrize(
     ("setup", "error", "message"),
     [

@@ -600,10 +600,12 @@ def _or_replay(
 ) -> T | OrderRead:
     """``work()``, or, where it refuses, the order a twin of this request (same key) made if
     one has committed since: the refusal may be only what that twin did (it took the stock,
-    the points, the limit, or the key itself)."""
+    the points, the limit, or the key itself). A request found malformed against the
+    reward's terms of now (an option no longer offered, a cash part added) is answered the
+    same way: a twin's order stands whatever the terms became since."""
     try:
         return work()
-    except Refused:
+    except (Refused, InvalidInput):
         replayed = _replay(uow, program_id, key, request_hash)
         if replayed is not None:
             return replayed
