@@ -786,6 +786,25 @@ def test_a_redemption_sent_again_after_its_reward_was_edited_answers_its_order(
     assert (shop.counts(), shop.available(member)) == before
 
 
+@pytest.mark.parametrize("tier", ["普通", "金卡"])
+def test_a_redemption_with_a_key_an_earning_used_is_a_conflict_even_if_refused(
+    db: Database, tier: str
+) -> None:
+    """A key another posting made is a conflict, as it is when the redemption would pass;
+    not the refusal the redemption would get with a fresh key."""
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier=tier)
+    mug = shop.reward(points=100, stock=5)
+    db.run(lambda uow: points.earn(uow, member_id=member, amount=10, key="used",
+                                   expires_at=None))  # fmt: skip
+    db.run(lambda uow: rewards.set_state(uow, program_id=shop.program_id, code=mug.code,
+                                         state="paused"))  # fmt: skip
+    before = (shop.counts(), shop.available(member))
+    with pytest.raises(IdempotencyConflict):
+        shop.redeem(member, mug.code, key="used")
+    assert (shop.counts(), shop.available(member)) == before
+
+
 @pytest.mark.parametrize(
     ("setup", "error", "message"),
     [

@@ -1672,6 +1672,16 @@ def holders_page(
     return [int(member_id) for (member_id,) in rows]
 
 
+def key_used(uow: UnitOfWork, *, program_id: int, key: str) -> bool:
+    """Whether the programme has a posting made with ``key``."""
+    found = uow.conn.execute(
+        select(postings.c.id).where(
+            postings.c.program_id == program_id, postings.c.idempotency_key == key
+        )
+    ).first()
+    return found is not None
+
+
 def count_postings(uow: UnitOfWork, *, member_id: int, key_prefix: str) -> int:
     """How many of the member's postings have a key starting with ``key_prefix``."""
     account = _account_of(uow, member_id)

@@ -602,13 +602,19 @@ def _or_replay(
     one has committed since: the refusal may be only what that twin did (it took the stock,
     the points, the limit, or the key itself). A request found malformed against the
     reward's terms of now (an option no longer offered, a cash part added) is answered the
-    same way: a twin's order stands whatever the terms became since."""
+    same way: a twin's order stands whatever the terms became since. A key that made
+    another posting, and no order, is a conflict, as it is when the checks pass (the
+    debit finds the key) and as it was when the key was looked up first."""
     try:
         return work()
-    except (Refused, InvalidInput):
+    except (Refused, InvalidInput) as refused:
         replayed = _replay(uow, program_id, key, request_hash)
         if replayed is not None:
             return replayed
+        if not isinstance(refused, IdempotencyConflict) and points_service.key_used(
+            uow, program_id=program_id, key=key
+        ):
+            raise IdempotencyConflict(key=key) from None
         raise
 
 
