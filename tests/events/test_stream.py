@@ -312,6 +312,11 @@ def test_the_decisions_of_the_door() -> None:
         "nats://***@a:4222,tls://***@b:4222,nats://c:4222"
     )
     assert stream.safe_url("jifen:s3cret@a:4222") == "a:4222"
+    # A comma is allowed in a password: no part of it shows, whatever the server list.
+    assert stream.safe_url("nats://jifen:s3,cret@a:4222,nats://c:4222") == (
+        "nats://***@a:4222,nats://c:4222"
+    )
+    assert stream.safe_url("jifen:s3,cret@a:4222") == "a:4222"
     for subject in ("jifen.events", "jifen.events.dead.shop", "other.shop"):
         with pytest.raises(JifenError, match=r"is not jifen\.events\.<programme code>"):
             stream.program_of(subject, "jifen.events")

@@ -305,12 +305,20 @@ def _program_id(uow: UnitOfWork, code: str) -> int:
 
 def safe_url(url: str) -> str:
     """``url`` (one or more NATS servers, comma-separated) as messages and logs may show it:
-    a user, password or token in it is replaced by ``***``."""
+    a user, password or token in it is replaced by ``***``. A password may hold a comma: a
+    piece without a scheme is read with the server before it, so what comes before its
+    ``@`` is hidden too (a server given without a scheme after one may be hidden with it)."""
+    servers: list[str] = []
+    for part in (piece.strip() for piece in url.split(",")):
+        if servers and "://" not in part and "@" not in servers[-1]:
+            servers[-1] += "," + part
+        else:
+            servers.append(part)
     shown = []
-    for part in url.split(","):
-        head, at, tail = part.strip().rpartition("@")
+    for server in servers:
+        head, at, tail = server.rpartition("@")
         scheme, sep, _userinfo = head.partition("://")
-        shown.append(f"{scheme}{sep}***@{tail}" if at and sep else tail if at else part.strip())
+        shown.append(f"{scheme}{sep}***@{tail}" if at and sep else tail if at else server)
     return ",".join(shown)
 
 
