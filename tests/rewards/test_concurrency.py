@@ -335,3 +335,34 @@ def test_a_pause_that_commits_while_a_redemption_waits_for_the_member_is_obeyed(
     assert shop.available(member) == 10_000 and shop.counts()[0] == 0
     after = shop.get(goods.code)
     assert (after.state, after.stock_left, after.sold) == ("paused", stock, 0)
+
+
+@pytest.mark.parametrize(
+    ("tier", "points_"), [("钻石", 8000), ("金卡", 1000)], ids=["held", "spent"]
+)
+def test_a_member_frozen_while_its_redemption_waits_gets_no_hold_and_no_debit(
+    pg: Database, tier: str, points_: int
+) -> None:
+    """Staff freeze the member while its redemption waits for the member's account: the
+    redemption read the member active before, but its hold (a cooling-off) or its debit
+    reads the state the account carries under the lock, and is refused."""
+    from jifen.members import service as members
+
+    shop = Shop.open(pg)
+    (member,) = shop.member(20_000, tier=tier)
+    goods = shop.reward(points=points_)
+    body = RedemptionCreate.model_validate({"reward": goods.code})
+
+    def freeze_member(uow: Any) -> None:
+        members.change_state(uow, program_id=shop.program_id, member_id=member, state="frozen")
+
+    def redeem(uow: Any) -> Any:
+        return rewards.redeem(uow, program_id=shop.program_id, member_id=member, body=body,
+                              key="r", actor="m")  # fmt: skip
+
+    result = while_held(pg, freeze_member, redeem)
+    assert isinstance(result, StateConflict) and "frozen" in str(result), result
+    assert shop.counts()[0] == 0
+    summary = pg.run(lambda uow: points_service.balance(uow, member_id=member), read_only=True)
+    assert (summary.balance, summary.frozen) == (20_000, 0)
+    assert_ledger_sound(pg, shop.program_id)

@@ -1258,14 +1258,20 @@ def transfer(
 
 
 def freeze(
-    uow: UnitOfWork, *, member_id: int, amount: int, key: str, reason: str, actor: str
-) -> PostingRead:
-    """Hold ``amount`` spendable points away from the member (for example during a review)."""
+    uow: UnitOfWork, *, member_id: int, amount: int, key: str, reason: str, actor: str,
+    require_active: bool = False,
+) -> PostingRead:  # fmt: skip
+    """Hold ``amount`` spendable points away from the member (for example during a review).
+    Staff may hold the points of a member in any state; ``require_active`` refuses a member
+    that is not active by the state its locked account carries, as a debit does (a hold that
+    pays for a redemption)."""
     _require_key(key)
     request = _fingerprint("freeze", member=member_id, amount=amount, reason=reason, actor=actor)
     member, replay_id, opened = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)
+    if require_active:
+        _require_active(member)
     ledger.postings.require_positive(amount)
     now = uow.clock.now()
     plan = _planned(

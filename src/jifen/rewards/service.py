@@ -532,7 +532,7 @@ def redeem(
         if wait is not None:
             return points_service.freeze(
                 uow, member_id=member_id, amount=price.points, key=key, reason=f"hold: {reason}",
-                actor=actor,
+                actor=actor, require_active=True,
             )  # fmt: skip
         return _spend(uow, member_id, price.points, key, reason, actor, terms)
 
