@@ -418,6 +418,9 @@ def _count(db: Database, program_id: int) -> int:
         ),
         ("activity.attended", {"activity_id": "a"}, InvalidInput, "payload.hours"),
         ("member.checked_in", {"_future": True}, InvalidInput, "in the future"),
+        # the inviter's id as JSON true or as a string: refused, not read as member 1 or 5
+        ("referral.completed", {"inviter_member_id": True}, InvalidInput, "inviter_member_id"),
+        ("referral.completed", {"inviter_member_id": "5"}, InvalidInput, "inviter_member_id"),
     ],
 )
 def test_bad_events_are_refused_and_leave_nothing(

@@ -8,7 +8,7 @@ from datetime import date, datetime
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, model_validator
 
 from jifen.api.schemas import NO_NUL, Instant, RequestBody
 from jifen.errors import Refusal
@@ -77,9 +77,11 @@ class ReviewFeatured(RequestBody):
 
 
 class ReferralCompleted(RequestBody):
-    """The invited member (the event's member) completed its first order."""
+    """The invited member (the event's member) completed its first order. The inviter's id
+    is a JSON number: ``true`` or ``"5"`` is refused here, where the rules that pay the
+    inviter would refuse it later and a dry run or a backtest would read ``true`` as 1."""
 
-    inviter_member_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    inviter_member_id: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
 
 
 class QuizAnswered(RequestBody):
