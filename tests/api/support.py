@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
+import io
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from jifen.auth import service as auth
 from jifen.db.uow import Database
+from tests.factories import new_program
 
 Headers = dict[str, str]
 
@@ -91,3 +95,23 @@ def served(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def phone_search_access_log(db: Database, app: Any, log_config: dict[str, Any]) -> str:
+    """What the access log wrote for a member search by phone (13912345678) served from
+    ``app`` with ``log_config``, whose access handler is pointed at a buffer here: the line
+    that must show ``?phone=***&limit=***``, never the number."""
+    program = new_program(db)
+    operator = staff(db, "operator", program_id=program.id)
+    written = io.StringIO()
+    log_config["handlers"]["access"]["stream"] = written
+    search = f"/v1/programs/{program.code}/members?phone=13912345678&limit=5"
+    with served(app, log_config=log_config, log_level="info") as base:
+        url = urlsplit(base)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+        conn.request("GET", search, headers=operator)
+        assert conn.getresponse().status == 200
+        conn.close()
+    line = written.getvalue()
+    assert "13912345678" not in line
+    return line.replace(f"/v1/programs/{program.code}/", "/v1/programs/<code>/")
