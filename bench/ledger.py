@@ -44,6 +44,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from jifen.db.engine import SQLITE_PRAGMAS
 from jifen.db.migrate import upgrade
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InsufficientPoints
@@ -340,10 +341,11 @@ def report(phase: str, outcomes: list[Outcome], seconds: float, unit: str) -> tu
 
 
 def sqlite_raw_tps(path: Path, seconds: float) -> float:
-    """Single-row insert transactions, with the pragmas jifen uses (WAL, synchronous=NORMAL)."""
+    """Single-row insert transactions, with the pragmas jifen uses (``SQLITE_PRAGMAS``: WAL,
+    each commit synced to the disk before it returns)."""
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    for pragma in SQLITE_PRAGMAS:
+        conn.execute(pragma)
     conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, member INTEGER, amount INTEGER)")
     done, deadline = 0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:

@@ -13,6 +13,18 @@ from jifen.settings import normalise_database_url
 READ_ONLY = "jifen_read_only"
 """Execution option: this transaction only reads (SQLite then begins DEFERRED)."""
 
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    # A commit is acknowledged only once the write-ahead log holding it is on the disk, as
+    # on PostgreSQL with synchronous_commit on: an earning a till was told of survives a
+    # power cut or a crash of the machine. With NORMAL the log is synced only at
+    # checkpoints, and such a crash may roll back the last acknowledged transactions.
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=60000",
+)
+"""Set on every SQLite connection jifen opens."""
+
 
 def make_engine(url: str, *, pool_size: int = 20) -> Engine:
     """An engine for ``url``: PostgreSQL through psycopg 3, or an SQLite file in WAL mode."""
@@ -33,10 +45,8 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
         # Let SQLAlchemy's "begin" event, not the driver, decide how transactions start.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        for pragma in SQLITE_PRAGMAS:
+            cursor.execute(pragma)
         cursor.close()
 
     @event.listens_for(engine, "begin")
