@@ -37,6 +37,13 @@ def _fingerprint_key() -> bytes:
 
 
 @lru_cache(maxsize=1)
+def _event_mac() -> hmac.HMAC:
+    """The event fingerprint's HMAC with its key set up, which each event copies rather
+    than set the key up again (ingestion is timed per event)."""
+    return hmac.new(_derive(b"jifen event fingerprint v1"), digestmod=hashlib.sha256)
+
+
+@lru_cache(maxsize=1)
 def draw_key() -> bytes:
     """The key that seeds the rules' random draws (HMAC-SHA256): a sender that chooses its
     event ids cannot know which ids win, while whoever holds the installation's secret can
@@ -61,6 +68,15 @@ def request_fingerprint(text: str) -> str:
     return hmac.new(_fingerprint_key(), text.encode(), hashlib.sha256).hexdigest()
 
 
+def event_fingerprint(text: str) -> str:
+    """HMAC-SHA256 of an event's canonical text under a key of its own, as 64 hex digits:
+    a resent event is recognised, while a copy of the database alone cannot test guesses
+    of the member reference (often a phone number) or the payload it digests."""
+    mac = _event_mac().copy()
+    mac.update(text.encode())
+    return mac.hexdigest()
+
+
 def same_hash(value: str, stored: str) -> bool:
     """Whether ``value`` hashes to ``stored``, in constant time."""
     return hmac.compare_digest(keyed_hash(value), stored)
@@ -82,4 +98,5 @@ def forget_keys() -> None:
     """Drop the derived keys (tests that change ``JIFEN_SECRET_KEY``)."""
     _hash_key.cache_clear()
     _fingerprint_key.cache_clear()
+    _event_mac.cache_clear()
     _fernet.cache_clear()

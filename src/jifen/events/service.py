@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import hmac
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -159,8 +160,8 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 encoder each call)."""
 
 
-def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
-    text = _CANONICAL.encode(
+def _canonical(event: EventIn, payload: Mapping[str, Any]) -> str:
+    return _CANONICAL.encode(
         {
             "type": event.type,
             "occurred_at": event.occurred_at.isoformat(),
@@ -169,7 +170,29 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
             "payload": payload,
         }
     )
-    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
+    """What an event is stored with to know it again: its canonical text's keyed HMAC
+    (:func:`jifen.crypto.event_fingerprint`), which a copy of the database alone cannot
+    test guesses of its member reference (often a phone number) or payload against."""
+    return crypto.event_fingerprint(_canonical(event, payload))
+
+
+def _legacy_fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
+    """The unkeyed SHA-256 the events stored before the keyed fingerprint carry: a resend
+    of one of them is still known by it."""
+    return hashlib.sha256(_canonical(event, payload).encode()).hexdigest()
+
+
+def _same_event(stored: str, event: EventIn, payload: Mapping[str, Any], keyed: str) -> bool:
+    """Whether an event stored with fingerprint ``stored`` is the one sent again, whose
+    keyed fingerprint is ``keyed``, or the unkeyed one of an event stored before
+    fingerprints were keyed (worked out only when the keyed one does not match). Compared
+    in constant time."""
+    return hmac.compare_digest(stored, keyed) or hmac.compare_digest(
+        stored, _legacy_fingerprint(event, payload)
+    )
 
 
 # --------------------------------------------------------------------------- ingest
@@ -521,8 +544,12 @@ class _Intake:
         earlier = group.done.get(item.key) or self.done.get(item.key)
         stored = self.stored.get(item.key)
         if earlier is not None or stored is not None:
-            request_hash = earlier[0] if earlier is not None else stored.request_hash  # type: ignore[union-attr]
-            if request_hash != item.request_hash:
+            if earlier is not None:
+                same = hmac.compare_digest(earlier[0], item.request_hash)
+            else:
+                assert stored is not None
+                same = _same_event(stored.request_hash, event, item.payload, item.request_hash)
+            if not same:
                 raise IdempotencyConflict(key=f"{event.source}:{event.external_id}")
             if earlier is not None:
                 return earlier[1]
