@@ -9,7 +9,7 @@ from datetime import date
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import JSON, Date, String, Text, func, select
+from sqlalchemy import JSON, Date, String, Text, func, select, update
 
 from jifen import crypto
 from jifen.audit import service as audit_service
@@ -18,6 +18,7 @@ from jifen.auth.models import member_credentials, one_time_codes, sessions
 from jifen.db.base import metadata
 from jifen.db.uow import Database
 from jifen.events.models import events
+from jifen.events.schemas import EventIn
 from jifen.members import core as members_core
 from jifen.members import service as members_service
 from jifen.members.api import NOT_STORED
@@ -27,6 +28,7 @@ from jifen.notify.models import inbox_messages, outbox
 from jifen.points import service as points
 from tests.api import support
 from tests.api.test_members import Club
+from tests.events.test_fingerprints import unkeyed
 from tests.factories import assert_ledger_sound
 
 ID_NUMBER = "11010519491231002X"
@@ -464,6 +466,82 @@ def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
     in_program = select(func.count()).where(members.c.program_id == club.program.id)
     assert db.run(lambda uow: uow.conn.execute(in_program).scalar_one()) == 2
     assert _sweep(db, values) == []
+
+
+def test_erasure_leaves_no_fingerprint_of_the_member_s_events_to_test_guesses_against(
+    client: TestClient, db: Database
+) -> None:
+    # given a member known by its phone number, with two orders sent naming it so, one of
+    # them stored before fingerprints were keyed (with the plain digest of its content)
+    club = Club(client, db)
+    risk = support.staff(db, "risk_officer", program_id=club.program.id)
+    phone = "139" + str(uuid.uuid4().int % 10**8).zfill(8)
+    member = int(club.register(phone)["id"])
+    url = f"/v1/programs/{club.program.code}/events"
+    sent = [
+        {"source": "pos", "external_id": f"o{n}-{member}", "type": "order.paid",
+         "occurred_at": "2026-01-01T00:30:00Z", "member_ref": phone,
+         "payload": {"order_id": f"A{n}", "lines": [
+             {"sku": "T1", "category": "日用品", "amount_fen": 100 * n}]}}
+        for n in (1, 2)
+    ]  # fmt: skip
+    answers = [club.post(url, body) for body in sent]
+    assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+    ids = [a.json()["id"] for a in answers]
+
+    def rows() -> dict[int, Any]:
+        return db.run(
+            lambda uow: {
+                r.id: r
+                for r in uow.conn.execute(
+                    select(events.c.id, events.c.request_hash, events.c.payload).where(
+                        events.c.member_id == member
+                    )
+                )
+            }
+        )
+
+    stored = rows()
+    plain = {i: unkeyed(EventIn.model_validate(body), stored[i].payload)
+             for i, body in zip(ids, sent, strict=True)}  # fmt: skip
+    db.run(
+        lambda uow: uow.conn.execute(
+            update(events).where(events.c.id == ids[1]).values(request_hash=plain[ids[1]])
+        )
+    )
+    before = {i: r.request_hash for i, r in rows().items()}
+    closed = club.post(club.url(member, "/state"), {"state": "closed", "reason": "asked"})
+    assert closed.status_code == 200, closed.text
+    # when its personal data is erased
+    erased = client.post(
+        club.url(member, "/personal-data/erase"), headers={**risk, **support.key()}
+    )
+    assert erased.status_code == 200, erased.text
+    # then no event of it keeps its fingerprint of before, nor the plain digest of its
+    # content, which a copy of the database could test the phone number's digits against
+    after = {i: r.request_hash for i, r in rows().items()}
+    assert after.keys() == set(ids)
+    for event_id in ids:
+        assert after[event_id] not in (before[event_id], plain[event_id]), event_id
+        assert len(after[event_id]) == 64
+    # yet each order sent again is still known: answered as it was, nothing done again
+    for event_id, body in zip(ids, sent, strict=True):
+        again = club.post(url, body)
+        assert again.status_code == 201, again.text
+        assert again.json()["replayed"] is True and again.json()["id"] == event_id
+        # and another content under its id is still refused
+        other = {**body, "payload": {**body["payload"], "order_id": "B"}}
+        refused = club.post(url, other)
+        assert refused.status_code == 409 and refused.json()["code"] == "idempotency_conflict"
+    # erasing again changes nothing, and the orders are still known
+    assert (
+        client.post(
+            club.url(member, "/personal-data/erase"), headers={**risk, **support.key()}
+        ).status_code
+        == 200
+    )
+    assert {i: r.request_hash for i, r in rows().items()} == after
+    assert club.post(url, sent[1]).json()["replayed"] is True
 
 
 def test_a_closed_member_s_profile_and_identity_are_written_no_more(

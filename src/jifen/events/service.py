@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-from sqlalchemy import Row, RowMapping, String, case, func, select
+from sqlalchemy import Row, RowMapping, String, bindparam, case, func, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from jifen import crypto
@@ -185,11 +185,28 @@ def _legacy_fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(event, payload).encode()).hexdigest()
 
 
+ERASED_FINGERPRINT = "erased:"
+"""How the fingerprint of an erased member's event starts (:func:`erase_fingerprints`)."""
+
+
+def _erased(fingerprint: str) -> str:
+    """What an erased member's event keeps of its fingerprint: the marker and 57 hex digits
+    of the keyed HMAC of it (still 64 characters), so that whatever it was (an unkeyed
+    SHA-256 of before, or the keyed one), nothing a guess could be tested against without
+    the installation's key is left, while the event sent again is still known."""
+    keyed = crypto.event_fingerprint(ERASED_FINGERPRINT + fingerprint)
+    return ERASED_FINGERPRINT + keyed[: 64 - len(ERASED_FINGERPRINT)]
+
+
 def _same_event(stored: str, event: EventIn, payload: Mapping[str, Any], keyed: str) -> bool:
     """Whether an event stored with fingerprint ``stored`` is the one sent again, whose
     keyed fingerprint is ``keyed``, or the unkeyed one of an event stored before
-    fingerprints were keyed (worked out only when the keyed one does not match). Compared
-    in constant time."""
+    fingerprints were keyed (worked out only when the keyed one does not match); either of
+    them as the member's erasure left it (:func:`_erased`). Compared in constant time."""
+    if stored.startswith(ERASED_FINGERPRINT):
+        return hmac.compare_digest(stored, _erased(keyed)) or hmac.compare_digest(
+            stored, _erased(_legacy_fingerprint(event, payload))
+        )
     return hmac.compare_digest(stored, keyed) or hmac.compare_digest(
         stored, _legacy_fingerprint(event, payload)
     )
@@ -2181,6 +2198,31 @@ def _without(value: Any, personal: frozenset[str], within: tuple[str, ...]) -> A
 
 def _personal(text: str, personal: frozenset[str], within: tuple[str, ...]) -> bool:
     return text in personal or any(value in text for value in within)
+
+
+def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> int:
+    """Replace the fingerprints of the member's events by what :func:`_erased` keeps of
+    them: one stored before fingerprints were keyed digests its member reference (often a
+    phone number) and payload unkeyed, so that a copy of the database could test guesses
+    against it. The event sent again is still answered as before (a replay, or refused
+    when its content differs). Those erased already are left as they are, so that erasing
+    again changes nothing (and a member erased before this was done has its events' done
+    when it is erased again). How many events changed."""
+    rows = uow.conn.execute(
+        select(events.c.id, events.c.request_hash).where(
+            events.c.program_id == program_id,
+            events.c.member_id == member_id,
+            ~events.c.request_hash.startswith(ERASED_FINGERPRINT, autoescape=True),
+        )
+    ).all()
+    if rows:
+        uow.conn.execute(
+            events.update()
+            .where(events.c.id == bindparam("event_id"))
+            .values(request_hash=bindparam("erased")),
+            [{"event_id": row.id, "erased": _erased(row.request_hash)} for row in rows],
+        )
+    return len(rows)
 
 
 def erase_personal_values(
