@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from jifen.api.models import idempotency_records
 from jifen.clock import ManualClock
@@ -35,6 +35,7 @@ from jifen.members.models import members
 from jifen.points.models import accounts
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
+from jifen.rewards.models import rewards as rewards_table
 from tests.conftest import BACKENDS, START, empty_database_url
 from tests.rewards.shop import Shop
 
@@ -73,7 +74,7 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0019"
+    assert head_revision(db.engine) == "0020"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)
@@ -312,4 +313,49 @@ def test_0018_gives_each_member_account_its_member_state(empty_engine: Engine) -
     with engine.connect() as conn:
         columns = {column["name"] for column in sa.inspect(conn).get_columns("accounts")}
     assert "member_state" not in columns
+    engine.dispose()
+
+
+def test_0020_gives_orders_a_time_to_be_paid_by(empty_engine: Engine) -> None:
+    """0020 adds ``reward_orders.pay_by``, NULL for the orders made before; an order awaiting
+    payment must have one; the downgrade takes the column away and keeps the orders."""
+    engine = empty_engine
+    upgrade(engine, "0019")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+
+    def order(key: str, state: str, **more: Any) -> dict[str, Any]:
+        return {
+            "program_id": 1, "member_id": 1, "reward_id": 1, "idempotency_key": key,
+            "request_hash": "-", "state": state, "quantity": 1, "points": 100, "price": [],
+            "outcome": {}, "created_at": now, "updated_at": now, **more,
+        }  # fmt: skip
+
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(members.insert().values(id=1, program_id=1, external_ref="m1", created_at=now))
+        conn.execute(
+            rewards_table.insert().values(
+                id=1, program_id=1, code="kettle", kind="physical", points=100, terms={},
+                created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+        conn.execute(reward_orders.insert().values(order("before", "created")))
+    upgrade(engine, "0020")
+    with engine.begin() as conn:
+        conn.execute(
+            reward_orders.insert().values(
+                order("awaiting", "awaiting_payment", pay_by=now + timedelta(minutes=30))
+            )
+        )
+        kept = dict(
+            conn.execute(select(reward_orders.c.idempotency_key, reward_orders.c.pay_by)).all()
+        )
+    assert kept == {"before": None, "awaiting": now + timedelta(minutes=30)}
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(reward_orders.insert().values(order("no-time", "awaiting_payment")))
+    command.downgrade(alembic_config(engine), "0019")
+    with engine.connect() as conn:
+        columns = {column["name"] for column in sa.inspect(conn).get_columns("reward_orders")}
+        left = conn.execute(select(func.count()).select_from(sa.table("reward_orders"))).scalar()
+    assert "pay_by" not in columns and left == 2
     engine.dispose()

@@ -59,6 +59,12 @@ reward_orders = Table(
     Column("price", JSON, nullable=False, comment="the steps of the quote"),
     Column("outcome", JSON, nullable=False, comment="prize, partner units, receipt, vote"),
     Column("hold_until", UTCDateTime(), nullable=True),
+    Column(
+        "pay_by",
+        UTCDateTime(),
+        nullable=True,
+        comment="a cash part awaiting payment: the order lapses if not paid by then",
+    ),
     Column("spend_posting_id", BigId, ForeignKey("postings.id"), nullable=True),
     Column("hold_posting_id", BigId, ForeignKey("postings.id"), nullable=True),
     Column("refund_posting_id", BigId, ForeignKey("postings.id"), nullable=True),
@@ -68,6 +74,9 @@ reward_orders = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     UniqueConstraint("program_id", "idempotency_key"),
     CheckConstraint("quantity > 0", name="quantity_positive"),
+    CheckConstraint(
+        "state <> 'awaiting_payment' OR pay_by IS NOT NULL", name="awaiting_payment_pays_by"
+    ),
     Index("ix_reward_orders_member_created", "member_id", "created_at"),
     Index("ix_reward_orders_program_state", "program_id", "state", "id"),
     Index("ix_reward_orders_spend_posting", "spend_posting_id"),
