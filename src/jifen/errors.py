@@ -330,6 +330,21 @@ class PaymentUsed(Refused):
     )
 
 
+class PaymentAmountMismatch(Refused):
+    """A payment of another amount than the cash part of the order it names."""
+
+    code = "payment_amount_mismatch"
+    en = (
+        "Order {order_id} is due {due_fen} fen in cash; payment {payment_ref!r} says "
+        "{paid_fen} fen. Nothing was recorded: send the payment of the amount due, or refund "
+        "this one."
+    )
+    zh = (
+        "订单 {order_id} 应付现金 {due_fen} 分,支付 {payment_ref!r} 为 {paid_fen} 分。"
+        "未作任何记录:请按应付金额支付,或退还该笔支付。"
+    )
+
+
 class WrongCaller(Forbidden):
     """Allowed to one kind of caller only, whatever its roles: the member itself confirms
     its cooling-off hold; a till or payment system names a payment."""
@@ -343,6 +358,7 @@ __all__ += [
     "LimitReached",
     "NotOnSale",
     "OutOfStock",
+    "PaymentAmountMismatch",
     "PaymentUsed",
     "PriceChanged",
     "TierNotAllowed",

@@ -79,16 +79,16 @@ def test_a_redemption_debits_points_fifo_takes_stock_and_makes_an_order(db: Data
     assert_ledger_sound(db, shop.program_id)
 
 
-def test_points_plus_cash_records_the_payment_and_requires_its_reference(db: Database) -> None:
+def test_points_plus_cash_paid_at_the_till_records_the_payment(db: Database) -> None:
+    """A redemption that names its payment is paid already: made at once, no payment
+    awaited (one without is made awaiting its payment: see test_payment.py)."""
     shop = Shop.open(db)
     (member,) = shop.member(5000, tier="金卡")
     kettle = shop.reward(points=1000, cash_fen=9000)
-    before = shop.counts()
-    with pytest.raises(InvalidInput, match="payment"):
-        shop.redeem(member, kettle.code)
-    assert shop.counts() == before
     order = shop.redeem(member, kettle.code, payment_ref="pay-123")
     assert (order.points, order.cash_fen, order.payment_ref) == (800, 9000, "pay-123")
+    assert (order.state, order.pay_by) == ("created", None)
+    assert order.spend_posting_id is not None
     cancelled = shop.move(order.id, "cancel")
     assert cancelled.outcome["cash_refund_due_fen"] == 9000  # for the payment system to refund
 
@@ -767,7 +767,7 @@ def test_a_redemption_twice_with_one_key_is_one_order(db: Database) -> None:
     "edit",
     [
         {"vote": {"options": ["蓝", "绿"]}},  # the option voted for is no longer offered
-        {"cash_fen": 500},  # a cash part added: the request names no payment
+        {"cash_fen": 500},  # a cash part added: its order would now await the payment
     ],
 )
 def test_a_redemption_sent_again_after_its_reward_was_edited_answers_its_order(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -11,12 +12,13 @@ from jifen.events import service as events_service
 from jifen.expiry import service as expiry_service
 from jifen.jobs import service as jobs_service
 from jifen.jobs.core import Chunk
-from jifen.jobs.service import Job, register
+from jifen.jobs.service import ChunkFn, Job, register
 from jifen.members import service as members_service
 from jifen.notify import service as notify_service
 from jifen.points import integrity
 from jifen.programs import service as programs_service
 from jifen.rewards import service as rewards_service
+from jifen.rewards.schemas import HoldsReport
 from jifen.tiers import service as tiers_service
 
 log = logging.getLogger("jifen.jobs")
@@ -94,14 +96,24 @@ register(
 )
 
 
-def _holds(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
-    done = rewards_service.expire_holds(uow, program_id=program_id, limit=size)
-    return Chunk(cursor + done.cancelled, done.cancelled < size, {"cancelled": done.cancelled})
+def _cancelling(cancel: Callable[..., HoldsReport]) -> ChunkFn:
+    """A chunk that cancels up to its size of the orders ``cancel`` finds lapsed."""
+
+    def chunk(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+        done = cancel(uow, program_id=program_id, limit=size)
+        return Chunk(cursor + done.cancelled, done.cancelled < size, {"cancelled": done.cancelled})
+
+    return chunk
 
 
 register(
-    Job("rewards.expire_holds", "Lapse unconfirmed held redemptions", "取消未确认兑换", _holds)
-)
+    Job("rewards.expire_holds", "Lapse unconfirmed held redemptions", "取消未确认兑换",
+        _cancelling(rewards_service.expire_holds))
+)  # fmt: skip
+register(
+    Job("rewards.lapse_payments", "Lapse redemptions not paid in time", "取消超时未支付兑换",
+        _cancelling(rewards_service.lapse_payments))
+)  # fmt: skip
 
 
 def _birthdays(db: Database, program_id: int) -> dict[str, int]:

@@ -39,6 +39,7 @@ SCHEDULES: dict[str, Schedule] = {
     "ledger.reconcile": Schedule(cron="0 3 * * *"),
     "points.reminders": Schedule(cron="0 10 * * *"),
     "rewards.expire_holds": Schedule(cron="*/10 * * * *"),
+    "rewards.lapse_payments": Schedule(cron="*/5 * * * *"),
     "rewards.restock_alerts": Schedule(cron="*/30 * * * *"),
     "notify.deliver": Schedule(seconds=10),
 }

@@ -554,10 +554,10 @@ def _settle_closing(
         listed = ", ".join(str(order_id) for order_id in unfinished)
         raise StateConflict(
             problem=f"Member {member_id} has redemption orders not finished ({listed}): "
-            "waiting for cooling-off confirmation or not yet delivered. Cancel or deliver them "
-            "before closing the account.",
-            problem_zh=f"会员 {member_id} 尚有未完成的兑换订单({listed}):冷静期待确认或尚未"
-            "交付。请先取消或完成交付,再注销账户。",
+            "waiting for payment, for cooling-off confirmation or not yet delivered. Cancel or "
+            "deliver them before closing the account.",
+            problem_zh=f"会员 {member_id} 尚有未完成的兑换订单({listed}):待支付、冷静期待确认"
+            "或尚未交付。请先取消或完成交付,再注销账户。",
         )
     policy = programs_service.get_settings(uow, program_id=program_id).closing_policy
     return points_service.settle_closing(uow, member_id=member_id, policy=policy, actor=actor)

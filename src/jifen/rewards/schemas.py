@@ -27,8 +27,17 @@ an exchange rate, a stake, a gift or a ballot is the same for everyone."""
 
 RewardState = Literal["active", "paused", "retired"]
 OrderState = Literal[
-    "held", "created", "confirmed", "shipped", "delivered", "cancelled", "returned"
+    "awaiting_payment",
+    "held",
+    "created",
+    "confirmed",
+    "shipped",
+    "delivered",
+    "cancelled",
+    "returned",
 ]
+"""awaiting_payment: its cash part is not paid yet (points frozen, stock taken); held: in
+its cooling-off, waiting for the member's confirmation (points frozen); then fulfilment."""
 VoucherState = Literal["issued", "used", "expired", "cancelled"]
 LimitPeriod = Literal["day", "week", "month", "year", "ever"]
 
@@ -358,6 +367,10 @@ class RedemptionPolicy(RequestBody):
     """Share of the points kept when a voucher expires unused; the rest goes back."""
     hold_days: int = Field(7, ge=1, le=365)
     """Days after its cooling-off that a held redemption waits before it is cancelled."""
+    payment_minutes: int = Field(30, ge=1, le=1440)
+    """Minutes a redemption made before its cash part is paid waits for the payment (from
+    the member's app, say) before it is cancelled: its points are released, its stock
+    returns."""
     price_bands: list[int] = Field(default_factory=lambda: [100, 500, 1000, 2000, 5000])
 
     def for_tier(self, tier: str | None) -> TierTerms:
@@ -456,6 +469,9 @@ class OrderRead(BaseModel):
     payment_ref: str | None = None
     hold_until: datetime | None = None
     """Cooling-off: the member may confirm from this time on."""
+    pay_by: datetime | None = None
+    """Made before its cash part (``cash_fen``) was paid: the payment is due by then, or
+    the order lapses (cancelled, points released)."""
     spend_posting_id: int | None = None
     hold_posting_id: int | None = None
     refund_posting_id: int | None = None
@@ -477,6 +493,15 @@ class OrderRead(BaseModel):
         if isinstance(outcome.get("voucher"), str):
             outcome["voucher"] = mask_code(outcome["voucher"])
         return self.model_copy(update={"voucher": self.voucher.masked(), "outcome": outcome})
+
+
+class OrderPayment(RequestBody):
+    """The payment system's word that the cash part of an order awaiting payment is paid."""
+
+    payment_ref: Line
+    """The payment, as the payment system names it (one payment pays for one order)."""
+    amount_fen: int = Field(ge=0, le=10**12)
+    """What was paid: the order's ``cash_fen``, exactly."""
 
 
 class OrderAction(RequestBody):

@@ -19,7 +19,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Row, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, bindparam, func, or_, select, update
 
 from jifen import crypto
 from jifen.db.prepared import Prepared, Read, read_one, read_together
@@ -33,6 +33,7 @@ from jifen.errors import (
     LimitReached,
     NotOnSale,
     OutOfStock,
+    PaymentAmountMismatch,
     PaymentUsed,
     PriceChanged,
     Refused,
@@ -524,14 +525,20 @@ def redeem(
         return admitted
     assert admitted is not None
     row, terms, policy, price, tier_terms = admitted
-    wait = core.cooling_off(price.points, tier_terms)
+    # A cash part not paid yet: the order awaits its payment (the cooling-off, if any, is
+    # decided when the payment comes).
+    awaiting = price.cash_fen > 0 and body.payment_ref is None
+    wait = None if awaiting else core.cooling_off(price.points, tier_terms)
+    pay_by = now + timedelta(minutes=policy.payment_minutes) if awaiting else None
+    frozen = awaiting or wait is not None
     reason = f"redeem {terms.code} × {body.quantity}"
     hold_posting = spend_posting = None
 
     def pay() -> PostingRead:
-        if wait is not None:
+        if frozen:
+            why = "awaiting payment" if awaiting else "hold"
             return points_service.freeze(
-                uow, member_id=member_id, amount=price.points, key=key, reason=f"hold: {reason}",
+                uow, member_id=member_id, amount=price.points, key=key, reason=f"{why}: {reason}",
                 actor=actor, require_active=True,
             )  # fmt: skip
         return _spend(uow, member_id, price.points, key, reason, actor, terms)
@@ -546,27 +553,32 @@ def redeem(
         if replayed is None:
             raise IdempotencyConflict(key=key)
         return replayed
-    if wait is not None:
+    if frozen:
         hold_posting = paid.id
     else:
         spend_posting = paid.id
     steps = [step.model_dump() for step in price.steps]
+    state = "awaiting_payment" if awaiting else "held" if wait else "created"
     order = {
         "program_id": program_id, "member_id": member_id, "reward_id": row.id,
-        "idempotency_key": key, "request_hash": request_hash,
-        "state": "held" if wait else "created", "quantity": body.quantity,
-        "points": price.points, "cash_fen": price.cash_fen, "value_fen": price.value_fen,
-        "payment_ref": body.payment_ref, "price": steps, "outcome": _request_outcome(body),
-        "hold_until": now + wait if wait else None, "spend_posting_id": spend_posting,
-        "hold_posting_id": hold_posting, "refund_posting_id": None, "merchant": merchant,
-        "store": store, "created_at": now, "updated_at": now,
+        "idempotency_key": key, "request_hash": request_hash, "state": state,
+        "quantity": body.quantity, "points": price.points, "cash_fen": price.cash_fen,
+        "value_fen": price.value_fen, "payment_ref": body.payment_ref, "price": steps,
+        "outcome": _request_outcome(body), "hold_until": now + wait if wait else None,
+        "pay_by": pay_by, "spend_posting_id": spend_posting, "hold_posting_id": hold_posting,
+        "refund_posting_id": None, "merchant": merchant, "store": store, "created_at": now,
+        "updated_at": now,
     }  # fmt: skip
     limited = row.stock_left is not None
     voucher = None
-    if wait is not None or (terms.kind == "physical" and not terms.pickup):
+    if frozen or (terms.kind == "physical" and not terms.pickup):
         # Nothing to fulfil now: the order, its step and the stock in one write.
-        note = f"cooling-off until {(now + wait).isoformat()}" if wait else ""
-        first = OrderStep(state=str(order["state"]), at=now, by=actor, note=note)
+        note = ""
+        if pay_by is not None:
+            note = f"awaiting payment of {price.cash_fen} fen until {pay_by.isoformat()}"
+        elif wait is not None:
+            note = f"cooling-off until {(now + wait).isoformat()}"
+        first = OrderStep(state=state, at=now, by=actor, note=note)
         order_id, left = storage.finish(uow.conn, order, first.model_dump(), limited=limited)
         if order_id is None:
             raise LostRace(f"reward {row.code} sold out or paused since it was checked")
@@ -575,8 +587,8 @@ def redeem(
     else:
         first = OrderStep(state="created", at=now, by=actor)
         order["id"] = storage.insert_order(uow.conn, order, first.model_dump())
-        state, outcome, voucher, more = _fulfil(uow, program_id, order, terms, policy, actor)
-        order.update(state=state, outcome=outcome)
+        fulfilled, outcome, voucher, more = _fulfil(uow, program_id, order, terms, policy, actor)
+        order.update(state=fulfilled, outcome=outcome)
         made = [first, *more]
         left = _take_stock(uow, row, body.quantity) if limited else None
         if not limited and not storage.still_on_sale(uow.conn, row.id):
@@ -601,10 +613,10 @@ def _or_replay(
     """``work()``, or, where it refuses, the order a twin of this request (same key) made if
     one has committed since: the refusal may be only what that twin did (it took the stock,
     the points, the limit, or the key itself). A request found malformed against the
-    reward's terms of now (an option no longer offered, a cash part added) is answered the
-    same way: a twin's order stands whatever the terms became since. A key that made
-    another posting, and no order, is a conflict, as it is when the checks pass (the
-    debit finds the key) and as it was when the key was looked up first."""
+    reward's terms of now (an option no longer offered) is answered the same way: a twin's
+    order stands whatever the terms became since. A key that made another posting, and no
+    order, is a conflict, as it is when the checks pass (the debit finds the key) and as it
+    was when the key was looked up first."""
     try:
         return work()
     except (Refused, InvalidInput) as refused:
@@ -653,13 +665,6 @@ def _admit(
     )  # fmt: skip
     if row.stock_left is not None and row.stock_left < body.quantity:
         raise OutOfStock(reward=terms.code, left=row.stock_left, wanted=body.quantity)
-    if terms.cash_fen and body.payment_ref is None:
-        raise InvalidInput(
-            field="payment_ref",
-            problem=f"reward {terms.code!r} has a cash part of {price.cash_fen} fen; give the "
-            "payment's reference from the payment system",
-            problem_zh=f"礼品 {terms.code!r} 含现金部分 {price.cash_fen} 分,请提供支付流水号。",
-        )
     if body.payment_ref is not None:
         _require_unused_payment(uow, program_id, body.payment_ref)
     return row, terms, policy, price, tier_terms
@@ -692,9 +697,9 @@ def order_paid_by(uow: UnitOfWork, *, program_id: int, posting_id: int) -> int |
     return None if found is None else int(found.id)
 
 
-UNFINISHED = ("held", "created", "confirmed", "shipped")
-"""States of an order not yet done with: waiting for its cooling-off confirmation, for
-shipping, pickup or handing over, or on its way."""
+UNFINISHED = ("awaiting_payment", "held", "created", "confirmed", "shipped")
+"""States of an order not yet done with: waiting for the payment of its cash part, for its
+cooling-off confirmation, for shipping, pickup or handing over, or on its way."""
 
 
 def unfinished_orders(uow: UnitOfWork, *, program_id: int, member_id: int) -> list[int]:
@@ -1063,6 +1068,7 @@ def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRe
         value_fen=row.value_fen,
         payment_ref=row.payment_ref,
         hold_until=row.hold_until,
+        pay_by=row.pay_by,
         spend_posting_id=row.spend_posting_id,
         hold_posting_id=row.hold_posting_id,
         refund_posting_id=row.refund_posting_id,
@@ -1140,13 +1146,16 @@ _MOVES: dict[str, tuple[frozenset[str], str]] = {
     "confirm": (frozenset({"created"}), "confirmed"),
     "ship": (frozenset({"created", "confirmed"}), "shipped"),
     "deliver": (frozenset({"shipped"}), "delivered"),
-    "cancel": (frozenset({"held", "created", "confirmed"}), "cancelled"),
+    "cancel": (frozenset({"awaiting_payment", "held", "created", "confirmed"}), "cancelled"),
     "return": (frozenset({"shipped", "delivered"}), "returned"),
 }
 _VOUCHER_ZH = {"used": "使用", "expired": "过期", "cancelled": "作废"}
-_STATE_ZH = {"held": "冷静期待确认", "created": "已创建", "confirmed": "已确认",
-             "shipped": "已发货",
+_STATE_ZH = {"awaiting_payment": "待支付", "held": "冷静期待确认", "created": "已创建",
+             "confirmed": "已确认", "shipped": "已发货",
              "delivered": "已交付", "cancelled": "已取消", "returned": "已退货"}  # fmt: skip
+_WAITING = frozenset({"awaiting_payment", "held"})
+"""States of an order whose points are frozen, not yet spent: nothing is delivered yet, so
+any kind of order may be cancelled from them."""
 
 
 def move(
@@ -1170,15 +1179,7 @@ def move(
             problem=f"one of {', '.join(_MOVES)}",
             problem_zh=f"应为以下之一:{', '.join(_MOVES)}。",
         )
-    row = _order_row(uow, program_id, order_id, member_id)
-    if merchant is not None and row.merchant != merchant:
-        raise Forbidden(
-            problem=f"Order {order_id} was not made for merchant {merchant!r}; these "
-            "credentials act for that merchant only.",
-            problem_zh=f"订单 {order_id} 并非商户 {merchant!r} 的订单;该凭据只能代表该商户。",
-        )
-    points_service.lock_account(uow, member_id=row.member_id)
-    row = _order_row(uow, program_id, order_id, member_id)  # as it is under the lock
+    row = _locked_order(uow, program_id, order_id, member_id, merchant)
     starts, target = _MOVES[action]
     terms = _terms(uow, _reward_row(uow, program_id, row.code))
     if row.state not in starts or not _fits(action, row, terms):
@@ -1192,7 +1193,9 @@ def move(
     outcome = dict(row.outcome)
     if target in ("cancelled", "returned"):
         values.update(_give_back(uow, row, terms, actor, note or action))
-        if row.cash_fen:  # the payment system refunds the cash part; the order says so
+        if row.cash_fen and row.payment_ref is not None:
+            # The payment system refunds the cash part; the order says so. An order cancelled
+            # before its payment came has nothing to refund.
             outcome["cash_refund_due_fen"] = row.cash_fen
     if tracking is not None:
         outcome["tracking"] = tracking
@@ -1203,6 +1206,22 @@ def move(
     return get_order(uow, program_id=program_id, order_id=order_id)
 
 
+def _locked_order(
+    uow: UnitOfWork, program_id: int, order_id: int, member_id: int | None, merchant: str | None
+) -> Row[Any]:
+    """The order as it is under its member's lock, taken first (as a redemption takes it);
+    with ``merchant`` (the caller acts for that merchant only), only an order made for it."""
+    row = _order_row(uow, program_id, order_id, member_id)
+    if merchant is not None and row.merchant != merchant:
+        raise Forbidden(
+            problem=f"Order {order_id} was not made for merchant {merchant!r}; these "
+            "credentials act for that merchant only.",
+            problem_zh=f"订单 {order_id} 并非商户 {merchant!r} 的订单;该凭据只能代表该商户。",
+        )
+    points_service.lock_account(uow, member_id=row.member_id)
+    return _order_row(uow, program_id, order_id, member_id)
+
+
 def _fits(action: str, row: Any, terms: RewardDef) -> bool:
     """Whether ``action`` makes sense for this kind of order."""
     if action in ("ship", "deliver", "confirm"):
@@ -1210,7 +1229,7 @@ def _fits(action: str, row: Any, terms: RewardDef) -> bool:
     if action == "return":
         return row.kind not in _FINAL_KINDS
     if action == "cancel":
-        return row.kind not in _FINAL_KINDS or row.state == "held"
+        return row.kind not in _FINAL_KINDS or row.state in _WAITING
     return True
 
 
@@ -1293,33 +1312,125 @@ def confirm_held(
             f"{row.hold_until.isoformat()}; confirm it after that.",
             problem_zh=f"订单 {order_id} 处于冷静期,请于 {row.hold_until.isoformat()} 之后确认。",
         )
-    reward = _reward_row(uow, program_id, row.code)
-    terms = _terms(uow, reward)
+    expired = StateConflict(
+        problem=f"Order {order_id} cannot be completed: some of the points held for it "
+        "expired during the cooling-off. Cancel it (the rest comes back) and redeem again.",
+        problem_zh=f"订单 {order_id} 无法完成:冷静期内部分冻结积分已过期。"
+        "请取消该订单(其余积分将退回)后重新兑换。",
+    )
+    _complete(uow, program_id, row, actor, "confirmed", "confirmed after cooling-off", expired)
+    return get_order(uow, program_id=program_id, order_id=order_id)
+
+
+def _complete(
+    uow: UnitOfWork, program_id: int, row: Any, actor: str, why: str, note: str,
+    expired: StateConflict, **values: Any,
+) -> None:  # fmt: skip
+    """Complete an order whose points are frozen (held, or awaiting payment): the points are
+    released and debited, the order becomes ``created`` (with ``values``) and is fulfilled.
+    ``expired`` is the refusal when some of the frozen points expired while it waited."""
+    terms = _terms(uow, _reward_row(uow, program_id, row.code))
     reason = f"redeem {terms.code} × {row.quantity}"
     try:
-        # Release and debit together, or neither: held points whose lots expired during the
-        # cooling-off come back overdue and cannot be spent.
+        # Release and debit together, or neither: frozen points whose lots expired while
+        # the order waited come back overdue and cannot be spent.
         with uow.savepoint():
             points_service.unfreeze(
                 uow, freeze_id=row.hold_posting_id, key=f"order:{row.id}:release",
-                reason=f"confirmed: {reason}", actor=actor,
+                reason=f"{why}: {reason}", actor=actor,
             )  # fmt: skip
             spent = _spend(
-                uow, member_id, row.points, f"order:{row.id}:confirmed", reason, actor,
+                uow, row.member_id, row.points, f"order:{row.id}:confirmed", reason, actor,
                 terms,
             ).id  # fmt: skip
     except InsufficientPoints:
-        raise StateConflict(
-            problem=f"Order {order_id} cannot be completed: some of the points held for it "
-            "expired during the cooling-off. Cancel it (the rest comes back) and redeem again.",
-            problem_zh=f"订单 {order_id} 无法完成:冷静期内部分冻结积分已过期。"
-            "请取消该订单(其余积分将退回)后重新兑换。",
-        ) from None
-    _set_order(uow, order_id, state="created", spend_posting_id=spent)
-    _step(uow, order_id, "created", actor, "confirmed after cooling-off")
+        raise expired from None
+    _set_order(uow, row.id, state="created", spend_posting_id=spent, **values)
+    _step(uow, row.id, "created", actor, note)
     order = {**row._mapping, "outcome": dict(row.outcome)}
     _fulfil(uow, program_id, order, terms, _policy(uow, program_id), actor)
+
+
+def pay_order(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    order_id: int,
+    payment_ref: str,
+    amount_fen: int,
+    actor: str,
+    merchant: str | None = None,
+) -> OrderRead:
+    """The payment system's word that the cash part of an order awaiting payment is paid.
+    Under the member's lock the order moves on as a redemption paid at once would have:
+    held for the member's confirmation if its tier's cooling-off applies to its points
+    (they stay frozen), else its points are released and debited and it is fulfilled.
+    The same payment sent again answers the order as it is. A payment that arrives after
+    ``pay_by`` is taken while the order still awaits it; once the order lapsed it is
+    refused, with the amount to refund."""
+    row = _locked_order(uow, program_id, order_id, None, merchant)
+    if row.payment_ref == payment_ref:  # this payment, sent again
+        _require_amount(row, payment_ref, amount_fen)
+        return _order_read(uow, row, replayed=True)
+    if row.state != "awaiting_payment":
+        raise _not_awaiting(row, payment_ref, amount_fen)
+    _require_amount(row, payment_ref, amount_fen)
+    _require_unused_payment(uow, program_id, payment_ref)
+    members_service.require_member(
+        uow, program_id=program_id, member_id=row.member_id, transacting=True
+    )
+    tier = tiers_service.tiers_of(uow, member_ids=[row.member_id]).get(row.member_id)
+    wait = core.cooling_off(row.points, _policy(uow, program_id).for_tier(tier))
+    note = f"paid {amount_fen} fen: {payment_ref}"
+    if wait is not None:  # its points stay frozen until the member confirms
+        hold_until = uow.clock.now() + wait
+        _set_order(uow, order_id, state="held", hold_until=hold_until, payment_ref=payment_ref)
+        _step(uow, order_id, "held", actor, f"{note}; cooling-off until {hold_until.isoformat()}")
+        return get_order(uow, program_id=program_id, order_id=order_id)
+    expired = StateConflict(
+        problem=f"Order {order_id} cannot be completed: some of the points frozen for it "
+        f"expired while it awaited payment. Nothing was recorded: refund payment "
+        f"{payment_ref!r} of {amount_fen} fen; the order can be cancelled (the rest of its "
+        "points come back) and redeemed again.",
+        problem_zh=f"订单 {order_id} 无法完成:待支付期间部分冻结积分已过期。未作任何记录:"
+        f"请退还支付 {payment_ref!r} 的 {amount_fen} 分;可取消该订单(其余积分将退回)"
+        "后重新兑换。",
+    )
+    _complete(uow, program_id, row, actor, "paid", note, expired, payment_ref=payment_ref)
     return get_order(uow, program_id=program_id, order_id=order_id)
+
+
+def _require_amount(row: Any, payment_ref: str, amount_fen: int) -> None:
+    """Refuse a payment of another amount than the order's cash part."""
+    if amount_fen != row.cash_fen:
+        raise PaymentAmountMismatch(
+            order_id=row.id, due_fen=row.cash_fen, paid_fen=amount_fen, payment_ref=payment_ref
+        )
+
+
+def _not_awaiting(row: Any, payment_ref: str, amount_fen: int) -> StateConflict:
+    """Why an order that does not await payment cannot take this one, and that the payment
+    is to be refunded."""
+    refund = f"Refund payment {payment_ref!r} of {amount_fen} fen."
+    refund_zh = f"请退还支付 {payment_ref!r} 的 {amount_fen} 分。"
+    if row.payment_ref is not None:
+        return StateConflict(
+            problem=f"Order {row.id} is already paid, by payment {row.payment_ref!r}; it "
+            f"takes no other. {refund}",
+            problem_zh=f"订单 {row.id} 已由支付 {row.payment_ref!r} 付清,不再接受其他支付。"
+            f"{refund_zh}",
+        )
+    if row.state == "cancelled" and row.pay_by is not None:
+        return StateConflict(
+            problem=f"Order {row.id} was cancelled before it was paid (its payment was due "
+            f"by {row.pay_by.isoformat()}); it can no longer be paid. {refund}",
+            problem_zh=f"订单 {row.id} 在支付前已取消(应于 {row.pay_by.isoformat()} 前支付),"
+            f"不能再支付。{refund_zh}",
+        )
+    return StateConflict(
+        problem=f"Order {row.id} is {row.state}, not awaiting payment. {refund}",
+        problem_zh=f"订单 {row.id} 当前为{_STATE_ZH[row.state]},并非待支付。{refund_zh}",
+    )
 
 
 def _lock_members(uow: UnitOfWork, member_ids: set[int]) -> None:
@@ -1337,14 +1448,36 @@ def expire_holds(
     Each is looked at again under its member's lock: one confirmed meanwhile is left alone."""
     days = _policy(uow, program_id).hold_days
     cutoff = uow.clock.now() - timedelta(days=days)
+    lapsed = (reward_orders.c.state == "held", reward_orders.c.hold_until <= cutoff)
+    note = f"not confirmed within {days} days"
+    return _cancel_lapsed(uow, program_id, lapsed, note, limit=limit, dry_run=dry_run)
+
+
+def lapse_payments(
+    uow: UnitOfWork, *, program_id: int, limit: int = 200, dry_run: bool = False
+) -> HoldsReport:
+    """Cancel redemptions whose cash part was not paid by their ``pay_by``: the points are
+    released, the stock returns. Each is looked at again under its member's lock: one paid
+    meanwhile is left alone (and a payment that comes after this is refused)."""
     lapsed = (
-        reward_orders.c.program_id == program_id,
-        reward_orders.c.state == "held",
-        reward_orders.c.hold_until <= cutoff,
+        reward_orders.c.state == "awaiting_payment",
+        reward_orders.c.pay_by <= uow.clock.now(),
     )
+    note = "cash part not paid in time"
+    return _cancel_lapsed(uow, program_id, lapsed, note, limit=limit, dry_run=dry_run)
+
+
+def _cancel_lapsed(
+    uow: UnitOfWork, program_id: int, lapsed: tuple[ColumnElement[bool], ...], note: str,
+    *, limit: int, dry_run: bool,
+) -> HoldsReport:  # fmt: skip
+    """Cancel up to ``limit`` orders of the programme matching ``lapsed``, oldest first, by
+    the system: their members' accounts are locked first (in id order), then the orders are
+    found again, so one that moved on meanwhile is left alone."""
+    where = (reward_orders.c.program_id == program_id, *lapsed)
     found = uow.conn.execute(
         select(reward_orders.c.id, reward_orders.c.member_id)
-        .where(*lapsed)
+        .where(*where)
         .order_by(reward_orders.c.id)
         .limit(limit)
     ).all()
@@ -1354,13 +1487,13 @@ def expire_holds(
     ids = list(
         uow.conn.execute(
             select(reward_orders.c.id)
-            .where(reward_orders.c.id.in_([f.id for f in found]), *lapsed)
+            .where(reward_orders.c.id.in_([f.id for f in found]), *where)
             .order_by(reward_orders.c.id)
         ).scalars()
     )
     for order_id in ids:
-        move(uow, program_id=program_id, order_id=order_id, action="cancel",
-             actor="system", note=f"not confirmed within {days} days")  # fmt: skip
+        move(uow, program_id=program_id, order_id=order_id, action="cancel", actor="system",
+             note=note)  # fmt: skip
     return HoldsReport(dry_run=False, cancelled=len(ids), order_ids=ids)
 
 
@@ -1634,7 +1767,7 @@ def vote_tally(uow: UnitOfWork, *, program_id: int, code: str) -> dict[str, int]
     orders = uow.conn.execute(
         select(reward_orders.c.outcome, reward_orders.c.quantity).where(
             reward_orders.c.reward_id == row.id,
-            reward_orders.c.state.not_in(["cancelled", "returned", "held"]),
+            reward_orders.c.state.not_in(["cancelled", "returned", "held", "awaiting_payment"]),
         )
     )
     for outcome, quantity in orders:

@@ -27,8 +27,8 @@ from jifen.rewards.models import order_steps, reward_orders, rewards
 ORDER_COLUMNS = (
     "program_id", "member_id", "reward_id", "idempotency_key", "request_hash", "state",
     "quantity", "points", "cash_fen", "value_fen", "payment_ref", "price", "outcome",
-    "hold_until", "spend_posting_id", "hold_posting_id", "refund_posting_id", "merchant",
-    "store", "created_at", "updated_at",
+    "hold_until", "pay_by", "spend_posting_id", "hold_posting_id", "refund_posting_id",
+    "merchant", "store", "created_at", "updated_at",
 )  # fmt: skip
 _JSON = frozenset({"price", "outcome"})
 
@@ -45,14 +45,16 @@ WITH s AS (
 ), o AS (
     INSERT INTO reward_orders (
         program_id, member_id, reward_id, idempotency_key, request_hash, state, quantity,
-        points, cash_fen, value_fen, payment_ref, price, outcome, hold_until, spend_posting_id,
-        hold_posting_id, refund_posting_id, merchant, store, created_at, updated_at
+        points, cash_fen, value_fen, payment_ref, price, outcome, hold_until, pay_by,
+        spend_posting_id, hold_posting_id, refund_posting_id, merchant, store, created_at,
+        updated_at
     )
     SELECT
         %(program_id)s, %(member_id)s, %(reward_id)s, %(idempotency_key)s, %(request_hash)s,
         %(state)s, %(quantity)s, %(points)s, %(cash_fen)s, %(value_fen)s, %(payment_ref)s,
-        %(price)s, %(outcome)s, %(hold_until)s, %(spend_posting_id)s, %(hold_posting_id)s,
-        %(refund_posting_id)s, %(merchant)s, %(store)s, %(created_at)s, %(updated_at)s
+        %(price)s, %(outcome)s, %(hold_until)s, %(pay_by)s, %(spend_posting_id)s,
+        %(hold_posting_id)s, %(refund_posting_id)s, %(merchant)s, %(store)s, %(created_at)s,
+        %(updated_at)s
     WHERE EXISTS (SELECT 1 FROM s) OR EXISTS (SELECT 1 FROM a)
     RETURNING id
 ), st AS (

@@ -1,0 +1,259 @@
+"""Points + cash redeemed before the cash is paid, on both backends: the order awaits its
+payment with the points frozen and the stock taken; the payment system's confirmation moves
+it on (fulfilled, or held for a cooling-off), once; an order not paid in time lapses by the
+scheduled job; a payment that cannot be taken is refused with the amount to refund, and
+changes nothing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from jifen.clock import ManualClock
+from jifen.db.uow import Database
+from jifen.errors import PaymentAmountMismatch, PaymentUsed, StateConflict
+from jifen.jobs import service as jobs
+from jifen.points import service as points
+from jifen.points.schemas import BalanceSummary
+from jifen.rewards import service as rewards
+from jifen.rewards.schemas import OrderRead, RedemptionPolicy
+from tests.factories import assert_ledger_sound
+from tests.rewards.shop import Shop
+
+KETTLE: dict[str, Any] = {"points": 1000, "cash_fen": 9000, "stock": 5}
+"""90 yuan + 1,000 points (800 for 金卡), goods shipped."""
+
+
+def clock(db: Database) -> ManualClock:
+    assert isinstance(db.clock, ManualClock)
+    return db.clock
+
+
+def balance(db: Database, member_id: int) -> BalanceSummary:
+    return db.run(lambda uow: points.balance(uow, member_id=member_id), read_only=True)
+
+
+def pay(shop: Shop, order_id: int, payment_ref: str, amount_fen: int = 9000) -> OrderRead:
+    """The payment system confirms the payment of the order's cash part."""
+    return shop.db.run(
+        lambda uow: rewards.pay_order(
+            uow, program_id=shop.program_id, order_id=order_id, payment_ref=payment_ref,
+            amount_fen=amount_fen, actor="key:pay",
+        )
+    )  # fmt: skip
+
+
+def order_of(shop: Shop, order_id: int) -> OrderRead:
+    return shop.db.run(
+        lambda uow: rewards.get_order(uow, program_id=shop.program_id, order_id=order_id),
+        read_only=True,
+    )
+
+
+def test_points_plus_cash_without_its_payment_awaits_it_with_points_frozen_and_stock_taken(
+    db: Database,
+) -> None:
+    # given a member of 金卡 with 5,000 points and a kettle of 90 yuan + 1,000 points
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(**KETTLE)
+    # when the member redeems it in its app, naming no payment
+    order = shop.redeem(member, kettle.code)
+    # then the order awaits 9,000 fen by 30 minutes from now, its points frozen, one unit
+    # of stock taken, nothing fulfilled yet
+    now = clock(db).now()
+    assert (order.state, order.points, order.cash_fen, order.payment_ref) == (
+        "awaiting_payment", 800, 9000, None
+    )  # fmt: skip
+    assert order.pay_by == now + timedelta(minutes=30)
+    assert order.hold_posting_id is not None and order.spend_posting_id is None
+    assert order.voucher is None and order.hold_until is None
+    assert order.steps[0].state == "awaiting_payment" and "9000 fen" in order.steps[0].note
+    summary = balance(db, member)
+    assert (summary.available, summary.frozen) == (4200, 800)
+    assert shop.get(kettle.code).stock_left == 4
+    assert order_of(shop, order.id) == order
+    unfinished = db.run(lambda uow: rewards.unfinished_orders(
+        uow, program_id=shop.program_id, member_id=member), read_only=True)  # fmt: skip
+    assert unfinished == [order.id]  # the member's account cannot be closed meanwhile
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_the_payment_completes_the_order_once_and_a_replay_answers_it(db: Database) -> None:
+    # given an order awaiting its payment, for goods collected with a voucher
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(**KETTLE, pickup=True)
+    order = shop.redeem(member, kettle.code)
+    assert order.state == "awaiting_payment"
+    # when the payment system confirms its payment
+    paid = pay(shop, order.id, "wx-1")
+    # then the frozen points are released and debited, and the voucher issued
+    assert (paid.state, paid.payment_ref, paid.pay_by) == ("created", "wx-1", order.pay_by)
+    assert paid.spend_posting_id is not None and paid.voucher is not None
+    assert [step.state for step in paid.steps] == ["awaiting_payment", "created"]
+    assert "wx-1" in paid.steps[1].note
+    summary = balance(db, member)
+    assert (summary.balance, summary.available, summary.frozen) == (4200, 4200, 0)
+    assert shop.get(kettle.code).stock_left == 4  # taken once, by the redemption
+    # and the same payment sent again answers the order as it is, writing nothing
+    before = shop.counts()
+    again = pay(shop, order.id, "wx-1")
+    assert again.replayed and again.model_copy(update={"replayed": False}) == order_of(
+        shop, order.id
+    )
+    assert shop.counts() == before and balance(db, member) == summary
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_paid_order_waits_for_the_members_cooling_off_where_its_tier_has_one(
+    db: Database,
+) -> None:
+    # given a member of 钻石 (cooling-off above 5,000 points) redeeming 7,000 + 90 yuan
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    watch = shop.reward(points=10000, cash_fen=9000, stock=3)
+    order = shop.redeem(member, watch.code)
+    assert order.state == "awaiting_payment" and order.hold_until is None
+    # when it is paid
+    clock(db).advance(timedelta(minutes=10))
+    held = pay(shop, order.id, "wx-7")
+    # then it is held for the member's confirmation, its points still frozen
+    assert (held.state, held.payment_ref) == ("held", "wx-7")
+    assert held.hold_until == clock(db).now() + timedelta(hours=24)
+    assert held.hold_posting_id == order.hold_posting_id and held.spend_posting_id is None
+    assert (balance(db, member).available, balance(db, member).frozen) == (13000, 7000)
+    # and the member confirms it after the cooling-off, as any held redemption
+    clock(db).advance(timedelta(hours=24))
+    done = db.run(lambda uow: rewards.confirm_held(
+        uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m",
+    ))  # fmt: skip
+    assert (done.state, done.payment_ref) == ("created", "wx-7")
+    assert (balance(db, member).balance, balance(db, member).frozen) == (13000, 0)
+    # cancelled now, its cash is to be refunded
+    cancelled = shop.move(order.id, "cancel")
+    assert cancelled.outcome["cash_refund_due_fen"] == 9000
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_payment_of_another_amount_or_of_a_used_reference_is_refused_and_changes_nothing(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(**KETTLE)
+    at_till = shop.redeem(member, kettle.code, payment_ref="pos-1")  # paid at the till
+    order = shop.redeem(member, kettle.code)
+    before = (shop.counts(), balance(db, member), shop.get(kettle.code).stock_left)
+    with pytest.raises(PaymentAmountMismatch) as wrong:
+        pay(shop, order.id, "wx-2", amount_fen=900)
+    assert f"Order {order.id} is due 9000 fen in cash; payment 'wx-2' says 900 fen" in str(
+        wrong.value
+    )
+    assert "应付现金 9000 分" in wrong.value.message("zh") and "900 分" in wrong.value.message("zh")
+    with pytest.raises(PaymentUsed, match=f"already paid for order {at_till.id}"):
+        pay(shop, order.id, "pos-1")
+    assert (shop.counts(), balance(db, member), shop.get(kettle.code).stock_left) == before
+    assert order_of(shop, order.id) == order
+    # the payment of the right amount, with its own reference, is then taken
+    assert pay(shop, order.id, "wx-2").state == "created"
+    # and that reference then pays for no other order
+    other = shop.redeem(member, kettle.code)
+    with pytest.raises(PaymentUsed, match=f"already paid for order {order.id}"):
+        pay(shop, other.id, "wx-2")
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_payment_for_an_order_not_awaiting_one_is_refused_with_the_amount_to_refund(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(**KETTLE)
+    mug = shop.reward(points=100)
+    # the member cancels its own order before paying: the points and the stock come back,
+    # and nothing is to be refunded (nothing was paid)
+    order = shop.redeem(member, kettle.code)
+    cancelled = db.run(lambda uow: rewards.move(
+        uow, program_id=shop.program_id, order_id=order.id, action="cancel",
+        actor=f"member:{member}", member_id=member))  # fmt: skip
+    assert cancelled.state == "cancelled" and "cash_refund_due_fen" not in cancelled.outcome
+    assert (balance(db, member).available, balance(db, member).frozen) == (5000, 0)
+    assert shop.get(kettle.code).stock_left == 5
+    paid = shop.redeem(member, kettle.code)
+    pay(shop, paid.id, "wx-1")
+    plain = shop.redeem(member, mug.code)
+    before = (shop.counts(), balance(db, member))
+    refusals = [
+        (order.id, "wx-9", f"was cancelled before it was paid (its payment was due by "
+                           f"{order.pay_by.isoformat() if order.pay_by else ''})"),
+        (paid.id, "wx-9", "is already paid, by payment 'wx-1'"),
+        (plain.id, "wx-9", "is created, not awaiting payment"),
+    ]  # fmt: skip
+    for order_id, ref, why in refusals:
+        with pytest.raises(StateConflict) as refused:
+            pay(shop, order_id, ref)
+        assert why in str(refused.value)
+        assert "Refund payment 'wx-9' of 9000 fen." in str(refused.value)
+        assert "请退还支付 'wx-9' 的 9000 分" in refused.value.message("zh")
+    assert (shop.counts(), balance(db, member)) == before
+    # staff cancel one awaiting payment too
+    other = shop.redeem(member, kettle.code)
+    assert shop.move(other.id, "cancel").state == "cancelled"
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_an_order_not_paid_in_time_lapses_by_the_job_once(db: Database) -> None:
+    # given two orders awaiting payment (the programme gives 10 minutes to pay)
+    shop = Shop.open(db, payment_minutes=10)
+    alice, bob = shop.member(5000, tier="金卡", count=2)
+    kettle = shop.reward(**KETTLE)
+    late = shop.redeem(alice, kettle.code)
+    lapsing = shop.redeem(bob, kettle.code)
+    assert late.pay_by == clock(db).now() + timedelta(minutes=10)
+    # when 11 minutes pass: a payment arriving before the job ran is still taken
+    clock(db).advance(timedelta(minutes=11))
+    assert pay(shop, late.id, "wx-late").state == "created"
+    # a dry run says what the job would cancel, and changes nothing
+    before = (shop.counts(), balance(db, bob), shop.get(kettle.code).stock_left)
+    dry = jobs.run(db, "rewards.lapse_payments", program_id=shop.program_id, dry_run=True)
+    assert dry.figures == {"cancelled": 1}
+    service_dry = db.run(
+        lambda uow: rewards.lapse_payments(uow, program_id=shop.program_id, dry_run=True)
+    )
+    assert (service_dry.dry_run, service_dry.order_ids) == (True, [lapsing.id])
+    assert (shop.counts(), balance(db, bob), shop.get(kettle.code).stock_left) == before
+    assert order_of(shop, lapsing.id).state == "awaiting_payment"
+    # then the job cancels the one not paid: its points are released, its stock returns
+    run = jobs.run(db, "rewards.lapse_payments", program_id=shop.program_id)
+    assert (run.state, run.figures) == ("done", {"cancelled": 1})
+    lapsed = order_of(shop, lapsing.id)
+    assert (lapsed.state, lapsed.steps[-1].by) == ("cancelled", "system")
+    assert "not paid in time" in lapsed.steps[-1].note
+    assert "cash_refund_due_fen" not in lapsed.outcome
+    assert (balance(db, bob).available, balance(db, bob).frozen) == (5000, 0)
+    assert shop.get(kettle.code).stock_left == 4  # the paid one's unit stays taken
+    # run again for the same moment, or later, it does nothing
+    after = (shop.counts(), balance(db, bob), shop.get(kettle.code).stock_left)
+    again = jobs.run(db, "rewards.lapse_payments", program_id=shop.program_id)
+    assert again.state == "already-done"
+    clock(db).advance(timedelta(minutes=5))
+    later = jobs.run(db, "rewards.lapse_payments", program_id=shop.program_id)
+    assert (later.state, later.figures) == ("done", {"cancelled": 0})
+    assert (shop.counts(), balance(db, bob), shop.get(kettle.code).stock_left) == after
+    # and its payment, arriving now, is refused: it is to be refunded
+    with pytest.raises(StateConflict, match="Refund payment 'wx-bob' of 9000 fen"):
+        pay(shop, lapsing.id, "wx-bob")
+    assert order_of(shop, late.id).state == "created"  # the paid one is left alone
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_the_time_to_pay_is_part_of_the_redemption_policy() -> None:
+    assert RedemptionPolicy().payment_minutes == 30
+    assert RedemptionPolicy(payment_minutes=1440).payment_minutes == 1440
+    for wrong in (0, 1441):
+        with pytest.raises(ValidationError, match="payment_minutes"):
+            RedemptionPolicy(payment_minutes=wrong)
