@@ -189,6 +189,15 @@ def test_the_redemption_policy_is_part_of_the_programmes_settings(
     settings = body(till.get("/settings", till.reviewer), 200)
     assert settings["redemption"]["tiers"]["钻石"]["cooling_off_above"] == 5000
     assert settings["redemption"]["voucher_fee_pct"] == 10
+    assert settings["redemption"]["payment_minutes"] == 30
+    # a time to pay of 1 minute to a day may be asked for; none other
+    for minutes, status in ((0, 422), (1441, 422), (1440, 202)):
+        wanted = {**settings, "redemption": {**settings["redemption"], "payment_minutes": minutes}}
+        answer = till.client.put(till.base + "/settings", json=wanted,
+                                 headers={**till.operator, **support.key()})  # fmt: skip
+        assert answer.status_code == status, answer.text
+        if status == 422:
+            assert "payment_minutes" in answer.text
 
 
 def test_an_order_is_cancelled_only_by_its_own_merchant_and_a_member_names_none(
@@ -361,3 +370,59 @@ def test_a_voucher_reward_sells_one_voucher_a_redemption(client: TestClient, db:
     three = till.post(f"/members/{till.alice}/redemptions", {"reward": "wash", "quantity": 3},
                       till.as_alice)  # fmt: skip
     assert three.status_code == 409 and "redeem one at a time" in three.text
+
+
+def test_a_member_redeems_points_plus_cash_in_its_app_and_the_payment_system_pays(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    program = till.shop.program_id
+    kettle = {**MUG, "code": "kettle", "cash_fen": 9000, "stock": 5, "pickup": True}
+    body(till.post("/rewards", kettle, till.operator), 201)
+    redeem = f"/members/{till.alice}/redemptions"
+    points = f"/members/{till.alice}/points"
+    # alice (银卡: 900 points) redeems in her app, naming no payment: the order awaits it
+    order = body(till.post(redeem, {"reward": "kettle"}, till.as_alice), 201)
+    assert (order["state"], order["points"], order["cash_fen"]) == ("awaiting_payment", 900, 9000)
+    assert order["pay_by"] is not None and order["voucher"] is None
+    frozen = body(till.get(points, till.as_alice), 200)
+    assert (frozen["available"], frozen["frozen"]) == (4100, 900)
+    assert body(till.get("/rewards/kettle", till.operator), 200)["stock_left"] == 4
+    waiting = body(till.get("/orders", till.operator, state="awaiting_payment"), 200)["items"]
+    assert [o["id"] for o in waiting] == [order["id"]]
+    paid_url = f"/orders/{order['id']}/paid"
+    payment = {"payment_ref": "wx-1", "amount_fen": 9000}
+    # neither the member nor a key without orders.pay confirms a payment
+    assert till.post(paid_url, payment, till.as_alice).status_code == 403
+    assert till.post(paid_url, payment, support.api_key(db, program)).status_code == 403
+    pay_system = support.api_key(db, program, permissions=["orders.pay", "orders.read"])
+    # a payment of another amount is refused, naming both, in the caller's language
+    wrong = till.post(paid_url, {**payment, "amount_fen": 900}, pay_system, language="zh")
+    assert wrong.status_code == 409 and wrong.json()["code"] == "payment_amount_mismatch"
+    assert "应付现金 9000 分" in wrong.json()["detail"] and "为 900 分" in wrong.json()["detail"]
+    # the payment completes the order: points debited, voucher issued (masked to the key)
+    paid = body(till.post(paid_url, payment, pay_system), 200)
+    assert (paid["state"], paid["payment_ref"], paid["replayed"]) == ("created", "wx-1", False)
+    assert paid["voucher"]["code"].startswith("********")
+    again = body(till.post(paid_url, payment, pay_system), 200)  # sent again: answered
+    assert again["replayed"] and again["state"] == "created" and again["steps"] == paid["steps"]
+    spent = body(till.get(points, till.as_alice), 200)
+    assert (spent["available"], spent["frozen"]) == (4100, 0)
+    mine = body(till.get(f"/members/{till.alice}/orders/{order['id']}", till.as_alice), 200)
+    code = mine["voucher"]["code"]  # whole to alice, to collect the kettle with
+    assert "*" not in code and code[-4:] == paid["voucher"]["code"][-4:]
+    # an order the member cancelled is not paid: the payment is to be refunded
+    second = body(till.post(redeem, {"reward": "kettle"}, till.as_alice), 201)
+    cancel = f"/members/{till.alice}/orders/{second['id']}/cancel"
+    assert body(till.post(cancel, {}, till.as_alice), 200)["state"] == "cancelled"
+    late = {"payment_ref": "wx-2", "amount_fen": 9000}
+    refused = till.post(f"/orders/{second['id']}/paid", late, pay_system)
+    assert refused.status_code == 409 and refused.json()["code"] == "state_conflict"
+    assert "Refund payment 'wx-2' of 9000 fen" in refused.json()["detail"]
+    # a payment that paid for one order pays for no other; the operator may confirm one too
+    third = body(till.post(redeem, {"reward": "kettle"}, till.as_alice), 201)
+    reused = till.post(f"/orders/{third['id']}/paid", payment, till.operator)
+    assert reused.status_code == 409 and reused.json()["code"] == "payment_used"
+    confirmed = till.post(f"/orders/{third['id']}/paid", late, till.operator)
+    assert body(confirmed, 200)["state"] == "created"
+    assert body(till.get("/rewards/kettle", till.operator), 200)["stock_left"] == 3

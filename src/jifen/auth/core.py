@@ -52,6 +52,8 @@ PERMISSIONS: dict[str, str] = {
     "confirmed by the member itself)",
     "orders.read": "see redemption orders and vouchers",
     "orders.fulfil": "confirm, ship, deliver, cancel and return redemption orders",
+    "orders.pay": "confirm that the cash part of a redemption awaiting payment is paid (a "
+    "till or the payment system)",
     "vouchers.redeem": "accept a member's voucher or coupon at a till",
     "inbox.read": "see a member's in-app messages and how many are unread",
     "inbox.write": "mark a member's in-app messages read",
@@ -108,6 +110,7 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "rewards.redeem",
                 "orders.read",
                 "orders.fulfil",
+                "orders.pay",
                 "inbox.read",
                 "inbox.write",
                 "notifications.read",
@@ -190,6 +193,7 @@ BUILTIN_ROLES: dict[str, tuple[str, str, frozenset[str]]] = {
                 "rewards.read",
                 "rewards.redeem",
                 "orders.read",
+                "orders.pay",
                 "vouchers.redeem",
             ]
         ),
@@ -206,10 +210,11 @@ API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "members.family", "points.read", "points.earn",
      "points.spend", "points.refund", "points.reverse", "points.transfer", "points.freeze",
      "events.read", "events.write", "rules.read", "tiers.read", "tiers.write",
-     "rewards.read", "rewards.redeem", "orders.read", "vouchers.redeem", "inbox.read",
-     "inbox.write"]
+     "rewards.read", "rewards.redeem", "orders.read", "orders.pay", "vouchers.redeem",
+     "inbox.read", "inbox.write"]
 )  # fmt: skip
-"""What an API key may be given: the integration surface, never staff administration."""
+"""What an API key may be given: the integration surface, never staff administration (a
+payment system's key is given ``orders.pay``)."""
 
 DEFAULT_API_KEY_PERMISSIONS = frozenset(
     ["members.read", "members.write", "points.read", "points.earn", "points.spend",

@@ -16,6 +16,7 @@ from jifen.members import service as members_service
 from jifen.rewards import service
 from jifen.rewards.schemas import (
     OrderAction,
+    OrderPayment,
     OrderRead,
     OrderState,
     Quote,
@@ -227,7 +228,10 @@ def redeem(
     """Redeem a reward: stock, points and the order in one transaction. Above the tier's
     cooling-off line the order is ``held`` with the points frozen until the member confirms
     it after ``hold_until``. The cash part's ``payment_ref`` comes from the till's or the
-    payment system's credentials, never from the member's own app."""
+    payment system's credentials, never from the member's own app. Without one, a reward
+    with a cash part makes an order ``awaiting_payment``: its points frozen and its stock
+    taken, the cash due (``cash_fen``) to be paid by ``pay_by``, when it lapses unless the
+    payment system has confirmed it (``POST …/orders/{order_id}/paid``)."""
     if ctx.principal.kind == "member" and body.payment_ref is not None:
         raise WrongCaller(
             problem="A member cannot name the payment of a cash part; the till or the payment "
@@ -324,7 +328,8 @@ def cancel_own(
     body: OrderAction,
     ctx: Annotated[Context, Depends(Write("rewards.redeem"))],
 ) -> JSONResponse:
-    """Cancel a redemption not yet shipped: the points go back to the lots they came from."""
+    """Cancel a redemption not yet shipped (also one awaiting payment or its cooling-off):
+    the points go back to the lots they came from."""
     return ctx.execute(
         lambda uow: _seen(ctx, service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action="cancel",
@@ -395,6 +400,29 @@ def get_order(
         read_only=True,
     )
     return _seen(ctx, order)
+
+
+# Before the moves: ``paid`` would otherwise match their ``{action}`` and be refused there.
+@router.post(f"{PROGRAM}/orders/{{order_id}}/paid", response_model=OrderRead)
+def pay_order(
+    program: str,
+    order_id: Id,
+    body: OrderPayment,
+    ctx: Annotated[Context, Depends(Write("orders.pay"))],
+) -> JSONResponse:
+    """The till or the payment system confirms that the cash part of an order
+    ``awaiting_payment`` is paid (``amount_fen``: its ``cash_fen``, exactly). The order moves
+    on: ``held`` if the member's cooling-off applies, else its points are debited and it is
+    fulfilled. The same payment sent again answers the order as it is; a payment for an
+    order no longer awaiting one (cancelled, lapsed, paid) is refused (409), with the amount
+    to refund."""
+    return ctx.execute(
+        lambda uow: _seen(ctx, service.pay_order(
+            uow, program_id=ctx.program_id, order_id=order_id, payment_ref=body.payment_ref,
+            amount_fen=body.amount_fen, actor=ctx.actor, merchant=ctx.merchant_scope,
+        )),
+        target=f"order:{order_id}",
+    )  # fmt: skip
 
 
 @router.post(f"{PROGRAM}/orders/{{order_id}}/{{action}}", response_model=OrderRead)
