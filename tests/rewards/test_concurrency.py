@@ -25,6 +25,7 @@ from jifen.errors import (
     StateConflict,
     VoucherNotUsable,
 )
+from jifen.jobs import service as jobs_service
 from jifen.points import service as points_service
 from jifen.points.models import accounts, lines
 from jifen.rewards import service as rewards
@@ -365,4 +366,103 @@ def test_a_member_frozen_while_its_redemption_waits_gets_no_hold_and_no_debit(
     assert shop.counts()[0] == 0
     summary = pg.run(lambda uow: points_service.balance(uow, member_id=member), read_only=True)
     assert (summary.balance, summary.frozen) == (20_000, 0)
+    assert_ledger_sound(pg, shop.program_id)
+
+
+def _pay(pg: Database, shop: Shop, order_id: int, payment_ref: str) -> Any:
+    return pg.run(
+        lambda uow: rewards.pay_order(
+            uow, program_id=shop.program_id, order_id=order_id, payment_ref=payment_ref,
+            amount_fen=9000, actor="key:pay",
+        )
+    )  # fmt: skip
+
+
+def test_a_payment_and_the_lapse_job_racing_for_an_order_one_wins_each_round(
+    pg: Database,
+) -> None:
+    """Each round an order's time to pay has just passed when its payment arrives and the
+    lapse job runs, at the same instant: the order is either paid (the job leaves it) or
+    cancelled (the payment is refused, to be refunded), never both, never half of either.
+    Every other round the job's chunk runs alone, without the runner's own transactions
+    before it, so that it comes first more often."""
+    rounds = 40
+    shop = Shop.open(pg, payment_minutes=1)
+    (member,) = shop.member(100_000, tier="金卡")
+    stock = 1000  # far from the dynamic rise: every round costs 800 points (金卡)
+    kettle = shop.reward(points=1000, cash_fen=9000, stock=stock)
+    assert isinstance(pg.clock, ManualClock)
+    paid = lapsed = 0
+    for n in range(rounds):
+        order = shop.redeem(member, kettle.code, key=f"race-{n}")
+        pg.clock.advance(timedelta(minutes=2))  # past pay_by; the job's moment is its own
+
+        def race(i: int, order_id: int = order.id, n: int = n) -> Any:
+            if i == 0:
+                return _pay(pg, shop, order_id, f"wx-{n}")
+            if n % 2:
+                return pg.run(lambda uow: rewards.lapse_payments(uow, program_id=shop.program_id))
+            return jobs_service.run(pg, "rewards.lapse_payments", program_id=shop.program_id)
+
+        payment, run = run_together(2, race)
+        assert not isinstance(run, Exception), run
+        cancelled = run.cancelled if n % 2 else run.figures["cancelled"]
+        if isinstance(payment, Exception):
+            assert isinstance(payment, StateConflict), payment
+            assert f"Refund payment 'wx-{n}' of 9000 fen" in str(payment)
+            assert cancelled == 1
+            lapsed += 1
+        else:
+            assert (payment.state, payment.payment_ref, cancelled) == ("created", f"wx-{n}", 0)
+            paid += 1
+        after = pg.run(lambda uow, o=order.id: rewards.get_order(
+            uow, program_id=shop.program_id, order_id=o), read_only=True)  # fmt: skip
+        assert after.state == ("created" if after.payment_ref else "cancelled")
+    assert paid + lapsed == rounds
+    summary = pg.run(lambda uow: points_service.balance(uow, member_id=member), read_only=True)
+    assert (summary.balance, summary.frozen) == (100_000 - 800 * paid, 0)
+    left = shop.get(kettle.code)
+    assert (left.stock_left, left.sold) == (stock - paid, paid)
+    assert_ledger_sound(pg, shop.program_id)
+
+
+@pytest.mark.parametrize("first", ["payment", "lapse"])
+def test_of_a_payment_and_the_lapse_job_the_one_that_waited_sees_the_other(
+    pg: Database, first: str
+) -> None:
+    """One holds the member's account (uncommitted) while the other waits for it: a lapse
+    that waited for a payment leaves the paid order alone; a payment that waited for the
+    lapse is refused, with the amount to refund."""
+    shop = Shop.open(pg, payment_minutes=1)
+    (member,) = shop.member(10_000, tier="金卡")
+    kettle = shop.reward(points=1000, cash_fen=9000, stock=1)
+    order = shop.redeem(member, kettle.code)
+    assert isinstance(pg.clock, ManualClock)
+    pg.clock.advance(timedelta(minutes=2))
+
+    def pay(uow: Any) -> Any:
+        return rewards.pay_order(uow, program_id=shop.program_id, order_id=order.id,
+                                 payment_ref="wx", amount_fen=9000, actor="key:pay")  # fmt: skip
+
+    def lapse(uow: Any) -> Any:
+        return rewards.lapse_payments(uow, program_id=shop.program_id)
+
+    held, waiting = (pay, lapse) if first == "payment" else (lapse, pay)
+    with pg.transaction() as uow:
+        held(uow)
+        thread, box = in_background(lambda: pg.run(waiting))
+        time.sleep(0.5)  # the other waits on the member's account
+    thread.join()
+    after = pg.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
+                                                 order_id=order.id))  # fmt: skip
+    summary = pg.run(lambda uow: points_service.balance(uow, member_id=member), read_only=True)
+    if first == "payment":
+        assert box.get("result") is not None and box["result"].cancelled == 0, box
+        assert (after.state, summary.balance, summary.frozen) == ("created", 9200, 0)
+        assert shop.get(kettle.code).stock_left == 0
+    else:
+        assert isinstance(box.get("error"), StateConflict), box
+        assert "Refund payment 'wx' of 9000 fen" in str(box["error"])
+        assert (after.state, summary.balance, summary.frozen) == ("cancelled", 10_000, 0)
+        assert shop.get(kettle.code).stock_left == 1
     assert_ledger_sound(pg, shop.program_id)
