@@ -1,6 +1,6 @@
 """Random sequences of redemptions, cancellations, shipping, returns, vouchers used or left to
-expire, cooling-off holds and the clock moving, against a simple model of where every point
-and every unit is.
+expire, cooling-off holds, points + cash paid at the till, later or never, and the clock
+moving, against a simple model of where every point and every unit is.
 
 After every step: no stock below zero and each reward's stock plus what is sold equals what
 was stocked; what is sold equals the units of live orders; each member's points are its
@@ -33,6 +33,7 @@ KINDS: list[dict[str, Any]] = [
     {"code": "wash", "kind": "service", "points": 900},  # a voucher, unlimited
     {"code": "watch", "points": 9000, "stock": 3},  # held above 5,000 for 钻石
     {"code": "towel", "points": 300, "stock": 4, "pickup": True, "max_quantity": 2},
+    {"code": "kettle", "points": 500, "cash_fen": 900, "stock": 4},  # points + cash
 ]
 
 
@@ -49,6 +50,7 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             self.rewards = {k["code"]: self.shop.reward(**{**k, "code": k["code"]}) for k in KINDS}
             self.stocked = {code: r.stock_total for code, r in self.rewards.items()}
             self.orders: dict[int, OrderRead] = {}
+            self.payments = 0
 
         def refresh(self, order_id: int) -> OrderRead:
             order = db.run(lambda uow: rewards.get_order(uow, program_id=self.shop.program_id,
@@ -60,19 +62,37 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             live = sorted(o for o, v in self.orders.items() if v.state in states)
             return self.orders[data.draw(st.sampled_from(live))] if live else None
 
+        def payment_ref(self) -> str:
+            self.payments += 1
+            return f"pay-{self.payments}"
+
         @rule(member=st.integers(0, 2), reward=st.sampled_from([k["code"] for k in KINDS]),
-              quantity=st.integers(1, 2))  # fmt: skip
-        def redeem(self, member: int, reward: str, quantity: int) -> None:
+              quantity=st.integers(1, 2), at_till=st.booleans())  # fmt: skip
+        def redeem(self, member: int, reward: str, quantity: int, at_till: bool) -> None:
+            # A cash part paid at the till names its payment; else the order awaits it.
+            paid = {"payment_ref": self.payment_ref()} if at_till and reward == "kettle" else {}
             try:
                 order = self.shop.redeem(self.members[member], self.rewards[reward].code,
-                                         quantity=quantity)  # fmt: skip
+                                         quantity=quantity, **paid)  # fmt: skip
             except Refused:
                 return
             self.orders[order.id] = order
 
+        @rule(data=st.data())
+        def pay(self, data: st.DataObject) -> None:
+            order = self.pick(data, "awaiting_payment")
+            if order is None:
+                return
+            with suppress(Refused):
+                db.run(lambda uow: rewards.pay_order(
+                    uow, program_id=self.shop.program_id, order_id=order.id,
+                    payment_ref=self.payment_ref(), amount_fen=order.cash_fen, actor="key:pay",
+                ))  # fmt: skip
+            self.refresh(order.id)
+
         @rule(data=st.data(), action=st.sampled_from(["cancel", "ship", "deliver", "return"]))
         def move(self, data: st.DataObject, action: str) -> None:
-            order = self.pick(data, "held", "created", "shipped", "delivered")
+            order = self.pick(data, "awaiting_payment", "held", "created", "shipped", "delivered")
             if order is None:
                 return
             with suppress(Refused):
@@ -104,22 +124,24 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
                 )
             self.refresh(order.id)
 
-        @rule(days=st.integers(1, 40))
-        def time_passes(self, days: int) -> None:
-            self.clock.advance(timedelta(days=days))
+        # Days for vouchers and holds; minutes around the 30 an order has to be paid in.
+        @rule(days=st.integers(0, 40), minutes=st.sampled_from([1, 20, 40]))
+        def time_passes(self, days: int, minutes: int) -> None:
+            self.clock.advance(timedelta(days=days, minutes=minutes))
             db.run(lambda uow: rewards.expire_vouchers(uow, program_id=self.shop.program_id))
             db.run(lambda uow: rewards.expire_holds(uow, program_id=self.shop.program_id))
+            db.run(lambda uow: rewards.lapse_payments(uow, program_id=self.shop.program_id))
             for order_id in list(self.orders):
                 self.refresh(order_id)
 
         @staticmethod
         def cost(order: OrderRead) -> int:
-            """What an order has cost its member in the end: nothing while held (the points
-            are frozen, still the member's) or once given back; the fee of a voucher that
-            expired unused; else its price."""
+            """What an order has cost its member in the end: nothing while it awaits its
+            payment or is held (the points are frozen, still the member's) or once given
+            back; the fee of a voucher that expired unused; else its price."""
             if order.voucher is not None and order.voucher.state == "expired":
                 return order.points * 10 // 100
-            if order.state in ("held", "cancelled", "returned"):
+            if order.state in ("awaiting_payment", "held", "cancelled", "returned"):
                 return 0
             return order.points
 
