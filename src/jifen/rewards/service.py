@@ -7,6 +7,11 @@ line, freezes them until the member confirms; writes the order, its voucher or i
 takes the stock last, by a conditional decrement, so the reward's row is held only for the
 last moment of the transaction and can never go below zero. Cancelling or returning refunds
 the very lots the debit took and puts the stock back.
+
+A cash part not paid with the redemption (a member's own app names no payment) freezes the
+points too: the order awaits the payment system's confirmation (:func:`pay_order`) until its
+``pay_by``, then moves on as a redemption paid at once would have, or lapses
+(:func:`lapse_payments`) and gives the points and the stock back.
 """
 
 from __future__ import annotations
