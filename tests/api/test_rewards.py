@@ -426,3 +426,9 @@ def test_a_member_redeems_points_plus_cash_in_its_app_and_the_payment_system_pay
     confirmed = till.post(f"/orders/{third['id']}/paid", late, till.operator)
     assert body(confirmed, 200)["state"] == "created"
     assert body(till.get("/rewards/kettle", till.operator), 200)["stock_left"] == 3
+    # the document names the state and who may confirm a payment
+    spec = client.get("/openapi.json").json()
+    state = spec["components"]["schemas"]["OrderRead"]["properties"]["state"]
+    assert "awaiting_payment" in state["enum"]
+    route = spec["paths"]["/v1/programs/{program}/orders/{order_id}/paid"]["post"]
+    assert route["x-permission"] == "orders.pay"
