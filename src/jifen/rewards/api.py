@@ -3,7 +3,8 @@ orders and their fulfilment, and vouchers at the till."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
@@ -402,7 +403,6 @@ def get_order(
     return _seen(ctx, order)
 
 
-# Before the moves: ``paid`` would otherwise match their ``{action}`` and be refused there.
 @router.post(f"{PROGRAM}/orders/{{order_id}}/paid", response_model=OrderRead)
 def pay_order(
     program: str,
@@ -425,23 +425,36 @@ def pay_order(
     )  # fmt: skip
 
 
-@router.post(f"{PROGRAM}/orders/{{order_id}}/{{action}}", response_model=OrderRead)
-def move_order(
-    program: str,
-    order_id: Id,
-    action: Action,
-    body: OrderAction,
-    ctx: Annotated[Context, Depends(Write("orders.fulfil"))],
-) -> JSONResponse:
-    """Move an order on: ``confirm``, ``ship`` (with ``tracking``), ``deliver``, ``cancel``
-    (before shipping) or ``return`` (after): the last two give the points and stock back."""
-    return ctx.execute(
-        lambda uow: _seen(ctx, service.move(
-            uow, program_id=ctx.program_id, order_id=order_id, action=action,
-            actor=ctx.actor, note=body.note, tracking=body.tracking, merchant=ctx.merchant_scope,
-        )),
-        target=f"order:{order_id}",
-    )  # fmt: skip
+def _move_order(action: Action) -> Callable[..., JSONResponse]:
+    """The route of one move. Each action has a path of its own (not one ``{action}``
+    parameter), so that no route of a move answers ``…/paid`` too."""
+
+    def move_order(
+        program: str,
+        order_id: Id,
+        body: OrderAction,
+        ctx: Annotated[Context, Depends(Write("orders.fulfil"))],
+    ) -> JSONResponse:
+        """Move an order on: ``confirm``, ``ship`` (with ``tracking``), ``deliver``,
+        ``cancel`` (before shipping) or ``return`` (after): the last two give the points and
+        stock back."""
+        return ctx.execute(
+            lambda uow: _seen(ctx, service.move(
+                uow, program_id=ctx.program_id, order_id=order_id, action=action,
+                actor=ctx.actor, note=body.note, tracking=body.tracking,
+                merchant=ctx.merchant_scope,
+            )),
+            target=f"order:{order_id}",
+        )  # fmt: skip
+
+    return move_order
+
+
+for _action in get_args(Action):
+    router.post(
+        f"{PROGRAM}/orders/{{order_id}}/{_action}", response_model=OrderRead,
+        name=f"{_action}_order",
+    )(_move_order(_action))  # fmt: skip
 
 
 @router.get(f"{PROGRAM}/vouchers/{{code}}", response_model=VoucherRead)
