@@ -4,6 +4,7 @@ that run left it, and no other import's."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -216,3 +217,40 @@ def test_an_import_from_the_top_stops_over_an_error_file_another_unfinished_impo
     finally:
         first.dispose()
         second.dispose()
+
+
+def test_the_error_file_and_the_progress_record_are_readable_by_their_owner_alone(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused rows are kept as they were (phones, names), and a progress record names the
+    last record: neither is left for other users of the machine to read, whatever the
+    umask, and an error file an earlier import left readable is closed to them too."""
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    setup_members(db, program.id)
+    rows = [[r[0], "c9" if r[0] == "o15" else r[1], *r[2:]] for r in order_rows(20)]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)  # o15: a member not there
+    (tmp_path / "orders.errors.csv").write_text("left by an earlier import\n")
+    (tmp_path / "orders.errors.csv").chmod(0o644)
+    save = imports._Checkpoint.save
+    modes: list[int] = []
+
+    def stops_after_two_batches(
+        self: imports._Checkpoint, report: imports.Report, *rest: Any
+    ) -> None:
+        save(self, report, *rest)
+        if report.records == 20:
+            modes.append(self.path.stat().st_mode & 0o777)
+            raise Stop
+
+    monkeypatch.setattr(imports._Checkpoint, "save", stops_after_two_batches)
+    old_umask = os.umask(0o022)
+    try:
+        with pytest.raises(Stop):
+            imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10)
+    finally:
+        os.umask(old_umask)
+    assert modes == [0o600]
+    assert (tmp_path / "orders.errors.csv").stat().st_mode & 0o777 == 0o600
+    _, *refused = read_csv(tmp_path / "orders.errors.csv")
+    assert [row[0] for row in refused] == ["o15", "o15"]

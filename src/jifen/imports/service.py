@@ -822,7 +822,7 @@ class _Checkpoint:
 
     def __enter__(self) -> _Checkpoint:
         while self.handle is None:
-            handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+            handle = os.fdopen(_owner_only(self.path, os.O_RDWR), "r+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -871,6 +871,20 @@ class _Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+def _owner_only(path: Path, flags: int) -> int:
+    """Open (or create) ``path`` readable and writable by its owner alone, whatever the
+    umask or an earlier run left: an error file holds refused rows as they were (phone
+    numbers, names) and a progress record the last record's reference, which other users
+    of the machine have no business reading. The descriptor."""
+    descriptor = os.open(path, flags | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
 class _ErrorFile:
     """The rejected rows as they were, each with its line, column, code and reason in
     :data:`ERROR_COLUMNS` (opened only when needed): put right, the file can be imported
@@ -905,7 +919,11 @@ class _ErrorFile:
         misshapen row with its own reason, the other rows of its order naming that row."""
         if self.writer is None:
             exists = self.append and self.path.exists()
-            self.handle = self.path.open("a" if exists else "w", encoding="utf-8", newline="")
+            flags = os.O_WRONLY | (os.O_APPEND if exists else os.O_TRUNC)
+            self.handle = os.fdopen(
+                _owner_only(self.path, flags), "a" if exists else "w", encoding="utf-8",
+                newline="",
+            )  # fmt: skip
             self.writer = csv.writer(self.handle)
             if not exists:
                 self.writer.writerow([*self.columns, *ERROR_COLUMNS])
