@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -60,6 +60,7 @@ from jifen.jobs import service as jobs_service
 from jifen.points import integrity
 from jifen.programs import service as programs
 from jifen.rewards import service as rewards_service
+from jifen.rewards.schemas import HoldsReport
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import RulePack
 from jifen.settings import Settings, get_settings, normalise_database_url, secret_key
@@ -1153,6 +1154,33 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
     ),
 )
 def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    cancelled = _cancel_lapsed_orders(program, dry_run, rewards_service.expire_holds)
+    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
+    out.print(_say(f"{cancelled} held redemptions {verb[0]}",
+                   f"{cancelled} 笔待确认兑换{verb[1]}"), markup=False)  # fmt: skip
+
+
+@rewards_app.command(
+    "lapse-payments",
+    help=_h(
+        "Cancel redemptions whose cash part was not paid by their time to pay (the "
+        "programme's payment_minutes): the points are released and the stock returns. The "
+        "worker runs this every 5 minutes.",
+        "取消未在支付时限(计划的 payment_minutes)内支付现金部分的兑换:积分解冻,库存退回。"
+        "worker 每 5 分钟运行一次。",
+    ),
+)
+def rewards_lapse_payments(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    cancelled = _cancel_lapsed_orders(program, dry_run, rewards_service.lapse_payments)
+    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
+    out.print(_say(f"{cancelled} redemptions not paid in time {verb[0]}",
+                   f"{cancelled} 笔超时未支付兑换{verb[1]}"), markup=False)  # fmt: skip
+
+
+def _cancel_lapsed_orders(program: str, dry_run: bool, cancel: Callable[..., HoldsReport]) -> int:
+    """Run ``cancel`` (a rewards service's sweep of lapsed orders) over the programme in
+    chunks of 200, each its own transaction, until it finds no more: how many it cancelled
+    (or, with ``dry_run``, would cancel in its first chunk)."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -1160,16 +1188,11 @@ def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> N
         cancelled = 0
         while True:
             report = database.run(
-                lambda uow: rewards_service.expire_holds(
-                    uow, program_id=program_id, dry_run=dry_run, limit=200
-                )
+                lambda uow: cancel(uow, program_id=program_id, dry_run=dry_run, limit=200)
             )
             cancelled += report.cancelled
             if report.cancelled < 200 or dry_run:
-                break
-    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
-    out.print(_say(f"{cancelled} held redemptions {verb[0]}",
-                   f"{cancelled} 笔待确认兑换{verb[1]}"), markup=False)  # fmt: skip
+                return cancelled
 
 
 jobs_app = typer.Typer(

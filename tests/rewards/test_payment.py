@@ -257,3 +257,25 @@ def test_the_time_to_pay_is_part_of_the_redemption_policy() -> None:
     for wrong in (0, 1441):
         with pytest.raises(ValidationError, match="payment_minutes"):
             RedemptionPolicy(payment_minutes=wrong)
+
+
+def test_the_command_lapses_orders_not_paid_in_time_after_a_dry_run(db: Database) -> None:
+    """``jifen rewards lapse-payments`` runs the sweep at the real time: an order made at
+    the tests' clock (early 2026) is long past its time to pay."""
+    from tests.test_cli import jifen
+
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    kettle = shop.reward(**KETTLE)
+    order = shop.redeem(member, kettle.code)
+    code, said = jifen(db, "rewards", "lapse-payments", "--program", shop.code,
+                       "--dry-run")  # fmt: skip
+    assert (code, said.strip()) == (0, "1 redemptions not paid in time would be cancelled")
+    assert order_of(shop, order.id).state == "awaiting_payment"
+    code, said = jifen(db, "rewards", "lapse-payments", "--program", shop.code)
+    assert (code, said.strip()) == (0, "1 redemptions not paid in time cancelled")
+    assert order_of(shop, order.id).state == "cancelled"
+    assert (balance(db, member).frozen, shop.get(kettle.code).stock_left) == (0, 5)
+    code, said = jifen(db, "rewards", "lapse-payments", "--program", shop.code)
+    assert (code, said.strip()) == (0, "0 redemptions not paid in time cancelled")
+    assert_ledger_sound(db, shop.program_id)
