@@ -295,3 +295,35 @@ def test_a_renewal_moves_points_to_later_dates_only_and_keeps_the_balance(
         old = by_id[made.source_lot_id]  # type: ignore[index]
         assert made.amount == old.remaining
         assert made.expires_at is None or made.expires_at > old.expires_at  # type: ignore[operator]
+
+
+@given(lots=lot_lists.filter(lambda ls: any(x.is_spendable(NOW) for x in ls)), data=st.data())
+def test_a_hold_spent_after_its_release_takes_back_exactly_what_it_held(
+    lots: list[Lot], data: st.DataObject
+) -> None:
+    """Freeze, unfreeze, then spend what was released: every lot ends as the freeze left
+    it, whatever the lots' dates by then, and the points land in the spend's account."""
+    spendable = sum(x.remaining for x in lots if x.is_spendable(NOW))
+    amount = data.draw(st.integers(1, spendable))
+    held = ledger.plan_freeze(lots=lots, amount=amount, now=NOW, reason="r", actor="a")
+    released = ledger.plan_unfreeze(
+        freeze_id=1, freeze_amount=amount, freeze_allocations=held.allocations,
+        earlier_unfreezes=[], earlier_unfrozen=0,
+    )  # fmt: skip
+    spent = ledger.plan_spend_released(released=released.allocations, into=SystemAccount.CHARITY)
+    assert spent.kind is Kind.SPEND and spent.amount == amount
+    assert sum(line.amount for line in spent.lines) == 0
+    assert (Party.MEMBER, -amount) in [(line.account, line.amount) for line in spent.lines]
+    change: dict[int, int] = {}
+    for allocation in (*held.allocations, *released.allocations, *spent.allocations):
+        change[allocation.lot_id] = change.get(allocation.lot_id, 0) + allocation.amount
+    assert change == {a.lot_id: a.amount for a in held.allocations}
+
+
+def test_only_what_an_unfreeze_gave_back_is_spent_from_its_lots() -> None:
+    with pytest.raises(ValueError, match="positive allocations"):
+        ledger.plan_spend_released(released=[])
+    with pytest.raises(ValueError, match="positive allocations"):
+        ledger.plan_spend_released(released=[Allocation(1, -5)])
+    with pytest.raises(ValueError, match="not spent into"):
+        ledger.plan_spend_released(released=[Allocation(1, 5)], into=SystemAccount.ISSUED)

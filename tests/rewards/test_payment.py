@@ -279,3 +279,34 @@ def test_the_command_lapses_orders_not_paid_in_time_after_a_dry_run(db: Database
     code, said = jifen(db, "rewards", "lapse-payments", "--program", shop.code)
     assert (code, said.strip()) == (0, "0 redemptions not paid in time cancelled")
     assert_ledger_sound(db, shop.program_id)
+
+
+@pytest.mark.parametrize("paid_at_till", [True, False])
+def test_points_whose_lots_lapse_while_the_order_awaits_payment_still_pay_for_it(
+    db: Database, paid_at_till: bool
+) -> None:
+    """Paid later, the order costs the member what it costs paid at the till: the frozen
+    points pay for it even where their lots lapse before the payment comes, and the
+    member's later points stay whole."""
+    # given a member with 1,000 points lapsing in 20 minutes and 1,000 in 400 days
+    shop = Shop.open(db)
+    (member,) = shop.member(0)
+    for key, lasts in (("soon", timedelta(minutes=20)), ("late", timedelta(days=400))):
+        db.run(lambda uow, k=key, t=lasts: points.earn(
+            uow, member_id=member, amount=1000, key=k, expires_at=uow.clock.now() + t))  # fmt: skip
+    kettle = shop.reward(**KETTLE)
+    # when it redeems the kettle (paid at the till, or in its app and paid 25 minutes
+    # later, after an expiry run)
+    if paid_at_till:
+        order = shop.redeem(member, kettle.code, payment_ref=f"pos-{member}")
+    else:
+        order = shop.redeem(member, kettle.code)
+    clock(db).advance(timedelta(minutes=25))
+    db.run(lambda uow: points.expire_due(uow, program_id=shop.program_id))
+    if not paid_at_till:
+        assert pay(shop, order.id, f"wx-{member}").state == "created"
+    db.run(lambda uow: points.expire_due(uow, program_id=shop.program_id))
+    # then the member keeps its 1,000 later points either way
+    summary = balance(db, member)
+    assert (summary.available, summary.frozen, summary.overdue) == (1000, 0, 0)
+    assert_ledger_sound(db, shop.program_id)

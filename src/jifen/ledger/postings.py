@@ -160,6 +160,23 @@ def plan_spend(
     return Plan(Kind.SPEND, amount, lines, allocations=tuple(allocations))
 
 
+def plan_spend_released(
+    *, released: Sequence[Allocation], into: SystemAccount = SystemAccount.REDEEMED
+) -> Plan:
+    """Debit exactly what an unfreeze has just given back (its ``released`` allocations),
+    from the very lots it went back to, whether or not they are past their date: a hold
+    that pays for something (a redemption confirmed or paid for after a wait) spends the
+    points it held, not the member's others while the held ones lapse."""
+    if into not in SPEND_TARGETS:
+        raise ValueError(f"points are not spent into the {into.value} account")
+    if not released or any(a.amount <= 0 for a in released):
+        raise ValueError("only what an unfreeze gave back (positive allocations) is spent")
+    amount = sum(a.amount for a in released)
+    allocations = tuple(Allocation(a.lot_id, -a.amount) for a in released)
+    lines = (Line(Party.MEMBER, -amount), Line(into, amount))
+    return Plan(Kind.SPEND, amount, lines, allocations=allocations)
+
+
 def _give_back(
     kind: Kind,
     holder: SystemAccount,

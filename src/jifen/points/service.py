@@ -1341,6 +1341,66 @@ def unfreeze(
     )  # fmt: skip
 
 
+def spend_frozen(
+    uow: UnitOfWork,
+    *,
+    freeze_id: int,
+    release_key: str,
+    key: str,
+    reason: str,
+    release_reason: str,
+    actor: str,
+    into: SystemAccount = SystemAccount.REDEEMED,
+) -> PostingRead:
+    """Spend all that a freeze holds: :func:`unfreeze` gives it back to the lots it held
+    (key ``release_key``), then a spend (``key``) takes it from those very lots, past their
+    date or not (:func:`jifen.ledger.plan_spend_released`). Points held for a redemption
+    that completes after a wait (its cooling-off, its payment) pay for it even where their
+    lots lapsed meanwhile, instead of the member's other points while the held ones lapse
+    at the next expiry run. Where the points given back have since moved on (a renewal
+    carried them to a later lot), the spend takes spendable points earliest-expiring first,
+    as :func:`spend` does. Answers the spend."""
+    released = unfreeze(
+        uow, freeze_id=freeze_id, key=release_key, reason=release_reason, actor=actor
+    )
+    member_id, amount = released.member_id, released.amount
+    request = _fingerprint(
+        "spend", member=member_id, amount=amount, reason=reason, actor=actor,
+        **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
+    )  # fmt: skip
+    member, replay_id, opened = _lock_spending(uow, member_id, key)
+    if replay_id is not None:
+        return _replay(uow, replay_id, key, request)
+    _require_active(member)
+    now = uow.clock.now()
+    given: dict[int, int] = {}
+    for lot_id, change in uow.conn.execute(
+        select(allocations.c.lot_id, allocations.c.amount).where(
+            allocations.c.posting_id == released.id, allocations.c.amount > 0
+        )
+    ):
+        given[lot_id] = given.get(lot_id, 0) + change
+    remaining = {lot.id: lot.remaining for lot in _open_lots(uow, member.id)}
+    if given and all(remaining.get(lot_id, 0) >= back for lot_id, back in given.items()):
+        back_to = [Allocation(lot_id, back) for lot_id, back in given.items()]
+        plan = ledger.plan_spend_released(released=back_to, into=into)
+    else:
+        planned = _planned(
+            uow, member.program_id, key, request,
+            lambda: ledger.plan_spend(
+                lots=_spendable_lots(uow, member.id, now, amount, opened), amount=amount,
+                now=now, account_id=member.id, into=into,
+            ),
+        )  # fmt: skip
+        if isinstance(planned, PostingRead):
+            return planned
+        plan = planned
+    return _write(
+        uow, plan, member=member, key=key, request_hash=request, now=now, reason=reason,
+        actor=actor,
+    )  # fmt: skip
+
+
 EXPIRED_REASON = "lots reached their expiry date"
 FROZEN_AT_EXPIRY = "lots reached their expiry date: frozen instead of cleared"
 

@@ -773,11 +773,17 @@ def _spend(
     uow: UnitOfWork, member_id: int, points: int, key: str, reason: str, actor: str,
     terms: RewardDef,
 ) -> PostingRead:  # fmt: skip
-    into = {"charity": SystemAccount.CHARITY, "partner": SystemAccount.PARTNERS}.get(
-        terms.kind, SystemAccount.REDEEMED
-    )
     return points_service.spend(
-        uow, member_id=member_id, amount=points, key=key, reason=reason, actor=actor, into=into
+        uow, member_id=member_id, amount=points, key=key, reason=reason, actor=actor,
+        into=_spent_into(terms),
+    )  # fmt: skip
+
+
+def _spent_into(terms: RewardDef) -> SystemAccount:
+    """The account a redemption's points go into: charity for a donation, partners for an
+    exchange out, else redeemed."""
+    return {"charity": SystemAccount.CHARITY, "partner": SystemAccount.PARTNERS}.get(
+        terms.kind, SystemAccount.REDEEMED
     )
 
 
@@ -1337,16 +1343,13 @@ def _complete(
     terms = _terms(uow, _reward_row(uow, program_id, row.code))
     reason = f"redeem {terms.code} × {row.quantity}"
     try:
-        # Release and debit together, or neither: frozen points whose lots expired while
-        # the order waited come back overdue and cannot be spent.
+        # Release and debit together, or neither. The debit takes the very points the hold
+        # gave back, even where their lots lapsed while the order waited.
         with uow.savepoint():
-            points_service.unfreeze(
-                uow, freeze_id=row.hold_posting_id, key=f"order:{row.id}:release",
-                reason=f"{why}: {reason}", actor=actor,
-            )  # fmt: skip
-            spent = _spend(
-                uow, row.member_id, row.points, f"order:{row.id}:confirmed", reason, actor,
-                terms,
+            spent = points_service.spend_frozen(
+                uow, freeze_id=row.hold_posting_id, release_key=f"order:{row.id}:release",
+                key=f"order:{row.id}:confirmed", reason=reason,
+                release_reason=f"{why}: {reason}", actor=actor, into=_spent_into(terms),
             ).id  # fmt: skip
     except InsufficientPoints:
         raise expired from None
