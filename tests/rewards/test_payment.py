@@ -310,3 +310,23 @@ def test_points_whose_lots_lapse_while_the_order_awaits_payment_still_pay_for_it
     summary = balance(db, member)
     assert (summary.available, summary.frozen, summary.overdue) == (1000, 0, 0)
     assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_payment_for_a_member_frozen_since_it_redeemed_is_refused_with_the_refund(
+    db: Database,
+) -> None:
+    from jifen.members import service as members
+
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    order = shop.redeem(member, shop.reward(**KETTLE).code)
+    db.run(lambda uow: members.change_state(
+        uow, program_id=shop.program_id, member_id=member, state="frozen"))  # fmt: skip
+    before = shop.counts()
+    with pytest.raises(StateConflict) as refused:
+        pay(shop, order.id, "wx-frozen")
+    said = str(refused.value)
+    assert f"Member {member} is frozen" in said and "refund payment 'wx-frozen' of 9000" in said
+    assert "请退还支付 'wx-frozen' 的 9000 分" in refused.value.message("zh")
+    assert shop.counts() == before
+    assert order_of(shop, order.id).state == "awaiting_payment"

@@ -1384,9 +1384,19 @@ def pay_order(
         raise _not_awaiting(row, payment_ref, amount_fen)
     _require_amount(row, payment_ref, amount_fen)
     _require_unused_payment(uow, program_id, payment_ref)
-    members_service.require_member(
-        uow, program_id=program_id, member_id=row.member_id, transacting=True
-    )
+    try:
+        members_service.require_member(
+            uow, program_id=program_id, member_id=row.member_id, transacting=True
+        )
+    except StateConflict as refused:  # frozen by staff since it redeemed
+        raise StateConflict(
+            problem=f"{refused.params['problem']} Nothing was recorded: refund payment "
+            f"{payment_ref!r} of {amount_fen} fen; order {order_id} lapses at "
+            f"{row.pay_by.isoformat()} unless the member is made active and pays again.",
+            problem_zh=f"{refused.params['problem_zh']}未作任何记录:请退还支付 "
+            f"{payment_ref!r} 的 {amount_fen} 分;除非会员恢复正常并重新支付,订单 {order_id} "
+            f"将于 {row.pay_by.isoformat()} 取消。",
+        ) from None
     tier = tiers_service.tiers_of(uow, member_ids=[row.member_id]).get(row.member_id)
     wait = core.cooling_off(row.points, _policy(uow, program_id).for_tier(tier))
     note = f"paid {amount_fen} fen: {payment_ref}"
