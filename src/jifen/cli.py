@@ -1154,10 +1154,9 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
     ),
 )
 def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> None:
-    cancelled = _cancel_lapsed_orders(program, dry_run, rewards_service.expire_holds)
-    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
-    out.print(_say(f"{cancelled} held redemptions {verb[0]}",
-                   f"{cancelled} 笔待确认兑换{verb[1]}"), markup=False)  # fmt: skip
+    _cancel_lapsed_orders(
+        program, dry_run, rewards_service.expire_holds, ("held redemptions", "笔待确认兑换")
+    )
 
 
 @rewards_app.command(
@@ -1171,16 +1170,19 @@ def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> N
     ),
 )
 def rewards_lapse_payments(program: RequiredProgram, dry_run: DryRun = False) -> None:
-    cancelled = _cancel_lapsed_orders(program, dry_run, rewards_service.lapse_payments)
-    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
-    out.print(_say(f"{cancelled} redemptions not paid in time {verb[0]}",
-                   f"{cancelled} 笔超时未支付兑换{verb[1]}"), markup=False)  # fmt: skip
+    _cancel_lapsed_orders(
+        program, dry_run, rewards_service.lapse_payments,
+        ("redemptions not paid in time", "笔超时未支付兑换"),
+    )  # fmt: skip
 
 
-def _cancel_lapsed_orders(program: str, dry_run: bool, cancel: Callable[..., HoldsReport]) -> int:
+def _cancel_lapsed_orders(
+    program: str, dry_run: bool, cancel: Callable[..., HoldsReport], what: tuple[str, str]
+) -> None:
     """Run ``cancel`` (a rewards service's sweep of lapsed orders) over the programme in
-    chunks of 200, each its own transaction, until it finds no more: how many it cancelled
-    (or, with ``dry_run``, would cancel in its first chunk)."""
+    chunks of 200, each its own transaction, until it finds no more, and say how many it
+    cancelled (or, with ``dry_run``, would cancel in its first chunk) of ``what`` (English,
+    Chinese)."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -1192,7 +1194,10 @@ def _cancel_lapsed_orders(program: str, dry_run: bool, cancel: Callable[..., Hol
             )
             cancelled += report.cancelled
             if report.cancelled < 200 or dry_run:
-                return cancelled
+                break
+    verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
+    out.print(_say(f"{cancelled} {what[0]} {verb[0]}", f"{cancelled} {what[1]}{verb[1]}"),
+              markup=False)  # fmt: skip
 
 
 jobs_app = typer.Typer(
