@@ -332,6 +332,26 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             self.post(points.unfreeze, freeze_id=freeze_id, amount=amount)
             self.model.frozen[debit.member] -= given
 
+        @rule(frozen=freezes)
+        def spend_frozen(self, frozen: Any) -> None:
+            """All a freeze still holds, released and spent from the very lots it held,
+            whatever their dates by now (a redemption completed after its wait)."""
+            freeze_id, debit = frozen
+            kwargs = {"freeze_id": freeze_id, "release_key": f"r{next(self.keys)}",
+                      "reason": "redeem", "release_reason": "paid", "actor": "shop"}  # fmt: skip
+            if debit.given_back == debit.amount:
+                self.expect_refusal(ExceedsOriginal, points.spend_frozen, **kwargs)
+                return
+            if any(lot.renewed_to for lot, _ in debit.taken):
+                return  # given back, the points would follow the renewal: another path
+            before = dict(debit.returned)
+            given = self.model.give_back(debit, None, self.now())
+            for lot, _ in debit.taken:  # taken again from the lots they went back to
+                lot.remaining -= debit.returned.get(lot.order, 0) - before.get(lot.order, 0)
+            posted = self.post(points.spend_frozen, **kwargs)
+            assert (posted.kind, posted.amount) == ("spend", given)
+            self.model.frozen[debit.member] -= given
+
         @rule(who=member)
         def expire(self, who: int) -> None:
             m, now = self.members[who], self.now()
