@@ -97,7 +97,8 @@ def test_an_event_is_stored_with_a_keyed_fingerprint(
     # then neither is stored with the plain digest of its content, which a copy of the
     # database could test the 11 digits of a phone number against
     assert unkeyed(event, payload) not in (first_hash, second_hash)
-    assert len(first_hash) == 64 and int(first_hash, 16) >= 0
+    assert len(first_hash) == 64 and first_hash.startswith(service.SEALED_FINGERPRINT)
+    assert int(first_hash.removeprefix(service.SEALED_FINGERPRINT), 16) >= 0
     # and the fingerprint depends on the key
     assert first_hash != second_hash
     # while the event sent again is known by its own installation's key

@@ -173,39 +173,43 @@ def _canonical(event: EventIn, payload: Mapping[str, Any]) -> str:
 
 
 def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
-    """What an event is stored with to know it again: its canonical text's keyed HMAC
-    (:func:`jifen.crypto.event_fingerprint`), which a copy of the database alone cannot
-    test guesses of its member reference (often a phone number) or payload against."""
+    """An event's canonical text's keyed HMAC (:func:`jifen.crypto.event_fingerprint`),
+    which a copy of the database alone cannot test guesses of its member reference (often
+    a phone number) or payload against. The event is stored with it sealed
+    (:func:`_sealed`)."""
     return crypto.event_fingerprint(_canonical(event, payload))
 
 
 def _legacy_fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
-    """The unkeyed SHA-256 the events stored before the keyed fingerprint carry: a resend
-    of one of them is still known by it."""
+    """The unkeyed SHA-256 the events stored before the keyed fingerprint carried (until
+    its member's erasure sealed it): a resend of one of them is still known by it."""
     return hashlib.sha256(_canonical(event, payload).encode()).hexdigest()
 
 
-ERASED_FINGERPRINT = "erased:"
-"""How the fingerprint of an erased member's event starts (:func:`erase_fingerprints`)."""
+SEALED_FINGERPRINT = "sealed:"
+"""How a sealed fingerprint starts (:func:`_sealed`)."""
 
 
-def _erased(fingerprint: str) -> str:
-    """What an erased member's event keeps of its fingerprint: the marker and 57 hex digits
-    of the keyed HMAC of it (still 64 characters), so that whatever it was (an unkeyed
-    SHA-256 of before, or the keyed one), nothing a guess could be tested against without
-    the installation's key is left, while the event sent again is still known."""
-    keyed = crypto.event_fingerprint(ERASED_FINGERPRINT + fingerprint)
-    return ERASED_FINGERPRINT + keyed[: 64 - len(ERASED_FINGERPRINT)]
+def _sealed(fingerprint: str) -> str:
+    """What an event is stored with of its fingerprint: the marker and 57 hex digits of the
+    keyed HMAC of it (still 64 characters). Whatever the fingerprint was (the unkeyed
+    SHA-256 events were stored with before, or the keyed one), nothing a guess could be
+    tested against without the installation's key is left, while the event sent again is
+    still known. A new event is stored sealed; the ones stored before are sealed by
+    :func:`erase_fingerprints` when their member is erased."""
+    keyed = crypto.event_fingerprint(SEALED_FINGERPRINT + fingerprint)
+    return SEALED_FINGERPRINT + keyed[: 64 - len(SEALED_FINGERPRINT)]
 
 
 def _same_event(stored: str, event: EventIn, payload: Mapping[str, Any], keyed: str) -> bool:
     """Whether an event stored with fingerprint ``stored`` is the one sent again, whose
     keyed fingerprint is ``keyed``, or the unkeyed one of an event stored before
     fingerprints were keyed (worked out only when the keyed one does not match); either of
-    them as the member's erasure left it (:func:`_erased`). Compared in constant time."""
-    if stored.startswith(ERASED_FINGERPRINT):
-        return hmac.compare_digest(stored, _erased(keyed)) or hmac.compare_digest(
-            stored, _erased(_legacy_fingerprint(event, payload))
+    them sealed (:func:`_sealed`) or, stored before sealing and not sealed yet, as it is.
+    Compared in constant time."""
+    if stored.startswith(SEALED_FINGERPRINT):
+        return hmac.compare_digest(stored, _sealed(keyed)) or hmac.compare_digest(
+            stored, _sealed(_legacy_fingerprint(event, payload))
         )
     return hmac.compare_digest(stored, keyed) or hmac.compare_digest(
         stored, _legacy_fingerprint(event, payload)
@@ -282,6 +286,7 @@ class _Item:
     origin: Origin
     payload: dict[str, Any]
     request_hash: str
+    """The event's keyed fingerprint (:func:`_fingerprint`); it is stored sealed."""
     day: date
     """The event's day in the programme's time zone."""
     member_id: int | None = None
@@ -756,7 +761,7 @@ class _Intake:
                     "external_id": d.item.event.external_id, "type": d.item.event.type,
                     "member_id": d.member_id, "occurred_at": d.item.event.occurred_at,
                     "received_at": self.now, "payload": d.item.payload,
-                    "request_hash": d.item.request_hash, "subject": d.subject,
+                    "request_hash": _sealed(d.item.request_hash), "subject": d.subject,
                     "amount_fen": d.amount_fen, "points": d.total, "skipped": d.skipped,
                     "merchant": d.item.origin[0], "store": d.item.origin[1],
                     "sent_by": self.sent_by,
@@ -832,7 +837,8 @@ class _Intake:
                     "external_id": event.external_id, "type": event.type,
                     "member_id": member_id, "occurred_at": event.occurred_at,
                     "received_at": self.now, "payload": item.payload,
-                    "request_hash": item.request_hash, "subject": subject, "amount_fen": amount,
+                    "request_hash": _sealed(item.request_hash), "subject": subject,
+                    "amount_fen": amount,
                     "merchant": item.origin[0], "store": item.origin[1],
                     "sent_by": self.sent_by,
                 },
@@ -2201,26 +2207,25 @@ def _personal(text: str, personal: frozenset[str], within: tuple[str, ...]) -> b
 
 
 def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> int:
-    """Replace the fingerprints of the member's events by what :func:`_erased` keeps of
-    them: one stored before fingerprints were keyed digests its member reference (often a
-    phone number) and payload unkeyed, so that a copy of the database could test guesses
-    against it. The event sent again is still answered as before (a replay, or refused
-    when its content differs). Those erased already are left as they are, so that erasing
-    again changes nothing (and a member erased before this was done has its events' done
-    when it is erased again). How many events changed."""
+    """Seal (:func:`_sealed`) the fingerprints of the member's events not sealed yet: one
+    stored before fingerprints were keyed digests its member reference (often a phone
+    number) and payload unkeyed, so that a copy of the database could test guesses against
+    it. The event sent again is still answered as before (a replay, or refused when its
+    content differs). Those sealed already are left as they are, so that erasing again
+    changes nothing. How many events changed."""
     rows = uow.conn.execute(
         select(events.c.id, events.c.request_hash).where(
             events.c.program_id == program_id,
             events.c.member_id == member_id,
-            ~events.c.request_hash.startswith(ERASED_FINGERPRINT, autoescape=True),
+            ~events.c.request_hash.startswith(SEALED_FINGERPRINT, autoescape=True),
         )
     ).all()
     if rows:
         uow.conn.execute(
             events.update()
             .where(events.c.id == bindparam("event_id"))
-            .values(request_hash=bindparam("erased")),
-            [{"event_id": row.id, "erased": _erased(row.request_hash)} for row in rows],
+            .values(request_hash=bindparam("sealed")),
+            [{"event_id": row.id, "sealed": _sealed(row.request_hash)} for row in rows],
         )
     return len(rows)
 

@@ -374,13 +374,13 @@ def erase_personal_data(
     numbers (hashes and ciphertexts), binding time and reference are overwritten, it leaves
     its family group, its sessions end and its password and codes are removed, its
     messages keep only their channel, template and times, its values in the payloads of its
-    ``custom.*`` events are replaced by ``(erased)`` and its events' fingerprints by keyed
-    ones (a resent event is still a replay, or refused when its content differs), and the
-    stored answers of the writes about it (kept for ``Idempotency-Key`` replays) keep only
-    its id and their status: such a write repeated is refused (410, ``answer_erased``),
-    not run again. Its id, state and points stay: the ledger and the audit log, which name
-    members by id, are not touched. Refused (409) unless the account is closed. Erasing an
-    erased member answers the same."""
+    ``custom.*`` events are replaced by ``(erased)``, its events' fingerprints not sealed
+    yet are sealed under the installation's key (a resent event is still a replay, or
+    refused when its content differs), and the stored answers of the writes about it (kept
+    for ``Idempotency-Key`` replays) keep only its id and their status: such a write
+    repeated is refused (410, ``answer_erased``), not run again. Its id, state and points
+    stay: the ledger and the audit log, which name members by id, are not touched. Refused
+    (409) unless the account is closed. Erasing an erased member answers the same."""
 
     def erase(uow: UnitOfWork) -> Erasure:
         values = service.personal_values(uow, program_id=ctx.program_id, member_id=member_id)
