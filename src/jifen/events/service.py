@@ -182,7 +182,7 @@ def _fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
 
 def _legacy_fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
     """The unkeyed SHA-256 the events stored before the keyed fingerprint carried (until
-    its member's erasure sealed it): a resend of one of them is still known by it."""
+    :func:`seal_fingerprints` sealed it): a resend of one of them is still known by it."""
     return hashlib.sha256(_canonical(event, payload).encode()).hexdigest()
 
 
@@ -196,7 +196,8 @@ def _sealed(fingerprint: str) -> str:
     SHA-256 events were stored with before, or the keyed one), nothing a guess could be
     tested against without the installation's key is left, while the event sent again is
     still known. A new event is stored sealed; the ones stored before are sealed by
-    :func:`erase_fingerprints` when their member is erased."""
+    :func:`seal_fingerprints` (the job ``events.seal_fingerprints``), or by
+    :func:`erase_fingerprints` when their member is erased first."""
     keyed = crypto.event_fingerprint(SEALED_FINGERPRINT + fingerprint)
     return SEALED_FINGERPRINT + keyed[: 64 - len(SEALED_FINGERPRINT)]
 
@@ -2210,9 +2211,10 @@ def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> i
     """Seal (:func:`_sealed`) the fingerprints of the member's events not sealed yet: one
     stored before fingerprints were keyed digests its member reference (often a phone
     number) and payload unkeyed, so that a copy of the database could test guesses against
-    it. The event sent again is still answered as before (a replay, or refused when its
-    content differs). Those sealed already are left as they are, so that erasing again
-    changes nothing. How many events changed."""
+    it. The erasure does not wait for :func:`seal_fingerprints` to come by. The event sent
+    again is still answered as before (a replay, or refused when its content differs).
+    Those sealed already are left as they are, so that erasing again changes nothing. How
+    many events changed."""
     rows = uow.conn.execute(
         select(events.c.id, events.c.request_hash).where(
             events.c.program_id == program_id,
@@ -2220,6 +2222,58 @@ def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> i
             ~events.c.request_hash.startswith(SEALED_FINGERPRINT, autoescape=True),
         )
     ).all()
+    _seal(uow, rows)
+    return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What a chunk of :func:`seal_fingerprints` did."""
+
+    sealed: int
+    """The events whose fingerprint it sealed."""
+    last_event_id: int | None
+    """The id of the last of them (None: none was left after the cursor)."""
+
+
+def seal_fingerprints(
+    uow: UnitOfWork, *, program_id: int, after_event_id: int = 0, limit: int = 5000
+) -> Sealed:
+    """Seal (:func:`_sealed`) up to ``limit`` of the programme's events after
+    ``after_event_id``, in id order, whose fingerprint is not sealed yet: a chunk of the job
+    ``events.seal_fingerprints``, whose cursor is the last event id sealed.
+
+    Those are the events stored before fingerprints were sealed: with the unkeyed SHA-256
+    of their content, which digests nothing the row does not hold but the member reference
+    (often a phone number), so that a copy of the database could find the reference by
+    testing guesses of its digits; or with the bare keyed HMAC of the release in between.
+    By value the two cannot be told apart, and need not be: sealed, either is still known
+    when its event is sent again, and other content under its id refused
+    (:func:`_same_event`).
+
+    New events are stored sealed already, so that one run leaves no fingerprint unsealed,
+    and the later (daily) runs have nothing to write but what a process of an earlier
+    release stored meanwhile (during an upgrade) or a restored copy brought back: they read
+    the programme's fingerprints and change nothing, instead of rewriting each day's new
+    events, or keeping a mark of how far they went (which would pass over the events an
+    earlier release commits late behind it). Running it again changes nothing; each chunk
+    is one transaction."""
+    rows = uow.conn.execute(
+        select(events.c.id, events.c.request_hash)
+        .where(
+            events.c.program_id == program_id,
+            events.c.id > after_event_id,
+            ~events.c.request_hash.startswith(SEALED_FINGERPRINT, autoescape=True),
+        )
+        .order_by(events.c.id)
+        .limit(limit)
+    ).all()
+    _seal(uow, rows)
+    return Sealed(len(rows), rows[-1].id if rows else None)
+
+
+def _seal(uow: UnitOfWork, rows: Sequence[Any]) -> None:
+    """Store the events of ``rows`` (id, fingerprint) with their fingerprint sealed."""
     if rows:
         uow.conn.execute(
             events.update()
@@ -2227,7 +2281,6 @@ def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> i
             .values(request_hash=bindparam("sealed")),
             [{"event_id": row.id, "sealed": _sealed(row.request_hash)} for row in rows],
         )
-    return len(rows)
 
 
 def erase_personal_values(

@@ -125,6 +125,21 @@ def _birthdays(db: Database, program_id: int) -> dict[str, int]:
 register(Job("events.birthdays", "Birthday events", "生日事件", whole=_birthdays))
 
 
+def _seal_fingerprints(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    """A chunk of events whose fingerprints are sealed (``events_service.seal_fingerprints``);
+    the cursor is the last event id sealed."""
+    done = events_service.seal_fingerprints(
+        uow, program_id=program_id, after_event_id=cursor, limit=size
+    )
+    return Chunk(done.last_event_id or cursor, done.sealed < size, {"sealed": done.sealed})
+
+
+register(
+    Job("events.seal_fingerprints", "Seal the fingerprints of events stored before",
+        "封存旧事件的指纹", _seal_fingerprints, size=5000)
+)  # fmt: skip
+
+
 def _evaluate_tiers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
     """A chunk of the evaluation (a dry run goes chunk by chunk)."""
     if tiers_service.scheme_of(uow, program_id=program_id) is None:

@@ -37,6 +37,7 @@ SCHEDULES: dict[str, Schedule] = {
     "tiers.evaluate": Schedule(cron="0 2 * * *"),
     "tiers.end_temporary": Schedule(cron="15 * * * *"),
     "ledger.reconcile": Schedule(cron="0 3 * * *"),
+    "events.seal_fingerprints": Schedule(cron="30 4 * * *"),
     "points.reminders": Schedule(cron="0 10 * * *"),
     "rewards.expire_holds": Schedule(cron="*/10 * * * *"),
     "rewards.lapse_payments": Schedule(cron="*/5 * * * *"),
