@@ -256,3 +256,32 @@ def stored_member(db: Database, event_id: int) -> int:
             read_only=True,
         )
     )
+
+
+def test_the_job_reads_the_unsealed_events_by_their_partial_index(db: Database) -> None:
+    """Once sealed, a programme's events are out of ``ix_events_unsealed``: the job's query
+    repeats the index's predicate, so that the database reads that (nearly empty) index,
+    not every event of the programme, each day."""
+    from sqlalchemy import event as sqlalchemy_event
+
+    program_id = program_with_member(db)
+    orders_stored_before(db, program_id)
+    seen: list[tuple[str, Any]] = []
+
+    def remember(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "request_hash" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    sqlalchemy_event.listen(db.engine, "before_cursor_execute", remember)
+    try:
+        db.run(lambda uow: service.seal_fingerprints(uow, program_id=program_id, limit=10))
+    finally:
+        sqlalchemy_event.remove(db.engine, "before_cursor_execute", remember)
+    ((statement, parameters),) = seen
+    postgresql = db.dialect == "postgresql"
+    explain = "EXPLAIN " if postgresql else "EXPLAIN QUERY PLAN "
+    with db.engine.connect() as conn:
+        if postgresql:
+            conn.exec_driver_sql("SET enable_seqscan = off")  # a table this small is scanned
+        plan = " ".join(str(row) for row in conn.exec_driver_sql(explain + statement, parameters))
+    assert "ix_events_unsealed" in plan

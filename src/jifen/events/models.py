@@ -36,6 +36,13 @@ member has one birthday a year (member and year), is referred once (the invited 
 checks in once a day (member and programme day), answers a quiz and attends an activity
 once (member and quiz or activity); a review is posted and featured once (the review id)."""
 ONCE = "type IN ({})".format(", ".join(f"'{kind}'" for kind in ONCE_TYPES))
+SEALED = "sealed:"
+"""How a sealed fingerprint starts (``jifen.events.service._sealed``)."""
+UNSEALED = f"substr(request_hash, 1, {len(SEALED)}) <> '{SEALED}'"
+"""An event whose fingerprint is not sealed yet (``jifen.events.service._sealed``): one
+stored before fingerprints were sealed. The partial index on it is empty once the job
+``events.seal_fingerprints`` has run (new events are stored sealed), so that the job's
+later runs find nothing to do without reading the programme's events."""
 
 events = Table(
     "events",
@@ -91,6 +98,13 @@ events = Table(
         sqlite_where=text(ONCE),
     ),
     Index("ix_events_member", "member_id", "occurred_at"),
+    Index(
+        "ix_events_unsealed",
+        "program_id",
+        "id",
+        postgresql_where=text(UNSEALED),
+        sqlite_where=text(UNSEALED),
+    ),
 )
 
 event_awards = Table(

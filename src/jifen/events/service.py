@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-from sqlalchemy import Row, RowMapping, String, bindparam, case, func, select
+from sqlalchemy import Row, RowMapping, String, bindparam, case, func, select, text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from jifen import crypto
@@ -45,7 +45,14 @@ from jifen.errors import (
     UnknownMember,
     invalid_field,
 )
-from jifen.events.models import ONCE_TYPES, event_awards, events, member_counters
+from jifen.events.models import (
+    ONCE_TYPES,
+    SEALED,
+    UNSEALED,
+    event_awards,
+    events,
+    member_counters,
+)
 from jifen.events.schemas import (
     CATALOGUE,
     AwardRead,
@@ -186,7 +193,7 @@ def _legacy_fingerprint(event: EventIn, payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(event, payload).encode()).hexdigest()
 
 
-SEALED_FINGERPRINT = "sealed:"
+SEALED_FINGERPRINT = SEALED
 """How a sealed fingerprint starts (:func:`_sealed`)."""
 
 
@@ -2219,7 +2226,7 @@ def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> i
         select(events.c.id, events.c.request_hash).where(
             events.c.program_id == program_id,
             events.c.member_id == member_id,
-            ~events.c.request_hash.startswith(SEALED_FINGERPRINT, autoescape=True),
+            text(UNSEALED),  # as the partial index ix_events_unsealed spells it
         )
     ).all()
     _seal(uow, rows)
@@ -2263,7 +2270,7 @@ def seal_fingerprints(
         .where(
             events.c.program_id == program_id,
             events.c.id > after_event_id,
-            ~events.c.request_hash.startswith(SEALED_FINGERPRINT, autoescape=True),
+            text(UNSEALED),  # as the partial index ix_events_unsealed spells it
         )
         .order_by(events.c.id)
         .limit(limit)
