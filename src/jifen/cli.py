@@ -1193,7 +1193,7 @@ def _cancel_lapsed_orders(
                 lambda uow: cancel(uow, program_id=program_id, dry_run=dry_run, limit=200)
             )
             cancelled += report.cancelled
-            if report.cancelled < 200 or dry_run:
+            if report.found < 200 or dry_run:
                 break
     verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
     out.print(_say(f"{cancelled} {what[0]} {verb[0]}", f"{cancelled} {what[1]}{verb[1]}"),

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import update
 
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
@@ -19,6 +20,7 @@ from jifen.jobs import service as jobs
 from jifen.points import service as points
 from jifen.points.schemas import BalanceSummary
 from jifen.rewards import service as rewards
+from jifen.rewards.models import reward_orders
 from jifen.rewards.schemas import OrderRead, RedemptionPolicy
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
@@ -330,3 +332,34 @@ def test_a_payment_for_a_member_frozen_since_it_redeemed_is_refused_with_the_ref
     assert "请退还支付 'wx-frozen' 的 9000 分" in refused.value.message("zh")
     assert shop.counts() == before
     assert order_of(shop, order.id).state == "awaiting_payment"
+
+
+def test_a_lapse_run_goes_on_past_a_chunk_whose_order_was_paid_before_the_lock(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk that found its full size of lapsed orders, one of which was paid between the
+    search and the members' locks, cancels fewer than it found: the run is not over for
+    that, and the next chunk takes the orders after them."""
+    shop = Shop.open(db)
+    members_ = shop.member(5000, count=3)
+    kettle = shop.reward(**KETTLE)
+    orders = [shop.redeem(member, kettle.code) for member in members_]
+    clock(db).advance(timedelta(minutes=31))
+    lock_members = rewards._lock_members
+    paid: list[int] = []
+
+    def paid_meanwhile(uow: Any, member_ids: set[int]) -> None:
+        if not paid:  # the payment system's word lands between the search and the lock
+            paid.append(orders[0].id)
+            uow.conn.execute(
+                update(reward_orders)
+                .where(reward_orders.c.id == orders[0].id)
+                .values(state="held", payment_ref="wx-meanwhile", hold_until=clock(db).now())
+            )
+        lock_members(uow, member_ids)
+
+    monkeypatch.setattr(rewards, "_lock_members", paid_meanwhile)
+    run = jobs.run(db, "rewards.lapse_payments", program_id=shop.program_id, size=2)
+    assert run.state == "done" and run.figures == {"cancelled": 2}
+    states = [order_of(shop, order.id).state for order in orders]
+    assert states == ["held", "cancelled", "cancelled"]

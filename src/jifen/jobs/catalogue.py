@@ -101,7 +101,7 @@ def _cancelling(cancel: Callable[..., HoldsReport]) -> ChunkFn:
 
     def chunk(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
         done = cancel(uow, program_id=program_id, limit=size)
-        return Chunk(cursor + done.cancelled, done.cancelled < size, {"cancelled": done.cancelled})
+        return Chunk(cursor + done.cancelled, done.found < size, {"cancelled": done.cancelled})
 
     return chunk
 

@@ -549,3 +549,7 @@ class HoldsReport(BaseModel):
     dry_run: bool
     cancelled: int
     order_ids: list[int] = Field(default_factory=list)
+    found: int = 0
+    """Lapsed orders the search found, up to its limit, before their members' locks: those
+    that moved on meanwhile (paid, confirmed) are not cancelled. A sweep is over when the
+    search finds fewer than its limit, not when fewer are cancelled."""

@@ -1500,7 +1500,9 @@ def _cancel_lapsed(
         .limit(limit)
     ).all()
     if dry_run:
-        return HoldsReport(dry_run=True, cancelled=len(found), order_ids=[f.id for f in found])
+        return HoldsReport(
+            dry_run=True, cancelled=len(found), order_ids=[f.id for f in found], found=len(found)
+        )
     _lock_members(uow, {f.member_id for f in found})
     ids = list(
         uow.conn.execute(
@@ -1512,7 +1514,7 @@ def _cancel_lapsed(
     for order_id in ids:
         move(uow, program_id=program_id, order_id=order_id, action="cancel", actor="system",
              note=note)  # fmt: skip
-    return HoldsReport(dry_run=False, cancelled=len(ids), order_ids=ids)
+    return HoldsReport(dry_run=False, cancelled=len(ids), order_ids=ids, found=len(found))
 
 
 # --------------------------------------------------------------------------- vouchers
