@@ -27,6 +27,8 @@ from jifen.members.models import members
 from jifen.notify import service as notify_service
 from jifen.notify.models import inbox_messages, outbox
 from jifen.points import service as points
+from jifen.rewards import service as rewards_service
+from jifen.rewards.schemas import RedemptionCreate, RewardCreate
 from tests.api import support
 from tests.api.test_members import Club
 from tests.events.test_fingerprints import unkeyed
@@ -314,7 +316,38 @@ def _values(token: str) -> dict[str, str]:
         "phone": f"139{digits}",
         "new_phone": f"136{digits}",
         "id_number": first17 + members_core.id_check_digit(first17),
+        "partner": f"MU-{token}",
     }
+
+
+def _redeemed_and_noted(db: Database, program_id: int, member: int, values: dict[str, str]) -> None:
+    """The member exchanges 10 points for a mile on its airline account (``values``'s
+    partner account), and redeems a mug that staff cancel with a note naming it."""
+
+    def redeem(uow: Any, code: str, **fields: Any) -> Any:
+        body = RedemptionCreate.model_validate({"reward": code, **fields})
+        return rewards_service.redeem(uow, program_id=program_id, member_id=member, body=body,
+                                      key=f"{code}-order", actor=f"member:{member}")  # fmt: skip
+
+    def shop(uow: Any) -> None:
+        for code, kind, extra in (
+            (f"miles-{member}", "partner", {"partner": {"partner": "东航", "unit": "公里",
+                                                       "units": 1}}),
+            (f"mug-{member}", "physical", {}),
+        ):  # fmt: skip
+            body = RewardCreate.model_validate({
+                "code": code, "kind": kind, "name": {"zh": code, "en": code}, "points": 10,
+                **extra,
+            })  # fmt: skip
+            rewards_service.create_reward(uow, program_id=program_id, body=body)
+        redeem(uow, f"miles-{member}", partner_account=values["partner"])
+        mug = redeem(uow, f"mug-{member}")
+        rewards_service.move(
+            uow, program_id=program_id, order_id=mug.id, action="cancel", actor="staff:1",
+            note=f"{values['new_name']} called from {values['new_phone']}: does not want it",
+        )  # fmt: skip
+
+    db.run(shop)
 
 
 def _sweep(db: Database, values: dict[str, str]) -> list[str]:
@@ -406,6 +439,8 @@ def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
         "occurred_at": "2026-01-01T00:40:00Z", "member_id": member, "payload": visit,
     })  # fmt: skip
     db.run(lambda uow: points.earn(uow, member_id=member, amount=50, key=f"sweep:{member}"))
+    # its miles sent to its airline account, and a mug cancelled with a note naming it
+    _redeemed_and_noted(db, club.program.id, member, values)
     db.run(
         lambda uow: notify_service.notify(
             uow,
@@ -437,6 +472,14 @@ def test_erasure_leaves_no_copy_of_the_personal_data_in_any_table(
     )
     assert payload == {"contact": "(erased)", "phone": "(erased)", "note": "(erased)",
                        "visits": 3}  # fmt: skip
+    # the orders keep what is not personal
+    orders = {o.reward: o for o in db.run(lambda uow: rewards_service.list_orders(
+        uow, program_id=club.program.id, member_id=member, state=None, after_id=None,
+        limit=10)[0])}  # fmt: skip
+    miles, mug = orders[f"miles-{member}"], orders[f"mug-{member}"]
+    assert miles.outcome["partner_account"] == "(erased)" and miles.outcome["units"] == 1
+    assert [(step.state, step.note) for step in mug.steps][-1] == ("cancelled", "(erased)")
+    assert mug.state == "cancelled" and mug.points == 10
     # and a replay of each earlier write answers without it, and does not run it again
     for name, (method, url, sent_before) in writes.items():
         replay = client.request(method, url, json=sent_before["body"],

@@ -67,6 +67,7 @@ from jifen.events.schemas import (
 )
 from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
+from jifen.members.core import PersonalValues
 from jifen.members.schemas import MemberFacts
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
@@ -2194,25 +2195,6 @@ def spend_and_counts(
 
 # --------------------------------------------------------------------------- personal data
 
-ERASED_VALUE = "(erased)"
-"""What an erased member's personal value is replaced with in its events' payloads."""
-
-
-def _without(value: Any, personal: frozenset[str], within: tuple[str, ...]) -> Any:
-    """``value`` with every text or number that is one of ``personal`` (or holds one of
-    ``within``) replaced by :data:`ERASED_VALUE`."""
-    if isinstance(value, dict):
-        return {key: _without(item, personal, within) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without(item, personal, within) for item in value]
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return ERASED_VALUE if _personal(str(value), personal, within) else value
-    return value
-
-
-def _personal(text: str, personal: frozenset[str], within: tuple[str, ...]) -> bool:
-    return text in personal or any(value in text for value in within)
-
 
 def erase_fingerprints(uow: UnitOfWork, *, program_id: int, member_id: int) -> int:
     """Seal (:func:`_sealed`) the fingerprints of the member's events not sealed yet: one
@@ -2300,9 +2282,8 @@ def erase_personal_values(
     holding one of at least 4 characters ("李雷 VIP", "tel:13800138000"); shorter ones are
     not looked for inside other texts, which they would match by chance. How many events
     changed."""
-    personal = frozenset(value for value in values if value)
-    within = tuple(value for value in personal if len(value) >= 4)
-    if not personal:
+    scrub = PersonalValues(values)
+    if not scrub:
         return 0
     rows = uow.conn.execute(
         select(events.c.id, events.c.payload).where(
@@ -2313,7 +2294,7 @@ def erase_personal_values(
     ).all()
     changed = 0
     for row in rows:
-        payload = _without(row.payload, personal, within)
+        payload = scrub(row.payload)
         if payload != row.payload:
             uow.conn.execute(events.update().where(events.c.id == row.id).values(payload=payload))
             changed += 1

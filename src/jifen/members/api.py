@@ -42,6 +42,7 @@ from jifen.members.schemas import (
 )
 from jifen.notify import service as notify_service
 from jifen.points import service as points_service
+from jifen.rewards import service as rewards_service
 
 router = APIRouter(tags=["members"])
 
@@ -374,13 +375,15 @@ def erase_personal_data(
     numbers (hashes and ciphertexts), binding time and reference are overwritten, it leaves
     its family group, its sessions end and its password and codes are removed, its
     messages keep only their channel, template and times, its values in the payloads of its
-    ``custom.*`` events are replaced by ``(erased)``, its events' fingerprints not sealed
-    yet are sealed under the installation's key (a resent event is still a replay, or
-    refused when its content differs), and the stored answers of the writes about it (kept
-    for ``Idempotency-Key`` replays) keep only its id and their status: such a write
-    repeated is refused (410, ``answer_erased``), not run again. Its id, state and points
-    stay: the ledger and the audit log, which name members by id, are not touched. Refused
-    (409) unless the account is closed. Erasing an erased member answers the same."""
+    ``custom.*`` events, in its redemption orders and in the notes on their steps are
+    replaced by ``(erased)`` (and so is the account at a partner an order names), its
+    events' fingerprints not sealed yet are sealed under the installation's key (a resent
+    event is still a replay, or refused when its content differs), and the stored answers
+    of the writes about it (kept for ``Idempotency-Key`` replays) keep only its id and their
+    status: such a write repeated is refused (410, ``answer_erased``), not run again. Its
+    id, state and points stay: the ledger and the audit log, which name members by id, are
+    not touched. Refused (409) unless the account is closed. Erasing an erased member
+    answers the same."""
 
     def erase(uow: UnitOfWork) -> Erasure:
         values = service.personal_values(uow, program_id=ctx.program_id, member_id=member_id)
@@ -389,6 +392,9 @@ def erase_personal_data(
             uow, program_id=ctx.program_id, member_id=member_id, values=values
         )
         events_service.erase_fingerprints(uow, program_id=ctx.program_id, member_id=member_id)
+        rewards_service.erase_personal_values(
+            uow, program_id=ctx.program_id, member_id=member_id, values=values
+        )
         auth_service.forget_member_credentials(uow, member_id=member_id)
         notify_service.erase_messages_to_member(
             uow, program_id=ctx.program_id, member_id=member_id,

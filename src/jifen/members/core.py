@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import date
+from typing import Any
 
 from jifen.errors import InvalidInput
 
@@ -112,3 +114,35 @@ def mask_phone(phone: str) -> str:
 def mask_id_number(number: str) -> str:
     """``11010519491231002X`` → ``1101**********002X``."""
     return number[:4] + "*" * (len(number) - 8) + number[-4:] if len(number) > 8 else "****"
+
+
+ERASED_VALUE = "(erased)"
+"""What an erased member's personal value is replaced with where another domain kept it."""
+
+
+class PersonalValues:
+    """An erased member's identifying values (its name, reference, email, birthday, phone
+    and ID numbers, as they were before the erasure), to take out of what other domains
+    keep about it: a text or number equal to one of them goes, and one holding one of at
+    least 4 characters ("李雷 VIP", "tel:13800138000"); shorter ones are not looked for
+    inside other texts, which they would match by chance."""
+
+    def __init__(self, values: Iterable[str]) -> None:
+        self.personal = frozenset(value for value in values if value)
+        self.within = tuple(value for value in self.personal if len(value) >= 4)
+
+    def __bool__(self) -> bool:
+        return bool(self.personal)
+
+    def __call__(self, value: Any) -> Any:
+        """``value`` (JSON: texts, numbers, lists, objects) with each text or number that is
+        or holds one of the values replaced by :data:`ERASED_VALUE`."""
+        if isinstance(value, dict):
+            return {key: self(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self(item) for item in value]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            text = str(value)
+            if text in self.personal or any(found in text for found in self.within):
+                return ERASED_VALUE
+        return value

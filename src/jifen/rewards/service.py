@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -52,6 +52,7 @@ from jifen.errors import (
 from jifen.expiry import service as expiry_service
 from jifen.ledger import SystemAccount
 from jifen.members import service as members_service
+from jifen.members.core import ERASED_VALUE, PersonalValues
 from jifen.points import service as points_service
 from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
@@ -1203,7 +1204,11 @@ def move(
     values: dict[str, Any] = {"state": target}
     outcome = dict(row.outcome)
     if target in ("cancelled", "returned"):
-        values.update(_give_back(uow, row, terms, actor, note or action))
+        # The posting's reason goes into the ledger's chained digest, where nothing can be
+        # erased later: a person's note (which may name the member) stays on the order's
+        # step, and the posting says what happened; the jobs' own notes say why.
+        why = note if actor == "system" and note else f"{action} order {order_id}"
+        values.update(_give_back(uow, row, terms, actor, why))
         if row.cash_fen and row.payment_ref is not None:
             # The payment system refunds the cash part; the order says so. An order cancelled
             # before its payment came has nothing to refund.
@@ -1515,6 +1520,46 @@ def _cancel_lapsed(
         move(uow, program_id=program_id, order_id=order_id, action="cancel", actor="system",
              note=note)  # fmt: skip
     return HoldsReport(dry_run=False, cancelled=len(ids), order_ids=ids, found=len(found))
+
+
+def erase_personal_values(
+    uow: UnitOfWork, *, program_id: int, member_id: int, values: Iterable[str]
+) -> int:
+    """Take the member's personal data out of its redemption orders, for its erasure: the
+    account at a partner it named (``partner_account``) goes whole, and the member's
+    ``values`` (its name, reference, email, birthday, phone and ID numbers, as they were
+    before the erasure) go from the rest of what the orders kept and from the notes people
+    wrote on their steps, as :class:`jifen.members.core.PersonalValues` takes them out. The
+    orders, their points, stock and vouchers stay as they are. How many orders changed."""
+    scrub = PersonalValues(values)
+    orders = uow.conn.execute(
+        select(reward_orders.c.id, reward_orders.c.outcome).where(
+            reward_orders.c.program_id == program_id, reward_orders.c.member_id == member_id
+        )
+    ).all()
+    changed: set[int] = set()
+    for order in orders:
+        outcome = scrub(dict(order.outcome))
+        if "partner_account" in outcome:
+            outcome["partner_account"] = ERASED_VALUE
+        if outcome != order.outcome:
+            _set_order(uow, order.id, outcome=outcome)
+            changed.add(order.id)
+    if scrub and orders:
+        steps = uow.conn.execute(
+            select(order_steps.c.id, order_steps.c.order_id, order_steps.c.note).where(
+                order_steps.c.order_id.in_([order.id for order in orders]),
+                order_steps.c.note != "",
+            )
+        ).all()
+        for step in steps:
+            note = scrub(step.note)
+            if note != step.note:
+                uow.conn.execute(
+                    update(order_steps).where(order_steps.c.id == step.id).values(note=note)
+                )
+                changed.add(step.order_id)
+    return len(changed)
 
 
 # --------------------------------------------------------------------------- vouchers
