@@ -104,3 +104,19 @@ def test_closed_is_final_and_every_other_state_can_be_left() -> None:
     assert not [move for move in core.TRANSITIONS if move[0] == "closed"]
     for state in ("active", "frozen", "banned"):
         assert any(move[0] == state for move in core.TRANSITIONS)
+
+
+def test_personal_values_go_from_texts_and_numbers_and_only_texts_when_asked() -> None:
+    scrub = core.PersonalValues(["1001", "李雷", "13800138000", ""])
+    kept = {"note": "李雷 called from tel:13800138000", "ref": "1001", "short": "李雷",
+            "units": 100100, "phone": 13800138000, "tags": ["VIP 李雷", "ok"],
+            "yes": True}  # fmt: skip
+    assert scrub(kept) == {
+        "note": "(erased)", "ref": "(erased)", "short": "(erased)", "units": "(erased)",
+        "phone": "(erased)", "tags": ["VIP 李雷", "ok"], "yes": True,
+    }  # fmt: skip
+    # a short value is only found whole; numbers are left alone where they are jifen's own
+    assert scrub(kept, numbers=False)["units"] == 100100
+    assert scrub(kept, numbers=False)["phone"] == 13800138000
+    assert scrub(kept, numbers=False)["note"] == "(erased)"
+    assert not core.PersonalValues(["", ""])

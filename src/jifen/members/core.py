@@ -134,14 +134,18 @@ class PersonalValues:
     def __bool__(self) -> bool:
         return bool(self.personal)
 
-    def __call__(self, value: Any) -> Any:
-        """``value`` (JSON: texts, numbers, lists, objects) with each text or number that is
-        or holds one of the values replaced by :data:`ERASED_VALUE`."""
+    def __call__(self, value: Any, *, numbers: bool = True) -> Any:
+        """``value`` (JSON: texts, numbers, lists, objects) with each text (and, unless
+        ``numbers`` is false, each number) that is or holds one of the values replaced by
+        :data:`ERASED_VALUE`. Where the numbers are jifen's own (amounts, units), they are
+        left alone: a member reference such as "1001" is held by many an amount."""
         if isinstance(value, dict):
-            return {key: self(item) for key, item in value.items()}
+            return {key: self(item, numbers=numbers) for key, item in value.items()}
         if isinstance(value, list):
-            return [self(item) for item in value]
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return [self(item, numbers=numbers) for item in value]
+        if isinstance(value, str) or (
+            numbers and isinstance(value, (int, float)) and not isinstance(value, bool)
+        ):
             text = str(value)
             if text in self.personal or any(found in text for found in self.within):
                 return ERASED_VALUE

@@ -1529,8 +1529,9 @@ def erase_personal_values(
     account at a partner it named (``partner_account``) goes whole, and the member's
     ``values`` (its name, reference, email, birthday, phone and ID numbers, as they were
     before the erasure) go from the rest of what the orders kept and from the notes people
-    wrote on their steps, as :class:`jifen.members.core.PersonalValues` takes them out. The
-    orders, their points, stock and vouchers stay as they are. How many orders changed."""
+    wrote on their steps, as :class:`jifen.members.core.PersonalValues` takes them out (in
+    the orders' texts only: their numbers are amounts and units). The orders, their points,
+    stock and vouchers stay as they are. How many orders changed."""
     scrub = PersonalValues(values)
     orders = uow.conn.execute(
         select(reward_orders.c.id, reward_orders.c.outcome).where(
@@ -1539,7 +1540,7 @@ def erase_personal_values(
     ).all()
     changed: set[int] = set()
     for order in orders:
-        outcome = scrub(dict(order.outcome))
+        outcome = scrub(dict(order.outcome), numbers=False)  # amounts and units are jifen's
         if "partner_account" in outcome:
             outcome["partner_account"] = ERASED_VALUE
         if outcome != order.outcome:
