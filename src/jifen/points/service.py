@@ -765,10 +765,7 @@ def spend(
     """Debit spendable points, earliest-expiring first, into the redeemed account (or into
     the charity or partners account for a donation or an exchange out)."""
     _require_key(key)
-    request = _fingerprint(
-        "spend", member=member_id, amount=amount, reason=reason, actor=actor,
-        **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
-    )  # fmt: skip
+    request = _spend_request(member_id, amount, reason, actor, into)
     held = _take_held(uow, member_id, key)
     opened: list[Lot] | _FirstLots | None
     if held is not None:
@@ -810,6 +807,18 @@ def spend(
         reason=reason,
         actor=actor,
     )
+
+
+def _spend_request(
+    member_id: int, amount: int, reason: str, actor: str, into: SystemAccount
+) -> str:
+    """A spending's request fingerprint, the same whether :func:`spend` or
+    :func:`spend_frozen` makes it (``into`` named only where it is not the redeemed
+    account, as before it could be chosen)."""
+    return _fingerprint(
+        "spend", member=member_id, amount=amount, reason=reason, actor=actor,
+        **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
+    )  # fmt: skip
 
 
 def _spend_at_once(
@@ -1364,10 +1373,7 @@ def spend_frozen(
         uow, freeze_id=freeze_id, key=release_key, reason=release_reason, actor=actor
     )
     member_id, amount = released.member_id, released.amount
-    request = _fingerprint(
-        "spend", member=member_id, amount=amount, reason=reason, actor=actor,
-        **({"into": into.value} if into is not SystemAccount.REDEEMED else {}),
-    )  # fmt: skip
+    request = _spend_request(member_id, amount, reason, actor, into)
     member, replay_id, opened = _lock_spending(uow, member_id, key)
     if replay_id is not None:
         return _replay(uow, replay_id, key, request)

@@ -33,7 +33,6 @@ from jifen.errors import (
     DuplicateReference,
     Forbidden,
     IdempotencyConflict,
-    InsufficientPoints,
     InvalidInput,
     LimitReached,
     NotOnSale,
@@ -1328,36 +1327,26 @@ def confirm_held(
             f"{row.hold_until.isoformat()}; confirm it after that.",
             problem_zh=f"订单 {order_id} 处于冷静期,请于 {row.hold_until.isoformat()} 之后确认。",
         )
-    expired = StateConflict(
-        problem=f"Order {order_id} cannot be completed: some of the points held for it "
-        "expired during the cooling-off. Cancel it (the rest comes back) and redeem again.",
-        problem_zh=f"订单 {order_id} 无法完成:冷静期内部分冻结积分已过期。"
-        "请取消该订单(其余积分将退回)后重新兑换。",
-    )
-    _complete(uow, program_id, row, actor, "confirmed", "confirmed after cooling-off", expired)
+    _complete(uow, program_id, row, actor, "confirmed", "confirmed after cooling-off")
     return get_order(uow, program_id=program_id, order_id=order_id)
 
 
 def _complete(
     uow: UnitOfWork, program_id: int, row: Any, actor: str, why: str, note: str,
-    expired: StateConflict, **values: Any,
+    **values: Any,
 ) -> None:  # fmt: skip
     """Complete an order whose points are frozen (held, or awaiting payment): the points are
     released and debited, the order becomes ``created`` (with ``values``) and is fulfilled.
-    ``expired`` is the refusal when some of the frozen points expired while it waited."""
+    The debit takes the very points the hold gave back, even where their lots lapsed while
+    the order waited (:func:`points_service.spend_frozen`), so that it is not refused for
+    want of points."""
     terms = _terms(uow, _reward_row(uow, program_id, row.code))
     reason = f"redeem {terms.code} × {row.quantity}"
-    try:
-        # Release and debit together, or neither. The debit takes the very points the hold
-        # gave back, even where their lots lapsed while the order waited.
-        with uow.savepoint():
-            spent = points_service.spend_frozen(
-                uow, freeze_id=row.hold_posting_id, release_key=f"order:{row.id}:release",
-                key=f"order:{row.id}:confirmed", reason=reason,
-                release_reason=f"{why}: {reason}", actor=actor, into=_spent_into(terms),
-            ).id  # fmt: skip
-    except InsufficientPoints:
-        raise expired from None
+    spent = points_service.spend_frozen(
+        uow, freeze_id=row.hold_posting_id, release_key=f"order:{row.id}:release",
+        key=f"order:{row.id}:confirmed", reason=reason, release_reason=f"{why}: {reason}",
+        actor=actor, into=_spent_into(terms),
+    ).id  # fmt: skip
     _set_order(uow, row.id, state="created", spend_posting_id=spent, **values)
     _step(uow, row.id, "created", actor, note)
     order = {**row._mapping, "outcome": dict(row.outcome)}
@@ -1410,16 +1399,7 @@ def pay_order(
         _set_order(uow, order_id, state="held", hold_until=hold_until, payment_ref=payment_ref)
         _step(uow, order_id, "held", actor, f"{note}; cooling-off until {hold_until.isoformat()}")
         return get_order(uow, program_id=program_id, order_id=order_id)
-    expired = StateConflict(
-        problem=f"Order {order_id} cannot be completed: some of the points frozen for it "
-        f"expired while it awaited payment. Nothing was recorded: refund payment "
-        f"{payment_ref!r} of {amount_fen} fen; the order can be cancelled (the rest of its "
-        "points come back) and redeemed again.",
-        problem_zh=f"订单 {order_id} 无法完成:待支付期间部分冻结积分已过期。未作任何记录:"
-        f"请退还支付 {payment_ref!r} 的 {amount_fen} 分;可取消该订单(其余积分将退回)"
-        "后重新兑换。",
-    )
-    _complete(uow, program_id, row, actor, "paid", note, expired, payment_ref=payment_ref)
+    _complete(uow, program_id, row, actor, "paid", note, payment_ref=payment_ref)
     return get_order(uow, program_id=program_id, order_id=order_id)
 
 
