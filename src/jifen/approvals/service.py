@@ -46,6 +46,7 @@ from jifen.errors import (
     UnknownApproval,
 )
 from jifen.members import service as members_service
+from jifen.notify import service as notify_service
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import APPROVAL_TTL_HOURS, CLOSING_POLICY, ProgramSettings
@@ -309,6 +310,9 @@ def _adjust(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
         actor=params["actor"],
         expires_at=datetime.fromisoformat(expires_at) if expires_at else None,
     )
+    notify_service.announce_postings(
+        uow, program_id=row.program_id, postings=[(posting, None, None)]
+    )
     return {"posting": posting.model_dump(mode="json")}
 
 
@@ -327,6 +331,9 @@ def _clear(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
         key=f"approval:{row.id}",
         reason=params["reason"],
         actor=params["actor"],
+    )
+    notify_service.announce_postings(
+        uow, program_id=row.program_id, postings=[(posting, None, None)]
     )
     return {"posting": posting.model_dump(mode="json"), "cleared": available}
 

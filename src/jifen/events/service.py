@@ -69,7 +69,9 @@ from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
 from jifen.members.core import PersonalValues
 from jifen.members.schemas import MemberFacts
+from jifen.notify import service as notify_service
 from jifen.points import service as points_service
+from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
@@ -790,13 +792,20 @@ class _Intake:
                         reason=reason, actor=_actor(decision.item.event.source),
                     ))  # fmt: skip
                     owners.append((decision, owner))
-            posting_ids = points_service.earn_many(uow, earnings)
+            earned = points_service.earn_many(uow, earnings)
+            posting_ids = [posting.id for posting in earned]
             posting_of = {
                 (id(d), owner): p for (d, owner), p in zip(owners, posting_ids, strict=True)
             }
             points_service.record_origins(
                 uow, [(p, *d.item.origin) for (d, _), p in zip(owners, posting_ids, strict=True)]
             )
+            if notify_service.may_publish(uow, program_id=self.program_id):
+                notify_service.announce_postings(
+                    uow, program_id=self.program_id,
+                    postings=[(p, *d.item.origin)
+                              for (d, _), p in zip(owners, earned, strict=True)],
+                )  # fmt: skip
             award_rows: list[dict[str, Any]] = []
             for decision, event_id in zip(decisions, event_ids, strict=True):
                 mine = _award_rows(
@@ -1580,15 +1589,19 @@ def _refund(
             dues.append((original, due))
     # One claw-back a posting (the order's points of one member), the awards it covers kept.
     reversals: dict[int, int] = {}
+    reversed_: list[tuple[PostingRead, str | None, str | None]] = []
     for posting_id in sorted({int(o.posting_id) for o, _ in dues}):
-        reversals[posting_id] = points_service.reverse(
+        reversal = points_service.reverse(
             uow,
             earn_id=posting_id,
             key=f"event:{event_id}:reverse:{posting_id}",
             amount=sum(due for o, due in dues if o.posting_id == posting_id),
             reason=f"order {refund.order_id} refunded",
             actor=ACTOR,
-        ).id
+        )
+        reversals[posting_id] = reversal.id
+        reversed_.append((reversal, *origin))
+    notify_service.announce_postings(uow, program_id=program_id, postings=reversed_)
     # A reversal counts on the day of the award it takes back, so that a refund gives no
     # room under today's caps (nor the lifetime's) to earn again.
     stored: list[AwardRead] = []
@@ -1757,6 +1770,9 @@ def approve_award(
             actor=decided_by,
         )  # fmt: skip
         points_service.record_origins(uow, [(posting.id, row.merchant, row.store)])
+        notify_service.announce_postings(
+            uow, program_id=program_id, postings=[(posting, row.merchant, row.store)]
+        )
         uow.conn.execute(
             event_awards.update().where(event_awards.c.id == award_id).values(posting_id=posting.id)
         )

@@ -42,10 +42,11 @@ from email.message import EmailMessage
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, and_, case, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, bindparam, case, func, or_, select, update
 
 from jifen import crypto
 from jifen.db import bulk
+from jifen.db.prepared import Prepared, Read
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import (
     Forbidden,
@@ -87,6 +88,7 @@ from jifen.notify.senders import (
     WebhookSender,
     resolve,
 )
+from jifen.points.schemas import PostingRead, posting_event
 from jifen.settings import get_settings
 
 __all__ = [
@@ -280,6 +282,78 @@ def _subscribed(event_types: Sequence[str], event_type: str) -> bool:
     return event_type in event_types or "*" in event_types
 
 
+_LIVE = (webhook_subscriptions.c.active.is_(True), webhook_subscriptions.c.deleted_at.is_(None))
+
+
+def _subscriptions_key(program_id: int) -> str:
+    return f"webhooks:{program_id}"
+
+
+def _subscriptions(uow: UnitOfWork, program_id: int) -> Sequence[Any]:
+    """The programme's live subscriptions, read once a transaction (a change of one in the
+    transaction drops what was read)."""
+    key = _subscriptions_key(program_id)
+    found: Sequence[Any] | None = uow.local.get(key)
+    if found is None:
+        found = uow.local[key] = uow.conn.execute(
+            select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
+                   webhook_subscriptions.c.event_types)
+            .where(webhook_subscriptions.c.program_id == program_id, *_LIVE)
+            .order_by(webhook_subscriptions.c.id)
+        ).all()  # fmt: skip
+    return found
+
+
+def _forget_subscriptions(uow: UnitOfWork, program_id: int) -> None:
+    uow.local.pop(_subscriptions_key(program_id), None)
+
+
+def may_publish(uow: UnitOfWork, *, program_id: int) -> bool:
+    """Whether any webhook of the programme may receive an event: a caller that has work to
+    do only to publish (reading what the event says) asks first."""
+    return bool(_subscriptions(uow, program_id))
+
+
+_LIVE_COUNT = Prepared(
+    select(func.count())
+    .select_from(webhook_subscriptions)
+    .where(webhook_subscriptions.c.program_id == bindparam("program"), *_LIVE)
+)
+
+
+def subscriptions_read(uow: UnitOfWork, program_id: int) -> Read[None]:
+    """A read to go with others (``read_together``) on a busy path that may publish: where
+    the programme has no live webhook, :func:`publish` and :func:`may_publish` then know
+    it without a statement of their own."""
+    key = _subscriptions_key(program_id)
+    if key in uow.local:
+        return Read(None, {}, lambda _: None)
+
+    def answer(row: Any) -> None:
+        if row is None or not row[0]:
+            uow.local[key] = []
+
+    return Read(_LIVE_COUNT, {"program": program_id}, answer)
+
+
+def announce_postings(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    postings: Sequence[tuple[PostingRead, str | None, str | None]],
+) -> None:
+    """Raise each posting's ``points.<kind>`` event (with the merchant and store it was
+    made for) for the programme's webhooks, in the postings' transaction, once: a posting
+    answered again (``replayed``) raises nothing more."""
+    by_type: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for posting, merchant, store in postings:
+        if not posting.replayed:
+            event_type, key, data = posting_event(posting, merchant, store)
+            by_type.setdefault(event_type, []).append((key, data))
+    for event_type, items in by_type.items():
+        publish_many(uow, program_id=program_id, event_type=event_type, items=items)
+
+
 def publish(
     uow: UnitOfWork, *, program_id: int, event_type: str, data: dict[str, Any], key: str
 ) -> int:
@@ -304,15 +378,8 @@ def publish_many(
             problem="lower case letters, digits, '.', '_' or '-'",
             problem_zh="只能用小写字母、数字及 '.'、'_' 或 '-'",
         )
-    subscriptions = uow.conn.execute(
-        select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
-               webhook_subscriptions.c.event_types)
-        .where(webhook_subscriptions.c.program_id == program_id,
-               webhook_subscriptions.c.active.is_(True),
-               webhook_subscriptions.c.deleted_at.is_(None))
-        .order_by(webhook_subscriptions.c.id)
-    ).all()  # fmt: skip
-    targets = [row for row in subscriptions if _subscribed(row.event_types, event_type)]
+    targets = [row for row in _subscriptions(uow, program_id)
+               if _subscribed(row.event_types, event_type)]  # fmt: skip
     if not targets:
         return 0  # no one to tell: nothing recorded, not even the keys
     fresh = _first_times(uow, program_id, "event", [key for key, _ in items])
@@ -749,6 +816,7 @@ def create_webhook(
     check_webhook_url(body.url, allow_private=body.allow_private, resolver=resolver)
     now = uow.clock.now()
     secret = _new_secret()
+    _forget_subscriptions(uow, program_id)
     webhook_id = uow.conn.execute(
         webhook_subscriptions.insert()
         .values(
@@ -812,6 +880,7 @@ def update_webhook(
         )
     if url != row.url or allow_private != row.allow_private:
         check_webhook_url(url, allow_private=allow_private, resolver=resolver)
+    _forget_subscriptions(uow, program_id)
     uow.conn.execute(
         update(webhook_subscriptions)
         .where(webhook_subscriptions.c.id == webhook_id)
@@ -825,6 +894,7 @@ def delete_webhook(uow: UnitOfWork, *, program_id: int, webhook_id: int) -> Webh
     delivery log is kept."""
     _webhook_row(uow, program_id, webhook_id)
     now = uow.clock.now()
+    _forget_subscriptions(uow, program_id)
     uow.conn.execute(
         update(webhook_subscriptions)
         .where(webhook_subscriptions.c.id == webhook_id)

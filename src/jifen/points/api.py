@@ -27,6 +27,7 @@ from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden, StateConflict
 from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
+from jifen.notify import service as notify_service
 from jifen.points import service
 from jifen.points.schemas import (
     AdjustCreate,
@@ -101,9 +102,22 @@ def _checks(
             (member_id,) = member_ids
             key = ctx.ledger_key()
             found.append(service.lock_account_read(uow, member_id=member_id, key=key))
+        # Whether the programme has webhooks to tell of the posting (:func:`_announce`).
+        found.append(notify_service.subscriptions_read(uow, ctx.program_id))
         return found
 
     return reads
+
+
+def _announce(
+    uow: UnitOfWork, ctx: Context, posting: PostingRead, merchant: str | None = None,
+    store: str | None = None,
+) -> PostingRead:  # fmt: skip
+    """Tell the programme's webhooks of the posting (``points.<kind>``), in its transaction."""
+    notify_service.announce_postings(
+        uow, program_id=ctx.program_id, postings=[(posting, merchant, store)]
+    )
+    return posting
 
 
 def _settings(ctx: Context) -> ProgramSettings:
@@ -237,6 +251,7 @@ def earn(
             actor=ctx.actor,
         )
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
+        _announce(uow, ctx, posting, merchant, store)
         # As an event's earning does: a scheme that upgrades at once (or a campaign of
         # temporary upgrades) moves the member up in this transaction.
         tiers_service.after_earning(
@@ -270,7 +285,7 @@ def spend(
             actor=ctx.actor,
         )
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
-        return posting
+        return _announce(uow, ctx, posting, merchant, store)
 
     first = _checks(ctx, member_id, transacting=True)
     return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
@@ -296,7 +311,7 @@ def adjust(
         threshold, lately = _adjustment_policy(uow, ctx)
         if lately + abs(body.amount) > threshold:
             return _file_adjustment(uow, ctx, member_id, body)
-        return service.adjust(
+        posting = service.adjust(
             uow,
             member_id=member_id,
             amount=body.amount,
@@ -305,6 +320,7 @@ def adjust(
             actor=ctx.actor,
             expires_at=body.expires_at,
         )
+        return _announce(uow, ctx, posting)
 
     first = _checks(ctx, member_id, settings=True)  # the threshold is the policy's
     return ctx.execute(
@@ -346,7 +362,7 @@ def freeze(
     """Hold spendable points away from the member, for example during a review."""
 
     def post(uow: UnitOfWork) -> PostingRead:
-        return service.freeze(
+        posting = service.freeze(
             uow,
             member_id=member_id,
             amount=body.amount,
@@ -354,6 +370,7 @@ def freeze(
             reason=body.reason,
             actor=ctx.actor,
         )
+        return _announce(uow, ctx, posting)
 
     first = _checks(ctx, member_id)
     return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
@@ -407,7 +424,7 @@ def transfer(
         )
 
     def post(uow: UnitOfWork) -> PostingRead:
-        return service.transfer(
+        posting = service.transfer(
             uow,
             from_member_id=member_id,
             to_member_id=body.to_member_id,
@@ -416,6 +433,7 @@ def transfer(
             reason=body.reason,
             actor=ctx.actor,
         )
+        return _announce(uow, ctx, posting)
 
     first = _checks(ctx, member_id, body.to_member_id, transacting=True)
     return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
@@ -475,7 +493,7 @@ def _give_back(
         )
         service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
         ctx.audit_before = {"posting_id": original.id, "kind": original.kind}
-        return posting
+        return _announce(uow, ctx, posting, merchant, store)
 
     return ctx.execute(post, target=f"posting:{posting_id}", status=201)
 

@@ -33,6 +33,29 @@ class PostingRead(_Read):
     """How this posting moved the member's debt (claw-backs raise it, earnings pay it off)."""
 
 
+POSTING_EVENTS = {
+    "earn": "points.earned", "spend": "points.spent", "refund": "points.refunded",
+    "reverse": "points.reversed", "adjust": "points.adjusted",
+    "transfer": "points.transferred", "freeze": "points.frozen",
+    "unfreeze": "points.unfrozen", "expire": "points.expired", "renew": "points.renewed",
+}  # fmt: skip
+"""The webhook event a posting of each kind raises where it is announced."""
+
+
+def posting_event(
+    posting: PostingRead, merchant: str | None = None, store: str | None = None
+) -> tuple[str, str, dict[str, object]]:
+    """(event type, dedupe key, data) of the webhook event announcing ``posting``."""
+    data: dict[str, object] = {
+        "posting_id": posting.id, "kind": posting.kind, "member_id": posting.member_id,
+        "amount": posting.amount, "counterparty_member_id": posting.counterparty_member_id,
+        "ref_posting_id": posting.ref_posting_id, "debt_change": posting.debt_change,
+        "reason": posting.reason, "actor": posting.actor, "merchant": merchant,
+        "store": store, "at": posting.created_at.isoformat(),
+    }  # fmt: skip
+    return POSTING_EVENTS[posting.kind], f"posting:{posting.id}", data
+
+
 class ExpiringAmount(_Read):
     date: date
     """Day (in the programme's time zone) on which ``amount`` points expire."""

@@ -691,11 +691,11 @@ class Earning:
     actor: str = ""
 
 
-def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
+def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[PostingRead]:
     """Several :func:`earn` in one write, in order (a member may earn more than once):
-    the ids of their postings. The keys must be new — a batch of events keys its postings
-    by the events' new ids — and a key used before breaks the programme's unique index,
-    failing the whole write rather than replaying."""
+    their postings. The keys must be new — a batch of events keys its postings by the
+    events' new ids — and a key used before breaks the programme's unique index, failing
+    the whole write rather than replaying."""
     if not earnings:
         return []
     for earning in earnings:
@@ -705,6 +705,7 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
     held = {row[2]: _account(row) for row in store.lock_accounts(uow.conn, ids, "")}
     now = uow.clock.now()
     batch: list[store.PostingRows] = []
+    debt_changes: list[int] = []
     for earning in earnings:
         member = held.get(earning.member_id)
         if member is None:
@@ -724,6 +725,7 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
             now=now, ref_posting_id=None, reason=earning.reason, actor=earning.actor,
         )  # fmt: skip
         batch.append(rows)
+        debt_changes.append(plan.debt_change)
         # The next posting of the member starts from this one's figures and chain head.
         _, seq, link = rows.chain[0]
         held[earning.member_id] = replace(
@@ -731,7 +733,19 @@ def earn_many(uow: UnitOfWork, earnings: Sequence[Earning]) -> list[int]:
             frozen=member.frozen + plan.frozen_change, debt=member.debt + plan.debt_change,
             head_seq=seq, head_hash=link,
         )  # fmt: skip
-    return store.write_postings(uow.conn, batch)
+    posting_ids = store.write_postings(uow.conn, batch)
+    # Built from values the service made itself: no validation needed on the batch's path.
+    return [
+        PostingRead.model_construct(
+            id=posting_id, kind=Kind.EARN.value, amount=earning.amount,
+            member_id=earning.member_id, counterparty_member_id=None, ref_posting_id=None,
+            reason=earning.reason, actor=earning.actor, created_at=now, replayed=False,
+            debt_change=debt_change,
+        )
+        for posting_id, earning, debt_change in zip(
+            posting_ids, earnings, debt_changes, strict=True
+        )
+    ]  # fmt: skip
 
 
 def hold_accounts(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:

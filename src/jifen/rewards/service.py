@@ -52,6 +52,7 @@ from jifen.expiry import service as expiry_service
 from jifen.ledger import SystemAccount
 from jifen.members import service as members_service
 from jifen.members.core import ERASED_VALUE, PersonalValues
+from jifen.notify import service as notify_service
 from jifen.points import service as points_service
 from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
@@ -502,12 +503,14 @@ def redeem(
     that two of them cannot both pass the count."""
     request_hash = _fingerprint(member_id, body, merchant)
     # The member (the programme's, and active), the reward and the programme's policy (which
-    # the redemption policy below takes from the transaction) in one round trip.
-    birthday, reward, _ = read_together(
+    # the redemption policy below takes from the transaction) in one round trip, with
+    # whether any webhook may hear of the order.
+    birthday, reward, _, _ = read_together(
         uow.conn,
         members_service.active_birthday_read(program_id, member_id),
         _reward_lookup(program_id, body.reward),
         programs_service.settings_read(uow, program_id),
+        notify_service.subscriptions_read(uow, program_id),
     )
     now = uow.clock.now()
     admitted: _Admitted | OrderRead | None = None
@@ -589,9 +592,11 @@ def redeem(
             raise LostRace(f"reward {row.code} sold out or paused since it was checked")
         order["id"] = order_id
         made = [first]
+        _announce(uow, program_id, order_id, state)
     else:
         first = OrderStep(state="created", at=now, by=actor)
         order["id"] = storage.insert_order(uow.conn, order, first.model_dump())
+        _announce(uow, program_id, order["id"], "created")  # its fulfilment tells its own
         fulfilled, outcome, voucher, more = _fulfil(uow, program_id, order, terms, policy, actor)
         order.update(state=fulfilled, outcome=outcome)
         made = [first, *more]
@@ -787,10 +792,66 @@ def _spent_into(terms: RewardDef) -> SystemAccount:
     )
 
 
-def _step(uow: UnitOfWork, order_id: int, state: str, by: str, note: str = "") -> OrderStep:
+def _step(
+    uow: UnitOfWork, program_id: int, order_id: int, state: str, by: str, note: str = "",
+    *, tell_member: bool = True,
+) -> OrderStep:  # fmt: skip
+    """Record that the order moved to ``state``, and tell who should hear of it
+    (:func:`_announce`; ``tell_member=False``: the webhooks only, where the member hears of
+    it otherwise)."""
     step = OrderStep(state=state, at=uow.clock.now(), by=by, note=note)
     storage.insert_step(uow.conn, order_id, step.model_dump())
+    _announce(uow, program_id, order_id, state, tell_member=tell_member)
     return step
+
+
+_TOLD = {"shipped": "order.shipped", "cancelled": "order.cancelled", "returned": "order.returned"}
+"""The steps of an order its member hears of in the inbox: the ones that give points back
+or send goods on their way. The others it took itself, or sees in the answer it got."""
+
+
+def _order_event(row: Any, state: str, at: datetime) -> dict[str, Any]:
+    """What a webhook and a note say of an order that moved to ``state``."""
+    data: dict[str, Any] = {
+        "order_id": row.id, "member_id": row.member_id, "reward": row.code, "kind": row.kind,
+        "state": state, "quantity": row.quantity, "points": row.points,
+        "cash_fen": row.cash_fen, "merchant": row.merchant, "store": row.store,
+        "at": at.isoformat(),
+    }  # fmt: skip
+    tracking = row.outcome.get("tracking")
+    if state == "shipped":
+        data["tracking"] = tracking or "-"
+    if row.refund_posting_id is not None:
+        data["refund_posting_id"] = row.refund_posting_id
+    return data
+
+
+def _announce(
+    uow: UnitOfWork, program_id: int, order_id: int, state: str, *, tell_member: bool = True
+) -> None:
+    """Raise ``reward_order.<state>`` for the programme's webhooks subscribed to it and, for
+    the steps in :data:`_TOLD`, put a note in the member's inbox: both in this transaction,
+    sent by the outbox after commit, each once (keyed by the order and the state)."""
+    template = _TOLD.get(state) if tell_member else None
+    if template is None and not notify_service.may_publish(uow, program_id=program_id):
+        return  # no one to tell: nothing to read
+    row = _order_row(uow, program_id, order_id)
+    data = _order_event(row, state, uow.clock.now())
+    key = f"order:{order_id}:{state}"
+    notify_service.publish(
+        uow, program_id=program_id, event_type=f"reward_order.{state}", data=data, key=key
+    )
+    if template is not None:
+        notify_service.notify(
+            uow,
+            notify_service.Notification(
+                program_id=program_id,
+                member_id=row.member_id,
+                template=template,
+                data=data,
+                key=key,
+            ),
+        )
 
 
 def _set_order(uow: UnitOfWork, order_id: int, **values: Any) -> None:
@@ -843,7 +904,7 @@ def _fulfil(
             "at": uow.clock.now().isoformat(),
         }
     _set_order(uow, order_id, outcome=outcome, state=state)
-    steps = [] if state == "created" else [_step(uow, order_id, state, actor)]
+    steps = [] if state == "created" else [_step(uow, program_id, order_id, state, actor)]
     return state, outcome, voucher, steps
 
 
@@ -1217,7 +1278,7 @@ def move(
     if outcome != row.outcome:
         values["outcome"] = outcome
     _set_order(uow, order_id, **values)
-    _step(uow, order_id, target, actor, note)
+    _step(uow, program_id, order_id, target, actor, note)
     return get_order(uow, program_id=program_id, order_id=order_id)
 
 
@@ -1348,7 +1409,7 @@ def _complete(
         actor=actor, into=_spent_into(terms),
     ).id  # fmt: skip
     _set_order(uow, row.id, state="created", spend_posting_id=spent, **values)
-    _step(uow, row.id, "created", actor, note)
+    _step(uow, program_id, row.id, "created", actor, note)
     order = {**row._mapping, "outcome": dict(row.outcome)}
     _fulfil(uow, program_id, order, terms, _policy(uow, program_id), actor)
 
@@ -1397,7 +1458,8 @@ def pay_order(
     if wait is not None:  # its points stay frozen until the member confirms
         hold_until = uow.clock.now() + wait
         _set_order(uow, order_id, state="held", hold_until=hold_until, payment_ref=payment_ref)
-        _step(uow, order_id, "held", actor, f"{note}; cooling-off until {hold_until.isoformat()}")
+        until = f"{note}; cooling-off until {hold_until.isoformat()}"
+        _step(uow, program_id, order_id, "held", actor, until)
         return get_order(uow, program_id=program_id, order_id=order_id)
     _complete(uow, program_id, row, actor, "paid", note, payment_ref=payment_ref)
     return get_order(uow, program_id=program_id, order_id=order_id)
@@ -1613,7 +1675,8 @@ def use_voucher(
         .values(state="delivered", updated_at=now)
     )
     if collected.rowcount == 1:
-        _step(uow, row.order_id, "delivered", actor, f"collected at {store or 'a store'}")
+        where = f"collected at {store or 'a store'}"
+        _step(uow, program_id, row.order_id, "delivered", actor, where)
     return VoucherUsed(voucher=get_voucher(uow, program_id=program_id, code=row.code),
                        discount_fen=discount)  # fmt: skip
 
@@ -1676,7 +1739,7 @@ def expire_vouchers(
     )
     found = uow.conn.execute(
         select(vouchers_table.c.id, vouchers_table.c.code, vouchers_table.c.order_id,
-               vouchers_table.c.member_id)
+               vouchers_table.c.member_id, vouchers_table.c.valid_until)
         .where(*due_now)
         .order_by(vouchers_table.c.valid_until, vouchers_table.c.id)
         .limit(limit)
@@ -1723,9 +1786,30 @@ def _expire_one(uow: UnitOfWork, order: Any, voucher: Any, back: int, fee: int) 
     if order.state == "created":  # goods never collected: back on the shelf
         _give_stock(uow, order.reward_id, order.quantity)
         _set_order(uow, order.id, state="cancelled", refund_posting_id=posting_id)
-        _step(uow, order.id, "cancelled", "system", note)
-    else:
-        _step(uow, order.id, order.state, "system", note)
+        # The member hears of it as the voucher's expiry, below.
+        _step(uow, order.program_id, order.id, "cancelled", "system", note, tell_member=False)
+    else:  # what happened to the order, which stays as it was
+        step = OrderStep(state=order.state, at=uow.clock.now(), by="system", note=note)
+        storage.insert_step(uow.conn, order.id, step.model_dump())
+    data = {
+        "voucher": voucher.code, "order_id": order.id, "member_id": order.member_id,
+        "points_returned": back, "fee": fee, "refund_posting_id": posting_id,
+        "valid_until": voucher.valid_until.isoformat(),
+    }  # fmt: skip
+    key = f"voucher:{voucher.id}:expired"
+    notify_service.publish(
+        uow, program_id=order.program_id, event_type="voucher.expired", data=data, key=key
+    )
+    notify_service.notify(
+        uow,
+        notify_service.Notification(
+            program_id=order.program_id,
+            member_id=order.member_id,
+            template="voucher.expired",
+            data=data,
+            key=key,
+        ),
+    )
 
 
 def member_vouchers(
