@@ -16,12 +16,15 @@ from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from jifen.events import service as events
 from jifen.events.schemas import EventIn, EventResult
+from jifen.expiry.schemas import ExpiryPolicy, Validity
 from jifen.notify import service
 from jifen.notify.schemas import WebhookCreate
+from jifen.points import service as points
 from tests.api import support
 from tests.api.conftest import api_settings
 from tests.conftest import START
 from tests.events.test_doors import shop
+from tests.expiry.test_service import at, earn, job, move, with_policy
 from tests.factories import new_program
 from tests.notify.helpers import member, outbox_rows
 
@@ -125,3 +128,28 @@ def test_points_earned_by_events_and_taken_back_by_a_refund_raise_their_events(
     reversed_ = [d for t, d in _told(db, program.id) if t == "points.reversed"]
     assert sum(int(str(d["amount"])) for d in reversed_) == -back.points
     assert {d["reason"] for d in reversed_} == {"order o0 refunded"}
+
+
+@pytest.mark.parametrize("on_expiry", ["expire", "freeze"])
+def test_the_expiry_run_raises_an_event_for_each_account_it_took_points_from(
+    db: Database, on_expiry: str
+) -> None:
+    policy = ExpiryPolicy(validity=Validity(kind="rolling", days=30), on_expiry=on_expiry)
+    program_id, (alice, bob, carol) = with_policy(db, policy)
+    wanted = "points.frozen" if on_expiry == "freeze" else "points.expired"
+    _subscribe(db, program_id, [wanted])
+    move(db, at(2026, 1, 5, 9))
+    earn(db, program_id, alice, 400, "a1")
+    earn(db, program_id, bob, 70, "b1")
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=150, key="s1"))
+    move(db, at(2026, 1, 20, 9))
+    earn(db, program_id, carol, 90, "c1")  # not due on the run's day
+    job(db, "points.expire", program_id, at(2026, 2, 6, 0, 10))
+    told = _told(db, program_id)
+    assert {t for t, _ in told} == {wanted}
+    assert sorted((d["member_id"], d["amount"]) for _, d in told) == sorted(
+        [(alice, 250), (bob, 70)]
+    )
+    # the run again for the same moment takes nothing and tells nothing more
+    job(db, "points.expire", program_id, at(2026, 2, 6, 0, 10))
+    assert len(_told(db, program_id)) == 2

@@ -19,6 +19,7 @@ from jifen.errors import InvalidInput
 from jifen.expiry import core
 from jifen.expiry.schemas import ExpiryPolicy, Validity
 from jifen.ledger import Lot
+from jifen.notify import service as notify_service
 from jifen.points import service as points_service
 from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
@@ -123,7 +124,16 @@ def expire_chunk(
     """Expire — or freeze, when the policy says so — the due lots of up to ``limit``
     member accounts; zero accounts means the run is over."""
     freeze = policy(uow, program_id=program_id).on_expiry == "freeze"
-    return points_service.expire_due(uow, program_id=program_id, limit=limit, freeze=freeze)
+    chunk = points_service.expire_due(uow, program_id=program_id, limit=limit, freeze=freeze)
+    if chunk.accounts and chunk.at and notify_service.may_publish(uow, program_id=program_id):
+        # points.expired (or points.frozen) for each account, read back at once
+        written = points_service.expiries(
+            uow, program_id=program_id, account_ids=chunk.account_ids, at=chunk.at
+        )
+        notify_service.announce_postings(
+            uow, program_id=program_id, postings=[(p, None, None) for p in written]
+        )
+    return chunk
 
 
 def restore_frozen(

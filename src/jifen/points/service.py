@@ -1433,6 +1433,10 @@ class ExpiryChunk:
     points: int
     found: int = 0
     """Accounts the chunk found with due lots (0: the run is over)."""
+    account_ids: tuple[int, ...] = ()
+    """The accounts it found (their postings, if any, are :func:`expiries` at ``at``)."""
+    at: datetime | None = None
+    """The moment its postings bear."""
 
 
 def expire_member(uow: UnitOfWork, *, member_id: int, freeze: bool = False) -> PostingRead | None:
@@ -1560,13 +1564,42 @@ def expire_due(
             system_account_id=system_account_ids(uow, program_id)[system], frozen=freeze,
             reason=FROZEN_AT_EXPIRY if freeze else EXPIRED_REASON, actor="system",
         )  # fmt: skip
-        return ExpiryChunk(accounts=expired, lots=lots_expired, points=points, found=len(rows))
+        return ExpiryChunk(
+            accounts=expired, lots=lots_expired, points=points, found=len(rows),
+            account_ids=tuple(row[0] for row in rows), at=now,
+        )  # fmt: skip
     locked = [_account(row) for row in rows]
     written, lots_expired = _expire_locked(uow, locked, now, freeze=freeze)
     return ExpiryChunk(
         accounts=len(written), lots=lots_expired, points=sum(p.amount for p in written),
-        found=len(rows),
+        found=len(rows), account_ids=tuple(holder.id for holder in locked), at=now,
     )  # fmt: skip
+
+
+def expiries(
+    uow: UnitOfWork, *, program_id: int, account_ids: Sequence[int], at: datetime
+) -> list[PostingRead]:
+    """The postings an expiry chunk made at ``at`` for these accounts (an expiry, or a
+    freeze at expiry), read at once. Neither moves a debt."""
+    if not account_ids:
+        return []
+    rows = uow.conn.execute(
+        select(postings.c.id, postings.c.kind, postings.c.amount, accounts.c.member_id,
+               postings.c.reason, postings.c.actor, postings.c.created_at)
+        .join(accounts, accounts.c.id == postings.c.account_id)
+        .where(postings.c.program_id == program_id,
+               among(uow.dialect, postings.c.account_id, sorted(set(account_ids))),
+               postings.c.created_at == at,
+               postings.c.kind.in_((Kind.EXPIRE.value, Kind.FREEZE.value)))
+        .order_by(postings.c.id)
+    ).all()  # fmt: skip
+    return [
+        PostingRead(
+            id=row.id, kind=row.kind, amount=row.amount, member_id=row.member_id,
+            reason=row.reason, actor=row.actor, created_at=row.created_at,
+        )
+        for row in rows
+    ]  # fmt: skip
 
 
 def _expire_locked(
