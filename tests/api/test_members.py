@@ -18,6 +18,7 @@ from jifen.crypto import decrypt
 from jifen.db.uow import Database
 from jifen.members.core import id_check_digit
 from jifen.members.models import members
+from jifen.notify import service as notify_service
 from jifen.notify.models import outbox
 from jifen.points import service as points_service
 from jifen.programs import service as programs_service
@@ -714,3 +715,55 @@ def test_closing_is_refused_while_the_member_holds_points_under_refuse(
         ).first()
     )  # fmt: skip
     assert_ledger_sound(db, club.program.id)
+
+
+def test_a_member_chooses_the_language_of_its_messages(client: TestClient, db: Database) -> None:
+    club = Club(client, db)
+    wang = club.register("L1")
+    smith = club.register("L2", language="en")
+    assert (wang["language"], smith["language"]) == (None, "en")
+    # a language jifen does not write is refused, saying which it writes
+    bad = club.post(club.base, {"external_ref": "L3", "language": "fr"})
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["field"] == "body.language"
+    assert "'zh' or 'en'" in bad.json()["errors"][0]["message"]
+    # the member may change it itself; null goes back to jifen's default (Chinese)
+    own = support.member(db, wang["id"])
+    changed = client.patch(
+        club.url(wang["id"]), json={"language": "en"}, headers={**own, **support.key()}
+    )
+    assert changed.status_code == 200 and changed.json()["language"] == "en"
+
+    def note(member_id: int, key: str) -> None:
+        db.run(
+            lambda uow: notify_service.notify(
+                uow,
+                notify_service.Notification(
+                    program_id=club.program.id, member_id=member_id, template="tier.changed",
+                    data={"tier": "金卡", "previous_tier": "银卡"}, key=key,
+                ),
+            )
+        )  # fmt: skip
+
+    note(wang["id"], "w1")
+    back = client.patch(
+        club.url(wang["id"]), json={"language": None}, headers={**own, **support.key()}
+    )
+    assert back.json()["language"] is None
+    note(wang["id"], "w2")
+    note(smith["id"], "s1")
+    titles = {
+        row.dedupe_key: row.subject
+        for row in db.run(
+            lambda uow: uow.conn.execute(
+                select(outbox.c.dedupe_key, outbox.c.subject).where(
+                    outbox.c.program_id == club.program.id
+                )
+            ).all()
+        )
+    }
+    assert titles == {
+        "w1": "Your membership tier is now 金卡",
+        "w2": "您的会员等级已变为 金卡",
+        "s1": "Your membership tier is now 金卡",
+    }

@@ -34,3 +34,21 @@ def test_a_row_that_differs_from_the_member_already_there_is_refused_naming_colu
         lambda uow: members.get_profile(uow, program_id=program.id, member_id=ids["x1"])
     )
     assert profile.name == "张三"
+
+
+def test_a_members_file_may_give_each_members_language(db: Database, tmp_path: Path) -> None:
+    program = new_program(db)
+    path = write(tmp_path / "m.csv", ["external_ref", "name", "language"], [
+        ["y1", "Ann", "en"],
+        ["y2", "王芳", ""],
+        ["y3", "Jean", "fr"],
+    ])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.refused) == (2, 1)
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[3:6] == ["4", "language", "invalid_input"]
+    ids = member_ids(db, program.id, ["y1", "y2"])
+    chosen = db.run(
+        lambda uow: members.languages(uow, program_id=program.id, member_ids=ids.values())
+    )
+    assert chosen == {ids["y1"]: "en"}

@@ -32,7 +32,7 @@ COLUMNS: dict[Kind, tuple[list[str], list[str]]] = {
     ),
     "members": (
         ["external_ref"],
-        ["name", "email", "birthday", "gender", "region", "tags", "phone", "tier"],
+        ["name", "email", "birthday", "gender", "region", "tags", "phone", "tier", "language"],
     ),
 }
 ERROR_COLUMNS = ("error_line", "error_column", "error_code", "error_reason")

@@ -29,6 +29,8 @@ class MemberRead(BaseModel):
 
 State = Literal["active", "frozen", "banned", "closed"]
 Gender = Literal["female", "male", "other", "undisclosed"]
+Language = Literal["zh", "en"]
+"""The language of the messages jifen sends a member (none chosen: Chinese)."""
 Tag = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\w.-]+$")]
 """Letters (any script), digits, ``_``, ``.`` and ``-``."""
 Email = Annotated[str, Field(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")]
@@ -58,6 +60,8 @@ class MemberCreate(RequestBody):
     tags: Annotated[list[Tag], Field(max_length=20)] = []  # noqa: RUF012 (pydantic copies it)
     phone: Phone | None = None
     """A mainland mobile number: stored as a keyed hash and encrypted, shown masked."""
+    language: Language | None = None
+    """The language of the messages jifen sends the member (none: Chinese)."""
 
 
 class MemberUpdate(RequestBody):
@@ -70,6 +74,8 @@ class MemberUpdate(RequestBody):
     gender: Gender | None = None
     region: Region | None = None
     tags: Annotated[list[Tag], Field(max_length=20)] | SkipJsonSchema[None] = None
+    language: Language | None = None
+    """The language of its messages; null: jifen's default, Chinese."""
 
     @field_validator("name", "tags", mode="before")
     @classmethod
@@ -122,6 +128,8 @@ class MemberProfile(_Read):
     family_main_id: int | None
     created_at: datetime
     updated_at: datetime | None
+    language: str | None = None
+    """The language of the messages jifen sends the member; none: Chinese."""
 
 
 class MemberPage(_Read):

@@ -300,6 +300,24 @@ def require_members(uow: UnitOfWork, *, program_id: int, member_ids: Iterable[in
         raise UnknownMember(member_id=missing[0])
 
 
+def languages(uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]) -> dict[int, str]:
+    """The language each member chose for its messages (none chosen: not in the answer);
+    refuses, as :func:`require_members` does, the first that is not a member of the
+    programme. One query."""
+    wanted = set(member_ids)
+    if not wanted:
+        return {}
+    rows = uow.conn.execute(
+        select(members.c.id, members.c.language).where(
+            among(uow.dialect, members.c.id, sorted(wanted)), members.c.program_id == program_id
+        )
+    ).all()
+    missing = sorted(wanted - {row.id for row in rows})
+    if missing:
+        raise UnknownMember(member_id=missing[0])
+    return {row.id: row.language for row in rows if row.language is not None}
+
+
 def contacts(
     uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], phones: bool = False
 ) -> dict[int, tuple[str | None, str | None]]:
@@ -823,7 +841,7 @@ def erased_ref(member_id: int) -> str:
 _CLEARED: dict[str, Any] = {
     "name": "", "email": None, "birthday": None, "gender": None, "region": None, "tags": [],
     "phone_hash": None, "phone_enc": None, "id_number_hash": None, "id_number_enc": None,
-    "verified_at": None,
+    "verified_at": None, "language": None,
 }  # fmt: skip
 """Each personal column of ``members`` as erasure leaves it."""
 

@@ -204,7 +204,6 @@ def notify_many(uow: UnitOfWork, notifications: Sequence[Notification]) -> int:
             problem="notify_many takes one programme",
             problem_zh="notify_many 一次只能处理一个计划",
         )
-    rendered = {}
     for n in notifications:
         unknown = [channel for channel in n.channels if channel not in CHANNELS]
         if unknown or not n.channels:
@@ -213,17 +212,24 @@ def notify_many(uow: UnitOfWork, notifications: Sequence[Notification]) -> int:
                 problem=f"choose from {', '.join(CHANNELS)}",
                 problem_zh=f"请从以下渠道中选择:{', '.join(CHANNELS)}",
             )
-        try:
-            rendered[n.key] = core.render(n.template, core.language_of(n.data), n.data)
-        except ValueError as exc:
-            raise InvalidInput(
-                field="template", problem=str(exc), problem_zh=f"模板有误({exc})"
-            ) from exc
     reachable = {n.member_id for n in notifications if n.member_id is not None
                  and ("email" in n.channels or "sms" in n.channels)}  # fmt: skip
     phones = any("sms" in n.channels for n in notifications if n.member_id is not None)
     members = {n.member_id for n in notifications if n.member_id is not None}
-    members_service.require_members(uow, program_id=program_id, member_ids=members)
+    # A message in the language its data names, else the one its member chose, else Chinese.
+    chosen = members_service.languages(uow, program_id=program_id, member_ids=members)
+    rendered = {}
+    for n in notifications:
+        language = core.language_of(
+            n.data if "language" in n.data or n.member_id not in chosen
+            else {"language": chosen[n.member_id]}
+        )  # fmt: skip
+        try:
+            rendered[n.key] = core.render(n.template, language, n.data)
+        except ValueError as exc:
+            raise InvalidInput(
+                field="template", problem=str(exc), problem_zh=f"模板有误({exc})"
+            ) from exc
     contacts = members_service.contacts(
         uow, program_id=program_id, member_ids=reachable, phones=phones
     )
