@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
-from jifen.errors import PaymentAmountMismatch, PaymentUsed, StateConflict
+from jifen.errors import NotOnSale, PaymentAmountMismatch, PaymentUsed, StateConflict
 from jifen.jobs import service as jobs
 from jifen.points import service as points
 from jifen.points.schemas import BalanceSummary
@@ -363,3 +363,64 @@ def test_a_lapse_run_goes_on_past_a_chunk_whose_order_was_paid_before_the_lock(
     assert run.state == "done" and run.figures == {"cancelled": 2}
     states = [order_of(shop, order.id).state for order in orders]
     assert states == ["held", "cancelled", "cancelled"]
+
+
+@pytest.mark.parametrize("tier", [None, "钻石"])
+def test_a_payment_after_the_event_started_is_refused_with_the_refund_and_changes_nothing(
+    db: Database, tier: str | None
+) -> None:
+    """A registration awaiting its payment, paid after the event started, is refused as its
+    redemption now would be, whether it would be completed or held for a cooling-off: the
+    payment is to be refunded, nothing is recorded, and the order lapses as one unpaid."""
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier=tier)
+    starts = clock(db).now() + timedelta(minutes=20)
+    points_ = 8000 if tier else 1000  # 5,600 for 钻石: held for a cooling-off once paid
+    talk = shop.reward(kind="event", points=points_, cash_fen=1000, event={"starts_at": starts})
+    order = shop.redeem(member, talk.code)
+    assert order.state == "awaiting_payment"
+    clock(db).advance(timedelta(minutes=25))
+    before = (shop.counts(), balance(db, member))
+    with pytest.raises(NotOnSale, match="the event started") as refused:
+        pay(shop, order.id, "wx-late", 1000)
+    said = str(refused.value)
+    assert "refund payment 'wx-late' of 1000 fen" in said, said
+    assert f"lapses at {order.pay_by.isoformat()}" in said  # type: ignore[union-attr]
+    assert "请退还支付 'wx-late' 的 1000 分" in refused.value.message("zh")
+    assert (shop.counts(), balance(db, member)) == before
+    assert order_of(shop, order.id).state == "awaiting_payment"
+    clock(db).advance(timedelta(minutes=6))  # past its pay_by
+    run = jobs.run(db, "rewards.lapse_payments", program_id=shop.program_id)
+    assert run.figures == {"cancelled": 1}
+    lapsed = order_of(shop, order.id)
+    assert lapsed.state == "cancelled" and "cash_refund_due_fen" not in lapsed.outcome
+    assert (balance(db, member).available, balance(db, member).frozen) == (20000, 0)
+    assert_ledger_sound(db, shop.program_id)
+
+
+def test_a_paid_registration_held_past_the_start_of_its_event_is_refused_and_its_cash_is_due(
+    db: Database,
+) -> None:
+    """Paid in time but held for the cooling-off until after the event started: its
+    confirmation is refused (nothing spent, the cash still to be refunded), and its cancel
+    gives the points back and says the cash is due."""
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    starts = clock(db).now() + timedelta(hours=12)
+    gala = shop.reward(kind="event", points=8000, cash_fen=1000, event={"starts_at": starts})
+    order = shop.redeem(member, gala.code)
+    assert pay(shop, order.id, "wx-gala", 1000).state == "held"  # 5,600 for 钻石
+    clock(db).advance(timedelta(hours=25))
+    before = (shop.counts(), balance(db, member))
+    with pytest.raises(NotOnSale, match="the event started") as refused:
+        db.run(
+            lambda uow: rewards.confirm_held(
+                uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
+            )
+        )
+    assert "Its cash part (1000 fen) is due back then." in str(refused.value)
+    assert (shop.counts(), balance(db, member)) == before
+    cancelled = shop.move(order.id, "cancel")
+    assert cancelled.outcome["cash_refund_due_fen"] == 1000
+    assert (balance(db, member).available, balance(db, member).frozen) == (20000, 0)
+    assert_ledger_sound(db, shop.program_id)

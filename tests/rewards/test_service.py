@@ -278,6 +278,41 @@ def test_a_member_frozen_during_its_cooling_off_cannot_complete_the_held_redempt
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_held_registration_confirmed_after_its_event_started_is_refused_and_changes_nothing(
+    db: Database,
+) -> None:
+    """Confirming a held redemption checks the reward as it is now, as a redemption does:
+    refused, nothing is spent or issued, the points stay frozen (the order still waits) and
+    a cancel gives them back."""
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    starts = clock(db).now() + timedelta(hours=12)
+    gala = shop.reward(kind="event", points=8000, event={"starts_at": starts})  # 5,600: held
+    order = shop.redeem(member, gala.code)
+    assert order.state == "held"
+    clock(db).advance(timedelta(hours=25))
+    before = (shop.counts(), db.run(lambda uow: points.balance(uow, member_id=member)))
+    with pytest.raises(NotOnSale, match="the event started") as refused:
+        db.run(
+            lambda uow: rewards.confirm_held(
+                uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
+            )
+        )
+    lapses = (order.hold_until + timedelta(days=7)).isoformat()  # type: ignore[operator]
+    said = str(refused.value)
+    assert f"Order {order.id} was not completed and nothing was spent" in said
+    assert f"5600 points stay frozen until it lapses at {lapses}" in said
+    said_zh = refused.value.message("zh")
+    assert "报名已截止" in said_zh and "5600 积分仍冻结" in said_zh
+    assert (shop.counts(), db.run(lambda uow: points.balance(uow, member_id=member))) == before
+    waiting = db.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
+                                                   order_id=order.id))  # fmt: skip
+    assert waiting.state == "held" and waiting.voucher is None
+    assert shop.move(order.id, "cancel").state == "cancelled"
+    assert shop.available(member) == 20000
+    assert_ledger_sound(db, shop.program_id)
+
+
 def test_a_held_redemption_can_be_cancelled_or_lapses(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(30000, tier="钻石")

@@ -1394,14 +1394,17 @@ def confirm_held(
 
 def _complete(
     uow: UnitOfWork, program_id: int, row: Any, actor: str, why: str, note: str,
-    **values: Any,
+    *, payment: tuple[str, int] | None = None, **values: Any,
 ) -> None:  # fmt: skip
     """Complete an order whose points are frozen (held, or awaiting payment): the points are
     released and debited, the order becomes ``created`` (with ``values``) and is fulfilled.
     The debit takes the very points the hold gave back, even where their lots lapsed while
     the order waited (:func:`points_service.spend_frozen`), so that it is not refused for
-    want of points."""
+    want of points. First the reward is checked as it is now, as a redemption's is
+    (:func:`_check_deliverable`): refused, nothing is written (``payment``: the payment that
+    came with the request, which the refusal says to refund)."""
     terms = _terms(uow, _reward_row(uow, program_id, row.code))
+    _check_deliverable(uow, program_id, row, terms, payment)
     reason = f"redeem {terms.code} × {row.quantity}"
     spent = points_service.spend_frozen(
         uow, freeze_id=row.hold_posting_id, release_key=f"order:{row.id}:release",
@@ -1456,13 +1459,59 @@ def pay_order(
     wait = core.cooling_off(row.points, _policy(uow, program_id).for_tier(tier))
     note = f"paid {amount_fen} fen: {payment_ref}"
     if wait is not None:  # its points stay frozen until the member confirms
+        # A payment for what can no longer be delivered is refused now, not taken for an
+        # order its confirmation would refuse.
+        terms = _terms(uow, _reward_row(uow, program_id, row.code))
+        _check_deliverable(uow, program_id, row, terms, (payment_ref, amount_fen))
         hold_until = uow.clock.now() + wait
         _set_order(uow, order_id, state="held", hold_until=hold_until, payment_ref=payment_ref)
         until = f"{note}; cooling-off until {hold_until.isoformat()}"
         _step(uow, program_id, order_id, "held", actor, until)
         return get_order(uow, program_id=program_id, order_id=order_id)
-    _complete(uow, program_id, row, actor, "paid", note, payment_ref=payment_ref)
+    _complete(
+        uow, program_id, row, actor, "paid", note, payment=(payment_ref, amount_fen),
+        payment_ref=payment_ref,
+    )  # fmt: skip
     return get_order(uow, program_id=program_id, order_id=order_id)
+
+
+def _check_deliverable(
+    uow: UnitOfWork, program_id: int, row: Any, terms: RewardDef,
+    payment: tuple[str, int] | None,
+) -> None:  # fmt: skip
+    """Refuse to complete (or take the payment of) an order whose points are frozen when its
+    reward can no longer deliver what a redemption of it now would be refused for: a draw of
+    a lottery with no prize left to win, a registration for an event that has started. The
+    order is left as it is, its points frozen: the member may cancel it, or it lapses (held:
+    ``hold_days`` after its cooling-off; awaiting payment: at its ``pay_by``) and its points
+    come back. ``payment``: the payment to refund, and its amount, named in the refusal."""
+    try:
+        _check_prizes_left(uow, row.reward_id, terms)
+        _check_event_ahead(terms, uow.clock.now())
+    except NotOnSale as refused:
+        if row.state == "held":
+            days = _policy(uow, program_id).hold_days
+            lapses = (row.hold_until + timedelta(days=days)).isoformat()
+        else:
+            lapses = row.pay_by.isoformat()
+        order = f"Order {row.id} was not completed and nothing was spent"
+        order_zh = f"订单 {row.id} 未完成,未扣任何积分"
+        cash = cash_zh = ""
+        if payment is not None:
+            ref, fen = payment
+            order += f" or recorded: refund payment {ref!r} of {fen} fen"
+            order_zh += f",也未作任何记录:请退还支付 {ref!r} 的 {fen} 分"
+        elif row.payment_ref is not None and row.cash_fen:  # paid before its cooling-off
+            cash = f" Its cash part ({row.cash_fen} fen) is due back then."
+            cash_zh = f"届时应退还其现金部分({row.cash_fen} 分)。"
+        raise NotOnSale(
+            reward=terms.code,
+            problem=f"{refused.params['problem']} {order}. Its {row.points} points stay "
+            f"frozen until it lapses at {lapses}, or come back at once if it is cancelled."
+            f"{cash}",
+            problem_zh=f"{refused.params['problem_zh']}{order_zh}。其 {row.points} 积分仍冻结,"
+            f"订单将于 {lapses} 失效后退回;取消订单可立即退回。{cash_zh}",
+        ) from None
 
 
 def _require_amount(row: Any, payment_ref: str, amount_fen: int) -> None:
