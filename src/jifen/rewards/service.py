@@ -1269,10 +1269,7 @@ def move(
         # step, and the posting says what happened; the jobs' own notes say why.
         why = note if actor == "system" and note else f"{action} order {order_id}"
         values.update(_give_back(uow, row, terms, actor, why))
-        if row.cash_fen and row.payment_ref is not None:
-            # The payment system refunds the cash part; the order says so. An order cancelled
-            # before its payment came has nothing to refund.
-            outcome["cash_refund_due_fen"] = row.cash_fen
+        outcome.update(_cash_due(row))
     if tracking is not None:
         outcome["tracking"] = tracking
     if outcome != row.outcome:
@@ -1280,6 +1277,15 @@ def move(
     _set_order(uow, order_id, **values)
     _step(uow, program_id, order_id, target, actor, note)
     return get_order(uow, program_id=program_id, order_id=order_id)
+
+
+def _cash_due(row: Any) -> dict[str, int]:
+    """What an order cancelled or returned adds to its outcome for its cash part: the payment
+    system refunds it, and the order says so. An order cancelled before its payment came has
+    nothing to refund."""
+    if row.cash_fen and row.payment_ref is not None:
+        return {"cash_refund_due_fen": row.cash_fen}
+    return {}
 
 
 def _locked_order(
@@ -1834,7 +1840,9 @@ def _expire_one(uow: UnitOfWork, order: Any, voucher: Any, back: int, fee: int) 
     note = f"voucher expired unused: {back} points returned, fee {fee}"
     if order.state == "created":  # goods never collected: back on the shelf
         _give_stock(uow, order.reward_id, order.quantity)
-        _set_order(uow, order.id, state="cancelled", refund_posting_id=posting_id)
+        # Nor had for their cash part: it is due back, as for any cancelled paid order.
+        outcome = {**order.outcome, **_cash_due(order)}
+        _set_order(uow, order.id, state="cancelled", refund_posting_id=posting_id, outcome=outcome)
         # The member hears of it as the voucher's expiry, below.
         _step(uow, order.program_id, order.id, "cancelled", "system", note, tell_member=False)
     else:  # what happened to the order, which stays as it was
