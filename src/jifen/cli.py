@@ -1134,7 +1134,7 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
             vouchers += report.vouchers
             returned += report.points_returned
             fees += report.fees
-            if report.vouchers < 200 or dry_run:
+            if report.found < 200 or dry_run:
                 break
             err.print(_say(f"… {vouchers} vouchers so far", f"… 已处理 {vouchers} 张券"))
     verb = ("would expire", "将过期") if dry_run else ("expired", "已过期")

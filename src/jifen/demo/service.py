@@ -444,7 +444,7 @@ def _ship(uow: UnitOfWork, program_id: int) -> None:
 
 
 def _expiry_run(uow: UnitOfWork, program_id: int) -> None:
-    while rewards_service.expire_vouchers(uow, program_id=program_id, limit=500).vouchers:
+    while rewards_service.expire_vouchers(uow, program_id=program_id, limit=500).found == 500:
         pass
     rewards_service.expire_holds(uow, program_id=program_id, limit=10_000)
     while expiry_service.expire_chunk(uow, program_id=program_id, limit=1000).found:

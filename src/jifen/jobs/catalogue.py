@@ -88,7 +88,7 @@ def _vouchers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk
     done = rewards_service.expire_vouchers(uow, program_id=program_id, limit=size)
     figures = {"vouchers": done.vouchers, "points_returned": done.points_returned,
                "fees": done.fees}  # fmt: skip
-    return Chunk(cursor=cursor + done.vouchers, finished=done.vouchers < size, figures=figures)
+    return Chunk(cursor=cursor + done.vouchers, finished=done.found < size, figures=figures)
 
 
 register(

@@ -543,6 +543,10 @@ class ExpiryReport(BaseModel):
     points_returned: int
     fees: int
     codes: list[str] = Field(default_factory=list)
+    found: int = 0
+    """Vouchers due the search found, up to its limit, before their members' locks: those
+    used or cancelled meanwhile are not expired. A run is over when the search finds fewer
+    than its limit, not when fewer are expired."""
 
 
 class HoldsReport(BaseModel):

@@ -1782,9 +1782,10 @@ def expire_vouchers(
 ) -> ExpiryReport:
     """Expire vouchers unused at the end of their validity: the points come back to the lots
     they were taken from, less the programme's fee (10 %); goods never collected go back to
-    the stock and their order is cancelled. Runs in chunks of ``limit``. The members'
-    accounts are locked first (in id order), then each voucher is expired by a conditional
-    update: one a till accepted or an order cancelled meanwhile is left alone."""
+    the stock and their order is cancelled. Runs in chunks of ``limit``: a run is over when
+    a chunk finds fewer (``found``), not when it expires fewer. The members' accounts are
+    locked first (in id order), then each voucher is expired by a conditional update: one a
+    till accepted or an order cancelled meanwhile is left alone."""
     policy = _policy(uow, program_id)
     now = uow.clock.now()
     due_now = (
@@ -1819,7 +1820,7 @@ def expire_vouchers(
         expired.append(voucher.code)
     return ExpiryReport(
         dry_run=dry_run, vouchers=len(expired), points_returned=returned, fees=fees,
-        codes=expired,
+        codes=expired, found=len(found),
     )  # fmt: skip
 
 
