@@ -633,6 +633,29 @@ def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Datab
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_points_prize_valued_below_its_points_costs_the_budget_its_points(
+    db: Database,
+) -> None:
+    """A prize's value set below the points it credits (as terms stored before the budget
+    counted the larger may have it) takes its points from the budget: the budget bounds
+    the points the prizes credit."""
+    shop = Shop.open(db)
+    (member,) = shop.member(100_000, tier="金卡")
+    prize = {"code": "p", "name": {"en": "500"}, "chance_ppm": 1_000_000, "points": 500,
+             "value": 1}  # fmt: skip
+    wheel = shop.reward(kind="lottery", points=10, lottery={"budget": 1200, "prizes": [prize]})
+    won = [shop.redeem(member, wheel.code).outcome["prize_points"] for _ in range(2)]
+    assert won == [500, 500]
+    with pytest.raises(NotOnSale, match="sold out"):  # 200 left: not a prize of 500
+        shop.redeem(member, wheel.code)
+    budget = select(prize_stock.c.given).where(
+        prize_stock.c.reward_id == wheel.id, prize_stock.c.prize_code == "*"
+    )
+    given = db.run(lambda uow: uow.conn.execute(budget).scalar_one())
+    assert given == 1000
+    assert_ledger_sound(db, shop.program_id)
+
+
 def test_a_lottery_prize_counts_against_its_budget_and_draws_stop_when_none_is_left(
     db: Database,
 ) -> None:

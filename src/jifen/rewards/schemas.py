@@ -114,11 +114,16 @@ class Prize(RequestBody):
     points: int = Field(0, ge=0, le=10**9)
     """Points credited to the winner (0 for a prize that staff hand over)."""
     value: int | None = Field(None, ge=0, le=10**9)
-    """What the prize costs the budget, in points (default: its points)."""
+    """What the prize is worth, in points: for a prize that staff hand over, what it costs
+    the budget; for points, what it costs beyond them if more (default: its points)."""
 
     @property
     def cost(self) -> int:
-        return self.points if self.value is None else self.value
+        """What one of the prize takes from the lottery's budget: its value, and never less
+        than the points it credits, so that the budget bounds the points its prizes credit
+        (a value set below them, which terms stored before this rule may have, counts for
+        its points)."""
+        return self.points if self.value is None else max(self.points, self.value)
 
 
 class LotteryTerms(RequestBody):
