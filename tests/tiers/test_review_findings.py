@@ -1,0 +1,92 @@
+"""Review findings in tiers: each test shows one defect and fails until it is fixed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from jifen.db.uow import Database
+from jifen.events import service as events_service
+from jifen.events.schemas import EventIn
+from jifen.tiers import core
+from jifen.tiers.schemas import TierScheme
+from tests.tiers.scheme import scheme, scheme_json
+from tests.tiers.test_service import World, quarter
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def test_a_refund_in_the_window_of_an_order_before_it_cancels_spend_made_in_it(
+    db: Database,
+) -> None:
+    """events.service.spend_and_counts sums order.paid and subtracts order.refunded by each
+    event's own time: a refund inside the score's window of an order paid before the window
+    (never counted in it) is taken off the spend the member made inside the window."""
+    world = World(db, scheme(upgrade_at_once=False), members=2)
+    alice, bob = world.members
+
+    def pay(member: int, order_id: str, yuan: int, when: datetime) -> None:
+        world.at(when)
+        event = EventIn(source="pos", external_id=f"p-{order_id}", type="order.paid",
+                        occurred_at=when, member_id=member,
+                        payload={"order_id": order_id,
+                                 "lines": [{"sku": "s", "amount_fen": yuan * 100}]})  # fmt: skip
+        db.run(lambda uow: events_service.ingest(uow, program_id=world.program.id, event=event))
+
+    def refund(member: int, order_id: str, when: datetime) -> None:
+        world.at(when)
+        event = EventIn(source="pos", external_id=f"r-{order_id}", type="order.refunded",
+                        occurred_at=when, member_id=member,
+                        payload={"order_id": order_id, "whole": True})  # fmt: skip
+        db.run(lambda uow: events_service.ingest(uow, program_id=world.program.id, event=event))
+
+    # both buy 10,000 yuan on 20 March 2026 (before the window of the 2027-Q1 evaluation)
+    pay(alice, "A-old", 10_000, datetime(2026, 3, 20, tzinfo=UTC))
+    pay(bob, "B-old", 10_000, datetime(2026, 3, 20, tzinfo=UTC))
+    # alice returns hers on 5 April 2026, inside that window
+    refund(alice, "A-old", datetime(2026, 4, 5, tzinfo=UTC))
+    # both spend 3,000 yuan in June 2026: 120, 银卡
+    pay(alice, "A-new", 3_000, datetime(2026, 6, 1, tzinfo=UTC))
+    pay(bob, "B-new", 3_000, datetime(2026, 6, 1, tzinfo=UTC))
+    world.at(quarter(2027, 4))
+    world.evaluate("2027-Q1")
+    # The window (1 April 2026 – 1 April 2027) holds the same spend for both: 3,000 yuan.
+    assert world.tiers() == ["银卡", "银卡"]
+
+
+def test_the_score_window_starts_at_local_midnight_of_its_first_day() -> None:
+    """tiers.core.window_start (and add_months) move the UTC instant by calendar months:
+    for a quarterly scheme counting 3 months, the evaluation of 1 July 00:00 in Shanghai
+    (30 June 16:00 UTC) counts from 31 March 00:00 local, so orders of 31 March count in
+    the first quarter's evaluation and again in the second's."""
+    three = TierScheme.model_validate({**scheme_json(), "window_months": 3})
+    q2 = datetime(2026, 7, 1, tzinfo=SHANGHAI)
+    start = core.window_start(three, q2.astimezone(UTC))
+    assert start == datetime(2026, 4, 1, tzinfo=SHANGHAI), start.astimezone(SHANGHAI)
+
+
+def test_an_evaluation_run_finished_after_its_moment_undoes_a_later_upgrade_at_once(
+    db: Database,
+) -> None:
+    """A tier evaluation works "as of" its run's moment (jobs.service runs every part, and
+    a resumed run, with the clock at that moment; _evaluate_tier_members passes it as
+    ``now``), so it scores a member by the events up to that moment but decides against
+    the tier stored now. A member upgraded at once after the moment, before its part is
+    done (a long run, or one resumed after a crash), is taken down again by a score that
+    no longer holds."""
+    from jifen.jobs import service as jobs
+
+    world = World(db, scheme(upgrade_at_once=True), members=1)
+    (alice,) = world.members
+    world.at(datetime(2026, 2, 10, tzinfo=UTC))
+    world.order(alice, 1000)  # 40
+    moment = quarter(2026, 4)
+    # ten minutes after the evaluation's moment she earns 8,000 points: 40 + 320, 金卡 at once
+    world.at(moment + (datetime(2026, 1, 1, 0, 10) - datetime(2026, 1, 1)))
+    world.earn(alice, 8000)
+    assert world.tier(alice) == "金卡"
+    # the evaluation of that moment reaches her part only now (or is resumed now)
+    world.at(moment + (datetime(2026, 1, 1, 1) - datetime(2026, 1, 1)))
+    jobs.run(db, "tiers.evaluate", program_id=world.program.id, now=moment)
+    # her score is 360 now, above 金卡's retention line 240: she should keep it
+    assert world.tier(alice) == "金卡", world.history(alice)
