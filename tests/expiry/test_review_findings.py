@@ -120,3 +120,60 @@ def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Data
     assert (500, at(2029, 3, 2)) in open_lots(db, dave)
     assert (500, at(2029, 3, 2)) in open_lots(db, carol), open_lots(db, carol)
     assert_ledger_sound(db, program_id)
+
+
+# --------------------------------------------------------------------------- finding 6
+
+
+def test_a_dormant_members_own_event_that_earns_nothing_does_not_wake_it(db: Database) -> None:
+    """任意行为激活后恢复: any behaviour of the member wakes it. points.service.last_activity
+    counts only earn/spend/transfer postings, so a member who checks in (or pays an order
+    that earns nothing: excluded goods, a cap reached, no live rule) stays dormant: nothing
+    is given back and the decay goes on."""
+    from jifen.events import service as events_service
+    from jifen.events.schemas import EventIn
+
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, *_) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    assert job(db, "points.dormancy", program_id, at(2027, 1, 10, 10)).figures["decayed"] == 100
+    # she checks in on 2027-01-20 (the programme has no check-in rule: 0 points)
+    move(db, at(2027, 1, 20, 8))
+    checked = EventIn(source="app", external_id="c1", type="member.checked_in",
+                      occurred_at=at(2027, 1, 20, 8), member_id=alice)  # fmt: skip
+    db.run(lambda uow: events_service.ingest(uow, program_id=program_id, event=checked))
+    figures = job(db, "points.dormancy", program_id, at(2027, 2, 10, 10)).figures
+    assert (figures["restored"], figures["decays"]) == (100, 0), figures
+
+
+def test_a_refund_to_a_lot_its_spend_emptied_misses_the_renewal_of_a_better_tier(
+    db: Database,
+) -> None:
+    """The same gap as above with a spend: a redemption empties the earliest lot, the
+    member moves to a tier whose points never lapse (the renewal passes over the empty
+    lot), the redemption is cancelled and its points go back to that lot with its old date,
+    and lapse."""
+    policy = ExpiryPolicy(
+        by_tier={"普通": Validity(kind="rolling", months=12), "金卡": Validity(kind="never")},
+        on_tier_change="extend",
+    )
+    program_id, (alice, *_) = with_policy(db, policy)
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=[
+        TierDef(code="普通", name="普通", rank=0), TierDef(code="金卡", name="金卡", rank=1)]))  # fmt: skip
+    set_tier(db, program_id, alice, "普通")
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 300, "a1")  # lapses 2027-01-11
+    move(db, at(2026, 2, 10, 9))
+    earn(db, program_id, alice, 700, "a2")  # lapses 2027-02-11
+    spent = db.run(lambda uow: points.spend(uow, member_id=alice, amount=300, key="s1"))
+    move(db, at(2026, 3, 1, 9))
+    set_tier(db, program_id, alice, "金卡")
+    assert open_lots(db, alice) == [(700, None)]
+    move(db, at(2026, 3, 2, 9))
+    db.run(lambda uow: points.refund(uow, spend_id=spent.id, key="r1", reason="cancelled",
+                                     actor="staff"))  # fmt: skip
+    # 金卡: none of her points lapse
+    assert all(when is None for _, when in open_lots(db, alice)), open_lots(db, alice)
