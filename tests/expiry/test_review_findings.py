@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jifen.db.uow import Database, UnitOfWork
-from jifen.expiry import service as expiry
 from jifen.expiry.schemas import Dormancy, ExpiryPolicy, Validity
 from jifen.points import service as points
 from jifen.programs import service as programs
@@ -24,11 +23,22 @@ def open_lots(db: Database, member: int) -> list[tuple[int, datetime | None]]:
 
 
 def set_tier(db: Database, program_id: int, member: int, tier: str) -> None:
-    db.run(lambda uow: tiers.set_member_tier(
-        uow, program_id=program_id, member_id=member, tier=tier, reason="t", set_by="ops"))  # fmt: skip
+    db.run(
+        lambda uow: tiers.set_member_tier(
+            uow, program_id=program_id, member_id=member, tier=tier, reason="t", set_by="ops"
+        )
+    )
 
 
-# --------------------------------------------------------------------------- finding 1
+def two_tiers(db: Database, program_id: int) -> None:
+    definitions = [
+        TierDef(code="普通", name="普通", rank=0),
+        TierDef(code="金卡", name="金卡", rank=1),
+    ]
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=definitions))
+
+
+# ---------------------------------------------------------------------------
 
 
 def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_old_date(
@@ -44,8 +54,7 @@ def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_o
         dormancy=Dormancy(after_months=12, decay_pct=10),
     )
     program_id, (alice, *_) = with_policy(db, policy)
-    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=[
-        TierDef(code="普通", name="普通", rank=0), TierDef(code="金卡", name="金卡", rank=1)]))  # fmt: skip
+    two_tiers(db, program_id)
     set_tier(db, program_id, alice, "普通")
     move(db, at(2026, 1, 10, 9))
     earn(db, program_id, alice, 50, "a1")  # lapses 2028-01-11
@@ -67,7 +76,7 @@ def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_o
     assert (lapsed, summary(db, alice).balance) == (0, 1049), open_lots(db, alice)
 
 
-# --------------------------------------------------------------------------- finding 2
+# ---------------------------------------------------------------------------
 
 
 def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Database) -> None:
@@ -87,8 +96,11 @@ def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Data
     def configure(uow: UnitOfWork) -> None:
         tiers.set_tiers(uow, program_id=program_id, definitions=[TierDef(**t) for t in TIERS])
         settings = programs.get_settings(uow, program_id=program_id)
-        programs.set_settings(uow, program_id=program_id, settings=settings.model_copy(
-            update={"tier_scheme": scheme(upgrade_at_once=False, campaigns=[campaign])}))  # fmt: skip
+        tier_scheme = scheme(upgrade_at_once=False, campaigns=[campaign])
+        programs.set_settings(
+            uow, program_id=program_id,
+            settings=settings.model_copy(update={"tier_scheme": tier_scheme}),
+        )  # fmt: skip
 
     db.run(configure)
     set_tier(db, program_id, carol, "普通")
@@ -122,7 +134,7 @@ def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Data
     assert_ledger_sound(db, program_id)
 
 
-# --------------------------------------------------------------------------- finding 6
+# ---------------------------------------------------------------------------
 
 
 def test_a_dormant_members_own_event_that_earns_nothing_does_not_wake_it(db: Database) -> None:
@@ -161,8 +173,7 @@ def test_a_refund_to_a_lot_its_spend_emptied_misses_the_renewal_of_a_better_tier
         on_tier_change="extend",
     )
     program_id, (alice, *_) = with_policy(db, policy)
-    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=[
-        TierDef(code="普通", name="普通", rank=0), TierDef(code="金卡", name="金卡", rank=1)]))  # fmt: skip
+    two_tiers(db, program_id)
     set_tier(db, program_id, alice, "普通")
     move(db, at(2026, 1, 10, 9))
     earn(db, program_id, alice, 300, "a1")  # lapses 2027-01-11

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from jifen.db.uow import Database
@@ -82,11 +82,11 @@ def test_an_evaluation_run_finished_after_its_moment_undoes_a_later_upgrade_at_o
     world.order(alice, 1000)  # 40
     moment = quarter(2026, 4)
     # ten minutes after the evaluation's moment she earns 8,000 points: 40 + 320, 金卡 at once
-    world.at(moment + (datetime(2026, 1, 1, 0, 10) - datetime(2026, 1, 1)))
+    world.at(moment + timedelta(minutes=10))
     world.earn(alice, 8000)
     assert world.tier(alice) == "金卡"
     # the evaluation of that moment reaches her part only now (or is resumed now)
-    world.at(moment + (datetime(2026, 1, 1, 1) - datetime(2026, 1, 1)))
+    world.at(moment + timedelta(hours=1))
     jobs.run(db, "tiers.evaluate", program_id=world.program.id, now=moment)
     # her score is 360 now, above 金卡's retention line 240: she should keep it
     assert world.tier(alice) == "金卡", world.history(alice)
