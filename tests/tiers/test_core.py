@@ -104,6 +104,21 @@ def test_a_campaign_score_of_120_percent_of_a_threshold_lends_the_tier_for_a_mon
     assert ended.kind == "temporary_end"
 
 
+def test_a_temporary_upgrade_lasts_calendar_months_of_the_programmes_zone() -> None:
+    shanghai = ZoneInfo("Asia/Shanghai")
+    december = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC))
+    promo = scheme(upgrade_at_once=False, campaigns=[december])
+    # lent at 01:00 on 1 December in Shanghai (17:00 on 30 November in UTC): for December
+    now = datetime(2026, 12, 1, 1, tzinfo=shanghai).astimezone(UTC)
+    lent = core.decide(
+        promo, Standing("普通"), 0, now=now, evaluation=False, campaign_score=122, zone=shanghai
+    )
+    assert lent is not None and lent.standing.temporary_until == datetime(
+        2027, 1, 1, 1, tzinfo=shanghai
+    )
+    assert lent.standing.temporary_until.tzinfo == UTC
+
+
 def test_a_member_with_no_tier_is_lent_one_and_goes_back_to_the_entry_tier() -> None:
     promo = scheme(upgrade_at_once=False, campaigns=[CAMPAIGN])
     # a member is registered without a tier; outside evaluation its score gives it none

@@ -27,6 +27,10 @@ from jifen.tiers.schemas import Schedule, ScoreParts, TemporaryUpgrade, TierLeve
 
 Kind = Literal["evaluation", "upgrade", "temporary", "temporary_end", "manual"]
 
+DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
+"""A programme's time zone unless it names another (``programs.schemas``): the calendar
+months of score windows and temporary upgrades are counted in it."""
+
 
 @dataclass(frozen=True, slots=True)
 class ScoreFacts:
@@ -171,10 +175,12 @@ def decide(
     now: datetime,
     evaluation: bool,
     campaign_score: int | None = None,
+    zone: ZoneInfo = DEFAULT_ZONE,
 ) -> Decision | None:
     """What an evaluation (``evaluation``) or an earning does to ``standing`` given the
     member's score ``value`` and, during a campaign, its score over the campaign. None:
-    nothing changes."""
+    nothing changes. A temporary upgrade lasts its months on the calendar of ``zone``, the
+    programme's."""
     held = standing.earned_tier
     moved = earned_tier(scheme, held, value, evaluation=evaluation)
     base = moved[0] if moved is not None else held
@@ -201,7 +207,7 @@ def decide(
         current = result.standing if result is not None else standing
         target = temporary_target(scheme, current.tier, campaign, campaign_score)
         if target is not None:
-            until = add_months(now, campaign.months)
+            until = add_local_months(now, campaign.months, zone)
             # A member with no tier yet (as each is at registration) goes back to the entry
             # tier: outside an evaluation its score gives it no other.
             returns_to = current.earned_tier or scheme.levels[0].tier
@@ -265,11 +271,19 @@ class TierTimeline:
 
 
 def add_months(moment: datetime, months: int) -> datetime:
-    """``moment`` moved by ``months`` calendar months (the day clamped to the month's end)."""
+    """``moment`` moved by ``months`` calendar months (the day clamped to the month's end),
+    on the calendar and wall clock of the zone ``moment`` carries."""
     total = moment.year * 12 + moment.month - 1 + months
     year, month = divmod(total, 12)
     day = min(moment.day, calendar.monthrange(year, month + 1)[1])
     return moment.replace(year=year, month=month + 1, day=day)
+
+
+def add_local_months(moment: datetime, months: int, zone: ZoneInfo) -> datetime:
+    """``moment`` moved by ``months`` calendar months of ``zone`` (the programme's: 1 July
+    00:00 in Shanghai less three months is 1 April 00:00 there, not 31 March 16:00 UTC
+    less three months), in UTC."""
+    return add_months(moment.astimezone(zone), months).astimezone(UTC)
 
 
 _PERIOD_MONTHS = {"monthly": 1, "quarterly": 3, "half_yearly": 6, "yearly": 12}
@@ -297,6 +311,7 @@ def next_evaluation_at(schedule: Schedule, after: datetime, zone: ZoneInfo) -> d
     return start.astimezone(UTC)
 
 
-def window_start(scheme: TierScheme, now: datetime) -> datetime:
-    """Where the score's window starts for an evaluation at ``now``."""
-    return add_months(now, -scheme.window_months)
+def window_start(scheme: TierScheme, now: datetime, zone: ZoneInfo = DEFAULT_ZONE) -> datetime:
+    """Where the score's window starts for an evaluation at ``now``: ``window_months``
+    calendar months earlier in ``zone``, the programme's, in UTC."""
+    return add_local_months(now, -scheme.window_months, zone)

@@ -290,8 +290,13 @@ def last_evaluation_at(uow: UnitOfWork, *, program_id: int, at: datetime) -> dat
     scheme = scheme_of(uow, program_id=program_id)
     if scheme is None:
         return None
-    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    return core.last_evaluation_at(scheme.schedule, at, zone)
+    return core.last_evaluation_at(scheme.schedule, at, _zone(uow, program_id))
+
+
+def _zone(uow: UnitOfWork, program_id: int) -> ZoneInfo:
+    """The programme's time zone: its calendar months count the score's window and the
+    months of a temporary upgrade."""
+    return ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
 
 
 # --------------------------------------------------------------------------- facts
@@ -448,7 +453,8 @@ def _run(
     report = EvaluationReport(evaluated=len(ids), last_member_id=ids[-1] if ids else None)
     if not ids:
         return report
-    values = _scores(uow, scheme, ids, core.window_start(scheme, now), now)
+    zone = _zone(uow, program_id)
+    values = _scores(uow, scheme, ids, core.window_start(scheme, now, zone), now)
     campaign = core.active_campaign(scheme, now)
     campaign_values = (
         _scores(uow, scheme, ids, campaign.starts_at, now) if campaign is not None else {}
@@ -458,7 +464,7 @@ def _run(
     def decide(member_id: int, standing: core.Standing) -> core.Decision | None:
         return core.decide(
             scheme, standing, values[member_id], now=now, evaluation=evaluation,
-            campaign_score=campaign_values.get(member_id),
+            campaign_score=campaign_values.get(member_id), zone=zone,
         )  # fmt: skip
 
     moves: dict[int, core.Decision] = {}
@@ -667,7 +673,7 @@ def member_score(uow: UnitOfWork, *, program_id: int, member_id: int, now: datet
         raise StateConflict(
             problem="This programme has no tier scheme.", problem_zh="本计划尚未设置等级评定方案。"
         )
-    since = core.window_start(scheme, now)
+    since = core.window_start(scheme, now, _zone(uow, program_id))
     facts = _facts(uow, scheme, [member_id], since, now)[member_id]
     return ScoreRead(
         spend_fen=facts.spend_fen,
