@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from jifen.clock import ManualClock
 from jifen.db.uow import Database, UnitOfWork
@@ -449,6 +450,46 @@ def test_a_member_with_no_tier_lent_one_goes_back_to_the_entry_tier(db: Database
     assert world.tiers() == ["普通", "普通", "普通"]
     assert world.history(alice) == [(None, "银卡", "temporary"), ("银卡", "普通", "temporary_end")]
     assert world.history(carol)[-1] == ("银卡", "普通", "temporary_end")
+
+
+def test_a_temporary_tier_the_members_score_holds_becomes_its_own_as_a_recorded_change(
+    db: Database,
+) -> None:
+    from jifen.notify.models import inbox_messages
+
+    world = lend_silver_in_double_eleven(db, members=2)
+    alice, bob = world.members
+    # an evaluation before the month is over: their own score of 160 holds 银卡
+    world.at(datetime(2026, 12, 1, tzinfo=UTC))
+    world.evaluate("on demand")
+    assert world.tiers() == ["银卡", "银卡"]
+    held = db.run(lambda uow: service.member_tier(uow, program_id=world.program.id, member_id=bob))
+    assert (held.temporary_until, held.returns_to) == (None, None)
+    assert world.history(bob) == [
+        (None, "普通", "manual"), ("普通", "银卡", "temporary"), ("银卡", "银卡", "evaluation"),
+    ]  # fmt: skip
+    items, _ = db.run(
+        lambda uow: service.history(
+            uow, program_id=world.program.id, member_id=bob, before_id=None, limit=1
+        )
+    )
+    assert items[0].reason == (
+        "on demand; temporary 银卡 is the member's own now: score 160 reaches 银卡 (from 101)"
+    )
+    # the member hears that the tier is its own, not that it changed from 银卡 to 银卡
+    with db.engine.connect() as conn:
+        notes = conn.execute(
+            select(inbox_messages.c.template, inbox_messages.c.title)
+            .where(inbox_messages.c.member_id == bob)
+            .order_by(inbox_messages.c.id)
+        ).all()
+    assert [(template, title) for template, title in notes][-1] == (
+        "tier.kept",
+        "您的 银卡 等级已转为正式等级",
+    )
+    # evaluating again changes nothing: the tier is its own already
+    world.evaluate("again")
+    assert len(world.history(bob)) == 3 and len(world.history(alice)) == 2
 
 
 def test_the_tier_at_a_moment_walks_back_the_recorded_changes(db: Database) -> None:

@@ -202,6 +202,14 @@ def decide(
             "evaluation" if evaluation else "upgrade",
             f"score {value} holds {base} without the temporary upgrade",
         )
+    if result is not None and made_own(standing, result.standing):
+        # The tier code stays, but the member's standing changes: recorded as a change of
+        # its own (its points take the tier's validity, as a member reaching it does).
+        result = Decision(
+            result.standing,
+            result.kind,
+            f"temporary {standing.tier} is the member's own now: {result.reason}",
+        )
     campaign = active_campaign(scheme, now)
     if campaign is not None and campaign_score is not None:
         current = result.standing if result is not None else standing
@@ -219,6 +227,12 @@ def decide(
                 f"{until.isoformat()}",
             )
     return result
+
+
+def made_own(before: Standing, after: Standing) -> bool:
+    """Whether ``after`` makes the tier ``before`` held temporarily the member's own: the
+    same tier, no longer lent."""
+    return before.temporary and not after.temporary and after.tier == before.tier
 
 
 def end_temporary(standing: Standing, now: datetime, entry: str) -> Decision | None:

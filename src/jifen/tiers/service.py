@@ -521,7 +521,8 @@ def _apply(
     actor: str,
     reason: str = "",
 ) -> list[TierChangeRead]:
-    """Write the moves (one statement per kind of write) and record the visible changes."""
+    """Write the moves (one statement per kind of write) and record the visible changes:
+    a new tier, and a temporary tier made the member's own (from and to the same tier)."""
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     quiet: list[dict[str, Any]] = []
@@ -535,7 +536,7 @@ def _apply(
             "base_tier_code": after.base_tier if after.temporary else None,
             "temporary_until": after.temporary_until,
         }
-        if after.tier == move.before.tier:
+        if after.tier == move.before.tier and not core.made_own(move.before, after):
             quiet.append(values)  # only what a temporary upgrade goes back to changed
             continue
         values |= {"tier_code": after.tier, "since": now, "reason": why, "set_by": actor}
@@ -608,9 +609,11 @@ def _announce(uow: UnitOfWork, program_id: int, changes: Sequence[TierChangeRead
         key = f"tier:{change.id}"
         announced.append((key, data))
         if change.from_tier is not None:  # a first placement is no news to the member
+            # the same tier: a temporary upgrade made the member's own
+            template = "tier.changed" if change.from_tier != change.to_tier else "tier.kept"
             notes.append(
                 Notification(
-                    program_id, change.member_id, template="tier.changed", data=data,
+                    program_id, change.member_id, template=template, data=data,
                     key=key, channels=("inbox",),
                 )
             )  # fmt: skip
