@@ -345,6 +345,11 @@ def _facts(
 
 
 def _standings(uow: UnitOfWork, ids: Iterable[int]) -> dict[int, core.Standing]:
+    return {member_id: standing for member_id, (standing, _) in _written(uow, ids).items()}
+
+
+def _written(uow: UnitOfWork, ids: Iterable[int]) -> dict[int, tuple[core.Standing, datetime]]:
+    """Each member's stored standing, and when its tier was last set."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
@@ -354,16 +359,32 @@ def _standings(uow: UnitOfWork, ids: Iterable[int]) -> dict[int, core.Standing]:
             member_tiers.c.tier_code,
             member_tiers.c.base_tier_code,
             member_tiers.c.temporary_until,
+            member_tiers.c.since,
         ).where(among(uow.dialect, member_tiers.c.member_id, wanted))
     ).all()
     return {
-        int(r.member_id): core.Standing(
-            r.tier_code,
-            r.base_tier_code if r.temporary_until is not None else None,
-            r.temporary_until,
+        int(r.member_id): (
+            core.Standing(
+                r.tier_code,
+                r.base_tier_code if r.temporary_until is not None else None,
+                r.temporary_until,
+            ),
+            r.since,
         )
         for r in rows
     }
+
+
+def _as_of(
+    uow: UnitOfWork, ids: Iterable[int], now: datetime
+) -> tuple[dict[int, core.Standing], set[int]]:
+    """The members' stored standings, and those of them whose tier was set after ``now``: a
+    decision taken after the moment an evaluation scores at (an upgrade at once, a tier set
+    by staff, while a long run or one resumed after a crash reaches them) stands, as the
+    score it is compared with no longer holds."""
+    written = _written(uow, ids)
+    standings = {member_id: standing for member_id, (standing, _) in written.items()}
+    return standings, {member_id for member_id, (_, since) in written.items() if since > now}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -389,8 +410,10 @@ def evaluate(
 ) -> EvaluationReport:
     """Evaluate a chunk of the programme's members (ids as :func:`member_ids_page` gives
     them) as of ``now``: up to the tier their score reaches, down when it is below their
-    tier's retention line. Writes only the members whose tier changes (nothing when
-    ``dry_run``); each change is recorded with ``reason`` and announced."""
+    tier's retention line. A member whose tier was set after ``now`` is left as it is (and
+    counted unchanged): its score as of ``now`` no longer holds. Writes only the members
+    whose tier changes (nothing when ``dry_run``); each change is recorded with ``reason``
+    and announced."""
     scheme = scheme_of(uow, program_id=program_id)
     if scheme is None:
         raise StateConflict(
@@ -459,7 +482,7 @@ def _run(
     campaign_values = (
         _scores(uow, scheme, ids, campaign.starts_at, now) if campaign is not None else {}
     )
-    standings = _standings(uow, ids)
+    standings, later = _as_of(uow, ids, now)
 
     def decide(member_id: int, standing: core.Standing) -> core.Decision | None:
         return core.decide(
@@ -469,6 +492,8 @@ def _run(
 
     moves: dict[int, core.Decision] = {}
     for member_id in ids:
+        if member_id in later:
+            continue  # its tier was set after ``now``: that later decision stands
         decision = decide(member_id, standings.get(member_id, core.Standing(None)))
         if decision is not None:
             moves[member_id] = decision
@@ -476,11 +501,12 @@ def _run(
         # Hold the movers (in id order, as earnings do) and decide again on what is stored
         # now: an earning may have moved one of them since the read above.
         members_service.lock_members(uow, member_ids=moves)
-        standings = _standings(uow, moves)
+        standings, later = _as_of(uow, moves, now)
         moves = {
             member_id: decision
             for member_id in sorted(moves)
-            if (decision := decide(member_id, standings.get(member_id, core.Standing(None))))
+            if member_id not in later
+            and (decision := decide(member_id, standings.get(member_id, core.Standing(None))))
         }
     for member_id in ids:
         before = standings.get(member_id, core.Standing(None))
