@@ -234,6 +234,47 @@ def test_two_years_of_quarterly_evaluations(db: Database) -> None:
     assert items[0].score == 361 and items[0].actor == "tiers"
 
 
+def test_a_claw_back_counts_in_the_window_of_the_earning_it_takes_back(db: Database) -> None:
+    world = World(db, scheme(upgrade_at_once=False), members=2)
+    alice, bob = world.members
+
+    def earn(member_id: int, points: int) -> int:
+        return db.run(
+            lambda uow: (
+                points_service.earn(
+                    uow, member_id=member_id, amount=points, key=uuid.uuid4().hex
+                ).id
+            )
+        )
+
+    # both earn 5,000 points on 20 March 2026, before the window of the 2027-Q1 evaluation
+    world.at(datetime(2026, 3, 20, tzinfo=UTC))
+    alices = earn(alice, 5000)
+    earn(bob, 5000)
+    # alice's are clawed back on 5 April 2026, inside that window
+    world.at(datetime(2026, 4, 5, tzinfo=UTC))
+    db.run(lambda uow: points_service.reverse(uow, earn_id=alices, key="cb", reason="fraud"))
+    # both earn 3,000 points in June 2026: 120, 银卡
+    world.at(datetime(2026, 6, 1, tzinfo=UTC))
+    earn(alice, 3000)
+    earn(bob, 3000)
+    world.at(quarter(2027, 4))
+    world.evaluate("2027-Q1")
+    # the window (1 April 2026 – 1 April 2027) holds the same earnings for both: 3,000
+    assert world.tiers() == ["银卡", "银卡"]
+    # and a claw-back in the window of an earning in it takes it off: 5,000 - 2,000
+    world.at(datetime(2027, 5, 1, tzinfo=UTC))
+    bobs = earn(bob, 5000)
+    world.at(datetime(2027, 5, 2, tzinfo=UTC))
+    db.run(lambda uow: points_service.reverse(uow, earn_id=bobs, key="cb2", amount=2000))
+    score = db.run(
+        lambda uow: service.member_score(
+            uow, program_id=world.program.id, member_id=bob, now=uow.clock.now()
+        )
+    )
+    assert score.earned_points == 3000 + 3000
+
+
 def test_an_earning_upgrades_at_once_and_only_evaluation_downgrades(db: Database) -> None:
     world = World(db, scheme(upgrade_at_once=True), members=2)
     alice, bob = world.members

@@ -25,7 +25,18 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-from sqlalchemy import Row, RowMapping, String, bindparam, case, func, select, text
+from sqlalchemy import (
+    Row,
+    RowMapping,
+    String,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from jifen import crypto
@@ -2171,6 +2182,11 @@ class _Replay:
         self.budgets = core.Budgets(by_rule=spent, program=program)
 
 
+_REFUNDS_OF_ORDERS = "refunds-of-orders"
+"""What :func:`spend_and_counts` calls its rows of refunds summed by their order's window
+(never an event's type: a type has no '-')."""
+
+
 def spend_and_counts(
     uow: UnitOfWork,
     *,
@@ -2180,28 +2196,59 @@ def spend_and_counts(
     counted_types: Iterable[str] = (),
 ) -> dict[int, tuple[int, int]]:
     """For each of ``member_ids``: the money its orders paid in (``since``, ``until``] less
-    what refunds gave back, in fen, and how many events of ``counted_types`` it had then.
-    One grouped query; members with nothing are left out."""
+    what refunds of those orders gave back up to ``until``, in fen, and how many events of
+    ``counted_types`` it had then. A refund counts in the window of the order it refunds,
+    not in its own: a refund in the window of an order paid before it is no spend of the
+    window's to take back, and one after the window of an order in it is (until ``until``).
+    One statement: the orders and counted events by their own time, and the refunds of the
+    orders in the window joined to them by the order's subject (its index); members with
+    nothing are left out."""
     ids = sorted(set(member_ids))
     if not ids:
         return {}
     counted = sorted(set(counted_types))
-    rows = uow.conn.execute(
-        select(events.c.member_id, events.c.type, func.sum(events.c.amount_fen), func.count())
+    own_time = (
+        select(
+            events.c.member_id, events.c.type, func.sum(events.c.amount_fen).label("fen"),
+            func.count().label("seen"),
+        )
         .where(
             among(uow.dialect, events.c.member_id, ids),
             events.c.occurred_at > since,
             events.c.occurred_at <= until,
-            events.c.type.in_(sorted({"order.paid", "order.refunded", *counted})),
+            events.c.type.in_(sorted({"order.paid", *counted})),
         )
         .group_by(events.c.member_id, events.c.type)
-    ).all()
+    )  # fmt: skip
+    order, refund = events.alias("paid_order"), events.alias("refund")
+    refunded = (
+        select(
+            order.c.member_id, literal_column(f"'{_REFUNDS_OF_ORDERS}'"),
+            func.sum(refund.c.amount_fen), func.count(),
+        )
+        .select_from(
+            order.join(
+                refund,
+                (refund.c.program_id == order.c.program_id)
+                & (refund.c.subject == order.c.subject)
+                & (refund.c.type == "order.refunded"),
+            )
+        )
+        .where(
+            among(uow.dialect, order.c.member_id, ids),
+            order.c.type == "order.paid",
+            order.c.occurred_at > since,
+            order.c.occurred_at <= until,
+            refund.c.occurred_at <= until,
+        )
+        .group_by(order.c.member_id)
+    )  # fmt: skip
     found: dict[int, tuple[int, int]] = {}
-    for member_id, event_type, amount, count in rows:
+    for member_id, event_type, amount, count in uow.conn.execute(union_all(own_time, refunded)):
         spend, seen = found.get(int(member_id), (0, 0))
         if event_type == "order.paid":
             spend += int(amount or 0)
-        elif event_type == "order.refunded":
+        elif event_type == _REFUNDS_OF_ORDERS:
             spend -= int(amount or 0)
         if event_type in counted:
             seen += int(count)

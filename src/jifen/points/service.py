@@ -2194,20 +2194,31 @@ def earned_by(
     uow: UnitOfWork, *, member_ids: Iterable[int], since: datetime, until: datetime
 ) -> dict[int, int]:
     """Points each of ``member_ids`` earned in (``since``, ``until``], less what was clawed
-    back in it; one grouped query (members who earned nothing are left out)."""
+    back of those earnings up to ``until``: a claw-back counts in the window of the earning
+    it claws back (joined by its reference), so one in the window of an earning made before
+    it takes nothing off the window's earnings. One grouped query (members who earned
+    nothing are left out)."""
     ids = sorted(set(member_ids))
     if not ids:
         return {}
     signed = case((postings.c.kind == "reverse", -postings.c.amount), else_=postings.c.amount)
+    earning = postings.alias("earning")
     rows = uow.conn.execute(
         select(accounts.c.member_id, func.sum(signed))
-        .select_from(postings.join(accounts, accounts.c.id == postings.c.account_id))
+        .select_from(
+            postings.join(accounts, accounts.c.id == postings.c.account_id).outerjoin(
+                earning,
+                and_(postings.c.kind == "reverse", earning.c.id == postings.c.ref_posting_id),
+            )
+        )
         .where(
             among(uow.dialect, accounts.c.member_id, ids),
             accounts.c.currency == CURRENCY,
             postings.c.kind.in_(("earn", "reverse")),
             postings.c.created_at > since,
             postings.c.created_at <= until,
+            # a claw-back comes after its earning: an earning in the window is after since
+            (postings.c.kind != "reverse") | (earning.c.created_at > since),
         )
         .group_by(accounts.c.member_id)
     ).all()

@@ -37,9 +37,11 @@ class ScoreFacts:
     """What a member did in the window the score counts over."""
 
     spend_fen: int = 0
-    """Money paid for orders, less refunds."""
+    """Money paid for orders, less what their refunds gave back (a refund counts in the
+    window of the order it refunds)."""
     earned_points: int = 0
-    """Points earned, less claw-backs."""
+    """Points earned, less what was clawed back of them (a claw-back counts in the window
+    of the earning it takes back)."""
     activity: int = 0
     """Events of the activity part's types."""
 
