@@ -357,6 +357,38 @@ def test_a_birthday_gift_jifen_posts_by_itself_is_no_activity(db: Database) -> N
     assert [(p.amount, p.actor) for p in history.items] == [(10, "system")] * 2 + [(1000, "")]
 
 
+def test_a_members_own_event_restarts_the_dormancy_clock_from_its_time(db: Database) -> None:
+    """任意行为激活: an event of the member's that earns nothing is activity, and the twelve
+    months of dormancy count from it; an event jifen raises by itself is none."""
+    from jifen.events import service as events_service
+    from jifen.events.schemas import EventIn
+
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, bob, _) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    earn(db, program_id, bob, 1000, "b1")
+
+    def send(member: int, source: str, key: str, when: datetime) -> None:
+        move(db, when)
+        event = EventIn(source=source, external_id=key, type="member.checked_in",
+                        occurred_at=when, member_id=member)  # fmt: skip
+        db.run(lambda uow: events_service.ingest(uow, program_id=program_id, event=event))
+
+    # alice checks in (no rule: 0 points) on 2026-06-01; jifen itself sends one for bob
+    send(alice, "app", "c1", at(2026, 6, 1, 8))
+    send(bob, "jifen", "c2", at(2026, 6, 1, 8))
+    # 12 months after his earning bob is dormant; alice is not, until 12 months after hers
+    figures = job(db, "points.dormancy", program_id, at(2027, 1, 10, 10)).figures
+    assert (figures["decays"], figures["decayed"]) == (1, 100)
+    # bob's decays of February to May; alice's first when her 12 months are over
+    assert job(db, "points.dormancy", program_id, at(2027, 6, 1, 7)).figures["decays"] == 4
+    assert job(db, "points.dormancy", program_id, at(2027, 6, 1, 8)).figures["decays"] == 1
+    assert (summary(db, alice).frozen, summary(db, bob).frozen) == (100, 100 + 90 + 81 + 72 + 65)
+
+
 def test_a_reminder_day_the_worker_missed_is_caught_up_once(db: Database) -> None:
     from jifen.notify import service as notify
 

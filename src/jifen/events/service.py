@@ -79,6 +79,7 @@ from jifen.events.schemas import (
 from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
 from jifen.members.core import PersonalValues
+from jifen.members.models import members
 from jifen.members.schemas import MemberFacts
 from jifen.notify import service as notify_service
 from jifen.points import service as points_service
@@ -2180,6 +2181,26 @@ class _Replay:
             spent[award.rule] = spent.get(award.rule, 0) + award.points
             program += award.points
         self.budgets = core.Budgets(by_rule=spent, program=program)
+
+
+def last_own_events(uow: UnitOfWork, *, member_ids: Sequence[int]) -> dict[int, datetime]:
+    """When each of ``member_ids`` last had an event of its own (one it sent or that
+    happened to it, whatever it earned: a check-in, an order of excluded goods), not one
+    jifen raised by itself (:data:`OWN_SOURCE`: a birthday). What dormancy counts as
+    activity besides the member's postings. One statement: for each member its latest such
+    event by the member index, which PostgreSQL reads backwards from the end, a row or two
+    a member however long its history; members with none are left out."""
+    if not member_ids:
+        return {}
+    latest = (
+        select(func.max(events.c.occurred_at))
+        .where(events.c.member_id == members.c.id, events.c.source != OWN_SOURCE)
+        .scalar_subquery()
+    )
+    rows = uow.conn.execute(
+        select(members.c.id, latest).where(among(uow.dialect, members.c.id, member_ids))
+    ).all()
+    return {int(member_id): when for member_id, when in rows if when is not None}
 
 
 _REFUNDS_OF_ORDERS = "refunds-of-orders"

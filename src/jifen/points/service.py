@@ -1757,7 +1757,8 @@ def last_activity(
 ) -> dict[int, datetime]:
     """When each member last earned, spent or gave points: postings of its doing, not those
     jifen made by itself (actor :data:`SYSTEM`: a birthday gift, a dormancy restoration).
-    What dormancy counts as activity."""
+    What dormancy counts as activity, with the member's own events
+    (``jifen.expiry.service.last_activity``)."""
     if not member_ids:
         return {}
     rows = uow.conn.execute(
