@@ -1,0 +1,277 @@
+"""Review: credentials doing or seeing more than their scope allows.
+
+Each test states what the scope rules say should happen; a failing test is a finding of the
+security review (branch review-sec). Nothing in production code is changed here."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from jifen.auth import service as auth
+from jifen.db.uow import Database
+from tests.api import support
+from tests.api.earning import Shop as EarningShop
+from tests.api.earning import body, order
+from tests.api.test_rewards import MUG, WASH, Till
+
+Json = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def test_review_member_order_routes_hide_another_merchants_orders(
+    client: TestClient, db: Database
+) -> None:
+    """GET …/orders and …/orders/{id} show a merchant's credentials only its own orders;
+    the member-path routes must not show them another merchant's."""
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    mall = support.api_key(db, till.shop.program_id, merchant="mall")
+    other = support.api_key(db, till.shop.program_id, merchant="other")
+    at_mall = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "wash"}, mall), 201)
+    # the programme route hides mall's order from 'other' (as the existing tests require)
+    assert till.get(f"/orders/{at_mall['id']}", other).status_code == 404
+    # the member-path routes should hide it too
+    listed = body(till.get(f"/members/{till.alice}/orders", other), 200)["items"]
+    one = till.get(f"/members/{till.alice}/orders/{at_mall['id']}", other)
+    assert [o["id"] for o in listed] == [] and one.status_code == 404, (listed, one.text)
+
+
+def test_review_a_cashier_pays_only_its_own_stores_orders(client: TestClient, db: Database) -> None:
+    """A cashier acts at its own store: an order made at another store of the merchant is
+    not one it may see or confirm the payment of."""
+    till = Till(client, db)
+    kettle = {**MUG, "code": "kettle", "cash_fen": 9000, "stock": 5}
+    body(till.post("/rewards", kettle, till.operator), 201)
+    program = till.shop.program_id
+    s2 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S2")
+    made = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "kettle"}, s2), 201)
+    assert made["state"] == "awaiting_payment"
+    seen = till.get(f"/orders/{made['id']}", till.cashier)  # hq / S1
+    paid = till.post(
+        f"/orders/{made['id']}/paid", {"payment_ref": "pos-s1", "amount_fen": 9000}, till.cashier
+    )
+    assert (seen.status_code, paid.status_code) == (404, 403), (seen.text, paid.text)
+
+
+def test_review_a_merchant_cannot_accept_another_merchants_voucher(
+    client: TestClient, db: Database
+) -> None:
+    """A voucher of an order made for merchant 'mall' is not accepted at another merchant's
+    till (its order moves and payments are refused to other merchants already)."""
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    program = till.shop.program_id
+    mall = support.api_key(db, program, merchant="mall")
+    at_mall = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "wash"}, mall), 201)
+    code = at_mall["voucher"]["code"]
+    stranger = support.staff(db, "cashier", program_id=program, merchant="other", store="X1")
+    used = till.post(f"/vouchers/{code}/use", {}, stranger)
+    assert used.status_code in (403, 404), used.text
+
+
+def test_review_another_merchants_order_is_unknown_not_forbidden(
+    client: TestClient, db: Database
+) -> None:
+    """Minor: reads answer 404 for another merchant's order, writes 403 naming it: an
+    existence oracle across merchants."""
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    program = till.shop.program_id
+    mall = support.api_key(db, program, merchant="mall")
+    at_mall = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "wash"}, mall), 201)
+    other = support.staff(db, "operator", program_id=program, merchant="other")
+    missing = till.post("/orders/999999999/cancel", {}, other)
+    theirs = till.post(f"/orders/{at_mall['id']}/cancel", {}, other)
+    assert missing.status_code == 404
+    assert theirs.status_code == 404, theirs.text
+
+
+# --------------------------------------------------------------------------- points
+
+
+def test_review_a_cashier_refunds_only_its_own_stores_spends(
+    client: TestClient, db: Database
+) -> None:
+    """Give-backs check the posting's merchant but not its store: a cashier of store S1
+    must not refund a spend made at S2."""
+    till = Till(client, db)
+    program = till.shop.program_id
+    s2 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S2")
+    spend = body(till.post(f"/members/{till.alice}/points/spend", {"amount": 100}, s2), 201)
+    refund = till.post(f"/postings/{spend['id']}/refund", {}, till.cashier)  # hq / S1
+    assert refund.status_code == 403, refund.text
+
+
+def test_review_a_merchant_cannot_release_a_risk_officers_freeze(
+    client: TestClient, db: Database
+) -> None:
+    """Freezes are risk control made for no merchant; credentials of one merchant must not
+    release one (give-backs of postings of no merchant are refused to them otherwise)."""
+    till = Till(client, db)
+    program = till.shop.program_id
+    risk = support.staff(db, "risk_officer", program_id=program)
+    frozen = body(
+        till.post(f"/members/{till.alice}/points/freeze", {"amount": 4000, "reason": "fraud"},
+                  risk), 201,
+    )  # fmt: skip
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    released = till.post(f"/postings/{frozen['id']}/unfreeze", {}, mall_operator)
+    assert released.status_code == 403, released.text
+
+
+# --------------------------------------------------------------------------- events
+
+
+def test_review_a_merchant_reads_only_its_own_events(client: TestClient, db: Database) -> None:
+    shop = EarningShop(client, db)
+    hq = support.api_key(db, shop.program.id, merchant="hq")
+    other = support.api_key(db, shop.program.id, merchant="other")
+    sent = body(
+        shop.send(shop.event(shop.alice, "hq-order-1", order("A1", ("TV", "家电", 1000))), hq),
+        201,
+    )
+    seen = shop.get(f"/events/{sent['id']}", other)
+    assert seen.status_code == 404, seen.text
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+def test_review_a_merchants_operator_cannot_take_over_programme_webhooks(
+    client: TestClient, db: Database
+) -> None:
+    """Webhooks carry every merchant's postings and orders: an operator of one merchant must
+    not rotate (and so learn) the secret of the programme's subscription, nor subscribe
+    itself to other merchants' events."""
+    shop = EarningShop(client, db)
+    program = shop.program.id
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    hook = body(shop.post("/webhooks", {"url": "http://93.184.216.34/all", "event_types": ["*"]}),
+                201)  # fmt: skip
+    rotated = shop.post(f"/webhooks/{hook['id']}/rotate", {}, mall_operator)
+    assert rotated.status_code in (403, 404), rotated.text
+
+
+def test_review_a_merchants_webhook_gets_no_other_merchants_events(
+    client: TestClient, db: Database
+) -> None:
+    shop = EarningShop(client, db)
+    program = shop.program.id
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    mine = shop.post("/webhooks", {"url": "http://93.184.216.34/m", "event_types": ["*"]},
+                     mall_operator)  # fmt: skip
+    if mine.status_code in (403, 404):
+        return  # refused outright: nothing leaks
+    hook = body(mine, 201)
+    hq = support.api_key(db, program, merchant="hq")
+    body(shop.post(f"/members/{shop.alice}/points/earn", {"amount": 50}, hq), 201)
+    deliveries = body(shop.get(f"/webhooks/{hook['id']}/deliveries", mall_operator), 200)
+    merchants = [json.loads(d["payload"])["data"].get("merchant") for d in deliveries["items"]]
+    assert "hq" not in merchants, deliveries
+
+
+# --------------------------------------------------------------------------- sign-in
+
+
+def test_review_a_session_opened_without_totp_does_not_gain_writes(
+    client: TestClient, db: Database
+) -> None:
+    """Read-only staff sign in without a TOTP code (by design); a write role granted later
+    must not make that session one that writes without a second factor."""
+    shop = EarningShop(client, db)
+    program = shop.program.id
+
+    username = f"later-{uuid.uuid4().hex[:8]}"
+
+    def make(uow: Any) -> int:
+        created = auth.create_staff(uow, username=username, password="correct horse 1")
+        auth.grant_role(uow, staff_id=created.id, role="auditor", program_id=program)
+        return created.id
+
+    staff_id = db.run(make)
+    signed = client.post(
+        "/v1/auth/staff/sign-in", json={"username": username, "password": "correct horse 1"}
+    )
+    token = body(signed, 200)["token"]
+    db.run(lambda uow: auth.grant_role(uow, staff_id=staff_id, role="operator", program_id=program))
+    earned = shop.post(f"/members/{shop.alice}/points/earn", {"amount": 10}, support.bearer(token))
+    assert earned.status_code in (401, 403), earned.text
+
+
+# --------------------------------------------------------------------------- programme-wide
+
+
+def test_review_a_merchants_operator_cannot_change_programme_wide_configuration(
+    client: TestClient, db: Database
+) -> None:
+    """Roles, API keys and programmes are refused to merchant-scoped administrators (they
+    hand out that merchant's scope only); the programme's policy and reward catalogue, which
+    bind every merchant, should be too."""
+    shop = EarningShop(client, db)
+    program = shop.program.id
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    settings = body(shop.get("/settings"), 200)
+    filed = shop.put("/settings", {**settings, "transfers_enabled": True}, mall_operator)
+    reward = shop.post(
+        "/rewards", {"code": "free", "kind": "virtual", "name": {"zh": "免费"}, "points": 1},
+        mall_operator,
+    )  # fmt: skip
+    assert (filed.status_code, reward.status_code) == (403, 403), (filed.text, reward.text)
+
+
+def test_review_a_programme_auditor_verifies_only_its_programme(
+    client: TestClient, db: Database
+) -> None:
+    """Minor: /audit/verify reads and reports on the whole installation's log for an auditor
+    of one programme (entry counts move with other programmes' activity)."""
+    mine, theirs = EarningShop(client, db), EarningShop(client, db)
+    auditor = support.staff(db, "auditor", program_id=mine.program.id)
+    before = body(client.get("/v1/audit/verify", headers=auditor), 200)["entries"]
+    body(theirs.post(f"/members/{theirs.alice}/points/earn", {"amount": 5}), 201)
+    after = body(client.get("/v1/audit/verify", headers=auditor), 200)["entries"]
+    assert after == before
+
+
+def test_review_another_programmes_existence_is_not_revealed(
+    client: TestClient, db: Database
+) -> None:
+    """Minor: a key of programme A learns which programme codes exist (403) and which do
+    not (404)."""
+    mine, theirs = EarningShop(client, db), EarningShop(client, db)
+    existing = client.get(f"/v1/programs/{theirs.program.code}/members/1/points", headers=mine.key)
+    missing = client.get("/v1/programs/no-such-programme/members/1/points", headers=mine.key)
+    assert existing.status_code == missing.status_code, (existing.text, missing.text)
+
+
+# --------------------------------------------------------------------------- personal data
+
+
+def _id_number(seed: int) -> str:
+    from jifen.members.core import id_check_digit
+
+    first17 = f"11010519900307{seed:03d}"
+    return first17 + id_check_digit(first17)
+
+
+def test_review_a_member_cannot_probe_whose_phone_or_id_number_is_bound(
+    client: TestClient, db: Database
+) -> None:
+    """Signing in by code answers the same whether or not a number belongs to a member; a
+    member's own binding should not tell it either (a 409 names the number as another
+    member's, a free one binds)."""
+    shop = EarningShop(client, db)
+    members = "/members"
+    body(shop.put(f"{members}/{shop.bob}/identity",
+                  {"id_number": _id_number(1), "phone": "13900000001"}), 200)  # fmt: skip
+    as_alice = support.member(db, shop.alice)
+    taken = shop.put(f"{members}/{shop.alice}/identity",
+                     {"id_number": _id_number(1), "phone": "13900000002"}, as_alice)  # fmt: skip
+    free = shop.put(f"{members}/{shop.alice}/identity",
+                    {"id_number": _id_number(2), "phone": "13900000003"}, as_alice)  # fmt: skip
+    assert taken.status_code == free.status_code, (taken.text, free.text)
