@@ -331,6 +331,30 @@ def test_credentials_of_one_merchant_read_only_its_own_orders(
     assert body(till.get(f"/orders/{at_mall['id']}", mall), 200)["id"] == at_mall["id"]
 
 
+def test_the_member_routes_show_one_merchants_credentials_its_own_orders_and_vouchers(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    mall = support.api_key(db, till.shop.program_id, merchant="mall")
+    redeem = f"/members/{till.alice}/redemptions"
+    at_mall = body(till.post(redeem, {"reward": "wash"}, mall), 201)
+    own = body(till.post(redeem, {"reward": "wash"}, till.as_alice), 201)  # no merchant
+    orders, vouchers = f"/members/{till.alice}/orders", f"/members/{till.alice}/vouchers"
+    # mall sees its own order and voucher of alice's, not the one of her own app
+    assert [o["id"] for o in body(till.get(orders, mall), 200)["items"]] == [at_mall["id"]]
+    listed = body(till.get(vouchers, mall), 200)["items"]
+    assert [v["order_id"] for v in listed] == [at_mall["id"]]
+    unknown = till.get(f"{orders}/{own['id']}", mall)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_order"
+    # alice and the programme's staff see both
+    for who in (till.as_alice, till.operator):
+        seen = body(till.get(orders, who), 200)["items"]
+        assert [o["id"] for o in seen] == [own["id"], at_mall["id"]]
+        assert len(body(till.get(vouchers, who), 200)["items"]) == 2
+        assert body(till.get(f"{orders}/{at_mall['id']}", who), 200)["id"] == at_mall["id"]
+
+
 def test_the_payment_of_a_cash_part_is_named_by_the_till_once(
     client: TestClient, db: Database
 ) -> None:

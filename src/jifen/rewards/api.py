@@ -184,6 +184,13 @@ def _seen(ctx: Context, read: Shown) -> Shown:
     return read if ctx.principal.kind == "member" else read.masked()
 
 
+def _merchant_seen(ctx: Context) -> str | None:
+    """The merchant whose orders and vouchers of a member the caller sees: a member sees all
+    its own (those it made in its app and at any merchant's till); credentials of one
+    merchant see that merchant's only."""
+    return None if ctx.principal.kind == "member" else ctx.merchant_scope
+
+
 def _audited_order(answer: dict[str, Any]) -> dict[str, Any]:
     """What the audit log keeps of a redemption's answer: the voucher's code masked (the
     answer hands it whole to whoever redeemed, a till redeeming for a member at its
@@ -261,14 +268,15 @@ def member_orders(
     cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
-    """The member's redemption orders, newest first."""
+    """The member's redemption orders, newest first (credentials of one merchant: its
+    own)."""
     before = id_cursor(cursor)
 
     def read(uow: UnitOfWork) -> tuple[list[OrderRead], str | None]:
         _member(uow, ctx, member_id)
         return service.list_orders(
             uow, program_id=ctx.program_id, member_id=member_id, state=state,
-            after_id=before, limit=limit,
+            merchant=_merchant_seen(ctx), after_id=before, limit=limit,
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)
@@ -282,10 +290,12 @@ def member_order(
     order_id: Id,
     ctx: Annotated[Context, Depends(Read("orders.read"))],
 ) -> OrderRead:
-    """One of the member's orders, with how its price was reached and every step."""
+    """One of the member's orders, with how its price was reached and every step
+    (credentials of one merchant: one of its own)."""
     order = ctx.db.run(
         lambda uow: service.get_order(
-            uow, program_id=ctx.program_id, order_id=order_id, member_id=member_id
+            uow, program_id=ctx.program_id, order_id=order_id, member_id=member_id,
+            merchant=_merchant_seen(ctx),
         ),
         read_only=True,
     )
@@ -349,14 +359,15 @@ def member_vouchers(
     cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[VoucherRead]:
-    """The member's vouchers, newest first."""
+    """The member's vouchers, newest first (credentials of one merchant: those of its own
+    orders)."""
     before = id_cursor(cursor)
 
     def read(uow: UnitOfWork) -> tuple[list[VoucherRead], str | None]:
         _member(uow, ctx, member_id)
         return service.member_vouchers(
             uow, program_id=ctx.program_id, member_id=member_id, state=state,
-            before_id=before, limit=limit,
+            merchant=_merchant_seen(ctx), before_id=before, limit=limit,
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)

@@ -1876,11 +1876,12 @@ def member_vouchers(
     program_id: int,
     member_id: int,
     state: str | None = None,
+    merchant: str | None = None,
     before_id: int = 0,
     limit: int = 50,
 ) -> tuple[list[VoucherRead], str | None]:
     """The member's vouchers newest first, and the cursor of the next page (the last
-    voucher's id) if there is one."""
+    voucher's id) if there is one; with ``merchant``, those of that merchant's orders only."""
     query = (
         select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
@@ -1893,6 +1894,8 @@ def member_vouchers(
         query = query.where(vouchers_table.c.id < before_id)
     if state is not None:
         query = query.where(vouchers_table.c.state == state)
+    if merchant is not None:
+        query = query.where(reward_orders.c.merchant == merchant)
     rows = uow.conn.execute(query).all()
     items = [_voucher_read(uow, row, row.reward_code, row.kind) for row in rows[:limit]]
     return items, str(rows[limit - 1].id) if len(rows) > limit else None
