@@ -328,9 +328,10 @@ def test_a_merchant_key_acts_only_for_its_merchant(client: TestClient, db: Datab
         shop.member_url(shop.alice, "/earn"), {"amount": 5, "merchant": "merchant-y"}, x
     )
     refund = shop.post(shop.posting_url(y_spend.json()["id"], "/refund"), {}, x)
-    # then both are refused, and Y's own refund goes through
+    # then both are refused (Y's spend is unknown to X, as a missing posting is), and Y's
+    # own refund goes through
     assert for_y.status_code == 403
-    assert refund.status_code == 403
+    assert refund.status_code == 404 and refund.json()["code"] == "unknown_posting"
     own = shop.post(shop.posting_url(y_spend.json()["id"], "/refund"), {}, y)
     assert own.status_code == 201, own.text
     assert shop.balance(shop.alice)["available"] == 100

@@ -24,7 +24,7 @@ from jifen.approvals.api import requester
 from jifen.approvals.schemas import ApprovalRead
 from jifen.db import prepared
 from jifen.db.uow import UnitOfWork
-from jifen.errors import Forbidden, StateConflict
+from jifen.errors import Forbidden, StateConflict, UnknownPosting
 from jifen.expiry import service as expiry_service
 from jifen.members import service as members_service
 from jifen.notify import service as notify_service
@@ -445,17 +445,23 @@ def transfer(
 def _own_posting(
     uow: UnitOfWork, ctx: Context, posting_id: int, *, check_merchant: bool
 ) -> PostingRead:
-    """The programme's posting, if the caller's merchant scope covers the one who made it."""
+    """The programme's posting, if the caller's merchant scope covers the one who made it.
+    Another merchant's posting is unknown (404) to credentials of one merchant, as a missing
+    one is, so that no one learns which ids are whose by trying to give them back; one made
+    for no merchant (the programme's own) is refused (403)."""
     posting = service.get_posting(uow, program_id=ctx.program_id, posting_id=posting_id)
     scope = ctx.merchant_scope
     if check_merchant and scope is not None:
         origin, _ = service.origin_of(uow, posting_id=posting_id)
-        if origin != scope:
+        if origin is None:
             raise Forbidden(
-                problem=f"Posting {posting_id} was not made for merchant {scope!r}; these "
-                "credentials cannot give it back.",
-                problem_zh=f"记录 {posting_id} 不属于商户 {scope!r},该凭据无权退还或冲正。",
+                problem=f"Posting {posting_id} was made for no merchant: it is the programme's "
+                f"own, and credentials of merchant {scope!r} cannot give it back.",
+                problem_zh=f"记录 {posting_id} 不属于任何商户,为计划本身所有;商户 {scope!r} "
+                "的凭据无权退还、冲正或解冻。",
             )
+        if origin != scope:
+            raise UnknownPosting(posting_id=posting_id, expected="points", expected_zh="积分")
     return posting
 
 

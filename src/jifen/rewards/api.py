@@ -426,9 +426,9 @@ def pay_order(
     on: ``held`` if the member's cooling-off applies, else its points are debited and it is
     fulfilled. The same payment sent again answers the order as it is; a payment for an
     order no longer awaiting one (cancelled, lapsed, paid) is refused (409), with the amount
-    to refund. Credentials that act for one merchant pay that merchant's orders only; an
-    order made in the member's own app belongs to no merchant and is paid with the
-    programme's own (the payment system's key)."""
+    to refund. Credentials that act for one merchant pay that merchant's orders only
+    (another's is unknown to them, 404); an order made in the member's own app belongs to no
+    merchant and is paid with the programme's own (the payment system's key)."""
     return ctx.execute(
         lambda uow: _seen(ctx, service.pay_order(
             uow, program_id=ctx.program_id, order_id=order_id, payment_ref=body.payment_ref,

@@ -31,7 +31,6 @@ from jifen.db.prepared import Prepared, Read, read_one, read_together
 from jifen.db.uow import LostRace, UnitOfWork
 from jifen.errors import (
     DuplicateReference,
-    Forbidden,
     IdempotencyConflict,
     InvalidInput,
     LimitReached,
@@ -1292,14 +1291,10 @@ def _locked_order(
     uow: UnitOfWork, program_id: int, order_id: int, member_id: int | None, merchant: str | None
 ) -> Row[Any]:
     """The order as it is under its member's lock, taken first (as a redemption takes it);
-    with ``merchant`` (the caller acts for that merchant only), only an order made for it."""
-    row = _order_row(uow, program_id, order_id, member_id)
-    if merchant is not None and row.merchant != merchant:
-        raise Forbidden(
-            problem=f"Order {order_id} was not made for merchant {merchant!r}; these "
-            "credentials act for that merchant only.",
-            problem_zh=f"订单 {order_id} 并非商户 {merchant!r} 的订单;该凭据只能代表该商户。",
-        )
+    with ``merchant`` (the caller acts for that merchant only), only an order made for it:
+    any other is unknown (404), as it is to the caller's reads, so that no one learns which
+    order ids exist by trying to move them."""
+    row = _order_row(uow, program_id, order_id, member_id, merchant)
     points_service.lock_account(uow, member_id=row.member_id)
     return _order_row(uow, program_id, order_id, member_id)
 
@@ -1439,7 +1434,8 @@ def pay_order(
     (they stay frozen), else its points are released and debited and it is fulfilled.
     The same payment sent again answers the order as it is. A payment that arrives after
     ``pay_by`` is taken while the order still awaits it; once the order lapsed it is
-    refused, with the amount to refund."""
+    refused, with the amount to refund. With ``merchant``, only an order made for that
+    merchant (any other is unknown)."""
     row = _locked_order(uow, program_id, order_id, None, merchant)
     if row.payment_ref == payment_ref:  # this payment, sent again
         _require_amount(row, payment_ref, amount_fen)
