@@ -338,6 +338,35 @@ def test_a_merchant_key_acts_only_for_its_merchant(client: TestClient, db: Datab
     assert_ledger_sound(db, shop.program.id)
 
 
+def test_a_stores_credentials_give_back_only_what_was_made_at_that_store(
+    client: TestClient, db: Database
+) -> None:
+    shop = _shop(client, db)
+    program = shop.program.id
+    s1 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S1")
+    s2 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S2")
+    hq = support.api_key(db, program, merchant="hq")  # the merchant's own, at no store
+    shop.earn(shop.alice, 1000)
+    spend = shop.member_url(shop.alice, "/spend")
+    at_s1, at_s2, at_hq, own = (
+        shop.post(spend, {"amount": 10}, who).json()["id"] for who in (s1, s2, hq, shop.operator)
+    )
+    refund = shop.posting_url
+    # another store's spend is unknown to S1; the merchant's own and the programme's refused
+    other_store = shop.post(refund(at_s2, "/refund"), {}, s1)
+    assert other_store.status_code == 404 and other_store.json()["code"] == "unknown_posting"
+    merchants = shop.post(refund(at_hq, "/refund"), {}, s1)
+    assert merchants.status_code == 403 and "none of the merchant's stores" in merchants.text
+    programmes = shop.post(refund(own, "/refund"), {}, s1)
+    assert programmes.status_code == 403 and "made for no merchant" in programmes.text
+    assert shop.balance(shop.alice)["available"] == 960  # nothing was given back
+    # S1 gives back its own; the merchant's credentials any of its stores'
+    assert shop.post(refund(at_s1, "/refund"), {}, s1).status_code == 201
+    assert shop.post(refund(at_s2, "/refund"), {}, hq).status_code == 201
+    assert shop.balance(shop.alice)["available"] == 980
+    assert_ledger_sound(db, program)
+
+
 def test_transfers_follow_the_programme_settings(client: TestClient, db: Database) -> None:
     shop = _shop(client, db)
     shop.earn(shop.alice, 100)

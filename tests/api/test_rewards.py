@@ -355,6 +355,31 @@ def test_the_member_routes_show_one_merchants_credentials_its_own_orders_and_vou
         assert body(till.get(f"{orders}/{at_mall['id']}", who), 200)["id"] == at_mall["id"]
 
 
+def test_credentials_of_one_store_see_and_move_only_the_orders_made_at_it(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)  # its cashier acts for hq at S1
+    body(till.post("/rewards", MUG, till.operator), 201)
+    program = till.shop.program_id
+    s2 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S2")
+    hq = support.api_key(db, program, merchant="hq")
+    redeem = f"/members/{till.alice}/redemptions"
+    at_s1 = body(till.post(redeem, {"reward": "mug"}, till.cashier), 201)
+    at_s2 = body(till.post(redeem, {"reward": "mug"}, s2), 201)
+    orders = f"/members/{till.alice}/orders"
+    for path in ("/orders", orders):
+        assert [o["id"] for o in body(till.get(path, till.cashier), 200)["items"]] == [at_s1["id"]]
+        both = [o["id"] for o in body(till.get(path, hq), 200)["items"]]
+        assert both == [at_s2["id"], at_s1["id"]]
+    for path in (f"/orders/{at_s2['id']}", f"{orders}/{at_s2['id']}"):
+        assert till.get(path, till.cashier).status_code == 404
+    cancel = till.post(f"{orders}/{at_s2['id']}/cancel", {}, till.cashier)
+    assert cancel.status_code == 404 and cancel.json()["code"] == "unknown_order"
+    assert body(till.get(f"/orders/{at_s2['id']}", hq), 200)["state"] == "created"
+    assert body(till.post(f"{orders}/{at_s2['id']}/cancel", {}, s2), 200)["state"] == "cancelled"
+    assert body(till.post(f"{orders}/{at_s1['id']}/cancel", {}, hq), 200)["state"] == "cancelled"
+
+
 def test_the_payment_of_a_cash_part_is_named_by_the_till_once(
     client: TestClient, db: Database
 ) -> None:

@@ -283,6 +283,11 @@ class Context:
         """The one merchant these credentials act for (``None``: any)."""
         return self.grant.merchant if self.grant is not None else None
 
+    @property
+    def store_scope(self) -> str | None:
+        """The one store these credentials act at (``None``: any store of their merchant)."""
+        return self.grant.store if self.grant is not None else None
+
     def merchant(
         self, requested: str | None, store: str | None = None
     ) -> tuple[str | None, str | None]:

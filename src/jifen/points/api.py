@@ -445,23 +445,34 @@ def transfer(
 def _own_posting(
     uow: UnitOfWork, ctx: Context, posting_id: int, *, check_merchant: bool
 ) -> PostingRead:
-    """The programme's posting, if the caller's merchant scope covers the one who made it.
-    Another merchant's posting is unknown (404) to credentials of one merchant, as a missing
-    one is, so that no one learns which ids are whose by trying to give them back; one made
-    for no merchant (the programme's own) is refused (403)."""
+    """The programme's posting, if the caller's scope covers the merchant (and, for
+    credentials of one store, the store) it was made for. Another merchant's or store's
+    posting is unknown (404) to them, as a missing one is, so that no one learns which ids
+    are whose by trying to give them back; one made for no merchant (the programme's own),
+    or for the merchant at no store, is refused (403)."""
     posting = service.get_posting(uow, program_id=ctx.program_id, posting_id=posting_id)
-    scope = ctx.merchant_scope
-    if check_merchant and scope is not None:
-        origin, _ = service.origin_of(uow, posting_id=posting_id)
-        if origin is None:
-            raise Forbidden(
-                problem=f"Posting {posting_id} was made for no merchant: it is the programme's "
-                f"own, and credentials of merchant {scope!r} cannot give it back.",
-                problem_zh=f"记录 {posting_id} 不属于任何商户,为计划本身所有;商户 {scope!r} "
-                "的凭据无权退还、冲正或解冻。",
-            )
-        if origin != scope:
-            raise UnknownPosting(posting_id=posting_id, expected="points", expected_zh="积分")
+    scope, at = ctx.merchant_scope, ctx.store_scope
+    if not check_merchant or (scope is None and at is None):
+        return posting
+    merchant, store = service.origin_of(uow, posting_id=posting_id)
+    if scope is not None and merchant is None:
+        raise Forbidden(
+            problem=f"Posting {posting_id} was made for no merchant: it is the programme's "
+            f"own, and credentials of merchant {scope!r} cannot give it back.",
+            problem_zh=f"记录 {posting_id} 不属于任何商户,为计划本身所有;商户 {scope!r} "
+            "的凭据无权退还、冲正或解冻。",
+        )
+    if scope is not None and merchant != scope:
+        raise UnknownPosting(posting_id=posting_id, expected="points", expected_zh="积分")
+    if at is not None and store is None:
+        raise Forbidden(
+            problem=f"Posting {posting_id} was made at none of the merchant's stores: it is "
+            f"the merchant's own, and credentials of store {at!r} cannot give it back.",
+            problem_zh=f"记录 {posting_id} 不属于任何门店,为商户本身所有;门店 {at!r} "
+            "的凭据无权退还、冲正或解冻。",
+        )
+    if at is not None and store != at:
+        raise UnknownPosting(posting_id=posting_id, expected="points", expected_zh="积分")
     return posting
 
 

@@ -191,6 +191,12 @@ def _merchant_seen(ctx: Context) -> str | None:
     return None if ctx.principal.kind == "member" else ctx.merchant_scope
 
 
+def _store_seen(ctx: Context) -> str | None:
+    """The store whose orders of a member the caller sees (``None``: any its merchant scope
+    covers): credentials of one store (a cashier's) see the orders made at it only."""
+    return None if ctx.principal.kind == "member" else ctx.store_scope
+
+
 def _audited_order(answer: dict[str, Any]) -> dict[str, Any]:
     """What the audit log keeps of a redemption's answer: the voucher's code masked (the
     answer hands it whole to whoever redeemed, a till redeeming for a member at its
@@ -269,14 +275,14 @@ def member_orders(
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
     """The member's redemption orders, newest first (credentials of one merchant: its
-    own)."""
+    own; of one store: those made at it)."""
     before = id_cursor(cursor)
 
     def read(uow: UnitOfWork) -> tuple[list[OrderRead], str | None]:
         _member(uow, ctx, member_id)
         return service.list_orders(
             uow, program_id=ctx.program_id, member_id=member_id, state=state,
-            merchant=_merchant_seen(ctx), after_id=before, limit=limit,
+            merchant=_merchant_seen(ctx), store=_store_seen(ctx), after_id=before, limit=limit,
         )  # fmt: skip
 
     items, next_cursor = ctx.db.run(read, read_only=True)
@@ -291,11 +297,15 @@ def member_order(
     ctx: Annotated[Context, Depends(Read("orders.read"))],
 ) -> OrderRead:
     """One of the member's orders, with how its price was reached and every step
-    (credentials of one merchant: one of its own)."""
+    (credentials of one merchant: one of its own; of one store: one made at it)."""
     order = ctx.db.run(
         lambda uow: service.get_order(
-            uow, program_id=ctx.program_id, order_id=order_id, member_id=member_id,
+            uow,
+            program_id=ctx.program_id,
+            order_id=order_id,
+            member_id=member_id,
             merchant=_merchant_seen(ctx),
+            store=_store_seen(ctx),
         ),
         read_only=True,
     )
@@ -344,7 +354,8 @@ def cancel_own(
     return ctx.execute(
         lambda uow: _seen(ctx, service.move(
             uow, program_id=ctx.program_id, order_id=order_id, action="cancel",
-            actor=ctx.actor, note=body.note, member_id=member_id, merchant=ctx.merchant_scope,
+            actor=ctx.actor, note=body.note, member_id=member_id,
+            merchant=_merchant_seen(ctx), store=_store_seen(ctx),
         )),
         target=f"order:{order_id}",
     )  # fmt: skip
@@ -388,12 +399,12 @@ def list_orders(
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[OrderRead]:
     """Redemption orders, newest first: ``state=created`` is the fulfilment queue.
-    Credentials of one merchant see its orders only."""
+    Credentials of one merchant see its orders only; of one store, those made at it."""
     before = id_cursor(cursor)
     items, next_cursor = ctx.db.run(
         lambda uow: service.list_orders(
             uow, program_id=ctx.program_id, member_id=member_id, state=state, reward=reward,
-            merchant=ctx.merchant_scope, after_id=before, limit=limit,
+            merchant=ctx.merchant_scope, store=ctx.store_scope, after_id=before, limit=limit,
         ),
         read_only=True,
     )  # fmt: skip
@@ -404,10 +415,15 @@ def list_orders(
 def get_order(
     program: str, order_id: Id, ctx: Annotated[Context, Depends(Read("orders.read"))]
 ) -> OrderRead:
-    """One order (credentials of one merchant: one of its own)."""
+    """One order (credentials of one merchant: one of its own; of one store: one made at
+    it)."""
     order = ctx.db.run(
         lambda uow: service.get_order(
-            uow, program_id=ctx.program_id, order_id=order_id, merchant=ctx.merchant_scope
+            uow,
+            program_id=ctx.program_id,
+            order_id=order_id,
+            merchant=ctx.merchant_scope,
+            store=ctx.store_scope,
         ),
         read_only=True,
     )
@@ -426,13 +442,15 @@ def pay_order(
     on: ``held`` if the member's cooling-off applies, else its points are debited and it is
     fulfilled. The same payment sent again answers the order as it is; a payment for an
     order no longer awaiting one (cancelled, lapsed, paid) is refused (409), with the amount
-    to refund. Credentials that act for one merchant pay that merchant's orders only
-    (another's is unknown to them, 404); an order made in the member's own app belongs to no
-    merchant and is paid with the programme's own (the payment system's key)."""
+    to refund. Credentials that act for one merchant pay that merchant's orders only, and
+    those of one store the orders made at it (another's is unknown to them, 404); an order
+    made in the member's own app belongs to no merchant and is paid with the programme's
+    own (the payment system's key)."""
     return ctx.execute(
         lambda uow: _seen(ctx, service.pay_order(
             uow, program_id=ctx.program_id, order_id=order_id, payment_ref=body.payment_ref,
             amount_fen=body.amount_fen, actor=ctx.actor, merchant=ctx.merchant_scope,
+            store=ctx.store_scope,
         )),
         target=f"order:{order_id}",
     )  # fmt: skip
@@ -455,7 +473,7 @@ def _move_order(action: Action) -> Callable[..., JSONResponse]:
             lambda uow: _seen(ctx, service.move(
                 uow, program_id=ctx.program_id, order_id=order_id, action=action,
                 actor=ctx.actor, note=body.note, tracking=body.tracking,
-                merchant=ctx.merchant_scope,
+                merchant=ctx.merchant_scope, store=ctx.store_scope,
             )),
             target=f"order:{order_id}",
         )  # fmt: skip

@@ -1091,6 +1091,7 @@ def _order_row(
     order_id: int,
     member_id: int | None = None,
     merchant: str | None = None,
+    store: str | None = None,
 ) -> Row[Any]:
     query = (
         select(reward_orders, rewards.c.code, rewards.c.kind)
@@ -1101,6 +1102,8 @@ def _order_row(
         query = query.where(reward_orders.c.member_id == member_id)
     if merchant is not None:
         query = query.where(reward_orders.c.merchant == merchant)
+    if store is not None:
+        query = query.where(reward_orders.c.store == store)
     row = uow.conn.execute(query).one_or_none()
     if row is None:
         raise UnknownOrder(order_id=order_id)
@@ -1114,10 +1117,12 @@ def get_order(
     order_id: int,
     member_id: int | None = None,
     merchant: str | None = None,
+    store: str | None = None,
 ) -> OrderRead:
     """One order; with ``merchant`` (the caller sees that merchant's orders only), another
-    merchant's order is unknown."""
-    return _order_read(uow, _order_row(uow, program_id, order_id, member_id, merchant))
+    merchant's order is unknown; with ``store`` too, an order made at another store (or at
+    none) is."""
+    return _order_read(uow, _order_row(uow, program_id, order_id, member_id, merchant, store))
 
 
 def _order_read(uow: UnitOfWork, row: Any, *, replayed: bool = False) -> OrderRead:
@@ -1187,11 +1192,12 @@ def list_orders(
     state: str | None = None,
     reward: str | None = None,
     merchant: str | None = None,
+    store: str | None = None,
     after_id: int = 0,
     limit: int = 50,
 ) -> tuple[list[OrderRead], str | None]:
     """Orders newest first (the cursor is the last id of the page), filtered; with
-    ``merchant``, that merchant's orders only."""
+    ``merchant``, that merchant's orders only; with ``store``, those made at that store."""
     query = (
         select(reward_orders, rewards.c.code, rewards.c.kind)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
@@ -1207,6 +1213,8 @@ def list_orders(
         query = query.where(rewards.c.code == reward)
     if merchant is not None:
         query = query.where(reward_orders.c.merchant == merchant)
+    if store is not None:
+        query = query.where(reward_orders.c.store == store)
     rows = uow.conn.execute(query.order_by(reward_orders.c.id.desc()).limit(limit + 1)).all()
     items = [_order_read(uow, row) for row in rows[:limit]]
     return items, str(items[-1].id) if len(rows) > limit else None
@@ -1240,17 +1248,19 @@ def move(
     tracking: str | None = None,
     member_id: int | None = None,
     merchant: str | None = None,
+    store: str | None = None,
 ) -> OrderRead:
     """Move an order on: confirm, ship, deliver, cancel or return. Cancelling or returning
     gives the points back to the very lots they came from, and the stock back. With
-    ``merchant`` (the caller acts for that merchant only), only an order made for it."""
+    ``merchant`` (the caller acts for that merchant only), only an order made for it; with
+    ``store`` (the caller acts at that store only), only one made at it."""
     if action not in _MOVES:
         raise InvalidInput(
             field="action",
             problem=f"one of {', '.join(_MOVES)}",
             problem_zh=f"应为以下之一:{', '.join(_MOVES)}。",
         )
-    row = _locked_order(uow, program_id, order_id, member_id, merchant)
+    row = _locked_order(uow, program_id, order_id, member_id, merchant, store)
     starts, target = _MOVES[action]
     terms = _terms(uow, _reward_row(uow, program_id, row.code))
     if row.state not in starts or not _fits(action, row, terms):
@@ -1288,13 +1298,19 @@ def _cash_due(row: Any) -> dict[str, int]:
 
 
 def _locked_order(
-    uow: UnitOfWork, program_id: int, order_id: int, member_id: int | None, merchant: str | None
+    uow: UnitOfWork,
+    program_id: int,
+    order_id: int,
+    member_id: int | None,
+    merchant: str | None,
+    store: str | None = None,
 ) -> Row[Any]:
     """The order as it is under its member's lock, taken first (as a redemption takes it);
-    with ``merchant`` (the caller acts for that merchant only), only an order made for it:
-    any other is unknown (404), as it is to the caller's reads, so that no one learns which
-    order ids exist by trying to move them."""
-    row = _order_row(uow, program_id, order_id, member_id, merchant)
+    with ``merchant`` (the caller acts for that merchant only), only an order made for it,
+    and with ``store`` (the caller acts at that store only), only one made at it: any other
+    is unknown (404), as it is to the caller's reads, so that no one learns which order ids
+    exist by trying to move them."""
+    row = _order_row(uow, program_id, order_id, member_id, merchant, store)
     points_service.lock_account(uow, member_id=row.member_id)
     return _order_row(uow, program_id, order_id, member_id)
 
@@ -1427,6 +1443,7 @@ def pay_order(
     amount_fen: int,
     actor: str,
     merchant: str | None = None,
+    store: str | None = None,
 ) -> OrderRead:
     """The payment system's word that the cash part of an order awaiting payment is paid.
     Under the member's lock the order moves on as a redemption paid at once would have:
@@ -1435,8 +1452,8 @@ def pay_order(
     The same payment sent again answers the order as it is. A payment that arrives after
     ``pay_by`` is taken while the order still awaits it; once the order lapsed it is
     refused, with the amount to refund. With ``merchant``, only an order made for that
-    merchant (any other is unknown)."""
-    row = _locked_order(uow, program_id, order_id, None, merchant)
+    merchant, and with ``store`` only one made at that store (any other is unknown)."""
+    row = _locked_order(uow, program_id, order_id, None, merchant, store)
     if row.payment_ref == payment_ref:  # this payment, sent again
         _require_amount(row, payment_ref, amount_fen)
         return _order_read(uow, row, replayed=True)
