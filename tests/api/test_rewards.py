@@ -155,6 +155,30 @@ def test_cashiers_accept_a_voucher_once_at_their_own_store(
     assert "已于" in twice.json()["detail"] and "S1" in twice.json()["detail"]
 
 
+def test_a_voucher_of_one_merchants_order_is_accepted_at_its_tills_only(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)  # its cashier acts for hq
+    body(till.post("/rewards", WASH, till.operator), 201)
+    program = till.shop.program_id
+    mall = support.staff(db, "cashier", program_id=program, merchant="mall", store="M1")
+    redeem = f"/members/{till.alice}/redemptions"
+    at_mall = body(till.post(redeem, {"reward": "wash"}, mall), 201)["voucher"]["code"]
+    own = body(till.post(redeem, {"reward": "wash"}, till.as_alice), 201)["voucher"]["code"]
+    # hq's till finds no voucher of mall's order, by reading or using it
+    for answer in (
+        till.get(f"/vouchers/{at_mall}", till.cashier),
+        till.post(f"/vouchers/{at_mall}/use", {}, till.cashier),
+    ):
+        assert answer.status_code == 404 and answer.json()["code"] == "unknown_voucher"
+    assert body(till.get(f"/vouchers/{at_mall}", mall), 200)["state"] == "issued"
+    # mall's own till accepts it; a voucher of alice's own app is accepted at any till
+    assert body(till.post(f"/vouchers/{at_mall}/use", {}, mall), 200)["voucher"]["state"] == "used"
+    assert body(till.post(f"/vouchers/{own}/use", {}, till.cashier), 200)["voucher"]["state"] == (
+        "used"
+    )
+
+
 def test_staff_fulfil_orders_and_a_return_gives_points_and_stock_back(
     client: TestClient, db: Database
 ) -> None:

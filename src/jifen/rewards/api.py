@@ -492,9 +492,12 @@ for _action in get_args(Action):
 def get_voucher(
     program: str, code: VoucherCode, ctx: Annotated[Context, Depends(Read("orders.read"))]
 ) -> VoucherRead:
-    """A voucher by the code the member shows (whole: the caller has it)."""
+    """A voucher by the code the member shows (whole: the caller has it). Credentials of
+    one merchant do not find the voucher of another merchant's order."""
     return ctx.db.run(
-        lambda uow: service.get_voucher(uow, program_id=ctx.program_id, code=code),
+        lambda uow: service.get_voucher(
+            uow, program_id=ctx.program_id, code=code, merchant=ctx.merchant_scope
+        ),
         read_only=True,
     )
 
@@ -507,12 +510,15 @@ def use_voucher(
     ctx: Annotated[Context, Depends(Write("vouchers.redeem"))],
 ) -> JSONResponse:
     """Accept a voucher at a till (a cashier's own store); a coupon also answers what it
-    takes off ``order_amount_fen``. A voucher is accepted once, whichever till asks first."""
+    takes off ``order_amount_fen``. A voucher is accepted once, whichever till asks first.
+    The voucher of an order made for one merchant is accepted at that merchant's tills only
+    (to any other it is unknown, 404); one of an order made in the member's own app, at
+    any."""
     _, store = ctx.merchant(None, body.store)
     return ctx.execute(
         lambda uow: service.use_voucher(
             uow, program_id=ctx.program_id, code=code, store=store, actor=ctx.actor,
-            order_amount_fen=body.order_amount_fen,
+            order_amount_fen=body.order_amount_fen, merchant=ctx.merchant_scope,
         ),
         target=f"voucher:{code}",
     )  # fmt: skip

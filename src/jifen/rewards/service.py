@@ -1676,20 +1676,31 @@ def erase_personal_values(
 # --------------------------------------------------------------------------- vouchers
 
 
-def _voucher_row(uow: UnitOfWork, program_id: int, code: str) -> Any:
-    row = uow.conn.execute(
+def _voucher_row(uow: UnitOfWork, program_id: int, code: str, merchant: str | None = None) -> Any:
+    """The voucher of that code; with ``merchant`` (the caller acts for that merchant only),
+    only one of an order made for it or for no merchant (in the member's own app): the
+    voucher of another merchant's order is unknown, as a wrong code is."""
+    query = (
         select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
         .where(vouchers_table.c.program_id == program_id, vouchers_table.c.code == code.upper())
-    ).one_or_none()
+    )
+    if merchant is not None:
+        query = query.where(
+            or_(reward_orders.c.merchant.is_(None), reward_orders.c.merchant == merchant)
+        )
+    row = uow.conn.execute(query).one_or_none()
     if row is None:
         raise UnknownVoucher(code=code)
     return row
 
 
-def get_voucher(uow: UnitOfWork, *, program_id: int, code: str) -> VoucherRead:
-    row = _voucher_row(uow, program_id, code)
+def get_voucher(
+    uow: UnitOfWork, *, program_id: int, code: str, merchant: str | None = None
+) -> VoucherRead:
+    """A voucher by its code; with ``merchant``, not one of another merchant's order."""
+    row = _voucher_row(uow, program_id, code, merchant)
     return _voucher_read(uow, row, row.reward_code, row.kind)
 
 
@@ -1701,9 +1712,13 @@ def use_voucher(
     store: str | None,
     actor: str,
     order_amount_fen: int | None = None,
+    merchant: str | None = None,
 ) -> VoucherUsed:
-    """Accept a voucher at a till, once: of two tills at once, one is told it is used."""
-    row = _voucher_row(uow, program_id, code)
+    """Accept a voucher at a till, once: of two tills at once, one is told it is used. With
+    ``merchant`` (the till acts for that merchant only), a voucher of an order made for
+    another merchant is unknown (so that codes are not probed at other merchants' tills);
+    one of an order made in the member's own app (for no merchant) is accepted anywhere."""
+    row = _voucher_row(uow, program_id, code, merchant)
     coupon = _coupon_of(uow, row, row.reward_code, row.kind)
     discount = None
     if coupon is not None:
