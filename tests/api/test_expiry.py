@@ -40,6 +40,11 @@ def test_staff_restore_points_frozen_at_expiry_once_and_a_member_may_not(
     assert as_member.status_code == 403
     missing = client.post(url, json={}, headers={**operator, **support.key()})
     assert missing.status_code == 422
+    mall = support.staff(db, "operator", program_id=program.id, merchant="mall")
+    by_merchant = client.post(url, json={"reason": "goodwill"}, headers={**mall, **support.key()})
+    assert by_merchant.status_code == 403 and "programme's own" in by_merchant.json()["detail"]
+    held = db.run(lambda uow: points.balance(uow, member_id=alice), read_only=True)
+    assert (held.available, held.frozen) == (0, 300)  # nothing was given back
     headers = {**operator, **support.key()}
     answer = client.post(url, json={"reason": "goodwill"}, headers=headers)
     assert answer.status_code == 201, answer.text

@@ -367,6 +367,33 @@ def test_a_stores_credentials_give_back_only_what_was_made_at_that_store(
     assert_ledger_sound(db, program)
 
 
+def test_credentials_of_one_merchant_release_only_the_freezes_made_for_it(
+    client: TestClient, db: Database
+) -> None:
+    shop = _shop(client, db)
+    program = shop.program.id
+    mall = support.staff(db, "operator", program_id=program, merchant="mall")
+    other = support.staff(db, "operator", program_id=program, merchant="other")
+    risk = support.staff(db, "risk_officer", program_id=program)
+    shop.earn(shop.alice, 1000)
+    freeze = shop.member_url(shop.alice, "/freeze")
+    by_mall = shop.post(freeze, {"amount": 100, "reason": "dispute"}, mall).json()["id"]
+    by_risk = shop.post(freeze, {"amount": 200, "reason": "fraud"}, risk).json()["id"]
+    release = shop.posting_url
+    # the risk officer's freeze is the programme's own; mall's is unknown to other
+    refused = shop.post(release(by_risk, "/unfreeze"), {}, mall)
+    assert refused.status_code == 403 and "made for no merchant" in refused.json()["detail"]
+    unknown = shop.post(release(by_mall, "/unfreeze"), {}, other)
+    assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_posting"
+    assert shop.balance(shop.alice)["frozen"] == 300
+    # mall releases its own; the programme's staff release any
+    assert shop.post(release(by_mall, "/unfreeze"), {"amount": 40}, mall).status_code == 201
+    assert shop.post(release(by_mall, "/unfreeze"), {}, risk).status_code == 201
+    assert shop.post(release(by_risk, "/unfreeze"), {}, risk).status_code == 201
+    assert shop.balance(shop.alice)["frozen"] == 0
+    assert_ledger_sound(db, program)
+
+
 def test_transfers_follow_the_programme_settings(client: TestClient, db: Database) -> None:
     shop = _shop(client, db)
     shop.earn(shop.alice, 100)

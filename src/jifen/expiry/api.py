@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from jifen.api.deps import Context, Write
 from jifen.db.uow import UnitOfWork
+from jifen.errors import Forbidden
 from jifen.expiry import service
 from jifen.expiry.schemas import RestoredRead, RestoreExpired
 from jifen.members import service as members_service
@@ -31,7 +32,14 @@ def restore_expired(
     ctx: Annotated[Context, Depends(Write("points.freeze"))],
 ) -> JSONResponse:
     """Give back every point of the member frozen when it lapsed, as new lots with the
-    validity a new earning gets now (nothing when none is frozen)."""
+    validity a new earning gets now (nothing when none is frozen). The expiry run froze
+    them for no merchant: credentials of one merchant or store cannot give them back."""
+    if ctx.merchant_scope is not None or ctx.store_scope is not None:
+        raise Forbidden(
+            problem="Points frozen when they lapsed are the programme's own: credentials "
+            "that act for one merchant or store cannot give them back.",
+            problem_zh="过期时冻结的积分属于计划本身,仅代表单个商户或门店的凭据无权退还。",
+        )
 
     def post(uow: UnitOfWork) -> RestoredRead:
         members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)

@@ -359,7 +359,11 @@ def freeze(
     body: FreezeCreate,
     ctx: Annotated[Context, Depends(Write("points.freeze"))],
 ) -> JSONResponse:
-    """Hold spendable points away from the member, for example during a review."""
+    """Hold spendable points away from the member, for example during a review. The freeze
+    records the merchant and store its credentials act for: only credentials covering them
+    release it (one made by the programme's own staff, risk control, is released by them
+    only)."""
+    merchant, store = ctx.merchant(None)
 
     def post(uow: UnitOfWork) -> PostingRead:
         posting = service.freeze(
@@ -370,7 +374,8 @@ def freeze(
             reason=body.reason,
             actor=ctx.actor,
         )
-        return _announce(uow, ctx, posting)
+        service.record_origin(uow, posting_id=posting.id, merchant=merchant, store=store)
+        return _announce(uow, ctx, posting, merchant, store)
 
     first = _checks(ctx, member_id)
     return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
@@ -442,9 +447,7 @@ def transfer(
 # --------------------------------------------------------------------------- give-backs
 
 
-def _own_posting(
-    uow: UnitOfWork, ctx: Context, posting_id: int, *, check_merchant: bool
-) -> PostingRead:
+def _own_posting(uow: UnitOfWork, ctx: Context, posting_id: int) -> PostingRead:
     """The programme's posting, if the caller's scope covers the merchant (and, for
     credentials of one store, the store) it was made for. Another merchant's or store's
     posting is unknown (404) to them, as a missing one is, so that no one learns which ids
@@ -452,7 +455,7 @@ def _own_posting(
     or for the merchant at no store, is refused (403)."""
     posting = service.get_posting(uow, program_id=ctx.program_id, posting_id=posting_id)
     scope, at = ctx.merchant_scope, ctx.store_scope
-    if not check_merchant or (scope is None and at is None):
+    if scope is None and at is None:
         return posting
     merchant, store = service.origin_of(uow, posting_id=posting_id)
     if scope is not None and merchant is None:
@@ -481,13 +484,11 @@ def _give_back(
     posting_id: int,
     body: GiveBackCreate,
     operation: Any,
-    *,
-    check_merchant: bool = True,
 ) -> JSONResponse:
     merchant, store = ctx.merchant(None)
 
     def post(uow: UnitOfWork) -> PostingRead:
-        original = _own_posting(uow, ctx, posting_id, check_merchant=check_merchant)
+        original = _own_posting(uow, ctx, posting_id)
         order = (  # only a spend or a hold pays for a redemption
             rewards_service.order_paid_by(uow, program_id=ctx.program_id, posting_id=posting_id)
             if original.kind in ("spend", "freeze")
@@ -548,11 +549,9 @@ def unfreeze(
     body: GiveBackCreate,
     ctx: Annotated[Context, Depends(Write("points.freeze"))],
 ) -> JSONResponse:
-    """Release all or part of a freeze back to the lots it held."""
+    """Release all or part of a freeze back to the lots it held. Credentials of one merchant
+    (or store) release only a freeze made for it; one made for no merchant (risk control,
+    an order's hold) is the programme's own, and refused to them (403)."""
     return _give_back(
-        ctx,
-        posting_id,
-        body,
-        lambda uow, p, **kw: service.unfreeze(uow, freeze_id=p, **kw),
-        check_merchant=False,  # freezes are risk control, made for no merchant
+        ctx, posting_id, body, lambda uow, p, **kw: service.unfreeze(uow, freeze_id=p, **kw)
     )
