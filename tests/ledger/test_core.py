@@ -135,12 +135,28 @@ def test_reverse_takes_own_lot_then_others_then_records_debt() -> None:
     own = lot(5, 40, expires_in=60, pending_for=3)  # pending: still taken back first
     others = [lot(6, 25, expires_in=20)]
     plan = ledger.plan_reverse(
-        earn_id=1, earn_amount=100, earlier_reversed=0, own_lot=own, lots=[own, *others], now=NOW
-    )
+        earn_id=1, earn_amount=100, earlier_reversed=0, own_lots=[own], lots=[own, *others],
+        now=NOW,
+    )  # fmt: skip
     assert plan.allocations == (Allocation(5, -40), Allocation(6, -25))
     assert plan.change_of(Party.MEMBER) == -65
     assert plan.debt_change == 35
     assert sum(line.amount for line in plan.lines) == 0
+
+
+def test_reverse_takes_the_earns_points_from_every_lot_renewals_moved_them_to() -> None:
+    # the earn's lot (emptied by a renewal), its successor (pending), and one past its date
+    # that a give-back reached after the renewal
+    emptied = Lot(5, 40, 0, NOW + 3 * DAY, NOW + 60 * DAY)
+    moved = lot(7, 30, expires_in=400, pending_for=3)
+    overdue = lot(8, 10, expires_in=-1)
+    others = [lot(6, 25, expires_in=20)]
+    plan = ledger.plan_reverse(
+        earn_id=1, earn_amount=40, earlier_reversed=0, own_lots=[emptied, moved, overdue],
+        lots=others, now=NOW,
+    )  # fmt: skip
+    assert plan.allocations == (Allocation(8, -10), Allocation(7, -30))
+    assert (plan.change_of(Party.MEMBER), plan.debt_change) == (-40, 0)
 
 
 def test_transfer_keeps_expiry_dates_on_the_receivers_lots() -> None:

@@ -66,6 +66,10 @@ class RefLot:
             return False, None
         return True, None if None in dates else max(d for d in dates if d is not None)
 
+    def family(self) -> list[RefLot]:
+        """This lot and every lot renewals moved its points to, directly or not."""
+        return [self, *(y for x in self.renewed_to for y in x.family())]
+
     def spendable(self, now: datetime) -> bool:
         return (
             self.remaining > 0
@@ -262,11 +266,16 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
                 return
             posted = self.post(points.reverse, earn_id=earn_id, amount=amount)
             m, now, short = ref.member, self.now(), wanted
-            if ref.lot is not None and ref.lot.remaining:
-                own = min(ref.lot.remaining, short)
-                ref.lot.remaining -= own
+            # the earn's own points first, wherever renewals moved them, earliest expiry first
+            family = ref.lot.family() if ref.lot is not None else []
+            for lot in sorted(family, key=RefLot.fifo):
+                own = min(lot.remaining, short)
+                lot.remaining -= own
                 short -= own
-            others = [x for x in self.model.lots[m] if x is not ref.lot and x.spendable(now)]
+            others = [
+                x for x in self.model.lots[m]
+                if all(x is not y for y in family) and x.spendable(now)
+            ]  # fmt: skip
             cover = min(short, sum(x.remaining for x in others))
             if cover:
                 for lot in sorted(others, key=RefLot.fifo):

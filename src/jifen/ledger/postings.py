@@ -261,16 +261,18 @@ def plan_reverse(
     earn_id: int,
     earn_amount: int,
     earlier_reversed: int,
-    own_lot: Lot | None,
+    own_lots: Iterable[Lot],
     lots: Iterable[Lot],
     now: datetime,
     amount: int | None = None,
 ) -> Plan:
     """Claw back all or part of an earn.
 
-    Takes first from the earn's own lot (pending or not), then from the member's other
-    spendable lots; whatever the member has already spent and cannot cover becomes debt,
-    which later earnings pay off. The balance never goes negative.
+    Takes first from the earn's own points wherever they are now (``own_lots``: its lot and
+    the lots renewals moved its points to), pending, spendable or past their date, earliest
+    expiry first; then from the member's other spendable lots; whatever the member has
+    already spent and cannot cover becomes debt, which later earnings pay off. The balance
+    never goes negative.
     """
     open_amount = earn_amount - earlier_reversed
     amount = open_amount if amount is None else require_positive(amount)
@@ -282,12 +284,15 @@ def plan_reverse(
             remaining=open_amount,
             posting_id=earn_id,
         )
+    own = {lot.id: lot for lot in own_lots}
     allocations: list[Allocation] = []
     taken = 0
-    if own_lot is not None and own_lot.remaining > 0:
-        taken = min(own_lot.remaining, amount)
-        allocations.append(Allocation(own_lot.id, -taken))
-    others = [lot for lot in lots if own_lot is None or lot.id != own_lot.id]
+    for lot in sorted(own.values(), key=fifo_order):
+        take = min(lot.remaining, amount - taken)
+        if take > 0:
+            allocations.append(Allocation(lot.id, -take))
+            taken += take
+    others = [lot for lot in lots if lot.id not in own]
     short = amount - taken
     if short:
         cover = min(short, sum(lot.remaining for lot in spendable(others, now)))

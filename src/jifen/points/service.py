@@ -1075,28 +1075,62 @@ def _renewed_dates(uow: UnitOfWork, lot_ids: Iterable[int]) -> dict[int, datetim
     renewals): the latest date they were moved to (``None``: never expires)."""
     latest: dict[int, datetime | None] = {}
     origin_of = {lot_id: lot_id for lot_id in lot_ids}  # a lot on a renewal chain -> its start
-    renewed = lots.alias("renewed")
     while origin_of:
-        rows = uow.conn.execute(
-            select(allocations.c.lot_id, renewed.c.id, renewed.c.expires_at)
-            .join(postings, postings.c.id == allocations.c.posting_id)
-            .join(
-                renewed,
-                and_(
-                    renewed.c.posting_id == allocations.c.posting_id,
-                    renewed.c.source_lot_id == allocations.c.lot_id,
-                ),
-            )
-            .where(allocations.c.lot_id.in_(origin_of), postings.c.kind == Kind.RENEW.value)
-        ).all()
         successors: dict[int, int] = {}
-        for source, successor, expires_at in rows:
+        for source, successor in _renewals_of(uow, origin_of):
             origin = origin_of[source]
-            if origin not in latest or _later(expires_at, latest[origin]):
-                latest[origin] = expires_at
-            successors[successor] = origin
+            if origin not in latest or _later(successor.expires_at, latest[origin]):
+                latest[origin] = successor.expires_at
+            successors[successor.id] = origin
         origin_of = successors
     return latest
+
+
+def _renewals_of(uow: UnitOfWork, lot_ids: Iterable[int]) -> list[tuple[int, Lot]]:
+    """(source, lot) for each lot a renewal made from one of ``lot_ids``: the lots their
+    points were moved to. Read by the renewals' allocations to those lots (indexed by lot),
+    then the new lots of those postings (indexed by posting)."""
+    ids = list(lot_ids)
+    if not ids:
+        return []
+    renewed = lots.alias("renewed")
+    rows = uow.conn.execute(
+        select(
+            allocations.c.lot_id, renewed.c.id, renewed.c.amount, renewed.c.remaining,
+            renewed.c.available_at, renewed.c.expires_at,
+        )
+        .join(postings, postings.c.id == allocations.c.posting_id)
+        .join(
+            renewed,
+            and_(
+                renewed.c.posting_id == allocations.c.posting_id,
+                renewed.c.source_lot_id == allocations.c.lot_id,
+            ),
+        )
+        .where(allocations.c.lot_id.in_(ids), postings.c.kind == Kind.RENEW.value)
+        .order_by(renewed.c.id)
+    ).all()  # fmt: skip
+    return [(int(row[0]), Lot(*row[1:])) for row in rows]
+
+
+def _earned_lots(uow: UnitOfWork, earn_id: int, account_id: int) -> list[Lot]:
+    """The lots that hold an earn's own points: the lot it made and every lot renewals
+    moved its points to since (a better tier's validity, an upgrade in the very
+    transaction of the earning), directly or through later renewals; empty ones too."""
+    found = [
+        _lot(row)
+        for row in uow.conn.execute(
+            select(*_lot_columns()).where(
+                lots.c.posting_id == earn_id, lots.c.account_id == account_id
+            )
+        )
+    ]
+    frontier = [lot.id for lot in found]
+    while frontier:
+        moved = [lot for _, lot in _renewals_of(uow, frontier)]
+        found.extend(moved)
+        frontier = [lot.id for lot in moved]
+    return found
 
 
 def _later(date: datetime | None, than: datetime | None) -> bool:
@@ -1115,8 +1149,9 @@ def reverse(
 ) -> PostingRead:
     """Claw back all (``amount=None``) or part of an earn.
 
-    What is left of the earn's own lot goes first, then other spendable points; what the
-    member already spent and cannot cover becomes debt that later earnings pay off. Refused
+    What is left of the earn's own points goes first, in its lot or in the lots renewals
+    moved them to (pending or not), then other spendable points; what the member already
+    spent and cannot cover becomes debt that later earnings pay off. Refused
     on a closed account: its points were settled at closing, and it takes on no debt (that
     nothing could ever pay).
     """
@@ -1128,10 +1163,11 @@ def reverse(
     _require_open(member, "claw-back", "冲正")
     original = _original(uow, earn_id, Kind.EARN, Kind.REVERSE)
     now = uow.clock.now()
-    own = uow.conn.execute(
-        select(*_lot_columns()).where(lots.c.posting_id == earn_id, lots.c.account_id == member.id)
-    ).one_or_none()
+    own = _earned_lots(uow, earn_id, member.id)
     needed = original.amount - original.later_amount if amount is None else amount
+    # Other lots are read for the part the earn's own lots cannot cover; the first of them
+    # may be its own, which the plan passes over.
+    needed = max(needed, 0) + sum(lot.remaining for lot in own)
     plan = _planned(
         uow,
         member.program_id,
@@ -1141,8 +1177,8 @@ def reverse(
             earn_id=earn_id,
             earn_amount=original.amount,
             earlier_reversed=original.later_amount,
-            own_lot=_lot(own) if own is not None else None,
-            lots=_spendable_lots(uow, member.id, now, max(needed, 0)),
+            own_lots=own,
+            lots=_spendable_lots(uow, member.id, now, needed),
             now=now,
             amount=amount,
         ),
