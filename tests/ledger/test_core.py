@@ -267,6 +267,100 @@ def test_refunds_in_any_pieces_restore_each_lot_exactly(
     assert all(v == 0 for v in net.values())
 
 
+def test_reverse_takes_lapsed_points_out_of_the_expired_account_before_the_members_others() -> None:
+    own = Lot(5, 100, 20, NOW - 40 * DAY, NOW + 5 * DAY)  # 80 of 100 gone: 50 lapsed, 30 spent
+    others = [lot(6, 500, expires_in=20)]
+    plan = ledger.plan_reverse(
+        earn_id=1, earn_amount=100, earlier_reversed=0, own_lots=[own], lots=others, now=NOW,
+        lapsed=50,
+    )  # fmt: skip
+    assert plan.allocations == (Allocation(5, -20), Allocation(6, -30))
+    assert plan.lines == (
+        ledger.Line(SystemAccount.ISSUED, 100), ledger.Line(Party.MEMBER, -50),
+        ledger.Line(SystemAccount.EXPIRED, -50),
+    )  # fmt: skip
+    assert plan.debt_change == 0
+    # a part of the earn: what lapsed goes before the member's other points
+    part = ledger.plan_reverse(
+        earn_id=1, earn_amount=100, earlier_reversed=0, own_lots=[own], lots=others, now=NOW,
+        amount=60, lapsed=50,
+    )  # fmt: skip
+    assert part.allocations == (Allocation(5, -20),)
+    assert (SystemAccount.EXPIRED, -40) in [(x.account, x.amount) for x in part.lines]
+    with pytest.raises(ValueError, match="lapsed"):
+        ledger.plan_reverse(
+            earn_id=1, earn_amount=100, earlier_reversed=0, own_lots=[own], lots=others,
+            now=NOW, lapsed=-1,
+        )  # fmt: skip
+
+
+@given(
+    own=lot_lists,
+    others=lot_lists,
+    lapsed=st.integers(0, 600),
+    used=st.integers(0, 600),
+    data=st.data(),
+)
+def test_claw_backs_in_any_pieces_charge_the_member_only_for_what_it_used(
+    own: list[Lot], others: list[Lot], lapsed: int, used: int, data: st.DataObject
+) -> None:
+    """An earn of E points whose own lots still hold R, of which L lapsed and U the member
+    used (E = R + L + U), clawed back in any pieces: the lines of each claw-back sum to
+    zero, it takes the earn's own lots first (pending or past their date too), then what
+    lapsed, then the member's other spendable lots, then debt; never more than a lot holds
+    nor anything from a lot that is not spendable; and all told the member pays (from
+    other lots or as debt) exactly what it used, U, nothing for what lapsed."""
+    others = [Lot(x.id + 100, x.amount, x.remaining, x.available_at, x.expires_at) for x in others]
+    held = sum(x.remaining for x in own)
+    earned = held + lapsed + used
+    if earned == 0:
+        return
+    lots = {x.id: x for x in [*own, *others]}
+    own_ids = {x.id for x in own}
+    reversed_ = unexpired_total = charged = 0
+    lapsed_open = lapsed
+    while reversed_ < earned:
+        piece = data.draw(st.one_of(st.none(), st.integers(1, earned - reversed_)))
+        plan = ledger.plan_reverse(
+            earn_id=1, earn_amount=earned, earlier_reversed=reversed_,
+            own_lots=[lots[i] for i in sorted(own_ids)], lots=list(lots.values()), now=NOW,
+            amount=piece, lapsed=lapsed_open,
+        )  # fmt: skip
+        amount = earned - reversed_ if piece is None else piece
+        assert plan.kind is Kind.REVERSE and plan.amount == amount
+        assert sum(line.amount for line in plan.lines) == 0
+        by_account = {line.account: line.amount for line in plan.lines}
+        assert by_account[SystemAccount.ISSUED] == amount
+        unexpired = -by_account.get(SystemAccount.EXPIRED, 0)
+        assert 0 <= unexpired <= lapsed_open
+        assert -by_account.get(SystemAccount.RECEIVABLE, 0) == plan.debt_change >= 0
+        assert by_account.get(Party.MEMBER, 0) == sum(a.amount for a in plan.allocations)
+        from_own = -sum(a.amount for a in plan.allocations if a.lot_id in own_ids)
+        from_others = -sum(a.amount for a in plan.allocations if a.lot_id not in own_ids)
+        for a in plan.allocations:
+            assert 0 < -a.amount <= lots[a.lot_id].remaining
+            assert a.lot_id in own_ids or lots[a.lot_id].is_spendable(NOW)
+        own_left = sum(lots[i].remaining for i in own_ids) - from_own
+        if unexpired or from_others or plan.debt_change:  # the earn's own lots went first,
+            assert own_left == 0
+        if from_others or plan.debt_change:  # then what lapsed,
+            assert unexpired == lapsed_open
+        if plan.debt_change:  # then the member's other spendable points
+            assert sum(
+                x.remaining for x in lots.values() if x.id not in own_ids and x.is_spendable(NOW)
+            ) == from_others  # fmt: skip
+        for a in plan.allocations:
+            x = lots[a.lot_id]
+            lots[a.lot_id] = Lot(x.id, x.amount, x.remaining + a.amount, x.available_at,
+                                 x.expires_at)  # fmt: skip
+        reversed_ += amount
+        lapsed_open -= unexpired
+        unexpired_total += unexpired
+        charged += from_others + plan.debt_change
+    assert (unexpired_total, charged) == (lapsed, used)
+    assert all(lots[i].remaining == 0 for i in own_ids)
+
+
 def test_posting_digest_changes_with_any_fact() -> None:
     facts = ledger.PostingFacts(
         program_id=1, kind="earn", idempotency_key="k", created_at=NOW, amount=10,

@@ -186,6 +186,72 @@ def test_reversal_after_spending_leaves_debt_that_the_next_earning_pays(setup: A
     assert_ledger_sound(db, program_id)
 
 
+def test_a_claw_back_takes_lapsed_points_from_the_expired_account_and_charges_only_the_used(
+    setup: Any,
+) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    # given an earn of 100 for 10 days, 30 of it spent, the other 70 lapsed
+    earned = call(db, points.earn, member_id=alice, amount=100, key="e",
+                  expires_at=clock.now() + 10 * DAY)  # fmt: skip
+    call(db, points.earn, member_id=alice, amount=500, key="e2")  # never expires
+    call(db, points.spend, member_id=alice, amount=30, key="s")
+    clock.advance(11 * DAY)
+    assert call(db, points.expire_member, member_id=alice).amount == 70
+    # when half the earn is clawed back: it comes out of what lapsed
+    half = call(db, points.reverse, earn_id=earned.id, key="rv1", amount=50)
+    summary = call(db, points.balance, member_id=alice)
+    assert (half.debt_change, summary.balance, summary.debt) == (0, 500, 0)
+    # when the rest is: the 20 that lapsed still, then the 30 she spent, from her other lot
+    call(db, points.reverse, earn_id=earned.id, key="rv2")
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.debt) == (470, 0)
+    assert_ledger_sound(db, program_id)
+
+
+def test_a_claw_back_takes_points_frozen_at_expiry_out_of_the_freeze(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    earned = call(db, points.earn, member_id=alice, amount=400, key="e",
+                  expires_at=clock.now() + 10 * DAY)  # fmt: skip
+    call(db, points.earn, member_id=alice, amount=300, key="e2")
+    call(db, points.spend, member_id=alice, amount=150, key="s")
+    # lapsed points frozen instead of cleared (on_expiry: freeze): staff may give them back
+    clock.advance(11 * DAY)
+    assert call(db, points.expire_member, member_id=alice, freeze=True).amount == 250
+    assert points.FROZEN_AT_EXPIRY in [
+        p.reason for p in call(db, points.history, member_id=alice).items
+    ]
+    # when the order is refunded: the 250 come out of the freeze, the 150 spent from e2
+    reversal = call(db, points.reverse, earn_id=earned.id, key="rv")
+    summary = call(db, points.balance, member_id=alice)
+    assert (reversal.debt_change, summary.balance, summary.frozen, summary.debt) == (0, 150, 0, 0)
+    # and nothing is left frozen for staff to give back as free points
+    held = call(db, points.open_freezes, member_id=alice, reason=points.FROZEN_AT_EXPIRY)
+    assert held == []
+    assert_ledger_sound(db, program_id)
+
+
+def test_a_claw_back_after_frozen_lapsed_points_were_released_charges_them_as_used(
+    setup: Any,
+) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    earned = call(db, points.earn, member_id=alice, amount=400, key="e",
+                  expires_at=clock.now() + 10 * DAY)  # fmt: skip
+    call(db, points.earn, member_id=alice, amount=300, key="e2")
+    clock.advance(11 * DAY)
+    frozen = call(db, points.expire_member, member_id=alice, freeze=True)
+    # staff give 100 of the 400 back as a fresh lot: hers to use now
+    call(db, points.release, freeze_id=frozen.id, key="rel", amount=100, expires_at=None,
+         reason="goodwill", actor="staff")  # fmt: skip
+    call(db, points.reverse, earn_id=earned.id, key="rv")
+    # 300 still frozen come out of the freeze; the 100 released are charged to her lots
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.frozen, summary.debt) == (300, 0, 0)
+    assert_ledger_sound(db, program_id)
+
+
 def test_transfer_moves_lots_with_their_expiry_and_freeze_holds_points(setup: Any) -> None:
     db, program_id, alice, bob = setup
     clock: ManualClock = db.clock

@@ -54,6 +54,8 @@ class RefLot:
     expires_at: datetime | None
     renewed_to: list[RefLot] = field(default_factory=list)
     """The lots renewals moved this one's points to."""
+    expired: int = 0
+    """What expiry took from this lot, all told."""
 
     def latest_renewal(self) -> tuple[bool, datetime | None]:
         """Whether a renewal moved this lot on, and the latest date it moved it to."""
@@ -98,6 +100,8 @@ class RefEarn:
     amount: int
     lot: RefLot | None
     reversed: int = 0
+    unexpired: int = 0
+    """What its claw-backs took back of its points that lapsed, out of the expired account."""
 
 
 class Model:
@@ -272,6 +276,11 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
                 own = min(lot.remaining, short)
                 lot.remaining -= own
                 short -= own
+            # then those of them that lapsed, which the member does not pay for again
+            lapsed = sum(x.expired for x in family) - ref.unexpired
+            unexpired = min(lapsed, short)
+            ref.unexpired += unexpired
+            short -= unexpired
             others = [
                 x for x in self.model.lots[m]
                 if all(x is not y for y in family) and x.spendable(now)
@@ -369,6 +378,7 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             result = db.run(lambda uow: points.expire_member(uow, member_id=m))
             assert (result.amount if result else 0) == sum(x.remaining for x in due)
             for lot in due:
+                lot.expired += lot.remaining
                 lot.remaining = 0
 
         @rule(who=member, extra_days=st.one_of(st.none(), st.integers(-30, 90)))

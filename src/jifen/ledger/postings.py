@@ -265,15 +265,21 @@ def plan_reverse(
     lots: Iterable[Lot],
     now: datetime,
     amount: int | None = None,
+    lapsed: int = 0,
 ) -> Plan:
     """Claw back all or part of an earn.
 
     Takes first from the earn's own points wherever they are now (``own_lots``: its lot and
     the lots renewals moved its points to), pending, spendable or past their date, earliest
-    expiry first; then from the member's other spendable lots; whatever the member has
-    already spent and cannot cover becomes debt, which later earnings pay off. The balance
-    never goes negative.
+    expiry first; then from those of them that lapsed (``lapsed``: what the expiry of those
+    lots put into the expired account and no earlier claw-back of the earn took back), out
+    of the expired account; only then, for what the member used of them (spent, gave away,
+    holds frozen), from its other spendable lots, and whatever those cannot cover becomes
+    debt, which later earnings pay off. So the member never pays for points it lost to
+    expiry, and the balance never goes negative.
     """
+    if isinstance(lapsed, bool) or not isinstance(lapsed, int) or lapsed < 0:
+        raise ValueError(f"lapsed points are a count, not {lapsed!r}")
     open_amount = earn_amount - earlier_reversed
     amount = open_amount if amount is None else require_positive(amount)
     if amount > open_amount or open_amount == 0:
@@ -292,17 +298,20 @@ def plan_reverse(
         if take > 0:
             allocations.append(Allocation(lot.id, -take))
             taken += take
+    unexpired = min(lapsed, amount - taken)
     others = [lot for lot in lots if lot.id not in own]
-    short = amount - taken
+    short = amount - taken - unexpired
     if short:
         cover = min(short, sum(lot.remaining for lot in spendable(others, now)))
         if cover:
             allocations.extend(consume(others, cover, now))
             taken += cover
-    debt = amount - taken
+    debt = amount - taken - unexpired
     lines = [Line(SystemAccount.ISSUED, amount)]
     if taken:
         lines.append(Line(Party.MEMBER, -taken))
+    if unexpired:
+        lines.append(Line(SystemAccount.EXPIRED, -unexpired))
     if debt:
         lines.append(Line(SystemAccount.RECEIVABLE, -debt))
     return Plan(

@@ -882,6 +882,7 @@ class _Original:
     allocations: list[Allocation]  # the original's own
     later: list[Allocation]  # those of the give-backs that refer to it
     later_amount: int
+    later_ids: tuple[int, ...] = ()  # those give-backs, oldest first
 
 
 def _original(uow: UnitOfWork, posting_id: int, kind: Kind, follow_up: Kind) -> _Original:
@@ -914,6 +915,7 @@ def _original(uow: UnitOfWork, posting_id: int, kind: Kind, follow_up: Kind) -> 
             Allocation(a.lot_id, a.amount) for a in allocation_rows if a.posting_id != posting_id
         ],
         later_amount=sum(r.amount for r in related),
+        later_ids=tuple(sorted(later_ids)),
     )
 
 
@@ -1150,10 +1152,14 @@ def reverse(
     """Claw back all (``amount=None``) or part of an earn.
 
     What is left of the earn's own points goes first, in its lot or in the lots renewals
-    moved them to (pending or not), then other spendable points; what the member already
-    spent and cannot cover becomes debt that later earnings pay off. Refused
-    on a closed account: its points were settled at closing, and it takes on no debt (that
-    nothing could ever pay).
+    moved them to (pending or not); then those of them that lapsed, out of the expired
+    account, and those frozen when they lapsed (``on_expiry: freeze``) and still held, by
+    an unfreeze of that freeze back to their lots just before, so that staff cannot give
+    them back as free points later. Only what the member used of the earn's points (spent,
+    gave away, holds frozen otherwise) is taken from its other spendable points, and what
+    those cannot cover becomes debt that later earnings pay off: a refund of an order whose
+    points lapsed costs the member nothing more. Refused on a closed account: its points
+    were settled at closing, and it takes on no debt (that nothing could ever pay).
     """
     _require_key(key)
     request = _fingerprint("reverse", earn=earn_id, amount=amount, reason=reason, actor=actor)
@@ -1164,10 +1170,20 @@ def reverse(
     original = _original(uow, earn_id, Kind.EARN, Kind.REVERSE)
     now = uow.clock.now()
     own = _earned_lots(uow, earn_id, member.id)
-    needed = original.amount - original.later_amount if amount is None else amount
+    lapsed = _lapsed(uow, member.program_id, [lot.id for lot in own], original.later_ids)
+    open_amount = original.amount - original.later_amount
+    wanted = open_amount if amount is None else amount
+    if type(wanted) is int and 0 < wanted <= open_amount:
+        short = wanted - sum(lot.remaining for lot in own) - lapsed
+        if short > 0 and _unfreeze_lapsed(
+            uow, member, earn_id, original, own, short, now=now, actor=actor
+        ):
+            # The account and the earn's lots as those unfreezes left them.
+            member, _ = _lock_one(uow, member.member_id, key)
+            own = _earned_lots(uow, earn_id, member.id)
     # Other lots are read for the part the earn's own lots cannot cover; the first of them
     # may be its own, which the plan passes over.
-    needed = max(needed, 0) + sum(lot.remaining for lot in own)
+    needed = (wanted if type(wanted) is int else 0) + sum(lot.remaining for lot in own)
     plan = _planned(
         uow,
         member.program_id,
@@ -1178,9 +1194,10 @@ def reverse(
             earn_amount=original.amount,
             earlier_reversed=original.later_amount,
             own_lots=own,
-            lots=_spendable_lots(uow, member.id, now, needed),
+            lots=_spendable_lots(uow, member.id, now, max(needed, 0)),
             now=now,
             amount=amount,
+            lapsed=lapsed,
         ),
     )
     if isinstance(plan, PostingRead):
@@ -1196,6 +1213,94 @@ def reverse(
         reason=reason,
         actor=actor,
     )
+
+
+def _lapsed(
+    uow: UnitOfWork, program_id: int, lot_ids: Sequence[int], reversal_ids: Sequence[int]
+) -> int:
+    """What the expiry of ``lot_ids`` (an earn's lots) put into the expired account, less
+    what earlier claw-backs of the earn (``reversal_ids``) took back out of it."""
+    if not lot_ids:
+        return 0
+    expired = uow.conn.execute(
+        select(func.coalesce(func.sum(allocations.c.amount), 0))
+        .join(postings, postings.c.id == allocations.c.posting_id)
+        .where(allocations.c.lot_id.in_(lot_ids), postings.c.kind == Kind.EXPIRE.value)
+    ).scalar_one()
+    taken_back = 0
+    if reversal_ids:
+        taken_back = uow.conn.execute(
+            select(func.coalesce(func.sum(lines.c.amount), 0)).where(
+                lines.c.posting_id.in_(reversal_ids),
+                lines.c.account_id == system_account_ids(uow, program_id)[SystemAccount.EXPIRED],
+            )
+        ).scalar_one()
+    return -int(expired) + int(taken_back)
+
+
+CLAWED_BACK_FROZEN = "claw-back of the earn: its points frozen when they lapsed are taken back"
+"""The reason of the unfreeze that hands a claw-back the earn's points frozen at expiry."""
+
+
+def _unfreeze_lapsed(
+    uow: UnitOfWork,
+    member: _Account,
+    earn_id: int,
+    original: _Original,
+    own: Sequence[Lot],
+    wanted: int,
+    *,
+    now: datetime,
+    actor: str,
+) -> bool:
+    """Give back to the earn's lots (``own``) up to ``wanted`` of their points that the
+    expiry run froze (``on_expiry: freeze``) and that are still held, oldest freeze first,
+    for the claw-back that follows to take: one unfreeze posting a freeze. A freeze given
+    back in part by a release (to a new lot, not to the lots it held) holds no more than it
+    has left. Answers whether anything was given back."""
+    own_ids = {lot.id for lot in own}
+    freeze_ids = uow.conn.execute(
+        select(allocations.c.posting_id)
+        .join(postings, postings.c.id == allocations.c.posting_id)
+        .where(
+            allocations.c.lot_id.in_(own_ids),
+            postings.c.kind == Kind.FREEZE.value,
+            postings.c.reason == FROZEN_AT_EXPIRY,
+        )
+        .distinct()
+        .order_by(allocations.c.posting_id)
+    ).scalars()
+    done = False
+    for freeze_id in list(freeze_ids):
+        if wanted <= 0:
+            break
+        frozen = _original(uow, freeze_id, Kind.FREEZE, Kind.UNFREEZE)
+        theirs = [a for a in frozen.allocations if a.lot_id in own_ids]
+        held = -sum(a.amount for a in theirs) - sum(
+            a.amount for a in frozen.later if a.lot_id in own_ids
+        )
+        back = min(held, frozen.amount - frozen.later_amount, wanted)
+        if back <= 0:
+            continue
+        plan = ledger.plan_unfreeze(
+            freeze_id=freeze_id, freeze_amount=frozen.amount, freeze_allocations=theirs,
+            earlier_unfreezes=frozen.later, earlier_unfrozen=frozen.later_amount, amount=back,
+        )  # fmt: skip
+        # One key a claw-back (the earn's reversals so far number it) and a freeze: a twin
+        # of this claw-back writes the same and loses on the key's unique index.
+        unfreeze_key = f"claw-back:{earn_id}:{len(original.later_ids)}:{freeze_id}"
+        account, _ = _lock_one(uow, member.member_id, unfreeze_key)
+        _write(
+            uow, plan, member=account, key=unfreeze_key,
+            request_hash=_fingerprint(
+                "unfreeze", freeze=freeze_id, amount=back, reason=CLAWED_BACK_FROZEN,
+                actor=actor,
+            ),
+            now=now, ref_posting_id=freeze_id, reason=CLAWED_BACK_FROZEN, actor=actor,
+        )  # fmt: skip
+        wanted -= back
+        done = True
+    return done
 
 
 def adjust(
