@@ -319,6 +319,56 @@ def test_a_better_tier_extends_the_members_open_lots_and_a_worse_one_never_short
     assert_ledger_sound(db, program_id)
 
 
+def test_points_given_back_to_a_lot_take_the_dates_the_tier_changes_they_missed_gave(
+    db: Database,
+) -> None:
+    """Points away from their lot (spent, frozen) when a tier change extends the member's
+    lots come back with the date they would have had on it: every change since the lot was
+    made counts, a worse tier since takes nothing away, and a change after the lot's date
+    had passed gives it nothing (the points were due already)."""
+    policy = ExpiryPolicy(
+        by_tier={"普通": Validity(kind="rolling", months=12), "金卡": Validity(kind="never")},
+        on_tier_change="extend",
+    )
+    program_id, (alice, bob, _) = with_policy(db, policy)
+    definitions = [TierDef(code="普通", name="普通", rank=0),
+                   TierDef(code="金卡", name="金卡", rank=1)]  # fmt: skip
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=definitions))
+
+    def set_tier(member: int, tier: str) -> None:
+        db.run(lambda uow: tiers.set_member_tier(uow, program_id=program_id, member_id=member,
+                                                 tier=tier, reason="t", set_by="t"))  # fmt: skip
+
+    def dates(member: int) -> list[tuple[int, datetime | None]]:
+        lots = db.run(lambda uow: points.member_lots(uow, member_id=member), read_only=True)
+        return [(lot.remaining, lot.expires_at) for lot in lots]
+
+    set_tier(alice, "普通")
+    set_tier(bob, "普通")
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 300, "a1")  # lapses 2027-01-11
+    earn(db, program_id, bob, 200, "b1")  # lapses 2027-01-11
+    move(db, at(2026, 2, 10, 9))
+    earn(db, program_id, alice, 700, "a2")
+    spent = db.run(lambda uow: points.spend(uow, member_id=alice, amount=300, key="s1"))
+    held = db.run(lambda uow: points.freeze(uow, member_id=bob, amount=200, key="f1",
+                                            reason="review", actor="risk"))  # fmt: skip
+    # alice: 金卡 while her first lot is spent, then 普通 again
+    move(db, at(2026, 3, 1, 9))
+    set_tier(alice, "金卡")
+    move(db, at(2026, 4, 1, 9))
+    set_tier(alice, "普通")
+    db.run(lambda uow: points.refund(uow, spend_id=spent.id, key="r1"))
+    assert dates(alice) == [(700, None), (300, None)]
+    # bob: made 金卡 only after his frozen lot's date had passed
+    move(db, at(2027, 2, 1, 9))
+    set_tier(bob, "金卡")
+    db.run(lambda uow: points.unfreeze(uow, freeze_id=held.id, key="u1"))
+    assert dates(bob) == [(200, at(2027, 1, 11))]
+    assert job(db, "points.expire", program_id, at(2027, 2, 1, 10)).figures["points"] == 200
+    assert (summary(db, alice).balance, summary(db, bob).balance) == (1000, 0)
+
+
 def test_a_birthday_gift_jifen_posts_by_itself_is_no_activity(db: Database) -> None:
     """Dormancy counts what the member did: the birthday gift the events.birthdays job
     posts neither restarts its clock nor gives back what dormancy held back."""

@@ -25,6 +25,7 @@ from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramSettings
 from jifen.tiers import service as tiers_service
+from jifen.tiers.schemas import TierChangeRead
 
 
 def policy(uow: UnitOfWork, *, program_id: int) -> ExpiryPolicy:
@@ -100,7 +101,7 @@ def on_tier_changes(
     zone = _zone(uow, program_id)
     renewed = 0
     for change_id, member_id, tier, kind in changes:
-        if kind in ("temporary", "temporary_end"):
+        if kind in _LENT:
             continue
         validity = core.validity_for(rules, default_days=settings.default_validity_days, tier=tier)
 
@@ -113,6 +114,62 @@ def on_tier_changes(
         )  # fmt: skip
         renewed += posting is not None
     return renewed
+
+
+_LENT = ("temporary", "temporary_end")
+"""Kinds of tier change that lend a tier or take it back: under ``extend`` they move no lot."""
+
+
+def tier_dates_missed(
+    uow: UnitOfWork, *, program_id: int, member_id: int, lot_ids: Sequence[int]
+) -> dict[int, datetime | None]:
+    """For lots that points were just given back to (a refund, an unfreeze): the date those
+    points would have now had they stayed on the lot, by the policy's ``on_tier_change:
+    extend`` (``None``: never), where that is later than the lot's own date.
+
+    A tier change extends only the lots that hold points at the time (a renewal moves what
+    remains); points away then, spent or frozen (a dormancy decay, a redemption's hold),
+    missed it, and given back to their lot they would lapse on its old date. So each tier
+    change the member's record holds since the lot was made is replayed as
+    :func:`on_tier_changes` made it, over the lot's date as it stood: one that came after
+    that date had passed (the points were due already) moves it no more. The dates are of
+    the policy in force now."""
+    rules = policy(uow, program_id=program_id)
+    if rules.on_tier_change != "extend" or not lot_ids:
+        return {}
+    made = points_service.lots_made(uow, lot_ids=lot_ids)
+    if not made:
+        return {}
+    since = min(when for _, when in made)
+    changes: list[TierChangeRead] = []
+    cursor: int | None = None
+    while True:
+        page, cursor = tiers_service.history(
+            uow, program_id=program_id, member_id=member_id, before_id=cursor, limit=100
+        )
+        changes.extend(c for c in page if c.at >= since)
+        if cursor is None or (page and page[-1].at < since):
+            break
+    if not changes:
+        return {}
+    changes.sort(key=lambda c: (c.at, c.id))
+    settings = programs_service.get_settings(uow, program_id=program_id)
+    zone = _zone(uow, program_id)
+    found: dict[int, datetime | None] = {}
+    for lot, when in made:
+        date = lot.expires_at
+        for change in changes:
+            if change.at < when or change.kind in _LENT:
+                continue
+            if date is None or date <= change.at:
+                break
+            validity = core.validity_for(
+                rules, default_days=settings.default_validity_days, tier=change.to_tier
+            )
+            date = core.later_of(date, core.expires_at(validity, lot.available_at, zone))
+        if date != lot.expires_at:
+            found[lot.id] = date
+    return found
 
 
 # --------------------------------------------------------------------------- the expiry run

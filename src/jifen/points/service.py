@@ -1021,7 +1021,10 @@ def _given_back(
     """Write a refund or an unfreeze; then the points it gave back to lots whose points a
     renewal has since moved to a later date (a tier change, say) follow them there, by a
     renewal posting in the same transaction. Left on the old lot they would lapse on the
-    date the renewal had put behind them.
+    date the renewal had put behind them. So do points given back to a lot that held none
+    when a tier change extended the member's lots (it was spent, or frozen by a dormancy
+    decay): they take the date that change would have given them
+    (:func:`jifen.expiry.service.tier_dates_missed`).
 
     On a closed account (see :func:`refund`) the points given back are forfeited instead,
     in the same transaction, or the give-back is refused before anything is written."""
@@ -1041,6 +1044,15 @@ def _given_back(
         return posting
     given = {a.lot_id: a.amount for a in plan.allocations if a.amount > 0}
     dates = _renewed_dates(uow, given)
+    # Imported here: expiry's service reads points through this module.
+    from jifen.expiry import service as expiry_service
+
+    missed = expiry_service.tier_dates_missed(
+        uow, program_id=member.program_id, member_id=member.member_id, lot_ids=sorted(given)
+    )
+    for lot_id, date in missed.items():
+        if lot_id not in dates or _later(date, dates[lot_id]):
+            dates[lot_id] = date
     if dates:
         follow_key = f"renewal-after:{posting.id}"
         account, _ = _lock_one(uow, member.member_id, follow_key)
@@ -1133,6 +1145,20 @@ def _earned_lots(uow: UnitOfWork, earn_id: int, account_id: int) -> list[Lot]:
         found.extend(moved)
         frontier = [lot.id for lot in moved]
     return found
+
+
+def lots_made(uow: UnitOfWork, *, lot_ids: Iterable[int]) -> list[tuple[Lot, datetime]]:
+    """Each of ``lot_ids`` (those that exist) with when the posting that made it was written."""
+    ids = sorted(set(lot_ids))
+    if not ids:
+        return []
+    rows = uow.conn.execute(
+        select(*_lot_columns(), postings.c.created_at)
+        .join(postings, postings.c.id == lots.c.posting_id)
+        .where(lots.c.id.in_(ids))
+        .order_by(lots.c.id)
+    ).all()
+    return [(Lot(*row[:5]), row[5]) for row in rows]
 
 
 def _later(date: datetime | None, than: datetime | None) -> bool:
