@@ -24,6 +24,7 @@
     ├── Unauthenticated             no valid credentials (HTTP 401)
     │   └── SignInLocked            too many failed sign-ins: slowed, then locked (429)
     ├── Forbidden                   authenticated, but not allowed (HTTP 403)
+    │   └── ScopeTooNarrow          held in a merchant's or programme's scope only
     ├── AnswerErased                a write's stored answer went with a member's data (410)
     ├── RateLimited                 too many requests (HTTP 429, Retry-After)
     └── AuditCorrupt                the audit log's chain is broken
@@ -395,6 +396,20 @@ class WebhookTargetRefused(InvalidInput):
 
 
 __all__ += ["UnknownDelivery", "UnknownInboxMessage", "UnknownWebhook", "WebhookTargetRefused"]
+
+
+class ScopeTooNarrow(Forbidden):
+    """The permission is held, but in a narrower scope than the operation needs: the
+    programme's configuration and integrations bind every merchant, so a grant of one
+    merchant or store does not reach them; an installation-wide check needs a grant of
+    every programme."""
+
+    code = "scope_too_narrow"
+    en = "{problem}"
+    zh = "{problem_zh}"
+
+
+__all__ += ["ScopeTooNarrow"]
 
 
 # --------------------------------------------------------------------------- field messages

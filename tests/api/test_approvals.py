@@ -387,6 +387,32 @@ def test_a_settings_request_waits_when_its_maker_keeps_only_tiers_write(
     assert client.get(url, headers=desk.reviewer).json() == base
 
 
+def test_a_settings_request_waits_when_its_maker_keeps_one_merchants_grant_only(
+    client: TestClient, db: Database
+) -> None:
+    # given a settings request filed by a programme-wide operator
+    desk = Desk(client, db)
+    maker = _staff_id(client, desk.operator)
+    url = f"{desk.base}/settings"
+    base = client.get(url, headers=desk.operator).json()
+    filed = client.put(url, json={**base, "transfers_enabled": False},
+                       headers={**desk.operator, **support.key()})  # fmt: skip
+    assert filed.status_code == 202, filed.text
+    # when the maker is left an operator of one merchant only
+    db.run(lambda uow: auth.grant_role(uow, staff_id=maker, role="operator",
+                                       program_id=desk.program.id, merchant="mall"))  # fmt: skip
+    wide = next(
+        g for g in db.run(lambda uow: auth.get_staff(uow, staff_id=maker)).grants
+        if g.role == "operator" and g.merchant is None
+    )  # fmt: skip
+    db.run(lambda uow: auth.revoke_grant(uow, staff_id=maker, grant_id=wide.id))
+    # then its request is not approved: the programme's policy needs a programme-wide grant
+    refused = desk.decide(filed.json()["id"], "approve")
+    assert refused.status_code == 409, refused.text
+    assert "whole programme" in refused.json()["detail"]
+    assert client.get(url, headers=desk.reviewer).json() == base
+
+
 def test_a_maker_withdraws_its_own_pending_request(client: TestClient, db: Database) -> None:
     desk = Desk(client, db)
     filed = desk.adjust(5000).json()["id"]

@@ -149,6 +149,27 @@ def test_a_role_granted_in_one_programme_is_refused_in_another(world: World) -> 
     assert wrong == {}
 
 
+def test_a_merchant_scoped_grant_does_not_reach_the_programmes_own_routes(world: World) -> None:
+    # given a staff user holding every permission, but for one merchant of the programme
+    headers = support.staff(
+        world.db, "super_admin", program_id=world.program.id, merchant=f"m-{uuid.uuid4().hex[:6]}"
+    )
+    wrong, wide = {}, 0
+    for method, path, operation in world.operations():
+        permission = operation.get("x-permission")
+        if permission is None or "{program}" not in path or operation.get("x-member-only"):
+            continue
+        status = world.call(method, path, headers, member_id=world.member_a)
+        # then the programme's configuration and integrations (x-scope: programme) are
+        # refused as needing a programme-wide grant, and nothing else is refused
+        programme_wide = operation.get("x-scope") == "programme"
+        wide += programme_wide
+        if (status == 403) != programme_wide:
+            wrong[f"{method.upper()} {path} ({permission})"] = status
+    assert wide > 0, "the programme's settings, rules, tiers, rewards and roles are marked"
+    assert wrong == {}
+
+
 def test_an_api_key_is_allowed_exactly_its_permissions(world: World) -> None:
     headers = support.api_key(world.db, world.program.id)
     wrong = {}

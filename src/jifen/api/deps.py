@@ -10,7 +10,8 @@ A stored answer names the member its write was about, and goes with that member'
 data when it is erased (:func:`erase_stored_answers`).
 
 The permission each route needs is written into the OpenAPI document as ``x-permission``
-(and ``x-member-scoped``), so tests and integrators read it from there. A route that the
+(and ``x-member-scoped``; ``x-scope: programme`` when a grant of one merchant or store does
+not reach it), so tests and integrators read it from there. A route that the
 member itself may call whatever ``x-permission`` names (:class:`ReadOwn`: its own personal
 data) is marked ``x-member-self``.
 """
@@ -51,6 +52,7 @@ from jifen.errors import (
     Forbidden,
     IdempotencyConflict,
     InvalidInput,
+    ScopeTooNarrow,
     Unauthenticated,
 )
 from jifen.programs import service as programs_service
@@ -514,7 +516,9 @@ async def _program(request: Request, db: Database) -> ProgramRead | None:
     return program
 
 
-async def _authorise(request: Request, principal: Principal, permission: str) -> Context:
+async def _authorise(
+    request: Request, principal: Principal, permission: str, *, programme_wide: bool = False
+) -> Context:
     db = database(request)
     program = await _program(request, db)
     program_id = program.id if program else None
@@ -530,6 +534,8 @@ async def _authorise(request: Request, principal: Principal, permission: str) ->
             problem_zh=f"{principal.name} 无权执行 {permission}"
             + (f"(计划 {program.code!r})。" if program else "。"),
         )
+    if programme_wide:
+        grant = _programme_wide_grant(principal, permission, program)
     return Context(
         request=request,
         db=db,
@@ -541,16 +547,50 @@ async def _authorise(request: Request, principal: Principal, permission: str) ->
     )
 
 
-class Read:
-    """Dependency of a route that reads: authenticate and check ``permission``."""
+def _programme_wide_grant(
+    principal: Principal, permission: str, program: ProgramRead | None
+) -> Grant:
+    """The grant of ``permission`` that covers the whole programme (no merchant, no store):
+    what the programme's configuration and integrations need, as they bind (or reach) every
+    merchant. A grant of one merchant or store is refused with :class:`ScopeTooNarrow`."""
+    for grant in principal.grants:
+        if (
+            permission in grant.permissions
+            and grant.merchant is None
+            and grant.store is None
+            and (program is None or grant.program_id in (None, program.id))
+        ):
+            return grant
+    where = f"programme {program.code!r}" if program else "a programme"
+    where_zh = f"计划 {program.code!r}" if program else "某个计划"
+    raise ScopeTooNarrow(
+        problem=f"{principal.name} holds {permission} for a merchant or store only; this is "
+        f"the whole of {where} (its configuration or integrations reach every merchant): it "
+        "needs a grant covering the whole programme (no merchant, no store). Ask an "
+        "administrator of the programme.",
+        problem_zh=f"{principal.name} 仅在某个商户或门店范围内拥有 {permission};此操作涉及"
+        f"{where_zh}的整体(其配置或对接影响所有商户),需要覆盖整个计划的授权(不限商户、门店)。"
+        "请联系该计划的管理员。",
+    )
 
-    def __init__(self, permission: str) -> None:
+
+class Read:
+    """Dependency of a route that reads: authenticate and check ``permission``.
+
+    ``programme_wide``: the route is about the whole programme (its configuration, or an
+    integration that reaches every merchant's data): a grant of ``permission`` scoped to a
+    merchant or store does not reach it (403, ``scope_too_narrow``)."""
+
+    def __init__(self, permission: str, *, programme_wide: bool = False) -> None:
         self.permission = permission
+        self.programme_wide = programme_wide
 
     async def __call__(
         self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
     ) -> Context:
-        return await _authorise(request, principal, self.permission)
+        return await _authorise(
+            request, principal, self.permission, programme_wide=self.programme_wide
+        )
 
 
 class ReadOwn(Read):
@@ -567,7 +607,7 @@ class ReadOwn(Read):
         self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
     ) -> Context:
         permission = self.own if principal.kind == "member" else self.permission
-        return await _authorise(request, principal, permission)
+        return await _authorise(request, principal, permission, programme_wide=self.programme_wide)
 
 
 IdempotencyKeyHeader = Annotated[
@@ -593,7 +633,9 @@ class Write(Read):
         principal: Annotated[Principal, Depends(authenticate)],
         idempotency_key: IdempotencyKeyHeader,
     ) -> Context:
-        context = await _authorise(request, principal, self.permission)
+        context = await _authorise(
+            request, principal, self.permission, programme_wide=self.programme_wide
+        )
         context.idempotency_key = idempotency_key
         context.request_hash = await request_fingerprint(request)
         return context
@@ -624,6 +666,8 @@ def annotate_permissions(router: APIRouter) -> None:
                 extra = dict(route.openapi_extra or {})
                 extra["x-permission"] = call.permission
                 extra["x-member-scoped"] = "{member_id}" in route.path
+                if call.programme_wide:
+                    extra["x-scope"] = "programme"
                 if isinstance(call, ReadOwn):
                     extra["x-member-self"] = True
                 route.openapi_extra = extra

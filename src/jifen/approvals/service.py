@@ -249,18 +249,27 @@ def _still_open(uow: UnitOfWork, row: Row[Any]) -> None:
 
 def _maker_still_may(uow: UnitOfWork, row: Row[Any]) -> None:
     """A request stands for its maker: one whose account was disabled, or who no longer
-    holds a permission that files it in this programme, cannot have it executed."""
+    holds a permission that files it in this programme (for a change of the programme's
+    policy: for the whole programme, not one merchant or store), cannot have it executed."""
     needs = _FILED_UNDER[row.action]
     try:
         maker = auth_service.staff_principal(uow, row.requested_by, session_id=None)
     except Unauthenticated:  # the account is disabled
         maker = None
-    if maker is None or not any(maker.allows(p, program_id=row.program_id) for p in needs):
+    wide = row.action in _PROGRAMME_WIDE
+    if maker is None or not any(
+        maker.covers(p, program_id=row.program_id)
+        if wide
+        else maker.allows(p, program_id=row.program_id)
+        for p in needs
+    ):
+        where = "for the whole programme" if wide else "in this programme"
+        where_zh = "拥有覆盖整个计划的" if wide else "在本计划中拥有"
         raise StateConflict(
             problem=f"Approval request {row.id} cannot be approved: its maker is no longer an "
-            f"active staff user holding {' or '.join(needs)} in this programme. Reject it, "
-            "or have someone who may file it again.",
-            problem_zh=f"审批申请 {row.id} 无法批准:提交人已不是在本计划中拥有 "
+            f"active staff user holding {' or '.join(needs)} {where}. Reject it, or have "
+            "someone who may file it again.",
+            problem_zh=f"审批申请 {row.id} 无法批准:提交人已不是{where_zh} "
             f"{' 或 '.join(needs)} 权限的在职员工。请驳回,或由有权限的人重新提交。",
         )
 
@@ -434,6 +443,10 @@ _FILED_UNDER: dict[str, tuple[str, ...]] = {
     "rules.caps": ("rules.write",),
 }
 """The permissions that file each kind of request (any one): its maker must still hold one."""
+
+_PROGRAMME_WIDE = frozenset({"programs.settings", "rules.approve", "rules.caps"})
+"""Requests that change the programme's policy: filed under a grant covering the whole
+programme (no merchant, no store), which their maker must still hold."""
 
 _BEFORE_APPROVING: dict[str, Callable[[UnitOfWork, Row[Any], int], None]] = {
     "rules.approve": _not_the_rules_author,

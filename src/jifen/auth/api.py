@@ -481,7 +481,9 @@ def list_roles(
 
 @router.post(ROLES, status_code=201, response_model=RoleRead)
 def create_role(
-    program: str, body: RoleCreate, ctx: Annotated[Context, Depends(Write("roles.write"))]
+    program: str,
+    body: RoleCreate,
+    ctx: Annotated[Context, Depends(Write("roles.write", programme_wide=True))],
 ) -> JSONResponse:
     """A custom role of this programme, with permissions its maker holds here."""
     permissions = service.check_permissions(body.permissions, holder=None)
@@ -501,7 +503,7 @@ def update_role(
     program: str,
     code: RoleCode,
     body: RoleUpdate,
-    ctx: Annotated[Context, Depends(Write("roles.write"))],
+    ctx: Annotated[Context, Depends(Write("roles.write", programme_wide=True))],
 ) -> JSONResponse:
     permissions = None
     if body.permissions is not None:
@@ -520,7 +522,9 @@ def update_role(
 
 @router.delete(f"{ROLES}/{{code}}", response_model=RoleRead)
 def delete_role(
-    program: str, code: RoleCode, ctx: Annotated[Context, Depends(Write("roles.write"))]
+    program: str,
+    code: RoleCode,
+    ctx: Annotated[Context, Depends(Write("roles.write", programme_wide=True))],
 ) -> JSONResponse:
     """Remove a custom role that nobody holds any more."""
     return ctx.execute(

@@ -84,7 +84,7 @@ def get_settings(
 def put_settings(
     program: str,
     body: ProgramSettings,
-    ctx: Annotated[Context, Depends(Write("programs.settings"))],
+    ctx: Annotated[Context, Depends(Write("programs.settings", programme_wide=True))],
 ) -> JSONResponse:
     """Request new settings (the whole policy); they apply when a second person approves."""
     requested_by = requester(ctx)

@@ -77,7 +77,9 @@ def list_rewards(
 
 @router.post(f"{PROGRAM}/rewards", status_code=201, response_model=RewardRead)
 def create_reward(
-    program: str, body: RewardCreate, ctx: Annotated[Context, Depends(Write("rewards.write"))]
+    program: str,
+    body: RewardCreate,
+    ctx: Annotated[Context, Depends(Write("rewards.write", programme_wide=True))],
 ) -> JSONResponse:
     """Add a reward to the catalogue."""
     return ctx.execute(
@@ -102,7 +104,7 @@ def update_reward(
     program: str,
     code: RewardCode,
     body: RewardDef,
-    ctx: Annotated[Context, Depends(Write("rewards.write"))],
+    ctx: Annotated[Context, Depends(Write("rewards.write", programme_wide=True))],
 ) -> JSONResponse:
     """Replace a reward's terms (its kind and stock stay; orders made keep their price)."""
     return ctx.execute(
@@ -116,7 +118,7 @@ def set_reward_state(
     program: str,
     code: RewardCode,
     body: RewardStateSet,
-    ctx: Annotated[Context, Depends(Write("rewards.write"))],
+    ctx: Annotated[Context, Depends(Write("rewards.write", programme_wide=True))],
 ) -> JSONResponse:
     """Pause, resume (``active``) or retire a reward."""
     return ctx.execute(
@@ -130,7 +132,7 @@ def restock(
     program: str,
     code: RewardCode,
     body: Restock,
-    ctx: Annotated[Context, Depends(Write("rewards.write"))],
+    ctx: Annotated[Context, Depends(Write("rewards.write", programme_wide=True))],
 ) -> JSONResponse:
     """Add units to the stock; clears the restock alert once above the safety stock."""
     return ctx.execute(

@@ -91,7 +91,9 @@ def list_rules(
 
 @router.post(RULES, status_code=201, response_model=RuleVersionRead)
 def create_rule(
-    program: str, body: RuleSpec, ctx: Annotated[Context, Depends(Write("rules.write"))]
+    program: str,
+    body: RuleSpec,
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """A new draft: the first version of a rule, or the next version of an existing one."""
     return ctx.execute(
@@ -119,7 +121,7 @@ def update_rule(
     program: str,
     version_id: Id,
     body: RuleSpec,
-    ctx: Annotated[Context, Depends(Write("rules.write"))],
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """Change a draft (a submitted or approved version never changes: create a new one)."""
     return ctx.execute(
@@ -135,7 +137,7 @@ def submit_rule(
     program: str,
     version_id: Id,
     body: RuleActivate,
-    ctx: Annotated[Context, Depends(Write("rules.write"))],
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """Submit a draft for approval; on approval it goes live at ``activate_at`` (or then)."""
     requested_by = requester(ctx)
@@ -172,7 +174,9 @@ def _transition(ctx: Context, version_id: int, action: str) -> JSONResponse:
 
 @router.post(VERSION + "/pause", response_model=RuleVersionRead)
 def pause_rule(
-    program: str, version_id: Id, ctx: Annotated[Context, Depends(Write("rules.write"))]
+    program: str,
+    version_id: Id,
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """Stop an active version for now: events after this moment do not meet it."""
     return _transition(ctx, version_id, "pause")
@@ -180,7 +184,9 @@ def pause_rule(
 
 @router.post(VERSION + "/resume", response_model=RuleVersionRead)
 def resume_rule(
-    program: str, version_id: Id, ctx: Annotated[Context, Depends(Write("rules.write"))]
+    program: str,
+    version_id: Id,
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """Make a paused version live again from this moment."""
     return _transition(ctx, version_id, "resume")
@@ -188,7 +194,9 @@ def resume_rule(
 
 @router.post(VERSION + "/retire", response_model=RuleVersionRead)
 def retire_rule(
-    program: str, version_id: Id, ctx: Annotated[Context, Depends(Write("rules.write"))]
+    program: str,
+    version_id: Id,
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """End a version for good (its history stays)."""
     return _transition(ctx, version_id, "retire")
@@ -257,7 +265,7 @@ def declare_event_type(
     program: str,
     name: Annotated[str, Path(pattern=r"^custom\.[a-z][a-z0-9_]{0,55}$")],
     body: EventTypeDeclare,
-    ctx: Annotated[Context, Depends(Write("rules.write"))],
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """Declare the fields of ``custom.<name>`` events (their type, whether required); an
     event of the type that does not match is refused with the field."""
@@ -282,7 +290,9 @@ def get_caps(program: str, ctx: Annotated[Context, Depends(Read("rules.read"))])
     responses=APPROVAL,
 )
 def put_caps(
-    program: str, body: ProgramCaps, ctx: Annotated[Context, Depends(Write("rules.write"))]
+    program: str,
+    body: ProgramCaps,
+    ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
     """Request new earning caps; they apply when a second person approves."""
     requested_by = requester(ctx)

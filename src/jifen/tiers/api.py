@@ -52,7 +52,9 @@ def list_tiers(program: str, ctx: Annotated[Context, Depends(Read("tiers.read"))
 
 @router.put("/programs/{program}/tiers", response_model=TierList)
 def set_tiers(
-    program: str, body: TiersSet, ctx: Annotated[Context, Depends(Write("tiers.write"))]
+    program: str,
+    body: TiersSet,
+    ctx: Annotated[Context, Depends(Write("tiers.write", programme_wide=True))],
 ) -> JSONResponse:
     """Replace the programme's tiers (a tier members hold cannot be removed)."""
     return ctx.execute(
@@ -136,7 +138,7 @@ def _file(ctx: Context, program: str, scheme: TierScheme | None, summary: str) -
 def put_scheme(
     program: str,
     body: TierScheme,
-    ctx: Annotated[Context, Depends(Write("programs.settings"))],
+    ctx: Annotated[Context, Depends(Write("programs.settings", programme_wide=True))],
 ) -> JSONResponse:
     """Request a new tier scheme; it applies when a second person approves it."""
     return _file(ctx, program, body, f"Change the tier scheme of programme {program}")
@@ -163,7 +165,7 @@ def get_benefits(
 def put_benefits(
     program: str,
     body: BenefitsMatrix,
-    ctx: Annotated[Context, Depends(Write("programs.settings"))],
+    ctx: Annotated[Context, Depends(Write("programs.settings", programme_wide=True))],
 ) -> JSONResponse:
     """Request a new benefits matrix (part of the tier scheme); it applies when a second
     person approves it."""
