@@ -1,5 +1,9 @@
 """HTTP routes of the notify domain: a member's in-app inbox, webhook subscriptions with
-their deliveries, and the outbox for staff."""
+their deliveries, and the outbox for staff.
+
+A webhook subscription receives the events of every merchant of its programme, and the
+outbox holds every member's messages: both are the programme's, managed and read under a
+grant covering the whole programme (``programme_wide``), never one of a merchant or store."""
 
 from __future__ import annotations
 
@@ -107,7 +111,8 @@ def mark_all_read(
 
 
 def _may_allow_private(ctx: Context) -> bool:
-    return ctx.principal.allows(ALLOW_PRIVATE, program_id=ctx.program_id) is not None
+    """Whether the caller holds ``webhooks.allow_private`` for the whole programme."""
+    return ctx.principal.covers(ALLOW_PRIVATE, program_id=ctx.program_id)
 
 
 def _check_allow_private(ctx: Context, wanted: bool | None) -> None:
@@ -124,7 +129,7 @@ def _check_allow_private(ctx: Context, wanted: bool | None) -> None:
 @router.get(f"{PROGRAM}/webhooks", response_model=Page[WebhookRead])
 def list_webhooks(
     program: str,
-    ctx: Annotated[Context, Depends(Read("webhooks.read"))],
+    ctx: Annotated[Context, Depends(Read("webhooks.read", programme_wide=True))],
     cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[WebhookRead]:
@@ -141,7 +146,9 @@ def list_webhooks(
 
 @router.post(f"{PROGRAM}/webhooks", status_code=201, response_model=WebhookSecret)
 def create_webhook(
-    program: str, body: WebhookCreate, ctx: Annotated[Context, Depends(Write("webhooks.write"))]
+    program: str,
+    body: WebhookCreate,
+    ctx: Annotated[Context, Depends(Write("webhooks.write", programme_wide=True))],
 ) -> JSONResponse:
     """Subscribe an address to events. The answer carries the signing secret, this once:
     each delivery is signed ``Jifen-Signature: t=<unix>,v1=<HMAC-SHA256(secret, t.body)>``."""
@@ -158,7 +165,9 @@ def create_webhook(
 
 @router.get(WEBHOOK, response_model=WebhookRead)
 def get_webhook(
-    program: str, webhook_id: Id, ctx: Annotated[Context, Depends(Read("webhooks.read"))]
+    program: str,
+    webhook_id: Id,
+    ctx: Annotated[Context, Depends(Read("webhooks.read", programme_wide=True))],
 ) -> WebhookRead:
     return ctx.db.run(
         lambda uow: service.get_webhook(uow, program_id=ctx.program_id, webhook_id=webhook_id),
@@ -171,7 +180,7 @@ def update_webhook(
     program: str,
     webhook_id: Id,
     body: WebhookUpdate,
-    ctx: Annotated[Context, Depends(Write("webhooks.write"))],
+    ctx: Annotated[Context, Depends(Write("webhooks.write", programme_wide=True))],
 ) -> JSONResponse:
     """Change the address, the event types, the description, or pause (``active``). A
     subscription allowed to reach private addresses gets a new address only from a holder of
@@ -191,7 +200,9 @@ def update_webhook(
 
 @router.delete(WEBHOOK, response_model=WebhookRead)
 def delete_webhook(
-    program: str, webhook_id: Id, ctx: Annotated[Context, Depends(Write("webhooks.write"))]
+    program: str,
+    webhook_id: Id,
+    ctx: Annotated[Context, Depends(Write("webhooks.write", programme_wide=True))],
 ) -> JSONResponse:
     """Delete a subscription: no new events; its delivery log is kept."""
     return ctx.execute(
@@ -205,7 +216,7 @@ def rotate_secret(
     program: str,
     webhook_id: Id,
     body: SecretRotate,
-    ctx: Annotated[Context, Depends(Write("webhooks.write"))],
+    ctx: Annotated[Context, Depends(Write("webhooks.write", programme_wide=True))],
 ) -> JSONResponse:
     """A new signing secret, shown this once; the previous one keeps signing beside it for
     ``previous_valid_hours`` (default 24), so receivers can switch without losing events."""
@@ -223,7 +234,7 @@ def rotate_secret(
 def list_deliveries(
     program: str,
     webhook_id: Id,
-    ctx: Annotated[Context, Depends(Read("webhooks.read"))],
+    ctx: Annotated[Context, Depends(Read("webhooks.read", programme_wide=True))],
     cursor: IdCursor = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> Page[DeliveryRead]:
@@ -246,7 +257,7 @@ def redeliver(
     program: str,
     webhook_id: Id,
     delivery: Id,
-    ctx: Annotated[Context, Depends(Write("webhooks.write"))],
+    ctx: Annotated[Context, Depends(Write("webhooks.write", programme_wide=True))],
 ) -> JSONResponse:
     """Send a delivery again (the same event, body and ``Jifen-Delivery`` id)."""
     return ctx.execute(
@@ -264,7 +275,7 @@ def redeliver(
 @router.get(f"{PROGRAM}/outbox", response_model=Page[OutboxRead])
 def list_outbox(
     program: str,
-    ctx: Annotated[Context, Depends(Read("notifications.read"))],
+    ctx: Annotated[Context, Depends(Read("notifications.read", programme_wide=True))],
     channel: Channel | None = None,
     status: Status | None = None,
     member_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
