@@ -44,10 +44,15 @@ SIGNED_IN = {
 
 
 def _granted(permission: str, held: frozenset[str], operation: dict[str, Any]) -> bool:
-    """Whether a staff user or key holding ``held`` gets through: it holds the permission,
-    and the route is not one only the member itself may call (``x-member-only``: a member
-    confirms its own cooling-off hold)."""
-    return permission in held and not operation.get("x-member-only")
+    """Whether a staff user or key holding ``held`` in one programme gets through: it holds
+    the permission, the route is not one only the member itself may call (``x-member-only``:
+    a member confirms its own cooling-off hold), nor one that reads the whole installation
+    (``x-scope: installation``: verifying the audit log's chains)."""
+    return (
+        permission in held
+        and not operation.get("x-member-only")
+        and operation.get("x-scope") != "installation"
+    )
 
 
 class World:

@@ -11,9 +11,9 @@ data when it is erased (:func:`erase_stored_answers`).
 
 The permission each route needs is written into the OpenAPI document as ``x-permission``
 (and ``x-member-scoped``; ``x-scope: programme`` when a grant of one merchant or store does
-not reach it), so tests and integrators read it from there. A route that the
-member itself may call whatever ``x-permission`` names (:class:`ReadOwn`: its own personal
-data) is marked ``x-member-self``.
+not reach it, ``installation`` when only an unscoped grant does), so tests and integrators
+read it from there. A route that the member itself may call whatever ``x-permission`` names
+(:class:`ReadOwn`: its own personal data) is marked ``x-member-self``.
 """
 
 from __future__ import annotations
@@ -517,7 +517,12 @@ async def _program(request: Request, db: Database) -> ProgramRead | None:
 
 
 async def _authorise(
-    request: Request, principal: Principal, permission: str, *, programme_wide: bool = False
+    request: Request,
+    principal: Principal,
+    permission: str,
+    *,
+    programme_wide: bool = False,
+    installation_wide: bool = False,
 ) -> Context:
     db = database(request)
     program = await _program(request, db)
@@ -536,6 +541,8 @@ async def _authorise(
         )
     if programme_wide:
         grant = _programme_wide_grant(principal, permission, program)
+    if installation_wide:
+        grant = _installation_wide_grant(principal, permission)
     return Context(
         request=request,
         db=db,
@@ -574,23 +581,43 @@ def _programme_wide_grant(
     )
 
 
+def _installation_wide_grant(principal: Principal, permission: str) -> Grant:
+    """The unscoped grant of ``permission`` (every programme, merchant and store): what a
+    route reading the whole installation needs (403, ``scope_too_narrow``, without one)."""
+    for grant in principal.grants:
+        if permission in grant.permissions and grant.unscoped:
+            return grant
+    raise ScopeTooNarrow(
+        problem=f"{principal.name} holds {permission} in some programmes only; this reads the "
+        f"whole installation (every programme): it needs {permission} granted in every "
+        "programme. Ask an installation-wide administrator.",
+        problem_zh=f"{principal.name} 仅在部分计划中拥有 {permission};此操作读取整个系统"
+        f"(所有计划),需要在所有计划范围内授予 {permission}。请联系全系统管理员。",
+    )
+
+
 class Read:
     """Dependency of a route that reads: authenticate and check ``permission``.
 
     ``programme_wide``: the route is about the whole programme (its configuration, or an
     integration that reaches every merchant's data): a grant of ``permission`` scoped to a
-    merchant or store does not reach it (403, ``scope_too_narrow``)."""
+    merchant or store does not reach it (403, ``scope_too_narrow``). ``installation_wide``:
+    the route reads every programme: only an unscoped grant reaches it."""
 
-    def __init__(self, permission: str, *, programme_wide: bool = False) -> None:
+    def __init__(
+        self, permission: str, *, programme_wide: bool = False, installation_wide: bool = False
+    ) -> None:
         self.permission = permission
         self.programme_wide = programme_wide
+        self.installation_wide = installation_wide
 
     async def __call__(
         self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
     ) -> Context:
         return await _authorise(
-            request, principal, self.permission, programme_wide=self.programme_wide
-        )
+            request, principal, self.permission, programme_wide=self.programme_wide,
+            installation_wide=self.installation_wide,
+        )  # fmt: skip
 
 
 class ReadOwn(Read):
@@ -607,7 +634,10 @@ class ReadOwn(Read):
         self, request: Request, principal: Annotated[Principal, Depends(authenticate)]
     ) -> Context:
         permission = self.own if principal.kind == "member" else self.permission
-        return await _authorise(request, principal, permission, programme_wide=self.programme_wide)
+        return await _authorise(
+            request, principal, permission, programme_wide=self.programme_wide,
+            installation_wide=self.installation_wide,
+        )  # fmt: skip
 
 
 IdempotencyKeyHeader = Annotated[
@@ -634,8 +664,9 @@ class Write(Read):
         idempotency_key: IdempotencyKeyHeader,
     ) -> Context:
         context = await _authorise(
-            request, principal, self.permission, programme_wide=self.programme_wide
-        )
+            request, principal, self.permission, programme_wide=self.programme_wide,
+            installation_wide=self.installation_wide,
+        )  # fmt: skip
         context.idempotency_key = idempotency_key
         context.request_hash = await request_fingerprint(request)
         return context
@@ -668,6 +699,8 @@ def annotate_permissions(router: APIRouter) -> None:
                 extra["x-member-scoped"] = "{member_id}" in route.path
                 if call.programme_wide:
                     extra["x-scope"] = "programme"
+                if call.installation_wide:
+                    extra["x-scope"] = "installation"
                 if isinstance(call, ReadOwn):
                     extra["x-member-self"] = True
                 route.openapi_extra = extra

@@ -2,7 +2,8 @@
 
 Every route needs ``audit.read``. A principal whose grants of it are scoped to programmes
 sees only those programmes' entries; one holding it everywhere sees every entry, including
-those outside any programme (staff users, roles).
+those outside any programme (staff users, roles), and alone verifies the chains, which run
+through every programme's entries.
 """
 
 from __future__ import annotations
@@ -130,10 +131,15 @@ def export_audit(
 
 
 @router.get("/audit/verify", response_model=AuditVerification)
-def verify_audit(ctx: Annotated[Context, Depends(Read("audit.read"))]) -> AuditVerification:
+def verify_audit(
+    ctx: Annotated[Context, Depends(Read("audit.read", installation_wide=True))],
+) -> AuditVerification:
     """Recompute every entry's hash and follow every chain to its head: ``ok`` when the log
     is as it was written, else each problem with the entry, stripe and position it is
-    about. Reads the whole log: meant for an occasional check, not for polling."""
+    about. Reads the whole log: meant for an occasional check, not for polling. The chains
+    run through every programme's entries, so the check is the installation's: it needs
+    ``audit.read`` granted in every programme (an auditor of some programmes searches and
+    exports their entries)."""
     with service.snapshot(ctx.db) as uow:
         report = service.verify_report(uow)
     return AuditVerification(
