@@ -499,6 +499,35 @@ def test_held_awards_are_listed_and_decided_by_another_person_once(
     assert_ledger_sound(db, shop.program.id)
 
 
+def test_a_merchants_reviewer_sees_and_decides_only_its_own_merchants_held_awards(
+    client: TestClient, db: Database
+) -> None:
+    # given an award held for review of an event sent by merchant 'mall'
+    shop = Shop(client, db)
+    declared = {"fields": {"requested_points": {"type": "integer", "required": True}}}
+    body(shop.put("/event-types/custom.contribution", declared), 200)
+    shop.activate(rule("contribution", {"kind": "reviewed", "max_points": 50},
+                       event_types=("custom.contribution",)))  # fmt: skip
+    mall = support.api_key(db, shop.program.id, merchant="mall")
+    event = shop.event(shop.alice, "c1", {"requested_points": 20}, "custom.contribution")
+    sent = body(shop.send(event, mall), 201)
+    (award,) = body(shop.get("/awards/held", shop.reviewer), 200)["items"]
+    # when reviewers of merchants 'other' and 'mall' look for it and decide it
+    other = support.staff(db, "reviewer", program_id=shop.program.id, merchant="other")
+    own = support.staff(db, "reviewer", program_id=shop.program.id, merchant="mall")
+    # then the other merchant's sees neither the award nor its event, and cannot decide it
+    assert body(shop.get("/awards/held", other), 200)["items"] == []
+    assert shop.get(f"/events/{sent['id']}", other).status_code == 404
+    for decision in ("approve", "reject"):
+        refused = shop.post(f"/awards/{award['id']}/{decision}", {}, other)
+        assert refused.status_code == 404 and refused.json()["code"] == "unknown_award"
+    # while the merchant's own reviewer does
+    assert [a["id"] for a in body(shop.get("/awards/held", own), 200)["items"]] == [award["id"]]
+    assert body(shop.get(f"/events/{sent['id']}", own), 200)["id"] == sent["id"]
+    approved = body(shop.post(f"/awards/{award['id']}/approve", {}, own), 200)
+    assert approved["decision"] == "approved" and approved["points"] == 20
+
+
 def test_a_refund_for_no_merchant_takes_the_order_sent_for_no_merchant_or_the_members_own(
     client: TestClient, db: Database
 ) -> None:

@@ -114,11 +114,22 @@ def get_event(
     program: str, event_id: Id, ctx: Annotated[Context, Depends(Read("events.read"))]
 ) -> EventResult:
     """An event and the awards it produced, each with the rule, the cap that bit, and the
-    posting."""
+    posting. Credentials of a merchant or store see the events made for it only (another's
+    is answered as unknown)."""
+    merchant, store = _scope(ctx)
     return ctx.db.run(
-        lambda uow: service.get_event(uow, program_id=ctx.program_id, event_id=event_id),
+        lambda uow: service.get_event(
+            uow, program_id=ctx.program_id, event_id=event_id, merchant=merchant, store=store
+        ),
         read_only=True,
     )
+
+
+def _scope(ctx: Context) -> tuple[str | None, str | None]:
+    """The merchant and store the caller's grant is scoped to (None: any): it reads and
+    decides only what was made for them."""
+    grant = ctx.grant
+    return (grant.merchant, grant.store) if grant is not None else (None, None)
 
 
 AWARDS = "/programs/{program}/awards"
@@ -131,14 +142,17 @@ def list_held_awards(
     cursor: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, LIMIT] = 50,
 ) -> HeldAwardPage:
-    """Awards waiting for a reviewer, oldest first."""
+    """Awards waiting for a reviewer, oldest first (of the events made for the caller's
+    merchant or store, when its credentials are scoped to one)."""
     after = id_cursor(cursor)
+    merchant, store = _scope(ctx)
     items = ctx.db.run(
         lambda uow: service.held_awards(
-            uow, program_id=ctx.program_id, after_id=after, limit=limit
+            uow, program_id=ctx.program_id, after_id=after, limit=limit, merchant=merchant,
+            store=store,
         ),
         read_only=True,
-    )
+    )  # fmt: skip
     return HeldAwardPage(
         items=items, next_cursor=str(items[-1].id) if len(items) == limit else None
     )
@@ -153,10 +167,12 @@ def approve_award(
 ) -> JSONResponse:
     """Post a held award (or less of it), once, within its rule's maximum and the caps of
     its day. Not the one who sent its event, nor its member."""
+    merchant, store = _scope(ctx)
     return ctx.execute(
         lambda uow: service.approve_award(
             uow, program_id=ctx.program_id, award_id=award_id, decided_by=ctx.actor,
             decider_member=ctx.principal.member_id, points=body.points, note=body.note,
+            merchant=merchant, store=store,
         ),
         target=f"award:{award_id}",
         action="awards.approve",
@@ -171,10 +187,12 @@ def reject_award(
     ctx: Annotated[Context, Depends(Write("awards.decide"))],
 ) -> JSONResponse:
     """Decide that a held award posts nothing."""
+    merchant, store = _scope(ctx)
     return ctx.execute(
         lambda uow: service.reject_award(
             uow, program_id=ctx.program_id, award_id=award_id, decided_by=ctx.actor,
-            decider_member=ctx.principal.member_id, note=body.note,
+            decider_member=ctx.principal.member_id, note=body.note, merchant=merchant,
+            store=store,
         ),
         target=f"award:{award_id}",
         action="awards.reject",

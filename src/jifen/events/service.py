@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import (
+    ColumnElement,
     Row,
     RowMapping,
     String,
@@ -1670,13 +1671,35 @@ def _give_back(
 # --------------------------------------------------------------------------- reading
 
 
-def get_event(uow: UnitOfWork, *, program_id: int, event_id: int) -> EventResult:
+def get_event(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    event_id: int,
+    merchant: str | None = None,
+    store: str | None = None,
+) -> EventResult:
+    """An event and its awards. ``merchant`` and ``store``: the scope of the credentials
+    asking, which see only the events made for it (another's is unknown to them)."""
     row = uow.conn.execute(
-        select(events).where(events.c.id == event_id, events.c.program_id == program_id)
-    ).one_or_none()
+        select(events).where(
+            events.c.id == event_id, events.c.program_id == program_id,
+            *_made_for(merchant, store),
+        )
+    ).one_or_none()  # fmt: skip
     if row is None:
         raise UnknownEvent(event_id=event_id)
     return _result(uow, row, replayed=False)
+
+
+def _made_for(merchant: str | None, store: str | None) -> list[ColumnElement[bool]]:
+    """Conditions keeping the events made for a merchant and store (None: any)."""
+    where = []
+    if merchant is not None:
+        where.append(events.c.merchant == merchant)
+    if store is not None:
+        where.append(events.c.store == store)
+    return where
 
 
 def _result(uow: UnitOfWork, row: Row[Any], *, replayed: bool) -> EventResult:
@@ -1706,16 +1729,24 @@ def _result_of(row: Row[Any], awards: list[AwardRead], *, replayed: bool) -> Eve
 
 
 def held_awards(
-    uow: UnitOfWork, *, program_id: int, after_id: int = 0, limit: int = 50
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    after_id: int = 0,
+    limit: int = 50,
+    merchant: str | None = None,
+    store: str | None = None,
 ) -> list[HeldAward]:
     """The programme's awards waiting for a reviewer (reviewed rules'), oldest first, after
-    the award ``after_id``."""
+    the award ``after_id``; those of the events made for ``merchant`` and ``store`` only,
+    when given."""
     rows = uow.conn.execute(
         _HELD.where(
             event_awards.c.program_id == program_id,
             event_awards.c.held.is_(True),
             event_awards.c.decision.is_(None),
             event_awards.c.id > after_id,
+            *_made_for(merchant, store),
         )
         .order_by(event_awards.c.id)
         .limit(limit)
@@ -1726,12 +1757,13 @@ def held_awards(
 def approve_award(
     uow: UnitOfWork, *, program_id: int, award_id: int, decided_by: str,
     decider_member: int | None = None, points: int | None = None, note: str = "",
+    merchant: str | None = None, store: str | None = None,
 ) -> HeldAward:  # fmt: skip
     """A reviewer's yes to a held award: it posts through the ledger, once, what it asks
     (or the smaller ``points``), never more than its rule's maximum, capped as any award of
     its day is (tier, rule and budgets). The one who sent its event, or its member, cannot
-    approve it."""
-    row = _pending(uow, program_id, award_id, decided_by, decider_member)
+    approve it; a reviewer scoped to a merchant or store, one of another's event."""
+    row = _pending(uow, program_id, award_id, decided_by, decider_member, merchant, store)
     spec = _spec_of(uow, program_id, row.rule_code, row.rule_version)
     params = spec.params
     assert isinstance(params, Reviewed)
@@ -1802,9 +1834,10 @@ def approve_award(
 def reject_award(
     uow: UnitOfWork, *, program_id: int, award_id: int, decided_by: str,
     decider_member: int | None = None, note: str = "",
+    merchant: str | None = None, store: str | None = None,
 ) -> HeldAward:  # fmt: skip
     """A reviewer's no to a held award: nothing posts, the decision is kept."""
-    row = _pending(uow, program_id, award_id, decided_by, decider_member)
+    row = _pending(uow, program_id, award_id, decided_by, decider_member, merchant, store)
     detail = {**(row.detail or {}), **({"note": note} if note else {})}
     _decide(uow, award_id, "rejected", decided_by, uow.clock.now(), points=0,
             wanted=int(row.wanted), cap=None, detail=detail)  # fmt: skip
@@ -1825,15 +1858,23 @@ _HELD = select(
 
 
 def _pending(
-    uow: UnitOfWork, program_id: int, award_id: int, decided_by: str, decider_member: int | None
+    uow: UnitOfWork,
+    program_id: int,
+    award_id: int,
+    decided_by: str,
+    decider_member: int | None,
+    merchant: str | None = None,
+    store: str | None = None,
 ) -> Row[Any]:
-    """The held award to decide: UnknownAward when there is none of that id, StateConflict
-    when it was decided, Forbidden when it is the decider's own."""
+    """The held award to decide: UnknownAward when there is none of that id (or its event
+    was made for another merchant or store than the decider's scope), StateConflict when it
+    was decided, Forbidden when it is the decider's own."""
     row = uow.conn.execute(
         _HELD.where(
             event_awards.c.id == award_id,
             event_awards.c.program_id == program_id,
             (event_awards.c.held.is_(True)) | (event_awards.c.decision.is_not(None)),
+            *_made_for(merchant, store),
         )
     ).one_or_none()
     if row is None:
