@@ -152,6 +152,20 @@ def test_an_auditor_may_search_export_and_verify_an_operator_may_not(shop: Shop)
     assert refused.json()["code"] == "scope_too_narrow"
 
 
+def test_an_auditor_of_one_programme_learns_no_other_programmes_code(
+    client: TestClient, db: Database
+) -> None:
+    a, b = Shop(client, db), Shop(client, db)
+    existing = a.search(program=b.program.code)
+    missing = a.search(program="no-such-programme")
+    assert (existing.status_code, missing.status_code) == (403, 403), missing.text
+    assert existing.json()["detail"].replace(b.program.code, "X") == missing.json()[
+        "detail"
+    ].replace("no-such-programme", "X")
+    everywhere = support.staff(db, "auditor")
+    assert a.search(everywhere, program="no-such-programme").status_code == 404
+
+
 def test_an_auditor_of_one_programme_sees_only_its_entries(
     client: TestClient, db: Database
 ) -> None:
@@ -178,10 +192,11 @@ def test_an_auditor_of_one_programme_sees_only_its_entries(
     # then only A's entries are there: neither B's nor those outside any programme
     assert {e["program_id"] for e in seen} == {a.program.id}
     assert f"member:{a.alice}" in {e["target"] for e in seen}
-    # and asking for B by name is refused, and an unknown programme is not found
+    # and asking for B by name is refused, as is an unknown programme (alike: no answer
+    # tells A's auditor which programme codes exist)
     refused = a.search(program=b.program.code)
     assert refused.status_code == 403
-    assert a.search(program="no-such-programme").status_code == 404
+    assert a.search(program="no-such-programme").status_code == 403
     # while an auditor of every programme sees B's and the staff user's entries
     everywhere = support.staff(db, "auditor")
     assert len(b.search(everywhere, program=b.program.code).json()["items"]) == 1

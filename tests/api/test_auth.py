@@ -415,6 +415,32 @@ def test_a_programme_administrator_manages_only_staff_within_its_programme(
     assert created.status_code == 403, created.text
 
 
+def test_a_programme_administrator_learns_no_other_programmes_code_from_a_grant(
+    app_client: TestClient, db: Database
+) -> None:
+    # given an administrator of programme A, one of its operators, and programme B
+    program_a, program_b = new_program(db), new_program(db)
+    admin_a = support.staff(db, "super_admin", program_id=program_a.id)
+    operator_a = _staff_with(db, "operator", program_a.id)
+
+    def grant(code: str, headers: dict[str, str]) -> Any:
+        return app_client.post(
+            f"/v1/staff/{operator_a}/grants", json={"role": "cashier", "program": code},
+            headers={**headers, **support.key()},
+        )  # fmt: skip
+
+    # when it grants a role in B, and in a programme that does not exist
+    existing, missing = grant(program_b.code, admin_a), grant("no-such-programme", admin_a)
+    # then both are refused alike, naming the code it gave
+    assert (existing.status_code, missing.status_code) == (403, 403), missing.text
+    assert existing.json()["detail"].replace(program_b.code, "X") == missing.json()[
+        "detail"
+    ].replace("no-such-programme", "X")
+    # while to an administrator of every programme an unknown code is unknown
+    root = support.staff(db, "super_admin")
+    assert grant("no-such-programme", root).status_code == 404
+
+
 def test_a_staff_user_without_grants_is_managed_only_from_the_scope_it_was_created_in(
     app_client: TestClient, db: Database
 ) -> None:

@@ -54,6 +54,7 @@ from jifen.errors import (
     InvalidInput,
     ScopeTooNarrow,
     Unauthenticated,
+    UnknownProgram,
 )
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramRead
@@ -502,18 +503,40 @@ def erase_stored_answers(uow: UnitOfWork, *, member_id: int) -> int:
     return erased
 
 
-async def _program(request: Request, db: Database) -> ProgramRead | None:
+async def _program(
+    request: Request, db: Database, principal: Principal, permission: str
+) -> ProgramRead | None:
+    """The programme the path names. One that does not exist is unknown (404) only to a
+    principal holding ``permission`` in every programme; to any other it is refused as a
+    programme it holds no grant in is (403, the same words), so that no answer tells which
+    programme codes exist."""
     code = request.path_params.get("program")
     if code is None:
         return None
     cache: dict[str, ProgramRead] = request.app.state.program_cache
     program = cache.get(code)
     if program is None:
-        program = await run_in_threadpool(
-            db.run, lambda uow: programs_service.get_program(uow, code=code), read_only=True
-        )
+        try:
+            program = await run_in_threadpool(
+                db.run, lambda uow: programs_service.get_program(uow, code=code), read_only=True
+            )
+        except UnknownProgram:
+            if principal.programs(permission) is None:
+                raise
+            raise not_allowed(principal, permission, code) from None
         cache[code] = program
     return program
+
+
+def not_allowed(principal: Principal, permission: str, program: str | None) -> Forbidden:
+    """The refusal of ``permission`` (in the programme of code ``program``): worded the same
+    whether or not that programme exists."""
+    return Forbidden(
+        problem=f"{principal.name} may not {permission}"
+        + (f" in programme {program!r}." if program else "."),
+        problem_zh=f"{principal.name} 无权执行 {permission}"
+        + (f"(计划 {program!r})。" if program else "。"),
+    )
 
 
 async def _authorise(
@@ -525,7 +548,7 @@ async def _authorise(
     installation_wide: bool = False,
 ) -> Context:
     db = database(request)
-    program = await _program(request, db)
+    program = await _program(request, db, principal, permission)
     program_id = program.id if program else None
     grant = principal.allows(permission, program_id=program_id)
     if grant is not None and principal.kind == "member":
@@ -533,12 +556,7 @@ async def _authorise(
         if member_id is None or str(member_id) != str(principal.member_id):
             grant = None  # a member acts only on itself, through routes that name it
     if grant is None:
-        raise Forbidden(
-            problem=f"{principal.name} may not {permission}"
-            + (f" in programme {program.code!r}." if program else "."),
-            problem_zh=f"{principal.name} 无权执行 {permission}"
-            + (f"(计划 {program.code!r})。" if program else "。"),
-        )
+        raise not_allowed(principal, permission, program.code if program else None)
     if programme_wide:
         grant = _programme_wide_grant(principal, permission, program)
     if installation_wide:

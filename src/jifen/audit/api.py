@@ -15,11 +15,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from jifen.api.deps import Context, Read
+from jifen.api.deps import Context, Read, not_allowed
 from jifen.api.schemas import LIMIT, NO_NUL, Instant, Page
 from jifen.audit import service
 from jifen.audit.schemas import AuditEntryRead, AuditProblemRead, AuditVerification
-from jifen.errors import Forbidden
+from jifen.errors import UnknownProgram
 from jifen.programs import service as programs_service
 
 router = APIRouter(tags=["audit"])
@@ -59,19 +59,22 @@ Filters = Annotated[AuditQuery, Depends(audit_query)]
 
 def _filter(ctx: Context, query: AuditQuery) -> service.AuditFilter:
     """The service's filter: the programmes ``ctx``'s grants of ``audit.read`` cover,
-    narrowed to ``query.program``; 403 for a programme they do not cover."""
+    narrowed to ``query.program``; 403 for a programme they do not cover, or that does not
+    exist (unknown, 404, only to an auditor of every programme)."""
     allowed = ctx.principal.programs("audit.read")
     programs: set[int] | None = allowed
     if query.program is not None:
         code = query.program
-        program = ctx.db.run(
-            lambda uow: programs_service.get_program(uow, code=code), read_only=True
-        )
-        if allowed is not None and program.id not in allowed:
-            raise Forbidden(
-                problem=f"{ctx.principal.name} may not audit.read in programme {code!r}.",
-                problem_zh=f"{ctx.principal.name} 无权执行 audit.read(计划 {code!r})。",
+        try:
+            program = ctx.db.run(
+                lambda uow: programs_service.get_program(uow, code=code), read_only=True
             )
+        except UnknownProgram:
+            if allowed is None:
+                raise
+            program = None  # refused as one it may not read: no answer tells it exists
+        if program is None or (allowed is not None and program.id not in allowed):
+            raise not_allowed(ctx.principal, "audit.read", code)
         programs = {program.id}
     return service.AuditFilter(
         programs=frozenset(programs) if programs is not None else None,

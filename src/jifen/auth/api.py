@@ -22,6 +22,7 @@ from jifen.api.deps import (
     id_cursor,
     limit_ip,
     next_id_cursor,
+    not_allowed,
 )
 from jifen.api.schemas import NO_NUL, IdCursor, Limit, Page
 from jifen.audit import service as audit_service
@@ -58,7 +59,7 @@ from jifen.auth.schemas import (
     StaffUpdate,
 )
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import Forbidden, InvalidInput
+from jifen.errors import Forbidden, InvalidInput, UnknownProgram
 from jifen.members import service as members_service
 from jifen.notify.sms import SmsProvider
 from jifen.programs import service as programs_service
@@ -329,7 +330,7 @@ def _home_of(principal: Principal) -> tuple[int | None, str | None, str | None]:
 def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
     program_id = None
     if grant.program is not None:
-        program_id = programs_service.get_program(uow, code=grant.program).id
+        program_id = _grant_program(uow, ctx, grant.program)
     if grant.role == "super_admin" and not ctx.principal.everywhere("staff.write"):
         raise Forbidden(
             problem="Only an installation-wide administrator grants super_admin.",
@@ -341,6 +342,23 @@ def _grant(uow: UnitOfWork, ctx: Context, staff_id: int, grant: GrantIn) -> int:
         uow, staff_id=staff_id, role=grant.role, program_id=program_id,
         merchant=grant.merchant, store=grant.store,
     )  # fmt: skip
+
+
+def _grant_program(uow: UnitOfWork, ctx: Context, code: str) -> int:
+    """The programme a grant is given in. An administrator of some programmes only is refused
+    one outside them alike whether or not it exists (403), so that no answer tells which
+    programme codes exist; to one of every programme an unknown code is unknown (404)."""
+    within = ctx.principal.programs(ctx.permission)
+    try:
+        program_id = programs_service.get_program(uow, code=code).id
+    except UnknownProgram:
+        if within is None:
+            raise
+        program_id = None
+    if within is not None and program_id not in within:
+        raise not_allowed(ctx.principal, ctx.permission, code)
+    assert program_id is not None
+    return program_id
 
 
 @router.get("/staff", response_model=Page[StaffRead])
