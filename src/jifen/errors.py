@@ -24,7 +24,8 @@
     ├── Unauthenticated             no valid credentials (HTTP 401)
     │   └── SignInLocked            too many failed sign-ins: slowed, then locked (429)
     ├── Forbidden                   authenticated, but not allowed (HTTP 403)
-    │   └── ScopeTooNarrow          held in a merchant's or programme's scope only
+    │   ├── ScopeTooNarrow          held in a merchant's or programme's scope only
+    │   └── TotpRequired            a session opened without TOTP does not write
     ├── AnswerErased                a write's stored answer went with a member's data (410)
     ├── RateLimited                 too many requests (HTTP 429, Retry-After)
     └── AuditCorrupt                the audit log's chain is broken
@@ -409,7 +410,19 @@ class ScopeTooNarrow(Forbidden):
     zh = "{problem_zh}"
 
 
-__all__ += ["ScopeTooNarrow"]
+class TotpRequired(Forbidden):
+    """A staff session opened without a TOTP code (its roles could not write then) writes
+    nothing: roles that can write were granted since, and writing needs the second factor."""
+
+    code = "totp_required"
+    en = (
+        "This session was opened without a TOTP code, and {permission} can change data: "
+        "sign in again with your TOTP code."
+    )
+    zh = "本会话登录时未使用动态验证码,而 {permission} 可以修改数据:请使用动态验证码重新登录。"
+
+
+__all__ += ["ScopeTooNarrow", "TotpRequired"]
 
 
 # --------------------------------------------------------------------------- field messages

@@ -126,6 +126,48 @@ def test_read_only_staff_sign_in_without_totp(app_client: TestClient, db: Databa
     assert answer.status_code == 200, answer.text
 
 
+def test_a_session_writes_only_if_opened_with_a_totp_code(
+    app_client: TestClient, db: Database, clock: ManualClock
+) -> None:
+    # given an auditor (read-only) signed in without a code, and once with one
+    program = new_program(db)
+    username, seed = _staff(db, "auditor", program_id=program.id)
+    without = support.bearer(body_of(_sign_in(app_client, username))["token"])
+    signed = _sign_in(app_client, username, code=_code(db, seed))
+    with_code = support.bearer(body_of(signed)["token"])
+    staff_id = app_client.get("/v1/auth/me", headers=without).json()["id"]
+    # when it is given a role that writes
+    db.run(lambda uow: auth.grant_role(uow, staff_id=staff_id, role="operator",
+                                       program_id=program.id))  # fmt: skip
+    (member,) = new_members(db, program.id, 1)
+    url = f"/v1/programs/{program.code}/members/{member}/points/earn"
+
+    def earn(headers: dict[str, str], language: str = "en") -> Any:
+        return app_client.post(
+            url, json={"amount": 5},
+            headers={**headers, **support.key(), "Accept-Language": language},
+        )  # fmt: skip
+
+    # then the session opened without a code still reads, but writes nothing, and says why
+    assert app_client.get(f"/v1/programs/{program.code}", headers=without).status_code == 200
+    refused, refused_zh = earn(without), earn(without, "zh")
+    assert refused.status_code == 403 and refused.json()["code"] == "totp_required"
+    assert "sign in again with your TOTP code" in refused.json()["detail"]
+    assert "请使用动态验证码重新登录" in refused_zh.json()["detail"]
+    # while the one opened with a code writes
+    assert earn(with_code).status_code == 201
+    # and signing in again (now with a code, which the role asks) gives a session that writes
+    clock.advance(timedelta(seconds=30))
+    again = support.bearer(body_of(_sign_in(app_client, username, code=_code(db, seed)))["token"])
+    assert earn(again).status_code == 201
+
+
+def body_of(answer: Any) -> dict[str, Any]:
+    assert answer.status_code == 200, answer.text
+    result: dict[str, Any] = answer.json()
+    return result
+
+
 def test_failed_sign_ins_are_slowed_then_locked_until_unlocked(
     app_client: TestClient, db: Database, clock: ManualClock
 ) -> None:
@@ -334,7 +376,11 @@ def test_nobody_hands_out_what_it_does_not_hold(app_client: TestClient, db: Data
               "grants": [{"role": "store_manager", "program": program.code}]},
         headers={**admin, **support.key()},
     ).json()  # fmt: skip
-    token = db.run(lambda uow: auth.new_session(uow, subject="staff", subject_id=created["id"]))
+    token = db.run(
+        lambda uow: auth.new_session(
+            uow, subject="staff", subject_id=created["id"], totp_verified=True
+        )
+    )
     me = app_client.get("/v1/auth/me", headers=support.bearer(token.token)).json()
     assert me["grants"][0]["permissions"] == ["members.read", "points.earn", "points.read"]
     # a granted role cannot be deleted; a custom role can be changed, a built-in one cannot

@@ -2,8 +2,9 @@
 
 A route declares its permission with :class:`Read` or :class:`Write`; both authenticate,
 apply the rate limits, resolve the ``{program}`` in the path, and refuse with 403 what the
-principal's grants do not cover. A member may act only on itself: a route with a
-``{member_id}`` in its path refuses any other member. :class:`Write` also requires an
+principal's grants do not cover, and any permission that can change data to a staff session
+opened without a TOTP code. A member may act only on itself: a route with a ``{member_id}``
+in its path refuses any other member. :class:`Write` also requires an
 ``Idempotency-Key`` header, and :meth:`Context.execute` runs the change, its audit entry
 and the stored answer in one transaction, replaying the stored answer for a repeated key.
 A stored answer names the member its write was about, and goes with that member's personal
@@ -43,7 +44,7 @@ from jifen.api.problems import language
 from jifen.audit import service as audit_service
 from jifen.audit.schemas import AuditEntryCreate
 from jifen.auth import service as auth_service
-from jifen.auth.core import Grant, Principal
+from jifen.auth.core import Grant, Principal, is_write
 from jifen.db import prepared
 from jifen.db.prepared import Prepared, read_rows
 from jifen.db.uow import Database, UnitOfWork
@@ -53,6 +54,7 @@ from jifen.errors import (
     IdempotencyConflict,
     InvalidInput,
     ScopeTooNarrow,
+    TotpRequired,
     Unauthenticated,
     UnknownProgram,
 )
@@ -561,6 +563,10 @@ async def _authorise(
         grant = _programme_wide_grant(principal, permission, program)
     if installation_wide:
         grant = _installation_wide_grant(principal, permission)
+    if principal.kind == "staff" and is_write(permission) and not principal.totp_verified:
+        # TOTP is asked at sign-in of roles that can write; a role granted since does not
+        # make a session opened without a code one that writes.
+        raise TotpRequired(permission=permission)
     return Context(
         request=request,
         db=db,

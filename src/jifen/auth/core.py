@@ -268,6 +268,9 @@ class Principal:
     api_key_id: int | None = None
     session_id: int | None = None
     roles: tuple[str, ...] = field(default=())
+    totp_verified: bool = False
+    """A staff session opened with a TOTP code: only such a session writes (roles that can
+    write may have been granted after a sign-in that needed no code)."""
 
     @property
     def scope(self) -> str:

@@ -124,8 +124,12 @@ sessions = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column(
+        "totp_verified", Boolean, nullable=False, server_default="0",
+        comment="a staff session opened with a TOTP code: only such a session writes",
+    ),
     UniqueConstraint("token_hash"),
-)
+)  # fmt: skip
 
 member_credentials = Table(
     "member_credentials",

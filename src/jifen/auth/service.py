@@ -116,7 +116,9 @@ def staff_grants(uow: UnitOfWork, staff_id: int) -> tuple[Grant, ...]:
     )
 
 
-def staff_principal(uow: UnitOfWork, staff_id: int, *, session_id: int | None) -> Principal:
+def staff_principal(
+    uow: UnitOfWork, staff_id: int, *, session_id: int | None, totp_verified: bool = False
+) -> Principal:
     row = uow.conn.execute(
         select(staff_users.c.username, staff_users.c.active).where(staff_users.c.id == staff_id)
     ).one_or_none()
@@ -130,6 +132,7 @@ def staff_principal(uow: UnitOfWork, staff_id: int, *, session_id: int | None) -
         grants=grants,
         session_id=session_id,
         roles=tuple(dict.fromkeys(grant.role for grant in grants)),
+        totp_verified=totp_verified,
     )
 
 
@@ -197,7 +200,9 @@ def authenticate(uow: UnitOfWork, token: str) -> Principal:
     if row.expires_at <= uow.clock.now():
         raise _refused("The session has expired.", "会话已过期。")
     if row.subject == "staff":
-        return staff_principal(uow, row.subject_id, session_id=row.id)
+        return staff_principal(
+            uow, row.subject_id, session_id=row.id, totp_verified=bool(row.totp_verified)
+        )
     return member_principal(uow, row.subject_id, session_id=row.id)
 
 
@@ -224,15 +229,18 @@ def password_matches(stored: str, password: str) -> bool:
         return False
 
 
-def new_session(uow: UnitOfWork, *, subject: str, subject_id: int) -> SessionCreated:
-    """Open a session; its token is returned once and stored only as a keyed hash."""
+def new_session(
+    uow: UnitOfWork, *, subject: str, subject_id: int, totp_verified: bool = False
+) -> SessionCreated:
+    """Open a session; its token is returned once and stored only as a keyed hash.
+    ``totp_verified``: a staff user gave a valid TOTP code (only such a session writes)."""
     token = secrets.token_urlsafe(32)
     now = uow.clock.now()
     expires_at = now + (STAFF_SESSION if subject == "staff" else MEMBER_SESSION)
     uow.conn.execute(
         sessions.insert(),
         {"token_hash": keyed_hash(token), "subject": subject, "subject_id": subject_id,
-         "expires_at": expires_at, "created_at": now},
+         "expires_at": expires_at, "created_at": now, "totp_verified": totp_verified},
     )  # fmt: skip
     return SessionCreated(
         token=token, expires_at=expires_at, subject=subject, subject_id=subject_id
@@ -502,7 +510,9 @@ def totp_step(seed: str, code: str, at: datetime) -> int | None:
 def staff_sign_in(
     uow: UnitOfWork, *, username: str, password: str, totp_code: str | None
 ) -> SignInOutcome:
-    """Check a staff user's password and, for anyone who can write, a fresh TOTP code."""
+    """Check a staff user's password and, for anyone who can write, a fresh TOTP code. The
+    session records whether a code was given: one opened without writes nothing, whatever
+    roles its user is given later."""
     now = uow.clock.now()
     row = uow.conn.execute(select(staff_users).where(staff_users.c.username == username)).first()
     if row is None:
@@ -518,6 +528,7 @@ def staff_sign_in(
         return SignInOutcome(
             error=_refused("This staff account is disabled.", "该员工账户已停用。")
         )
+    totp_verified = False
     if needs_totp(staff_grants(uow, row.id)) or totp_code:
         if row.totp_secret_enc is None:
             return SignInOutcome(
@@ -548,8 +559,11 @@ def staff_sign_in(
         if not fresh:  # wrong, or already used once: a TOTP code is never accepted twice
             _fail(uow, staff_users, this)
             return SignInOutcome(error=_WRONG_STAFF)
+        totp_verified = True
     _succeed(uow, staff_users, this)
-    return SignInOutcome(session=new_session(uow, subject="staff", subject_id=row.id))
+    return SignInOutcome(
+        session=new_session(uow, subject="staff", subject_id=row.id, totp_verified=totp_verified)
+    )
 
 
 def set_member_password(
