@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     rate_limit_member: str = "120/minute"
     """Requests per signed-in member."""
 
+    rate_limit_identity: str = "5/day"
+    """Real-name bindings a member may try of its own: a binding refused because another
+    member holds the number says so, and this keeps a member from trying number after
+    number to learn whose they are. Staff binding for a member are not counted."""
+
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """The largest request body the API reads (16 MiB: a batch of 1,000 orders with many
     lines each); a larger one is refused with 413 before it is read."""

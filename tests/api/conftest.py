@@ -18,6 +18,7 @@ def api_settings(**overrides: str) -> Settings:
         "rate_limit_ip": "100000/minute",
         "rate_limit_key": "100000/minute",
         "rate_limit_member": "100000/minute",
+        "rate_limit_identity": "100000/minute",
         **overrides,
     }
     return Settings(**values)  # type: ignore[arg-type]

@@ -24,11 +24,17 @@ from jifen.api import problems
 from jifen.errors import RateLimited
 from jifen.settings import Settings
 
-_SCOPES_ZH = {"ip": "来自同一地址", "key": "同一 API 密钥", "member": "同一会员"}
+_SCOPES_ZH = {
+    "ip": "来自同一地址", "key": "同一 API 密钥", "member": "同一会员",
+    "identity": "同一会员的实名绑定",
+}  # fmt: skip
+_SCOPES = {"identity": "of real-name binding by one member"}
+"""How a scope is named in the answer, where ``per <scope>`` would not say it."""
 
 
 class Limiter:
-    """The three limits of one API process."""
+    """The limits of one API process: per address, API key and member, and a member's own
+    real-name bindings."""
 
     def __init__(self, settings: Settings) -> None:
         self.pool: redis.asyncio.ConnectionPool | None = None
@@ -49,6 +55,7 @@ class Limiter:
             "ip": parse(settings.rate_limit_ip),
             "key": parse(settings.rate_limit_key),
             "member": parse(settings.rate_limit_member),
+            "identity": parse(settings.rate_limit_identity),
         }
 
     async def hit(self, scope: str, identity: str) -> None:
@@ -58,7 +65,10 @@ class Limiter:
             return
         reset_time, _ = await self.strategy.get_window_stats(item, self.namespace, scope, identity)
         retry_after = max(1, math.ceil(reset_time - time.time()))
-        raise RateLimited(scope=f"per {scope}", scope_zh=_SCOPES_ZH[scope], retry_after=retry_after)
+        raise RateLimited(
+            scope=_SCOPES.get(scope, f"per {scope}"), scope_zh=_SCOPES_ZH[scope],
+            retry_after=retry_after,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Close the connections to Redis (at the server's shutdown)."""

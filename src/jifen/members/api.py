@@ -22,6 +22,7 @@ from jifen.api import deps, problems
 from jifen.api.deps import Context, Read, ReadOwn, Write, id_cursor
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
+from jifen.auth.core import Principal
 from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden
 from jifen.events import service as events_service
@@ -224,7 +225,21 @@ def change_state(
     return ctx.execute(change, target=f"member:{member_id}", summary=summary)
 
 
-@router.put(f"{MEMBER}/identity", response_model=MemberProfile)
+async def _own_binding_counted(
+    request: Request, principal: Annotated[Principal, Depends(deps.authenticate)]
+) -> None:
+    """Count a member's own real-name binding against ``rate_limit_identity`` (429 beyond
+    it): a binding refused because another member holds a number tells so, and the limit
+    keeps a member from trying number after number. Staff are not counted."""
+    if principal.kind == "member":
+        await request.app.state.limiter.hit("identity", str(principal.id))
+
+
+@router.put(
+    f"{MEMBER}/identity",
+    response_model=MemberProfile,
+    dependencies=[Depends(_own_binding_counted)],
+)
 def bind_identity(
     program: str,
     member_id: Id,
