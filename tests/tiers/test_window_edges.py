@@ -1,4 +1,5 @@
-"""Review findings in tiers: each test shows one defect and fails until it is fixed."""
+"""Score windows at the edges: refunds count in their order's window, windows start at local
+midnight, and an evaluation finished late leaves a later upgrade alone."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.tiers.test_service import World, quarter
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
-def test_a_refund_in_the_window_of_an_order_before_it_cancels_spend_made_in_it(
+def test_a_refund_of_an_order_before_the_window_leaves_the_windows_spend(
     db: Database,
 ) -> None:
     """events.service.spend_and_counts sums order.paid and subtracts order.refunded by each
@@ -65,7 +66,7 @@ def test_the_score_window_starts_at_local_midnight_of_its_first_day() -> None:
     assert start == datetime(2026, 4, 1, tzinfo=SHANGHAI), start.astimezone(SHANGHAI)
 
 
-def test_an_evaluation_run_finished_after_its_moment_undoes_a_later_upgrade_at_once(
+def test_an_evaluation_run_finished_after_its_moment_leaves_a_later_upgrade_at_once(
     db: Database,
 ) -> None:
     """A tier evaluation works "as of" its run's moment (jobs.service runs every part, and

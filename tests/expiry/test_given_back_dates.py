@@ -1,5 +1,5 @@
-"""Review findings in expiry, dormancy, tiers and refunds: each test shows one defect and
-fails until it is fixed (on both backends)."""
+"""Points given back keep the dates tier changes gave them, a temporary tier that becomes the
+member's own re-dates its lots, and a dormant member's own event wakes it."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def two_tiers(db: Database, program_id: int) -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_old_date(
+def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_new_date(
     db: Database,
 ) -> None:
     """A lot wholly held by a dormancy decay (remaining 0) is passed over by the renewal a
@@ -137,7 +137,7 @@ def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Data
 # ---------------------------------------------------------------------------
 
 
-def test_a_dormant_members_own_event_that_earns_nothing_does_not_wake_it(db: Database) -> None:
+def test_a_dormant_members_own_event_that_earns_nothing_wakes_it(db: Database) -> None:
     """任意行为激活后恢复: any behaviour of the member wakes it. points.service.last_activity
     counts only earn/spend/transfer postings, so a member who checks in (or pays an order
     that earns nothing: excluded goods, a cap reached, no live rule) stays dormant: nothing
@@ -161,7 +161,7 @@ def test_a_dormant_members_own_event_that_earns_nothing_does_not_wake_it(db: Dat
     assert (figures["restored"], figures["decays"]) == (100, 0), figures
 
 
-def test_a_refund_to_a_lot_its_spend_emptied_misses_the_renewal_of_a_better_tier(
+def test_a_refund_to_a_lot_its_spend_emptied_takes_the_renewal_of_a_better_tier(
     db: Database,
 ) -> None:
     """The same gap as above with a spend: a redemption empties the earliest lot, the

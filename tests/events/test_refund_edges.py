@@ -1,4 +1,5 @@
-"""Review findings in refunds: each test shows one defect and fails until it is fixed."""
+"""Refunds at the edges: an order whose points lapsed, and a return within the window after
+the order moved its member up at once."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.factories import assert_ledger_sound, new_members, new_program
 from tests.tiers.scheme import TIERS, scheme
 
 
-def test_a_refund_of_an_order_whose_points_lapsed_takes_the_members_other_points(
+def test_a_refund_of_an_order_whose_points_lapsed_leaves_the_members_other_points(
     db: Database,
 ) -> None:
     """points.service.reverse (ledger.plan_reverse) takes what is left of the earn's own
@@ -44,7 +45,7 @@ def test_a_refund_of_an_order_whose_points_lapsed_takes_the_members_other_points
     assert (after.balance, after.debt) == (500, 0), (refund.points, after)
 
 
-def test_a_return_within_the_window_after_an_upgrade_at_once_leaves_pending_points_and_debt(
+def test_a_return_within_the_window_after_an_upgrade_at_once_takes_the_pending_points(
     db: Database,
 ) -> None:
     """An order whose earning upgrades the member at once, under ``on_tier_change:

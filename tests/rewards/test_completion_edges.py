@@ -1,5 +1,6 @@
-"""Findings of the review of the rewards domain: each test shows one defect (it fails on the
-code as reviewed, and passes once the defect is fixed)."""
+"""Orders completed after a wait are checked again, a pickup order lapsing with its voucher
+owes its cash back, the voucher expiry run does not stop early, and a lottery's budget
+bounds the points its prizes credit."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def confirm(db: Database, shop: Shop, member: int, order_id: int) -> Any:
     )
 
 
-# --------------------------------------------------------------------------- finding 1
+# -------------------------------------------------------------------------- completing after a wait
 
 
 def test_a_held_lottery_draw_confirmed_after_every_prize_is_gone_is_not_charged(
@@ -118,7 +119,7 @@ def test_an_event_registration_paid_after_the_event_started_is_refused_with_its_
     assert before - owned(db, member) == 0, paid and (paid.state, paid.voucher)
 
 
-# --------------------------------------------------------------------------- finding 2
+# ---------------------------------------------------------------------------- a pickup order's cash
 
 
 def test_goods_for_pickup_paid_in_part_with_cash_and_never_collected_say_the_cash_is_due(
@@ -142,16 +143,16 @@ def test_goods_for_pickup_paid_in_part_with_cash_and_never_collected_say_the_cas
     assert order.outcome.get("cash_refund_due_fen") == 2000, order.outcome
 
 
-# --------------------------------------------------------------------------- finding 3
+# --------------------------------------------------------------------------- the voucher expiry run
 
 
 def test_a_voucher_expiry_run_goes_on_past_a_chunk_with_a_voucher_used_before_the_lock(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fix aa26d2e made to the order sweeps (a run is over when its search finds fewer
-    than its limit, not when it changes fewer) was not made to the voucher expiry: a chunk
-    one of whose vouchers a till accepted between the search and the members' locks ends
-    the run, and the vouchers after it wait for the next day's run."""
+    """The voucher expiry run is over when a chunk's search finds fewer than its limit, not
+    when it expires fewer (as the order sweeps are): a chunk one of whose vouchers a till
+    accepted between the search and the members' locks does not end the run, and the
+    vouchers after it do not wait for the next day's run."""
     shop = Shop.open(db)
     members_ = shop.member(5000, count=3)
     wash = shop.reward(kind="service", points=1000)
@@ -182,7 +183,7 @@ def test_a_voucher_expiry_run_goes_on_past_a_chunk_with_a_voucher_used_before_th
     assert states == ["used", "expired", "expired"]
 
 
-# --------------------------------------------------------------------------- finding 4
+# ------------------------------------------------------------------------------- a lottery's budget
 
 
 def test_a_lottery_budget_bounds_the_points_its_prizes_credit(db: Database) -> None:

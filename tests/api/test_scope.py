@@ -1,7 +1,7 @@
-"""Review: credentials doing or seeing more than their scope allows.
-
-Each test states what the scope rules say should happen; a failing test is a finding of the
-security review (branch review-sec). Nothing in production code is changed here."""
+"""Credentials act and see no further than their scope: a merchant or store its own orders,
+vouchers, postings, freezes and events; programme-wide configuration, webhooks and the audit
+check for credentials that cover it all; writes for staff who signed in with TOTP; and no
+answer tells what lies outside the scope."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ Json = dict[str, Any]
 # --------------------------------------------------------------------------- orders
 
 
-def test_review_member_order_routes_hide_another_merchants_orders(
+def test_member_order_routes_hide_another_merchants_orders(
     client: TestClient, db: Database
 ) -> None:
     """GET …/orders and …/orders/{id} show a merchant's credentials only its own orders;
@@ -43,7 +43,7 @@ def test_review_member_order_routes_hide_another_merchants_orders(
     assert [o["id"] for o in listed] == [] and one.status_code == 404, (listed, one.text)
 
 
-def test_review_a_cashier_pays_only_its_own_stores_orders(client: TestClient, db: Database) -> None:
+def test_a_cashier_pays_only_its_own_stores_orders(client: TestClient, db: Database) -> None:
     """A cashier acts at its own store: an order made at another store of the merchant is
     not one it may see or confirm the payment of."""
     till = Till(client, db)
@@ -57,11 +57,11 @@ def test_review_a_cashier_pays_only_its_own_stores_orders(client: TestClient, db
     paid = till.post(
         f"/orders/{made['id']}/paid", {"payment_ref": "pos-s1", "amount_fen": 9000}, till.cashier
     )
-    # another store's order is unknown to a write as to a read (finding 10): 404, not 403
+    # another store's order is unknown to a write as to a read: 404, not 403
     assert (seen.status_code, paid.status_code) == (404, 404), (seen.text, paid.text)
 
 
-def test_review_a_merchant_cannot_accept_another_merchants_voucher(
+def test_a_merchant_cannot_accept_another_merchants_voucher(
     client: TestClient, db: Database
 ) -> None:
     """A voucher of an order made for merchant 'mall' is not accepted at another merchant's
@@ -77,9 +77,7 @@ def test_review_a_merchant_cannot_accept_another_merchants_voucher(
     assert used.status_code in (403, 404), used.text
 
 
-def test_review_another_merchants_order_is_unknown_not_forbidden(
-    client: TestClient, db: Database
-) -> None:
+def test_another_merchants_order_is_unknown_not_forbidden(client: TestClient, db: Database) -> None:
     """Minor: reads answer 404 for another merchant's order, writes 403 naming it: an
     existence oracle across merchants."""
     till = Till(client, db)
@@ -97,9 +95,7 @@ def test_review_another_merchants_order_is_unknown_not_forbidden(
 # --------------------------------------------------------------------------- points
 
 
-def test_review_a_cashier_refunds_only_its_own_stores_spends(
-    client: TestClient, db: Database
-) -> None:
+def test_a_cashier_refunds_only_its_own_stores_spends(client: TestClient, db: Database) -> None:
     """Give-backs check the posting's merchant but not its store: a cashier of store S1
     must not refund a spend made at S2."""
     till = Till(client, db)
@@ -107,13 +103,11 @@ def test_review_a_cashier_refunds_only_its_own_stores_spends(
     s2 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S2")
     spend = body(till.post(f"/members/{till.alice}/points/spend", {"amount": 100}, s2), 201)
     refund = till.post(f"/postings/{spend['id']}/refund", {}, till.cashier)  # hq / S1
-    # another store's posting is unknown, as another merchant's is (finding 10): 404, not 403
+    # another store's posting is unknown, as another merchant's is: 404, not 403
     assert refund.status_code == 404, refund.text
 
 
-def test_review_a_merchant_cannot_release_a_risk_officers_freeze(
-    client: TestClient, db: Database
-) -> None:
+def test_a_merchant_cannot_release_a_risk_officers_freeze(client: TestClient, db: Database) -> None:
     """Freezes are risk control made for no merchant; credentials of one merchant must not
     release one (give-backs of postings of no merchant are refused to them otherwise)."""
     till = Till(client, db)
@@ -131,7 +125,7 @@ def test_review_a_merchant_cannot_release_a_risk_officers_freeze(
 # --------------------------------------------------------------------------- events
 
 
-def test_review_a_merchant_reads_only_its_own_events(client: TestClient, db: Database) -> None:
+def test_a_merchant_reads_only_its_own_events(client: TestClient, db: Database) -> None:
     shop = EarningShop(client, db)
     hq = support.api_key(db, shop.program.id, merchant="hq")
     other = support.api_key(db, shop.program.id, merchant="other")
@@ -146,7 +140,7 @@ def test_review_a_merchant_reads_only_its_own_events(client: TestClient, db: Dat
 # --------------------------------------------------------------------------- webhooks
 
 
-def test_review_a_merchants_operator_cannot_take_over_programme_webhooks(
+def test_a_merchants_operator_cannot_take_over_programme_webhooks(
     client: TestClient, db: Database
 ) -> None:
     """Webhooks carry every merchant's postings and orders: an operator of one merchant must
@@ -161,7 +155,7 @@ def test_review_a_merchants_operator_cannot_take_over_programme_webhooks(
     assert rotated.status_code in (403, 404), rotated.text
 
 
-def test_review_a_merchants_webhook_gets_no_other_merchants_events(
+def test_a_merchants_operator_cannot_subscribe_to_the_programmes_events(
     client: TestClient, db: Database
 ) -> None:
     """A subscription receives every merchant's events, so a merchant's operator cannot
@@ -181,7 +175,7 @@ def test_review_a_merchants_webhook_gets_no_other_merchants_events(
 # --------------------------------------------------------------------------- sign-in
 
 
-def test_review_a_session_opened_without_totp_does_not_gain_writes(
+def test_a_session_opened_without_totp_does_not_gain_writes(
     client: TestClient, db: Database
 ) -> None:
     """Read-only staff sign in without a TOTP code (by design); a write role granted later
@@ -209,7 +203,7 @@ def test_review_a_session_opened_without_totp_does_not_gain_writes(
 # --------------------------------------------------------------------------- programme-wide
 
 
-def test_review_a_merchants_operator_cannot_change_programme_wide_configuration(
+def test_a_merchants_operator_cannot_change_programme_wide_configuration(
     client: TestClient, db: Database
 ) -> None:
     """Roles, API keys and programmes are refused to merchant-scoped administrators (they
@@ -227,7 +221,7 @@ def test_review_a_merchants_operator_cannot_change_programme_wide_configuration(
     assert (filed.status_code, reward.status_code) == (403, 403), (filed.text, reward.text)
 
 
-def test_review_a_programme_auditor_verifies_only_its_programme(
+def test_only_an_installation_wide_auditor_verifies_the_chains(
     client: TestClient, db: Database
 ) -> None:
     """Minor: /audit/verify reads and reports on the whole installation's log for an auditor
@@ -243,9 +237,7 @@ def test_review_a_programme_auditor_verifies_only_its_programme(
     assert body(client.get("/v1/audit/verify", headers=everywhere), 200)["entries"] > 0
 
 
-def test_review_another_programmes_existence_is_not_revealed(
-    client: TestClient, db: Database
-) -> None:
+def test_another_programmes_existence_is_not_revealed(client: TestClient, db: Database) -> None:
     """Minor: a key of programme A learns which programme codes exist (403) and which do
     not (404)."""
     mine, theirs = EarningShop(client, db), EarningShop(client, db)
