@@ -28,16 +28,17 @@ Json = dict[str, Any]
 def test_member_order_routes_hide_another_merchants_orders(
     client: TestClient, db: Database
 ) -> None:
-    """GET …/orders and …/orders/{id} show a merchant's credentials only its own orders;
-    the member-path routes must not show them another merchant's."""
+    """A merchant's credentials see only its own orders through a member's routes too:
+    GET …/members/{id}/orders leaves another merchant's order out, and …/orders/{id} answers
+    404 for it, as the programme's order routes do."""
     till = Till(client, db)
     body(till.post("/rewards", WASH, till.operator), 201)
     mall = support.api_key(db, till.shop.program_id, merchant="mall")
     other = support.api_key(db, till.shop.program_id, merchant="other")
     at_mall = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "wash"}, mall), 201)
-    # the programme route hides mall's order from 'other' (as the existing tests require)
+    # the programme's order route hides mall's order from 'other'
     assert till.get(f"/orders/{at_mall['id']}", other).status_code == 404
-    # the member-path routes should hide it too
+    # and so do the member's routes
     listed = body(till.get(f"/members/{till.alice}/orders", other), 200)["items"]
     one = till.get(f"/members/{till.alice}/orders/{at_mall['id']}", other)
     assert [o["id"] for o in listed] == [] and one.status_code == 404, (listed, one.text)
@@ -45,7 +46,7 @@ def test_member_order_routes_hide_another_merchants_orders(
 
 def test_a_cashier_pays_only_its_own_stores_orders(client: TestClient, db: Database) -> None:
     """A cashier acts at its own store: an order made at another store of the merchant is
-    not one it may see or confirm the payment of."""
+    unknown to it (404), both to see and to confirm the payment of."""
     till = Till(client, db)
     kettle = {**MUG, "code": "kettle", "cash_fen": 9000, "stock": 5}
     body(till.post("/rewards", kettle, till.operator), 201)
@@ -64,8 +65,9 @@ def test_a_cashier_pays_only_its_own_stores_orders(client: TestClient, db: Datab
 def test_a_merchant_cannot_accept_another_merchants_voucher(
     client: TestClient, db: Database
 ) -> None:
-    """A voucher of an order made for merchant 'mall' is not accepted at another merchant's
-    till (its order moves and payments are refused to other merchants already)."""
+    """A voucher is accepted only at the tills of the merchant its order was made for
+    (rewards.service.use_voucher): mall's voucher is refused at another merchant's till and
+    nothing changes, so codes cannot be tried at other merchants' tills."""
     till = Till(client, db)
     body(till.post("/rewards", WASH, till.operator), 201)
     program = till.shop.program_id
@@ -78,8 +80,9 @@ def test_a_merchant_cannot_accept_another_merchants_voucher(
 
 
 def test_another_merchants_order_is_unknown_not_forbidden(client: TestClient, db: Database) -> None:
-    """Minor: reads answer 404 for another merchant's order, writes 403 naming it: an
-    existence oracle across merchants."""
+    """Another merchant's order is unknown to a write as it is to a read: cancelling it
+    answers 404, as cancelling an order that does not exist does, so no answer tells a
+    merchant which order ids exist at other merchants."""
     till = Till(client, db)
     body(till.post("/rewards", WASH, till.operator), 201)
     program = till.shop.program_id
@@ -96,8 +99,9 @@ def test_another_merchants_order_is_unknown_not_forbidden(client: TestClient, db
 
 
 def test_a_cashier_refunds_only_its_own_stores_spends(client: TestClient, db: Database) -> None:
-    """Give-backs check the posting's merchant but not its store: a cashier of store S1
-    must not refund a spend made at S2."""
+    """A cashier refunds only spends made at its own store: points.api._own_posting checks
+    the posting's store as well as its merchant, so a spend made at S2 is unknown (404) to a
+    cashier of S1."""
     till = Till(client, db)
     program = till.shop.program_id
     s2 = support.staff(db, "cashier", program_id=program, merchant="hq", store="S2")
@@ -108,8 +112,9 @@ def test_a_cashier_refunds_only_its_own_stores_spends(client: TestClient, db: Da
 
 
 def test_a_merchant_cannot_release_a_risk_officers_freeze(client: TestClient, db: Database) -> None:
-    """Freezes are risk control made for no merchant; credentials of one merchant must not
-    release one (give-backs of postings of no merchant are refused to them otherwise)."""
+    """A freeze made by risk control is made for no merchant: it is the programme's own, and
+    credentials of one merchant cannot release it (403), as they cannot give back any other
+    posting made for no merchant."""
     till = Till(client, db)
     program = till.shop.program_id
     risk = support.staff(db, "risk_officer", program_id=program)
@@ -126,6 +131,9 @@ def test_a_merchant_cannot_release_a_risk_officers_freeze(client: TestClient, db
 
 
 def test_a_merchant_reads_only_its_own_events(client: TestClient, db: Database) -> None:
+    """An event is read only with credentials of the merchant it was made for: GET
+    …/events/{id} answers 404 to another merchant's key, so one merchant does not read
+    another's orders (member, lines, points)."""
     shop = EarningShop(client, db)
     hq = support.api_key(db, shop.program.id, merchant="hq")
     other = support.api_key(db, shop.program.id, merchant="other")
@@ -143,9 +151,9 @@ def test_a_merchant_reads_only_its_own_events(client: TestClient, db: Database) 
 def test_a_merchants_operator_cannot_take_over_programme_webhooks(
     client: TestClient, db: Database
 ) -> None:
-    """Webhooks carry every merchant's postings and orders: an operator of one merchant must
-    not rotate (and so learn) the secret of the programme's subscription, nor subscribe
-    itself to other merchants' events."""
+    """Webhooks carry every merchant's postings and orders, so they need a grant covering
+    the whole programme: an operator of one merchant cannot rotate (and so learn) the secret
+    of the programme's subscription."""
     shop = EarningShop(client, db)
     program = shop.program.id
     mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
@@ -178,8 +186,9 @@ def test_a_merchants_operator_cannot_subscribe_to_the_programmes_events(
 def test_a_session_opened_without_totp_does_not_gain_writes(
     client: TestClient, db: Database
 ) -> None:
-    """Read-only staff sign in without a TOTP code (by design); a write role granted later
-    must not make that session one that writes without a second factor."""
+    """Read-only staff may sign in without a TOTP code, and a session opened so never writes
+    (sessions.totp_verified): a write role granted later is refused through it, so writing
+    always takes a sign-in with the second factor."""
     shop = EarningShop(client, db)
     program = shop.program.id
 
@@ -206,9 +215,9 @@ def test_a_session_opened_without_totp_does_not_gain_writes(
 def test_a_merchants_operator_cannot_change_programme_wide_configuration(
     client: TestClient, db: Database
 ) -> None:
-    """Roles, API keys and programmes are refused to merchant-scoped administrators (they
-    hand out that merchant's scope only); the programme's policy and reward catalogue, which
-    bind every merchant, should be too."""
+    """The programme's settings and reward catalogue bind every merchant, so changing them
+    needs a grant covering the whole programme: a merchant's operator is refused (403), as
+    merchant-scoped administrators are for roles, API keys and programmes."""
     shop = EarningShop(client, db)
     program = shop.program.id
     mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
@@ -224,10 +233,9 @@ def test_a_merchants_operator_cannot_change_programme_wide_configuration(
 def test_only_an_installation_wide_auditor_verifies_the_chains(
     client: TestClient, db: Database
 ) -> None:
-    """Minor: /audit/verify reads and reports on the whole installation's log for an auditor
-    of one programme (entry counts move with other programmes' activity). The chains run
-    through every programme's entries, so the check is refused to it: only an auditor of
-    every programme verifies them."""
+    """/audit/verify follows chains that run through every programme's entries, so only an
+    auditor of every programme verifies them: an auditor of one programme is refused (403
+    scope_too_narrow), and its answer tells nothing of other programmes' activity."""
     mine = EarningShop(client, db)
     auditor = support.staff(db, "auditor", program_id=mine.program.id)
     refused = client.get("/v1/audit/verify", headers=auditor)
@@ -238,8 +246,9 @@ def test_only_an_installation_wide_auditor_verifies_the_chains(
 
 
 def test_another_programmes_existence_is_not_revealed(client: TestClient, db: Database) -> None:
-    """Minor: a key of programme A learns which programme codes exist (403) and which do
-    not (404)."""
+    """A key of one programme gets the same answer for another programme's code as for a
+    code that does not exist (api.deps._program), so it cannot learn which programme codes
+    exist."""
     mine, theirs = EarningShop(client, db), EarningShop(client, db)
     existing = client.get(f"/v1/programs/{theirs.program.code}/members/1/points", headers=mine.key)
     missing = client.get("/v1/programs/no-such-programme/members/1/points", headers=mine.key)

@@ -19,11 +19,10 @@ from tests.tiers.scheme import TIERS, scheme
 def test_a_refund_of_an_order_whose_points_lapsed_leaves_the_members_other_points(
     db: Database,
 ) -> None:
-    """points.service.reverse (ledger.plan_reverse) takes what is left of the earn's own
-    lot, then "other spendable points", then makes debt. When the order's own points have
-    lapsed (the expiry run already moved them to the expired account), a refund of the
-    order takes the same amount again from points the member earned elsewhere, or makes it
-    a debt: the member pays twice for points it never used."""
+    """points.service.reverse (ledger.plan_reverse) takes an earn back from its own lots, then
+    from what of it lapsed (out of the expired account), and only for points the member used
+    from its other points or as debt. So a refund of an order whose points lapsed leaves the
+    member's other points alone: it never pays twice for points it did not use."""
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)
     activate(db, program.id, "base", RATES)
@@ -48,13 +47,10 @@ def test_a_refund_of_an_order_whose_points_lapsed_leaves_the_members_other_point
 def test_a_return_within_the_window_after_an_upgrade_at_once_takes_the_pending_points(
     db: Database,
 ) -> None:
-    """An order whose earning upgrades the member at once, under ``on_tier_change:
-    extend``, has its pending lot renewed in the same transaction (plan_renew moves pending
-    lots too): the earn's own lot is left empty. A return within the return window then
-    finds nothing in the own lot (points.service.reverse / ledger.plan_reverse look at
-    ``lots.posting_id == earn_id`` only), takes no pending points, and books the whole
-    claw-back as debt, while the renewed lot of the refunded order stays and becomes
-    spendable when the window ends."""
+    """An order whose earning upgrades the member at once, under ``on_tier_change: extend``,
+    has its pending points renewed to a new lot in the same transaction. points.service.reverse
+    follows the earn's points through the renewals, so a return within the return window
+    cancels those pending points and the member owes nothing."""
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)
 

@@ -1,5 +1,5 @@
-"""Points given back keep the dates tier changes gave them, a temporary tier that becomes the
-member's own re-dates its lots, and a dormant member's own event wakes it."""
+"""Points given back take the dates tier changes gave the member's lots, a temporary tier that
+becomes the member's own re-dates its lots, and a dormant member's own event wakes it."""
 
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ def two_tiers(db: Database, program_id: int) -> None:
 def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_new_date(
     db: Database,
 ) -> None:
-    """A lot wholly held by a dormancy decay (remaining 0) is passed over by the renewal a
-    better tier makes (plan_renew skips lots with nothing remaining), so no renewal records
-    a later date for it; when the member is active again the decay goes back to that lot
-    with its old date and lapses, although the member's tier says its points never do."""
+    """A tier change renews only lots that hold points, so a lot wholly held by a dormancy
+    decay is passed over. When the member is active again and the decay comes back,
+    expiry.service.tier_dates_missed replays the tier changes the lot missed: the points
+    take 金卡's date (never) and do not lapse on the lot's old one."""
     policy = ExpiryPolicy(
         by_tier={"普通": Validity(kind="rolling", months=24), "金卡": Validity(kind="never")},
         on_tier_change="extend",
@@ -71,7 +71,7 @@ def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_n
     db.run(lambda uow: points.spend(uow, member_id=alice, amount=1, key="s1"))
     assert job(db, "points.dormancy", program_id, at(2027, 2, 6, 1)).figures["restored"] == 105
     assert summary(db, alice).available == 1049
-    # A 金卡 member's points never lapse: every open lot should be dated "never".
+    # A 金卡 member's points never lapse: nothing lapses on the 50 lot's old date.
     lapsed = job(db, "points.expire", program_id, at(2028, 1, 11, 0, 10)).figures["points"]
     assert (lapsed, summary(db, alice).balance) == (0, 1049), open_lots(db, alice)
 
@@ -80,11 +80,10 @@ def test_points_held_by_dormancy_when_the_tier_extends_lots_come_back_with_the_n
 
 
 def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Database) -> None:
-    """When an evaluation finds a temporarily upgraded member's own score holds the tier it
-    was lent, tiers.core.decide makes the tier permanent, but _apply writes it as a "quiet"
-    update (the tier code does not change): no tier change is recorded, so
-    expiry.on_tier_changes never runs and the lots keep the validity of the tier below,
-    while a member reaching the same tier by evaluation has them extended."""
+    """When an evaluation finds that a temporarily upgraded member's own score holds the tier
+    it was lent, tiers.core.decide makes the tier the member's own and tiers.service._apply
+    records that as a tier change, so expiry.on_tier_changes extends the member's lots as it
+    does for a member reaching the same tier by evaluation."""
     campaign = (datetime(2026, 12, 20, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC))
     policy = ExpiryPolicy(
         by_tier={"普通": Validity(kind="rolling", months=12),
@@ -128,7 +127,7 @@ def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Data
                                       now=uow.clock.now(), reason="2026-Q4"))  # fmt: skip
     held = db.run(lambda uow: tiers.member_tier(uow, program_id=program_id, member_id=carol))
     assert (held.tier, held.temporary_until) == ("银卡", None)  # her own now
-    # dave's 500 of March moved to 银卡's 36 months; carol's should too
+    # dave's 500 of March move to 银卡's 36 months, and so do carol's
     assert (500, at(2029, 3, 2)) in open_lots(db, dave)
     assert (500, at(2029, 3, 2)) in open_lots(db, carol), open_lots(db, carol)
     assert_ledger_sound(db, program_id)
@@ -138,10 +137,9 @@ def test_a_temporary_tier_that_becomes_the_members_own_extends_its_lots(db: Data
 
 
 def test_a_dormant_members_own_event_that_earns_nothing_wakes_it(db: Database) -> None:
-    """任意行为激活后恢复: any behaviour of the member wakes it. points.service.last_activity
-    counts only earn/spend/transfer postings, so a member who checks in (or pays an order
-    that earns nothing: excluded goods, a cap reached, no live rule) stays dormant: nothing
-    is given back and the decay goes on."""
+    """任意行为激活后恢复: any behaviour of the member wakes it. expiry.service.last_activity
+    takes the later of its own postings and its latest own event, so a check-in (or an order
+    that earns nothing) gives the decay back at the next run and stops further decay."""
     from jifen.events import service as events_service
     from jifen.events.schemas import EventIn
 
@@ -164,10 +162,10 @@ def test_a_dormant_members_own_event_that_earns_nothing_wakes_it(db: Database) -
 def test_a_refund_to_a_lot_its_spend_emptied_takes_the_renewal_of_a_better_tier(
     db: Database,
 ) -> None:
-    """The same gap as above with a spend: a redemption empties the earliest lot, the
-    member moves to a tier whose points never lapse (the renewal passes over the empty
-    lot), the redemption is cancelled and its points go back to that lot with its old date,
-    and lapse."""
+    """The same with a spend: a redemption empties the earliest lot, the member moves to a
+    tier whose points never lapse (the renewal passes over the empty lot), and the
+    redemption is cancelled: the points given back take that tier's date (never), not the
+    lot's old one."""
     policy = ExpiryPolicy(
         by_tier={"普通": Validity(kind="rolling", months=12), "金卡": Validity(kind="never")},
         on_tier_change="extend",

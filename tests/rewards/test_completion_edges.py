@@ -47,9 +47,9 @@ def confirm(db: Database, shop: Shop, member: int, order_id: int) -> Any:
 def test_a_held_lottery_draw_confirmed_after_every_prize_is_gone_is_not_charged(
     db: Database,
 ) -> None:
-    """A draw of a lottery that can no longer pay any prize is refused at redemption (it
-    "would cost the member a draw that cannot win"); a draw held for its cooling-off and
-    confirmed once the last prize is gone is charged in full and cannot win."""
+    """A draw of a lottery that can no longer pay any prize is not sold (it "would cost the
+    member a draw that cannot win"); rewards.service._check_deliverable refuses a draw held
+    for its cooling-off and confirmed once the last prize is gone the same way: no charge."""
     shop = Shop.open(db)
     (diamond,) = shop.member(20000, tier="钻石")
     (gold,) = shop.member(20000, tier="金卡")
@@ -68,15 +68,16 @@ def test_a_held_lottery_draw_confirmed_after_every_prize_is_gone_is_not_charged(
     except NotOnSale:
         done = None
     charged = before - owned(db, diamond)
-    # Actual: 6,000 points spent for a draw that could not win (outcome "missed": "tv").
+    # none of the 6,000 points is spent on a draw that could not win
     assert charged == 0, (charged, done and done.outcome)
 
 
 def test_an_event_registration_held_past_the_start_of_the_event_is_not_charged(
     db: Database,
 ) -> None:
-    """Registration for an event closes when it starts (refused at redemption); one held
-    for its cooling-off and confirmed after the start is charged and given a ticket."""
+    """Registration for an event closes when it starts: a registration held for its
+    cooling-off and confirmed after the start is refused as a new one is, with nothing
+    charged and no ticket issued."""
     shop = Shop.open(db)
     (diamond,) = shop.member(20000, tier="钻石")
     starts = clock(db).now() + timedelta(hours=12)
@@ -91,16 +92,16 @@ def test_an_event_registration_held_past_the_start_of_the_event_is_not_charged(
         done = confirm(db, shop, diamond, held.id)
     except NotOnSale:
         done = None
-    # Actual: 5,600 points spent and a voucher issued for an event that already started.
+    # the 5,600 points are not spent and no voucher is issued for an event that started
     assert before - owned(db, diamond) == 0, done and done.voucher
 
 
 def test_an_event_registration_paid_after_the_event_started_is_refused_with_its_refund(
     db: Database,
 ) -> None:
-    """The same through the payment path: an order awaiting the payment of its cash part
-    is completed by a payment that arrives after the event started (the member pays cash
-    and points for a registration that is closed)."""
+    """The same through the payment path: a payment of an order's cash part that arrives
+    after the event started is refused, its refusal naming the payment to refund, and the
+    member pays no points for a registration that is closed."""
     shop = Shop.open(db)
     (member,) = shop.member(5000)
     starts = clock(db).now() + timedelta(minutes=20)
@@ -115,7 +116,7 @@ def test_an_event_registration_paid_after_the_event_started_is_refused_with_its_
             amount_fen=1000, actor="key:pay"))  # fmt: skip
     except NotOnSale:
         paid = None
-    # Actual: the payment is taken, 100 points spent and a ticket issued after the start.
+    # no points are spent and no ticket is issued after the start
     assert before - owned(db, member) == 0, paid and (paid.state, paid.voucher)
 
 
@@ -125,9 +126,9 @@ def test_an_event_registration_paid_after_the_event_started_is_refused_with_its_
 def test_goods_for_pickup_paid_in_part_with_cash_and_never_collected_say_the_cash_is_due(
     db: Database,
 ) -> None:
-    """A pickup order with a cash part that its voucher's expiry cancels (the goods go back
-    on the shelf) records no cash refund, where every other cancellation of a paid order
-    records ``cash_refund_due_fen`` for the payment system."""
+    """A pickup order with a cash part that its voucher's expiry cancels puts the goods back
+    on the shelf and records ``cash_refund_due_fen`` for the payment system, as every other
+    cancellation of a paid order does (rewards.service._cash_due)."""
     shop = Shop.open(db)
     (member,) = shop.member(5000)
     towel = shop.reward(points=300, cash_fen=2000, pickup=True, stock=5)
@@ -139,7 +140,7 @@ def test_goods_for_pickup_paid_in_part_with_cash_and_never_collected_say_the_cas
     order = db.run(lambda uow: rewards.get_order(uow, program_id=shop.program_id,
                                                  order_id=lapsed.id))  # fmt: skip
     assert order.state == "cancelled" and shop.get(towel.code).stock_left == 5
-    # Actual: no cash_refund_due_fen: the 20 yuan are kept for goods put back on the shelf.
+    # the 20 yuan paid are due back, as the goods are back on the shelf
     assert order.outcome.get("cash_refund_due_fen") == 2000, order.outcome
 
 
@@ -179,7 +180,7 @@ def test_a_voucher_expiry_run_goes_on_past_a_chunk_with_a_voucher_used_before_th
             select(vouchers.c.state).where(vouchers.c.order_id == o.id)).scalar_one())
         for o in orders
     ]  # fmt: skip
-    # Actual: ["used", "expired", "issued"]: the third voucher's points stay out a day more.
+    # the third voucher expires in the same run: its points do not stay out a day more
     assert states == ["used", "expired", "expired"]
 
 
@@ -187,9 +188,9 @@ def test_a_voucher_expiry_run_goes_on_past_a_chunk_with_a_voucher_used_before_th
 
 
 def test_a_lottery_budget_bounds_the_points_its_prizes_credit(db: Database) -> None:
-    """A prize's ``value`` (what it costs the budget) may be set below the points it
-    credits: a budget of 10 points then pays out 5,000 points, without end but the
-    draws."""
+    """A prize costs the budget the larger of its ``value`` and the points it credits
+    (rewards.schemas.Prize.cost), so a prize of 1,000 points valued at 1 does not fit a
+    budget of 10: its draws are not sold, and nothing beyond the budget is credited."""
     shop = Shop.open(db)
     (member,) = shop.member(100_000, tier="金卡")
     prize = {"code": "p", "name": {"en": "1000"}, "chance_ppm": 1_000_000, "points": 1000,
@@ -197,7 +198,7 @@ def test_a_lottery_budget_bounds_the_points_its_prizes_credit(db: Database) -> N
     wheel = shop.reward(kind="lottery", points=10, lottery={"budget": 10, "prizes": [prize]})
     credited = 0
     for _ in range(5):
-        # Fixed: the budget cannot pay the prize, so no draw is sold (a draw that cannot win).
+        # the budget cannot pay the prize, so no draw is sold (a draw that cannot win)
         with contextlib.suppress(NotOnSale):
             credited += shop.redeem(member, wheel.code).outcome.get("prize_points", 0)
     budget = select(prize_stock.c.given).where(
@@ -205,5 +206,5 @@ def test_a_lottery_budget_bounds_the_points_its_prizes_credit(db: Database) -> N
     )
     budget_given = db.run(lambda uow: uow.conn.execute(budget).scalar_one())
     assert_ledger_sound(db, shop.program_id)
-    # Actual: 5,000 points credited against a budget of 10 (given: 5).
+    # nothing beyond the budget of 10 is credited
     assert credited <= 10, (credited, budget_given)

@@ -20,9 +20,9 @@ SHANGHAI = ZoneInfo("Asia/Shanghai")
 def test_a_refund_of_an_order_before_the_window_leaves_the_windows_spend(
     db: Database,
 ) -> None:
-    """events.service.spend_and_counts sums order.paid and subtracts order.refunded by each
-    event's own time: a refund inside the score's window of an order paid before the window
-    (never counted in it) is taken off the spend the member made inside the window."""
+    """events.service.spend_and_counts counts a refund in the window of the order it refunds:
+    a refund inside the score's window of an order paid before the window (never counted in
+    it) leaves the spend the member made inside the window whole."""
     world = World(db, scheme(upgrade_at_once=False), members=2)
     alice, bob = world.members
 
@@ -56,10 +56,10 @@ def test_a_refund_of_an_order_before_the_window_leaves_the_windows_spend(
 
 
 def test_the_score_window_starts_at_local_midnight_of_its_first_day() -> None:
-    """tiers.core.window_start (and add_months) move the UTC instant by calendar months:
-    for a quarterly scheme counting 3 months, the evaluation of 1 July 00:00 in Shanghai
-    (30 June 16:00 UTC) counts from 31 March 00:00 local, so orders of 31 March count in
-    the first quarter's evaluation and again in the second's."""
+    """tiers.core.window_start (through add_local_months) counts calendar months in the
+    programme's time zone: for a quarterly scheme counting 3 months, the evaluation of 1 July
+    00:00 in Shanghai (30 June 16:00 UTC) counts from 1 April 00:00 local, so orders of
+    31 March count in the first quarter's evaluation only."""
     three = TierScheme.model_validate({**scheme_json(), "window_months": 3})
     q2 = datetime(2026, 7, 1, tzinfo=SHANGHAI)
     start = core.window_start(three, q2.astimezone(UTC))
@@ -69,12 +69,10 @@ def test_the_score_window_starts_at_local_midnight_of_its_first_day() -> None:
 def test_an_evaluation_run_finished_after_its_moment_leaves_a_later_upgrade_at_once(
     db: Database,
 ) -> None:
-    """A tier evaluation works "as of" its run's moment (jobs.service runs every part, and
-    a resumed run, with the clock at that moment; _evaluate_tier_members passes it as
-    ``now``), so it scores a member by the events up to that moment but decides against
-    the tier stored now. A member upgraded at once after the moment, before its part is
-    done (a long run, or one resumed after a crash), is taken down again by a score that
-    no longer holds."""
+    """A tier evaluation works "as of" its run's moment (jobs.service runs every part, and a
+    resumed run, with the clock at that moment). tiers.service._run leaves out members whose
+    tier was set after that moment, so an upgrade at once made before the member's part is
+    done (a long run, or one resumed after a crash) stands."""
     from jifen.jobs import service as jobs
 
     world = World(db, scheme(upgrade_at_once=True), members=1)
@@ -89,5 +87,5 @@ def test_an_evaluation_run_finished_after_its_moment_leaves_a_later_upgrade_at_o
     # the evaluation of that moment reaches her part only now (or is resumed now)
     world.at(moment + timedelta(hours=1))
     jobs.run(db, "tiers.evaluate", program_id=world.program.id, now=moment)
-    # her score is 360 now, above 金卡's retention line 240: she should keep it
+    # her tier was set after the moment: she keeps 金卡 (her score of 360 is above 240)
     assert world.tier(alice) == "金卡", world.history(alice)
