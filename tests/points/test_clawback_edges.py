@@ -1,7 +1,6 @@
-"""Review of the claw-back commits (66506f3, 99bd9fc, ae5759a): edge cases.
-
-Tests named ``test_defect_*`` show a defect (they fail until it is fixed); the others probe
-a tricky case and show it holds."""
+"""Claw-backs at the edges: in pieces after points lapsed, were spent and refunded; after a
+transfer; through renewal chains; with debt; with freezes at expiry holding several orders;
+random histories; and, on PostgreSQL, racing expiry runs, restores and their own twins."""
 
 from __future__ import annotations
 
@@ -70,7 +69,7 @@ def count_postings(db: Database, program_id: int, kind: str) -> int:
 # --------------------------------------------------------------------------- probes that hold
 
 
-def test_holds_claw_back_in_pieces_after_lapse_spend_and_partial_refund(setup: Any) -> None:
+def test_claw_back_in_pieces_after_lapse_spend_and_partial_refund(setup: Any) -> None:
     """Earn 100: 40 spent, 60 lapsed, then 20 of the spend refunded to the lapsed lot; the
     order clawed back in three pieces. In all she pays for the 20 still spent, nothing more."""
     db, program_id, alice, _ = setup
@@ -91,7 +90,7 @@ def test_holds_claw_back_in_pieces_after_lapse_spend_and_partial_refund(setup: A
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_claw_back_after_a_transfer_leaves_the_receivers_lot_alone(setup: Any) -> None:
+def test_claw_back_after_a_transfer_leaves_the_receivers_lot_alone(setup: Any) -> None:
     """The receiver's lots carry source_lot_id, but a transfer is no renewal: the claw-back
     charges the sender for what she gave away and never touches the receiver."""
     db, program_id, alice, bob = setup
@@ -109,7 +108,7 @@ def test_holds_claw_back_after_a_transfer_leaves_the_receivers_lot_alone(setup: 
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_claw_back_through_a_renewal_chain_three_deep(setup: Any) -> None:
+def test_claw_back_through_a_renewal_chain_three_deep(setup: Any) -> None:
     db, program_id, alice, _ = setup
     clock: ManualClock = db.clock
     earned = call(db, points.earn, member_id=alice, amount=100, key="e",
@@ -128,7 +127,7 @@ def test_holds_claw_back_through_a_renewal_chain_three_deep(setup: Any) -> None:
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_claw_back_of_an_earn_that_paid_debt_after_it_lapsed(setup: Any) -> None:
+def test_claw_back_of_an_earn_that_paid_debt_after_it_lapsed(setup: Any) -> None:
     db, program_id, alice, _ = setup
     clock: ManualClock = db.clock
     first = call(db, points.earn, member_id=alice, amount=50, key="e0")
@@ -145,7 +144,7 @@ def test_holds_claw_back_of_an_earn_that_paid_debt_after_it_lapsed(setup: Any) -
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_same_reverse_key_replays_and_a_different_amount_conflicts(setup: Any) -> None:
+def test_same_reverse_key_replays_and_a_different_amount_conflicts(setup: Any) -> None:
     db, program_id, alice, _ = setup
     clock: ManualClock = db.clock
     earned = call(db, points.earn, member_id=alice, amount=400, key="e",
@@ -166,7 +165,7 @@ def test_holds_same_reverse_key_replays_and_a_different_amount_conflicts(setup: 
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_freeze_at_expiry_of_two_orders_partly_unfrozen_and_released(setup: Any) -> None:
+def test_freeze_at_expiry_of_two_orders_partly_unfrozen_and_released(setup: Any) -> None:
     """One freeze at expiry holds two orders' points; staff unfreeze part to the lots it held
     (last taken first: order B's) and release part as a fresh lot; both orders clawed back."""
     db, program_id, alice, _ = setup
@@ -189,7 +188,7 @@ def test_holds_freeze_at_expiry_of_two_orders_partly_unfrozen_and_released(setup
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_frozen_at_expiry_at_the_end_of_a_renewal_chain_with_debt(setup: Any) -> None:
+def test_frozen_at_expiry_at_the_end_of_a_renewal_chain_with_debt(setup: Any) -> None:
     """A member already owing 30; the order's points moved twice by renewals, then frozen
     at expiry (some refunded back first, overdue, frozen by a second run); clawed back in
     two pieces: the freezes pay, the debt stays what it was."""
@@ -219,11 +218,11 @@ def test_holds_frozen_at_expiry_at_the_end_of_a_renewal_chain_with_debt(setup: A
     assert_ledger_sound(db, program_id)
 
 
-def test_holds_a_refund_that_took_a_missed_tier_date_is_clawed_back_from_the_new_lot(
+def test_a_refund_that_took_a_missed_tier_date_is_clawed_back_from_the_new_lot(
     db: Database,
 ) -> None:
-    """ae5759a moves points refunded to a spent lot to a new lot with the date a missed
-    upgrade gave; the claw-back (66506f3) finds them there through the renewal."""
+    """Points refunded to a spent lot move to a new lot with the date a missed upgrade gave;
+    the claw-back finds them there through the renewal."""
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
@@ -279,14 +278,14 @@ def test_holds_a_refund_that_took_a_missed_tier_date_is_clawed_back_from_the_new
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_holds_random_histories_then_claw_backs_charge_only_what_was_used(
+def test_random_histories_then_claw_backs_charge_only_what_was_used(
     db: Database, seed: int
 ) -> None:
     """Random earns, spends, refunds, transfers, risk freezes and unfreezes, expiry runs
     (cleared or frozen), releases and renewals; then every earn clawed back in random
     pieces, with expiry runs between. Lapsed points cost nothing: what the member is worth
     at the end (balance + frozen - debt) is minus what it spent and gave away; the expired
-    and frozen accounts never go negative. (Seeds 0-599 were run on SQLite while reviewing.)"""
+    and frozen accounts never go negative."""
     rnd = random.Random(seed)
     program_id = new_program(db).id
     alice, bob = new_members(db, program_id, 2)
@@ -394,7 +393,7 @@ def _frozen_at_expiry(db: Database, member: int, amount: int) -> tuple[Any, Any]
     return earned, frozen
 
 
-def test_holds_pg_twins_of_one_reverse_key_unfreeze_and_claw_back_once(pg: Database) -> None:
+def test_pg_twins_of_one_reverse_key_unfreeze_and_claw_back_once(pg: Database) -> None:
     program = new_program(pg)
     (alice,) = new_members(pg, program.id, 1)
     earned, _ = _frozen_at_expiry(pg, alice, 400)
@@ -408,7 +407,7 @@ def test_holds_pg_twins_of_one_reverse_key_unfreeze_and_claw_back_once(pg: Datab
     assert_ledger_sound(pg, program.id)
 
 
-def test_holds_pg_a_claw_back_waiting_for_an_expiry_run_takes_what_it_froze(
+def test_pg_a_claw_back_waiting_for_an_expiry_run_takes_what_it_froze(
     pg: Database,
 ) -> None:
     program = new_program(pg)
@@ -439,7 +438,7 @@ def test_holds_pg_a_claw_back_waiting_for_an_expiry_run_takes_what_it_froze(
     assert_ledger_sound(pg, program.id)
 
 
-def test_holds_pg_an_expiry_run_waiting_for_a_claw_back_expires_only_what_it_left(
+def test_pg_an_expiry_run_waiting_for_a_claw_back_expires_only_what_it_left(
     pg: Database,
 ) -> None:
     program = new_program(pg)
@@ -471,10 +470,10 @@ def test_holds_pg_an_expiry_run_waiting_for_a_claw_back_expires_only_what_it_lef
     assert_ledger_sound(pg, program.id)
 
 
-def test_defect_pg_restore_expired_racing_a_claw_back_is_refused(pg: Database) -> None:
-    """restore_frozen lists the open freezes before it takes the member's lock (in release):
-    a claw-back that empties a freeze at expiry meanwhile (99bd9fc) makes it refuse with
-    ExceedsOriginal, where "nothing left frozen" should give back nothing (``[]``)."""
+def test_pg_restore_expired_racing_a_claw_back_gives_back_nothing_left(pg: Database) -> None:
+    """restore_frozen looks for the open freezes under the member's lock: a claw-back that
+    emptied a freeze at expiry while the restore waited leaves nothing frozen to give back
+    (``[]``), not a refusal."""
     program = new_program(pg)
     (alice,) = new_members(pg, program.id, 1)
     earned, _ = _frozen_at_expiry(pg, alice, 400)
@@ -503,14 +502,12 @@ def test_defect_pg_restore_expired_racing_a_claw_back_is_refused(pg: Database) -
 # --------------------------------------------------------------------------- performance
 
 
-def test_defect_claw_back_covered_by_its_own_lot_reads_every_open_lot(
+def test_a_claw_back_its_own_lots_cover_reads_no_more_than_the_first_lots(
     setup: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """66506f3/99bd9fc read the member's other lots for ``wanted + what the earn's lots
-    hold`` (and ignore ``lapsed``): when the earn's own lot (or its lapsed points) covers
-    the claw-back but is not among the first 64 lots by expiry, the first batch never
-    reaches that figure and every spendable lot of the member is read, for a plan that
-    takes none of them."""
+    """A claw-back reads the member's other lots only for what the earn's own lots and its
+    lapsed points cannot cover: where they cover it all, the first batch of lots is all it
+    reads, however many lots the member holds that expire before the earn's."""
     db, _, alice, _ = setup
     clock: ManualClock = db.clock
 

@@ -203,6 +203,9 @@ def restore_frozen(
     tier = tiers_service.tiers_of(uow, member_ids=[member_id]).get(member_id)
     expires_at = lot_expiry(uow, program_id=program_id, start=now, tier=tier)
     released = []
+    # Under the member's lock, as a claw-back unfreezes these freezes under it: a freeze
+    # one emptied while this waited is not found open.
+    points_service.lock_account(uow, member_id=member_id)
     frozen = points_service.open_freezes(
         uow, member_id=member_id, reason=points_service.FROZEN_AT_EXPIRY
     )

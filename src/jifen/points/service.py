@@ -1207,9 +1207,11 @@ def reverse(
             # The account and the earn's lots as those unfreezes left them.
             member, _ = _lock_one(uow, member.member_id, key)
             own = _earned_lots(uow, earn_id, member.id)
-    # Other lots are read for the part the earn's own lots cannot cover; the first of them
-    # may be its own, which the plan passes over.
-    needed = (wanted if type(wanted) is int else 0) + sum(lot.remaining for lot in own)
+    # Other lots are read for the part the earn's own lots and its lapsed points cannot
+    # cover (none where they cover it all); the first of them may be its own spendable ones,
+    # which the plan passes over.
+    short = (wanted if type(wanted) is int else 0) - sum(lot.remaining for lot in own) - lapsed
+    needed = short + sum(lot.remaining for lot in ledger.spendable(own, now)) if short > 0 else 0
     plan = _planned(
         uow,
         member.program_id,
