@@ -253,12 +253,15 @@ def _waits_on_a_lock(db: Database, pid: int) -> None:
 def test_two_requests_on_one_base_approved_at_once_do_not_both_pass(pg: Database) -> None:
     with TestClient(create_app(pg, api_settings())) as client:
         desk = Desk(client, pg)
-        checkers = [
-            pg.run(lambda uow, i=i: auth.create_staff(
+
+        def checker(uow: UnitOfWork, i: int) -> int:
+            made = auth.create_staff(
                 uow, username=f"checker{i}-{desk.program.code}", password="correct horse 1"
-            ).id)
-            for i in (1, 2)
-        ]  # fmt: skip
+            )
+            auth.grant_role(uow, staff_id=made.id, role="reviewer", program_id=desk.program.id)
+            return made.id
+
+        checkers = [pg.run(lambda uow, i=i: checker(uow, i)) for i in (1, 2)]
         for url, first_change, second_change in (
             (f"{desk.base}/settings", {"transfers_enabled": False},
              {"adjust_approval_threshold": 10}),
@@ -411,6 +414,33 @@ def test_a_settings_request_waits_when_its_maker_keeps_one_merchants_grant_only(
     assert refused.status_code == 409, refused.text
     assert "whole programme" in refused.json()["detail"]
     assert client.get(url, headers=desk.reviewer).json() == base
+
+
+def test_a_reviewer_of_one_merchant_decides_no_change_of_the_programmes_policy(
+    client: TestClient, db: Database
+) -> None:
+    # given a settings request filed by a programme-wide operator
+    desk = Desk(client, db)
+    url = f"{desk.base}/settings"
+    base = client.get(url, headers=desk.operator).json()
+    filed = client.put(url, json={**base, "transfers_enabled": False},
+                       headers={**desk.operator, **support.key()})  # fmt: skip
+    assert filed.status_code == 202, filed.text
+    # a reviewer of one merchant neither approves nor rejects it, and it stays pending
+    mall = support.staff(db, "reviewer", program_id=desk.program.id, merchant="mall")
+    for verb in ("approve", "reject"):
+        refused = desk.decide(filed.json()["id"], verb, mall)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "scope_too_narrow"
+        assert "whole programme" in refused.json()["detail"]
+    assert client.get(url, headers=desk.reviewer).json() == base
+    # while it decides a member's adjustment, and a programme-wide reviewer the policy
+    adjusted = desk.adjust(5000)
+    assert adjusted.status_code == 202, adjusted.text
+    assert desk.decide(adjusted.json()["id"], "approve", mall).status_code == 200
+    approved = desk.decide(filed.json()["id"], "approve")
+    assert approved.status_code == 200, approved.text
+    assert client.get(url, headers=desk.reviewer).json()["transfers_enabled"] is False
 
 
 def test_a_maker_withdraws_its_own_pending_request(client: TestClient, db: Database) -> None:

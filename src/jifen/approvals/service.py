@@ -41,6 +41,7 @@ from jifen.errors import (
     Forbidden,
     InvalidInput,
     JifenError,
+    ScopeTooNarrow,
     StateConflict,
     Unauthenticated,
     UnknownApproval,
@@ -209,6 +210,8 @@ def _decide(
         )
     if row.status != "pending":
         raise _already_decided(approval_id, row.status)
+    if row.action in _PROGRAMME_WIDE:
+        _decider_covers_programme(uow, row, decided_by)
     if check is not None:
         check(row)
     _move(
@@ -216,6 +219,21 @@ def _decide(
         decision_note=note,
     )  # fmt: skip
     return row
+
+
+def _decider_covers_programme(uow: UnitOfWork, row: Row[Any], decided_by: int) -> None:
+    """A change of the programme's policy binds every merchant: it is decided (either way)
+    by someone whose grant to decide covers the whole programme, as its maker's to file
+    it must."""
+    decider = auth_service.staff_principal(uow, decided_by, session_id=None)
+    if not decider.covers("approvals.decide", program_id=row.program_id):
+        raise ScopeTooNarrow(
+            problem=f"Approval request {row.id} changes the programme's policy, which binds "
+            "every merchant: deciding it needs approvals.decide granted for the whole "
+            "programme, not for one merchant or store.",
+            problem_zh=f"审批申请 {row.id} 变更的是约束所有商户的计划政策:须拥有覆盖整个计划的"
+            " approvals.decide 权限才能审批,单个商户或门店的授权不够。",
+        )
 
 
 def _move(uow: UnitOfWork, approval_id: int, **values: Any) -> None:
