@@ -74,7 +74,7 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0023"
+    assert head_revision(db.engine) == "0024"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)

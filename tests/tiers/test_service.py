@@ -22,7 +22,7 @@ from jifen.tiers import service
 from jifen.tiers.models import member_tiers
 from jifen.tiers.schemas import TierDef, TierScheme
 from tests.factories import new_members, new_program
-from tests.tiers.scheme import TIERS, scheme
+from tests.tiers.scheme import TIERS, scheme, scheme_json
 
 SHANGHAI_MIDNIGHT = timedelta(hours=-8)
 
@@ -586,3 +586,185 @@ def test_the_tier_at_a_moment_walks_back_the_recorded_changes(db: Database) -> N
     assert at(datetime(2026, 12, 11, 12, tzinfo=UTC)) == {alice: "普通", bob: "普通", carol: "普通"}
     assert at(moved) == {alice: "普通", bob: "金卡", carol: "普通"}
     assert at(world.clock.now()) == at(moved)
+
+
+def validity_by_tier(world: World) -> None:
+    """The programme's points last 12 months for 普通, 36 for 银卡 and 60 for 金卡, and a
+    tier change gives the member's lots its tier's validity (``extend``)."""
+    from jifen.expiry.schemas import ExpiryPolicy, Validity
+
+    policy = ExpiryPolicy(
+        by_tier={
+            tier: Validity(kind="rolling", months=months)
+            for tier, months in (("普通", 12), ("银卡", 36), ("金卡", 60))
+        },
+        on_tier_change="extend",
+    )
+
+    def configure(uow: UnitOfWork) -> None:
+        settings = programs_service.get_settings(uow, program_id=world.program.id)
+        settings = settings.model_copy(update={"expiry": policy})
+        programs_service.set_settings(uow, program_id=world.program.id, settings=settings)
+
+    world.db.run(configure)
+
+
+def lots_valid_as(world: World, member_id: int, tier: str) -> bool:
+    """Whether each open lot of the member lapses when a lot of ``tier`` made then would."""
+    from jifen.expiry import service as expiry_service
+
+    def check(uow: UnitOfWork) -> bool:
+        lots = points_service.member_lots(uow, member_id=member_id)
+        return bool(lots) and all(
+            lot.expires_at
+            == expiry_service.lot_expiry(
+                uow, program_id=world.program.id, start=lot.available_at, tier=tier
+            )
+            for lot in lots
+        )
+
+    return world.db.run(check, read_only=True)
+
+
+def earn_valid(world: World, member_id: int, points: int, key: str) -> int:
+    """Points earned now, lapsing as the programme's policy dates them for the member's
+    tier, then what the events service does after an earning; the earn's id."""
+    from jifen.expiry import service as expiry_service
+
+    def work(uow: UnitOfWork) -> int:
+        now = uow.clock.now()
+        tier = service.tiers_of(uow, member_ids=[member_id]).get(member_id)
+        expires_at = expiry_service.lot_expiry(
+            uow, program_id=world.program.id, start=now, tier=tier
+        )
+        earned = points_service.earn(
+            uow, member_id=member_id, amount=points, key=key, expires_at=expires_at
+        )
+        service.after_earning(uow, program_id=world.program.id, member_ids=[member_id], now=now)
+        return earned.id
+
+    return world.db.run(work)
+
+
+def test_a_raise_of_the_tier_a_temporary_upgrade_returns_to_is_recorded_and_extends_lots(
+    db: Database,
+) -> None:
+    campaign = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 12, tzinfo=UTC))
+    world = World(db, scheme(upgrade_at_once=False, campaigns=[campaign]), members=1)
+    (bob,) = world.members
+    validity_by_tier(world)
+    db.run(
+        lambda uow: service.set_member_tier(
+            uow, program_id=world.program.id, member_id=bob, tier="普通", reason="", set_by="t"
+        )
+    )
+    # 双11: bob earns 10,000 points (campaign score 400 ≥ 1.2 × 301): 金卡 for a month
+    world.at(datetime(2026, 11, 11, 10, tzinfo=UTC))
+    earn_id = earn_valid(world, bob, 10_000, "big")
+    assert world.tier(bob) == "金卡" and lots_valid_as(world, bob, "普通")
+    # 6,000 of them are clawed back: his own score is 160, 银卡's
+    world.at(datetime(2026, 11, 20, tzinfo=UTC))
+    db.run(lambda uow: points_service.reverse(uow, earn_id=earn_id, key="cb", amount=6000))
+    # an evaluation while 金卡 lasts: he keeps 金卡 and goes back to 银卡, not 普通
+    world.at(datetime(2026, 12, 1, tzinfo=UTC))
+    assert world.evaluate("on demand")["unchanged"] == 1
+    held = db.run(lambda uow: service.member_tier(uow, program_id=world.program.id, member_id=bob))
+    assert (held.tier, held.returns_to) == ("金卡", "银卡")
+    # recorded as an evaluation of his own tier, which re-dates his lots as 银卡's
+    assert world.history(bob)[-1] == ("金卡", "金卡", "evaluation")
+    items, _ = db.run(
+        lambda uow: service.history(
+            uow, program_id=world.program.id, member_id=bob, before_id=None, limit=1
+        )
+    )
+    assert items[0].reason == (
+        "on demand; the tier to return to is now 银卡: score 160 reaches 银卡 (from 101)"
+    )
+    assert items[0].returns_to == "银卡"
+    assert lots_valid_as(world, bob, "银卡")
+    # points given back to them replay that change with 银卡's validity too, not 金卡's
+    from jifen.expiry import service as expiry_service
+
+    def missed(uow: UnitOfWork) -> dict[int, datetime | None]:
+        lots = [lot.id for lot in points_service.member_lots(uow, member_id=bob)]
+        return expiry_service.tier_dates_missed(
+            uow, program_id=world.program.id, member_id=bob, lot_ids=lots
+        )
+
+    assert db.run(missed, read_only=True) == {}
+    # he hears which tier he goes back to, not that 金卡 changed to 金卡
+    from jifen.notify.models import inbox_messages
+
+    with db.engine.connect() as conn:
+        titles = conn.execute(
+            select(inbox_messages.c.template, inbox_messages.c.title)
+            .where(inbox_messages.c.member_id == bob)
+            .order_by(inbox_messages.c.id)
+        ).all()
+    assert tuple(titles[-1]) == ("tier.returns", "您的临时 金卡 等级结束后将回到 银卡")
+    # evaluating again records nothing more
+    world.evaluate("again")
+    assert len(world.history(bob)) == 3
+    # the upgrade ends: back to 银卡, the lots keep 银卡's dates
+    world.at(datetime(2026, 12, 11, 10, tzinfo=UTC))
+    db.run(lambda uow: service.end_temporary(uow, program_id=world.program.id, now=uow.clock.now()))
+    assert world.tier(bob) == "银卡"
+    assert world.history(bob)[-1] == ("金卡", "银卡", "temporary_end")
+    assert lots_valid_as(world, bob, "银卡")
+
+
+def test_a_decision_that_makes_a_tier_the_members_own_and_lends_a_higher_one_records_both(
+    db: Database,
+) -> None:
+    # a one-month score window, and a campaign of two months that lends for two months
+    tier_scheme = scheme_json(
+        upgrade_at_once=False,
+        campaigns=[(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC))],
+    )
+    tier_scheme["window_months"] = 1
+    tier_scheme["temporary_upgrades"][0]["months"] = 2
+    world = World(db, TierScheme.model_validate(tier_scheme), members=1)
+    (bob,) = world.members
+    validity_by_tier(world)
+    db.run(
+        lambda uow: service.set_member_tier(
+            uow, program_id=world.program.id, member_id=bob, tier="普通", reason="", set_by="t"
+        )
+    )
+    # 5 November: 7,000 points (campaign score 280 ≥ 1.2 × 101): 银卡 lent until 5 January
+    world.at(datetime(2026, 11, 5, tzinfo=UTC))
+    earn_valid(world, bob, 7000, "e1")
+    assert world.tier(bob) == "银卡" and lots_valid_as(world, bob, "普通")
+    # 20 November: an order of 3,000 yuan (120), which checks nothing
+    world.at(datetime(2026, 11, 20, tzinfo=UTC))
+    world.order(bob, 3000)
+    # the evaluation of 10 December: his own score over the month is 120, 银卡's: his own
+    # now; the campaign's 400 reaches 1.2 × 301: 金卡 lent, going back to 银卡
+    world.at(datetime(2026, 12, 10, tzinfo=UTC))
+    world.evaluate("on demand")
+    held = db.run(lambda uow: service.member_tier(uow, program_id=world.program.id, member_id=bob))
+    assert (held.tier, held.returns_to) == ("金卡", "银卡")
+    # both recorded, in the order they were made: 银卡 his own, then 金卡 lent
+    assert world.history(bob)[-2:] == [
+        ("银卡", "银卡", "evaluation"), ("银卡", "金卡", "temporary"),
+    ]  # fmt: skip
+    items, _ = db.run(
+        lambda uow: service.history(
+            uow, program_id=world.program.id, member_id=bob, before_id=None, limit=2
+        )
+    )
+    assert items[1].reason == (
+        "on demand; temporary 银卡 is the member's own now: score 120 reaches 银卡 (from 101)"
+    )
+    assert items[1].score == 120 and items[0].score == 400
+    assert items[0].reason.startswith("on demand; 双11: campaign score 400 reaches")
+    # the lots take 银卡's validity, not the lent 金卡's
+    assert lots_valid_as(world, bob, "银卡")
+    # the tier held at a moment just before is the lent 银卡
+    before = db.run(
+        lambda uow: service.tiers_at(
+            uow, member_ids=[bob], moment=datetime(2026, 12, 9, tzinfo=UTC)
+        ),
+        read_only=True,
+    )
+    assert before == {bob: "银卡"}

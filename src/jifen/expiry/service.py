@@ -91,9 +91,12 @@ def on_tier_changes(
     uow: UnitOfWork, *, program_id: int, changes: Sequence[tuple[int, int, str, str]]
 ) -> int:
     """Apply the policy's ``on_tier_change`` to members whose tier just changed, given as
-    (change id, member id, new tier, kind of change): with ``extend``, each open lot gets
-    the new tier's validity from when it became available where that is later, as one
-    renewal posting a member. Answers the members whose lots moved."""
+    (change id, member id, the member's own tier after it, kind of change): with
+    ``extend``, each open lot gets that tier's validity from when it became available where
+    that is later, as one renewal posting a member. The own tier is the one a temporary
+    upgrade returns to while it lasts (:attr:`TierChangeRead.own_tier`): an evaluation that
+    raises it re-dates the lots then, and the upgrade's end, which goes back to it, moves
+    none. Answers the members whose lots moved."""
     rules = policy(uow, program_id=program_id)
     if rules.on_tier_change == "keep":
         return 0
@@ -164,7 +167,7 @@ def tier_dates_missed(
             if date is None or date <= change.at:
                 break
             validity = core.validity_for(
-                rules, default_days=settings.default_validity_days, tier=change.to_tier
+                rules, default_days=settings.default_validity_days, tier=change.own_tier
             )
             date = core.later_of(date, core.expires_at(validity, lot.available_at, zone))
         if date != lot.expires_at:

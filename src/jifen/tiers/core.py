@@ -73,6 +73,9 @@ class Decision:
     standing: Standing
     kind: Kind
     reason: str
+    own: Decision | None = None
+    """When the decision lends a tier: the change of the member's own tier it made first (a
+    tier made its own, a new tier to return to), recorded before the lending."""
 
 
 # --------------------------------------------------------------------------- scores
@@ -189,11 +192,12 @@ def decide(
     result: Decision | None = None
     if standing.temporary and rank(scheme, base) < rank(scheme, standing.tier):
         if base != standing.base_tier:
-            # The member keeps its temporary tier; it will go back to this one instead.
+            # The member keeps its temporary tier; it will go back to this one instead: a
+            # change of its own tier, recorded as such (its points take this tier's validity).
             result = Decision(
                 Standing(standing.tier, base, standing.temporary_until),
                 moved[1] if moved else "evaluation",
-                moved[2] if moved else "",
+                f"the tier to return to is now {base}" + (f": {moved[2]}" if moved else ""),
             )
     elif moved is not None:
         result = Decision(Standing(base), moved[1], moved[2])
@@ -227,6 +231,7 @@ def decide(
                 f"{campaign.name}: campaign score {campaign_score} reaches "
                 f"{campaign.share} × {target.tier}'s {target.min_score}; until "
                 f"{until.isoformat()}",
+                own=result,
             )
     return result
 

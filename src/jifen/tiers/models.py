@@ -71,6 +71,13 @@ tier_changes = Table(
     Column("from_tier", String(64), nullable=True, comment="null: the member had no tier"),
     Column("to_tier", String(64), nullable=False),
     Column(
+        "returns_to",
+        String(64),
+        nullable=True,
+        comment="while a temporary upgrade lasts after the change: the tier the member goes "
+        "back to",
+    ),
+    Column(
         "kind",
         String(16),
         nullable=False,

@@ -230,11 +230,19 @@ class TierChangeRead(BaseModel):
     member_id: int
     from_tier: str | None
     to_tier: str
+    returns_to: str | None = None
+    """While a temporary upgrade lasts after the change: the tier the member goes back to,
+    its own."""
     kind: ChangeKind
     reason: str
     score: int | None
     at: datetime
     actor: str
+
+    @property
+    def own_tier(self) -> str:
+        """The tier the member holds by its own score after the change, a lent one aside."""
+        return self.returns_to or self.to_tier
 
 
 class ScoreRead(BaseModel):

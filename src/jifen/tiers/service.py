@@ -149,7 +149,7 @@ def set_member_tier(
         _record(
             uow,
             program_id,
-            [(member_id, before.tier, tier, "manual", reason or "set by hand", None)],
+            [(member_id, before.tier, tier, None, "manual", reason or "set by hand", None)],
             now,
             set_by,
         )
@@ -396,6 +396,8 @@ class _Move:
     before: core.Standing
     decision: core.Decision
     score: int | None
+    campaign_score: int | None = None
+    """What a lending is recorded with (``score`` for the rest)."""
 
 
 def evaluate(
@@ -525,10 +527,7 @@ def _run(
             program_id,
             [
                 _Move(
-                    m,
-                    standings.get(m, core.Standing(None)),
-                    d,
-                    campaign_values.get(m) if d.kind == "temporary" else values[m],
+                    m, standings.get(m, core.Standing(None)), d, values[m], campaign_values.get(m)
                 )
                 for m, d in moves.items()
             ],
@@ -547,43 +546,55 @@ def _apply(
     actor: str,
     reason: str = "",
 ) -> list[TierChangeRead]:
-    """Write the moves (one statement per kind of write) and record the visible changes:
-    a new tier, and a temporary tier made the member's own (from and to the same tier)."""
+    """Write the moves (one statement per kind of write) and record each change they make:
+    a new tier, a temporary tier made the member's own (from and to the same tier), a new
+    tier for a temporary upgrade to return to (the same), and, for a decision that also
+    lends a tier, the change of the member's own tier first, then the lending."""
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
-    quiet: list[dict[str, Any]] = []
-    changes: list[tuple[int, str | None, str, core.Kind, str, int | None]] = []
+    changes: list[_Change] = []
     for move in moves:
         after = move.decision.standing
         assert after.tier is not None, "a decision always names a tier"
-        why = "; ".join(part for part in (reason, move.decision.reason) if part)
+        held = move.before.tier
+        why = ""
+        for step in (move.decision.own, move.decision):
+            if step is None:
+                continue
+            why = "; ".join(part for part in (reason, step.reason) if part)
+            to = step.standing
+            assert to.tier is not None, "a decision always names a tier"
+            score = move.campaign_score if step.kind == "temporary" else move.score
+            returns_to = to.base_tier if to.temporary else None
+            changes.append((move.member_id, held, to.tier, returns_to, step.kind, why, score))
+            held = to.tier
         values = {
             "member_id": move.member_id,
             "base_tier_code": after.base_tier if after.temporary else None,
             "temporary_until": after.temporary_until,
+            "tier_code": after.tier,
+            "since": now,
+            "reason": why,
+            "set_by": actor,
         }
-        if after.tier == move.before.tier and not core.made_own(move.before, after):
-            quiet.append(values)  # only what a temporary upgrade goes back to changed
-            continue
-        values |= {"tier_code": after.tier, "since": now, "reason": why, "set_by": actor}
         (inserts if move.before.tier is None else updates).append(values)
-        changes.append(
-            (move.member_id, move.before.tier, after.tier, move.decision.kind, why, move.score)
-        )
     bulk.insert_many(uow.conn, member_tiers, [{**v, "program_id": program_id} for v in inserts])
     bulk.update_many(uow.conn, member_tiers, "member_id", updates)
-    bulk.update_many(uow.conn, member_tiers, "member_id", quiet)
     return _record(uow, program_id, changes, now, actor)
+
+
+_Change = tuple[int, str | None, str, str | None, core.Kind, str, int | None]
+"""A change to record: member, from, to, the tier it returns to, kind, reason, score."""
 
 
 def _record(
     uow: UnitOfWork,
     program_id: int,
-    changes: list[tuple[int, str | None, str, core.Kind, str, int | None]],
+    changes: list[_Change],
     now: datetime,
     actor: str,
 ) -> list[TierChangeRead]:
-    """Record each change (member, from, to, kind, reason, score) and announce it."""
+    """Record each change and announce it."""
     if not changes:
         return []
     rows = [
@@ -592,13 +603,14 @@ def _record(
             "member_id": member_id,
             "from_tier": from_tier,
             "to_tier": to_tier,
+            "returns_to": returns_to,
             "kind": kind,
             "reason": reason[:2000],
             "score": score,
             "at": now,
             "actor": actor[:120],
         }
-        for member_id, from_tier, to_tier, kind, reason, score in changes
+        for member_id, from_tier, to_tier, returns_to, kind, reason, score in changes
     ]
     ids = [row[0] for row in bulk.insert_many(uow.conn, tier_changes, rows,
                                               returning=[tier_changes.c.id])]  # fmt: skip
@@ -611,7 +623,7 @@ def _record(
 
     expiry_service.on_tier_changes(
         uow, program_id=program_id,
-        changes=[(c.id, c.member_id, c.to_tier, c.kind) for c in recorded],
+        changes=[(c.id, c.member_id, c.own_tier, c.kind) for c in recorded],
     )  # fmt: skip
     return recorded
 
@@ -627,6 +639,7 @@ def _announce(uow: UnitOfWork, program_id: int, changes: Sequence[TierChangeRead
             "member_id": change.member_id,
             "previous_tier": change.from_tier or "-",
             "tier": change.to_tier,
+            "returns_to": change.returns_to,
             "kind": change.kind,
             "reason": change.reason,
             "score": change.score,
@@ -635,8 +648,13 @@ def _announce(uow: UnitOfWork, program_id: int, changes: Sequence[TierChangeRead
         key = f"tier:{change.id}"
         announced.append((key, data))
         if change.from_tier is not None:  # a first placement is no news to the member
-            # the same tier: a temporary upgrade made the member's own
-            template = "tier.changed" if change.from_tier != change.to_tier else "tier.kept"
+            # the same tier: a temporary upgrade made the member's own, or one that now
+            # returns to another tier
+            template = (
+                "tier.changed" if change.from_tier != change.to_tier
+                else "tier.returns" if change.returns_to is not None
+                else "tier.kept"
+            )  # fmt: skip
             notes.append(
                 Notification(
                     program_id, change.member_id, template=template, data=data,
@@ -740,7 +758,8 @@ def history(
     items = [
         TierChangeRead(
             id=r.id, member_id=r.member_id, from_tier=r.from_tier, to_tier=r.to_tier,
-            kind=r.kind, reason=r.reason, score=r.score, at=r.at, actor=r.actor,
+            returns_to=r.returns_to, kind=r.kind, reason=r.reason, score=r.score, at=r.at,
+            actor=r.actor,
         )
         for r in rows[:limit]
     ]  # fmt: skip
