@@ -23,6 +23,8 @@ from jifen.ledger import SystemAccount
 from jifen.points import service as points
 from jifen.points.models import lines, postings
 from tests.factories import assert_ledger_sound, new_members, new_program
+from tests.points.test_concurrency import run_together
+from tests.points.test_service import call
 
 DAY = timedelta(days=1)
 
@@ -32,10 +34,6 @@ def setup(db: Database) -> tuple[Database, int, int, int]:
     program = new_program(db)
     alice, bob = new_members(db, program.id, 2)
     return db, program.id, alice, bob
-
-
-def call(db: Database, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-    return db.run(lambda uow: fn(uow, **kwargs))
 
 
 def system(db: Database, program_id: int, code: SystemAccount) -> int:
@@ -363,25 +361,6 @@ def test_random_histories_then_claw_backs_charge_only_what_was_used(
 
 
 # --------------------------------------------------------------------------- PostgreSQL races
-
-
-def run_together(count: int, work: Callable[[int], Any]) -> list[Any]:
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def target(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = work(i)
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def _frozen_at_expiry(db: Database, member: int, amount: int) -> tuple[Any, Any]:

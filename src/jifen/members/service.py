@@ -283,27 +283,9 @@ def _row(uow: UnitOfWork, program_id: int, member_id: int) -> Any:
     return row
 
 
-def require_members(uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]) -> None:
-    """Refuse the first of ``member_ids`` that is not a member of the programme."""
-    wanted = set(member_ids)
-    if not wanted:
-        return
-    found = set(
-        uow.conn.execute(
-            select(members.c.id).where(
-                among(uow.dialect, members.c.id, sorted(wanted)), members.c.program_id == program_id
-            )
-        ).scalars()
-    )
-    missing = sorted(wanted - found)
-    if missing:
-        raise UnknownMember(member_id=missing[0])
-
-
 def languages(uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]) -> dict[int, str]:
     """The language each member chose for its messages (none chosen: not in the answer);
-    refuses, as :func:`require_members` does, the first that is not a member of the
-    programme. One query."""
+    refuses the first that is not a member of the programme. One query."""
     wanted = set(member_ids)
     if not wanted:
         return {}
