@@ -53,6 +53,7 @@ from jifen.errors import (
     Forbidden,
     IdempotencyConflict,
     InvalidInput,
+    Refused,
     ScopeTooNarrow,
     TotpRequired,
     Unauthenticated,
@@ -394,17 +395,7 @@ class Context:
             reads += first(uow) if first is not None else ()
             stored, *rows = read_rows(uow.conn, *reads)
             if stored is not None:
-                request_hash, stored_status, stored_body = stored
-                if request_hash != self.request_hash:
-                    raise IdempotencyConflict(key=key)
-                if stored_status == ERASED_STATUS:
-                    raise AnswerErased(
-                        key=key, status=stored_body.get("status_code"),
-                        member_id=stored_body.get("erased_member_id"),
-                    )  # fmt: skip
-                if isinstance(stored_body, dict) and stored_body.get("replayed") is False:
-                    stored_body = {**stored_body, "replayed": True}  # as its header says
-                return stored_status, stored_body, True
+                return self._replay(stored, key)
             for read, row in zip(reads[1:], rows, strict=True):
                 read.answer(row)
             result = fn(uow)
@@ -432,9 +423,37 @@ class Context:
             )
             return code, answer, False
 
-        status_code, body, replayed = self.db.run(work)
+        try:
+            status_code, body, replayed = self.db.run(work)
+        except Refused:
+            # A twin sent under the same key may have committed after this request looked
+            # for a stored answer and before its checks ran (registering one reference twice
+            # at once): the checks then refuse what the twin did. The twin's answer is this
+            # request's answer too; only a refusal with no such answer is this request's own.
+            twin = self.db.run(
+                lambda uow: _STORED_ANSWER.one_or_none(uow.conn, {"scope": scope, "key": key}),
+                read_only=True,
+            )
+            if twin is None:
+                raise
+            status_code, body, replayed = self._replay(twin, key)
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return JSONResponse(body, status_code=status_code, headers=headers)
+
+    def _replay(self, stored: Any, key: str) -> tuple[int, Any, bool]:
+        """The stored answer to this request's key, refused if the key was used for another
+        request or its answer was erased with its member's personal data."""
+        request_hash, status_code, body = stored
+        if request_hash != self.request_hash:
+            raise IdempotencyConflict(key=key)
+        if status_code == ERASED_STATUS:
+            raise AnswerErased(
+                key=key, status=body.get("status_code"),
+                member_id=body.get("erased_member_id"),
+            )  # fmt: skip
+        if isinstance(body, dict) and body.get("replayed") is False:
+            body = {**body, "replayed": True}  # as its header says
+        return status_code, body, True
 
     def _member_of(self, answer: dict[str, Any]) -> int | None:
         """The member a write was about, by default: the one its path names, or else the one
