@@ -367,6 +367,7 @@ def test_a_first_binding_or_a_refused_change_texts_nobody(
         raise RuntimeError("the audit log is unavailable")
 
     monkeypatch.setattr(audit_service, "record", broken)
+    monkeypatch.setattr(audit_service, "entry_values", broken)  # sent with the stored answer
     with TestClient(create_app(db, api_settings()), raise_server_exceptions=False) as failing:
         lost = failing.put(
             identity,

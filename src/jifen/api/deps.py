@@ -335,22 +335,35 @@ class Context:
     ) -> None:
         """Record this request's change in the audit log (writes by staff and API keys).
         ``encoded``: ``after`` holds JSON values already (an answer about to be sent)."""
+        entry = self._audit_entry(
+            target=target, after=after, before=before, action=action, encoded=encoded
+        )
+        if entry is not None:
+            audit_service.record(uow, entry)
+
+    def _audit_entry(
+        self,
+        *,
+        target: str,
+        after: dict[str, Any] | None,
+        before: dict[str, Any] | None,
+        action: str | None,
+        encoded: bool,
+    ) -> AuditEntryCreate | None:
+        """This request's audit entry; none for a member's own writes."""
         if self.principal.kind == "member":
-            return
-        audit_service.record(
-            uow,
-            AuditEntryCreate(
-                program_id=self.program.id if self.program else None,
-                actor=self.principal.name,
-                role=",".join(self.principal.roles),
-                api_key_id=self.principal.api_key_id,
-                ip=client_ip(self.request),
-                user_agent=self.request.headers.get("user-agent", "")[:300],
-                action=action or self.permission,
-                target=target,
-                before=jsonable_encoder(before) if before is not None else None,
-                after=after if encoded or after is None else jsonable_encoder(after),
-            ),
+            return None
+        return AuditEntryCreate(
+            program_id=self.program.id if self.program else None,
+            actor=self.principal.name,
+            role=",".join(self.principal.roles),
+            api_key_id=self.principal.api_key_id,
+            ip=client_ip(self.request),
+            user_agent=self.request.headers.get("user-agent", "")[:300],
+            action=action or self.permission,
+            target=target,
+            before=jsonable_encoder(before) if before is not None else None,
+            after=after if encoded or after is None else jsonable_encoder(after),
         )
 
     def execute(
@@ -403,24 +416,30 @@ class Context:
             answer = result.model_dump(mode="json")  # what jsonable_encoder gives, at once
             body = {k: SHOWN_ONCE if k in shown_once else v for k, v in answer.items()}
             about = member(result) if member is not None else self._member_of(answer)
+            entry = None
             if audit:
-                after = summary(body) if summary is not None else body
-                self.audit(
-                    uow, target=target, after=after, before=self.audit_before, action=action,
-                    encoded=True,
+                entry = self._audit_entry(
+                    target=target, after=summary(body) if summary is not None else body,
+                    before=self.audit_before, action=action, encoded=True,
                 )  # fmt: skip
-            _STORE_ANSWER.rows(
-                uow.conn,
-                {
-                    "scope": scope,
-                    "key": key,
-                    "request_hash": self.request_hash,
-                    "status_code": code,
-                    "body": kept(body) if kept is not None else body,
-                    "created_at": uow.clock.now(),
-                    "member_id": about,
-                },
-            )
+            stored = {
+                "scope": scope,
+                "key": key,
+                "request_hash": self.request_hash,
+                "status_code": code,
+                "body": kept(body) if kept is not None else body,
+                "created_at": uow.clock.now(),
+                "member_id": about,
+            }
+            if entry is not None and uow.dialect == "postgresql":
+                # The audit entry and the stored answer, in one round trip.
+                _STORE_AUDITED_ANSWER.rows(
+                    uow.conn, {**audit_service.entry_values(uow, entry), **stored}
+                )
+            else:
+                if entry is not None:
+                    audit_service.record(uow, entry)
+                _STORE_ANSWER.rows(uow.conn, stored)
             return code, answer, False
 
         try:
@@ -479,12 +498,12 @@ def _row(row: Any) -> Any:
     return row
 
 
-_STORE_ANSWER = Prepared(
-    idempotency_records.insert().values(
-        {name: bindparam(name) for name in
-         ("scope", "key", "request_hash", "status_code", "body", "created_at", "member_id")}
-    )
+_STORE_ANSWER_STATEMENT = idempotency_records.insert().values(
+    {name: bindparam(name) for name in
+     ("scope", "key", "request_hash", "status_code", "body", "created_at", "member_id")}
 )  # fmt: skip
+_STORE_ANSWER = Prepared(_STORE_ANSWER_STATEMENT)
+_STORE_AUDITED_ANSWER = Prepared(audit_service.with_entry(_STORE_ANSWER_STATEMENT))
 
 
 def stored_answers(uow: UnitOfWork, *, member_id: int) -> int:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnClause
 
 from jifen.audit.core import (
@@ -56,11 +57,13 @@ __all__ = [
     "AuditReport",
     "Problem",
     "csv_chunks",
+    "entry_values",
     "record",
     "search",
     "snapshot",
     "verify",
     "verify_report",
+    "with_entry",
 ]
 
 _CHUNK = 2000
@@ -86,7 +89,7 @@ _ENTRY_VALUES = {
 _APPEND = audit_entries.insert().values(_ENTRY_VALUES).returning(audit_entries.c.id)
 
 
-def _append_linked() -> Prepared:
+def _append_linked() -> Insert:
     """PostgreSQL: the entry appended to its stripe's chain in one round trip. The statement
     locks the head, hashes the pieces of :func:`digest_parts` around the head's hash and
     next position, moves the head and inserts the entry; a concurrent append waits for the
@@ -121,24 +124,44 @@ def _append_linked() -> Prepared:
     stripe = bindparam("stripe", type_=Integer)
     rows = select(*given, stripe, new.c.seq, new.c.prev_hash, new.c.hash)
     insert = audit_entries.insert().from_select(columns, rows)
-    return Prepared(insert.returning(audit_entries.c.id).add_cte(moved))
+    return insert.returning(audit_entries.c.id).add_cte(moved)
 
 
-_APPEND_LINKED = _append_linked()
+_APPEND_LINKED_STATEMENT = _append_linked()
+_APPEND_LINKED = Prepared(_APPEND_LINKED_STATEMENT)
+
+
+def with_entry(statement: Insert) -> Insert:
+    """PostgreSQL: ``statement`` that also appends an audit entry, in the same round trip:
+    it takes the values of :func:`entry_values` besides its own (none of theirs share a
+    name with an ``e_`` value or ``stripe``, ``before``, ``between`` or ``after``). For the
+    write that ends a request: its stored answer and its audit entry, sent together."""
+    return statement.add_cte(_APPEND_LINKED_STATEMENT.cte("audit_entry"))
+
+
+def entry_values(uow: UnitOfWork, entry: AuditEntryCreate) -> dict[str, Any]:
+    """PostgreSQL: the values that append ``entry`` to its stripe's chain (see
+    :func:`with_entry`)."""
+    # Microseconds are kept by both backends; the digest covers the stored value exactly.
+    at = uow.clock.now().astimezone(UTC)
+    fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
+    before, between, after = (part.encode() for part in digest_parts(at, fields))
+    values: dict[str, Any] = {f"e_{name}": value for name, value in fields.items()}
+    values.update(
+        e_at=at, stripe=stripe_of(entry.target, STRIPES), before=before, between=between,
+        after=after,
+    )  # fmt: skip
+    return values
 
 
 def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:
     """Append ``entry`` to its stripe's chain, in the caller's transaction; returns its id."""
+    if uow.dialect == "postgresql":
+        ((entry_id,),) = _APPEND_LINKED.rows(uow.conn, entry_values(uow, entry))
+        return int(entry_id)
     stripe = stripe_of(entry.target, STRIPES)
-    # Microseconds are kept by both backends; the digest covers the stored value exactly.
     at = uow.clock.now().astimezone(UTC)
     fields = chained_fields(entry.model_dump(include=set(CHAINED_FIELDS)))
-    if uow.dialect == "postgresql":
-        before, between, after = (part.encode() for part in digest_parts(at, fields))
-        values = {f"e_{name}": value for name, value in fields.items()}
-        values.update(e_at=at, stripe=stripe, before=before, between=between, after=after)
-        ((entry_id,),) = _APPEND_LINKED.rows(uow.conn, values)
-        return int(entry_id)
     seq, prev_hash = uow.conn.execute(_HEAD, {"stripe": stripe}).one()
     seq += 1
     digest = entry_digest(prev_hash, seq, at, fields)
