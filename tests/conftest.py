@@ -73,6 +73,17 @@ def empty_database_url(backend: str, folder: Path) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(params=BACKENDS)
+def own_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated database of its own on each backend, for a test that reads or changes
+    every row (an audit log verified whole, every member moved to a new key)."""
+    for url in empty_database_url(request.param, tmp_path):
+        database = Database(url, clock=ManualClock(START), pool_size=4)
+        upgrade(database.engine)
+        yield database
+        database.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_schema() -> Iterator[str]:
     """A fresh schema in the test database with jifen migrated into it; dropped at the end."""

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import pytest
+
+from jifen import crypto
 from jifen.db.uow import Database, UnitOfWork
 from jifen.members import service as members
 from jifen.points import integrity
 from jifen.programs import service as programs
 from jifen.programs.schemas import ProgramRead
+from jifen.settings import get_settings
 
 
 def new_program(db: Database, *, time_zone: str = "Asia/Shanghai") -> ProgramRead:
@@ -36,3 +42,19 @@ def assert_ledger_sound(db: Database, program_id: int) -> None:
     assert reconciled.member_total + sum(reconciled.system_balances.values()) == 0
     verified = db.run(lambda uow: integrity.verify(uow, program_id=program_id), read_only=True)
     assert verified.problems == []
+
+
+@contextmanager
+def secret_keys(monkeypatch: pytest.MonkeyPatch, current: str, *previous: str) -> Iterator[None]:
+    """The installation's secret key ``current`` (and the ``previous`` keys it replaced)
+    for a while, the run's own again after."""
+    monkeypatch.setenv("JIFEN_SECRET_KEY", current)
+    monkeypatch.setenv("JIFEN_PREVIOUS_SECRET_KEYS", ",".join(previous))
+    get_settings.cache_clear()
+    crypto.forget_keys()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        crypto.forget_keys()

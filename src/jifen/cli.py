@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -572,6 +573,112 @@ def audit_checkpoint() -> None:
         _require_schema(database)
         checkpoint_id, root = database.run(audit_service.checkpoint)
     _print_checkpoint(checkpoint_id, root, "audit")
+
+
+# --------------------------------------------------------------------------- keys
+
+keys_app = typer.Typer(
+    help=_h(
+        "The installation's secret key: move what is stored under a replaced key to the "
+        "current one.",
+        "系统密钥:把仍在旧密钥下保存的数据迁移到当前密钥。",
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=_HELP_LAYOUT,
+)
+app.add_typer(keys_app, name="keys")
+
+REKEY_CHUNK = 500
+"""Rows moved to the current key a transaction."""
+
+
+def _encrypted_fields() -> list[Any]:
+    """Every table holding fields encrypted (or hashed for lookup) under the secret key."""
+    from jifen.auth.models import staff_users
+    from jifen.db.rekey import Encrypted
+    from jifen.members.models import members
+    from jifen.notify.models import outbox, webhook_subscriptions
+
+    return [
+        Encrypted(members, {"phone_enc": "phone_hash", "id_number_enc": "id_number_hash"}),
+        Encrypted(staff_users, {"totp_secret_enc": None}),
+        Encrypted(webhook_subscriptions, {"secret_enc": None, "previous_secret_enc": None}),
+        Encrypted(outbox, {"address_enc": None}),
+    ]
+
+
+@keys_app.command(
+    "rekey",
+    help=_h(
+        "After JIFEN_SECRET_KEY was replaced, with the old key in JIFEN_PREVIOUS_SECRET_KEYS: "
+        "encrypt and hash anew under the current key the phone and ID numbers, TOTP seeds, "
+        "webhook secrets and outbox addresses still under an old key. Safe to run again; "
+        "--dry-run counts them and changes nothing. API keys, sessions and one-time codes are "
+        "kept as hashes only: they are recognised under an old key while it stays listed.",
+        "更换 JIFEN_SECRET_KEY 并把旧密钥写入 JIFEN_PREVIOUS_SECRET_KEYS 之后:把仍在旧密钥下"
+        "加密或哈希的手机号、证件号、动态码种子、Webhook 密钥和发件箱地址改用当前密钥重新加密和"
+        "哈希。可重复运行;--dry-run 只统计、不改动。API 密钥、会话和一次性验证码只保存哈希:"
+        "旧密钥仍列出时,它们照常可用。",
+    ),
+)
+def keys_rekey(
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help=_h("Count what would move; change nothing.", "只统计,不改动。")
+        ),
+    ] = False,
+) -> None:
+    from jifen import crypto
+    from jifen.db.rekey import rekey
+
+    with _database() as database:
+        _require_schema(database)
+        total = 0
+        for fields in _encrypted_fields():
+            name, cursor, rows, moved = fields.table.name, 0, 0, 0
+            while True:
+                try:
+                    chunk = database.run(partial(rekey, fields=fields, after_id=cursor,
+                                                 limit=REKEY_CHUNK, dry_run=dry_run))  # fmt: skip
+                except ValueError:
+                    raise fail(
+                        "unreadable_field",
+                        _say(
+                            f"a field of {name} after id {cursor} cannot be read with "
+                            "JIFEN_SECRET_KEY or any key in JIFEN_PREVIOUS_SECRET_KEYS; add "
+                            f"the key it was encrypted with and run again ({rows} rows of "
+                            f"{name} were done)",
+                            f"{name} 中 id {cursor} 之后的某个字段无法用 JIFEN_SECRET_KEY 或 "
+                            "JIFEN_PREVIOUS_SECRET_KEYS 中的任何密钥读取;请加入加密它时所用的"
+                            f"密钥后重新运行(已处理 {name} 的 {rows} 行)",
+                        ),
+                    ) from None
+                rows, moved = rows + chunk.rows, moved + chunk.moved
+                if chunk.last_id is None or chunk.rows < REKEY_CHUNK:
+                    break
+                cursor = chunk.last_id
+            total += moved
+            out.print(
+                _say(
+                    f"{name}: {moved:,} of {rows:,} rows "
+                    + ("to move" if dry_run else "moved")
+                    + " to the current key",
+                    f"{name}:{rows:,} 行中有 {moved:,} 行"
+                    + ("待迁移" if dry_run else "已迁移")
+                    + "到当前密钥",
+                ),
+                markup=False,
+            )
+        if not crypto.rotating() and total == 0:
+            out.print(
+                _say(
+                    "no previous key is configured (JIFEN_PREVIOUS_SECRET_KEYS): "
+                    "everything is under the current key",
+                    "未配置旧密钥(JIFEN_PREVIOUS_SECRET_KEYS):所有数据都在当前密钥下",
+                ),
+                markup=False,
+            )
 
 
 # --------------------------------------------------------------------------- demo

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     encryption of personal data and TOTP seeds. Empty: a random key is created once in
     ``<data_dir>/secret.key`` (mode 0600). Losing it makes encrypted fields unreadable."""
 
+    previous_secret_keys: str = ""
+    """Keys ``secret_key`` replaced, newest first, comma-separated: what was encrypted or
+    hashed under them is still read and recognised (a phone looked up, an API key or a
+    session checked, a request or event sent again known) while ``jifen keys rekey`` moves
+    the stored personal data and secrets to the current key. API keys, sessions and
+    one-time codes are kept only as hashes, which nothing can move: they are recognised
+    under an old key as long as it is listed here."""
+
     redis_url: str = ""
     """When set (``redis://127.0.0.1:6379/0``), rate limits are shared through Redis by
     every API process; otherwise each process counts on its own."""
@@ -126,6 +134,13 @@ def secret_key(settings: Settings) -> bytes:
             with os.fdopen(fd, "w") as file:
                 file.write(secrets.token_urlsafe(48))
     return path.read_text().strip().encode()
+
+
+def previous_secret_keys(settings: Settings) -> list[bytes]:
+    """The keys the installation's secret replaced (``JIFEN_PREVIOUS_SECRET_KEYS``), newest
+    first."""
+    keys = (key.strip() for key in settings.previous_secret_keys.split(","))
+    return [key.encode() for key in keys if key]
 
 
 def normalise_database_url(url: str) -> str:

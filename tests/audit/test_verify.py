@@ -13,7 +13,6 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,9 @@ from jifen.audit.models import STRIPES, audit_checkpoints, audit_entries, audit_
 from jifen.audit.schemas import AuditEntryCreate
 from jifen.cli import app
 from jifen.clock import ManualClock
-from jifen.db.migrate import upgrade
 from jifen.db.uow import Database
 from jifen.settings import get_settings
-from tests.conftest import BACKENDS, START, empty_database_url
+from tests.conftest import START
 
 runner = CliRunner()
 
@@ -51,14 +49,10 @@ runner = CliRunner()
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(params=BACKENDS)
-def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+@pytest.fixture
+def fresh(own_database: Database) -> Database:
     """A database of its own on each backend, migrated, with an empty audit log."""
-    for url in empty_database_url(request.param, tmp_path):
-        database = Database(url, clock=ManualClock(START), pool_size=4)
-        upgrade(database.engine)
-        yield database
-        database.dispose()
+    return own_database
 
 
 def write(db: Database, target: str, **extra: Any) -> int:

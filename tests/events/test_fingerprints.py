@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,8 +21,7 @@ from jifen.events.models import events
 from jifen.events.schemas import EventIn, EventResult
 from jifen.jobs import service as jobs
 from jifen.members import service as members
-from jifen.settings import get_settings
-from tests.factories import new_program
+from tests.factories import new_program, secret_keys
 
 PHONE = "13812345678"
 
@@ -76,20 +73,6 @@ def unkeyed(event: EventIn, payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(event, payload).encode()).hexdigest()
 
 
-@contextmanager
-def secret_key(monkeypatch: pytest.MonkeyPatch, value: str) -> Iterator[None]:
-    """The installation's secret key ``value`` for a while, the run's one again after."""
-    monkeypatch.setenv("JIFEN_SECRET_KEY", value)
-    get_settings.cache_clear()
-    crypto.forget_keys()
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
-        crypto.forget_keys()
-
-
 def test_an_event_is_stored_with_a_keyed_fingerprint(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,7 +81,7 @@ def test_an_event_is_stored_with_a_keyed_fingerprint(
     event = order_event(db)
     first = send(db, first_program, event)
     # one of them by an installation with another secret key
-    with secret_key(monkeypatch, "another-secret-key-" + "y" * 32):
+    with secret_keys(monkeypatch, "another-secret-key-" + "y" * 32):
         second = send(db, second_program, event)
     first_hash, payload = stored(db, first.id)
     second_hash, second_payload = stored(db, second.id)

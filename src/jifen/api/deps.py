@@ -267,6 +267,9 @@ class Context:
     grant: Grant | None = None
     idempotency_key: str | None = None
     request_hash: str = ""
+    earlier_hashes: tuple[str, ...] = ()
+    """The request's fingerprints under the previous secret keys (none but while a key is
+    being replaced): a request stored before the key changed is known when sent again."""
     language: str = "en"
     audit_before: dict[str, Any] | None = field(default=None)
 
@@ -463,7 +466,7 @@ class Context:
         """The stored answer to this request's key, refused if the key was used for another
         request or its answer was erased with its member's personal data."""
         request_hash, status_code, body = stored
-        if request_hash != self.request_hash:
+        if request_hash != self.request_hash and request_hash not in self.earlier_hashes:
             raise IdempotencyConflict(key=key)
         if status_code == ERASED_STATUS:
             raise AnswerErased(
@@ -730,22 +733,25 @@ class Write(Read):
             installation_wide=self.installation_wide,
         )  # fmt: skip
         context.idempotency_key = idempotency_key
-        context.request_hash = await request_fingerprint(request)
+        text = await request_text(request)
+        context.request_hash = crypto.request_fingerprint(text)
+        context.earlier_hashes = tuple(crypto.request_fingerprints(text))
         return context
 
 
-async def request_fingerprint(request: Request) -> str:
-    """Keyed hash of method, path, query and body (JSON compared by meaning, not spacing).
+async def request_text(request: Request) -> str:
+    """What a request's fingerprint digests: method, path, query and body (JSON compared by
+    meaning, not spacing).
 
-    Keyed (not a plain SHA-256): the body may hold a phone or ID number or a password, and
-    its fingerprint is stored next to an answer that shows part of it."""
+    The fingerprint is keyed (:func:`jifen.crypto.request_fingerprint`, not a plain
+    SHA-256): the body may hold a phone or ID number or a password, and its fingerprint is
+    stored next to an answer that shows part of it."""
     raw = await request.body()
     try:
         body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")) if raw else ""
     except ValueError:
         body = raw.decode(errors="replace")
-    text = f"{request.method} {request.url.path}?{request.url.query}\n{body}"
-    return crypto.request_fingerprint(text)
+    return f"{request.method} {request.url.path}?{request.url.query}\n{body}"
 
 
 def annotate_permissions(router: APIRouter) -> None:

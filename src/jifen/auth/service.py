@@ -45,7 +45,7 @@ from jifen.auth.schemas import (
     StaffCreated,
     StaffRead,
 )
-from jifen.crypto import decrypt, encrypt, keyed_hash, same_hash
+from jifen.crypto import decrypt, encrypt, keyed_hash, keyed_hashes, same_hash
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import insert_missing
 from jifen.errors import (
@@ -193,7 +193,7 @@ def authenticate(uow: UnitOfWork, token: str) -> Principal:
     if token.startswith(API_KEY_MARK):
         return _api_key_principal(uow, token)
     row = uow.conn.execute(
-        select(sessions).where(sessions.c.token_hash == keyed_hash(token))
+        select(sessions).where(sessions.c.token_hash.in_(keyed_hashes(token)))
     ).one_or_none()
     if row is None or row.revoked_at is not None:
         raise _refused("The session is not valid.", "会话无效。")

@@ -232,12 +232,31 @@ def _same_event(stored: str, event: EventIn, payload: Mapping[str, Any], keyed: 
     them sealed (:func:`_sealed`) or, stored before sealing and not sealed yet, as it is.
     Compared in constant time."""
     if stored.startswith(SEALED_FINGERPRINT):
-        return hmac.compare_digest(stored, _sealed(keyed)) or hmac.compare_digest(
+        if hmac.compare_digest(stored, _sealed(keyed)) or hmac.compare_digest(
             stored, _sealed(_legacy_fingerprint(event, payload))
-        )
-    return hmac.compare_digest(stored, keyed) or hmac.compare_digest(
+        ):
+            return True
+    elif hmac.compare_digest(stored, keyed) or hmac.compare_digest(
         stored, _legacy_fingerprint(event, payload)
-    )
+    ):
+        return True
+    return _same_under_earlier_keys(stored, _canonical(event, payload))
+
+
+def _same_under_earlier_keys(stored: str, canonical: str) -> bool:
+    """Whether ``stored`` is the fingerprint of ``canonical`` (sealed or not) under one of the
+    secret keys the current one replaced (``JIFEN_PREVIOUS_SECRET_KEYS``): an event stored
+    before the key changed is known when sent again."""
+    for i, earlier in enumerate(crypto.event_fingerprints(canonical)):
+        if not stored.startswith(SEALED_FINGERPRINT):
+            if hmac.compare_digest(stored, earlier):
+                return True
+            continue
+        seal = crypto.event_fingerprints(SEALED_FINGERPRINT + earlier)[i]
+        sealed = SEALED_FINGERPRINT + seal[: 64 - len(SEALED_FINGERPRINT)]
+        if hmac.compare_digest(stored, sealed):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- ingest

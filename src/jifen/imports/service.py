@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 
-from jifen.crypto import keyed_hash
+from jifen.crypto import keyed_hashes
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import (
     DuplicateReference,
@@ -780,7 +780,7 @@ def _differs(
         stored = uow.conn.execute(
             select(members.c.phone_hash).where(members.c.id == member_id)
         ).scalar_one()
-        if stored != keyed_hash(members_core.normalise_phone(member.phone)):
+        if stored not in keyed_hashes(members_core.normalise_phone(member.phone)):
             differ.append("phone")
     if tier is not None:
         held = tiers_service.member_tier(uow, program_id=program_id, member_id=member_id)

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import String, Text, bindparam, cast, extract, func, select
 
-from jifen.crypto import decrypt, encrypt, keyed_hash
+from jifen.crypto import decrypt, encrypt, keyed_hash, keyed_hashes
 from jifen.db.bulk import among
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
@@ -325,7 +325,7 @@ def find_by_phone(uow: UnitOfWork, *, program_id: int, phone: str) -> int | None
     number would sign its holder in as another member."""
     found = uow.conn.execute(
         select(members.c.id).where(
-            members.c.program_id == program_id, members.c.phone_hash == keyed_hash(phone)
+            members.c.program_id == program_id, members.c.phone_hash.in_(keyed_hashes(phone))
         )
     ).scalar()
     return int(found) if found is not None else None
@@ -355,7 +355,7 @@ def get_profile(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberPr
 
 def _phone_taken(uow: UnitOfWork, program_id: int, phone: str, member_id: int | None) -> None:
     query = select(members.c.id).where(
-        members.c.program_id == program_id, members.c.phone_hash == keyed_hash(phone)
+        members.c.program_id == program_id, members.c.phone_hash.in_(keyed_hashes(phone))
     )
     if member_id is not None:
         query = query.where(members.c.id != member_id)
@@ -479,7 +479,7 @@ def list_members(
     if external_ref is not None:
         query = query.where(members.c.external_ref == external_ref)
     if phone is not None:
-        query = query.where(members.c.phone_hash == keyed_hash(core.normalise_phone(phone)))
+        query = query.where(members.c.phone_hash.in_(keyed_hashes(core.normalise_phone(phone))))
     if since is not None:
         query = query.where(members.c.created_at >= since)
     if until is not None:
@@ -600,7 +600,7 @@ def bind_identity(
     other = uow.conn.execute(
         select(members.c.id).where(
             members.c.program_id == program_id,
-            members.c.id_number_hash == keyed_hash(number),
+            members.c.id_number_hash.in_(keyed_hashes(number)),
             members.c.id != member_id,
         )
     ).first()
@@ -618,7 +618,7 @@ def bind_identity(
             verified_at=now, updated_at=now,
         )
     )  # fmt: skip
-    changed = before.phone_hash != keyed_hash(phone)
+    changed = before.phone_hash not in keyed_hashes(phone)
     return Binding(
         before=_profile(before),
         after=get_profile(uow, program_id=program_id, member_id=member_id),

@@ -1,0 +1,194 @@
+"""Replacing the installation's secret key: what was stored under the old one is still read
+and recognised while it is listed in JIFEN_PREVIOUS_SECRET_KEYS, and `jifen keys rekey`
+moves the stored personal data and secrets to the new key so the old one can be retired."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from jifen import crypto
+from jifen.api.app import create_app
+from jifen.auth import service as auth_service
+from jifen.cli import app as cli
+from jifen.db.uow import Database
+from jifen.errors import IdempotencyConflict, Unauthenticated
+from jifen.members.models import members
+from jifen.members.service import find_by_phone
+from jifen.notify.models import webhook_subscriptions
+from tests.api import support
+from tests.api.conftest import api_settings
+from tests.events.test_fingerprints import order_event, program_with_member, send
+from tests.factories import new_program, secret_keys
+
+OLD = "the-old-secret-key-" + "o" * 32
+NEW = "the-new-secret-key-" + "n" * 32
+VALID_ID = "11010519491231002X"
+runner = CliRunner()
+
+
+def rekey(db: Database, *args: str) -> tuple[int, str]:
+    url = db.engine.url.render_as_string(hide_password=False)
+    result = runner.invoke(cli, ["--database-url", url, "keys", "rekey", *args])
+    return result.exit_code, result.output
+
+
+def stored_fields(db: Database) -> list[Any]:
+    return db.run(
+        lambda uow: uow.conn.execute(
+            select(members.c.phone_hash, members.c.phone_enc, members.c.id_number_enc)
+            .where(members.c.phone_enc.is_not(None))
+            .order_by(members.c.id)
+        ).all()
+    )
+
+
+def test_a_replaced_key_keeps_members_api_keys_sessions_and_answers_until_rekeyed(
+    own_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a programme run under the old key: a member with a bound phone and ID number,
+    # an API key, a staff session, a webhook and a registration answered under a key
+    with secret_keys(monkeypatch, OLD):
+        program = new_program(own_database)
+        operator = support.staff(own_database, "super_admin")
+        till = support.api_key(own_database, program.id)
+        base = f"/v1/programs/{program.code}/members"
+        registration = {**support.key(), **operator}
+        with TestClient(create_app(own_database, api_settings())) as client:
+            first = client.post(base, json={"external_ref": "M1"}, headers=registration)
+            assert first.status_code == 201, first.text
+            member_id = first.json()["id"]
+            bound = client.put(
+                f"{base}/{member_id}/identity",
+                json={"id_number": VALID_ID, "phone": "13900000001"},
+                headers={**operator, **support.key()},
+            )
+            assert bound.status_code == 200, bound.text
+            hook = client.post(
+                f"/v1/programs/{program.code}/webhooks",
+                json={
+                    "url": "http://127.0.0.1:9/jifen",
+                    "event_types": ["*"],
+                    "allow_private": True,
+                },
+                headers={**operator, **support.key()},
+            )
+            assert hook.status_code == 201, hook.text
+        before = stored_fields(own_database)
+
+    # when the key is replaced, the old one listed as previous
+    with secret_keys(monkeypatch, NEW, OLD):
+        with TestClient(create_app(own_database, api_settings())) as client:
+            # then the session and the API key made under the old key still sign in
+            assert client.get(f"{base}/{member_id}", headers=till).status_code == 200
+            shown = client.get(f"{base}/{member_id}/identity", headers=operator)
+            # and the ID number encrypted under it is still shown in full to those allowed
+            assert shown.status_code == 200 and shown.json()["id_number"] == VALID_ID
+            # and the registration sent again is replayed, not refused as another request
+            again = client.post(base, json={"external_ref": "M1"}, headers=registration)
+            assert again.status_code == 201, again.text
+            assert again.headers.get("Idempotent-Replayed") == "true"
+            # and the phone is found (a second member cannot take it)
+            taken = client.post(
+                base, json={"external_ref": "M2", "phone": "13900000001"},
+                headers={**operator, **support.key()},
+            )  # fmt: skip
+            assert taken.status_code == 409 and taken.json()["code"] == "duplicate_reference"
+        found = own_database.run(
+            lambda uow: find_by_phone(uow, program_id=program.id, phone="13900000001")
+        )
+        assert found == member_id
+
+        # a dry run counts what is still under the old key and changes nothing
+        code, output = rekey(own_database, "--dry-run")
+        assert code == 0, output
+        assert "members: 1 of 1 rows to move" in output
+        assert "staff_users: 1 of 1 rows to move" in output
+        assert "webhook_subscriptions: 1 of 1 rows to move" in output
+        assert stored_fields(own_database) == before
+        # the rekey moves them; a second run finds nothing left to move
+        code, output = rekey(own_database)
+        assert code == 0, output
+        assert "members: 1 of 1 rows moved" in output
+        after = stored_fields(own_database)
+        assert after != before and after[0].phone_hash == crypto.keyed_hash("13900000001")
+        code, output = rekey(own_database)
+        assert code == 0 and "members: 0 of 1 rows moved" in output, output
+
+    # and once the old key is retired, the moved data is read under the new key alone
+    with secret_keys(monkeypatch, NEW):
+        with TestClient(create_app(own_database, api_settings())) as client:
+            shown = client.get(f"{base}/{member_id}/identity", headers=operator)
+            # (the staff session was made under the old key: sessions are hashes only)
+            assert shown.status_code == 401
+        staff = support.staff(own_database, "super_admin")
+        with TestClient(create_app(own_database, api_settings())) as client:
+            shown = client.get(f"{base}/{member_id}/identity", headers=staff)
+            assert shown.status_code == 200 and shown.json()["phone"] == "13900000001"
+        found = own_database.run(
+            lambda uow: find_by_phone(uow, program_id=program.id, phone="13900000001")
+        )
+        assert found == member_id
+        secret = own_database.run(
+            lambda uow: uow.conn.execute(select(webhook_subscriptions.c.secret_enc)).scalar_one()
+        )
+        assert crypto.decrypt(secret)  # the webhook's signing secret is readable
+
+
+def test_an_api_key_made_under_a_previous_key_signs_in(
+    own_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with secret_keys(monkeypatch, OLD):
+        program = new_program(own_database)
+        token = own_database.run(
+            lambda uow: (
+                auth_service.create_api_key(
+                    uow, program_id=program.id, name="till", created_by="test"
+                ).token
+            )
+        )
+    with secret_keys(monkeypatch, NEW, OLD):
+        principal = own_database.run(lambda uow: auth_service.authenticate(uow, token))
+        assert principal.kind == "key"
+    # the old key retired: a key hashed under it is unknown
+    with secret_keys(monkeypatch, NEW), pytest.raises(Unauthenticated):
+        own_database.run(lambda uow: auth_service.authenticate(uow, token))
+
+
+def test_an_event_stored_under_a_previous_key_is_known_when_sent_again(
+    own_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = order_event(own_database)
+    with secret_keys(monkeypatch, OLD):
+        program_id = program_with_member(own_database)
+        first = send(own_database, program_id, event)
+    with secret_keys(monkeypatch, NEW, OLD):
+        again = send(own_database, program_id, event)
+        assert again.replayed and again.id == first.id
+        # while another content under the same id is still refused
+        changed = event.model_copy(update={"payload": {**event.payload, "order_id": "B2"}})
+        with pytest.raises(IdempotencyConflict):
+            send(own_database, program_id, changed)
+
+
+def test_a_field_no_listed_key_can_read_stops_the_rekey_with_what_to_do(
+    own_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with secret_keys(monkeypatch, OLD):
+        program = new_program(own_database)
+        operator = support.staff(own_database, "operator", program_id=program.id)
+        with TestClient(create_app(own_database, api_settings())) as client:
+            made = client.post(
+                f"/v1/programs/{program.code}/members",
+                json={"external_ref": "P1", "phone": "13900000002"},
+                headers={**operator, **support.key()},
+            )
+            assert made.status_code == 201, made.text
+    with secret_keys(monkeypatch, NEW):  # the old key was not listed
+        code, output = rekey(own_database)
+    assert code != 0
+    assert "JIFEN_PREVIOUS_SECRET_KEYS" in output and "Traceback" not in output
