@@ -173,6 +173,51 @@ def test_campaign_window_multiplier_compounds_with_the_tier() -> None:
     assert run(outside, *rules, tier="金卡") == {"base": 1000, "tier": 500}
 
 
+def test_the_matrix_multiplier_stays_when_a_tiered_rule_does_not_apply_to_the_event() -> None:
+    # The benefits matrix gives 金卡 1.5; a 双11 rule naming 金卡 2 says what 金卡 earns only
+    # on the orders it applies to: in its window, in its share, when its condition holds.
+    matrix = Program(zone=SHANGHAI, tier_multipliers={"金卡": Decimal("1.5")})
+    double11 = rule(
+        "double11",
+        {"kind": "multiplier", "by_tier": {"金卡": "2"}},
+        starts_at="2026-11-11T00:00:00+08:00",
+        ends_at="2026-11-12T00:00:00+08:00",
+    )
+    base = rule("base", CATEGORY_RATES)
+    inside = order(("A", "x", 1000), when=datetime(2026, 11, 11, 12, 0, tzinfo=SHANGHAI))
+    assert run(inside, base, double11, program=matrix, tier="金卡") == {
+        "base": 1000,
+        "double11": 1000,
+    }
+    outside = order(("A", "x", 1000), when=datetime(2026, 11, 12, 12, 0, tzinfo=SHANGHAI))
+    assert run(outside, base, double11, program=matrix, tier="金卡") == {
+        "base": 1000,
+        "tier_benefit": 500,
+    }
+    livestream = rule(
+        "livestream", {"kind": "multiplier", "by_tier": {"金卡": "2"}}, condition=lambda _: False
+    )
+    assert run(order(("A", "x", 1000)), base, livestream, program=matrix, tier="金卡") == {
+        "base": 1000,
+        "tier_benefit": 500,
+    }
+    nobody = rule("nobody", {"kind": "multiplier", "by_tier": {"金卡": "2"}}, gray_share="0")
+    assert run(order(("A", "x", 1000)), base, nobody, program=matrix, tier="金卡") == {
+        "base": 1000,
+        "tier_benefit": 500,
+    }
+    # a birthday gift rule outside its window leaves the matrix's gift too
+    gifts = Program(zone=SHANGHAI, birthday_gifts={"金卡": 1000})
+    later = rule(
+        "gift",
+        {"kind": "birthday_gift", "by_tier": {"金卡": 2000}},
+        events=("member.birthday",),
+        gray_share="0",
+    )
+    birthday = Event("jifen:b", "member.birthday", NOON, 1, {"year": 2026})
+    assert run(birthday, later, program=gifts, tier="金卡") == {"tier_benefit": 1000}
+
+
 def test_birthday_month_doubles() -> None:
     birthday = rule("bday", {"kind": "multiplier", "factor": "2", "birthday_month": True})
     rules = (rule("base", CATEGORY_RATES), birthday)

@@ -368,6 +368,10 @@ class _Pass:
     multipliers: list[tuple[Rule, Decimal]] = field(default_factory=list)
     specs: dict[str, RuleSpec] = field(default_factory=dict)
     bindings: dict[str, Any] | None = None
+    tiered: bool = False
+    """A multiplier naming factors by tier applies to the event: it says what tiers earn."""
+    gifting: bool = False
+    """A birthday gift rule applies to the event: it says what tiers get."""
 
     @property
     def member(self) -> Facts:
@@ -418,8 +422,8 @@ def evaluate(
     for rule in rules.by_type.get(event.type, ()):
         if _fires(state, rule) and rule.spec.stop_after:
             break
-    _tier_benefit(state, rules.by_type.get(event.type, ()))
-    _tier_birthday_gift(state, rules.by_type.get(event.type, ()))
+    _tier_benefit(state)
+    _tier_birthday_gift(state)
     _multiply(state)
     _apply_caps(state, budgets or Budgets())
     return state.result
@@ -454,15 +458,16 @@ def _entry_tier(program: Program, facts: Mapping[int, Facts]) -> Mapping[int, Fa
     return {m: f if f.tier is not None else replace(f, tier=entry) for m, f in facts.items()}
 
 
-def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:
+def _tier_benefit(state: _Pass) -> None:
     """The benefits matrix's multiplier of the member's tier, on its spend awards. It comes
     before the rules' multipliers, which compound on it (1.5 and a 双11 2 make 3)."""
     tier = state.member.tier
     factor = state.program.tier_multipliers.get(tier or "")
     if factor is None or factor <= 1:
         return
-    # A rule that names factors by tier says what tiers earn: the matrix does not add to it.
-    if any(isinstance(r.spec.params, Multiplier) and r.spec.params.by_tier for r in candidates):
+    # A rule that names factors by tier says what tiers earn on the events it applies to
+    # (in its window and share, its condition true): the matrix does not add to it there.
+    if state.tiered:
         return
     base_kinds = frozenset({"spend_rate"})
     member_id = state.event.member_id
@@ -489,16 +494,12 @@ def _tier_benefit(state: _Pass, candidates: Iterable[Rule]) -> None:
     )  # fmt: skip
 
 
-def _tier_birthday_gift(state: _Pass, candidates: Iterable[Rule]) -> None:
+def _tier_birthday_gift(state: _Pass) -> None:
     """The benefits matrix's birthday gift of the member's tier, when no birthday gift rule
-    is live at the event's time (a rule that gives one says what tiers get)."""
+    applies to the event (in its window and share, its condition true): a rule that gives
+    one says what tiers get."""
     event = state.event
-    if event.type != "member.birthday" or not state.program.birthday_gifts:
-        return
-    if any(
-        isinstance(r.spec.params, BirthdayGift) and r.active_at(event.occurred_at)
-        for r in candidates
-    ):
+    if event.type != "member.birthday" or not state.program.birthday_gifts or state.gifting:
         return
     tier = state.member.tier
     points = state.program.birthday_gifts.get(tier or "", 0)
@@ -623,6 +624,7 @@ def _multiplier(state: _Pass, rule: Rule) -> None:
         if member.birthday is None or member.birthday.month != month:
             state.skip(rule, "not the member's birthday month")
             return
+    state.tiered = state.tiered or bool(params.by_tier)
     factor = params.by_tier.get(member.tier or "", params.factor)
     if factor <= 1:
         state.skip(rule, f"factor {factor} for tier {member.tier!r}")
@@ -724,6 +726,7 @@ def _referral(state: _Pass, rule: Rule) -> None:
 def _birthday_gift(state: _Pass, rule: Rule) -> None:
     params = rule.spec.params
     assert isinstance(params, BirthdayGift)
+    state.gifting = True
     tier = state.member.tier or ""
     points = params.by_tier.get(tier, params.default)
     if points <= 0:
