@@ -552,6 +552,36 @@ def test_custom_events_must_match_their_declared_fields(db: Database) -> None:
     assert _count(db, program.id) == 1
 
 
+def test_custom_fields_may_carry_any_declared_name(db: Database) -> None:
+    # Names a payload model reserves for itself (model_dump, model_config, json, ...) are
+    # fields like any other: read, checked and kept under the name declared.
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    names = ("model_dump", "model_config", "json", "copy", "schema", "validate")
+    declared = EventTypeDeclare.model_validate(
+        {"fields": {name: {"type": "integer"} for name in names}}
+    )
+    db.run(
+        lambda uow: rules.declare_event_type(
+            uow, program_id=program.id, name="custom.oddly_named", body=declared
+        )
+    )
+    per = {"kind": "per_unit", "field": "model_dump", "points_per_unit": "2"}
+    activate(db, program.id, "odd", per, events_=("custom.oddly_named",))
+    now = db.clock.now()
+    payload = {name: index + 1 for index, name in enumerate(names)}
+    with pytest.raises(InvalidInput, match=r"payload\.model_config"):
+        send(db, program.id, member, "custom.oddly_named", now, "n0", model_dump=1)
+    sent = send(db, program.id, member, "custom.oddly_named", now, "n1", **payload)
+    assert sent.points == 2
+    stored = db.run(lambda uow: service.get_event(uow, program_id=program.id, event_id=sent.id))
+    assert stored.points == 2
+    kept = db.run(
+        lambda uow: uow.conn.execute(select(events.c.payload).where(events.c.id == sent.id))
+    ).scalar_one()
+    assert kept == payload
+
+
 def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
     program = new_program(db)
     june, leap, other = new_members(db, program.id, 3)

@@ -154,18 +154,21 @@ _FIELD_TYPES: dict[str, Any] = {
 
 @lru_cache(maxsize=1024)
 def _custom_model(name: str, declared_json: str) -> type[BaseModel]:
-    """A model of a declared custom event type (cached by its declaration)."""
+    """A model of a declared custom event type (cached by its declaration). Its fields are
+    numbered and read and written under the names declared (their aliases), so that a name
+    a model keeps for itself (``model_dump``, ``json``) is a field like any other."""
     declared = EventTypeRead.model_validate_json(declared_json)
     fields: dict[str, Any] = {
-        field: (
+        f"field_{index}": (
             _FIELD_TYPES[spec.type] if spec.required else _FIELD_TYPES[spec.type] | None,
-            ... if spec.required else None,
+            Field(... if spec.required else None, alias=field),
         )
-        for field, spec in declared.fields.items()
+        for index, (field, spec) in enumerate(declared.fields.items())
     }
-    model: type[BaseModel] = create_model(
-        name.replace(".", "_"), __config__=ConfigDict(extra="forbid", strict=True), **fields
+    config = ConfigDict(
+        extra="forbid", strict=True, validate_by_name=False, serialize_by_alias=True
     )
+    model: type[BaseModel] = create_model(name.replace(".", "_"), __config__=config, **fields)
     return model
 
 
