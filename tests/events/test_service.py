@@ -582,6 +582,47 @@ def test_custom_fields_may_carry_any_declared_name(db: Database) -> None:
     assert kept == payload
 
 
+def test_a_held_award_is_approved_for_at_most_what_it_asks(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    declared = EventTypeDeclare.model_validate(
+        {"fields": {"requested_points": {"type": "integer"}}}
+    )
+    db.run(
+        lambda uow: rules.declare_event_type(
+            uow, program_id=program.id, name="custom.contribution", body=declared
+        )
+    )
+    reviewed = {"kind": "reviewed", "max_points": 50}
+    activate(db, program.id, "contribution", reviewed, events_=("custom.contribution",))
+    sent = send(
+        db, program.id, member, "custom.contribution", db.clock.now(), "c1", requested_points=20
+    )
+    (held,) = sent.awards
+    award_id = db.run(
+        lambda uow: service.held_awards(uow, program_id=program.id)[0].id, read_only=True
+    )
+
+    def approve(points: int) -> Any:
+        return db.run(
+            lambda uow: service.approve_award(
+                uow, program_id=program.id, award_id=award_id, decided_by="reviewer",
+                points=points,
+            )
+        )  # fmt: skip
+
+    # within the rule's maximum, yet more than the member asked for: refused
+    with pytest.raises(InvalidInput, match="asks for 20") as refused:
+        approve(30)
+    assert refused.value.params["field"] == "points"
+    assert balance(db, member).balance == 0
+    assert (held.wanted, held.held) == (20, True)
+    approved = approve(15)
+    assert (approved.decision, approved.points) == ("approved", 15)
+    assert balance(db, member).balance == 15
+    assert_ledger_sound(db, program.id)
+
+
 def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
     program = new_program(db)
     june, leap, other = new_members(db, program.id, 3)

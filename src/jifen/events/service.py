@@ -1790,6 +1790,12 @@ def approve_award(
     params = spec.params
     assert isinstance(params, Reviewed)
     wanted = int(row.wanted) if points is None else points
+    if wanted > int(row.wanted):
+        raise InvalidInput(
+            field="points",
+            problem=f"award {award_id} asks for {int(row.wanted)} points; {wanted} is more",
+            problem_zh=f"奖励 {award_id} 申请 {int(row.wanted)} 积分,{wanted} 超出",
+        )
     if wanted > params.max_points:
         raise InvalidInput(
             field="points",
