@@ -501,6 +501,31 @@ def test_a_rule_whose_condition_cannot_work_is_refused(
         )
 
 
+def test_a_rule_on_refunds_is_refused_as_it_would_never_award(db: Database) -> None:
+    # A refund takes back what its order earned; it is evaluated by no rule, so a rule on
+    # order.refunded (关怀积分 after a return) would be approved and never pay.
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    care = {"kind": "fixed", "points": 100}
+    with pytest.raises(InvalidInput, match=r"no rule awards on order\.refunded") as refused:
+        activate(db, program.id, "care", care, events_=("order.refunded", "order.paid"))
+    assert refused.value.params["field"] == "event_types"
+    assert "custom." in refused.value.message("en") and "custom." in refused.value.message("zh")
+    assert (
+        db.run(
+            lambda uow: rules.list_versions(uow, program_id=program.id, code="care"), read_only=True
+        )
+        == []
+    )
+    activate(db, program.id, "base", RATES)
+    now = db.clock.now()
+    send(db, program.id, member, "order.paid", now, "o1", order_id="A1",
+         lines=lines(("T1", "日用品", 200)))  # fmt: skip
+    back = send(db, program.id, member, "order.refunded", now, "r1", order_id="A1", whole=True)
+    assert back.points == -200
+    assert balance(db, member).balance == 0
+
+
 def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
     program = new_program(db)
     version = activate(db, program.id, "base", RATES)

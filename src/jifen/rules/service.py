@@ -560,6 +560,15 @@ def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None
     the programme declared, and a per-unit rule's field is a number of each: such a rule
     would never fire, or refuse every event of its type."""
     for name in sorted(spec.event_types):
+        if name == "order.refunded":
+            raise InvalidInput(
+                field="event_types",
+                problem="no rule awards on order.refunded: a refund takes back, in "
+                "proportion, what its order earned; to award on returns (关怀积分), send "
+                "them as a custom.<name> event and put the rule on that",
+                problem_zh="order.refunded 事件不适用任何规则:退款按比例收回其订单所得积分;"
+                "如需对退货给予积分(关怀积分),请以 custom.<名称> 事件发送,并将规则设在该事件上",
+            )
         model = CATALOGUE.get(name)
         declared = event_type(uow, program_id=program_id, name=name) if model is None else None
         if model is None and declared is None:
