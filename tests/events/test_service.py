@@ -872,6 +872,41 @@ def test_a_budget_holds_from_its_first_spend_under_concurrency(pg: Database) -> 
     assert_ledger_sound(pg, program.id)
 
 
+def test_versions_of_one_rule_approved_at_once_leave_one_live(pg: Database) -> None:
+    program = new_program(pg)
+    (member,) = new_members(pg, program.id, 1)
+    body = RuleSpec.model_validate(
+        {"code": "welcome", "name": "welcome", "event_types": ["member.checked_in"],
+         "params": {"kind": "fixed", "points": 10}}
+    )  # fmt: skip
+
+    def drafted(uow: UnitOfWork) -> list[int]:
+        ids = []
+        for _ in range(8):
+            draft = rules.create_version(uow, program_id=program.id, spec=body, created_by="m")
+            rules.submit(uow, program_id=program.id, version_id=draft.id, approval_id=None)
+            ids.append(draft.id)
+        return ids
+
+    versions = pg.run(drafted)
+    start = threading.Barrier(len(versions))
+
+    def approve(n: int) -> None:
+        start.wait()  # each approval in a transaction of its own, all at once
+        pg.run(
+            lambda uow: rules.approve(
+                uow, program_id=program.id, version_id=versions[n], approved_by="c"
+            )
+        )
+
+    errors = _concurrently(len(versions), approve)
+    assert all(isinstance(e, StateConflict) for e in errors), errors
+    live = pg.run(lambda uow: rules.rules_at(uow, program_id=program.id, moment=pg.clock.now()))
+    assert [r.spec.code for r in live.rules] == ["welcome"]
+    sent = send(pg, program.id, member, "member.checked_in", pg.clock.now(), "c1")
+    assert sent.points == 10
+
+
 def test_a_refund_takes_back_what_its_lines_earned(db: Database) -> None:
     program = new_program(db)
     (member,) = new_members(db, program.id, 1)

@@ -130,6 +130,7 @@ def approve(
     """The second person's yes: the version is frozen and goes live at ``activate_at``
     (default now), ending the live activation of the rule's other versions then."""
     row = _row(uow, program_id, version_id)
+    _hold_rule(uow, row)
     _require_state(row, "submitted", "approved")
     spec = RuleSpec.model_validate(row.spec)
     compile_rule(spec)  # still valid under today's compiler
@@ -172,6 +173,7 @@ def pause(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRe
 
 def resume(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionRead:
     row = _row(uow, program_id, version_id)
+    _hold_rule(uow, row)
     _require_state(row, "paused", "resumed")
     now = uow.clock.now()
     _end_other_versions(uow, row, now)
@@ -185,6 +187,7 @@ def retire(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionR
     live, and the version its approval was to end then stays live: the rule keeps the
     version it has, as if the successor had not been approved."""
     row = _row(uow, program_id, version_id)
+    _hold_rule(uow, row)
     if row.state not in ("active", "paused"):
         _require_state(row, "active", "retired")
     now = uow.clock.now()
@@ -414,6 +417,20 @@ def _row(uow: UnitOfWork, program_id: int, version_id: int) -> Row[Any]:
     if row is None:
         raise UnknownRule(version_id=version_id)
     return row
+
+
+def _hold_rule(uow: UnitOfWork, row: Row[Any]) -> None:
+    """Hold every version of ``row``'s rule until the transaction ends: of two versions
+    made live at once, the second waits and then ends the first, so that one version of
+    the rule is live at a time. SQLite's writers are serial already."""
+    if uow.dialect != "postgresql":
+        return
+    uow.conn.execute(
+        select(rule_versions.c.id)
+        .where(rule_versions.c.program_id == row.program_id, rule_versions.c.code == row.code)
+        .order_by(rule_versions.c.id)
+        .with_for_update()
+    )
 
 
 def _require_state(row: Row[Any], expected: str, becoming: str) -> None:
