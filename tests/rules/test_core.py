@@ -420,6 +420,29 @@ def test_reviewed_award_is_held_and_limited() -> None:
     assert result.total == 0
 
 
+def test_a_multiplier_does_not_pay_on_a_held_award_before_it_is_approved() -> None:
+    # A campaign doubling every kind, reviewed awards among them: the held award waits for
+    # its reviewer, and nothing of it, doubled or not, posts before (a rejection gives none).
+    contribution = rule(
+        "contribution", {"kind": "reviewed", "max_points": 50}, events=("custom.contribution",)
+    )
+    double = rule(
+        "double",
+        {"kind": "multiplier", "factor": "2", "applies_to": ["reviewed", "fixed"]},
+        events=("custom.contribution",),
+        priority=200,
+    )
+    thanks = rule("thanks", {"kind": "fixed", "points": 5}, events=("custom.contribution",))
+    event = Event("x", "custom.contribution", NOON, 1, {"requested_points": 30})
+    result = evaluate(event, RuleSet([contribution, thanks, double]), PROGRAM, {1: Facts(1)})
+    assert [(a.rule, a.points, a.held) for a in result.awards] == [
+        ("contribution", 30, True),
+        ("thanks", 5, False),
+        ("double", 5, False),
+    ]
+    assert result.total == 10
+
+
 # --------------------------------------------------------------------------- caps
 
 

@@ -765,7 +765,9 @@ _KINDS: dict[type, Callable[[_Pass, Rule], None]] = {
 
 def _multiply(state: _Pass) -> None:
     """Each multiplier adds ``(factor - 1)`` times what the awards it applies to come to so
-    far, its own earlier multiplied bonuses included (so 1.5 and 2 make 3)."""
+    far, its own earlier multiplied bonuses included (so 1.5 and 2 make 3). A held award
+    (a reviewed rule's) is not multiplied: nothing of it posts before a reviewer approves
+    it, and a bonus posted at once would stay when it is rejected."""
     for rule, factor in state.multipliers:
         params = rule.spec.params
         assert isinstance(params, Multiplier)
@@ -773,6 +775,8 @@ def _multiply(state: _Pass) -> None:
         by_member: dict[int, int] = {}
         weights: dict[int, dict[str, int] | None] = {}
         for award in state.wanted:
+            if award.held:
+                continue
             if award.kind in applies_to or (
                 award.kind == "multiplier" and award.detail.get("base_kinds") == applies_to
             ):
