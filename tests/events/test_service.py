@@ -526,6 +526,24 @@ def test_a_rule_on_refunds_is_refused_as_it_would_never_award(db: Database) -> N
     assert balance(db, member).balance == 0
 
 
+def test_a_multiplier_of_kinds_no_rule_has_is_refused(db: Database) -> None:
+    # A misspelt kind (spend-rate for spend_rate) would make a campaign multiply nothing.
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    for applies_to in (["spend-rate"], [], ["fixed", "reversal"]):
+        double = {"kind": "multiplier", "factor": "2", "applies_to": applies_to}
+        with pytest.raises(InvalidInput, match="no kind of award") as refused:
+            activate(db, program.id, "double", double, priority=200)
+        assert refused.value.params["field"] == "params.applies_to"
+        assert "spend_rate" in refused.value.message("en")
+    activate(db, program.id, "base", RATES)
+    double = {"kind": "multiplier", "factor": "2", "applies_to": ["spend_rate", "fixed"]}
+    activate(db, program.id, "double", double, priority=200)
+    sent = send(db, program.id, member, "order.paid", db.clock.now(), "o1", order_id="A1",
+                lines=lines(("T1", "日用品", 200)))  # fmt: skip
+    assert sent.points == 400
+
+
 def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
     program = new_program(db)
     version = activate(db, program.id, "base", RATES)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
@@ -172,6 +172,11 @@ Params = Annotated[
     | Reviewed,
     Field(discriminator="kind"),
 ]
+
+AWARD_KINDS = frozenset(
+    get_args(model.model_fields["kind"].annotation)[0] for model in get_args(get_args(Params)[0])
+)
+"""The kinds of award the rules give (a multiplier names those it multiplies)."""
 
 Period = Literal["day", "week", "month", "lifetime"]
 

@@ -34,8 +34,10 @@ from jifen.rules.models import (
     rule_versions,
 )
 from jifen.rules.schemas import (
+    AWARD_KINDS,
     EventTypeDeclare,
     EventTypeRead,
+    Multiplier,
     PerUnit,
     ProgramCaps,
     RulePack,
@@ -135,6 +137,7 @@ def approve(
     spec = RuleSpec.model_validate(row.spec)
     compile_rule(spec)  # still valid under today's compiler
     _check_event_types(uow, program_id, spec)
+    _check_multiplier(spec)
     now = uow.clock.now()
     start = max(activate_at or now, now)
     _move(uow, version_id, "submitted", state="active", approved_by=approved_by, approved_at=now)
@@ -570,6 +573,27 @@ def load_pack(
 
 
 # --------------------------------------------------------------------------- custom events
+
+
+def _check_multiplier(spec: RuleSpec) -> None:
+    """InvalidInput unless a multiplier names only kinds of award the rules give: a
+    misspelt one would multiply nothing, and the campaign pay nothing extra."""
+    params = spec.params
+    if not isinstance(params, Multiplier):
+        return
+    unknown = sorted(params.applies_to - AWARD_KINDS)
+    if not params.applies_to or unknown:
+        kinds = ", ".join(sorted(AWARD_KINDS))
+        named = ", ".join(map(repr, unknown))
+        raise InvalidInput(
+            field="params.applies_to",
+            problem=(f"{named} is no kind of award a rule gives" if unknown
+                     else "names no kind of award: it would multiply nothing")
+            + f"; name the kinds it multiplies among {kinds}",
+            problem_zh=(f"{'、'.join(map(repr, unknown))} 不是任何规则给出的奖励类型" if unknown
+                        else "未指定奖励类型:该倍数规则不会乘任何奖励")
+            + f";请从 {kinds} 中指定要乘的类型",
+        )  # fmt: skip
 
 
 def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None:
