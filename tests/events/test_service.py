@@ -544,6 +544,25 @@ def test_a_multiplier_of_kinds_no_rule_has_is_refused(db: Database) -> None:
     assert sent.points == 400
 
 
+def test_a_new_version_approved_while_the_rule_is_paused_ends_the_paused_one(
+    db: Database,
+) -> None:
+    # Approving version 2 replaces version 1 even when it was paused: no one can bring
+    # version 1 back over the one a second person approved.
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    first = activate(db, program.id, "base", RATES)
+    db.run(lambda uow: rules.pause(uow, program_id=program.id, version_id=first))
+    activate(db, program.id, "base", {**RATES, "rate": "0.5", "category_rates": {}})
+    paused = db.run(lambda uow: rules.get_version(uow, program_id=program.id, version_id=first))
+    assert paused.status == "retired"
+    with pytest.raises(StateConflict, match="only a paused version"):
+        db.run(lambda uow: rules.resume(uow, program_id=program.id, version_id=first))
+    sent = send(db, program.id, member, "order.paid", db.clock.now(), "o1", order_id="A1",
+                lines=lines(("T1", "日用品", 200)))  # fmt: skip
+    assert [(a.version, a.points) for a in sent.awards] == [(2, 100)]
+
+
 def test_lifecycle_refuses_out_of_order_moves(db: Database) -> None:
     program = new_program(db)
     version = activate(db, program.id, "base", RATES)

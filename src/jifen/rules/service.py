@@ -486,15 +486,17 @@ def _close_activation(uow: UnitOfWork, version_id: int, end: datetime) -> None:
 
 
 def _end_other_versions(uow: UnitOfWork, row: Row[Any], at: datetime) -> None:
-    others = select(rule_versions.c.id).where(
+    # A paused version ends too: resumed, it would replace the version a second person
+    # approved after it.
+    others = select(rule_versions.c.id, rule_versions.c.state).where(
         rule_versions.c.program_id == row.program_id,
         rule_versions.c.code == row.code,
         rule_versions.c.id != row.id,
-        rule_versions.c.state == "active",
+        rule_versions.c.state.in_(("active", "paused")),
     )
-    for other_id in uow.conn.execute(others).scalars().all():
+    for other_id, state in uow.conn.execute(others).all():
         _close_activation(uow, other_id, at)
-        _move(uow, other_id, "active", state="retired")
+        _move(uow, other_id, state, state="retired")
     # A version already retired by a scheduled successor is live until that one starts:
     # it ends at ``at`` too, so that one version of the rule is live at a time.
     same_rule = select(rule_versions.c.id).where(
