@@ -685,6 +685,32 @@ def test_a_held_award_is_approved_for_at_most_what_it_asks(db: Database) -> None
     assert_ledger_sound(db, program.id)
 
 
+def test_a_condition_on_an_optional_custom_field_must_test_it_first(db: Database) -> None:
+    # An event of a custom type may leave out an optional field: a condition reading it
+    # without has(...) would refuse every such event, so the rule is not approved.
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    declared = EventTypeDeclare.model_validate(
+        {"fields": {"trees": {"type": "integer"}, "site": {"type": "string", "required": False}}}
+    )
+    db.run(
+        lambda uow: rules.declare_event_type(
+            uow, program_id=program.id, name="custom.tree_planted", body=declared
+        )
+    )
+    lake = {"kind": "fixed", "points": 30}
+    with pytest.raises(InvalidInput, match=r"'site'.*has\(") as refused:
+        activate(db, program.id, "lake", lake, events_=("custom.tree_planted",),
+                 condition='event.site == "东湖"')  # fmt: skip
+    assert refused.value.params["field"] == "condition"
+    activate(db, program.id, "lake", lake, events_=("custom.tree_planted",),
+             condition='has(event.site) && event.site == "东湖"')  # fmt: skip
+    now = db.clock.now()
+    assert send(db, program.id, member, "custom.tree_planted", now, "t1", trees=1).points == 0
+    planted = send(db, program.id, member, "custom.tree_planted", now, "t2", trees=1, site="东湖")
+    assert planted.points == 30
+
+
 def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
     program = new_program(db)
     june, leap, other = new_members(db, program.id, 3)

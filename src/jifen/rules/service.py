@@ -626,6 +626,10 @@ def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None
         if spec.condition:
             payload = sample_payload(model) if model is not None else _declared_sample(declared)
             _try_condition(uow, program_id, spec, name, payload)
+            if declared is not None:  # its optional fields may be left out: tried without
+                bare = _declared_sample(declared, optional=False)
+                if bare != payload:
+                    _try_condition(uow, program_id, spec, name, bare, optional=True)
         if isinstance(spec.params, PerUnit):
             numbers = _number_fields(model, declared)
             if spec.params.field not in numbers:
@@ -642,17 +646,26 @@ def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None
 _SAMPLE_VALUES = {"string": "x", "integer": 1, "number": 1.0, "boolean": False}
 
 
-def _declared_sample(declared: EventTypeRead | None) -> dict[str, Any]:
+def _declared_sample(declared: EventTypeRead | None, *, optional: bool = True) -> dict[str, Any]:
+    """A payload of a declared custom type: every field, or (``optional`` False) only its
+    required ones."""
     assert declared is not None
-    return {name: _SAMPLE_VALUES[field.type] for name, field in declared.fields.items()}
+    return {
+        name: _SAMPLE_VALUES[field.type]
+        for name, field in declared.fields.items()
+        if optional or field.required
+    }
 
 
 def _try_condition(
-    uow: UnitOfWork, program_id: int, spec: RuleSpec, event_type: str, payload: dict[str, Any]
-) -> None:
+    uow: UnitOfWork, program_id: int, spec: RuleSpec, event_type: str, payload: dict[str, Any],
+    optional: bool = False,
+) -> None:  # fmt: skip
     """InvalidInput when the rule's condition reads a field that no ``event_type`` event, or
     no member, has: tried on an event with every field of its type, it would refuse every
-    event of the type once approved."""
+    event of the type once approved. With ``optional``, ``payload`` leaves out the type's
+    optional fields: a condition reading one without has(...) would refuse every event
+    that leaves it out."""
     now = uow.clock.now()
     declared = [t.name for t in list_event_types(uow, program_id=program_id)]
     event = Event(key="sample", type=event_type, occurred_at=now, member_id=1, payload=payload)
@@ -668,6 +681,15 @@ def _try_condition(
         missing = _MISSING_KEY.search(str(exc))
         if missing is None:  # a sample value it cannot take (a time in a text field): fine
             return
+        if optional:
+            raise InvalidInput(
+                field="condition",
+                problem=f"reads {missing.group(1)!r}, which {event_type} events may leave out "
+                "(the condition would refuse every such event); test it first with "
+                f"has(event.{missing.group(1)})",
+                problem_zh=f"读取了 {missing.group(1)!r},而 {event_type} 事件可以不带该字段"
+                f"(该条件会拒绝所有此类事件);请先用 has(event.{missing.group(1)}) 判断",
+            ) from exc
         raise InvalidInput(
             field="condition",
             problem=f"reads {missing.group(1)!r}, which {event_type} events and their members "
