@@ -711,6 +711,27 @@ def test_a_condition_on_an_optional_custom_field_must_test_it_first(db: Database
     assert planted.points == 30
 
 
+def test_a_condition_that_cannot_take_an_order_without_a_store_is_refused(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    shanghai = {"kind": "fixed", "points": 10}
+    with pytest.raises(InvalidInput, match=r"without store") as refused:
+        activate(db, program.id, "sh", shanghai, condition='event.store.startsWith("SH")')
+    assert refused.value.params["field"] == "condition"
+    assert "event.store != null" in refused.value.message("zh")
+    activate(db, program.id, "sh", shanghai,
+             condition='event.store != null && event.store.startsWith("SH")')  # fmt: skip
+    now = db.clock.now()
+    bare = send(db, program.id, member, "order.paid", now, "o1", order_id="A1",
+                lines=lines(("T1", "日用品", 20)))  # fmt: skip
+    assert bare.points == 0
+    there = send(db, program.id, member, "order.paid", now, "o2", order_id="A2", store="SH-1",
+                 lines=lines(("T1", "日用品", 20)))  # fmt: skip
+    assert there.points == 10
+
+
 def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
     program = new_program(db)
     june, leap, other = new_members(db, program.id, 3)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 from sqlalchemy import Row, and_, func, select
@@ -630,6 +630,11 @@ def _check_event_types(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None
                 bare = _declared_sample(declared, optional=False)
                 if bare != payload:
                     _try_condition(uow, program_id, spec, name, bare, optional=True)
+            elif model is not None:  # its optional fields may be empty: tried so
+                empty = _optional_fields(model)
+                if empty:
+                    nulls = {**payload, **dict.fromkeys(empty)}
+                    _try_condition(uow, program_id, spec, name, nulls, empty=empty)
         if isinstance(spec.params, PerUnit):
             numbers = _number_fields(model, declared)
             if spec.params.field not in numbers:
@@ -657,15 +662,23 @@ def _declared_sample(declared: EventTypeRead | None, *, optional: bool = True) -
     }
 
 
+def _optional_fields(model: type[BaseModel]) -> list[str]:
+    """The fields of a catalogue payload that may be empty (null)."""
+    return [
+        name for name, info in model.model_fields.items() if type(None) in get_args(info.annotation)
+    ]
+
+
 def _try_condition(
     uow: UnitOfWork, program_id: int, spec: RuleSpec, event_type: str, payload: dict[str, Any],
-    optional: bool = False,
+    optional: bool = False, empty: Sequence[str] = (),
 ) -> None:  # fmt: skip
     """InvalidInput when the rule's condition reads a field that no ``event_type`` event, or
     no member, has: tried on an event with every field of its type, it would refuse every
     event of the type once approved. With ``optional``, ``payload`` leaves out the type's
     optional fields: a condition reading one without has(...) would refuse every event
-    that leaves it out."""
+    that leaves it out. With ``empty``, those fields of ``payload`` are null: a condition
+    that cannot take them so would refuse every event that leaves them empty."""
     now = uow.clock.now()
     declared = [t.name for t in list_event_types(uow, program_id=program_id)]
     event = Event(key="sample", type=event_type, occurred_at=now, member_id=1, payload=payload)
@@ -679,6 +692,16 @@ def _try_condition(
         condition(activation(event, facts))
     except ConditionFailed as exc:
         missing = _MISSING_KEY.search(str(exc))
+        if empty and "null_type" in str(exc):
+            fields = ", ".join(empty)
+            raise InvalidInput(
+                field="condition",
+                problem=f"fails on {event_type} events without {fields} ({exc}); such events "
+                f"are common, and the condition would refuse each: test it first, as in "
+                f"event.{empty[0]} != null && ...",
+                problem_zh=f"对不带 {'、'.join(empty)} 的 {event_type} 事件无法求值({exc});"
+                f"此类事件很常见,该条件会拒绝每一个:请先判断,如 event.{empty[0]} != null && ...",
+            ) from exc
         if missing is None:  # a sample value it cannot take (a time in a text field): fine
             return
         if optional:
