@@ -732,6 +732,42 @@ def test_a_condition_that_cannot_take_an_order_without_a_store_is_refused(
     assert there.points == 10
 
 
+def test_a_custom_type_is_not_declared_again_without_what_its_live_rules_read(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+
+    def declare(fields: dict[str, Any]) -> None:
+        body = EventTypeDeclare.model_validate({"fields": fields})
+        db.run(
+            lambda uow: rules.declare_event_type(
+                uow, program_id=program.id, name="custom.tree_planted", body=body
+            )
+        )
+
+    declare({"trees": {"type": "integer"}, "site": {"type": "string"}})
+    tree = {"kind": "per_unit", "field": "trees", "points_per_unit": "20"}
+    activate(db, program.id, "tree", tree, events_=("custom.tree_planted",),
+             condition='event.site == "东湖"')  # fmt: skip
+    # the live rule reads trees (a number) and site: neither may go, nor trees become text
+    for fields, field in (
+        ({"site": {"type": "string"}}, "trees"),
+        ({"trees": {"type": "string"}, "site": {"type": "string"}}, "trees"),
+        ({"trees": {"type": "integer"}}, "site"),
+        ({"trees": {"type": "integer"}, "site": {"type": "string", "required": False}}, "site"),
+    ):
+        with pytest.raises(InvalidInput, match=f"rule tree.*'{field}'") as refused:
+            declare(fields)
+        assert refused.value.params["field"] == "fields"
+    # more fields are fine; the events go on earning
+    declare({"trees": {"type": "integer"}, "site": {"type": "string"},
+             "note": {"type": "string", "required": False}})  # fmt: skip
+    now = db.clock.now()
+    planted = send(db, program.id, member, "custom.tree_planted", now, "t1", trees=2, site="东湖")
+    assert planted.points == 40
+
+
 def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
     program = new_program(db)
     june, leap, other = new_members(db, program.id, 3)

@@ -558,8 +558,9 @@ def load_pack(
         tiers_service.set_tiers(uow, program_id=program_id, definitions=pack.tiers)
     if pack.caps is not None:
         set_caps(uow, program_id=program_id, caps=pack.caps)
+    replaced = frozenset(spec.code for spec in pack.rules) if activate else frozenset()
     for name, declared in pack.event_types.items():
-        declare_event_type(uow, program_id=program_id, name=name, body=declared)
+        declare_event_type(uow, program_id=program_id, name=name, body=declared, replaced=replaced)
     versions = []
     for spec in pack.rules:
         same = _same_version(uow, program_id, spec, activate)
@@ -752,9 +753,12 @@ def _same_version(
 
 
 def declare_event_type(
-    uow: UnitOfWork, *, program_id: int, name: str, body: EventTypeDeclare
-) -> EventTypeRead:
-    """Declare (or change) the payload of the programme's ``custom.<name>`` events."""
+    uow: UnitOfWork, *, program_id: int, name: str, body: EventTypeDeclare,
+    replaced: frozenset[str] = frozenset(),
+) -> EventTypeRead:  # fmt: skip
+    """Declare (or change) the payload of the programme's ``custom.<name>`` events. The
+    rules live on them must still work with the fields (but those of ``replaced``, whose
+    new versions a rule pack makes live with it)."""
     upsert(
         uow,
         event_types,
@@ -767,7 +771,35 @@ def declare_event_type(
         },
     )
     uow.local.pop(f"event_types:{program_id}", None)
+    _check_live_rules(uow, program_id, name, replaced)
     return EventTypeRead(name=name, fields=body.fields, description=body.description)
+
+
+def _check_live_rules(
+    uow: UnitOfWork, program_id: int, name: str, replaced: frozenset[str]
+) -> None:
+    """InvalidInput when a rule on ``name`` events, live or to go live, no longer works with
+    their fields as now declared (a field it reads gone, optional, or no longer a number):
+    it would refuse every event of the type, or never fire."""
+    now = uow.clock.now()
+    live = {
+        rule.spec.code: rule
+        for rule, _, end in live_periods(uow, program_id=program_id)
+        if name in rule.spec.event_types
+        and (end is None or end > now)
+        and rule.spec.code not in replaced
+    }
+    for code, rule in sorted(live.items()):
+        try:
+            _check_event_types(uow, program_id, rule.spec)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                field="fields",
+                problem=f"rule {code} version {rule.version}, live on {name} events, would "
+                f"not work with these fields: {exc.message('en')}",
+                problem_zh=f"规则 {code} 第 {rule.version} 版在 {name} 事件上生效,"
+                f"与这些字段不符:{exc.message('zh')}",
+            ) from exc
 
 
 def list_event_types(uow: UnitOfWork, *, program_id: int) -> list[EventTypeRead]:
