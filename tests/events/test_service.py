@@ -768,6 +768,33 @@ def test_a_custom_type_is_not_declared_again_without_what_its_live_rules_read(
     assert planted.points == 40
 
 
+def test_a_paused_rule_resumes_only_if_its_event_type_still_has_what_it_reads(
+    db: Database,
+) -> None:
+    program = new_program(db)
+
+    def declare(fields: dict[str, Any]) -> None:
+        body = EventTypeDeclare.model_validate({"fields": fields})
+        db.run(
+            lambda uow: rules.declare_event_type(
+                uow, program_id=program.id, name="custom.tree_planted", body=body
+            )
+        )
+
+    declare({"trees": {"type": "integer"}})
+    tree = {"kind": "per_unit", "field": "trees", "points_per_unit": "20"}
+    version = activate(db, program.id, "tree", tree, events_=("custom.tree_planted",))
+    db.run(lambda uow: rules.pause(uow, program_id=program.id, version_id=version))
+    declare({"saplings": {"type": "integer"}})  # paused, the rule is not live: allowed
+    with pytest.raises(InvalidInput, match="no number 'trees'"):
+        db.run(lambda uow: rules.resume(uow, program_id=program.id, version_id=version))
+    paused = db.run(lambda uow: rules.get_version(uow, program_id=program.id, version_id=version))
+    assert paused.status == "paused"
+    declare({"trees": {"type": "integer"}, "saplings": {"type": "integer"}})
+    resumed = db.run(lambda uow: rules.resume(uow, program_id=program.id, version_id=version))
+    assert resumed.status == "active"
+
+
 def test_birthdays_are_raised_once_a_year_by_the_programme_calendar(db: Database) -> None:
     program = new_program(db)
     june, leap, other = new_members(db, program.id, 3)

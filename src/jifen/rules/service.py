@@ -178,6 +178,7 @@ def resume(uow: UnitOfWork, *, program_id: int, version_id: int) -> RuleVersionR
     row = _row(uow, program_id, version_id)
     _hold_rule(uow, row)
     _require_state(row, "paused", "resumed")
+    _check_event_types(uow, program_id, RuleSpec.model_validate(row.spec))  # changed since?
     now = uow.clock.now()
     _end_other_versions(uow, row, now)
     _activate(uow, program_id, version_id, now)
