@@ -23,6 +23,7 @@ from jifen.notify.service import Notification
 from tests.factories import new_program
 from tests.notify.conftest import Receiver, SmtpServer
 from tests.notify.helpers import member, outbox_rows, public_resolver, settle
+from tests.points.test_concurrency import run_together
 
 # --------------------------------------------------------------------------- email
 
@@ -364,3 +365,48 @@ def test_an_https_receiver_gets_events_only_when_its_certificate_is_trusted(
     second = service.deliver_due(db, senders=Senders(webhook=trusting))
     assert (second.sent, second.errors) == (1, [])
     assert receiver.bad_signatures == 0 and len(receiver.accepted) == 1
+
+
+class _Accepting:
+    """A webhook receiver that takes everything, without a network."""
+
+    def __init__(self) -> None:
+        self.posted: list[dict[str, Any]] = []
+
+    def post(self, **message: Any) -> int:
+        self.posted.append(message)
+        return 200
+
+
+def test_a_delivery_redelivered_by_several_operators_at_once_is_queued_once(pg: Database) -> None:
+    settle(pg)
+    program = new_program(pg)
+    body = WebhookCreate(url="http://hooks.example.test/in", event_types=["*"])
+    created = pg.run(
+        lambda uow: service.create_webhook(
+            uow, program_id=program.id, body=body, actor="t", resolver=public_resolver
+        )
+    )
+    pg.run(
+        lambda uow: service.publish(uow, program_id=program.id, event_type="x", data={}, key="x")
+    )
+    service.deliver_due(pg, senders=Senders(webhook=_Accepting()))
+    (first,) = outbox_rows(pg, program.id)
+    assert first.status == "sent"
+    # when eight operators press "redeliver" at the same instant
+    results = run_together(
+        8,
+        lambda _: pg.run(
+            lambda uow: service.redeliver(
+                uow, program_id=program.id, webhook_id=created.id, delivery=first.id
+            )
+        ),
+    )
+    # then one redelivery is queued and the others are told it is under way
+    queued = [r for r in results if isinstance(r, service.DeliveryRead)]
+    refused = [r for r in results if isinstance(r, StateConflict)]
+    assert (len(queued), len(refused)) == (1, 7), results
+    assert len(outbox_rows(pg, program.id)) == 2
+    receiver = _Accepting()
+    service.deliver_due(pg, senders=Senders(webhook=receiver))
+    assert len(receiver.posted) == 1

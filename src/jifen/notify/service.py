@@ -797,12 +797,16 @@ def _webhook_read(row: Any) -> WebhookRead:
     )  # fmt: skip
 
 
-def _webhook_row(uow: UnitOfWork, program_id: int, webhook_id: int, *, live: bool = True) -> Any:
+def _webhook_row(
+    uow: UnitOfWork, program_id: int, webhook_id: int, *, live: bool = True, lock: bool = False
+) -> Any:
     query = select(webhook_subscriptions).where(
         webhook_subscriptions.c.id == webhook_id, webhook_subscriptions.c.program_id == program_id
     )
     if live:
         query = query.where(webhook_subscriptions.c.deleted_at.is_(None))
+    if lock:
+        query = query.with_for_update()
     row = uow.conn.execute(query).first()
     if row is None:
         raise UnknownWebhook(webhook_id=webhook_id)
@@ -980,8 +984,9 @@ def list_deliveries(
 def redeliver(uow: UnitOfWork, *, program_id: int, webhook_id: int, delivery: int) -> DeliveryRead:
     """Queue the delivery ``delivery`` (an id from the list) once more: the same event, the
     same body and ``Jifen-Delivery`` id, as a new row with attempts of its own. Refused
-    while that delivery is still being tried."""
-    _webhook_row(uow, program_id, webhook_id)
+    while that delivery is still being tried: redeliveries of a subscription wait for one
+    another (its row locked), so two at once queue one."""
+    _webhook_row(uow, program_id, webhook_id, lock=True)
     row = uow.conn.execute(
         select(outbox).where(outbox.c.id == delivery, outbox.c.subscription_id == webhook_id)
     ).first()
