@@ -81,7 +81,20 @@ def test_a_signature_outside_the_tolerance_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["", "t=1", "v1=ab", "t=x,v1=ab", "t=1,t=2,v1=ab", "garbage", f"t={T},v1="],
+    [
+        "",
+        "t=1",
+        "v1=ab",
+        "t=x,v1=ab",
+        "t=1,t=2,v1=ab",
+        "garbage",
+        f"t={T},v1=",
+        # digits that are not 0-9: superscript, full-width, Arabic-Indic
+        "t=²,v1=ab",
+        f"t={T}²,v1=ab",
+        "t=１７６７２２５６００,v1=ab",
+        "t=١٧٦٧٢٢٥٦٠٠,v1=ab",
+    ],
 )
 def test_malformed_headers_never_verify(header: str) -> None:
     assert not core.verify(header, b"body", ["s"], NOW)

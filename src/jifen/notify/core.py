@@ -94,7 +94,11 @@ def verify(
         if not sep:
             return False
         if name == "t":
-            if timestamp is not None or not value.isdigit() or len(value) > 12:
+            if (
+                timestamp is not None
+                or not (value.isascii() and value.isdigit())
+                or len(value) > 12
+            ):
                 return False
             timestamp = int(value)
         elif name == "v1":
