@@ -64,6 +64,32 @@ def test_templated_emails_in_chinese_and_english_reach_a_real_smtp_server(
     assert sorted(smtp_server.inbox.recipients) == [["ann@example.com"], ["li@example.com"]]
 
 
+def test_a_line_break_in_what_a_subject_shows_cannot_add_headers_or_hold_up_the_email(
+    db: Database, smtp_server: SmtpServer
+) -> None:
+    settle(db)
+    program = new_program(db)
+    li = member(db, program.id, email="li@example.com")
+    # given a tier whose name carries a line break and a header of its own
+    note = Notification(
+        program_id=program.id, member_id=li, template="tier.changed",
+        data={"tier": "Gold\r\nBcc: thief@example.net", "language": "en"}, key="tier:1",
+        channels=("email",),
+    )  # fmt: skip
+    db.run(lambda uow: service.notify(uow, note))
+    smtp = SmtpEmailSender(
+        host=smtp_server.host, port=smtp_server.port, sender="points@example.com",
+        starttls=False,
+    )  # fmt: skip
+    # when the sender runs, the email goes out at once, on one subject line, to the member only
+    report = service.deliver_due(db, senders=Senders(email=smtp))
+    assert (report.sent, report.retrying, report.errors) == (1, 0, [])
+    (got,) = smtp_server.inbox.messages
+    assert got["Subject"] == "Your membership tier is now Gold Bcc: thief@example.net"
+    assert got["Bcc"] is None
+    assert smtp_server.inbox.recipients == [["li@example.com"]]
+
+
 # --------------------------------------------------------------------------- webhooks
 
 

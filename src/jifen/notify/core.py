@@ -202,8 +202,9 @@ def _template_text(name: str, language: str) -> str | None:
 
 def render(template: str, language: str, data: Mapping[str, Any]) -> Rendered:
     """The message ``template`` in ``language`` with ``data`` filled in (``${name}``
-    placeholders). A template jifen does not ship is rendered plainly: its name as the
-    subject and the data as ``key: value`` lines, so that nothing is lost."""
+    placeholders; the subject on one line). A template jifen does not ship is rendered
+    plainly: its name as the subject and the data as ``key: value`` lines, so that nothing
+    is lost."""
     if not TEMPLATE_NAME.match(template):
         raise ValueError("a template name is lower case letters, digits, '.', '_' or '-'")
     if language not in LANGUAGES:
@@ -217,6 +218,9 @@ def render(template: str, language: str, data: Mapping[str, Any]) -> Rendered:
     if not head.startswith("Subject: "):
         raise ValueError(f"template {language}/{template} must start with 'Subject: '")
     subject = string.Template(head.removeprefix("Subject: ").strip()).safe_substitute(values)
+    # One line, whatever the data holds: a line break in a subject would start a header
+    # of its own (and no mail library sends such an email).
+    subject = " ".join(subject.split())
     text = string.Template(body.strip()).safe_substitute(values)
     return Rendered(subject=subject[:200], text=text)
 
