@@ -69,6 +69,8 @@ class Receiver:
     fail_first: int = 0
     url: str = ""
     requests: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    """The request line's path (and query) of each request, as it came."""
     accepted: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,6 +105,7 @@ def receiver_factory() -> Iterator[Callable[..., Receiver]]:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
+                receiver.paths.append(self.path)
                 status = receiver.handle(dict(self.headers.items()), body)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")

@@ -204,6 +204,29 @@ def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
     assert [(d.status, len(d.attempt_log)) for d in deliveries] == [("sent", 1), ("sent", 1)]
 
 
+def test_a_receiver_whose_address_has_chinese_in_its_path_gets_its_events(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    base = receiver.url.split("/hooks/")[0]
+    created = _subscribe(db, program.id, f"{base}/回调/积分?来源=jifen&a=%2F")
+    receiver.secrets = [created.secret]
+    db.run(
+        lambda uow: service.publish(
+            uow, program_id=program.id, event_type="points.earned", data={}, key="e"
+        )
+    )
+    report = service.deliver_due(db, senders=_senders())
+    assert (report.sent, report.errors) == (1, [])
+    assert len(receiver.accepted) == 1
+    # the address goes on the request line percent-encoded (UTF-8), what was encoded kept
+    assert receiver.paths == [
+        "/%E5%9B%9E%E8%B0%83/%E7%A7%AF%E5%88%86?%E6%9D%A5%E6%BA%90=jifen&a=%2F"
+    ]
+
+
 def test_after_a_rotation_both_secrets_sign_until_the_previous_one_expires(
     db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
 ) -> None:

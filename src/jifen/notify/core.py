@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from jifen.errors import Refusal
 
@@ -122,7 +122,7 @@ class Target:
     host: str
     port: int
     path: str
-    """Path and query, as the request line carries them."""
+    """Path and query, as the request line carries them (ASCII, percent-encoded)."""
 
 
 def parse_target(url: str) -> Target:
@@ -145,6 +145,9 @@ def parse_target(url: str) -> Target:
     if parts.fragment:
         raise Refusal("leave the #fragment out of the address", "地址中不能含 #片段")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # The request line is ASCII: other characters (a Chinese path) go percent-encoded as
+    # UTF-8, and what the address encoded already stays as it is.
+    path = quote(path, safe="!#$%&'()*+,/:;=?@[]~")
     return Target(scheme=parts.scheme, host=parts.hostname, port=port, path=path)
 
 
