@@ -396,7 +396,26 @@ class WebhookTargetRefused(InvalidInput):
     code = "webhook_target_refused"
 
 
-__all__ += ["UnknownDelivery", "UnknownInboxMessage", "UnknownWebhook", "WebhookTargetRefused"]
+class SmsUnavailable(JifenError):
+    """The SMS provider failed to take a text message that had to go out now."""
+
+    code = "sms_unavailable"
+    en = (
+        "The text message was not sent: the SMS service failed to take it. Nothing was "
+        "changed; try again in a minute."
+    )
+    zh = "短信未能发出:短信服务未能接收该短信。未做任何更改,请一分钟后重试。"
+
+
+STATUS[SmsUnavailable] = 503
+
+__all__ += [
+    "SmsUnavailable",
+    "UnknownDelivery",
+    "UnknownInboxMessage",
+    "UnknownWebhook",
+    "WebhookTargetRefused",
+]
 
 
 class ScopeTooNarrow(Forbidden):

@@ -8,12 +8,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from jifen.api.app import create_app
 from jifen.api.deps import SHOWN_ONCE
-from jifen.db.uow import Database
+from jifen.auth.models import one_time_codes
+from jifen.db.uow import Database, UnitOfWork
 from jifen.notify import service
 from jifen.notify.service import Notification
+from jifen.notify.sms import SmsMessage
 from tests.api import support
 from tests.api.conftest import api_settings
 from tests.factories import new_program
@@ -188,3 +191,37 @@ def test_a_new_address_for_a_private_webhook_needs_allow_private(
     again = {"url": "http://127.0.0.1:10/other", "allow_private": True}
     moved_by_admin = client.patch(url, json=again, headers={**admin, **support.key()})
     assert moved_by_admin.status_code == 200 and moved_by_admin.json()["url"] == again["url"]
+
+
+class _GatewayDown:
+    """An SMS provider whose gateway does not answer."""
+
+    def __init__(self) -> None:
+        self.tried = 0
+
+    def send(self, uow: UnitOfWork, message: SmsMessage) -> None:
+        self.tried += 1
+        raise TimeoutError("the SMS gateway did not answer")
+
+
+def test_a_sign_in_code_the_sms_provider_cannot_send_is_refused_plainly(db: Database) -> None:
+    program = new_program(db)
+    li = member(db, program.id, phone="13800138000")
+    gateway = _GatewayDown()
+    ask = {"program": program.code, "phone": "13800138000"}
+    with TestClient(create_app(db, api_settings(), sms=gateway)) as client:
+        # when the provider fails, the caller is told the text was not sent, in both languages
+        failed = client.post("/v1/auth/members/codes", json=ask)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["code"] == "sms_unavailable"
+        assert "not sent" in failed.json()["detail"]
+        zh = client.post("/v1/auth/members/codes", json=ask, headers={"Accept-Language": "zh"})
+        assert zh.json()["code"] == "sms_unavailable" and "短信" in zh.json()["detail"]
+    # and no code was kept: none can sign in, and asking again is not held back a minute
+    assert gateway.tried == 2
+    stored = db.run(
+        lambda uow: uow.conn.execute(
+            select(func.count()).where(one_time_codes.c.member_id == li)
+        ).scalar()
+    )
+    assert stored == 0

@@ -110,7 +110,8 @@ def send_code(
     body: CodeRequest, request: Request, db: Annotated[Database, Depends(database)]
 ) -> CodeSent:
     """Text a six-digit sign-in code to a member's bound phone (valid 5 minutes, one a
-    minute). The answer is the same whether or not the number belongs to a member."""
+    minute). The answer is the same whether or not the number belongs to a member. 503
+    ``sms_unavailable``: the SMS provider failed to take the text; ask again."""
     program_id = _program_id(db, body.program)
     sms: SmsProvider = request.app.state.sms
     expires_at = db.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import secrets
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import pyotp
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 from sqlalchemy import ColumnElement, Table, and_, case, exists, false, func, or_, select, true
+from sqlalchemy.exc import SQLAlchemyError
 
 from jifen.auth.core import (
     API_KEY_PERMISSIONS,
@@ -53,6 +55,7 @@ from jifen.errors import (
     InvalidInput,
     JifenError,
     SignInLocked,
+    SmsUnavailable,
     StateConflict,
     Unauthenticated,
     UnknownApiKey,
@@ -62,6 +65,8 @@ from jifen.errors import (
 from jifen.members import core as members_core
 from jifen.members import service as members_service
 from jifen.notify.sms import SmsMessage, SmsProvider
+
+log = logging.getLogger("jifen.auth")
 
 API_KEY_MARK = "jf_"
 LAST_USED_EVERY = timedelta(minutes=1)
@@ -640,7 +645,8 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
     Answers the same whether or not such a member exists (no one learns which numbers are
     members); a member gets at most one code a minute: a second request within the minute
     is answered the same and sends nothing (the code sent stays valid). Refusing it, as an
-    unknown number never is, would tell which numbers are members."""
+    unknown number never is, would tell which numbers are members. A provider that fails
+    to take the text: :class:`SmsUnavailable`, and no code is kept."""
     number = members_core.normalise_phone(phone)
     now = uow.clock.now()
     expires_at = now + CODE_VALID_FOR
@@ -659,17 +665,23 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
          "expires_at": expires_at, "created_at": now},
     )  # fmt: skip
     minutes = int(CODE_VALID_FOR.total_seconds() // 60)
-    sms.send(
-        uow,
-        SmsMessage(
-            program_id=program_id,
-            phone=number,
-            template="sign_in_code",
-            text=f"【jifen】验证码 {code},{minutes} 分钟内有效。Your sign-in code is {code}.",
-            secret=code,
-            member_id=member_id,
-        ),
+    message = SmsMessage(
+        program_id=program_id,
+        phone=number,
+        template="sign_in_code",
+        text=f"【jifen】验证码 {code},{minutes} 分钟内有效。Your sign-in code is {code}.",
+        secret=code,
+        member_id=member_id,
     )
+    try:
+        sms.send(uow, message)
+    except (JifenError, SQLAlchemyError):
+        raise  # a refusal, or the database's own error (a lost race is run again)
+    except Exception as exc:  # the provider's own failure (a gateway down, a timeout)
+        # The code goes with this transaction: none is kept, and asking again is not held
+        # back by the minute between codes.
+        log.warning("the SMS provider failed to send a sign-in code: %r", exc)
+        raise SmsUnavailable() from exc
     return expires_at
 
 
