@@ -345,6 +345,33 @@ def test_only_active_subscriptions_to_the_event_get_it(db: Database) -> None:
     assert len({json.loads(row.body)["id"] for row in rows}) == 1
 
 
+def test_a_receiver_with_an_address_that_is_down_gets_its_events_at_another(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    port = receiver.url.split(":")[2].split("/")[0]
+    # given a receiver's name with two addresses, the first of which takes no connection
+    two = lambda host, port: ["127.0.0.2", "127.0.0.1"]  # noqa: E731
+    body = WebhookCreate(
+        url=f"http://hooks.example.test:{port}/in", event_types=["*"], allow_private=True
+    )
+    created = db.run(
+        lambda uow: service.create_webhook(
+            uow, program_id=program.id, body=body, actor="t", resolver=two
+        )
+    )
+    receiver.secrets = [created.secret]
+    db.run(
+        lambda uow: service.publish(uow, program_id=program.id, event_type="x", data={}, key="x")
+    )
+    # when the sender runs, the event reaches the receiver at its other address
+    report = service.deliver_due(db, senders=Senders(webhook=HttpWebhookSender(resolver=two)))
+    assert (report.sent, report.errors) == (1, [])
+    assert len(receiver.accepted) == 1
+
+
 class _Meeting:
     """The real webhook sender, but each post waits until ``parties`` posts wait together:
     only a sender that sends that many at once gets any through (one after another, the

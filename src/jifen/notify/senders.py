@@ -14,7 +14,7 @@ import logging
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Protocol
@@ -99,28 +99,40 @@ def resolve(host: str, port: int) -> list[str]:
     return addresses
 
 
+def _connect(addresses: Sequence[str], port: int, timeout: float | None) -> socket.socket:
+    """A connection to the first of ``addresses`` that takes one, as a client connecting to
+    a name tries each of its addresses in turn."""
+    failed: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as exc:
+            failed = exc
+    raise failed or OSError("no address to connect to")
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the address that was checked, not to whatever the name resolves to a
+    """Connects to the addresses that were checked, not to whatever the name resolves to a
     moment later (a DNS answer that changes between the check and the connection)."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._addresses = addresses
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _connect(self._addresses, self.port, self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(
-        self, host: str, port: int, address: str, timeout: float, tls: ssl.SSLContext
+        self, host: str, port: int, addresses: Sequence[str], timeout: float, tls: ssl.SSLContext
     ) -> None:
         self._tls = tls
         super().__init__(host, port, timeout=timeout, context=self._tls)
-        self._address = address
+        self._addresses = addresses
 
     def connect(self) -> None:
-        raw = socket.create_connection((self._address, self.port), self.timeout)
+        raw = _connect(self._addresses, self.port, self.timeout)
         self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
@@ -128,7 +140,7 @@ class HttpWebhookSender:
     """POSTs over HTTP(S) with short timeouts, following no redirects. The host name is
     resolved on every attempt and refused when any of its addresses is private, loopback,
     link-local or reserved (unless the subscription allows it); the connection then goes to
-    the address that was checked."""
+    the addresses that were checked, each in turn until one takes it."""
 
     def __init__(
         self,
@@ -159,10 +171,10 @@ class HttpWebhookSender:
         connection: http.client.HTTPConnection
         if target.scheme == "https":
             connection = _PinnedHTTPSConnection(
-                target.host, target.port, addresses[0], self.timeout, self.tls
+                target.host, target.port, addresses, self.timeout, self.tls
             )
         else:
-            connection = _PinnedHTTPConnection(target.host, target.port, addresses[0], self.timeout)
+            connection = _PinnedHTTPConnection(target.host, target.port, addresses, self.timeout)
         try:
             connection.request("POST", target.path, body=body, headers=dict(headers))
             answer = connection.getresponse()
