@@ -90,6 +90,29 @@ def test_a_line_break_in_what_a_subject_shows_cannot_add_headers_or_hold_up_the_
     assert smtp_server.inbox.recipients == [["li@example.com"]]
 
 
+def test_an_email_to_a_mailbox_the_server_says_does_not_exist_is_given_up_at_once(
+    db: Database, smtp_server: SmtpServer
+) -> None:
+    settle(db)
+    program = new_program(db)
+    gone = member(db, program.id, email="gone@example.com")
+    smtp_server.inbox.unknown.add("gone@example.com")
+    note = Notification(
+        program_id=program.id, member_id=gone, template="tier.kept", data={"tier": "gold"},
+        key="k", channels=("email",),
+    )  # fmt: skip
+    db.run(lambda uow: service.notify(uow, note))
+    smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
+                           starttls=False)  # fmt: skip
+    # when the server refuses the recipient for good (5xx)
+    report = service.deliver_due(db, senders=Senders(email=smtp))
+    # then the email is dead with the server's reason, not tried again for two days
+    assert (report.sent, report.retrying, report.dead) == (0, 0, 1)
+    (row,) = outbox_rows(db, program.id)
+    assert row.status == "dead" and "550" in (row.last_error or "")
+    assert smtp_server.inbox.messages == []
+
+
 # --------------------------------------------------------------------------- webhooks
 
 

@@ -51,7 +51,8 @@ class WebhookSender(Protocol):
 
 
 class SmtpEmailSender:
-    """Email through an SMTP server (``JIFEN_SMTP_*`` settings)."""
+    """Email through an SMTP server (``JIFEN_SMTP_*`` settings). A recipient the server
+    refuses for good (5xx) is a :class:`PermanentFailure`."""
 
     def __init__(
         self,
@@ -76,7 +77,19 @@ class SmtpEmailSender:
                 smtp.starttls(context=ssl.create_default_context())
             if self.user:
                 smtp.login(self.user, self.password)
-            smtp.send_message(message)
+            try:
+                smtp.send_message(message)
+            except smtplib.SMTPRecipientsRefused as exc:
+                # A recipient refused for good (5xx: no such mailbox) is not there on the
+                # next attempt either; a refusal for now (4xx) is tried again.
+                refusals = list(exc.recipients.items())
+                if refusals and all(500 <= code < 600 for _, (code, _) in refusals):
+                    said = "; ".join(
+                        f"{core.mask_email(to)}: {code} {answer.decode(errors='replace')}"
+                        for to, (code, answer) in refusals
+                    )
+                    raise PermanentFailure(f"the mail server refused {said}") from exc
+                raise
 
 
 class LogSmsGateway:
