@@ -32,12 +32,16 @@ class _Collect:
         self.recipients: list[list[str]] = []
         self.unknown: set[str] = set()
         """Addresses this server has no mailbox for: refused with 550."""
+        self.busy: set[str] = set()
+        """Addresses whose mailbox cannot take mail now: refused with 450."""
 
     async def handle_RCPT(  # noqa: N802
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         if address in self.unknown:
             return "550 5.1.1 No such user here"
+        if address in self.busy:
+            return "450 4.2.1 Mailbox busy, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

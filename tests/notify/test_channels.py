@@ -113,6 +113,32 @@ def test_an_email_to_a_mailbox_the_server_says_does_not_exist_is_given_up_at_onc
     assert smtp_server.inbox.messages == []
 
 
+def test_a_recipient_refused_for_now_is_tried_again_and_its_address_stays_masked(
+    db: Database, smtp_server: SmtpServer
+) -> None:
+    settle(db)
+    program = new_program(db)
+    busy = member(db, program.id, email="busy@example.com")
+    smtp_server.inbox.busy.add("busy@example.com")
+    note = Notification(
+        program_id=program.id, member_id=busy, template="tier.kept", data={"tier": "gold"},
+        key="k", channels=("email",),
+    )  # fmt: skip
+    db.run(lambda uow: service.notify(uow, note))
+    smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
+                           starttls=False)  # fmt: skip
+    # when the server refuses the recipient for now (4xx)
+    report = service.deliver_due(db, senders=Senders(email=smtp))
+    # then the email waits for its next attempt, and what staff read of the error shows the
+    # address masked, as the outbox shows it everywhere
+    assert (report.retrying, report.dead) == (1, 0)
+    (row,) = outbox_rows(db, program.id)
+    assert row.status == "pending" and "450" in (row.last_error or "")
+    assert "busy@example.com" not in (row.last_error or "")
+    assert "b****@example.com" in (row.last_error or "")
+    assert all("busy@example.com" not in error for error in report.errors)
+
+
 # --------------------------------------------------------------------------- webhooks
 
 

@@ -33,6 +33,10 @@ class PermanentFailure(Exception):
     """The attempt cannot succeed by being repeated."""
 
 
+class RecipientRefused(Exception):
+    """The mail server refused a recipient for now (4xx): tried again later."""
+
+
 class EmailSender(Protocol):
     def send(self, message: EmailMessage) -> None:
         """Send ``message`` (To, Subject, Message-ID set; From when the sender has none)."""
@@ -81,15 +85,16 @@ class SmtpEmailSender:
                 smtp.send_message(message)
             except smtplib.SMTPRecipientsRefused as exc:
                 # A recipient refused for good (5xx: no such mailbox) is not there on the
-                # next attempt either; a refusal for now (4xx) is tried again.
+                # next attempt either; a refusal for now (4xx) is tried again. Either way
+                # the error kept in the outbox names the address masked, as the outbox does.
                 refusals = list(exc.recipients.items())
+                said = "; ".join(
+                    f"{core.mask_email(to)}: {code} {answer.decode(errors='replace')}"
+                    for to, (code, answer) in refusals
+                )
                 if refusals and all(500 <= code < 600 for _, (code, _) in refusals):
-                    said = "; ".join(
-                        f"{core.mask_email(to)}: {code} {answer.decode(errors='replace')}"
-                        for to, (code, answer) in refusals
-                    )
                     raise PermanentFailure(f"the mail server refused {said}") from exc
-                raise
+                raise RecipientRefused(f"the mail server refused {said} for now") from exc
 
 
 class LogSmsGateway:
