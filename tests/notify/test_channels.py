@@ -90,6 +90,27 @@ def test_a_line_break_in_what_a_subject_shows_cannot_add_headers_or_hold_up_the_
     assert smtp_server.inbox.recipients == [["li@example.com"]]
 
 
+def test_an_email_carries_its_date_and_sender_as_every_email_must(
+    db: Database, clock: ManualClock, smtp_server: SmtpServer
+) -> None:
+    settle(db)
+    program = new_program(db)
+    li = member(db, program.id, email="li@example.com")
+    note = Notification(
+        program_id=program.id, member_id=li, template="tier.kept", data={"tier": "gold"},
+        key="k", channels=("email",),
+    )  # fmt: skip
+    db.run(lambda uow: service.notify(uow, note))
+    clock.advance(timedelta(minutes=3))
+    smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
+                           starttls=False)  # fmt: skip
+    assert service.deliver_due(db, senders=Senders(email=smtp)).sent == 1
+    (got,) = smtp_server.inbox.messages
+    # RFC 5322 3.6: the origination date and the originator are the two required fields
+    assert got["Date"] is not None and got["Date"].datetime == clock.now()
+    assert got["From"] == "p@example.com"
+
+
 def test_an_email_to_a_mailbox_the_server_says_does_not_exist_is_given_up_at_once(
     db: Database, smtp_server: SmtpServer
 ) -> None:

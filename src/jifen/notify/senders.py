@@ -39,7 +39,7 @@ class RecipientRefused(Exception):
 
 class EmailSender(Protocol):
     def send(self, message: EmailMessage) -> None:
-        """Send ``message`` (To, Subject, Message-ID set; From when the sender has none)."""
+        """Send ``message`` (To, Subject, Date, Message-ID set; From when the sender has none)."""
 
 
 class SmsGateway(Protocol):

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
+from email.utils import format_datetime
 from functools import partial
 from typing import Any
 
@@ -509,11 +510,12 @@ def _claim(uow: UnitOfWork, channels: Sequence[str]) -> _Claim | None:
     )  # fmt: skip
 
 
-def _email(claim: _Claim) -> EmailMessage:
+def _email(claim: _Claim, now: datetime) -> EmailMessage:
     message = EmailMessage()
     assert claim.address is not None
     message["To"] = claim.address
     message["Subject"] = claim.subject
+    message["Date"] = format_datetime(now)  # a field every email must carry (RFC 5322)
     # The same on every attempt: a mail system that got it before drops the duplicate.
     message["Message-ID"] = f"<{claim.delivery_id}@jifen.outbox>"
     message.set_content(claim.body)
@@ -532,7 +534,7 @@ def _send(db: Database, claim: _Claim, senders: Senders) -> _Outcome:
             if claim.address is None:
                 raise PermanentFailure("no email address was recorded for this message")
             assert senders.email is not None, "emails are claimed only with a sender"
-            senders.email.send(_email(claim))
+            senders.email.send(_email(claim, db.clock.now()))
             return _Outcome(ok=True, duration_ms=elapsed())
         if claim.channel == "sms":
             if claim.address is None:
