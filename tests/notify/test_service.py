@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from jifen.clock import ManualClock
-from jifen.db.uow import Database
+from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InvalidInput, UnknownInboxMessage
+from jifen.members import service as members_service
 from jifen.notify import core, service
 from jifen.notify.service import Notification, Senders
 from tests.factories import new_program
@@ -277,3 +278,48 @@ def test_several_senders_at_once_send_each_message_once(db: Database) -> None:
     assert {row.status for row in rows} == {"sent"}
     ids = [m for _, _, m in gateway.sent if m in {row.delivery_id for row in rows}]
     assert sorted(ids) == sorted(row.delivery_id for row in rows)
+
+
+def test_an_email_queued_while_its_member_is_erased_is_not_sent_to_the_erased_address(
+    pg: Database,
+) -> None:
+    settle(pg)
+    program = new_program(pg)
+    gone = member(pg, program.id, email="gone@example.com")
+    pg.run(
+        lambda uow: members_service.change_state(
+            uow, program_id=program.id, member_id=gone, state="closed"
+        )
+    )
+    told, erased = threading.Event(), threading.Event()
+
+    def tell() -> None:
+        # a change that tells the member, reading its address before the erasure commits
+        with pg.transaction() as uow:
+            service.notify(uow, _note(program.id, gone, "late", "email"))
+            told.set()
+            erased.wait(timeout=2)  # the erasure waits for this change (or else commits)
+
+    def erase(uow: UnitOfWork) -> None:
+        members_service.erase_personal_data(uow, program_id=program.id, member_id=gone)
+        service.erase_messages_to_member(uow, program_id=program.id, member_id=gone)
+
+    telling = threading.Thread(target=tell)
+    telling.start()
+    assert told.wait(timeout=10)
+    pg.run(erase)
+    erased.set()
+    telling.join()
+    # then nothing of the address is left, and the sender sends nothing to it
+    rows = outbox_rows(pg, program.id)
+    assert [(row.status, row.address_enc, row.recipient) for row in rows] == [
+        ("dead", None, service.ERASED_RECIPIENT)
+    ]
+    got: list[EmailMessage] = []
+
+    class Keep:
+        def send(self, message: EmailMessage) -> None:
+            got.append(message)
+
+    service.deliver_due(pg, senders=Senders(email=Keep()))
+    assert got == []

@@ -304,14 +304,17 @@ def contacts(
     uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], phones: bool = False
 ) -> dict[int, tuple[str | None, str | None]]:
     """Each member's email address and (with ``phones``) bound phone number, decrypted, for
-    the notification outbox; one query."""
+    the notification outbox; one query. The rows are held (PostgreSQL ``FOR KEY SHARE``:
+    no change of a member's facts waits for it) until the transaction ends, so that an
+    erasure of one of them waits, and then finds the messages queued to these addresses."""
     ids = sorted(set(member_ids))
     if not ids:
         return {}
     rows = uow.conn.execute(
-        select(members.c.id, members.c.email, members.c.phone_enc).where(
-            among(uow.dialect, members.c.id, ids), members.c.program_id == program_id
-        )
+        select(members.c.id, members.c.email, members.c.phone_enc)
+        .where(among(uow.dialect, members.c.id, ids), members.c.program_id == program_id)
+        .order_by(members.c.id)
+        .with_for_update(read=True, key_share=True)
     ).all()
     return {
         row.id: (row.email, decrypt(row.phone_enc) if phones and row.phone_enc else None)
