@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -556,3 +558,43 @@ def test_a_delivery_redelivered_by_several_operators_at_once_is_queued_once(pg: 
     receiver = _Accepting()
     service.deliver_due(pg, senders=Senders(webhook=receiver))
     assert len(receiver.posted) == 1
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_and_the_attempt_failed() -> None:
+    stop = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def trickle() -> None:
+        peer, _ = server.accept()
+        with peer:
+            peer.recv(65536)
+            peer.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():  # a header line now and then, never the end
+                try:
+                    peer.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    port = server.getsockname()[1]
+    sender = HttpWebhookSender(timeout=1.0, deadline=2.0)
+    outcome: list[object] = []
+
+    def post() -> None:
+        try:
+            outcome.append(sender.post(url=f"http://127.0.0.1:{port}/in", body=b"{}",
+                                       headers={}, allow_private=True))  # fmt: skip
+        except Exception as exc:
+            outcome.append(exc)
+
+    posting = threading.Thread(target=post, daemon=True)
+    started = time.monotonic()
+    posting.start()
+    posting.join(timeout=10)
+    stop.set()
+    server.close()
+    # the attempt ends by the deadline, a failure (not the 200 the receiver began with)
+    assert not posting.is_alive() and time.monotonic() - started < 5
+    (failed,) = outcome
+    assert isinstance(failed, TimeoutError) and "2" in str(failed)

@@ -9,11 +9,13 @@ A sender raises on failure: any exception is a failed attempt, retried with back
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -164,10 +166,15 @@ class HttpWebhookSender:
         self,
         *,
         timeout: float = 5.0,
+        deadline: float = 60.0,
         resolver: Resolver = resolve,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.timeout = timeout
+        """The longest wait for any one step (connecting, each read)."""
+        self.deadline = deadline
+        """The longest a whole request may take, however the receiver trickles its answer:
+        well inside :data:`core.LEASE`, so that no other sender takes the message meanwhile."""
         self.resolver = resolver
         self.tls = tls if tls is not None else ssl.create_default_context()
         """How HTTPS receivers are verified: the system's trusted authorities by default."""
@@ -193,13 +200,29 @@ class HttpWebhookSender:
             )
         else:
             connection = _PinnedHTTPConnection(target.host, target.port, addresses, self.timeout)
+        late = threading.Event()
+
+        def cut() -> None:  # the deadline passed: end the exchange where it stands
+            late.set()
+            if connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.deadline, cut)
+        timer.start()
         try:
             connection.request("POST", target.path, body=body, headers=dict(headers))
             answer = connection.getresponse()
             answer.read(MAX_ANSWER_BYTES)
-            return answer.status
+        except (OSError, http.client.HTTPException):
+            if not late.is_set():
+                raise
         finally:
+            timer.cancel()
             connection.close()
+        if late.is_set():  # what was read of a cut answer says nothing
+            raise TimeoutError(f"the receiver did not answer within {self.deadline:g} s")
+        return answer.status
 
 
 @dataclass
