@@ -74,7 +74,7 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0024"
+    assert head_revision(db.engine) == "0025"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)
@@ -358,4 +358,50 @@ def test_0020_gives_orders_a_time_to_be_paid_by(empty_engine: Engine) -> None:
         columns = {column["name"] for column in sa.inspect(conn).get_columns("reward_orders")}
         left = conn.execute(select(func.count()).select_from(sa.table("reward_orders"))).scalar()
     assert "pay_by" not in columns and left == 2
+    engine.dispose()
+
+
+def test_0025_makes_a_registration_and_a_completed_profile_once_per_member(
+    empty_engine: Engine,
+) -> None:
+    """0025 gives the registrations and completed profiles stored before their member as
+    subject, the first of each member only (the repeats that paid again keep none); the
+    index then refuses another."""
+    engine = empty_engine
+    upgrade(engine, "0024")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+
+    def event(external_id: str, kind: str, member: int) -> dict[str, Any]:
+        return {
+            "program_id": 1, "source": "app", "external_id": external_id, "type": kind,
+            "member_id": member, "occurred_at": now, "received_at": now, "payload": {},
+            "request_hash": "-", "subject": None,
+        }  # fmt: skip
+
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(
+            members.insert(),
+            [
+                {"id": m, "program_id": 1, "external_ref": f"m{m}", "created_at": now}
+                for m in (1, 2)
+            ],
+        )
+        conn.execute(
+            events.insert(),
+            [
+                event("g1", "member.registered", 1),
+                event("g2", "member.registered", 1),
+                event("g3", "member.registered", 2),
+                event("p1", "member.profile_completed", 2),
+                event("p2", "member.profile_completed", 2),
+                event("l1", "member.logged_in", 2),
+            ],
+        )
+    upgrade(engine)
+    with engine.connect() as conn:
+        subjects = dict(conn.execute(select(events.c.external_id, events.c.subject)).all())
+    assert subjects == {"g1": "1", "g2": None, "g3": "2", "p1": "2", "p2": None, "l1": None}
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(events.insert().values(event("g4", "member.registered", 2) | {"subject": "2"}))
     engine.dispose()

@@ -1,4 +1,5 @@
-"""Events that pay once for what they happen to: a referral once per invited member, a review
+"""Events that pay once for what they happen to: a registration and a completed profile once
+per member, a referral once per invited member, a review
 posted or featured once, a quiz or an activity once per member, a check-in once a day, a
 review's likes once per rule when its threshold is first crossed; and subjects of different
 event types that look alike do not clash."""
@@ -88,6 +89,25 @@ def test_content_events_pay_once_per_subject(
     if kind in ("quiz.answered", "activity.attended"):  # once per member: others answer too
         assert send(db, program.id, second, kind, now, "e4", **payload).points == 10
     assert balance(db, member).balance == 20
+
+
+@pytest.mark.parametrize("kind", ["member.registered", "member.profile_completed"])
+def test_a_registration_and_a_completed_profile_pay_once_per_member(
+    db: Database, kind: str
+) -> None:
+    """注册送 100: the registration sent again under another id (a resend by a system that
+    numbers its events anew) is refused as sent twice, not paid again."""
+    program = new_program(db)
+    member, second = new_members(db, program.id, 2)
+    activate(db, program.id, "welcome", FIXED, events_=(kind,))
+    now = db.clock.now()
+    assert send(db, program.id, member, kind, now, "g1").points == 10
+    with pytest.raises(InvalidInput, match="already sent as event pos:g1") as err:
+        send(db, program.id, member, kind, now + timedelta(days=3), "g2")
+    assert err.value.params["field"] == "member_id"
+    assert send(db, program.id, member, kind, now, "g1").replayed  # its own id: a replay
+    assert send(db, program.id, second, kind, now, "g3").points == 10
+    assert [balance(db, m).balance for m in (member, second)] == [10, 10]
 
 
 def test_a_check_in_counts_once_a_programme_day(db: Database) -> None:

@@ -29,10 +29,13 @@ ONCE_TYPES = (
     "quiz.answered",
     "activity.attended",
     "member.checked_in",
+    "member.registered",
+    "member.profile_completed",
 )
 """Events that happen once to their ``subject``: an order is paid once (its merchant and
 order id, see ``jifen.events.service.order_subject``: each merchant numbers its own), a
-member has one birthday a year (member and year), is referred once (the invited member),
+member has one birthday a year (member and year), registers and completes its profile once
+and is referred once (the member),
 checks in once a day (member and programme day), answers a quiz and attends an activity
 once (member and quiz or activity); a review is posted and featured once (the review id)."""
 ONCE = "type IN ({})".format(", ".join(f"'{kind}'" for kind in ONCE_TYPES))

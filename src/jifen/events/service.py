@@ -985,6 +985,14 @@ def _once_what(item: _Item) -> tuple[str, str, str]:
             "member_id", "the referral of this member (a member is referred once)",
             "该会员的推荐(每位会员只能被推荐一次)",
         ),
+        "member.registered": (
+            "member_id", "the registration of this member (a member registers once)",
+            "该会员的注册(每位会员只注册一次)",
+        ),
+        "member.profile_completed": (
+            "member_id", "the completed profile of this member (awarded once a member)",
+            "该会员的资料完善(每位会员只奖励一次)",
+        ),
         "review.posted": (
             "payload.review_id", f"the posting of review {what['review']}",
             f"评价 {what['review']} 的发布",
@@ -1282,12 +1290,12 @@ def subject_of(
     :func:`order_subject`; its refunds share it), a member's birthday of a year, the
     invited member of a referral, a review's id (its likes share it), a quiz or an
     activity of a member, a member's check-in of a day (``day``, in the programme's time
-    zone). None for the others."""
+    zone), the member of a registration or a completed profile. None for the others."""
     if event_type in ("order.paid", "order.refunded"):
         return order_subject(merchant, str(payload["order_id"]))
     if event_type == "member.birthday":
         text = f"{member_id}:{payload['year']}"
-    elif event_type == "referral.completed":
+    elif event_type in ("referral.completed", "member.registered", "member.profile_completed"):
         text = str(member_id)
     elif event_type in ("review.posted", "review.featured", "review.liked"):
         text = str(payload["review_id"])
