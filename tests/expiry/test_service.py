@@ -439,6 +439,38 @@ def test_a_members_own_event_restarts_the_dormancy_clock_from_its_time(db: Datab
     assert (summary(db, alice).frozen, summary(db, bob).frozen) == (100, 100 + 90 + 81 + 72 + 65)
 
 
+def test_a_change_of_the_dormancy_months_never_holds_back_a_month_twice(db: Database) -> None:
+    """The months a dormancy already held back stay counted when the programme changes after
+    how many months members become dormant: 12 → 11 makes the member dormant a month earlier,
+    so one more month is due, not three."""
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, *_) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    assert job(db, "points.dormancy", program_id, at(2027, 2, 11, 1)).figures["decayed"] == 190
+
+    def shorten(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program_id)
+        shorter = policy.model_copy(update={"dormancy": Dormancy(after_months=11, decay_pct=10)})
+        programs.set_settings(
+            uow, program_id=program_id, settings=settings.model_copy(update={"expiry": shorter})
+        )
+
+    db.run(shorten)
+    # dormant since 2026-12-10 now: December, January and February are due, two are held
+    figures = job(db, "points.dormancy", program_id, at(2027, 2, 12, 1)).figures
+    assert (figures["decays"], figures["decayed"]) == (1, 81)
+    assert job(db, "points.dormancy", program_id, at(2027, 2, 20, 1)).figures["decays"] == 0
+    assert (summary(db, alice).available, summary(db, alice).frozen) == (729, 271)
+    # and the member's next activity gives every month back
+    move(db, at(2027, 2, 21, 9))
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=9, key="s1"))
+    assert job(db, "points.dormancy", program_id, at(2027, 2, 22, 1)).figures["restored"] == 271
+    assert (summary(db, alice).available, summary(db, alice).frozen) == (991, 0)
+
+
 def test_a_reminder_day_the_worker_missed_is_caught_up_once(db: Database) -> None:
     from jifen.notify import service as notify
 

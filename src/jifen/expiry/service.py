@@ -292,8 +292,13 @@ def dormancy_chunk(
         state = core.dormancy_state(rule, last_activity=last, now=now, zone=zone)
         if not state.decays_due:
             continue
+        # The decays of this dormancy are all those since the member's last activity (the
+        # earlier ones were given back above), whatever dormant_from the policy gave them:
+        # a change of the policy's months moves dormant_from, not the months already held.
+        done = points_service.count_postings(
+            uow, member_id=member_id, key_prefix=f"dormancy:{member_id}:", after=last
+        )
         prefix = DORMANCY_KEY.format(member=member_id, since=round(state.dormant_from.timestamp()))
-        done = points_service.count_postings(uow, member_id=member_id, key_prefix=prefix)
         for month in range(done + 1, state.decays_due + 1):
             available = points_service.balance(uow, member_id=member_id).available
             amount = core.decay_amount(available, rule.decay_pct)

@@ -1971,17 +1971,19 @@ def key_used(uow: UnitOfWork, *, program_id: int, key: str) -> bool:
     return found is not None
 
 
-def count_postings(uow: UnitOfWork, *, member_id: int, key_prefix: str) -> int:
-    """How many of the member's postings have a key starting with ``key_prefix``."""
+def count_postings(
+    uow: UnitOfWork, *, member_id: int, key_prefix: str, after: datetime | None = None
+) -> int:
+    """How many of the member's postings (made after ``after``, if given) have a key
+    starting with ``key_prefix``."""
     account = _account_of(uow, member_id)
-    return int(
-        uow.conn.execute(
-            select(func.count()).where(
-                postings.c.account_id == account.id,
-                postings.c.idempotency_key.startswith(key_prefix, autoescape=True),
-            )
-        ).scalar_one()
+    query = select(func.count()).where(
+        postings.c.account_id == account.id,
+        postings.c.idempotency_key.startswith(key_prefix, autoescape=True),
     )
+    if after is not None:
+        query = query.where(postings.c.created_at > after)
+    return int(uow.conn.execute(query).scalar_one())
 
 
 def expiring_between(
