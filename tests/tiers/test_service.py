@@ -493,6 +493,28 @@ def test_a_member_with_no_tier_lent_one_goes_back_to_the_entry_tier(db: Database
     assert world.history(carol)[-1] == ("银卡", "普通", "temporary_end")
 
 
+def test_a_tier_members_return_to_after_a_temporary_upgrade_cannot_be_removed(
+    db: Database,
+) -> None:
+    from jifen.errors import StateConflict
+
+    world = lend_silver_in_double_eleven(db, members=2)
+    without_entry = [TierDef(**t) for t in TIERS if t["code"] != "普通"]
+    with pytest.raises(StateConflict) as caught:
+        db.run(
+            lambda uow: service.set_tiers(
+                uow, program_id=world.program.id, definitions=without_entry
+            )
+        )
+    assert "tier '普通' when it ends" in str(caught.value)
+    listed = db.run(lambda uow: service.list_tiers(uow, program_id=world.program.id))
+    assert [t.code for t in listed] == [t["code"] for t in TIERS]
+    # when the month is over the members go back to a tier the programme has
+    world.at(datetime(2026, 12, 11, 10, tzinfo=UTC))
+    db.run(lambda uow: service.end_temporary(uow, program_id=world.program.id, now=uow.clock.now()))
+    assert world.tiers() == ["普通", "普通"]
+
+
 def test_a_temporary_tier_the_members_score_holds_becomes_its_own_as_a_recorded_change(
     db: Database,
 ) -> None:

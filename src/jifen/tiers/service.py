@@ -90,7 +90,8 @@ def list_tiers(uow: UnitOfWork, *, program_id: int) -> list[TierRead]:
 
 
 def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -> list[TierRead]:
-    """Replace the programme's tiers. A tier that members hold cannot be removed."""
+    """Replace the programme's tiers. A tier that members hold, or that a temporary upgrade
+    returns a member to when it ends, cannot be removed."""
     codes = [d.code for d in definitions]
     ranks = [d.rank for d in definitions]
     if len(set(codes)) != len(codes) or len(set(ranks)) != len(ranks):
@@ -108,6 +109,22 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
         raise StateConflict(
             problem=f"Members hold tier {held!r}; move them to another tier before removing it.",
             problem_zh=f"仍有会员处于等级 {held!r};请先调整这些会员的等级再删除。",
+        )
+    returned_to = uow.conn.execute(
+        select(member_tiers.c.base_tier_code)
+        .where(
+            member_tiers.c.program_id == program_id,
+            member_tiers.c.temporary_until.is_not(None),
+            member_tiers.c.base_tier_code.not_in(codes),
+        )
+        .limit(1)
+    ).scalar_one_or_none()
+    if returned_to is not None:
+        raise StateConflict(
+            problem=f"Members on a temporary upgrade return to tier {returned_to!r} when it "
+            "ends; set their tier by hand, or wait for the upgrades to end, before removing it.",
+            problem_zh=f"仍有临时升级的会员到期后将回到等级 {returned_to!r};请先手动设置这些会员"
+            "的等级或等临时升级结束,再删除该等级。",
         )
     uow.conn.execute(delete(tiers).where(tiers.c.program_id == program_id))
     uow.conn.execute(
