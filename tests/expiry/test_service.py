@@ -492,3 +492,25 @@ def test_a_reminder_day_the_worker_missed_is_caught_up_once(db: Database) -> Non
     # the worker is down on 22 April, 30 days before: its next run sends the reminder
     assert reminded(23) == ["您有 3000 积分将于 2026-05-22 到期"]
     assert reminded(24) == ["您有 3000 积分将于 2026-05-22 到期"]  # once
+
+
+def test_points_lapsing_at_two_times_of_one_day_are_announced_together(db: Database) -> None:
+    """A reminder names a day: every point that lapses that day counts in it, whatever the
+    hour of its lot's date (one given by the API at noon beside the programme's midnight)."""
+    from jifen.notify import service as notify
+
+    policy = ExpiryPolicy(validity=Validity(kind="never"), reminders=Reminders(days_before=[30]))
+    program_id, (alice, _, _) = with_policy(db, policy)
+    move(db, at(2026, 2, 10, 12))
+    db.run(lambda uow: points.earn(uow, member_id=alice, amount=3000, key="a1",
+                                   expires_at=at(2026, 5, 22)))  # fmt: skip
+    db.run(lambda uow: points.earn(uow, member_id=alice, amount=200, key="a2",
+                                   expires_at=at(2026, 5, 22, 12)))  # fmt: skip
+    report = job(db, "points.reminders", program_id, at(2026, 4, 23, 10))
+    assert report.figures["reminders"] == 1
+    inbox, _ = db.run(
+        lambda uow: notify.list_inbox(uow, program_id=program_id, member_id=alice),
+        read_only=True,
+    )
+    assert [m.title for m in inbox] == ["您有 3200 积分将于 2026-05-22 到期"]
+    assert "2026-05-22  3,200" in inbox[0].body

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from jifen.clock import LATEST
@@ -317,6 +317,16 @@ def dormancy_chunk(
 # --------------------------------------------------------------------------- reminders
 
 
+def _by_day(dates: dict[datetime, int], zone: ZoneInfo) -> dict[datetime, int]:
+    """Points by the day of ``zone`` they lapse on, keyed by the first moment that day."""
+    days: dict[date, tuple[datetime, int]] = {}
+    for when, points in sorted(dates.items()):
+        day = when.astimezone(zone).date()
+        first, total = days.get(day, (when, 0))
+        days[day] = (first, total + points)
+    return dict(days.values())
+
+
 @dataclass
 class ReminderChunk:
     members: int = 0
@@ -352,6 +362,9 @@ def reminders_chunk(
         return report
     report.last_member_id = max(expiring)
     report.members = len(expiring)
+    # A reminder names a day of the programme: the points of lots lapsing at other hours of
+    # that day (a date given by the API) are announced with it, at its first.
+    expiring = {member_id: _by_day(dates, zone) for member_id, dates in expiring.items()}
     wanted: dict[int, list[tuple[str, datetime, int | None]]] = {}
     for member_id, dates in sorted(expiring.items()):
         due: list[tuple[str, datetime, int | None]] = [
