@@ -735,6 +735,44 @@ def test_a_raise_of_the_tier_a_temporary_upgrade_returns_to_is_recorded_and_exte
     assert lots_valid_as(world, bob, "银卡")
 
 
+def test_staff_making_a_lent_tier_the_members_own_is_a_recorded_change_that_extends_lots(
+    db: Database,
+) -> None:
+    campaign = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 12, tzinfo=UTC))
+    world = World(db, scheme(upgrade_at_once=False, campaigns=[campaign]), members=1)
+    (bob,) = world.members
+    validity_by_tier(world)
+    db.run(
+        lambda uow: service.set_member_tier(
+            uow, program_id=world.program.id, member_id=bob, tier="普通", reason="", set_by="t"
+        )
+    )
+    # 双11 lends bob 金卡 for a month; his lots keep 普通's twelve months
+    world.at(datetime(2026, 11, 11, 10, tzinfo=UTC))
+    earn_valid(world, bob, 10_000, "big")
+    assert world.tier(bob) == "金卡" and lots_valid_as(world, bob, "普通")
+    # staff keep him in 金卡 for good: the tier code stays, his standing changes
+    world.at(datetime(2026, 11, 20, tzinfo=UTC))
+    db.run(
+        lambda uow: service.set_member_tier(
+            uow,
+            program_id=world.program.id,
+            member_id=bob,
+            tier="金卡",
+            reason="VIP",
+            set_by="staff:1",
+        )
+    )
+    held = db.run(lambda uow: service.member_tier(uow, program_id=world.program.id, member_id=bob))
+    assert (held.tier, held.temporary_until, held.returns_to) == ("金卡", None, None)
+    assert world.history(bob)[-1] == ("金卡", "金卡", "manual")
+    assert lots_valid_as(world, bob, "金卡")
+    # the month's end takes nothing back
+    world.at(datetime(2026, 12, 11, 10, tzinfo=UTC))
+    db.run(lambda uow: service.end_temporary(uow, program_id=world.program.id, now=uow.clock.now()))
+    assert world.tier(bob) == "金卡" and lots_valid_as(world, bob, "金卡")
+
+
 def test_a_decision_that_makes_a_tier_the_members_own_and_lends_a_higher_one_records_both(
     db: Database,
 ) -> None:

@@ -142,7 +142,8 @@ def set_member_tier(
     uow: UnitOfWork, *, program_id: int, member_id: int, tier: str, reason: str, set_by: str
 ) -> MemberTierRead:
     """Put the member in ``tier`` from now on (ending any temporary upgrade); recorded as a
-    manual change."""
+    manual change, also when it makes a lent tier the member's own (its points take the
+    tier's validity, as when an evaluation does)."""
     members_service.require_member(uow, program_id=program_id, member_id=member_id)
     require_tiers(uow, program_id=program_id, codes=[tier])
     members_service.lock_members(uow, member_ids=[member_id])
@@ -162,7 +163,7 @@ def set_member_tier(
             "temporary_until": None,
         },
     )
-    if before.tier != tier:
+    if before.tier != tier or core.made_own(before, core.Standing(tier)):
         _record(
             uow,
             program_id,
