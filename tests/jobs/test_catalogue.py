@@ -122,3 +122,37 @@ def test_the_tier_jobs_leave_a_programme_without_a_scheme_alone(db: Database) ->
     report = jobs.run(db, "tiers.evaluate", program_id=shop.program_id)
     assert report.figures == {"evaluated": 0}
     assert jobs.run(db, "tiers.end_temporary", program_id=shop.program_id).figures == {"ended": 0}
+
+
+def test_reconciliation_beside_live_earnings_reports_no_difference(pg: Database) -> None:
+    """The nightly reconciliation reads lines, lots and accounts one after the other while
+    members keep earning: it sees them all at one moment, so an earning committed between two
+    of its reads is no difference (on PostgreSQL a statement of a transaction at READ
+    COMMITTED sees what committed before it)."""
+    from sqlalchemy import event
+
+    from jifen.points import service as points
+    from tests.factories import new_members, new_program
+
+    program_id = new_program(pg).id
+    (alice,) = new_members(pg, program_id, 1)
+    pg.run(lambda uow: points.earn(uow, member_id=alice, amount=100, key="a1"))
+    earned: list[int] = []
+
+    def earn_between(conn: object, cursor: object, statement: str, *args: object) -> None:
+        # once the lines are summed by account, before the lots and the accounts are read
+        if not earned and "GROUP BY lines.account_id" in statement:
+            earned.append(1)
+            pg.run(lambda uow: points.earn(uow, member_id=alice, amount=50, key="a2"))
+
+    event.listen(pg.engine, "after_cursor_execute", earn_between)
+    try:
+        report = jobs.run(pg, "ledger.reconcile", program_id=program_id)
+    finally:
+        event.remove(pg.engine, "after_cursor_execute", earn_between)
+    assert earned == [1]
+    assert report.figures == {"accounts": 1, "lots": 1, "problems": 0}
+    # what it read is the ledger as it stood when it began; the next run sees the earning
+    pg.clock.advance(timedelta(minutes=1))  # type: ignore[attr-defined]
+    again = jobs.run(pg, "ledger.reconcile", program_id=program_id)
+    assert again.figures == {"accounts": 1, "lots": 2, "problems": 0}

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from jifen import ledger
+from jifen.db.engine import READ_ONLY
 from jifen.db.uow import UnitOfWork
 from jifen.ledger import GENESIS, Kind, PostingFacts, SystemAccount
 from jifen.members.models import members
@@ -360,9 +361,27 @@ def checkpoint(uow: UnitOfWork, *, program_id: int) -> tuple[int, str]:
 # --------------------------------------------------------------------------- reconcile
 
 
+_ONE_SNAPSHOT = ("REPEATABLE READ", "SERIALIZABLE")
+
+
 def reconcile(uow: UnitOfWork, *, program_id: int | None = None) -> ReconcileReport:
     """Recompute every cached figure from lines and allocations and report each difference;
-    and each member account's copy of its member's state."""
+    and each member account's copy of its member's state.
+
+    The figures are read at one moment: on PostgreSQL, where a transaction at READ COMMITTED
+    (a job's) or a read-only unit of work sees what commits between its statements, an
+    earning made between the reads of the lines and of the accounts would look like a
+    difference, so they are read in a REPEATABLE READ transaction of their own (SQLite's
+    transaction is one snapshot already)."""
+    if uow.dialect == "postgresql" and uow.conn.get_isolation_level() not in _ONE_SNAPSHOT:
+        with uow.conn.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", **{READ_ONLY: True})
+            with conn.begin():
+                return _reconcile(UnitOfWork(conn, uow.clock, uow.cache), program_id)
+    return _reconcile(uow, program_id)
+
+
+def _reconcile(uow: UnitOfWork, program_id: int | None) -> ReconcileReport:
     report = ReconcileReport()
     conn = uow.conn
     in_program = _program_filter(accounts.c.program_id, program_id)
