@@ -247,3 +247,32 @@ def test_a_lock_handed_on_inside_a_rolled_back_savepoint_is_not_used_after_it(
     assert pg.run(spend_after_a_failed_attempt) == 150
     assert pg.run(lambda uow: points.balance(uow, member_id=member)).available == 0
     assert_ledger_sound(pg, program.id)
+
+
+def test_a_check_of_the_chains_beside_live_earnings_finds_nothing_broken(pg: Database) -> None:
+    """jifen ledger verify reads the postings, then the chains, while members keep earning:
+    it sees them at one moment, so an earning committed between its reads is no broken chain
+    (on PostgreSQL a read-only unit of work sees, statement by statement, what committed)."""
+    from sqlalchemy import event
+
+    from jifen.points import integrity
+
+    program_id = new_program(pg).id
+    (alice,) = new_members(pg, program_id, 1)
+    pg.run(lambda uow: points.earn(uow, member_id=alice, amount=100, key="a1"))
+    earned: list[int] = []
+
+    def earn_between(conn: object, cursor: object, statement: str, *args: object) -> None:
+        # once the postings are read, before the chains are
+        if not earned and "FROM chain_entries" in statement:
+            earned.append(1)
+            pg.run(lambda uow: points.earn(uow, member_id=alice, amount=50, key="a2"))
+
+    event.listen(pg.engine, "before_cursor_execute", earn_between)
+    try:
+        report = pg.run(lambda uow: integrity.verify(uow, program_id=program_id), read_only=True)
+    finally:
+        event.remove(pg.engine, "before_cursor_execute", earn_between)
+    assert earned == [1]
+    assert (report.problems, report.postings) == ([], 1)
+    assert_ledger_sound(pg, program_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,13 @@ def verify(
 ) -> VerifyReport:
     """Check every posting digest, every member account chain and every checkpoint, and that
     ``kept_root`` (a root :func:`checkpoint` printed, kept outside the database) is one of
-    theirs: a history rewritten with its checkpoints no longer has it."""
+    theirs: a history rewritten with its checkpoints no longer has it. All as they stood at
+    one moment: postings made meanwhile are left for the next check."""
+    with _one_moment(uow) as seen:
+        return _verify(seen, program_id, kept_root)
+
+
+def _verify(uow: UnitOfWork, program_id: int | None, kept_root: str | None) -> VerifyReport:
     report = VerifyReport()
     stored_digest: dict[int, str] = {}
     for chunk in _posting_chunks(uow, program_id):
@@ -364,21 +371,27 @@ def checkpoint(uow: UnitOfWork, *, program_id: int) -> tuple[int, str]:
 _ONE_SNAPSHOT = ("REPEATABLE READ", "SERIALIZABLE")
 
 
+@contextmanager
+def _one_moment(uow: UnitOfWork) -> Iterator[UnitOfWork]:
+    """``uow``, or where it would see what commits between its statements (PostgreSQL at
+    READ COMMITTED, a job's transaction, or a read-only unit of work) a REPEATABLE READ
+    transaction of its own: the checks read postings, lines, lots, chains and accounts one
+    after the other, and a posting committed between two of those reads would look like a
+    difference or a broken chain. SQLite's transaction is one snapshot already."""
+    if uow.dialect != "postgresql" or uow.conn.get_isolation_level() in _ONE_SNAPSHOT:
+        yield uow
+        return
+    with uow.conn.engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ", **{READ_ONLY: True})
+        with conn.begin():
+            yield UnitOfWork(conn, uow.clock, uow.cache)
+
+
 def reconcile(uow: UnitOfWork, *, program_id: int | None = None) -> ReconcileReport:
     """Recompute every cached figure from lines and allocations and report each difference;
-    and each member account's copy of its member's state.
-
-    The figures are read at one moment: on PostgreSQL, where a transaction at READ COMMITTED
-    (a job's) or a read-only unit of work sees what commits between its statements, an
-    earning made between the reads of the lines and of the accounts would look like a
-    difference, so they are read in a REPEATABLE READ transaction of their own (SQLite's
-    transaction is one snapshot already)."""
-    if uow.dialect == "postgresql" and uow.conn.get_isolation_level() not in _ONE_SNAPSHOT:
-        with uow.conn.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="REPEATABLE READ", **{READ_ONLY: True})
-            with conn.begin():
-                return _reconcile(UnitOfWork(conn, uow.clock, uow.cache), program_id)
-    return _reconcile(uow, program_id)
+    and each member account's copy of its member's state; all as they stood at one moment."""
+    with _one_moment(uow) as seen:
+        return _reconcile(seen, program_id)
 
 
 def _reconcile(uow: UnitOfWork, program_id: int | None) -> ReconcileReport:
