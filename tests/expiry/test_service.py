@@ -190,7 +190,7 @@ def test_dormancy_decays_monthly_and_activity_gives_it_all_back(db: Database) ->
     move(db, at(2027, 3, 12, 18))
     db.run(lambda uow: points.spend(uow, member_id=alice, amount=9, key="s1"))
     figures = decays(at(2027, 3, 13, 1))
-    assert figures["restored"] == 271
+    assert (figures["restored"], figures["restored_members"]) == (271, 1)  # her three months
     back = summary(db, alice)
     assert (back.available, back.frozen) == (1000 - 9, 0)
     # bob went dormant on 2027-06-01 and decays from then.

@@ -279,14 +279,16 @@ def dormancy_chunk(
         last = active.get(member_id)
         points_service.lock_account(uow, member_id=member_id)
         open_decays = points_service.open_freezes(uow, member_id=member_id, key_prefix="dormancy:")
+        given_back = 0
         for freeze_id, _, created_at in open_decays:
             if last is not None and last > created_at:
                 back = points_service.unfreeze(
                     uow, freeze_id=freeze_id, key=f"dormancy-restore:{freeze_id}",
                     reason="active again: dormancy decay given back", actor="system",
                 )  # fmt: skip
-                report.restored += back.amount
-                report.restored_members += 1
+                given_back += back.amount
+        report.restored += given_back
+        report.restored_members += given_back > 0
         if last is None:
             continue
         state = core.dormancy_state(rule, last_activity=last, now=now, zone=zone)
