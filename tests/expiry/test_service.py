@@ -471,6 +471,33 @@ def test_a_change_of_the_dormancy_months_never_holds_back_a_month_twice(db: Data
     assert (summary(db, alice).available, summary(db, alice).frozen) == (991, 0)
 
 
+def test_an_activity_known_late_gives_back_the_decays_made_after_it(db: Database) -> None:
+    """An event of the member's that reaches jifen after a decay (a till's batch sent late)
+    but happened before it shows the member was not dormant then: the next run gives that
+    decay back, and the dormancy counts from the event."""
+    from jifen.events import service as events_service
+    from jifen.events.schemas import EventIn
+
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, *_) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    assert job(db, "points.dormancy", program_id, at(2027, 1, 10, 10)).figures["decayed"] == 100
+    # on 12 January a check-in of 1 March 2026 arrives (no rule: it earns nothing)
+    move(db, at(2027, 1, 12, 9))
+    event = EventIn(source="pos", external_id="late-1", type="member.checked_in",
+                    occurred_at=at(2026, 3, 1, 15), member_id=alice)  # fmt: skip
+    db.run(lambda uow: events_service.ingest(uow, program_id=program_id, event=event))
+    figures = job(db, "points.dormancy", program_id, at(2027, 1, 13, 1)).figures
+    assert (figures["restored"], figures["decays"]) == (100, 0)
+    assert (summary(db, alice).available, summary(db, alice).frozen) == (1000, 0)
+    # dormant from 1 March 2027 15:00 on
+    assert job(db, "points.dormancy", program_id, at(2027, 3, 1, 14)).figures["decays"] == 0
+    assert job(db, "points.dormancy", program_id, at(2027, 3, 1, 16)).figures["decayed"] == 100
+
+
 def test_a_reminder_day_the_worker_missed_is_caught_up_once(db: Database) -> None:
     from jifen.notify import service as notify
 

@@ -277,11 +277,17 @@ def dormancy_chunk(
     active = last_activity(uow, member_ids=holders)
     for member_id in holders:
         last = active.get(member_id)
+        if last is None:
+            continue
+        state = core.dormancy_state(rule, last_activity=last, now=now, zone=zone)
         points_service.lock_account(uow, member_id=member_id)
         open_decays = points_service.open_freezes(uow, member_id=member_id, key_prefix="dormancy:")
         given_back = 0
         for freeze_id, _, created_at in open_decays:
-            if last is not None and last > created_at:
+            # A decay made before the dormancy as the member's activity dates it now: the
+            # member has been active since, or was not dormant then (an activity that
+            # reached jifen late, a policy that waits longer now).
+            if created_at < state.dormant_from:
                 back = points_service.unfreeze(
                     uow, freeze_id=freeze_id, key=f"dormancy-restore:{freeze_id}",
                     reason="active again: dormancy decay given back", actor="system",
@@ -289,17 +295,15 @@ def dormancy_chunk(
                 given_back += back.amount
         report.restored += given_back
         report.restored_members += given_back > 0
-        if last is None:
-            continue
-        state = core.dormancy_state(rule, last_activity=last, now=now, zone=zone)
         if not state.decays_due:
             continue
-        # The decays of this dormancy are all those since the member's last activity (the
-        # earlier ones were given back above), whatever dormant_from the policy gave them:
-        # a change of the policy's months moves dormant_from, not the months already held.
+        # The decays of this dormancy are all those made since it began (the earlier ones
+        # were given back above), whatever dormant_from the policy gave them when they were
+        # made: a change of the policy's months moves dormant_from, not the months held.
         done = points_service.count_postings(
-            uow, member_id=member_id, key_prefix=f"dormancy:{member_id}:", after=last
-        )
+            uow, member_id=member_id, key_prefix=f"dormancy:{member_id}:",
+            since=state.dormant_from,
+        )  # fmt: skip
         prefix = DORMANCY_KEY.format(member=member_id, since=round(state.dormant_from.timestamp()))
         for month in range(done + 1, state.decays_due + 1):
             available = points_service.balance(uow, member_id=member_id).available

@@ -1972,17 +1972,17 @@ def key_used(uow: UnitOfWork, *, program_id: int, key: str) -> bool:
 
 
 def count_postings(
-    uow: UnitOfWork, *, member_id: int, key_prefix: str, after: datetime | None = None
+    uow: UnitOfWork, *, member_id: int, key_prefix: str, since: datetime | None = None
 ) -> int:
-    """How many of the member's postings (made after ``after``, if given) have a key
+    """How many of the member's postings (made at or after ``since``, if given) have a key
     starting with ``key_prefix``."""
     account = _account_of(uow, member_id)
     query = select(func.count()).where(
         postings.c.account_id == account.id,
         postings.c.idempotency_key.startswith(key_prefix, autoescape=True),
     )
-    if after is not None:
-        query = query.where(postings.c.created_at > after)
+    if since is not None:
+        query = query.where(postings.c.created_at >= since)
     return int(uow.conn.execute(query).scalar_one())
 
 
