@@ -156,3 +156,38 @@ def test_reconciliation_beside_live_earnings_reports_no_difference(pg: Database)
     pg.clock.advance(timedelta(minutes=1))  # type: ignore[attr-defined]
     again = jobs.run(pg, "ledger.reconcile", program_id=program_id)
     assert again.figures == {"accounts": 1, "lots": 2, "problems": 0}
+
+
+def test_a_reconciliation_that_finds_differences_alerts_staff_once_a_run(db: Database) -> None:
+    """日终全量对账, 差异告警: differences reach staff (the outbox) and subscribers (webhook
+    ``ledger.differences``), not only the worker's log."""
+    from jifen.points import service as points
+    from jifen.points.models import accounts
+    from tests.factories import new_members, new_program
+
+    program_id = new_program(db).id
+    (alice,) = new_members(db, program_id, 1)
+    db.run(lambda uow: points.earn(uow, member_id=alice, amount=100, key="a1"))
+    assert jobs.run(db, "ledger.reconcile", program_id=program_id).figures["problems"] == 0
+
+    def alerts() -> list[tuple[str, str]]:
+        rows = db.run(
+            lambda uow: uow.conn.execute(
+                select(outbox.c.subject, outbox.c.body).where(
+                    outbox.c.program_id == program_id, outbox.c.template == "ledger.differences"
+                )
+            ).all(),
+            read_only=True,
+        )
+        return [(row.subject, row.body) for row in rows]
+
+    assert alerts() == []
+    with db.engine.begin() as conn:  # a balance changed outside jifen
+        conn.execute(accounts.update().where(accounts.c.member_id == alice).values(balance=150))
+    db.clock.advance(timedelta(minutes=1))  # type: ignore[attr-defined]
+    report = jobs.run(db, "ledger.reconcile", program_id=program_id)
+    assert report.figures["problems"] == 2  # its lines and its lots say 100
+    assert jobs.run(db, "ledger.reconcile", program_id=program_id).state == "already-done"
+    ((title, body),) = alerts()
+    assert title == "对账发现 2 处差异"
+    assert "balance (stored) vs its lines: 150 != 100" in body

@@ -73,10 +73,37 @@ def _reminders(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chun
 register(Job("points.reminders", "Expiry reminders", "积分到期提醒", _reminders))
 
 
+ALERTED_PROBLEMS = 20
+"""How many differences a reconciliation alert lists (the CLI lists them all)."""
+
+
 def _reconcile(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    """Reconcile the programme's ledger (日终全量对账). Each difference is logged; a run that
+    finds any tells staff (outbox, ``ledger.differences``) and subscribers (webhook of that
+    type) once (差异告警)."""
     report = integrity.reconcile(uow, program_id=program_id)
     for problem in report.problems:
         log.error("reconciliation: %s", problem)
+    if report.problems:
+        at = uow.clock.now()
+        key = f"ledger-differences:{round(at.timestamp())}"
+        listed = [f"  {problem}" for problem in report.problems[:ALERTED_PROBLEMS]]
+        if len(report.problems) > ALERTED_PROBLEMS:
+            listed.append(f"  … {len(report.problems) - ALERTED_PROBLEMS} more")
+        data = {
+            "found": len(report.problems), "accounts": report.accounts, "lots": report.lots,
+            "at": at.isoformat(), "problems": "\n".join(listed),
+        }  # fmt: skip
+        notify_service.publish(
+            uow, program_id=program_id, event_type="ledger.differences", data=data, key=key
+        )
+        notify_service.notify(
+            uow,
+            notify_service.Notification(
+                program_id=program_id, member_id=None, template="ledger.differences",
+                data=data, key=key,
+            ),
+        )  # fmt: skip
     figures = {"accounts": report.accounts, "lots": report.lots, "problems": len(report.problems)}
     return Chunk(cursor=cursor, finished=True, figures=figures)
 
