@@ -234,6 +234,28 @@ def test_two_years_of_quarterly_evaluations(db: Database) -> None:
     assert items[0].score == 361 and items[0].actor == "tiers"
 
 
+def test_an_evaluation_leaves_closed_members_alone(db: Database) -> None:
+    """A closed account is done with: evaluations neither move its tier nor announce it (a
+    webhook naming the member, a note in its inbox) quarter after quarter."""
+    world = World(db, scheme(upgrade_at_once=False), members=2)
+    alice, bob = world.members
+    for member_id in (alice, bob):
+        db.run(
+            lambda uow, m=member_id: service.set_member_tier(
+                uow, program_id=world.program.id, member_id=m, tier="银卡", reason="", set_by="t"
+            )
+        )
+    db.run(
+        lambda uow: members_service.change_state(
+            uow, program_id=world.program.id, member_id=bob, state="closed"
+        )
+    )
+    world.at(quarter(2027, 1))
+    assert world.evaluate("2027-Q1")["downgraded"] == 1  # alice's score of 0 is below 80
+    assert world.tiers() == ["普通", "银卡"]
+    assert world.history(bob) == [(None, "银卡", "manual")]
+
+
 def test_a_claw_back_counts_in_the_window_of_the_earning_it_takes_back(db: Database) -> None:
     world = World(db, scheme(upgrade_at_once=False), members=2)
     alice, bob = world.members

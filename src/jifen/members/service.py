@@ -228,6 +228,19 @@ def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
     )
 
 
+def closed_ids(uow: UnitOfWork, *, member_ids: Iterable[int]) -> set[int]:
+    """Those of ``member_ids`` whose account is closed (a job leaves them alone)."""
+    ids = sorted(set(member_ids))
+    if not ids:
+        return set()
+    rows = uow.conn.execute(
+        select(members.c.id).where(
+            among(uow.dialect, members.c.id, ids), members.c.state == "closed"
+        )
+    ).scalars()
+    return {int(member_id) for member_id in rows}
+
+
 def born_on(
     uow: UnitOfWork,
     *,

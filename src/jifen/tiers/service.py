@@ -494,6 +494,10 @@ def _run(
     dry_run: bool,
 ) -> EvaluationReport:
     report = EvaluationReport(evaluated=len(ids), last_member_id=ids[-1] if ids else None)
+    if evaluation and ids:  # a closed account is done with: its tier moves no more
+        closed = members_service.closed_ids(uow, member_ids=ids)
+        ids = [member_id for member_id in ids if member_id not in closed]
+        report.evaluated = len(ids)
     if not ids:
         return report
     zone = _zone(uow, program_id)
@@ -522,10 +526,12 @@ def _run(
         # now: an earning may have moved one of them since the read above.
         members_service.lock_members(uow, member_ids=moves)
         standings, later = _as_of(uow, moves, now)
+        closed = members_service.closed_ids(uow, member_ids=moves) if evaluation else set()
         moves = {
             member_id: decision
             for member_id in sorted(moves)
             if member_id not in later
+            and member_id not in closed
             and (decision := decide(member_id, standings.get(member_id, core.Standing(None))))
         }
     for member_id in ids:
