@@ -256,6 +256,32 @@ def test_an_evaluation_leaves_closed_members_alone(db: Database) -> None:
     assert world.history(bob) == [(None, "银卡", "manual")]
 
 
+def test_staff_cannot_change_the_tier_of_a_closed_member(db: Database) -> None:
+    from jifen.errors import StateConflict
+
+    world = World(db, scheme(), members=1)
+    (bob,) = world.members
+
+    def set_tier(tier: str) -> Any:
+        return db.run(
+            lambda uow: service.set_member_tier(
+                uow, program_id=world.program.id, member_id=bob, tier=tier, reason="", set_by="t"
+            )
+        )
+
+    set_tier("银卡")
+    db.run(
+        lambda uow: members_service.change_state(
+            uow, program_id=world.program.id, member_id=bob, state="closed"
+        )
+    )
+    with pytest.raises(StateConflict) as caught:
+        set_tier("钻石")
+    assert "is closed" in str(caught.value)
+    assert world.tier(bob) == "银卡"
+    assert world.history(bob) == [(None, "银卡", "manual")]
+
+
 def test_a_claw_back_counts_in_the_window_of_the_earning_it_takes_back(db: Database) -> None:
     world = World(db, scheme(upgrade_at_once=False), members=2)
     alice, bob = world.members

@@ -147,6 +147,11 @@ def set_member_tier(
     members_service.require_member(uow, program_id=program_id, member_id=member_id)
     require_tiers(uow, program_id=program_id, codes=[tier])
     members_service.lock_members(uow, member_ids=[member_id])
+    if members_service.closed_ids(uow, member_ids=[member_id]):
+        raise StateConflict(
+            problem=f"Member {member_id} is closed: its tier is not changed any more.",
+            problem_zh=f"会员 {member_id} 已注销,不能再变更其等级。",
+        )
     before = _standings(uow, [member_id]).get(member_id, core.Standing(None))
     now = uow.clock.now()
     upsert(
