@@ -156,7 +156,7 @@ def test_the_welcome_is_paid_once_however_often_registration_is_sent(db: Databas
     first = send(db, program.id, member, "member.registered", day, "crm:1")
     assert [a.points for a in first.awards] == [100]
     # the same registration from another source, under another id: refused as sent twice
-    with pytest.raises(InvalidInput, match="registration of this member.*crm:1"):
+    with pytest.raises(InvalidInput, match=r"registration of this member.*crm:1"):
         send(db, program.id, member, "member.registered", day, "app:1")
     assert balance(db, member).balance == 100
     assert_ledger_sound(db, program.id)
