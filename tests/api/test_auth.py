@@ -936,6 +936,42 @@ def test_a_one_time_code_is_spent_by_five_wrong_guesses_or_by_time(
     assert app_client.post("/v1/auth/members/sign-in-with-code", json=late).status_code == 401
 
 
+def test_a_code_sent_to_a_replaced_phone_signs_nobody_in(
+    app_client: TestClient, db: Database, sms: RecordingSms
+) -> None:
+    """Whoever holds the number a binding replaced is signed out, and a code it asked for
+    just before does not sign it back in under the new number; the new number gets a code
+    at once."""
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    operator = support.staff(db, "operator", program_id=program.id)
+    identity = f"/v1/programs/{program.code}/members/{member_id}/identity"
+
+    def bind(phone: str) -> None:
+        body = {"id_number": "11010519491231002X", "phone": phone}
+        answer = app_client.put(identity, json=body, headers={**operator, **support.key()})
+        assert answer.status_code == 200, answer.text
+
+    bind("13600136001")
+    old = {"program": program.code, "phone": "13600136001"}
+    assert app_client.post("/v1/auth/members/codes", json=old).status_code == 202
+    old_code = sms.sent[-1].secret
+    # staff bind a new number: the code texted to the old one is void, under either number
+    bind("13600136002")
+    new = {"program": program.code, "phone": "13600136002"}
+    for ask in (old, new):
+        guess = {**ask, "code": old_code}
+        answer = app_client.post("/v1/auth/members/sign-in-with-code", json=guess)
+        assert answer.status_code == 401, answer.text
+    # and the new number is texted a code of its own without waiting, which signs in
+    assert app_client.post("/v1/auth/members/codes", json=new).status_code == 202
+    assert sms.sent[-1].phone == "13600136002"
+    signed_in = app_client.post(
+        "/v1/auth/members/sign-in-with-code", json={**new, "code": sms.sent[-1].secret}
+    )
+    assert signed_in.status_code == 200 and signed_in.json()["subject_id"] == member_id
+
+
 def test_a_banned_member_cannot_sign_in(app_client: TestClient, db: Database) -> None:
     program = new_program(db)
     (member_id,) = new_members(db, program.id, 1)

@@ -1136,4 +1136,11 @@ def forget_member_credentials(uow: UnitOfWork, *, member_id: int) -> None:
     personal data is being erased): nothing is left that signs it in."""
     end_member_sessions(uow, member_id=member_id)
     uow.conn.execute(member_credentials.delete().where(member_credentials.c.member_id == member_id))
+    forget_member_codes(uow, member_id=member_id)
+
+
+def forget_member_codes(uow: UnitOfWork, *, member_id: int) -> None:
+    """Remove the member's one-time codes (its bound phone changed, or its personal data is
+    being erased): a code texted to a number no longer bound signs nobody in, and the new
+    number is texted one without waiting out the old one's minute."""
     uow.conn.execute(one_time_codes.delete().where(one_time_codes.c.member_id == member_id))

@@ -251,9 +251,10 @@ def bind_identity(
 
     The member binds its own numbers, or staff do; an API key may not (a till that could
     would bind its own phone to any member and sign in as it with a texted code). When the
-    bound phone changes, every other session of the member ends, and the number bound until
-    then is texted that it was replaced (by which masked number, when, and what to do if the
-    member did not ask for it), so that a member whose account was taken over learns of it.
+    bound phone changes, every other session of the member ends, a code texted to the old
+    number signs nobody in any more, and the number bound until then is texted that it was
+    replaced (by which masked number, when, and what to do if the member did not ask for
+    it), so that a member whose account was taken over learns of it.
     A closed member's numbers are bound no more (409)."""
     if ctx.principal.kind == "key":
         raise Forbidden(
@@ -268,10 +269,11 @@ def bind_identity(
         bound = service.bind_identity(
             uow, program_id=ctx.program_id, member_id=member_id, body=body
         )
-        if bound.phone_changed:  # whoever signed in through the old number is signed out
-            auth_service.end_member_sessions(
+        if bound.phone_changed:  # whoever signed in through the old number is signed out,
+            auth_service.end_member_sessions(  # and a code texted to it signs nobody in
                 uow, member_id=member_id, keep=ctx.principal.session_id if own else None
             )
+            auth_service.forget_member_codes(uow, member_id=member_id)
         if bound.replaced_phone is not None:
             _tell_replaced_phone(uow, ctx, member_id, bound.replaced_phone, bound.after.phone)
         ctx.audit_before = {"phone": bound.before.phone, "id_number": bound.before.id_number}
