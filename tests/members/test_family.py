@@ -64,3 +64,47 @@ def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
         lambda uow: members.family(uow, program_id=program.id, member_id=main, balances=False)
     )
     assert [m.member_id for m in group.members] == [main, gran]
+
+
+def test_a_member_added_to_a_group_meanwhile_heads_no_group_of_its_own(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given members A, B and C, and staff adding C to B's group (B heading none yet) ...
+    program = new_program(pg)
+    a, b, c = new_members(pg, program.id, 3)
+    read = members._row
+    joining: list[int] = []
+
+    def read_then_join(uow: members.UnitOfWork, program_id: int, member_id: int) -> object:
+        row = read(uow, program_id, member_id)
+        if member_id == b and not joining:
+            # ... while, after B was read, other staff add B to A's group and commit
+            joining.append(b)
+            pg.run(
+                lambda other: members.link_family(
+                    other, program_id=program.id, main_id=a, member_id=b, balances=False
+                )
+            )
+        return row
+
+    monkeypatch.setattr(members, "_row", read_then_join)
+
+    # When the first addition goes on, then it is refused, as B now belongs to A's group ...
+    with pytest.raises(StateConflict) as refused:
+        pg.run(
+            lambda uow: members.link_family(
+                uow, program_id=program.id, main_id=b, member_id=c, balances=False
+            )
+        )
+    assert f"Member {b} belongs to another member's family group" in str(refused.value)
+    monkeypatch.undo()
+
+    # ... and A's group still holds B, while C is in none.
+    group = pg.run(
+        lambda uow: members.family(uow, program_id=program.id, member_id=a, balances=False)
+    )
+    assert [m.member_id for m in group.members] == [a, b]
+    alone = pg.run(
+        lambda uow: members.family(uow, program_id=program.id, member_id=c, balances=False)
+    )
+    assert alone.main_member_id is None

@@ -705,11 +705,7 @@ def link_family(
         if row.state == "closed":
             raise _closed_family(row.id)
     if main.family_main_id not in (None, main_id):
-        raise StateConflict(
-            problem=f"Member {main_id} belongs to another member's family group; only a "
-            "group's main account adds members.",
-            problem_zh=f"会员 {main_id} 已属于其他会员的家庭组,只有主账户可以添加成员。",
-        )
+        raise _in_another_family(main_id)
     if other.family_main_id is not None:
         raise StateConflict(
             problem=f"Member {member_id} is in a family group already; it leaves that first.",
@@ -725,14 +721,21 @@ def link_family(
             problem=f"A family group has at most {core.FAMILY_SIZE} members.",
             problem_zh=f"家庭组最多 {core.FAMILY_SIZE} 名成员。",
         )
-    # Neither may have closed since it was read (a closing that committed meanwhile).
+    # Neither may have closed since it was read (a closing that committed meanwhile), nor
+    # the main have joined another's group.
     heads = uow.conn.execute(
         members.update()
-        .where(members.c.id == main_id, members.c.state != "closed")
+        .where(
+            members.c.id == main_id,
+            members.c.state != "closed",
+            members.c.family_main_id.is_(None) | (members.c.family_main_id == main_id),
+        )
         .values(family_main_id=main_id)
     ).rowcount
-    if heads != 1:
+    if heads != 1 and _row(uow, program_id, main_id).state == "closed":
         raise _closed_family(main_id)
+    if heads != 1:
+        raise _in_another_family(main_id)
     joined = uow.conn.execute(
         members.update()
         .where(
@@ -750,6 +753,14 @@ def link_family(
             problem_zh=f"会员 {member_id} 刚加入了其他家庭组。",
         )
     return family(uow, program_id=program_id, member_id=main_id, balances=balances)
+
+
+def _in_another_family(main_id: int) -> StateConflict:
+    return StateConflict(
+        problem=f"Member {main_id} belongs to another member's family group; only a "
+        "group's main account adds members.",
+        problem_zh=f"会员 {main_id} 已属于其他会员的家庭组,只有主账户可以添加成员。",
+    )
 
 
 def _closed_family(member_id: int) -> StateConflict:
