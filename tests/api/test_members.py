@@ -472,6 +472,42 @@ def test_a_phone_or_id_number_in_other_digits_than_ascii_is_refused(
     assert "0-9" in bound.json()["errors"][0]["message"]
 
 
+def test_a_birthday_or_an_id_numbers_birth_date_after_today_is_refused(
+    client: TestClient, db: Database
+) -> None:
+    """Today is the programme's (Shanghai: 1 January 2026, 09:00); a member born today is
+    welcome, one born tomorrow is a typing error, said on the field."""
+    club = Club(client, db)
+    tomorrow = club.post(club.base, {"external_ref": "B1", "birthday": "2026-01-02"})
+    assert tomorrow.status_code == 422, tomorrow.text
+    (error,) = tomorrow.json()["errors"]
+    assert error["field"] == "birthday" and "after today" in error["message"]
+    born_today = club.register("B2", birthday="2026-01-01")
+    assert born_today["birthday"] == "2026-01-01"
+    member_id = club.register("B3")["id"]
+    later = club.client.patch(
+        club.url(member_id), json={"birthday": "2099-05-01"},
+        headers={**club.operator, **support.key()},
+    )  # fmt: skip
+    assert later.status_code == 422 and later.json()["errors"][0]["field"] == "birthday"
+    first17 = "11010520260102001"  # born 2 January 2026
+    future_id = club.put(
+        club.url(member_id, "/identity"),
+        {"id_number": first17 + id_check_digit(first17), "phone": "13500135000"},
+    )
+    assert future_id.status_code == 422, future_id.text
+    assert future_id.json()["errors"][0]["field"] == "id_number"
+    assert "after today" in future_id.json()["errors"][0]["message"]
+    assert client.get(club.url(member_id), headers=club.operator).json()["birthday"] is None
+    # in Los Angeles it is still 31 December 2025
+    west = Club(client, db)
+    west.program = new_program(db, time_zone="America/Los_Angeles")
+    west.base = f"/v1/programs/{west.program.code}/members"
+    west.operator = support.staff(db, "operator", program_id=west.program.id)
+    early = west.post(west.base, {"external_ref": "W1", "birthday": "2026-01-01"})
+    assert early.status_code == 422 and early.json()["errors"][0]["field"] == "birthday"
+
+
 def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     mine, theirs = club.register("A1")["id"], club.register("A2")["id"]

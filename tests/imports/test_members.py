@@ -52,3 +52,23 @@ def test_a_members_file_may_give_each_members_language(db: Database, tmp_path: P
         lambda uow: members.languages(uow, program_id=program.id, member_ids=ids.values())
     )
     assert chosen == {ids["y1"]: "en"}
+
+
+def test_a_members_row_born_after_today_is_refused_on_its_line(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)  # today: 1 January 2026 in Shanghai
+    path = write(tmp_path / "m.csv", ["external_ref", "birthday"], [
+        ["z1", "2025-12-31"],
+        ["z2", "2026-06-01"],
+    ])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.refused) == (1, 1)
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[2:5] == ["3", "birthday", "invalid_input"]
+    assert "after today" in refused[5]
+    found = db.run(
+        lambda uow: members.ids_by_refs(uow, program_id=program.id, refs=["z1", "z2"]),
+        read_only=True,
+    )
+    assert list(found) == ["z1"]

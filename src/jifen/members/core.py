@@ -72,9 +72,10 @@ def id_check_digit(first17: str) -> str:
     return _ID_CHECK[sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS, strict=True)) % 11]
 
 
-def check_id_number(value: str) -> str:
+def check_id_number(value: str, *, today: date | None = None) -> str:
     """An 18-character PRC resident ID number, upper-cased; refused with the reason when its
-    form, birth date or check character is wrong."""
+    form, birth date (a real date from 1900, and not after ``today`` when given) or check
+    character is wrong."""
     _ascii_digits_only("id_number", value)
     number = value.strip().upper()
 
@@ -98,12 +99,28 @@ def check_id_number(value: str) -> str:
             "characters 7 to 14 give a birth date before 1900",
             "第 7 至 14 位表示的出生日期早于 1900 年",
         )
+    if today is not None and born > today:
+        raise refuse(
+            "characters 7 to 14 give a birth date after today",
+            "第 7 至 14 位表示的出生日期晚于今天",
+        )
     if id_check_digit(number[:17]) != number[17]:
         raise refuse(
             "the last character does not match the others: check for a typing error",
             "最后一位校验码与前 17 位不符:请检查是否输错",
         )
     return number
+
+
+def check_birthday(birthday: date | None, *, today: date) -> None:
+    """Refuse a birthday after ``today`` (the programme's): a typing error, as no member is
+    born in the future."""
+    if birthday is not None and birthday > today:
+        raise InvalidInput(
+            field="birthday",
+            problem=f"a birthday cannot be after today ({today.isoformat()})",
+            problem_zh=f"生日不能晚于今天({today.isoformat()})",
+        )
 
 
 def mask_phone(phone: str) -> str:

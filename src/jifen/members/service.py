@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import String, Text, bindparam, cast, extract, func, select
 
@@ -369,6 +370,12 @@ def get_profile(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberPr
     return _profile(_row(uow, program_id, member_id))
 
 
+def _today(uow: UnitOfWork, program_id: int) -> date:
+    """Today's date in the programme's time zone."""
+    zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
+    return uow.clock.now().astimezone(zone).date()
+
+
 def _phone_taken(uow: UnitOfWork, program_id: int, phone: str, member_id: int | None) -> None:
     query = select(members.c.id).where(
         members.c.program_id == program_id, members.c.phone_hash.in_(keyed_hashes(phone))
@@ -388,6 +395,7 @@ def register(
     API key (``by="key"``) gives no tags: staff set them (see :func:`_check_rule_facts`).."""
     if by == "key" and body.tags:
         raise _key_tags()
+    core.check_birthday(body.birthday, today=_today(uow, program_id))
     phone = core.normalise_phone(body.phone) if body.phone is not None else None
     if phone is not None:
         _phone_taken(uow, program_id, phone, None)
@@ -410,6 +418,7 @@ def update_profile(
     if before.state == "closed":
         raise _closed_profile(member_id)
     values = body.model_dump(exclude_unset=True)
+    core.check_birthday(values.get("birthday"), today=_today(uow, program_id))
     _check_rule_facts(before, values, by)
     if values:
         values["updated_at"] = uow.clock.now()
@@ -603,7 +612,7 @@ def bind_identity(
 ) -> Binding:
     """Bind a resident ID number and a mobile number to the member (real-name verification),
     each stored as a keyed hash to find it and encrypted to show it."""
-    number = core.check_id_number(body.id_number)
+    number = core.check_id_number(body.id_number, today=_today(uow, program_id))
     phone = core.normalise_phone(body.phone)
     # One binding of a member at a time (SQLite's writers are serial already): a binding
     # sees the number the one before it bound, and that is the number it texts.
