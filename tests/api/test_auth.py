@@ -972,6 +972,28 @@ def test_a_code_sent_to_a_replaced_phone_signs_nobody_in(
     assert signed_in.status_code == 200 and signed_in.json()["subject_id"] == member_id
 
 
+@pytest.mark.parametrize("state", ["banned", "closed"])
+def test_a_banned_or_closed_member_is_texted_no_code(
+    app_client: TestClient, db: Database, sms: RecordingSms, state: str
+) -> None:
+    """A code would sign in no one (a banned or closed account is refused at sign-in): it is
+    not texted, and the answer is the one any number gets."""
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    _bind_phone(db, member_id, "13400134000")
+    db.run(
+        lambda uow: members_service.change_state(
+            uow, program_id=program.id, member_id=member_id, state=state
+        )
+    )
+    ask = {"program": program.code, "phone": "13400134000"}
+    answer = app_client.post("/v1/auth/members/codes", json=ask)
+    unknown = app_client.post("/v1/auth/members/codes", json={**ask, "phone": "13400134009"})
+    assert answer.status_code == unknown.status_code == 202
+    assert answer.json().keys() == unknown.json().keys()
+    assert sms.sent == []
+
+
 def test_a_banned_member_cannot_sign_in(app_client: TestClient, db: Database) -> None:
     program = new_program(db)
     (member_id,) = new_members(db, program.id, 1)

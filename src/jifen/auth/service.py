@@ -645,13 +645,16 @@ def send_code(uow: UnitOfWork, *, program_id: int, phone: str, sms: SmsProvider)
     Answers the same whether or not such a member exists (no one learns which numbers are
     members); a member gets at most one code a minute: a second request within the minute
     is answered the same and sends nothing (the code sent stays valid). Refusing it, as an
-    unknown number never is, would tell which numbers are members. A provider that fails
-    to take the text: :class:`SmsUnavailable`, and no code is kept."""
+    unknown number never is, would tell which numbers are members. A banned or closed
+    member, whom no code signs in, is answered the same and texted nothing. A provider that
+    fails to take the text: :class:`SmsUnavailable`, and no code is kept."""
     number = members_core.normalise_phone(phone)
     now = uow.clock.now()
     expires_at = now + CODE_VALID_FOR
     member_id = members_service.find_by_phone(uow, program_id=program_id, phone=number)
     if member_id is None:
+        return expires_at
+    if members_service.get_member_by_id(uow, member_id=member_id).state in ("banned", "closed"):
         return expires_at
     last = uow.conn.execute(
         select(func.max(one_time_codes.c.created_at)).where(one_time_codes.c.member_id == member_id)
