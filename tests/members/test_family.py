@@ -3,7 +3,11 @@ member of a group may still close and leave it."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
+from sqlalchemy import text
 
 from jifen.db.uow import Database
 from jifen.errors import StateConflict
@@ -108,3 +112,55 @@ def test_a_member_added_to_a_group_meanwhile_heads_no_group_of_its_own(
         lambda uow: members.family(uow, program_id=program.id, member_id=c, balances=False)
     )
     assert alone.main_member_id is None
+
+
+def test_the_last_member_leaving_while_another_joins_leaves_the_group_standing(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group of A and B, and staff adding C to it, not committed yet ...
+    program = new_program(pg)
+    a, b, c = new_members(pg, program.id, 3)
+    pg.run(lambda uow: members.link_family(uow, program_id=program.id, main_id=a, member_id=b))
+    answer = members.family
+    added, go_on = threading.Event(), threading.Event()
+
+    def held_before_commit(uow: members.UnitOfWork, **given: object) -> object:
+        added.set()
+        assert go_on.wait(10)
+        return answer(uow, **given)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(members, "family", held_before_commit)
+    adding = threading.Thread(
+        target=lambda: pg.run(
+            lambda uow: members.link_family(uow, program_id=program.id, main_id=a, member_id=c)
+        )
+    )
+    adding.start()
+    assert added.wait(10)
+
+    # When B leaves meanwhile (and waits on the addition), and the addition then commits
+    leaving = threading.Thread(
+        target=lambda: pg.run(
+            lambda uow: members.leave_family(uow, program_id=program.id, member_id=b)
+        )
+    )
+    leaving.start()
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database() AND query LIKE '%members%'"
+    )
+    deadline = time.monotonic() + 10
+    while not pg.run(lambda uow: uow.conn.execute(waiting).scalar_one(), read_only=True):
+        assert time.monotonic() < deadline, "the leaving did not wait on the addition"
+        time.sleep(0.01)
+    go_on.set()
+    adding.join(10)
+    leaving.join(10)
+    monkeypatch.undo()
+
+    # Then A still heads a group, of A and C.
+    group = pg.run(
+        lambda uow: members.family(uow, program_id=program.id, member_id=c, balances=False)
+    )
+    assert group.main_member_id == a
+    assert [m.member_id for m in group.members] == [a, c]

@@ -784,6 +784,13 @@ def _closed_family(member_id: int) -> StateConflict:
 def leave_family(uow: UnitOfWork, *, program_id: int, member_id: int) -> FamilyRead:
     """The member leaves its group; when the main account leaves, the group dissolves."""
     row = _row(uow, program_id, member_id)
+    if uow.dialect == "postgresql" and row.family_main_id is not None:
+        # The group's main is held, as an addition to the group holds it: the count of who
+        # is left below sees a member added meanwhile, and the group stays.
+        uow.conn.execute(
+            select(members.c.id).where(members.c.id == row.family_main_id).with_for_update()
+        )
+        row = _row(uow, program_id, member_id)
     if row.family_main_id is None:
         raise StateConflict(
             problem=f"Member {member_id} is in no family group.",
