@@ -603,6 +603,7 @@ def test_a_closed_member_s_profile_and_identity_are_written_no_more(
         ("patch", "", {"name": "李雷", "email": "li.lei@example.cn", "region": "北京"}),
         ("patch", "", {"tags": ["vip"]}),
         ("put", "/identity", {"id_number": ID_NUMBER, "phone": PHONE}),
+        ("put", "/password", {"new_password": "a new pass phrase 1"}),
     ]
     for method, tail, body in writes:
         for language, says in (("en", "is closed"), ("zh-CN", "已注销")):
@@ -617,3 +618,5 @@ def test_a_closed_member_s_profile_and_identity_are_written_no_more(
     )
     assert after == before  # still erased: nothing was written back
     assert after.name == "" and after.phone_hash is None and after.external_ref.startswith("erased")
+    credentials = select(member_credentials).where(member_credentials.c.member_id == shop.member)
+    assert db.run(lambda uow: uow.conn.execute(credentials).all()) == []

@@ -59,7 +59,7 @@ from jifen.auth.schemas import (
     StaffUpdate,
 )
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import Forbidden, InvalidInput, UnknownProgram
+from jifen.errors import Forbidden, InvalidInput, StateConflict, UnknownProgram
 from jifen.members import service as members_service
 from jifen.notify.sms import SmsProvider
 from jifen.programs import service as programs_service
@@ -217,7 +217,8 @@ def set_member_password(
     """A member sets its password (giving the present one if it has one); staff may reset
     a member's password without it. An API key may not (a till that could would sign in as
     any member). Every other session of the member ends: whoever held the old password is
-    signed out."""
+    signed out. A closed member is given no password (409): it signs in no more, and its
+    personal data may have been erased."""
     own = ctx.principal.kind == "member"
     if ctx.principal.kind == "key":
         raise Forbidden(
@@ -227,7 +228,17 @@ def set_member_password(
         )
 
     def change(uow: UnitOfWork) -> Me:
-        members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
+        # The member's row is held, as a closing or an erasure holds it: no password is
+        # written beside one that is committing.
+        members_service.lock_members(uow, member_ids=[member_id])
+        member = members_service.require_member(uow, program_id=ctx.program_id, member_id=member_id)
+        if member.state == "closed":
+            raise StateConflict(
+                problem=f"Member {member_id} is closed: a closed account signs in no more and "
+                "is given no password (its personal data may have been erased).",
+                problem_zh=f"会员 {member_id} 已注销:已注销的账户不能再登录,也不能设置密码"
+                "(其个人信息可能已被删除)。",
+            )
         service.set_member_password(
             uow, member_id=member_id, password=body.new_password,
             current=body.current_password, check_current=own,
