@@ -508,6 +508,34 @@ def test_a_birthday_or_an_id_numbers_birth_date_after_today_is_refused(
     assert early.status_code == 422 and early.json()["errors"][0]["field"] == "birthday"
 
 
+def test_control_characters_in_a_members_texts_are_refused_on_their_field(
+    client: TestClient, db: Database
+) -> None:
+    """A terminal escape or a line break in a name, a region or a reference would reach
+    every screen, receipt and export that shows it: refused, naming the character."""
+    club = Club(client, db)
+    for field, value in (
+        ("external_ref", "C\x1b[2J1"),
+        ("name", "Li\x07 Lei"),
+        ("region", "北\r\n京"),
+        ("name", "Li\x7fLei"),
+        ("email", "li\x1b@example.cn"),
+    ):
+        body = {"external_ref": "C1", field: value}
+        answer = club.post(club.base, body, {**club.operator, "Accept-Language": "en"})
+        assert answer.status_code == 422, (field, answer.text)
+        (error,) = answer.json()["errors"]
+        assert error["field"] == f"body.{field}", error
+    said = club.post(club.base, {"external_ref": "C1", "name": "Li\x07 Lei"}).json()
+    assert "control character (U+0007)" in said["errors"][0]["message"]
+    member_id = club.register("C1", name="李雷 Lei 😀")["id"]
+    patched = client.patch(
+        club.url(member_id), json={"name": "Lei\tLi"}, headers={**club.operator, **support.key()}
+    )
+    assert patched.status_code == 422 and patched.json()["errors"][0]["field"] == "body.name"
+    assert client.get(club.url(member_id), headers=club.operator).json()["name"] == "李雷 Lei 😀"
+
+
 def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     mine, theirs = club.register("A1")["id"], club.register("A2")["id"]

@@ -72,3 +72,18 @@ def test_a_members_row_born_after_today_is_refused_on_its_line(
         read_only=True,
     )
     assert list(found) == ["z1"]
+
+
+def test_a_members_row_with_a_control_character_is_refused_on_its_line(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    path = write(tmp_path / "m.csv", ["external_ref", "name"], [
+        ["k1", "王芳"],
+        ["k2", "王\x1b[31m芳"],
+    ])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.refused) == (1, 1)
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[2:5] == ["3", "name", "invalid_input"]
+    assert "control character (U+001B)" in refused[5]

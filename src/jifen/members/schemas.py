@@ -33,9 +33,26 @@ Language = Literal["zh", "en"]
 """The language of the messages jifen sends a member (none chosen: Chinese)."""
 Tag = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\w.-]+$")]
 """Letters (any script), digits, ``_``, ``.`` and ``-``."""
-Email = Annotated[str, Field(max_length=254, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")]
+_EMAIL_PART = r"[^@\s\x00-\x1f\x7f]+"
+Email = Annotated[
+    str, Field(max_length=254, pattern=rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$")
+]
+
+
 Name = Annotated[str, Field(max_length=100, pattern=NO_NUL)]
 Region = Annotated[str, Field(max_length=100, pattern=NO_NUL)]
+
+
+def _printable(value: str | None) -> str | None:
+    """Refuse a control character (a terminal escape, a bell, a line break, DEL) in a text
+    that every screen, receipt and export of the member shows."""
+    for char in value or "":
+        if char < " " or char == "\x7f":
+            raise Refusal(
+                f"holds a control character (U+{ord(char):04X}); remove it",
+                f"含有控制字符(U+{ord(char):04X}),请删除",
+            )
+    return value
 
 
 def _plausible_birthday(value: date) -> date:
@@ -63,6 +80,8 @@ class MemberCreate(RequestBody):
     language: Language | None = None
     """The language of the messages jifen sends the member (none: Chinese)."""
 
+    _texts_printable = field_validator("external_ref", "name", "region")(_printable)
+
 
 class MemberUpdate(RequestBody):
     """The profile fields a member or staff may change; what is left out stays as it is.
@@ -76,6 +95,8 @@ class MemberUpdate(RequestBody):
     tags: Annotated[list[Tag], Field(max_length=20)] | SkipJsonSchema[None] = None
     language: Language | None = None
     """The language of its messages; null: jifen's default, Chinese."""
+
+    _texts_printable = field_validator("name", "region")(_printable)
 
     @field_validator("name", "tags", mode="before")
     @classmethod
