@@ -536,6 +536,26 @@ def test_control_characters_in_a_members_texts_are_refused_on_their_field(
     assert client.get(club.url(member_id), headers=club.operator).json()["name"] == "李雷 Lei 😀"
 
 
+def test_a_birthday_is_a_date_written_as_one_never_a_number(
+    client: TestClient, db: Database
+) -> None:
+    """0 or "00000000" (how many systems write an unknown birthday) would be read as
+    seconds since 1970 and make the member born on 1 January 1970, in line for January's
+    birthday points; "19900102" is refused saying how to write it."""
+    club = Club(client, db)
+    for value in (0, "0", "00000000", "19900102", 631152000):
+        answer = club.post(club.base, {"external_ref": "D1", "birthday": value})
+        assert answer.status_code == 422, (value, answer.text)
+        (error,) = answer.json()["errors"]
+        assert error["field"] == "body.birthday" and "YYYY-MM-DD" in error["message"], error
+    member_id = club.register("D1", birthday="1990-01-02")["id"]
+    patched = client.patch(
+        club.url(member_id), json={"birthday": 0}, headers={**club.operator, **support.key()}
+    )
+    assert patched.status_code == 422 and patched.json()["errors"][0]["field"] == "body.birthday"
+    assert client.get(club.url(member_id), headers=club.operator).json()["birthday"] == "1990-01-02"
+
+
 def test_a_member_sees_and_changes_only_itself(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     mine, theirs = club.register("A1")["id"], club.register("A2")["id"]

@@ -87,3 +87,19 @@ def test_a_members_row_with_a_control_character_is_refused_on_its_line(
     _, refused = read_csv(tmp_path / "m.errors.csv")
     assert refused[2:5] == ["3", "name", "invalid_input"]
     assert "control character (U+001B)" in refused[5]
+
+
+def test_a_members_row_with_a_number_for_a_birthday_is_refused_on_its_line(
+    db: Database, tmp_path: Path
+) -> None:
+    """ "00000000" is how many systems write an unknown birthday: not 1 January 1970."""
+    program = new_program(db)
+    path = write(tmp_path / "m.csv", ["external_ref", "birthday"], [
+        ["n1", "00000000"],
+        ["n2", "1990-01-02"],
+    ])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.refused) == (1, 1)
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[2:5] == ["2", "birthday", "invalid_input"]
+    assert "YYYY-MM-DD" in refused[5]

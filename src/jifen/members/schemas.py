@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from jifen.api.schemas import NO_NUL, RequestBody
@@ -55,13 +56,27 @@ def _printable(value: str | None) -> str | None:
     return value
 
 
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _written_as_a_date(value: object) -> object:
+    """A birthday is given as ``YYYY-MM-DD``: a number ("0", "00000000", "19900102") would be
+    read as seconds since 1970, and an unknown birthday written as 0 become 1 January 1970."""
+    if isinstance(value, date) or (isinstance(value, str) and _ISO_DATE.fullmatch(value)):
+        return value
+    raise Refusal(
+        "give the birthday as a date, YYYY-MM-DD (for example 1990-01-02)",
+        "请按 YYYY-MM-DD 格式填写生日(例如 1990-01-02)",
+    )
+
+
 def _plausible_birthday(value: date) -> date:
     if not date(1900, 1, 1) <= value <= date(2100, 1, 1):
         raise Refusal("give a birthday from 1900 on", "请给出 1900 年及以后的生日")
     return value
 
 
-Birthday = Annotated[date, AfterValidator(_plausible_birthday)]
+Birthday = Annotated[date, BeforeValidator(_written_as_a_date), AfterValidator(_plausible_birthday)]
 Phone = Annotated[str, Field(min_length=1, max_length=32, pattern=NO_NUL)]
 
 
