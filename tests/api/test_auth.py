@@ -624,6 +624,33 @@ def test_a_merchants_credentials_list_and_revoke_its_own_api_keys_only(
     assert own.status_code == 200 and own.json()["revoked_at"] is not None
 
 
+def test_a_stores_credentials_list_and_revoke_that_stores_api_keys_only(
+    app_client: TestClient, db: Database
+) -> None:
+    """A store's operator cannot revoke its merchant's key for every till, nor another
+    store's, nor see them."""
+    program = new_program(db)
+    keys = f"/v1/programs/{program.code}/api-keys"
+    admin = support.staff(db, "operator", program_id=program.id)
+    store_1 = support.staff(db, "operator", program_id=program.id, merchant="shop-A", store="s1")
+    made = {
+        store: app_client.post(
+            keys, json={"name": str(store), "merchant": "shop-A", "store": store},
+            headers={**admin, **support.key()},
+        ).json()["id"]
+        for store in ("s1", "s2", None)
+    }  # fmt: skip
+    listed = app_client.get(keys, headers=store_1).json()["items"]
+    assert [item["id"] for item in listed] == [made["s1"]]
+    for other in (made["s2"], made[None]):
+        refused = app_client.post(f"{keys}/{other}/revoke", headers={**store_1, **support.key()})
+        assert refused.status_code == 404, refused.text
+    still = app_client.get(keys, params={"revoked": "true"}, headers=admin).json()["items"]
+    assert still == []
+    own = app_client.post(f"{keys}/{made['s1']}/revoke", headers={**store_1, **support.key()})
+    assert own.status_code == 200 and own.json()["revoked_at"] is not None
+
+
 # --------------------------------------------------------------------------- API keys
 
 

@@ -578,9 +578,10 @@ def list_api_keys(
     revoked: bool | None = None,
 ) -> Page[ApiKeyRead]:
     """The programme's keys: prefix, scope, permissions, expiry, revocation, last use;
-    filter by ``merchant`` and ``revoked``. A merchant's credentials see its own keys."""
+    filter by ``merchant`` and ``revoked``. A merchant's credentials see its own keys, a
+    store's those of the store."""
     after = id_cursor(cursor)
-    merchant, _ = ctx.merchant(merchant)
+    merchant, store = ctx.merchant(merchant)
     items = ctx.db.run(
         lambda uow: service.list_api_keys(
             uow,
@@ -588,6 +589,7 @@ def list_api_keys(
             after_id=after,
             limit=limit,
             merchant=merchant,
+            store=store,
             revoked=revoked,
         ),
         read_only=True,
@@ -640,10 +642,15 @@ def revoke_api_key(
     program: str, key_id: Id, ctx: Annotated[Context, Depends(Write("api_keys.write"))]
 ) -> JSONResponse:
     """Revoke a key at once (servers that cached it stop accepting it within 5 seconds). A
-    merchant's credentials revoke its own keys only."""
+    merchant's credentials revoke its own keys only, a store's those of the store (not the
+    merchant's keys for all its stores)."""
     return ctx.execute(
         lambda uow: service.revoke_api_key(
-            uow, program_id=ctx.program_id, key_id=key_id, merchant=ctx.merchant_scope
+            uow,
+            program_id=ctx.program_id,
+            key_id=key_id,
+            merchant=ctx.merchant_scope,
+            store=ctx.store_scope,
         ),
         target=f"api-key:{key_id}",
     )

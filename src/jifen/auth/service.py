@@ -1051,11 +1051,14 @@ def list_api_keys(
     after_id: int,
     limit: int,
     merchant: str | None = None,
+    store: str | None = None,
     revoked: bool | None = None,
 ) -> list[ApiKeyRead]:
     query = select(api_keys).where(api_keys.c.program_id == program_id, api_keys.c.id > after_id)
     if merchant is not None:
         query = query.where(api_keys.c.merchant == merchant)
+    if store is not None:
+        query = query.where(api_keys.c.store == store)
     if revoked is not None:
         query = query.where(
             api_keys.c.revoked_at.is_not(None) if revoked else api_keys.c.revoked_at.is_(None)
@@ -1065,12 +1068,20 @@ def list_api_keys(
 
 
 def revoke_api_key(
-    uow: UnitOfWork, *, program_id: int, key_id: int, merchant: str | None = None
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    key_id: int,
+    merchant: str | None = None,
+    store: str | None = None,
 ) -> ApiKeyRead:
-    """Revoke a key of the programme (of ``merchant``'s keys only, when given)."""
+    """Revoke a key of the programme (of ``merchant``'s keys only, and of ``store``'s only,
+    when given)."""
     where = (api_keys.c.id == key_id) & (api_keys.c.program_id == program_id)
     if merchant is not None:
         where &= api_keys.c.merchant == merchant
+    if store is not None:
+        where &= api_keys.c.store == store
     uow.conn.execute(
         api_keys.update()
         .where(where, api_keys.c.revoked_at.is_(None))
