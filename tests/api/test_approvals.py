@@ -208,6 +208,54 @@ def test_settings_change_only_through_an_approval(client: TestClient, db: Databa
     assert bad.status_code == 422
 
 
+def test_approving_new_settings_records_the_settings_they_replace(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    before = desk.settings()
+    filed = desk.put_settings({"adjust_approval_threshold": 10, "transfers_enabled": False})
+    assert filed.status_code == 202, filed.text
+    approved = desk.decide(filed.json()["id"], "approve")
+    assert approved.status_code == 200, approved.text
+    # the request's result holds the settings it replaced besides the new ones
+    result = approved.json()["result"]
+    assert result["replaced"] == before
+    assert result["settings"] == desk.settings()
+    # and the approval's audit entry keeps them as what was there before
+    auditor = support.staff(db, "auditor", program_id=desk.program.id)
+    answer = client.get(
+        "/v1/audit",
+        params={"target": f"approval:{filed.json()['id']}", "action": "approvals.decide"},
+        headers=auditor,
+    )
+    assert answer.status_code == 200, answer.text
+    (entry,) = answer.json()["items"]
+    assert entry["before"] == {"settings": before}
+    assert entry["after"]["result"]["settings"]["adjust_approval_threshold"] == 10
+
+
+def test_approving_new_earning_caps_records_the_caps_they_replace(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    url = f"{desk.base}/earning-caps"
+    before = client.get(url, headers=desk.operator).json()
+    filed = client.put(
+        url, json={**before, "budget": 500}, headers={**desk.operator, **support.key()}
+    )
+    assert filed.status_code == 202, filed.text
+    approved = desk.decide(filed.json()["id"], "approve")
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["result"]["replaced"] == before
+    auditor = support.staff(db, "auditor", program_id=desk.program.id)
+    (entry,) = client.get(
+        "/v1/audit",
+        params={"target": f"approval:{filed.json()['id']}", "action": "approvals.decide"},
+        headers=auditor,
+    ).json()["items"]
+    assert entry["before"] == {"caps": before}
+
+
 def test_a_request_filed_on_settings_changed_since_is_not_approved(
     client: TestClient, db: Database
 ) -> None:

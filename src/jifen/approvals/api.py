@@ -10,7 +10,7 @@ as ``failed``, with the error in ``result``, and answered 409 with that error.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
@@ -99,15 +99,26 @@ def approve(
     note = body.note if body else ""
 
     def decide(uow: UnitOfWork) -> ApprovalRead:
-        return service.approve(
+        decided = service.approve(
             uow,
             approval_id=approval_id,
             program_id=ctx.program_id,
             decided_by=decided_by,
             note=note,
         )
+        ctx.audit_before = _replaced(decided)
+        return decided
 
     return _answer(ctx, ctx.execute(decide, target=f"approval:{approval_id}"))
+
+
+def _replaced(decided: ApprovalRead) -> dict[str, Any] | None:
+    """What an approved replacement of a whole value (the settings, the earning caps)
+    replaced, under that value's name: the audit entry's ``before``."""
+    result = decided.result or {}
+    if decided.status != "approved" or "replaced" not in result:
+        return None
+    return {name: result["replaced"] for name in ("settings", "caps") if name in result}
 
 
 @router.post(APPROVALS + "/{approval_id}/reject", response_model=ApprovalRead)

@@ -40,8 +40,9 @@ class ApprovalRead(BaseModel):
     decided_at: datetime | None = None
     decision_note: str = ""
     result: dict[str, Any] | None = None
-    """What the execution produced (the posting, the new settings), or, when it failed, the
-    error: ``code``, ``message`` and ``message_zh``."""
+    """What the execution produced (the posting, the new settings, and as ``replaced`` the
+    settings or caps they replaced), or, when it failed, the error: ``code``, ``message``
+    and ``message_zh``."""
 
 
 class ApprovalDecision(RequestBody):

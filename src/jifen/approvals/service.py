@@ -6,7 +6,8 @@ Exactly once rests on two guards in the approving transaction: the request moves
 a ledger write made on approval uses the key ``approval:<id>``, which the ledger accepts
 once. The execution runs in a savepoint: when the rules refuse it (the balance fell below
 the adjustment), its writes are undone while the request is kept, marked ``failed`` with
-the error, so that the requester sees why.
+the error, so that the requester sees why. A request that replaces a whole value (the
+settings, the earning caps) keeps the value it replaced in its result, as ``replaced``.
 
 Approval is refused (409, the request left pending) when its maker is no longer an active
 staff user holding a permission that files it, or when a settings or caps request was filed
@@ -367,8 +368,12 @@ def _clear(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
 
 def _settings(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     settings = ProgramSettings.model_validate(row.params["settings"])
+    replaced = programs_service.get_settings(uow, program_id=row.program_id)
     programs_service.set_settings(uow, program_id=row.program_id, settings=settings)
-    return {"settings": settings.model_dump(mode="json")}
+    return {
+        "settings": settings.model_dump(mode="json"),
+        "replaced": replaced.model_dump(mode="json"),
+    }
 
 
 def _approve_rule(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
@@ -403,8 +408,9 @@ def _reject_rule(uow: UnitOfWork, row: Row[Any]) -> None:
 
 def _caps(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     caps = ProgramCaps.model_validate(row.params["caps"])
+    replaced = rules_service.get_caps(uow, program_id=row.program_id)
     rules_service.set_caps(uow, program_id=row.program_id, caps=caps)
-    return {"caps": caps.model_dump(mode="json")}
+    return {"caps": caps.model_dump(mode="json"), "replaced": replaced.model_dump(mode="json")}
 
 
 def _digest(value: dict[str, Any]) -> str:
