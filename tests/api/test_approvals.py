@@ -570,6 +570,32 @@ def test_adjustments_sent_at_once_count_against_the_threshold_one_after_another(
         assert_ledger_sound(pg, desk.program.id)
 
 
+def test_an_adjustment_that_could_never_execute_is_refused_when_filed(
+    client: TestClient, db: Database
+) -> None:
+    desk = Desk(client, db)
+    # a credit whose points would lapse before it could be approved
+    past = desk.post(
+        desk.points("/adjust"),
+        {"amount": 5000, "reason": "goodwill", "expires_at": "2025-12-31T23:00:00+08:00"},
+        desk.operator,
+    )
+    assert past.status_code == 422, past.text
+    assert past.json()["code"] == "invalid_dates"
+    # a correction of a closed account, which takes no adjustment
+    admin = support.staff(db, "super_admin", program_id=desk.program.id)
+    closing = desk.post(
+        f"/members/{desk.member}/state", {"state": "closed", "reason": "left"}, admin
+    )
+    assert closing.status_code == 200, closing.text
+    closed = desk.adjust(5000)
+    assert closed.status_code == 409, closed.text
+    assert "closed" in closed.json()["detail"]
+    # neither left a request in the queue
+    queue = client.get(f"{desk.base}/approvals", headers=desk.reviewer).json()
+    assert queue["items"] == []
+
+
 def test_a_rejected_request_executes_nothing(client: TestClient, db: Database) -> None:
     desk = Desk(client, db)
     filed = desk.adjust(5000)

@@ -331,7 +331,15 @@ def adjust(
 def _file_adjustment(
     uow: UnitOfWork, ctx: Context, member_id: int, body: AdjustCreate
 ) -> ApprovalRead:
-    """File the adjustment for a second person's approval."""
+    """File the adjustment for a second person's approval, unless it could never execute."""
+    service.check_adjustment(
+        uow,
+        member_id=member_id,
+        amount=body.amount,
+        reason=body.reason,
+        actor=ctx.actor,
+        expires_at=body.expires_at,
+    )
     return approvals_service.request(
         uow,
         program_id=ctx.program_id,

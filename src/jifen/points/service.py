@@ -1387,6 +1387,27 @@ def adjust(
     )
 
 
+def check_adjustment(
+    uow: UnitOfWork,
+    *,
+    member_id: int,
+    amount: int,
+    reason: str,
+    actor: str,
+    expires_at: datetime | None = None,
+) -> None:
+    """Refuse, before it is filed for approval, an adjustment that :func:`adjust` would
+    refuse whenever it were approved: one of a closed account, a credit whose points would
+    lapse at once (its ``expires_at`` already past). What may change meanwhile (the points
+    a debit needs) is left to the approval."""
+    _require_open(_account_of(uow, member_id), "adjustment", "积分调整")
+    if amount > 0:
+        ledger.plan_adjust(
+            lots=(), amount=amount, now=uow.clock.now(), reason=reason, actor=actor,
+            expires_at=expires_at,
+        )  # fmt: skip
+
+
 def transfer(
     uow: UnitOfWork,
     *,
