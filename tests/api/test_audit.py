@@ -106,6 +106,31 @@ def test_a_staff_earn_is_recorded_with_who_from_where_what_and_the_result(shop: 
     assert len(shop.entries(target=f"member:{shop.bob}")) == 1
 
 
+def test_a_write_by_staff_holding_many_long_named_roles_is_recorded(shop: Shop) -> None:
+    # given a staff user holding five custom roles with long codes, each allowing earning
+    codes = [f"regional_loyalty_desk_{n}_" + "x" * 40 for n in range(5)]
+
+    def make(uow: auth.UnitOfWork) -> str:
+        created = auth.create_staff(uow, username=f"desk-{shop.alice}", password="correct horse 1")
+        for code in codes:
+            auth.create_role(
+                uow, program_id=shop.program.id, code=code, name=code, permissions=["points.earn"]
+            )
+            auth.grant_role(uow, staff_id=created.id, role=code, program_id=shop.program.id)
+        return auth.new_session(
+            uow, subject="staff", subject_id=created.id, totp_verified=True
+        ).token
+
+    desk = {"Authorization": f"Bearer {shop.db.run(make)}"}
+    # when the user earns points for alice, the write goes through and is recorded
+    shop.earn(shop.alice, 10, headers=desk)
+    (entry,) = shop.entries(target=f"member:{shop.alice}")
+    assert entry["action"] == "points.earn"
+    # with the roles it held, as many as the record keeps, and a mark that more were held
+    assert entry["role"].startswith(",".join(codes[:2]))
+    assert len(entry["role"]) <= 200 and entry["role"].endswith("…")
+
+
 def test_an_api_key_write_records_the_key(shop: Shop) -> None:
     created = shop.db.run(
         lambda uow: auth.create_api_key(

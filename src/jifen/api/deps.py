@@ -359,7 +359,7 @@ class Context:
         return AuditEntryCreate(
             program_id=self.program.id if self.program else None,
             actor=self.principal.name,
-            role=",".join(self.principal.roles),
+            role=audit_service.roles_text(self.principal.roles),
             api_key_id=self.principal.api_key_id,
             ip=client_ip(self.request),
             user_agent=self.request.headers.get("user-agent", "")[:300],

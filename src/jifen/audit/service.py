@@ -7,7 +7,7 @@ import base64
 import csv
 import io
 import json
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +59,7 @@ __all__ = [
     "csv_chunks",
     "entry_values",
     "record",
+    "roles_text",
     "search",
     "snapshot",
     "verify",
@@ -152,6 +153,26 @@ def entry_values(uow: UnitOfWork, entry: AuditEntryCreate) -> dict[str, Any]:
         after=after,
     )  # fmt: skip
     return values
+
+
+_ROLE_LENGTH = 200
+"""The length of the ``role`` column."""
+
+
+def roles_text(roles: Iterable[str]) -> str:
+    """The roles an actor held, as an entry's ``role`` records them: comma-separated, as
+    many whole ones as the column keeps, then "…" when more were held."""
+    names = list(roles)
+    text = ",".join(names)
+    if len(text) <= _ROLE_LENGTH:
+        return text
+    kept = ""
+    for name in names:
+        longer = f"{kept},{name}" if kept else name
+        if len(longer) + 2 > _ROLE_LENGTH:  # room for ",…"
+            break
+        kept = longer
+    return f"{kept},…" if kept else names[0][: _ROLE_LENGTH - 1] + "…"
 
 
 def record(uow: UnitOfWork, entry: AuditEntryCreate) -> int:

@@ -194,7 +194,7 @@ def change_staff_password(
             AuditEntryCreate(
                 program_id=None,
                 actor=principal.name,
-                role=",".join(principal.roles),
+                role=audit_service.roles_text(principal.roles),
                 ip=client_ip(request),
                 user_agent=request.headers.get("user-agent", "")[:300],
                 action="staff.password",
