@@ -262,6 +262,28 @@ def test_the_benefits_matrix_is_changed_by_approval(client: TestClient, db: Data
     assert len(body(shop.get("/tiers/scheme"), 200)["scheme"]["levels"]) == 3
 
 
+def test_a_tier_scheme_put_with_the_settings_must_fit_the_tiers_too(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    settings = body(shop.get("/settings"), 200)
+    # levels that are not the programme's tiers are refused before anything is filed
+    two = {**SCHEME, "levels": SCHEME["levels"][:2], "benefits": {}}  # type: ignore[index]
+    wrong = shop.put("/settings", {**settings, "tier_scheme": two})
+    assert wrong.status_code == 422, wrong.text
+    assert wrong.json()["errors"][0]["field"] == "levels"
+    # a scheme that fits is filed; if the tiers change before it is approved, it fails
+    filed = body(shop.put("/settings", {**settings, "tier_scheme": SCHEME}), 202)
+    body(shop.put("/tiers", {"tiers": TIERS[:2]}), 200)
+    failed = shop.decide(filed["id"], "approve")
+    assert failed.status_code == 409, failed.text
+    assert "levels" in failed.json()["detail"]
+    assert body(shop.get("/tiers/scheme"), 200) == {"scheme": None}
+    # settings that leave the scheme as it is are not held to it
+    assert shop.put("/settings", {**settings, "return_window_days": 3}).status_code == 202
+
+
 def test_who_may_change_the_scheme_and_evaluate(client: TestClient, db: Database) -> None:
     shop = Shop(client, db)
     shop.define_tiers()

@@ -54,6 +54,7 @@ from jifen.programs import service as programs_service
 from jifen.programs.schemas import APPROVAL_TTL_HOURS, CLOSING_POLICY, ProgramSettings
 from jifen.rules import service as rules_service
 from jifen.rules.schemas import ProgramCaps
+from jifen.tiers import service as tiers_service
 
 
 def request(
@@ -369,6 +370,10 @@ def _clear(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
 def _settings(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     settings = ProgramSettings.model_validate(row.params["settings"])
     replaced = programs_service.get_settings(uow, program_id=row.program_id)
+    # The tiers may have changed since it was filed.
+    tiers_service.require_scheme_fits(
+        uow, program_id=row.program_id, scheme=settings.tier_scheme, current=replaced.tier_scheme
+    )
     programs_service.set_settings(uow, program_id=row.program_id, settings=settings)
     return {
         "settings": settings.model_dump(mode="json"),

@@ -16,6 +16,7 @@ from jifen.db.uow import UnitOfWork
 from jifen.errors import Forbidden
 from jifen.programs import service
 from jifen.programs.schemas import ProgramCreate, ProgramRead, ProgramSettings
+from jifen.tiers import service as tiers_service
 
 router = APIRouter(tags=["programmes"])
 
@@ -86,10 +87,15 @@ def put_settings(
     body: ProgramSettings,
     ctx: Annotated[Context, Depends(Write("programs.settings", programme_wide=True))],
 ) -> JSONResponse:
-    """Request new settings (the whole policy); they apply when a second person approves."""
+    """Request new settings (the whole policy); they apply when a second person approves.
+    A new tier scheme must name the programme's tiers in rank order (422 on ``levels``)."""
     requested_by = requester(ctx)
 
     def file(uow: UnitOfWork) -> ApprovalRead:
+        current = service.get_settings(uow, program_id=ctx.program_id)
+        tiers_service.require_scheme_fits(
+            uow, program_id=ctx.program_id, scheme=body.tier_scheme, current=current.tier_scheme
+        )
         return approvals_service.request(
             uow,
             program_id=ctx.program_id,

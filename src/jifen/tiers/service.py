@@ -297,6 +297,17 @@ def _require_levels_match(uow: UnitOfWork, program_id: int, scheme: TierScheme) 
         )
 
 
+def require_scheme_fits(
+    uow: UnitOfWork, *, program_id: int, scheme: TierScheme | None, current: TierScheme | None
+) -> None:
+    """Refuse ``scheme``, put in place of ``current``, when its levels are not the
+    programme's tiers in rank order: installed, it would move no member at an earning and
+    stop every evaluation. A scheme left as it is is not checked (settings changed for
+    another reason are not held up by tiers changed since)."""
+    if scheme is not None and scheme != current:
+        _require_levels_match(uow, program_id, scheme)
+
+
 def settings_with_scheme(
     uow: UnitOfWork, *, program_id: int, scheme: TierScheme | None
 ) -> ProgramSettings:
