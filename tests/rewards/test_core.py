@@ -76,6 +76,16 @@ def test_birthday_month_makes_a_point_worth_1_2_and_rounds_up() -> None:
     assert price("钻石", birthday=True).points == 584
 
 
+def test_a_member_of_no_tier_is_told_the_programmes_own_discount_as_such() -> None:
+    policy = POLICY.model_copy(update={"default": TierTerms(discount_pct=95)})
+    quoted = core.quote(reward(points=999), quantity=1, buyer=core.Buyer(None), policy=policy)
+    assert quoted.points == 950  # 999 × 0.95 = 949.05
+    last = quoted.steps[-1]
+    assert (last.factor, last.points) == ("0.95", "949.05")
+    assert last.what == "no tier: pays 95 %" and last.what_zh == "无等级会员:按 95% 计价"
+    assert "None" not in last.what + last.what_zh
+
+
 def test_category_coefficient_0_8_makes_premium_goods_dearer_in_points() -> None:
     assert price("普通", category="数码").points == 1250  # 100 points buy 0.8 yuan there
     assert price("普通", category="日用").points == 1000

@@ -98,8 +98,10 @@ def quote(
     terms = policy.for_tier(buyer.tier)
     if reward.discountable and terms.discount_pct != 100:
         step(
-            f"tier {buyer.tier}: pays {terms.discount_pct} %",
-            f"{buyer.tier}:按 {terms.discount_pct}% 计价",
+            f"tier {buyer.tier}: pays {terms.discount_pct} %"
+            if buyer.tier is not None
+            else f"no tier: pays {terms.discount_pct} %",
+            f"{buyer.tier or '无等级会员'}:按 {terms.discount_pct}% 计价",
             Fraction(terms.discount_pct, 100),
             _show(Fraction(terms.discount_pct, 100)),
         )
