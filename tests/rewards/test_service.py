@@ -423,6 +423,25 @@ def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Databa
     assert shop.use(code, 15000).discount_fen == 2000
 
 
+def test_a_used_or_expired_coupon_shown_for_a_small_order_is_refused_as_used_or_expired(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    coupon = shop.reward(kind="coupon", points=500,
+                         coupon={"amount_fen": 2000, "min_spend_fen": 10000})  # fmt: skip
+    used, lapsed = (shop.redeem(member, coupon.code).voucher for _ in range(2))
+    assert used is not None and lapsed is not None
+    shop.use(used.code, 15000, store="S1")
+    # a second till, with an order below the minimum: the coupon is spent, whatever the order
+    with pytest.raises(VoucherNotUsable, match="already used at S1") as refused:
+        shop.use(used.code, 9000, store="S2")
+    assert "至少" not in refused.value.params["problem_zh"] and "须满" not in str(refused.value)
+    clock(db).advance(timedelta(days=91))
+    with pytest.raises(VoucherNotUsable, match="expired at"):
+        shop.use(lapsed.code, 9000)
+
+
 def test_an_issued_coupon_keeps_the_terms_it_was_bought_with(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

@@ -1720,6 +1720,7 @@ def use_voucher(
     one of an order made in the member's own app (for no merchant) is accepted anywhere."""
     row = _voucher_row(uow, program_id, code, merchant)
     coupon = _coupon_of(uow, row, row.reward_code, row.kind)
+    now = uow.clock.now()
     discount = None
     if coupon is not None:
         if order_amount_fen is None:
@@ -1730,13 +1731,15 @@ def use_voucher(
             )
         discount = core.coupon_discount(coupon, order_amount_fen)
         if discount is None:
+            # A coupon used, lapsed or undone is refused as such: no order would take it.
+            if not _usable(uow, row, now):
+                _refuse_voucher(uow, program_id, row.code, now)
             raise VoucherNotUsable(
                 code=row.code,
                 problem=f"the order must be at least {coupon.min_spend_fen} fen; it is "
                 f"{order_amount_fen}.",
                 problem_zh=f"订单金额须满 {coupon.min_spend_fen} 分,当前为 {order_amount_fen} 分。",
             )
-    now = uow.clock.now()
     usable_order = select(reward_orders.c.id).where(
         reward_orders.c.id == row.order_id, reward_orders.c.state.in_(_usable_with(row.kind))
     )
@@ -1762,6 +1765,17 @@ def use_voucher(
         _step(uow, program_id, row.order_id, "delivered", actor, where)
     return VoucherUsed(voucher=get_voucher(uow, program_id=program_id, code=row.code),
                        discount_fen=discount)  # fmt: skip
+
+
+def _usable(uow: UnitOfWork, row: Any, now: datetime) -> bool:
+    """Whether the voucher as read could be accepted now: issued, within its validity, and
+    its order in a state it may be used in."""
+    if row.state != "issued" or row.valid_until <= now:
+        return False
+    state = uow.conn.execute(
+        select(reward_orders.c.state).where(reward_orders.c.id == row.order_id)
+    ).scalar_one()
+    return state in _usable_with(row.kind)
 
 
 _PICKUP_WAITING = ("created", "confirmed")
