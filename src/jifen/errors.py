@@ -314,6 +314,20 @@ class PriceChanged(Refused):
     )
 
 
+class RedemptionPaymentMismatch(Refused):
+    """A redemption naming a payment of another amount than the cash part it is due."""
+
+    code = "payment_amount_mismatch"
+    en = (
+        "{quantity} × reward {reward!r} is due {due_fen} fen in cash; payment {payment_ref!r} "
+        "says {paid_fen} fen. Nothing was recorded: take the amount due, or refund this payment."
+    )
+    zh = (
+        "礼品 {reward!r} × {quantity} 应付现金 {due_fen} 分,支付 {payment_ref!r} 为 {paid_fen} 分。"
+        "未作任何记录:请按应付金额收款,或退还该笔支付。"
+    )
+
+
 class VoucherNotUsable(Refused):
     code = "voucher_not_usable"
     en = "Voucher {code!r} cannot be used: {problem}"
@@ -363,6 +377,7 @@ __all__ += [
     "PaymentAmountMismatch",
     "PaymentUsed",
     "PriceChanged",
+    "RedemptionPaymentMismatch",
     "TierNotAllowed",
     "UnknownOrder",
     "UnknownReward",

@@ -38,6 +38,7 @@ from jifen.rewards import core
 from jifen.rewards import service as rewards
 from jifen.rewards.models import prize_stock, reward_orders, vouchers
 from jifen.rewards.models import rewards as rewards_table
+from jifen.rewards.schemas import RedemptionCreate
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
 
@@ -91,6 +92,27 @@ def test_points_plus_cash_paid_at_the_till_records_the_payment(db: Database) -> 
     assert order.spend_posting_id is not None
     cancelled = shop.move(order.id, "cancel")
     assert cancelled.outcome["cash_refund_due_fen"] == 9000  # for the payment system to refund
+
+
+def test_a_payment_at_the_till_of_another_amount_than_the_cash_due_is_refused(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(points=1000, cash_fen=9000, stock=5, max_quantity=2)
+    # the till took 90 yuan; the operator has since made the cash part 120 yuan
+    edit_reward(db, shop, kettle, cash_fen=12000)
+    before = (shop.counts(), shop.available(member), shop.get(kettle.code).stock_left)
+    with pytest.raises(JifenError, match="due 12000 fen in cash; payment 'pos-1' says 9000") as no:
+        shop.redeem(member, kettle.code, payment_ref="pos-1", amount_fen=9000)
+    assert no.value.code == "payment_amount_mismatch"
+    assert "应付现金 12000 分" in no.value.message("zh")
+    assert (shop.counts(), shop.available(member), shop.get(kettle.code).stock_left) == before
+    two = shop.redeem(member, kettle.code, payment_ref="pos-1", amount_fen=24000, quantity=2)
+    assert (two.cash_fen, two.payment_ref, two.state) == (24000, "pos-1", "created")
+    assert shop.move(two.id, "cancel").outcome["cash_refund_due_fen"] == 24000
+    with pytest.raises(ValidationError, match="give payment_ref"):
+        RedemptionCreate.model_validate({"reward": kettle.code, "amount_fen": 9000})
 
 
 def test_a_payment_pays_for_one_redemption(db: Database) -> None:

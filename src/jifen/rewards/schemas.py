@@ -420,6 +420,9 @@ class RedemptionCreate(RequestBody):
     quantity: int = Field(1, ge=1, le=1000)
     payment_ref: Line | None = None
     """The payment of the cash part, as the caller's payment system names it."""
+    amount_fen: int | None = Field(None, ge=0, le=10**12)
+    """What the payment ``payment_ref`` took, in fen: refused unless it is the cash part
+    due (a cash price changed since the till showed it is not recorded as paid)."""
     choice: Name | None = None
     """The option voted for (votes)."""
     partner_account: Name | None = None
@@ -428,6 +431,15 @@ class RedemptionCreate(RequestBody):
     """Refuse if the price is no longer this (a price shown and then changed)."""
     store: Short | None = None
     merchant: Short | None = None
+
+    @model_validator(mode="after")
+    def _amount_of_a_payment(self) -> Self:
+        if self.amount_fen is not None and self.payment_ref is None:
+            raise Refusal(
+                "amount_fen is what the payment named by payment_ref took: give payment_ref",
+                "amount_fen 为 payment_ref 所指支付的金额:请同时给出 payment_ref",
+            )
+        return self
 
 
 class OrderStep(BaseModel):

@@ -39,6 +39,7 @@ from jifen.errors import (
     PaymentAmountMismatch,
     PaymentUsed,
     PriceChanged,
+    RedemptionPaymentMismatch,
     Refused,
     StateConflict,
     TierNotAllowed,
@@ -665,6 +666,11 @@ def _admit(
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
         raise PriceChanged(reward=terms.code, points=price.points, expected=body.expected_points)
+    if body.amount_fen is not None and body.amount_fen != price.cash_fen:
+        raise RedemptionPaymentMismatch(
+            reward=terms.code, quantity=body.quantity, due_fen=price.cash_fen,
+            paid_fen=body.amount_fen, payment_ref=body.payment_ref,
+        )  # fmt: skip
     of_reward = this_month = 0
     if counted:
         of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
