@@ -780,6 +780,27 @@ def test_a_partner_exchange_1000_points_for_100_km(db: Database) -> None:
     assert reconciled.system_balances[SystemAccount.PARTNERS.value] == 3000
 
 
+def test_a_partner_exchange_held_or_awaiting_payment_gives_the_units_of_its_redemption(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    miles = shop.reward(kind="partner", points=6000,  # above 钻石's 5,000: held
+                        partner={"partner": "东方航空", "unit": "公里", "units": 600})  # fmt: skip
+    held = shop.redeem(member, miles.code, partner_account="MU-1")
+    assert (held.state, held.points) == ("held", 6000)
+    # the operator halves the rate for new exchanges while this one waits
+    edit_reward(db, shop, miles, partner={"partner": "东方航空", "unit": "公里", "units": 300})
+    clock(db).advance(timedelta(hours=24))
+    done = db.run(
+        lambda uow: rewards.confirm_held(
+            uow, program_id=shop.program_id, member_id=member, order_id=held.id, actor="m"
+        )
+    )
+    assert (done.state, done.points, done.outcome["units"]) == ("delivered", 6000, 600)
+    assert shop.redeem(member, miles.code, partner_account="MU-1").outcome["units"] == 300
+
+
 def test_votes_are_tallied(db: Database) -> None:
     shop = Shop.open(db)
     voters = shop.member(1000, count=3)

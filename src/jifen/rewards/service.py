@@ -572,7 +572,7 @@ def redeem(
         "idempotency_key": key, "request_hash": request_hash, "state": state,
         "quantity": body.quantity, "points": price.points, "cash_fen": price.cash_fen,
         "value_fen": price.value_fen, "payment_ref": body.payment_ref, "price": steps,
-        "outcome": _request_outcome(body), "hold_until": now + wait if wait else None,
+        "outcome": _request_outcome(body, terms), "hold_until": now + wait if wait else None,
         "pay_by": pay_by, "spend_posting_id": spend_posting, "hold_posting_id": hold_posting,
         "refund_posting_id": None, "merchant": merchant, "store": store, "created_at": now,
         "updated_at": now,
@@ -770,13 +770,24 @@ def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
         )
 
 
-def _request_outcome(body: RedemptionCreate) -> dict[str, Any]:
+def _request_outcome(body: RedemptionCreate, terms: RewardDef) -> dict[str, Any]:
+    """What the order keeps of the request, and of the terms it was priced on that it gives:
+    a partner's units are those of the rate its points paid for, also when it completes
+    after a cooling-off or a payment, whatever the rate became meanwhile."""
     outcome: dict[str, Any] = {}
     if body.choice is not None:
         outcome["choice"] = body.choice
     if body.partner_account is not None:
         outcome["partner_account"] = body.partner_account
+    if terms.partner is not None:
+        outcome.update(_partner_units(terms, body.quantity))
     return outcome
+
+
+def _partner_units(terms: RewardDef, quantity: int) -> dict[str, Any]:
+    assert terms.partner is not None
+    return {"partner": terms.partner.partner, "unit": terms.partner.unit,
+            "units": terms.partner.units * quantity}  # fmt: skip
 
 
 def _spend(
@@ -894,12 +905,8 @@ def _fulfil(
         outcome.update(_draw(uow, program_id, order, terms, actor))
         if outcome.get("prize") and not outcome.get("prize_points"):
             state = "created"  # a prize staff hand over
-    elif terms.partner is not None:
-        outcome.update(
-            partner=terms.partner.partner,
-            unit=terms.partner.unit,
-            units=terms.partner.units * order["quantity"],
-        )
+    elif terms.partner is not None and "units" not in outcome:  # one made before it kept them
+        outcome.update(_partner_units(terms, order["quantity"]))
     elif terms.charity is not None:
         outcome["receipt"] = {
             "number": f"JF-{program_id}-{order_id:08d}",
