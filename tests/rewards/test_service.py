@@ -464,6 +464,27 @@ def test_a_used_or_expired_coupon_shown_for_a_small_order_is_refused_as_used_or_
         shop.use(lapsed.code, 9000)
 
 
+def test_a_coupon_held_for_its_cooling_off_is_issued_with_the_terms_it_was_bought_with(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    coupon = shop.reward(kind="coupon", points=8000,  # 5,600 for 钻石: above 5,000, held
+                         coupon={"amount_fen": 20000, "min_spend_fen": 50000})  # fmt: skip
+    held = shop.redeem(member, coupon.code)
+    assert (held.state, held.points, held.voucher) == ("held", 5600, None)
+    edit_reward(db, shop, coupon, coupon={"amount_fen": 5000, "min_spend_fen": 80000})
+    clock(db).advance(timedelta(hours=24))
+    done = db.run(
+        lambda uow: rewards.confirm_held(
+            uow, program_id=shop.program_id, member_id=member, order_id=held.id, actor="m"
+        )
+    )
+    assert done.voucher is not None and done.voucher.coupon is not None
+    assert (done.voucher.coupon.amount_fen, done.voucher.coupon.min_spend_fen) == (20000, 50000)
+    assert shop.use(done.voucher.code, 60000).discount_fen == 20000
+
+
 def test_an_issued_coupon_keeps_the_terms_it_was_bought_with(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

@@ -772,8 +772,9 @@ def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
 
 def _request_outcome(body: RedemptionCreate, terms: RewardDef) -> dict[str, Any]:
     """What the order keeps of the request, and of the terms it was priced on that it gives:
-    a partner's units are those of the rate its points paid for, also when it completes
-    after a cooling-off or a payment, whatever the rate became meanwhile."""
+    a partner's units are those of the rate its points paid for, and a coupon's terms those
+    it was bought with, also when it completes after a cooling-off or a payment, whatever
+    the terms became meanwhile."""
     outcome: dict[str, Any] = {}
     if body.choice is not None:
         outcome["choice"] = body.choice
@@ -781,6 +782,8 @@ def _request_outcome(body: RedemptionCreate, terms: RewardDef) -> dict[str, Any]
         outcome["partner_account"] = body.partner_account
     if terms.partner is not None:
         outcome.update(_partner_units(terms, body.quantity))
+    if terms.coupon is not None:
+        outcome["coupon"] = terms.coupon.model_dump(mode="json")
     return outcome
 
 
@@ -925,7 +928,11 @@ def _issue_voucher(
 ) -> VoucherRead:
     """A new voucher with a random code of 12 characters (60 bits): guessing one is hopeless,
     and in the rare clash the unique index refuses it and the transaction runs again with a
-    new code (the index is one of the races :func:`jifen.db.uow.is_transient` knows)."""
+    new code (the index is one of the races :func:`jifen.db.uow.is_transient` knows). A
+    coupon's terms are those the order was bought with (one made before the order kept
+    them: the reward's)."""
+    kept = order["outcome"].get("coupon")
+    terms_bought = terms.coupon if kept is None else CouponTerms.model_validate(kept)
     voucher = VoucherRead(
         code="".join(secrets.choice(_CODE_ALPHABET) for _ in range(12)),
         state="issued",
@@ -933,9 +940,9 @@ def _issue_voucher(
         member_id=order["member_id"],
         reward=terms.code,
         valid_until=uow.clock.now() + timedelta(days=days),
-        coupon=terms.coupon,
+        coupon=terms_bought,
     )
-    coupon = None if terms.coupon is None else terms.coupon.model_dump(mode="json")
+    coupon = None if terms_bought is None else terms_bought.model_dump(mode="json")
     uow.conn.execute(
         _INSERT_VOUCHER,
         {"program_id": program_id, "code": voucher.code, "order_id": voucher.order_id,
