@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from jifen.errors import (
+    DuplicateReference,
     InsufficientPoints,
     LimitReached,
     NotOnSale,
@@ -30,7 +31,7 @@ from jifen.points import service as points_service
 from jifen.points.models import accounts, lines
 from jifen.rewards import service as rewards
 from jifen.rewards.models import reward_orders
-from jifen.rewards.schemas import RedemptionCreate, RewardDef
+from jifen.rewards.schemas import RedemptionCreate, RewardCreate, RewardDef
 from tests.factories import assert_ledger_sound
 from tests.points.test_at_once_races import while_held
 from tests.points.test_concurrency import run_together
@@ -466,3 +467,19 @@ def test_of_a_payment_and_the_lapse_job_the_one_that_waited_sees_the_other(
         assert (after.state, summary.balance, summary.frozen) == ("cancelled", 10_000, 0)
         assert shop.get(kettle.code).stock_left == 1
     assert_ledger_sound(pg, shop.program_id)
+
+
+def test_one_reward_added_twice_at_once_is_made_once_and_the_other_is_told_so(
+    pg: Database,
+) -> None:
+    shop = Shop.open(pg)
+    body = RewardCreate.model_validate(
+        {"code": "mug", "kind": "physical", "name": {"zh": "马克杯"}, "points": 1000, "stock": 5}
+    )
+
+    def add(uow: Any) -> Any:
+        return rewards.create_reward(uow, program_id=shop.program_id, body=body)
+
+    second = while_held(pg, add, add)
+    assert isinstance(second, DuplicateReference), second
+    assert shop.get("mug").stock_left == 5

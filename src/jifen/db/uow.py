@@ -43,6 +43,8 @@ RACE_CONSTRAINTS = (
     "events.program_id, events.type, events.subject",
     "uq_vouchers_program_id_code",  # a new voucher's random code clashed: draw another
     "vouchers.program_id, vouchers.code",
+    "uq_rewards_program_id_code",  # one reward added twice at once: the loser is told (409)
+    "rewards.program_id, rewards.code",
     "uq_reward_orders_program_id_idempotency_key",  # twins of one redemption
     "reward_orders.program_id, reward_orders.idempotency_key",
     "uq_reward_orders_program_id_payment_ref",  # one payment sent for two redemptions at once
