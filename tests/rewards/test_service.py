@@ -822,6 +822,25 @@ def test_a_partner_exchange_held_or_awaiting_payment_gives_the_units_of_its_rede
     assert shop.redeem(member, miles.code, partner_account="MU-1").outcome["units"] == 300
 
 
+def test_a_donation_held_for_its_cooling_off_goes_to_the_charity_the_member_chose(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    gift = shop.reward(kind="charity", points=6000, charity={"charity": "希望工程"})
+    held = shop.redeem(member, gift.code)
+    assert (held.state, held.points) == ("held", 6000)
+    edit_reward(db, shop, gift, charity={"charity": "另一基金会"})
+    clock(db).advance(timedelta(hours=24))
+    done = db.run(
+        lambda uow: rewards.confirm_held(
+            uow, program_id=shop.program_id, member_id=member, order_id=held.id, actor="m"
+        )
+    )
+    receipt = done.outcome["receipt"]
+    assert (receipt["charity"], receipt["points"]) == ("希望工程", 6000)
+
+
 def test_votes_are_tallied(db: Database) -> None:
     shop = Shop.open(db)
     voters = shop.member(1000, count=3)

@@ -772,9 +772,9 @@ def _check_details(terms: RewardDef, body: RedemptionCreate) -> None:
 
 def _request_outcome(body: RedemptionCreate, terms: RewardDef) -> dict[str, Any]:
     """What the order keeps of the request, and of the terms it was priced on that it gives:
-    a partner's units are those of the rate its points paid for, and a coupon's terms those
-    it was bought with, also when it completes after a cooling-off or a payment, whatever
-    the terms became meanwhile."""
+    a partner's units are those of the rate its points paid for, a coupon's terms those it
+    was bought with, a donation's charity the one the member chose, also when it completes
+    after a cooling-off or a payment, whatever the terms became meanwhile."""
     outcome: dict[str, Any] = {}
     if body.choice is not None:
         outcome["choice"] = body.choice
@@ -784,6 +784,8 @@ def _request_outcome(body: RedemptionCreate, terms: RewardDef) -> dict[str, Any]
         outcome.update(_partner_units(terms, body.quantity))
     if terms.coupon is not None:
         outcome["coupon"] = terms.coupon.model_dump(mode="json")
+    if terms.charity is not None:
+        outcome["charity"] = terms.charity.charity
     return outcome
 
 
@@ -913,7 +915,7 @@ def _fulfil(
     elif terms.charity is not None:
         outcome["receipt"] = {
             "number": f"JF-{program_id}-{order_id:08d}",
-            "charity": terms.charity.charity,
+            "charity": outcome.get("charity", terms.charity.charity),
             "points": order["points"],
             "value_fen": order["value_fen"],
             "at": uow.clock.now().isoformat(),
