@@ -220,6 +220,29 @@ def test_jifen_demo_prints_credentials_that_work(tmp_path: Path, data_dir: Path)
     assert code == 0 and by_who["member"].password not in rebuilt
 
 
+def test_jifen_demo_reset_keeps_a_database_holding_another_programme(tmp_path: Path) -> None:
+    # given the embedded database, where a real programme lives beside the demo
+    url = f"sqlite:///{tmp_path / 'jifen.db'}"
+    code, output = jifen(url, "demo", "--members", "5")
+    assert code == 0, output
+    database = Database(url)
+    try:
+        database.run(lambda u: programs.create_program(u, code="shop", name="Shop"))
+    finally:
+        database.dispose()
+    # when the demo is reset on it
+    code, output = jifen(url, "demo", "--members", "5", "--reset")
+    # then nothing is deleted: it says which programme the file holds
+    assert code == 2, output
+    assert "error[invalid_input]: --reset:" in output and "shop" in output, output
+    database = Database(url)
+    try:
+        codes = {program.code for program in database.run(programs.list_programs)}
+    finally:
+        database.dispose()
+    assert codes == {"demo", "shop"}
+
+
 def test_jifen_demo_reset_refuses_a_database_that_is_not_embedded() -> None:
     # given a PostgreSQL URL (never reached: the refusal comes first)
     url = "postgresql://nobody@127.0.0.1:1/production"

@@ -709,8 +709,9 @@ def demo(
         typer.Option(
             "--reset",
             help=_h(
-                "Delete the embedded SQLite database and build it again.",
-                "删除内置的 SQLite 数据库并重新生成。",
+                "Delete the embedded SQLite database and build it again (refused where it "
+                "holds any other programme than the demo).",
+                "删除内置的 SQLite 数据库并重新生成(其中有示例以外的计划时拒绝)。",
             ),
         ),
     ] = False,

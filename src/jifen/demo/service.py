@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,8 +137,36 @@ def reset_sqlite(url: str) -> None:
             problem_zh=f"{database} 不是 SQLite 数据库,未做任何删除:请给出示例数据库的地址"
             "(JIFEN_DATABASE_URL 或 --database-url)",
         )
+    others = _other_programmes(database) if database.exists() else []
+    if others:
+        shown = ", ".join(others)
+        raise InvalidInput(
+            field="--reset",
+            problem=f"{database} holds other programmes than the demo ({shown}), so it was "
+            "left as it is: give the demo its own database (--database-url)",
+            problem_zh=f"{database} 中除示例计划外还有其他计划({shown}),未做任何删除:"
+            "请为示例使用单独的数据库(--database-url)",
+        )
     for suffix in ("", "-wal", "-shm"):
         Path(path + suffix).unlink(missing_ok=True)
+
+
+def _other_programmes(path: Path) -> list[str]:
+    """The codes of the programmes other than the demo's in an SQLite file (none where it
+    has no schema yet), read without writing to it."""
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        found = connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'programs'"
+        ).fetchone()
+        if found is None:
+            return []
+        rows = connection.execute(
+            "SELECT code FROM programs WHERE code <> ? ORDER BY id", (DEMO_CODE,)
+        ).fetchall()
+    finally:
+        connection.close()
+    return [str(code) for (code,) in rows]
 
 
 def _is_sqlite(path: Path) -> bool:
