@@ -277,6 +277,31 @@ def test_a_rule_pack_that_is_not_valid_names_the_field_in_the_users_language(
     assert "必填,请提供该字段。" in said["zh"] and "Field required" not in said["zh"], said["zh"]
 
 
+@pytest.mark.parametrize(
+    "command", [("import", "orders"), ("import", "members"), ("rules", "load")]
+)
+def test_a_file_that_is_not_there_or_is_a_folder_is_one_line_in_the_users_language(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, str]
+) -> None:
+    program = new_program(db)
+    said = {}
+    for language, given in (("en", tmp_path / "missing.csv"), ("zh", tmp_path)):
+        monkeypatch.setenv("JIFEN_LANGUAGE", language)
+        get_settings.cache_clear()
+        try:
+            code, said[language] = jifen(db, *command, str(given), "--program", program.code)
+        finally:
+            monkeypatch.delenv("JIFEN_LANGUAGE")
+            get_settings.cache_clear()
+        assert code == 2, said[language]
+    assert said["en"].strip() == (
+        f"error[no_file]: there is no file {tmp_path / 'missing.csv'}: check its path"
+    ), said["en"]
+    assert said["zh"].strip() == f"error[no_file]: {tmp_path} 是文件夹,不是文件:请给出文件的路径", (
+        said["zh"]
+    )
+
+
 def test_a_job_for_a_moment_out_of_range_or_in_the_future_is_refused(history: tuple) -> None:
     db, program, _ = history
     base = ["jobs", "run", "points.expire", "--program", program.code, "--now"]

@@ -880,12 +880,26 @@ import_app = typer.Typer(
 )
 app.add_typer(import_app, name="import")
 
-FileArgument = Annotated[
-    Path,
-    typer.Argument(
-        exists=True, dir_okay=False, readable=True, help=_h("The CSV file.", "CSV 文件。")
-    ),
-]
+FileArgument = Annotated[Path, typer.Argument(help=_h("The CSV file.", "CSV 文件。"))]
+
+
+def _require_readable(path: Path) -> None:
+    """Stop, in one line in the user's language, where ``path`` is no file jifen can read
+    (Click's own check says it in English only, in a box)."""
+    if path.is_dir():
+        problem = _say(f"{path} is a folder, not a file: give the file's path",
+                       f"{path} 是文件夹,不是文件:请给出文件的路径")  # fmt: skip
+    elif not path.exists():
+        problem = _say(f"there is no file {path}: check its path",
+                       f"没有文件 {path}:请检查其路径")  # fmt: skip
+    elif not os.access(path, os.R_OK):
+        problem = _say(f"{path} cannot be read: check its permissions",
+                       f"无法读取 {path}:请检查其权限")  # fmt: skip
+    else:
+        return
+    raise fail("no_file", problem)
+
+
 RequiredProgram = Annotated[
     str, typer.Option("--program", help=_h("The programme's code.", "计划代码。"))
 ]
@@ -946,6 +960,7 @@ def _settle() -> None:
 
 def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | None,
             batch: int, restart: bool, merchant: str | None = None) -> None:  # fmt: skip
+    _require_readable(path)
     with _database() as database:
         _require_schema(database)
         _settle()
@@ -1095,12 +1110,7 @@ app.add_typer(rules_app, name="rules")
 def rules_load(
     pack: Annotated[
         Path,
-        typer.Argument(
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            help=_h("The rule pack (JSON).", "规则包(JSON)。"),
-        ),
+        typer.Argument(help=_h("The rule pack (JSON).", "规则包(JSON)。")),
     ],
     program: RequiredProgram,
     activate: Annotated[
@@ -1117,6 +1127,7 @@ def rules_load(
         ),
     ] = False,
 ) -> None:
+    _require_readable(pack)
     try:
         body = RulePack.model_validate_json(pack.read_bytes().removeprefix(b"\xef\xbb\xbf"))
     except ValidationError as exc:
