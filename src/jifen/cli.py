@@ -1219,6 +1219,9 @@ rewards_app = typer.Typer(
     rich_markup_mode=_HELP_LAYOUT,
 )
 app.add_typer(rewards_app, name="rewards")
+SWEEP_CHUNK = 200
+"""Vouchers or orders a reward sweep handles a transaction."""
+
 DryRun = Annotated[
     bool,
     typer.Option(
@@ -1244,16 +1247,20 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
         program_id = _program_id(database, program)
         assert program_id is not None
         vouchers = returned = fees = 0
-        while True:
+        if dry_run:  # the whole run, rolled back: a dry run counts past its first chunk
+            found = _dry_sweep(database, "rewards.expire_vouchers", program_id)
+            vouchers, returned, fees = (found.get(name, 0) for name in
+                                        ("vouchers", "points_returned", "fees"))  # fmt: skip
+        while not dry_run:
             report = database.run(
                 lambda uow: rewards_service.expire_vouchers(
-                    uow, program_id=program_id, dry_run=dry_run, limit=200
+                    uow, program_id=program_id, limit=SWEEP_CHUNK
                 )
             )
             vouchers += report.vouchers
             returned += report.points_returned
             fees += report.fees
-            if report.found < 200 or dry_run:
+            if report.found < SWEEP_CHUNK:
                 break
             err.print(_say(f"… {vouchers} vouchers so far", f"… 已处理 {vouchers} 张券"))
     verb = ("would expire", "将过期") if dry_run else ("expired", "已过期")
@@ -1274,8 +1281,9 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
 )
 def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> None:
     _cancel_lapsed_orders(
-        program, dry_run, rewards_service.expire_holds, ("held redemptions", "笔待确认兑换")
-    )
+        program, dry_run, rewards_service.expire_holds, ("held redemptions", "笔待确认兑换"),
+        "rewards.expire_holds",
+    )  # fmt: skip
 
 
 @rewards_app.command(
@@ -1291,28 +1299,34 @@ def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> N
 def rewards_lapse_payments(program: RequiredProgram, dry_run: DryRun = False) -> None:
     _cancel_lapsed_orders(
         program, dry_run, rewards_service.lapse_payments,
-        ("redemptions not paid in time", "笔超时未支付兑换"),
+        ("redemptions not paid in time", "笔超时未支付兑换"), "rewards.lapse_payments",
     )  # fmt: skip
 
 
+def _dry_sweep(database: Database, job: str, program_id: int) -> dict[str, int]:
+    """What the sweep ``job`` would do now, done whole in one transaction rolled back."""
+    return jobs_service.run(database, job, program_id=program_id, dry_run=True).figures
+
+
 def _cancel_lapsed_orders(
-    program: str, dry_run: bool, cancel: Callable[..., HoldsReport], what: tuple[str, str]
-) -> None:
+    program: str, dry_run: bool, cancel: Callable[..., HoldsReport], what: tuple[str, str],
+    job: str,
+) -> None:  # fmt: skip
     """Run ``cancel`` (a rewards service's sweep of lapsed orders) over the programme in
-    chunks of 200, each its own transaction, until it finds no more, and say how many it
-    cancelled (or, with ``dry_run``, would cancel in its first chunk) of ``what`` (English,
-    Chinese)."""
+    chunks of ``SWEEP_CHUNK``, each its own transaction, until it finds no more, and say how
+    many it cancelled (or, with ``dry_run``, would cancel: ``job``, the same sweep, run whole
+    and rolled back) of ``what`` (English, Chinese)."""
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
         assert program_id is not None
         cancelled = 0
-        while True:
-            report = database.run(
-                lambda uow: cancel(uow, program_id=program_id, dry_run=dry_run, limit=200)
-            )
+        if dry_run:  # the whole run, rolled back: a dry run counts past its first chunk
+            cancelled = _dry_sweep(database, job, program_id).get("cancelled", 0)
+        while not dry_run:
+            report = database.run(lambda uow: cancel(uow, program_id=program_id, limit=SWEEP_CHUNK))
             cancelled += report.cancelled
-            if report.found < 200 or dry_run:
+            if report.found < SWEEP_CHUNK:
                 break
     verb = ("would be cancelled", "将取消") if dry_run else ("cancelled", "已取消")
     out.print(_say(f"{cancelled} {what[0]} {verb[0]}", f"{cancelled} {what[1]}{verb[1]}"),

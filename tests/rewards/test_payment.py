@@ -283,6 +283,31 @@ def test_the_command_lapses_orders_not_paid_in_time_after_a_dry_run(db: Database
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_dry_run_counts_every_order_a_run_would_cancel_beyond_one_chunk(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jifen import cli
+    from tests.test_cli import jifen
+
+    # given three orders past their time to pay, and a command that cancels one a chunk
+    jobs.jobs()  # the job catalogue, loaded first, keeps the sweep as it is
+    sweep = rewards.lapse_payments
+    monkeypatch.setattr(cli, "SWEEP_CHUNK", 1)
+    monkeypatch.setattr(rewards, "lapse_payments",
+                        lambda uow, **given: sweep(uow, **{**given, "limit": 1}))  # fmt: skip
+    shop = Shop.open(db)
+    kettle = shop.reward(**KETTLE)
+    orders = [shop.redeem(member, kettle.code) for member in shop.member(5000, count=3)]
+    # when it is run dry, then for real
+    code, said = jifen(db, "rewards", "lapse-payments", "--program", shop.code, "--dry-run")
+    # then the dry run counts all three, changing nothing, as the run then cancels
+    assert (code, said.strip()) == (0, "3 redemptions not paid in time would be cancelled")
+    assert {order_of(shop, order.id).state for order in orders} == {"awaiting_payment"}
+    code, said = jifen(db, "rewards", "lapse-payments", "--program", shop.code)
+    assert (code, said.strip()) == (0, "3 redemptions not paid in time cancelled")
+    assert_ledger_sound(db, shop.program_id)
+
+
 @pytest.mark.parametrize("paid_at_till", [True, False])
 def test_points_whose_lots_lapse_while_the_order_awaits_payment_still_pay_for_it(
     db: Database, paid_at_till: bool
