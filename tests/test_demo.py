@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 from typer.testing import CliRunner
 
 from jifen.api.app import create_app
@@ -241,6 +241,34 @@ def test_jifen_demo_reset_keeps_a_database_holding_another_programme(tmp_path: P
     finally:
         database.dispose()
     assert codes == {"demo", "shop"}
+
+
+def test_jifen_demo_is_not_built_into_a_database_holding_another_programme(
+    tmp_path: Path,
+) -> None:
+    # given a database where a real programme lives
+    url = f"sqlite:///{tmp_path / 'jifen.db'}"
+    code, output = jifen(url, "db", "upgrade")
+    assert code == 0, output
+    database = Database(url)
+    try:
+        database.run(lambda u: programs.create_program(u, code="shop", name="Shop"))
+    finally:
+        database.dispose()
+    # when the demo is asked for on it
+    code, output = jifen(url, "demo", "--members", "5")
+    # then nothing is built: no demo programme, members or staff with printed passwords
+    assert code == 2, output
+    assert "error[invalid_input]:" in output and "shop" in output, output
+    assert "demo credentials" not in output
+    database = Database(url)
+    try:
+        codes = {program.code for program in database.run(programs.list_programs)}
+        with database.engine.connect() as conn:
+            staff = conn.execute(text("SELECT count(*) FROM staff_users")).scalar_one()
+    finally:
+        database.dispose()
+    assert (codes, staff) == ({"shop"}, 0)
 
 
 def test_jifen_demo_reset_refuses_a_database_that_is_not_embedded() -> None:

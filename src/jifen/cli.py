@@ -740,6 +740,7 @@ def demo(
                 )
             )
         else:
+            demo_service.refuse_beside_other_programmes(database)
             started = time.perf_counter()  # elapsed time for the operator, not ledger time
             _build_demo(database, members=members, seed=seed)
             took = time.perf_counter() - started

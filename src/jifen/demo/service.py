@@ -117,6 +117,23 @@ def exists(db: Database, *, code: str = DEMO_CODE) -> bool:
     return db.run(look, read_only=True)
 
 
+def refuse_beside_other_programmes(db: Database, *, code: str = DEMO_CODE) -> None:
+    """Refuse to build the demo into a database that holds other programmes: it would add
+    made-up members to it and staff users, a super administrator among them, whose passwords
+    it prints."""
+    others = [p.code for p in db.run(programs.list_programs, read_only=True) if p.code != code]
+    if others:
+        shown = ", ".join(others)
+        raise InvalidInput(
+            field="demo",
+            problem=f"this database holds other programmes ({shown}): the demo, its made-up "
+            "members and its staff users with printed passwords are not built into it; give "
+            "the demo its own database (--database-url)",
+            problem_zh=f"此数据库中已有其他计划({shown}):示例计划及其虚构会员、密码会被打印的"
+            "员工账户不会建在其中;请为示例使用单独的数据库(--database-url)",
+        )
+
+
 def reset_sqlite(url: str) -> None:
     """Delete the embedded database file; refuses anything but an SQLite file."""
     parsed = make_url(url)
