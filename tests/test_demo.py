@@ -297,3 +297,24 @@ def test_jifen_demo_says_when_an_earlier_build_was_interrupted(tmp_path: Path) -
     assert code == 1
     assert "not built to the end" in output
     assert "jifen demo --reset" in output
+
+
+def test_jifen_demo_says_in_chinese_when_an_earlier_build_was_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a build cut short, and JIFEN_LANGUAGE=zh
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    database = Database(url)
+    try:
+        migrate.upgrade(database.engine)
+        database.run(lambda u: programs.create_program(u, code="demo", name=demo.DEMO_NAME))
+    finally:
+        database.dispose()
+    monkeypatch.setenv("JIFEN_LANGUAGE", "zh")
+    get_settings.cache_clear()
+    # when `jifen demo` runs
+    code, output = jifen(url, "demo")
+    # then it says so, and how to start over, in Chinese
+    assert code == 1
+    assert "示例计划未生成完毕" in output and "jifen demo --reset" in output, output
+    assert "not built to the end" not in output

@@ -751,7 +751,7 @@ def demo(
                 )
             )
         summary = demo_service.summary(database)
-    demo_service.print_summary(summary, out)
+    demo_service.print_summary(summary, out, chinese=_chinese(get_settings().language))
     if not (summary.ok and summary.complete):
         raise typer.Exit(1)
     with _database() as database:

@@ -552,7 +552,7 @@ def summary(db: Database, *, code: str = DEMO_CODE) -> Summary:
     return db.run(read, read_only=True)
 
 
-def print_summary(result: Summary, console: Console) -> None:
+def print_summary(result: Summary, console: Console, *, chinese: bool = False) -> None:
     console.print(f"{result.program_name} (programme `{result.program_code}`)", markup=False)
     console.print(f"{result.members:,} members, {sum(result.postings.values()):,} postings")
     kinds = Table("kind", Column("postings", justify="right"), title="postings by kind")
@@ -579,8 +579,10 @@ def print_summary(result: Summary, console: Console) -> None:
         else:
             console.print(f"{label}: ok")
     if not result.complete:
-        console.print(
-            "[yellow]this demo was not built to the end (interrupted?); "
-            "run `jifen demo --reset` to build it again[/yellow]",
-            soft_wrap=True,
+        said = (
+            "示例计划未生成完毕(是否曾被中断?);请运行 `jifen demo --reset` 重新生成"
+            if chinese
+            else "this demo was not built to the end (interrupted?); "
+            "run `jifen demo --reset` to build it again"
         )
+        console.print(f"[yellow]{said}[/yellow]", soft_wrap=True)
