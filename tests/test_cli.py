@@ -302,6 +302,25 @@ def test_a_file_that_is_not_there_or_is_a_folder_is_one_line_in_the_users_langua
     )
 
 
+def test_an_import_with_no_folder_for_the_secret_key_stops_before_its_first_row(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = new_program(db)
+    rows = tmp_path / "members.csv"
+    rows.write_text("external_ref,phone\nC1,13800138000\n")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("JIFEN_DATA_DIR", str(tmp_path / "file" / "data"))
+    monkeypatch.delenv("JIFEN_SECRET_KEY", raising=False)
+    get_settings.cache_clear()
+    try:
+        code, output = jifen(db, "import", "members", str(rows), "--program", program.code)
+    finally:
+        get_settings.cache_clear()
+    assert code == 2, output
+    assert output.startswith("error[no_secret_key]: cannot keep the secret key in"), output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file", "members.csv"]
+
+
 def test_a_job_for_a_moment_out_of_range_or_in_the_future_is_refused(history: tuple) -> None:
     db, program, _ = history
     base = ["jobs", "run", "points.expire", "--program", program.code, "--now"]

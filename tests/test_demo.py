@@ -271,6 +271,28 @@ def test_jifen_demo_is_not_built_into_a_database_holding_another_programme(
     assert (codes, staff) == ({"shop"}, 0)
 
 
+def test_jifen_demo_with_no_folder_for_its_secret_key_says_so_and_builds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a data directory that cannot be made (a file stands in its way), no secret key
+    # given in the environment, and the database elsewhere
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("JIFEN_DATA_DIR", str(tmp_path / "file" / "data"))
+    monkeypatch.delenv("JIFEN_SECRET_KEY", raising=False)
+    get_settings.cache_clear()
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    # when the demo is built
+    code, output = jifen(url, "demo", "--members", "5")
+    # then it says, in one line, what to set, and no demo is left half-built
+    assert code == 2, output
+    assert output.startswith("error[no_secret_key]: cannot keep the secret key in"), output
+    database = Database(url)
+    try:
+        assert not demo.exists(database)
+    finally:
+        database.dispose()
+
+
 def test_jifen_demo_reset_refuses_a_database_that_is_not_embedded() -> None:
     # given a PostgreSQL URL (never reached: the refusal comes first)
     url = "postgresql://nobody@127.0.0.1:1/production"

@@ -741,6 +741,7 @@ def demo(
             )
         else:
             demo_service.refuse_beside_other_programmes(database)
+            _require_secret_key()
             started = time.perf_counter()  # elapsed time for the operator, not ledger time
             _build_demo(database, members=members, seed=seed)
             took = time.perf_counter() - started
@@ -826,12 +827,10 @@ def serve(
     _serve(host=host, port=port, workers=workers, log_level=log_level)
 
 
-def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
-    # The app reads its settings from the environment, in this process (one worker) or in
-    # each worker process: the URL given on the command line goes there first.
-    os.environ["JIFEN_DATABASE_URL"] = state.database_url
-    get_settings.cache_clear()
-    # Made once here, before any worker starts, so every worker reads the same key.
+def _require_secret_key() -> None:
+    """Make (or read) the installation's secret key before a command that needs it starts
+    (to key what it stores), so that a data directory jifen cannot write to stops it in
+    one line rather than part-way through."""
     try:
         secret_key(get_settings())
     except OSError as exc:
@@ -844,6 +843,15 @@ def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
                 f"JIFEN_SECRET_KEY,或把 JIFEN_DATA_DIR 设为 jifen 可写入的文件夹",
             ),
         ) from None
+
+
+def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
+    # The app reads its settings from the environment, in this process (one worker) or in
+    # each worker process: the URL given on the command line goes there first.
+    os.environ["JIFEN_DATABASE_URL"] = state.database_url
+    get_settings.cache_clear()
+    # Made once here, before any worker starts, so every worker reads the same key.
+    _require_secret_key()
     out.print(
         _say(
             f"jifen API on http://{host}:{port} (docs: /docs); Ctrl+C stops it",
@@ -962,6 +970,7 @@ def _settle() -> None:
 def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | None,
             batch: int, restart: bool, merchant: str | None = None) -> None:  # fmt: skip
     _require_readable(path)
+    _require_secret_key()
     with _database() as database:
         _require_schema(database)
         _settle()
@@ -1184,6 +1193,7 @@ def events_birthdays(
         ),
     ] = None,
 ) -> None:
+    _require_secret_key()
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -1420,6 +1430,7 @@ def jobs_run(
     ] = False,
 ) -> None:
     moment = None if now is None else _job_moment(now, allow_future or dry_run)
+    _require_secret_key()
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -1555,6 +1566,7 @@ def worker(
         )  # fmt: skip
     if events:
         _check_nats_url(settings.nats_url)
+    _require_secret_key()
     with _database() as database:
         _require_schema(database)
         _warn_without_autovacuum(database)
