@@ -293,6 +293,18 @@ def test_jifen_demo_with_no_folder_for_its_secret_key_says_so_and_builds_nothing
         database.dispose()
 
 
+def test_jifen_demo_reset_keeps_a_database_it_cannot_read(tmp_path: Path) -> None:
+    # given a file with an SQLite header whose content is damaged
+    damaged = tmp_path / "jifen.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4096)
+    # when the demo is reset on it
+    code, output = jifen(f"sqlite:///{damaged}", "demo", "--members", "5", "--reset")
+    # then it says so in one line and leaves the file as it is
+    assert code == 2, output
+    assert output.startswith("error[invalid_input]: --reset:") and "cannot be read" in output
+    assert damaged.read_bytes().startswith(b"SQLite format 3\x00\xff")
+
+
 def test_jifen_demo_reset_refuses_a_database_that_is_not_embedded() -> None:
     # given a PostgreSQL URL (never reached: the refusal comes first)
     url = "postgresql://nobody@127.0.0.1:1/production"

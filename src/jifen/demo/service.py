@@ -154,7 +154,16 @@ def reset_sqlite(url: str) -> None:
             problem_zh=f"{database} 不是 SQLite 数据库,未做任何删除:请给出示例数据库的地址"
             "(JIFEN_DATABASE_URL 或 --database-url)",
         )
-    others = _other_programmes(database) if database.exists() else []
+    try:
+        others = _other_programmes(database) if database.exists() else []
+    except sqlite3.Error as exc:  # damaged, or locked by a server still running on it
+        raise InvalidInput(
+            field="--reset",
+            problem=f"{database} cannot be read ({exc}), so it was left as it is: stop what "
+            "uses it, or delete it yourself if it holds the demo alone",
+            problem_zh=f"无法读取 {database}({exc}),未做任何删除:请停止正在使用它的程序;"
+            "若其中只有示例计划,可自行删除",
+        ) from None
     if others:
         shown = ", ".join(others)
         raise InvalidInput(
