@@ -113,25 +113,34 @@ def test_an_email_carries_its_date_and_sender_as_every_email_must(
     assert got["From"] == "p@example.com"
 
 
-def test_an_email_to_a_mailbox_the_server_says_does_not_exist_is_given_up_at_once(
-    db: Database, smtp_server: SmtpServer
-) -> None:
+def _one_email_queued(
+    db: Database, smtp_server: SmtpServer, address: str
+) -> tuple[int, SmtpEmailSender]:
+    """A programme with one email queued to a member at ``address``, and a sender to the
+    test's SMTP server."""
     settle(db)
     program = new_program(db)
-    gone = member(db, program.id, email="gone@example.com")
-    smtp_server.inbox.unknown.add("gone@example.com")
+    to = member(db, program.id, email=address)
     note = Notification(
-        program_id=program.id, member_id=gone, template="tier.kept", data={"tier": "gold"},
+        program_id=program.id, member_id=to, template="tier.kept", data={"tier": "gold"},
         key="k", channels=("email",),
     )  # fmt: skip
     db.run(lambda uow: service.notify(uow, note))
     smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
                            starttls=False)  # fmt: skip
+    return program.id, smtp
+
+
+def test_an_email_to_a_mailbox_the_server_says_does_not_exist_is_given_up_at_once(
+    db: Database, smtp_server: SmtpServer
+) -> None:
+    smtp_server.inbox.unknown.add("gone@example.com")
+    program_id, smtp = _one_email_queued(db, smtp_server, "gone@example.com")
     # when the server refuses the recipient for good (5xx)
     report = service.deliver_due(db, senders=Senders(email=smtp))
     # then the email is dead with the server's reason, not tried again for two days
     assert (report.sent, report.retrying, report.dead) == (0, 0, 1)
-    (row,) = outbox_rows(db, program.id)
+    (row,) = outbox_rows(db, program_id)
     assert row.status == "dead" and "550" in (row.last_error or "")
     assert smtp_server.inbox.messages == []
 
@@ -139,23 +148,14 @@ def test_an_email_to_a_mailbox_the_server_says_does_not_exist_is_given_up_at_onc
 def test_a_recipient_refused_for_now_is_tried_again_and_its_address_stays_masked(
     db: Database, smtp_server: SmtpServer
 ) -> None:
-    settle(db)
-    program = new_program(db)
-    busy = member(db, program.id, email="busy@example.com")
     smtp_server.inbox.busy.add("busy@example.com")
-    note = Notification(
-        program_id=program.id, member_id=busy, template="tier.kept", data={"tier": "gold"},
-        key="k", channels=("email",),
-    )  # fmt: skip
-    db.run(lambda uow: service.notify(uow, note))
-    smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
-                           starttls=False)  # fmt: skip
+    program_id, smtp = _one_email_queued(db, smtp_server, "busy@example.com")
     # when the server refuses the recipient for now (4xx)
     report = service.deliver_due(db, senders=Senders(email=smtp))
     # then the email waits for its next attempt, and what staff read of the error shows the
     # address masked, as the outbox shows it everywhere
     assert (report.retrying, report.dead) == (1, 0)
-    (row,) = outbox_rows(db, program.id)
+    (row,) = outbox_rows(db, program_id)
     assert row.status == "pending" and "450" in (row.last_error or "")
     assert "busy@example.com" not in (row.last_error or "")
     assert "b****@example.com" in (row.last_error or "")
