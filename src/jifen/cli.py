@@ -575,6 +575,15 @@ def audit_checkpoint() -> None:
     _print_checkpoint(checkpoint_id, root, "audit")
 
 
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help=_h("Report what would change; change nothing.", "只报告将有何变化,不做任何更改。"),
+    ),
+]
+
+
 # --------------------------------------------------------------------------- keys
 
 keys_app = typer.Typer(
@@ -622,12 +631,7 @@ def _encrypted_fields() -> list[Any]:
     ),
 )
 def keys_rekey(
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", help=_h("Count what would move; change nothing.", "只统计,不改动。")
-        ),
-    ] = False,
+    dry_run: DryRun = False,
 ) -> None:
     from jifen import crypto
     from jifen.db.rekey import rekey
@@ -1232,14 +1236,6 @@ rewards_app = typer.Typer(
 app.add_typer(rewards_app, name="rewards")
 SWEEP_CHUNK = 200
 """Vouchers or orders a reward sweep handles a transaction."""
-
-DryRun = Annotated[
-    bool,
-    typer.Option(
-        "--dry-run",
-        help=_h("Report what would change; change nothing.", "只报告将有何变化,不做任何更改。"),
-    ),
-]
 
 
 @rewards_app.command(

@@ -2,8 +2,8 @@
 
 After ``JIFEN_SECRET_KEY`` is replaced, with the old key listed in
 ``JIFEN_PREVIOUS_SECRET_KEYS``, everything stored under the old key is still read; ``jifen
-keys rekey`` then goes through each table holding such fields (:data:`ENCRYPTED`, which
-each domain's models declare) chunk by chunk and encrypts and hashes anew what is still
+keys rekey`` then goes through each table holding such fields (the command names them,
+each an :class:`Encrypted`) chunk by chunk and encrypts and hashes anew what is still
 under a previous key, so that the old key can be retired. Rows already moved are left as
 they are: a run stopped part way is simply run again.
 """
@@ -11,7 +11,7 @@ they are: a run stopped part way is simply run again.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table, or_, select
@@ -38,8 +38,6 @@ class Rekeyed:
     moved: int
     """Those of them with a field still under a previous key."""
     last_id: int | None
-    changes: dict[str, int] = field(default_factory=dict)
-    """Fields moved (or to move), by column."""
 
 
 def rekey(
@@ -59,7 +57,7 @@ def rekey(
         .limit(limit)
     )
     rows = uow.conn.execute(query if dry_run else query.with_for_update()).mappings().all()
-    moved, changes = 0, dict.fromkeys([*names, *hashes], 0)
+    moved = 0
     for row in rows:
         values: dict[str, Any] = {}
         for name, hash_column in fields.columns.items():
@@ -74,8 +72,6 @@ def rekey(
                     values[hash_column] = digest
         if values:
             moved += 1
-            for name in values:
-                changes[name] += 1
             if not dry_run:
                 uow.conn.execute(table.update().where(table.c.id == row["id"]).values(values))
-    return Rekeyed(len(rows), moved, rows[-1]["id"] if rows else None, changes)
+    return Rekeyed(len(rows), moved, rows[-1]["id"] if rows else None)
