@@ -276,6 +276,58 @@ def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
     assert [(d.status, len(d.attempt_log)) for d in deliveries] == [("sent", 1), ("sent", 1)]
 
 
+def test_deliveries_queued_before_a_pause_wait_for_the_resume_and_then_go_once(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    created = _subscribe(db, program.id, receiver.url, events=["*"])
+    receiver.secrets = [created.secret]
+    receiver.fail_first = 1
+    for key in ("a", "b"):
+        db.run(
+            lambda uow, key=key: service.publish(
+                uow, program_id=program.id, event_type="tier.changed", data={"k": key}, key=key
+            )
+        )
+    # given the first delivery's first attempt failed (a retry is due later), the second
+    # not tried yet
+    service.deliver_due(db, limit=1, senders=_senders())
+    assert len(receiver.requests) == 1
+
+    def pause(active: bool) -> None:
+        db.run(
+            lambda uow: service.update_webhook(
+                uow, program_id=program.id, webhook_id=created.id,
+                body=WebhookUpdate(active=active),
+            )
+        )  # fmt: skip
+
+    # when the subscription is paused and the senders run long after every retry was due
+    pause(False)
+    clock.advance(timedelta(days=3))
+    report = service.deliver_due(db, senders=_senders())
+    # then nothing is sent and nothing is given up: both wait, pending, due at no time
+    assert (report.sent, report.dead, len(receiver.requests)) == (0, 0, 1)
+    rows = outbox_rows(db, program.id)
+    assert [(r.status, r.next_attempt_at) for r in rows] == [("pending", None)] * 2
+    assert sorted(r.attempts for r in rows) == [0, 1]
+    # and an event raised while it is paused is not queued for it
+    db.run(
+        lambda uow: service.publish(
+            uow, program_id=program.id, event_type="tier.changed", data={}, key="c"
+        )
+    )
+    assert len(outbox_rows(db, program.id)) == 2
+    # once resumed, each queued delivery reaches the receiver once
+    pause(True)
+    report = service.deliver_due(db, senders=_senders())
+    assert (report.sent, report.dead) == (2, 0)
+    assert sorted(json.loads(r["body"])["data"]["k"] for r in receiver.accepted) == ["a", "b"]
+    assert {r.status for r in outbox_rows(db, program.id)} == {"sent"}
+
+
 def test_a_receiver_whose_address_has_chinese_in_its_path_gets_its_events(
     db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
 ) -> None:

@@ -182,9 +182,10 @@ def update_webhook(
     body: WebhookUpdate,
     ctx: Annotated[Context, Depends(Write("webhooks.write", programme_wide=True))],
 ) -> JSONResponse:
-    """Change the address, the event types, the description, or pause (``active``). A
-    subscription allowed to reach private addresses gets a new address only from a holder of
-    ``webhooks.allow_private`` (or with ``allow_private`` set to false)."""
+    """Change the address, the event types, the description, or pause (``active``: a paused
+    subscription gets no new events; the deliveries already queued wait for it to be
+    resumed). A subscription allowed to reach private addresses gets a new address only
+    from a holder of ``webhooks.allow_private`` (or with ``allow_private`` set to false)."""
     _check_allow_private(ctx, body.allow_private)
     return ctx.execute(
         lambda uow: service.update_webhook(

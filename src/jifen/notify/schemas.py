@@ -71,6 +71,8 @@ class WebhookUpdate(RequestBody):
     event_types: list[EventType] | None = Field(None, min_length=1, max_length=50)
     description: str | None = Field(None, max_length=200, pattern=NO_NUL)
     active: bool | None = None
+    """False pauses the subscription: it is sent no new events, and the deliveries queued
+    before wait (pending, due at no time) until it is resumed with true."""
     allow_private: bool | None = None
 
 
@@ -116,6 +118,7 @@ class DeliveryRead(_Read):
     status: Status
     attempts: int
     next_attempt_at: datetime | None
+    """None while pending: held until its paused subscription is resumed."""
     last_error: str | None
     sent_at: datetime | None
     created_at: datetime

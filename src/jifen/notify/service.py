@@ -450,7 +450,7 @@ class _Claim:
     secrets: tuple[str, ...] = ()
     allow_private: bool = False
     usable: bool = True
-    """False: the subscription was deactivated or deleted since the event was queued."""
+    """False: the subscription was deleted since the event was queued."""
 
 
 @dataclass(frozen=True)
@@ -470,6 +470,9 @@ def _signing_secrets(row: Any, now: datetime) -> tuple[str, ...]:
 
 
 def _claim(uow: UnitOfWork, channels: Sequence[str]) -> _Claim | None:
+    """The next due message, taken for this sender (``sending``, under a lease). A webhook
+    delivery whose subscription is paused is not taken: it is held, still pending and due
+    at no time, until the subscription is resumed (:func:`update_webhook`)."""
     now = uow.clock.now()
     query = (
         select(outbox)
@@ -483,9 +486,25 @@ def _claim(uow: UnitOfWork, channels: Sequence[str]) -> _Claim | None:
     )
     if uow.dialect == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    row = uow.conn.execute(query).first()
-    if row is None:
-        return None
+    while True:
+        row = uow.conn.execute(query).first()
+        if row is None:
+            return None
+        sub = None
+        if row.channel == "webhook":
+            sub = uow.conn.execute(
+                select(webhook_subscriptions).where(
+                    webhook_subscriptions.c.id == row.subscription_id
+                )
+            ).one()
+            if not sub.active and sub.deleted_at is None:
+                uow.conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id == row.id)
+                    .values(status="pending", next_attempt_at=None)
+                )
+                continue
+        break
     attempt = row.attempts + 1
     uow.conn.execute(
         update(outbox)
@@ -498,15 +517,12 @@ def _claim(uow: UnitOfWork, channels: Sequence[str]) -> _Claim | None:
         address=crypto.decrypt(row.address_enc) if row.address_enc else None,
         delivery_id=row.delivery_id or f"outbox-{row.id}",
     )  # fmt: skip
-    if row.channel != "webhook":
+    if sub is None:
         return claim
-    sub = uow.conn.execute(
-        select(webhook_subscriptions).where(webhook_subscriptions.c.id == row.subscription_id)
-    ).one()
     return _Claim(
         **{**claim.__dict__, "subscription_id": sub.id, "url": sub.url,
            "secrets": _signing_secrets(sub, now), "allow_private": sub.allow_private,
-           "usable": sub.active and sub.deleted_at is None},
+           "usable": sub.deleted_at is None},
     )  # fmt: skip
 
 
@@ -544,7 +560,7 @@ def _send(db: Database, claim: _Claim, senders: Senders) -> _Outcome:
         if claim.channel != "webhook":
             raise PermanentFailure(f"no sender for channel {claim.channel!r}")
         if not claim.usable:
-            raise PermanentFailure("the webhook subscription is inactive or deleted")
+            raise PermanentFailure("the webhook subscription was deleted")
         body = claim.body.encode()
         timestamp = int(db.clock.now().timestamp())
         headers = {
@@ -893,11 +909,23 @@ def update_webhook(
     if url != row.url or allow_private != row.allow_private:
         check_webhook_url(url, allow_private=allow_private, resolver=resolver)
     _forget_subscriptions(uow, program_id)
+    now = uow.clock.now()
     uow.conn.execute(
         update(webhook_subscriptions)
         .where(webhook_subscriptions.c.id == webhook_id)
-        .values(**changes, updated_at=uow.clock.now())
+        .values(**changes, updated_at=now)
     )
+    if changes.get("active") is True and not row.active:
+        # Resumed: the deliveries held while it was paused are due again, in their order.
+        uow.conn.execute(
+            update(outbox)
+            .where(
+                outbox.c.subscription_id == webhook_id,
+                outbox.c.status == "pending",
+                outbox.c.next_attempt_at.is_(None),
+            )
+            .values(next_attempt_at=now)
+        )
     return _webhook_read(_webhook_row(uow, program_id, webhook_id))
 
 
