@@ -74,8 +74,10 @@ def nul_checked() -> Iterator[None]:
 def nul_at(value: Any, path: str = "") -> str | None:
     """Where in ``value`` (parsed JSON) a text or a key holds NUL (``None``: nowhere), as a
     dotted path: PostgreSQL stores NUL in no text and no JSON, so it is refused up front."""
+    if not _holds_nul(value):  # the common case, walked without building any path
+        return None
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return path
     if isinstance(value, dict):
         for key, item in value.items():
             inner = f"{path}.{key}" if path else str(key)
@@ -90,6 +92,31 @@ def nul_at(value: Any, path: str = "") -> str | None:
             if found is not None:
                 return found
     return None
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a text or a key anywhere in ``value`` holds NUL."""
+    kind = type(value)
+    if kind is str:
+        return "\x00" in value
+    if kind is dict:
+        for key, item in value.items():
+            if "\x00" in str(key) or (type(item) not in _SCALARS and _holds_nul(item)):
+                return True
+        return False
+    if kind is list or kind is tuple:
+        return any(type(item) not in _SCALARS and _holds_nul(item) for item in value)
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return _holds_nul(dict(value))
+    if isinstance(value, list | tuple):
+        return _holds_nul(list(value))
+    return False
+
+
+_SCALARS = frozenset((int, float, bool, type(None)))
+"""Types that hold no text: skipped without a call."""
 
 
 class Page(BaseModel, Generic[T]):
