@@ -186,6 +186,37 @@ def test_reversal_after_spending_leaves_debt_that_the_next_earning_pays(setup: A
     assert_ledger_sound(db, program_id)
 
 
+def test_a_refund_after_a_claw_back_pays_the_debt_first_as_if_it_had_come_before(
+    setup: Any,
+) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    # given 100 earned in two lots and all of it spent on a reward
+    earned = call(db, points.earn, member_id=alice, amount=60, key="e1",
+                  expires_at=clock.now() + 30 * DAY)  # fmt: skip
+    call(db, points.earn, member_id=alice, amount=40, key="e2", expires_at=clock.now() + 90 * DAY)
+    spend = call(db, points.spend, member_id=alice, amount=100, key="s")
+    # and the first earning's order returned: its 60 points, spent, become a debt
+    assert call(db, points.reverse, earn_id=earned.id, key="rv").debt_change == 60
+    # when 70 of the spend are refunded (the reward cancelled in part)
+    refund = call(db, points.refund, spend_id=spend.id, amount=70, key="r1")
+    # then the debt is paid off first and the member keeps 10, on the later lot
+    summary = call(db, points.balance, member_id=alice)
+    assert (refund.amount, refund.debt_change) == (70, -60)
+    assert (summary.balance, summary.debt) == (10, 0)
+    lots = call(db, points.member_lots, member_id=alice)
+    assert [(lot.remaining, lot.expires_at) for lot in lots if lot.remaining] == [
+        (10, clock.now() + 90 * DAY)
+    ]
+    # and the rest of the spend comes back whole: nothing is owed any more
+    rest = call(db, points.refund, spend_id=spend.id, key="r2")
+    assert (rest.amount, rest.debt_change) == (30, 0)
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.debt) == (40, 0)
+    # the same as a refund first and the claw-back after would have left
+    assert_ledger_sound(db, program_id)
+
+
 def test_a_claw_back_takes_lapsed_points_from_the_expired_account_and_charges_only_the_used(
     setup: Any,
 ) -> None:

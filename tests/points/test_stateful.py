@@ -130,7 +130,11 @@ class Model:
             taken.append((lot, part))
         return taken
 
-    def give_back(self, debit: RefDebit, amount: int | None, now: datetime) -> int:
+    def give_back(
+        self, debit: RefDebit, amount: int | None, now: datetime, *, repays: bool = False
+    ) -> int:
+        """Give ``amount`` of ``debit`` back, last taken first; a refund (``repays``) pays the
+        member's debt first out of it, with the points the spend took first."""
         open_amount = debit.amount - debit.given_back
         amount = open_amount if amount is None else amount
         if open_amount == 0 or amount > open_amount:
@@ -138,7 +142,9 @@ class Model:
                 operation="", operation_zh="", requested=amount, remaining=open_amount,
                 posting_id=0,
             )  # fmt: skip
-        left = amount
+        repaid = min(self.debt[debit.member], amount) if repays else 0
+        self.debt[debit.member] -= repaid
+        left = amount - repaid
         for lot, part in reversed(debit.taken):
             room = part - debit.returned.get(lot.order, 0)
             give = min(room, left)
@@ -252,13 +258,15 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
         def refund(self, spend: Any, amount: int | None) -> None:
             spend_id, debit = spend
             try:
-                self.model.give_back(debit, amount, self.now())
+                debt = self.model.debt[debit.member]
+                given = self.model.give_back(debit, amount, self.now(), repays=True)
             except ExceedsOriginal:
                 self.expect_refusal(
                     ExceedsOriginal, points.refund, spend_id=spend_id, amount=amount
                 )
                 return
-            self.post(points.refund, spend_id=spend_id, amount=amount)
+            posted = self.post(points.refund, spend_id=spend_id, amount=amount)
+            assert posted.debt_change == -min(debt, given)
 
         @rule(earn=earns, amount=st.one_of(st.none(), st.integers(1, 400)))
         def reverse(self, earn: Any, amount: int | None) -> None:

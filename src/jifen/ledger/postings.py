@@ -217,10 +217,16 @@ def plan_refund(
     earlier_refunded: int,
     amount: int | None = None,
     holder: SystemAccount = SystemAccount.REDEEMED,
+    debt: int = 0,
 ) -> Plan:
     """Give back all or part of a spend to exactly the lots it took (``amount=None``: the rest),
-    from ``holder``, the account the spend went into."""
-    return _give_back(
+    from ``holder``, the account the spend went into.
+
+    A member with ``debt`` (what a claw-back could not take, because the points had been
+    spent) pays it off first out of what comes back, as an earning would: had the spend been
+    refunded before the claw-back, the claw-back would have taken these very points. The
+    lots the spend took first (the earliest to lapse) pay it; the rest go back to theirs."""
+    plan = _give_back(
         Kind.REFUND,
         holder,
         original_id=spend_id,
@@ -231,6 +237,24 @@ def plan_refund(
         amount=amount,
         labels=("A refund", "退还"),
     )
+    if isinstance(debt, bool) or not isinstance(debt, int) or debt < 0:
+        raise ValueError(f"a debt is a count of points, not {debt!r}")
+    repaid = min(debt, plan.amount)
+    if not repaid:
+        return plan
+    already: dict[int, int] = {}
+    for allocation in earlier_refunds:
+        already[allocation.lot_id] = already.get(allocation.lot_id, 0) + allocation.amount
+    kept = plan.amount - repaid
+    allocations = restore(spend_allocations, already, kept) if kept else []
+    lines = [Line(holder, -plan.amount)]
+    if kept:
+        lines.append(Line(Party.MEMBER, kept))
+    lines.append(Line(SystemAccount.RECEIVABLE, repaid))
+    return Plan(
+        Kind.REFUND, plan.amount, tuple(lines), allocations=tuple(allocations),
+        debt_change=-repaid,
+    )  # fmt: skip
 
 
 def plan_unfreeze(

@@ -531,7 +531,8 @@ def refund(
     body: GiveBackCreate,
     ctx: Annotated[Context, Depends(Write("points.refund"))],
 ) -> JSONResponse:
-    """Give back all (no ``amount``) or part of a spend, to exactly the lots it took."""
+    """Give back all (no ``amount``) or part of a spend, to exactly the lots it took. A
+    member with a debt (``debt_change``) pays it off first out of what comes back."""
     return _give_back(
         ctx, posting_id, body, lambda uow, p, **kw: service.refund(uow, spend_id=p, **kw)
     )

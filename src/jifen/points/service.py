@@ -963,7 +963,8 @@ def refund(
     actor: str = "",
     forfeit_if_closed: bool = False,
 ) -> PostingRead:
-    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took.
+    """Give back all (``amount=None``) or part of a spend, to exactly the lots it took; a
+    member's debt is paid off first out of what comes back (:func:`ledger.plan_refund`).
 
     To a closed account (a return after closing), by the programme's ``closing_policy``:
     under ``forfeit`` the points are given back and forfeited at once, by an expiry posting
@@ -990,6 +991,7 @@ def refund(
             earlier_refunds=original.later,
             earlier_refunded=original.later_amount,
             amount=amount,
+            debt=member.debt,
         ),
     )
     if isinstance(plan, PostingRead):
