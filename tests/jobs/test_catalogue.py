@@ -191,3 +191,48 @@ def test_a_reconciliation_that_finds_differences_alerts_staff_once_a_run(db: Dat
     ((title, body),) = alerts()
     assert title == "对账发现 2 处差异"
     assert "balance (stored) vs its lines: 150 != 100" in body
+
+
+def test_birthdays_missed_while_the_worker_was_down_are_raised_at_its_next_run(
+    db: Database,
+) -> None:
+    from datetime import date
+
+    from jifen.members import service as members
+    from jifen.members.schemas import MemberUpdate
+    from jifen.points import service as points
+    from tests.events.test_service import activate
+    from tests.factories import new_members, new_program
+
+    program_id = new_program(db).id  # Asia/Shanghai
+    first, second, third, later = new_members(db, program_id, 4)
+    for member, day in ((first, 10), (second, 11), (third, 12), (later, 14)):
+        born = MemberUpdate(birthday=date(1990, 6, day))
+        db.run(
+            lambda uow, m=member, b=born: members.update_profile(
+                uow, program_id=program_id, member_id=m, body=b
+            )
+        )
+    activate(db, program_id, "gift", {"kind": "birthday_gift", "by_tier": {}, "default": 50},
+             events_=("member.birthday",))  # fmt: skip
+
+    def run_on(day: int) -> dict[str, int]:
+        moment = datetime(2026, 6, day, 0, 5, tzinfo=UTC) + SHANGHAI_OFFSET
+        return jobs.run(db, "events.birthdays", program_id=program_id, now=moment).figures
+
+    def balances() -> list[int]:
+        return [
+            db.run(lambda uow, m=m: points.balance(uow, member_id=m), read_only=True).balance
+            for m in (first, second, third, later)
+        ]
+
+    # given the run of 10 June, the worker down on the 11th and the 12th
+    assert run_on(10) == {"events": 1, "days": 1}
+    # when it runs again on the 13th, the two days missed are raised with it
+    assert run_on(13) == {"events": 2, "days": 3}
+    assert balances() == [50, 50, 50, 0]
+    # and a run again, or of a day done before, raises nothing twice
+    assert run_on(13) == {"events": 0, "days": 1}
+    assert run_on(11) == {"events": 0, "days": 1}
+    assert run_on(14)["events"] == 1
+    assert balances() == [50, 50, 50, 50]

@@ -144,9 +144,34 @@ register(
 
 
 def _birthdays(db: Database, program_id: int) -> dict[str, int]:
+    """Raise the birthdays of the programme's day, and of the days since the last run that
+    no run did (the worker was down), as far back as ``jobs.service.RESUME_WITHIN``: each
+    day is recorded as done once its members are raised."""
+    name = "events.birthdays"
     zone = ZoneInfo(db.run(lambda uow: programs_service.time_zone(uow, program_id=program_id)))
-    day = db.clock.now().astimezone(zone).date()
-    return {"events": events_service.raise_birthdays(db, program_id=program_id, day=day)}
+    today = db.clock.now().astimezone(zone).date()
+    last = db.run(
+        lambda uow: jobs_service.last_done(uow, name=name, program_id=program_id),
+        read_only=True,
+    )
+    first = today
+    if last is not None:
+        earliest = today - timedelta(days=jobs_service.RESUME_WITHIN.days)
+        first = min(today, max(last.astimezone(zone).date() + timedelta(days=1), earliest))
+    raised = 0
+    for offset in range((today - first).days + 1):
+        day = first + timedelta(days=offset)
+        made = events_service.raise_birthdays(db, program_id=program_id, day=day)
+        raised += made
+        start = datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
+
+        def record(uow: UnitOfWork, start: datetime = start, made: int = made) -> None:
+            jobs_service.record_done(
+                uow, name=name, program_id=program_id, moment=start, figures={"events": made}
+            )
+
+        db.run(record)
+    return {"events": raised, "days": (today - first).days + 1}
 
 
 register(Job("events.birthdays", "Birthday events", "生日事件", whole=_birthdays))

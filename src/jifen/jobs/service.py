@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from jifen.clock import ManualClock
 from jifen.db import bulk
@@ -382,6 +382,32 @@ def finished_since(uow: UnitOfWork, *, name: str, program_id: int, since: dateti
         .limit(1)
     ).first()
     return found is not None
+
+
+def last_done(uow: UnitOfWork, *, name: str, program_id: int) -> datetime | None:
+    """The moment of the latest finished run of job ``name`` for the programme (None: none)."""
+    return uow.conn.execute(
+        select(func.max(job_runs.c.run_at)).where(
+            job_runs.c.name == name,
+            job_runs.c.program_id == program_id,
+            job_runs.c.state == "done",
+        )
+    ).scalar()
+
+
+def record_done(
+    uow: UnitOfWork, *, name: str, program_id: int, moment: datetime, figures: dict[str, int]
+) -> None:
+    """Record that a job that runs whole did its work for ``moment`` (once: a second worker
+    that did the same work records nothing more)."""
+    now = uow.clock.now()
+    insert_missing(
+        uow,
+        job_runs,
+        [{"name": name, "program_id": program_id, "run_at": moment, "state": "done",
+          "cursor": 0, "chunks": 1, "figures": json.dumps(figures), "started_at": now,
+          "updated_at": now, "finished_at": now}],
+    )  # fmt: skip
 
 
 def run_global(db: Database, name: str) -> dict[str, int]:
