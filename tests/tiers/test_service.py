@@ -376,6 +376,46 @@ def test_an_evaluation_needs_a_scheme_that_fits_the_tiers(db: Database) -> None:
         )
 
 
+def test_the_tiers_cannot_stop_fitting_the_live_scheme(db: Database) -> None:
+    from jifen.errors import StateConflict
+
+    world = World(db, scheme(), members=1)
+    program_id = world.program.id
+
+    def put(definitions: list[dict[str, Any]]) -> list[str]:
+        return [
+            t.code
+            for t in db.run(
+                lambda uow: service.set_tiers(
+                    uow, program_id=program_id, definitions=[TierDef(**d) for d in definitions]
+                )
+            )
+        ]
+
+    # a fifth tier, a dropped one, or two swapped would stop every evaluation: refused
+    fifth = [*TIERS, {"code": "黑金", "name": "黑金会员", "rank": 4}]
+    swapped = [{**TIERS[1], "rank": 2}, {**TIERS[2], "rank": 1}, TIERS[0], TIERS[3]]
+    for definitions in (fifth, TIERS[:3], swapped):
+        with pytest.raises(StateConflict) as caught:
+            put(definitions)
+        assert "普通, 银卡, 金卡, 钻石" in caught.value.message("en")
+    assert put(TIERS) == ["普通", "银卡", "金卡", "钻石"]
+    # names may change, and ranks too while the order stays
+    renamed = [{**t, "name": f"{t['name']}+", "rank": t["rank"] * 10} for t in TIERS]
+    assert put(renamed) == ["普通", "银卡", "金卡", "钻石"]
+    # without a scheme the tiers are free to change
+    db.run(
+        lambda uow: programs_service.set_settings(
+            uow, program_id=program_id,
+            settings=programs_service.get_settings(uow, program_id=program_id).model_copy(
+                update={"tier_scheme": None}
+            ),
+        )
+    )  # fmt: skip
+    assert put(fifth) == ["普通", "银卡", "金卡", "钻石", "黑金"]
+    assert db.run(lambda uow: service.scheme_of(uow, program_id=program_id)) is None
+
+
 def test_pricing_reads_the_matrix_discount_unless_the_policy_names_the_tier(db: Database) -> None:
     from jifen.rewards.schemas import RedemptionPolicy, TierTerms
 

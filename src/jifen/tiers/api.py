@@ -56,7 +56,9 @@ def set_tiers(
     body: TiersSet,
     ctx: Annotated[Context, Depends(Write("tiers.write", programme_wide=True))],
 ) -> JSONResponse:
-    """Replace the programme's tiers (a tier members hold cannot be removed)."""
+    """Replace the programme's tiers. A tier members hold cannot be removed, and while the
+    programme has a tier scheme its levels stay the tiers' codes in rank order (409
+    ``state_conflict`` otherwise): set the scheme to none first to change them."""
     return ctx.execute(
         lambda uow: TierList(
             items=service.set_tiers(uow, program_id=ctx.program_id, definitions=body.tiers)

@@ -91,7 +91,8 @@ def list_tiers(uow: UnitOfWork, *, program_id: int) -> list[TierRead]:
 
 def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -> list[TierRead]:
     """Replace the programme's tiers. A tier that members hold, or that a temporary upgrade
-    returns a member to when it ends, cannot be removed."""
+    returns a member to when it ends, cannot be removed; nor can the tiers stop being the
+    levels of the programme's tier scheme, in rank order."""
     codes = [d.code for d in definitions]
     ranks = [d.rank for d in definitions]
     if len(set(codes)) != len(codes) or len(set(ranks)) != len(ranks):
@@ -125,6 +126,19 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
             "ends; set their tier by hand, or wait for the upgrades to end, before removing it.",
             problem_zh=f"仍有临时升级的会员到期后将回到等级 {returned_to!r};请先手动设置这些会员"
             "的等级或等临时升级结束,再删除该等级。",
+        )
+    scheme = scheme_of(uow, program_id=program_id)
+    ordered = [d.code for d in sorted(definitions, key=lambda d: d.rank)]
+    if scheme is not None and ordered != [level.tier for level in scheme.levels]:
+        named = ", ".join(level.tier for level in scheme.levels)
+        raise StateConflict(
+            problem=f"The programme's tier scheme ranks its members into {named}, in that "
+            f"order; these tiers ({', '.join(ordered)}) would leave it stopping every "
+            "evaluation. Keep those codes in that rank order (names may change), or set the "
+            "tier scheme to none first and give the new one after.",
+            problem_zh=f"本计划的等级方案按 {named} 的顺序评定会员;这些等级"
+            f"({', '.join(ordered)})将使每次评定都无法进行。请保持这些代码及其级别顺序"
+            "(名称可改),或先将等级方案设为空,改好等级后再设新方案。",
         )
     uow.conn.execute(delete(tiers).where(tiers.c.program_id == program_id))
     uow.conn.execute(
