@@ -180,6 +180,27 @@ def test_a_merchants_operator_cannot_subscribe_to_the_programmes_events(
     assert body(shop.get("/webhooks"), 200)["items"] == []
 
 
+def test_a_merchants_key_cannot_link_members_into_a_family(
+    client: TestClient, db: Database
+) -> None:
+    """A family's main account sees every member's points, earned at any merchant: linking
+    needs a grant covering the whole programme, not one merchant's key or operator."""
+    shop = EarningShop(client, db)
+    program = shop.program.id
+    family = ["members.read", "members.family"]
+    mall_key = support.api_key(db, program, merchant="mall", permissions=family)
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    path = f"/members/{shop.alice}/family/members/{shop.bob}"
+    for headers in (mall_key, mall_operator):
+        refused = shop.put(path, {}, headers)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "scope_too_narrow"
+    assert body(shop.get(f"/members/{shop.bob}/family"), 200)["main_member_id"] is None
+    programme_key = support.api_key(db, program, permissions=family)
+    linked = body(shop.put(path, {}, programme_key), 200)
+    assert [m["member_id"] for m in linked["members"]] == [shop.alice, shop.bob]
+
+
 # --------------------------------------------------------------------------- sign-in
 
 

@@ -453,11 +453,13 @@ def add_to_family(
     program: str,
     member_id: Id,
     other_id: Id,
-    ctx: Annotated[Context, Depends(Write("members.family"))],
+    ctx: Annotated[Context, Depends(Write("members.family", programme_wide=True))],
 ) -> JSONResponse:
     """Add ``other_id`` to the group whose main account is ``member_id`` (a new group if
     it has none). Needs ``members.family``, which members do not hold: a member cannot gain
     sight of another's points by itself; staff link accounts with both members' consent.
+    The main account sees the points its members earned at every merchant, so the grant
+    must cover the whole programme (403 ``scope_too_narrow`` for one of a merchant or store).
     The answer is stored for a repeated ``Idempotency-Key`` with the other members'
     references and names left out (``(not stored: …)``): only ``member_id``'s erasure would
     find it."""
