@@ -268,6 +268,23 @@ def test_cooling_off_holds_a_large_diamond_redemption_until_confirmed(db: Databa
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_redemption_held_for_its_cooling_off_is_activity_for_dormancy(db: Database) -> None:
+    from jifen.expiry import service as expiry
+
+    shop = Shop.open(db)
+    (member,) = shop.member(20000, tier="钻石")
+    watch = shop.reward(points=10000, stock=3)
+
+    def last_active() -> Any:
+        return db.run(lambda uow: expiry.last_activity(uow, member_ids=[member])).get(member)
+
+    earned_at = last_active()
+    clock(db).advance(timedelta(days=300))
+    # the member redeems; the redemption waits for its cooling-off, nothing spent yet
+    assert shop.redeem(member, watch.code).state == "held"
+    assert last_active() == clock(db).now() != earned_at
+
+
 def test_a_member_frozen_during_its_cooling_off_cannot_complete_the_held_redemption(
     db: Database,
 ) -> None:

@@ -242,16 +242,23 @@ DORMANCY_KEY = "dormancy:{member}:{since}:"
 
 def last_activity(uow: UnitOfWork, *, member_ids: Sequence[int]) -> dict[int, datetime]:
     """When each member was last active (任意行为激活): its latest earning, spending or
-    transfer of points of its own doing, or its latest event (whatever it earned; not one
-    jifen raises itself, as a birthday). An activity after a dormancy decay gives the decay
-    back at the next run, and the dormancy clock starts again from it. Two statements a
-    chunk of members; the event intake pays nothing for it."""
-    from jifen.events import service as events_service  # events reads expiry for validity
+    transfer of points of its own doing, its latest event (whatever it earned; not one
+    jifen raises itself, as a birthday), or its latest redemption (one still held for its
+    cooling-off too). An activity after a dormancy decay gives the decay back at the next
+    run, and the dormancy clock starts again from it. Three statements a chunk of members;
+    the event intake pays nothing for it."""
+    # Imported here: events and rewards read expiry (for validity and for lapsed holds).
+    from jifen.events import service as events_service
+    from jifen.rewards import service as rewards_service
 
     active = points_service.last_activity(uow, member_ids=member_ids)
-    for member_id, when in events_service.last_own_events(uow, member_ids=member_ids).items():
-        if member_id not in active or when > active[member_id]:
-            active[member_id] = when
+    for found in (
+        events_service.last_own_events(uow, member_ids=member_ids),
+        rewards_service.last_orders(uow, member_ids=member_ids),
+    ):
+        for member_id, when in found.items():
+            if member_id not in active or when > active[member_id]:
+                active[member_id] = when
     return active
 
 

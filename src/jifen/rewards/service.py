@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, Row, bindparam, func, or_, select, update
 
 from jifen import crypto
+from jifen.db.bulk import among
 from jifen.db.prepared import Prepared, Read, read_one, read_together
 from jifen.db.uow import LostRace, UnitOfWork
 from jifen.errors import (
@@ -1402,6 +1403,20 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
         )
     _give_stock(uow, row.reward_id, row.quantity)
     return {"refund_posting_id": posting.id}
+
+
+def last_orders(uow: UnitOfWork, *, member_ids: Sequence[int]) -> dict[int, datetime]:
+    """When each member last redeemed: its latest order, whatever became of it (one held
+    for its cooling-off or waiting for payment has spent nothing yet). What dormancy counts
+    as activity beside the member's postings and events."""
+    if not member_ids:
+        return {}
+    rows = uow.conn.execute(
+        select(reward_orders.c.member_id, func.max(reward_orders.c.created_at))
+        .where(among(uow.dialect, reward_orders.c.member_id, member_ids))
+        .group_by(reward_orders.c.member_id)
+    ).all()
+    return {int(member_id): when for member_id, when in rows}
 
 
 def confirm_held(
