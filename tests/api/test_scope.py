@@ -201,6 +201,40 @@ def test_a_merchants_key_cannot_link_members_into_a_family(
     assert [m["member_id"] for m in linked["members"]] == [shop.alice, shop.bob]
 
 
+def test_a_merchants_key_cannot_move_a_member_between_tiers(
+    client: TestClient, db: Database
+) -> None:
+    """A member's tier multiplies its earnings and discounts its redemptions at every
+    merchant: one merchant's key or operator cannot set it, evaluate it or dry-run the
+    programme's evaluation."""
+    from jifen.tiers import service as tiers
+    from jifen.tiers.schemas import TierDef
+
+    shop = EarningShop(client, db)
+    program = shop.program.id
+    db.run(
+        lambda uow: tiers.set_tiers(
+            uow, program_id=program,
+            definitions=[TierDef(code="普通", name="普通", rank=0),
+                         TierDef(code="钻石", name="钻石", rank=1)],
+        )
+    )  # fmt: skip
+    mall_key = support.api_key(db, program, merchant="mall", permissions=["tiers.write"])
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    tier = f"/members/{shop.alice}/tier"
+    for headers in (mall_key, mall_operator):
+        for answer in (
+            shop.put(tier, {"tier": "钻石", "reason": "vip"}, headers),
+            shop.post(f"{tier}/evaluate", {}, headers),
+            shop.post("/tiers/dry-run", {}, headers),
+        ):
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["code"] == "scope_too_narrow"
+    assert body(shop.get(tier), 200)["tier"] is None
+    moved = shop.put(tier, {"tier": "钻石", "reason": "vip"})
+    assert body(moved, 200)["tier"] == "钻石"
+
+
 # --------------------------------------------------------------------------- sign-in
 
 

@@ -83,9 +83,10 @@ def set_member_tier(
     program: str,
     member_id: Id,
     body: MemberTierSet,
-    ctx: Annotated[Context, Depends(Write("tiers.write"))],
+    ctx: Annotated[Context, Depends(Write("tiers.write", programme_wide=True))],
 ) -> JSONResponse:
-    """Put the member in a tier from now on (rules and caps read it)."""
+    """Put the member in a tier from now on (rules and caps read it). A member's tier counts
+    at every merchant, so the grant must cover the whole programme."""
     return ctx.execute(
         lambda uow: service.set_member_tier(
             uow, program_id=ctx.program_id, member_id=member_id, tier=body.tier,
@@ -189,11 +190,11 @@ def put_benefits(
 @router.post("/programs/{program}/tiers/dry-run", response_model=EvaluationReport)
 def dry_run(
     program: str,
-    ctx: Annotated[Context, Depends(Read("tiers.write"))],
+    ctx: Annotated[Context, Depends(Read("tiers.write", programme_wide=True))],
     body: DryRunIn | None = None,
 ) -> EvaluationReport:
     """How many members an evaluation now (or at ``at``) would move up and down; nothing
-    is written."""
+    is written. It reads the whole programme: the grant must cover it."""
 
     def run(uow: UnitOfWork) -> EvaluationReport:
         at = body.at if body is not None and body.at is not None else uow.clock.now()
@@ -206,9 +207,12 @@ def dry_run(
     "/programs/{program}/members/{member_id}/tier/evaluate", response_model=MemberEvaluation
 )
 def evaluate_member(
-    program: str, member_id: Id, ctx: Annotated[Context, Depends(Write("tiers.write"))]
+    program: str,
+    member_id: Id,
+    ctx: Annotated[Context, Depends(Write("tiers.write", programme_wide=True))],
 ) -> JSONResponse:
-    """Evaluate the member now, as a scheduled evaluation would: up or down by its score."""
+    """Evaluate the member now, as a scheduled evaluation would: up or down by its score
+    (a tier that counts at every merchant: the grant must cover the whole programme)."""
     return ctx.execute(
         lambda uow: service.evaluate_member(
             uow, program_id=ctx.program_id, member_id=member_id, actor=ctx.actor
