@@ -174,6 +174,22 @@ def _subscribe(
     )
 
 
+def _subscribed(
+    db: Database,
+    clock: ManualClock,
+    receiver_factory: Callable[[Clock], Receiver],
+    events: list[str] | None = None,
+) -> tuple[int, Receiver, service.WebhookSecret]:
+    """A new programme and a receiver subscribed to ``events`` of it, which checks the
+    subscription's signature: the programme's id, the receiver and the subscription."""
+    settle(db)
+    program = new_program(db)
+    receiver = receiver_factory(clock)
+    created = _subscribe(db, program.id, receiver.url, events=events)
+    receiver.secrets = [created.secret]
+    return program.id, receiver, created
+
+
 def _senders() -> Senders:
     return Senders(webhook=HttpWebhookSender(timeout=5.0))
 
@@ -181,16 +197,12 @@ def _senders() -> Senders:
 def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_exactly_once(
     db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
 ) -> None:
-    settle(db)
-    program = new_program(db)
-    receiver = receiver_factory(clock)
-    created = _subscribe(db, program.id, receiver.url)
-    receiver.secrets = [created.secret]
+    program_id, receiver, created = _subscribed(db, clock, receiver_factory)
     receiver.fail_first = 3
     # given an event published in a change's transaction
     queued = db.run(
         lambda uow: service.publish(
-            uow, program_id=program.id, event_type="points.earned",
+            uow, program_id=program_id, event_type="points.earned",
             data={"member": 7, "points": 50, "名称": "积分"}, key="posting:1",
         )
     )  # fmt: skip
@@ -198,7 +210,7 @@ def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_exactly_
     # when the sender runs each time the backoff allows
     for _ in range(4):
         service.deliver_due(db, senders=_senders())
-        (row,) = outbox_rows(db, program.id)
+        (row,) = outbox_rows(db, program_id)
         if row.status != "pending":
             break
         clock.set(row.next_attempt_at)
@@ -215,7 +227,7 @@ def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_exactly_
     assert {r["headers"][core.DELIVERY_HEADER] for r in receiver.requests} == {row.delivery_id}
     # and the delivery log has the four attempts
     (delivery,), _ = db.run(
-        lambda uow: service.list_deliveries(uow, program_id=program.id, webhook_id=created.id)
+        lambda uow: service.list_deliveries(uow, program_id=program_id, webhook_id=created.id)
     )
     assert (delivery.status, delivery.attempts) == ("sent", 4)
     assert [(a.attempt, a.status_code) for a in delivery.attempt_log] == [
@@ -226,7 +238,7 @@ def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_exactly_
     # the same key publishes nothing more
     again = db.run(
         lambda uow: service.publish(
-            uow, program_id=program.id, event_type="points.earned", data={}, key="posting:1"
+            uow, program_id=program_id, event_type="points.earned", data={}, key="posting:1"
         )
     )
     assert again == 0
@@ -235,22 +247,18 @@ def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_exactly_
 def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
     db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
 ) -> None:
-    settle(db)
-    program = new_program(db)
-    receiver = receiver_factory(clock)
-    created = _subscribe(db, program.id, receiver.url, events=["*"])
-    receiver.secrets = [created.secret]
+    program_id, receiver, created = _subscribed(db, clock, receiver_factory, ["*"])
     db.run(
         lambda uow: service.publish(
-            uow, program_id=program.id, event_type="tier.changed", data={"tier": "gold"}, key="t1"
+            uow, program_id=program_id, event_type="tier.changed", data={"tier": "gold"}, key="t1"
         )
     )
     service.deliver_due(db, senders=_senders())
-    (first,) = outbox_rows(db, program.id)
+    (first,) = outbox_rows(db, program_id)
     # when an operator redelivers it
     again = db.run(
         lambda uow: service.redeliver(
-            uow, program_id=program.id, webhook_id=created.id, delivery=first.id
+            uow, program_id=program_id, webhook_id=created.id, delivery=first.id
         )
     )
     assert (again.delivery_id, again.redelivery_of, again.status) == (
@@ -262,7 +270,7 @@ def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
     with pytest.raises(StateConflict):
         db.run(
             lambda uow: service.redeliver(
-                uow, program_id=program.id, webhook_id=created.id, delivery=first.id
+                uow, program_id=program_id, webhook_id=created.id, delivery=first.id
             )
         )
     service.deliver_due(db, senders=_senders())
@@ -271,7 +279,7 @@ def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
     assert receiver.requests[0]["body"] == receiver.requests[1]["body"]
     assert len(receiver.accepted) == 1
     deliveries, _ = db.run(
-        lambda uow: service.list_deliveries(uow, program_id=program.id, webhook_id=created.id)
+        lambda uow: service.list_deliveries(uow, program_id=program_id, webhook_id=created.id)
     )
     assert [(d.status, len(d.attempt_log)) for d in deliveries] == [("sent", 1), ("sent", 1)]
 
@@ -279,16 +287,12 @@ def test_a_manual_redelivery_sends_the_same_event_with_the_same_delivery_id(
 def test_deliveries_queued_before_a_pause_wait_for_the_resume_and_then_go_once(
     db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
 ) -> None:
-    settle(db)
-    program = new_program(db)
-    receiver = receiver_factory(clock)
-    created = _subscribe(db, program.id, receiver.url, events=["*"])
-    receiver.secrets = [created.secret]
+    program_id, receiver, created = _subscribed(db, clock, receiver_factory, ["*"])
     receiver.fail_first = 1
     for key in ("a", "b"):
         db.run(
             lambda uow, key=key: service.publish(
-                uow, program_id=program.id, event_type="tier.changed", data={"k": key}, key=key
+                uow, program_id=program_id, event_type="tier.changed", data={"k": key}, key=key
             )
         )
     # given the first delivery's first attempt failed (a retry is due later), the second
@@ -299,7 +303,7 @@ def test_deliveries_queued_before_a_pause_wait_for_the_resume_and_then_go_once(
     def pause(active: bool) -> None:
         db.run(
             lambda uow: service.update_webhook(
-                uow, program_id=program.id, webhook_id=created.id,
+                uow, program_id=program_id, webhook_id=created.id,
                 body=WebhookUpdate(active=active),
             )
         )  # fmt: skip
@@ -310,22 +314,22 @@ def test_deliveries_queued_before_a_pause_wait_for_the_resume_and_then_go_once(
     report = service.deliver_due(db, senders=_senders())
     # then nothing is sent and nothing is given up: both wait, pending, due at no time
     assert (report.sent, report.dead, len(receiver.requests)) == (0, 0, 1)
-    rows = outbox_rows(db, program.id)
+    rows = outbox_rows(db, program_id)
     assert [(r.status, r.next_attempt_at) for r in rows] == [("pending", None)] * 2
     assert sorted(r.attempts for r in rows) == [0, 1]
     # and an event raised while it is paused is not queued for it
     db.run(
         lambda uow: service.publish(
-            uow, program_id=program.id, event_type="tier.changed", data={}, key="c"
+            uow, program_id=program_id, event_type="tier.changed", data={}, key="c"
         )
     )
-    assert len(outbox_rows(db, program.id)) == 2
+    assert len(outbox_rows(db, program_id)) == 2
     # once resumed, each queued delivery reaches the receiver once
     pause(True)
     report = service.deliver_due(db, senders=_senders())
     assert (report.sent, report.dead) == (2, 0)
     assert sorted(json.loads(r["body"])["data"]["k"] for r in receiver.accepted) == ["a", "b"]
-    assert {r.status for r in outbox_rows(db, program.id)} == {"sent"}
+    assert {r.status for r in outbox_rows(db, program_id)} == {"sent"}
 
 
 def test_a_receiver_whose_address_has_chinese_in_its_path_gets_its_events(
