@@ -131,6 +131,27 @@ def test_refund_restores_last_taken_first_and_never_more_than_spent() -> None:
         )  # fmt: skip
 
 
+def test_a_give_back_of_a_posting_with_nothing_left_open_says_so() -> None:
+    """A second full refund (no amount) of a spend refunded already is refused with a
+    message that says the spend has nothing left to refund, not that 0 points are too many."""
+    spent = [Allocation(1, -100)]
+    with pytest.raises(ExceedsOriginal) as refused:
+        ledger.plan_refund(
+            spend_id=9, spend_amount=100, spend_allocations=spent,
+            earlier_refunds=[Allocation(1, 100)], earlier_refunded=100,
+        )  # fmt: skip
+    assert refused.value.code == "exceeds_original"
+    english, chinese = refused.value.message("en"), refused.value.message("zh")
+    assert "0 points is more than" not in english
+    assert "posting 9 has no points left" in english and "9" in chinese
+    with pytest.raises(ExceedsOriginal) as partly:
+        ledger.plan_reverse(
+            earn_id=4, earn_amount=50, earlier_reversed=50, own_lots=[], lots=[], now=NOW,
+            amount=10,
+        )  # fmt: skip
+    assert "posting 4 has no points left" in partly.value.message("en")
+
+
 def test_reverse_takes_own_lot_then_others_then_records_debt() -> None:
     own = lot(5, 40, expires_in=60, pending_for=3)  # pending: still taken back first
     others = [lot(6, 25, expires_in=20)]

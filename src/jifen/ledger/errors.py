@@ -114,6 +114,23 @@ class ExceedsOriginal(Refused):
     zh = (
         "{operation_zh} {requested} 分超过了记录 {posting_id} 尚可{operation_zh}的 {remaining} 分。"
     )
+    en_none_open: ClassVar[str] = (
+        "{operation} is not possible: posting {posting_id} has no points left open to it "
+        "(all of them were given back or taken back already). Check the member's history."
+    )
+    zh_none_open: ClassVar[str] = (
+        "无法{operation_zh}:记录 {posting_id} 已没有可{operation_zh}的积分(已全部处理过)。"
+        "请在会员流水中核对。"
+    )
+
+    def message(self, language: str = "en") -> str:
+        """Where nothing of the posting is open any more, say so: "more than the 0 points
+        still open" would read as if a smaller amount could pass."""
+        if self.params.get("remaining") == 0:
+            zh = language.lower().startswith("zh")
+            template = self.zh_none_open if zh else self.en_none_open
+            return template.format(**self.params)
+        return super().message(language)
 
 
 class IdempotencyConflict(Refused):
