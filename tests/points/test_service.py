@@ -334,6 +334,19 @@ def test_history_pages_by_cursor_and_filters_by_kind(setup: Any) -> None:
         call(db, points.history, member_id=alice, cursor="not-a-cursor")
 
 
+def test_the_last_full_page_of_lots_gives_no_cursor(setup: Any) -> None:
+    """Four lots read two at a time: the second page is the last, and says so (no
+    ``next_cursor``) rather than sending the caller on to an empty page."""
+    db, _, alice, _ = setup
+    for i in range(4):
+        call(db, points.earn, member_id=alice, amount=10 + i, key=f"e{i}")
+    first = call(db, points.lots_page, member_id=alice, limit=2)
+    assert [lot.amount for lot in first.items] == [10, 11] and first.next_cursor is not None
+    second = call(db, points.lots_page, member_id=alice, limit=2, cursor=first.next_cursor)
+    assert [lot.amount for lot in second.items] == [12, 13]
+    assert second.next_cursor is None
+
+
 def test_same_key_same_request_replays_the_first_result(setup: Any) -> None:
     db, program_id, alice, _ = setup
     first = call(db, points.earn, member_id=alice, amount=10, key="k")

@@ -2178,7 +2178,9 @@ def lots_page(
             )
     query = query.order_by(lots.c.expires_at.asc().nulls_last(), lots.c.id)
     if limit is not None:
-        query = query.limit(limit)
+        query = query.limit(limit + 1)  # one more than asked: whether another page follows
+    rows = uow.conn.execute(query).all()
+    more = limit is not None and len(rows) > limit
     items = [
         LotRead(
             id=r.id,
@@ -2189,10 +2191,9 @@ def lots_page(
             expires_at=r.expires_at,
             source_lot_id=r.source_lot_id,
         )
-        for r in uow.conn.execute(query)
+        for r in (rows[:limit] if more else rows)
     ]
-    last = items[-1] if items and limit is not None and len(items) == limit else None
-    return LotPage(items=items, next_cursor=_encode_lot_cursor(last) if last else None)
+    return LotPage(items=items, next_cursor=_encode_lot_cursor(items[-1]) if more else None)
 
 
 def _encode_lot_cursor(lot: LotRead) -> str:
