@@ -57,3 +57,43 @@ def test_staff_restore_points_frozen_at_expiry_once_and_a_member_may_not(
     summary = db.run(lambda uow: points.balance(uow, member_id=alice), read_only=True)
     assert (summary.available, summary.frozen) == (300, 0)
     assert_ledger_sound(db, program.id)
+
+
+def test_points_frozen_at_expiry_are_not_unfrozen_onto_their_lapsed_lots(
+    client: TestClient, db: Database
+) -> None:
+    """Unfreezing a freeze the expiry run made would put the points back on lots past their
+    date, where the member could not use them: it is refused, and says how to give them
+    back (restore-expired), which still works after."""
+    program = new_program(db)
+    (alice,) = new_members(db, program.id, 1)
+
+    def setup(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program.id)
+        policy = ExpiryPolicy(validity=Validity(kind="rolling", days=30), on_expiry="freeze")
+        programs.set_settings(uow, program_id=program.id,
+                              settings=settings.model_copy(update={"expiry": policy}))  # fmt: skip
+        expires_at = expiry.lot_expiry(uow, program_id=program.id, start=uow.clock.now())
+        points.earn(uow, member_id=alice, amount=300, key="e1", expires_at=expires_at)
+
+    db.run(setup)
+    db.clock.advance(timedelta(days=40))  # type: ignore[attr-defined]
+    assert jobs.run(db, "points.expire", program_id=program.id).figures["points"] == 300
+    ((freeze_id, _, _),) = db.run(lambda uow: points.open_freezes(uow, member_id=alice))
+    operator = {**support.staff(db, "operator", program_id=program.id)}
+    refused = client.post(
+        f"/v1/programs/{program.code}/postings/{freeze_id}/unfreeze", json={"amount": 100},
+        headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert refused.status_code == 409, refused.text
+    assert "restore-expired" in refused.json()["detail"]
+    held = db.run(lambda uow: points.balance(uow, member_id=alice), read_only=True)
+    assert (held.overdue, held.frozen) == (0, 300)  # nothing was given back
+    restored = client.post(
+        f"/v1/programs/{program.code}/members/{alice}/points/restore-expired",
+        json={"reason": "goodwill"}, headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert restored.status_code == 201 and restored.json()["points"] == 300
+    summary = db.run(lambda uow: points.balance(uow, member_id=alice), read_only=True)
+    assert (summary.available, summary.frozen) == (300, 0)
+    assert_ledger_sound(db, program.id)

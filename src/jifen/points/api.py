@@ -492,11 +492,24 @@ def _give_back(
     posting_id: int,
     body: GiveBackCreate,
     operation: Any,
+    *,
+    unfreezing: bool = False,
 ) -> JSONResponse:
     merchant, store = ctx.merchant(None)
 
     def post(uow: UnitOfWork) -> PostingRead:
         original = _own_posting(uow, ctx, posting_id)
+        if unfreezing and original.kind == "freeze" and original.reason == service.FROZEN_AT_EXPIRY:
+            # Back on their own lots, past their date, the points could not be used.
+            raise StateConflict(
+                problem=f"Posting {posting_id} froze points when their lots lapsed: unfrozen "
+                "onto those lots, past their date, the member could not use them. Give them "
+                f"back as new points with POST …/members/{original.member_id}/points/"
+                "restore-expired instead.",
+                problem_zh=f"记录 {posting_id} 冻结的是过期时的积分:解冻回原批次(已过期)后"
+                f"会员也无法使用。请改用 POST …/members/{original.member_id}/points/"
+                "restore-expired 以新积分返还。",
+            )
         order = (  # only a spend or a hold pays for a redemption
             rewards_service.order_paid_by(uow, program_id=ctx.program_id, posting_id=posting_id)
             if original.kind in ("spend", "freeze")
@@ -560,7 +573,13 @@ def unfreeze(
 ) -> JSONResponse:
     """Release all or part of a freeze back to the lots it held. Credentials of one merchant
     (or store) release only a freeze made for it; one made for no merchant (risk control,
-    an order's hold) is the programme's own, and refused to them (403)."""
+    an order's hold) is the programme's own, and refused to them (403). Points the expiry
+    run froze when they lapsed are refused (409): their lots are past their date, and
+    ``…/points/restore-expired`` gives them back as new points."""
     return _give_back(
-        ctx, posting_id, body, lambda uow, p, **kw: service.unfreeze(uow, freeze_id=p, **kw)
+        ctx,
+        posting_id,
+        body,
+        lambda uow, p, **kw: service.unfreeze(uow, freeze_id=p, **kw),
+        unfreezing=True,
     )
