@@ -452,3 +452,25 @@ def test_a_member_reads_its_own_points_only(client: TestClient, db: Database) ->
     assert client.get(shop.member_url(shop.bob), headers=alice).status_code == 403
     # and may not earn for itself
     assert shop.post(shop.member_url(shop.alice, "/earn"), {"amount": 1}, alice).status_code == 403
+
+
+def test_giving_back_a_posting_of_another_kind_names_its_kind(
+    client: TestClient, db: Database
+) -> None:
+    """Refunding an earning (or reversing a spend, unfreezing either) is refused as before
+    (404, unknown_posting), with a message that says what the posting is rather than that
+    there is no such posting, which the member's history would contradict."""
+    shop = _shop(client, db)
+    earned = shop.earn(shop.alice, 100)
+    spent = shop.post(shop.member_url(shop.alice, "/spend"), {"amount": 40}).json()
+    for posting, tail, said in (
+        (earned, "/refund", "is an earn posting, not a spend one"),
+        (spent, "/reverse", "is a spend posting, not an earn one"),
+        (spent, "/unfreeze", "is a spend posting, not a freeze one"),
+    ):
+        refused = shop.post(shop.posting_url(posting["id"], tail), {})
+        assert refused.status_code == 404 and refused.json()["code"] == "unknown_posting"
+        assert f"Posting {posting['id']} {said}" in refused.json()["detail"]
+    missing = shop.post(shop.posting_url(10**12, "/refund"), {})
+    assert missing.status_code == 404 and "There is no" in missing.json()["detail"]
+    assert shop.balance(shop.alice)["available"] == 60

@@ -80,6 +80,29 @@ class UnknownPosting(NotFound):
     code = "unknown_posting"
     en = "There is no {expected} posting {posting_id}. Check the id in the member's history."
     zh = "不存在编号为 {posting_id} 的{expected_zh}记录。请在会员流水中核对编号。"
+    en_other_kind: ClassVar[str] = (
+        "Posting {posting_id} is a{n} {found} posting, not a{n_expected} {expected} one. "
+        "Check the id in the member's history."
+    )
+    zh_other_kind: ClassVar[str] = (
+        "记录 {posting_id} 是{found_zh}记录,不是{expected_zh}记录。请在会员流水中核对编号。"
+    )
+
+    def message(self, language: str = "en") -> str:
+        """Where the posting exists but is of another kind (``found``), say what it is:
+        "there is no such posting" would be contradicted by the member's history."""
+        found = self.params.get("found")
+        if found is None:
+            return super().message(language)
+        if language.lower().startswith("zh"):
+            return self.zh_other_kind.format(**{"found_zh": found, **self.params})
+        article = {"n": _an(found), "n_expected": _an(self.params["expected"])}
+        return self.en_other_kind.format(**article, **self.params)
+
+
+def _an(word: str) -> str:
+    """The "n" of "an" before ``word`` ("an earn", "a spend")."""
+    return "n" if word[:1].lower() in "aeiou" else ""
 
 
 class UnknownProgram(NotFound):

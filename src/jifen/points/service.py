@@ -940,7 +940,13 @@ def _member_of_posting(uow: UnitOfWork, posting_id: int, kind: Kind) -> int:
         .where(postings.c.id == posting_id, postings.c.kind == kind.value)
     ).one_or_none()
     if row is None:
-        raise UnknownPosting(posting_id=posting_id, expected=kind.value, expected_zh=_KIND_ZH[kind])
+        found = uow.conn.execute(
+            select(postings.c.kind).where(postings.c.id == posting_id)
+        ).scalar_one_or_none()
+        other = {"found": found, "found_zh": _KIND_ZH[Kind(found)]} if found else {}
+        raise UnknownPosting(
+            posting_id=posting_id, expected=kind.value, expected_zh=_KIND_ZH[kind], **other
+        )
     return int(row.member_id)
 
 
