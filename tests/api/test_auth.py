@@ -303,6 +303,23 @@ def test_staff_change_their_own_password(app_client: TestClient, db: Database) -
     assert logged == ["staff.password"]
 
 
+def test_a_staff_password_change_signs_out_every_other_session(
+    app_client: TestClient, db: Database
+) -> None:
+    """Whoever held the old password is signed out; the session that changed it stays."""
+    username, _ = _staff(db, "auditor")
+    elsewhere = support.bearer(_sign_in(app_client, username).json()["token"])
+    here = support.bearer(_sign_in(app_client, username).json()["token"])
+    changed = app_client.put(
+        "/v1/auth/staff/password",
+        json={"current_password": PASSWORD, "new_password": "a new password 2"},
+        headers=here,
+    )
+    assert changed.status_code == 204, changed.text
+    assert app_client.get("/v1/auth/me", headers=elsewhere).status_code == 401
+    assert app_client.get("/v1/auth/me", headers=here).status_code == 200
+
+
 def test_a_new_staff_users_totp_seed_is_shown_once(app_client: TestClient, db: Database) -> None:
     admin = support.staff(db, "super_admin")
     program = new_program(db)

@@ -171,7 +171,8 @@ def change_staff_password(
     request: Request,
     db: Annotated[Database, Depends(database)],
 ) -> Response:
-    """A signed-in staff user changes its own password (recorded in the audit log)."""
+    """A signed-in staff user changes its own password (recorded in the audit log). Every
+    other session of the user ends: whoever held the old password is signed out."""
     if principal.kind != "staff":
         raise Forbidden(
             problem="Only a signed-in staff user changes its password here.",
@@ -187,8 +188,9 @@ def change_staff_password(
 
     def change(uow: UnitOfWork) -> None:
         service.change_staff_password(
-            uow, staff_id=principal.id, current=current, new=body.new_password
-        )
+            uow, staff_id=principal.id, current=current, new=body.new_password,
+            keep=principal.session_id,
+        )  # fmt: skip
         audit_service.record(
             uow,
             AuditEntryCreate(

@@ -734,7 +734,12 @@ def sign_out(uow: UnitOfWork, *, session_id: int) -> None:
     )
 
 
-def change_staff_password(uow: UnitOfWork, *, staff_id: int, current: str, new: str) -> None:
+def change_staff_password(
+    uow: UnitOfWork, *, staff_id: int, current: str, new: str, keep: int | None = None
+) -> None:
+    """Change a staff user's own password, giving the present one; every other session of
+    the user ends (whoever held the old password is signed out), but for the session
+    ``keep`` (the one that changed it)."""
     row = uow.conn.execute(
         select(staff_users.c.password_hash).where(staff_users.c.id == staff_id)
     ).one()
@@ -749,6 +754,14 @@ def change_staff_password(uow: UnitOfWork, *, staff_id: int, current: str, new: 
         .where(staff_users.c.id == staff_id)
         .values(password_hash=hash_password(new))
     )
+    query = sessions.update().where(
+        sessions.c.subject == "staff",
+        sessions.c.subject_id == staff_id,
+        sessions.c.revoked_at.is_(None),
+    )
+    if keep is not None:
+        query = query.where(sessions.c.id != keep)
+    uow.conn.execute(query.values(revoked_at=uow.clock.now()))
 
 
 # --------------------------------------------------------------------------- administration
