@@ -47,6 +47,16 @@ def test_no_credentials_is_a_401_problem_in_the_callers_language(client: TestCli
     assert "凭据" not in refused.json()["detail"] and "Sign in" in refused.json()["detail"]
 
 
+def test_a_language_weight_is_read_in_any_case_and_after_other_parameters(
+    client: TestClient,
+) -> None:
+    """``Q=0.1`` is ``q=0.1`` (RFC 9110 names the weight case-insensitively), and a weight
+    after another parameter still weighs its language: English is preferred to Chinese here."""
+    for header in ("zh;Q=0.1, en;q=0.5", "zh;level=1;q=0.1, en;q=0.9", "zh; q=0.1 ,en"):
+        detail = client.get("/v1/programs", headers={"Accept-Language": header}).json()["detail"]
+        assert "Sign in" in detail, header
+
+
 def test_an_idempotent_write_replays_and_refuses_a_different_body(
     client: TestClient, db: Database
 ) -> None:

@@ -54,13 +54,15 @@ def language(request: Request) -> str:
     header = request.headers.get("accept-language", "")
     best, best_q = "en", -1.0
     for part in header.split(","):
-        tag, _, params = part.strip().partition(";")
+        tag, *params = part.strip().split(";")
         q = 1.0
-        if params.strip().startswith("q="):
-            try:
-                q = float(params.strip()[2:])
-            except ValueError:
-                q = 0.0
+        for param in params:  # the weight, named "q" in either case, among any parameters
+            name, _, value = param.strip().partition("=")
+            if name.lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
         tag = tag.strip().lower()
         # q=0 means "not acceptable": such a tag is never chosen.
         if tag.startswith(("zh", "en")) and q > max(best_q, 0):
