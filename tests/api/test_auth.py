@@ -783,6 +783,27 @@ def test_an_expired_api_key_is_refused(
     assert answer.status_code == 401 and "expired" in answer.json()["detail"]
 
 
+def test_an_api_key_used_just_before_it_expires_is_refused_just_after(
+    app_client: TestClient, db: Database, clock: ManualClock
+) -> None:
+    """A key this server has just accepted (and holds for a few seconds) is refused from
+    the moment it expires, not when the server next reads it."""
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    created = db.run(
+        lambda uow: auth.create_api_key(
+            uow, program_id=program.id, name="short", created_by="test",
+            expires_at=clock.now() + timedelta(seconds=2),
+        )
+    )  # fmt: skip
+    url = f"/v1/programs/{program.code}/members/{member_id}/points"
+    key = support.bearer(created.token)
+    assert app_client.get(url, headers=key).status_code == 200
+    clock.advance(timedelta(seconds=3))
+    answer = app_client.get(url, headers=key)
+    assert answer.status_code == 401 and "expired" in answer.json()["detail"]
+
+
 # --------------------------------------------------------------------------- members
 
 

@@ -64,7 +64,8 @@ from jifen.programs.schemas import ProgramRead
 
 SHOWN_ONCE = "(shown once, when it was created)"
 API_KEY_CACHE_SECONDS = 5.0
-"""An API key's principal is reused this long: a revocation takes effect within it."""
+"""An API key's principal is reused this long: a revocation takes effect within it (its
+expiry at once)."""
 
 
 def database(request: Request) -> Database:
@@ -240,7 +241,11 @@ async def authenticate(request: Request) -> Principal:
         )
     cache: dict[str, tuple[float, Principal]] = request.app.state.principal_cache
     cached = cache.get(token)
-    if cached is not None and cached[0] > time.monotonic():
+    if (
+        cached is not None
+        and cached[0] > time.monotonic()
+        and (cached[1].expires_at is None or cached[1].expires_at > database(request).clock.now())
+    ):  # a key that has expired since is read again, and refused
         principal = cached[1]
     else:
         principal = await run_in_threadpool(

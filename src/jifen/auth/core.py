@@ -9,6 +9,7 @@ programme and its merchant.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 PERMISSIONS: dict[str, str] = {
     "programs.read": "see programmes and their settings",
@@ -271,6 +272,8 @@ class Principal:
     totp_verified: bool = False
     """A staff session opened with a TOTP code: only such a session writes (roles that can
     write may have been granted after a sign-in that needed no code)."""
+    expires_at: datetime | None = None
+    """When an API key stops working (None: never, or not a key)."""
 
     @property
     def scope(self) -> str:

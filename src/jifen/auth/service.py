@@ -190,6 +190,7 @@ def _api_key_principal(uow: UnitOfWork, token: str) -> Principal:
         program_id=row.program_id,
         api_key_id=row.id,
         roles=("api_key",),
+        expires_at=row.expires_at,
     )
 
 
