@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+
 from jifen.db.uow import Database, UnitOfWork
+from jifen.errors import InvalidInput
 from jifen.programs import service as programs
 from jifen.rules import service as rules
 from jifen.rules.schemas import ProgramCaps
@@ -38,3 +43,15 @@ def test_after_the_programme_lock_its_settings_and_caps_are_read_afresh(pg: Data
     assert seen["budget before"] is None
     assert seen["window after"] == 30
     assert seen["budget after"] == 5_000
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules"])
+def test_a_programme_is_given_only_an_iana_time_zone_never_the_servers_own(
+    db: Database, zone: str
+) -> None:
+    """``localtime`` is whatever zone the machine serving it is set to: a programme's
+    calendar days would move with the server. Such a name is refused as no IANA zone."""
+    with pytest.raises(InvalidInput) as refused:
+        db.run(lambda uow: programs.create_program(uow, code=f"tz-{uuid.uuid4().hex[:8]}",
+                                                   name="x", time_zone=zone))  # fmt: skip
+    assert refused.value.params["field"] == "time_zone"

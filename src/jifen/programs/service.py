@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import zoneinfo
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,12 +35,15 @@ def create_program(
         )
     try:
         ZoneInfo(time_zone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+        known = time_zone in iana_time_zones()
+    except (ZoneInfoNotFoundError, ValueError):
+        known = False
+    if not known:
         raise InvalidInput(
             field="time_zone",
             problem=f"{time_zone!r} is not an IANA time zone such as Asia/Shanghai",
             problem_zh=f"{time_zone!r} 不是 IANA 时区(例如 Asia/Shanghai)",
-        ) from exc
+        )
     if uow.conn.execute(select(programs.c.id).where(programs.c.code == code)).first():
         raise DuplicateReference(what="Programme code", what_zh="计划代码", value=code)
     now = uow.clock.now()
@@ -48,6 +53,14 @@ def create_program(
     ).scalar_one()
     points_service.open_system_accounts(uow, program_id=program_id)
     return ProgramRead(id=program_id, code=code, name=name, time_zone=time_zone, created_at=now)
+
+
+@functools.cache
+def iana_time_zones() -> frozenset[str]:
+    """The IANA time zone names, without ``localtime`` (the serving machine's own zone,
+    which the zone files hold too: a programme's calendar would move with the server) and
+    ``posixrules`` (a file of the database's, no zone); read once a process."""
+    return frozenset(zoneinfo.available_timezones() - {"localtime", "posixrules"})
 
 
 def get_program(uow: UnitOfWork, *, code: str) -> ProgramRead:
