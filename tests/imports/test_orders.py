@@ -116,6 +116,33 @@ def test_a_refused_order_line_is_named_by_its_row_and_column(db: Database, tmp_p
     assert second[6:8] == ["3", "amount_fen"]
 
 
+def test_an_amount_in_yuan_or_with_separators_is_refused_saying_to_write_whole_fen(
+    db: Database, tmp_path: Path
+) -> None:
+    """An amount_fen with a decimal point is most likely yuan: 100.00 is refused like 12.50
+    (not taken for 100 fen, a hundredth of what was paid), and 5,000 too, each saying how
+    to write it; the other lines of its order are refused with it."""
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    ids = setup_members(db, program.id)
+    rows = [["y1", "c0", WHEN, "TV", "家电", "100.00"], ["y2", "c1", WHEN, "TV", "家电", 100],
+            ["y2", "c1", WHEN, "T1", "日用品", "12.50"], ["y3", "c2", WHEN, "TV", "家电", "5,000"],
+            ["y4", "c2", WHEN, "TV", "家电", " 200 "]]  # fmt: skip
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
+    assert (report.records, report.accepted, report.refused) == (4, 1, 3)
+    assert balances(db, ids) == {"c0": 0, "c1": 0, "c2": 6}
+    _, *errors = read_csv(tmp_path / "orders.errors.csv")
+    assert [row[6:8] for row in errors] == [["2", "amount_fen"], ["3", ""], ["4", "amount_fen"],
+                                            ["5", "amount_fen"]]  # fmt: skip
+    assert "'100.00'" in errors[0][9] and "whole number of fen" in errors[0][9]
+    assert "1250" in errors[2][9] and "'5,000'" in errors[3][9]
+    imports.run_import(db, program_id=program.id, kind="orders", path=path, language="zh",
+                       restart=True)  # fmt: skip
+    _, *errors = read_csv(tmp_path / "orders.errors.csv")
+    assert "整数" in errors[0][9] and "分" in errors[0][9]
+
+
 @pytest.mark.parametrize("merchant", [None, "m-01"])
 def test_imported_orders_record_their_store_and_merchant_on_their_postings(
     db: Database, tmp_path: Path, merchant: str | None

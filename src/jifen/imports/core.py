@@ -255,6 +255,23 @@ def _flag(value: str | None, column: str, at: int | None = None) -> bool:
     )
 
 
+def _fen(value: str, at: int) -> str:
+    """An order line's amount as written, if it is whole fen: digits alone (a sign is left to
+    the request's own check). One with a decimal point is most likely yuan, and pydantic
+    would take ``100.00`` for 100 fen, a hundredth of what was paid: it is refused, as is one
+    with separators (``5,000``), saying how to write it."""
+    if re.fullmatch(r"[+-]?\d+", value) or not re.fullmatch(r"[+-]?[\d.,]+", value):
+        return value
+    raise RowError(
+        "amount_fen",
+        f"{value!r} is not a whole number of fen: write the amount in fen (1 yuan = 100 fen) "
+        "with digits alone, no decimal point or separators (12.50 yuan is 1250)",
+        f"{value!r} 不是以分计的整数:请以分为单位(1 元 = 100 分)只写数字,不带小数点或"
+        "分隔符(12.50 元写作 1250)",
+        at=at,
+    )
+
+
 ORDER_LINES = next(
     m.max_length for m in OrderPaid.model_fields["lines"].metadata if hasattr(m, "max_length")
 )
@@ -453,7 +470,7 @@ def _order_event(rows: list[Mapping[str, str]], default_source: str, zone: tzinf
                 "sku": row["sku"],
                 "category": row.get("category") or "default",
                 "quantity": row.get("quantity") or 1,
-                "amount_fen": row["amount_fen"],
+                "amount_fen": _fen(row["amount_fen"], at),
                 "paid_with_points": _flag(row.get("paid_with_points"), "paid_with_points", at),
             }
             for at, row in enumerate(rows)
