@@ -103,3 +103,20 @@ def test_a_members_row_with_a_number_for_a_birthday_is_refused_on_its_line(
     _, refused = read_csv(tmp_path / "m.errors.csv")
     assert refused[2:5] == ["2", "birthday", "invalid_input"]
     assert "YYYY-MM-DD" in refused[5]
+
+
+def test_a_bad_tag_is_refused_in_the_tags_column_naming_the_tag(
+    db: Database, tmp_path: Path
+) -> None:
+    """The error file names the CSV column (tags, not the request's tags.1) and the tag at
+    fault, with what a tag may hold."""
+    program = new_program(db)
+    path = write(tmp_path / "m.csv", ["external_ref", "tags"], [["t1", "vip;a b"]])
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.refused) == (0, 1)
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[2:4] == ["2", "tags"]
+    assert "'a b'" in refused[5] and "separate tags with , or ;" in refused[5]
+    imports.run_import(db, program_id=program.id, kind="members", path=path, language="zh")
+    _, refused = read_csv(tmp_path / "m.errors.csv")
+    assert refused[3] == "tags" and "'a b'" in refused[5] and "分隔" in refused[5]

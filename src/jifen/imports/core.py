@@ -495,5 +495,20 @@ def member_record(place: Place, row: Mapping[str, str]) -> Record:
     try:
         member = MemberCreate.model_validate(data)
     except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["loc"][:1] == ("tags",) and len(first["loc"]) > 1:
+            raise _bad_tag(str(first["input"]), *field_problem(first)) from exc
         raise _validation(exc) from exc
     return Record((place,), (member, row.get("tier") or None), (row,))
+
+
+def _bad_tag(tag: str, reason: str, reason_zh: str) -> RowError:
+    """A tag of the ``tags`` column that cannot be one, named in that column (the request's
+    ``tags.1`` is no column of the file)."""
+    return RowError(
+        "tags",
+        f"tag {tag!r}: {reason}; separate tags with , or ; and write each with letters, "
+        "digits, '.', '_' or '-' (at most 32 characters)",
+        f"标签 {tag!r}:{reason_zh}标签之间用 , 或 ; 分隔,每个标签只含字母、数字、"
+        "'.'、'_' 或 '-'(至多 32 个字符)",
+    )
