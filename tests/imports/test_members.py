@@ -120,3 +120,17 @@ def test_a_bad_tag_is_refused_in_the_tags_column_naming_the_tag(
     imports.run_import(db, program_id=program.id, kind="members", path=path, language="zh")
     _, refused = read_csv(tmp_path / "m.errors.csv")
     assert refused[3] == "tags" and "'a b'" in refused[5] and "分隔" in refused[5]
+
+
+def test_tags_separated_the_chinese_way_are_read_as_several(db: Database, tmp_path: Path) -> None:
+    """A Chinese keyboard writes ， ； or 、 between tags: they separate tags as , and ; do
+    (none of them can be part of a tag)."""
+    program = new_program(db)
+    path = write(tmp_path / "m.csv", ["external_ref", "tags"], [["t1", "vip，新客；a、b"]])
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.refused) == (1, 0)
+    ids = member_ids(db, program.id, ["t1"])
+    profile = db.run(
+        lambda uow: members.get_profile(uow, program_id=program.id, member_id=ids["t1"])
+    )
+    assert sorted(profile.tags) == sorted(["vip", "新客", "a", "b"])

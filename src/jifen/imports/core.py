@@ -488,10 +488,15 @@ def _order_event(rows: list[Mapping[str, str]], default_source: str, zone: tzinf
     )
 
 
+_TAG_SEPARATORS = re.compile("[,;，；、]")
+"""What separates the tags of the ``tags`` column: , or ; and as a Chinese keyboard writes
+them (none can be part of a tag)."""
+
+
 def member_record(place: Place, row: Mapping[str, str]) -> Record:
     data: dict[str, Any] = {k: v for k, v in row.items() if v and k != "tier"}
     if "tags" in data:
-        data["tags"] = [t.strip() for t in data["tags"].replace(";", ",").split(",") if t.strip()]
+        data["tags"] = [t.strip() for t in _TAG_SEPARATORS.split(data["tags"]) if t.strip()]
     try:
         member = MemberCreate.model_validate(data)
     except ValidationError as exc:
