@@ -143,6 +143,21 @@ def test_an_amount_in_yuan_or_with_separators_is_refused_saying_to_write_whole_f
     assert "整数" in errors[0][9] and "分" in errors[0][9]
 
 
+@pytest.mark.parametrize("amount", ["¥100", "100元", "", "1e3", "１００"])
+def test_an_amount_with_a_currency_sign_or_unit_or_none_says_to_write_whole_fen(
+    db: Database, tmp_path: Path, amount: str
+) -> None:
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    setup_members(db, program.id)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, [["y1", "c0", WHEN, "TV", "家电", amount]])
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path)
+    assert (report.accepted, report.refused) == (0, 1)
+    _, refused = read_csv(tmp_path / "orders.errors.csv")
+    assert refused[6:8] == ["2", "amount_fen"]
+    assert f"{amount!r} is not a whole number of fen" in refused[9]
+
+
 @pytest.mark.parametrize("merchant", [None, "m-01"])
 def test_imported_orders_record_their_store_and_merchant_on_their_postings(
     db: Database, tmp_path: Path, merchant: str | None

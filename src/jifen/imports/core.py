@@ -259,8 +259,9 @@ def _fen(value: str, at: int) -> str:
     """An order line's amount as written, if it is whole fen: digits alone (a sign is left to
     the request's own check). One with a decimal point is most likely yuan, and pydantic
     would take ``100.00`` for 100 fen, a hundredth of what was paid: it is refused, as is one
-    with separators (``5,000``), saying how to write it."""
-    if re.fullmatch(r"[+-]?\d+", value) or not re.fullmatch(r"[+-]?[\d.,]+", value):
+    with separators (``5,000``), a currency sign or unit (``¥100``, ``100元``) or nothing,
+    saying how to write it."""
+    if re.fullmatch(r"[+-]?[0-9]+", value):
         return value
     raise RowError(
         "amount_fen",
