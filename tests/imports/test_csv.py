@@ -140,7 +140,7 @@ def test_orders_bad_rows_go_to_the_error_file_and_the_good_ones_in(
         ["bad1", "c0", "2026-01-01T01:00:00+08:00", "X", "x", "-5",
          "4", "amount_fen", "invalid_input"],
         ["bad2", "nobody", "2026-01-01T01:00:00+08:00", "X", "x", "100",
-         "9", "", "unknown_member"],
+         "9", "member_ref", "unknown_member"],
     ]  # fmt: skip
     assert balances(db, ids) == {"c0": 350, "c1": 350, "c2": 350}
     assert_ledger_sound(db, program.id)
@@ -342,3 +342,19 @@ def test_an_order_whose_lines_disagree_on_pickup_or_source_is_refused(
     (good,) = order_records(same, "csv", UTC)
     assert isinstance(good, Record) and isinstance(good.request, EventIn)
     assert good.request.payload["pickup"] is True
+
+
+def test_an_event_for_no_member_is_refused_in_the_column_naming_the_member(
+    db: Database, tmp_path: Path
+) -> None:
+    program = new_program(db)
+    when = "2026-01-01T08:00:00+08:00"
+    path = write(tmp_path / "events.csv", ["external_id", "type", "occurred_at", "member_ref",
+                                           "member_id"],
+                 [["e1", "member.checked_in", when, "nobody", ""],
+                  ["e2", "member.checked_in", when, "", "999999"]])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="events", path=path)
+    assert (report.accepted, report.refused) == (0, 2)
+    _, *errors = read_csv(tmp_path / "events.errors.csv")
+    assert [row[5:8] for row in errors] == [["2", "member_ref", "unknown_member"],
+                                            ["3", "member_id", "unknown_member"]]  # fmt: skip

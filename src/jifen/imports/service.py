@@ -679,8 +679,11 @@ def _continues(item: Record | _Rejected) -> bool:
 
 
 def _refuse(outcome: _Outcome, kind: Kind, record: Record, exc: JifenError, language: str) -> None:
-    """``record`` refused, named by the CSV column (and for an order, the row) at fault."""
+    """``record`` refused, named by the CSV column (and for an order, the row) at fault: for
+    a member that is not there, the column naming it."""
     field_ = str(exc.params.get("field", ""))
+    if isinstance(exc, UnknownMember) and isinstance(record.request, EventIn):
+        field_ = "member_ref" if record.request.member_ref is not None else "member_id"
     column, at = order_column(field_) if kind == "orders" else (field_, None)
     outcome.refused.append(_Refusal(record, column, exc.code, exc.message(language), at))
 
