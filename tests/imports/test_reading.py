@@ -57,6 +57,30 @@ def test_a_line_longer_than_the_limit_stops_the_import_naming_it(
         imports.run_import(db, program_id=program.id, kind="orders", path=path)
 
 
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_a_file_whose_lines_end_in_cr_alone_says_how_to_save_it(
+    db: Database, tmp_path: Path, language: str
+) -> None:
+    """A short file saved as CSV for Macintosh (lines ending in CR alone), or one row of a
+    file ending so, is refused saying so and how to save it, not in the words of Python's
+    CSV reader."""
+    program = new_program(db)
+    path = tmp_path / "members.csv"
+    for data, row in ((b"external_ref,name\rm1,A\rm2,B\r", 1),
+                      (b"external_ref,name\r\nm1,A\rm2,B\r\n", 2)):  # fmt: skip
+        path.write_bytes(data)
+        with pytest.raises(InvalidInput) as raised:
+            imports.run_import(
+                db, program_id=program.id, kind="members", path=path, language=language
+            )
+        said = raised.value.message(language)
+        assert "universal-newline" not in said
+        if language == "en":
+            assert f"row {row} " in said and "CR alone" in said and "CSV UTF-8" in said
+        else:
+            assert f"第 {row} 行" in said and "CR" in said and "CSV UTF-8" in said
+
+
 def test_a_payload_nested_too_deeply_refuses_its_row(db: Database, tmp_path: Path) -> None:
     program = new_program(db)
     activate(

@@ -568,6 +568,17 @@ def _stopped(exc: Exception, place: Place, committed: int) -> InvalidInput:
         if exc.cr_only:
             en += "; its lines seem to end in CR alone (CSV for Macintosh): save it as CSV UTF-8"
             zh += ";其各行似乎只以 CR 结尾(Macintosh 格式 CSV):请另存为“CSV UTF-8”"
+    elif "new-line character seen in unquoted field" in str(exc):
+        en = (
+            f"{where} cannot be read as CSV: it has a line break (CR) outside double quotes. "
+            f"If the file's lines end in CR alone (CSV for Macintosh), save it as CSV UTF-8; "
+            f"else put the field that holds it in double quotes, and run the import again"
+        )
+        zh = (
+            f"{where_zh}无法按 CSV 读取:双引号外有换行符(CR)。若文件各行只以 CR 结尾"
+            f"(Macintosh 格式 CSV),请另存为“CSV UTF-8”;否则请给含换行符的字段加上双引号,"
+            f"然后重新导入"
+        )
     else:
         en = f"{where} cannot be read as CSV ({exc}): correct it and run the import again"
         zh = f"{where_zh}无法按 CSV 读取({exc}):请修改后重新导入"
