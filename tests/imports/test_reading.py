@@ -81,6 +81,23 @@ def test_a_file_whose_lines_end_in_cr_alone_says_how_to_save_it(
             assert f"第 {row} 行" in said and "CR" in said and "CSV UTF-8" in said
 
 
+def test_a_quote_never_closed_stops_the_import_naming_the_line_it_opens_on(
+    db: Database, tmp_path: Path
+) -> None:
+    """A double quote opened and never closed runs the rest of the file into one field,
+    until it is longer than a field may be: the import names the row, the line where it
+    begins (not where reading stopped) and says to close the quote."""
+    program = new_program(db)
+    path = tmp_path / "members.csv"
+    path.write_bytes(b'external_ref,name\nm0,"x\ny"\nm1,"A\n' + b"m2,B\n" * 30_000)
+    with pytest.raises(InvalidInput) as raised:
+        imports.run_import(db, program_id=program.id, kind="members", path=path, batch=1)
+    said, said_zh = raised.value.message("en"), raised.value.message("zh")
+    assert "row 3 (line 4)" in said and "double quote" in said and "never closed" in said
+    assert "the 1 records before it are imported" in said
+    assert "第 3 行(文本第 4 行)" in said_zh and "双引号" in said_zh
+
+
 def test_a_payload_nested_too_deeply_refuses_its_row(db: Database, tmp_path: Path) -> None:
     program = new_program(db)
     activate(

@@ -265,7 +265,7 @@ def run_import(
                         if progress:
                             progress(report)
             except (_Unreadable, _TooLong, csv.Error) as exc:
-                raise _stopped(exc, rows.at_fault(), report.records) from None
+                raise _stopped(exc, rows.at_fault(exc), report.records) from None
             if pending:
                 commit(pending)
             report.bytes_read = stat.st_size
@@ -534,10 +534,12 @@ class _Rows:
         self.lines = _Lines(raw)
         self.reader = csv.reader(self.lines)
         self.row = 0
+        self.began = 1
+        """The text line the row being read begins on."""
 
     def __iter__(self) -> Iterator[tuple[Place, list[str]]]:
         while True:
-            line = self.lines.number + 1
+            line = self.began = self.lines.number + 1
             try:
                 values = next(self.reader)
             except StopIteration:
@@ -545,9 +547,17 @@ class _Rows:
             self.row += 1
             yield Place(self.row, line), values
 
-    def at_fault(self) -> Place:
-        """The row being read and the line read last: where reading stopped."""
+    def at_fault(self, exc: Exception | None = None) -> Place:
+        """The row being read and the line read last: where reading stopped; for a field
+        longer than a field may be (``exc``), the line the row begins on, where the double
+        quote that ran on is opened."""
+        if isinstance(exc, csv.Error) and _RAN_ON in str(exc):
+            return Place(self.row + 1, self.began)
         return Place(self.row + 1, self.lines.number)
+
+
+_RAN_ON = "field larger than field limit"
+"""What Python's CSV reader says of a field too long: a double quote never closed, mostly."""
 
 
 def _stopped(exc: Exception, place: Place, committed: int) -> InvalidInput:
@@ -568,6 +578,18 @@ def _stopped(exc: Exception, place: Place, committed: int) -> InvalidInput:
         if exc.cr_only:
             en += "; its lines seem to end in CR alone (CSV for Macintosh): save it as CSV UTF-8"
             zh += ";其各行似乎只以 CR 结尾(Macintosh 格式 CSV):请另存为“CSV UTF-8”"
+    elif _RAN_ON in str(exc):
+        en = (
+            f"{where} cannot be read as CSV: a field of it is longer than "
+            f"{csv.field_size_limit():,} characters, most likely as a double quote opened in it "
+            f'is never closed. Close it (a double quote inside a field is written twice, "") '
+            f"and run the import again"
+        )
+        zh = (
+            f"{where_zh}无法按 CSV 读取:其中某个字段超过 {csv.field_size_limit():,} 个字符,"
+            f'多半是其中的双引号没有闭合。请补上闭合的双引号(字段内的双引号须写两次:""),'
+            f"然后重新导入"
+        )
     elif "new-line character seen in unquoted field" in str(exc):
         en = (
             f"{where} cannot be read as CSV: it has a line break (CR) outside double quotes. "
