@@ -474,3 +474,17 @@ def test_giving_back_a_posting_of_another_kind_names_its_kind(
     missing = shop.post(shop.posting_url(10**12, "/refund"), {})
     assert missing.status_code == 404 and "There is no" in missing.json()["detail"]
     assert shop.balance(shop.alice)["available"] == 60
+
+
+def test_a_transfer_names_its_receiver_by_a_whole_number(client: TestClient, db: Database) -> None:
+    """``to_member_id`` is a member's id, a JSON whole number: ``true``, ``1.0`` or ``"1"``
+    is refused (422), not read as member 1, who would get the points."""
+    shop = _shop(client, db)
+    shop.earn(shop.alice, 100)
+    url = shop.member_url(shop.alice, "/transfer")
+    for receiver in (True, float(shop.bob), str(shop.bob)):
+        refused = shop.post(url, {"to_member_id": receiver, "amount": 5})
+        assert refused.status_code == 422, (receiver, refused.text)
+        assert refused.json()["errors"][0]["field"] == "body.to_member_id"
+    assert shop.balance(shop.alice)["available"] == 100
+    assert shop.post(url, {"to_member_id": shop.bob, "amount": 5}).status_code == 201

@@ -196,7 +196,8 @@ class ClearCreate(RequestBody):
 
 
 class TransferCreate(RequestBody):
-    to_member_id: int = Field(ge=1, le=2**63 - 1)
+    to_member_id: int = Field(strict=True, ge=1, le=2**63 - 1)
+    """Strict, as an amount is: ``true`` is not member 1, nor ``"1"`` another way to say it."""
     amount: Amount
     reason: Reason = ""
 
