@@ -186,6 +186,49 @@ def test_clearing_via_approval_empties_the_available_balance(
     assert_ledger_sound(db, desk.program.id)
 
 
+def test_a_spend_committed_as_a_clearing_is_approved_does_not_make_it_fail(
+    pg: Database, monkeypatch: Any
+) -> None:
+    """The clearing reads the balance it clears under the account's lock: a spend that
+    commits meanwhile waits for it (and then finds nothing), instead of leaving the
+    approved request failed for want of the points it had counted."""
+    from jifen.errors import InsufficientPoints
+    from jifen.points import service as points
+
+    with TestClient(create_app(pg, api_settings())) as client:
+        desk = Desk(client, pg)
+        desk.earn(500)
+        filed = desk.post(desk.points("/clear"), {"reason": "fraud"}, desk.operator)
+        assert filed.status_code == 202, filed.text
+        outcome: list[str] = []
+
+        def spend() -> None:
+            try:
+                pg.run(lambda uow: points.spend(uow, member_id=desk.member, amount=100, key="s"))
+                outcome.append("spent")
+            except InsufficientPoints:
+                outcome.append("refused")
+
+        real, racer = points.balance, threading.Thread(target=spend)
+
+        def balance_then_a_spend(uow: UnitOfWork, **kwargs: Any) -> Any:
+            read = real(uow, **kwargs)
+            if not racer.is_alive() and not outcome:  # once: a till spends right after
+                racer.start()
+                racer.join(timeout=1.0)
+            return read
+
+        monkeypatch.setattr(points, "balance", balance_then_a_spend)
+        approved = desk.decide(filed.json()["id"], "approve")
+        monkeypatch.setattr(points, "balance", real)
+        racer.join(timeout=10)
+        assert approved.status_code == 200, approved.text
+        assert approved.json()["result"]["cleared"] == 500
+        assert outcome == ["refused"]
+        assert desk.balance()["available"] == 0
+        assert_ledger_sound(pg, desk.program.id)
+
+
 def test_settings_change_only_through_an_approval(client: TestClient, db: Database) -> None:
     desk = Desk(client, db)
     url = f"{desk.base}/settings"

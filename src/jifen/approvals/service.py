@@ -349,7 +349,9 @@ def _clear(uow: UnitOfWork, row: Row[Any]) -> dict[str, Any]:
     params = row.params
     member_id = params["member_id"]
     members_service.require_member(uow, program_id=row.program_id, member_id=member_id)
-    # What is available when the request is approved, not when it was filed.
+    # What is available when the request is approved, not when it was filed: read under
+    # the account's lock, so that a spend cannot take part of it before the clearing does.
+    points_service.lock_account(uow, member_id=member_id)
     available = points_service.balance(uow, member_id=member_id).available
     if available == 0:
         return {"posting": None, "cleared": 0}
