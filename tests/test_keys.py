@@ -4,6 +4,7 @@ moves the stored personal data and secrets to the new key so the old one can be 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,3 +193,30 @@ def test_a_field_no_listed_key_can_read_stops_the_rekey_with_what_to_do(
         code, output = rekey(own_database)
     assert code != 0
     assert "JIFEN_PREVIOUS_SECRET_KEYS" in output and "Traceback" not in output
+
+
+def test_a_rekey_without_a_current_key_stops_rather_than_make_one_and_move_everything_to_it(
+    own_database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """JIFEN_SECRET_KEY forgotten in the rekey's shell, with no key file in the data
+    directory: the rekey would make a key there and move every field to it, a key no server
+    has. It stops instead, saying to set the key, and changes nothing."""
+    with secret_keys(monkeypatch, OLD):
+        program = new_program(own_database)
+        operator = support.staff(own_database, "operator", program_id=program.id)
+        with TestClient(create_app(own_database, api_settings())) as client:
+            made = client.post(
+                f"/v1/programs/{program.code}/members",
+                json={"external_ref": "P1", "phone": "13900000002"},
+                headers={**operator, **support.key()},
+            )
+            assert made.status_code == 201, made.text
+        before = stored_fields(own_database)
+    with secret_keys(monkeypatch, "", OLD):
+        monkeypatch.setenv("JIFEN_DATA_DIR", str(tmp_path / "data"))
+        for args in ((), ("--dry-run",)):
+            code, output = rekey(own_database, *args)
+            assert code == 2, output
+            assert "JIFEN_SECRET_KEY" in output and "Traceback" not in output
+    assert not (tmp_path / "data" / "secret.key").exists()
+    assert stored_fields(own_database) == before

@@ -616,6 +616,26 @@ def _encrypted_fields() -> list[Any]:
     ]
 
 
+def _require_current_key() -> None:
+    """Stop a rekey that has no current key to move to: without JIFEN_SECRET_KEY and a key
+    file in the data directory, one would be made there now, a key no server uses, and
+    every field moved to it (unreadable to the server until that file is found and listed)."""
+    settings = get_settings()
+    if settings.secret_key or (settings.data_dir / "secret.key").exists():
+        return
+    raise fail(
+        "no_secret_key",
+        _say(
+            f"JIFEN_SECRET_KEY is not set and {settings.data_dir} holds no key file: there is "
+            "no current key to move the fields to. Set JIFEN_SECRET_KEY to the key the server "
+            "now uses (and JIFEN_DATA_DIR as the server has it) and run again",
+            f"未设置 JIFEN_SECRET_KEY,{settings.data_dir} 中也没有密钥文件:没有可迁移到的当前"
+            "密钥。请把 JIFEN_SECRET_KEY 设为服务器现用的密钥(JIFEN_DATA_DIR 与服务器一致)后"
+            "重新运行",
+        ),
+    )
+
+
 @keys_app.command(
     "rekey",
     help=_h(
@@ -636,6 +656,7 @@ def keys_rekey(
     from jifen import crypto
     from jifen.db.rekey import rekey
 
+    _require_current_key()
     with _database() as database:
         _require_schema(database)
         total = 0
