@@ -358,3 +358,21 @@ def test_an_event_for_no_member_is_refused_in_the_column_naming_the_member(
     _, *errors = read_csv(tmp_path / "events.errors.csv")
     assert [row[5:8] for row in errors] == [["2", "member_ref", "unknown_member"],
                                             ["3", "member_id", "unknown_member"]]  # fmt: skip
+
+
+def test_a_bad_payload_field_is_refused_in_the_payload_column_naming_the_field(
+    db: Database, tmp_path: Path
+) -> None:
+    """error_column is a column of the file: a field inside the payload's JSON is named by
+    the reason (payload.order_id: ...), the column to put right is payload."""
+    program = new_program(db)
+    setup_members(db, program.id)
+    when = "2026-01-01T08:00:00+08:00"
+    path = write(tmp_path / "events.csv", ["external_id", "type", "occurred_at", "member_ref",
+                                           "payload"],
+                 [["e1", "order.paid", when, "c0", "{}"]])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="events", path=path)
+    assert (report.accepted, report.refused) == (0, 1)
+    _, refused = read_csv(tmp_path / "events.errors.csv")
+    assert refused[5:8] == ["2", "payload", "invalid_input"]
+    assert refused[8].startswith("payload.order_id: ")

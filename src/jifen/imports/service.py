@@ -713,11 +713,12 @@ def _continues(item: Record | _Rejected) -> bool:
 
 def _refuse(outcome: _Outcome, kind: Kind, record: Record, exc: JifenError, language: str) -> None:
     """``record`` refused, named by the CSV column (and for an order, the row) at fault: for
-    a member that is not there, the column naming it."""
+    a member that is not there, the column naming it; for a field inside an event's payload,
+    the payload column (the reason names the field)."""
     field_ = str(exc.params.get("field", ""))
     if isinstance(exc, UnknownMember) and isinstance(record.request, EventIn):
         field_ = "member_ref" if record.request.member_ref is not None else "member_id"
-    column, at = order_column(field_) if kind == "orders" else (field_, None)
+    column, at = order_column(field_) if kind == "orders" else (field_.split(".")[0], None)
     outcome.refused.append(_Refusal(record, column, exc.code, exc.message(language), at))
 
 
