@@ -254,6 +254,23 @@ def test_a_line_that_is_not_utf8_stops_the_import_naming_it(db: Database, tmp_pa
     assert_ledger_sound(db, program.id)
 
 
+def test_a_file_saved_as_gbk_is_said_to_be_gbk_and_how_to_save_it(
+    db: Database, tmp_path: Path
+) -> None:
+    """Excel's plain "CSV" on a Chinese Windows writes GBK: the import says the line reads
+    as GBK, and where the first byte that is not UTF-8 is (a byte of the line, not a
+    character)."""
+    program = new_program(db)
+    path = tmp_path / "members.csv"
+    path.write_bytes("external_ref,name\nm1,王芳\n".encode("gbk"))
+    with pytest.raises(InvalidInput) as raised:
+        imports.run_import(db, program_id=program.id, kind="members", path=path)
+    said = raised.value.message("en")
+    assert "row 2 is not UTF-8 text (byte 4 of the line, 0xcd)" in said
+    assert "GBK" in said and "CSV UTF-8" in said
+    assert "GBK" in raised.value.message("zh")
+
+
 def test_an_unwritable_error_file_is_refused_before_anything_is_imported(
     db: Database, tmp_path: Path
 ) -> None:

@@ -493,9 +493,11 @@ def _check_writable(checkpoint: Path, errors_path: Path) -> None:
 class _Unreadable(Exception):
     """A line of the file that is not UTF-8 text."""
 
-    def __init__(self, line: int, byte: int, position: int) -> None:
+    def __init__(self, line: int, byte: int, position: int, gbk: bool = False) -> None:
         super().__init__(f"line {line} is not UTF-8 text")
         self.line, self.byte, self.position = line, byte, position
+        self.gbk = gbk
+        """The line reads as GBK (Excel's plain CSV on a Chinese Windows)."""
 
 
 class _TooLong(Exception):
@@ -523,7 +525,16 @@ class _Lines:
             try:
                 yield chunk.decode("utf-8-sig" if self.number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise _Unreadable(self.number, chunk[exc.start], exc.start + 1) from None
+                gbk = _reads_as(chunk, "gbk")
+                raise _Unreadable(self.number, chunk[exc.start], exc.start + 1, gbk) from None
+
+
+def _reads_as(chunk: bytes, encoding: str) -> bool:
+    try:
+        chunk.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _Rows:
@@ -565,12 +576,14 @@ def _stopped(exc: Exception, place: Place, committed: int) -> InvalidInput:
     where, where_zh = place.said("en"), place.said("zh")
     if isinstance(exc, _Unreadable):
         en = (
-            f"{where} is not UTF-8 text (byte {exc.byte:#04x} at character {exc.position}): "
-            f"save the file as UTF-8 (in Excel: CSV UTF-8) and run the import again"
+            f"{where} is not UTF-8 text (byte {exc.position} of the line, {exc.byte:#04x})"
+            + (", it reads as GBK (Excel's plain CSV on a Chinese Windows)" if exc.gbk else "")
+            + ": save the file as UTF-8 (in Excel: CSV UTF-8) and run the import again"
         )
         zh = (
-            f"{where_zh}不是 UTF-8 文本(第 {exc.position} 个字节 {exc.byte:#04x}):"
-            f"请将文件另存为 UTF-8 编码(Excel 中选“CSV UTF-8”)后重新导入"
+            f"{where_zh}不是 UTF-8 文本(第 {exc.position} 个字节 {exc.byte:#04x})"
+            + (",看来是 GBK 编码(中文 Windows 上 Excel 的普通“CSV”)" if exc.gbk else "")
+            + ":请将文件另存为 UTF-8 编码(Excel 中选“CSV UTF-8”)后重新导入"
         )
     elif isinstance(exc, _TooLong):
         en = f"{where} is longer than {LINE_LIMIT:,} bytes: it is not read"
