@@ -486,6 +486,16 @@ def test_a_worker_given_no_nats_address_says_so(
     assert shown in output and "s3cret" not in output, output
 
 
+@pytest.mark.parametrize("ack_wait", ["1e10", "inf", "nan"])
+def test_a_worker_given_an_ack_wait_no_server_takes_stops_at_once(
+    db: Database, ack_wait: str
+) -> None:
+    """An ack wait the server cannot store (nanoseconds beyond 64 bits) would have the
+    worker set up its consumer again and again, forever, saying NATS cannot be reached."""
+    code, output = jifen(db, "worker", "--no-jobs", "--ack-wait", ack_wait)
+    assert code == 2 and "--ack-wait" in output and "Traceback" not in output, output
+
+
 def help_of(environment: dict[str, str], *command: str) -> str:
     """``jifen … --help`` as an operator sees it, in a process of its own (the help texts'
     language is settled when jifen.cli is imported), with the whitespace taken out: how a

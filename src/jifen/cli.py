@@ -1551,9 +1551,10 @@ def worker(
     ack_wait: Annotated[
         float,
         typer.Option(
-            min=1.0,
-            help=_h("Seconds before an unacknowledged message is handed out again.",
-                    "消息未被确认时,隔多少秒重新投递。"),
+            min=1.0, max=86_400.0,  # the server keeps it in nanoseconds, in 64 bits
+            help=_h("Seconds before an unacknowledged message is handed out again "
+                    "(at most a day).",
+                    "消息未被确认时,隔多少秒重新投递(至多一天)。"),
         ),
     ] = 30.0,
     events: Annotated[
