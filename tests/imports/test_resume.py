@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 from jifen.clock import ManualClock
 from jifen.db.migrate import upgrade
 from jifen.db.uow import Database
+from jifen.errors import InvalidInput
 from jifen.imports import service as imports
 from jifen.members import service as members
 from jifen.settings import normalise_database_url
@@ -254,3 +255,39 @@ def test_the_error_file_and_the_progress_record_are_readable_by_their_owner_alon
     assert (tmp_path / "orders.errors.csv").stat().st_mode & 0o777 == 0o600
     _, *refused = read_csv(tmp_path / "orders.errors.csv")
     assert [row[0] for row in refused] == ["o15", "o15"]
+
+
+@pytest.mark.parametrize("changed", [{"merchant": "m-2"}, {"source": "pos"}])
+def test_an_interrupted_import_run_again_for_another_merchant_or_source_stops_saying_so(
+    db: Database, tmp_path: Path, changed: dict[str, str]
+) -> None:
+    """Continuing after the orders posted for one merchant (or keyed by one source) with
+    another would leave the file split between the two without a word: the run stops, saying
+    how to continue as begun or start over; --restart starts over."""
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    setup_members(db, program.id)
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, order_rows(30))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(report: imports.Report) -> None:
+        if report.records >= 10:
+            raise Stop
+
+    begun: dict[str, Any] = {"merchant": "m-1", "source": "csv"}
+    with pytest.raises(Stop):
+        imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10,
+                           progress=interrupt, **begun)  # fmt: skip
+    with pytest.raises(InvalidInput) as raised:
+        imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10,
+                           **{**begun, **changed})  # fmt: skip
+    (option,) = changed
+    said = raised.value.message("en")
+    assert f"--{option} {begun[option]}" in said and "--restart" in said
+    assert "stopped after 10 records" in said
+    assert imports.progress_path(path, imports.target_of(db, program.id)).exists()
+    report = imports.run_import(db, program_id=program.id, kind="orders", path=path, batch=10,
+                                **begun)  # fmt: skip
+    assert (report.resumed_from, report.records, report.accepted) == (10, 30, 20)

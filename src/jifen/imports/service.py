@@ -150,6 +150,9 @@ class _Saved:
     errors_bytes: int = 0
     """The error file's length then: a run killed after writing a batch's refusals, before
     saving, wrote them once more than its resumed run would."""
+    options: dict[str, str | None] | None = None
+    """The ``--source`` and ``--merchant`` the records were imported with (None: not known);
+    a run continuing after them must give the same."""
 
 
 Progress = Callable[[Report], None]
@@ -225,6 +228,9 @@ def run_import(
         report = Report(kind=kind, path=str(path), errors_path=str(errors_path),
                         bytes_total=stat.st_size)  # fmt: skip
         state = _Saved() if restart else saved.committed()
+        options: dict[str, str | None] = {"source": source, "merchant": merchant}
+        _check_same_options(state, options, path)
+        state.options = options
         if state.position and not _resumable(db, program_id, kind, state, errors_path, report,
                                              language):  # fmt: skip
             state = _Saved()
@@ -275,6 +281,29 @@ def run_import(
     if progress:
         progress(report)
     return report
+
+
+def _check_same_options(state: _Saved, options: Mapping[str, str | None], path: Path) -> None:
+    """Refuse to continue an interrupted import with another ``--source`` or ``--merchant``
+    than its records so far were imported with: the file would be split between the two
+    without a word (and imported again from the top, the records keyed by the other source
+    would be applied twice)."""
+    if not state.position or state.options is None:
+        return
+    for option, value in options.items():
+        before = state.options.get(option)
+        if before == value:
+            continue
+        given = f"--{option} {before}" if before is not None else f"no --{option}"
+        given_zh = f"--{option} {before}" if before is not None else f"不带 --{option}"
+        raise InvalidInput(
+            field=option,
+            problem=f"an import of {path.name} into this programme with {given} stopped after "
+            f"{state.records:,} records: run it again with {given} to continue it, or with "
+            f"--restart to import the file from the top with this {option}",
+            problem_zh=f"此前以 {given_zh} 把 {path.name} 导入本计划,在 {state.records:,} 条后"
+            f"中断:请仍以 {given_zh} 再次运行以继续,或加 --restart 以本次的设置从头导入",
+        )
 
 
 def _key(record: Record) -> list[str]:
@@ -904,7 +933,7 @@ class _Checkpoint:
             if {k: saved.get(k) for k in self.fingerprint} != dict(self.fingerprint):
                 return _Saved()
             return _Saved(int(saved["position"]), int(saved["records"]), saved["last"],
-                          int(saved["errors_bytes"]))  # fmt: skip
+                          int(saved["errors_bytes"]), saved.get("options"))  # fmt: skip
         except (ValueError, KeyError, TypeError):
             return _Saved()
 
