@@ -158,6 +158,24 @@ def test_an_amount_with_a_currency_sign_or_unit_or_none_says_to_write_whole_fen(
     assert f"{amount!r} is not a whole number of fen" in refused[9]
 
 
+def test_an_order_line_refused_by_ingest_is_explained_by_its_column_not_the_request_path(
+    db: Database, tmp_path: Path
+) -> None:
+    """The reason speaks of the file's column (amount_fen: ...), not of the event the rows
+    became (payload.lines.1.amount_fen: ...): error_line already says which row."""
+    program = new_program(db)
+    activate(db, program.id, "base", RATES)
+    setup_members(db, program.id)
+    rows = [["n1", "c0", WHEN, "TV", "家电", 10000], ["n1", "c0", WHEN, "T1", "日用品", -5]]
+    path = write(tmp_path / "orders.csv", ORDER_HEADER, rows)
+    for language, prefix in (("en", "amount_fen: "), ("zh", "amount_fen:")):
+        imports.run_import(db, program_id=program.id, kind="orders", path=path,
+                           language=language, restart=True)  # fmt: skip
+        _, _, second = read_csv(tmp_path / "orders.errors.csv")
+        assert second[6:8] == ["3", "amount_fen"]
+        assert second[9].startswith(prefix) and "payload" not in second[9], second[9]
+
+
 @pytest.mark.parametrize("merchant", [None, "m-01"])
 def test_imported_orders_record_their_store_and_merchant_on_their_postings(
     db: Database, tmp_path: Path, merchant: str | None

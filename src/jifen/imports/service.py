@@ -761,7 +761,11 @@ def _refuse(outcome: _Outcome, kind: Kind, record: Record, exc: JifenError, lang
     if isinstance(exc, UnknownMember) and isinstance(record.request, EventIn):
         field_ = "member_ref" if record.request.member_ref is not None else "member_id"
     column, at = order_column(field_) if kind == "orders" else (field_.split(".")[0], None)
-    outcome.refused.append(_Refusal(record, column, exc.code, exc.message(language), at))
+    reason = exc.message(language)
+    if kind == "orders" and type(exc) is InvalidInput and column != field_:
+        # said of the file's column, not of the event the order's rows became
+        reason = type(exc)(**{**exc.params, "field": column}).message(language)
+    outcome.refused.append(_Refusal(record, column, exc.code, reason, at))
 
 
 def _changed(kind: Kind, event: EventIn, language: str) -> str:
