@@ -393,3 +393,17 @@ def test_a_bad_payload_field_is_refused_in_the_payload_column_naming_the_field(
     _, refused = read_csv(tmp_path / "events.errors.csv")
     assert refused[5:8] == ["2", "payload", "invalid_input"]
     assert refused[8].startswith("payload.order_id: ")
+
+
+def test_a_header_with_an_unnamed_column_between_others_names_its_position(
+    db: Database, tmp_path: Path
+) -> None:
+    """A blank column between two named ones (a spreadsheet's empty column B) is named by
+    its position, not listed as an unknown column with no name."""
+    program = new_program(db)
+    path = write(tmp_path / "members.csv", ["external_ref", "", "name"], [["m1", "", "A"]])
+    with pytest.raises(InvalidInput) as raised:
+        imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert "column 2 has no name" in raised.value.message("en")
+    assert "unknown column(s) ." not in raised.value.message("en")
+    assert "第 2 列没有列名" in raised.value.message("zh")

@@ -124,10 +124,19 @@ def check_header(kind: Kind, header: list[str]) -> None:
     twice (which of the two values would count?)."""
     required, optional = COLUMNS[kind]
     missing = [c for c in required if c not in header]
-    unknown = [c for c in header if c not in (*required, *optional, *ERROR_COLUMNS)]
-    twice = sorted({c for c in header if header.count(c) > 1})
-    if missing or unknown or twice:
+    unknown = [c for c in header if c and c not in (*required, *optional, *ERROR_COLUMNS)]
+    twice = sorted({c for c in header if c and header.count(c) > 1})
+    unnamed = [n for n, c in enumerate(header, 1) if not c]  # blank between named ones
+    if missing or unknown or twice or unnamed:
         en, zh = [], []
+        if unnamed:
+            at = ", ".join(map(str, unnamed))
+            en.append(
+                f"column {at} has no name (name it, or remove the column)"
+                if len(unnamed) == 1
+                else f"columns {at} have no name (name them, or remove them)"
+            )
+            zh.append(f"第 {at} 列没有列名(请为其命名,或删去该列)")
         if twice:
             en.append(f"column(s) named more than once: {', '.join(twice)}")
             zh.append(f"列名重复:{', '.join(twice)}")
