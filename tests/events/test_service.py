@@ -421,6 +421,23 @@ def _count(db: Database, program_id: int) -> int:
         # the inviter's id as JSON true or as a string: refused, not read as member 1 or 5
         ("referral.completed", {"inviter_member_id": True}, InvalidInput, "inviter_member_id"),
         ("referral.completed", {"inviter_member_id": "5"}, InvalidInput, "inviter_member_id"),
+        # an amount in fen as yuan text, as a float or as JSON true: refused, not read as
+        # 100 fen (a hundredth of 100 yuan) or 1 fen
+        *(
+            (
+                "order.paid",
+                {"order_id": "1", "lines": [{"sku": "A", "amount_fen": amount}]},
+                InvalidInput,
+                "payload.lines.0.amount_fen",
+            )
+            for amount in ("100.00", "100", 100.0, True)
+        ),
+        (
+            "order.paid",
+            {"order_id": "1", "lines": [{"sku": "A", "amount_fen": 100, "quantity": "2"}]},
+            InvalidInput,
+            "payload.lines.0.quantity",
+        ),
     ],
 )
 def test_bad_events_are_refused_and_leave_nothing(

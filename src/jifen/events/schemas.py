@@ -14,7 +14,9 @@ from jifen.api.schemas import NO_NUL, Instant, RequestBody
 from jifen.errors import Refusal
 from jifen.rules.schemas import RuleSpec
 
-Fen = Annotated[int, Field(ge=0, le=10**12)]
+Fen = Annotated[StrictInt, Field(ge=0, le=10**12)]
+"""An amount of money in fen, a JSON whole number: ``true``, ``100.0`` or the text ``"100.00"``
+(yuan, most likely, a hundred times the fen it would be read as) are refused."""
 Ref = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
 Short = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]
 
@@ -22,7 +24,7 @@ Short = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]
 class OrderLineIn(RequestBody):
     sku: Ref
     category: Short = "default"
-    quantity: Annotated[int, Field(ge=1, le=10**6)] = 1
+    quantity: Annotated[StrictInt, Field(ge=1, le=10**6)] = 1
     amount_fen: Fen
     """What the line cost in money, after discounts."""
     paid_with_points: bool = False

@@ -264,14 +264,14 @@ def _flag(value: str | None, column: str, at: int | None = None) -> bool:
     )
 
 
-def _fen(value: str, at: int) -> str:
+def _fen(value: str, at: int) -> int:
     """An order line's amount as written, if it is whole fen: digits alone (a sign is left to
     the request's own check). One with a decimal point is most likely yuan, and pydantic
     would take ``100.00`` for 100 fen, a hundredth of what was paid: it is refused, as is one
     with separators (``5,000``), a currency sign or unit (``¥100``, ``100元``) or nothing,
     saying how to write it."""
     if re.fullmatch(r"[+-]?[0-9]+", value):
-        return value
+        return int(value)
     raise RowError(
         "amount_fen",
         f"{value!r} is not a whole number of fen: write the amount in fen (1 yuan = 100 fen) "
@@ -280,6 +280,12 @@ def _fen(value: str, at: int) -> str:
         "分隔符(12.50 元写作 1250)",
         at=at,
     )
+
+
+def _whole(value: str) -> int | str:
+    """A count as written: digits alone are the number; anything else is left as written,
+    for the request's own check to refuse it (an event takes whole numbers only)."""
+    return int(value) if re.fullmatch(r"[0-9]{1,9}", value) else value
 
 
 ORDER_LINES = next(
@@ -479,7 +485,7 @@ def _order_event(rows: list[Mapping[str, str]], default_source: str, zone: tzinf
             {
                 "sku": row["sku"],
                 "category": row.get("category") or "default",
-                "quantity": row.get("quantity") or 1,
+                "quantity": _whole(row.get("quantity") or "1"),
                 "amount_fen": _fen(row["amount_fen"], at),
                 "paid_with_points": _flag(row.get("paid_with_points"), "paid_with_points", at),
             }
