@@ -555,8 +555,8 @@ def field_problem(error: ErrorDetails) -> tuple[str, str]:
     english = error["msg"]
     context = error.get("ctx") or {}
     cause = context.get("error")
-    if isinstance(cause, Refusal):
-        return english, cause.zh
+    if isinstance(cause, Refusal):  # its own words, without pydantic's "Value error, "
+        return str(cause), cause.zh
     template = _FIELD_ZH.get(error["type"])
     if template is None:
         return english, _UNLISTED_ZH.format(message=english)

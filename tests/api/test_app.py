@@ -188,6 +188,26 @@ def test_a_nul_character_anywhere_in_a_request_is_refused_before_any_change(
     assert "events.1.payload.note.1.deep" in answer.text
 
 
+def test_a_refused_value_is_said_as_jifen_words_it_in_either_language(
+    client: TestClient, db: Database
+) -> None:
+    """What a field's check says is the whole message, in English as in Chinese (not
+    prefixed with the validation library's "Value error, ")."""
+    program = new_program(db)
+    admin = support.staff(db, "super_admin")
+    body = {"name": "far", "expires_at": "9999-01-01T00:00:00Z"}
+    said = {
+        language: client.post(
+            f"/v1/programs/{program.code}/api-keys", json=body,
+            headers={**admin, **support.key(), "Accept-Language": language},
+        ).json()["errors"][0]
+        for language in ("en", "zh")
+    }  # fmt: skip
+    assert said["en"]["field"] == "body.expires_at"
+    assert said["en"]["message"] == "give a time between 1970 and 9000, with its UTC offset"
+    assert said["zh"]["message"] == "请给出 1970 年至 9000 年之间、带 UTC 偏移的时间"
+
+
 def test_a_body_that_is_not_json_is_a_stable_problem(client: TestClient, db: Database) -> None:
     admin = support.staff(db, "super_admin")
     body = b'{"code": "x2", "name": "X"}'
