@@ -466,9 +466,12 @@ class Refusal(ValueError):
     """A value refused by a validator, said in English and Chinese: raised where a
     validator would raise ``ValueError``, so that a Chinese reader gets ``zh``."""
 
-    def __init__(self, en: str, zh: str) -> None:
+    def __init__(self, en: str, zh: str, *, at: str = "") -> None:
         super().__init__(en)
         self.zh = zh
+        self.at = at
+        """Where within the value checked the refused part is (a dotted path; "" for the
+        value itself): a check of a whole body that finds one field wrong names it."""
 
 
 # Chinese for pydantic's error types, filled from the error's context; English is
@@ -579,6 +582,8 @@ def invalid_field(
     under ``within`` (``field`` instead, when given; ``whole`` when the error is about the
     whole value), and what is wrong in both languages."""
     first = exc.errors()[0]
-    path = ".".join(str(part) for part in (within, *first["loc"]) if part != "")
+    cause = (first.get("ctx") or {}).get("error")
+    inside = cause.at if isinstance(cause, Refusal) else ""
+    path = ".".join(str(part) for part in (within, *first["loc"], inside) if part != "")
     english, chinese = field_problem(first)
     return InvalidInput(field=field or path or whole, problem=english, problem_zh=chinese)

@@ -158,6 +158,9 @@ def test_a_nul_character_anywhere_in_a_request_is_refused_before_any_change(
         answer = client.post("/v1/programs", json=body, headers={**admin, **support.key()})
         assert answer.status_code == 422, answer.text
         assert "NUL" in answer.text
+    # the error names the field that holds it, as every field's error does
+    answer = client.post("/v1/programs", json=bodies[0], headers={**admin, **support.key()})
+    assert answer.json()["errors"][0]["field"] == "body.name"
     made = client.post(
         "/v1/programs", json={"code": code, "name": "Shop"}, headers={**admin, **support.key()}
     )
@@ -186,6 +189,7 @@ def test_a_nul_character_anywhere_in_a_request_is_refused_before_any_change(
     )
     assert answer.status_code == 422, answer.text
     assert "events.1.payload.note.1.deep" in answer.text
+    assert answer.json()["errors"][0]["field"] == "body.events.1.payload.note.1.deep"
 
 
 def test_a_refused_value_is_said_as_jifen_words_it_in_either_language(

@@ -20,6 +20,7 @@ from jifen.errors import (
     InvalidInput,
     JifenError,
     RateLimited,
+    Refusal,
     SignInLocked,
     field_problem,
     http_status,
@@ -124,8 +125,12 @@ _HTTP_CODES = {
 }
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc)
+def _field(loc: tuple[Any, ...], error: Any = None) -> str:
+    """Where an error is: its location, and within it the part one of jifen's checks of the
+    whole value refused (``body`` and ``events.1.payload``: ``body.events.1.payload``)."""
+    cause = (error.get("ctx") or {}).get("error") if error is not None else None
+    within = (cause.at,) if isinstance(cause, Refusal) and cause.at else ()
+    return ".".join(str(part) for part in (*loc, *within))
 
 
 def install(app: FastAPI) -> None:
@@ -147,7 +152,7 @@ def install(app: FastAPI) -> None:
         zh = language(request) == "zh"
         errors = [
             FieldError(
-                field=_field(error["loc"]),
+                field=_field(error["loc"], error),
                 message=field_problem(error)[1 if zh else 0],
                 type=error["type"],
             )

@@ -47,6 +47,7 @@ class RequestBody(BaseModel):
                 f"{where or 'the body'} holds a NUL character (\\u0000), which no text can "
                 "store: remove it",
                 f"{where or '请求体'} 含有 NUL 字符(\\u0000),任何文本都无法保存它:请删除",
+                at=where,
             )
         walked = _WALKED.set(True)
         try:
