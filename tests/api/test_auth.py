@@ -320,6 +320,30 @@ def test_a_staff_password_change_signs_out_every_other_session(
     assert app_client.get("/v1/auth/me", headers=here).status_code == 200
 
 
+def test_a_refusal_that_no_role_lifts_does_not_send_the_caller_for_one(
+    app_client: TestClient, db: Database
+) -> None:
+    """Only staff change a staff password, and no API key sets a member's: whatever roles
+    it holds. Such a refusal says so (``wrong_caller``), not "ask for a role"."""
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    member = support.member(db, member_id)
+    own = app_client.put(
+        "/v1/auth/staff/password",
+        json={"current_password": "whatever 1", "new_password": "a new password 2"},
+        headers=member,
+    )
+    till = support.api_key(db, program.id)
+    key = app_client.put(
+        f"/v1/programs/{program.code}/members/{member_id}/password",
+        json={"new_password": "taken over 1"}, headers={**till, **support.key()},
+    )  # fmt: skip
+    for refused in (own, key):
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["code"] == "wrong_caller"
+        assert "role" not in refused.json()["detail"]
+
+
 def test_a_new_staff_users_totp_seed_is_shown_once(app_client: TestClient, db: Database) -> None:
     admin = support.staff(db, "super_admin")
     program = new_program(db)

@@ -59,7 +59,7 @@ from jifen.auth.schemas import (
     StaffUpdate,
 )
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import Forbidden, InvalidInput, StateConflict, UnknownProgram
+from jifen.errors import Forbidden, InvalidInput, StateConflict, UnknownProgram, WrongCaller
 from jifen.members import service as members_service
 from jifen.notify.sms import SmsProvider
 from jifen.programs import service as programs_service
@@ -174,7 +174,7 @@ def change_staff_password(
     """A signed-in staff user changes its own password (recorded in the audit log). Every
     other session of the user ends: whoever held the old password is signed out."""
     if principal.kind != "staff":
-        raise Forbidden(
+        raise WrongCaller(
             problem="Only a signed-in staff user changes its password here.",
             problem_zh="只有已登录的员工可在此修改密码。",
         )
@@ -223,7 +223,7 @@ def set_member_password(
     personal data may have been erased."""
     own = ctx.principal.kind == "member"
     if ctx.principal.kind == "key":
-        raise Forbidden(
+        raise WrongCaller(
             problem="An API key cannot set a member's password: a member sets its own, and "
             "staff may reset it.",
             problem_zh="API 密钥不能设置会员密码:会员自行设置,或由工作人员重置。",
