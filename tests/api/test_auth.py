@@ -202,6 +202,30 @@ def test_failed_sign_ins_are_slowed_then_locked_until_unlocked(
     assert _sign_in(app_client, username).status_code == 200
 
 
+def test_wrong_present_passwords_given_to_change_it_are_slowed_as_sign_ins_are(
+    app_client: TestClient, db: Database
+) -> None:
+    """Changing a password checks the present one: a session in other hands could otherwise
+    try password after password there, at no cost. Each wrong one counts as a failed
+    sign-in, and after three each further try must wait, the right password too."""
+    username, _ = _staff(db, "auditor")
+    headers = support.bearer(_sign_in(app_client, username).json()["token"])
+
+    def change(current: str) -> Any:
+        return app_client.put(
+            "/v1/auth/staff/password",
+            json={"current_password": current, "new_password": "a new password 2"},
+            headers=headers,
+        )
+
+    for _ in range(3):
+        assert change("not it at all").status_code == 422
+    slowed = change(PASSWORD)
+    assert slowed.status_code == 429, slowed.text
+    assert slowed.json()["code"] == "sign_in_locked" and "Retry-After" in slowed.headers
+    assert _sign_in(app_client, username).status_code == 429
+
+
 def test_unknown_user_and_wrong_password_get_the_same_answer(
     app_client: TestClient, db: Database
 ) -> None:

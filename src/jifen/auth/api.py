@@ -59,7 +59,14 @@ from jifen.auth.schemas import (
     StaffUpdate,
 )
 from jifen.db.uow import Database, UnitOfWork
-from jifen.errors import Forbidden, InvalidInput, StateConflict, UnknownProgram, WrongCaller
+from jifen.errors import (
+    Forbidden,
+    InvalidInput,
+    JifenError,
+    StateConflict,
+    UnknownProgram,
+    WrongCaller,
+)
 from jifen.members import service as members_service
 from jifen.notify.sms import SmsProvider
 from jifen.programs import service as programs_service
@@ -172,7 +179,9 @@ def change_staff_password(
     db: Annotated[Database, Depends(database)],
 ) -> Response:
     """A signed-in staff user changes its own password (recorded in the audit log). Every
-    other session of the user ends: whoever held the old password is signed out."""
+    other session of the user ends: whoever held the old password is signed out. A wrong
+    present password counts as a failed sign-in: after three each try must wait, after ten
+    the account is locked (429 with ``Retry-After``)."""
     if principal.kind != "staff":
         raise WrongCaller(
             problem="Only a signed-in staff user changes its password here.",
@@ -186,11 +195,13 @@ def change_staff_password(
         )
     current = body.current_password
 
-    def change(uow: UnitOfWork) -> None:
-        service.change_staff_password(
+    def change(uow: UnitOfWork) -> JifenError | None:
+        refused = service.change_staff_password(
             uow, staff_id=principal.id, current=current, new=body.new_password,
             keep=principal.session_id,
         )  # fmt: skip
+        if refused is not None:
+            return refused  # (a wrong password's count is committed with this transaction)
         audit_service.record(
             uow,
             AuditEntryCreate(
@@ -204,8 +215,11 @@ def change_staff_password(
                 after={"changed": True},
             ),
         )
+        return None
 
-    db.run(change)
+    refused = db.run(change)
+    if refused is not None:
+        raise refused
     return Response(status_code=204)
 
 

@@ -737,19 +737,32 @@ def sign_out(uow: UnitOfWork, *, session_id: int) -> None:
 
 def change_staff_password(
     uow: UnitOfWork, *, staff_id: int, current: str, new: str, keep: int | None = None
-) -> None:
+) -> JifenError | None:
     """Change a staff user's own password, giving the present one; every other session of
     the user ends (whoever held the old password is signed out), but for the session
-    ``keep`` (the one that changed it)."""
+    ``keep`` (the one that changed it).
+
+    A wrong present password counts as a failed sign-in, slowed and locked the same (a
+    session in other hands tries no password after password here): the error to answer
+    with once that count is committed is returned, as is the wait of a slowed or locked
+    account; None when the password was changed."""
     row = uow.conn.execute(
-        select(staff_users.c.password_hash).where(staff_users.c.id == staff_id)
+        select(staff_users.c.password_hash, staff_users.c.locked_until).where(
+            staff_users.c.id == staff_id
+        )
     ).one()
+    locked = _locked(row.locked_until, uow.clock.now())
+    if locked is not None:
+        return locked
+    this = staff_users.c.id == staff_id
     if not password_matches(row.password_hash, current):
-        raise InvalidInput(
+        _fail(uow, staff_users, this)
+        return InvalidInput(
             field="current_password",
             problem="the present password is wrong",
             problem_zh="当前密码错误",
         )
+    _succeed(uow, staff_users, this)
     uow.conn.execute(
         staff_users.update()
         .where(staff_users.c.id == staff_id)
@@ -763,6 +776,7 @@ def change_staff_password(
     if keep is not None:
         query = query.where(sessions.c.id != keep)
     uow.conn.execute(query.values(revoked_at=uow.clock.now()))
+    return None
 
 
 # --------------------------------------------------------------------------- administration
