@@ -758,6 +758,28 @@ def test_api_keys_are_stored_hashed_shown_once_and_revocable(
     assert after.status_code == 401 and "revoked" in after.json()["detail"]
 
 
+def test_a_key_revoked_through_a_server_is_refused_by_that_server_at_once(
+    app_client: TestClient, db: Database
+) -> None:
+    """The server that revokes a key forgets it at once; only other servers that had just
+    accepted it may take it for a few seconds more."""
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    operator = support.staff(db, "operator", program_id=program.id)
+    created = db.run(
+        lambda uow: auth.create_api_key(uow, program_id=program.id, name="till", created_by="test")
+    )
+    url = f"/v1/programs/{program.code}/members/{member_id}/points"
+    assert app_client.get(url, headers=support.bearer(created.token)).status_code == 200
+    revoked = app_client.post(
+        f"/v1/programs/{program.code}/api-keys/{created.id}/revoke",
+        headers={**operator, **support.key()},
+    )
+    assert revoked.status_code == 200, revoked.text
+    after = app_client.get(url, headers=support.bearer(created.token))
+    assert after.status_code == 401 and "revoked" in after.json()["detail"]
+
+
 def test_a_store_is_scoped_within_a_merchant(app_client: TestClient, db: Database) -> None:
     program = new_program(db)
     admin = support.staff(db, "super_admin", program_id=program.id)

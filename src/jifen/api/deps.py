@@ -260,6 +260,15 @@ async def authenticate(request: Request) -> Principal:
     return principal
 
 
+def forget_api_key(request: Request, key_id: int) -> None:
+    """Drop an API key from this server's principals (it was just revoked here): this
+    server refuses it at once; others that hold it, within :data:`API_KEY_CACHE_SECONDS`."""
+    cache: dict[str, tuple[float, Principal]] = request.app.state.principal_cache
+    for token, (_, principal) in list(cache.items()):
+        if principal.api_key_id == key_id:
+            cache.pop(token, None)
+
+
 @dataclass
 class Context:
     """One authorised request: who, in which programme, under which grant, from where."""

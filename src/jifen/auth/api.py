@@ -19,6 +19,7 @@ from jifen.api.deps import (
     authenticate,
     client_ip,
     database,
+    forget_api_key,
     id_cursor,
     limit_ip,
     next_id_cursor,
@@ -657,10 +658,10 @@ def create_api_key(
 def revoke_api_key(
     program: str, key_id: Id, ctx: Annotated[Context, Depends(Write("api_keys.write"))]
 ) -> JSONResponse:
-    """Revoke a key at once (servers that cached it stop accepting it within 5 seconds). A
-    merchant's credentials revoke its own keys only, a store's those of the store (not the
-    merchant's keys for all its stores)."""
-    return ctx.execute(
+    """Revoke a key at once (this server refuses it from now on; other servers that had
+    just accepted it stop within 5 seconds). A merchant's credentials revoke its own keys
+    only, a store's those of the store (not the merchant's keys for all its stores)."""
+    answer = ctx.execute(
         lambda uow: service.revoke_api_key(
             uow,
             program_id=ctx.program_id,
@@ -670,3 +671,5 @@ def revoke_api_key(
         ),
         target=f"api-key:{key_id}",
     )
+    forget_api_key(ctx.request, key_id)
+    return answer
