@@ -945,6 +945,41 @@ def test_members_sign_in_with_their_password(app_client: TestClient, db: Databas
         assert app_client.get("/v1/auth/me", headers=old).status_code == 401
 
 
+def test_a_members_wrong_present_passwords_are_slowed_as_its_sign_ins_are(
+    app_client: TestClient, db: Database
+) -> None:
+    """A member changing its password gives the present one: each wrong one counts as a
+    failed sign-in, and after three each further try must wait, the right password too;
+    a change already made is still replayed for its key."""
+    program = new_program(db)
+    (member_id,) = new_members(db, program.id, 1)
+    db.run(lambda uow: auth.set_member_password(uow, member_id=member_id, password="member 1"))
+    headers = support.member(db, member_id)
+    url = f"/v1/programs/{program.code}/members/{member_id}/password"
+    first = {"current_password": "member 1", "new_password": "member 2"}
+    made = {**headers, **support.key()}
+    assert app_client.put(url, json=first, headers=made).status_code == 200
+    for _ in range(3):
+        wrong = app_client.put(
+            url, json={"current_password": "not it 1", "new_password": "member 3"},
+            headers={**headers, **support.key()},
+        )  # fmt: skip
+        assert wrong.status_code == 422, wrong.text
+    slowed = app_client.put(
+        url, json={"current_password": "member 2", "new_password": "member 3"},
+        headers={**headers, **support.key()},
+    )  # fmt: skip
+    assert slowed.status_code == 429, slowed.text
+    assert slowed.json()["code"] == "sign_in_locked" and "Retry-After" in slowed.headers
+    replayed = app_client.put(url, json=first, headers=made)
+    assert replayed.status_code == 200 and replayed.headers["Idempotent-Replayed"] == "true"
+    signed_in = app_client.post(
+        "/v1/auth/members/sign-in",
+        json={"program": program.code, "login": _reference(db, member_id), "password": "member 2"},
+    )
+    assert signed_in.status_code == 429
+
+
 def test_members_sign_in_with_a_one_time_code_sent_by_sms(
     app_client: TestClient, db: Database, sms: RecordingSms, clock: ManualClock
 ) -> None:

@@ -268,7 +268,14 @@ def set_member_password(
             program_id=ctx.program_id, member_id=member_id, grants=[],
         )  # fmt: skip
 
-    return ctx.execute(change, target=f"member:{member_id}")
+    try:
+        return ctx.execute(change, target=f"member:{member_id}")
+    except InvalidInput as wrong:
+        if own and wrong.params.get("field") == "current_password":
+            # counted once the change is undone: a member's session tries no password after
+            # password here, as none is tried at signing in
+            ctx.db.run(lambda uow: service.count_wrong_member_password(uow, member_id=member_id))
+        raise
 
 
 # --------------------------------------------------------------------------- staff

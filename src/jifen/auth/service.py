@@ -581,14 +581,22 @@ def set_member_password(
     check_current: bool = False,
 ) -> None:
     """Set a member's password; with ``check_current``, only if ``current`` is its present one
-    (a member changing its own password; staff resetting one do not know it)."""
+    (a member changing its own password; staff resetting one do not know it). A member whose
+    sign-ins are slowed or locked waits here too (:class:`SignInLocked`); a wrong present
+    password is refused with :class:`InvalidInput` on ``current_password``, which the caller
+    counts as a failed sign-in once this transaction is undone
+    (:func:`count_wrong_member_password`)."""
     now = uow.clock.now()
     row = uow.conn.execute(
-        select(member_credentials.c.password_hash).where(
+        select(member_credentials.c.password_hash, member_credentials.c.locked_until).where(
             member_credentials.c.member_id == member_id
         )
     ).first()
     stored = row.password_hash if row is not None else None
+    if check_current and row is not None and stored is not None:
+        locked = _locked(row.locked_until, now)
+        if locked is not None:
+            raise locked
     if check_current and stored is not None and not password_matches(stored, current or ""):
         raise InvalidInput(
             field="current_password",
@@ -609,6 +617,12 @@ def set_member_password(
             .where(member_credentials.c.member_id == member_id)
             .values(**values)
         )
+
+
+def count_wrong_member_password(uow: UnitOfWork, *, member_id: int) -> None:
+    """Count a wrong present password given to change the member's password as a failed
+    sign-in (slowed and locked the same): no password is tried there after password."""
+    _fail(uow, member_credentials, member_credentials.c.member_id == member_id)
 
 
 def member_sign_in(uow: UnitOfWork, *, program_id: int, login: str, password: str) -> SignInOutcome:
