@@ -230,6 +230,14 @@ def test_a_body_that_is_not_json_is_a_stable_problem(client: TestClient, db: Dat
     assert broken.status_code == 400, broken.text
     assert broken.json()["code"] == "invalid_body" and "JSON" in broken.json()["detail"]
     assert "请求体" in broken.json()["detail"]
+    # JSON cut short or mistyped cannot be read either: the same answer, not a field "13"
+    for text in (b'{"code": "x2",', b'{"code": x2}', b"{'code': 'x2'}"):
+        cut = client.post(
+            "/v1/programs", content=text,
+            headers={**admin, **support.key(), "Content-Type": "application/json"},
+        )  # fmt: skip
+        assert cut.status_code == 400, (text, cut.text)
+        assert cut.json()["code"] == "invalid_body" and "JSON" in cut.json()["detail"]
 
 
 def test_what_an_operation_does_not_read_is_refused_not_ignored(

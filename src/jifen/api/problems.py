@@ -150,6 +150,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         zh = language(request) == "zh"
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            # JSON cut short or mistyped is a body that cannot be read, as one that is not
+            # UTF-8 is (400), not a field (its "location" is where the reading stopped)
+            code, en, zh_detail = _HTTP_CODES[400]
+            return problem(400, code, zh_detail if zh else en)
         errors = [
             FieldError(
                 field=_field(error["loc"], error),
