@@ -232,6 +232,8 @@ def test_an_order_is_cancelled_only_by_its_own_merchant_and_a_member_names_none(
     redeem = f"/members/{till.alice}/redemptions"
     named = till.post(redeem, {"reward": "mug", "merchant": "other"}, till.as_alice)
     assert named.status_code == 403, named.text
+    # no role lets a member name one: the refusal says so, and sends it for no role
+    assert named.json()["code"] == "wrong_caller" and "role" not in named.json()["detail"]
     hq = support.api_key(db, till.shop.program_id, merchant="hq")
     other = support.api_key(db, till.shop.program_id, merchant="other")
     order = body(till.post(redeem, {"reward": "mug"}, hq), 201)

@@ -58,6 +58,7 @@ from jifen.errors import (
     TotpRequired,
     Unauthenticated,
     UnknownProgram,
+    WrongCaller,
 )
 from jifen.programs import service as programs_service
 from jifen.programs.schemas import ProgramRead
@@ -317,7 +318,7 @@ class Context:
         """The merchant and store a write is made for: the grant's own, or one it covers. A
         member names none (its app is no till: the till's credentials say where)."""
         if self.principal.kind == "member" and (requested is not None or store is not None):
-            raise Forbidden(
+            raise WrongCaller(
                 problem="A member cannot name the merchant or store of a write; the "
                 "merchant's or store's own credentials do.",
                 problem_zh="会员不能指定商户或门店;由商户或门店自己的凭据指定。",
