@@ -344,6 +344,20 @@ def test_a_staff_password_change_signs_out_every_other_session(
     assert app_client.get("/v1/auth/me", headers=here).status_code == 200
 
 
+def test_new_secrets_given_by_an_installer_sign_the_user_out_everywhere(
+    app_client: TestClient, db: Database
+) -> None:
+    """The old password and TOTP seed stop working, and so do the sessions opened with them."""
+    username, _ = _staff(db, "auditor")
+    headers = support.bearer(_sign_in(app_client, username).json()["token"])
+    seed = db.run(
+        lambda uow: auth.reset_staff_secrets(uow, username=username, password="fresh secret 1")
+    )
+    assert seed is not None
+    assert app_client.get("/v1/auth/me", headers=headers).status_code == 401
+    assert _sign_in(app_client, username, password="fresh secret 1").status_code == 200
+
+
 def test_a_refusal_that_no_role_lifts_does_not_send_the_caller_for_one(
     app_client: TestClient, db: Database
 ) -> None:

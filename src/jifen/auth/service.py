@@ -1144,15 +1144,25 @@ def password_of_staff_matches(uow: UnitOfWork, *, username: str, password: str) 
 
 def reset_staff_secrets(uow: UnitOfWork, *, username: str, password: str) -> str | None:
     """Give an existing staff user a new password and TOTP seed (returned); None if there
-    is no such user. For installers and the demo: the old secrets stop working."""
+    is no such user. For installers and the demo: the old secrets stop working, and so do
+    the sessions opened with them."""
     seed = pyotp.random_base32()
-    changed = uow.conn.execute(
+    staff_id = uow.conn.execute(
         staff_users.update()
         .where(staff_users.c.username == username)
         .values(password_hash=hash_password(password), totp_secret_enc=encrypt(seed),
                 totp_last_step=0, failed_sign_ins=0, locked_until=None)
-    ).rowcount  # fmt: skip
-    return seed if changed else None
+        .returning(staff_users.c.id)
+    ).scalar_one_or_none()  # fmt: skip
+    if staff_id is None:
+        return None
+    uow.conn.execute(
+        sessions.update()
+        .where(sessions.c.subject == "staff", sessions.c.subject_id == staff_id,
+               sessions.c.revoked_at.is_(None))
+        .values(revoked_at=uow.clock.now())
+    )  # fmt: skip
+    return seed
 
 
 def end_member_sessions(uow: UnitOfWork, *, member_id: int, keep: int | None = None) -> None:
