@@ -252,16 +252,22 @@ def test_an_api_key_cannot_bind_a_members_phone_or_id_number(
     registered = club.post(club.base, {"external_ref": "K1", "phone": "13900000001"}, till)
     assert registered.status_code == 201, registered.text  # registering with a phone: fine
     member_id = registered.json()["id"]
+    # a till's key is refused for its scope; one over the whole programme for being a key
+    everywhere = support.api_key(db, club.program.id)
     for phone in ("13612345678", "13900000001"):  # another number, or the same
         taken = club.put(
             club.url(member_id, "/identity"), {"id_number": VALID_ID, "phone": phone}, till
+        )
+        assert taken.status_code == 403 and taken.json()["code"] == "scope_too_narrow"
+        taken = club.put(
+            club.url(member_id, "/identity"), {"id_number": VALID_ID, "phone": phone}, everywhere
         )
         assert taken.status_code == 403 and taken.json()["code"] == "forbidden"
         assert "API key" in taken.json()["detail"]
     zh = club.put(
         club.url(member_id, "/identity"),
         {"id_number": VALID_ID, "phone": "13612345678"},
-        {**till, "Accept-Language": "zh-CN"},
+        {**everywhere, "Accept-Language": "zh-CN"},
     )
     assert "API 密钥" in zh.json()["detail"]
     profile = client.get(club.url(member_id), headers=club.operator).json()

@@ -235,6 +235,30 @@ def test_a_merchants_key_cannot_move_a_member_between_tiers(
     assert body(moved, 200)["tier"] == "钻石"
 
 
+def test_a_merchants_operator_cannot_take_over_a_members_sign_in(
+    client: TestClient, db: Database
+) -> None:
+    """A member's password and bound phone sign it in to the points it earned at every
+    merchant: one merchant's operator can reset neither (it would sign in as the member)."""
+    shop = EarningShop(client, db)
+    program = shop.program.id
+    mall_operator = support.staff(db, "operator", program_id=program, merchant="mall")
+    member = f"/members/{shop.alice}"
+    for answer in (
+        shop.put(f"{member}/password", {"new_password": "a-long-enough-pass"}, mall_operator),
+        shop.put(
+            f"{member}/identity",
+            {"id_number": _id_number(7), "phone": "13800138000"},
+            mall_operator,
+        ),
+    ):
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["code"] == "scope_too_narrow"
+    assert body(shop.get(member), 200)["phone"] is None
+    reset = shop.put(f"{member}/password", {"new_password": "a-long-enough-pass"})
+    assert reset.status_code == 200, reset.text
+
+
 # --------------------------------------------------------------------------- sign-in
 
 

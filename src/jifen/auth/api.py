@@ -229,13 +229,14 @@ def set_member_password(
     program: str,
     member_id: Id,
     body: PasswordChange,
-    ctx: Annotated[Context, Depends(Write("members.write"))],
+    ctx: Annotated[Context, Depends(Write("members.write", programme_wide=True))],
 ) -> JSONResponse:
     """A member sets its password (giving the present one if it has one); staff may reset
-    a member's password without it. An API key may not (a till that could would sign in as
-    any member). Every other session of the member ends: whoever held the old password is
-    signed out. A closed member is given no password (409): it signs in no more, and its
-    personal data may have been erased."""
+    a member's password without it, with a grant over the whole programme (the member signs
+    in to the points of every merchant: one merchant's operator may not). An API key may
+    not (a till that could would sign in as any member). Every other session of the member
+    ends: whoever held the old password is signed out. A closed member is given no
+    password (409): it signs in no more, and its personal data may have been erased."""
     own = ctx.principal.kind == "member"
     if ctx.principal.kind == "key":
         raise WrongCaller(

@@ -244,13 +244,15 @@ def bind_identity(
     program: str,
     member_id: Id,
     body: IdentityBind,
-    ctx: Annotated[Context, Depends(Write("members.write"))],
+    ctx: Annotated[Context, Depends(Write("members.write", programme_wide=True))],
 ) -> JSONResponse:
     """Real-name binding: a resident ID number (its check character is verified) and a
     mobile number, each unique in the programme. The answer shows them masked.
 
-    The member binds its own numbers, or staff do; an API key may not (a till that could
-    would bind its own phone to any member and sign in as it with a texted code). When the
+    The member binds its own numbers, or staff with a grant over the whole programme do
+    (the phone signs the member in to the points of every merchant: one merchant's operator
+    may not); an API key may not (a till that could would bind its own phone to any member
+    and sign in as it with a texted code). When the
     bound phone changes, every other session of the member ends, a code texted to the old
     number signs nobody in any more, and the number bound until then is texted that it was
     replaced (by which masked number, when, and what to do if the member did not ask for
