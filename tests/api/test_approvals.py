@@ -122,6 +122,10 @@ def test_a_large_adjustment_waits_for_another_person_and_executes_once(
     assert own.status_code == 202
     self_approval = desk.decide(own.json()["id"], "approve", admin)
     assert self_approval.status_code == 403
+    # (no role would change that: the answer does not send them to ask for one)
+    assert self_approval.json()["code"] == "wrong_caller"
+    assert "your own" in self_approval.json()["detail"]
+    assert "role" not in self_approval.json()["detail"]
     assert desk.approval(own.json()["id"])["status"] == "pending"
     # another reviewer approves: posted once
     approved = desk.decide(request["id"], "approve")

@@ -39,13 +39,13 @@ from jifen.approvals.schemas import ApprovalAction, ApprovalRead, ApprovalStatus
 from jifen.auth import service as auth_service
 from jifen.db.uow import UnitOfWork
 from jifen.errors import (
-    Forbidden,
     InvalidInput,
     JifenError,
     ScopeTooNarrow,
     StateConflict,
     Unauthenticated,
     UnknownApproval,
+    WrongCaller,
 )
 from jifen.members import service as members_service
 from jifen.notify import service as notify_service
@@ -177,7 +177,7 @@ def withdraw(
     expired request may be withdrawn too: that closes it in the queue, and releases its rule."""
     row = _row(uow, program_id, approval_id)
     if row.requested_by != withdrawn_by:
-        raise Forbidden(
+        raise WrongCaller(
             problem=f"Approval request {approval_id} is not yours; only its maker withdraws "
             "it (a checker rejects it).",
             problem_zh=f"审批申请 {approval_id} 不是您提交的;只有提交人可以撤回(审批人可驳回)。",
@@ -206,7 +206,7 @@ def _decide(
     """Move another person's open request to ``status``, once ``check`` (if any) passes."""
     row = _row(uow, program_id, approval_id)
     if row.requested_by == decided_by:
-        raise Forbidden(
+        raise WrongCaller(
             problem=f"Approval request {approval_id} is your own; another person must decide it.",
             problem_zh=f"审批申请 {approval_id} 是您本人提交的,须由他人审批。",
         )
@@ -402,7 +402,7 @@ def _not_the_rules_author(uow: UnitOfWork, row: Row[Any], decided_by: int) -> No
         uow, program_id=row.program_id, version_id=row.params["version_id"]
     )
     if draft.created_by == f"staff:{auth_service.get_staff(uow, staff_id=decided_by).username}":
-        raise Forbidden(
+        raise WrongCaller(
             problem=f"You wrote rule {draft.code} version {draft.version}; another person "
             "must approve it.",
             problem_zh=f"规则 {draft.code} 第 {draft.version} 版由您编写,须由他人审批。",
