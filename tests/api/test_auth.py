@@ -679,6 +679,18 @@ def test_a_merchant_administrator_hands_out_its_merchant_scope_only(
     assert {g["merchant"] for g in grants} == {"shop-A"}
 
 
+def test_an_api_key_with_no_permissions_is_refused(app_client: TestClient, db: Database) -> None:
+    program = new_program(db)
+    keys = f"/v1/programs/{program.code}/api-keys"
+    admin = support.staff(db, "operator", program_id=program.id)
+    refused = app_client.post(
+        keys, json={"name": "till", "permissions": []}, headers={**admin, **support.key()}
+    )
+    assert refused.status_code == 422, refused.text
+    assert [e["field"] for e in refused.json()["errors"]] == ["body.permissions"]
+    assert app_client.get(keys, headers=admin).json()["items"] == []
+
+
 def test_a_merchants_credentials_list_and_revoke_its_own_api_keys_only(
     app_client: TestClient, db: Database
 ) -> None:

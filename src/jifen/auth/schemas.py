@@ -128,8 +128,9 @@ class RoleUpdate(RequestBody):
 
 class ApiKeyCreate(RequestBody):
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=NO_NUL)]
-    permissions: Annotated[list[str] | None, Field(max_length=50)] = None
-    """Leave out for the default integration set."""
+    permissions: Annotated[list[str] | None, Field(min_length=1, max_length=50)] = None
+    """Leave out for the default integration set; an empty list (a key that could do
+    nothing) is refused."""
     merchant: ScopeName | None = None
     store: ScopeName | None = None
     expires_at: Instant | None = None
