@@ -542,6 +542,23 @@ def test_control_characters_in_a_members_texts_are_refused_on_their_field(
     assert client.get(club.url(member_id), headers=club.operator).json()["name"] == "李雷 Lei 😀"
 
 
+def test_an_address_that_is_no_email_is_refused_saying_how_one_is_written(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    for value in ("wang.example.cn", "wang@example", "wang @example.cn"):
+        for language, says in (("en", "name@example.com"), ("zh-CN", "电子邮箱")):
+            answer = club.post(
+                club.base, {"external_ref": "C1", "email": value},
+                {**club.operator, "Accept-Language": language},
+            )  # fmt: skip
+            assert answer.status_code == 422, answer.text
+            (error,) = answer.json()["errors"]
+            assert error["field"] == "body.email" and says in error["message"], error
+            assert "[^@" not in error["message"]
+    assert club.register("C1", email="wang@example.cn")["email"] == "wang@example.cn"
+
+
 def test_a_birthday_is_a_date_written_as_one_never_a_number(
     client: TestClient, db: Database
 ) -> None:

@@ -35,8 +35,24 @@ Language = Literal["zh", "en"]
 Tag = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\w.-]+$")]
 """Letters (any script), digits, ``_``, ``.`` and ``-``."""
 _EMAIL_PART = r"[^@\s\x00-\x1f\x7f]+"
+_EMAIL = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
+
+
+def _an_email(value: str) -> str:
+    """Refuse what is no email address, saying how one is written (the pattern alone tells
+    a member nothing)."""
+    if not re.fullmatch(_EMAIL, value):
+        raise Refusal(
+            "is not an email address: write it as name@example.com, with no spaces",
+            "不是有效的电子邮箱地址:请写成 name@example.com 的形式,不含空格",
+        )
+    return value
+
+
 Email = Annotated[
-    str, Field(max_length=254, pattern=rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$")
+    str,
+    Field(max_length=254, json_schema_extra={"pattern": _EMAIL}),
+    AfterValidator(_an_email),
 ]
 
 
