@@ -438,6 +438,11 @@ def _count(db: Database, program_id: int) -> int:
             InvalidInput,
             "payload.lines.0.quantity",
         ),
+        # the numbers other events carry, the same: a count as text or true is refused
+        ("activity.attended", {"activity_id": "a", "hours": "2"}, InvalidInput, "hours"),
+        ("activity.attended", {"activity_id": "a", "hours": True}, InvalidInput, "hours"),
+        ("quiz.answered", {"quiz_id": "q", "correct_answers": "3"}, InvalidInput, "correct"),
+        ("review.liked", {"review_id": "r", "likes": True}, InvalidInput, "payload.likes"),
     ],
 )
 def test_bad_events_are_refused_and_leave_nothing(

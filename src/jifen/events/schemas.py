@@ -8,7 +8,15 @@ from datetime import date, datetime
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    computed_field,
+    model_validator,
+)
 
 from jifen.api.schemas import NO_NUL, Instant, RequestBody
 from jifen.errors import Refusal
@@ -71,7 +79,7 @@ class ReviewPosted(RequestBody):
 
 class ReviewLiked(RequestBody):
     review_id: Ref
-    likes: Annotated[int, Field(ge=0, le=10**9)]
+    likes: Annotated[StrictInt, Field(ge=0, le=10**9)]
 
 
 class ReviewFeatured(RequestBody):
@@ -88,17 +96,17 @@ class ReferralCompleted(RequestBody):
 
 class QuizAnswered(RequestBody):
     quiz_id: Ref
-    correct_answers: Annotated[int, Field(ge=0, le=1000)]
+    correct_answers: Annotated[StrictInt, Field(ge=0, le=1000)]
     completed: bool = False
 
 
 class ActivityAttended(RequestBody):
     activity_id: Ref
-    hours: Annotated[float, Field(ge=0, le=24, allow_inf_nan=False)]
+    hours: Annotated[StrictFloat, Field(ge=0, le=24, allow_inf_nan=False)]
 
 
 class Birthday(RequestBody):
-    year: Annotated[int, Field(ge=1900, le=9999)]
+    year: Annotated[StrictInt, Field(ge=1900, le=9999)]
 
 
 class Custom(RequestBody):
