@@ -288,6 +288,30 @@ def test_under_refuse_a_refund_to_a_closed_account_is_refused_and_changes_nothin
     assert_ledger_sound(db, program_id)
 
 
+def test_under_refuse_a_refund_that_only_pays_a_closed_accounts_debt_is_taken(
+    club: Any,
+) -> None:
+    db, program_id, alice, _ = club
+    set_policy(db, program_id, "refuse")
+    earned = call(db, points.earn, member_id=alice, amount=100, key="a1")
+    call(db, points.earn, member_id=alice, amount=20, key="a2")
+    first = call(db, points.spend, member_id=alice, amount=60, key="s1")
+    second = call(db, points.spend, member_id=alice, amount=60, key="s2")
+    call(db, points.reverse, earn_id=earned.id, key="r1")  # all spent: 100 owed
+    assert close(db, program_id, alice).settlement.debt_left == 100  # type: ignore[union-attr]
+    # a refund that goes wholly to the debt lands no point on the closed account: taken
+    assert call(db, points.refund, spend_id=first.id, key="f1").debt_change == -60
+    # one that would leave points on it is refused, and changes nothing
+    before = snapshot(db, program_id)
+    with pytest.raises(StateConflict, match="cannot be given back to a closed account"):
+        call(db, points.refund, spend_id=second.id, key="f2")
+    assert snapshot(db, program_id) == before
+    assert call(db, points.refund, spend_id=second.id, key="f3", amount=40).debt_change == -40
+    summary = call(db, points.balance, member_id=alice)
+    assert (summary.balance, summary.debt) == (0, 0)
+    assert_ledger_sound(db, program_id)
+
+
 @pytest.mark.parametrize("policy", ["forfeit", "refuse"])
 def test_a_closed_account_earns_spends_and_is_corrected_no_more(club: Any, policy: str) -> None:
     db, program_id, alice, bob = club

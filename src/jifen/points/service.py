@@ -1037,7 +1037,8 @@ def _given_back(
     On a closed account (see :func:`refund`) the points given back are forfeited instead,
     in the same transaction, or the give-back is refused before anything is written."""
     closed = member.member_state == "closed"
-    if closed and not forfeit_if_closed:
+    if closed and not forfeit_if_closed and plan.change_of(Party.MEMBER) > 0:
+        # (what only pays off the account's debt lands no points on it: taken under any policy)
         _refuse_given_back_unless_forfeited(uow, member)
     now = uow.clock.now()
     posting = _write(
