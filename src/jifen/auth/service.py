@@ -782,14 +782,7 @@ def change_staff_password(
         .where(staff_users.c.id == staff_id)
         .values(password_hash=hash_password(new))
     )
-    query = sessions.update().where(
-        sessions.c.subject == "staff",
-        sessions.c.subject_id == staff_id,
-        sessions.c.revoked_at.is_(None),
-    )
-    if keep is not None:
-        query = query.where(sessions.c.id != keep)
-    uow.conn.execute(query.values(revoked_at=uow.clock.now()))
+    _end_sessions(uow, "staff", staff_id, keep=keep)
     return None
 
 
@@ -931,12 +924,7 @@ def update_staff(
     if values:
         uow.conn.execute(staff_users.update().where(staff_users.c.id == staff_id).values(**values))
     if active is False:  # a disabled account's open sessions end now
-        uow.conn.execute(
-            sessions.update()
-            .where(sessions.c.subject == "staff", sessions.c.subject_id == staff_id,
-                   sessions.c.revoked_at.is_(None))
-            .values(revoked_at=uow.clock.now())
-        )  # fmt: skip
+        _end_sessions(uow, "staff", staff_id)
     return get_staff(uow, staff_id=staff_id)
 
 
@@ -1156,21 +1144,23 @@ def reset_staff_secrets(uow: UnitOfWork, *, username: str, password: str) -> str
     ).scalar_one_or_none()  # fmt: skip
     if staff_id is None:
         return None
-    uow.conn.execute(
-        sessions.update()
-        .where(sessions.c.subject == "staff", sessions.c.subject_id == staff_id,
-               sessions.c.revoked_at.is_(None))
-        .values(revoked_at=uow.clock.now())
-    )  # fmt: skip
+    _end_sessions(uow, "staff", staff_id)
     return seed
 
 
 def end_member_sessions(uow: UnitOfWork, *, member_id: int, keep: int | None = None) -> None:
     """Sign a member out everywhere (banned or closed; its password changed), but for the
     session ``keep`` (the one that changed the password)."""
+    _end_sessions(uow, "member", member_id, keep=keep)
+
+
+def _end_sessions(
+    uow: UnitOfWork, subject: str, subject_id: int, *, keep: int | None = None
+) -> None:
+    """End every open session of the staff user or member, but for the session ``keep``."""
     query = sessions.update().where(
-        sessions.c.subject == "member",
-        sessions.c.subject_id == member_id,
+        sessions.c.subject == subject,
+        sessions.c.subject_id == subject_id,
         sessions.c.revoked_at.is_(None),
     )
     if keep is not None:
