@@ -12,13 +12,14 @@ from jifen.expiry.schemas import ExpiryPolicy, Validity
 from jifen.jobs import service as jobs
 from jifen.points import service as points
 from jifen.programs import service as programs
+from jifen.programs.schemas import ProgramRead
 from tests.api import support
 from tests.factories import assert_ledger_sound, new_members, new_program
 
 
-def test_staff_restore_points_frozen_at_expiry_once_and_a_member_may_not(
-    client: TestClient, db: Database
-) -> None:
+def _frozen_at_expiry(db: Database) -> tuple[ProgramRead, int]:
+    """A programme that freezes lapsed points, and a member whose 300 points the expiry run
+    froze 40 days after earning them (valid 30)."""
     program = new_program(db)
     (alice,) = new_members(db, program.id, 1)
 
@@ -33,6 +34,13 @@ def test_staff_restore_points_frozen_at_expiry_once_and_a_member_may_not(
     db.run(setup)
     db.clock.advance(timedelta(days=40))  # type: ignore[attr-defined]
     assert jobs.run(db, "points.expire", program_id=program.id).figures["points"] == 300
+    return program, alice
+
+
+def test_staff_restore_points_frozen_at_expiry_once_and_a_member_may_not(
+    client: TestClient, db: Database
+) -> None:
+    program, alice = _frozen_at_expiry(db)
     url = f"/v1/programs/{program.code}/members/{alice}/points/restore-expired"
     operator = support.staff(db, "operator", program_id=program.id)
     as_member = client.post(url, json={"reason": "please"},
@@ -65,20 +73,7 @@ def test_points_frozen_at_expiry_are_not_unfrozen_onto_their_lapsed_lots(
     """Unfreezing a freeze the expiry run made would put the points back on lots past their
     date, where the member could not use them: it is refused, and says how to give them
     back (restore-expired), which still works after."""
-    program = new_program(db)
-    (alice,) = new_members(db, program.id, 1)
-
-    def setup(uow: UnitOfWork) -> None:
-        settings = programs.get_settings(uow, program_id=program.id)
-        policy = ExpiryPolicy(validity=Validity(kind="rolling", days=30), on_expiry="freeze")
-        programs.set_settings(uow, program_id=program.id,
-                              settings=settings.model_copy(update={"expiry": policy}))  # fmt: skip
-        expires_at = expiry.lot_expiry(uow, program_id=program.id, start=uow.clock.now())
-        points.earn(uow, member_id=alice, amount=300, key="e1", expires_at=expires_at)
-
-    db.run(setup)
-    db.clock.advance(timedelta(days=40))  # type: ignore[attr-defined]
-    assert jobs.run(db, "points.expire", program_id=program.id).figures["points"] == 300
+    program, alice = _frozen_at_expiry(db)
     ((freeze_id, _, _),) = db.run(lambda uow: points.open_freezes(uow, member_id=alice))
     operator = {**support.staff(db, "operator", program_id=program.id)}
     refused = client.post(
