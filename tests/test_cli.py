@@ -145,6 +145,38 @@ def test_reconcile_names_an_account_whose_member_state_was_changed_in_sql(
     assert "member state carried by the account vs the member's: active != frozen" in output
 
 
+def test_reconcile_names_each_row_that_leads_to_no_row(history: tuple) -> None:
+    # the ledger's tables carry no foreign keys: reconcile finds a reference that leads
+    # nowhere, in the programme's postings, and a row whose posting is gone in a whole run
+    db, program, ids = history
+    lines_of_earn = "UPDATE lines SET account_id = :a WHERE posting_id = :p AND amount > 0"
+    with db.engine.connect() as conn:
+        account = conn.execute(text("SELECT id FROM accounts WHERE member_id = :m"),
+                               {"m": ids["alice"]}).scalar_one()  # fmt: skip
+    execute(db, lines_of_earn, a=999999, p=ids["earn"])
+    execute(db, "UPDATE lots SET source_lot_id = source_lot_id + 888888 WHERE posting_id = :p",
+            p=ids["transfer"])  # fmt: skip
+    execute(db, "UPDATE allocations SET posting_id = 777777 WHERE posting_id = :p", p=ids["refund"])
+    try:
+        code, output = jifen(db, "ledger", "reconcile", "--program", program.code)
+        assert code == 1
+        assert f"posting {ids['earn']}: lines (id " in output
+        assert "account_id 999999 is no row of accounts" in output
+        assert f"posting {ids['transfer']}: lots (id " in output
+        assert "is no row of lots" in output
+        assert "777777" not in output
+        code, output = jifen(db, "ledger", "reconcile")
+        assert code == 1
+        assert "allocations (id " in output
+        assert "posting_id 777777 is no row of postings" in output
+    finally:  # the database is shared with other tests' programmes
+        execute(db, lines_of_earn, a=account, p=ids["earn"])
+        execute(db, "UPDATE lots SET source_lot_id = source_lot_id - 888888 WHERE posting_id = :p",
+                p=ids["transfer"])  # fmt: skip
+        execute(db, "UPDATE allocations SET posting_id = :p WHERE posting_id = 777777",
+                p=ids["refund"])  # fmt: skip
+
+
 def test_checkpoint_seals_heads_and_catches_a_rewritten_tail(history: tuple) -> None:
     db, program, ids = history
     code, output = jifen(db, "ledger", "checkpoint", "--program", program.code)

@@ -73,8 +73,49 @@ def test_0012_waits_for_orders_that_share_a_payment_to_be_put_right(tmp_path: Pa
     db.dispose()
 
 
+def test_0026_takes_the_ledgers_foreign_keys_off_and_back_on_sqlite_with_rows_in_place(
+    tmp_path: Path,
+) -> None:
+    # given an SQLite ledger with rows that name each other (SQLite alters a table by copying
+    # it: with foreign keys enforced, dropping a table that other rows name would fail)
+    db = Database(f"sqlite:///{tmp_path / 'ledger.db'}", clock=ManualClock(START))
+    upgrade(db.engine)
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    shop.redeem(member, shop.reward(points=300).code)
+    counted = "SELECT (SELECT count(*) FROM postings), (SELECT count(*) FROM lots), " \
+        "(SELECT count(*) FROM allocations), (SELECT count(*) FROM lines)"  # fmt: skip
+
+    def counts() -> tuple[Any, ...]:
+        with db.engine.connect() as conn:
+            return tuple(conn.exec_driver_sql(counted).one())
+
+    def foreign_keys(table: str) -> int:
+        with db.engine.connect() as conn:
+            return len(conn.exec_driver_sql(f"PRAGMA foreign_key_list({table})").all())
+
+    before = counts()
+    # when it goes back to 0025 and up again, every row stays and the keys come and go
+    command.downgrade(alembic_config(db.engine), "0025")
+    assert (foreign_keys("lots"), foreign_keys("postings")) == (3, 4)
+    assert counts() == before
+    upgrade(db.engine)
+    assert (foreign_keys("lots"), foreign_keys("postings")) == (0, 0)
+    assert counts() == before
+    with db.engine.connect() as conn:  # enforced again for every other table
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    # a row that leads nowhere keeps the keys from coming back, and nothing changes
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE lines SET account_id = 999999 WHERE id = 1")
+    with pytest.raises(RuntimeError, match=r"rows name rows that do not exist.*'lines'"):
+        command.downgrade(alembic_config(db.engine), "0025")
+    assert current_revision(db.engine) == "0026"
+    assert foreign_keys("lines") == 0
+    db.dispose()
+
+
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0025"
+    assert head_revision(db.engine) == "0026"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)

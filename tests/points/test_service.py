@@ -38,7 +38,9 @@ def snapshot(db: Database, program_id: int) -> tuple[Any, ...]:
         in_program = accounts.c.program_id == program_id
         counts = tuple(
             uow.conn.execute(
-                select(func.count()).select_from(t.join(accounts)).where(in_program)
+                select(func.count())
+                .select_from(t.join(accounts, accounts.c.id == t.c.account_id))
+                .where(in_program)
             ).scalar_one()
             for t in (lines, lots)
         )
@@ -57,7 +59,10 @@ def snapshot(db: Database, program_id: int) -> tuple[Any, ...]:
             .order_by(accounts.c.id)
         ).all()
         remaining = uow.conn.execute(
-            select(lots.c.id, lots.c.remaining).join(accounts).where(in_program).order_by(lots.c.id)
+            select(lots.c.id, lots.c.remaining)
+            .join(accounts, accounts.c.id == lots.c.account_id)
+            .where(in_program)
+            .order_by(lots.c.id)
         ).all()
         return (counts, posted, tuple(map(tuple, state)), tuple(map(tuple, remaining)))
 

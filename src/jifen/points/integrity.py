@@ -5,7 +5,8 @@
   of band.
 - :func:`reconcile` recomputes every cached figure (balances, frozen, debt, lots'
   remaining) from the lines and allocations and reports every difference, with the
-  programme-wide sums that must be zero.
+  programme-wide sums that must be zero, and every reference between the ledger's rows
+  that leads nowhere (the ledger's tables carry no foreign keys: see ``REFERENCES``).
 - :func:`checkpoint` hashes all account heads together, chained to the previous checkpoint.
 """
 
@@ -25,6 +26,7 @@ from jifen.db.uow import UnitOfWork
 from jifen.ledger import GENESIS, Kind, PostingFacts, SystemAccount
 from jifen.members.models import members
 from jifen.points.models import (
+    REFERENCES,
     accounts,
     allocations,
     chain_entries,
@@ -34,6 +36,7 @@ from jifen.points.models import (
     lots,
     postings,
 )
+from jifen.programs.models import programs
 
 _CHUNK = 2000
 
@@ -397,6 +400,7 @@ def reconcile(uow: UnitOfWork, *, program_id: int | None = None) -> ReconcileRep
 def _reconcile(uow: UnitOfWork, program_id: int | None) -> ReconcileReport:
     report = ReconcileReport()
     conn = uow.conn
+    report.problems.extend(_dangling(uow, program_id))
     in_program = _program_filter(accounts.c.program_id, program_id)
 
     unbalanced = conn.execute(
@@ -529,3 +533,34 @@ def _reconcile(uow: UnitOfWork, program_id: int | None) -> ReconcileReport:
                 )
             )
     return report
+
+
+def _dangling(uow: UnitOfWork, program_id: int | None) -> list[Problem]:
+    """Each reference of :data:`jifen.points.models.REFERENCES` that leads to no row, in the
+    rows of the programme's postings (a row whose posting is gone belongs to no programme:
+    it is found by a run over every programme)."""
+    targets = {"accounts": accounts, "postings": postings, "lots": lots, "programs": programs}
+    found: list[Problem] = []
+    for column, target in REFERENCES:
+        table = column.table
+        to = targets[target].alias("target").c.id  # an alias: lots name lots
+        posting = table.c.id if table is postings else table.c.posting_id
+        key = list(table.primary_key.columns)
+        scope = [] if program_id is None else [
+            table.c.program_id == program_id if table is postings
+            else posting.in_(select(postings.c.id).where(postings.c.program_id == program_id))
+        ]  # fmt: skip
+        rows = uow.conn.execute(
+            select(*key, column, posting)
+            .where(column.is_not(None), ~select(to).where(to == column).exists(), *scope)
+            .order_by(*key)
+        ).all()
+        for *ids, value, posting_id in rows:
+            what = ", ".join(f"{c.name} {v}" for c, v in zip(key, ids, strict=True))
+            found.append(
+                Problem(
+                    f"{table.name} ({what}): {column.name} {value} is no row of {target}",
+                    posting_id=posting_id,
+                )
+            )
+    return found
