@@ -200,10 +200,14 @@ WITH a AS (
 account the posting moves points to or from, and (a spending) its first open lots."""
 
 # What both statements write once CTE ``d`` holds the one account whose posting is written
-# (none: nothing is written), with ``source`` and ``target`` (the line's two accounts),
-# ``change`` (the member's balance), ``seq``, ``head_hash``, and the digest's pieces of
-# allocations and new lots: the digest, the chain link, the posting, its two lines (the
-# source's first, as the plans have them), its chain entry and the account's figures.
+# (none: nothing is written), with ``source`` and ``target`` (the line's two accounts), the
+# locked row's ``balance`` and its ``change``, ``seq``, ``head_hash``, and the digest's
+# pieces of allocations and new lots: the digest, the chain link, the posting, its two
+# lines (the source's first, as the plans have them), its chain entry and the account's
+# figures. The figures are set from the locked row, not added to the row the UPDATE finds:
+# that is the version in the statement's snapshot, and where a posting committed after the
+# snapshot, PostgreSQL tests the CHECKs on the new row made from that older version before
+# it moves on to the newest (a balance that older version could not bear would fail).
 _AT_ONCE_POSTING = """, g AS (
     SELECT d.*,
            encode(sha256(convert_to(concat_ws(E'\\x1f',
@@ -239,8 +243,7 @@ _AT_ONCE_POSTING = """, g AS (
     INSERT INTO chain_entries (account_id, seq, posting_id, chain_hash)
     SELECT x.id, x.seq, p.id, x.link FROM p, x
 ), au AS (
-    UPDATE accounts SET balance = accounts.balance + x.change, head_seq = x.seq,
-                        head_hash = x.link
+    UPDATE accounts SET balance = x.balance + x.change, head_seq = x.seq, head_hash = x.link
     FROM x WHERE accounts.id = x.id
 )"""
 
@@ -258,7 +261,7 @@ _AT_ONCE_POSTING = """, g AS (
 _POSTGRESQL_CREDIT_AT_ONCE = (
     _AT_ONCE_LOCK.replace("%(lots)s", "NULL::bigint[]")  # noqa: S608 (constants only)
     + """, d AS (
-    SELECT a.id, a.program_id, a.system AS source, a.id AS target,
+    SELECT a.id, a.program_id, a.system AS source, a.id AS target, a.balance,
            %(amount)s::bigint AS change, a.head_seq + 1 AS seq, a.head_hash, '' AS allocs,
            a.id || ':' || %(amount)s::bigint || ':' || %(lot_stamps)s::text || ':-' AS new_lots
     FROM a
@@ -336,25 +339,24 @@ _POSTGRESQL_DEBIT_AT_ONCE = compact(
     SELECT k, a.packed[k] AS lot, a.packed[2 * n + k] AS remaining
     FROM a, LATERAL (SELECT cardinality(a.packed) / 5 AS n) AS c, generate_series(1, c.n) AS k
     WHERE a.replayed IS NULL AND a.member_state = 'active' AND a.system IS NOT NULL
-      -- Only where no posting to the account committed after this statement's snapshot
-      -- (every change of a lot is a posting, which moves head_seq): the UPDATEs below scan
-      -- lots and accounts in that snapshot, where a lot made meanwhile is missing and a
-      -- row changed meanwhile has its CHECKs tested on the old version first.
-      AND a.head_seq = (SELECT s.head_seq FROM accounts s WHERE s.id = a.id)
       AND a.packed[3 * n + k] <= %(now_us)s::bigint
       AND (a.packed[4 * n + k] IS NULL OR a.packed[4 * n + k] > %(now_us)s::bigint)
 ), r AS (
     SELECT o.*, (sum(o.remaining) OVER (ORDER BY o.k))::bigint - o.remaining AS before FROM o
 ), t AS (
-    SELECT r.k, r.lot, least(r.remaining, %(amount)s::bigint - r.before) AS take
+    SELECT r.k, r.lot, r.remaining, least(r.remaining, %(amount)s::bigint - r.before) AS take
     FROM r WHERE r.before < %(amount)s::bigint
 ), d AS (
-    SELECT a.id, a.program_id, a.id AS source, a.system AS target,
+    SELECT a.id, a.program_id, a.id AS source, a.system AS target, a.balance,
            -%(amount)s::bigint AS change, a.head_seq + 1 AS seq, a.head_hash,
            (SELECT string_agg(t.lot || ':' || -t.take, ';' ORDER BY t.lot) FROM t) AS allocs,
            '' AS new_lots
     FROM a
     WHERE (SELECT coalesce(sum(t.take), 0) FROM t) = %(amount)s::bigint
+      -- Only where every lot taken is in this statement's snapshot: the UPDATE below finds
+      -- its lots there (and moves on to their newest versions), and a lot that a posting
+      -- made after the snapshot would be missed. Then the service takes the lots itself.
+      AND NOT EXISTS (SELECT FROM t WHERE NOT EXISTS (SELECT FROM lots v WHERE v.id = t.lot))
 )"""
     + _AT_ONCE_POSTING
     + """, al AS (
@@ -363,7 +365,8 @@ _POSTGRESQL_DEBIT_AT_ONCE = compact(
 ), lu AS (
     -- The ids also as an array: a join on the CTE alone is planned as a hash join over a
     -- sequential scan of every lot (the CTE's rows are estimated at dozens).
-    UPDATE lots SET remaining = lots.remaining - t.take
+    -- What remains is set from the lots read after the lock, as the account's balance is.
+    UPDATE lots SET remaining = t.remaining - t.take
     FROM t, p WHERE lots.id = t.lot AND lots.id = ANY (ARRAY(SELECT t.lot FROM t))
 )
 SELECT """
