@@ -113,7 +113,13 @@ postings = Table(
     Column("digest", String(64), nullable=False, comment="sha256 of the posting's facts"),
     CheckConstraint("amount > 0", name="amount_positive"),
     UniqueConstraint("program_id", "idempotency_key"),
-    Index("ix_postings_ref_posting_id", "ref_posting_id"),
+    # Read by the posting referred to: only postings that refer to one are indexed.
+    Index(
+        "ix_postings_ref_posting_id",
+        "ref_posting_id",
+        postgresql_where=text("ref_posting_id IS NOT NULL"),
+        sqlite_where=text("ref_posting_id IS NOT NULL"),
+    ),
     Index("ix_postings_account_id_id", "account_id", "id"),
     # An operator's direct adjustments of the last day, summed against the approval threshold.
     Index(
@@ -134,8 +140,10 @@ lines = Table(
     Column("account_id", BigId, nullable=False),
     Column("amount", BigInteger, nullable=False, comment="into the account when positive"),
     CheckConstraint("amount <> 0", name="amount_not_zero"),
+    # A posting's lines are read by their posting; nothing reads an account's lines by it
+    # (reconcile sums them all), and every posting of a programme wrote its issuing account's
+    # key to the same leaf of such an index.
     Index("ix_lines_posting_id", "posting_id"),
-    Index("ix_lines_account_id", "account_id"),
 )
 
 chain_entries = Table(
