@@ -89,3 +89,18 @@ def test_an_evaluation_run_finished_after_its_moment_leaves_a_later_upgrade_at_o
     jobs.run(db, "tiers.evaluate", program_id=world.program.id, now=moment)
     # her tier was set after the moment: she keeps 金卡 (her score of 360 is above 240)
     assert world.tier(alice) == "金卡", world.history(alice)
+
+
+def test_an_order_at_the_first_instant_of_a_campaign_counts_in_its_score(db: Database) -> None:
+    """A campaign of temporary upgrades runs from its ``starts_at`` (included) to its
+    ``ends_at``: an order paid at the very moment the 双11 sale opens counts in the campaign
+    score (tiers.service._run), as it does in deciding that the campaign is running."""
+    opens = datetime(2026, 11, 11, tzinfo=SHANGHAI).astimezone(UTC)
+    closes = datetime(2026, 11, 12, tzinfo=SHANGHAI).astimezone(UTC)
+    world = World(db, scheme(upgrade_at_once=False, campaigns=[(opens, closes)]), members=1)
+    (alice,) = world.members
+    world.at(opens)
+    # 4,000 yuan at 00:00:00 on 11 November: 160, over 120 % of 银卡's 101
+    world.order(alice, 4000)
+    world.earn(alice, 1)
+    assert world.tier(alice) == "银卡", world.history(alice)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -438,6 +438,10 @@ def _as_of(
 # --------------------------------------------------------------------------- evaluation
 
 
+_INSTANT = timedelta(microseconds=1)
+"""The finest step of the stored times."""
+
+
 @dataclass(frozen=True)
 class _Move:
     member_id: int
@@ -533,8 +537,12 @@ def _run(
     zone = _zone(uow, program_id)
     values = _scores(uow, scheme, ids, core.window_start(scheme, now, zone), now)
     campaign = core.active_campaign(scheme, now)
+    # The campaign runs from its first instant (core.active_campaign), where the score's
+    # facts count after ``since``: an order paid as the sale opens is the campaign's.
     campaign_values = (
-        _scores(uow, scheme, ids, campaign.starts_at, now) if campaign is not None else {}
+        _scores(uow, scheme, ids, campaign.starts_at - _INSTANT, now)
+        if campaign is not None
+        else {}
     )
     standings, later = _as_of(uow, ids, now)
 
