@@ -541,3 +541,34 @@ def test_points_lapsing_at_two_times_of_one_day_are_announced_together(db: Datab
     )
     assert [m.title for m in inbox] == ["您有 3200 积分将于 2026-05-22 到期"]
     assert "2026-05-22  3,200" in inbox[0].body
+
+
+def test_decays_held_when_dormancy_is_switched_off_come_back_with_the_next_activity(
+    db: Database,
+) -> None:
+    """A programme that stops decaying dormant balances (its policy's dormancy set to none)
+    still gives back what earlier dormancies held as soon as the member is active again
+    (任意行为激活后恢复); a member not active since keeps them held."""
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, bob, _) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    earn(db, program_id, bob, 1000, "b1")
+    assert job(db, "points.dormancy", program_id, at(2027, 2, 11, 1)).figures["decayed"] == 380
+
+    def switch_off(uow: UnitOfWork) -> None:
+        settings = programs.get_settings(uow, program_id=program_id)
+        without = policy.model_copy(update={"dormancy": None})
+        programs.set_settings(
+            uow, program_id=program_id, settings=settings.model_copy(update={"expiry": without})
+        )
+
+    db.run(switch_off)
+    move(db, at(2027, 3, 1, 9))
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=9, key="s1"))
+    figures = job(db, "points.dormancy", program_id, at(2027, 3, 2, 1)).figures
+    assert (figures["restored"], figures["restored_members"], figures["decays"]) == (190, 1, 0)
+    assert (summary(db, alice).available, summary(db, alice).frozen) == (991, 0)
+    assert (summary(db, bob).available, summary(db, bob).frozen) == (810, 190)

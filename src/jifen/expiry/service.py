@@ -278,6 +278,21 @@ def dormancy_chunk(
     report.last_member_id = holders[-1]
     report.members = len(holders)
     if rule is None:
+        # No dormancy any more: what earlier dormancies held back still comes back with the
+        # member's next activity. Only members with frozen points can have any; only those
+        # with a decay to give back are held.
+        held = points_service.members_with_frozen(uow, member_ids=holders)
+        decays = {
+            member_id: found
+            for member_id in held
+            if (found := points_service.open_freezes(
+                uow, member_id=member_id, key_prefix="dormancy:"
+            ))
+        }  # fmt: skip
+        active = last_activity(uow, member_ids=sorted(decays)) if decays else {}
+        for member_id, since in sorted(active.items()):
+            if any(made < since for _, _, made in decays[member_id]):
+                _give_back_decays(uow, report, member_id, made_before=since)
         return report
     zone = _zone(uow, program_id)
     now = uow.clock.now()
@@ -287,21 +302,10 @@ def dormancy_chunk(
         if last is None:
             continue
         state = core.dormancy_state(rule, last_activity=last, now=now, zone=zone)
-        points_service.lock_account(uow, member_id=member_id)
-        open_decays = points_service.open_freezes(uow, member_id=member_id, key_prefix="dormancy:")
-        given_back = 0
-        for freeze_id, _, created_at in open_decays:
-            # A decay made before the dormancy as the member's activity dates it now: the
-            # member has been active since, or was not dormant then (an activity that
-            # reached jifen late, a policy that waits longer now).
-            if created_at < state.dormant_from:
-                back = points_service.unfreeze(
-                    uow, freeze_id=freeze_id, key=f"dormancy-restore:{freeze_id}",
-                    reason="active again: dormancy decay given back", actor="system",
-                )  # fmt: skip
-                given_back += back.amount
-        report.restored += given_back
-        report.restored_members += given_back > 0
+        # A decay made before the dormancy as the member's activity dates it now: the
+        # member has been active since, or was not dormant then (an activity that reached
+        # jifen late, a policy that waits longer now).
+        _give_back_decays(uow, report, member_id, made_before=state.dormant_from)
         if not state.decays_due:
             continue
         # The decays of this dormancy are all those made since it began (the earlier ones
@@ -325,6 +329,25 @@ def dormancy_chunk(
             report.decays += 1
             report.decayed += amount
     return report
+
+
+def _give_back_decays(
+    uow: UnitOfWork, report: DormancyChunk, member_id: int, *, made_before: datetime
+) -> None:
+    """Give the member back its dormancy decays made before ``made_before``, under its
+    lock, and count them in ``report``."""
+    points_service.lock_account(uow, member_id=member_id)
+    open_decays = points_service.open_freezes(uow, member_id=member_id, key_prefix="dormancy:")
+    given_back = 0
+    for freeze_id, _, created_at in open_decays:
+        if created_at < made_before:
+            back = points_service.unfreeze(
+                uow, freeze_id=freeze_id, key=f"dormancy-restore:{freeze_id}",
+                reason="active again: dormancy decay given back", actor="system",
+            )  # fmt: skip
+            given_back += back.amount
+    report.restored += given_back
+    report.restored_members += given_back > 0
 
 
 # --------------------------------------------------------------------------- reminders

@@ -1991,6 +1991,22 @@ def holders_page(
     return [int(member_id) for (member_id,) in rows]
 
 
+def members_with_frozen(uow: UnitOfWork, *, member_ids: Sequence[int]) -> list[int]:
+    """Those of ``member_ids`` whose accounts hold frozen points, by member id."""
+    if not member_ids:
+        return []
+    rows = uow.conn.execute(
+        select(accounts.c.member_id)
+        .where(
+            among(uow.dialect, accounts.c.member_id, member_ids),
+            accounts.c.currency == CURRENCY,
+            accounts.c.frozen > 0,
+        )
+        .order_by(accounts.c.member_id)
+    )
+    return [int(member_id) for (member_id,) in rows]
+
+
 def key_used(uow: UnitOfWork, *, program_id: int, key: str) -> bool:
     """Whether the programme has a posting made with ``key``."""
     found = uow.conn.execute(
