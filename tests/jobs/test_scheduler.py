@@ -47,8 +47,11 @@ def test_each_programme_gets_every_job_at_its_local_time(db: Database) -> None:
     assert next_fire(f"points.expire:{london}") == datetime(
         2026, 7, 2, 0, 10, tzinfo=ZoneInfo("Europe/London")
     )
-    # Tier evaluation fires nightly and runs on the scheme's dates (see the tiers tests).
-    assert next_fire(f"tiers.evaluate:{shanghai}").hour == 2
+    # Tier evaluation fires at each local midnight and runs on the scheme's dates (see the
+    # tiers tests).
+    assert next_fire(f"tiers.evaluate:{shanghai}") == datetime(
+        2026, 7, 2, tzinfo=ZoneInfo("Asia/Shanghai")
+    )
     assert "notify.deliver:None" in jobs
 
 
@@ -212,3 +215,30 @@ def test_the_next_firing_finishes_a_chunked_run_from_its_cursor(
     assert [[m.title for m in inbox] for inbox in inboxes] == [
         ["您有 100 积分将于 2026-05-22 到期"]
     ] * 3
+
+
+def test_the_quarterly_evaluation_counts_the_quarter_up_to_its_first_midnight(
+    db: Database,
+) -> None:
+    """The worker fires the tier evaluation at the start of the programme's day, so the
+    evaluation of 1 April scores the months that end at 1 April 00:00 in Shanghai: an order
+    paid at 01:00 on 1 January is in the quarter's window."""
+    from jifen.tiers.schemas import TierScheme
+    from tests.tiers.scheme import scheme_json
+
+    shanghai = ZoneInfo("Asia/Shanghai")
+    three = TierScheme.model_validate({**scheme_json(upgrade_at_once=False), "window_months": 3})
+    world = World(db, three, members=2)
+    alice, bob = world.members
+    world.at(datetime(2027, 1, 1, 1, tzinfo=shanghai).astimezone(UTC))
+    world.order(alice, 3000)  # 120: 银卡
+    world.at(datetime(2027, 3, 31, 22, tzinfo=shanghai).astimezone(UTC))
+    world.order(bob, 2000)  # 80: 普通
+    scheduler = jobs_scheduler.Scheduler(db, only=lambda name: name == "tiers.evaluate")
+    scheduler.refresh()
+    job = scheduler.scheduler.get_job(f"tiers.evaluate:{world.program.id}")
+    firing = job.trigger.get_next_fire_time(None, world.clock.now())
+    assert firing == datetime(2027, 4, 1, tzinfo=shanghai)
+    world.at(firing.astimezone(UTC))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    assert world.tiers() == ["银卡", "普通"]

@@ -34,7 +34,7 @@ SCHEDULES: dict[str, Schedule] = {
     "points.expire": Schedule(cron="10 0 * * *"),
     "rewards.expire_vouchers": Schedule(cron="20 0 * * *"),
     "points.dormancy": Schedule(cron="30 0 * * *"),
-    "tiers.evaluate": Schedule(cron="0 2 * * *"),
+    "tiers.evaluate": Schedule(cron="0 0 * * *"),
     "tiers.end_temporary": Schedule(cron="15 * * * *"),
     "ledger.reconcile": Schedule(cron="0 3 * * *"),
     "events.seal_fingerprints": Schedule(cron="30 4 * * *"),
@@ -46,8 +46,10 @@ SCHEDULES: dict[str, Schedule] = {
 }
 """Each job's default schedule: nightly runs in the small hours of the programme's day
 (expiry before reminders, so a reminder never announces points already gone); tier
-evaluation fires daily and runs on the dates of the tier scheme's own schedule (每季度:
-quarterly); short checks every few minutes; deliveries every ten seconds."""
+evaluation fires daily at the first minute of the programme's day and runs on the dates of
+the tier scheme's own schedule (每季度: quarterly), so the score's window ends at that date's
+midnight, the quarter's last moment; short checks every few minutes; deliveries every ten
+seconds."""
 
 
 def add(totals: Mapping[str, int], more: Mapping[str, int]) -> dict[str, int]:
