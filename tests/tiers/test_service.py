@@ -916,3 +916,29 @@ def test_a_decision_that_makes_a_tier_the_members_own_and_lends_a_higher_one_rec
         read_only=True,
     )
     assert before == {bob: "银卡"}
+
+
+def test_a_temporary_upgrade_of_a_closed_member_is_left_as_it_is(db: Database) -> None:
+    """A closed account is done with: the end of its temporary upgrade is neither recorded
+    nor announced (a webhook naming the member, a note in its inbox), and it keeps no other
+    member's upgrade from ending, however small the chunks."""
+    world = lend_silver_in_double_eleven(db, members=3)
+    alice, bob, _ = world.members
+    db.run(
+        lambda uow: members_service.change_state(
+            uow, program_id=world.program.id, member_id=alice, state="closed"
+        )
+    )
+    world.at(datetime(2026, 12, 11, 10, tzinfo=UTC))
+
+    def end_one() -> int:
+        return db.run(
+            lambda uow: service.end_temporary(
+                uow, program_id=world.program.id, now=uow.clock.now(), limit=1
+            )
+        )
+
+    assert [end_one(), end_one(), end_one()] == [1, 1, 0]
+    assert world.tiers() == ["银卡", "普通", "普通"]
+    assert world.history(alice) == [(None, "银卡", "temporary")]
+    assert world.history(bob)[-1] == ("银卡", "普通", "temporary_end")

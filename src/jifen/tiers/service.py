@@ -31,6 +31,7 @@ from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownTier
 from jifen.members import service as members_service
+from jifen.members.models import members
 from jifen.notify import service as notify_service
 from jifen.notify.service import Notification
 from jifen.points import service as points_service
@@ -731,13 +732,16 @@ def _announce(uow: UnitOfWork, program_id: int, changes: Sequence[TierChangeRead
 
 def end_temporary(uow: UnitOfWork, *, program_id: int, now: datetime, limit: int = 1000) -> int:
     """End up to ``limit`` temporary upgrades due by ``now`` (members go back to the tier
-    their evaluations gave them); how many ended. Call again until it answers 0."""
+    their evaluations gave them); how many ended. Call again until it answers 0. A closed
+    account is done with: its upgrade is left as it is, neither ended nor announced."""
     due = uow.conn.execute(
         select(member_tiers.c.member_id)
+        .join(members, members.c.id == member_tiers.c.member_id)
         .where(
             member_tiers.c.program_id == program_id,
             member_tiers.c.temporary_until.is_not(None),
             member_tiers.c.temporary_until <= now,
+            members.c.state != "closed",
         )
         .order_by(member_tiers.c.temporary_until, member_tiers.c.member_id)
         .limit(limit)
@@ -746,7 +750,8 @@ def end_temporary(uow: UnitOfWork, *, program_id: int, now: datetime, limit: int
     if not ids:
         return 0
     members_service.lock_members(uow, member_ids=ids)
-    standings = _standings(uow, ids)
+    closed = members_service.closed_ids(uow, member_ids=ids)  # closed since the search
+    standings = {m: s for m, s in _standings(uow, ids).items() if m not in closed}
     entry = list_tiers(uow, program_id=program_id)[0].code  # members hold tiers: there is one
     moves = [
         _Move(member_id, standing, decision, None)
