@@ -331,10 +331,10 @@ def test_an_earning_upgrades_at_once_and_only_evaluation_downgrades(db: Database
     assert world.tier(alice) is None
     world.earn(alice, 600)  # 2,000 + 600 = 2 blocks of 1,000 points: still 80
     assert world.tier(alice) is None
-    world.order(alice, 1000)  # +40 = 120, but an order without earning checks nothing
-    assert world.tier(alice) is None
-    world.earn(alice, 1)
+    # +40 = 120: the order's spend crosses 银卡's threshold, though it earns nothing
+    world.order(alice, 1000)
     assert world.tier(alice) == "银卡"
+    world.earn(alice, 1)
     assert world.history(alice) == [(None, "银卡", "upgrade")]
     # bob is set by hand to 钻石; no earning takes him down, an evaluation does
     db.run(
@@ -883,9 +883,19 @@ def test_a_decision_that_makes_a_tier_the_members_own_and_lends_a_higher_one_rec
     world.at(datetime(2026, 11, 5, tzinfo=UTC))
     earn_valid(world, bob, 7000, "e1")
     assert world.tier(bob) == "银卡" and lots_valid_as(world, bob, "普通")
-    # 20 November: an order of 3,000 yuan (120), which checks nothing
+    # 20 November: 3,000 points (120) posted straight to the ledger, where no upgrade at
+    # once looks at them (an order would lend 金卡 at once)
     world.at(datetime(2026, 11, 20, tzinfo=UTC))
-    world.order(bob, 3000)
+
+    def post_straight(uow: UnitOfWork) -> None:
+        from jifen.expiry import service as expiry_service
+
+        expires_at = expiry_service.lot_expiry(
+            uow, program_id=world.program.id, start=uow.clock.now(), tier="银卡"
+        )
+        points_service.earn(uow, member_id=bob, amount=3000, key="e2", expires_at=expires_at)
+
+    db.run(post_straight)
     # the evaluation of 10 December: his own score over the month is 120, 银卡's: his own
     # now; the campaign's 400 reaches 1.2 × 301: 金卡 lent, going back to 银卡
     world.at(datetime(2026, 12, 10, tzinfo=UTC))
@@ -942,3 +952,18 @@ def test_a_temporary_upgrade_of_a_closed_member_is_left_as_it_is(db: Database) -
     assert world.tiers() == ["银卡", "普通", "普通"]
     assert world.history(alice) == [(None, "银卡", "temporary")]
     assert world.history(bob)[-1] == ("银卡", "普通", "temporary_end")
+
+
+def test_a_check_in_that_earns_nothing_still_upgrades_at_once(db: Database) -> None:
+    """The activity part counts events of its types whatever they earn: the check-in that
+    takes a member's score over a threshold moves it up at once."""
+    world = World(db, scheme(upgrade_at_once=True), members=1)
+    (alice,) = world.members
+    world.at(datetime(2026, 2, 1, tzinfo=UTC))
+    world.order(alice, 2500)  # 2 blocks of 1,000 yuan: 80
+    assert world.tier(alice) is None
+    for day in range(21):  # a check-in a day for three weeks: 101
+        world.at(datetime(2026, 2, 2 + day, tzinfo=UTC))
+        world.check_in(alice)
+    assert world.tier(alice) == "银卡"
+    assert world.history(alice) == [(None, "银卡", "upgrade")]

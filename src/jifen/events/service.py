@@ -865,12 +865,19 @@ class _Intake:
             insert_many(uow.conn, event_awards, award_rows)
         rules_service.add_to_budgets(uow, program_id=self.program_id, spent=group.added)
         _add_counters(uow, group.counters)
-        earners = {owner for d in decisions for owner in d.postings}
-        if earners:
+        # An order's spend and an event of the activity part count in the tier score
+        # whatever they earn (a member past its earning cap, a check-in no rule rewards).
+        scored = tiers_service.scored_event_types(uow, program_id=self.program_id)
+        movers = {owner for d in decisions for owner in d.postings} | {
+            d.member_id
+            for d in decisions
+            if d.member_id is not None and d.item.event.type in scored
+        }
+        if movers:
             # A tier scheme that upgrades at once (or a campaign of temporary upgrades)
             # moves the members up now; without one this reads only the settings.
             tiers_service.after_earning(
-                uow, program_id=self.program_id, member_ids=earners, now=self.now
+                uow, program_id=self.program_id, member_ids=movers, now=self.now
             )
 
     def _refund_one(self, item: _Item, group: _Group) -> None:

@@ -171,8 +171,8 @@ class TierScheme(RequestBody):
     schedule: Schedule = "quarterly"
     """When the scheduled evaluation runs (the first day of each period, programme time)."""
     upgrade_at_once: bool = True
-    """Move a member up as soon as an earning takes its score over a threshold; otherwise
-    only at evaluation. Downgrades happen only at evaluation."""
+    """Move a member up as soon as an earning, an order or an activity takes its score over
+    a threshold; otherwise only at evaluation. Downgrades happen only at evaluation."""
     temporary_upgrades: Annotated[list[TemporaryUpgrade], Field(max_length=50)] = Field(
         default_factory=list
     )

@@ -69,6 +69,7 @@ __all__ = [
     "redemption_policy",
     "require_tiers",
     "scheme_of",
+    "scored_event_types",
     "set_member_tier",
     "set_tiers",
     "settings_with_scheme",
@@ -491,12 +492,26 @@ def moves_on_earning(uow: UnitOfWork, *, program_id: int, now: datetime) -> bool
     )
 
 
+def scored_event_types(uow: UnitOfWork, *, program_id: int) -> frozenset[str]:
+    """The types of event that count in the tier score by themselves, whatever they earn:
+    a paid order (the spend part) and the activity part's types. Points count through
+    the earnings."""
+    scheme = scheme_of(uow, program_id=program_id)
+    if scheme is None:
+        return frozenset()
+    parts = scheme.parts
+    spend = {"order.paid"} if parts.spend is not None else set()
+    activity = parts.activity.event_types if parts.activity is not None else frozenset()
+    return frozenset(spend | activity)
+
+
 def after_earning(
     uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int], now: datetime
 ) -> None:
-    """Move up members whose earning just took their score over a threshold, when the
-    scheme upgrades at once or a campaign of temporary upgrades runs. Cheap when neither:
-    the settings are read once a transaction already."""
+    """Move up members whose earning, order or activity (:func:`scored_event_types`) just
+    took their score over a threshold, when the scheme upgrades at once or a campaign of
+    temporary upgrades runs. Cheap when neither: the settings are read once a transaction
+    already."""
     if not moves_on_earning(uow, program_id=program_id, now=now):
         return
     scheme = scheme_of(uow, program_id=program_id)
