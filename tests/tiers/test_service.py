@@ -967,3 +967,39 @@ def test_a_check_in_that_earns_nothing_still_upgrades_at_once(db: Database) -> N
         world.check_in(alice)
     assert world.tier(alice) == "银卡"
     assert world.history(alice) == [(None, "银卡", "upgrade")]
+
+
+def test_points_a_reviewer_approves_upgrade_at_once(db: Database) -> None:
+    """A held award approved by a reviewer is an earning like any other: when its points
+    take the member's score over a threshold, the member moves up at once."""
+    from jifen.rules import service as rules_service
+    from jifen.rules.schemas import EventTypeDeclare
+    from tests.events.test_service import activate, send
+
+    world = World(db, scheme(upgrade_at_once=True), members=1)
+    (alice,) = world.members
+    program_id = world.program.id
+    declared = EventTypeDeclare.model_validate(
+        {"fields": {"requested_points": {"type": "integer"}}}
+    )
+    db.run(
+        lambda uow: rules_service.declare_event_type(
+            uow, program_id=program_id, name="custom.contribution", body=declared
+        )
+    )
+    activate(db, program_id, "contribution", {"kind": "reviewed", "max_points": 5000},
+             events_=("custom.contribution",))  # fmt: skip
+    send(db, program_id, alice, "custom.contribution", db.clock.now(), "c1",
+         requested_points=3000)  # fmt: skip
+    assert world.tier(alice) is None  # held: nothing earned yet
+    award_id = db.run(
+        lambda uow: events_service.held_awards(uow, program_id=program_id)[0].id, read_only=True
+    )
+    db.run(
+        lambda uow: events_service.approve_award(
+            uow, program_id=program_id, award_id=award_id, decided_by="reviewer"
+        )
+    )
+    # 3,000 points: 3 blocks of 1,000, 120: 银卡
+    assert world.tier(alice) == "银卡"
+    assert world.history(alice) == [(None, "银卡", "upgrade")]

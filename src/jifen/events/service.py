@@ -1868,6 +1868,8 @@ def approve_award(
             .where(events.c.id == row.event_id)
             .values(points=events.c.points + released.points)
         )
+        # An earning like any other: its points may take the member over a threshold.
+        tiers_service.after_earning(uow, program_id=program_id, member_ids=[member_id], now=now)
         rules_service.add_to_budgets(
             uow, program_id=program_id, spent=dict.fromkeys(budgeted, released.points)
         )
