@@ -652,3 +652,11 @@ def test_ending_a_temporary_upgrade_that_names_no_tier_to_return_to(db: Database
     assert (code, "Traceback" in output) == (0, False), output
     assert "ended 2" in output
     assert world.tiers() == ["普通", "普通"]
+
+
+def test_a_dry_run_of_a_job_reports_its_progress_chunk_by_chunk(history: tuple) -> None:
+    db, program, _ = history
+    run = ["jobs", "run", "points.dormancy", "--program", program.code, "--size", "1"]
+    code, output = jifen(db, *run, "--dry-run")
+    assert code == 0 and "dry run, nothing changed in 3 chunks" in output, output
+    assert "… chunk 1: members 1" in output and "… chunk 2: members 2" in output, output

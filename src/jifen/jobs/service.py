@@ -148,7 +148,7 @@ def run(
     moment = core.run_moment(now if now is not None else db.clock.now())
     limit = size or job.size
     if dry_run:  # a job that changes nothing too: its run is not recorded as done
-        return _dry_run(db, job, program_id, moment, limit)
+        return _dry_run(db, job, program_id, moment, limit, progress)
     if job.whole is not None:
         figures = job.whole(db.with_clock(ManualClock(moment)), program_id)
         return RunReport(job.name, program_id, moment, "done", 1, figures)
@@ -280,7 +280,16 @@ def _run_parts(
     return db.run(finish)
 
 
-def _dry_run(db: Database, job: Job, program_id: int, moment: datetime, limit: int) -> RunReport:
+def _dry_run(
+    db: Database,
+    job: Job,
+    program_id: int,
+    moment: datetime,
+    limit: int,
+    progress: Callable[[int, dict[str, int]], None] | None = None,
+) -> RunReport:
+    """The whole run in one transaction, rolled back; ``progress`` hears of each chunk but
+    the last, as in a real run."""
     found: dict[str, Any] = {}
     try:
         with db.transaction() as uow:
@@ -300,6 +309,8 @@ def _dry_run(db: Database, job: Job, program_id: int, moment: datetime, limit: i
                 cursor = chunk.cursor
                 if chunk.finished:
                     break
+                if progress is not None:
+                    progress(chunks, figures)
             found.update(chunks=chunks, figures=figures)
             raise _DryRun
     except _DryRun:
