@@ -179,3 +179,37 @@ def run_parts_done(db: Database, program_id: int) -> int:
             read_only=True,
         )
     )
+
+
+def test_a_dry_run_of_a_tier_evaluation_holds_no_member_while_it_counts(pg: Database) -> None:
+    """A dry run counts the moves an evaluation would make without making them: the members
+    it would move stay free for their earnings while it goes on through the programme."""
+    from sqlalchemy.exc import OperationalError
+
+    from jifen.members.models import members
+
+    world, _ = populated(pg, 6)
+    free: list[bool] = []
+
+    def try_to_hold(chunks: int, figures: dict[str, int]) -> None:
+        with pg.engine.connect() as conn:
+            try:
+                conn.execute(
+                    select(members.c.id)
+                    .where(members.c.id.in_(world.members))
+                    .with_for_update(nowait=True, key_share=True)
+                ).all()
+                free.append(True)
+            except OperationalError:
+                free.append(False)
+            conn.rollback()
+
+    report = jobs.run(
+        pg, "tiers.evaluate", program_id=world.program.id, dry_run=True, size=2,
+        progress=try_to_hold,
+    )  # fmt: skip
+    assert (report.state, report.figures["evaluated"], report.figures["upgraded"]) == (
+        "dry-run", 6, 6,
+    )  # fmt: skip
+    assert free == [True, True, True]
+    assert world.tiers() == [None] * 6  # nothing written

@@ -192,8 +192,11 @@ register(
 )  # fmt: skip
 
 
-def _evaluate_tiers(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
-    """A chunk of the evaluation (a dry run goes chunk by chunk)."""
+def _evaluate_tiers(
+    uow: UnitOfWork, program_id: int, cursor: int, size: int, *, dry_run: bool = False
+) -> Chunk:
+    """A chunk of the evaluation (a dry run goes chunk by chunk, counting the moves without
+    making them: no member is held while it runs)."""
     if tiers_service.scheme_of(uow, program_id=program_id) is None:
         return Chunk(cursor, True, {"evaluated": 0})
     ids = tiers_service.member_ids_page(
@@ -201,7 +204,12 @@ def _evaluate_tiers(uow: UnitOfWork, program_id: int, cursor: int, size: int) ->
     )
     if not ids:
         return Chunk(cursor, True)
-    return Chunk(ids[-1], len(ids) < size, _evaluate_tier_members(uow, program_id, ids))
+    figures = _evaluate_tier_members(uow, program_id, ids, dry_run=dry_run)
+    return Chunk(ids[-1], len(ids) < size, figures)
+
+
+def _count_tier_moves(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk:
+    return _evaluate_tiers(uow, program_id, cursor, size, dry_run=True)
 
 
 def _tier_part_ends(uow: UnitOfWork, program_id: int, size: int) -> list[int]:
@@ -222,12 +230,14 @@ def _evaluate_tier_part(
     return _evaluate_tier_members(uow, program_id, ids) if ids else {}
 
 
-def _evaluate_tier_members(uow: UnitOfWork, program_id: int, ids: list[int]) -> dict[str, int]:
+def _evaluate_tier_members(
+    uow: UnitOfWork, program_id: int, ids: list[int], *, dry_run: bool = False
+) -> dict[str, int]:
     now = uow.clock.now()
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
     done = tiers_service.evaluate(
         uow, program_id=program_id, member_ids=ids, now=now,
-        reason=f"evaluation of {now.astimezone(zone).date().isoformat()}",
+        reason=f"evaluation of {now.astimezone(zone).date().isoformat()}", dry_run=dry_run,
     )  # fmt: skip
     return {"evaluated": done.evaluated, "upgraded": done.upgraded,
             "downgraded": done.downgraded, "temporary": done.temporary,
@@ -253,7 +263,8 @@ def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
 
 register(
     Job("tiers.evaluate", "Tier evaluation by score", "按积分评定等级", _evaluate_tiers,
-        size=2000, due=_evaluation_due, part_ends=_tier_part_ends, part=_evaluate_tier_part)
+        size=2000, due=_evaluation_due, part_ends=_tier_part_ends, part=_evaluate_tier_part,
+        dry=_count_tier_moves)
 )  # fmt: skip
 
 

@@ -69,6 +69,9 @@ class Job:
     part: PartFn | None = None
     """Both given: runs share the keys out in parts among the workers (``chunk`` still
     serves dry runs)."""
+    dry: ChunkFn | None = None
+    """What a dry run does for a chunk when the job can count its work without doing it (no
+    writes, no locks held on what live traffic needs); ``None``: ``chunk``, rolled back."""
     shared: bool = False
     """Each chunk takes work no other worker holds (``SKIP LOCKED``) instead of following
     the cursor, so the run's row is locked only to add the chunk up, after its work: the
@@ -296,14 +299,15 @@ def _dry_run(
             timed = _at(uow, moment)
             cursor, chunks = 0, 0
             figures: dict[str, int] = {}
-            if job.chunk is None:
+            chunk_fn = job.dry or job.chunk
+            if chunk_fn is None:
                 raise InvalidInput(
                     field="dry_run",
                     problem=f"{job.name} has no dry run",
                     problem_zh=f"{job.name} 不支持演练",
                 )
             while True:
-                chunk = job.chunk(timed, program_id, cursor, limit)
+                chunk = chunk_fn(timed, program_id, cursor, limit)
                 chunks += 1
                 figures = core.add(figures, chunk.figures)
                 cursor = chunk.cursor
