@@ -125,6 +125,43 @@ def test_operators_keep_webhooks_and_see_the_secret_once(client: TestClient, db:
     assert client.get(base, headers=cashier).status_code == 403
 
 
+def test_a_subscription_to_an_event_type_jifen_never_raises_is_refused(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    base = f"/v1/programs/{program.code}/webhooks"
+    operator = support.staff(db, "operator", program_id=program.id)
+    # a typo of points.earned, and an event type of the rules' catalogue that no webhook gets
+    for typo in ["points.earnd", "order.paid"]:
+        body = {"url": "http://93.184.216.34/jifen", "event_types": ["points.spent", typo]}
+        refused = client.post(
+            base, json=body, headers={**operator, **support.key(), "Accept-Language": "zh"}
+        )
+        assert refused.status_code == 422, refused.text
+        (error,) = refused.json()["errors"]
+        assert (
+            error["field"] == "body.event_types.1"
+            and "不是 jifen 会发出的事件类型" in error["message"]
+        )
+    assert client.get(base, headers=operator).json()["items"] == []
+    # a real one and "*" are taken; a change to an unknown one is refused and changes nothing
+    good = {"url": "http://93.184.216.34/jifen", "event_types": ["points.earned"]}
+    hook = client.post(base, json=good, headers={**operator, **support.key()}).json()
+    typo = client.patch(
+        f"{base}/{hook['id']}", json={"event_types": ["reward_order.shiped"]},
+        headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert typo.status_code == 422 and "points.earned" in typo.json()["errors"][0]["message"]
+    assert client.get(f"{base}/{hook['id']}", headers=operator).json()["event_types"] == [
+        "points.earned"
+    ]
+    every = client.patch(
+        f"{base}/{hook['id']}", json={"event_types": ["*", "reward_order.shipped"]},
+        headers={**operator, **support.key()},
+    )  # fmt: skip
+    assert every.status_code == 200 and every.json()["event_types"] == ["*", "reward_order.shipped"]
+
+
 def _webhooks_operator_and_admin(db: Database) -> tuple[str, dict[str, str], dict[str, str]]:
     """A new programme's webhooks path, an operator's headers (no webhooks.allow_private)
     and a super administrator's (who holds it)."""

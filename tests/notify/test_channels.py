@@ -458,7 +458,7 @@ def test_only_active_subscriptions_to_the_event_get_it(db: Database) -> None:
         ).id
 
     wanted, everything = sub(["points.earned"]), sub(["*"])
-    sub(["tier.changed"])
+    sub(["member.tier_changed"])
     sub(["points.earned"], active=False)
     deleted = sub(["points.earned"])
     db.run(lambda uow: service.delete_webhook(uow, program_id=program.id, webhook_id=deleted))

@@ -4,16 +4,45 @@ their deliveries, and the outbox as staff see it."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from jifen.api.schemas import NO_NUL, RequestBody
+from jifen.errors import Refusal
+from jifen.points.schemas import POSTING_EVENTS
+from jifen.rewards.schemas import OrderState
 
 Channel = Literal["inbox", "email", "sms", "webhook"]
 Status = Literal["pending", "sending", "sent", "dead"]
 """pending: waiting for its next attempt; sending: claimed by a sender; sent; dead: given
 up after the last attempt (a webhook delivery can then be redelivered)."""
+
+EVENT_TYPES: frozenset[str] = frozenset(
+    {
+        *POSTING_EVENTS.values(),
+        *(f"reward_order.{state}" for state in get_args(OrderState)),
+        "voucher.expired",
+        "member.tier_changed",
+        "reward.stock_low",
+        "ledger.differences",
+    }
+)
+"""Every event type jifen raises for webhooks (the README lists them)."""
+
+
+def _an_event_type(value: str) -> str:
+    """Refuse an event type jifen never raises (a typo such as "points.earnd"): a
+    subscription to it would be accepted and never get a single event."""
+    if value != "*" and value not in EVENT_TYPES:
+        raise Refusal(
+            f"{value!r} is no event type jifen raises: give one of "
+            f'{", ".join(sorted(EVENT_TYPES))}, or "*" for every event',
+            f"{value!r} 不是 jifen 会发出的事件类型:请从 {', '.join(sorted(EVENT_TYPES))} "
+            '中选择,或用 "*" 订阅全部事件',
+        )
+    return value
+
 
 EventType = Annotated[
     str,
@@ -22,8 +51,10 @@ EventType = Annotated[
         max_length=64,
         pattern=r"^(\*|[a-z0-9][a-z0-9_.-]*)$",
         examples=["points.earned"],
-        description='An event type such as "points.earned", or "*" for every event.',
+        description='An event type such as "points.earned" (see the README for every one), '
+        'or "*" for every event.',
     ),
+    AfterValidator(_an_event_type),
 ]
 WebhookUrl = Annotated[
     str,
