@@ -332,6 +332,35 @@ def test_deliveries_queued_before_a_pause_wait_for_the_resume_and_then_go_once(
     assert {r.status for r in outbox_rows(db, program_id)} == {"sent"}
 
 
+def test_deliveries_held_by_a_pause_go_dead_when_the_subscription_is_deleted(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    program_id, receiver, created = _subscribed(db, clock, receiver_factory, ["*"])
+    for key in ("a", "b"):
+        db.run(
+            lambda uow, key=key: service.publish(
+                uow, program_id=program_id, event_type="points.earned", data={}, key=key
+            )
+        )
+    # given the subscription was paused and its two deliveries are held by the senders
+    db.run(
+        lambda uow: service.update_webhook(
+            uow, program_id=program_id, webhook_id=created.id, body=WebhookUpdate(active=False)
+        )
+    )
+    service.deliver_due(db, senders=_senders())
+    assert [r.status for r in outbox_rows(db, program_id)] == ["pending", "pending"]
+    # when it is deleted
+    db.run(lambda uow: service.delete_webhook(uow, program_id=program_id, webhook_id=created.id))
+    # then its queued deliveries are given up, saying why, and none is ever sent
+    rows = outbox_rows(db, program_id)
+    assert [(r.status, r.next_attempt_at) for r in rows] == [("dead", None)] * 2
+    assert all("deleted" in (r.last_error or "") for r in rows)
+    clock.advance(timedelta(days=3))
+    report = service.deliver_due(db, senders=_senders())
+    assert (report.sent, report.dead, receiver.requests) == (0, 0, [])
+
+
 def test_a_receiver_whose_address_has_chinese_in_its_path_gets_its_events(
     db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
 ) -> None:

@@ -125,6 +125,7 @@ CHANNELS = ("inbox", "email", "sms")
 """Channels of :class:`Notification`; webhooks go through :func:`publish`."""
 
 _ERROR_CHARS = 500
+_SUBSCRIPTION_DELETED = "the webhook subscription was deleted"
 
 
 @dataclass(frozen=True)
@@ -560,7 +561,7 @@ def _send(db: Database, claim: _Claim, senders: Senders) -> _Outcome:
         if claim.channel != "webhook":
             raise PermanentFailure(f"no sender for channel {claim.channel!r}")
         if not claim.usable:
-            raise PermanentFailure("the webhook subscription was deleted")
+            raise PermanentFailure(_SUBSCRIPTION_DELETED)
         body = claim.body.encode()
         timestamp = int(db.clock.now().timestamp())
         headers = {
@@ -931,7 +932,8 @@ def update_webhook(
 
 def delete_webhook(uow: UnitOfWork, *, program_id: int, webhook_id: int) -> WebhookRead:
     """Delete a subscription: it gets no new events, its queued deliveries go dead; its
-    delivery log is kept."""
+    delivery log is kept. Those waiting for an attempt (held by a pause, due at no time,
+    among them) go dead now; one a sender is trying as this runs is recorded as it ends."""
     _webhook_row(uow, program_id, webhook_id)
     now = uow.clock.now()
     _forget_subscriptions(uow, program_id)
@@ -939,6 +941,11 @@ def delete_webhook(uow: UnitOfWork, *, program_id: int, webhook_id: int) -> Webh
         update(webhook_subscriptions)
         .where(webhook_subscriptions.c.id == webhook_id)
         .values(active=False, deleted_at=now, updated_at=now)
+    )
+    uow.conn.execute(
+        update(outbox)
+        .where(outbox.c.subscription_id == webhook_id, outbox.c.status == "pending")
+        .values(status="dead", next_attempt_at=None, last_error=_SUBSCRIPTION_DELETED)
     )
     return _webhook_read(_webhook_row(uow, program_id, webhook_id, live=False))
 
