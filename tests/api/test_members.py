@@ -88,6 +88,27 @@ def test_registration_with_profile_and_phone(client: TestClient, db: Database) -
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "phone"
 
 
+def test_a_number_no_mobile_phone_has_is_neither_registered_nor_bound(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    member = club.register("N1")
+    # 10, 11 and 12 begin service numbers, never a mobile one: no text would reach them
+    for number in ["12345678901", "+86 110 1234 5678", "10086100861"]:
+        registered = club.post(club.base, {"external_ref": f"N-{number}", "phone": number},
+                               {**club.operator, "Accept-Language": "zh"})  # fmt: skip
+        assert registered.status_code == 422, number
+        error = registered.json()["errors"][0]
+        assert error["field"] == "phone" and "13 至 19" in error["message"]
+        bound = club.put(club.url(member["id"], "/identity"),
+                         {"id_number": VALID_ID, "phone": number})  # fmt: skip
+        assert bound.status_code == 422 and bound.json()["errors"][0]["field"] == "phone"
+    assert club.client.get(club.url(member["id"]), headers=club.operator).json()["phone"] is None
+    # every prefix from 13 to 19 is a mobile one
+    for n, prefix in enumerate(range(13, 20)):
+        club.register(f"M{n}", phone=f"{prefix}900139000")
+
+
 def test_list_filters_and_pages(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     ids = [

@@ -67,8 +67,10 @@ def test_phone_numbers_are_normalised(written: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "written", ["", "1380013800", "23800138000", "138001380001", "1380013800a"]
-)
+    "written",
+    ["", "1380013800", "23800138000", "138001380001", "1380013800a", "12345678901",
+     "+86 100 8610 0860", "11012345678"],
+)  # fmt: skip
 def test_a_phone_number_that_is_not_a_mobile_is_refused(written: str) -> None:
     assert core.normalise_phone_or_none(written) is None
     with pytest.raises(InvalidInput):

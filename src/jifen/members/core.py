@@ -10,7 +10,9 @@ from typing import Any
 from jifen.errors import InvalidInput
 
 _NOT_DIGITS = re.compile(r"[\s().-]")
-_PHONE = re.compile(r"1[0-9]{10}")
+_PHONE = re.compile(r"1[3-9][0-9]{9}")
+"""A mainland mobile number: 11 digits, 13 to 19 first (10, 11 and 12 begin service
+numbers and no mobile one: 12345678901 reaches nobody)."""
 _ID_NUMBER = re.compile(r"[0-9]{17}[0-9X]")
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
@@ -29,15 +31,16 @@ FAMILY_SIZE = 8
 
 
 def normalise_phone(phone: str) -> str:
-    """A mainland mobile number as its 11 digits (``+86 138 0013 8000`` → ``13800138000``)."""
+    """A mainland mobile number as its 11 digits (``+86 138 0013 8000`` → ``13800138000``),
+    beginning with 13 to 19."""
     _ascii_digits_only("phone", phone)
     found = normalise_phone_or_none(phone)
     if found is None:
         raise InvalidInput(
             field="phone",
-            problem="give a mainland mobile number of 11 digits starting with 1, "
+            problem="give a mainland mobile number of 11 digits starting with 13 to 19, "
             "optionally with +86",
-            problem_zh="请填写以 1 开头的 11 位中国大陆手机号,可带 +86",
+            problem_zh="请填写以 13 至 19 开头的 11 位中国大陆手机号,可带 +86",
         )
     return found
 
