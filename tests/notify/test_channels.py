@@ -37,7 +37,8 @@ def test_templated_emails_in_chinese_and_english_reach_a_real_smtp_server(
     program = new_program(db)
     li = member(db, program.id, email="li@example.com")
     ann = member(db, program.id, email="ann@example.com")
-    data = {"points": 300, "expires_on": "2026-03-31"}
+    data = {"points": 300, "expires_on": "2026-03-31", "schedule": "  2026-03-31  300",
+            "suggestions_zh": "  (暂无)", "suggestions_en": "  (none yet)"}  # fmt: skip
     # given one reminder in Chinese (the default) and one in English
     for who, key, extra in [(li, "li", {}), (ann, "ann", {"language": "en"})]:
         note = Notification(
@@ -75,7 +76,8 @@ def test_a_line_break_in_what_a_subject_shows_cannot_add_headers_or_hold_up_the_
     # given a tier whose name carries a line break and a header of its own
     note = Notification(
         program_id=program.id, member_id=li, template="tier.changed",
-        data={"tier": "Gold\r\nBcc: thief@example.net", "language": "en"}, key="tier:1",
+        data={"tier": "Gold\r\nBcc: thief@example.net", "previous_tier": "-", "language": "en"},
+        key="tier:1",
         channels=("email",),
     )  # fmt: skip
     db.run(lambda uow: service.notify(uow, note))

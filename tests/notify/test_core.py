@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jifen.errors import Refusal
 from jifen.notify import core
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -140,13 +141,30 @@ def test_targets_are_http_or_https_without_credentials() -> None:
 
 
 def test_templates_are_rendered_in_chinese_by_default_and_in_english_on_request() -> None:
-    data = {"points": 120, "expires_on": "2026-12-31"}
+    data = {"points": 120, "expires_on": "2026-12-31", "schedule": "",
+            "suggestions_zh": "", "suggestions_en": ""}  # fmt: skip
     zh = core.render("expiry.reminder", core.language_of(data), data)
     en = core.render("expiry.reminder", core.language_of({"language": "en"}), data)
     assert zh.subject == "您有 120 积分将于 2026-12-31 到期"
     assert "请在到期前使用" in zh.text
     assert en.subject == "120 of your points expire on 2026-12-31"
     assert "Use them before then." in en.text
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_a_template_given_too_little_data_is_refused_naming_what_is_missing(
+    language: str,
+) -> None:
+    # tier.changed reads the tier before the change too: left out, the member would read
+    # "${previous_tier}"
+    with pytest.raises(Refusal) as refused:
+        core.render("tier.changed", language, {"tier": "金卡"})
+    assert str(refused.value) == (
+        f"template {language}/tier.changed needs previous_tier, which its data does not give"
+    )
+    assert "previous_tier" in refused.value.zh
+    both = core.render("tier.changed", language, {"tier": "金卡", "previous_tier": "银卡"})
+    assert "${" not in both.subject + both.text and "银卡" in both.text
 
 
 def test_an_unknown_template_keeps_its_data_and_a_bad_name_is_refused() -> None:

@@ -26,7 +26,8 @@ def _note(
 ) -> Notification:
     return Notification(
         program_id=program_id, member_id=member_id, template="expiry.reminder",
-        data={"points": 120, "expires_on": "2026-12-31", **data}, key=key,
+        data={"points": 120, "expires_on": "2026-12-31", "schedule": "  2026-12-31  120",
+              "suggestions_zh": "", "suggestions_en": "", **data}, key=key,
         channels=channels or ("inbox",),
     )  # fmt: skip
 
@@ -58,6 +59,25 @@ def test_a_key_is_queued_once_ever(db: Database) -> None:
     asked = ["k1", "k2", "k1"]
     assert db.run(lambda uow: service.queued_keys(uow, program_id=program.id, keys=asked)) == {"k1"}
     assert db.run(lambda uow: service.queued_keys(uow, program_id=other.id, keys=["k2"])) == set()
+
+
+def test_a_message_missing_what_its_template_reads_is_refused_and_queues_nothing(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    li = member(db, program.id, email="li@example.com")
+    short = Notification(
+        program_id=program.id, member_id=li, template="order.shipped",
+        data={"order_id": 7}, key="order:7:shipped", channels=("inbox", "email"),
+    )  # fmt: skip
+    with pytest.raises(InvalidInput) as refused:
+        db.run(lambda uow: service.notify(uow, short))
+    assert refused.value.params["field"] == "template"
+    assert "tracking" in refused.value.message("en") and "未提供" in refused.value.message("zh")
+    assert outbox_rows(db, program.id) == []
+    # the key is not spent: the message given its data is queued under it
+    whole = Notification(**{**short.__dict__, "data": {"order_id": 7, "tracking": "SF1"}})
+    assert db.run(lambda uow: service.notify(uow, whole)) == 2
 
 
 def test_the_outbox_is_written_in_the_callers_transaction_and_rolls_back_with_it(

@@ -205,9 +205,9 @@ def _template_text(name: str, language: str) -> str | None:
 
 def render(template: str, language: str, data: Mapping[str, Any]) -> Rendered:
     """The message ``template`` in ``language`` with ``data`` filled in (``${name}``
-    placeholders; the subject on one line). A template jifen does not ship is rendered
-    plainly: its name as the subject and the data as ``key: value`` lines, so that nothing
-    is lost."""
+    placeholders; the subject on one line); :class:`Refusal` naming any placeholder ``data``
+    does not give. A template jifen does not ship is rendered plainly: its name as the
+    subject and the data as ``key: value`` lines, so that nothing is lost."""
     if not TEMPLATE_NAME.match(template):
         raise ValueError("a template name is lower case letters, digits, '.', '_' or '-'")
     if language not in LANGUAGES:
@@ -220,11 +220,22 @@ def render(template: str, language: str, data: Mapping[str, Any]) -> Rendered:
     head, _, body = source.partition("\n\n")
     if not head.startswith("Subject: "):
         raise ValueError(f"template {language}/{template} must start with 'Subject: '")
-    subject = string.Template(head.removeprefix("Subject: ").strip()).safe_substitute(values)
+    subject_template = string.Template(head.removeprefix("Subject: ").strip())
+    text_template = string.Template(body.strip())
+    # A value left out would reach the member as "${points}": refused, naming it.
+    needed = dict.fromkeys(subject_template.get_identifiers() + text_template.get_identifiers())
+    missing = [name for name in needed if name not in values]
+    if missing:
+        listed = ", ".join(missing)
+        raise Refusal(
+            f"template {language}/{template} needs {listed}, which its data does not give",
+            f"模板 {language}/{template} 需要的数据 {listed} 未提供",
+        )
+    subject = subject_template.safe_substitute(values)
     # One line, whatever the data holds: a line break in a subject would start a header
     # of its own (and no mail library sends such an email).
     subject = " ".join(subject.split())
-    text = string.Template(body.strip()).safe_substitute(values)
+    text = text_template.safe_substitute(values)
     return Rendered(subject=subject[:200], text=text)
 
 

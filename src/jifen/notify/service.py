@@ -229,9 +229,8 @@ def notify_many(uow: UnitOfWork, notifications: Sequence[Notification]) -> int:
         try:
             rendered[n.key] = core.render(n.template, language, n.data)
         except ValueError as exc:
-            raise InvalidInput(
-                field="template", problem=str(exc), problem_zh=f"模板有误({exc})"
-            ) from exc
+            chinese = exc.zh if isinstance(exc, Refusal) else f"模板有误({exc})"
+            raise InvalidInput(field="template", problem=str(exc), problem_zh=chinese) from exc
     contacts = members_service.contacts(
         uow, program_id=program_id, member_ids=reachable, phones=phones
     )
