@@ -670,6 +670,24 @@ def test_family_groups_show_balances_to_the_main_account_only(
     assert client.get(club.url(gran, "/family"), headers=club.operator).json()["members"] == []
 
 
+def test_adding_a_member_to_the_group_it_is_in_again_answers_the_group_unchanged(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    main, *others = (club.register(f"G{n}")["id"] for n in range(8))
+    for member_id in others:
+        assert club.put(club.url(main, f"/family/members/{member_id}")).status_code == 200
+    # given a full group of eight, when staff add one of its members again (a new request,
+    # not a replay), then the group is answered as it is: no conflict, nobody twice
+    again = club.put(club.url(main, f"/family/members/{others[0]}"))
+    assert again.status_code == 200, again.text
+    assert [m["member_id"] for m in again.json()["members"]] == [main, *others]
+    # a ninth member is still refused, and so is a member of the group made a main
+    ninth = club.register("G8")["id"]
+    assert club.put(club.url(main, f"/family/members/{ninth}")).status_code == 409
+    assert club.put(club.url(others[0], f"/family/members/{ninth}")).status_code == 409
+
+
 def test_family_balances_are_shown_only_to_callers_that_may_read_points(
     client: TestClient, db: Database
 ) -> None:

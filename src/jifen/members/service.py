@@ -701,7 +701,7 @@ def link_family(
 ) -> FamilyRead:
     """Add ``member_id`` to the family group whose main account is ``main_id`` (made the
     main of a new group if it is in none); answers the group, with its members' points if
-    ``balances``."""
+    ``balances``. A member of the group already stays as it is (the group answered)."""
     if main_id == member_id:
         raise InvalidInput(
             field="member_id",
@@ -715,6 +715,8 @@ def link_family(
             raise _closed_family(row.id)
     if main.family_main_id not in (None, main_id):
         raise _in_another_family(main_id)
+    if other.family_main_id == main_id:  # in this group already: adding it again is a no-op
+        return family(uow, program_id=program_id, member_id=main_id, balances=balances)
     if other.family_main_id is not None:
         raise StateConflict(
             problem=f"Member {member_id} is in a family group already; it leaves that first.",
