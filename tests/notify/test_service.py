@@ -184,6 +184,36 @@ def test_sms_are_sent_after_commit_once(db: Database) -> None:
     )
 
 
+class _NamingGateway:
+    """An SMS gateway that refuses the number, naming it in its error, as real ones do."""
+
+    def send(self, *, phone: str, text: str, message_id: str) -> None:
+        raise RuntimeError(f"gateway: +86{phone} is out of service ({phone})")
+
+
+class _NamingEmail:
+    def send(self, message: EmailMessage) -> None:
+        raise ConnectionError(f"relay refused {message['To']}")
+
+
+def test_a_senders_error_naming_the_address_is_kept_with_the_address_masked(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    settle(db)
+    program = new_program(db)
+    alice = member(db, program.id, phone="13800138000", email="alice@example.cn")
+    db.run(lambda uow: service.notify(uow, _note(program.id, alice, "k", "sms", "email")))
+    report = _drain(db, Senders(sms=_NamingGateway(), email=_NamingEmail()))
+    assert report.retrying == 2
+    errors = sorted(row.last_error or "" for row in outbox_rows(db, program.id))
+    assert errors == [
+        "ConnectionError: relay refused a****@example.cn",
+        "RuntimeError: gateway: +86138****8000 is out of service (138****8000)",
+    ]
+    said = " ".join(report.errors) + caplog.text
+    assert "13800138000" not in said and "alice@example.cn" not in said
+
+
 def test_emails_wait_unclaimed_while_no_smtp_server_is_configured(db: Database) -> None:
     settle(db)
     program = new_program(db)

@@ -580,11 +580,21 @@ def _send(db: Database, claim: _Claim, senders: Senders) -> _Outcome:
             error=f"the receiver answered HTTP {status}",
         )  # fmt: skip
     except PermanentFailure as exc:
-        return _Outcome(ok=False, error=str(exc)[:_ERROR_CHARS], duration_ms=elapsed(),
-                        permanent=True)  # fmt: skip
+        return _Outcome(ok=False, error=_masked(str(exc), claim)[:_ERROR_CHARS],
+                        duration_ms=elapsed(), permanent=True)  # fmt: skip
     except Exception as exc:  # any failure of the far side is a failed attempt, retried
-        error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        error = _masked(f"{type(exc).__name__}: {exc}", claim)[:_ERROR_CHARS]
         return _Outcome(ok=False, error=error, duration_ms=elapsed())
+
+
+def _masked(error: str, claim: _Claim) -> str:
+    """``error`` with the message's address masked, as the outbox shows it: a gateway or
+    mail server that names the number or mailbox it failed to reach ("invalid number
+    13800138000") must not put it in the outbox's error, which staff read, nor in the log."""
+    if not claim.address or claim.channel not in ("sms", "email"):
+        return error
+    masked = mask_phone(claim.address) if claim.channel == "sms" else core.mask_email(claim.address)
+    return error.replace(claim.address, masked)
 
 
 def _record(uow: UnitOfWork, *, claim: _Claim, outcome: _Outcome) -> str:
