@@ -162,6 +162,29 @@ def test_a_subscription_to_an_event_type_jifen_never_raises_is_refused(
     assert every.status_code == 200 and every.json()["event_types"] == ["*", "reward_order.shipped"]
 
 
+@pytest.mark.parametrize(
+    ("url", "zh"),
+    [("http://93.184.216.34:0/hook", "端口须为 1 到 65535"), ("http://[2001:db8::1/hook", "IPv6")],
+)
+def test_an_address_with_port_0_or_an_unclosed_ipv6_bracket_is_refused_in_either_language(
+    client: TestClient, db: Database, url: str, zh: str
+) -> None:
+    program = new_program(db)
+    base = f"/v1/programs/{program.code}/webhooks"
+    operator = support.staff(db, "operator", program_id=program.id)
+    for language, says in [("zh", zh), ("en", "")]:
+        refused = client.post(
+            base, json={"url": url, "event_types": ["*"]},
+            headers={**operator, **support.key(), "Accept-Language": language},
+        )  # fmt: skip
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["code"] == "webhook_target_refused"
+        assert says in refused.json()["detail"]
+        if language == "zh":  # said in Chinese alone, not in Python's English
+            assert "Invalid" not in refused.json()["detail"]
+    assert client.get(base, headers=operator).json()["items"] == []
+
+
 def _webhooks_operator_and_admin(db: Database) -> tuple[str, dict[str, str], dict[str, str]]:
     """A new programme's webhooks path, an operator's headers (no webhooks.allow_private)
     and a super administrator's (who holds it)."""

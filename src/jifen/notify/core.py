@@ -127,7 +127,13 @@ class Target:
 
 def parse_target(url: str) -> Target:
     """``url`` taken apart; ValueError saying why when it cannot be a webhook target."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "http://[::1/": an IPv6 address never closed
+        raise Refusal(
+            "the address cannot be read: close the [ ] around an IPv6 address",
+            "无法解析该地址:IPv6 地址须用 [ ] 完整括起",
+        ) from exc
     if parts.scheme not in ("http", "https"):
         raise Refusal("give an http:// or https:// address", "请给出 http:// 或 https:// 地址")
     if parts.username is not None or parts.password is not None:
@@ -136,12 +142,16 @@ def parse_target(url: str) -> Target:
         )
     if not parts.hostname:
         raise Refusal("the address has no host", "地址中没有主机名")
+    wrong_port = Refusal(
+        "the port is not a number between 1 and 65535", "端口须为 1 到 65535 之间的数字"
+    )
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        given = parts.port
     except ValueError as exc:
-        raise Refusal(
-            "the port is not a number between 1 and 65535", "端口须为 1 到 65535 之间的数字"
-        ) from exc
+        raise wrong_port from exc
+    if given == 0:  # no port at all, which "or" below would have read as the default
+        raise wrong_port
+    port = given or (443 if parts.scheme == "https" else 80)
     if parts.fragment:
         raise Refusal("leave the #fragment out of the address", "地址中不能含 #片段")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
