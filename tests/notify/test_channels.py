@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 import trustme
+from sqlalchemy import select
 
 from jifen.clock import Clock, ManualClock
-from jifen.db.uow import Database
+from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import StateConflict, WebhookTargetRefused
 from jifen.notify import core, service
+from jifen.notify.models import webhook_subscriptions
 from jifen.notify.schemas import WebhookCreate, WebhookUpdate
 from jifen.notify.senders import HttpWebhookSender, Senders, SmtpEmailSender
 from jifen.notify.service import Notification
@@ -645,6 +647,35 @@ def test_a_delivery_redelivered_by_several_operators_at_once_is_queued_once(pg: 
     receiver = _Accepting()
     service.deliver_due(pg, senders=Senders(webhook=receiver))
     assert len(receiver.posted) == 1
+
+
+def test_two_rotations_at_once_leave_both_new_secrets_signing(pg: Database) -> None:
+    program = new_program(pg)
+    body = WebhookCreate(url="http://hooks.example.test/in", event_types=["*"])
+    created = pg.run(
+        lambda uow: service.create_webhook(
+            uow, program_id=program.id, body=body, actor="t", resolver=public_resolver
+        )
+    )
+    for _ in range(5):
+        # when two operators rotate the secret at the same instant
+        rotated = run_together(
+            2,
+            lambda _: pg.run(
+                lambda uow: service.rotate_secret(uow, program_id=program.id, webhook_id=created.id)
+            ),
+        )
+        # then the two secrets they were shown are the two that sign: one rotation came
+        # after the other, and neither secret was lost
+        shown = {r.secret for r in rotated}
+
+        def signing(uow: UnitOfWork) -> set[str]:
+            row = uow.conn.execute(
+                select(webhook_subscriptions).where(webhook_subscriptions.c.id == created.id)
+            ).one()
+            return set(service._signing_secrets(row, uow.clock.now()))
+
+        assert pg.run(signing, read_only=True) == shown
 
 
 def test_a_receiver_that_trickles_its_answer_is_cut_off_and_the_attempt_failed() -> None:

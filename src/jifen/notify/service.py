@@ -967,8 +967,10 @@ def rotate_secret(
     previous_valid_for: timedelta = timedelta(hours=24),
 ) -> WebhookSecret:
     """Make a new signing secret (answered this once); the current one keeps signing
-    beside it for ``previous_valid_for``, so receivers can switch without losing events."""
-    row = _webhook_row(uow, program_id, webhook_id)
+    beside it for ``previous_valid_for``, so receivers can switch without losing events.
+    Rotations of a subscription wait for one another (its row locked): the second keeps
+    the first's new secret as its previous one, and no secret shown is lost."""
+    row = _webhook_row(uow, program_id, webhook_id, lock=True)
     now = uow.clock.now()
     secret = _new_secret()
     uow.conn.execute(
