@@ -580,6 +580,34 @@ def test_an_address_that_is_no_email_is_refused_saying_how_one_is_written(
     assert club.register("C1", email="wang@example.cn")["email"] == "wang@example.cn"
 
 
+def test_an_address_that_an_email_would_read_as_other_addresses_is_refused(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    member_id = club.register("E1", email="wang@example.cn")["id"]
+    # an email's To field would read "li,boss@example.com" as li and boss@example.com
+    for value in ("li,boss@example.com", "li;boss@example.com", "li@example.cn>",
+                  '"li"@example.cn', "li@[10.0.0.1].cn"):  # fmt: skip
+        for language, says in (("en", "none of , ;"), ("zh-CN", "也不含 , ;")):
+            answer = club.post(
+                club.base, {"external_ref": "E2", "email": value},
+                {**club.operator, "Accept-Language": language},
+            )  # fmt: skip
+            assert answer.status_code == 422, value
+            (error,) = answer.json()["errors"]
+            assert error["field"] == "body.email" and says in error["message"], error
+        changed = club.client.patch(
+            club.url(member_id), json={"email": value},
+            headers={**club.operator, **support.key()},
+        )  # fmt: skip
+        assert changed.status_code == 422, value
+    shown = club.client.get(club.url(member_id), headers=club.operator).json()
+    assert shown["email"] == "wang@example.cn"
+    # an address in Chinese, or with a + tag, is still one
+    for n, value in enumerate(("张三@例子.中国", "wang+jifen@mail.example.cn")):
+        assert club.register(f"E{n + 3}", email=value)["email"] == value
+
+
 def test_a_birthday_is_a_date_written_as_one_never_a_number(
     client: TestClient, db: Database
 ) -> None:

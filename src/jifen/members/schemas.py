@@ -34,7 +34,9 @@ Language = Literal["zh", "en"]
 """The language of the messages jifen sends a member (none chosen: Chinese)."""
 Tag = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\w.-]+$")]
 """Letters (any script), digits, ``_``, ``.`` and ``-``."""
-_EMAIL_PART = r"[^@\s\x00-\x1f\x7f]+"
+_EMAIL_PART = r'[^@\s\x00-\x1f\x7f,;<>()\[\]\\:"]+'
+"""A part of an address, without the characters that separate or quote addresses in an
+email's To field: "li,boss@example.com" would be sent to li and to boss@example.com."""
 _EMAIL = rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$"
 
 
@@ -43,8 +45,10 @@ def _an_email(value: str) -> str:
     a member nothing)."""
     if not re.fullmatch(_EMAIL, value):
         raise Refusal(
-            "is not an email address: write it as name@example.com, with no spaces",
-            "不是有效的电子邮箱地址:请写成 name@example.com 的形式,不含空格",
+            "is not an email address: write one as name@example.com, with no spaces and "
+            'none of , ; < > ( ) [ ] \\ : "',
+            "不是有效的电子邮箱地址:请写一个 name@example.com 形式的地址,不含空格,也不含 "
+            ', ; < > ( ) [ ] \\ : "',
         )
     return value
 
