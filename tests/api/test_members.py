@@ -217,6 +217,20 @@ def test_states_move_as_allowed_and_only_an_active_member_earns(
     assert final.status_code == 409 and "closed" in final.json()["detail"]
     assert club.post(state, {"state": "deleted", "reason": "x"}).status_code == 422
     assert club.post(state, {"state": "banned"}).status_code == 422  # a reason is required
+    # each move's audit entry keeps the reason staff gave for it
+    entries = db.run(
+        lambda uow: uow.conn.execute(
+            select(audit_entries.c.before, audit_entries.c.after)
+            .where(audit_entries.c.target == f"member:{member['id']}",
+                   audit_entries.c.action == "members.state")
+            .order_by(audit_entries.c.id)
+        ).all()
+    )  # fmt: skip
+    assert [(e.before["state"], e.after["state"], e.after["reason"]) for e in entries] == [
+        ("active", "frozen", "suspicious orders"),
+        ("frozen", "active", "cleared"),
+        ("active", "closed", "asked to leave"),
+    ]
 
 
 def test_a_banned_member_is_signed_out(client: TestClient, db: Database) -> None:

@@ -202,7 +202,7 @@ def change_state(
 
     A freeze, ban or closing holds the member's points account: an earning, spend or
     transfer that reaches the account after it has committed is refused (409), however
-    close behind it came."""
+    close behind it came. The audit entry's ``after`` carries the ``reason`` given."""
     settled: dict[str, Any] = {}
 
     def change(uow: UnitOfWork) -> MemberProfile:
@@ -218,8 +218,10 @@ def change_state(
         ctx.audit_before = {"state": move.before.state}
         return move.after
 
-    def summary(body: dict[str, Any]) -> dict[str, Any]:
-        audited = _audited(body)
+    def summary(answer: dict[str, Any]) -> dict[str, Any]:
+        # The reason given is the change's own record: the entry is where staff read why a
+        # member was frozen, banned or closed.
+        audited = {**_audited(answer), "reason": body.reason}
         return {**audited, "settlement": dict(settled)} if settled else audited
 
     return ctx.execute(change, target=f"member:{member_id}", summary=summary)
