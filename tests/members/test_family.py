@@ -1,5 +1,6 @@
-"""Family groups and closed accounts: a closed member joins no group and heads none; a
-member of a group may still close and leave it."""
+"""Family groups and closed accounts: a closed member joins no group and heads none (a
+main account that closes dissolves its group); a member of a group may still close and
+leave it."""
 
 from __future__ import annotations
 
@@ -68,6 +69,33 @@ def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
         lambda uow: members.family(uow, program_id=program.id, member_id=main, balances=False)
     )
     assert [m.member_id for m in group.members] == [main, gran]
+
+
+def test_a_main_account_that_closes_heads_its_group_no_more(db: Database) -> None:
+    # Given a group of three ...
+    program = new_program(db)
+    main, kid, gran = new_members(db, program.id, 3)
+    for member in (kid, gran):
+        db.run(
+            lambda uow, m=member: members.link_family(
+                uow, program_id=program.id, main_id=main, member_id=m
+            )
+        )
+
+    # When its main account closes, then the group is dissolved: no one is in it ...
+    _close(db, program.id, main)
+    for someone in (main, kid, gran):
+        group = db.run(
+            lambda uow, m=someone: members.family(
+                uow, program_id=program.id, member_id=m, balances=False
+            )
+        )
+        assert (group.main_member_id, group.members) == (None, [])
+    # ... and its members may form another without leaving first.
+    regrouped = db.run(
+        lambda uow: members.link_family(uow, program_id=program.id, main_id=gran, member_id=kid)
+    )
+    assert [m.member_id for m in regrouped.members] == [gran, kid]
 
 
 def test_a_member_added_to_a_group_meanwhile_heads_no_group_of_its_own(

@@ -563,6 +563,15 @@ def change_state(
             problem=f"Member {member_id}'s state changed meanwhile; read it and try again.",
             problem_zh=f"会员 {member_id} 的状态刚被修改,请重新读取后再试。",
         )
+    if state == "closed" and before.family_main_id == member_id:
+        # A closed account heads no family group: its group dissolves, as when the main
+        # leaves, and its members are free to join another. (A member of a group that
+        # closes stays in it until it leaves.)
+        uow.conn.execute(
+            members.update()
+            .where(members.c.family_main_id == member_id)
+            .values(family_main_id=None)
+        )
     after = get_profile(uow, program_id=program_id, member_id=member_id)
     return StateMove(before, after, settlement)
 
