@@ -80,6 +80,20 @@ def test_a_message_missing_what_its_template_reads_is_refused_and_queues_nothing
     assert db.run(lambda uow: service.notify(uow, whole)) == 2
 
 
+def test_a_key_given_twice_in_one_batch_is_queued_once_with_the_first_ones_text(
+    db: Database,
+) -> None:
+    program = new_program(db)
+    alice = member(db, program.id)
+    first = _note(program.id, alice, "twice", points=120)
+    second = _note(program.id, alice, "twice", points=999, expires_on="2027-06-30")
+    assert db.run(lambda uow: service.notify_many(uow, [first, second])) == 1
+    (message,), _ = db.run(
+        lambda uow: service.list_inbox(uow, program_id=program.id, member_id=alice)
+    )
+    assert message.title == "您有 120 积分将于 2026-12-31 到期"
+
+
 def test_the_outbox_is_written_in_the_callers_transaction_and_rolls_back_with_it(
     db: Database,
 ) -> None:

@@ -222,6 +222,8 @@ def notify_many(uow: UnitOfWork, notifications: Sequence[Notification]) -> int:
     chosen = members_service.languages(uow, program_id=program_id, member_ids=members)
     rendered = {}
     for n in notifications:
+        if n.key in rendered:
+            continue  # a key twice in one batch: the first is queued, with its own text
         language = core.language_of(
             n.data if "language" in n.data or n.member_id not in chosen
             else {"language": chosen[n.member_id]}
