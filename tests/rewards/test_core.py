@@ -177,6 +177,24 @@ def test_early_access_24_hours_for_higher_tiers_and_the_window() -> None:
         core.check_on_sale(reward(visible_tiers=["钻石"]), state="active", tier="金卡", now=NOW)
 
 
+def test_a_member_told_to_wait_hears_only_of_tiers_that_open_before_it() -> None:
+    start = NOW + timedelta(hours=48)
+    staged = reward(sales_start=start, early_access={"钻石": 36, "金卡": 24, "银卡": 12})
+    with pytest.raises(NotOnSale) as gold:
+        core.check_on_sale(staged, state="active", tier="金卡", now=NOW)
+    assert "Members of 钻石 may redeem earlier." in gold.value.message("en")
+    assert "钻石会员可更早兑换" in gold.value.message("zh")
+    assert "银卡" not in gold.value.message("en") + gold.value.message("zh")  # opens later
+    with pytest.raises(NotOnSale) as silver:
+        core.check_on_sale(staged, state="active", tier="银卡", now=NOW)
+    assert "Members of 钻石, 金卡 may redeem earlier." in silver.value.message("en")
+    assert "钻石、金卡会员可更早兑换" in silver.value.message("zh")
+    with pytest.raises(NotOnSale) as first:
+        core.check_on_sale(staged, state="active", tier="钻石", now=NOW)
+    assert "earlier" not in first.value.message("en")
+    assert "更早" not in first.value.message("zh")
+
+
 def test_cooling_off_above_5000_for_diamond_only() -> None:
     assert core.cooling_off(5000, POLICY.for_tier("钻石")) is None
     assert core.cooling_off(5001, POLICY.for_tier("钻石")) == timedelta(hours=24)

@@ -164,12 +164,17 @@ def check_on_sale(reward: RewardDef, *, state: str, tier: str | None, now: datet
     check_visible(reward, tier)
     opens = opens_for(reward, tier)
     if opens is not None and now < opens:
-        early = {t: h for t, h in reward.early_access.items() if t != tier}
+        # Only the tiers that open before this member's (the earliest first): one that
+        # opens later is no hint.
+        own = reward.early_access.get(tier, 0) if tier is not None else 0
+        ahead = sorted(reward.early_access.items(), key=lambda item: -item[1])
+        early = [t for t, h in ahead if t != tier and h > own]
         hint = f" Members of {', '.join(early)} may redeem earlier." if early else ""
+        hint_zh = f"{'、'.join(early)}会员可更早兑换。" if early else ""
         raise NotOnSale(
             reward=reward.code,
             problem=f"it opens at {opens.isoformat()} for this member.{hint}",
-            problem_zh=f"该会员可兑换时间为 {opens.isoformat()} 起。",
+            problem_zh=f"该会员可兑换时间为 {opens.isoformat()} 起。{hint_zh}",
         )
     if reward.sales_end is not None and now >= reward.sales_end:
         raise NotOnSale(
