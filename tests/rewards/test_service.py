@@ -404,6 +404,23 @@ def test_cancel_and_return_restore_the_same_lots_and_the_stock(db: Database) -> 
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_voucher_code_typed_with_spaces_or_dashes_is_found(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(10000, tier="普通")
+    wash = shop.reward(kind="service", points=100)
+    codes = [shop.redeem(member, wash.code).voucher for _ in range(2)]
+    assert codes[0] is not None and codes[1] is not None
+    first, second = codes[0].code, codes[1].code
+    scanned = f" {first}\n"  # a scanner's trailing newline, a pasted leading space
+    read = db.run(lambda uow: rewards.get_voucher(uow, program_id=shop.program_id, code=scanned))
+    assert read.code == first
+    assert shop.use(scanned).voucher.state == "used"
+    grouped = "-".join([second[:4].lower(), second[4:8], second[8:]])  # as printed in groups
+    assert shop.use(grouped.replace("-", " ", 1)).voucher.code == second
+    with pytest.raises(UnknownVoucher):
+        shop.use(" ")
+
+
 def test_vouchers_are_used_once_at_a_store_and_expire_with_a_fee(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(10000, tier="普通")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, timedelta
@@ -1713,15 +1714,27 @@ def erase_personal_values(
 # --------------------------------------------------------------------------- vouchers
 
 
+def typed_code(code: str) -> str:
+    """A voucher's code as typed or scanned at a till, as it is stored: upper case, without
+    the spaces, line breaks and dashes a scanner, a paste or a code printed in groups put
+    around or in it (no code holds one)."""
+    return _TYPED_APART.sub("", code).upper()
+
+
+_TYPED_APART = re.compile(r"[\s\-‐-―－]")
+"""Spaces and dashes (ASCII, Unicode and full-width) that never belong to a code."""
+
+
 def _voucher_row(uow: UnitOfWork, program_id: int, code: str, merchant: str | None = None) -> Any:
-    """The voucher of that code; with ``merchant`` (the caller acts for that merchant only),
-    only one of an order made for it or for no merchant (in the member's own app): the
-    voucher of another merchant's order is unknown, as a wrong code is."""
+    """The voucher of that code (as :func:`typed_code` reads it); with ``merchant`` (the
+    caller acts for that merchant only), only one of an order made for it or for no merchant
+    (in the member's own app): the voucher of another merchant's order is unknown, as a
+    wrong code is."""
     query = (
         select(vouchers_table, rewards.c.code.label("reward_code"), rewards.c.kind)
         .join(reward_orders, reward_orders.c.id == vouchers_table.c.order_id)
         .join(rewards, rewards.c.id == reward_orders.c.reward_id)
-        .where(vouchers_table.c.program_id == program_id, vouchers_table.c.code == code.upper())
+        .where(vouchers_table.c.program_id == program_id, vouchers_table.c.code == typed_code(code))
     )
     if merchant is not None:
         query = query.where(
