@@ -134,6 +134,42 @@ def test_refusals_are_problems_in_the_callers_language(client: TestClient, db: D
     assert extra.status_code == 422  # no field can set a price
 
 
+def test_a_reward_or_redemption_refused_as_a_whole_names_the_field_to_fix(
+    client: TestClient, db: Database
+) -> None:
+    till = Till(client, db)
+    start = "2026-03-01T00:00:00+08:00"
+    prize = {"code": "p", "name": {"en": "P"}, "chance_ppm": 600_000, "points": 10}
+    refused = {
+        "body.sales_end": {**MUG, "sales_start": start, "sales_end": "2026-02-01T00:00:00Z"},
+        "body.sales_start": {**MUG, "early_access": {"金卡": 24}},
+        "body.coupon": {**MUG, "kind": "coupon"},
+        "body.lottery": {**MUG, "lottery": {"prizes": [prize]}},
+        "body.pickup": {**MUG, "kind": "virtual", "pickup": True},
+        "body.max_quantity": {**MUG, "kind": "service", "max_quantity": 2},
+        "body.visible_tiers": {**MUG, "visible_tiers": []},
+        "body.lottery.prizes": {
+            **MUG, "kind": "lottery", "lottery": {"prizes": [prize, {**prize, "code": "q"}]},
+        },
+        "body.lottery.prizes.1.value": {
+            **MUG, "kind": "lottery",
+            "lottery": {"budget": 100, "prizes": [
+                {**prize, "chance_ppm": 1}, {**prize, "code": "q", "points": 0}
+            ]},
+        },
+    }  # fmt: skip
+    for field, reward in refused.items():
+        for language in ("en", "zh"):
+            answer = till.post("/rewards", reward, till.operator, language=language)
+            assert answer.status_code == 422, answer.text
+            (error,) = answer.json()["errors"]
+            assert error["field"] == field, (field, answer.text)
+    answer = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug", "amount_fen": 9000},
+                       till.cashier, language="zh")  # fmt: skip
+    (error,) = answer.json()["errors"]
+    assert error["field"] == "body.payment_ref" and "请同时给出 payment_ref" in error["message"]
+
+
 def test_cashiers_accept_a_voucher_once_at_their_own_store(
     client: TestClient, db: Database
 ) -> None:

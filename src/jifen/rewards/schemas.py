@@ -137,9 +137,10 @@ class LotteryTerms(RequestBody):
             raise Refusal(
                 "the prizes' chances add up to more than 1,000,000 ppm (100 %)",
                 "各奖品的概率之和超过 1,000,000 ppm(100%)",
+                at="prizes",
             )
         if len({prize.code for prize in self.prizes}) != len(self.prizes):
-            raise Refusal("two prizes have the same code", "有两个奖品的 code 相同")
+            raise Refusal("two prizes have the same code", "有两个奖品的 code 相同", at="prizes")
         return self
 
 
@@ -214,25 +215,33 @@ class RewardDef(RequestBody):
                 raise Refusal(
                     f"a {self.kind} reward needs its {section} terms",
                     f"{self.kind} 类礼品须给出 {section} 条款",
+                    at=section,
                 )
             if section != self.kind and given:
                 raise Refusal(
                     f"{section} terms belong to {section} rewards, not {self.kind}",
                     f"{section} 条款只适用于 {section} 类礼品,不适用于 {self.kind}",
+                    at=section,
                 )
         if self.sales_start and self.sales_end and self.sales_end <= self.sales_start:
-            raise Refusal("sales_end must be after sales_start", "sales_end 须晚于 sales_start")
+            raise Refusal(
+                "sales_end must be after sales_start",
+                "sales_end 须晚于 sales_start",
+                at="sales_end",
+            )
         if self.kind == "lottery" and self.max_quantity != 1:
             raise Refusal(
                 "a lottery draws once a redemption: max_quantity must be 1",
                 "抽奖每次兑换只抽一次:max_quantity 须为 1",
+                at="max_quantity",
             )
         if self.pickup and self.kind != "physical":
-            raise Refusal("pickup is for physical goods", "自提只适用于实物礼品")
+            raise Refusal("pickup is for physical goods", "自提只适用于实物礼品", at="pickup")
         if self.early_access and self.sales_start is None:
             raise Refusal(
                 "early access counts back from sales_start; give sales_start",
                 "提前兑换从 sales_start 往前计算,请给出 sales_start",
+                at="sales_start",
             )
         return self
 
@@ -251,6 +260,7 @@ class RewardDef(RequestBody):
                 f"each {self.kind} voucher is used once: max_quantity must be 1 (a member "
                 "redeems one voucher per unit)",
                 f"每张 {self.kind} 券只能使用一次:max_quantity 须为 1(每件单独兑换一张券)",
+                at="max_quantity",
             )
         if self.visible_tiers == []:
             raise Refusal(
@@ -258,16 +268,19 @@ class RewardDef(RequestBody):
                 "tier, or leave it out for everyone (pause the reward to hide it)",
                 "visible_tiers 未列出任何等级,将无会员可兑换:请至少列出一个等级,"
                 "或不填以对所有会员开放(如需隐藏请暂停该礼品)",
+                at="visible_tiers",
             )
         if self.lottery is not None and self.lottery.budget is not None:
-            free = [prize.code for prize in self.lottery.prizes if prize.cost == 0]
+            free = [i for i, prize in enumerate(self.lottery.prizes) if prize.cost == 0]
             if free:  # it would be given out without end, whatever the budget
+                code = self.lottery.prizes[free[0]].code
                 raise Refusal(
-                    f"prize {free[0]!r} would cost the lottery's budget nothing: give a prize "
+                    f"prize {code!r} would cost the lottery's budget nothing: give a prize "
                     "that staff hand over (points 0) its value, in points, to count against "
                     "the budget",
-                    f"奖品 {free[0]!r} 不占用抽奖预算:由员工发放的奖品(points 为 0)"
+                    f"奖品 {code!r} 不占用抽奖预算:由员工发放的奖品(points 为 0)"
                     "须给出其价值 value(以积分计),计入预算",
+                    at=f"lottery.prizes.{free[0]}.value",
                 )
         return self
 
@@ -438,6 +451,7 @@ class RedemptionCreate(RequestBody):
             raise Refusal(
                 "amount_fen is what the payment named by payment_ref took: give payment_ref",
                 "amount_fen 为 payment_ref 所指支付的金额:请同时给出 payment_ref",
+                at="payment_ref",
             )
         return self
 
