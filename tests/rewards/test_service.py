@@ -115,6 +115,26 @@ def test_a_payment_at_the_till_of_another_amount_than_the_cash_due_is_refused(
         RedemptionCreate.model_validate({"reward": kettle.code, "amount_fen": 9000})
 
 
+def test_a_payment_named_for_a_reward_without_a_cash_part_is_refused(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    kettle = shop.reward(points=1000, cash_fen=9000, stock=5)
+    # the till took 90 yuan; the operator has since made it a points-only reward
+    edit_reward(db, shop, kettle, cash_fen=0)
+    before = (shop.counts(), shop.available(member), shop.get(kettle.code).stock_left)
+    for paid in ({}, {"amount_fen": 9000}, {"amount_fen": 0}):
+        with pytest.raises(InvalidInput, match="no cash part") as no:
+            shop.redeem(member, kettle.code, payment_ref="pos-1", **paid)
+        assert no.value.params["field"] == "payment_ref"
+        assert "refund payment 'pos-1'" in no.value.message("en")
+        assert "没有现金部分" in no.value.message(
+            "zh"
+        ) and "请退还支付 'pos-1'" in no.value.message("zh")
+    assert (shop.counts(), shop.available(member), shop.get(kettle.code).stock_left) == before
+    order = shop.redeem(member, kettle.code)  # without a payment: points only
+    assert (order.cash_fen, order.payment_ref) == (0, None)
+
+
 def test_a_payment_pays_for_one_redemption(db: Database) -> None:
     shop = Shop.open(db)
     alice, bob = shop.member(5000, tier="金卡", count=2)

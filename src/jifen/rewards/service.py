@@ -668,6 +668,17 @@ def _admit(
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
         raise PriceChanged(reward=terms.code, points=price.points, expected=body.expected_points)
+    if body.payment_ref is not None and price.cash_fen == 0:
+        # Recorded, it would spend the reference on an order that owes no cash: its money,
+        # taken by the till, would never be said to be due back.
+        raise InvalidInput(
+            field="payment_ref",
+            problem=f"reward {terms.code!r} has no cash part, so no payment pays for it; "
+            f"nothing was recorded: refund payment {body.payment_ref!r} if one was taken, and "
+            "redeem it without payment_ref",
+            problem_zh=f"礼品 {terms.code!r} 没有现金部分,无需支付;未作任何记录:如已收款,"
+            f"请退还支付 {body.payment_ref!r},并在不带 payment_ref 的情况下兑换。",
+        )
     if body.amount_fen is not None and body.amount_fen != price.cash_fen:
         raise RedemptionPaymentMismatch(
             reward=terms.code, quantity=body.quantity, due_fen=price.cash_fen,
