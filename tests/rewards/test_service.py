@@ -1162,3 +1162,34 @@ def test_the_tier_matrix_gives_early_access_where_the_reward_names_none(db: Data
         shop.redeem(plain, drop.code)
     clock(db).advance(timedelta(hours=6))
     shop.redeem(plain, drop.code)
+
+
+def test_a_reward_read_and_saved_back_keeps_following_the_tier_matrix(db: Database) -> None:
+    """A reward reads back the early access it names itself: an operator's edit of what it
+    read (its name, say) does not copy the tier matrix's hours into it, so a later change of
+    the matrix still opens it."""
+    from jifen.programs import service as programs
+    from jifen.tiers.schemas import TierScheme
+    from tests.tiers.scheme import scheme_json
+
+    shop = Shop.open(db)
+
+    def matrix(gold_hours: int) -> None:
+        def change(uow: Any) -> None:
+            settings = programs.get_settings(uow, program_id=shop.program_id)
+            benefits = {"金卡": {"early_access_hours": gold_hours}}
+            tiers = TierScheme.model_validate(scheme_json(benefits=benefits))
+            changed = settings.model_copy(update={"tier_scheme": tiers})
+            programs.set_settings(uow, program_id=shop.program_id, settings=changed)
+
+        db.run(change)
+
+    matrix(6)
+    (gold,) = shop.member(5000, tier="金卡")
+    start = clock(db).now() + timedelta(hours=24)
+    drop = shop.reward(points=100, sales_start=start, early_access={"钻石": 30})
+    assert drop.early_access == {"钻石": 30}  # as the operator wrote it
+    edited = edit_reward(db, shop, drop, name={"zh": "新品", "en": "New"})
+    assert edited.early_access == {"钻石": 30}
+    matrix(48)
+    assert shop.redeem(gold, drop.code).state == "created"  # 48 hours early, as the matrix says

@@ -103,14 +103,21 @@ def _policy(uow: UnitOfWork, program_id: int) -> RedemptionPolicy:
     return tiers_service.redemption_policy(uow, program_id=program_id)
 
 
-def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
-    """The reward's terms, parsed once per version (keyed by its id and last change), with
-    the tier benefits matrix's early access for each tier the reward names none of its own."""
+def _stored_terms(uow: UnitOfWork, row: Any) -> RewardDef:
+    """The reward's terms as its operator wrote them, parsed once per version (keyed by its
+    id and last change)."""
     key = f"reward_terms:{row.id}:{row.updated_at.isoformat()}"
     cached: RewardDef | None = uow.cache.get(key)
     if cached is None:
         cached = StoredTerms.model_validate(row.terms)
         uow.cache[key] = cached
+    return cached
+
+
+def _terms(uow: UnitOfWork, row: Any) -> RewardDef:
+    """The reward's terms as they apply: with the tier benefits matrix's early access for
+    each tier the reward names none of its own."""
+    cached = _stored_terms(uow, row)
     if cached.sales_start is None:
         return cached
     hours = tiers_service.early_access(uow, program_id=row.program_id)
@@ -144,7 +151,9 @@ def _known(row: Any, code: str) -> Any:
 
 
 def _reward_read(uow: UnitOfWork, row: Any, policy: RedemptionPolicy) -> RewardRead:
-    terms = _terms(uow, row)
+    # The terms as written, not as the matrix completes them: what is read is what an edit
+    # sends back, and the matrix's hours written into the reward would no longer follow it.
+    terms = _stored_terms(uow, row)
     return RewardRead(
         **terms.model_dump(),
         id=row.id,
