@@ -518,6 +518,29 @@ def test_a_used_or_expired_coupon_shown_for_a_small_order_is_refused_as_used_or_
         shop.use(lapsed.code, 9000)
 
 
+def test_a_used_or_expired_coupon_shown_without_an_order_amount_is_refused_as_such(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    coupon = shop.reward(kind="coupon", points=500,
+                         coupon={"amount_fen": 2000, "min_spend_fen": 10000})  # fmt: skip
+    used, lapsed, fresh = (shop.redeem(member, coupon.code).voucher for _ in range(3))
+    assert used is not None and lapsed is not None and fresh is not None
+    shop.use(used.code, 15000, store="S1")
+    # a till that asks before it rings up the order: a spent coupon is said to be spent
+    with pytest.raises(VoucherNotUsable, match="already used at S1"):
+        shop.use(used.code, None, store="S2")
+    clock(db).advance(timedelta(days=91))
+    with pytest.raises(VoucherNotUsable, match="expired at"):
+        shop.use(lapsed.code, None)
+    # one that could be used is asked for the order's amount, as before
+    clock(db).set(clock(db).now() - timedelta(days=91))
+    with pytest.raises(InvalidInput, match="order amount") as asked:
+        shop.use(fresh.code, None)
+    assert asked.value.params["field"] == "order_amount_fen"
+
+
 def test_a_coupon_held_for_its_cooling_off_is_issued_with_the_terms_it_was_bought_with(
     db: Database,
 ) -> None:

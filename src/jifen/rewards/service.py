@@ -1794,6 +1794,9 @@ def use_voucher(
     discount = None
     if coupon is not None:
         if order_amount_fen is None:
+            # A coupon used, lapsed or undone is refused as such: no amount would help.
+            if not _usable(uow, row, now):
+                _refuse_voucher(uow, program_id, row.code, now)
             raise InvalidInput(
                 field="order_amount_fen",
                 problem="a coupon needs the till's order amount, to check its minimum spend",
