@@ -98,6 +98,26 @@ def test_a_cancelled_order_tells_the_member_its_points_are_back(db: Database) ->
     assert "customer changed mind" not in json.dumps(told, ensure_ascii=False)  # notes stay
 
 
+def test_a_member_is_told_of_its_order_by_the_rewards_name_not_its_code(db: Database) -> None:
+    from jifen.notify import core
+
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    kettle = shop.reward(code="kettle-2026", points=800, stock=2,
+                         name={"zh": "水壶", "en": "Kettle"})  # fmt: skip
+    mug = shop.reward(points=100, name={"en": "Mug"})  # no Chinese name: the English one
+    _subscribe(db, shop.program_id, "http://127.0.0.1:9/hooks", ["reward_order.cancelled"])
+    for gift in (kettle, mug):
+        shop.move(shop.redeem(member, gift.code).id, "cancel")
+    notes = [body for template, _, body in _inbox(db, shop.program_id)]
+    assert "(水壶 × 1)" in notes[0] and "kettle-2026" not in notes[0]
+    assert "(Mug × 1)" in notes[1]
+    _, data = _webhooks(db, shop.program_id)[0]
+    assert data["reward"] == "kettle-2026"  # the code stays for the programme's systems
+    english = core.render("order.cancelled", "en", data)
+    assert "(Kettle × 1)" in english.text
+
+
 def test_an_order_that_lapsed_unpaid_is_told_as_cancelled(db: Database, clock: ManualClock) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

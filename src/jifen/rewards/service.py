@@ -79,6 +79,7 @@ from jifen.rewards.schemas import (
     RewardRead,
     StockAlert,
     StoredTerms,
+    Texts,
     TierTerms,
     VoucherRead,
     VoucherUsed,
@@ -853,10 +854,13 @@ _TOLD = {"shipped": "order.shipped", "cancelled": "order.cancelled", "returned":
 or send goods on their way. The others it took itself, or sees in the answer it got."""
 
 
-def _order_event(row: Any, state: str, at: datetime) -> dict[str, Any]:
-    """What a webhook and a note say of an order that moved to ``state``."""
+def _order_event(row: Any, state: str, at: datetime, name: Texts) -> dict[str, Any]:
+    """What a webhook and a note say of an order that moved to ``state``: the reward by its
+    code (for the programme's systems) and by its ``name`` in each language (for the
+    member; where one is empty, the other)."""
     data: dict[str, Any] = {
         "order_id": row.id, "member_id": row.member_id, "reward": row.code, "kind": row.kind,
+        "reward_name_zh": name.zh or name.en, "reward_name_en": name.en or name.zh,
         "state": state, "quantity": row.quantity, "points": row.points,
         "cash_fen": row.cash_fen, "merchant": row.merchant, "store": row.store,
         "at": at.isoformat(),
@@ -879,7 +883,8 @@ def _announce(
     if template is None and not notify_service.may_publish(uow, program_id=program_id):
         return  # no one to tell: nothing to read
     row = _order_row(uow, program_id, order_id)
-    data = _order_event(row, state, uow.clock.now())
+    name = _stored_terms(uow, _reward_row(uow, program_id, row.code)).name
+    data = _order_event(row, state, uow.clock.now(), name)
     key = f"order:{order_id}:{state}"
     notify_service.publish(
         uow, program_id=program_id, event_type=f"reward_order.{state}", data=data, key=key
