@@ -864,6 +864,26 @@ def test_a_donation_moves_points_to_the_charity_account_with_a_receipt(db: Datab
     assert reconciled.system_balances[SystemAccount.CHARITY.value] == 3000
 
 
+def test_a_donation_of_points_and_cash_has_both_on_its_receipt(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000, tier="金卡")
+    gift = shop.reward(kind="charity", points=1000, cash_fen=5000, max_quantity=2,
+                       charity={"charity": "希望工程"})  # fmt: skip
+    at_till = shop.redeem(member, gift.code, quantity=2, payment_ref="pos-7")
+    receipt = at_till.outcome["receipt"]
+    assert (receipt["points"], receipt["value_fen"], receipt["cash_fen"]) == (2000, 2000, 10000)
+    assert receipt["payment_ref"] == "pos-7"
+    in_app = shop.redeem(member, gift.code)  # its cash is paid afterwards
+    paid = db.run(lambda uow: rewards.pay_order(uow, program_id=shop.program_id,
+                                                order_id=in_app.id, payment_ref="wx-8",
+                                                amount_fen=5000, actor="key:pay"))  # fmt: skip
+    receipt = paid.outcome["receipt"]
+    assert (receipt["cash_fen"], receipt["payment_ref"]) == (5000, "wx-8")
+    points_only = shop.reward(kind="charity", points=100, charity={"charity": "希望工程"})
+    receipt = shop.redeem(member, points_only.code).outcome["receipt"]
+    assert "cash_fen" not in receipt and "payment_ref" not in receipt
+
+
 def test_a_partner_exchange_1000_points_for_100_km(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000, tier="金卡")

@@ -947,6 +947,8 @@ def _fulfil(
             "value_fen": order["value_fen"],
             "at": uow.clock.now().isoformat(),
         }
+        if order["cash_fen"]:  # given in cash too: the receipt says how much, and how paid
+            outcome["receipt"].update(cash_fen=order["cash_fen"], payment_ref=order["payment_ref"])
     _set_order(uow, order_id, outcome=outcome, state=state)
     steps = [] if state == "created" else [_step(uow, program_id, order_id, state, actor)]
     return state, outcome, voucher, steps
@@ -1493,7 +1495,7 @@ def _complete(
     ).id  # fmt: skip
     _set_order(uow, row.id, state="created", spend_posting_id=spent, **values)
     _step(uow, program_id, row.id, "created", actor, note)
-    order = {**row._mapping, "outcome": dict(row.outcome)}
+    order = {**row._mapping, **values, "outcome": dict(row.outcome)}
     _fulfil(uow, program_id, order, terms, _policy(uow, program_id), actor)
 
 
