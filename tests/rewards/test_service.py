@@ -1236,3 +1236,35 @@ def test_a_reward_read_and_saved_back_keeps_following_the_tier_matrix(db: Databa
     assert edited.early_access == {"钻石": 30}
     matrix(48)
     assert shop.redeem(gold, drop.code).state == "created"  # 48 hours early, as the matrix says
+
+
+def test_terms_the_same_for_every_tier_are_said_to_be_for_every_member(db: Database) -> None:
+    """A programme whose redemption terms name no tier gives every member its default: a
+    member of a tier is not told it has none, and its quote and its order say the same."""
+    shop = Shop.open(db, tiers={}, default={"discount_pct": 95, "per_month": 1,
+                                            "max_points": 1000})  # fmt: skip
+    (silver,) = shop.member(100_000, tier="银卡")
+    (plain,) = shop.member(100_000)
+    mug = shop.reward(points=1000)
+    for member in (silver, plain):
+        quoted = db.run(
+            lambda uow, m=member: rewards.quote(
+                uow, program_id=shop.program_id, member_id=m, code=mug.code
+            )
+        )
+        order = shop.redeem(member, mug.code)
+        for steps in (quoted.steps, order.price):
+            assert (steps[-1].what, steps[-1].what_zh) == (
+                "every member: pays 95 %",
+                "所有会员:按 95% 计价",
+            )
+        with pytest.raises(LimitReached) as monthly:
+            shop.redeem(member, mug.code)
+        assert monthly.value.message("en").startswith("A member may redeem 1 times a month")
+        assert monthly.value.message("zh").startswith("会员每月可兑换 1 次")
+    tv = shop.reward(points=2000)
+    with pytest.raises(LimitReached) as dear:
+        shop.redeem(silver, tv.code)
+    assert "no tier" not in dear.value.message("en") and "无等级" not in dear.value.message("zh")
+    assert dear.value.message("en").startswith("One redemption may cost at most 1000 points")
+    assert dear.value.message("zh").startswith("单次兑换最多 1000 积分")

@@ -97,11 +97,15 @@ def quote(
         )
     terms = policy.for_tier(buyer.tier)
     if reward.discountable and terms.discount_pct != 100:
+        if not policy.tiers:  # one discount for all, whatever their tier
+            who, who_zh = "every member", "所有会员"
+        elif buyer.tier is not None:
+            who, who_zh = f"tier {buyer.tier}", buyer.tier
+        else:
+            who, who_zh = "no tier", "无等级会员"
         step(
-            f"tier {buyer.tier}: pays {terms.discount_pct} %"
-            if buyer.tier is not None
-            else f"no tier: pays {terms.discount_pct} %",
-            f"{buyer.tier or '无等级会员'}:按 {terms.discount_pct}% 计价",
+            f"{who}: pays {terms.discount_pct} %",
+            f"{who_zh}:按 {terms.discount_pct}% 计价",
             Fraction(terms.discount_pct, 100),
             _show(Fraction(terms.discount_pct, 100)),
         )
@@ -209,8 +213,10 @@ def check_limits(
     tier: str | None,
     redeemed_of_reward: int,
     redemptions_this_month: int,
+    everyone: bool = False,
 ) -> None:
-    """Refuse a redemption beyond the reward's per-member limit or the tier's limits."""
+    """Refuse a redemption beyond the reward's per-member limit or the tier's limits
+    (``everyone``: the programme's terms are the same for every tier, and say so)."""
     if reward.kind in VOUCHER_KINDS and quantity > 1:  # also if stored with more allowed
         raise LimitReached(
             problem=f"Each voucher of {reward.code!r} is used once: redeem one at a time "
@@ -238,19 +244,21 @@ def check_limits(
                 problem_zh=f"礼品 {reward.code!r} 每位会员{period_zh}限兑 "
                 f"{reward.limit_per_member} 件,该会员还可兑换 {max(room, 0)} 件。",
             )
-    who = tier or "no tier"
+    # Whose terms these are: a tier's (or those of members of none), or everyone's.
+    of_who = "" if everyone else f" of {tier or 'no tier'}"
+    member_zh = "" if everyone else f"{tier or '无等级'}会员"
     if terms.max_points is not None and points > terms.max_points:
+        cost = f"One redemption may cost a member{of_who}" if of_who else "One redemption may cost"
         raise LimitReached(
-            problem=f"One redemption may cost a member of {who} at most {terms.max_points} "
-            f"points; this one costs {points}. Redeem fewer units.",
-            problem_zh=f"{tier or '无等级'}会员单次兑换最多 {terms.max_points} 积分,"
-            f"本次需 {points} 积分。",
+            problem=f"{cost} at most {terms.max_points} points; this one costs {points}. "
+            "Redeem fewer units.",
+            problem_zh=f"{member_zh}单次兑换最多 {terms.max_points} 积分,本次需 {points} 积分。",
         )
     if terms.per_month is not None and redemptions_this_month >= terms.per_month:
         raise LimitReached(
-            problem=f"A member of {who} may redeem {terms.per_month} times a month; this "
+            problem=f"A member{of_who} may redeem {terms.per_month} times a month; this "
             "member has reached it. Try again next month.",
-            problem_zh=f"{tier or '无等级'}会员每月可兑换 {terms.per_month} 次,本月次数已用完。",
+            problem_zh=f"{member_zh or '会员'}每月可兑换 {terms.per_month} 次,本月次数已用完。",
         )
 
 

@@ -700,6 +700,7 @@ def _admit(
     core.check_limits(
         terms, quantity=body.quantity, points=price.points, terms=tier_terms, tier=buyer.tier,
         redeemed_of_reward=of_reward, redemptions_this_month=this_month,
+        everyone=not policy.tiers,
     )  # fmt: skip
     if row.stock_left is not None and row.stock_left < body.quantity:
         raise OutOfStock(reward=terms.code, left=row.stock_left, wanted=body.quantity)
@@ -2055,6 +2056,7 @@ def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatC
             core.check_limits(
                 terms, quantity=1, points=price.points, terms=terms_of_tier, tier=buyer.tier,
                 redeemed_of_reward=of_reward, redemptions_this_month=this_month,
+                everyone=not policy.tiers,
             )  # fmt: skip
         except (NotOnSale, TierNotAllowed, LimitReached):
             continue
