@@ -1007,6 +1007,27 @@ def test_one_open_restock_alert_a_reward_raised_also_by_creation_and_edits(
     assert alerts() == [(mug.code, 4, 4)]
 
 
+def test_a_retired_reward_leaves_the_restock_alerts(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(10000, tier="金卡")
+    kept, dropped = (shop.reward(points=100, stock=2, safety_stock=1) for _ in range(2))
+    for reward in (kept, dropped):
+        shop.redeem(member, reward.code)
+
+    def alerted() -> list[str]:
+        found, _ = db.run(lambda uow: rewards.open_alerts(uow, program_id=shop.program_id))
+        return [a.reward for a in found]
+
+    assert alerted() == [kept.code, dropped.code]
+    db.run(lambda uow: rewards.set_state(uow, program_id=shop.program_id, code=kept.code,
+                                         state="paused"))  # fmt: skip
+    db.run(lambda uow: rewards.set_state(uow, program_id=shop.program_id, code=dropped.code,
+                                         state="retired"))  # fmt: skip
+    assert alerted() == [kept.code]  # a paused reward may come back: still to restock
+    edit_reward(db, shop, dropped, safety_stock=5)  # an edit of it raises none again
+    assert alerted() == [kept.code]
+
+
 def test_a_redemption_twice_with_one_key_is_one_order(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(5000)

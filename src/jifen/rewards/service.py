@@ -290,7 +290,7 @@ def update_reward(uow: UnitOfWork, *, program_id: int, code: str, body: RewardDe
     if body.lottery is not None:
         _set_prizes(uow, row.id, body)
     if left is not None:  # the safety line may have moved past the stock, either way
-        if left <= body.safety_stock:
+        if left <= body.safety_stock and row.state != "retired":
             _raise_alert(uow, program_id, row.id, left, body.safety_stock)
         else:
             _clear_alert(uow, row.id)
@@ -310,7 +310,8 @@ def _later(uow: UnitOfWork, previous: datetime) -> datetime:
 
 
 def set_state(uow: UnitOfWork, *, program_id: int, code: str, state: str) -> RewardRead:
-    """Pause, resume or retire a reward (orders already made are not touched)."""
+    """Pause, resume or retire a reward (orders already made are not touched); a retired
+    reward's open restock alert is cleared."""
     row = _reward_row(uow, program_id, code)
     if row.state == "retired" and state != "retired":
         raise StateConflict(
@@ -322,6 +323,8 @@ def set_state(uow: UnitOfWork, *, program_id: int, code: str, state: str) -> Rew
         .where(rewards.c.id == row.id)
         .values(state=state, updated_at=_later(uow, row.updated_at))
     )
+    if state == "retired":  # never sold again: nothing to restock
+        _clear_alert(uow, row.id)
     return get_reward(uow, program_id=program_id, code=code)
 
 
