@@ -258,6 +258,27 @@ def test_a_reward_for_some_tiers_only(db: Database) -> None:
     )
 
 
+def test_a_quote_for_more_units_than_one_redemption_takes_is_refused_as_it_would_be(
+    db: Database,
+) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(50_000, tier="金卡")
+    wash = shop.reward(kind="service", points=300)
+    cups = shop.reward(points=100, max_quantity=2)
+
+    def quote(code: str, quantity: int) -> Any:
+        return db.run(lambda uow: rewards.quote(uow, program_id=shop.program_id,
+                                                member_id=member, code=code,
+                                                quantity=quantity))  # fmt: skip
+
+    assert quote(cups.code, 2).points == 160
+    for code, quantity, said in ((wash.code, 3, "used once"), (cups.code, 3, "At most 2")):
+        with pytest.raises(LimitReached, match=said):
+            quote(code, quantity)
+        with pytest.raises(LimitReached, match=said):
+            shop.redeem(member, code, quantity=quantity)
+
+
 def test_cooling_off_holds_a_large_diamond_redemption_until_confirmed(db: Database) -> None:
     shop = Shop.open(db)
     (member,) = shop.member(20000, tier="钻石")

@@ -204,19 +204,9 @@ def period_start(period: LimitPeriod, now: datetime, zone: str) -> datetime | No
     return day.replace(month=1, day=1)
 
 
-def check_limits(
-    reward: RewardDef,
-    *,
-    quantity: int,
-    points: int,
-    terms: TierTerms,
-    tier: str | None,
-    redeemed_of_reward: int,
-    redemptions_this_month: int,
-    everyone: bool = False,
-) -> None:
-    """Refuse a redemption beyond the reward's per-member limit or the tier's limits
-    (``everyone``: the programme's terms are the same for every tier, and say so)."""
+def check_quantity(reward: RewardDef, quantity: int) -> None:
+    """Refuse more units than one redemption of ``reward`` takes (a quote is refused so too:
+    it would price what cannot be redeemed)."""
     if reward.kind in VOUCHER_KINDS and quantity > 1:  # also if stored with more allowed
         raise LimitReached(
             problem=f"Each voucher of {reward.code!r} is used once: redeem one at a time "
@@ -231,6 +221,22 @@ def check_limits(
             problem_zh=f"礼品 {reward.code!r} 每次最多兑换 {reward.max_quantity} 件,"
             f"本次为 {quantity} 件。",
         )
+
+
+def check_limits(
+    reward: RewardDef,
+    *,
+    quantity: int,
+    points: int,
+    terms: TierTerms,
+    tier: str | None,
+    redeemed_of_reward: int,
+    redemptions_this_month: int,
+    everyone: bool = False,
+) -> None:
+    """Refuse a redemption beyond the reward's per-member limit or the tier's limits
+    (``everyone``: the programme's terms are the same for every tier, and say so)."""
+    check_quantity(reward, quantity)
     if reward.limit_per_member is not None:
         room = reward.limit_per_member - redeemed_of_reward
         if quantity > room:

@@ -438,12 +438,14 @@ def quote(
     uow: UnitOfWork, *, program_id: int, member_id: int, code: str, quantity: int = 1
 ) -> Quote:
     """What ``quantity`` of the reward costs the member now, and how the price was reached;
-    refused, as its redemption would be, for a reward hidden from the member's tier."""
+    refused, as its redemption would be, for a reward hidden from the member's tier or more
+    units than one redemption of it takes."""
     members_service.require_member(uow, program_id=program_id, member_id=member_id)
     row = _reward_row(uow, program_id, code)
     buyer = _buyer(uow, program_id, member_id)
     terms = _terms(uow, row)
     core.check_visible(terms, buyer.tier)
+    core.check_quantity(terms, quantity)
     return _quote(uow, row, terms, buyer, quantity, _policy(uow, program_id))
 
 
