@@ -148,6 +148,8 @@ def test_a_reward_or_redemption_refused_as_a_whole_names_the_field_to_fix(
         "body.pickup": {**MUG, "kind": "virtual", "pickup": True},
         "body.max_quantity": {**MUG, "kind": "service", "max_quantity": 2},
         "body.visible_tiers": {**MUG, "visible_tiers": []},
+        "body.limit_per_member": {**MUG, "limit_period": "month"},
+        "body.validity_days": {**MUG, "validity_days": 30},
         "body.lottery.prizes": {
             **MUG, "kind": "lottery", "lottery": {"prizes": [prize, {**prize, "code": "q"}]},
         },
@@ -164,6 +166,13 @@ def test_a_reward_or_redemption_refused_as_a_whole_names_the_field_to_fix(
             assert answer.status_code == 422, answer.text
             (error,) = answer.json()["errors"]
             assert error["field"] == field, (field, answer.text)
+    said = till.post("/rewards", {**MUG, "validity_days": 30}, till.operator, language="zh")
+    assert "不发券" in said.json()["errors"][0]["message"]
+    # what does apply is taken: a monthly limit, a pickup voucher's days
+    body(till.post("/rewards", {**MUG, "code": "m1", "limit_per_member": 1,
+                                "limit_period": "month"}, till.operator), 201)  # fmt: skip
+    body(till.post("/rewards", {**MUG, "code": "m2", "pickup": True, "validity_days": 7},
+                   till.operator), 201)  # fmt: skip
     answer = till.post(f"/members/{till.alice}/redemptions", {"reward": "mug", "amount_fen": 9000},
                        till.cashier, language="zh")  # fmt: skip
     (error,) = answer.json()["errors"]

@@ -270,6 +270,24 @@ class RewardDef(RequestBody):
                 "或不填以对所有会员开放(如需隐藏请暂停该礼品)",
                 at="visible_tiers",
             )
+        if self.limit_period != "ever" and self.limit_per_member is None:
+            raise Refusal(
+                f"limit_period {self.limit_period!r} is the period of limit_per_member: give "
+                "limit_per_member (units a member may redeem in it), or leave both out",
+                f"limit_period {self.limit_period!r} 是 limit_per_member 的计算周期:"
+                "请给出 limit_per_member(每位会员在该周期内可兑换的件数),或两者都不填",
+                at="limit_per_member",
+            )
+        if self.validity_days is not None and not self.has_voucher:
+            raise Refusal(
+                f"validity_days is how long a voucher stays valid, and a {self.kind} reward "
+                f"{'shipped ' if self.kind == 'physical' else ''}issues none: leave it out"
+                f"{' (or collect it at a store: pickup)' if self.kind == 'physical' else ''}",
+                f"validity_days 是券的有效天数,而 {self.kind} 类礼品"
+                f"{'(快递发货)' if self.kind == 'physical' else ''}不发券:请不要填写"
+                f"{'(或改为门店自提:pickup)' if self.kind == 'physical' else ''}",
+                at="validity_days",
+            )
         if self.lottery is not None and self.lottery.budget is not None:
             free = [i for i, prize in enumerate(self.lottery.prizes) if prize.cost == 0]
             if free:  # it would be given out without end, whatever the budget
