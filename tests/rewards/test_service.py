@@ -562,6 +562,23 @@ def test_a_used_or_expired_coupon_shown_without_an_order_amount_is_refused_as_su
     assert asked.value.params["field"] == "order_amount_fen"
 
 
+def test_a_voucher_of_a_returned_order_is_refused_saying_it_was_returned(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(5000)
+    wash = shop.reward(kind="service", points=300)
+    towel = shop.reward(points=300, pickup=True)
+    returned, cancelled = shop.redeem(member, wash.code), shop.redeem(member, towel.code)
+    shop.move(returned.id, "return")
+    shop.move(cancelled.id, "cancel")
+    assert returned.voucher is not None and cancelled.voucher is not None
+    with pytest.raises(VoucherNotUsable, match=f"its order {returned.id} was returned") as no:
+        shop.use(returned.voucher.code)
+    assert f"订单 {returned.id} 已退货" in no.value.message("zh")
+    with pytest.raises(VoucherNotUsable, match=f"its order {cancelled.id} was cancelled") as no:
+        shop.use(cancelled.voucher.code)
+    assert f"订单 {cancelled.id} 已取消" in no.value.message("zh")
+
+
 def test_a_coupon_held_for_its_cooling_off_is_issued_with_the_terms_it_was_bought_with(
     db: Database,
 ) -> None:

@@ -1900,8 +1900,15 @@ def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) 
             "anything to hand over.",
             problem_zh=f"该券所属订单 {row.order_id} 当前为{_STATE_ZH[state]},凭券已无可领取之物。",
         )
+    # Cancelled with its order: cancelled, returned, or lapsed by the expiry run (goods never
+    # collected), which the order's state says.
+    state = uow.conn.execute(
+        select(reward_orders.c.state).where(reward_orders.c.id == row.order_id)
+    ).scalar_one()
     raise VoucherNotUsable(
-        code=code, problem="its order was cancelled.", problem_zh="该券所属订单已取消。"
+        code=code,
+        problem=f"its order {row.order_id} was {state}.",
+        problem_zh=f"该券所属订单 {row.order_id} {_STATE_ZH[state]}。",
     )
 
 
