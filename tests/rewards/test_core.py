@@ -161,6 +161,15 @@ def test_per_member_limit_counts_units() -> None:
                           redeemed_of_reward=1, redemptions_this_month=0)  # fmt: skip
 
 
+def test_a_tier_with_no_redemptions_a_month_is_not_told_to_try_next_month() -> None:
+    with pytest.raises(LimitReached) as none:
+        core.check_limits(reward(), quantity=1, points=10, terms=TierTerms(per_month=0),
+                          tier="体验", redeemed_of_reward=0, redemptions_this_month=0)  # fmt: skip
+    assert "next month" not in none.value.message("en")
+    assert none.value.message("en") == "A member of 体验 may not redeem rewards."
+    assert none.value.message("zh") == "体验会员不可兑换礼品。"
+
+
 def test_early_access_24_hours_for_higher_tiers_and_the_window() -> None:
     start = NOW + timedelta(hours=10)
     limited = reward(sales_start=start, sales_end=start + timedelta(days=7),

@@ -260,6 +260,11 @@ def check_limits(
             "Redeem fewer units.",
             problem_zh=f"{member_zh}单次兑换最多 {terms.max_points} 积分,本次需 {points} 积分。",
         )
+    if terms.per_month == 0:  # none at all: next month will not change it
+        raise LimitReached(
+            problem=f"A member{of_who} may not redeem rewards.",
+            problem_zh=f"{member_zh or '会员'}不可兑换礼品。",
+        )
     if terms.per_month is not None and redemptions_this_month >= terms.per_month:
         raise LimitReached(
             problem=f"A member{of_who} may redeem {terms.per_month} times a month; this "
