@@ -810,6 +810,23 @@ def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Datab
     assert_ledger_sound(db, shop.program_id)
 
 
+def test_a_prize_staff_hand_over_is_delivered_without_being_shipped(db: Database) -> None:
+    shop = Shop.open(db)
+    (member,) = shop.member(1000, tier="金卡")
+    cup = {"code": "cup", "name": {"zh": "杯子"}, "chance_ppm": 1_000_000, "value": 100}
+    wheel = shop.reward(kind="lottery", points=10, lottery={"prizes": [cup]})
+    won = shop.redeem(member, wheel.code)
+    assert (won.outcome["prize"], won.state) == ("cup", "created")
+    handed = shop.move(won.id, "deliver", note="handed over at the counter")
+    assert handed.state == "delivered" and [s.state for s in handed.steps][-1] == "delivered"
+    assert "shipped" not in [s.state for s in handed.steps]  # the member is told of no parcel
+    # goods to ship are still shipped before they are delivered
+    mug = shop.reward(points=10)
+    order = shop.redeem(member, mug.code)
+    with pytest.raises(StateConflict, match="cannot be delivered"):
+        shop.move(order.id, "deliver")
+
+
 def test_a_points_prize_valued_below_its_points_costs_the_budget_its_points(
     db: Database,
 ) -> None:

@@ -1281,7 +1281,7 @@ _MOVES: dict[str, tuple[frozenset[str], str]] = {
     # action: (states it may start from, the state it leads to)
     "confirm": (frozenset({"created"}), "confirmed"),
     "ship": (frozenset({"created", "confirmed"}), "shipped"),
-    "deliver": (frozenset({"shipped"}), "delivered"),
+    "deliver": (frozenset({"created", "confirmed", "shipped"}), "delivered"),
     "cancel": (frozenset({"awaiting_payment", "held", "created", "confirmed"}), "cancelled"),
     "return": (frozenset({"shipped", "delivered"}), "returned"),
 }
@@ -1374,6 +1374,8 @@ def _locked_order(
 
 def _fits(action: str, row: Any, terms: RewardDef) -> bool:
     """Whether ``action`` makes sense for this kind of order."""
+    if action == "deliver" and row.state != "shipped":
+        return bool(row.kind == "lottery")  # a prize staff hand over in person: no parcel
     if action in ("ship", "deliver", "confirm"):
         return (terms.kind == "physical" and not terms.pickup) or row.kind == "lottery"
     if action == "return":
