@@ -200,6 +200,27 @@ def test_cashiers_accept_a_voucher_once_at_their_own_store(
     assert "已于" in twice.json()["detail"] and "S1" in twice.json()["detail"]
 
 
+def test_a_voucher_typed_in_lower_case_is_audited_under_its_code(
+    client: TestClient, db: Database
+) -> None:
+    from sqlalchemy import select
+
+    from jifen.audit.models import audit_entries
+
+    till = Till(client, db)
+    body(till.post("/rewards", WASH, till.operator), 201)
+    order = body(till.post(f"/members/{till.alice}/redemptions", {"reward": "wash"},
+                           till.as_alice), 201)  # fmt: skip
+    code = order["voucher"]["code"]
+    typed = f"{code[:6].lower()}-{code[6:]}"
+    used = body(till.post(f"/vouchers/{typed}/use", {}, till.cashier), 200)
+    assert used["voucher"]["state"] == "used"
+    targets = db.run(lambda uow: list(uow.conn.execute(
+        select(audit_entries.c.target).where(audit_entries.c.action.like("%voucher%"))
+    ).scalars()), read_only=True)  # fmt: skip
+    assert f"voucher:{code}" in targets and f"voucher:{typed}" not in targets
+
+
 def test_a_voucher_of_one_merchants_order_is_accepted_at_its_tills_only(
     client: TestClient, db: Database
 ) -> None:

@@ -522,5 +522,5 @@ def use_voucher(
             uow, program_id=ctx.program_id, code=code, store=store, actor=ctx.actor,
             order_amount_fen=body.order_amount_fen, merchant=ctx.merchant_scope,
         ),
-        target=f"voucher:{code}",
+        target=f"voucher:{service.typed_code(code)}",  # as stored, however it was typed
     )  # fmt: skip
