@@ -176,19 +176,25 @@ def test_an_event_stored_under_a_previous_key_is_known_when_sent_again(
             send(own_database, program_id, changed)
 
 
+def _member_with_a_phone(database: Database) -> None:
+    """A programme with one member registered over the API with a phone (encrypted and
+    hashed under whatever key is current)."""
+    program = new_program(database)
+    operator = support.staff(database, "operator", program_id=program.id)
+    with TestClient(create_app(database, api_settings())) as client:
+        made = client.post(
+            f"/v1/programs/{program.code}/members",
+            json={"external_ref": "P1", "phone": "13900000002"},
+            headers={**operator, **support.key()},
+        )
+        assert made.status_code == 201, made.text
+
+
 def test_a_field_no_listed_key_can_read_stops_the_rekey_with_what_to_do(
     own_database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with secret_keys(monkeypatch, OLD):
-        program = new_program(own_database)
-        operator = support.staff(own_database, "operator", program_id=program.id)
-        with TestClient(create_app(own_database, api_settings())) as client:
-            made = client.post(
-                f"/v1/programs/{program.code}/members",
-                json={"external_ref": "P1", "phone": "13900000002"},
-                headers={**operator, **support.key()},
-            )
-            assert made.status_code == 201, made.text
+        _member_with_a_phone(own_database)
     with secret_keys(monkeypatch, NEW):  # the old key was not listed
         code, output = rekey(own_database)
     assert code != 0
@@ -202,15 +208,7 @@ def test_a_rekey_without_a_current_key_stops_rather_than_make_one_and_move_every
     directory: the rekey would make a key there and move every field to it, a key no server
     has. It stops instead, saying to set the key, and changes nothing."""
     with secret_keys(monkeypatch, OLD):
-        program = new_program(own_database)
-        operator = support.staff(own_database, "operator", program_id=program.id)
-        with TestClient(create_app(own_database, api_settings())) as client:
-            made = client.post(
-                f"/v1/programs/{program.code}/members",
-                json={"external_ref": "P1", "phone": "13900000002"},
-                headers={**operator, **support.key()},
-            )
-            assert made.status_code == 201, made.text
+        _member_with_a_phone(own_database)
         before = stored_fields(own_database)
     with secret_keys(monkeypatch, "", OLD):
         monkeypatch.setenv("JIFEN_DATA_DIR", str(tmp_path / "data"))

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from jifen.db.uow import Database
 from jifen.errors import StateConflict
 from jifen.members import service as members
+from jifen.programs.schemas import ProgramRead
 from tests.factories import new_members, new_program
 
 
@@ -50,8 +51,8 @@ def test_a_closed_member_is_linked_to_no_family_group(db: Database, closed: str)
         assert group.main_member_id is None
 
 
-def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
-    # Given a group of three ...
+def _group_of_three(db: Database) -> tuple[ProgramRead, tuple[int, int, int]]:
+    """A programme and a family group of a main account and two members, in that order."""
     program = new_program(db)
     main, kid, gran = new_members(db, program.id, 3)
     for member in (kid, gran):
@@ -60,6 +61,12 @@ def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
                 uow, program_id=program.id, main_id=main, member_id=m
             )
         )
+    return program, (main, kid, gran)
+
+
+def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
+    # Given a group of three ...
+    program, (main, kid, gran) = _group_of_three(db)
 
     # When the kid closes its account, then it may still leave the group, and the others
     # stay together.
@@ -73,14 +80,7 @@ def test_a_member_of_a_group_closes_and_leaves_it(db: Database) -> None:
 
 def test_a_main_account_that_closes_heads_its_group_no_more(db: Database) -> None:
     # Given a group of three ...
-    program = new_program(db)
-    main, kid, gran = new_members(db, program.id, 3)
-    for member in (kid, gran):
-        db.run(
-            lambda uow, m=member: members.link_family(
-                uow, program_id=program.id, main_id=main, member_id=m
-            )
-        )
+    program, (main, kid, gran) = _group_of_three(db)
 
     # When its main account closes, then the group is dissolved: no one is in it ...
     _close(db, program.id, main)

@@ -507,11 +507,18 @@ def test_vouchers_are_used_once_at_a_store_and_expire_with_a_fee(db: Database) -
     assert_ledger_sound(db, shop.program_id)
 
 
-def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Database) -> None:
+def _coupon_off_20_yuan_from_100(db: Database) -> tuple[Shop, Any, Any]:
+    """A shop, a member with 5,000 points and a coupon of 20 yuan off an order of at least
+    100 yuan, for 500 points."""
     shop = Shop.open(db)
     (member,) = shop.member(5000)
     coupon = shop.reward(kind="coupon", points=500,
                          coupon={"amount_fen": 2000, "min_spend_fen": 10000})  # fmt: skip
+    return shop, member, coupon
+
+
+def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Database) -> None:
+    shop, member, coupon = _coupon_off_20_yuan_from_100(db)
     order = shop.redeem(member, coupon.code)
     assert order.voucher is not None and order.voucher.coupon is not None
     code = order.voucher.code
@@ -523,10 +530,7 @@ def test_a_coupon_checks_its_minimum_spend_and_says_what_it_takes_off(db: Databa
 def test_a_used_or_expired_coupon_shown_for_a_small_order_is_refused_as_used_or_expired(
     db: Database,
 ) -> None:
-    shop = Shop.open(db)
-    (member,) = shop.member(5000)
-    coupon = shop.reward(kind="coupon", points=500,
-                         coupon={"amount_fen": 2000, "min_spend_fen": 10000})  # fmt: skip
+    shop, member, coupon = _coupon_off_20_yuan_from_100(db)
     used, lapsed = (shop.redeem(member, coupon.code).voucher for _ in range(2))
     assert used is not None and lapsed is not None
     shop.use(used.code, 15000, store="S1")
@@ -542,10 +546,7 @@ def test_a_used_or_expired_coupon_shown_for_a_small_order_is_refused_as_used_or_
 def test_a_used_or_expired_coupon_shown_without_an_order_amount_is_refused_as_such(
     db: Database,
 ) -> None:
-    shop = Shop.open(db)
-    (member,) = shop.member(5000)
-    coupon = shop.reward(kind="coupon", points=500,
-                         coupon={"amount_fen": 2000, "min_spend_fen": 10000})  # fmt: skip
+    shop, member, coupon = _coupon_off_20_yuan_from_100(db)
     used, lapsed, fresh = (shop.redeem(member, coupon.code).voucher for _ in range(3))
     assert used is not None and lapsed is not None and fresh is not None
     shop.use(used.code, 15000, store="S1")
