@@ -16,9 +16,20 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import (
+    BigInteger,
+    CompoundSelect,
+    bindparam,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+)
 
 from jifen import ledger
 from jifen.db.engine import READ_ONLY
@@ -539,28 +550,47 @@ def _dangling(uow: UnitOfWork, program_id: int | None) -> list[Problem]:
     """Each reference of :data:`jifen.points.models.REFERENCES` that leads to no row, in the
     rows of the programme's postings (a row whose posting is gone belongs to no programme:
     it is found by a run over every programme)."""
-    targets = {"accounts": accounts, "postings": postings, "lots": lots, "programs": programs}
+    statement = _dangling_statement(scoped=program_id is not None)
+    rows = uow.conn.execute(statement, {"program_id": program_id}).all()
     found: list[Problem] = []
-    for column, target in REFERENCES:
+    for number, first, second, value, posting_id in rows:
+        column, target = REFERENCES[number]
+        names = [c.name for c in column.table.primary_key.columns]
+        what = ", ".join(f"{n} {v}" for n, v in zip(names, (first, second), strict=False))
+        found.append(
+            Problem(
+                f"{column.table.name} ({what}): {column.name} {value} is no row of {target}",
+                posting_id=posting_id,
+            )
+        )
+    return found
+
+
+@cache
+def _dangling_statement(*, scoped: bool) -> CompoundSelect[int, int, int, int, int]:
+    """The statement :func:`_dangling` runs, a part a reference, scoped to the postings of
+    the programme bound as ``program_id`` or not. Built once: building it costs more than
+    running it on a programme's ledger."""
+    targets = {"accounts": accounts, "postings": postings, "lots": lots, "programs": programs}
+    program_id = bindparam("program_id", type_=BigInteger)
+    parts = []
+    for number, (column, target) in enumerate(REFERENCES):
         table = column.table
         to = targets[target].alias("target").c.id  # an alias: lots name lots
         posting = table.c.id if table is postings else table.c.posting_id
         key = list(table.primary_key.columns)
-        scope = [] if program_id is None else [
+        second = key[1] if len(key) > 1 else null()
+        scope = [] if not scoped else [
             table.c.program_id == program_id if table is postings
             else posting.in_(select(postings.c.id).where(postings.c.program_id == program_id))
         ]  # fmt: skip
-        rows = uow.conn.execute(
-            select(*key, column, posting)
-            .where(column.is_not(None), ~select(to).where(to == column).exists(), *scope)
-            .order_by(*key)
-        ).all()
-        for *ids, value, posting_id in rows:
-            what = ", ".join(f"{c.name} {v}" for c, v in zip(key, ids, strict=True))
-            found.append(
-                Problem(
-                    f"{table.name} ({what}): {column.name} {value} is no row of {target}",
-                    posting_id=posting_id,
-                )
-            )
-    return found
+        parts.append(
+            select(
+                literal(number, BigInteger).label("reference"),
+                cast(key[0], BigInteger).label("first"),
+                cast(second, BigInteger).label("second"),
+                cast(column, BigInteger).label("value"),
+                cast(posting, BigInteger).label("posting_id"),
+            ).where(column.is_not(None), ~select(to).where(to == column).exists(), *scope)
+        )
+    return union_all(*parts).order_by("reference", "first", "second")
