@@ -155,11 +155,11 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
         assert len(database.run(programs.list_programs)) == 1
     finally:
         database.dispose()
-    # when it is reset, with fewer members
-    code, output = jifen(url, "demo", "--members", "6", "--reset")
-    # then the file was built again from scratch, schema included
+    # when it is reset, with fewer members and fewer days
+    code, output = jifen(url, "demo", "--members", "6", "--days", "20", "--reset")
+    # then the file was built again from scratch, schema included, with as many days as asked
     assert code == 0, output
-    assert "built 6 members" in output
+    assert "built 6 members and 20 days of history" in output
     assert "6 members, " in output
     code, output = jifen(url, "db", "current")
     assert code == 0
@@ -169,7 +169,7 @@ def test_jifen_demo_builds_once_shows_the_same_summary_again_and_resets(tmp_path
 def test_jifen_demo_prints_credentials_that_work(tmp_path: Path, data_dir: Path) -> None:
     # given the demo, built
     url = f"sqlite:///{tmp_path / 'demo.db'}"
-    code, output = jifen(url, "demo", "--members", "5")
+    code, output = jifen(url, "demo", "--members", "5", "--days", "20")
     assert code == 0, output
     # then it printed one sign-in per built-in role, the member and a merchant key
     kept = credentials.load(data_dir, "demo")
@@ -216,14 +216,14 @@ def test_jifen_demo_prints_credentials_that_work(tmp_path: Path, data_dir: Path)
     # when the demo runs again, the same credentials are printed; after --reset, new ones
     code, again = jifen(url, "demo")
     assert code == 0 and by_who["member"].password in again
-    code, rebuilt = jifen(url, "demo", "--members", "5", "--reset")
+    code, rebuilt = jifen(url, "demo", "--members", "5", "--days", "20", "--reset")
     assert code == 0 and by_who["member"].password not in rebuilt
 
 
 def test_jifen_demo_reset_keeps_a_database_holding_another_programme(tmp_path: Path) -> None:
     # given the embedded database, where a real programme lives beside the demo
     url = f"sqlite:///{tmp_path / 'jifen.db'}"
-    code, output = jifen(url, "demo", "--members", "5")
+    code, output = jifen(url, "demo", "--members", "5", "--days", "10")
     assert code == 0, output
     database = Database(url)
     try:

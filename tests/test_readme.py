@@ -42,8 +42,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     url = f"sqlite:///{tmp_path / 'tour.db'}"
     jifen = [sys.executable, "-m", "jifen", "--database-url", url]
     built = subprocess.run(
-        [*jifen, "demo", "--members", "5", "--no-serve"], env=env, capture_output=True,
-        text=True, timeout=300, check=False,
+        [*jifen, "demo", "--members", "5", "--days", "7", "--no-serve"], env=env,
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout + built.stderr
     kept = credentials.load(tmp_path / "data", "demo")

@@ -712,11 +712,12 @@ def keys_rekey(
 @app.command(
     "demo",
     help=_h(
-        "Build the demo programme (a year of history) on the embedded database, print its "
-        "summary and sign-in credentials, and serve the API on it until interrupted.\n\n"
+        "Build the demo programme (a year of history unless --days says otherwise) on the "
+        "embedded database, print its summary and sign-in credentials, and serve the API on "
+        "it until interrupted.\n\n"
         "If it exists already, only its summary is printed.",
-        "在内置数据库上生成示例计划(一年的积分记录),打印其摘要和登录凭据,"
-        "并在其上提供 API 服务,直到被中断。\n\n"
+        "在内置数据库上生成示例计划(默认一年的积分记录,可用 --days 指定天数),"
+        "打印其摘要和登录凭据,并在其上提供 API 服务,直到被中断。\n\n"
         "示例计划已存在时,只打印其摘要。",
     ),
 )
@@ -729,6 +730,17 @@ def demo(
         int,
         typer.Option(help=_h("Seed of the generated history.", "生成历史记录所用的随机种子。")),
     ] = 7,
+    days: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=3660,
+            help=_h(
+                "Days of history to generate, ending now (a year by default; fewer build faster).",
+                "要生成的历史天数,截至当前(默认一年;天数越少生成越快)。",
+            ),
+        ),
+    ] = demo_service.DAYS,
     reset: Annotated[
         bool,
         typer.Option(
@@ -768,12 +780,12 @@ def demo(
             demo_service.refuse_beside_other_programmes(database)
             _require_secret_key()
             started = time.perf_counter()  # elapsed time for the operator, not ledger time
-            _build_demo(database, members=members, seed=seed)
+            _build_demo(database, members=members, seed=seed, days=days)
             took = time.perf_counter() - started
             out.print(
                 _say(
-                    f"built {members:,} members and a year of history in {took:.1f} s",
-                    f"已生成 {members:,} 名会员及一年的积分记录,用时 {took:.1f} 秒",
+                    f"built {members:,} members and {_history_en(days)} in {took:.1f} s",
+                    f"已生成 {members:,} 名会员及{_history_zh(days)},用时 {took:.1f} 秒",
                 )
             )
         summary = demo_service.summary(database)
@@ -1646,26 +1658,33 @@ def totp(
         ) from None
 
 
-def _build_demo(database: Database, *, members: int, seed: int) -> None:
+def _history_en(days: int) -> str:
+    return "a year of history" if days == demo_service.DAYS else f"{days:,} days of history"
+
+
+def _history_zh(days: int) -> str:
+    return "一年的积分记录" if days == demo_service.DAYS else f"{days:,} 天的积分记录"
+
+
+def _build_demo(database: Database, *, members: int, seed: int, days: int) -> None:
     with Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task(
-            _say(f"{members:,} members, a year of history (days)",
-                 f"{members:,} 名会员,一年的积分记录(天)"),
-            total=demo_service.DAYS,
+            _say(f"{members:,} members, {_history_en(days)} (days)",
+                 f"{members:,} 名会员,{_history_zh(days)}(天)"),
+            total=days,
         )  # fmt: skip
 
         def on_day(done: int) -> None:
             progress.update(task, completed=done)
             if not err.is_terminal and done % 30 == 0:  # a log or a pipe: a line a month
-                days = demo_service.DAYS
                 err.print(
                     _say(f"… day {done} of {days}", f"… 第 {done} 天,共 {days} 天"), markup=False
                 )
 
-        demo_service.build(database, members=members, seed=seed, on_day=on_day)
+        demo_service.build(database, members=members, seed=seed, on_day=on_day, days=days)
 
 
 def main() -> None:
