@@ -5,6 +5,7 @@ concurrent twin to slip into."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Table, bindparam, cast, func, select
@@ -48,34 +49,41 @@ def upsert_many(
 ) -> None:
     """:func:`upsert` of many rows (each with the same keys, no two with the same primary
     key) in one execution: ``change`` is given the row that was refused (``excluded``) and
-    says what to set on the one there.
+    says what to set on the one there. The statement is built once for each table, keys and
+    ``change`` (a function of the module, not a new lambda a call, for it to be reused).
 
     On PostgreSQL the rows go as one array a column, unnested in their order: one statement
     however many rows, where an executemany runs (and binds) the statement once a row."""
     if not rows:
         return
-    keys = [column.name for column in table.primary_key.columns]
+    names = tuple(rows[0])
+    statement = _upsert_statement(uow.dialect, table, names, change)
     if uow.dialect == "postgresql":
-        names = list(rows[0])
+        uow.conn.execute(
+            statement, {f"unnest_{name}": [row[name] for row in rows] for name in names}
+        )
+    else:
+        uow.conn.execute(statement, list(rows))
+
+
+@lru_cache(maxsize=64)
+def _upsert_statement(
+    dialect: str, table: Table, names: tuple[str, ...], change: Callable[[Any], Mapping[str, Any]]
+) -> Any:
+    keys = [column.name for column in table.primary_key.columns]
+    if dialect == "postgresql":
         arrays = [
-            cast(
-                bindparam(f"unnest_{name}", [row[name] for row in rows]),
-                postgresql.ARRAY(table.c[name].type),
-            )
+            cast(bindparam(f"unnest_{name}"), postgresql.ARRAY(table.c[name].type))
             for name in names
         ]
         source = (
             func.unnest(*arrays).table_valued(*names, with_ordinality="n").render_derived("new")
         )
         insert = postgresql_insert(table).from_select(
-            names, select(*(source.c[name] for name in names)).order_by(source.c.n)
+            list(names), select(*(source.c[name] for name in names)).order_by(source.c.n)
         )
-        uow.conn.execute(
-            insert.on_conflict_do_update(index_elements=keys, set_=dict(change(insert.excluded)))
-        )
-        return
-    statement = _insert(uow, table)
-    statement = statement.on_conflict_do_update(
+        return insert.on_conflict_do_update(index_elements=keys, set_=dict(change(insert.excluded)))
+    statement = sqlite_insert(table)
+    return statement.on_conflict_do_update(
         index_elements=keys, set_=dict(change(statement.excluded))
     )
-    uow.conn.execute(statement, list(rows))

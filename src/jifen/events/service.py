@@ -1031,19 +1031,19 @@ def _add_counters(uow: UnitOfWork, counters: Mapping[tuple[int, str], list[Any]]
          "streak_length": length}
         for (member_id, kind), (seen, day, length) in sorted(counters.items())
     ]  # fmt: skip
-    upsert_many(
-        uow,
-        member_counters,
-        rows,
-        lambda new: {
-            "seen": member_counters.c.seen + new.seen,
-            "streak_day": func.coalesce(new.streak_day, member_counters.c.streak_day),
-            "streak_length": case(
-                (new.streak_day.is_(None), member_counters.c.streak_length),
-                else_=new.streak_length,
-            ),
-        },
-    )
+    upsert_many(uow, member_counters, rows, _counted)
+
+
+def _counted(new: Any) -> dict[str, Any]:
+    """What a counter becomes when ``new`` (the row refused) adds to it."""
+    return {
+        "seen": member_counters.c.seen + new.seen,
+        "streak_day": func.coalesce(new.streak_day, member_counters.c.streak_day),
+        "streak_length": case(
+            (new.streak_day.is_(None), member_counters.c.streak_length),
+            else_=new.streak_length,
+        ),
+    }
 
 
 def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
