@@ -128,6 +128,8 @@ def runs_of(db: Database, program_id: int) -> list[tuple[str, datetime, str, dic
 
 
 APRIL_1 = datetime(2026, 3, 31, 18, tzinfo=UTC)  # 02:00 on 1 April in Shanghai, a quarter's first
+DUE = datetime(2026, 3, 31, 16, tzinfo=UTC)
+"""00:00 on 1 April in Shanghai: the moment the evaluation fired on that day works for."""
 
 
 def evaluation_killed_on_april_1(
@@ -145,13 +147,13 @@ def test_the_next_firing_finishes_a_tier_evaluation_a_killed_worker_left(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world, wanted = evaluation_killed_on_april_1(db, monkeypatch, 6, size=2)  # of 3 parts
-    assert [(r[1], r[2]) for r in runs_of(db, world.program.id)] == [(APRIL_1, "running")]
+    assert [(r[1], r[2]) for r in runs_of(db, world.program.id)] == [(DUE, "running")]
     # the worker started again fires the next night: it finishes the run of 1 April, from
     # the parts still to do, and starts none of its own (an evaluation has finished since)
     world.at(APRIL_1 + timedelta(days=1))
     jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
     ((_, run_at, state, figures),) = runs_of(db, world.program.id)
-    assert (run_at, state, figures["evaluated"]) == (APRIL_1, "done", 6)
+    assert (run_at, state, figures["evaluated"]) == (DUE, "done", 6)
     assert_each_member_placed_once(db, world, wanted)
     world.at(APRIL_1 + timedelta(days=2))
     jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
@@ -173,7 +175,7 @@ def test_workers_resuming_one_run_side_by_side_do_each_part_once(
     for worker in workers:
         worker.join()
     ((_, run_at, state, figures),) = runs_of(pg, world.program.id)
-    assert (run_at, state, figures["evaluated"]) == (APRIL_1, "done", 40)
+    assert (run_at, state, figures["evaluated"]) == (DUE, "done", 40)
     assert_each_member_placed_once(pg, world, wanted)
 
 
@@ -242,3 +244,73 @@ def test_the_quarterly_evaluation_counts_the_quarter_up_to_its_first_midnight(
     world.at(firing.astimezone(UTC))
     jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
     assert world.tiers() == ["银卡", "普通"]
+
+
+def test_a_firing_days_late_evaluates_the_quarter_that_ended_at_its_date_once(
+    db: Database,
+) -> None:
+    """The worker was down at midnight on 1 April: its first firing, on 3 April, evaluates
+    as of 1 April 00:00 in Shanghai (an order paid on 2 April is not in the quarter's
+    window), and the firings after it evaluate nothing more."""
+    from jifen.tiers.schemas import TierScheme
+    from tests.tiers.scheme import scheme_json
+
+    shanghai = ZoneInfo("Asia/Shanghai")
+    due = datetime(2026, 4, 1, tzinfo=shanghai).astimezone(UTC)
+    three = TierScheme.model_validate({**scheme_json(upgrade_at_once=False), "window_months": 3})
+    world = World(db, three, members=2)
+    alice, bob = world.members
+    world.at(datetime(2026, 1, 1, tzinfo=shanghai).astimezone(UTC))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)  # the evaluation of 1 January
+    world.at(datetime(2026, 2, 10, tzinfo=shanghai).astimezone(UTC))
+    world.order(alice, 3000)  # 120: 银卡
+    world.at(datetime(2026, 4, 2, 10, tzinfo=shanghai).astimezone(UTC))
+    world.order(bob, 3000)  # after the quarter's end
+    world.at(datetime(2026, 4, 3, tzinfo=shanghai).astimezone(UTC))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    assert world.tiers() == ["银卡", "普通"]
+    evaluations = [r for r in runs_of(db, world.program.id) if r[1] >= due]
+    assert [(run_at, state, figures["upgraded"]) for _, run_at, state, figures in evaluations] == [
+        (due, "done", 1)
+    ]
+    # a second worker firing late, the next night's firing and a run for that date again
+    # change nothing
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    world.at(datetime(2026, 4, 4, tzinfo=shanghai).astimezone(UTC))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    again = jobs_service.run(db, "tiers.evaluate", program_id=world.program.id, now=due)
+    assert again.state == "already-done"
+    assert [r for r in runs_of(db, world.program.id) if r[1] >= due] == evaluations
+    assert world.tiers() == ["银卡", "普通"]
+
+
+def test_an_evaluation_date_whose_midnight_the_clocks_skip_is_evaluated_as_of_its_first_instant(
+    db: Database,
+) -> None:
+    """In Asunción the clocks went from 00:00 to 01:00 on 1 October 2023, a quarter's date:
+    the schedule has no midnight that day and fires first at midnight on 2 October. That
+    firing evaluates as of 1 October 01:00, the day's first instant, over the quarter from
+    1 July 00:00: an order paid at 00:30 on 1 July counts, one paid at noon on 1 October
+    does not."""
+    from jifen.tiers.schemas import TierScheme
+    from tests.tiers.scheme import scheme_json
+
+    asuncion = ZoneInfo("America/Asuncion")
+    db.clock.set(datetime(2023, 6, 1, tzinfo=UTC))  # type: ignore[attr-defined]
+    three = TierScheme.model_validate({**scheme_json(upgrade_at_once=False), "window_months": 3})
+    world = World(db, three, members=2, time_zone="America/Asuncion")
+    alice, bob = world.members
+    world.at(datetime(2023, 7, 1, 0, 30, tzinfo=asuncion).astimezone(UTC))
+    world.order(alice, 3000)  # 120: 银卡
+    world.at(datetime(2023, 10, 1, 12, tzinfo=asuncion).astimezone(UTC))
+    world.order(bob, 3000)
+    scheduler = jobs_scheduler.Scheduler(db, only=lambda name: name == "tiers.evaluate")
+    scheduler.refresh()
+    job = scheduler.scheduler.get_job(f"tiers.evaluate:{world.program.id}")
+    firing = job.trigger.get_next_fire_time(None, datetime(2023, 9, 30, 12, tzinfo=asuncion))
+    assert firing == datetime(2023, 10, 2, tzinfo=asuncion)
+    world.at(firing.astimezone(UTC))
+    jobs_scheduler.fire(db, "tiers.evaluate", world.program.id)
+    assert world.tiers() == ["银卡", "普通"]
+    first_instant = datetime(2023, 10, 1, 1, tzinfo=asuncion).astimezone(UTC)
+    assert [(r[1], r[2]) for r in runs_of(db, world.program.id)] == [(first_instant, "done")]

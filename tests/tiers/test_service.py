@@ -33,11 +33,18 @@ def quarter(year: int, month: int) -> datetime:
 
 
 class World:
-    def __init__(self, db: Database, tier_scheme: TierScheme, members: int = 3) -> None:
+    def __init__(
+        self,
+        db: Database,
+        tier_scheme: TierScheme,
+        members: int = 3,
+        *,
+        time_zone: str = "Asia/Shanghai",
+    ) -> None:
         self.db = db
         self.clock = db.clock
         assert isinstance(self.clock, ManualClock)
-        self.program = new_program(db)
+        self.program = new_program(db, time_zone=time_zone)
         self.members = new_members(db, self.program.id, members)
 
         def configure(uow: UnitOfWork) -> None:

@@ -104,3 +104,18 @@ def test_an_order_at_the_first_instant_of_a_campaign_counts_in_its_score(db: Dat
     world.order(alice, 4000)
     world.earn(alice, 1)
     assert world.tier(alice) == "银卡", world.history(alice)
+
+
+def test_a_window_ending_at_a_skipped_midnight_starts_at_midnight_months_before() -> None:
+    """On 1 October 2023 the clocks of Asunción went from 00:00 to 01:00: the quarter's
+    evaluation is as of 01:00 that day, its first instant, and its three months start at
+    1 July 00:00, where the quarter before ended, not at 01:00."""
+    asuncion = ZoneInfo("America/Asuncion")
+    three = TierScheme.model_validate({**scheme_json(), "window_months": 3})
+    first_instant = datetime(2023, 10, 1, tzinfo=asuncion).astimezone(UTC)
+    assert first_instant == datetime(2023, 10, 1, 1, tzinfo=asuncion).astimezone(UTC)
+    start = core.window_start(three, first_instant, asuncion)
+    assert start == datetime(2023, 7, 1, tzinfo=asuncion), start.astimezone(asuncion)
+    # any other moment of the day counts back to the same wall time
+    noon = datetime(2023, 10, 1, 12, tzinfo=asuncion).astimezone(UTC)
+    assert core.window_start(three, noon, asuncion) == datetime(2023, 7, 1, 12, tzinfo=asuncion)

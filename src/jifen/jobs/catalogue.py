@@ -261,10 +261,23 @@ def _evaluation_due(uow: UnitOfWork, program_id: int) -> bool:
     )
 
 
+def _evaluation_moment(uow: UnitOfWork, program_id: int, fired: datetime) -> datetime:
+    """The moment a firing evaluates as of: the scheme's latest date at or before it (its
+    first instant: 00:00 where the programme is, or the first instant of that day when the
+    clocks skipped its midnight), so that a firing that comes late (the worker was down; a
+    midnight the clocks skip, which the schedule passes over to the next one) scores the
+    window ending at that date, and its run, recorded for that date, is done once. Of
+    several dates missed, only the latest is evaluated: each evaluation scores its own
+    window afresh, and members would otherwise be moved (and told) by the earlier ones
+    only to be moved again at once."""
+    due = tiers_service.last_evaluation_at(uow, program_id=program_id, at=fired)
+    return fired if due is None else due
+
+
 register(
     Job("tiers.evaluate", "Tier evaluation by score", "按积分评定等级", _evaluate_tiers,
-        size=2000, due=_evaluation_due, part_ends=_tier_part_ends, part=_evaluate_tier_part,
-        dry=_count_tier_moves)
+        size=2000, due=_evaluation_due, moment=_evaluation_moment, part_ends=_tier_part_ends,
+        part=_evaluate_tier_part, dry=_count_tier_moves)
 )  # fmt: skip
 
 

@@ -35,7 +35,8 @@ def fire(db: Database, name: str, program_id: int | None, pause: float = 0.0) ->
     """Run one scheduled job (paced by ``pause``, as :func:`jobs_service.run` says), after
     finishing any run of it an earlier firing left unfinished (while other workers still
     hold parts of one, the job's own run waits for the next firing); a failure is logged
-    and left for the next firing."""
+    and left for the next firing. The run is for the firing's minute, or for the moment
+    the job names for it (``Job.moment``: a tier evaluation's due date)."""
     try:
         if program_id is None:
             figures = jobs_service.run_global(db, name)
@@ -55,7 +56,14 @@ def fire(db: Database, name: str, program_id: int | None, pause: float = 0.0) ->
             lambda uow: job.due(uow, program_id) if job.due else True, read_only=True
         ):
             return
-        report = jobs_service.run(db, name, program_id=program_id, pause=pause)
+        moment = None
+        if job.moment is not None:
+            fired = core.run_moment(db.clock.now())
+            moment = db.run(
+                lambda uow: job.moment(uow, program_id, fired) if job.moment else fired,
+                read_only=True,
+            )
+        report = jobs_service.run(db, name, program_id=program_id, now=moment, pause=pause)
         log.info("%s programme %s: %s %s", name, program_id, report.state, report.figures)
     except Exception:
         log.exception("%s programme %s failed; the next run continues it", name, program_id)

@@ -65,6 +65,11 @@ class Job:
     due: Callable[[UnitOfWork, int], bool] | None = None
     """For the worker: whether a firing of the schedule should run the job now (a tier
     evaluation fires daily and runs on the scheme's own dates); ``None``: always."""
+    moment: Callable[[UnitOfWork, int, datetime], datetime] | None = None
+    """For the worker: the moment a firing at the given minute runs the job for (a tier
+    evaluation: the scheme's date it is due for, however late the worker fires, so that a
+    run after a worker was down scores the window that ended at that date, and a second
+    firing finds that date's run done); ``None``: the firing's minute."""
     part_ends: PartEndsFn | None = None
     part: PartFn | None = None
     """Both given: runs share the keys out in parts among the workers (``chunk`` still

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -332,7 +332,19 @@ def next_evaluation_at(schedule: Schedule, after: datetime, zone: ZoneInfo) -> d
     return start.astimezone(UTC)
 
 
+def day_start(day: date, zone: ZoneInfo) -> datetime:
+    """The first instant of ``day`` in ``zone``, in UTC: its midnight, or, on a day whose
+    midnight the clocks skip (a change to summer time at 00:00), the instant they skip to."""
+    return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
+
+
 def window_start(scheme: TierScheme, now: datetime, zone: ZoneInfo = DEFAULT_ZONE) -> datetime:
     """Where the score's window starts for an evaluation at ``now``: ``window_months``
-    calendar months earlier in ``zone``, the programme's, in UTC."""
+    calendar months earlier in ``zone``, the programme's, in UTC. An evaluation at the
+    first instant of a day whose midnight was skipped (01:00 there) counts from the first
+    instant of the day as many months before, as one at midnight would: the window joins
+    the one before it."""
+    local = now.astimezone(zone)
+    if local.time() != time() and now == day_start(local.date(), zone):
+        return day_start(add_months(local, -scheme.window_months).date(), zone)
     return add_local_months(now, -scheme.window_months, zone)
