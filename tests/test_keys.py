@@ -4,6 +4,7 @@ moves the stored personal data and secrets to the new key so the old one can be 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,25 @@ from jifen.auth import service as auth_service
 from jifen.cli import app as cli
 from jifen.db.uow import Database
 from jifen.errors import IdempotencyConflict, Unauthenticated
+from jifen.jobs import service as jobs
 from jifen.members.models import members
 from jifen.members.service import find_by_phone
 from jifen.notify.models import webhook_subscriptions
+from jifen.programs.models import programs
 from tests.api import support
 from tests.api.conftest import api_settings
-from tests.events.test_fingerprints import order_event, program_with_member, send
+from tests.events.test_fingerprints import (
+    SEAL,
+    assert_known_again,
+    canonical,
+    order_event,
+    orders_stored_before,
+    program_with_member,
+    send,
+    store_as,
+    stored,
+    unkeyed,
+)
 from tests.factories import new_program, secret_keys
 
 OLD = "the-old-secret-key-" + "o" * 32
@@ -174,6 +188,68 @@ def test_an_event_stored_under_a_previous_key_is_known_when_sent_again(
         changed = event.model_copy(update={"payload": {**event.payload, "order_id": "B2"}})
         with pytest.raises(IdempotencyConflict):
             send(own_database, program_id, changed)
+
+
+def test_events_and_answers_stored_under_a_previous_key_are_replays_after_the_rekey(
+    own_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events and the API's stored answers keep only keyed fingerprints of what was sent,
+    which the rekey cannot make anew (the bodies are not kept): sent again after the rekey,
+    they are replays while the old key is listed, whichever key sealed an event's
+    fingerprint since (the sealing job runs before and after the key is replaced)."""
+    db = own_database
+    with secret_keys(monkeypatch, OLD):
+        program_id = program_with_member(db)
+        # given orders stored by the releases before fingerprints were sealed (the unkeyed
+        # digest, then the bare keyed one), sealed by the job under the old key
+        orders = orders_stored_before(db, program_id)
+        assert jobs.run(db, SEAL, program_id=program_id).figures == {"sealed": 3}
+        # and two more stored so, left for the job to seal after the key is replaced
+        later = [order_event(db, f"o{n}", order_id=f"A{n}") for n in (4, 5)]
+        ids = [send(db, program_id, event).id for event in later]
+        payloads = [stored(db, event_id).payload for event_id in ids]
+        store_as(db, {
+            ids[0]: unkeyed(later[0], payloads[0]),
+            ids[1]: crypto.event_fingerprint(canonical(later[1], payloads[1])),
+        })  # fmt: skip
+        orders += list(zip(later, ids, strict=True))
+        # and an order stored as this release stores it, sealed
+        sent = order_event(db, "o6", order_id="A6")
+        orders.append((sent, send(db, program_id, sent).id))
+        # and a registration answered under an Idempotency-Key
+        program_code = db.run(
+            lambda uow: uow.conn.execute(
+                select(programs.c.code).where(programs.c.id == program_id)
+            ).scalar_one()
+        )
+        operator = support.staff(db, "super_admin")
+        registration = {**support.key(), **operator}
+        base = f"/v1/programs/{program_code}/members"
+        with TestClient(create_app(db, api_settings())) as client:
+            first = client.post(base, json={"external_ref": "R1"}, headers=registration)
+            assert first.status_code == 201, first.text
+
+    with secret_keys(monkeypatch, NEW, OLD):
+        # when the key is replaced, the rekey run and the job seal what is left
+        code, output = rekey(db)
+        assert code == 0, output
+        assert "events and stored answers" in output, output
+        next_night = db.clock.now() + timedelta(days=1)
+        assert jobs.run(db, SEAL, program_id=program_id, now=next_night).figures == {"sealed": 2}
+        # then each order sent again is a replay, and another content under its id refused
+        assert_known_again(db, program_id, orders)
+        # and the registration sent again is replayed
+        with TestClient(create_app(db, api_settings())) as client:
+            again = client.post(base, json={"external_ref": "R1"}, headers=registration)
+            assert again.status_code == 201, again.text
+            assert again.headers.get("Idempotent-Replayed") == "true"
+            other = client.post(base, json={"external_ref": "R2"}, headers=registration)
+            assert other.status_code == 409, other.text
+
+    # and the order the job sealed under the new key from the unkeyed digest is known
+    # under the new key alone
+    with secret_keys(monkeypatch, NEW):
+        assert_known_again(db, program_id, [orders[3]])
 
 
 def _member_with_a_phone(database: Database) -> None:

@@ -643,11 +643,14 @@ def _require_current_key() -> None:
         "encrypt and hash anew under the current key the phone and ID numbers, TOTP seeds, "
         "webhook secrets and outbox addresses still under an old key. Safe to run again; "
         "--dry-run counts them and changes nothing. API keys, sessions and one-time codes are "
-        "kept as hashes only: they are recognised under an old key while it stays listed.",
+        "kept as hashes only, and events and stored answers (Idempotency-Key) keep only "
+        "fingerprints of what was sent: they are recognised under an old key while it stays "
+        "listed (an event or request sent again is a replay, not a conflict).",
         "更换 JIFEN_SECRET_KEY 并把旧密钥写入 JIFEN_PREVIOUS_SECRET_KEYS 之后:把仍在旧密钥下"
         "加密或哈希的手机号、证件号、动态码种子、Webhook 密钥和发件箱地址改用当前密钥重新加密和"
-        "哈希。可重复运行;--dry-run 只统计、不改动。API 密钥、会话和一次性验证码只保存哈希:"
-        "旧密钥仍列出时,它们照常可用。",
+        "哈希。可重复运行;--dry-run 只统计、不改动。API 密钥、会话和一次性验证码只保存哈希,"
+        "事件和已存应答(Idempotency-Key)只保存所发内容的指纹:旧密钥仍列出时,它们照常可用"
+        "(再次发送的事件或请求按重放处理,而非冲突)。",
     ),
 )
 def keys_rekey(
@@ -695,7 +698,21 @@ def keys_rekey(
                 ),
                 markup=False,
             )
-        if not crypto.rotating() and total == 0:
+        if crypto.rotating():
+            out.print(
+                _say(
+                    "events and stored answers (Idempotency-Key) keep only keyed fingerprints "
+                    "of what was sent, which cannot be made anew without it: those stored "
+                    "under a previous key are recognised when sent again (a replay, not a "
+                    "conflict) while that key stays in JIFEN_PREVIOUS_SECRET_KEYS, as API "
+                    "keys, sessions and one-time codes are",
+                    "事件和已存应答(Idempotency-Key)只保存所发内容的带密钥指纹,没有原文无法"
+                    "重新生成:在旧密钥下保存的,只要该密钥仍在 JIFEN_PREVIOUS_SECRET_KEYS 中,"
+                    "再次发送时仍按重放处理(而非冲突),API 密钥、会话和一次性验证码也是如此",
+                ),
+                markup=False,
+            )
+        elif total == 0:
             out.print(
                 _say(
                     "no previous key is configured (JIFEN_PREVIOUS_SECRET_KEYS): "

@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     hashed under them is still read and recognised (a phone looked up, an API key or a
     session checked, a request or event sent again known) while ``jifen keys rekey`` moves
     the stored personal data and secrets to the current key. API keys, sessions and
-    one-time codes are kept only as hashes, which nothing can move: they are recognised
-    under an old key as long as it is listed here."""
+    one-time codes are kept only as hashes, and events and the API's stored answers only
+    as fingerprints of what was sent, which nothing can move: they are recognised under an
+    old key as long as it is listed here (an event or request sent again is a replay)."""
 
     redis_url: str = ""
     """When set (``redis://127.0.0.1:6379/0``), rate limits are shared through Redis by

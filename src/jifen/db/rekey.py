@@ -6,6 +6,12 @@ keys rekey`` then goes through each table holding such fields (the command names
 each an :class:`Encrypted`) chunk by chunk and encrypts and hashes anew what is still
 under a previous key, so that the old key can be retired. Rows already moved are left as
 they are: a run stopped part way is simply run again.
+
+What is kept only as a keyed digest of something jifen does not store cannot be moved:
+API key secrets, session tokens and one-time codes, and the fingerprints of events and of
+the requests behind the API's stored answers (digests of the bodies sent). Those are
+recognised under an old key while it stays listed; retiring it makes the API keys and
+sessions made under it unknown, and an event or request sent again a conflict.
 """
 
 from __future__ import annotations

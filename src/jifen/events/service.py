@@ -224,8 +224,7 @@ def _sealed(fingerprint: str) -> str:
     still known. A new event is stored sealed; the ones stored before are sealed by
     :func:`seal_fingerprints` (the job ``events.seal_fingerprints``), or by
     :func:`erase_fingerprints` when their member is erased first."""
-    keyed = crypto.event_fingerprint(SEALED_FINGERPRINT + fingerprint)
-    return SEALED_FINGERPRINT + keyed[: 64 - len(SEALED_FINGERPRINT)]
+    return _cut_seal(crypto.event_fingerprint(SEALED_FINGERPRINT + fingerprint))
 
 
 def _same_event(stored: str, event: EventIn, payload: Mapping[str, Any], keyed: str) -> bool:
@@ -234,32 +233,45 @@ def _same_event(stored: str, event: EventIn, payload: Mapping[str, Any], keyed: 
     fingerprints were keyed (worked out only when the keyed one does not match); either of
     them sealed (:func:`_sealed`) or, stored before sealing and not sealed yet, as it is.
     Compared in constant time."""
-    if stored.startswith(SEALED_FINGERPRINT):
-        if hmac.compare_digest(stored, _sealed(keyed)) or hmac.compare_digest(
-            stored, _sealed(_legacy_fingerprint(event, payload))
-        ):
-            return True
-    elif hmac.compare_digest(stored, keyed) or hmac.compare_digest(
-        stored, _legacy_fingerprint(event, payload)
-    ):
+    sealed = stored.startswith(SEALED_FINGERPRINT)
+    if hmac.compare_digest(stored, _sealed(keyed) if sealed else keyed):
         return True
-    return _same_under_earlier_keys(stored, _canonical(event, payload))
+    legacy = _legacy_fingerprint(event, payload)
+    if hmac.compare_digest(stored, _sealed(legacy) if sealed else legacy):
+        return True
+    return _same_under_earlier_keys(stored, _canonical(event, payload), legacy)
 
 
-def _same_under_earlier_keys(stored: str, canonical: str) -> bool:
-    """Whether ``stored`` is the fingerprint of ``canonical`` (sealed or not) under one of the
-    secret keys the current one replaced (``JIFEN_PREVIOUS_SECRET_KEYS``): an event stored
-    before the key changed is known when sent again."""
-    for i, earlier in enumerate(crypto.event_fingerprints(canonical)):
-        if not stored.startswith(SEALED_FINGERPRINT):
-            if hmac.compare_digest(stored, earlier):
-                return True
-            continue
-        seal = crypto.event_fingerprints(SEALED_FINGERPRINT + earlier)[i]
-        sealed = SEALED_FINGERPRINT + seal[: 64 - len(SEALED_FINGERPRINT)]
-        if hmac.compare_digest(stored, sealed):
-            return True
-    return False
+def _cut_seal(seal: str) -> str:
+    return SEALED_FINGERPRINT + seal[: 64 - len(SEALED_FINGERPRINT)]
+
+
+def _same_under_earlier_keys(stored: str, canonical: str, legacy: str) -> bool:
+    """Whether ``stored`` is the fingerprint of ``canonical`` (sealed or not) made with one
+    of the secret keys the current one replaced (``JIFEN_PREVIOUS_SECRET_KEYS``), or sealed
+    with one: an event stored before the key changed is known when sent again. The seal
+    and the fingerprint inside it need not be of the same key: an old key's bare
+    fingerprint (stored by the release before sealing) is sealed under the key current
+    when :func:`seal_fingerprints` or :func:`erase_fingerprints` come by, and the unkeyed
+    one (``legacy``) sealed before the key changed is sealed under the old key. Compared in
+    constant time."""
+    earlier = crypto.event_fingerprints(canonical)
+    if not earlier:
+        return False
+    if not stored.startswith(SEALED_FINGERPRINT):
+        return any(hmac.compare_digest(stored, fingerprint) for fingerprint in earlier)
+    seals = [
+        *crypto.event_fingerprints(SEALED_FINGERPRINT + legacy),
+        *(
+            seal
+            for fingerprint in earlier
+            for seal in (
+                crypto.event_fingerprint(SEALED_FINGERPRINT + fingerprint),
+                *crypto.event_fingerprints(SEALED_FINGERPRINT + fingerprint),
+            )
+        ),
+    ]
+    return any(hmac.compare_digest(stored, _cut_seal(seal)) for seal in seals)
 
 
 # --------------------------------------------------------------------------- ingest
