@@ -12,6 +12,8 @@ from jifen.jobs import service as jobs
 from jifen.notify import service as notify
 from jifen.notify.models import outbox
 from jifen.tiers import service as tiers
+from tests.factories import new_program
+from tests.notify.helpers import outbox_rows, settle
 from tests.rewards.shop import Shop
 from tests.tiers.scheme import scheme
 from tests.tiers.test_service import World
@@ -115,6 +117,35 @@ def test_restock_alerts_reach_staff_once_and_the_outbox_is_sent(db: Database) ->
     sent = jobs.run_global(db, "notify.deliver")
     assert sent["sent"] >= 1 and sent["dead"] == 0
     assert jobs.run_global(db, "notify.deliver")["sent"] == 0
+
+
+def test_the_outbox_job_run_for_a_programme_sends_only_that_programmes_messages(
+    db: Database,
+) -> None:
+    """Run for one programme (``jifen jobs run notify.deliver --program CODE``) the outbox
+    job sends that programme's messages and leaves the others' due; the worker's run sends
+    every programme's."""
+    settle(db)
+    ours, theirs = new_program(db).id, new_program(db).id
+
+    def text_ops(program_id: int) -> None:
+        db.run(lambda uow: notify.notify(uow, notify.Notification(
+            program_id=program_id, member_id=None, template="stock.low",
+            data={"phone": "13800138000", "reward": "r1", "left": 1, "safety_stock": 2},
+            key="ops-text", channels=("sms",),
+        )))  # fmt: skip
+
+    text_ops(ours)
+    text_ops(theirs)
+
+    def statuses(program_id: int) -> list[str]:
+        return [row.status for row in outbox_rows(db, program_id)]  # type: ignore[attr-defined]
+
+    report = jobs.run(db, "notify.deliver", program_id=ours)
+    assert report.figures["sent"] == 1
+    assert (statuses(ours), statuses(theirs)) == (["sent"], ["pending"])
+    assert jobs.run_global(db, "notify.deliver")["sent"] == 1
+    assert statuses(theirs) == ["sent"]
 
 
 def test_the_tier_jobs_leave_a_programme_without_a_scheme_alone(db: Database) -> None:

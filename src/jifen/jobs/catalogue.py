@@ -318,10 +318,12 @@ register(Job("rewards.restock_alerts", "Restock alerts to staff", "补货提醒"
 
 
 def _deliver(db: Database, program_id: int) -> dict[str, int]:
-    """Send what the outbox holds that is due (every programme's)."""
+    """Send what the outbox holds that is due: the programme's, or every programme's when
+    run for :data:`jobs_service.EVERY_PROGRAMME` (as the worker runs it)."""
     sent = {"sent": 0, "retrying": 0, "dead": 0, "lost": 0}
+    only = None if program_id == jobs_service.EVERY_PROGRAMME else program_id
     while True:
-        report = notify_service.deliver_due(db, limit=200)
+        report = notify_service.deliver_due(db, limit=200, program_id=only)
         for name in sent:
             sent[name] += getattr(report, name)
         if report.sent + report.retrying + report.dead + report.lost < 200:

@@ -46,7 +46,12 @@ from jifen.jobs.models import job_parts, job_runs
 ChunkFn = Callable[[UnitOfWork, int, int, int], core.Chunk]
 """(unit of work, programme id, cursor, chunk size) → what the chunk did."""
 WholeFn = Callable[[Database, int], dict[str, int]]
-"""(database with its clock at the run's moment, programme id) → figures."""
+"""(database with its clock at the run's moment, programme id) → figures. A job that
+serves every programme at once (the outbox) is given :data:`EVERY_PROGRAMME` by
+:func:`run_global`, and a programme's id when it is run for that programme alone."""
+
+EVERY_PROGRAMME = 0
+"""The programme id :func:`run_global` runs a job for: every programme (ids start at 1)."""
 PartEndsFn = Callable[[UnitOfWork, int, int], list[int]]
 """(unit of work, programme id, part size) → the key each part but the last ends at
 (keys are positive: the first part starts after 0, the last has no end)."""
@@ -431,7 +436,7 @@ def record_done(
 
 
 def run_global(db: Database, name: str) -> dict[str, int]:
-    """Run a job that serves every programme at once (the outbox)."""
+    """Run a job that serves every programme at once (the outbox), for every programme."""
     job = get(name)
     if job.whole is None:
         raise InvalidInput(
@@ -439,7 +444,7 @@ def run_global(db: Database, name: str) -> dict[str, int]:
             problem=f"{name} runs for one programme at a time",
             problem_zh=f"{name} 每次只能为一个计划运行",
         )
-    return job.whole(db, 0)
+    return job.whole(db, EVERY_PROGRAMME)
 
 
 def runs(

@@ -471,10 +471,11 @@ def _signing_secrets(row: Any, now: datetime) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _claim(uow: UnitOfWork, channels: Sequence[str]) -> _Claim | None:
-    """The next due message, taken for this sender (``sending``, under a lease). A webhook
-    delivery whose subscription is paused is not taken: it is held, still pending and due
-    at no time, until the subscription is resumed (:func:`update_webhook`)."""
+def _claim(uow: UnitOfWork, channels: Sequence[str], program_id: int | None) -> _Claim | None:
+    """The next due message (of the programme ``program_id``; None: of any), taken for this
+    sender (``sending``, under a lease). A webhook delivery whose subscription is paused is
+    not taken: it is held, still pending and due at no time, until the subscription is
+    resumed (:func:`update_webhook`)."""
     now = uow.clock.now()
     query = (
         select(outbox)
@@ -486,6 +487,8 @@ def _claim(uow: UnitOfWork, channels: Sequence[str]) -> _Claim | None:
         .order_by(outbox.c.next_attempt_at, outbox.c.id)
         .limit(1)
     )
+    if program_id is not None:
+        query = query.where(outbox.c.program_id == program_id)
     if uow.dialect == "postgresql":
         query = query.with_for_update(skip_locked=True)
     while True:
@@ -643,11 +646,13 @@ def deliver_due(
     limit: int = 100,
     senders: Senders | None = None,
     concurrency: int | None = None,
+    program_id: int | None = None,
 ) -> DeliveryReport:
-    """Send up to ``limit`` messages due at ``db.clock.now()``, each claimed and recorded
-    in its own short transaction (safe with several senders at once), ``concurrency`` at a
-    time (default ``JIFEN_DELIVERY_CONCURRENCY``): a slow receiver holds up one sending
-    thread, not the others. Emails wait, unclaimed, while there is no email sender (no
+    """Send up to ``limit`` messages due at ``db.clock.now()`` (of the programme
+    ``program_id``; None: of every programme), each claimed and recorded in its own short
+    transaction (safe with several senders at once), ``concurrency`` at a time (default
+    ``JIFEN_DELIVERY_CONCURRENCY``): a slow receiver holds up one sending thread, not the
+    others. Emails wait, unclaimed, while there is no email sender (no
     ``JIFEN_SMTP_HOST``)."""
     senders = senders or Senders.from_settings()
     threads = concurrency if concurrency is not None else get_settings().delivery_concurrency
@@ -656,15 +661,14 @@ def deliver_due(
     if senders.email is None:
 
         def waiting(uow: UnitOfWork) -> int:
-            return int(
-                uow.conn.execute(
-                    select(func.count()).where(
-                        outbox.c.channel == "email",
-                        outbox.c.next_attempt_at <= uow.clock.now(),
-                        outbox.c.status.in_(("pending", "sending")),
-                    )
-                ).scalar_one()
+            query = select(func.count()).where(
+                outbox.c.channel == "email",
+                outbox.c.next_attempt_at <= uow.clock.now(),
+                outbox.c.status.in_(("pending", "sending")),
             )
+            if program_id is not None:
+                query = query.where(outbox.c.program_id == program_id)
+            return int(uow.conn.execute(query).scalar_one())
 
         report.waiting_email = db.run(waiting, read_only=True)
         if report.waiting_email:
@@ -680,7 +684,7 @@ def deliver_due(
             if left[0] <= 0:
                 return False
             left[0] -= 1
-        claim = db.run(lambda uow: _claim(uow, channels))
+        claim = db.run(lambda uow: _claim(uow, channels, program_id))
         if claim is None:
             return False
         outcome = _send(db, claim, senders)
