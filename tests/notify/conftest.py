@@ -75,12 +75,17 @@ def smtp_server() -> Iterator[SmtpServer]:
 @dataclass
 class Receiver:
     """A webhook receiver: checks each request's signature against ``secrets`` at the
-    clock's time, answers 500 to the first ``fail_first`` good ones, then 200, and accepts
-    each ``Jifen-Delivery`` id once (a duplicate is answered 200 and dropped)."""
+    clock's time, answers 500 to the first ``fail_first`` good ones, then 200 (or
+    ``answer``), and accepts each ``Jifen-Delivery`` id once (a duplicate is answered 200
+    and dropped)."""
 
     clock: Clock
     secrets: list[str] = field(default_factory=list)
     fail_first: int = 0
+    answer: int | None = None
+    """Answered to every good request instead of 200 (410, a redirect…)."""
+    location: str | None = None
+    """The Location sent with ``answer``."""
     url: str = ""
     requests: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -101,6 +106,8 @@ class Receiver:
             if self.fail_first > 0:
                 self.fail_first -= 1
                 return 500
+            if self.answer is not None:
+                return self.answer
             delivery = headers[core.DELIVERY_HEADER]
             if all(seen["delivery"] != delivery for seen in self.accepted):
                 self.accepted.append({"delivery": delivery, "headers": headers, "body": body})
@@ -122,6 +129,8 @@ def receiver_factory() -> Iterator[Callable[..., Receiver]]:
                 receiver.paths.append(self.path)
                 status = receiver.handle(dict(self.headers.items()), body)
                 self.send_response(status)
+                if receiver.location is not None:
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

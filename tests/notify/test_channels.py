@@ -16,6 +16,8 @@ import pytest
 import trustme
 from sqlalchemy import select
 
+from jifen.audit import service as audit
+from jifen.audit.service import AuditFilter
 from jifen.clock import Clock, ManualClock
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import StateConflict, WebhookTargetRefused
@@ -363,6 +365,113 @@ def test_deliveries_held_by_a_pause_go_dead_when_the_subscription_is_deleted(
     clock.advance(timedelta(days=3))
     report = service.deliver_due(db, senders=_senders())
     assert (report.sent, report.dead, receiver.requests) == (0, 0, [])
+
+
+def _publish_two(db: Database, program_id: int) -> None:
+    for key in ("a", "b"):
+        db.run(
+            lambda uow, key=key: service.publish(
+                uow, program_id=program_id, event_type="points.earned", data={}, key=key
+            )
+        )
+
+
+def test_a_receiver_that_answers_410_gone_ends_the_delivery_and_pauses_the_subscription(
+    db: Database, clock: ManualClock, receiver_factory: Callable[[Clock], Receiver]
+) -> None:
+    program_id, receiver, created = _subscribed(db, clock, receiver_factory)
+    receiver.answer = 410
+    _publish_two(db, program_id)
+    # when the first delivery is answered 410 Gone
+    report = service.deliver_due(db, limit=1, senders=_senders())
+    # then it is given up at once, saying why, with no retry scheduled
+    assert (report.dead, report.retrying) == (1, 0)
+    first, _ = outbox_rows(db, program_id)
+    assert (first.status, first.attempts, first.next_attempt_at) == ("dead", 1, None)
+    assert "410 Gone" in (first.last_error or "")
+    # and the subscription is paused: its other delivery waits, and nothing more is sent
+    webhook = db.run(
+        lambda uow: service.get_webhook(uow, program_id=program_id, webhook_id=created.id)
+    )
+    assert webhook.active is False
+    clock.advance(timedelta(days=3))
+    later = service.deliver_due(db, senders=_senders())
+    assert (later.sent, later.dead, len(receiver.requests)) == (0, 0, 1)
+    (_, held) = outbox_rows(db, program_id)
+    assert (held.status, held.next_attempt_at, held.attempts) == ("pending", None, 0)
+    # the delivery log and the audit log say why
+    (_, delivery), _ = db.run(
+        lambda uow: service.list_deliveries(uow, program_id=program_id, webhook_id=created.id)
+    )
+    assert [(a.status_code, "410 Gone" in (a.error or "")) for a in delivery.attempt_log] == [
+        (410, True)
+    ]
+    entries, _ = db.run(
+        lambda uow: audit.search(
+            uow, AuditFilter(programs=[program_id], target=f"webhook:{created.id}")
+        ),
+        read_only=True,
+    )
+    (paused,) = [e for e in entries if e.actor == "system"]
+    assert paused.after is not None and paused.after["active"] is False
+    assert "410 Gone" in paused.after["reason"]
+    # once the receiver is back and the subscription resumed, the held delivery goes
+    receiver.answer = None
+    db.run(
+        lambda uow: service.update_webhook(
+            uow, program_id=program_id, webhook_id=created.id, body=WebhookUpdate(active=True)
+        )
+    )
+    assert service.deliver_due(db, senders=_senders()).sent == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_receiver_that_redirects_fails_the_delivery_at_once_naming_where_to(
+    db: Database,
+    clock: ManualClock,
+    receiver_factory: Callable[[Clock], Receiver],
+    status: int,
+) -> None:
+    program_id, receiver, created = _subscribed(db, clock, receiver_factory)
+    receiver.answer, receiver.location = status, "https://hooks.example.com/jifen/v2"
+    _publish_two(db, program_id)
+    report = service.deliver_due(db, senders=_senders())
+    # both deliveries are given up at once: the redirect is not followed, nor retried
+    assert (report.dead, report.retrying, report.sent) == (2, 0, 0)
+    assert len(receiver.requests) == 2
+    rows = outbox_rows(db, program_id)
+    assert [(r.status, r.attempts, r.next_attempt_at) for r in rows] == [("dead", 1, None)] * 2
+    error = rows[0].last_error or ""
+    assert "redirected to https://hooks.example.com/jifen/v2" in error
+    assert "update the subscription's URL" in error
+    deliveries, _ = db.run(
+        lambda uow: service.list_deliveries(uow, program_id=program_id, webhook_id=created.id)
+    )
+    assert {a.status_code for d in deliveries for a in d.attempt_log} == {status}
+    # a redirect is no reason to pause the subscription
+    webhook = db.run(
+        lambda uow: service.get_webhook(uow, program_id=program_id, webhook_id=created.id)
+    )
+    assert webhook.active is True
+
+
+@pytest.mark.parametrize("status", [401, 404, 408, 429, 503])
+def test_other_failing_answers_are_tried_again_later(
+    db: Database,
+    clock: ManualClock,
+    receiver_factory: Callable[[Clock], Receiver],
+    status: int,
+) -> None:
+    program_id, receiver, _ = _subscribed(db, clock, receiver_factory)
+    receiver.answer = status
+    db.run(lambda uow: service.publish(
+        uow, program_id=program_id, event_type="points.earned", data={}, key="k"
+    ))  # fmt: skip
+    report = service.deliver_due(db, senders=_senders())
+    assert (report.retrying, report.dead) == (1, 0)
+    (row,) = outbox_rows(db, program_id)
+    assert row.status == "pending" and row.next_attempt_at is not None
+    assert row.last_error == f"the receiver answered HTTP {status}"
 
 
 def test_a_receiver_whose_address_has_chinese_in_its_path_gets_its_events(

@@ -35,6 +35,19 @@ class PermanentFailure(Exception):
     """The attempt cannot succeed by being repeated."""
 
 
+class Redirected(PermanentFailure):
+    """A webhook receiver answered with a redirect (3xx). A signed delivery is not sent on
+    to another address than the one subscribed: the subscription's URL needs updating."""
+
+    def __init__(self, status: int, location: str | None) -> None:
+        self.status, self.location = status, location
+        where = f"to {location}" if location else "(without saying where: no Location)"
+        super().__init__(
+            f"the endpoint redirected {where} (HTTP {status}); signed deliveries do not follow "
+            "redirects: update the subscription's URL"
+        )
+
+
 class RecipientRefused(Exception):
     """The mail server refused a recipient for now (4xx): tried again later."""
 
@@ -157,7 +170,8 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 class HttpWebhookSender:
-    """POSTs over HTTP(S) with short timeouts, following no redirects. The host name is
+    """POSTs over HTTP(S) with short timeouts, following no redirects (a redirect is
+    :class:`Redirected`, which no retry mends). The host name is
     resolved on every attempt and refused when any of its addresses is private, loopback,
     link-local or reserved (unless the subscription allows it); the connection then goes to
     the addresses that were checked, each in turn until one takes it."""
@@ -213,6 +227,7 @@ class HttpWebhookSender:
         try:
             connection.request("POST", target.path, body=body, headers=dict(headers))
             answer = connection.getresponse()
+            location = answer.getheader("Location")
             answer.read(MAX_ANSWER_BYTES)
         except (OSError, http.client.HTTPException):
             if not late.is_set():
@@ -222,6 +237,8 @@ class HttpWebhookSender:
             connection.close()
         if late.is_set():  # what was read of a cut answer says nothing
             raise TimeoutError(f"the receiver did not answer within {self.deadline:g} s")
+        if 300 <= answer.status < 400:
+            raise Redirected(answer.status, location)
         return answer.status
 
 

@@ -46,6 +46,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, String, and_, bindparam, case, func, or_, select, update
 
 from jifen import crypto
+from jifen.audit import service as audit_service
+from jifen.audit.schemas import AuditEntryCreate
 from jifen.db import bulk
 from jifen.db.prepared import Prepared, Read
 from jifen.db.uow import Database, UnitOfWork
@@ -83,6 +85,7 @@ from jifen.notify.schemas import (
 from jifen.notify.senders import (
     EmailSender,
     PermanentFailure,
+    Redirected,
     Resolver,
     Senders,
     SmsGateway,
@@ -126,6 +129,10 @@ CHANNELS = ("inbox", "email", "sms")
 
 _ERROR_CHARS = 500
 _SUBSCRIPTION_DELETED = "the webhook subscription was deleted"
+_GONE = (
+    "the receiver answered HTTP 410 Gone: the endpoint no longer exists, so the "
+    "subscription was paused (its other deliveries wait); give it a working URL and resume it"
+)
 
 
 @dataclass(frozen=True)
@@ -462,6 +469,8 @@ class _Outcome:
     status_code: int | None = None
     duration_ms: int = 0
     permanent: bool = False
+    gone: bool = False
+    """The receiver answered 410 Gone: the subscription is paused (:data:`_GONE`)."""
 
 
 def _signing_secrets(row: Any, now: datetime) -> tuple[str, ...]:
@@ -580,10 +589,20 @@ def _send(db: Database, claim: _Claim, senders: Senders) -> _Outcome:
         )
         if 200 <= status < 300:
             return _Outcome(ok=True, status_code=status, duration_ms=elapsed())
+        if 300 <= status < 400:  # a sender that reads no Location
+            raise Redirected(status, None)
+        if status == 410:
+            return _Outcome(ok=False, status_code=status, duration_ms=elapsed(),
+                            error=_GONE, permanent=True, gone=True)  # fmt: skip
+        # Any other answer may mend (a receiver being deployed, 404 or 401 for a moment;
+        # 408, 429 and 5xx by their meaning): tried again on the backoff schedule.
         return _Outcome(
             ok=False, status_code=status, duration_ms=elapsed(),
             error=f"the receiver answered HTTP {status}",
         )  # fmt: skip
+    except Redirected as exc:
+        return _Outcome(ok=False, status_code=exc.status, error=str(exc)[:_ERROR_CHARS],
+                        duration_ms=elapsed(), permanent=True)  # fmt: skip
     except PermanentFailure as exc:
         return _Outcome(ok=False, error=_masked(str(exc), claim)[:_ERROR_CHARS],
                         duration_ms=elapsed(), permanent=True)  # fmt: skip
@@ -629,6 +648,8 @@ def _record(uow: UnitOfWork, *, claim: _Claim, outcome: _Outcome) -> str:
     if claim.channel == "webhook":
         assert claim.subscription_id is not None
         assert claim.program_id is not None
+        if outcome.gone:
+            _pause_gone(uow, claim.program_id, claim.subscription_id)
         uow.conn.execute(
             webhook_attempts.insert().values(
                 program_id=claim.program_id, subscription_id=claim.subscription_id,
@@ -638,6 +659,29 @@ def _record(uow: UnitOfWork, *, claim: _Claim, outcome: _Outcome) -> str:
             )
         )  # fmt: skip
     return result if changed else "lost"
+
+
+def _pause_gone(uow: UnitOfWork, program_id: int, subscription_id: int) -> None:
+    """Pause a subscription whose receiver answered 410 Gone (if it is live and not paused
+    already), recording why in the audit log: its queued deliveries wait, as for a pause by
+    staff, until it is resumed."""
+    paused = uow.conn.execute(
+        update(webhook_subscriptions)
+        .where(webhook_subscriptions.c.id == subscription_id, *_LIVE)
+        .values(active=False, updated_at=uow.clock.now())
+    ).rowcount
+    if not paused:
+        return
+    _forget_subscriptions(uow, program_id)
+    log.warning("webhook %s of programme %s: %s", subscription_id, program_id, _GONE)
+    audit_service.record(
+        uow,
+        AuditEntryCreate(
+            program_id=program_id, actor="system", action="webhooks.write",
+            target=f"webhook:{subscription_id}", before={"active": True},
+            after={"active": False, "reason": _GONE},
+        ),
+    )  # fmt: skip
 
 
 def deliver_due(
