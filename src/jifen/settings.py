@@ -6,9 +6,15 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jifen.errors import Refusal
+
+SmtpTls = Literal["none", "starttls", "implicit"]
+"""How a connection to the SMTP server is secured."""
 
 
 def system_language() -> str:
@@ -105,13 +111,42 @@ class Settings(BaseSettings):
     """The From header of notification emails."""
 
     smtp_starttls: bool = True
-    """Upgrade the SMTP connection with STARTTLS before signing in."""
+    """Upgrade the SMTP connection with STARTTLS before signing in (when ``smtp_tls`` is
+    not given and the port is not 465)."""
+
+    smtp_tls: Literal["", "none", "starttls", "implicit"] = ""
+    """How the SMTP connection is secured: ``implicit`` (SMTPS: TLS from the first byte,
+    as on port 465), ``starttls`` (a plain connection upgraded before signing in, as on
+    port 587) or ``none``. Empty: ``implicit`` on port 465, otherwise as ``smtp_starttls``
+    says."""
+
+    smtp_ca_file: str = ""
+    """A PEM file of the authorities the SMTP server's certificate is checked against
+    (a private mail server's); empty: the system's trusted authorities."""
 
     webhook_timeout_seconds: float = 5.0
     """How long a webhook receiver has to connect and answer before the attempt fails."""
 
     delivery_concurrency: int = Field(4, ge=1, le=64)
     """How many outbox messages the sender sends at once (a slow receiver holds up one)."""
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _readable_ca_file(cls, value: str) -> str:
+        if value and not os.access(value, os.R_OK):
+            raise Refusal(
+                f"{value} is not a file jifen can read (a PEM file of authorities)",
+                f"无法读取文件 {value}(应为 PEM 格式的证书颁发机构文件)",
+            )
+        return value
+
+    def resolved_smtp_tls(self) -> SmtpTls:
+        """``smtp_tls``, or what it is taken to be when not given."""
+        if self.smtp_tls == "":
+            if self.smtp_port == 465:
+                return "implicit"
+            return "starttls" if self.smtp_starttls else "none"
+        return self.smtp_tls
 
     def resolved_database_url(self) -> str:
         return normalise_database_url(self.database_url) or (

@@ -1,5 +1,5 @@
-"""Real receivers started by the tests: an SMTP server (aiosmtpd) and an HTTP webhook
-receiver that checks every signature, both on 127.0.0.1."""
+"""Real receivers started by the tests: an SMTP server (aiosmtpd, plain or over TLS) and
+an HTTP webhook receiver that checks every signature, both on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiosmtpd.controller import Controller
 
 from jifen.clock import Clock
@@ -68,6 +70,30 @@ def smtp_server() -> Iterator[SmtpServer]:
     controller.start()
     try:
         yield SmtpServer(controller.hostname, controller.port, handler)
+    finally:
+        controller.stop()
+
+
+@dataclass
+class SmtpsServer(SmtpServer):
+    ca_file: str
+    """A PEM file of the authority its certificate is signed by."""
+
+
+@pytest.fixture
+def smtps_server(tmp_path: Path) -> Iterator[SmtpsServer]:
+    """A real SMTP server on loopback speaking TLS from the first byte (SMTPS, implicit
+    TLS), with a certificate for 127.0.0.1 from a throwaway authority."""
+    authority = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(tls)
+    ca_file = tmp_path / "smtp-ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    handler = _Collect()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), ssl_context=tls)
+    controller.start()
+    try:
+        yield SmtpsServer(controller.hostname, controller.port, handler, str(ca_file))
     finally:
         controller.stop()
 

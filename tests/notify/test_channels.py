@@ -26,8 +26,9 @@ from jifen.notify.models import webhook_subscriptions
 from jifen.notify.schemas import WebhookCreate, WebhookUpdate
 from jifen.notify.senders import HttpWebhookSender, Senders, SmtpEmailSender
 from jifen.notify.service import Notification
+from jifen.settings import Settings
 from tests.factories import new_program
-from tests.notify.conftest import Receiver, SmtpServer
+from tests.notify.conftest import Receiver, SmtpServer, SmtpsServer
 from tests.notify.helpers import member, outbox_rows, public_resolver, settle
 from tests.points.test_concurrency import run_together
 
@@ -52,7 +53,7 @@ def test_templated_emails_in_chinese_and_english_reach_a_real_smtp_server(
         db.run(lambda uow, n=note: service.notify(uow, n))
     smtp = SmtpEmailSender(
         host=smtp_server.host, port=smtp_server.port, sender="积分 <points@example.com>",
-        starttls=False,
+        tls="none",
     )  # fmt: skip
     # when the sender runs
     report = service.deliver_due(db, senders=Senders(email=smtp))
@@ -87,7 +88,7 @@ def test_a_line_break_in_what_a_subject_shows_cannot_add_headers_or_hold_up_the_
     db.run(lambda uow: service.notify(uow, note))
     smtp = SmtpEmailSender(
         host=smtp_server.host, port=smtp_server.port, sender="points@example.com",
-        starttls=False,
+        tls="none",
     )  # fmt: skip
     # when the sender runs, the email goes out at once, on one subject line, to the member only
     report = service.deliver_due(db, senders=Senders(email=smtp))
@@ -111,12 +112,70 @@ def test_an_email_carries_its_date_and_sender_as_every_email_must(
     db.run(lambda uow: service.notify(uow, note))
     clock.advance(timedelta(minutes=3))
     smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
-                           starttls=False)  # fmt: skip
+                           tls="none")  # fmt: skip
     assert service.deliver_due(db, senders=Senders(email=smtp)).sent == 1
     (got,) = smtp_server.inbox.messages
     # RFC 5322 3.6: the origination date and the originator are the two required fields
     assert got["Date"] is not None and got["Date"].datetime == clock.now()
     assert got["From"] == "p@example.com"
+
+
+def test_an_email_reaches_a_server_speaking_implicit_tls_trusting_the_configured_authority(
+    db: Database, smtps_server: SmtpsServer
+) -> None:
+    """``JIFEN_SMTP_TLS=implicit`` (SMTPS, port 465) speaks TLS from the first byte, and
+    checks the server's certificate against ``JIFEN_SMTP_CA_FILE``'s authorities."""
+    settle(db)
+    program = new_program(db)
+    who = member(db, program.id, email="li@example.com")
+    db.run(lambda uow: service.notify(uow, Notification(
+        program_id=program.id, member_id=who, template="points.earned",
+        data={"points": 5, "balance": 5}, key="tls-1", channels=("email",),
+    )))  # fmt: skip
+    settings = Settings(
+        smtp_host=smtps_server.host, smtp_port=smtps_server.port, smtp_from="p@example.com",
+        smtp_tls="implicit", smtp_ca_file=smtps_server.ca_file,
+    )  # fmt: skip
+    report = service.deliver_due(db, senders=Senders.from_settings(settings))
+    assert (report.sent, report.errors) == (1, [])
+    (got,) = smtps_server.inbox.messages
+    assert got["To"] == "li@example.com" and got["Subject"] == "您获得了 5 积分"
+
+
+def test_an_smtps_server_whose_authority_is_not_trusted_is_not_sent_to(
+    db: Database, smtps_server: SmtpsServer
+) -> None:
+    settle(db)
+    program = new_program(db)
+    who = member(db, program.id, email="li@example.com")
+    db.run(lambda uow: service.notify(uow, Notification(
+        program_id=program.id, member_id=who, template="points.earned",
+        data={"points": 5, "balance": 5}, key="tls-2", channels=("email",),
+    )))  # fmt: skip
+    # with no authority configured, the system's are trusted, and they do not know it
+    untrusting = Settings(
+        smtp_host=smtps_server.host, smtp_port=smtps_server.port, smtp_tls="implicit"
+    )
+    report = service.deliver_due(db, senders=Senders.from_settings(untrusting))
+    assert (report.sent, report.retrying) == (0, 1)
+    assert "CERTIFICATE_VERIFY_FAILED" in report.errors[0]
+    assert smtps_server.inbox.messages == []
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"smtp_port": 465}, "implicit"),
+        ({"smtp_port": 587}, "starttls"),
+        ({"smtp_port": 25, "smtp_starttls": False}, "none"),
+        ({"smtp_port": 465, "smtp_tls": "starttls"}, "starttls"),
+        ({"smtp_port": 2465, "smtp_tls": "implicit"}, "implicit"),
+    ],
+)
+def test_the_smtp_tls_mode_is_implicit_on_port_465_unless_told(
+    given: dict[str, Any], expected: str
+) -> None:
+    assert Settings(**given).resolved_smtp_tls() == expected
 
 
 def _one_email_queued(
@@ -133,7 +192,7 @@ def _one_email_queued(
     )  # fmt: skip
     db.run(lambda uow: service.notify(uow, note))
     smtp = SmtpEmailSender(host=smtp_server.host, port=smtp_server.port, sender="p@example.com",
-                           starttls=False)  # fmt: skip
+                           tls="none")  # fmt: skip
     return program.id, smtp
 
 

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from jifen.members.core import mask_phone
 from jifen.notify import core
-from jifen.settings import Settings, get_settings
+from jifen.settings import Settings, SmtpTls, get_settings
 
 sms_log = logging.getLogger("jifen.sms")
 
@@ -70,8 +70,9 @@ class WebhookSender(Protocol):
 
 
 class SmtpEmailSender:
-    """Email through an SMTP server (``JIFEN_SMTP_*`` settings). A recipient the server
-    refuses for good (5xx) is a :class:`PermanentFailure`."""
+    """Email through an SMTP server (``JIFEN_SMTP_*`` settings), over TLS from the first
+    byte (``implicit``, SMTPS), upgraded with STARTTLS, or plain (``none``). A recipient
+    the server refuses for good (5xx) is a :class:`PermanentFailure`."""
 
     def __init__(
         self,
@@ -81,19 +82,34 @@ class SmtpEmailSender:
         sender: str,
         user: str = "",
         password: str = "",
-        starttls: bool = True,
+        tls: SmtpTls = "starttls",
+        context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.host, self.port, self.sender = host, port, sender
         self.user, self.password = user, password
-        self.starttls, self.timeout = starttls, timeout
+        self.tls, self.timeout = tls, timeout
+        self.context = context if context is not None else ssl.create_default_context()
+        """How the server's certificate is checked: the system's authorities by default."""
+
+    def _connect(self) -> smtplib.SMTP:
+        if self.tls == "implicit":
+            return smtplib.SMTP_SSL(
+                self.host, self.port, timeout=self.timeout, context=self.context
+            )
+        smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        if self.tls == "starttls":
+            try:
+                smtp.starttls(context=self.context)
+            except BaseException:
+                smtp.close()
+                raise
+        return smtp
 
     def send(self, message: EmailMessage) -> None:
         if "From" not in message:
             message["From"] = self.sender
-        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-            if self.starttls:
-                smtp.starttls(context=ssl.create_default_context())
+        with self._connect() as smtp:
             if self.user:
                 smtp.login(self.user, self.password)
             try:
@@ -257,9 +273,10 @@ class Senders:
         settings = settings or get_settings()
         email = None
         if settings.smtp_host:
+            context = ssl.create_default_context(cafile=settings.smtp_ca_file or None)
             email = SmtpEmailSender(
                 host=settings.smtp_host, port=settings.smtp_port, sender=settings.smtp_from,
                 user=settings.smtp_user, password=settings.smtp_password,
-                starttls=settings.smtp_starttls,
+                tls=settings.resolved_smtp_tls(), context=context,
             )  # fmt: skip
         return cls(email=email, webhook=HttpWebhookSender(timeout=settings.webhook_timeout_seconds))
