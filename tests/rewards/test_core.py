@@ -174,32 +174,36 @@ def test_early_access_24_hours_for_higher_tiers_and_the_window() -> None:
     start = NOW + timedelta(hours=10)
     limited = reward(sales_start=start, sales_end=start + timedelta(days=7),
                      early_access={"金卡": 24, "钻石": 24})  # fmt: skip
-    core.check_on_sale(limited, state="active", tier="金卡", now=NOW)
+    core.check_on_sale(limited, state="active", tier="金卡", now=NOW, zone="UTC")
     with pytest.raises(NotOnSale, match="may redeem earlier"):
-        core.check_on_sale(limited, state="active", tier="普通", now=NOW)
-    core.check_on_sale(limited, state="active", tier="普通", now=start)
+        core.check_on_sale(limited, state="active", tier="普通", now=NOW, zone="UTC")
+    core.check_on_sale(limited, state="active", tier="普通", now=start, zone="UTC")
     with pytest.raises(NotOnSale, match="ended"):
-        core.check_on_sale(limited, state="active", tier="金卡", now=start + timedelta(days=7))
+        core.check_on_sale(
+            limited, state="active", tier="金卡", now=start + timedelta(days=7), zone="UTC"
+        )
     with pytest.raises(NotOnSale, match="paused"):
-        core.check_on_sale(limited, state="paused", tier="金卡", now=start)
+        core.check_on_sale(limited, state="paused", tier="金卡", now=start, zone="UTC")
     with pytest.raises(TierNotAllowed):
-        core.check_on_sale(reward(visible_tiers=["钻石"]), state="active", tier="金卡", now=NOW)
+        core.check_on_sale(
+            reward(visible_tiers=["钻石"]), state="active", tier="金卡", now=NOW, zone="UTC"
+        )
 
 
 def test_a_member_told_to_wait_hears_only_of_tiers_that_open_before_it() -> None:
     start = NOW + timedelta(hours=48)
     staged = reward(sales_start=start, early_access={"钻石": 36, "金卡": 24, "银卡": 12})
     with pytest.raises(NotOnSale) as gold:
-        core.check_on_sale(staged, state="active", tier="金卡", now=NOW)
+        core.check_on_sale(staged, state="active", tier="金卡", now=NOW, zone="UTC")
     assert "Members of 钻石 may redeem earlier." in gold.value.message("en")
     assert "钻石会员可更早兑换" in gold.value.message("zh")
     assert "银卡" not in gold.value.message("en") + gold.value.message("zh")  # opens later
     with pytest.raises(NotOnSale) as silver:
-        core.check_on_sale(staged, state="active", tier="银卡", now=NOW)
+        core.check_on_sale(staged, state="active", tier="银卡", now=NOW, zone="UTC")
     assert "Members of 钻石, 金卡 may redeem earlier." in silver.value.message("en")
     assert "钻石、金卡会员可更早兑换" in silver.value.message("zh")
     with pytest.raises(NotOnSale) as first:
-        core.check_on_sale(staged, state="active", tier="钻石", now=NOW)
+        core.check_on_sale(staged, state="active", tier="钻石", now=NOW, zone="UTC")
     assert "earlier" not in first.value.message("en")
     assert "更早" not in first.value.message("zh")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
@@ -24,6 +25,9 @@ from jifen.rewards.models import reward_orders
 from jifen.rewards.schemas import OrderRead, RedemptionPolicy
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+"""The time zone of the shop's programme, in which its refusals name their times."""
 
 KETTLE: dict[str, Any] = {"points": 1000, "cash_fen": 9000, "stock": 5}
 """90 yuan + 1,000 points (800 for 金卡), goods shipped."""
@@ -189,9 +193,9 @@ def test_a_payment_for_an_order_not_awaiting_one_is_refused_with_the_amount_to_r
     pay(shop, paid.id, "wx-1")
     plain = shop.redeem(member, mug.code)
     before = (shop.counts(), balance(db, member))
+    due = order.pay_by.astimezone(SHANGHAI).isoformat() if order.pay_by else ""
     refusals = [
-        (order.id, "wx-9", f"was cancelled before it was paid (its payment was due by "
-                           f"{order.pay_by.isoformat() if order.pay_by else ''})"),
+        (order.id, "wx-9", f"was cancelled before it was paid (its payment was due by {due})"),
         (paid.id, "wx-9", "is already paid, by payment 'wx-1'"),
         (plain.id, "wx-9", "is created, not awaiting payment"),
     ]  # fmt: skip
@@ -410,7 +414,7 @@ def test_a_payment_after_the_event_started_is_refused_with_the_refund_and_change
         pay(shop, order.id, "wx-late", 1000)
     said = str(refused.value)
     assert "refund payment 'wx-late' of 1000 fen" in said, said
-    assert f"lapses at {order.pay_by.isoformat()}" in said  # type: ignore[union-attr]
+    assert f"lapses at {order.pay_by.astimezone(SHANGHAI).isoformat()}" in said  # type: ignore[union-attr]
     assert "请退还支付 'wx-late' 的 1000 分" in refused.value.message("zh")
     assert (shop.counts(), balance(db, member)) == before
     assert order_of(shop, order.id).state == "awaiting_payment"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
@@ -31,6 +32,7 @@ from jifen.errors import (
 )
 from jifen.ledger import SystemAccount
 from jifen.members.models import members as members_table
+from jifen.notify import service as notify
 from jifen.points import integrity
 from jifen.points import service as points
 from jifen.points.models import accounts, lots
@@ -41,6 +43,8 @@ from jifen.rewards.models import rewards as rewards_table
 from jifen.rewards.schemas import RedemptionCreate
 from tests.factories import assert_ledger_sound
 from tests.rewards.shop import Shop
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
 def clock(db: Database) -> ManualClock:
@@ -237,6 +241,53 @@ def test_early_access_for_gold_and_diamond_and_the_sales_window(db: Database) ->
         shop.redeem(gold, drop.code)
 
 
+def test_times_a_member_is_told_are_in_the_programmes_time_zone(db: Database) -> None:
+    """An Asia/Shanghai programme's refusals, order notes and messages name their times at
+    +08:00, as its members and staff read a clock, not in UTC."""
+    shop = Shop.open(db)  # Asia/Shanghai
+    (diamond,) = shop.member(20000, tier="钻石")
+    (plain,) = shop.member(5000, tier="普通")
+
+    def local(moment: Any) -> str:
+        return str(moment.astimezone(SHANGHAI).isoformat())
+
+    def said(refused: pytest.ExceptionInfo[Any]) -> str:
+        return f"{refused.value.message('en')} {refused.value.message('zh')}"
+
+    # a reward that opens later: when it opens
+    start = clock(db).now() + timedelta(hours=12)
+    drop = shop.reward(points=100, sales_start=start, sales_end=start + timedelta(days=2))
+    with pytest.raises(NotOnSale) as refused:
+        shop.redeem(plain, drop.code)
+    assert said(refused).count(f"{local(start)}") == 2 and "+08:00" in local(start)
+    assert "+00:00" not in said(refused)
+    # a redemption in its cooling-off: until when, in the refusal and the order's note
+    watch = shop.reward(points=10000, stock=3)
+    order = shop.redeem(diamond, watch.code)
+    until = local(order.hold_until)
+    assert order.steps[0].note == f"cooling-off until {until}"
+    with pytest.raises(StateConflict) as early:
+        db.run(lambda uow: rewards.confirm_held(
+            uow, program_id=shop.program_id, member_id=diamond, order_id=order.id, actor="m"
+        ))  # fmt: skip
+    assert said(early).count(until) == 2 and "+00:00" not in said(early)
+    # a voucher past its validity: when it expired, refused and told to the member
+    coupon = shop.reward(kind="coupon", points=500, coupon={"amount_fen": 2000})
+    voucher = shop.redeem(plain, coupon.code).voucher
+    assert voucher is not None
+    clock(db).advance(timedelta(days=91))
+    with pytest.raises(VoucherNotUsable) as lapsed:
+        shop.use(voucher.code, None)
+    assert said(lapsed).count(local(voucher.valid_until)) == 2
+    assert "+00:00" not in said(lapsed)
+    db.run(lambda uow: rewards.expire_vouchers(uow, program_id=shop.program_id))
+    (told,), _ = db.run(lambda uow: notify.list_inbox(
+        uow, program_id=shop.program_id, member_id=plain, limit=5
+    ))  # fmt: skip
+    assert f"已于 {local(voucher.valid_until)} 过期" in told.body  # Chinese: its language
+    assert "+08:00" in told.body and "+00:00" not in told.body
+
+
 def test_a_reward_for_some_tiers_only(db: Database) -> None:
     shop = Shop.open(db)
     (plain,) = shop.member(5000, tier="普通")
@@ -378,7 +429,7 @@ def test_a_held_registration_confirmed_after_its_event_started_is_refused_and_ch
                 uow, program_id=shop.program_id, member_id=member, order_id=order.id, actor="m"
             )
         )
-    lapses = (order.hold_until + timedelta(days=7)).isoformat()  # type: ignore[operator]
+    lapses = (order.hold_until + timedelta(days=7)).astimezone(SHANGHAI).isoformat()  # type: ignore[operator]
     said = str(refused.value)
     assert f"Order {order.id} was not completed and nothing was spent" in said
     assert f"5600 points stay frozen until it lapses at {lapses}" in said

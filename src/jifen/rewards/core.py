@@ -157,8 +157,17 @@ def check_visible(reward: RewardDef, tier: str | None) -> None:
         )
 
 
-def check_on_sale(reward: RewardDef, *, state: str, tier: str | None, now: datetime) -> None:
-    """Refuse a redemption the reward's state, tiers or sales window do not allow now."""
+def local_text(moment: datetime, zone: str) -> str:
+    """``moment`` as a refusal or a message shows it: ISO 8601 in the programme's time zone
+    ``zone``, with its offset (``2026-03-01T10:00:00+08:00``)."""
+    return moment.astimezone(ZoneInfo(zone)).isoformat()
+
+
+def check_on_sale(
+    reward: RewardDef, *, state: str, tier: str | None, now: datetime, zone: str
+) -> None:
+    """Refuse a redemption the reward's state, tiers or sales window do not allow now (the
+    times refused named in the programme's time zone ``zone``)."""
     if state != "active":
         raise NotOnSale(
             reward=reward.code,
@@ -177,14 +186,14 @@ def check_on_sale(reward: RewardDef, *, state: str, tier: str | None, now: datet
         hint_zh = f"{'、'.join(early)}会员可更早兑换。" if early else ""
         raise NotOnSale(
             reward=reward.code,
-            problem=f"it opens at {opens.isoformat()} for this member.{hint}",
-            problem_zh=f"该会员可兑换时间为 {opens.isoformat()} 起。{hint_zh}",
+            problem=f"it opens at {local_text(opens, zone)} for this member.{hint}",
+            problem_zh=f"该会员可兑换时间为 {local_text(opens, zone)} 起。{hint_zh}",
         )
     if reward.sales_end is not None and now >= reward.sales_end:
         raise NotOnSale(
             reward=reward.code,
-            problem=f"its sales ended at {reward.sales_end.isoformat()}.",
-            problem_zh=f"兑换已于 {reward.sales_end.isoformat()} 结束。",
+            problem=f"its sales ended at {local_text(reward.sales_end, zone)}.",
+            problem_zh=f"兑换已于 {local_text(reward.sales_end, zone)} 结束。",
         )
 
 

@@ -600,9 +600,11 @@ def redeem(
         # Nothing to fulfil now: the order, its step and the stock in one write.
         note = ""
         if pay_by is not None:
-            note = f"awaiting payment of {price.cash_fen} fen until {pay_by.isoformat()}"
+            note = (
+                f"awaiting payment of {price.cash_fen} fen until {_local(uow, program_id, pay_by)}"
+            )
         elif wait is not None:
-            note = f"cooling-off until {(now + wait).isoformat()}"
+            note = f"cooling-off until {_local(uow, program_id, now + wait)}"
         first = OrderStep(state=state, at=now, by=actor, note=note)
         order_id, left = storage.finish(uow.conn, order, first.model_dump(), limited=limited)
         if order_id is None:
@@ -676,9 +678,10 @@ def _admit(
     counted = terms.limit_per_member is not None or tier_terms.per_month is not None
     if counted and not locked:
         return None
-    core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+    zone = programs_service.time_zone(uow, program_id=program_id)
+    core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now, zone=zone)
     _check_prizes_left(uow, row.id, terms)
-    _check_event_ahead(terms, now)
+    _check_event_ahead(terms, now, zone)
     _check_details(terms, body)
     price = _quote(uow, row, terms, buyer, body.quantity, policy)
     if body.expected_points is not None and body.expected_points != price.points:
@@ -760,14 +763,21 @@ def unfinished_orders(uow: UnitOfWork, *, program_id: int, member_id: int) -> li
     return [int(order_id) for order_id in found]
 
 
-def _check_event_ahead(terms: RewardDef, now: datetime) -> None:
-    """Refuse a registration for an event that has started."""
+def _local(uow: UnitOfWork, program_id: int, moment: datetime) -> str:
+    """``moment`` as a refusal, an order's note or a message to the member shows it: in the
+    programme's time zone, with its offset."""
+    return core.local_text(moment, programs_service.time_zone(uow, program_id=program_id))
+
+
+def _check_event_ahead(terms: RewardDef, now: datetime, zone: str) -> None:
+    """Refuse a registration for an event that has started (named in the programme's time
+    zone ``zone``)."""
     if terms.event is not None and now >= terms.event.starts_at:
+        starts = core.local_text(terms.event.starts_at, zone)
         raise NotOnSale(
             reward=terms.code,
-            problem=f"the event started at {terms.event.starts_at.isoformat()}; registration "
-            "is closed.",
-            problem_zh=f"活动已于 {terms.event.starts_at.isoformat()} 开始,报名已截止。",
+            problem=f"the event started at {starts}; registration is closed.",
+            problem_zh=f"活动已于 {starts} 开始,报名已截止。",
         )
 
 
@@ -1416,10 +1426,11 @@ def _give_back(uow: UnitOfWork, row: Any, terms: RewardDef, actor: str, why: str
         )
     if voucher is not None and voucher.state == "issued" and voucher.valid_until <= uow.clock.now():
         # Not yet expired by the job: given back in full here, it would skip the fee.
+        lapsed = _local(uow, row.program_id, voucher.valid_until)
         raise StateConflict(
-            problem=f"The voucher of order {row.id} lapsed at {voucher.valid_until.isoformat()}; "
-            "the voucher expiry run returns its points less the programme's fee.",
-            problem_zh=f"订单 {row.id} 的券已于 {voucher.valid_until.isoformat()} 失效;"
+            problem=f"The voucher of order {row.id} lapsed at {lapsed}; the voucher expiry "
+            "run returns its points less the programme's fee.",
+            problem_zh=f"订单 {row.id} 的券已于 {lapsed} 失效;"
             "过期券处理任务将退回其积分(扣除手续费)。",
         )
     key = f"order:{row.id}:give-back"
@@ -1473,10 +1484,11 @@ def confirm_held(
         )
     now = uow.clock.now()
     if now < row.hold_until:
+        until = _local(uow, program_id, row.hold_until)
         raise StateConflict(
-            problem=f"Order {order_id} is in its cooling-off period until "
-            f"{row.hold_until.isoformat()}; confirm it after that.",
-            problem_zh=f"订单 {order_id} 处于冷静期,请于 {row.hold_until.isoformat()} 之后确认。",
+            problem=f"Order {order_id} is in its cooling-off period until {until}; confirm it "
+            "after that.",
+            problem_zh=f"订单 {order_id} 处于冷静期,请于 {until} 之后确认。",
         )
     _complete(uow, program_id, row, actor, "confirmed", "confirmed after cooling-off")
     return get_order(uow, program_id=program_id, order_id=order_id)
@@ -1531,7 +1543,7 @@ def pay_order(
         _require_amount(row, payment_ref, amount_fen)
         return _order_read(uow, row, replayed=True)
     if row.state != "awaiting_payment":
-        raise _not_awaiting(row, payment_ref, amount_fen)
+        raise _not_awaiting(uow, row, payment_ref, amount_fen)
     _require_amount(row, payment_ref, amount_fen)
     _require_unused_payment(uow, program_id, payment_ref)
     try:
@@ -1542,10 +1554,11 @@ def pay_order(
         raise StateConflict(
             problem=f"{refused.params['problem']} Nothing was recorded: refund payment "
             f"{payment_ref!r} of {amount_fen} fen; order {order_id} lapses at "
-            f"{row.pay_by.isoformat()} unless the member is made active and pays again.",
+            f"{_local(uow, program_id, row.pay_by)} unless the member is made active and "
+            "pays again.",
             problem_zh=f"{refused.params['problem_zh']}未作任何记录:请退还支付 "
             f"{payment_ref!r} 的 {amount_fen} 分;除非会员恢复正常并重新支付,订单 {order_id} "
-            f"将于 {row.pay_by.isoformat()} 取消。",
+            f"将于 {_local(uow, program_id, row.pay_by)} 取消。",
         ) from None
     tier = tiers_service.tiers_of(uow, member_ids=[row.member_id]).get(row.member_id)
     wait = core.cooling_off(row.points, _policy(uow, program_id).for_tier(tier))
@@ -1557,7 +1570,7 @@ def pay_order(
         _check_deliverable(uow, program_id, row, terms, (payment_ref, amount_fen))
         hold_until = uow.clock.now() + wait
         _set_order(uow, order_id, state="held", hold_until=hold_until, payment_ref=payment_ref)
-        until = f"{note}; cooling-off until {hold_until.isoformat()}"
+        until = f"{note}; cooling-off until {_local(uow, program_id, hold_until)}"
         _step(uow, program_id, order_id, "held", actor, until)
         return get_order(uow, program_id=program_id, order_id=order_id)
     _complete(
@@ -1579,13 +1592,15 @@ def _check_deliverable(
     come back. ``payment``: the payment to refund, and its amount, named in the refusal."""
     try:
         _check_prizes_left(uow, row.reward_id, terms)
-        _check_event_ahead(terms, uow.clock.now())
+        _check_event_ahead(
+            terms, uow.clock.now(), programs_service.time_zone(uow, program_id=program_id)
+        )
     except NotOnSale as refused:
         if row.state == "held":
             days = _policy(uow, program_id).hold_days
-            lapses = (row.hold_until + timedelta(days=days)).isoformat()
+            lapses = _local(uow, program_id, row.hold_until + timedelta(days=days))
         else:
-            lapses = row.pay_by.isoformat()
+            lapses = _local(uow, program_id, row.pay_by)
         order = f"Order {row.id} was not completed and nothing was spent"
         order_zh = f"订单 {row.id} 未完成,未扣任何积分"
         cash = cash_zh = ""
@@ -1614,7 +1629,7 @@ def _require_amount(row: Any, payment_ref: str, amount_fen: int) -> None:
         )
 
 
-def _not_awaiting(row: Any, payment_ref: str, amount_fen: int) -> StateConflict:
+def _not_awaiting(uow: UnitOfWork, row: Any, payment_ref: str, amount_fen: int) -> StateConflict:
     """Why an order that does not await payment cannot take this one, and that the payment
     is to be refunded."""
     refund = f"Refund payment {payment_ref!r} of {amount_fen} fen."
@@ -1627,10 +1642,11 @@ def _not_awaiting(row: Any, payment_ref: str, amount_fen: int) -> StateConflict:
             f"{refund_zh}",
         )
     if row.state == "cancelled" and row.pay_by is not None:
+        pay_by = _local(uow, row.program_id, row.pay_by)
         return StateConflict(
             problem=f"Order {row.id} was cancelled before it was paid (its payment was due "
-            f"by {row.pay_by.isoformat()}); it can no longer be paid. {refund}",
-            problem_zh=f"订单 {row.id} 在支付前已取消(应于 {row.pay_by.isoformat()} 前支付),"
+            f"by {pay_by}); it can no longer be paid. {refund}",
+            problem_zh=f"订单 {row.id} 在支付前已取消(应于 {pay_by} 前支付),"
             f"不能再支付。{refund_zh}",
         )
     return StateConflict(
@@ -1883,14 +1899,15 @@ def _refuse_voucher(uow: UnitOfWork, program_id: int, code: str, now: datetime) 
         where = f" at {row.used_store}" if row.used_store else ""
         raise VoucherNotUsable(
             code=code,
-            problem=f"it was already used{where} at {row.used_at.isoformat()}.",
-            problem_zh=f"该券已于 {row.used_at.isoformat()} 在{row.used_store or '门店'}使用。",
+            problem=f"it was already used{where} at {_local(uow, program_id, row.used_at)}.",
+            problem_zh=f"该券已于 {_local(uow, program_id, row.used_at)} 在"
+            f"{row.used_store or '门店'}使用。",
         )
     if (row.state == "issued" and row.valid_until <= now) or row.state == "expired":
         raise VoucherNotUsable(
             code=code,
-            problem=f"it expired at {row.valid_until.isoformat()}.",
-            problem_zh=f"该券已于 {row.valid_until.isoformat()} 过期。",
+            problem=f"it expired at {_local(uow, program_id, row.valid_until)}.",
+            problem_zh=f"该券已于 {_local(uow, program_id, row.valid_until)} 过期。",
         )
     if row.state == "issued":  # its order has been fulfilled, or undone, another way
         state = uow.conn.execute(
@@ -2001,7 +2018,9 @@ def _expire_one(uow: UnitOfWork, order: Any, voucher: Any, back: int, fee: int) 
             program_id=order.program_id,
             member_id=order.member_id,
             template="voucher.expired",
-            data=data,
+            # the member reads when it lapsed in the programme's time zone; the webhook
+            # above keeps the moment as every event does
+            data={**data, "valid_until": _local(uow, order.program_id, voucher.valid_until)},
             key=key,
         ),
     )
@@ -2051,6 +2070,7 @@ def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatC
     policy = _policy(uow, program_id)
     terms_of_tier = policy.for_tier(buyer.tier)
     now = uow.clock.now()
+    zone = programs_service.time_zone(uow, program_id=program_id)
     rows = uow.conn.execute(
         select(rewards)
         .where(rewards.c.program_id == program_id, rewards.c.state == "active",
@@ -2062,9 +2082,9 @@ def what_can_i_get(uow: UnitOfWork, *, program_id: int, member_id: int) -> WhatC
     for row in rows:
         terms = _terms(uow, row)
         try:
-            core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now)
+            core.check_on_sale(terms, state=row.state, tier=buyer.tier, now=now, zone=zone)
             _check_prizes_left(uow, row.id, terms)
-            _check_event_ahead(terms, now)
+            _check_event_ahead(terms, now, zone)
             price = _quote(uow, row, terms, buyer, 1, policy)
             of_reward, this_month = _counts(uow, program_id, member_id, row.id, terms)
             core.check_limits(
