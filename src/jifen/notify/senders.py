@@ -187,10 +187,10 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 class HttpWebhookSender:
     """POSTs over HTTP(S) with short timeouts, following no redirects (a redirect is
-    :class:`Redirected`, which no retry mends). The host name is
-    resolved on every attempt and refused when any of its addresses is private, loopback,
-    link-local or reserved (unless the subscription allows it); the connection then goes to
-    the addresses that were checked, each in turn until one takes it."""
+    :class:`Redirected`, which no retry mends). The host name is resolved on every attempt
+    and refused when any of its addresses is private, loopback, link-local or reserved
+    (unless the subscription allows it); the connection then goes to the addresses that
+    were checked, each in turn until one takes it."""
 
     def __init__(
         self,
