@@ -18,7 +18,7 @@ from jifen.errors import (
     MissingReason,
     NonPositiveAmount,
 )
-from jifen.ledger import AccountState, Allocation, Kind, Lot, Party, SystemAccount
+from jifen.ledger import AccountState, Allocation, Kind, Line, Lot, Party, SystemAccount
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -187,6 +187,23 @@ def test_transfer_keeps_expiry_dates_on_the_receivers_lots() -> None:
         (10, NOW + 5 * DAY, 1, Party.COUNTERPARTY),
         (20, NOW + 50 * DAY, 2, Party.COUNTERPARTY),
     ]
+
+
+def test_a_credit_by_adjustment_pays_the_debt_first_and_a_debit_leaves_it() -> None:
+    plan = ledger.plan_adjust(
+        lots=[], amount=100, now=NOW, reason="goodwill", actor="ops", debt=30,
+        expires_at=NOW + 10 * DAY,
+    )  # fmt: skip
+    assert (plan.amount, plan.change_of(Party.MEMBER), plan.debt_change) == (100, 70, -30)
+    assert [(n.amount, n.expires_at) for n in plan.new_lots] == [(70, NOW + 10 * DAY)]
+    assert Line(SystemAccount.RECEIVABLE, 30) in plan.lines
+    assert sum(line.amount for line in plan.lines) == 0
+    plan = ledger.plan_adjust(lots=[], amount=20, now=NOW, reason="x", actor="ops", debt=30)
+    assert (plan.change_of(Party.MEMBER), plan.new_lots, plan.debt_change) == (0, (), -20)
+    plan = ledger.plan_adjust(
+        lots=[lot(1, 50, expires_in=None)], amount=-20, now=NOW, reason="x", actor="ops", debt=30
+    )
+    assert (plan.change_of(Party.MEMBER), plan.debt_change) == (-20, 0)
 
 
 def test_manual_adjustment_and_freeze_need_reason_and_actor() -> None:

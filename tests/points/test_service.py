@@ -320,6 +320,48 @@ def test_manual_adjustments_credit_and_debit_with_reason(setup: Any) -> None:
     assert_ledger_sound(db, program_id)
 
 
+def owing(db: Database, member_id: int, debt: int, key: str) -> None:
+    """Leave the member owing ``debt`` and holding nothing: an earning spent, then clawed back."""
+    earned = call(db, points.earn, member_id=member_id, amount=debt, key=f"{key}-e")
+    call(db, points.spend, member_id=member_id, amount=debt, key=f"{key}-s")
+    assert call(db, points.reverse, earn_id=earned.id, key=f"{key}-r").debt_change == debt
+
+
+def test_a_credit_by_adjustment_pays_the_debt_first_as_an_earning_does(setup: Any) -> None:
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    owing(db, alice, 80, "owed")
+    # when staff credit 50 (all of it pays the debt), then 50 more
+    first = call(db, points.adjust, member_id=alice, amount=50, key="a1", reason="goodwill",
+                 actor="ops")  # fmt: skip
+    summary = call(db, points.balance, member_id=alice)
+    assert (first.amount, first.debt_change, summary.balance, summary.debt) == (50, -50, 0, 30)
+    assert call(db, points.member_lots, member_id=alice) == []
+    second = call(db, points.adjust, member_id=alice, amount=50, key="a2", reason="goodwill",
+                  actor="ops", expires_at=clock.now() + 30 * DAY)  # fmt: skip
+    # then only what is left after the debt becomes points the member can spend
+    summary = call(db, points.balance, member_id=alice)
+    assert (second.debt_change, summary.balance, summary.debt) == (-30, 20, 0)
+    assert [(lot.remaining, lot.expires_at) for lot in call(
+        db, points.member_lots, member_id=alice
+    )] == [(20, clock.now() + 30 * DAY)]  # fmt: skip
+    with pytest.raises(InsufficientPoints):
+        call(db, points.spend, member_id=alice, amount=21, key="s")
+    # and the history shows the repayment as an earning's does: a line to the receivable
+    entry = call(db, points.history, member_id=alice).items[0]
+    assert (entry.kind, entry.change, entry.amount) == ("adjust", 20, 50)
+    assert [(line.account, line.amount) for line in entry.lines if line.account != "adjustments"
+            and not line.account.startswith("member:")] == [("receivable", 30)]  # fmt: skip
+    assert entry.counterpart == "adjustments, receivable"
+    # and a replay, or the posting read back, answers the same
+    again = call(db, points.adjust, member_id=alice, amount=50, key="a2", reason="goodwill",
+                 actor="ops", expires_at=clock.now() + 30 * DAY)  # fmt: skip
+    assert (again.replayed, again.debt_change) == (True, -30)
+    read = call(db, points.get_posting, program_id=program_id, posting_id=first.id)
+    assert read.debt_change == -50
+    assert_ledger_sound(db, program_id)
+
+
 def test_history_pages_by_cursor_and_filters_by_kind(setup: Any) -> None:
     db, _, alice, bob = setup
     for i in range(7):

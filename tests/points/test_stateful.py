@@ -308,15 +308,20 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
         def adjust(self, who: int, amount: int) -> None:
             m, now = self.members[who], self.now()
             kwargs = {"member_id": m, "amount": amount, "reason": "correction", "actor": "ops"}
+            repaid = 0
             if amount < 0:
                 try:
                     self.model.take(m, -amount, now)
                 except InsufficientPoints:
                     self.expect_refusal(InsufficientPoints, points.adjust, **kwargs)
                     return
-            else:
-                self.model.new_lot(m, amount, now, None)
-            self.post(points.adjust, **kwargs)
+            else:  # a credit pays the member's debt first, as an earning does
+                repaid = min(self.model.debt[m], amount)
+                self.model.debt[m] -= repaid
+                if amount - repaid:
+                    self.model.new_lot(m, amount - repaid, now, None)
+            posted = self.post(points.adjust, **kwargs)
+            assert posted.debt_change == -repaid
 
         @rule(sender=member, receiver=member, amount=st.integers(1, 300))
         def transfer(self, sender: int, receiver: int, amount: int) -> None:

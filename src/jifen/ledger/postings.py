@@ -102,6 +102,13 @@ def restore(
     return allocations
 
 
+def _debt(debt: int) -> int:
+    """``debt``, checked: what a member owes is a count of points."""
+    if isinstance(debt, bool) or not isinstance(debt, int) or debt < 0:
+        raise ValueError(f"a debt is a count of points, not {debt!r}")
+    return debt
+
+
 def _check_dates(now: datetime, available_at: datetime, expires_at: datetime | None) -> None:
     if expires_at is None:
         return
@@ -237,9 +244,7 @@ def plan_refund(
         amount=amount,
         labels=("A refund", "退还"),
     )
-    if isinstance(debt, bool) or not isinstance(debt, int) or debt < 0:
-        raise ValueError(f"a debt is a count of points, not {debt!r}")
-    repaid = min(debt, plan.amount)
+    repaid = min(_debt(debt), plan.amount)
     if not repaid:
         return plan
     already: dict[int, int] = {}
@@ -352,16 +357,27 @@ def plan_adjust(
     actor: str,
     expires_at: datetime | None = None,
     account_id: int = 0,
+    debt: int = 0,
 ) -> Plan:
-    """A manual correction: positive credits a new lot, negative debits FIFO."""
+    """A manual correction: positive credits a new lot, negative debits FIFO.
+
+    A credit pays off the member's ``debt`` first, as an earning does: only the rest
+    becomes a lot (none when it all goes to the debt)."""
     if not reason.strip() or not actor.strip():
         raise MissingReason(kind="adjustment")
     if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0:
         raise NonPositiveAmount(field="amount (its size)", value=amount)
     if amount > 0:
         _check_dates(now, now, expires_at)
-        lines = (Line(SystemAccount.ADJUSTMENTS, -amount), Line(Party.MEMBER, amount))
-        return Plan(Kind.ADJUST, amount, lines, new_lots=(NewLot(amount, now, expires_at),))
+        repaid = min(_debt(debt), amount)
+        credited = amount - repaid
+        credit = [Line(SystemAccount.ADJUSTMENTS, -amount)]
+        if credited:
+            credit.append(Line(Party.MEMBER, credited))
+        if repaid:
+            credit.append(Line(SystemAccount.RECEIVABLE, repaid))
+        new_lots = (NewLot(credited, now, expires_at),) if credited else ()
+        return Plan(Kind.ADJUST, amount, tuple(credit), new_lots=new_lots, debt_change=-repaid)
     allocations = consume(lots, -amount, now, account_id=account_id)
     lines = (Line(Party.MEMBER, amount), Line(SystemAccount.ADJUSTMENTS, -amount))
     return Plan(Kind.ADJUST, -amount, lines, allocations=tuple(allocations))

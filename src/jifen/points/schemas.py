@@ -30,7 +30,8 @@ class PostingRead(_Read):
     created_at: datetime
     replayed: bool = False
     debt_change: int = 0
-    """How this posting moved the member's debt (claw-backs raise it, earnings pay it off)."""
+    """How this posting moved the member's debt (claw-backs raise it; earnings, refunds and
+    credits by adjustment pay it off)."""
 
 
 POSTING_EVENTS = {

@@ -1351,7 +1351,8 @@ def adjust(
     expires_at: datetime | None = None,
 ) -> PostingRead:
     """A manual correction by ``actor``: positive credits, negative debits (never below 0).
-    Refused on a closed account, which holds no points and takes none."""
+    A credit pays off any debt of the member first, as an earning does. Refused on a
+    closed account, which holds no points and takes none."""
     _require_key(key)
     request = _fingerprint(
         "adjust",
@@ -1380,6 +1381,7 @@ def adjust(
             actor=actor,
             expires_at=expires_at,
             account_id=member.id,
+            debt=member.debt,
         ),
     )
     if isinstance(plan, PostingRead):
