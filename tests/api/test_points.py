@@ -488,3 +488,41 @@ def test_a_transfer_names_its_receiver_by_a_whole_number(client: TestClient, db:
         assert refused.json()["errors"][0]["field"] == "body.to_member_id"
     assert shop.balance(shop.alice)["available"] == 100
     assert shop.post(url, {"to_member_id": shop.bob, "amount": 5}).status_code == 201
+
+
+def test_a_debt_is_paid_first_by_an_earning_a_credit_and_a_transfer_and_each_says_so(
+    client: TestClient, db: Database
+) -> None:
+    """What a claw-back could not take is owed; an earning, a credit by adjustment and a
+    transfer received pay it off before the member holds any points, and each posting
+    answers (and reads back) how much of the debt it paid."""
+    shop = _shop(client, db)
+    # given alice owing 100: an earning spent, then clawed back
+    earned = shop.earn(shop.alice, 100)
+    assert shop.post(shop.member_url(shop.alice, "/spend"), {"amount": 100}).status_code == 201
+    clawed = shop.post(shop.posting_url(earned["id"], "/reverse"), {})
+    assert clawed.status_code == 201 and clawed.json()["debt_change"] == 100
+    # when she earns 30, staff credit her 20, and bob gives her 80
+    assert shop.earn(shop.alice, 30)["debt_change"] == -30
+    credited = shop.post(shop.member_url(shop.alice, "/adjust"), {"amount": 20, "reason": "care"})
+    assert credited.status_code == 201, credited.text
+    assert credited.json()["debt_change"] == -20
+    shop.earn(shop.bob, 200)
+    moved = shop.post(
+        shop.member_url(shop.bob, "/transfer"), {"to_member_id": shop.alice, "amount": 80}
+    )
+    assert moved.status_code == 201, moved.text
+    # then the transfer paid the 50 still owed, and she holds only the other 30
+    assert (moved.json()["debt_change"], moved.json()["counterparty_debt_change"]) == (0, -50)
+    alice = shop.balance(shop.alice)
+    assert (alice["balance"], alice["available"], alice["debt"]) == (30, 30, 0)
+    assert shop.balance(shop.bob)["balance"] == 120
+    read = client.get(shop.posting_url(moved.json()["id"]), headers=shop.operator).json()
+    assert read["counterparty_debt_change"] == -50
+    # and her history shows each repayment as a line to the receivable account
+    history = client.get(shop.member_url(shop.alice, "/history"), headers=shop.operator).json()
+    assert [
+        (e["kind"], e["change"], [x["amount"] for x in e["lines"] if x["account"] == "receivable"])
+        for e in history["items"][:3]
+    ] == [("transfer", 30, [50]), ("adjust", 0, [20]), ("earn", 0, [30])]
+    assert_ledger_sound(db, shop.program.id)

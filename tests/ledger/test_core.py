@@ -189,6 +189,27 @@ def test_transfer_keeps_expiry_dates_on_the_receivers_lots() -> None:
     ]
 
 
+def test_a_transfer_pays_the_receivers_debt_first_with_the_earliest_expiring_points() -> None:
+    lots = [lot(1, 10, expires_in=5), lot(2, 50, expires_in=50), lot(3, 40, expires_in=None)]
+    # given a receiver owing 25: the sender's 10 due in 5 days and 15 of the next lot pay it
+    plan = ledger.plan_transfer(lots=lots, amount=70, now=NOW, receiver_debt=25)
+    assert plan.allocations == (Allocation(1, -10), Allocation(2, -50), Allocation(3, -10))
+    assert [(n.amount, n.expires_at, n.source_lot_id, n.owner) for n in plan.new_lots] == [
+        (35, NOW + 50 * DAY, 2, Party.COUNTERPARTY),
+        (10, None, 3, Party.COUNTERPARTY),
+    ]
+    assert (plan.change_of(Party.MEMBER), plan.change_of(Party.COUNTERPARTY)) == (-70, 45)
+    assert (plan.debt_change, plan.counterparty_debt_change) == (0, -25)
+    assert plan.debt_change_of(Party.COUNTERPARTY) == -25
+    assert Line(SystemAccount.RECEIVABLE, 25) in plan.lines
+    assert sum(line.amount for line in plan.lines) == 0
+    # a receiver owing more than it receives gets no lot: all of it pays the debt
+    plan = ledger.plan_transfer(lots=lots, amount=30, now=NOW, receiver_debt=100)
+    assert plan.new_lots == () and plan.change_of(Party.COUNTERPARTY) == 0
+    assert plan.counterparty_debt_change == -30 and plan.change_of(Party.MEMBER) == -30
+    assert sum(line.amount for line in plan.lines) == 0
+
+
 def test_a_credit_by_adjustment_pays_the_debt_first_and_a_debit_leaves_it() -> None:
     plan = ledger.plan_adjust(
         lots=[], amount=100, now=NOW, reason="goodwill", actor="ops", debt=30,

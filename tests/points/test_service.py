@@ -362,6 +362,54 @@ def test_a_credit_by_adjustment_pays_the_debt_first_as_an_earning_does(setup: An
     assert_ledger_sound(db, program_id)
 
 
+def test_a_transfer_pays_the_receivers_debt_first_with_the_earliest_expiring_points(
+    setup: Any,
+) -> None:
+    db, program_id, alice, bob = setup
+    clock: ManualClock = db.clock
+    soon, later = clock.now() + 10 * DAY, clock.now() + 90 * DAY
+    call(db, points.earn, member_id=alice, amount=60, key="e1", expires_at=soon)
+    call(db, points.earn, member_id=alice, amount=200, key="e2", expires_at=later)
+    owing(db, bob, 100, "bob")
+    # when alice gives bob 30: all of it pays his debt, and he holds nothing
+    first = call(db, points.transfer, from_member_id=alice, to_member_id=bob, amount=30, key="t1")
+    assert (first.debt_change, first.counterparty_debt_change) == (0, -30)
+    bob_now = call(db, points.balance, member_id=bob)
+    assert (bob_now.balance, bob_now.debt) == (0, 70)
+    assert call(db, points.member_lots, member_id=bob) == []
+    # when she gives him 100 more: her 30 due soonest and 40 of the later ones pay the rest
+    second = call(db, points.transfer, from_member_id=alice, to_member_id=bob, amount=100,
+                  key="t2")  # fmt: skip
+    assert (second.debt_change, second.counterparty_debt_change) == (0, -70)
+    # then he keeps 30, with the sender's later date, and owes nothing
+    bob_now = call(db, points.balance, member_id=bob)
+    assert (bob_now.balance, bob_now.available, bob_now.debt) == (30, 30, 0)
+    assert [(lot.remaining, lot.expires_at) for lot in call(
+        db, points.member_lots, member_id=bob
+    )] == [(30, later)]  # fmt: skip
+    with pytest.raises(InsufficientPoints):
+        call(db, points.spend, member_id=bob, amount=31, key="s")
+    # and alice gave 130 in all, earliest expiry first, her own debt untouched
+    alice_now = call(db, points.balance, member_id=alice)
+    assert (alice_now.balance, alice_now.debt) == (130, 0)
+    assert [(lot.remaining, lot.expires_at) for lot in call(
+        db, points.member_lots, member_id=alice
+    )] == [(130, later)]  # fmt: skip
+    # and each history shows the repayment: bob's as an earning's, a line to the receivable
+    entry = call(db, points.history, member_id=bob).items[0]
+    assert (entry.kind, entry.change, entry.amount) == ("transfer", 30, 100)
+    assert [line.amount for line in entry.lines if line.account == "receivable"] == [70]
+    assert "receivable" in entry.counterpart
+    assert call(db, points.history, member_id=alice).items[0].change == -100
+    # and a replay, or the posting read back, answers the same
+    again = call(db, points.transfer, from_member_id=alice, to_member_id=bob, amount=100,
+                 key="t2")  # fmt: skip
+    assert (again.replayed, again.debt_change, again.counterparty_debt_change) == (True, 0, -70)
+    read = call(db, points.get_posting, program_id=program_id, posting_id=first.id)
+    assert (read.debt_change, read.counterparty_debt_change) == (0, -30)
+    assert_ledger_sound(db, program_id)
+
+
 def test_history_pages_by_cursor_and_filters_by_kind(setup: Any) -> None:
     db, _, alice, bob = setup
     for i in range(7):

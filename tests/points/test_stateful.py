@@ -334,9 +334,16 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             except InsufficientPoints:
                 self.expect_refusal(InsufficientPoints, points.transfer, **kwargs)
                 return
+            # the receiver's debt first, out of the points given earliest (soonest to lapse)
+            repaid = owed = min(self.model.debt[b], amount)
+            self.model.debt[b] -= repaid
             for lot, part in taken:
-                self.model.new_lot(b, part, now, lot.expires_at)
-            self.post(points.transfer, **kwargs)
+                paying = min(owed, part)
+                owed -= paying
+                if part - paying:
+                    self.model.new_lot(b, part - paying, now, lot.expires_at)
+            posted = self.post(points.transfer, **kwargs)
+            assert (posted.debt_change, posted.counterparty_debt_change) == (0, -repaid)
 
         @rule(target=freezes, who=member, amount=st.integers(1, 200))
         def freeze(self, who: int, amount: int) -> Any:

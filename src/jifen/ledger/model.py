@@ -113,7 +113,8 @@ class Plan:
     """What one operation will write: its lines (summing to zero), lot changes and new lots.
 
     ``amount`` is the headline figure of the posting (always > 0); ``debt_change`` and
-    ``frozen_change`` move the member account's debt and frozen totals.
+    ``frozen_change`` move the member account's debt and frozen totals,
+    ``counterparty_debt_change`` a transfer receiver's debt.
     """
 
     kind: Kind
@@ -123,8 +124,13 @@ class Plan:
     new_lots: tuple[NewLot, ...] = ()
     debt_change: int = 0
     frozen_change: int = 0
+    counterparty_debt_change: int = 0
     notes: dict[str, int] = field(default_factory=dict)
 
     def change_of(self, party: Party) -> int:
         """How much this plan moves ``party``'s balance."""
         return sum(line.amount for line in self.lines if line.account == party)
+
+    def debt_change_of(self, party: Party) -> int:
+        """How much this plan moves ``party``'s debt."""
+        return self.debt_change if party is Party.MEMBER else self.counterparty_debt_change

@@ -383,23 +383,44 @@ def plan_adjust(
     return Plan(Kind.ADJUST, -amount, lines, allocations=tuple(allocations))
 
 
-def plan_transfer(*, lots: Iterable[Lot], amount: int, now: datetime, account_id: int = 0) -> Plan:
-    """Move spendable points to another member; the receiver's lots keep their expiry dates."""
+def plan_transfer(
+    *, lots: Iterable[Lot], amount: int, now: datetime, account_id: int = 0, receiver_debt: int = 0
+) -> Plan:
+    """Move spendable points to another member; the receiver's lots keep their expiry dates.
+
+    A receiver with a debt (``receiver_debt``) pays it off first out of what it receives,
+    as it would out of an earning: the points the sender gave first (the earliest to lapse)
+    pay it, and the rest become the receiver's lots, with their dates."""
     require_positive(amount)
     by_id = {lot.id: lot for lot in lots}
     allocations = consume(by_id.values(), amount, now, account_id=account_id)
-    new_lots = tuple(
-        NewLot(
-            -allocation.amount,
-            now,
-            by_id[allocation.lot_id].expires_at,
-            owner=Party.COUNTERPARTY,
-            source_lot_id=allocation.lot_id,
-        )
-        for allocation in allocations
-    )
-    lines = (Line(Party.MEMBER, -amount), Line(Party.COUNTERPARTY, amount))
-    return Plan(Kind.TRANSFER, amount, lines, allocations=tuple(allocations), new_lots=new_lots)
+    repaid = min(_debt(receiver_debt), amount)
+    new_lots: list[NewLot] = []
+    owed = repaid
+    for allocation in allocations:
+        given = -allocation.amount
+        paying = min(owed, given)
+        owed -= paying
+        if given > paying:
+            new_lots.append(
+                NewLot(
+                    given - paying,
+                    now,
+                    by_id[allocation.lot_id].expires_at,
+                    owner=Party.COUNTERPARTY,
+                    source_lot_id=allocation.lot_id,
+                )
+            )
+    credited = amount - repaid
+    lines = [Line(Party.MEMBER, -amount)]
+    if credited:
+        lines.append(Line(Party.COUNTERPARTY, credited))
+    if repaid:
+        lines.append(Line(SystemAccount.RECEIVABLE, repaid))
+    return Plan(
+        Kind.TRANSFER, amount, tuple(lines), allocations=tuple(allocations),
+        new_lots=tuple(new_lots), counterparty_debt_change=-repaid,
+    )  # fmt: skip
 
 
 def plan_freeze(

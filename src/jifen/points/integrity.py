@@ -23,6 +23,7 @@ from sqlalchemy import (
     BigInteger,
     CompoundSelect,
     bindparam,
+    case,
     cast,
     func,
     literal,
@@ -459,9 +460,15 @@ def _reconcile(uow: UnitOfWork, program_id: int | None) -> ReconcileReport:
     ):
         frozen_sums[account_id] += total if kind == Kind.FREEZE.value else -total
     receivable = accounts.alias("receivable")
+    # A posting's receivable lines move its member's debt; a transfer's, its receiver's
+    # (what it received paid that off first).
+    debtor = case(
+        (postings.c.kind == Kind.TRANSFER.value, postings.c.counterparty_id),
+        else_=postings.c.account_id,
+    )
     debt_sums = dict(
         conn.execute(
-            select(postings.c.account_id, -func.sum(lines.c.amount))
+            select(debtor, -func.sum(lines.c.amount))
             .select_from(
                 lines.join(postings, postings.c.id == lines.c.posting_id).join(
                     receivable, receivable.c.id == lines.c.account_id
@@ -471,7 +478,7 @@ def _reconcile(uow: UnitOfWork, program_id: int | None) -> ReconcileReport:
                 receivable.c.system_code == SystemAccount.RECEIVABLE.value,
                 *_program_filter(receivable.c.program_id, program_id),
             )
-            .group_by(postings.c.account_id)
+            .group_by(debtor)
         ).all()
     )
 

@@ -32,6 +32,8 @@ class PostingRead(_Read):
     debt_change: int = 0
     """How this posting moved the member's debt (claw-backs raise it; earnings, refunds and
     credits by adjustment pay it off)."""
+    counterparty_debt_change: int = 0
+    """How a transfer moved its receiver's debt: what it received pays that off first."""
 
 
 POSTING_EVENTS = {
@@ -51,6 +53,7 @@ def posting_event(
         "posting_id": posting.id, "kind": posting.kind, "member_id": posting.member_id,
         "amount": posting.amount, "counterparty_member_id": posting.counterparty_member_id,
         "ref_posting_id": posting.ref_posting_id, "debt_change": posting.debt_change,
+        "counterparty_debt_change": posting.counterparty_debt_change,
         "reason": posting.reason, "actor": posting.actor, "merchant": merchant,
         "store": store, "at": posting.created_at.isoformat(),
     }  # fmt: skip

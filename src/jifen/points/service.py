@@ -333,6 +333,10 @@ def _posting_read(uow: UnitOfWork, row: Row[Any], *, replayed: bool) -> PostingR
     counterparty = (
         _member_of_account(uow, row.counterparty_id) if row.counterparty_id is not None else None
     )
+    # What a posting pays into the receivable account pays off a debt: the receiver's for
+    # a transfer (what it received), else the member's.
+    debt_change = -int(debt_lines)
+    receiver_pays = row.kind == Kind.TRANSFER.value
     return PostingRead(
         id=row.id,
         kind=row.kind,
@@ -344,7 +348,8 @@ def _posting_read(uow: UnitOfWork, row: Row[Any], *, replayed: bool) -> PostingR
         actor=row.actor,
         created_at=row.created_at,
         replayed=replayed,
-        debt_change=-int(debt_lines),
+        debt_change=0 if receiver_pays else debt_change,
+        counterparty_debt_change=debt_change if receiver_pays else 0,
     )
 
 
@@ -382,6 +387,7 @@ def _write(
         actor=actor,
         created_at=now,
         debt_change=plan.debt_change,
+        counterparty_debt_change=plan.counterparty_debt_change,
     )
 
 
@@ -462,7 +468,7 @@ def _rows(
                 holder.id,
                 plan.change_of(party),
                 plan.frozen_change if party is Party.MEMBER else 0,
-                plan.debt_change if party is Party.MEMBER else 0,
+                plan.debt_change_of(party),
                 *heads[holder.id],
             )
             for party, holder in parties.items()
@@ -1429,7 +1435,9 @@ def transfer(
     reason: str = "",
     actor: str = "",
 ) -> PostingRead:
-    """Move spendable points between two members of one programme; expiry dates travel along."""
+    """Move spendable points between two members of one programme; expiry dates travel along.
+    Any debt of the receiver is paid off first out of what it receives (the sender's
+    earliest-expiring points), as out of an earning."""
     _require_key(key)
     if from_member_id == to_member_id:
         raise SameAccount(member_id=from_member_id)
@@ -1464,6 +1472,7 @@ def transfer(
             amount=amount,
             now=now,
             account_id=sender.id,
+            receiver_debt=receiver.debt,
         ),
     )
     if isinstance(plan, PostingRead):
