@@ -138,15 +138,25 @@ def plan_earn(
     require_positive(amount)
     available_at = max(available_at or now, now)
     _check_dates(now, available_at, expires_at)
-    repaid = min(account.debt, amount)
+    return _credit(Kind.EARN, SystemAccount.ISSUED, amount, account.debt, available_at, expires_at)
+
+
+def _credit(
+    kind: Kind, source: SystemAccount, amount: int, debt: int,
+    available_at: datetime, expires_at: datetime | None,
+) -> Plan:  # fmt: skip
+    """``amount`` from the system account ``source`` to the member, who pays off its
+    ``debt`` out of it first: only the rest becomes a lot, none when it all goes to the
+    debt."""
+    repaid = min(_debt(debt), amount)
     credited = amount - repaid
-    lines = [Line(SystemAccount.ISSUED, -amount)]
+    lines = [Line(source, -amount)]
     if credited:
         lines.append(Line(Party.MEMBER, credited))
     if repaid:
         lines.append(Line(SystemAccount.RECEIVABLE, repaid))
     new_lots = (NewLot(credited, available_at, expires_at),) if credited else ()
-    return Plan(Kind.EARN, amount, tuple(lines), new_lots=new_lots, debt_change=-repaid)
+    return Plan(kind, amount, tuple(lines), new_lots=new_lots, debt_change=-repaid)
 
 
 def plan_spend(
@@ -369,15 +379,7 @@ def plan_adjust(
         raise NonPositiveAmount(field="amount (its size)", value=amount)
     if amount > 0:
         _check_dates(now, now, expires_at)
-        repaid = min(_debt(debt), amount)
-        credited = amount - repaid
-        credit = [Line(SystemAccount.ADJUSTMENTS, -amount)]
-        if credited:
-            credit.append(Line(Party.MEMBER, credited))
-        if repaid:
-            credit.append(Line(SystemAccount.RECEIVABLE, repaid))
-        new_lots = (NewLot(credited, now, expires_at),) if credited else ()
-        return Plan(Kind.ADJUST, amount, tuple(credit), new_lots=new_lots, debt_change=-repaid)
+        return _credit(Kind.ADJUST, SystemAccount.ADJUSTMENTS, amount, debt, now, expires_at)
     allocations = consume(lots, -amount, now, account_id=account_id)
     lines = (Line(Party.MEMBER, amount), Line(SystemAccount.ADJUSTMENTS, -amount))
     return Plan(Kind.ADJUST, -amount, lines, allocations=tuple(allocations))
