@@ -642,6 +642,48 @@ def test_every_command_is_listed_with_a_chinese_summary() -> None:
     assert all(re.search(r"[\u4e00-\u9fff]", summary) for summary in listed.values()), listed
 
 
+LOADED = """
+import sys
+from jifen.cli import app
+
+try:
+    app(sys.argv[1:], prog_name="jifen")
+except SystemExit:
+    pass
+print(*sorted(sys.modules), sep="\\n", file=sys.stderr)
+"""
+
+HEAVY = (
+    "fastapi", "uvicorn", "nats", "alembic", "apscheduler", "sqlalchemy", "psycopg",
+    "jifen.api.app", "jifen.auth.service", "jifen.db.migrate", "jifen.db.uow",
+    "jifen.demo.credentials", "jifen.demo.service", "jifen.events.service",
+    "jifen.events.stream", "jifen.imports.core", "jifen.imports.service",
+    "jifen.jobs.scheduler", "jifen.jobs.service", "jifen.points.integrity",
+    "jifen.rewards.service", "jifen.rules.schemas", "jifen.rules.service",
+)  # fmt: skip
+"""What only some commands need: the web stack, the database layer, the domain services."""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("--help",), ("demo", "--help"), ("worker", "--help"), ("import", "orders", "--help"),
+     ("totp", "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")],
+    ids=" ".join,
+)  # fmt: skip
+def test_help_and_light_commands_start_without_the_services(command: tuple[str, ...]) -> None:
+    # given a process of its own, which runs one command that touches no database
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED, *command], env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip(), done.stderr
+    # then the modules only other commands need were never loaded
+    loaded = set(done.stderr.splitlines())
+    assert [name for name in HEAVY if name in loaded] == []
+    assert "pyotp" not in loaded or command[0] == "totp"
+
+
 def test_ending_a_temporary_upgrade_that_names_no_tier_to_return_to(db: Database) -> None:
     from tests.tiers.test_service import forget_what_it_returns_to, lend_silver_in_double_eleven
 

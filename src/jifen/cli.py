@@ -3,14 +3,18 @@
 Every command is a thin adapter: parse, open a :class:`Database`, call a service, print.
 A :class:`JifenError` becomes one line ``error[<code>]: <message>`` and exit status 2;
 an unreachable database likewise, never a traceback.
+
+The module itself imports only what every command needs (Typer, Rich's console, the
+settings): each command imports the services, the database layer and the libraries it uses
+when it runs, so that ``jifen --help``, ``jifen totp`` and a cron job's start do not load
+FastAPI, Alembic, NATS and every domain service first. A type named in a command's
+parameters is read by Typer as the module is imported, so it must stay a light one.
 """
 
 from __future__ import annotations
 
-import binascii
 import copy
 import gc
-import logging.config
 import os
 import re
 import sys
@@ -20,51 +24,26 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-import psycopg
-import pyotp
 import typer
-import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Column, Table
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
 from jifen.clock import EARLIEST, LATEST
-from jifen.db import migrate
-from jifen.db.uow import Database, UnitOfWork
-from jifen.demo import credentials
-from jifen.demo import service as demo_service
+from jifen.demo import DAYS as DEMO_DAYS
 from jifen.errors import JifenError, field_problem, invalid_field
-from jifen.events import service as events_service
-from jifen.events import stream as event_stream
-from jifen.imports import service as imports
-from jifen.imports.core import Kind
-from jifen.jobs import core as jobs_core
-from jifen.jobs import scheduler as jobs_scheduler
-from jifen.jobs import service as jobs_service
-from jifen.points import integrity
-from jifen.programs import service as programs
-from jifen.rewards import service as rewards_service
-from jifen.rewards.schemas import HoldsReport
-from jifen.rules import service as rules_service
-from jifen.rules.schemas import RulePack
+from jifen.imports import BATCH as IMPORT_BATCH
 from jifen.settings import Settings, get_settings, normalise_database_url, secret_key
+
+if TYPE_CHECKING:
+    from jifen.db.uow import Database, UnitOfWork
+    from jifen.demo.credentials import Credential
+    from jifen.imports.core import Kind
+    from jifen.points.integrity import Problem
+    from jifen.rewards.schemas import HoldsReport
 
 
 def _chinese(language: str) -> bool:
@@ -181,6 +160,9 @@ def fail(code: str, message: str) -> typer.Exit:
 @contextmanager
 def _boundary() -> Iterator[None]:
     """Turn jifen's errors and an unusable database into one line and exit status 2."""
+    import psycopg  # loaded already: only the commands that use a database come here
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
     try:
         yield
     except JifenError as exc:
@@ -221,6 +203,9 @@ def _database(*, create: bool = False) -> Iterator[Database]:
 
 
 def _require_file(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -238,6 +223,11 @@ def _require_file(url: str) -> None:
 
 
 def _open(url: str) -> Database:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from jifen.db.uow import Database
+
     try:
         backend = make_url(url).get_backend_name()
         if backend not in ("sqlite", "postgresql"):
@@ -271,6 +261,8 @@ def _open(url: str) -> Database:
 
 def _safe(url: str) -> str:
     """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # unparsable: still never show what may be a password
@@ -278,6 +270,8 @@ def _safe(url: str) -> str:
 
 
 def _program_id(database: Database, code: str | None) -> int | None:
+    from jifen.programs import service as programs
+
     if code is None:
         return None
     return database.run(lambda uow: programs.get_program(uow, code=code).id, read_only=True)
@@ -285,6 +279,8 @@ def _program_id(database: Database, code: str | None) -> int | None:
 
 def _refuse_unknown_schema(database: Database) -> None:
     """Stop where the schema was written by a newer jifen: this one must not touch it."""
+    from jifen.db import migrate
+
     unknown = migrate.unknown_revision(database.engine)
     if unknown is not None:
         raise fail(
@@ -300,6 +296,8 @@ def _warn_without_autovacuum(database: Database) -> None:
     """Say so where PostgreSQL's autovacuum is off: nothing would then clear the dead row
     versions every posting leaves, nor refresh the statistics the planner picks its plans
     by, and jifen would slow down week by week."""
+    from sqlalchemy import text
+
     if database.dialect != "postgresql":
         return
     with database.engine.connect() as conn:
@@ -320,6 +318,8 @@ def _warn_without_autovacuum(database: Database) -> None:
 
 
 def _require_schema(database: Database) -> None:
+    from jifen.db import migrate
+
     _refuse_unknown_schema(database)
     if not migrate.is_current(database.engine):
         raise fail(
@@ -342,6 +342,8 @@ def _require_schema(database: Database) -> None:
     ),
 )
 def db_upgrade() -> None:
+    from jifen.db import migrate
+
     with _database(create=True) as database:
         _refuse_unknown_schema(database)
         migrate.upgrade(database.engine)
@@ -358,6 +360,8 @@ def db_upgrade() -> None:
     ),
 )
 def db_current() -> None:
+    from jifen.db import migrate
+
     with _database() as database:
         _refuse_unknown_schema(database)
         current, head = (
@@ -396,7 +400,7 @@ RootOption = Annotated[
 ]
 
 
-def _print_problems(problems: list[integrity.Problem]) -> None:
+def _print_problems(problems: list[Problem]) -> None:
     # One line each, never wrapped, each naming its posting or account: grep-able.
     for problem in problems:
         out.print(f"  PROBLEM {problem}", markup=False)
@@ -410,6 +414,8 @@ def _print_problems(problems: list[integrity.Problem]) -> None:
     ),
 )
 def ledger_verify(program: ProgramOption = None, root: RootOption = None) -> None:
+    from jifen.points import integrity
+
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -443,6 +449,10 @@ def ledger_verify(program: ProgramOption = None, root: RootOption = None) -> Non
     ),
 )
 def ledger_reconcile(program: ProgramOption = None) -> None:
+    from rich.table import Column, Table
+
+    from jifen.points import integrity
+
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -480,6 +490,9 @@ def ledger_reconcile(program: ProgramOption = None) -> None:
 def ledger_checkpoint(
     program: Annotated[str, typer.Option("--program", help=_h("Programme code.", "计划代码。"))],
 ) -> None:
+    from jifen.points import integrity
+    from jifen.programs import service as programs
+
     with _database() as database:
         _require_schema(database)
 
@@ -757,7 +770,7 @@ def demo(
                 "要生成的历史天数,截至当前(默认一年;天数越少生成越快)。",
             ),
         ),
-    ] = demo_service.DAYS,
+    ] = DEMO_DAYS,
     reset: Annotated[
         bool,
         typer.Option(
@@ -779,6 +792,10 @@ def demo(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
 ) -> None:
+    from jifen.db import migrate
+    from jifen.demo import credentials
+    from jifen.demo import service as demo_service
+
     with _boundary():
         if reset:
             demo_service.reset_sqlite(state.database_url)
@@ -818,7 +835,7 @@ def demo(
         _serve(host=host, port=port, workers=1, log_level="warning")
 
 
-def _print_credentials(made: list[credentials.Credential], base: str) -> None:
+def _print_credentials(made: list[Credential], base: str) -> None:
     # Plain lines, not a table: a token must stay whole for copying, at any width.
     out.print(_say("demo credentials (who, sign in as, password or token, TOTP seed):",
                    "示例账户(身份、登录名、密码或令牌、动态码种子):"))  # fmt: skip
@@ -906,6 +923,8 @@ def _serve(*, host: str, port: int, workers: int, log_level: str) -> None:
     get_settings.cache_clear()
     # Made once here, before any worker starts, so every worker reads the same key.
     _require_secret_key()
+    import uvicorn
+
     out.print(
         _say(
             f"jifen API on http://{host}:{port} (docs: /docs); Ctrl+C stops it",
@@ -928,7 +947,9 @@ def _log_config() -> dict[str, Any]:
     """uvicorn's logging, plus jifen's own loggers at INFO (the built-in SMS provider's
     messages among them) through the same handler. (The access log's query values are
     hidden by the app itself: ``jifen.api.access_log``.)"""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["jifen"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
 
@@ -1023,6 +1044,18 @@ def _settle() -> None:
 
 def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | None,
             batch: int, restart: bool, merchant: str | None = None) -> None:  # fmt: skip
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from jifen.imports import service as imports
+
     _require_readable(path)
     _require_secret_key()
     with _database() as database:
@@ -1112,7 +1145,7 @@ def _import(kind: Kind, path: Path, program: str, source: str, errors: Path | No
 )
 def import_events(
     file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
-    errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+    errors: ErrorsOption = None, batch: BatchOption = IMPORT_BATCH, restart: RestartOption = False,
     merchant: MerchantOption = None,
 ) -> None:  # fmt: skip
     _import("events", file, program, source, errors, batch, restart, merchant)
@@ -1131,7 +1164,7 @@ def import_events(
 )
 def import_orders(
     file: FileArgument, program: RequiredProgram, source: SourceOption = "csv",
-    errors: ErrorsOption = None, batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+    errors: ErrorsOption = None, batch: BatchOption = IMPORT_BATCH, restart: RestartOption = False,
     merchant: MerchantOption = None,
 ) -> None:  # fmt: skip
     _import("orders", file, program, source, errors, batch, restart, merchant)
@@ -1149,7 +1182,7 @@ def import_orders(
 )
 def import_members(
     file: FileArgument, program: RequiredProgram, errors: ErrorsOption = None,
-    batch: BatchOption = imports.BATCH, restart: RestartOption = False,
+    batch: BatchOption = IMPORT_BATCH, restart: RestartOption = False,
 ) -> None:  # fmt: skip
     _import("members", file, program, "csv", errors, batch, restart)
 
@@ -1191,6 +1224,9 @@ def rules_load(
         ),
     ] = False,
 ) -> None:
+    from jifen.rules import service as rules_service
+    from jifen.rules.schemas import RulePack
+
     _require_readable(pack)
     try:
         body = RulePack.model_validate_json(pack.read_bytes().removeprefix(b"\xef\xbb\xbf"))
@@ -1247,6 +1283,9 @@ def events_birthdays(
         ),
     ] = None,
 ) -> None:
+    from jifen.events import service as events_service
+    from jifen.programs import service as programs
+
     _require_secret_key()
     with _database() as database:
         _require_schema(database)
@@ -1299,6 +1338,8 @@ SWEEP_CHUNK = 200
     ),
 )
 def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    from jifen.rewards import service as rewards_service
+
     with _database() as database:
         _require_schema(database)
         program_id = _program_id(database, program)
@@ -1337,6 +1378,8 @@ def rewards_expire_vouchers(program: RequiredProgram, dry_run: DryRun = False) -
     ),
 )
 def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    from jifen.rewards import service as rewards_service
+
     _cancel_lapsed_orders(
         program, dry_run, rewards_service.expire_holds, ("held redemptions", "笔待确认兑换"),
         "rewards.expire_holds",
@@ -1354,6 +1397,8 @@ def rewards_expire_holds(program: RequiredProgram, dry_run: DryRun = False) -> N
     ),
 )
 def rewards_lapse_payments(program: RequiredProgram, dry_run: DryRun = False) -> None:
+    from jifen.rewards import service as rewards_service
+
     _cancel_lapsed_orders(
         program, dry_run, rewards_service.lapse_payments,
         ("redemptions not paid in time", "笔超时未支付兑换"), "rewards.lapse_payments",
@@ -1362,6 +1407,8 @@ def rewards_lapse_payments(program: RequiredProgram, dry_run: DryRun = False) ->
 
 def _dry_sweep(database: Database, job: str, program_id: int) -> dict[str, int]:
     """What the sweep ``job`` would do now, done whole in one transaction rolled back."""
+    from jifen.jobs import service as jobs_service
+
     return jobs_service.run(database, job, program_id=program_id, dry_run=True).figures
 
 
@@ -1409,6 +1456,11 @@ app.add_typer(jobs_app, name="jobs")
     ),
 )
 def jobs_list() -> None:
+    from rich.table import Table
+
+    from jifen.jobs import core as jobs_core
+    from jifen.jobs import service as jobs_service
+
     table = Table("job", "what 做什么", "schedule 计划")
     for name, job in jobs_service.jobs().items():
         schedule = jobs_core.SCHEDULES.get(name)
@@ -1475,6 +1527,8 @@ def jobs_run(
         ),
     ] = False,
 ) -> None:
+    from jifen.jobs import service as jobs_service
+
     moment = None if now is None else _job_moment(now, allow_future or dry_run)
     _require_secret_key()
     with _database() as database:
@@ -1507,6 +1561,8 @@ def jobs_run(
 
 def _check_nats_url(url: str) -> None:
     """Refuse a NATS address that no server could have (the worker would wait for it)."""
+    from jifen.events import stream as event_stream
+
     for part in url.split(","):
         parsed = urlsplit(part.strip())
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
@@ -1603,6 +1659,11 @@ def worker(
     ] = True,
     job_pause: JobPause = 0.0,
 ) -> None:  # fmt: skip
+    import logging.config
+
+    from jifen.events import stream as event_stream
+    from jifen.jobs import scheduler as jobs_scheduler
+
     settings = get_settings()
     logging.config.dictConfig(_log_config())
     if not events and not run_jobs:
@@ -1666,6 +1727,10 @@ def totp(
         str, typer.Argument(help=_h("The TOTP seed (base32).", "动态码种子(base32)。"))
     ],
 ) -> None:
+    import binascii
+
+    import pyotp
+
     try:
         out.print(pyotp.TOTP(seed).now())
     except (ValueError, TypeError, binascii.Error):
@@ -1676,14 +1741,24 @@ def totp(
 
 
 def _history_en(days: int) -> str:
-    return "a year of history" if days == demo_service.DAYS else f"{days:,} days of history"
+    return "a year of history" if days == DEMO_DAYS else f"{days:,} days of history"
 
 
 def _history_zh(days: int) -> str:
-    return "一年的积分记录" if days == demo_service.DAYS else f"{days:,} 天的积分记录"
+    return "一年的积分记录" if days == DEMO_DAYS else f"{days:,} 天的积分记录"
 
 
 def _build_demo(database: Database, *, members: int, seed: int, days: int) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from jifen.demo import service as demo_service
+
     with Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,

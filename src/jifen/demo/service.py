@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 
 from jifen.clock import Clock, ManualClock, SystemClock
 from jifen.db.uow import Database, UnitOfWork
+from jifen.demo import DAYS as DAYS
 from jifen.errors import InvalidInput, Refused, SameAccount, UnknownProgram
 from jifen.events import service as events_service
 from jifen.events.schemas import EventIn
@@ -52,7 +53,6 @@ from jifen.tiers import service as tiers_service
 DEMO_CODE = "demo"
 DEMO_NAME = "示例会员计划 / Demo loyalty programme"
 DEMO_TIME_ZONE = "Asia/Shanghai"
-DAYS = 365
 DAY = timedelta(days=1)
 RETURN_WINDOW = timedelta(days=7)  # order points stay pending this long
 RETURNS_ACCEPTED = 30  # days after an order during which it may still be returned

@@ -42,6 +42,7 @@ from jifen.errors import (
 from jifen.events import service as events_service
 from jifen.events.models import events
 from jifen.events.schemas import EventIn
+from jifen.imports import BATCH as BATCH
 from jifen.imports.core import (
     ERROR_COLUMNS,
     Kind,
@@ -65,7 +66,6 @@ from jifen.members.schemas import MemberCreate
 from jifen.programs import service as programs_service
 from jifen.tiers import service as tiers_service
 
-BATCH = 500
 BATCH_ROWS = 10_000
 """The most rows a batch holds, however few records they make (an order has up to 500 lines,
 and one refused for more is read in parts of as many): memory stays flat."""
