@@ -702,3 +702,37 @@ def test_a_dry_run_of_a_job_reports_its_progress_chunk_by_chunk(history: tuple) 
     code, output = jifen(db, *run, "--dry-run")
     assert code == 0 and "dry run, nothing changed in 3 chunks" in output, output
     assert "… chunk 1: members 1" in output and "… chunk 2: members 2" in output, output
+
+
+@pytest.mark.parametrize(
+    ("seed", "said"),
+    [
+        ("JBSWY3DPEHPK3PXP", "too short: a seed has at least 112 bits"),
+        ("JBSWY3DPEHPK3PXP1BSWY3DPEHPK3PXP", "not a base32 TOTP seed"),
+    ],
+)
+def test_totp_says_what_is_wrong_with_a_seed(seed: str, said: str) -> None:
+    # given a seed too short, then one with a character base32 does not have
+    # when `jifen totp` is asked for its code
+    code, output = jifen("sqlite://", "totp", seed)
+    # then it says which, and prints no code
+    assert code == 2, output
+    assert said in output, output
+    assert not re.search(r"^\d{6}$", output, re.MULTILINE)
+
+
+def test_totp_takes_a_seed_as_an_authenticator_shows_it() -> None:
+    # given a seed in groups of four, in lower case, as an authenticator app shows it
+    seed = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    shown = " ".join(seed[i : i + 4] for i in range(0, len(seed), 4)).lower()
+    # when `jifen totp` is asked for its code, as it is shown and as it is (twice over
+    # should a 30-second step end between the two)
+    for _ in range(2):
+        code, spaced = jifen("sqlite://", "totp", shown)
+        code_plain, plain = jifen("sqlite://", "totp", seed)
+        if spaced == plain:
+            break
+    # then both give the same code of six digits
+    assert code == 0 and code_plain == 0, spaced + plain
+    assert re.fullmatch(r"\d{6}", spaced.strip()), spaced
+    assert spaced == plain

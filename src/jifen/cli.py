@@ -1731,13 +1731,24 @@ def totp(
 
     import pyotp
 
+    # An authenticator shows a seed in groups of four, in either case: taken as it is shown.
+    compact = "".join(seed.split()).upper()
     try:
-        out.print(pyotp.TOTP(seed).now())
-    except (ValueError, TypeError, binascii.Error):
+        shown = pyotp.TOTP(compact).now()
+    except (TypeError, binascii.Error):
         raise fail(
             "invalid_input",
-            _say("that is not a base32 TOTP seed", "这不是 base32 格式的动态码种子"),
-        ) from None
+            _say("that is not a base32 TOTP seed (letters A–Z and digits 2–7)",
+                 "这不是 base32 格式的动态码种子(字母 A–Z 与数字 2–7)"),
+        ) from None  # fmt: skip
+    except ValueError:  # it decodes, to fewer than the 112 bits a seed must have
+        raise fail(
+            "invalid_input",
+            _say("that TOTP seed is too short: a seed has at least 112 bits (23 base32 "
+                 "characters; the ones jifen makes have 32)",
+                 "动态码种子过短:种子至少 112 位(23 个 base32 字符;jifen 生成的种子为 32 个)"),
+        ) from None  # fmt: skip
+    out.print(shown)
 
 
 def _history_en(days: int) -> str:
