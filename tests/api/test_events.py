@@ -453,6 +453,7 @@ def test_held_awards_are_listed_and_decided_by_another_person_once(
     page = body(shop.get("/awards/held", shop.reviewer, limit=2), 200)
     rest = body(shop.get("/awards/held", shop.reviewer, cursor=page["next_cursor"]), 200)
     held = page["items"] + rest["items"]
+    assert body(shop.get("/awards/held", shop.reviewer, limit=3), 200)["next_cursor"] is None
     assert [(a["member_id"], a["wanted"], a["points"]) for a in held] == [
         (shop.alice, 50, 50), (shop.bob, 30, 30), (shop.carol, 40, 40),
     ]  # fmt: skip

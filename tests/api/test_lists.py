@@ -1,14 +1,17 @@
-"""Every list of the API comes in pages: a full page carries a ``next_cursor``, passing it
-back gives the next items (none twice, none left out), and the last page carries none."""
+"""Every list of the API comes in pages: a page with more after it carries a ``next_cursor``,
+passing it back gives the next items (none twice, none left out), and the last page carries
+none, even when it is full."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from jifen.auth import service as auth
 from jifen.db.uow import Database
 from tests.api import support
 from tests.api.earning import body
@@ -24,12 +27,26 @@ def walk(fetch: Fetch, limit: int) -> list[list[Any]]:
     params: dict[str, Any] = {"limit": limit}
     while True:
         page = fetch(params)
+        assert page["items"] or not pages, "a next_cursor never leads to an empty page"
         pages.append(page["items"])
         assert len(page["items"]) <= limit
         if page["next_cursor"] is None:
             return pages
         assert len(page["items"]) == limit, "only a full page points to another"
         params = {"limit": limit, "cursor": page["next_cursor"]}
+
+
+def whole(fetch: Fetch) -> list[Any]:
+    """Every item of a (short) list, checking that a page holding exactly all of them is the
+    last one: it carries no ``next_cursor`` to an empty page."""
+    everything: list[Any] = fetch({"limit": 200})["items"]
+    assert everything
+    exact = fetch({"limit": len(everything)})
+    assert exact == {"items": everything, "next_cursor": None}
+    if len(everything) > 1:
+        pages = walk(fetch, len(everything) - 1)
+        assert [len(page) for page in pages] == [len(everything) - 1, 1]
+    return everything
 
 
 def test_programmes_come_in_pages_of_those_the_caller_may_see(
@@ -49,10 +66,7 @@ def test_programmes_come_in_pages_of_those_the_caller_may_see(
     operator = support.staff(db, "operator", program_id=made[1].id)
     mine = body(client.get("/v1/programs", params={"limit": 1}, headers=operator), 200)
     assert [p["code"] for p in mine["items"]] == [made[1].code]
-    assert mine["next_cursor"] == str(made[1].id)
-    after = body(client.get("/v1/programs", params={"limit": 1, "cursor": mine["next_cursor"]},
-                            headers=operator), 200)  # fmt: skip
-    assert after == {"items": [], "next_cursor": None}
+    assert mine["next_cursor"] is None  # that page is the last: no request for an empty one
 
 
 def test_roles_come_in_pages(client: TestClient, db: Database) -> None:
@@ -75,6 +89,51 @@ def test_roles_come_in_pages(client: TestClient, db: Database) -> None:
     pages = walk(fetch, 3)
     assert [r["code"] for page in pages for r in page] == everything
     assert len(pages) >= 3
+    assert [r["code"] for r in whole(fetch)] == everything
+
+
+def test_members_come_in_pages_the_last_full_one_pointing_nowhere(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    operator = support.staff(db, "operator", program_id=program.id)
+    base = f"/v1/programs/{program.code}/members"
+    for ref in ("P1", "P2", "P3", "P4"):
+        made = client.post(base, json={"external_ref": ref},
+                           headers={**operator, **support.key()})  # fmt: skip
+        assert made.status_code == 201, made.text
+
+    def fetch(params: dict[str, Any]) -> Any:
+        return body(client.get(base, params=params, headers=operator), 200)
+
+    assert [m["external_ref"] for m in whole(fetch)] == ["P1", "P2", "P3", "P4"]
+    assert [len(page) for page in walk(fetch, 2)] == [2, 2]
+
+
+def test_staff_and_api_keys_come_in_pages_the_last_full_one_pointing_nowhere(
+    client: TestClient, db: Database
+) -> None:
+    program = new_program(db)
+    admin = support.staff(db, "super_admin")
+    operator = support.staff(db, "operator", program_id=program.id)
+    tag = uuid.uuid4().hex[:6]
+    for n in range(3):
+        db.run(lambda uow, n=n: auth.create_staff(uow, username=f"p_{tag}-{n}",
+                                                  password="correct horse 1"))  # fmt: skip
+        support.api_key(db, program.id)
+
+    def staff(params: dict[str, Any]) -> Any:
+        answer = client.get("/v1/staff", params={**params, "username": f"p_{tag}"}, headers=admin)
+        return body(answer, 200)
+
+    assert [s["username"] for s in whole(staff)] == [f"p_{tag}-{n}" for n in range(3)]
+
+    def keys(params: dict[str, Any]) -> Any:
+        answer = client.get(f"/v1/programs/{program.code}/api-keys", params=params,
+                            headers=operator)  # fmt: skip
+        return body(answer, 200)
+
+    assert len(whole(keys)) == 3
 
 
 def test_stock_alerts_and_a_members_vouchers_come_in_pages(

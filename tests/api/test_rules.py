@@ -139,6 +139,8 @@ def test_a_draft_changes_until_submitted_and_a_new_version_replaces_the_old(
     page = body(shop.get("/rules", limit=1), 200)
     rest = body(shop.get("/rules", limit=1, cursor=page["next_cursor"]), 200)
     assert [v["version"] for v in page["items"] + rest["items"]] == [1, 2]
+    every = body(shop.get("/rules"), 200)["items"]
+    assert body(shop.get("/rules", limit=len(every)), 200)["next_cursor"] is None  # no empty page
     # a version of another programme is not found here
     other = new_program(db)
     admin = support.staff(db, "super_admin")

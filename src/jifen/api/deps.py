@@ -26,7 +26,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.encoders import jsonable_encoder
@@ -106,10 +106,16 @@ class _HasId(Protocol):
     def id(self) -> int: ...
 
 
-def next_id_cursor(items: Sequence[_HasId], limit: int) -> str | None:
-    """The cursor of the page after ``items`` (read in id order, at most ``limit``): the
-    last one's id when the page is full, None when it is the last page."""
-    return str(items[-1].id) if items and len(items) == limit else None
+_Item = TypeVar("_Item", bound=_HasId)
+
+
+def id_page(rows: Sequence[_Item], limit: int) -> tuple[list[_Item], str | None]:
+    """One page of ``rows``, read in id order with one more than ``limit`` asked for (pass
+    ``limit + 1`` to the query): its first ``limit``, and the cursor of the page after them,
+    the last one's id when a row follows, None when this is the last page, full or not (a
+    client is never sent on to an empty page)."""
+    items = list(rows[:limit])
+    return items, str(items[-1].id) if items and len(rows) > limit else None
 
 
 async def refuse_unusable_request(request: Request) -> None:

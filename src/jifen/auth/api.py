@@ -21,8 +21,8 @@ from jifen.api.deps import (
     database,
     forget_api_key,
     id_cursor,
+    id_page,
     limit_ip,
-    next_id_cursor,
     not_allowed,
 )
 from jifen.api.schemas import NO_NUL, IdCursor, Limit, Page
@@ -412,11 +412,11 @@ def list_staff(
     within its scope, and those holding none that were created within it."""
     after = id_cursor(cursor)
     within = ctx.principal.scopes(ctx.permission)
-    items = ctx.db.run(
+    rows = ctx.db.run(
         lambda uow: service.list_staff(
             uow,
             after_id=after,
-            limit=limit,
+            limit=limit + 1,
             active=active,
             username=username,
             role=role,
@@ -424,7 +424,8 @@ def list_staff(
         ),
         read_only=True,
     )
-    return Page(items=items, next_cursor=next_id_cursor(items, limit))
+    items, next_cursor = id_page(rows, limit)
+    return Page(items=items, next_cursor=next_cursor)
 
 
 @router.post("/staff", status_code=201, response_model=StaffCreated)
@@ -527,11 +528,14 @@ def list_roles(
 ) -> Page[RoleRead]:
     """The built-in roles and this programme's custom ones."""
     after = id_cursor(cursor)
-    items = ctx.db.run(
-        lambda uow: service.list_roles(uow, program_id=ctx.program_id, after_id=after, limit=limit),
+    rows = ctx.db.run(
+        lambda uow: service.list_roles(
+            uow, program_id=ctx.program_id, after_id=after, limit=limit + 1
+        ),
         read_only=True,
     )
-    return Page(items=items, next_cursor=next_id_cursor(items, limit))
+    items, next_cursor = id_page(rows, limit)
+    return Page(items=items, next_cursor=next_cursor)
 
 
 @router.post(ROLES, status_code=201, response_model=RoleRead)
@@ -607,19 +611,20 @@ def list_api_keys(
     store's those of the store."""
     after = id_cursor(cursor)
     merchant, store = ctx.merchant(merchant)
-    items = ctx.db.run(
+    rows = ctx.db.run(
         lambda uow: service.list_api_keys(
             uow,
             program_id=ctx.program_id,
             after_id=after,
-            limit=limit,
+            limit=limit + 1,
             merchant=merchant,
             store=store,
             revoked=revoked,
         ),
         read_only=True,
     )
-    return Page(items=items, next_cursor=next_id_cursor(items, limit))
+    items, next_cursor = id_page(rows, limit)
+    return Page(items=items, next_cursor=next_cursor)
 
 
 @router.post(KEYS, status_code=201, response_model=ApiKeyCreated)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from jifen.api.deps import Context, Read, Write, id_cursor
+from jifen.api.deps import Context, Read, Write, id_cursor, id_page
 from jifen.api.schemas import LIMIT
 from jifen.db.uow import UnitOfWork
 from jifen.errors import JifenError
@@ -146,16 +146,15 @@ def list_held_awards(
     merchant or store, when its credentials are scoped to one)."""
     after = id_cursor(cursor)
     merchant, store = _scope(ctx)
-    items = ctx.db.run(
+    rows = ctx.db.run(
         lambda uow: service.held_awards(
-            uow, program_id=ctx.program_id, after_id=after, limit=limit, merchant=merchant,
+            uow, program_id=ctx.program_id, after_id=after, limit=limit + 1, merchant=merchant,
             store=store,
         ),
         read_only=True,
     )  # fmt: skip
-    return HeldAwardPage(
-        items=items, next_cursor=str(items[-1].id) if len(items) == limit else None
-    )
+    items, next_cursor = id_page(rows, limit)
+    return HeldAwardPage(items=items, next_cursor=next_cursor)
 
 
 @router.post(AWARDS + "/{award_id}/approve", response_model=HeldAward)

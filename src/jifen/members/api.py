@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from jifen.api import deps, problems
-from jifen.api.deps import Context, Read, ReadOwn, Write, id_cursor
+from jifen.api.deps import Context, Read, ReadOwn, Write, id_cursor, id_page
 from jifen.api.schemas import LIMIT, NO_NUL, Instant
 from jifen.auth import service as auth_service
 from jifen.auth.core import Principal
@@ -133,14 +133,15 @@ def list_members(
     """The programme's members in the order they registered; filter by state, tag, region,
     reference, phone number (found by its keyed hash) and registration time."""
     after = id_cursor(cursor)
-    items = ctx.db.run(
+    rows = ctx.db.run(
         lambda uow: service.list_members(
-            uow, program_id=ctx.program_id, after_id=after, limit=limit, state=state, tag=tag,
+            uow, program_id=ctx.program_id, after_id=after, limit=limit + 1, state=state, tag=tag,
             region=region, external_ref=external_ref, phone=phone, since=since, until=until,
         ),
         read_only=True,
     )  # fmt: skip
-    return MemberPage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
+    items, next_cursor = id_page(rows, limit)
+    return MemberPage(items=items, next_cursor=next_cursor)
 
 
 @router.get(MEMBER, response_model=MemberProfile)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from jifen.api.deps import Context, Read, Write, id_cursor, next_id_cursor
+from jifen.api.deps import Context, Read, Write, id_cursor, id_page
 from jifen.api.schemas import IdCursor, Limit, Page
 from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
@@ -30,11 +30,12 @@ def list_programs(
     """The programmes the caller can see, oldest first."""
     after = id_cursor(cursor)
     visible = ctx.principal.programs("programs.read")
-    items = ctx.db.run(
-        lambda uow: service.list_programs(uow, after_id=after, limit=limit, among=visible),
+    rows = ctx.db.run(
+        lambda uow: service.list_programs(uow, after_id=after, limit=limit + 1, among=visible),
         read_only=True,
     )
-    return Page(items=items, next_cursor=next_id_cursor(items, limit))
+    items, next_cursor = id_page(rows, limit)
+    return Page(items=items, next_cursor=next_cursor)
 
 
 @router.post("/programs", status_code=201, response_model=ProgramRead)

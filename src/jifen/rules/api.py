@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from jifen.api.deps import Context, Read, Write, id_cursor
+from jifen.api.deps import Context, Read, Write, id_cursor, id_page
 from jifen.api.schemas import LIMIT, RequestBody
 from jifen.approvals import service as approvals_service
 from jifen.approvals.api import requester
@@ -80,13 +80,19 @@ def list_rules(
 ) -> RulePage:
     """Rule versions in the order they were created; filter by rule code and state."""
     after = id_cursor(cursor)
-    items = ctx.db.run(
+    rows = ctx.db.run(
         lambda uow: service.list_versions(
-            uow, program_id=ctx.program_id, code=code, state=state, after_id=after, limit=limit
+            uow,
+            program_id=ctx.program_id,
+            code=code,
+            state=state,
+            after_id=after,
+            limit=limit + 1,
         ),
         read_only=True,
     )
-    return RulePage(items=items, next_cursor=str(items[-1].id) if len(items) == limit else None)
+    items, next_cursor = id_page(rows, limit)
+    return RulePage(items=items, next_cursor=next_cursor)
 
 
 @router.post(RULES, status_code=201, response_model=RuleVersionRead)
