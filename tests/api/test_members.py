@@ -109,6 +109,24 @@ def test_a_number_no_mobile_phone_has_is_neither_registered_nor_bound(
         club.register(f"M{n}", phone=f"{prefix}900139000")
 
 
+def test_a_tag_given_twice_is_stored_once_in_the_order_first_given(
+    client: TestClient, db: Database
+) -> None:
+    club = Club(client, db)
+    member = club.register("D1", tags=["vip", "新客", "vip", "新客", "b"])
+    assert member["tags"] == ["vip", "新客", "b"]
+    changed = club.client.patch(club.url(member["id"]), json={"tags": ["b", "a", "b", "a"]},
+                                headers={**club.operator, **support.key()})  # fmt: skip
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["tags"] == ["b", "a"]
+    stored = db.run(
+        lambda uow: uow.conn.execute(
+            select(members.c.tags).where(members.c.id == member["id"])
+        ).scalar_one()
+    )
+    assert stored == ["b", "a"]
+
+
 def test_list_filters_and_pages(client: TestClient, db: Database) -> None:
     club = Club(client, db)
     ids = [

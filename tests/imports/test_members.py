@@ -134,3 +134,18 @@ def test_tags_separated_the_chinese_way_are_read_as_several(db: Database, tmp_pa
         lambda uow: members.get_profile(uow, program_id=program.id, member_id=ids["t1"])
     )
     assert sorted(profile.tags) == sorted(["vip", "新客", "a", "b"])
+
+
+def test_a_tag_written_twice_in_a_row_is_stored_once(db: Database, tmp_path: Path) -> None:
+    """A row naming a tag twice gives the member that tag once, in the order first written;
+    the row again, in another order, is the same member (nothing to do)."""
+    program = new_program(db)
+    path = write(tmp_path / "m.csv", ["external_ref", "tags"],
+                 [["t1", "vip;新客;vip，新客"], ["t1", "新客;vip"]])  # fmt: skip
+    report = imports.run_import(db, program_id=program.id, kind="members", path=path)
+    assert (report.accepted, report.replayed, report.refused) == (1, 1, 0)
+    ids = member_ids(db, program.id, ["t1"])
+    profile = db.run(
+        lambda uow: members.get_profile(uow, program_id=program.id, member_id=ids["t1"])
+    )
+    assert profile.tags == ["vip", "新客"]

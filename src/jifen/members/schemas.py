@@ -34,6 +34,16 @@ Language = Literal["zh", "en"]
 """The language of the messages jifen sends a member (none chosen: Chinese)."""
 Tag = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\w.-]+$")]
 """Letters (any script), digits, ``_``, ``.`` and ``-``."""
+
+
+def _once(tags: list[str]) -> list[str]:
+    """Each tag once, in the order first given: a member is vip or not, and ["vip", "vip"]
+    stored as it came would show twice and count twice."""
+    return list(dict.fromkeys(tags))
+
+
+Tags = Annotated[list[Tag], Field(max_length=20), AfterValidator(_once)]
+"""A member's tags, each kept once."""
 _EMAIL_PART = r'[^@\s\x00-\x1f\x7f,;<>()\[\]\\:"]+'
 """A part of an address, without the characters that separate or quote addresses in an
 email's To field: "li,boss@example.com" would be sent to li and to boss@example.com."""
@@ -109,7 +119,7 @@ class MemberCreate(RequestBody):
     birthday: Birthday | None = None
     gender: Gender | None = None
     region: Region | None = None
-    tags: Annotated[list[Tag], Field(max_length=20)] = []  # noqa: RUF012 (pydantic copies it)
+    tags: Tags = []  # noqa: RUF012 (pydantic copies it)
     phone: Phone | None = None
     """A mainland mobile number: stored as a keyed hash and encrypted, shown masked."""
     language: Language | None = None
@@ -127,7 +137,7 @@ class MemberUpdate(RequestBody):
     birthday: Birthday | None = None
     gender: Gender | None = None
     region: Region | None = None
-    tags: Annotated[list[Tag], Field(max_length=20)] | SkipJsonSchema[None] = None
+    tags: Tags | SkipJsonSchema[None] = None
     language: Language | None = None
     """The language of its messages; null: jifen's default, Chinese."""
 
