@@ -818,6 +818,28 @@ def test_goods_are_either_shipped_or_collected_never_both(db: Database) -> None:
     assert shop.use(order.voucher.code).voucher.state == "used"
 
 
+def test_one_key_draws_apart_in_two_programmes_and_the_same_again_in_one(
+    db: Database,
+) -> None:
+    """A draw's seed is a keyed hash of the programme, the lottery and the order's key: a
+    till sending the same key to two programmes (or two lotteries) does not draw the same
+    numbers in both, while a draw can still be worked out again from what it was of."""
+    lottery = {"budget": 100_000, "prizes": [
+        {"code": "p20", "name": {"zh": "20分"}, "chance_ppm": 300_000, "points": 20},
+    ]}  # fmt: skip
+    drawn = []
+    for shop in (Shop.open(db), Shop.open(db)):
+        (player,) = shop.member(1000, tier="金卡")
+        wheel = shop.reward(kind="lottery", points=10, max_quantity=1, lottery=lottery)
+        order = shop.redeem(player, wheel.code, key="till-7-receipt-42")
+        drawn.append((shop.program_id, wheel.id, order.outcome["draw"]))
+    assert drawn[0][2]["seed"] != drawn[1][2]["seed"]
+    for program_id, reward_id, draw in drawn:
+        assert draw["seed"] == rewards.draw_seed(program_id, reward_id, "till-7-receipt-42")
+        assert draw["roll"] == core.roll(draw["seed"])
+        assert rewards.draw_seed(program_id, reward_id + 1, "till-7-receipt-42") != draw["seed"]
+
+
 def test_a_lottery_never_gives_beyond_its_budget_and_records_each_draw(db: Database) -> None:
     shop = Shop.open(db)
     players = shop.member(100_000, tier="金卡", count=3)

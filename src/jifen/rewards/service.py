@@ -1001,16 +1001,22 @@ def _issue_voucher(
 _INSERT_VOUCHER = vouchers_table.insert()
 
 
+def draw_seed(program_id: int, reward_id: int, key: str) -> str:
+    """The seed of a lottery's draw: a keyed hash, under the installation's secret, of the
+    programme, the lottery and the order's idempotency key. The same three always give the
+    same seed (a draw can be worked out again), while one key sent to two programmes or two
+    lotteries draws apart; and no member can choose a key that wins."""
+    return crypto.keyed_hash(f"lottery draw program {program_id} reward {reward_id} key {key}")
+
+
 def _draw(
     uow: UnitOfWork, program_id: int, order: dict[str, Any], terms: RewardDef, actor: str
 ) -> dict[str, Any]:  # fmt: skip
-    """Draw a prize. The seed is a keyed hash of the order's key under the installation's
-    secret: recorded with the roll, so anyone can check the roll from the seed, yet no member
-    can choose a key that wins. A prize whose quantity or the budget is used up gives
-    nothing instead."""
+    """Draw a prize from :func:`draw_seed`, recorded with the roll, so anyone can check the
+    roll from the seed. A prize whose quantity or the budget is used up gives nothing
+    instead."""
     assert terms.lottery is not None
-    key = order["idempotency_key"]
-    seed = crypto.keyed_hash(f"lottery draw {key}")
+    seed = draw_seed(program_id, order["reward_id"], order["idempotency_key"])
     drawn = core.roll(seed)
     prize = core.prize_for(terms.lottery, drawn)
     result: dict[str, Any] = {"draw": {"seed": seed, "roll": drawn, "ppm": core.PPM}}
