@@ -183,6 +183,7 @@ __all__ = [
     "SameAccount",
     "SignInLocked",
     "StateConflict",
+    "TierNotDefined",
     "Unauthenticated",
     "UnknownApiKey",
     "UnknownApproval",
@@ -229,6 +230,21 @@ class UnknownTier(NotFound):
     code = "unknown_tier"
     en = "This programme has no tier {tier!r}; its tiers are {known}."
     zh = "本计划没有等级 {tier!r};已有等级:{known}。"
+
+
+class TierNotDefined(InvalidInput):
+    """A policy, rule, caps or reward names a tier code the programme does not define (a
+    typo such as "gold" for 金卡): stored, it would never match a member."""
+
+    code = "tier_not_defined"
+    en = (
+        "{field}: {tier!r} is not a tier of this programme, so it would apply to no member; "
+        "its tiers are {known}. Name one of them, or define the tier first."
+    )
+    zh = (
+        "{field}:{tier!r} 不是本计划的等级,不会适用于任何会员;本计划的等级为:{known_zh}。"
+        "请使用其中之一,或先定义该等级。"
+    )
 
 
 class UnknownRule(NotFound):

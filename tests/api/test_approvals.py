@@ -253,6 +253,15 @@ def test_settings_change_only_through_an_approval(client: TestClient, db: Databa
         url, json={"return_window_days": 400}, headers={**desk.operator, **support.key()}
     )
     assert bad.status_code == 422
+    # as are settings naming a tier the programme does not have: it has none yet
+    typo = {
+        **wanted,
+        "redemption": {**wanted["redemption"], "tiers": {"gold": {"discount_pct": 90}}},
+    }
+    refused = client.put(url, json=typo, headers={**desk.operator, **support.key()})
+    assert refused.status_code == 422 and refused.json()["code"] == "tier_not_defined"
+    assert refused.json()["errors"][0]["field"] == "redemption.tiers"
+    assert "'gold'" in refused.json()["detail"] and "none defined yet" in refused.json()["detail"]
 
 
 def test_approving_new_settings_records_the_settings_they_replace(

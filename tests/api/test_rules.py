@@ -409,6 +409,17 @@ def test_earning_caps_change_through_an_approval_and_cut_an_order_at_the_tier_da
     bad = shop.put("/earning-caps", {"by_tier": {"普通": {"day": 0}}})
     assert bad.status_code == 422
     assert bad.json()["errors"][0]["field"] == "body.by_tier.普通.day"
+    # and so are caps naming a tier the programme does not have (it would bind no member)
+    for language, says in ((None, "'gold' is not a tier of this programme"),
+                           ("zh", "'gold' 不是本计划的等级")):  # fmt: skip
+        typo = shop.put("/earning-caps", {"by_tier": {"gold": {"day": 10}}}, language=language)
+        assert typo.status_code == 422 and typo.json()["code"] == "tier_not_defined"
+        assert says in typo.json()["detail"] and "普通" in typo.json()["detail"]
+        assert typo.json()["errors"][0]["field"] == "by_tier"
+    # as is a rule naming one
+    typo = shop.post("/rules", rule("tier", {"kind": "multiplier", "by_tier": {"金 卡": "1.5"}}))
+    assert typo.status_code == 422 and typo.json()["code"] == "tier_not_defined"
+    assert typo.json()["errors"][0]["field"] == "params.by_tier"
     # the reviewer approves it: now they apply
     body(shop.decide(filed["id"], "approve"), 200)
     shown = body(shop.get("/earning-caps"), 200)

@@ -30,9 +30,15 @@ def at(*args: int) -> datetime:
 
 
 def with_policy(db: Database, policy: ExpiryPolicy) -> tuple[int, list[int]]:
+    """A programme with ``policy`` and three members; the tiers the policy names are the
+    programme's (in the order named: a policy names only tiers the programme has)."""
     program_id = new_program(db).id
 
     def configure(uow: UnitOfWork) -> None:
+        if policy.by_tier:
+            tiers.set_tiers(uow, program_id=program_id, definitions=[
+                TierDef(code=code, name=code, rank=rank) for rank, code in enumerate(policy.by_tier)
+            ])  # fmt: skip
         settings = programs.get_settings(uow, program_id=program_id)
         programs.set_settings(
             uow, program_id=program_id, settings=settings.model_copy(update={"expiry": policy})

@@ -238,17 +238,17 @@ def test_a_refund_that_took_a_missed_tier_date_is_clawed_back_from_the_new_lot(
     )
 
     def configure(uow: UnitOfWork) -> None:
-        settings = programs.get_settings(uow, program_id=program_id)
-        programs.set_settings(
-            uow, program_id=program_id, settings=settings.model_copy(update={"expiry": policy})
-        )
-        tiers.set_tiers(
+        tiers.set_tiers(  # first: the policy names them
             uow,
             program_id=program_id,
             definitions=[
                 TierDef(code="普通", name="普通", rank=0),
                 TierDef(code="金卡", name="金卡", rank=1),
             ],
+        )
+        settings = programs.get_settings(uow, program_id=program_id)
+        programs.set_settings(
+            uow, program_id=program_id, settings=settings.model_copy(update={"expiry": policy})
         )
         tiers.set_member_tier(uow, program_id=program_id, member_id=alice, tier="普通",
                               reason="t", set_by="t")  # fmt: skip

@@ -97,6 +97,7 @@ def put_settings(
         tiers_service.require_scheme_fits(
             uow, program_id=ctx.program_id, scheme=body.tier_scheme, current=current.tier_scheme
         )
+        service.require_tiers_defined(uow, program_id=ctx.program_id, settings=body)
         return approvals_service.request(
             uow,
             program_id=ctx.program_id,

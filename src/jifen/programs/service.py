@@ -16,6 +16,8 @@ from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
 from jifen.programs.models import programs
 from jifen.programs.schemas import ProgramRead, ProgramSettings
+from jifen.tiers import core as tiers_core
+from jifen.tiers.models import tiers
 
 T = TypeVar("T")
 
@@ -170,8 +172,32 @@ def lock_program(uow: UnitOfWork, *, program_id: int) -> None:
         raise UnknownProgram(program=program_id)
 
 
+def tiers_named(settings: ProgramSettings) -> dict[str, list[str]]:
+    """The tier codes the policy names, by where: validity and redemption terms by tier (the
+    tier scheme's benefits are checked against its levels, and those against the tiers)."""
+    return {
+        "expiry.by_tier": list(settings.expiry.by_tier),
+        "redemption.tiers": list(settings.redemption.tiers),
+    }
+
+
+def require_tiers_defined(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> None:
+    """Refuse settings naming a tier the programme does not define (see
+    :func:`jifen.tiers.core.require_defined`); a code the stored settings already name at the
+    same place is not checked again."""
+    known = uow.conn.execute(
+        select(tiers.c.code).where(tiers.c.program_id == program_id).order_by(tiers.c.rank)
+    ).scalars()
+    tiers_core.require_defined(
+        tiers_named(settings), list(known),
+        kept=tiers_named(get_settings(uow, program_id=program_id)),
+    )  # fmt: skip
+
+
 def set_settings(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> ProgramSettings:
-    """Replace the programme's policy (callers go through an approval)."""
+    """Replace the programme's policy (callers go through an approval); refused when it
+    names a tier the programme does not define (:func:`require_tiers_defined`)."""
+    require_tiers_defined(uow, program_id=program_id, settings=settings)
     uow.local.pop(f"settings:{program_id}", None)
     result = uow.conn.execute(
         programs.update()

@@ -173,9 +173,12 @@ def _terms_json(body: RewardDef) -> dict[str, Any]:
 
 
 def _check_tiers(uow: UnitOfWork, program_id: int, body: RewardDef) -> None:
-    named = set(body.visible_tiers or []) | set(body.early_access)
-    if named:
-        tiers_service.require_tiers(uow, program_id=program_id, codes=named)
+    """Refuse a reward naming a tier the programme does not define: no member of it could
+    see the reward, or redeem it early."""
+    tiers_service.require_defined(
+        uow, program_id=program_id,
+        named={"visible_tiers": body.visible_tiers or [], "early_access": list(body.early_access)},
+    )  # fmt: skip
 
 
 def create_reward(uow: UnitOfWork, *, program_id: int, body: RewardCreate) -> RewardRead:

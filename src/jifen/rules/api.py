@@ -302,15 +302,16 @@ def put_caps(
 ) -> JSONResponse:
     """Request new earning caps; they apply when a second person approves."""
     requested_by = requester(ctx)
-    return ctx.execute(
-        lambda uow: approvals_service.request(
+
+    def file(uow: UnitOfWork) -> ApprovalRead:
+        service.check_caps_tiers(uow, program_id=ctx.program_id, caps=body)
+        return approvals_service.request(
             uow,
             program_id=ctx.program_id,
             action="rules.caps",
             params={"caps": body.model_dump(mode="json")},
             summary=f"Change the earning caps of programme {program}",
             requested_by=requested_by,
-        ),
-        target=f"program:{program}",
-        status=202,
-    )
+        )
+
+    return ctx.execute(file, target=f"program:{program}", status=202)

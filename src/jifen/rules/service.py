@@ -35,6 +35,7 @@ from jifen.rules.models import (
 )
 from jifen.rules.schemas import (
     AWARD_KINDS,
+    BirthdayGift,
     EventTypeDeclare,
     EventTypeRead,
     Multiplier,
@@ -69,6 +70,7 @@ def create_version(
 ) -> RuleVersionRead:
     """A new draft: version 1 of a new rule, or the next version of an existing one."""
     compile_rule(spec)  # refuse a condition that does not compile before storing it
+    _check_tiers(uow, program_id, spec)
     latest = uow.conn.execute(
         select(func.max(rule_versions.c.version)).where(
             rule_versions.c.program_id == program_id, rule_versions.c.code == spec.code
@@ -102,6 +104,7 @@ def update_draft(
             problem_zh=f"规则 {row.code!r} 的各版本须沿用同一代码,不能修改",
         )
     compile_rule(spec)
+    _check_tiers(uow, program_id, spec)
     uow.conn.execute(
         rule_versions.update()
         .where(rule_versions.c.id == version_id)
@@ -138,6 +141,7 @@ def approve(
     compile_rule(spec)  # still valid under today's compiler
     _check_event_types(uow, program_id, spec)
     _check_multiplier(spec)
+    _check_tiers(uow, program_id, spec)  # the tiers may have changed since it was written
     now = uow.clock.now()
     start = max(activate_at or now, now)
     _move(uow, version_id, "submitted", state="active", approved_by=approved_by, approved_at=now)
@@ -349,7 +353,19 @@ def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
     return caps
 
 
+def check_caps_tiers(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> None:
+    """Refuse caps naming a tier the programme does not define: its limits would bind no
+    member. A code the stored caps already name is not checked again."""
+    tiers_service.require_defined(
+        uow, program_id=program_id, named={"by_tier": list(caps.by_tier)},
+        kept={"by_tier": list(get_caps(uow, program_id=program_id).by_tier)},
+    )  # fmt: skip
+
+
 def set_caps(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> ProgramCaps:
+    """Replace the programme's caps; refused when they name a tier the programme does not
+    define (a code the stored caps already name is not checked again)."""
+    check_caps_tiers(uow, program_id=program_id, caps=caps)
     uow.local.pop(f"caps:{program_id}", None)
     upsert(
         uow,
@@ -555,6 +571,7 @@ def load_pack(
                 problem=exc.params["problem"],
                 problem_zh=exc.params["problem_zh"],
             ) from exc
+    _check_pack_tiers(uow, program_id, pack)
     if pack.tiers:
         tiers_service.set_tiers(uow, program_id=program_id, definitions=pack.tiers)
     if pack.caps is not None:
@@ -574,6 +591,34 @@ def load_pack(
             version = approve(uow, program_id=program_id, version_id=version.id, approved_by=actor)
         versions.append(version)
     return versions
+
+
+def _tiers_named(spec: RuleSpec) -> list[str]:
+    """The tier codes a rule names: a multiplier's or a birthday gift's ``by_tier``."""
+    params = spec.params
+    return list(params.by_tier) if isinstance(params, Multiplier | BirthdayGift) else []
+
+
+def _check_tiers(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None:
+    """Refuse a rule naming a tier the programme does not define: its factor or gift would
+    reach no member."""
+    tiers_service.require_defined(
+        uow, program_id=program_id, named={"params.by_tier": _tiers_named(spec)}
+    )
+
+
+def _check_pack_tiers(uow: UnitOfWork, program_id: int, pack: RulePack) -> None:
+    """Refuse a pack whose rules or caps name a tier that the programme will not have once
+    it is loaded: the pack's own tiers when it brings some (they replace the programme's),
+    else the programme's. Checked before anything is written, naming the rule."""
+    tiers = [t.code for t in pack.tiers] if pack.tiers else None
+    named = {f"rules.{spec.code}.params.by_tier": _tiers_named(spec) for spec in pack.rules}
+    kept: dict[str, list[str]] = {}
+    if pack.caps is not None:
+        named["caps.by_tier"] = list(pack.caps.by_tier)
+        if tiers is None:  # the caps' own codes kept, as set_caps keeps them
+            kept["caps.by_tier"] = list(get_caps(uow, program_id=program_id).by_tier)
+    tiers_service.require_defined(uow, program_id=program_id, named=named, tiers=tiers, kept=kept)
 
 
 # --------------------------------------------------------------------------- custom events

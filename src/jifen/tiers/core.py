@@ -18,11 +18,13 @@ comes out. The rules, in short:
 from __future__ import annotations
 
 import calendar
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from jifen.errors import TierNotDefined
 from jifen.tiers.schemas import Schedule, ScoreParts, TemporaryUpgrade, TierLevel, TierScheme
 
 Kind = Literal["evaluation", "upgrade", "temporary", "temporary_end", "manual"]
@@ -348,3 +350,24 @@ def window_start(scheme: TierScheme, now: datetime, zone: ZoneInfo = DEFAULT_ZON
     if local.time() != time() and now == day_start(local.date(), zone):
         return day_start(add_months(local, -scheme.window_months).date(), zone)
     return add_local_months(now, -scheme.window_months, zone)
+
+
+def require_defined(
+    named: Mapping[str, Iterable[str]],
+    known: list[str],
+    kept: Mapping[str, Iterable[str]] | None = None,
+) -> None:
+    """Refuse a tier code named in a policy, a rule, the caps or a reward that is not one of
+    ``known``, the programme's tier codes: stored, it would never match a member. ``named``
+    maps where the codes were found (``expiry.by_tier``) to them; ``kept`` maps a place to
+    the codes already stored there, which are not checked again (a change made for another
+    reason is not held up by tiers changed since). A programme with no tiers yet has none to
+    name."""
+    for where, codes in named.items():
+        allowed = set(known) | set((kept or {}).get(where, ()))
+        for code in codes:
+            if code not in allowed:
+                raise TierNotDefined(
+                    field=where, tier=code, known=", ".join(known) or "(none defined yet)",
+                    known_zh="、".join(known) or "(尚未定义任何等级)",
+                )  # fmt: skip

@@ -67,6 +67,7 @@ __all__ = [
     "member_tier",
     "moves_on_earning",
     "redemption_policy",
+    "require_defined",
     "require_tiers",
     "scheme_of",
     "scored_event_types",
@@ -201,6 +202,21 @@ def require_tiers(uow: UnitOfWork, *, program_id: int, codes: Iterable[str]) -> 
     for code in sorted(set(codes)):
         if code not in known:
             raise UnknownTier(tier=code, known=", ".join(known) or "(none defined)")
+
+
+def require_defined(
+    uow: UnitOfWork,
+    *,
+    program_id: int,
+    named: Mapping[str, Iterable[str]],
+    tiers: Iterable[str] | None = None,
+    kept: Mapping[str, Iterable[str]] | None = None,
+) -> None:
+    """:func:`core.require_defined` against ``tiers``, the tiers the programme will have once
+    the save is done: by default those it has (a rule pack passes its own)."""
+    if tiers is None:
+        tiers = [t.code for t in list_tiers(uow, program_id=program_id)]
+    core.require_defined(named, list(tiers), kept)
 
 
 def member_tier(uow: UnitOfWork, *, program_id: int, member_id: int) -> MemberTierRead:
