@@ -37,7 +37,7 @@ from tests.factories import assert_ledger_sound, new_members, new_program
 
 CLIENTS = 8
 MEMBERS = 20
-LOAD_SECONDS = 40.0
+LOAD_SECONDS = 25.0
 KILL_EVERY = 5.0
 READY_WITHIN = 30.0
 ANSWER_WITHIN = 60.0
