@@ -2,7 +2,8 @@
 ``unnest`` of one array per column (one round trip, a query text that never changes, so it
 is parsed and planned once); elsewhere an executemany. For jobs that write thousands of
 rows a chunk (notifications, tier changes). :func:`update_many` does the same for updates,
-and :func:`among` tests a column against many ids in one parameter."""
+and :func:`among` tests a column against many ids in one parameter (:func:`among_bound`: in
+a statement built once, the ids given when it runs)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,19 @@ def among(
         kind = element if element is not None else BigInteger()
         return column == any_(literal(list(ids), postgresql.ARRAY(kind)))
     return column.in_(ids)
+
+
+def among_bound(
+    dialect: str,
+    column: ColumnElement[Any],
+    name: str,
+    element: TypeEngine[Any] | None = None,
+) -> ColumnElement[bool]:
+    """:func:`among` with the ids as the bound parameter ``name``, a list given when the
+    statement runs: for a statement built once (a query of every event's path), which
+    then costs no construction a call. ``column = ANY(array)`` on PostgreSQL, an expanding
+    ``IN`` elsewhere."""
+    if dialect == "postgresql":
+        kind = element if element is not None else BigInteger()
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(kind)))
+    return column.in_(bindparam(name, expanding=True))

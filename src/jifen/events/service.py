@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -29,6 +29,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     RowMapping,
+    Select,
     String,
     bindparam,
     case,
@@ -42,7 +43,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from jifen import crypto
 from jifen.api.schemas import NO_NUL, nul_checked
-from jifen.db.bulk import among, insert_many
+from jifen.db.bulk import among, among_bound, insert_many
 from jifen.db.uow import Database, UnitOfWork, is_transient
 from jifen.db.upsert import upsert_many
 from jifen.errors import (
@@ -413,6 +414,94 @@ class _Group:
     counters: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
 
 
+# The intake's reads, built once a backend (their values bound when they run): every event
+# runs them, and building a statement costs more Python than running it.
+
+
+@cache
+def _stored_query(dialect: str) -> Select[Any]:
+    """The events of the given keys (a superset: each source with each id)."""
+    return select(events).where(  # the key's index: programme, source, external id
+        events.c.program_id == bindparam("program"),
+        among_bound(dialect, events.c.source, "sources", String()),
+        among_bound(dialect, events.c.external_id, "external", String()),
+    )
+
+
+@cache
+def _stored_awards_query(dialect: str) -> Select[Any]:
+    return (
+        select(event_awards)
+        .where(among_bound(dialect, event_awards.c.event_id, "events"))
+        .order_by(event_awards.c.id)
+    )
+
+
+@cache
+def _taken_query(dialect: str) -> Select[Any]:
+    """The events of once-only types that took the given subjects."""
+    return select(
+        events.c.type, events.c.subject, events.c.source, events.c.external_id, events.c.merchant
+    ).where(
+        events.c.program_id == bindparam("program"),
+        among_bound(dialect, events.c.subject, "subjects", String()),
+        events.c.type.in_(ONCE_TYPES),
+    )
+
+
+@cache
+def _awarded_query(dialect: str) -> Select[Any]:
+    """The rules that awarded on the given subjects of events that come again."""
+    return (
+        select(events.c.type, events.c.subject, event_awards.c.rule_code)
+        .join(event_awards, event_awards.c.event_id == events.c.id)
+        .where(
+            events.c.program_id == bindparam("program"),
+            among_bound(dialect, events.c.subject, "subjects", String()),
+            events.c.type.in_(ONCE_PER_RULE),
+            event_awards.c.reverses_id.is_(None),
+        )
+    )
+
+
+@cache
+def _counters_query(dialect: str) -> Select[Any]:
+    return select(member_counters).where(among_bound(dialect, member_counters.c.member_id, "ids"))
+
+
+@cache
+def _by_day_query(dialect: str) -> Select[Any]:
+    """Points awarded (held ones aside) to the members by rule and day, over a span."""
+    return (
+        select(
+            event_awards.c.member_id, event_awards.c.rule_code, event_awards.c.local_day,
+            func.sum(event_awards.c.points),
+        )
+        .where(
+            among_bound(dialect, event_awards.c.member_id, "ids"),
+            event_awards.c.held.is_(False),
+            event_awards.c.local_day >= bindparam("since"),
+            event_awards.c.local_day <= bindparam("until"),
+        )
+        .group_by(event_awards.c.member_id, event_awards.c.rule_code, event_awards.c.local_day)
+    )  # fmt: skip
+
+
+@cache
+def _lifetime_query(dialect: str) -> Select[Any]:
+    """Points awarded (held ones aside) to the members by the given rules, ever."""
+    return (
+        select(event_awards.c.member_id, event_awards.c.rule_code,
+               func.sum(event_awards.c.points))
+        .where(
+            among_bound(dialect, event_awards.c.member_id, "ids"),
+            event_awards.c.held.is_(False),
+            event_awards.c.rule_code.in_(bindparam("codes", expanding=True)),
+        )
+        .group_by(event_awards.c.member_id, event_awards.c.rule_code)
+    )  # fmt: skip
+
+
 class _Intake:
     """One call of :func:`ingest_many`: what it has read and held, and the outcomes."""
 
@@ -498,11 +587,8 @@ class _Intake:
         sources = sorted({i.event.source for i in items})
         wanted = {i.key for i in items}
         rows = self.uow.conn.execute(
-            select(events).where(  # the key's index: programme, source, external id
-                events.c.program_id == self.program_id,
-                among(self.uow.dialect, events.c.source, sources, String()),
-                among(self.uow.dialect, events.c.external_id, external, String()),
-            )
+            _stored_query(self.uow.dialect),
+            {"program": self.program_id, "sources": sources, "external": external},
         ).all()
         self.stored = {
             (r.source, r.external_id): r for r in rows if (r.source, r.external_id) in wanted
@@ -510,9 +596,7 @@ class _Intake:
         if self.stored:
             ids = [r.id for r in self.stored.values()]
             awards = self.uow.conn.execute(
-                select(event_awards)
-                .where(among(self.uow.dialect, event_awards.c.event_id, ids))
-                .order_by(event_awards.c.id)
+                _stored_awards_query(self.uow.dialect), {"events": ids}
             ).all()
             for award in awards:
                 self.stored_awards.setdefault(award.event_id, []).append(
@@ -534,29 +618,14 @@ class _Intake:
                 again.add(str(item.subject()[0]))
         if subjects:
             rows = self.uow.conn.execute(
-                select(
-                    events.c.type,
-                    events.c.subject,
-                    events.c.source,
-                    events.c.external_id,
-                    events.c.merchant,
-                ).where(
-                    events.c.program_id == self.program_id,
-                    among(self.uow.dialect, events.c.subject, sorted(subjects), String()),
-                    events.c.type.in_(ONCE_TYPES),
-                )
+                _taken_query(self.uow.dialect),
+                {"program": self.program_id, "subjects": sorted(subjects)},
             ).all()
             self.taken = {(r.type, r.subject): (r.source, r.external_id, r.merchant) for r in rows}
         if again:
             awarded = self.uow.conn.execute(
-                select(events.c.type, events.c.subject, event_awards.c.rule_code)
-                .join(event_awards, event_awards.c.event_id == events.c.id)
-                .where(
-                    events.c.program_id == self.program_id,
-                    among(self.uow.dialect, events.c.subject, sorted(again), String()),
-                    events.c.type.in_(ONCE_PER_RULE),
-                    event_awards.c.reverses_id.is_(None),
-                )
+                _awarded_query(self.uow.dialect),
+                {"program": self.program_id, "subjects": sorted(again)},
             ).all()
             for kind, subject, code in awarded:
                 self.awarded.setdefault((kind, subject), set()).add(code)
@@ -1127,9 +1196,7 @@ class _Tallies:
         tallies = {m: _Tally(profiles[m], timelines[m]) for m in ids}
         if not ids:
             return cls(tallies)
-        for row in uow.conn.execute(
-            select(member_counters).where(among(uow.dialect, member_counters.c.member_id, ids))
-        ):
+        for row in uow.conn.execute(_counters_query(uow.dialect), {"ids": ids}):
             tally = tallies[row.member_id]
             tally.counts[row.event_type] = int(row.seen)
             if row.streak_day is not None:
@@ -1140,30 +1207,13 @@ class _Tallies:
         since = min(min(p[0], p[2]) for p in periods)
         until = max(max(p[1], p[3]) for p in periods)
         for member_id, code, day, points in uow.conn.execute(
-            select(
-                event_awards.c.member_id, event_awards.c.rule_code, event_awards.c.local_day,
-                func.sum(event_awards.c.points),
-            )
-            .where(
-                among(uow.dialect, event_awards.c.member_id, ids),
-                event_awards.c.held.is_(False),
-                event_awards.c.local_day >= since,
-                event_awards.c.local_day <= until,
-            )
-            .group_by(event_awards.c.member_id, event_awards.c.rule_code, event_awards.c.local_day)
-        ):  # fmt: skip
+            _by_day_query(uow.dialect), {"ids": ids, "since": since, "until": until}
+        ):
             tallies[member_id].by_day[(code, day)] = int(points or 0)
         if codes:
             for member_id, code, points in uow.conn.execute(
-                select(event_awards.c.member_id, event_awards.c.rule_code,
-                       func.sum(event_awards.c.points))
-                .where(
-                    among(uow.dialect, event_awards.c.member_id, ids),
-                    event_awards.c.held.is_(False),
-                    event_awards.c.rule_code.in_(sorted(codes)),
-                )
-                .group_by(event_awards.c.member_id, event_awards.c.rule_code)
-            ):  # fmt: skip
+                _lifetime_query(uow.dialect), {"ids": ids, "codes": sorted(codes)}
+            ):
                 tallies[member_id].lifetime[code] = int(points or 0)
         return cls(tallies)
 

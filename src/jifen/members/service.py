@@ -6,13 +6,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
+from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import String, Text, bindparam, cast, extract, func, select
+from sqlalchemy import Select, String, Text, bindparam, cast, extract, func, select
 
 from jifen.crypto import decrypt, encrypt, keyed_hash, keyed_hashes
-from jifen.db.bulk import among
+from jifen.db.bulk import among, among_bound
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
 from jifen.errors import (
@@ -180,18 +181,9 @@ def rule_facts(
     uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]
 ) -> dict[int, MemberFacts]:
     """What earning rules read about each member (no personal numbers are decrypted)."""
-    query = (
-        select(
-            members.c.id, members.c.state, members.c.tags, members.c.region,
-            members.c.birthday, members.c.created_at,
-        )
-        .where(
-            members.c.program_id == program_id,
-            among(uow.dialect, members.c.id, sorted(set(member_ids))),
-        )
-        .order_by(members.c.id)
-    )  # fmt: skip
-    rows = uow.conn.execute(query).all()
+    rows = uow.conn.execute(
+        _rule_facts_query(uow.dialect), {"program": program_id, "ids": sorted(set(member_ids))}
+    ).all()
     return {
         member_id: MemberFacts(
             id=member_id, state=state, tags=list(tags or []), region=region,
@@ -201,18 +193,39 @@ def rule_facts(
     }  # fmt: skip
 
 
+@cache
+def _rule_facts_query(dialect: str) -> Select[Any]:
+    """:func:`rule_facts`' query, built once (every event reads it)."""
+    return (
+        select(
+            members.c.id, members.c.state, members.c.tags, members.c.region,
+            members.c.birthday, members.c.created_at,
+        )
+        .where(
+            members.c.program_id == bindparam("program"),
+            among_bound(dialect, members.c.id, "ids"),
+        )
+        .order_by(members.c.id)
+    )  # fmt: skip
+
+
 def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dict[str, int]:
     """The ids of the members with these references (those that exist)."""
     wanted = sorted(set(refs))
     if not wanted:
         return {}
     rows = uow.conn.execute(
-        select(members.c.external_ref, members.c.id).where(
-            members.c.program_id == program_id,
-            among(uow.dialect, members.c.external_ref, wanted, String()),
-        )
+        _ids_by_refs_query(uow.dialect), {"program": program_id, "refs": wanted}
     ).all()
     return {ref: int(member_id) for ref, member_id in rows}
+
+
+@cache
+def _ids_by_refs_query(dialect: str) -> Select[Any]:
+    return select(members.c.external_ref, members.c.id).where(
+        members.c.program_id == bindparam("program"),
+        among_bound(dialect, members.c.external_ref, "refs", String()),
+    )
 
 
 def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
@@ -221,12 +234,15 @@ def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
     writers are serial already."""
     if uow.dialect != "postgresql":
         return
-    uow.conn.execute(
-        select(members.c.id)
-        .where(among(uow.dialect, members.c.id, sorted(set(member_ids))))
-        .order_by(members.c.id)
-        .with_for_update(key_share=True)
-    )
+    uow.conn.execute(_LOCK_MEMBERS, {"ids": sorted(set(member_ids))})
+
+
+_LOCK_MEMBERS = (
+    select(members.c.id)
+    .where(among_bound("postgresql", members.c.id, "ids"))
+    .order_by(members.c.id)
+    .with_for_update(key_share=True)
+)
 
 
 def closed_ids(uow: UnitOfWork, *, member_ids: Iterable[int]) -> set[int]:

@@ -20,13 +20,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, select
+from sqlalchemy import Select, delete, select
 
 from jifen.db import bulk
-from jifen.db.bulk import among
+from jifen.db.bulk import among, among_bound
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownTier
@@ -264,11 +265,7 @@ def tier_timelines(
     ids = sorted(since)
     if not ids:
         return {}
-    rows = uow.conn.execute(
-        select(member_tiers.c.member_id, member_tiers.c.tier_code, member_tiers.c.since).where(
-            among(uow.dialect, member_tiers.c.member_id, ids)
-        )
-    ).all()
+    rows = uow.conn.execute(_current_tiers_query(uow.dialect), {"ids": ids}).all()
     current = {int(r.member_id): str(r.tier_code) for r in rows}
     moved = sorted(int(r.member_id) for r in rows if r.since > since[int(r.member_id)])
     later: dict[int, list[core.TierChange]] = {}
@@ -288,6 +285,14 @@ def tier_timelines(
                 core.TierChange(r.at, r.from_tier, r.to_tier)
             )
     return {m: core.TierTimeline(current.get(m), tuple(later.get(m, ()))) for m in ids}
+
+
+@cache
+def _current_tiers_query(dialect: str) -> Select[Any]:
+    """The members' current tiers with when each was written (every event reads them)."""
+    return select(member_tiers.c.member_id, member_tiers.c.tier_code, member_tiers.c.since).where(
+        among_bound(dialect, member_tiers.c.member_id, "ids")
+    )
 
 
 def tiers_at(uow: UnitOfWork, *, member_ids: Iterable[int], moment: datetime) -> dict[int, str]:
