@@ -10,6 +10,7 @@ the event's own time.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from functools import lru_cache
 from typing import Any, get_args
 
 from pydantic import BaseModel
-from sqlalchemy import Row, and_, func, select
+from sqlalchemy import Row, Text, and_, bindparam, cast, func, select
 
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import insert_missing, upsert
@@ -321,17 +322,26 @@ def activations(
 ) -> list[tuple[Rule, datetime, datetime | None]]:
     """Every period a rule version was (or is) live, with the version ready to evaluate:
     for replaying many events without a query each."""
-    rows = uow.conn.execute(
-        select(
-            rule_versions.c.id, rule_versions.c.spec, rule_versions.c.version,
-            rule_activations.c.active_from, rule_activations.c.active_to,
-        )
-        .join(rule_activations, rule_activations.c.version_id == rule_versions.c.id)
-        .where(rule_activations.c.program_id == program_id)
-    ).all()  # fmt: skip
-    return [
-        (_compiled(r.id, _canonical(r.spec), r.version), r.active_from, r.active_to) for r in rows
-    ]
+    rows = uow.conn.execute(_ACTIVATIONS, {"program": program_id}).all()
+    return [(_stored(r.id, r.spec, r.version), r.active_from, r.active_to) for r in rows]
+
+
+_ACTIVATIONS = (
+    select(
+        rule_versions.c.id, cast(rule_versions.c.spec, Text).label("spec"),
+        rule_versions.c.version, rule_activations.c.active_from, rule_activations.c.active_to,
+    )
+    .join(rule_activations, rule_activations.c.version_id == rule_versions.c.id)
+    .where(rule_activations.c.program_id == bindparam("program"))
+)  # fmt: skip
+"""Every activation of a programme, with its version's spec as the text stored."""
+
+
+@lru_cache(maxsize=4096)
+def _stored(version_id: int, spec_text: str, version: int) -> Rule:
+    """A version as stored (its spec's text), ready to evaluate: read, checked and compiled
+    once, not again by every transaction that reads the programme's activations."""
+    return _compiled(version_id, _canonical(json.loads(spec_text)), version)
 
 
 def _canonical(spec: Mapping[str, Any]) -> str:
