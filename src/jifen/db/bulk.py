@@ -94,14 +94,23 @@ def insert_many(
         sql = _statement(table, names, wanted, skip_conflicts)
         cursor = execute(conn, sql, params, prepare=None)
         return [tuple(row) for row in cursor.fetchall()] if wanted else []
-    statement: Any = sqlite_insert(table)
-    if skip_conflicts:
-        statement = statement.on_conflict_do_nothing()
+    statement = _sqlite_statement(table, wanted, skip_conflicts)
     if wanted:
-        statement = statement.returning(*returning, sort_by_parameter_order=not skip_conflicts)
         return [tuple(row) for row in conn.execute(statement, list(rows))]
     conn.execute(statement, list(rows))
     return []
+
+
+@cache
+def _sqlite_statement(table: Table, returning: tuple[str, ...], skip_conflicts: bool) -> Any:
+    """:func:`insert_many`'s statement elsewhere than on PostgreSQL, built once."""
+    statement: Any = sqlite_insert(table)
+    if skip_conflicts:
+        statement = statement.on_conflict_do_nothing()
+    if returning:
+        columns = [table.c[name] for name in returning]
+        statement = statement.returning(*columns, sort_by_parameter_order=not skip_conflicts)
+    return statement
 
 
 def _values(column: Column[Any], values: list[Any]) -> list[Any]:

@@ -311,13 +311,17 @@ def _subscriptions(uow: UnitOfWork, program_id: int) -> Sequence[Any]:
     key = _subscriptions_key(program_id)
     found: Sequence[Any] | None = uow.local.get(key)
     if found is None:
-        found = uow.local[key] = uow.conn.execute(
-            select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
-                   webhook_subscriptions.c.event_types)
-            .where(webhook_subscriptions.c.program_id == program_id, *_LIVE)
-            .order_by(webhook_subscriptions.c.id)
-        ).all()  # fmt: skip
+        found = uow.local[key] = uow.conn.execute(_LIVE_ROWS, {"program": program_id}).all()
     return found
+
+
+_LIVE_ROWS = (
+    select(webhook_subscriptions.c.id, webhook_subscriptions.c.url,
+           webhook_subscriptions.c.event_types)
+    .where(webhook_subscriptions.c.program_id == bindparam("program"), *_LIVE)
+    .order_by(webhook_subscriptions.c.id)
+)  # fmt: skip
+"""The programme's live subscriptions."""
 
 
 def _forget_subscriptions(uow: UnitOfWork, program_id: int) -> None:

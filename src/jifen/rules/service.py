@@ -355,12 +355,13 @@ def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
     """The programme's caps (read once a transaction)."""
     key = f"caps:{program_id}"
     if key not in uow.local:
-        stored = uow.conn.execute(
-            select(earning_caps.c.caps).where(earning_caps.c.program_id == program_id)
-        ).scalar_one_or_none()
+        stored = uow.conn.execute(_CAPS, {"program": program_id}).scalar_one_or_none()
         uow.local[key] = ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
     caps: ProgramCaps = uow.local[key]
     return caps
+
+
+_CAPS = select(earning_caps.c.caps).where(earning_caps.c.program_id == bindparam("program"))
 
 
 def check_caps_tiers(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> None:

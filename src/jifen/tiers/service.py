@@ -24,7 +24,7 @@ from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, delete, select
+from sqlalchemy import Select, bindparam, delete, select
 
 from jifen.db import bulk
 from jifen.db.bulk import among, among_bound
@@ -85,12 +85,15 @@ EVALUATOR = "tiers"
 
 
 def list_tiers(uow: UnitOfWork, *, program_id: int) -> list[TierRead]:
-    rows = uow.conn.execute(
-        select(tiers.c.code, tiers.c.name, tiers.c.rank)
-        .where(tiers.c.program_id == program_id)
-        .order_by(tiers.c.rank)
-    ).all()
+    rows = uow.conn.execute(_TIERS, {"program": program_id}).all()
     return [TierRead(code=r.code, name=r.name, rank=r.rank) for r in rows]
+
+
+_TIERS = (
+    select(tiers.c.code, tiers.c.name, tiers.c.rank)
+    .where(tiers.c.program_id == bindparam("program"))
+    .order_by(tiers.c.rank)
+)
 
 
 def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -> list[TierRead]:
