@@ -27,16 +27,19 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     Row,
     RowMapping,
     Select,
     String,
     bindparam,
     case,
+    false,
     func,
     literal_column,
     select,
     text,
+    true,
     union_all,
 )
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -419,13 +422,24 @@ class _Group:
 
 
 @cache
-def _stored_query(dialect: str) -> Select[Any]:
-    """The events of the given keys (a superset: each source with each id)."""
-    return select(events).where(  # the key's index: programme, source, external id
+def _stored_query(dialect: str, taking: bool) -> Select[Any] | CompoundSelect[Any]:
+    """The events of the given keys (a superset: each source with each id), ``taking``
+    false; with ``taking``, after them the events of once-only types that took the given
+    subjects, ``taking`` true."""
+    stored = select(events, false().label("taking")).where(
+        # the key's index: programme, source, external id
         events.c.program_id == bindparam("program"),
         among_bound(dialect, events.c.source, "sources", String()),
         among_bound(dialect, events.c.external_id, "external", String()),
     )
+    if not taking:
+        return stored
+    took = select(events, true().label("taking")).where(
+        events.c.program_id == bindparam("program"),
+        among_bound(dialect, events.c.subject, "subjects", String()),
+        events.c.type.in_(ONCE_TYPES),
+    )
+    return union_all(stored, took)
 
 
 @cache
@@ -434,18 +448,6 @@ def _stored_awards_query(dialect: str) -> Select[Any]:
         select(event_awards)
         .where(among_bound(dialect, event_awards.c.event_id, "events"))
         .order_by(event_awards.c.id)
-    )
-
-
-@cache
-def _taken_query(dialect: str) -> Select[Any]:
-    """The events of once-only types that took the given subjects."""
-    return select(
-        events.c.type, events.c.subject, events.c.source, events.c.external_id, events.c.merchant
-    ).where(
-        events.c.program_id == bindparam("program"),
-        among_bound(dialect, events.c.subject, "subjects", String()),
-        events.c.type.in_(ONCE_TYPES),
     )
 
 
@@ -514,6 +516,8 @@ class _Intake:
         self.outcomes: dict[int, EventResult | Exception] = {}
         self.done: dict[tuple[str, str], tuple[str, _Decision]] = {}
         self.stored: dict[tuple[str, str], Row[Any]] = {}
+        self.taking: list[Row[Any]] = []
+        """The events that took the subjects of the events of once-only types."""
         self.stored_awards: dict[int, list[AwardRead]] = {}
         self.taken: dict[tuple[str, str], tuple[str, str, str | None]] = {}
         """(type, subject) -> the (source, external id, merchant) of the event that took it."""
@@ -561,8 +565,7 @@ class _Intake:
         # Members, then budgets, then accounts, each in order: every batch takes them so.
         # The budgets are the ones its events' rules draw on, taken at once; a refund gives
         # back to whichever rules its order earned from, so a batch with one holds them all.
-        members_service.lock_members(uow, member_ids=ids)
-        self.profiles = members_service.rule_facts(uow, program_id=program_id, member_ids=ids)
+        self.profiles = members_service.lock_for_rules(uow, program_id=program_id, member_ids=ids)
         if any(item.event.type == "order.refunded" for item in items):
             rules_service.lock_budgets(uow, program_id=program_id)
         for item in items:
@@ -582,16 +585,30 @@ class _Intake:
         self._read_taken(items)
 
     def _read_stored(self, items: list[_Item]) -> None:
-        """The events of these keys taken in before, with their awards."""
+        """The events of these keys taken in before, with their awards; and in the same
+        statement the events that took the subjects of these events that happen once (for
+        :meth:`_read_taken`)."""
         external = sorted({i.event.external_id for i in items})
         sources = sorted({i.event.source for i in items})
         wanted = {i.key for i in items}
-        rows = self.uow.conn.execute(
-            _stored_query(self.uow.dialect),
-            {"program": self.program_id, "sources": sources, "external": external},
-        ).all()
+        subjects = sorted(
+            {
+                str(item.subject()[0])
+                for item in items
+                if item.member_id is not None and item.event.type in ONCE_TYPES
+            }
+        )
+        params: dict[str, Any] = {"program": self.program_id, "sources": sources,
+                                  "external": external}  # fmt: skip
+        if subjects:
+            params["subjects"] = subjects
+        rows = self.uow.conn.execute(_stored_query(self.uow.dialect, bool(subjects)), params)
+        stored: list[Row[Any]] = []
+        self.taking = []
+        for row in rows:
+            (self.taking if row.taking else stored).append(row)
         self.stored = {
-            (r.source, r.external_id): r for r in rows if (r.source, r.external_id) in wanted
+            (r.source, r.external_id): r for r in stored if (r.source, r.external_id) in wanted
         }
         if self.stored:
             ids = [r.id for r in self.stored.values()]
@@ -605,23 +622,16 @@ class _Intake:
 
     def _read_taken(self, items: list[_Item]) -> None:
         """The subjects of these events that happen once, already taken by events under
-        other ids; and the rules that already awarded on the subjects of events that come
-        again (a review's likes)."""
-        subjects: set[str] = set()
-        again: set[str] = set()
-        for item in items:
-            if item.member_id is None:
-                continue
-            if item.event.type in ONCE_TYPES:
-                subjects.add(str(item.subject()[0]))
-            elif item.event.type in ONCE_PER_RULE:
-                again.add(str(item.subject()[0]))
-        if subjects:
-            rows = self.uow.conn.execute(
-                _taken_query(self.uow.dialect),
-                {"program": self.program_id, "subjects": sorted(subjects)},
-            ).all()
-            self.taken = {(r.type, r.subject): (r.source, r.external_id, r.merchant) for r in rows}
+        other ids (read with the stored events); and the rules that already awarded on the
+        subjects of events that come again (a review's likes)."""
+        again = {
+            str(item.subject()[0])
+            for item in items
+            if item.member_id is not None and item.event.type in ONCE_PER_RULE
+        }
+        self.taken = {
+            (r.type, r.subject): (r.source, r.external_id, r.merchant) for r in self.taking
+        }
         if again:
             awarded = self.uow.conn.execute(
                 _awarded_query(self.uow.dialect),

@@ -184,6 +184,22 @@ def rule_facts(
     rows = uow.conn.execute(
         _rule_facts_query(uow.dialect), {"program": program_id, "ids": sorted(set(member_ids))}
     ).all()
+    return _facts(rows)
+
+
+def lock_for_rules(
+    uow: UnitOfWork, *, program_id: int, member_ids: Iterable[int]
+) -> dict[int, MemberFacts]:
+    """:func:`lock_members`, then :func:`rule_facts`: on PostgreSQL in one statement, which
+    holds every one of ``member_ids`` (in id order) and answers the facts of the
+    programme's."""
+    if uow.dialect != "postgresql":
+        return rule_facts(uow, program_id=program_id, member_ids=member_ids)
+    rows = uow.conn.execute(_LOCK_FOR_RULES, {"ids": sorted(set(member_ids))}).all()
+    return _facts([row[1:] for row in rows if row[0] == program_id])
+
+
+def _facts(rows: Iterable[Any]) -> dict[int, MemberFacts]:
     return {
         member_id: MemberFacts(
             id=member_id, state=state, tags=list(tags or []), region=region,
@@ -193,20 +209,23 @@ def rule_facts(
     }  # fmt: skip
 
 
+_RULE_FACTS = (
+    members.c.id, members.c.state, members.c.tags, members.c.region, members.c.birthday,
+    members.c.created_at,
+)  # fmt: skip
+
+
 @cache
 def _rule_facts_query(dialect: str) -> Select[Any]:
     """:func:`rule_facts`' query, built once (every event reads it)."""
     return (
-        select(
-            members.c.id, members.c.state, members.c.tags, members.c.region,
-            members.c.birthday, members.c.created_at,
-        )
+        select(*_RULE_FACTS)
         .where(
             members.c.program_id == bindparam("program"),
             among_bound(dialect, members.c.id, "ids"),
         )
         .order_by(members.c.id)
-    )  # fmt: skip
+    )
 
 
 def ids_by_refs(uow: UnitOfWork, *, program_id: int, refs: Iterable[str]) -> dict[str, int]:
@@ -239,6 +258,12 @@ def lock_members(uow: UnitOfWork, *, member_ids: Iterable[int]) -> None:
 
 _LOCK_MEMBERS = (
     select(members.c.id)
+    .where(among_bound("postgresql", members.c.id, "ids"))
+    .order_by(members.c.id)
+    .with_for_update(key_share=True)
+)
+_LOCK_FOR_RULES = (
+    select(members.c.program_id, *_RULE_FACTS)
     .where(among_bound("postgresql", members.c.id, "ids"))
     .order_by(members.c.id)
     .with_for_update(key_share=True)
