@@ -21,6 +21,7 @@ from typing import Any, get_args
 from pydantic import BaseModel
 from sqlalchemy import Row, Text, and_, bindparam, cast, func, select
 
+from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
 from jifen.db.upsert import insert_missing, upsert
 from jifen.errors import InvalidInput, StateConflict, UnknownRule
@@ -353,15 +354,29 @@ def _canonical(spec: Mapping[str, Any]) -> str:
 
 def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
     """The programme's caps (read once a transaction)."""
+    return read_one(uow.conn, caps_read(uow, program_id))
+
+
+def caps_read(uow: UnitOfWork, program_id: int) -> Read[ProgramCaps]:
+    """:func:`get_caps` as a read to run together with others (nothing to read when the
+    transaction has read them already)."""
     key = f"caps:{program_id}"
-    if key not in uow.local:
-        stored = uow.conn.execute(_CAPS, {"program": program_id}).scalar_one_or_none()
-        uow.local[key] = ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
-    caps: ProgramCaps = uow.local[key]
-    return caps
+    if key in uow.local:
+        cached: ProgramCaps = uow.local[key]
+        return Read(None, {}, lambda _: cached)
+
+    def answer(row: Any) -> ProgramCaps:
+        stored = json.loads(row[0]) if row is not None and row[0] is not None else None
+        caps = ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
+        uow.local[key] = caps
+        return caps
+
+    return Read(_CAPS, {"program": program_id}, answer)
 
 
-_CAPS = select(earning_caps.c.caps).where(earning_caps.c.program_id == bindparam("program"))
+_CAPS = Prepared(
+    select(cast(earning_caps.c.caps, Text)).where(earning_caps.c.program_id == bindparam("program"))
+)
 
 
 def check_caps_tiers(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> None:
