@@ -47,7 +47,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from jifen import crypto
 from jifen.api.schemas import NO_NUL, nul_checked
 from jifen.db.bulk import among, among_bound, insert_many
-from jifen.db.prepared import read_together
+from jifen.db.prepared import Read, read_together
 from jifen.db.uow import Database, UnitOfWork, is_transient
 from jifen.db.upsert import upsert_many
 from jifen.errors import (
@@ -567,13 +567,16 @@ class _Intake:
         # The budgets are the ones its events' rules draw on, taken at once; a refund gives
         # back to whichever rules its order earned from, so a batch with one holds them all.
         self.profiles = members_service.lock_for_rules(uow, program_id=program_id, member_ids=ids)
-        # What the programme's terms say, in one round trip (each read once a transaction).
-        read_together(
-            uow.conn,
+        # What the programme's terms say, in one round trip on PostgreSQL (each read once a
+        # transaction): with whether it has webhooks, which spares a programme without any
+        # reading them (SQLite, where each read is a statement, reads them when it writes).
+        reads: list[Read[Any]] = [
             rules_service.caps_read(uow, program_id),
             programs_service.settings_read(uow, program_id),
-            notify_service.subscriptions_read(uow, program_id),
-        )
+        ]
+        if uow.dialect == "postgresql":
+            reads.append(notify_service.subscriptions_read(uow, program_id))
+        read_together(uow.conn, *reads)
         if any(item.event.type == "order.refunded" for item in items):
             rules_service.lock_budgets(uow, program_id=program_id)
         for item in items:
