@@ -120,18 +120,23 @@ def test_an_email_carries_its_date_and_sender_as_every_email_must(
     assert got["From"] == "p@example.com"
 
 
-def test_an_email_reaches_a_server_speaking_implicit_tls_trusting_the_configured_authority(
-    db: Database, smtps_server: SmtpsServer
-) -> None:
-    """``JIFEN_SMTP_TLS=implicit`` (SMTPS, port 465) speaks TLS from the first byte, and
-    checks the server's certificate against ``JIFEN_SMTP_CA_FILE``'s authorities."""
+def an_email_queued(db: Database, key: str) -> None:
+    """An email to li@example.com of a new programme, due now."""
     settle(db)
     program = new_program(db)
     who = member(db, program.id, email="li@example.com")
     db.run(lambda uow: service.notify(uow, Notification(
         program_id=program.id, member_id=who, template="points.earned",
-        data={"points": 5, "balance": 5}, key="tls-1", channels=("email",),
+        data={"points": 5, "balance": 5}, key=key, channels=("email",),
     )))  # fmt: skip
+
+
+def test_an_email_reaches_a_server_speaking_implicit_tls_trusting_the_configured_authority(
+    db: Database, smtps_server: SmtpsServer
+) -> None:
+    """``JIFEN_SMTP_TLS=implicit`` (SMTPS, port 465) speaks TLS from the first byte, and
+    checks the server's certificate against ``JIFEN_SMTP_CA_FILE``'s authorities."""
+    an_email_queued(db, "tls-1")
     settings = Settings(
         smtp_host=smtps_server.host, smtp_port=smtps_server.port, smtp_from="p@example.com",
         smtp_tls="implicit", smtp_ca_file=smtps_server.ca_file,
@@ -145,13 +150,7 @@ def test_an_email_reaches_a_server_speaking_implicit_tls_trusting_the_configured
 def test_an_smtps_server_whose_authority_is_not_trusted_is_not_sent_to(
     db: Database, smtps_server: SmtpsServer
 ) -> None:
-    settle(db)
-    program = new_program(db)
-    who = member(db, program.id, email="li@example.com")
-    db.run(lambda uow: service.notify(uow, Notification(
-        program_id=program.id, member_id=who, template="points.earned",
-        data={"points": 5, "balance": 5}, key="tls-2", channels=("email",),
-    )))  # fmt: skip
+    an_email_queued(db, "tls-2")
     # with no authority configured, the system's are trusted, and they do not know it
     untrusting = Settings(
         smtp_host=smtps_server.host, smtp_port=smtps_server.port, smtp_tls="implicit"
