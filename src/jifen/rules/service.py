@@ -58,12 +58,6 @@ def compile_rule(spec: RuleSpec, version: int = 1) -> Rule:
     return Rule(spec, version, condition)
 
 
-@lru_cache(maxsize=4096)
-def _compiled(version_id: int, spec_json: str, version: int) -> Rule:
-    # Keyed by the version's id and text: an approved version never changes.
-    return compile_rule(RuleSpec.model_validate_json(spec_json), version)
-
-
 # --------------------------------------------------------------------------- versions
 
 
@@ -341,8 +335,9 @@ _ACTIVATIONS = (
 @lru_cache(maxsize=4096)
 def _stored(version_id: int, spec_text: str, version: int) -> Rule:
     """A version as stored (its spec's text), ready to evaluate: read, checked and compiled
-    once, not again by every transaction that reads the programme's activations."""
-    return _compiled(version_id, _canonical(json.loads(spec_text)), version)
+    once, not again by every transaction that reads the programme's activations. Keyed by
+    the version's id and text: an approved version never changes."""
+    return compile_rule(RuleSpec.model_validate_json(spec_text), version)
 
 
 def _canonical(spec: Mapping[str, Any]) -> str:
