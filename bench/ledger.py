@@ -31,6 +31,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -214,7 +215,7 @@ def timed_worker(
     seconds: float,
 ) -> Outcome:  # fmt: skip
     """One worker of a timed phase: loops until the deadline, counting what happened."""
-    database = Database(url, pool_size=1)
+    database = process_database(url)
     rng = random.Random(hash((phase, worker)))
     outcome = Outcome()
     now = datetime.now(UTC)
@@ -249,15 +250,31 @@ def timed_worker(
 
         began = time.perf_counter()
         try:
-            database.run(op, read_only=phase == "balance")
+            if phase == "balance":
+                database.run(op, read_only=True)
+            else:  # as the API runs a member's writes
+                database.run(op, combine=points.account_key(member))
             outcome.done += 1
             outcome.latencies_ms.append((time.perf_counter() - began) * 1000)
         except InsufficientPoints:
             outcome.refused += 1
         except Exception:
             outcome.errors.append(traceback.format_exc(limit=3))
-    database.dispose()
     return outcome
+
+
+_databases: dict[str, Database] = {}
+_databases_lock = threading.Lock()
+
+
+def process_database(url: str) -> Database:
+    """This worker process's database, shared by its threads as an API process's is: one
+    engine and pool, and one group commit for writes that meet on one account."""
+    with _databases_lock:
+        database = _databases.get(url)
+        if database is None:
+            database = _databases[url] = Database(url, pool_size=16)
+        return database
 
 
 class Workers:
@@ -298,6 +315,8 @@ def serve(inbox: Any, results: Any, target: Callable[..., Outcome]) -> None:
     while (share := inbox.get()) is not None:
         with ThreadPoolExecutor(len(share)) as threads:
             results.put(list(threads.map(lambda task: target(*task), share)))
+    for database in _databases.values():
+        database.dispose()
 
 
 def default_processes() -> int:

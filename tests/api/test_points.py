@@ -238,6 +238,7 @@ def test_concurrent_earns_on_one_member_each_post_once_in_one_chain(pg: Database
     url = f"/v1/programs/{program.code}/members/{member_id}/points/earn"
     statuses: list[int] = []
     barrier = threading.Barrier(8)
+    before = pg.combiner.stats.transactions, pg.combiner.stats.functions
     with TestClient(create_app(pg, api_settings())) as client:
 
         def send(worker: int) -> None:
@@ -257,6 +258,9 @@ def test_concurrent_earns_on_one_member_each_post_once_in_one_chain(pg: Database
     balance = pg.run(lambda uow: points.balance(uow, member_id=member_id))
     assert balance.available == 10 * sum(range(1, 9))
     assert_ledger_sound(pg, program.id)
+    # earnings that met on the account shared commits: fewer transactions than requests
+    transactions = pg.combiner.stats.transactions - before[0]
+    assert pg.combiner.stats.functions - before[1] == 80 > transactions
 
 
 def test_an_overdraft_is_refused_in_the_callers_language(client: TestClient, db: Database) -> None:

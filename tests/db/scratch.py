@@ -6,14 +6,17 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Column, Integer, MetaData, Table
+from sqlalchemy import Column, Constraint, Integer, MetaData, Table
 
 from jifen.db.uow import Database
 
 
 @contextmanager
-def scratch_table(db: Database, prefix: str, *columns: Column[object]) -> Iterator[Table]:
-    """A table with an integer ``id`` key and ``columns``, dropped when the block ends."""
+def scratch_table(
+    db: Database, prefix: str, *columns: Column[object] | Constraint
+) -> Iterator[Table]:
+    """A table with an integer ``id`` key and ``columns`` (and constraints), dropped when the
+    block ends."""
     table = Table(
         f"{prefix}_{uuid.uuid4().hex[:10]}",
         MetaData(),

@@ -24,7 +24,7 @@ import re
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -403,6 +403,7 @@ class Context:
         first: Callable[[UnitOfWork], Sequence[prepared.Read[Any]]] | None = None,
         member: Callable[[Any], int | None] | None = None,
         kept: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        combine: Hashable | None = None,
     ) -> JSONResponse:
         """Run a write once: the change, its audit entry and its stored answer commit
         together; a repeated ``Idempotency-Key`` with the same request replays the answer,
@@ -422,7 +423,11 @@ class Context:
         ``kept`` makes what is stored (and replayed) of the answer when it holds another
         member's personal data, which that member's erasure would not find. A replay of an
         answer erased with its member's personal data is refused (410, ``answer_erased``):
-        the write was carried out and is not run again."""
+        the write was carried out and is not run again.
+
+        ``combine``: the one member account the write locks (``points.account_key``), for
+        writes of one account that arrive together to share a commit (see
+        :meth:`Database.run`); none for a write that locks another member's too."""
         key = self.idempotency_key
         assert key is not None, "Write routes carry an Idempotency-Key"
         scope = self.principal.scope
@@ -467,7 +472,7 @@ class Context:
             return code, answer, False
 
         try:
-            status_code, body, replayed = self.db.run(work)
+            status_code, body, replayed = self.db.run(work, combine=combine)
         except Refused:
             # A twin sent under the same key may have committed after this request looked
             # for a stored answer and before its checks ran (registering one reference twice

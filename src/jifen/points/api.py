@@ -262,7 +262,10 @@ def earn(
     # The default validity reads the programme's policy, and so does the tier scheme's
     # upgrade at once; the account the posting locks is locked in the same round trip.
     first = _checks(ctx, member_id, transacting=True, settings=True, locking=True)
-    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
+    return ctx.execute(
+        post, target=f"member:{member_id}", status=201, first=first,
+        combine=service.account_key(member_id),
+    )  # fmt: skip
 
 
 @router.post(f"{MEMBER}/points/spend", status_code=201, response_model=PostingRead)
@@ -288,7 +291,10 @@ def spend(
         return _announce(uow, ctx, posting, merchant, store)
 
     first = _checks(ctx, member_id, transacting=True)
-    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
+    return ctx.execute(
+        post, target=f"member:{member_id}", status=201, first=first,
+        combine=service.account_key(member_id),
+    )  # fmt: skip
 
 
 @router.post(
@@ -386,7 +392,10 @@ def freeze(
         return _announce(uow, ctx, posting, merchant, store)
 
     first = _checks(ctx, member_id)
-    return ctx.execute(post, target=f"member:{member_id}", status=201, first=first)
+    return ctx.execute(
+        post, target=f"member:{member_id}", status=201, first=first,
+        combine=service.account_key(member_id),
+    )  # fmt: skip
 
 
 @router.post(

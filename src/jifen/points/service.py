@@ -548,6 +548,12 @@ def _open_lots(uow: UnitOfWork, account_id: int) -> list[Lot]:
 # --------------------------------------------------------------------------- the operations
 
 
+def account_key(member_id: int) -> tuple[str, int]:
+    """What a member's points writes meet on (their account's row): the ``combine`` key of
+    :meth:`jifen.db.uow.Database.run` for a use case that writes to that account."""
+    return ("points", member_id)
+
+
 def earn(
     uow: UnitOfWork,
     *,

@@ -1,0 +1,173 @@
+"""Group commit: use cases of one key queued behind a leader share its next transaction, and
+each caller is answered as if its use case had run alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, String, Table, UniqueConstraint, func, select
+from sqlalchemy.exc import IntegrityError
+
+from jifen.db.combine import CombinerStats
+from jifen.db.uow import Database, LostRace, UnitOfWork
+from tests.db.scratch import scratch_table
+
+KEY = ("scratch", 1)
+
+
+@pytest.fixture
+def scratch(db: Database) -> Iterator[Table]:
+    with scratch_table(db, "combine", Column("code", String(40), nullable=False)) as table:
+        yield table
+
+
+def _insert(table: Table, code: str) -> Callable[[UnitOfWork], str]:
+    def fn(uow: UnitOfWork) -> str:
+        uow.conn.execute(table.insert().values(code=code))
+        return code
+
+    return fn
+
+
+def _insert_then_fail(table: Table, code: str) -> Callable[[UnitOfWork], str]:
+    def fn(uow: UnitOfWork) -> str:
+        uow.conn.execute(table.insert().values(code=code))
+        raise ValueError(f"{code} changed its mind")
+
+    return fn
+
+
+def _codes(db: Database, table: Table) -> list[str]:
+    return db.run(
+        lambda uow: sorted(uow.conn.execute(select(table.c.code)).scalars()), read_only=True
+    )
+
+
+def _stats(db: Database) -> CombinerStats:
+    stats = db.combiner.stats
+    return CombinerStats(stats.transactions, stats.functions)
+
+
+def behind_a_leader(db: Database, table: Table, *fns: Callable[[UnitOfWork], Any]) -> list[Any]:
+    """Run a leader that writes ``lead`` and waits until ``fns`` have queued behind it, in
+    their order, each from a thread of its own; each one's answer or error."""
+    release, started = threading.Event(), threading.Event()
+    outcomes: list[Any] = [None] * (len(fns) + 1)
+
+    def lead(uow: UnitOfWork) -> str:
+        started.set()
+        assert release.wait(30)
+        return _insert(table, "lead")(uow)
+
+    def call(i: int, fn: Callable[[UnitOfWork], Any]) -> None:
+        try:
+            outcomes[i] = db.run(fn, combine=KEY)
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=call, args=(0, lead))]
+    threads[0].start()
+    assert started.wait(30)
+    for i, fn in enumerate(fns, start=1):
+        threads.append(threading.Thread(target=call, args=(i, fn)))
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while db.combiner.waiting(KEY) < i:  # queued in this order
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert db.combiner.waiting(KEY) == 0
+    return outcomes
+
+
+def test_queued_use_cases_share_one_commit_and_each_gets_its_own_answer(
+    db: Database, scratch: Table
+) -> None:
+    before = _stats(db)
+    outcomes = behind_a_leader(db, scratch, *(_insert(scratch, f"q{i}") for i in range(3)))
+    assert outcomes == ["lead", "q0", "q1", "q2"]
+    assert _codes(db, scratch) == ["lead", "q0", "q1", "q2"]
+    after = _stats(db)
+    # the leader's own transaction, then one for the three that queued behind it
+    assert (after.transactions - before.transactions, after.functions - before.functions) == (
+        2, 4,
+    )  # fmt: skip
+
+
+def test_a_use_case_that_fails_in_a_batch_undoes_only_its_own_writes(
+    db: Database, scratch: Table
+) -> None:
+    before = _stats(db)
+    outcomes = behind_a_leader(
+        db, scratch, _insert(scratch, "a"), _insert_then_fail(scratch, "b"), _insert(scratch, "c")
+    )
+    assert outcomes[:2] == ["lead", "a"] and outcomes[3] == "c"
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "b changed its mind"
+    assert _codes(db, scratch) == ["a", "c", "lead"]
+    assert _stats(db).transactions - before.transactions == 2
+
+
+def test_when_the_first_use_case_of_a_batch_fails_the_rest_go_on_in_a_new_transaction(
+    db: Database, scratch: Table
+) -> None:
+    outcomes = behind_a_leader(
+        db, scratch, _insert_then_fail(scratch, "first"), _insert(scratch, "second")
+    )
+    assert isinstance(outcomes[1], ValueError)
+    assert outcomes[2] == "second"
+    assert _codes(db, scratch) == ["lead", "second"]
+
+
+def test_use_cases_of_a_batch_see_the_writes_of_those_before_them(
+    db: Database, scratch: Table
+) -> None:
+    def count_then_insert(code: str) -> Callable[[UnitOfWork], int]:
+        def fn(uow: UnitOfWork) -> int:
+            seen = uow.conn.execute(select(func.count()).select_from(scratch)).scalar_one()
+            uow.conn.execute(scratch.insert().values(code=code))
+            return int(seen)
+
+        return fn
+
+    outcomes = behind_a_leader(db, scratch, *(count_then_insert(f"q{i}") for i in range(4)))
+    assert outcomes[1:] == [1, 2, 3, 4]
+
+
+def test_a_lost_race_runs_again_by_itself_in_its_callers_thread(
+    db: Database, scratch: Table
+) -> None:
+    runs: list[int] = []
+
+    def loses_once(uow: UnitOfWork) -> str:
+        runs.append(threading.get_ident())
+        if len(runs) == 1:
+            uow.conn.execute(scratch.insert().values(code="lost"))
+            raise LostRace
+        return _insert(scratch, "won")(uow)
+
+    outcomes = behind_a_leader(
+        db, scratch, _insert(scratch, "a"), loses_once, _insert(scratch, "b")
+    )
+    assert outcomes == ["lead", "a", "won", "b"]
+    assert _codes(db, scratch) == ["a", "b", "lead", "won"]
+    # first run by the batch's leader (the first queued caller's thread), then by its own
+    assert len(runs) == 2 and runs[0] != runs[1]
+
+
+def test_a_commit_that_fails_fails_every_use_case_in_it(pg: Database) -> None:
+    # a unique constraint checked at commit: two queued inserts of one code pass their
+    # statements and break the commit of the transaction they share
+    deferred = UniqueConstraint("code", deferrable=True, initially="DEFERRED")
+    with scratch_table(pg, "combine", Column("code", String(40)), deferred) as table:
+        outcomes = behind_a_leader(
+            pg, table, _insert(table, "x"), _insert(table, "x"), _insert(table, "y")
+        )
+        assert outcomes[0] == "lead"
+        assert all(isinstance(o, IntegrityError) for o in outcomes[1:])
+        assert _codes(pg, table) == ["lead"]
