@@ -113,75 +113,96 @@ class Combiner:
             return len(self._queues.get(key, ()))
 
     def _lead(self, key: Hashable, first: _Call) -> None:
-        """Run ``first`` and what queued behind it, hand the lead on, wake the callers."""
-        with self._mutex:
-            queue = self._queues[key]
-            batch = [first] + [queue.popleft() for _ in range(min(len(queue), self._most - 1))]
+        """Run ``first``, then what queues behind it while it runs (up to ``most``
+        functions), in as few transactions as they allow; hand the lead on."""
+        taken = 1
+        ahead: deque[_Call] = deque([first])
+
+        def after() -> _Call | None:
+            """The next function to run: queued while the transaction waited for its lock
+            or ran, so that a batch takes in those who arrived meanwhile."""
+            nonlocal taken
+            if ahead:
+                return ahead.popleft()
+            with self._mutex:
+                queue = self._queues[key]
+                if not queue or taken >= self._most:
+                    return None
+                taken += 1
+                return queue.popleft()
+
         try:
-            self._run(batch)
-        except BaseException as exc:  # the machinery itself failed: nothing was committed
-            for call in batch:
-                if call.error is None:
-                    call.alone, call.result = True, None
-            if not isinstance(exc, Exception):
-                raise
+            while (call := after()) is not None:
+                self._transaction(call, after)
         finally:
             with self._mutex:
                 queue = self._queues[key]
                 if queue:
-                    after = queue.popleft()
-                    after.lead = True
-                    after.woken.set()
+                    following = queue.popleft()
+                    following.lead = True
+                    following.woken.set()
                 else:
                     del self._queues[key]
-            for call in batch:
-                call.woken.set()
 
-    def _run(self, batch: list[_Call]) -> None:
-        """Run the batch's functions in as few transactions as they allow, committing each."""
+    def _transaction(self, call: _Call, after: Callable[[], _Call | None]) -> None:
+        """Run ``call`` and, while it has gone well, what ``after`` gives, each after a
+        savepoint, in one transaction; commit; wake their callers. When the transaction's
+        first function fails, it is rolled back and that function alone is answered."""
         from jifen.db.uow import UnitOfWork, is_transient
 
         database = self._database
-        waiting = deque(batch)
-        while waiting:
-            done: list[_Call] = []
+        ran: list[_Call] = []
+        done: list[_Call] = []
+        try:
             with database.engine.connect() as conn:
                 transaction = conn.begin()
                 try:
-                    while waiting:
-                        call = waiting[0]
+                    current: _Call | None = call
+                    while current is not None:
+                        ran.append(current)
                         first = not done
                         if not first:
                             driver(conn).execute(_SAVEPOINT)
                         try:
-                            call.result = call.fn(UnitOfWork(conn, call.clock, database.cache))
+                            current.result = current.fn(
+                                UnitOfWork(conn, current.clock, database.cache)
+                            )
                         except Exception as exc:
-                            waiting.popleft()
-                            call.result = None
-                            if is_transient(exc):
-                                call.alone = True
-                            else:
-                                call.error = exc
+                            _failed(current, exc, is_transient(exc))
                             if first:
-                                break  # roll back what it wrote; the rest go on afresh
+                                break  # rolled back below; the next goes on afresh
                             driver(conn).execute(_ROLLBACK)
-                            continue
-                        waiting.popleft()
-                        done.append(call)
-                    if not done:
+                        else:
+                            done.append(current)
+                        current = after()
+                    if done:
+                        transaction.commit()
+                    else:
                         transaction.rollback()
-                        continue
-                    transaction.commit()
                 except Exception as exc:
                     if transaction.is_active:
                         transaction.rollback()
-                    for call in done:  # none of them was committed
-                        call.result = None
-                        if is_transient(exc):
-                            call.alone = True
-                        else:
-                            call.error = exc
-                    continue
-            with self._mutex:
-                self.stats.transactions += 1
-                self.stats.functions += len(done)
+                    for failed in done:  # none of them was committed
+                        _failed(failed, exc, is_transient(exc))
+                    done = []
+            if done:
+                with self._mutex:
+                    self.stats.transactions += 1
+                    self.stats.functions += len(done)
+        except BaseException:  # the machinery itself failed: nothing of it was committed
+            for undecided in ran:
+                if undecided.error is None and not undecided.alone:
+                    _failed(undecided, None, True)
+            raise
+        finally:
+            for woken in ran:
+                woken.woken.set()
+
+
+def _failed(call: _Call, error: BaseException | None, transient: bool) -> None:
+    """Answer ``call`` with ``error``, or have it run by itself when it lost a race."""
+    call.result = None
+    if transient:
+        call.alone = True
+    else:
+        call.error = error
