@@ -1,18 +1,19 @@
 """Group commit within a process: use cases on one key that arrive together share a commit.
 
 Every write to one member's points account takes the account's row lock and holds it until
-its commit is on the disk; writers of that member queue behind each other, one flush each.
-On the test machine one flush takes about 0.5 ms, so a single busy account (a company's
-pooled account, a member's till and app at once) tops out near 1,800 writes a second
-however fast the rest is, while accounts across the ledger share flushes (PostgreSQL's own
-group commit).
+its commit is on the disk: writers of one busy account (a company's pooled account, a
+member's till and app at once) queue behind each other, and each pays its own COMMIT round
+trip and flush while the others wait, where writes to different accounts share flushes
+(PostgreSQL's own group commit).
 
-:class:`Combiner` lets such writers share the flush as well. A use case run with a key
-(``Database.run(fn, combine=key)``) either finds no other use case of that key at work in
-this process and leads: it opens a transaction and runs its function; or it waits, and the
-next leader runs the functions that queued meanwhile one after another in one transaction,
-each in a savepoint of its own, and commits them together. Every caller gets its own
-function's answer or error only once that commit is done, exactly as if it had run alone:
+:class:`Combiner` lets such writers share the wait and the commit. A use case run with a
+key (``Database.run(fn, combine=key)``) either finds no other use case of that key at work
+in this process and leads, or queues behind the one that does. A leader opens a
+transaction and runs its function, then, in the same transaction, one after another and
+each after a savepoint, the functions of its key that queued while it waited for its lock
+or ran (up to ``MOST``), and commits them together; whoever queued after that leads next.
+Every caller gets its own function's answer or error only once that commit is done,
+exactly as if it had run alone:
 
 - a function that raises has its writes undone (its savepoint, or the whole transaction
   when it ran first) and its caller gets the error; the others are not affected;
