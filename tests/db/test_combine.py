@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Column, String, Table, UniqueConstraint, func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -181,3 +183,39 @@ def test_a_commit_that_fails_fails_every_use_case_in_it(pg: Database) -> None:
         )
         assert all(isinstance(o, IntegrityError) for o in outcomes)
         assert _codes(pg, table) == []
+
+
+def _loses_once(table: Table, code: str) -> Callable[[UnitOfWork], str]:
+    """Writes, then loses a race the first time it runs; writes ``code`` the next."""
+    runs: list[int] = []
+
+    def fn(uow: UnitOfWork) -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            uow.conn.execute(table.insert().values(code=f"{code}-lost"))
+            raise LostRace
+        return _insert(table, code)(uow)
+
+    return fn
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(st.sampled_from(["ok", "fails", "loses"]), min_size=1, max_size=7),
+    lead_fails=st.booleans(),
+)
+def test_a_batch_ends_as_its_use_cases_run_one_by_one_would(
+    db: Database, scratch: Table, kinds: list[str], lead_fails: bool
+) -> None:
+    db.run(lambda uow: uow.conn.execute(scratch.delete()))
+    makers = {"ok": _insert, "fails": _insert_then_fail, "loses": _loses_once}
+    fns = [makers[kind](scratch, f"q{i}") for i, kind in enumerate(kinds)]
+    outcomes = behind_a_leader(db, scratch, *fns, lead_fails=lead_fails)
+    # each caller's answer is what its use case gives when run by itself
+    expected: list[Any] = [ValueError if lead_fails else "lead"]
+    expected += [ValueError if kind == "fails" else f"q{i}" for i, kind in enumerate(kinds)]
+    assert [type(o) if isinstance(o, Exception) else o for o in outcomes] == expected
+    # and what is stored is what those answers say was written, nothing of the rest
+    assert _codes(db, scratch) == sorted(o for o in outcomes if isinstance(o, str))
