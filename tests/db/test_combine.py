@@ -3,6 +3,7 @@ each caller is answered as if its use case had run alone."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Column, String, Table, UniqueConstraint, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from jifen.db.combine import CombinerStats
 from jifen.db.uow import Database, LostRace, UnitOfWork
@@ -219,3 +220,61 @@ def test_a_batch_ends_as_its_use_cases_run_one_by_one_would(
     assert [type(o) if isinstance(o, Exception) else o for o in outcomes] == expected
     # and what is stored is what those answers say was written, nothing of the rest
     assert _codes(db, scratch) == sorted(o for o in outcomes if isinstance(o, str))
+
+
+def test_a_transaction_that_cannot_begin_leaves_each_use_case_to_run_by_itself(
+    db: Database, scratch: Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the leader's connection fails (a pool exhausted, a database gone for a moment) once
+    # a use case has queued behind it: nothing was committed, so the leader's use case
+    # runs by itself and the queued one is led on, none left waiting
+    engine = db.engine
+    connect = engine.connect
+    connecting = threading.Event()
+
+    def fails_once_one_has_queued() -> Any:
+        if connecting.is_set():
+            return connect()
+        connecting.set()
+        deadline = time.monotonic() + 30
+        while db.combiner.waiting(KEY) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        raise TimeoutError("no connection in time")
+
+    monkeypatch.setattr(engine, "connect", fails_once_one_has_queued)
+    outcomes: dict[str, Any] = {}
+
+    def call(code: str) -> None:
+        outcomes[code] = db.run(_insert(scratch, code), combine=KEY)
+
+    threads = [threading.Thread(target=call, args=("lead",))]
+    threads[0].start()
+    assert connecting.wait(30)
+    threads.append(threading.Thread(target=call, args=("q",)))
+    threads[1].start()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    assert outcomes == {"lead": "lead", "q": "q"}
+    assert _codes(db, scratch) == ["lead", "q"]
+    assert db.combiner.waiting(KEY) == 0
+
+
+def test_a_use_case_that_swallows_its_statements_error_does_not_take_the_batch_with_it(
+    pg: Database,
+) -> None:
+    # PostgreSQL aborts a transaction at a failed statement: a use case that catches the
+    # error and returns would have the whole batch's commit silently roll back
+    with scratch_table(pg, "combine", Column("code", String(40))) as table:
+
+        def swallows(uow: UnitOfWork) -> str:
+            uow.conn.execute(table.insert().values(code="swallowed"))
+            with contextlib.suppress(DBAPIError):
+                uow.conn.execute(select(func.no_such_function()))
+            return "swallowed"
+
+        outcomes = behind_a_leader(pg, table, _insert(table, "a"), swallows, _insert(table, "b"))
+        assert outcomes == ["lead", "a", "swallowed", "b"]
+        # its own write is lost, as when it runs by itself; the others' are kept
+        assert _codes(pg, table) == ["a", "b", "lead"]

@@ -15,12 +15,16 @@ or ran (up to ``MOST``), and commits them together; whoever queued after that le
 Every caller gets its own function's answer or error only once that commit is done,
 exactly as if it had run alone:
 
-- a function that raises has its writes undone (its savepoint, or the whole transaction
-  when it ran first) and its caller gets the error; the others are not affected;
+- a function that raises has its writes undone (its savepoint; when it ran first, the
+  transaction, and the next leader takes the rest) and its caller gets the error; the
+  others are not affected;
 - a function that lost a race (deadlock, a twin's key, :class:`~jifen.db.uow.LostRace`),
-  and every function of a transaction whose commit lost one, runs again by itself in its
-  caller's thread, with the usual retries;
-- a commit that fails otherwise fails every function of it, as it would have failed each.
+  or that caught an error of its own statement (PostgreSQL has then aborted the
+  transaction), is undone and runs again by itself in its caller's thread, with the usual
+  retries; so does every function of a transaction that failed before its commit (no
+  connection, a broken one) or whose commit lost a race: nothing of it was committed;
+- a commit that fails otherwise fails every function of it, as it would have failed each
+  (whether it committed may be unknown, as for any commit whose answer is lost).
 
 Functions of one batch see each other's writes, as transactions run one after another
 would; each does nothing outside its unit of work (``Database.run``'s rule), so any may
@@ -28,16 +32,21 @@ share a transaction with any other. A key names the one row its use cases lock, 
 use cases that lock no other such row should name it: a batch holds every lock its
 functions took until it commits, so two batches of transfers, each locking a second
 member's account, would take their locks out of order and deadlock (PostgreSQL finds that
-only after ``deadlock_timeout``, a second by default). A transfer runs alone.
+only after ``deadlock_timeout``, a second by default). A transfer runs alone. Rows every
+write takes last (the API's audit stripe heads) are held from the first function's write
+to the commit, so other writes meeting on them wait for the whole batch.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from psycopg.pq import TransactionStatus
 
 from jifen.clock import Clock
 from jifen.db.prepared import driver
@@ -101,7 +110,11 @@ class Combiner:
             else:
                 queue.append(call)
         if not call.lead:
-            call.woken.wait()
+            try:
+                call.woken.wait()
+            except BaseException:  # interrupted while it waited
+                self._abandon(key, call)
+                raise
         if call.lead:
             self._lead(key, call)
         if call.error is not None:
@@ -113,95 +126,138 @@ class Combiner:
         with self._mutex:
             return len(self._queues.get(key, ()))
 
+    def _abandon(self, key: Hashable, call: _Call) -> None:
+        """A waiter interrupted: out of the queue, or the lead it was handed passed on. One
+        a leader has already taken ends as that leader's transaction ends."""
+        with self._mutex:
+            queue = self._queues.get(key)
+            if queue is not None and call in queue:
+                queue.remove(call)
+            elif call.lead:
+                self._hand_on(key)
+
+    def _hand_on(self, key: Hashable) -> None:
+        """With the mutex held: wake the first of ``key``'s queue to lead, or forget the key."""
+        queue = self._queues[key]
+        if queue:
+            following = queue.popleft()
+            following.lead = True
+            following.woken.set()
+        else:
+            del self._queues[key]
+
+    def _next(self, key: Hashable, taken: int) -> _Call | None:
+        """The next function for the transaction that has taken ``taken``: one that queued
+        while the transaction waited for its lock or ran."""
+        if taken >= self._most:
+            return None
+        with self._mutex:
+            queue = self._queues[key]
+            return queue.popleft() if queue else None
+
     def _lead(self, key: Hashable, first: _Call) -> None:
-        """Run ``first``, then what queues behind it while it runs (up to ``most``
-        functions), in as few transactions as they allow; hand the lead on."""
-        taken = 1
-        ahead: deque[_Call] = deque([first])
-
-        def after() -> _Call | None:
-            """The next function to run: queued while the transaction waited for its lock
-            or ran, so that a batch takes in those who arrived meanwhile."""
-            nonlocal taken
-            if ahead:
-                return ahead.popleft()
-            with self._mutex:
-                queue = self._queues[key]
-                if not queue or taken >= self._most:
-                    return None
-                taken += 1
-                return queue.popleft()
-
+        """Run ``first`` and those queued behind it in one transaction; hand the lead on to
+        whoever queued after (or when ``first`` failed, ended the transaction early)."""
         try:
-            while (call := after()) is not None:
-                self._transaction(call, after)
+            self._transaction(key, first)
         finally:
             with self._mutex:
-                queue = self._queues[key]
-                if queue:
-                    following = queue.popleft()
-                    following.lead = True
-                    following.woken.set()
-                else:
-                    del self._queues[key]
+                self._hand_on(key)
 
-    def _transaction(self, call: _Call, after: Callable[[], _Call | None]) -> None:
-        """Run ``call`` and, while it has gone well, what ``after`` gives, each after a
-        savepoint, in one transaction; commit; wake their callers. When the transaction's
-        first function fails, it is rolled back and that function alone is answered."""
+    def _transaction(self, key: Hashable, first: _Call) -> None:
+        """Run ``first``, then, while it has gone well, those queued behind it, each after a
+        savepoint, in one transaction; commit; answer and wake every caller taken.
+
+        Raises only what interrupts the thread (``BaseException``). Whatever else fails
+        before the commit leaves nothing committed: the functions not yet answered run by
+        themselves. A commit that fails answers them with its error, unless it lost a race
+        (then they run by themselves too): whether it committed may be unknown."""
         from jifen.db.uow import UnitOfWork, is_transient
 
         database = self._database
-        ran: list[_Call] = []
+        ran = [first]
         done: list[_Call] = []
+        committing = False
         try:
-            with database.engine.connect() as conn:
-                transaction = conn.begin()
-                try:
-                    current: _Call | None = call
+            try:
+                with database.engine.connect() as conn:
+                    transaction = conn.begin()
+                    current: _Call | None = first
                     while current is not None:
-                        ran.append(current)
-                        first = not done
-                        if not first:
+                        alone = current is first
+                        if not alone:
                             driver(conn).execute(_SAVEPOINT)
                         try:
                             current.result = current.fn(
                                 UnitOfWork(conn, current.clock, database.cache)
                             )
                         except Exception as exc:
-                            _failed(current, exc, is_transient(exc))
-                            if first:
-                                break  # rolled back below; the next goes on afresh
-                            driver(conn).execute(_ROLLBACK)
+                            _failed(current, exc, transient=is_transient(exc))
                         else:
-                            done.append(current)
-                        current = after()
+                            if _aborted(conn):  # it caught an error of its own statement
+                                _failed(current, None, transient=True)  # as it would alone
+                            else:
+                                done.append(current)
+                        if current.error is not None or current.alone:
+                            if alone:
+                                break  # rolled back below; the next leader goes on afresh
+                            driver(conn).execute(_ROLLBACK)
+                        current = self._next(key, len(ran))
+                        if current is not None:
+                            ran.append(current)
                     if done:
+                        committing = True
                         transaction.commit()
                     else:
                         transaction.rollback()
-                except Exception as exc:
-                    if transaction.is_active:
-                        transaction.rollback()
-                    for failed in done:  # none of them was committed
-                        _failed(failed, exc, is_transient(exc))
-                    done = []
+            except Exception as exc:
+                lost = not committing or is_transient(exc)
+                for call in _unanswered(ran):
+                    _failed(call, _own(exc), transient=lost)
+                done = []
             if done:
                 with self._mutex:
                     self.stats.transactions += 1
                     self.stats.functions += len(done)
-        except BaseException:  # the machinery itself failed: nothing of it was committed
-            for undecided in ran:
-                if undecided.error is None and not undecided.alone:
-                    _failed(undecided, None, True)
+        except BaseException as exc:
+            for call in _unanswered(ran):
+                if committing:  # it may have committed: not to be run again
+                    unknown = RuntimeError("interrupted while committing; the outcome is unknown")
+                    unknown.__cause__ = exc
+                    _failed(call, unknown, transient=False)
+                else:
+                    _failed(call, None, transient=True)
             raise
         finally:
-            for woken in ran:
-                woken.woken.set()
+            for call in ran:
+                call.woken.set()
 
 
-def _failed(call: _Call, error: BaseException | None, transient: bool) -> None:
-    """Answer ``call`` with ``error``, or have it run by itself when it lost a race."""
+def _aborted(conn: Any) -> bool:
+    """Whether PostgreSQL has aborted the transaction (a function caught an error of its
+    own statement and went on): nothing more of it can commit."""
+    info = getattr(driver(conn), "info", None)
+    return info is not None and info.transaction_status == TransactionStatus.INERROR
+
+
+def _unanswered(calls: list[_Call]) -> list[_Call]:
+    return [call for call in calls if call.error is None and not call.alone]
+
+
+def _own(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` for one caller, caused by it: one exception object raised in many
+    threads at once would collect all their tracebacks."""
+    try:
+        copied = copy.copy(exc)
+    except Exception:
+        return exc
+    copied.__cause__ = exc
+    return copied
+
+
+def _failed(call: _Call, error: BaseException | None, *, transient: bool) -> None:
+    """Answer ``call`` with ``error``, or have it run by itself (``transient``: it lost a
+    race, or its transaction could not go on without committing anything of it)."""
     call.result = None
     if transient:
         call.alone = True
