@@ -77,6 +77,10 @@ class _Call:
     error: BaseException | None = None
     alone: bool = False
     """Woken to run by itself (a lost race, or a transaction that could not go on)."""
+    started: bool = False
+    """A leader has begun to run it: its outcome is that transaction's."""
+    abandoned: bool = False
+    """Its caller was interrupted after a leader took it, before it started: not run."""
 
 
 @dataclass
@@ -116,6 +120,7 @@ class Combiner:
                 self._abandon(key, call)
                 raise
         if call.lead:
+            call.started = True
             self._lead(key, call)
         if call.error is not None:
             raise call.error
@@ -127,14 +132,17 @@ class Combiner:
             return len(self._queues.get(key, ()))
 
     def _abandon(self, key: Hashable, call: _Call) -> None:
-        """A waiter interrupted: out of the queue, or the lead it was handed passed on. One
-        a leader has already taken ends as that leader's transaction ends."""
+        """A waiter interrupted: out of the queue, the lead it was handed passed on, or,
+        taken by a leader that has not run it yet, not to be run. One a leader has begun
+        to run ends as that leader's transaction ends."""
         with self._mutex:
             queue = self._queues.get(key)
             if queue is not None and call in queue:
                 queue.remove(call)
             elif call.lead:
                 self._hand_on(key)
+            elif not call.started:
+                call.abandoned = True
 
     def _hand_on(self, key: Hashable) -> None:
         """With the mutex held: wake the first of ``key``'s queue to lead, or forget the key."""
@@ -146,14 +154,19 @@ class Combiner:
         else:
             del self._queues[key]
 
-    def _next(self, key: Hashable, taken: int) -> _Call | None:
-        """The next function for the transaction that has taken ``taken``: one that queued
-        while the transaction waited for its lock or ran."""
-        if taken >= self._most:
-            return None
+    def _next(self, key: Hashable, ran: list[_Call]) -> _Call | None:
+        """The next function for the transaction that has taken ``ran``, added to it: one
+        that queued while the transaction waited for its lock or ran, and whose caller is
+        still there."""
         with self._mutex:
             queue = self._queues[key]
-            return queue.popleft() if queue else None
+            while queue and len(ran) < self._most:
+                call = queue.popleft()
+                ran.append(call)
+                if not call.abandoned:
+                    call.started = True
+                    return call
+            return None
 
     def _lead(self, key: Hashable, first: _Call) -> None:
         """Run ``first`` and those queued behind it in one transaction; hand the lead on to
@@ -177,7 +190,7 @@ class Combiner:
         database = self._database
         ran = [first]
         done: list[_Call] = []
-        committing = False
+        committing = committed = False
         try:
             try:
                 with database.engine.connect() as conn:
@@ -191,7 +204,9 @@ class Combiner:
                             current.result = current.fn(
                                 UnitOfWork(conn, current.clock, database.cache)
                             )
-                        except Exception as exc:
+                        except (KeyboardInterrupt, SystemExit):
+                            raise
+                        except BaseException as exc:  # its own, whatever it is
                             _failed(current, exc, transient=is_transient(exc))
                         else:
                             if _aborted(conn):  # it caught an error of its own statement
@@ -202,25 +217,25 @@ class Combiner:
                             if alone:
                                 break  # rolled back below; the next leader goes on afresh
                             driver(conn).execute(_ROLLBACK)
-                        current = self._next(key, len(ran))
-                        if current is not None:
-                            ran.append(current)
+                        current = self._next(key, ran)
                     if done:
                         committing = True
                         transaction.commit()
+                        committed = True
                     else:
                         transaction.rollback()
             except Exception as exc:
-                lost = not committing or is_transient(exc)
-                for call in _unanswered(ran):
-                    _failed(call, _own(exc), transient=lost)
-                done = []
+                if not committed:  # else the connection failed to close: done is done
+                    lost = not committing or is_transient(exc)
+                    for call in _unanswered(ran):
+                        _failed(call, _own(exc), transient=lost)
+                    done = []
             if done:
                 with self._mutex:
                     self.stats.transactions += 1
                     self.stats.functions += len(done)
         except BaseException as exc:
-            for call in _unanswered(ran):
+            for call in [] if committed else _unanswered(ran):
                 if committing:  # it may have committed: not to be run again
                     unknown = RuntimeError("interrupted while committing; the outcome is unknown")
                     unknown.__cause__ = exc
