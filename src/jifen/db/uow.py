@@ -155,9 +155,10 @@ class Database:
     ) -> T:
         """Run ``fn`` in a unit of work and commit, retrying lost races from the start.
 
-        ``combine``: what ``fn`` writes to, most likely under a row lock (``("member", 7)``):
-        use cases of one key that arrive together in this process share a transaction and
-        its commit (see :mod:`jifen.db.combine`), each answered as if it had run alone."""
+        ``combine``: the one row ``fn`` locks that others are likely to wait on (a member's
+        points account: ``points.account_key(7)``): use cases of one key that arrive
+        together in this process share a transaction and its commit (see
+        :mod:`jifen.db.combine`), each answered as if it had run alone."""
         if combine is not None and not read_only:
             combined, result = self.combiner.run(combine, fn, self.clock)
             if combined:
