@@ -76,7 +76,7 @@ def test_bank_with_writes_of_one_member_sharing_commits_keeps_every_invariant(
     # fewer members than writers: writes of one member meet in one transaction, refusals
     # and lost races (transfers' deadlocks) among them
     before = pg.combiner.stats.transactions, pg.combiner.stats.functions
-    bank(pg, members=6, operations=150, combine=True)
+    bank(pg, members=6, operations=100, combine=True)
     transactions = pg.combiner.stats.transactions - before[0]
     functions = pg.combiner.stats.functions - before[1]
     assert functions > transactions > 0
