@@ -55,6 +55,12 @@ def _stats(db: Database) -> CombinerStats:
     return CombinerStats(stats.transactions, stats.functions)
 
 
+def _since(db: Database, before: CombinerStats) -> tuple[int, int]:
+    """(Transactions committed, functions they carried) since ``before``."""
+    after = db.combiner.stats
+    return after.transactions - before.transactions, after.functions - before.functions
+
+
 def behind_a_leader(
     db: Database, table: Table, *fns: Callable[[UnitOfWork], Any], lead_fails: bool = False
 ) -> list[Any]:
@@ -99,11 +105,8 @@ def test_queued_use_cases_share_one_commit_and_each_gets_its_own_answer(
     outcomes = behind_a_leader(db, scratch, *(_insert(scratch, f"q{i}") for i in range(3)))
     assert outcomes == ["lead", "q0", "q1", "q2"]
     assert _codes(db, scratch) == ["lead", "q0", "q1", "q2"]
-    after = _stats(db)
     # the three that queued while the leader's transaction ran joined it
-    assert (after.transactions - before.transactions, after.functions - before.functions) == (
-        1, 4,
-    )  # fmt: skip
+    assert _since(db, before) == (1, 4)
 
 
 def test_a_use_case_that_fails_in_a_batch_undoes_only_its_own_writes(
@@ -116,10 +119,7 @@ def test_a_use_case_that_fails_in_a_batch_undoes_only_its_own_writes(
     assert outcomes[:2] == ["lead", "a"] and outcomes[3] == "c"
     assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "b changed its mind"
     assert _codes(db, scratch) == ["a", "c", "lead"]
-    after = _stats(db)
-    assert (after.transactions - before.transactions, after.functions - before.functions) == (
-        1, 3,
-    )  # fmt: skip
+    assert _since(db, before) == (1, 3)
 
 
 def test_when_the_first_use_case_of_a_transaction_fails_the_rest_go_on_in_a_new_one(
@@ -132,10 +132,7 @@ def test_when_the_first_use_case_of_a_transaction_fails_the_rest_go_on_in_a_new_
     assert isinstance(outcomes[0], ValueError)
     assert outcomes[1:] == ["a", "b"]
     assert _codes(db, scratch) == ["a", "b"]
-    after = _stats(db)
-    assert (after.transactions - before.transactions, after.functions - before.functions) == (
-        1, 2,
-    )  # fmt: skip
+    assert _since(db, before) == (1, 2)
 
 
 def test_use_cases_of_a_batch_see_the_writes_of_those_before_them(
