@@ -8,7 +8,8 @@ What it measures, in order:
    ``--scale`` members who each hold 12 lots expiring month by month over the coming year.
 3. The hot account: every worker earns and spends on one single member.
 4. Balance summary latency (p50 / p99) from one reader.
-5. SQLite: raw single-row insert transactions against jifen earn, in the same file system.
+5. SQLite: raw single-row insert transactions against jifen earn from ``--workers`` threads
+   of one process, in the same file system.
 
 It prints every figure, then one line per measure, last:
 ``RESULT <name> <value> <unit> ratio=<value/limit>``. Targets on a 2-core machine: earn ≥ 0.7
@@ -376,8 +377,11 @@ def sqlite_raw_tps(path: Path, seconds: float) -> float:
     return done / seconds
 
 
-def sqlite_earn_tps(path: Path, seconds: float, scale: int) -> float:
-    """jifen earn, one transaction each, from one process (SQLite has one writer at a time)."""
+def sqlite_earn_tps(path: Path, seconds: float, scale: int, workers: int) -> tuple[float, float]:
+    """jifen earn from ``workers`` threads of one process sharing one ``Database`` (SQLite
+    has one writer at a time: earnings that arrive together share a transaction and its
+    commit, each answered once that commit is on the disk); the earnings a transaction
+    carried on average."""
     database = Database(f"sqlite:///{path}", pool_size=1)
     upgrade(database.engine)
     program_id = database.run(lambda uow: programs.create_program(uow, code="b", name="b").id)
@@ -387,27 +391,41 @@ def sqlite_earn_tps(path: Path, seconds: float, scale: int) -> float:
             for i in range(min(scale, 2000))
         ]
     )
-    rng, now = random.Random(1), datetime.now(UTC)
-    done, deadline = 0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        member, amount = rng.choice(member_ids), rng.randint(1, 100)
-        expires = now + timedelta(days=rng.randint(1, 365))
-        database.run(
-            lambda uow, m=member, a=amount, e=expires, k=f"e{done}": points.earn(
-                uow, member_id=m, amount=a, key=k, expires_at=e
+    now = datetime.now(UTC)
+    deadline = time.perf_counter() + seconds
+    stats = database.combiner.stats
+    before = (stats.transactions, stats.functions)
+
+    def worker(w: int) -> int:
+        rng, done = random.Random(w), 0
+        while time.perf_counter() < deadline:
+            member, amount = rng.choice(member_ids), rng.randint(1, 100)
+            expires = now + timedelta(days=rng.randint(1, 365))
+            database.run(
+                lambda uow, m=member, a=amount, e=expires, k=f"e{w}-{done}": points.earn(
+                    uow, member_id=m, amount=a, key=k, expires_at=e
+                ),
+                combine=points.account_key(member),
             )
-        )
-        done += 1
+            done += 1
+        return done
+
+    with ThreadPoolExecutor(workers) as pool:
+        done = sum(pool.map(worker, range(workers)))
+    transactions = stats.transactions - before[0]
+    carried = (stats.functions - before[1]) / max(transactions, 1)
     database.dispose()
-    return done / seconds
+    return done / seconds, carried
 
 
-def sqlite_comparison(seconds: float, scale: int, data_dir: str | None) -> tuple[float, float]:
+def sqlite_comparison(
+    seconds: float, scale: int, workers: int, data_dir: str | None
+) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(dir=data_dir) as folder:
         raw = sqlite_raw_tps(Path(folder) / "raw.db", seconds)
         say(f"sqlite raw insert transactions: {raw:,.0f} tps ({folder})")
-        earn = sqlite_earn_tps(Path(folder) / "jifen.db", seconds, scale)
-        say(f"sqlite jifen earn: {earn:,.0f} tps")
+        earn, carried = sqlite_earn_tps(Path(folder) / "jifen.db", seconds, scale, workers)
+        say(f"sqlite jifen earn, {workers} workers: {earn:,.0f} tps, {carried:.1f} a commit")
     return earn, raw
 
 
@@ -435,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[str] = []
     if args.backend == "postgresql":
         results = postgresql_measures(args)
-    earn, raw = sqlite_comparison(args.seconds, args.scale, args.data_dir)
+    earn, raw = sqlite_comparison(args.seconds, args.scale, args.workers, args.data_dir)
     results.append(result("sqlite_earn", earn, "tps", raw))
     say("")
     for line in results:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from sqlalchemy import Column, String, Table, UniqueConstraint, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from jifen.db.combine import CombinerStats
+from jifen.db.prepared import driver
 from jifen.db.uow import Database, LostRace, UnitOfWork
 from tests.db.scratch import scratch_table
 
@@ -62,11 +63,16 @@ def _since(db: Database, before: CombinerStats) -> tuple[int, int]:
 
 
 def behind_a_leader(
-    db: Database, table: Table, *fns: Callable[[UnitOfWork], Any], lead_fails: bool = False
+    db: Database,
+    table: Table,
+    *fns: Callable[[UnitOfWork], Any],
+    lead_fails: bool = False,
+    keys: Sequence[Hashable] = (),
 ) -> list[Any]:
     """Run a leader that waits until ``fns`` have queued behind it, in their order, each
     from a thread of its own, then writes ``lead`` (and fails, if ``lead_fails``); the
-    leader's answer or error, then each one's."""
+    leader's answer or error, then each one's. The leader runs with ``KEY``, the others
+    with ``keys`` (by default ``KEY`` too): each must queue where ``KEY``'s calls do."""
     release, started = threading.Event(), threading.Event()
     outcomes: list[Any] = [None] * (len(fns) + 1)
 
@@ -77,7 +83,7 @@ def behind_a_leader(
 
     def call(i: int, fn: Callable[[UnitOfWork], Any]) -> None:
         try:
-            outcomes[i] = db.run(fn, combine=KEY)
+            outcomes[i] = db.run(fn, combine=keys[i - 1] if keys and i else KEY)
         except Exception as exc:
             outcomes[i] = exc
 
@@ -119,7 +125,25 @@ def test_a_use_case_that_fails_in_a_batch_undoes_only_its_own_writes(
     assert outcomes[:2] == ["lead", "a"] and outcomes[3] == "c"
     assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "b changed its mind"
     assert _codes(db, scratch) == ["a", "c", "lead"]
-    assert _since(db, before) == (1, 3)
+    if db.dialect == "postgresql":  # "b" went back to its savepoint; the rest committed
+        assert _since(db, before) == (1, 3)
+    else:  # no savepoints: "lead", "a" and "b" ran again by themselves, "c" led the next
+        assert _since(db, before) == (1, 1)
+
+
+def test_on_sqlite_use_cases_of_every_key_share_the_one_writers_commit(
+    sqlite_database: Database,
+) -> None:
+    db = sqlite_database
+    with scratch_table(db, "combine", Column("code", String(40), nullable=False)) as table:
+        before = _stats(db)
+        outcomes = behind_a_leader(
+            db, table, *(_insert(table, f"m{i}") for i in range(3)),
+            keys=[("points", i) for i in range(3)],
+        )  # fmt: skip
+        assert outcomes == ["lead", "m0", "m1", "m2"]
+        assert _codes(db, table) == ["lead", "m0", "m1", "m2"]
+        assert _since(db, before) == (1, 4)
 
 
 def test_when_the_first_use_case_of_a_transaction_fails_the_rest_go_on_in_a_new_one(
@@ -275,3 +299,22 @@ def test_a_use_case_that_swallows_its_statements_error_does_not_take_the_batch_w
         assert outcomes == ["lead", "a", "swallowed", "b"]
         # its own write is lost, as when it runs by itself; the others' are kept
         assert _codes(pg, table) == ["a", "b", "lead"]
+
+
+def test_on_sqlite_a_use_case_whose_transaction_the_database_ended_runs_by_itself(
+    sqlite_database: Database,
+) -> None:
+    # SQLite rolls a transaction back by itself at some errors (a full disk); the batch's
+    # later statements would then each commit on their own
+    db = sqlite_database
+    with scratch_table(db, "combine", Column("code", String(40), nullable=False)) as table:
+
+        def ends_it(uow: UnitOfWork) -> str:
+            uow.conn.execute(table.insert().values(code="ended"))
+            driver(uow.conn).execute("ROLLBACK")
+            return "ended"
+
+        outcomes = behind_a_leader(db, table, _insert(table, "a"), ends_it, _insert(table, "b"))
+        assert outcomes == ["lead", "a", "ended", "b"]
+        # its own write is lost, as when it runs by itself; the others' are kept
+        assert _codes(db, table) == ["a", "b", "lead"]

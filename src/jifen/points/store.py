@@ -1019,7 +1019,7 @@ def _sqlite_time(moment: datetime | None) -> str | None:
         return None
     if moment.tzinfo is None:
         raise ValueError(f"naive datetime {moment!r}: jifen stores only aware UTC times")
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _write_sqlite(conn: Connection, rows: PostingRows) -> int:
