@@ -9,22 +9,30 @@ trip and flush while the others wait, where writes to different accounts share f
 :class:`Combiner` lets such writers share the wait and the commit. A use case run with a
 key (``Database.run(fn, combine=key)``) either finds no other use case of that key at work
 in this process and leads, or queues behind the one that does. A leader opens a
-transaction and runs its function, then, in the same transaction, one after another and
-each after a savepoint, the functions of its key that queued while it waited for its lock
-or ran (up to ``MOST``), and commits them together; whoever queued after that leads next.
-Every caller gets its own function's answer or error only once that commit is done,
-exactly as if it had run alone:
+transaction and runs its function, then, in the same transaction, one after another, the
+functions of its key that queued while it waited for its lock or ran (up to ``MOST``), and
+commits them together; whoever queued after that leads next. Every caller gets its own
+function's answer or error only once that commit is done, exactly as if it had run alone:
 
-- a function that raises has its writes undone (its savepoint; when it ran first, the
-  transaction, and the next leader takes the rest) and its caller gets the error; the
-  others are not affected;
-- a function that lost a race (deadlock, a twin's key, :class:`~jifen.db.uow.LostRace`),
-  or that caught an error of its own statement (PostgreSQL has then aborted the
-  transaction), is undone and runs again by itself in its caller's thread, with the usual
-  retries; so does every function of a transaction that failed before its commit (no
-  connection, a broken one) or whose commit lost a race: nothing of it was committed;
+- a function that raises when it runs first has the transaction rolled back, and its
+  caller gets the error; the next leader takes the rest;
+- a function after the first that raises, that lost a race (deadlock, a twin's key,
+  :class:`~jifen.db.uow.LostRace`) or that caught an error of its own statement (the
+  database has then ended the transaction) has the whole transaction rolled back: it and
+  every function that ran before it in the transaction run again by themselves, each in
+  its caller's thread with the usual retries, and each caller gets what its function does
+  alone. The same goes for the first function's lost race, and for every function of a
+  transaction that failed before its commit (no connection, a broken one) or whose commit
+  lost a race: nothing of it was committed;
 - a commit that fails otherwise fails every function of it, as it would have failed each
   (whether it committed may be unknown, as for any commit whose answer is lost).
+
+There are no savepoints between the functions, so a batch that goes well costs no more
+round trips than its functions' own statements and one commit. A savepoint would cost
+each function a round trip while the lock is held, and on SQLite more than its writes
+(SQLite copies each page a savepoint's writes change to a statement journal first). A
+failure is the rare case, and costs the functions before it one more run: a refused write
+(an overdraft, a member not active) is told so by itself, as it would be without a batch.
 
 Functions of one batch see each other's writes, as transactions run one after another
 would; each does nothing outside its unit of work (``Database.run``'s rule), so any may
@@ -39,11 +47,7 @@ to the commit, so other writes meeting on them wait for the whole batch.
 SQLite has one writer at a time, whatever rows it writes (``BEGIN IMMEDIATE`` takes the
 whole database), and every commit waits for the disk: there, every use case run with a key
 queues under one key (``ONE_WRITER``), so earnings of different members that arrive together
-share a commit too. Its functions run without savepoints: SQLite copies each page a
-savepoint's writes change to a statement journal first, which costs more than the writes
-themselves. So on SQLite a function after the first that fails (or loses a race) undoes
-the whole batch: every function it had run, that one included, runs again by itself, and
-each caller gets what its own function does alone.
+share a commit too.
 """
 
 from __future__ import annotations
@@ -69,14 +73,6 @@ MOST = 32
 
 ONE_WRITER = "sqlite"
 """The key every use case on SQLite queues under, whatever key it names."""
-
-# Each function after a transaction's first runs after a savepoint of this name, which is
-# not released when it succeeds: the next one's shadows it (a round trip fewer each), and a
-# rollback goes back to the newest. A released savepoint would keep its subtransaction id
-# all the same, so nothing is saved by releasing; MOST keeps them well under the 64 that
-# PostgreSQL tracks per transaction without spilling to its subtransaction log.
-_SAVEPOINT = "SAVEPOINT jifen_combined"
-_ROLLBACK = "ROLLBACK TO SAVEPOINT jifen_combined"
 
 
 @dataclass(eq=False)
@@ -113,7 +109,7 @@ class Combiner:
     def __init__(self, database: Database, *, most: int = MOST) -> None:
         self._database = database
         self._most = most
-        # SQLite: one queue for every key, no savepoints (see the module).
+        # SQLite: one queue for every key (see the module).
         self._one_writer = database.engine.dialect.name == "sqlite"
         self._mutex = threading.Lock()
         # A key has a queue while some call of it leads; the queue holds those waiting.
@@ -200,8 +196,8 @@ class Combiner:
                 self._hand_on(key)
 
     def _transaction(self, key: Hashable, first: _Call) -> None:
-        """Run ``first``, then, while it has gone well, those queued behind it, each after a
-        savepoint, in one transaction; commit; answer and wake every caller taken.
+        """Run ``first``, then, while it has gone well, those queued behind it, in one
+        transaction; commit; answer and wake every caller taken.
 
         Raises only what interrupts the thread (``BaseException``). Whatever else fails
         before the commit leaves nothing committed: the functions not yet answered run by
@@ -220,8 +216,6 @@ class Combiner:
                     current: _Call | None = first
                     while current is not None:
                         alone = current is first
-                        if not alone and not self._one_writer:
-                            driver(conn).execute(_SAVEPOINT)
                         try:
                             current.result = current.fn(
                                 UnitOfWork(conn, current.clock, database.cache)
@@ -236,14 +230,11 @@ class Combiner:
                             else:
                                 done.append(current)
                         if current.error is not None or current.alone:
-                            if alone:
-                                break  # rolled back below; the next leader goes on afresh
-                            if self._one_writer:  # no savepoint: the batch is undone
+                            if not alone:  # nothing to go back to: run them again
                                 for call in [*done, current]:
                                     _failed(call, None, transient=True)
                                 done = []
-                                break
-                            driver(conn).execute(_ROLLBACK)
+                            break  # rolled back below; the next leader goes on afresh
                         current = self._next(key, ran)
                     if done:
                         committing = True
