@@ -475,10 +475,17 @@ def postgresql_measures(args: argparse.Namespace) -> list[str]:
         _, member_ids, hot = seed(jifen_url, args.scale, workers)
         pool = Workers(min(args.processes, workers), timed_worker)
         try:
+            # Each phase starts on vacuumed tables, as pgbench vacuums before each run and as
+            # autovacuum would between them where it is on: the seed's VACUUM, then one
+            # after each phase (not timed), so that no phase pays for the dead row versions
+            # the one before left.
             phase = partial(run_phase, pool, jifen_url)
             earn, _ = phase("earn", workers, member_ids, hot, args.seconds)
+            vacuum_analyze(jifen_url)
             spend, _ = phase("spend", workers, member_ids, hot, args.seconds)
+            vacuum_analyze(jifen_url)
             hot_rate, hot_outcome = phase("hot", workers, member_ids, hot, args.seconds)
+            vacuum_analyze(jifen_url)
             _, reads = phase("balance", 1, member_ids, hot, min(args.seconds, 10))
         finally:
             pool.close()
