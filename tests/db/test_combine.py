@@ -316,3 +316,18 @@ def test_on_sqlite_a_use_case_whose_transaction_the_database_ended_runs_by_itsel
         assert outcomes == ["lead", "a", "ended", "b"]
         # its own write is lost, as when it runs by itself; the others' are kept
         assert _codes(db, table) == ["a", "b", "lead"]
+
+
+def test_a_use_case_nested_in_a_batched_one_runs_by_itself_instead_of_waiting_for_ever(
+    pg: Database,
+) -> None:
+    # (SQLite's one writer would refuse the nested transaction after its busy timeout)
+    with scratch_table(pg, "combine", Column("code", String(40), nullable=False)) as table:
+
+        def nests(uow: UnitOfWork) -> str:
+            inner = pg.run(_insert(table, "inner"), combine=KEY)
+            return _insert(table, f"outer-{inner}")(uow)
+
+        outcomes = behind_a_leader(pg, table, _insert(table, "a"), nests)
+        assert outcomes == ["lead", "a", "outer-inner"]
+        assert _codes(pg, table) == ["a", "inner", "lead", "outer-inner"]

@@ -24,8 +24,14 @@ function's answer or error only once that commit is done, exactly as if it had r
   alone. The same goes for the first function's lost race, and for every function of a
   transaction that failed before its commit (no connection, a broken one) or whose commit
   lost a race: nothing of it was committed;
-- a commit that fails otherwise fails every function of it, as it would have failed each
-  (whether it committed may be unknown, as for any commit whose answer is lost).
+- a commit that fails otherwise fails every function of it, each caller getting the error
+  (whether it committed may be unknown, as for any commit whose answer is lost); a check
+  deferred to the commit that one function broke fails them all, as they were committed
+  together.
+
+A use case run inside a batched function that names a key itself (a ``Database.run``
+nested in another, which breaks the rule below) runs by itself: queued behind its own
+leader, it would wait for ever.
 
 There are no savepoints between the functions, so a batch that goes well costs no more
 round trips than its functions' own statements and one commit. A savepoint would cost
@@ -112,6 +118,7 @@ class Combiner:
         # SQLite: one queue for every key (see the module).
         self._one_writer = database.engine.dialect.name == "sqlite"
         self._mutex = threading.Lock()
+        self._leading = threading.local()
         # A key has a queue while some call of it leads; the queue holds those waiting.
         self._queues: dict[Hashable, deque[_Call]] = {}
         self.stats = CombinerStats()
@@ -119,6 +126,8 @@ class Combiner:
     def run(self, key: Hashable, fn: Callable[[Any], Any], clock: Clock) -> tuple[bool, Any]:
         """Run ``fn`` in a transaction shared with others of ``key``: (True, its result),
         or (False, None) when the caller must run it by itself. Its error is raised."""
+        if getattr(self._leading, "now", False):  # nested in a function this thread runs
+            return False, None
         call = _Call(fn, clock)
         key = self._key(key)
         with self._mutex:
@@ -136,7 +145,11 @@ class Combiner:
                 raise
         if call.lead:
             call.started = True
-            self._lead(key, call)
+            self._leading.now = True
+            try:
+                self._lead(key, call)
+            finally:
+                self._leading.now = False
         if call.error is not None:
             raise call.error
         return not call.alone, call.result
