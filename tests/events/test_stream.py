@@ -416,6 +416,33 @@ def test_workers_and_publishers_creating_the_stream_at_once_all_succeed(nats_url
         with_js(nats_url, lambda js: refused_after_another_made_it(js, made, False))
 
 
+def test_a_publisher_the_stream_has_no_responder_for_yet_sends_again(
+    names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JetStream answers "no responders" for a stream not ready to take messages (just made,
+    its leader being chosen): the publisher sends again until it is, and counts each event
+    once. Here the stream does not exist yet when the events are first sent."""
+    create = stream.ensure_stream
+
+    async def made_late(js: Any, name: str, prefix: str) -> None:
+        async def later() -> None:
+            await asyncio.sleep(0.3)
+            await _with_js(names.url, lambda other: create(other, name, prefix))
+
+        made.append(asyncio.create_task(later()))
+
+    made: list[asyncio.Task[None]] = []
+    monkeypatch.setattr(stream, "ensure_stream", made_late)
+    events = [order(f"o{i}", 1, 10) for i in range(3)]
+    published = stream.publish_sync(
+        names.url, "p", events, subject_prefix=names.prefix, stream=names.stream
+    )
+    assert published == stream.Published(stored=3, duplicates=0)
+    assert len(made) == 1
+    stored = with_js(names.url, lambda js: js.stream_info(names.stream))
+    assert stored.state.messages == 3
+
+
 def test_published_events_are_ingested_once_and_refusals_recorded(
     db: Database, names: Names
 ) -> None:

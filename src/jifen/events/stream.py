@@ -49,6 +49,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from jifen.db.uow import Database, UnitOfWork
 from jifen.errors import InvalidInput, JifenError, invalid_field
@@ -64,6 +65,9 @@ DURABLE = "jifen-worker"
 DEAD = "dead"
 """The token after the prefix that marks dead letters: ``<prefix>.dead.<programme>``."""
 MSG_ID = "Nats-Msg-Id"
+
+PUBLISH_ATTEMPTS = 6
+"""How many times a publication the stream had no responder for is sent (over about 3 s)."""
 
 Stop: TypeAlias = asyncio.Event | threading.Event
 T = TypeVar("T")
@@ -399,7 +403,12 @@ async def publish(
     window: int = 1000,
 ) -> Published:
     """Publish ``events`` of a programme to the stream (made when missing), each stored by
-    the server before this returns. ``window`` publications are in flight at once."""
+    the server before this returns. ``window`` publications are in flight at once.
+
+    JetStream answers "no responders" for a stream that is not ready to take messages yet
+    (just made, its leader being chosen after a restart): such publications are sent again,
+    with backoff, up to ``PUBLISH_ATTEMPTS`` times. Sending one again is safe: the server
+    drops a message whose id it stored recently."""
     nc = Client()
     await nc.connect(
         _servers(url), connect_timeout=2, max_reconnect_attempts=5, reconnect_time_wait=1,
@@ -409,29 +418,47 @@ async def publish(
         js = nc.jetstream(timeout=timeout)
         await ensure_stream(js, stream, subject_prefix)
         subject = event_subject(subject_prefix, program_code)
-        stored = duplicates = 0
-        pending: list[asyncio.Future[api.PubAck]] = []
+        counts = [0, 0]  # stored, duplicates
+        window_of: list[tuple[bytes, str]] = []
+
+        async def send(messages: list[tuple[bytes, str]]) -> list[tuple[bytes, str]]:
+            """Publish ``messages`` and count their acknowledgements; those the stream had
+            no responder for."""
+            futures = [
+                await js.publish_async(subject, data, stream=stream, headers={MSG_ID: msg_id})
+                for data, msg_id in messages
+            ]
+            acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+            unanswered = []
+            for message, ack in zip(messages, acks, strict=True):
+                if isinstance(ack, nats.js.errors.NoStreamResponseError):
+                    unanswered.append(message)
+                elif isinstance(ack, BaseException):
+                    raise ack
+                else:
+                    counts[1 if ack.duplicate else 0] += 1
+            return unanswered
 
         async def settle() -> None:
-            nonlocal stored, duplicates
-            acks = await asyncio.wait_for(asyncio.gather(*pending), timeout)
-            pending.clear()
-            duplicates += sum(1 for ack in acks if ack.duplicate)
-            stored += sum(1 for ack in acks if not ack.duplicate)
+            left = list(window_of)
+            window_of.clear()
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(nats.js.errors.NoStreamResponseError),
+                stop=stop_after_attempt(PUBLISH_ATTEMPTS),
+                wait=wait_exponential(multiplier=0.1, max=2),
+                reraise=True,
+            ):
+                with attempt:
+                    left = await send(left)
+                    if left:
+                        raise nats.js.errors.NoStreamResponseError
 
         for event in events:
-            pending.append(
-                await js.publish_async(
-                    subject,
-                    event.model_dump_json().encode(),
-                    stream=stream,
-                    headers={MSG_ID: message_id(program_code, event)},
-                )
-            )
-            if len(pending) >= window:
+            window_of.append((event.model_dump_json().encode(), message_id(program_code, event)))
+            if len(window_of) >= window:
                 await settle()
         await settle()
-        return Published(stored, duplicates)
+        return Published(counts[0], counts[1])
     finally:
         await nc.close()
 
