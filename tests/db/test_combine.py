@@ -4,6 +4,7 @@ each caller is answered as if its use case had run alone."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -331,3 +332,39 @@ def test_a_use_case_nested_in_a_batched_one_runs_by_itself_instead_of_waiting_fo
         outcomes = behind_a_leader(pg, table, _insert(table, "a"), nests)
         assert outcomes == ["lead", "a", "outer-inner"]
         assert _codes(pg, table) == ["a", "inner", "lead", "outer-inner"]
+
+
+def test_a_caller_interrupted_while_it_waits_leaves_the_queue_and_its_use_case_never_runs(
+    db: Database, scratch: Table
+) -> None:
+    # Ctrl-C reaches the main thread, here the one waiting behind a leader
+    release, started = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def lead(uow: UnitOfWork) -> str:
+        started.set()
+        assert release.wait(30)
+        return _insert(scratch, "lead")(uow)
+
+    def interrupt_once_queued() -> None:
+        deadline = time.monotonic() + 30
+        while db.combiner.waiting(KEY) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    leader = threading.Thread(target=lambda: outcome.append(db.run(lead, combine=KEY)))
+    leader.start()
+    assert started.wait(30)
+    interrupter = threading.Thread(target=interrupt_once_queued)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        db.run(_insert(scratch, "interrupted"), combine=KEY)
+    interrupter.join(30)
+    assert db.combiner.waiting(KEY) == 0
+    release.set()
+    leader.join(30)
+    assert outcome == ["lead"]
+    assert _codes(db, scratch) == ["lead"]
+    # the key is free again: the next caller leads at once
+    assert db.run(_insert(scratch, "after"), combine=KEY) == "after"

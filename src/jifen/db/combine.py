@@ -95,10 +95,6 @@ class _Call:
     error: BaseException | None = None
     alone: bool = False
     """Woken to run by itself (a lost race, or a transaction that could not go on)."""
-    started: bool = False
-    """A leader has begun to run it: its outcome is that transaction's."""
-    abandoned: bool = False
-    """Its caller was interrupted after a leader took it, before it started: not run."""
 
 
 @dataclass
@@ -144,7 +140,6 @@ class Combiner:
                 self._abandon(key, call)
                 raise
         if call.lead:
-            call.started = True
             self._leading.now = True
             try:
                 self._lead(key, call)
@@ -163,17 +158,15 @@ class Combiner:
         return ONE_WRITER if self._one_writer else key
 
     def _abandon(self, key: Hashable, call: _Call) -> None:
-        """A waiter interrupted: out of the queue, the lead it was handed passed on, or,
-        taken by a leader that has not run it yet, not to be run. One a leader has begun
-        to run ends as that leader's transaction ends."""
+        """A waiter interrupted: out of the queue, or the lead it was handed passed on. One
+        a leader has taken (out of the queue and into its transaction, under the mutex)
+        ends as that leader's transaction ends."""
         with self._mutex:
             queue = self._queues.get(key)
             if queue is not None and call in queue:
                 queue.remove(call)
             elif call.lead:
                 self._hand_on(key)
-            elif not call.started:
-                call.abandoned = True
 
     def _hand_on(self, key: Hashable) -> None:
         """With the mutex held: wake the first of ``key``'s queue to lead, or forget the key."""
@@ -187,17 +180,14 @@ class Combiner:
 
     def _next(self, key: Hashable, ran: list[_Call]) -> _Call | None:
         """The next function for the transaction that has taken ``ran``, added to it: one
-        that queued while the transaction waited for its lock or ran, and whose caller is
-        still there."""
+        that queued while the transaction waited for its lock or ran."""
         with self._mutex:
             queue = self._queues[key]
-            while queue and len(ran) < self._most:
-                call = queue.popleft()
-                ran.append(call)
-                if not call.abandoned:
-                    call.started = True
-                    return call
-            return None
+            if not queue or len(ran) >= self._most:
+                return None
+            call = queue.popleft()
+            ran.append(call)
+            return call
 
     def _lead(self, key: Hashable, first: _Call) -> None:
         """Run ``first`` and those queued behind it in one transaction; hand the lead on to
