@@ -418,30 +418,18 @@ async def publish(
         js = nc.jetstream(timeout=timeout)
         await ensure_stream(js, stream, subject_prefix)
         subject = event_subject(subject_prefix, program_code)
-        counts = [0, 0]  # stored, duplicates
-        window_of: list[tuple[bytes, str]] = []
+        stored = duplicates = 0
+        # Each message (its data and id) with its acknowledgement to come; None: to be sent.
+        pending: list[tuple[tuple[bytes, str], asyncio.Future[api.PubAck] | None]] = []
 
-        async def send(messages: list[tuple[bytes, str]]) -> list[tuple[bytes, str]]:
-            """Publish ``messages`` and count their acknowledgements; those the stream had
-            no responder for."""
-            futures = [
-                await js.publish_async(subject, data, stream=stream, headers={MSG_ID: msg_id})
-                for data, msg_id in messages
-            ]
-            acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-            unanswered = []
-            for message, ack in zip(messages, acks, strict=True):
-                if isinstance(ack, nats.js.errors.NoStreamResponseError):
-                    unanswered.append(message)
-                elif isinstance(ack, BaseException):
-                    raise ack
-                else:
-                    counts[1 if ack.duplicate else 0] += 1
-            return unanswered
+        async def send(message: tuple[bytes, str]) -> asyncio.Future[api.PubAck]:
+            data, msg_id = message
+            return await js.publish_async(subject, data, stream=stream, headers={MSG_ID: msg_id})
 
         async def settle() -> None:
-            left = list(window_of)
-            window_of.clear()
+            """Wait for the pending acknowledgements and count them, sending again (with
+            backoff) what the stream had no responder for."""
+            nonlocal stored, duplicates
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(nats.js.errors.NoStreamResponseError),
                 stop=stop_after_attempt(PUBLISH_ATTEMPTS),
@@ -449,16 +437,31 @@ async def publish(
                 reraise=True,
             ):
                 with attempt:
-                    left = await send(left)
-                    if left:
+                    futures = [f if f is not None else await send(m) for m, f in pending]
+                    acks = await asyncio.wait_for(
+                        asyncio.gather(*futures, return_exceptions=True), timeout
+                    )
+                    unanswered: list[tuple[tuple[bytes, str], None]] = []
+                    for (message, _), ack in zip(pending, acks, strict=True):
+                        if isinstance(ack, nats.js.errors.NoStreamResponseError):
+                            unanswered.append((message, None))
+                        elif isinstance(ack, BaseException):
+                            raise ack
+                        elif ack.duplicate:
+                            duplicates += 1
+                        else:
+                            stored += 1
+                    pending[:] = unanswered
+                    if pending:
                         raise nats.js.errors.NoStreamResponseError
 
         for event in events:
-            window_of.append((event.model_dump_json().encode(), message_id(program_code, event)))
-            if len(window_of) >= window:
+            message = (event.model_dump_json().encode(), message_id(program_code, event))
+            pending.append((message, await send(message)))
+            if len(pending) >= window:
                 await settle()
         await settle()
-        return Published(counts[0], counts[1])
+        return Published(stored, duplicates)
     finally:
         await nc.close()
 
