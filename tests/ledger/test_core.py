@@ -18,7 +18,7 @@ from jifen.errors import (
     MissingReason,
     NonPositiveAmount,
 )
-from jifen.ledger import AccountState, Allocation, Kind, Line, Lot, Party, SystemAccount
+from jifen.ledger import AccountState, Allocation, Kind, Line, Lot, NewLot, Party, SystemAccount
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -163,6 +163,76 @@ def test_reverse_takes_own_lot_then_others_then_records_debt() -> None:
     assert plan.change_of(Party.MEMBER) == -65
     assert plan.debt_change == 35
     assert sum(line.amount for line in plan.lines) == 0
+
+
+def test_reverse_takes_the_members_pending_points_before_it_records_debt() -> None:
+    """What the member's spendable points cannot cover comes out of its pending ones, the
+    soonest available first, before any debt: else they would become spendable while the
+    member still owed."""
+    own = lot(5, 10, expires_in=60)
+    others = [
+        lot(6, 20, expires_in=30),
+        lot(7, 15, expires_in=20, pending_for=7),
+        lot(8, 30, expires_in=10, pending_for=2),
+        lot(9, 40, expires_in=-1),  # past its date: the expiry run takes it, not a claw-back
+    ]
+    plan = ledger.plan_reverse(
+        earn_id=1, earn_amount=100, earlier_reversed=0, own_lots=[own], lots=[own, *others],
+        now=NOW,
+    )  # fmt: skip
+    assert plan.allocations == (
+        Allocation(5, -10), Allocation(6, -20), Allocation(8, -30), Allocation(7, -15),
+    )  # fmt: skip
+    assert (plan.change_of(Party.MEMBER), plan.debt_change) == (-75, 25)
+    # what the spendable ones cover leaves the pending ones alone
+    plan = ledger.plan_reverse(
+        earn_id=1, earn_amount=100, earlier_reversed=0, own_lots=[own], lots=[own, *others],
+        now=NOW, amount=25,
+    )  # fmt: skip
+    assert plan.allocations == (Allocation(5, -10), Allocation(6, -15))
+
+
+def test_an_unfreeze_pays_the_debt_first_with_the_lots_the_freeze_took_first() -> None:
+    lots = [lot(1, 30, expires_in=5), lot(2, 50, expires_in=50)]
+    held = ledger.plan_freeze(lots=lots, amount=60, now=NOW, reason="review", actor="risk")
+    assert held.allocations == (Allocation(1, -30), Allocation(2, -30))
+    first = ledger.plan_unfreeze(
+        freeze_id=9, freeze_amount=60, freeze_allocations=held.allocations,
+        earlier_unfreezes=[], earlier_unfrozen=0, amount=40, debt=25,
+    )  # fmt: skip
+    assert first.kind is Kind.UNFREEZE and sum(x.amount for x in first.lines) == 0
+    assert {(x.account, x.amount) for x in first.lines} == {
+        (SystemAccount.FROZEN, -40), (Party.MEMBER, 15), (SystemAccount.RECEIVABLE, 25),
+    }  # fmt: skip
+    assert (first.debt_change, first.frozen_change) == (-25, -40)
+    assert first.allocations == (Allocation(2, 15),)  # the lot taken last gets its points back
+    # the rest of the freeze: never more to a lot than the freeze took from it
+    rest = ledger.plan_unfreeze(
+        freeze_id=9, freeze_amount=60, freeze_allocations=held.allocations,
+        earlier_unfreezes=first.allocations, earlier_unfrozen=40,
+    )  # fmt: skip
+    assert rest.allocations == (Allocation(2, 15), Allocation(1, 5))
+    assert (rest.amount, rest.debt_change, rest.frozen_change) == (20, 0, -20)
+    # owing more than it gives back: all of it pays the debt, no lot gets anything
+    all_debt = ledger.plan_unfreeze(
+        freeze_id=9, freeze_amount=60, freeze_allocations=held.allocations,
+        earlier_unfreezes=[], earlier_unfrozen=0, debt=100,
+    )  # fmt: skip
+    assert (all_debt.allocations, all_debt.debt_change, all_debt.change_of(Party.MEMBER)) == (
+        (), -60, 0,
+    )  # fmt: skip
+
+
+def test_a_release_of_lapsed_frozen_points_pays_the_debt_first() -> None:
+    plan = ledger.plan_release(
+        freeze_id=9, freeze_amount=50, earlier_unfrozen=10, amount=None, now=NOW,
+        expires_at=NOW + 30 * DAY, debt=15,
+    )  # fmt: skip
+    assert (plan.kind, plan.amount, plan.debt_change, plan.frozen_change) == (
+        Kind.UNFREEZE, 40, -15, -40,
+    )  # fmt: skip
+    assert plan.new_lots == (NewLot(25, NOW, NOW + 30 * DAY),)
+    assert sum(x.amount for x in plan.lines) == 0
 
 
 def test_reverse_takes_the_earns_points_from_every_lot_renewals_moved_them_to() -> None:
@@ -366,9 +436,10 @@ def test_claw_backs_in_any_pieces_charge_the_member_only_for_what_it_used(
     """An earn of E points whose own lots still hold R, of which L lapsed and U the member
     used (E = R + L + U), clawed back in any pieces: the lines of each claw-back sum to
     zero, it takes the earn's own lots first (pending or past their date too), then what
-    lapsed, then the member's other spendable lots, then debt; never more than a lot holds
-    nor anything from a lot that is not spendable; and all told the member pays (from
-    other lots or as debt) exactly what it used, U, nothing for what lapsed."""
+    lapsed, then the member's other spendable lots, then its other pending ones, then
+    debt; never more than a lot holds nor anything from another lot past its date; and all
+    told the member pays (from other lots or as debt) exactly what it used, U, nothing for
+    what lapsed."""
     others = [Lot(x.id + 100, x.amount, x.remaining, x.available_at, x.expires_at) for x in others]
     held = sum(x.remaining for x in own)
     earned = held + lapsed + used
@@ -398,16 +469,26 @@ def test_claw_backs_in_any_pieces_charge_the_member_only_for_what_it_used(
         from_others = -sum(a.amount for a in plan.allocations if a.lot_id not in own_ids)
         for a in plan.allocations:
             assert 0 < -a.amount <= lots[a.lot_id].remaining
-            assert a.lot_id in own_ids or lots[a.lot_id].is_spendable(NOW)
+            x = lots[a.lot_id]
+            assert a.lot_id in own_ids or x.is_spendable(NOW) or x.is_pending(NOW)
+        from_pending = -sum(
+            a.amount for a in plan.allocations
+            if a.lot_id not in own_ids and lots[a.lot_id].is_pending(NOW)
+        )  # fmt: skip
         own_left = sum(lots[i].remaining for i in own_ids) - from_own
         if unexpired or from_others or plan.debt_change:  # the earn's own lots went first,
             assert own_left == 0
         if from_others or plan.debt_change:  # then what lapsed,
             assert unexpired == lapsed_open
-        if plan.debt_change:  # then the member's other spendable points
+        spendable_others = sum(
+            x.remaining for x in lots.values() if x.id not in own_ids and x.is_spendable(NOW)
+        )
+        if from_pending or plan.debt_change:  # then the member's other spendable points,
+            assert spendable_others == from_others - from_pending
+        if plan.debt_change:  # then its pending ones
             assert sum(
-                x.remaining for x in lots.values() if x.id not in own_ids and x.is_spendable(NOW)
-            ) == from_others  # fmt: skip
+                x.remaining for x in lots.values() if x.id not in own_ids and x.is_pending(NOW)
+            ) == from_pending  # fmt: skip
         for a in plan.allocations:
             x = lots[a.lot_id]
             lots[a.lot_id] = Lot(x.id, x.amount, x.remaining + a.amount, x.available_at,

@@ -142,6 +142,51 @@ def test_claw_back_of_an_earn_that_paid_debt_after_it_lapsed(setup: Any) -> None
     assert_ledger_sound(db, program_id)
 
 
+def test_a_member_that_owes_keeps_no_points_to_spend_or_on_the_way(setup: Any) -> None:
+    """A claw-back takes an order's pending points before it makes debt; an unfreeze and a
+    release pay the debt first out of what they give back; a hold spent for what it was
+    held for pays for that, not the debt."""
+    db, program_id, alice, _ = setup
+    clock: ManualClock = db.clock
+    first = call(db, points.earn, member_id=alice, amount=100, key="e1")
+    held = call(db, points.freeze, member_id=alice, amount=40, key="f", reason="review",
+                actor="risk")  # fmt: skip
+    redeeming = call(db, points.freeze, member_id=alice, amount=25, key="f2",
+                     reason="cooling-off", actor="shop")  # fmt: skip
+    call(db, points.spend, member_id=alice, amount=35, key="s")
+    call(db, points.earn, member_id=alice, amount=30, key="e2", available_at=clock.now() + 7 * DAY)
+    call(db, points.reverse, earn_id=first.id, key="rv")
+    s = call(db, points.balance, member_id=alice)
+    # 100 clawed back: the 30 on the way, the 70 spent or held owed (the holds stay)
+    assert (s.available, s.pending, s.frozen, s.debt) == (0, 0, 65, 70)
+    unfrozen = call(db, points.unfreeze, freeze_id=held.id, key="u", amount=30)
+    assert unfrozen.debt_change == -30
+    spent = call(db, points.spend_frozen, freeze_id=redeeming.id, release_key="r2", key="s2",
+                 reason="redeem", release_reason="confirmed", actor="shop")  # fmt: skip
+    assert (spent.kind, spent.amount) == ("spend", 25)
+    s = call(db, points.balance, member_id=alice)
+    assert (s.available, s.pending, s.frozen, s.debt) == (0, 0, 10, 40)
+    clock.advance(8 * DAY)  # the pending points would have been spendable by now
+    assert call(db, points.balance, member_id=alice).available == 0
+    rest = call(db, points.unfreeze, freeze_id=held.id, key="u2")
+    assert (rest.amount, rest.debt_change) == (10, -10)
+    lapsed = call(db, points.earn, member_id=alice, amount=50, key="e3",
+                  expires_at=clock.now() + DAY)  # pays the last 30 owed: a lot of 20  # fmt: skip
+    assert lapsed.debt_change == -30
+    clock.advance(2 * DAY)
+    frozen = call(db, points.expire_member, member_id=alice, freeze=True)
+    assert frozen.amount == 20
+    later = call(db, points.earn, member_id=alice, amount=60, key="e4")
+    call(db, points.spend, member_id=alice, amount=60, key="s4")
+    call(db, points.reverse, earn_id=later.id, key="rv4")  # owes 60
+    given = call(db, points.release, freeze_id=frozen.id, key="rel", expires_at=None,
+                 reason="goodwill", actor="staff")  # fmt: skip
+    assert (given.amount, given.debt_change) == (20, -20)
+    s = call(db, points.balance, member_id=alice)
+    assert (s.available, s.pending, s.frozen, s.debt) == (0, 0, 0, 40)
+    assert_ledger_sound(db, program_id)
+
+
 def test_same_reverse_key_replays_and_a_different_amount_conflicts(setup: Any) -> None:
     db, program_id, alice, _ = setup
     clock: ManualClock = db.clock

@@ -159,17 +159,23 @@ def test_frozen_points_keep_the_account_open_until_they_are_unfrozen(club: Any) 
 
 
 def test_a_debt_stays_on_the_closed_account_and_pending_points_are_forfeited(club: Any) -> None:
-    db, program_id, alice, _ = club
+    db, program_id, alice, bob = club
     now = db.clock.now()
     earned = call(db, points.earn, member_id=alice, amount=100, key="a1")
     call(db, points.spend, member_id=alice, amount=100, key="s1")
     call(db, points.earn, member_id=alice, amount=40, key="a2", available_at=now + 7 * DAY)
-    call(db, points.reverse, earn_id=earned.id, key="r1")  # all spent: 100 owed
+    # all spent: the 40 on the way are taken back, 60 owed
+    call(db, points.reverse, earn_id=earned.id, key="r1")
     settled = close(db, program_id, alice).settlement
     assert settled is not None
-    assert (settled.forfeited, settled.pending, settled.debt_left) == (40, 40, 100)
+    assert (settled.forfeited, settled.pending, settled.debt_left) == (0, 0, 60)
     summary = call(db, points.balance, member_id=alice)
-    assert (summary.balance, summary.pending, summary.debt) == (0, 0, 100)
+    assert (summary.balance, summary.pending, summary.debt) == (0, 0, 60)
+    call(db, points.earn, member_id=bob, amount=40, key="b1", available_at=now + 7 * DAY)
+    settled = close(db, program_id, bob).settlement
+    assert settled is not None
+    assert (settled.forfeited, settled.pending, settled.debt_left) == (40, 40, 0)
+    assert call(db, points.balance, member_id=bob).pending == 0
     assert_ledger_sound(db, program_id)
 
 

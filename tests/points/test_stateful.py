@@ -79,6 +79,9 @@ class RefLot:
             and (self.expires_at is None or self.expires_at > now)
         )
 
+    def pending(self, now: datetime) -> bool:
+        return self.remaining > 0 and self.available_at > now
+
     def fifo(self) -> tuple[datetime, int]:
         return (self.expires_at or FAR, self.order)
 
@@ -289,17 +292,17 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
             unexpired = min(lapsed, short)
             ref.unexpired += unexpired
             short -= unexpired
-            others = [
-                x for x in self.model.lots[m]
-                if all(x is not y for y in family) and x.spendable(now)
-            ]  # fmt: skip
-            cover = min(short, sum(x.remaining for x in others))
-            if cover:
-                for lot in sorted(others, key=RefLot.fifo):
-                    part = min(lot.remaining, cover)
-                    lot.remaining -= part
-                    cover -= part
-                    short -= part
+            # then the member's other spendable points, then its pending ones (the soonest
+            # available first), and only what they cannot cover becomes debt
+            others = [x for x in self.model.lots[m] if all(x is not y for y in family)]
+            for lot in [
+                *sorted((x for x in others if x.spendable(now)), key=RefLot.fifo),
+                *sorted((x for x in others if x.pending(now)),
+                        key=lambda x: (x.available_at, *x.fifo())),
+            ]:  # fmt: skip
+                part = min(lot.remaining, short)
+                lot.remaining -= part
+                short -= part
             self.model.debt[m] += short
             ref.reversed += wanted
             assert posted.debt_change == short
@@ -361,13 +364,15 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
         @rule(frozen=freezes, amount=st.one_of(st.none(), st.integers(1, 200)))
         def unfreeze(self, frozen: Any, amount: int | None) -> None:
             freeze_id, debit = frozen
-            try:
-                given = self.model.give_back(debit, amount, self.now())
+            try:  # paying the member's debt first, as a refund does
+                debt = self.model.debt[debit.member]
+                given = self.model.give_back(debit, amount, self.now(), repays=True)
             except ExceedsOriginal:
                 self.expect_refusal(ExceedsOriginal, points.unfreeze, freeze_id=freeze_id,
                                     amount=amount)  # fmt: skip
                 return
-            self.post(points.unfreeze, freeze_id=freeze_id, amount=amount)
+            posted = self.post(points.unfreeze, freeze_id=freeze_id, amount=amount)
+            assert posted.debt_change == -min(debt, given)
             self.model.frozen[debit.member] -= given
 
         @rule(frozen=freezes)
@@ -450,6 +455,8 @@ def make_machine(db: Database) -> type[RuleBasedStateMachine]:
                 stored = (s.balance, s.available, s.pending, s.overdue, s.frozen, s.debt,
                           [(e.date, e.amount) for e in s.expiring])  # fmt: skip
                 assert stored == self.model.summary(m, now), f"member {m}"
+                # a member that owes has no points to spend and none on the way
+                assert s.debt == 0 or s.available == s.pending == 0, f"member {m}"
             assert_ledger_sound(db, self.program_id)
 
     return LedgerMachine

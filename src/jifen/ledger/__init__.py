@@ -27,6 +27,7 @@ from jifen.ledger.model import (
 from jifen.ledger.postings import (
     consume,
     fifo_order,
+    pending,
     plan_adjust,
     plan_earn,
     plan_expire,
@@ -62,6 +63,7 @@ __all__ = [
     "consume",
     "fifo_order",
     "middle_pieces",
+    "pending",
     "plan_adjust",
     "plan_earn",
     "plan_expire",

@@ -13,6 +13,7 @@ points and the member loses the least to expiry.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from jifen.ledger.errors import (
@@ -48,6 +49,15 @@ def fifo_order(lot: Lot) -> tuple[datetime, int]:
 def spendable(lots: Iterable[Lot], now: datetime) -> list[Lot]:
     """The lots a debit at ``now`` may take, in the order it takes them."""
     return sorted((lot for lot in lots if lot.is_spendable(now)), key=fifo_order)
+
+
+def pending(lots: Iterable[Lot], now: datetime) -> list[Lot]:
+    """The lots not yet available at ``now``, the soonest available first (then in
+    :func:`fifo_order`)."""
+    return sorted(
+        (lot for lot in lots if lot.is_pending(now)),
+        key=lambda lot: (lot.available_at, *fifo_order(lot)),
+    )
 
 
 def require_positive(value: int, field: str = "amount") -> int:
@@ -254,21 +264,34 @@ def plan_refund(
         amount=amount,
         labels=("A refund", "退还"),
     )
+    return _repaying(plan, holder, spend_allocations, earlier_refunds, debt)
+
+
+def _repaying(
+    plan: Plan,
+    holder: SystemAccount,
+    original_allocations: Sequence[Allocation],
+    earlier: Sequence[Allocation],
+    debt: int,
+) -> Plan:
+    """``plan``, a give-back from ``holder`` to the lots of a debit, paying the member's
+    ``debt`` first out of what it gives back: only the rest goes back to the lots, the
+    last taken first, so that the lots taken first (the earliest to lapse) pay it."""
     repaid = min(_debt(debt), plan.amount)
     if not repaid:
         return plan
     already: dict[int, int] = {}
-    for allocation in earlier_refunds:
+    for allocation in earlier:
         already[allocation.lot_id] = already.get(allocation.lot_id, 0) + allocation.amount
     kept = plan.amount - repaid
-    allocations = restore(spend_allocations, already, kept) if kept else []
+    allocations = restore(original_allocations, already, kept) if kept else []
     lines = [Line(holder, -plan.amount)]
     if kept:
         lines.append(Line(Party.MEMBER, kept))
     lines.append(Line(SystemAccount.RECEIVABLE, repaid))
     return Plan(
-        Kind.REFUND, plan.amount, tuple(lines), allocations=tuple(allocations),
-        debt_change=-repaid,
+        plan.kind, plan.amount, tuple(lines), allocations=tuple(allocations),
+        debt_change=-repaid, frozen_change=plan.frozen_change,
     )  # fmt: skip
 
 
@@ -280,9 +303,14 @@ def plan_unfreeze(
     earlier_unfreezes: Sequence[Allocation],
     earlier_unfrozen: int,
     amount: int | None = None,
+    debt: int = 0,
 ) -> Plan:
-    """Release all or part of a freeze back to exactly the lots it held."""
-    return _give_back(
+    """Release all or part of a freeze back to exactly the lots it held.
+
+    A member with ``debt`` (a claw-back the points it held could not meet) pays it off
+    first out of what comes back, as a refund does; the caller passes no debt where the
+    points are given back only to be spent at once for what they were held for."""
+    plan = _give_back(
         Kind.UNFREEZE,
         SystemAccount.FROZEN,
         original_id=freeze_id,
@@ -293,6 +321,7 @@ def plan_unfreeze(
         amount=amount,
         labels=("An unfreeze", "解冻"),
     )
+    return _repaying(plan, SystemAccount.FROZEN, freeze_allocations, earlier_unfreezes, debt)
 
 
 def plan_reverse(
@@ -313,9 +342,12 @@ def plan_reverse(
     expiry first; then from those of them that lapsed (``lapsed``: what the expiry of those
     lots put into the expired account and no earlier claw-back of the earn took back), out
     of the expired account; only then, for what the member used of them (spent, gave away,
-    holds frozen), from its other spendable lots, and whatever those cannot cover becomes
-    debt, which later earnings pay off. So the member never pays for points it lost to
-    expiry, and the balance never goes negative.
+    holds frozen), from its other spendable lots, then from its pending ones (points it
+    would otherwise come to spend while it owes), and whatever those cannot cover becomes
+    debt, which later credits pay off. So the member never pays for points it lost to
+    expiry, the balance never goes negative, and a member that owes has no points to spend
+    and none on the way (held ones aside: an unfreeze pays the debt out of what it gives
+    back).
     """
     if isinstance(lapsed, bool) or not isinstance(lapsed, int) or lapsed < 0:
         raise ValueError(f"lapsed points are a count, not {lapsed!r}")
@@ -339,12 +371,12 @@ def plan_reverse(
             taken += take
     unexpired = min(lapsed, amount - taken)
     others = [lot for lot in lots if lot.id not in own]
-    short = amount - taken - unexpired
-    if short:
-        cover = min(short, sum(lot.remaining for lot in spendable(others, now)))
-        if cover:
-            allocations.extend(consume(others, cover, now))
-            taken += cover
+    for lot in [*spendable(others, now), *pending(others, now)]:
+        take = min(lot.remaining, amount - taken - unexpired)
+        if take <= 0:
+            break
+        allocations.append(Allocation(lot.id, -take))
+        taken += take
     debt = amount - taken - unexpired
     lines = [Line(SystemAccount.ISSUED, amount)]
     if taken:
@@ -535,9 +567,11 @@ def plan_release(
     amount: int | None,
     now: datetime,
     expires_at: datetime | None,
+    debt: int = 0,
 ) -> Plan:
     """Give back all or part of a freeze as a new lot valid until ``expires_at``, not to the
-    lots it held: for points frozen when they lapsed, whose own lots are past their date."""
+    lots it held: for points frozen when they lapsed, whose own lots are past their date.
+    A member with ``debt`` pays it off first out of them, as out of any credit."""
     open_amount = freeze_amount - earlier_unfrozen
     amount = open_amount if amount is None else require_positive(amount)
     if amount > open_amount or open_amount == 0:
@@ -546,8 +580,5 @@ def plan_release(
             posting_id=freeze_id,
         )  # fmt: skip
     _check_dates(now, now, expires_at)
-    lines = (Line(SystemAccount.FROZEN, -amount), Line(Party.MEMBER, amount))
-    return Plan(
-        Kind.UNFREEZE, amount, lines, new_lots=(NewLot(amount, now, expires_at),),
-        frozen_change=-amount,
-    )  # fmt: skip
+    credit = _credit(Kind.UNFREEZE, SystemAccount.FROZEN, amount, debt, now, expires_at)
+    return replace(credit, frozen_change=-amount)

@@ -567,7 +567,8 @@ def reverse(
     body: GiveBackCreate,
     ctx: Annotated[Context, Depends(Write("points.reverse"))],
 ) -> JSONResponse:
-    """Claw back all or part of an earning; what was already spent becomes debt."""
+    """Claw back all or part of an earning: its own points first, then the member's other
+    points (pending ones too); what they cannot cover becomes debt."""
     return _give_back(
         ctx, posting_id, body, lambda uow, p, **kw: service.reverse(uow, earn_id=p, **kw)
     )
@@ -580,7 +581,8 @@ def unfreeze(
     body: GiveBackCreate,
     ctx: Annotated[Context, Depends(Write("points.freeze"))],
 ) -> JSONResponse:
-    """Release all or part of a freeze back to the lots it held. Credentials of one merchant
+    """Release all or part of a freeze back to the lots it held; a member that owes pays its
+    debt first out of what comes back (``debt_change``). Credentials of one merchant
     (or store) release only a freeze made for it; one made for no merchant (risk control,
     an order's hold) is the programme's own, and refused to them (403). Points the expiry
     run froze when they lapsed are refused (409): their lots are past their date, and

@@ -30,8 +30,8 @@ class PostingRead(_Read):
     created_at: datetime
     replayed: bool = False
     debt_change: int = 0
-    """How this posting moved the member's debt (claw-backs raise it; earnings, refunds and
-    credits by adjustment pay it off)."""
+    """How this posting moved the member's debt (claw-backs raise it; earnings, refunds,
+    unfreezes and credits by adjustment pay it off)."""
     counterparty_debt_change: int = 0
     """How a transfer moved its receiver's debt: what it received pays that off first."""
 

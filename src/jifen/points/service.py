@@ -1203,9 +1203,10 @@ def reverse(
     account, and those frozen when they lapsed (``on_expiry: freeze``) and still held, by
     an unfreeze of that freeze back to their lots just before, so that staff cannot give
     them back as free points later. Only what the member used of the earn's points (spent,
-    gave away, holds frozen otherwise) is taken from its other spendable points, and what
-    those cannot cover becomes debt that later earnings pay off: a refund of an order whose
-    points lapsed costs the member nothing more. Refused on a closed account: its points
+    gave away, holds frozen otherwise) is taken from its other spendable points, then from
+    its pending ones, and what those cannot cover becomes debt that later credits pay off:
+    a refund of an order whose points lapsed costs the member nothing more, and a member
+    that owes has no points to spend or on the way. Refused on a closed account: its points
     were settled at closing, and it takes on no debt (that nothing could ever pay).
     """
     _require_key(key)
@@ -1233,6 +1234,9 @@ def reverse(
     # which the plan passes over.
     short = (wanted if type(wanted) is int else 0) - sum(lot.remaining for lot in own) - lapsed
     needed = short + sum(lot.remaining for lot in ledger.spendable(own, now)) if short > 0 else 0
+    others = _spendable_lots(uow, member.id, now, max(needed, 0))
+    if sum(lot.remaining for lot in others) < needed:  # all spendable: the pending go next
+        others += ledger.pending(_open_lots(uow, member.id), now)
     plan = _planned(
         uow,
         member.program_id,
@@ -1243,7 +1247,7 @@ def reverse(
             earn_amount=original.amount,
             earlier_reversed=original.later_amount,
             own_lots=own,
-            lots=_spendable_lots(uow, member.id, now, max(needed, 0)),
+            lots=others,
             now=now,
             amount=amount,
             lapsed=lapsed,
@@ -1549,9 +1553,13 @@ def unfreeze(
     amount: int | None = None,
     reason: str = "",
     actor: str = "",
+    pays_debt: bool = True,
 ) -> PostingRead:
     """Release all (``amount=None``) or part of a freeze back to the lots it held; to a
-    closed account, as :func:`refund` gives back to one."""
+    closed account, as :func:`refund` gives back to one. The member's debt is paid off
+    first out of what comes back (:func:`jifen.ledger.plan_unfreeze`), unless
+    ``pays_debt`` is false: points given back only to be spent at once for what they were
+    held for (:func:`spend_frozen`)."""
     _require_key(key)
     request = _fingerprint("unfreeze", freeze=freeze_id, amount=amount, reason=reason, actor=actor)
     member, replay_id = _lock_one(uow, _member_of_posting(uow, freeze_id, Kind.FREEZE), key)
@@ -1570,6 +1578,7 @@ def unfreeze(
             earlier_unfreezes=original.later,
             earlier_unfrozen=original.later_amount,
             amount=amount,
+            debt=member.debt if pays_debt else 0,
         ),
     )
     if isinstance(plan, PostingRead):
@@ -1600,8 +1609,9 @@ def spend_frozen(
     carried them to a later lot), the spend takes spendable points earliest-expiring first,
     as :func:`spend` does. Answers the spend."""
     released = unfreeze(
-        uow, freeze_id=freeze_id, key=release_key, reason=release_reason, actor=actor
-    )
+        uow, freeze_id=freeze_id, key=release_key, reason=release_reason, actor=actor,
+        pays_debt=False,
+    )  # fmt: skip
     member_id, amount = released.member_id, released.amount
     request = _spend_request(member_id, amount, reason, actor, into)
     member, replay_id, opened = _lock_spending(uow, member_id, key)
@@ -1925,6 +1935,7 @@ def release(
         amount=amount,
         now=now,
         expires_at=expires_at,
+        debt=member.debt,
     )
     return _write(
         uow, plan, member=member, key=key, request_hash=request, now=now,
