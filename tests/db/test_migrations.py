@@ -16,7 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, select
 
 from jifen.api.models import idempotency_records
-from jifen.clock import ManualClock
+from jifen.clock import EARLIEST, ManualClock
+from jifen.db.base import UTCDateTime
 from jifen.db.engine import make_engine
 from jifen.db.migrate import (
     alembic_config,
@@ -36,6 +37,9 @@ from jifen.points.models import accounts
 from jifen.programs.models import programs
 from jifen.rewards.models import reward_orders
 from jifen.rewards.models import rewards as rewards_table
+from jifen.rules import service as rules
+from jifen.rules.models import earning_caps
+from jifen.rules.schemas import ProgramCaps
 from tests.conftest import BACKENDS, START, empty_database_url
 from tests.rewards.shop import Shop
 
@@ -115,7 +119,7 @@ def test_0026_takes_the_ledgers_foreign_keys_off_and_back_on_sqlite_with_rows_in
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0027"
+    assert head_revision(db.engine) == "0028"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)
@@ -399,6 +403,44 @@ def test_0020_gives_orders_a_time_to_be_paid_by(empty_engine: Engine) -> None:
         columns = {column["name"] for column in sa.inspect(conn).get_columns("reward_orders")}
         left = conn.execute(select(func.count()).select_from(sa.table("reward_orders"))).scalar()
     assert "pay_by" not in columns and left == 2
+    engine.dispose()
+
+
+def test_0028_carries_the_caps_on_record_over_as_their_first_version(
+    empty_engine: Engine,
+) -> None:
+    """0028 keys the earning caps by the time they took effect: the caps on record become the
+    first version, in force since the earliest time jifen stores (an event of any time is
+    capped by them, as before) until caps are set again; the downgrade keeps the current
+    ones."""
+    engine = empty_engine
+    upgrade(engine, "0027")
+    now = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+    stored = sa.table(
+        "earning_caps", sa.column("program_id", sa.Integer()), sa.column("caps", sa.JSON()),
+        sa.column("updated_at", UTCDateTime()),
+    )  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(programs.insert().values(id=1, code="p", name="p", created_at=now))
+        conn.execute(stored.insert().values(program_id=1, caps={"budget": 700}, updated_at=now))
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(select(earning_caps.c.active_from)).scalars().all() == [EARLIEST]
+    db = Database(engine.url.render_as_string(hide_password=False), clock=ManualClock(now))
+    a_year_before = now - timedelta(days=365)
+
+    def budget(at: datetime | None) -> int | None:
+        return db.run(lambda uow: rules.get_caps(uow, program_id=1, at=at).budget)
+
+    assert (budget(a_year_before), budget(now), budget(None)) == (700, 700, 700)
+    db.clock = ManualClock(now + timedelta(days=1))
+    db.run(lambda uow: rules.set_caps(uow, program_id=1, caps=ProgramCaps(budget=900)))
+    assert (budget(a_year_before), budget(now), budget(None)) == (700, 700, 900)
+    db.dispose()
+    command.downgrade(alembic_config(engine), "0027")
+    with engine.connect() as conn:
+        kept = conn.execute(select(stored.c.caps, stored.c.updated_at)).all()
+    assert [(caps["budget"], at) for caps, at in kept] == [(900, now + timedelta(days=1))]
     engine.dispose()
 
 

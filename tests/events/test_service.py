@@ -666,19 +666,25 @@ def test_custom_fields_may_carry_any_declared_name(db: Database) -> None:
     assert kept == payload
 
 
-def test_a_held_award_is_approved_for_at_most_what_it_asks(db: Database) -> None:
-    program = new_program(db)
-    (member,) = new_members(db, program.id, 1)
+def reviewed_contributions(db: Database, program_id: int) -> None:
+    """``custom.contribution`` events asking for ``requested_points``, which a reviewer
+    decides (at most 50)."""
     declared = EventTypeDeclare.model_validate(
         {"fields": {"requested_points": {"type": "integer"}}}
     )
     db.run(
         lambda uow: rules.declare_event_type(
-            uow, program_id=program.id, name="custom.contribution", body=declared
+            uow, program_id=program_id, name="custom.contribution", body=declared
         )
     )
     reviewed = {"kind": "reviewed", "max_points": 50}
-    activate(db, program.id, "contribution", reviewed, events_=("custom.contribution",))
+    activate(db, program_id, "contribution", reviewed, events_=("custom.contribution",))
+
+
+def test_a_held_award_is_approved_for_at_most_what_it_asks(db: Database) -> None:
+    program = new_program(db)
+    (member,) = new_members(db, program.id, 1)
+    reviewed_contributions(db, program.id)
     sent = send(
         db, program.id, member, "custom.contribution", db.clock.now(), "c1", requested_points=20
     )

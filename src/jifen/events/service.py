@@ -526,6 +526,8 @@ class _Intake:
         self.profiles: dict[int, MemberFacts] = {}
         self.spent: dict[str, int] = {}
         self.budgeted: set[str] = set()
+        self.terms: _Terms | None = None
+        """The programme's terms, read for the first events decided."""
 
     def take(self, events: list[EventIn], origins: list[Origin]) -> list[EventResult | Exception]:
         items: list[_Item] = []
@@ -580,14 +582,14 @@ class _Intake:
         if any(item.event.type == "order.refunded" for item in items):
             rules_service.lock_budgets(uow, program_id=program_id)
         for item in items:
-            item.rules = rules_service.rules_at(
-                uow, program_id=program_id, moment=item.event.occurred_at
-            )
+            moment = item.event.occurred_at
+            item.rules = rules_service.rules_at(uow, program_id=program_id, moment=moment)
             for rule in item.rules.by_type.get(item.event.type, []):
                 if rule.spec.caps.budget is not None:
                     self.budgeted.add(rule.spec.code)
-        if rules_service.get_caps(uow, program_id=program_id).budget is not None:
-            self.budgeted.add(rules_service.PROGRAM_BUDGET)
+            # The programme's budget, when the caps of the event's time have one.
+            if rules_service.get_caps(uow, program_id=program_id, at=moment).budget is not None:
+                self.budgeted.add(rules_service.PROGRAM_BUDGET)
         self.spent = rules_service.budgets_spent(
             uow, program_id=program_id, codes=sorted(self.budgeted), lock=True
         )
@@ -803,14 +805,15 @@ class _Intake:
             self.uow, {m: self.profiles[m] for m in ids if m is not None}, days,
             _capped_codes(self.uow, self.program_id), moments,
         )  # fmt: skip
-        terms = _terms(self.uow, self.program_id, self.zone)
+        if self.terms is None:
+            self.terms = _Terms(self.uow, self.program_id, self.zone)
         for item, day in zip(items, days, strict=True):
             try:
                 found = self._check(item, group)
                 if found is not None:
                     self._answered(item, group, found)
                     continue
-                self._decide(item, day, group, tallies, terms)
+                self._decide(item, day, group, tallies, self.terms.at(item.event.occurred_at))
             except JifenError as exc:
                 group.outcomes[item.index] = exc
 
@@ -870,7 +873,8 @@ class _Intake:
             )
             postings[owner] = (sum(p for _, p in mine), reason, expiries[owner])
         budgeted = {r.spec.code for r in candidates if r.spec.caps.budget is not None}
-        budgeted |= {rules_service.PROGRAM_BUDGET} & self.budgeted
+        if terms.caps.budget is not None:
+            budgeted.add(rules_service.PROGRAM_BUDGET)
         for award, points, _ in posted:
             if points > 0 and not award.held:
                 for code in (award.rule, rules_service.PROGRAM_BUDGET):
@@ -1157,22 +1161,39 @@ def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
     }
 
 
-def _terms(uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> core.Program:
-    """The programme as the evaluation reads it: its zone, its caps (with the benefits
-    matrix's caps for the tiers the earning caps leave without one), multipliers, birthday
-    gifts and its tiers in order (for members without a tier, and tiers the caps do not
-    name)."""
-    caps = rules_service.get_caps(uow, program_id=program_id)
-    multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
-    if tier_caps:
-        matrix = {tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()}
-        caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
-    gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
-    order = tuple(tier.code for tier in tiers_service.list_tiers(uow, program_id=program_id))
-    return core.Program(
-        zone, caps, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order,
-        draw_key=crypto.draw_key(),
-    )  # fmt: skip
+class _Terms:
+    """The programme as the evaluation reads it, for events of any time: its zone, the caps
+    in force at the event's time (with the benefits matrix's caps for the tiers the earning
+    caps leave without one), multipliers, birthday gifts and its tiers in order (for
+    members without a tier, and tiers the caps do not name). Read once; made once for each
+    version of the caps the events meet, which the events under it share."""
+
+    def __init__(self, uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> None:
+        self.uow = uow
+        self.program_id = program_id
+        multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
+        self.matrix = {
+            tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()
+        }
+        gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
+        order = tuple(tier.code for tier in tiers_service.list_tiers(uow, program_id=program_id))
+        self.common = core.Program(
+            zone, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order,
+            draw_key=crypto.draw_key(),
+        )  # fmt: skip
+        self.made: dict[datetime | None, core.Program] = {}
+        """The terms made so far, by the time their caps were set (``None``: none were)."""
+
+    def at(self, moment: datetime) -> core.Program:
+        """The terms of an event at ``moment``."""
+        version = rules_service.caps_at(self.uow, program_id=self.program_id, at=moment)
+        made = self.made.get(version.since)
+        if made is None:
+            caps = version.caps
+            if self.matrix:
+                caps = caps.model_copy(update={"by_tier": {**self.matrix, **caps.by_tier}})
+            made = self.made[version.since] = replace(self.common, caps=caps)
+        return made
 
 
 @lru_cache(maxsize=4096)
@@ -1444,12 +1465,13 @@ def dry_run(
         day=core.local_day(event.occurred_at, zone),
         rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
     )  # fmt: skip
+    terms = _Terms(uow, program_id, zone).at(event.occurred_at)
     budgeted = sorted(r.spec.code for r in candidates if r.spec.caps.budget is not None)
-    if rules_service.get_caps(uow, program_id=program_id).budget is not None:
+    if terms.caps.budget is not None:
         budgeted.append(rules_service.PROGRAM_BUDGET)
     spent = rules_service.budgets_spent(uow, program_id=program_id, codes=budgeted, lock=False)
     budgets = core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0))
-    return core.evaluate(core_event, rules, _terms(uow, program_id, zone), facts, budgets)
+    return core.evaluate(core_event, rules, terms, facts, budgets)
 
 
 def _member_id(uow: UnitOfWork, program_id: int, event: EventIn) -> int:
@@ -1881,8 +1903,9 @@ def approve_award(
 ) -> HeldAward:  # fmt: skip
     """A reviewer's yes to a held award: it posts through the ledger, once, what it asks
     (or the smaller ``points``), never more than its rule's maximum, capped as any award of
-    its day is (tier, rule and budgets). The one who sent its event, or its member, cannot
-    approve it; a reviewer scoped to a merchant or store, one of another's event."""
+    its day is (tier, rule and budgets, by the caps of its event's time). The one who sent
+    its event, or its member, cannot approve it; a reviewer scoped to a merchant or store,
+    one of another's event."""
     row = _pending(uow, program_id, award_id, decided_by, decider_member, merchant, store)
     spec = _spec_of(uow, program_id, row.rule_code, row.rule_version)
     params = spec.params
@@ -1911,7 +1934,7 @@ def approve_award(
         day=row.local_day,
         rule_codes=[row.rule_code] if spec.caps.per_member else [],
     )  # fmt: skip
-    terms = _terms(uow, program_id, zone)
+    terms = _Terms(uow, program_id, zone).at(row.occurred_at)
     budgeted = [row.rule_code] if spec.caps.budget is not None else []
     if terms.caps.budget is not None:
         budgeted.append(rules_service.PROGRAM_BUDGET)
@@ -2128,7 +2151,7 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
     proposed_rules = [rules_service.compile_rule(spec, version=0) for spec in proposed_specs]
     live = rules_service.activations(uow, program_id=program_id)
     zone = ZoneInfo(programs_service.time_zone(uow, program_id=program_id))
-    program = _terms(uow, program_id, zone)  # the benefits matrix's terms, as events meet
+    terms = _Terms(uow, program_id, zone)  # the caps of each event's time, as events meet
     sums: dict[str, dict[str, Compared]] = {"rule": {}, "tier": {}, "day": {}, "member": {}}
     replay = _Replay(uow, program_id, request.since, zone)
     total_actual = total_proposed = replayed = 0
@@ -2163,7 +2186,7 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
             )
             event = _stored_event(row)
             facts = replay.facts(event, rule_set)
-            result = core.evaluate(event, rule_set, program, facts, replay.budgets)
+            result = core.evaluate(event, rule_set, terms.at(moment), facts, replay.budgets)
             replay.record(event, result)
             day = core.local_day(moment, zone).isoformat()
             for award in result.awards:

@@ -285,7 +285,8 @@ def declare_event_type(
 
 @router.get("/programs/{program}/earning-caps", response_model=ProgramCaps)
 def get_caps(program: str, ctx: Annotated[Context, Depends(Read("rules.read"))]) -> ProgramCaps:
-    """The programme's earning limits per member by tier, and its budget."""
+    """The programme's current earning limits per member by tier, and its budget (events
+    of earlier times keep the caps in force then)."""
     return ctx.db.run(lambda uow: service.get_caps(uow, program_id=ctx.program_id), read_only=True)
 
 
@@ -300,7 +301,9 @@ def put_caps(
     body: ProgramCaps,
     ctx: Annotated[Context, Depends(Write("rules.write", programme_wide=True))],
 ) -> JSONResponse:
-    """Request new earning caps; they apply when a second person approves."""
+    """Request new earning caps; they apply from when a second person approves them, to
+    the events of that time on (an event of an earlier time sent later keeps the caps of
+    its time)."""
     requested_by = requester(ctx)
 
     def file(uow: UnitOfWork) -> ApprovalRead:

@@ -1,5 +1,6 @@
 """Tables of the rules domain: rule versions with their lifecycle and the periods each was
-active, the programme's earning caps, and what budgeted rules have spent."""
+active, the programme's earning caps with the time each took effect, and what budgeted rules
+have spent."""
 
 from __future__ import annotations
 
@@ -56,8 +57,15 @@ earning_caps = Table(
     metadata,
     Column("program_id", BigId, ForeignKey("programs.id"), primary_key=True),
     Column("caps", JSON, nullable=False, comment="the ProgramCaps: limits by tier, a budget"),
-    Column("updated_at", UTCDateTime(), nullable=False),
+    Column(
+        "active_from",
+        UTCDateTime(),
+        primary_key=True,
+        comment="when they were set: they cap the events from then until the next caps",
+    ),
 )
+"""The programme's caps, every version kept: an event is capped by the version in force at
+its own time (the last set at or before it)."""
 
 rule_budgets = Table(
     "rule_budgets",

@@ -226,7 +226,9 @@ class TierCap(RequestBody):
 
 class ProgramCaps(RequestBody):
     """The programme's limits on earning: per member by tier, and a budget for the programme
-    (``None``: no limit)."""
+    (``None``: no limit). They cap the events from when they are set until the next caps,
+    whenever those events come in; a budget bounds the running total of the points awarded
+    under a budget (see ``jifen.rules.service.caps_at``)."""
 
     by_tier: dict[Name, TierCap] = Field(default_factory=dict)
     budget: PositivePoints | None = None

@@ -5,7 +5,8 @@ budgeted rules, and the rule set that was active at a given moment.
 An approved version is immutable: editing a rule makes a new version. Activating a version
 ends the activation of the rule's earlier versions at the same instant, so at any moment at
 most one version of a rule is live, and an event is evaluated against the versions live at
-the event's own time.
+the event's own time. The caps are kept the same way, every version with the time it took
+effect, and an event is capped by those in force at its own time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import re
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, get_args
@@ -347,30 +349,101 @@ def _canonical(spec: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- caps, budgets
 
 
-def get_caps(uow: UnitOfWork, *, program_id: int) -> ProgramCaps:
-    """The programme's caps (read once a transaction)."""
-    return read_one(uow.conn, caps_read(uow, program_id))
+def get_caps(uow: UnitOfWork, *, program_id: int, at: datetime | None = None) -> ProgramCaps:
+    """The programme's caps in force at ``at``; without a time, the current ones (the last
+    set). See :func:`caps_at`."""
+    return caps_at(uow, program_id=program_id, at=at).caps
+
+
+@dataclass(frozen=True)
+class CapsVersion:
+    """The programme's caps as set at ``since``: they cap the events from then until the
+    next caps were set. ``since`` is ``None`` for the time before any caps were set (no
+    limits)."""
+
+    since: datetime | None
+    caps: ProgramCaps
+
+
+NO_CAPS = CapsVersion(None, ProgramCaps())
+
+
+def caps_at(uow: UnitOfWork, *, program_id: int, at: datetime | None = None) -> CapsVersion:
+    """The caps in force at ``at`` (an event's time): the version set last at or before
+    it, none before the first; without a time, the current version. Caps take effect when
+    they are set (approved), as a rule version goes live when it is approved, so an event
+    sent late is capped as it would have been at its own time.
+
+    The budget of a version bounds the programme's running total of points awarded under
+    a budget (``budgets_spent`` under :data:`PROGRAM_BUDGET`), whenever its events come in:
+    an event is held to the budget figure in force at its time, and its points count in
+    the total only when that version has a budget (points earned under none count in
+    none, as an award made before its rule had a budget counts in none of the rule's).
+
+    The current version is read once a transaction (with others, see :func:`caps_read`);
+    the earlier ones only for an event older than it, once a transaction too."""
+    history: _CapsHistory | None = uow.local.get(f"caps:{program_id}")  # (once an event)
+    if history is None:
+        history = read_one(uow.conn, _history_read(uow, program_id))
+    current = history.current
+    if at is None or current.since is None or current.since <= at:
+        return current
+    if history.versions is None:
+        rows = uow.conn.execute(_CAPS_VERSIONS, {"program": program_id}).all()
+        history.versions = [CapsVersion(since, _caps_of(text)) for since, text in rows]
+        history.starts = [since for since, _ in rows]
+    before = bisect_right(history.starts, at)  # the versions set at or before ``at``
+    return history.versions[before - 1] if before else NO_CAPS
+
+
+@dataclass
+class _CapsHistory:
+    """A programme's caps as a transaction has read them: the current version, and every
+    version (oldest first, with the times they were set) once an earlier time was asked
+    about."""
+
+    current: CapsVersion
+    versions: list[CapsVersion] | None = None
+    starts: list[datetime] = field(default_factory=list)
 
 
 def caps_read(uow: UnitOfWork, program_id: int) -> Read[ProgramCaps]:
-    """:func:`get_caps` as a read to run together with others (nothing to read when the
-    transaction has read them already)."""
+    """The current caps (:func:`get_caps`) as a read to run together with others (nothing
+    to read when the transaction has read them already)."""
+    history = _history_read(uow, program_id)
+    return Read(history.query, history.params, lambda row: history.answer(row).current.caps)
+
+
+def _history_read(uow: UnitOfWork, program_id: int) -> Read[_CapsHistory]:
     key = f"caps:{program_id}"
     if key in uow.local:
-        cached: ProgramCaps = uow.local[key]
+        cached: _CapsHistory = uow.local[key]
         return Read(None, {}, lambda _: cached)
 
-    def answer(row: Any) -> ProgramCaps:
-        stored = json.loads(row[0]) if row is not None and row[0] is not None else None
-        caps = ProgramCaps.model_validate(stored) if stored is not None else ProgramCaps()
-        uow.local[key] = caps
-        return caps
+    def answer(row: Any) -> _CapsHistory:
+        current = NO_CAPS if row is None else CapsVersion(row[0], _caps_of(row[1]))
+        history = uow.local[key] = _CapsHistory(current)
+        return history
 
-    return Read(_CAPS, {"program": program_id}, answer)
+    return Read(_CURRENT_CAPS, {"program": program_id}, answer)
 
 
-_CAPS = Prepared(
-    select(cast(earning_caps.c.caps, Text)).where(earning_caps.c.program_id == bindparam("program"))
+def _caps_of(stored: str | None) -> ProgramCaps:
+    """Caps as stored (their JSON text; a JSON null: none)."""
+    value = json.loads(stored) if stored is not None else None
+    return ProgramCaps.model_validate(value) if value is not None else ProgramCaps()
+
+
+_CURRENT_CAPS = Prepared(
+    select(earning_caps.c.active_from, cast(earning_caps.c.caps, Text))
+    .where(earning_caps.c.program_id == bindparam("program"))
+    .order_by(earning_caps.c.active_from.desc())
+    .limit(1)
+)
+_CAPS_VERSIONS = (
+    select(earning_caps.c.active_from, cast(earning_caps.c.caps, Text))
+    .where(earning_caps.c.program_id == bindparam("program"))
+    .order_by(earning_caps.c.active_from)
 )
 
 
@@ -384,15 +457,17 @@ def check_caps_tiers(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> 
 
 
 def set_caps(uow: UnitOfWork, *, program_id: int, caps: ProgramCaps) -> ProgramCaps:
-    """Replace the programme's caps; refused when they name a tier the programme does not
-    define (a code the stored caps already name is not checked again)."""
+    """New caps for the programme, in force from now: the events of earlier times keep the
+    caps of their time (:func:`caps_at`), which stay on record. Refused when they name a
+    tier the programme does not define (a code the current caps name already is not
+    checked again). Caps set twice at the same instant: the second replace the first."""
     check_caps_tiers(uow, program_id=program_id, caps=caps)
     uow.local.pop(f"caps:{program_id}", None)
     upsert(
         uow,
         earning_caps,
-        {"program_id": program_id, "caps": caps.model_dump(mode="json"),
-         "updated_at": uow.clock.now()},
+        {"program_id": program_id, "active_from": uow.clock.now(),
+         "caps": caps.model_dump(mode="json")},
     )  # fmt: skip
     return caps
 
