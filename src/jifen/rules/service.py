@@ -382,7 +382,7 @@ def caps_at(uow: UnitOfWork, *, program_id: int, at: datetime | None = None) -> 
 
     The current version is read once a transaction (with others, see :func:`caps_read`);
     the earlier ones only for an event older than it, once a transaction too."""
-    history: _CapsHistory | None = uow.local.get(f"caps:{program_id}")  # (once an event)
+    history: _CapsHistory | None = uow.local.get(f"caps:{program_id}")
     if history is None:
         history = read_one(uow.conn, _history_read(uow, program_id))
     current = history.current
