@@ -546,6 +546,7 @@ def test_a_rule_that_cannot_work_is_not_approved_and_counts_start_at_zero(
         assert decided.status_code == 409 and says in decided.json()["detail"], decided.text
         assert shop.version(draft["id"])["status"] == "submitted"
     # Every field of the type may be read, and a value the sample cannot take is no refusal.
+    shop.define_tiers()  # (a condition compares the member's tier with one of them)
     for condition in ('event.channel == "app" && event.store == "S1"',
                       'event.lines.exists(l, l.category == "食品" && l.quantity > 1)',
                       'member.tier == "金卡" && "vip" in member.tags && member.region == "SH"',

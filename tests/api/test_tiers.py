@@ -81,6 +81,25 @@ def test_tier_definitions_are_checked_and_a_held_tier_is_kept(
     assert extra.json()["errors"][0]["field"] == "body.tiers.0.multiplier"
 
 
+def test_a_tier_a_live_rule_names_is_kept_and_may_be_renamed(
+    client: TestClient, db: Database
+) -> None:
+    shop = Shop(client, db)
+    shop.define_tiers()
+    shop.activate(rule("vip", {"kind": "fixed", "points": 5}, condition='member.tier == "金卡"'))
+    # removing 金卡 is refused as a state conflict, saying what names it, in either language
+    dropped = shop.put("/tiers", {"tiers": TIERS[:2]})
+    assert dropped.status_code == 409 and dropped.json()["code"] == "state_conflict"
+    assert dropped.headers["content-type"].startswith("application/problem+json")
+    assert "rule vip (version 1) names 金卡 in condition" in dropped.json()["detail"]
+    chinese = shop.put("/tiers", {"tiers": TIERS[:2]}, language="zh")
+    assert "规则 vip 第 1 版的 condition 引用了 金卡" in chinese.json()["detail"]
+    assert [t["code"] for t in body(shop.get("/tiers"), 200)["items"]] == ["普通", "银卡", "金卡"]
+    # its name may change
+    renamed = [*TIERS[:2], {**TIERS[2], "name": "金卡 VIP"}]
+    assert body(shop.put("/tiers", {"tiers": renamed}), 200)["items"][2]["name"] == "金卡 VIP"
+
+
 def test_a_tier_multiplier_multiplies_that_members_order_points(
     client: TestClient, db: Database
 ) -> None:

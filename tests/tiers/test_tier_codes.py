@@ -18,6 +18,7 @@ from jifen.rewards.schemas import RedemptionPolicy, RewardCreate
 from jifen.rules import service as rules
 from jifen.rules.schemas import ProgramCaps, RulePack, RuleSpec
 from jifen.tiers import service as tiers
+from jifen.tiers.models import tiers as tier_rows
 from jifen.tiers.schemas import TierDef
 from tests.factories import new_program
 
@@ -66,13 +67,15 @@ def test_the_expiry_and_redemption_policies_name_only_the_programmes_tiers(
 
 
 def test_a_code_already_stored_does_not_hold_up_another_change(db: Database) -> None:
-    """Tiers renamed after a policy named them: a change of something else still saves
-    (as a tier scheme left as it is is not checked again); a new unknown code does not."""
+    """A policy naming a tier removed before removing a named tier was refused (stored so
+    by an earlier release): a change of something else still saves (as a tier scheme left
+    as it is is not checked again); a new unknown code does not."""
     program_id = with_tiers(db)
     named = ExpiryPolicy.model_validate({"by_tier": {"金卡": {"kind": "never"}}})
     db.run(lambda uow: settings_with(uow, program_id, expiry=named))
-    renamed = [TierDef(code="普通", name="普通", rank=0), TierDef(code="钻石", name="钻石", rank=1)]
-    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=renamed))
+    db.run(lambda uow: uow.conn.execute(
+        tier_rows.update().where(tier_rows.c.program_id == program_id, tier_rows.c.code == "金卡")
+        .values(code="钻石", name="钻石")))  # fmt: skip
     db.run(lambda uow: settings_with(uow, program_id, transfers_enabled=False))
     more = ExpiryPolicy.model_validate({"by_tier": {"金卡": {"kind": "never"},
                                                     "银卡": {"kind": "never"}}})  # fmt: skip
@@ -110,10 +113,18 @@ def test_a_rules_factor_or_gift_by_tier_names_only_the_programmes_tiers(db: Data
         uow, program_id=program_id, version_id=draft.id,
         spec=rule({"kind": "birthday_gift", "by_tier": {"金 卡": 500}})))  # fmt: skip
     assert error.params["tier"] == "金 卡"
-    # a tier removed before the rule is approved: the approval is refused
+    # a tier removed while the rule is a draft (a draft does not hold it): submitting it is
+    # refused
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=TIERS[:1]))
+    error = refused(db, lambda uow: rules.submit(
+        uow, program_id=program_id, version_id=draft.id, approval_id=None))  # fmt: skip
+    assert error.params["tier"] == "金卡" and error.params["known"] == "普通"
+    # and, tiers changed past this check (by an earlier release), approving it
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=TIERS))
     db.run(lambda uow: rules.submit(uow, program_id=program_id, version_id=draft.id,
                                     approval_id=None))  # fmt: skip
-    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=TIERS[:1]))
+    db.run(lambda uow: uow.conn.execute(tier_rows.delete().where(
+        tier_rows.c.program_id == program_id, tier_rows.c.code == "金卡")))  # fmt: skip
     error = refused(db, lambda uow: rules.approve(
         uow, program_id=program_id, version_id=draft.id, approved_by="checker"))  # fmt: skip
     assert error.params["tier"] == "金卡" and error.params["known"] == "普通"
@@ -176,3 +187,45 @@ def test_a_reward_names_only_the_programmes_tiers(db: Database) -> None:
         error = refused(db, lambda uow, b=body: rewards.create_reward(
             uow, program_id=program_id, body=b))  # fmt: skip
         assert (error.params["field"], error.params["tier"]) == (where, "gold")
+
+
+def test_a_condition_compares_the_members_tier_only_with_the_programmes_tiers(
+    db: Database,
+) -> None:
+    """``member.tier == "金 卡"`` would never hold (``!=`` always): refused like a factor by
+    tier, naming the condition and the tier, whichever form the comparison takes."""
+    program_id = with_tiers(db)
+    fixed = {"kind": "fixed", "points": 5}
+    for condition, tier in (('member.tier == "gold"', "gold"),
+                            ('"金 卡" != member.tier', "金 卡"),
+                            ('event.amount_fen > 100 && member.tier in ["金卡", "钻石"]', "钻石"),
+                            ("member['tier'] == 'Gold'", "Gold")):  # fmt: skip
+        error = refused(db, lambda uow, c=condition: rules.create_version(
+            uow, program_id=program_id, spec=rule(fixed).model_copy(update={"condition": c}),
+            created_by="maker"))  # fmt: skip
+        assert (error.params["field"], error.params["tier"]) == ("condition", tier)
+        assert error.message().startswith(f"condition: {tier!r} is not a tier of this programme")
+    # the programme's tiers, and "" (no tier), are taken
+    good = rule(fixed).model_copy(update={"condition": 'member.tier in ["金卡", ""]'})
+    draft = db.run(lambda uow: rules.create_version(uow, program_id=program_id, spec=good,
+                                                    created_by="maker"))  # fmt: skip
+    error = refused(db, lambda uow: rules.update_draft(
+        uow, program_id=program_id, version_id=draft.id,
+        spec=good.model_copy(update={"condition": 'member.tier == "钻石"'})))  # fmt: skip
+    assert (error.params["field"], error.params["tier"]) == ("condition", "钻石")
+    # a tier removed while it is a draft: submitting it is refused
+    db.run(lambda uow: tiers.set_tiers(uow, program_id=program_id, definitions=TIERS[:1]))
+    error = refused(db, lambda uow: rules.submit(
+        uow, program_id=program_id, version_id=draft.id, approval_id=None))  # fmt: skip
+    assert (error.params["field"], error.params["tier"]) == ("condition", "金卡")
+
+
+def test_a_rule_packs_conditions_are_checked_against_the_tiers_it_brings(db: Database) -> None:
+    program = new_program(db)
+    bad = pack(["普通", "金卡"], "金卡")
+    vip = bad.rules[0].model_copy(update={"condition": 'member.tier == "钻石"'})
+    with pytest.raises(TierNotDefined) as caught:
+        load(db, program.id, bad.model_copy(update={"rules": [vip, *bad.rules[1:]]}))
+    assert caught.value.params["field"] == "rules.base.condition"
+    assert caught.value.params["known"] == "普通, 金卡"
+    assert db.run(lambda uow: tiers.list_tiers(uow, program_id=program.id)) == []

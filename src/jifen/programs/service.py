@@ -181,6 +181,16 @@ def tiers_named(settings: ProgramSettings) -> dict[str, list[str]]:
     }
 
 
+def tier_namings(uow: UnitOfWork, *, program_id: int) -> list[tiers_core.Naming]:
+    """Where the programme's settings name tiers (:func:`tiers_named`), for refusing to
+    remove one of them."""
+    return tiers_core.namings(
+        "the programme's policy", "计划设置", tiers_named(get_settings(uow, program_id=program_id)),
+        "change the settings to leave it out, through an approval",
+        "请修改计划设置(经审批)去掉该等级",
+    )  # fmt: skip
+
+
 def require_tiers_defined(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> None:
     """Refuse settings naming a tier the programme does not define (see
     :func:`jifen.tiers.core.require_defined`); a code the stored settings already name at the

@@ -86,6 +86,7 @@ from jifen.rewards.schemas import (
     WhatCanIGet,
 )
 from jifen.tiers import service as tiers_service
+from jifen.tiers.core import Naming, namings
 
 T = TypeVar("T")
 
@@ -175,10 +176,30 @@ def _terms_json(body: RewardDef) -> dict[str, Any]:
 def _check_tiers(uow: UnitOfWork, program_id: int, body: RewardDef) -> None:
     """Refuse a reward naming a tier the programme does not define: no member of it could
     see the reward, or redeem it early."""
-    tiers_service.require_defined(
-        uow, program_id=program_id,
-        named={"visible_tiers": body.visible_tiers or [], "early_access": list(body.early_access)},
-    )  # fmt: skip
+    tiers_service.require_defined(uow, program_id=program_id, named=_tiers_named(body))
+
+
+def tier_namings(uow: UnitOfWork, *, program_id: int) -> list[Naming]:
+    """Where the programme's rewards not retired name tiers (their visibility, their early
+    access), for refusing to remove one of them. A retired reward is never sold again."""
+    rows = uow.conn.execute(
+        select(rewards.c.id, rewards.c.code, rewards.c.terms, rewards.c.updated_at)
+        .where(rewards.c.program_id == program_id, rewards.c.state != "retired")
+        .order_by(rewards.c.code)
+    ).all()
+    return [
+        naming
+        for row in rows
+        for naming in namings(
+            f"reward {row.code}", f"礼品 {row.code}", _tiers_named(_stored_terms(uow, row)),
+            "edit the reward to leave it out, or retire the reward",
+            "请编辑该礼品去掉该等级,或停用该礼品",
+        )
+    ]  # fmt: skip
+
+
+def _tiers_named(body: RewardDef) -> dict[str, list[str]]:
+    return {"visible_tiers": body.visible_tiers or [], "early_access": list(body.early_access)}
 
 
 def create_reward(uow: UnitOfWork, *, program_id: int, body: RewardCreate) -> RewardRead:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any, get_args
 
 from pydantic import BaseModel
-from sqlalchemy import Row, Text, and_, bindparam, cast, func, select
+from sqlalchemy import Row, Text, and_, bindparam, cast, func, or_, select
 
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
@@ -50,6 +50,7 @@ from jifen.rules.schemas import (
     RuleVersionRead,
 )
 from jifen.tiers import service as tiers_service
+from jifen.tiers.core import Naming, namings
 
 PROGRAM_BUDGET = "*"
 
@@ -118,6 +119,7 @@ def submit(
     API's approvals; a rule pack loaded by the CLI passes None)."""
     row = _row(uow, program_id, version_id)
     _require_state(row, "draft", "submitted")
+    _check_tiers(uow, program_id, RuleSpec.model_validate(row.spec))  # changed since written?
     _move(uow, version_id, "draft", state="submitted", approval_id=approval_id)
     return get_version(uow, program_id=program_id, version_id=version_id)
 
@@ -668,8 +670,16 @@ def load_pack(
                 problem_zh=exc.params["problem_zh"],
             ) from exc
     _check_pack_tiers(uow, program_id, pack)
+    removed: list[str] = []
     if pack.tiers:
-        tiers_service.set_tiers(uow, program_id=program_id, definitions=pack.tiers)
+        kept = {t.code for t in pack.tiers}
+        removed = [t.code for t in tiers_service.list_tiers(uow, program_id=program_id)
+                   if t.code not in kept]  # fmt: skip
+        # Checked once the pack's caps and rules are in place: they may replace what names
+        # a tier it drops.
+        tiers_service.set_tiers(
+            uow, program_id=program_id, definitions=pack.tiers, check_named=False
+        )
     if pack.caps is not None:
         set_caps(uow, program_id=program_id, caps=pack.caps)
     replaced = frozenset(spec.code for spec in pack.rules) if activate else frozenset()
@@ -686,21 +696,77 @@ def load_pack(
             submit(uow, program_id=program_id, version_id=version.id, approval_id=None)
             version = approve(uow, program_id=program_id, version_id=version.id, approved_by=actor)
         versions.append(version)
+    tiers_service.require_unnamed(uow, program_id=program_id, removed=removed)
     return versions
 
 
-def _tiers_named(spec: RuleSpec) -> list[str]:
-    """The tier codes a rule names: a multiplier's or a birthday gift's ``by_tier``."""
+def _tiers_named(spec: RuleSpec) -> dict[str, list[str]]:
+    """The tier codes a rule names, by where: a multiplier's or a birthday gift's
+    ``by_tier``, and those its condition compares the member's tier with."""
     params = spec.params
-    return list(params.by_tier) if isinstance(params, Multiplier | BirthdayGift) else []
+    by_tier = params.by_tier if isinstance(params, Multiplier | BirthdayGift) else {}
+    compared = conditions.tiers_compared(spec.condition) if spec.condition else ()
+    return {"params.by_tier": list(by_tier), "condition": list(compared)}
 
 
 def _check_tiers(uow: UnitOfWork, program_id: int, spec: RuleSpec) -> None:
     """Refuse a rule naming a tier the programme does not define: its factor or gift would
-    reach no member."""
-    tiers_service.require_defined(
-        uow, program_id=program_id, named={"params.by_tier": _tiers_named(spec)}
-    )
+    reach no member, its condition never (or always) hold for one."""
+    tiers_service.require_defined(uow, program_id=program_id, named=_tiers_named(spec))
+
+
+_NAMING = ("submitted", "approved", "active", "paused")
+"""States of a version that is live, or may go live without another approval."""
+
+
+def tier_namings(uow: UnitOfWork, *, program_id: int) -> list[Naming]:
+    """Where the programme's rules and caps name tiers, for refusing to remove one of them.
+    The rule versions counted are those that are live or may go live without a new
+    version: submitted, scheduled, active, paused, and a version retired by a successor
+    approved for a later start (live until then). A draft is not counted: it reaches no
+    member, and a tier it names is refused when it is submitted or approved; nor are
+    rejected and retired versions."""
+    live = select(rule_activations.c.version_id).where(
+        rule_activations.c.program_id == program_id,
+        or_(rule_activations.c.active_to.is_(None),
+            rule_activations.c.active_to > uow.clock.now()),
+    )  # fmt: skip
+    rows = uow.conn.execute(
+        select(rule_versions.c.code, rule_versions.c.version, rule_versions.c.state,
+               rule_versions.c.spec)
+        .where(
+            rule_versions.c.program_id == program_id,
+            or_(rule_versions.c.state.in_(_NAMING), rule_versions.c.id.in_(live)),
+        )
+        .order_by(rule_versions.c.code, rule_versions.c.version)
+    ).all()  # fmt: skip
+    found = [
+        naming
+        for row in rows
+        for naming in namings(
+            f"rule {row.code} (version {row.version})", f"规则 {row.code} 第 {row.version} 版",
+            _tiers_named(RuleSpec.model_validate(row.spec)), *_UNNAMING[row.state],
+        )
+    ]  # fmt: skip
+    caps = {"by_tier": list(get_caps(uow, program_id=program_id).by_tier)}
+    return found + namings("the earning caps setting", "积分上限设置", caps,
+                           "set the caps without it", "请修改积分上限去掉该等级")  # fmt: skip
+
+
+_RETIRE = (
+    "retire it, or have a new version without it approved, which ends this one",
+    "请停用该版本,或另建不含该等级的新版本并审批,生效时替换该版本",
+)
+_UNNAMING = {
+    "submitted": ("have it rejected, then submit a version without it",
+                  "请驳回该版本,再提交不含该等级的版本"),
+    "approved": _RETIRE,
+    "active": _RETIRE,
+    "paused": _RETIRE,
+    "retired": ("it stays live until the version approved after it starts: remove the "
+                "tier after that", "该版本在其后获批的版本生效前仍然有效,请在此之后再删除该等级"),
+}  # fmt: skip
+"""How a version in each state stops naming a tier, in English and Chinese."""
 
 
 def _check_pack_tiers(uow: UnitOfWork, program_id: int, pack: RulePack) -> None:
@@ -708,7 +774,11 @@ def _check_pack_tiers(uow: UnitOfWork, program_id: int, pack: RulePack) -> None:
     it is loaded: the pack's own tiers when it brings some (they replace the programme's),
     else the programme's. Checked before anything is written, naming the rule."""
     tiers = [t.code for t in pack.tiers] if pack.tiers else None
-    named = {f"rules.{spec.code}.params.by_tier": _tiers_named(spec) for spec in pack.rules}
+    named = {
+        f"rules.{spec.code}.{place}": codes
+        for spec in pack.rules
+        for place, codes in _tiers_named(spec).items()
+    }
     kept: dict[str, list[str]] = {}
     if pack.caps is not None:
         named["caps.by_tier"] = list(pack.caps.by_tier)

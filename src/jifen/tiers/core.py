@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime, time
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from jifen.errors import TierNotDefined
+from jifen.errors import StateConflict, TierNotDefined
 from jifen.tiers.schemas import Schedule, ScoreParts, TemporaryUpgrade, TierLevel, TierScheme
 
 Kind = Literal["evaluation", "upgrade", "temporary", "temporary_end", "manual"]
@@ -371,3 +371,55 @@ def require_defined(
                     field=where, tier=code, known=", ".join(known) or "(none defined yet)",
                     known_zh="、".join(known) or "(尚未定义任何等级)",
                 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """Something stored that names tiers (a rule version, the caps, the settings, a
+    reward): what it is and where in it the codes are, and what would make it stop naming
+    them, in English and Chinese."""
+
+    what: str
+    """``rule spend-x (version 3)``"""
+    what_zh: str
+    place: str
+    """``params.by_tier``"""
+    tiers: tuple[str, ...]
+    fix: str
+    fix_zh: str
+
+
+def namings(
+    what: str, what_zh: str, named: Mapping[str, Iterable[str]], fix: str, fix_zh: str
+) -> list[Naming]:
+    """A :class:`Naming` of ``what`` for each place of ``named`` that names a tier."""
+    return [
+        Naming(what, what_zh, place, tuple(codes), fix, fix_zh)
+        for place, codes in named.items()
+        if codes
+    ]
+
+
+SHOWN = 5
+"""The most namings a refusal to remove a tier lists."""
+
+
+def require_unnamed(removed: Iterable[str], stored: Iterable[Naming]) -> None:
+    """Refuse removing any of ``removed`` (in that order) that one of ``stored`` names:
+    what names it would silently apply to no member. The refusal lists what names the
+    first such tier (up to :data:`SHOWN` of them), each with how to stop it naming it."""
+    stored = list(stored)
+    for code in removed:
+        naming = [n for n in stored if code in n.tiers]
+        if not naming:
+            continue
+        shown, more = naming[:SHOWN], len(naming) - SHOWN
+        places = "; ".join(f"{n.what} names {code} in {n.place} ({n.fix})" for n in shown)
+        places_zh = ";".join(f"{n.what_zh}的 {n.place} 引用了 {code}({n.fix_zh})" for n in shown)
+        raise StateConflict(
+            problem=f"Tier {code!r} is still named, and would apply to no member there once "
+            f"removed: {places}{f'; and {more} more' if more > 0 else ''}. Change these "
+            "first, then remove the tier.",
+            problem_zh=f"等级 {code!r} 仍被引用,删除后这些设置将不适用于任何会员:{places_zh}"
+            f"{f';另有 {more} 处' if more > 0 else ''}。请先修改这些设置,再删除该等级。",
+        )

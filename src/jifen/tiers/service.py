@@ -70,6 +70,7 @@ __all__ = [
     "redemption_policy",
     "require_defined",
     "require_tiers",
+    "require_unnamed",
     "scheme_of",
     "scored_event_types",
     "set_member_tier",
@@ -96,10 +97,15 @@ _TIERS = (
 )
 
 
-def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -> list[TierRead]:
-    """Replace the programme's tiers. A tier that members hold, or that a temporary upgrade
-    returns a member to when it ends, cannot be removed; nor can the tiers stop being the
-    levels of the programme's tier scheme, in rank order."""
+def set_tiers(
+    uow: UnitOfWork, *, program_id: int, definitions: list[TierDef], check_named: bool = True
+) -> list[TierRead]:
+    """Replace the programme's tiers. A tier that members hold, that a temporary upgrade
+    returns a member to when it ends, or that a rule, the caps, the settings or a reward
+    names (:func:`require_unnamed`) cannot be removed; nor can the tiers stop being the
+    levels of the programme's tier scheme, in rank order. A tier's name may change. With
+    ``check_named`` False the caller calls :func:`require_unnamed` itself, once what it
+    replaces in the same transaction is in place (a rule pack's rules and caps)."""
     codes = [d.code for d in definitions]
     ranks = [d.rank for d in definitions]
     if len(set(codes)) != len(codes) or len(set(ranks)) != len(ranks):
@@ -147,6 +153,9 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
             f"({', '.join(ordered)})将使每次评定都无法进行。请保持这些代码及其级别顺序"
             "(名称可改),或先将等级方案设为空,改好等级后再设新方案。",
         )
+    if check_named:
+        removed = [t.code for t in list_tiers(uow, program_id=program_id) if t.code not in codes]
+        require_unnamed(uow, program_id=program_id, removed=removed)
     uow.conn.execute(delete(tiers).where(tiers.c.program_id == program_id))
     uow.conn.execute(
         tiers.insert(),
@@ -157,6 +166,29 @@ def set_tiers(uow: UnitOfWork, *, program_id: int, definitions: list[TierDef]) -
     )
     uow.local.pop(f"tier_codes:{program_id}", None)
     return list_tiers(uow, program_id=program_id)
+
+
+def require_unnamed(uow: UnitOfWork, *, program_id: int, removed: Sequence[str]) -> None:
+    """Refuse removing any of the ``removed`` tiers while something stored still names it,
+    which would then silently apply to no member: a rule version that is or may still go
+    live (:func:`jifen.rules.service.tier_namings`), the earning caps, the programme's
+    settings, or a reward not retired. StateConflict, saying what names it and how to
+    change that. (The tier scheme's levels and benefits matrix are held by the scheme's
+    own check in :func:`set_tiers`.)"""
+    if not removed:
+        return
+    # Rules and rewards read the tiers through this module: imported here, not above.
+    from jifen.rewards import service as rewards_service
+    from jifen.rules import service as rules_service
+
+    core.require_unnamed(
+        removed,
+        [
+            *rules_service.tier_namings(uow, program_id=program_id),
+            *programs_service.tier_namings(uow, program_id=program_id),
+            *rewards_service.tier_namings(uow, program_id=program_id),
+        ],
+    )
 
 
 def set_member_tier(

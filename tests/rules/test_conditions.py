@@ -1,0 +1,45 @@
+"""The tiers a rule condition compares the member's tier with, read from the checked syntax
+tree, whatever the form of the comparison or of the string literal."""
+
+from __future__ import annotations
+
+import pytest
+
+from jifen.errors import InvalidInput
+from jifen.rules.conditions import tiers_compared
+
+
+@pytest.mark.parametrize(
+    ("condition", "tiers"),
+    [
+        ('member.tier == "金卡"', ("金卡",)),
+        ('"钻石" == member.tier', ("钻石",)),
+        ('member.tier != "gold"', ("gold",)),
+        ('member.tier in ["金卡", "钻石"]', ("金卡", "钻石")),
+        ('"金卡" in [member.tier]', ("金卡",)),
+        ("member['tier'] == '银卡'", ("银卡",)),
+        ('event.amount_fen > 100 && (member.tier == "a" || !(member.tier in ["b", "a"]))',
+         ("a", "b")),
+        ('(member.tier == "a" ? 2 : 1) > 1 && {"k": member.tier == "m"}["k"]', ("a", "m")),
+        ('member.tags.exists(t, t == "vip") && member.tier == r"raw"', ("raw",)),
+        ('member.tier == "\\u91d1\\u5361" || member.tier == """三"""', ("金卡", "三")),
+        # no tier is the empty string: a member without one is compared with nothing
+        ('has(member.tier) && member.tier != ""', ()),
+        # not the member's tier, or not a literal
+        ('event.tier == "x" && member.region == "y" && event.member.tier == "z"', ()),
+        ('member.tier == "金" + "卡" || member.tier.startsWith("金")', ()),
+        ('member.tier == event.tier || member.tier in event.tiers', ()),
+        # a comprehension's own variable named member is not the member
+        ('[{"tier": "a"}].exists(member, member.tier == "b") || member.tier == "c"', ("c",)),
+    ],
+)  # fmt: skip
+def test_the_tiers_a_condition_compares_the_members_tier_with(
+    condition: str, tiers: tuple[str, ...]
+) -> None:
+    assert tiers_compared(condition) == tiers
+
+
+def test_a_condition_that_does_not_compile_is_refused_as_before() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        tiers_compared('member.tier == "金卡" &&')
+    assert caught.value.params["field"] == "condition"
