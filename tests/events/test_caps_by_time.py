@@ -13,7 +13,7 @@ from sqlalchemy import event as sa_event
 from jifen.clock import ManualClock
 from jifen.db.uow import Database
 from jifen.events import service
-from jifen.events.schemas import EventIn, EventResult
+from jifen.events.schemas import BacktestIn, EventIn, EventResult
 from jifen.rules import service as rules
 from jifen.rules.schemas import ProgramCaps
 from tests.events.test_service import (
@@ -43,6 +43,23 @@ def order(member: int, when: datetime, key: str, yuan: int) -> EventIn:
 def clock_of(db: Database) -> ManualClock:
     assert isinstance(db.clock, ManualClock)
     return db.clock
+
+
+def two_earning(db: Database) -> tuple[Any, int, int, ManualClock]:
+    """A programme earning a point a yuan, two of its members, and the clock."""
+    program = new_program(db)
+    first, second = new_members(db, program.id, 2)
+    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
+    return program, first, second, clock_of(db)
+
+
+def program_spent(db: Database, program_id: int) -> int:
+    spent = db.run(
+        lambda uow: rules.budgets_spent(
+            uow, program_id=program_id, codes=[rules.PROGRAM_BUDGET], lock=False
+        )
+    )
+    return spent.get(rules.PROGRAM_BUDGET, 0)
 
 
 def test_an_event_sent_late_is_capped_by_the_caps_of_its_own_time(db: Database) -> None:
@@ -78,10 +95,7 @@ def test_an_event_sent_late_is_capped_by_the_caps_of_its_own_time(db: Database) 
 
 def test_a_batch_meets_the_caps_and_budget_figure_of_each_events_time(db: Database) -> None:
     # given a programme budget of 1000, 600 of it awarded, raised to 5000 two hours later
-    program = new_program(db)
-    first, second = new_members(db, program.id, 2)
-    activate(db, program.id, "base", {"kind": "spend_rate", "rate": "1"})
-    clock = clock_of(db)
+    program, first, second, clock = two_earning(db)
     start = clock.now()
     set_caps(db, program.id, {"budget": 1000})
     send(db, program.id, first, "order.paid", start, "o0", order_id="0",
@@ -100,13 +114,32 @@ def test_a_batch_meets_the_caps_and_budget_figure_of_each_events_time(db: Databa
     results = [o for o in outcomes if isinstance(o, EventResult)]
     assert [r.points for r in results] == [400, 800, 0]
     assert [a.cap for a in results[0].awards] == ["program_budget (1000)"]
-    spent = db.run(
-        lambda uow: rules.budgets_spent(
-            uow, program_id=program.id, codes=[rules.PROGRAM_BUDGET], lock=False
-        )
-    )
-    assert spent == {rules.PROGRAM_BUDGET: 1800}
+    assert program_spent(db, program.id) == 1800
     assert (balance(db, first).balance, balance(db, second).balance) == (1000, 800)
+
+
+def test_a_refund_gives_back_only_to_the_budgets_its_points_counted_in(db: Database) -> None:
+    # given an order earned under caps without a budget, then a budget of 1000 used up
+    program, first, second, clock = two_earning(db)
+    set_caps(db, program.id, {})
+    send(db, program.id, first, "order.paid", clock.now(), "o1", order_id="A",
+         lines=lines(("A", "x", 500)))  # fmt: skip
+    clock.advance(timedelta(hours=1))
+    set_caps(db, program.id, {"budget": 1000})
+    send(db, program.id, second, "order.paid", clock.now(), "o2", order_id="B",
+         lines=lines(("A", "x", 1000)))  # fmt: skip
+    assert program_spent(db, program.id) == 1000
+    # when the first order is refunded
+    clock.advance(timedelta(hours=1))
+    refund = send(db, program.id, first, "order.refunded", clock.now(), "r1", order_id="A",
+                  whole=True)  # fmt: skip
+    # then its points come back, but not into a budget they never counted in
+    assert refund.points == -500 and balance(db, first).balance == 0
+    assert program_spent(db, program.id) == 1000
+    # and a refund of an order that counted gives its budget back
+    send(db, program.id, second, "order.refunded", clock.now(), "r2", order_id="B",
+         lines=[{"sku": "A", "amount_fen": 40_000}])  # fmt: skip
+    assert program_spent(db, program.id) == 600
 
 
 def test_a_batch_under_the_current_caps_reads_no_earlier_ones(db: Database) -> None:
@@ -187,3 +220,26 @@ def test_a_held_award_is_released_under_the_caps_of_its_events_time(db: Database
     )
     assert (approved.points, approved.cap) == (20, None)
     assert balance(db, member).balance == 20
+
+
+def test_a_backtest_counts_the_budgets_as_the_earning_did(db: Database) -> None:
+    # given an order earned under caps without a budget, then one under a budget of 1000
+    program, first, second, clock = two_earning(db)
+    start = clock.now()
+    set_caps(db, program.id, {})
+    clock.advance(timedelta(hours=1))
+    send(db, program.id, first, "order.paid", clock.now(), "o1", order_id="A",
+         lines=lines(("A", "x", 500)))  # fmt: skip
+    clock.advance(timedelta(hours=1))
+    set_caps(db, program.id, {"budget": 1000})
+    clock.advance(timedelta(hours=1))
+    send(db, program.id, second, "order.paid", clock.now(), "o2", order_id="B",
+         lines=lines(("A", "x", 1000)))  # fmt: skip
+    # when the rules as they are are replayed over the period
+    unchanged = BacktestIn(since=start, until=clock.now() + timedelta(minutes=1))
+    report = db.run(
+        lambda uow: service.backtest(uow, program_id=program.id, request=unchanged),
+        read_only=True,
+    )
+    # then the first order's points count in no budget, as they did not when earned
+    assert (report.events, report.actual, report.proposed) == (2, 1500, 1500)

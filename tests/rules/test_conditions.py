@@ -3,9 +3,13 @@ tree, whatever the form of the comparison or of the string literal."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 
 from jifen.errors import InvalidInput
+from jifen.rules import conditions
 from jifen.rules.conditions import tiers_compared
 
 
@@ -43,3 +47,22 @@ def test_a_condition_that_does_not_compile_is_refused_as_before() -> None:
     with pytest.raises(InvalidInput) as caught:
         tiers_compared('member.tier == "金卡" &&')
     assert caught.value.params["field"] == "condition"
+
+
+def test_a_tree_that_cannot_be_read_names_no_tier_and_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check helps; it must never be what refuses a rule or a change of the tiers."""
+
+    def unreadable(data: bytes) -> Any:
+        raise IndexError("index out of range")
+
+    monkeypatch.setattr(conditions, "_node", unreadable)
+    condition = 'member.tier == "金卡" && event.amount_fen > 99'
+    tiers_compared.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jifen.rules"):
+            assert tiers_compared(condition) == ()
+    finally:
+        tiers_compared.cache_clear()
+    assert "cannot be read" in caplog.text and "event.amount_fen > 99" in caplog.text

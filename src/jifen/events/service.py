@@ -1788,20 +1788,31 @@ def _refund(
         )
     total = -sum(due for _, due in dues)
     _set_outcome(uow, event_id, total, [])
-    return stored, total, _give_back(uow, program_id, dues)
+    return stored, total, _give_back(uow, program_id, dues, order.occurred_at)
 
 
 def _give_back(
-    uow: UnitOfWork, program_id: int, dues: Sequence[tuple[Row[Any], int]]
+    uow: UnitOfWork, program_id: int, dues: Sequence[tuple[Row[Any], int]], paid_at: datetime
 ) -> dict[str, int]:
-    """Give back to the budgets of the awards' rules, and to the programme's, what a refund
-    took back (never below nothing: an award made before its rule had a budget counted in
-    none). The rows are held already: a batch with a refund holds them all. Returns what
-    each budget got back."""
+    """Give back what a refund took back to the budgets the awards counted in when they
+    were made, at the order's time (``paid_at``): their rule's, where the rule's version
+    live then had a budget, and the programme's, where the caps in force then had one
+    (points earned under none count in none). Never below nothing. The rows are held
+    already: a batch with a refund holds them all. Returns what each budget got back."""
+    counted = {
+        rule.spec.code
+        for rule in rules_service.rules_at(uow, program_id=program_id, moment=paid_at).rules
+        if rule.spec.caps.budget is not None
+    }
+    if rules_service.caps_at(uow, program_id=program_id, at=paid_at).caps.budget is not None:
+        counted.add(rules_service.PROGRAM_BUDGET)
     taken: dict[str, int] = {}
     for original, due in dues:
         for code in (original.rule_code, rules_service.PROGRAM_BUDGET):
-            taken[code] = taken.get(code, 0) + due
+            if code in counted:
+                taken[code] = taken.get(code, 0) + due
+    if not taken:
+        return {}
     spent = rules_service.budgets_spent(uow, program_id=program_id, codes=sorted(taken), lock=False)
     back = {code: min(taken[code], amount) for code, amount in spent.items() if amount > 0}
     rules_service.add_to_budgets(
@@ -2186,8 +2197,9 @@ def backtest(uow: UnitOfWork, *, program_id: int, request: BacktestIn) -> Backte
             )
             event = _stored_event(row)
             facts = replay.facts(event, rule_set)
-            result = core.evaluate(event, rule_set, terms.at(moment), facts, replay.budgets)
-            replay.record(event, result)
+            program = terms.at(moment)
+            result = core.evaluate(event, rule_set, program, facts, replay.budgets)
+            replay.record(event, result, rule_set, program)
             day = core.local_day(moment, zone).isoformat()
             for award in result.awards:
                 if award.held or not award.points:
@@ -2349,7 +2361,17 @@ class _Replay:
             )
         return out
 
-    def record(self, event: core.Event, result: core.Evaluation) -> None:
+    def record(
+        self,
+        event: core.Event,
+        result: core.Evaluation,
+        rules: core.RuleSet,
+        program: core.Program,
+    ) -> None:
+        """Count ``result`` in the member's facts, usage and the budgets, as the live
+        intake counts it: in a rule's budget where the rule's version (of ``rules``, those
+        the event met) has one, in the programme's where the caps of the event's time
+        (``program``) have one."""
         member = self.known[event.member_id]
         counts = dict(member.counts)
         counts[event.type] = counts.get(event.type, 0) + 1
@@ -2360,7 +2382,8 @@ class _Replay:
         self.known[event.member_id] = replace(member, counts=counts, streaks=streaks)
         buckets = self._buckets(event.occurred_at)
         spent = dict(self.budgets.by_rule)
-        program = self.budgets.program
+        total = self.budgets.program
+        budgeted = {r.spec.code for r in rules.rules if r.spec.caps.budget is not None}
         for award in result.awards:
             if award.held or not award.points:
                 continue
@@ -2370,9 +2393,11 @@ class _Replay:
                 *((award.member_id, award.rule, bucket) for bucket in buckets.values()),
             ):
                 self.usage[slot] = self.usage.get(slot, 0) + award.points
-            spent[award.rule] = spent.get(award.rule, 0) + award.points
-            program += award.points
-        self.budgets = core.Budgets(by_rule=spent, program=program)
+            if award.rule in budgeted:
+                spent[award.rule] = spent.get(award.rule, 0) + award.points
+            if program.caps.budget is not None:
+                total += award.points
+        self.budgets = core.Budgets(by_rule=spent, program=total)
 
 
 def last_own_events(uow: UnitOfWork, *, member_ids: Sequence[int]) -> dict[int, datetime]:

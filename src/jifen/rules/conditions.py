@@ -18,6 +18,7 @@ are read from the protobuf wire format here (:func:`tiers_compared`).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from jifen.rules.core import Condition, ConditionFailed
 
 _TYPE = cel.Type
 _ENV = cel.NewEnv(variables={"event": _TYPE.DYN, "member": _TYPE.DYN, "now": _TYPE.TIMESTAMP})
+log = logging.getLogger("jifen.rules")
 _STATUS = re.compile(r"^[A-Z_]+: |\s*\[[A-Z_]+\]\s*$")
 
 
@@ -93,12 +95,23 @@ def tiers_compared(source: str) -> tuple[str, ...]:
     string literal of the list in ``member.tier in [...]``, and one tested to be ``in
     [member.tier]`` (``member["tier"]`` alike). The empty string is left out: it is what a
     member with no tier has. InvalidInput, as :func:`compile_condition`, when it does not
-    compile."""
-    envelope = dict(_fields(_checked(source).serialize()))
-    if envelope.get(1) != _CHECKED_EXPR:
-        raise RuntimeError(f"cel-expr-python serialised a {envelope.get(1)!r}, not a CheckedExpr")
-    checked = dict(_fields(_bytes(envelope[2])))
-    found = _compared(_node(_bytes(checked[4])), frozenset())
+    compile.
+
+    Reading the tree is a check that helps, not one the rule depends on: a tree it cannot
+    read (a form of the library's output it does not know) is logged and taken to name no
+    tier, rather than refusing the rule, or every change of the programme's tiers."""
+    serialised = _checked(source).serialize()
+    try:
+        envelope = dict(_fields(serialised))
+        if envelope.get(1) != _CHECKED_EXPR:
+            raise RuntimeError(f"a {envelope.get(1)!r}, not a CheckedExpr")
+        checked = dict(_fields(_bytes(envelope[2])))
+        found = list(_compared(_node(_bytes(checked[4])), frozenset()))
+    except (RuntimeError, ValueError, LookupError) as exc:  # UnicodeDecodeError: a ValueError
+        log.warning(
+            "the tiers condition %r compares cannot be read (%s): none checked", source, exc
+        )
+        return ()
     return tuple(dict.fromkeys(code for code in found if code))
 
 
