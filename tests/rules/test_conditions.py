@@ -27,6 +27,9 @@ from jifen.rules.conditions import tiers_compared
         ('(member.tier == "a" ? 2 : 1) > 1 && {"k": member.tier == "m"}["k"]', ("a", "m")),
         ('member.tags.exists(t, t == "vip") && member.tier == r"raw"', ("raw",)),
         ('member.tier == "\\u91d1\\u5361" || member.tier == """三"""', ("金卡", "三")),
+        ('member.tier in {"金卡": true, "钻石": true}', ("金卡", "钻石")),
+        ('{"金卡": 2, "银卡": 1}[member.tier] > 1', ("金卡", "银卡")),
+        ('{"a": {"b": 1}[member.tier]}["a"] == 1', ("b",)),
         # no tier is the empty string: a member without one is compared with nothing
         ('has(member.tier) && member.tier != ""', ()),
         # not the member's tier, or not a literal

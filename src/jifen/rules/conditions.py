@@ -92,10 +92,11 @@ def _compile(source: str) -> Condition:
 def tiers_compared(source: str) -> tuple[str, ...]:
     """The tier codes ``source`` compares the member's tier with, in the order written: the
     string literal on the other side of ``member.tier ==`` or ``!=`` (either side), each
-    string literal of the list in ``member.tier in [...]``, and one tested to be ``in
-    [member.tier]`` (``member["tier"]`` alike). The empty string is left out: it is what a
-    member with no tier has. InvalidInput, as :func:`compile_condition`, when it does not
-    compile.
+    string literal of the list in ``member.tier in [...]``, one tested to be ``in
+    [member.tier]``, and the string keys of a map the member's tier is looked up in
+    (``member.tier in {...}``, ``{...}[member.tier]``); ``member["tier"]`` alike. The
+    empty string is left out: it is what a member with no tier has. InvalidInput, as
+    :func:`compile_condition`, when it does not compile.
 
     Reading the tree is a check that helps, not one the rule depends on: a tree it cannot
     read (a form of the library's output it does not know) is logged and taken to name no
@@ -123,8 +124,9 @@ _EQUALITY = frozenset({"_==_", "_!=_"})
 class _Node:
     """What :func:`tiers_compared` needs of a ``cel.expr.Expr``: its kind (the number of
     its field in ``expr_kind``), a name (an ident's, a select's field, a call's function),
-    a string constant's value, its sub-expressions, and the names a comprehension binds
-    over its last ones (``loop_condition``, ``loop_step``, ``result``)."""
+    a string constant's value, its sub-expressions (a map's keys among them, and also in
+    ``keys``), and the names a comprehension binds over its last ones (``loop_condition``,
+    ``loop_step``, ``result``)."""
 
     kind: int
     name: str = ""
@@ -132,6 +134,7 @@ class _Node:
     children: tuple[_Node, ...] = ()
     binds: frozenset[str] = frozenset()
     bound: tuple[_Node, ...] = ()
+    keys: tuple[_Node, ...] = ()
 
 
 _CONST, _IDENT, _SELECT, _CALL, _LIST, _STRUCT, _COMPREHENSION = 3, 4, 5, 6, 7, 8, 9
@@ -152,6 +155,11 @@ def _compared(node: _Node, shadowed: frozenset[str]) -> Iterator[str]:
                 _is_member_tier(e, shadowed) for e in right.children
             ):
                 yield left.text  # "金卡" in [member.tier]
+        elif (node.name == "@in" and _is_member_tier(left, shadowed)) or (
+            node.name == "_[_]" and _is_member_tier(right, shadowed)
+        ):  # member.tier in {"金卡": true}, {"金卡": 2}[member.tier]
+            keyed = right if node.name == "@in" else left
+            yield from (key.text for key in keyed.keys if key.text is not None)
     for child in node.children:
         yield from _compared(child, shadowed)
     for child in node.bound:
@@ -201,7 +209,8 @@ def _node(data: bytes) -> _Node:
         if number == _STRUCT:  # a map or message: its keys and values
             entries = [dict(_fields(_bytes(v))) for n, v in parts if n == 2]
             inside = [_node(_bytes(e[k])) for e in entries for k in (3, 4) if k in e]
-            return _Node(number, children=tuple(inside))
+            keys = tuple(_node(_bytes(e[3])) for e in entries if 3 in e)
+            return _Node(number, children=tuple(inside), keys=keys)
         if (
             number == _COMPREHENSION
         ):  # a comprehension: its range and first value, then what it binds
