@@ -142,6 +142,37 @@ def test_a_refund_gives_back_only_to_the_budgets_its_points_counted_in(db: Datab
     assert program_spent(db, program.id) == 600
 
 
+def test_a_refund_gives_back_to_the_budgets_the_award_counted_in_whatever_came_after(
+    db: Database,
+) -> None:
+    """An order may be stamped a few minutes ahead of its intake, and caps set in between
+    take effect before its time: the refund follows what the award counted in when it was
+    posted (its detail says so), not what the caps at the order's time say now."""
+    program, first, second, clock = two_earning(db)
+    set_caps(db, program.id, {})
+    ahead = send(db, program.id, first, "order.paid", clock.now() + timedelta(minutes=4), "o1",
+                 order_id="A", lines=lines(("A", "x", 500)), move_clock=False)  # fmt: skip
+    assert [a.detail["budgets"] for a in ahead.awards] == [[]]
+    clock.advance(timedelta(minutes=1))
+    set_caps(db, program.id, {"budget": 1000})  # in force before the order's own time
+    send(db, program.id, second, "order.paid", clock.now(), "o2", order_id="B",
+         lines=lines(("A", "x", 1000)))  # fmt: skip
+    clock.advance(timedelta(minutes=5))
+    send(db, program.id, first, "order.refunded", clock.now(), "r1", order_id="A", whole=True)
+    assert program_spent(db, program.id) == 1000
+    # and the other way: counted in a budget that caps set in between no longer have
+    set_caps(db, program.id, {"budget": 100_000})
+    counted = send(db, program.id, first, "order.paid", clock.now() + timedelta(minutes=4),
+                   "o3", order_id="C", lines=lines(("A", "x", 500)), move_clock=False)  # fmt: skip
+    assert [a.detail["budgets"] for a in counted.awards] == [["*"]]
+    assert program_spent(db, program.id) == 1500
+    clock.advance(timedelta(minutes=1))
+    set_caps(db, program.id, {})
+    clock.advance(timedelta(minutes=5))
+    send(db, program.id, first, "order.refunded", clock.now(), "r3", order_id="C", whole=True)
+    assert program_spent(db, program.id) == 1000
+
+
 def test_a_batch_under_the_current_caps_reads_no_earlier_ones(db: Database) -> None:
     # given caps changed once
     program = new_program(db)
@@ -219,6 +250,7 @@ def test_a_held_award_is_released_under_the_caps_of_its_events_time(db: Database
         )
     )
     assert (approved.points, approved.cap) == (20, None)
+    assert approved.detail["budgets"] == ["*"]  # what a refund would give back to
     assert balance(db, member).balance == 20
 
 

@@ -875,12 +875,13 @@ class _Intake:
         budgeted = {r.spec.code for r in candidates if r.spec.caps.budget is not None}
         if terms.caps.budget is not None:
             budgeted.add(rules_service.PROGRAM_BUDGET)
-        for award, points, _ in posted:
+        for n, (award, points, cap) in enumerate(posted):
             if points > 0 and not award.held:
-                for code in (award.rule, rules_service.PROGRAM_BUDGET):
-                    if code in budgeted:
-                        group.spent[code] = group.spent.get(code, 0) + points
-                        group.added[code] = group.added.get(code, 0) + points
+                counted = [c for c in (award.rule, rules_service.PROGRAM_BUDGET) if c in budgeted]
+                for code in counted:
+                    group.spent[code] = group.spent.get(code, 0) + points
+                    group.added[code] = group.added.get(code, 0) + points
+                posted[n] = (replace(award, detail=_counted_in(award.detail, counted)), points, cap)
         decision = _Decision(
             item=item, member_id=member_id, subject=subject, amount_fen=amount, day=day,
             awards=posted, postings=postings,
@@ -1791,26 +1792,40 @@ def _refund(
     return stored, total, _give_back(uow, program_id, dues, order.occurred_at)
 
 
+def _counted_in(detail: Mapping[str, Any], budgets: Sequence[str]) -> dict[str, Any]:
+    """An award's ``detail`` with the budgets its points counted in when they were posted
+    (:data:`BUDGETS`), which a refund gives back to."""
+    return {**detail, BUDGETS: list(budgets)}
+
+
+BUDGETS = "budgets"
+"""The key of an award's detail naming the budgets its points counted in: the rule's code,
+``*`` for the programme's (none: it counted in none)."""
+
+
 def _give_back(
     uow: UnitOfWork, program_id: int, dues: Sequence[tuple[Row[Any], int]], paid_at: datetime
 ) -> dict[str, int]:
-    """Give back what a refund took back to the budgets the awards counted in when they
-    were made, at the order's time (``paid_at``): their rule's, where the rule's version
-    live then had a budget, and the programme's, where the caps in force then had one
-    (points earned under none count in none). Never below nothing. The rows are held
-    already: a batch with a refund holds them all. Returns what each budget got back."""
-    counted = {
-        rule.spec.code
-        for rule in rules_service.rules_at(uow, program_id=program_id, moment=paid_at).rules
-        if rule.spec.caps.budget is not None
-    }
-    if rules_service.caps_at(uow, program_id=program_id, at=paid_at).caps.budget is not None:
-        counted.add(rules_service.PROGRAM_BUDGET)
+    """Give back what a refund took back to the budgets the awards counted in, as each
+    award records (:data:`BUDGETS`); never below nothing. An award stored before awards
+    recorded them counted in its rule's budget where the rule's version live at the
+    order's time (``paid_at``) had one, and in the programme's where the caps in force then
+    had one. The rows are held already: a batch with a refund holds them all. Returns what
+    each budget got back."""
+    counted_then: set[str] | None = None
     taken: dict[str, int] = {}
     for original, due in dues:
-        for code in (original.rule_code, rules_service.PROGRAM_BUDGET):
-            if code in counted:
-                taken[code] = taken.get(code, 0) + due
+        recorded = (original.detail or {}).get(BUDGETS)
+        if recorded is None:
+            if counted_then is None:
+                counted_then = _budgeted_at(uow, program_id, paid_at)
+            recorded = [
+                code
+                for code in (original.rule_code, rules_service.PROGRAM_BUDGET)
+                if code in counted_then
+            ]
+        for code in recorded:
+            taken[code] = taken.get(code, 0) + due
     if not taken:
         return {}
     spent = rules_service.budgets_spent(uow, program_id=program_id, codes=sorted(taken), lock=False)
@@ -1819,6 +1834,19 @@ def _give_back(
         uow, program_id=program_id, spent={code: -amount for code, amount in back.items()}
     )
     return back
+
+
+def _budgeted_at(uow: UnitOfWork, program_id: int, moment: datetime) -> set[str]:
+    """The budgets an award made at ``moment`` counted in: the rules' whose version live
+    then had one, ``*`` where the caps in force then had one."""
+    counted = {
+        rule.spec.code
+        for rule in rules_service.rules_at(uow, program_id=program_id, moment=moment).rules
+        if rule.spec.caps.budget is not None
+    }
+    if rules_service.caps_at(uow, program_id=program_id, at=moment).caps.budget is not None:
+        counted.add(rules_service.PROGRAM_BUDGET)
+    return counted
 
 
 # --------------------------------------------------------------------------- reading
@@ -1960,6 +1988,8 @@ def approve_award(
     )  # fmt: skip
     now = uow.clock.now()
     detail = {**(row.detail or {}), **({"note": note} if note else {})}
+    if released.points > 0:
+        detail = _counted_in(detail, budgeted)
     _decide(uow, award_id, "approved", decided_by, now, points=released.points,
             wanted=wanted, cap=released.cap, detail=detail)  # fmt: skip
     if released.points > 0:
