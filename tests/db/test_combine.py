@@ -286,18 +286,11 @@ def test_a_use_case_that_swallows_its_statements_error_does_not_take_the_batch_w
 ) -> None:
     # PostgreSQL aborts a transaction at a failed statement: a use case that catches the
     # error and returns would have the whole batch's commit silently roll back
-    with scratch_table(pg, "combine", Column("code", String(40))) as table:
+    def swallow(uow: UnitOfWork) -> None:
+        with contextlib.suppress(DBAPIError):
+            uow.conn.execute(select(func.no_such_function()))
 
-        def swallows(uow: UnitOfWork) -> str:
-            uow.conn.execute(table.insert().values(code="swallowed"))
-            with contextlib.suppress(DBAPIError):
-                uow.conn.execute(select(func.no_such_function()))
-            return "swallowed"
-
-        outcomes = behind_a_leader(pg, table, _insert(table, "a"), swallows, _insert(table, "b"))
-        assert outcomes == ["lead", "a", "swallowed", "b"]
-        # its own write is lost, as when it runs by itself; the others' are kept
-        assert _codes(pg, table) == ["a", "b", "lead"]
+    _runs_alone_once_its_transaction_ended(pg, swallow)
 
 
 def test_on_sqlite_a_use_case_whose_transaction_the_database_ended_runs_by_itself(
@@ -305,15 +298,22 @@ def test_on_sqlite_a_use_case_whose_transaction_the_database_ended_runs_by_itsel
 ) -> None:
     # SQLite rolls a transaction back by itself at some errors (a full disk); the batch's
     # later statements would then each commit on their own
-    db = sqlite_database
+    _runs_alone_once_its_transaction_ended(
+        sqlite_database, lambda uow: driver(uow.conn).execute("ROLLBACK")
+    )
+
+
+def _runs_alone_once_its_transaction_ended(db: Database, ends: Callable[[UnitOfWork], Any]) -> None:
+    """A use case that writes, then has its transaction ended by ``ends`` and returns, in a
+    batch between two others: it runs again by itself, and only its own write is lost."""
     with scratch_table(db, "combine", Column("code", String(40), nullable=False)) as table:
 
-        def ends_it(uow: UnitOfWork) -> str:
+        def ended(uow: UnitOfWork) -> str:
             uow.conn.execute(table.insert().values(code="ended"))
-            driver(uow.conn).execute("ROLLBACK")
+            ends(uow)
             return "ended"
 
-        outcomes = behind_a_leader(db, table, _insert(table, "a"), ends_it, _insert(table, "b"))
+        outcomes = behind_a_leader(db, table, _insert(table, "a"), ended, _insert(table, "b"))
         assert outcomes == ["lead", "a", "ended", "b"]
         # its own write is lost, as when it runs by itself; the others' are kept
         assert _codes(db, table) == ["a", "b", "lead"]

@@ -93,7 +93,7 @@ from jifen.points.schemas import PostingRead
 from jifen.programs import service as programs_service
 from jifen.rules import core
 from jifen.rules import service as rules_service
-from jifen.rules.schemas import EventTypeRead, Reviewed, RuleSpec, TierCap
+from jifen.rules.schemas import EventTypeRead, ProgramCaps, Reviewed, RuleSpec, TierCap
 from jifen.tiers import service as tiers_service
 from jifen.tiers.core import TierTimeline
 
@@ -872,9 +872,7 @@ class _Intake:
                 f"{a.rule} {p}" for a, p in mine
             )
             postings[owner] = (sum(p for _, p in mine), reason, expiries[owner])
-        budgeted = {r.spec.code for r in candidates if r.spec.caps.budget is not None}
-        if terms.caps.budget is not None:
-            budgeted.add(rules_service.PROGRAM_BUDGET)
+        budgeted = _budgeted(candidates, terms.caps)
         for n, (award, points, cap) in enumerate(posted):
             if points > 0 and not award.held:
                 counted = [c for c in (award.rule, rules_service.PROGRAM_BUDGET) if c in budgeted]
@@ -1467,9 +1465,7 @@ def dry_run(
         rule_codes=[r.spec.code for r in candidates if r.spec.caps.per_member],
     )  # fmt: skip
     terms = _Terms(uow, program_id, zone).at(event.occurred_at)
-    budgeted = sorted(r.spec.code for r in candidates if r.spec.caps.budget is not None)
-    if terms.caps.budget is not None:
-        budgeted.append(rules_service.PROGRAM_BUDGET)
+    budgeted = sorted(_budgeted(candidates, terms.caps))
     spent = rules_service.budgets_spent(uow, program_id=program_id, codes=budgeted, lock=False)
     budgets = core.Budgets(by_rule=spent, program=spent.get(rules_service.PROGRAM_BUDGET, 0))
     return core.evaluate(core_event, rules, terms, facts, budgets)
@@ -1836,17 +1832,19 @@ def _give_back(
     return back
 
 
-def _budgeted_at(uow: UnitOfWork, program_id: int, moment: datetime) -> set[str]:
-    """The budgets an award made at ``moment`` counted in: the rules' whose version live
-    then had one, ``*`` where the caps in force then had one."""
-    counted = {
-        rule.spec.code
-        for rule in rules_service.rules_at(uow, program_id=program_id, moment=moment).rules
-        if rule.spec.caps.budget is not None
-    }
-    if rules_service.caps_at(uow, program_id=program_id, at=moment).caps.budget is not None:
+def _budgeted(rules: Iterable[core.Rule], caps: ProgramCaps) -> set[str]:
+    """The budgets an award under ``rules`` and ``caps`` (those of its time) counts in: its
+    rule's where the rule's version has one, ``*`` where the caps have one."""
+    counted = {rule.spec.code for rule in rules if rule.spec.caps.budget is not None}
+    if caps.budget is not None:
         counted.add(rules_service.PROGRAM_BUDGET)
     return counted
+
+
+def _budgeted_at(uow: UnitOfWork, program_id: int, moment: datetime) -> set[str]:
+    """The budgets an award made at ``moment`` counted in (:func:`_budgeted`)."""
+    rules = rules_service.rules_at(uow, program_id=program_id, moment=moment).rules
+    return _budgeted(rules, rules_service.caps_at(uow, program_id=program_id, at=moment).caps)
 
 
 # --------------------------------------------------------------------------- reading
@@ -2413,7 +2411,7 @@ class _Replay:
         buckets = self._buckets(event.occurred_at)
         spent = dict(self.budgets.by_rule)
         total = self.budgets.program
-        budgeted = {r.spec.code for r in rules.rules if r.spec.caps.budget is not None}
+        budgeted = _budgeted(rules.rules, program.caps)
         for award in result.awards:
             if award.held or not award.points:
                 continue
@@ -2425,7 +2423,7 @@ class _Replay:
                 self.usage[slot] = self.usage.get(slot, 0) + award.points
             if award.rule in budgeted:
                 spent[award.rule] = spent.get(award.rule, 0) + award.points
-            if program.caps.budget is not None:
+            if rules_service.PROGRAM_BUDGET in budgeted:
                 total += award.points
         self.budgets = core.Budgets(by_rule=spent, program=total)
 
