@@ -17,7 +17,7 @@ from sqlalchemy import Column, String, Table, UniqueConstraint, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from jifen.db.combine import CombinerStats
-from jifen.db.prepared import driver
+from jifen.db.prepared import driver, execute, in_transaction
 from jifen.db.uow import Database, LostRace, UnitOfWork
 from tests.db.scratch import scratch_table
 
@@ -46,6 +46,18 @@ def _insert_then_fail(table: Table, code: str) -> Callable[[UnitOfWork], str]:
     return fn
 
 
+def _insert_alone(table: Table, code: str) -> Callable[[UnitOfWork], str]:
+    """PostgreSQL: a use case whose one statement may commit by itself (``uow.alone``), as
+    a points operation run alone does."""
+
+    def fn(uow: UnitOfWork) -> str:
+        sql = f"INSERT INTO {table.name} (code) VALUES (%(code)s)"
+        execute(uow.conn, sql, {"code": code}, alone=uow.alone)
+        return code
+
+    return fn
+
+
 def _codes(db: Database, table: Table) -> list[str]:
     return db.run(
         lambda uow: sorted(uow.conn.execute(select(table.c.code)).scalars()), read_only=True
@@ -69,22 +81,27 @@ def behind_a_leader(
     *fns: Callable[[UnitOfWork], Any],
     lead_fails: bool = False,
     keys: Sequence[Hashable] = (),
+    alone: bool = False,
 ) -> list[Any]:
     """Run a leader that waits until ``fns`` have queued behind it, in their order, each
     from a thread of its own, then writes ``lead`` (and fails, if ``lead_fails``); the
     leader's answer or error, then each one's. The leader runs with ``KEY``, the others
-    with ``keys`` (by default ``KEY`` too): each must queue where ``KEY``'s calls do."""
+    with ``keys`` (by default ``KEY`` too): each must queue where ``KEY``'s calls do.
+    ``alone`` (PostgreSQL): every call is run as one points operation is, and the leader
+    that does not fail writes as :func:`_insert_alone` does."""
     release, started = threading.Event(), threading.Event()
     outcomes: list[Any] = [None] * (len(fns) + 1)
 
     def lead(uow: UnitOfWork) -> str:
         started.set()
         assert release.wait(30)
+        if alone and not lead_fails:
+            return _insert_alone(table, "lead")(uow)
         return (_insert_then_fail if lead_fails else _insert)(table, "lead")(uow)
 
     def call(i: int, fn: Callable[[UnitOfWork], Any]) -> None:
         try:
-            outcomes[i] = db.run(fn, combine=keys[i - 1] if keys and i else KEY)
+            outcomes[i] = db.run(fn, combine=keys[i - 1] if keys and i else KEY, alone=alone)
         except Exception as exc:
             outcomes[i] = exc
 
@@ -368,3 +385,51 @@ def test_a_caller_interrupted_while_it_waits_leaves_the_queue_and_its_use_case_n
     assert _codes(db, scratch) == ["lead"]
     # the key is free again: the next caller leads at once
     assert db.run(_insert(scratch, "after"), combine=KEY) == "after"
+
+
+def test_alone_the_leader_commits_by_itself_and_those_queued_share_a_commit(
+    pg: Database,
+) -> None:
+    with scratch_table(pg, "combine", Column("code", String(40))) as table:
+        before = _stats(pg)
+        seen: list[bool] = []
+
+        def third(uow: UnitOfWork) -> str:
+            code = _insert_alone(table, "q2")(uow)
+            seen.append(in_transaction(uow.conn))
+            return code
+
+        fns = [_insert_alone(table, "q0"), _insert_alone(table, "q1"), third]
+        outcomes = behind_a_leader(pg, table, *fns, alone=True)
+        assert outcomes == ["lead", "q0", "q1", "q2"]
+        # the leader, with nobody queued as it began, committed by itself; the three that
+        # had queued shared the next transaction (the last, with nobody behind it, too: a
+        # transaction was open), and its one commit
+        assert _since(pg, before) == (2, 4)
+        assert seen == [True]
+        assert _codes(pg, table) == ["lead", "q0", "q1", "q2"]
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(st.sampled_from(["ok", "fails", "loses", "alone"]), min_size=1, max_size=7),
+    lead_fails=st.booleans(),
+)
+def test_alone_a_batch_ends_as_its_use_cases_run_one_by_one_would(
+    pg: Database, kinds: list[str], lead_fails: bool
+) -> None:
+    with scratch_table(pg, "combine", Column("code", String(40))) as table:
+        makers: dict[str, Callable[[Table, str], Callable[[UnitOfWork], str]]] = {
+            "ok": _insert, "fails": _insert_then_fail, "loses": _loses_once,
+            "alone": _insert_alone,
+        }  # fmt: skip
+        fns = [makers[kind](table, f"q{i}") for i, kind in enumerate(kinds)]
+        outcomes = behind_a_leader(pg, table, *fns, lead_fails=lead_fails, alone=True)
+        # each caller's answer is what its use case gives when run by itself
+        expected: list[Any] = [ValueError if lead_fails else "lead"]
+        expected += [ValueError if kind == "fails" else f"q{i}" for i, kind in enumerate(kinds)]
+        assert [type(o) if isinstance(o, Exception) else o for o in outcomes] == expected
+        # and what is stored is what those answers say was written, nothing of the rest
+        assert _codes(pg, table) == sorted(o for o in outcomes if isinstance(o, str))

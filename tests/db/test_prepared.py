@@ -19,8 +19,18 @@ from sqlalchemy import JSON, Column, String, Table, bindparam, select
 
 import jifen
 from jifen.db.base import UTCDateTime
-from jifen.db.prepared import Prepared, PreparedSQL, Read, compact, read_one, read_together
-from jifen.db.uow import Database
+from jifen.db.prepared import (
+    Prepared,
+    PreparedSQL,
+    Read,
+    compact,
+    driver,
+    execute,
+    in_transaction,
+    read_one,
+    read_together,
+)
+from jifen.db.uow import Database, UnitOfWork
 from tests.db.scratch import scratch_table
 
 SHANGHAI = timezone(timedelta(hours=8))
@@ -208,3 +218,37 @@ def test_compact_drops_comment_lines_and_indentation_only() -> None:
         compact(sql)
         == "SELECT 'a  b' AS x,  -- kept: not a whole line\n-%(amount)s::bigint\nFROM t"
     )
+
+
+def test_a_statement_alone_commits_by_itself_only_where_no_transaction_is_open(
+    pg: Database,
+) -> None:
+    with scratch_table(pg, "alone", Column("code", String(40), nullable=False)) as table:
+        sql = f"INSERT INTO {table.name} (code) VALUES (%(code)s)"
+
+        def failing(*steps: tuple[str, bool]) -> list[bool]:
+            """Run inserts (code, alone) in one unit of work that then fails; whether a
+            transaction was open after each, and the driver connection's autocommit last."""
+            seen: list[bool] = []
+
+            def work(uow: UnitOfWork) -> None:
+                for code, alone in steps:
+                    execute(uow.conn, sql, {"code": code}, alone=alone)
+                    seen.append(in_transaction(uow.conn))
+                seen.append(driver(uow.conn).autocommit)
+                raise ZeroDivisionError
+
+            with pytest.raises(ZeroDivisionError):
+                pg.run(work)
+            return seen
+
+        # first in its unit of work: its own transaction, committed though the unit then fails
+        assert failing(("first", True)) == [False, False]
+        # after another statement: inside the open transaction, undone with it
+        assert failing(("second", False), ("third", True)) == [True, True, False]
+        # without ``alone``: in the transaction as always
+        assert failing(("fourth", False)) == [True, False]
+        codes = pg.run(
+            lambda uow: sorted(uow.conn.execute(select(table.c.code)).scalars()), read_only=True
+        )
+        assert codes == ["first"]

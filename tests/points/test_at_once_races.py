@@ -35,11 +35,14 @@ def while_held(
     hold: Callable[[UnitOfWork], Any],
     then: Callable[[UnitOfWork], Any],
     meanwhile: Callable[[], Any] | None = None,
+    *,
+    alone: bool = False,
 ) -> Any:
     """Run ``hold`` in a transaction and, once it is done, ``then`` in another (through
-    ``Database.run``); commit the first only when the second is waiting for a lock the
-    first holds (after running ``meanwhile``, if given, while it waits). Answers what
-    ``then`` answered, or the exception it raised."""
+    ``Database.run``, told ``alone``: ``then`` is one points operation); commit the first
+    only when the second is waiting for a lock the first holds (after running
+    ``meanwhile``, if given, while it waits). Answers what ``then`` answered, or the
+    exception it raised."""
     held, done = threading.Event(), threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -68,7 +71,7 @@ def while_held(
     def waiter() -> None:
         assert held.wait(10)
         try:
-            outcome["result"] = pg.run(then)
+            outcome["result"] = pg.run(then, alone=alone)
         except Exception as exc:
             outcome["result"] = exc
         finally:
@@ -106,8 +109,8 @@ def written_at_once(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int | No
     answered: list[int | None] = []
     original = getattr(store, name)
 
-    def spy(*args: Any) -> Any:
-        answer = original(*args)  # (row, new posting id, ...)
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        answer = original(*args, **kwargs)  # (row, new posting id, ...)
         answered.append(answer[1])
         return answer
 
@@ -165,6 +168,7 @@ def _transfer_in(uow: UnitOfWork, member_id: int) -> None:
     ],
     ids=["earn-sooner", "earn-sooner-small", "renewal", "transfer-in", "refund"],
 )
+@pytest.mark.parametrize("alone", [False, True], ids=["in-a-transaction", "alone"])
 def test_a_spending_that_waited_for_a_posting_spends_as_if_it_had_not_waited(
     pg: Database,
     monkeypatch: pytest.MonkeyPatch,
@@ -172,6 +176,7 @@ def test_a_spending_that_waited_for_a_posting_spends_as_if_it_had_not_waited(
     amount: int,
     balance: int,
     at_once: bool,
+    alone: bool,
 ) -> None:
     # Given a member with 20 points left of a lot of 100 (and another member with 100) ...
     program = new_program(pg)
@@ -189,6 +194,7 @@ def test_a_spending_that_waited_for_a_posting_spends_as_if_it_had_not_waited(
         pg,
         lambda uow: meanwhile(uow, member_id),
         lambda uow: points.spend(uow, member_id=member_id, amount=amount, key="waited"),
+        alone=alone,
     )
 
     # Then it spends from what that posting left, and the lots still hold the balance.
@@ -222,12 +228,14 @@ def _claw_back(uow: UnitOfWork, member_id: int) -> None:
     ],
     ids=["after-a-spending", "after-a-claw-back"],
 )
+@pytest.mark.parametrize("alone", [False, True], ids=["in-a-transaction", "alone"])
 def test_an_earning_that_waited_for_a_posting_earns_from_the_newest_row(
     pg: Database,
     monkeypatch: pytest.MonkeyPatch,
     meanwhile: Callable[[UnitOfWork, int], None],
     at_once: bool,
     after: tuple[int, int],
+    alone: bool,
 ) -> None:
     # Given a member with 150 points ...
     program = new_program(pg)
@@ -241,6 +249,7 @@ def test_an_earning_that_waited_for_a_posting_earns_from_the_newest_row(
         pg,
         lambda uow: meanwhile(uow, member_id),
         lambda uow: points.earn(uow, member_id=member_id, amount=40, key="waited"),
+        alone=alone,
     )
 
     # Then the earning follows that posting: its chain link, balance and debt (or it
@@ -255,8 +264,9 @@ def test_an_earning_that_waited_for_a_posting_earns_from_the_newest_row(
 
 
 @pytest.mark.parametrize("operation", ["earn", "spend"])
+@pytest.mark.parametrize("alone", [False, True], ids=["in-a-transaction", "alone"])
 def test_a_twin_that_waited_for_its_twin_loses_on_the_key_and_replays(
-    pg: Database, monkeypatch: pytest.MonkeyPatch, operation: str
+    pg: Database, monkeypatch: pytest.MonkeyPatch, operation: str, alone: bool
 ) -> None:
     # Given a member with points, and the errors Database.run is asked about ...
     program = new_program(pg)
@@ -278,6 +288,7 @@ def test_a_twin_that_waited_for_its_twin_loses_on_the_key_and_replays(
         pg,
         lambda uow: first.append(post(uow, member_id=member_id, amount=10, key="twin")),
         lambda uow: post(uow, member_id=member_id, amount=10, key="twin"),
+        alone=alone,
     )
 
     # Then the second replayed the first: one posting. Its statement did not see the

@@ -82,10 +82,19 @@ def test_bank_with_writes_of_one_member_sharing_commits_keeps_every_invariant(
     assert functions > transactions > 0
 
 
-def bank(pg: Database, *, members: int, operations: int, combine: bool) -> None:
+def test_bank_with_earnings_and_spendings_run_alone_keeps_every_invariant(pg: Database) -> None:
+    # each earning and spending is one points operation and nothing else: its statement
+    # commits by itself where nobody queues behind it, and shares a commit where some do
+    bank(pg, members=6, operations=100, combine=True, alone=True)
+
+
+def bank(
+    pg: Database, *, members: int, operations: int, combine: bool, alone: bool = False
+) -> None:
     """16 writers x ``operations`` random spends, transfers, earnings and refunds over
     ``members`` members while a reader sums the programme; ``combine``: each write that
-    locks one member's account names it as its group commit key, as the API's do."""
+    locks one member's account names it as its group commit key, as the API's do;
+    ``alone``: earnings and spendings are run as what they are, one points operation."""
     # given members with points in lots spread over a year
     program = new_program(pg)
     members_ids = new_members(pg, program.id, members)
@@ -129,6 +138,7 @@ def bank(pg: Database, *, members: int, operations: int, combine: bool) -> None:
                 posted = pg.run(
                     partial(op, key=f"w{worker}-{n}"),
                     combine=points.account_key(account) if combine and account else None,
+                    alone=alone and kind in ("earn", "spend"),
                 )
                 outcome[kind] += 1
                 if kind == "spend":
@@ -206,7 +216,10 @@ def test_twenty_spends_of_the_whole_balance_exactly_one_succeeds(pg: Database) -
     assert_ledger_sound(pg, program.id)
 
 
-def test_twins_and_whole_balance_spends_sharing_commits_post_once(pg: Database) -> None:
+@pytest.mark.parametrize("alone", [False, True], ids=["in-transactions", "alone"])
+def test_twins_and_whole_balance_spends_sharing_commits_post_once(
+    pg: Database, alone: bool
+) -> None:
     program = new_program(pg)
     (member,) = new_members(pg, program.id, 1)
     account = points.account_key(member)
@@ -215,6 +228,7 @@ def test_twins_and_whole_balance_spends_sharing_commits_post_once(pg: Database) 
         lambda _: pg.run(
             lambda uow: points.earn(uow, member_id=member, amount=1000, key="twin"),
             combine=account,
+            alone=alone,
         ),
     )
     assert not [r for r in twins if isinstance(r, BaseException)]
@@ -226,6 +240,7 @@ def test_twins_and_whole_balance_spends_sharing_commits_post_once(pg: Database) 
         lambda i: pg.run(
             lambda uow: points.spend(uow, member_id=member, amount=1000, key=f"s{i}"),
             combine=account,
+            alone=alone,
         ),
     )
     succeeded = [r for r in spends if not isinstance(r, BaseException)]

@@ -16,18 +16,29 @@ function's answer or error only once that commit is done, exactly as if it had r
 
 - a function that raises when it runs first has the transaction rolled back, and its
   caller gets the error; the next leader takes the rest;
-- a function after the first that raises, that lost a race (deadlock, a twin's key,
-  :class:`~jifen.db.uow.LostRace`) or that caught an error of its own statement (the
-  database has then ended the transaction) has the whole transaction rolled back: it and
-  every function that ran before it in the transaction run again by themselves, each in
-  its caller's thread with the usual retries, and each caller gets what its function does
-  alone. The same goes for the first function's lost race, and for every function of a
-  transaction that failed before its commit (no connection, a broken one) or whose commit
-  lost a race: nothing of it was committed;
+- a function after others whose writes the transaction holds that raises, that lost a
+  race (deadlock, a twin's key, :class:`~jifen.db.uow.LostRace`) or that caught an error of
+  its own statement (the database has then ended the transaction) has the whole
+  transaction rolled back: it and every function whose writes it held run again by
+  themselves, each in its caller's thread with the usual retries, and each caller gets
+  what its function does alone. The same goes for the first function's lost race, and
+  for every function of a transaction that failed before its commit (no connection, a
+  broken one) or whose commit lost a race: nothing of it was committed;
 - a commit that fails otherwise fails every function of it, each caller getting the error
   (whether it committed may be unknown, as for any commit whose answer is lost); a check
   deferred to the commit that one function broke fails them all, as they were committed
   together.
+
+A function its caller said is one points operation and nothing else
+(``Database.run(fn, alone=True)``) that runs where no transaction is open (first, or after
+functions that each did the same) and with no other function queued behind it may commit
+its one statement by itself
+(:attr:`~jifen.db.uow.UnitOfWork.alone`): it is settled then, and answered with the others
+whatever happens after it. Such functions cost one round trip each, where a shared
+transaction adds its BEGIN and COMMIT, and the row's lock is held only while the statement
+runs and commits on the server, never across a round trip to this process. Where others
+queue, they share one transaction as above: one flush of the log for them all, where each
+committing by itself would hold the row through a flush of its own.
 
 A use case run inside a batched function that names a key itself (a ``Database.run``
 nested in another, which breaks the rule below) runs by itself: queued behind its own
@@ -69,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg.pq import TransactionStatus
 
 from jifen.clock import Clock
-from jifen.db.prepared import driver
+from jifen.db.prepared import driver, in_transaction
 
 if TYPE_CHECKING:
     from jifen.db.uow import Database
@@ -95,6 +106,12 @@ class _Call:
     error: BaseException | None = None
     alone: bool = False
     """Woken to run by itself (a lost race, or a transaction that could not go on)."""
+    sole: bool = False
+    """Its function is one points operation and nothing else (``Database.run(alone=True)``):
+    run where no transaction is open, its statement may commit by itself."""
+    settled: bool = False
+    """Its function's statement committed by itself: answered, whatever the transaction
+    after it does."""
 
 
 @dataclass
@@ -119,12 +136,15 @@ class Combiner:
         self._queues: dict[Hashable, deque[_Call]] = {}
         self.stats = CombinerStats()
 
-    def run(self, key: Hashable, fn: Callable[[Any], Any], clock: Clock) -> tuple[bool, Any]:
+    def run(
+        self, key: Hashable, fn: Callable[[Any], Any], clock: Clock, *, alone: bool = False
+    ) -> tuple[bool, Any]:
         """Run ``fn`` in a transaction shared with others of ``key``: (True, its result),
-        or (False, None) when the caller must run it by itself. Its error is raised."""
+        or (False, None) when the caller must run it by itself. Its error is raised.
+        ``alone``: ``fn`` is one points operation and nothing else (see the module)."""
         if getattr(self._leading, "now", False):  # nested in a function this thread runs
             return False, None
-        call = _Call(fn, clock)
+        call = _Call(fn, clock, sole=alone)
         key = self._key(key)
         with self._mutex:
             queue = self._queues.get(key)
@@ -209,8 +229,10 @@ class Combiner:
         from jifen.db.uow import UnitOfWork, is_transient
 
         database = self._database
+        postgresql = database.engine.dialect.name == "postgresql"
         ran = [first]
-        done: list[_Call] = []
+        done: list[_Call] = []  # those whose writes the open transaction holds
+        settled = 0
         committing = committed = False
         try:
             try:
@@ -218,10 +240,11 @@ class Combiner:
                     transaction = conn.begin()
                     current: _Call | None = first
                     while current is not None:
-                        alone = current is first
+                        # Alone only with nobody queued: those queued share a commit better.
+                        sole = current.sole and postgresql and not self.waiting(key)
                         try:
                             current.result = current.fn(
-                                UnitOfWork(conn, current.clock, database.cache)
+                                UnitOfWork(conn, current.clock, database.cache, alone=sole)
                             )
                         except (KeyboardInterrupt, SystemExit):
                             raise
@@ -230,10 +253,13 @@ class Combiner:
                         else:
                             if _aborted(conn):  # it caught an error of its own statement
                                 _failed(current, None, transient=True)  # as it would alone
+                            elif sole and not in_transaction(conn):
+                                current.settled = True  # its statement committed by itself
+                                settled += 1
                             else:
                                 done.append(current)
                         if current.error is not None or current.alone:
-                            if not alone:  # nothing to go back to: run them again
+                            if done:  # nothing to go back to: run them again
                                 for call in [*done, current]:
                                     _failed(call, None, transient=True)
                                 done = []
@@ -251,10 +277,10 @@ class Combiner:
                     for call in _unanswered(ran):
                         _failed(call, _own(exc), transient=lost)
                     done = []
-            if done:
+            if done or settled:
                 with self._mutex:
-                    self.stats.transactions += 1
-                    self.stats.functions += len(done)
+                    self.stats.transactions += settled + (1 if done else 0)
+                    self.stats.functions += settled + len(done)
         except BaseException as exc:
             for call in [] if committed else _unanswered(ran):
                 if committing:  # it may have committed: not to be run again
@@ -281,7 +307,7 @@ def _aborted(conn: Any) -> bool:
 
 
 def _unanswered(calls: list[_Call]) -> list[_Call]:
-    return [call for call in calls if call.error is None and not call.alone]
+    return [call for call in calls if call.error is None and not call.alone and not call.settled]
 
 
 def _own(exc: BaseException) -> BaseException:

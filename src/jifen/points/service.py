@@ -23,7 +23,7 @@ from sqlalchemy.engine import Row
 
 from jifen import ledger
 from jifen.db.bulk import among
-from jifen.db.prepared import Read
+from jifen.db.prepared import Read, in_transaction
 from jifen.db.uow import UnitOfWork
 from jifen.errors import (
     IdempotencyConflict,
@@ -662,10 +662,12 @@ def _earn_at_once(
         facts=ledger.middle_pieces(plan.kind.value, key, now, amount, None, reason, actor),
         lot_stamps=f"{ledger.stamp(lot.available_at)}:{ledger.stamp(lot.expires_at)}",
     )
-    row, posting_id = store.credit_at_once(uow.conn, member_id, key, credit)
+    row, posting_id = store.credit_at_once(uow.conn, member_id, key, credit, alone=uow.alone)
     if row is None:
         raise UnknownMember(member_id=member_id)
     if posting_id is None:
+        if not in_transaction(uow.conn):  # it ran by itself: its lock went with its commit
+            return _lock_one(uow, member_id, key)
         return _account(row), row[_REPLAYED]
     return _posted_at_once(posting_id, plan.kind, amount, member_id, reason, actor, now)
 
@@ -857,7 +859,7 @@ def _spend_at_once(
     reason: str,
     actor: str,
     into: SystemAccount,
-) -> PostingRead | tuple[_Account, int | None, _FirstLots]:
+) -> PostingRead | tuple[_Account, int | None, list[Lot] | _FirstLots | None]:
     """PostgreSQL: :func:`spend` in one statement where the member is active, has not used
     the key and its first open lots hold enough spendable points (the statement takes them
     as :func:`ledger.consume` does). Answers the posting, or else the account locked with
@@ -875,10 +877,14 @@ def _spend_at_once(
         actor=actor,
         facts=ledger.middle_pieces(Kind.SPEND.value, key, now, amount, None, reason, actor),
     )
-    row, posting_id, opened = store.debit_at_once(uow.conn, member_id, key, debit, _AT_ONCE_LOTS)
+    row, posting_id, opened = store.debit_at_once(
+        uow.conn, member_id, key, debit, _AT_ONCE_LOTS, alone=uow.alone
+    )
     if row is None:
         raise UnknownMember(member_id=member_id)
     if posting_id is None:  # a twin that committed meanwhile: see _planned
+        if not in_transaction(uow.conn):  # it ran by itself: its lock went with its commit
+            return _lock_spending(uow, member_id, key)
         lots = _FirstLots([Lot(*lot) for lot in opened], _AT_ONCE_LOTS)
         return _account(row), row[_REPLAYED], lots
     return _posted_at_once(posting_id, Kind.SPEND, amount, member_id, reason, actor, now)

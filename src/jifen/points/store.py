@@ -303,11 +303,12 @@ class Credit:
 
 
 def credit_at_once(
-    conn: Connection, member_id: int, key: str, credit: Credit
+    conn: Connection, member_id: int, key: str, credit: Credit, *, alone: bool = False
 ) -> tuple[AccountRow | None, int | None]:
     """PostgreSQL: lock the member's account and, if it is active, owes nothing and has
     no posting with ``key``, write ``credit`` in the same statement: (the locked row or
-    ``None`` for no such member, the new posting's id or ``None`` for nothing written)."""
+    ``None`` for no such member, the new posting's id or ``None`` for nothing written).
+    ``alone``: as a transaction of its own if none is open (:func:`execute`)."""
     params = {
         "member": member_id, "key": key, "kind": credit.kind, "system": credit.issuer,
         "amount": credit.amount, "now": credit.now, "available_at": credit.available_at,
@@ -315,7 +316,7 @@ def credit_at_once(
         "reason": credit.reason, "actor": credit.actor, "facts": credit.facts,
         "lot_stamps": credit.lot_stamps,
     }  # fmt: skip
-    row = execute(conn, _POSTGRESQL_CREDIT_AT_ONCE, params).fetchone()
+    row = execute(conn, _POSTGRESQL_CREDIT_AT_ONCE, params, alone=alone).fetchone()
     if row is None:
         return None, None
     return row[:_LOTS], row[_LOTS]
@@ -395,7 +396,7 @@ class Debit:
 
 
 def debit_at_once(
-    conn: Connection, member_id: int, key: str, debit: Debit, limit: int
+    conn: Connection, member_id: int, key: str, debit: Debit, limit: int, *, alone: bool = False
 ) -> tuple[AccountRow | None, int | None, list[LotRow]]:
     """PostgreSQL: lock the member's account and, if the member is active, has no posting
     with ``key`` and its first ``limit`` open lots hold enough spendable points, write
@@ -403,7 +404,8 @@ def debit_at_once(
     member, the new posting's id or ``None`` for nothing written, and, when nothing was
     written, the first ``limit`` open lots, read after the lock as
     :func:`lock_account_spending` reads them). A small ``limit`` keeps the statement
-    cheap: a spending that needs more lots reads them after it."""
+    cheap: a spending that needs more lots reads them after it. ``alone``: as a transaction
+    of its own if none is open (:func:`execute`)."""
     params = {
         "member": member_id, "key": key, "limit": limit, "kind": debit.kind,
         "system": debit.into, "amount": debit.amount, "now": debit.now,
@@ -411,7 +413,7 @@ def debit_at_once(
         "request_hash": debit.request_hash, "reason": debit.reason, "actor": debit.actor,
         "facts": debit.facts,
     }  # fmt: skip
-    row = execute(conn, _POSTGRESQL_DEBIT_AT_ONCE, params).fetchone()
+    row = execute(conn, _POSTGRESQL_DEBIT_AT_ONCE, params, alone=alone).fetchone()
     if row is None:
         return None, None, []
     return row[:_LOTS], row[_LOTS], _unpacked(row[_LOTS + 1])
