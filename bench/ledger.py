@@ -6,6 +6,7 @@ What it measures, in order:
 2. jifen earn, then spend, with ``--workers`` concurrent workers (threads spread over
    ``--processes`` processes, one a core by default) for ``--seconds`` each, over
    ``--scale`` members who each hold 12 lots expiring month by month over the coming year.
+   Each is run as one points operation and nothing else (``Database.run(alone=True)``).
 3. The hot account: every worker earns and spends on one single member.
 4. Balance summary latency (p50 / p99) from one reader.
 5. SQLite: raw single-row insert transactions against jifen earn from ``--workers`` threads
