@@ -89,6 +89,7 @@ def test_points_frozen_at_expiry_are_not_unfrozen_onto_their_lapsed_lots(
         json={"reason": "goodwill"}, headers={**operator, **support.key()},
     )  # fmt: skip
     assert restored.status_code == 201 and restored.json()["points"] == 300
+    assert restored.json()["debt_paid"] == 0
     summary = db.run(lambda uow: points.balance(uow, member_id=alice), read_only=True)
     assert (summary.available, summary.frozen) == (300, 0)
     assert_ledger_sound(db, program.id)

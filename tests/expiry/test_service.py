@@ -578,3 +578,54 @@ def test_decays_held_when_dormancy_is_switched_off_come_back_with_the_next_activ
     assert (figures["restored"], figures["restored_members"], figures["decays"]) == (190, 1, 0)
     assert (summary(db, alice).available, summary(db, alice).frozen) == (991, 0)
     assert (summary(db, bob).available, summary(db, bob).frozen) == (810, 190)
+
+
+def test_a_decay_given_back_to_a_member_who_owes_pays_the_debt_first_and_says_so(
+    db: Database,
+) -> None:
+    policy = ExpiryPolicy(
+        validity=Validity(kind="never"), dormancy=Dormancy(after_months=12, decay_pct=10)
+    )
+    program_id, (alice, *_) = with_policy(db, policy)
+    move(db, at(2026, 1, 10, 9))
+    earn(db, program_id, alice, 1000, "a1")
+    assert job(db, "points.dormancy", program_id, at(2027, 1, 10, 10)).figures["decayed"] == 100
+    # active again: she earns 50, spends all 950 she can, and the 50 are clawed back
+    move(db, at(2027, 1, 11, 9))
+    bonus = earn(db, program_id, alice, 50, "bonus")
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=950, key="s1"))
+    db.run(lambda uow: points.reverse(uow, earn_id=bonus.id, key="claw-back"))
+    assert (summary(db, alice).available, summary(db, alice).debt) == (0, 50)
+    # the 100 held back come back: 50 of them pay the debt, 50 are hers to spend
+    figures = job(db, "points.dormancy", program_id, at(2027, 1, 12, 1)).figures
+    assert (figures["restored"], figures["repaid"], figures["restored_members"]) == (100, 50, 1)
+    after = summary(db, alice)
+    assert (after.available, after.debt, after.frozen) == (50, 0, 0)
+    assert_ledger_sound(db, program_id)
+
+
+def test_points_frozen_at_expiry_given_back_to_a_member_who_owes_pay_the_debt_first(
+    db: Database,
+) -> None:
+    policy = ExpiryPolicy(validity=Validity(kind="rolling", days=30), on_expiry="freeze")
+    program_id, (alice, *_) = with_policy(db, policy)
+    move(db, at(2026, 1, 5, 9))
+    earn(db, program_id, alice, 400, "a1")
+    job(db, "points.expire", program_id, at(2026, 2, 6, 0, 10))  # 400 frozen as they lapse
+    move(db, at(2026, 2, 10, 9))
+    late = earn(db, program_id, alice, 60, "late")
+    db.run(lambda uow: points.spend(uow, member_id=alice, amount=60, key="s1"))
+    db.run(lambda uow: points.reverse(uow, earn_id=late.id, key="claw-back"))
+    assert (summary(db, alice).debt, summary(db, alice).frozen) == (60, 400)
+
+    def restore(uow: UnitOfWork) -> Any:
+        return expiry.restore_frozen(
+            uow, program_id=program_id, member_id=alice, key="restore", actor="staff:1",
+            reason="goodwill",
+        )  # fmt: skip
+
+    released = db.run(restore)
+    assert [(r.amount, r.debt_change) for r in released] == [(400, -60)]
+    after = summary(db, alice)
+    assert (after.available, after.debt, after.frozen) == (340, 0, 0)
+    assert_ledger_sound(db, program_id)

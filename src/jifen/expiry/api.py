@@ -48,7 +48,8 @@ def restore_expired(
             actor=ctx.actor, reason=body.reason,
         )  # fmt: skip
         return RestoredRead(
-            member_id=member_id, points=sum(p.amount for p in released), postings=released
-        )
+            member_id=member_id, points=sum(p.amount for p in released),
+            debt_paid=-sum(p.debt_change for p in released), postings=released,
+        )  # fmt: skip
 
     return ctx.execute(post, target=f"member:{member_id}", status=201)

@@ -98,4 +98,7 @@ class RestoredRead(BaseModel):
 
     member_id: int
     points: int
+    """Every point given back."""
+    debt_paid: int = 0
+    """Of those, the points that paid off the member's debt first: the rest is spendable."""
     postings: list[PostingRead]

@@ -200,7 +200,8 @@ def restore_frozen(
     uow: UnitOfWork, *, program_id: int, member_id: int, key: str, actor: str, reason: str
 ) -> list[PostingRead]:
     """Give back every point of the member that was frozen when it lapsed, as new lots with
-    the validity a new earning would get now. Answers the releases (none when nothing is
+    the validity a new earning would get now (a debt of the member is paid off first out of
+    them: each release's ``debt_change``). Answers the releases (none when nothing is
     frozen); ``key`` makes the whole call idempotent."""
     now = uow.clock.now()
     tier = tiers_service.tiers_of(uow, member_ids=[member_id]).get(member_id)
@@ -234,6 +235,9 @@ class DormancyChunk:
     """Points held back this run."""
     restored_members: int = 0
     restored: int = 0
+    """Points given back (what the dormancy held back of members active again)."""
+    repaid: int = 0
+    """Of those, the points that paid off a debt of the member first, not spendable."""
     last_member_id: int = 0
 
 
@@ -346,6 +350,7 @@ def _give_back_decays(
                 reason="active again: dormancy decay given back", actor="system",
             )  # fmt: skip
             given_back += back.amount
+            report.repaid -= back.debt_change  # a debt is paid off first
     report.restored += given_back
     report.restored_members += given_back > 0
 

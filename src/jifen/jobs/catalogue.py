@@ -55,6 +55,7 @@ def _dormancy(uow: UnitOfWork, program_id: int, cursor: int, size: int) -> Chunk
     figures = {
         "members": done.members, "decays": done.decays, "decayed": done.decayed,
         "restored_members": done.restored_members, "restored": done.restored,
+        "repaid": done.repaid,
     }  # fmt: skip
     return Chunk(cursor=done.last_member_id, finished=done.members < size, figures=figures)
 
