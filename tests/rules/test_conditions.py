@@ -36,6 +36,17 @@ from jifen.rules.conditions import tiers_compared
         ('event.tier == "x" && member.region == "y" && event.member.tier == "z"', ()),
         ('member.tier == "金" + "卡" || member.tier.startsWith("金")', ()),
         ('member.tier == event.tier || member.tier in event.tiers', ()),
+        # a literal a macro goes over, comparing each element with the member's tier
+        ('["金卡", "钻石"].exists(t, t == member.tier)', ("金卡", "钻石")),
+        ('["a", "b"].all(t, member.tier != t) && ["c"].exists_one(x, member.tier == x)',
+         ("a", "b", "c")),
+        ('{"金卡": 1}.exists(k, k == member.tier)', ("金卡",)),
+        ('size(["a", "b"].filter(t, t == member.tier)) > 0', ("a", "b")),
+        ('"金卡" in {member.tier: true}', ("金卡",)),
+        # going over a literal without comparing its elements with the tier names none
+        ('["a"].exists(t, t == event.tier) && [1, 2].all(n, n > 0)', ()),
+        # an inner macro's own variable of the same name is the inner one's
+        ('["a"].exists(t, ["x"].exists(t, t == member.tier))', ("x",)),
         # a comprehension's own variable named member is not the member
         ('[{"tier": "a"}].exists(member, member.tier == "b") || member.tier == "c"', ("c",)),
     ],

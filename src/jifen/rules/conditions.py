@@ -93,9 +93,12 @@ def tiers_compared(source: str) -> tuple[str, ...]:
     """The tier codes ``source`` compares the member's tier with, in the order written: the
     string literal on the other side of ``member.tier ==`` or ``!=`` (either side), each
     string literal of the list in ``member.tier in [...]``, one tested to be ``in
-    [member.tier]``, and the string keys of a map the member's tier is looked up in
-    (``member.tier in {...}``, ``{...}[member.tier]``); ``member["tier"]`` alike. The
-    empty string is left out: it is what a member with no tier has. InvalidInput, as
+    [member.tier]`` or ``in {member.tier: ...}``, the string keys of a map the member's tier
+    is looked up in (``member.tier in {...}``, ``{...}[member.tier]``), and the strings of a
+    list or map literal a macro goes over comparing each with the member's tier
+    (``["金卡", "钻石"].exists(t, t == member.tier)``, ``all``, ``exists_one``, ``filter``);
+    ``member["tier"]`` alike. The empty string is left out: it is what a member with no
+    tier has. InvalidInput, as
     :func:`compile_condition`, when it does not compile.
 
     Reading the tree is a check that helps, not one the rule depends on: a tree it cannot
@@ -123,10 +126,11 @@ _EQUALITY = frozenset({"_==_", "_!=_"})
 @dataclass(frozen=True, slots=True)
 class _Node:
     """What :func:`tiers_compared` needs of a ``cel.expr.Expr``: its kind (the number of
-    its field in ``expr_kind``), a name (an ident's, a select's field, a call's function),
-    a string constant's value, its sub-expressions (a map's keys among them, and also in
-    ``keys``), and the names a comprehension binds over its last ones (``loop_condition``,
-    ``loop_step``, ``result``)."""
+    its field in ``expr_kind``), a name (an ident's, a select's field, a call's function,
+    a comprehension's variable over its range), a string constant's value, its
+    sub-expressions (a map's keys among them, and also in ``keys``), and the names a
+    comprehension binds over its last ones (``loop_condition``, ``loop_step``,
+    ``result``)."""
 
     kind: int
     name: str = ""
@@ -155,15 +159,41 @@ def _compared(node: _Node, shadowed: frozenset[str]) -> Iterator[str]:
                 _is_member_tier(e, shadowed) for e in right.children
             ):
                 yield left.text  # "金卡" in [member.tier]
+        elif (
+            node.name == "@in"
+            and left.text is not None
+            and any(_is_member_tier(key, shadowed) for key in right.keys)
+        ):
+            yield left.text  # "金卡" in {member.tier: true}
         elif (node.name == "@in" and _is_member_tier(left, shadowed)) or (
             node.name == "_[_]" and _is_member_tier(right, shadowed)
         ):  # member.tier in {"金卡": true}, {"金卡": 2}[member.tier]
             keyed = right if node.name == "@in" else left
             yield from (key.text for key in keyed.keys if key.text is not None)
+    if node.kind == _COMPREHENSION and node.children and node.name:
+        # ["金卡", "钻石"].exists(t, t == member.tier): the range's strings, each compared
+        over = node.children[0]
+        inside = shadowed | node.binds
+        if any(_compares_with_tier(child, node.name, inside) for child in node.bound):
+            elements = over.keys if over.kind == _STRUCT else over.children
+            if over.kind in (_LIST, _STRUCT):
+                yield from (element.text for element in elements if element.text is not None)
     for child in node.children:
         yield from _compared(child, shadowed)
     for child in node.bound:
         yield from _compared(child, shadowed | node.binds)
+
+
+def _compares_with_tier(node: _Node, name: str, shadowed: frozenset[str]) -> bool:
+    """Whether ``node`` holds ``name == member.tier`` (or ``!=``, either way round), where
+    ``name`` is the variable of the comprehension being read."""
+    if node.kind == _CALL and node.name in _EQUALITY and len(node.children) == 2:
+        for tier, other in (node.children, node.children[::-1]):
+            if _is_member_tier(tier, shadowed) and (other.kind, other.name) == (_IDENT, name):
+                return True
+    if node.kind == _COMPREHENSION and name in node.binds:
+        return False  # a nested comprehension's own variable of that name
+    return any(_compares_with_tier(child, name, shadowed) for child in node.children + node.bound)
 
 
 def _is_member_tier(node: _Node, shadowed: frozenset[str]) -> bool:
@@ -217,6 +247,7 @@ def _node(data: bytes) -> _Node:
             names = frozenset(body[k].decode() for k in (1, 3, 8)) - {""}
             return _Node(
                 number,
+                name=body[1].decode(),
                 children=tuple(_node(body[k]) for k in (2, 4) if body[k]),
                 binds=names,
                 bound=tuple(_node(body[k]) for k in (5, 6, 7) if body[k]),
