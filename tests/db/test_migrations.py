@@ -119,7 +119,7 @@ def test_0026_takes_the_ledgers_foreign_keys_off_and_back_on_sqlite_with_rows_in
 
 
 def test_database_is_at_head_and_upgrading_again_changes_nothing(db: Database) -> None:
-    assert head_revision(db.engine) == "0028"
+    assert head_revision(db.engine) == "0029"
     assert is_current(db.engine)
     upgrade(db.engine)
     assert is_current(db.engine)

@@ -1162,36 +1162,42 @@ def _capped_codes(uow: UnitOfWork, program_id: int) -> set[str]:
 
 class _Terms:
     """The programme as the evaluation reads it, for events of any time: its zone, the caps
-    in force at the event's time (with the benefits matrix's caps for the tiers the earning
-    caps leave without one), multipliers, birthday gifts and its tiers in order (for
-    members without a tier, and tiers the caps do not name). Read once; made once for each
-    version of the caps the events meet, which the events under it share."""
+    in force at the event's time (with the caps of the benefits matrix then in force for
+    the tiers the earning caps leave without one), the matrix's multipliers and birthday
+    gifts then, and its tiers in order (for members without a tier, and tiers the caps do
+    not name). Made once for each version of the caps and of the policy the events meet,
+    which the events under them share."""
 
     def __init__(self, uow: UnitOfWork, program_id: int, zone: ZoneInfo) -> None:
         self.uow = uow
         self.program_id = program_id
-        multipliers, tier_caps = tiers_service.earning_terms(uow, program_id=program_id)
-        self.matrix = {
-            tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()
-        }
-        gifts = tiers_service.birthday_gifts(uow, program_id=program_id)
         order = tuple(tier.code for tier in tiers_service.list_tiers(uow, program_id=program_id))
-        self.common = core.Program(
-            zone, tier_multipliers=multipliers, birthday_gifts=gifts, tier_order=order,
-            draw_key=crypto.draw_key(),
-        )  # fmt: skip
-        self.made: dict[datetime | None, core.Program] = {}
-        """The terms made so far, by the time their caps were set (``None``: none were)."""
+        self.common = core.Program(zone, tier_order=order, draw_key=crypto.draw_key())
+        self.made: dict[tuple[datetime | None, datetime | None], core.Program] = {}
+        """The terms made so far, by the time their caps were set (``None``: none were) and
+        the time their policy was replaced (``None``: it is the current one)."""
 
     def at(self, moment: datetime) -> core.Program:
         """The terms of an event at ``moment``."""
-        version = rules_service.caps_at(self.uow, program_id=self.program_id, at=moment)
-        made = self.made.get(version.since)
+        uow, program_id = self.uow, self.program_id
+        version = rules_service.caps_at(uow, program_id=program_id, at=moment)
+        replaced, _ = programs_service.settings_at(uow, program_id=program_id, at=moment)
+        made = self.made.get((version.since, replaced))
         if made is None:
+            multipliers, tier_caps = tiers_service.earning_terms(
+                uow, program_id=program_id, at=moment
+            )
+            matrix = {
+                tier: TierCap(day=day, month=month) for tier, (day, month) in tier_caps.items()
+            }
             caps = version.caps
-            if self.matrix:
-                caps = caps.model_copy(update={"by_tier": {**self.matrix, **caps.by_tier}})
-            made = self.made[version.since] = replace(self.common, caps=caps)
+            if matrix:
+                caps = caps.model_copy(update={"by_tier": {**matrix, **caps.by_tier}})
+            gifts = tiers_service.birthday_gifts(uow, program_id=program_id, at=moment)
+            made = replace(
+                self.common, caps=caps, tier_multipliers=multipliers, birthday_gifts=gifts
+            )
+            self.made[(version.since, replaced)] = made
         return made
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, String, Table, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, String, Table, UniqueConstraint
 
 from jifen.db.base import BigId, UTCDateTime, metadata
 
@@ -29,3 +29,22 @@ programs = Table(
     ),
     UniqueConstraint("code"),
 )
+
+UNTIL = "when they were replaced: in force before then, since the one replaced before them"
+REPLACED = (
+    "programme policies replaced, each with when: an event is evaluated by the one in force "
+    "at its own time"
+)
+
+program_settings_history = Table(
+    "program_settings_history",
+    metadata,
+    Column("program_id", BigId, ForeignKey("programs.id"), primary_key=True),
+    Column("until", UTCDateTime(), primary_key=True, comment=UNTIL),
+    Column("settings", JSON, nullable=False, comment="the policy replaced then"),
+    comment=REPLACED,
+)
+"""Each policy a programme had before its current one (``programs.settings``), with when it
+was replaced: the policy in force at a time is the first replaced after it, or the current
+one. What the evaluation of an event reads of the policy (the benefits matrix's earn
+multipliers, earning caps and birthday gifts) it reads as it was at the event's time."""

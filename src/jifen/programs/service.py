@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import zoneinfo
+from bisect import bisect_right
 from collections.abc import Callable, Collection
+from datetime import datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -14,7 +16,7 @@ from sqlalchemy import Text, bindparam, cast, select
 from jifen.db.prepared import Prepared, Read, read_one
 from jifen.db.uow import UnitOfWork
 from jifen.errors import DuplicateReference, InvalidInput, UnknownProgram
-from jifen.programs.models import programs
+from jifen.programs.models import program_settings_history, programs
 from jifen.programs.schemas import ProgramRead, ProgramSettings
 from jifen.tiers import core as tiers_core
 from jifen.tiers.models import tiers
@@ -122,20 +124,49 @@ def settings_read(uow: UnitOfWork, program_id: int) -> Read[ProgramSettings]:
         text = row[0] if row is not None else None
         if text is None:
             raise UnknownProgram(program=program_id)
-        # Parsed once per distinct text and shared (read-only) by every transaction after.
-        settings: ProgramSettings | None = uow.cache.get(f"settings_text:{text}")
-        if settings is None:
-            known = set(ProgramSettings.model_fields)
-            # A key an older release wrote and this one dropped must not make them unreadable.
-            stored = json.loads(text)
-            settings = ProgramSettings.model_validate(
-                {k: v for k, v in stored.items() if k in known}
-            )
-            uow.cache[f"settings_text:{text}"] = settings
+        settings = _parsed(uow, text)
         uow.local[key] = settings
         return settings
 
     return Read(_SETTINGS_TEXT, {"program": program_id}, answer)
+
+
+def settings_at(
+    uow: UnitOfWork, *, program_id: int, at: datetime
+) -> tuple[datetime | None, ProgramSettings]:
+    """The programme's policy in force at ``at`` (an event's time), with when it was
+    replaced (``None``: it is the current one, never replaced): the first policy replaced
+    after ``at``, or the current one. The replaced policies are read once a transaction."""
+    history: list[tuple[datetime, ProgramSettings]] | None = uow.local.get(
+        f"settings_history:{program_id}"
+    )
+    if history is None:
+        rows = uow.conn.execute(
+            select(
+                program_settings_history.c.until, cast(program_settings_history.c.settings, Text)
+            )
+            .where(program_settings_history.c.program_id == program_id)
+            .order_by(program_settings_history.c.until)
+        ).all()
+        history = [(until, _parsed(uow, text)) for until, text in rows]
+        uow.local[f"settings_history:{program_id}"] = history
+    after = bisect_right([until for until, _ in history], at)  # replaced at or before ``at``
+    if after < len(history):
+        return history[after]
+    return None, get_settings(uow, program_id=program_id)
+
+
+def _parsed(uow: UnitOfWork, text: str) -> ProgramSettings:
+    """Settings as stored, parsed once per distinct text and shared (read-only) by every
+    transaction after."""
+    settings: ProgramSettings | None = uow.cache.get(f"settings_text:{text}")
+    if settings is None:
+        known = set(ProgramSettings.model_fields)
+        # A key an older release wrote and this one dropped must not make them unreadable.
+        stored = json.loads(text)
+        settings = ProgramSettings.model_validate({k: v for k, v in stored.items() if k in known})
+        uow.cache[f"settings_text:{text}"] = settings
+    return settings
 
 
 def derived(
@@ -206,9 +237,24 @@ def require_tiers_defined(uow: UnitOfWork, *, program_id: int, settings: Program
 
 def set_settings(uow: UnitOfWork, *, program_id: int, settings: ProgramSettings) -> ProgramSettings:
     """Replace the programme's policy (callers go through an approval); refused when it
-    names a tier the programme does not define (:func:`require_tiers_defined`)."""
+    names a tier the programme does not define (:func:`require_tiers_defined`). The policy
+    replaced is kept with the time (:func:`settings_at`); of two replaced at one instant,
+    the first (the one in force until then)."""
     require_tiers_defined(uow, program_id=program_id, settings=settings)
+    replaced = get_settings(uow, program_id=program_id)
+    now = uow.clock.now()
+    kept = select(program_settings_history.c.program_id).where(
+        program_settings_history.c.program_id == program_id,
+        program_settings_history.c.until == now,
+    )
+    if uow.conn.execute(kept).first() is None:
+        uow.conn.execute(
+            program_settings_history.insert().values(
+                program_id=program_id, until=now, settings=replaced.model_dump(mode="json")
+            )
+        )
     uow.local.pop(f"settings:{program_id}", None)
+    uow.local.pop(f"settings_history:{program_id}", None)
     result = uow.conn.execute(
         programs.update()
         .where(programs.c.id == program_id)

@@ -907,12 +907,20 @@ def history(
 # --------------------------------------------------------------------------- benefits
 
 
+def _scheme_at(uow: UnitOfWork, program_id: int, at: datetime | None) -> TierScheme | None:
+    """The tier scheme of the policy in force at ``at`` (``None``: the current one)."""
+    if at is None:
+        return scheme_of(uow, program_id=program_id)
+    return programs_service.settings_at(uow, program_id=program_id, at=at)[1].tier_scheme
+
+
 def earning_terms(
-    uow: UnitOfWork, *, program_id: int
+    uow: UnitOfWork, *, program_id: int, at: datetime | None = None
 ) -> tuple[dict[str, Decimal], dict[str, tuple[int | None, int | None]]]:
     """What the benefits matrix gives earning: each tier's multiplier (those above 1), and
-    each tier's daily and monthly caps (those it names)."""
-    scheme = scheme_of(uow, program_id=program_id)
+    each tier's daily and monthly caps (those it names); as the matrix was at ``at`` (an
+    event's time), or is now."""
+    scheme = _scheme_at(uow, program_id, at)
     if scheme is None or not scheme.benefits:
         return {}, {}
     multipliers = {
@@ -926,9 +934,12 @@ def earning_terms(
     return multipliers, caps
 
 
-def birthday_gifts(uow: UnitOfWork, *, program_id: int) -> dict[str, int]:
-    """The points each tier gets on its birthday (those above 0)."""
-    scheme = scheme_of(uow, program_id=program_id)
+def birthday_gifts(
+    uow: UnitOfWork, *, program_id: int, at: datetime | None = None
+) -> dict[str, int]:
+    """The points each tier gets on its birthday (those above 0), by the matrix in force at
+    ``at``, or now."""
+    scheme = _scheme_at(uow, program_id, at)
     if scheme is None:
         return {}
     return {t: b.birthday_gift for t, b in scheme.benefits.items() if b.birthday_gift}
