@@ -40,16 +40,25 @@ def birthday(member_id: int, at: Any, key: str) -> EventIn:
                    member_id=member_id, payload={"year": 2026})  # fmt: skip
 
 
-def test_a_late_order_earns_by_the_matrix_in_force_at_its_own_time(db: Database) -> None:
-    # given two 金卡 members, and the matrix raising 金卡's multiplier from 1.5 to 2 and its
-    # daily cap from 5,000 to 8,000 at CHANGED
+def gold_pair_across_a_change(db: Database, **benefit: Any) -> tuple[Shop, int, int]:
+    """Two 金卡 members since PLACED, 金卡's benefits changed by ``benefit`` at CHANGED, and
+    the clock at ARRIVES: (the shop, the two members)."""
     shop = Shop(db, members=2)
     alice, bob = shop.members
     for member in (alice, bob):
         shop.set_tier(member, "金卡", PLACED)
     shop.clock.set(CHANGED)
-    change_matrix(shop, "金卡", earn_multiplier=Decimal("2"), daily_earn_cap=8000)
+    change_matrix(shop, "金卡", **benefit)
     shop.clock.set(ARRIVES)
+    return shop, alice, bob
+
+
+def test_a_late_order_earns_by_the_matrix_in_force_at_its_own_time(db: Database) -> None:
+    # given two 金卡 members, and the matrix raising 金卡's multiplier from 1.5 to 2 and its
+    # daily cap from 5,000 to 8,000 at CHANGED
+    shop, alice, bob = gold_pair_across_a_change(
+        db, earn_multiplier=Decimal("2"), daily_earn_cap=8000
+    )
     # when an order of the day before comes in late, in one batch with one of after
     before, after = shop.take(shop.order(alice, BEFORE, 4000), shop.order(bob, AFTER, 4000))
     # then each earns by the matrix of its time: 1.5 under 5,000, and 2 under 8,000
@@ -73,13 +82,7 @@ def test_a_late_order_earns_by_the_matrix_in_force_at_its_own_time(db: Database)
 
 
 def test_a_late_birthday_gets_the_gift_of_its_own_time(db: Database) -> None:
-    shop = Shop(db, members=2)
-    alice, bob = shop.members
-    for member in (alice, bob):
-        shop.set_tier(member, "金卡", PLACED)
-    shop.clock.set(CHANGED)
-    change_matrix(shop, "金卡", birthday_gift=2000)
-    shop.clock.set(ARRIVES)
+    shop, alice, bob = gold_pair_across_a_change(db, birthday_gift=2000)
     late, now = shop.take(birthday(alice, BEFORE, "b-late"), birthday(bob, AFTER, "b-now"))
     assert [a.points for a in late.awards] == [1000]
     assert [a.points for a in now.awards] == [2000]

@@ -137,10 +137,10 @@ def settings_at(
     """The programme's policy in force at ``at`` (an event's time), with when it was
     replaced (``None``: it is the current one, never replaced): the first policy replaced
     after ``at``, or the current one. The replaced policies are read once a transaction."""
-    history: list[tuple[datetime, ProgramSettings]] | None = uow.local.get(
+    found: tuple[list[datetime], list[tuple[datetime, ProgramSettings]]] | None = uow.local.get(
         f"settings_history:{program_id}"
     )
-    if history is None:
+    if found is None:
         rows = uow.conn.execute(
             select(
                 program_settings_history.c.until, cast(program_settings_history.c.settings, Text)
@@ -149,8 +149,9 @@ def settings_at(
             .order_by(program_settings_history.c.until)
         ).all()
         history = [(until, _parsed(uow, text)) for until, text in rows]
-        uow.local[f"settings_history:{program_id}"] = history
-    after = bisect_right([until for until, _ in history], at)  # replaced at or before ``at``
+        found = uow.local[f"settings_history:{program_id}"] = ([u for u, _ in rows], history)
+    untils, history = found
+    after = bisect_right(untils, at)  # replaced at or before ``at``
     if after < len(history):
         return history[after]
     return None, get_settings(uow, program_id=program_id)
